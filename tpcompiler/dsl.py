@@ -1,0 +1,420 @@
+"""The builder API researchers write programs in (DESIGN.md 5).
+
+Handles (``Vec``, ``Scalar``, ``Mat``) are lazy: arithmetic and nonlinearities on vectors
+build one sympy expression over the program's node symbols, and only when a vector is read
+by an instruction (``W @ x``, ``tp.mean``) or named is it materialised as a single Nonlin
+instruction.  So ``y = 2.0 * v + h * u`` is one instruction ``y := 2 v + h u``, and equal
+expressions share one node (common-subexpression elimination).  Type errors are raised at
+construction time, naming the variables involved.
+"""
+from __future__ import annotations
+
+import numbers
+from typing import Callable, Sequence
+
+import numpy as np
+import sympy as sp
+
+from . import ops
+from .ir import Graph, InputDecl, ProgramError
+from .nonlinearities import builtin
+from .ops import MAT, SCALAR, VEC, node_symbol, primed_symbol, unprime
+
+
+class DSLError(ProgramError, TypeError):
+    """Misuse of the DSL (wrong types, mixed programs, non-sympy nonlinearity)."""
+
+
+def _number(x) -> sp.Expr:
+    """A Python/numpy number as a sympy number (integral floats become Integers)."""
+    if isinstance(x, (bool, np.bool_)):
+        raise DSLError(f"a boolean ({x}) is not a number of a program")
+    if isinstance(x, numbers.Integral):
+        return sp.Integer(int(x))
+    if isinstance(x, numbers.Real):
+        x = float(x)
+        if not np.isfinite(x):
+            raise DSLError(f"the number {x} is not finite")
+        return sp.Integer(int(x)) if x.is_integer() else sp.Float(x)
+    if isinstance(x, sp.Expr) and x.is_number:
+        return x
+    raise DSLError(f"{x!r} is not a number, Vec or Scalar")
+
+
+class _Value:
+    """Common arithmetic of Vec and Scalar handles: a sympy expression over node symbols."""
+
+    __slots__ = ("program", "expr")
+    kind = "?"
+
+    def __init__(self, program: "Program", expr: sp.Expr):
+        self.program = program
+        self.expr = expr
+
+    def _binary(self, other, fn, sym: str):
+        other_expr, other_kind = self.program._coerce(other, f"{self._show()} {sym} ...")
+        kind = VEC if VEC in (self.kind, other_kind) else SCALAR
+        return _make(self.program, fn(self.expr, other_expr), kind)
+
+    def _rbinary(self, other, fn, sym: str):
+        other_expr, other_kind = self.program._coerce(other, f"... {sym} {self._show()}")
+        kind = VEC if VEC in (self.kind, other_kind) else SCALAR
+        return _make(self.program, fn(other_expr, self.expr), kind)
+
+    def __add__(self, o): return self._binary(o, lambda a, b: a + b, "+")
+    def __radd__(self, o): return self._rbinary(o, lambda a, b: a + b, "+")
+    def __sub__(self, o): return self._binary(o, lambda a, b: a - b, "-")
+    def __rsub__(self, o): return self._rbinary(o, lambda a, b: a - b, "-")
+    def __mul__(self, o): return self._binary(o, lambda a, b: a * b, "*")
+    def __rmul__(self, o): return self._rbinary(o, lambda a, b: a * b, "*")
+    def __truediv__(self, o): return self._binary(o, lambda a, b: a / b, "/")
+    def __rtruediv__(self, o): return self._rbinary(o, lambda a, b: a / b, "/")
+    def __pow__(self, o): return self._binary(o, lambda a, b: a**b, "**")
+    def __rpow__(self, o): return self._rbinary(o, lambda a, b: a**b, "**")
+    def __neg__(self): return _make(self.program, -self.expr, self.kind)
+    def __pos__(self): return self
+
+    def __matmul__(self, other):
+        raise DSLError(f"'@' needs a matrix on the left; {self._show()} is a {self.kind}")
+
+    def __bool__(self):
+        raise DSLError(f"{self._show()} has no truth value inside a program; use tp.step or tp.nonlin for conditionals")
+
+    def _show(self) -> str:
+        text = sp.sstr(self.expr)
+        return text if len(text) < 40 else text[:37] + "..."
+
+    def __repr__(self):
+        return f"{self.kind}({sp.sstr(self.expr)})"
+
+
+class Vec(_Value):
+    """An n-vector (lazily an expression over earlier vectors and scalars)."""
+
+    kind = VEC
+
+    def named(self, name: str) -> "Vec":
+        """Materialise this vector as an instruction called ``name``."""
+        return Vec(self.program, node_symbol(self.program._materialize(self, name)))
+
+    @property
+    def prime(self) -> "Vec":
+        """This vector evaluated at a second input xi' (for kernel outputs: tp.mean(x * x.prime))."""
+        if not self.program.graph.inputs:
+            raise DSLError(f"{self._show()}.prime: the program has no input, so there is no second input xi'")
+        dependent = self.program.graph.input_dependent()
+        return Vec(self.program, self.expr.xreplace({s: primed_symbol(s.name) for s in self.expr.free_symbols if s.name in dependent}))
+
+
+class Scalar(_Value):
+    """A scalar with a deterministic limit: a constant, Param, input coordinate or Moment."""
+
+    kind = SCALAR
+
+    def named(self, name: str) -> "Scalar":
+        key = self.program._scalar_key(self, name)
+        return Scalar(self.program, node_symbol(key))
+
+
+def _make(program, expr, kind) -> _Value:
+    return Vec(program, expr) if kind == VEC else Scalar(program, expr)
+
+
+class Mat:
+    """An n x n matrix with iid N(0, sigma^2/n) entries; ``W.T`` is its transpose."""
+
+    __slots__ = ("program", "key", "transposed")
+    kind = MAT
+
+    def __init__(self, program: "Program", key: str, transposed: bool = False):
+        self.program = program
+        self.key = key
+        self.transposed = transposed
+
+    @property
+    def T(self) -> "Mat":
+        return Mat(self.program, self.key, not self.transposed)
+
+    def _show(self) -> str:
+        return self.key + (".T" if self.transposed else "")
+
+    def __matmul__(self, x) -> Vec:
+        p = self.program
+        if isinstance(x, Mat):
+            raise DSLError(f"{self._show()} @ {x._show()}: a matrix where a vector is needed (MatMul multiplies a matrix by a Vec)")
+        if isinstance(x, Scalar) or isinstance(x, (numbers.Number, sp.Expr)) and not isinstance(x, _Value):
+            raise DSLError(f"{self._show()} @ {getattr(x, '_show', lambda: repr(x))()}: a matrix can only multiply a Vec, not a Scalar")
+        if not isinstance(x, Vec):
+            raise DSLError(f"{self._show()} @ {x!r}: a matrix can only multiply a Vec")
+        p._same_program(x, f"{self._show()} @ {x._show()}")
+        return Vec(p, node_symbol(p._matmul(self.key, p._materialize(x), self.transposed)))
+
+    def __rmatmul__(self, x):
+        raise DSLError(f"... @ {self._show()}: only matrix @ vector is an instruction (use {self.T._show()} @ x for a product with the transpose)")
+
+    def __mul__(self, o):
+        raise DSLError(f"{self._show()} * ...: a matrix where a vector is needed; use {self._show()} @ x for a matrix-vector product")
+
+    __rmul__ = __add__ = __radd__ = __sub__ = __rsub__ = __truediv__ = __mul__
+
+    def __repr__(self):
+        return f"Mat({self._show()})"
+
+
+class Program:
+    """A NETSOR-transpose program under construction (DESIGN.md 2.1, 5)."""
+
+    def __init__(self, name: str):
+        if not isinstance(name, str) or not name:
+            raise DSLError("Program needs a non-empty name")
+        self.name = name
+        self.graph = Graph(name)
+        self._cse: dict = {}
+
+    # -- variables ----------------------------------------------------------------------
+    def vec(self, name: str, var=1.0) -> Vec:
+        """Initial vector with iid N(0, var) coordinates."""
+        v = _number(var)
+        if v.is_negative:
+            raise DSLError(f"initial vector {name!r}: variance {var} is negative")
+        return Vec(self, node_symbol(self.graph.add(self._name(name), ops.InitVec(v))))
+
+    def vecs(self, names: Sequence[str], cov) -> list[Vec]:
+        """Initial vectors whose coordinates are jointly Gaussian with covariance ``cov``."""
+        cov = np.asarray(cov, dtype=np.float64)
+        k = len(names)
+        if cov.shape != (k, k) or not np.allclose(cov, cov.T):
+            raise DSLError(f"vecs {list(names)}: covariance must be a symmetric {k}x{k} matrix, got shape {cov.shape}")
+        if np.linalg.eigvalsh(cov).min() < -1e-12 * max(1.0, np.abs(cov).max()):
+            raise DSLError(f"vecs {list(names)}: covariance is not positive semi-definite")
+        out = [self.vec(n, cov[i, i]) for i, n in enumerate(names)]
+        for i in range(k):
+            for j in range(i):
+                if cov[i, j] != 0.0:
+                    self.graph.init_cov[frozenset((names[i], names[j]))] = _number(cov[i, j])
+        return out
+
+    def mat(self, name: str, sigma=1.0) -> Mat:
+        """n x n matrix with iid N(0, sigma^2/n) entries; sigma appears as the symbol sigma_name."""
+        if isinstance(sigma, Scalar):
+            self._same_program(sigma, f"mat {name!r}")
+            sig = sigma.expr
+        else:
+            s = _number(sigma)
+            if s.is_negative:
+                raise DSLError(f"matrix {name!r}: sigma {sigma} is negative")
+            sig = node_symbol(self.graph.add(self._name(f"sigma_{name}"), ops.Param(float(s))))
+        key = self._name(name)
+        self.graph.add(key, ops.InitMat(sig), tuple(sorted(s.name for s in sig.free_symbols)))
+        return Mat(self, key)
+
+    def scalar(self, name: str, value) -> Scalar:
+        """A named constant (hyperparameter); formulas keep it as a symbol."""
+        return Scalar(self, node_symbol(self.graph.add(self._name(name), ops.Param(float(_number(value))))))
+
+    def input(self, name: str, d: int, default=None) -> list[Scalar]:
+        """The program's finite-dimensional input xi (d coordinates, DESIGN.md 2.1).
+
+        The program is then a template over xi; evaluation binds xi to data rows
+        (``default``: an (N, d) array used when no data is given)."""
+        if self.graph.inputs:
+            raise DSLError(f"program {self.name!r} already has an input; one input per program")
+        if not isinstance(d, numbers.Integral) or d < 1:
+            raise DSLError(f"input {name!r}: dimension d must be a positive integer, got {d!r}")
+        keys = [self.graph.add(self._name(f"{name}_{j + 1}"), ops.Input(name, j)) for j in range(d)]
+        if default is not None:
+            default = np.atleast_2d(np.asarray(default, dtype=np.float64))
+            if default.shape[1] != d:
+                raise DSLError(f"input {name!r}: default data has {default.shape[1]} columns, expected d = {d}")
+        self.graph.inputs[name] = InputDecl(keys, default)
+        return [Scalar(self, node_symbol(k)) for k in keys]
+
+    def input_layer(self, name: str, xi: Sequence[Scalar], sigma=1.0) -> Vec:
+        """An n x d input layer applied to xi: sigma / sqrt(d) * sum_j xi_j U_j, the U_j being d
+        initial N(0, 1) vectors (neural-tangents' NTK-parametrized Dense on the input)."""
+        d = len(xi)
+        U = [self.vec(f"{name}_{j + 1}") for j in range(d)]
+        sig = sigma.expr if isinstance(sigma, Scalar) else self.scalar(f"sigma_{name}", sigma).expr
+        terms = [self._coerce(x, f"input_layer {name!r}")[0] * u.expr for x, u in zip(xi, U)]
+        return Vec(self, sig / sp.sqrt(d) * sp.Add(*terms))
+
+    def output(self, name: str, value) -> None:
+        """Declare a scalar output (a Moment or an expression of scalars)."""
+        if isinstance(value, Vec):
+            raise DSLError(f"output {name!r}: a Vec cannot be an output (its limit is a random variable); use tp.mean(...)")
+        if isinstance(value, Mat):
+            raise DSLError(f"output {name!r}: a matrix cannot be an output")
+        expr, _ = self._coerce(value, f"output {name!r}")
+        if name in self.graph.outputs:
+            raise DSLError(f"output {name!r} is declared twice")
+        expr = self._adopt_name(expr, name)
+        self.graph.outputs[name] = expr
+
+    def let(self, name: str, value):
+        """Name a vector (one Nonlin instruction) or a scalar."""
+        if isinstance(value, (Vec, Scalar)):
+            return value.named(name)
+        raise DSLError(f"let {name!r}: expected a Vec or Scalar, got {value!r}")
+
+    # -- internals ----------------------------------------------------------------------
+    def _name(self, name: str) -> str:
+        if not isinstance(name, str) or not name or name[0].isdigit() or any(c in name for c in " '\t\n"):
+            raise DSLError(f"{name!r} is not a valid variable name")
+        if name in self.graph.g:
+            raise DSLError(f"program {self.name!r}: the name {name!r} is already used")
+        return name
+
+    def _same_program(self, value, where: str) -> None:
+        if value.program is not self:
+            raise DSLError(f"{where}: mixes variables of two programs ({value._show()} belongs to {value.program.name!r}, not {self.name!r})")
+
+    def _coerce(self, value, where: str) -> tuple[sp.Expr, str]:
+        if isinstance(value, Mat):
+            raise DSLError(f"{where}: a matrix ({value._show()}) where a Vec or Scalar is needed")
+        if isinstance(value, _Value):
+            self._same_program(value, where)
+            return value.expr, value.kind
+        return _number(value), SCALAR
+
+    def _materialize(self, vec: Vec, name: str | None = None) -> str:
+        expr = vec.expr
+        if any(unprime(s)[1] for s in expr.free_symbols):
+            raise DSLError(f"{vec._show()}: a primed vector (second input) can only appear inside tp.mean for a kernel output")
+        if isinstance(expr, sp.Symbol) and expr.name in self.graph.g:
+            if name is not None:
+                self.graph.rename(expr.name, self._name(name))
+                self._cse = {k: (name if v == expr.name else v) for k, v in self._cse.items()}
+                return name
+            return expr.name
+        cse_key = ("nonlin", expr)
+        if cse_key in self._cse and name is None:
+            return self._cse[cse_key]
+        key = self._name(name) if name else self.graph.fresh_key("t")
+        args = tuple(sorted((s.name for s in expr.free_symbols), key=lambda k: self.graph.g.nodes[k]["index"]))
+        self.graph.add(key, ops.Nonlin(expr), args)
+        self._cse.setdefault(cse_key, key)
+        return key
+
+    def _matmul(self, mat: str, x: str, transposed: bool) -> str:
+        cse_key = ("matmul", mat, x, transposed)
+        if cse_key not in self._cse:
+            self._cse[cse_key] = self.graph.add(self.graph.fresh_key("t"), ops.MatMul(transposed), (mat, x))
+        return self._cse[cse_key]
+
+    def _moment(self, vec: Vec, name: str | None = None) -> str:
+        expr = vec.expr
+        pair = any(unprime(s)[1] for s in expr.free_symbols)
+        cse_key = ("moment", expr)
+        if cse_key in self._cse and name is None:
+            return self._cse[cse_key]
+        key = self._name(name) if name else self.graph.fresh_key("theta")
+        args = tuple(dict.fromkeys(sorted((unprime(s)[0] for s in expr.free_symbols), key=lambda k: self.graph.g.nodes[k]["index"])))
+        self.graph.add(key, ops.Moment(expr, pair=pair), args)
+        self._cse.setdefault(cse_key, key)
+        return key
+
+    def _adopt_name(self, expr: sp.Expr, name: str) -> sp.Expr:
+        """An output that is an unnamed, unread Moment gives the Moment its name."""
+        if (isinstance(expr, sp.Symbol) and expr.name in self.graph.g and expr.name.startswith("theta")
+                and isinstance(self.graph.op(expr.name), ops.Moment) and name.isidentifier()
+                and name not in self.graph.g and not self.graph.g.out_degree(expr.name)
+                and not any(expr in e.free_symbols for e in self.graph.outputs.values())):
+            old = expr.name
+            self.graph.rename(old, name)
+            self._cse = {k: (name if v == old else v) for k, v in self._cse.items()}
+            return node_symbol(name)
+        return expr
+
+    def _scalar_key(self, s: Scalar, name: str) -> str:
+        if isinstance(s.expr, sp.Symbol) and s.expr.name in self.graph.g:
+            self.graph.rename(s.expr.name, self._name(name))
+            return name
+        raise DSLError(f"only Params and Moments can be named; {s._show()} is an expression (name its parts, or use it directly)")
+
+
+# ---------------------------------------------------------------------------------------
+# Free functions: tp.mean, tp.nonlin and the built-in nonlinearities.
+# ---------------------------------------------------------------------------------------
+def mean(x, name: str | None = None) -> Scalar:
+    """Moment: (1/n) sum_a x_a of a Vec expression (DESIGN.md 2.1)."""
+    if isinstance(x, Mat):
+        raise DSLError(f"tp.mean({x._show()}): a Moment of a matrix is not an instruction; tp.mean needs a Vec")
+    if not isinstance(x, Vec):
+        raise DSLError(f"tp.mean needs a Vec expression, got {x!r}")
+    return Scalar(x.program, node_symbol(x.program._moment(x, name)))
+
+
+def _program_of(args) -> "Program | None":
+    progs = {id(a.program): a.program for a in args if isinstance(a, (_Value, Mat))}
+    if len(progs) > 1:
+        names = sorted(p.name for p in progs.values())
+        raise DSLError(f"a nonlinearity mixes variables of two programs: {names}")
+    return next(iter(progs.values()), None)
+
+
+def nonlin(fn: Callable | sp.Lambda, *args):
+    """Apply any coordinatewise function given as a sympy expression of its arguments.
+
+    ``fn`` is a Python function of sympy symbols returning a sympy expression (or a sympy
+    Lambda); arguments are Vecs, Scalars or numbers.  The result is a Vec if any argument is."""
+    if not args:
+        raise DSLError("tp.nonlin needs at least one argument")
+    program = _program_of(args)
+    placeholders = [sp.Dummy(f"a{i}", real=True) for i in range(len(args))]
+    try:
+        body = fn(*placeholders)
+    except Exception as exc:  # the user's function could not be applied to symbols
+        raise DSLError(f"tp.nonlin: the function could not be applied to sympy symbols ({type(exc).__name__}: {exc}); write it with sympy functions (sympy.exp, sympy.tanh, ...) instead of numpy/math") from None
+    if isinstance(body, (int, float)):
+        body = _number(body)
+    if not isinstance(body, sp.Expr) or isinstance(body, sp.MatrixBase):
+        raise DSLError(f"tp.nonlin: the function must return a sympy expression, got {type(body).__name__}")
+    exprs, kinds = [], []
+    for a in args:
+        if isinstance(a, Mat):
+            raise DSLError(f"tp.nonlin: a matrix ({a._show()}) where a Vec or Scalar is needed")
+        if isinstance(a, _Value):
+            exprs.append(a.expr)
+            kinds.append(a.kind)
+        else:
+            exprs.append(_number(a))
+            kinds.append(SCALAR)
+    expr = body.xreplace(dict(zip(placeholders, exprs)))
+    if program is None:
+        return expr
+    return _make(program, expr, VEC if VEC in kinds else SCALAR)
+
+
+def _unary(name: str):
+    f = builtin(name)
+
+    def apply(x):
+        return nonlin(f, x)
+
+    apply.__name__ = name
+    apply.__doc__ = f"The built-in nonlinearity {name}, applied coordinatewise."
+    return apply
+
+
+relu = _unary("relu")
+step = _unary("step")
+tanh = _unary("tanh")
+erf = _unary("erf")
+sigmoid = _unary("sigmoid")
+gelu = _unary("gelu")
+sin = _unary("sin")
+cos = _unary("cos")
+exp = _unary("exp")
+softplus = _unary("softplus")
+identity = _unary("identity")
+
+
+def power(x, k):
+    """x ** k coordinatewise."""
+    return nonlin(lambda a: a**k, x)
+
+
+def phi(name: str):
+    """The built-in nonlinearity called ``name`` as a function of Vecs ("relu", "tanh", ...)."""
+    builtin(name)
+    return _unary(name)

@@ -1,0 +1,397 @@
+"""Symbolic Master theorem (DESIGN.md 2.2): graph IR -> Z program.
+
+For every vector x the stage derives Z^x in *recursion form*: an expression in the Z symbols
+of x's direct arguments (never the whole history expanded), with
+
+* ZInit:   Z^u is the Gaussian of the initial vector u (a leaf);
+* ZNonlin: Z^{phi(x..;theta..)} = phi(Z^x..; theta..);
+* ZMatMul: Z^{Wx} = ZHat^{Wx} + ZDot^{Wx}, ZHat^{Wx} a leaf of W's family (W and W^T are
+  different families), and
+      ZDot^{Wx} = sigma_W^2 sum_{v = W^T y before Wx} Z^y E[dZ^x / dZHat^v]
+  (symmetrically for W^T y);
+* ZMoment: lim theta = E[psi(Z^x..)].
+
+Leaves are the initial Gaussians and the ZHats; each ZHat is its own variable for
+differentiation and every expectation is a constant (DESIGN.md 2.8).
+
+Provably zero expectations simplify to 0 by a sign-flip symmetry: the leaves split into
+independent zero-mean Gaussian *blocks* (a ZHat family; a group of correlated initial
+vectors).  Negating one block leaves the joint law unchanged, so E[f] = 0 whenever f is odd
+under that negation.  The parity of every Z under every block is derived structurally
+(``parity``), which proves e.g. that backward vectors linear in an independent readout have
+vanishing ZDot at initialisation ("gradient independence" as an output of the derivation).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from functools import cached_property
+
+import networkx as nx
+import sympy as sp
+
+from . import ops
+from .ir import Graph
+from .nonlinearities import EVEN, NEITHER, ODD, parity_of_function
+from .ops import VEC, node_symbol, unprime
+
+#: Derivative expressions larger than this are shown as dZ^x/dZHat^v rather than inlined.
+MAX_INLINE_OPS = 60
+
+
+class Expectation(sp.Function):
+    """E[...]: an unevaluated expectation over the limit random variables (a constant)."""
+
+    nargs = 1
+
+    @classmethod
+    def eval(cls, arg):
+        """Linearity for constants: E[c] = c and E[c f] = c E[f] for non-random c."""
+        if not _is_random(arg):
+            return arg
+        if arg.is_Mul:
+            const = [t for t in arg.args if not _is_random(t)]
+            if const:
+                return sp.Mul(*const) * cls(sp.Mul(*[t for t in arg.args if _is_random(t)]))
+        return None
+
+    def _latex(self, printer):
+        return r"\mathbb{E}\left[%s\right]" % printer._print(self.args[0])
+
+    def _sympystr(self, printer):
+        return "E[%s]" % printer._print(self.args[0])
+
+
+def _is_random(expr: sp.Expr) -> bool:
+    """Whether ``expr`` involves a limit random variable (a Z or ZHat symbol)."""
+    return any(s.name.startswith(("Z_", "Zhat_")) for s in expr.free_symbols)
+
+
+def Z(key: str, primed: bool = False) -> sp.Symbol:
+    """The symbol Z^key (Z^key(xi') if primed)."""
+    return sp.Symbol(f"Z_{key}" + ("'" if primed else ""), real=True)
+
+
+def Zhat(key: str) -> sp.Symbol:
+    """The leaf ZHat of the MatMul node ``key``."""
+    return sp.Symbol(f"Zhat_{key}", real=True)
+
+
+def key_of_z(symbol: sp.Symbol) -> tuple[str, bool]:
+    """(node key, primed) of a Z symbol."""
+    name = symbol.name
+    primed = name.endswith("'")
+    return (name[2:-1] if primed else name[2:]), primed
+
+
+@dataclass
+class ZDotTerm:
+    """One term sigma^2 Z^y E[dZ^x/dZHat^source] of a ZDot (``coefficient`` includes sigma^2)."""
+
+    y: str
+    source: str
+    coefficient: sp.Expr
+    zero_reason: str | None = None
+
+    @property
+    def is_zero(self) -> bool:
+        return self.coefficient == 0
+
+
+@dataclass
+class ZEntry:
+    """The Master-theorem rule applied to one node."""
+
+    key: str
+    rule: str                     # init | nonlin | matmul | moment | param | input | mat
+    z: sp.Expr | None = None      # Z^x (vectors) or the limit (moments)
+    deps: frozenset = frozenset()  # leaves (initial vectors and MatMul keys) Z^x depends on
+    family: tuple | None = None   # (matrix, transposed) for MatMul
+    x: str | None = None          # MatMul input
+    zdot: list[ZDotTerm] = field(default_factory=list)
+    zero_reason: str | None = None  # for moments proven to vanish
+
+
+def expr_parity(expr: sp.Expr, parity_of_symbol) -> int:
+    """Parity of ``expr`` as a function of symbols with given parities (conservative).
+
+    EVEN/ODD are proven facts (f(-s) = +-f(s) under the block negation); NEITHER means
+    "not proven"."""
+    if expr.is_Number or isinstance(expr, Expectation):
+        return EVEN
+    if expr.is_Symbol:
+        return parity_of_symbol(expr)
+    if all(parity_of_symbol(s) == EVEN for s in expr.free_symbols):
+        return EVEN
+    if expr.is_Add:
+        ps = {expr_parity(t, parity_of_symbol) for t in expr.args}
+        return ps.pop() if len(ps) == 1 else NEITHER
+    if expr.is_Mul:
+        result = EVEN
+        for t in expr.args:
+            p = expr_parity(t, parity_of_symbol)
+            if p == NEITHER:
+                return NEITHER
+            result *= p
+        return result
+    if expr.is_Pow:
+        base, exp = expr.args
+        if expr_parity(exp, parity_of_symbol) != EVEN:
+            return NEITHER
+        pb = expr_parity(base, parity_of_symbol)
+        if pb == EVEN:
+            return EVEN
+        if pb == ODD and exp.is_integer:
+            return EVEN if exp.is_even else ODD
+        return NEITHER
+    if isinstance(expr, sp.Function) and len(expr.args) == 1:
+        pa = expr_parity(expr.args[0], parity_of_symbol)
+        if pa == EVEN:
+            return EVEN
+        if pa == ODD:
+            return parity_of_function(expr.func)
+        return NEITHER
+    return NEITHER
+
+
+class ZProgram:
+    """The Master-theorem derivation of one program graph."""
+
+    def __init__(self, graph: Graph):
+        graph.validate()
+        self.graph = graph
+        self.order = graph.order()
+        self.entries: dict[str, ZEntry] = {}
+        self.families: dict[tuple, list[str]] = {}
+        self._parity: dict = {}
+        self._derivative: dict = {}
+        self._partials: dict = {}
+        self._init_block = self._init_blocks()
+        for key in self.order:
+            self.entries[key] = self._derive(key)
+
+    # -- leaves and blocks --------------------------------------------------------------
+    def _init_blocks(self) -> dict[str, str]:
+        """Initial vectors grouped into independent blocks (connected by covariances)."""
+        g = nx.Graph()
+        inits = self.graph.keys_of(ops.InitVec)
+        g.add_nodes_from(inits)
+        for pair, c in self.graph.init_cov.items():
+            if c != 0:
+                g.add_edge(*pair)
+        block = {}
+        for comp in nx.connected_components(g):
+            name = "init:" + min(comp, key=lambda k: self.graph.g.nodes[k]["index"])
+            for k in comp:
+                block[k] = name
+        return block
+
+    def block_of_leaf(self, leaf: str) -> str:
+        """The independent Gaussian block of a leaf: its init group or its ZHat family."""
+        if leaf in self._init_block:
+            return self._init_block[leaf]
+        mat, _, tr = self.graph.matmul_parts(leaf)
+        return f"family:{mat}{'^T' if tr else ''}"
+
+    def describe_block(self, block: str) -> str:
+        """Words for a block, used to say why an expectation vanishes."""
+        kind, name = block.split(":", 1)
+        if kind == "family":
+            return f"the ZHat family of {name}, independent of the rest"
+        members = sorted(k for k, b in self._init_block.items() if b == block)
+        return f"the initial Gaussian{'s' if len(members) > 1 else ''} {', '.join(members)}, independent of the rest"
+
+    def blocks_of(self, deps) -> list[str]:
+        """Blocks of a set of leaves: ZHat families first (cheapest proofs), then inits."""
+        blocks = {self.block_of_leaf(d) for d in deps}
+        return sorted(blocks, key=lambda b: (not b.startswith("family:"), b))
+
+    # -- parity under negation of one block ----------------------------------------------
+    def parity(self, key: str, block: str) -> int:
+        memo = self._parity.get((key, block))
+        if memo is not None:
+            return memo
+        entry = self.entries[key]
+        if entry.rule == "init":
+            p = ODD if self._init_block[key] == block else EVEN
+        elif entry.rule == "nonlin":
+            p = expr_parity(entry.z, lambda s: self._symbol_parity(s, block))
+        elif entry.rule == "matmul":
+            parts = {ODD if self.block_of_leaf(key) == block else EVEN}
+            parts |= {self.parity(t.y, block) for t in entry.zdot if not t.is_zero}
+            p = parts.pop() if len(parts) == 1 else NEITHER
+        else:
+            p = EVEN  # scalars are deterministic constants
+        self._parity[(key, block)] = p
+        return p
+
+    def _symbol_parity(self, s: sp.Symbol, block: str) -> int:
+        if s.name.startswith("Z_"):
+            return self.parity(key_of_z(s)[0], block)
+        return EVEN
+
+    def zero_block(self, zexpr: sp.Expr, deps) -> str | None:
+        """A block under whose negation ``zexpr`` is odd (so E[zexpr] = 0), or None."""
+        for block in self.blocks_of(deps):
+            if expr_parity(zexpr, lambda s: self._symbol_parity(s, block)) == ODD:
+                return block
+        return None
+
+    def provably_uncorrelated(self, a: str, b: str) -> bool:
+        """Whether E[Z^a Z^b] = 0 is proven (then ZHat^{Wa}, ZHat^{Wb} are independent)."""
+        key = ("uncorrelated", a, b)
+        memo = self._parity.get(key)
+        if memo is None:
+            deps = self.entries[a].deps | self.entries[b].deps
+            memo = self.zero_block(Z(a) * Z(b), deps) is not None
+            self._parity[key] = memo
+        return memo
+
+    def derivative_zero_block(self, x: str, source: str) -> str | None:
+        """A block proving E[dZ^x/dZHat^source] = 0 (the derivative is odd under it)."""
+        for block in self.blocks_of(self.entries[x].deps):
+            if self.derivative_parity(x, source, block) == ODD:
+                return block
+        return None
+
+    def derivative_parity(self, x: str, source: str, block: str) -> int:
+        """Parity of dZ^x/dZHat^source under negation of ``block``, proven two ways: from
+        the parity p of Z^x (the derivative in a leaf of the negated block has parity -p,
+        else p), and term by term along the chain rule."""
+        key = ("d", x, source, block)
+        memo = self._parity.get(key)
+        if memo is not None:
+            return memo
+        p = self.parity(x, block)
+        whole = NEITHER if p == NEITHER else p * (ODD if self.block_of_leaf(source) == block else EVEN)
+        self._parity[key] = whole if whole != NEITHER else self._chain_parity(x, source, block)
+        return self._parity[key]
+
+    def _chain_parity(self, x: str, source: str, block: str) -> int:
+        entry = self.entries[x]
+        if x == source:
+            return EVEN
+        parts = set()
+        if entry.rule == "nonlin":
+            for a in self.graph.vector_args(x):
+                if source in self.entries[a].deps:
+                    pa = expr_parity(self.partial(x, a), lambda s: self._symbol_parity(s, block))
+                    pd = self.derivative_parity(a, source, block)
+                    parts.add(NEITHER if NEITHER in (pa, pd) else pa * pd)
+        elif entry.rule == "matmul":
+            parts = {self.derivative_parity(t.y, source, block) for t in entry.zdot if not t.is_zero and source in self.entries[t.y].deps}
+        if not parts:
+            return EVEN  # identically zero: either parity; EVEN keeps sums honest
+        return parts.pop() if len(parts) == 1 else NEITHER
+
+    def partial(self, key: str, arg: str) -> sp.Expr:
+        """dZ^key/dZ^arg of a Nonlin node (cached)."""
+        memo = self._partials.get((key, arg))
+        if memo is None:
+            memo = sp.diff(self.entries[key].z, Z(arg))
+            self._partials[(key, arg)] = memo
+        return memo
+
+    # -- rules --------------------------------------------------------------------------
+    def _derive(self, key: str) -> ZEntry:
+        g = self.graph
+        op = g.op(key)
+        if isinstance(op, ops.InitVec):
+            return ZEntry(key, "init", Z(key), frozenset([key]))
+        if isinstance(op, ops.InitMat):
+            return ZEntry(key, "mat")
+        if isinstance(op, ops.Param):
+            return ZEntry(key, "param", node_symbol(key))
+        if isinstance(op, ops.Input):
+            return ZEntry(key, "input", node_symbol(key))
+        if isinstance(op, ops.Nonlin):
+            vecs = g.vector_args(key)
+            z = op.expr.xreplace({node_symbol(a): Z(a) for a in vecs})
+            deps = frozenset().union(*(self.entries[a].deps for a in vecs)) if vecs else frozenset()
+            return ZEntry(key, "nonlin", z, deps)
+        if isinstance(op, ops.MatMul):
+            return self._matmul(key)
+        if isinstance(op, ops.Moment):
+            return self._moment(key, op)
+        raise TypeError(f"no Master-theorem rule for {type(op).__name__} ({key!r})")
+
+    def _matmul(self, key: str) -> ZEntry:
+        mat, x, tr = self.graph.matmul_parts(key)
+        sigma = self.graph.op(mat).sigma
+        entry = ZEntry(key, "matmul", family=(mat, tr), x=x)
+        self.entries[key] = entry  # visible to block_of_leaf below
+        xdeps = self.entries[x].deps
+        terms = []
+        for source in self.families.get((mat, not tr), []):
+            if source not in xdeps:
+                continue  # Z^x does not depend on ZHat^source at all
+            y = self.entries[source].x
+            reason_block = self.derivative_zero_block(x, source)
+            if reason_block is not None:
+                terms.append(ZDotTerm(y, source, sp.S.Zero, f"odd in {self.describe_block(reason_block)}"))
+            else:
+                terms.append(ZDotTerm(y, source, sigma**2 * Expectation(self.derivative_display(x, source))))
+        entry.zdot = terms
+        entry.z = Zhat(key) + sp.Add(*[t.coefficient * Z(t.y) for t in terms])
+        entry.deps = frozenset([key]).union(*(self.entries[t.y].deps for t in terms if not t.is_zero))
+        self.families.setdefault((mat, tr), []).append(key)
+        return entry
+
+    def _moment(self, key: str, op: ops.Moment) -> ZEntry:
+        rep, deps = {}, set()
+        for s in op.expr.free_symbols:
+            k, primed = unprime(s)
+            if self.graph.kind(k) == VEC:
+                rep[s] = Z(k, primed)
+                deps |= self.entries[k].deps
+        psi = op.expr.xreplace(rep)
+        block = self.zero_block(psi, deps)
+        if block is not None:
+            return ZEntry(key, "moment", sp.S.Zero, frozenset(), zero_reason=f"odd in {self.describe_block(block)}")
+        return ZEntry(key, "moment", Expectation(psi), frozenset())
+
+    # -- derivatives dZ^x/dZHat^v (chain rule through the recursion) --------------------
+    def derivative(self, x: str, source: str) -> sp.Expr:
+        """dZ^x/dZHat^source as an expression in Z symbols, inlined along the recursion:
+        through Nonlin by the chain rule, through MatMul only via its ZDot terms (ZHats
+        are leaves, expectations constants)."""
+        memo = self._derivative.get((x, source))
+        if memo is not None:
+            return memo
+        entry = self.entries[x]
+        if source not in entry.deps:
+            d = sp.S.Zero
+        elif x == source:
+            d = sp.S.One
+        elif entry.rule == "nonlin":
+            d = sp.Add(*[self.partial(x, a) * self.derivative(a, source)
+                         for a in self.graph.vector_args(x) if source in self.entries[a].deps])
+        elif entry.rule == "matmul":
+            d = sp.Add(*[t.coefficient * self.derivative(t.y, source) for t in entry.zdot if not t.is_zero])
+        else:
+            d = sp.S.Zero
+        self._derivative[(x, source)] = d
+        return d
+
+    def derivative_display(self, x: str, source: str) -> sp.Expr:
+        """The derivative inlined when small, else the unevaluated dZ^x/dZHat^source."""
+        d = self.derivative(x, source)
+        if sp.count_ops(d) > MAX_INLINE_OPS:
+            return sp.Derivative(Z(x), Zhat(source), evaluate=False)
+        return d
+
+    # -- convenient views ---------------------------------------------------------------
+    @cached_property
+    def vectors(self) -> list[str]:
+        return [k for k in self.order if self.graph.kind(k) == VEC]
+
+    def zdot_terms(self, key: str, nonzero: bool = True) -> list[ZDotTerm]:
+        terms = self.entries[key].zdot
+        return [t for t in terms if not t.is_zero] if nonzero else list(terms)
+
+    def nonzero_zdot_count(self) -> int:
+        return sum(len(self.zdot_terms(k)) for k in self.order if self.entries[k].rule == "matmul")
+
+
+def derive(graph: Graph) -> ZProgram:
+    """Apply the Master theorem to every node of ``graph``."""
+    return ZProgram(graph)
