@@ -1,0 +1,73 @@
+"""The compile step and the user-facing entry points (DESIGN.md 5):
+``tp.compile(program)`` -> ``Compiled`` with ``formulas``, ``limit``; ``tp.simulate``.
+
+A program with an input is a template over one input xi: formulas are derived and shown for
+the template, while evaluation first binds xi to data rows (``ir.instantiate``) and derives
+the concrete program.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from . import interpreter, particles
+from .dsl import Program
+from .ir import Graph, ProgramError, instantiate
+from .symbolic import ZProgram, derive
+
+
+def _graph_of(program) -> Graph:
+    if isinstance(program, Program):
+        return program.graph
+    if isinstance(program, Graph):
+        return program
+    raise ProgramError(f"expected a tpcompiler.Program, got {type(program).__name__}")
+
+
+class Compiled:
+    """A program with its derived Z program; evaluates limits and renders formulas."""
+
+    def __init__(self, program):
+        self.graph = _graph_of(program)
+        self.zprogram: ZProgram = derive(self.graph)
+        self._bound: dict = {}
+
+    @property
+    def name(self) -> str:
+        return self.graph.name
+
+    def formulas(self, format: str = "markdown") -> str:
+        """The derived Z recursions, ZHat covariances, ZDot terms and moments."""
+        from .render import render
+
+        return render(self.zprogram, format)
+
+    def bind(self, x=None) -> tuple[ZProgram, dict]:
+        """Z program of the program bound to input rows ``x`` (default: the program's own)."""
+        key = None if x is None else np.asarray(x, dtype=np.float64).tobytes() + bytes(str(np.shape(x)), "ascii")
+        if key not in self._bound:
+            graph, index = instantiate(self.graph, x)
+            zp = self.zprogram if graph is self.graph else derive(graph)
+            self._bound[key] = (zp, index)
+        return self._bound[key]
+
+    def limit(self, particles: int = 200_000, seed: int = 0, x=None, groups: int = 10) -> dict[str, tuple[float, float]]:
+        """{output: (value, stderr)} of the infinite-width limit (stderr 0 where exact)."""
+        zp, _ = self.bind(x)
+        return globals()["particles"].limit(zp, particles=particles, seed=seed, groups=groups)
+
+
+def compile(program) -> Compiled:  # noqa: A001 - the public name is tp.compile
+    """Derive the Master-theorem Z program of ``program``."""
+    return Compiled(program)
+
+
+def simulate(program, width: int, seed: int = 0, x=None) -> dict[str, float]:
+    """Run the program at finite width ``width`` with ``seed``: {output: value}."""
+    graph, _ = instantiate(_graph_of(program), x)
+    return interpreter.run(graph, width, seed)[0]
+
+
+def simulate_seeds(program, width: int, seeds, x=None) -> dict[str, np.ndarray]:
+    """Finite-width outputs over several seeds: {output: array over seeds}."""
+    graph, _ = instantiate(_graph_of(program), x)
+    return interpreter.simulate_many(graph, width, seeds)
