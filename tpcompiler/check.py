@@ -65,29 +65,40 @@ def verdict(limit, limit_se, means, stderrs, rms, slope) -> tuple[bool, float, s
     return (not reasons), z, "; ".join(reasons) or "agrees at the top width; error falls like n^-1/2"
 
 
-def convergence_check(compiled: Compiled, widths=DEFAULT_WIDTHS, seeds: int = 20, particles: int = 1_000_000,
-                      seed: int = 0, x=None, progress=None) -> list[OutputCheck]:
-    """Check every output of ``compiled`` (see module docstring)."""
-    widths = sorted(int(w) for w in widths)
-    if len(widths) < 2:
-        raise ValueError("a convergence check needs at least two widths")
-    if seeds < 2:
-        raise ValueError("a convergence check needs at least two seeds")
-    lim = compiled.limit(particles=particles, seed=seed, x=x)
+def finite_runs(graph, widths, seeds: int, seed: int = 0, x=None, progress=None) -> dict[int, dict[str, np.ndarray]]:
+    """{width: {output: values over seeds}} from the finite-width interpreter."""
     runs = {}
-    for n in widths:
-        runs[n] = simulate_seeds(compiled.graph, n, range(1000 + seed, 1000 + seed + seeds), x=x)
+    for n in sorted(int(w) for w in widths):
+        runs[n] = simulate_seeds(graph, n, range(1000 + seed, 1000 + seed + seeds), x=x)
         if progress:
             progress(n)
+    return runs
+
+
+def judge(limits: dict[str, tuple[float, float]], runs: dict[int, dict[str, np.ndarray]]) -> list[OutputCheck]:
+    """Compare limits {output: (value, stderr)} with finite-width runs (see module docstring)."""
+    widths = sorted(runs)
     out = []
-    for name, (value, se) in lim.items():
-        means = [float(runs[n][name].mean()) for n in widths]
-        stderrs = [float(runs[n][name].std(ddof=1) / np.sqrt(seeds)) for n in widths]
-        rms = [float(np.sqrt(np.mean((runs[n][name] - value) ** 2))) for n in widths]
+    for name, (value, se) in limits.items():
+        samples = [runs[n][name] for n in widths]
+        means = [float(s.mean()) for s in samples]
+        stderrs = [float(s.std(ddof=1) / np.sqrt(len(s))) for s in samples]
+        rms = [float(np.sqrt(np.mean((s - value) ** 2))) for s in samples]
         slope = fit_slope(widths, rms)
         passed, z, reason = verdict(value, se, means, stderrs, rms, slope)
         out.append(OutputCheck(name, value, se, widths, means, stderrs, rms, slope, z, passed, reason))
     return out
+
+
+def convergence_check(compiled: Compiled, widths=DEFAULT_WIDTHS, seeds: int = 20, particles: int = 1_000_000,
+                      seed: int = 0, x=None, progress=None) -> list[OutputCheck]:
+    """Check every output of ``compiled`` against the finite-width program."""
+    if len(set(widths)) < 2:
+        raise ValueError("a convergence check needs at least two widths")
+    if seeds < 2:
+        raise ValueError("a convergence check needs at least two seeds")
+    limits = compiled.limit(particles=particles, seed=seed, x=x)
+    return judge(limits, finite_runs(compiled.graph, widths, seeds, seed, x, progress))
 
 
 def format_report(checks: list[OutputCheck]) -> str:

@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from . import interpreter, particles
+from . import interpreter
+from .particles import limit as particle_limit
 from .dsl import Program
 from .ir import Graph, ProgramError, instantiate
 from .symbolic import ZProgram, derive
@@ -26,9 +27,10 @@ def _graph_of(program) -> Graph:
 class Compiled:
     """A program with its derived Z program; evaluates limits and renders formulas."""
 
-    def __init__(self, program):
+    def __init__(self, program, drop_zdot: bool = False):
         self.graph = _graph_of(program)
-        self.zprogram: ZProgram = derive(self.graph)
+        self.drop_zdot = drop_zdot
+        self.zprogram: ZProgram = derive(self.graph, drop_zdot)
         self._bound: dict = {}
 
     @property
@@ -46,19 +48,20 @@ class Compiled:
         key = None if x is None else np.asarray(x, dtype=np.float64).tobytes() + bytes(str(np.shape(x)), "ascii")
         if key not in self._bound:
             graph, index = instantiate(self.graph, x)
-            zp = self.zprogram if graph is self.graph else derive(graph)
+            zp = self.zprogram if graph is self.graph else derive(graph, self.drop_zdot)
             self._bound[key] = (zp, index)
         return self._bound[key]
 
     def limit(self, particles: int = 200_000, seed: int = 0, x=None, groups: int = 10) -> dict[str, tuple[float, float]]:
         """{output: (value, stderr)} of the infinite-width limit (stderr 0 where exact)."""
         zp, _ = self.bind(x)
-        return globals()["particles"].limit(zp, particles=particles, seed=seed, groups=groups)
+        return particle_limit(zp, particles=particles, seed=seed, groups=groups)
 
 
-def compile(program) -> Compiled:  # noqa: A001 - the public name is tp.compile
-    """Derive the Master-theorem Z program of ``program``."""
-    return Compiled(program)
+def compile(program, drop_zdot: bool = False) -> Compiled:  # noqa: A001 - the public name is tp.compile
+    """Derive the Master-theorem Z program of ``program`` (``drop_zdot``: ablation that
+    omits every ZDot term, to show what the "gradient independence" shortcut gets wrong)."""
+    return Compiled(program, drop_zdot)
 
 
 def simulate(program, width: int, seed: int = 0, x=None) -> dict[str, float]:

@@ -156,9 +156,12 @@ def expr_parity(expr: sp.Expr, parity_of_symbol) -> int:
 class ZProgram:
     """The Master-theorem derivation of one program graph."""
 
-    def __init__(self, graph: Graph):
+    def __init__(self, graph: Graph, drop_zdot: bool = False):
         graph.validate()
         self.graph = graph
+        #: Ablation for tests and demonstrations: derive as if every ZDot were 0 (the
+        #: "gradient independence" assumption applied blindly).
+        self.drop_zdot = drop_zdot
         self.order = graph.order()
         self.entries: dict[str, ZEntry] = {}
         self.families: dict[tuple, list[str]] = {}
@@ -321,7 +324,7 @@ class ZProgram:
         self.entries[key] = entry  # visible to block_of_leaf below
         xdeps = self.entries[x].deps
         terms = []
-        for source in self.families.get((mat, not tr), []):
+        for source in [] if self.drop_zdot else self.families.get((mat, not tr), []):
             if source not in xdeps:
                 continue  # Z^x does not depend on ZHat^source at all
             y = self.entries[source].x
@@ -392,6 +395,6 @@ class ZProgram:
         return sum(len(self.zdot_terms(k)) for k in self.order if self.entries[k].rule == "matmul")
 
 
-def derive(graph: Graph) -> ZProgram:
+def derive(graph: Graph, drop_zdot: bool = False) -> ZProgram:
     """Apply the Master theorem to every node of ``graph``."""
-    return ZProgram(graph)
+    return ZProgram(graph, drop_zdot=drop_zdot)

@@ -1,0 +1,121 @@
+"""The particle limit evaluator (DESIGN.md 2.7 strategy 3) against closed forms."""
+import math
+
+import numpy as np
+import pytest
+import scipy.integrate as si
+
+import tpcompiler as tp
+from tpcompiler.ir import ProgramError
+
+SIGMA = 1.5
+
+
+def gauss_mean(f, var):
+    """E f(Z), Z ~ N(0, var), by adaptive quadrature (independent of the code under test)."""
+    s = math.sqrt(var)
+    return si.quad(lambda z: f(s * z) * math.exp(-z * z / 2) / math.sqrt(2 * math.pi), -30, 30, limit=200)[0]
+
+
+def within(value, stderr, exact, z=4.0):
+    return abs(value - exact) <= z * stderr + 1e-12
+
+
+@pytest.fixture(scope="module")
+def zdot_limit():
+    return tp.compile(tp.load("programs/zdot.py", sigma=SIGMA)).limit(particles=1_000_000, seed=3)
+
+
+def test_closed_forms_of_the_zdot_example(zdot_limit):
+    s2 = SIGMA**2
+    exact = {
+        "hh": s2,
+        "vu": s2 * gauss_mean(lambda h: 1 - math.tanh(h) ** 2, s2),
+        "su": SIGMA / math.sqrt(2 * math.pi),  # Stein's lemma: E[delta(Z^h)] = 1/sqrt(2 pi sigma^2)
+    }
+    exact["vv"] = s2 * gauss_mean(lambda h: math.tanh(h) ** 2, s2) + exact["vu"] ** 2
+    for name, value in exact.items():
+        v, e = zdot_limit[name]
+        assert e > 0
+        assert within(v, e, value), (name, v, e, value)
+
+
+def test_cubic_zdot_closed_form():
+    """v = W^T h^3: E[Z^v Z^u] = 3 sigma^2 E[h^2] E[u^2] = 3 sigma^4."""
+    p = tp.Program("cubic")
+    u = p.vec("u")
+    W = p.mat("W", sigma=SIGMA)
+    h = (W @ u).named("h")
+    v = (W.T @ h**3).named("v")
+    p.output("vu", tp.mean(v * u))
+    value, err = tp.compile(p).limit(particles=400_000, seed=1)["vu"]
+    assert within(value, err, 3 * SIGMA**4)
+
+
+def test_moments_feeding_later_instructions():
+    """s = E[tanh(h)^2] scales later vectors: E[(s u + tanh h) u] = s, and
+    y = W^T (s h) has ZDot sigma^2 s Z^u, so E[y u] = sigma^2 s."""
+    p = tp.Program("feed")
+    u = p.vec("u")
+    W = p.mat("W", sigma=SIGMA)
+    h = (W @ u).named("h")
+    s = tp.mean(tp.tanh(h) ** 2, name="s")
+    z = s * u + tp.tanh(h)
+    y = (W.T @ (s * h)).named("y")
+    p.output("zu", tp.mean(z * u))
+    p.output("yu", tp.mean(y * u))
+    lim = tp.compile(p).limit(particles=1_000_000, seed=2)
+    s_exact = gauss_mean(lambda x: math.tanh(x) ** 2, SIGMA**2)
+    assert within(*lim["zu"], s_exact)
+    assert within(*lim["yu"], SIGMA**2 * s_exact)
+
+
+def test_provable_zeros_are_exact():
+    p = tp.Program("zeros")
+    u, g = p.vec("u"), p.vec("g")
+    W = p.mat("W")
+    h = (W @ u).named("h")
+    p.output("hg", tp.mean(h * g))
+    p.output("h3", tp.mean(h**3))
+    lim = tp.compile(p).limit(particles=10_000)
+    assert lim["hg"] == (0.0, 0.0) and lim["h3"] == (0.0, 0.0)
+
+
+def test_error_shrinks_like_inverse_sqrt_particles():
+    """The RMS error over seeds, and the reported standard error, fall ~10x for 100x particles."""
+    c = tp.compile(tp.load("programs/zdot.py", sigma=SIGMA))
+    exact = SIGMA**2 * gauss_mean(lambda h: 1 - math.tanh(h) ** 2, SIGMA**2)
+    rms, reported = [], []
+    for M in (2_000, 200_000):
+        runs = [c.limit(particles=M, seed=s)["vu"] for s in range(12)]
+        rms.append(np.sqrt(np.mean([(v - exact) ** 2 for v, _ in runs])))
+        reported.append(np.mean([e for _, e in runs]))
+    assert 5 < rms[0] / rms[1] < 20
+    assert 7 < reported[0] / reported[1] < 14
+    # the reported standard error describes the actual error
+    assert 0.5 < reported[1] / rms[1] < 2.0
+
+
+def test_reproducible_from_seed():
+    c = tp.compile(tp.load("programs/zdot.py"))
+    assert c.limit(particles=20_000, seed=7) == c.limit(particles=20_000, seed=7)
+    assert c.limit(particles=20_000, seed=7) != c.limit(particles=20_000, seed=8)
+
+
+def test_stein_on_a_degenerate_family_is_refused():
+    """h2 = W (2u) duplicates ZHat^h, so E[delta(Z^{h2})] w.r.t. its own (degenerate)
+    ZHat cannot be identified by Stein's lemma: a clear error, not a wrong number."""
+    p = tp.Program("degenerate")
+    u = p.vec("u")
+    W = p.mat("W")
+    (W @ u).named("h")
+    h2 = (W @ (2 * u)).named("h2")
+    s = (W.T @ tp.step(h2)).named("s")
+    p.output("su", tp.mean(s * u))
+    with pytest.raises(ProgramError, match="degenerate"):
+        tp.compile(p).limit(particles=10_000)
+
+
+def test_too_few_particles_is_an_error():
+    with pytest.raises(ProgramError, match="particles"):
+        tp.compile(tp.load("programs/zdot.py")).limit(particles=5)

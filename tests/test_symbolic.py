@@ -1,0 +1,195 @@
+"""Unit tests of each Master-theorem rule (DESIGN.md 2.2), against hand derivations."""
+import sympy as sp
+
+import tpcompiler as tp
+from tpcompiler.nonlinearities import step
+from tpcompiler.ops import node_symbol
+from tpcompiler.symbolic import Expectation, Z, Zhat, derive
+
+
+def sig(name="W"):
+    return node_symbol(f"sigma_{name}")
+
+
+def zdot(zp, key):
+    return sp.Add(*[t.coefficient * Z(t.y) for t in zp.zdot_terms(key)])
+
+
+def same(a, b):
+    return sp.simplify(sp.expand(a - b)) == 0
+
+
+def test_zinit_is_its_own_gaussian_with_covariance():
+    p = tp.Program("init")
+    a, b = p.vecs(["a", "b"], cov=[[2.0, 0.5], [0.5, 1.0]])
+    c = p.vec("c", var=3.0)
+    p.output("ab", tp.mean(a * b))
+    zp = derive(p.graph)
+    assert zp.entries["a"].z == Z("a") and zp.entries["a"].deps == {"a"}
+    assert zp.graph.init_covariance("a", "b") == sp.Float(0.5)
+    # a and b form one independent block, c another
+    assert zp.block_of_leaf("a") == zp.block_of_leaf("b") != zp.block_of_leaf("c")
+
+
+def test_znonlin_substitutes_argument_z_and_scalar_symbols():
+    p = tp.Program("nl")
+    u, h = p.vec("u"), p.vec("h")
+    eta = p.scalar("eta", 0.3)
+    y = (eta * tp.tanh(h) * u + h**2).named("y")
+    zp = derive(p.graph)
+    assert same(zp.entries["y"].z, node_symbol("eta") * sp.tanh(Z("h")) * Z("u") + Z("h") ** 2)
+
+
+def test_first_product_has_no_zdot():
+    p = tp.Program("first")
+    u = p.vec("u")
+    W = p.mat("W", sigma=2.0)
+    (W @ u).named("h")
+    zp = derive(p.graph)
+    assert zp.entries["h"].z == Zhat("h")
+    assert zp.entries["h"].zdot == []
+
+
+def test_zdot_of_the_design_example():
+    """h = W u, v = W^T g(h): ZDot^v = sigma^2 Z^u E[g'(Z^h)] (DESIGN.md 2.2)."""
+    for name, g in [("tanh", sp.tanh), ("sin", sp.sin), ("gelu", tp.nonlinearities.gelu)]:
+        p = tp.Program("ex")
+        u = p.vec("u")
+        W = p.mat("W", sigma=1.5)
+        h = (W @ u).named("h")
+        (W.T @ tp.phi(name)(h)).named("v")
+        zp = derive(p.graph)
+        a = sp.Symbol("a", real=True)
+        expected = sig() ** 2 * Z("u") * Expectation(sp.diff(g(a), a).subs(a, Z("h")))
+        assert same(zdot(zp, "v"), expected), name
+        assert same(zp.entries["v"].z, Zhat("v") + expected)
+
+
+def test_zdot_of_w_after_w_transpose_is_sigma2_times_input():
+    """w = W v with v = W^T x: dZ^v/dZHat^v = 1, so ZDot^w = sigma^2 Z^x."""
+    p = tp.Program("wwt")
+    u = p.vec("u")
+    W = p.mat("W")
+    h = (W @ u).named("h")
+    x = tp.tanh(h).named("x")
+    v = (W.T @ x).named("v")
+    (W @ v).named("w")
+    zp = derive(p.graph)
+    assert same(zdot(zp, "w"), sig() ** 2 * Z("x"))
+
+
+def test_nested_zdot_through_an_earlier_zdot():
+    """r = W^T sin(w), w = W tanh(v): Z^w depends on ZHat^h through its own ZDot term
+    sigma^2 tanh(Z^h) E[tanh'(Z^v)], so dZ^{sin w}/dZHat^h = cos(Z^w) sigma^2 tanh'(Z^h) E[tanh'(Z^v)]."""
+    p = tp.load("programs/zdot.py")
+    zp = derive(p.graph)
+    s2 = sig() ** 2
+    th = lambda z: 1 - sp.tanh(z) ** 2  # noqa: E731
+    c_w = s2 * Expectation(th(Z("v")))
+    assert same(zdot(zp, "w"), c_w * Z("t2"))
+    expected_r = s2 * Z("u") * Expectation(sp.cos(Z("w")) * th(Z("h")) * c_w) + s2 * Z("t4") * Expectation(sp.cos(Z("w")))
+    assert same(zdot(zp, "r"), expected_r)
+
+
+def test_zdot_with_a_dirac_delta():
+    """s = W^T step(h): ZDot^s = sigma^2 Z^u E[delta(Z^h)]."""
+    p = tp.load("programs/zdot.py")
+    zp = derive(p.graph)
+    assert same(zdot(zp, "s"), sig() ** 2 * Z("u") * Expectation(sp.DiracDelta(Z("h"))))
+
+
+def test_cubic_zdot_is_not_mistaken_for_zero():
+    """v = W^T h^3: ZDot = 3 sigma^2 Z^u E[(Z^h)^2], even in ZHat^h, so it must survive."""
+    p = tp.Program("cubic")
+    u = p.vec("u")
+    W = p.mat("W")
+    h = (W @ u).named("h")
+    (W.T @ h**3).named("v")
+    zp = derive(p.graph)
+    assert same(zdot(zp, "v"), 3 * sig() ** 2 * Z("u") * Expectation(Z("h") ** 2))
+
+
+def test_odd_derivatives_vanish():
+    """v = W^T (h tanh(h)) and v = W^T h^2: E[d/dh] is odd in ZHat^h -> exactly 0."""
+    for body in (lambda h: h * tp.tanh(h), lambda h: h**2, lambda h: tp.tanh(h) + h):
+        p = tp.Program("odd")
+        u = p.vec("u")
+        W = p.mat("W")
+        h = (W @ u).named("h")
+        (W.T @ body(h)).named("v")
+        zp = derive(p.graph)
+        terms = zp.zdot_terms("v", nonzero=False)
+        if body(h).expr.has(sp.tanh) and body(h).expr.is_Add:
+            # d(tanh(h) + h)/dh = sech^2 + 1 is even: a genuine term
+            assert len(zp.zdot_terms("v")) == 1
+        else:
+            assert len(terms) == 1 and terms[0].is_zero and "ZHat family of W" in terms[0].zero_reason
+
+
+def test_gradient_independence_is_derived_not_assumed():
+    """Kernel-regime backward passes: ZDot terms vanish because backward vectors are odd in
+    the independent readout v (DESIGN.md 2.8), for every depth and nonlinearity."""
+    for depth in (2, 3):
+        for phi in ("relu", "tanh", "erf"):
+            zp = derive(tp.load("programs/mlp.py", depth=depth, phi=phi, b_std=0.1).graph)
+            terms = [t for k in zp.order if zp.entries[k].rule == "matmul" for t in zp.entries[k].zdot]
+            assert terms, "the backward W^T products must have candidate ZDot terms"
+            assert all(t.is_zero for t in terms)
+            assert any("initial Gaussian v" in t.zero_reason for t in terms)
+
+
+def test_zero_through_a_transposed_family():
+    """resmlp: E[Z^{W2^T dh2} delta(Z^h1)] is odd in the W2^T family although dh1 itself is not."""
+    zp = derive(tp.load("programs/resmlp.py", depth=2).graph)
+    terms = zp.entries["db1"].zdot
+    assert len(terms) == 1 and terms[0].is_zero and "W2^T" in terms[0].zero_reason
+
+
+def test_zmoment_expectations_and_provable_zeros():
+    p = tp.Program("mom")
+    u, g = p.vec("u"), p.vec("g")
+    W = p.mat("W")
+    h = (W @ u).named("h")
+    p.output("hh", tp.mean(h * h))
+    p.output("hg", tp.mean(h * g))
+    p.output("mean_h", tp.mean(h))
+    p.output("th", tp.mean(tp.tanh(h) * u))
+    zp = derive(p.graph)
+    assert zp.entries["hh"].z == Expectation(Z("h") ** 2)
+    for key in ("hg", "mean_h", "th"):
+        assert zp.entries[key].z == 0, key
+
+
+def test_recursion_form_refers_only_to_direct_arguments():
+    zp = derive(tp.load("programs/mlp.py", depth=3).graph)
+    for key in zp.vectors:
+        e = zp.entries[key]
+        if e.rule != "nonlin":
+            continue
+        zsyms = {s for s in e.z.free_symbols if s.name.startswith("Z")}
+        assert zsyms <= {Z(a) for a in zp.graph.vector_args(key)}
+
+
+def test_pair_moment_in_template():
+    zp = derive(tp.load("programs/mlp.py", depth=1).graph)
+    assert zp.entries["K_x1"].z == Expectation(Z("x1") * Z("x1", primed=True))
+
+
+def test_drop_zdot_ablation_removes_terms():
+    zp = derive(tp.load("programs/zdot.py").graph, drop_zdot=True)
+    assert all(zp.entries[k].zdot == [] for k in zp.order)
+
+
+def test_formulas_render_markdown_and_latex():
+    c = tp.compile(tp.load("programs/zdot.py"))
+    md = c.formulas()
+    assert r"\dot{Z}^{v}" in md and r"\mathbb{E}" in md and "## ZHat families" in md
+    assert r"\delta\left(Z^{h}\right)" in md
+    tex = c.formulas("latex")
+    assert r"\begin{align*}" in tex and r"\hat{Z}^{r}" in tex
+
+
+def test_step_derivative_is_dirac():
+    x = sp.Symbol("x")
+    assert sp.diff(step(x), x) == sp.DiracDelta(x)
+    assert sp.diff(tp.nonlinearities.relu(x), x) == step(x)
