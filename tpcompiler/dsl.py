@@ -25,31 +25,40 @@ class DSLError(ProgramError, TypeError):
     """Misuse of the DSL (wrong types, mixed programs, non-sympy nonlinearity)."""
 
 
-def _number(x) -> sp.Expr:
-    """A Python/numpy number as a sympy number (integral floats become Integers)."""
+def _number(x, where: str | None = None) -> sp.Expr:
+    """A Python/numpy number as a sympy number (integral floats become Integers).
+
+    ``where`` (e.g. "matrix 'W': sigma") prefixes the error of a value that must be a number."""
     if isinstance(x, (bool, np.bool_)):
-        raise DSLError(f"a boolean ({x}) is not a number of a program")
+        raise DSLError(f"{where + ': ' if where else ''}a boolean ({x}) is not a number of a program")
     if isinstance(x, numbers.Integral):
         return sp.Integer(int(x))
     if isinstance(x, numbers.Real):
         x = float(x)
         if not np.isfinite(x):
-            raise DSLError(f"the number {x} is not finite")
+            raise DSLError(f"{where + ': ' if where else ''}the number {x} is not finite")
         return sp.Integer(int(x)) if x.is_integer() else sp.Float(x)
     if isinstance(x, sp.Expr) and x.is_number:
         return x
+    if where:
+        raise DSLError(f"{where}: expected a number, got {x!r}")
     raise DSLError(f"{x!r} is not a number, Vec or Scalar")
 
 
 class _Value:
     """Common arithmetic of Vec and Scalar handles: a sympy expression over node symbols."""
 
-    __slots__ = ("program", "expr")
+    __slots__ = ("program", "_expr")
     kind = "?"
 
     def __init__(self, program: "Program", expr: sp.Expr):
         self.program = program
-        self.expr = expr
+        self._expr = expr
+
+    @property
+    def expr(self) -> sp.Expr:
+        """The expression over node symbols (following any later renaming of its nodes)."""
+        return self.program._resolve(self._expr)
 
     def _binary(self, other, fn, sym: str):
         other_expr, other_kind = self.program._coerce(other, f"{self._show()} {sym} ...")
@@ -170,11 +179,12 @@ class Program:
         self.name = name
         self.graph = Graph(name)
         self._cse: dict = {}
+        self._renamed: dict[sp.Symbol, sp.Symbol] = {}
 
     # -- variables ----------------------------------------------------------------------
     def vec(self, name: str, var=1.0) -> Vec:
         """Initial vector with iid N(0, var) coordinates."""
-        v = _number(var)
+        v = _number(var, f"initial vector {name!r}: variance")
         if v.is_negative:
             raise DSLError(f"initial vector {name!r}: variance {var} is negative")
         return Vec(self, node_symbol(self.graph.add(self._name(name), ops.InitVec(v))))
@@ -200,7 +210,7 @@ class Program:
             self._same_program(sigma, f"mat {name!r}")
             sig = sigma.expr
         else:
-            s = _number(sigma)
+            s = _number(sigma, f"matrix {name!r}: sigma")
             if s.is_negative:
                 raise DSLError(f"matrix {name!r}: sigma {sigma} is negative")
             sig = node_symbol(self.graph.add(self._name(f"sigma_{name}"), ops.Param(float(s))))
@@ -210,7 +220,7 @@ class Program:
 
     def scalar(self, name: str, value) -> Scalar:
         """A named constant (hyperparameter); formulas keep it as a symbol."""
-        return Scalar(self, node_symbol(self.graph.add(self._name(name), ops.Param(float(_number(value))))))
+        return Scalar(self, node_symbol(self.graph.add(self._name(name), ops.Param(float(_number(value, f"scalar {name!r}"))))))
 
     def input(self, name: str, d: int, default=None) -> list[Scalar]:
         """The program's finite-dimensional input xi (d coordinates, DESIGN.md 2.1).
@@ -258,11 +268,22 @@ class Program:
 
     # -- internals ----------------------------------------------------------------------
     def _name(self, name: str) -> str:
-        if not isinstance(name, str) or not name or name[0].isdigit() or any(c in name for c in " '\t\n"):
-            raise DSLError(f"{name!r} is not a valid variable name")
-        if name in self.graph.g:
+        if not isinstance(name, str) or not name.isidentifier():
+            raise DSLError(f"{name!r} is not a valid variable name (use letters, digits and '_', not starting with a digit)")
+        if name in self.graph.g or node_symbol(name) in self._renamed:
             raise DSLError(f"program {self.name!r}: the name {name!r} is already used")
         return name
+
+    def _resolve(self, expr: sp.Expr) -> sp.Expr:
+        return expr.xreplace(self._renamed) if self._renamed else expr
+
+    def _rename(self, old: str, new: str) -> str:
+        """Rename node ``old`` (no instruction reads it yet); handles keep working."""
+        self.graph.rename(old, self._name(new))
+        self._cse = {k: (new if v == old else v) for k, v in self._cse.items()}
+        self._renamed = {k: (node_symbol(new) if v.name == old else v) for k, v in self._renamed.items()}
+        self._renamed[node_symbol(old)] = node_symbol(new)
+        return new
 
     def _same_program(self, value, where: str) -> None:
         if value.program is not self:
@@ -276,16 +297,19 @@ class Program:
             return value.expr, value.kind
         return _number(value), SCALAR
 
+    def _no_pair_moment(self, expr: sp.Expr, where: str) -> None:
+        for s in expr.free_symbols:
+            k = unprime(s)[0]
+            if k in self.graph.g and isinstance(self.graph.op(k), ops.Moment) and self.graph.op(k).pair:
+                raise DSLError(f"{where}: reads the pair moment {k!r}; pair moments (kernels) may only be read by outputs")
+
     def _materialize(self, vec: Vec, name: str | None = None) -> str:
         expr = vec.expr
+        self._no_pair_moment(expr, vec._show())
         if any(unprime(s)[1] for s in expr.free_symbols):
             raise DSLError(f"{vec._show()}: a primed vector (second input) can only appear inside tp.mean for a kernel output")
         if isinstance(expr, sp.Symbol) and expr.name in self.graph.g:
-            if name is not None:
-                self.graph.rename(expr.name, self._name(name))
-                self._cse = {k: (name if v == expr.name else v) for k, v in self._cse.items()}
-                return name
-            return expr.name
+            return self._rename(expr.name, name) if name is not None else expr.name
         cse_key = ("nonlin", expr)
         if cse_key in self._cse and name is None:
             return self._cse[cse_key]
@@ -303,6 +327,7 @@ class Program:
 
     def _moment(self, vec: Vec, name: str | None = None) -> str:
         expr = vec.expr
+        self._no_pair_moment(expr, f"tp.mean({vec._show()})")
         pair = any(unprime(s)[1] for s in expr.free_symbols)
         cse_key = ("moment", expr)
         if cse_key in self._cse and name is None:
@@ -319,16 +344,12 @@ class Program:
                 and isinstance(self.graph.op(expr.name), ops.Moment) and name.isidentifier()
                 and name not in self.graph.g and not self.graph.g.out_degree(expr.name)
                 and not any(expr in e.free_symbols for e in self.graph.outputs.values())):
-            old = expr.name
-            self.graph.rename(old, name)
-            self._cse = {k: (name if v == old else v) for k, v in self._cse.items()}
-            return node_symbol(name)
+            return node_symbol(self._rename(expr.name, name))
         return expr
 
     def _scalar_key(self, s: Scalar, name: str) -> str:
         if isinstance(s.expr, sp.Symbol) and s.expr.name in self.graph.g:
-            self.graph.rename(s.expr.name, self._name(name))
-            return name
+            return self._rename(s.expr.name, name)
         raise DSLError(f"only Params and Moments can be named; {s._show()} is an expression (name its parts, or use it directly)")
 
 
@@ -416,5 +437,8 @@ def power(x, k):
 
 def phi(name: str):
     """The built-in nonlinearity called ``name`` as a function of Vecs ("relu", "tanh", ...)."""
-    builtin(name)
+    try:
+        builtin(name)
+    except ValueError as exc:
+        raise DSLError(f"tp.phi: {exc}") from None
     return _unary(name)
