@@ -23,12 +23,22 @@ class _Parser(argparse.ArgumentParser):
 
 def _load_array(path: str, what: str) -> np.ndarray:
     try:
-        arr = np.load(path, allow_pickle=False)
+        with open(path, "rb") as f:
+            magic = f.read(6)
     except FileNotFoundError:
         raise CommandError(f"{what} file {path!r} not found") from None
+    except OSError as exc:
+        raise CommandError(f"{what} file {path!r} cannot be read ({exc.strerror or exc})") from None
+    if magic != b"\x93NUMPY":
+        raise CommandError(f"{what} file {path!r} is not a .npy array file (write one with numpy.save)")
+    try:
+        arr = np.load(path, allow_pickle=False)
     except (ValueError, OSError) as exc:
         raise CommandError(f"{what} file {path!r} is not a readable .npy array ({exc})") from None
-    return np.asarray(arr, dtype=np.float64)
+    try:
+        return np.asarray(arr, dtype=np.float64)
+    except (ValueError, TypeError):
+        raise CommandError(f"{what} file {path!r} does not hold numbers (dtype {arr.dtype})") from None
 
 
 def _program(args, X=None):
@@ -100,7 +110,10 @@ def cmd_check(args) -> int:
         checks = convergence_check(compiled, widths, args.seeds, args.particles, args.seed, X, progress=lambda n: bar.update())
     print(format_report(checks))
     if args.plot:
-        plot(checks, args.plot, title=compiled.name)
+        try:
+            plot(checks, args.plot, title=compiled.name)
+        except OSError as exc:
+            raise CommandError(f"--plot: cannot write {args.plot!r} ({exc.strerror or exc})") from None
         print(f"plot written to {args.plot}")
     passed = all(c.passed for c in checks)
     print("PASS" if passed else "FAIL")

@@ -79,7 +79,12 @@ def load(path, **params) -> Program:
         raise ProgramError(
             f"program {Path(path).name} has no parameter {unknown[0]!r}; its parameters are: {', '.join(known) or '(none)'}"
         )
-    program = build(**params)
+    try:
+        program = build(**params)
+    except ValueError:  # ProgramError, DSLError and the program's own checks: already clear
+        raise
+    except Exception as exc:  # a bug in the program file: one line naming the file
+        raise ProgramError(f"build() in {str(path)!r} failed: {type(exc).__name__}: {exc}") from exc
     if not isinstance(program, Program):
         raise ProgramError(f"build() in {str(path)!r} returned {type(program).__name__}, not a tpcompiler.Program")
     return program
