@@ -86,6 +86,11 @@ class _Value:
     def __matmul__(self, other):
         raise DSLError(f"'@' needs a matrix on the left; {self._show()} is a {self.kind}")
 
+    def _compare(self, other):
+        raise DSLError(f"{self._show()}: comparisons are not instructions; use tp.step(x - c) for an indicator")
+
+    __lt__ = __le__ = __gt__ = __ge__ = _compare
+
     def __bool__(self):
         raise DSLError(f"{self._show()} has no truth value inside a program; use tp.step or tp.nonlin for conditionals")
 
@@ -104,6 +109,8 @@ class Vec(_Value):
 
     def named(self, name: str) -> "Vec":
         """Materialise this vector as an instruction called ``name``."""
+        if not isinstance(name, str):
+            raise DSLError(f"named: {name!r} is not a valid variable name (give a string)")
         return Vec(self.program, node_symbol(self.program._materialize(self, name)))
 
     @property
@@ -182,12 +189,16 @@ class Program:
         self._renamed: dict[sp.Symbol, sp.Symbol] = {}
 
     # -- variables ----------------------------------------------------------------------
-    def vec(self, name: str, var=1.0) -> Vec:
-        """Initial vector with iid N(0, var) coordinates."""
+    def vec(self, name: str, var=1.0, trainable: bool = True, ntk_weight=None) -> Vec:
+        """Initial vector with iid N(0, var) coordinates.
+
+        ``trainable``/``ntk_weight`` only matter for kernels and training: its NTK contribution
+        is ntk_weight * E[du du'] (default weight var: neural-tangents' NTK parametrization)."""
         v = _number(var, f"initial vector {name!r}: variance")
         if v.is_negative:
             raise DSLError(f"initial vector {name!r}: variance {var} is negative")
-        return Vec(self, node_symbol(self.graph.add(self._name(name), ops.InitVec(v))))
+        weight = None if ntk_weight is None else _number(ntk_weight, f"initial vector {name!r}: ntk_weight")
+        return Vec(self, node_symbol(self.graph.add(self._name(name), ops.InitVec(v, bool(trainable), weight))))
 
     def vecs(self, names: Sequence[str], cov) -> list[Vec]:
         """Initial vectors whose coordinates are jointly Gaussian with covariance ``cov``."""
@@ -204,8 +215,12 @@ class Program:
                     self.graph.init_cov[frozenset((names[i], names[j]))] = _number(cov[i, j])
         return out
 
-    def mat(self, name: str, sigma=1.0) -> Mat:
-        """n x n matrix with iid N(0, sigma^2/n) entries; sigma appears as the symbol sigma_name."""
+    def mat(self, name: str, sigma=1.0, trainable: bool = True, ntk_weight=None) -> Mat:
+        """n x n matrix with iid N(0, sigma^2/n) entries; sigma appears as the symbol sigma_name.
+
+        NTK contribution (kernels, training): ntk_weight * sum over uses of E[r r'] E[c c']
+        (default weight sigma^2: neural-tangents' NTK parametrization)."""
+        key = self._name(name)  # checked before sigma_name is added, so errors name the matrix
         if isinstance(sigma, Scalar):
             self._same_program(sigma, f"mat {name!r}")
             sig = sigma.expr
@@ -214,8 +229,8 @@ class Program:
             if s.is_negative:
                 raise DSLError(f"matrix {name!r}: sigma {sigma} is negative")
             sig = node_symbol(self.graph.add(self._name(f"sigma_{name}"), ops.Param(float(s))))
-        key = self._name(name)
-        self.graph.add(key, ops.InitMat(sig), tuple(sorted(s.name for s in sig.free_symbols)))
+        weight = None if ntk_weight is None else _number(ntk_weight, f"matrix {name!r}: ntk_weight")
+        self.graph.add(key, ops.InitMat(sig, bool(trainable), weight), tuple(sorted(s.name for s in sig.free_symbols)))
         return Mat(self, key)
 
     def scalar(self, name: str, value) -> Scalar:
@@ -231,22 +246,46 @@ class Program:
             raise DSLError(f"program {self.name!r} already has an input; one input per program")
         if not isinstance(d, numbers.Integral) or d < 1:
             raise DSLError(f"input {name!r}: dimension d must be a positive integer, got {d!r}")
-        keys = [self.graph.add(self._name(f"{name}_{j + 1}"), ops.Input(name, j)) for j in range(d)]
-        if default is not None:
+        if default is not None:  # checked before any node is added
             default = np.atleast_2d(np.asarray(default, dtype=np.float64))
-            if default.shape[1] != d:
-                raise DSLError(f"input {name!r}: default data has {default.shape[1]} columns, expected d = {d}")
+            if default.ndim != 2 or default.shape[1] != d:
+                raise DSLError(f"input {name!r}: default data has shape {default.shape}, expected (N, d = {d})")
+        keys = [self.graph.add(self._name(f"{name}_{j + 1}"), ops.Input(name, j)) for j in range(d)]
         self.graph.inputs[name] = InputDecl(keys, default)
         return [Scalar(self, node_symbol(k)) for k in keys]
 
-    def input_layer(self, name: str, xi: Sequence[Scalar], sigma=1.0) -> Vec:
+    def input_layer(self, name: str, xi: Sequence[Scalar], sigma=1.0, parameterization: str = "ntk") -> Vec:
         """An n x d input layer applied to xi: sigma / sqrt(d) * sum_j xi_j U_j, the U_j being d
-        initial N(0, 1) vectors (neural-tangents' NTK-parametrized Dense on the input)."""
+        initial N(0, 1) vectors (neural-tangents' Dense on the input).  In the "standard"
+        parameterization the trained matrix is (sigma/sqrt(d)) U itself, so each U_j carries
+        NTK weight d / sigma^2 (neural-tangents' n_in K_in term)."""
         d = len(xi)
-        U = [self.vec(f"{name}_{j + 1}") for j in range(d)]
+        if parameterization not in ("ntk", "standard"):
+            raise DSLError(f"input_layer {name!r}: parameterization must be 'ntk' or 'standard', got {parameterization!r}")
         sig = sigma.expr if isinstance(sigma, Scalar) else self.scalar(f"sigma_{name}", sigma).expr
+        weight = None if parameterization == "ntk" else sp.Integer(d) / sig**2
+        U = [self.vec(f"{name}_{j + 1}", ntk_weight=weight) for j in range(d)]
         terms = [self._coerce(x, f"input_layer {name!r}")[0] * u.expr for x, u in zip(xi, U)]
         return Vec(self, sig / sp.sqrt(d) * sp.Add(*terms))
+
+    def readout(self, x, sigma=1.0, bias=None, name: str = "v", ntk_weight=None, bias_ntk_weight=None) -> Vec:
+        """Declare the network output f(xi) = sigma/sqrt(n) v . x (+ bias * beta), v a fresh
+        initial N(0, 1) vector (returned, so a hand-written backward pass can use it), beta ~
+        N(0, 1) (DESIGN.md 2.3).  Kernels and training read this declaration.  NTK weights:
+        v's default 1 (NTK parametrization; standard: n_in / sigma^2) and beta's default
+        bias^2 (standard: 1)."""
+        if self.graph.readout is not None:
+            raise DSLError(f"program {self.name!r} already has a readout")
+        if not isinstance(x, Vec):
+            raise DSLError(f"readout: needs the Vec the output reads, got {x!r}")
+        self._same_program(x, "readout")
+        key = self._materialize(x)
+        v = self.vec(name, ntk_weight=ntk_weight)
+        sig = sigma.expr if isinstance(sigma, Scalar) else _number(sigma, "readout sigma")
+        b = None if bias is None else (bias.expr if isinstance(bias, Scalar) else _number(bias, "readout bias"))
+        bw = None if bias_ntk_weight is None else _number(bias_ntk_weight, "readout bias_ntk_weight")
+        self.graph.readout = ops.Readout(key, v.expr.name, sig, b, bw)
+        return v
 
     def output(self, name: str, value) -> None:
         """Declare a scalar output (a Moment or an expression of scalars)."""

@@ -8,6 +8,7 @@ functions Graph -> Graph (``instantiate`` here; backward derivation and SGD unro
 from __future__ import annotations
 
 import copy
+import dataclasses
 from dataclasses import dataclass
 
 import networkx as nx
@@ -39,6 +40,7 @@ class Graph:
         self.outputs: dict[str, sp.Expr] = {}
         self.init_cov: dict[frozenset, sp.Expr] = {}
         self.inputs: dict[str, InputDecl] = {}
+        self.readout: ops.Readout | None = None
         self._count = 0
 
     # -- construction -------------------------------------------------------------------
@@ -61,6 +63,16 @@ class Graph:
             self.g.add_edge(a, key, pos=pos)
         return key
 
+    def add_nonlin(self, key: str, expr: sp.Expr, op_type=None, **fields) -> str:
+        """Append a Nonlin (or, with op_type, a Moment) whose arguments are the free symbols
+        of ``expr`` (primed symbols count as their node)."""
+        op_type = op_type or ops.Nonlin
+        args = sorted({unprime(s)[0] for s in expr.free_symbols}, key=lambda k: self.g.nodes[k]["index"])
+        return self.add(key, op_type(expr, **fields), tuple(args))
+
+    def add_matmul(self, key: str, mat: str, x: str, transposed: bool) -> str:
+        return self.add(key, ops.MatMul(transposed), (mat, x))
+
     def rename(self, old: str, new: str) -> None:
         """Give a node a new name; only allowed before anything reads it."""
         if new == old:
@@ -73,6 +85,12 @@ class Graph:
                 "name a vector right where it is created"
             )
         nx.relabel_nodes(self.g, {old: new}, copy=False)
+        if self.readout is not None and old in (self.readout.vector, self.readout.readout):
+            self.readout = dataclasses.replace(
+                self.readout,
+                vector=new if self.readout.vector == old else self.readout.vector,
+                readout=new if self.readout.readout == old else self.readout.readout,
+            )
 
     # -- queries ------------------------------------------------------------------------
     def op(self, key: str):
@@ -223,7 +241,10 @@ def instantiate(graph: Graph, X: np.ndarray | None) -> tuple[Graph, dict[str, tu
         if decl.default is None:
             raise ProgramError(f"program {graph.name!r} has input {group!r}; give input data (N x {len(decl.keys)})")
         X = decl.default
-    X = np.asarray(X, dtype=np.float64)
+    try:
+        X = np.asarray(X, dtype=np.float64)
+    except (TypeError, ValueError):
+        raise ProgramError(f"program {graph.name!r}: input data must be numbers (an N x d array)") from None
     if X.ndim == 1:
         X = X[None, :]
     d = len(decl.keys)

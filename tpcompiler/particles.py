@@ -46,6 +46,18 @@ class _Family:
     L: np.ndarray = field(default_factory=lambda: np.zeros((0, 0)))
 
 
+def _forward_substitution(L: np.ndarray, c: np.ndarray) -> np.ndarray:
+    """Solve L l = c for lower-triangular L whose zero diagonals mark degenerate members
+    (ZHats that are combinations of earlier ones): their coefficients are 0, since the
+    covariance with them is already carried by the members they combine."""
+    k = len(c)
+    row = np.zeros(k)
+    for j in range(k):
+        if L[j, j] > 0.0:
+            row[j] = (c[j] - L[j, :j] @ row[:j]) / L[j, j]
+    return row
+
+
 class _Run:
     """One independent evaluation with M particles."""
 
@@ -126,9 +138,7 @@ class _Run:
             xj = self.zp.entries[m].x
             cov[j] = 0.0 if self.zp.provably_uncorrelated(x, xj) else s2 * float(np.mean(X * self.env[xj]))
         cov[k] = s2 * float(np.mean(X * X))
-        row = scipy.linalg.solve_triangular(fam.L, cov[:k], lower=True, check_finite=False) if k else np.zeros(0)
-        # Zero diagonals (degenerate earlier members) leave the solve undefined there.
-        row = np.where(np.isfinite(row), row, 0.0)
+        row = _forward_substitution(fam.L, cov[:k])
         d2 = cov[k] - row @ row
         d = np.sqrt(d2) if d2 > DEGENERATE * max(cov[k], 1e-300) else 0.0
         L = np.zeros((k + 1, k + 1))
