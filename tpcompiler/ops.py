@@ -39,7 +39,15 @@ class InitVec:
     through the program's covariance table.  Z^x is that Gaussian (ZInit)."""
 
     var: sp.Expr
+    #: Trained parameter?  Its NTK contribution is ntk_weight * E[du du'] with du = sqrt(n)
+    #: df/du; the default weight ``var`` means the trained parameter is u / sqrt(var) ~ N(0, 1)
+    #: (neural-tangents' NTK parametrization).  ``ntk_weight`` None means that default.
+    trainable: bool = True
+    ntk_weight: sp.Expr | None = None
     kind = VEC
+
+    def weight(self) -> sp.Expr:
+        return sp.S.Zero if not self.trainable else (self.var if self.ntk_weight is None else self.ntk_weight)
 
 
 @dataclass(frozen=True)
@@ -48,7 +56,15 @@ class InitMat:
     (usually the symbol of a Param) so formulas stay symbolic in it."""
 
     sigma: sp.Expr
+    #: NTK weight of the matrix: contribution ntk_weight * sum_{uses a,b} E[r_a r_b'] E[c_a c_b']
+    #: (row and column vectors of each use's gradient outer product); default sigma^2: the
+    #: trained parameter is w = sqrt(n) W / sigma ~ N(0, 1) (NTK parametrization).
+    trainable: bool = True
+    ntk_weight: sp.Expr | None = None
     kind = MAT
+
+    def weight(self) -> sp.Expr:
+        return sp.S.Zero if not self.trainable else (self.sigma**2 if self.ntk_weight is None else self.ntk_weight)
 
 
 @dataclass(frozen=True)
@@ -99,3 +115,19 @@ class Moment:
     expr: sp.Expr
     pair: bool = False
     kind = SCALAR
+
+
+@dataclass(frozen=True)
+class Readout:
+    """The network output f(xi) = sigma / sqrt(n) sum_a v_a x_a + bias * beta (DESIGN.md 2.3).
+
+    Not an instruction (its limit is a Gaussian process, not a deterministic scalar): the
+    kernel and training passes read it.  ``vector`` is x, ``readout`` the initial vector v,
+    ``beta`` ~ N(0, 1) a scalar bias parameter whose NTK contribution is ``bias_weight``
+    (bias^2 in NTK parametrization, 1 in standard)."""
+
+    vector: str
+    readout: str
+    sigma: sp.Expr
+    bias: sp.Expr | None = None
+    bias_weight: sp.Expr | None = None
