@@ -111,46 +111,84 @@ class ZEntry:
     zero_reason: str | None = None  # for moments proven to vanish
 
 
-def expr_parity(expr: sp.Expr, parity_of_symbol) -> int:
-    """Parity of ``expr`` as a function of symbols with given parities (conservative).
-
-    EVEN/ODD are proven facts (f(-s) = +-f(s) under the block negation); NEITHER means
-    "not proven"."""
-    if expr.is_Number or isinstance(expr, Expectation):
-        return EVEN
-    if expr.is_Symbol:
-        return parity_of_symbol(expr)
-    if all(parity_of_symbol(s) == EVEN for s in expr.free_symbols):
-        return EVEN
+def partials(expr: sp.Expr, symbols) -> dict:
+    """{s: d expr / d s} for the given symbols, touching only the terms of a sum that contain
+    s (an input layer's sum over d inputs would otherwise cost d^2)."""
+    symbols = set(symbols)
     if expr.is_Add:
-        ps = {expr_parity(t, parity_of_symbol) for t in expr.args}
-        return ps.pop() if len(ps) == 1 else NEITHER
+        out: dict = {}
+        for term in expr.args:
+            for s, d in partials(term, symbols & term.free_symbols).items():
+                out[s] = out.get(s, sp.S.Zero) + d
+        return {s: out.get(s, sp.S.Zero) for s in symbols}
     if expr.is_Mul:
-        result = EVEN
-        for t in expr.args:
-            p = expr_parity(t, parity_of_symbol)
-            if p == NEITHER:
-                return NEITHER
-            result *= p
-        return result
+        const = [f for f in expr.args if not (f.free_symbols & symbols)]
+        rest = [f for f in expr.args if f.free_symbols & symbols]
+        if const and len(rest) == 1:
+            c = sp.Mul(*const)
+            return {s: c * d for s, d in partials(rest[0], symbols).items()}
+    return {s: sp.diff(expr, s) for s in symbols}
+
+
+def _sum_signature(sigs: list[dict]) -> dict:
+    """Signature of a sum: under a block, a sum has a parity if all its terms share it."""
+    seen: dict = {}
+    count: dict = {}
+    for sig in sigs:
+        for b, p in sig.items():
+            seen.setdefault(b, set()).add(p)
+            count[b] = count.get(b, 0) + 1
+    out = {}
+    for b, ps in seen.items():
+        if count[b] < len(sigs):
+            ps = ps | {EVEN}
+        out[b] = ps.pop() if len(ps) == 1 else NEITHER
+    return {b: p for b, p in out.items() if p != EVEN}
+
+
+def _product_signature(sigs: list[dict]) -> dict:
+    out: dict = {}
+    for sig in sigs:
+        for b, p in sig.items():
+            q = out.get(b, EVEN)
+            out[b] = NEITHER if NEITHER in (p, q) else p * q
+    return {b: p for b, p in out.items() if p != EVEN}
+
+
+def expr_signature(expr: sp.Expr, symbol_signature) -> dict:
+    """Parities of ``expr`` under negation of every independent block at once.
+
+    Returns {block: ODD | NEITHER}; blocks not listed leave ``expr`` unchanged (EVEN).  ODD
+    and EVEN are proofs (f(-s) = -f(s) or f(s) when the block's leaves are negated);
+    NEITHER means "not proven".  The rules are structural: sums keep a parity their terms
+    share, products multiply parities, odd/even functions act on odd arguments."""
+    if expr.is_Number or isinstance(expr, Expectation):
+        return {}
+    if expr.is_Symbol:
+        return symbol_signature(expr)
+    if expr.is_Add:
+        return _sum_signature([expr_signature(t, symbol_signature) for t in expr.args])
+    if expr.is_Mul:
+        return _product_signature([expr_signature(t, symbol_signature) for t in expr.args])
     if expr.is_Pow:
         base, exp = expr.args
-        if expr_parity(exp, parity_of_symbol) != EVEN:
-            return NEITHER
-        pb = expr_parity(base, parity_of_symbol)
-        if pb == EVEN:
-            return EVEN
-        if pb == ODD and exp.is_integer:
-            return EVEN if exp.is_even else ODD
-        return NEITHER
+        sb, se = expr_signature(base, symbol_signature), expr_signature(exp, symbol_signature)
+        if se:
+            return {b: NEITHER for b in set(sb) | set(se)}
+        if exp.is_integer:
+            return {b: (NEITHER if p == NEITHER else (EVEN if exp.is_even else ODD) if p == ODD else p)
+                    for b, p in sb.items() if not (p == ODD and exp.is_even)}
+        return {b: NEITHER for b in sb}
+    args = [expr_signature(a, symbol_signature) for a in expr.args]
     if isinstance(expr, sp.Function) and len(expr.args) == 1:
-        pa = expr_parity(expr.args[0], parity_of_symbol)
-        if pa == EVEN:
-            return EVEN
-        if pa == ODD:
-            return parity_of_function(expr.func)
-        return NEITHER
-    return NEITHER
+        fp = parity_of_function(expr.func)
+        return {b: (fp if p == ODD else NEITHER) for b, p in args[0].items() if not (p == ODD and fp == EVEN)}
+    return {b: NEITHER for sig in args for b in sig}
+
+
+def expr_parity(expr: sp.Expr, parity_of_symbol) -> int:
+    """Parity of ``expr`` under one block negation, given the parities of its symbols."""
+    return expr_signature(expr, lambda s: {"b": parity_of_symbol(s)} if parity_of_symbol(s) != EVEN else {}).get("b", EVEN)
 
 
 class ZProgram:
@@ -165,7 +203,9 @@ class ZProgram:
         self.order = graph.order()
         self.entries: dict[str, ZEntry] = {}
         self.families: dict[tuple, list[str]] = {}
-        self._parity: dict = {}
+        self._signature: dict = {}
+        self._dsignature: dict = {}
+        self._uncorrelated: dict = {}
         self._derivative: dict = {}
         self._partials: dict = {}
         self._init_block = self._init_blocks()
@@ -186,6 +226,8 @@ class ZProgram:
             name = "init:" + min(comp, key=lambda k: self.graph.g.nodes[k]["index"])
             for k in comp:
                 block[k] = name
+        for k in self.graph.keys_of(ops.InputLayer):  # one block per input matrix
+            block[k] = "init:" + self.graph.args(k)[0]
         return block
 
     def block_of_leaf(self, leaf: str) -> str:
@@ -201,6 +243,8 @@ class ZProgram:
         if kind == "family":
             return f"the ZHat family of {name}, independent of the rest"
         members = sorted(k for k, b in self._init_block.items() if b == block)
+        if members and isinstance(self.graph.op(members[0]), ops.InputLayer):
+            return f"the input matrix {name}, independent of the rest"
         return f"the initial Gaussian{'s' if len(members) > 1 else ''} {', '.join(members)}, independent of the rest"
 
     def blocks_of(self, deps) -> list[str]:
@@ -208,99 +252,102 @@ class ZProgram:
         blocks = {self.block_of_leaf(d) for d in deps}
         return sorted(blocks, key=lambda b: (not b.startswith("family:"), b))
 
-    # -- parity under negation of one block ----------------------------------------------
-    def parity(self, key: str, block: str) -> int:
-        memo = self._parity.get((key, block))
+    # -- parity under negation of the independent blocks ----------------------------------
+    def signature(self, key: str) -> dict:
+        """{block: ODD | NEITHER} of Z^key (absent blocks: EVEN), memoised per node."""
+        memo = self._signature.get(key)
         if memo is not None:
             return memo
         entry = self.entries[key]
         if entry.rule == "init":
-            p = ODD if self._init_block[key] == block else EVEN
+            sig = {self._init_block[key]: ODD}
         elif entry.rule == "nonlin":
-            p = expr_parity(entry.z, lambda s: self._symbol_parity(s, block))
+            sig = expr_signature(entry.z, self._symbol_signature)
         elif entry.rule == "matmul":
-            parts = {ODD if self.block_of_leaf(key) == block else EVEN}
-            parts |= {self.parity(t.y, block) for t in entry.zdot if not t.is_zero}
-            p = parts.pop() if len(parts) == 1 else NEITHER
+            sig = _sum_signature([{self.block_of_leaf(key): ODD}] + [self.signature(t.y) for t in entry.zdot if not t.is_zero])
         else:
-            p = EVEN  # scalars are deterministic constants
-        self._parity[(key, block)] = p
-        return p
+            sig = {}  # scalars are deterministic constants
+        self._signature[key] = sig
+        return sig
 
-    def _symbol_parity(self, s: sp.Symbol, block: str) -> int:
+    def parity(self, key: str, block: str) -> int:
+        return self.signature(key).get(block, EVEN)
+
+    def _symbol_signature(self, s: sp.Symbol) -> dict:
         if s.name.startswith("Z_"):
-            return self.parity(key_of_z(s)[0], block)
-        return EVEN
+            return self.signature(key_of_z(s)[0])
+        return {}
 
-    def zero_block(self, zexpr: sp.Expr, deps) -> str | None:
+    def zero_block(self, zexpr: sp.Expr, deps=None) -> str | None:
         """A block under whose negation ``zexpr`` is odd (so E[zexpr] = 0), or None."""
-        for block in self.blocks_of(deps):
-            if expr_parity(zexpr, lambda s: self._symbol_parity(s, block)) == ODD:
-                return block
-        return None
+        odd = [b for b, p in expr_signature(zexpr, self._symbol_signature).items() if p == ODD]
+        return min(odd, key=lambda b: (not b.startswith("family:"), b)) if odd else None
 
     def provably_uncorrelated(self, a: str, b: str) -> bool:
         """Whether E[Z^a Z^b] = 0 is proven (then ZHat^{Wa}, ZHat^{Wb} are independent)."""
-        key = ("uncorrelated", a, b)
-        memo = self._parity.get(key)
-        if memo is None:
-            deps = self.entries[a].deps | self.entries[b].deps
-            memo = self.zero_block(Z(a) * Z(b), deps) is not None
-            self._parity[key] = memo
-        return memo
+        key = (a, b)
+        if key not in self._uncorrelated:
+            self._uncorrelated[key] = self.zero_block(Z(a) * Z(b)) is not None
+        return self._uncorrelated[key]
 
     def derivative_zero_block(self, x: str, source: str) -> str | None:
         """A block proving E[dZ^x/dZHat^source] = 0 (the derivative is odd under it)."""
-        for block in self.blocks_of(self.entries[x].deps):
-            if self.derivative_parity(x, source, block) == ODD:
-                return block
-        return None
+        odd = [b for b, p in self.derivative_signature(x, source).items() if p == ODD]
+        return min(odd, key=lambda b: (not b.startswith("family:"), b)) if odd else None
 
-    def derivative_parity(self, x: str, source: str, block: str) -> int:
-        """Parity of dZ^x/dZHat^source under negation of ``block``, proven two ways: from
-        the parity p of Z^x (the derivative in a leaf of the negated block has parity -p,
-        else p), and term by term along the chain rule."""
-        key = ("d", x, source, block)
-        memo = self._parity.get(key)
+    def derivative_signature(self, x: str, source: str) -> dict:
+        """Signature of dZ^x/dZHat^source, proven two ways and combined: from the parity p
+        of Z^x (the derivative in a leaf of the negated block has parity -p, else p), and
+        term by term along the chain rule."""
+        key = (x, source)
+        memo = self._dsignature.get(key)
         if memo is not None:
             return memo
-        p = self.parity(x, block)
-        whole = NEITHER if p == NEITHER else p * (ODD if self.block_of_leaf(source) == block else EVEN)
-        self._parity[key] = whole if whole != NEITHER else self._chain_parity(x, source, block)
-        return self._parity[key]
+        sig_x = self.signature(x)
+        src = self.block_of_leaf(source)
+        whole = {b: p for b, p in sig_x.items() if p != NEITHER}
+        p_src = sig_x.get(src, EVEN)
+        if p_src != NEITHER:
+            whole[src] = -p_src
+        chain = self._chain_signature(x, source)
+        combined = {}
+        for b in set(sig_x) | set(chain) | {src}:
+            ps = {whole.get(b, NEITHER if b in sig_x else EVEN), chain.get(b, EVEN)}
+            combined[b] = ODD if ODD in ps else (EVEN if EVEN in ps else NEITHER)
+        combined = {b: p for b, p in combined.items() if p != EVEN}
+        self._dsignature[key] = combined
+        return combined
 
-    def _chain_parity(self, x: str, source: str, block: str) -> int:
+    def _chain_signature(self, x: str, source: str) -> dict:
         entry = self.entries[x]
         if x == source:
-            return EVEN
-        parts = set()
+            return {}
+        parts = []
         if entry.rule == "nonlin":
             for a in self.graph.vector_args(x):
                 if source in self.entries[a].deps:
-                    pa = expr_parity(self.partial(x, a), lambda s: self._symbol_parity(s, block))
-                    pd = self.derivative_parity(a, source, block)
-                    parts.add(NEITHER if NEITHER in (pa, pd) else pa * pd)
+                    parts.append(_product_signature([expr_signature(self.partial(x, a), self._symbol_signature),
+                                                     self.derivative_signature(a, source)]))
         elif entry.rule == "matmul":
-            parts = {self.derivative_parity(t.y, source, block) for t in entry.zdot if not t.is_zero and source in self.entries[t.y].deps}
-        if not parts:
-            return EVEN  # identically zero: either parity; EVEN keeps sums honest
-        return parts.pop() if len(parts) == 1 else NEITHER
+            parts = [self.derivative_signature(t.y, source) for t in entry.zdot
+                     if not t.is_zero and source in self.entries[t.y].deps]
+        return _sum_signature(parts) if parts else {}
 
     def partial(self, key: str, arg: str) -> sp.Expr:
-        """dZ^key/dZ^arg of a Nonlin node (cached)."""
-        memo = self._partials.get((key, arg))
-        if memo is None:
-            memo = sp.diff(self.entries[key].z, Z(arg))
-            self._partials[(key, arg)] = memo
-        return memo
+        """dZ^key/dZ^arg of a Nonlin node (all partials of a node computed at once, cached)."""
+        if (key, arg) not in self._partials:
+            vecs = self.graph.vector_args(key)
+            for a, d in partials(self.entries[key].z, [Z(v) for v in vecs]).items():
+                self._partials[(key, key_of_z(a)[0])] = d
+        return self._partials[(key, arg)]
 
     # -- rules --------------------------------------------------------------------------
     def _derive(self, key: str) -> ZEntry:
         g = self.graph
         op = g.op(key)
-        if isinstance(op, ops.InitVec):
+        if isinstance(op, (ops.InitVec, ops.InputLayer)):
             return ZEntry(key, "init", Z(key), frozenset([key]))
-        if isinstance(op, ops.InitMat):
+        if isinstance(op, (ops.InitMat, ops.InputMat)):
             return ZEntry(key, "mat")
         if isinstance(op, ops.Param):
             return ZEntry(key, "param", node_symbol(key))
