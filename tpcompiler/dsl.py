@@ -177,6 +177,45 @@ class Mat:
         return f"Mat({self._show()})"
 
 
+class InputMatrix:
+    """Handle of an input matrix U (n x k, N(0, 1) entries): ``U.apply(s)`` is an input layer."""
+
+    __slots__ = ("program", "key", "k")
+
+    def __init__(self, program: "Program", key: str, k: int):
+        self.program = program
+        self.key = key
+        self.k = k
+
+    def apply(self, scalars: Sequence, columns: Sequence[int] | None = None, norm: int | None = None, name: str | None = None) -> Vec:
+        """(1/sqrt(norm)) sum_i scalars[i] U[:, columns[i]] (default columns 0..k-1, norm k).
+
+        The scalars must be input coordinates or constants (Params / numbers)."""
+        p = self.program
+        columns = tuple(range(len(scalars))) if columns is None else tuple(int(c) for c in columns)
+        if len(columns) != len(scalars):
+            raise DSLError(f"{self.key}.apply: {len(scalars)} scalars but {len(columns)} columns")
+        if any(not 0 <= c < self.k for c in columns):
+            raise DSLError(f"{self.key}.apply: columns must lie in 0..{self.k - 1}, got {columns}")
+        keys = []
+        for s in scalars:
+            if isinstance(s, Scalar):
+                p._same_program(s, f"{self.key}.apply")
+                e = s.expr
+                if not (isinstance(e, sp.Symbol) and e.name in p.graph.g and isinstance(p.graph.op(e.name), (ops.Input, ops.Param))):
+                    raise DSLError(f"{self.key}.apply: input coordinates or constants only, got {s._show()}")
+                keys.append(e.name)
+            else:
+                keys.append(p.scalar(p.graph.fresh_key("c"), s).expr.name)
+        norm = self.k if norm is None else int(norm)
+        key = p._name(name) if name else p.graph.fresh_key("t")
+        p.graph.add(key, ops.InputLayer(columns, norm), (self.key, *keys))
+        return Vec(p, node_symbol(key))
+
+    def __repr__(self):
+        return f"InputMatrix({self.key}, k={self.k})"
+
+
 class Program:
     """A NETSOR-transpose program under construction (DESIGN.md 2.1, 5)."""
 
@@ -197,7 +236,7 @@ class Program:
         v = _number(var, f"initial vector {name!r}: variance")
         if v.is_negative:
             raise DSLError(f"initial vector {name!r}: variance {var} is negative")
-        weight = None if ntk_weight is None else _number(ntk_weight, f"initial vector {name!r}: ntk_weight")
+        weight = self._weight(ntk_weight, f"initial vector {name!r}")
         return Vec(self, node_symbol(self.graph.add(self._name(name), ops.InitVec(v, bool(trainable), weight))))
 
     def vecs(self, names: Sequence[str], cov) -> list[Vec]:
@@ -229,7 +268,7 @@ class Program:
             if s.is_negative:
                 raise DSLError(f"matrix {name!r}: sigma {sigma} is negative")
             sig = node_symbol(self.graph.add(self._name(f"sigma_{name}"), ops.Param(float(s))))
-        weight = None if ntk_weight is None else _number(ntk_weight, f"matrix {name!r}: ntk_weight")
+        weight = self._weight(ntk_weight, f"matrix {name!r}")
         self.graph.add(key, ops.InitMat(sig, bool(trainable), weight), tuple(sorted(s.name for s in sig.free_symbols)))
         return Mat(self, key)
 
@@ -254,19 +293,28 @@ class Program:
         self.graph.inputs[name] = InputDecl(keys, default)
         return [Scalar(self, node_symbol(k)) for k in keys]
 
+    def input_matrix(self, name: str, k: int, trainable: bool = True, ntk_weight=None) -> "InputMatrix":
+        """An n x k matrix of iid N(0, 1) entries (k initial vectors) acting on inputs.
+
+        NTK weight per column: default 1 (the columns are the trained parameters)."""
+        if not isinstance(k, numbers.Integral) or k < 1:
+            raise DSLError(f"input matrix {name!r}: k must be a positive integer, got {k!r}")
+        key = self._name(name)
+        self.graph.add(key, ops.InputMat(int(k), bool(trainable), self._weight(ntk_weight, f"input matrix {name!r}")))
+        return InputMatrix(self, key, int(k))
+
     def input_layer(self, name: str, xi: Sequence[Scalar], sigma=1.0, parameterization: str = "ntk") -> Vec:
-        """An n x d input layer applied to xi: sigma / sqrt(d) * sum_j xi_j U_j, the U_j being d
-        initial N(0, 1) vectors (neural-tangents' Dense on the input).  In the "standard"
-        parameterization the trained matrix is (sigma/sqrt(d)) U itself, so each U_j carries
-        NTK weight d / sigma^2 (neural-tangents' n_in K_in term)."""
-        d = len(xi)
+        """An n x d input layer applied to xi: sigma / sqrt(d) sum_j xi_j U_j with U an input
+        matrix of d initial N(0, 1) vectors (neural-tangents' Dense on the input).  In the
+        "standard" parameterization the trained matrix is (sigma/sqrt(d)) U itself, so its
+        columns carry NTK weight d / sigma^2 (neural-tangents' n_in K_in term)."""
         if parameterization not in ("ntk", "standard"):
             raise DSLError(f"input_layer {name!r}: parameterization must be 'ntk' or 'standard', got {parameterization!r}")
+        d = len(xi)
         sig = sigma.expr if isinstance(sigma, Scalar) else self.scalar(f"sigma_{name}", sigma).expr
         weight = None if parameterization == "ntk" else sp.Integer(d) / sig**2
-        U = [self.vec(f"{name}_{j + 1}", ntk_weight=weight) for j in range(d)]
-        terms = [self._coerce(x, f"input_layer {name!r}")[0] * u.expr for x, u in zip(xi, U)]
-        return Vec(self, sig / sp.sqrt(d) * sp.Add(*terms))
+        U = self.input_matrix(name, d, ntk_weight=weight)
+        return Vec(self, sig * U.apply(xi).expr)
 
     def readout(self, x, sigma=1.0, bias=None, name: str = "v", ntk_weight=None, bias_ntk_weight=None) -> Vec:
         """Declare the network output f(xi) = sigma/sqrt(n) v . x (+ bias * beta), v a fresh
@@ -323,6 +371,17 @@ class Program:
         self._renamed = {k: (node_symbol(new) if v.name == old else v) for k, v in self._renamed.items()}
         self._renamed[node_symbol(old)] = node_symbol(new)
         return new
+
+    def _weight(self, weight, where: str):
+        """An NTK weight: None (the parametrization's default), a number or a Scalar."""
+        if weight is None:
+            return None
+        if isinstance(weight, Scalar):
+            self._same_program(weight, where)
+            return weight.expr
+        if isinstance(weight, sp.Expr) and not weight.is_number:
+            return weight
+        return _number(weight, f"{where}: ntk_weight")
 
     def _same_program(self, value, where: str) -> None:
         if value.program is not self:

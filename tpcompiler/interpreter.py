@@ -8,7 +8,6 @@ coordinates, MatMul is the matrix-vector product with W or W^T.
 from __future__ import annotations
 
 import numpy as np
-import sympy as sp
 
 from . import ops
 from .ir import Graph, ProgramError
@@ -45,6 +44,12 @@ def run(graph: Graph, n: int, seed: int = 0, keep=None) -> tuple[dict[str, float
             continue
         if isinstance(op, ops.Param):
             env[key] = op.value
+        elif isinstance(op, ops.InputMat):
+            mats[key] = rng.standard_normal((n, op.k))
+        elif isinstance(op, ops.InputLayer):
+            U, *scalars = graph.args(key)
+            coef = np.array([env[s] for s in scalars]) / np.sqrt(op.norm)
+            env[key] = mats[U][:, list(op.columns)] @ coef
         elif isinstance(op, ops.InitMat):
             sigma = evaluate(op.sigma, env)
             mats[key] = rng.standard_normal((n, n)) * (sigma / np.sqrt(n))

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import networkx as nx
 import numpy as np
 import sympy as sp
+from sympy.core.symbol import Str
 
 from . import ops
 from .ops import MAT, SCALAR, VEC, node_symbol, unprime
@@ -118,10 +119,38 @@ class Graph:
         mat, x = self.args(key)
         return mat, x, self.op(key).transposed
 
-    def init_covariance(self, a: str, b: str) -> sp.Expr:
+    def init_covariance(self, a: str, b: str, prime_a: bool = False, prime_b: bool = False,
+                        compact: bool = False) -> sp.Expr:
+        """Covariance of two initial Gaussians (InitVec or InputLayer nodes); with
+        prime_a/prime_b the input coordinates of that node are those of the second input.
+        ``compact`` gives input layers' covariance as one InputCov atom."""
+        oa, ob = self.op(a), self.op(b)
+        if isinstance(oa, ops.InputLayer) or isinstance(ob, ops.InputLayer):
+            if not (isinstance(oa, ops.InputLayer) and isinstance(ob, ops.InputLayer)):
+                return sp.S.Zero
+            if self.args(a)[0] != self.args(b)[0]:
+                return sp.S.Zero
+            if compact:
+                return ops.InputCov(Str(a), Str(b), sp.Integer(prime_a), sp.Integer(prime_b))
+            sa = self._layer_scalars(a, prime_a)
+            sb = self._layer_scalars(b, prime_b)
+            terms = [x * y for ca, x in zip(oa.columns, sa) for cb, y in zip(ob.columns, sb) if ca == cb]
+            return sp.Add(*terms) / sp.sqrt(oa.norm * ob.norm)
         if a == b:
-            return self.op(a).var
+            return oa.var
         return self.init_cov.get(frozenset((a, b)), sp.S.Zero)
+
+    def expand_input_cov(self, expr: sp.Expr) -> sp.Expr:
+        """Write every InputCov atom of ``expr`` out as its sum over input coordinates."""
+        rep = {c: self.init_covariance(str(c.args[0]), str(c.args[1]), bool(c.args[2]), bool(c.args[3]))
+               for c in expr.atoms(ops.InputCov)}
+        return expr.xreplace(rep) if rep else expr
+
+    def _layer_scalars(self, key: str, primed: bool) -> list:
+        from .ops import primed_symbol
+
+        dependent = self.input_dependent() if primed else set()
+        return [primed_symbol(s) if s in dependent else node_symbol(s) for s in self.args(key)[1:]]
 
     def input_keys(self) -> list[str]:
         return [k for decl in self.inputs.values() for k in decl.keys]
@@ -149,20 +178,31 @@ class Graph:
                 mat, x = args
                 if self.kind(mat) != MAT or self.kind(x) != VEC:
                     raise ProgramError(f"instruction {key!r}: MatMul needs (Mat, Vec), got ({self.kind(mat)}, {self.kind(x)})")
+            if isinstance(op, ops.InputLayer):
+                U, *scalars = args
+                if not isinstance(self.op(U), ops.InputMat):
+                    raise ProgramError(f"instruction {key!r}: an input layer reads an input matrix, not {U!r}")
+                if len(scalars) != len(op.columns) or any(not 0 <= c < self.op(U).k for c in op.columns):
+                    raise ProgramError(f"instruction {key!r}: columns {op.columns} do not fit {U!r} (k = {self.op(U).k}) and {len(scalars)} scalars")
+                for s in scalars:
+                    if not isinstance(self.op(s), (ops.Input, ops.Param)):
+                        raise ProgramError(f"instruction {key!r}: an input layer multiplies input coordinates or constants, not {s!r}")
             if isinstance(op, (ops.Nonlin, ops.Moment)):
                 syms = {unprime(s)[0] for s in op.expr.free_symbols}
                 if syms != set(args):
                     raise ProgramError(f"instruction {key!r}: expression variables {sorted(syms)} do not match arguments {list(args)}")
                 for a in args:
-                    if self.kind(a) == MAT:
+                    if self.kind(a) in (MAT, ops.INPUT_MAT):
                         raise ProgramError(f"instruction {key!r}: matrix {a!r} used where a Vec or Scalar is needed")
                     if isinstance(self.op(a), ops.Moment) and self.op(a).pair:
                         raise ProgramError(f"instruction {key!r} reads the pair moment {a!r}; pair moments (kernels) may only be read by outputs")
         for name, expr in self.outputs.items():
             for s in expr.free_symbols:
-                k = s.name
+                k, primed = unprime(s)
                 if k not in self.g or self.kind(k) != SCALAR:
-                    raise ProgramError(f"output {name!r}: {k!r} is not a scalar of this program")
+                    raise ProgramError(f"output {name!r}: {s.name!r} is not a scalar of this program")
+                if primed and not isinstance(self.op(k), ops.Input):
+                    raise ProgramError(f"output {name!r}: only input coordinates can be primed, not {k!r}")
 
     # -- listing ------------------------------------------------------------------------
     def listing(self, latex: bool = False) -> list[str]:
@@ -194,6 +234,15 @@ def describe(graph: Graph, key: str, latex: bool = False) -> str:
         return f"{key} : Mat, entries iid N(0, {_fmt(op.sigma**2, False)}/n)"
     if isinstance(op, ops.Param):
         return rf"{name} = {op.value:g}" if latex else f"{key} : Scalar = {op.value:g}"
+    if isinstance(op, ops.InputMat):
+        if latex:
+            return rf"{name} \in \mathbb{{R}}^{{n\times {op.k}}}:\ {name}_{{\alpha j}} \sim \mathcal{{N}}(0, 1)\ \text{{({op.k} initial vectors)}}"
+        return f"{key} : n x {op.k} input matrix, entries iid N(0, 1) ({op.k} initial vectors)"
+    if isinstance(op, ops.InputLayer):
+        U, *scalars = graph.args(key)
+        terms = [node_symbol(s) * sp.Symbol(f"{U}_{c + 1}") for c, s in zip(op.columns, scalars)]
+        body = sp.Add(*terms) / sp.sqrt(op.norm)
+        return rf"{name} := {sp.latex(body)}" if latex else f"{key} := {sp.sstr(body)}"
     if isinstance(op, ops.Input):
         return rf"{name}:\ \text{{input coordinate {op.index + 1} of }} {op.group}" if latex else f"{key} : Scalar, input coordinate {op.index + 1} of {op.group}"
     if isinstance(op, ops.MatMul):
@@ -292,16 +341,18 @@ def instantiate(graph: Graph, X: np.ndarray | None) -> tuple[Graph, dict[str, tu
     index: dict[str, tuple] = {}
     for name, expr in graph.outputs.items():
         keys = {s.name for s in expr.free_symbols}
-        pair = any(isinstance(graph.op(k), ops.Moment) and graph.op(k).pair for k in keys)
+        pair = any(unprime(s)[1] or (isinstance(graph.op(s.name), ops.Moment) and graph.op(s.name).pair)
+                   for s in expr.free_symbols)
         if pair:
             for a in range(N):
                 for b in range(N):
                     sub = {}
-                    for k in keys:
+                    for s in expr.free_symbols:
+                        k, primed = unprime(s)
                         if isinstance(graph.op(k), ops.Moment) and graph.op(k).pair:
-                            sub[node_symbol(k)] = node_symbol(f"{k}[{a},{b}]")
+                            sub[s] = node_symbol(f"{k}[{a},{b}]")
                         else:
-                            sub[node_symbol(k)] = node_symbol(rep(k, a))
+                            sub[s] = node_symbol(rep(k, b if primed else a))
                     out.outputs[f"{name}[{a},{b}]"] = expr.xreplace(sub)
                     index[f"{name}[{a},{b}]"] = (name, (a, b))
         elif keys & dependent:

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import sympy as sp
 
-VEC, MAT, SCALAR = "Vec", "Mat", "Scalar"
+VEC, MAT, SCALAR, INPUT_MAT = "Vec", "Mat", "Scalar", "InputMat"
 
 
 def node_symbol(key: str) -> sp.Symbol:
@@ -65,6 +65,38 @@ class InitMat:
 
     def weight(self) -> sp.Expr:
         return sp.S.Zero if not self.trainable else (self.sigma**2 if self.ntk_weight is None else self.ntk_weight)
+
+
+@dataclass(frozen=True)
+class InputMat:
+    """An n x k matrix U of iid N(0, 1) entries: k initial vectors (its columns) that act on
+    finite-dimensional inputs (an input layer, a filter on input channels).  Only InputLayer
+    instructions read it.  NTK contribution: ntk_weight per column (default 1: the columns
+    are the trained N(0, 1) parameters, neural-tangents' NTK parametrization)."""
+
+    k: int
+    trainable: bool = True
+    ntk_weight: sp.Expr | None = None
+    kind = INPUT_MAT
+
+    def weight(self) -> sp.Expr:
+        return sp.S.Zero if not self.trainable else (sp.S.One if self.ntk_weight is None else self.ntk_weight)
+
+
+@dataclass(frozen=True)
+class InputLayer:
+    """``(1/sqrt(norm)) sum_i s_i U[:, columns[i]]``: the input matrix U (first argument)
+    applied to scalars s (the other arguments: input coordinates or Params).
+
+    It is an initial Gaussian whose covariance depends on the input: for two such vectors
+    A, B of the same U, Cov(Z^A, Z^B) = sum over matching columns of s^A_i s^B_k /
+    sqrt(norm_A norm_B); vectors of different matrices are independent (DESIGN.md 2.1: an
+    input layer is d initial vectors, kept as one node so that d never enters the symbolic
+    work)."""
+
+    columns: tuple
+    norm: int
+    kind = VEC
 
 
 @dataclass(frozen=True)
@@ -131,3 +163,16 @@ class Readout:
     sigma: sp.Expr
     bias: sp.Expr | None = None
     bias_weight: sp.Expr | None = None
+
+
+class InputCov(sp.Function):
+    """Cov(Z^a, Z^b) of two input layers as one symbol-free atom: InputCov(Str(a), Str(b),
+    prime_a, prime_b).  Used where the explicit sum over input coordinates (d terms) would
+    only slow symbolic work down; ``Graph.expand_input_cov`` writes it out."""
+
+    nargs = 4
+
+    def _latex(self, printer):
+        a, b, pa, pb = self.args
+        side = lambda p: r"(\xi')" if p else ""  # noqa: E731
+        return r"\mathrm{Cov}(Z^{%s}%s, Z^{%s}%s)" % (a, side(pa), b, side(pb))

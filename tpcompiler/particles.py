@@ -80,7 +80,7 @@ class _Run:
             entry = self.zp.entries[key]
             op = self.graph.op(key)
             if entry.rule in ("init", "mat"):
-                continue
+                continue  # drawn up front
             if entry.rule == "param":
                 env[key] = op.value
             elif entry.rule == "input":
@@ -106,10 +106,13 @@ class _Run:
         return evaluate(expr.xreplace(means), self.env)
 
     def _init_vectors(self) -> None:
-        keys = self.graph.keys_of(ops.InitVec)
+        """Initial vectors, and input layers (Gaussians whose covariance is set by the
+        input values, jointly over all inputs), drawn from their joint covariance."""
+        keys = self.graph.keys_of(ops.InitVec) + self.graph.keys_of(ops.InputLayer)
         if not keys:
             return
-        cov = np.array([[float(self.graph.init_covariance(a, b)) for b in keys] for a in keys])
+        values = {k: op.value for k in self.graph.keys_of(ops.Param) for op in [self.graph.op(k)]}
+        cov = np.array([[evaluate(self.graph.init_covariance(a, b), values) for b in keys] for a in keys])
         w, V = np.linalg.eigh(cov)
         root = V * np.sqrt(np.clip(w, 0.0, None))
         draws = self.rng.standard_normal((self.M, len(keys))) @ root.T

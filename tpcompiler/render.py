@@ -64,6 +64,26 @@ def _zdot_lines(zp: ZProgram, key: str) -> list[str]:
     return lines
 
 
+def _input_layer_line(g, key: str) -> str:
+    """An input layer: a Gaussian whose covariance is an inner product of inputs."""
+    k = _node_latex(key)
+    U = g.args(key)[0]
+    parts = [rf"Z^{{{k}}}\ \text{{Gaussian, independent of all but the input layers of }} {_node_latex(U)}"]
+    dependent = g.input_dependent()
+    if key in dependent:
+        parts.append(rf"\mathrm{{Cov}}(Z^{{{k}}}, Z^{{{k}}}(\xi')) = {sp.latex(g.init_covariance(key, key, prime_b=True))}")
+    else:
+        parts.append(rf"\mathrm{{Var}}(Z^{{{k}}}) = {sp.latex(g.init_covariance(key, key))}")
+    for other in g.keys_of(ops.InputLayer):
+        if other == key:
+            break
+        if g.args(other)[0] == U:
+            c = g.init_covariance(other, key, prime_b=key in dependent)
+            second = r"(\xi')" if key in dependent else ""
+            parts.append(rf"\mathrm{{Cov}}(Z^{{{_node_latex(other)}}}, Z^{{{k}}}{second}) = {sp.latex(c)}")
+    return r",\ ".join(parts)
+
+
 def _sections(zp: ZProgram) -> list[tuple[str, list[str]]]:
     g = zp.graph
     listing = [describe(g, k, latex=True) for k in zp.order]
@@ -71,7 +91,9 @@ def _sections(zp: ZProgram) -> list[tuple[str, list[str]]]:
     for key in zp.order:
         e = zp.entries[key]
         k = _node_latex(key)
-        if e.rule == "init":
+        if e.rule == "init" and isinstance(g.op(key), ops.InputLayer):
+            inits.append(_input_layer_line(g, key))
+        elif e.rule == "init":
             cov = [
                 rf"\mathrm{{Cov}}(Z^{{{k}}}, Z^{{{_node_latex(o)}}}) = {sp.latex(c)}"
                 for pair, c in g.init_cov.items() if key in pair
