@@ -1,0 +1,355 @@
+"""Tests of tpcompiler.gaussian2: bivariate Gaussian expectations E[phi(u) psi(v)].
+
+Oracles: exact closed forms against the quadrature (and the quadrature against them), the
+quadrature against independent integrations computed here (a fine conditional trapezoid grid
+and scipy.integrate.quad), and end to end against neural-tangents reference kernels
+(tests/data, see its README) through a one-hidden-layer NNGP/NTK recursion written here.
+"""
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import sympy as sp
+from numba import njit
+from scipy import integrate, special
+
+from tpcompiler import gaussian2 as g2
+from tpcompiler import nonlinearities as nl
+
+X = sp.Symbol("x", real=True)
+DATA = Path(__file__).parent / "data"
+
+NUMPY = {
+    "tanh": np.tanh,
+    "dtanh": lambda v: 1.0 / np.cosh(np.clip(v, -300, 300)) ** 2,
+    "gelu": lambda v: 0.5 * v * (1.0 + special.erf(v / math.sqrt(2.0))),
+    "sin": np.sin,
+    "sigmoid": special.expit,
+    "softplus": lambda v: np.logaddexp(0.0, v),
+}
+SYMPY = {
+    "tanh": sp.tanh(X),
+    "dtanh": 1 - sp.tanh(X) ** 2,
+    "gelu": nl.gelu(X),
+    "sin": sp.sin(X),
+    "sigmoid": nl.sigmoid(X),
+    "softplus": nl.softplus(X),
+}
+
+
+def cov(k11, rho, k22):
+    return (k11, rho * math.sqrt(k11 * k22), k22)
+
+
+# variances up to 20, correlations 0, moderate, 0.999999 and exactly +-1
+COVS = [
+    cov(1.0, 0.3, 1.0),
+    cov(10.0, 0.7, 10.0),
+    cov(20.0, -0.5, 20.0),
+    cov(20.0, 0.999999, 20.0),
+    (20.0, 20.0, 20.0),
+    cov(0.5, 0.9, 20.0),
+    cov(20.0, -0.99, 2.0),
+    (3.0, -3.0, 3.0),
+    cov(0.04, 0.6, 0.04),
+]
+
+
+def grid_pair(f, g, k11, k12, k22, n=2001, half_width=10.0):
+    """E[f(u) g(v)] by a fine trapezoid rule, u = sqrt(k11) x, v = sqrt(k22)(rho x + s z)."""
+    s1, s2 = math.sqrt(k11), math.sqrt(k22)
+    rho = max(-1.0, min(1.0, k12 / (s1 * s2)))
+    s = math.sqrt(max(0.0, k11 * k22 - k12 * k12) / (k11 * k22))
+    x = np.linspace(-half_width, half_width, n)
+    w = np.exp(-0.5 * x * x)
+    w /= w.sum()
+    if s == 0.0:
+        return float(np.sum(w * f(s1 * x) * g(s2 * rho * x)))
+    G = np.empty(n)
+    for i in range(0, n, 400):
+        xi = x[i:i + 400, None]
+        G[i:i + 400] = (g(s2 * (rho * xi + s * x[None, :])) * w[None, :]).sum(axis=1)
+    return float(np.sum(w * f(s1 * x) * G))
+
+
+def grid_moment(f, k, n=4001, half_width=10.0):
+    """E[f(u)^2], u ~ N(0, k), by a fine trapezoid rule."""
+    x = np.linspace(-half_width, half_width, n)
+    w = np.exp(-0.5 * x * x)
+    return float(np.sum(w * f(math.sqrt(k) * x) ** 2) / w.sum())
+
+
+def grid_scale(f, g, k11, k22):
+    """Cauchy-Schwarz scale sqrt(E f(u)^2 E g(v)^2)."""
+    return math.sqrt(grid_moment(f, k11) * grid_moment(g, k22))
+
+
+def quad_pair(f, g, k11, k12, k22, kink_f=False, kink_g=False):
+    """E[f(u) g(v)] by nested scipy.integrate.quad (breakpoints at kinks)."""
+    s1, s2 = math.sqrt(k11), math.sqrt(k22)
+    rho = k12 / (s1 * s2)
+    s = math.sqrt(1.0 - rho * rho)
+    opts = dict(epsabs=1e-14, epsrel=1e-13, limit=200)
+    pdf = lambda t: math.exp(-0.5 * t * t) / math.sqrt(2.0 * math.pi)
+
+    def inner(x):
+        pts = [-rho * x / s] if kink_g and abs(rho * x / s) < 12 else None
+        return integrate.quad(lambda z: g(s2 * (rho * x + s * z)) * pdf(z), -12, 12,
+                              points=pts, **opts)[0]
+
+    pts = [0.0] if (kink_f or kink_g) else None
+    return integrate.quad(lambda x: f(s1 * x) * inner(x) * pdf(x), -12, 12, points=pts, **opts)[0]
+
+
+def rel(q, r, scale):
+    """Relative error, measured against 1e-2 of the Cauchy-Schwarz scale for tiny values."""
+    if q == r:
+        return 0.0
+    return abs(q - r) / max(abs(r), 1e-2 * scale, 1e-300)
+
+
+# ---------------------------------------------------------------------------------------
+# Strategy selection and the closed forms
+# ---------------------------------------------------------------------------------------
+def test_strategy_is_chosen_from_the_expression_structure():
+    y = sp.Symbol("y")
+    relu_by_max = sp.Lambda(y, sp.Max(y, 0))  # no name: relu recognised from its structure
+    assert g2.pair_expectation(relu_by_max, relu_by_max).method == "closed form: arc-cosine"
+    assert g2.pair_expectation("step", "step").method == "closed form: arc-cosine"
+    assert "erf arcsin" in g2.pair_expectation((sp.erf(2 * X), X), "erf").method
+    assert "Gaussian tilt" in g2.pair_expectation((sp.exp(-3 * X**2), X), (sp.exp(-X**2), X)).method
+    assert "characteristic" in g2.pair_expectation((sp.sin(2 * X + 1), X), "cos").method
+    assert "Stein" in g2.pair_expectation((3 * X, X), "relu").method
+    leaky = sp.Lambda(y, sp.Max(y, y / 10))
+    assert g2.pair_expectation(leaky, leaky).method.startswith("closed form")
+    assert g2.pair_expectation((X, X), "tanh").method.startswith("quadrature (1-D)")
+    assert g2.pair_expectation("tanh", "tanh").method.startswith("quadrature: sinh")
+    assert g2.pair_expectation((X * sp.tanh(X), X), "sigmoid").method.startswith("quadrature")
+    with pytest.raises(ValueError):
+        g2.pair_expectation("tanh", "tanh", strategy="closed")
+
+
+def test_isserlis_and_symbolic_closed_forms():
+    k11, k12, k22 = g2.K11, g2.K12, g2.K22
+    e = g2.closed_form_pair((X**2, X), (X**2, X))
+    assert sp.simplify(e - (k11 * k22 + 2 * k12**2)) == 0
+    e = g2.closed_form_pair((X**3, X), (X, X))
+    assert sp.simplify(e - 3 * k11 * k12) == 0
+    e = g2.closed_form_pair((X**2 + 1, X), (X**4, X))
+    assert sp.simplify(e - (3 * k11 * k22**2 + 12 * k12**2 * k22 + 3 * k22**2)) == 0
+    e = g2.closed_form_pair("sin", "sin")
+    assert sp.simplify(e - sp.exp(-(k11 + k22) / 2) * sp.sinh(k12)) == 0
+    assert g2.closed_form_pair("tanh", "tanh") is None
+
+
+ERFP = 2 / sp.sqrt(sp.pi) * sp.exp(-X**2)  # erf'
+CLOSED_FORMS = [
+    ("relu", "relu"),
+    ("step", "step"),
+    ("relu", "step"),
+    ("erf", "erf"),
+    ((ERFP, X), (ERFP, X)),
+    ("sin", "sin"),
+    ("relu", "erf"),
+    ("step", "erf"),
+    ((X**2, X), (X**2, X)),
+    ((X, X), "tanh"),  # the 1-D (Stein / regression) route against the 2-D rule
+]
+
+
+@pytest.mark.parametrize("phi,psi", CLOSED_FORMS, ids=lambda p: str(p if isinstance(p, str) else p[0]))
+def test_closed_forms_agree_with_quadrature(phi, psi):
+    exact = g2.pair_expectation(phi, psi)
+    assert not exact.method.startswith("quadrature:")
+    quad = g2.pair_expectation(phi, psi, rtol=1e-11, strategy="quadrature")
+    assert quad.method.startswith("quadrature:")
+    f_np = g2._numpy_fn(exact.phi)
+    g_np = g2._numpy_fn(exact.psi)
+    for k in COVS + [cov(2.0, 0.0, 5.0), (0.0, 0.0, 2.0), (2.0, 0.0, 0.0)]:
+        e, q = exact.scalar(*k), quad.scalar(*k)
+        assert rel(e, q, grid_scale(f_np, g_np, k[0], k[2])) <= 1e-10, (k, e, q)
+
+
+def test_arc_cosine_values_and_degenerate_inputs():
+    rr = g2.pair_expectation("relu", "relu").scalar
+    ss = g2.pair_expectation("step", "step").scalar
+    rs = g2.pair_expectation("relu", "step").scalar
+    k11, k12, k22 = 2.0, 0.7, 3.0
+    t = math.acos(k12 / math.sqrt(k11 * k22))
+    assert rr(k11, k12, k22) == pytest.approx(
+        math.sqrt(k11 * k22) * (math.sin(t) + (math.pi - t) * math.cos(t)) / (2 * math.pi), rel=1e-14)
+    assert ss(k11, k12, k22) == pytest.approx((math.pi - t) / (2 * math.pi), rel=1e-14)
+    assert rs(k11, k12, k22) == pytest.approx(
+        math.sqrt(k11) * (1 + k12 / math.sqrt(k11 * k22)) / (2 * math.sqrt(2 * math.pi)), rel=1e-14)
+    # diagonal exactly: E relu^2 = k/2, E step^2 = 1/2
+    assert rr(1.7, 1.7, 1.7) == pytest.approx(0.85, rel=1e-15)
+    assert ss(1.7, 1.7, 1.7) == 0.5
+    # u == 0 identically: the pointwise values relu(0) = step(0) = 0; cos(0) = 1
+    assert rr(0.0, 0.0, 2.0) == 0.0 and ss(2.0, 0.0, 0.0) == 0.0
+    assert g2.pair_expectation("cos", "cos").scalar(0.0, 0.0, 2.0) == pytest.approx(math.exp(-1.0))
+    assert math.isnan(rr(-1.0, 0.0, 1.0))
+    # the Dirac delta (relu'') as a conditional expectation: p_u(0) E[relu(v) | u = 0]
+    d = g2.pair_expectation((sp.DiracDelta(X), X), "relu").scalar(2.0, 0.6, 1.5)
+    var = 1.5 - 0.6**2 / 2.0
+    assert d == pytest.approx(math.sqrt(var / (2 * math.pi)) / math.sqrt(2 * math.pi * 2.0), rel=1e-14)
+    with pytest.raises(ValueError):
+        g2.pair_expectation((sp.DiracDelta(X), X), "tanh")
+
+
+# ---------------------------------------------------------------------------------------
+# Quadrature accuracy against independent integrations
+# ---------------------------------------------------------------------------------------
+@pytest.mark.parametrize("name", ["tanh", "dtanh", "gelu", "sin", "sigmoid", "softplus"])
+def test_quadrature_against_fine_grid(name):
+    pe = g2.pair_expectation((SYMPY[name], X), (SYMPY[name], X), strategy="quadrature")
+    assert pe.method.startswith("quadrature:")
+    assert pe.error_estimate <= 1e-10
+    f = NUMPY[name]
+    a, b, c = (np.array(t) for t in zip(*COVS))
+    vals = pe.evaluate(a, b, c)
+    for v, (k11, k12, k22) in zip(vals, COVS):
+        r = grid_pair(f, f, k11, k12, k22)
+        assert rel(v, r, grid_scale(f, f, k11, k22)) <= 1e-9, ((k11, k12, k22), v, r)
+    # the sampled error estimate on the caller's inputs is reported and small
+    assert pe.estimate_error(a, b, c) <= 1e-9
+
+
+def test_quadrature_against_scipy_quad_and_mixed_functions():
+    pe = g2.pair_expectation("tanh", "sigmoid")
+    assert pe.method.startswith("quadrature:")
+    for k in [cov(2.0, 0.4, 7.0), cov(15.0, -0.95, 1.0)]:
+        r = quad_pair(math.tanh, lambda t: 1.0 / (1.0 + math.exp(-t)), *k)
+        assert abs(pe.scalar(*k) - r) <= 1e-10 * max(abs(r), 1e-2)
+
+
+@pytest.mark.parametrize("phi,psi,kink_f,kink_g", [
+    ("relu", "tanh", True, False),
+    ("step", (1 - sp.tanh(X) ** 2, X), True, False),
+])
+def test_kinked_quadrature(phi, psi, kink_f, kink_g):
+    pe = g2.pair_expectation(phi, psi)
+    assert "kink" in pe.method
+    f, g = g2._numpy_fn(pe.phi), g2._numpy_fn(pe.psi)
+    fs = lambda t: float(f(np.array([t]))[0])
+    gs = lambda t: float(g(np.array([t]))[0])
+    for k in [cov(1.0, 0.5, 1.0), cov(10.0, -0.9, 4.0), cov(3.0, 0.999, 3.0)]:
+        r = quad_pair(fs, gs, *k, kink_f=kink_f, kink_g=kink_g)
+        assert rel(pe.scalar(*k), r, 1.0) <= 1e-9, (k, pe.scalar(*k), r)
+
+
+def test_one_dimensional_and_diagonal_consistency():
+    e1 = g2.expectation("relu")
+    assert e1.method == "closed form"
+    assert e1.scalar(3.0) == pytest.approx(math.sqrt(3.0 / (2 * math.pi)), rel=1e-15)
+    assert g2.expectation("step").scalar(2.0) == 0.5
+    et = g2.expectation("tanh")
+    assert et.method.startswith("quadrature (1-D)")
+    assert abs(et.scalar(5.0)) < 1e-15  # odd function: exactly symmetric nodes
+    eg = g2.expectation("gelu")
+    for k in [0.3, 2.0, 17.0]:
+        r = grid_pair(NUMPY["gelu"], lambda t: 1.0 + 0 * t, k, 0.0, 1.0)
+        assert eg.scalar(k) == pytest.approx(r, rel=1e-10)
+    # diagonal k11 = k12 = k22: the pair equals the 1-D expectation of the product
+    pt = g2.pair_expectation("tanh", "tanh")
+    e2 = g2.expectation((sp.tanh(X) ** 2, X))
+    for k in [0.1, 2.0, 20.0]:
+        assert pt.scalar(k, k, k) == pytest.approx(e2.scalar(k), rel=1e-10)
+        assert pt.scalar(k, k, k) == pytest.approx(grid_pair(np.tanh, np.tanh, k, k, k), rel=1e-10)
+    # zero variance: u == 0, so E = tanh(0) E[tanh(v)] = 0; rho = 0: E = E tanh * E tanh = 0
+    assert pt.scalar(0.0, 0.0, 3.0) == 0.0 and pt.scalar(3.0, 0.0, 3.0) == pytest.approx(0.0, abs=1e-16)
+
+
+# ---------------------------------------------------------------------------------------
+# Generated code: source, scalar callable from njit code, evaluate, cache
+# ---------------------------------------------------------------------------------------
+def test_generated_code_and_cache():
+    pe = g2.pair_expectation("tanh", "tanh")
+    assert "def f(k11, k12, k22):" in pe.source and "math.tanh" in pe.source
+    assert g2.pair_expectation((sp.tanh(X), X), sp.Lambda(X, sp.tanh(X))) is pe
+    sg = g2.pair_expectation("sigmoid", "sigmoid")
+    assert "def sigmoid(x):" in sg.source  # custom function from nonlinearities.SCALAR_SOURCE
+    scalar_t = pe.scalar
+    scalar_r = g2.pair_expectation("relu", "relu").scalar
+
+    @njit
+    def combined(k):
+        return scalar_t(k, 0.5 * k, k) + scalar_r(k, 0.5 * k, k)
+
+    assert combined(2.0) == pytest.approx(pe.scalar(2.0, 1.0, 2.0) + scalar_r(2.0, 1.0, 2.0), rel=1e-15)
+    # evaluate broadcasts, keeps the shape, and matches the scalar function
+    rng = np.random.default_rng(1)
+    k11 = rng.uniform(0.1, 10, (4, 5))
+    k22 = rng.uniform(0.1, 10, (4, 5))
+    k12 = rng.uniform(-1, 1, (4, 5)) * np.sqrt(k11 * k22)
+    out = pe.evaluate(k11, k12, k22)
+    assert out.shape == (4, 5)
+    assert out[2, 3] == pe.scalar(k11[2, 3], k12[2, 3], k22[2, 3])
+    assert pe.evaluate(2.0, 0.0, np.ones(3)).shape == (3,)
+    assert math.isnan(pe.scalar(-1.0, 0.0, 1.0))
+
+
+def test_input_validation():
+    y = sp.Symbol("y")
+    with pytest.raises(ValueError):
+        g2.pair_expectation((sp.tanh(X + y), X), "tanh")
+    with pytest.raises(ValueError):
+        g2.pair_expectation("not_a_function", "tanh")
+    with pytest.raises(ValueError):
+        g2.pair_expectation("tanh", "tanh", strategy="magic")
+
+
+# ---------------------------------------------------------------------------------------
+# End to end: one hidden layer NNGP / NTK against neural-tangents (tests/data)
+# ---------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def reference():
+    meta = json.loads((DATA / "nt_reference.json").read_text())
+    return meta, np.load(DATA / "nt_reference.npz")
+
+
+def one_hidden_layer(xa, xb, e_phi, e_dphi, w_std, b_std):
+    """Dense -> phi -> Dense in NTK parametrization (conventions in nt_reference.json).
+
+    K0 = x.x'/d; Dense: K = W^2 K_in + b^2, Theta = K + W^2 Theta_in (Theta_0 = 0);
+    activation: K = E[phi phi], Thetadot = E[phi' phi'], Theta = Thetadot Theta_in.
+    """
+    d = xa.shape[1]
+    dense = lambda p, q: w_std**2 * (p @ q.T) / d + b_std**2
+    k1 = dense(xa, xb)
+    ka = np.diag(dense(xa, xa))[:, None] + 0 * k1  # the exact diagonal entries
+    kb = np.diag(dense(xb, xb))[None, :] + 0 * k1
+    theta1 = k1
+    k2 = e_phi.evaluate(ka, k1, kb)
+    thetadot = e_dphi.evaluate(ka, k1, kb)
+    k3 = w_std**2 * k2 + b_std**2
+    theta3 = k3 + w_std**2 * thetadot * theta1
+    return k3, theta3
+
+
+@pytest.mark.parametrize("case,phi,strategy,suffix,tol", [
+    ("fc_d1_num_tanh_25_b0.1_ntk", sp.tanh(X), "quadrature", "_exact", 1e-8),
+    ("fc_d1_num_gelu_25_b0.1_ntk", nl.gelu(X), "quadrature", "_exact", 1e-8),
+    ("fc_d1_num_sin_25_b0.1_ntk", sp.sin(X), "quadrature", "_exact", 1e-8),
+    ("fc_d1_num_sin_25_b0.1_ntk", sp.sin(X), "auto", "_exact", 1e-8),
+    ("fc_d1_gelu_b0.1_ntk", nl.gelu(X), "quadrature", "", 1e-9),
+    ("fc_d1_relu_b0.1_ntk", nl.relu(X), "auto", "", 1e-10),
+    ("fc_d1_erf_b0.1_ntk", sp.erf(X), "auto", "", 1e-10),
+])
+def test_reference_one_hidden_layer(reference, case, phi, strategy, suffix, tol):
+    meta, ref = reference
+    dense = meta["cases"][case]["net"]["layers"][0]
+    w_std, b_std = dense["W_std"], dense["b_std"]
+    dphi = sp.diff(phi, X)
+    e_phi = g2.pair_expectation((phi, X), (phi, X), strategy=strategy)
+    e_dphi = g2.pair_expectation((dphi, X), (dphi, X), strategy=strategy)
+    if strategy == "auto" and "relu" in case:
+        assert e_phi.method == e_dphi.method == "closed form: arc-cosine"
+    x_train, x_test = ref["x_fc"], ref["x_fc_test"]
+    nngp, ntk = one_hidden_layer(x_train, x_train, e_phi, e_dphi, w_std, b_std)
+    nngp_t, ntk_t = one_hidden_layer(x_test, x_train, e_phi, e_dphi, w_std, b_std)
+    for got, key in [(nngp, "nngp"), (ntk, "ntk"), (nngp_t, "nngp_test"), (ntk_t, "ntk_test")]:
+        want = ref[f"{case}__{key}{suffix}"]
+        err = np.max(np.abs(got - want) / np.abs(want))
+        assert err <= tol, (case, key, err)
