@@ -120,6 +120,24 @@ def cmd_check(args) -> int:
     return 0 if passed else 1
 
 
+def cmd_kernels(args) -> int:
+    from .compiler import compile
+
+    X = _load_array(args.x, "--x")
+    X2 = _load_array(args.x2, "--x2") if args.x2 else None
+    compiled = compile(_program(args, X))
+    kf = compiled.kernel_function(args.rtol)
+    result = kf(X, X2)
+    try:
+        np.savez(args.out, **result)
+    except OSError as exc:
+        raise CommandError(f"--out: cannot write {args.out!r} ({exc.strerror or exc})") from None
+    t = kf.last_timing
+    print(f"wrote {args.out}: " + ", ".join(f"{k} {v.shape}" for k, v in result.items())
+          + f"; compile {kf.compile_seconds:.2f} s, run {sum(t.values()):.2f} s")
+    return 0
+
+
 def cmd_classify(args) -> int:
     from .parametrization import classification_report
 
@@ -166,6 +184,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--plot", help="write a PNG of error against width")
     p.set_defaults(func=cmd_check)
+
+    p = sub.add_parser("kernels", help="infinite-width NNGP and NTK matrices")
+    _common(p, data=False)
+    p.add_argument("--x", required=True, help="inputs X (N x d .npy)")
+    p.add_argument("--x2", help="second inputs X2 (N2 x d .npy): also k(X2, X)")
+    p.add_argument("--out", required=True, help="output .npz (nngp, ntk[, nngp_x2, ntk_x2])")
+    p.add_argument("--rtol", type=float, default=1e-10, help="quadrature accuracy where no closed form exists")
+    p.set_defaults(func=cmd_kernels)
 
     p = sub.add_parser("classify", help="classify an abc-parametrization")
     p.add_argument("--depth", type=int, required=True)

@@ -52,6 +52,21 @@ class Compiled:
             self._bound[key] = (zp, index)
         return self._bound[key]
 
+    def kernels(self, X, X2=None, rtol: float = 1e-10) -> dict[str, np.ndarray]:
+        """Infinite-width NNGP and NTK (DESIGN.md 2.3): {"nngp", "ntk"} = k(X, X) (N x N),
+        plus {"nngp_x2", "ntk_x2"} = k(X2, X) (N2 x N) when X2 is given.  Exact: closed
+        forms where they exist, quadrature to ``rtol`` otherwise (see ``kernel_function``)."""
+        return self.kernel_function(rtol)(X, X2)
+
+    def kernel_function(self, rtol: float = 1e-10):
+        """The compiled kernel evaluator (generated Numba code, cached on disk)."""
+        from .kernels import KernelFunction
+
+        key = ("kernels", float(rtol))
+        if key not in self._bound:
+            self._bound[key] = KernelFunction(self.graph, rtol=rtol)
+        return self._bound[key]
+
     def limit(self, particles: int = 200_000, seed: int = 0, x=None, groups: int = 10) -> dict[str, tuple[float, float]]:
         """{output: (value, stderr)} of the infinite-width limit (stderr 0 where exact)."""
         zp, _ = self.bind(x)

@@ -112,6 +112,10 @@ class softplus(sp.Function):
         return r"\operatorname{softplus}\left(%s\right)" % printer._print(self.args[0])
 
 
+#: Names of the custom sympy functions, for sympify of generated source.
+SYMPY_NAMESPACE = {"relu": relu, "step": step, "sigmoid": sigmoid, "gelu": gelu, "softplus": softplus}
+
+
 def _identity(x):
     return x
 

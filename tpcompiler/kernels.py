@@ -1,0 +1,217 @@
+"""Kernel backend (DESIGN.md 2.3, 2.7 strategies 1-2): exact NNGP and NTK of any program whose
+kernel-regime expectations are pairwise Gaussian, as generated Numba code.
+
+Pipeline: template program with a readout -> ``ntk.kernel_program`` (backward pass derived,
+kernels as pair moments) -> ``pairwise.PairwiseEngine`` (quantity DAG: Wick / closed forms /
+quadrature calls) -> this module:
+
+* **features**: every input-dependent coefficient becomes a feature.  Functions of one input
+  are *row features* (vectors over the data); bilinear forms in (xi, xi') reduce to a few base
+  Gram matrices X A X2^T computed by BLAS, so d never enters the per-pair code;
+* **row stage**: the quantities of one input (variances, diagonal kernels), one parallel loop
+  over data rows;
+* **pair stage**: all layers of one pair (xi, xi') fused into one straight-line function
+  (common subexpressions shared by sympy's cse, e.g. one arccos per relu layer), a parallel
+  loop over pairs, only the upper triangle when X2 is not given.
+
+Expectations with closed forms (gaussian2.closed_form_pair) are inlined as sympy expressions;
+the others call the generated quadrature functions of ``gaussian2``.  Generated source is
+cached on disk keyed by its hash (``codegen.load_module``), and numba compiles it with
+``cache=True``, so a second run of the same program pays no JIT time.
+"""
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import sympy as sp
+
+from . import codegen, gaussian2, ops
+from .codegen import custom_functions_source, load_module, print_body
+from .ir import Graph, ProgramError
+from .ntk import kernel_program
+from .features import Features
+from .ops import node_symbol
+from .pairwise import E1, E2, PairwiseEngine
+
+KERNELS = ("nngp", "ntk")
+codegen.HELPER_SOURCE.update(gaussian2._HELPER_SOURCE)
+
+
+def _p(s: sp.Symbol) -> sp.Symbol:
+    return sp.Symbol(s.name + "'", real=True)
+
+
+class KernelFunction:
+    """NNGP and NTK of a template program, compiled to Numba (see module docstring)."""
+
+    def __init__(self, graph: Graph, rtol: float = 1e-10):
+        start = time.perf_counter()
+        self.rtol = rtol
+        if graph.readout is None:
+            raise ProgramError(f"program {graph.name!r} has no readout; kernels need p.readout(x, sigma=..., bias=...)")
+        if len(graph.inputs) != 1:
+            raise ProgramError(f"program {graph.name!r} has no input; kernels need p.input(name, d)")
+        self.graph = graph
+        (self.input_name, decl), = graph.inputs.items()
+        self.d = len(decl.keys)
+        kp = kernel_program(graph)
+        self.engine = engine = PairwiseEngine(kp)
+        outputs = [engine.scalar(kp.outputs[k]) for k in KERNELS]
+        # The diagonal k(xi, xi) from row quantities: exact at rho = 1, where a pair formula
+        # would amplify rounding (arc-cosine kernels have a square-root singularity there).
+        diagonal = [engine.scalar(kp.outputs[k], same_input=True) for k in KERNELS]
+        inputs0 = {node_symbol(k): kp.op(k).index for k in kp.input_keys()}
+        self.features = feats = Features(kp, inputs0)
+        self.expectations = self._expectation_table(rtol)
+
+        def lower(expr):
+            return feats.featurize(self._inline_expectations(expr))
+
+        rows = [(q.symbol, lower(q.definition)) for q in engine.order if not q.pair]
+        pairs = [(q.symbol, lower(q.definition)) for q in engine.order if q.pair]
+        self.row_symbols = [s for s, _ in rows]
+        self.source = self._source(rows, [lower(o) for o in diagonal], pairs, [lower(o) for o in outputs])
+        self.module = load_module(self.source, "kernels")
+        self.compile_seconds = time.perf_counter() - start
+        self.last_timing: dict = {}
+
+    # -- construction helpers -----------------------------------------------------------
+    def _expectation_table(self, rtol):
+        table = []
+        for gs in self.engine.functions:
+            lams = [sp.Lambda(self.engine_t, g) for g in gs]
+            if len(gs) == 1:
+                obj = gaussian2.expectation(lams[0], rtol=rtol)
+            else:
+                obj = gaussian2.pair_expectation(lams[0], lams[1], rtol=rtol)
+            table.append(obj)
+        return table
+
+    @property
+    def engine_t(self):
+        from .pairwise import T
+
+        return T
+
+    def _inline_expectations(self, expr: sp.Expr) -> sp.Expr:
+        rep = {}
+        for call in expr.atoms(E1, E2):
+            idx = int(call.args[0])
+            obj = self.expectations[idx]
+            args = [self._inline_expectations(a) for a in call.args[1:]]
+            if obj.expression is not None:
+                if isinstance(call, E2):
+                    rep[call] = obj.expression.xreplace(dict(zip((gaussian2.K11, gaussian2.K12, gaussian2.K22), args)))
+                else:
+                    rep[call] = obj.expression.xreplace({sp.Symbol("k", real=True): args[0]})
+            else:
+                rep[call] = sp.Function(f"_e{idx}")(*args)
+        return expr.xreplace(rep)
+
+    def _source(self, rows, diagonal, pairs, outputs) -> str:
+        """Module source: the row stage (row quantities, then the kernels' diagonal) and the
+        pair stage (pair quantities, then the kernels), each one fused straight-line body."""
+        n_row = len(self.features.row)
+        quad = [i for i, obj in enumerate(self.expectations) if obj.expression is None]
+        loads0 = {sp.Symbol(f"rf{k}", real=True): f"RF1[i, {k}]" for k in range(n_row)}
+        loads1 = {sp.Symbol(f"rf{k}'", real=True): f"RF2[j, {k}]" for k in range(n_row)}
+        loads_q0 = {s: f"R1[i, {k}]" for k, s in enumerate(self.row_symbols)}
+        loads_q1 = {_p(s): f"R2[j, {k}]" for k, s in enumerate(self.row_symbols)}
+        loads_g = {sp.Symbol(f"G{m}", real=True): f"G[{m}, i, j]" for m in range(len(self.features.bases))}
+        header = [
+            "import math",
+            "import numpy as np",
+            "import sympy as _sp",
+            "from numba import njit, prange",
+            "from tpcompiler import gaussian2 as _g2",
+            "from tpcompiler.nonlinearities import SYMPY_NAMESPACE as _NS",
+        ]
+        for i in quad:
+            obj = self.expectations[i]
+            lams = [obj.phi] + ([obj.psi] if isinstance(obj, gaussian2.PairExpectation) else [])
+            lams = [sp.Lambda(self.engine_t, lam.expr.xreplace({lam.variables[0]: self.engine_t})) for lam in lams]
+            args = ", ".join(f"_sp.sympify({sp.srepr(lam)!r}, locals=_NS)" for lam in lams)
+            build = "pair_expectation" if len(lams) == 2 else "expectation"
+            # the callee's source hash keeps this module's numba cache from outliving it
+            header.append(f"_e{i} = _g2.{build}({args}, rtol={self.rtol!r}).scalar  # {codegen.source_hash(obj.source)}")
+        body = custom_functions_source([e for _, e in rows + pairs] + diagonal + outputs)
+        row_lines, row_outs = print_body([s for s, _ in rows] + diagonal, {**loads0}, "        ", rows)
+        pair_lines, pair_outs = print_body(outputs, {**loads0, **loads1, **loads_q0, **loads_q1, **loads_g},
+                                           "                ", pairs)
+        src = "\n".join(header) + "\n" + body + f"""
+
+@njit(parallel=True, cache=True)
+def row_stage(RF1, R):
+    for i in prange(RF1.shape[0]):
+{chr(10).join(row_lines) if row_lines else '        pass'}
+{chr(10).join(f'        R[i, {k}] = {e}' for k, e in enumerate(row_outs))}
+
+
+@njit(parallel=True, cache=True)
+def pair_stage(G, RF1, RF2, R1, R2, out, symmetric):
+    N = RF1.shape[0]
+    M = RF2.shape[0]
+    # symmetric: rows t and N-1-t together, so both threads get equal work
+    half = (N + 1) // 2 if symmetric else N
+    reps = 2 if symmetric else 1
+    for t in prange(half):
+        for r in range(reps):
+            i = t + r * (N - 1 - 2 * t)
+            if r == 1 and i == t:
+                continue
+            start = i if symmetric else 0
+            for j in range(start, M):
+{chr(10).join(pair_lines)}
+{chr(10).join(f'                out[{k}, i, j] = {e}' for k, e in enumerate(pair_outs))}
+"""
+        return src
+
+    # -- evaluation -----------------------------------------------------------------------
+    def _check(self, X, what):
+        X = np.asarray(X, dtype=np.float64) if not isinstance(X, np.ndarray) or X.dtype != np.float64 else X
+        if X.ndim != 2:
+            raise ProgramError(f"{what}: inputs must be an N x d array, got shape {X.shape}")
+        if X.shape[0] == 0:
+            raise ProgramError(f"{what}: the input set is empty")
+        if X.shape[1] != self.d:
+            raise ProgramError(f"{what}: program {self.graph.name!r} takes inputs of dimension d = {self.d}, got {X.shape[1]}")
+        if not np.all(np.isfinite(X)):
+            raise ProgramError(f"{what}: inputs contain NaN or infinite values")
+        return np.ascontiguousarray(X)
+
+    def __call__(self, X, X2=None) -> dict[str, np.ndarray]:
+        """{"nngp", "ntk"}: k(X, X); with X2 also {"nngp_x2", "ntk_x2"}: k(X2, X)."""
+        X = self._check(X, "X")
+        timing = {}
+        t0 = time.perf_counter()
+        RF1 = self.features.row_values(X)
+        R1 = np.empty((X.shape[0], len(self.row_symbols) + len(KERNELS)))
+        self.module.row_stage(RF1, R1)
+        timing["rows"] = time.perf_counter() - t0
+        result = {}
+        t0 = time.perf_counter()
+        G = self.features.pair_values(X, None)
+        timing["grams"] = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        out = np.empty((len(KERNELS), X.shape[0], X.shape[0]))
+        self.module.pair_stage(G, RF1, RF1, R1, R1, out, True)
+        iu = np.triu_indices(X.shape[0], 1)
+        for k, name in enumerate(KERNELS):
+            m = out[k]
+            m[(iu[1], iu[0])] = m[iu]
+            np.fill_diagonal(m, R1[:, len(self.row_symbols) + k])
+            result[name] = m
+        timing["pairs"] = time.perf_counter() - t0
+        if X2 is not None:
+            X2 = self._check(X2, "X2")
+            RF2 = self.features.row_values(X2)
+            R2 = np.empty_like(R1, shape=(X2.shape[0], R1.shape[1]))
+            self.module.row_stage(RF2, R2)
+            G2 = self.features.pair_values(X2, X)
+            out2 = np.empty((len(KERNELS), X2.shape[0], X.shape[0]))
+            self.module.pair_stage(G2, RF2, RF1, R2, R1, out2, False)
+            for k, name in enumerate(KERNELS):
+                result[f"{name}_x2"] = out2[k]
+        self.last_timing = timing
+        return result
