@@ -1,17 +1,19 @@
 """Fully connected network: neural-tangents' stax.serial(*[Dense(n, W_std, b_std), phi] * depth,
-Dense(1, W_std, b_std)) in NTK parametrization (DESIGN.md 5), forward and a hand-written
-backward pass.
+Dense(1, W_std, b_std)) (DESIGN.md 5), forward pass and a hand-written backward pass.
 
-Forward (per input xi):  h1 = w_std/sqrt(d) sum_j xi_j U_j (+ b_std b1);  x_l = phi(h_l);
-h_{l+1} = W_{l+1} x_l (+ b_std b_{l+1}), W_l entries N(0, w_std^2/n);
+Forward (per input xi):  h1 = w_std/sqrt(d) sum_j xi_j U_j (+ b1);  x_l = phi(h_l);
+h_{l+1} = W_{l+1} x_l (+ b_{l+1}), W_l entries N(0, w_std^2/n), biases b_l ~ N(0, b_std^2);
 readout f = w_std/sqrt(n) v . x_L (+ b_std beta).
 Backward, scaled so coordinates are O(1) (dz = sqrt(n) df/dz):
 dx_L = w_std v;  dh_l = dx_l * phi'(h_l);  dx_{l-1} = W_l^T dh_l.
-Outputs (pair moments over two inputs xi, xi'):
+Outputs (pair moments over two inputs xi, xi'), in NTK parametrization:
 nngp = w_std^2 E[x_L x_L'] + b_std^2,
 ntk  = nngp + sum_{l>=2} (w_std^2 E[x_{l-1} x_{l-1}'] + b_std^2) E[dh_l dh_l']
             + (w_std^2 xi.xi'/d + b_std^2) E[dh_1 dh_1'],
 with xi.xi'/d = E[g g'] for g = sum_j xi_j U_j / sqrt(d) (the input kernel as a moment).
+`parameterization="standard"` declares neural-tangents' standard parametrization for the
+kernel backend (trained weights N(0, w_std^2/n_in) with n_in = d, then `width`), which only
+changes the NTK weights of the parameters; the outputs above stay the NTK-parametrized ones.
 """
 import numpy as np
 import sympy as sp
@@ -25,30 +27,38 @@ def default_inputs(d):
     return np.stack([np.cos(j) + 0.3, np.sin(2.0 * j) - 0.2])
 
 
-def build(depth=2, phi="relu", w_std=1.0, b_std=None, d=3):
+def build(depth=2, phi="relu", w_std=1.0, b_std=None, d=3, parameterization="ntk", width=512):
     if not isinstance(depth, int) or depth < 1:
         raise ValueError(f"mlp: depth must be a positive integer, got {depth!r}")
+    if parameterization not in ("ntk", "standard"):
+        raise ValueError(f"mlp: parameterization must be 'ntk' or 'standard', got {parameterization!r}")
+    standard = parameterization == "standard"
     p = tp.Program("mlp")
     act = tp.phi(phi)
     act_prime = lambda z: tp.nonlin(lambda a: sp.diff(tp.nonlinearities.builtin(phi)(a), a), z)  # noqa: E731
     xi = p.input("xi", d, default=default_inputs(d))
-    g = p.input_layer("U", xi, sigma=1.0)          # sum_j xi_j U_j / sqrt(d)
     w = p.scalar("w_std", w_std)
-    b = p.scalar("b_std", b_std) if b_std is not None else None
+    U = p.input_matrix("U", d, ntk_weight=d / w_std**2 if standard else None)
+    g = U.apply(xi, name="g")            # sum_j xi_j U_j / sqrt(d): the unit-scale input layer
+    h_in = w * g
 
     def dense_bias(h, layer):
-        return h + b * p.vec(f"b{layer}") if b is not None else h
+        if b_std is None:
+            return h
+        return h + p.vec(f"b{layer}", var=b_std**2, ntk_weight=1 if standard else None)
 
-    hs = [dense_bias(w * g, 1).named("h1")]
+    hs = [dense_bias(h_in, 1).named("h1")]
     xs = []
     mats = []
     for layer in range(2, depth + 1):
         xs.append(act(hs[-1]).named(f"x{layer - 1}"))
-        W = p.mat(f"W{layer}", sigma=w_std)
+        W = p.mat(f"W{layer}", sigma=w_std, ntk_weight=width if standard else None)
         mats.append(W)
         hs.append(dense_bias(W @ xs[-1], layer).named(f"h{layer}"))
     xs.append(act(hs[-1]).named(f"x{depth}"))
-    v = p.vec("v")
+    v = p.readout(xs[-1], sigma=w, bias=b_std,
+                  ntk_weight=width / w_std**2 if standard else None,
+                  bias_ntk_weight=1 if (standard and b_std is not None) else None)
 
     # Backward pass: dh_l = sqrt(n) df/dh_l.
     dx = (w * v).named(f"dx{depth}")
@@ -58,7 +68,7 @@ def build(depth=2, phi="relu", w_std=1.0, b_std=None, d=3):
         if layer > 1:
             dx = (mats[layer - 2].T @ dhs[layer - 1]).named(f"dx{layer - 1}")
 
-    bias2 = b**2 if b is not None else 0
+    bias2 = b_std**2 if b_std is not None else 0
     nngp = w**2 * tp.mean(xs[-1] * xs[-1].prime, name="K_x%d" % depth) + bias2
     ntk = nngp + (w**2 * tp.mean(g * g.prime, name="K_in") + bias2) * tp.mean(dhs[0] * dhs[0].prime, name="K_dh1")
     for layer in range(2, depth + 1):

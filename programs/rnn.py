@@ -25,17 +25,13 @@ def build(T=3, phi="tanh", sigma=1.2, w_in=1.0, d=2):
     act = tp.phi(phi)
     act_prime = lambda z: tp.nonlin(lambda a: sp.diff(tp.nonlinearities.builtin(phi)(a), a), z)  # noqa: E731
     xi = p.input("xi", T * d, default=default_inputs(d, T))
-    U = [p.vec(f"U_{j + 1}") for j in range(d)]
+    U = p.input_matrix("U", d)
     win = p.scalar("w_in", w_in)
     W = p.mat("W", sigma=sigma)
-
-    def step_input(t):
-        return win / np.sqrt(d) * sum(xi[t * d + j] * U[j] for j in range(d))
-
-    gs = [(sum(xi[t * d + j] * U[j] for j in range(d)) / np.sqrt(d)) for t in range(T)]
-    hs = [step_input(0).named("h1")]
+    gs = [U.apply(xi[t * d:(t + 1) * d], name=f"g{t + 1}") for t in range(T)]  # sum_j xi_tj U_j / sqrt(d)
+    hs = [(win * gs[0]).named("h1")]
     for t in range(1, T):
-        hs.append((W @ act(hs[-1]) + step_input(t)).named(f"h{t + 1}"))
+        hs.append((W @ act(hs[-1]) + win * gs[t]).named(f"h{t + 1}"))
     v = p.vec("v")
     dhs = [None] * T
     dhs[T - 1] = (v * act_prime(hs[T - 1])).named(f"dh{T}")

@@ -4,6 +4,7 @@ import re
 from pathlib import Path
 
 import pytest
+import sympy as sp
 
 import tpcompiler as tp
 from tpcompiler import ops
@@ -26,9 +27,9 @@ def one_line(excinfo):
 
 
 def test_unknown_parameter_lists_known_ones():
-    with pytest.raises(tp.ProgramError, match=r"program mlp\.py has no parameter 'width'; "
+    with pytest.raises(tp.ProgramError, match=r"program mlp\.py has no parameter 'height'; "
                                               r"its parameters are: depth, phi, w_std, b_std, d") as e:
-        tp.load(MLP, width=3)
+        tp.load(MLP, height=3)
     one_line(e)
 
 
@@ -116,14 +117,15 @@ def test_depth_passes_through(depth):
 def test_other_parameters_pass_through():
     p = tp.load(MLP, depth=2, phi="erf", w_std=1.5, b_std=0.1, d=5)
     g = p.graph
-    assert g.op("w_std").value == 1.5 and g.op("b_std").value == 0.1
+    assert g.op("w_std").value == 1.5 and g.op("b1").var == sp.Float(0.1) ** 2
     assert len(g.inputs["xi"].keys) == 5
     assert "erf" in str(g.op("x1").expr)
     assert tp.load(MLP).graph.op("w_std").value == 1.0  # defaults
 
 
 def test_parameters_of_a_file():
-    assert parameters(MLP) == {"depth": 2, "phi": "relu", "w_std": 1.0, "b_std": None, "d": 3}
+    assert parameters(MLP) == {"depth": 2, "phi": "relu", "w_std": 1.0, "b_std": None, "d": 3,
+                               "parameterization": "ntk", "width": 512}
 
 
 def test_every_bundled_program_loads():
