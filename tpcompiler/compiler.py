@@ -28,7 +28,8 @@ class Compiled:
     """A program with its derived Z program; evaluates limits and renders formulas."""
 
     def __init__(self, program, drop_zdot: bool = False):
-        self.graph = _graph_of(program)
+        self.program_graph = _graph_of(program)
+        self.graph = _evaluated_graph(program)
         self.drop_zdot = drop_zdot
         self.zprogram: ZProgram = derive(self.graph, drop_zdot)
         self._bound: dict = {}
@@ -64,7 +65,7 @@ class Compiled:
 
         key = ("kernels", float(rtol))
         if key not in self._bound:
-            self._bound[key] = KernelFunction(self.graph, rtol=rtol)
+            self._bound[key] = KernelFunction(self.program_graph, rtol=rtol)
         return self._bound[key]
 
     def limit(self, particles: int = 200_000, seed: int = 0, x=None, groups: int = 10) -> dict[str, tuple[float, float]]:
@@ -79,13 +80,24 @@ def compile(program, drop_zdot: bool = False) -> Compiled:  # noqa: A001 - the p
     return Compiled(program, drop_zdot)
 
 
+def _evaluated_graph(program) -> Graph:
+    """The graph whose outputs are evaluated: the program's, or its kernels if it declares
+    only a readout."""
+    graph = _graph_of(program)
+    if not graph.outputs and graph.readout is not None:
+        from .ntk import kernel_program
+
+        return kernel_program(graph)
+    return graph
+
+
 def simulate(program, width: int, seed: int = 0, x=None) -> dict[str, float]:
     """Run the program at finite width ``width`` with ``seed``: {output: value}."""
-    graph, _ = instantiate(_graph_of(program), x)
+    graph, _ = instantiate(_evaluated_graph(program), x)
     return interpreter.run(graph, width, seed)[0]
 
 
 def simulate_seeds(program, width: int, seeds, x=None) -> dict[str, np.ndarray]:
     """Finite-width outputs over several seeds: {output: array over seeds}."""
-    graph, _ = instantiate(_graph_of(program), x)
+    graph, _ = instantiate(_evaluated_graph(program), x)
     return interpreter.simulate_many(graph, width, seeds)
