@@ -340,6 +340,7 @@ def instantiate(graph: Graph, X: np.ndarray | None) -> tuple[Graph, dict[str, tu
 
     index: dict[str, tuple] = {}
     for name, expr in graph.outputs.items():
+        expr = graph.expand_input_cov(expr)  # input-layer covariances as sums over coordinates
         keys = {s.name for s in expr.free_symbols}
         pair = any(unprime(s)[1] or (isinstance(graph.op(s.name), ops.Moment) and graph.op(s.name).pair)
                    for s in expr.free_symbols)

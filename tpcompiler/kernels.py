@@ -102,7 +102,7 @@ class KernelFunction:
             args = [self._inline_expectations(a) for a in call.args[1:]]
             if obj.expression is not None:
                 if isinstance(call, E2):
-                    rep[call] = obj.expression.xreplace(dict(zip((gaussian2.K11, gaussian2.K12, gaussian2.K22), args)))
+                    rep[call] = gaussian2.fusable(obj.expression.xreplace(dict(zip((gaussian2.K11, gaussian2.K12, gaussian2.K22), args))))
                 else:
                     rep[call] = obj.expression.xreplace({sp.Symbol("k", real=True): args[0]})
             else:
@@ -115,9 +115,9 @@ class KernelFunction:
         n_row = len(self.features.row)
         quad = [i for i, obj in enumerate(self.expectations) if obj.expression is None]
         loads0 = {sp.Symbol(f"rf{k}", real=True): f"RF1[i, {k}]" for k in range(n_row)}
-        loads1 = {sp.Symbol(f"rf{k}'", real=True): f"RF2[j, {k}]" for k in range(n_row)}
+        loads1 = {sp.Symbol(f"rf{k}'", real=True): f"RF2T[{k}, j]" for k in range(n_row)}
         loads_q0 = {s: f"R1[i, {k}]" for k, s in enumerate(self.row_symbols)}
-        loads_q1 = {_p(s): f"R2[j, {k}]" for k, s in enumerate(self.row_symbols)}
+        loads_q1 = {_p(s): f"R2T[{k}, j]" for k, s in enumerate(self.row_symbols)}
         loads_g = {sp.Symbol(f"G{m}", real=True): f"G[{m}, i, j]" for m in range(len(self.features.bases))}
         header = [
             "import math",
@@ -141,17 +141,19 @@ class KernelFunction:
                                            "                ", pairs)
         src = "\n".join(header) + "\n" + body + f"""
 
-@njit(parallel=True, cache=True)
+@njit(parallel=True, cache=True, error_model="numpy")
 def row_stage(RF1, R):
     for i in prange(RF1.shape[0]):
 {chr(10).join(row_lines) if row_lines else '        pass'}
 {chr(10).join(f'        R[i, {k}] = {e}' for k, e in enumerate(row_outs))}
 
 
-@njit(parallel=True, cache=True)
-def pair_stage(G, RF1, RF2, R1, R2, out, symmetric):
+@njit(parallel=True, cache=True, error_model="numpy")
+def pair_stage(G, RF1, RF2T, R1, R2T, out, symmetric):
+    # second-input rows are transposed (feature, j) so the j loop reads contiguously and
+    # vectorises; error_model numpy drops division checks that would stop it
     N = RF1.shape[0]
-    M = RF2.shape[0]
+    M = RF2T.shape[1]
     # symmetric: rows t and N-1-t together, so both threads get equal work
     half = (N + 1) // 2 if symmetric else N
     reps = 2 if symmetric else 1
@@ -195,7 +197,7 @@ def pair_stage(G, RF1, RF2, R1, R2, out, symmetric):
         timing["grams"] = time.perf_counter() - t0
         t0 = time.perf_counter()
         out = np.empty((len(KERNELS), X.shape[0], X.shape[0]))
-        self.module.pair_stage(G, RF1, RF1, R1, R1, out, True)
+        self.module.pair_stage(G, RF1, np.ascontiguousarray(RF1.T), R1, np.ascontiguousarray(R1.T), out, True)
         iu = np.triu_indices(X.shape[0], 1)
         for k, name in enumerate(KERNELS):
             m = out[k]
@@ -210,7 +212,7 @@ def pair_stage(G, RF1, RF2, R1, R2, out, symmetric):
             self.module.row_stage(RF2, R2)
             G2 = self.features.pair_values(X2, X)
             out2 = np.empty((len(KERNELS), X2.shape[0], X.shape[0]))
-            self.module.pair_stage(G2, RF2, RF1, R2, R1, out2, False)
+            self.module.pair_stage(G2, RF2, np.ascontiguousarray(RF1.T), R2, np.ascontiguousarray(R1.T), out2, False)
             for k, name in enumerate(KERNELS):
                 result[f"{name}_x2"] = out2[k]
         self.last_timing = timing

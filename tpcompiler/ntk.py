@@ -88,7 +88,8 @@ def kernel_program(graph: Graph) -> Graph:
             continue
         for a in layers:
             for b in layers:
-                terms.append(w * out.init_covariance(a, b, prime_b=True) * _pair(out, grads[a], grads[b], cache))
+                cov = out.init_covariance(a, b, prime_b=True, compact=True)
+                terms.append(w * cov * _pair(out, grads[a], grads[b], cache))
     for mat, pairs in uses.items():
         w = graph.op(mat).weight()
         if w == 0:

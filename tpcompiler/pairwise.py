@@ -181,6 +181,7 @@ class PairwiseEngine:
             rep.update({s: self.moment(s.name, True) for s in expr.free_symbols
                         if s.name in self.graph.g and isinstance(self.graph.op(s.name), ops.Moment)})
             rep.update({s: _unprimed(s) for s in expr.free_symbols if s.name.endswith("'")})
+            rep.update({c: ops.InputCov(c.args[0], c.args[1], sp.Integer(0), sp.Integer(0)) for c in expr.atoms(ops.InputCov)})
         return expr.xreplace(rep)
 
     # -- expectations -------------------------------------------------------------------
