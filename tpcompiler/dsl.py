@@ -316,24 +316,29 @@ class Program:
         U = self.input_matrix(name, d, ntk_weight=weight)
         return Vec(self, sig * U.apply(xi).expr)
 
-    def readout(self, x, sigma=1.0, bias=None, name: str = "v", ntk_weight=None, bias_ntk_weight=None) -> Vec:
+    def readout(self, x, sigma=1.0, bias=None, name: str = "v", ntk_weight=None, bias_ntk_weight=None, out_dim: int = 1):
         """Declare the network output f(xi) = sigma/sqrt(n) v . x (+ bias * beta), v a fresh
         initial N(0, 1) vector (returned, so a hand-written backward pass can use it), beta ~
         N(0, 1) (DESIGN.md 2.3).  Kernels and training read this declaration.  NTK weights:
         v's default 1 (NTK parametrization; standard: n_in / sigma^2) and beta's default
-        bias^2 (standard: 1)."""
+        bias^2 (standard: 1).  With ``out_dim`` K > 1 the output is K-dimensional (K
+        independent readout vectors name_1..name_K, returned as a list); kernels are the
+        per-output ones."""
+        if not isinstance(out_dim, numbers.Integral) or out_dim < 1:
+            raise DSLError(f"readout: out_dim must be a positive integer, got {out_dim!r}")
         if self.graph.readout is not None:
             raise DSLError(f"program {self.name!r} already has a readout")
         if not isinstance(x, Vec):
             raise DSLError(f"readout: needs the Vec the output reads, got {x!r}")
         self._same_program(x, "readout")
         key = self._materialize(x)
-        v = self.vec(name, ntk_weight=ntk_weight)
+        names = [name] if out_dim == 1 else [f"{name}_{k + 1}" for k in range(out_dim)]
+        vs = [self.vec(nm, ntk_weight=ntk_weight) for nm in names]
         sig = sigma.expr if isinstance(sigma, Scalar) else _number(sigma, "readout sigma")
         b = None if bias is None else (bias.expr if isinstance(bias, Scalar) else _number(bias, "readout bias"))
         bw = None if bias_ntk_weight is None else _number(bias_ntk_weight, "readout bias_ntk_weight")
-        self.graph.readout = ops.Readout(key, v.expr.name, sig, b, bw)
-        return v
+        self.graph.readout = ops.Readout(key, vs[0].expr.name, sig, b, bw, tuple(v.expr.name for v in vs[1:]))
+        return vs[0] if out_dim == 1 else vs
 
     def output(self, name: str, value) -> None:
         """Declare a scalar output (a Moment or an expression of scalars)."""

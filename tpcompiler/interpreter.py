@@ -44,6 +44,8 @@ def run(graph: Graph, n: int, seed: int = 0, keep=None) -> tuple[dict[str, float
             continue
         if isinstance(op, ops.Param):
             env[key] = op.value
+        elif isinstance(op, ops.WidthPower):
+            env[key] = float(n) ** float(op.exponent)
         elif isinstance(op, ops.InputMat):
             mats[key] = rng.standard_normal((n, op.k))
         elif isinstance(op, ops.InputLayer):

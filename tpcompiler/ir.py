@@ -234,6 +234,8 @@ def describe(graph: Graph, key: str, latex: bool = False) -> str:
         return f"{key} : Mat, entries iid N(0, {_fmt(op.sigma**2, False)}/n)"
     if isinstance(op, ops.Param):
         return rf"{name} = {op.value:g}" if latex else f"{key} : Scalar = {op.value:g}"
+    if isinstance(op, ops.WidthPower):
+        return rf"{name} = n^{{{sp.latex(op.exponent)}}}" if latex else f"{key} : Scalar = n^({op.exponent})"
     if isinstance(op, ops.InputMat):
         if latex:
             return rf"{name} \in \mathbb{{R}}^{{n\times {op.k}}}:\ {name}_{{\alpha j}} \sim \mathcal{{N}}(0, 1)\ \text{{({op.k} initial vectors)}}"

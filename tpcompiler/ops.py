@@ -108,6 +108,22 @@ class Param:
 
 
 @dataclass(frozen=True)
+class WidthPower:
+    """The scalar n^exponent.  Parametrizations put explicit powers of the width into
+    programs (an SGD step of an abc-parametrized network, DESIGN.md 2.4); the finite-width
+    interpreter uses n^e, the limit is 1 for e = 0 and 0 for e < 0 (e > 0 diverges: the
+    parametrization is unstable and the pass that built the program refuses it)."""
+
+    exponent: sp.Rational
+    kind = SCALAR
+
+    def limit(self) -> float:
+        if self.exponent > 0:
+            raise ValueError(f"n^{self.exponent} has no finite limit")
+        return 1.0 if self.exponent == 0 else 0.0
+
+
+@dataclass(frozen=True)
 class Input:
     """Coordinate ``index`` of the program's finite-dimensional input ``group``.
 
@@ -163,6 +179,11 @@ class Readout:
     sigma: sp.Expr
     bias: sp.Expr | None = None
     bias_weight: sp.Expr | None = None
+    others: tuple = ()   # readout vectors of outputs 2..K (a K-dimensional output)
+
+    @property
+    def readouts(self) -> tuple:
+        return (self.readout,) + tuple(self.others)
 
 
 class InputCov(sp.Function):

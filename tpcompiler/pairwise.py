@@ -94,6 +94,7 @@ class PairwiseEngine:
         self._order: list[Quantity] = []
         self._fn_index: dict = {}
         self._params = {node_symbol(k): sp.Float(self.graph.op(k).value) for k in self.graph.keys_of(ops.Param)}
+        self._params.update({node_symbol(k): sp.Float(self.graph.op(k).limit()) for k in self.graph.keys_of(ops.WidthPower)})
         self._inputs = {node_symbol(k) for k in self.graph.input_keys()}
         self._leaf_block = {}
         for k in self.zp.order:

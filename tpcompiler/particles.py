@@ -82,7 +82,7 @@ class _Run:
             if entry.rule in ("init", "mat"):
                 continue  # drawn up front
             if entry.rule == "param":
-                env[key] = op.value
+                env[key] = op.limit() if isinstance(op, ops.WidthPower) else op.value
             elif entry.rule == "input":
                 raise ProgramError(f"program {self.graph.name!r} has an unbound input {key!r}; instantiate it with data first")
             elif entry.rule == "nonlin":
@@ -111,7 +111,7 @@ class _Run:
         keys = self.graph.keys_of(ops.InitVec) + self.graph.keys_of(ops.InputLayer)
         if not keys:
             return
-        values = {k: op.value for k in self.graph.keys_of(ops.Param) for op in [self.graph.op(k)]}
+        values = {k: self.graph.op(k).value for k in self.graph.keys_of(ops.Param)}
         cov = np.array([[evaluate(self.graph.init_covariance(a, b), values) for b in keys] for a in keys])
         w, V = np.linalg.eigh(cov)
         root = V * np.sqrt(np.clip(w, 0.0, None))

@@ -349,7 +349,7 @@ class ZProgram:
             return ZEntry(key, "init", Z(key), frozenset([key]))
         if isinstance(op, (ops.InitMat, ops.InputMat)):
             return ZEntry(key, "mat")
-        if isinstance(op, ops.Param):
+        if isinstance(op, (ops.Param, ops.WidthPower)):
             return ZEntry(key, "param", node_symbol(key))
         if isinstance(op, ops.Input):
             return ZEntry(key, "input", node_symbol(key))
