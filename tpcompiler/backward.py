@@ -61,8 +61,11 @@ def forward_nodes(graph: Graph) -> list[str]:
     return [k for k in graph.order() if k in ancestors and graph.kind(k) == VEC]
 
 
-def derive_backward(graph: Graph, prefix: str = "d") -> tuple[Graph, dict[str, str]]:
-    """A copy of ``graph`` with gradient vectors appended; returns (graph, {z: dz})."""
+def derive_backward(graph: Graph, prefix: str = "d", seed: sp.Expr | None = None) -> tuple[Graph, dict[str, str]]:
+    """A copy of ``graph`` with gradient vectors appended; returns (graph, {z: dz}).
+
+    ``seed`` replaces the readout's gradient sigma v (e.g. a loss gradient sum_k chi_k v_k);
+    it is an expression in node symbols of ``graph``."""
     forward = forward_nodes(graph)
     out = graph.copy()
     ro = graph.readout
@@ -79,7 +82,7 @@ def derive_backward(graph: Graph, prefix: str = "d") -> tuple[Graph, dict[str, s
         return existing[("matmul", mat, x, tr)]
 
     contributions: dict[str, list[sp.Expr]] = {k: [] for k in forward}
-    contributions[ro.vector].append(ro.sigma * node_symbol(ro.readout))
+    contributions[ro.vector].append(ro.sigma * node_symbol(ro.readout) if seed is None else seed)
     grads: dict[str, str] = {}
     for key in reversed(forward):
         terms = contributions[key]
