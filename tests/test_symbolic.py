@@ -12,7 +12,7 @@ def sig(name="W"):
 
 
 def zdot(zp, key):
-    return sp.Add(*[t.coefficient * Z(t.y) for t in zp.zdot_terms(key)])
+    return sp.Add(*[zp.display(t.coefficient) * Z(t.y) for t in zp.zdot_terms(key)])
 
 
 def same(a, b):
@@ -62,7 +62,7 @@ def test_zdot_of_the_design_example():
         a = sp.Symbol("a", real=True)
         expected = sig() ** 2 * Z("u") * Expectation(sp.diff(g(a), a).subs(a, Z("h")))
         assert same(zdot(zp, "v"), expected), name
-        assert same(zp.entries["v"].z, Zhat("v") + expected)
+        assert same(zp.display(zp.entries["v"].z), Zhat("v") + expected)
 
 
 def test_zdot_of_w_after_w_transpose_is_sigma2_times_input():

@@ -52,7 +52,7 @@ def _zdot_lines(zp: ZProgram, key: str) -> list[str]:
         return [rf"\dot{{Z}}^{{{_node_latex(key)}}} = 0 \quad\text{{(}}Z^{{{_node_latex(x)}}}\text{{ depends on no earlier }}{other}\text{{ product)}}"]
     lines = []
     nonzero = [t for t in entry.zdot if not t.is_zero]
-    rhs = " + ".join(tex(t.coefficient * Z(t.y)) for t in nonzero) or "0"
+    rhs = " + ".join(tex(zp.display(t.coefficient) * Z(t.y)) for t in nonzero) or "0"
     lines.append(rf"\dot{{Z}}^{{{_node_latex(key)}}} = {rhs}")
     for t in entry.zdot:
         if t.is_zero:

@@ -379,7 +379,8 @@ class ZProgram:
             if reason_block is not None:
                 terms.append(ZDotTerm(y, source, sp.S.Zero, f"odd in {self.describe_block(reason_block)}"))
             else:
-                terms.append(ZDotTerm(y, source, sigma**2 * Expectation(self.derivative_display(x, source))))
+                # recursion form: the coefficient names the derivative; display() inlines it
+                terms.append(ZDotTerm(y, source, sigma**2 * Expectation(sp.Derivative(Z(x), Zhat(source), evaluate=False))))
         entry.zdot = terms
         entry.z = Zhat(key) + sp.Add(*[t.coefficient * Z(t.y) for t in terms])
         entry.deps = frozenset([key]).union(*(self.entries[t.y].deps for t in terms if not t.is_zero))
@@ -423,11 +424,22 @@ class ZProgram:
         return d
 
     def derivative_display(self, x: str, source: str) -> sp.Expr:
-        """The derivative inlined when small, else the unevaluated dZ^x/dZHat^source."""
-        d = self.derivative(x, source)
+        """The derivative inlined (inner ZDot coefficients too) when small, else the
+        unevaluated dZ^x/dZHat^source."""
+        d = self.display(self.derivative(x, source))
         if sp.count_ops(d) > MAX_INLINE_OPS:
             return sp.Derivative(Z(x), Zhat(source), evaluate=False)
         return d
+
+    def display(self, expr: sp.Expr) -> sp.Expr:
+        """``expr`` with every E[dZ^x/dZHat^v] written out by derivative_display."""
+        rep = {}
+        for e in expr.atoms(Expectation):
+            d = e.args[0]
+            if isinstance(d, sp.Derivative):
+                x, v = key_of_z(d.expr)[0], d.variables[0].name[5:]
+                rep[e] = Expectation(self.derivative_display(x, v))
+        return expr.xreplace(rep) if rep else expr
 
     # -- convenient views ---------------------------------------------------------------
     @cached_property
