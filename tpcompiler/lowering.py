@@ -26,16 +26,38 @@ def numpy_function(expr: sp.Expr, symbols):
     return _compiled(sp.sympify(expr), tuple(symbols))
 
 
+_CANONICAL = [sp.Symbol(f"_a{k}", real=True) for k in range(96)]
+
+
+@lru_cache(maxsize=65536)
+def _canonical(expr: sp.Expr) -> tuple[sp.Expr, tuple, tuple]:
+    """(canonical form, symbol names, float constants): free symbols renamed _a0, _a1, ...
+    (sorted by name) and Float constants turned into further arguments.
+
+    Programs repeat one expression under many names and coefficients (every step and input
+    of an unrolled SGD program), so functions are compiled per canonical form, not per
+    instruction."""
+    symbols = sorted(expr.free_symbols, key=lambda s: s.name)
+    floats = sorted(expr.atoms(sp.Float), key=float)
+    if len(symbols) + len(floats) > len(_CANONICAL):
+        return None, tuple(s.name for s in symbols), ()
+    rep = dict(zip(symbols + floats, _CANONICAL))
+    return expr.xreplace(rep), tuple(s.name for s in symbols), tuple(float(f) for f in floats)
+
+
 def evaluate(expr: sp.Expr, env: dict, size: int | None = None):
     """Evaluate ``expr`` with free symbols looked up in ``env`` (symbol name -> value).
 
     With ``size`` the result is broadcast to an array of that length (a constant vector)."""
-    symbols = sorted(expr.free_symbols, key=lambda s: s.name)
+    canonical, names, constants = _canonical(expr)
     try:
-        values = [env[s.name] for s in symbols]
+        values = [env[name] for name in names]
     except KeyError as exc:
         raise KeyError(f"no value for {exc.args[0]!r} while evaluating {sp.sstr(expr)}") from None
-    out = numpy_function(expr, symbols)(*values)
+    if canonical is None:
+        out = numpy_function(expr, sorted(expr.free_symbols, key=lambda s: s.name))(*values)
+    else:
+        out = numpy_function(canonical, tuple(_CANONICAL[:len(names) + len(constants)]))(*values, *constants)
     if size is not None:
         out = np.asarray(out, dtype=np.float64)
         if out.shape != (size,):
