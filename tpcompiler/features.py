@@ -204,21 +204,35 @@ class Features:
         return sp.Mul(*inside), sp.Mul(*rest)
 
     # -- numeric values ---------------------------------------------------------------------
-    def _layer_matrix(self, key: str, X: np.ndarray) -> tuple[np.ndarray, tuple, int]:
-        """Per row, the scalars an input layer multiplies its columns by: (values, columns, norm)."""
-        op = self.graph.op(key)
-        cols = []
-        for s in self.graph.args(key)[1:]:
-            sop = self.graph.op(s)
-            cols.append(X[:, sop.index] if isinstance(sop, ops.Input) else np.full(X.shape[0], sop.value))
-        return np.stack(cols, axis=1), op.columns, op.norm
+    def _layer_values(self, key: str, X: np.ndarray, positions: list) -> np.ndarray:
+        """Per data row, the scalars of input layer ``key`` at the given positions (a view of
+        X itself when they are input coordinates 0..d-1 in order, the dense input layer)."""
+        scalars = [self.graph.args(key)[1:][p] for p in positions]
+        sops = [self.graph.op(s) for s in scalars]
+        if all(isinstance(o, ops.Input) for o in sops):
+            cols = [o.index for o in sops]
+            if cols == list(range(X.shape[1])):
+                return X
+            return X[:, cols]
+        return np.stack([X[:, o.index] if isinstance(o, ops.Input) else np.full(X.shape[0], o.value) for o in sops], axis=1)
+
+    def _matched(self, a: str, b: str) -> tuple[list, list]:
+        """Positions of the scalars of input layers a and b that share a column of U."""
+        key = ("matched", a, b)
+        if key not in self._memo:
+            ca, cb = self.graph.op(a).columns, self.graph.op(b).columns
+            where = {}
+            for k, c in enumerate(cb):
+                where.setdefault(c, []).append(k)
+            pairs = [(i, k) for i, c in enumerate(ca) for k in where.get(c, ())]
+            self._memo[key] = ([i for i, _ in pairs], [k for _, k in pairs])
+        return self._memo[key]
 
     def _cov_values(self, a: str, b: str, X: np.ndarray, Y: np.ndarray | None, diagonal: bool) -> np.ndarray:
-        Fa, ca, na = self._layer_matrix(a, X)
-        Fb, cb, nb = self._layer_matrix(b, X if Y is None else Y)
-        ia = [i for i, c in enumerate(ca) for k, c2 in enumerate(cb) if c == c2]
-        ib = [k for i, c in enumerate(ca) for k, c2 in enumerate(cb) if c == c2]
-        A, B = Fa[:, ia], Fb[:, ib]
+        ia, ib = self._matched(a, b)
+        na, nb = self.graph.op(a).norm, self.graph.op(b).norm
+        A = self._layer_values(a, X, ia)
+        B = A if (Y is None and a == b and ia == ib) else self._layer_values(b, X if Y is None else Y, ib)
         scale = 1.0 / np.sqrt(na * nb)
         if diagonal:
             return np.einsum("ij,ij->i", A, B) * scale
@@ -238,14 +252,14 @@ class Features:
             out[:, k] = np.broadcast_to(numpy_function(body, syms + dummies)(*args), (X.shape[0],))
         return out
 
-    def pair_values(self, X: np.ndarray, X2: np.ndarray | None) -> np.ndarray:
-        Y = X if X2 is None else X2
-        out = np.empty((max(len(self.bases), 1), X.shape[0], Y.shape[0]))
-        for m, base in enumerate(self.bases):
+    def pair_values(self, X: np.ndarray, X2: np.ndarray | None) -> list[np.ndarray]:
+        """One N x N2 array per base Gram (separate arrays: the generated loop vectorises)."""
+        out = []
+        for base in self.bases:
             if base[0] == "cov":
-                out[m] = self._cov_values(base[1], base[2], X, X2, False)
+                out.append(self._cov_values(base[1], base[2], X, X2, False))
             else:
-                out[m] = _bilinear_gram(dict(base[1]), X, X2)
+                out.append(_bilinear_gram(dict(base[1]), X, X2))
         return out
 
 

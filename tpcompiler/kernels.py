@@ -118,7 +118,10 @@ class KernelFunction:
         loads1 = {sp.Symbol(f"rf{k}'", real=True): f"RF2T[{k}, j]" for k in range(n_row)}
         loads_q0 = {s: f"R1[i, {k}]" for k, s in enumerate(self.row_symbols)}
         loads_q1 = {_p(s): f"R2T[{k}, j]" for k, s in enumerate(self.row_symbols)}
-        loads_g = {sp.Symbol(f"G{m}", real=True): f"G[{m}, i, j]" for m in range(len(self.features.bases))}
+        n_g = len(self.features.bases)
+        loads_g = {sp.Symbol(f"G{m}", real=True): f"G{m}[i, j]" for m in range(n_g)}
+        grams = "".join(f"G{m}, " for m in range(n_g))
+        outs = ", ".join(f"out{k}" for k in range(len(KERNELS)))
         header = [
             "import math",
             "import numpy as np",
@@ -149,9 +152,10 @@ def row_stage(RF1, R):
 
 
 @njit(parallel=True, cache=True, error_model="numpy")
-def pair_stage(G, RF1, RF2T, R1, R2T, out, symmetric):
-    # second-input rows are transposed (feature, j) so the j loop reads contiguously and
-    # vectorises; error_model numpy drops division checks that would stop it
+def pair_stage({grams}RF1, RF2T, R1, R2T, {outs}, symmetric):
+    # For the loop over j to vectorise: second-input rows are transposed (feature, j) so they
+    # are read contiguously, every Gram and output is its own 2-D array, and error_model
+    # numpy drops division checks.
     N = RF1.shape[0]
     M = RF2T.shape[1]
     # symmetric: rows t and N-1-t together, so both threads get equal work
@@ -165,7 +169,17 @@ def pair_stage(G, RF1, RF2T, R1, R2T, out, symmetric):
             start = i if symmetric else 0
             for j in range(start, M):
 {chr(10).join(pair_lines)}
-{chr(10).join(f'                out[{k}, i, j] = {e}' for k, e in enumerate(pair_outs))}
+{chr(10).join(f'                out{k}[i, j] = {e}' for k, e in enumerate(pair_outs))}
+
+
+@njit(parallel=True, cache=True)
+def mirror(out, diagonal):
+    # the lower triangle from the upper one, the diagonal from the row stage
+    N = out.shape[0]
+    for i in prange(N):
+        out[i, i] = diagonal[i]
+        for j in range(i):
+            out[i, j] = out[j, i]
 """
         return src
 
@@ -196,14 +210,12 @@ def pair_stage(G, RF1, RF2T, R1, R2T, out, symmetric):
         G = self.features.pair_values(X, None)
         timing["grams"] = time.perf_counter() - t0
         t0 = time.perf_counter()
-        out = np.empty((len(KERNELS), X.shape[0], X.shape[0]))
-        self.module.pair_stage(G, RF1, np.ascontiguousarray(RF1.T), R1, np.ascontiguousarray(R1.T), out, True)
-        iu = np.triu_indices(X.shape[0], 1)
+        outs = [np.empty((X.shape[0], X.shape[0])) for _ in KERNELS]
+        RF1T, R1T = np.ascontiguousarray(RF1.T), np.ascontiguousarray(R1.T)
+        self.module.pair_stage(*G, RF1, RF1T, R1, R1T, *outs, True)
         for k, name in enumerate(KERNELS):
-            m = out[k]
-            m[(iu[1], iu[0])] = m[iu]
-            np.fill_diagonal(m, R1[:, len(self.row_symbols) + k])
-            result[name] = m
+            self.module.mirror(outs[k], np.ascontiguousarray(R1[:, len(self.row_symbols) + k]))
+            result[name] = outs[k]
         timing["pairs"] = time.perf_counter() - t0
         if X2 is not None:
             X2 = self._check(X2, "X2")
@@ -211,9 +223,9 @@ def pair_stage(G, RF1, RF2T, R1, R2T, out, symmetric):
             R2 = np.empty_like(R1, shape=(X2.shape[0], R1.shape[1]))
             self.module.row_stage(RF2, R2)
             G2 = self.features.pair_values(X2, X)
-            out2 = np.empty((len(KERNELS), X2.shape[0], X.shape[0]))
-            self.module.pair_stage(G2, RF2, np.ascontiguousarray(RF1.T), R2, np.ascontiguousarray(R1.T), out2, False)
+            outs2 = [np.empty((X2.shape[0], X.shape[0])) for _ in KERNELS]
+            self.module.pair_stage(*G2, RF2, RF1T, R2, R1T, *outs2, False)
             for k, name in enumerate(KERNELS):
-                result[f"{name}_x2"] = out2[k]
+                result[f"{name}_x2"] = outs2[k]
         self.last_timing = timing
         return result
