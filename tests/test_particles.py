@@ -6,7 +6,7 @@ import pytest
 import scipy.integrate as si
 
 import tpcompiler as tp
-from tpcompiler.ir import ProgramError
+from tpcompiler.ir import ProgramError  # noqa: F401
 
 SIGMA = 1.5
 
@@ -102,18 +102,19 @@ def test_reproducible_from_seed():
     assert c.limit(particles=20_000, seed=7) != c.limit(particles=20_000, seed=8)
 
 
-def test_stein_on_a_degenerate_family_is_refused():
-    """h2 = W (2u) duplicates ZHat^h, so E[delta(Z^{h2})] w.r.t. its own (degenerate)
-    ZHat cannot be identified by Stein's lemma: a clear error, not a wrong number."""
+def test_stein_on_a_degenerate_family():
+    """h2 = W (2u) duplicates ZHat^h (a degenerate family member): the ZDot of
+    s = W^T step(h2) is carried by the basis, sigma^2 (2 Z^u) E[delta(Z^{h2})], so
+    E[s u] = 2 sigma^2 / sqrt(2 pi 4 sigma^2) = sigma / sqrt(2 pi) (closed form)."""
     p = tp.Program("degenerate")
     u = p.vec("u")
-    W = p.mat("W")
+    W = p.mat("W", sigma=SIGMA)
     (W @ u).named("h")
     h2 = (W @ (2 * u)).named("h2")
     s = (W.T @ tp.step(h2)).named("s")
     p.output("su", tp.mean(s * u))
-    with pytest.raises(ProgramError, match="degenerate"):
-        tp.compile(p).limit(particles=10_000)
+    value, err = tp.compile(p).limit(particles=400_000, seed=5)["su"]
+    assert within(value, err, SIGMA / math.sqrt(2 * math.pi))
 
 
 def test_too_few_particles_is_an_error():

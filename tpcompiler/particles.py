@@ -25,8 +25,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import numpy as np
-import scipy.linalg
 import sympy as sp
+from threadpoolctl import threadpool_limits
 
 from . import ops
 from .ir import ProgramError
@@ -35,6 +35,10 @@ from .symbolic import Expectation, Z, ZProgram
 
 #: Relative size below which a new ZHat's conditional variance counts as zero.
 DEGENERATE = 1e-12
+#: A product with at least this many ZDot terms gets all its coefficients from one Stein
+#: estimate (cost: one average per family member) instead of one tangent per term
+#: (cost: a chain-rule sweep per term, which grows quadratically in unrolled programs).
+STEIN_TERMS = 4
 
 
 @dataclass
@@ -69,6 +73,7 @@ class _Run:
         self.env: dict = {}
         self.families: dict[tuple, _Family] = {}
         self.coefficients: dict[tuple, float] = {}  # (matmul, source) -> sigma^2 E[dZ^x/dZHat^source]
+        self.zdot_used: dict[str, list] = {}         # matmul -> [(source, y, coefficient)]
         self._tangents: dict = {}
         self._delta: dict = {}
 
@@ -126,10 +131,24 @@ class _Run:
         s2 = evaluate(self.graph.op(mat).sigma ** 2, self.env)
         zhat = self._sample_zhat(key, entry.family, x, s2)
         out = zhat
-        for t in self.zp.zdot_terms(key):
-            c = s2 * self._expected_derivative(x, t.source)
-            self.coefficients[(key, t.source)] = c
-            out = out + c * self.env[t.y]
+        terms = self.zp.zdot_terms(key)
+        if not terms:
+            return out
+        if len(terms) >= STEIN_TERMS:
+            derivatives = self._stein(x, [t.source for t in terms])
+        else:
+            derivatives = {t.source: self._expected_derivative(x, t.source) for t in terms}
+            for t in terms:  # a delta forced Stein, which may credit the basis of a degenerate source
+                if self._has_delta(x, t.source):
+                    derivatives.update(self._stein(x, [t.source]))
+        used = []
+        for source, dv in derivatives.items():
+            c = s2 * dv
+            y = self.zp.entries[source].x
+            self.coefficients[(key, source)] = c
+            used.append((source, y, c))
+            out = out + c * self.env[y]
+        self.zdot_used[key] = used
         return out
 
     def _sample_zhat(self, key: str, family: tuple, x: str, s2: float) -> np.ndarray:
@@ -162,7 +181,7 @@ class _Run:
     def _expected_derivative(self, x: str, source: str) -> float:
         """E[dZ^x/dZHat^source] over particles (tangents, or Stein's lemma past a delta)."""
         if self._has_delta(x, source):
-            return self._stein(x, source)
+            return self._stein(x, [source])[source]
         return float(np.mean(self._tangent(x, source)))
 
     def _has_delta(self, x: str, source: str) -> bool:
@@ -199,32 +218,40 @@ class _Run:
                     t = t + self._eval_vec(self.zp.partial(x, a)) * self._tangent(a, source)
         elif entry.rule == "matmul":
             t = 0.0
-            for term in self.zp.zdot_terms(x):
-                t = t + self.coefficients[(x, term.source)] * self._tangent(term.y, source)
+            for _, y, c in self.zdot_used.get(x, ()):
+                t = t + c * self._tangent(y, source)
         else:
             t = 0.0
         self._tangents[(x, source)] = t
         return t
 
-    def _stein(self, x: str, source: str) -> float:
-        """Stein's lemma for the family of ``source``: with g = L xi, E[grad_g f] = L^{-T} E[f xi]."""
-        family = self.zp.entries[source].family
+    def _stein(self, x: str, sources: list[str]) -> dict[str, float]:
+        """E[dZ^x/dZHat^k] for sources k of one ZHat family, all at once, by Stein's lemma.
+
+        The family's members are ZHat = L xi with xi iid N(0, 1) per particle, so for f = Z^x
+        E[grad_ZHat f] = L^{-T} E[f xi] (one average per member and a triangular solve).  A
+        degenerate member (zero diagonal: its ZHat is a combination of earlier ones) has no
+        noise of its own; its derivative is carried by the members it combines, which gives
+        the same ZDot sum sigma^2 sum_k Z^{y_k} E[dZ^x/dZHat^k]."""
+        family = self.zp.entries[sources[0]].family
         fam = self.families[family]
         deps = self.zp.entries[x].deps
         last = max(j for j, m in enumerate(fam.members) if m in deps)
-        i = fam.members.index(source)
-        L = fam.L[: last + 1, : last + 1]
-        diag = np.abs(np.diag(L))
-        if np.any(diag[i:] <= np.sqrt(DEGENERATE) * max(diag.max(), 1e-300)):
-            raise ProgramError(
-                f"ZDot coefficient E[dZ^{x}/dZhat^{source}] passes through a non-differentiable "
-                f"nonlinearity (step or relu'), and the ZHat family of {family[0]}{'^T' if family[1] else ''} "
-                "is degenerate, so Stein's lemma cannot identify it; use a smooth nonlinearity"
-            )
         f = self.env[x]
-        r = np.array([float(np.mean(f * fam.noise[j])) for j in range(last + 1)])
-        u = scipy.linalg.solve_triangular(L.T, r, lower=False, check_finite=False)
-        return float(u[i])
+        r = np.array([float(np.dot(f, fam.noise[j])) / self.M for j in range(last + 1)])
+        L = fam.L[: last + 1, : last + 1]
+        u = np.zeros(last + 1)
+        for j in range(last, -1, -1):  # back substitution for L^T u = r, skipping degenerate rows
+            if L[j, j] > 0.0:
+                u[j] = (r[j] - L[j + 1:, j] @ u[j + 1:]) / L[j, j]
+        index = {m: j for j, m in enumerate(fam.members)}
+        out = {s: float(u[index[s]]) if index[s] <= last else 0.0 for s in sources}
+        for s in sources:  # a degenerate source's derivative lives on the members it combines
+            j = index[s]
+            if j <= last and L[j, j] == 0.0:
+                for k in np.nonzero(L[j, :j])[0]:
+                    out.setdefault(fam.members[k], float(u[k]))
+        return out
 
 
 def limit(zp: ZProgram, particles: int = 100_000, seed: int = 0, groups: int = 10) -> dict[str, tuple[float, float]]:
@@ -233,7 +260,10 @@ def limit(zp: ZProgram, particles: int = 100_000, seed: int = 0, groups: int = 1
         raise ProgramError(f"need at least {2 * groups} particles for {groups} groups, got {particles}")
     seqs = np.random.SeedSequence(seed).spawn(groups)
     per = particles // groups
-    rows = [_Run(zp, per, np.random.default_rng(s)).run() for s in seqs]
+    # The particle loop makes many small BLAS calls (one average per family member); a
+    # multi-threaded BLAS spends more on waking threads than on the work.
+    with threadpool_limits(1, user_api="blas"):
+        rows = [_Run(zp, per, np.random.default_rng(s)).run() for s in seqs]
     out = {}
     for name in zp.graph.outputs:
         vals = np.array([r[name] for r in rows])
