@@ -10,6 +10,7 @@ from __future__ import annotations
 import numpy as np
 
 from . import interpreter
+from .linear import exact_limit, is_gaussian_linear
 from .particles import limit as particle_limit
 from .dsl import Program
 from .ir import Graph, ProgramError, instantiate
@@ -68,9 +69,17 @@ class Compiled:
             self._bound[key] = KernelFunction(self.program_graph, rtol=rtol)
         return self._bound[key]
 
-    def limit(self, particles: int = 200_000, seed: int = 0, x=None, groups: int = 10) -> dict[str, tuple[float, float]]:
-        """{output: (value, stderr)} of the infinite-width limit (stderr 0 where exact)."""
+    def limit(self, particles: int = 200_000, seed: int = 0, x=None, groups: int = 10,
+              method: str = "auto") -> dict[str, tuple[float, float]]:
+        """{output: (value, stderr)} of the infinite-width limit (stderr 0 where exact).
+
+        method: "exact" (Gaussian-linear programs, DESIGN.md 2.7 strategy 1), "particles"
+        (any program, strategy 3) or "auto" (exact when the program allows it)."""
         zp, _ = self.bind(x)
+        if method not in ("auto", "exact", "particles"):
+            raise ProgramError(f"unknown limit method {method!r}; use auto, exact or particles")
+        if method == "exact" or (method == "auto" and is_gaussian_linear(zp)):
+            return exact_limit(zp)
         return particle_limit(zp, particles=particles, seed=seed, groups=groups)
 
 
