@@ -38,7 +38,7 @@ def build(depth=2, phi="relu", w_std=1.0, b_std=None, d=3, parameterization="ntk
     act_prime = lambda z: tp.nonlin(lambda a: sp.diff(tp.nonlinearities.builtin(phi)(a), a), z)  # noqa: E731
     xi = p.input("xi", d, default=default_inputs(d))
     w = p.scalar("w_std", w_std)
-    U = p.input_matrix("U", d, ntk_weight=d / w_std**2 if standard else None)
+    U = p.input_matrix("U", d, ntk_weight=d / w_std**2 if standard else None, scale=w)
     g = U.apply(xi, name="g")            # sum_j xi_j U_j / sqrt(d): the unit-scale input layer
     h_in = w * g
 

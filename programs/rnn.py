@@ -25,8 +25,8 @@ def build(T=3, phi="tanh", sigma=1.2, w_in=1.0, d=2):
     act = tp.phi(phi)
     act_prime = lambda z: tp.nonlin(lambda a: sp.diff(tp.nonlinearities.builtin(phi)(a), a), z)  # noqa: E731
     xi = p.input("xi", T * d, default=default_inputs(d, T))
-    U = p.input_matrix("U", d)
     win = p.scalar("w_in", w_in)
+    U = p.input_matrix("U", d, scale=win)
     W = p.mat("W", sigma=sigma)
     gs = [U.apply(xi[t * d:(t + 1) * d], name=f"g{t + 1}") for t in range(T)]  # sum_j xi_tj U_j / sqrt(d)
     hs = [(win * gs[0]).named("h1")]

@@ -293,14 +293,17 @@ class Program:
         self.graph.inputs[name] = InputDecl(keys, default)
         return [Scalar(self, node_symbol(k)) for k in keys]
 
-    def input_matrix(self, name: str, k: int, trainable: bool = True, ntk_weight=None) -> "InputMatrix":
+    def input_matrix(self, name: str, k: int, trainable: bool = True, ntk_weight=None, scale=1.0) -> "InputMatrix":
         """An n x k matrix of iid N(0, 1) entries (k initial vectors) acting on inputs.
 
-        NTK weight per column: default 1 (the columns are the trained parameters)."""
+        NTK weight per column: default 1 (the columns are the trained parameters).  ``scale``:
+        the factor the program multiplies this layer by (h = scale U xi / sqrt(d)); the trained
+        tensor is scale U, which SGD under an abc-parametrization needs to know."""
         if not isinstance(k, numbers.Integral) or k < 1:
             raise DSLError(f"input matrix {name!r}: k must be a positive integer, got {k!r}")
         key = self._name(name)
-        self.graph.add(key, ops.InputMat(int(k), bool(trainable), self._weight(ntk_weight, f"input matrix {name!r}")))
+        sc = scale.expr if isinstance(scale, Scalar) else _number(scale, f"input matrix {name!r}: scale")
+        self.graph.add(key, ops.InputMat(int(k), bool(trainable), self._weight(ntk_weight, f"input matrix {name!r}"), sc))
         return InputMatrix(self, key, int(k))
 
     def input_layer(self, name: str, xi: Sequence[Scalar], sigma=1.0, parameterization: str = "ntk") -> Vec:
@@ -313,7 +316,7 @@ class Program:
         d = len(xi)
         sig = sigma.expr if isinstance(sigma, Scalar) else self.scalar(f"sigma_{name}", sigma).expr
         weight = None if parameterization == "ntk" else sp.Integer(d) / sig**2
-        U = self.input_matrix(name, d, ntk_weight=weight)
+        U = self.input_matrix(name, d, ntk_weight=weight, scale=Scalar(self, sig))
         return Vec(self, sig * U.apply(xi).expr)
 
     def readout(self, x, sigma=1.0, bias=None, name: str = "v", ntk_weight=None, bias_ntk_weight=None, out_dim: int = 1):

@@ -77,6 +77,9 @@ class InputMat:
     k: int
     trainable: bool = True
     ntk_weight: sp.Expr | None = None
+    #: The trained tensor of this layer is scale * U (entries N(0, scale^2)), when the
+    #: program multiplies the layer by scale (h = sigma U xi / sqrt(d)); training reads it.
+    scale: sp.Expr = sp.S.One
     kind = INPUT_MAT
 
     def weight(self) -> sp.Expr:

@@ -351,7 +351,8 @@ class _Unroller:
             elif isinstance(op, ops.InputLayer):
                 U = net.args(k)[0]
                 if U in self.updates_U and k in self.grads:
-                    coef = -eta / B * self.power(self.e_U)
+                    # the trained tensor is scale * U: U moves by 1/scale^2 of its gradient step
+                    coef = -eta / (B * net.op(U).scale ** 2) * self.power(self.e_U)
                     self.updates_U[U].append((coef, self.grad(k, fwd, back), k, e))
         ro = net.readout
         coef = -eta / (B * ro.sigma) * self.power(self.e_v)
@@ -374,3 +375,116 @@ def unroll(net: Graph, abc: ABC, sgd: SGD) -> Graph:
     graph = _Unroller(net, abc, sgd).build()
     graph.validate()
     return graph
+
+
+# ---------------------------------------------------------------------------------------
+# Training with the Dynamical Dichotomy (DESIGN.md 2.4): feature learning runs the limit of
+# the unrolled program, the kernel regime runs kernel gradient descent with the NTK.
+# ---------------------------------------------------------------------------------------
+@dataclass
+class TrainResult:
+    """Infinite-width training trajectory: f_train (T+1, N[, K]), f_eval (T+1, N_eval[, K]),
+    their standard errors (0 where exact), the regime and how it was computed."""
+
+    f_train: np.ndarray
+    f_eval: np.ndarray
+    f_train_stderr: np.ndarray
+    f_eval_stderr: np.ndarray
+    regime: str
+    method: str
+
+
+def _limit_power(e) -> float:
+    e = sp.nsimplify(e)
+    if e > 0:
+        raise ProgramError(f"a kernel contribution grows like n^{e}: the parametrization is unstable")
+    return 1.0 if e == 0 else 0.0
+
+
+def training_kernel_graph(net: Graph, abc: ABC) -> Graph:
+    """``net`` with the NTK weights of gradient descent under ``abc`` (kernel regime):
+    Theta = sum_P n^{-c-2a_P} <df/dP, df/dP'> over the trained tensors P (DESIGN.md 2.6: for
+    NTP this is neural-tangents' NTK divided by sigma^2)."""
+    layers = _layers(net, abc)
+    a, b, c = abc.a, abc.b, abc.c
+    ao, bo = a[-1], b[-1]
+    back = 1 - 2 * (ao + bo)  # the sqrt(n)-scaled backward vectors carry n^{1/2 - (a_o+b_o)}
+    g = net.copy()
+    ro = g.readout
+    values = {node_symbol(k): g.op(k).value for k in g.keys_of(ops.Param)}
+    for U in layers.inputs:
+        # the trained matrix is scale U: its gradient is dU / scale
+        scale2 = float(sp.sympify(g.op(U).scale).xreplace(values)) ** 2
+        w = _limit_power(-c - 2 * a[0] + back) / scale2
+        g.g.nodes[U]["op"] = ops.InputMat(g.op(U).k, True, sp.Float(w), g.op(U).scale)
+    for i, W in enumerate(layers.hidden, start=1):
+        op = g.op(W)
+        g.g.nodes[W]["op"] = ops.InitMat(op.sigma, True, sp.Float(_limit_power(1 - c - 2 * a[i] + back)))
+    sig_o2 = float(sp.sympify(ro.sigma).xreplace(values)) ** 2
+    wv = _limit_power(1 - c - 2 * ao) / sig_o2
+    for v in ro.readouts:
+        op = g.op(v)
+        g.g.nodes[v]["op"] = ops.InitVec(op.var, True, sp.Float(wv))
+    g.readout = ops.Readout(ro.vector, ro.readout, ro.sigma, None, None, ro.others)
+    return g
+
+
+def train(net, abc: ABC, sgd: SGD, particles: int = 200_000, seed: int = 0, method: str = "auto") -> TrainResult:
+    """The infinite-width trajectory of SGD (DESIGN.md 2.4-2.6), routed by the regime:
+    unstable -> error naming the violated conditions; feature learning -> limit of the
+    unrolled program (exact if Gaussian-linear, else particles); kernel -> kernel gradient
+    descent with the limiting NTK from f_0 = 0 (the mean over initializations); trivial ->
+    f stays at its limit 0."""
+    from .compiler import _graph_of, compile
+    from .parametrization import classify
+
+    graph = _graph_of(net)
+    cls = classify(abc)
+    if not cls.stable:
+        raise ProgramError("the parametrization is unstable: " + "; ".join(cls.violated))
+    N = np.atleast_2d(sgd.X).shape[0]
+    Ne = 0 if sgd.X_eval is None else np.atleast_2d(sgd.X_eval).shape[0]
+    K = len(graph.readout.readouts) if graph.readout is not None else 1
+    shape_t, shape_e = (sgd.steps + 1, N, K), (sgd.steps + 1, Ne, K)
+    if cls.regime == "feature learning":
+        g = unroll(graph, abc, sgd)
+        lim = compile(g).limit(particles=particles, seed=seed, method=method)
+        out = {"train": (np.zeros(shape_t), np.zeros(shape_t)), "eval": (np.zeros(shape_e), np.zeros(shape_e))}
+        for name, (v, e) in lim.items():
+            split, rest = name[2:].split("[", 1)
+            idx = [int(p) for p in rest.replace("]", ",").replace("[", "").split(",") if p.strip()]
+            t, i, k = idx[0], idx[1], (idx[2] if len(idx) > 2 else 0)
+            out[split][0][t, i, k], out[split][1][t, i, k] = v, e
+        method_used = "exact" if all(e == 0 for _, e in lim.values()) else f"particles (M = {particles})"
+        result = TrainResult(out["train"][0], out["eval"][0], out["train"][1], out["eval"][1], cls.regime, method_used)
+    elif cls.regime == "kernel":
+        if sgd.loss != "mse":
+            raise ProgramError("kernel-regime training is kernel gradient descent of the mean, exact for the squared loss only; use loss mse")
+        result = _kernel_descent(graph, abc, sgd, shape_t, shape_e)
+    else:  # trivial: the function does not move and starts at 0
+        result = TrainResult(np.zeros(shape_t), np.zeros(shape_e), np.zeros(shape_t), np.zeros(shape_e), cls.regime, "trivial")
+    if K == 1:
+        for field_ in ("f_train", "f_eval", "f_train_stderr", "f_eval_stderr"):
+            setattr(result, field_, getattr(result, field_)[..., 0])
+    return result
+
+
+def _kernel_descent(graph: Graph, abc: ABC, sgd: SGD, shape_t, shape_e) -> TrainResult:
+    """f_{t+1} = f_t - (eta/B) Theta(., X_B) (f_t(X_B) - Y_B), f_0 = 0 (DESIGN.md 2.4, 2.6)."""
+    from .kernels import KernelFunction
+
+    X = np.atleast_2d(np.asarray(sgd.X, dtype=np.float64))
+    Xe = np.zeros((0, X.shape[1])) if sgd.X_eval is None else np.atleast_2d(np.asarray(sgd.X_eval, dtype=np.float64))
+    Y = np.asarray(sgd.Y, dtype=np.float64).reshape(X.shape[0], -1)
+    theta = KernelFunction(training_kernel_graph(graph, abc))(np.concatenate([X, Xe]))["ntk"]
+    N = X.shape[0]
+    f = np.zeros((N + Xe.shape[0], Y.shape[1]))
+    traj = [f.copy()]
+    for t in range(sgd.steps):
+        batch = batch_indices(N, sgd.batch, t)
+        chi = f[batch] - Y[batch]
+        f = f - (sgd.lr / len(batch)) * theta[:, batch] @ chi
+        traj.append(f.copy())
+    traj = np.array(traj)
+    zeros_t, zeros_e = np.zeros(shape_t), np.zeros(shape_e)
+    return TrainResult(traj[:, :N], traj[:, N:], zeros_t, zeros_e, "kernel", "kernel gradient descent (exact NTK)")
