@@ -9,6 +9,7 @@ import sys
 import numpy as np
 
 from .ir import ProgramError
+from .ops import InitMat
 from .loader import load, parameters, parse_params
 
 
@@ -50,7 +51,7 @@ def _program(args, X=None):
 
 def _common(p: argparse.ArgumentParser, data: bool = True) -> None:
     p.add_argument("program", help="program file (programs/NAME.py)")
-    p.add_argument("-p", "--param", action="append", default=[], metavar="KEY=VALUE", help="build() parameter")
+    p.add_argument("-p", dest="param", action="append", default=[], metavar="KEY=VALUE", help="build() parameter")
     if data:
         p.add_argument("--x", help="input data (N x d .npy); fills the program's input and d")
 
@@ -138,6 +139,40 @@ def cmd_kernels(args) -> int:
     return 0
 
 
+def cmd_train(args) -> int:
+    from .parametrization import named, parse_abc
+    from .training import SGD, _layers, train
+
+    X = _load_array(args.x, "--x")
+    Y = _load_array(args.y, "--y")
+    if X.ndim != 2:
+        raise CommandError(f"--x must be an N x d array, got shape {X.shape}")
+    if Y.shape[0] != X.shape[0]:
+        raise CommandError(f"--y has {Y.shape[0]} rows but --x has {X.shape[0]}")
+    Xe = _load_array(args.eval, "--eval") if args.eval else None
+    program = _program(args, X)
+    graph = program.graph
+    depth = 1 + sum(1 for k in graph.g if isinstance(graph.op(k), InitMat) and graph.op(k).trainable)
+    text = args.parametrization.strip()
+    if "=" in text:
+        abc = parse_abc(text, depth)
+    else:
+        abc = named(text, depth)
+    _layers(graph, abc)  # checks that the program's trained tensors fit the parametrization
+    if args.steps < 0 or args.lr <= 0:
+        raise CommandError("--steps must be >= 0 and --lr > 0")
+    sgd = SGD(X, Y, steps=args.steps, lr=args.lr, batch=args.batch, loss=args.loss, X_eval=Xe)
+    result = train(program, abc, sgd, particles=args.particles, seed=args.seed)
+    f_eval = result.f_eval if Xe is not None else np.zeros((args.steps + 1, 0))
+    try:
+        np.savez(args.out, f_train=result.f_train, f_eval=f_eval, regime=np.array(result.regime),
+                 f_train_stderr=result.f_train_stderr, f_eval_stderr=result.f_eval_stderr if Xe is not None else f_eval)
+    except OSError as exc:
+        raise CommandError(f"--out: cannot write {args.out!r} ({exc.strerror or exc})") from None
+    print(f"wrote {args.out}: regime {result.regime} ({result.method}); f_train {result.f_train.shape}, f_eval {f_eval.shape}")
+    return 0
+
+
 def cmd_classify(args) -> int:
     from .parametrization import classification_report
 
@@ -193,6 +228,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--rtol", type=float, default=1e-10, help="quadrature accuracy where no closed form exists")
     p.set_defaults(func=cmd_kernels)
 
+    p = sub.add_parser("train", help="infinite-width SGD trajectory (feature learning or kernel regime)")
+    _common(p, data=False)
+    p.add_argument("--param", dest="parametrization", required=True, help='mup, ntp, sp, mfp, sp_c1 or "a=..;b=..;c=.."')
+    p.add_argument("--x", required=True, help="training inputs X (N x d .npy)")
+    p.add_argument("--y", required=True, help="targets Y (N or N x K .npy)")
+    p.add_argument("--lr", type=float, required=True)
+    p.add_argument("--steps", type=int, required=True)
+    p.add_argument("--batch", type=int, help="batch size (default: full batch)")
+    p.add_argument("--loss", choices=["mse", "logistic", "softmax"], default="mse")
+    p.add_argument("--eval", help="evaluation inputs (N_eval x d .npy)")
+    p.add_argument("--particles", type=int, default=200_000)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", required=True, help="output .npz (f_train, f_eval, regime)")
+    p.set_defaults(func=cmd_train)
+
     p = sub.add_parser("classify", help="classify an abc-parametrization")
     p.add_argument("--depth", type=int, required=True)
     p.add_argument("--param")
@@ -205,8 +255,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
-    parser = build_parser()
     try:
+        parser = build_parser()
         args = parser.parse_args(argv)
         if not getattr(args, "func", None):
             raise CommandError("give a command: " + ", ".join(sorted(parser._subparsers._group_actions[0].choices)))
