@@ -11,5 +11,7 @@ from .dsl import (
 )
 from .ir import ProgramError
 from .loader import load
+from .parametrization import ABC, classify, named, parse_abc
+from .training import SGD, TrainResult, train, unroll
 
 __version__ = "0.1.0"

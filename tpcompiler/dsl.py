@@ -227,6 +227,13 @@ class Program:
         self._cse: dict = {}
         self._renamed: dict[sp.Symbol, sp.Symbol] = {}
 
+    @classmethod
+    def from_graph(cls, graph: Graph) -> "Program":
+        """A Program wrapping a graph made by a pass (e.g. SGD unrolled by tp.unroll)."""
+        p = cls(graph.name)
+        p.graph = graph
+        return p
+
     # -- variables ----------------------------------------------------------------------
     def vec(self, name: str, var=1.0, trainable: bool = True, ntk_weight=None) -> Vec:
         """Initial vector with iid N(0, var) coordinates.
