@@ -24,6 +24,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import networkx as nx
 import numpy as np
 import sympy as sp
 from threadpoolctl import threadpool_limits
@@ -81,7 +82,10 @@ class _Run:
     def run(self) -> dict:
         env = self.env
         self._init_vectors()
-        for key in self.zp.order:
+        release = _release_schedule(self.zp)
+        for position, key in enumerate(self.zp.order):
+            for done in release.get(position - 1, ()):
+                env.pop(done, None)
             entry = self.zp.entries[key]
             op = self.graph.op(key)
             if entry.rule in ("init", "mat"):
@@ -94,6 +98,7 @@ class _Run:
                 env[key] = self._eval_vec(entry.z)
             elif entry.rule == "matmul":
                 env[key] = self._matmul(key)
+                self._tangents.clear()  # per product; recomputed if a later one needs them
             elif entry.rule == "moment":
                 env[key] = self._limit_scalar(entry.z)
         return {name: evaluate(expr, env) for name, expr in self.graph.outputs.items()}
@@ -252,6 +257,47 @@ class _Run:
                 for k in np.nonzero(L[j, :j])[0]:
                     out.setdefault(fam.members[k], float(u[k]))
         return out
+
+
+def _release_schedule(zp: ZProgram) -> dict[int, list[str]]:
+    """{position: vectors whose particle arrays are not needed after that position}.
+
+    A vector is needed by the instructions that read it; as the input of a product until
+    the last product of the same matrix (the family covariance and ZDot terms read it);
+    and, for products whose ZDot coefficients come from tangents, by the chain rule along
+    its consumers up to that product.  Freeing the rest keeps memory proportional to what
+    is live, not to the length of an unrolled training run.  Cached on the Z program."""
+    cached = getattr(zp, "_release", None)
+    if cached is not None:
+        return cached
+    g = zp.graph
+    pos = {k: i for i, k in enumerate(zp.order)}
+    last = {k: pos[k] for k in zp.order if g.kind(k) == ops.VEC}
+    matmuls = [k for k in zp.order if zp.entries[k].rule == "matmul"]
+    last_on_matrix: dict = {}
+    for m in matmuls:
+        last_on_matrix[g.matmul_parts(m)[0]] = pos[m]
+    for k in zp.order:
+        for a in g.args(k):
+            if a in last:
+                last[a] = max(last[a], pos[k])
+    for m in matmuls:
+        mat, x, _ = g.matmul_parts(m)
+        last[x] = max(last[x], last_on_matrix[mat])
+        terms = zp.zdot_terms(m)
+        if 0 < len(terms) < STEIN_TERMS:  # tangents walk the chain from the sources to x
+            sources = {t.source for t in terms}
+            for n in nx.ancestors(g.g, x) | {x}:
+                if n in last and zp.entries[n].deps & sources:
+                    for a in g.vector_args(n):
+                        last[a] = max(last[a], pos[m])
+                    for t in zp.entries[n].zdot:
+                        last[t.y] = max(last[t.y], pos[m])
+    schedule: dict[int, list[str]] = {}
+    for k, p in last.items():
+        schedule.setdefault(p, []).append(k)
+    zp._release = schedule
+    return schedule
 
 
 def limit(zp: ZProgram, particles: int = 100_000, seed: int = 0, groups: int = 10) -> dict[str, tuple[float, float]]:
