@@ -68,6 +68,16 @@ def custom_functions_source(exprs) -> str:
     return custom + helpers
 
 
+def print_expressions(exprs, indent: str = "    ") -> tuple[list[str], list[str]]:
+    """Straight-line code for ``exprs`` whose symbols are already the variables of the
+    generated function (their names are used as they are)."""
+    exprs = [sp.sympify(e) for e in exprs]
+    helpers = {type(f).__name__ for e in exprs for f in e.atoms(sp.Function) if type(f).__name__.startswith("_e")}
+    printer = NumbaPrinter(helpers)
+    reps, reduced = sp.cse(exprs, symbols=sp.numbered_symbols("_c"), optimizations="basic")
+    return [f"{indent}{printer.doprint(s)} = {printer.doprint(e)}" for s, e in reps], [printer.doprint(e) for e in reduced]
+
+
 def print_body(exprs, loads: dict, indent: str = "    ", assignments=()) -> tuple[list[str], list[str]]:
     """Straight-line code computing ``exprs``: returns (lines, printed results).
 
@@ -131,9 +141,14 @@ def source_hash(source: str) -> str:
     return hashlib.sha256(source.encode()).hexdigest()[:20]
 
 
+def module_name(source: str, kind: str) -> str:
+    """The importable name of a generated module (content-addressed)."""
+    return f"_tpc_{kind}_{source_hash(source)}"
+
+
 def load_module(source: str, kind: str):
     """Import generated ``source`` as a module from its content-addressed file (cached)."""
-    name = f"_tpc_{kind}_{source_hash(source)}"
+    name = module_name(source, kind)
     with _LOCK:
         mod = _MODULES.get(name)
         if mod is not None:

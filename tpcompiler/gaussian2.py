@@ -63,21 +63,17 @@ probing selected, so a second run pays neither JIT nor probing time.
 """
 from __future__ import annotations
 
-import hashlib
-import importlib.util
 import json
 import math
 import os
-import sys
-import tempfile
 import threading
 import warnings
 from dataclasses import dataclass, field
 
 import numpy as np
 import sympy as sp
-from sympy.printing.pycode import PythonCodePrinter
 
+from . import codegen
 from . import nonlinearities as nl
 
 __all__ = [
@@ -727,106 +723,32 @@ def _snap(c: float) -> float:
 
 
 # ---------------------------------------------------------------------------------------
-# Code printing
+# Code printing and the compile cache: shared with every generated module (codegen)
 # ---------------------------------------------------------------------------------------
-class _Printer(PythonCodePrinter):
-    """Python/Numba source for scalar float64 code (math module, custom functions by name)."""
-
-    def __init__(self):
-        funcs = {name: name for name in nl.SCALAR_SOURCE}
-        funcs.update({name: name for name in _HELPER_SOURCE})
-        super().__init__({"fully_qualified_modules": True, "user_functions": funcs})
-
-    def _print_DiracDelta(self, expr):
-        raise ValueError(
-            "a Dirac delta (a derivative of step or relu) has no pointwise value; "
-            "its expectation exists only in closed form"
-        )
-
-    def _print_Heaviside(self, expr):
-        a = self._print(expr.args[0])
-        return f"(1.0 if ({a}) > 0.0 else (0.0 if ({a}) < 0.0 else 0.5))"
-
-    def _print_Rational(self, expr):
-        return f"({expr.p}.0/{expr.q}.0)"
-
-    def _print_Float(self, expr):
-        return repr(float(expr))
+_LOCK = threading.RLock()
+codegen.HELPER_SOURCE.update(_HELPER_SOURCE)
+_Printer = codegen.NumbaPrinter
 
 
 def _print_function_body(exprs, arg: str, indent="    "):
-    """Lines computing exprs (already in terms of Symbol(arg)) with common subexpressions."""
-    printer = _Printer()
-    reps, reduced = sp.cse(exprs, symbols=sp.numbered_symbols("_c"), optimizations="basic")
-    lines = [f"{indent}{printer.doprint(s)} = {printer.doprint(e)}" for s, e in reps]
-    outs = [printer.doprint(e) for e in reduced]
-    return lines, outs
+    """Lines computing exprs (in terms of Symbol(arg)) with common subexpressions."""
+    return codegen.print_expressions(exprs, indent)
 
 
 def _custom_source(exprs) -> str:
-    """SCALAR_SOURCE definitions of the custom functions used by exprs, jitted."""
-    names = set()
-    for e in exprs:
-        for f in e.atoms(sp.Function):
-            n = type(f).__name__
-            if n in nl.SCALAR_SOURCE:
-                names.add(n)
-    return "".join(
-        "\n@njit(cache=True)\n" + nl.SCALAR_SOURCE[n] for n in sorted(names)
-    )
-
-
-# ---------------------------------------------------------------------------------------
-# Compile cache
-# ---------------------------------------------------------------------------------------
-_LOCK = threading.RLock()
-_MODULES: dict = {}
-
-
-def _cache_dir() -> str:
-    cands = []
-    if os.environ.get("TPCOMPILER_CACHE_DIR"):
-        cands.append(os.environ["TPCOMPILER_CACHE_DIR"])
-    cands.append(os.path.join(os.path.expanduser("~"), ".cache", "tpcompiler"))
-    cands.append(os.path.join(tempfile.gettempdir(), f"tpcompiler-{os.getuid()}"))
-    for base in cands:
-        d = os.path.join(base, "gaussian2")
-        try:
-            os.makedirs(d, exist_ok=True)
-            if os.access(d, os.W_OK):
-                return d
-        except OSError:
-            continue
-    raise OSError("no writable cache directory for generated code")
-
-
-def _source_hash(source: str) -> str:
-    return hashlib.sha256(source.encode()).hexdigest()[:20]
+    return codegen.custom_functions_source(exprs)
 
 
 def _modname(source: str) -> str:
-    return f"_tpc_g2_{_source_hash(source)}"
+    return codegen.module_name(source, "gaussian2")
 
 
 def _load_module(source: str):
-    """Import generated source as a module (content-addressed file, numba cache=True)."""
-    name = _modname(source)
-    with _LOCK:
-        mod = _MODULES.get(name)
-        if mod is not None:
-            return mod
-        path = os.path.join(_cache_dir(), name + ".py")
-        if not os.path.exists(path):
-            tmp = f"{path}.{os.getpid()}.tmp"
-            with open(tmp, "w") as fh:
-                fh.write(source)
-            os.replace(tmp, path)
-        spec = importlib.util.spec_from_file_location(name, path)
-        mod = importlib.util.module_from_spec(spec)
-        sys.modules[name] = mod
-        spec.loader.exec_module(mod)
-        _MODULES[name] = mod
-        return mod
+    return codegen.load_module(source, "gaussian2")
+
+
+def _cache_dir() -> str:
+    return codegen.cache_dir("gaussian2")
 
 
 def _rules_path(source: str) -> str:

@@ -26,7 +26,7 @@ import time
 import numpy as np
 import sympy as sp
 
-from . import codegen, gaussian2, ops
+from . import codegen, gaussian2
 from .codegen import custom_functions_source, load_module, print_body
 from .ir import Graph, ProgramError
 from .ntk import kernel_program
@@ -35,7 +35,6 @@ from .ops import node_symbol
 from .pairwise import E1, E2, PairwiseEngine
 
 KERNELS = ("nngp", "ntk")
-codegen.HELPER_SOURCE.update(gaussian2._HELPER_SOURCE)
 
 
 def _p(s: sp.Symbol) -> sp.Symbol:

@@ -33,7 +33,7 @@ import sympy as sp
 from . import ops
 from .ir import Graph, ProgramError
 from .ops import VEC, node_symbol, unprime
-from .symbolic import Expectation, Z, Zhat, ZProgram, derive
+from .symbolic import Z, Zhat, ZProgram, derive
 
 T = sp.Symbol("t", real=True)
 

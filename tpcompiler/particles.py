@@ -32,7 +32,7 @@ from threadpoolctl import threadpool_limits
 from . import ops
 from .ir import ProgramError
 from .lowering import evaluate
-from .symbolic import Expectation, Z, ZProgram
+from .symbolic import Expectation, ZProgram
 
 #: Relative size below which a new ZHat's conditional variance counts as zero.
 DEGENERATE = 1e-12

@@ -11,7 +11,7 @@ import sympy as sp
 from . import ops
 from .ir import describe
 from .ops import node_symbol
-from .symbolic import Expectation, Z, Zhat, ZProgram, key_of_z
+from .symbolic import Expectation, Z, ZProgram, key_of_z
 
 
 def _node_latex(key: str) -> str:
