@@ -75,6 +75,21 @@ class SGD:
     features: bool = False  # also output the last-layer feature kernel on the eval inputs
 
 
+def _targets(Y, N: int, K: int) -> np.ndarray:
+    """Targets as an N x K array: one row per training input, one column per output."""
+    Y = np.asarray(Y, dtype=np.float64)
+    given = Y.shape
+    if Y.ndim == 1:
+        Y = Y[None, :] if (N == 1 and K > 1) else Y[:, None]
+    if Y.ndim != 2 or Y.shape[0] != N:
+        raise ProgramError(f"targets Y must have one row per training input (N = {N}), got shape {given}")
+    if Y.shape[1] != K:
+        raise ProgramError(f"targets have {Y.shape[1]} columns but the network has {K} outputs")
+    if not np.all(np.isfinite(Y)):
+        raise ProgramError("targets Y contain NaN or infinite values")
+    return Y
+
+
 @dataclass
 class _Layers:
     """Which abc layer every trained tensor of the template belongs to."""
@@ -135,9 +150,7 @@ class _Unroller:
         (self.group, decl), = net.inputs.items()
         self.d = len(decl.keys)
         self.X = self._data(sgd.X, "X")
-        self.Y = np.asarray(sgd.Y, dtype=np.float64).reshape(self.X.shape[0], -1)
-        if self.Y.shape[1] != self.K:
-            raise ProgramError(f"targets have {self.Y.shape[1]} columns but the network has {self.K} outputs")
+        self.Y = _targets(sgd.Y, self.X.shape[0], self.K)
         self.Xe = self._data(sgd.X_eval, "X_eval") if sgd.X_eval is not None else np.zeros((0, self.d))
         a, b, c = abc.a, abc.b, abc.c
         ao, bo = a[-1], b[-1]
@@ -218,10 +231,14 @@ class _Unroller:
             if t == T:
                 break
             batch = batch_indices(N, self.sgd.batch, t)
-            new_v = []
+            # every example's backward pass reads the weights of step t; only then are the
+            # step's updates recorded (a later example must not see an earlier one's update)
+            grads = []
             for e in batch:
                 chi = loss_gradient(self.sgd.loss, f[e], self.Y[e])
-                back = self.backward_pass(t, e, fwd[e], readouts, chi)
+                grads.append((e, self.backward_pass(t, e, fwd[e], readouts, chi), chi))
+            new_v = []
+            for e, back, chi in grads:
                 self.record(t, e, fwd[e], back, chi, B, new_v)
             readouts = self.step_readout(t, readouts, new_v)
         return g
@@ -442,14 +459,19 @@ def train(net, abc: ABC, sgd: SGD, particles: int = 200_000, seed: int = 0, meth
     if not cls.stable:
         raise ProgramError("the parametrization is unstable: " + "; ".join(cls.violated))
     N = np.atleast_2d(sgd.X).shape[0]
+    if N == 0:
+        raise ProgramError("the training set is empty")
     Ne = 0 if sgd.X_eval is None else np.atleast_2d(sgd.X_eval).shape[0]
     K = len(graph.readout.readouts) if graph.readout is not None else 1
+    _targets(sgd.Y, N, K)  # both regimes: one row per input, one column per output
     shape_t, shape_e = (sgd.steps + 1, N, K), (sgd.steps + 1, Ne, K)
     if cls.regime == "feature learning":
         g = unroll(graph, abc, sgd)
         lim = compile(g).limit(particles=particles, seed=seed, method=method)
         out = {"train": (np.zeros(shape_t), np.zeros(shape_t)), "eval": (np.zeros(shape_e), np.zeros(shape_e))}
         for name, (v, e) in lim.items():
+            if not name.startswith(("f_train[", "f_eval[")):
+                continue  # e.g. the feature kernels of SGD(features=True)
             split, rest = name[2:].split("[", 1)
             idx = [int(p) for p in rest.replace("]", ",").replace("[", "").split(",") if p.strip()]
             t, i, k = idx[0], idx[1], (idx[2] if len(idx) > 2 else 0)
@@ -474,7 +496,7 @@ def _kernel_descent(graph: Graph, abc: ABC, sgd: SGD, shape_t, shape_e) -> Train
 
     X = np.atleast_2d(np.asarray(sgd.X, dtype=np.float64))
     Xe = np.zeros((0, X.shape[1])) if sgd.X_eval is None else np.atleast_2d(np.asarray(sgd.X_eval, dtype=np.float64))
-    Y = np.asarray(sgd.Y, dtype=np.float64).reshape(X.shape[0], -1)
+    Y = _targets(sgd.Y, X.shape[0], shape_t[2])
     theta = KernelFunction(training_kernel_graph(graph, abc))(np.concatenate([X, Xe]))["ntk"]
     N = X.shape[0]
     f = np.zeros((N + Xe.shape[0], Y.shape[1]))
