@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 
 import numpy as np
@@ -18,6 +19,11 @@ class CommandError(Exception):
 
 
 class _Parser(argparse.ArgumentParser):
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        # exponents such as "-1/2,0,1/2" are values, not options (DESIGN.md 5: --a a1,..)
+        self._negative_number_matcher = re.compile(r"^-(\d|\.\d)[\d./,;\s]*$")
+
     def error(self, message):  # one line instead of usage + message
         raise CommandError(message)
 

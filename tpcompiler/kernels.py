@@ -135,8 +135,8 @@ class KernelFunction:
             lams = [sp.Lambda(self.engine_t, lam.expr.xreplace({lam.variables[0]: self.engine_t})) for lam in lams]
             args = ", ".join(f"_sp.sympify({sp.srepr(lam)!r}, locals=_NS)" for lam in lams)
             build = "pair_expectation" if len(lams) == 2 else "expectation"
-            # the callee's source hash keeps this module's numba cache from outliving it
-            header.append(f"_e{i} = _g2.{build}({args}, rtol={self.rtol!r}).scalar  # {codegen.source_hash(obj.source)}")
+            # naming the callee's module keeps this module's numba cache from outliving it
+            header.append(f"_e{i} = _g2.{build}({args}, rtol={self.rtol!r}).scalar  # {obj.scalar.py_func.__module__}")
         body = custom_functions_source([e for _, e in rows + pairs] + diagonal + outputs)
         row_lines, row_outs = print_body([s for s, _ in rows] + diagonal, {**loads0}, "        ", rows)
         pair_lines, pair_outs = print_body(outputs, {**loads0, **loads1, **loads_q0, **loads_q1, **loads_g},
