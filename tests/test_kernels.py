@@ -1,0 +1,276 @@
+"""The kernel backend (c.kernels, `tpc kernels`; DESIGN.md 2.3, 4, 5):
+
+(a) exact identities: kernels are symmetric and positive semi-definite up to rounding;
+(b) k(X2, X) is the corresponding block of k([X; X2], [X; X2]);
+(c) finite width converges to the kernels (DESIGN.md 4, oracle 1): the empirical NNGP and NTK
+    of the finite-width interpreter (the kernel outputs of the readout-only program, pair
+    moments of its derived backward pass) approach c.kernels(X) with RMS error slope near -1/2
+    and agree at the top width, for a relu MLP, a tanh MLP (quadrature), a residual net and a
+    1-D CNN; and the same check fails for a kernel with one term dropped;
+(d) clear one-line errors from the API and the command line.
+"""
+import dataclasses
+import functools
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import tpcompiler as tp
+from tpcompiler.check import finite_runs, format_report, judge
+from tpcompiler.cli import main
+from tpcompiler.ntk import kernel_program
+
+ROOT = Path(__file__).resolve().parent.parent
+MLP = ROOT / "programs" / "mlp.py"
+
+#: name -> (program file, build parameters)
+PROGRAMS = {
+    "mlp_relu": ("mlp.py", dict(depth=3, phi="relu", w_std=1.5, b_std=0.1, d=4)),
+    "mlp_relu_nobias": ("mlp.py", dict(depth=2, phi="relu", w_std=1.5, b_std=None, d=4)),
+    "mlp_tanh": ("mlp.py", dict(depth=2, phi="tanh", w_std=1.5, b_std=0.1, d=4)),
+    "mlp_erf_standard": ("mlp.py", dict(depth=2, phi="erf", w_std=1.5, b_std=0.1, d=4,
+                                        parameterization="standard", width=512)),
+    "resnet": ("resnet.py", dict(n_blocks=1, preactivation=True, w_std=1.5, b_std=0.1, d=4)),
+    "cnn1d": ("cnn1d.py", dict(L=3, C=2, depth=2, padding="SAME", w_std=1.5, b_std=0.1)),
+}
+
+
+def load(name: str) -> tp.Program:
+    file, params = PROGRAMS[name]
+    return tp.load(ROOT / "programs" / file, **params)
+
+
+@functools.cache
+def compiled(name: str):
+    return tp.compile(load(name))
+
+
+def dim(name: str) -> int:
+    (decl,) = load(name).graph.inputs.values()
+    return len(decl.keys)
+
+
+def inputs(name: str, n: int, seed: int) -> np.ndarray:
+    return np.random.default_rng(seed).standard_normal((n, dim(name)))
+
+
+def relerr(a, b) -> float:
+    return float(np.abs(a - b).max() / np.abs(b).max())
+
+
+# -- (a) symmetric and positive semi-definite ------------------------------------------------
+@pytest.mark.parametrize("name", list(PROGRAMS))
+def test_kernels_are_symmetric_and_psd(name):
+    X = inputs(name, 9, seed=1)
+    # hard pairs: a repeated row (correlation 1), a multiple (correlation 1, other norm), a
+    # negated row (correlation -1) and a zero row (zero variance without bias)
+    X = np.vstack([X, X[0], 3.0 * X[1], -X[2], np.zeros(X.shape[1])])
+    K = compiled(name).kernels(X)
+    assert set(K) == {"nngp", "ntk"}
+    for kind, M in K.items():
+        assert M.shape == (len(X), len(X)) and np.all(np.isfinite(M)), kind
+        assert np.abs(M - M.T).max() <= 1e-14 * np.abs(M).max(), kind
+        eig = np.linalg.eigvalsh(M)
+        assert eig[0] >= -1e-10 * eig[-1], (kind, eig[0], eig[-1])
+        # the repeated row gives the same kernel row up to rounding, which the arc-cosine
+        # angle near correlation 1 amplifies to ~sqrt(machine epsilon) (theta ~ sqrt(2 delta))
+        assert np.abs(M[0] - M[9]).max() <= 1e-8 * np.abs(M).max(), kind
+
+
+# -- (b) k(X2, X) is a block of k([X; X2]) ---------------------------------------------------
+@pytest.mark.parametrize("name", list(PROGRAMS))
+def test_cross_kernel_is_a_block_of_the_joint_kernel(name):
+    X, X2 = inputs(name, 5, seed=2), inputs(name, 3, seed=3)
+    c = compiled(name)
+    K = c.kernels(X, X2)
+    joint = c.kernels(np.vstack([X, X2]))
+    assert set(K) == {"nngp", "ntk", "nngp_x2", "ntk_x2"}
+    for kind in ("nngp", "ntk"):
+        assert K[f"{kind}_x2"].shape == (3, 5)
+        assert relerr(K[f"{kind}_x2"], joint[kind][5:, :5]) <= 1e-12, kind
+        assert relerr(K[kind], joint[kind][:5, :5]) <= 1e-12, kind
+        assert relerr(c.kernels(X2)[kind], joint[kind][5:, 5:]) <= 1e-12, kind
+
+
+# -- (c) finite width converges to the kernels -----------------------------------------------
+#: The smallest setting that still rejects a kernel with one term dropped (see below): widths
+#: 128..2048 over 20 seeds on 3 inputs (9 entries per kernel).
+WIDTHS = (128, 256, 512, 1024)
+SEEDS = 20
+CONVERGENCE = ["mlp_relu", "mlp_tanh", "resnet", "cnn1d"]
+
+
+def limits_of(K: dict) -> dict:
+    """{"nngp[a,b]": (value, 0.0), ...}: the output names of the instantiated program."""
+    N = K["nngp"].shape[0]
+    return {f"{kind}[{a},{b}]": (float(K[kind][a, b]), 0.0) for kind in ("nngp", "ntk") for a in range(N) for b in range(N)}
+
+
+@functools.cache
+def runs(name: str):
+    """Finite-width kernel outputs of the readout-only program (its derived backward pass):
+    the empirical NNGP and NTK at each width and seed."""
+    X = inputs(name, 3, seed=4)
+    return X, finite_runs(kernel_program(load(name).graph), WIDTHS, SEEDS, x=X)
+
+
+@pytest.mark.parametrize("name", CONVERGENCE)
+def test_finite_width_converges_to_the_kernels(name):
+    X, finite = runs(name)
+    checks = judge(limits_of(compiled(name).kernels(X)), finite)
+    assert len(checks) == 18
+    assert all(c.passed for c in checks), format_report(checks)
+    slopes = [c.slope for c in checks if c.reason != "exact at every width"]
+    assert -0.75 < np.median(slopes) < -0.35, slopes
+
+
+def without_training(name: str, key: str):
+    """The program with the tensor ``key`` frozen: its NTK lacks exactly that tensor's term."""
+    graph = load(name).graph.copy()
+    op = graph.op(key)
+    graph.g.nodes[key]["op"] = dataclasses.replace(op, trainable=False)
+    return tp.compile(graph)
+
+
+@pytest.mark.parametrize("name, key", [("mlp_relu", "W3"), ("mlp_tanh", "W2"), ("resnet", "A1")])
+def test_a_kernel_with_one_term_dropped_fails_the_check(name, key):
+    X, finite = runs(name)
+    right = {c.name: c for c in judge(limits_of(compiled(name).kernels(X)), finite)}
+    wrong_kernels = without_training(name, key).kernels(X)
+    wrong = {c.name: c for c in judge(limits_of(wrong_kernels), finite)}
+    assert all(c.passed for c in right.values())
+    nngp = [c for n, c in wrong.items() if n.startswith("nngp")]
+    ntk = [c for n, c in wrong.items() if n.startswith("ntk")]
+    assert all(c.passed for c in nngp)  # freezing a tensor does not change the NNGP
+    failed = [c for c in ntk if not c.passed]
+    assert len(failed) >= 6, format_report(ntk)
+
+
+# -- (d) errors ------------------------------------------------------------------------------
+def assert_one_line_program_error(fn, match):
+    with pytest.raises(tp.ProgramError) as info:
+        fn()
+    message = str(info.value)
+    assert "\n" not in message and match in message, message
+
+
+def test_input_errors_are_clear():
+    c = compiled("mlp_relu")
+    X = inputs("mlp_relu", 3, seed=0)
+    assert_one_line_program_error(lambda: c.kernels(X[:, :3]), "dimension d = 4, got 3")
+    assert_one_line_program_error(lambda: c.kernels(X, X[:, :2]), "dimension d = 4, got 2")
+    bad = X.copy()
+    bad[1, 2] = np.nan
+    assert_one_line_program_error(lambda: c.kernels(bad), "NaN or infinite")
+    bad[1, 2] = np.inf
+    assert_one_line_program_error(lambda: c.kernels(X, bad), "NaN or infinite")
+    bad[1, 2] = -np.inf
+    assert_one_line_program_error(lambda: c.kernels(bad), "NaN or infinite")
+    assert_one_line_program_error(lambda: c.kernels(np.empty((0, 4))), "empty")
+    assert_one_line_program_error(lambda: c.kernels(X, np.empty((0, 4))), "empty")
+    assert_one_line_program_error(lambda: c.kernels(X[0]), "N x d")
+
+
+def test_program_errors_are_clear():
+    p = tp.Program("no_readout")
+    xi = p.input("xi", 2)
+    U = p.input_matrix("U", 2)
+    h = U.apply(xi)
+    p.output("k", tp.mean(tp.relu(h) * tp.relu(h).prime))
+    assert_one_line_program_error(lambda: tp.compile(p).kernels(np.ones((2, 2))), "has no readout")
+
+    q = tp.Program("no_input")
+    u = q.vec("u")
+    W = q.mat("W")
+    q.readout(tp.relu(W @ u))
+    assert_one_line_program_error(lambda: tp.compile(q).kernels(np.ones((2, 2))), "has no input")
+
+
+# -- (d) tpc kernels -------------------------------------------------------------------------
+MLP_ARGS = ["-p", "depth=3", "-p", "phi=relu", "-p", "w_std=1.5", "-p", "b_std=0.1"]
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    d = tmp_path_factory.mktemp("kernels")
+    X, X2 = inputs("mlp_relu", 4, seed=7), inputs("mlp_relu", 2, seed=8)
+    nan = X.copy()
+    nan[0, 0] = np.nan
+    arrays = {"X": X, "X2": X2, "X2_d3": X2[:, :3], "nan": nan, "empty": np.empty((0, 4)), "cnn": np.random.default_rng(9).standard_normal((3, 6))}
+    for k, v in arrays.items():
+        np.save(d / f"{k}.npy", v)
+    return d, arrays
+
+
+def tpc(capsys, *argv):
+    rc = main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return rc, out, err
+
+
+def assert_one_error_line(rc, err, match):
+    assert rc != 0 and "Traceback" not in err
+    lines = err.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("tpc: error: ") and match in lines[0], err
+
+
+def test_cli_kernels_writes_npz(capsys, data):
+    d, arrays = data
+    rc, out, err = tpc(capsys, "kernels", MLP, *MLP_ARGS, "--x", d / "X.npy", "--out", d / "K.npz")
+    assert rc == 0, err
+    assert "wrote" in out and "compile" in out
+    with np.load(d / "K.npz") as K:
+        assert set(K.files) == {"nngp", "ntk"}
+        assert K["nngp"].shape == (4, 4)
+        expected = compiled("mlp_relu").kernels(arrays["X"])  # d = 4 filled from --x
+        np.testing.assert_array_equal(K["ntk"], expected["ntk"])
+
+    rc, out, err = tpc(capsys, "kernels", MLP, *MLP_ARGS, "--x", d / "X.npy", "--x2", d / "X2.npy", "--out", d / "K2.npz")
+    assert rc == 0, err
+    with np.load(d / "K2.npz") as K:
+        assert set(K.files) == {"nngp", "ntk", "nngp_x2", "ntk_x2"}
+        assert K["ntk_x2"].shape == (2, 4)
+        expected = compiled("mlp_relu").kernels(arrays["X"], arrays["X2"])
+        for k in K.files:
+            np.testing.assert_array_equal(K[k], expected[k])
+
+
+def test_cli_kernels_fills_cnn_length_from_the_data(capsys, data):
+    d, arrays = data
+    args = ["-p", "C=2", "-p", "depth=2", "-p", "padding=SAME", "-p", "w_std=1.5", "-p", "b_std=0.1"]
+    rc, out, err = tpc(capsys, "kernels", ROOT / "programs" / "cnn1d.py", *args, "--x", d / "cnn.npy", "--out", d / "C.npz")
+    assert rc == 0, err
+    with np.load(d / "C.npz") as K:
+        np.testing.assert_array_equal(K["nngp"], compiled("cnn1d").kernels(arrays["cnn"])["nngp"])  # L = 6 / 2
+
+
+def test_cli_kernels_errors_are_one_line(capsys, data):
+    d, _ = data
+    cases = [
+        (["--x", d / "X.npy", "--x2", d / "X2_d3.npy", "--out", d / "E.npz"], "dimension d = 4, got 3"),
+        (["--x", d / "nan.npy", "--out", d / "E.npz"], "NaN or infinite"),
+        (["--x", d / "empty.npy", "--out", d / "E.npz"], "empty"),
+        (["--x", d / "missing.npy", "--out", d / "E.npz"], "not found"),
+        (["--x", d / "X.npy"], "--out"),
+        (["--out", d / "E.npz"], "--x"),
+        (["--x", d / "X.npy", "--out", d / "no_such_dir" / "E.npz"], "cannot write"),
+        (["-p", "d=5", "--x", d / "X.npy", "--out", d / "E.npz"], "dimension d = 5, got 4"),
+    ]
+    for extra, match in cases:
+        rc, out, err = tpc(capsys, "kernels", MLP, *MLP_ARGS, *extra)
+        assert_one_error_line(rc, err, match)
+    rc, out, err = tpc(capsys, "kernels", ROOT / "programs" / "zdot.py", "--x", d / "X.npy", "--out", d / "E.npz")
+    assert_one_error_line(rc, err, "")
+    assert not (d / "E.npz").exists()
+
+
+def test_cli_kernels_error_in_a_real_process(data):
+    d, _ = data
+    proc = subprocess.run([sys.executable, "-m", "tpcompiler.cli", "kernels", str(MLP), *MLP_ARGS,
+                           "--x", str(d / "nan.npy"), "--out", str(d / "S.npz")],
+                          capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert_one_error_line(proc.returncode, proc.stderr, "NaN or infinite")
+    assert proc.stdout == ""
