@@ -95,6 +95,19 @@ def test_cross_kernel_is_a_block_of_the_joint_kernel(name):
         assert relerr(c.kernels(X2)[kind], joint[kind][5:, 5:]) <= 1e-12, kind
 
 
+def test_large_input_sets_take_the_threaded_gram_path_with_the_same_result():
+    """From 256 rows the Grams are computed in two halves on two threads; the kernels of a
+    few rows must not depend on which path computed them."""
+    c = compiled("mlp_relu")
+    X, X2 = inputs("mlp_relu", 301, seed=5), inputs("mlp_relu", 263, seed=6)
+    big = c.kernels(X, X2)
+    small = c.kernels(X[:7], X2[:4])
+    for kind in ("nngp", "ntk"):
+        assert relerr(big[kind][:7, :7], small[kind]) <= 1e-13, kind
+        assert relerr(big[f"{kind}_x2"][:4, :7], small[f"{kind}_x2"]) <= 1e-13, kind
+        assert np.array_equal(big[kind], big[kind].T), kind
+
+
 # -- (c) finite width converges to the kernels -----------------------------------------------
 #: The smallest setting that still rejects a kernel with one term dropped (see below): widths
 #: 128..2048 over 20 seeds on 3 inputs (9 entries per kernel).

@@ -21,10 +21,12 @@ cached on disk keyed by its hash (``codegen.load_module``), and numba compiles i
 """
 from __future__ import annotations
 
+import functools
 import time
 
 import numpy as np
 import sympy as sp
+from threadpoolctl import ThreadpoolController
 
 from . import codegen, gaussian2
 from .codegen import custom_functions_source, load_module, print_body
@@ -39,6 +41,18 @@ KERNELS = ("nngp", "ntk")
 
 def _p(s: sp.Symbol) -> sp.Symbol:
     return sp.Symbol(s.name + "'", real=True)
+
+
+@functools.cache
+def _blas_controller() -> ThreadpoolController:
+    return ThreadpoolController()
+
+
+def _one_blas_thread():
+    """Grams on one BLAS thread: OpenBLAS's idle workers spin for ~0.1 s after a call and
+    take the cores from the Numba pair loop that follows (depth-10 relu, N = 1000: the pair
+    stage 15 ms -> 33 ms after a two-thread Gram, while one thread makes the Gram 3 ms slower)."""
+    return _blas_controller().limit(limits=1, user_api="blas")
 
 
 class KernelFunction:
@@ -173,12 +187,22 @@ def pair_stage({grams}RF1, RF2T, R1, R2T, {outs}, symmetric):
 
 @njit(parallel=True, cache=True)
 def mirror(out, diagonal):
-    # the lower triangle from the upper one, the diagonal from the row stage
+    # the lower triangle from the upper one in 64 x 64 tiles (a plain transposed copy misses
+    # the cache on every read), block rows b and nb-1-b together for equal work per thread;
+    # the diagonal from the row stage
     N = out.shape[0]
-    for i in prange(N):
-        out[i, i] = diagonal[i]
-        for j in range(i):
-            out[i, j] = out[j, i]
+    nb = (N + 63) // 64
+    for t in prange((nb + 1) // 2):
+        for r in range(2):
+            b = t + r * (nb - 1 - 2 * t)
+            if r == 1 and b == t:
+                continue
+            for c in range(b + 1):
+                for i in range(b * 64, min(N, b * 64 + 64)):
+                    for j in range(c * 64, min(i, c * 64 + 64)):
+                        out[i, j] = out[j, i]
+            for i in range(b * 64, min(N, b * 64 + 64)):
+                out[i, i] = diagonal[i]
 """
         return src
 
@@ -195,19 +219,29 @@ def mirror(out, diagonal):
             raise ProgramError(f"{what}: inputs contain NaN or infinite values")
         return np.ascontiguousarray(X)
 
+    def _rows(self, X):
+        """Row features and the row stage's quantities (then the kernels' diagonal) of X."""
+        RF = self.features.row_values(X)
+        R = np.empty((X.shape[0], len(self.row_symbols) + len(KERNELS)))
+        self.module.row_stage(RF, R)
+        return RF, R
+
     def __call__(self, X, X2=None) -> dict[str, np.ndarray]:
         """{"nngp", "ntk"}: k(X, X); with X2 also {"nngp_x2", "ntk_x2"}: k(X2, X)."""
         X = self._check(X, "X")
         timing = {}
+        X2 = None if X2 is None else self._check(X2, "X2")
+        # Grams (BLAS) before any Numba stage: each runtime's idle threads spin for a while
+        # after a call and slow down the other's next one.
         t0 = time.perf_counter()
-        RF1 = self.features.row_values(X)
-        R1 = np.empty((X.shape[0], len(self.row_symbols) + len(KERNELS)))
-        self.module.row_stage(RF1, R1)
+        with _one_blas_thread():
+            G = self.features.pair_values(X, None)
+            G2 = None if X2 is None else self.features.pair_values(X2, X)
+        timing["grams"] = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        RF1, R1 = self._rows(X)
         timing["rows"] = time.perf_counter() - t0
         result = {}
-        t0 = time.perf_counter()
-        G = self.features.pair_values(X, None)
-        timing["grams"] = time.perf_counter() - t0
         t0 = time.perf_counter()
         outs = [np.empty((X.shape[0], X.shape[0])) for _ in KERNELS]
         RF1T, R1T = np.ascontiguousarray(RF1.T), np.ascontiguousarray(R1.T)
@@ -217,11 +251,7 @@ def mirror(out, diagonal):
             result[name] = outs[k]
         timing["pairs"] = time.perf_counter() - t0
         if X2 is not None:
-            X2 = self._check(X2, "X2")
-            RF2 = self.features.row_values(X2)
-            R2 = np.empty_like(R1, shape=(X2.shape[0], R1.shape[1]))
-            self.module.row_stage(RF2, R2)
-            G2 = self.features.pair_values(X2, X)
+            RF2, R2 = self._rows(X2)
             outs2 = [np.empty((X2.shape[0], X.shape[0])) for _ in KERNELS]
             self.module.pair_stage(*G2, RF2, RF1T, R2, R1T, *outs2, False)
             for k, name in enumerate(KERNELS):
