@@ -34,11 +34,9 @@ and says so.
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import os
 import platform
-import re
 import subprocess
 import sys
 import tempfile
@@ -46,6 +44,8 @@ import time
 from pathlib import Path
 
 import numpy as np
+
+from _machine import machine_info, write_section
 
 ROOT = Path(__file__).resolve().parent.parent
 PROGRAM = ROOT / "programs" / "mlp.py"
@@ -193,27 +193,6 @@ def find_nt_python(explicit: str | None) -> str | None:
     return None
 
 
-def machine_info() -> dict:
-    cpu = "unknown"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    mem = ""
-    try:
-        kb = int(re.search(r"MemTotal:\s+(\d+)", Path("/proc/meminfo").read_text()).group(1))
-        mem = f"{kb / 2**20:.0f} GiB"
-    except (OSError, AttributeError):
-        pass
-    return {"cpu": cpu, "cores": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
-            "memory": mem, "os": platform.platform(),
-            "date": datetime.datetime.now().strftime("%Y-%m-%d %H:%M"),
-            "load": os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")}
-
-
 def _entrywise(a, ref):
     return float(np.max(np.abs(a - ref) / np.abs(ref)))
 
@@ -254,7 +233,7 @@ def report(cfg, info, tpc, tpc_cached, nt, nt_python, work) -> str:
     out = [SECTION, ""]
     out.append(f"Measured {info['date']} by `python benchmarks/kernels_vs_nt.py{' --quick' if cfg['quick'] else ''}` on "
                f"{info['cpu']}, {info['cores']} cores, {info['memory']} ({info['os']}); "
-               f"1-minute load average at start {info['load']:.2f}.")
+               f"1-minute load average at start {info['load'][0]:.2f}.")
     v = tpc["versions"]
     out.append(f"tpcompiler {v['tpcompiler']} (Python {v['python']}, numpy {v['numpy']}, numba {v['numba']}, "
                f"{v['numba_threads']} threads)"
@@ -334,11 +313,7 @@ def report(cfg, info, tpc, tpc_cached, nt, nt_python, work) -> str:
 
 
 def write_docs(text: str):
-    DOCS.parent.mkdir(parents=True, exist_ok=True)
-    old = DOCS.read_text() if DOCS.exists() else "# Benchmarks\n"
-    pattern = re.compile(re.escape(SECTION) + r"\n.*?(?=\n## |\Z)", re.S)
-    new = pattern.sub(lambda m: text.rstrip("\n"), old) if pattern.search(old) else old.rstrip("\n") + "\n\n" + text
-    DOCS.write_text(new.rstrip("\n") + "\n")
+    write_section(DOCS, SECTION, text)
 
 
 def main(argv=None):

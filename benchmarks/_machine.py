@@ -1,0 +1,46 @@
+"""What the benchmark scripts share: a description of the machine a run was measured on, and
+writing one section of docs/benchmarks.md (replaced in place, other sections kept)."""
+from __future__ import annotations
+
+import datetime
+import os
+import platform
+import re
+from pathlib import Path
+
+import numpy as np
+
+
+def machine_info() -> dict:
+    """CPU model, cores available to this process, memory, OS, library versions, the date and
+    the load averages (1, 5, 15 min) at the time of the call."""
+    cpu = "unknown"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    mem = ""
+    try:
+        kb = int(re.search(r"MemTotal:\s+(\d+)", Path("/proc/meminfo").read_text()).group(1))
+        mem = f"{kb / 2**20:.0f} GiB"
+    except (OSError, AttributeError):
+        pass
+    import numba
+
+    return {"cpu": cpu, "cores": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
+            "memory": mem, "os": platform.platform(), "python": platform.python_version(), "numpy": np.__version__,
+            "numba": numba.__version__, "date": datetime.datetime.now().strftime("%Y-%m-%d %H:%M"),
+            "load": os.getloadavg() if hasattr(os, "getloadavg") else (float("nan"),) * 3}
+
+
+def write_section(docs: Path, heading: str, text: str) -> None:
+    """Put ``text`` (which starts with ``heading``) into ``docs``: replace the section under
+    that heading, or append it."""
+    docs.parent.mkdir(parents=True, exist_ok=True)
+    old = docs.read_text() if docs.exists() else "# Benchmarks\n"
+    pattern = re.compile(re.escape(heading) + r"\n.*?(?=\n## |\Z)", re.S)
+    new = pattern.sub(lambda m: text.rstrip("\n"), old) if pattern.search(old) else old.rstrip("\n") + "\n\n" + text
+    docs.write_text(new.rstrip("\n") + "\n")
