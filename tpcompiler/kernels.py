@@ -49,9 +49,10 @@ def _blas_controller() -> ThreadpoolController:
 
 
 def _one_blas_thread():
-    """Grams on one BLAS thread: OpenBLAS's idle workers spin for ~0.1 s after a call and
-    take the cores from the Numba pair loop that follows (depth-10 relu, N = 1000: the pair
-    stage 15 ms -> 33 ms after a two-thread Gram, while one thread makes the Gram 3 ms slower)."""
+    """Grams as single-threaded BLAS calls (features.py spreads them over two Python threads):
+    OpenBLAS's own idle workers spin for ~0.1 s after a call and take the cores from the Numba
+    pair loop that follows (depth-10 relu, N = 1000: pair stage 15 ms -> 33 ms after a Gram
+    on OpenBLAS's threads)."""
     return _blas_controller().limit(limits=1, user_api="blas")
 
 
