@@ -383,23 +383,11 @@ def _linear_parts(expr: sp.Expr):
         if not leaves:
             const += term
             continue
-        if len(leaves) == 1:
-            leaf = leaves[0]
-            c, rest = term.as_independent(leaf, as_Add=False)
-            if rest == leaf:
-                coefs[leaf] = coefs.get(leaf, sp.S.Zero) + c
-                continue
-            if rest.is_Add:  # c * (affine form)
-                inner = _linear_parts(rest)
-                if inner is None:
-                    return None
-                for k, v in inner[0].items():
-                    coefs[k] = coefs.get(k, sp.S.Zero) + c * v
-                const += c * inner[1]
-                continue
-            return None
         c, rest = term.as_independent(*leaves, as_Add=False)
-        if not rest.is_Add:
+        if len(leaves) == 1 and rest == leaves[0]:
+            coefs[rest] = coefs.get(rest, sp.S.Zero) + c
+            continue
+        if not rest.is_Add:  # otherwise c * (affine form)
             return None
         inner = _linear_parts(rest)
         if inner is None:
