@@ -281,6 +281,13 @@ def _gram_pool() -> ThreadPoolExecutor:
     return ThreadPoolExecutor(2, thread_name_prefix="tpc-gram")
 
 
+def _in_two_threads(first, second) -> None:
+    """Run both (numpy releases the GIL in BLAS) and wait; their exceptions propagate."""
+    jobs = [_gram_pool().submit(first), _gram_pool().submit(second)]
+    for job in jobs:
+        job.result()
+
+
 def symmetric_gram(Z: np.ndarray) -> np.ndarray:
     """Z Z^T in two balanced halves on two threads, each a single-threaded BLAS call when the
     caller limits BLAS to one thread (kernels.py does, see there): with Z = [A; B], one thread
@@ -300,9 +307,7 @@ def symmetric_gram(Z: np.ndarray) -> np.ndarray:
     def off_diagonal_block():
         out[:h, h:] = A @ B.T
 
-    jobs = [_gram_pool().submit(diagonal_blocks), _gram_pool().submit(off_diagonal_block)]
-    for job in jobs:
-        job.result()
+    _in_two_threads(diagonal_blocks, off_diagonal_block)
     out[h:, :h] = out[:h, h:].T
     return out
 
@@ -318,9 +323,7 @@ def cross_gram(A: np.ndarray, B: np.ndarray) -> np.ndarray:
     def half(rows):
         out[rows] = A[rows] @ B.T
 
-    jobs = [_gram_pool().submit(half, slice(0, h)), _gram_pool().submit(half, slice(h, N))]
-    for job in jobs:
-        job.result()
+    _in_two_threads(lambda: half(slice(0, h)), lambda: half(slice(h, N)))
     return out
 
 
