@@ -987,7 +987,80 @@ _GM_PARITY = "{ind}    Gm = {eps!r} * Gp{poly}"
 _GM_NONE = '''{ind}    Gm, nn = _G(-a * x, b, h, kind, C)
 {ind}    nev += nn'''
 
-_OUTER_SMOOTH = '''
+def _trapezoid_rule(ind: str, center: str, pair: str) -> str:
+    """Plain trapezoid on x = k dx (kind 1), weights exp(-x^2/2) by recurrence.  ``center``
+    (at indent ``ind``) accumulates the node x = 0 with weight w, ``pair`` (one level deeper)
+    the nodes +-x with weight w; the rule adds the weights to ws."""
+    i = ind
+    return f"""{i}dx = h / (1.0 + seff / 8.0)
+{i}K = int(_X / dx) + 1
+{i}e2 = math.exp(-dx * dx)
+{i}w = 1.0
+{i}r = math.exp(-0.5 * dx * dx)
+{center}
+{i}ws += w
+{i}for kk in range(1, K + 1):
+{i}    w *= r
+{i}    r *= e2
+{i}    x = kk * dx
+{pair}
+{i}    ws += 2.0 * w"""
+
+
+def _sinh_rule(ind: str, center: str, pair: str) -> str:
+    """Trapezoid in t after x = co sinh(t) (kind 2), sinh/cosh by the addition formulas; the
+    caller has set co and Ks.  ``center`` and ``pair`` as for _trapezoid_rule."""
+    i = ind
+    return f"""{i}K = Ks
+{i}ch = math.cosh(h)
+{i}sh = math.sinh(h)
+{i}w = co
+{center}
+{i}ws += w
+{i}st = sh
+{i}ct = ch
+{i}for kk in range(1, K + 1):
+{i}    x = co * st
+{i}    w = co * ct * math.exp(-0.5 * x * x)
+{pair}
+{i}    ws += 2.0 * w
+{i}    st, ct = st * ch + ct * sh, st * sh + ct * ch"""
+
+
+def _kink_rule(pair: str, co_limit: str = "") -> str:
+    """Each half line mapped by x = co exp(s - exp(-s)), trapezoid in s (clusters nodes at the
+    kink x = 0); ``co_limit`` may shrink co after its default, ``pair`` accumulates +-x."""
+    return f"""
+    co = C / max(seff, 1.0){co_limit}
+    shi = math.log(_X / co) + 1.0
+    jlo = int(math.ceil(_SLO / h))
+    jhi = int(math.floor(shi / h))
+    q = math.exp(-jlo * h)
+    dq = math.exp(-h)
+    for j in range(jlo, jhi + 1):
+        s = j * h
+        x = co * math.exp(s - q)
+        w = x * (1.0 + q) * math.exp(-0.5 * x * x)
+        q *= dq
+{pair}
+        ws += 2.0 * w
+"""
+
+
+def _outer_pair(ind: str, parity) -> str:
+    """Outer nodes +-x: G at both (see _gpair_snippet) and the weighted outer values."""
+    return _gpair_snippet(ind, parity) + f"\n{ind}acc += w * (_outer(s1 * x) * Gp + _outer(-s1 * x) * Gm)"
+
+
+def _outer_center(ind: str, parity) -> str:
+    return f"{ind}x = 0.0\n" + _gpair_snippet(ind, parity) + f"\n{ind}acc += w * _outer(0.0) * Gp"
+
+
+def _outer_smooth(parity) -> str:
+    """Outer loop of a smooth outer function: Gauss-Hermite (kind 0, when a tabulated rule
+    is small enough), else the trapezoid (kind 1) or sinh (kind 2) rule."""
+    i8, i12 = " " * 8, " " * 12
+    return f"""
     co = C / max(seff, 1.0)
     Ks = int(math.asinh(_X / co) / h) + 1
     ig = -1
@@ -1001,69 +1074,19 @@ _OUTER_SMOOTH = '''
         if n % 2 == 1:
             x = 0.0
             w = _GHW[o + n // 2]
-{gpair0_12}
+{_gpair_snippet(i12, parity)}
             acc += w * _outer(0.0) * Gp
             ws += w
         for j in range(n // 2):
             x = _GHX[o + n - 1 - j]
             w = _GHW[o + n - 1 - j]
-{gpair}
-            acc += w * (_outer(s1 * x) * Gp + _outer(-s1 * x) * Gm)
+{_outer_pair(i12, parity)}
             ws += 2.0 * w
     elif kind == 1:
-        dx = h / (1.0 + seff / 8.0)
-        K = int(_X / dx) + 1
-        e2 = math.exp(-dx * dx)
-        w = 1.0
-        r = math.exp(-0.5 * dx * dx)
-        x = 0.0
-{gpair0}
-        acc += _outer(0.0) * Gp
-        ws += 1.0
-        for k in range(1, K + 1):
-            w *= r
-            r *= e2
-            x = k * dx
-{gpair}
-            acc += w * (_outer(s1 * x) * Gp + _outer(-s1 * x) * Gm)
-            ws += 2.0 * w
+{_trapezoid_rule(i8, _outer_center(i8, parity), _outer_pair(i12, parity))}
     else:
-        K = Ks
-        ch = math.cosh(h)
-        sh = math.sinh(h)
-        x = 0.0
-{gpair0}
-        acc += co * _outer(0.0) * Gp
-        ws += co
-        st = sh
-        ct = ch
-        for k in range(1, K + 1):
-            x = co * st
-            w = co * ct * math.exp(-0.5 * x * x)
-{gpair}
-            acc += w * (_outer(s1 * x) * Gp + _outer(-s1 * x) * Gm)
-            ws += 2.0 * w
-            st, ct = st * ch + ct * sh, st * sh + ct * ch
-'''
-
-_OUTER_KINK = '''
-    co = C / max(seff, 1.0)
-    if {inner_kink} and b > 0.0 and a != 0.0:
-        co = min(co, C * b / abs(a))
-    shi = math.log(_X / co) + 1.0
-    jlo = int(math.ceil(_SLO / h))
-    jhi = int(math.floor(shi / h))
-    q = math.exp(-jlo * h)
-    dq = math.exp(-h)
-    for j in range(jlo, jhi + 1):
-        s = j * h
-        x = co * math.exp(s - q)
-        w = x * (1.0 + q) * math.exp(-0.5 * x * x)
-        q *= dq
-{gpair}
-        acc += w * (_outer(s1 * x) * Gp + _outer(-s1 * x) * Gm)
-        ws += 2.0 * w
-'''
+{_sinh_rule(i8, _outer_center(i8, parity), _outer_pair(i12, parity))}
+"""
 
 
 def _gpair_snippet(indent: str, parity) -> str:
@@ -1099,14 +1122,10 @@ def _quad_pair_source(outer: sp.Lambda, inner: sp.Lambda, outer_kink, inner_kink
     kink_block = _INNER_KINK_BLOCK if inner_kink else ""
     parts.append(_INNER_TEMPLATE.format(kink_block=kink_block))
     if outer_kink:
-        gp = _gpair_snippet(" " * 8, parity)
-        outer_block = _OUTER_KINK.format(gpair=gp, inner_kink=bool(inner_kink))
+        co_limit = ("\n    if b > 0.0 and a != 0.0:\n        co = min(co, C * b / abs(a))" if inner_kink else "")
+        outer_block = _kink_rule(_outer_pair(" " * 8, parity), co_limit)
     else:
-        outer_block = _OUTER_SMOOTH.format(
-            gpair=_gpair_snippet(" " * 12, parity),
-            gpair0=_gpair_snippet(" " * 8, parity),
-            gpair0_12=_gpair_snippet(" " * 12, parity),
-        )
+        outer_block = _outer_smooth(parity)
     parts.append(_CORE_TEMPLATE.format(outer_block=outer_block.rstrip()))
     parts.append('''
 @njit(cache=True)
@@ -1132,68 +1151,6 @@ def _core1(k, h, kind, C):
     return {result}, nev
 '''
 
-_ONED_SMOOTH = '''
-    co = C / max(seff, 1.0)
-    Ks = int(math.asinh(_X / co) / h) + 1
-    if kind == 1:
-        dx = h / (1.0 + seff / 8.0)
-        K = int(_X / dx) + 1
-        e2 = math.exp(-dx * dx)
-        w = 1.0
-        r = math.exp(-0.5 * dx * dx)
-        {vals0}
-{acc0}
-        ws += 1.0
-        for kk in range(1, K + 1):
-            w *= r
-            r *= e2
-            x = kk * dx
-            {valsp}
-            {valsm}
-{accpm}
-            ws += 2.0 * w
-        nev = 2 * K + 1
-    else:
-        K = Ks
-        ch = math.cosh(h)
-        sh = math.sinh(h)
-        w = co
-        {vals0}
-{acc0}
-        ws += co
-        st = sh
-        ct = ch
-        for kk in range(1, K + 1):
-            x = co * st
-            w = co * ct * math.exp(-0.5 * x * x)
-            {valsp}
-            {valsm}
-{accpm}
-            ws += 2.0 * w
-            st, ct = st * ch + ct * sh, st * sh + ct * ch
-        nev = 2 * K + 1
-'''
-
-_ONED_KINK = '''
-    co = C / max(seff, 1.0)
-    shi = math.log(_X / co) + 1.0
-    jlo = int(math.ceil(_SLO / h))
-    jhi = int(math.floor(shi / h))
-    q = math.exp(-jlo * h)
-    dq = math.exp(-h)
-    for j in range(jlo, jhi + 1):
-        s = j * h
-        x = co * math.exp(s - q)
-        w = x * (1.0 + q) * math.exp(-0.5 * x * x)
-        q *= dq
-        {valsp}
-        {valsm}
-{accpm}
-        ws += 2.0 * w
-    nev = 2 * (jhi - jlo + 1)
-'''
-
-
 def _oned_source(funcs, kink: bool) -> str:
     """Module source with _g(x) -> tuple of len(funcs) values and the 1-D core _core1."""
     n = len(funcs)
@@ -1205,29 +1162,28 @@ def _oned_source(funcs, kink: bool) -> str:
     parts.append("\n@njit(cache=True)\ndef _g(x):\n" + "\n".join(lines + [f"    return {tup}"]) + "\n")
     zero_acc = "\n".join(f"    acc{i} = 0.0\n    sq{i} = 0.0" for i in range(n))
     unpack = lambda pre: ", ".join(f"{pre}{i}" for i in range(n)) + ("," if n == 1 else "")
+    vals0 = f"        {unpack('p')} = _g(0.0)"
+    vals_pm = f"{unpack('p')} = _g(s1 * x)\n{unpack('q')} = _g(-s1 * x)"
+
+    def accumulate(ind: str, center: bool) -> str:
+        """Weighted sums of the values (and squares) at the node 0 or at +-x."""
+        if center:
+            return "\n".join(f"{ind}acc{i} += w * p{i}\n{ind}sq{i} += w * p{i} * p{i}" for i in range(n))
+        lines = [ind + v for v in vals_pm.split("\n")]
+        lines += [f"{ind}acc{i} += w * (p{i} + q{i})\n{ind}sq{i} += w * (p{i} * p{i} + q{i} * q{i})" for i in range(n)]
+        return "\n".join(lines)
+
+    i8, i12 = " " * 8, " " * 12
     if kink:
-        loop = _ONED_KINK.format(
-            valsp=f"{unpack('p')} = _g(s1 * x)",
-            valsm=f"{unpack('q')} = _g(-s1 * x)",
-            accpm="\n".join(
-                f"        acc{i} += w * (p{i} + q{i})\n        sq{i} += w * (p{i} * p{i} + q{i} * q{i})"
-                for i in range(n)
-            ),
-        )
+        loop = _kink_rule(accumulate(i8, False)) + "    nev = 2 * (jhi - jlo + 1)\n"
     else:
-        acc0 = "\n".join(
-            f"        acc{i} += w * p{i}\n        sq{i} += w * p{i} * p{i}" for i in range(n)
-        )
-        accpm = "\n".join(
-            f"            acc{i} += w * (p{i} + q{i})\n            sq{i} += w * (p{i} * p{i} + q{i} * q{i})"
-            for i in range(n)
-        )
-        loop = _ONED_SMOOTH.format(
-            vals0=f"{unpack('p')} = _g(0.0)",
-            acc0=acc0,
-            valsp=f"{unpack('p')} = _g(s1 * x)",
-            valsm=f"{unpack('q')} = _g(-s1 * x)",
-            accpm=accpm,
+        center = vals0 + "\n" + accumulate(i8, True)
+        loop = (
+            "\n    co = C / max(seff, 1.0)\n    Ks = int(math.asinh(_X / co) / h) + 1\n    if kind == 1:\n"
+            + _trapezoid_rule(i8, center, accumulate(i12, False))
+            + "\n        nev = 2 * K + 1\n    else:\n"
+            + _sinh_rule(i8, center, accumulate(i12, False))
+            + "\n        nev = 2 * K + 1\n"
         )
     result = (
         "((" + ", ".join(f"acc{i} / ws" for i in range(n)) + ("," if n == 1 else "") + "), ("
