@@ -28,7 +28,7 @@ import numpy as np
 import sympy as sp
 from threadpoolctl import ThreadpoolController
 
-from . import codegen, gaussian2
+from . import gaussian2
 from .codegen import custom_functions_source, load_module, print_body
 from .ir import Graph, ProgramError
 from .ntk import kernel_program
