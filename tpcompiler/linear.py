@@ -75,10 +75,13 @@ class _Basis:
         return c
 
     def product(self, key_a, ca, key_b, cb) -> float:
-        """c_a^T S c_b (S c_b cached per vector: S only grows beyond b's support)."""
-        if key_b not in self._scov:
-            self._scov[key_b] = self.cov @ cb
-        return float(ca @ self._scov[key_b])
+        """c_a^T S c_b, with S c_b cached per vector *and basis size*: a basis element added
+        later (a new ZHat of b's family) is correlated with b's support, so S c_b gains
+        entries as S grows and a cache keyed by the vector alone would go stale."""
+        cached = self._scov.get(key_b)
+        if cached is None or cached[0] != self.size:
+            cached = self._scov[key_b] = (self.size, self.cov @ cb)
+        return float(ca @ cached[1])
 
 
 def exact_limit(zp: ZProgram) -> dict[str, tuple[float, float]]:
