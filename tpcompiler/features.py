@@ -21,17 +21,13 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import sympy as sp
 
-from . import ops
+from . import ops, symbols
 from .ir import Graph, ProgramError
 from .lowering import numpy_function
 
 
-def _primed(s: sp.Symbol) -> bool:
-    return s.name.endswith("'")
-
-
-def _unprime_symbol(s: sp.Symbol) -> sp.Symbol:
-    return sp.Symbol(s.name[:-1], real=True)
+_primed = symbols.is_primed
+_unprime_symbol = symbols.unprimed
 
 
 class Features:
@@ -40,7 +36,7 @@ class Features:
     def __init__(self, graph: Graph, inputs0: dict):
         self.graph = graph
         self.inputs0 = inputs0                                    # xi_j -> data column
-        self.inputs1 = {sp.Symbol(s.name + "'", real=True): c for s, c in inputs0.items()}
+        self.inputs1 = {symbols.primed(s): c for s, c in inputs0.items()}
         self.all_inputs = set(inputs0) | set(self.inputs1)
         self.dependent = graph.input_dependent()
         self.row: list[sp.Expr] = []          # row features (first-input form)
@@ -88,13 +84,13 @@ class Features:
         if expr not in self._row_index:
             self._row_index[expr] = len(self.row)
             self.row.append(expr)
-        return sp.Symbol(f"rf{self._row_index[expr]}" + ("'" if second else ""), real=True)
+        return symbols.row_feature(self._row_index[expr], second)
 
     def _base_symbol(self, key) -> sp.Symbol:
         if key not in self._base_index:
             self._base_index[key] = len(self.bases)
             self.bases.append(key)
-        return sp.Symbol(f"G{self._base_index[key]}", real=True)
+        return symbols.gram(self._base_index[key])
 
     def feature(self, expr: sp.Expr) -> sp.Expr:
         """The symbolic stand-in for an input-only polynomial."""

@@ -28,7 +28,7 @@ import numpy as np
 import sympy as sp
 from threadpoolctl import ThreadpoolController
 
-from . import gaussian2
+from . import gaussian2, symbols
 from .codegen import custom_functions_source, load_module, print_body
 from .ir import Graph, ProgramError
 from .ntk import kernel_program
@@ -39,8 +39,7 @@ from .pairwise import E1, E2, PairwiseEngine
 KERNELS = ("nngp", "ntk")
 
 
-def _p(s: sp.Symbol) -> sp.Symbol:
-    return sp.Symbol(s.name + "'", real=True)
+_p = symbols.primed
 
 
 @functools.cache
@@ -128,12 +127,12 @@ class KernelFunction:
         pair stage (pair quantities, then the kernels), each one fused straight-line body."""
         n_row = len(self.features.row)
         quad = [i for i, obj in enumerate(self.expectations) if obj.expression is None]
-        loads0 = {sp.Symbol(f"rf{k}", real=True): f"RF1[i, {k}]" for k in range(n_row)}
-        loads1 = {sp.Symbol(f"rf{k}'", real=True): f"RF2T[{k}, j]" for k in range(n_row)}
+        loads0 = {symbols.row_feature(k): f"RF1[i, {k}]" for k in range(n_row)}
+        loads1 = {symbols.row_feature(k, second=True): f"RF2T[{k}, j]" for k in range(n_row)}
         loads_q0 = {s: f"R1[i, {k}]" for k, s in enumerate(self.row_symbols)}
         loads_q1 = {_p(s): f"R2T[{k}, j]" for k, s in enumerate(self.row_symbols)}
         n_g = len(self.features.bases)
-        loads_g = {sp.Symbol(f"G{m}", real=True): f"G{m}[i, j]" for m in range(n_g)}
+        loads_g = {symbols.gram(m): f"G{m}[i, j]" for m in range(n_g)}
         grams = "".join(f"G{m}, " for m in range(n_g))
         outs = ", ".join(f"out{k}" for k in range(len(KERNELS)))
         header = [

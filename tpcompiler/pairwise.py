@@ -30,12 +30,12 @@ from functools import reduce
 import networkx as nx
 import sympy as sp
 
-from . import ops
+from . import ops, symbols
 from .ir import Graph, ProgramError
 from .ops import VEC, node_symbol, unprime
 from .symbolic import Z, Zhat, ZProgram, derive
 
-T = sp.Symbol("t", real=True)
+T = symbols.ARG
 
 
 class NotPairwise(ProgramError):
@@ -71,8 +71,7 @@ class _Factor:
     side: int
 
 
-def _prime(symbol: sp.Symbol) -> sp.Symbol:
-    return sp.Symbol(symbol.name + "'", real=True)
+_prime = symbols.primed
 
 
 @dataclass
@@ -106,10 +105,7 @@ class PairwiseEngine:
 
     # -- symbols and sides ----------------------------------------------------------------
     def _leaf_node(self, s: sp.Symbol) -> tuple[str, bool]:
-        name = s.name
-        primed = name.endswith("'")
-        base = name[:-1] if primed else name
-        return (base[5:] if base.startswith("Zhat_") else base[2:]), primed
+        return symbols.key_of(s)
 
     def to_side(self, expr: sp.Expr, side: int) -> sp.Expr:
         """A side-0 expression evaluated at the second input: prime every input-dependent
@@ -120,7 +116,7 @@ class PairwiseEngine:
         for s in expr.free_symbols:
             if s.name.endswith("'"):
                 continue
-            if s in self._inputs or (s in self._leaf_block and self._leaf_node(s)[0] in self._dependent) or s.name.startswith("q_"):
+            if s in self._inputs or (s in self._leaf_block and self._leaf_node(s)[0] in self._dependent) or symbols.is_quantity(s):
                 rep[s] = _prime(s)
         return expr.xreplace(rep)
 
@@ -314,7 +310,7 @@ class PairwiseEngine:
             return sp.S.Zero
         ka, _ = self._leaf_node(la)
         kb, _ = self._leaf_node(lb)
-        if la.name.startswith("Z_"):
+        if symbols.is_z(la):
             return self.graph.init_covariance(ka, kb, s1 == 1, s2 == 1, compact=True).xreplace(self._params)
         mat = self.graph.matmul_parts(ka)[0]
         s2_ = (self.graph.op(mat).sigma ** 2).xreplace(self._params)
@@ -334,7 +330,7 @@ class PairwiseEngine:
         value = self.expect(product)
         if isinstance(value, sp.Number):
             return value
-        q = Quantity(sp.Symbol(f"q_{len(self._order)}", real=True), value, pair=(sides == {0, 1}), label=label)
+        q = Quantity(symbols.quantity(len(self._order)), value, pair=(sides == {0, 1}), label=label)
         self.quantities[key] = q
         self._order.append(q)
         return q.symbol
@@ -343,7 +339,7 @@ class PairwiseEngine:
         sides = set()
         for s in expr.free_symbols:
             base = _unprimed(s)
-            dependent = base in self._inputs or (base in self._leaf_block and self._leaf_node(base)[0] in self._dependent) or base.name.startswith("q_")
+            dependent = base in self._inputs or (base in self._leaf_block and self._leaf_node(base)[0] in self._dependent) or symbols.is_quantity(base)
             if dependent:
                 sides.add(1 if s.name.endswith("'") else 0)
         return sides or {0}
@@ -356,12 +352,8 @@ class PairwiseEngine:
         return list(self._order)
 
 
-def _unprimed(s: sp.Symbol) -> sp.Symbol:
-    return sp.Symbol(s.name[:-1], real=True) if s.name.endswith("'") else s
-
-
-def _is_leaf(s: sp.Symbol) -> bool:
-    return s.name.startswith(("Z_", "Zhat_"))
+_unprimed = symbols.unprimed
+_is_leaf = symbols.is_leaf_variable
 
 
 def _coefficients(L: sp.Expr) -> dict:

@@ -29,10 +29,10 @@ import numpy as np
 import sympy as sp
 from threadpoolctl import threadpool_limits
 
-from . import ops
+from . import ops, symbols
 from .ir import ProgramError
 from .lowering import evaluate
-from .symbolic import Expectation, ZProgram
+from .symbolic import Expectation, ZProgram, key_of_z
 
 #: Relative size below which a new ZHat's conditional variance counts as zero.
 DEGENERATE = 1e-12
@@ -106,8 +106,7 @@ class _Run:
     def _eval_vec(self, zexpr: sp.Expr) -> np.ndarray:
         env = {}
         for s in zexpr.free_symbols:
-            name = s.name
-            env[name] = self.env[name[2:]] if name.startswith("Z_") else self.env[name]
+            env[s.name] = self.env[key_of_z(s)[0]] if symbols.is_z(s) else self.env[s.name]
         return evaluate(zexpr, env, size=self.M)
 
     def _limit_scalar(self, expr: sp.Expr) -> float:

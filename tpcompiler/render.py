@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import sympy as sp
 
-from . import ops
+from . import ops, symbols
 from .ir import describe
 from .ops import node_symbol
 from .symbolic import Expectation, Z, ZProgram, key_of_z
@@ -21,9 +21,9 @@ def _node_latex(key: str) -> str:
 def _z_names(expr: sp.Expr) -> dict:
     names = {}
     for s in expr.free_symbols:
-        if s.name.startswith("Zhat_"):
-            names[s] = r"\hat{Z}^{%s}" % _node_latex(s.name[5:])
-        elif s.name.startswith("Z_"):
+        if symbols.is_zhat(s):
+            names[s] = r"\hat{Z}^{%s}" % _node_latex(symbols.key_of(s)[0])
+        elif symbols.is_z(s):
             key, primed = key_of_z(s)
             names[s] = r"Z^{%s}" % _node_latex(key) + (r"(\xi')" if primed else "")
     for d in expr.atoms(sp.Derivative):

@@ -32,7 +32,9 @@ import sympy as sp
 from . import ops
 from .ir import Graph
 from .nonlinearities import EVEN, NEITHER, ODD, parity_of_function
+from . import symbols
 from .ops import VEC, node_symbol, unprime
+from .symbols import Z, Zhat
 
 #: Derivative expressions larger than this are shown as dZ^x/dZHat^v rather than inlined.
 MAX_INLINE_OPS = 60
@@ -63,24 +65,12 @@ class Expectation(sp.Function):
 
 def _is_random(expr: sp.Expr) -> bool:
     """Whether ``expr`` involves a limit random variable (a Z or ZHat symbol)."""
-    return any(s.name.startswith(("Z_", "Zhat_")) for s in expr.free_symbols)
-
-
-def Z(key: str, primed: bool = False) -> sp.Symbol:
-    """The symbol Z^key (Z^key(xi') if primed)."""
-    return sp.Symbol(f"Z_{key}" + ("'" if primed else ""), real=True)
-
-
-def Zhat(key: str) -> sp.Symbol:
-    """The leaf ZHat of the MatMul node ``key``."""
-    return sp.Symbol(f"Zhat_{key}", real=True)
+    return any(symbols.is_leaf_variable(s) for s in expr.free_symbols)
 
 
 def key_of_z(symbol: sp.Symbol) -> tuple[str, bool]:
     """(node key, primed) of a Z symbol."""
-    name = symbol.name
-    primed = name.endswith("'")
-    return (name[2:-1] if primed else name[2:]), primed
+    return symbols.key_of(symbol)
 
 
 @dataclass
@@ -274,7 +264,7 @@ class ZProgram:
         return self.signature(key).get(block, EVEN)
 
     def _symbol_signature(self, s: sp.Symbol) -> dict:
-        if s.name.startswith("Z_"):
+        if symbols.is_z(s):
             return self.signature(key_of_z(s)[0])
         return {}
 
@@ -437,7 +427,7 @@ class ZProgram:
         for e in expr.atoms(Expectation):
             d = e.args[0]
             if isinstance(d, sp.Derivative):
-                x, v = key_of_z(d.expr)[0], d.variables[0].name[5:]
+                x, v = key_of_z(d.expr)[0], symbols.key_of(d.variables[0])[0]
                 rep[e] = Expectation(self.derivative_display(x, v))
         return expr.xreplace(rep) if rep else expr
 
