@@ -27,6 +27,7 @@ from fractions import Fraction
 import numpy as np
 import pytest
 import scipy.integrate as si
+import sympy as sp
 from hypothesis import HealthCheck, event, example, given, settings
 from hypothesis import strategies as st
 
@@ -418,3 +419,146 @@ def test_nonlinear_particles_equal_finite_width(recipe):
     z_drop = check_nonlinear(recipe)
     rejected = [n for n, z in z_drop.items() if z > Z]
     event("ablation (drop_zdot) rejected" if rejected else "ablation (drop_zdot) not rejected")
+
+
+# --------------------------------------------------------------------------- 3. abc
+# DESIGN.md 2.4 restated with Python Fractions, each condition with the left-hand side the
+# classification names in its ``violated`` texts.  Random exponents are mostly unstable
+# (a_1 + b_1 = 0 and a_l + b_l = 1/2 are equalities), so the strategy below builds them from
+# the conditions: each equality holds or is broken on purpose, the readout sum a + b is drawn
+# around the boundary 1/2, and c is drawn among the values that put r exactly at 0 or the
+# readout condition 2a + c exactly at 1 -- so every regime and every boundary is reached.
+F = Fraction
+HALF_F = F(1, 2)
+
+
+def reference_classification(a, b, c):
+    """(r, stable, nontrivial, regime, [(lhs text, value) of failed stability conditions])."""
+    L = len(a) - 1
+    out_ab, out_ac = a[L] + b[L], 2 * a[L] + c
+    r = min(out_ab, out_ac) + c - 1 + min(2 * a[l] + (1 if l == 0 else 0) for l in range(L))
+    failed = []
+    if a[0] + b[0] != 0:
+        failed.append(("a_1 + b_1", a[0] + b[0]))
+    for l in range(1, L):
+        if a[l] + b[l] != HALF_F:
+            failed.append((f"a_{l + 1} + b_{l + 1}", a[l] + b[l]))
+    if out_ab < HALF_F:
+        failed.append((f"a_{L + 1} + b_{L + 1}", out_ab))
+    if r < 0:
+        failed.append(("r", r))
+    if out_ac < 1:
+        failed.append((f"2a_{L + 1} + c", out_ac))
+    if out_ab + r < 1:
+        failed.append((f"a_{L + 1} + b_{L + 1} + r", out_ab + r))
+    stable = not failed
+    nontrivial = out_ab + r == 1 or out_ac == 1
+    regime = "unstable" if not stable else "trivial" if not nontrivial else "feature learning" if r == 0 else "kernel"
+    return r, stable, nontrivial, regime, failed
+
+
+def _frac_text(x):
+    return str(x.numerator) if x.denominator == 1 else f"{x.numerator}/{x.denominator}"
+
+
+exps = st.fractions(min_value=-2, max_value=2, max_denominator=4)
+
+
+def _solve_c(a_out, s, m, target):
+    """The c with r = target, r(c) = min(s, 2a + c) + c - 1 + m (piecewise linear in c)."""
+    out = []
+    c1 = (target + 1 - m - 2 * a_out) / 2  # branch 2a + c <= s
+    if 2 * a_out + c1 <= s:
+        out.append(c1)
+    c2 = target + 1 - m - s  # branch 2a + c >= s
+    if 2 * a_out + c2 >= s:
+        out.append(c2)
+    return out
+
+
+@st.composite
+def abc_exponents(draw):
+    """Exponents (a, b, c) as Fractions, built around the conditions (see above)."""
+    L = draw(st.integers(1, 4))
+    a = [draw(st.sampled_from((F(-1, 2), F(0), F(1, 4), F(1, 2), F(1)))) for _ in range(L)]
+    a.append(draw(st.sampled_from((F(0), F(1, 4), F(1, 2), F(1)))))
+    target = [F(0)] + [HALF_F] * (L - 1)  # a_l + b_l for the hidden layers
+    if draw(st.integers(0, 3)) == 0:  # break one init condition on purpose
+        l = draw(st.integers(0, L - 1))
+        target[l] += draw(st.sampled_from((F(-1, 2), F(1, 4), F(1))))
+    b = [target[l] - a[l] for l in range(L)]
+    s = draw(st.sampled_from((F(1, 4), F(1, 2), F(3, 4), F(1), F(3, 2))))  # a_{L+1} + b_{L+1}
+    b.append(s - a[L])
+    m = min(2 * a[l] + (1 if l == 0 else 0) for l in range(L))
+    candidates = [1 - 2 * a[L], draw(exps)]  # readout condition 2a + c = 1 on its boundary, any c
+    for r in (F(0), 1 - s, HALF_F, F(-1, 4)):  # r = 0 (features), a + b + r = 1, kernel, r < 0
+        candidates += _solve_c(a[L], s, m, r)
+    c = draw(st.sampled_from(candidates))
+    return a, b, c
+
+
+def _named_row(name, L):
+    """The rows of the table in DESIGN.md 2.4, transcribed: (a, b, c, r, regime)."""
+    h = HALF_F
+    rows = {
+        "sp": ([0] * (L + 1), [0] + [h] * L, 0, -1, "unstable"),
+        "sp_c1": ([0] * (L + 1), [0] + [h] * L, 1, h, "kernel"),
+        "ntp": ([0] + [h] * L, [0] * (L + 1), 0, h, "kernel"),
+        "mfp": ([0, 1], [0, 0], -1, 0, "feature learning"),
+        "mup": ([-h] + [0] * (L - 1) + [h], [h] * (L + 1), 0, 0, "feature learning"),
+    }
+    a, b, c, r, regime = rows[name]
+    return [F(x) for x in a], [F(x) for x in b], F(c), F(r), regime
+
+
+def check_classification(a, b, c, t):
+    """classify() of (a, b, c) and of its shift by t against the restated conditions."""
+    want_r, stable, nontrivial, regime, failed = reference_classification(a, b, c)
+    shifted = ([x + t for x in a], [x - t for x in b], c - 2 * t)
+    assert reference_classification(*shifted)[:4] == (want_r, stable, nontrivial, regime)  # the restatement itself
+    results = []
+    for ea, eb, ec in ((a, b, c), shifted):
+        got = tp.classify(tp.ABC(tuple(map(_frac_text, ea)), tuple(map(_frac_text, eb)), _frac_text(ec)))
+        assert got.r == sp.Rational(want_r.numerator, want_r.denominator)
+        assert (got.stable, got.nontrivial, got.regime) == (stable, nontrivial, regime)
+        assert got.feature_learning == (regime == "feature learning")
+        if not stable:
+            # every failed condition is named with its (shift-invariant) value, and only those
+            assert len(got.violated) == len(failed), (got.violated, failed)
+            for (lhs, value), text in zip(failed, got.violated):
+                assert text.startswith(f"{lhs} = {_frac_text(value)} "), (text, lhs, value)
+        elif not nontrivial:
+            L = len(a) - 1
+            out_abr, out_ac = a[L] + b[L] + want_r, 2 * a[L] + c
+            assert len(got.violated) == 2
+            assert got.violated[0].startswith(f"a_{L + 1} + b_{L + 1} + r = {_frac_text(out_abr)} ")
+            assert got.violated[1].startswith(f"2a_{L + 1} + c = {_frac_text(out_ac)} ")
+        else:
+            assert got.violated == ()
+        results.append(got)
+    assert results[0] == results[1]
+    return regime
+
+
+@_settings(300)
+@given(abc_exponents(), st.fractions(min_value=-3, max_value=3, max_denominator=6))
+def test_random_abc_classification(abc, t):
+    regime = check_classification(*abc, t)
+    event(regime)
+
+
+NAMED_ROWS = [("sp", 2), ("sp", 3), ("sp_c1", 2), ("sp_c1", 4), ("ntp", 1), ("ntp", 3),
+              ("mfp", 1), ("mup", 1), ("mup", 2), ("mup", 4)]
+
+
+@_settings(60)
+@given(st.sampled_from(NAMED_ROWS), st.fractions(min_value=-3, max_value=3, max_denominator=6))
+def test_named_rows_of_the_table(row, t):
+    """The rows of DESIGN.md 2.4 (for L >= 2 where the table's r assumes middle layers; NTP,
+    muP and MFP also at L = 1), shifted by t: the table's r and regime, and the library's
+    named() exponents are the table's up to the shift."""
+    name, L = row
+    a, b, c, r, regime = _named_row(name, L)
+    assert check_classification(a, b, c, t) == regime
+    assert reference_classification(a, b, c)[0] == r
+    assert tp.named(name, L) == tp.ABC(tuple(map(_frac_text, a)), tuple(map(_frac_text, b)), _frac_text(c))
