@@ -86,16 +86,18 @@ def finite_gap(value, finite, width=WIDTH, limit_se=0.0):
 #   sigmas:  sigma of each matrix W0, W1, ...
 #   steps:   list of steps, each appending a Vec or a Scalar:
 #     ("mm", m, transposed, i)         vec  W_m @ v_i  or  W_m.T @ v_i
-#     ("lin", ((coef, i), ...))        vec  sum coef * v_i; coef is ("c", a) -> a,
+#     ("lin", ((coef, i), ...), b)     vec  b + sum coef * v_i (b optional); coef is ("c", a) -> a,
 #                                      ("m", j, a) -> a * s_j, ("mm", j, l) -> s_j * s_l
 #     ("phi", name, i, coef, j)        vec  phi(v_i) + coef * v_i, or phi(s_j v_i) + coef * v_i
 #                                      (a Moment as a scalar argument of a Nonlin)
 #     ("prod", i, j)                   vec  v_i * v_j
 #     ("mom", i, j, extra)             scalar  mean(v_i * v_j + extra), extra = (a, l, b):
 #                                      a * v_l + b (degree <= 2) or None
+#     ("moms", j, i, l)                scalar  mean(s_j * v_i * v_l)
 #     ("momphi", name, i, j)           scalar  mean(phi(v_i) * v_j)
 #   outputs: ("pair", i, j) -> mean(v_i * v_j); ("scal", j) -> s_j;
-#            ("poly", j, l) -> s_j * s_l + s_j  (a Scalar expression of Moments)
+#            ("poly", j, l) -> s_j * s_l + s_j, ("ratio", j, l) -> s_j / (1 + s_l^2)
+#            (Scalar expressions of Moments)
 
 def _coef(spec, scalars):
     if spec[0] == "c":
@@ -121,7 +123,7 @@ def build(recipe, name="prop"):
             _, m, tr, i = step
             vecs.append((mats[m].T if tr else mats[m]) @ vecs[i])
         elif kind == "lin":
-            total = 0
+            total = step[2] if len(step) > 2 else 0
             for spec, i in step[1]:
                 total = total + _coef(spec, scalars) * vecs[i]
             vecs.append(total)
@@ -139,6 +141,9 @@ def build(recipe, name="prop"):
                 a, l, b = extra
                 y = y + a * vecs[l] + b
             scalars.append(tp.mean(y, name=label))
+        elif kind == "moms":
+            _, j, i, l = step
+            scalars.append(tp.mean(scalars[j] * vecs[i] * vecs[l], name=label))
         elif kind == "momphi":
             _, fname, i, j = step
             scalars.append(tp.mean(getattr(tp, fname)(vecs[i]) * vecs[j], name=label))
@@ -152,8 +157,10 @@ def build(recipe, name="prop"):
             p.output(f"o{o}", tp.mean(vecs[out[1]] * vecs[out[2]]))
         elif out[0] == "scal":
             p.output(f"o{o}", scalars[out[1]])
-        else:
+        elif out[0] == "poly":
             p.output(f"o{o}", scalars[out[1]] * scalars[out[2]] + scalars[out[1]])
+        else:
+            p.output(f"o{o}", scalars[out[1]] / (1 + scalars[out[2]] ** 2))
     return p
 
 
@@ -221,7 +228,7 @@ def random_recipes(draw, nonlinear=False, max_steps=5):
         steps = list(_motifs(k)[motif](a, b))
     nv, ns = k + MOTIF_VECS[motif], MOTIF_SCALARS[motif]
     vec = lambda: draw(st.integers(0, nv - 1))  # noqa: E731 - reads the current nv
-    kinds = ["mm", "mm", "lin", "mom"] + (["phi", "phi", "phi", "prod", "prod", "momphi"] if nonlinear else [])
+    kinds = ["mm", "mm", "lin", "mom", "moms"] + (["phi", "phi", "phi", "prod", "prod", "momphi"] if nonlinear else [])
     for _ in range(draw(st.integers(1, max_steps))):
         kind = draw(st.sampled_from(kinds))
         if kind == "mm":
@@ -239,7 +246,8 @@ def random_recipes(draw, nonlinear=False, max_steps=5):
                 else:
                     spec = ("mm", draw(st.integers(0, ns - 1)), draw(st.integers(0, ns - 1)))
                 terms.append((spec, i))
-            steps.append(("lin", tuple(terms)))
+            # a constant part (Z^x = b + Gaussian; W @ x is still a Gaussian-linear ZHat)
+            steps.append(("lin", tuple(terms), draw(st.sampled_from((0.0, 0.0, 1.0, -0.5)))))
             nv += 1
         elif kind == "phi":
             fname = draw(st.sampled_from(PHIS))
@@ -255,6 +263,12 @@ def random_recipes(draw, nonlinear=False, max_steps=5):
                 extra = (draw(st.sampled_from(COEFS)), vec(), draw(st.sampled_from((0.0, 1.0, -0.5))))
             steps.append(("mom", vec(), vec(), extra))
             ns += 1
+        elif kind == "moms":
+            if ns:
+                steps.append(("moms", draw(st.integers(0, ns - 1)), vec(), vec()))
+            else:
+                steps.append(("mom", vec(), vec(), None))
+            ns += 1
         else:
             steps.append(("momphi", draw(st.sampled_from(PHIS)), vec(), vec()))
             ns += 1
@@ -267,7 +281,7 @@ def random_recipes(draw, nonlinear=False, max_steps=5):
     outputs += [("pair", vec(), vec()) for _ in range(draw(st.integers(1, 3)))]
     outputs += [("scal", j) for j in range(ns)]
     if ns:
-        outputs.append(("poly", draw(st.integers(0, ns - 1)), draw(st.integers(0, ns - 1))))
+        outputs.append((draw(st.sampled_from(("poly", "ratio"))), draw(st.integers(0, ns - 1)), draw(st.integers(0, ns - 1))))
     # user names in random order: the evaluators must not depend on how names sort (the
     # stale cache of commit 171d4e1 only showed when the earlier vector's name sorted last)
     pool = draw(st.permutations(NAME_POOL))
@@ -562,3 +576,27 @@ def test_named_rows_of_the_table(row, t):
     assert check_classification(a, b, c, t) == regime
     assert reference_classification(a, b, c)[0] == r
     assert tp.named(name, L) == tp.ABC(tuple(map(_frac_text, a)), tuple(map(_frac_text, b)), _frac_text(c))
+
+
+# --------------------------------------------------------------------------- regressions found here
+def test_constant_part_into_matmul_is_gaussian_linear():
+    """Found by the Gaussian-linear property: c.limit() (auto -> exact) raised NotLinear for
+    h = W @ (u + 1), a valid Gaussian-linear program.  Closed forms: E[h h] = sigma^2
+    E[(u + 1)^2] = sigma^2 (var + 1); v = W^T (h + 1) has ZDot sigma^2 (u + 1), so
+    E[v u] = sigma^2 var and E[v] = 0."""
+    p = tp.Program("const_part")
+    u = p.vec("u", var=2.0)
+    W = p.mat("W", sigma=1.5)
+    h = W @ (u + 1.0)
+    v = W.T @ (h + 1.0)
+    p.output("hh", tp.mean(h * h))
+    p.output("vu", tp.mean(v * u))
+    p.output("v1", tp.mean(v + 0.5))
+    c = tp.compile(p)
+    got = c.limit()
+    assert got["hh"] == pytest.approx((2.25 * 3.0, 0.0), abs=1e-12)
+    assert got["vu"] == pytest.approx((2.25 * 2.0, 0.0), abs=1e-12)
+    assert got["v1"] == pytest.approx((0.5, 0.0), abs=1e-12)
+    finite = finite_width(p)
+    for name, (value, _) in got.items():
+        assert finite_gap(value, finite[name]) <= Z, (name, value, finite[name])

@@ -120,8 +120,8 @@ def exact_limit(zp: ZProgram) -> dict[str, tuple[float, float]]:
         elif entry.rule == "matmul":
             mat, x, _ = g.matmul_parts(key)
             s2 = evaluate(g.op(mat).sigma ** 2, env)
-            if const[x]:
-                raise NotLinear(f"{key!r}: a matrix multiplies a vector with a constant part")
+            # a constant part of x is fine: the ZHat covariance sigma^2 E[Z^x Z^y] includes
+            # it (expect_product), and ZDot reads only the coefficients over the basis
             members = families.setdefault(entry.family, [])
             cov = np.zeros(basis.size)
             for m in members:
