@@ -95,7 +95,7 @@ def finite_gap(value, finite, width=WIDTH, limit_se=0.0):
 #                                      a * v_l + b (degree <= 2) or None
 #     ("moms", j, i, l)                scalar  mean(s_j * v_i * v_l)
 #     ("momphi", name, i, j)           scalar  mean(phi(v_i) * v_j)
-#   outputs: ("pair", i, j) -> mean(v_i * v_j); ("scal", j) -> s_j;
+#   outputs: ("pair", i, j) -> mean(v_i * v_j); ("mean", i) -> mean(v_i); ("scal", j) -> s_j;
 #            ("poly", j, l) -> s_j * s_l + s_j, ("ratio", j, l) -> s_j / (1 + s_l^2)
 #            (Scalar expressions of Moments)
 
@@ -155,6 +155,8 @@ def build(recipe, name="prop"):
     for o, out in enumerate(recipe["outputs"]):
         if out[0] == "pair":
             p.output(f"o{o}", tp.mean(vecs[out[1]] * vecs[out[2]]))
+        elif out[0] == "mean":
+            p.output(f"o{o}", tp.mean(vecs[out[1]]))
         elif out[0] == "scal":
             p.output(f"o{o}", scalars[out[1]])
         elif out[0] == "poly":
@@ -180,6 +182,10 @@ def _motifs(k):
         # a late member whose input is scaled by the moment of an earlier member, then W^T
         "late_scaled": lambda a, b: [("mm", 0, False, 0), ("mom", h, h, None), ("lin", ((("m", 0, a), 0),)),
                                      ("mm", 0, False, h + 1), ("mm", 0, True, h + 2)],
+        # constant parts: x = u + b, h = W x, v = W^T (a h + 1/2): ZDot = sigma^2 a (u + b),
+        # so E[Z^v] = sigma^2 a b (the constant rides on the ZDot term)
+        "const_W_then_WT": lambda a, b: [("lin", ((("c", 1.0), 0),), b), ("mm", 0, False, h),
+                                         ("lin", ((("c", a), h + 1),), 0.5), ("mm", 0, True, h + 2)],
     }
 
 
@@ -194,9 +200,9 @@ def _phi_motifs(k, fname):
 
 
 MOTIF_VECS = {"W_then_WT": 3, "WT_then_W": 3, "late_member": 3, "late_scaled": 4,
-              "W_then_WT_phi": 3, "WT_then_W_phi": 3}
+              "const_W_then_WT": 4, "W_then_WT_phi": 3, "WT_then_W_phi": 3}
 MOTIF_SCALARS = {"W_then_WT": 0, "WT_then_W": 0, "late_member": 1, "late_scaled": 1,
-                 "W_then_WT_phi": 0, "WT_then_W_phi": 0}
+                 "const_W_then_WT": 0, "W_then_WT_phi": 0, "WT_then_W_phi": 0}
 PHI_MOTIFS = ("W_then_WT_phi", "WT_then_W_phi")
 
 
@@ -216,7 +222,7 @@ def random_recipes(draw, nonlinear=False, max_steps=5):
     cov = draw(covariances(k))
     sigmas = tuple(draw(st.lists(st.sampled_from(SIGMAS), min_size=1, max_size=2)))
     if nonlinear:
-        motif = draw(st.sampled_from(PHI_MOTIFS + ("W_then_WT", "late_scaled")))
+        motif = draw(st.sampled_from(PHI_MOTIFS + ("W_then_WT", "late_scaled", "const_W_then_WT")))
     else:
         motif = draw(st.sampled_from(sorted(set(MOTIF_VECS) - set(PHI_MOTIFS))))
     a, b = draw(st.sampled_from(COEFS)), draw(st.sampled_from(COEFS))
@@ -275,7 +281,7 @@ def random_recipes(draw, nonlinear=False, max_steps=5):
     # outputs: the motif's probe (last motif vector against u0 and itself), random pairs,
     # every moment, and a polynomial of moments
     last = k + MOTIF_VECS[motif] - 1
-    outputs = [("pair", last, 0), ("pair", last, last)]
+    outputs = [("pair", last, 0), ("pair", last, last), ("mean", last)]
     if motif.startswith("late"):
         outputs.append(("pair", last if motif == "late_member" else last - 1, k))
     outputs += [("pair", vec(), vec()) for _ in range(draw(st.integers(1, 3)))]
@@ -583,7 +589,8 @@ def test_constant_part_into_matmul_is_gaussian_linear():
     """Found by the Gaussian-linear property: c.limit() (auto -> exact) raised NotLinear for
     h = W @ (u + 1), a valid Gaussian-linear program.  Closed forms: E[h h] = sigma^2
     E[(u + 1)^2] = sigma^2 (var + 1); v = W^T (h + 1) has ZDot sigma^2 (u + 1), so
-    E[v u] = sigma^2 var and E[v] = 0."""
+    E[v u] = sigma^2 var and E[v] = sigma^2 (the constant rides on the ZDot term; simply
+    dropping the NotLinear guard gave E[v] = 0, which finite width rejects at z = 33)."""
     p = tp.Program("const_part")
     u = p.vec("u", var=2.0)
     W = p.mat("W", sigma=1.5)
@@ -596,7 +603,10 @@ def test_constant_part_into_matmul_is_gaussian_linear():
     got = c.limit()
     assert got["hh"] == pytest.approx((2.25 * 3.0, 0.0), abs=1e-12)
     assert got["vu"] == pytest.approx((2.25 * 2.0, 0.0), abs=1e-12)
-    assert got["v1"] == pytest.approx((0.5, 0.0), abs=1e-12)
+    assert got["v1"] == pytest.approx((2.25 + 0.5, 0.0), abs=1e-12)
+    parts = c.limit(method="particles", particles=PARTICLES, seed=3)
+    for name, (value, _) in got.items():
+        assert abs(parts[name][0] - value) <= Z * parts[name][1] + 1e-12, (name, value, parts[name])
     finite = finite_width(p)
     for name, (value, _) in got.items():
         assert finite_gap(value, finite[name]) <= Z, (name, value, finite[name])
