@@ -366,7 +366,7 @@ def check_gaussian_linear(recipe):
     return exact, finite
 
 
-@_settings(40)
+@_settings(60)
 @given(random_recipes(nonlinear=False))
 @example(ISSUE7_LATE)
 def test_gaussian_linear_exact_equals_particles_equals_finite_width(recipe):
@@ -427,7 +427,7 @@ def check_nonlinear(recipe):
     return z_drop
 
 
-@_settings(40)
+@_settings(60)
 @given(random_recipes(nonlinear=True, max_steps=4))
 def test_nonlinear_particles_equal_finite_width(recipe):
     event(f"motif {recipe['motif']}")
