@@ -120,18 +120,20 @@ def exact_limit(zp: ZProgram) -> dict[str, tuple[float, float]]:
         elif entry.rule == "matmul":
             mat, x, _ = g.matmul_parts(key)
             s2 = evaluate(g.op(mat).sigma ** 2, env)
-            if const[x]:
-                raise NotLinear(f"{key!r}: a matrix multiplies a vector with a constant part")
+            # a constant part of x is fine: the ZHat covariance sigma^2 E[Z^x Z^y] includes
+            # it (expect_product), and ZDot reads only the coefficients over the basis
             members = families.setdefault(entry.family, [])
             cov = np.zeros(basis.size)
             for m in members:
                 cov[leaf[m]] = s2 * expect_product(x, zp.entries[m].x)
             leaf[key] = basis.add(cov, s2 * expect_product(x, x))
             members.append(key)
-            c = basis.unit(leaf[key])
+            c, k = basis.unit(leaf[key]), 0.0
             for t in zp.zdot_terms(key):  # E[dZ^x/dZHat^src] is the coefficient of ZHat^src in Z^x
-                c = c + s2 * coef[x][leaf[t.source]] * coef[t.y]
-            coef[key], const[key] = c, 0.0
+                w = s2 * coef[x][leaf[t.source]]
+                c = c + w * coef[t.y]
+                k += w * const[t.y]  # ZDot carries Z^y whole, its constant part included
+            coef[key], const[key] = c, k
         elif entry.rule == "moment":
             env[key] = 0.0 if entry.z == 0 else _moment(g, op.expr, env, expect_product, const)
     return {name: (evaluate(expr, env), 0.0) for name, expr in g.outputs.items()}
