@@ -30,6 +30,7 @@ import networkx as nx
 import sympy as sp
 
 from . import ops
+from .existence import Checker
 from .ir import Graph
 from .nonlinearities import EVEN, NEITHER, ODD, parity_of_function
 from .ops import VEC, node_symbol, unprime
@@ -209,8 +210,19 @@ class ZProgram:
         self._derivative: dict = {}
         self._partials: dict = {}
         self._init_block = self._init_blocks()
+        self.checker = Checker(self)
         for key in self.order:
             self.entries[key] = self._derive(key)
+            self._check_exists(key)
+
+    def _check_exists(self, key: str) -> None:
+        """Refuse a Nonlin that is not a real number and a MatMul whose input has no finite
+        second moment (Moments are checked in ``_moment``, before any parity argument)."""
+        entry = self.entries[key]
+        if entry.rule == "nonlin":
+            self.checker.check_nonlin(key)
+        elif entry.rule == "matmul":
+            self.checker.check_second_moment(key, entry.x)
 
     # -- leaves and blocks --------------------------------------------------------------
     def _init_blocks(self) -> dict[str, str]:
@@ -395,6 +407,8 @@ class ZProgram:
                 rep[s] = Z(k, primed)
                 deps |= self.entries[k].deps
         psi = op.expr.xreplace(rep)
+        # an odd function has expectation 0 only if it is integrable: check existence first
+        self.checker.check_moment(key, psi)
         block = self.zero_block(psi, deps)
         if block is not None:
             return ZEntry(key, "moment", sp.S.Zero, frozenset(), zero_reason=f"odd in {self.describe_block(block)}")
