@@ -55,8 +55,9 @@ class Expectation(sp.Function):
                 return sp.Mul(*const) * cls(sp.Mul(*[t for t in arg.args if _is_random(t)]))
         return None
 
-    def _latex(self, printer):
-        return r"\mathbb{E}\left[%s\right]" % printer._print(self.args[0])
+    def _latex(self, printer, exp=None):
+        body = r"\mathbb{E}\left[%s\right]" % printer._print(self.args[0])
+        return body if exp is None else r"\left(%s\right)^{%s}" % (body, exp)
 
     def _sympystr(self, printer):
         return "E[%s]" % printer._print(self.args[0])
@@ -247,7 +248,7 @@ class ZProgram:
         if leaf in self._init_block:
             return self._init_block[leaf]
         mat, _, tr = self.graph.matmul_parts(leaf)
-        return f"family:{mat}{'^T' if tr else ''}"
+        return f"family:{mat}{'.T' if tr else ''}"
 
     def describe_block(self, block: str) -> str:
         """Words for a block, used to say why an expectation vanishes."""
