@@ -269,7 +269,9 @@ class Checker:
         from .symbolic import Z
 
         if self.risky(x):
-            what = f"instruction {key!r} := a matrix times {x!r} (its ZHat has variance sigma^2 E[(Z^{x})^2])"
+            mat, _, tr = self.zp.graph.matmul_parts(key)
+            what = (f"instruction {key!r} := {mat}{'.T' if tr else ''} @ {x} (its ZHat has the variance "
+                    f"sigma^2 E[{x}^2], which must be finite)")
             self.check_expectation(Z(x) ** 2, what)
 
     def _check_defined(self, expr: sp.Expr, what: str) -> None:

@@ -222,7 +222,7 @@ def _fmt(expr, latex: bool, names: dict | None = None) -> str:
 
 
 def _tex_number(value: float) -> str:
-    """A Param value in TeX (1e-05 -> 1.0 \cdot 10^{-5}, 0.5 -> 0.5)."""
+    r"""A Param value in TeX (1e-05 -> 1.0 \cdot 10^{-5}, 0.5 -> 0.5)."""
     from .latex import latex as to_latex
 
     return to_latex(sp.Integer(int(value)) if float(value).is_integer() and abs(value) < 1e15 else sp.Float(value, 6))

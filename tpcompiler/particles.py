@@ -60,7 +60,7 @@ def _require_finite(values, key: str, what: str) -> None:
     if not np.all(finite):
         bad = np.size(finite) - int(np.count_nonzero(finite))
         raise UndefinedLimit(
-            f"instruction {key!r}: {what} is not a finite real number at {bad} of {np.size(finite)} "
+            f"instruction {key!r}: {what} not a finite real number at {bad} of {np.size(finite)} "
             "particles (nan: a function outside its domain, e.g. log or sqrt of a negative number; "
             "inf: division by zero or overflow); its limit does not exist as a number")
 
@@ -110,7 +110,7 @@ class _Run:
                 raise ProgramError(f"program {self.graph.name!r} has an unbound input {key!r}; instantiate it with data first")
             elif entry.rule == "nonlin":
                 env[key] = self._eval_vec(entry.z)
-                _require_finite(env[key], key, "its values")
+                _require_finite(env[key], key, "its values are")
             elif entry.rule == "matmul":
                 env[key] = self._matmul(key)
                 self._tangents.clear()  # per product; recomputed if a later one needs them
@@ -130,10 +130,10 @@ class _Run:
         means = {}
         for e in expr.atoms(Expectation):
             samples = self._eval_vec(e.args[0])
-            _require_finite(samples, key, "the function it averages")
+            _require_finite(samples, key, "the function it averages is")
             means[e] = sp.Float(np.mean(samples))
         value = evaluate(expr.xreplace(means), self.env)
-        _require_finite(value, key, "its value")
+        _require_finite(value, key, "its value is")
         return value
 
     def _init_vectors(self) -> None:
