@@ -17,18 +17,28 @@ import tpcompiler as tp
 from tpcompiler.existence import UndefinedLimit
 
 
+def _backward(h, W):
+    """g = W.T h^3 for h = W u: Z^g = ZHat^g + 3 sigma^2 E[(Z^h)^2] Z^u (a ZDot term), so with
+    sigma = var(u) = 1, Z^g ~ N(0, E[h^6] + 9) = N(0, 24)."""
+    return (W.T @ (h**3).named("h3")).named("g")
+
+
 def _program(build, var_u=1.0):
     p = tp.Program("ex")
     u = p.vec("u", var=var_u)
     v = p.vec("v")
     W = p.mat("W", sigma=1.0)
     h = (W @ u).named("h")
-    build(p, u, v, h)
+    build(p, u, v, h, W)
     return p
 
 
 def _mean(f):
-    return lambda p, u, v, h: p.output("m", tp.mean(f(u, v, h)))
+    return lambda p, u, v, h, W: p.output("m", tp.mean(f(u, v, h)))
+
+
+def _mean_w(f):
+    return lambda p, u, v, h, W: p.output("m", tp.mean(f(u, v, h, W)))
 
 
 log = lambda x: tp.nonlin(sp.log, x)  # noqa: E731
@@ -48,18 +58,19 @@ REFUSED = [
     ("cbrt(u)", _mean(lambda u, v, h: tp.nonlin(sp.cbrt, u)), 1.0, "'m'", "negative"),
     ("u**v", _mean(lambda u, v, h: u**v), 1.0, "'m'", "random exponent"),
     ("sqrt(u - 2)", _mean(lambda u, v, h: sqrt(u * u - 2)), 1.0, "'m'", "negative"),
-    ("u/v", _mean(lambda u, v, h: u / v), 1.0, "'m'", "not integrable near v = 0"),
+    ("u/v", _mean(lambda u, v, h: u / v), 1.0, "'m'", "not integrable where v = 0"),
     ("1/(u-1)", _mean(lambda u, v, h: 1 / (u - 1)), 1.0, "'m'", "not integrable near u = 1"),
     ("1/u^2", _mean(lambda u, v, h: u**-2), 1.0, "'m'", "not integrable"),
     ("tanh(u)/u^2", _mean(lambda u, v, h: tp.tanh(u) / u**2), 1.0, "'m'", "not integrable"),
     ("1/h (h = W u)", _mean(lambda u, v, h: 1 / h), 1.0, "'m'", "not integrable near ZHat^h = 0"),
     ("exp(h*h) (h = W u)", _mean(lambda u, v, h: tp.exp(h * h)), 1.0, "'m'", "infinite"),
     ("log(h)", _mean(lambda u, v, h: log(h)), 1.0, "'m'", "negative"),
-    ("1/y through a Nonlin y", lambda p, u, v, h: p.output("m", tp.mean(tp.sin(u) / (u - 1).named("y"))), 1.0,
+    ("1/g, g = W.T h^3 (with a ZDot term)", _mean_w(lambda u, v, h, W: 1 / _backward(h, W)), 1.0, "'m'", "not integrable"),
+    ("1/y through a Nonlin y", lambda p, u, v, h, W: p.output("m", tp.mean(tp.sin(u) / (u - 1).named("y"))), 1.0,
      "'m'", "not integrable near u = 1"),
-    ("Nonlin log(u), no moment of it", lambda p, u, v, h: log(u).named("y"), 1.0, "'y'", "negative"),
-    ("Nonlin u/0", lambda p, u, v, h: (u / 0).named("y"), 1.0, "'y'", "divides by zero"),
-    ("W @ (1/u): infinite ZHat variance", lambda p, u, v, h: (p.mat("A") @ (1 / u).named("r")).named("y"), 1.0,
+    ("Nonlin log(u), no moment of it", lambda p, u, v, h, W: log(u).named("y"), 1.0, "'y'", "negative"),
+    ("Nonlin u/0", lambda p, u, v, h, W: (u / 0).named("y"), 1.0, "'y'", "divides by zero"),
+    ("W @ (1/u): infinite ZHat variance", lambda p, u, v, h, W: (p.mat("A") @ (1 / u).named("r")).named("y"), 1.0,
      "'y'", "A @ r"),
 ]
 
@@ -104,6 +115,8 @@ VALID = [
     ("sqrt|u|", _mean(lambda u, v, h: tp.nonlin(lambda a: sp.sqrt(sp.Abs(a)), u)),
      2**0.25 * scipy.special.gamma(0.75) / math.sqrt(math.pi)),
     ("exp(-1/u^2)", _mean(lambda u, v, h: tp.exp(-1 / u**2)), _gauss_split(lambda x: math.exp(-1 / (x * x)) if x else 0.0)),
+    ("1/(1+g^2), g = W.T h^3 (with a ZDot term)", _mean_w(lambda u, v, h, W: 1 / (1 + _backward(h, W) ** 2)),
+     _gauss(lambda x: 1 / (1 + x * x), var=24.0)),
     ("u v/(u^2+v^2) (bounded, odd: 0)", _mean(lambda u, v, h: u * v / (u * u + v * v)), 0.0),
 ]
 

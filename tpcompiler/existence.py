@@ -70,7 +70,8 @@ class UndefinedLimit(ProgramError):
     """A Nonlin that is not a real number or a Moment whose expectation does not exist."""
 
 
-#: Functions defined only on part of the real line: {function: (description, test)}.
+#: Functions defined only on part of the real line (their arguments are checked; log by
+#: sign, the others only at run time by the evaluator).
 _RESTRICTED = (sp.log, sp.asin, sp.acos, sp.atanh, sp.acosh, sp.loggamma)
 #: Generic values for the leaves held fixed while another is analysed.
 _GENERIC = [sp.Rational(3, 7), sp.Rational(-5, 11), sp.Rational(7, 13), sp.Rational(-2, 9),
@@ -126,9 +127,9 @@ def _negative_set(arg_t: sp.Expr, t: sp.Symbol):
         s = sp.solveset(sp.StrictLessThan(arg_t, 0), t, sp.S.Reals)
     except Exception:  # noqa: BLE001 - sympy may give up in many ways
         return None
-    if isinstance(s, sp.ConditionSet):
+    if isinstance(s, sp.ConditionSet) or not hasattr(s, "measure"):
         return None
-    return s is not sp.S.EmptySet and s.measure != 0 if hasattr(s, "measure") else None
+    return s is not sp.S.EmptySet and s.measure != 0
 
 
 def _real_zeros(den_t: sp.Expr, t: sp.Symbol):
@@ -179,7 +180,6 @@ class Checker:
         self.zp = zp
         self._risky: dict = {}
         self._leaf_form: dict = {}
-        self._constants: dict = {}
 
     # -- which vectors need a look --------------------------------------------------------
     def is_random(self, expr) -> bool:
@@ -212,8 +212,6 @@ class Checker:
     def leaf_form(self, expr: sp.Expr) -> sp.Expr:
         """``expr`` with every Z of a Nonlin/MatMul replaced by its recursion, down to the
         leaves Z^init and ZHat; every expectation and scalar symbol is kept (constants)."""
-        from .symbolic import Z, Zhat
-
         rep = {}
         for s in expr.free_symbols:
             if _is_z(s) and not s.name.endswith("'"):
@@ -292,19 +290,15 @@ class Checker:
         # block takes both signs with equal probability
         if self.zp.zero_block(arg) is not None and arg != 0:
             return True
-        leaf_arg = self.leaf_form(arg)
+        leaf_arg = self._constants_for_expectations(self.leaf_form(arg))
         for t in self._leaf_names(leaf_arg):
             if _negative_set(self._generic(leaf_arg, t), t):
                 return True
         return False
 
     def check_expectation(self, psi: sp.Expr, what: str) -> None:
-        from .symbolic import Expectation
-
         self._check_defined(psi, what)
-        for k in self._z_keys(psi):
-            self._check_defined(self.leaf_form(self.zp.entries[k].z) if self.zp.entries[k].rule == "nonlin" else sp.S.Zero, what)
-        f = sp.powsimp(self.leaf_form(psi))
+        f = sp.powsimp(self._constants_for_expectations(self.leaf_form(psi)))
         self._check_defined(f, what)
         leaves = self._leaf_names(f)
         # poles at finite points
@@ -316,11 +310,15 @@ class Checker:
                 zeros = _real_zeros(self._generic(den, t), t)
                 for t0 in zeros or []:
                     if _pole(f_t, t, t0):
+                        if len(leaves) == 1:
+                            where = f"near {self._show_leaf(t)} = {t0} (it grows like 1/|{shown(t - t0)}|)"
+                        else:
+                            where = (f"where {shown(den)} = 0 (e.g. it grows like 1/|{shown(t - t0)}| near "
+                                     f"{self._show_leaf(t)} = {t0} when the other Gaussians take generic values)")
                         raise UndefinedLimit(
-                            f"{what}: E[{shown(psi)}] does not exist: the function is not integrable near "
-                            f"{self._show_leaf(t)} = {t0} (it grows like 1/|{shown(t - t0)}|), where the "
-                            "Gaussian has positive density; the average over coordinates has no limit (it is "
-                            "not 0 by symmetry); use a function bounded near that point")
+                            f"{what}: E[{shown(psi)}] does not exist: the function is not integrable {where}, "
+                            "and the Gaussians have positive density there; the average over coordinates has no "
+                            "limit (it is not 0 by symmetry); use a function bounded there")
         # growth against the Gaussian tail
         grows = [a for a in sp.preorder_traversal(f)
                  if (isinstance(a, (sp.exp, sp.cosh, sp.sinh)) and self.is_random(a) and not a.args[0].is_nonpositive)
@@ -403,17 +401,21 @@ class Checker:
             return None
         return None
 
+    @staticmethod
+    def _constants_for_expectations(expr: sp.Expr) -> sp.Expr:
+        """Every expectation (a ZDot coefficient, a moment) at a generic positive value, so
+        the symbols inside it are not mistaken for variables."""
+        from .symbolic import Expectation
+
+        atoms = sorted(expr.atoms(Expectation), key=sp.default_sort_key)
+        return expr.xreplace({e: sp.Rational(11 + i, 10 + i) for i, e in enumerate(atoms)}) if atoms else expr
+
     def _generic_except(self, expr, keep: set):
         """``expr`` with every expectation and every free symbol not in ``keep`` at a generic
         value (a Param at its value)."""
-        from .symbolic import Expectation
-
-        rep = {}
-        for i, e in enumerate(sorted(expr.atoms(Expectation), key=sp.default_sort_key)):
-            rep[e] = sp.Rational(11 + i, 10 + i)
-        expr = expr.xreplace(rep)
         from . import ops
 
+        expr = self._constants_for_expectations(expr)
         rep = {}
         i = 0
         for s in sorted(expr.free_symbols, key=sp.default_sort_key):

@@ -220,6 +220,8 @@ class ZProgram:
         """Refuse a Nonlin that is not a real number and a MatMul whose input has no finite
         second moment (Moments are checked in ``_moment``, before any parity argument)."""
         entry = self.entries[key]
+        if entry.rule in ("nonlin", "matmul", "init"):
+            self.checker.risky(key)  # memoised in program order (no deep recursion later)
         if entry.rule == "nonlin":
             self.checker.check_nonlin(key)
         elif entry.rule == "matmul":
