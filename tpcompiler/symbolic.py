@@ -20,6 +20,12 @@ vectors).  Negating one block leaves the joint law unchanged, so E[f] = 0 whenev
 under that negation.  The parity of every Z under every block is derived structurally
 (``parity``), which proves e.g. that backward vectors linear in an independent readout have
 vanishing ZDot at initialisation ("gradient independence" as an output of the derivation).
+
+Oddness proves E[f] = 0 only for an integrable f (E[1/u] does not exist; it is not 0), so
+every Moment is first checked to exist, and every Nonlin to be a real number, by
+``existence.Checker`` (division by zero, logs and roots of arguments that take negative
+values, non-integrable poles, growth beyond the Gaussian tail); what it cannot decide, the
+particle evaluator refuses when it meets a non-finite value.
 """
 from __future__ import annotations
 
