@@ -1,4 +1,5 @@
-"""docs/programs/NAME.md is generated from programs/NAME.py and must not go stale."""
+"""docs/programs/NAME.md is generated from programs/NAME.py, must not go stale, and holds
+only valid TeX math (checked on the committed files, independently of the generator)."""
 from pathlib import Path
 
 import pytest
@@ -36,3 +37,21 @@ def test_no_orphan_pages():
 
 def test_check_mode_agrees(capsys):
     assert docs.main(["--check"]) == 0, capsys.readouterr().err
+
+
+PAGES = sorted((ROOT / "docs" / "programs").glob("*.md"))
+
+
+@pytest.mark.parametrize("page", PAGES, ids=[p.stem for p in PAGES])
+def test_every_formula_on_the_committed_pages_is_valid_tex(page):
+    """Independent of the generator: the committed page's $...$ formulas parse as TeX math
+    (matplotlib's mathtext, plus a text-mode check of every \\text{}; see texcheck.py)."""
+    import logging
+
+    import texcheck
+
+    logging.getLogger("matplotlib").setLevel(logging.ERROR)
+    formulas = texcheck.markdown_formulas(page.read_text())
+    assert len(formulas) > 10, f"{page.name}: too few formulas found ({len(formulas)})"
+    bad = [f"{f!r}: {p}" for f in formulas for p in texcheck.problems(f)]
+    assert not bad, f"{page.name}: {len(bad)} invalid formulas, e.g. {bad[:3]}"

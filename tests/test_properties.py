@@ -15,8 +15,7 @@ independent oracles, with hypothesis.
 3. Random abc-parametrizations (300 examples, all four regimes) and the named rows of the
    table (60): classify() and the `tpc classify` JSON against the conditions of DESIGN.md 2.4
    restated with Python Fractions, incl. the violated conditions' texts; the abc symmetry.
-4. Every random program renders (60), and powers of nonlinearities (known failure of issue 7
-   item 4, strict xfail).
+4. Every random program renders (60), and so do programs with powers of nonlinearities (30).
 
 Programs are drawn as *recipes* (plain data: lists of steps), so hypothesis shrinks them and
 prints a failing one readably; ``build`` turns a recipe into a ``tp.Program`` using only the
@@ -658,13 +657,7 @@ def test_every_random_program_renders(recipe):
     check_renders(recipe)
 
 
-@pytest.mark.xfail(
-    strict=True, raises=TypeError,
-    reason="issue 7 item 4 (render work, not fixed on this branch): formulas() of a power of "
-           "relu/gelu/sigmoid/softplus/step fails with \"relu._latex() got an unexpected keyword "
-           "argument 'exp'\"; minimal: h = W @ u; p.output('a', tp.mean(tp.relu(h) ** 2))",
-)
-@_settings(30, shrink=False)  # an expected failure: do not spend minutes shrinking it
+@_settings(30)
 @given(random_recipes(nonlinear=True, max_steps=5, powers=True))
 def test_every_random_program_with_powers_renders(recipe):
     """The same with powers v ** 2, v ** 3 of any vector, nonlinearities included."""

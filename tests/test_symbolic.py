@@ -139,10 +139,10 @@ def test_gradient_independence_is_derived_not_assumed():
 
 
 def test_zero_through_a_transposed_family():
-    """resmlp: E[Z^{W2^T dh2} delta(Z^h1)] is odd in the W2^T family although dh1 itself is not."""
+    """resmlp: E[Z^{W2^T dh2} delta(Z^h1)] is odd in the W2.T family although dh1 itself is not."""
     zp = derive(tp.load("programs/resmlp.py", depth=2).graph)
     terms = zp.entries["db1"].zdot
-    assert len(terms) == 1 and terms[0].is_zero and "W2^T" in terms[0].zero_reason
+    assert len(terms) == 1 and terms[0].is_zero and "W2.T" in terms[0].zero_reason
 
 
 def test_zmoment_expectations_and_provable_zeros():

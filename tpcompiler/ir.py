@@ -210,12 +210,28 @@ class Graph:
         return [describe(self, k, latex) for k in self.order()]
 
 
-def _fmt(expr, latex: bool) -> str:
-    return sp.latex(expr) if latex else sp.sstr(expr)
+ALPHA, BETA = r"\alpha", r"\beta"
+
+
+def _fmt(expr, latex: bool, names: dict | None = None) -> str:
+    if latex:
+        from .latex import latex as to_latex
+
+        return to_latex(expr, names)
+    return sp.sstr(expr)
+
+
+def _tex_number(value: float) -> str:
+    r"""A Param value in TeX (1e-05 -> 1.0 \cdot 10^{-5}, 0.5 -> 0.5)."""
+    from .latex import latex as to_latex
+
+    return to_latex(sp.Integer(int(value)) if float(value).is_integer() and abs(value) < 1e15 else sp.Float(value, 6))
 
 
 def describe(graph: Graph, key: str, latex: bool = False) -> str:
     """One line of the program listing for node ``key``."""
+    from . import latex as tex
+
     op = graph.op(key)
     name = _fmt(node_symbol(key), latex)
     if isinstance(op, ops.InitVec):
@@ -226,50 +242,57 @@ def describe(graph: Graph, key: str, latex: bool = False) -> str:
         ]
         extra = ("; " + ", ".join(partners)) if partners else ""
         if latex:
-            return rf"{name} \in \mathbb{{R}}^n:\ \text{{initial}},\ {name}_\alpha \sim \mathcal{{N}}(0, {sp.latex(op.var)})" + (rf"\ \text{{{extra}}}" if extra else "")
+            return (rf"{name} \in \mathbb{{R}}^n:\ \text{{initial}},\ {tex.indexed(key, ALPHA)} \sim \mathcal{{N}}(0, {_fmt(op.var, True)})"
+                    + (rf"\ {tex.text(extra)}" if extra else ""))
         return f"{key} : Vec, initial, coordinates iid N(0, {_fmt(op.var, False)}){extra}"
     if isinstance(op, ops.InitMat):
         if latex:
-            return rf"{name} \in \mathbb{{R}}^{{n\times n}}:\ {name}_{{\alpha\beta}} \sim \mathcal{{N}}(0, {sp.latex(op.sigma**2)}/n)"
+            return rf"{name} \in \mathbb{{R}}^{{n\times n}}:\ {tex.indexed(key, ALPHA + BETA)} \sim \mathcal{{N}}(0, {_fmt(op.sigma**2, True)}/n)"
         return f"{key} : Mat, entries iid N(0, {_fmt(op.sigma**2, False)}/n)"
     if isinstance(op, ops.Param):
-        return rf"{name} = {op.value:g}" if latex else f"{key} : Scalar = {op.value:g}"
+        return rf"{name} = {_tex_number(op.value)}" if latex else f"{key} : Scalar = {op.value:g}"
     if isinstance(op, ops.WidthPower):
-        return rf"{name} = n^{{{sp.latex(op.exponent)}}}" if latex else f"{key} : Scalar = n^({op.exponent})"
+        return rf"{name} = n^{{{_fmt(op.exponent, True)}}}" if latex else f"{key} : Scalar = n^({op.exponent})"
     if isinstance(op, ops.InputMat):
         if latex:
-            return rf"{name} \in \mathbb{{R}}^{{n\times {op.k}}}:\ {name}_{{\alpha j}} \sim \mathcal{{N}}(0, 1)\ \text{{({op.k} initial vectors)}}"
+            return rf"{name} \in \mathbb{{R}}^{{n\times {op.k}}}:\ {tex.indexed(key, ALPHA + ' j')} \sim \mathcal{{N}}(0, 1)\ \text{{({op.k} initial vectors)}}"
         return f"{key} : n x {op.k} input matrix, entries iid N(0, 1) ({op.k} initial vectors)"
     if isinstance(op, ops.InputLayer):
         U, *scalars = graph.args(key)
-        terms = [node_symbol(s) * sp.Symbol(f"{U}_{c + 1}") for c, s in zip(op.columns, scalars)]
+        columns = {c: sp.Symbol(f"{U}_{c + 1}") for c in op.columns}
+        terms = [node_symbol(s) * columns[c] for c, s in zip(op.columns, scalars)]
         body = sp.Add(*terms) / sp.sqrt(op.norm)
-        return rf"{name} := {sp.latex(body)}" if latex else f"{key} := {sp.sstr(body)}"
+        if latex:
+            return rf"{name} := {_fmt(body, True, {sym: tex.indexed(U, str(c + 1)) for c, sym in columns.items()})}"
+        return f"{key} := {sp.sstr(body)}"
     if isinstance(op, ops.Input):
-        return rf"{name}:\ \text{{input coordinate {op.index + 1} of }} {op.group}" if latex else f"{key} : Scalar, input coordinate {op.index + 1} of {op.group}"
+        return rf"{name}:\ \text{{input coordinate {op.index + 1} of }} {tex.name(op.group)}" if latex else f"{key} : Scalar, input coordinate {op.index + 1} of {op.group}"
     if isinstance(op, ops.MatMul):
         mat, x, tr = graph.matmul_parts(key)
         m = _fmt(node_symbol(mat), latex) + (("^{\\top}" if latex else ".T") if tr else "")
         xs = _fmt(node_symbol(x), latex)
         return rf"{name} := {m} {xs}" if latex else f"{key} := {m} {xs}"
     if isinstance(op, ops.Nonlin):
-        return rf"{name} := {sp.latex(op.expr)}" if latex else f"{key} := {sp.sstr(op.expr)}"
+        return rf"{name} := {_fmt(op.expr, True)}" if latex else f"{key} := {sp.sstr(op.expr)}"
     if isinstance(op, ops.Moment):
         if latex:
-            body = sp.latex(_index_alpha(graph, op.expr))
+            body = _fmt(op.expr, True, _index_alpha(graph, op.expr))
             return rf"{name} := \frac{{1}}{{n}} \sum_{{\alpha=1}}^{{n}} {body}"
         return f"{key} := (1/n) sum_a {sp.sstr(op.expr)}"
     raise ProgramError(f"unknown instruction type {type(op).__name__} at {key!r}")
 
 
-def _index_alpha(graph: Graph, expr: sp.Expr) -> sp.Expr:
-    """Replace each vector symbol x by x_alpha (x(xi')_alpha if primed) in a Moment's summand."""
-    rep = {}
+def _index_alpha(graph: Graph, expr: sp.Expr) -> dict:
+    """LaTeX names writing each vector symbol x of a Moment's summand as x_alpha
+    (x_alpha(xi') if primed)."""
+    from . import latex as tex
+
+    names = {}
     for s in expr.free_symbols:
         key, primed = unprime(s)
         if graph.kind(key) == VEC:
-            rep[s] = sp.Symbol(sp.latex(node_symbol(key)) + (r"(\xi')" if primed else "") + r"_{\alpha}")
-    return expr.xreplace(rep)
+            names[s] = tex.indexed(key, r"\alpha") + (r"(\xi')" if primed else "")
+    return names
 
 
 # ---------------------------------------------------------------------------------------

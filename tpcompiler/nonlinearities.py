@@ -18,10 +18,20 @@ import numpy as np
 import scipy.special
 import sympy as sp
 
+from .latex import function_latex
+
 SQRT2 = sp.sqrt(2)
 
 
-class relu(sp.Function):
+class _Printed:
+    r"""LaTeX of a custom function: \operatorname{name}(x), and its powers
+    \operatorname{name}^{k}(x) (sympy passes ``exp`` when it prints f(x)**k)."""
+
+    def _latex(self, printer, exp=None):
+        return function_latex(type(self).__name__, printer, self.args, exp)
+
+
+class relu(_Printed, sp.Function):
     """relu(x) = max(x, 0); relu'(x) = step(x)."""
 
     nargs = 1
@@ -38,11 +48,9 @@ class relu(sp.Function):
     def fdiff(self, argindex=1):
         return step(self.args[0])
 
-    def _latex(self, printer):
-        return r"\operatorname{relu}\left(%s\right)" % printer._print(self.args[0])
 
 
-class step(sp.Function):
+class step(_Printed, sp.Function):
     """step(x) = 1 if x > 0 else 0 (the Heaviside function); step'(x) = DiracDelta(x)."""
 
     nargs = 1
@@ -55,11 +63,9 @@ class step(sp.Function):
     def fdiff(self, argindex=1):
         return sp.DiracDelta(self.args[0])
 
-    def _latex(self, printer):
-        return r"\operatorname{step}\left(%s\right)" % printer._print(self.args[0])
 
 
-class sigmoid(sp.Function):
+class sigmoid(_Printed, sp.Function):
     """sigmoid(x) = 1 / (1 + exp(-x)); sigmoid' = sigmoid (1 - sigmoid)."""
 
     nargs = 1
@@ -73,11 +79,9 @@ class sigmoid(sp.Function):
         s = sigmoid(self.args[0])
         return s * (1 - s)
 
-    def _latex(self, printer):
-        return r"\operatorname{sigmoid}\left(%s\right)" % printer._print(self.args[0])
 
 
-class gelu(sp.Function):
+class gelu(_Printed, sp.Function):
     """gelu(x) = x Phi(x) with Phi the standard normal CDF (the exact GELU)."""
 
     nargs = 1
@@ -91,11 +95,9 @@ class gelu(sp.Function):
         x = self.args[0]
         return (1 + sp.erf(x / SQRT2)) / 2 + x * sp.exp(-x**2 / 2) / sp.sqrt(2 * sp.pi)
 
-    def _latex(self, printer):
-        return r"\operatorname{gelu}\left(%s\right)" % printer._print(self.args[0])
 
 
-class softplus(sp.Function):
+class softplus(_Printed, sp.Function):
     """softplus(x) = log(1 + exp(x)); softplus' = sigmoid."""
 
     nargs = 1
@@ -108,8 +110,6 @@ class softplus(sp.Function):
     def fdiff(self, argindex=1):
         return sigmoid(self.args[0])
 
-    def _latex(self, printer):
-        return r"\operatorname{softplus}\left(%s\right)" % printer._print(self.args[0])
 
 
 #: Names of the custom sympy functions, for sympify of generated source.

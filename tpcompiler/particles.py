@@ -30,6 +30,7 @@ import sympy as sp
 from threadpoolctl import threadpool_limits
 
 from . import ops, symbols
+from .existence import UndefinedLimit
 from .ir import ProgramError
 from .lowering import evaluate
 from .symbolic import Expectation, ZProgram, key_of_z
@@ -49,6 +50,19 @@ class _Family:
     members: list[str] = field(default_factory=list)
     noise: list[np.ndarray] = field(default_factory=list)
     L: np.ndarray = field(default_factory=lambda: np.zeros((0, 0)))
+
+
+def _require_finite(values, key: str, what: str) -> None:
+    """Refuse non-finite particle values (the symbolic stage decides what it can; this
+    catches the rest, e.g. a log of something it could not prove positive)."""
+    with np.errstate(invalid="ignore"):
+        finite = np.isfinite(values)
+    if not np.all(finite):
+        bad = np.size(finite) - int(np.count_nonzero(finite))
+        raise UndefinedLimit(
+            f"instruction {key!r}: {what} not a finite real number at {bad} of {np.size(finite)} "
+            "particles (nan: a function outside its domain, e.g. log or sqrt of a negative number; "
+            "inf: division by zero or overflow); its limit does not exist as a number")
 
 
 def _forward_substitution(L: np.ndarray, c: np.ndarray) -> np.ndarray:
@@ -96,11 +110,12 @@ class _Run:
                 raise ProgramError(f"program {self.graph.name!r} has an unbound input {key!r}; instantiate it with data first")
             elif entry.rule == "nonlin":
                 env[key] = self._eval_vec(entry.z)
+                _require_finite(env[key], key, "its values are")
             elif entry.rule == "matmul":
                 env[key] = self._matmul(key)
                 self._tangents.clear()  # per product; recomputed if a later one needs them
             elif entry.rule == "moment":
-                env[key] = self._limit_scalar(entry.z)
+                env[key] = self._limit_scalar(entry.z, key)
         return {name: evaluate(expr, env) for name, expr in self.graph.outputs.items()}
 
     def _eval_vec(self, zexpr: sp.Expr) -> np.ndarray:
@@ -109,10 +124,16 @@ class _Run:
             env[s.name] = self.env[key_of_z(s)[0]] if symbols.is_z(s) else self.env[s.name]
         return evaluate(zexpr, env, size=self.M)
 
-    def _limit_scalar(self, expr: sp.Expr) -> float:
+    def _limit_scalar(self, expr: sp.Expr, key: str) -> float:
         """A deterministic limit: every E[f] replaced by its particle average."""
-        means = {e: sp.Float(np.mean(self._eval_vec(e.args[0]))) for e in expr.atoms(Expectation)}
-        return evaluate(expr.xreplace(means), self.env)
+        means = {}
+        for e in expr.atoms(Expectation):
+            samples = self._eval_vec(e.args[0])
+            _require_finite(samples, key, "the function it averages is")
+            means[e] = sp.Float(np.mean(samples))
+        value = evaluate(expr.xreplace(means), self.env)
+        _require_finite(value, key, "its value is")
+        return value
 
     def _init_vectors(self) -> None:
         """Initial vectors, and input layers (Gaussians whose covariance is set by the

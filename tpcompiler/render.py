@@ -10,12 +10,13 @@ import sympy as sp
 
 from . import ops, symbols
 from .ir import describe
+from .latex import escape_text, latex, text
 from .ops import node_symbol
 from .symbolic import Expectation, Z, ZProgram, key_of_z
 
 
 def _node_latex(key: str) -> str:
-    return sp.latex(node_symbol(key))
+    return latex(node_symbol(key))
 
 
 def _z_names(expr: sp.Expr) -> dict:
@@ -36,7 +37,7 @@ def _z_names(expr: sp.Expr) -> dict:
 def tex(expr) -> str:
     """LaTeX of an expression with Z^x, ZHat^x and scalar names typeset."""
     expr = sp.sympify(expr)
-    return sp.latex(expr, symbol_names=_z_names(expr))
+    return latex(expr, _z_names(expr))
 
 
 def _family_name(family: tuple) -> str:
@@ -59,7 +60,7 @@ def _zdot_lines(zp: ZProgram, key: str) -> list[str]:
             d = zp.derivative_display(x, t.source)
             lines.append(
                 rf"\quad \text{{term }} Z^{{{_node_latex(t.y)}}}:\ \mathbb{{E}}\left[{tex(d)}\right] = 0"
-                rf"\ \text{{({t.zero_reason})}}"
+                rf"\ {text('(' + t.zero_reason + ')')}"
             )
     return lines
 
@@ -71,16 +72,16 @@ def _input_layer_line(g, key: str) -> str:
     parts = [rf"Z^{{{k}}}\ \text{{Gaussian, independent of all but the input layers of }} {_node_latex(U)}"]
     dependent = g.input_dependent()
     if key in dependent:
-        parts.append(rf"\mathrm{{Cov}}(Z^{{{k}}}, Z^{{{k}}}(\xi')) = {sp.latex(g.init_covariance(key, key, prime_b=True))}")
+        parts.append(rf"\mathrm{{Cov}}(Z^{{{k}}}, Z^{{{k}}}(\xi')) = {latex(g.init_covariance(key, key, prime_b=True))}")
     else:
-        parts.append(rf"\mathrm{{Var}}(Z^{{{k}}}) = {sp.latex(g.init_covariance(key, key))}")
+        parts.append(rf"\mathrm{{Var}}(Z^{{{k}}}) = {latex(g.init_covariance(key, key))}")
     for other in g.keys_of(ops.InputLayer):
         if other == key:
             break
         if g.args(other)[0] == U:
             c = g.init_covariance(other, key, prime_b=key in dependent)
             second = r"(\xi')" if key in dependent else ""
-            parts.append(rf"\mathrm{{Cov}}(Z^{{{_node_latex(other)}}}, Z^{{{k}}}{second}) = {sp.latex(c)}")
+            parts.append(rf"\mathrm{{Cov}}(Z^{{{_node_latex(other)}}}, Z^{{{k}}}{second}) = {latex(c)}")
     return r",\ ".join(parts)
 
 
@@ -95,11 +96,11 @@ def _sections(zp: ZProgram) -> list[tuple[str, list[str]]]:
             inits.append(_input_layer_line(g, key))
         elif e.rule == "init":
             cov = [
-                rf"\mathrm{{Cov}}(Z^{{{k}}}, Z^{{{_node_latex(o)}}}) = {sp.latex(c)}"
+                rf"\mathrm{{Cov}}(Z^{{{k}}}, Z^{{{_node_latex(o)}}}) = {latex(c)}"
                 for pair, c in g.init_cov.items() if key in pair
                 for o in pair - {key} if g.g.nodes[o]["index"] < g.g.nodes[key]["index"]
             ]
-            inits.append(rf"Z^{{{k}}} \sim \mathcal{{N}}(0, {sp.latex(g.op(key).var)})" + ("".join(r",\ " + c for c in cov)))
+            inits.append(rf"Z^{{{k}}} \sim \mathcal{{N}}(0, {latex(g.op(key).var)})" + ("".join(r",\ " + c for c in cov)))
         elif e.rule == "nonlin":
             recursions.append(rf"Z^{{{k}}} = {tex(e.z)}")
         elif e.rule == "matmul":
@@ -115,16 +116,16 @@ def _sections(zp: ZProgram) -> list[tuple[str, list[str]]]:
                     rep[s] = Z(base, name.endswith("'"))
             zexpr = op.expr.xreplace(rep)
             if e.z == 0:
-                moments.append(rf"\mathring{{{k}}} = {tex(Expectation(zexpr))} = 0 \quad\text{{({e.zero_reason})}}")
+                moments.append(rf"\mathring{{{k}}} = {tex(Expectation(zexpr))} = 0 \quad{text('(' + e.zero_reason + ')')}")
             else:
                 moments.append(rf"\mathring{{{k}}} = {tex(e.z)}")
     for family, members in zp.families.items():
         items = ", ".join(rf"\hat{{Z}}^{{{_node_latex(m)}}}\ ({_family_name(family)} {_node_latex(zp.entries[m].x)})" for m in members)
         mat = family[0]
         families.append(
-            rf"{_family_name(family)}:\ {items};\quad \mathrm{{Cov}}(\hat{{Z}}^{{{_family_name(family)}x}}, \hat{{Z}}^{{{_family_name(family)}y}}) = {sp.latex(g.op(mat).sigma ** 2)}\,\mathbb{{E}}[Z^x Z^y]"
+            rf"{_family_name(family)}:\ {items};\quad \mathrm{{Cov}}(\hat{{Z}}^{{{_family_name(family)}x}}, \hat{{Z}}^{{{_family_name(family)}y}}) = {latex(g.op(mat).sigma ** 2)}\,\mathbb{{E}}[Z^x Z^y]"
         )
-    outputs = [rf"\text{{{name}}} = {sp.latex(expr)}" for name, expr in g.outputs.items()]
+    outputs = [rf"{text(name)} = {latex(expr)}" for name, expr in g.outputs.items()]
     return [
         ("Program", listing),
         ("Initial Gaussians (ZInit)", inits),
@@ -153,7 +154,7 @@ def render(zp: ZProgram, format: str = "markdown") -> str:
     if format == "latex":
         out = [f"% {zp.graph.name}: derived infinite-width limit (tpcompiler)"]
         for title, lines in sections:
-            out.append(rf"\paragraph{{{title}}}")
+            out.append(rf"\paragraph{{{escape_text(title)}}}")
             if lines:
                 out.append(r"\begin{align*}")
                 out.append(" \\\\\n".join(f"& {line}" for line in lines))

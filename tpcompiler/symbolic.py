@@ -20,6 +20,12 @@ vectors).  Negating one block leaves the joint law unchanged, so E[f] = 0 whenev
 under that negation.  The parity of every Z under every block is derived structurally
 (``parity``), which proves e.g. that backward vectors linear in an independent readout have
 vanishing ZDot at initialisation ("gradient independence" as an output of the derivation).
+
+Oddness proves E[f] = 0 only for an integrable f (E[1/u] does not exist; it is not 0), so
+every Moment is first checked to exist, and every Nonlin to be a real number, by
+``existence.Checker`` (division by zero, logs and roots of arguments that take negative
+values, non-integrable poles, growth beyond the Gaussian tail); what it cannot decide, the
+particle evaluator refuses when it meets a non-finite value.
 """
 from __future__ import annotations
 
@@ -30,6 +36,7 @@ import networkx as nx
 import sympy as sp
 
 from . import ops
+from .existence import Checker
 from .ir import Graph
 from .nonlinearities import EVEN, NEITHER, ODD, parity_of_function
 from . import symbols
@@ -56,8 +63,9 @@ class Expectation(sp.Function):
                 return sp.Mul(*const) * cls(sp.Mul(*[t for t in arg.args if _is_random(t)]))
         return None
 
-    def _latex(self, printer):
-        return r"\mathbb{E}\left[%s\right]" % printer._print(self.args[0])
+    def _latex(self, printer, exp=None):
+        body = r"\mathbb{E}\left[%s\right]" % printer._print(self.args[0])
+        return body if exp is None else r"\left(%s\right)^{%s}" % (body, exp)
 
     def _sympystr(self, printer):
         return "E[%s]" % printer._print(self.args[0])
@@ -199,8 +207,21 @@ class ZProgram:
         self._derivative: dict = {}
         self._partials: dict = {}
         self._init_block = self._init_blocks()
+        self.checker = Checker(self)
         for key in self.order:
             self.entries[key] = self._derive(key)
+            self._check_exists(key)
+
+    def _check_exists(self, key: str) -> None:
+        """Refuse a Nonlin that is not a real number and a MatMul whose input has no finite
+        second moment (Moments are checked in ``_moment``, before any parity argument)."""
+        entry = self.entries[key]
+        if entry.rule in ("nonlin", "matmul", "init"):
+            self.checker.risky(key)  # memoised in program order (no deep recursion later)
+        if entry.rule == "nonlin":
+            self.checker.check_nonlin(key)
+        elif entry.rule == "matmul":
+            self.checker.check_second_moment(key, entry.x)
 
     # -- leaves and blocks --------------------------------------------------------------
     def _init_blocks(self) -> dict[str, str]:
@@ -225,7 +246,7 @@ class ZProgram:
         if leaf in self._init_block:
             return self._init_block[leaf]
         mat, _, tr = self.graph.matmul_parts(leaf)
-        return f"family:{mat}{'^T' if tr else ''}"
+        return f"family:{mat}{'.T' if tr else ''}"
 
     def describe_block(self, block: str) -> str:
         """Words for a block, used to say why an expectation vanishes."""
@@ -385,6 +406,8 @@ class ZProgram:
                 rep[s] = Z(k, primed)
                 deps |= self.entries[k].deps
         psi = op.expr.xreplace(rep)
+        # an odd function has expectation 0 only if it is integrable: check existence first
+        self.checker.check_moment(key, psi)
         block = self.zero_block(psi, deps)
         if block is not None:
             return ZEntry(key, "moment", sp.S.Zero, frozenset(), zero_reason=f"odd in {self.describe_block(block)}")

@@ -1,0 +1,150 @@
+"""Expectations that do not exist are refused, never reported as numbers (issue 7, class 3).
+
+Each refused case is a program whose limit is not a real number (E[1/u] is not 0 by
+oddness: 1/u is not integrable); the error must come from the symbolic stage (tp.compile)
+and name the instruction.  Each look-alike is a valid program whose particle limit must
+match an independent reference (closed form or scipy quad against the Gaussian density).
+"""
+import math
+
+import numpy as np
+import pytest
+import scipy.integrate
+import scipy.special
+import sympy as sp
+
+import tpcompiler as tp
+from tpcompiler.existence import UndefinedLimit
+
+
+def _backward(h, W):
+    """g = W.T h^3 for h = W u: Z^g = ZHat^g + 3 sigma^2 E[(Z^h)^2] Z^u (a ZDot term), so with
+    sigma = var(u) = 1, Z^g ~ N(0, E[h^6] + 9) = N(0, 24)."""
+    return (W.T @ (h**3).named("h3")).named("g")
+
+
+def _program(build, var_u=1.0):
+    p = tp.Program("ex")
+    u = p.vec("u", var=var_u)
+    v = p.vec("v")
+    W = p.mat("W", sigma=1.0)
+    h = (W @ u).named("h")
+    build(p, u, v, h, W)
+    return p
+
+
+def _mean(f):
+    return lambda p, u, v, h, W: p.output("m", tp.mean(f(u, v, h)))
+
+
+def _mean_w(f):
+    return lambda p, u, v, h, W: p.output("m", tp.mean(f(u, v, h, W)))
+
+
+log = lambda x: tp.nonlin(sp.log, x)  # noqa: E731
+sqrt = lambda x: tp.nonlin(sp.sqrt, x)  # noqa: E731
+
+# (id, program builder, variance of u, instruction named in the error, words in the error)
+REFUSED = [
+    ("1/u", _mean(lambda u, v, h: 1 / u), 1.0, "'m'", "not integrable near u = 0"),
+    ("u/0", _mean(lambda u, v, h: u / 0), 1.0, "'m'", "divides by zero"),
+    ("exp(u*u)", _mean(lambda u, v, h: tp.exp(u * u)), 1.0, "'m'", "infinite"),
+    ("exp(u*u/2) borderline", _mean(lambda u, v, h: tp.exp(0.5 * u * u)), 1.0, "'m'", "infinite"),
+    ("exp(0.3 u^2), var 2", _mean(lambda u, v, h: tp.exp(0.3 * u * u)), 2.0, "'m'", "infinite"),
+    ("exp(u*v)", _mean(lambda u, v, h: tp.exp(u * v)), 1.0, "'m'", "infinite"),
+    ("exp(u^3)", _mean(lambda u, v, h: tp.exp(u**3)), 1.0, "'m'", "infinite"),
+    ("log(u)", _mean(lambda u, v, h: log(u)), 1.0, "'m'", "negative"),
+    ("sqrt(u)", _mean(lambda u, v, h: sqrt(u)), 1.0, "'m'", "negative"),
+    ("cbrt(u)", _mean(lambda u, v, h: tp.nonlin(sp.cbrt, u)), 1.0, "'m'", "negative"),
+    ("u**v", _mean(lambda u, v, h: u**v), 1.0, "'m'", "random exponent"),
+    ("sqrt(u - 2)", _mean(lambda u, v, h: sqrt(u * u - 2)), 1.0, "'m'", "negative"),
+    ("u/v", _mean(lambda u, v, h: u / v), 1.0, "'m'", "not integrable where v = 0"),
+    ("1/(u-1)", _mean(lambda u, v, h: 1 / (u - 1)), 1.0, "'m'", "not integrable near u = 1"),
+    ("1/u^2", _mean(lambda u, v, h: u**-2), 1.0, "'m'", "not integrable"),
+    ("tanh(u)/u^2", _mean(lambda u, v, h: tp.tanh(u) / u**2), 1.0, "'m'", "not integrable"),
+    ("1/h (h = W u)", _mean(lambda u, v, h: 1 / h), 1.0, "'m'", "not integrable near ZHat^h = 0"),
+    ("exp(h*h) (h = W u)", _mean(lambda u, v, h: tp.exp(h * h)), 1.0, "'m'", "infinite"),
+    ("log(h)", _mean(lambda u, v, h: log(h)), 1.0, "'m'", "negative"),
+    ("1/g, g = W.T h^3 (with a ZDot term)", _mean_w(lambda u, v, h, W: 1 / _backward(h, W)), 1.0, "'m'", "not integrable"),
+    ("1/y through a Nonlin y", lambda p, u, v, h, W: p.output("m", tp.mean(tp.sin(u) / (u - 1).named("y"))), 1.0,
+     "'m'", "not integrable near u = 1"),
+    ("Nonlin log(u), no moment of it", lambda p, u, v, h, W: log(u).named("y"), 1.0, "'y'", "negative"),
+    ("Nonlin u/0", lambda p, u, v, h, W: (u / 0).named("y"), 1.0, "'y'", "divides by zero"),
+    ("W @ (1/u): infinite ZHat variance", lambda p, u, v, h, W: (p.mat("A") @ (1 / u).named("r")).named("y"), 1.0,
+     "'y'", "A @ r"),
+]
+
+
+@pytest.mark.parametrize("build,var,name,words", [c[1:] for c in REFUSED], ids=[c[0] for c in REFUSED])
+def test_nonexistent_limits_are_refused_by_the_symbolic_stage(build, var, name, words):
+    p = _program(build, var)
+    with pytest.raises(UndefinedLimit) as err:
+        tp.compile(p)
+    msg = str(err.value)
+    assert f"instruction {name}" in msg and words in msg, msg
+    assert isinstance(err.value, tp.ProgramError)
+
+
+def _gauss(f, var=1.0):
+    """E f(u), u ~ N(0, var), by quad (independent of the compiler)."""
+    s = math.sqrt(var)
+    val, _ = scipy.integrate.quad(lambda x: f(x) * math.exp(-x * x / (2 * var)) / (s * math.sqrt(2 * math.pi)),
+                                  -np.inf, np.inf, limit=200, points=None)
+    return val
+
+
+def _gauss_split(f):
+    """Same, split at 0 (for functions with a kink or a removable point there)."""
+    dens = lambda x: math.exp(-x * x / 2) / math.sqrt(2 * math.pi)  # noqa: E731
+    a, _ = scipy.integrate.quad(lambda x: f(x) * dens(x), -np.inf, 0, limit=200)
+    b, _ = scipy.integrate.quad(lambda x: f(x) * dens(x), 0, np.inf, limit=200)
+    return a + b
+
+
+# (id, program builder, independent reference value)
+VALID = [
+    ("1/(1+u^2)", _mean(lambda u, v, h: 1 / (1 + u**2)), _gauss(lambda x: 1 / (1 + x * x))),
+    ("exp(u)", _mean(lambda u, v, h: tp.exp(u)), math.exp(0.5)),
+    ("sqrt(u^2+1)", _mean(lambda u, v, h: sqrt(u * u + 1)), _gauss(lambda x: math.sqrt(x * x + 1))),
+    ("exp(0.1 u^2)", _mean(lambda u, v, h: tp.exp(0.1 * u * u)), 1 / math.sqrt(1 - 0.2)),
+    ("exp(0.1 h^2), h = W u", _mean(lambda u, v, h: tp.exp(0.1 * h * h)), 1 / math.sqrt(1 - 0.2)),
+    ("exp(0.3 u v)", _mean(lambda u, v, h: tp.exp(0.3 * u * v)), 1 / math.sqrt(1 - 0.09)),
+    ("exp(u^2 - u^4)", _mean(lambda u, v, h: tp.exp(u**2 - u**4)), _gauss(lambda x: math.exp(x * x - x**4))),
+    ("sin(u)/u", _mean(lambda u, v, h: tp.sin(u) / u), math.sqrt(math.pi / 2) * math.erf(1 / math.sqrt(2))),
+    ("log(1+u^2)", _mean(lambda u, v, h: log(1 + u * u)), _gauss(lambda x: math.log1p(x * x))),
+    ("sqrt|u|", _mean(lambda u, v, h: tp.nonlin(lambda a: sp.sqrt(sp.Abs(a)), u)),
+     2**0.25 * scipy.special.gamma(0.75) / math.sqrt(math.pi)),
+    ("exp(-1/u^2)", _mean(lambda u, v, h: tp.exp(-1 / u**2)), _gauss_split(lambda x: math.exp(-1 / (x * x)) if x else 0.0)),
+    ("1/(1+g^2), g = W.T h^3 (with a ZDot term)", _mean_w(lambda u, v, h, W: 1 / (1 + _backward(h, W) ** 2)),
+     _gauss(lambda x: 1 / (1 + x * x), var=24.0)),
+    ("u v/(u^2+v^2) (bounded, odd: 0)", _mean(lambda u, v, h: u * v / (u * u + v * v)), 0.0),
+]
+
+
+@pytest.mark.parametrize("build,ref", [c[1:] for c in VALID], ids=[c[0] for c in VALID])
+def test_valid_look_alikes_match_an_independent_reference(build, ref):
+    value, err = tp.compile(_program(build)).limit(particles=100_000, seed=3)["m"]
+    assert err < 0.02
+    assert abs(value - ref) <= 5 * err + 1e-12, (value, err, ref)
+
+
+def test_undecidable_domain_is_refused_by_the_evaluator():
+    """log(sigmoid(u) - 0.3) is nan for u < logit(0.3); the symbolic stage cannot decide it
+    (sigmoid is opaque to sympy's solver), so the particle evaluator must refuse the nan."""
+    p = tp.Program("ex")
+    u = p.vec("u")
+    y = tp.nonlin(lambda a: sp.log(tp.nonlinearities.sigmoid(a) - sp.Rational(3, 10)), u).named("y")
+    p.output("m", tp.mean(tp.tanh(y)))
+    c = tp.compile(p)
+    with pytest.raises(UndefinedLimit, match="instruction 'y'.*not a finite real number"):
+        c.limit(particles=2_000)
+
+
+def test_parity_still_proves_zeros_of_integrable_odd_functions():
+    """Existence is checked before parity, not instead of it: E[tanh(u)^3] and
+    E[u/(1+u^2)] are exactly 0 (odd and integrable)."""
+    for f in (lambda u: tp.tanh(u) ** 3, lambda u: u / (1 + u * u)):
+        p = tp.Program("odd")
+        u = p.vec("u")
+        p.output("m", tp.mean(f(u)))
+        assert tp.compile(p).limit(particles=2_000)["m"] == (0.0, 0.0)
