@@ -49,6 +49,7 @@ LOSSES = ("mse", "logistic", "softmax")
 #: one program (its size grows like steps x inputs), so a further bound applies there
 #: (``MAX_UNROLLED``); kernel-regime training keeps (steps + 1) x inputs trajectories in memory.
 MAX_STEPS = 1_000_000
+STEPS_WHY = "every step is kept in the returned trajectory; feature learning allows far fewer"
 #: Largest steps x (training + evaluation inputs) of feature-learning training.  Measured: 40
 #: steps x 8 inputs (a 2,660-instruction program) take about 75 s to unroll on one core, and
 #: the time grows faster than linearly.
@@ -89,7 +90,7 @@ class SGD:
         # tpcompiler.validation: the checks tpc train applies too, with the argument named
         self.X = validation.array(self.X, "X", ndim=(1, 2))
         self.Y = validation.array(self.Y, "Y", ndim=(1, 2))
-        self.steps = validation.count(self.steps, "steps", maximum=MAX_STEPS)
+        self.steps = validation.count(self.steps, "steps", maximum=MAX_STEPS, why=STEPS_WHY)
         self.lr = validation.number(self.lr, "lr", positive=True)
         self.batch = validation.optional_count(self.batch, "batch", minimum=1)
         self.loss = validation.choice(self.loss, "loss", LOSSES)

@@ -42,8 +42,9 @@ def _show(value) -> str:
     return text if len(text) <= 60 else text[:57] + "..."
 
 
-def count(value, name: str | None, minimum: int = 0, maximum: int | None = None) -> int:
-    """``value`` as an int in [minimum, maximum]; integral floats (1e4) accepted."""
+def count(value, name: str | None, minimum: int = 0, maximum: int | None = None, why: str = "") -> int:
+    """``value`` as an int in [minimum, maximum]; integral floats (1e4) accepted.  ``why``
+    explains the maximum in its message."""
     what = {0: "a non-negative integer", 1: "a positive integer"}.get(minimum, f"an integer >= {minimum}")
     if maximum is not None:
         what = f"an integer in {minimum}..{maximum}"
@@ -61,7 +62,7 @@ def count(value, name: str | None, minimum: int = 0, maximum: int | None = None)
     if out < minimum:
         _fail(name, f"expected {what}, got {out}")
     if maximum is not None and out > maximum:
-        _fail(name, f"{out} is above the limit {maximum}")
+        _fail(name, f"{out} is above the limit {maximum}{' (' + why + ')' if why else ''}")
     return out
 
 
@@ -146,5 +147,5 @@ def finite_results(results: dict, what: str, hint: str) -> None:
     """Outputs must not silently carry NaN or infinities: name the first one that does."""
     for key, value in results.items():
         arr = np.asarray(value[0] if isinstance(value, tuple) else value, dtype=np.float64)
-        if finite and arr.size and not np.all(np.isfinite(arr)):
+        if arr.size and not np.all(np.isfinite(arr)):
             raise ProgramError(f"{what} {key!r} is not finite (NaN or overflow); {hint}")
