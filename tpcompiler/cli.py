@@ -26,7 +26,7 @@ class _Parser(argparse.ArgumentParser):
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         # exponents such as "-1/2,0,1/2" are values, not options (DESIGN.md 5: --a a1,..)
-        self._negative_number_matcher = re.compile(r"^-(\d|\.\d)[\d./,;\seE+-]*$")
+        self._negative_number_matcher = re.compile(r"^-(\d|\.\d|inf$|nan$)[\d./,;\seE+-]*$", re.IGNORECASE)
 
     def error(self, message):  # one line instead of usage + message
         raise CommandError(message)

@@ -98,8 +98,9 @@ class SGD:
         if self.loss == "logistic":
             validation.binary_targets(self.Y, "Y")
         if self.loss == "softmax":
-            Y2 = self.Y if self.Y.ndim == 2 else self.Y[None, :]
-            if Y2.size and (Y2.min() < 0 or Y2.max() > 1 or np.abs(Y2.sum(axis=1) - 1).max() > 1e-6):
+            Y = self.Y
+            rows_ok = Y.ndim != 2 or np.abs(Y.sum(axis=1) - 1).max(initial=0) <= 1e-6
+            if Y.size and (Y.min() < 0 or Y.max() > 1 or not rows_ok):
                 raise validation.ArgumentError("Y: the softmax loss needs probability rows (entries in [0, 1] "
                                                "summing to 1, e.g. one-hot labels)")
         if self.batch is not None and self.X.ndim == 2 and self.batch > self.X.shape[0]:
