@@ -253,6 +253,15 @@ def sgd(a, **kw):
     return tp.SGD(**args)
 
 
+def train_mlp(a, **kw):
+    from tpcompiler.finite_training import train_mlp as run
+
+    args = dict(X=a["X"], Y=a["Y"], depth=1, phi="tanh", w_std=1.0, a=[0, "1/2"], b=[0, 0], c=0,
+                lr=0.5, steps=2, width=8, seed=0)
+    args.update(kw)
+    return run(**args)
+
+
 def late_output(a):
     p = tp.Program("late")
     u = p.vec("u")
@@ -358,6 +367,15 @@ API_CASES = [
     ("nonlin foreign symbol, 2 args", lambda a: nonlin_program(lambda x, y: x * y * sp.Symbol("c"), 1, 2), r"sympy symbol 'c'"),
     ("nonlin undefined function", lambda a: nonlin_program(lambda x: sp.Function("Fancy")(x)), r"tp\.nonlin: 'Fancy' is an undefined sympy function"),
     ("nonlin undefined nested", lambda a: nonlin_program(lambda x: sp.exp(sp.Function("g")(x))), r"'g' is an undefined sympy function"),
+    ("formulas format", lambda a: a["zc"].formulas(format="html"), r"^format: expected one of markdown, latex, got 'html'$"),
+    ("train_mlp width=2.5", lambda a: train_mlp(a, width=2.5), r"^width: expected a positive integer, got 2\.5$"),
+    ("train_mlp steps=2.5", lambda a: train_mlp(a, steps=2.5), r"^steps: expected a non-negative integer, got 2\.5$"),
+    ("train_mlp lr=nan", lambda a: train_mlp(a, lr=np.nan), r"^lr: expected a positive finite number, got nan$"),
+    ("train_mlp depth=0", lambda a: train_mlp(a, depth=0), r"^depth: expected a positive integer, got 0$"),
+    ("train_mlp seed=-1", lambda a: train_mlp(a, seed=-1), r"^seed: expected a non-negative integer, got -1$"),
+    ("train_mlp X complex", lambda a: train_mlp(a, X=a["X"] + 1j), r"^X: holds complex numbers"),
+    ("train_mlp w_std=-1", lambda a: train_mlp(a, w_std=-1.0), r"^w_std: expected a non-negative finite number, got -1\.0$"),
+    ("train_mlp phi=3", lambda a: train_mlp(a, phi=3), r"^phi: expected a nonlinearity name or a sympy function, got 3$"),
     ("load exit0", lambda a: tp.load(a["files"]["exit0"]), r"build\(\) in '.*exit0\.py' called sys\.exit\(0\)"),
     ("load exit on import", lambda a: tp.load(a["files"]["exit_import"]), r"called sys\.exit\(3\) while being imported"),
 ]

@@ -53,6 +53,7 @@ class Compiled:
         """The derived Z recursions, ZHat covariances, ZDot terms and moments."""
         from .render import render
 
+        validation.choice(format, "format", ("markdown", "latex"))
         return render(self.zprogram, format)
 
     def bind(self, x=None) -> tuple[ZProgram, dict]:
