@@ -38,6 +38,9 @@ PROGRAM_FILES = {
     "undefined": ("import sympy as sp\nimport tpcompiler as tp\n\ndef build():\n    p = tp.Program('f')\n"
                   "    u = p.vec('u')\n    F = sp.Function('Fancy')\n    v = tp.nonlin(lambda a: F(a), u)\n"
                   "    p.output('m', tp.mean(v * v))\n    return p\n"),
+    "dirac": ("import sympy as sp\nimport tpcompiler as tp\n\ndef build():\n    p = tp.Program('dirac')\n"
+              "    u = p.vec('u')\n    W = p.mat('W')\n    h = W @ u\n    v = tp.nonlin(lambda a: sp.DiracDelta(a), h)\n"
+              "    p.output('m', tp.mean(v * u))\n    return p\n"),
 }
 
 
@@ -190,6 +193,8 @@ CLI_CASES = [
     (["limit", ZDOT, "-p", "sigma=1e400"], r"matrix 'W': sigma: the number inf is not finite"),
     (["limit", ZDOT, "-p", "sigma=nan"], r"matrix 'W': sigma: expected a number, got 'nan'"),
     (["limit", ZDOT, "-p", "sigma=-1.5"], r"matrix 'W': sigma -1\.5 is negative"),
+    (["simulate", "{dirac}", "--width", "8"], r"instruction 'm': a Dirac delta cannot be evaluated coordinatewise"),
+    (["check", "{dirac}", "--widths", "8,16", "--seeds", "2", "--particles", "200"], r"a Dirac delta cannot be evaluated"),
     (["formulas", "{foreign}"], r"tp\.nonlin: the function uses the sympy symbol 'zeta'"),
     (["formulas", "{undefined}"], r"tp\.nonlin: 'Fancy' is an undefined sympy function"),
 ]
@@ -376,6 +381,7 @@ API_CASES = [
     ("train_mlp X complex", lambda a: train_mlp(a, X=a["X"] + 1j), r"^X: holds complex numbers"),
     ("train_mlp w_std=-1", lambda a: train_mlp(a, w_std=-1.0), r"^w_std: expected a non-negative finite number, got -1\.0$"),
     ("train_mlp phi=3", lambda a: train_mlp(a, phi=3), r"^phi: expected a nonlinearity name or a sympy function, got 3$"),
+    ("simulate Dirac delta", lambda a: tp.simulate(tp.load(a["files"]["dirac"]), width=8), r"instruction 'm': a Dirac delta"),
     ("load exit0", lambda a: tp.load(a["files"]["exit0"]), r"build\(\) in '.*exit0\.py' called sys\.exit\(0\)"),
     ("load exit on import", lambda a: tp.load(a["files"]["exit_import"]), r"called sys\.exit\(3\) while being imported"),
 ]

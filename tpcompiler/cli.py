@@ -37,7 +37,7 @@ def _count(minimum: int = 0, maximum: int | None = None, why: str = ""):
     tpcompiler.validation like the API's counts; argparse prefixes the option name."""
     def parse(text: str) -> int:
         try:
-            value = float(text) if re.fullmatch(r"\s*[-+]?[\d.]+([eE][-+]?\d+)?\s*", text) else None
+            value = float(text) if re.fullmatch(r"\s*[-+]?[\d._]+([eE][-+]?\d+)?\s*", text) else None
             if value is not None and value.is_integer() and "." not in text and "e" not in text.lower():
                 value = int(text)
             if value is None:

@@ -131,6 +131,18 @@ def _rows(x, name: str):
     return validation.optional_array(x, name, finite=False)
 
 
+def _pointwise(graph: Graph) -> None:
+    """A finite-width run evaluates every instruction coordinatewise: a Dirac delta (allowed
+    in the limit, where Stein's lemma turns its expectation into a closed form) cannot be."""
+    import sympy as sp
+
+    for key in graph.g:
+        expr = getattr(graph.op(key), "expr", None)
+        if isinstance(expr, sp.Basic) and expr.has(sp.DiracDelta):
+            raise ProgramError(f"instruction {key!r}: a Dirac delta cannot be evaluated coordinatewise, so the "
+                               "program cannot run at finite width (its limit may still exist: use limit)")
+
+
 def _require_outputs(graph: Graph) -> None:
     if not graph.outputs:
         raise ProgramError(f"program {graph.name!r} has no outputs, so there is nothing to evaluate; "
@@ -161,6 +173,7 @@ def simulate(program, width: int, seed: int = 0, x=None) -> dict[str, float]:
     graph = _evaluated_graph(program)
     _require_outputs(graph)
     graph, _ = instantiate(graph, _rows(x, "x"))
+    _pointwise(graph)
     result = interpreter.run(graph, width, seed)[0]
     validation.finite_results(result, "at finite width, output", OVERFLOW_HINT)
     return result
@@ -173,6 +186,7 @@ def simulate_seeds(program, width: int, seeds, x=None) -> dict[str, np.ndarray]:
     graph = _evaluated_graph(program)
     _require_outputs(graph)
     graph, _ = instantiate(graph, _rows(x, "x"))
+    _pointwise(graph)
     result = interpreter.simulate_many(graph, width, seeds)
     validation.finite_results(result, "at finite width, output", OVERFLOW_HINT)
     return result
