@@ -180,6 +180,8 @@ CLI_CASES = [
     (kernels(x="{X}")[:-2] + ["--out", "{dir}"], r"--out: '.*' is a directory; give a file name"),
     (kernels(x="{X}")[:-2] + ["--out", "{missing_dir_out}"], r"--out: cannot write '.*K\.npz' \(directory .* does not exist\)"),
     (train()[:-2] + ["--out", "{dir}"], r"--out: '.*' is a directory"),
+    (["check", ZDOT, "--widths", "8,16", "--seeds", "2", "--plot", "{dir}"], r"--plot: '.*' is a directory"),
+    (["check", ZDOT, "--widths", "8,16", "--seeds", "2", "--plot", "{missing_dir_out}"], r"--plot: cannot write .*does not exist"),
     (["limit", "{noout}"], r"program 'noout' has no outputs"),
     (["simulate", "{noout}", "--width", "8"], r"program 'noout' has no outputs"),
     (["check", "{noout}", "--widths", "8,16", "--seeds", "2"], r"program 'noout' has no outputs"),
@@ -427,6 +429,15 @@ def test_out_without_suffix_reports_the_real_file(capsys, files, tmp_path):
     assert rc == 0, err
     assert out.startswith(f"wrote {target}.npz: ")
     assert (tmp_path / "kern.npz").exists() and not target.exists()
+
+
+def test_plot_without_extension_reports_the_real_file(capsys, tmp_path):
+    target = tmp_path / "errors"
+    rc = main(["check", ZDOT, "--widths", "8,16", "--seeds", "2", "--particles", "2000", "--plot", str(target)])
+    out, err = capsys.readouterr()
+    assert rc in (0, 1), err
+    assert f"plot written to {target}.png" in out
+    assert (tmp_path / "errors.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and not target.exists()
 
 
 def test_internal_errors_look_internal(capsys, monkeypatch):

@@ -15,7 +15,7 @@ from .ir import ProgramError
 from .ops import InitMat
 from .compiler import MAX_RTOL, MIN_RTOL
 from .loader import load, parameters, parse_params
-from .training import MAX_STEPS, MAX_UNROLLED, STEPS_WHY
+from .training import MAX_STEPS, MAX_UNROLLED, SLOW_UNROLLED, STEPS_WHY, UNROLL_TIMES
 
 
 class CommandError(Exception):
@@ -67,12 +67,17 @@ def _real(positive: bool = True, low: float | None = None, high: float | None = 
     return parse
 
 
-def _out_path(path: str, what: str = "--out") -> str:
-    """The file an .npz output really goes to (numpy appends .npz); refuse a directory."""
-    real = path if path.endswith(".npz") else path + ".npz"
+def _out_path(path: str, what: str = "--out", suffix: str = ".npz") -> str:
+    """The file an output really goes to (numpy appends .npz to a name without it, matplotlib
+    .png to a name without an extension); refuse a directory."""
+    if suffix == ".npz":
+        real = path if path.endswith(".npz") else path + ".npz"
+    else:
+        real = path if os.path.splitext(path)[1] else path + suffix
     for p in (path, real):
         if os.path.isdir(p):
-            raise CommandError(f"{what}: {p!r} is a directory; give a file name such as {os.path.join(p, 'K.npz')!r}")
+            raise CommandError(f"{what}: {p!r} is a directory; give a file name such as "
+                               f"{os.path.join(p, 'out' + suffix)!r}")
     parent = os.path.dirname(os.path.abspath(real))
     if not os.path.isdir(parent):
         raise CommandError(f"{what}: cannot write {real!r} (directory {parent!r} does not exist)")
@@ -179,16 +184,17 @@ def cmd_check(args) -> int:
         raise CommandError(f"--widths: a convergence check needs at least two widths, got {args.widths!r}")
     if args.seeds < 2:
         raise CommandError(f"--seeds: a convergence check needs at least two seeds, got {args.seeds}")
+    plot_path = _out_path(args.plot, "--plot", ".png") if args.plot else None
     compiled = compile(_program(args, X))
     with tqdm(total=len(widths), desc="widths", file=sys.stderr, disable=not sys.stderr.isatty()) as bar:
         checks = convergence_check(compiled, widths, args.seeds, args.particles, args.seed, X, progress=lambda n: bar.update())
     print(format_report(checks))
-    if args.plot:
+    if plot_path:
         try:
-            plot(checks, args.plot, title=compiled.name)
+            plot(checks, plot_path, title=compiled.name)
         except OSError as exc:
-            raise CommandError(f"--plot: cannot write {args.plot!r} ({exc.strerror or exc})") from None
-        print(f"plot written to {args.plot}")
+            raise CommandError(f"--plot: cannot write {plot_path!r} ({exc.strerror or exc})") from None
+        print(f"plot written to {plot_path}")
     passed = all(c.passed for c in checks)
     print("PASS" if passed else "FAIL")
     return 0 if passed else 1
@@ -243,9 +249,9 @@ def cmd_train(args) -> int:
     try:
         sgd = SGD(X, Y, steps=args.steps, lr=args.lr, batch=args.batch, loss=args.loss, X_eval=Xe)
         N = X.shape[0] + (0 if Xe is None else Xe.shape[0])
-        if 200 < args.steps * N <= MAX_UNROLLED and classify(abc).regime == "feature learning":
-            print(f"tpc: note: unrolling {args.steps} steps x {N} inputs into one program; this can take minutes "
-                  f"(40 x 8 takes about a minute on one core, and the time grows faster than linearly)", file=sys.stderr)
+        if SLOW_UNROLLED < args.steps * N <= MAX_UNROLLED and classify(abc).regime == "feature learning":
+            print(f"tpc: note: feature learning unrolls {args.steps} steps x {N} inputs into one program; this can "
+                  f"take long ({UNROLL_TIMES})", file=sys.stderr)
         result = train(program, abc, sgd, particles=args.particles, seed=args.seed)
     except validation.ArgumentError as exc:
         raise _as_option(exc) from None

@@ -50,10 +50,14 @@ LOSSES = ("mse", "logistic", "softmax")
 #: (``MAX_UNROLLED``); kernel-regime training keeps (steps + 1) x inputs trajectories in memory.
 MAX_STEPS = 1_000_000
 STEPS_WHY = "every step is kept in the returned trajectory; feature learning allows far fewer"
-#: Largest steps x (training + evaluation inputs) of feature-learning training.  Measured: 40
-#: steps x 8 inputs (a 2,660-instruction program) take about 75 s to unroll on one core, and
-#: the time grows faster than linearly.
+#: Largest steps x (training + evaluation inputs) of feature-learning training.  Measured
+#: unrolling times (1-hidden-layer relu MLP, shared 2-core machine): 10 steps x 8 inputs 9 s,
+#: 20 x 8 43 s, 10 x 16 65 s, 40 x 8 75-150 s: faster than quadratic in steps x inputs, so
+#: 2,000 already means hours.
 MAX_UNROLLED = 2_000
+#: Above this steps x inputs, tpc train warns that the unrolling takes long.
+SLOW_UNROLLED = 100
+UNROLL_TIMES = "measured: 10 steps x 8 inputs 9 s, 20 x 8 43 s, 10 x 16 65 s; faster than quadratic"
 #: Largest memory for the returned trajectories (f and its standard error, float64).
 MAX_TRAJECTORY_BYTES = 2 * 2**30
 
@@ -516,8 +520,8 @@ def train(net, abc: ABC, sgd: SGD, particles: int = 200_000, seed: int = 0, meth
     if cls.regime == "feature learning" and sgd.steps * (N + Ne) > MAX_UNROLLED:
         raise validation.ArgumentError(
             f"steps: feature-learning training unrolls every step into one program, and {sgd.steps} steps x "
-            f"{N + Ne} inputs is above the limit {MAX_UNROLLED} (its cost grows faster than linearly: "
-            f"40 x 8 takes about a minute); use fewer steps or inputs")
+            f"{N + Ne} inputs is above the limit {MAX_UNROLLED} (the time grows faster than quadratically, "
+            f"{UNROLL_TIMES.split(': ', 1)[1].split(';')[0]}); use fewer steps or inputs")
     size = 16 * (sgd.steps + 1) * (N + Ne) * K  # trajectories and their standard errors, float64
     if size > MAX_TRAJECTORY_BYTES:
         raise validation.ArgumentError(
