@@ -350,7 +350,7 @@ API_CASES = [
     ("SGD batch=0", lambda a: sgd(a, batch=0), r"^batch: expected a positive integer, got 0$"),
     ("SGD batch=1.5", lambda a: sgd(a, batch=1.5), r"^batch: .*got 1\.5$"),
     ("SGD batch>N", lambda a: sgd(a, batch=4), r"^batch: 4 is larger than the training set \(N = 3\)$"),
-    ("SGD loss", lambda a: sgd(a, loss="hinge"), r"^loss: expected one of mse, logistic, softmax, got 'hinge'$"),
+    ("SGD loss", lambda a: sgd(a, loss="hinge"), r"^loss: unknown loss 'hinge'; use one of mse, logistic, softmax$"),
     ("SGD logistic labels", lambda a: sgd(a, loss="logistic", Y=np.array([0.0, 2.0, 1.0])), r"^Y: the logistic loss needs labels 0 or 1, got 2"),
     ("SGD softmax rows", lambda a: sgd(a, loss="softmax", Y=np.array([[0.5, 0.2], [1.0, 0.0], [0.0, 1.0]])), r"^Y: the softmax loss needs probability rows"),
     ("SGD X complex", lambda a: sgd(a, X=a["X"] + 1j), r"^X: holds complex numbers"),

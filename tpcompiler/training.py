@@ -97,7 +97,8 @@ class SGD:
         self.steps = validation.count(self.steps, "steps", maximum=MAX_STEPS, why=STEPS_WHY)
         self.lr = validation.number(self.lr, "lr", positive=True)
         self.batch = validation.optional_count(self.batch, "batch", minimum=1)
-        self.loss = validation.choice(self.loss, "loss", LOSSES)
+        if not isinstance(self.loss, str) or self.loss not in LOSSES:
+            raise validation.ArgumentError(f"loss: unknown loss {self.loss!r}; use one of {', '.join(LOSSES)}")
         self.X_eval = validation.optional_array(self.X_eval, "X_eval", ndim=(1, 2))
         if self.loss == "logistic":
             validation.binary_targets(self.Y, "Y")
