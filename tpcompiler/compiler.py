@@ -103,8 +103,6 @@ class Compiled:
         self._unchanged()
         _require_outputs(self.graph)
         zp, _ = self.bind(x)
-        if method not in ("auto", "exact", "particles"):
-            raise ProgramError(f"unknown limit method {method!r}; use auto, exact or particles")
         if method == "exact" or (method == "auto" and is_gaussian_linear(zp)):
             result = exact_limit(zp)
         else:
