@@ -158,7 +158,7 @@ CLI_CASES = [
     (kernels(x="{X3d}"), r"--x must be an N x d array, got shape \(1, 3, 3\)"),
     (kernels(x="{Xstr}"), r"--x file '.*Xstr\.npy' does not hold numbers"),
     (kernels(x="{Xd0}"), r"input 'xi': dimension d must be a positive integer, got 0"),
-    (kernels("--x2", "{X4}"), r"--x2 has 4 columns but --x has 3"),
+    (kernels("--x2", "{X4}"), r"X2: program 'mlp' takes inputs of dimension d = 3, got 4"),
     (kernels("--x2", "{Xnan}"), r"--x2 file '.*Xnan\.npy' has NaN or infinite entries"),
     (kernels("--x2", "{Xc}"), r"--x2 file '.*Xc\.npy' holds complex numbers"),
     (train(x="{Xc}"), r"--x file '.*Xc\.npy' holds complex numbers"),
