@@ -167,6 +167,8 @@ CLI_CASES = [
     (train(y="{Ynan}"), r"--y file '.*Ynan\.npy' has NaN or infinite entries \(first at index \(1,\)\)"),
     (train(y="{Yc}"), r"--y file '.*Yc\.npy' holds complex numbers"),
     (train("--eval", "{Xinf}"), r"--eval file '.*Xinf\.npy' has NaN or infinite entries"),
+    (train("--eval", "{X4}"), r"--eval must be an N_eval x 3 array \(the columns of --x\), got shape \(2, 4\)"),
+    (train("--eval", "{X1d}"), r"--eval must be an N_eval x 3 array .*got shape \(3,\)"),
     (train("--eval", "{Xc}"), r"--eval file '.*Xc\.npy' holds complex numbers"),
     (train("--loss", "logistic", param="mup", y="{Y012}"), r"--y: the logistic loss needs labels 0 or 1, got 2"),
     (train("--loss", "logistic", param="mup", y="{Y}"), r"--y: the logistic loss needs labels 0 or 1, got -1"),

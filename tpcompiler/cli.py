@@ -234,6 +234,8 @@ def cmd_train(args) -> int:
     if Y.shape[0] != X.shape[0]:
         raise CommandError(f"--y has {Y.shape[0]} rows but --x has {X.shape[0]}")
     Xe = _load_array(args.eval, "--eval") if args.eval else None
+    if Xe is not None and (Xe.ndim != 2 or Xe.shape[1] != X.shape[1]):
+        raise CommandError(f"--eval must be an N_eval x {X.shape[1]} array (the columns of --x), got shape {Xe.shape}")
     out = _out_path(args.out)
     program = _program(args, X)
     graph = program.graph
