@@ -5,7 +5,8 @@ command line, so that both refuse the same inputs with the same one-line message
 Every check returns the cleaned value or raises :class:`ArgumentError` (a ``ProgramError``, so
 a ``ValueError``, and also a ``TypeError``, like ``DSLError``) whose message names the argument,
 says what is wrong and what is expected, e.g. ``"lr: expected a positive finite number, got
-nan"``.  The command line passes option names (``"--lr"``), the API parameter names (``"lr"``).
+nan"``.  The API names its parameters (``"lr"``); ``tpc`` runs the same checks as argparse
+types (``cli._count``, ``cli._real``), so its messages name the option (``"argument --lr: ..."``).
 
 Counts (widths, particles, steps, seeds, ...) accept Python and numpy integers and integral
 floats such as ``1e4``; booleans, fractions, NaN and infinities are refused.
@@ -34,11 +35,8 @@ def _fail(name: str | None, problem: str):
 
 
 def _show(value) -> str:
-    if isinstance(value, float):
-        return repr(value)
-    if isinstance(value, str):
-        return repr(value)
-    text = repr(value)
+    """A value as it appears in a message: its repr, shortened to keep the message one line."""
+    text = repr(value).replace("\n", " ")
     return text if len(text) <= 60 else text[:57] + "..."
 
 
