@@ -197,7 +197,7 @@ ERRORS = [
     (["simulate", MLP, "--x", "{Xnan}", "--width", "16"], "NaN or infinite"),
     (["limit", ZDOT, "--particles", "abc"], "invalid int value: 'abc'"),
     (["simulate", ZDOT], "the following arguments are required: --width"),
-    (["simulate", ZDOT, "--width", "0"], "--width and --seeds must be positive"),
+    (["simulate", ZDOT, "--width", "0"], "argument --width: expected a positive integer, got 0"),
     (["check", ZDOT, "--widths", "64,abc"], "--widths must be comma-separated integers, got '64,abc'"),
     (["check", ZDOT, "--widths", ""], "--widths must be comma-separated integers"),
     (["check", ZDOT, "--widths", "64", "--particles", "2000"], "at least two widths"),

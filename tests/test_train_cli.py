@@ -27,6 +27,7 @@ def data(tmp_path_factory):
         "XE": rng.standard_normal((2, 3)),
         "Y4": np.ones(4),
         "Y2": np.ones((3, 2)),
+        "Y01": np.array([1.0, 0.0, 1.0]),
     }
     paths = {}
     for name, arr in arrays.items():
@@ -135,7 +136,7 @@ def test_train_unstable_is_one_line_naming_the_conditions(capsys, data):
     ("foo", [], "Y", ["unknown parametrization 'foo'"]),
     ("mup", [], "Y4", ["--y has 4 rows but --x has 3"]),
     ("mup", [], "Y2", ["targets have 2 columns but the network has 1 outputs"]),
-    ("ntp", ["--loss", "logistic"], "Y", ["squared loss"]),
+    ("ntp", ["--loss", "logistic"], "Y01", ["squared loss"]),
 ])
 def test_train_errors(capsys, data, param, extra, y, words):
     out = data["dir"] / "err.npz"

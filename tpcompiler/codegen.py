@@ -3,9 +3,14 @@ for scalar float64 Numba code, straight-line bodies with common subexpressions, 
 compile cache of generated modules keyed by the hash of their source.
 
 Generated modules are written once to a content-addressed file in the cache directory
-(``TPCOMPILER_CACHE_DIR``, else ``~/.cache/tpcompiler``, else the temp dir) and imported from
-there, so numba's ``cache=True`` finds its compiled code on the next run: a second run of the
-same program pays no JIT time.
+(``TPCOMPILER_CACHE_DIR`` if set, else ``~/.cache/tpcompiler``, else
+``$TMPDIR/tpcompiler-$UID``) and imported from there, so numba's ``cache=True`` finds its
+compiled code on the next run: a second run of the same program pays no JIT time.
+
+Several processes may share the cache: every file is written to a unique temporary file in
+the same directory and renamed into place (``atomic_write``), so a reader sees either no file
+or a complete one, never a partial write.  Content-addressed names make concurrent writers of
+the same module write identical bytes.
 """
 from __future__ import annotations
 
@@ -120,10 +125,44 @@ def print_body(exprs, loads: dict, indent: str = "    ", assignments=()) -> tupl
     return lines, [printer.doprint(e) for e in reduced[k:]]
 
 
+def atomic_write(path: str, text: str) -> None:
+    """Write ``text`` to ``path`` so that concurrent readers (other threads or processes, even
+    on other machines sharing the directory) see the old file or the complete new one: a
+    uniquely named temporary file in the same directory, flushed, then ``os.replace``."""
+    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path) or ".", prefix=os.path.basename(path) + ".", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as fh:
+            fh.write(text)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.chmod(tmp, 0o644)  # mkstemp's 0600 would hide a shared cache from other users
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+
+
 def cache_dir(kind: str) -> str:
+    """The cache directory for ``kind`` ("kernels", "gaussian2"), created if needed."""
     candidates = []
     if os.environ.get("TPCOMPILER_CACHE_DIR"):
-        candidates.append(os.environ["TPCOMPILER_CACHE_DIR"])
+        base = os.environ["TPCOMPILER_CACHE_DIR"]
+        d = os.path.join(base, kind)
+        try:
+            os.makedirs(d, exist_ok=True)
+        except OSError as exc:
+            problem = exc.strerror or str(exc)
+        else:
+            if os.access(d, os.W_OK):
+                return d
+            problem = "not writable"
+        from .ir import ProgramError
+
+        raise ProgramError(f"TPCOMPILER_CACHE_DIR={base!r}: cannot use {d!r} as the cache ({problem}); "
+                           "point it to a writable directory or unset it")
     candidates.append(os.path.join(os.path.expanduser("~"), ".cache", "tpcompiler"))
     candidates.append(os.path.join(tempfile.gettempdir(), f"tpcompiler-{os.getuid()}"))
     for base in candidates:
@@ -155,10 +194,7 @@ def load_module(source: str, kind: str):
             return mod
         path = os.path.join(cache_dir(kind), name + ".py")
         if not os.path.exists(path):
-            tmp = f"{path}.{os.getpid()}.tmp"
-            with open(tmp, "w") as fh:
-                fh.write(source)
-            os.replace(tmp, path)
+            atomic_write(path, source)
         spec = importlib.util.spec_from_file_location(name, path)
         mod = importlib.util.module_from_spec(spec)
         sys.modules[name] = mod

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from . import interpreter
+from . import interpreter, validation
 from .linear import exact_limit, is_gaussian_linear
 from .particles import limit as particle_limit
 from .dsl import Program
@@ -34,6 +34,16 @@ class Compiled:
         self.drop_zdot = drop_zdot
         self.zprogram: ZProgram = derive(self.graph, drop_zdot)
         self._bound: dict = {}
+        self._snapshot = _snapshot(self.program_graph)
+
+    def _unchanged(self) -> None:
+        """The program must not have grown since compile: its new instructions or outputs
+        would be missing from the derived Z program."""
+        now = _snapshot(self.program_graph)
+        if now != self._snapshot:
+            added = [k for k in now[1] if k not in self._snapshot[1]]
+            what = f"output {added[0]!r} was added" if added else "instructions or outputs were added"
+            raise ProgramError(f"program {self.name!r} changed after tp.compile ({what}); call tp.compile(program) again")
 
     @property
     def name(self) -> str:
@@ -43,6 +53,7 @@ class Compiled:
         """The derived Z recursions, ZHat covariances, ZDot terms and moments."""
         from .render import render
 
+        validation.choice(format, "format", ("markdown", "latex"))
         return render(self.zprogram, format)
 
     def bind(self, x=None) -> tuple[ZProgram, dict]:
@@ -58,12 +69,21 @@ class Compiled:
         """Infinite-width NNGP and NTK (DESIGN.md 2.3): {"nngp", "ntk"} = k(X, X) (N x N),
         plus {"nngp_x2", "ntk_x2"} = k(X2, X) (N2 x N) when X2 is given.  Exact: closed
         forms where they exist, quadrature to ``rtol`` otherwise (see ``kernel_function``)."""
-        return self.kernel_function(rtol)(X, X2)
+        X = validation.array(X, "X", ndim=2)
+        X2 = validation.optional_array(X2, "X2", ndim=2)
+        result = self.kernel_function(rtol)(X, X2)
+        validation.finite_results(result, "kernel", OVERFLOW_HINT)
+        return result
 
     def kernel_function(self, rtol: float = 1e-10):
         """The compiled kernel evaluator (generated Numba code, cached on disk)."""
         from .kernels import KernelFunction
 
+        rtol = validation.number(rtol, "rtol", positive=True)
+        if not MIN_RTOL <= rtol <= MAX_RTOL:
+            raise validation.ArgumentError(
+                f"rtol: expected a relative accuracy between {MIN_RTOL:g} and {MAX_RTOL:g}, got {rtol:g}")
+        self._unchanged()
         key = ("kernels", float(rtol))
         if key not in self._bound:
             self._bound[key] = KernelFunction(self.program_graph, rtol=rtol)
@@ -75,12 +95,56 @@ class Compiled:
 
         method: "exact" (Gaussian-linear programs, DESIGN.md 2.7 strategy 1), "particles"
         (any program, strategy 3) or "auto" (exact when the program allows it)."""
+        particles = validation.count(particles, "particles", minimum=1)
+        seed = validation.count(seed, "seed")
+        groups = validation.count(groups, "groups", minimum=2)
+        validation.choice(method, "method", ("auto", "exact", "particles"))
+        x = _rows(x, "x")
+        self._unchanged()
+        _require_outputs(self.graph)
         zp, _ = self.bind(x)
-        if method not in ("auto", "exact", "particles"):
-            raise ProgramError(f"unknown limit method {method!r}; use auto, exact or particles")
         if method == "exact" or (method == "auto" and is_gaussian_linear(zp)):
-            return exact_limit(zp)
-        return particle_limit(zp, particles=particles, seed=seed, groups=groups)
+            result = exact_limit(zp)
+        else:
+            result = particle_limit(zp, particles=particles, seed=seed, groups=groups)
+        validation.finite_results(result, "the limit of output", OVERFLOW_HINT)
+        return result
+
+
+OVERFLOW_HINT = ("the expectation does not exist or float64 overflowed; check the program's nonlinearities "
+                 "and rescale large inputs or sigmas")
+
+#: Quadrature accuracies ``kernels`` accepts: below 1e-14 float64 rounding dominates, above
+#: 0.1 the result would hardly be a number.
+MIN_RTOL, MAX_RTOL = 1e-14, 0.1
+
+
+def _snapshot(graph: Graph):
+    return len(graph.g), tuple(graph.outputs), graph.readout is not None
+
+
+def _rows(x, name: str):
+    """Input rows for a program with an input: real numbers of a sane magnitude (shape, NaN
+    and infinities are checked by ``ir.instantiate`` against the program's input)."""
+    return validation.optional_array(x, name, finite=False)
+
+
+def _pointwise(graph: Graph) -> None:
+    """A finite-width run evaluates every instruction coordinatewise: a Dirac delta (allowed
+    in the limit, where Stein's lemma turns its expectation into a closed form) cannot be."""
+    import sympy as sp
+
+    for key in graph.g:
+        expr = getattr(graph.op(key), "expr", None)
+        if isinstance(expr, sp.Basic) and expr.has(sp.DiracDelta):
+            raise ProgramError(f"instruction {key!r}: a Dirac delta cannot be evaluated coordinatewise, so the "
+                               "program cannot run at finite width (its limit may still exist: use limit)")
+
+
+def _require_outputs(graph: Graph) -> None:
+    if not graph.outputs:
+        raise ProgramError(f"program {graph.name!r} has no outputs, so there is nothing to evaluate; "
+                           "declare one with p.output(name, tp.mean(...)) or p.readout(...)")
 
 
 def compile(program, drop_zdot: bool = False) -> Compiled:  # noqa: A001 - the public name is tp.compile
@@ -102,11 +166,25 @@ def _evaluated_graph(program) -> Graph:
 
 def simulate(program, width: int, seed: int = 0, x=None) -> dict[str, float]:
     """Run the program at finite width ``width`` with ``seed``: {output: value}."""
-    graph, _ = instantiate(_evaluated_graph(program), x)
-    return interpreter.run(graph, width, seed)[0]
+    width = validation.count(width, "width", minimum=1)
+    seed = validation.count(seed, "seed")
+    graph = _evaluated_graph(program)
+    _require_outputs(graph)
+    graph, _ = instantiate(graph, _rows(x, "x"))
+    _pointwise(graph)
+    result = interpreter.run(graph, width, seed)[0]
+    validation.finite_results(result, "at finite width, output", OVERFLOW_HINT)
+    return result
 
 
 def simulate_seeds(program, width: int, seeds, x=None) -> dict[str, np.ndarray]:
     """Finite-width outputs over several seeds: {output: array over seeds}."""
-    graph, _ = instantiate(_evaluated_graph(program), x)
-    return interpreter.simulate_many(graph, width, seeds)
+    width = validation.count(width, "width", minimum=1)
+    seeds = [validation.count(s, "seed") for s in seeds]
+    graph = _evaluated_graph(program)
+    _require_outputs(graph)
+    graph, _ = instantiate(graph, _rows(x, "x"))
+    _pointwise(graph)
+    result = interpreter.simulate_many(graph, width, seeds)
+    validation.finite_results(result, "at finite width, output", OVERFLOW_HINT)
+    return result

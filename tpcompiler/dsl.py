@@ -14,6 +14,7 @@ from typing import Callable, Sequence
 
 import numpy as np
 import sympy as sp
+from sympy.core.function import AppliedUndef
 
 from . import ops
 from .ir import Graph, InputDecl, ProgramError
@@ -503,6 +504,14 @@ def nonlin(fn: Callable | sp.Lambda, *args):
         body = _number(body)
     if not isinstance(body, sp.Expr) or isinstance(body, sp.MatrixBase):
         raise DSLError(f"tp.nonlin: the function must return a sympy expression, got {type(body).__name__}")
+    foreign = sorted(str(s) for s in body.free_symbols - set(placeholders))
+    if foreign:
+        raise DSLError(f"tp.nonlin: the function uses the sympy symbol {foreign[0]!r}, which is not one of its "
+                       f"arguments; pass it as an argument or substitute a number")
+    undefined = sorted({type(f).__name__ for f in body.atoms(AppliedUndef)})
+    if undefined:
+        raise DSLError(f"tp.nonlin: {undefined[0]!r} is an undefined sympy function (it has no formula); write the "
+                       f"function with sympy expressions, e.g. sympy.tanh or sympy.Lambda")
     exprs, kinds = [], []
     for a in args:
         if isinstance(a, Mat):

@@ -40,12 +40,15 @@ from __future__ import annotations
 
 import functools
 import math
+import numbers
 from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
 import numpy as np
 import sympy as sp
 
+from . import validation
+from .ir import ProgramError
 from .nonlinearities import NUMPY_FUNCTIONS, builtin
 
 __all__ = [
@@ -75,14 +78,14 @@ def batch_indices(N: int, B: int | None, t: int) -> np.ndarray:
     """
     N = int(N)
     if N < 1:
-        raise ValueError(f"need at least one training example, got N = {N}")
+        raise ProgramError(f"need at least one training example, got N = {N}")
     if t < 0:
-        raise ValueError(f"step index must be >= 0, got t = {t}")
+        raise ProgramError(f"step index must be >= 0, got t = {t}")
     if B is None or int(B) == N:
         return np.arange(N)
     B = int(B)
     if not 1 <= B <= N:
-        raise ValueError(f"batch size must be in 1..N = {N} (or None for full batch), got {B}")
+        raise ProgramError(f"batch size must be in 1..N = {N} (or None for full batch), got {B}")
     return (int(t) * B + np.arange(B)) % N
 
 
@@ -129,7 +132,7 @@ def _resolve_phi(phi) -> _Phi:
         return _phi_by_name(phi)
     if callable(phi):
         return _make_phi(phi)
-    raise TypeError(f"phi must be a nonlinearity name or a sympy function, got {phi!r}")
+    raise validation.ArgumentError(f"phi: expected a nonlinearity name or a sympy function, got {phi!r}")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -139,13 +142,13 @@ def _exponent(v, what: str) -> float:
     try:
         return float(sp.sympify(v))
     except (TypeError, ValueError, sp.SympifyError):
-        raise ValueError(f"{what} must be a number, got {v!r}") from None
+        raise ProgramError(f"{what} must be a number, got {v!r}") from None
 
 
 def _exponents(seq, depth: int, what: str) -> list[float]:
     seq = list(seq)
     if len(seq) != depth + 1:
-        raise ValueError(
+        raise ProgramError(
             f"{what} needs depth + 1 = {depth + 1} exponents (layers 1..L+1), got {len(seq)}"
         )
     return [_exponent(v, f"{what}[{i}]") for i, v in enumerate(seq)]
@@ -176,10 +179,10 @@ def init_params(
 ) -> Params:
     """Initial parameters, drawn in the order stated in the module docstring."""
     if depth < 1:
-        raise ValueError(f"depth (number of hidden layers) must be >= 1, got {depth}")
+        raise ProgramError(f"depth (number of hidden layers) must be >= 1, got {depth}")
     n = int(width)
     if n < 1:
-        raise ValueError(f"width must be >= 1, got {width}")
+        raise ProgramError(f"width must be >= 1, got {width}")
     bs = _exponents(b, depth, "b")
     rng = np.random.default_rng(seed)
     shapes = [(n, d)] + [(n, n)] * (depth - 1) + [(out_dim, n)]
@@ -234,10 +237,10 @@ def _backward(params: Params, H, G: np.ndarray, phi: _Phi, scales: list[float], 
 def _prepare(X, Y, phi, a, depth):
     X = np.ascontiguousarray(X, dtype=np.float64)
     if X.ndim != 2:
-        raise ValueError(f"X must be (N, d), got shape {X.shape}")
+        raise ProgramError(f"X must be (N, d), got shape {X.shape}")
     Y = np.asarray(Y, dtype=np.float64)
     if Y.ndim not in (1, 2) or Y.shape[0] != X.shape[0]:
-        raise ValueError(f"Y must be (N,) or (N, K) with N = {X.shape[0]}, got shape {Y.shape}")
+        raise ProgramError(f"Y must be (N,) or (N, K) with N = {X.shape[0]}, got shape {Y.shape}")
     Y2 = Y.reshape(Y.shape[0], -1)
     return X, Y, Y2, _resolve_phi(phi), _exponents(a, depth, "a")
 
@@ -346,15 +349,23 @@ def train_mlp(
     ``batch_indices(N, batch, t)``.  See the module docstring for the exact network, the random
     draws and the bias convention.
     """
-    depth = int(depth)
-    if depth < 1:
-        raise ValueError(f"depth (number of hidden layers) must be >= 1, got {depth}")
+    # tpcompiler.validation: the same checks and messages as tp.SGD / tp.train
+    depth = validation.count(depth, "depth", minimum=1)
+    steps = validation.count(steps, "steps")
+    width = validation.count(width, "width", minimum=1)
+    lr = validation.number(lr, "lr", positive=True)
+    w_std = validation.number(w_std, "w_std", nonnegative=True)
+    if b_std is not None:
+        b_std = validation.number(b_std, "b_std", nonnegative=True)
+    batch = validation.optional_count(batch, "batch", minimum=1)
+    if isinstance(seed, (numbers.Real, np.bool_)):
+        seed = validation.count(seed, "seed")
+    X = validation.array(X, "X", ndim=2)
+    Y = validation.array(Y, "Y", ndim=(1, 2))
+    X_eval = validation.optional_array(X_eval, "X_eval", ndim=2)
     X, Y, Y2, phi_, a_ = _prepare(X, Y, phi, a, depth)
     b_ = _exponents(b, depth, "b")
     c_ = _exponent(c, "c")
-    steps = int(steps)
-    if steps < 0:
-        raise ValueError(f"steps must be >= 0, got {steps}")
     N, d = X.shape
     K = Y2.shape[1]
     B = N if batch is None else int(batch)
@@ -364,7 +375,7 @@ def train_mlp(
     if X_eval is not None:
         X_eval = np.ascontiguousarray(X_eval, dtype=np.float64)
         if X_eval.ndim != 2 or X_eval.shape[1] != d:
-            raise ValueError(f"X_eval must be (N_eval, {d}), got shape {X_eval.shape}")
+            raise ProgramError(f"X_eval must be (N_eval, {d}), got shape {X_eval.shape}")
         Z0 = np.concatenate([X, X_eval]) / math.sqrt(d)
     else:
         Z0 = X / math.sqrt(d)
@@ -453,9 +464,9 @@ def train_many(X, Y, *, seeds: Sequence, **kwargs) -> ManyResult:
     """:func:`train_mlp` (same keywords, without ``seed``) once per seed, results stacked."""
     seeds = list(seeds)
     if not seeds:
-        raise ValueError("train_many needs at least one seed")
+        raise ProgramError("train_many needs at least one seed")
     if "seed" in kwargs:
-        raise TypeError("train_many takes seeds=[...], not seed=")
+        raise validation.ArgumentError("seed: train_many takes seeds=[...], not seed=")
     kwargs.pop("return_params", None)
     runs = [train_mlp(X, Y, seed=s, **kwargs) for s in seeds]
 

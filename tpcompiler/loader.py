@@ -44,6 +44,9 @@ def _module(path: Path):
         spec.loader.exec_module(module)
     except ProgramError:
         raise
+    except SystemExit as exc:
+        raise ProgramError(f"program file {str(path)!r} called sys.exit({exc.code!r}) while being imported; "
+                           "a program file must only define build(**params)") from None
     except Exception as exc:
         raise ProgramError(f"program file {str(path)!r} failed to import: {type(exc).__name__}: {exc}") from exc
     return module
@@ -81,8 +84,12 @@ def load(path, **params) -> Program:
         )
     try:
         program = build(**params)
-    except ValueError:  # ProgramError, DSLError and the program's own checks: already clear
+    except ProgramError:  # DSLError included: already names the instruction
         raise
+    except ValueError as exc:  # the program's own checks of its parameters: already clear
+        raise ProgramError(str(exc)) from exc
+    except SystemExit as exc:
+        raise ProgramError(f"build() in {str(path)!r} called sys.exit({exc.code!r}); it must return a tpcompiler.Program") from None
     except Exception as exc:  # a bug in the program file: one line naming the file
         raise ProgramError(f"build() in {str(path)!r} failed: {type(exc).__name__}: {exc}") from exc
     if not isinstance(program, Program):

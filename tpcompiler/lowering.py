@@ -54,10 +54,19 @@ def evaluate(expr: sp.Expr, env: dict, size: int | None = None):
         values = [env[name] for name in names]
     except KeyError as exc:
         raise KeyError(f"no value for {exc.args[0]!r} while evaluating {sp.sstr(expr)}") from None
-    if canonical is None:
-        out = numpy_function(expr, sorted(expr.free_symbols, key=lambda s: s.name))(*values)
-    else:
-        out = numpy_function(canonical, tuple(_CANONICAL[:len(names) + len(constants)]))(*values, *constants)
+    try:
+        if canonical is None:
+            out = numpy_function(expr, sorted(expr.free_symbols, key=lambda s: s.name))(*values)
+        else:
+            out = numpy_function(canonical, tuple(_CANONICAL[:len(names) + len(constants)]))(*values, *constants)
+    except OverflowError:  # Python floats raise where numpy would return inf: a user-facing error
+        from .ir import ProgramError
+
+        sizes = {n: float(np.max(np.abs(v))) for n, v in zip(names, values) if np.size(v)}
+        name = max(sizes, key=sizes.get) if sizes else None
+        culprit = f" ({name!r} is {sizes[name]:.3g})" if name else ""
+        raise ProgramError(f"evaluating {sp.sstr(expr)} overflows float64{culprit}; rescale the program's "
+                           f"sigmas, variances or input data") from None
     if size is not None:
         out = np.asarray(out, dtype=np.float64)
         if out.shape != (size,):

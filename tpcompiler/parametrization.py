@@ -30,6 +30,8 @@ from numbers import Rational as _RationalABC
 
 import sympy as sp
 
+from .ir import ProgramError
+
 __all__ = [
     "ABC",
     "Classification",
@@ -70,13 +72,13 @@ def to_rational(value, what: str = "value") -> sp.Rational:
     "1e-1".  Raises ValueError naming ``what`` otherwise.
     """
     if isinstance(value, bool):
-        raise ValueError(f"{what}: expected a number, got the boolean {value!r}")
+        raise ProgramError(f"{what}: expected a number, got the boolean {value!r}")
     if isinstance(value, sp.Rational):
         return value
     if isinstance(value, sp.Basic):
         if value.is_Rational:
             return sp.Rational(value)
-        raise ValueError(f"{what}: {value} is not an exact rational number")
+        raise ProgramError(f"{what}: {value} is not an exact rational number")
     if isinstance(value, _RationalABC):  # int, Fraction
         return sp.Rational(int(value.numerator), int(value.denominator))
     if isinstance(value, float):
@@ -84,11 +86,11 @@ def to_rational(value, what: str = "value") -> sp.Rational:
     elif isinstance(value, str):
         text = value.strip()
     else:
-        raise ValueError(f"{what}: expected a number such as 1/2, 0.5 or -1, got {value!r}")
+        raise ProgramError(f"{what}: expected a number such as 1/2, 0.5 or -1, got {value!r}")
     try:
         frac = Fraction(text)
     except (ValueError, ZeroDivisionError):
-        raise ValueError(
+        raise ProgramError(
             f"{what}: cannot read {value!r} as a number; write e.g. 1/2, 0.5 or -1"
         ) from None
     return sp.Rational(frac.numerator, frac.denominator)
@@ -97,9 +99,9 @@ def to_rational(value, what: str = "value") -> sp.Rational:
 def _check_depth(depth) -> int:
     """Return ``depth`` as an int >= 1 (the number L of hidden layers) or raise ValueError."""
     if isinstance(depth, bool) or not isinstance(depth, int):
-        raise ValueError(f"depth must be an integer >= 1 (hidden layers L), got {depth!r}")
+        raise ProgramError(f"depth must be an integer >= 1 (hidden layers L), got {depth!r}")
     if depth < 1:
-        raise ValueError(f"depth must be >= 1 (hidden layers L), got {depth}")
+        raise ProgramError(f"depth must be >= 1 (hidden layers L), got {depth}")
     return depth
 
 
@@ -120,15 +122,15 @@ class ABC:
     def __post_init__(self):
         for name in ("a", "b"):
             if not isinstance(getattr(self, name), (list, tuple)):
-                raise ValueError(f"{name} must be a list or tuple of L+1 exponents")
+                raise ProgramError(f"{name} must be a list or tuple of L+1 exponents")
         a = tuple(to_rational(x, f"a_{i}") for i, x in enumerate(self.a, 1))
         b = tuple(to_rational(x, f"b_{i}") for i, x in enumerate(self.b, 1))
         if len(a) != len(b):
-            raise ValueError(
+            raise ProgramError(
                 f"a has {len(a)} entries but b has {len(b)}; give both L+1 entries"
             )
         if len(a) < 2:
-            raise ValueError(
+            raise ProgramError(
                 f"a and b need L+1 >= 2 entries (at least one hidden layer), got {len(a)}"
             )
         object.__setattr__(self, "a", a)
@@ -168,12 +170,12 @@ def named(name: str, depth: int) -> ABC:
     L = _check_depth(depth)
     key = name.strip().lower() if isinstance(name, str) else name
     if key not in NAMES:
-        raise ValueError(
+        raise ProgramError(
             f"unknown parametrization {name!r}; use one of {', '.join(NAMES)} "
             "or give exponents as 'a=..;b=..;c=..'"
         )
     if key == "mfp" and L != 1:
-        raise ValueError(
+        raise ProgramError(
             f"mfp (mean-field) is defined for depth 1 only, got depth {L}; "
             "use mup for deeper networks"
         )
@@ -198,22 +200,22 @@ _BUILDERS = {
 def _split_assignments(text: str) -> dict:
     """Split "a=..;b=..;c=.." into {'a': '..', 'b': '..', 'c': '..'} (keys checked)."""
     if not isinstance(text, str):
-        raise ValueError(f"expected a string like 'a=0,1/2;b=0,0;c=0', got {text!r}")
+        raise ProgramError(f"expected a string like 'a=0,1/2;b=0,0;c=0', got {text!r}")
     parts = {}
     for item in filter(None, (s.strip() for s in text.split(";"))):
         key, sep, value = item.partition("=")
         key = key.strip().lower()
         if not sep or key not in ("a", "b", "c"):
-            raise ValueError(
+            raise ProgramError(
                 f"cannot read {item!r} in {text!r}; write 'a=..;b=..;c=..' "
                 "(keys a, b, c separated by ';')"
             )
         if key in parts:
-            raise ValueError(f"{key} is given twice in {text!r}; give each of a, b, c once")
+            raise ProgramError(f"{key} is given twice in {text!r}; give each of a, b, c once")
         parts[key] = value
     missing = [k for k in ("a", "b", "c") if k not in parts]
     if missing:
-        raise ValueError(
+        raise ProgramError(
             f"missing {', '.join(missing)} in {text!r}; write 'a=..;b=..;c=..'"
         )
     return parts
@@ -227,7 +229,7 @@ def _layer_values(name: str, values, depth: int) -> tuple:
     if isinstance(values, str):
         items = [s.strip() for s in values.split(",")]
         if any(s == "" for s in items):
-            raise ValueError(f"{name} has an empty entry in {values!r}; separate numbers by ','")
+            raise ProgramError(f"{name} has an empty entry in {values!r}; separate numbers by ','")
     elif isinstance(values, (list, tuple)):
         items = list(values)
     else:
@@ -236,7 +238,7 @@ def _layer_values(name: str, values, depth: int) -> tuple:
     if len(items) == 1:
         items = items * n
     if len(items) != n:
-        raise ValueError(
+        raise ProgramError(
             f"{name} has {len(items)} entries but depth {depth} needs {n} "
             f"({name}_1..{name}_{n}) or a single value for all layers"
         )
@@ -247,10 +249,10 @@ def _scalar_value(name: str, value) -> sp.Rational:
     """A single exponent such as c (a one-element list is accepted)."""
     if isinstance(value, (list, tuple)):
         if len(value) != 1:
-            raise ValueError(f"{name} must be a single number, got {len(value)} entries")
+            raise ProgramError(f"{name} must be a single number, got {len(value)} entries")
         value = value[0]
     if isinstance(value, str) and "," in value:
-        raise ValueError(f"{name} must be a single number, got {value!r}")
+        raise ProgramError(f"{name} must be a single number, got {value!r}")
     return to_rational(value, name)
 
 
@@ -364,6 +366,9 @@ def classify(abc: ABC) -> Classification:
     "feature learning" if r = 0, else "kernel" (r > 0).  The result is invariant under
     ``abc.shifted(t)``.
     """
+    if not isinstance(abc, ABC):
+        hint = f"tp.named({abc!r}, depth)" if isinstance(abc, str) else "tp.named('mup', depth)"
+        raise ProgramError(f"classify: expected an abc-parametrization such as {hint}, got {abc!r}")
     r = compute_r(abc)
     unstable = stability_violations(abc, r)
     trivial = triviality_reasons(abc, r)
@@ -387,7 +392,7 @@ def resolve_abc(depth: int, param=None, a=None, b=None, c=None) -> ABC:
     given = [k for k, v in (("a", a), ("b", b), ("c", c)) if v is not None]
     if param is not None:
         if given:
-            raise ValueError(
+            raise ProgramError(
                 f"give either a parametrization name or a, b, c, not both (got param and {', '.join(given)})"
             )
         if isinstance(param, ABC):
@@ -397,15 +402,15 @@ def resolve_abc(depth: int, param=None, a=None, b=None, c=None) -> ABC:
         else:
             abc = named(param, L)
         if abc.depth != L:
-            raise ValueError(f"the parametrization has depth {abc.depth} but depth {L} was asked")
+            raise ProgramError(f"the parametrization has depth {abc.depth} but depth {L} was asked")
         return abc
     if not given:
-        raise ValueError(
+        raise ProgramError(
             f"no parametrization given; pass a name ({', '.join(NAMES)}) or all of a, b, c"
         )
     missing = [k for k in ("a", "b", "c") if k not in given]
     if missing:
-        raise ValueError(f"missing {', '.join(missing)}; give all of a, b and c (or a name)")
+        raise ProgramError(f"missing {', '.join(missing)}; give all of a, b and c (or a name)")
     return abc_from_values(L, a, b, c)
 
 

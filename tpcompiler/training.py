@@ -35,7 +35,7 @@ from dataclasses import dataclass
 import numpy as np
 import sympy as sp
 
-from . import ops
+from . import ops, validation
 from .backward import derive_backward, forward_nodes
 from .finite_training import batch_indices
 from .ir import Graph, ProgramError
@@ -44,6 +44,22 @@ from .ops import VEC, node_symbol
 from .parametrization import ABC
 
 LOSSES = ("mse", "logistic", "softmax")
+
+#: Largest number of SGD steps accepted.  Feature-learning training unrolls every step into
+#: one program (its size grows like steps x inputs), so a further bound applies there
+#: (``MAX_UNROLLED``); kernel-regime training keeps (steps + 1) x inputs trajectories in memory.
+MAX_STEPS = 1_000_000
+STEPS_WHY = "every step is kept in the returned trajectory; feature learning allows far fewer"
+#: Largest steps x (training + evaluation inputs) of feature-learning training.  Measured
+#: unrolling times (1-hidden-layer relu MLP, shared 2-core machine): 10 steps x 8 inputs 9 s,
+#: 20 x 8 43 s, 10 x 16 65 s, 40 x 8 75-150 s: faster than quadratic in steps x inputs, so
+#: 2,000 already means hours.
+MAX_UNROLLED = 2_000
+#: Above this steps x inputs, tpc train warns that the unrolling takes long.
+SLOW_UNROLLED = 100
+UNROLL_TIMES = "measured: 10 steps x 8 inputs 9 s, 20 x 8 43 s, 10 x 16 65 s; faster than quadratic"
+#: Largest memory for the returned trajectories (f and its standard error, float64).
+MAX_TRAJECTORY_BYTES = 2 * 2**30
 
 
 def loss_gradient(loss: str, f: list, y) -> list:
@@ -73,6 +89,27 @@ class SGD:
     loss: str = "mse"
     X_eval: np.ndarray | None = None
     features: bool = False  # also output the last-layer feature kernel on the eval inputs
+
+    def __post_init__(self):
+        # tpcompiler.validation: the checks tpc train applies too, with the argument named
+        self.X = validation.array(self.X, "X", ndim=(1, 2))
+        self.Y = validation.array(self.Y, "Y", ndim=(1, 2))
+        self.steps = validation.count(self.steps, "steps", maximum=MAX_STEPS, why=STEPS_WHY)
+        self.lr = validation.number(self.lr, "lr", positive=True)
+        self.batch = validation.optional_count(self.batch, "batch", minimum=1)
+        if not isinstance(self.loss, str) or self.loss not in LOSSES:
+            raise validation.ArgumentError(f"loss: unknown loss {self.loss!r}; use one of {', '.join(LOSSES)}")
+        self.X_eval = validation.optional_array(self.X_eval, "X_eval", ndim=(1, 2))
+        if self.loss == "logistic":
+            validation.binary_targets(self.Y, "Y")
+        if self.loss == "softmax":
+            Y = self.Y
+            rows_ok = Y.ndim != 2 or np.abs(Y.sum(axis=1) - 1).max(initial=0) <= 1e-6
+            if Y.size and (Y.min() < 0 or Y.max() > 1 or not rows_ok):
+                raise validation.ArgumentError("Y: the softmax loss needs probability rows (entries in [0, 1] "
+                                               "summing to 1, e.g. one-hot labels)")
+        if self.batch is not None and self.X.ndim == 2 and self.batch > self.X.shape[0]:
+            raise validation.ArgumentError(f"batch: {self.batch} is larger than the training set (N = {self.X.shape[0]})")
 
 
 def _targets(Y, N: int, K: int) -> np.ndarray:
@@ -382,12 +419,24 @@ class _Unroller:
         return out
 
 
+def _check_abc_sgd(abc, sgd) -> None:
+    if not isinstance(abc, ABC):
+        raise validation.ArgumentError(f"abc: expected a parametrization such as tp.named('mup', depth) or "
+                                       f"tp.parse_abc('a=..;b=..;c=..', depth), got {abc!r}")
+    if not isinstance(sgd, SGD):
+        raise validation.ArgumentError(f"sgd: expected tp.SGD(X, Y, steps=..., lr=...), got {sgd!r}")
+
+
 def unroll(net: Graph, abc: ABC, sgd: SGD) -> Graph:
     """T steps of SGD of the template ``net`` under ``abc`` as one program (module docstring).
 
     Outputs: ``f_train[t,i]`` (and ``f_eval[t,i]``) for t = 0..T, with ``[k]`` appended for a
     K-dimensional output; with ``sgd.features`` also ``features[t,i,j]`` (i <= j), the last
     layer's feature kernel on the eval inputs."""
+    from .compiler import _graph_of
+
+    net = _graph_of(net)
+    _check_abc_sgd(abc, sgd)
     graph = _Unroller(net, abc, sgd).build()
     graph.validate()
     return graph
@@ -455,6 +504,10 @@ def train(net, abc: ABC, sgd: SGD, particles: int = 200_000, seed: int = 0, meth
     from .parametrization import classify
 
     graph = _graph_of(net)
+    _check_abc_sgd(abc, sgd)
+    particles = validation.count(particles, "particles", minimum=1)
+    seed = validation.count(seed, "seed")
+    validation.choice(method, "method", ("auto", "exact", "particles"))
     cls = classify(abc)
     if not cls.stable:
         raise ProgramError("the parametrization is unstable: " + "; ".join(cls.violated))
@@ -465,6 +518,16 @@ def train(net, abc: ABC, sgd: SGD, particles: int = 200_000, seed: int = 0, meth
     K = len(graph.readout.readouts) if graph.readout is not None else 1
     _targets(sgd.Y, N, K)  # both regimes: one row per input, one column per output
     shape_t, shape_e = (sgd.steps + 1, N, K), (sgd.steps + 1, Ne, K)
+    if cls.regime == "feature learning" and sgd.steps * (N + Ne) > MAX_UNROLLED:
+        raise validation.ArgumentError(
+            f"steps: feature-learning training unrolls every step into one program, and {sgd.steps} steps x "
+            f"{N + Ne} inputs is above the limit {MAX_UNROLLED} (the time grows faster than quadratically, "
+            f"{UNROLL_TIMES.split(': ', 1)[1].split(';')[0]}); use fewer steps or inputs")
+    size = 16 * (sgd.steps + 1) * (N + Ne) * K  # trajectories and their standard errors, float64
+    if size > MAX_TRAJECTORY_BYTES:
+        raise validation.ArgumentError(
+            f"steps: {sgd.steps} steps x {N + Ne} inputs x {K} outputs need {size / 2**30:.1f} GiB of trajectories "
+            f"(limit {MAX_TRAJECTORY_BYTES / 2**30:.0f} GiB); use fewer steps or inputs")
     if cls.regime == "feature learning":
         g = unroll(graph, abc, sgd)
         lim = compile(g).limit(particles=particles, seed=seed, method=method)

@@ -1,0 +1,461 @@
+"""Bad-input catalogue (issue 7, "What to build" item 2, invalid-input half).
+
+Every row is one invalid input to ``tpc`` or to the Python API.  Each must be refused: ``tpc``
+with exactly one line "tpc: error: ..." on stderr and exit code 2 (a user error, not an
+internal one, never a traceback, nothing written), the API with an exception of the project's
+error type (``tp.ProgramError``; ``DSLError`` and ``validation.ArgumentError`` are ones).  The
+message must name the culprit: each row carries a regex that the message must match.
+
+CLI rows run ``tpcompiler.cli.main`` in-process (fast); a few run as real processes.
+"""
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import sympy as sp
+
+import tpcompiler as tp
+from tpcompiler.cli import main
+from tpcompiler.validation import ArgumentError
+
+ROOT = Path(__file__).resolve().parent.parent
+ZDOT = str(ROOT / "programs" / "zdot.py")
+MLP = str(ROOT / "programs" / "mlp.py")
+
+PROGRAM_FILES = {
+    "noout": "import tpcompiler as tp\n\ndef build():\n    p = tp.Program('noout')\n    p.vec('u')\n    return p\n",
+    "exit0": "import sys\n\ndef build():\n    sys.exit(0)\n",
+    "exit_import": "import sys\nsys.exit(3)\n\ndef build():\n    pass\n",
+    "bigsigma": ("import tpcompiler as tp\n\ndef build(sigma=1e200, var=1.0):\n    p = tp.Program('big')\n"
+                 "    u = p.vec('u', var=var)\n    W = p.mat('W', sigma=sigma)\n    h = W @ u\n"
+                 "    p.output('m', tp.mean(h * h))\n    return p\n"),
+    "foreign": ("import sympy as sp\nimport tpcompiler as tp\n\ndef build():\n    p = tp.Program('f')\n"
+                "    u = p.vec('u')\n    z = sp.Symbol('zeta')\n    v = tp.nonlin(lambda a: sp.tanh(a + z), u)\n"
+                "    p.output('m', tp.mean(v * v))\n    return p\n"),
+    "undefined": ("import sympy as sp\nimport tpcompiler as tp\n\ndef build():\n    p = tp.Program('f')\n"
+                  "    u = p.vec('u')\n    F = sp.Function('Fancy')\n    v = tp.nonlin(lambda a: F(a), u)\n"
+                  "    p.output('m', tp.mean(v * v))\n    return p\n"),
+    "dirac": ("import sympy as sp\nimport tpcompiler as tp\n\ndef build():\n    p = tp.Program('dirac')\n"
+              "    u = p.vec('u')\n    W = p.mat('W')\n    h = W @ u\n    v = tp.nonlin(lambda a: sp.DiracDelta(a), h)\n"
+              "    p.output('m', tp.mean(v * u))\n    return p\n"),
+}
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    d = tmp_path_factory.mktemp("catalogue")
+    rng = np.random.default_rng(0)
+    X = rng.standard_normal((3, 3))
+    arrays = {
+        "X": X,
+        "Y": np.array([1.0, -1.0, 0.5]),
+        "Y01": np.array([1.0, 0.0, 1.0]),
+        "Y012": np.array([1.0, 0.0, 2.0]),
+        "Y15": np.array([1.5, 0.0, 1.0]),
+        "Ynan": np.array([1.0, np.nan, 0.0]),
+        "Yc": np.array([1.0, 0.0, 1.0]) + 1j,
+        "Xc": X + 1j,
+        "Xc0": X.astype(np.complex128),  # complex dtype with zero imaginary part: still refused
+        "Xnan": np.where(np.eye(3) > 0, np.nan, X),
+        "Xinf": np.where(np.eye(3) > 0, -np.inf, X),
+        "Xbig": X * 1e200,
+        "Xbig60": X * 1e60,
+        "X1d": X[0],
+        "X3d": X[None],
+        "X4": rng.standard_normal((2, 4)),
+        "Xd0": np.zeros((3, 0)),
+        "Xstr": np.array([["a", "b", "c"]]),
+    }
+    paths = {}
+    for name, arr in arrays.items():
+        paths[name] = str(d / f"{name}.npy")
+        np.save(paths[name], arr)
+    for name, text in PROGRAM_FILES.items():
+        paths[name] = str(d / f"{name}.py")
+        Path(paths[name]).write_text(text)
+    paths["dir"] = str(d)
+    paths["missing_dir_out"] = str(d / "no" / "such" / "K.npz")
+    return paths
+
+
+def train(*extra, param="ntp", x="{X}", y="{Y}", lr="0.5", steps="2"):
+    """tpc train argv with one thing changed (options given later override earlier ones)."""
+    return ["train", MLP, "-p", "depth=1", "--param", param, "--x", x, "--y", y, "--lr", lr,
+            "--steps", steps, "--particles", "2000", "--out", "{dir}/T.npz", *extra]
+
+
+def kernels(*extra, x="{X}"):
+    return ["kernels", MLP, "-p", "depth=1", "--x", x, "--out", "{dir}/K.npz", *extra]
+
+
+# (argv, regex the error line must match)
+CLI_CASES = [
+    # -- counts: particles, seed, width, seeds, depth, batch, steps
+    (["limit", ZDOT, "--particles", "0"], r"--particles: expected a positive integer, got 0"),
+    (["limit", ZDOT, "--particles", "-5"], r"--particles: expected a positive integer, got -5"),
+    (["limit", ZDOT, "--particles", "2.5"], r"--particles: expected a positive integer, got 2\.5"),
+    (["limit", ZDOT, "--particles", "1e-3"], r"--particles: expected a positive integer, got 0\.001"),
+    (["limit", ZDOT, "--particles", "nan"], r"--particles: invalid int value: 'nan'"),
+    (["limit", ZDOT, "--particles", "inf"], r"--particles: invalid int value: 'inf'"),
+    (["limit", ZDOT, "--particles", "1e400"], r"--particles: expected a positive integer, got inf"),
+    (["limit", ZDOT, "--particles", ""], r"--particles: invalid int value: ''"),
+    (["limit", ZDOT, "--particles", "True"], r"--particles: invalid int value: 'True'"),
+    (["limit", ZDOT, "--seed", "-1"], r"--seed: expected a non-negative integer, got -1"),
+    (["limit", ZDOT, "--seed", "1.5"], r"--seed: expected a non-negative integer, got 1\.5"),
+    (["limit", ZDOT, "--seed", "abc"], r"--seed: invalid int value: 'abc'"),
+    (["simulate", ZDOT, "--width", "-3"], r"--width: expected a positive integer, got -3"),
+    (["simulate", ZDOT, "--width", "2.5"], r"--width: expected a positive integer, got 2\.5"),
+    (["simulate", ZDOT, "--width", "nan"], r"--width: invalid int value: 'nan'"),
+    (["simulate", ZDOT, "--width", "64", "--seeds", "0"], r"--seeds: expected a positive integer, got 0"),
+    (["simulate", ZDOT, "--width", "64", "--seeds", "-2"], r"--seeds: expected a positive integer, got -2"),
+    (["simulate", ZDOT, "--width", "64", "--seed", "-2"], r"--seed: expected a non-negative integer, got -2"),
+    (["check", ZDOT, "--widths", "32,64", "--seeds", "0"], r"--seeds: expected a positive integer, got 0"),
+    (["check", ZDOT, "--widths", "64,64", "--seeds", "2"], r"--widths: .*at least two widths"),
+    (["check", ZDOT, "--widths", "0,64"], r"--widths must be comma-separated integers, got '0,64' \(each >= 1\)"),
+    (["check", ZDOT, "--widths=-64,128"], r"--widths must be comma-separated integers, got '-64,128'"),
+    (["check", ZDOT, "--widths", "64.5,128"], r"--widths must be comma-separated integers, got '64\.5,128'"),
+    (["check", ZDOT, "--particles", "0"], r"--particles: expected a positive integer, got 0"),
+    (["check", ZDOT, "--seed", "-1"], r"--seed: expected a non-negative integer, got -1"),
+    (["classify", "--depth", "0", "--param", "mup"], r"--depth: expected a positive integer, got 0"),
+    (["classify", "--depth", "-1", "--param", "mup"], r"--depth: expected a positive integer, got -1"),
+    (["classify", "--depth", "1.5", "--param", "mup"], r"--depth: expected a positive integer, got 1\.5"),
+    (train("--batch", "0"), r"--batch: expected a positive integer, got 0"),
+    (train("--batch", "1.5"), r"--batch: expected a positive integer, got 1\.5"),
+    (train("--batch", "10"), r"--batch: 10 is larger than the training set \(N = 3\)"),
+    (train(steps="-1"), r"--steps: expected an integer in 0\.\.1000000, got -1"),
+    (train(steps="2.5"), r"--steps: expected an integer in 0\.\.1000000, got 2\.5"),
+    (train(steps="100000000"), r"--steps: 100000000 is above the limit 1000000 \(every step is kept"),
+    (train(steps="1e8"), r"--steps: 100000000 is above the limit 1000000"),
+    (train(param="mup", steps="1000"), r"--steps: feature-learning training unrolls .*1000 steps x 3 inputs is above the limit"),
+    (train("--particles", "0"), r"--particles: expected a positive integer, got 0"),
+    (train("--seed", "-1"), r"--seed: expected a non-negative integer, got -1"),
+    # -- real numbers: learning rate, quadrature accuracy
+    (train(lr="nan"), r"--lr: expected a positive finite number, got nan"),
+    (train(lr="inf"), r"--lr: expected a positive finite number, got inf"),
+    (train(lr="-inf"), r"--lr: expected a positive finite number, got -inf"),
+    (train(lr="1e400"), r"--lr: expected a positive finite number, got inf"),
+    (train(lr="0"), r"--lr: expected a positive finite number, got 0\.0"),
+    (train(lr="-1"), r"--lr: expected a positive finite number, got -1\.0"),
+    (train(lr="fast"), r"--lr: invalid float value: 'fast'"),
+    (kernels("--rtol", "0"), r"--rtol: expected a positive finite number, got 0\.0"),
+    (kernels("--rtol", "-1"), r"--rtol: expected a positive finite number, got -1\.0"),
+    (kernels("--rtol", "nan"), r"--rtol: expected a positive finite number, got nan"),
+    (kernels("--rtol", "inf"), r"--rtol: expected a positive finite number, got inf"),
+    (kernels("--rtol", "1e-20"), r"--rtol: expected a number between 1e-14 and 0\.1, got 1e-20"),
+    (kernels("--rtol", "0.5"), r"--rtol: expected a number between 1e-14 and 0\.1, got 0\.5"),
+    (kernels("--rtol", "tight"), r"--rtol: invalid float value: 'tight'"),
+    # -- data files: complex, non-finite, huge, wrong shape, not numbers
+    (kernels(x="{Xc}"), r"--x file '.*Xc\.npy' holds complex numbers"),
+    (kernels(x="{Xc0}"), r"--x file '.*Xc0\.npy' holds complex numbers"),
+    (kernels(x="{Xnan}"), r"--x file '.*Xnan\.npy' has NaN or infinite entries \(first at index \(0, 0\)\)"),
+    (kernels(x="{Xinf}"), r"--x file '.*Xinf\.npy' has NaN or infinite entries"),
+    (kernels(x="{Xbig}"), r"--x file '.*Xbig\.npy' has entries as large as .*e\+200.*rescale"),
+    (kernels(x="{Xbig60}"), r"--x file '.*Xbig60\.npy' has entries as large as .*e\+60"),
+    (kernels(x="{X1d}"), r"--x must be an N x d array, got shape \(3,\)"),
+    (kernels(x="{X3d}"), r"--x must be an N x d array, got shape \(1, 3, 3\)"),
+    (kernels(x="{Xstr}"), r"--x file '.*Xstr\.npy' does not hold numbers"),
+    (kernels(x="{Xd0}"), r"input 'xi': dimension d must be a positive integer, got 0"),
+    (kernels("--x2", "{X4}"), r"X2: program 'mlp' takes inputs of dimension d = 3, got 4"),
+    (kernels("--x2", "{Xnan}"), r"--x2 file '.*Xnan\.npy' has NaN or infinite entries"),
+    (kernels("--x2", "{Xc}"), r"--x2 file '.*Xc\.npy' holds complex numbers"),
+    (train(x="{Xc}"), r"--x file '.*Xc\.npy' holds complex numbers"),
+    (train(x="{Xbig}"), r"--x file '.*Xbig\.npy' has entries as large as"),
+    (train(x="{X1d}"), r"--x must be an N x d array, got shape \(3,\)"),
+    (train(y="{Ynan}"), r"--y file '.*Ynan\.npy' has NaN or infinite entries \(first at index \(1,\)\)"),
+    (train(y="{Yc}"), r"--y file '.*Yc\.npy' holds complex numbers"),
+    (train("--eval", "{Xinf}"), r"--eval file '.*Xinf\.npy' has NaN or infinite entries"),
+    (train("--eval", "{X4}"), r"--eval must be an N_eval x 3 array \(the columns of --x\), got shape \(2, 4\)"),
+    (train("--eval", "{X1d}"), r"--eval must be an N_eval x 3 array .*got shape \(3,\)"),
+    (train("--eval", "{Xc}"), r"--eval file '.*Xc\.npy' holds complex numbers"),
+    (train("--loss", "logistic", param="mup", y="{Y012}"), r"--y: the logistic loss needs labels 0 or 1, got 2"),
+    (train("--loss", "logistic", param="mup", y="{Y}"), r"--y: the logistic loss needs labels 0 or 1, got -1"),
+    (train("--loss", "softmax", param="mup", y="{Y15}"), r"--y: the softmax loss needs probability rows"),
+    (["limit", MLP, "--x", "{Xc}", "--particles", "2000"], r"--x file '.*Xc\.npy' holds complex numbers"),
+    (["limit", MLP, "--x", "{Xbig}", "--particles", "2000"], r"--x file '.*Xbig\.npy' has entries as large as"),
+    (["limit", MLP, "--x", "{Xinf}", "--particles", "2000"], r"--x file '.*Xinf\.npy' has NaN or infinite entries"),
+    (["simulate", MLP, "--x", "{Xc}", "--width", "16"], r"--x file '.*Xc\.npy' holds complex numbers"),
+    (["check", MLP, "--x", "{Xbig}", "--widths", "16,32"], r"--x file '.*Xbig\.npy' has entries as large as"),
+    # -- outputs that would lie
+    (kernels(x="{X}")[:-2] + ["--out", "{dir}"], r"--out: '.*' is a directory; give a file name"),
+    (kernels(x="{X}")[:-2] + ["--out", "{missing_dir_out}"], r"--out: cannot write '.*K\.npz' \(directory .* does not exist\)"),
+    (train()[:-2] + ["--out", "{dir}"], r"--out: '.*' is a directory"),
+    (["check", ZDOT, "--widths", "8,16", "--seeds", "2", "--plot", "{dir}"], r"--plot: '.*' is a directory"),
+    (["check", ZDOT, "--widths", "8,16", "--seeds", "2", "--plot", "{missing_dir_out}"], r"--plot: cannot write .*does not exist"),
+    (["limit", "{noout}"], r"program 'noout' has no outputs"),
+    (["simulate", "{noout}", "--width", "8"], r"program 'noout' has no outputs"),
+    (["check", "{noout}", "--widths", "8,16", "--seeds", "2"], r"program 'noout' has no outputs"),
+    (["limit", "{exit0}"], r"build\(\) in '.*exit0\.py' called sys\.exit\(0\)"),
+    (["formulas", "{exit0}"], r"build\(\) in '.*exit0\.py' called sys\.exit\(0\)"),
+    (["formulas", "{exit_import}"], r"program file '.*exit_import\.py' called sys\.exit\(3\) while being imported"),
+    # -- numbers inside programs
+    (["limit", "{bigsigma}"], r"evaluating sigma_W\*\*2 overflows float64 \('sigma_W' is 1e\+200\)"),
+    (["simulate", "{bigsigma}", "--width", "8"], r"at finite width, output 'm' is not finite \(NaN or overflow\)"),
+    (["limit", "{bigsigma}", "-p", "sigma=1.0", "-p", "var=1e310"], r"initial vector 'u'.*not finite"),
+    (["limit", ZDOT, "-p", "sigma=1e400"], r"matrix 'W': sigma: the number inf is not finite"),
+    (["limit", ZDOT, "-p", "sigma=nan"], r"matrix 'W': sigma: expected a number, got 'nan'"),
+    (["limit", ZDOT, "-p", "sigma=-1.5"], r"matrix 'W': sigma -1\.5 is negative"),
+    (["simulate", "{dirac}", "--width", "8"], r"instruction 'm': a Dirac delta cannot be evaluated coordinatewise"),
+    (["check", "{dirac}", "--widths", "8,16", "--seeds", "2", "--particles", "200"], r"a Dirac delta cannot be evaluated"),
+    (["formulas", "{foreign}"], r"tp\.nonlin: the function uses the sympy symbol 'zeta'"),
+    (["formulas", "{undefined}"], r"tp\.nonlin: 'Fancy' is an undefined sympy function"),
+]
+
+
+def _fill(argv, files):
+    return [a.format(**files) if "{" in a else a for a in argv]
+
+
+@pytest.mark.parametrize("argv, pattern", CLI_CASES, ids=[" ".join(a)[-70:] for a, _ in CLI_CASES])
+def test_cli_refuses(capsys, files, argv, pattern):
+    for stale in ("T.npz", "K.npz"):
+        Path(files["dir"], stale).unlink(missing_ok=True)
+    rc = main(_fill(argv, files))
+    out, err = capsys.readouterr()
+    assert rc == 2, (rc, err)
+    assert "Traceback" not in err and "internal error" not in err
+    lines = err.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("tpc: error: "), err
+    assert re.search(pattern, lines[0]), (pattern, lines[0])
+    assert not Path(files["dir"], "T.npz").exists() and not Path(files["dir"], "K.npz").exists()
+    assert not out.startswith("wrote")
+
+
+SUBPROCESS_CASES = [
+    (train(lr="nan"), r"--lr: expected a positive finite number, got nan"),
+    (["limit", "{exit0}"], r"called sys\.exit\(0\)"),
+    (kernels(x="{X}")[:-2] + ["--out", "{dir}"], r"--out: '.*' is a directory"),
+]
+
+
+@pytest.mark.parametrize("argv, pattern", SUBPROCESS_CASES, ids=[" ".join(a)[-50:] for a, _ in SUBPROCESS_CASES])
+def test_cli_refuses_in_a_real_process(files, argv, pattern):
+    proc = subprocess.run([sys.executable, "-m", "tpcompiler.cli", *_fill(argv, files)],
+                          capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert proc.returncode == 2, proc.stderr
+    lines = proc.stderr.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("tpc: error: "), proc.stderr
+    assert re.search(pattern, lines[0]), (pattern, lines[0])
+
+
+# -- API -------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def api(files):
+    rng = np.random.default_rng(1)
+    X = rng.standard_normal((3, 3))
+    zdot = tp.load(ZDOT)
+    mlp = tp.load(MLP, depth=1, d=3)
+    return {
+        "X": X, "Y": np.array([1.0, -1.0, 0.5]),
+        "zdot": zdot, "zc": tp.compile(zdot),
+        "mlp": mlp, "mc": tp.compile(mlp),
+        "mup": tp.named("mup", 1), "ntp": tp.named("ntp", 1),
+        "files": files,
+    }
+
+
+def sgd(a, **kw):
+    args = dict(X=a["X"], Y=a["Y"], steps=2, lr=0.5)
+    args.update(kw)
+    return tp.SGD(**args)
+
+
+def train_mlp(a, **kw):
+    from tpcompiler.finite_training import train_mlp as run
+
+    args = dict(X=a["X"], Y=a["Y"], depth=1, phi="tanh", w_std=1.0, a=[0, "1/2"], b=[0, 0], c=0,
+                lr=0.5, steps=2, width=8, seed=0)
+    args.update(kw)
+    return run(**args)
+
+
+def late_output(a):
+    p = tp.Program("late")
+    u = p.vec("u")
+    p.output("a", tp.mean(u * u))
+    c = tp.compile(p)
+    p.output("b", tp.mean(u * u * u * u))
+    return c.limit()
+
+
+def nonlin_program(fn, *arity):
+    p = tp.Program("nl")
+    u, v = p.vec("u"), p.vec("v")
+    return tp.nonlin(fn, *(u, v)[:len(arity) or 1])
+
+
+def big_var(a):
+    p = tp.Program("bigvar")
+    u = p.vec("u", var=1e300)
+    p.output("m", tp.mean(u * u * u * u))
+    return tp.compile(p).limit()
+
+
+# (id, call, regex)
+API_CASES = [
+    ("simulate width=2.5", lambda a: tp.simulate(a["zdot"], width=2.5), r"^width: expected a positive integer, got 2\.5$"),
+    ("simulate width=0", lambda a: tp.simulate(a["zdot"], width=0), r"^width: expected a positive integer, got 0$"),
+    ("simulate width=-8", lambda a: tp.simulate(a["zdot"], width=-8), r"^width: expected a positive integer, got -8$"),
+    ("simulate width=nan", lambda a: tp.simulate(a["zdot"], width=float("nan")), r"^width: .*got nan$"),
+    ("simulate width=inf", lambda a: tp.simulate(a["zdot"], width=np.inf), r"^width: .*got inf$"),
+    ("simulate width='64'", lambda a: tp.simulate(a["zdot"], width="64"), r"^width: expected a positive integer, got '64'$"),
+    ("simulate width=True", lambda a: tp.simulate(a["zdot"], width=True), r"^width: .*got the boolean True$"),
+    ("simulate width=None", lambda a: tp.simulate(a["zdot"], width=None), r"^width: .*got None$"),
+    ("simulate seed=-1", lambda a: tp.simulate(a["zdot"], width=8, seed=-1), r"^seed: expected a non-negative integer, got -1$"),
+    ("simulate seed=0.5", lambda a: tp.simulate(a["zdot"], width=8, seed=0.5), r"^seed: .*got 0\.5$"),
+    ("simulate x complex", lambda a: tp.simulate(a["mlp"], width=8, x=a["X"] + 1j), r"^x: holds complex numbers"),
+    ("simulate no outputs", lambda a: tp.simulate(tp.Program("empty"), width=8), r"program 'empty' has no outputs"),
+    ("limit particles=1e4+0.5", lambda a: a["zc"].limit(particles=1e4 + 0.5), r"^particles: .*got 10000\.5$"),
+    ("limit particles=0", lambda a: a["zc"].limit(particles=0), r"^particles: expected a positive integer, got 0$"),
+    ("limit particles=-1", lambda a: a["zc"].limit(particles=-1), r"^particles: expected a positive integer, got -1$"),
+    ("limit particles=nan", lambda a: a["zc"].limit(particles=np.nan), r"^particles: .*got nan$"),
+    ("limit particles=None", lambda a: a["zc"].limit(particles=None), r"^particles: .*got None$"),
+    ("limit particles=[1]", lambda a: a["zc"].limit(particles=[1000]), r"^particles: .*got \[1000\]$"),
+    ("limit seed=-1", lambda a: a["zc"].limit(seed=-1), r"^seed: expected a non-negative integer, got -1$"),
+    ("limit seed=1.5", lambda a: a["zc"].limit(seed=1.5), r"^seed: .*got 1\.5$"),
+    ("limit seed=np.bool_", lambda a: a["zc"].limit(seed=np.True_), r"^seed: .*boolean"),
+    ("limit groups=1", lambda a: a["zc"].limit(groups=1), r"^groups: expected an integer >= 2, got 1$"),
+    ("limit method", lambda a: a["zc"].limit(method="fast"), r"^method: expected one of auto, exact, particles, got 'fast'$"),
+    ("limit x complex", lambda a: a["mc"].limit(particles=2000, x=a["X"] + 1j), r"^x: holds complex numbers"),
+    ("limit x huge", lambda a: a["mc"].limit(particles=2000, x=a["X"] * 1e200), r"^x: has entries as large as .*rescale"),
+    ("limit x strings", lambda a: a["mc"].limit(particles=2000, x=[["a", "b", "c"]]), r"^x: does not hold numbers"),
+    ("limit x ragged", lambda a: a["mc"].limit(particles=2000, x=[[1.0, 2.0], [3.0]]), r"^x: expected an array"),
+    ("limit x nan", lambda a: a["mc"].limit(particles=2000, x=np.array([[np.nan, 0, 1.0]])), r"the input data has NaN or infinite"),
+    ("limit no outputs", lambda a: tp.compile(tp.Program("empty")).limit(), r"program 'empty' has no outputs"),
+    ("limit output added after compile", late_output, r"program 'late' changed after tp\.compile \(output 'b' was added\)"),
+    ("limit sigma 1e200", lambda a: tp.compile(tp.load(a["files"]["bigsigma"])).limit(), r"overflows float64 \('sigma_W' is 1e\+200\)"),
+    ("limit var 1e300", big_var, r"overflows float64|not finite"),
+    ("kernels X complex", lambda a: a["mc"].kernels(a["X"] + 1j), r"^X: holds complex numbers"),
+    ("kernels X nan", lambda a: a["mc"].kernels(np.where(np.eye(3) > 0, np.nan, a["X"])), r"^X: has NaN or infinite entries \(first at index \(0, 0\)\)"),
+    ("kernels X 1-d", lambda a: a["mc"].kernels(a["X"][0]), r"^X: expected an N x d matrix, got shape \(3,\)$"),
+    ("kernels X huge", lambda a: a["mc"].kernels(a["X"] * 1e100), r"^X: has entries as large as"),
+    ("kernels X2 inf", lambda a: a["mc"].kernels(a["X"], np.full((1, 3), np.inf)), r"^X2: has NaN or infinite entries"),
+    ("kernels X2 complex", lambda a: a["mc"].kernels(a["X"], a["X"] * 1j), r"^X2: holds complex numbers"),
+    ("kernels rtol=0", lambda a: a["mc"].kernels(a["X"], rtol=0), r"^rtol: expected a positive finite number, got 0\.0$"),
+    ("kernels rtol<0", lambda a: a["mc"].kernels(a["X"], rtol=-1e-3), r"^rtol: expected a positive finite number, got -0\.001$"),
+    ("kernels rtol=nan", lambda a: a["mc"].kernels(a["X"], rtol=np.nan), r"^rtol: .*got nan$"),
+    ("kernels rtol=1e-20", lambda a: a["mc"].kernels(a["X"], rtol=1e-20), r"^rtol: expected a relative accuracy between 1e-14 and 0\.1, got 1e-20$"),
+    ("kernels rtol=1", lambda a: a["mc"].kernels(a["X"], rtol=1.0), r"^rtol: .*between 1e-14 and 0\.1, got 1$"),
+    ("kernels rtol str", lambda a: a["mc"].kernels(a["X"], rtol="1e-10"), r"^rtol: .*got '1e-10'$"),
+    ("kernel_function rtol=inf", lambda a: a["mc"].kernel_function(np.inf), r"^rtol: .*got inf$"),
+    ("SGD lr=-1", lambda a: sgd(a, lr=-1), r"^lr: expected a positive finite number, got -1\.0$"),
+    ("SGD lr=0", lambda a: sgd(a, lr=0), r"^lr: expected a positive finite number, got 0\.0$"),
+    ("SGD lr=nan", lambda a: sgd(a, lr=float("nan")), r"^lr: .*got nan$"),
+    ("SGD lr=inf", lambda a: sgd(a, lr=float("inf")), r"^lr: .*got inf$"),
+    ("SGD lr=complex", lambda a: sgd(a, lr=0.1 + 0j), r"^lr: .*complex"),
+    ("SGD lr='0.1'", lambda a: sgd(a, lr="0.1"), r"^lr: .*got '0\.1'$"),
+    ("SGD steps=-1", lambda a: sgd(a, steps=-1), r"^steps: expected an integer in 0\.\.1000000, got -1$"),
+    ("SGD steps=2.5", lambda a: sgd(a, steps=2.5), r"^steps: .*got 2\.5$"),
+    ("SGD steps=1e8", lambda a: sgd(a, steps=1e8), r"^steps: 100000000 is above the limit 1000000"),
+    ("SGD batch=0", lambda a: sgd(a, batch=0), r"^batch: expected a positive integer, got 0$"),
+    ("SGD batch=1.5", lambda a: sgd(a, batch=1.5), r"^batch: .*got 1\.5$"),
+    ("SGD batch>N", lambda a: sgd(a, batch=4), r"^batch: 4 is larger than the training set \(N = 3\)$"),
+    ("SGD loss", lambda a: sgd(a, loss="hinge"), r"^loss: unknown loss 'hinge'; use one of mse, logistic, softmax$"),
+    ("SGD logistic labels", lambda a: sgd(a, loss="logistic", Y=np.array([0.0, 2.0, 1.0])), r"^Y: the logistic loss needs labels 0 or 1, got 2"),
+    ("SGD softmax rows", lambda a: sgd(a, loss="softmax", Y=np.array([[0.5, 0.2], [1.0, 0.0], [0.0, 1.0]])), r"^Y: the softmax loss needs probability rows"),
+    ("SGD X complex", lambda a: sgd(a, X=a["X"] + 1j), r"^X: holds complex numbers"),
+    ("SGD X huge", lambda a: sgd(a, X=a["X"] * 1e60), r"^X: has entries as large as"),
+    ("SGD X 3-d", lambda a: sgd(a, X=a["X"][None]), r"^X: expected .*got shape \(1, 3, 3\)$"),
+    ("SGD Y nan", lambda a: sgd(a, Y=np.array([1.0, np.nan, 0.0])), r"^Y: has NaN or infinite entries \(first at index \(1,\)\)"),
+    ("SGD X_eval inf", lambda a: sgd(a, X_eval=np.full((2, 3), -np.inf)), r"^X_eval: has NaN or infinite entries"),
+    ("train particles=0", lambda a: tp.train(a["mlp"], a["mup"], sgd(a), particles=0), r"^particles: expected a positive integer, got 0$"),
+    ("train seed=-1", lambda a: tp.train(a["mlp"], a["mup"], sgd(a), seed=-1), r"^seed: expected a non-negative integer, got -1$"),
+    ("train method", lambda a: tp.train(a["mlp"], a["mup"], sgd(a), method="mc"), r"^method: expected one of auto, exact, particles"),
+    ("train abc='mup'", lambda a: tp.train(a["mlp"], "mup", sgd(a)), r"^abc: expected a parametrization such as tp\.named\('mup', depth\)"),
+    ("train sgd=None", lambda a: tp.train(a["mlp"], a["mup"], None), r"^sgd: expected tp\.SGD\(X, Y, steps=\.\.\., lr=\.\.\.\), got None$"),
+    ("train net=str", lambda a: tp.train("programs/mlp.py", a["mup"], sgd(a)), r"expected a tpcompiler\.Program, got str"),
+    ("train unrolled too large", lambda a: tp.train(a["mlp"], a["mup"], sgd(a, steps=1000)), r"^steps: feature-learning training unrolls .*above the limit 2000"),
+    ("unroll(Program, 'mup')", lambda a: tp.unroll(a["mlp"], "mup", sgd(a)), r"^abc: expected a parametrization"),
+    ("unroll sgd dict", lambda a: tp.unroll(a["mlp"], a["mup"], {"lr": 0.1}), r"^sgd: expected tp\.SGD"),
+    ("classify('mup')", lambda a: tp.classify("mup"), r"^classify: expected an abc-parametrization such as tp\.named\('mup', depth\)"),
+    ("classify(None)", lambda a: tp.classify(None), r"^classify: expected an abc-parametrization"),
+    ("compile(str)", lambda a: tp.compile("programs/mlp.py"), r"expected a tpcompiler\.Program, got str"),
+    ("nonlin foreign symbol", lambda a: nonlin_program(lambda x: sp.tanh(x + sp.Symbol("zeta"))), r"tp\.nonlin: the function uses the sympy symbol 'zeta'"),
+    ("nonlin foreign symbol, 2 args", lambda a: nonlin_program(lambda x, y: x * y * sp.Symbol("c"), 1, 2), r"sympy symbol 'c'"),
+    ("nonlin undefined function", lambda a: nonlin_program(lambda x: sp.Function("Fancy")(x)), r"tp\.nonlin: 'Fancy' is an undefined sympy function"),
+    ("nonlin undefined nested", lambda a: nonlin_program(lambda x: sp.exp(sp.Function("g")(x))), r"'g' is an undefined sympy function"),
+    ("formulas format", lambda a: a["zc"].formulas(format="html"), r"^format: expected one of markdown, latex, got 'html'$"),
+    ("train_mlp width=2.5", lambda a: train_mlp(a, width=2.5), r"^width: expected a positive integer, got 2\.5$"),
+    ("train_mlp steps=2.5", lambda a: train_mlp(a, steps=2.5), r"^steps: expected a non-negative integer, got 2\.5$"),
+    ("train_mlp lr=nan", lambda a: train_mlp(a, lr=np.nan), r"^lr: expected a positive finite number, got nan$"),
+    ("train_mlp depth=0", lambda a: train_mlp(a, depth=0), r"^depth: expected a positive integer, got 0$"),
+    ("train_mlp seed=-1", lambda a: train_mlp(a, seed=-1), r"^seed: expected a non-negative integer, got -1$"),
+    ("train_mlp X complex", lambda a: train_mlp(a, X=a["X"] + 1j), r"^X: holds complex numbers"),
+    ("train_mlp w_std=-1", lambda a: train_mlp(a, w_std=-1.0), r"^w_std: expected a non-negative finite number, got -1\.0$"),
+    ("train_mlp phi=3", lambda a: train_mlp(a, phi=3), r"^phi: expected a nonlinearity name or a sympy function, got 3$"),
+    ("simulate Dirac delta", lambda a: tp.simulate(tp.load(a["files"]["dirac"]), width=8), r"instruction 'm': a Dirac delta"),
+    ("load exit0", lambda a: tp.load(a["files"]["exit0"]), r"build\(\) in '.*exit0\.py' called sys\.exit\(0\)"),
+    ("load exit on import", lambda a: tp.load(a["files"]["exit_import"]), r"called sys\.exit\(3\) while being imported"),
+]
+
+
+@pytest.mark.parametrize("call, pattern", [(c, p) for _, c, p in API_CASES], ids=[i for i, _, _ in API_CASES])
+def test_api_refuses(api, call, pattern):
+    with pytest.raises(tp.ProgramError) as excinfo:
+        call(api)
+    message = str(excinfo.value)
+    assert "\n" not in message
+    assert re.search(pattern, message), (pattern, message)
+
+
+def test_catalogue_size():
+    """Issue 7 asks for at least 100 invalid inputs across the CLI and the API."""
+    assert len(CLI_CASES) + len(SUBPROCESS_CASES) + len(API_CASES) >= 100
+    assert len(CLI_CASES) >= 50 and len(API_CASES) >= 50
+
+
+# -- the other side of the validation layer: valid spellings are accepted ----------------------
+def test_integral_floats_are_counts(api):
+    """particles=1e4, width=16.0, steps=2.0 are the integers they denote (not TypeErrors)."""
+    a = api
+    r1, r2 = a["zc"].limit(particles=1e4, seed=0.0), a["zc"].limit(particles=10_000, seed=0)
+    assert r1 == r2
+    assert tp.simulate(a["zdot"], width=16.0, seed=np.int64(1)) == tp.simulate(a["zdot"], width=16, seed=1)
+    s = sgd(a, steps=2.0, batch=np.int32(2))
+    assert s.steps == 2 and isinstance(s.steps, int) and s.batch == 2
+
+
+def test_cli_integral_float_counts(capsys):
+    assert main(["limit", ZDOT, "--particles", "2e4", "--seed", "0", "--json"]) == 0
+    a = capsys.readouterr().out
+    assert main(["limit", ZDOT, "--particles", "20000", "--seed", "0", "--json"]) == 0
+    assert capsys.readouterr().out == a
+
+
+def test_out_without_suffix_reports_the_real_file(capsys, files, tmp_path):
+    target = tmp_path / "kern"
+    rc = main(_fill(kernels()[:-2] + ["--out", str(target)], files))
+    out, err = capsys.readouterr()
+    assert rc == 0, err
+    assert out.startswith(f"wrote {target}.npz: ")
+    assert (tmp_path / "kern.npz").exists() and not target.exists()
+
+
+def test_plot_without_extension_reports_the_real_file(capsys, tmp_path):
+    target = tmp_path / "errors"
+    rc = main(["check", ZDOT, "--widths", "8,16", "--seeds", "2", "--particles", "2000", "--plot", str(target)])
+    out, err = capsys.readouterr()
+    assert rc in (0, 1), err
+    assert f"plot written to {target}.png" in out
+    assert (tmp_path / "errors.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and not target.exists()
+
+
+def test_internal_errors_look_internal(capsys, monkeypatch):
+    """A KeyError / TypeError raised by a bug is not reported as the user's mistake."""
+    import tpcompiler.cli as cli
+
+    def broken(args):
+        raise KeyError("q_3")
+
+    monkeypatch.setattr(cli, "cmd_formulas", broken)
+    rc = cli.main(["formulas", ZDOT])
+    err = capsys.readouterr().err
+    assert rc == 3
+    assert err.startswith("tpc: internal error: KeyError: 'q_3'") and "please report" in err
+    assert len(err.splitlines()) == 1
+
+
+def test_argument_error_is_the_project_type():
+    assert issubclass(ArgumentError, tp.ProgramError) and issubclass(ArgumentError, TypeError)

@@ -1,0 +1,62 @@
+"""The disk cache of generated code (README "Caches"): one place, set by TPCOMPILER_CACHE_DIR,
+written atomically so that several processes can share it."""
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+import tpcompiler as tp
+from tpcompiler import codegen
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_cache_dir_follows_the_environment(tmp_path, monkeypatch):
+    monkeypatch.setenv("TPCOMPILER_CACHE_DIR", str(tmp_path / "c"))
+    assert codegen.cache_dir("kernels") == str(tmp_path / "c" / "kernels")
+    assert (tmp_path / "c" / "kernels").is_dir()
+
+
+def test_unusable_cache_dir_is_a_clear_error(tmp_path, monkeypatch):
+    blocker = tmp_path / "file"
+    blocker.write_text("not a directory")
+    monkeypatch.setenv("TPCOMPILER_CACHE_DIR", str(blocker))
+    with pytest.raises(tp.ProgramError, match=r"^TPCOMPILER_CACHE_DIR='.*file': cannot use .* as the cache"):
+        codegen.cache_dir("kernels")
+
+
+def test_atomic_write_replaces_whole_files_and_cleans_up(tmp_path):
+    path = tmp_path / "m.py"
+    codegen.atomic_write(str(path), "X = 1\n")
+    assert path.read_text() == "X = 1\n"
+    assert oct(path.stat().st_mode & 0o777) == oct(0o644)
+    with pytest.raises(TypeError):
+        codegen.atomic_write(str(path), b"bytes are not text")  # fails mid-write
+    assert path.read_text() == "X = 1\n"  # the old content is intact
+    assert [p.name for p in tmp_path.iterdir()] == ["m.py"]  # no temporary file left behind
+
+
+WORKER = textwrap.dedent("""
+    import sys
+    from tpcompiler import codegen
+    pad = "# " + "x" * 50_000 + "\\n"  # large files: a torn write would be visible
+    for i in range(20):
+        mod = codegen.load_module(pad + f"VALUE = {i}\\n", "kernels")
+        assert mod.VALUE == i, (i, mod.VALUE)
+    print("ok")
+""")
+
+
+def test_two_processes_share_the_cache(tmp_path):
+    env = dict(os.environ, TPCOMPILER_CACHE_DIR=str(tmp_path))
+    procs = [subprocess.Popen([sys.executable, "-c", WORKER], cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    for p in procs:
+        out, err = p.communicate(timeout=120)
+        assert p.returncode == 0 and out.strip() == "ok", err
+    files = sorted((tmp_path / "kernels").glob("*"))
+    assert len([f for f in files if f.suffix == ".py"]) == 20
+    assert not [f for f in files if f.name.endswith(".tmp")]
