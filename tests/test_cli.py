@@ -117,7 +117,10 @@ def test_simulate_json_format(capsys):
 def test_simulate_one_seed(capsys):
     rc, out, err = tpc(capsys, "simulate", ZDOT, "--width", 32, "--json")
     assert rc == 0
-    assert set(json.loads(out)) == ZDOT_OUTPUTS
+    # strict JSON: NaN is not a JSON value, so one seed's missing stderr is null
+    result = json.loads(out, parse_constant=lambda c: pytest.fail(f"non-JSON constant {c}"))
+    assert set(result) == ZDOT_OUTPUTS
+    assert all(entry["stderr"] is None and math.isfinite(entry["mean"]) for entry in result.values())
 
 
 def test_limit_mlp_with_data_fills_d(capsys, data):

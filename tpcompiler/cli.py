@@ -157,15 +157,17 @@ def cmd_simulate(args) -> int:
 
     X = _load_array(args.x, "--x") if args.x else None
     runs = simulate_seeds(_program(args, X), args.width, range(args.seed, args.seed + args.seeds), x=X)
+    # One seed has no spread to estimate: its stderr is null in JSON (NaN is not JSON).
     result = {
-        k: {"mean": float(v.mean()), "stderr": float(v.std(ddof=1) / np.sqrt(len(v))) if len(v) > 1 else float("nan")}
+        k: {"mean": float(v.mean()), "stderr": float(v.std(ddof=1) / np.sqrt(len(v))) if len(v) > 1 else None}
         for k, v in runs.items()
     }
     if args.json:
-        print(json.dumps(result))
+        print(json.dumps(result, allow_nan=False))
     else:
         for k, r in result.items():
-            print(f"{k}\t{r['mean']:.10g}\t± {r['stderr']:.3g}")
+            spread = f"± {r['stderr']:.3g}" if r["stderr"] is not None else "(one seed: no stderr)"
+            print(f"{k}\t{r['mean']:.10g}\t{spread}")
     return 0
 
 
