@@ -47,6 +47,18 @@ structure of the sympy expressions:
    quadratic), as for tanh, sigmoid, softplus, gelu and their derivatives, G(-x) follows from
    G(x) and half of the inner integrals are skipped.
 
+At large variance an inner feature can sit far out in the Gaussian (z* = -a x / b beyond
++-3, width 1/b): the sinh rule, centred at most 3 standard deviations out, no longer resolves
+it, so for b > 4 such inner integrals use the split exp-exp rule of kinks instead (E[tanh
+tanh] at variance 1e4 erred by 3e-7 before).  With it, and with closed forms written without
+cancellation (through the determinant k11 k22 - k12^2, never as a difference of large terms;
+see ``_det``), the quadrature stays within rtol from variance 1e-8 to 1e12 and any
+correlation (tests/test_kernel_scales.py checks it against an independent QUADPACK
+reference).  Inputs are float64 covariances: near correlation +-1 an expectation can be
+ill-conditioned in them (E[step step] has a square-root singularity at rho = 1; E[erf'
+erf'] at variance k moves by ~k eps per ulp of k12), and the result is then exact for a
+covariance within a few ulps of the given one, which is all float64 inputs determine.
+
 Errors are measured relative to max(|E|, 1e-2 S), S = sqrt(E[phi(u)^2] E[psi(v)^2]) (the
 Cauchy-Schwarz scale of the expectation), so that values that vanish by symmetry do not make
 relative errors meaningless.  ``PairExpectation.error_estimate`` is the largest estimated
