@@ -235,7 +235,7 @@ rhos = st.one_of(
 
 
 @pytest.mark.parametrize("name", BUILTIN)
-@settings(max_examples=6, derandomize=True, deadline=None, database=None,
+@settings(max_examples=10, derandomize=True, deadline=None, database=None,
           suppress_health_check=list(HealthCheck))
 @given(lk11=st.floats(-8.0, 12.0), lk22=st.floats(-8.0, 12.0), rho=rhos)
 def test_random_covariances_against_quadrature(name, lk11, lk22, rho):
