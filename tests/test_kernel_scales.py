@@ -16,6 +16,7 @@ reference is the characteristic function evaluated with mpmath at 50 digits.
 import functools
 import math
 import warnings
+from pathlib import Path
 
 import mpmath
 import numpy as np
@@ -30,6 +31,7 @@ import tpcompiler as tp
 from tpcompiler import gaussian2 as g2
 from tpcompiler import nonlinearities as nl
 
+MLP = str(Path(__file__).resolve().parent.parent / "programs" / "mlp.py")
 RTOL = 1e-10  # the backend's default (KernelFunction, pair_expectation)
 
 # ---------------------------------------------------------------------------------------
@@ -362,7 +364,7 @@ EDGE_CASES = [
 
 @pytest.mark.parametrize("phi,bias,scales", EDGE_CASES, ids=[c[0] for c in EDGE_CASES])
 def test_edge_inputs_against_reference(phi, bias, scales):
-    c = tp.compile(tp.load("programs/mlp.py", depth=1, phi=phi, w_std=1.5, b_std=bias, d=3))
+    c = tp.compile(tp.load(MLP, depth=1, phi=phi, w_std=1.5, b_std=bias, d=3))
     for s in scales:
         X = edge_rows(s)
         K = c.kernels(X)
@@ -374,7 +376,7 @@ def test_edge_inputs_against_reference(phi, bias, scales):
 def test_tanh_depth2_ntk_does_not_grow_with_the_input_norm():
     """The issue's case: tanh, w_std 1.5, b_std 0.1, depth 2, two rows at cosine 0.967; the
     NTK entry grew like s (6.3 x too large at s = 1e4)."""
-    c = tp.compile(tp.load("programs/mlp.py", depth=2, phi="tanh", w_std=1.5, b_std=0.1, d=3))
+    c = tp.compile(tp.load(MLP, depth=2, phi="tanh", w_std=1.5, b_std=0.1, d=3))
     for s in (10.0, 1e4):
         X = s * np.stack([_E1, _rotated(0.967)])
         _check_kernels(c.kernels(X), MLPReference("tanh", X, 2, 1.5, 0.1), 4 * RTOL)
@@ -382,7 +384,7 @@ def test_tanh_depth2_ntk_does_not_grow_with_the_input_norm():
 
 def test_odd_network_is_exactly_odd_at_large_norm():
     """erf without bias: ntk(x, -x) = -ntk(x, x) and the kernel matrix stays PSD at norm 1e6."""
-    c = tp.compile(tp.load("programs/mlp.py", depth=2, phi="erf", w_std=1.5, b_std=None, d=3))
+    c = tp.compile(tp.load(MLP, depth=2, phi="erf", w_std=1.5, b_std=None, d=3))
     X = 1e6 * np.stack([_E1, -_E1, _rotated(0.5)])
     K = c.kernels(X)
     for name in ("nngp", "ntk"):
@@ -393,6 +395,6 @@ def test_odd_network_is_exactly_odd_at_large_norm():
 
 
 def test_overflowing_inputs_are_refused():
-    c = tp.compile(tp.load("programs/mlp.py", depth=2, phi="relu", w_std=1.5, b_std=0.1, d=3))
+    c = tp.compile(tp.load(MLP, depth=2, phi="relu", w_std=1.5, b_std=0.1, d=3))
     with pytest.raises(tp.ProgramError, match="overflow float64.*rescale the inputs"):
         c.kernels(1e200 * np.eye(3))
