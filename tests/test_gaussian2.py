@@ -139,8 +139,13 @@ def test_isserlis_and_symbolic_closed_forms():
     assert sp.simplify(e - 3 * k11 * k12) == 0
     e = g2.closed_form_pair((X**2 + 1, X), (X**4, X))
     assert sp.simplify(e - (3 * k11 * k22**2 + 12 * k12**2 * k22 + 3 * k22**2)) == 0
+    # E sin(u) sin(v) = exp(-(k11 + k22)/2) sinh(k12), generated in a form that neither
+    # overflows nor cancels (sign(k12), |k12| and expm1): compared with the textbook formula
     e = g2.closed_form_pair("sin", "sin")
-    assert sp.simplify(e - sp.exp(-(k11 + k22) / 2) * sp.sinh(k12)) == 0
+    for a, b, c in [(1.0, 0.3, 2.0), (1.0, -0.3, 2.0), (1e-8, 5e-9, 1e-8), (3.0, -2.5, 4.0), (2.0, 0.0, 5.0)]:
+        got = float(e.subs({k11: a, k12: b, k22: c}))
+        want = float(sp.exp(-(sp.Float(a) + c) / 2) * sp.sinh(sp.Float(b)))
+        assert abs(got - want) <= 1e-15 * abs(want) + 1e-300, (a, b, c)
     assert g2.closed_form_pair("tanh", "tanh") is None
 
 

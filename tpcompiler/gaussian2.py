@@ -47,6 +47,18 @@ structure of the sympy expressions:
    quadratic), as for tanh, sigmoid, softplus, gelu and their derivatives, G(-x) follows from
    G(x) and half of the inner integrals are skipped.
 
+At large variance an inner feature can sit far out in the Gaussian (z* = -a x / b beyond
++-3, width 1/b): the sinh rule, centred at most 3 standard deviations out, no longer resolves
+it, so for b > 4 such inner integrals use the split exp-exp rule of kinks instead (E[tanh
+tanh] at variance 1e4 erred by 3e-7 before).  With it, and with closed forms written without
+cancellation (through the determinant k11 k22 - k12^2, never as a difference of large terms;
+see ``_det``), the quadrature stays within rtol from variance 1e-8 to 1e12 and any
+correlation (tests/test_kernel_scales.py checks it against an independent QUADPACK
+reference).  Inputs are float64 covariances: near correlation +-1 an expectation can be
+ill-conditioned in them (E[step step] has a square-root singularity at rho = 1; E[erf'
+erf'] at variance k moves by ~k eps per ulp of k12), and the result is then exact for a
+covariance within a few ulps of the given one, which is all float64 inputs determine.
+
 Errors are measured relative to max(|E|, 1e-2 S), S = sqrt(E[phi(u)^2] E[psi(v)^2]) (the
 Cauchy-Schwarz scale of the expectation), so that values that vanish by symmetry do not make
 relative errors meaningless.  ``PairExpectation.error_estimate`` is the largest estimated
@@ -93,7 +105,7 @@ __all__ = [
 K11, K12, K22 = sp.symbols("k11 k12 k22", real=True)
 _K = sp.Symbol("k", real=True)
 
-_GEN_VERSION = "g2-v4"  # bump when the generated code or the probing changes
+_GEN_VERSION = "g2-v5"  # bump when the generated code or the probing changes
 
 # ---------------------------------------------------------------------------------------
 # Inputs
@@ -315,6 +327,15 @@ class _sdet(sp.Function):
     nargs = 3
 
 
+class _det(sp.Function):
+    """max(k11 k22 - k12^2, 0): the covariance determinant.  Closed forms are written with
+    it (never as a difference of large terms such as (1 + 2 k11)(1 + 2 k22) - 4 k12^2), so
+    that they stay accurate at large variances and at correlation +-1: for rows x and -x
+    of norm 1e6 the determinant is exactly 0 in floating point and E[erf' erf'] is exact."""
+
+    nargs = 3
+
+
 class _pos(sp.Function):
     """1 if k11 > 0 and k22 > 0 else 0 (a zero variance makes relu/step vanish exactly)."""
 
@@ -404,6 +425,12 @@ _HELPER_SOURCE = {
 def _sdet(k11, k12, k22):
     d = k11 * k22 - k12 * k12
     return math.sqrt(d if d > 0.0 else 0.0)
+''',
+    "_det": '''
+@njit(cache=True, error_model="numpy")
+def _det(k11, k12, k22):
+    d = k11 * k22 - k12 * k12
+    return d if d > 0.0 else 0.0
 ''',
     "_pos": '''
 @njit(cache=True, error_model="numpy")
@@ -508,12 +535,20 @@ def _pair_unit(A: Atom, B: Atom, k11, k12, k22, used: set, depth=0):
         (RELU, RELU): lambda: (_J1(k11, k12, k22), "arc-cosine"),
         (STEP, STEP): lambda: (_J0(k11, k12, k22), "arc-cosine"),
         (RELU, STEP): lambda: (_RS(k11, k12, k22), "arc-cosine"),
+        # arcsin(z) = atan(z / sqrt(1 - z^2)) with 1 - z^2 written through the determinant:
+        # asin(2 k12 / sqrt((1 + 2 k11)(1 + 2 k22))) loses all accuracy near z = +-1 (rows x
+        # and -x of large norm: ntk(x, -x) != -ntk(x, x) by 6e-5 at norm 1e6)
         (ERF, ERF): lambda: (
-            2 / sp.pi * sp.asin(2 * k12 / sp.sqrt((1 + 2 * k11) * (1 + 2 * k22))), "erf arcsin"),
+            2 / sp.pi * sp.atan(2 * k12 / sp.sqrt(1 + 2 * k11 + 2 * k22 + 4 * _det(k11, k12, k22))),
+            "erf arcsin"),
         (STEP, ERF): lambda: (
-            sp.asin(sp.sqrt(2) * k12 / sp.sqrt(k11 * (1 + 2 * k22))) / sp.pi, "erf arcsin"),
-        (SIN, SIN): lambda: (sp.exp(-(k11 + k22) / 2) * sp.sinh(k12), "characteristic function"),
-        (COS, COS): lambda: (sp.exp(-(k11 + k22) / 2) * sp.cosh(k12), "characteristic function"),
+            sp.atan(sp.sqrt(2) * k12 / sp.sqrt(k11 + 2 * _det(k11, k12, k22))) / sp.pi, "erf arcsin"),
+        # exp(-(k11 + k22)/2) sinh(k12) and cosh(k12), written so that nothing overflows
+        # (exp(-k) sinh(k) was 0 * inf = NaN beyond k = 710) and nothing cancels at small k
+        (SIN, SIN): lambda: (sp.sign(k12) * sp.exp(sp.Abs(k12) - (k11 + k22) / 2)
+                             * (-_expm1(-2 * sp.Abs(k12))) / 2, "characteristic function"),
+        (COS, COS): lambda: (sp.exp(sp.Abs(k12) - (k11 + k22) / 2)
+                             * (1 + sp.exp(-2 * sp.Abs(k12))) / 2, "characteristic function"),
         (EXP, EXP): lambda: (sp.exp((k11 + 2 * k12 + k22) / 2), "characteristic function"),
         (EXP, SIN): lambda: (sp.exp((k11 - k22) / 2) * sp.sin(k12), "characteristic function"),
         (EXP, COS): lambda: (sp.exp((k11 - k22) / 2) * sp.cos(k12), "characteristic function"),
@@ -531,7 +566,8 @@ def _pair_unit(A: Atom, B: Atom, k11, k12, k22, used: set, depth=0):
     if B.kind == GAUSS or A.kind == GAUSS:
         if B.kind != GAUSS:
             A, B, k11, k22 = B, A, k22, k11
-        e = _e1_atom(A, k11 - 2 * k12**2 / (1 + 2 * k22))
+        # k11 - 2 k12^2 / (1 + 2 k22), without the cancellation at large k and |rho| ~ 1
+        e = _e1_atom(A, (k11 + 2 * _det(k11, k12, k22)) / (1 + 2 * k22))
         if e is not None:
             used.add("Gaussian tilt")
             return e / sp.sqrt(1 + 2 * k22)
@@ -540,7 +576,7 @@ def _pair_unit(A: Atom, B: Atom, k11, k12, k22, used: set, depth=0):
     if B.kind == DELTA or A.kind == DELTA:
         if B.kind != DELTA:
             A, B, k11, k22 = B, A, k22, k11
-        e = _e1_atom(A, k11 - k12**2 / k22)
+        e = _e1_atom(A, _det(k11, k12, k22) / k22)  # k11 - k12^2 / k22
         if e is not None:
             used.add("conditional delta")
             return e / sp.sqrt(2 * sp.pi * k22)
@@ -581,6 +617,12 @@ def _pair_unit(A: Atom, B: Atom, k11, k12, k22, used: set, depth=0):
                 used.add("parity")
                 return e / 2
     return None
+
+
+def _expm1(x):
+    from sympy.codegen.cfunctions import expm1
+
+    return expm1(x)
 
 
 def _swap_k(expr, k11, k22):
@@ -815,6 +857,7 @@ _X = 8.5  # truncation of the standard normal (tail mass 2e-17, below rounding)
 _GHK = 1.5
 _GH_SIZES = (4, 5, 6, 7, 8, 10, 12, 14, 16, 20, 24, 28, 32, 40, 48, 56, 64, 80, 96)
 _ZC = 3.0  # the inner sinh rule follows psi's feature up to 3 standard deviations out
+_BSPLIT = 4.0  # inner sd above which a feature beyond +-_ZC gets the split rule
 _SLO = -math.log(42.0)  # exp-exp map: c exp(s - e^-s) < 1e-18 c below this s
 
 _QUAD_COMMON = f"""
@@ -837,6 +880,7 @@ def _gh_table():
 _GHX, _GHW, _GHOFF, _GHN = _gh_table()
 _X = {_X!r}
 _ZC = {_ZC!r}
+_BSPLIT = {_BSPLIT!r}
 _SLO = {_SLO!r}
 """
 
@@ -874,6 +918,34 @@ def _G_unif(m, b, dz):
 
 
 @njit(cache=True)
+def _G_split(m, b, h, C, zs):
+    """E_z[_inner(m + b z)] with the line split at zs = -m / b (where psi's argument
+    vanishes) and each half mapped by the exp-exp rule clustered at zs."""
+    g = 0.0
+    gw = 0.0
+    n = 0
+    ci = C / max(b, 1.0)
+    for side in (-1.0, 1.0):
+        far = -side * zs  # > 0 when the Gaussian bulk lies on this side, at that distance
+        hs = h * 2.0 / far if far > 2.0 else h
+        shi = math.log((_X - side * zs) / ci) + 1.0
+        jlo = int(math.ceil(_SLO / hs))
+        jhi = int(math.floor(shi / hs))
+        q = math.exp(-jlo * hs)
+        dq = math.exp(-hs)
+        for j in range(jlo, jhi + 1):
+            s = j * hs
+            r = ci * math.exp(s - q)
+            z = zs + side * r
+            w = r * (1.0 + q) * math.exp(-0.5 * z * z) * hs
+            g += w * _inner(m + b * z)
+            gw += w
+            q *= dq
+        n += jhi - jlo + 1
+    return g / gw, n
+
+
+@njit(cache=True)
 def _G(m, b, h, kind, C):
     """E_z[_inner(m + b z)], z ~ N(0, 1); returns (value, number of evaluations)."""
     if b == 0.0:
@@ -883,6 +955,11 @@ def _G(m, b, h, kind, C):
     n = 0
     zs = -m / b
 {kink_block}
+    if b > _BSPLIT and _ZC < abs(zs) < _X:
+        # psi's feature (width ~1/b) lies beyond the sinh rule's centre range [-3, 3],
+        # where that rule's nodes are too far apart to resolve it (E[tanh tanh] at variance
+        # 1e4 erred by 3e-7): split at the feature as for a kink
+        return _G_split(m, b, h, C, zs)
     if kind == 1:
         return _G_unif(m, b, h / (1.0 + b / 8.0))
     ci = C / max(b, 1.0)
@@ -918,25 +995,7 @@ def _G(m, b, h, kind, C):
 _INNER_KINK_BLOCK = '''
     if abs(zs) < _X:
         # psi has a kink where its argument vanishes: split there, exp-exp map on each side
-        ci = C / max(b, 1.0)
-        for side in (-1.0, 1.0):
-            far = -side * zs  # > 0 when the Gaussian bulk lies on this side, at that distance
-            hs = h * 2.0 / far if far > 2.0 else h
-            shi = math.log((_X - side * zs) / ci) + 1.0
-            jlo = int(math.ceil(_SLO / hs))
-            jhi = int(math.floor(shi / hs))
-            q = math.exp(-jlo * hs)
-            dq = math.exp(-hs)
-            for j in range(jlo, jhi + 1):
-                s = j * hs
-                r = ci * math.exp(s - q)
-                z = zs + side * r
-                w = r * (1.0 + q) * math.exp(-0.5 * z * z) * hs
-                g += w * _inner(m + b * z)
-                gw += w
-                q *= dq
-            n += jhi - jlo + 1
-        return g / gw, n
+        return _G_split(m, b, h, C, zs)
 '''
 
 _CORE_TEMPLATE = '''

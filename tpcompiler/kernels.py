@@ -234,7 +234,7 @@ def mirror(out, diagonal):
         # Grams (BLAS) before any Numba stage: each runtime's idle threads spin for a while
         # after a call and slow down the other's next one.
         t0 = time.perf_counter()
-        with _one_blas_thread():
+        with _one_blas_thread(), np.errstate(over="ignore", invalid="ignore"):  # see _check_finite
             G = self.features.pair_values(X, None)
             G2 = None if X2 is None else self.features.pair_values(X2, X)
         timing["grams"] = time.perf_counter() - t0
@@ -256,5 +256,18 @@ def mirror(out, diagonal):
             self.module.pair_stage(*G2, RF2, RF1T, R2, R1T, *outs2, False)
             for k, name in enumerate(KERNELS):
                 result[f"{name}_x2"] = outs2[k]
+        self._check_finite(result, (X, X2))
         self.last_timing = timing
         return result
+
+    def _check_finite(self, result, inputs):
+        """Refuse kernels that overflowed (never return inf or NaN for finite inputs)."""
+        bad = [name for name, K in result.items() if not np.isfinite(K).all()]
+        if not bad:
+            return
+        norms = [float(np.max(np.abs(A))) for A in inputs if A is not None]
+        raise ProgramError(
+            f"kernels: {', '.join(bad)} overflow float64 for these inputs (largest input entry "
+            f"{max(norms):.3g}): a variance of the network exceeds the float64 range; rescale "
+            f"the inputs (e.g. divide them by their largest norm)"
+        )
