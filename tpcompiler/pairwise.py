@@ -147,7 +147,7 @@ class PairwiseEngine:
     def _scalar_values(self, expr: sp.Expr) -> dict:
         """Parameters by value, Moments by their exact limit (row quantities)."""
         rep = {}
-        for s in expr.free_symbols:
+        for s in _ordered(expr.free_symbols):  # quantities are numbered as they are met
             if s in self._params:
                 rep[s] = self._params[s]
             elif s.name in self.graph.g and isinstance(self.graph.op(s.name), ops.Moment):
@@ -159,7 +159,7 @@ class PairwiseEngine:
         ``same_input`` a pair moment is evaluated at xi' = xi, e.g. a kernel's diagonal)."""
         op = self.graph.op(key)
         sub = {}
-        for s in op.expr.free_symbols:
+        for s in _ordered(op.expr.free_symbols):
             k, primed = unprime(s)
             side = 1 if primed and not same_input else 0
             if self.graph.kind(k) == VEC:
@@ -175,7 +175,7 @@ class PairwiseEngine:
         expr = sp.sympify(expr)
         rep = self._scalar_values(expr)
         if same_input:
-            rep.update({s: self.moment(s.name, True) for s in expr.free_symbols
+            rep.update({s: self.moment(s.name, True) for s in _ordered(expr.free_symbols)
                         if s.name in self.graph.g and isinstance(self.graph.op(s.name), ops.Moment)})
             rep.update({s: _unprimed(s) for s in expr.free_symbols if s.name.endswith("'")})
             rep.update({c: ops.InputCov(c.args[0], c.args[1], sp.Integer(0), sp.Integer(0)) for c in expr.atoms(ops.InputCov)})
@@ -398,6 +398,14 @@ class PairwiseEngine:
 
 
 _unprimed = symbols.unprimed
+
+
+def _ordered(items) -> list:
+    """A set of sympy objects in a fixed order.  Quantities are numbered in the order they
+    are created, and the generated kernel source (hence its compile-cache key) follows that
+    numbering: iterating a set directly would follow the per-process string hash seed, so
+    every run would generate new source and pay the whole Numba compile again."""
+    return sorted(items, key=sp.default_sort_key)
 _is_leaf = symbols.is_leaf_variable
 
 

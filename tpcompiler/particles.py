@@ -65,6 +65,30 @@ def _require_finite(values, key: str, what: str) -> None:
             "inf: division by zero or overflow); its limit does not exist as a number")
 
 
+#: An average carried by fewer effective particles than this (per group) is refused: its
+#: value and the spread of the groups both rest on a handful of samples.
+MIN_EFFECTIVE_PARTICLES = 10
+
+
+def _require_effective_particles(values, key: str) -> None:
+    """Refuse an average that a few particles carry.  The effective sample size
+    (sum |f|)^2 / sum f^2 is M for a constant f and about M E|f|^2 / E f^2 in general; it is
+    tiny when f is a spike that almost no particle reaches (tanh' of a pre-activation with
+    variance 1e8, say), and then the group stderr cannot see the mass that no particle hit.
+    A function that is exactly 0 on every particle passes (a product like relu(h) relu(-h))."""
+    a = np.abs(np.asarray(values, dtype=np.float64))
+    top = a.max() if a.size else 0.0
+    if top == 0.0:
+        return
+    a = a / top
+    ess = a.sum() ** 2 / np.dot(a, a)
+    if ess < MIN_EFFECTIVE_PARTICLES:
+        raise ProgramError(
+            f"instruction {key!r}: its average rests on about {ess:.1f} of {a.size} particles per group "
+            "(the function is a spike that few particles reach), so neither the value nor its stderr "
+            "can be trusted; use many more particles, rescale the inputs, or compute kernels with c.kernels")
+
+
 def _forward_substitution(L: np.ndarray, c: np.ndarray) -> np.ndarray:
     """Solve L l = c for lower-triangular L whose zero diagonals mark degenerate members
     (ZHats that are combinations of earlier ones): their coefficients are 0, since the
@@ -130,6 +154,7 @@ class _Run:
         for e in expr.atoms(Expectation):
             samples = self._eval_vec(e.args[0])
             _require_finite(samples, key, "the function it averages is")
+            _require_effective_particles(samples, key)
             means[e] = sp.Float(np.mean(samples))
         value = evaluate(expr.xreplace(means), self.env)
         _require_finite(value, key, "its value is")
