@@ -31,29 +31,16 @@ from . import symbols
 from .ir import ProgramError
 
 
-def _is_z(s) -> bool:
-    return symbols.is_z(s)
-
-
-def _is_zhat(s) -> bool:
-    return symbols.is_zhat(s)
-
-
-def _z_key(s) -> str:
-    """Node key of an unprimed Z or ZHat symbol."""
-    return symbols.key_of(s)[0]
-
-
 def shown(expr: sp.Expr) -> str:
     """``expr`` as text in the program's names (Z^x written x, ZHat^x written ZHat[x])."""
     rep = {}
     for s in expr.free_symbols:
         primed = symbols.is_primed(s)
         base = symbols.unprimed(s)
-        if _is_zhat(base):
-            rep[s] = sp.Symbol(f"ZHat[{_z_key(base)}]")
-        elif _is_z(base):
-            rep[s] = sp.Symbol(_z_key(base) + ("'" if primed else ""))
+        if symbols.is_zhat(base):
+            rep[s] = sp.Symbol(f"ZHat[{symbols.key_of(base)[0]}]")
+        elif symbols.is_z(base):
+            rep[s] = sp.Symbol(symbols.key_of(base)[0] + ("'" if primed else ""))
     return sp.sstr(expr.xreplace(rep))
 
 
@@ -192,9 +179,7 @@ class Checker:
         return memo
 
     def _z_keys(self, expr):
-        from .symbolic import key_of_z
-
-        return [key_of_z(s)[0] for s in expr.free_symbols if _is_z(s)]
+        return [symbols.key_of(s)[0] for s in expr.free_symbols if symbols.is_z(s)]
 
     def expr_risky(self, expr) -> bool:
         return bool(risky_atoms(expr, self.is_random)) or any(self.risky(k) for k in self._z_keys(expr))
@@ -205,8 +190,8 @@ class Checker:
         leaves Z^init and ZHat; every expectation and scalar symbol is kept (constants)."""
         rep = {}
         for s in expr.free_symbols:
-            if _is_z(s) and not s.name.endswith("'"):
-                rep[s] = self._leaf_of(_z_key(s))
+            if symbols.is_z(s) and not symbols.is_primed(s):
+                rep[s] = self._leaf_of(symbols.key_of(s)[0])
         return expr.xreplace(rep)
 
     def _leaf_of(self, key: str) -> sp.Expr:
@@ -230,12 +215,12 @@ class Checker:
 
     def _leaf_names(self, expr):
         """Leaves analysed as Gaussian variables (a primed Z of a template is held fixed)."""
-        return sorted((s for s in expr.free_symbols if (_is_z(s) or _is_zhat(s)) and not s.name.endswith("'")),
+        return sorted((s for s in expr.free_symbols if symbols.is_leaf_variable(s) and not symbols.is_primed(s)),
                       key=sp.default_sort_key)
 
     @staticmethod
     def _show_leaf(s) -> str:
-        return _z_key(s) if _is_z(s) else "ZHat^" + _z_key(s)
+        return symbols.key_of(s)[0] if symbols.is_z(s) else "ZHat^" + symbols.key_of(s)[0]
 
     # -- the checks ------------------------------------------------------------------------
     def check_nonlin(self, key: str) -> None:
@@ -321,14 +306,14 @@ class Checker:
         import numpy as np
 
         # 1. the initial Gaussians with a known covariance: exact rate along the worst ray
-        inits = [s for s in leaves if _is_z(s)]
+        inits = [s for s in leaves if symbols.is_z(s)]
         g = self.zp.graph
         if inits:
             from . import ops
             from .lowering import evaluate
 
             values = {k: g.op(k).value for k in g.keys_of(ops.Param)}
-            keys = [_z_key(s) for s in inits]
+            keys = [symbols.key_of(s)[0] for s in inits]
             try:
                 cov = np.array([[float(evaluate(g.init_covariance(a, b), values)) for b in keys] for a in keys])
             except Exception:  # noqa: BLE001 - covariance not numeric (inputs)
@@ -382,8 +367,8 @@ class Checker:
         g = self.zp.graph
         values = {k: g.op(k).value for k in g.keys_of(ops.Param)}
         try:
-            key = _z_key(leaf)
-            if _is_z(leaf):
+            key = symbols.key_of(leaf)[0]
+            if symbols.is_z(leaf):
                 return float(evaluate(g.init_covariance(key, key), values))
             mat, x, _ = g.matmul_parts(key)
             if self.zp.entries[x].rule == "init":
