@@ -164,14 +164,21 @@ def _evaluated_graph(program) -> Graph:
     return graph
 
 
-def simulate(program, width: int, seed: int = 0, x=None) -> dict[str, float]:
-    """Run the program at finite width ``width`` with ``seed``: {output: value}."""
-    width = validation.count(width, "width", minimum=1)
-    seed = validation.count(seed, "seed")
+def _finite_width_graph(program, x) -> Graph:
+    """The program's graph bound to the input rows ``x``, checked to be runnable at finite
+    width (it has outputs, every instruction is pointwise)."""
     graph = _evaluated_graph(program)
     _require_outputs(graph)
     graph, _ = instantiate(graph, _rows(x, "x"))
     _pointwise(graph)
+    return graph
+
+
+def simulate(program, width: int, seed: int = 0, x=None) -> dict[str, float]:
+    """Run the program at finite width ``width`` with ``seed``: {output: value}."""
+    width = validation.count(width, "width", minimum=1)
+    seed = validation.count(seed, "seed")
+    graph = _finite_width_graph(program, x)
     result = interpreter.run(graph, width, seed)[0]
     validation.finite_results(result, "at finite width, output", OVERFLOW_HINT)
     return result
@@ -181,10 +188,7 @@ def simulate_seeds(program, width: int, seeds, x=None) -> dict[str, np.ndarray]:
     """Finite-width outputs over several seeds: {output: array over seeds}."""
     width = validation.count(width, "width", minimum=1)
     seeds = [validation.count(s, "seed") for s in seeds]
-    graph = _evaluated_graph(program)
-    _require_outputs(graph)
-    graph, _ = instantiate(graph, _rows(x, "x"))
-    _pointwise(graph)
+    graph = _finite_width_graph(program, x)
     result = interpreter.simulate_many(graph, width, seeds)
     validation.finite_results(result, "at finite width, output", OVERFLOW_HINT)
     return result
