@@ -13,7 +13,7 @@ Sides
 * limit by particles: ``tp.unroll`` (with ``tp.load``) and ``tp.compile`` are timed as the
   symbolic stage; ``Compiled.limit(particles=M, seed=1, groups=10, method="particles")`` as the
   evaluation, at M = 10^4, 10^5, 10^6 (``--quick``: 2 * 10^3, 10^4).
-* finite width: ``finite_training.train_many`` (the network of DESIGN.md 2.6) over S = 6
+* finite width: ``finite_training.train_many`` (the network of docs/DESIGN.md 2.6) over S = 6
   seeds at n = 1024, 2048, 4096, 8192 (``--quick``: S = 2, n = 256, 512), float64.
 
 Reference ("high-accuracy limit"): the particle evaluator run R = 8 times with 2 x 10^6
@@ -100,7 +100,7 @@ def code_version() -> str:
 # -- workers (each in its own process) ------------------------------------------------------------
 def particle_worker(M: int, seed: int, profile: str | None) -> dict:
     import tpcompiler as tp
-    from tpcompiler import particles
+    from tpcompiler.backends import particles
 
     base = _peak_mb()
     version = code_version()
@@ -153,7 +153,7 @@ def finite_worker(n: int, seeds: int) -> dict:
     from threadpoolctl import threadpool_info
 
     import tpcompiler as tp
-    from tpcompiler import finite_training as ft
+    from tpcompiler.training import finite as ft
 
     base = _peak_mb()
     version = code_version()

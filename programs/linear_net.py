@@ -1,6 +1,6 @@
 """Linear one-hidden-layer network with a K-dimensional output (the MAML-style network of
 Tensor Programs IV) trained by SGD under muP, unrolled into one program.  Every Z is a
-linear combination of a finite Gaussian basis, so the limit is computed exactly (DESIGN.md
+linear combination of a finite Gaussian basis, so the limit is computed exactly (docs/DESIGN.md
 2.7, strategy 1): f = sigma mean(v_k h), h = sigma U xi / sqrt(d).
 """
 import numpy as np

@@ -1,5 +1,5 @@
 """Fully connected network: neural-tangents' stax.serial(*[Dense(n, W_std, b_std), phi] * depth,
-Dense(1, W_std, b_std)) (DESIGN.md 5), forward pass and a hand-written backward pass.
+Dense(1, W_std, b_std)) (docs/DESIGN.md 5), forward pass and a hand-written backward pass.
 
 Forward (per input xi):  h1 = w_std/sqrt(d) sum_j xi_j U_j (+ b1);  x_l = phi(h_l);
 h_{l+1} = W_{l+1} x_l (+ b_{l+1}), W_l entries N(0, w_std^2/n), biases b_l ~ N(0, b_std^2);

@@ -1,4 +1,4 @@
-"""muP training of an MLP (DESIGN.md 2.5): T steps of full-batch SGD of the network of
+"""muP training of an MLP (docs/DESIGN.md 2.5): T steps of full-batch SGD of the network of
 programs/mlp.py (depth L, nonlinearity phi, no biases) under the maximal-update
 parametrization, unrolled into one NETSOR-transpose program by tp.unroll.  Its outputs are
 f_train[t,i] and f_eval[t,i]: the network's output on the training and evaluation inputs

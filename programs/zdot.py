@@ -1,8 +1,8 @@
-"""ZDot example (DESIGN.md 2.2): h = W u, v = W^T g(h), and products that reuse W and W^T.
+"""ZDot example (docs/DESIGN.md 2.2): h = W u, v = W^T g(h), and products that reuse W and W^T.
 
 Every product after the first has a non-zero ZDot term, so a derivation that drops them
 gives wrong limits:
-  Z^v = ZHat^v + sigma^2 Z^u E[g'(Z^h)]                     (the example of DESIGN.md 2.2)
+  Z^v = ZHat^v + sigma^2 Z^u E[g'(Z^h)]                     (the example of docs/DESIGN.md 2.2)
   Z^w = ZHat^w + sigma^2 g(Z^h) E[tanh'(Z^v)]                (w = W tanh(v))
   Z^r = ZHat^r + sigma^2 Z^u E[d sin(Z^w)/d ZHat^h] + ...    (nested: through the ZDot of w)
   Z^s = ZHat^s + sigma^2 Z^u E[delta(Z^h)]                   (s = W^T step(h): Stein's lemma)

@@ -18,7 +18,7 @@ import pytest
 import sympy as sp
 
 import tpcompiler as tp
-from tpcompiler.cli import main
+from tpcompiler.cli.commands import main
 from tpcompiler.validation import ArgumentError
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -263,7 +263,7 @@ def sgd(a, **kw):
 
 
 def train_mlp(a, **kw):
-    from tpcompiler.finite_training import train_mlp as run
+    from tpcompiler.training.finite import train_mlp as run
 
     args = dict(X=a["X"], Y=a["Y"], depth=1, phi="tanh", w_std=1.0, a=[0, "1/2"], b=[0, 0], c=0,
                 lr=0.5, steps=2, width=8, seed=0)
@@ -444,7 +444,7 @@ def test_plot_without_extension_reports_the_real_file(capsys, tmp_path):
 
 def test_internal_errors_look_internal(capsys, monkeypatch):
     """A KeyError / TypeError raised by a bug is not reported as the user's mistake."""
-    import tpcompiler.cli as cli
+    import tpcompiler.cli.commands as cli
 
     def broken(args):
         raise KeyError("q_3")

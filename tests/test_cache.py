@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 import tpcompiler as tp
-from tpcompiler import codegen
+from tpcompiler.backends import codegen
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -41,7 +41,7 @@ def test_atomic_write_replaces_whole_files_and_cleans_up(tmp_path):
 
 WORKER = textwrap.dedent("""
     import sys
-    from tpcompiler import codegen
+    from tpcompiler.backends import codegen
     pad = "# " + "x" * 50_000 + "\\n"  # large files: a torn write would be visible
     for i in range(20):
         mod = codegen.load_module(pad + f"VALUE = {i}\\n", "kernels")

@@ -1,4 +1,4 @@
-"""The `tpc` command line (DESIGN.md 5): output formats, and errors that are exactly one line
+"""The `tpc` command line (docs/DESIGN.md 5): output formats, and errors that are exactly one line
 "tpc: error: ..." on stderr with a non-zero exit, never a traceback."""
 import json
 import math
@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tpcompiler.cli import main
+from tpcompiler.cli.commands import main
 
 ROOT = Path(__file__).resolve().parent.parent
 ZDOT = str(ROOT / "programs" / "zdot.py")

@@ -1,4 +1,4 @@
-"""Finite width converges to the derived limit (DESIGN.md 4, oracle 1): for every program in
+"""Finite width converges to the derived limit (docs/DESIGN.md 4, oracle 1): for every program in
 programs/, widths 2^7..2^12 over 20 seeds, RMS error slope near -1/2 and agreement at the
 top width; and dropping the ZDot terms makes the check fail."""
 import math
@@ -38,7 +38,7 @@ def test_dropping_zdot_terms_fails_the_check():
 
 
 def test_design_example_written_from_the_public_names():
-    """The DSL snippet of DESIGN.md 5, not one of programs/: formulas, limit and finite width.
+    """The DSL snippet of docs/DESIGN.md 5, not one of programs/: formulas, limit and finite width.
     Closed form: s = E[(2v + h u) u] = 2 sigma^2 E[tanh'(Z^h)] (h independent of u)."""
     p = tp.Program("name")
     u = p.vec("u", var=1.0)

@@ -4,11 +4,11 @@ from pathlib import Path
 
 import pytest
 
-from tpcompiler import docs
+from tpcompiler.cli import docs
 
 ROOT = Path(__file__).resolve().parent.parent
 PROGRAMS = sorted((ROOT / "programs").glob("*.py"))
-FIX = "docs are stale: run `python -m tpcompiler.docs` and commit docs/programs/"
+FIX = "docs are stale: run `python -m tpcompiler.cli.docs` and commit docs/programs/"
 
 
 @pytest.fixture(scope="module")

@@ -1,4 +1,4 @@
-"""Every misuse of the DSL gets a clear error (DESIGN.md 5): a ProgramError (DSLError is one),
+"""Every misuse of the DSL gets a clear error (docs/DESIGN.md 5): a ProgramError (DSLError is one),
 which is a ValueError, whose one-line message names the variable or instruction at fault and
 says what is wrong."""
 import math
@@ -316,8 +316,8 @@ def test_pair_moment_read_by_instruction(kernel_prog):
 
 def test_pair_moment_read_caught_by_validation(kernel_prog):
     """A graph built around the DSL is still rejected when compiled, naming the instruction."""
-    from tpcompiler import ops
-    from tpcompiler.ops import node_symbol
+    from tpcompiler.ir import ops
+    from tpcompiler.ir.ops import node_symbol
 
     p, h = kernel_prog
     k = tp.mean(h * h.prime, name="K")

@@ -14,7 +14,7 @@ import scipy.special
 import sympy as sp
 
 import tpcompiler as tp
-from tpcompiler.existence import UndefinedLimit
+from tpcompiler.symbolic.existence import UndefinedLimit
 
 
 def _backward(h, W):

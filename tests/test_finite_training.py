@@ -1,11 +1,11 @@
-"""Tests of the finite-width reference network (DESIGN.md 2.6): tpcompiler.finite_training."""
+"""Tests of the finite-width reference network (docs/DESIGN.md 2.6): tpcompiler.finite_training."""
 import math
 
 import numpy as np
 import pytest
 import sympy as sp
 
-from tpcompiler.finite_training import (
+from tpcompiler.training.finite import (
     Params,
     batch_indices,
     forward,

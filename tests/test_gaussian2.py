@@ -15,8 +15,8 @@ import sympy as sp
 from numba import njit
 from scipy import integrate, special
 
-from tpcompiler import gaussian2 as g2
-from tpcompiler import nonlinearities as nl
+from tpcompiler.expectations import gaussian2 as g2
+from tpcompiler.ir import nonlinearities as nl
 
 X = sp.Symbol("x", real=True)
 DATA = Path(__file__).parent / "data"

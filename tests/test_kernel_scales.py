@@ -28,8 +28,8 @@ from numba import carray, cfunc, njit, types
 from scipy import LowLevelCallable, integrate
 
 import tpcompiler as tp
-from tpcompiler import gaussian2 as g2
-from tpcompiler import nonlinearities as nl
+from tpcompiler.expectations import gaussian2 as g2
+from tpcompiler.ir import nonlinearities as nl
 
 MLP = str(Path(__file__).resolve().parent.parent / "programs" / "mlp.py")
 RTOL = 1e-10  # the backend's default (KernelFunction, pair_expectation)

@@ -1,8 +1,8 @@
-"""The kernel backend (c.kernels, `tpc kernels`; DESIGN.md 2.3, 4, 5):
+"""The kernel backend (c.kernels, `tpc kernels`; docs/DESIGN.md 2.3, 4, 5):
 
 (a) exact identities: kernels are symmetric and positive semi-definite up to rounding;
 (b) k(X2, X) is the corresponding block of k([X; X2], [X; X2]);
-(c) finite width converges to the kernels (DESIGN.md 4, oracle 1): the empirical NNGP and NTK
+(c) finite width converges to the kernels (docs/DESIGN.md 4, oracle 1): the empirical NNGP and NTK
     of the finite-width interpreter (the kernel outputs of the readout-only program, pair
     moments of its derived backward pass) approach c.kernels(X) with RMS error slope near -1/2
     and agree at the top width, for a relu MLP, a tanh MLP (quadrature), a residual net and a
@@ -20,8 +20,8 @@ import pytest
 
 import tpcompiler as tp
 from tpcompiler.check import finite_runs, format_report, judge
-from tpcompiler.cli import main
-from tpcompiler.ntk import kernel_program
+from tpcompiler.cli.commands import main
+from tpcompiler.ir.ntk import kernel_program
 
 ROOT = Path(__file__).resolve().parent.parent
 MLP = ROOT / "programs" / "mlp.py"

@@ -7,8 +7,8 @@ import pytest
 import sympy as sp
 
 import tpcompiler as tp
-from tpcompiler import latex as tex
-from tpcompiler.nonlinearities import BUILTINS
+from tpcompiler.printing import latex as tex
+from tpcompiler.ir.nonlinearities import BUILTINS
 
 import texcheck
 

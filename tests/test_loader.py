@@ -1,4 +1,4 @@
-"""tp.load (DESIGN.md 5): programs/NAME.py defines build(**params) returning a Program; every
+"""tp.load (docs/DESIGN.md 5): programs/NAME.py defines build(**params) returning a Program; every
 way a program file can be wrong gives one clear ProgramError naming the file."""
 import re
 from pathlib import Path
@@ -7,8 +7,8 @@ import pytest
 import sympy as sp
 
 import tpcompiler as tp
-from tpcompiler import ops
-from tpcompiler.loader import parameters, parse_params, parse_value
+from tpcompiler.ir import ops
+from tpcompiler.frontend.loader import parameters, parse_params, parse_value
 
 ROOT = Path(__file__).resolve().parent.parent
 PROGRAMS = ROOT / "programs"

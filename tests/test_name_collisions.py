@@ -5,7 +5,7 @@ import pytest
 import sympy as sp
 
 import tpcompiler as tp
-from tpcompiler import symbols
+from tpcompiler.ir import symbols
 
 # Names that spell internal symbols in plausible encodings (the old "Z_u" / "q_1" ones first).
 TRICKY = ["Z_u", "Zhat_h", "q_0", "q_1", "rf0", "G0", "t", "k", "x", "k11", "_a0", "_v0", "_c0"]

@@ -1,4 +1,4 @@
-"""Tests of abc-parametrizations and their classification (DESIGN.md 2.4, 5: tpc classify)."""
+"""Tests of abc-parametrizations and their classification (docs/DESIGN.md 2.4, 5: tpc classify)."""
 from __future__ import annotations
 
 import json
@@ -9,7 +9,7 @@ import sympy as sp
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from tpcompiler.parametrization import (
+from tpcompiler.training.parametrization import (
     ABC,
     NAMES,
     Classification,
@@ -24,7 +24,7 @@ H = R(1, 2)
 
 
 # --------------------------------------------------------------------------- the table
-# DESIGN.md 2.4, transcribed column by column:
+# docs/DESIGN.md 2.4, transcribed column by column:
 # name -> (a_1, a_2..a_L, a_{L+1}, b_1, b_2..b_L, b_{L+1}, c, r, regime)
 TABLE = {
     "sp": (0, 0, 0, 0, H, H, 0, -1, "unstable"),
@@ -178,7 +178,7 @@ def test_shift_symmetry_named(name, L, t):
 
 
 def _reference(abc):
-    """The conditions of DESIGN.md 2.4 restated with Fractions, written out directly."""
+    """The conditions of docs/DESIGN.md 2.4 restated with Fractions, written out directly."""
     a = [Fraction(int(x.p), int(x.q)) for x in abc.a]
     b = [Fraction(int(x.p), int(x.q)) for x in abc.b]
     c, L = Fraction(int(abc.c.p), int(abc.c.q)), abc.depth

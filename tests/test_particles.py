@@ -1,4 +1,4 @@
-"""The particle limit evaluator (DESIGN.md 2.7 strategy 3) against closed forms."""
+"""The particle limit evaluator (docs/DESIGN.md 2.7 strategy 3) against closed forms."""
 import math
 
 import numpy as np
@@ -6,7 +6,7 @@ import pytest
 import scipy.integrate as si
 
 import tpcompiler as tp
-from tpcompiler.ir import ProgramError  # noqa: F401
+from tpcompiler.ir.graph import ProgramError  # noqa: F401
 
 SIGMA = 1.5
 

@@ -2,9 +2,9 @@
 independent oracles, with hypothesis.
 
 1. Random Gaussian-linear programs (60 examples + the program of issue 7 item 0): the exact
-   evaluator (DESIGN.md 2.7, strategy 1) equals the particle evaluator (strategy 3) within
+   evaluator (docs/DESIGN.md 2.7, strategy 1) equals the particle evaluator (strategy 3) within
    5 standard errors, ``limit()`` picks the exact one, and both equal finite width (the
-   interpreter, DESIGN.md 4 oracle 1: width 512, 12 seeds) within 5 standard errors plus an
+   interpreter, docs/DESIGN.md 4 oracle 1: width 512, 12 seeds) within 5 standard errors plus an
    O(1/n) slack.  Reverting commit 171d4e1 (stale cache) makes it fail, as does dropping the
    constant part of a ZDot term.
 2. Random nonlinear programs (60 examples): particles against finite width (width 512, 12
@@ -13,13 +13,13 @@ independent oracles, with hypothesis.
    example (136 of 368 output comparisons at z > 5 when written).  A ZDot coefficient off
    by 10% (particles patched) is rejected by the finite-width check alone (z = 6.2).
 3. Random abc-parametrizations (300 examples, all four regimes) and the named rows of the
-   table (60): classify() and the `tpc classify` JSON against the conditions of DESIGN.md 2.4
+   table (60): classify() and the `tpc classify` JSON against the conditions of docs/DESIGN.md 2.4
    restated with Python Fractions, incl. the violated conditions' texts; the abc symmetry.
 4. Every random program renders (60), and so do programs with powers of nonlinearities (30).
 
 Programs are drawn as *recipes* (plain data: lists of steps), so hypothesis shrinks them and
 prints a failing one readably; ``build`` turns a recipe into a ``tp.Program`` using only the
-public DSL names of DESIGN.md 5.  Every recipe starts with a *motif* that guarantees the
+public DSL names of docs/DESIGN.md 5.  Every recipe starts with a *motif* that guarantees the
 structure a bug would hide in (W and W.T in both orders, a vector read by a Moment before a
 later member of its ZHat family is created, constant parts riding on ZDot terms), then
 random steps; vectors get user names in random order (the evaluators must not depend on how
@@ -41,7 +41,7 @@ from hypothesis import HealthCheck, Phase, event, example, given, settings
 from hypothesis import strategies as st
 
 import tpcompiler as tp
-from tpcompiler.parametrization import classification_report
+from tpcompiler.training.parametrization import classification_report
 
 # --------------------------------------------------------------------------- tolerances
 #: z-score bound for every statistical comparison (each example compares several outputs;
@@ -467,7 +467,7 @@ def test_nonlinear_particles_equal_finite_width(recipe):
 
 
 # --------------------------------------------------------------------------- 3. abc
-# DESIGN.md 2.4 restated with Python Fractions, each condition with the left-hand side the
+# docs/DESIGN.md 2.4 restated with Python Fractions, each condition with the left-hand side the
 # classification names in its ``violated`` texts.  Random exponents are mostly unstable
 # (a_1 + b_1 = 0 and a_l + b_l = 1/2 are equalities), so the strategy below builds them from
 # the conditions: each equality holds or is broken on purpose, the readout sum a + b is drawn
@@ -543,7 +543,7 @@ def abc_exponents(draw):
 
 
 def _named_row(name, L):
-    """The rows of the table in DESIGN.md 2.4, transcribed: (a, b, c, r, regime)."""
+    """The rows of the table in docs/DESIGN.md 2.4, transcribed: (a, b, c, r, regime)."""
     h = HALF_F
     rows = {
         "sp": ([0] * (L + 1), [0] + [h] * L, 0, -1, "unstable"),
@@ -604,7 +604,7 @@ NAMED_ROWS = [("sp", 2), ("sp", 3), ("sp_c1", 2), ("sp_c1", 4), ("ntp", 1), ("nt
 @_settings(60)
 @given(st.sampled_from(NAMED_ROWS), st.fractions(min_value=-3, max_value=3, max_denominator=6))
 def test_named_rows_of_the_table(row, t):
-    """The rows of DESIGN.md 2.4 (for L >= 2 where the table's r assumes middle layers; NTP,
+    """The rows of docs/DESIGN.md 2.4 (for L >= 2 where the table's r assumes middle layers; NTP,
     muP and MFP also at L = 1), shifted by t: the table's r and regime, and the library's
     named() exponents are the table's up to the shift."""
     name, L = row

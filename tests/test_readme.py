@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from tpcompiler.cli import main
+from tpcompiler.cli.commands import main
 
 ROOT = Path(__file__).resolve().parent.parent
 README = (ROOT / "README.md").read_text()

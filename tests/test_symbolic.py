@@ -1,10 +1,10 @@
-"""Unit tests of each Master-theorem rule (DESIGN.md 2.2), against hand derivations."""
+"""Unit tests of each Master-theorem rule (docs/DESIGN.md 2.2), against hand derivations."""
 import sympy as sp
 
 import tpcompiler as tp
-from tpcompiler.nonlinearities import step
-from tpcompiler.ops import node_symbol
-from tpcompiler.symbolic import Expectation, Z, Zhat, derive
+from tpcompiler.ir.nonlinearities import step
+from tpcompiler.ir.ops import node_symbol
+from tpcompiler.symbolic.master import Expectation, Z, Zhat, derive
 
 
 def sig(name="W"):
@@ -51,7 +51,7 @@ def test_first_product_has_no_zdot():
 
 
 def test_zdot_of_the_design_example():
-    """h = W u, v = W^T g(h): ZDot^v = sigma^2 Z^u E[g'(Z^h)] (DESIGN.md 2.2)."""
+    """h = W u, v = W^T g(h): ZDot^v = sigma^2 Z^u E[g'(Z^h)] (docs/DESIGN.md 2.2)."""
     for name, g in [("tanh", sp.tanh), ("sin", sp.sin), ("gelu", tp.nonlinearities.gelu)]:
         p = tp.Program("ex")
         u = p.vec("u")
@@ -128,7 +128,7 @@ def test_odd_derivatives_vanish():
 
 def test_gradient_independence_is_derived_not_assumed():
     """Kernel-regime backward passes: ZDot terms vanish because backward vectors are odd in
-    the independent readout v (DESIGN.md 2.8), for every depth and nonlinearity."""
+    the independent readout v (docs/DESIGN.md 2.8), for every depth and nonlinearity."""
     for depth in (2, 3):
         for phi in ("relu", "tanh", "erf"):
             zp = derive(tp.load("programs/mlp.py", depth=depth, phi=phi, b_std=0.1).graph)

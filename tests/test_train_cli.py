@@ -1,4 +1,4 @@
-"""`tpc train` and `tpc classify` (DESIGN.md 5): T.npz holds f_train (T+1, N), f_eval
+"""`tpc train` and `tpc classify` (docs/DESIGN.md 5): T.npz holds f_train (T+1, N), f_eval
 (T+1, N_eval) and the regime; the numbers are those of tp.train with the same particles and
 seed; unstable parametrizations and bad data are one line on stderr, never a traceback."""
 import json
@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 import tpcompiler as tp
-from tpcompiler.cli import main
+from tpcompiler.cli.commands import main
 
 ROOT = Path(__file__).resolve().parent.parent
 MLP = ROOT / "programs" / "mlp.py"
@@ -153,7 +153,7 @@ def test_train_unstable_in_a_real_process(data):
     assert proc.stdout == "" and not out.exists()
 
 
-# -- classify: the table of DESIGN.md 2.4 through the command line --------------------------
+# -- classify: the table of docs/DESIGN.md 2.4 through the command line --------------------------
 @pytest.mark.parametrize("depth,param,r,regime", [
     (2, "mup", "0", "feature learning"),
     (3, "mup", "0", "feature learning"),
@@ -189,7 +189,7 @@ def test_classify_explicit_exponents_match_the_name(capsys):
 
 
 def test_classify_negative_exponents_in_the_documented_form(capsys):
-    """DESIGN.md 5 writes `--a a1,..,a_{L+1}`; muP's a_1 = -1/2 must be accepted that way."""
+    """docs/DESIGN.md 5 writes `--a a1,..,a_{L+1}`; muP's a_1 = -1/2 must be accepted that way."""
     rc, out, err = tpc(capsys, "classify", "--depth", 2, "--a", "-1/2,0,1/2", "--b", "1/2", "--c", "0", "--json")
     assert rc == 0, err
     assert json.loads(out)["regime"] == "feature learning"

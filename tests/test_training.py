@@ -1,9 +1,9 @@
-"""Feature learning and the Dynamical Dichotomy (issue 4; DESIGN.md 2.4-2.6, 4).
+"""Feature learning and the Dynamical Dichotomy (issue 4; docs/DESIGN.md 2.4-2.6, 4).
 
 Every expected value comes from an independent source:
 * closed forms written here (linear networks: every vector is a coefficient vector over an
   iid N(0, 1) basis, so the limit of SGD is a few lines of numpy);
-* the finite-width reference trainer of DESIGN.md 2.6 (``train_many``), which shares no code
+* the finite-width reference trainer of docs/DESIGN.md 2.6 (``train_many``), which shares no code
   with the unroll pass, the symbolic stage or the evaluators;
 * the finite-width interpreter running the unrolled program (``check.judge``: convergence
   with slope -1/2), and exact identities (abc symmetry, muP's f_0 = 0).
@@ -28,13 +28,13 @@ import sympy as sp
 from threadpoolctl import threadpool_limits
 
 import tpcompiler as tp
-from tpcompiler import ops
-from tpcompiler.backward import derive_backward
+from tpcompiler.ir import ops
+from tpcompiler.ir.backward import derive_backward
 from tpcompiler.check import Z_TOL, finite_runs, fit_slope, format_report, judge
-from tpcompiler.finite_training import batch_indices, train_many
-from tpcompiler.kernels import KernelFunction
-from tpcompiler.symbolic import Z, Zhat, derive
-from tpcompiler.training import training_kernel_graph
+from tpcompiler.training.finite import batch_indices, train_many
+from tpcompiler.backends.kernels.kernel import KernelFunction
+from tpcompiler.symbolic.master import Z, Zhat, derive
+from tpcompiler.training.sgd import training_kernel_graph
 
 ROOT = Path(__file__).resolve().parent.parent
 MLP = ROOT / "programs" / "mlp.py"
@@ -171,7 +171,7 @@ def linear_closed_form(X, Y, XE, sigma, lr, steps, batch=None, loss="mse"):
     """Infinite-width SGD of h = sigma U xi / sqrt(d), f_k = sigma <v_k, h> under muP.
 
     Basis: v_1..v_K (the readouts at init) and G_j = U e_j, iid N(0, 1) in the limit; every
-    vector is a coefficient vector over it and E[Z^a Z^b] is the dot product.  muP (DESIGN.md
+    vector is a coefficient vector over it and E[Z^a Z^b] is the dot product.  muP (docs/DESIGN.md
     2.5/2.6, all width powers n^0), with chi_ik = dloss/df_k at example i of the batch:
       v_k  <- v_k - eta / (B sigma) sum_i chi_ik h(xi_i)
       h(xi) <- h(xi) - eta sigma / B sum_i (sum_k chi_ik v_k) xi_i . xi / d
@@ -308,12 +308,12 @@ def _chi_from_outputs(loss, f, y):
     (3, "relu", "mup", 2, "mse"),
 ])
 def test_unrolled_program_is_exactly_sgd_at_finite_width(L, phi, param, batch, loss):
-    """Run the unrolled program with the interpreter at width 96 and SGD of DESIGN.md 2.6 on
+    """Run the unrolled program with the interpreter at width 96 and SGD of docs/DESIGN.md 2.6 on
     the very same initial weights, with the trainer's own backprop (loss_and_grads): equal to
     rounding.  Targets f - chi turn its squared-loss gradient into any loss's.  (Catches e.g.
     one example's update leaking into a later example's backward pass within a step.)"""
-    from tpcompiler import interpreter
-    from tpcompiler.finite_training import Params, forward, loss_and_grads
+    from tpcompiler.backends import interpreter
+    from tpcompiler.training.finite import Params, forward, loss_and_grads
 
     n, seed, sigma, lr, steps = 96, 4, 1.3, 0.7, 3
     abc = tp.parse_abc(param, L) if "=" in param else tp.named(param, L)
@@ -329,7 +329,7 @@ def test_unrolled_program_is_exactly_sgd_at_finite_width(L, phi, param, batch, l
     Ws = [rng.standard_normal((n, n)) * (sigma / np.sqrt(n)) for _ in range(L - 1)]
     assert np.array_equal(env[net.graph.readout.readouts[0]], v)
     a, b, c = [float(x) for x in abc.a], [float(x) for x in abc.b], float(abc.c)
-    # trained weights w^l ~ sigma n^{-b_l} N(0, 1) (DESIGN.md 2.6) built from those draws
+    # trained weights w^l ~ sigma n^{-b_l} N(0, 1) (docs/DESIGN.md 2.6) built from those draws
     params = Params([sigma * n ** -b[0] * U] + [n ** (0.5 - b[l]) * W for l, W in enumerate(Ws, 1)]
                     + [sigma * n ** -b[L] * v[None, :]])
     XA = np.concatenate([X, XE])

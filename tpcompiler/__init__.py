@@ -1,17 +1,20 @@
 """tpcompiler: a symbolic tensor-program compiler for infinite-width neural networks.
 
-Pipeline (DESIGN.md 3): DSL (``dsl``) -> graph IR (``ir``) -> symbolic Z program
-(``symbolic``) -> evaluators (``interpreter`` at finite width, ``particles`` for the limit)
-and renderers (``render``).  Public names follow DESIGN.md 5.
+Pipeline (docs/DESIGN.md 3), one subpackage per stage: ``frontend`` (DSL -> program) ->
+``ir`` (graph and passes) -> ``symbolic`` (Master theorem -> Z program) -> ``backends``
+(finite width, exact, particles, kernels; ``expectations`` for bivariate Gaussians) ->
+``printing`` (formulas); ``training`` and ``cli`` on top.  Public names follow
+docs/DESIGN.md 5.
 """
-from .compiler import Compiled, compile, simulate
-from .dsl import (
+from tpcompiler.compiler import Compiled, compile, simulate
+from tpcompiler.frontend.dsl import (
     DSLError, Mat, Program, Scalar, Vec, cos, erf, exp, gelu, identity, mean, nonlin, phi,
     power, relu, sigmoid, sin, softplus, step, tanh,
 )
-from .ir import ProgramError
-from .loader import load
-from .parametrization import ABC, classify, named, parse_abc
-from .training import SGD, TrainResult, train, unroll
+from tpcompiler.ir import nonlinearities, ops  # public modules: tp.nonlinearities.builtin, tp.ops.node_symbol
+from tpcompiler.ir.graph import ProgramError
+from tpcompiler.frontend.loader import load
+from tpcompiler.training.parametrization import ABC, classify, named, parse_abc
+from tpcompiler.training.sgd import SGD, TrainResult, train, unroll
 
 __version__ = "0.1.0"

@@ -1,4 +1,4 @@
-"""Convergence check of finite width against the limit (DESIGN.md 4, oracle 1).
+"""Convergence check of finite width against the limit (docs/DESIGN.md 4, oracle 1).
 
 The Master theorem predicts that an output computed at width n fluctuates around its limit
 with root-mean-square error ~ n^{-1/2} (the finite-width bias is O(1/n), smaller).  For each
@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .compiler import Compiled, simulate_seeds
+from tpcompiler.compiler import Compiled, simulate_seeds
 
 #: Agreement at the top width: |mean - limit| <= Z_TOL * sqrt(se_mean^2 + se_limit^2).
 Z_TOL = 4.0

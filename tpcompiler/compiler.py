@@ -1,4 +1,4 @@
-"""The compile step and the user-facing entry points (DESIGN.md 5):
+"""The compile step and the user-facing entry points (docs/DESIGN.md 5):
 ``tp.compile(program)`` -> ``Compiled`` with ``formulas``, ``limit``; ``tp.simulate``.
 
 A program with an input is a template over one input xi: formulas are derived and shown for
@@ -9,12 +9,13 @@ from __future__ import annotations
 
 import numpy as np
 
-from . import interpreter, validation
-from .linear import exact_limit, is_gaussian_linear
-from .particles import limit as particle_limit
-from .dsl import Program
-from .ir import Graph, ProgramError, instantiate
-from .symbolic import ZProgram, derive
+from tpcompiler.backends import interpreter
+from tpcompiler import validation
+from tpcompiler.backends.exact import exact_limit, is_gaussian_linear
+from tpcompiler.backends.particles import limit as particle_limit
+from tpcompiler.frontend.dsl import Program
+from tpcompiler.ir.graph import Graph, ProgramError, instantiate
+from tpcompiler.symbolic.master import ZProgram, derive
 
 
 def _graph_of(program) -> Graph:
@@ -51,7 +52,7 @@ class Compiled:
 
     def formulas(self, format: str = "markdown") -> str:
         """The derived Z recursions, ZHat covariances, ZDot terms and moments."""
-        from .render import render
+        from tpcompiler.printing.render import render
 
         validation.choice(format, "format", ("markdown", "latex"))
         return render(self.zprogram, format)
@@ -66,7 +67,7 @@ class Compiled:
         return self._bound[key]
 
     def kernels(self, X, X2=None, rtol: float = 1e-10) -> dict[str, np.ndarray]:
-        """Infinite-width NNGP and NTK (DESIGN.md 2.3): {"nngp", "ntk"} = k(X, X) (N x N),
+        """Infinite-width NNGP and NTK (docs/DESIGN.md 2.3): {"nngp", "ntk"} = k(X, X) (N x N),
         plus {"nngp_x2", "ntk_x2"} = k(X2, X) (N2 x N) when X2 is given.  Exact: closed
         forms where they exist, quadrature to ``rtol`` otherwise (see ``kernel_function``)."""
         X = validation.array(X, "X", ndim=2)
@@ -75,7 +76,7 @@ class Compiled:
 
     def kernel_function(self, rtol: float = 1e-10):
         """The compiled kernel evaluator (generated Numba code, cached on disk)."""
-        from .kernels import KernelFunction
+        from tpcompiler.backends.kernels.kernel import KernelFunction
 
         rtol = validation.number(rtol, "rtol", positive=True)
         if not MIN_RTOL <= rtol <= MAX_RTOL:
@@ -91,7 +92,7 @@ class Compiled:
               method: str = "auto") -> dict[str, tuple[float, float]]:
         """{output: (value, stderr)} of the infinite-width limit (stderr 0 where exact).
 
-        method: "exact" (Gaussian-linear programs, DESIGN.md 2.7 strategy 1), "particles"
+        method: "exact" (Gaussian-linear programs, docs/DESIGN.md 2.7 strategy 1), "particles"
         (any program, strategy 3) or "auto" (exact when the program allows it)."""
         particles = validation.count(particles, "particles", minimum=1)
         seed = validation.count(seed, "seed")
@@ -156,7 +157,7 @@ def _evaluated_graph(program) -> Graph:
     only a readout."""
     graph = _graph_of(program)
     if not graph.outputs and graph.readout is not None:
-        from .ntk import kernel_program
+        from tpcompiler.ir.ntk import kernel_program
 
         return kernel_program(graph)
     return graph

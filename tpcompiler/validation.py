@@ -18,7 +18,7 @@ import numbers
 
 import numpy as np
 
-from .ir import ProgramError
+from tpcompiler.ir.graph import ProgramError
 
 
 class ArgumentError(ProgramError, TypeError):

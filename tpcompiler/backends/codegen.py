@@ -1,0 +1,203 @@
+"""Code generation shared by the Numba backends (docs/DESIGN.md 3, "backends"): a sympy printer
+for scalar float64 Numba code, straight-line bodies with common subexpressions, and a
+compile cache of generated modules keyed by the hash of their source.
+
+Generated modules are written once to a content-addressed file in the cache directory
+(``TPCOMPILER_CACHE_DIR`` if set, else ``~/.cache/tpcompiler``, else
+``$TMPDIR/tpcompiler-$UID``) and imported from there, so numba's ``cache=True`` finds its
+compiled code on the next run: a second run of the same program pays no JIT time.
+
+Several processes may share the cache: every file is written to a unique temporary file in
+the same directory and renamed into place (``atomic_write``), so a reader sees either no file
+or a complete one, never a partial write.  Content-addressed names make concurrent writers of
+the same module write identical bytes.
+"""
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import os
+import sys
+import tempfile
+import threading
+
+import sympy as sp
+from sympy.printing.pycode import PythonCodePrinter
+
+from tpcompiler.ir import nonlinearities as nl
+
+_LOCK = threading.RLock()
+_MODULES: dict = {}
+
+#: Scalar helper functions generated code may call, by name -> njit source.  Backends
+#: register theirs here (gaussian2's robust arc-cosine helpers, for instance).
+HELPER_SOURCE: dict[str, str] = {}
+
+
+class NumbaPrinter(PythonCodePrinter):
+    """Python source for scalar float64 Numba code: math functions, custom nonlinearities and
+    generated helpers by name, rationals as float literals."""
+
+    def __init__(self, extra_functions=()):
+        funcs = {name: name for name in nl.SCALAR_SOURCE}
+        funcs.update({name: name for name in HELPER_SOURCE})
+        funcs.update({name: name for name in extra_functions})
+        super().__init__({"fully_qualified_modules": True, "user_functions": funcs})
+
+    def _print_DiracDelta(self, expr):
+        raise ValueError(
+            "a Dirac delta (a derivative of step or relu) has no pointwise value; "
+            "its expectation exists only in closed form"
+        )
+
+    def _print_Heaviside(self, expr):
+        a = self._print(expr.args[0])
+        return f"(1.0 if ({a}) > 0.0 else (0.0 if ({a}) < 0.0 else 0.5))"
+
+    def _print_Rational(self, expr):
+        return f"({expr.p}.0/{expr.q}.0)"
+
+    def _print_Float(self, expr):
+        return repr(float(expr))
+
+
+def custom_functions_source(exprs) -> str:
+    """njit definitions of the custom nonlinearities (nonlinearities.SCALAR_SOURCE) and the
+    registered helpers (HELPER_SOURCE) that exprs use."""
+    names = set()
+    for e in exprs:
+        for f in sp.sympify(e).atoms(sp.Function):
+            names.add(type(f).__name__)
+    custom = "".join("\n@njit(cache=True)\n" + nl.SCALAR_SOURCE[n] for n in sorted(names & set(nl.SCALAR_SOURCE)))
+    helpers = "".join(HELPER_SOURCE[n] for n in sorted(names & set(HELPER_SOURCE)))
+    return custom + helpers
+
+
+def print_expressions(exprs, indent: str = "    ") -> tuple[list[str], list[str]]:
+    """Straight-line code for ``exprs`` whose symbols are already the variables of the
+    generated function (their names are used as they are)."""
+    exprs = [sp.sympify(e) for e in exprs]
+    helpers = {type(f).__name__ for e in exprs for f in e.atoms(sp.Function) if type(f).__name__.startswith("_e")}
+    printer = NumbaPrinter(helpers)
+    reps, reduced = sp.cse(exprs, symbols=sp.numbered_symbols("_c"), optimizations="basic")
+    return [f"{indent}{printer.doprint(s)} = {printer.doprint(e)}" for s, e in reps], [printer.doprint(e) for e in reduced]
+
+
+def print_body(exprs, loads: dict, indent: str = "    ", assignments=()) -> tuple[list[str], list[str]]:
+    """Straight-line code computing ``exprs``: returns (lines, printed results).
+
+    ``assignments``: (symbol, expr) pairs defining intermediate values in dependency order
+    (later ones may use earlier symbols); ``loads`` maps the remaining free symbols to the
+    source that reads them (``"R1[i, 3]"``), each read once into a local variable.  Common
+    subexpressions of everything are shared (sympy's cse) and lines are emitted in an order
+    that respects every dependency."""
+    assignments = [(s, sp.sympify(e)) for s, e in assignments]
+    exprs = [sp.sympify(e) for e in exprs]
+    defined = {s for s, _ in assignments}
+    everything = [e for _, e in assignments] + exprs
+    used = set().union(*(e.free_symbols for e in everything)) if everything else set()
+    missing = sorted(s.name for s in used - defined if s not in loads)
+    if missing:
+        raise ValueError(f"generated code has no value for {missing[:5]}")
+    names = {s: sp.Symbol(f"_v{k}", real=True) for k, s in enumerate(sorted((used - defined) & set(loads), key=lambda s: s.name))}
+    names.update({s: sp.Symbol(f"_q{k}", real=True) for k, (s, _) in enumerate(assignments)})
+    lines = [f"{indent}{names[s].name} = {loads[s]}" for s in sorted(used - defined, key=lambda s: names[s].name)]
+    everything = [e.xreplace(names) for e in everything]
+    helpers = {type(f).__name__ for e in everything for f in e.atoms(sp.Function) if type(f).__name__.startswith("_e")}
+    printer = NumbaPrinter(helpers)
+    reps, reduced = sp.cse(everything, symbols=sp.numbered_symbols("_c"), optimizations="basic")
+    k = len(assignments)
+    pending = dict(reps)
+    pending.update({names[s]: e for (s, _), e in zip(assignments, reduced[:k])})
+    order = [s for s, _ in reps] + [names[s] for s, _ in assignments]
+    emitted: set = set()
+
+    def emit(sym):
+        if sym in emitted or sym not in pending:
+            return
+        emitted.add(sym)
+        for dep in sorted(pending[sym].free_symbols, key=lambda s: s.name):
+            emit(dep)
+        lines.append(f"{indent}{printer.doprint(sym)} = {printer.doprint(pending[sym])}")
+
+    for sym in order:
+        emit(sym)
+    return lines, [printer.doprint(e) for e in reduced[k:]]
+
+
+def atomic_write(path: str, text: str) -> None:
+    """Write ``text`` to ``path`` so that concurrent readers (other threads or processes, even
+    on other machines sharing the directory) see the old file or the complete new one: a
+    uniquely named temporary file in the same directory, flushed, then ``os.replace``."""
+    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path) or ".", prefix=os.path.basename(path) + ".", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as fh:
+            fh.write(text)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.chmod(tmp, 0o644)  # mkstemp's 0600 would hide a shared cache from other users
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+
+
+def cache_dir(kind: str) -> str:
+    """The cache directory for ``kind`` ("kernels", "gaussian2"), created if needed."""
+    candidates = []
+    if os.environ.get("TPCOMPILER_CACHE_DIR"):
+        base = os.environ["TPCOMPILER_CACHE_DIR"]
+        d = os.path.join(base, kind)
+        try:
+            os.makedirs(d, exist_ok=True)
+        except OSError as exc:
+            problem = exc.strerror or str(exc)
+        else:
+            if os.access(d, os.W_OK):
+                return d
+            problem = "not writable"
+        from tpcompiler.ir.graph import ProgramError
+
+        raise ProgramError(f"TPCOMPILER_CACHE_DIR={base!r}: cannot use {d!r} as the cache ({problem}); "
+                           "point it to a writable directory or unset it")
+    candidates.append(os.path.join(os.path.expanduser("~"), ".cache", "tpcompiler"))
+    candidates.append(os.path.join(tempfile.gettempdir(), f"tpcompiler-{os.getuid()}"))
+    for base in candidates:
+        d = os.path.join(base, kind)
+        try:
+            os.makedirs(d, exist_ok=True)
+            if os.access(d, os.W_OK):
+                return d
+        except OSError:
+            continue
+    raise OSError("no writable cache directory for generated code")
+
+
+def source_hash(source: str) -> str:
+    return hashlib.sha256(source.encode()).hexdigest()[:20]
+
+
+def module_name(source: str, kind: str) -> str:
+    """The importable name of a generated module (content-addressed)."""
+    return f"_tpc_{kind}_{source_hash(source)}"
+
+
+def load_module(source: str, kind: str):
+    """Import generated ``source`` as a module from its content-addressed file (cached)."""
+    name = module_name(source, kind)
+    with _LOCK:
+        mod = _MODULES.get(name)
+        if mod is not None:
+            return mod
+        path = os.path.join(cache_dir(kind), name + ".py")
+        if not os.path.exists(path):
+            atomic_write(path, source)
+        spec = importlib.util.spec_from_file_location(name, path)
+        mod = importlib.util.module_from_spec(spec)
+        sys.modules[name] = mod
+        spec.loader.exec_module(mod)
+        _MODULES[name] = mod
+        return mod

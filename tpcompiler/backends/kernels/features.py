@@ -1,0 +1,339 @@
+"""Input features of the kernel backend: the input-dependent coefficients of a quantity DAG,
+computed from the data outside the generated per-pair code (docs/DESIGN.md 2.7, strategy 2).
+
+An *input-only* subexpression is a polynomial in the input coordinates xi_j (first input),
+xi_j' (second input) and input-layer covariances InputCov (one atom standing for a sum over
+input coordinates).  Each is split by the inputs it involves:
+
+* row features: functions of one input, one vector over the data rows (a second-input row
+  feature is the same vector indexed by the column);
+* pair features: const + row(xi) + row(xi') + sum_m c_m G_m(xi, xi'), with G_m base Gram
+  matrices: an input-layer covariance (F_a F_b^T, one BLAS call) or one bilinear form
+  X A X2^T collecting the explicit xi_j xi'_k terms.
+
+So d never enters the per-pair code, and the Grams cost one matrix product each.
+"""
+from __future__ import annotations
+
+import functools
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import sympy as sp
+
+from tpcompiler.ir import ops
+from tpcompiler.ir import symbols
+from tpcompiler.ir.graph import Graph, ProgramError
+from tpcompiler.backends.lowering import numpy_function
+
+
+_primed = symbols.is_primed
+_unprime_symbol = symbols.unprimed
+
+
+class Features:
+    """Feature symbols and their numeric values (see module docstring)."""
+
+    def __init__(self, graph: Graph, inputs0: dict):
+        self.graph = graph
+        self.inputs0 = inputs0                                    # xi_j -> data column
+        self.inputs1 = {symbols.primed(s): c for s, c in inputs0.items()}
+        self.all_inputs = set(inputs0) | set(self.inputs1)
+        self.dependent = graph.input_dependent()
+        self.row: list[sp.Expr] = []          # row features (first-input form)
+        self.bases: list[tuple] = []          # ("cov", a, b) or ("bilinear", A dict)
+        self._row_index: dict = {}
+        self._base_index: dict = {}
+        self._memo: dict = {}
+
+    # -- classification -------------------------------------------------------------------
+    def _atom_sides(self, atom) -> set:
+        if isinstance(atom, ops.InputCov):
+            a, b, pa, pb = str(atom.args[0]), str(atom.args[1]), int(atom.args[2]), int(atom.args[3])
+            return {p for key, p in ((a, pa), (b, pb)) if key in self.dependent}
+        return {1 if _primed(atom) else 0}
+
+    def _sides(self, expr: sp.Expr) -> set:
+        sides = set()
+        for s in expr.free_symbols:
+            sides |= self._atom_sides(s)
+        for c in expr.atoms(ops.InputCov):
+            sides |= self._atom_sides(c)
+        return sides
+
+    def input_only(self, expr: sp.Expr) -> bool:
+        """A polynomial in input coordinates and input-layer covariances."""
+        if not expr.free_symbols <= self.all_inputs:
+            return False
+        if not all(isinstance(f, ops.InputCov) for f in expr.atoms(sp.Function)):
+            return False
+        return all(p.exp.is_Integer and p.exp >= 0 for p in expr.atoms(sp.Pow))
+
+    def has_inputs(self, expr: sp.Expr) -> bool:
+        return bool(expr.free_symbols & self.all_inputs) or expr.has(ops.InputCov)
+
+    # -- symbols ----------------------------------------------------------------------------
+    def _to_first_input(self, expr: sp.Expr) -> sp.Expr:
+        """A second-input-only expression rewritten as the same function of the first input."""
+        rep = {s: _unprime_symbol(s) for s in expr.free_symbols if _primed(s)}
+        for c in expr.atoms(ops.InputCov):
+            a, b, pa, pb = c.args
+            rep[c] = ops.InputCov(a, b, sp.Integer(0), sp.Integer(0))
+        return expr.xreplace(rep)
+
+    def _row_symbol(self, expr: sp.Expr, second: bool) -> sp.Symbol:
+        if expr not in self._row_index:
+            self._row_index[expr] = len(self.row)
+            self.row.append(expr)
+        return symbols.row_feature(self._row_index[expr], second)
+
+    def _base_symbol(self, key) -> sp.Symbol:
+        if key not in self._base_index:
+            self._base_index[key] = len(self.bases)
+            self.bases.append(key)
+        return symbols.gram(self._base_index[key])
+
+    def feature(self, expr: sp.Expr) -> sp.Expr:
+        """The symbolic stand-in for an input-only polynomial."""
+        if expr in self._memo:
+            return self._memo[expr]
+        sides = self._sides(expr)
+        if not sides:
+            out = self.graph.expand_input_cov(expr)
+        elif sides == {0}:
+            out = self._row_symbol(expr, False)
+        elif sides == {1}:
+            out = self._row_symbol(self._to_first_input(expr), True)
+        else:
+            out = self._pair(expr)
+        self._memo[expr] = out
+        return out
+
+    def _pair(self, expr: sp.Expr) -> sp.Expr:
+        row0, row1, const, bilinear = [], [], sp.S.Zero, {}
+        out = []
+        for term in sp.Add.make_args(sp.expand(expr)):
+            sides = self._sides(term)
+            if not sides:
+                const += term
+            elif sides == {0}:
+                row0.append(term)
+            elif sides == {1}:
+                row1.append(term)
+            else:
+                bil = self._bilinear_term(term)
+                if bil is not None:
+                    jk, c = bil
+                    bilinear[jk] = bilinear.get(jk, 0.0) + c
+                else:
+                    out.append(self._separable(term))
+        if bilinear:
+            scale = max(abs(v) for v in bilinear.values())
+            key = ("bilinear", tuple(sorted((jk, round(v / scale, 14)) for jk, v in bilinear.items())))
+            out.append(sp.Float(scale) * self._base_symbol(key))
+        if row0:
+            out.append(self._row_symbol(sp.Add(*row0), False))
+        if row1:
+            out.append(self._row_symbol(self._to_first_input(sp.Add(*row1)), True))
+        return const + sp.Add(*out)
+
+    def _bilinear_term(self, term: sp.Expr):
+        """((j, k), c) if term = c xi_j xi'_k, else None."""
+        s0 = [s for s in term.free_symbols if s in self.inputs0]
+        s1 = [s for s in term.free_symbols if s in self.inputs1]
+        if len(s0) != 1 or len(s1) != 1 or term.atoms(ops.InputCov):
+            return None
+        c = term / (s0[0] * s1[0])
+        if c.free_symbols or not c.is_number:
+            return None
+        return (self.inputs0[s0[0]], self.inputs1[s1[0]]), float(c)
+
+    def _separable(self, term: sp.Expr) -> sp.Expr:
+        """A mixed term as (row feature of xi) (row feature of xi') (input-layer Grams)."""
+        const, side0, side1, grams = sp.S.One, [], [], []
+        for f in sp.Mul.make_args(term):
+            base, exp = f.as_base_exp()
+            sides = self._sides(f)
+            if not sides:
+                const *= f
+            elif sides == {0}:
+                side0.append(f)
+            elif sides == {1}:
+                side1.append(f)
+            elif isinstance(base, ops.InputCov) and exp.is_Integer and exp > 0:
+                a, b, pa, pb = base.args
+                key = ("cov", str(a), str(b)) if int(pa) == 0 else ("cov", str(b), str(a))
+                grams.append(self._base_symbol(key) ** exp)
+            else:
+                raise ProgramError(f"kernel backend: cannot separate the input dependence {f} of {term}")
+        out = const * sp.Mul(*grams)
+        if side0:
+            out *= self._row_symbol(sp.Mul(*side0), False)
+        if side1:
+            out *= self._row_symbol(self._to_first_input(sp.Mul(*side1)), True)
+        return out
+
+    def featurize(self, expr: sp.Expr) -> sp.Expr:
+        """Replace input-only coefficients by feature symbols, grouping the terms of a sum that
+        multiply the same non-input factor (so sum_j c_j xi_j xi_j' q is one Gram times q)."""
+        if not self.has_inputs(expr):
+            return expr
+        if self.input_only(expr):
+            return self.feature(expr)
+        if expr.is_Add:
+            groups: dict = {}
+            for a in expr.args:
+                inside, rest = self._split(a)
+                groups.setdefault(rest, []).append(inside)
+            out = []
+            for rest, insides in groups.items():
+                coef = sp.Add(*insides)
+                coef = self.feature(coef) if self.has_inputs(coef) else coef
+                out.append(coef * self.featurize(rest))
+            return sp.Add(*out)
+        if expr.is_Mul:
+            inside, rest = self._split(expr)
+            coef = self.feature(inside) if self.has_inputs(inside) else inside
+            return coef * sp.Mul(*[self.featurize(f) for f in sp.Mul.make_args(rest)])
+        return expr.func(*[self.featurize(a) for a in expr.args])
+
+    def _split(self, term: sp.Expr) -> tuple[sp.Expr, sp.Expr]:
+        factors = sp.Mul.make_args(term)
+        inside = [f for f in factors if self.input_only(f)]
+        rest = [f for f in factors if not self.input_only(f)]
+        return sp.Mul(*inside), sp.Mul(*rest)
+
+    # -- numeric values ---------------------------------------------------------------------
+    def _layer_values(self, key: str, X: np.ndarray, positions: list) -> np.ndarray:
+        """Per data row, the scalars of input layer ``key`` at the given positions (a view of
+        X itself when they are input coordinates 0..d-1 in order, the dense input layer)."""
+        scalars = [self.graph.args(key)[1:][p] for p in positions]
+        sops = [self.graph.op(s) for s in scalars]
+        if all(isinstance(o, ops.Input) for o in sops):
+            cols = [o.index for o in sops]
+            if cols == list(range(X.shape[1])):
+                return X
+            return X[:, cols]
+        return np.stack([X[:, o.index] if isinstance(o, ops.Input) else np.full(X.shape[0], o.value) for o in sops], axis=1)
+
+    def _matched(self, a: str, b: str) -> tuple[list, list]:
+        """Positions of the scalars of input layers a and b that share a column of U."""
+        key = ("matched", a, b)
+        if key not in self._memo:
+            ca, cb = self.graph.op(a).columns, self.graph.op(b).columns
+            where = {}
+            for k, c in enumerate(cb):
+                where.setdefault(c, []).append(k)
+            pairs = [(i, k) for i, c in enumerate(ca) for k in where.get(c, ())]
+            self._memo[key] = ([i for i, _ in pairs], [k for _, k in pairs])
+        return self._memo[key]
+
+    def _cov_values(self, a: str, b: str, X: np.ndarray, Y: np.ndarray | None, diagonal: bool) -> np.ndarray:
+        ia, ib = self._matched(a, b)
+        na, nb = self.graph.op(a).norm, self.graph.op(b).norm
+        A = self._layer_values(a, X, ia)
+        B = A if (Y is None and a == b and ia == ib) else self._layer_values(b, X if Y is None else Y, ib)
+        scale = 1.0 / np.sqrt(na * nb)
+        if diagonal:
+            return np.einsum("ij,ij->i", A, B) * scale
+        if Y is None and a == b and ia == ib:
+            return symmetric_gram(A * np.sqrt(scale))
+        return cross_gram(A * scale, B)
+
+    def _row_plan(self) -> list:
+        """Per row feature: (numpy function, input columns, input covariances) -- built once,
+        so evaluating rows does no sympy work."""
+        if "row_plan" not in self._memo:
+            plan = []
+            for expr in self.row:
+                covs = sorted(expr.atoms(ops.InputCov), key=sp.default_sort_key)
+                dummies = [sp.Dummy(f"c{i}") for i in range(len(covs))]
+                body = expr.xreplace(dict(zip(covs, dummies)))
+                syms = sorted(body.free_symbols & set(self.inputs0), key=lambda s: s.name)
+                plan.append((numpy_function(body, syms + dummies), [self.inputs0[s] for s in syms],
+                             [(str(c.args[0]), str(c.args[1])) for c in covs]))
+            self._memo["row_plan"] = plan
+        return self._memo["row_plan"]
+
+    def row_values(self, X: np.ndarray) -> np.ndarray:
+        out = np.empty((X.shape[0], max(len(self.row), 1)))
+        for k, (fn, columns, covs) in enumerate(self._row_plan()):
+            args = [X[:, j] for j in columns] + [self._cov_values(a, b, X, None, True) for a, b in covs]
+            out[:, k] = np.broadcast_to(fn(*args), (X.shape[0],))
+        return out
+
+    def pair_values(self, X: np.ndarray, X2: np.ndarray | None) -> list[np.ndarray]:
+        """One N x N2 array per base Gram (separate arrays: the generated loop vectorises)."""
+        out = []
+        for base in self.bases:
+            if base[0] == "cov":
+                out.append(self._cov_values(base[1], base[2], X, X2, False))
+            else:
+                out.append(_bilinear_gram(dict(base[1]), X, X2))
+        return out
+
+
+@functools.cache
+def _gram_pool() -> ThreadPoolExecutor:
+    return ThreadPoolExecutor(2, thread_name_prefix="tpc-gram")
+
+
+def _in_two_threads(first, second) -> None:
+    """Run both (numpy releases the GIL in BLAS) and wait; their exceptions propagate."""
+    jobs = [_gram_pool().submit(first), _gram_pool().submit(second)]
+    for job in jobs:
+        job.result()
+
+
+def symmetric_gram(Z: np.ndarray) -> np.ndarray:
+    """Z Z^T in two balanced halves on two threads, each a single-threaded BLAS call when the
+    caller limits BLAS to one thread (kernels.py does, see there): with Z = [A; B], one thread
+    computes the symmetric blocks A A^T and B B^T (numpy: syrk), the other A B^T; the same
+    flops as one syrk, half the wall time on two cores."""
+    N = Z.shape[0]
+    if N < 256:
+        return Z @ Z.T
+    h = N // 2
+    A, B = Z[:h], Z[h:]
+    out = np.empty((N, N))
+
+    def diagonal_blocks():
+        out[:h, :h] = A @ A.T
+        out[h:, h:] = B @ B.T
+
+    def off_diagonal_block():
+        out[:h, h:] = A @ B.T
+
+    _in_two_threads(diagonal_blocks, off_diagonal_block)
+    out[h:, :h] = out[:h, h:].T
+    return out
+
+
+def cross_gram(A: np.ndarray, B: np.ndarray) -> np.ndarray:
+    """A B^T, the rows of A in two halves on two threads (see symmetric_gram)."""
+    N = A.shape[0]
+    if N < 256:
+        return A @ B.T
+    h = N // 2
+    out = np.empty((N, B.shape[0]))
+
+    def half(rows):
+        out[rows] = A[rows] @ B.T
+
+    _in_two_threads(lambda: half(slice(0, h)), lambda: half(slice(h, N)))
+    return out
+
+
+def _bilinear_gram(A: dict, X: np.ndarray, X2: np.ndarray | None) -> np.ndarray:
+    """X A X2^T for a sparse bilinear form (a diagonal A costs one matrix product)."""
+    Y = X if X2 is None else X2
+    if all(j == k for j, k in A):
+        cols = np.array(sorted(j for j, _ in A))
+        w = np.array([A[(j, j)] for j in cols])
+        if np.all(w >= 0) and X2 is None:
+            return symmetric_gram(X[:, cols] * np.sqrt(w))
+        return cross_gram(X[:, cols] * w, Y[:, cols])
+    M = np.zeros((X.shape[1], Y.shape[1]))
+    for (j, k), c in A.items():
+        M[j, k] += c
+    return cross_gram(X @ M, Y)

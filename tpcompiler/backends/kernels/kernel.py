@@ -1,0 +1,274 @@
+"""Kernel backend (docs/DESIGN.md 2.3, 2.7 strategies 1-2): exact NNGP and NTK of any program whose
+kernel-regime expectations are pairwise Gaussian, as generated Numba code.
+
+Pipeline: template program with a readout -> ``ntk.kernel_program`` (backward pass derived,
+kernels as pair moments) -> ``pairwise.PairwiseEngine`` (quantity DAG: Wick / closed forms /
+quadrature calls) -> this module:
+
+* **features**: every input-dependent coefficient becomes a feature.  Functions of one input
+  are *row features* (vectors over the data); bilinear forms in (xi, xi') reduce to a few base
+  Gram matrices X A X2^T computed by BLAS, so d never enters the per-pair code;
+* **row stage**: the quantities of one input (variances, diagonal kernels), one parallel loop
+  over data rows;
+* **pair stage**: all layers of one pair (xi, xi') fused into one straight-line function
+  (common subexpressions shared by sympy's cse, e.g. one arccos per relu layer), a parallel
+  loop over pairs, only the upper triangle when X2 is not given.
+
+Expectations with closed forms (gaussian2.closed_form_pair) are inlined as sympy expressions;
+the others call the generated quadrature functions of ``gaussian2``.  Generated source is
+cached on disk keyed by its hash (``codegen.load_module``), and numba compiles it with
+``cache=True``, so a second run of the same program pays no JIT time.
+"""
+from __future__ import annotations
+
+import functools
+import time
+
+import numpy as np
+import sympy as sp
+from threadpoolctl import ThreadpoolController
+
+from tpcompiler.expectations import gaussian2
+from tpcompiler.ir import symbols
+from tpcompiler.backends.codegen import custom_functions_source, load_module, print_body
+from tpcompiler.ir.graph import Graph, ProgramError
+from tpcompiler.ir.ntk import kernel_program
+from tpcompiler.backends.kernels.features import Features
+from tpcompiler.ir.ops import node_symbol
+from tpcompiler.backends.kernels.pairwise import E1, E2, PairwiseEngine
+
+KERNELS = ("nngp", "ntk")
+
+
+_p = symbols.primed
+
+
+@functools.cache
+def _blas_controller() -> ThreadpoolController:
+    return ThreadpoolController()
+
+
+def _one_blas_thread():
+    """Grams as single-threaded BLAS calls (features.py spreads them over two Python threads):
+    OpenBLAS's own idle workers spin for ~0.1 s after a call and take the cores from the Numba
+    pair loop that follows (depth-10 relu, N = 1000: pair stage 15 ms -> 33 ms after a Gram
+    on OpenBLAS's threads)."""
+    return _blas_controller().limit(limits=1, user_api="blas")
+
+
+class KernelFunction:
+    """NNGP and NTK of a template program, compiled to Numba (see module docstring)."""
+
+    def __init__(self, graph: Graph, rtol: float = 1e-10):
+        start = time.perf_counter()
+        self.rtol = rtol
+        if graph.readout is None:
+            raise ProgramError(f"program {graph.name!r} has no readout; kernels need p.readout(x, sigma=..., bias=...)")
+        if len(graph.inputs) != 1:
+            raise ProgramError(f"program {graph.name!r} has no input; kernels need p.input(name, d)")
+        self.graph = graph
+        (self.input_name, decl), = graph.inputs.items()
+        self.d = len(decl.keys)
+        kp = kernel_program(graph)
+        self.engine = engine = PairwiseEngine(kp)
+        outputs = [engine.scalar(kp.outputs[k]) for k in KERNELS]
+        # The diagonal k(xi, xi) from row quantities: exact at rho = 1, where a pair formula
+        # would amplify rounding (arc-cosine kernels have a square-root singularity there).
+        diagonal = [engine.scalar(kp.outputs[k], same_input=True) for k in KERNELS]
+        inputs0 = {node_symbol(k): kp.op(k).index for k in kp.input_keys()}
+        self.features = feats = Features(kp, inputs0)
+        self.expectations = self._expectation_table(rtol)
+
+        def lower(expr):
+            return feats.featurize(self._inline_expectations(expr))
+
+        rows = [(q.symbol, lower(q.definition)) for q in engine.order if not q.pair]
+        pairs = [(q.symbol, lower(q.definition)) for q in engine.order if q.pair]
+        self.row_symbols = [s for s, _ in rows]
+        self.source = self._source(rows, [lower(o) for o in diagonal], pairs, [lower(o) for o in outputs])
+        self.module = load_module(self.source, "kernels")
+        self.compile_seconds = time.perf_counter() - start
+        self.last_timing: dict = {}
+
+    # -- construction helpers -----------------------------------------------------------
+    def _expectation_table(self, rtol):
+        table = []
+        for gs in self.engine.functions:
+            lams = [sp.Lambda(self.engine_t, g) for g in gs]
+            if len(gs) == 1:
+                obj = gaussian2.expectation(lams[0], rtol=rtol)
+            else:
+                obj = gaussian2.pair_expectation(lams[0], lams[1], rtol=rtol)
+            table.append(obj)
+        return table
+
+    @property
+    def engine_t(self):
+        from tpcompiler.backends.kernels.pairwise import T
+
+        return T
+
+    def _inline_expectations(self, expr: sp.Expr) -> sp.Expr:
+        rep = {}
+        for call in expr.atoms(E1, E2):
+            idx = int(call.args[0])
+            obj = self.expectations[idx]
+            args = [self._inline_expectations(a) for a in call.args[1:]]
+            if obj.expression is not None:
+                if isinstance(call, E2):
+                    rep[call] = gaussian2.fusable(obj.expression.xreplace(dict(zip((gaussian2.K11, gaussian2.K12, gaussian2.K22), args))))
+                else:
+                    rep[call] = obj.expression.xreplace({sp.Symbol("k", real=True): args[0]})
+            else:
+                rep[call] = sp.Function(f"_e{idx}")(*args)
+        return expr.xreplace(rep)
+
+    def _source(self, rows, diagonal, pairs, outputs) -> str:
+        """Module source: the row stage (row quantities, then the kernels' diagonal) and the
+        pair stage (pair quantities, then the kernels), each one fused straight-line body."""
+        n_row = len(self.features.row)
+        quad = [i for i, obj in enumerate(self.expectations) if obj.expression is None]
+        loads0 = {symbols.row_feature(k): f"RF1[i, {k}]" for k in range(n_row)}
+        loads1 = {symbols.row_feature(k, second=True): f"RF2T[{k}, j]" for k in range(n_row)}
+        loads_q0 = {s: f"R1[i, {k}]" for k, s in enumerate(self.row_symbols)}
+        loads_q1 = {_p(s): f"R2T[{k}, j]" for k, s in enumerate(self.row_symbols)}
+        n_g = len(self.features.bases)
+        loads_g = {symbols.gram(m): f"G{m}[i, j]" for m in range(n_g)}
+        grams = "".join(f"G{m}, " for m in range(n_g))
+        outs = ", ".join(f"out{k}" for k in range(len(KERNELS)))
+        header = [
+            "import math",
+            "import numpy as np",
+            "import sympy as _sp",
+            "from numba import njit, prange",
+            "from tpcompiler.expectations import gaussian2 as _g2",
+            "from tpcompiler.ir.nonlinearities import SYMPY_NAMESPACE as _NS",
+        ]
+        for i in quad:
+            obj = self.expectations[i]
+            lams = [obj.phi] + ([obj.psi] if isinstance(obj, gaussian2.PairExpectation) else [])
+            lams = [sp.Lambda(self.engine_t, lam.expr.xreplace({lam.variables[0]: self.engine_t})) for lam in lams]
+            args = ", ".join(f"_sp.sympify({sp.srepr(lam)!r}, locals=_NS)" for lam in lams)
+            build = "pair_expectation" if len(lams) == 2 else "expectation"
+            # naming the callee's module keeps this module's numba cache from outliving it
+            header.append(f"_e{i} = _g2.{build}({args}, rtol={self.rtol!r}).scalar  # {obj.scalar.py_func.__module__}")
+        body = custom_functions_source([e for _, e in rows + pairs] + diagonal + outputs)
+        row_lines, row_outs = print_body([s for s, _ in rows] + diagonal, {**loads0}, "        ", rows)
+        pair_lines, pair_outs = print_body(outputs, {**loads0, **loads1, **loads_q0, **loads_q1, **loads_g},
+                                           "                ", pairs)
+        src = "\n".join(header) + "\n" + body + f"""
+
+@njit(parallel=True, cache=True, error_model="numpy")
+def row_stage(RF1, R):
+    for i in prange(RF1.shape[0]):
+{chr(10).join(row_lines) if row_lines else '        pass'}
+{chr(10).join(f'        R[i, {k}] = {e}' for k, e in enumerate(row_outs))}
+
+
+@njit(parallel=True, cache=True, error_model="numpy")
+def pair_stage({grams}RF1, RF2T, R1, R2T, {outs}, symmetric):
+    # For the loop over j to vectorise: second-input rows are transposed (feature, j) so they
+    # are read contiguously, every Gram and output is its own 2-D array, and error_model
+    # numpy drops division checks.
+    N = RF1.shape[0]
+    M = RF2T.shape[1]
+    # symmetric: rows t and N-1-t together, so both threads get equal work
+    half = (N + 1) // 2 if symmetric else N
+    reps = 2 if symmetric else 1
+    for t in prange(half):
+        for r in range(reps):
+            i = t + r * (N - 1 - 2 * t)
+            if r == 1 and i == t:
+                continue
+            start = i if symmetric else 0
+            for j in range(start, M):
+{chr(10).join(pair_lines)}
+{chr(10).join(f'                out{k}[i, j] = {e}' for k, e in enumerate(pair_outs))}
+
+
+@njit(parallel=True, cache=True)
+def mirror(out, diagonal):
+    # the lower triangle from the upper one in 64 x 64 tiles (a plain transposed copy misses
+    # the cache on every read), block rows b and nb-1-b together for equal work per thread;
+    # the diagonal from the row stage
+    N = out.shape[0]
+    nb = (N + 63) // 64
+    for t in prange((nb + 1) // 2):
+        for r in range(2):
+            b = t + r * (nb - 1 - 2 * t)
+            if r == 1 and b == t:
+                continue
+            for c in range(b + 1):
+                for i in range(b * 64, min(N, b * 64 + 64)):
+                    for j in range(c * 64, min(i, c * 64 + 64)):
+                        out[i, j] = out[j, i]
+            for i in range(b * 64, min(N, b * 64 + 64)):
+                out[i, i] = diagonal[i]
+"""
+        return src
+
+    # -- evaluation -----------------------------------------------------------------------
+    def _check(self, X, what):
+        X = np.asarray(X, dtype=np.float64) if not isinstance(X, np.ndarray) or X.dtype != np.float64 else X
+        if X.ndim != 2:
+            raise ProgramError(f"{what}: inputs must be an N x d array, got shape {X.shape}")
+        if X.shape[0] == 0:
+            raise ProgramError(f"{what}: the input set is empty")
+        if X.shape[1] != self.d:
+            raise ProgramError(f"{what}: program {self.graph.name!r} takes inputs of dimension d = {self.d}, got {X.shape[1]}")
+        if not np.all(np.isfinite(X)):
+            raise ProgramError(f"{what}: inputs contain NaN or infinite values")
+        return np.ascontiguousarray(X)
+
+    def _rows(self, X):
+        """Row features and the row stage's quantities (then the kernels' diagonal) of X."""
+        RF = self.features.row_values(X)
+        R = np.empty((X.shape[0], len(self.row_symbols) + len(KERNELS)))
+        self.module.row_stage(RF, R)
+        return RF, R
+
+    def __call__(self, X, X2=None) -> dict[str, np.ndarray]:
+        """{"nngp", "ntk"}: k(X, X); with X2 also {"nngp_x2", "ntk_x2"}: k(X2, X)."""
+        X = self._check(X, "X")
+        timing = {}
+        X2 = None if X2 is None else self._check(X2, "X2")
+        # Grams (BLAS) before any Numba stage: each runtime's idle threads spin for a while
+        # after a call and slow down the other's next one.
+        t0 = time.perf_counter()
+        with _one_blas_thread(), np.errstate(over="ignore", invalid="ignore"):  # see _check_finite
+            G = self.features.pair_values(X, None)
+            G2 = None if X2 is None else self.features.pair_values(X2, X)
+        timing["grams"] = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        RF1, R1 = self._rows(X)
+        timing["rows"] = time.perf_counter() - t0
+        result = {}
+        t0 = time.perf_counter()
+        outs = [np.empty((X.shape[0], X.shape[0])) for _ in KERNELS]
+        RF1T, R1T = np.ascontiguousarray(RF1.T), np.ascontiguousarray(R1.T)
+        self.module.pair_stage(*G, RF1, RF1T, R1, R1T, *outs, True)
+        for k, name in enumerate(KERNELS):
+            self.module.mirror(outs[k], np.ascontiguousarray(R1[:, len(self.row_symbols) + k]))
+            result[name] = outs[k]
+        timing["pairs"] = time.perf_counter() - t0
+        if X2 is not None:
+            RF2, R2 = self._rows(X2)
+            outs2 = [np.empty((X2.shape[0], X.shape[0])) for _ in KERNELS]
+            self.module.pair_stage(*G2, RF2, RF1T, R2, R1T, *outs2, False)
+            for k, name in enumerate(KERNELS):
+                result[f"{name}_x2"] = outs2[k]
+        self._check_finite(result, (X, X2))
+        self.last_timing = timing
+        return result
+
+    def _check_finite(self, result, inputs):
+        """Refuse kernels that overflowed (never return inf or NaN for finite inputs)."""
+        bad = [name for name, K in result.items() if not np.isfinite(K).all()]
+        if not bad:
+            return
+        norms = [float(np.max(np.abs(A))) for A in inputs if A is not None]
+        raise ProgramError(
+            f"kernels: {', '.join(bad)} overflow float64 for these inputs (largest input entry "
+            f"{max(norms):.3g}): a variance of the network exceeds the float64 range; rescale "
+            f"the inputs (e.g. divide them by their largest norm)"
+        )

@@ -1,0 +1,498 @@
+"""Exact expectations of Gaussian-linear and pairwise-Gaussian programs (docs/DESIGN.md 2.7,
+strategies 1 and 2): Z program -> a DAG of scalar *quantities*.
+
+When every ZDot coefficient is a constant (always at initialisation in the kernel regime,
+and for every program whose nonlinearities are linear), each Z^x is an explicit function of
+the leaves (initial Gaussians and ZHats): its *form*, built by substituting forms of the
+arguments into the recursion (MatMul resets to ZHat + ZDot).  An expectation E[P] of a
+product of forms is computed by
+
+1. expanding P into monomials; each factor is a one-variable function g of a linear form L
+   of the leaves (a jointly Gaussian variable);
+2. grouping factors into independent components (leaves of different blocks are
+   independent: a ZHat family; a group of correlated initial vectors);
+3. per component: Wick's theorem when every g is a polynomial (exact, any number of
+   factors), else a one- or two-dimensional Gaussian expectation (more is refused);
+4. covariances of linear forms: initial vectors from the program's covariance table; ZHats
+   of one family Cov(ZHat^{Wx}, ZHat^{Wy}) = sigma^2 E[Z^x Z^y] -- a recursive quantity.
+
+A template program over an input xi is evaluated for pairs of inputs (xi, xi'): leaves and
+input coordinates that depend on the input carry a prime on the second side.  Quantities
+are *row* quantities (functions of xi alone; the same function of xi' is the primed symbol)
+or *pair* quantities (functions of both).  Input-dependent coefficients stay as expressions
+in the input symbols; the code generator turns them into features (Gram matrices by BLAS).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from functools import reduce
+
+import networkx as nx
+import sympy as sp
+
+from tpcompiler.ir import ops
+from tpcompiler.ir import symbols
+from tpcompiler.ir.graph import Graph, ProgramError
+from tpcompiler.ir.ops import VEC, node_symbol, unprime
+from tpcompiler.symbolic.master import Z, Zhat, ZProgram, derive
+
+T = symbols.ARG
+
+
+class NotPairwise(ProgramError):
+    """The program needs an expectation this strategy cannot do exactly."""
+
+
+class E1(sp.Function):
+    """E[g(L)] for L ~ N(0, var): E1(index, var); ``index`` names g in the engine's table."""
+
+    nargs = 2
+
+
+class E2(sp.Function):
+    """E[g1(L1) g2(L2)] for a bivariate Gaussian: E2(index, k11, k12, k22)."""
+
+    nargs = 4
+
+
+@dataclass
+class Quantity:
+    """q := definition; ``pair`` if it depends on both inputs, else a row quantity."""
+
+    symbol: sp.Symbol
+    definition: sp.Expr
+    pair: bool
+    label: str = ""
+
+
+@dataclass
+class _Factor:
+    g: sp.Expr          # function of T
+    L: sp.Expr          # linear form in leaves (no constant term)
+    side: int
+
+
+_prime = symbols.primed
+
+
+@dataclass
+class PairwiseEngine:
+    """Builds quantity DAGs for expectations of a (template) program's forms."""
+
+    graph: Graph
+    zp: ZProgram = None
+    quantities: dict = field(default_factory=dict)      # canonical product -> Quantity
+    functions: list = field(default_factory=list)       # index -> (g1, g2) or (g,)
+
+    def __post_init__(self):
+        if self.zp is None:
+            self.zp = derive(self.graph)
+        self._dependent = self.graph.input_dependent()
+        self._forms: dict = {}
+        self._factor_memo: dict = {}
+        self._component_memo: dict = {}
+        self._order: list[Quantity] = []
+        self._fn_index: dict = {}
+        self._params = {node_symbol(k): sp.Float(self.graph.op(k).value) for k in self.graph.keys_of(ops.Param)}
+        self._params.update({node_symbol(k): sp.Float(self.graph.op(k).limit()) for k in self.graph.keys_of(ops.WidthPower)})
+        self._inputs = {node_symbol(k) for k in self.graph.input_keys()}
+        self._leaf_block = {}
+        for k in self.zp.order:
+            e = self.zp.entries[k]
+            if e.rule == "init":
+                self._leaf_block[Z(k)] = self.zp.block_of_leaf(k)
+            elif e.rule == "matmul":
+                self._leaf_block[Zhat(k)] = self.zp.block_of_leaf(k)
+
+    # -- symbols and sides ----------------------------------------------------------------
+    def _leaf_node(self, s: sp.Symbol) -> tuple[str, bool]:
+        return symbols.key_of(s)
+
+    def to_side(self, expr: sp.Expr, side: int) -> sp.Expr:
+        """A side-0 expression evaluated at the second input: prime every input-dependent
+        leaf, input coordinate and row quantity."""
+        if side == 0:
+            return expr
+        rep = {}
+        for s in expr.free_symbols:
+            if s.name.endswith("'"):
+                continue
+            if s in self._inputs or (s in self._leaf_block and self._leaf_node(s)[0] in self._dependent) or symbols.is_quantity(s):
+                rep[s] = _prime(s)
+        return expr.xreplace(rep)
+
+    # -- forms --------------------------------------------------------------------------
+    def form(self, key: str) -> sp.Expr:
+        """Z^key as an expression of leaves (side 0), parameters substituted."""
+        if key in self._forms:
+            return self._forms[key]
+        e = self.zp.entries[key]
+        if e.rule == "init":
+            f = Z(key)
+        elif e.rule == "nonlin":
+            sub = {Z(a): self.form(a) for a in self.graph.vector_args(key)}
+            sub.update(self._scalar_values(e.z))
+            f = e.z.xreplace(sub)
+        elif e.rule == "matmul":
+            f = Zhat(key)
+            mat = self.graph.matmul_parts(key)[0]
+            s2 = self.graph.op(mat).sigma ** 2
+            for t in self.zp.zdot_terms(key):
+                coef = s2.xreplace(self._params) * self.expect(sp.diff(self.form(e.x), Zhat(t.source)))
+                f = f + coef * self.form(t.y)
+        else:
+            raise NotPairwise(f"{key!r} is not a vector")
+        self._forms[key] = f
+        return f
+
+    def _scalar_values(self, expr: sp.Expr) -> dict:
+        """Parameters by value, Moments by their exact limit (row quantities)."""
+        rep = {}
+        for s in _ordered(expr.free_symbols):  # quantities are numbered as they are met
+            if s in self._params:
+                rep[s] = self._params[s]
+            elif s.name in self.graph.g and isinstance(self.graph.op(s.name), ops.Moment):
+                rep[s] = self.moment(s.name)
+        return rep
+
+    def moment(self, key: str, same_input: bool = False) -> sp.Expr:
+        """The exact limit of a Moment (pair moments: a function of both inputs; with
+        ``same_input`` a pair moment is evaluated at xi' = xi, e.g. a kernel's diagonal)."""
+        op = self.graph.op(key)
+        sub = {}
+        for s in _ordered(op.expr.free_symbols):
+            k, primed = unprime(s)
+            side = 1 if primed and not same_input else 0
+            if self.graph.kind(k) == VEC:
+                sub[s] = self.to_side(self.form(k), side)
+            else:
+                val = self._scalar_values(node_symbol(k)).get(node_symbol(k), node_symbol(k))
+                sub[s] = self.to_side(val, side)
+        return self.expect(op.expr.xreplace(sub))
+
+    def scalar(self, expr: sp.Expr, same_input: bool = False) -> sp.Expr:
+        """A scalar expression (outputs) with Moments by their exact limits and Params by
+        value (``same_input``: pair moments on the diagonal xi' = xi)."""
+        expr = sp.sympify(expr)
+        rep = self._scalar_values(expr)
+        if same_input:
+            rep.update({s: self.moment(s.name, True) for s in _ordered(expr.free_symbols)
+                        if s.name in self.graph.g and isinstance(self.graph.op(s.name), ops.Moment)})
+            rep.update({s: _unprimed(s) for s in expr.free_symbols if s.name.endswith("'")})
+            rep.update({c: ops.InputCov(c.args[0], c.args[1], sp.Integer(0), sp.Integer(0)) for c in expr.atoms(ops.InputCov)})
+        return expr.xreplace(rep)
+
+    # -- expectations -------------------------------------------------------------------
+    def expect(self, expr: sp.Expr) -> sp.Expr:
+        """E[expr] for an expression of leaves of both sides (exact).
+
+        Products are expanded into monomials, except that a non-polynomial sum of functions
+        of one linear form (tanh' = 1 - tanh^2, gelu' = Phi + x phi, 1 - sigmoid) is kept
+        whole as one function g(L): expanding it would write E[tanh'(u) tanh'(v)], which is
+        of order 1/k at variance k, as 1 - E[tanh^2 u] - E[tanh^2 v] + E[tanh^2 u tanh^2 v],
+        four terms of order 1 that cancel (relative error ~ k * rtol; the NTK of a tanh
+        network at input norm 1e4 came out 6 times too large)."""
+        expr, held = self._hold_sums(sp.sympify(expr))
+        expr = sp.expand(expr, deep=False, power_exp=False, power_base=False, log=False)
+        if held:
+            expr = expr.xreplace(held)
+        return sp.Add(*[self._expect_term(t) for t in sp.Add.make_args(expr)])
+
+    def _hold_sums(self, expr: sp.Expr):
+        """(expr with held sums replaced by placeholders, {placeholder: sum}); see expect."""
+        held: dict = {}
+        by_sum: dict = {}
+
+        def walk(e):
+            if e.is_Add:
+                if self._is_single_function(e):
+                    if e not in by_sum:
+                        d = sp.Dummy("held")
+                        by_sum[e] = d
+                        held[d] = e
+                    return by_sum[e]
+                return sp.Add(*[walk(a) for a in e.args])
+            if e.is_Mul:
+                return sp.Mul(*[walk(a) for a in e.args])
+            if e.is_Pow and e.exp.is_Integer and e.exp > 0:
+                return sp.Pow(walk(e.base), e.exp)
+            return e
+
+        return walk(expr), held
+
+    def _is_single_function(self, e: sp.Expr) -> bool:
+        """A sum that is a non-polynomial function g(L) of a single linear form L of leaves."""
+        leaves = [s for s in e.free_symbols if s in self._leaf_block or _unprimed(s) in self._leaf_block]
+        if not leaves or e.is_polynomial(*leaves):
+            return False
+        try:
+            self._factor(e)
+        except NotPairwise:
+            return False
+        return True
+
+    def _expect_term(self, term: sp.Expr) -> sp.Expr:
+        coef, factors = sp.S.One, []
+        for f in sp.Mul.make_args(term):
+            if any(s in self._leaf_block or _unprimed(s) in self._leaf_block for s in f.free_symbols):
+                factors.append(self._factor(f))
+            else:
+                coef *= f
+        if not factors:
+            return coef
+        result = coef
+        for component in self._components(factors):
+            value = self._component(component)
+            if value == 0:
+                return sp.S.Zero
+            result *= value
+        return result
+
+    def _factor(self, f: sp.Expr) -> _Factor:
+        memo = self._factor_memo.get(f)
+        if memo is None:
+            memo = self._factor_memo[f] = self._normalise_factor(f)
+        return memo
+
+    def _normalise_factor(self, f: sp.Expr) -> _Factor:
+        """f = g(L) with L a linear form of leaves (constant absorbed into g)."""
+        leaves = [s for s in f.free_symbols if s in self._leaf_block or _unprimed(s) in self._leaf_block]
+        sides = {1 if s.name.endswith("'") else 0 for s in leaves if s.name.endswith("'") or self._leaf_node(s)[0] in self._dependent}
+        side = max(sides, default=0)
+        if len(sides) > 1:
+            raise NotPairwise(f"a factor mixes both inputs: {f}")
+        for L, const in _linear_candidates(f, set(leaves)):
+            g = f.xreplace({L: T}) if L != f else T
+            if not (g.free_symbols & set(leaves)):
+                return _Factor(sp.expand(g.xreplace({T: T + const})) if const != 0 else g, L - const, side)
+        raise NotPairwise(f"E[{f}] needs a function of several Gaussians at once")
+
+    def _components(self, factors: list[_Factor]) -> list[list[_Factor]]:
+        g = nx.Graph()
+        g.add_nodes_from(range(len(factors)))
+        owner: dict = {}
+        for i, f in enumerate(factors):
+            for s in f.L.free_symbols:
+                block = self._leaf_block.get(_unprimed(s))
+                if block is None:
+                    continue  # an input coordinate in a coefficient
+                if block in owner:
+                    g.add_edge(i, owner[block])
+                owner[block] = i
+        return [[factors[i] for i in sorted(c)] for c in nx.connected_components(g)]
+
+    def _component(self, factors: list[_Factor]) -> sp.Expr:
+        key = tuple(sorted(((f.L, f.side, f.g) for f in factors), key=sp.default_sort_key))
+        if key not in self._component_memo:
+            self._component_memo[key] = self._component_value(factors)
+        return self._component_memo[key]
+
+    def _component_value(self, factors: list[_Factor]) -> sp.Expr:
+        merged: dict = {}
+        for f in factors:
+            key = (f.L, f.side)
+            merged[key] = merged.get(key, sp.S.One) * f.g
+        expanded = [(L, side, sp.expand(g)) for (L, side), g in merged.items()]
+        if all(g.is_polynomial(T) for _, _, g in expanded):
+            return self._wick_polynomial(expanded)
+        # a function is kept unexpanded (1 - tanh(t)^2 stays one function, see expect)
+        items = [(L, side, g) for (L, side), g in merged.items()]
+        if len(items) == 1:
+            (L, side, g), = items
+            var = self.cov(L, side, L, side)
+            split = _two_factors(g)
+            if split is not None:  # E[f1(u) f2(u)]: the bivariate rule at rho = 1 (closed forms exist more often)
+                c, f1, f2 = split
+                return c * E2(self._function_index((f1, f2)), var, var, var)
+            return E1(self._function_index((g,)), var)
+        if len(items) == 2:
+            (L1, s1, g1), (L2, s2, g2) = sorted(items, key=lambda it: it[1])
+            k11 = self.cov(L1, s1, L1, s1)
+            k22 = self.cov(L2, s2, L2, s2)
+            k12 = self.cov(L1, s1, L2, s2)
+            return E2(self._function_index((g1, g2)), k11, k12, k22)
+        raise NotPairwise(f"an expectation of {len(items)} jointly Gaussian nonlinear factors is not pairwise")
+
+    def _function_index(self, gs: tuple) -> sp.Integer:
+        if gs not in self._fn_index:
+            self._fn_index[gs] = len(self.functions)
+            self.functions.append(gs)
+        return sp.Integer(self._fn_index[gs])
+
+    def _wick_polynomial(self, items) -> sp.Expr:
+        """E[prod_i g_i(L_i)] for polynomials g_i by Wick's theorem."""
+        variables = [(L, side) for L, side, _ in items]
+        polys = [sp.Poly(g, T).terms() for _, _, g in items]
+        cov = {}
+
+        def c(i, j):
+            if (i, j) not in cov:
+                cov[(i, j)] = cov[(j, i)] = self.cov(*variables[i], *variables[j])
+            return cov[(i, j)]
+
+        total = sp.S.Zero
+        for combo in _product(polys):
+            coef = reduce(lambda a, b: a * b, [cf for (_, cf) in combo], sp.S.One)
+            degrees = [k for ((k,), _) in combo]
+            total += coef * _wick([i for i, k in enumerate(degrees) for _ in range(k)], c)
+        return total
+
+    def cov(self, L1: sp.Expr, s1: int, L2: sp.Expr, s2: int) -> sp.Expr:
+        """Cov(L1 at side s1, L2 at side s2) for linear forms of leaves (a quantity if it
+        involves ZHats)."""
+        by_block: dict = {}
+        for la, ca in _coefficients(L1).items():
+            by_block.setdefault(self._leaf_block[_unprimed(la)], []).append((la, ca))
+        terms = []
+        for lb, cb in _coefficients(L2).items():  # only leaves of one block are correlated
+            for la, ca in by_block.get(self._leaf_block[_unprimed(lb)], ()):
+                c = self._leaf_cov(_unprimed(la), s1, _unprimed(lb), s2)
+                if c != 0:
+                    terms.append(ca * cb * c)
+        return sp.Add(*terms)
+
+    def _leaf_cov(self, la: sp.Symbol, s1: int, lb: sp.Symbol, s2: int) -> sp.Expr:
+        if self._leaf_block[la] != self._leaf_block[lb]:
+            return sp.S.Zero
+        ka, _ = self._leaf_node(la)
+        kb, _ = self._leaf_node(lb)
+        if symbols.is_z(la):
+            return self.graph.init_covariance(ka, kb, s1 == 1, s2 == 1, compact=True).xreplace(self._params)
+        mat = self.graph.matmul_parts(ka)[0]
+        s2_ = (self.graph.op(mat).sigma ** 2).xreplace(self._params)
+        xa, xb = self.zp.entries[ka].x, self.zp.entries[kb].x
+        return s2_ * self.quantity(self.to_side(self.form(xa), s1) * self.to_side(self.form(xb), s2), f"E[Z^{xa} Z^{xb}]")
+
+    # -- quantities -----------------------------------------------------------------------
+    def quantity(self, product: sp.Expr, label: str = "") -> sp.Expr:
+        """A named quantity for E[product] (memoised; row quantities of the second input are
+        the primed symbols of their first-input versions)."""
+        sides = self._sides(product)
+        if sides == {1}:
+            return self.to_side(self.quantity(self._unprime_side(product), label), 1)
+        key = product
+        if key in self.quantities:
+            return self.quantities[key].symbol
+        value = self.expect(product)
+        if isinstance(value, sp.Number):
+            return value
+        q = Quantity(symbols.quantity(len(self._order)), value, pair=(sides == {0, 1}), label=label)
+        self.quantities[key] = q
+        self._order.append(q)
+        return q.symbol
+
+    def _sides(self, expr: sp.Expr) -> set:
+        sides = set()
+        for s in expr.free_symbols:
+            base = _unprimed(s)
+            dependent = base in self._inputs or (base in self._leaf_block and self._leaf_node(base)[0] in self._dependent) or symbols.is_quantity(base)
+            if dependent:
+                sides.add(1 if s.name.endswith("'") else 0)
+        return sides or {0}
+
+    def _unprime_side(self, expr: sp.Expr) -> sp.Expr:
+        return expr.xreplace({s: _unprimed(s) for s in expr.free_symbols if s.name.endswith("'")})
+
+    @property
+    def order(self) -> list[Quantity]:
+        return list(self._order)
+
+
+_unprimed = symbols.unprimed
+
+
+def _ordered(items) -> list:
+    """A set of sympy objects in a fixed order.  Quantities are numbered in the order they
+    are created, and the generated kernel source (hence its compile-cache key) follows that
+    numbering: iterating a set directly would follow the per-process string hash seed, so
+    every run would generate new source and pay the whole Numba compile again."""
+    return sorted(items, key=sp.default_sort_key)
+_is_leaf = symbols.is_leaf_variable
+
+
+def _coefficients(L: sp.Expr) -> dict:
+    """{leaf: coefficient} of a linear form without constant term."""
+    out = _linear_parts(L)
+    if out is None or out[1] != 0:
+        raise NotPairwise(f"not a linear form of leaves: {L}")
+    return out[0]
+
+
+def _linear_parts(expr: sp.Expr):
+    """({leaf: coefficient}, constant) if expr is affine in the leaves, else None.  Works
+    term by term on the expression as it stands (expanding only products of a coefficient
+    with a sum), so it stays linear in the number of leaves."""
+    coefs: dict = {}
+    const = sp.S.Zero
+    for term in sp.Add.make_args(expr):
+        leaves = [s for s in term.free_symbols if _is_leaf(s)]
+        if not leaves:
+            const += term
+            continue
+        c, rest = term.as_independent(*leaves, as_Add=False)
+        if len(leaves) == 1 and rest == leaves[0]:
+            coefs[rest] = coefs.get(rest, sp.S.Zero) + c
+            continue
+        if not rest.is_Add:  # otherwise c * (affine form)
+            return None
+        inner = _linear_parts(rest)
+        if inner is None:
+            return None
+        for k, v in inner[0].items():
+            coefs[k] = coefs.get(k, sp.S.Zero) + c * v
+        const += c * inner[1]
+    return coefs, const
+
+
+def _linear_candidates(f: sp.Expr, leaves: set):
+    """(L, constant) for subexpressions L of f that are affine forms containing all of f's
+    leaves (outermost first)."""
+    seen = set()
+    for sub in sp.preorder_traversal(f):
+        if sub in seen or not isinstance(sub, sp.Expr):
+            continue
+        seen.add(sub)
+        if not leaves <= sub.free_symbols:
+            continue
+        parts = _linear_parts(sub)
+        if parts is not None and parts[0]:
+            yield sub, parts[1]
+
+
+def _two_factors(g: sp.Expr):
+    """g = c * f1(t) * f2(t) with f1, f2 non-constant (a square counts as two), or None."""
+    c, rest = g.as_coeff_Mul()
+    parts = []
+    for f in sp.Mul.make_args(rest):
+        base, exp = f.as_base_exp()
+        if exp.is_Integer and exp > 0 and not f.is_Add:
+            parts += [base] * int(exp)
+        else:
+            parts.append(f)
+    if len(parts) == 2 and all(f.has(T) for f in parts):
+        return c, parts[0], parts[1]
+    return None
+
+
+def _product(lists):
+    if not lists:
+        yield ()
+        return
+    for head in lists[0]:
+        for tail in _product(lists[1:]):
+            yield (head,) + tail
+
+
+def _wick(indices: list[int], cov) -> sp.Expr:
+    """E[prod x_i] for zero-mean jointly Gaussian x (Isserlis): sum over pairings."""
+    if not indices:
+        return sp.S.One
+    if len(indices) % 2:
+        return sp.S.Zero
+    first, rest = indices[0], indices[1:]
+    total = sp.S.Zero
+    for j in range(len(rest)):
+        c = cov(first, rest[j])
+        if c != 0:
+            total += c * _wick(rest[:j] + rest[j + 1:], cov)
+    return total

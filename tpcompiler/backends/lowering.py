@@ -1,0 +1,75 @@
+"""Lowering of sympy expressions to numpy callables (one printer configuration for every
+numpy evaluator; the Numba code generator lives with the kernel backend).
+
+Custom nonlinearities resolve to ``nonlinearities.NUMPY_FUNCTIONS``; special functions to
+scipy; the rest to numpy.
+"""
+from __future__ import annotations
+
+from functools import lru_cache
+
+import numpy as np
+import sympy as sp
+
+from tpcompiler.ir.nonlinearities import NUMPY_FUNCTIONS
+
+_MODULES = [NUMPY_FUNCTIONS, "scipy", "numpy"]
+
+
+@lru_cache(maxsize=4096)
+def _compiled(expr: sp.Expr, symbols: tuple[sp.Symbol, ...]):
+    return sp.lambdify(symbols, expr, modules=_MODULES, dummify=True, cse=True)
+
+
+def numpy_function(expr: sp.Expr, symbols):
+    """f(*values) evaluating ``expr`` with ``symbols`` bound to arrays or floats."""
+    return _compiled(sp.sympify(expr), tuple(symbols))
+
+
+_CANONICAL = [sp.Symbol(f"_a{k}", real=True) for k in range(96)]
+
+
+@lru_cache(maxsize=65536)
+def _canonical(expr: sp.Expr) -> tuple[sp.Expr, tuple, tuple]:
+    """(canonical form, symbol names, float constants): free symbols renamed _a0, _a1, ...
+    (sorted by name) and Float constants turned into further arguments.
+
+    Programs repeat one expression under many names and coefficients (every step and input
+    of an unrolled SGD program), so functions are compiled per canonical form, not per
+    instruction."""
+    symbols = sorted(expr.free_symbols, key=lambda s: s.name)
+    floats = sorted(expr.atoms(sp.Float), key=float)
+    if len(symbols) + len(floats) > len(_CANONICAL):
+        return None, tuple(s.name for s in symbols), ()
+    rep = dict(zip(symbols + floats, _CANONICAL))
+    return expr.xreplace(rep), tuple(s.name for s in symbols), tuple(float(f) for f in floats)
+
+
+def evaluate(expr: sp.Expr, env: dict, size: int | None = None):
+    """Evaluate ``expr`` with free symbols looked up in ``env`` (symbol name -> value).
+
+    With ``size`` the result is broadcast to an array of that length (a constant vector)."""
+    canonical, names, constants = _canonical(expr)
+    try:
+        values = [env[name] for name in names]
+    except KeyError as exc:
+        raise KeyError(f"no value for {exc.args[0]!r} while evaluating {sp.sstr(expr)}") from None
+    try:
+        if canonical is None:
+            out = numpy_function(expr, sorted(expr.free_symbols, key=lambda s: s.name))(*values)
+        else:
+            out = numpy_function(canonical, tuple(_CANONICAL[:len(names) + len(constants)]))(*values, *constants)
+    except OverflowError:  # Python floats raise where numpy would return inf: a user-facing error
+        from tpcompiler.ir.graph import ProgramError
+
+        sizes = {n: float(np.max(np.abs(v))) for n, v in zip(names, values) if np.size(v)}
+        name = max(sizes, key=sizes.get) if sizes else None
+        culprit = f" ({name!r} is {sizes[name]:.3g})" if name else ""
+        raise ProgramError(f"evaluating {sp.sstr(expr)} overflows float64{culprit}; rescale the program's "
+                           f"sigmas, variances or input data") from None
+    if size is not None:
+        out = np.asarray(out, dtype=np.float64)
+        if out.shape != (size,):
+            out = np.broadcast_to(out, (size,)).copy()
+        return out
+    return float(out)

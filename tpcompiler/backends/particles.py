@@ -1,0 +1,363 @@
+"""Limit evaluator by particles (docs/DESIGN.md 2.7, strategy 3): works for any program.
+
+M particles are M iid samples of all the limit random variables at once.  Walking the Z
+program in order:
+
+* initial Gaussians are drawn from their joint covariance;
+* a new ZHat^{Wx} is drawn conditionally on the earlier members of W's family: with the
+  family's members generated as ZHat_k = sum_j L_kj xi_j (xi iid N(0,1) per particle), the
+  new row of L solves L l = c, c_j = sigma^2 E[Z^x Z^{x_j}], and the new diagonal is
+  sqrt(sigma^2 E[Z^x Z^x] - |l|^2) (incremental Cholesky of the family's covariance);
+* ZDot coefficients E[dZ^x/dZHat^v] are averages over particles of the symbolic
+  derivative, propagated forward through the recursion (tangents), or, where that
+  derivative holds a Dirac delta (derivatives of step/relu'), Stein's lemma for the
+  family: E[grad_g f] = L^{-T} E[f xi];
+* Nonlin applies phi to particles; Moments and expectations are particle averages;
+  expectations proven zero by the symbolic stage are exactly 0.
+
+The whole computation is repeated on G independent groups of M/G particles; values are the
+group means and standard errors the spread of the groups over sqrt(G) (so the error of
+every estimate that feeds later instructions is accounted for).  Cost grows with M, not
+with any width.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import networkx as nx
+import numpy as np
+import sympy as sp
+from threadpoolctl import threadpool_limits
+
+from tpcompiler.ir import ops
+from tpcompiler.ir import symbols
+from tpcompiler.symbolic.existence import UndefinedLimit
+from tpcompiler.ir.graph import ProgramError
+from tpcompiler.backends.lowering import evaluate
+from tpcompiler.symbolic.master import Expectation, ZProgram, key_of_z
+
+#: Relative size below which a new ZHat's conditional variance counts as zero.
+DEGENERATE = 1e-12
+#: A product with at least this many ZDot terms gets all its coefficients from one Stein
+#: estimate (cost: one average per family member) instead of one tangent per term
+#: (cost: a chain-rule sweep per term, which grows quadratically in unrolled programs).
+STEIN_TERMS = 4
+
+
+@dataclass
+class _Family:
+    """Particles of one ZHat family: members, their noise draws and Cholesky factor."""
+
+    members: list[str] = field(default_factory=list)
+    noise: list[np.ndarray] = field(default_factory=list)
+    L: np.ndarray = field(default_factory=lambda: np.zeros((0, 0)))
+
+
+def _require_finite(values, key: str, what: str) -> None:
+    """Refuse non-finite particle values (the symbolic stage decides what it can; this
+    catches the rest, e.g. a log of something it could not prove positive)."""
+    with np.errstate(invalid="ignore"):
+        finite = np.isfinite(values)
+    if not np.all(finite):
+        bad = np.size(finite) - int(np.count_nonzero(finite))
+        raise UndefinedLimit(
+            f"instruction {key!r}: {what} not a finite real number at {bad} of {np.size(finite)} "
+            "particles (nan: a function outside its domain, e.g. log or sqrt of a negative number; "
+            "inf: division by zero or overflow); its limit does not exist as a number")
+
+
+#: An average carried by fewer effective particles than this (per group) is refused: its
+#: value and the spread of the groups both rest on a handful of samples.
+MIN_EFFECTIVE_PARTICLES = 10
+
+
+def _require_effective_particles(values, key: str) -> None:
+    """Refuse an average that a few particles carry.  The effective sample size
+    (sum |f|)^2 / sum f^2 is M for a constant f and about M E|f|^2 / E f^2 in general; it is
+    tiny when f is a spike that almost no particle reaches (tanh' of a pre-activation with
+    variance 1e8, say), and then the group stderr cannot see the mass that no particle hit.
+    A function that is exactly 0 on every particle passes (a product like relu(h) relu(-h))."""
+    a = np.abs(np.asarray(values, dtype=np.float64))
+    top = a.max() if a.size else 0.0
+    if top == 0.0:
+        return
+    a = a / top
+    ess = a.sum() ** 2 / np.dot(a, a)
+    if ess < MIN_EFFECTIVE_PARTICLES:
+        raise ProgramError(
+            f"instruction {key!r}: its average rests on about {ess:.1f} of {a.size} particles per group "
+            "(the function is a spike that few particles reach), so neither the value nor its stderr "
+            "can be trusted; use many more particles, rescale the inputs, or compute kernels with c.kernels")
+
+
+def _forward_substitution(L: np.ndarray, c: np.ndarray) -> np.ndarray:
+    """Solve L l = c for lower-triangular L whose zero diagonals mark degenerate members
+    (ZHats that are combinations of earlier ones): their coefficients are 0, since the
+    covariance with them is already carried by the members they combine."""
+    k = len(c)
+    row = np.zeros(k)
+    for j in range(k):
+        if L[j, j] > 0.0:
+            row[j] = (c[j] - L[j, :j] @ row[:j]) / L[j, j]
+    return row
+
+
+class _Run:
+    """One independent evaluation with M particles."""
+
+    def __init__(self, zp: ZProgram, M: int, rng: np.random.Generator):
+        self.zp = zp
+        self.graph = zp.graph
+        self.M = M
+        self.rng = rng
+        self.env: dict = {}
+        self.families: dict[tuple, _Family] = {}
+        self.coefficients: dict[tuple, float] = {}  # (matmul, source) -> sigma^2 E[dZ^x/dZHat^source]
+        self.zdot_used: dict[str, list] = {}         # matmul -> [(source, y, coefficient)]
+        self._tangents: dict = {}
+        self._delta: dict = {}
+
+    # -- main loop ----------------------------------------------------------------------
+    def run(self) -> dict:
+        env = self.env
+        self._init_vectors()
+        release = _release_schedule(self.zp)
+        for position, key in enumerate(self.zp.order):
+            for done in release.get(position - 1, ()):
+                env.pop(done, None)
+            entry = self.zp.entries[key]
+            op = self.graph.op(key)
+            if entry.rule in ("init", "mat"):
+                continue  # drawn up front
+            if entry.rule == "param":
+                env[key] = op.limit() if isinstance(op, ops.WidthPower) else op.value
+            elif entry.rule == "input":
+                raise ProgramError(f"program {self.graph.name!r} has an unbound input {key!r}; instantiate it with data first")
+            elif entry.rule == "nonlin":
+                env[key] = self._eval_vec(entry.z)
+                _require_finite(env[key], key, "its values are")
+            elif entry.rule == "matmul":
+                env[key] = self._matmul(key)
+                self._tangents.clear()  # per product; recomputed if a later one needs them
+            elif entry.rule == "moment":
+                env[key] = self._limit_scalar(entry.z, key)
+        return {name: evaluate(expr, env) for name, expr in self.graph.outputs.items()}
+
+    def _eval_vec(self, zexpr: sp.Expr) -> np.ndarray:
+        env = {}
+        for s in zexpr.free_symbols:
+            env[s.name] = self.env[key_of_z(s)[0]] if symbols.is_z(s) else self.env[s.name]
+        return evaluate(zexpr, env, size=self.M)
+
+    def _limit_scalar(self, expr: sp.Expr, key: str) -> float:
+        """A deterministic limit: every E[f] replaced by its particle average."""
+        means = {}
+        for e in expr.atoms(Expectation):
+            samples = self._eval_vec(e.args[0])
+            _require_finite(samples, key, "the function it averages is")
+            _require_effective_particles(samples, key)
+            means[e] = sp.Float(np.mean(samples))
+        value = evaluate(expr.xreplace(means), self.env)
+        _require_finite(value, key, "its value is")
+        return value
+
+    def _init_vectors(self) -> None:
+        """Initial vectors, and input layers (Gaussians whose covariance is set by the
+        input values, jointly over all inputs), drawn from their joint covariance."""
+        keys = self.graph.keys_of(ops.InitVec) + self.graph.keys_of(ops.InputLayer)
+        if not keys:
+            return
+        values = {k: self.graph.op(k).value for k in self.graph.keys_of(ops.Param)}
+        cov = np.array([[evaluate(self.graph.init_covariance(a, b), values) for b in keys] for a in keys])
+        w, V = np.linalg.eigh(cov)
+        root = V * np.sqrt(np.clip(w, 0.0, None))
+        draws = self.rng.standard_normal((self.M, len(keys))) @ root.T
+        for i, k in enumerate(keys):
+            self.env[k] = np.ascontiguousarray(draws[:, i])
+
+    # -- MatMul: ZHat sampled conditionally on its family, plus ZDot -------------------
+    def _matmul(self, key: str) -> np.ndarray:
+        entry = self.zp.entries[key]
+        mat, x, _ = self.graph.matmul_parts(key)
+        s2 = evaluate(self.graph.op(mat).sigma ** 2, self.env)
+        zhat = self._sample_zhat(key, entry.family, x, s2)
+        out = zhat
+        terms = self.zp.zdot_terms(key)
+        if not terms:
+            return out
+        if len(terms) >= STEIN_TERMS:
+            derivatives = self._stein(x, [t.source for t in terms])
+        else:
+            derivatives = {t.source: self._expected_derivative(x, t.source) for t in terms}
+            for t in terms:  # a delta forced Stein, which may credit the basis of a degenerate source
+                if self._has_delta(x, t.source):
+                    derivatives.update(self._stein(x, [t.source]))
+        used = []
+        for source, dv in derivatives.items():
+            c = s2 * dv
+            y = self.zp.entries[source].x
+            self.coefficients[(key, source)] = c
+            used.append((source, y, c))
+            out = out + c * self.env[y]
+        self.zdot_used[key] = used
+        return out
+
+    def _sample_zhat(self, key: str, family: tuple, x: str, s2: float) -> np.ndarray:
+        fam = self.families.setdefault(family, _Family())
+        X = self.env[x]
+        k = len(fam.members)
+        cov = np.empty(k + 1)
+        for j, m in enumerate(fam.members):
+            xj = self.zp.entries[m].x
+            cov[j] = 0.0 if self.zp.provably_uncorrelated(x, xj) else s2 * float(np.mean(X * self.env[xj]))
+        cov[k] = s2 * float(np.mean(X * X))
+        row = _forward_substitution(fam.L, cov[:k])
+        d2 = cov[k] - row @ row
+        d = np.sqrt(d2) if d2 > DEGENERATE * max(cov[k], 1e-300) else 0.0
+        L = np.zeros((k + 1, k + 1))
+        L[:k, :k] = fam.L
+        L[k, :k] = row
+        L[k, k] = d
+        fam.L = L
+        noise = self.rng.standard_normal(self.M)
+        fam.members.append(key)
+        fam.noise.append(noise)
+        zhat = d * noise
+        for j in range(k):
+            if row[j] != 0.0:
+                zhat = zhat + row[j] * fam.noise[j]
+        return zhat
+
+    # -- ZDot coefficients ----------------------------------------------------------------
+    def _expected_derivative(self, x: str, source: str) -> float:
+        """E[dZ^x/dZHat^source] over particles (tangents, or Stein's lemma past a delta)."""
+        if self._has_delta(x, source):
+            return self._stein(x, [source])[source]
+        return float(np.mean(self._tangent(x, source)))
+
+    def _has_delta(self, x: str, source: str) -> bool:
+        memo = self._delta.get((x, source))
+        if memo is not None:
+            return memo
+        entry = self.zp.entries[x]
+        result = False
+        if source in entry.deps and x != source:
+            if entry.rule == "nonlin":
+                result = any(
+                    self.zp.partial(x, a).has(sp.DiracDelta) or self._has_delta(a, source)
+                    for a in self.graph.vector_args(x) if source in self.zp.entries[a].deps
+                )
+            elif entry.rule == "matmul":
+                result = any(self._has_delta(t.y, source) for t in self.zp.zdot_terms(x))
+        self._delta[(x, source)] = result
+        return result
+
+    def _tangent(self, x: str, source: str):
+        """dZ^x/dZHat^source per particle, by the chain rule through the recursion."""
+        memo = self._tangents.get((x, source))
+        if memo is not None:
+            return memo
+        entry = self.zp.entries[x]
+        if source not in entry.deps:
+            t = 0.0
+        elif x == source:
+            t = 1.0
+        elif entry.rule == "nonlin":
+            t = 0.0
+            for a in self.graph.vector_args(x):
+                if source in self.zp.entries[a].deps:
+                    t = t + self._eval_vec(self.zp.partial(x, a)) * self._tangent(a, source)
+        elif entry.rule == "matmul":
+            t = 0.0
+            for _, y, c in self.zdot_used.get(x, ()):
+                t = t + c * self._tangent(y, source)
+        else:
+            t = 0.0
+        self._tangents[(x, source)] = t
+        return t
+
+    def _stein(self, x: str, sources: list[str]) -> dict[str, float]:
+        """E[dZ^x/dZHat^k] for sources k of one ZHat family, all at once, by Stein's lemma.
+
+        The family's members are ZHat = L xi with xi iid N(0, 1) per particle, so for f = Z^x
+        E[grad_ZHat f] = L^{-T} E[f xi] (one average per member and a triangular solve).  A
+        degenerate member (zero diagonal: its ZHat is a combination of earlier ones) has no
+        noise of its own; its derivative is carried by the members it combines, which gives
+        the same ZDot sum sigma^2 sum_k Z^{y_k} E[dZ^x/dZHat^k]."""
+        family = self.zp.entries[sources[0]].family
+        fam = self.families[family]
+        deps = self.zp.entries[x].deps
+        last = max(j for j, m in enumerate(fam.members) if m in deps)
+        f = self.env[x]
+        r = np.array([float(np.dot(f, fam.noise[j])) / self.M for j in range(last + 1)])
+        L = fam.L[: last + 1, : last + 1]
+        u = np.zeros(last + 1)
+        for j in range(last, -1, -1):  # back substitution for L^T u = r, skipping degenerate rows
+            if L[j, j] > 0.0:
+                u[j] = (r[j] - L[j + 1:, j] @ u[j + 1:]) / L[j, j]
+        index = {m: j for j, m in enumerate(fam.members)}
+        out = {s: float(u[index[s]]) if index[s] <= last else 0.0 for s in sources}
+        for s in sources:  # a degenerate source's derivative lives on the members it combines
+            j = index[s]
+            if j <= last and L[j, j] == 0.0:
+                for k in np.nonzero(L[j, :j])[0]:
+                    out.setdefault(fam.members[k], float(u[k]))
+        return out
+
+
+def _release_schedule(zp: ZProgram) -> dict[int, list[str]]:
+    """{position: vectors whose particle arrays are not needed after that position}.
+
+    A vector is needed by the instructions that read it; as the input of a product until
+    the last product of the same matrix (the family covariance and ZDot terms read it);
+    and, for products whose ZDot coefficients come from tangents, by the chain rule along
+    its consumers up to that product.  Freeing the rest keeps memory proportional to what
+    is live, not to the length of an unrolled training run.  Cached on the Z program."""
+    cached = getattr(zp, "_release", None)
+    if cached is not None:
+        return cached
+    g = zp.graph
+    pos = {k: i for i, k in enumerate(zp.order)}
+    last = {k: pos[k] for k in zp.order if g.kind(k) == ops.VEC}
+    matmuls = [k for k in zp.order if zp.entries[k].rule == "matmul"]
+    last_on_matrix: dict = {}
+    for m in matmuls:
+        last_on_matrix[g.matmul_parts(m)[0]] = pos[m]
+    for k in zp.order:
+        for a in g.args(k):
+            if a in last:
+                last[a] = max(last[a], pos[k])
+    for m in matmuls:
+        mat, x, _ = g.matmul_parts(m)
+        last[x] = max(last[x], last_on_matrix[mat])
+        terms = zp.zdot_terms(m)
+        if 0 < len(terms) < STEIN_TERMS:  # tangents walk the chain from the sources to x
+            sources = {t.source for t in terms}
+            for n in nx.ancestors(g.g, x) | {x}:
+                if n in last and zp.entries[n].deps & sources:
+                    for a in g.vector_args(n):
+                        last[a] = max(last[a], pos[m])
+                    for t in zp.entries[n].zdot:
+                        last[t.y] = max(last[t.y], pos[m])
+    schedule: dict[int, list[str]] = {}
+    for k, p in last.items():
+        schedule.setdefault(p, []).append(k)
+    zp._release = schedule
+    return schedule
+
+
+def limit(zp: ZProgram, particles: int = 100_000, seed: int = 0, groups: int = 10) -> dict[str, tuple[float, float]]:
+    """{output: (value, standard error)} from ``groups`` independent runs of particles/groups."""
+    if particles < 2 * groups:
+        raise ProgramError(f"need at least {2 * groups} particles for {groups} groups, got {particles}")
+    seqs = np.random.SeedSequence(seed).spawn(groups)
+    per = particles // groups
+    # The particle loop makes many small BLAS calls (one average per family member); a
+    # multi-threaded BLAS spends more on waking threads than on the work.
+    with threadpool_limits(1, user_api="blas"):
+        rows = [_Run(zp, per, np.random.default_rng(s)).run() for s in seqs]
+    out = {}
+    for name in zp.graph.outputs:
+        vals = np.array([r[name] for r in rows])
+        out[name] = (float(vals.mean()), float(vals.std(ddof=1) / np.sqrt(groups)))
+    return out

@@ -1,0 +1,1 @@
+"""Graph IR: the instruction set (``ops``), the program graph (``graph``), its passes (``backward``, ``ntk``), built-in nonlinearities and the compiler's typed symbols (``symbols``)."""

@@ -1,0 +1,202 @@
+"""Instruction set of NETSOR-transpose programs (docs/DESIGN.md 2.1).
+
+Each op is a small frozen dataclass.  Its meaning is stated once, here, and read by every
+stage: the finite-width interpreter (what the instruction computes at width n), the symbolic
+stage (its Master-theorem rule, docs/DESIGN.md 2.2) and the code generators (which print the same
+sympy expressions).
+
+Types of variables: ``VEC`` (n-vector, O(1) coordinates), ``MAT`` (n x n matrix) and
+``SCALAR`` (a number with a deterministic limit).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import sympy as sp
+
+VEC, MAT, SCALAR, INPUT_MAT = "Vec", "Mat", "Scalar", "InputMat"
+
+
+def node_symbol(key: str) -> sp.Symbol:
+    """The sympy symbol standing for node ``key`` inside Nonlin and Moment expressions."""
+    return sp.Symbol(key, real=True)
+
+
+def primed_symbol(key: str) -> sp.Symbol:
+    """The symbol for node ``key`` evaluated at the second input xi' (pair moments only)."""
+    return sp.Symbol(key + "'", real=True)
+
+
+def unprime(symbol: sp.Symbol) -> tuple[str, bool]:
+    """(node key, is_primed) of a symbol made by node_symbol or primed_symbol."""
+    name = symbol.name
+    return (name[:-1], True) if name.endswith("'") else (name, False)
+
+
+@dataclass(frozen=True)
+class InitVec:
+    """Initial vector: coordinates iid N(0, var); jointly Gaussian with other initial vectors
+    through the program's covariance table.  Z^x is that Gaussian (ZInit)."""
+
+    var: sp.Expr
+    #: Trained parameter?  Its NTK contribution is ntk_weight * E[du du'] with du = sqrt(n)
+    #: df/du; the default weight ``var`` means the trained parameter is u / sqrt(var) ~ N(0, 1)
+    #: (neural-tangents' NTK parametrization).  ``ntk_weight`` None means that default.
+    trainable: bool = True
+    ntk_weight: sp.Expr | None = None
+    kind = VEC
+
+    def weight(self) -> sp.Expr:
+        return sp.S.Zero if not self.trainable else (self.var if self.ntk_weight is None else self.ntk_weight)
+
+
+@dataclass(frozen=True)
+class InitMat:
+    """n x n matrix with iid N(0, sigma^2 / n) entries.  ``sigma`` is a sympy expression
+    (usually the symbol of a Param) so formulas stay symbolic in it."""
+
+    sigma: sp.Expr
+    #: NTK weight of the matrix: contribution ntk_weight * sum_{uses a,b} E[r_a r_b'] E[c_a c_b']
+    #: (row and column vectors of each use's gradient outer product); default sigma^2: the
+    #: trained parameter is w = sqrt(n) W / sigma ~ N(0, 1) (NTK parametrization).
+    trainable: bool = True
+    ntk_weight: sp.Expr | None = None
+    kind = MAT
+
+    def weight(self) -> sp.Expr:
+        return sp.S.Zero if not self.trainable else (self.sigma**2 if self.ntk_weight is None else self.ntk_weight)
+
+
+@dataclass(frozen=True)
+class InputMat:
+    """An n x k matrix U of iid N(0, 1) entries: k initial vectors (its columns) that act on
+    finite-dimensional inputs (an input layer, a filter on input channels).  Only InputLayer
+    instructions read it.  NTK contribution: ntk_weight per column (default 1: the columns
+    are the trained N(0, 1) parameters, neural-tangents' NTK parametrization)."""
+
+    k: int
+    trainable: bool = True
+    ntk_weight: sp.Expr | None = None
+    #: The trained tensor of this layer is scale * U (entries N(0, scale^2)), when the
+    #: program multiplies the layer by scale (h = sigma U xi / sqrt(d)); training reads it.
+    scale: sp.Expr = sp.S.One
+    kind = INPUT_MAT
+
+    def weight(self) -> sp.Expr:
+        return sp.S.Zero if not self.trainable else (sp.S.One if self.ntk_weight is None else self.ntk_weight)
+
+
+@dataclass(frozen=True)
+class InputLayer:
+    """``(1/sqrt(norm)) sum_i s_i U[:, columns[i]]``: the input matrix U (first argument)
+    applied to scalars s (the other arguments: input coordinates or Params).
+
+    It is an initial Gaussian whose covariance depends on the input: for two such vectors
+    A, B of the same U, Cov(Z^A, Z^B) = sum over matching columns of s^A_i s^B_k /
+    sqrt(norm_A norm_B); vectors of different matrices are independent (docs/DESIGN.md 2.1: an
+    input layer is d initial vectors, kept as one node so that d never enters the symbolic
+    work)."""
+
+    columns: tuple
+    norm: int
+    kind = VEC
+
+
+@dataclass(frozen=True)
+class Param:
+    """A named scalar constant with a numeric value (hyperparameters, matrix scales)."""
+
+    value: float
+    kind = SCALAR
+
+
+@dataclass(frozen=True)
+class WidthPower:
+    """The scalar n^exponent.  Parametrizations put explicit powers of the width into
+    programs (an SGD step of an abc-parametrized network, docs/DESIGN.md 2.4); the finite-width
+    interpreter uses n^e, the limit is 1 for e = 0 and 0 for e < 0 (e > 0 diverges: the
+    parametrization is unstable and the pass that built the program refuses it)."""
+
+    exponent: sp.Rational
+    kind = SCALAR
+
+    def limit(self) -> float:
+        if self.exponent > 0:
+            raise ValueError(f"n^{self.exponent} has no finite limit")
+        return 1.0 if self.exponent == 0 else 0.0
+
+
+@dataclass(frozen=True)
+class Input:
+    """Coordinate ``index`` of the program's finite-dimensional input ``group``.
+
+    A program with inputs is a template over one input xi; evaluation binds xi to each row
+    of a data matrix (``ir.instantiate``)."""
+
+    group: str
+    index: int
+    kind = SCALAR
+
+
+@dataclass(frozen=True)
+class MatMul:
+    """``W x`` or, with ``transposed``, ``W^T x``.  Arguments: (matrix, vector).
+    Master theorem: Z^{Wx} = ZHat^{Wx} + ZDot^{Wx} (docs/DESIGN.md 2.2)."""
+
+    transposed: bool
+    kind = VEC
+
+
+@dataclass(frozen=True)
+class Nonlin:
+    """Coordinatewise ``phi(x_1..x_k; theta_1..theta_l)``; ``expr`` is a sympy expression in
+    the node symbols of its arguments.  Z^{phi(..)} = phi(Z^{x_1}..; lim theta..)."""
+
+    expr: sp.Expr
+    kind = VEC
+
+
+@dataclass(frozen=True)
+class Moment:
+    """``theta = (1/n) sum_a psi(x_1a..x_ka; thetas)``; limit E psi(Z^{x_1}..).
+
+    With ``pair`` set, ``expr`` may contain primed symbols: vectors evaluated at a second
+    input xi'.  Such a pair moment (a kernel entry) may only be read by outputs."""
+
+    expr: sp.Expr
+    pair: bool = False
+    kind = SCALAR
+
+
+@dataclass(frozen=True)
+class Readout:
+    """The network output f(xi) = sigma / sqrt(n) sum_a v_a x_a + bias * beta (docs/DESIGN.md 2.3).
+
+    Not an instruction (its limit is a Gaussian process, not a deterministic scalar): the
+    kernel and training passes read it.  ``vector`` is x, ``readout`` the initial vector v,
+    ``beta`` ~ N(0, 1) a scalar bias parameter whose NTK contribution is ``bias_weight``
+    (bias^2 in NTK parametrization, 1 in standard)."""
+
+    vector: str
+    readout: str
+    sigma: sp.Expr
+    bias: sp.Expr | None = None
+    bias_weight: sp.Expr | None = None
+    others: tuple = ()   # readout vectors of outputs 2..K (a K-dimensional output)
+
+    @property
+    def readouts(self) -> tuple:
+        return (self.readout,) + tuple(self.others)
+
+
+class InputCov(sp.Function):
+    """Cov(Z^a, Z^b) of two input layers as one symbol-free atom: InputCov(Str(a), Str(b),
+    prime_a, prime_b).  Used where the explicit sum over input coordinates (d terms) would
+    only slow symbolic work down; ``Graph.expand_input_cov`` writes it out."""
+
+    nargs = 4
+
+    def _latex(self, printer):
+        a, b, pa, pb = self.args
+        side = lambda p: r"(\xi')" if p else ""  # noqa: E731
+        return r"\mathrm{Cov}(Z^{%s}%s, Z^{%s}%s)" % (a, side(pa), b, side(pb))

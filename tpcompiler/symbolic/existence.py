@@ -1,0 +1,413 @@
+"""Existence of the limits the symbolic stage writes down (docs/DESIGN.md 2.2, issue 7 class 3).
+
+The Master theorem gives lim theta = E[psi(Z..)] only when that expectation exists, and
+Z^{phi(x..)} = phi(Z^x..) only when phi is a real number at the values Z^x takes.  This
+module refuses, with an error naming the instruction, what provably does not exist:
+
+* a number that is not one (division by zero: sympy's ``zoo``/``nan``);
+* log, sqrt and other non-integer powers (cube roots included: x**(1/3) is the principal,
+  complex root for x < 0), and powers with a random exponent, of an argument that takes
+  negative values with positive probability;
+* a non-integrable singularity: psi >= c / |t - t0| near a zero t0 of a denominator, where
+  the Gaussian leaf t has positive density (E[1/u] does not exist, so it is not 0 by
+  oddness);
+* growth that beats the Gaussian tail: E[exp(q(u))] with q a quadratic form too large for
+  the covariance of the initial Gaussians (exp(u^2) for var(u) >= 1/2), or super-quadratic
+  growth in any leaf (exp(u^3)).
+
+Proofs work on psi written in the *leaves* (initial Gaussians, ZHats): one leaf t at a
+time, the other leaves and every constant fixed at generic values (a property shown on an
+open set of the other leaves has positive probability).  What cannot be decided here
+is left to the evaluator, which refuses non-finite values (``particles``).  Only
+expressions that contain a risky atom (negative, fractional or random power, log, an exp
+that can grow, a function with a restricted domain, zoo/nan) are analysed at all, so the
+usual programs (polynomials, tanh, relu, gelu and their derivatives) cost nothing.
+"""
+from __future__ import annotations
+
+import sympy as sp
+
+from tpcompiler.ir import symbols
+from tpcompiler.ir.graph import ProgramError
+
+
+def shown(expr: sp.Expr) -> str:
+    """``expr`` as text in the program's names (Z^x written x, ZHat^x written ZHat[x])."""
+    rep = {}
+    for s in expr.free_symbols:
+        primed = symbols.is_primed(s)
+        base = symbols.unprimed(s)
+        if symbols.is_zhat(base):
+            rep[s] = sp.Symbol(f"ZHat[{symbols.key_of(base)[0]}]")
+        elif symbols.is_z(base):
+            rep[s] = sp.Symbol(symbols.key_of(base)[0] + ("'" if primed else ""))
+    return sp.sstr(expr.xreplace(rep))
+
+
+class UndefinedLimit(ProgramError):
+    """A Nonlin that is not a real number or a Moment whose expectation does not exist."""
+
+
+#: Functions defined only on part of the real line (their arguments are checked; log by
+#: sign, the others only at run time by the evaluator).
+_RESTRICTED = (sp.log, sp.asin, sp.acos, sp.atanh, sp.acosh, sp.loggamma)
+#: Generic values for the leaves held fixed while another is analysed.
+_GENERIC = [sp.Rational(3, 7), sp.Rational(-5, 11), sp.Rational(7, 13), sp.Rational(-2, 9),
+            sp.Rational(9, 17), sp.Rational(-4, 19)]
+
+
+def _is_int_power(exp) -> bool:
+    return exp.is_Integer or (exp.is_Float and float(exp).is_integer())
+
+
+def risky_atoms(expr: sp.Expr, is_random) -> list[sp.Expr]:
+    """Sub-expressions of ``expr`` that may leave the reals or the integrable functions."""
+    out = []
+    if expr.has(sp.zoo, sp.nan, sp.oo, -sp.oo):
+        out.append(expr)
+    for a in sp.preorder_traversal(expr):
+        if isinstance(a, sp.Pow) and is_random(a):
+            base, exp = a.args
+            if is_random(exp) or not (_is_int_power(exp) and exp >= 0):
+                out.append(a)
+        elif isinstance(a, _RESTRICTED) and is_random(a):
+            out.append(a)
+        elif isinstance(a, (sp.exp, sp.cosh, sp.sinh)) and is_random(a):
+            if not (a.args[0].is_nonpositive and isinstance(a, sp.exp)):
+                out.append(a)
+    return out
+
+
+def _domain_args(expr: sp.Expr, is_random) -> list[tuple[sp.Expr, str]]:
+    """(argument, what) for every part of ``expr`` defined only for some arguments."""
+    out = []
+    for a in sp.preorder_traversal(expr):
+        if isinstance(a, sp.Pow) and is_random(a.args[0]):
+            base, exp = a.args
+            if is_random(exp):
+                out.append((base, f"a power with a random exponent, {shown(a)},"))
+            elif exp.is_number and not _is_int_power(exp):
+                out.append((base, f"the non-integer power {shown(a)} (the principal root is complex for a negative base; for a real cube root write sign(x)*abs(x)**(1/3))"))
+        elif isinstance(a, sp.log) and is_random(a):
+            out.append((a.args[0], shown(a)))
+        elif isinstance(a, (sp.asin, sp.acos, sp.atanh, sp.acosh, sp.loggamma)) and is_random(a):
+            out.append((None, shown(a)))
+    return out
+
+
+def _negative_set(arg_t: sp.Expr, t: sp.Symbol):
+    """Whether {t real: arg_t < 0} is provably non-empty (True), empty (False) or unknown."""
+    if arg_t.is_nonnegative:
+        return False
+    if arg_t.is_negative:
+        return True
+    try:
+        s = sp.solveset(sp.StrictLessThan(arg_t, 0), t, sp.S.Reals)
+    except Exception:  # noqa: BLE001 - sympy may give up in many ways
+        return None
+    if isinstance(s, sp.ConditionSet) or not hasattr(s, "measure"):
+        return None
+    return s is not sp.S.EmptySet and s.measure != 0
+
+
+def _real_zeros(den_t: sp.Expr, t: sp.Symbol):
+    """Finite list of real zeros of ``den_t`` in t, or None when unknown."""
+    if den_t.is_positive or den_t.is_negative:
+        return []
+    try:
+        s = sp.solveset(sp.Eq(den_t, 0), t, sp.S.Reals)
+    except Exception:  # noqa: BLE001
+        return None
+    if isinstance(s, sp.FiniteSet):
+        return [r for r in s if r.is_real]
+    if s is sp.S.EmptySet:
+        return []
+    return None
+
+
+def _pole(f_t: sp.Expr, t: sp.Symbol, t0) -> bool:
+    """|f| >= c/|t - t0| near t0 from one side (a non-integrable singularity)."""
+    for d in ("+", "-"):
+        try:
+            lim = sp.limit(f_t * (t - t0), t, t0, dir=d)
+        except Exception:  # noqa: BLE001
+            continue
+        if lim.has(sp.oo, -sp.oo, sp.zoo) or (lim.is_number and lim.is_nonzero):
+            return True
+    return False
+
+
+def _grows_too_fast(f_t: sp.Expr, t: sp.Symbol, rate) -> bool:
+    """|f(t)| exp(-rate t^2) does not tend to 0 as t -> +oo or -oo (so E|f| = oo under a
+    Gaussian leaf of variance 1/(2 rate), or any variance when rate is a free positive
+    symbol: super-quadratic growth)."""
+    for sign in (1, -1):
+        try:
+            lim = sp.limit(sp.Abs(f_t) * sp.exp(-rate * t**2), t, sign * sp.oo)
+        except Exception:  # noqa: BLE001
+            continue
+        if lim.has(sp.oo) or (lim.is_number and lim.is_positive):
+            return True
+    return False
+
+
+class Checker:
+    """Checks Nonlin values and Moment expectations of one Z program (``zp``)."""
+
+    def __init__(self, zp):
+        self.zp = zp
+        self._risky: dict = {}
+        self._leaf_form: dict = {}
+
+    # -- which vectors need a look --------------------------------------------------------
+    def is_random(self, expr) -> bool:
+        from tpcompiler.symbolic.master import _is_random
+
+        return _is_random(expr)
+
+    def risky(self, key: str) -> bool:
+        memo = self._risky.get(key)
+        if memo is None:
+            e = self.zp.entries[key]
+            if e.rule == "nonlin":
+                memo = bool(risky_atoms(e.z, self.is_random)) or any(self.risky(a) for a in self.zp.graph.vector_args(key))
+            elif e.rule == "matmul":
+                memo = any(self.risky(t.y) for t in e.zdot if not t.is_zero)
+            else:
+                memo = False
+            self._risky[key] = memo
+        return memo
+
+    def _z_keys(self, expr):
+        return [symbols.key_of(s)[0] for s in expr.free_symbols if symbols.is_z(s)]
+
+    def expr_risky(self, expr) -> bool:
+        return bool(risky_atoms(expr, self.is_random)) or any(self.risky(k) for k in self._z_keys(expr))
+
+    # -- psi written in the leaves ---------------------------------------------------------
+    def leaf_form(self, expr: sp.Expr) -> sp.Expr:
+        """``expr`` with every Z of a Nonlin/MatMul replaced by its recursion, down to the
+        leaves Z^init and ZHat; every expectation and scalar symbol is kept (constants)."""
+        rep = {}
+        for s in expr.free_symbols:
+            if symbols.is_z(s) and not symbols.is_primed(s):
+                rep[s] = self._leaf_of(symbols.key_of(s)[0])
+        return expr.xreplace(rep)
+
+    def _leaf_of(self, key: str) -> sp.Expr:
+        from tpcompiler.symbolic.master import Z, Zhat
+
+        memo = self._leaf_form.get(key)
+        if memo is None:
+            e = self.zp.entries[key]
+            if e.rule == "nonlin":
+                memo = self.leaf_form(e.z)
+            elif e.rule == "matmul":
+                memo = Zhat(key) + sp.Add(*[t.coefficient * self._leaf_of(t.y) for t in e.zdot if not t.is_zero])
+            else:
+                memo = Z(key)
+            self._leaf_form[key] = memo
+        return memo
+
+    def _generic(self, expr: sp.Expr, keep) -> sp.Expr:
+        """Every free symbol but ``keep`` and every expectation at a generic value."""
+        return self._generic_except(expr, set() if keep is None else {keep})
+
+    def _leaf_names(self, expr):
+        """Leaves analysed as Gaussian variables (a primed Z of a template is held fixed)."""
+        return sorted((s for s in expr.free_symbols if symbols.is_leaf_variable(s) and not symbols.is_primed(s)),
+                      key=sp.default_sort_key)
+
+    @staticmethod
+    def _show_leaf(s) -> str:
+        return symbols.key_of(s)[0] if symbols.is_z(s) else "ZHat^" + symbols.key_of(s)[0]
+
+    # -- the checks ------------------------------------------------------------------------
+    def check_nonlin(self, key: str) -> None:
+        """Z^key must be a real number: no zoo/nan, no log/root of a negative argument."""
+        e = self.zp.entries[key]
+        if not risky_atoms(e.z, self.is_random):
+            return
+        what = f"instruction {key!r} := {sp.sstr(self.zp.graph.op(key).expr)}"
+        self._check_defined(e.z, what)
+
+    def check_moment(self, key: str, psi: sp.Expr) -> None:
+        """E[psi] must exist (be a finite number)."""
+        if not self.expr_risky(psi):
+            return
+        what = f"instruction {key!r} := mean({sp.sstr(self.zp.graph.op(key).expr)})"
+        self.check_expectation(psi, what)
+
+    def check_second_moment(self, key: str, x: str) -> None:
+        """A MatMul W x needs E[(Z^x)^2] < oo (the covariance of its ZHat)."""
+        from tpcompiler.symbolic.master import Z
+
+        if self.risky(x):
+            mat, _, tr = self.zp.graph.matmul_parts(key)
+            what = (f"instruction {key!r} := {mat}{'.T' if tr else ''} @ {x} (its ZHat has the variance "
+                    f"sigma^2 E[{x}^2], which must be finite)")
+            self.check_expectation(Z(x) ** 2, what)
+
+    def _check_defined(self, expr: sp.Expr, what: str) -> None:
+        if expr.has(sp.zoo, sp.nan, sp.oo, -sp.oo):
+            raise UndefinedLimit(f"{what}: divides by zero (or is otherwise not a number: {shown(expr)}); "
+                                 "no limit exists; remove the division by zero")
+        for arg, desc in _domain_args(expr, self.is_random):
+            if arg is None:
+                continue
+            if self._takes_negative(arg):
+                raise UndefinedLimit(
+                    f"{what}: {desc} is not a real number for negative arguments, and {shown(arg)} takes "
+                    "negative values with positive probability; apply it to a positive quantity "
+                    "(e.g. an abs(.), a square plus a constant, or an exp)")
+
+    def _takes_negative(self, arg: sp.Expr) -> bool:
+        # a nonzero expression that is odd under the negation of an independent Gaussian
+        # block takes both signs with equal probability
+        if self.zp.zero_block(arg) is not None and arg != 0:
+            return True
+        leaf_arg = self._constants_for_expectations(self.leaf_form(arg))
+        for t in self._leaf_names(leaf_arg):
+            if _negative_set(self._generic(leaf_arg, t), t):
+                return True
+        return False
+
+    def check_expectation(self, psi: sp.Expr, what: str) -> None:
+        self._check_defined(psi, what)
+        f = sp.powsimp(self._constants_for_expectations(self.leaf_form(psi)))
+        self._check_defined(f, what)
+        leaves = self._leaf_names(f)
+        # poles at finite points
+        dens = [a.args[0] for a in sp.preorder_traversal(f)
+                if isinstance(a, sp.Pow) and a.args[1].is_number and a.args[1].is_negative and self.is_random(a.args[0])]
+        for den in dens:
+            for t in self._leaf_names(den):
+                f_t = self._generic(f, t)
+                zeros = _real_zeros(self._generic(den, t), t)
+                for t0 in zeros or []:
+                    if _pole(f_t, t, t0):
+                        if len(leaves) == 1:
+                            where = f"near {self._show_leaf(t)} = {t0} (it grows like 1/|{shown(t - t0)}|)"
+                        else:
+                            where = (f"where {shown(den)} = 0 (e.g. it grows like 1/|{shown(t - t0)}| near "
+                                     f"{self._show_leaf(t)} = {t0} when the other Gaussians take generic values)")
+                        raise UndefinedLimit(
+                            f"{what}: E[{shown(psi)}] does not exist: the function is not integrable {where}, "
+                            "and the Gaussians have positive density there; the average over coordinates has no "
+                            "limit (it is not 0 by symmetry); use a function bounded there")
+        # growth against the Gaussian tail
+        grows = [a for a in sp.preorder_traversal(f)
+                 if (isinstance(a, (sp.exp, sp.cosh, sp.sinh)) and self.is_random(a) and not a.args[0].is_nonpositive)
+                 or (isinstance(a, sp.Pow) and self.is_random(a.args[1]))]
+        if grows:
+            self._check_growth(f, psi, leaves, what)
+
+    def _check_growth(self, f, psi, leaves, what):
+        import numpy as np
+
+        # 1. the initial Gaussians with a known covariance: exact rate along the worst ray
+        inits = [s for s in leaves if symbols.is_z(s)]
+        g = self.zp.graph
+        if inits:
+            from tpcompiler.ir import ops
+            from tpcompiler.backends.lowering import evaluate
+
+            values = {k: g.op(k).value for k in g.keys_of(ops.Param)}
+            keys = [symbols.key_of(s)[0] for s in inits]
+            try:
+                cov = np.array([[float(evaluate(g.init_covariance(a, b), values)) for b in keys] for a in keys])
+            except Exception:  # noqa: BLE001 - covariance not numeric (inputs)
+                cov = None
+            if cov is not None and len(inits) <= 4 and abs(np.linalg.det(cov)) > 1e-12:
+                S = sp.Matrix([[sp.nsimplify(c, rational=True) for c in row] for row in cov])
+                fixed = self._generic_except(f, set(inits))
+                for q in {a.args[0] for a in sp.preorder_traversal(fixed) if isinstance(a, sp.exp)}:
+                    try:
+                        P = sp.Poly(sp.nsimplify(q, rational=True), *inits)
+                    except (sp.PolynomialError, ValueError, TypeError):
+                        continue
+                    if P.total_degree() != 2:
+                        continue
+                    Q = sp.hessian(P.as_expr(), inits) / 2
+                    # E exp(x^T Q x) over N(0, S) is finite iff every eigenvalue of 2 S Q is < 1;
+                    # along the top eigenvector d the exponent and the log-density compare exactly
+                    A = S * 2 * Q
+                    t = sp.Dummy("t", real=True)
+                    for lam, _, vecs in A.eigenvects():
+                        if not (lam.is_real and sp.N(lam) >= 1 - 1e-9):
+                            continue
+                        d = vecs[0]
+                        rate = sp.nsimplify((d.T * S.inv() * d)[0] / 2)
+                        ray = fixed.xreplace({sym: d[i] * t for i, sym in enumerate(inits)})
+                        if _grows_too_fast(ray, t, rate):
+                            raise UndefinedLimit(self._growth_message(
+                                what, psi, f"the quadratic form Q in exp({shown(q)}) has 2 Sigma Q with the eigenvalue "
+                                f"{sp.N(lam, 4)} >= 1 for the covariance Sigma of the initial Gaussians"))
+        # 2. a single leaf whose variance is known (a ZHat of W u, u initial): exact rate
+        if len(leaves) == 1:
+            var = self._known_variance(leaves[0])
+            if var is not None and var > 0:
+                t = leaves[0]
+                if _grows_too_fast(self._generic(f, t), t, 1 / (2 * sp.nsimplify(var, rational=True))):
+                    raise UndefinedLimit(self._growth_message(
+                        what, psi, f"it grows at least like exp({self._show_leaf(t)}^2 / (2 var)) with var = {var:.6g} the variance of {self._show_leaf(t)}"))
+        # 3. any leaf, any variance: super-quadratic growth
+        rate = sp.Symbol("rate", positive=True)
+        for t in leaves:
+            f_t = self._generic(f, t)
+            if _grows_too_fast(f_t, t, rate):
+                raise UndefinedLimit(self._growth_message(what, psi, f"it grows faster than exp(c {self._show_leaf(t)}^2) for every c"))
+
+    def _known_variance(self, leaf) -> float | None:
+        """Variance of a leaf when it is a number: an initial Gaussian, or the ZHat of W u
+        with u initial (sigma^2 var(u))."""
+        from tpcompiler.ir import ops
+        from tpcompiler.backends.lowering import evaluate
+
+        g = self.zp.graph
+        values = {k: g.op(k).value for k in g.keys_of(ops.Param)}
+        try:
+            key = symbols.key_of(leaf)[0]
+            if symbols.is_z(leaf):
+                return float(evaluate(g.init_covariance(key, key), values))
+            mat, x, _ = g.matmul_parts(key)
+            if self.zp.entries[x].rule == "init":
+                return float(evaluate(g.op(mat).sigma ** 2 * g.init_covariance(x, x), values))
+        except Exception:  # noqa: BLE001 - not numeric (inputs, moments)
+            return None
+        return None
+
+    @staticmethod
+    def _constants_for_expectations(expr: sp.Expr) -> sp.Expr:
+        """Every expectation (a ZDot coefficient, a moment) at a generic positive value, so
+        the symbols inside it are not mistaken for variables."""
+        from tpcompiler.symbolic.master import Expectation
+
+        atoms = sorted(expr.atoms(Expectation), key=sp.default_sort_key)
+        return expr.xreplace({e: sp.Rational(11 + i, 10 + i) for i, e in enumerate(atoms)}) if atoms else expr
+
+    def _generic_except(self, expr, keep: set):
+        """``expr`` with every expectation and every free symbol not in ``keep`` at a generic
+        value (a Param at its value)."""
+        from tpcompiler.ir import ops
+
+        expr = self._constants_for_expectations(expr)
+        rep = {}
+        i = 0
+        for s in sorted(expr.free_symbols, key=sp.default_sort_key):
+            if s in keep:
+                continue
+            node = s.name if s.name in self.zp.graph.g else None
+            op = self.zp.graph.op(node) if node else None
+            if isinstance(op, ops.Param):
+                rep[s] = sp.nsimplify(op.value)
+            else:
+                rep[s] = _GENERIC[i % len(_GENERIC)] * (1 + i // len(_GENERIC))
+                i += 1
+        return expr.xreplace(rep)
+
+    @staticmethod
+    def _growth_message(what, psi, why) -> str:
+        return (f"{what}: E[{shown(psi)}] is infinite: {why}, so the function outgrows the Gaussian "
+                "tail; the average over coordinates diverges with the width; use a function that grows "
+                "more slowly (e.g. a smaller coefficient in the exponent)")

@@ -1,0 +1,472 @@
+"""Symbolic Master theorem (docs/DESIGN.md 2.2): graph IR -> Z program.
+
+For every vector x the stage derives Z^x in *recursion form*: an expression in the Z symbols
+of x's direct arguments (never the whole history expanded), with
+
+* ZInit:   Z^u is the Gaussian of the initial vector u (a leaf);
+* ZNonlin: Z^{phi(x..;theta..)} = phi(Z^x..; theta..);
+* ZMatMul: Z^{Wx} = ZHat^{Wx} + ZDot^{Wx}, ZHat^{Wx} a leaf of W's family (W and W^T are
+  different families), and
+      ZDot^{Wx} = sigma_W^2 sum_{v = W^T y before Wx} Z^y E[dZ^x / dZHat^v]
+  (symmetrically for W^T y);
+* ZMoment: lim theta = E[psi(Z^x..)].
+
+Leaves are the initial Gaussians and the ZHats; each ZHat is its own variable for
+differentiation and every expectation is a constant (docs/DESIGN.md 2.8).
+
+Provably zero expectations simplify to 0 by a sign-flip symmetry: the leaves split into
+independent zero-mean Gaussian *blocks* (a ZHat family; a group of correlated initial
+vectors).  Negating one block leaves the joint law unchanged, so E[f] = 0 whenever f is odd
+under that negation.  The parity of every Z under every block is derived structurally
+(``parity``), which proves e.g. that backward vectors linear in an independent readout have
+vanishing ZDot at initialisation ("gradient independence" as an output of the derivation).
+
+Oddness proves E[f] = 0 only for an integrable f (E[1/u] does not exist; it is not 0), so
+every Moment is first checked to exist, and every Nonlin to be a real number, by
+``existence.Checker`` (division by zero, logs and roots of arguments that take negative
+values, non-integrable poles, growth beyond the Gaussian tail); what it cannot decide, the
+particle evaluator refuses when it meets a non-finite value.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from functools import cached_property
+
+import networkx as nx
+import sympy as sp
+
+from tpcompiler.ir import ops
+from tpcompiler.symbolic.existence import Checker
+from tpcompiler.ir.graph import Graph
+from tpcompiler.ir.nonlinearities import EVEN, NEITHER, ODD, parity_of_function
+from tpcompiler.ir import symbols
+from tpcompiler.ir.ops import VEC, node_symbol, unprime
+from tpcompiler.ir.symbols import Z, Zhat
+
+#: Derivative expressions larger than this are shown as dZ^x/dZHat^v rather than inlined.
+MAX_INLINE_OPS = 60
+
+
+class Expectation(sp.Function):
+    """E[...]: an unevaluated expectation over the limit random variables (a constant)."""
+
+    nargs = 1
+
+    @classmethod
+    def eval(cls, arg):
+        """Linearity for constants: E[c] = c and E[c f] = c E[f] for non-random c."""
+        if not _is_random(arg):
+            return arg
+        if arg.is_Mul:
+            const = [t for t in arg.args if not _is_random(t)]
+            if const:
+                return sp.Mul(*const) * cls(sp.Mul(*[t for t in arg.args if _is_random(t)]))
+        return None
+
+    def _latex(self, printer, exp=None):
+        body = r"\mathbb{E}\left[%s\right]" % printer._print(self.args[0])
+        return body if exp is None else r"\left(%s\right)^{%s}" % (body, exp)
+
+    def _sympystr(self, printer):
+        return "E[%s]" % printer._print(self.args[0])
+
+
+def _is_random(expr: sp.Expr) -> bool:
+    """Whether ``expr`` involves a limit random variable (a Z or ZHat symbol)."""
+    return any(symbols.is_leaf_variable(s) for s in expr.free_symbols)
+
+
+def key_of_z(symbol: sp.Symbol) -> tuple[str, bool]:
+    """(node key, primed) of a Z symbol."""
+    return symbols.key_of(symbol)
+
+
+@dataclass
+class ZDotTerm:
+    """One term sigma^2 Z^y E[dZ^x/dZHat^source] of a ZDot (``coefficient`` includes sigma^2)."""
+
+    y: str
+    source: str
+    coefficient: sp.Expr
+    zero_reason: str | None = None
+
+    @property
+    def is_zero(self) -> bool:
+        return self.coefficient == 0
+
+
+@dataclass
+class ZEntry:
+    """The Master-theorem rule applied to one node."""
+
+    key: str
+    rule: str                     # init | nonlin | matmul | moment | param | input | mat
+    z: sp.Expr | None = None      # Z^x (vectors) or the limit (moments)
+    deps: frozenset = frozenset()  # leaves (initial vectors and MatMul keys) Z^x depends on
+    family: tuple | None = None   # (matrix, transposed) for MatMul
+    x: str | None = None          # MatMul input
+    zdot: list[ZDotTerm] = field(default_factory=list)
+    zero_reason: str | None = None  # for moments proven to vanish
+
+
+def partials(expr: sp.Expr, symbols) -> dict:
+    """{s: d expr / d s} for the given symbols, touching only the terms of a sum that contain
+    s (an input layer's sum over d inputs would otherwise cost d^2)."""
+    symbols = set(symbols)
+    if expr.is_Add:
+        out: dict = {}
+        for term in expr.args:
+            for s, d in partials(term, symbols & term.free_symbols).items():
+                out[s] = out.get(s, sp.S.Zero) + d
+        return {s: out.get(s, sp.S.Zero) for s in symbols}
+    if expr.is_Mul:
+        const = [f for f in expr.args if not (f.free_symbols & symbols)]
+        rest = [f for f in expr.args if f.free_symbols & symbols]
+        if const and len(rest) == 1:
+            c = sp.Mul(*const)
+            return {s: c * d for s, d in partials(rest[0], symbols).items()}
+    return {s: sp.diff(expr, s) for s in symbols}
+
+
+def _sum_signature(sigs: list[dict]) -> dict:
+    """Signature of a sum: under a block, a sum has a parity if all its terms share it."""
+    seen: dict = {}
+    count: dict = {}
+    for sig in sigs:
+        for b, p in sig.items():
+            seen.setdefault(b, set()).add(p)
+            count[b] = count.get(b, 0) + 1
+    out = {}
+    for b, ps in seen.items():
+        if count[b] < len(sigs):
+            ps = ps | {EVEN}
+        out[b] = ps.pop() if len(ps) == 1 else NEITHER
+    return {b: p for b, p in out.items() if p != EVEN}
+
+
+def _product_signature(sigs: list[dict]) -> dict:
+    out: dict = {}
+    for sig in sigs:
+        for b, p in sig.items():
+            q = out.get(b, EVEN)
+            out[b] = NEITHER if NEITHER in (p, q) else p * q
+    return {b: p for b, p in out.items() if p != EVEN}
+
+
+def expr_signature(expr: sp.Expr, symbol_signature) -> dict:
+    """Parities of ``expr`` under negation of every independent block at once.
+
+    Returns {block: ODD | NEITHER}; blocks not listed leave ``expr`` unchanged (EVEN).  ODD
+    and EVEN are proofs (f(-s) = -f(s) or f(s) when the block's leaves are negated);
+    NEITHER means "not proven".  The rules are structural: sums keep a parity their terms
+    share, products multiply parities, odd/even functions act on odd arguments."""
+    if expr.is_Number or isinstance(expr, Expectation):
+        return {}
+    if expr.is_Symbol:
+        return symbol_signature(expr)
+    if expr.is_Add:
+        return _sum_signature([expr_signature(t, symbol_signature) for t in expr.args])
+    if expr.is_Mul:
+        return _product_signature([expr_signature(t, symbol_signature) for t in expr.args])
+    if expr.is_Pow:
+        base, exp = expr.args
+        sb, se = expr_signature(base, symbol_signature), expr_signature(exp, symbol_signature)
+        if se:
+            return {b: NEITHER for b in set(sb) | set(se)}
+        if exp.is_integer:
+            return {b: (NEITHER if p == NEITHER else (EVEN if exp.is_even else ODD) if p == ODD else p)
+                    for b, p in sb.items() if not (p == ODD and exp.is_even)}
+        return {b: NEITHER for b in sb}
+    args = [expr_signature(a, symbol_signature) for a in expr.args]
+    if isinstance(expr, sp.Function) and len(expr.args) == 1:
+        fp = parity_of_function(expr.func)
+        return {b: (fp if p == ODD else NEITHER) for b, p in args[0].items() if not (p == ODD and fp == EVEN)}
+    return {b: NEITHER for sig in args for b in sig}
+
+
+def expr_parity(expr: sp.Expr, parity_of_symbol) -> int:
+    """Parity of ``expr`` under one block negation, given the parities of its symbols."""
+    return expr_signature(expr, lambda s: {"b": parity_of_symbol(s)} if parity_of_symbol(s) != EVEN else {}).get("b", EVEN)
+
+
+class ZProgram:
+    """The Master-theorem derivation of one program graph."""
+
+    def __init__(self, graph: Graph, drop_zdot: bool = False):
+        graph.validate()
+        self.graph = graph
+        #: Ablation for tests and demonstrations: derive as if every ZDot were 0 (the
+        #: "gradient independence" assumption applied blindly).
+        self.drop_zdot = drop_zdot
+        self.order = graph.order()
+        self.entries: dict[str, ZEntry] = {}
+        self.families: dict[tuple, list[str]] = {}
+        self._signature: dict = {}
+        self._dsignature: dict = {}
+        self._uncorrelated: dict = {}
+        self._derivative: dict = {}
+        self._partials: dict = {}
+        self._init_block = self._init_blocks()
+        self.checker = Checker(self)
+        for key in self.order:
+            self.entries[key] = self._derive(key)
+            self._check_exists(key)
+
+    def _check_exists(self, key: str) -> None:
+        """Refuse a Nonlin that is not a real number and a MatMul whose input has no finite
+        second moment (Moments are checked in ``_moment``, before any parity argument)."""
+        entry = self.entries[key]
+        if entry.rule in ("nonlin", "matmul", "init"):
+            self.checker.risky(key)  # memoised in program order (no deep recursion later)
+        if entry.rule == "nonlin":
+            self.checker.check_nonlin(key)
+        elif entry.rule == "matmul":
+            self.checker.check_second_moment(key, entry.x)
+
+    # -- leaves and blocks --------------------------------------------------------------
+    def _init_blocks(self) -> dict[str, str]:
+        """Initial vectors grouped into independent blocks (connected by covariances)."""
+        g = nx.Graph()
+        inits = self.graph.keys_of(ops.InitVec)
+        g.add_nodes_from(inits)
+        for pair, c in self.graph.init_cov.items():
+            if c != 0:
+                g.add_edge(*pair)
+        block = {}
+        for comp in nx.connected_components(g):
+            name = "init:" + min(comp, key=lambda k: self.graph.g.nodes[k]["index"])
+            for k in comp:
+                block[k] = name
+        for k in self.graph.keys_of(ops.InputLayer):  # one block per input matrix
+            block[k] = "init:" + self.graph.args(k)[0]
+        return block
+
+    def block_of_leaf(self, leaf: str) -> str:
+        """The independent Gaussian block of a leaf: its init group or its ZHat family."""
+        if leaf in self._init_block:
+            return self._init_block[leaf]
+        mat, _, tr = self.graph.matmul_parts(leaf)
+        return f"family:{mat}{'.T' if tr else ''}"
+
+    def describe_block(self, block: str) -> str:
+        """Words for a block, used to say why an expectation vanishes."""
+        kind, name = block.split(":", 1)
+        if kind == "family":
+            return f"the ZHat family of {name}, independent of the rest"
+        members = sorted(k for k, b in self._init_block.items() if b == block)
+        if members and isinstance(self.graph.op(members[0]), ops.InputLayer):
+            return f"the input matrix {name}, independent of the rest"
+        return f"the initial Gaussian{'s' if len(members) > 1 else ''} {', '.join(members)}, independent of the rest"
+
+    def blocks_of(self, deps) -> list[str]:
+        """Blocks of a set of leaves: ZHat families first (cheapest proofs), then inits."""
+        blocks = {self.block_of_leaf(d) for d in deps}
+        return sorted(blocks, key=lambda b: (not b.startswith("family:"), b))
+
+    # -- parity under negation of the independent blocks ----------------------------------
+    def signature(self, key: str) -> dict:
+        """{block: ODD | NEITHER} of Z^key (absent blocks: EVEN), memoised per node."""
+        memo = self._signature.get(key)
+        if memo is not None:
+            return memo
+        entry = self.entries[key]
+        if entry.rule == "init":
+            sig = {self._init_block[key]: ODD}
+        elif entry.rule == "nonlin":
+            sig = expr_signature(entry.z, self._symbol_signature)
+        elif entry.rule == "matmul":
+            sig = _sum_signature([{self.block_of_leaf(key): ODD}] + [self.signature(t.y) for t in entry.zdot if not t.is_zero])
+        else:
+            sig = {}  # scalars are deterministic constants
+        self._signature[key] = sig
+        return sig
+
+    def parity(self, key: str, block: str) -> int:
+        return self.signature(key).get(block, EVEN)
+
+    def _symbol_signature(self, s: sp.Symbol) -> dict:
+        if symbols.is_z(s):
+            return self.signature(key_of_z(s)[0])
+        return {}
+
+    def zero_block(self, zexpr: sp.Expr, deps=None) -> str | None:
+        """A block under whose negation ``zexpr`` is odd (so E[zexpr] = 0), or None."""
+        odd = [b for b, p in expr_signature(zexpr, self._symbol_signature).items() if p == ODD]
+        return min(odd, key=lambda b: (not b.startswith("family:"), b)) if odd else None
+
+    def provably_uncorrelated(self, a: str, b: str) -> bool:
+        """Whether E[Z^a Z^b] = 0 is proven (then ZHat^{Wa}, ZHat^{Wb} are independent)."""
+        key = (a, b)
+        if key not in self._uncorrelated:
+            self._uncorrelated[key] = self.zero_block(Z(a) * Z(b)) is not None
+        return self._uncorrelated[key]
+
+    def derivative_zero_block(self, x: str, source: str) -> str | None:
+        """A block proving E[dZ^x/dZHat^source] = 0 (the derivative is odd under it)."""
+        odd = [b for b, p in self.derivative_signature(x, source).items() if p == ODD]
+        return min(odd, key=lambda b: (not b.startswith("family:"), b)) if odd else None
+
+    def derivative_signature(self, x: str, source: str) -> dict:
+        """Signature of dZ^x/dZHat^source, proven two ways and combined: from the parity p
+        of Z^x (the derivative in a leaf of the negated block has parity -p, else p), and
+        term by term along the chain rule."""
+        key = (x, source)
+        memo = self._dsignature.get(key)
+        if memo is not None:
+            return memo
+        sig_x = self.signature(x)
+        src = self.block_of_leaf(source)
+        whole = {b: p for b, p in sig_x.items() if p != NEITHER}
+        p_src = sig_x.get(src, EVEN)
+        if p_src != NEITHER:
+            whole[src] = -p_src
+        chain = self._chain_signature(x, source)
+        combined = {}
+        for b in set(sig_x) | set(chain) | {src}:
+            ps = {whole.get(b, NEITHER if b in sig_x else EVEN), chain.get(b, EVEN)}
+            combined[b] = ODD if ODD in ps else (EVEN if EVEN in ps else NEITHER)
+        combined = {b: p for b, p in combined.items() if p != EVEN}
+        self._dsignature[key] = combined
+        return combined
+
+    def _chain_signature(self, x: str, source: str) -> dict:
+        entry = self.entries[x]
+        if x == source:
+            return {}
+        parts = []
+        if entry.rule == "nonlin":
+            for a in self.graph.vector_args(x):
+                if source in self.entries[a].deps:
+                    parts.append(_product_signature([expr_signature(self.partial(x, a), self._symbol_signature),
+                                                     self.derivative_signature(a, source)]))
+        elif entry.rule == "matmul":
+            parts = [self.derivative_signature(t.y, source) for t in entry.zdot
+                     if not t.is_zero and source in self.entries[t.y].deps]
+        return _sum_signature(parts) if parts else {}
+
+    def partial(self, key: str, arg: str) -> sp.Expr:
+        """dZ^key/dZ^arg of a Nonlin node (all partials of a node computed at once, cached)."""
+        if (key, arg) not in self._partials:
+            vecs = self.graph.vector_args(key)
+            for a, d in partials(self.entries[key].z, [Z(v) for v in vecs]).items():
+                self._partials[(key, key_of_z(a)[0])] = d
+        return self._partials[(key, arg)]
+
+    # -- rules --------------------------------------------------------------------------
+    def _derive(self, key: str) -> ZEntry:
+        g = self.graph
+        op = g.op(key)
+        if isinstance(op, (ops.InitVec, ops.InputLayer)):
+            return ZEntry(key, "init", Z(key), frozenset([key]))
+        if isinstance(op, (ops.InitMat, ops.InputMat)):
+            return ZEntry(key, "mat")
+        if isinstance(op, (ops.Param, ops.WidthPower)):
+            return ZEntry(key, "param", node_symbol(key))
+        if isinstance(op, ops.Input):
+            return ZEntry(key, "input", node_symbol(key))
+        if isinstance(op, ops.Nonlin):
+            vecs = g.vector_args(key)
+            z = op.expr.xreplace({node_symbol(a): Z(a) for a in vecs})
+            deps = frozenset().union(*(self.entries[a].deps for a in vecs)) if vecs else frozenset()
+            return ZEntry(key, "nonlin", z, deps)
+        if isinstance(op, ops.MatMul):
+            return self._matmul(key)
+        if isinstance(op, ops.Moment):
+            return self._moment(key, op)
+        raise TypeError(f"no Master-theorem rule for {type(op).__name__} ({key!r})")
+
+    def _matmul(self, key: str) -> ZEntry:
+        mat, x, tr = self.graph.matmul_parts(key)
+        sigma = self.graph.op(mat).sigma
+        entry = ZEntry(key, "matmul", family=(mat, tr), x=x)
+        self.entries[key] = entry  # visible to block_of_leaf below
+        xdeps = self.entries[x].deps
+        terms = []
+        for source in [] if self.drop_zdot else self.families.get((mat, not tr), []):
+            if source not in xdeps:
+                continue  # Z^x does not depend on ZHat^source at all
+            y = self.entries[source].x
+            reason_block = self.derivative_zero_block(x, source)
+            if reason_block is not None:
+                terms.append(ZDotTerm(y, source, sp.S.Zero, f"odd in {self.describe_block(reason_block)}"))
+            else:
+                # recursion form: the coefficient names the derivative; display() inlines it
+                terms.append(ZDotTerm(y, source, sigma**2 * Expectation(sp.Derivative(Z(x), Zhat(source), evaluate=False))))
+        entry.zdot = terms
+        entry.z = Zhat(key) + sp.Add(*[t.coefficient * Z(t.y) for t in terms])
+        entry.deps = frozenset([key]).union(*(self.entries[t.y].deps for t in terms if not t.is_zero))
+        self.families.setdefault((mat, tr), []).append(key)
+        return entry
+
+    def _moment(self, key: str, op: ops.Moment) -> ZEntry:
+        rep, deps = {}, set()
+        for s in op.expr.free_symbols:
+            k, primed = unprime(s)
+            if self.graph.kind(k) == VEC:
+                rep[s] = Z(k, primed)
+                deps |= self.entries[k].deps
+        psi = op.expr.xreplace(rep)
+        # an odd function has expectation 0 only if it is integrable: check existence first
+        self.checker.check_moment(key, psi)
+        block = self.zero_block(psi, deps)
+        if block is not None:
+            return ZEntry(key, "moment", sp.S.Zero, frozenset(), zero_reason=f"odd in {self.describe_block(block)}")
+        return ZEntry(key, "moment", Expectation(psi), frozenset())
+
+    # -- derivatives dZ^x/dZHat^v (chain rule through the recursion) --------------------
+    def derivative(self, x: str, source: str) -> sp.Expr:
+        """dZ^x/dZHat^source as an expression in Z symbols, inlined along the recursion:
+        through Nonlin by the chain rule, through MatMul only via its ZDot terms (ZHats
+        are leaves, expectations constants)."""
+        memo = self._derivative.get((x, source))
+        if memo is not None:
+            return memo
+        entry = self.entries[x]
+        if source not in entry.deps:
+            d = sp.S.Zero
+        elif x == source:
+            d = sp.S.One
+        elif entry.rule == "nonlin":
+            d = sp.Add(*[self.partial(x, a) * self.derivative(a, source)
+                         for a in self.graph.vector_args(x) if source in self.entries[a].deps])
+        elif entry.rule == "matmul":
+            d = sp.Add(*[t.coefficient * self.derivative(t.y, source) for t in entry.zdot if not t.is_zero])
+        else:
+            d = sp.S.Zero
+        self._derivative[(x, source)] = d
+        return d
+
+    def derivative_display(self, x: str, source: str) -> sp.Expr:
+        """The derivative inlined (inner ZDot coefficients too) when small, else the
+        unevaluated dZ^x/dZHat^source."""
+        d = self.display(self.derivative(x, source))
+        if sp.count_ops(d) > MAX_INLINE_OPS:
+            return sp.Derivative(Z(x), Zhat(source), evaluate=False)
+        return d
+
+    def display(self, expr: sp.Expr) -> sp.Expr:
+        """``expr`` with every E[dZ^x/dZHat^v] written out by derivative_display."""
+        rep = {}
+        for e in expr.atoms(Expectation):
+            d = e.args[0]
+            if isinstance(d, sp.Derivative):
+                x, v = key_of_z(d.expr)[0], symbols.key_of(d.variables[0])[0]
+                rep[e] = Expectation(self.derivative_display(x, v))
+        return expr.xreplace(rep) if rep else expr
+
+    # -- convenient views ---------------------------------------------------------------
+    @cached_property
+    def vectors(self) -> list[str]:
+        return [k for k in self.order if self.graph.kind(k) == VEC]
+
+    def zdot_terms(self, key: str, nonzero: bool = True) -> list[ZDotTerm]:
+        terms = self.entries[key].zdot
+        return [t for t in terms if not t.is_zero] if nonzero else list(terms)
+
+    def nonzero_zdot_count(self) -> int:
+        return sum(len(self.zdot_terms(k)) for k in self.order if self.entries[k].rule == "matmul")
+
+
+def derive(graph: Graph, drop_zdot: bool = False) -> ZProgram:
+    """Apply the Master theorem to every node of ``graph``."""
+    return ZProgram(graph, drop_zdot=drop_zdot)

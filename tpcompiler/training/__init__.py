@@ -1,0 +1,1 @@
+"""Training: SGD programs and the limit (``sgd``), the finite-width reference (``finite``), abc-parametrizations (``parametrization``)."""

@@ -1,0 +1,575 @@
+"""SGD unrolled into one NETSOR-transpose program (docs/DESIGN.md 2.4-2.6): a graph pass.
+
+Input: a network template (a program with an input, a readout, input matrices, n x n
+matrices and coordinatewise nonlinearities), an abc-parametrization, data and a schedule.
+Output: a concrete program whose outputs are f_t(xi) for every step t = 0..T and every
+train/eval input -- T steps of (mini-)batch SGD written with the instructions of docs/DESIGN.md
+2.1 only, so that the Master theorem derives its limit like any other program and the
+finite-width interpreter runs it exactly.
+
+Parametrization (docs/DESIGN.md 2.4, 2.6).  Trained tensors P = n^{-a} p, p ~ N(0, sigma^2 n^{-2b})
+at init, updated by p <- p - eta n^{-c} dLoss/dp, i.e. P <- P - eta n^{-c-2a} dLoss/dP.  The
+program carries O(1) vectors only:
+
+* readout (layer L+1): P = sigma n^{-(a_o+b_o)} v with v O(1); f_k = sigma n^{1-(a_o+b_o)}
+  mean(v_k x^L); the loss gradient of the readout vector is dx^L := sigma sum_k chi_k v_k, so
+  dLoss/dz = n^{-(a_o+b_o)} dz for every vector z, and
+  v_k <- v_k - (eta / (B sigma)) n^{b_o-a_o-c} sum_i chi_ik x^L_i;
+* n x n matrices (layer l, a_l + b_l = 1/2 so W_0 has N(0, sigma^2/n) entries):
+  W_t z = W_0 z - (eta/B) n^{1-c-2a_l-(a_o+b_o)} sum_{s<t, i} dy_si mean(x_si z) for every
+  use y = W x of the template (and W_t^T z likewise with the roles swapped);
+* input matrices (layer 1, a_1 + b_1 = 0: N(0, 1) entries): an input layer A = U s /
+  sqrt(norm) becomes A_0 - (eta/B) n^{-c-2a_1-(a_o+b_o)} sum dA_si Cov(A_si, A) where Cov is
+  the input layers' inner product (xi_s . xi / d for a dense input layer);
+* chi_ik = dloss/df_k at (f_t(xi_i), y_i): squared error f - y, logistic sigmoid(f) - y
+  (labels 0/1), softmax cross-entropy softmax(f)_k - y_k.
+
+Powers of n are WidthPower scalars (limit 1 or 0); a power that would grow with n means the
+parametrization is unstable and is refused.  For muP every power is n^0 and the program is
+the recursion of docs/DESIGN.md 2.5; the ZDot terms of every W_0 use are derived, not assumed.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import sympy as sp
+
+from tpcompiler.ir import ops
+from tpcompiler import validation
+from tpcompiler.ir.backward import derive_backward, forward_nodes
+from tpcompiler.training.finite import batch_indices
+from tpcompiler.ir.graph import Graph, ProgramError
+from tpcompiler.ir.nonlinearities import sigmoid
+from tpcompiler.ir.ops import VEC, node_symbol
+from tpcompiler.training.parametrization import ABC
+
+LOSSES = ("mse", "logistic", "softmax")
+
+#: Largest number of SGD steps accepted.  Feature-learning training unrolls every step into
+#: one program (its size grows like steps x inputs), so a further bound applies there
+#: (``MAX_UNROLLED``); kernel-regime training keeps (steps + 1) x inputs trajectories in memory.
+MAX_STEPS = 1_000_000
+STEPS_WHY = "every step is kept in the returned trajectory; feature learning allows far fewer"
+#: Largest steps x (training + evaluation inputs) of feature-learning training.  Measured
+#: unrolling times (1-hidden-layer relu MLP, shared 2-core machine): 10 steps x 8 inputs 9 s,
+#: 20 x 8 43 s, 10 x 16 65 s, 40 x 8 75-150 s: faster than quadratic in steps x inputs, so
+#: 2,000 already means hours.
+MAX_UNROLLED = 2_000
+#: Above this steps x inputs, tpc train warns that the unrolling takes long.
+SLOW_UNROLLED = 100
+UNROLL_TIMES = "measured: 10 steps x 8 inputs 9 s, 20 x 8 43 s, 10 x 16 65 s; faster than quadratic"
+#: Largest memory for the returned trajectories (f and its standard error, float64).
+MAX_TRAJECTORY_BYTES = 2 * 2**30
+
+
+def loss_gradient(loss: str, f: list, y) -> list:
+    """chi_k = d loss / d f_k as sympy expressions of the outputs f (docs/DESIGN.md 2.6 for mse)."""
+    if loss == "mse":
+        return [fk - float(yk) for fk, yk in zip(f, y)]
+    if loss == "logistic":
+        if len(f) != 1:
+            raise ProgramError("logistic loss needs a one-dimensional output; use softmax for several classes")
+        return [sigmoid(f[0]) - float(y[0])]
+    if loss == "softmax":
+        top = sp.Add(*[sp.exp(fk) for fk in f])
+        return [sp.exp(fk) / top - float(yk) for fk, yk in zip(f, y)]
+    raise ProgramError(f"unknown loss {loss!r}; use one of {', '.join(LOSSES)}")
+
+
+@dataclass
+class SGD:
+    """What to train on: inputs X (N x d), targets Y (N x K), T steps of learning rate eta,
+    batch B (None: full batch; else the cyclic schedule of finite_training.batch_indices)."""
+
+    X: np.ndarray
+    Y: np.ndarray
+    steps: int
+    lr: float
+    batch: int | None = None
+    loss: str = "mse"
+    X_eval: np.ndarray | None = None
+    features: bool = False  # also output the last-layer feature kernel on the eval inputs
+
+    def __post_init__(self):
+        # tpcompiler.validation: the checks tpc train applies too, with the argument named
+        self.X = validation.array(self.X, "X", ndim=(1, 2))
+        self.Y = validation.array(self.Y, "Y", ndim=(1, 2))
+        self.steps = validation.count(self.steps, "steps", maximum=MAX_STEPS, why=STEPS_WHY)
+        self.lr = validation.number(self.lr, "lr", positive=True)
+        self.batch = validation.optional_count(self.batch, "batch", minimum=1)
+        if not isinstance(self.loss, str) or self.loss not in LOSSES:
+            raise validation.ArgumentError(f"loss: unknown loss {self.loss!r}; use one of {', '.join(LOSSES)}")
+        self.X_eval = validation.optional_array(self.X_eval, "X_eval", ndim=(1, 2))
+        if self.loss == "logistic":
+            validation.binary_targets(self.Y, "Y")
+        if self.loss == "softmax":
+            Y = self.Y
+            rows_ok = Y.ndim != 2 or np.abs(Y.sum(axis=1) - 1).max(initial=0) <= 1e-6
+            if Y.size and (Y.min() < 0 or Y.max() > 1 or not rows_ok):
+                raise validation.ArgumentError("Y: the softmax loss needs probability rows (entries in [0, 1] "
+                                               "summing to 1, e.g. one-hot labels)")
+        if self.batch is not None and self.X.ndim == 2 and self.batch > self.X.shape[0]:
+            raise validation.ArgumentError(f"batch: {self.batch} is larger than the training set (N = {self.X.shape[0]})")
+
+
+def _targets(Y, N: int, K: int) -> np.ndarray:
+    """Targets as an N x K array: one row per training input, one column per output."""
+    Y = np.asarray(Y, dtype=np.float64)
+    given = Y.shape
+    if Y.ndim == 1:
+        Y = Y[None, :] if (N == 1 and K > 1) else Y[:, None]
+    if Y.ndim != 2 or Y.shape[0] != N:
+        raise ProgramError(f"targets Y must have one row per training input (N = {N}), got shape {given}")
+    if Y.shape[1] != K:
+        raise ProgramError(f"targets have {Y.shape[1]} columns but the network has {K} outputs")
+    if not np.all(np.isfinite(Y)):
+        raise ProgramError("targets Y contain NaN or infinite values")
+    return Y
+
+
+@dataclass
+class _Layers:
+    """Which abc layer every trained tensor of the template belongs to."""
+
+    inputs: list[str]    # input matrices: layer 1
+    hidden: list[str]    # n x n matrices: layers 2..L in creation order
+    readouts: tuple      # readout vectors: layer L + 1
+
+
+def _layers(net: Graph, abc: ABC) -> _Layers:
+    forward = set(forward_nodes(net))
+    ro = net.readout
+    inputs = [k for k in net.keys_of(ops.InputMat) if net.op(k).trainable]
+    hidden = [k for k in net.keys_of(ops.InitMat) if net.op(k).trainable]
+    for k in net.keys_of(ops.InitVec):
+        if k in forward and k not in ro.readouts and net.op(k).trainable:
+            raise ProgramError(
+                f"initial vector {k!r} is trained (a bias?): the SGD pass trains input matrices, n x n "
+                "matrices and the readout; declare it with trainable=False"
+            )
+    L = abc.depth
+    if not inputs:
+        raise ProgramError(f"program {net.name!r} has no input matrix; declare the input layer with p.input_layer or p.input_matrix")
+    if len(hidden) != L - 1:
+        raise ProgramError(
+            f"the parametrization has depth L = {L} (L - 1 = {L - 1} hidden matrices) but program "
+            f"{net.name!r} trains {len(hidden)} n x n matrices ({', '.join(hidden) or 'none'})"
+        )
+    a, b = abc.a, abc.b
+    if a[0] + b[0] != 0:
+        raise ProgramError(f"layer 1: a_1 + b_1 = {a[0] + b[0]}, but an input matrix has N(0, 1) entries at init (a_1 + b_1 = 0)")
+    for i, W in enumerate(hidden, start=1):
+        if a[i] + b[i] != sp.Rational(1, 2):
+            raise ProgramError(f"layer {i + 1} ({W}): a + b = {a[i] + b[i]}, but an n x n matrix has N(0, sigma^2/n) entries (a + b = 1/2)")
+    return _Layers(inputs, hidden, ro.readouts)
+
+
+def _exponent_check(e, what: str):
+    e = sp.nsimplify(e)
+    if e > 0:
+        raise ProgramError(f"{what} grows like n^{e}: the parametrization is unstable (see tpc classify)")
+    return e
+
+
+class _Unroller:
+    def __init__(self, net: Graph, abc: ABC, sgd: SGD):
+        net.validate()
+        if net.readout is None:
+            raise ProgramError(f"program {net.name!r} has no readout; training needs p.readout(...)")
+        if len(net.inputs) != 1:
+            raise ProgramError(f"program {net.name!r} needs exactly one input to be trained")
+        if sgd.loss not in LOSSES:
+            raise ProgramError(f"unknown loss {sgd.loss!r}; use one of {', '.join(LOSSES)}")
+        self.net, self.abc, self.sgd = net, abc, sgd
+        self.layers = _layers(net, abc)
+        ro = net.readout
+        self.K = len(ro.readouts)
+        (self.group, decl), = net.inputs.items()
+        self.d = len(decl.keys)
+        self.X = self._data(sgd.X, "X")
+        self.Y = _targets(sgd.Y, self.X.shape[0], self.K)
+        self.Xe = self._data(sgd.X_eval, "X_eval") if sgd.X_eval is not None else np.zeros((0, self.d))
+        a, b, c = abc.a, abc.b, abc.c
+        ao, bo = a[-1], b[-1]
+        self.e_f = _exponent_check(1 - (ao + bo), "the output at initialization")
+        self.e_v = _exponent_check(bo - ao - c, "the readout update")
+        self.e_U = _exponent_check(-c - 2 * a[0] - (ao + bo), "the input-layer update")
+        self.e_W = {W: _exponent_check(1 - c - 2 * a[i] - (ao + bo), f"the update of {W}")
+                    for i, W in enumerate(self.layers.hidden, start=1)}
+        # The backward pass of the loss: seeded by sigma sum_k chi_k v_k, chi_k placeholders
+        # that every step replaces by its loss derivatives.
+        with_chi = net.copy()
+        seed_syms = [node_symbol(with_chi.add(f"chi_{k + 1}", ops.Param(0.0))) for k in range(self.K)]
+        seed = ro.sigma * sp.Add(*[s * node_symbol(v) for s, v in zip(seed_syms, ro.readouts)])
+        self.template, self.grads = derive_backward(with_chi, prefix="d", seed=seed)
+        self.chi_syms = seed_syms
+        self.forward = forward_nodes(net)
+        self.backward = [k for k in self.template.order() if k not in net.g and self.template.kind(k) == VEC]
+        self.g = Graph(f"{net.name}_sgd")
+        self.updates_W: dict = {W: [] for W in self.layers.hidden}   # W -> [(coef, r, c)]
+        self.updates_U: dict = {U: [] for U in self.layers.inputs}   # U -> [(coef, dA, template A, example)]
+        self.updates_v: list = []                                      # [(step, coef_k list, x^L key)]
+        self.X_all = np.concatenate([self.X, self.Xe])
+
+    def _data(self, X, what):
+        X = np.atleast_2d(np.asarray(X, dtype=np.float64))
+        if X.ndim != 2 or X.shape[1] != self.d:
+            raise ProgramError(f"{what} must be N x {self.d} (the network's input dimension), got shape {X.shape}")
+        if X.shape[0] == 0 and what == "X":
+            raise ProgramError("the training set is empty")
+        if not np.all(np.isfinite(X)):
+            raise ProgramError(f"{what} contains NaN or infinite values")
+        return X
+
+    # -- graph building helpers -----------------------------------------------------------
+    def key(self, base: str) -> str:
+        """A fresh node name: ``base`` or base_2, base_3, ..."""
+        key, k = base, 1
+        while key in self.g.g:
+            k += 1
+            key = f"{base}_{k}"
+        return key
+
+    def nonlin(self, expr: sp.Expr, base: str) -> str:
+        if isinstance(expr, sp.Symbol) and expr.name in self.g.g and self.g.kind(expr.name) == VEC:
+            return expr.name
+        return self.g.add_nonlin(self.key(base), expr)
+
+    def mean(self, expr: sp.Expr, base: str = "m") -> sp.Symbol:
+        return node_symbol(self.g.add_nonlin(self.key(base), expr, op_type=ops.Moment))
+
+    def power(self, e) -> sp.Expr:
+        if e == 0:
+            return sp.S.One
+        name = f"n_pow_{str(e).replace('/', '_').replace('-', 'm')}"
+        if name not in self.g.g:
+            self.g.add(name, ops.WidthPower(sp.Rational(e)))
+        return node_symbol(name)
+
+    # -- the program ------------------------------------------------------------------------
+    def build(self) -> Graph:
+        net, g = self.net, self.g
+        for k in net.order():  # parameters and constants shared by every step
+            op = net.op(k)
+            if isinstance(op, (ops.Param, ops.InitMat, ops.InputMat)) or (isinstance(op, ops.InitVec) and k not in net.input_dependent()):
+                g.add(k, op, net.args(k))
+        g.init_cov = dict(net.init_cov)
+        g.add("eta", ops.Param(float(self.sgd.lr)))
+        self.examples = []
+        for i, row in enumerate(np.concatenate([self.X, self.Xe])):
+            keys = [g.add(f"x{i}_{j + 1}", ops.Param(float(v))) for j, v in enumerate(row)]
+            self.examples.append(keys)
+        N, T = self.X.shape[0], self.sgd.steps
+        B = N if self.sgd.batch is None else int(self.sgd.batch)
+        readouts = [node_symbol(v) for v in net.readout.readouts]
+        for t in range(T + 1):
+            fwd = {e: self.forward_pass(t, e, readouts) for e in range(len(self.examples))}
+            f = {e: self.outputs(t, e, fwd[e], readouts) for e in fwd}
+            if t == T:
+                break
+            batch = batch_indices(N, self.sgd.batch, t)
+            # every example's backward pass reads the weights of step t; only then are the
+            # step's updates recorded (a later example must not see an earlier one's update)
+            grads = []
+            for e in batch:
+                chi = loss_gradient(self.sgd.loss, f[e], self.Y[e])
+                grads.append((e, self.backward_pass(t, e, fwd[e], readouts, chi), chi))
+            new_v = []
+            for e, back, chi in grads:
+                self.record(t, e, fwd[e], back, chi, B, new_v)
+            readouts = self.step_readout(t, readouts, new_v)
+        return g
+
+    def forward_pass(self, t: int, e: int, readouts) -> dict:
+        """Clone the template's forward for example e at step t: template key -> new key."""
+        net = self.net
+        sub = {node_symbol(k): node_symbol(self.examples[e][net.op(k).index]) for k in net.input_keys()}
+        out = {}
+        for k in self.forward:
+            op = net.op(k)
+            if isinstance(op, ops.InitVec):
+                out[k] = k
+            elif isinstance(op, ops.InputLayer):
+                out[k] = self.input_layer(k, e, t)
+            elif isinstance(op, ops.MatMul):
+                mat, x, tr = net.matmul_parts(k)
+                out[k] = self.matmul(mat, out[x], tr, f"{k}_{t}_{e}")
+            elif isinstance(op, ops.Nonlin):
+                rep = dict(sub)
+                rep.update({node_symbol(a): node_symbol(out[a]) for a in net.vector_args(k)})
+                out[k] = self.nonlin(op.expr.xreplace(rep), f"{k}_{t}_{e}")
+            else:
+                raise ProgramError(f"instruction {k!r}: {type(op).__name__} in the forward pass is not supported by the SGD pass")
+        return out
+
+    def input_layer(self, k: str, e: int, t: int) -> str:
+        net, g = self.net, self.g
+        U, *scalars = net.args(k)
+        args = [self.examples[e][net.op(s).index] if isinstance(net.op(s), ops.Input) else s for s in scalars]
+        base = g.add(self.key(f"{k}_{t}_{e}_0"), net.op(k), (U, *args))
+        terms = []
+        for coef, dA, A, ex in self.updates_U.get(U, []):
+            cov = self.input_cov(A, ex, k, e)
+            if cov != 0:
+                terms.append(coef * cov * node_symbol(dA))
+        if not terms:
+            return base
+        return self.nonlin(node_symbol(base) + sp.Add(*terms), f"{k}_{t}_{e}")
+
+    def input_cov(self, A: str, ea: int, B: str, eb: int) -> float:
+        """Cov(Z^A(xi_ea), Z^B(xi_eb)) of two input layers of one input matrix (a number)."""
+        net = self.net
+        opa, opb = net.op(A), net.op(B)
+
+        def values(key, e):
+            return [float(self.X_all[e, net.op(s).index]) if isinstance(net.op(s), ops.Input) else net.op(s).value
+                    for s in net.args(key)[1:]]
+
+        va, vb = values(A, ea), values(B, eb)
+        total = sum(x * y for ca, x in zip(opa.columns, va) for cb, y in zip(opb.columns, vb) if ca == cb)
+        return total / np.sqrt(opa.norm * opb.norm)
+
+
+    def matmul(self, mat: str, z: str, transposed: bool, base: str) -> str:
+        """W_t z (or W_t^T z) = W_0 z + the rank-one updates of earlier steps."""
+        g = self.g
+        product = g.add_matmul(self.key(base + "_0"), mat, z, transposed)
+        terms = []
+        for coef, r, c in self.updates_W.get(mat, []):
+            if transposed:
+                terms.append(coef * self.mean(node_symbol(r) * node_symbol(z)) * node_symbol(c))
+            else:
+                terms.append(coef * self.mean(node_symbol(c) * node_symbol(z)) * node_symbol(r))
+        if not terms:
+            return product
+        return self.nonlin(node_symbol(product) + sp.Add(*terms), base)
+
+    def outputs(self, t: int, e: int, fwd: dict, readouts) -> list:
+        ro = self.net.readout
+        x = node_symbol(fwd[ro.vector])
+        f = [ro.sigma * self.power(self.e_f) * self.mean(v * x, f"f_{t}_{e}") for v in readouts]
+        N = self.X.shape[0]
+        split, i = ("train", e) if e < N else ("eval", e - N)
+        for k, fk in enumerate(f):
+            self.g.outputs[f"f_{split}[{t},{i}]" + (f"[{k}]" if self.K > 1 else "")] = fk
+        if self.sgd.features and split == "eval":
+            self._features(t, i, fwd)
+        return f
+
+    def _features(self, t: int, i: int, fwd: dict):
+        """Last-layer feature kernel mean(x^L(xi_i) x^L(xi_j)) on the eval inputs."""
+        ro = self.net.readout
+        self._feat = getattr(self, "_feat", {})
+        self._feat[(t, i)] = fwd[ro.vector]
+        for (s, j), key in list(self._feat.items()):
+            if s == t and j <= i:
+                self.g.outputs[f"features[{t},{j},{i}]"] = self.mean(node_symbol(key) * node_symbol(fwd[ro.vector]))
+
+    def backward_pass(self, t: int, e: int, fwd: dict, readouts, chi) -> dict:
+        tpl = self.template
+        sub = {node_symbol(k): node_symbol(v) for k, v in fwd.items()}
+        sub.update({node_symbol(v): r for v, r in zip(self.net.readout.readouts, readouts)})
+        sub.update(dict(zip(self.chi_syms, chi)))
+        sub.update({node_symbol(k): node_symbol(self.examples[e][self.net.op(k).index]) for k in self.net.input_keys()})
+        out = {}
+        for k in self.backward:
+            op = tpl.op(k)
+            if isinstance(op, ops.Nonlin):
+                rep = dict(sub)
+                rep.update({node_symbol(a): node_symbol(out[a]) for a in tpl.vector_args(k) if a in out})
+                out[k] = self.nonlin(op.expr.xreplace(rep), f"{k}_{t}_{e}")
+            elif isinstance(op, ops.MatMul):
+                mat, x, tr = tpl.matmul_parts(k)
+                out[k] = self.matmul(mat, out[x] if x in out else fwd[x], tr, f"{k}_{t}_{e}")
+            else:
+                raise ProgramError(f"backward instruction {k!r}: {type(op).__name__} is not supported by the SGD pass")
+        return out
+
+    def grad(self, node: str, fwd: dict, back: dict) -> str:
+        d = self.grads[node]
+        return back[d] if d in back else fwd[d]
+
+    def record(self, t, e, fwd, back, chi, B, new_v):
+        """Parameter updates from example e at step t (loss-gradient vectors include chi)."""
+        net = self.net
+        eta = node_symbol("eta")
+        for k in self.forward:
+            op = net.op(k)
+            if isinstance(op, ops.MatMul):
+                mat, x, tr = net.matmul_parts(k)
+                if mat in self.updates_W and k in self.grads:
+                    coef = -eta / B * self.power(self.e_W[mat])
+                    dy, xin = self.grad(k, fwd, back), fwd[x]
+                    self.updates_W[mat].append((coef, xin, dy) if tr else (coef, dy, xin))
+            elif isinstance(op, ops.InputLayer):
+                U = net.args(k)[0]
+                if U in self.updates_U and k in self.grads:
+                    # the trained tensor is scale * U: U moves by 1/scale^2 of its gradient step
+                    coef = -eta / (B * net.op(U).scale ** 2) * self.power(self.e_U)
+                    self.updates_U[U].append((coef, self.grad(k, fwd, back), k, e))
+        ro = net.readout
+        coef = -eta / (B * ro.sigma) * self.power(self.e_v)
+        new_v.append([coef * ck * node_symbol(fwd[ro.vector]) for ck in chi])
+
+    def step_readout(self, t: int, readouts, new_v) -> list:
+        out = []
+        for k, v in enumerate(readouts):
+            expr = v + sp.Add(*[terms[k] for terms in new_v])
+            out.append(node_symbol(self.nonlin(expr, f"{self.net.readout.readouts[k]}_{t + 1}")))
+        return out
+
+
+def _check_abc_sgd(abc, sgd) -> None:
+    if not isinstance(abc, ABC):
+        raise validation.ArgumentError(f"abc: expected a parametrization such as tp.named('mup', depth) or "
+                                       f"tp.parse_abc('a=..;b=..;c=..', depth), got {abc!r}")
+    if not isinstance(sgd, SGD):
+        raise validation.ArgumentError(f"sgd: expected tp.SGD(X, Y, steps=..., lr=...), got {sgd!r}")
+
+
+def unroll(net: Graph, abc: ABC, sgd: SGD) -> Graph:
+    """T steps of SGD of the template ``net`` under ``abc`` as one program (module docstring).
+
+    Outputs: ``f_train[t,i]`` (and ``f_eval[t,i]``) for t = 0..T, with ``[k]`` appended for a
+    K-dimensional output; with ``sgd.features`` also ``features[t,i,j]`` (i <= j), the last
+    layer's feature kernel on the eval inputs."""
+    from tpcompiler.compiler import _graph_of
+
+    net = _graph_of(net)
+    _check_abc_sgd(abc, sgd)
+    graph = _Unroller(net, abc, sgd).build()
+    graph.validate()
+    return graph
+
+
+# ---------------------------------------------------------------------------------------
+# Training with the Dynamical Dichotomy (docs/DESIGN.md 2.4): feature learning runs the limit of
+# the unrolled program, the kernel regime runs kernel gradient descent with the NTK.
+# ---------------------------------------------------------------------------------------
+@dataclass
+class TrainResult:
+    """Infinite-width training trajectory: f_train (T+1, N[, K]), f_eval (T+1, N_eval[, K]),
+    their standard errors (0 where exact), the regime and how it was computed."""
+
+    f_train: np.ndarray
+    f_eval: np.ndarray
+    f_train_stderr: np.ndarray
+    f_eval_stderr: np.ndarray
+    regime: str
+    method: str
+
+
+def _limit_power(e) -> float:
+    e = sp.nsimplify(e)
+    if e > 0:
+        raise ProgramError(f"a kernel contribution grows like n^{e}: the parametrization is unstable")
+    return 1.0 if e == 0 else 0.0
+
+
+def training_kernel_graph(net: Graph, abc: ABC) -> Graph:
+    """``net`` with the NTK weights of gradient descent under ``abc`` (kernel regime):
+    Theta = sum_P n^{-c-2a_P} <df/dP, df/dP'> over the trained tensors P (docs/DESIGN.md 2.6: for
+    NTP this is neural-tangents' NTK divided by sigma^2)."""
+    layers = _layers(net, abc)
+    a, b, c = abc.a, abc.b, abc.c
+    ao, bo = a[-1], b[-1]
+    back = 1 - 2 * (ao + bo)  # the sqrt(n)-scaled backward vectors carry n^{1/2 - (a_o+b_o)}
+    g = net.copy()
+    ro = g.readout
+    values = {node_symbol(k): g.op(k).value for k in g.keys_of(ops.Param)}
+    for U in layers.inputs:
+        # the trained matrix is scale U: its gradient is dU / scale
+        scale2 = float(sp.sympify(g.op(U).scale).xreplace(values)) ** 2
+        w = _limit_power(-c - 2 * a[0] + back) / scale2
+        g.g.nodes[U]["op"] = ops.InputMat(g.op(U).k, True, sp.Float(w), g.op(U).scale)
+    for i, W in enumerate(layers.hidden, start=1):
+        op = g.op(W)
+        g.g.nodes[W]["op"] = ops.InitMat(op.sigma, True, sp.Float(_limit_power(1 - c - 2 * a[i] + back)))
+    sig_o2 = float(sp.sympify(ro.sigma).xreplace(values)) ** 2
+    wv = _limit_power(1 - c - 2 * ao) / sig_o2
+    for v in ro.readouts:
+        op = g.op(v)
+        g.g.nodes[v]["op"] = ops.InitVec(op.var, True, sp.Float(wv))
+    g.readout = ops.Readout(ro.vector, ro.readout, ro.sigma, None, None, ro.others)
+    return g
+
+
+def train(net, abc: ABC, sgd: SGD, particles: int = 200_000, seed: int = 0, method: str = "auto") -> TrainResult:
+    """The infinite-width trajectory of SGD (docs/DESIGN.md 2.4-2.6), routed by the regime:
+    unstable -> error naming the violated conditions; feature learning -> limit of the
+    unrolled program (exact if Gaussian-linear, else particles); kernel -> kernel gradient
+    descent with the limiting NTK from f_0 = 0 (the mean over initializations); trivial ->
+    f stays at its limit 0."""
+    from tpcompiler.compiler import _graph_of, compile
+    from tpcompiler.training.parametrization import classify
+
+    graph = _graph_of(net)
+    _check_abc_sgd(abc, sgd)
+    particles = validation.count(particles, "particles", minimum=1)
+    seed = validation.count(seed, "seed")
+    validation.choice(method, "method", ("auto", "exact", "particles"))
+    cls = classify(abc)
+    if not cls.stable:
+        raise ProgramError("the parametrization is unstable: " + "; ".join(cls.violated))
+    N = np.atleast_2d(sgd.X).shape[0]
+    if N == 0:
+        raise ProgramError("the training set is empty")
+    Ne = 0 if sgd.X_eval is None else np.atleast_2d(sgd.X_eval).shape[0]
+    K = len(graph.readout.readouts) if graph.readout is not None else 1
+    _targets(sgd.Y, N, K)  # both regimes: one row per input, one column per output
+    shape_t, shape_e = (sgd.steps + 1, N, K), (sgd.steps + 1, Ne, K)
+    if cls.regime == "feature learning" and sgd.steps * (N + Ne) > MAX_UNROLLED:
+        raise validation.ArgumentError(
+            f"steps: feature-learning training unrolls every step into one program, and {sgd.steps} steps x "
+            f"{N + Ne} inputs is above the limit {MAX_UNROLLED} (the time grows faster than quadratically, "
+            f"{UNROLL_TIMES.split(': ', 1)[1].split(';')[0]}); use fewer steps or inputs")
+    size = 16 * (sgd.steps + 1) * (N + Ne) * K  # trajectories and their standard errors, float64
+    if size > MAX_TRAJECTORY_BYTES:
+        raise validation.ArgumentError(
+            f"steps: {sgd.steps} steps x {N + Ne} inputs x {K} outputs need {size / 2**30:.1f} GiB of trajectories "
+            f"(limit {MAX_TRAJECTORY_BYTES / 2**30:.0f} GiB); use fewer steps or inputs")
+    if cls.regime == "feature learning":
+        g = unroll(graph, abc, sgd)
+        lim = compile(g).limit(particles=particles, seed=seed, method=method)
+        out = {"train": (np.zeros(shape_t), np.zeros(shape_t)), "eval": (np.zeros(shape_e), np.zeros(shape_e))}
+        for name, (v, e) in lim.items():
+            if not name.startswith(("f_train[", "f_eval[")):
+                continue  # e.g. the feature kernels of SGD(features=True)
+            split, rest = name[2:].split("[", 1)
+            idx = [int(p) for p in rest.replace("]", ",").replace("[", "").split(",") if p.strip()]
+            t, i, k = idx[0], idx[1], (idx[2] if len(idx) > 2 else 0)
+            out[split][0][t, i, k], out[split][1][t, i, k] = v, e
+        method_used = "exact" if all(e == 0 for _, e in lim.values()) else f"particles (M = {particles})"
+        result = TrainResult(out["train"][0], out["eval"][0], out["train"][1], out["eval"][1], cls.regime, method_used)
+    elif cls.regime == "kernel":
+        if sgd.loss != "mse":
+            raise ProgramError("kernel-regime training is kernel gradient descent of the mean, exact for the squared loss only; use loss mse")
+        result = _kernel_descent(graph, abc, sgd, shape_t, shape_e)
+    else:  # trivial: the function does not move and starts at 0
+        result = TrainResult(np.zeros(shape_t), np.zeros(shape_e), np.zeros(shape_t), np.zeros(shape_e), cls.regime, "trivial")
+    if K == 1:
+        for field_ in ("f_train", "f_eval", "f_train_stderr", "f_eval_stderr"):
+            setattr(result, field_, getattr(result, field_)[..., 0])
+    return result
+
+
+def _kernel_descent(graph: Graph, abc: ABC, sgd: SGD, shape_t, shape_e) -> TrainResult:
+    """f_{t+1} = f_t - (eta/B) Theta(., X_B) (f_t(X_B) - Y_B), f_0 = 0 (docs/DESIGN.md 2.4, 2.6)."""
+    from tpcompiler.backends.kernels.kernel import KernelFunction
+
+    X = np.atleast_2d(np.asarray(sgd.X, dtype=np.float64))
+    Xe = np.zeros((0, X.shape[1])) if sgd.X_eval is None else np.atleast_2d(np.asarray(sgd.X_eval, dtype=np.float64))
+    Y = _targets(sgd.Y, X.shape[0], shape_t[2])
+    theta = KernelFunction(training_kernel_graph(graph, abc))(np.concatenate([X, Xe]))["ntk"]
+    N = X.shape[0]
+    f = np.zeros((N + Xe.shape[0], Y.shape[1]))
+    traj = [f.copy()]
+    for t in range(sgd.steps):
+        batch = batch_indices(N, sgd.batch, t)
+        chi = f[batch] - Y[batch]
+        f = f - (sgd.lr / len(batch)) * theta[:, batch] @ chi
+        traj.append(f.copy())
+    traj = np.array(traj)
+    zeros_t, zeros_e = np.zeros(shape_t), np.zeros(shape_e)
+    return TrainResult(traj[:, :N], traj[:, N:], zeros_t, zeros_e, "kernel", "kernel gradient descent (exact NTK)")
