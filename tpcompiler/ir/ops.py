@@ -200,3 +200,7 @@ class InputCov(sp.Function):
         a, b, pa, pb = self.args
         side = lambda p: r"(\xi')" if p else ""  # noqa: E731
         return r"\mathrm{Cov}(Z^{%s}%s, Z^{%s}%s)" % (a, side(pa), b, side(pb))
+
+
+#: Every instruction type a program graph may hold (Readout is not an instruction).
+INSTRUCTIONS = (InitVec, InitMat, InputMat, InputLayer, Param, WidthPower, Input, MatMul, Nonlin, Moment)
