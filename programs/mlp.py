@@ -72,7 +72,7 @@ def build(depth=2, phi="relu", w_std=1.0, b_std=None, d=3, parameterization="ntk
     nngp = w**2 * tp.mean(xs[-1] * xs[-1].prime, name="K_x%d" % depth) + bias2
     ntk = nngp + (w**2 * tp.mean(g * g.prime, name="K_in") + bias2) * tp.mean(dhs[0] * dhs[0].prime, name="K_dh1")
     for layer in range(2, depth + 1):
-        kx = tp.mean(xs[layer - 2] * xs[layer - 2].prime, name=f"K_x{layer - 1}") if layer - 1 != depth else None
+        kx = tp.mean(xs[layer - 2] * xs[layer - 2].prime, name=f"K_x{layer - 1}")
         kdh = tp.mean(dhs[layer - 1] * dhs[layer - 1].prime, name=f"K_dh{layer}")
         ntk = ntk + (w**2 * kx + bias2) * kdh
     p.output("nngp", nngp)
