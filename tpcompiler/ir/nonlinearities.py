@@ -5,14 +5,20 @@ differentiated symbolically).  Functions that sympy has no name for (relu, step,
 gelu, softplus) are defined here as sympy ``Function`` classes with their derivatives, so
 that formulas print readably (``relu(Z^h)`` rather than ``Max(0, Z^h)``).
 
-Three consumers read this module and nothing else about a nonlinearity:
-  * the symbolic stage differentiates through ``fdiff`` and asks ``parity_of_function``;
-  * the numpy lowering (finite-width interpreter, particle evaluator) uses ``NUMPY_FUNCTIONS``;
-  * the Numba code generator uses ``SCALAR_SOURCE`` (one-line scalar definitions).
+Each built-in is one ``Nonlinearity`` record in ``REGISTRY``, read by every stage:
+  * the DSL looks it up by name (``builtin``; ``tp.phi(name)``);
+  * the symbolic stage differentiates through the sympy function and asks its parity;
+  * the numpy lowering (finite-width interpreter, particle evaluator) uses its numpy
+    implementation (``NUMPY_FUNCTIONS``);
+  * the Numba code generator uses its one-line scalar definition (``SCALAR_SOURCE``).
+Adding a nonlinearity is adding one record (and, for speed, a closed form of its bivariate
+Gaussian expectations in ``tpcompiler.expectations``; without one, quadrature is used).
 """
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
+from typing import Callable
 
 import numpy as np
 import scipy.special
@@ -112,57 +118,26 @@ class softplus(_Printed, sp.Function):
 
 
 
-#: Names of the custom sympy functions, for sympify of generated source.
-SYMPY_NAMESPACE = {"relu": relu, "step": step, "sigmoid": sigmoid, "gelu": gelu, "softplus": softplus}
-
-
-def _identity(x):
-    return x
-
-
-#: Built-in phi by name: a function from a sympy expression to a sympy expression.
-BUILTINS = {
-    "relu": relu,
-    "step": step,
-    "tanh": sp.tanh,
-    "erf": sp.erf,
-    "sigmoid": sigmoid,
-    "gelu": gelu,
-    "sin": sp.sin,
-    "cos": sp.cos,
-    "exp": sp.exp,
-    "softplus": softplus,
-    "identity": _identity,
-}
-
 # ---------------------------------------------------------------------------------------
 # Parity: f(-x) = +f(x) (even) or -f(x) (odd).  Used by the symbolic stage to prove that an
 # expectation vanishes (docs/DESIGN.md 2.2).  Unknown functions are "neither" (conservative).
 # ---------------------------------------------------------------------------------------
 EVEN, ODD, NEITHER = 1, -1, 0
 
-_FUNCTION_PARITY = {
-    sp.tanh: ODD,
-    sp.erf: ODD,
-    sp.sin: ODD,
-    sp.sinh: ODD,
-    sp.atan: ODD,
-    sp.asinh: ODD,
-    sp.cos: EVEN,
-    sp.cosh: EVEN,
-    sp.Abs: EVEN,
-    sp.DiracDelta: EVEN,
-    relu: NEITHER,
-    step: NEITHER,
-    sigmoid: NEITHER,
-    gelu: NEITHER,
-    softplus: NEITHER,
-}
+#: Parities of sympy functions that are not built-in nonlinearities but occur in programs.
+_OTHER_PARITY = {sp.sinh: ODD, sp.atan: ODD, sp.asinh: ODD, sp.cosh: EVEN, sp.Abs: EVEN, sp.DiracDelta: EVEN}
 
 
 def parity_of_function(func) -> int:
     """Parity of a one-argument sympy function class (EVEN, ODD or NEITHER)."""
-    return _FUNCTION_PARITY.get(func, NEITHER)
+    for nl in REGISTRY.values():
+        if nl.sympy is func:
+            return nl.parity
+    return _OTHER_PARITY.get(func, NEITHER)
+
+
+def _identity(x):
+    return x
 
 
 # ---------------------------------------------------------------------------------------
@@ -195,25 +170,52 @@ def _np_dirac(*args):
     )
 
 
-#: Names sympy's lambdify should resolve to these numpy implementations.
-NUMPY_FUNCTIONS = {
-    "relu": _np_relu,
-    "step": _np_step,
-    "sigmoid": _np_sigmoid,
-    "gelu": _np_gelu,
-    "softplus": _np_softplus,
-    "DiracDelta": _np_dirac,
-    "erf": scipy.special.erf,
-}
+@dataclass(frozen=True)
+class Nonlinearity:
+    """A built-in phi and its meaning at every stage.
+
+    ``sympy``: the function of a sympy expression (symbolic stage, formulas); ``parity``:
+    EVEN, ODD or NEITHER (zero proofs of the symbolic stage); ``numpy``: a vectorised
+    implementation, or None when sympy's numpy printer already knows the function;
+    ``scalar_source``: a Numba-compilable one-argument definition named ``name``, or None
+    when the ``math`` module has it."""
+
+    name: str
+    sympy: Callable
+    parity: int = NEITHER
+    numpy: Callable | None = None
+    scalar_source: str | None = None
+
+
+REGISTRY: dict[str, Nonlinearity] = {nl.name: nl for nl in (
+    Nonlinearity("relu", relu, NEITHER, _np_relu, "def relu(x):\n    return x if x > 0.0 else 0.0\n"),
+    Nonlinearity("step", step, NEITHER, _np_step, "def step(x):\n    return 1.0 if x > 0.0 else 0.0\n"),
+    Nonlinearity("tanh", sp.tanh, ODD),
+    Nonlinearity("erf", sp.erf, ODD, scipy.special.erf),
+    Nonlinearity("sigmoid", sigmoid, NEITHER, _np_sigmoid,
+                 "def sigmoid(x):\n    return 1.0 / (1.0 + math.exp(-x)) if x >= 0.0 else math.exp(x) / (1.0 + math.exp(x))\n"),
+    Nonlinearity("gelu", gelu, NEITHER, _np_gelu, "def gelu(x):\n    return 0.5 * x * (1.0 + math.erf(x * 0.7071067811865476))\n"),
+    Nonlinearity("sin", sp.sin, ODD),
+    Nonlinearity("cos", sp.cos, EVEN),
+    Nonlinearity("exp", sp.exp, NEITHER),
+    Nonlinearity("softplus", softplus, NEITHER, _np_softplus,
+                 "def softplus(x):\n    return max(x, 0.0) + math.log1p(math.exp(-abs(x)))\n"),
+    Nonlinearity("identity", _identity, ODD),
+)}
+
+#: Built-in phi by name: a function from a sympy expression to a sympy expression.
+BUILTINS = {name: nl.sympy for name, nl in REGISTRY.items()}
+
+#: The custom sympy function classes by name, for sympify of generated source.
+SYMPY_NAMESPACE = {name: nl.sympy for name, nl in REGISTRY.items()
+                   if isinstance(nl.sympy, type) and issubclass(nl.sympy, _Printed)}
+
+#: Names sympy's lambdify should resolve to numpy implementations.
+NUMPY_FUNCTIONS = {name: nl.numpy for name, nl in REGISTRY.items() if nl.numpy is not None}
+NUMPY_FUNCTIONS["DiracDelta"] = _np_dirac
 
 #: Scalar (Numba-compilable) definitions of the custom functions, as Python source.
-SCALAR_SOURCE = {
-    "relu": "def relu(x):\n    return x if x > 0.0 else 0.0\n",
-    "step": "def step(x):\n    return 1.0 if x > 0.0 else 0.0\n",
-    "sigmoid": "def sigmoid(x):\n    return 1.0 / (1.0 + math.exp(-x)) if x >= 0.0 else math.exp(x) / (1.0 + math.exp(x))\n",
-    "gelu": "def gelu(x):\n    return 0.5 * x * (1.0 + math.erf(x * 0.7071067811865476))\n",
-    "softplus": "def softplus(x):\n    return max(x, 0.0) + math.log1p(math.exp(-abs(x)))\n",
-}
+SCALAR_SOURCE = {name: nl.scalar_source for name, nl in REGISTRY.items() if nl.scalar_source}
 
 
 def builtin(name: str):
