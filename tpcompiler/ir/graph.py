@@ -200,7 +200,7 @@ class Graph:
             for s in expr.free_symbols:
                 k, primed = unprime(s)
                 if k not in self.g or self.kind(k) != SCALAR:
-                    raise ProgramError(f"output {name!r}: {s.name!r} is not a scalar of this program")
+                    raise ProgramError(f"output {name!r}: {str(s)!r} is not a scalar of this program")
                 if primed and not isinstance(self.op(k), ops.Input):
                     raise ProgramError(f"output {name!r}: only input coordinates can be primed, not {k!r}")
 
@@ -353,7 +353,7 @@ def instantiate(graph: Graph, X: np.ndarray | None) -> tuple[Graph, dict[str, tu
                     for s in op.expr.free_symbols:
                         k, primed = unprime(s)
                         sub[s] = node_symbol(rep(k, b if primed else a))
-                    args = tuple(dict.fromkeys(s.name for s in sub.values()))
+                    args = tuple(dict.fromkeys(s.key for s in sub.values()))
                     out.add(f"{key}[{a},{b}]", ops.Moment(op.expr.xreplace(sub)), args)
             continue
         for a in range(N):
@@ -366,8 +366,8 @@ def instantiate(graph: Graph, X: np.ndarray | None) -> tuple[Graph, dict[str, tu
     index: dict[str, tuple] = {}
     for name, expr in graph.outputs.items():
         expr = graph.expand_input_cov(expr)  # input-layer covariances as sums over coordinates
-        keys = {s.name for s in expr.free_symbols}
-        pair = any(unprime(s)[1] or (isinstance(graph.op(s.name), ops.Moment) and graph.op(s.name).pair)
+        keys = {unprime(s)[0] for s in expr.free_symbols}
+        pair = any(unprime(s)[1] or (isinstance(graph.op(unprime(s)[0]), ops.Moment) and graph.op(unprime(s)[0]).pair)
                    for s in expr.free_symbols)
         if pair:
             for a in range(N):

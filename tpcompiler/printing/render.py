@@ -9,36 +9,19 @@ from __future__ import annotations
 import sympy as sp
 
 from tpcompiler.ir import ops
-from tpcompiler.ir import symbols
 from tpcompiler.ir.graph import describe
 from tpcompiler.printing.latex import escape_text, latex, text
 from tpcompiler.ir.ops import node_symbol
-from tpcompiler.symbolic.master import Expectation, Z, ZProgram, key_of_z
+from tpcompiler.symbolic.master import Expectation, Z, ZProgram
 
 
 def _node_latex(key: str) -> str:
     return latex(node_symbol(key))
 
 
-def _z_names(expr: sp.Expr) -> dict:
-    names = {}
-    for s in expr.free_symbols:
-        if symbols.is_zhat(s):
-            names[s] = r"\hat{Z}^{%s}" % _node_latex(symbols.key_of(s)[0])
-        elif symbols.is_z(s):
-            key, primed = key_of_z(s)
-            names[s] = r"Z^{%s}" % _node_latex(key) + (r"(\xi')" if primed else "")
-    for d in expr.atoms(sp.Derivative):
-        names.update(_z_names(d.expr))
-        for v, _ in d.variable_count:
-            names.update(_z_names(v))
-    return names
-
-
 def tex(expr) -> str:
     """LaTeX of an expression with Z^x, ZHat^x and scalar names typeset."""
-    expr = sp.sympify(expr)
-    return latex(expr, _z_names(expr))
+    return latex(sp.sympify(expr))
 
 
 def _family_name(family: tuple) -> str:
@@ -111,10 +94,9 @@ def _sections(zp: ZProgram) -> list[tuple[str, list[str]]]:
             op = g.op(key)
             rep = {}
             for s in op.expr.free_symbols:
-                name = s.name
-                base = name[:-1] if name.endswith("'") else name
+                base, primed = ops.unprime(s)
                 if g.kind(base) == ops.VEC:
-                    rep[s] = Z(base, name.endswith("'"))
+                    rep[s] = Z(base, primed)
             zexpr = op.expr.xreplace(rep)
             if e.z == 0:
                 moments.append(rf"\mathring{{{k}}} = {tex(Expectation(zexpr))} = 0 \quad{text('(' + e.zero_reason + ')')}")
