@@ -12,9 +12,12 @@ its fields; nothing parses a name.
   (Master theorem, docs/DESIGN.md 2.2);
 * ``ZHatSymbol(key, primed)``    ZHat^key, the Gaussian leaf of the MatMul node ``key``;
 * ``QuantitySymbol(k, primed)``  quantity k of the pairwise-Gaussian kernel engine (an
-  expectation);
+  expectation; the row quantities of the second input are the primed ones);
 * ``RowFeatureSymbol(k, primed)`` row feature k of the kernel backend (a function of one
   input row; primed: of the second input's row);
+
+(the numbered kinds keep k in the field ``key`` too, so every kind with a second-input
+copy has the fields ``key`` and ``primed``);
 * ``GramSymbol(m)``              Gram entry m of the kernel backend (an inner product of
   the two input rows);
 * ``ArgumentSymbol()``           the argument t of a one-variable function g(t).
@@ -25,8 +28,8 @@ the second input between the two inputs.
 Names are for people and for code that needs one string per symbol (the numpy lowering's
 environments, deterministic sort orders of generated code): a node symbol is named by its
 key (``h``, ``h'`` primed) and every other kind carries ``:`` (``Z:h``, ``q:3'``), which no
-node key contains, so names are distinct across all symbols; but no code reads a meaning
-from them.  Symbols sort among themselves and with plain sympy symbols by name, as plain
+node key contains (the DSL takes identifiers; derived keys add only ``_ [ , ]``), so names
+are distinct across all symbols; but no code reads a meaning from them.  Symbols sort among themselves and with plain sympy symbols by name, as plain
 symbols do (``class_key``), so expression orderings do not depend on the classes.
 """
 from __future__ import annotations
@@ -114,97 +117,82 @@ def key_tex(key: str, primed: bool = False) -> str:
     return tex
 
 
-class NodeSymbol(CompilerSymbol):
-    """The program variable ``key`` (at the second input xi' if ``primed``)."""
+class _Sided(CompilerSymbol):
+    """A kind with a copy at the second input: fields (``key``, ``primed``), where ``key`` is
+    a node key (``str``) or an entry's number in its table (``int``, ``key_type``).  Named
+    ``prefix + key`` (``'`` appended when primed); its text is ``text_format`` of the key."""
 
     __slots__ = ("key", "primed")
     fields = ("key", "primed")
+    key_type, prefix, text_format = str, "", "{}"
 
-    @staticmethod
-    def _normalise(key, primed=False):
-        return str(key), bool(primed)
+    @classmethod
+    def _normalise(cls, key, primed=False):
+        return cls.key_type(key), bool(primed)
 
-    @staticmethod
-    def _display_name(key, primed):
-        return key + ("'" if primed else "")
+    @classmethod
+    def _display_name(cls, key, primed):
+        return f"{cls.prefix}{key}" + ("'" if primed else "")
+
+    def _text(self):
+        return self.text_format.format(self.key) + ("'" if self.primed else "")
+
+
+class NodeSymbol(_Sided):
+    """The program variable ``key`` (at the second input xi' if ``primed``)."""
+
+    __slots__ = ()
 
     def _tex(self, printer):
         return key_tex(self.key, self.primed)
 
-    def _text(self):
-        return self.name
 
-
-class _NodeVariable(CompilerSymbol):
+class _NodeVariable(_Sided):
     """A limit random variable attached to node ``key`` (Z or ZHat), at xi' if primed."""
 
-    __slots__ = ("key", "primed")
-    fields = ("key", "primed")
-    head, text_head = "", ""
-
-    @staticmethod
-    def _normalise(key, primed=False):
-        return str(key), bool(primed)
-
-    @classmethod
-    def _display_name(cls, key, primed):
-        return f"{cls.text_head}:{key}" + ("'" if primed else "")
+    __slots__ = ()
+    head = ""
 
     def _tex(self, printer):
         return r"%s^{%s}" % (self.head, key_tex(self.key)) + (AT_SECOND_INPUT if self.primed else "")
-
-    def _text(self):
-        return f"{self.text_head}^{self.key}" + ("'" if self.primed else "")
 
 
 class ZSymbol(_NodeVariable):
     """Z^key: the limit random variable of vector ``key``."""
 
     __slots__ = ()
-    head, text_head = "Z", "Z"
+    head, prefix, text_format = "Z", "Z:", "Z^{}"
 
 
 class ZHatSymbol(_NodeVariable):
     """ZHat^key: the Gaussian leaf of the MatMul node ``key`` (its family's member)."""
 
     __slots__ = ()
-    head, text_head = r"\hat{Z}", "Zhat"
+    head, prefix, text_format = r"\hat{Z}", "Zhat:", "Zhat^{}"
 
 
-class _Numbered(CompilerSymbol):
-    """Entry ``k`` of one of the kernel backend's tables, at xi' if primed."""
+class _Numbered(_Sided):
+    """Entry number ``key`` of one of the kernel backend's tables, at xi' if primed."""
 
-    __slots__ = ("k", "primed")
-    fields = ("k", "primed")
-    tex_head, text_head = "", ""
-
-    @staticmethod
-    def _normalise(k, primed=False):
-        return int(k), bool(primed)
-
-    @classmethod
-    def _display_name(cls, k, primed):
-        return f"{cls.text_head}:{k}" + ("'" if primed else "")
+    __slots__ = ()
+    key_type, tex_head = int, ""
 
     def _tex(self, printer):
-        return r"{%s%s}_{%d}" % (self.tex_head, "'" if self.primed else "", self.k)
-
-    def _text(self):
-        return f"{self.text_head}[{self.k}]" + ("'" if self.primed else "")
+        return r"{%s%s}_{%d}" % (self.tex_head, "'" if self.primed else "", self.key)
 
 
 class QuantitySymbol(_Numbered):
-    """Quantity k of the pairwise-Gaussian engine (an expectation)."""
+    """Quantity ``key`` of the pairwise-Gaussian engine (an expectation)."""
 
     __slots__ = ()
-    tex_head, text_head = "q", "q"
+    tex_head, prefix, text_format = "q", "q:", "q[{}]"
 
 
 class RowFeatureSymbol(_Numbered):
-    """Row feature k of the kernel backend (a function of one input row)."""
+    """Row feature ``key`` of the kernel backend (a function of one input row)."""
 
     __slots__ = ()
-    tex_head, text_head = "r", "rf"
+    tex_head, prefix, text_format = "r", "rf:", "rf[{}]"
 
 
 class GramSymbol(CompilerSymbol):
