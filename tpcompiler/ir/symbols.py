@@ -54,7 +54,7 @@ class CompilerSymbol(sp.Symbol):
 
     __slots__ = ()
     fields: tuple[str, ...] = ()
-    #: Only kinds with a second-input copy have a ``primed`` field.
+    #: Only kinds with a second-input copy (``_Sided``) have a ``primed`` field.
     primed = False
 
     def __new__(cls, *values):
@@ -267,9 +267,9 @@ def is_primed(s: sp.Basic) -> bool:
 
 
 def _with_primed(s: CompilerSymbol, value: bool) -> CompilerSymbol:
-    if "primed" not in type(s).fields:
+    if not isinstance(s, _Sided):
         raise TypeError(f"{s} has no copy at the second input")
-    return type(s)(*(value if f == "primed" else v for f, v in zip(s.fields, s.values())))
+    return type(s)(s.key, value)
 
 
 def primed(s: CompilerSymbol) -> CompilerSymbol:
