@@ -60,8 +60,8 @@ class Printer(LatexPrinter):
     printmethod = "_latex"
 
     def _print_Pow(self, expr):
-        base = expr.base
-        if (base.is_Symbol or isinstance(base, sp.Indexed)) and expr.exp.is_Rational and expr.exp.q == 1 and expr.exp > 0:
+        base, exp = expr.base, expr.exp
+        if (base.is_Symbol or isinstance(base, sp.Indexed)) and exp.is_Rational and exp.q == 1 and exp > 0:
             tex = self._print(base)
             if any(c in tex for c in "^'("):
                 return r"\left(%s\right)^{%s}" % (tex, self._print(expr.exp))
