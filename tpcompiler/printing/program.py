@@ -19,15 +19,27 @@ import sympy as sp
 
 from tpcompiler.ir import ops
 from tpcompiler.ir.ops import node_symbol
+from tpcompiler.ir.symbols import NodeSymbol
 from tpcompiler.ir.rules import MissingRule
 from tpcompiler.printing.latex import Printer, name, text
 
 ALPHA, BETA, J = sp.symbols("alpha beta j")
 
 
-def entry(key: str, *indices) -> sp.Indexed:
-    """The coordinate ``key[indices]`` of node ``key``."""
-    return sp.IndexedBase(node_symbol(key))[indices]
+class Coordinate(sp.Indexed):
+    """A coordinate ``x[indices]`` of a program variable x (``IndexedBase`` of its symbol).
+
+    It sorts in products as the symbol x does, then by its indices, so a listing orders its
+    factors as the expressions they come from (x_alpha before x_alpha(xi'), U_1 before xi)."""
+
+    def sort_key(self, order=None):
+        cls, (n, names), *rest = self.base.label.sort_key(order)
+        return (cls, (n, names + (str(self.indices),)), *rest)
+
+
+def entry(key: str, *indices, primed: bool = False) -> Coordinate:
+    """The coordinate ``key[indices]`` of node ``key`` (at the second input if ``primed``)."""
+    return Coordinate(sp.IndexedBase(NodeSymbol(key, primed)), *indices)
 
 
 def tex_number(value: float) -> str:
@@ -112,9 +124,9 @@ class ProgramPrinter(Printer):
         second input if x is primed)."""
         rep = {}
         for s in expr.free_symbols:
-            key, _ = ops.unprime(s)
+            key, primed = ops.unprime(s)
             if self.graph.kind(key) == ops.VEC:
-                rep[s] = sp.IndexedBase(s)[ALPHA]
+                rep[s] = entry(key, ALPHA, primed=primed)
         return expr.xreplace(rep)
 
 

@@ -49,7 +49,7 @@ class ZProgramPrinter(ProgramPrinter):
         """An input layer: a Gaussian whose covariance is an inner product of inputs."""
         g = self.graph
         U = g.args(key)[0]
-        parts = [rf"{self.z(key)}\ {text('Gaussian, independent of all but the input layers of ')}{self.node(U)}"]
+        parts = [rf"{self.z(key)}\ {text('Gaussian, independent of all but the input layers of ')} {self.node(U)}"]
         second = key in g.input_dependent()
         if second:
             parts.append(self.cov(key, key, g.init_covariance(key, key, prime_b=True), prime_b=True))
@@ -77,7 +77,7 @@ class ZProgramPrinter(ProgramPrinter):
         for t in entry.zdot:
             if t.is_zero:
                 d = zp.derivative_display(x, t.source)
-                lines.append(rf"\quad {text('term ')}{self.z(t.y)}:\ \mathbb{{E}}\left[{self._print(d)}\right] = 0"
+                lines.append(rf"\quad {text('term ')} {self.z(t.y)}:\ \mathbb{{E}}\left[{self._print(d)}\right] = 0"
                              rf"\ {text('(' + t.zero_reason + ')')}")
         return lines
 
