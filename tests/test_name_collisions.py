@@ -64,12 +64,67 @@ def test_input_names_do_not_change_kernels(input_name):
         np.testing.assert_allclose(got[k], ref[k], rtol=1e-13, atol=0)
 
 
-def test_internal_symbols_are_not_identifiers():
-    """Every internal symbol kind carries a character no DSL name (an identifier) can have."""
+def test_dsl_refuses_names_that_are_not_identifiers():
+    """Node keys are identifiers, so the names of node symbols never contain the ':' that
+    every other kind's name carries (the numpy lowering keys its environment by name)."""
     for s in (symbols.Z("u"), symbols.Zhat("h"), symbols.quantity(0), symbols.row_feature(1),
               symbols.gram(2), symbols.ARG):
-        assert not s.name.isidentifier()
-        assert symbols.kind_of(s) is not None
-    assert symbols.kind_of(sp.Symbol("Z_u")) is None
+        assert ":" in s.name and not s.name.isidentifier()
     with pytest.raises(tp.DSLError):
         tp.Program("p").vec("Z:u")
+
+
+#: One symbol of every kind, and a program variable spelled exactly like its name.
+KINDS = [symbols.Z("u"), symbols.Z("u", True), symbols.Zhat("h"), symbols.quantity(0),
+         symbols.primed(symbols.quantity(0)), symbols.row_feature(1), symbols.row_feature(1, True),
+         symbols.gram(2), symbols.ARG]
+
+
+@pytest.mark.parametrize("s", KINDS, ids=[repr(k) for k in KINDS])
+def test_identity_is_the_class_and_fields_not_the_name(s):
+    twin = symbols.NodeSymbol(s.name)           # same name, a program variable
+    plain = sp.Symbol(s.name, real=True)       # same name, a plain sympy symbol
+    assert twin.name == plain.name == s.name
+    assert s != twin and s != plain and twin != plain
+    assert len({s, twin, plain}) == 3 and len({s: 1, twin: 2, plain: 3}) == 3
+    assert not symbols.is_node(s) and symbols.is_node(twin) and not symbols.is_node(plain)
+    assert symbols.is_leaf_variable(twin) is False and symbols.is_quantity(twin) is False
+    expr = 2 * s + 3 * twin + 5 * plain
+    assert expr.xreplace({s: 0}) == 3 * twin + 5 * plain
+    assert expr.xreplace({twin: 0}) == 2 * s + 5 * plain
+    assert sp.diff(expr, s) == 2 and sp.diff(expr, twin) == 3
+    assert expr.subs(twin, 7) == 2 * s + 21 + 5 * plain
+    assert sp.lambdify([s, twin, plain], expr)(1.0, 10.0, 100.0) == 532.0
+
+
+def test_fields_not_names_decide_kind_key_and_side():
+    z = symbols.Z("u", True)
+    assert symbols.is_z(z) and z.key == "u" and z.primed and symbols.unprimed(z) == symbols.Z("u")
+    assert symbols.primed(symbols.Z("u")) == z and symbols.primed(z) == z
+    node = symbols.NodeSymbol("u", True)
+    assert node.key == "u" and symbols.unprimed(node) == symbols.NodeSymbol("u") != symbols.Z("u")
+    assert tp.ops.unprime(node) == ("u", True) and tp.ops.unprime(z) == (None, False)
+    assert symbols.to_first_input(z * node + symbols.quantity(3) * symbols.primed(symbols.quantity(3))) \
+        == symbols.Z("u") * symbols.NodeSymbol("u") + symbols.quantity(3) ** 2
+    with pytest.raises(TypeError):
+        symbols.primed(symbols.gram(0))
+    # a key that looks primed is still the first input's variable
+    assert not symbols.NodeSymbol("u'").primed and symbols.NodeSymbol("u'") != node
+
+
+@pytest.mark.parametrize("s", KINDS + [symbols.NodeSymbol("h_2", True)], ids=repr)
+def test_symbols_survive_pickling_and_copying(s):
+    import copy
+    import pickle
+
+    for back in (pickle.loads(pickle.dumps(s)), copy.deepcopy(s), eval(sp.srepr(s), vars(symbols))):
+        assert back == s and type(back) is type(s) and back.values() == s.values() and back.is_real
+
+
+def test_symbols_print_their_kind():
+    h1 = symbols.NodeSymbol("h_1", True)
+    assert sp.latex(symbols.Z("h2", True)) == r"Z^{h_{2}}(\xi')"
+    assert sp.latex(symbols.Zhat("h_2")) == r"\hat{Z}^{h_{2}}"
+    assert sp.latex(symbols.NodeSymbol("xi_1", True)) == r"{\xi'}_{1}"
+    assert sp.latex(h1 ** 2) == r"{h'}_{1}^{2}"
+    assert sp.sstr(symbols.Z("u") + h1) == "Z^u + h_1'"

@@ -93,3 +93,8 @@ def latex_text_outside_math(text: str) -> list[str]:
     for title in re.findall(r"\\paragraph\{(.*)\}", text):
         out += text_problems(r"\text{" + title + "}")
     return out
+
+
+def all_problems(formulas) -> list[str]:
+    """``formula: problem`` for every invalid formula of ``formulas``."""
+    return [f"{f!r}: {p}" for f in formulas for p in problems(f)]

@@ -160,15 +160,15 @@ def _affine(g, key, expr, env, coef, const, basis):
     k = evaluate(constant, env) if constant != 0 else 0.0
     for s, a in parts.items():
         w = evaluate(a, env)
-        c = c + w * coef[s.name]
-        k += w * const[s.name]
+        c = c + w * coef[s.key]
+        k += w * const[s.key]
     return c, k
 
 
 def _moment(g, expr, env, expect_product, const):
     """E[psi] for psi of degree <= 2 in the vectors: linear terms are their constant parts
     (the basis has mean zero), quadratic ones c_a^T S c_b + k_a k_b."""
-    vecs = sorted((s for s in expr.free_symbols if s.name in g.g and g.kind(s.name) == VEC), key=lambda s: s.name)
+    vecs = sorted((s for s in expr.free_symbols if s.key in g.g and g.kind(s.key) == VEC), key=lambda s: s.key)
     if not vecs:
         return evaluate(expr, env)
     total = 0.0
@@ -178,7 +178,7 @@ def _moment(g, expr, env, expect_product, const):
         if not idx:
             total += w
         elif len(idx) == 1:
-            total += w * const[vecs[idx[0]].name]
+            total += w * const[vecs[idx[0]].key]
         else:
-            total += w * expect_product(vecs[idx[0]].name, vecs[idx[1]].name)
+            total += w * expect_product(vecs[idx[0]].key, vecs[idx[1]].key)
     return total

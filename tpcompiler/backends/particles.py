@@ -30,11 +30,10 @@ import sympy as sp
 from threadpoolctl import threadpool_limits
 
 from tpcompiler.ir import ops
-from tpcompiler.ir import symbols
 from tpcompiler.symbolic.existence import UndefinedLimit
 from tpcompiler.ir.graph import ProgramError
 from tpcompiler.backends.lowering import evaluate
-from tpcompiler.symbolic.master import Expectation, ZProgram, key_of_z
+from tpcompiler.symbolic.master import Expectation, ZProgram
 
 #: Relative size below which a new ZHat's conditional variance counts as zero.
 DEGENERATE = 1e-12
@@ -146,7 +145,7 @@ class _Run:
     def _eval_vec(self, zexpr: sp.Expr) -> np.ndarray:
         env = {}
         for s in zexpr.free_symbols:
-            env[s.name] = self.env[key_of_z(s)[0]] if symbols.is_z(s) else self.env[s.name]
+            env[s.name] = self.env[s.key]  # Z^x and the scalar x: both the value of node x
         return evaluate(zexpr, env, size=self.M)
 
     def _limit_scalar(self, expr: sp.Expr, key: str) -> float:

@@ -20,6 +20,7 @@ from tpcompiler.ir import ops
 from tpcompiler.ir.graph import Graph, InputDecl, ProgramError
 from tpcompiler.ir.nonlinearities import builtin
 from tpcompiler.ir.ops import MAT, SCALAR, VEC, node_symbol, primed_symbol, unprime
+from tpcompiler.ir.symbols import NodeSymbol
 
 
 class DSLError(ProgramError, TypeError):
@@ -120,7 +121,7 @@ class Vec(_Value):
         if not self.program.graph.inputs:
             raise DSLError(f"{self._show()}.prime: the program has no input, so there is no second input xi'")
         dependent = self.program.graph.input_dependent()
-        return Vec(self.program, self.expr.xreplace({s: primed_symbol(s.name) for s in self.expr.free_symbols if s.name in dependent}))
+        return Vec(self.program, self.expr.xreplace({s: primed_symbol(s.key) for s in self.expr.free_symbols if s.key in dependent}))
 
 
 class Scalar(_Value):
@@ -203,11 +204,11 @@ class InputMatrix:
             if isinstance(s, Scalar):
                 p._same_program(s, f"{self.key}.apply")
                 e = s.expr
-                if not (isinstance(e, sp.Symbol) and e.name in p.graph.g and isinstance(p.graph.op(e.name), (ops.Input, ops.Param))):
+                if not (isinstance(e, NodeSymbol) and e.key in p.graph.g and isinstance(p.graph.op(e.key), (ops.Input, ops.Param))):
                     raise DSLError(f"{self.key}.apply: input coordinates or constants only, got {s._show()}")
-                keys.append(e.name)
+                keys.append(e.key)
             else:
-                keys.append(p.scalar(p.graph.fresh_key("c"), s).expr.name)
+                keys.append(p.scalar(p.graph.fresh_key("c"), s).expr.key)
         norm = self.k if norm is None else int(norm)
         key = p._name(name) if name else p.graph.fresh_key("t")
         p.graph.add(key, ops.InputLayer(columns, norm), (self.key, *keys))
@@ -277,7 +278,7 @@ class Program:
                 raise DSLError(f"matrix {name!r}: sigma {sigma} is negative")
             sig = node_symbol(self.graph.add(self._name(f"sigma_{name}"), ops.Param(float(s))))
         weight = self._weight(ntk_weight, f"matrix {name!r}")
-        self.graph.add(key, ops.InitMat(sig, bool(trainable), weight), tuple(sorted(s.name for s in sig.free_symbols)))
+        self.graph.add(key, ops.InitMat(sig, bool(trainable), weight), tuple(sorted(s.key for s in sig.free_symbols)))
         return Mat(self, key)
 
     def scalar(self, name: str, value) -> Scalar:
@@ -348,7 +349,7 @@ class Program:
         sig = sigma.expr if isinstance(sigma, Scalar) else _number(sigma, "readout sigma")
         b = None if bias is None else (bias.expr if isinstance(bias, Scalar) else _number(bias, "readout bias"))
         bw = None if bias_ntk_weight is None else _number(bias_ntk_weight, "readout bias_ntk_weight")
-        self.graph.readout = ops.Readout(key, vs[0].expr.name, sig, b, bw, tuple(v.expr.name for v in vs[1:]))
+        self.graph.readout = ops.Readout(key, vs[0].expr.key, sig, b, bw, tuple(v.expr.key for v in vs[1:]))
         return vs[0] if out_dim == 1 else vs
 
     def output(self, name: str, value) -> None:
@@ -384,7 +385,7 @@ class Program:
         """Rename node ``old`` (no instruction reads it yet); handles keep working."""
         self.graph.rename(old, self._name(new))
         self._cse = {k: (new if v == old else v) for k, v in self._cse.items()}
-        self._renamed = {k: (node_symbol(new) if v.name == old else v) for k, v in self._renamed.items()}
+        self._renamed = {k: (node_symbol(new) if v.key == old else v) for k, v in self._renamed.items()}
         self._renamed[node_symbol(old)] = node_symbol(new)
         return new
 
@@ -422,13 +423,13 @@ class Program:
         self._no_pair_moment(expr, vec._show())
         if any(unprime(s)[1] for s in expr.free_symbols):
             raise DSLError(f"{vec._show()}: a primed vector (second input) can only appear inside tp.mean for a kernel output")
-        if isinstance(expr, sp.Symbol) and expr.name in self.graph.g:
-            return self._rename(expr.name, name) if name is not None else expr.name
+        if isinstance(expr, NodeSymbol) and expr.key in self.graph.g:
+            return self._rename(expr.key, name) if name is not None else expr.key
         cse_key = ("nonlin", expr)
         if cse_key in self._cse and name is None:
             return self._cse[cse_key]
         key = self._name(name) if name else self.graph.fresh_key("t")
-        args = tuple(sorted((s.name for s in expr.free_symbols), key=lambda k: self.graph.g.nodes[k]["index"]))
+        args = tuple(sorted((s.key for s in expr.free_symbols), key=lambda k: self.graph.g.nodes[k]["index"]))
         self.graph.add(key, ops.Nonlin(expr), args)
         self._cse.setdefault(cse_key, key)
         return key
@@ -454,16 +455,16 @@ class Program:
 
     def _adopt_name(self, expr: sp.Expr, name: str) -> sp.Expr:
         """An output that is an unnamed, unread Moment gives the Moment its name."""
-        if (isinstance(expr, sp.Symbol) and expr.name in self.graph.g and expr.name.startswith("theta")
-                and isinstance(self.graph.op(expr.name), ops.Moment) and name.isidentifier()
-                and name not in self.graph.g and not self.graph.g.out_degree(expr.name)
+        if (isinstance(expr, NodeSymbol) and expr.key in self.graph.g and expr.key.startswith("theta")
+                and isinstance(self.graph.op(expr.key), ops.Moment) and name.isidentifier()
+                and name not in self.graph.g and not self.graph.g.out_degree(expr.key)
                 and not any(expr in e.free_symbols for e in self.graph.outputs.values())):
-            return node_symbol(self._rename(expr.name, name))
+            return node_symbol(self._rename(expr.key, name))
         return expr
 
     def _scalar_key(self, s: Scalar, name: str) -> str:
-        if isinstance(s.expr, sp.Symbol) and s.expr.name in self.graph.g:
-            return self._rename(s.expr.name, name)
+        if isinstance(s.expr, NodeSymbol) and s.expr.key in self.graph.g:
+            return self._rename(s.expr.key, name)
         raise DSLError(f"only Params and Moments can be named; {s._show()} is an expression (name its parts, or use it directly)")
 
 

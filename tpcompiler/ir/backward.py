@@ -21,6 +21,7 @@ import sympy as sp
 from tpcompiler.ir import ops
 from tpcompiler.ir.graph import Graph, ProgramError
 from tpcompiler.ir.ops import VEC, node_symbol
+from tpcompiler.ir.symbols import NodeSymbol
 from tpcompiler.symbolic.master import partials
 
 
@@ -89,8 +90,8 @@ def derive_backward(graph: Graph, prefix: str = "d", seed: sp.Expr | None = None
         if not terms:
             continue
         total = sp.Add(*terms)
-        if isinstance(total, sp.Symbol) and total.name in out.g and out.kind(total.name) == VEC:
-            dkey = total.name
+        if isinstance(total, NodeSymbol) and total.key in out.g and out.kind(total.key) == VEC:
+            dkey = total.key
         else:
             dkey = nonlin(f"{prefix}{key}", total)
         grads[key] = dkey

@@ -200,99 +200,9 @@ class Graph:
             for s in expr.free_symbols:
                 k, primed = unprime(s)
                 if k not in self.g or self.kind(k) != SCALAR:
-                    raise ProgramError(f"output {name!r}: {s.name!r} is not a scalar of this program")
+                    raise ProgramError(f"output {name!r}: {str(s)!r} is not a scalar of this program")
                 if primed and not isinstance(self.op(k), ops.Input):
                     raise ProgramError(f"output {name!r}: only input coordinates can be primed, not {k!r}")
-
-    # -- listing ------------------------------------------------------------------------
-    def listing(self, latex: bool = False) -> list[str]:
-        """The program in the papers' notation, one line per instruction."""
-        return [describe(self, k, latex) for k in self.order()]
-
-
-ALPHA, BETA = r"\alpha", r"\beta"
-
-
-def _fmt(expr, latex: bool, names: dict | None = None) -> str:
-    if latex:
-        from tpcompiler.printing.latex import latex as to_latex
-
-        return to_latex(expr, names)
-    return sp.sstr(expr)
-
-
-def _tex_number(value: float) -> str:
-    r"""A Param value in TeX (1e-05 -> 1.0 \cdot 10^{-5}, 0.5 -> 0.5)."""
-    from tpcompiler.printing.latex import latex as to_latex
-
-    return to_latex(sp.Integer(int(value)) if float(value).is_integer() and abs(value) < 1e15 else sp.Float(value, 6))
-
-
-def describe(graph: Graph, key: str, latex: bool = False) -> str:
-    """One line of the program listing for node ``key``."""
-    from tpcompiler.printing import latex as tex
-
-    op = graph.op(key)
-    name = _fmt(node_symbol(key), latex)
-    if isinstance(op, ops.InitVec):
-        partners = [
-            f"Cov({key}, {other}) = {_fmt(c, False)}"
-            for pair, c in graph.init_cov.items() if key in pair
-            for other in pair - {key} if graph.g.nodes[other]["index"] < graph.g.nodes[key]["index"]
-        ]
-        extra = ("; " + ", ".join(partners)) if partners else ""
-        if latex:
-            return (rf"{name} \in \mathbb{{R}}^n:\ \text{{initial}},\ {tex.indexed(key, ALPHA)} \sim \mathcal{{N}}(0, {_fmt(op.var, True)})"
-                    + (rf"\ {tex.text(extra)}" if extra else ""))
-        return f"{key} : Vec, initial, coordinates iid N(0, {_fmt(op.var, False)}){extra}"
-    if isinstance(op, ops.InitMat):
-        if latex:
-            return rf"{name} \in \mathbb{{R}}^{{n\times n}}:\ {tex.indexed(key, ALPHA + BETA)} \sim \mathcal{{N}}(0, {_fmt(op.sigma**2, True)}/n)"
-        return f"{key} : Mat, entries iid N(0, {_fmt(op.sigma**2, False)}/n)"
-    if isinstance(op, ops.Param):
-        return rf"{name} = {_tex_number(op.value)}" if latex else f"{key} : Scalar = {op.value:g}"
-    if isinstance(op, ops.WidthPower):
-        return rf"{name} = n^{{{_fmt(op.exponent, True)}}}" if latex else f"{key} : Scalar = n^({op.exponent})"
-    if isinstance(op, ops.InputMat):
-        if latex:
-            return rf"{name} \in \mathbb{{R}}^{{n\times {op.k}}}:\ {tex.indexed(key, ALPHA + ' j')} \sim \mathcal{{N}}(0, 1)\ \text{{({op.k} initial vectors)}}"
-        return f"{key} : n x {op.k} input matrix, entries iid N(0, 1) ({op.k} initial vectors)"
-    if isinstance(op, ops.InputLayer):
-        U, *scalars = graph.args(key)
-        columns = {c: sp.Symbol(f"{U}_{c + 1}") for c in op.columns}
-        terms = [node_symbol(s) * columns[c] for c, s in zip(op.columns, scalars)]
-        body = sp.Add(*terms) / sp.sqrt(op.norm)
-        if latex:
-            return rf"{name} := {_fmt(body, True, {sym: tex.indexed(U, str(c + 1)) for c, sym in columns.items()})}"
-        return f"{key} := {sp.sstr(body)}"
-    if isinstance(op, ops.Input):
-        return rf"{name}:\ \text{{input coordinate {op.index + 1} of }} {tex.name(op.group)}" if latex else f"{key} : Scalar, input coordinate {op.index + 1} of {op.group}"
-    if isinstance(op, ops.MatMul):
-        mat, x, tr = graph.matmul_parts(key)
-        m = _fmt(node_symbol(mat), latex) + (("^{\\top}" if latex else ".T") if tr else "")
-        xs = _fmt(node_symbol(x), latex)
-        return rf"{name} := {m} {xs}" if latex else f"{key} := {m} {xs}"
-    if isinstance(op, ops.Nonlin):
-        return rf"{name} := {_fmt(op.expr, True)}" if latex else f"{key} := {sp.sstr(op.expr)}"
-    if isinstance(op, ops.Moment):
-        if latex:
-            body = _fmt(op.expr, True, _index_alpha(graph, op.expr))
-            return rf"{name} := \frac{{1}}{{n}} \sum_{{\alpha=1}}^{{n}} {body}"
-        return f"{key} := (1/n) sum_a {sp.sstr(op.expr)}"
-    raise ProgramError(f"unknown instruction type {type(op).__name__} at {key!r}")
-
-
-def _index_alpha(graph: Graph, expr: sp.Expr) -> dict:
-    """LaTeX names writing each vector symbol x of a Moment's summand as x_alpha
-    (x_alpha(xi') if primed)."""
-    from tpcompiler.printing import latex as tex
-
-    names = {}
-    for s in expr.free_symbols:
-        key, primed = unprime(s)
-        if graph.kind(key) == VEC:
-            names[s] = tex.indexed(key, r"\alpha") + (r"(\xi')" if primed else "")
-    return names
 
 
 # ---------------------------------------------------------------------------------------
@@ -353,7 +263,7 @@ def instantiate(graph: Graph, X: np.ndarray | None) -> tuple[Graph, dict[str, tu
                     for s in op.expr.free_symbols:
                         k, primed = unprime(s)
                         sub[s] = node_symbol(rep(k, b if primed else a))
-                    args = tuple(dict.fromkeys(s.name for s in sub.values()))
+                    args = tuple(dict.fromkeys(s.key for s in sub.values()))
                     out.add(f"{key}[{a},{b}]", ops.Moment(op.expr.xreplace(sub)), args)
             continue
         for a in range(N):
@@ -366,8 +276,8 @@ def instantiate(graph: Graph, X: np.ndarray | None) -> tuple[Graph, dict[str, tu
     index: dict[str, tuple] = {}
     for name, expr in graph.outputs.items():
         expr = graph.expand_input_cov(expr)  # input-layer covariances as sums over coordinates
-        keys = {s.name for s in expr.free_symbols}
-        pair = any(unprime(s)[1] or (isinstance(graph.op(s.name), ops.Moment) and graph.op(s.name).pair)
+        keys = {unprime(s)[0] for s in expr.free_symbols}
+        pair = any(unprime(s)[1] or (isinstance(graph.op(unprime(s)[0]), ops.Moment) and graph.op(unprime(s)[0]).pair)
                    for s in expr.free_symbols)
         if pair:
             for a in range(N):

@@ -70,7 +70,7 @@ def kernel_program(graph: Graph) -> Graph:
             if w == 0:
                 continue
             coef, base = _scalar_multiple(out, grads[key])
-            primed = coef.xreplace({s: primed_symbol(s.name) for s in coef.free_symbols if s.name in dependent})
+            primed = coef.xreplace({s: primed_symbol(s.key) for s in coef.free_symbols if s.key in dependent})
             scaled[base] = scaled.get(base, sp.S.Zero) + w * coef * primed
         elif isinstance(op, ops.MatMul) and key in forward and key in grads:
             mat, x, tr = graph.matmul_parts(key)
@@ -106,9 +106,9 @@ def _scalar_multiple(graph: Graph, key: str) -> tuple[sp.Expr, str]:
     """(c, D) with Z^key = c * Z^D for a scalar c (c = 1, D = key otherwise)."""
     op = graph.op(key)
     if isinstance(op, ops.Nonlin):
-        vectors = [s for s in op.expr.free_symbols if graph.kind(s.name) == ops.VEC]
+        vectors = [s for s in op.expr.free_symbols if graph.kind(s.key) == ops.VEC]
         if len(vectors) == 1:
             c = sp.simplify(op.expr / vectors[0])
             if not c.has(vectors[0]):
-                return c, vectors[0].name
+                return c, vectors[0].key
     return sp.S.One, key

@@ -14,23 +14,24 @@ from dataclasses import dataclass
 
 import sympy as sp
 
+from tpcompiler.ir.symbols import AT_SECOND_INPUT, NodeSymbol, key_tex
+
 VEC, MAT, SCALAR, INPUT_MAT = "Vec", "Mat", "Scalar", "InputMat"
 
 
-def node_symbol(key: str) -> sp.Symbol:
+def node_symbol(key: str) -> NodeSymbol:
     """The sympy symbol standing for node ``key`` inside Nonlin and Moment expressions."""
-    return sp.Symbol(key, real=True)
+    return NodeSymbol(key)
 
 
-def primed_symbol(key: str) -> sp.Symbol:
+def primed_symbol(key: str) -> NodeSymbol:
     """The symbol for node ``key`` evaluated at the second input xi' (pair moments only)."""
-    return sp.Symbol(key + "'", real=True)
+    return NodeSymbol(key, True)
 
 
-def unprime(symbol: sp.Symbol) -> tuple[str, bool]:
-    """(node key, is_primed) of a symbol made by node_symbol or primed_symbol."""
-    name = symbol.name
-    return (name[:-1], True) if name.endswith("'") else (name, False)
+def unprime(symbol: NodeSymbol) -> tuple[str | None, bool]:
+    """(node key, is_primed) of a program variable; (None, False) for any other symbol."""
+    return (symbol.key, symbol.primed) if isinstance(symbol, NodeSymbol) else (None, False)
 
 
 @dataclass(frozen=True)
@@ -198,8 +199,8 @@ class InputCov(sp.Function):
 
     def _latex(self, printer):
         a, b, pa, pb = self.args
-        side = lambda p: r"(\xi')" if p else ""  # noqa: E731
-        return r"\mathrm{Cov}(Z^{%s}%s, Z^{%s}%s)" % (a, side(pa), b, side(pb))
+        side = lambda p: AT_SECOND_INPUT if p else ""  # noqa: E731
+        return r"\mathrm{Cov}(Z^{%s}%s, Z^{%s}%s)" % (key_tex(str(a)), side(pa), key_tex(str(b)), side(pb))
 
 
 #: Every instruction type a program graph may hold (Readout is not an instruction).

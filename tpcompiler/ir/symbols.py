@@ -1,101 +1,310 @@
-"""The compiler's internal sympy symbols, defined in one place.
+"""The compiler's sympy symbols, defined in one place, each kind its own class.
 
-A program's own variables are sympy symbols named by their node keys (``ops.node_symbol``),
-and node keys are Python identifiers (the DSL refuses anything else).  Every symbol the
-compiler makes for itself therefore carries the character ``:``, which no identifier
-contains, so no user name can ever be read as an internal symbol or collide with one:
+A symbol's identity is its class and its fields, never its name: two symbols are equal iff
+they are of the same class with the same fields (``_hashable_content``), so a program
+scalar called ``Z_u`` or ``q`` is a ``NodeSymbol`` and can never equal Z^u or a kernel
+quantity, whatever the names.  Code asks a symbol what it is with ``isinstance`` and reads
+its fields; nothing parses a name.
 
-* ``Z:x``      Z^x, the limit random variable of vector x (docs/DESIGN.md 2.2);
-* ``Zhat:x``   ZHat^x, the Gaussian leaf of the MatMul node x;
-* ``q:k``      quantity k of the pairwise-Gaussian kernel engine (an expectation);
-* ``rf:k``     row feature k of the kernel backend (a function of one input row);
-* ``G:m``      Gram entry m of the kernel backend (an inner product of two input rows);
-* ``arg:t``    the dummy argument of a one-variable function g(t) in the kernel engine.
+* ``NodeSymbol(key, primed)``    the program variable ``key`` (a node of the graph) inside
+  Nonlin, Moment and output expressions; primed: evaluated at the second input xi';
+* ``ZSymbol(key, primed)``       Z^key, the limit random variable of vector ``key``
+  (Master theorem, docs/DESIGN.md 2.2);
+* ``ZHatSymbol(key, primed)``    ZHat^key, the Gaussian leaf of the MatMul node ``key``;
+* ``QuantitySymbol(k, primed)``  quantity k of the pairwise-Gaussian kernel engine (an
+  expectation; the row quantities of the second input are the primed ones);
+* ``RowFeatureSymbol(k, primed)`` row feature k of the kernel backend (a function of one
+  input row; primed: of the second input's row);
 
-A trailing ``'`` marks the copy of a symbol evaluated at the second input xi' (pair moments
-and kernel entries); it applies to program and internal symbols alike.
+(the numbered kinds keep k in the field ``key`` too, so every kind with a second-input
+copy has the fields ``key`` and ``primed``);
+* ``GramSymbol(m)``              Gram entry m of the kernel backend (an inner product of
+  the two input rows);
+* ``ArgumentSymbol()``           the argument t of a one-variable function g(t).
+
+Every symbol is real.  ``primed(s)`` / ``unprimed(s)`` move any kind that has a copy at
+the second input between the two inputs.
+
+Names are for people and for code that needs one string per symbol (the numpy lowering's
+environments, deterministic sort orders of generated code): a node symbol is named by its
+key (``h``, ``h'`` primed) and every other kind carries ``:`` (``Z:h``, ``q:3'``), which no
+node key contains (the DSL takes identifiers; derived keys add only ``_ [ , ]``), so names
+are distinct across all symbols; but no code reads a meaning from them.  Symbols sort among themselves and with plain sympy symbols by name, as plain
+symbols do (``class_key``), so expression orderings do not depend on the classes.
 """
 from __future__ import annotations
 
+from functools import lru_cache
+
 import sympy as sp
+from sympy.printing.conventions import split_super_sub
+from sympy.printing.latex import translate
 
-SEP = ":"
-PRIME = "'"
-
-Z_KIND, ZHAT_KIND, QUANTITY_KIND, ROW_FEATURE_KIND, GRAM_KIND = "Z", "Zhat", "q", "rf", "G"
-
-
-def _internal(kind: str, name: str, primed: bool = False) -> sp.Symbol:
-    return sp.Symbol(f"{kind}{SEP}{name}" + (PRIME if primed else ""), real=True)
+#: The TeX written after a variable evaluated at the second input (Z^h(xi')).
+AT_SECOND_INPUT = r"(\xi')"
 
 
-def Z(key: str, primed: bool = False) -> sp.Symbol:
+class CompilerSymbol(sp.Symbol):
+    """A real sympy symbol whose identity is (class, ``fields``).
+
+    Subclasses list their identity attributes in ``fields`` (and ``__slots__``), in
+    constructor order, and define ``_display_name``, ``_tex`` and ``_text``.  The text
+    (``str``) of a symbol is a Python identifier only when it is its name: lambdify keeps
+    symbols whose text is an identifier and prints them by name."""
+
+    __slots__ = ()
+    fields: tuple[str, ...] = ()
+    #: Only kinds with a second-input copy (``_Sided``) have a ``primed`` field.
+    primed = False
+
+    def __new__(cls, *values):
+        return _make(cls, cls._normalise(*values))
+
+    @staticmethod
+    def _normalise(*values) -> tuple:
+        return values
+
+    @classmethod
+    def class_key(cls):
+        return sp.Symbol.class_key()
+
+    def values(self) -> tuple:
+        """The fields' values, in constructor order."""
+        return tuple(getattr(self, f) for f in self.fields)
+
+    def _hashable_content(self):
+        return self.values() + self._assumptions0
+
+    def __getnewargs_ex__(self):
+        return self.values(), {}
+
+    def _latex(self, printer):
+        names = printer._settings.get("symbol_names") or {}
+        return names[self] if self in names else self._tex(printer)
+
+    def _sympystr(self, printer):
+        return self._text()
+
+    def _sympyrepr(self, printer):
+        return "%s(%s)" % (type(self).__name__, ", ".join(repr(v) for v in self.values()))
+
+    def _tex(self, printer) -> str:
+        raise NotImplementedError
+
+    def _text(self) -> str:
+        raise NotImplementedError
+
+
+@lru_cache(maxsize=1 << 16)
+def _make(cls, values: tuple) -> CompilerSymbol:
+    obj = sp.Symbol.__xnew__(cls, cls._display_name(*values), real=True)
+    for f, v in zip(cls.fields, values):
+        setattr(obj, f, v)
+    return obj
+
+
+def key_tex(key: str, primed: bool = False) -> str:
+    r"""The typeset name of node ``key`` as sympy typesets a symbol of that name (``W2`` ->
+    ``W_{2}``, ``xi_1`` -> ``\xi_{1}``, ``sigma_W`` -> ``\sigma_{W}``); primed, the prime
+    sits on the base letter, grouped so that a power or index can follow (``{\xi'}_{1}``:
+    coordinate 1 of xi')."""
+    name, supers, subs = split_super_sub(key)
+    tex = "{%s'}" % translate(name) if primed else translate(name)
+    if supers:
+        tex += "^{%s}" % " ".join(translate(s) for s in supers)
+    if subs:
+        tex += "_{%s}" % " ".join(translate(s) for s in subs)
+    return tex
+
+
+class _Sided(CompilerSymbol):
+    """A kind with a copy at the second input: fields (``key``, ``primed``), where ``key`` is
+    a node key (``str``) or an entry's number in its table (``int``, ``key_type``).  Named
+    ``prefix + key`` (``'`` appended when primed); its text is ``text_format`` of the key."""
+
+    __slots__ = ("key", "primed")
+    fields = ("key", "primed")
+    key_type, prefix, text_format = str, "", "{}"
+
+    @classmethod
+    def _normalise(cls, key, primed=False):
+        return cls.key_type(key), bool(primed)
+
+    @classmethod
+    def _display_name(cls, key, primed):
+        return f"{cls.prefix}{key}" + ("'" if primed else "")
+
+    def _text(self):
+        return self.text_format.format(self.key) + ("'" if self.primed else "")
+
+
+class NodeSymbol(_Sided):
+    """The program variable ``key`` (at the second input xi' if ``primed``)."""
+
+    __slots__ = ()
+
+    def _tex(self, printer):
+        return key_tex(self.key, self.primed)
+
+
+class _NodeVariable(_Sided):
+    """A limit random variable attached to node ``key`` (Z or ZHat), at xi' if primed."""
+
+    __slots__ = ()
+    head = ""
+
+    def _tex(self, printer):
+        return r"%s^{%s}" % (self.head, key_tex(self.key)) + (AT_SECOND_INPUT if self.primed else "")
+
+
+class ZSymbol(_NodeVariable):
+    """Z^key: the limit random variable of vector ``key``."""
+
+    __slots__ = ()
+    head, prefix, text_format = "Z", "Z:", "Z^{}"
+
+
+class ZHatSymbol(_NodeVariable):
+    """ZHat^key: the Gaussian leaf of the MatMul node ``key`` (its family's member)."""
+
+    __slots__ = ()
+    head, prefix, text_format = r"\hat{Z}", "Zhat:", "Zhat^{}"
+
+
+class _Numbered(_Sided):
+    """Entry number ``key`` of one of the kernel backend's tables, at xi' if primed."""
+
+    __slots__ = ()
+    key_type, tex_head = int, ""
+
+    def _tex(self, printer):
+        return r"{%s%s}_{%d}" % (self.tex_head, "'" if self.primed else "", self.key)
+
+
+class QuantitySymbol(_Numbered):
+    """Quantity ``key`` of the pairwise-Gaussian engine (an expectation)."""
+
+    __slots__ = ()
+    tex_head, prefix, text_format = "q", "q:", "q[{}]"
+
+
+class RowFeatureSymbol(_Numbered):
+    """Row feature ``key`` of the kernel backend (a function of one input row)."""
+
+    __slots__ = ()
+    tex_head, prefix, text_format = "r", "rf:", "rf[{}]"
+
+
+class GramSymbol(CompilerSymbol):
+    """Gram entry m of the kernel backend (an inner product of the two input rows)."""
+
+    __slots__ = ("m",)
+    fields = ("m",)
+
+    @staticmethod
+    def _normalise(m):
+        return (int(m),)
+
+    @staticmethod
+    def _display_name(m):
+        return f"G:{m}"
+
+    def _tex(self, printer):
+        return "G_{%d}" % self.m
+
+    def _text(self):
+        return f"G[{self.m}]"
+
+
+class ArgumentSymbol(CompilerSymbol):
+    """The argument t of a one-variable function g(t) of the kernel engine."""
+
+    __slots__ = ()
+
+    @staticmethod
+    def _display_name():
+        return "arg:t"
+
+    def _tex(self, printer):
+        return "t"
+
+    def _text(self):
+        return self.name
+
+
+def Z(key: str, primed: bool = False) -> ZSymbol:
     """The symbol Z^key (Z^key(xi') if primed)."""
-    return _internal(Z_KIND, key, primed)
+    return ZSymbol(key, primed)
 
 
-def Zhat(key: str) -> sp.Symbol:
+def Zhat(key: str) -> ZHatSymbol:
     """The leaf ZHat of the MatMul node ``key``."""
-    return _internal(ZHAT_KIND, key)
+    return ZHatSymbol(key)
 
 
-def quantity(k: int) -> sp.Symbol:
+def quantity(k: int) -> QuantitySymbol:
     """Quantity number k of the pairwise-Gaussian engine."""
-    return _internal(QUANTITY_KIND, str(k))
+    return QuantitySymbol(k)
 
 
-def row_feature(k: int, second: bool = False) -> sp.Symbol:
-    """Row feature number k (at the second input if ``second``)."""
-    return _internal(ROW_FEATURE_KIND, str(k), second)
+def row_feature(k: int, second: bool = False) -> RowFeatureSymbol:
+    """Row feature number k (of the second input's row if ``second``)."""
+    return RowFeatureSymbol(k, second)
 
 
-def gram(m: int) -> sp.Symbol:
+def gram(m: int) -> GramSymbol:
     """Gram entry number m."""
-    return _internal(GRAM_KIND, str(m))
+    return GramSymbol(m)
 
 
 #: The argument t of one-variable functions g(t) in the kernel engine.
-ARG = _internal("arg", "t")
+ARG = ArgumentSymbol()
 
 
-def is_primed(s: sp.Symbol) -> bool:
-    return s.name.endswith(PRIME)
+def is_primed(s: sp.Basic) -> bool:
+    """Whether ``s`` is a symbol evaluated at the second input xi'."""
+    return isinstance(s, CompilerSymbol) and s.primed
 
 
-def primed(s: sp.Symbol) -> sp.Symbol:
-    """The second-input copy of ``s`` (program or internal symbol)."""
-    return sp.Symbol(s.name + PRIME, real=True)
+def _with_primed(s: CompilerSymbol, value: bool) -> CompilerSymbol:
+    if not isinstance(s, _Sided):
+        raise TypeError(f"{s} has no copy at the second input")
+    return type(s)(s.key, value)
 
 
-def unprimed(s: sp.Symbol) -> sp.Symbol:
+def primed(s: CompilerSymbol) -> CompilerSymbol:
+    """The copy of ``s`` at the second input xi' (``s`` itself if it is already primed)."""
+    return s if is_primed(s) else _with_primed(s, True)
+
+
+def unprimed(s: sp.Basic) -> sp.Basic:
     """The first-input version of ``s`` (``s`` itself when it is not primed)."""
-    return sp.Symbol(s.name[:-1], real=True) if is_primed(s) else s
+    return _with_primed(s, False) if is_primed(s) else s
 
 
-def kind_of(s: sp.Symbol) -> str | None:
-    """The internal kind of ``s`` (Z_KIND, ZHAT_KIND, ...), or None for a program symbol."""
-    head, sep, _ = s.name.partition(SEP)
-    return head if sep else None
+def is_z(s: sp.Basic) -> bool:
+    return isinstance(s, ZSymbol)
 
 
-def key_of(s: sp.Symbol) -> tuple[str, bool]:
-    """(name after the kind, primed) of an internal symbol: the node key of Z and ZHat."""
-    name = s.name[:-1] if is_primed(s) else s.name
-    return name.partition(SEP)[2], is_primed(s)
+def is_zhat(s: sp.Basic) -> bool:
+    return isinstance(s, ZHatSymbol)
 
 
-def is_z(s: sp.Symbol) -> bool:
-    return kind_of(s) == Z_KIND
-
-
-def is_zhat(s: sp.Symbol) -> bool:
-    return kind_of(s) == ZHAT_KIND
-
-
-def is_leaf_variable(s: sp.Symbol) -> bool:
+def is_leaf_variable(s: sp.Basic) -> bool:
     """Z or ZHat: a limit random variable."""
-    return kind_of(s) in (Z_KIND, ZHAT_KIND)
+    return isinstance(s, _NodeVariable)
 
 
-def is_quantity(s: sp.Symbol) -> bool:
-    return kind_of(s) == QUANTITY_KIND
+def is_quantity(s: sp.Basic) -> bool:
+    return isinstance(s, QuantitySymbol)
+
+
+def is_node(s: sp.Basic) -> bool:
+    """A program variable (of either input)."""
+    return isinstance(s, NodeSymbol)
+
+
+def to_first_input(expr: sp.Expr) -> sp.Expr:
+    """``expr`` with every symbol of the second input replaced by its first-input version."""
+    rep = {s: unprimed(s) for s in expr.free_symbols if is_primed(s)}
+    return expr.xreplace(rep) if rep else expr

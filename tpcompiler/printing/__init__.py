@@ -1,1 +1,2 @@
-"""Printing: Markdown / LaTeX rendering of Z programs (``render``) with the TeX printer (``latex``)."""
+"""Printing: the TeX printer (``latex``), program listings (``program.ProgramPrinter``) and
+Markdown / LaTeX pages of Z programs (``render.ZProgramPrinter``), one printer class throughout."""

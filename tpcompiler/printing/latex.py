@@ -2,14 +2,15 @@
 
 Every formula the project prints goes through this module:
 
-* ``Printer``, a sympy ``LatexPrinter`` that parenthesises the powers of a symbol whose
-  typeset name (``symbol_names``: ``Z^{h_{2}}``, ``Z^{h}(\\xi')``) carries a superscript or
-  an argument, so no double superscript (``Z^{h}^{2}``) or misplaced power is printed;
-  names that end in a subscript are built grouped (``{x_{2}}_{\\alpha}``, never the double
-  subscript ``x_{2}_{\\alpha}``);
-* ``latex(expr, names)`` prints an expression with such names;
-* ``name(key)`` typesets a node key (``W2`` -> ``W_{2}``, ``xi`` -> ``\\xi``) and
-  ``indexed(key, index)`` a coordinate of it (``{W_{2}}_{\\alpha\\beta}``);
+* ``Printer``, a sympy ``LatexPrinter``.  The compiler's symbols print themselves
+  (``ir.symbols``: ``Z^{h_{2}}``, ``\\hat{Z}^{h}``, ``Z^{h}(\\xi')``, ``{\\xi'}_{1}``); the
+  printer parenthesises the powers of a symbol whose TeX carries a superscript, a prime or
+  an argument, so no double superscript (``Z^{h}^{2}``) or misplaced power is printed, and
+  prints an entry of a sympy ``IndexedBase`` as its grouped base with the indices
+  juxtaposed (``{W_{2}}_{\\alpha \\beta}``, never the double subscript
+  ``W_{2}_{\\alpha\\beta}``), at the second input as ``{x_{2}}_{\\alpha}(\\xi')``;
+* ``latex(expr)`` prints an expression;
+* ``name(key)`` typesets a node key (``W2`` -> ``W_{2}``, ``xi`` -> ``\\xi``);
 * ``text(s)`` is ``\\text{s}`` with the characters that text mode does not accept as
   themselves (``_ ^ $ % # & ~ { } \\``) escaped.
 
@@ -22,7 +23,7 @@ from __future__ import annotations
 import sympy as sp
 from sympy.printing.latex import LatexPrinter
 
-from tpcompiler.ir.ops import node_symbol
+from tpcompiler.ir.symbols import AT_SECOND_INPUT, NodeSymbol, key_tex
 
 _TEXT_ESCAPES = {
     "\\": r"\textbackslash{}",
@@ -54,32 +55,34 @@ def group(tex: str) -> str:
 
 
 class Printer(LatexPrinter):
-    """sympy's LaTeX printer with safe powers of typeset names (see the module docstring)."""
+    """sympy's LaTeX printer with safe powers and indexed entries (see the module docstring)."""
 
     printmethod = "_latex"
 
     def _print_Pow(self, expr):
-        base = expr.base
-        names = self._settings.get("symbol_names") or {}
-        if (base.is_Symbol and base in names and ("^" in names[base] or "(" in names[base])
-                and expr.exp.is_Rational and expr.exp.q == 1 and expr.exp > 0):
-            return r"\left(%s\right)^{%s}" % (names[base], self._print(expr.exp))
+        base, exp = expr.base, expr.exp
+        if (base.is_Symbol or isinstance(base, sp.Indexed)) and exp.is_Rational and exp.q == 1 and exp > 0:
+            tex = self._print(base)
+            if any(c in tex for c in "^'("):
+                return r"\left(%s\right)^{%s}" % (tex, self._print(expr.exp))
         return super()._print_Pow(expr)
 
+    def _print_Indexed(self, expr):
+        label = expr.base.label
+        primed = isinstance(label, NodeSymbol) and label.primed
+        base = key_tex(label.key) if isinstance(label, NodeSymbol) else self._print(label)
+        indices = " ".join(self._print(i) for i in expr.indices)
+        return r"%s_{%s}" % (group(base), indices) + (AT_SECOND_INPUT if primed else "")
 
-def latex(expr, names: dict | None = None) -> str:
-    """LaTeX of ``expr``; ``names`` maps symbols to their typeset form."""
-    return Printer({"symbol_names": dict(names or {})}).doprint(sp.sympify(expr))
+
+def latex(expr) -> str:
+    """LaTeX of ``expr``."""
+    return Printer().doprint(sp.sympify(expr))
 
 
 def name(key: str) -> str:
     """The typeset name of node ``key`` (a sympy symbol's LaTeX: W2 -> W_{2}, xi -> \\xi)."""
-    return latex(node_symbol(key))
-
-
-def indexed(key: str, index: str) -> str:
-    """Coordinate ``index`` of node ``key``: ``{W_{2}}_{\\alpha\\beta}``."""
-    return r"%s_{%s}" % (group(name(key)), index)
+    return key_tex(key)
 
 
 def function_latex(func_name: str, printer, args, exp=None) -> str:

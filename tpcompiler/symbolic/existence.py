@@ -35,12 +35,10 @@ def shown(expr: sp.Expr) -> str:
     """``expr`` as text in the program's names (Z^x written x, ZHat^x written ZHat[x])."""
     rep = {}
     for s in expr.free_symbols:
-        primed = symbols.is_primed(s)
-        base = symbols.unprimed(s)
-        if symbols.is_zhat(base):
-            rep[s] = sp.Symbol(f"ZHat[{symbols.key_of(base)[0]}]")
-        elif symbols.is_z(base):
-            rep[s] = sp.Symbol(symbols.key_of(base)[0] + ("'" if primed else ""))
+        if symbols.is_zhat(s):
+            rep[s] = sp.Symbol(f"ZHat[{s.key}]" + ("'" if s.primed else ""))
+        elif symbols.is_z(s):
+            rep[s] = symbols.NodeSymbol(s.key, s.primed)
     return sp.sstr(expr.xreplace(rep))
 
 
@@ -179,7 +177,7 @@ class Checker:
         return memo
 
     def _z_keys(self, expr):
-        return [symbols.key_of(s)[0] for s in expr.free_symbols if symbols.is_z(s)]
+        return [s.key for s in expr.free_symbols if symbols.is_z(s)]
 
     def expr_risky(self, expr) -> bool:
         return bool(risky_atoms(expr, self.is_random)) or any(self.risky(k) for k in self._z_keys(expr))
@@ -191,7 +189,7 @@ class Checker:
         rep = {}
         for s in expr.free_symbols:
             if symbols.is_z(s) and not symbols.is_primed(s):
-                rep[s] = self._leaf_of(symbols.key_of(s)[0])
+                rep[s] = self._leaf_of(s.key)
         return expr.xreplace(rep)
 
     def _leaf_of(self, key: str) -> sp.Expr:
@@ -220,7 +218,7 @@ class Checker:
 
     @staticmethod
     def _show_leaf(s) -> str:
-        return symbols.key_of(s)[0] if symbols.is_z(s) else "ZHat^" + symbols.key_of(s)[0]
+        return s.key if symbols.is_z(s) else "ZHat^" + s.key
 
     # -- the checks ------------------------------------------------------------------------
     def check_nonlin(self, key: str) -> None:
@@ -313,7 +311,7 @@ class Checker:
             from tpcompiler.backends.lowering import evaluate
 
             values = {k: g.op(k).value for k in g.keys_of(ops.Param)}
-            keys = [symbols.key_of(s)[0] for s in inits]
+            keys = [s.key for s in inits]
             try:
                 cov = np.array([[float(evaluate(g.init_covariance(a, b), values)) for b in keys] for a in keys])
             except Exception:  # noqa: BLE001 - covariance not numeric (inputs)
@@ -367,7 +365,7 @@ class Checker:
         g = self.zp.graph
         values = {k: g.op(k).value for k in g.keys_of(ops.Param)}
         try:
-            key = symbols.key_of(leaf)[0]
+            key = leaf.key
             if symbols.is_z(leaf):
                 return float(evaluate(g.init_covariance(key, key), values))
             mat, x, _ = g.matmul_parts(key)
@@ -397,7 +395,7 @@ class Checker:
         for s in sorted(expr.free_symbols, key=sp.default_sort_key):
             if s in keep:
                 continue
-            node = s.name if s.name in self.zp.graph.g else None
+            node = s.key if symbols.is_node(s) and s.key in self.zp.graph.g else None
             op = self.zp.graph.op(node) if node else None
             if isinstance(op, ops.Param):
                 rep[s] = sp.nsimplify(op.value)

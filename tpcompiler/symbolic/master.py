@@ -76,11 +76,6 @@ def _is_random(expr: sp.Expr) -> bool:
     return any(symbols.is_leaf_variable(s) for s in expr.free_symbols)
 
 
-def key_of_z(symbol: sp.Symbol) -> tuple[str, bool]:
-    """(node key, primed) of a Z symbol."""
-    return symbols.key_of(symbol)
-
-
 @dataclass
 class ZDotTerm:
     """One term sigma^2 Z^y E[dZ^x/dZHat^source] of a ZDot (``coefficient`` includes sigma^2)."""
@@ -286,7 +281,7 @@ class ZProgram:
 
     def _symbol_signature(self, s: sp.Symbol) -> dict:
         if symbols.is_z(s):
-            return self.signature(key_of_z(s)[0])
+            return self.signature(s.key)
         return {}
 
     def zero_block(self, zexpr: sp.Expr, deps=None) -> str | None:
@@ -349,7 +344,7 @@ class ZProgram:
         if (key, arg) not in self._partials:
             vecs = self.graph.vector_args(key)
             for a, d in partials(self.entries[key].z, [Z(v) for v in vecs]).items():
-                self._partials[(key, key_of_z(a)[0])] = d
+                self._partials[(key, a.key)] = d
         return self._partials[(key, arg)]
 
     # -- rules --------------------------------------------------------------------------
@@ -450,7 +445,7 @@ class ZProgram:
         for e in expr.atoms(Expectation):
             d = e.args[0]
             if isinstance(d, sp.Derivative):
-                x, v = key_of_z(d.expr)[0], symbols.key_of(d.variables[0])[0]
+                x, v = d.expr.key, d.variables[0].key
                 rep[e] = Expectation(self.derivative_display(x, v))
         return expr.xreplace(rep) if rep else expr
 

@@ -42,6 +42,7 @@ from tpcompiler.training.finite import batch_indices
 from tpcompiler.ir.graph import Graph, ProgramError
 from tpcompiler.ir.nonlinearities import sigmoid
 from tpcompiler.ir.ops import VEC, node_symbol
+from tpcompiler.ir.symbols import NodeSymbol
 from tpcompiler.training.parametrization import ABC
 
 LOSSES = ("mse", "logistic", "softmax")
@@ -232,8 +233,8 @@ class _Unroller:
         return key
 
     def nonlin(self, expr: sp.Expr, base: str) -> str:
-        if isinstance(expr, sp.Symbol) and expr.name in self.g.g and self.g.kind(expr.name) == VEC:
-            return expr.name
+        if isinstance(expr, NodeSymbol) and expr.key in self.g.g and self.g.kind(expr.key) == VEC:
+            return expr.key
         return self.g.add_nonlin(self.key(base), expr)
 
     def mean(self, expr: sp.Expr, base: str = "m") -> sp.Symbol:

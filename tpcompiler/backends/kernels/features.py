@@ -27,10 +27,6 @@ from tpcompiler.ir.graph import Graph, ProgramError
 from tpcompiler.backends.lowering import numpy_function
 
 
-_primed = symbols.is_primed
-_unprime_symbol = symbols.unprimed
-
-
 class Features:
     """Feature symbols and their numeric values (see module docstring)."""
 
@@ -51,7 +47,7 @@ class Features:
         if isinstance(atom, ops.InputCov):
             a, b, pa, pb = str(atom.args[0]), str(atom.args[1]), int(atom.args[2]), int(atom.args[3])
             return {p for key, p in ((a, pa), (b, pb)) if key in self.dependent}
-        return {1 if _primed(atom) else 0}
+        return {int(symbols.is_primed(atom))}
 
     def _sides(self, expr: sp.Expr) -> set:
         sides = set()
@@ -75,11 +71,11 @@ class Features:
     # -- symbols ----------------------------------------------------------------------------
     def _to_first_input(self, expr: sp.Expr) -> sp.Expr:
         """A second-input-only expression rewritten as the same function of the first input."""
-        rep = {s: _unprime_symbol(s) for s in expr.free_symbols if _primed(s)}
+        rep = {}
         for c in expr.atoms(ops.InputCov):
             a, b, pa, pb = c.args
             rep[c] = ops.InputCov(a, b, sp.Integer(0), sp.Integer(0))
-        return expr.xreplace(rep)
+        return symbols.to_first_input(expr.xreplace(rep))
 
     def _row_symbol(self, expr: sp.Expr, second: bool) -> sp.Symbol:
         if expr not in self._row_index:
@@ -249,7 +245,7 @@ class Features:
                 covs = sorted(expr.atoms(ops.InputCov), key=sp.default_sort_key)
                 dummies = [sp.Dummy(f"c{i}") for i in range(len(covs))]
                 body = expr.xreplace(dict(zip(covs, dummies)))
-                syms = sorted(body.free_symbols & set(self.inputs0), key=lambda s: s.name)
+                syms = sorted(body.free_symbols & set(self.inputs0), key=sp.default_sort_key)
                 plan.append((numpy_function(body, syms + dummies), [self.inputs0[s] for s in syms],
                              [(str(c.args[0]), str(c.args[1])) for c in covs]))
             self._memo["row_plan"] = plan

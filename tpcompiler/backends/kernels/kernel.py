@@ -38,9 +38,8 @@ from tpcompiler.ir.ops import node_symbol
 from tpcompiler.backends.kernels.pairwise import E1, E2, PairwiseEngine
 
 KERNELS = ("nngp", "ntk")
-
-
-_p = symbols.primed
+#: The bound variable of the functions g(t) printed into generated source.
+_PRINTED_ARG = sp.Symbol("t", real=True)
 
 
 @functools.cache
@@ -131,7 +130,7 @@ class KernelFunction:
         loads0 = {symbols.row_feature(k): f"RF1[i, {k}]" for k in range(n_row)}
         loads1 = {symbols.row_feature(k, second=True): f"RF2T[{k}, j]" for k in range(n_row)}
         loads_q0 = {s: f"R1[i, {k}]" for k, s in enumerate(self.row_symbols)}
-        loads_q1 = {_p(s): f"R2T[{k}, j]" for k, s in enumerate(self.row_symbols)}
+        loads_q1 = {symbols.primed(s): f"R2T[{k}, j]" for k, s in enumerate(self.row_symbols)}
         n_g = len(self.features.bases)
         loads_g = {symbols.gram(m): f"G{m}[i, j]" for m in range(n_g)}
         grams = "".join(f"G{m}, " for m in range(n_g))
@@ -147,7 +146,8 @@ class KernelFunction:
         for i in quad:
             obj = self.expectations[i]
             lams = [obj.phi] + ([obj.psi] if isinstance(obj, gaussian2.PairExpectation) else [])
-            lams = [sp.Lambda(self.engine_t, lam.expr.xreplace({lam.variables[0]: self.engine_t})) for lam in lams]
+            # printed with a plain bound symbol: the source re-reads it with sympify
+            lams = [sp.Lambda(_PRINTED_ARG, lam.expr.xreplace({lam.variables[0]: _PRINTED_ARG})) for lam in lams]
             args = ", ".join(f"_sp.sympify({sp.srepr(lam)!r}, locals=_NS)" for lam in lams)
             build = "pair_expectation" if len(lams) == 2 else "expectation"
             # naming the callee's module keeps this module's numba cache from outliving it

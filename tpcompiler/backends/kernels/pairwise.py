@@ -72,9 +72,6 @@ class _Factor:
     side: int
 
 
-_prime = symbols.primed
-
-
 @dataclass
 class PairwiseEngine:
     """Builds quantity DAGs for expectations of a (template) program's forms."""
@@ -105,8 +102,20 @@ class PairwiseEngine:
                 self._leaf_block[Zhat(k)] = self.zp.block_of_leaf(k)
 
     # -- symbols and sides ----------------------------------------------------------------
-    def _leaf_node(self, s: sp.Symbol) -> tuple[str, bool]:
-        return symbols.key_of(s)
+    def _is_leaf(self, s: sp.Symbol) -> bool:
+        """A leaf (Z of an initial vector or a ZHat) of either input."""
+        return symbols.unprimed(s) in self._leaf_block
+
+    def _input_dependent(self, s: sp.Symbol) -> bool:
+        """Whether the first-input symbol ``s`` changes with the input: an input coordinate,
+        a leaf of an input-dependent node, or a quantity (row quantities are per input)."""
+        return (s in self._inputs or (s in self._leaf_block and s.key in self._dependent)
+                or symbols.is_quantity(s))
+
+    def _is_moment(self, s: sp.Symbol) -> bool:
+        """A first-input program variable that is a Moment of the graph."""
+        return (symbols.is_node(s) and not s.primed and s.key in self.graph.g
+                and isinstance(self.graph.op(s.key), ops.Moment))
 
     def to_side(self, expr: sp.Expr, side: int) -> sp.Expr:
         """A side-0 expression evaluated at the second input: prime every input-dependent
@@ -115,10 +124,8 @@ class PairwiseEngine:
             return expr
         rep = {}
         for s in expr.free_symbols:
-            if s.name.endswith("'"):
-                continue
-            if s in self._inputs or (s in self._leaf_block and self._leaf_node(s)[0] in self._dependent) or symbols.is_quantity(s):
-                rep[s] = _prime(s)
+            if not symbols.is_primed(s) and self._input_dependent(s):
+                rep[s] = symbols.primed(s)
         return expr.xreplace(rep)
 
     # -- forms --------------------------------------------------------------------------
@@ -151,8 +158,8 @@ class PairwiseEngine:
         for s in _ordered(expr.free_symbols):  # quantities are numbered as they are met
             if s in self._params:
                 rep[s] = self._params[s]
-            elif s.name in self.graph.g and isinstance(self.graph.op(s.name), ops.Moment):
-                rep[s] = self.moment(s.name)
+            elif self._is_moment(s):
+                rep[s] = self.moment(s.key)
         return rep
 
     def moment(self, key: str, same_input: bool = False) -> sp.Expr:
@@ -176,9 +183,8 @@ class PairwiseEngine:
         expr = sp.sympify(expr)
         rep = self._scalar_values(expr)
         if same_input:
-            rep.update({s: self.moment(s.name, True) for s in _ordered(expr.free_symbols)
-                        if s.name in self.graph.g and isinstance(self.graph.op(s.name), ops.Moment)})
-            rep.update({s: _unprimed(s) for s in expr.free_symbols if s.name.endswith("'")})
+            rep.update({s: self.moment(s.key, True) for s in _ordered(expr.free_symbols) if self._is_moment(s)})
+            rep.update({s: symbols.unprimed(s) for s in expr.free_symbols if symbols.is_primed(s)})
             rep.update({c: ops.InputCov(c.args[0], c.args[1], sp.Integer(0), sp.Integer(0)) for c in expr.atoms(ops.InputCov)})
         return expr.xreplace(rep)
 
@@ -222,7 +228,7 @@ class PairwiseEngine:
 
     def _is_single_function(self, e: sp.Expr) -> bool:
         """A sum that is a non-polynomial function g(L) of a single linear form L of leaves."""
-        leaves = [s for s in e.free_symbols if s in self._leaf_block or _unprimed(s) in self._leaf_block]
+        leaves = [s for s in e.free_symbols if self._is_leaf(s)]
         if not leaves or e.is_polynomial(*leaves):
             return False
         try:
@@ -234,7 +240,7 @@ class PairwiseEngine:
     def _expect_term(self, term: sp.Expr) -> sp.Expr:
         coef, factors = sp.S.One, []
         for f in sp.Mul.make_args(term):
-            if any(s in self._leaf_block or _unprimed(s) in self._leaf_block for s in f.free_symbols):
+            if any(self._is_leaf(s) for s in f.free_symbols):
                 factors.append(self._factor(f))
             else:
                 coef *= f
@@ -256,8 +262,8 @@ class PairwiseEngine:
 
     def _normalise_factor(self, f: sp.Expr) -> _Factor:
         """f = g(L) with L a linear form of leaves (constant absorbed into g)."""
-        leaves = [s for s in f.free_symbols if s in self._leaf_block or _unprimed(s) in self._leaf_block]
-        sides = {1 if s.name.endswith("'") else 0 for s in leaves if s.name.endswith("'") or self._leaf_node(s)[0] in self._dependent}
+        leaves = [s for s in f.free_symbols if self._is_leaf(s)]
+        sides = {int(s.primed) for s in leaves if s.primed or s.key in self._dependent}
         side = max(sides, default=0)
         if len(sides) > 1:
             raise NotPairwise(f"a factor mixes both inputs: {f}")
@@ -273,7 +279,7 @@ class PairwiseEngine:
         owner: dict = {}
         for i, f in enumerate(factors):
             for s in f.L.free_symbols:
-                block = self._leaf_block.get(_unprimed(s))
+                block = self._leaf_block.get(symbols.unprimed(s))
                 if block is None:
                     continue  # an input coordinate in a coefficient
                 if block in owner:
@@ -342,11 +348,11 @@ class PairwiseEngine:
         involves ZHats)."""
         by_block: dict = {}
         for la, ca in _coefficients(L1).items():
-            by_block.setdefault(self._leaf_block[_unprimed(la)], []).append((la, ca))
+            by_block.setdefault(self._leaf_block[symbols.unprimed(la)], []).append((la, ca))
         terms = []
         for lb, cb in _coefficients(L2).items():  # only leaves of one block are correlated
-            for la, ca in by_block.get(self._leaf_block[_unprimed(lb)], ()):
-                c = self._leaf_cov(_unprimed(la), s1, _unprimed(lb), s2)
+            for la, ca in by_block.get(self._leaf_block[symbols.unprimed(lb)], ()):
+                c = self._leaf_cov(symbols.unprimed(la), s1, symbols.unprimed(lb), s2)
                 if c != 0:
                     terms.append(ca * cb * c)
         return sp.Add(*terms)
@@ -354,8 +360,7 @@ class PairwiseEngine:
     def _leaf_cov(self, la: sp.Symbol, s1: int, lb: sp.Symbol, s2: int) -> sp.Expr:
         if self._leaf_block[la] != self._leaf_block[lb]:
             return sp.S.Zero
-        ka, _ = self._leaf_node(la)
-        kb, _ = self._leaf_node(lb)
+        ka, kb = la.key, lb.key
         if symbols.is_z(la):
             return self.graph.init_covariance(ka, kb, s1 == 1, s2 == 1, compact=True).xreplace(self._params)
         mat = self.graph.matmul_parts(ka)[0]
@@ -369,7 +374,7 @@ class PairwiseEngine:
         the primed symbols of their first-input versions)."""
         sides = self._sides(product)
         if sides == {1}:
-            return self.to_side(self.quantity(self._unprime_side(product), label), 1)
+            return self.to_side(self.quantity(symbols.to_first_input(product), label), 1)
         key = product
         if key in self.quantities:
             return self.quantities[key].symbol
@@ -384,21 +389,13 @@ class PairwiseEngine:
     def _sides(self, expr: sp.Expr) -> set:
         sides = set()
         for s in expr.free_symbols:
-            base = _unprimed(s)
-            dependent = base in self._inputs or (base in self._leaf_block and self._leaf_node(base)[0] in self._dependent) or symbols.is_quantity(base)
-            if dependent:
-                sides.add(1 if s.name.endswith("'") else 0)
+            if self._input_dependent(symbols.unprimed(s)):
+                sides.add(int(symbols.is_primed(s)))
         return sides or {0}
-
-    def _unprime_side(self, expr: sp.Expr) -> sp.Expr:
-        return expr.xreplace({s: _unprimed(s) for s in expr.free_symbols if s.name.endswith("'")})
 
     @property
     def order(self) -> list[Quantity]:
         return list(self._order)
-
-
-_unprimed = symbols.unprimed
 
 
 def _ordered(items) -> list:
@@ -407,7 +404,6 @@ def _ordered(items) -> list:
     numbering: iterating a set directly would follow the per-process string hash seed, so
     every run would generate new source and pay the whole Numba compile again."""
     return sorted(items, key=sp.default_sort_key)
-_is_leaf = symbols.is_leaf_variable
 
 
 def _coefficients(L: sp.Expr) -> dict:
@@ -425,7 +421,7 @@ def _linear_parts(expr: sp.Expr):
     coefs: dict = {}
     const = sp.S.Zero
     for term in sp.Add.make_args(expr):
-        leaves = [s for s in term.free_symbols if _is_leaf(s)]
+        leaves = [s for s in term.free_symbols if symbols.is_leaf_variable(s)]
         if not leaves:
             const += term
             continue
