@@ -1,16 +1,21 @@
-"""Hash-consed graph construction (Graph.intern) and the rule tables of the IR, front-end and
-training stages."""
+"""Hash-consed graph construction (Graph.intern), the rule tables of the IR, front-end and
+training stages, and tp.compile as a named list of passes."""
+import inspect
+
+import numpy as np
 import pytest
 import sympy as sp
 
 import tpcompiler as tp
+from tpcompiler import compiler
 from tpcompiler.backends import interpreter
+from tpcompiler.cli.commands import build_parser
 from tpcompiler.ir import ops
 from tpcompiler.ir.backward import derive_backward
-from tpcompiler.ir.graph import Graph, ProgramError
+from tpcompiler.ir.graph import Graph, OutputIndex, ProgramError, instantiate
 from tpcompiler.ir.ops import node_symbol
 from tpcompiler.ir.rules import MissingRule
-from tpcompiler.training import sgd
+from tpcompiler.training import finite, sgd
 
 
 def _graph() -> Graph:
@@ -125,3 +130,56 @@ def test_a_missing_rule_names_the_op_and_the_stage():
                          (tp.ir.backward.BACKWARD, "backward"), (sgd.REPLAY, "SGD replay")]:
         with pytest.raises(MissingRule, match=f"{stage}.*Fresh"):
             table(Fresh())
+
+
+# -- compile: passes and typed records ----------------------------------------------------
+def _readout_only() -> tp.Program:
+    """A one-hidden-layer network that declares only its readout (so it compiles to kernels)."""
+    p = tp.Program("net")
+    xi = p.input("xi", 3, default=np.eye(3)[:2])
+    p.readout(tp.relu(p.input_layer("h", xi)).named("x"))
+    return p
+
+
+def test_compile_is_a_named_list_of_passes():
+    assert [p.name for p in compiler.PASSES] == ["validate", "backward", "kernel program", "derive"]
+    net = _readout_only()
+    back = compiler.run_passes(net, until="backward")
+    assert back.grads is not None and back.zprogram is None and not back.graph.outputs
+    done = compiler.run_passes(net)
+    assert set(done.graph.outputs) == {"nngp", "ntk"} and done.zprogram is not None
+    assert done.source is net.graph and not net.graph.outputs  # the program is untouched
+    c = tp.compile(net)
+    assert c.source is net.graph and set(c.graph.outputs) == {"nngp", "ntk"}
+    with pytest.raises(ValueError, match="no pass called"):
+        compiler.run_passes(net, until="optimise")
+
+
+def test_bound_outputs_are_typed_records():
+    net = _readout_only()
+    X = np.array([[1.0, 0.0, 0.5], [0.0, 1.0, -0.5]])
+    zp, index = tp.compile(net).bind(X)
+    assert index["ntk[0,1]"] == OutputIndex("ntk", (0, 1))
+    assert index["nngp[1,1]"].template == "nngp" and index["nngp[1,1]"].examples == (1, 1)
+    graph, index2 = instantiate(tp.compile(net).graph, X)
+    assert index2 == index and set(graph.outputs) == set(index)
+
+
+def test_unrolled_outputs_carry_their_trajectory_entry():
+    net = tp.load("programs/mlp.py", depth=1, phi="tanh")
+    X, Y = np.array([[1.0, 0.0, 0.5], [0.0, 1.0, -0.5]]), np.array([0.3, -0.2])
+    graph, entries = sgd.unroll_trajectory(net, tp.named("mup", 1), tp.SGD(X, Y, steps=2, lr=0.5, X_eval=X[:1]))
+    assert set(entries) == set(graph.outputs)
+    assert entries["f_train[2,1]"] == sgd.TrajectoryEntry("train", 2, 1, 0)
+    assert entries["f_eval[0,0]"] == sgd.TrajectoryEntry("eval", 0, 0, 0)
+
+
+def test_train_results_have_distinct_names_and_one_particle_default():
+    assert tp.TrainResult is sgd.TrainResult and finite.FiniteTrainResult is not sgd.TrainResult
+    assert not hasattr(finite, "TrainResult")
+    for fn in (tp.Compiled.limit, tp.train):
+        assert inspect.signature(fn).parameters["particles"].default == compiler.DEFAULT_PARTICLES
+    parser = build_parser()
+    for command in ("limit", "train"):
+        sub = parser._subparsers._group_actions[0].choices[command]
+        assert sub.get_default("particles") == compiler.DEFAULT_PARTICLES

@@ -38,6 +38,7 @@ import sympy as sp
 
 from tpcompiler.ir import ops
 from tpcompiler import validation
+from tpcompiler.compiler import DEFAULT_PARTICLES, compile, graph_of
 from tpcompiler.ir.backward import derive_backward, forward_nodes
 from tpcompiler.training.finite import batch_indices
 from tpcompiler.ir.graph import Graph, ProgramError
@@ -477,9 +478,7 @@ def unroll(net: Graph, abc: ABC, sgd: SGD) -> Graph:
 
 def unroll_trajectory(net, abc: ABC, sgd: SGD) -> tuple[Graph, dict[str, "TrajectoryEntry"]]:
     """``unroll`` and the record of its outputs: output name -> ``TrajectoryEntry``."""
-    from tpcompiler.compiler import _graph_of
-
-    net = _graph_of(net)
+    net = graph_of(net)
     _check_abc_sgd(abc, sgd)
     unroller = _Unroller(net, abc, sgd)
     return unroller.build().validate(), unroller.trajectory
@@ -547,16 +546,15 @@ def training_kernel_graph(net: Graph, abc: ABC) -> Graph:
     return g
 
 
-def train(net, abc: ABC, sgd: SGD, particles: int = 200_000, seed: int = 0, method: str = "auto") -> TrainResult:
+def train(net, abc: ABC, sgd: SGD, particles: int = DEFAULT_PARTICLES, seed: int = 0, method: str = "auto") -> TrainResult:
     """The infinite-width trajectory of SGD (docs/DESIGN.md 2.4-2.6), routed by the regime:
     unstable -> error naming the violated conditions; feature learning -> limit of the
     unrolled program (exact if Gaussian-linear, else particles); kernel -> kernel gradient
     descent with the limiting NTK from f_0 = 0 (the mean over initializations); trivial ->
     f stays at its limit 0."""
-    from tpcompiler.compiler import _graph_of, compile
     from tpcompiler.training.parametrization import classify
 
-    graph = _graph_of(net)
+    graph = graph_of(net)
     _check_abc_sgd(abc, sgd)
     particles = validation.count(particles, "particles", minimum=1)
     seed = validation.count(seed, "seed")
