@@ -411,7 +411,7 @@ class Program:
     def _no_pair_moment(self, expr: sp.Expr, where: str) -> None:
         for s in expr.free_symbols:
             k = unprime(s)[0]
-            if k in self.graph.g and isinstance(self.graph.op(k), ops.Moment) and self.graph.op(k).pair:
+            if k in self.graph.g and self.graph.is_pair_moment(k):
                 raise DSLError(f"{where}: reads the pair moment {k!r}; pair moments (kernels) may only be read by outputs")
 
     def _materialize(self, vec: Vec, name: str | None = None) -> str:

@@ -166,6 +166,11 @@ class Graph:
     def keys_of(self, optype) -> list[str]:
         return [k for k in self.order() if isinstance(self.op(k), optype)]
 
+    def is_pair_moment(self, key: str) -> bool:
+        """Is ``key`` a pair moment (a kernel entry, read by outputs only)?"""
+        op = self.op(key)
+        return isinstance(op, ops.Moment) and op.pair
+
     def vector_args(self, key: str) -> list[str]:
         return [a for a in self.args(key) if self.kind(a) == VEC]
 
@@ -287,13 +292,8 @@ def _validate_expression(graph: Graph, key: str, op, args: tuple) -> None:
     for a in args:
         if graph.kind(a) in (MAT, ops.INPUT_MAT):
             raise ProgramError(f"instruction {key!r}: matrix {a!r} used where a Vec or Scalar is needed")
-        if _is_pair_moment(graph, a):
+        if graph.is_pair_moment(a):
             raise ProgramError(f"instruction {key!r} reads the pair moment {a!r}; pair moments (kernels) may only be read by outputs")
-
-
-def _is_pair_moment(graph: Graph, key: str) -> bool:
-    op = graph.op(key)
-    return isinstance(op, ops.Moment) and op.pair
 
 
 ALPHA, BETA = r"\alpha", r"\beta"
@@ -467,13 +467,13 @@ class _Binding:
         """A template symbol at the pair (xi_a, xi_b): primed symbols read example b, pair
         moments their (a, b) entry."""
         k, primed = unprime(s)
-        if _is_pair_moment(self.graph, k):
+        if self.graph.is_pair_moment(k):
             return node_symbol(f"{k}[{a},{b}]")
         return node_symbol(self.rep(k, b if primed else a))
 
     def output(self, name: str, expr: sp.Expr):
         """(concrete name, example indices, expression) of every copy of output ``name``."""
-        pair = any(unprime(s)[1] or _is_pair_moment(self.graph, unprime(s)[0]) for s in expr.free_symbols)
+        pair = any(unprime(s)[1] or self.graph.is_pair_moment(unprime(s)[0]) for s in expr.free_symbols)
         if pair:
             for a in range(self.N):
                 for b in range(self.N):

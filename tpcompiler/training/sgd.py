@@ -248,10 +248,10 @@ class _Unroller:
     # -- the program ------------------------------------------------------------------------
     def build(self) -> Graph:
         net, g = self.net, self.g
-        for k in net.order():  # parameters and constants shared by every step
-            op = net.op(k)
-            if isinstance(op, (ops.Param, ops.InitMat, ops.InputMat)) or (isinstance(op, ops.InitVec) and k not in net.input_dependent()):
-                g.add(k, op, net.args(k))
+        dependent = net.input_dependent()
+        for k in net.order():  # shared by every step: the declarations that do not depend on the input
+            if isinstance(net.op(k), ops.DECLARATIONS) and k not in dependent:
+                g.add(k, net.op(k), net.args(k))
         g.init_cov = dict(net.init_cov)
         g.add("eta", ops.Param(float(self.sgd.lr)))
         self.examples = []
