@@ -91,7 +91,8 @@ class Graph:
         ... numbered in order of generation).  Random initial tensors (``ops.INITIAL``) cannot
         be interned: every draw is its own variable."""
         if isinstance(op, ops.INITIAL):
-            raise ProgramError(f"{type(op).__name__} is a random draw: declare it by name with Graph.add")
+            raise TypeError(f"{type(op).__name__} is a random draw: declare it by name with Graph.add (a bug in "
+                            "the pass that interned it, not in the program)")
         found = self._interned.get(_intern_key(op, args))
         if found is not None and self._computes(found, op, args):
             return found
