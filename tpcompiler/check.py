@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from tpcompiler.compiler import Compiled, simulate_seeds
+from tpcompiler.compiler import CHECK_PARTICLES, Compiled, simulate_seeds
 
 #: Agreement at the top width: |mean - limit| <= Z_TOL * sqrt(se_mean^2 + se_limit^2).
 Z_TOL = 4.0
@@ -90,7 +90,7 @@ def judge(limits: dict[str, tuple[float, float]], runs: dict[int, dict[str, np.n
     return out
 
 
-def convergence_check(compiled: Compiled, widths=DEFAULT_WIDTHS, seeds: int = 20, particles: int = 1_000_000,
+def convergence_check(compiled: Compiled, widths=DEFAULT_WIDTHS, seeds: int = 20, particles: int = CHECK_PARTICLES,
                       seed: int = 0, x=None, progress=None) -> list[OutputCheck]:
     """Check every output of ``compiled`` against the finite-width program."""
     if len(set(widths)) < 2:

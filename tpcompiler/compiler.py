@@ -1,11 +1,23 @@
 """The compile step and the user-facing entry points (docs/DESIGN.md 5):
 ``tp.compile(program)`` -> ``Compiled`` with ``formulas``, ``limit``; ``tp.simulate``.
 
+``tp.compile`` is the list ``PASSES``, run in order, each a function of the ``Compilation``
+record the previous one returned:
+
+    validate        check types, argument kinds, pair-moment use and outputs
+    backward        (program with a readout and no outputs) append dz = sqrt(n) df/dz
+    kernel program  (same) outputs nngp and ntk as pair moments of the differentiated program
+    derive          the Master theorem: the Z program of the template
+
 A program with an input is a template over one input xi: formulas are derived and shown for
-the template, while evaluation first binds xi to data rows (``ir.instantiate``) and derives
-the concrete program.
+the template, while evaluation binds xi to data rows (``bind``: instantiate -> derive, per
+data).  The backward pass runs on the template, once, before instantiation.
 """
 from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Callable, NamedTuple
 
 import numpy as np
 
@@ -14,11 +26,22 @@ from tpcompiler import validation
 from tpcompiler.backends.exact import exact_limit, is_gaussian_linear
 from tpcompiler.backends.particles import limit as particle_limit
 from tpcompiler.frontend.dsl import Program
-from tpcompiler.ir.graph import Graph, ProgramError, instantiate
+from tpcompiler.ir.backward import derive_backward
+from tpcompiler.ir.graph import Graph, OutputIndex, ProgramError, instantiate
+from tpcompiler.ir.ntk import kernel_outputs
 from tpcompiler.symbolic.master import ZProgram, derive
 
+#: Monte-Carlo sample size M of ``limit``, ``tp.train`` and ``tpc limit``/``tpc train`` when
+#: none is given (moments without an exact evaluator): the standard error is sd / sqrt(M),
+#: about 0.2 % of the spread of the averaged quantity.
+DEFAULT_PARTICLES = 200_000
+#: ... of ``tpc check``, whose limit must be more precise than the finite-width runs it is
+#: compared with (20 seeds at width 8192: the limit's error must be negligible beside theirs).
+CHECK_PARTICLES = 5 * DEFAULT_PARTICLES
 
-def _graph_of(program) -> Graph:
+
+def graph_of(program) -> Graph:
+    """The graph of a ``tp.Program`` (or the graph itself)."""
     if isinstance(program, Program):
         return program.graph
     if isinstance(program, Graph):
@@ -26,21 +49,104 @@ def _graph_of(program) -> Graph:
     raise ProgramError(f"expected a tpcompiler.Program, got {type(program).__name__}")
 
 
+# ---------------------------------------------------------------------------------------
+# The passes of tp.compile.
+# ---------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Compilation:
+    """What the passes have produced so far (a field stays None until its pass ran)."""
+
+    source: Graph                       # the program as written
+    drop_zdot: bool = False             # ablation: derive with every ZDot term omitted
+    grads: dict | None = None           # backward: {z: dz} (kernel programs only)
+    graph: Graph | None = None          # the graph whose outputs are evaluated
+    zprogram: ZProgram | None = None    # derive: its Master-theorem Z program
+
+
+@dataclass(frozen=True)
+class Pass:
+    """One named step of ``tp.compile``: Compilation -> Compilation."""
+
+    name: str
+    run: Callable[[Compilation], Compilation]
+
+
+def _wants_kernels(graph: Graph) -> bool:
+    """A program that declares only a readout is evaluated through its kernels (NNGP, NTK)."""
+    return not graph.outputs and graph.readout is not None
+
+
+def _validate(c: Compilation) -> Compilation:
+    """Check the program (``Graph.validate``); it is then the graph to evaluate."""
+    return dataclasses.replace(c, graph=c.source.validate())
+
+
+def _backward(c: Compilation) -> Compilation:
+    """Readout-only programs: a copy with dz = sqrt(n) df/dz appended (``derive_backward``)."""
+    if not _wants_kernels(c.source):
+        return c
+    graph, grads = derive_backward(c.source)
+    return dataclasses.replace(c, graph=graph, grads=grads)
+
+
+def _kernel_program(c: Compilation) -> Compilation:
+    """After a backward pass: the outputs nngp, ntk as pair moments (``ntk.kernel_outputs``)."""
+    if c.grads is None:
+        return c
+    return dataclasses.replace(c, graph=kernel_outputs(c.source, c.graph, c.grads))
+
+
+def _derive(c: Compilation) -> Compilation:
+    """The Master-theorem Z program of the graph to evaluate (``symbolic.master.derive``)."""
+    return dataclasses.replace(c, zprogram=derive(c.graph, c.drop_zdot))
+
+
+PASSES: tuple[Pass, ...] = (
+    Pass("validate", _validate),
+    Pass("backward", _backward),
+    Pass("kernel program", _kernel_program),
+    Pass("derive", _derive),
+)
+
+
+def run_passes(program, drop_zdot: bool = False, until: str = PASSES[-1].name) -> Compilation:
+    """Run ``PASSES`` on ``program`` in order, up to and including the pass ``until``."""
+    state = Compilation(graph_of(program), drop_zdot)
+    for step in PASSES:
+        state = step.run(state)
+        if step.name == until:
+            return state
+    raise ValueError(f"no pass called {until!r}; the passes are {[step.name for step in PASSES]}")
+
+
+class Bound(NamedTuple):
+    """A compiled program bound to input rows: its Z program and where each concrete output
+    comes from (``OutputIndex``)."""
+
+    zprogram: ZProgram
+    index: dict[str, OutputIndex]
+
+
 class Compiled:
-    """A program with its derived Z program; evaluates limits and renders formulas."""
+    """A program with its derived Z program; evaluates limits and renders formulas.
+
+    ``source`` is the program's graph as written (kernels and training read it); ``graph`` the
+    graph whose outputs are evaluated (``source``, or its kernel program when the program
+    declares only a readout); ``zprogram`` the Master-theorem derivation of ``graph``."""
 
     def __init__(self, program, drop_zdot: bool = False):
-        self.program_graph = _graph_of(program)
-        self.graph = _evaluated_graph(program)
+        compilation = run_passes(program, drop_zdot)
+        self.source = compilation.source
+        self.graph = compilation.graph
         self.drop_zdot = drop_zdot
-        self.zprogram: ZProgram = derive(self.graph, drop_zdot)
+        self.zprogram: ZProgram = compilation.zprogram
         self._bound: dict = {}
-        self._snapshot = _snapshot(self.program_graph)
+        self._snapshot = _snapshot(self.source)
 
     def _unchanged(self) -> None:
         """The program must not have grown since compile: its new instructions or outputs
         would be missing from the derived Z program."""
-        now = _snapshot(self.program_graph)
+        now = _snapshot(self.source)
         if now != self._snapshot:
             added = [k for k in now[1] if k not in self._snapshot[1]]
             what = f"output {added[0]!r} was added" if added else "instructions or outputs were added"
@@ -57,13 +163,14 @@ class Compiled:
         validation.choice(format, "format", ("markdown", "latex"))
         return render(self.zprogram, format)
 
-    def bind(self, x=None) -> tuple[ZProgram, dict]:
-        """Z program of the program bound to input rows ``x`` (default: the program's own)."""
+    def bind(self, x=None) -> Bound:
+        """The program bound to input rows ``x`` (default: the program's own): the passes
+        instantiate -> derive, cached per data."""
         key = None if x is None else np.asarray(x, dtype=np.float64).tobytes() + bytes(str(np.shape(x)), "ascii")
         if key not in self._bound:
             graph, index = instantiate(self.graph, x)
             zp = self.zprogram if graph is self.graph else derive(graph, self.drop_zdot)
-            self._bound[key] = (zp, index)
+            self._bound[key] = Bound(zp, index)
         return self._bound[key]
 
     def kernels(self, X, X2=None, rtol: float = 1e-10) -> dict[str, np.ndarray]:
@@ -85,10 +192,10 @@ class Compiled:
         self._unchanged()
         key = ("kernels", float(rtol))
         if key not in self._bound:
-            self._bound[key] = KernelFunction(self.program_graph, rtol=rtol)
+            self._bound[key] = KernelFunction(self.source, rtol=rtol)
         return self._bound[key]
 
-    def limit(self, particles: int = 200_000, seed: int = 0, x=None, groups: int = 10,
+    def limit(self, particles: int = DEFAULT_PARTICLES, seed: int = 0, x=None, groups: int = 10,
               method: str = "auto") -> dict[str, tuple[float, float]]:
         """{output: (value, stderr)} of the infinite-width limit (stderr 0 where exact).
 
@@ -152,21 +259,10 @@ def compile(program, drop_zdot: bool = False) -> Compiled:  # noqa: A001 - the p
     return Compiled(program, drop_zdot)
 
 
-def _evaluated_graph(program) -> Graph:
-    """The graph whose outputs are evaluated: the program's, or its kernels if it declares
-    only a readout."""
-    graph = _graph_of(program)
-    if not graph.outputs and graph.readout is not None:
-        from tpcompiler.ir.ntk import kernel_program
-
-        return kernel_program(graph)
-    return graph
-
-
 def _finite_width_graph(program, x) -> Graph:
     """The program's graph bound to the input rows ``x``, checked to be runnable at finite
     width (it has outputs, every instruction is pointwise)."""
-    graph = _evaluated_graph(program)
+    graph = run_passes(program, until="kernel program").graph
     _require_outputs(graph)
     graph, _ = instantiate(graph, _rows(x, "x"))
     _pointwise(graph)

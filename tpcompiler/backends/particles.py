@@ -345,8 +345,9 @@ def _release_schedule(zp: ZProgram) -> dict[int, list[str]]:
     return schedule
 
 
-def limit(zp: ZProgram, particles: int = 100_000, seed: int = 0, groups: int = 10) -> dict[str, tuple[float, float]]:
-    """{output: (value, standard error)} from ``groups`` independent runs of particles/groups."""
+def limit(zp: ZProgram, particles: int, seed: int = 0, groups: int = 10) -> dict[str, tuple[float, float]]:
+    """{output: (value, standard error)} from ``groups`` independent runs of particles/groups
+    (the caller chooses the count; the API default is ``compiler.DEFAULT_PARTICLES``)."""
     if particles < 2 * groups:
         raise ProgramError(f"need at least {2 * groups} particles for {groups} groups, got {particles}")
     seqs = np.random.SeedSequence(seed).spawn(groups)

@@ -13,7 +13,7 @@ import numpy as np
 from tpcompiler import validation
 from tpcompiler.ir.graph import ProgramError
 from tpcompiler.ir.ops import InitMat
-from tpcompiler.compiler import MAX_RTOL, MIN_RTOL
+from tpcompiler.compiler import CHECK_PARTICLES, DEFAULT_PARTICLES, MAX_RTOL, MIN_RTOL
 from tpcompiler.frontend.loader import load, parameters, parse_params
 from tpcompiler.training.sgd import MAX_STEPS, MAX_UNROLLED, SLOW_UNROLLED, STEPS_WHY, UNROLL_TIMES
 
@@ -293,7 +293,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("limit", help="infinite-width limit of the outputs")
     _common(p)
-    p.add_argument("--particles", type=_count(1), default=200_000)
+    p.add_argument("--particles", type=_count(1), default=DEFAULT_PARTICLES)
     p.add_argument("--seed", type=_count(), default=0)
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_limit)
@@ -310,7 +310,7 @@ def build_parser() -> argparse.ArgumentParser:
     _common(p)
     p.add_argument("--widths", default="128,256,512,1024,2048,4096")
     p.add_argument("--seeds", type=_count(1), default=20)
-    p.add_argument("--particles", type=_count(1), default=1_000_000)
+    p.add_argument("--particles", type=_count(1), default=CHECK_PARTICLES)
     p.add_argument("--seed", type=_count(), default=0)
     p.add_argument("--plot", help="write a PNG of error against width")
     p.set_defaults(func=cmd_check)
@@ -333,7 +333,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch", type=_count(1), help="batch size (default: full batch)")
     p.add_argument("--loss", choices=["mse", "logistic", "softmax"], default="mse")
     p.add_argument("--eval", help="evaluation inputs (N_eval x d .npy)")
-    p.add_argument("--particles", type=_count(1), default=200_000)
+    p.add_argument("--particles", type=_count(1), default=DEFAULT_PARTICLES)
     p.add_argument("--seed", type=_count(), default=0)
     p.add_argument("--out", required=True, help="output .npz (f_train, f_eval, regime)")
     p.set_defaults(func=cmd_train)

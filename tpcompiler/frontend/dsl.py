@@ -4,8 +4,8 @@ Handles (``Vec``, ``Scalar``, ``Mat``) are lazy: arithmetic and nonlinearities o
 build one sympy expression over the program's node symbols, and only when a vector is read
 by an instruction (``W @ x``, ``tp.mean``) or named is it materialised as a single Nonlin
 instruction.  So ``y = 2.0 * v + h * u`` is one instruction ``y := 2 v + h u``, and equal
-expressions share one node (common-subexpression elimination).  Type errors are raised at
-construction time, naming the variables involved.
+unnamed expressions share one node (``Graph.intern``: the graph is hash-consed).  Type
+errors are raised at construction time, naming the variables involved.
 """
 from __future__ import annotations
 
@@ -208,10 +208,9 @@ class InputMatrix:
                     raise DSLError(f"{self.key}.apply: input coordinates or constants only, got {s._show()}")
                 keys.append(e.key)
             else:
-                keys.append(p.scalar(p.graph.fresh_key("c"), s).expr.key)
-        norm = self.k if norm is None else int(norm)
-        key = p._name(name) if name else p.graph.fresh_key("t")
-        p.graph.add(key, ops.InputLayer(columns, norm), (self.key, *keys))
+                keys.append(p.graph.intern(ops.Param(float(_number(s, f"{self.key}.apply")))))
+        layer, args = ops.InputLayer(columns, norm=self.k if norm is None else int(norm)), (self.key, *keys)
+        key = p.graph.add(p._name(name), layer, args) if name else p.graph.intern(layer, args)
         return Vec(p, node_symbol(key))
 
     def __repr__(self):
@@ -226,7 +225,6 @@ class Program:
             raise DSLError("Program needs a non-empty name")
         self.name = name
         self.graph = Graph(name)
-        self._cse: dict = {}
         self._renamed: dict[sp.Symbol, sp.Symbol] = {}
 
     @classmethod
@@ -384,7 +382,6 @@ class Program:
     def _rename(self, old: str, new: str) -> str:
         """Rename node ``old`` (no instruction reads it yet); handles keep working."""
         self.graph.rename(old, self._name(new))
-        self._cse = {k: (new if v == old else v) for k, v in self._cse.items()}
         self._renamed = {k: (node_symbol(new) if v.key == old else v) for k, v in self._renamed.items()}
         self._renamed[node_symbol(old)] = node_symbol(new)
         return new
@@ -415,7 +412,7 @@ class Program:
     def _no_pair_moment(self, expr: sp.Expr, where: str) -> None:
         for s in expr.free_symbols:
             k = unprime(s)[0]
-            if k in self.graph.g and isinstance(self.graph.op(k), ops.Moment) and self.graph.op(k).pair:
+            if k in self.graph.g and self.graph.is_pair_moment(k):
                 raise DSLError(f"{where}: reads the pair moment {k!r}; pair moments (kernels) may only be read by outputs")
 
     def _materialize(self, vec: Vec, name: str | None = None) -> str:
@@ -425,37 +422,25 @@ class Program:
             raise DSLError(f"{vec._show()}: a primed vector (second input) can only appear inside tp.mean for a kernel output")
         if isinstance(expr, NodeSymbol) and expr.key in self.graph.g:
             return self._rename(expr.key, name) if name is not None else expr.key
-        cse_key = ("nonlin", expr)
-        if cse_key in self._cse and name is None:
-            return self._cse[cse_key]
-        key = self._name(name) if name else self.graph.fresh_key("t")
-        args = tuple(sorted((s.key for s in expr.free_symbols), key=lambda k: self.graph.g.nodes[k]["index"]))
-        self.graph.add(key, ops.Nonlin(expr), args)
-        self._cse.setdefault(cse_key, key)
-        return key
+        return self._instruction(ops.Nonlin(expr), name)
 
     def _matmul(self, mat: str, x: str, transposed: bool) -> str:
-        cse_key = ("matmul", mat, x, transposed)
-        if cse_key not in self._cse:
-            self._cse[cse_key] = self.graph.add(self.graph.fresh_key("t"), ops.MatMul(transposed), (mat, x))
-        return self._cse[cse_key]
+        return self.graph.intern(ops.MatMul(transposed), (mat, x))
 
     def _moment(self, vec: Vec, name: str | None = None) -> str:
         expr = vec.expr
         self._no_pair_moment(expr, f"tp.mean({vec._show()})")
-        pair = any(unprime(s)[1] for s in expr.free_symbols)
-        cse_key = ("moment", expr)
-        if cse_key in self._cse and name is None:
-            return self._cse[cse_key]
-        key = self._name(name) if name else self.graph.fresh_key("theta")
-        args = tuple(dict.fromkeys(sorted((unprime(s)[0] for s in expr.free_symbols), key=lambda k: self.graph.g.nodes[k]["index"])))
-        self.graph.add(key, ops.Moment(expr, pair=pair), args)
-        self._cse.setdefault(cse_key, key)
-        return key
+        return self._instruction(ops.Moment(expr, pair=any(unprime(s)[1] for s in expr.free_symbols)), name)
+
+    def _instruction(self, op, name: str | None) -> str:
+        """The node of a Nonlin or Moment: a new node called ``name`` (the user asked for that
+        variable), or without a name the program's node for the same expression (interned)."""
+        args = self.graph.expr_args(op.expr)
+        return self.graph.add(self._name(name), op, args) if name else self.graph.intern(op, args)
 
     def _adopt_name(self, expr: sp.Expr, name: str) -> sp.Expr:
         """An output that is an unnamed, unread Moment gives the Moment its name."""
-        if (isinstance(expr, NodeSymbol) and expr.key in self.graph.g and expr.key.startswith("theta")
+        if (isinstance(expr, NodeSymbol) and expr.key in self.graph.generated
                 and isinstance(self.graph.op(expr.key), ops.Moment) and name.isidentifier()
                 and name not in self.graph.g and not self.graph.g.out_degree(expr.key)
                 and not any(expr in e.free_symbols for e in self.graph.outputs.values())):

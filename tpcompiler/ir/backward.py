@@ -22,29 +22,8 @@ from tpcompiler.ir import ops
 from tpcompiler.ir.graph import Graph, ProgramError
 from tpcompiler.ir.ops import VEC, node_symbol
 from tpcompiler.ir.symbols import NodeSymbol
+from tpcompiler.ir.rules import RuleTable
 from tpcompiler.symbolic.master import partials
-
-
-def _fresh(graph: Graph, base: str) -> str:
-    key, k = base, 1
-    while key in graph.g:
-        k += 1
-        key = f"{base}_{k}"
-    return key
-
-
-def _existing_instructions(graph: Graph) -> dict:
-    """Nonlin expressions and MatMul products already in the program, so a derived backward
-    pass reuses a hand-written one where they coincide."""
-    found = {}
-    for key in graph.order():
-        op = graph.op(key)
-        if isinstance(op, ops.Nonlin):
-            found.setdefault(("nonlin", op.expr), key)
-        elif isinstance(op, ops.MatMul):
-            mat, x, tr = graph.matmul_parts(key)
-            found.setdefault(("matmul", mat, x, tr), key)
-    return found
 
 
 def forward_nodes(graph: Graph) -> list[str]:
@@ -65,23 +44,14 @@ def forward_nodes(graph: Graph) -> list[str]:
 def derive_backward(graph: Graph, prefix: str = "d", seed: sp.Expr | None = None) -> tuple[Graph, dict[str, str]]:
     """A copy of ``graph`` with gradient vectors appended; returns (graph, {z: dz}).
 
-    ``seed`` replaces the readout's gradient sigma v (e.g. a loss gradient sum_k chi_k v_k);
-    it is an expression in node symbols of ``graph``."""
+    dz = sum of the contributions of the instructions that read z (each op's rule in
+    ``BACKWARD``), seeded by dx = sigma v at the readout vector x.  ``seed`` replaces that
+    gradient (e.g. a loss gradient sum_k chi_k v_k); it is an expression in node symbols of
+    ``graph``.  New nodes are interned: a gradient the program already computes (a
+    hand-written backward pass) is reused, not computed twice."""
     forward = forward_nodes(graph)
     out = graph.copy()
     ro = graph.readout
-    existing = _existing_instructions(out)
-
-    def nonlin(base: str, expr: sp.Expr) -> str:
-        if ("nonlin", expr) not in existing:
-            existing[("nonlin", expr)] = out.add_nonlin(_fresh(out, base), expr)
-        return existing[("nonlin", expr)]
-
-    def matmul(base: str, mat: str, x: str, tr: bool) -> str:
-        if ("matmul", mat, x, tr) not in existing:
-            existing[("matmul", mat, x, tr)] = out.add_matmul(_fresh(out, base), mat, x, tr)
-        return existing[("matmul", mat, x, tr)]
-
     contributions: dict[str, list[sp.Expr]] = {k: [] for k in forward}
     contributions[ro.vector].append(ro.sigma * node_symbol(ro.readout) if seed is None else seed)
     grads: dict[str, str] = {}
@@ -91,19 +61,36 @@ def derive_backward(graph: Graph, prefix: str = "d", seed: sp.Expr | None = None
             continue
         total = sp.Add(*terms)
         if isinstance(total, NodeSymbol) and total.key in out.g and out.kind(total.key) == VEC:
-            dkey = total.key
+            grads[key] = total.key
         else:
-            dkey = nonlin(f"{prefix}{key}", total)
-        grads[key] = dkey
+            grads[key] = out.intern_expr(ops.Nonlin, total, f"{prefix}{key}")
         op = graph.op(key)
-        if isinstance(op, ops.Nonlin):
-            derivs = partials(op.expr, [node_symbol(a) for a in graph.vector_args(key)])
-            for a in graph.vector_args(key):
-                partial = derivs[node_symbol(a)]
-                if partial != 0:
-                    contributions[a].append(partial * node_symbol(dkey))
-        elif isinstance(op, ops.MatMul):
-            mat, x, tr = graph.matmul_parts(key)
-            back = matmul(f"{prefix}{key}_{x}", mat, dkey, not tr)
-            contributions[x].append(node_symbol(back))
+        for arg, term in BACKWARD(op)(graph, out, key, op, grads[key], prefix):
+            contributions[arg].append(term)
     return out, grads
+
+
+#: Backward rules: given z = op(args) and dz, the contributions (arg, term) to the gradients
+#: of its vector arguments (d arg += term).  New nodes go into the differentiated graph.
+BACKWARD = RuleTable("backward", domain=ops.VECTOR_OPS)
+
+
+@BACKWARD.register(ops.InitVec, ops.InputLayer)
+def _backward_leaf(graph: Graph, out: Graph, key: str, op, dkey: str, prefix: str) -> list:
+    """Initial Gaussians read no vectors: the gradient stops here."""
+    return []
+
+
+@BACKWARD.register(ops.Nonlin)
+def _backward_nonlin(graph: Graph, out: Graph, key: str, op, dkey: str, prefix: str) -> list:
+    """y = phi(a_1..a_k; theta):  d a_i += (d phi / d a_i) dy."""
+    vectors = graph.vector_args(key)
+    derivs = partials(op.expr, [node_symbol(a) for a in vectors])
+    return [(a, derivs[node_symbol(a)] * node_symbol(dkey)) for a in vectors if derivs[node_symbol(a)] != 0]
+
+
+@BACKWARD.register(ops.MatMul)
+def _backward_matmul(graph: Graph, out: Graph, key: str, op, dkey: str, prefix: str) -> list:
+    """y = W a:  d a += W^T dy;   y = W^T a:  d a += W dy."""
+    mat, x, tr = graph.matmul_parts(key)
+    return [(x, node_symbol(out.intern(ops.MatMul(not tr), (mat, dkey), f"{prefix}{key}_{x}")))]

@@ -2,14 +2,21 @@
 
 Nodes are keyed by their name; each carries ``op`` (an instance from ``ops``), ``args``
 (ordered argument keys) and ``index`` (creation order, which makes the topological order
-deterministic).  Edges run from arguments to the instructions that read them.  Passes are
-functions Graph -> Graph (``instantiate`` here; backward derivation and SGD unrolling later).
+deterministic).  Edges run from arguments to the instructions that read them.
+
+Construction is hash-consed: ``Graph.intern(op, args)`` returns the node that already
+computes op(args), so a program never holds one computation twice and passes need no
+common-subexpression tables or fresh-name loops of their own; ``Graph.add`` adds a node under
+a name its author chose.  Passes are functions Graph -> Graph (``validate`` and
+``instantiate`` here, each instruction by its rule in a ``RuleTable``).
 """
 from __future__ import annotations
 
 import copy
 import dataclasses
 from dataclasses import dataclass
+from typing import NamedTuple
+from itertools import chain, count
 
 import networkx as nx
 import numpy as np
@@ -18,6 +25,16 @@ from sympy.core.symbol import Str
 
 from tpcompiler.ir import ops
 from tpcompiler.ir.ops import MAT, SCALAR, VEC, node_symbol, unprime
+from tpcompiler.ir.rules import RuleTable
+
+
+#: Prefix of the names ``Graph.intern`` generates, by op type (others: "t").
+GENERATED_PREFIX = {ops.Moment: "theta", ops.Param: "c"}
+
+
+def _intern_key(op, args) -> tuple:
+    """What makes two instructions the same: op type, op fields and arguments."""
+    return type(op), op, tuple(args)
 
 
 class ProgramError(ValueError):
@@ -42,18 +59,18 @@ class Graph:
         self.init_cov: dict[frozenset, sp.Expr] = {}
         self.inputs: dict[str, InputDecl] = {}
         self.readout: ops.Readout | None = None
+        #: (op type, op, args) -> the node computing it (see ``intern``).
+        self._interned: dict[tuple, str] = {}
+        #: Names made up by ``intern`` (not given by the program's author).
+        self.generated: set[str] = set()
         self._count = 0
 
     # -- construction -------------------------------------------------------------------
-    def fresh_key(self, prefix: str = "x") -> str:
-        while True:
-            self._count += 1
-            key = f"{prefix}{self._count}"
-            if key not in self.g:
-                return key
-
     def add(self, key: str, op, args: tuple[str, ...] = ()) -> str:
-        """Append instruction ``key = op(args)``; arguments must already exist."""
+        """Append instruction ``key = op(args)`` under the name ``key`` (which must be unused);
+        arguments must already exist.  The node is always new; unless ``op`` is a declaration
+        (``ops.DECLARATIONS``) it is offered to later ``intern`` requests for the same op and
+        arguments (the first such node wins)."""
         if key in self.g:
             raise ProgramError(f"program {self.name!r}: the name {key!r} is already used")
         for a in args:
@@ -62,17 +79,54 @@ class Graph:
         self.g.add_node(key, op=op, args=tuple(args), index=self.g.number_of_nodes())
         for pos, a in enumerate(args):
             self.g.add_edge(a, key, pos=pos)
+        if not isinstance(op, ops.DECLARATIONS):
+            self._interned.setdefault(_intern_key(op, args), key)
         return key
 
-    def add_nonlin(self, key: str, expr: sp.Expr, op_type=None, **fields) -> str:
-        """Append a Nonlin (or, with op_type, a Moment) whose arguments are the free symbols
-        of ``expr`` (primed symbols count as their node)."""
-        op_type = op_type or ops.Nonlin
-        args = sorted({unprime(s)[0] for s in expr.free_symbols}, key=lambda k: self.g.nodes[k]["index"])
-        return self.add(key, op_type(expr, **fields), tuple(args))
+    def intern(self, op, args: tuple[str, ...] = (), name: str | None = None) -> str:
+        """The node computing ``op(args)``: an existing node with the same op and arguments if
+        there is one (hash-consing: equal requests share one node, so no common subexpression
+        is computed twice), else a new node.  The new node is called ``name`` if that is
+        unused, else name_2, name_3, ...; without a name it gets a generated one (t1, theta2,
+        ... numbered in order of generation).  Random initial tensors (``ops.INITIAL``) cannot
+        be interned: every draw is its own variable."""
+        if isinstance(op, ops.INITIAL):
+            raise TypeError(f"{type(op).__name__} is a random draw: declare it by name with Graph.add (a bug in "
+                            "the pass that interned it, not in the program)")
+        found = self._interned.get(_intern_key(op, args))
+        if found is not None and self._computes(found, op, args):
+            return found
+        key = self.add(self._unused_name(name, op), op, args)
+        self._interned[_intern_key(op, args)] = key
+        if name is None:
+            self.generated.add(key)
+        return key
 
-    def add_matmul(self, key: str, mat: str, x: str, transposed: bool) -> str:
-        return self.add(key, ops.MatMul(transposed), (mat, x))
+    def _computes(self, key: str, op, args) -> bool:
+        """Does node ``key`` still compute op(args)?  (The sharing table is only trusted as far
+        as this: code that edits ``self.g`` directly may have removed or replaced the node.)"""
+        node = self.g.nodes.get(key)
+        return node is not None and type(node["op"]) is type(op) and node["op"] == op and node["args"] == tuple(args)
+
+    def intern_expr(self, op_type, expr: sp.Expr, name: str | None = None, **fields) -> str:
+        """``intern`` a Nonlin (or, with op_type, a Moment) of ``expr``: its arguments are the
+        nodes of the expression's symbols (``expr_args``)."""
+        return self.intern(op_type(expr, **fields), self.expr_args(expr), name)
+
+    def expr_args(self, expr: sp.Expr) -> tuple[str, ...]:
+        """The nodes an expression reads (a primed symbol reads its node), in creation order."""
+        keys = {unprime(s)[0] for s in expr.free_symbols}
+        return tuple(sorted(keys, key=lambda k: self.g.nodes[k]["index"]))
+
+    def _unused_name(self, name: str | None, op) -> str:
+        """``name``, name_2, name_3, ...: the first that no node has; without a name, the op's
+        prefix (``GENERATED_PREFIX``) and the next number of a counter shared by all
+        generated names."""
+        if name is not None:
+            return next(k for k in chain([name], (f"{name}_{i}" for i in count(2))) if k not in self.g)
+        prefix = GENERATED_PREFIX.get(type(op), "t")
+        self._count = next(i for i in count(self._count + 1) if f"{prefix}{i}" not in self.g)
+        return f"{prefix}{self._count}"
 
     def rename(self, old: str, new: str) -> None:
         """Give a node a new name; only allowed before anything reads it."""
@@ -86,6 +140,8 @@ class Graph:
                 "name a vector right where it is created"
             )
         nx.relabel_nodes(self.g, {old: new}, copy=False)
+        self._interned = {k: (new if v == old else v) for k, v in self._interned.items()}
+        self.generated.discard(old)
         if self.readout is not None and old in (self.readout.vector, self.readout.readout):
             self.readout = dataclasses.replace(
                 self.readout,
@@ -110,6 +166,11 @@ class Graph:
 
     def keys_of(self, optype) -> list[str]:
         return [k for k in self.order() if isinstance(self.op(k), optype)]
+
+    def is_pair_moment(self, key: str) -> bool:
+        """Is ``key`` a pair moment (a kernel entry, read by outputs only)?"""
+        op = self.op(key)
+        return isinstance(op, ops.Moment) and op.pair
 
     def vector_args(self, key: str) -> list[str]:
         return [a for a in self.args(key) if self.kind(a) == VEC]
@@ -167,35 +228,14 @@ class Graph:
         return copy.deepcopy(self)
 
     # -- validation ---------------------------------------------------------------------
-    def validate(self) -> None:
-        """Check types, argument kinds, pair-moment use and outputs; raise ProgramError."""
+    def validate(self) -> "Graph":
+        """Check types, argument kinds, pair-moment use and outputs (each instruction by its
+        rule in ``VALIDATE``); raise ProgramError.  Returns the graph, so it composes as a pass."""
         if not nx.is_directed_acyclic_graph(self.g):
             raise ProgramError(f"program {self.name!r} has a cycle")
         for key in self.order():
             op = self.op(key)
-            args = self.args(key)
-            if isinstance(op, ops.MatMul):
-                mat, x = args
-                if self.kind(mat) != MAT or self.kind(x) != VEC:
-                    raise ProgramError(f"instruction {key!r}: MatMul needs (Mat, Vec), got ({self.kind(mat)}, {self.kind(x)})")
-            if isinstance(op, ops.InputLayer):
-                U, *scalars = args
-                if not isinstance(self.op(U), ops.InputMat):
-                    raise ProgramError(f"instruction {key!r}: an input layer reads an input matrix, not {U!r}")
-                if len(scalars) != len(op.columns) or any(not 0 <= c < self.op(U).k for c in op.columns):
-                    raise ProgramError(f"instruction {key!r}: columns {op.columns} do not fit {U!r} (k = {self.op(U).k}) and {len(scalars)} scalars")
-                for s in scalars:
-                    if not isinstance(self.op(s), (ops.Input, ops.Param)):
-                        raise ProgramError(f"instruction {key!r}: an input layer multiplies input coordinates or constants, not {s!r}")
-            if isinstance(op, (ops.Nonlin, ops.Moment)):
-                syms = {unprime(s)[0] for s in op.expr.free_symbols}
-                if syms != set(args):
-                    raise ProgramError(f"instruction {key!r}: expression variables {sorted(syms)} do not match arguments {list(args)}")
-                for a in args:
-                    if self.kind(a) in (MAT, ops.INPUT_MAT):
-                        raise ProgramError(f"instruction {key!r}: matrix {a!r} used where a Vec or Scalar is needed")
-                    if isinstance(self.op(a), ops.Moment) and self.op(a).pair:
-                        raise ProgramError(f"instruction {key!r} reads the pair moment {a!r}; pair moments (kernels) may only be read by outputs")
+            VALIDATE(op)(self, key, op, self.args(key))
         for name, expr in self.outputs.items():
             for s in expr.free_symbols:
                 k, primed = unprime(s)
@@ -203,23 +243,98 @@ class Graph:
                     raise ProgramError(f"output {name!r}: {str(s)!r} is not a scalar of this program")
                 if primed and not isinstance(self.op(k), ops.Input):
                     raise ProgramError(f"output {name!r}: only input coordinates can be primed, not {k!r}")
+        return self
+
+
+# ---------------------------------------------------------------------------------------
+# Validation rules: what each instruction requires of its arguments (docs/DESIGN.md 2.1).
+# ---------------------------------------------------------------------------------------
+VALIDATE = RuleTable("validation", domain=ops.INSTRUCTIONS)
+
+
+@VALIDATE.register(ops.InitVec, ops.InitMat, ops.InputMat, ops.Param, ops.WidthPower, ops.Input)
+def _validate_leaf(graph: Graph, key: str, op, args: tuple) -> None:
+    """Declarations read no vectors (a matrix's arguments are the Params of its sigma)."""
+
+
+@VALIDATE.register(ops.MatMul)
+def _validate_matmul(graph: Graph, key: str, op, args: tuple) -> None:
+    """W x reads a matrix and a vector."""
+    mat, x = args
+    if graph.kind(mat) != MAT or graph.kind(x) != VEC:
+        raise ProgramError(f"instruction {key!r}: MatMul needs (Mat, Vec), got ({graph.kind(mat)}, {graph.kind(x)})")
+
+
+@VALIDATE.register(ops.InputLayer)
+def _validate_input_layer(graph: Graph, key: str, op, args: tuple) -> None:
+    """U s / sqrt(norm) reads an input matrix U and one input coordinate or constant per column."""
+    U, *scalars = args
+    if not isinstance(graph.op(U), ops.InputMat):
+        raise ProgramError(f"instruction {key!r}: an input layer reads an input matrix, not {U!r}")
+    if len(scalars) != len(op.columns) or any(not 0 <= c < graph.op(U).k for c in op.columns):
+        raise ProgramError(f"instruction {key!r}: columns {op.columns} do not fit {U!r} (k = {graph.op(U).k}) and {len(scalars)} scalars")
+    for s in scalars:
+        if not isinstance(graph.op(s), (ops.Input, ops.Param)):
+            raise ProgramError(f"instruction {key!r}: an input layer multiplies input coordinates or constants, not {s!r}")
+
+
+@VALIDATE.register(ops.Nonlin, ops.Moment)
+def _validate_expression(graph: Graph, key: str, op, args: tuple) -> None:
+    """phi(x..; theta..) and (1/n) sum psi(x..): the arguments are exactly the expression's
+    variables, none a matrix, none a pair moment (pair moments are read by outputs only)."""
+    syms = {unprime(s)[0] for s in op.expr.free_symbols}
+    if syms != set(args):
+        raise ProgramError(f"instruction {key!r}: expression variables {sorted(syms)} do not match arguments {list(args)}")
+    for a in args:
+        if graph.kind(a) in (MAT, ops.INPUT_MAT):
+            raise ProgramError(f"instruction {key!r}: matrix {a!r} used where a Vec or Scalar is needed")
+        if graph.is_pair_moment(a):
+            raise ProgramError(f"instruction {key!r} reads the pair moment {a!r}; pair moments (kernels) may only be read by outputs")
 
 
 # ---------------------------------------------------------------------------------------
 # Pass: bind the input of a template program to concrete data rows.
 # ---------------------------------------------------------------------------------------
-def instantiate(graph: Graph, X: np.ndarray | None) -> tuple[Graph, dict[str, tuple]]:
+class OutputIndex(NamedTuple):
+    """Where a concrete output comes from: its template output and the example indices
+    (() for an input-free output, (a,) per input, (a, b) for a pair output)."""
+
+    template: str
+    examples: tuple
+
+
+def instantiate(graph: Graph, X: np.ndarray | None) -> tuple[Graph, dict[str, OutputIndex]]:
     """Replicate the input-dependent part of ``graph`` once per row of ``X`` (docs/DESIGN.md 2.1:
     a network on N inputs is one program holding N forward passes that share weights).
 
-    Returns the concrete graph and ``index``: output name -> (template output, example
-    indices) — ``name[a]`` for per-input outputs and ``name[a,b]`` for pair outputs.
-    Input coordinates become Params holding the data values.  Programs without inputs are
-    returned unchanged."""
+    Returns the concrete graph and ``index``: output name -> ``OutputIndex`` -- ``name[a]`` for
+    per-input outputs and ``name[a,b]`` for pair outputs.  Input coordinates become Params
+    holding the data values (each instruction is replicated by its rule in ``INSTANTIATE``).
+    Programs without inputs are returned unchanged."""
     if not graph.inputs:
         if X is not None:
             raise ProgramError(f"program {graph.name!r} has no input, but input data was given")
-        return graph, {name: (name, ()) for name in graph.outputs}
+        return graph, {name: OutputIndex(name, ()) for name in graph.outputs}
+    X = _input_rows(graph, X)
+    binding = _Binding(graph, Graph(graph.name), X, graph.input_dependent())
+    binding.out.init_cov = dict(graph.init_cov)
+    for key in graph.order():
+        op = graph.op(key)
+        if key in binding.dependent:
+            INSTANTIATE(op)(binding, key, op)
+        else:
+            binding.out.add(key, op, graph.args(key))
+    index: dict[str, OutputIndex] = {}
+    for name, expr in graph.outputs.items():
+        for concrete, examples, value in binding.output(name, graph.expand_input_cov(expr)):
+            binding.out.outputs[concrete] = value
+            index[concrete] = OutputIndex(name, examples)
+    return binding.out, index
+
+
+def _input_rows(graph: Graph, X) -> np.ndarray:
+    """The data rows bound to the program's one input (its default rows when X is None),
+    checked to be a finite, non-empty N x d array."""
     (group, decl), = graph.inputs.items()
     if X is None:
         if decl.default is None:
@@ -238,64 +353,72 @@ def instantiate(graph: Graph, X: np.ndarray | None) -> tuple[Graph, dict[str, tu
         raise ProgramError(f"program {graph.name!r}: the input data is empty")
     if not np.all(np.isfinite(X)):
         raise ProgramError(f"program {graph.name!r}: the input data has NaN or infinite entries")
+    return X
 
-    dependent = graph.input_dependent()
-    out = Graph(graph.name)
-    out.init_cov = dict(graph.init_cov)
-    N = X.shape[0]
 
-    def rep(key: str, a: int) -> str:
-        return f"{key}[{a}]" if key in dependent else key
+@dataclass
+class _Binding:
+    """The state of ``instantiate``: template, concrete graph, data rows, and the template
+    nodes that depend on the input (those are replicated per row; copy ``key[a]``)."""
 
-    for key in graph.order():
-        op = graph.op(key)
-        if key not in dependent:
-            out.add(key, op, graph.args(key))
-            continue
-        if isinstance(op, ops.Input):
-            for a in range(N):
-                out.add(rep(key, a), ops.Param(float(X[a, op.index])))
-            continue
-        if isinstance(op, ops.Moment) and op.pair:
-            for a in range(N):
-                for b in range(N):
-                    sub = {}
-                    for s in op.expr.free_symbols:
-                        k, primed = unprime(s)
-                        sub[s] = node_symbol(rep(k, b if primed else a))
-                    args = tuple(dict.fromkeys(s.key for s in sub.values()))
-                    out.add(f"{key}[{a},{b}]", ops.Moment(op.expr.xreplace(sub)), args)
-            continue
-        for a in range(N):
-            sub = {node_symbol(k): node_symbol(rep(k, a)) for k in graph.args(key)}
-            new_op = op
-            if isinstance(op, (ops.Nonlin, ops.Moment)):
-                new_op = type(op)(op.expr.xreplace(sub))
-            out.add(rep(key, a), new_op, tuple(rep(k, a) for k in graph.args(key)))
+    graph: Graph
+    out: Graph
+    X: np.ndarray
+    dependent: set
 
-    index: dict[str, tuple] = {}
-    for name, expr in graph.outputs.items():
-        expr = graph.expand_input_cov(expr)  # input-layer covariances as sums over coordinates
-        keys = {unprime(s)[0] for s in expr.free_symbols}
-        pair = any(unprime(s)[1] or (isinstance(graph.op(unprime(s)[0]), ops.Moment) and graph.op(unprime(s)[0]).pair)
-                   for s in expr.free_symbols)
+    @property
+    def N(self) -> int:
+        return self.X.shape[0]
+
+    def rep(self, key: str, a: int) -> str:
+        """The copy of template node ``key`` for example a (the node itself if input-free)."""
+        return f"{key}[{a}]" if key in self.dependent else key
+
+    def symbol(self, s: sp.Symbol, a: int, b: int) -> sp.Symbol:
+        """A template symbol at the pair (xi_a, xi_b): primed symbols read example b, pair
+        moments their (a, b) entry."""
+        k, primed = unprime(s)
+        if self.graph.is_pair_moment(k):
+            return node_symbol(f"{k}[{a},{b}]")
+        return node_symbol(self.rep(k, b if primed else a))
+
+    def output(self, name: str, expr: sp.Expr):
+        """(concrete name, example indices, expression) of every copy of output ``name``."""
+        pair = any(unprime(s)[1] or self.graph.is_pair_moment(unprime(s)[0]) for s in expr.free_symbols)
         if pair:
-            for a in range(N):
-                for b in range(N):
-                    sub = {}
-                    for s in expr.free_symbols:
-                        k, primed = unprime(s)
-                        if isinstance(graph.op(k), ops.Moment) and graph.op(k).pair:
-                            sub[s] = node_symbol(f"{k}[{a},{b}]")
-                        else:
-                            sub[s] = node_symbol(rep(k, b if primed else a))
-                    out.outputs[f"{name}[{a},{b}]"] = expr.xreplace(sub)
-                    index[f"{name}[{a},{b}]"] = (name, (a, b))
-        elif keys & dependent:
-            for a in range(N):
-                out.outputs[f"{name}[{a}]"] = expr.xreplace({node_symbol(k): node_symbol(rep(k, a)) for k in keys})
-                index[f"{name}[{a}]"] = (name, (a,))
+            for a in range(self.N):
+                for b in range(self.N):
+                    yield f"{name}[{a},{b}]", (a, b), expr.xreplace({s: self.symbol(s, a, b) for s in expr.free_symbols})
+        elif {unprime(s)[0] for s in expr.free_symbols} & self.dependent:
+            for a in range(self.N):
+                yield f"{name}[{a}]", (a,), expr.xreplace({s: self.symbol(s, a, a) for s in expr.free_symbols})
         else:
-            out.outputs[name] = expr
-            index[name] = (name, ())
-    return out, index
+            yield name, (), expr
+
+
+# Instantiation rules: how an input-dependent instruction is replicated per example.
+INSTANTIATE = RuleTable("instantiation", domain=ops.INSTRUCTIONS)
+
+
+@INSTANTIATE.register(ops.Input)
+def _bind_input(b: _Binding, key: str, op) -> None:
+    """Input coordinate j at example a: the Param X[a, j]."""
+    for a in range(b.N):
+        b.out.add(b.rep(key, a), ops.Param(float(b.X[a, op.index])))
+
+
+@INSTANTIATE.register(ops.InitVec, ops.InitMat, ops.InputMat, ops.Param, ops.WidthPower, ops.InputLayer, ops.MatMul)
+def _bind_by_arguments(b: _Binding, key: str, op) -> None:
+    """The same op on example a's copies of the arguments."""
+    for a in range(b.N):
+        b.out.add(b.rep(key, a), op, tuple(b.rep(k, a) for k in b.graph.args(key)))
+
+
+@INSTANTIATE.register(ops.Nonlin, ops.Moment)
+def _bind_expression(b: _Binding, key: str, op) -> None:
+    """phi / psi of example a's copies; a pair moment once per pair (a, c) of examples, its
+    primed symbols reading example c."""
+    pair = isinstance(op, ops.Moment) and op.pair
+    for a, c in ([(a, c) for a in range(b.N) for c in range(b.N)] if pair else [(a, a) for a in range(b.N)]):
+        expr = op.expr.xreplace({s: b.symbol(s, a, c) for s in op.expr.free_symbols})
+        b.out.add(f"{key}[{a},{c}]" if pair else b.rep(key, a), type(op)(expr), b.out.expr_args(expr))

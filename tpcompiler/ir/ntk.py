@@ -16,90 +16,107 @@ exactly by the pairwise kernel backend, by particles, and at finite width by the
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import sympy as sp
 
 from tpcompiler.ir import ops
 from tpcompiler.ir.backward import derive_backward, forward_nodes
 from tpcompiler.ir.graph import Graph
 from tpcompiler.ir.ops import node_symbol, primed_symbol
+from tpcompiler.ir.rules import RuleTable
 
 
-def _pair(graph: Graph, a: str, b: str, cache: dict) -> sp.Symbol:
-    """The pair moment E[Z^a Z^b(xi')] (created once; ``cache`` also holds the set of
-    input-dependent nodes under the key None)."""
-    key = (a, b)
-    if None not in cache:
-        cache[None] = graph.input_dependent()
-        for k in graph.keys_of(ops.Moment):  # reuse pair moments the program already has
-            cache.setdefault(("expr", graph.op(k).expr), node_symbol(k))
-    expr = node_symbol(a) * (primed_symbol(b) if b in cache[None] else node_symbol(b))
-    if key not in cache and ("expr", expr) in cache:
-        cache[key] = cache[("expr", expr)]
-    if key not in cache:
-        name = f"K_{a}_{b}" if a != b else f"K_{a}"
-        k = 1
-        base = name
-        while name in graph.g:
-            k += 1
-            name = f"{base}_{k}"
-        cache[key] = node_symbol(graph.add_nonlin(name, expr, op_type=ops.Moment, pair=True))
-    return cache[key]
+def _pair(d: "_Differentiated", a: str, b: str) -> sp.Symbol:
+    """The pair moment E[Z^a Z^b(xi')]: b is primed where it depends on the input.  Interned,
+    so the program's own pair moment of the same expression (or an earlier request) is reused."""
+    expr = node_symbol(a) * (primed_symbol(b) if b in d.dependent else node_symbol(b))
+    return node_symbol(d.out.intern_expr(ops.Moment, expr, f"K_{a}_{b}" if a != b else f"K_{a}", pair=True))
+
+
+@dataclass
+class _Differentiated:
+    """A template and its backward pass: ``out`` (the graph gradients were appended to),
+    ``grads`` {z: dz}, the forward vectors and the input-dependent nodes of ``out``."""
+
+    graph: Graph
+    out: Graph
+    grads: dict
+    forward: set
+    dependent: set
 
 
 def kernel_program(graph: Graph) -> Graph:
     """``graph`` with its backward pass and the outputs ``nngp`` and ``ntk`` (pair moments)."""
-    out, grads = derive_backward(graph)
+    return kernel_outputs(graph, *derive_backward(graph))
+
+
+def kernel_outputs(graph: Graph, out: Graph, grads: dict[str, str]) -> Graph:
+    """The kernel-program pass: ``out`` (``graph`` with its backward pass, gradients
+    ``grads`` = {z: dz}) with the outputs ``nngp`` and ``ntk`` as pair moments, replacing its
+    outputs.  NTK = v's term + the bias term + the contributions of every trained parameter
+    type, each by its rule in ``NTK_TERMS`` (in the order of that table's domain)."""
+    d = _Differentiated(graph, out, grads, set(forward_nodes(graph)), out.input_dependent())
     ro = graph.readout
     out.outputs = {}
-    cache: dict = {}
-    forward = set(forward_nodes(graph))
     bias2 = ro.bias**2 if ro.bias is not None else sp.S.Zero
-    nngp = ro.sigma**2 * _pair(out, ro.vector, ro.vector, cache) + bias2
-    terms = []
-    v_weight = graph.op(ro.readout).weight()
-    terms.append(v_weight * ro.sigma**2 * _pair(out, ro.vector, ro.vector, cache))
+    nngp = ro.sigma**2 * _pair(d, ro.vector, ro.vector) + bias2
+    terms = [graph.op(ro.readout).weight() * ro.sigma**2 * _pair(d, ro.vector, ro.vector)]
     if ro.bias is not None:
         terms.append(ro.bias_weight if ro.bias_weight is not None else bias2)
-    uses: dict[str, list[tuple[str, str]]] = {}
-    scaled: dict[str, sp.Expr] = {}  # D -> sum_u w_u c_u(xi) c_u(xi') over du = c_u D
-    dependent = out.input_dependent()
-    for key in graph.order():
-        op = graph.op(key)
-        if isinstance(op, ops.InitVec) and key in grads and key != ro.readout:
-            w = op.weight()
-            if w == 0:
-                continue
-            coef, base = _scalar_multiple(out, grads[key])
-            primed = coef.xreplace({s: primed_symbol(s.key) for s in coef.free_symbols if s.key in dependent})
-            scaled[base] = scaled.get(base, sp.S.Zero) + w * coef * primed
-        elif isinstance(op, ops.MatMul) and key in forward and key in grads:
-            mat, x, tr = graph.matmul_parts(key)
-            uses.setdefault(mat, []).append((x, grads[key]) if tr else (grads[key], x))
-    # Parameters whose gradients are scalar multiples of one vector (the d columns of an
-    # input layer: dU_j = (sigma xi_j / sqrt(d)) dh) share one pair moment.
-    for base, coef in scaled.items():
-        terms.append(coef * _pair(out, base, base, cache))
-    # Input matrices: the columns U_j of an input layer A = sum_i s_i U_{c_i} / sqrt(norm) have
-    # gradients (s_i / sqrt(norm)) dA, so U contributes w_U sum_{A,B} Cov(Z^A, Z^B') E[dA dB'].
-    for U in graph.keys_of(ops.InputMat):
-        w = graph.op(U).weight()
-        layers = [k for k in graph.keys_of(ops.InputLayer) if graph.args(k)[0] == U and k in grads]
-        if w == 0:
-            continue
-        for a in layers:
-            for b in layers:
-                cov = out.init_covariance(a, b, prime_b=True, compact=True)
-                terms.append(w * cov * _pair(out, grads[a], grads[b], cache))
-    for mat, pairs in uses.items():
-        w = graph.op(mat).weight()
-        if w == 0:
-            continue
-        for ra, ca in pairs:
-            for rb, cb in pairs:
-                terms.append(w * _pair(out, ra, rb, cache) * _pair(out, ca, cb, cache))
+    for op_type in NTK_TERMS.domain:
+        keys = [k for k in graph.keys_of(op_type) if graph.op(k).weight() != 0 and k != ro.readout]
+        terms += NTK_TERMS(op_type)(d, keys)
     out.outputs["nngp"] = nngp
     out.outputs["ntk"] = sp.Add(*terms)
     return out
+
+
+#: NTK contributions of the trained parameters, by op type: rule(differentiated, keys of that
+#: type with a nonzero NTK weight) -> terms.
+NTK_TERMS = RuleTable("NTK contributions", domain=ops.INITIAL)
+
+
+@NTK_TERMS.register(ops.InitVec)
+def _ntk_vectors(d: _Differentiated, keys: list) -> list:
+    """Initial vector u: w_u E[Z^{du} Z^{du}'].  Vectors whose gradients are scalar multiples
+    c_u D of one vector (the d columns of an input layer: dU_j = (sigma xi_j / sqrt(d)) dh)
+    share one pair moment: sum_u w_u c_u(xi) c_u(xi') E[Z^D Z^D']."""
+    scaled: dict[str, sp.Expr] = {}
+    for key in keys:
+        if key not in d.grads:
+            continue
+        coef, base = _scalar_multiple(d.out, d.grads[key])
+        primed = coef.xreplace({s: primed_symbol(s.key) for s in coef.free_symbols if s.key in d.dependent})
+        scaled[base] = scaled.get(base, sp.S.Zero) + d.graph.op(key).weight() * coef * primed
+    return [coef * _pair(d, base, base) for base, coef in scaled.items()]
+
+
+@NTK_TERMS.register(ops.InputMat)
+def _ntk_input_matrices(d: _Differentiated, keys: list) -> list:
+    """Input matrix U: the columns U_j of an input layer A = sum_i s_i U_{c_i} / sqrt(norm)
+    have gradients (s_i / sqrt(norm)) dA, so U contributes w_U sum_{A,B} Cov(Z^A, Z^B') E[dA dB']."""
+    terms = []
+    for U in keys:
+        layers = [k for k in d.graph.keys_of(ops.InputLayer) if d.graph.args(k)[0] == U and k in d.grads]
+        for a in layers:
+            for b in layers:
+                cov = d.out.init_covariance(a, b, prime_b=True, compact=True)
+                terms.append(d.graph.op(U).weight() * cov * _pair(d, d.grads[a], d.grads[b]))
+    return terms
+
+
+@NTK_TERMS.register(ops.InitMat)
+def _ntk_matrices(d: _Differentiated, keys: list) -> list:
+    """Matrix W: w_W sum_{uses a,b} E[Z^{r_a} Z^{r_b}'] E[Z^{c_a} Z^{c_b}'] over its forward
+    uses (y = W x: r = dy, c = x;  y = W^T x: r = x, c = dy), matrices in order of first use."""
+    uses: dict[str, list[tuple[str, str]]] = {}
+    for key in d.graph.keys_of(ops.MatMul):
+        mat, x, tr = d.graph.matmul_parts(key)
+        if key in d.forward and key in d.grads and mat in keys:
+            uses.setdefault(mat, []).append((x, d.grads[key]) if tr else (d.grads[key], x))
+    return [d.graph.op(mat).weight() * _pair(d, ra, rb) * _pair(d, ca, cb)
+            for mat, pairs in uses.items() for ra, ca in pairs for rb, cb in pairs]
 
 
 def _scalar_multiple(graph: Graph, key: str) -> tuple[sp.Expr, str]:

@@ -205,3 +205,18 @@ class InputCov(sp.Function):
 
 #: Every instruction type a program graph may hold (Readout is not an instruction).
 INSTRUCTIONS = (InitVec, InitMat, InputMat, InputLayer, Param, WidthPower, Input, MatMul, Nonlin, Moment)
+
+#: The random initial tensors: each node is an independent draw, so two equal ops are two
+#: different variables (``Graph.intern`` refuses them).  They are also the trained parameters
+#: (each has ``weight()``, its NTK weight).
+INITIAL = (InitVec, InputMat, InitMat)
+
+#: Leaves a program declares by name: the initial tensors, hyperparameters and input
+#: coordinates.  Two declarations are two variables even when their ops are equal (two
+#: hyperparameters of value 1 are still two symbols), so ``Graph.add`` never offers them for
+#: sharing; every other op is a function of its op and arguments, and equal requests share one
+#: node.
+DECLARATIONS = INITIAL + (Param, Input)
+
+#: Instructions whose result is a vector (the nodes backward and SGD passes walk).
+VECTOR_OPS = tuple(t for t in INSTRUCTIONS if t.kind == VEC)

@@ -54,7 +54,7 @@ from tpcompiler.ir.nonlinearities import NUMPY_FUNCTIONS, builtin
 __all__ = [
     "batch_indices",
     "Params",
-    "TrainResult",
+    "FiniteTrainResult",
     "ManyResult",
     "init_params",
     "forward",
@@ -296,7 +296,7 @@ _UPDATE_BLOCK_ELEMENTS = 1 << 18
 # Training.
 # ---------------------------------------------------------------------------------------------
 @dataclass
-class TrainResult:
+class FiniteTrainResult:
     """One finite-width training run.
 
     f_train: (T+1, N[, K]) outputs on X at init (index 0) and after each step (index t+1).
@@ -341,7 +341,7 @@ def train_mlp(
     b_std: float | None = None,
     record_features: bool = False,
     return_params: bool = False,
-) -> TrainResult:
+) -> FiniteTrainResult:
     """Train the width-``width`` MLP of docs/DESIGN.md 2.6 by SGD for ``steps`` steps (float64).
 
     X (N, d); Y (N,) or (N, K); a, b: L+1 exponents each (numbers, strings or sympy Rationals);
@@ -415,7 +415,7 @@ def train_mlp(
     def shaped(arr):
         return arr if Y.ndim == 2 else arr[..., 0]
 
-    return TrainResult(
+    return FiniteTrainResult(
         f_train=shaped(f_all[:, :N]),
         f_eval=shaped(f_all[:, N:]) if X_eval is not None else None,
         loss=loss,

@@ -31,18 +31,21 @@ the recursion of docs/DESIGN.md 2.5; the ZDot terms of every W_0 use are derived
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import numpy as np
 import sympy as sp
 
 from tpcompiler.ir import ops
 from tpcompiler import validation
+from tpcompiler.compiler import DEFAULT_PARTICLES, compile, graph_of
 from tpcompiler.ir.backward import derive_backward, forward_nodes
 from tpcompiler.training.finite import batch_indices
 from tpcompiler.ir.graph import Graph, ProgramError
 from tpcompiler.ir.nonlinearities import sigmoid
 from tpcompiler.ir.ops import VEC, node_symbol
 from tpcompiler.ir.symbols import NodeSymbol
+from tpcompiler.ir.rules import RuleTable
 from tpcompiler.training.parametrization import ABC
 
 LOSSES = ("mse", "logistic", "softmax")
@@ -212,6 +215,8 @@ class _Unroller:
         self.updates_U: dict = {U: [] for U in self.layers.inputs}   # U -> [(coef, dA, template A, example)]
         self.updates_v: list = []                                      # [(step, coef_k list, x^L key)]
         self.X_all = np.concatenate([self.X, self.Xe])
+        #: output name -> which trajectory entry it is (filled by ``outputs``)
+        self.trajectory: dict[str, TrajectoryEntry] = {}
 
     def _data(self, X, what):
         X = np.atleast_2d(np.asarray(X, dtype=np.float64))
@@ -223,38 +228,31 @@ class _Unroller:
             raise ProgramError(f"{what} contains NaN or infinite values")
         return X
 
-    # -- graph building helpers -----------------------------------------------------------
-    def key(self, base: str) -> str:
-        """A fresh node name: ``base`` or base_2, base_3, ..."""
-        key, k = base, 1
-        while key in self.g.g:
-            k += 1
-            key = f"{base}_{k}"
-        return key
-
+    # -- graph building helpers (every node interned: equal requests share one node) ------
     def nonlin(self, expr: sp.Expr, base: str) -> str:
+        """The vector ``expr`` (a node of its own unless it is one already)."""
         if isinstance(expr, NodeSymbol) and expr.key in self.g.g and self.g.kind(expr.key) == VEC:
             return expr.key
-        return self.g.add_nonlin(self.key(base), expr)
+        return self.g.intern_expr(ops.Nonlin, expr, base)
 
     def mean(self, expr: sp.Expr, base: str = "m") -> sp.Symbol:
-        return node_symbol(self.g.add_nonlin(self.key(base), expr, op_type=ops.Moment))
+        """The Moment (1/n) sum_a expr_a."""
+        return node_symbol(self.g.intern_expr(ops.Moment, expr, base))
 
     def power(self, e) -> sp.Expr:
+        """n^e (1 for e = 0)."""
         if e == 0:
             return sp.S.One
         name = f"n_pow_{str(e).replace('/', '_').replace('-', 'm')}"
-        if name not in self.g.g:
-            self.g.add(name, ops.WidthPower(sp.Rational(e)))
-        return node_symbol(name)
+        return node_symbol(self.g.intern(ops.WidthPower(sp.Rational(e)), (), name))
 
     # -- the program ------------------------------------------------------------------------
     def build(self) -> Graph:
         net, g = self.net, self.g
-        for k in net.order():  # parameters and constants shared by every step
-            op = net.op(k)
-            if isinstance(op, (ops.Param, ops.InitMat, ops.InputMat)) or (isinstance(op, ops.InitVec) and k not in net.input_dependent()):
-                g.add(k, op, net.args(k))
+        dependent = net.input_dependent()
+        for k in net.order():  # shared by every step: the declarations that do not depend on the input
+            if isinstance(net.op(k), ops.DECLARATIONS) and k not in dependent:
+                g.add(k, net.op(k), net.args(k))
         g.init_cov = dict(net.init_cov)
         g.add("eta", ops.Param(float(self.sgd.lr)))
         self.examples = []
@@ -283,32 +281,18 @@ class _Unroller:
         return g
 
     def forward_pass(self, t: int, e: int, readouts) -> dict:
-        """Clone the template's forward for example e at step t: template key -> new key."""
+        """Replay the template's forward pass for example e at step t: template key -> new key."""
         net = self.net
-        sub = {node_symbol(k): node_symbol(self.examples[e][net.op(k).index]) for k in net.input_keys()}
-        out = {}
+        step = _Replay(t, e, {}, {node_symbol(k): node_symbol(self.examples[e][net.op(k).index]) for k in net.input_keys()})
         for k in self.forward:
-            op = net.op(k)
-            if isinstance(op, ops.InitVec):
-                out[k] = k
-            elif isinstance(op, ops.InputLayer):
-                out[k] = self.input_layer(k, e, t)
-            elif isinstance(op, ops.MatMul):
-                mat, x, tr = net.matmul_parts(k)
-                out[k] = self.matmul(mat, out[x], tr, f"{k}_{t}_{e}")
-            elif isinstance(op, ops.Nonlin):
-                rep = dict(sub)
-                rep.update({node_symbol(a): node_symbol(out[a]) for a in net.vector_args(k)})
-                out[k] = self.nonlin(op.expr.xreplace(rep), f"{k}_{t}_{e}")
-            else:
-                raise ProgramError(f"instruction {k!r}: {type(op).__name__} in the forward pass is not supported by the SGD pass")
-        return out
+            step.names[k] = REPLAY(net.op(k))(self, net, k, step)
+        return step.names
 
     def input_layer(self, k: str, e: int, t: int) -> str:
         net, g = self.net, self.g
         U, *scalars = net.args(k)
         args = [self.examples[e][net.op(s).index] if isinstance(net.op(s), ops.Input) else s for s in scalars]
-        base = g.add(self.key(f"{k}_{t}_{e}_0"), net.op(k), (U, *args))
+        base = g.intern(net.op(k), (U, *args), f"{k}_{t}_{e}_0")
         terms = []
         for coef, dA, A, ex in self.updates_U.get(U, []):
             cov = self.input_cov(A, ex, k, e)
@@ -335,7 +319,7 @@ class _Unroller:
     def matmul(self, mat: str, z: str, transposed: bool, base: str) -> str:
         """W_t z (or W_t^T z) = W_0 z + the rank-one updates of earlier steps."""
         g = self.g
-        product = g.add_matmul(self.key(base + "_0"), mat, z, transposed)
+        product = g.intern(ops.MatMul(transposed), (mat, z), base + "_0")
         terms = []
         for coef, r, c in self.updates_W.get(mat, []):
             if transposed:
@@ -353,7 +337,9 @@ class _Unroller:
         N = self.X.shape[0]
         split, i = ("train", e) if e < N else ("eval", e - N)
         for k, fk in enumerate(f):
-            self.g.outputs[f"f_{split}[{t},{i}]" + (f"[{k}]" if self.K > 1 else "")] = fk
+            name = f"f_{split}[{t},{i}]" + (f"[{k}]" if self.K > 1 else "")
+            self.g.outputs[name] = fk
+            self.trajectory[name] = TrajectoryEntry(split, t, i, k)
         if self.sgd.features and split == "eval":
             self._features(t, i, fwd)
         return f
@@ -368,49 +354,29 @@ class _Unroller:
                 self.g.outputs[f"features[{t},{j},{i}]"] = self.mean(node_symbol(key) * node_symbol(fwd[ro.vector]))
 
     def backward_pass(self, t: int, e: int, fwd: dict, readouts, chi) -> dict:
+        """Replay the template's backward pass for example e at step t, reading the forward
+        vectors ``fwd``, the current readouts and the loss derivatives chi: key -> new key."""
         tpl = self.template
         sub = {node_symbol(k): node_symbol(v) for k, v in fwd.items()}
         sub.update({node_symbol(v): r for v, r in zip(self.net.readout.readouts, readouts)})
         sub.update(dict(zip(self.chi_syms, chi)))
         sub.update({node_symbol(k): node_symbol(self.examples[e][self.net.op(k).index]) for k in self.net.input_keys()})
-        out = {}
+        step = _Replay(t, e, dict(fwd), sub)
         for k in self.backward:
-            op = tpl.op(k)
-            if isinstance(op, ops.Nonlin):
-                rep = dict(sub)
-                rep.update({node_symbol(a): node_symbol(out[a]) for a in tpl.vector_args(k) if a in out})
-                out[k] = self.nonlin(op.expr.xreplace(rep), f"{k}_{t}_{e}")
-            elif isinstance(op, ops.MatMul):
-                mat, x, tr = tpl.matmul_parts(k)
-                out[k] = self.matmul(mat, out[x] if x in out else fwd[x], tr, f"{k}_{t}_{e}")
-            else:
-                raise ProgramError(f"backward instruction {k!r}: {type(op).__name__} is not supported by the SGD pass")
-        return out
+            step.names[k] = REPLAY(tpl.op(k))(self, tpl, k, step)
+        return {k: step.names[k] for k in self.backward}
 
     def grad(self, node: str, fwd: dict, back: dict) -> str:
         d = self.grads[node]
         return back[d] if d in back else fwd[d]
 
     def record(self, t, e, fwd, back, chi, B, new_v):
-        """Parameter updates from example e at step t (loss-gradient vectors include chi)."""
-        net = self.net
-        eta = node_symbol("eta")
+        """Parameter updates from example e at step t (loss-gradient vectors include chi):
+        each forward instruction's rule in ``UPDATES``, then the readout's."""
         for k in self.forward:
-            op = net.op(k)
-            if isinstance(op, ops.MatMul):
-                mat, x, tr = net.matmul_parts(k)
-                if mat in self.updates_W and k in self.grads:
-                    coef = -eta / B * self.power(self.e_W[mat])
-                    dy, xin = self.grad(k, fwd, back), fwd[x]
-                    self.updates_W[mat].append((coef, xin, dy) if tr else (coef, dy, xin))
-            elif isinstance(op, ops.InputLayer):
-                U = net.args(k)[0]
-                if U in self.updates_U and k in self.grads:
-                    # the trained tensor is scale * U: U moves by 1/scale^2 of its gradient step
-                    coef = -eta / (B * net.op(U).scale ** 2) * self.power(self.e_U)
-                    self.updates_U[U].append((coef, self.grad(k, fwd, back), k, e))
-        ro = net.readout
-        coef = -eta / (B * ro.sigma) * self.power(self.e_v)
+            UPDATES(self.net.op(k))(self, k, e, fwd, back, B)
+        ro = self.net.readout
+        coef = -node_symbol("eta") / (B * ro.sigma) * self.power(self.e_v)
         new_v.append([coef * ck * node_symbol(fwd[ro.vector]) for ck in chi])
 
     def step_readout(self, t: int, readouts, new_v) -> list:
@@ -419,6 +385,79 @@ class _Unroller:
             expr = v + sp.Add(*[terms[k] for terms in new_v])
             out.append(node_symbol(self.nonlin(expr, f"{self.net.readout.readouts[k]}_{t + 1}")))
         return out
+
+
+@dataclass
+class _Replay:
+    """One replay of a template pass at step t for example e: template key -> new key
+    (``names``) and the substitution of the template's other symbols (inputs, readouts, chi)."""
+
+    t: int
+    e: int
+    names: dict
+    symbols: dict
+
+
+#: How a template vector is replayed in the unrolled program (forward and backward passes):
+#: rule(unroller, template, key, replay) -> the new node.
+REPLAY = RuleTable("SGD replay", domain=ops.VECTOR_OPS)
+
+
+@REPLAY.register(ops.InitVec)
+def _replay_init_vec(u: "_Unroller", tpl: Graph, k: str, step: _Replay) -> str:
+    """An untrained initial vector is the same at every step and example."""
+    return k
+
+
+@REPLAY.register(ops.InputLayer)
+def _replay_input_layer(u: "_Unroller", tpl: Graph, k: str, step: _Replay) -> str:
+    """A_t(xi_e) = A_0(xi_e) + the input matrix's updates so far."""
+    return u.input_layer(k, step.e, step.t)
+
+
+@REPLAY.register(ops.MatMul)
+def _replay_matmul(u: "_Unroller", tpl: Graph, k: str, step: _Replay) -> str:
+    """W_t z = W_0 z + the matrix's rank-one updates so far."""
+    mat, x, tr = tpl.matmul_parts(k)
+    return u.matmul(mat, step.names[x], tr, f"{k}_{step.t}_{step.e}")
+
+
+@REPLAY.register(ops.Nonlin)
+def _replay_nonlin(u: "_Unroller", tpl: Graph, k: str, step: _Replay) -> str:
+    """phi of the replayed arguments."""
+    rep = dict(step.symbols)
+    rep.update({node_symbol(a): node_symbol(step.names[a]) for a in tpl.vector_args(k) if a in step.names})
+    return u.nonlin(tpl.op(k).expr.xreplace(rep), f"{k}_{step.t}_{step.e}")
+
+
+#: The parameter update a forward instruction contributes (docs/DESIGN.md 2.4):
+#: rule(unroller, key, example, forward names, backward names, batch size).
+UPDATES = RuleTable("SGD updates", domain=ops.VECTOR_OPS)
+
+
+@UPDATES.register(ops.InitVec, ops.Nonlin)
+def _no_update(u: "_Unroller", k: str, e: int, fwd: dict, back: dict, B: int) -> None:
+    """No trained tensor: nothing to update."""
+
+
+@UPDATES.register(ops.MatMul)
+def _update_matrix(u: "_Unroller", k: str, e: int, fwd: dict, back: dict, B: int) -> None:
+    """Use y = W x: W moves by -(eta/B) n^{e_W} dy x^T (x dy^T for y = W^T x)."""
+    mat, x, tr = u.net.matmul_parts(k)
+    if mat in u.updates_W and k in u.grads:
+        coef = -node_symbol("eta") / B * u.power(u.e_W[mat])
+        dy, xin = u.grad(k, fwd, back), fwd[x]
+        u.updates_W[mat].append((coef, xin, dy) if tr else (coef, dy, xin))
+
+
+@UPDATES.register(ops.InputLayer)
+def _update_input_matrix(u: "_Unroller", k: str, e: int, fwd: dict, back: dict, B: int) -> None:
+    """Layer A = U s / sqrt(norm): the trained tensor is scale * U, so U moves by 1/scale^2 of
+    its gradient step -(eta/B) n^{e_U} dA (s / sqrt(norm))^T."""
+    U = u.net.args(k)[0]
+    if U in u.updates_U and k in u.grads:
+        coef = -node_symbol("eta") / (B * u.net.op(U).scale ** 2) * u.power(u.e_U)
+        u.updates_U[U].append((coef, u.grad(k, fwd, back), k, e))
 
 
 def _check_abc_sgd(abc, sgd) -> None:
@@ -435,13 +474,25 @@ def unroll(net: Graph, abc: ABC, sgd: SGD) -> Graph:
     Outputs: ``f_train[t,i]`` (and ``f_eval[t,i]``) for t = 0..T, with ``[k]`` appended for a
     K-dimensional output; with ``sgd.features`` also ``features[t,i,j]`` (i <= j), the last
     layer's feature kernel on the eval inputs."""
-    from tpcompiler.compiler import _graph_of
+    return unroll_trajectory(net, abc, sgd)[0]
 
-    net = _graph_of(net)
+
+def unroll_trajectory(net, abc: ABC, sgd: SGD) -> tuple[Graph, dict[str, "TrajectoryEntry"]]:
+    """``unroll`` and the record of its outputs: output name -> ``TrajectoryEntry``."""
+    net = graph_of(net)
     _check_abc_sgd(abc, sgd)
-    graph = _Unroller(net, abc, sgd).build()
-    graph.validate()
-    return graph
+    unroller = _Unroller(net, abc, sgd)
+    return unroller.build().validate(), unroller.trajectory
+
+
+class TrajectoryEntry(NamedTuple):
+    """Output f_split[t,i][k] of an unrolled program: the function value of output k on input
+    i of split ("train" or "eval") after t steps."""
+
+    split: str
+    t: int
+    i: int
+    k: int
 
 
 # ---------------------------------------------------------------------------------------
@@ -496,16 +547,15 @@ def training_kernel_graph(net: Graph, abc: ABC) -> Graph:
     return g
 
 
-def train(net, abc: ABC, sgd: SGD, particles: int = 200_000, seed: int = 0, method: str = "auto") -> TrainResult:
+def train(net, abc: ABC, sgd: SGD, particles: int = DEFAULT_PARTICLES, seed: int = 0, method: str = "auto") -> TrainResult:
     """The infinite-width trajectory of SGD (docs/DESIGN.md 2.4-2.6), routed by the regime:
     unstable -> error naming the violated conditions; feature learning -> limit of the
     unrolled program (exact if Gaussian-linear, else particles); kernel -> kernel gradient
     descent with the limiting NTK from f_0 = 0 (the mean over initializations); trivial ->
     f stays at its limit 0."""
-    from tpcompiler.compiler import _graph_of, compile
     from tpcompiler.training.parametrization import classify
 
-    graph = _graph_of(net)
+    graph = graph_of(net)
     _check_abc_sgd(abc, sgd)
     particles = validation.count(particles, "particles", minimum=1)
     seed = validation.count(seed, "seed")
@@ -531,16 +581,11 @@ def train(net, abc: ABC, sgd: SGD, particles: int = 200_000, seed: int = 0, meth
             f"steps: {sgd.steps} steps x {N + Ne} inputs x {K} outputs need {size / 2**30:.1f} GiB of trajectories "
             f"(limit {MAX_TRAJECTORY_BYTES / 2**30:.0f} GiB); use fewer steps or inputs")
     if cls.regime == "feature learning":
-        g = unroll(graph, abc, sgd)
+        g, trajectory = unroll_trajectory(graph, abc, sgd)
         lim = compile(g).limit(particles=particles, seed=seed, method=method)
         out = {"train": (np.zeros(shape_t), np.zeros(shape_t)), "eval": (np.zeros(shape_e), np.zeros(shape_e))}
-        for name, (v, e) in lim.items():
-            if not name.startswith(("f_train[", "f_eval[")):
-                continue  # e.g. the feature kernels of SGD(features=True)
-            split, rest = name[2:].split("[", 1)
-            idx = [int(p) for p in rest.replace("]", ",").replace("[", "").split(",") if p.strip()]
-            t, i, k = idx[0], idx[1], (idx[2] if len(idx) > 2 else 0)
-            out[split][0][t, i, k], out[split][1][t, i, k] = v, e
+        for name, at in trajectory.items():  # other outputs: e.g. the feature kernels of SGD(features=True)
+            out[at.split][0][at.t, at.i, at.k], out[at.split][1][at.t, at.i, at.k] = lim[name]
         method_used = "exact" if all(e == 0 for _, e in lim.values()) else f"particles (M = {particles})"
         result = TrainResult(out["train"][0], out["eval"][0], out["train"][1], out["eval"][1], cls.regime, method_used)
     elif cls.regime == "kernel":

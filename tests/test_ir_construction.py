@@ -1,0 +1,185 @@
+"""Hash-consed graph construction (Graph.intern), the rule tables of the IR, front-end and
+training stages, and tp.compile as a named list of passes."""
+import inspect
+
+import numpy as np
+import pytest
+import sympy as sp
+
+import tpcompiler as tp
+from tpcompiler import compiler
+from tpcompiler.backends import interpreter
+from tpcompiler.cli.commands import build_parser
+from tpcompiler.ir import ops
+from tpcompiler.ir.backward import derive_backward
+from tpcompiler.ir.graph import Graph, OutputIndex, instantiate
+from tpcompiler.ir.ops import node_symbol
+from tpcompiler.ir.rules import MissingRule
+from tpcompiler.training import finite, sgd
+
+
+def _graph() -> Graph:
+    g = Graph("g")
+    g.add("u", ops.InitVec(sp.Integer(1)))
+    g.add("sigma_W", ops.Param(1.0))
+    g.add("W", ops.InitMat(node_symbol("sigma_W")), ("sigma_W",))
+    return g
+
+
+# -- Graph.intern -------------------------------------------------------------------------
+def test_intern_returns_the_same_node_for_the_same_op_and_args():
+    g = _graph()
+    a = g.intern(ops.MatMul(False), ("W", "u"))
+    assert g.intern(ops.MatMul(False), ("W", "u")) == a
+    expr = sp.tanh(node_symbol(a))
+    b = g.intern_expr(ops.Nonlin, expr)
+    assert g.intern_expr(ops.Nonlin, sp.tanh(node_symbol(a))) == b
+    assert len(g.g) == 5  # u, sigma_W, W and one node each
+
+
+def test_different_ops_or_args_never_share_a_node():
+    g = _graph()
+    g.add("v", ops.InitVec(sp.Integer(1)))
+    keys = {
+        g.intern(ops.MatMul(False), ("W", "u")),
+        g.intern(ops.MatMul(True), ("W", "u")),   # the transpose is another instruction
+        g.intern(ops.MatMul(False), ("W", "v")),  # another argument
+        g.intern_expr(ops.Nonlin, node_symbol("u") ** 2),
+        g.intern_expr(ops.Moment, node_symbol("u") ** 2),  # same expression, another op
+    }
+    assert len(keys) == 5
+    assert isinstance(g.op(g.intern_expr(ops.Moment, node_symbol("u") ** 2)), ops.Moment)
+
+
+def test_random_draws_and_named_declarations_are_never_shared():
+    g = _graph()
+    with pytest.raises(TypeError, match="random draw"):
+        g.intern(ops.InitVec(sp.Integer(1)))
+    # two hyperparameters of the same value are two variables; an unnamed constant is a third
+    g.add("a", ops.Param(1.0))
+    g.add("b", ops.Param(1.0))
+    c = g.intern(ops.Param(1.0))
+    assert c not in ("a", "b", "sigma_W") and g.intern(ops.Param(1.0)) == c
+
+
+def test_generated_and_preferred_names():
+    g = _graph()
+    g.add("t1", ops.InitVec(sp.Integer(1)))  # a user's name that the generator must skip
+    first = g.intern(ops.MatMul(False), ("W", "u"))
+    assert first == "t2" and first in g.generated
+    assert g.intern_expr(ops.Moment, node_symbol("u") * node_symbol(first)) == "theta3"
+    # a preferred name is used if free, else suffixed
+    assert g.intern(ops.MatMul(True), ("W", "u"), "h") == "h"
+    assert g.intern(ops.MatMul(True), ("W", first), "h") == "h_2"
+    assert "h" not in g.generated
+
+
+def test_rename_keeps_the_shared_node():
+    g = _graph()
+    a = g.intern(ops.MatMul(False), ("W", "u"))
+    g.rename(a, "h")
+    assert g.intern(ops.MatMul(False), ("W", "u")) == "h" and a not in g.g
+
+
+def test_a_node_removed_behind_the_graphs_back_is_not_returned():
+    g = _graph()
+    a = g.intern(ops.MatMul(False), ("W", "u"), "h")
+    g.g.remove_node(a)                      # a pass editing the networkx graph directly
+    g.add("h", ops.InitVec(sp.Integer(1)))  # ... and reusing the name for something else
+    b = g.intern(ops.MatMul(False), ("W", "u"), "h")
+    assert b == "h_2" and isinstance(g.op(b), ops.MatMul)
+
+
+def test_dsl_shares_unnamed_expressions_and_keeps_named_ones():
+    p = tp.Program("p")
+    u = p.vec("u")
+    W = p.mat("W")
+    h = (W @ u).named("h")
+    assert (W @ u).expr == h.expr            # the product is computed once
+    assert tp.mean(tp.tanh(h)).expr == tp.mean(tp.tanh(h)).expr
+    a = tp.tanh(h).named("a")
+    b = tp.tanh(h).named("b")                # the user asked for two variables
+    assert {a.expr.name, b.expr.name} == {"a", "b"}
+    assert (W @ tp.tanh(h)).expr == (W @ a).expr  # unnamed requests share the first node
+
+
+def test_only_generated_moment_names_are_adopted_by_outputs():
+    p = tp.Program("p")
+    u = p.vec("u")
+    p.output("s", tp.mean(u * u))
+    named = tp.mean(u * u * u, name="theta_user")
+    p.output("r", named)
+    assert "s" in p.graph.g and "theta_user" in p.graph.g
+    assert p.graph.outputs["r"] == node_symbol("theta_user")
+
+
+def test_backward_pass_reuses_a_hand_written_one():
+    net = tp.load("programs/mlp.py", depth=2).graph
+    out, grads = derive_backward(net)
+    assert grads["h2"] == "dh2" and grads["h1"] == "dh1" and grads["x1"] == "dx1"
+    # nothing the hand-written pass computes is computed again
+    assert len(out.g) - len(net.g) == len(set(grads.values()) - set(net.g))
+
+
+# -- rule tables --------------------------------------------------------------------------
+def test_a_missing_rule_names_the_op_and_the_stage():
+    class Fresh:
+        kind = ops.VEC
+
+    for table, stage in [(tp.ir.graph.VALIDATE, "validation"), (interpreter.INTERPRET, "finite-width"),
+                         (tp.ir.backward.BACKWARD, "backward"), (sgd.REPLAY, "SGD replay")]:
+        with pytest.raises(MissingRule, match=f"{stage}.*Fresh"):
+            table(Fresh())
+
+
+# -- compile: passes and typed records ----------------------------------------------------
+def _readout_only() -> tp.Program:
+    """A one-hidden-layer network that declares only its readout (so it compiles to kernels)."""
+    p = tp.Program("net")
+    xi = p.input("xi", 3, default=np.eye(3)[:2])
+    p.readout(tp.relu(p.input_layer("h", xi)).named("x"))
+    return p
+
+
+def test_compile_is_a_named_list_of_passes():
+    assert [p.name for p in compiler.PASSES] == ["validate", "backward", "kernel program", "derive"]
+    net = _readout_only()
+    back = compiler.run_passes(net, until="backward")
+    assert back.grads is not None and back.zprogram is None and not back.graph.outputs
+    done = compiler.run_passes(net)
+    assert set(done.graph.outputs) == {"nngp", "ntk"} and done.zprogram is not None
+    assert done.source is net.graph and not net.graph.outputs  # the program is untouched
+    c = tp.compile(net)
+    assert c.source is net.graph and set(c.graph.outputs) == {"nngp", "ntk"}
+    with pytest.raises(ValueError, match="no pass called"):
+        compiler.run_passes(net, until="optimise")
+
+
+def test_bound_outputs_are_typed_records():
+    net = _readout_only()
+    X = np.array([[1.0, 0.0, 0.5], [0.0, 1.0, -0.5]])
+    zp, index = tp.compile(net).bind(X)
+    assert index["ntk[0,1]"] == OutputIndex("ntk", (0, 1))
+    assert index["nngp[1,1]"].template == "nngp" and index["nngp[1,1]"].examples == (1, 1)
+    graph, index2 = instantiate(tp.compile(net).graph, X)
+    assert index2 == index and set(graph.outputs) == set(index)
+
+
+def test_unrolled_outputs_carry_their_trajectory_entry():
+    net = tp.load("programs/mlp.py", depth=1, phi="tanh")
+    X, Y = np.array([[1.0, 0.0, 0.5], [0.0, 1.0, -0.5]]), np.array([0.3, -0.2])
+    graph, entries = sgd.unroll_trajectory(net, tp.named("mup", 1), tp.SGD(X, Y, steps=2, lr=0.5, X_eval=X[:1]))
+    assert set(entries) == set(graph.outputs)
+    assert entries["f_train[2,1]"] == sgd.TrajectoryEntry("train", 2, 1, 0)
+    assert entries["f_eval[0,0]"] == sgd.TrajectoryEntry("eval", 0, 0, 0)
+
+
+def test_train_results_have_distinct_names_and_one_particle_default():
+    assert tp.TrainResult is sgd.TrainResult and finite.FiniteTrainResult is not sgd.TrainResult
+    assert not hasattr(finite, "TrainResult")
+    for fn in (tp.Compiled.limit, tp.train):
+        assert inspect.signature(fn).parameters["particles"].default == compiler.DEFAULT_PARTICLES
+    parser = build_parser()
+    for command in ("limit", "train"):
+        sub = parser._subparsers._group_actions[0].choices[command]
+        assert sub.get_default("particles") == compiler.DEFAULT_PARTICLES
