@@ -411,7 +411,7 @@ def test_render_indents_blocks_and_fills_inline_holes():
 _SOURCES = """
 import hashlib, sympy as sp
 from tpcompiler.expectations import functions, quadrature, builders
-from tpcompiler.expectations.closed_forms import closed_form_pair
+from tpcompiler.expectations.closed_forms import K11, K12, K22, closed_form_pair
 out = []
 for name in ("tanh", "sigmoid", "relu"):
     lam = functions.as_lambda(name)
@@ -422,7 +422,7 @@ for name in ("tanh", "sigmoid", "relu"):
 for a, b in (("relu", "relu"), ("erf", "erf"), ("sin", "cos")):
     pa, pb = functions.as_lambda(a), functions.as_lambda(b)
     out.append(builders._closed_module(closed_form_pair(pa, pb), builders._degenerate_pair(pa, pb),
-                                       ("k11", "k12", "k22")).source)
+                                       (K11, K12, K22)).source)
 print(hashlib.sha256("\\0".join(out).encode()).hexdigest())
 """
 

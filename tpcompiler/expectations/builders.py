@@ -194,16 +194,12 @@ def _rule_holes(rule: probing.Rule) -> dict:
     return dict(h=repr(rule.h), kind=repr(rule.kind), C=repr(rule.C))
 
 
-def _closed_module(expr: sp.Expr, degenerate: list[tuple[str, str]], args) -> Module:
-    """The module of f(*args) from a closed form; ``degenerate``: (condition, printed value)
-    branches taken first."""
-    syms = [sp.Symbol(a, real=True) for a in args]
-    if args == ("k",):
-        expr = expr.xreplace({K: syms[0]})
-    else:
-        expr = expr.xreplace({K11: syms[0], K12: syms[1], K22: syms[2]})
+def _closed_module(expr: sp.Expr, degenerate: list[tuple[str, str]], variables) -> Module:
+    """The module of f(*variables) (the symbols K11, K12, K22 or K, printed by their names)
+    from a closed form; ``degenerate``: (condition, printed value) branches taken first."""
+    args = tuple(v.name for v in variables)
     lines, outs = codegen.print_expressions([expr], "")
-    guard = " and ".join(f"{a} >= 0.0" for a in args if a in ("k11", "k22", "k"))
+    guard = " and ".join(f"{a} >= 0.0" for a in args if a != "k12")
     branches = "\n".join(f"if {cond}:\n    return float({value})" for cond, value in degenerate)
     return Module((
         codegen.custom_functions_source([expr]),
@@ -228,15 +224,13 @@ def _degenerate_pair(phi: sp.Lambda, psi: sp.Lambda) -> list[tuple[str, str]]:
     E = phi(0) psi(0), phi(0) E[psi(v)] or psi(0) E[phi(u)]."""
     p0 = phi.expr.xreplace({phi.variables[0]: sp.S.Zero})
     q0 = psi.expr.xreplace({psi.variables[0]: sp.S.Zero})
-    k11 = sp.Symbol("k11", real=True)
-    k22 = sp.Symbol("k22", real=True)
     e_psi = closed_form_1d(psi)
     e_phi = closed_form_1d(phi)
     cands = [("k11 == 0.0 and k22 == 0.0", p0 * q0)]
     if e_psi is not None:
-        cands.append(("k11 == 0.0", (p0 * e_psi).xreplace({K: k22})))
+        cands.append(("k11 == 0.0", (p0 * e_psi).xreplace({K: K22})))
     if e_phi is not None:
-        cands.append(("k22 == 0.0", (q0 * e_phi).xreplace({K: k11})))
+        cands.append(("k22 == 0.0", (q0 * e_phi).xreplace({K: K11})))
     out = []
     for cond, value in cands:
         code = _printable(value)
@@ -278,7 +272,7 @@ def _build_pair(phi, psi, rtol, kmax, strategy) -> PairExpectation:
 
 
 def _build_closed_pair(phi, psi, expr, used) -> PairExpectation:
-    module = _closed_module(expr, _degenerate_pair(phi, psi), _PAIR_ARGS)
+    module = _closed_module(expr, _degenerate_pair(phi, psi), (K11, K12, K22))
     loaded = module.load()
     return PairExpectation(
         phi=phi, psi=psi, method=closed_forms.describe(used), source=module.source,
@@ -317,16 +311,13 @@ def _build_polynomial_pair(phi, psi, rtol, kmax):
     core1 = base.load()._core1
     rule = probing.oned_rule(base, core1, len(funcs), rtol, kmax, kink)
     printer = codegen.NumbaPrinter()
-    ks = {K11: sp.Symbol("k11", real=True), K12: sp.Symbol("k12", real=True),
-          K22: sp.Symbol("k22", real=True)}
-    kvname, kwname = ("k22", "k11") if not swapped else ("k11", "k22")
     moment = sum(  # E[P(w)] = sum_p c_p (p-1)!! kw^(p/2) over even p
-        (c * sp.factorial2(p - 1) * sp.Symbol(kwname, real=True) ** (p // 2) if p else c)
+        (c * sp.factorial2(p - 1) * kw ** (p // 2) if p else c)
         for (p,), c in poly.terms() if p % 2 == 0
     )
     wrapper = Module((
-        function(_POLYNOMIAL, kv=kvname, moments=targets(f"q{j}" for j in range(deg + 1)),
-                 moment=printer.doprint(sp.S(moment)), total=printer.doprint(total.xreplace(ks)),
+        function(_POLYNOMIAL, kv=kv.name, moments=targets(f"q{j}" for j in range(deg + 1)),
+                 moment=printer.doprint(sp.S(moment)), total=printer.doprint(total),
                  **_rule_holes(rule)),
         evaluate_function(_PAIR_ARGS),
     ), imports=(base.importing("_core1"),))
@@ -437,7 +428,7 @@ def _build_1d(phi, rtol, kmax, strategy) -> Expectation1D:
         degenerate = []
         if p0.is_number and p0.is_finite:  # k == 0: u == 0, E = phi(0)
             degenerate = [("k == 0.0", codegen.NumbaPrinter().doprint(p0))]
-        module = _closed_module(expr, degenerate, ("k",))
+        module = _closed_module(expr, degenerate, (K,))
         loaded = module.load()
         return Expectation1D(phi=phi, method="closed form", source=module.source, scalar=loaded.f,
                              expression=expr, _evaluate=loaded.evaluate)
