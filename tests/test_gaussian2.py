@@ -159,14 +159,18 @@ def test_closed_forms_are_symmetric_under_exchange():
     assert sp.simplify(e - sp.exp((4 * k22 - k11) / 2) * sp.sin(2 * k12)) == 0
     funcs = [(sp.sin(2 * X + 1), X), (sp.exp(2 * X), X), (sp.cosh(X), X), (nl.relu(2 * X), X),
              (nl.step(3 * X), X), (sp.erf(2 * X), X), (X**3, X), (sp.exp(-3 * X**2), X)]
-    det = lambda a, b, c: max(a * c - b * b, 0.0)  # noqa: E731
+    sd = lambda a, b, c: math.sqrt(max(a * c - b * b, 0.0))  # noqa: E731
+    t = lambda a, b, c: math.atan2(sd(a, b, c), b)  # noqa: E731
     helpers = {  # the special functions of closed forms, for k11, k22 > 0
-        "_det": det,
-        "_J1": lambda a, b, c: (math.sqrt(det(a, b, c)) + (math.pi - math.atan2(math.sqrt(det(a, b, c)), b)) * b) / (2 * math.pi),
-        "_J0": lambda a, b, c: (math.pi - math.atan2(math.sqrt(det(a, b, c)), b)) / (2 * math.pi),
+        "_det": lambda a, b, c: sd(a, b, c) ** 2,
+        "_J1": lambda a, b, c: (sd(a, b, c) + (math.pi - t(a, b, c)) * b) / (2 * math.pi),
+        "_J0": lambda a, b, c: (math.pi - t(a, b, c)) / (2 * math.pi),
         "_RS": lambda a, b, c: (math.sqrt(a) + b / math.sqrt(c)) / (2 * math.sqrt(2 * math.pi)),
     }
-    value = lambda e, a, b, c: sp.lambdify([k11, k12, k22], e, modules=[helpers, "math"])(a, b, c)  # noqa: E731
+
+    def value(e, a, b, c):
+        return sp.lambdify([k11, k12, k22], e, modules=[helpers, "math"])(a, b, c)
+
     for f in funcs:
         for g in funcs:
             fg, gf = g2.closed_form_pair(f, g), g2.closed_form_pair(g, f)

@@ -38,9 +38,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import sympy as sp
+from sympy.codegen.cfunctions import expm1
 
 from tpcompiler.expectations.functions import EVEN, NEITHER, ODD, as_lambda
-from tpcompiler.expectations.special import _J0, _J1, _RS, _det, expm1
+from tpcompiler.expectations.special import _J0, _J1, _RS, _det
 from tpcompiler.ir import nonlinearities as nl
 
 #: Symbols of the covariance entries in closed forms of pair expectations.

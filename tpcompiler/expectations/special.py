@@ -20,12 +20,11 @@ one covariance (every relu layer of an NTK) shares one square root and one angle
 from __future__ import annotations
 
 import sympy as sp
-from sympy.codegen.cfunctions import expm1
 
 from tpcompiler.backends import codegen
 from tpcompiler.expectations.source import function
 
-__all__ = ["HELPER_SOURCE", "fusable", "expm1"]
+__all__ = ["HELPER_SOURCE", "fusable"]
 
 
 class _J1(sp.Function):
@@ -177,7 +176,8 @@ def _pos(k11, k22):
     "_J1": function(_ARC_COSINE, name="_J1", value="""
         t = math.atan2(sd, k12)
         return (sd + (math.pi - t) * k12) / (2.0 * math.pi)"""),
-    "_J0": function(_ARC_COSINE, name="_J0", value="return (math.pi - math.atan2(sd, k12)) / (2.0 * math.pi)"),
+    "_J0": function(_ARC_COSINE, name="_J0", value="""
+        return (math.pi - math.atan2(sd, k12)) / (2.0 * math.pi)"""),
     "_RS": '''
 @njit(cache=True)
 def _RS(k11, k12, k22):
