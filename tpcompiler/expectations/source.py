@@ -44,8 +44,8 @@ def render(template: str, **holes) -> str:
 
     The template is dedented first, so it can be written at any indentation in Python source.
     A hole alone on its line takes a block (a string of statements, possibly empty or
-    multi-line); any other hole takes a one-line string.  Unknown or missing holes raise
-    (``string.Template.substitute``)."""
+    multi-line); any other hole takes a one-line string.  A hole without a value raises
+    KeyError; a multi-line value for an inline hole raises ValueError."""
     out = []
     for line in textwrap.dedent(template).strip("\n").split("\n"):
         stripped = line.strip()
