@@ -411,8 +411,8 @@ def pair_module(outer: sp.Lambda, inner: sp.Lambda, split_outer: bool, split_inn
     """The module of ``_core(k11, k12, k22, h, kind, C)`` for E[outer(u) inner(v)].
 
     split_outer: the outer rule splits at 0 (outer or inner has a kink); split_inner: inner
-    has a kink (split at z*; then the outer map's scale co is also kept below C b / |a|: the
-    kink of G(x) at x = -m / a has width ~b / |a| in x).  reflection: inner's, or None (see ``_g_minus``)."""
+    has a kink (split at z*; then the outer map's scale co is also kept below C b / |a|:
+    G(x) = E_z[inner(a x + b z)] is a kink smoothed over a width ~b / |a| around x = 0).  reflection: inner's, or None (see ``_g_minus``)."""
     g_pair = render(_G_PAIR, g_minus=_g_minus(reflection))
     center = "x = 0.0\n" + g_pair + "\nacc += w * _outer(0.0) * Gp"
     pair = g_pair + "\nacc += w * (_outer(s1 * x) * Gp + _outer(-s1 * x) * Gm)"
