@@ -1,4 +1,4 @@
-"""Tests of tpcompiler.gaussian2: bivariate Gaussian expectations E[phi(u) psi(v)].
+"""Tests of tpcompiler.expectations: bivariate Gaussian expectations E[phi(u) psi(v)].
 
 Oracles: exact closed forms against the quadrature (and the quadrature against them), the
 quadrature against independent integrations computed here (a fine conditional trapezoid grid
@@ -15,7 +15,8 @@ import sympy as sp
 from numba import njit
 from scipy import integrate, special
 
-from tpcompiler.expectations import gaussian2 as g2
+from tpcompiler import expectations as g2
+from tpcompiler.expectations.functions import numpy_function
 from tpcompiler.ir import nonlinearities as nl
 
 X = sp.Symbol("x", real=True)
@@ -149,6 +150,37 @@ def test_isserlis_and_symbolic_closed_forms():
     assert g2.closed_form_pair("tanh", "tanh") is None
 
 
+def test_closed_forms_are_symmetric_under_exchange():
+    """E[phi(u) psi(v)] is E[psi(u) phi(v)] with k11 and k22 exchanged, also for scaled atoms
+    whose rule is stated for the other order (the table of pair rules is used both ways):
+    E[sin(u) exp(2v)] = exp((4 k22 - k11)/2) sin(2 k12)."""
+    k11, k12, k22 = g2.K11, g2.K12, g2.K22
+    e = g2.closed_form_pair("sin", (sp.exp(2 * X), X))
+    assert sp.simplify(e - sp.exp((4 * k22 - k11) / 2) * sp.sin(2 * k12)) == 0
+    funcs = [(sp.sin(2 * X + 1), X), (sp.exp(2 * X), X), (sp.cosh(X), X), (nl.relu(2 * X), X),
+             (nl.step(3 * X), X), (sp.erf(2 * X), X), (X**3, X), (sp.exp(-3 * X**2), X)]
+    sd = lambda a, b, c: math.sqrt(max(a * c - b * b, 0.0))  # noqa: E731
+    t = lambda a, b, c: math.atan2(sd(a, b, c), b)  # noqa: E731
+    helpers = {  # the special functions of closed forms, for k11, k22 > 0
+        "_det": lambda a, b, c: sd(a, b, c) ** 2,
+        "_J1": lambda a, b, c: (sd(a, b, c) + (math.pi - t(a, b, c)) * b) / (2 * math.pi),
+        "_J0": lambda a, b, c: (math.pi - t(a, b, c)) / (2 * math.pi),
+        "_RS": lambda a, b, c: (math.sqrt(a) + b / math.sqrt(c)) / (2 * math.sqrt(2 * math.pi)),
+    }
+
+    def value(e, a, b, c):
+        return sp.lambdify([k11, k12, k22], e, modules=[helpers, "math"])(a, b, c)
+
+    for f in funcs:
+        for g in funcs:
+            fg, gf = g2.closed_form_pair(f, g), g2.closed_form_pair(g, f)
+            assert (fg is None) == (gf is None)
+            if fg is None:
+                continue
+            want = value(gf, 0.4, -1 / 3, 1.5)
+            assert abs(value(fg, 1.5, -1 / 3, 0.4) - want) <= 1e-13 * (1 + abs(want)), (f, g)
+
+
 ERFP = 2 / sp.sqrt(sp.pi) * sp.exp(-X**2)  # erf'
 CLOSED_FORMS = [
     ("relu", "relu"),
@@ -170,8 +202,8 @@ def test_closed_forms_agree_with_quadrature(phi, psi):
     assert not exact.method.startswith("quadrature:")
     quad = g2.pair_expectation(phi, psi, rtol=1e-11, strategy="quadrature")
     assert quad.method.startswith("quadrature:")
-    f_np = g2._numpy_fn(exact.phi)
-    g_np = g2._numpy_fn(exact.psi)
+    f_np = numpy_function(exact.phi)
+    g_np = numpy_function(exact.psi)
     for k in COVS + [cov(2.0, 0.0, 5.0), (0.0, 0.0, 2.0), (2.0, 0.0, 0.0)]:
         e, q = exact.scalar(*k), quad.scalar(*k)
         assert rel(e, q, grid_scale(f_np, g_np, k[0], k[2])) <= 1e-10, (k, e, q)
@@ -236,7 +268,7 @@ def test_quadrature_against_scipy_quad_and_mixed_functions():
 def test_kinked_quadrature(phi, psi, kink_f, kink_g):
     pe = g2.pair_expectation(phi, psi)
     assert "kink" in pe.method
-    f, g = g2._numpy_fn(pe.phi), g2._numpy_fn(pe.psi)
+    f, g = numpy_function(pe.phi), numpy_function(pe.psi)
     fs = lambda t: float(f(np.array([t]))[0])
     gs = lambda t: float(g(np.array([t]))[0])
     for k in [cov(1.0, 0.5, 1.0), cov(10.0, -0.9, 4.0), cov(3.0, 0.999, 3.0)]:
@@ -358,3 +390,57 @@ def test_reference_one_hidden_layer(reference, case, phi, strategy, suffix, tol)
         want = ref[f"{case}__{key}{suffix}"]
         err = np.max(np.abs(got - want) / np.abs(want))
         assert err <= tol, (case, key, err)
+
+
+# ---------------------------------------------------------------------------------------
+# Source generation: templates, and the same source in every process (it is the cache key)
+# ---------------------------------------------------------------------------------------
+def test_render_indents_blocks_and_fills_inline_holes():
+    from tpcompiler.expectations.source import render
+
+    template = """
+        for i in range($n):
+            $body
+            done = $flag
+        $tail
+    """
+    out = render(template, n="3", body="a = i\nif a:\n    b = a", flag="True", tail="")
+    assert out == "for i in range(3):\n    a = i\n    if a:\n        b = a\n    done = True"
+    with pytest.raises(ValueError):
+        render("x = $value", value="1\n2")
+    with pytest.raises(KeyError):
+        render("x = $missing")
+
+
+_SOURCES = """
+import hashlib, sympy as sp
+from tpcompiler.expectations import functions, quadrature, builders
+from tpcompiler.expectations.closed_forms import K11, K12, K22, closed_form_pair
+out = []
+for name in ("tanh", "sigmoid", "relu"):
+    lam = functions.as_lambda(name)
+    ref = functions.reflection(lam)
+    out.append(quadrature.pair_module(lam, lam, name == "relu", name == "relu", ref).source)
+    out.append(quadrature.oned_module([lam, sp.Lambda(lam.variables[0], lam.variables[0] * lam.expr)],
+                                      name == "relu").source)
+for a, b in (("relu", "relu"), ("erf", "erf"), ("sin", "cos")):
+    pa, pb = functions.as_lambda(a), functions.as_lambda(b)
+    out.append(builders._closed_module(closed_form_pair(pa, pb), builders._degenerate_pair(pa, pb),
+                                       (K11, K12, K22)).source)
+print(hashlib.sha256("\\0".join(out).encode()).hexdigest())
+"""
+
+
+def test_generated_source_is_the_same_in_every_process():
+    import os
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parents[1]
+    hashes = set()
+    for seed in ("1", "2"):
+        env = dict(os.environ, PYTHONHASHSEED=seed, PYTHONPATH=str(root))
+        run = subprocess.run([sys.executable, "-c", _SOURCES], env=env, capture_output=True,
+                             text=True, check=True)
+        hashes.add(run.stdout.strip())
+    assert len(hashes) == 1

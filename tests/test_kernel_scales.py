@@ -28,7 +28,7 @@ from numba import carray, cfunc, njit, types
 from scipy import LowLevelCallable, integrate
 
 import tpcompiler as tp
-from tpcompiler.expectations import gaussian2 as g2
+from tpcompiler import expectations as g2
 from tpcompiler.ir import nonlinearities as nl
 
 MLP = str(Path(__file__).resolve().parent.parent / "programs" / "mlp.py")
@@ -179,7 +179,7 @@ def ref_scale(i, j, k11, k22):
 
 def pair_error(got, i, j, k11, k12, k22):
     """Error of ``got`` as an approximation of E[f_i(u) f_j(v)]: relative to
-    max(|E|, 1e-2 S) (S the Cauchy-Schwarz scale; gaussian2's stated measure), and measured
+    max(|E|, 1e-2 S) (S the Cauchy-Schwarz scale; the backend's stated measure), and measured
     from the nearest reference value at covariances within 4 ulps of k12 when |rho| > 0.999.
     Near |rho| = 1 the expectation is ill-conditioned in its inputs (E[step step] has a
     square-root singularity at rho = 1, E[erf' erf'] at variance k moves by ~k eps per ulp of
@@ -243,7 +243,7 @@ rhos = st.one_of(
 def test_random_covariances_against_quadrature(name, lk11, lk22, rho):
     """E[phi(u) phi(v)] and E[phi'(u) phi'(v)] from the backend (the functions the kernel
     engine builds: phi and its sympy derivative) within the stated rtol of the reference,
-    errors relative to max(|E|, 1e-2 S), S the Cauchy-Schwarz scale (gaussian2's measure)."""
+    errors relative to max(|E|, 1e-2 S), S the Cauchy-Schwarz scale (the backend's measure)."""
     top = KMAX_LOG.get(name, 12.0)
     lk11, lk22 = min(lk11, top), min(lk22, top)
     k11, k12, k22 = _covariance(lk11, lk22, rho)

@@ -30,7 +30,7 @@ _LOCK = threading.RLock()
 _MODULES: dict = {}
 
 #: Scalar helper functions generated code may call, by name -> njit source.  Backends
-#: register theirs here (gaussian2's robust arc-cosine helpers, for instance).
+#: register theirs here (the arc-cosine helpers of expectations.special, for instance).
 HELPER_SOURCE: dict[str, str] = {}
 
 

@@ -14,8 +14,8 @@ quadrature calls) -> this module:
   (common subexpressions shared by sympy's cse, e.g. one arccos per relu layer), a parallel
   loop over pairs, only the upper triangle when X2 is not given.
 
-Expectations with closed forms (gaussian2.closed_form_pair) are inlined as sympy expressions;
-the others call the generated quadrature functions of ``gaussian2``.  Generated source is
+Expectations with closed forms (expectations.closed_form_pair) are inlined as sympy expressions;
+the others call the generated quadrature functions of ``expectations``.  Generated source is
 cached on disk keyed by its hash (``codegen.load_module``), and numba compiles it with
 ``cache=True``, so a second run of the same program pays no JIT time.
 """
@@ -28,7 +28,7 @@ import numpy as np
 import sympy as sp
 from threadpoolctl import ThreadpoolController
 
-from tpcompiler.expectations import gaussian2
+from tpcompiler import expectations
 from tpcompiler.ir import symbols
 from tpcompiler.backends.codegen import custom_functions_source, load_module, print_body
 from tpcompiler.ir.graph import Graph, ProgramError
@@ -95,9 +95,9 @@ class KernelFunction:
         for gs in self.engine.functions:
             lams = [sp.Lambda(self.engine_t, g) for g in gs]
             if len(gs) == 1:
-                obj = gaussian2.expectation(lams[0], rtol=rtol)
+                obj = expectations.expectation(lams[0], rtol=rtol)
             else:
-                obj = gaussian2.pair_expectation(lams[0], lams[1], rtol=rtol)
+                obj = expectations.pair_expectation(lams[0], lams[1], rtol=rtol)
             table.append(obj)
         return table
 
@@ -115,9 +115,9 @@ class KernelFunction:
             args = [self._inline_expectations(a) for a in call.args[1:]]
             if obj.expression is not None:
                 if isinstance(call, E2):
-                    rep[call] = gaussian2.fusable(obj.expression.xreplace(dict(zip((gaussian2.K11, gaussian2.K12, gaussian2.K22), args))))
+                    rep[call] = expectations.fusable(obj.at(*args))
                 else:
-                    rep[call] = obj.expression.xreplace({sp.Symbol("k", real=True): args[0]})
+                    rep[call] = obj.at(*args)
             else:
                 rep[call] = sp.Function(f"_e{idx}")(*args)
         return expr.xreplace(rep)
@@ -140,18 +140,18 @@ class KernelFunction:
             "import numpy as np",
             "import sympy as _sp",
             "from numba import njit, prange",
-            "from tpcompiler.expectations import gaussian2 as _g2",
+            "from tpcompiler import expectations as _ex",
             "from tpcompiler.ir.nonlinearities import SYMPY_NAMESPACE as _NS",
         ]
         for i in quad:
             obj = self.expectations[i]
-            lams = [obj.phi] + ([obj.psi] if isinstance(obj, gaussian2.PairExpectation) else [])
+            lams = [obj.phi] + ([obj.psi] if isinstance(obj, expectations.PairExpectation) else [])
             # printed with a plain bound symbol: the source re-reads it with sympify
             lams = [sp.Lambda(_PRINTED_ARG, lam.expr.xreplace({lam.variables[0]: _PRINTED_ARG})) for lam in lams]
             args = ", ".join(f"_sp.sympify({sp.srepr(lam)!r}, locals=_NS)" for lam in lams)
             build = "pair_expectation" if len(lams) == 2 else "expectation"
             # naming the callee's module keeps this module's numba cache from outliving it
-            header.append(f"_e{i} = _g2.{build}({args}, rtol={self.rtol!r}).scalar  # {obj.scalar.py_func.__module__}")
+            header.append(f"_e{i} = _ex.{build}({args}, rtol={self.rtol!r}).scalar  # {obj.scalar.py_func.__module__}")
         body = custom_functions_source([e for _, e in rows + pairs] + diagonal + outputs)
         row_lines, row_outs = print_body([s for s, _ in rows] + diagonal, {**loads0}, "        ", rows)
         pair_lines, pair_outs = print_body(outputs, {**loads0, **loads1, **loads_q0, **loads_q1, **loads_g},
