@@ -197,7 +197,7 @@ class _Run:
         """E[dZ^x/dZHat^source] over particles (tangents, or Stein's lemma past a delta)."""
         if self._has_delta(x, source):
             return self._stein(x, [source])[source]
-        return float(np.mean(self._tangent(x, source)))
+        return float(np.mean(self.tangent(x, source)))
 
     def _has_delta(self, x: str, source: str) -> bool:
         """Whether dZ^x/dZHat^source holds a Dirac delta somewhere along the chain rule."""
@@ -209,7 +209,7 @@ class _Run:
         self._delta[(x, source)] = result
         return result
 
-    def _tangent(self, x: str, source: str):
+    def tangent(self, x: str, source: str):
         """dZ^x/dZHat^source per particle, by the chain rule through the recursion:
         sum over parents p of (dZ^x/dZ^p per particle) * dZ^p/dZHat^source."""
         memo = self._tangents.get((x, source))
@@ -273,7 +273,7 @@ def _chain_through_partials(run: _Run, x: str, source: str):
     """Nonlin: sum_a phi_a(Z..) dZ^a/dZHat^source, phi_a = dphi/dZ^a on the particles."""
     t = 0.0
     for a in run.zp.parents_on(x, source):
-        t = t + run.eval_vec(run.zp.partial(x, a)) * run._tangent(a, source)
+        t = t + run.eval_vec(run.zp.partial(x, a)) * run.tangent(a, source)
     return t
 
 
@@ -281,7 +281,7 @@ def _chain_through_zdot(run: _Run, x: str, source: str):
     """MatMul: sum_y c_y dZ^y/dZHat^source over the ZDot terms with the estimated c_y."""
     t = 0.0
     for _, y, c in run.zdot_used.get(x, ()):
-        t = t + c * run._tangent(y, source)
+        t = t + c * run.tangent(y, source)
     return t
 
 

@@ -194,6 +194,12 @@ def expr_signature(expr: sp.Expr, symbol_signature) -> dict:
 
 
 
+def parity_in(expr: sp.Expr, x: sp.Symbol) -> int:
+    """Parity of ``expr`` under x -> -x: EVEN or ODD when proven by the structural rules of
+    ``expr_signature`` (the one implementation of parity), else NEITHER."""
+    return expr_signature(expr, lambda s: {x: ODD} if s == x else {}).get(x, EVEN)
+
+
 class ZProgram:
     """The Master-theorem derivation of one program graph."""
 
