@@ -74,7 +74,9 @@ def _value(expr: sp.Expr, env: dict, table: list, zp: ZProgram) -> float:
 
 
 def _call(rule, args: list[float]) -> float:
+    """One value of a gaussian2 rule by its compiled scalar function (its array ``evaluate``
+    starts a parallel loop per call, which costs more than the value)."""
     try:
-        return float(rule(*args))
+        return float(rule.scalar(*args))
     except ArithmeticError as exc:  # compiled with Python's error model (0/0 at a node)
         raise NotPairwise(f"the bivariate Gaussian rule for {rule.method} failed at {args}: {exc!r}") from None
