@@ -317,7 +317,7 @@ API_CASES = [
     ("limit seed=1.5", lambda a: a["zc"].limit(seed=1.5), r"^seed: .*got 1\.5$"),
     ("limit seed=np.bool_", lambda a: a["zc"].limit(seed=np.True_), r"^seed: .*boolean"),
     ("limit groups=1", lambda a: a["zc"].limit(groups=1), r"^groups: expected an integer >= 2, got 1$"),
-    ("limit method", lambda a: a["zc"].limit(method="fast"), r"^method: expected one of auto, exact, particles, got 'fast'$"),
+    ("limit method", lambda a: a["zc"].limit(method="fast"), r"^method: expected one of auto, exact, pairwise, particles, got 'fast'$"),
     ("limit x complex", lambda a: a["mc"].limit(particles=2000, x=a["X"] + 1j), r"^x: holds complex numbers"),
     ("limit x huge", lambda a: a["mc"].limit(particles=2000, x=a["X"] * 1e200), r"^x: has entries as large as .*rescale"),
     ("limit x strings", lambda a: a["mc"].limit(particles=2000, x=[["a", "b", "c"]]), r"^x: does not hold numbers"),

@@ -123,9 +123,11 @@ VALID = [
 
 @pytest.mark.parametrize("build,ref", [c[1:] for c in VALID], ids=[c[0] for c in VALID])
 def test_valid_look_alikes_match_an_independent_reference(build, ref):
+    """Evaluated by the default strategy: particles, or the pairwise-Gaussian engine (stderr
+    0, quadrature to a relative 1e-10) where the moment is a one-Gaussian expectation."""
     value, err = tp.compile(_program(build)).limit(particles=100_000, seed=3)["m"]
     assert err < 0.02
-    assert abs(value - ref) <= 5 * err + 1e-12, (value, err, ref)
+    assert abs(value - ref) <= 5 * err + 1e-9 * max(1.0, abs(ref)), (value, err, ref)
 
 
 def test_undecidable_domain_is_refused_by_the_evaluator():

@@ -407,9 +407,13 @@ def test_particles_refuse_a_spike_no_particle_reaches():
     c = tp.compile(tp.load(MLP, depth=2, phi="tanh", w_std=1.5, b_std=0.1, d=3))
     rows = np.stack([_E1, _rotated(0.967)])
     with pytest.raises(tp.ProgramError, match="rests on about .* particles.*can be trusted"):
-        c.limit(particles=20_000, seed=0, x=1e4 * rows)
+        c.limit(particles=20_000, seed=0, x=1e4 * rows, method="particles")
     K = c.kernels(rows)
-    lim = c.limit(particles=20_000, seed=0, x=rows)
+    lim = c.limit(particles=20_000, seed=0, x=rows, method="particles")
     for name in ("nngp", "ntk"):
         value, se = lim[f"{name}[0,1]"]
         assert abs(value - K[name][0, 1]) < 5 * se, (name, value, se, K[name][0, 1])
+    # the default evaluator is the pairwise-Gaussian engine: right at both scales
+    big, K_big = c.limit(x=1e4 * rows), c.kernels(1e4 * rows)
+    for name in ("nngp", "ntk"):
+        assert big[f"{name}[0,1]"] == (pytest.approx(K_big[name][0, 1], rel=1e-9), 0.0)

@@ -193,3 +193,19 @@ def test_step_derivative_is_dirac():
     x = sp.Symbol("x")
     assert sp.diff(step(x), x) == sp.DiracDelta(x)
     assert sp.diff(tp.nonlinearities.relu(x), x) == step(x)
+
+
+def test_parity_in_one_variable_is_the_block_signature():
+    """parity_in (what gaussian2's own _parity can become) follows expr_signature's rules."""
+    import sympy as sp
+
+    from tpcompiler.ir.nonlinearities import EVEN, NEITHER, ODD, relu
+    from tpcompiler.symbolic.master import parity_in
+
+    x, y = sp.Symbol("x", real=True), sp.Symbol("y", real=True)
+    assert parity_in(x * sp.exp(-x**2), x) == ODD
+    assert parity_in(1 - sp.tanh(x) ** 2, x) == EVEN
+    assert parity_in(relu(x), x) == NEITHER
+    assert parity_in(sp.Max(x**2, 1), x) == EVEN        # a function of even arguments
+    assert parity_in(sp.tanh(x) * y, x) == ODD          # other symbols are constants
+    assert parity_in(x + 1, x) == NEITHER

@@ -199,19 +199,33 @@ class Compiled:
               method: str = "auto") -> dict[str, tuple[float, float]]:
         """{output: (value, stderr)} of the infinite-width limit (stderr 0 where exact).
 
-        method: "exact" (Gaussian-linear programs, docs/DESIGN.md 2.7 strategy 1), "particles"
-        (any program, strategy 3) or "auto" (exact when the program allows it)."""
+        method (docs/DESIGN.md 2.7): "exact" (Gaussian-linear programs, strategy 1),
+        "pairwise" (moments that need only bivariate Gaussian expectations, strategy 2:
+        closed forms, else quadrature to 1e-10), "particles" (any program, strategy 3, with
+        ``particles`` samples in ``groups`` groups from ``seed``) or "auto": the most exact
+        of the three that applies, in that order."""
+        from tpcompiler.backends.kernels.limit import pairwise_limit
+        from tpcompiler.backends.kernels.pairwise import NotPairwise, is_pairwise
+
         particles = validation.count(particles, "particles", minimum=1)
         seed = validation.count(seed, "seed")
         groups = validation.count(groups, "groups", minimum=2)
-        validation.choice(method, "method", ("auto", "exact", "particles"))
+        validation.choice(method, "method", ("auto", "exact", "pairwise", "particles"))
         x = _rows(x, "x")
         self._unchanged()
         _require_outputs(self.graph)
         zp, _ = self.bind(x)
+        result = None
         if method == "exact" or (method == "auto" and is_gaussian_linear(zp)):
             result = exact_limit(zp)
-        else:
+        elif method == "pairwise":
+            result = pairwise_limit(zp)
+        elif method == "auto" and is_pairwise(zp):
+            try:
+                result = pairwise_limit(zp)
+            except NotPairwise:
+                pass  # an expectation beyond two correlated factors: particles below
+        if result is None:
             result = particle_limit(zp, particles=particles, seed=seed, groups=groups)
         validation.finite_results(result, "the limit of output", OVERFLOW_HINT)
         return result

@@ -18,12 +18,16 @@ the basis (numpy/BLAS); its size grows with the number of ZHats, not with any wi
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 import sympy as sp
 
 from tpcompiler.ir import ops
 from tpcompiler.ir.graph import ProgramError
+from tpcompiler.ir.rules import RuleTable
 from tpcompiler.backends.lowering import evaluate
+from tpcompiler.backends.walk import initial_covariance, initial_keys, limit_rules, release_schedule, walk
 from tpcompiler.ir.ops import VEC, node_symbol
 from tpcompiler.symbolic.master import ZProgram
 
@@ -32,35 +36,54 @@ class NotLinear(ProgramError):
     """The program is not Gaussian-linear (a nonlinear function of vectors somewhere)."""
 
 
+def _vector_symbols(graph, key: str) -> dict:
+    """{node symbol: key} of the vector arguments of instruction ``key``."""
+    return {node_symbol(a): a for a in graph.args(key) if graph.kind(a) == VEC}
+
+
+def _polynomial_of_degree(graph, key: str, expr: sp.Expr, degree: int) -> bool:
+    """Whether ``expr`` is a polynomial of total degree <= ``degree`` in the vector
+    arguments of ``key`` with coefficients free of them."""
+    vecs = list(_vector_symbols(graph, key))
+    if not vecs:
+        return True
+    try:
+        poly = sp.Poly(expr, *vecs)
+    except sp.PolynomialError:
+        return False
+    return poly.total_degree() <= degree and not any(c.has(*vecs) for c in poly.coeffs())
+
+
+#: Gaussian-linear per op: Nonlins affine, Moments at most quadratic in vectors, the rest always.
+GAUSSIAN_LINEAR = RuleTable("Gaussian-linear check", domain=ops.INSTRUCTIONS)
+GAUSSIAN_LINEAR.register(ops.Nonlin)(lambda graph, key, op: _polynomial_of_degree(graph, key, op.expr, 1))
+GAUSSIAN_LINEAR.register(ops.Moment)(lambda graph, key, op: _polynomial_of_degree(graph, key, op.expr, 2))
+GAUSSIAN_LINEAR.register(ops.InitVec, ops.InitMat, ops.InputMat, ops.InputLayer, ops.Param, ops.WidthPower,
+                         ops.Input, ops.MatMul)(lambda graph, key, op: True)
+
+
 def is_gaussian_linear(zp: ZProgram) -> bool:
     """Whether every Nonlin is affine and every Moment at most quadratic in vectors."""
     g = zp.graph
-    for key in zp.order:
-        op = g.op(key)
-        if isinstance(op, (ops.Nonlin, ops.Moment)):
-            vecs = [node_symbol(a) for a in g.args(key) if g.kind(a) == VEC]
-            if not vecs:
-                continue
-            try:
-                poly = sp.Poly(op.expr, *vecs)
-            except sp.PolynomialError:
-                return False
-            if poly.total_degree() > (1 if isinstance(op, ops.Nonlin) else 2):
-                return False
-            if any(c.has(*vecs) for c in poly.coeffs()):
-                return False
-    return True
+    return all(GAUSSIAN_LINEAR(g.op(key))(g, key, g.op(key)) for key in zp.order)
+
+
+@dataclass
+class _Affine:
+    """Z = coef . basis + const; ``scov`` caches (basis size, S coef) for E[Z^a Z^b]."""
+
+    coef: np.ndarray
+    const: float
+    scov: tuple | None = None
 
 
 class _Basis:
-    """Coefficient vectors over the Gaussian basis (initial Gaussians and ZHats, K in all,
-    known up front) with its covariance S filled in as the basis grows.  E[Z^a Z^b] =
-    c_a^T S c_b uses S c_b, computed once per vector."""
+    """The Gaussian basis (initial Gaussians and ZHats, K in all, known up front) with its
+    covariance S filled in as the basis grows."""
 
     def __init__(self, K: int):
         self.size = 0
         self.cov = np.zeros((K, K))
-        self._scov: dict = {}
 
     def add(self, cov_with_existing: np.ndarray, var: float) -> int:
         k = self.size
@@ -74,111 +97,111 @@ class _Basis:
         c[k] = 1.0
         return c
 
-    def product(self, key_a, ca, key_b, cb) -> float:
-        """c_a^T S c_b, with S c_b cached per vector *and basis size*: a basis element added
-        later (a new ZHat of b's family) is correlated with b's support, so S c_b gains
-        entries as S grows and a cache keyed by the vector alone would go stale."""
-        cached = self._scov.get(key_b)
-        if cached is None or cached[0] != self.size:
-            cached = self._scov[key_b] = (self.size, self.cov @ cb)
-        return float(ca @ cached[1])
+    def zero(self) -> np.ndarray:
+        return np.zeros(self.cov.shape[0])
+
+    def expect_product(self, a: _Affine, b: _Affine) -> float:
+        """E[Z^a Z^b] = c_a^T S c_b + k_a k_b (the basis has mean zero).  S c_b is cached on
+        b *with the basis size*: a basis element added later (a new ZHat of b's family) is
+        correlated with b's support, so S c_b gains entries as S grows."""
+        if b.scov is None or b.scov[0] != self.size:
+            b.scov = (self.size, self.cov @ b.coef)
+        return float(a.coef @ b.scov[1]) + a.const * b.const
+
+
+class _ExactRun:
+    """State of one exact evaluation: the basis, the basis index of every leaf, the values."""
+
+    def __init__(self, zp: ZProgram):
+        self.zp = zp
+        g = zp.graph
+        inits = initial_keys(g)
+        self.basis = _Basis(len(inits) + len(g.keys_of(ops.MatMul)))
+        self.leaf: dict[str, int] = {}       # ZHat / initial vector -> basis index
+        self.members: dict[tuple, list[str]] = {}  # ZHat family -> its products so far
+        self.env: dict = {}
+        cov = initial_covariance(g, inits)
+        for i, k in enumerate(inits):
+            self.leaf[k] = self.basis.add(cov[i], cov[i, i])
+            self.env[k] = _Affine(self.basis.unit(self.leaf[k]), 0.0)
+
+    def scalar(self, expr: sp.Expr) -> float:
+        return evaluate(expr, self.env)
+
+
+def _nonlin(run: _ExactRun, entry, op) -> _Affine:
+    """Z^{phi(x..)} for affine phi: the same combination of the arguments' coefficients."""
+    vecs = _vector_symbols(run.zp.graph, entry.key)
+    if not vecs:
+        return _Affine(run.basis.zero(), run.scalar(op.expr))
+    poly = sp.Poly(op.expr, *vecs)
+    out = _Affine(run.basis.zero(), 0.0)
+    for monom, c in poly.terms():
+        w = run.scalar(c)
+        if sum(monom) == 0:
+            out.const += w
+        else:
+            arg = run.env[vecs[list(vecs)[monom.index(1)]]]
+            out.coef = out.coef + w * arg.coef
+            out.const += w * arg.const
+    return out
+
+
+def _matmul(run: _ExactRun, entry, op) -> _Affine:
+    """Z^{Wx} = ZHat^{Wx} + ZDot^{Wx}: a new basis element with Cov(ZHat^{Wx}, ZHat^{Wy}) =
+    sigma^2 E[Z^x Z^y] over the family, plus sigma^2 sum_y Z^y E[dZ^x/dZHat^{W^T y}], where
+    the expected derivative of the linear form Z^x is its coefficient of ZHat^{W^T y}."""
+    g, basis, env = run.zp.graph, run.basis, run.env
+    mat, x, _ = g.matmul_parts(entry.key)
+    s2 = run.scalar(g.op(mat).sigma ** 2)
+    # a constant part of x is fine: the ZHat covariance sigma^2 E[Z^x Z^y] includes it, and
+    # ZDot reads only the coefficients over the basis
+    members = run.members.setdefault(entry.family, [])
+    cov = np.zeros(basis.size)
+    for m in members:
+        cov[run.leaf[m]] = s2 * basis.expect_product(env[x], env[run.zp.entries[m].x])
+    run.leaf[entry.key] = basis.add(cov, s2 * basis.expect_product(env[x], env[x]))
+    members.append(entry.key)
+    out = _Affine(basis.unit(run.leaf[entry.key]), 0.0)
+    for t in run.zp.zdot_terms(entry.key):
+        w = s2 * env[x].coef[run.leaf[t.source]]
+        out.coef = out.coef + w * env[t.y].coef
+        out.const += w * env[t.y].const  # ZDot carries Z^y whole, its constant part included
+    return out
+
+
+def _moment(run: _ExactRun, entry, op) -> float:
+    """E[psi] for psi of degree <= 2 in the vectors: linear terms are their constant parts
+    (the basis has mean zero), quadratic ones c_a^T S c_b + k_a k_b."""
+    if entry.z == 0:
+        return 0.0
+    vecs = dict(sorted(_vector_symbols(run.zp.graph, entry.key).items(), key=lambda item: item[1]))
+    if not vecs:
+        return run.scalar(op.expr)
+    keys = list(vecs.values())
+    total = 0.0
+    for monom, c in sp.Poly(op.expr, *vecs).terms():
+        w = run.scalar(c)
+        idx = [i for i, p in enumerate(monom) for _ in range(p)]
+        if not idx:
+            total += w
+        elif len(idx) == 1:
+            total += w * run.env[keys[idx[0]]].const
+        else:
+            total += w * run.basis.expect_product(run.env[keys[idx[0]]], run.env[keys[idx[1]]])
+    return total
+
+
+#: The exact Gaussian-linear evaluator: vectors are affine forms over the Gaussian basis.
+EXACT = limit_rules("exact Gaussian-linear limit")
+EXACT.register(ops.Nonlin)(_nonlin)
+EXACT.register(ops.MatMul)(_matmul)
+EXACT.register(ops.Moment)(_moment)
 
 
 def exact_limit(zp: ZProgram) -> dict[str, tuple[float, float]]:
     """{output: (value, 0.0)} for a Gaussian-linear program (raises NotLinear otherwise)."""
     if not is_gaussian_linear(zp):
         raise NotLinear(f"program {zp.graph.name!r} is not Gaussian-linear")
-    g = zp.graph
-    inits = g.keys_of(ops.InitVec) + g.keys_of(ops.InputLayer)
-    basis = _Basis(len(inits) + len(g.keys_of(ops.MatMul)))
-    coef: dict[str, np.ndarray] = {}     # vector -> coefficients over the basis
-    const: dict[str, float] = {}         # vector -> constant part
-    leaf: dict[str, int] = {}            # ZHat / initial vector -> basis index
-    env: dict = {}
-    families: dict[tuple, list[str]] = {}
-
-    def expect_product(a: str, b: str) -> float:
-        return basis.product(a, coef[a], b, coef[b]) + const[a] * const[b]
-
-    values = {k: g.op(k).value for k in g.keys_of(ops.Param)}
-    for k in inits:
-        cov = np.zeros(basis.size)
-        for other, j in leaf.items():
-            cov[j] = evaluate(g.init_covariance(other, k), values)
-        leaf[k] = basis.add(cov, evaluate(g.init_covariance(k, k), values))
-        coef[k], const[k] = basis.unit(leaf[k]), 0.0
-    for key in zp.order:
-        entry, op = zp.entries[key], g.op(key)
-        if entry.rule in ("init", "mat"):
-            continue
-        if entry.rule == "param":
-            env[key] = op.limit() if isinstance(op, ops.WidthPower) else op.value
-        elif entry.rule == "input":
-            raise ProgramError(f"program {g.name!r} has an unbound input {key!r}")
-        elif entry.rule == "nonlin":
-            coef[key], const[key] = _affine(g, key, op.expr, env, coef, const, basis)
-        elif entry.rule == "matmul":
-            mat, x, _ = g.matmul_parts(key)
-            s2 = evaluate(g.op(mat).sigma ** 2, env)
-            # a constant part of x is fine: the ZHat covariance sigma^2 E[Z^x Z^y] includes
-            # it (expect_product), and ZDot reads only the coefficients over the basis
-            members = families.setdefault(entry.family, [])
-            cov = np.zeros(basis.size)
-            for m in members:
-                cov[leaf[m]] = s2 * expect_product(x, zp.entries[m].x)
-            leaf[key] = basis.add(cov, s2 * expect_product(x, x))
-            members.append(key)
-            c, k = basis.unit(leaf[key]), 0.0
-            for t in zp.zdot_terms(key):  # E[dZ^x/dZHat^src] is the coefficient of ZHat^src in Z^x
-                w = s2 * coef[x][leaf[t.source]]
-                c = c + w * coef[t.y]
-                k += w * const[t.y]  # ZDot carries Z^y whole, its constant part included
-            coef[key], const[key] = c, k
-        elif entry.rule == "moment":
-            env[key] = 0.0 if entry.z == 0 else _moment(g, op.expr, env, expect_product, const)
-    return {name: (evaluate(expr, env), 0.0) for name, expr in g.outputs.items()}
-
-
-def _split_affine(expr: sp.Expr, vecs: list) -> tuple[sp.Expr, dict]:
-    poly = sp.Poly(expr, *vecs)
-    parts = {}
-    constant = sp.S.Zero
-    for monom, c in poly.terms():
-        if sum(monom) == 0:
-            constant += c
-        else:
-            parts[vecs[monom.index(1)]] = parts.get(vecs[monom.index(1)], sp.S.Zero) + c
-    return constant, parts
-
-
-def _affine(g, key, expr, env, coef, const, basis):
-    vecs = [node_symbol(a) for a in g.args(key) if g.kind(a) == VEC]
-    if not vecs:
-        return np.zeros(basis.cov.shape[0]), evaluate(expr, env)
-    constant, parts = _split_affine(expr, vecs)
-    c = np.zeros(basis.cov.shape[0])
-    k = evaluate(constant, env) if constant != 0 else 0.0
-    for s, a in parts.items():
-        w = evaluate(a, env)
-        c = c + w * coef[s.key]
-        k += w * const[s.key]
-    return c, k
-
-
-def _moment(g, expr, env, expect_product, const):
-    """E[psi] for psi of degree <= 2 in the vectors: linear terms are their constant parts
-    (the basis has mean zero), quadratic ones c_a^T S c_b + k_a k_b."""
-    vecs = sorted((s for s in expr.free_symbols if s.key in g.g and g.kind(s.key) == VEC), key=lambda s: s.key)
-    if not vecs:
-        return evaluate(expr, env)
-    total = 0.0
-    for monom, c in sp.Poly(expr, *vecs).terms():
-        w = evaluate(c, env)
-        idx = [i for i, p in enumerate(monom) for _ in range(p)]
-        if not idx:
-            total += w
-        elif len(idx) == 1:
-            total += w * const[vecs[idx[0]].key]
-        else:
-            total += w * expect_product(vecs[idx[0]].key, vecs[idx[1]].key)
-    return total
+    values = walk(_ExactRun(zp), EXACT, release_schedule(zp))
+    return {name: (value, 0.0) for name, value in values.items()}

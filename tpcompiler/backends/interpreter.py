@@ -15,18 +15,12 @@ from tpcompiler.ir import ops
 from tpcompiler.ir.graph import Graph, ProgramError
 from tpcompiler.backends.lowering import evaluate
 from tpcompiler.ir.rules import RuleTable
+from tpcompiler.backends.walk import draw_initial
 
 
 def _init_vectors(graph: Graph, n: int, rng: np.random.Generator) -> dict[str, np.ndarray]:
     """All initial vectors at once: n iid draws of the joint Gaussian of their coordinates."""
-    keys = graph.keys_of(ops.InitVec)
-    if not keys:
-        return {}
-    cov = np.array([[float(graph.init_covariance(a, b)) for b in keys] for a in keys])
-    w, V = np.linalg.eigh(cov)
-    root = V * np.sqrt(np.clip(w, 0.0, None))
-    samples = rng.standard_normal((n, len(keys))) @ root.T
-    return {k: np.ascontiguousarray(samples[:, i]) for i, k in enumerate(keys)}
+    return draw_initial(graph, graph.keys_of(ops.InitVec), n, rng)
 
 
 @dataclass

@@ -59,17 +59,20 @@ def evaluate(expr: sp.Expr, env: dict, size: int | None = None):
             out = numpy_function(expr, sorted(expr.free_symbols, key=lambda s: s.name))(*values)
         else:
             out = numpy_function(canonical, tuple(_CANONICAL[:len(names) + len(constants)]))(*values, *constants)
+        if size is None:
+            out = float(out)  # an exact sympy integer beyond float64 (3 var^2 at var = 1e300) overflows here
     except OverflowError:  # Python floats raise where numpy would return inf: a user-facing error
         from tpcompiler.ir.graph import ProgramError
 
         sizes = {n: float(np.max(np.abs(v))) for n, v in zip(names, values) if np.size(v)}
         name = max(sizes, key=sizes.get) if sizes else None
         culprit = f" ({name!r} is {sizes[name]:.3g})" if name else ""
-        raise ProgramError(f"evaluating {sp.sstr(expr)} overflows float64{culprit}; rescale the program's "
+        text = sp.sstr(expr)
+        text = text if len(text) <= 120 else text[:100] + "..."
+        raise ProgramError(f"evaluating {text} overflows float64{culprit}; rescale the program's "
                            f"sigmas, variances or input data") from None
     if size is not None:
         out = np.asarray(out, dtype=np.float64)
         if out.shape != (size,):
             out = np.broadcast_to(out, (size,)).copy()
-        return out
-    return float(out)
+    return out

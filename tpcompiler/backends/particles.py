@@ -34,6 +34,8 @@ from tpcompiler.symbolic.existence import UndefinedLimit
 from tpcompiler.ir.graph import ProgramError
 from tpcompiler.backends.lowering import evaluate
 from tpcompiler.symbolic.master import Expectation, ZProgram
+from tpcompiler.ir.rules import RuleTable
+from tpcompiler.backends.walk import draw_initial, initial_keys, limit_rules, release_schedule, walk
 
 #: Relative size below which a new ZHat's conditional variance counts as zero.
 DEGENERATE = 1e-12
@@ -102,57 +104,33 @@ def _forward_substitution(L: np.ndarray, c: np.ndarray) -> np.ndarray:
 
 
 class _Run:
-    """One independent evaluation with M particles."""
+    """One independent evaluation with M particles (the state the PARTICLES rules act on)."""
 
     def __init__(self, zp: ZProgram, M: int, rng: np.random.Generator):
         self.zp = zp
         self.graph = zp.graph
         self.M = M
         self.rng = rng
-        self.env: dict = {}
+        # initial vectors and input layers (Gaussians whose covariance is set by the input
+        # values, jointly over all inputs), drawn from their joint covariance
+        self.env: dict = draw_initial(zp.graph, initial_keys(zp.graph), M, rng)
         self.families: dict[tuple, _Family] = {}
         self.coefficients: dict[tuple, float] = {}  # (matmul, source) -> sigma^2 E[dZ^x/dZHat^source]
         self.zdot_used: dict[str, list] = {}         # matmul -> [(source, y, coefficient)]
         self._tangents: dict = {}
         self._delta: dict = {}
 
-    # -- main loop ----------------------------------------------------------------------
-    def run(self) -> dict:
-        env = self.env
-        self._init_vectors()
-        release = _release_schedule(self.zp)
-        for position, key in enumerate(self.zp.order):
-            for done in release.get(position - 1, ()):
-                env.pop(done, None)
-            entry = self.zp.entries[key]
-            op = self.graph.op(key)
-            if entry.rule in ("init", "mat"):
-                continue  # drawn up front
-            if entry.rule == "param":
-                env[key] = op.limit() if isinstance(op, ops.WidthPower) else op.value
-            elif entry.rule == "input":
-                raise ProgramError(f"program {self.graph.name!r} has an unbound input {key!r}; instantiate it with data first")
-            elif entry.rule == "nonlin":
-                env[key] = self._eval_vec(entry.z)
-                _require_finite(env[key], key, "its values are")
-            elif entry.rule == "matmul":
-                env[key] = self._matmul(key)
-                self._tangents.clear()  # per product; recomputed if a later one needs them
-            elif entry.rule == "moment":
-                env[key] = self._limit_scalar(entry.z, key)
-        return {name: evaluate(expr, env) for name, expr in self.graph.outputs.items()}
-
-    def _eval_vec(self, zexpr: sp.Expr) -> np.ndarray:
+    def eval_vec(self, zexpr: sp.Expr) -> np.ndarray:
         env = {}
         for s in zexpr.free_symbols:
             env[s.name] = self.env[s.key]  # Z^x and the scalar x: both the value of node x
         return evaluate(zexpr, env, size=self.M)
 
-    def _limit_scalar(self, expr: sp.Expr, key: str) -> float:
+    def limit_scalar(self, expr: sp.Expr, key: str) -> float:
         """A deterministic limit: every E[f] replaced by its particle average."""
         means = {}
         for e in expr.atoms(Expectation):
-            samples = self._eval_vec(e.args[0])
+            samples = self.eval_vec(e.args[0])
             _require_finite(samples, key, "the function it averages is")
             _require_effective_particles(samples, key)
             means[e] = sp.Float(np.mean(samples))
@@ -160,22 +138,8 @@ class _Run:
         _require_finite(value, key, "its value is")
         return value
 
-    def _init_vectors(self) -> None:
-        """Initial vectors, and input layers (Gaussians whose covariance is set by the
-        input values, jointly over all inputs), drawn from their joint covariance."""
-        keys = self.graph.keys_of(ops.InitVec) + self.graph.keys_of(ops.InputLayer)
-        if not keys:
-            return
-        values = {k: self.graph.op(k).value for k in self.graph.keys_of(ops.Param)}
-        cov = np.array([[evaluate(self.graph.init_covariance(a, b), values) for b in keys] for a in keys])
-        w, V = np.linalg.eigh(cov)
-        root = V * np.sqrt(np.clip(w, 0.0, None))
-        draws = self.rng.standard_normal((self.M, len(keys))) @ root.T
-        for i, k in enumerate(keys):
-            self.env[k] = np.ascontiguousarray(draws[:, i])
-
     # -- MatMul: ZHat sampled conditionally on its family, plus ZDot -------------------
-    def _matmul(self, key: str) -> np.ndarray:
+    def matmul(self, key: str) -> np.ndarray:
         entry = self.zp.entries[key]
         mat, x, _ = self.graph.matmul_parts(key)
         s2 = evaluate(self.graph.op(mat).sigma ** 2, self.env)
@@ -232,46 +196,30 @@ class _Run:
         """E[dZ^x/dZHat^source] over particles (tangents, or Stein's lemma past a delta)."""
         if self._has_delta(x, source):
             return self._stein(x, [source])[source]
-        return float(np.mean(self._tangent(x, source)))
+        return float(np.mean(self.tangent(x, source)))
 
     def _has_delta(self, x: str, source: str) -> bool:
+        """Whether dZ^x/dZHat^source holds a Dirac delta somewhere along the chain rule."""
         memo = self._delta.get((x, source))
         if memo is not None:
             return memo
-        entry = self.zp.entries[x]
-        result = False
-        if source in entry.deps and x != source:
-            if entry.rule == "nonlin":
-                result = any(
-                    self.zp.partial(x, a).has(sp.DiracDelta) or self._has_delta(a, source)
-                    for a in self.graph.vector_args(x) if source in self.zp.entries[a].deps
-                )
-            elif entry.rule == "matmul":
-                result = any(self._has_delta(t.y, source) for t in self.zp.zdot_terms(x))
+        result = x != source and any(self.zp.partial(x, a).has(sp.DiracDelta) or self._has_delta(a, source)
+                                     for a in self.zp.parents_on(x, source))
         self._delta[(x, source)] = result
         return result
 
-    def _tangent(self, x: str, source: str):
-        """dZ^x/dZHat^source per particle, by the chain rule through the recursion."""
+    def tangent(self, x: str, source: str):
+        """dZ^x/dZHat^source per particle, by the chain rule through the recursion:
+        sum over parents p of (dZ^x/dZ^p per particle) * dZ^p/dZHat^source."""
         memo = self._tangents.get((x, source))
         if memo is not None:
             return memo
-        entry = self.zp.entries[x]
-        if source not in entry.deps:
+        if source not in self.zp.entries[x].deps:
             t = 0.0
         elif x == source:
             t = 1.0
-        elif entry.rule == "nonlin":
-            t = 0.0
-            for a in self.graph.vector_args(x):
-                if source in self.zp.entries[a].deps:
-                    t = t + self._eval_vec(self.zp.partial(x, a)) * self._tangent(a, source)
-        elif entry.rule == "matmul":
-            t = 0.0
-            for _, y, c in self.zdot_used.get(x, ()):
-                t = t + c * self._tangent(y, source)
         else:
-            t = 0.0
+            t = TANGENTS(self.graph.op(x))(self, x, source)
         self._tangents[(x, source)] = t
         return t
 
@@ -304,45 +252,61 @@ class _Run:
         return out
 
 
-def _release_schedule(zp: ZProgram) -> dict[int, list[str]]:
-    """{position: vectors whose particle arrays are not needed after that position}.
-
-    A vector is needed by the instructions that read it; as the input of a product until
-    the last product of the same matrix (the family covariance and ZDot terms read it);
-    and, for products whose ZDot coefficients come from tangents, by the chain rule along
-    its consumers up to that product.  Freeing the rest keeps memory proportional to what
-    is live, not to the length of an unrolled training run.  Cached on the Z program."""
-    cached = getattr(zp, "_release", None)
-    if cached is not None:
-        return cached
+def _tangent_reads(zp: ZProgram, key: str):
+    """Vectors a product's ZDot coefficients read besides its input: for tangents (fewer
+    than STEIN_TERMS terms), the chain rule walks the consumers from the sources to x, so
+    their arguments and ZDot inputs stay alive until this product."""
+    entry = zp.entries[key]
+    terms = zp.zdot_terms(key)
+    if entry.family is None or not 0 < len(terms) < STEIN_TERMS:
+        return
     g = zp.graph
-    pos = {k: i for i, k in enumerate(zp.order)}
-    last = {k: pos[k] for k in zp.order if g.kind(k) == ops.VEC}
-    matmuls = [k for k in zp.order if zp.entries[k].rule == "matmul"]
-    last_on_matrix: dict = {}
-    for m in matmuls:
-        last_on_matrix[g.matmul_parts(m)[0]] = pos[m]
-    for k in zp.order:
-        for a in g.args(k):
-            if a in last:
-                last[a] = max(last[a], pos[k])
-    for m in matmuls:
-        mat, x, _ = g.matmul_parts(m)
-        last[x] = max(last[x], last_on_matrix[mat])
-        terms = zp.zdot_terms(m)
-        if 0 < len(terms) < STEIN_TERMS:  # tangents walk the chain from the sources to x
-            sources = {t.source for t in terms}
-            for n in nx.ancestors(g.g, x) | {x}:
-                if n in last and zp.entries[n].deps & sources:
-                    for a in g.vector_args(n):
-                        last[a] = max(last[a], pos[m])
-                    for t in zp.entries[n].zdot:
-                        last[t.y] = max(last[t.y], pos[m])
-    schedule: dict[int, list[str]] = {}
-    for k, p in last.items():
-        schedule.setdefault(p, []).append(k)
-    zp._release = schedule
-    return schedule
+    sources = {t.source for t in terms}
+    for n in nx.ancestors(g.g, entry.x) | {entry.x}:
+        if g.kind(n) == ops.VEC and zp.entries[n].deps & sources:
+            yield from g.vector_args(n)
+            yield from (t.y for t in zp.entries[n].zdot)
+
+
+def _chain_through_partials(run: _Run, x: str, source: str):
+    """Nonlin: sum_a phi_a(Z..) dZ^a/dZHat^source, phi_a = dphi/dZ^a on the particles."""
+    t = 0.0
+    for a in run.zp.parents_on(x, source):
+        t = t + run.eval_vec(run.zp.partial(x, a)) * run.tangent(a, source)
+    return t
+
+
+def _chain_through_zdot(run: _Run, x: str, source: str):
+    """MatMul: sum_y c_y dZ^y/dZHat^source over the ZDot terms with the estimated c_y."""
+    t = 0.0
+    for _, y, c in run.zdot_used.get(x, ()):
+        t = t + c * run.tangent(y, source)
+    return t
+
+
+#: dZ^x/dZHat^source per particle by op of x (only vectors with parents get here).
+TANGENTS = RuleTable("particle tangents", domain=(ops.Nonlin, ops.MatMul))
+TANGENTS.register(ops.Nonlin)(_chain_through_partials)
+TANGENTS.register(ops.MatMul)(_chain_through_zdot)
+
+
+def _nonlin(run: _Run, entry, op) -> np.ndarray:
+    values = run.eval_vec(entry.z)
+    _require_finite(values, entry.key, "its values are")
+    return values
+
+
+def _matmul(run: _Run, entry, op) -> np.ndarray:
+    values = run.matmul(entry.key)
+    run._tangents.clear()  # per product; recomputed if a later one needs them
+    return values
+
+
+#: The particle evaluator: vectors are M samples of their Z.
+PARTICLES = limit_rules("particle limit")
+PARTICLES.register(ops.Nonlin)(_nonlin)
+PARTICLES.register(ops.MatMul)(_matmul)
+PARTICLES.register(ops.Moment)(lambda run, entry, op: run.limit_scalar(entry.z, entry.key))
 
 
 def limit(zp: ZProgram, particles: int, seed: int = 0, groups: int = 10) -> dict[str, tuple[float, float]]:
@@ -354,8 +318,9 @@ def limit(zp: ZProgram, particles: int, seed: int = 0, groups: int = 10) -> dict
     per = particles // groups
     # The particle loop makes many small BLAS calls (one average per family member); a
     # multi-threaded BLAS spends more on waking threads than on the work.
+    schedule = release_schedule(zp, _tangent_reads)
     with threadpool_limits(1, user_api="blas"):
-        rows = [_Run(zp, per, np.random.default_rng(s)).run() for s in seqs]
+        rows = [walk(_Run(zp, per, np.random.default_rng(s)), PARTICLES, schedule) for s in seqs]
     out = {}
     for name in zp.graph.outputs:
         vals = np.array([r[name] for r in rows])

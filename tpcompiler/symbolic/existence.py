@@ -156,6 +156,7 @@ class Checker:
         self.zp = zp
         self._risky: dict = {}
         self._leaf_form: dict = {}
+        self._params: dict | None = None
 
     # -- which vectors need a look --------------------------------------------------------
     def is_random(self, expr) -> bool:
@@ -164,15 +165,12 @@ class Checker:
         return _is_random(expr)
 
     def risky(self, key: str) -> bool:
+        """Whether Z^key may leave the reals or the integrable functions: a risky atom in its
+        recursion or in a parent's."""
         memo = self._risky.get(key)
         if memo is None:
             e = self.zp.entries[key]
-            if e.rule == "nonlin":
-                memo = bool(risky_atoms(e.z, self.is_random)) or any(self.risky(a) for a in self.zp.graph.vector_args(key))
-            elif e.rule == "matmul":
-                memo = any(self.risky(t.y) for t in e.zdot if not t.is_zero)
-            else:
-                memo = False
+            memo = any(self.risky(a) for a in e.parents) or (e.z is not None and bool(risky_atoms(e.z, self.is_random)))
             self._risky[key] = memo
         return memo
 
@@ -193,17 +191,13 @@ class Checker:
         return expr.xreplace(rep)
 
     def _leaf_of(self, key: str) -> sp.Expr:
-        from tpcompiler.symbolic.master import Z, Zhat
+        """Z^key in the leaves: its recursion with every parent's Z replaced by its own."""
+        from tpcompiler.symbolic.master import Z
 
         memo = self._leaf_form.get(key)
         if memo is None:
             e = self.zp.entries[key]
-            if e.rule == "nonlin":
-                memo = self.leaf_form(e.z)
-            elif e.rule == "matmul":
-                memo = Zhat(key) + sp.Add(*[t.coefficient * self._leaf_of(t.y) for t in e.zdot if not t.is_zero])
-            else:
-                memo = Z(key)
+            memo = e.z.xreplace({Z(a): self._leaf_of(a) for a in e.parents}) if e.parents else e.z
             self._leaf_form[key] = memo
         return memo
 
@@ -369,7 +363,7 @@ class Checker:
             if symbols.is_z(leaf):
                 return float(evaluate(g.init_covariance(key, key), values))
             mat, x, _ = g.matmul_parts(key)
-            if self.zp.entries[x].rule == "init":
+            if self.zp.is_initial(x):
                 return float(evaluate(g.op(mat).sigma ** 2 * g.init_covariance(x, x), values))
         except Exception:  # noqa: BLE001 - not numeric (inputs, moments)
             return None
@@ -387,22 +381,29 @@ class Checker:
     def _generic_except(self, expr, keep: set):
         """``expr`` with every expectation and every free symbol not in ``keep`` at a generic
         value (a Param at its value)."""
-        from tpcompiler.ir import ops
-
         expr = self._constants_for_expectations(expr)
+        params = self._param_values()
         rep = {}
         i = 0
         for s in sorted(expr.free_symbols, key=sp.default_sort_key):
             if s in keep:
                 continue
-            node = s.key if symbols.is_node(s) and s.key in self.zp.graph.g else None
-            op = self.zp.graph.op(node) if node else None
-            if isinstance(op, ops.Param):
-                rep[s] = sp.nsimplify(op.value)
+            if s in params:
+                rep[s] = sp.nsimplify(params[s])
             else:
                 rep[s] = _GENERIC[i % len(_GENERIC)] * (1 + i // len(_GENERIC))
                 i += 1
         return expr.xreplace(rep)
+
+    def _param_values(self) -> dict:
+        """{symbol: value} of the program's Params (computed once)."""
+        if self._params is None:
+            from tpcompiler.ir import ops
+            from tpcompiler.ir.ops import node_symbol
+
+            g = self.zp.graph
+            self._params = {node_symbol(k): g.op(k).value for k in g.keys_of(ops.Param)}
+        return self._params
 
     @staticmethod
     def _growth_message(what, psi, why) -> str:

@@ -41,6 +41,7 @@ from tpcompiler.ir.graph import Graph
 from tpcompiler.ir.nonlinearities import EVEN, NEITHER, ODD, parity_of_function
 from tpcompiler.ir import symbols
 from tpcompiler.ir.ops import VEC, node_symbol, unprime
+from tpcompiler.ir.rules import RuleTable
 from tpcompiler.ir.symbols import Z, Zhat
 
 #: Derivative expressions larger than this are shown as dZ^x/dZHat^v rather than inlined.
@@ -92,7 +93,13 @@ class ZDotTerm:
 
 @dataclass
 class ZEntry:
-    """The Master-theorem rule applied to one node."""
+    """The Master-theorem rule applied to one node.
+
+    A vector's ``z`` is its recursion Z^x = f(Z^{p_1}, .., Z^{p_k}, leaf): a function of the
+    Z of its ``parents`` (a Nonlin's vector arguments; the y of a MatMul's nonzero ZDot
+    terms) and of the Gaussian ``leaf`` the entry introduces (Z^u of an initial vector u,
+    ZHat^{Wx} of a MatMul), every expectation in it a constant.  Walking the recursion
+    (derivatives by the chain rule, parities, forms in the leaves) needs nothing else."""
 
     key: str
     rule: str                     # init | nonlin | matmul | moment | param | input | mat
@@ -102,6 +109,8 @@ class ZEntry:
     x: str | None = None          # MatMul input
     zdot: list[ZDotTerm] = field(default_factory=list)
     zero_reason: str | None = None  # for moments proven to vanish
+    parents: tuple = ()           # vectors whose Z the recursion z reads
+    leaf: sp.Symbol | None = None  # the Gaussian leaf this entry introduces
 
 
 def partials(expr: sp.Expr, symbols) -> dict:
@@ -179,9 +188,11 @@ def expr_signature(expr: sp.Expr, symbol_signature) -> dict:
     return {b: NEITHER for sig in args for b in sig}
 
 
-def expr_parity(expr: sp.Expr, parity_of_symbol) -> int:
-    """Parity of ``expr`` under one block negation, given the parities of its symbols."""
-    return expr_signature(expr, lambda s: {"b": parity_of_symbol(s)} if parity_of_symbol(s) != EVEN else {}).get("b", EVEN)
+
+def parity_in(expr: sp.Expr, x: sp.Symbol) -> int:
+    """Parity of ``expr`` under x -> -x: EVEN or ODD when proven by the structural rules of
+    ``expr_signature`` (the one implementation of parity), else NEITHER."""
+    return expr_signature(expr, lambda s: {x: ODD} if s == x else {}).get(x, EVEN)
 
 
 class ZProgram:
@@ -196,6 +207,8 @@ class ZProgram:
         self.order = graph.order()
         self.entries: dict[str, ZEntry] = {}
         self.families: dict[tuple, list[str]] = {}
+        #: {leaf symbol: independent block} of every Gaussian leaf (initial Z, ZHat).
+        self.leaf_blocks: dict[sp.Symbol, str] = {}
         self._signature: dict = {}
         self._dsignature: dict = {}
         self._uncorrelated: dict = {}
@@ -204,19 +217,9 @@ class ZProgram:
         self._init_block = self._init_blocks()
         self.checker = Checker(self)
         for key in self.order:
-            self.entries[key] = self._derive(key)
-            self._check_exists(key)
-
-    def _check_exists(self, key: str) -> None:
-        """Refuse a Nonlin that is not a real number and a MatMul whose input has no finite
-        second moment (Moments are checked in ``_moment``, before any parity argument)."""
-        entry = self.entries[key]
-        if entry.rule in ("nonlin", "matmul", "init"):
-            self.checker.risky(key)  # memoised in program order (no deep recursion later)
-        if entry.rule == "nonlin":
-            self.checker.check_nonlin(key)
-        elif entry.rule == "matmul":
-            self.checker.check_second_moment(key, entry.x)
+            entry = self.entries[key] = MASTER(graph.op(key))(self, key, graph.op(key))
+            if entry.leaf is not None:
+                self.leaf_blocks[entry.leaf] = self.block_of_leaf(key)
 
     # -- leaves and blocks --------------------------------------------------------------
     def _init_blocks(self) -> dict[str, str]:
@@ -236,6 +239,10 @@ class ZProgram:
             block[k] = "init:" + self.graph.args(k)[0]
         return block
 
+    def is_initial(self, key: str) -> bool:
+        """Whether ``key`` is an initial Gaussian (an initial vector or an input layer)."""
+        return key in self._init_block
+
     def block_of_leaf(self, leaf: str) -> str:
         """The independent Gaussian block of a leaf: its init group or its ZHat family."""
         if leaf in self._init_block:
@@ -248,31 +255,21 @@ class ZProgram:
         kind, name = block.split(":", 1)
         if kind == "family":
             return f"the ZHat family of {name}, independent of the rest"
-        members = sorted(k for k, b in self._init_block.items() if b == block)
-        if members and isinstance(self.graph.op(members[0]), ops.InputLayer):
+        if self.graph.kind(name) == ops.INPUT_MAT:  # input layers' block is named by their matrix
             return f"the input matrix {name}, independent of the rest"
+        members = sorted(k for k, b in self._init_block.items() if b == block)
         return f"the initial Gaussian{'s' if len(members) > 1 else ''} {', '.join(members)}, independent of the rest"
-
-    def blocks_of(self, deps) -> list[str]:
-        """Blocks of a set of leaves: ZHat families first (cheapest proofs), then inits."""
-        blocks = {self.block_of_leaf(d) for d in deps}
-        return sorted(blocks, key=lambda b: (not b.startswith("family:"), b))
 
     # -- parity under negation of the independent blocks ----------------------------------
     def signature(self, key: str) -> dict:
-        """{block: ODD | NEITHER} of Z^key (absent blocks: EVEN), memoised per node."""
+        """{block: ODD | NEITHER} of Z^key (absent blocks: EVEN), memoised per node: the
+        signature of its recursion z, each leaf odd in its own block.  Scalars are
+        deterministic constants (no signature)."""
         memo = self._signature.get(key)
         if memo is not None:
             return memo
-        entry = self.entries[key]
-        if entry.rule == "init":
-            sig = {self._init_block[key]: ODD}
-        elif entry.rule == "nonlin":
-            sig = expr_signature(entry.z, self._symbol_signature)
-        elif entry.rule == "matmul":
-            sig = _sum_signature([{self.block_of_leaf(key): ODD}] + [self.signature(t.y) for t in entry.zdot if not t.is_zero])
-        else:
-            sig = {}  # scalars are deterministic constants
+        z = self.entries[key].z
+        sig = {} if z is None else expr_signature(z, self._symbol_signature)
         self._signature[key] = sig
         return sig
 
@@ -280,14 +277,16 @@ class ZProgram:
         return self.signature(key).get(block, EVEN)
 
     def _symbol_signature(self, s: sp.Symbol) -> dict:
+        block = self.leaf_blocks.get(s)
+        if block is not None:
+            return {block: ODD}
         if symbols.is_z(s):
             return self.signature(s.key)
         return {}
 
-    def zero_block(self, zexpr: sp.Expr, deps=None) -> str | None:
+    def zero_block(self, zexpr: sp.Expr) -> str | None:
         """A block under whose negation ``zexpr`` is odd (so E[zexpr] = 0), or None."""
-        odd = [b for b, p in expr_signature(zexpr, self._symbol_signature).items() if p == ODD]
-        return min(odd, key=lambda b: (not b.startswith("family:"), b)) if odd else None
+        return _proof_block(expr_signature(zexpr, self._symbol_signature))
 
     def provably_uncorrelated(self, a: str, b: str) -> bool:
         """Whether E[Z^a Z^b] = 0 is proven (then ZHat^{Wa}, ZHat^{Wb} are independent)."""
@@ -298,8 +297,7 @@ class ZProgram:
 
     def derivative_zero_block(self, x: str, source: str) -> str | None:
         """A block proving E[dZ^x/dZHat^source] = 0 (the derivative is odd under it)."""
-        odd = [b for b, p in self.derivative_signature(x, source).items() if p == ODD]
-        return min(odd, key=lambda b: (not b.startswith("family:"), b)) if odd else None
+        return _proof_block(self.derivative_signature(x, source))
 
     def derivative_signature(self, x: str, source: str) -> dict:
         """Signature of dZ^x/dZHat^source, proven two ways and combined: from the parity p
@@ -325,56 +323,45 @@ class ZProgram:
         return combined
 
     def _chain_signature(self, x: str, source: str) -> dict:
-        entry = self.entries[x]
+        """Signature of dZ^x/dZHat^source = sum_p dZ^x/dZ^p dZ^p/dZHat^source (x != source)."""
         if x == source:
             return {}
-        parts = []
-        if entry.rule == "nonlin":
-            for a in self.graph.vector_args(x):
-                if source in self.entries[a].deps:
-                    parts.append(_product_signature([expr_signature(self.partial(x, a), self._symbol_signature),
-                                                     self.derivative_signature(a, source)]))
-        elif entry.rule == "matmul":
-            parts = [self.derivative_signature(t.y, source) for t in entry.zdot
-                     if not t.is_zero and source in self.entries[t.y].deps]
+        parts = [_product_signature([expr_signature(self.partial(x, a), self._symbol_signature),
+                                     self.derivative_signature(a, source)])
+                 for a in self.parents_on(x, source)]
         return _sum_signature(parts) if parts else {}
 
+    def parents_on(self, x: str, source: str) -> list[str]:
+        """The parents of x whose Z depends on the leaf ``source`` (the chain rule's terms)."""
+        return [a for a in self.entries[x].parents if source in self.entries[a].deps]
+
     def partial(self, key: str, arg: str) -> sp.Expr:
-        """dZ^key/dZ^arg of a Nonlin node (all partials of a node computed at once, cached)."""
+        """dZ^key/dZ^arg of a vector's recursion for a parent ``arg`` (a Nonlin's partial
+        derivative; a MatMul's ZDot coefficient of Z^arg), all parents at once, cached."""
         if (key, arg) not in self._partials:
-            vecs = self.graph.vector_args(key)
-            for a, d in partials(self.entries[key].z, [Z(v) for v in vecs]).items():
+            entry = self.entries[key]
+            for a, d in partials(entry.z, [Z(p) for p in entry.parents]).items():
                 self._partials[(key, a.key)] = d
         return self._partials[(key, arg)]
 
-    # -- rules --------------------------------------------------------------------------
-    def _derive(self, key: str) -> ZEntry:
-        g = self.graph
-        op = g.op(key)
-        if isinstance(op, (ops.InitVec, ops.InputLayer)):
-            return ZEntry(key, "init", Z(key), frozenset([key]))
-        if isinstance(op, (ops.InitMat, ops.InputMat)):
-            return ZEntry(key, "mat")
-        if isinstance(op, (ops.Param, ops.WidthPower)):
-            return ZEntry(key, "param", node_symbol(key))
-        if isinstance(op, ops.Input):
-            return ZEntry(key, "input", node_symbol(key))
-        if isinstance(op, ops.Nonlin):
-            vecs = g.vector_args(key)
-            z = op.expr.xreplace({node_symbol(a): Z(a) for a in vecs})
-            deps = frozenset().union(*(self.entries[a].deps for a in vecs)) if vecs else frozenset()
-            return ZEntry(key, "nonlin", z, deps)
-        if isinstance(op, ops.MatMul):
-            return self._matmul(key)
-        if isinstance(op, ops.Moment):
-            return self._moment(key, op)
-        raise TypeError(f"no Master-theorem rule for {type(op).__name__} ({key!r})")
+    # -- rules: the Master theorem per op (the MASTER table below) ------------------------
+    def _nonlin(self, key: str, op: ops.Nonlin) -> ZEntry:
+        """ZNonlin: Z^{phi(x..; theta..)} = phi(Z^x..; theta..)."""
+        vecs = tuple(dict.fromkeys(self.graph.vector_args(key)))
+        z = op.expr.xreplace({node_symbol(a): Z(a) for a in vecs})
+        deps = frozenset().union(*(self.entries[a].deps for a in vecs))
+        entry = self.entries[key] = ZEntry(key, "nonlin", z, deps, parents=vecs)
+        self.checker.risky(key)  # memoised in program order (no deep recursion later)
+        self.checker.check_nonlin(key)
+        return entry
 
     def _matmul(self, key: str) -> ZEntry:
+        """ZMatMul: Z^{Wx} = ZHat^{Wx} + ZDot^{Wx} with
+        ZDot^{Wx} = sigma_W^2 sum_{v = W^T y before Wx} Z^y E[dZ^x/dZHat^v]."""
         mat, x, tr = self.graph.matmul_parts(key)
         sigma = self.graph.op(mat).sigma
-        entry = ZEntry(key, "matmul", family=(mat, tr), x=x)
-        self.entries[key] = entry  # visible to block_of_leaf below
+        entry = ZEntry(key, "matmul", family=(mat, tr), x=x, leaf=Zhat(key))
+        self.entries[key] = entry
         xdeps = self.entries[x].deps
         terms = []
         for source in [] if self.drop_zdot else self.families.get((mat, not tr), []):
@@ -387,47 +374,45 @@ class ZProgram:
             else:
                 # recursion form: the coefficient names the derivative; display() inlines it
                 terms.append(ZDotTerm(y, source, sigma**2 * Expectation(sp.Derivative(Z(x), Zhat(source), evaluate=False))))
+        live = [t for t in terms if not t.is_zero]
         entry.zdot = terms
         entry.z = Zhat(key) + sp.Add(*[t.coefficient * Z(t.y) for t in terms])
-        entry.deps = frozenset([key]).union(*(self.entries[t.y].deps for t in terms if not t.is_zero))
+        entry.deps = frozenset([key]).union(*(self.entries[t.y].deps for t in live))
+        entry.parents = tuple(dict.fromkeys(t.y for t in live))
         self.families.setdefault((mat, tr), []).append(key)
+        self.checker.risky(key)
+        self.checker.check_second_moment(key, x)
         return entry
 
     def _moment(self, key: str, op: ops.Moment) -> ZEntry:
-        rep, deps = {}, set()
+        """ZMoment: lim theta = E[psi(Z^x..)], 0 when psi is odd under an independent block."""
+        rep = {}
         for s in op.expr.free_symbols:
             k, primed = unprime(s)
             if self.graph.kind(k) == VEC:
                 rep[s] = Z(k, primed)
-                deps |= self.entries[k].deps
         psi = op.expr.xreplace(rep)
         # an odd function has expectation 0 only if it is integrable: check existence first
         self.checker.check_moment(key, psi)
-        block = self.zero_block(psi, deps)
+        block = self.zero_block(psi)
         if block is not None:
             return ZEntry(key, "moment", sp.S.Zero, frozenset(), zero_reason=f"odd in {self.describe_block(block)}")
         return ZEntry(key, "moment", Expectation(psi), frozenset())
 
     # -- derivatives dZ^x/dZHat^v (chain rule through the recursion) --------------------
     def derivative(self, x: str, source: str) -> sp.Expr:
-        """dZ^x/dZHat^source as an expression in Z symbols, inlined along the recursion:
-        through Nonlin by the chain rule, through MatMul only via its ZDot terms (ZHats
-        are leaves, expectations constants)."""
+        """dZ^x/dZHat^source as an expression in Z symbols, inlined along the recursion by
+        the chain rule, sum_p dZ^x/dZ^p dZ^p/dZHat^source (ZHats are leaves, expectations
+        constants)."""
         memo = self._derivative.get((x, source))
         if memo is not None:
             return memo
-        entry = self.entries[x]
-        if source not in entry.deps:
+        if source not in self.entries[x].deps:
             d = sp.S.Zero
         elif x == source:
             d = sp.S.One
-        elif entry.rule == "nonlin":
-            d = sp.Add(*[self.partial(x, a) * self.derivative(a, source)
-                         for a in self.graph.vector_args(x) if source in self.entries[a].deps])
-        elif entry.rule == "matmul":
-            d = sp.Add(*[t.coefficient * self.derivative(t.y, source) for t in entry.zdot if not t.is_zero])
         else:
-            d = sp.S.Zero
+            d = sp.Add(*[self.partial(x, a) * self.derivative(a, source) for a in self.parents_on(x, source)])
         self._derivative[(x, source)] = d
         return d
 
@@ -459,7 +444,29 @@ class ZProgram:
         return [t for t in terms if not t.is_zero] if nonzero else list(terms)
 
     def nonzero_zdot_count(self) -> int:
-        return sum(len(self.zdot_terms(k)) for k in self.order if self.entries[k].rule == "matmul")
+        return sum(len(self.zdot_terms(k)) for k in self.order)
+
+
+def _proof_block(signature: dict) -> str | None:
+    """The block to cite for a vanishing expectation among those under which the function is
+    odd: a ZHat family first (the usual, cheapest proof), then by name; None if none."""
+    odd = [b for b, p in signature.items() if p == ODD]
+    return min(odd, key=lambda b: (not b.startswith("family:"), b)) if odd else None
+
+
+def _leaf(key: str, kind: str) -> ZEntry:
+    return ZEntry(key, kind, Z(key), frozenset([key]), leaf=Z(key))
+
+
+#: The Master theorem per op (docs/DESIGN.md 2.2): rule(zp, key, op) -> ZEntry.
+MASTER = RuleTable("Master theorem", domain=ops.INSTRUCTIONS)
+MASTER.register(ops.InitVec, ops.InputLayer)(lambda zp, key, op: _leaf(key, "init"))  # ZInit
+MASTER.register(ops.InitMat, ops.InputMat)(lambda zp, key, op: ZEntry(key, "mat"))
+MASTER.register(ops.Param, ops.WidthPower)(lambda zp, key, op: ZEntry(key, "param", node_symbol(key)))
+MASTER.register(ops.Input)(lambda zp, key, op: ZEntry(key, "input", node_symbol(key)))
+MASTER.register(ops.Nonlin)(lambda zp, key, op: zp._nonlin(key, op))
+MASTER.register(ops.MatMul)(lambda zp, key, op: zp._matmul(key))
+MASTER.register(ops.Moment)(lambda zp, key, op: zp._moment(key, op))
 
 
 def derive(graph: Graph, drop_zdot: bool = False) -> ZProgram:

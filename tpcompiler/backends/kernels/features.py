@@ -24,6 +24,7 @@ import sympy as sp
 from tpcompiler.ir import ops
 from tpcompiler.ir import symbols
 from tpcompiler.ir.graph import Graph, ProgramError
+from tpcompiler.ir.rules import RuleTable
 from tpcompiler.backends.lowering import numpy_function
 
 
@@ -203,14 +204,10 @@ class Features:
     def _layer_values(self, key: str, X: np.ndarray, positions: list) -> np.ndarray:
         """Per data row, the scalars of input layer ``key`` at the given positions (a view of
         X itself when they are input coordinates 0..d-1 in order, the dense input layer)."""
-        scalars = [self.graph.args(key)[1:][p] for p in positions]
-        sops = [self.graph.op(s) for s in scalars]
-        if all(isinstance(o, ops.Input) for o in sops):
-            cols = [o.index for o in sops]
-            if cols == list(range(X.shape[1])):
-                return X
-            return X[:, cols]
-        return np.stack([X[:, o.index] if isinstance(o, ops.Input) else np.full(X.shape[0], o.value) for o in sops], axis=1)
+        sops = [self.graph.op(self.graph.args(key)[1:][p]) for p in positions]
+        if any(sops == [ops.Input(group, j) for j in range(X.shape[1])] for group in self.graph.inputs):
+            return X
+        return np.stack([LAYER_SCALARS(o)(X, o) for o in sops], axis=1)
 
     def _matched(self, a: str, b: str) -> tuple[list, list]:
         """Positions of the scalars of input layers a and b that share a column of U."""
@@ -267,6 +264,12 @@ class Features:
             else:
                 out.append(_bilinear_gram(dict(base[1]), X, X2))
         return out
+
+
+#: The value on every data row of one scalar of an input layer, by op: rule(X, op) -> column.
+LAYER_SCALARS = RuleTable("input-layer scalars", domain=(ops.Input, ops.Param))
+LAYER_SCALARS.register(ops.Input)(lambda X, op: X[:, op.index])
+LAYER_SCALARS.register(ops.Param)(lambda X, op: np.full(X.shape[0], op.value))
 
 
 @functools.cache

@@ -34,7 +34,8 @@ from tpcompiler.ir import ops
 from tpcompiler.ir import symbols
 from tpcompiler.ir.graph import Graph, ProgramError
 from tpcompiler.ir.ops import VEC, node_symbol, unprime
-from tpcompiler.symbolic.master import Z, Zhat, ZProgram, derive
+from tpcompiler.ir.rules import RuleTable
+from tpcompiler.symbolic.master import Expectation, Z, Zhat, ZProgram, derive
 
 T = symbols.ARG
 
@@ -93,13 +94,7 @@ class PairwiseEngine:
         self._params = {node_symbol(k): sp.Float(self.graph.op(k).value) for k in self.graph.keys_of(ops.Param)}
         self._params.update({node_symbol(k): sp.Float(self.graph.op(k).limit()) for k in self.graph.keys_of(ops.WidthPower)})
         self._inputs = {node_symbol(k) for k in self.graph.input_keys()}
-        self._leaf_block = {}
-        for k in self.zp.order:
-            e = self.zp.entries[k]
-            if e.rule == "init":
-                self._leaf_block[Z(k)] = self.zp.block_of_leaf(k)
-            elif e.rule == "matmul":
-                self._leaf_block[Zhat(k)] = self.zp.block_of_leaf(k)
+        self._leaf_block = dict(self.zp.leaf_blocks)
 
     # -- symbols and sides ----------------------------------------------------------------
     def _is_leaf(self, s: sp.Symbol) -> bool:
@@ -133,23 +128,24 @@ class PairwiseEngine:
         """Z^key as an expression of leaves (side 0), parameters substituted."""
         if key in self._forms:
             return self._forms[key]
-        e = self.zp.entries[key]
-        if e.rule == "init":
-            f = Z(key)
-        elif e.rule == "nonlin":
-            sub = {Z(a): self.form(a) for a in self.graph.vector_args(key)}
-            sub.update(self._scalar_values(e.z))
-            f = e.z.xreplace(sub)
-        elif e.rule == "matmul":
-            f = Zhat(key)
-            mat = self.graph.matmul_parts(key)[0]
-            s2 = self.graph.op(mat).sigma ** 2
-            for t in self.zp.zdot_terms(key):
-                coef = s2.xreplace(self._params) * self.expect(sp.diff(self.form(e.x), Zhat(t.source)))
-                f = f + coef * self.form(t.y)
-        else:
-            raise NotPairwise(f"{key!r} is not a vector")
+        f = FORMS(self.graph.op(key))(self, key, self.zp.entries[key])
         self._forms[key] = f
+        return f
+
+    def _nonlin_form(self, key: str, e) -> sp.Expr:
+        """phi(forms of the arguments), scalars by value."""
+        sub = {Z(a): self.form(a) for a in self.graph.vector_args(key)}
+        sub.update(self._scalar_values(e.z))
+        return e.z.xreplace(sub)
+
+    def _matmul_form(self, key: str, e) -> sp.Expr:
+        """ZHat^{Wx} + sigma^2 sum_y E[d form(x)/dZHat^{W^T y}] form(y), expectations exact."""
+        f = Zhat(key)
+        mat = self.graph.matmul_parts(key)[0]
+        s2 = self.graph.op(mat).sigma ** 2
+        for t in self.zp.zdot_terms(key):
+            coef = s2.xreplace(self._params) * self.expect(sp.diff(self.form(e.x), Zhat(t.source)))
+            f = f + coef * self.form(t.y)
         return f
 
     def _scalar_values(self, expr: sp.Expr) -> dict:
@@ -398,12 +394,93 @@ class PairwiseEngine:
         return list(self._order)
 
 
+def _not_a_vector(engine: PairwiseEngine, key: str, e):
+    raise NotPairwise(f"{key!r} is not a vector")
+
+
+#: The form of a vector in the leaves, by op: rule(engine, key, entry) -> expression.
+FORMS = RuleTable("pairwise forms", domain=ops.INSTRUCTIONS)
+FORMS.register(ops.InitVec, ops.InputLayer)(lambda engine, key, e: Z(key))
+FORMS.register(ops.Nonlin)(lambda engine, key, e: engine._nonlin_form(key, e))
+FORMS.register(ops.MatMul)(lambda engine, key, e: engine._matmul_form(key, e))
+FORMS.register(ops.InitMat, ops.InputMat, ops.Param, ops.WidthPower, ops.Input, ops.Moment)(_not_a_vector)
+
+
+# -- which programs the engine applies to ----------------------------------------------------
+#: Form classes, in increasing generality: no random variable; an affine form L of the
+#: Gaussian leaves; a function g(L) of one such form; a polynomial in such functions of
+#: several forms; anything else (out of the engine's reach).
+CONSTANT, GAUSSIAN, SINGLE, ATOMS, OTHER = range(5)
+
+
+def is_pairwise(zp: ZProgram) -> bool:
+    """Whether every vector's form, and every averaged function, is a polynomial in
+    functions g(L) of affine forms L of the Gaussian leaves (the engine's domain).
+
+    Decided structurally in program order, without building any form, by a class and a
+    *root* per subexpression (the root names the affine form L a function of one form is a
+    function of): a leaf or an affine vector is Gaussian and its own root; sums and products
+    of parts with one root keep it (relu(h) + h, tanh(relu(h)), exp(-h^2)); parts with
+    different roots make a polynomial in atoms; a function of parts with one root is an
+    atom g(L), of parts with several roots (tanh of a vector that already went through a
+    nonlinearity and a ZDot, as after a feature-learning step) out of reach.  Necessary,
+    not sufficient: the engine still refuses (NotPairwise) an expectation of three
+    correlated nonlinear factors or a quadrature it cannot build."""
+    classes: dict[str, tuple] = {}
+
+    def symbol_class(s: sp.Symbol) -> tuple:
+        if s in zp.leaf_blocks:
+            return GAUSSIAN, s
+        if not symbols.is_z(s):
+            return CONSTANT, None
+        level, root = classes[s.key]
+        return (GAUSSIAN, s) if level == GAUSSIAN else (level, root)
+
+    for key in zp.order:
+        z = zp.entries[key].z
+        if z is None:
+            continue
+        if zp.graph.kind(key) == VEC:
+            classes[key] = _form_class(z, symbol_class)
+            level = classes[key][0]
+        else:
+            level = max((_form_class(e.args[0], symbol_class)[0] for e in z.atoms(Expectation)), default=CONSTANT)
+        if level == OTHER:
+            return False
+    return True
+
+
+def _form_class(e: sp.Expr, symbol_class) -> tuple:
+    """(class, root) of an expression in Z symbols (see is_pairwise)."""
+    if isinstance(e, Expectation) or not any(symbols.is_leaf_variable(s) for s in e.free_symbols):
+        return CONSTANT, None
+    if e.is_Symbol:
+        return symbol_class(e)
+    parts = [p for p in (_form_class(a, symbol_class) for a in e.args) if p[0] != CONSTANT]
+    if not parts:
+        return CONSTANT, None
+    levels = [level for level, _ in parts]
+    roots = {root for _, root in parts}
+    one_root = len(roots) == 1 and None not in roots
+    polynomial = e.is_Add or e.is_Mul or (e.is_Pow and e.exp.is_Integer and e.exp > 0)
+    if e.is_Add and max(levels) == GAUSSIAN:
+        return GAUSSIAN, e
+    if len(parts) == 1 and (e.is_Mul or (e.is_Pow and e.exp == 1)):
+        return parts[0]  # a constant multiple
+    if one_root and max(levels) <= SINGLE:
+        return SINGLE, roots.pop()
+    if polynomial and max(levels) <= ATOMS:
+        return ATOMS, None
+    return OTHER, None
+
+
 def _ordered(items) -> list:
     """A set of sympy objects in a fixed order.  Quantities are numbered in the order they
     are created, and the generated kernel source (hence its compile-cache key) follows that
     numbering: iterating a set directly would follow the per-process string hash seed, so
     every run would generate new source and pay the whole Numba compile again."""
     return sorted(items, key=sp.default_sort_key)
+
 
 
 def _coefficients(L: sp.Expr) -> dict:

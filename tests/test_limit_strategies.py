@@ -1,0 +1,131 @@
+"""``Compiled.limit`` picks the most exact evaluator that applies (docs/DESIGN.md 2.7):
+Gaussian-linear -> exact, bivariate-Gaussian moments -> the pairwise-Gaussian engine (exact,
+stderr 0, the same numbers as ``Compiled.kernels``), anything else -> particles; and
+``method="particles"`` still forces particles."""
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import tpcompiler as tp
+from tpcompiler.backends.kernels.pairwise import NotPairwise, is_pairwise
+from tpcompiler.cli.commands import main
+
+ROOT = Path(__file__).resolve().parent.parent
+MLP = ROOT / "programs" / "mlp.py"
+COV3 = np.array([[1.0, 0.5, 0.0], [0.5, 1.0, 0.4], [0.0, 0.4, 1.0]])
+
+
+def _kernel_entries(c, X) -> dict:
+    """{"nngp[a,b]": value, "ntk[a,b]": value} from the kernel backend on rows X."""
+    K = c.kernels(X)
+    return {f"{k}[{a},{b}]": K[k][a, b] for k in ("nngp", "ntk") for a in range(len(X)) for b in range(len(X))}
+
+
+@pytest.mark.parametrize("phi", ["relu", "erf"])
+def test_mlp_limit_is_exact_by_default_and_equals_the_kernels(phi):
+    prog = tp.load(MLP, depth=3, phi=phi, w_std=1.3, b_std=0.2)
+    c = tp.compile(prog)
+    X = np.random.default_rng(4).standard_normal((3, 3))
+    lim = c.limit(x=X)
+    expected = _kernel_entries(c, X)
+    assert set(lim) == set(expected)
+    for name, (value, err) in lim.items():
+        assert err == 0.0, name
+        assert value == pytest.approx(expected[name], rel=1e-12, abs=1e-14), name
+
+
+def test_mlp_exact_limit_lies_within_the_particle_error_bars():
+    c = tp.compile(tp.load(MLP, depth=2, phi="relu"))
+    exact = c.limit()
+    parts = c.limit(method="particles", particles=400_000, seed=2, groups=20)
+    assert all(err > 0 for _, err in parts.values())  # forced particles are Monte Carlo
+    for name, (value, _) in exact.items():
+        v, err = parts[name]
+        assert abs(v - value) < 5 * err, (name, v, value, err)
+
+
+def test_tpc_limit_of_the_readme_program_is_exact(capsys, monkeypatch):
+    """The README's first command (with --json): stderr 0, the kernel backend's values."""
+    monkeypatch.chdir(ROOT)
+    assert main(["limit", "programs/mlp.py", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    prog = tp.load(MLP)
+    expected = _kernel_entries(tp.compile(prog), prog.graph.inputs["xi"].default)
+    assert {name: entry["stderr"] for name, entry in out.items()} == {name: 0.0 for name in expected}
+    for name, entry in out.items():
+        assert entry["value"] == pytest.approx(expected[name], rel=1e-12), name
+
+
+def test_gaussian_linear_programs_stay_with_the_exact_evaluator():
+    """A linear network's limit comes from the Gaussian-linear evaluator (same numbers)."""
+    c = tp.compile(tp.load(ROOT / "programs" / "linear_net.py"))
+    assert c.limit() == c.limit(method="exact")
+
+
+def _three_correlated_relus():
+    """E[relu(u) relu(v) relu(w)] of three correlated Gaussians: not a bivariate expectation."""
+    p = tp.Program("three")
+    u, v, w = p.vecs(["u", "v", "w"], COV3)
+    p.output("m", tp.mean(tp.relu(u) * tp.relu(v) * tp.relu(w)))
+    return p
+
+
+def test_programs_beyond_bivariate_expectations_use_particles():
+    c = tp.compile(_three_correlated_relus())
+    zp, _ = c.bind(None)
+    assert is_pairwise(zp)  # the structure passes; the engine refuses the expectation itself
+    with pytest.raises(NotPairwise, match="3 jointly Gaussian nonlinear factors"):
+        c.limit(method="pairwise")
+    value, err = c.limit(particles=200_000, seed=1)["m"]
+    assert err > 0
+    u, v, w = _correlated_draws(2_000_000)
+    mc = np.mean(np.maximum(u, 0) * np.maximum(v, 0) * np.maximum(w, 0))
+    assert abs(value - mc) < 5 * err
+
+
+def _correlated_draws(n):
+    return (np.random.default_rng(9).standard_normal((n, 3)) @ np.linalg.cholesky(COV3).T).T
+
+
+def test_feature_learning_is_not_pairwise_and_uses_particles():
+    """After one muP step tanh acts on a vector that already went through a nonlinearity
+    and a ZDot: the structural check refuses it before any form is built."""
+    c = tp.compile(tp.load(ROOT / "programs" / "mup_mlp.py", steps=1))
+    zp, _ = c.bind(None)
+    assert not is_pairwise(zp)
+    lim = c.limit(particles=4_000, seed=0)
+    assert any(err > 0 for _, err in lim.values())
+
+
+def test_zdot_through_a_nonlinearity_of_a_zdot_uses_particles():
+    c = tp.compile(tp.load(ROOT / "programs" / "zdot.py"))
+    assert not is_pairwise(c.bind(None)[0])
+    assert any(err > 0 for _, err in c.limit(particles=20_000).values())
+
+
+def test_pairwise_is_exact_where_particles_only_estimate():
+    """W^T tanh(W u): the ZDot coefficient sigma^2 E[tanh'(Z^h)] and the moment are
+    bivariate, so the README's example program has an exact limit."""
+    p = tp.Program("example")
+    u = p.vec("u", var=1.0)
+    W = p.mat("W", sigma=1.0)
+    h = (W @ u).named("h")
+    v = (W.T @ tp.tanh(h)).named("v")
+    p.output("s", tp.mean(v * u))
+    c = tp.compile(p)
+    value, err = c.limit()["s"]
+    assert err == 0.0
+    # E[Z^v Z^u] = sigma^2 E[tanh'(Z^h)] E[u^2] with Z^h ~ N(0, 1): E[1 - tanh^2] by quadrature
+    z = np.linspace(-12, 12, 200_001)
+    density = np.exp(-z**2 / 2) / np.sqrt(2 * np.pi)
+    assert value == pytest.approx(np.trapezoid((1 - np.tanh(z) ** 2) * density, z), rel=1e-9)
+    v_p, err_p = c.limit(method="particles", particles=200_000, seed=3)["s"]
+    assert err_p > 0 and abs(v_p - value) < 5 * err_p
+
+
+def test_method_choice_names_pairwise():
+    c = tp.compile(tp.load(ROOT / "programs" / "zdot.py"))
+    with pytest.raises(ValueError, match="auto, exact, pairwise, particles"):
+        c.limit(method="fast")
