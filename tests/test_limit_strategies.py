@@ -89,6 +89,23 @@ def _correlated_draws(n):
     return (np.random.default_rng(9).standard_normal((n, 3)) @ np.linalg.cholesky(COV3).T).T
 
 
+
+def test_tpc_limit_method_forces_particles(capsys, monkeypatch):
+    """--method particles answers the same program with Monte-Carlo error bars that cover
+    the exact values; an unknown method is a one-line usage error."""
+    monkeypatch.chdir(ROOT)
+    assert main(["limit", "programs/mlp.py", "--json"]) == 0
+    exact = json.loads(capsys.readouterr().out)
+    assert main(["limit", "programs/mlp.py", "--method", "particles", "--particles", "20000", "--json"]) == 0
+    parts = json.loads(capsys.readouterr().out)
+    assert parts.keys() == exact.keys()
+    for name, entry in parts.items():
+        assert entry["stderr"] > 0
+        assert abs(entry["value"] - exact[name]["value"]) < 5 * entry["stderr"], name
+    assert main(["limit", "programs/mlp.py", "--method", "fast"]) == 2
+    err = capsys.readouterr().err
+    assert "--method" in err and len(err.strip().splitlines()) == 1
+
 def test_feature_learning_is_not_pairwise_and_uses_particles():
     """After one muP step tanh acts on a vector that already went through a nonlinearity
     and a ZDot: the structural check refuses it before any form is built."""

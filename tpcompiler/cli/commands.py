@@ -143,7 +143,7 @@ def cmd_limit(args) -> int:
     from tpcompiler.compiler import compile
 
     X = _load_array(args.x, "--x") if args.x else None
-    result = compile(_program(args, X)).limit(particles=args.particles, seed=args.seed, x=X)
+    result = compile(_program(args, X)).limit(particles=args.particles, seed=args.seed, x=X, method=args.method)
     if args.json:
         print(json.dumps({k: {"value": v, "stderr": e} for k, (v, e) in result.items()}))
     else:
@@ -295,6 +295,9 @@ def build_parser() -> argparse.ArgumentParser:
     _common(p)
     p.add_argument("--particles", type=_count(1), default=DEFAULT_PARTICLES)
     p.add_argument("--seed", type=_count(), default=0)
+    p.add_argument("--method", choices=["auto", "exact", "pairwise", "particles"], default="auto",
+                   help="evaluator: auto (the most exact that applies), exact (Gaussian-linear), "
+                        "pairwise (bivariate Gaussian moments), particles (any program)")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_limit)
 

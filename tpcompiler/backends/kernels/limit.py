@@ -9,7 +9,7 @@ in earlier quantities and in bivariate Gaussian expectations
     E2(g1, g2, k11, k12, k22) = E[g1(u) g2(v)],  (u, v) ~ N(0, [[k11, k12], [k12, k22]]),
 
 (polynomials by Wick's theorem already expanded).  This module evaluates that DAG in
-float64, in order: each E1/E2 by ``expectations.gaussian2`` (closed forms -- relu and step by
+float64, in order: each E1/E2 by ``tpcompiler.expectations`` (closed forms -- relu and step by
 the arc-cosine formulas, erf, monomials -- exact up to rounding; Gauss-Hermite/tanh-sinh
 quadrature to ``rtol`` otherwise).  The values are deterministic: stderr 0.  They are the
 same numbers as the kernel backend's (``Compiled.kernels``), which compiles the same DAG to
@@ -23,7 +23,7 @@ import sympy as sp
 from tpcompiler.backends.kernels.pairwise import E1, E2, T, NotPairwise, PairwiseEngine
 from tpcompiler.backends.lowering import evaluate
 from tpcompiler.backends.walk import param_values
-from tpcompiler.expectations import gaussian2
+from tpcompiler import expectations
 from tpcompiler.symbolic.master import ZProgram
 
 #: Relative accuracy of quadratures (the kernel backend's default; closed forms are exact).
@@ -51,13 +51,13 @@ def pairwise_limit(zp: ZProgram, rtol: float = RTOL) -> dict[str, tuple[float, f
 
 
 def _expectations(functions: list[tuple], rtol: float) -> list:
-    """The gaussian2 evaluator of each engine function: (g,) -> E[g(u)], (g1, g2) -> E[g1(u) g2(v)]."""
+    """The expectations evaluator of each engine function: (g,) -> E[g(u)], (g1, g2) -> E[g1(u) g2(v)]."""
     table = []
     for gs in functions:
         lams = [sp.Lambda(T, g) for g in gs]
         try:
-            table.append(gaussian2.expectation(lams[0], rtol=rtol) if len(lams) == 1
-                         else gaussian2.pair_expectation(lams[0], lams[1], rtol=rtol))
+            table.append(expectations.expectation(lams[0], rtol=rtol) if len(lams) == 1
+                         else expectations.pair_expectation(lams[0], lams[1], rtol=rtol))
         except (ValueError, ArithmeticError) as exc:  # a Dirac delta without a closed form; a
             # function the quadrature's probe cannot evaluate at some node (sin(t)/t at t = 0)
             raise NotPairwise(f"no bivariate Gaussian rule for {gs}: {exc!r}") from None
@@ -74,7 +74,7 @@ def _value(expr: sp.Expr, env: dict, table: list, zp: ZProgram) -> float:
 
 
 def _call(rule, args: list[float]) -> float:
-    """One value of a gaussian2 rule by its compiled scalar function (its array ``evaluate``
+    """One value of an expectations rule by its compiled scalar function (its array ``evaluate``
     starts a parallel loop per call, which costs more than the value)."""
     try:
         return float(rule.scalar(*args))
