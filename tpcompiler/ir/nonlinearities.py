@@ -125,7 +125,7 @@ class softplus(_Printed, sp.Function):
 EVEN, ODD, NEITHER = 1, -1, 0
 
 #: Parities of sympy functions that are not built-in nonlinearities but occur in programs.
-_OTHER_PARITY = {sp.sinh: ODD, sp.atan: ODD, sp.asinh: ODD, sp.cosh: EVEN, sp.Abs: EVEN, sp.DiracDelta: EVEN}
+_OTHER_PARITY = {sp.sinh: ODD, sp.atan: ODD, sp.asinh: ODD, sp.cosh: EVEN, sp.sign: ODD, sp.DiracDelta: EVEN}
 
 
 def parity_of_function(func) -> int:
@@ -201,6 +201,7 @@ REGISTRY: dict[str, Nonlinearity] = {nl.name: nl for nl in (
     Nonlinearity("softplus", softplus, NEITHER, _np_softplus,
                  "def softplus(x):\n    return max(x, 0.0) + math.log1p(math.exp(-abs(x)))\n"),
     Nonlinearity("identity", _identity, ODD),
+    Nonlinearity("abs", sp.Abs, EVEN),
 )}
 
 #: Built-in phi by name: a function from a sympy expression to a sympy expression.
