@@ -34,7 +34,7 @@ out-of-memory kill loses only that row); wall time by ``time.perf_counter``; mem
 peak resident set size of that subprocess (``resource.getrusage(RUSAGE_SELF).ru_maxrss``),
 which includes the interpreter and imports (reported as "baseline").  For the particle
 evaluator the peak RSS is also taken after the symbolic stage and after each group
-(``particles._Run.run`` is wrapped, not changed), so growth can be attributed to a phase.
+(the walk of each group, ``particles.walk``, is wrapped, not changed), so growth can be attributed to a phase.
 """
 from __future__ import annotations
 
@@ -105,18 +105,18 @@ def particle_worker(M: int, seed: int, profile: str | None) -> dict:
     base = _peak_mb()
     version = code_version()
     groups_log = []
-    orig_run = particles._Run.run
+    orig_walk = particles.walk
 
-    def timed_run(self):
+    def timed_walk(run, rules, schedule):
         t = time.perf_counter()
-        out = orig_run(self)
-        noise = [x for fam in self.families.values() for x in fam.noise]
+        out = orig_walk(run, rules, schedule)
+        noise = [x for fam in run.families.values() for x in fam.noise]
         groups_log.append({"seconds": time.perf_counter() - t, "peak_mb": _peak_mb(), "rss_after_mb": _rss_mb(),
                            "f_eval": [[out[f"f_eval[{s},{i}]"] for i in range(N_EVAL)] for s in range(STEPS + 1)],
                            "noise_arrays": len(noise), "noise_mb": sum(a.nbytes for a in noise) / 2**20})
         return out
 
-    particles._Run.run = timed_run
+    particles.walk = timed_walk
     X, Y, Xe = data()
     t0 = time.perf_counter()
     net = tp.load(str(PROGRAM), depth=DEPTH, phi=PHI, w_std=W_STD, b_std=None, d=D)
@@ -297,7 +297,7 @@ def report(cfg, info, ref, parts, fins, quick, load_end) -> str:
     good = [p for p in parts if not p.get("failed")]
     if good:
         out.append("Where the particle evaluator's time and memory go, per group of M/10 particles (the groups run one "
-                   "after another; `particles._Run.run` wrapped, not changed): group 1 includes lambdify of every new "
+                   "after another; `particles.walk` wrapped, not changed): group 1 includes lambdify of every new "
                    "expression form (cached for the later groups); family noise = the N(0, 1) draws kept for every "
                    "ZHat (needed for later conditional samples and Stein estimates); peak RSS after the symbolic stage, "
                    "after group 1 and after group 10.")
