@@ -444,3 +444,12 @@ def test_generated_source_is_the_same_in_every_process():
                              text=True, check=True)
         hashes.add(run.stdout.strip())
     assert len(hashes) == 1
+
+
+def test_expectation_of_a_dirac_delta_in_one_variable():
+    """E[delta(u)] = 1 / sqrt(2 pi k) for u ~ N(0, k) (the Gaussian density at 0); the closed
+    form is built without a value at k = 0, where the delta has none."""
+    t = sp.Symbol("t", real=True)
+    obj = g2.expectation(sp.Lambda(t, sp.DiracDelta(t)))
+    for k in (1e-4, 0.5, 2.0, 1e6):
+        assert float(obj.scalar(k)) == pytest.approx(1 / np.sqrt(2 * np.pi * k), rel=1e-14)

@@ -426,7 +426,8 @@ def _build_1d(phi, rtol, kmax, strategy) -> Expectation1D:
     if expr is not None:
         p0 = phi.expr.xreplace({phi.variables[0]: sp.S.Zero})
         degenerate = []
-        if p0.is_number and p0.is_finite:  # k == 0: u == 0, E = phi(0)
+        # k == 0: u == 0, E = phi(0); a Dirac delta has no value there (E[delta(u)] -> inf)
+        if p0.is_number and p0.is_finite and not p0.has(sp.DiracDelta):
             degenerate = [("k == 0.0", codegen.NumbaPrinter().doprint(p0))]
         module = _closed_module(expr, degenerate, (K,))
         loaded = module.load()
