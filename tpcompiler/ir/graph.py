@@ -16,7 +16,7 @@ import copy
 import dataclasses
 from dataclasses import dataclass
 from typing import NamedTuple
-from itertools import chain, count
+from itertools import count
 
 import networkx as nx
 import numpy as np
@@ -64,6 +64,7 @@ class Graph:
         #: Names made up by ``intern`` (not given by the program's author).
         self.generated: set[str] = set()
         self._count = 0
+        self._suffix: dict[str, int] = {}  # name -> last suffix given to a copy (name_2, ...)
 
     # -- construction -------------------------------------------------------------------
     def add(self, key: str, op, args: tuple[str, ...] = ()) -> str:
@@ -123,7 +124,13 @@ class Graph:
         prefix (``GENERATED_PREFIX``) and the next number of a counter shared by all
         generated names."""
         if name is not None:
-            return next(k for k in chain([name], (f"{name}_{i}" for i in count(2))) if k not in self.g)
+            if name not in self.g:
+                return name
+            # start after the last suffix handed out for this name: a training run asks for
+            # the same names at every step, and scanning from _2 each time is quadratic
+            i = next(i for i in count(self._suffix.get(name, 1) + 1) if f"{name}_{i}" not in self.g)
+            self._suffix[name] = i
+            return f"{name}_{i}"
         prefix = GENERATED_PREFIX.get(type(op), "t")
         self._count = next(i for i in count(self._count + 1) if f"{prefix}{i}" not in self.g)
         return f"{prefix}{self._count}"
