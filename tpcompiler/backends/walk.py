@@ -112,15 +112,10 @@ def initial_keys(graph: Graph) -> list[str]:
     return graph.keys_of(ops.InitVec) + graph.keys_of(ops.InputLayer)
 
 
-def param_values(graph: Graph) -> dict[str, float]:
-    """{Param key: value}, the environment covariances of initial vectors are evaluated in."""
-    return {k: graph.op(k).value for k in graph.keys_of(ops.Param)}
-
-
 def initial_covariance(graph: Graph, keys: list[str]) -> np.ndarray:
     """Sigma_ab = Cov(Z^a, Z^b) of initial Gaussians (the program's covariance table; input
     layers by their input inner products), Params at their values."""
-    values = param_values(graph)
+    values = graph.param_values()
     return np.array([[float(evaluate(graph.init_covariance(a, b), values)) for b in keys] for a in keys])
 
 

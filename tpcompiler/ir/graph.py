@@ -220,6 +220,10 @@ class Graph:
         dependent = self.input_dependent() if primed else set()
         return [primed_symbol(s) if s in dependent else node_symbol(s) for s in self.args(key)[1:]]
 
+    def param_values(self) -> dict[str, float]:
+        """{Param key: value}: the environment in which covariances and scalars are evaluated."""
+        return {k: self.op(k).value for k in self.keys_of(ops.Param)}
+
     def input_keys(self) -> list[str]:
         return [k for decl in self.inputs.values() for k in decl.keys]
 

@@ -301,13 +301,10 @@ class Checker:
         inits = [s for s in leaves if symbols.is_z(s)]
         g = self.zp.graph
         if inits:
-            from tpcompiler.ir import ops
-            from tpcompiler.backends.lowering import evaluate
+            from tpcompiler.backends.walk import initial_covariance
 
-            values = {k: g.op(k).value for k in g.keys_of(ops.Param)}
-            keys = [s.key for s in inits]
             try:
-                cov = np.array([[float(evaluate(g.init_covariance(a, b), values)) for b in keys] for a in keys])
+                cov = initial_covariance(g, [s.key for s in inits])
             except Exception:  # noqa: BLE001 - covariance not numeric (inputs)
                 cov = None
             if cov is not None and len(inits) <= 4 and abs(np.linalg.det(cov)) > 1e-12:
@@ -353,11 +350,10 @@ class Checker:
     def _known_variance(self, leaf) -> float | None:
         """Variance of a leaf when it is a number: an initial Gaussian, or the ZHat of W u
         with u initial (sigma^2 var(u))."""
-        from tpcompiler.ir import ops
         from tpcompiler.backends.lowering import evaluate
 
         g = self.zp.graph
-        values = {k: g.op(k).value for k in g.keys_of(ops.Param)}
+        values = g.param_values()
         try:
             key = leaf.key
             if symbols.is_z(leaf):

@@ -22,7 +22,6 @@ import sympy as sp
 
 from tpcompiler.backends.kernels.pairwise import E1, E2, T, NotPairwise, PairwiseEngine
 from tpcompiler.backends.lowering import evaluate
-from tpcompiler.backends.walk import param_values
 from tpcompiler import expectations
 from tpcompiler.symbolic.master import ZProgram
 
@@ -40,7 +39,7 @@ def pairwise_limit(zp: ZProgram, rtol: float = RTOL) -> dict[str, tuple[float, f
     engine = PairwiseEngine(zp.graph, zp)
     outputs = {name: engine.scalar(expr) for name, expr in zp.graph.outputs.items()}
     table = _expectations(engine.functions, rtol)
-    env: dict = dict(param_values(zp.graph))  # input-layer covariances read the bound inputs
+    env: dict = zp.graph.param_values()  # input-layer covariances read the bound inputs
     for q in engine.order:
         env[q.symbol.name] = _value(q.definition, env, table, zp)
     result = {name: _value(expr, env, table, zp) for name, expr in outputs.items()}
