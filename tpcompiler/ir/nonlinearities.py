@@ -130,10 +130,7 @@ _OTHER_PARITY = {sp.sinh: ODD, sp.atan: ODD, sp.asinh: ODD, sp.cosh: EVEN, sp.si
 
 def parity_of_function(func) -> int:
     """Parity of a one-argument sympy function class (EVEN, ODD or NEITHER)."""
-    for nl in REGISTRY.values():
-        if nl.sympy is func:
-            return nl.parity
-    return _OTHER_PARITY.get(func, NEITHER)
+    return _PARITY.get(func, NEITHER)
 
 
 def _identity(x):
@@ -217,6 +214,9 @@ NUMPY_FUNCTIONS["DiracDelta"] = _np_dirac
 
 #: Scalar (Numba-compilable) definitions of the custom functions, as Python source.
 SCALAR_SOURCE = {name: nl.scalar_source for name, nl in REGISTRY.items() if nl.scalar_source}
+
+#: Parity by sympy function (read in the symbolic stage's hot parity walk: one lookup).
+_PARITY = {**_OTHER_PARITY, **{nl.sympy: nl.parity for nl in REGISTRY.values()}}
 
 
 def builtin(name: str):
