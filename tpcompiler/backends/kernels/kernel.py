@@ -35,7 +35,7 @@ from tpcompiler.ir.graph import Graph, ProgramError
 from tpcompiler.ir.ntk import kernel_program
 from tpcompiler.backends.kernels.features import Features
 from tpcompiler.ir.ops import node_symbol
-from tpcompiler.backends.kernels.pairwise import E1, E2, PairwiseEngine
+from tpcompiler.backends.kernels.pairwise import E1, E2, PairwiseEngine, expectation_rules
 
 KERNELS = ("nngp", "ntk")
 #: The bound variable of the functions g(t) printed into generated source.
@@ -76,7 +76,7 @@ class KernelFunction:
         diagonal = [engine.scalar(kp.outputs[k], same_input=True) for k in KERNELS]
         inputs0 = {node_symbol(k): kp.op(k).index for k in kp.input_keys()}
         self.features = feats = Features(kp, inputs0)
-        self.expectations = self._expectation_table(rtol)
+        self.expectations = expectation_rules(self.engine.functions, rtol)
 
         def lower(expr):
             return feats.featurize(self._inline_expectations(expr))
@@ -90,23 +90,6 @@ class KernelFunction:
         self.last_timing: dict = {}
 
     # -- construction helpers -----------------------------------------------------------
-    def _expectation_table(self, rtol):
-        table = []
-        for gs in self.engine.functions:
-            lams = [sp.Lambda(self.engine_t, g) for g in gs]
-            if len(gs) == 1:
-                obj = expectations.expectation(lams[0], rtol=rtol)
-            else:
-                obj = expectations.pair_expectation(lams[0], lams[1], rtol=rtol)
-            table.append(obj)
-        return table
-
-    @property
-    def engine_t(self):
-        from tpcompiler.backends.kernels.pairwise import T
-
-        return T
-
     def _inline_expectations(self, expr: sp.Expr) -> sp.Expr:
         rep = {}
         for call in expr.atoms(E1, E2):

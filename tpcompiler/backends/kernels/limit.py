@@ -20,9 +20,8 @@ from __future__ import annotations
 import numpy as np
 import sympy as sp
 
-from tpcompiler.backends.kernels.pairwise import E1, E2, T, NotPairwise, PairwiseEngine
+from tpcompiler.backends.kernels.pairwise import E1, E2, NotPairwise, PairwiseEngine, expectation_rules
 from tpcompiler.backends.lowering import evaluate
-from tpcompiler import expectations
 from tpcompiler.symbolic.master import ZProgram
 
 #: Relative accuracy of quadratures (the kernel backend's default; closed forms are exact).
@@ -53,10 +52,8 @@ def _expectations(functions: list[tuple], rtol: float) -> list:
     """The expectations evaluator of each engine function: (g,) -> E[g(u)], (g1, g2) -> E[g1(u) g2(v)]."""
     table = []
     for gs in functions:
-        lams = [sp.Lambda(T, g) for g in gs]
         try:
-            table.append(expectations.expectation(lams[0], rtol=rtol) if len(lams) == 1
-                         else expectations.pair_expectation(lams[0], lams[1], rtol=rtol))
+            table.extend(expectation_rules([gs], rtol))
         except (ValueError, ArithmeticError) as exc:  # a Dirac delta without a closed form; a
             # function the quadrature's probe cannot evaluate at some node (sin(t)/t at t = 0)
             raise NotPairwise(f"no bivariate Gaussian rule for {gs}: {exc!r}") from None

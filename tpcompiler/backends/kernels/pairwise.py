@@ -406,6 +406,20 @@ FORMS.register(ops.MatMul)(lambda engine, key, e: engine._matmul_form(key, e))
 FORMS.register(ops.InitMat, ops.InputMat, ops.Param, ops.WidthPower, ops.Input, ops.Moment)(_not_a_vector)
 
 
+
+def expectation_rules(functions: list[tuple], rtol: float) -> list:
+    """The ``tpcompiler.expectations`` rule of each engine function (``PairwiseEngine.functions``):
+    (g,) -> E[g(u)], (g1, g2) -> E[g1(u) g2(v)], quadratures to ``rtol``."""
+    from tpcompiler import expectations
+
+    def rule(gs: tuple):
+        lams = [sp.Lambda(T, g) for g in gs]
+        if len(lams) == 1:
+            return expectations.expectation(lams[0], rtol=rtol)
+        return expectations.pair_expectation(lams[0], lams[1], rtol=rtol)
+
+    return [rule(gs) for gs in functions]
+
 # -- which programs the engine applies to ----------------------------------------------------
 #: Form classes, in increasing generality: no random variable; an affine form L of the
 #: Gaussian leaves; a function g(L) of one such form; a polynomial in such functions of
