@@ -52,7 +52,7 @@ class CompilerSymbol(sp.Symbol):
     (``str``) of a symbol is a Python identifier only when it is its name: lambdify keeps
     symbols whose text is an identifier and prints them by name."""
 
-    __slots__ = ()
+    __slots__ = ("_values",)
     fields: tuple[str, ...] = ()
     #: Only kinds with a second-input copy (``_Sided``) have a ``primed`` field.
     primed = False
@@ -69,8 +69,8 @@ class CompilerSymbol(sp.Symbol):
         return sp.Symbol.class_key()
 
     def values(self) -> tuple:
-        """The fields' values, in constructor order."""
-        return tuple(getattr(self, f) for f in self.fields)
+        """The fields' values, in constructor order (set once, when the symbol is made)."""
+        return self._values
 
     def _hashable_content(self):
         return self.values() + self._assumptions0
@@ -100,6 +100,7 @@ def _make(cls, values: tuple) -> CompilerSymbol:
     obj = sp.Symbol.__xnew__(cls, cls._display_name(*values), real=True)
     for f, v in zip(cls.fields, values):
         setattr(obj, f, v)
+    obj._values = values
     return obj
 
 
