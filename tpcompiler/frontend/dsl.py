@@ -326,14 +326,16 @@ class Program:
         U = self.input_matrix(name, d, ntk_weight=weight, scale=Scalar(self, sig))
         return Vec(self, sig * U.apply(xi).expr)
 
-    def readout(self, x, sigma=1.0, bias=None, name: str = "v", ntk_weight=None, bias_ntk_weight=None, out_dim: int = 1):
+    def readout(self, x, sigma=1.0, bias=None, name: str = "v", ntk_weight=None, bias_ntk_weight=None, out_dim: int = 1,
+                var=1.0):
         """Declare the network output f(xi) = sigma/sqrt(n) v . x (+ bias * beta), v a fresh
         initial N(0, 1) vector (returned, so a hand-written backward pass can use it), beta ~
         N(0, 1) (docs/DESIGN.md 2.3).  Kernels and training read this declaration.  NTK weights:
         v's default 1 (NTK parametrization; standard: n_in / sigma^2) and beta's default
         bias^2 (standard: 1).  With ``out_dim`` K > 1 the output is K-dimensional (K
         independent readout vectors name_1..name_K, returned as a list); kernels are the
-        per-output ones."""
+        per-output ones.  ``var``: the readout vectors' initial variance (default 1; 0 starts
+        training from a zero readout, as word2vec's output embeddings)."""
         if not isinstance(out_dim, numbers.Integral) or out_dim < 1:
             raise DSLError(f"readout: out_dim must be a positive integer, got {out_dim!r}")
         if self.graph.readout is not None:
@@ -343,7 +345,7 @@ class Program:
         self._same_program(x, "readout")
         key = self._materialize(x)
         names = [name] if out_dim == 1 else [f"{name}_{k + 1}" for k in range(out_dim)]
-        vs = [self.vec(nm, ntk_weight=ntk_weight) for nm in names]
+        vs = [self.vec(nm, var=var, ntk_weight=ntk_weight) for nm in names]
         sig = sigma.expr if isinstance(sigma, Scalar) else _number(sigma, "readout sigma")
         b = None if bias is None else (bias.expr if isinstance(bias, Scalar) else _number(bias, "readout bias"))
         bw = None if bias_ntk_weight is None else _number(bias_ntk_weight, "readout bias_ntk_weight")
