@@ -1,0 +1,268 @@
+"""TP4's word2vec experiment (Yang & Hu, "Feature Learning in Infinite-Width Neural Networks",
+code edwardjhu/TP4 Word2Vec/src/word2vec.c), on gensim's bundled Wikipedia excerpt:
+
+    python experiments/word2vec_tp4.py --width inf|gp|N --epochs E --seed S --json OUT
+
+``--width N`` trains the width-N network (method "finite"), ``inf`` its exact muP limit (method
+"exact": coefficients over a Gaussian basis of V vectors), ``gp`` the NTK/GP baseline (the limit
+with the input embeddings frozen at init).  The network is the DSL program
+programs/word2vec_cbow.py trained through the public step engine (tp.StepEngine); nothing here
+knows the limit.  The JSON holds width, epochs, seed, vocab, correct, total, accuracy (percent)
+and seconds (training plus evaluation).
+
+Protocol (TP4's word2vec.c CBOW with negative sampling; the corpus and the sentence cut are this
+repository's choice, the rest is word2vec.c):
+
+* corpus: ``WikiCorpus(path, dictionary={}, lower=True, token_min_len=1, token_max_len=30)``
+  articles; each article's token list is cut into consecutive sentences of 1000 tokens
+  (the last one shorter);
+* vocabulary: words with count >= 5 (V = 9044), ordered by decreasing count (ties: the word);
+  out-of-vocabulary tokens are dropped from the sentences; T = number of in-vocabulary tokens;
+* subsampling (word2vec.c's formula, threshold s = 1e-4): a token of word w with count c_w is
+  kept with probability min(1, (sqrt(c_w / (s T)) + 1) s T / c_w), drawn afresh every epoch;
+* CBOW windows: for each kept position, b ~ U{0..7} and the context is the kept words at
+  distance 1..8-b on either side within the sentence; positions with an empty context are
+  skipped (no update), as word2vec.c does; the network's input is the context mean
+  xi = (count of w in the context) / |C| at each context word w;
+* negatives: 25 draws from the unigram distribution c_w^0.75 / sum c^0.75; a draw equal to the
+  target is skipped (word2vec.c), repeated draws are kept; labels 1 for the target, 0 for the
+  negatives, logistic loss on those outputs only;
+* learning rate: alpha_t = 0.05 max(1 - w_t / (E T + 1), 1e-4) with w_t the in-vocabulary tokens
+  read before position t (subsampled ones included) over all epochs so far;
+* weight decay 0.001 as word2vec.c applies it: each step multiplies the touched rows (the context
+  words' input rows, the target's and negatives' output rows) by (1 - alpha_t 0.001) before
+  adding the update.
+
+Evaluation: 3CosAdd on unit-normalised input embeddings (questions-words.txt of gensim's test
+data, words lowercased; a question with a word outside the vocabulary is skipped): the answer to
+a : b :: c : ? is argmax_w cos(w, b - a + c) over the vocabulary without a, b, c, with
+b - a + c a sum of unit vectors (word2vec's compute-accuracy).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parent.parent
+
+#: TP4's hyperparameters (Word2Vec/scripts/train-text8*.sh of edwardjhu/TP4, and the issue).
+SENTENCE = 1000
+MIN_COUNT = 5
+WINDOW = 8
+NEGATIVE = 25
+SAMPLE = 1e-4
+ALPHA = 0.05
+ALPHA_FLOOR = 1e-4
+WEIGHT_DECAY = 0.001
+EPOCHS = 15
+UNIGRAM_POWER = 0.75
+
+
+def test_data_dir() -> Path:
+    """gensim's bundled test data (the corpus and the analogy questions)."""
+    import gensim
+
+    return Path(gensim.__file__).resolve().parent / "test" / "test_data"
+
+
+def corpus_path() -> Path:
+    return test_data_dir() / "enwiki-latest-pages-articles1.xml-p000000010p000030302-shortened.bz2"
+
+
+def questions_path() -> Path:
+    return test_data_dir() / "questions-words.txt"
+
+
+# -- corpus and vocabulary ------------------------------------------------------------------
+
+def read_articles(path=None) -> list[list[str]]:
+    """The articles' token lists, as gensim's WikiCorpus reads them with TP4's settings."""
+    from gensim.corpora.wikicorpus import WikiCorpus
+
+    wiki = WikiCorpus(str(path or corpus_path()), dictionary={}, lower=True, token_min_len=1,
+                      token_max_len=30, processes=1)
+    return [list(tokens) for tokens in wiki.get_texts()]
+
+
+def cut_sentences(articles, length: int = SENTENCE) -> list[list[str]]:
+    """Each article cut into consecutive pieces of ``length`` tokens (the last one shorter)."""
+    if length < 1:
+        raise ValueError(f"sentence length must be positive, got {length}")
+    return [a[i:i + length] for a in articles for i in range(0, len(a), length)]
+
+
+@dataclass(frozen=True)
+class Vocab:
+    """Words with count >= min_count, by decreasing count (ties by the word)."""
+
+    words: tuple
+    counts: np.ndarray  # int64, aligned with words
+    index: dict
+
+    @property
+    def size(self) -> int:
+        return len(self.words)
+
+    @property
+    def total(self) -> int:
+        """T: the number of in-vocabulary tokens of the corpus."""
+        return int(self.counts.sum())
+
+
+def build_vocab(sentences, min_count: int = MIN_COUNT) -> Vocab:
+    counts: dict[str, int] = {}
+    for s in sentences:
+        for w in s:
+            counts[w] = counts.get(w, 0) + 1
+    kept = sorted((w for w, c in counts.items() if c >= min_count), key=lambda w: (-counts[w], w))
+    return Vocab(tuple(kept), np.array([counts[w] for w in kept], dtype=np.int64), {w: i for i, w in enumerate(kept)})
+
+
+def encode(sentences, vocab: Vocab) -> list[np.ndarray]:
+    """Sentences as arrays of word indices, out-of-vocabulary tokens dropped (empty ones kept out)."""
+    out = []
+    for s in sentences:
+        ids = np.array([vocab.index[w] for w in s if w in vocab.index], dtype=np.int64)
+        if ids.size:
+            out.append(ids)
+    return out
+
+
+# -- word2vec.c's sampling ------------------------------------------------------------------
+
+def keep_probability(counts, sample: float = SAMPLE) -> np.ndarray:
+    """word2vec.c's subsampling: P(keep a token of w) = min(1, (sqrt(c_w/(s T)) + 1) s T / c_w),
+    T = sum of the counts, s the threshold (s = 0: keep everything)."""
+    counts = np.asarray(counts, dtype=np.float64)
+    if sample <= 0:
+        return np.ones_like(counts)
+    st = sample * counts.sum()
+    return np.minimum(1.0, (np.sqrt(counts / st) + 1.0) * st / counts)
+
+
+def unigram_cdf(counts, power: float = UNIGRAM_POWER) -> np.ndarray:
+    """Cumulative distribution of the negative-sampling distribution c_w^power / sum c^power."""
+    p = np.asarray(counts, dtype=np.float64) ** power
+    cdf = np.cumsum(p / p.sum())
+    cdf[-1] = 1.0
+    return cdf
+
+
+def learning_rate(words_read, total_words: int, alpha: float = ALPHA, floor: float = ALPHA_FLOOR):
+    """word2vec.c's schedule: alpha max(1 - words_read / (total_words + 1), floor), total_words =
+    epochs x T, words_read counting in-vocabulary tokens read so far (subsampled ones included)."""
+    return alpha * np.maximum(1.0 - np.asarray(words_read, dtype=np.float64) / (total_words + 1), floor)
+
+
+@dataclass
+class Step:
+    """One CBOW update: the target word, its context words (with repetitions, in window order),
+    the negatives (target excluded, repetitions kept) and the words read before it."""
+
+    target: int
+    context: np.ndarray
+    negatives: np.ndarray
+    words_read: int
+
+    def outputs(self) -> np.ndarray:
+        """The output coordinates the loss touches: the target first, then the negatives."""
+        return np.concatenate(([self.target], self.negatives)).astype(np.int64)
+
+    def labels(self) -> np.ndarray:
+        y = np.zeros(1 + self.negatives.size)
+        y[0] = 1.0
+        return y
+
+    def context_mean(self, V: int) -> tuple[np.ndarray, np.ndarray]:
+        """The input xi as (columns, values): xi_w = (count of w in the context) / |C|."""
+        cols, cnt = np.unique(self.context, return_counts=True)
+        return cols, cnt / self.context.size
+
+
+def sentence_steps(ids: np.ndarray, keep: np.ndarray, cdf: np.ndarray, rng: np.random.Generator,
+                   words_before: int, window: int = WINDOW, negative: int = NEGATIVE):
+    """The CBOW steps of one encoded sentence (word2vec.c): subsample, then per kept position a
+    shrink b ~ U{0..window-1}, the context at distance 1..window-b among the kept words, and
+    ``negative`` draws from the unigram^0.75 table.  Randomness, in order: one uniform per token
+    (subsampling), one shrink per kept token, ``negative`` uniforms per kept token."""
+    n = ids.size
+    kept_at = np.flatnonzero(rng.random(n) < keep[ids])
+    sent = ids[kept_at]
+    m = sent.size
+    shrink = rng.integers(0, window, size=m)
+    draws = np.searchsorted(cdf, rng.random((m, negative)), side="right")
+    np.minimum(draws, cdf.size - 1, out=draws)
+    for pos in range(m):
+        reach = window - int(shrink[pos])
+        lo, hi = max(0, pos - reach), min(m, pos + reach + 1)
+        context = np.concatenate((sent[lo:pos], sent[pos + 1:hi]))
+        if context.size == 0:
+            continue
+        target = int(sent[pos])
+        negs = draws[pos]
+        yield Step(target, context, negs[negs != target], words_before + int(kept_at[pos]))
+
+
+def epoch_steps(encoded, keep, cdf, rng, epoch: int, total: int, window: int = WINDOW, negative: int = NEGATIVE):
+    """All steps of one epoch over the encoded sentences in corpus order; ``total`` = T."""
+    before = epoch * total
+    for ids in encoded:
+        yield from sentence_steps(ids, keep, cdf, rng, before, window, negative)
+        before += ids.size
+
+
+# -- evaluation -----------------------------------------------------------------------------
+
+def read_questions(path=None) -> list[tuple[str, str, str, str]]:
+    """The analogy questions (a, b, c, d), lowercased; section headers (": ...") dropped."""
+    out = []
+    for line in Path(path or questions_path()).read_text().splitlines():
+        parts = line.split()
+        if len(parts) == 4 and not line.startswith(":"):
+            out.append(tuple(p.lower() for p in parts))
+    return out
+
+
+def question_ids(questions, index: dict) -> np.ndarray:
+    """(Q, 4) word indices of the questions with all four words in the vocabulary."""
+    rows = [[index[w] for w in q] for q in questions if all(w in index for w in q)]
+    return np.array(rows, dtype=np.int64).reshape(-1, 4)
+
+
+def _unit(rows: np.ndarray) -> np.ndarray:
+    norm = np.linalg.norm(rows, axis=1, keepdims=True)
+    return rows / np.where(norm > 0, norm, 1.0)
+
+
+def analogy_correct(embed, V: int, qids: np.ndarray, chunk: int = 1024) -> int:
+    """3CosAdd: how many questions (a, b, c, d) have d = argmax over w not in {a, b, c} of
+    cos(w, b^ - a^ + c^), x^ the unit-normalised embedding.  ``embed(idx)`` returns the embedding
+    rows of the word indices ``idx`` (any width D); the vocabulary is read ``chunk`` words at a
+    time, so the V x D matrix is never held."""
+    if qids.size == 0:
+        return 0
+    qwords, inv = np.unique(qids[:, :3], return_inverse=True)
+    inv = inv.reshape(-1, 3)
+    qe = _unit(np.asarray(embed(qwords), dtype=np.float64))
+    query = qe[inv[:, 1]] - qe[inv[:, 0]] + qe[inv[:, 2]]
+    best = np.full(len(qids), -np.inf)
+    arg = np.full(len(qids), -1, dtype=np.int64)
+    for start in range(0, V, chunk):
+        idx = np.arange(start, min(V, start + chunk))
+        scores = query @ _unit(np.asarray(embed(idx), dtype=np.float64)).T
+        for j in range(3):  # exclude the question words
+            q = np.flatnonzero((qids[:, j] >= start) & (qids[:, j] < idx[-1] + 1))
+            scores[q, qids[q, j] - start] = -np.inf
+        top = scores.argmax(axis=1)
+        val = scores[np.arange(len(qids)), top]
+        better = val > best
+        best[better] = val[better]
+        arg[better] = idx[top[better]]
+    return int(np.sum(arg == qids[:, 3]))

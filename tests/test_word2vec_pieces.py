@@ -1,0 +1,192 @@
+"""The pieces of TP4's word2vec experiment (experiments/word2vec_tp4.py): the data pipeline
+(sentences, vocabulary, word2vec.c's subsampling, windows, negatives and learning rate) on tiny
+synthetic corpora, 3CosAdd on hand-made embeddings, and the corpus numbers of the real excerpt."""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+
+from experiments import word2vec_tp4 as w2v
+
+
+# -- corpus and vocabulary ------------------------------------------------------------------
+
+def test_sentences_are_consecutive_pieces_of_each_article():
+    arts = [list("abcdefg"), list("xy")]
+    assert w2v.cut_sentences(arts, 3) == [list("abc"), list("def"), ["g"], list("xy")]
+    assert w2v.cut_sentences([[]], 3) == []
+
+
+def test_vocabulary_min_count_order_and_encoding():
+    sents = [["b", "a", "b", "c"], ["a", "b", "d", "c"], ["c", "a", "e"]]
+    voc = w2v.build_vocab(sents, min_count=2)
+    # counts: a 3, b 3, c 3, d 1, e 1 -> ties ordered by the word
+    assert voc.words == ("a", "b", "c") and voc.counts.tolist() == [3, 3, 3] and voc.total == 9
+    enc = w2v.encode(sents + [["d", "e"]], voc)
+    assert [e.tolist() for e in enc] == [[1, 0, 1, 2], [0, 1, 2], [2, 0]]  # "d e" is dropped whole
+    voc3 = w2v.build_vocab([["x"] * 4 + ["y"] * 5 + ["z"] * 6], min_count=5)
+    assert voc3.words == ("z", "y")
+
+
+def test_corpus_numbers_of_the_wikipedia_excerpt():
+    """The issue's V = 9044 (min_count 5 on WikiCorpus' tokens), and the token counts."""
+    arts = w2v.read_articles()
+    sents = w2v.cut_sentences(arts)
+    voc = w2v.build_vocab(sents)
+    assert (len(arts), sum(map(len, arts)), len(sents)) == (106, 469572, 524)
+    assert voc.size == 9044 and voc.total == 428710
+    assert max(map(len, sents)) == 1000
+
+
+# -- word2vec.c's sampling ------------------------------------------------------------------
+
+def test_subsampling_formula():
+    """keep_w c_w = sqrt(c_w s T) + s T (the expected kept tokens of w) where that is below c_w."""
+    counts = np.array([5000, 400, 30, 2])
+    s = 1e-2
+    st = s * counts.sum()
+    keep = w2v.keep_probability(counts, s)
+    expected = np.minimum(counts, np.sqrt(counts * st) + st)
+    np.testing.assert_allclose(keep * counts, expected, rtol=1e-12)
+    assert keep[-1] == 1.0 and keep[0] < keep[1] < keep[2] <= 1.0
+    assert np.all(w2v.keep_probability(counts, 0.0) == 1.0)
+
+
+def test_learning_rate_is_linear_with_a_floor():
+    total = 999
+    lr = w2v.learning_rate([0, 500, 1000, 5000], total, alpha=0.05, floor=1e-4)
+    np.testing.assert_allclose(lr, [0.05, 0.05 * 0.5, 0.05 * 1e-4, 0.05 * 1e-4], rtol=1e-12)
+
+
+def test_negatives_follow_the_unigram_power_and_skip_the_target():
+    counts = np.array([81, 16, 1, 625])
+    cdf = w2v.unigram_cdf(counts)
+    p = counts ** 0.75 / np.sum(counts ** 0.75)  # 27, 8, 1, 125 over 161
+    np.testing.assert_allclose(np.diff(cdf, prepend=0.0), p, rtol=1e-12)
+    rng = np.random.default_rng(3)
+    ids = rng.integers(0, 4, size=4000)
+    steps = list(w2v.sentence_steps(ids, np.ones(4), cdf, rng, 0, window=2, negative=10))
+    assert len(steps) == ids.size
+    for st in steps:
+        assert st.target not in st.negatives.tolist()
+        assert st.negatives.size <= 10
+        assert st.outputs()[0] == st.target and st.labels().tolist() == [1.0] + [0.0] * st.negatives.size
+    # drawn negatives plus the skipped ones (one per match with the target) follow p:
+    draws = np.zeros(4)
+    for st in steps:
+        draws += np.bincount(st.negatives, minlength=4)
+        draws[st.target] += 10 - st.negatives.size
+    n = draws.sum()
+    assert n == 10 * len(steps)
+    assert np.all(np.abs(draws / n - p) < 5 * np.sqrt(p * (1 - p) / n))
+
+
+def test_windows_shrink_uniformly_and_stay_in_the_sentence():
+    rng = np.random.default_rng(7)
+    m, window = 200, 8
+    ids = np.arange(m)  # word i at position i, nothing subsampled
+    keep = np.ones(m)
+    cdf = w2v.unigram_cdf(np.ones(m))
+    steps = list(w2v.sentence_steps(ids, keep, cdf, rng, 1000, window=window, negative=2))
+    assert [s.target for s in steps] == list(range(m))
+    assert [s.words_read for s in steps] == list(range(1000, 1000 + m))
+    reach = []
+    for s in steps:
+        t = s.target
+        c = s.context
+        r = max(abs(c - t))
+        assert t not in c.tolist()
+        # the context is every position at distance 1..r within the sentence, in order
+        assert c.tolist() == [i for i in range(t - r, t + r + 1) if i != t and 0 <= i < m]
+        if window <= t < m - window:  # away from the edges the reach is window - b exactly
+            reach.append(r)
+    hist = np.bincount(window - np.array(reach), minlength=window)
+    assert hist.size == window and np.all(hist > 0)  # b takes every value 0..7
+    n = len(reach)
+    assert np.all(np.abs(hist / n - 1 / window) < 5 * math.sqrt((1 / window) * (1 - 1 / window) / n))
+
+
+def test_subsampling_drops_tokens_and_positions_count_the_words_read():
+    rng = np.random.default_rng(11)
+    ids = np.array([0, 1] * 500)
+    keep = np.array([1.0, 0.0])  # word 1 is always discarded
+    steps = list(w2v.sentence_steps(ids, keep, w2v.unigram_cdf([1, 1]), rng, 0, window=3, negative=1))
+    assert all(s.target == 0 and set(s.context.tolist()) == {0} for s in steps)
+    assert [s.words_read for s in steps] == list(range(0, 1000, 2))
+    # a sentence with one kept word has no context: no step
+    assert list(w2v.sentence_steps(np.array([0, 1, 1]), keep, w2v.unigram_cdf([1, 1]), rng, 0)) == []
+
+
+def test_context_mean_counts_repeated_words():
+    st = w2v.Step(target=0, context=np.array([3, 1, 3, 5]), negatives=np.array([2]), words_read=0)
+    cols, vals = st.context_mean(8)
+    assert cols.tolist() == [1, 3, 5] and vals.tolist() == [0.25, 0.5, 0.25]
+
+
+def test_epochs_are_reproducible_from_the_seed():
+    enc = [np.array([0, 1, 2, 1, 0, 2, 2, 1]), np.array([2, 0, 1])]
+    keep = np.array([0.9, 0.6, 1.0])
+    cdf = w2v.unigram_cdf([5, 3, 2])
+
+    def run(seed):
+        rng = np.random.default_rng(seed)
+        return [(s.target, s.context.tolist(), s.negatives.tolist(), s.words_read)
+                for e in range(2) for s in w2v.epoch_steps(enc, keep, cdf, rng, e, 11, window=2, negative=3)]
+
+    a, b, c = run(5), run(5), run(6)
+    assert a == b and a != c
+    assert {s[3] for s in a} <= set(range(22)) and max(s[3] for s in a) >= 11  # epoch 2 continues the count
+
+
+# -- evaluation -----------------------------------------------------------------------------
+
+def test_3cosadd_on_hand_made_embeddings():
+    """Words 0..5 in R^3.  man = e1, woman = e1 + e2 (normalised), king = e1 + e3,
+    queen = e1 + e2 + e3, x = -e3, y = e2 - e1 (cosines worked out by hand).  king - man + woman
+    is nearest to queen (cos 0.975; woman and king 0.732); for man : x :: king : ? the query
+    (-0.293, 0, -0.293) is nearest to x itself (cos 0.707), so y (0.5) wins only because the
+    question words are excluded."""
+    E = np.array([
+        [1.0, 0.0, 0.0],   # 0 man
+        [1.0, 1.0, 0.0],   # 1 woman
+        [1.0, 0.0, 1.0],   # 2 king
+        [1.0, 1.0, 1.0],   # 3 queen
+        [0.0, 0.0, -1.0],  # 4 distractor
+        [-1.0, 1.0, 0.0],  # 5 distractor
+    ]) * np.array([[3.0], [0.5], [2.0], [7.0], [1.0], [4.0]])  # norms must not matter
+    embed = lambda idx: E[idx]  # noqa: E731
+    questions = [("man", "woman", "king", "queen"), ("woman", "man", "queen", "king"),
+                 ("man", "king", "woman", "queen"), ("man", "woman", "king", "unknownword"),
+                 ("man", "woman", "king", "woman"), ("man", "x", "king", "y")]
+    index = {"man": 0, "woman": 1, "king": 2, "queen": 3, "x": 4, "y": 5}
+    qids = w2v.question_ids(questions, index)
+    assert qids.tolist() == [[0, 1, 2, 3], [1, 0, 3, 2], [0, 2, 1, 3], [0, 1, 2, 1], [0, 4, 2, 5]]  # OOV one skipped
+    for chunk in (1, 4, 1024):  # the chunked scan gives the same answers
+        assert w2v.analogy_correct(embed, 6, qids, chunk=chunk) == 4  # [0, 1, 2, 1]: d is a question word
+    # a wrong answer: make y the nearest to man - woman + queen (question 2)
+    E2 = E.copy()
+    unit = lambda x: x / np.linalg.norm(x)  # noqa: E731
+    E2[5] = unit(E[0]) - unit(E[1]) + unit(E[3])
+    assert w2v.analogy_correct(lambda idx: E2[idx], 6, qids[1:2]) == 0
+
+
+def test_3cosadd_matches_a_brute_force_scan():
+    rng = np.random.default_rng(0)
+    V, D = 50, 7
+    E = rng.standard_normal((V, D))
+    qids = rng.integers(0, V, size=(300, 4))
+    U = E / np.linalg.norm(E, axis=1, keepdims=True)
+    correct = 0
+    for a, b, c, d in qids:
+        s = U @ (U[b] - U[a] + U[c])
+        s[[a, b, c]] = -np.inf
+        correct += int(np.argmax(s) == d)
+    assert correct > 0
+    assert w2v.analogy_correct(lambda idx: E[idx], V, qids, chunk=16) == correct
+
+
+def test_questions_file_is_read_lowercased():
+    qs = w2v.read_questions()
+    assert len(qs) == 19544 and qs[0] == ("athens", "greece", "baghdad", "iraq")
