@@ -51,6 +51,8 @@ from pathlib import Path
 import numpy as np
 
 ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:  # run as a script: use the tpcompiler of this checkout
+    sys.path.insert(0, str(ROOT))
 
 #: TP4's hyperparameters (Word2Vec/scripts/train-text8*.sh of edwardjhu/TP4, and the issue).
 SENTENCE = 1000
@@ -266,3 +268,176 @@ def analogy_correct(embed, V: int, qids: np.ndarray, chunk: int = 1024) -> int:
         best[better] = val[better]
         arg[better] = idx[top[better]]
     return int(np.sum(arg == qids[:, 3]))
+
+
+# -- training through the public step engine ------------------------------------------------
+
+@dataclass
+class Corpus:
+    """Everything the training loop and the evaluation read, built once from the files."""
+
+    vocab: Vocab
+    encoded: list
+    keep: np.ndarray
+    cdf: np.ndarray
+    qids: np.ndarray
+    questions: int  # all questions of the file (answered + skipped)
+
+    @classmethod
+    def load(cls, min_count: int = MIN_COUNT, sample: float = SAMPLE) -> "Corpus":
+        sentences = cut_sentences(read_articles())
+        vocab = build_vocab(sentences, min_count)
+        qs = read_questions()
+        return cls(vocab, encode(sentences, vocab), keep_probability(vocab.counts, sample), unigram_cdf(vocab.counts),
+                   question_ids(qs, vocab.index), len(qs))
+
+    def expected_steps(self) -> float:
+        """Expected kept tokens per epoch, sum_w c_w keep_w (an upper bound on the steps: a
+        kept token with an empty context is no step)."""
+        return float(np.sum(self.vocab.counts * self.keep))
+
+
+def network(V: int, frozen: bool = False):
+    """The DSL template programs/word2vec_cbow.py (its docstring: why muP is word2vec.c)."""
+    import tpcompiler as tp
+
+    return tp.load(ROOT / "programs" / "word2vec_cbow.py", V=V, frozen=frozen)
+
+
+def make_engine(width: str, V: int, seed: int, weight_decay: float = WEIGHT_DECAY):
+    """``inf``: the exact limit; ``gp``: the exact limit with frozen input embeddings; an integer
+    n: the width-n network (one seed)."""
+    import tpcompiler as tp
+
+    frozen = width == "gp"
+    kwargs = dict(loss="negative_sampling", seed=seed, weight_decay=weight_decay)
+    if width in ("inf", "gp"):
+        return tp.StepEngine(network(V, frozen), tp.named("mup", 1), method="exact", **kwargs)
+    return tp.StepEngine(network(V, frozen), tp.named("mup", 1), method="finite", width=int(width), seeds=1, **kwargs)
+
+
+def one_hot(idx: np.ndarray, V: int):
+    import scipy.sparse as sps
+
+    idx = np.asarray(idx, dtype=np.int64)
+    return sps.csr_matrix((np.ones(idx.size), idx, np.arange(idx.size + 1)), shape=(idx.size, V))
+
+
+def embeddings(eng, V: int):
+    """``embed(idx)``: the input embeddings of words idx as rows whose inner products are the
+    engine's E[Z^h(e_a) Z^h(e_b)] (replicas side by side, scaled by 1/sqrt(R))."""
+    def embed(idx):
+        F = np.asarray(eng.features(one_hot(idx, V)), dtype=np.float64)  # (R, N, D)
+        R, N, D = F.shape
+        return F.transpose(1, 0, 2).reshape(N, R * D) / math.sqrt(R)
+    return embed
+
+
+def train(eng, corpus: Corpus, epochs: int, seed: int, max_steps: int | None = None, progress: bool = True) -> int:
+    """TP4's protocol (module docstring) for ``epochs`` epochs; the learning rate decays over
+    ``epochs`` x T words.  Returns the number of steps taken (``max_steps`` stops early)."""
+    import scipy.sparse as sps
+    from tqdm import tqdm
+
+    V, T = corpus.vocab.size, corpus.vocab.total
+    rng = np.random.default_rng(seed)
+    total = epochs * T
+    bar = tqdm(total=max_steps or int(round(epochs * corpus.expected_steps())), unit="step", disable=not progress,
+               mininterval=2.0, smoothing=0.05)
+    steps = 0
+    try:
+        for epoch in range(epochs):
+            for st in epoch_steps(corpus.encoded, corpus.keep, corpus.cdf, rng, epoch, T):
+                if max_steps is not None and steps >= max_steps:
+                    return steps
+                cols, vals = st.context_mean(V)
+                X = sps.csr_matrix((vals, cols, np.array([0, cols.size])), shape=(1, V))
+                lr = float(learning_rate(st.words_read, total))
+                eng.step(X, st.labels()[None, :], lr, outputs=st.outputs()[None, :])
+                steps += 1
+                bar.update(1)
+    finally:
+        bar.close()
+    return steps
+
+
+def evaluate(eng, corpus: Corpus) -> int:
+    return analogy_correct(embeddings(eng, corpus.vocab.size), corpus.vocab.size, corpus.qids, chunk=512)
+
+
+def run(width: str, epochs: int, seed: int, max_steps: int | None = None, progress: bool = True) -> dict:
+    corpus = Corpus.load()
+    V = corpus.vocab.size
+    eng = make_engine(width, V, seed)
+    t0 = time.perf_counter()
+    steps = train(eng, corpus, epochs, seed, max_steps, progress)
+    t1 = time.perf_counter()
+    correct = evaluate(eng, corpus)
+    t2 = time.perf_counter()
+    total = len(corpus.qids)
+    return {"width": width, "epochs": epochs, "seed": seed, "vocab": V, "correct": correct, "total": total,
+            "accuracy": 100.0 * correct / total if total else float("nan"), "seconds": t2 - t0,
+            "train_seconds": t1 - t0, "eval_seconds": t2 - t1, "steps": steps,
+            "steps_per_second": steps / (t1 - t0) if t1 > t0 else float("nan"),
+            "complete": max_steps is None or steps < max_steps, "questions_in_file": corpus.questions}
+
+
+# -- command line ---------------------------------------------------------------------------
+
+class UsageError(Exception):
+    """A bad command line, reported as one line."""
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line instead of usage + message
+        raise UsageError(message)
+
+
+def _width(text: str) -> str:
+    t = text.strip().lower()
+    if t in ("inf", "gp"):
+        return t
+    if t.isdigit() and int(t) >= 1:
+        return str(int(t))
+    raise argparse.ArgumentTypeError(f"expected inf, gp or a positive integer width, got {text!r}")
+
+
+def _count(minimum: int):
+    def parse(text: str) -> int:
+        t = text.strip()
+        if not (t.isdigit() or (t.startswith("-") and t[1:].isdigit())) or int(t) < minimum:
+            raise argparse.ArgumentTypeError(f"expected an integer >= {minimum}, got {text!r}")
+        return int(t)
+    parse.__name__ = "int"
+    return parse
+
+
+def main(argv=None) -> int:
+    ap = _Parser(description="TP4's word2vec experiment (CBOW, negative sampling) through tp.StepEngine")
+    ap.add_argument("--width", type=_width, required=True, help="inf (exact limit), gp (frozen embeddings) or n")
+    ap.add_argument("--epochs", type=_count(1), default=EPOCHS, help=f"epochs (TP4: {EPOCHS})")
+    ap.add_argument("--seed", type=_count(0), default=0, help="seed of the data sampling and of the engine")
+    ap.add_argument("--json", help="write the result here")
+    ap.add_argument("--max-steps", type=_count(1), help="stop after this many steps (a shortened run, labelled so)")
+    ap.add_argument("--no-progress", action="store_true", help="no progress bar")
+    try:
+        args = ap.parse_args(argv)
+        if args.json:
+            out = Path(args.json)
+            if out.exists() and out.is_dir():
+                raise UsageError(f"argument --json: {args.json!r} is a directory")
+            if not out.parent.is_dir():
+                raise UsageError(f"argument --json: directory {str(out.parent)!r} does not exist")
+    except UsageError as exc:
+        print(f"word2vec_tp4.py: error: {exc}", file=sys.stderr)
+        return 2
+    result = run(args.width, args.epochs, args.seed, args.max_steps, not args.no_progress)
+    text = json.dumps(result, indent=1)
+    print(text)
+    if args.json:
+        Path(args.json).write_text(text + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

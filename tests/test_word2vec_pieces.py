@@ -190,3 +190,62 @@ def test_3cosadd_matches_a_brute_force_scan():
 def test_questions_file_is_read_lowercased():
     qs = w2v.read_questions()
     assert len(qs) == 19544 and qs[0] == ("athens", "greece", "baghdad", "iraq")
+
+
+# -- word2vec.c's CBOW step in numpy: the independent oracle of the engine tests ---------------
+
+def sigmoid(x):
+    return 1.0 / (1.0 + np.exp(-x))
+
+
+def w2v_step(E, O, context, outputs, labels, alpha, wd=0.0):
+    """One CBOW negative-sampling step of TP4's word2vec.c on input rows E (V x n) and output
+    rows O (V x n): e = mean of the context rows; for each output k in order f = e . O_k,
+    g = alpha (y - sigmoid(f)), neu1e += g O_k, O_k <- (1 - alpha wd) O_k + g e; then every context
+    position's row E_w <- (1 - alpha wd) E_w + neu1e / |C|.  (word2vec.c's sigmoid is a table
+    clipped at |f| = 6; here the exact sigmoid.)"""
+    E, O = E.copy(), O.copy()
+    cw = len(context)
+    e = E[context].sum(axis=0) / cw
+    neu1e = np.zeros_like(e)
+    for k, y in zip(outputs, labels):
+        g = alpha * (y - sigmoid(e @ O[k]))
+        neu1e += g * O[k]
+        O[k] = (1.0 - alpha * wd) * O[k] + g * e
+    for w in context:
+        E[w] = (1.0 - alpha * wd) * E[w] + neu1e / cw
+    return E, O
+
+
+def test_the_oracle_is_sgd_on_the_negative_sampling_loss():
+    """Without weight decay and with distinct outputs, w2v_step is E, O <- E, O - alpha grad L,
+    L = sum_k logistic loss of f_k = (mean of the context rows) . O_k, checked by central finite
+    differences (a word repeated in the context counts twice in the mean)."""
+    rng = np.random.default_rng(1)
+    V, n, alpha = 5, 4, 0.3
+    E, O = rng.standard_normal((V, n)), rng.standard_normal((V, n))
+    context, outputs, labels = np.array([1, 3, 1]), np.array([2, 0, 4]), np.array([1.0, 0.0, 0.0])
+
+    def loss(E, O):
+        f = O[outputs] @ E[context].mean(axis=0)
+        return -np.sum(labels * np.log(sigmoid(f)) + (1 - labels) * np.log(sigmoid(-f)))
+
+    E1, O1 = w2v_step(E, O, context, outputs, labels, alpha)
+    h = 1e-6
+    for M, M1, which in ((E, E1, 0), (O, O1, 1)):
+        grad = np.zeros_like(M)
+        for idx in np.ndindex(*M.shape):
+            Mp, Mm = M.copy(), M.copy()
+            Mp[idx] += h
+            Mm[idx] -= h
+            args_p = (Mp, O) if which == 0 else (E, Mp)
+            args_m = (Mm, O) if which == 0 else (E, Mm)
+            grad[idx] = (loss(*args_p) - loss(*args_m)) / (2 * h)
+        np.testing.assert_allclose(M1 - M, -alpha * grad, atol=1e-8)
+    # weight decay shrinks the touched rows only (row 1 twice: it is in the context twice)
+    E2, O2 = w2v_step(E, O, context, outputs, labels, alpha, wd=0.5)
+    d = 1 - 0.5 * alpha
+    np.testing.assert_allclose(E2[[0, 2, 4]], E[[0, 2, 4]])
+    np.testing.assert_allclose(O2[[1, 3]], O[[1, 3]])
+    np.testing.assert_allclose(E2[3], d * E[3] + (E1[3] - E[3]), atol=1e-14)
+    np.testing.assert_allclose(E2[1], d * (d * E[1] + (E1[1] - E[1]) / 2) + (E1[1] - E[1]) / 2, atol=1e-14)
