@@ -412,16 +412,84 @@ def _count(minimum: int):
     return parse
 
 
+DOCS = ROOT / "docs" / "experiments.md"
+HEADING = "## word2vec (TP4)"
+PLANNED = ("64", "256", "1024", "inf", "gp")
+
+
+def _label(width: str) -> str:
+    return {"inf": "inf (exact limit)", "gp": "GP/NTK (exact, embeddings frozen)"}.get(width, width)
+
+
+def docs_section(results: list[dict], stats: dict) -> str:
+    """The "word2vec (TP4)" section of docs/experiments.md from the runs' JSON results."""
+    order = {w: i for i, w in enumerate(PLANNED)}
+    results = sorted(results, key=lambda r: (order.get(r["width"], -1), r["width"], r["epochs"], r["seed"]))
+    lines = [HEADING, "",
+             "TP4's word2vec (CBOW, negative sampling; edwardjhu/TP4 Word2Vec/src/word2vec.c) on gensim's bundled "
+             "Wikipedia excerpt, trained through `tp.StepEngine` on the DSL template `programs/word2vec_cbow.py` "
+             "under muP (width n: method \"finite\"; inf: method \"exact\" on a basis of V Gaussians; GP/NTK: "
+             "the exact limit with the input embeddings frozen at init).  Protocol and evaluation: the docstring "
+             "of `experiments/word2vec_tp4.py`; command "
+             "`python experiments/word2vec_tp4.py --width inf|gp|N --epochs E --seed S --json OUT`.",
+             "",
+             f"Corpus: {stats['articles']} articles, {stats['tokens']:,} tokens, {stats['sentences']} sentences of at most "
+             f"1000 tokens; V = {stats['V']:,} words with count >= 5, T = {stats['T']:,} in-vocabulary tokens, "
+             f"{stats['kept']:,.0f} expected per epoch after subsampling (threshold 1e-4).  Analogy questions: "
+             f"{stats['answerable']:,} of {stats['questions']:,} have all four words in the vocabulary.",
+             "",
+             "| width | epochs | seed | steps | correct / total | accuracy (%) | seconds (train + eval) | steps/s | run |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for r in results:
+        full = r["complete"] and r["epochs"] == EPOCHS
+        run = "TP4's protocol" if full else (
+            f"shortened: {r['epochs']} of {EPOCHS} epochs" + ("" if r["complete"] else f", stopped after {r['steps']:,} steps"))
+        lines.append(f"| {_label(r['width'])} | {r['epochs']} | {r['seed']} | {r['steps']:,} | {r['correct']} / {r['total']} "
+                     f"| {r['accuracy']:.2f} | {r['seconds']:.0f} ({r['train_seconds']:.0f} + {r['eval_seconds']:.0f}) "
+                     f"| {r['steps_per_second']:.0f} | {run} |")
+    done = {r["width"] for r in results if r["complete"] and r["epochs"] == EPOCHS}
+    missing = [_label(w) for w in PLANNED if w not in done]
+    if missing:
+        lines += ["", "Not run with TP4's full protocol (15 epochs): " + ", ".join(missing) + "."]
+    return "\n".join(lines) + "\n"
+
+
+def corpus_stats(corpus: "Corpus") -> dict:
+    arts = read_articles()
+    return {"articles": len(arts), "tokens": sum(map(len, arts)), "sentences": len(cut_sentences(arts)),
+            "V": corpus.vocab.size, "T": corpus.vocab.total, "kept": corpus.expected_steps(),
+            "answerable": len(corpus.qids), "questions": corpus.questions}
+
+
+def write_docs(results_dir: Path) -> None:
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from _machine import write_section
+
+    results = [json.loads(p.read_text()) for p in sorted(Path(results_dir).glob("*.json"))]
+    if not DOCS.exists():
+        DOCS.write_text("# Experiments\n")
+    write_section(DOCS, HEADING, docs_section(results, corpus_stats(Corpus.load())))
+
+
 def main(argv=None) -> int:
     ap = _Parser(description="TP4's word2vec experiment (CBOW, negative sampling) through tp.StepEngine")
-    ap.add_argument("--width", type=_width, required=True, help="inf (exact limit), gp (frozen embeddings) or n")
+    ap.add_argument("--width", type=_width, help="inf (exact limit), gp (frozen embeddings) or n")
     ap.add_argument("--epochs", type=_count(1), default=EPOCHS, help=f"epochs (TP4: {EPOCHS})")
     ap.add_argument("--seed", type=_count(0), default=0, help="seed of the data sampling and of the engine")
     ap.add_argument("--json", help="write the result here")
     ap.add_argument("--max-steps", type=_count(1), help="stop after this many steps (a shortened run, labelled so)")
     ap.add_argument("--no-progress", action="store_true", help="no progress bar")
+    ap.add_argument("--docs", metavar="DIR", help="write the word2vec section of docs/experiments.md from the JSON "
+                    "results in DIR (instead of a run)")
     try:
         args = ap.parse_args(argv)
+        if args.docs is not None:
+            if args.width is not None:
+                raise UsageError("--docs writes the table of earlier runs; give it without --width")
+            if not Path(args.docs).is_dir():
+                raise UsageError(f"argument --docs: {args.docs!r} is not a directory")
+        elif args.width is None:
+            raise UsageError("the following arguments are required: --width (or --docs DIR)")
         if args.json:
             out = Path(args.json)
             if out.exists() and out.is_dir():
@@ -431,6 +499,9 @@ def main(argv=None) -> int:
     except UsageError as exc:
         print(f"word2vec_tp4.py: error: {exc}", file=sys.stderr)
         return 2
+    if args.docs is not None:
+        write_docs(Path(args.docs))
+        return 0
     result = run(args.width, args.epochs, args.seed, args.max_steps, not args.no_progress)
     text = json.dumps(result, indent=1)
     print(text)

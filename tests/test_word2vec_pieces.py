@@ -249,3 +249,37 @@ def test_the_oracle_is_sgd_on_the_negative_sampling_loss():
     np.testing.assert_allclose(O2[[1, 3]], O[[1, 3]])
     np.testing.assert_allclose(E2[3], d * E[3] + (E1[3] - E[3]), atol=1e-14)
     np.testing.assert_allclose(E2[1], d * (d * E[1] + (E1[1] - E[1]) / 2) + (E1[1] - E[1]) / 2, atol=1e-14)
+
+
+# -- command line and the docs table --------------------------------------------------------
+
+@pytest.mark.parametrize("argv, message", [
+    (["--width", "0"], "argument --width: expected inf, gp or a positive integer width, got '0'"),
+    (["--width", "wide"], "argument --width"),
+    (["--width", "inf", "--epochs", "0"], "argument --epochs: expected an integer >= 1, got '0'"),
+    (["--width", "inf", "--seed", "-1"], "argument --seed"),
+    (["--width", "64", "--json", "/nonexistent-dir/out.json"], "directory '/nonexistent-dir' does not exist"),
+    ([], "required: --width"),
+    (["--docs", "/nonexistent-dir"], "is not a directory"),
+])
+def test_bad_command_lines_fail_in_one_line(argv, message, capsys):
+    assert w2v.main(argv) == 2
+    err = capsys.readouterr().err
+    assert message in err and err.count("\n") == 1 and "Traceback" not in err
+
+
+def test_docs_table_labels_shortened_runs():
+    stats = {"articles": 106, "tokens": 469572, "sentences": 524, "V": 9044, "T": 428710, "kept": 238210.1,
+             "answerable": 1000, "questions": 19544}
+    row = dict(seed=0, vocab=9044, correct=50, total=1000, accuracy=5.0, seconds=100.0, train_seconds=90.0,
+               eval_seconds=10.0, steps=1000, steps_per_second=11.1)
+    runs = [dict(row, width="inf", epochs=15, complete=True), dict(row, width="64", epochs=1, complete=True),
+            dict(row, width="256", epochs=15, complete=False)]
+    text = w2v.docs_section(runs, stats)
+    assert text.startswith(w2v.HEADING + "\n")
+    rows = [line for line in text.splitlines() if line.startswith("| ") and "---" not in line][1:]
+    assert [r.split(" | ")[0] for r in rows] == ["| 64", "| 256", "| inf (exact limit)"]
+    assert "shortened: 1 of 15 epochs |" in rows[0] and "stopped after 1,000 steps" in rows[1]
+    assert "TP4's protocol" in rows[2] and "| 5.00 |" in rows[2] and "| 100 (90 + 10) |" in rows[2]
+    assert text.rstrip().endswith("Not run with TP4's full protocol (15 epochs): 64, 256, 1024, "
+                                  "GP/NTK (exact, embeddings frozen).")
