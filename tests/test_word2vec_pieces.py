@@ -283,3 +283,18 @@ def test_docs_table_labels_shortened_runs():
     assert "TP4's protocol" in rows[2] and "| 5.00 |" in rows[2] and "| 100 (90 + 10) |" in rows[2]
     assert text.rstrip().endswith("Not run with TP4's full protocol (15 epochs): 64, 256, 1024, "
                                   "GP/NTK (exact, embeddings frozen).")
+
+
+def test_fast_csr_row_is_the_checked_csr_row():
+    import scipy.sparse as sps
+
+    rng = np.random.default_rng(4)
+    for size in (1, 3, 9):
+        cols = np.sort(rng.choice(50, size=size, replace=False))
+        vals = rng.uniform(size=size)
+        X = w2v.csr_row(cols, vals, 50)
+        Y = sps.csr_matrix((vals, cols, np.array([0, size])), shape=(1, 50))
+        X.check_format(full_check=True)
+        assert sps.isspmatrix_csr(X) and X.shape == (1, 50) and X.nnz == size and X.has_canonical_format
+        np.testing.assert_array_equal(X.toarray(), Y.toarray())
+        np.testing.assert_array_equal((X @ np.arange(50.0)), (Y @ np.arange(50.0)))
