@@ -116,7 +116,25 @@ def initial_covariance(graph: Graph, keys: list[str]) -> np.ndarray:
     """Sigma_ab = Cov(Z^a, Z^b) of initial Gaussians (the program's covariance table; input
     layers by their input inner products), Params at their values."""
     values = graph.param_values()
-    return np.array([[float(evaluate(graph.init_covariance(a, b), values)) for b in keys] for a in keys])
+    cov = np.zeros((len(keys), len(keys)))
+    # only pairs that can be nonzero are evaluated (Graph.init_covariance is 0 for two distinct
+    # initial vectors outside the covariance table, and for an initial vector with an input
+    # layer): K independent vectors cost K evaluations, not K^2 (word2vec's V readouts)
+    layers: dict[str, list[int]] = {}
+    where = {k: i for i, k in enumerate(keys)}
+    for i, a in enumerate(keys):
+        if isinstance(graph.op(a), ops.InputLayer):
+            layers.setdefault(graph.args(a)[0], []).append(i)
+    pairs = {(i, i) for i in range(len(keys))}
+    pairs |= {(i, j) for same in layers.values() for i in same for j in same}
+    for ab in graph.init_cov:
+        a, b = tuple(ab) if len(ab) == 2 else (next(iter(ab)),) * 2
+        if a in where and b in where:
+            pairs |= {(where[a], where[b]), (where[b], where[a])}
+    for i, j in pairs:
+        if i <= j:
+            cov[i, j] = cov[j, i] = float(evaluate(graph.init_covariance(keys[i], keys[j]), values))
+    return cov
 
 
 def sample_gaussian(cov: np.ndarray, size: int, rng: np.random.Generator) -> np.ndarray:
