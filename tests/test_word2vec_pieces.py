@@ -198,19 +198,22 @@ def sigmoid(x):
     return 1.0 / (1.0 + np.exp(-x))
 
 
-def w2v_step(E, O, context, outputs, labels, alpha, wd=0.0):
+def w2v_step(E, O, context, outputs, labels, alpha, wd=0.0, simultaneous=False):
     """One CBOW negative-sampling step of TP4's word2vec.c on input rows E (V x n) and output
     rows O (V x n): e = mean of the context rows; for each output k in order f = e . O_k,
     g = alpha (y - sigmoid(f)), neu1e += g O_k, O_k <- (1 - alpha wd) O_k + g e; then every context
     position's row E_w <- (1 - alpha wd) E_w + neu1e / |C|.  (word2vec.c's sigmoid is a table
-    clipped at |f| = 6; here the exact sigmoid.)"""
+    clipped at |f| = 6; here the exact sigmoid.)  ``simultaneous``: every f_k from the old O (one
+    gradient step; differs from word2vec.c only when an output is drawn twice)."""
     E, O = E.copy(), O.copy()
+    O_old = O.copy()
     cw = len(context)
     e = E[context].sum(axis=0) / cw
     neu1e = np.zeros_like(e)
     for k, y in zip(outputs, labels):
-        g = alpha * (y - sigmoid(e @ O[k]))
-        neu1e += g * O[k]
+        Ok = O_old[k] if simultaneous else O[k]
+        g = alpha * (y - sigmoid(e @ Ok))
+        neu1e += g * Ok
         O[k] = (1.0 - alpha * wd) * O[k] + g * e
     for w in context:
         E[w] = (1.0 - alpha * wd) * E[w] + neu1e / cw
@@ -298,3 +301,113 @@ def test_fast_csr_row_is_the_checked_csr_row():
         assert sps.isspmatrix_csr(X) and X.shape == (1, 50) and X.nnz == size and X.has_canonical_format
         np.testing.assert_array_equal(X.toarray(), Y.toarray())
         np.testing.assert_array_equal((X @ np.arange(50.0)), (Y @ np.arange(50.0)))
+
+
+# -- the network through the step engine against the numpy oracle ---------------------------
+
+def _episode(V, steps, rng, repeats=True):
+    """Random CBOW steps: a context of 1..4 words (repeats allowed if ``repeats``), a target and
+    3 distinct negatives different from it (distinct outputs: word2vec.c's sequential loop and
+    one simultaneous gradient step then coincide)."""
+    out = []
+    for _ in range(steps):
+        size = int(rng.integers(1, 5))
+        context = rng.integers(0, V, size=size) if repeats else rng.choice(V, size=size, replace=False)
+        outputs = rng.choice(V, size=4, replace=False)
+        out.append((context, outputs, np.array([1.0, 0.0, 0.0, 0.0]), float(rng.uniform(0.1, 0.6))))
+    return out
+
+
+def _engine_step(eng, V, context, outputs, labels, lr):
+    st = w2v.Step(int(outputs[0]), np.asarray(context), np.asarray(outputs[1:]), 0)
+    cols, vals = st.context_mean(V)
+    X = w2v.csr_row(cols, vals, V)
+    eng.step(X, labels[None, :], lr, outputs=np.asarray(outputs)[None, :])
+
+
+def _compare(eng, V, E, O, episode):
+    X = np.vstack([np.eye(V)] + [np.bincount(c, minlength=V) / len(c) for c, *_ in episode[:3]])
+    mean, err = eng.predict(X)
+    emb = X @ E  # e(xi) = sum_w xi_w E_w
+    np.testing.assert_allclose(mean, emb @ O.T, rtol=1e-9, atol=1e-11)
+    F = np.asarray(eng.features(np.eye(V)))
+    gram = np.einsum("rid,rjd->ij", F, F) / F.shape[0]
+    np.testing.assert_allclose(gram, E @ E.T, rtol=1e-9, atol=1e-11)
+
+
+def test_exact_limit_is_tp4s_one_hot_word2vec():
+    """The n -> infinity limit of word2vec.c is word2vec.c on a basis: input rows E = I (V x V,
+    the coefficients of the V initial Gaussians U_w), output rows 0 (TP4 ran it with 2V columns).
+    The engine's exact method on programs/word2vec_cbow.py under muP must reproduce it to
+    rounding: f on one-hot and context inputs, and the embedding Gram matrix E E^T."""
+    import tpcompiler as tp
+
+    V = 6
+    rng = np.random.default_rng(0)
+    episode = _episode(V, 10, rng)
+    eng = tp.StepEngine(w2v.network(V), tp.named("mup", 1), method="exact", loss="negative_sampling")
+    E, O = np.eye(V), np.zeros((V, V))
+    for context, outputs, labels, lr in episode:
+        _engine_step(eng, V, context, outputs, labels, lr)
+        E, O = w2v_step(E, O, context, outputs, labels, lr)
+    assert np.abs(O).max() > 0.05 and np.abs(E - np.eye(V)).max() > 0.01  # the steps moved both
+    _compare(eng, V, E, O, episode)
+
+
+def test_finite_width_is_word2vec_c_at_width_n():
+    """At width n = 32 the engine's network is word2vec.c started from the engine's own initial
+    rows E_0 (read from features at step 0: E[Z^h(e_a) Z^h(e_b)] at width n is E_0a . E_0b),
+    whose entries must be N(0, 1/n)."""
+    import tpcompiler as tp
+
+    V, n = 6, 32
+    rng = np.random.default_rng(1)
+    episode = _episode(V, 10, rng)
+    eng = tp.StepEngine(w2v.network(V), tp.named("mup", 1), method="finite", width=n, seeds=1, seed=3,
+                        loss="negative_sampling")
+    F0 = np.asarray(eng.features(np.eye(V)))
+    assert F0.shape == (1, V, n)
+    E = F0[0]
+    assert abs(np.mean(E**2) * n - 1) < 5 * math.sqrt(2 / (V * n))  # N(0, 1/n) entries
+    O = np.zeros((V, n))
+    for context, outputs, labels, lr in episode:
+        _engine_step(eng, V, context, outputs, labels, lr)
+        E, O = w2v_step(E, O, context, outputs, labels, lr)
+    _compare(eng, V, E, O, episode)
+
+
+def test_gp_baseline_keeps_the_embeddings():
+    """frozen=True: only the output rows learn; the embeddings stay the basis (exact limit)."""
+    import tpcompiler as tp
+
+    V = 5
+    rng = np.random.default_rng(2)
+    episode = _episode(V, 6, rng)
+    eng = tp.StepEngine(w2v.network(V, frozen=True), tp.named("mup", 1), method="exact", loss="negative_sampling")
+    E, O = np.eye(V), np.zeros((V, V))
+    for context, outputs, labels, lr in episode:
+        _engine_step(eng, V, context, outputs, labels, lr)
+        _, O = w2v_step(E, O, context, outputs, labels, lr)
+    assert np.abs(O).max() > 0.05
+    _compare(eng, V, E, O, episode)
+
+
+def test_a_negative_drawn_twice_counts_twice_in_one_gradient_step():
+    """Repeated outputs (a negative drawn twice, as unigram sampling does): the engine takes one
+    gradient step, both copies' f at the old weights, their updates summed."""
+    import tpcompiler as tp
+
+    V = 5
+    eng = tp.StepEngine(w2v.network(V), tp.named("mup", 1), method="exact", loss="negative_sampling")
+    E, O = np.eye(V), np.zeros((V, V))
+    steps = [([0, 1], [2, 3, 3, 4], 0.5), ([2, 2, 4], [1, 0, 3, 0], 0.4), ([3], [0, 1, 1, 1], 0.3),
+             ([0, 4], [3, 2, 2, 1], 0.5)]
+    for context, outputs, lr in steps:
+        labels = np.array([1.0, 0.0, 0.0, 0.0])
+        _engine_step(eng, V, np.array(context), np.array(outputs), labels, lr)
+        E, O = w2v_step(E, O, context, outputs, labels, lr, simultaneous=True)
+    Es, Os = np.eye(V), np.zeros((V, V))
+    for context, outputs, lr in steps:
+        Es, Os = w2v_step(Es, Os, context, outputs, np.array([1.0, 0.0, 0.0, 0.0]), lr)
+    assert np.abs(Os - O).max() > 1e-4  # word2vec.c's sequential loop is another update
+    _compare(eng, V, E, O, [(np.array(c), None, None, None) for c, _, _ in steps])
