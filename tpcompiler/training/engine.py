@@ -19,7 +19,10 @@ v_k, then every tensor's update from the weights of that step.
 
 Meaning of the hyper-parameters (the same at every width): the batch loss is the mean over
 the batch's examples; ``weight_decay`` lambda makes every trained tensor p <- (1 - eta n^{-c}
-lambda) p - eta n^{-c} dLoss/dp; ``clip`` scales the loss gradient so that its global norm
+lambda) p - eta n^{-c} dLoss/dp (``decay_rows="touched"``: only the rows a step touches decay --
+the input-matrix columns its inputs use and, under negative sampling, the sampled readout
+vectors -- as word2vec.c decays the rows it updates; n x n matrices and biases, used by every
+example, decay at every step either way; untrained tensors never decay); ``clip`` scales the loss gradient so that its global norm
 (all trained tensors, in the parametrization's p coordinates; docs/DESIGN.md 2.4) is at most
 ``clip``.
 """
@@ -237,7 +240,8 @@ class StepEngine:
 
     def __init__(self, net, abc: ABC, *, method: str = "auto", loss: str = "mse", width: int | None = None,
                  seeds: int = 1, particles: int = DEFAULT_STEP_PARTICLES, groups: int = DEFAULT_GROUPS,
-                 seed: int = 0, weight_decay: float = 0.0, clip: float | None = None, init: dict | None = None):
+                 seed: int = 0, weight_decay: float = 0.0, clip: float | None = None, init: dict | None = None,
+                 decay_rows: str = "all"):
         from tpcompiler.compiler import graph_of
 
         if not isinstance(abc, ABC):
@@ -248,6 +252,7 @@ class StepEngine:
         self.weight_decay = validation.number(weight_decay, "weight_decay")
         if self.weight_decay < 0:
             raise validation.ArgumentError(f"weight_decay: must be >= 0, got {weight_decay}")
+        self.decay_rows = validation.choice(decay_rows, "decay_rows", ("all", "touched"))
         self.clip = None if clip is None else validation.number(clip, "clip", positive=True)
         self.program: StepProgram = derive_step(graph_of(net), abc, loss)
         sp_ = self.program
@@ -457,11 +462,20 @@ class StepEngine:
             s = np.minimum(1.0, self.clip / np.maximum(norm, 1e-300))
         if self.weight_decay:
             keep = 1.0 - lr * alg.n_power(ex["lr"]) * self.weight_decay
-            self.readout *= keep
-            for cols in self.input_cols.values():
-                cols *= keep
-            for v in self.vectors.values():
-                v *= keep
+            if self.decay_rows == "touched" and g.outputs is not None:
+                self.readout[:, np.unique(g.outputs)] *= keep
+            else:
+                self.readout *= keep
+            for U, cols in self.input_cols.items():
+                if U not in sp_.input_mats:
+                    continue  # a frozen input matrix is not trained
+                if self.decay_rows == "touched":
+                    touched = np.unique(np.concatenate([idx for idx, _C, _dA in g.input_mats.get(U, [])] or [[]]))
+                    cols[touched.astype(np.int64)] *= keep
+                else:
+                    cols *= keep
+            for b in sp_.biases:
+                self.vectors[b] *= keep
             for M in self.mats.values():
                 M.decay *= keep
                 M.pc.buf[:, :M.pc.count] *= keep
@@ -626,7 +640,8 @@ class StepEngine:
                     arrays[f"W/{W}/{int(t)}/L"] = side.L[:, :side.count, :side.count]
         meta = {"version": CHECKPOINT_VERSION, "fingerprint": self.program.fingerprint, "method": self.method,
                 "width": self.width, "R": self.alg.R, "D": self.alg.D, "steps_done": self.steps_done,
-                "rng": self.rng.bit_generator.state, "weight_decay": self.weight_decay, "clip": self.clip}
+                "rng": self.rng.bit_generator.state, "weight_decay": self.weight_decay, "decay_rows": self.decay_rows,
+                "clip": self.clip}
         arrays["meta"] = np.array(json.dumps(meta))
         np.savez(path, **arrays)
 
