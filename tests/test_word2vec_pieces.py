@@ -411,3 +411,41 @@ def test_a_negative_drawn_twice_counts_twice_in_one_gradient_step():
         Es, Os = w2v_step(Es, Os, context, outputs, np.array([1.0, 0.0, 0.0, 0.0]), lr)
     assert np.abs(Os - O).max() > 1e-4  # word2vec.c's sequential loop is another update
     _compare(eng, V, E, O, [(np.array(c), None, None, None) for c, _, _ in steps])
+
+
+@pytest.mark.parametrize("method", ["exact", "finite"])
+def test_weight_decay_of_the_touched_rows_is_word2vec_cs(method):
+    """decay_rows="touched": each step shrinks only the context words' input rows and the
+    sampled output rows by (1 - lr lambda) before adding the update, as word2vec.c does (distinct
+    context words here: word2vec.c decays a repeated context word once per occurrence)."""
+    import tpcompiler as tp
+
+    V, n, wd = 6, 16, 0.3
+    rng = np.random.default_rng(5)
+    episode = _episode(V, 10, rng, repeats=False)
+    kw = dict(width=n, seeds=1) if method == "finite" else {}
+    eng = tp.StepEngine(w2v.network(V), tp.named("mup", 1), method=method, loss="negative_sampling",
+                        weight_decay=wd, decay_rows="touched", **kw)
+    E = np.asarray(eng.features(np.eye(V)))[0] if method == "finite" else np.eye(V)
+    O = np.zeros_like(E)
+    for context, outputs, labels, lr in episode:
+        _engine_step(eng, V, context, outputs, labels, lr)
+        E, O = w2v_step(E, O, context, outputs, labels, lr, wd=wd)
+    _compare(eng, V, E, O, episode)
+    # the same run with every row decaying at every step is another network
+    dense = tp.StepEngine(w2v.network(V), tp.named("mup", 1), method=method, loss="negative_sampling",
+                          weight_decay=wd, **kw)
+    for context, outputs, labels, lr in episode:
+        _engine_step(dense, V, context, outputs, labels, lr)
+    assert np.abs(dense.predict(np.eye(V))[0] - eng.predict(np.eye(V))[0]).max() > 1e-3
+
+
+def test_frozen_embeddings_do_not_decay():
+    import tpcompiler as tp
+
+    V = 4
+    eng = tp.StepEngine(w2v.network(V, frozen=True), tp.named("mup", 1), method="exact", loss="negative_sampling",
+                        weight_decay=0.5)
+    _engine_step(eng, V, np.array([0, 1]), np.array([2, 3]), np.array([1.0, 0.0]), 0.5)
+    F = np.asarray(eng.features(np.eye(V)))[0]
+    np.testing.assert_allclose(F @ F.T, np.eye(V), atol=1e-14)
