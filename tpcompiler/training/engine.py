@@ -354,7 +354,7 @@ class StepEngine:
         scale = sp_.sigma_out * alg.n_power(sp_.exponents["f"])
         if outputs is None:
             return scale * np.swapaxes(alg.gram(self.readout, xL), 1, 2)
-        V = self.readout[:, outputs]                       # (R, B, k, D)
+        V = env["__sampled"] = self.readout[:, outputs]    # (R, B, k, D), reused by the backward seed
         m = min(V.shape[-1], xL.shape[-1])
         return scale * np.einsum("rbkd,rbd->rbk", V[..., :m], xL[..., :m]) / alg.norm
 
@@ -374,7 +374,7 @@ class StepEngine:
         if outputs is None:
             seed = sp_.sigma_out * np.matmul(chi, self.readout)
         else:
-            seed = sp_.sigma_out * np.einsum("rbk,rbkd->rbd", chi, self.readout[:, outputs])
+            seed = sp_.sigma_out * np.einsum("rbk,rbkd->rbd", chi, env.pop("__sampled"))
         env[SEED] = seed
         for k in sp_.backward:
             env[k] = PASS(sp_.template.op(k))(self, k, env, True)
@@ -460,18 +460,24 @@ class StepEngine:
         if self.clip is not None:
             norm = np.sqrt(np.maximum(self._norm2(g), 0.0))
             s = np.minimum(1.0, self.clip / np.maximum(norm, 1e-300))
+        # touched rows decay in the same pass as their update below (one gather and scatter)
+        row_keep = 1.0
         if self.weight_decay:
             keep = 1.0 - lr * alg.n_power(ex["lr"]) * self.weight_decay
-            if self.decay_rows == "touched" and g.outputs is not None:
-                self.readout[:, np.unique(g.outputs)] *= keep
+            touched = self.decay_rows == "touched"
+            if touched and g.outputs is not None:
+                row_keep = keep
             else:
                 self.readout *= keep
             for U, cols in self.input_cols.items():
                 if U not in sp_.input_mats:
                     continue  # a frozen input matrix is not trained
-                if self.decay_rows == "touched":
-                    touched = np.unique(np.concatenate([idx for idx, _C, _dA in g.input_mats.get(U, [])] or [[]]))
-                    cols[touched.astype(np.int64)] *= keep
+                if touched:
+                    used = [idx for idx, _C, _dA in g.input_mats.get(U, [])]
+                    if len(used) > 1:  # several layers read U: decay each used column once
+                        cols[np.unique(np.concatenate(used))] *= keep
+                    elif used:
+                        cols[used[0]] *= keep
                 else:
                     cols *= keep
             for b in sp_.biases:
@@ -494,7 +500,10 @@ class StepEngine:
             S = np.zeros((uniq.size, B * k))
             S[inv, np.arange(B * k)] = 1.0
             weights = np.matmul(S, chi.reshape(alg.R, B * k, 1) * np.eye(B).repeat(k, axis=0)[None])  # (R, u, B)
-            self.readout[:, uniq] += np.matmul(weights, xL)
+            upd = np.matmul(weights, xL)
+            for r in range(alg.R):  # per replica: a first-axis row index (3x faster than [:, uniq])
+                rows = self.readout[r]
+                rows[uniq] = (row_keep * rows[uniq] + upd[r]) if row_keep != 1.0 else rows[uniq] + upd[r]
         # input matrices
         for U, entries in g.input_mats.items():
             if U not in sp_.input_mats:
