@@ -314,7 +314,7 @@ def make_engine(width: str, V: int, seed: int, weight_decay: float = WEIGHT_DECA
     import tpcompiler as tp
 
     frozen = width == "gp"
-    kwargs = dict(loss="negative_sampling", seed=seed, weight_decay=weight_decay)
+    kwargs = dict(loss="negative_sampling", seed=seed, weight_decay=weight_decay, decay_rows="touched")
     if width in ("inf", "gp"):
         return tp.StepEngine(network(V, frozen), tp.named("mup", 1), method="exact", **kwargs)
     return tp.StepEngine(network(V, frozen), tp.named("mup", 1), method="finite", width=int(width), seeds=1, **kwargs)
@@ -352,22 +352,27 @@ def embeddings(eng, V: int):
     return embed
 
 
-def train(eng, corpus: Corpus, epochs: int, seed: int, max_steps: int | None = None, progress: bool = True) -> int:
+def train(eng, corpus: Corpus, epochs: int, seed: int, max_steps: int | None = None, progress: bool = True,
+          max_seconds: float | None = None) -> tuple[int, bool]:
     """TP4's protocol (module docstring) for ``epochs`` epochs; the learning rate decays over
-    ``epochs`` x T words.  Returns the number of steps taken (``max_steps`` stops early)."""
+    ``epochs`` x T words.  Returns (steps taken, whether all epochs were done): ``max_steps``
+    or ``max_seconds`` of training stop early."""
     from tqdm import tqdm
 
     V, T = corpus.vocab.size, corpus.vocab.total
     rng = np.random.default_rng(seed)
     total = epochs * T
     bar = tqdm(total=max_steps or int(round(epochs * corpus.expected_steps())), unit="step", disable=not progress,
-               mininterval=2.0, smoothing=0.05)
+               mininterval=30.0, smoothing=0.05)
     steps = 0
+    started = time.perf_counter()
     try:
         for epoch in range(epochs):
             for st in epoch_steps(corpus.encoded, corpus.keep, corpus.cdf, rng, epoch, T):
                 if max_steps is not None and steps >= max_steps:
-                    return steps
+                    return steps, False
+                if max_seconds is not None and steps % 256 == 0 and time.perf_counter() - started > max_seconds:
+                    return steps, False
                 cols, vals = st.context_mean(V)
                 X = csr_row(cols, vals, V)
                 lr = learning_rate(st.words_read, total)
@@ -376,28 +381,30 @@ def train(eng, corpus: Corpus, epochs: int, seed: int, max_steps: int | None = N
                 bar.update(1)
     finally:
         bar.close()
-    return steps
+    return steps, True
 
 
 def evaluate(eng, corpus: Corpus) -> int:
     return analogy_correct(embeddings(eng, corpus.vocab.size), corpus.vocab.size, corpus.qids, chunk=512)
 
 
-def run(width: str, epochs: int, seed: int, max_steps: int | None = None, progress: bool = True) -> dict:
+def run(width: str, epochs: int, seed: int, max_steps: int | None = None, progress: bool = True,
+        max_seconds: float | None = None) -> dict:
+    start = time.perf_counter()
     corpus = Corpus.load()
     V = corpus.vocab.size
     eng = make_engine(width, V, seed)
     t0 = time.perf_counter()
-    steps = train(eng, corpus, epochs, seed, max_steps, progress)
+    steps, complete = train(eng, corpus, epochs, seed, max_steps, progress, max_seconds)
     t1 = time.perf_counter()
     correct = evaluate(eng, corpus)
     t2 = time.perf_counter()
     total = len(corpus.qids)
     return {"width": width, "epochs": epochs, "seed": seed, "vocab": V, "correct": correct, "total": total,
-            "accuracy": 100.0 * correct / total if total else float("nan"), "seconds": t2 - t0,
-            "train_seconds": t1 - t0, "eval_seconds": t2 - t1, "steps": steps,
+            "accuracy": 100.0 * correct / total if total else float("nan"), "seconds": t2 - start,
+            "setup_seconds": t0 - start, "train_seconds": t1 - t0, "eval_seconds": t2 - t1, "steps": steps,
             "steps_per_second": steps / (t1 - t0) if t1 > t0 else float("nan"),
-            "complete": max_steps is None or steps < max_steps, "questions_in_file": corpus.questions}
+            "complete": complete, "questions_in_file": corpus.questions}
 
 
 # -- command line ---------------------------------------------------------------------------
@@ -456,14 +463,14 @@ def docs_section(results: list[dict], stats: dict) -> str:
              f"{stats['kept']:,.0f} expected per epoch after subsampling (threshold 1e-4).  Analogy questions: "
              f"{stats['answerable']:,} of {stats['questions']:,} have all four words in the vocabulary.",
              "",
-             "| width | epochs | seed | steps | correct / total | accuracy (%) | seconds (train + eval) | steps/s | run |",
+             "| width | epochs | seed | steps | correct / total | accuracy (%) | seconds (setup + train + eval) | steps/s | run |",
              "|---|---|---|---|---|---|---|---|---|"]
     for r in results:
         full = r["complete"] and r["epochs"] == EPOCHS
         run = "TP4's protocol" if full else (
-            f"shortened: {r['epochs']} of {EPOCHS} epochs" + ("" if r["complete"] else f", stopped after {r['steps']:,} steps"))
+            f"shortened: {r['epochs']} of {EPOCHS} epochs" + ("" if r["complete"] else f", training stopped after {r['steps']:,} steps"))
         lines.append(f"| {_label(r['width'])} | {r['epochs']} | {r['seed']} | {r['steps']:,} | {r['correct']} / {r['total']} "
-                     f"| {r['accuracy']:.2f} | {r['seconds']:.0f} ({r['train_seconds']:.0f} + {r['eval_seconds']:.0f}) "
+                     f"| {r['accuracy']:.2f} | {r['seconds']:.0f} ({r['setup_seconds']:.0f} + {r['train_seconds']:.0f} + {r['eval_seconds']:.0f}) "
                      f"| {r['steps_per_second']:.0f} | {run} |")
     done = {r["width"] for r in results if r["complete"] and r["epochs"] == EPOCHS}
     missing = [_label(w) for w in PLANNED if w not in done]
@@ -496,6 +503,7 @@ def main(argv=None) -> int:
     ap.add_argument("--seed", type=_count(0), default=0, help="seed of the data sampling and of the engine")
     ap.add_argument("--json", help="write the result here")
     ap.add_argument("--max-steps", type=_count(1), help="stop after this many steps (a shortened run, labelled so)")
+    ap.add_argument("--max-seconds", type=_count(1), help="stop training after this many seconds (labelled so)")
     ap.add_argument("--no-progress", action="store_true", help="no progress bar")
     ap.add_argument("--docs", metavar="DIR", help="write the word2vec section of docs/experiments.md from the JSON "
                     "results in DIR (instead of a run)")
@@ -520,7 +528,7 @@ def main(argv=None) -> int:
     if args.docs is not None:
         write_docs(Path(args.docs))
         return 0
-    result = run(args.width, args.epochs, args.seed, args.max_steps, not args.no_progress)
+    result = run(args.width, args.epochs, args.seed, args.max_steps, not args.no_progress, args.max_seconds)
     text = json.dumps(result, indent=1)
     print(text)
     if args.json:
