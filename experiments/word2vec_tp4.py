@@ -31,7 +31,17 @@ repository's choice, the rest is word2vec.c):
   read before position t (subsampled ones included) over all epochs so far;
 * weight decay 0.001 as word2vec.c applies it: each step multiplies the touched rows (the context
   words' input rows, the target's and negatives' output rows) by (1 - alpha_t 0.001) before
-  adding the update.
+  adding the update (``StepEngine(weight_decay=0.001, decay_rows="touched")``).
+
+Where this differs from TP4's word2vec.c (edwardjhu/TP4 Word2Vec/src/word2vec.c): a single
+thread (TP4: 68 Hogwild threads); the exact sigmoid (word2vec.c: a table, clipped at |f| = 12);
+one gradient step per position, so a negative drawn twice has both copies evaluated at the old
+weights (word2vec.c updates the first copy before reading the second) and a word repeated in the
+context decays once (word2vec.c: once per occurrence); the learning rate recomputed at every
+position (word2vec.c: every ~10^4 words); sentences cut before out-of-vocabulary removal and
+subsampling (word2vec.c cuts 1000 kept words); Gaussian initial rows at finite width (TP4:
+uniform with the same variance; the limit is the same); the limit on a basis of V Gaussians
+(TP4: 2V coordinates, of which the second V stay zero).
 
 Evaluation: 3CosAdd on unit-normalised input embeddings (questions-words.txt of gensim's test
 data, words lowercased; a question with a word outside the vocabulary is skipped): the answer to
