@@ -202,8 +202,8 @@ def w2v_step(E, O, context, outputs, labels, alpha, wd=0.0, simultaneous=False):
     """One CBOW negative-sampling step of TP4's word2vec.c on input rows E (V x n) and output
     rows O (V x n): e = mean of the context rows; for each output k in order f = e . O_k,
     g = alpha (y - sigmoid(f)), neu1e += g O_k, O_k <- (1 - alpha wd) O_k + g e; then every context
-    position's row E_w <- (1 - alpha wd) E_w + neu1e / |C|.  (word2vec.c's sigmoid is a table
-    clipped at |f| = 6; here the exact sigmoid.)  ``simultaneous``: every f_k from the old O (one
+    position's row E_w <- (1 - alpha wd) E_w + neu1e / |C|.  (TP4's sigmoid is a table clipped
+    at |f| = 12; here the exact sigmoid.)  ``simultaneous``: every f_k from the old O (one
     gradient step; differs from word2vec.c only when an output is drawn twice)."""
     E, O = E.copy(), O.copy()
     O_old = O.copy()
