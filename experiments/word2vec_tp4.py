@@ -456,8 +456,9 @@ def _label(width: str) -> str:
     return {"inf": "inf (exact limit)", "gp": "GP/NTK (exact, embeddings frozen)"}.get(width, width)
 
 
-def docs_section(results: list[dict], stats: dict) -> str:
-    """The "word2vec (TP4)" section of docs/experiments.md from the runs' JSON results."""
+def docs_section(results: list[dict], stats: dict, notes: str = "") -> str:
+    """The "word2vec (TP4)" section of docs/experiments.md from the runs' JSON results (and the
+    results directory's NOTES.md, appended as written)."""
     order = {w: i for i, w in enumerate(PLANNED)}
     results = sorted(results, key=lambda r: (order.get(r["width"], -1), r["width"], r["epochs"], r["seed"]))
     lines = [HEADING, "",
@@ -486,6 +487,8 @@ def docs_section(results: list[dict], stats: dict) -> str:
     missing = [_label(w) for w in PLANNED if w not in done]
     if missing:
         lines += ["", "Not run with TP4's full protocol (15 epochs): " + ", ".join(missing) + "."]
+    if notes.strip():
+        lines += ["", notes.strip()]
     return "\n".join(lines) + "\n"
 
 
@@ -503,7 +506,9 @@ def write_docs(results_dir: Path) -> None:
     results = [json.loads(p.read_text()) for p in sorted(Path(results_dir).glob("*.json"))]
     if not DOCS.exists():
         DOCS.write_text("# Experiments\n")
-    write_section(DOCS, HEADING, docs_section(results, corpus_stats(Corpus.load())))
+    notes = Path(results_dir) / "NOTES.md"
+    write_section(DOCS, HEADING, docs_section(results, corpus_stats(Corpus.load()),
+                                              notes.read_text() if notes.exists() else ""))
 
 
 def main(argv=None) -> int:

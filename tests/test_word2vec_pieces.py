@@ -286,6 +286,7 @@ def test_docs_table_labels_shortened_runs():
     assert "TP4's protocol" in rows[2] and "| 5.00 |" in rows[2] and "| 120 (20 + 90 + 10) |" in rows[2]
     assert text.rstrip().endswith("Not run with TP4's full protocol (15 epochs): 64, 256, 1024, "
                                   "GP/NTK (exact, embeddings frozen).")
+    assert w2v.docs_section(runs, stats, "Some notes.\n").rstrip().endswith("frozen).\n\nSome notes.")
 
 
 def test_fast_csr_row_is_the_checked_csr_row():
