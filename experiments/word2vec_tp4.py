@@ -355,10 +355,13 @@ def one_hot(idx: np.ndarray, V: int):
 def embeddings(eng, V: int):
     """``embed(idx)``: the input embeddings of words idx as rows whose inner products are the
     engine's E[Z^h(e_a) Z^h(e_b)] (replicas side by side, scaled by 1/sqrt(R))."""
-    def embed(idx):
-        F = np.asarray(eng.features(one_hot(idx, V)), dtype=np.float64)  # (R, N, D)
-        R, N, D = F.shape
-        return F.transpose(1, 0, 2).reshape(N, R * D) / math.sqrt(R)
+    def embed(idx, part: int = 64):
+        out = []
+        for start in range(0, len(idx), part):  # small one-hot batches: the engine's cost grows with B^2
+            F = np.asarray(eng.features(one_hot(idx[start:start + part], V)), dtype=np.float64)  # (R, N, D)
+            R, N, D = F.shape
+            out.append(F.transpose(1, 0, 2).reshape(N, R * D) / math.sqrt(R))
+        return np.concatenate(out, axis=0)
     return embed
 
 

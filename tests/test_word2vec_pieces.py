@@ -450,3 +450,16 @@ def test_frozen_embeddings_do_not_decay():
     _engine_step(eng, V, np.array([0, 1]), np.array([2, 3]), np.array([1.0, 0.0]), 0.5)
     F = np.asarray(eng.features(np.eye(V)))[0]
     np.testing.assert_allclose(F @ F.T, np.eye(V), atol=1e-14)
+
+
+def test_embeddings_in_small_batches_are_the_engine_features():
+    import tpcompiler as tp
+
+    V = 7
+    rng = np.random.default_rng(6)
+    eng = tp.StepEngine(w2v.network(V), tp.named("mup", 1), method="exact", loss="negative_sampling")
+    for context, outputs, labels, lr in _episode(V, 5, rng):
+        _engine_step(eng, V, context, outputs, labels, lr)
+    idx = np.array([6, 0, 3, 3, 5])
+    F = np.asarray(eng.features(np.eye(V)[idx]))[0]
+    np.testing.assert_allclose(w2v.embeddings(eng, V)(idx, part=2), F, rtol=1e-13, atol=1e-15)
