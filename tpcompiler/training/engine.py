@@ -255,6 +255,9 @@ class StepEngine:
             bad = sp_.nonaffine()
             raise ProgramError(f"instruction {bad[0]!r}: not affine in its vectors, so the network is not Gaussian-linear "
                                f"and has no exact limit by coefficients; use method='particles'")
+        if loss == "softmax" and sp_.K < 2:
+            raise ProgramError(f"loss softmax: program {sp_.net.name!r} has one output, and a softmax over one output is "
+                               "constant (zero gradient); use logistic or mse, or a readout with out_dim >= 2")
         if method != "finite":
             sp_.check_limit()
         self.method = method
