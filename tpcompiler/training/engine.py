@@ -377,6 +377,9 @@ class StepEngine:
         Y, outputs = self._targets(Y, B, outputs)
         env = self._forward(X, keep=True)
         f = self._outputs(env, outputs)
+        if not np.all(np.isfinite(f)):
+            raise ProgramError(f"step {self.steps_done}: the network output is not finite (training diverged); "
+                               "use a smaller learning rate")
         chi, value = loss_derivative(sp_.loss, f, Y[None])
         w = (1.0 / B) if weight is None else weight
         chi = chi * w
