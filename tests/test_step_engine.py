@@ -327,5 +327,11 @@ def test_bad_input_gets_a_clear_error():
         StepEngine(net, abc, method="exact", loss="logistic").step(X[:2], Y[:2], 0.1)
     with pytest.raises(ProgramError, match="not affine"):
         StepEngine(_mlp(2, "tanh"), tp.named("mup", 2), method="exact")
+    diverging = StepEngine(net, abc, method="exact")
+    with pytest.raises(ProgramError, match="diverged"), np.errstate(all="ignore"):
+        for _ in range(200):
+            diverging.step(X, Y, 1e6)
+    with pytest.raises(ProgramError, match="softmax over one output is constant"):
+        StepEngine(_mlp(2, "identity"), tp.named("mup", 2), method="exact", loss="softmax")
     with pytest.raises(ProgramError, match="outputs"):
         StepEngine(net, abc, method="exact", loss="negative_sampling").step(X[:2], [[1], [0]], 0.1)

@@ -15,7 +15,7 @@ from tpcompiler.ir.graph import ProgramError
 from tpcompiler.ir.ops import InitMat
 from tpcompiler.compiler import CHECK_PARTICLES, DEFAULT_PARTICLES, MAX_RTOL, MIN_RTOL
 from tpcompiler.frontend.loader import load, parameters, parse_params
-from tpcompiler.training.sgd import MAX_STEPS, MAX_UNROLLED, SLOW_UNROLLED, STEPS_WHY, UNROLL_TIMES
+from tpcompiler.training.sgd import MAX_STEPS, STEPS_WHY
 
 
 class CommandError(Exception):
@@ -86,7 +86,9 @@ def _out_path(path: str, what: str = "--out", suffix: str = ".npz") -> str:
 
 #: API argument names of tp.SGD -> the tpc train options that carry them
 _TRAIN_OPTIONS = {"X": "--x", "Y": "--y", "X_eval": "--eval", "steps": "--steps", "lr": "--lr",
-                  "batch": "--batch", "loss": "--loss", "particles": "--particles", "seed": "--seed"}
+                  "batch": "--batch", "loss": "--loss", "particles": "--particles", "seed": "--seed",
+                  "weight_decay": "--weight-decay", "clip": "--clip", "lr_end": "--lr-end", "eval_every": "--eval-every",
+                  "resume": "--resume", "save_state": "--save-state"}
 
 
 def _as_option(exc: validation.ArgumentError) -> CommandError:
@@ -225,7 +227,7 @@ def cmd_kernels(args) -> int:
 
 
 def cmd_train(args) -> int:
-    from tpcompiler.training.parametrization import classify, named, parse_abc
+    from tpcompiler.training.parametrization import named, parse_abc
     from tpcompiler.training.sgd import SGD, _layers, train
 
     X = _load_array(args.x, "--x")
@@ -248,19 +250,19 @@ def cmd_train(args) -> int:
         abc = named(text, depth)
     _layers(graph, abc)  # checks that the program's trained tensors fit the parametrization
     try:
-        sgd = SGD(X, Y, steps=args.steps, lr=args.lr, batch=args.batch, loss=args.loss, X_eval=Xe)
-        N = X.shape[0] + (0 if Xe is None else Xe.shape[0])
-        if SLOW_UNROLLED < args.steps * N <= MAX_UNROLLED and classify(abc).regime == "feature learning":
-            print(f"tpc: note: feature learning unrolls {args.steps} steps x {N} inputs into one program; this can "
-                  f"take long ({UNROLL_TIMES})", file=sys.stderr)
-        result = train(program, abc, sgd, particles=args.particles, seed=args.seed)
+        sgd = SGD(X, Y, steps=args.steps, lr=args.lr, batch=args.batch, loss=args.loss, X_eval=Xe,
+                  weight_decay=args.weight_decay, clip=args.clip, schedule=args.schedule, lr_end=args.lr_end,
+                  eval_every=args.eval_every)
+        result = train(program, abc, sgd, particles=args.particles, seed=args.seed, method=args.method,
+                       progress=False if args.quiet else None, resume=args.resume,
+                       save_state=_out_path(args.save_state, "--save-state") if args.save_state else None)
     except validation.ArgumentError as exc:
         raise _as_option(exc) from None
-    f_eval = result.f_eval if Xe is not None else np.zeros((args.steps + 1, 0))
+    f_eval = result.f_eval if Xe is not None else np.zeros((len(result.steps), 0))
     validation.finite_results({"f_train": result.f_train, "f_eval": f_eval}, "trajectory",
                               "training diverged (float64 overflow); use a smaller --lr")
     try:
-        np.savez(out, f_train=result.f_train, f_eval=f_eval, regime=np.array(result.regime),
+        np.savez(out, f_train=result.f_train, f_eval=f_eval, regime=np.array(result.regime), steps=result.steps,
                  f_train_stderr=result.f_train_stderr, f_eval_stderr=result.f_eval_stderr if Xe is not None else f_eval)
     except OSError as exc:
         raise CommandError(f"--out: cannot write {out!r} ({exc.strerror or exc})") from None
@@ -338,7 +340,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--eval", help="evaluation inputs (N_eval x d .npy)")
     p.add_argument("--particles", type=_count(1), default=DEFAULT_PARTICLES)
     p.add_argument("--seed", type=_count(), default=0)
-    p.add_argument("--out", required=True, help="output .npz (f_train, f_eval, regime)")
+    p.add_argument("--method", choices=["auto", "exact", "particles"], default="auto",
+                   help="feature learning: exact (Gaussian-linear networks) or particles; auto picks exact when it applies")
+    p.add_argument("--weight-decay", type=_real(positive=False, low=0.0, high=1e300), default=0.0, help="p <- (1 - lr n^-c wd) p - lr n^-c grad")
+    p.add_argument("--clip", type=_real(), default=None, help="clip the global gradient norm to this value")
+    p.add_argument("--schedule", choices=["constant", "linear"], default="constant",
+                   help="learning rate: constant, or linear from --lr to --lr-end over the steps")
+    p.add_argument("--lr-end", type=_real(positive=False, low=0.0, high=1e300), default=0.0, help="final learning rate of --schedule linear")
+    p.add_argument("--eval-every", type=_count(1), default=1, help="record f every k steps (and after the last)")
+    p.add_argument("--resume", help="start from a step-engine state (.npz written by --save-state)")
+    p.add_argument("--save-state", help="write the final step-engine state (.npz)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--out", required=True, help="output .npz (f_train, f_eval, regime, steps)")
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("classify", help="classify an abc-parametrization")

@@ -34,7 +34,7 @@ particle); stacks of members are (R, F, D); scalars per replica and vector are (
 from __future__ import annotations
 
 import numpy as np
-from scipy.linalg import solve_triangular
+from scipy.linalg import blas
 
 from tpcompiler.training.step import width_limit
 
@@ -282,8 +282,10 @@ class Family:
         F = self.count
         if F == 0:
             return rhs[:, :0]
-        return np.stack([solve_triangular(self.L[r, :F, :F], rhs[r], lower=True, trans=1 if transpose else 0,
-                                          check_finite=False) for r in range(self.alg.R)])
+        # BLAS trsm directly: scipy.linalg.solve_triangular (LAPACK trtrs) costs milliseconds even
+        # for small systems here, and the step engine solves 4 per matrix product
+        return np.stack([blas.dtrsm(1.0, self.L[r, :F, :F], rhs[r], lower=1, trans_a=1 if transpose else 0)
+                         for r in range(self.alg.R)])
 
     def zhat(self, Z: np.ndarray, G: np.ndarray, keep: bool) -> np.ndarray:
         """ZHat^{W_0 z} for the vectors Z (R, N, D), given G = E[Z^{x_j} Z^{z}] (R, F, N) over

@@ -3,7 +3,7 @@
 ``StepEngine(net, abc, method=...)`` derives the step (``training.step.derive_step``) and
 keeps a *state*: every trained tensor as its initial value plus the updates recorded so far.
 
-* input-matrix columns U_j, the readout vectors v_k and trained biases are stored as vectors
+* input-matrix columns U_j and the readout vectors v_k are stored as vectors
   and updated in place (U_j <- U_j + coef sum_b c_bj dA_b touches only the columns j an
   input uses: one-hot and sparse inputs touch only their rows);
 * an n x n matrix is W_t = a_t W_0 + sum_p c_p dy_p x_p^T / n (a_t the product of the weight
@@ -21,8 +21,9 @@ Meaning of the hyper-parameters (the same at every width): the batch loss is the
 the batch's examples; ``weight_decay`` lambda makes every trained tensor p <- (1 - eta n^{-c}
 lambda) p - eta n^{-c} dLoss/dp (``decay_rows="touched"``: only the rows a step touches decay --
 the input-matrix columns its inputs use and, under negative sampling, the sampled readout
-vectors -- as word2vec.c decays the rows it updates; n x n matrices and biases, used by every
-example, decay at every step either way; untrained tensors never decay); ``clip`` scales the loss gradient so that its global norm
+vectors -- as word2vec.c decays the rows it updates; n x n matrices, used by every example,
+decay at every step either way; a frozen input matrix never decays); ``clip`` scales the loss
+gradient so that its global norm
 (all trained tensors, in the parametrization's p coordinates; docs/DESIGN.md 2.4) is at most
 ``clip``.
 """
@@ -180,8 +181,7 @@ class Gradient:
     chi: np.ndarray                      # (R, B, K') weighted loss derivatives (w_b chi_bk)
     outputs: np.ndarray | None           # (B, K') output coordinates (negative sampling) or None
     matrices: dict = field(default_factory=dict)   # W -> list of (x rows, dy rows, x, dy, w (R,B))
-    input_mats: dict = field(default_factory=dict)  # U -> list of (columns idx, C (B, j), dA (R,B,D), w)
-    biases: dict = field(default_factory=dict)      # b -> list of (db (R,B,D), w)
+    input_mats: dict = field(default_factory=dict)  # U -> list of (columns idx, C (B, j), dA (R,B,D))
     loss: np.ndarray | None = None       # (R,) mean loss of the batch
 
     def merged(self, other: "Gradient") -> "Gradient":
@@ -191,7 +191,7 @@ class Gradient:
         out = Gradient(self.B + other.B, _cat_vectors(self.xL, other.xL),
                        _cat_chi(self.chi, other.chi),
                        None if self.outputs is None else np.concatenate([self.outputs, other.outputs]))
-        for name in ("matrices", "input_mats", "biases"):
+        for name in ("matrices", "input_mats"):
             mine, theirs = getattr(self, name), getattr(other, name)
             setattr(out, name, {k: mine.get(k, []) + theirs.get(k, []) for k in set(mine) | set(theirs)})
         out.loss = None if self.loss is None else self.loss + other.loss
@@ -262,6 +262,9 @@ class StepEngine:
             bad = sp_.nonaffine()
             raise ProgramError(f"instruction {bad[0]!r}: not affine in its vectors, so the network is not Gaussian-linear "
                                f"and has no exact limit by coefficients; use method='particles'")
+        if loss == "softmax" and sp_.K < 2:
+            raise ProgramError(f"loss softmax: program {sp_.net.name!r} has one output, and a softmax over one output is "
+                               "constant (zero gradient); use logistic or mse, or a readout with out_dim >= 2")
         if method != "finite":
             sp_.check_limit()
         self.method = method
@@ -289,11 +292,11 @@ class StepEngine:
     # -- state -----------------------------------------------------------------------------
     def _init_state(self, init: dict) -> None:
         """Draw the initial tensors: the initial vectors jointly by the program's covariance
-        (readouts, biases, fixed vectors), then every input matrix's columns (iid N(0, 1)),
+        (readouts, fixed vectors), then every input matrix's columns (iid N(0, 1)),
         then the n x n matrices (finite width only)."""
         sp_, alg = self.program, self.alg
         net = sp_.net
-        keys = list(sp_.readouts) + sp_.biases + sp_.fixed
+        keys = list(sp_.readouts) + sp_.fixed
         cov = initial_covariance(net, keys)
         live = [i for i in range(len(keys)) if cov[i, i] > 0]
         vecs = np.zeros((alg.R, len(keys), alg.D))
@@ -307,6 +310,14 @@ class StepEngine:
                 self.vectors[k] = self._given(init[k], k, (alg.D,))[:, None, :]
         K = sp_.K
         self.readout = np.concatenate([self.vectors.pop(k) for k in sp_.readouts], axis=1)  # (R, K, D)
+        # A readout vector no update has touched is its initial Gaussian; when that is
+        # independent of every initial vector the forward pass reads, E[Z^v Z^x] is exactly
+        # 0 in the limit (muP's f_0 = 0, docs/DESIGN.md 2.8): the limits return 0, not a
+        # particle estimate of it.
+        self.touched = np.zeros(K, dtype=bool)
+        others = sp_.fixed
+        self._independent_readout = not others or not np.any(
+            initial_covariance(net, list(sp_.readouts) + others)[:K, K:])
         self.input_cols = {}
         for U in sp_.input_mats + [u for u in self._input_matrices() if u not in sp_.input_mats]:
             k = net.op(U).k
@@ -353,20 +364,29 @@ class StepEngine:
         xL = env[sp_.readout_vector]
         scale = sp_.sigma_out * alg.n_power(sp_.exponents["f"])
         if outputs is None:
-            return scale * np.swapaxes(alg.gram(self.readout, xL), 1, 2)
-        V = env["__sampled"] = self.readout[:, outputs]    # (R, B, k, D), reused by the backward seed
-        m = min(V.shape[-1], xL.shape[-1])
-        return scale * np.einsum("rbkd,rbd->rbk", V[..., :m], xL[..., :m]) / alg.norm
+            f = scale * np.swapaxes(alg.gram(self.readout, xL), 1, 2)
+            untouched = ~self.touched[None, :]
+        else:
+            V = env["__sampled"] = self.readout[:, outputs]    # (R, B, k, D), reused by the backward seed
+            m = min(V.shape[-1], xL.shape[-1])
+            f = scale * np.einsum("rbkd,rbd->rbk", V[..., :m], xL[..., :m]) / alg.norm
+            untouched = ~self.touched[outputs]
+        if alg.limit and self._independent_readout:
+            f = np.where(untouched[None], 0.0, f)
+        return f
 
     def _gradient(self, X, Y, outputs=None, weight: float | None = None) -> Gradient:
         """The loss gradient of the batch (X, Y) at the current weights; the vectors it reads
         are kept (they are the updates' vectors)."""
-        sp_, alg = self.program, self.alg
+        sp_ = self.program
         X = _as_rows(X, sp_.d, "X")
         B = X.shape[0]
         Y, outputs = self._targets(Y, B, outputs)
         env = self._forward(X, keep=True)
         f = self._outputs(env, outputs)
+        if not np.all(np.isfinite(f)):
+            raise ProgramError(f"step {self.steps_done}: the network output is not finite (training diverged); "
+                               "use a smaller learning rate")
         chi, value = loss_derivative(sp_.loss, f, Y[None])
         w = (1.0 / B) if weight is None else weight
         chi = chi * w
@@ -420,7 +440,7 @@ class StepEngine:
         """Squared global norm of the loss gradient per replica, in the parametrization's p
         coordinates (docs/DESIGN.md 2.4): readout n^{1-2a_o} sum_k |sum_b chi_bk x_b|^2/n,
         W n^{2-2a-2(a_o+b_o)} sum_bb' E[dy dy'] E[x x'], U n^{1-2a_1-2(a_o+b_o)}/scale^2
-        sum_bb' E[dA dA'] c_b.c_b' (biases as U with c = 1)."""
+        sum_bb' E[dA dA'] c_b.c_b'."""
         sp_, alg, ex = self.program, self.alg, self.program.exponents
         total = np.zeros(alg.R)
 
@@ -447,9 +467,6 @@ class StepEngine:
                 for e2 in entries:
                     cc = _col_inner(e1, e2)                # (B1, B2)
                     total += power(ex["norm_U"], U) / scale2 * np.einsum("rbc,bc->r", alg.gram(e1[2], e2[2]), cc)
-        for b, entries in g.biases.items():
-            db = np.concatenate([e[0] for e in entries], axis=1)
-            total += power(ex["norm_U"], b) * alg.gram(db, db).sum(axis=(1, 2))
         return total
 
     def _apply(self, g: Gradient, lr: float) -> None:
@@ -480,8 +497,6 @@ class StepEngine:
                         cols[used[0]] *= keep
                 else:
                     cols *= keep
-            for b in sp_.biases:
-                self.vectors[b] *= keep
             for M in self.mats.values():
                 M.decay *= keep
                 M.pc.buf[:, :M.pc.count] *= keep
@@ -491,11 +506,13 @@ class StepEngine:
         self.readout, xL = alg.align(self.readout, g.xL)
         if g.outputs is None:
             self.readout += np.matmul(np.swapaxes(chi, 1, 2), xL)
+            self.touched[:] = True
         else:
             # v_o += sum over the (b, i) with outputs[b, i] = o of chi_bi x_b: a product with
             # the (distinct outputs x (b, i)) indicator (np.add.at is ~100x slower on long rows)
             flat = g.outputs.ravel()
             uniq, inv = np.unique(flat, return_inverse=True)
+            self.touched[uniq] = True
             B, k = g.outputs.shape
             S = np.zeros((uniq.size, B * k))
             S[inv, np.arange(B * k)] = 1.0
@@ -517,11 +534,6 @@ class StepEngine:
                     cols = self.input_cols[U] = _pad(cols, dA.shape[-1])
                 inc = np.einsum("bj,rbd->jrd", C, dA[..., :cols.shape[-1]]) * c[None, :, None]
                 cols[idx, :, :inc.shape[-1]] += inc
-        for b, entries in g.biases.items():
-            c = -lr * alg.n_power(ex["U"]) * s
-            for (db,) in entries:
-                self.vectors[b], db = alg.align(self.vectors[b], db)
-                self.vectors[b] += c[:, None, None] * db.sum(axis=1, keepdims=True)
         for W, entries in g.matrices.items():
             M = self.mats[W]
             c = -lr * alg.n_power(ex[("W", W)]) * s
@@ -590,7 +602,7 @@ class StepEngine:
 
     @contextlib.contextmanager
     def _restoring(self, families: bool):
-        saved = (self.readout.copy(), {k: v.copy() for k, v in self.input_cols.items()},
+        saved = (self.readout.copy(), self.touched.copy(), {k: v.copy() for k, v in self.input_cols.items()},
                  {k: v.copy() for k, v in self.vectors.items()},
                  {W: (M.decay.copy(), M.pi.count, M.pc.buf[:, :M.pc.count].copy(),
                       {t: s.count for t, s in M.sides.items()}) for W, M in self.mats.items()},
@@ -598,9 +610,9 @@ class StepEngine:
         try:
             yield
         finally:
-            self.readout, self.input_cols, self.vectors = saved[0], saved[1], saved[2]
+            self.readout, self.touched, self.input_cols, self.vectors = saved[:4]
             for W, M in self.mats.items():
-                decay, count, coefs, sides = saved[3][W]
+                decay, count, coefs, sides = saved[4][W]
                 M.decay = decay
                 M.pi.count = M.pj.count = M.pc.count = count
                 M.pc.buf[:, :count] = coefs
@@ -608,7 +620,7 @@ class StepEngine:
                     for t, side in M.sides.items():
                         side.truncate(sides[t])
             if families:
-                self.alg.release(saved[4])
+                self.alg.release(saved[5])
 
     def predict(self, X) -> tuple[np.ndarray, np.ndarray]:
         """(mean, stderr) of f on the rows of X: arrays (N, K); stderr over replicas (0 for exact)."""
@@ -632,7 +644,7 @@ class StepEngine:
     def save(self, path) -> None:
         """The state as .npz: tensors, the matrices' sides and pairs, the random generator and
         a fingerprint of (program, parametrization, loss, method) that ``load`` checks."""
-        arrays = {"readout": self.readout}
+        arrays = {"readout": self.readout, "touched": self.touched}
         for k, v in self.input_cols.items():
             arrays[f"U/{k}"] = v
         for k, v in self.vectors.items():
@@ -659,6 +671,8 @@ class StepEngine:
         """An engine for (net, abc, options) resumed from the checkpoint ``path``."""
         try:
             data = np.load(path, allow_pickle=False)
+            if not isinstance(data, np.lib.npyio.NpzFile) or "meta" not in data.files:
+                raise ValueError("no 'meta' entry: write checkpoints with StepEngine.save or tpc train --save-state")
             meta = json.loads(str(data["meta"]))
         except (OSError, KeyError, ValueError) as exc:
             raise validation.ArgumentError(f"checkpoint {path}: not a step-engine checkpoint ({exc})") from None
@@ -675,6 +689,7 @@ class StepEngine:
         if eng.method == "particles" and data["readout"].shape[-1] != eng.alg.D:
             raise validation.ArgumentError(f"checkpoint {path}: {data['readout'].shape[-1]} particles per group, not {eng.alg.D}")
         eng.readout = data["readout"].copy()
+        eng.touched = data["touched"].copy()
         eng.input_cols = {k: data[f"U/{k}"].copy() for k in eng.input_cols}
         eng.vectors = {k: data[f"vec/{k}"].copy() for k in eng.vectors}
         for W, M in eng.mats.items():
@@ -741,7 +756,7 @@ GRADIENT = RuleTable("step-engine gradient", domain=ops.VECTOR_OPS)
 
 @PASS.register(ops.InitVec)
 def _pass_init_vec(eng: StepEngine, k: str, env: dict, keep: bool) -> np.ndarray:
-    """An initial vector (a fixed one, or a trained bias at its current value)."""
+    """A fixed initial vector."""
     v = eng.vectors[k]
     return np.broadcast_to(v, (v.shape[0], _batch(env), v.shape[2]))
 
@@ -885,16 +900,9 @@ def _value(eng: StepEngine, name: str, env: dict):
     raise ProgramError(f"instruction {name!r}: the step engine cannot read a {type(op).__name__} inside a pass")
 
 
-@GRADIENT.register(ops.Nonlin)
+@GRADIENT.register(ops.Nonlin, ops.InitVec)
 def _no_tensor(eng: StepEngine, k: str, env: dict, g: Gradient) -> None:
-    """No trained tensor."""
-
-
-@GRADIENT.register(ops.InitVec)
-def _bias_gradient(eng: StepEngine, k: str, env: dict, g: Gradient) -> None:
-    """A trained bias b: its gradient vector db (the example weights are in chi)."""
-    if k in eng.program.biases and k in eng.program.grads:
-        g.biases.setdefault(k, []).append((env[eng.program.grads[k]],))
+    """No trained tensor (trained initial vectors other than the readout are refused)."""
 
 
 @GRADIENT.register(ops.InputLayer)

@@ -38,7 +38,7 @@ import sympy as sp
 
 from tpcompiler.ir import ops
 from tpcompiler import validation
-from tpcompiler.compiler import DEFAULT_PARTICLES, compile, graph_of
+from tpcompiler.compiler import DEFAULT_PARTICLES, graph_of
 from tpcompiler.ir.backward import derive_backward, forward_nodes
 from tpcompiler.training.finite import batch_indices
 from tpcompiler.ir.graph import Graph, ProgramError
@@ -50,21 +50,12 @@ from tpcompiler.training.parametrization import ABC
 
 LOSSES = ("mse", "logistic", "softmax")
 
-#: Largest number of SGD steps accepted.  Feature-learning training unrolls every step into
-#: one program (its size grows like steps x inputs), so a further bound applies there
-#: (``MAX_UNROLLED``); kernel-regime training keeps (steps + 1) x inputs trajectories in memory.
+#: Largest number of SGD steps accepted.
 MAX_STEPS = 1_000_000
-STEPS_WHY = "every step is kept in the returned trajectory; feature learning allows far fewer"
-#: Largest steps x (training + evaluation inputs) of feature-learning training.  Measured
-#: unrolling times (1-hidden-layer relu MLP, shared 2-core machine): 10 steps x 8 inputs 9 s,
-#: 20 x 8 43 s, 10 x 16 65 s, 40 x 8 75-150 s: faster than quadratic in steps x inputs, so
-#: 2,000 already means hours.
-MAX_UNROLLED = 2_000
-#: Above this steps x inputs, tpc train warns that the unrolling takes long.
-SLOW_UNROLLED = 100
-UNROLL_TIMES = "measured: 10 steps x 8 inputs 9 s, 20 x 8 43 s, 10 x 16 65 s; faster than quadratic"
+STEPS_WHY = "every step is kept in the returned trajectory"
 #: Largest memory for the returned trajectories (f and its standard error, float64).
 MAX_TRAJECTORY_BYTES = 2 * 2**30
+SCHEDULES = ("constant", "linear")
 
 
 def loss_gradient(loss: str, f: list, y) -> list:
@@ -94,6 +85,12 @@ class SGD:
     loss: str = "mse"
     X_eval: np.ndarray | None = None
     features: bool = False  # also output the last-layer feature kernel on the eval inputs
+    #: the step engine's options (tp.train; the unrolled oracle implements the defaults only)
+    weight_decay: float = 0.0
+    clip: float | None = None
+    schedule: str = "constant"   # or "linear": lr -> lr_end over the steps
+    lr_end: float = 0.0
+    eval_every: int = 1
 
     def __post_init__(self):
         # tpcompiler.validation: the checks tpc train applies too, with the argument named
@@ -113,8 +110,30 @@ class SGD:
             if Y.size and (Y.min() < 0 or Y.max() > 1 or not rows_ok):
                 raise validation.ArgumentError("Y: the softmax loss needs probability rows (entries in [0, 1] "
                                                "summing to 1, e.g. one-hot labels)")
+        self.weight_decay = validation.number(self.weight_decay, "weight_decay")
+        if self.weight_decay < 0:
+            raise validation.ArgumentError(f"weight_decay: must be >= 0, got {self.weight_decay}")
+        self.clip = None if self.clip is None else validation.number(self.clip, "clip", positive=True)
+        if self.schedule not in SCHEDULES:
+            raise validation.ArgumentError(f"schedule: unknown schedule {self.schedule!r}; use one of {', '.join(SCHEDULES)}")
+        self.lr_end = validation.number(self.lr_end, "lr_end")
+        self.eval_every = validation.count(self.eval_every, "eval_every", minimum=1)
         if self.batch is not None and self.X.ndim == 2 and self.batch > self.X.shape[0]:
             raise validation.ArgumentError(f"batch: {self.batch} is larger than the training set (N = {self.X.shape[0]})")
+
+    def rate(self, t: int) -> float:
+        """The learning rate of step t: constant, or linear from lr to lr_end over the steps."""
+        if self.schedule == "constant" or self.steps == 0:
+            return self.lr
+        return self.lr + (self.lr_end - self.lr) * t / self.steps
+
+    def only_plain_sgd(self, what: str) -> None:
+        """Refuse the options that ``what`` does not implement."""
+        extras = [name for name, default in (("weight_decay", 0.0), ("clip", None), ("schedule", "constant"),
+                                             ("eval_every", 1)) if getattr(self, name) != default]
+        if extras:
+            raise validation.ArgumentError(f"{extras[0]}: {what} implements plain SGD only (constant learning rate, "
+                                           "no weight decay or clipping, every step evaluated); use tp.train or tp.StepEngine")
 
 
 def _targets(Y, N: int, K: int) -> np.ndarray:
@@ -481,6 +500,7 @@ def unroll_trajectory(net, abc: ABC, sgd: SGD) -> tuple[Graph, dict[str, "Trajec
     """``unroll`` and the record of its outputs: output name -> ``TrajectoryEntry``."""
     net = graph_of(net)
     _check_abc_sgd(abc, sgd)
+    sgd.only_plain_sgd("the unrolled program")
     unroller = _Unroller(net, abc, sgd)
     return unroller.build().validate(), unroller.trajectory
 
@@ -510,6 +530,7 @@ class TrainResult:
     f_eval_stderr: np.ndarray
     regime: str
     method: str
+    steps: np.ndarray | None = None   # the steps at which f was recorded
 
 
 def _limit_power(e) -> float:
@@ -547,12 +568,15 @@ def training_kernel_graph(net: Graph, abc: ABC) -> Graph:
     return g
 
 
-def train(net, abc: ABC, sgd: SGD, particles: int = DEFAULT_PARTICLES, seed: int = 0, method: str = "auto") -> TrainResult:
-    """The infinite-width trajectory of SGD (docs/DESIGN.md 2.4-2.6), routed by the regime:
-    unstable -> error naming the violated conditions; feature learning -> limit of the
-    unrolled program (exact if Gaussian-linear, else particles); kernel -> kernel gradient
-    descent with the limiting NTK from f_0 = 0 (the mean over initializations); trivial ->
-    f stays at its limit 0."""
+def train(net, abc: ABC, sgd: SGD, particles: int = DEFAULT_PARTICLES, seed: int = 0, method: str = "auto",
+          progress: bool | None = None, resume: str | None = None, save_state: str | None = None) -> TrainResult:
+    """The infinite-width trajectory of SGD (docs/DESIGN.md 2.4-2.6, 2.9), routed by the regime:
+    unstable -> error naming the violated conditions; feature learning -> the step engine
+    (exact if Gaussian-linear, else ``particles`` particles in 10 groups); kernel -> kernel
+    gradient descent with the limiting NTK from f_0 = 0 (the mean over initializations);
+    trivial -> f stays at its limit 0.  f is recorded every ``sgd.eval_every`` steps and after
+    the last one (``TrainResult.steps``).  Feature learning only: ``resume`` starts from a
+    step-engine checkpoint (.npz, ``StepEngine.save``) and ``save_state`` writes the final state."""
     from tpcompiler.training.parametrization import classify
 
     graph = graph_of(net)
@@ -569,38 +593,74 @@ def train(net, abc: ABC, sgd: SGD, particles: int = DEFAULT_PARTICLES, seed: int
     Ne = 0 if sgd.X_eval is None else np.atleast_2d(sgd.X_eval).shape[0]
     K = len(graph.readout.readouts) if graph.readout is not None else 1
     _targets(sgd.Y, N, K)  # both regimes: one row per input, one column per output
-    shape_t, shape_e = (sgd.steps + 1, N, K), (sgd.steps + 1, Ne, K)
-    if cls.regime == "feature learning" and sgd.steps * (N + Ne) > MAX_UNROLLED:
-        raise validation.ArgumentError(
-            f"steps: feature-learning training unrolls every step into one program, and {sgd.steps} steps x "
-            f"{N + Ne} inputs is above the limit {MAX_UNROLLED} (the time grows faster than quadratically, "
-            f"{UNROLL_TIMES.split(': ', 1)[1].split(';')[0]}); use fewer steps or inputs")
-    size = 16 * (sgd.steps + 1) * (N + Ne) * K  # trajectories and their standard errors, float64
+    steps = eval_steps(sgd.steps, sgd.eval_every)
+    shape_t, shape_e = (len(steps), N, K), (len(steps), Ne, K)
+    size = 16 * len(steps) * (N + Ne) * K  # trajectories and their standard errors, float64
     if size > MAX_TRAJECTORY_BYTES:
         raise validation.ArgumentError(
-            f"steps: {sgd.steps} steps x {N + Ne} inputs x {K} outputs need {size / 2**30:.1f} GiB of trajectories "
-            f"(limit {MAX_TRAJECTORY_BYTES / 2**30:.0f} GiB); use fewer steps or inputs")
+            f"steps: {len(steps)} evaluations x {N + Ne} inputs x {K} outputs need {size / 2**30:.1f} GiB of trajectories "
+            f"(limit {MAX_TRAJECTORY_BYTES / 2**30:.0f} GiB); use fewer steps or inputs, or a larger eval_every")
+    if (resume or save_state) and cls.regime != "feature learning":
+        raise validation.ArgumentError(f"{'resume' if resume else 'save_state'}: only feature-learning training keeps a state "
+                                       f"(this parametrization is in the {cls.regime} regime)")
     if cls.regime == "feature learning":
-        g, trajectory = unroll_trajectory(graph, abc, sgd)
-        lim = compile(g).limit(particles=particles, seed=seed, method=method)
-        out = {"train": (np.zeros(shape_t), np.zeros(shape_t)), "eval": (np.zeros(shape_e), np.zeros(shape_e))}
-        for name, at in trajectory.items():  # other outputs: e.g. the feature kernels of SGD(features=True)
-            out[at.split][0][at.t, at.i, at.k], out[at.split][1][at.t, at.i, at.k] = lim[name]
-        method_used = "exact" if all(e == 0 for _, e in lim.values()) else f"particles (M = {particles})"
-        result = TrainResult(out["train"][0], out["eval"][0], out["train"][1], out["eval"][1], cls.regime, method_used)
+        result = _engine_descent(graph, abc, sgd, particles, seed, method, steps, progress, resume, save_state)
     elif cls.regime == "kernel":
         if sgd.loss != "mse":
             raise ProgramError("kernel-regime training is kernel gradient descent of the mean, exact for the squared loss only; use loss mse")
-        result = _kernel_descent(graph, abc, sgd, shape_t, shape_e)
+        if sgd.weight_decay or sgd.clip is not None:
+            raise ProgramError("kernel-regime training runs kernel gradient descent of the mean, which has no weight decay "
+                               "or clipping; train a feature-learning parametrization, or drop weight_decay/clip")
+        result = _kernel_descent(graph, abc, sgd, shape_t, shape_e, steps)
     else:  # trivial: the function does not move and starts at 0
         result = TrainResult(np.zeros(shape_t), np.zeros(shape_e), np.zeros(shape_t), np.zeros(shape_e), cls.regime, "trivial")
+    result.steps = steps
     if K == 1:
         for field_ in ("f_train", "f_eval", "f_train_stderr", "f_eval_stderr"):
             setattr(result, field_, getattr(result, field_)[..., 0])
     return result
 
 
-def _kernel_descent(graph: Graph, abc: ABC, sgd: SGD, shape_t, shape_e) -> TrainResult:
+def eval_steps(steps: int, every: int) -> np.ndarray:
+    """0, k, 2k, ... and the last step."""
+    out = list(range(0, steps + 1, every))
+    if out[-1] != steps:
+        out.append(steps)
+    return np.array(out, dtype=np.int64)
+
+
+def _engine_descent(graph: Graph, abc: ABC, sgd: SGD, particles: int, seed: int, method: str, steps, progress,
+                    resume=None, save_state=None) -> TrainResult:
+    """Feature learning by the step engine (docs/DESIGN.md 2.9)."""
+    from tpcompiler.training.engine import StepEngine
+    from tpcompiler.training.fit import fit
+
+    X = np.atleast_2d(np.asarray(sgd.X, dtype=np.float64))
+    Y = _targets(sgd.Y, X.shape[0], len(graph.readout.readouts))
+    groups = 10 if particles >= 20 else 2
+    options = dict(method=method, loss=sgd.loss, particles=max(particles, 2 * groups), groups=groups,
+                   seed=seed, weight_decay=sgd.weight_decay, clip=sgd.clip)
+    if resume:
+        try:
+            eng = StepEngine.load(resume, graph, abc, **options)
+        except validation.ArgumentError as exc:
+            raise validation.ArgumentError(f"resume: {exc}") from None
+    else:
+        eng = StepEngine(graph, abc, **options)
+    Xe = None if sgd.X_eval is None else np.atleast_2d(np.asarray(sgd.X_eval, dtype=np.float64))
+    hist = fit(eng, X, Y, steps=sgd.steps, lr=sgd.rate, batch=sgd.batch, eval_every=sgd.eval_every,
+               X_eval=Xe, progress=progress, checkpoint=save_state)
+    assert list(hist.steps) == list(steps)
+    K = Y.shape[1]
+    empty = np.zeros((len(steps), 0, K))
+    f_eval = np.array(hist.f_eval) if Xe is not None else empty
+    f_eval_err = np.array(hist.f_eval_stderr) if Xe is not None else empty
+    used = "exact" if eng.method == "exact" else f"particles (M = {eng.alg.R * eng.alg.D}, step engine)"
+    return TrainResult(np.array(hist.f_train), f_eval, np.array(hist.f_train_stderr), f_eval_err,
+                       "feature learning", used)
+
+
+def _kernel_descent(graph: Graph, abc: ABC, sgd: SGD, shape_t, shape_e, steps) -> TrainResult:
     """f_{t+1} = f_t - (eta/B) Theta(., X_B) (f_t(X_B) - Y_B), f_0 = 0 (docs/DESIGN.md 2.4, 2.6)."""
     from tpcompiler.backends.kernels.kernel import KernelFunction
 
@@ -614,8 +674,8 @@ def _kernel_descent(graph: Graph, abc: ABC, sgd: SGD, shape_t, shape_e) -> Train
     for t in range(sgd.steps):
         batch = batch_indices(N, sgd.batch, t)
         chi = f[batch] - Y[batch]
-        f = f - (sgd.lr / len(batch)) * theta[:, batch] @ chi
+        f = f - (sgd.rate(t) / len(batch)) * theta[:, batch] @ chi
         traj.append(f.copy())
-    traj = np.array(traj)
+    traj = np.array(traj)[steps]
     zeros_t, zeros_e = np.zeros(shape_t), np.zeros(shape_e)
     return TrainResult(traj[:, :N], traj[:, N:], zeros_t, zeros_e, "kernel", "kernel gradient descent (exact NTK)")
