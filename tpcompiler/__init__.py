@@ -16,5 +16,8 @@ from tpcompiler.ir.graph import ProgramError
 from tpcompiler.frontend.loader import load
 from tpcompiler.training.parametrization import ABC, classify, named, parse_abc
 from tpcompiler.training.sgd import SGD, TrainResult, train, unroll
+from tpcompiler.training.engine import StepEngine
+from tpcompiler.training.fit import History, fit
+from tpcompiler.training import fit as schedules  # tp.schedules.linear(...), tp.schedules.constant(...)
 
 __version__ = "0.1.0"

@@ -1,0 +1,841 @@
+"""The step engine's runtime (docs/DESIGN.md 2.9): derive one SGD step once, run it many times.
+
+``StepEngine(net, abc, method=...)`` derives the step (``training.step.derive_step``) and
+keeps a *state*: every trained tensor as its initial value plus the updates recorded so far.
+
+* input-matrix columns U_j, the readout vectors v_k and trained biases are stored as vectors
+  and updated in place (U_j <- U_j + coef sum_b c_bj dA_b touches only the columns j an
+  input uses: one-hot and sparse inputs touch only their rows);
+* an n x n matrix is W_t = a_t W_0 + sum_p c_p dy_p x_p^T / n (a_t the product of the weight
+  decay factors), so W_t z = a_t W_0 z + sum_p c_p dy_p E[x_p z] and W_t^T z alike, with
+  W_0 z = ZHat + ZDot in the limits (``training.algebra.Family``) and a matrix product at
+  finite width.
+
+What a vector is -- n coordinates, coefficients over a Gaussian basis, particles -- is the
+algebra's business (``training.algebra``); the step is written once, so the finite-width
+oracle runs the same step as the limits.  A step processes its whole batch at once: forward
+pass, readout f, loss derivatives chi, the backward pass seeded by dx^L = sigma sum_k chi_k
+v_k, then every tensor's update from the weights of that step.
+
+Meaning of the hyper-parameters (the same at every width): the batch loss is the mean over
+the batch's examples; ``weight_decay`` lambda makes every trained tensor p <- (1 - eta n^{-c}
+lambda) p - eta n^{-c} dLoss/dp; ``clip`` scales the loss gradient so that its global norm
+(all trained tensors, in the parametrization's p coordinates; docs/DESIGN.md 2.4) is at most
+``clip``.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+from dataclasses import dataclass, field
+
+import numpy as np
+import scipy.sparse
+
+from tpcompiler import validation
+from tpcompiler.backends.walk import initial_covariance
+from tpcompiler.ir import ops
+from tpcompiler.ir.graph import ProgramError
+from tpcompiler.ir.rules import RuleTable
+from tpcompiler.training.algebra import Exact, Family, Finite, Particles, Rows
+from tpcompiler.training.parametrization import ABC
+from tpcompiler.training.step import LOSSES, SEED, StepProgram, derive_step
+
+METHODS = ("auto", "exact", "particles", "finite")
+DEFAULT_STEP_PARTICLES = 100_000
+DEFAULT_GROUPS = 10
+#: Version of the checkpoint layout.
+CHECKPOINT_VERSION = 1
+
+
+def _sigmoid(x):
+    return 0.5 * (1.0 + np.tanh(0.5 * x))
+
+
+def loss_derivative(loss: str, f: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(chi = dloss/df, loss per example) for outputs f (R, B, K) and targets y (B, K)."""
+    if loss == "mse":
+        chi = f - y
+        return chi, 0.5 * np.sum(chi * chi, axis=-1)
+    if loss in ("logistic", "negative_sampling"):
+        p = _sigmoid(f)
+        value = np.logaddexp(0.0, f) - y * f
+        return p - y, value.sum(axis=-1)
+    if loss == "softmax":
+        z = f - f.max(axis=-1, keepdims=True)
+        e = np.exp(z)
+        p = e / e.sum(axis=-1, keepdims=True)
+        value = -np.sum(y * (z - np.log(e.sum(axis=-1, keepdims=True))), axis=-1)
+        return p - y, value
+    raise ProgramError(f"unknown loss {loss!r}; use one of {', '.join(LOSSES)}")
+
+
+class _Growing:
+    """Append-only arrays along their last axis (pair indices and coefficients)."""
+
+    def __init__(self, lead: tuple = (), dtype=np.float64):
+        self.buf = np.zeros(lead + (16,), dtype=dtype)
+        self.count = 0
+
+    @property
+    def data(self):
+        return self.buf[..., :self.count]
+
+    def extend(self, values: np.ndarray) -> None:
+        n = values.shape[-1]
+        if self.count + n > self.buf.shape[-1]:
+            grown = np.zeros(self.buf.shape[:-1] + (max(2 * self.buf.shape[-1], self.count + n),), dtype=self.buf.dtype)
+            grown[..., :self.count] = self.buf[..., :self.count]
+            self.buf = grown
+        self.buf[..., self.count:self.count + n] = values
+        self.count += n
+
+
+class _Matrix:
+    """State of one n x n matrix: its two sides (vectors multiplied by W, by W^T), the recorded
+    rank-one updates (pairs of rows) and the decay factor of W_0."""
+
+    def __init__(self, alg, sigma: float, W0=None):
+        self.alg, self.sigma = alg, sigma
+        if alg.limit:
+            self.sides = {False: Family(alg, sigma), True: Family(alg, sigma)}
+        else:
+            self.sides = {False: _FiniteSide(alg), True: _FiniteSide(alg)}
+        self.W0 = W0
+        self.decay = np.ones(alg.R)
+        self.pi = _Growing(dtype=np.int64)
+        self.pj = _Growing(dtype=np.int64)
+        self.pc = _Growing((alg.R,))
+
+    def multiply(self, z: np.ndarray, transposed: bool, keep: bool) -> tuple[np.ndarray, np.ndarray]:
+        """(W_t z or W_t^T z, the row indices of z on its side if kept)."""
+        alg = self.alg
+        own, other = self.sides[transposed], self.sides[not transposed]
+        F = own.count
+        G = alg.gram(own.vecs.data, z) if F else np.zeros((alg.R, 0, z.shape[1]))
+        rows = np.arange(F, F + z.shape[1])
+        if alg.limit:
+            base = own.zhat(z, G, keep)
+            if other.count:
+                zdot = other.sigma2 * alg.combine(other.stein(z), other.vecs.data)
+                base, zdot = alg.align(base, zdot)
+                base = base + zdot
+        else:
+            W0 = self.W0
+            base = np.matmul(z, W0) if transposed else np.matmul(z, np.swapaxes(W0, 1, 2))
+            if keep:
+                own.vecs.append(z)
+        out = base * self.decay[:, None, None]
+        if self.pi.count and F:
+            own_idx, other_idx = (self.pj.data, self.pi.data) if transposed else (self.pi.data, self.pj.data)
+            terms = self.pc.data[:, :, None] * G[:, own_idx, :]
+            w = np.zeros((alg.R, other.count, z.shape[1]))
+            np.add.at(w, (slice(None), other_idx), terms)
+            out, upd = alg.align(out, alg.combine(w, other.vecs.data))
+            out = out + upd
+        return out, rows
+
+    def store(self, z: np.ndarray, transposed: bool) -> np.ndarray:
+        """Add z to a side without needing its product (an update vector no matmul read)."""
+        side = self.sides[transposed]
+        F = side.count
+        if self.alg.limit:
+            G = self.alg.gram(side.vecs.data, z) if F else np.zeros((self.alg.R, 0, z.shape[1]))
+            side.zhat(z, G, keep=True)
+        else:
+            side.vecs.append(z)
+        return np.arange(F, F + z.shape[1])
+
+
+class _FiniteSide:
+    def __init__(self, alg):
+        self.vecs = Rows(alg.R, alg.D)
+
+    @property
+    def count(self):
+        return self.vecs.count
+
+    def truncate(self, count):
+        self.vecs.truncate(count)
+
+
+@dataclass
+class Gradient:
+    """The loss gradient of a batch at the current weights, per tensor (before the learning
+    rate): example weights w (R, B) already folded into the vectors' coefficients below."""
+
+    B: int
+    xL: np.ndarray                       # (R, B, D) readout input
+    chi: np.ndarray                      # (R, B, K') weighted loss derivatives (w_b chi_bk)
+    outputs: np.ndarray | None           # (B, K') output coordinates (negative sampling) or None
+    matrices: dict = field(default_factory=dict)   # W -> list of (x rows, dy rows, x, dy, w (R,B))
+    input_mats: dict = field(default_factory=dict)  # U -> list of (columns idx, C (B, j), dA (R,B,D), w)
+    biases: dict = field(default_factory=dict)      # b -> list of (db (R,B,D), w)
+    loss: np.ndarray | None = None       # (R,) mean loss of the batch
+
+    def merged(self, other: "Gradient") -> "Gradient":
+        """The sum of two gradients (first-order MAML's outer gradient over tasks)."""
+        if (self.outputs is None) != (other.outputs is None):
+            raise ProgramError("cannot add gradients of different losses")
+        out = Gradient(self.B + other.B, _cat_vectors(self.xL, other.xL),
+                       _cat_chi(self.chi, other.chi),
+                       None if self.outputs is None else np.concatenate([self.outputs, other.outputs]))
+        for name in ("matrices", "input_mats", "biases"):
+            mine, theirs = getattr(self, name), getattr(other, name)
+            setattr(out, name, {k: mine.get(k, []) + theirs.get(k, []) for k in set(mine) | set(theirs)})
+        out.loss = None if self.loss is None else self.loss + other.loss
+        return out
+
+
+def _cat_vectors(a, b):
+    D = max(a.shape[-1], b.shape[-1])
+    from tpcompiler.training.algebra import _pad
+
+    return np.concatenate([_pad(a, D), _pad(b, D)], axis=1)
+
+
+def _cat_chi(a, b):
+    return np.concatenate([a, b], axis=1)
+
+
+def _as_rows(X, d: int, what: str):
+    """A batch as (B, d) float64: a dense array, or a scipy.sparse CSR matrix kept sparse."""
+    if scipy.sparse.issparse(X):
+        X = scipy.sparse.csr_matrix(X, dtype=np.float64)
+        if X.ndim != 2 or X.shape[1] != d:
+            raise ProgramError(f"{what}: the batch must have {d} columns (the network's input dimension), got shape {X.shape}")
+        if not np.all(np.isfinite(X.data)):
+            raise ProgramError(f"{what} contains NaN or infinite values")
+        return X
+    X = np.asarray(X, dtype=np.float64)
+    if X.ndim == 1:
+        X = X[None, :]
+    if X.ndim != 2 or X.shape[1] != d:
+        raise ProgramError(f"{what}: the batch must be B x {d} (the network's input dimension), got shape {X.shape}")
+    if X.shape[0] == 0:
+        raise ProgramError(f"{what}: the batch is empty")
+    if not np.all(np.isfinite(X)):
+        raise ProgramError(f"{what} contains NaN or infinite values")
+    return X
+
+
+class StepEngine:
+    """Training limits (and finite widths) by repeating one derived step (module docstring).
+
+    ``method``: "exact" (Gaussian-linear templates), "particles" (any template; ``particles``
+    split into ``groups`` independent replicas), "finite" (width ``width``, ``seeds``
+    networks), "auto" (exact when every Nonlin is affine, else particles)."""
+
+    def __init__(self, net, abc: ABC, *, method: str = "auto", loss: str = "mse", width: int | None = None,
+                 seeds: int = 1, particles: int = DEFAULT_STEP_PARTICLES, groups: int = DEFAULT_GROUPS,
+                 seed: int = 0, weight_decay: float = 0.0, clip: float | None = None, init: dict | None = None):
+        from tpcompiler.compiler import graph_of
+
+        if not isinstance(abc, ABC):
+            raise validation.ArgumentError(f"abc: expected a parametrization such as tp.named('mup', depth), got {abc!r}")
+        validation.choice(method, "method", METHODS)
+        validation.choice(loss, "loss", LOSSES)
+        self.seed = validation.count(seed, "seed")
+        self.weight_decay = validation.number(weight_decay, "weight_decay")
+        if self.weight_decay < 0:
+            raise validation.ArgumentError(f"weight_decay: must be >= 0, got {weight_decay}")
+        self.clip = None if clip is None else validation.number(clip, "clip", positive=True)
+        self.program: StepProgram = derive_step(graph_of(net), abc, loss)
+        sp_ = self.program
+        if method == "auto":
+            method = "exact" if sp_.is_gaussian_linear() else "particles"
+        if method == "exact" and not sp_.is_gaussian_linear():
+            bad = sp_.nonaffine()
+            raise ProgramError(f"instruction {bad[0]!r}: not affine in its vectors, so the network is not Gaussian-linear "
+                               f"and has no exact limit by coefficients; use method='particles'")
+        if method != "finite":
+            sp_.check_limit()
+        self.method = method
+        self.rng = np.random.default_rng(self.seed)
+        if method == "finite":
+            if width is None:
+                raise validation.ArgumentError("width: the finite method needs a width n")
+            self.width = validation.count(width, "width", minimum=1)
+            self.alg = Finite(validation.count(seeds, "seeds", minimum=1), self.width, self.rng)
+        elif method == "particles":
+            groups = validation.count(groups, "groups", minimum=2)
+            particles = validation.count(particles, "particles", minimum=2 * groups)
+            self.width = None
+            self.alg = Particles(groups, particles // groups, self.rng)
+        else:
+            self.width = None
+            self.alg = Exact(self.rng)
+        if self.weight_decay and self.alg.limit and sp_.exponents["lr"] > 0:
+            raise ProgramError(f"weight decay: the learning rate grows like n^{sp_.exponents['lr']} under this "
+                               "parametrization (c < 0), so the decay eta n^-c lambda has no limit; use weight_decay=0")
+        self.steps_done = 0
+        self._temporary = 0
+        self._init_state(init or {})
+
+    # -- state -----------------------------------------------------------------------------
+    def _init_state(self, init: dict) -> None:
+        """Draw the initial tensors: the initial vectors jointly by the program's covariance
+        (readouts, biases, fixed vectors), then every input matrix's columns (iid N(0, 1)),
+        then the n x n matrices (finite width only)."""
+        sp_, alg = self.program, self.alg
+        net = sp_.net
+        keys = list(sp_.readouts) + sp_.biases + sp_.fixed
+        cov = initial_covariance(net, keys)
+        live = [i for i in range(len(keys)) if cov[i, i] > 0]
+        vecs = np.zeros((alg.R, len(keys), alg.D))
+        if live:
+            drawn = alg.gaussians(cov[np.ix_(live, live)])
+            vecs = np.zeros((alg.R, len(keys), max(alg.D, drawn.shape[-1])))
+            vecs[:, live, :drawn.shape[-1]] = drawn
+        self.vectors = {k: vecs[:, i:i + 1].copy() for i, k in enumerate(keys)}
+        for k in keys:
+            if k in init:
+                self.vectors[k] = self._given(init[k], k, (alg.D,))[:, None, :]
+        K = sp_.K
+        self.readout = np.concatenate([self.vectors.pop(k) for k in sp_.readouts], axis=1)  # (R, K, D)
+        self.input_cols = {}
+        for U in sp_.input_mats + [u for u in self._input_matrices() if u not in sp_.input_mats]:
+            k = net.op(U).k
+            cols = alg.iid(k)                                   # (R, k, D)
+            if U in init:
+                cols = np.swapaxes(self._given(init[U], U, (alg.D, k)), 1, 2)
+            self.input_cols[U] = np.ascontiguousarray(np.swapaxes(cols, 0, 1))  # (k, R, D)
+        self.mats = {}
+        for W in sp_.matrices:
+            sigma = sp_.sigma_of(W)
+            W0 = None
+            if not alg.limit:
+                W0 = self._given(init[W], W, (alg.D, alg.D)) if W in init else alg.matrix(sigma)
+            self.mats[W] = _Matrix(alg, sigma, W0)
+        unknown = set(init) - set(keys) - set(self.input_cols) - set(self.mats)
+        if unknown:
+            raise validation.ArgumentError(f"init: {sorted(unknown)} are not tensors of program {net.name!r}")
+        if init and alg.limit:
+            raise validation.ArgumentError("init: initial tensors can only be given to the finite method")
+        assert self.readout.shape[1] == K
+
+    def _input_matrices(self) -> list[str]:
+        net = self.program.net
+        return sorted({net.args(k)[0] for k in self.program.input_layers})
+
+    def _given(self, value, key: str, shape: tuple) -> np.ndarray:
+        a = np.asarray(value, dtype=np.float64)
+        if a.shape == shape:
+            a = np.broadcast_to(a, (self.alg.R,) + shape).copy()
+        if a.shape != (self.alg.R,) + shape:
+            raise validation.ArgumentError(f"init[{key!r}]: expected shape {shape} (or {(self.alg.R,) + shape}), got {a.shape}")
+        return a
+
+    # -- the forward and backward passes ------------------------------------------------------
+    def _forward(self, X, keep: bool) -> dict:
+        env = {"__X": X, "__rows": {}, "__cols": {}}
+        for k in self.program.forward:
+            env[k] = PASS(self.program.template.op(k))(self, k, env, keep)
+        return env
+
+    def _outputs(self, env: dict, outputs=None) -> np.ndarray:
+        """f (R, B, K) on the batch of ``env`` (only the coordinates ``outputs`` (B, k) if given)."""
+        sp_, alg = self.program, self.alg
+        xL = env[sp_.readout_vector]
+        scale = sp_.sigma_out * alg.n_power(sp_.exponents["f"])
+        if outputs is None:
+            return scale * np.swapaxes(alg.gram(self.readout, xL), 1, 2)
+        V = self.readout[:, outputs]                       # (R, B, k, D)
+        m = min(V.shape[-1], xL.shape[-1])
+        return scale * np.einsum("rbkd,rbd->rbk", V[..., :m], xL[..., :m]) / alg.norm
+
+    def _gradient(self, X, Y, outputs=None, weight: float | None = None) -> Gradient:
+        """The loss gradient of the batch (X, Y) at the current weights; the vectors it reads
+        are kept (they are the updates' vectors)."""
+        sp_, alg = self.program, self.alg
+        X = _as_rows(X, sp_.d, "X")
+        B = X.shape[0]
+        Y, outputs = self._targets(Y, B, outputs)
+        env = self._forward(X, keep=True)
+        f = self._outputs(env, outputs)
+        chi, value = loss_derivative(sp_.loss, f, Y[None])
+        w = (1.0 / B) if weight is None else weight
+        chi = chi * w
+        # dx^L = sigma sum_k chi_k v_k, with the example weights folded in
+        if outputs is None:
+            seed = sp_.sigma_out * np.matmul(chi, self.readout)
+        else:
+            seed = sp_.sigma_out * np.einsum("rbk,rbkd->rbd", chi, self.readout[:, outputs])
+        env[SEED] = seed
+        for k in sp_.backward:
+            env[k] = PASS(sp_.template.op(k))(self, k, env, True)
+        grad = Gradient(B, env[sp_.readout_vector], chi, outputs, loss=value.mean(axis=1))
+        for k in sp_.forward:
+            GRADIENT(sp_.template.op(k))(self, k, env, grad)
+        return grad
+
+    def _targets(self, Y, B: int, outputs):
+        sp_ = self.program
+        Y = np.asarray(Y, dtype=np.float64)
+        if sp_.loss == "negative_sampling":
+            if outputs is None:
+                raise ProgramError("negative_sampling: give outputs=(B, k) output coordinates and Y (B, k) labels 0/1")
+            outputs = np.asarray(outputs)
+            if outputs.ndim == 1:
+                outputs = outputs[None, :]
+            if outputs.shape[0] != B or not np.issubdtype(outputs.dtype, np.integer):
+                raise ProgramError(f"outputs: need an integer array with one row per example (B = {B}), got {outputs.shape} {outputs.dtype}")
+            if outputs.size and (outputs.min() < 0 or outputs.max() >= sp_.K):
+                raise ProgramError(f"outputs: coordinates must be in 0..{sp_.K - 1} (the network has K = {sp_.K} outputs)")
+            Y = Y.reshape(outputs.shape) if Y.size == outputs.size else Y
+            if Y.shape != outputs.shape:
+                raise ProgramError(f"Y: negative sampling needs one label per sampled output, shape {outputs.shape}, got {Y.shape}")
+            validation.binary_targets(Y, "Y")
+            return Y, outputs
+        if outputs is not None:
+            raise ProgramError(f"outputs: only the negative_sampling loss reads a subset of outputs, not {sp_.loss!r}")
+        if Y.ndim <= 1:
+            Y = Y.reshape(B, -1) if Y.size == B * sp_.K else Y
+        if Y.ndim != 2 or Y.shape != (B, sp_.K):
+            raise ProgramError(f"Y: targets must be B x K = {B} x {sp_.K} (one row per example, one column per output), got shape {np.shape(Y)}")
+        if not np.all(np.isfinite(Y)):
+            raise ProgramError("Y contains NaN or infinite values")
+        if sp_.loss == "logistic":
+            validation.binary_targets(Y, "Y")
+        if sp_.loss == "softmax" and (Y.min() < 0 or np.abs(Y.sum(axis=1) - 1).max() > 1e-6):
+            raise ProgramError("Y: the softmax loss needs probability rows (entries >= 0 summing to 1, e.g. one-hot labels)")
+        return Y, None
+
+    # -- updates ------------------------------------------------------------------------------
+    def _norm2(self, g: Gradient) -> np.ndarray:
+        """Squared global norm of the loss gradient per replica, in the parametrization's p
+        coordinates (docs/DESIGN.md 2.4): readout n^{1-2a_o} sum_k |sum_b chi_bk x_b|^2/n,
+        W n^{2-2a-2(a_o+b_o)} sum_bb' E[dy dy'] E[x x'], U n^{1-2a_1-2(a_o+b_o)}/scale^2
+        sum_bb' E[dA dA'] c_b.c_b' (biases as U with c = 1)."""
+        sp_, alg, ex = self.program, self.alg, self.program.exponents
+        total = np.zeros(alg.R)
+
+        def power(e, what):
+            if e > 0:
+                raise ProgramError(f"clip: the gradient norm of {what} grows like n^{e} under this parametrization; "
+                                   "clipping has no limit here")
+            return alg.n_power(e)
+
+        Gx = alg.gram(g.xL, g.xL)                       # (R, B, B)
+        if g.outputs is None:
+            CC = np.matmul(g.chi, np.swapaxes(g.chi, 1, 2))
+        else:
+            same = (g.outputs[:, :, None, None] == g.outputs[None, None, :, :])      # (B, k, B, k)
+            CC = np.einsum("rbi,bicj,rcj->rbc", g.chi, same, g.chi)
+        total += power(ex["norm_v"], "the readout") * np.einsum("rbc,rbc->r", CC, Gx)
+        for W, entries in g.matrices.items():
+            x = np.concatenate([_pad_to(e[2], entries) for e in entries], axis=1)
+            dy = np.concatenate([_pad_to(e[3], entries) for e in entries], axis=1)
+            total += power(ex[("norm_W", W)], W) * np.einsum("rbc,rbc->r", alg.gram(x, x), alg.gram(dy, dy))
+        for U, entries in g.input_mats.items():
+            scale2 = sp_.scale_of(U) ** 2
+            for e1 in entries:
+                for e2 in entries:
+                    cc = _col_inner(e1, e2)                # (B1, B2)
+                    total += power(ex["norm_U"], U) / scale2 * np.einsum("rbc,bc->r", alg.gram(e1[2], e2[2]), cc)
+        for b, entries in g.biases.items():
+            db = np.concatenate([e[0] for e in entries], axis=1)
+            total += power(ex["norm_U"], b) * alg.gram(db, db).sum(axis=(1, 2))
+        return total
+
+    def _apply(self, g: Gradient, lr: float) -> None:
+        """p <- (1 - lr n^-c lambda) p - lr n^-c s dLoss/dp for every trained tensor, s the
+        clipping factor (module docstring)."""
+        sp_, alg, ex = self.program, self.alg, self.program.exponents
+        s = np.ones(alg.R)
+        if self.clip is not None:
+            norm = np.sqrt(np.maximum(self._norm2(g), 0.0))
+            s = np.minimum(1.0, self.clip / np.maximum(norm, 1e-300))
+        if self.weight_decay:
+            keep = 1.0 - lr * alg.n_power(ex["lr"]) * self.weight_decay
+            self.readout *= keep
+            for cols in self.input_cols.values():
+                cols *= keep
+            for v in self.vectors.values():
+                v *= keep
+            for M in self.mats.values():
+                M.decay *= keep
+                M.pc.buf[:, :M.pc.count] *= keep
+        # readout
+        coef = -lr / sp_.sigma_out * alg.n_power(ex["v"]) * s
+        chi = g.chi * coef[:, None, None]
+        self.readout, xL = alg.align(self.readout, g.xL)
+        if g.outputs is None:
+            self.readout += np.matmul(np.swapaxes(chi, 1, 2), xL)
+        else:
+            B, k = g.outputs.shape
+            contrib = chi[..., None] * xL[:, :, None, :]            # (R, B, k, D)
+            np.add.at(self.readout, (slice(None), g.outputs.ravel()), contrib.reshape(alg.R, B * k, -1))
+        # input matrices
+        for U, entries in g.input_mats.items():
+            if U not in sp_.input_mats:
+                continue
+            c = -lr / sp_.scale_of(U) ** 2 * alg.n_power(ex["U"]) * s
+            for idx, C, dA in entries:
+                cols = self.input_cols[U]
+                if dA.shape[-1] > cols.shape[-1]:
+                    from tpcompiler.training.algebra import _pad
+
+                    cols = self.input_cols[U] = _pad(cols, dA.shape[-1])
+                inc = np.einsum("bj,rbd->jrd", C, dA[..., :cols.shape[-1]]) * c[None, :, None]
+                cols[idx, :, :inc.shape[-1]] += inc
+        for b, entries in g.biases.items():
+            c = -lr * alg.n_power(ex["U"]) * s
+            for (db,) in entries:
+                self.vectors[b], db = alg.align(self.vectors[b], db)
+                self.vectors[b] += c[:, None, None] * db.sum(axis=1, keepdims=True)
+        for W, entries in g.matrices.items():
+            M = self.mats[W]
+            c = -lr * alg.n_power(ex[("W", W)]) * s
+            for i_rows, j_rows, _x, _dy, w in entries:
+                M.pi.extend(i_rows)
+                M.pj.extend(j_rows)
+                M.pc.extend(c[:, None] * w)
+
+    # -- public API -------------------------------------------------------------------------
+    def step(self, X, Y, lr: float, outputs=None) -> np.ndarray:
+        """One SGD step on the batch (rows of X, targets Y); returns the batch loss per replica
+        before the step."""
+        lr = validation.number(lr, "lr")
+        if lr < 0:
+            raise validation.ArgumentError(f"lr: must be >= 0, got {lr}")
+        g = self._gradient(X, Y, outputs)
+        self._apply(g, lr)
+        if not self._temporary:
+            self.steps_done += 1
+        return g.loss
+
+    def maml_step(self, tasks, inner_lr: float, outer_lr: float, inner_steps: int = 1) -> np.ndarray:
+        """First-order MAML (docs/DESIGN.md 2.9): per task (Xs, Ys, Xq, Yq), ``inner_steps`` SGD
+        steps on the support set from the current weights (undone afterwards), then the
+        query-loss gradient at the adapted weights; the outer update applies the SUM of the
+        tasks' query gradients (clipped to ``clip`` if set) with ``outer_lr``.  Returns the
+        mean query loss per replica."""
+        inner_lr = validation.number(inner_lr, "inner_lr")
+        outer_lr = validation.number(outer_lr, "outer_lr")
+        inner_steps = validation.count(inner_steps, "inner_steps")
+        tasks = list(tasks)
+        if not tasks:
+            raise validation.ArgumentError("tasks: a meta-batch needs at least one task")
+        total = None
+        for i, task in enumerate(tasks):
+            if len(task) != 4:
+                raise validation.ArgumentError(f"tasks[{i}]: expected (X_support, Y_support, X_query, Y_query)")
+            Xs, Ys, Xq, Yq = task
+            with self._restoring(families=False):
+                for _ in range(inner_steps):
+                    self._apply(self._gradient(Xs, Ys), inner_lr)
+                g = self._gradient(Xq, Yq)
+            total = g if total is None else total.merged(g)
+        self._apply(total, outer_lr)
+        self.steps_done += 1
+        return total.loss / len(tasks)
+
+    @contextlib.contextmanager
+    def temporary(self):
+        """Steps taken inside the block are undone when it ends (test-time adaptation)."""
+        with self._restoring(families=True):
+            self._temporary += 1
+            try:
+                yield self
+            finally:
+                self._temporary -= 1
+
+    @contextlib.contextmanager
+    def _restoring(self, families: bool):
+        saved = (self.readout.copy(), {k: v.copy() for k, v in self.input_cols.items()},
+                 {k: v.copy() for k, v in self.vectors.items()},
+                 {W: (M.decay.copy(), M.pi.count, M.pc.buf[:, :M.pc.count].copy(),
+                      {t: s.count for t, s in M.sides.items()}) for W, M in self.mats.items()},
+                 self.alg.mark())
+        try:
+            yield
+        finally:
+            self.readout, self.input_cols, self.vectors = saved[0], saved[1], saved[2]
+            for W, M in self.mats.items():
+                decay, count, coefs, sides = saved[3][W]
+                M.decay = decay
+                M.pi.count = M.pj.count = M.pc.count = count
+                M.pc.buf[:, :count] = coefs
+                if families:
+                    for t, side in M.sides.items():
+                        side.truncate(sides[t])
+            if families:
+                self.alg.release(saved[4])
+
+    def predict(self, X) -> tuple[np.ndarray, np.ndarray]:
+        """(mean, stderr) of f on the rows of X: arrays (N, K); stderr over replicas (0 for exact)."""
+        X = _as_rows(X, self.program.d, "X")
+        with self._restoring(families=True):
+            f = self._outputs(self._forward(X, keep=True))
+        return _mean_stderr(f)
+
+    def features(self, X, node: str | None = None) -> np.ndarray:
+        """F (R, N, D) with E[Z^{node(x_i)} Z^{node(x_j)}] = F[r, i] . F[r, j] (averaged over r)."""
+        X = _as_rows(X, self.program.d, "X")
+        node = node or self.program.readout_vector
+        if node not in self.program.forward:
+            raise validation.ArgumentError(f"node: {node!r} is not a vector of the forward pass "
+                                           f"({', '.join(self.program.forward)})")
+        with self._restoring(families=True):
+            V = self._forward(X, keep=True)[node]
+        return self.alg.features(V)
+
+    # -- checkpoints ----------------------------------------------------------------------------
+    def save(self, path) -> None:
+        """The state as .npz: tensors, the matrices' sides and pairs, the random generator and
+        a fingerprint of (program, parametrization, loss, method) that ``load`` checks."""
+        arrays = {"readout": self.readout}
+        for k, v in self.input_cols.items():
+            arrays[f"U/{k}"] = v
+        for k, v in self.vectors.items():
+            arrays[f"vec/{k}"] = v
+        for W, M in self.mats.items():
+            arrays[f"W/{W}/decay"] = M.decay
+            arrays[f"W/{W}/pi"], arrays[f"W/{W}/pj"], arrays[f"W/{W}/pc"] = M.pi.data, M.pj.data, M.pc.data
+            if M.W0 is not None:
+                arrays[f"W/{W}/W0"] = M.W0
+            for t, side in M.sides.items():
+                arrays[f"W/{W}/{int(t)}/vecs"] = side.vecs.data
+                if self.alg.limit:
+                    arrays[f"W/{W}/{int(t)}/noise"] = side.noise.data
+                    arrays[f"W/{W}/{int(t)}/L"] = side.L[:, :side.count, :side.count]
+        meta = {"version": CHECKPOINT_VERSION, "fingerprint": self.program.fingerprint, "method": self.method,
+                "width": self.width, "R": self.alg.R, "D": self.alg.D, "steps_done": self.steps_done,
+                "rng": self.rng.bit_generator.state, "weight_decay": self.weight_decay, "clip": self.clip}
+        arrays["meta"] = np.array(json.dumps(meta))
+        np.savez(path, **arrays)
+
+    @classmethod
+    def load(cls, path, net, abc: ABC, **options) -> "StepEngine":
+        """An engine for (net, abc, options) resumed from the checkpoint ``path``."""
+        try:
+            data = np.load(path, allow_pickle=False)
+            meta = json.loads(str(data["meta"]))
+        except (OSError, KeyError, ValueError) as exc:
+            raise validation.ArgumentError(f"checkpoint {path}: not a step-engine checkpoint ({exc})") from None
+        eng = cls(net, abc, **options)
+        if meta.get("version") != CHECKPOINT_VERSION:
+            raise validation.ArgumentError(f"checkpoint {path}: layout version {meta.get('version')}, expected {CHECKPOINT_VERSION}")
+        if meta["fingerprint"] != eng.program.fingerprint:
+            raise validation.ArgumentError(f"checkpoint {path}: it was written for another program, parametrization or loss "
+                                           f"(fingerprint {meta['fingerprint']} != {eng.program.fingerprint})")
+        if meta["method"] != eng.method or meta["width"] != eng.width or meta["R"] != eng.alg.R:
+            raise validation.ArgumentError(
+                f"checkpoint {path}: written by method {meta['method']!r} (width {meta['width']}, {meta['R']} replicas), "
+                f"not {eng.method!r} (width {eng.width}, {eng.alg.R} replicas)")
+        if eng.method == "particles" and data["readout"].shape[-1] != eng.alg.D:
+            raise validation.ArgumentError(f"checkpoint {path}: {data['readout'].shape[-1]} particles per group, not {eng.alg.D}")
+        eng.readout = data["readout"].copy()
+        eng.input_cols = {k: data[f"U/{k}"].copy() for k in eng.input_cols}
+        eng.vectors = {k: data[f"vec/{k}"].copy() for k in eng.vectors}
+        for W, M in eng.mats.items():
+            M.decay = data[f"W/{W}/decay"].copy()
+            M.pi, M.pj, M.pc = _Growing(dtype=np.int64), _Growing(dtype=np.int64), _Growing((eng.alg.R,))
+            M.pi.extend(data[f"W/{W}/pi"])
+            M.pj.extend(data[f"W/{W}/pj"])
+            M.pc.extend(data[f"W/{W}/pc"])
+            if M.W0 is not None:
+                M.W0 = data[f"W/{W}/W0"].copy()
+            for t, side in M.sides.items():
+                vecs = data[f"W/{W}/{int(t)}/vecs"]
+                side.vecs = Rows(eng.alg.R, vecs.shape[-1])
+                if vecs.shape[1]:
+                    side.vecs.append(vecs)
+                if eng.alg.limit:
+                    side.noise = Rows(eng.alg.R, vecs.shape[-1])
+                    noise = data[f"W/{W}/{int(t)}/noise"]
+                    if noise.shape[1]:
+                        side.noise.append(noise)
+                    side.L = np.zeros((eng.alg.R, 8, 8))
+                    side._grow(vecs.shape[1])
+                    side.L[:, :vecs.shape[1], :vecs.shape[1]] = data[f"W/{W}/{int(t)}/L"]
+        eng.alg.D = int(meta["D"])
+        eng.steps_done = int(meta["steps_done"])
+        eng.rng.bit_generator.state = meta["rng"]
+        return eng
+
+
+def _pad_to(v, entries):
+    from tpcompiler.training.algebra import _pad
+
+    D = max(e[2].shape[-1] for e in entries)
+    D = max(D, max(e[3].shape[-1] for e in entries))
+    return _pad(v, D)
+
+
+def _col_inner(e1, e2) -> np.ndarray:
+    """c_b . c_b' of two input-matrix gradient entries (idx, C, dA): (B1, B2)."""
+    idx1, C1, _ = e1
+    idx2, C2, _ = e2
+    common, i1, i2 = np.intersect1d(idx1, idx2, return_indices=True)
+    return C1[:, i1] @ C2[:, i2].T
+
+
+def _mean_stderr(f: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Mean and standard error over replicas of (R, N, K) values."""
+    R = f.shape[0]
+    mean = f.mean(axis=0)
+    if R < 2:
+        return mean, np.zeros_like(mean)
+    return mean, f.std(axis=0, ddof=1) / np.sqrt(R)
+
+
+# ---------------------------------------------------------------------------------------------
+# One rule per instruction: its value in a pass (forward or backward) and the gradient entry
+# it contributes (docs/DESIGN.md 2.9).
+# ---------------------------------------------------------------------------------------------
+#: rule(engine, key, env, keep) -> the vector (R, B, D) of instruction ``key`` in this pass.
+PASS = RuleTable("step-engine pass", domain=ops.VECTOR_OPS)
+#: rule(engine, key, env, gradient) -> adds the gradient entry of the tensor ``key`` reads.
+GRADIENT = RuleTable("step-engine gradient", domain=ops.VECTOR_OPS)
+
+
+@PASS.register(ops.InitVec)
+def _pass_init_vec(eng: StepEngine, k: str, env: dict, keep: bool) -> np.ndarray:
+    """An initial vector (a fixed one, or a trained bias at its current value)."""
+    v = eng.vectors[k]
+    return np.broadcast_to(v, (v.shape[0], _batch(env), v.shape[2]))
+
+
+def _batch(env: dict) -> int:
+    return env["__X"].shape[0]
+
+
+def _columns(eng: StepEngine, k: str, X) -> tuple[np.ndarray, np.ndarray]:
+    """(column indices j, weights C (B, j)) of the input layer ``k`` on the batch X:
+    A(x) = sum_j C_j U_j with C_j = s_i / sqrt(norm) for the i-th scalar s_i on column j."""
+    net = eng.program.net
+    op = net.op(k)
+    U, *scalars = net.args(k)
+    kU = net.op(U).k
+    params = eng.program.params
+    sparse = scipy.sparse.issparse(X)
+    const = np.zeros(kU)
+    index_of = {key: i for i, key in enumerate(eng.program.inputs)}
+    dense_map = np.zeros((X.shape[1], kU))
+    for col, s in zip(op.columns, scalars):
+        if s in index_of:
+            dense_map[index_of[s], col] += 1.0 / np.sqrt(op.norm)
+        else:
+            const[col] += params[s] / np.sqrt(op.norm)
+    if sparse:
+        C = (X @ scipy.sparse.csr_matrix(dense_map)).tocsr()
+        if np.any(const):
+            C = scipy.sparse.csr_matrix(C.toarray() + const)
+        idx = np.unique(C.indices)
+        return idx, np.asarray(C[:, idx].todense())
+    C = X @ dense_map + const
+    idx = np.flatnonzero(np.any(C != 0, axis=0))
+    return idx, C[:, idx]
+
+
+@PASS.register(ops.InputLayer)
+def _pass_input_layer(eng: StepEngine, k: str, env: dict, keep: bool) -> np.ndarray:
+    """A(x) = sum_j C_j U_j over the columns the batch uses."""
+    idx, C = _columns(eng, k, env["__X"])
+    env["__cols"][k] = (idx, C)
+    U = eng.program.net.args(k)[0]
+    cols = eng.input_cols[U][idx]                        # (j, R, D)
+    return np.einsum("bj,jrd->rbd", C, cols)
+
+
+@PASS.register(ops.MatMul)
+def _pass_matmul(eng: StepEngine, k: str, env: dict, keep: bool) -> np.ndarray:
+    """W_t z (or W_t^T z): a_t W_0 z + the recorded updates (module docstring)."""
+    W, z, tr = eng.program.template.matmul_parts(k)
+    out, rows = eng.mats[W].multiply(env[z], tr, keep)
+    if keep:
+        env["__rows"][(W, tr, z)] = rows
+    return out
+
+
+@PASS.register(ops.Nonlin)
+def _pass_nonlin(eng: StepEngine, k: str, env: dict, keep: bool) -> np.ndarray:
+    """phi of the arguments, coordinatewise (finite width, particles); for the exact algebra
+    the affine map on coefficients: const * 1 + sum_i c_i x_i."""
+    low = eng.program.lowered[k]
+    values = [_value(eng, name, env) for name in low.names]
+    if eng.alg.kind != "exact":
+        out = low.fn(*values)
+        B = _batch(env)
+        return np.broadcast_to(out, (eng.alg.R, B, eng.alg.D)) if np.ndim(out) < 3 else out
+    alg = eng.alg
+    const_fn, has_const = low.const
+    terms = []
+    if has_const:
+        terms.append(np.asarray(const_fn(*values)).reshape(-1, 1) * alg.constant(_batch(env))[0][None])
+    for vec, fn in low.coefs:
+        c = np.asarray(fn(*values), dtype=np.float64)
+        terms.append(_coef_shape(c) * env[vec])
+    terms = alg.align(*terms)
+    out = terms[0]
+    for t in terms[1:]:
+        out = out + t
+    return np.broadcast_to(out, (1, _batch(env), out.shape[-1])) if out.shape[1] != _batch(env) else out
+
+
+def _coef_shape(c: np.ndarray) -> np.ndarray:
+    """A scalar coefficient (float, or per example (1, B, 1) from input coordinates)."""
+    return c if c.ndim == 3 else c.reshape(-1, 1) if c.ndim == 1 else c
+
+
+def _value(eng: StepEngine, name: str, env: dict):
+    """The value of a Nonlin argument: a vector of this pass, a Param, an input coordinate
+    (per example), or a power of n."""
+    if name in env:
+        return env[name]
+    sp_ = eng.program
+    if name in sp_.params:
+        return sp_.params[name]
+    op = sp_.template.op(name)
+    if isinstance(op, ops.Input):
+        X = env["__X"]
+        col = X[:, op.index]
+        col = np.asarray(col.todense()).ravel() if scipy.sparse.issparse(X) else col
+        return col[None, :, None]
+    if isinstance(op, ops.WidthPower):
+        return eng.alg.n_power(op.exponent)
+    raise ProgramError(f"instruction {name!r}: the step engine cannot read a {type(op).__name__} inside a pass")
+
+
+@GRADIENT.register(ops.Nonlin)
+def _no_tensor(eng: StepEngine, k: str, env: dict, g: Gradient) -> None:
+    """No trained tensor."""
+
+
+@GRADIENT.register(ops.InitVec)
+def _bias_gradient(eng: StepEngine, k: str, env: dict, g: Gradient) -> None:
+    """A trained bias b: its gradient vector db (the example weights are in chi)."""
+    if k in eng.program.biases and k in eng.program.grads:
+        g.biases.setdefault(k, []).append((env[eng.program.grads[k]],))
+
+
+@GRADIENT.register(ops.InputLayer)
+def _input_matrix_gradient(eng: StepEngine, k: str, env: dict, g: Gradient) -> None:
+    """Layer A = sum_j C_j U_j: the entry (columns, C, dA)."""
+    U = eng.program.net.args(k)[0]
+    if U in eng.program.input_mats and k in eng.program.grads:
+        idx, C = env["__cols"][k]
+        g.input_mats.setdefault(U, []).append((idx, C, env[eng.program.grads[k]]))
+
+
+@GRADIENT.register(ops.MatMul)
+def _matrix_gradient(eng: StepEngine, k: str, env: dict, g: Gradient) -> None:
+    """Use y = W x: the pair (x on W's side, dy on W^T's side); for y = W^T x the roles swap.
+    A dy that no backward matmul read is added to its side now."""
+    sp_ = eng.program
+    W, x, tr = sp_.template.matmul_parts(k)
+    if W not in sp_.hidden or k not in sp_.grads:
+        return
+    dy_key = sp_.grads[k]
+    rows = env["__rows"]
+    x_rows = rows[(W, tr, x)]
+    dy_rows = rows.get((W, not tr, dy_key))
+    if dy_rows is None:
+        dy_rows = eng.mats[W].store(env[dy_key], not tr)
+        rows[(W, not tr, dy_key)] = dy_rows
+    i_rows, j_rows = (dy_rows, x_rows) if tr else (x_rows, dy_rows)
+    w = np.full((eng.alg.R, len(x_rows)), 1.0)
+    # the example weights already sit in dy (the backward pass is linear in chi)
+    g.matrices.setdefault(W, []).append((i_rows, j_rows, env[x], env[dy_key], w))
