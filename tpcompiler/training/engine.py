@@ -37,7 +37,7 @@ from tpcompiler.backends.walk import initial_covariance
 from tpcompiler.ir import ops
 from tpcompiler.ir.graph import ProgramError
 from tpcompiler.ir.rules import RuleTable
-from tpcompiler.training.algebra import Exact, Family, Finite, Particles, Rows
+from tpcompiler.training.algebra import Exact, Family, Finite, Particles, Rows, _pad
 from tpcompiler.training.parametrization import ABC
 from tpcompiler.training.step import LOSSES, SEED, StepProgram, derive_step
 
@@ -270,6 +270,7 @@ class StepEngine:
                                "parametrization (c < 0), so the decay eta n^-c lambda has no limit; use weight_decay=0")
         self.steps_done = 0
         self._temporary = 0
+        self._column_maps: dict = {}   # input layer -> (dense_map, const), see _column_map
         self._init_state(init or {})
 
     # -- state -----------------------------------------------------------------------------
@@ -429,21 +430,24 @@ class StepEngine:
             total += power(ex[("norm_W", W)], W) * np.einsum("rbc,rbc->r", alg.gram(x, x), alg.gram(dy, dy))
         for U, entries in g.input_mats.items():
             scale2 = sp_.scale_of(U) ** 2
-            for e1 in entries:
-                for e2 in entries:
-                    cc = _col_inner(e1, e2)                # (B1, B2)
-                    total += power(ex["norm_U"], U) / scale2 * np.einsum("rbc,bc->r", alg.gram(e1[2], e2[2]), cc)
+            # all entries at once: C_all (sum B, k_U) sparse, rows of every entry's C placed on its
+            # columns, so C_all C_all^T holds every pair's c_b . c_b' (one product, not a loop over pairs)
+            C_all = scipy.sparse.vstack([_sparse_columns(e, sp_.net.op(U).k) for e in entries]).tocsr()
+            cc = (C_all @ C_all.T).toarray()
+            D = max(e[2].shape[-1] for e in entries)
+            dA = np.concatenate([_pad(e[2], D) for e in entries], axis=1)
+            total += power(ex["norm_U"], U) / scale2 * np.einsum("rbc,bc->r", alg.gram(dA, dA), cc)
         for b, entries in g.biases.items():
             db = np.concatenate([e[0] for e in entries], axis=1)
             total += power(ex["norm_U"], b) * alg.gram(db, db).sum(axis=(1, 2))
         return total
 
-    def _apply(self, g: Gradient, lr: float) -> None:
+    def _apply(self, g: Gradient, lr: float, clip: bool = True) -> None:
         """p <- (1 - lr n^-c lambda) p - lr n^-c s dLoss/dp for every trained tensor, s the
-        clipping factor (module docstring)."""
+        clipping factor (module docstring; s = 1 when ``clip`` is False)."""
         sp_, alg, ex = self.program, self.alg, self.program.exponents
         s = np.ones(alg.R)
-        if self.clip is not None:
+        if self.clip is not None and clip:
             norm = np.sqrt(np.maximum(self._norm2(g), 0.0))
             s = np.minimum(1.0, self.clip / np.maximum(norm, 1e-300))
         if self.weight_decay:
@@ -509,7 +513,8 @@ class StepEngine:
         """First-order MAML (docs/DESIGN.md 2.9): per task (Xs, Ys, Xq, Yq), ``inner_steps`` SGD
         steps on the support set from the current weights (undone afterwards), then the
         query-loss gradient at the adapted weights; the outer update applies the SUM of the
-        tasks' query gradients (clipped to ``clip`` if set) with ``outer_lr``.  Returns the
+        tasks' query gradients (clipped to ``clip`` if set; the inner steps are not clipped)
+        with ``outer_lr``.  Returns the
         mean query loss per replica."""
         inner_lr = validation.number(inner_lr, "inner_lr")
         outer_lr = validation.number(outer_lr, "outer_lr")
@@ -524,7 +529,8 @@ class StepEngine:
             Xs, Ys, Xq, Yq = task
             with self._restoring(families=False):
                 for _ in range(inner_steps):
-                    self._apply(self._gradient(Xs, Ys), inner_lr)
+                    # the inner steps are not clipped: ``clip`` bounds the meta-gradient only (TP4's MAML)
+                    self._apply(self._gradient(Xs, Ys), inner_lr, clip=False)
                 g = self._gradient(Xq, Yq)
             total = g if total is None else total.merged(g)
         self._apply(total, outer_lr)
@@ -664,12 +670,12 @@ def _pad_to(v, entries):
     return _pad(v, D)
 
 
-def _col_inner(e1, e2) -> np.ndarray:
-    """c_b . c_b' of two input-matrix gradient entries (idx, C, dA): (B1, B2)."""
-    idx1, C1, _ = e1
-    idx2, C2, _ = e2
-    common, i1, i2 = np.intersect1d(idx1, idx2, return_indices=True)
-    return C1[:, i1] @ C2[:, i2].T
+def _sparse_columns(entry, k: int):
+    """An input-matrix gradient entry (idx, C, dA)'s weights as a sparse (B, k) matrix: row b
+    holds C[b] on the columns idx (the other columns are 0)."""
+    idx, C, _ = entry
+    B, J = C.shape
+    return scipy.sparse.csr_matrix((C.ravel(), np.tile(np.asarray(idx), B), np.arange(0, B * J + 1, J)), shape=(B, k))
 
 
 def _mean_stderr(f: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -702,23 +708,34 @@ def _batch(env: dict) -> int:
     return env["__X"].shape[0]
 
 
-def _columns(eng: StepEngine, k: str, X) -> tuple[np.ndarray, np.ndarray]:
-    """(column indices j, weights C (B, j)) of the input layer ``k`` on the batch X:
-    A(x) = sum_j C_j U_j with C_j = s_i / sqrt(norm) for the i-th scalar s_i on column j."""
+def _column_map(eng: StepEngine, k: str) -> tuple[np.ndarray, np.ndarray]:
+    """(dense_map (d, k_U), const (k_U,)) of the input layer ``k``: C = X dense_map + const.
+    Built once per layer (a loop over the layer's scalars) and kept on the engine."""
+    cached = eng._column_maps.get(k)
+    if cached is not None:
+        return cached
     net = eng.program.net
     op = net.op(k)
     U, *scalars = net.args(k)
     kU = net.op(U).k
     params = eng.program.params
-    sparse = scipy.sparse.issparse(X)
     const = np.zeros(kU)
     index_of = {key: i for i, key in enumerate(eng.program.inputs)}
-    dense_map = np.zeros((X.shape[1], kU))
+    dense_map = np.zeros((len(eng.program.inputs), kU))
     for col, s in zip(op.columns, scalars):
         if s in index_of:
             dense_map[index_of[s], col] += 1.0 / np.sqrt(op.norm)
         else:
             const[col] += params[s] / np.sqrt(op.norm)
+    eng._column_maps[k] = (dense_map, const)
+    return dense_map, const
+
+
+def _columns(eng: StepEngine, k: str, X) -> tuple[np.ndarray, np.ndarray]:
+    """(column indices j, weights C (B, j)) of the input layer ``k`` on the batch X:
+    A(x) = sum_j C_j U_j with C_j = s_i / sqrt(norm) for the i-th scalar s_i on column j."""
+    dense_map, const = _column_map(eng, k)
+    sparse = scipy.sparse.issparse(X)
     if sparse:
         C = (X @ scipy.sparse.csr_matrix(dense_map)).tocsr()
         if np.any(const):
