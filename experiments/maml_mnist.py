@@ -246,15 +246,32 @@ def tp_program_module():
     return mod
 
 
-def make_engine(width, seed: int, d=D, K=WAYS):
-    """tp.StepEngine for TP4's network: method "exact" for width "inf", else "finite" at width n."""
+def engine_options(width, seed: int) -> dict:
+    """tp.StepEngine options for TP4's network: method "exact" for width "inf", else "finite" at width n."""
+    kw = dict(method="exact") if width == "inf" else dict(method="finite", width=int(width), seeds=1)
+    return dict(loss="softmax", seed=seed, **kw)
+
+
+def make_engine(width, seed: int, d=D, K=WAYS, clip=CLIP):
+    """(engine, program module, network): the meta-training engine, clipping at ``clip``."""
     import tpcompiler as tp
     if not hasattr(tp, "StepEngine"):
         raise UsageError("this tpcompiler has no tp.StepEngine (the step engine); only --width nngp|ntk can run")
     ml = tp_program_module()
     net = ml.build(d=d, K=K, sigma_u=SIGMA_U, sigma_v=SIGMA_V, bias=True, bias_alpha=BIAS_ALPHA)
-    kw = dict(method="exact") if width == "inf" else dict(method="finite", width=int(width), seeds=1)
-    return tp.StepEngine(net, ml.parametrization(), loss="softmax", seed=seed, clip=CLIP, **kw), ml
+    return tp.StepEngine(net, ml.parametrization(), clip=clip, **engine_options(width, seed)), ml, net
+
+
+def unclipped(eng, ml, net, width, seed: int):
+    """The same state in an engine without clipping, for test-time adaptation (TP4 clips the
+    meta-gradient only): a checkpoint written by ``eng`` and read back with clip=None."""
+    import tempfile
+
+    import tpcompiler as tp
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "meta_trained.npz"
+        eng.save(path)
+        return tp.StepEngine.load(path, net, ml.parametrization(), clip=None, **engine_options(width, seed))
 
 
 def engine_task(ml, task, K=WAYS):
@@ -338,9 +355,13 @@ def run(args) -> dict:
         acc = kernel_baseline(data, tasks, args.width)
         meta_steps = 0
     else:
-        eng, ml = make_engine(args.width, args.seed)
+        eng, ml, net = make_engine(args.width, args.seed)
+        t1 = time.time()
         meta_train(eng, ml, data, np.random.default_rng([args.seed, 1]), args.meta_steps, not args.quiet)
-        acc = engine_accuracy(eng, ml, tasks, progress=not args.quiet)
+        result["meta_train_seconds"] = round(time.time() - t1, 1)
+        t1 = time.time()
+        acc = engine_accuracy(unclipped(eng, ml, net, args.width, args.seed), ml, tasks, progress=not args.quiet)
+        result["test_seconds"] = round(time.time() - t1, 1)
         meta_steps = args.meta_steps
     result.update({"accuracy_1step": acc[1], "accuracy_20step": acc[20], "tasks": len(tasks),
                    "meta_steps": meta_steps, "seconds": round(time.time() - t0, 1)})
