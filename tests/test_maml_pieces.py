@@ -268,3 +268,98 @@ def test_oracle_wide_network_approaches_tp4_exact_limit():
         errs.append(np.abs(tp4_forward(P, Xe, alpha) - f_lim).max())
     # the error shrinks like n^{-1/2} (measured ratio 0.095 for n 400 -> 40000)
     assert errs[1] < 0.2 * errs[0] and errs[1] < 0.06 * np.abs(f_lim).max()
+
+
+# ------------------------------------------------------------------------------------------
+# the step engine against the oracle
+# ------------------------------------------------------------------------------------------
+D_, K_, SU, SV, ALPHA = 4, 5, 1.0, 0.5, 0.8
+
+
+def engine_form(tasks):
+    """Oracle tasks (x, one-hot) in the engine's coordinates xi = sqrt(d) x."""
+    return [(ml.engine_inputs(a), b, ml.engine_inputs(c), e) for a, b, c, e in tasks]
+
+
+def finite_pair(n, seed=0, clip=0.5):
+    """TP4's width-n network and the engine's finite network from the same Omega."""
+    Om = np.random.default_rng(seed).standard_normal((n, D_ + K_))
+    P = {"W1": SU * Om[:, :D_] / math.sqrt(n), "b": np.zeros(n), "W2": SV * Om[:, D_:].T / math.sqrt(n)}
+    init = {"U": Om[:, :D_], "beta": np.zeros(n), **{f"v_{k + 1}": Om[:, D_ + k] for k in range(K_)}}
+    net = ml.build(d=D_, K=K_, sigma_u=SU, sigma_v=SV, bias=True, bias_alpha=ALPHA)
+    eng = tp.StepEngine(net, ml.parametrization(), method="finite", width=n, loss="softmax", clip=clip, init=init)
+    return P, eng, net
+
+
+def test_engine_finite_width_is_tp4_network():
+    """The map of programs/maml_linear.py: same Omega -> the same logits after first-order MAML
+    meta-steps with clipping (active here: the summed gradients have norm > 0.5)."""
+    P, eng, _ = finite_pair(7)
+    rng = np.random.default_rng(8)
+    Xe = rng.normal(size=(6, D_))
+    np.testing.assert_allclose(eng.predict(ml.engine_inputs(Xe))[0], tp4_forward(P, Xe, ALPHA), atol=1e-14)
+    for _ in range(3):
+        tasks = toy_tasks(rng, 4, D_, K_)
+        P = tp4_maml_step(P, tasks, 0.4, 0.3, 0.5, ALPHA)
+        eng.maml_step(engine_form(tasks), inner_lr=0.4, outer_lr=0.3)
+    f = tp4_forward(P, Xe, ALPHA)
+    assert np.abs(f).max() > 0.1
+    np.testing.assert_allclose(eng.predict(ml.engine_inputs(Xe))[0], f, atol=1e-13)
+
+
+def test_engine_exact_limit_is_tp4_width_d_plus_K_construction():
+    """The engine's exact limit (derived from the template) equals TP4's own construction of
+    the limit, the width-(d+K) network W1 = [su I; 0], W2 = [0, sv I], to rounding."""
+    net = ml.build(d=D_, K=K_, sigma_u=SU, sigma_v=SV, bias=True, bias_alpha=ALPHA)
+    eng = tp.StepEngine(net, ml.parametrization(), method="exact", loss="softmax", clip=0.5)
+    lim = tp4_limit_init(D_, K_, SU, SV)
+    rng = np.random.default_rng(9)
+    Xe = rng.normal(size=(6, D_))
+    for _ in range(3):
+        tasks = toy_tasks(rng, 4, D_, K_)
+        lim = tp4_maml_step(lim, tasks, 0.4, 0.3, 0.5, ALPHA)
+        eng.maml_step(engine_form(tasks), inner_lr=0.4, outer_lr=0.3)
+    f = tp4_forward(lim, Xe, ALPHA)
+    assert np.abs(f).max() > 0.05
+    np.testing.assert_allclose(eng.predict(ml.engine_inputs(Xe))[0], f, atol=1e-13)
+
+
+def test_evaluation_adapts_without_clipping_and_restores():
+    """engine_accuracy on an unclipped copy (mm.unclipped) = the oracle's accuracy after 1 and
+    3 plain SGD steps per task; the meta-trained weights are unchanged afterwards."""
+    P, eng, net = finite_pair(6, seed=1, clip=1e-3)
+    rng = np.random.default_rng(10)
+    tasks = []
+    for _ in range(8):
+        Xs, Xq = rng.normal(size=(K_, D_)), rng.normal(size=(K_, D_))
+        ys, yq = rng.permutation(K_), rng.permutation(K_)
+        tasks.append(mm.Task(Xs, ys, Xq, yq, np.arange(K_), np.zeros((K_, 2), dtype=int)))
+    ev = mm.unclipped(eng, ml, net, 6, 0)
+    assert ev.clip is None and eng.clip == 1e-3
+    Xe = ml.engine_inputs(rng.normal(size=(3, D_)))
+    before = ev.predict(Xe)[0]
+    got = mm.engine_accuracy(ev, ml, tasks, steps=3, report=(1, 3), progress=False)
+    np.testing.assert_array_equal(ev.predict(Xe)[0], before)
+    want = {1: 0.0, 3: 0.0}
+    for t in tasks:
+        Q = P
+        for s in range(1, 4):
+            Q = tp4_sgd(Q, tp4_loss_grads(Q, t.Xs, np.eye(K_)[t.ys], ALPHA)[1], 0.4)
+            if s in want:
+                want[s] += float((tp4_forward(Q, t.Xq, ALPHA).argmax(1) == t.yq).mean()) / len(tasks)
+    assert got == pytest.approx(want, abs=1e-12)
+
+
+# ------------------------------------------------------------------------------------------
+# command line
+# ------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("argv", [
+    ["--width", "foo", "--json", "x.json"], ["--width", "0", "--json", "x.json"],
+    ["--width", "8", "--seed", "-1", "--json", "x.json"], ["--width", "8"],
+    ["--width", "8", "--json", "/no/such/dir/x.json"], ["--width", "inf", "--test-tasks", "0", "--json", "x.json"],
+])
+def test_bad_arguments_are_one_line_errors(argv, capsys, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert mm.main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("maml_mnist.py: error: ") and err.count("\n") == 1 and "Traceback" not in err
