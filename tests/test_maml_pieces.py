@@ -291,6 +291,18 @@ def finite_pair(n, seed=0, clip=0.5):
     return P, eng, net
 
 
+def meta_train_both(P, eng, rng, Xe, moved, steps=3):
+    """``steps`` meta-steps (4 random tasks, inner 0.4, outer 0.3, clip 0.5) of the oracle from
+    P and of the engine; their logits on Xe must agree (and have moved by more than ``moved``)."""
+    for _ in range(steps):
+        tasks = toy_tasks(rng, 4, D_, K_)
+        P = tp4_maml_step(P, tasks, 0.4, 0.3, 0.5, ALPHA)
+        eng.maml_step(engine_form(tasks), inner_lr=0.4, outer_lr=0.3)
+    f = tp4_forward(P, Xe, ALPHA)
+    assert np.abs(f).max() > moved
+    np.testing.assert_allclose(eng.predict(ml.engine_inputs(Xe))[0], f, atol=1e-13)
+
+
 def test_engine_finite_width_is_tp4_network():
     """The map of programs/maml_linear.py: same Omega -> the same logits after first-order MAML
     meta-steps with clipping (active here: the summed gradients have norm > 0.5)."""
@@ -298,13 +310,7 @@ def test_engine_finite_width_is_tp4_network():
     rng = np.random.default_rng(8)
     Xe = rng.normal(size=(6, D_))
     np.testing.assert_allclose(eng.predict(ml.engine_inputs(Xe))[0], tp4_forward(P, Xe, ALPHA), atol=1e-14)
-    for _ in range(3):
-        tasks = toy_tasks(rng, 4, D_, K_)
-        P = tp4_maml_step(P, tasks, 0.4, 0.3, 0.5, ALPHA)
-        eng.maml_step(engine_form(tasks), inner_lr=0.4, outer_lr=0.3)
-    f = tp4_forward(P, Xe, ALPHA)
-    assert np.abs(f).max() > 0.1
-    np.testing.assert_allclose(eng.predict(ml.engine_inputs(Xe))[0], f, atol=1e-13)
+    meta_train_both(P, eng, rng, Xe, moved=0.1)
 
 
 def test_engine_exact_limit_is_tp4_width_d_plus_K_construction():
@@ -315,13 +321,7 @@ def test_engine_exact_limit_is_tp4_width_d_plus_K_construction():
     lim = tp4_limit_init(D_, K_, SU, SV)
     rng = np.random.default_rng(9)
     Xe = rng.normal(size=(6, D_))
-    for _ in range(3):
-        tasks = toy_tasks(rng, 4, D_, K_)
-        lim = tp4_maml_step(lim, tasks, 0.4, 0.3, 0.5, ALPHA)
-        eng.maml_step(engine_form(tasks), inner_lr=0.4, outer_lr=0.3)
-    f = tp4_forward(lim, Xe, ALPHA)
-    assert np.abs(f).max() > 0.05
-    np.testing.assert_allclose(eng.predict(ml.engine_inputs(Xe))[0], f, atol=1e-13)
+    meta_train_both(lim, eng, rng, Xe, moved=0.05)
 
 
 def test_evaluation_adapts_without_clipping_and_restores():
