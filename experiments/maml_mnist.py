@@ -28,7 +28,9 @@ weights (first-order MAML); the 32 gradients are summed, clipped to global norm 
 applied by SGD with meta learning rate 0.1; 2000 meta-steps.  Evaluation: on each meta-test
 task, from the meta-trained weights, 20 SGD steps of 0.4 on the support set; accuracy is the
 fraction of correct query predictions (argmax of the logits) after 1 and after 20 steps,
-averaged over the 2000 tasks.  The meta-trained weights are restored after every task.
+averaged over the 2000 tasks.  The meta-trained weights are restored after every task.  Only
+the meta-gradient is clipped (as in TP4): adaptation runs in an unclipped copy of the
+meta-trained engine, and maml_step's inner steps are unclipped.
 
 Kernel baselines.  In the kernel regime a network's function moves by kernel gradient
 descent with a kernel Theta that training never changes:
