@@ -80,6 +80,14 @@ class Rows:
         self.count += N
         return idx
 
+    def reserve(self, extra: int) -> None:
+        """Capacity for ``extra`` more rows."""
+        need = self.count + extra
+        if need > self.buf.shape[1]:
+            grown = np.zeros((self.buf.shape[0], need, self.buf.shape[2]))
+            grown[:, :self.count] = self.buf[:, :self.count]
+            self.buf = grown
+
     def truncate(self, count: int) -> None:
         self.count = count
 
@@ -306,10 +314,15 @@ class Family:
             return np.zeros((self.alg.R, 0, Z.shape[1]))
         return self._solve(self.alg.gram(self.noise.data, Z), transpose=True)
 
-    def _grow(self, F: int) -> None:
+    def reserve(self, extra: int) -> None:
+        self.vecs.reserve(extra)
+        self.noise.reserve(extra)
+        self._grow(self.count + extra, exact=True)
+
+    def _grow(self, F: int, exact: bool = False) -> None:
         cap = self.L.shape[1]
         if F > cap:
-            new = max(2 * cap, F)
+            new = F if exact else max(2 * cap, F)
             grown = np.zeros((self.alg.R, new, new))
             grown[:, :cap, :cap] = self.L
             self.L = grown

@@ -114,25 +114,30 @@ class _Matrix:
         F = own.count
         G = alg.gram(own.vecs.data, z) if F else np.zeros((alg.R, 0, z.shape[1]))
         rows = np.arange(F, F + z.shape[1])
-        if alg.limit:
-            base = own.zhat(z, G, keep)
-            if other.count:
-                zdot = other.sigma2 * alg.combine(other.stein(z), other.vecs.data)
-                base, zdot = alg.align(base, zdot)
-                base = base + zdot
-        else:
-            W0 = self.W0
-            base = np.matmul(z, W0) if transposed else np.matmul(z, np.swapaxes(W0, 1, 2))
-            if keep:
-                own.vecs.append(z)
-        out = base * self.decay[:, None, None]
+        # coefficients on the other side's vectors: ZDot (limits) and the recorded updates,
+        # combined in one pass over that side's history
+        w = None
+        if alg.limit and other.count:
+            w = other.sigma2 * self.decay[:, None, None] * other.stein(z)
         if self.pi.count and F:
             own_idx, other_idx = (self.pj.data, self.pi.data) if transposed else (self.pi.data, self.pj.data)
             terms = self.pc.data[:, :, None] * G[:, own_idx, :]
-            w = np.zeros((alg.R, other.count, z.shape[1]))
-            np.add.at(w, (slice(None), other_idx), terms)
-            out, upd = alg.align(out, alg.combine(w, other.vecs.data))
-            out = out + upd
+            if w is None:
+                w = np.zeros((alg.R, other.count, z.shape[1]))
+            if len(np.unique(other_idx)) == len(other_idx):
+                w[:, other_idx] += terms
+            else:
+                np.add.at(w, (slice(None), other_idx), terms)
+        if alg.limit:
+            out = own.zhat(z, G, keep) * self.decay[:, None, None]
+        else:
+            W0 = self.W0
+            out = (np.matmul(z, W0) if transposed else np.matmul(z, np.swapaxes(W0, 1, 2))) * self.decay[:, None, None]
+            if keep:
+                own.vecs.append(z)
+        if w is not None:
+            out, part = alg.align(out, alg.combine(w, other.vecs.data))
+            out = out + part
         return out, rows
 
     def store(self, z: np.ndarray, transposed: bool) -> np.ndarray:
@@ -150,6 +155,9 @@ class _Matrix:
 class _FiniteSide:
     def __init__(self, alg):
         self.vecs = Rows(alg.R, alg.D)
+
+    def reserve(self, extra: int) -> None:
+        self.vecs.reserve(extra)
 
     @property
     def count(self):
@@ -496,6 +504,15 @@ class StepEngine:
                 M.pj.extend(j_rows)
                 M.pc.extend(c[:, None] * w)
 
+    def reserve(self, examples: int) -> None:
+        """Room for the vectors of ``examples`` more training examples on every matrix side
+        (avoids regrowing the history arrays when the number of steps is known)."""
+        tpl = self.program.template
+        for k in self.program.forward + self.program.backward:
+            if isinstance(tpl.op(k), ops.MatMul):
+                W, _, tr = tpl.matmul_parts(k)
+                self.mats[W].sides[tr].reserve(examples)
+
     # -- public API -------------------------------------------------------------------------
     def step(self, X, Y, lr: float, outputs=None) -> np.ndarray:
         """One SGD step on the batch (rows of X, targets Y); returns the batch loss per replica
@@ -573,7 +590,7 @@ class StepEngine:
         """(mean, stderr) of f on the rows of X: arrays (N, K); stderr over replicas (0 for exact)."""
         X = _as_rows(X, self.program.d, "X")
         with self._restoring(families=True):
-            f = self._outputs(self._forward(X, keep=True))
+            f = self._outputs(self._forward(X, keep=self.program.forward_reuses_a_matrix))
         return _mean_stderr(f)
 
     def features(self, X, node: str | None = None) -> np.ndarray:
@@ -584,7 +601,7 @@ class StepEngine:
             raise validation.ArgumentError(f"node: {node!r} is not a vector of the forward pass "
                                            f"({', '.join(self.program.forward)})")
         with self._restoring(families=True):
-            V = self._forward(X, keep=True)[node]
+            V = self._forward(X, keep=self.program.forward_reuses_a_matrix)[node]
         return self.alg.features(V)
 
     # -- checkpoints ----------------------------------------------------------------------------

@@ -156,6 +156,9 @@ def fit(engine, X, Y=None, *, steps: int | None = None, lr=0.1, batch: int | Non
             history.f_eval.append(m)
             history.f_eval_stderr.append(e)
 
+    if arrays:
+        B = X.shape[0] if batch is None else batch
+        engine.reserve(steps * B)
     t = 0
     with progress_bar(steps, progress, f"train ({engine.method})") as bar:
         if eval_every:

@@ -130,6 +130,13 @@ class StepProgram:
     def d(self) -> int:
         return len(self.inputs)
 
+    @property
+    def forward_reuses_a_matrix(self) -> bool:
+        """Whether one forward pass multiplies by the same matrix side twice (an RNN): then an
+        evaluation must keep its first product as a family member while it draws the second."""
+        uses = [self.template.matmul_parts(k)[::2] for k in self.forward if isinstance(self.template.op(k), ops.MatMul)]
+        return len(uses) != len(set(uses))
+
     def check_limit(self) -> None:
         """Refuse a parametrization under which the output or an update grows with n: it has
         no infinite-width limit (finite widths run it as it is)."""

@@ -1,0 +1,331 @@
+"""The step engine (docs/DESIGN.md 2.9) against its oracles.
+
+* exact: the unrolled program's exact limit (tp.unroll + compile(...).limit(method="exact")), to 1e-12,
+  on the bundled Gaussian-linear training programs and on deep linear networks (n x n
+  matrices: ZHat and ZDot by the family machinery);
+* finite: the independent hand-written trainer of training/finite.py (same initial weights), to 1e-12;
+* particles: the unrolled program's particle limit within the standard errors, and finite
+  widths converging to it like n^-1/2 (the Master theorem's prediction; ZDot non-zero).
+"""
+import importlib.util
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import tpcompiler as tp
+from tpcompiler import validation
+from tpcompiler.ir.graph import ProgramError
+from tpcompiler.training import finite
+from tpcompiler.training.engine import StepEngine
+
+PROGRAMS = Path(__file__).resolve().parent.parent / "programs"
+
+
+def _module(name):
+    spec = importlib.util.spec_from_file_location(name, PROGRAMS / f"{name}.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def _mlp(depth, phi="tanh", w_std=1.0, d=3):
+    return tp.load(PROGRAMS / "mlp.py", depth=depth, phi=phi, w_std=w_std, b_std=None, d=d)
+
+
+def _engine_trajectory(eng, X, Y, Xe, steps, lr, batch=None):
+    """f on X and Xe after t = 0..steps steps of the cyclic batch schedule: (T+1, N, K) twice,
+    with standard errors."""
+    f, fe, s, se = [], [], [], []
+    for t in range(steps + 1):
+        m, e = eng.predict(X)
+        f.append(m), s.append(e)
+        if Xe is not None and len(Xe):
+            m, e = eng.predict(Xe)
+            fe.append(m), se.append(e)
+        if t < steps:
+            idx = finite.batch_indices(len(X), batch, t)
+            eng.step(X[idx], Y[idx], lr)
+    return np.array(f), np.array(fe), np.array(s), np.array(se)
+
+
+def _unrolled(net, abc, X, Y, Xe, steps, lr, batch=None, loss="mse", **limit):
+    g, traj = tp.training.sgd.unroll_trajectory(net.graph, abc, tp.SGD(X, Y, steps=steps, lr=lr, batch=batch,
+                                                                        loss=loss, X_eval=Xe))
+    lim = tp.compile(g).limit(**limit)
+    K = Y.shape[1]
+    out = {s: np.zeros((steps + 1, n, K, 2)) for s, n in (("train", len(X)), ("eval", 0 if Xe is None else len(Xe)))}
+    for name, at in traj.items():
+        out[at.split][at.t, at.i, at.k] = lim[name]
+    return out
+
+
+# -- exact ------------------------------------------------------------------------------------
+def test_exact_engine_is_the_unrolled_limit_of_linear_net():
+    ln = _module("linear_net")
+    X, Y, Xe = ln.default_data(3, 2, 3, 2)
+    net, abc = ln.network(3, 2, 1.0), tp.named("mup", 1)
+    ref = _unrolled(net, abc, X, Y, Xe, 3, 0.5, method="exact")
+    f, fe, s, _ = _engine_trajectory(StepEngine(net, abc, method="exact"), X, Y, Xe, 3, 0.5)
+    np.testing.assert_allclose(f, ref["train"][..., 0], atol=1e-12, rtol=0)
+    np.testing.assert_allclose(fe, ref["eval"][..., 0], atol=1e-12, rtol=0)
+    assert np.all(s == 0)
+
+
+@pytest.mark.parametrize("depth,batch", [(2, None), (3, 2)])
+def test_exact_engine_is_the_unrolled_limit_of_deep_linear_networks(depth, batch):
+    """n x n matrices: every forward and backward product needs ZHat (block Cholesky over the
+    family) and ZDot (Stein over the transposed family); the exact algebra makes both exact."""
+    X, Y, Xe = _module("mup_mlp").default_data(3, 2, 3)
+    Y = Y[:, None]
+    net, abc = _mlp(depth, "identity"), tp.named("mup", depth)
+    ref = _unrolled(net, abc, X, Y, Xe, 3, 0.7, batch=batch, method="exact")
+    f, fe, _, _ = _engine_trajectory(StepEngine(net, abc, method="exact"), X, Y, Xe, 3, 0.7, batch)
+    np.testing.assert_allclose(f, ref["train"][..., 0], atol=1e-12, rtol=0)
+    np.testing.assert_allclose(fe, ref["eval"][..., 0], atol=1e-12, rtol=0)
+    assert np.abs(f[-1]).max() > 0.1  # it trained
+
+
+def test_exact_engine_is_the_unrolled_limit_of_word2vec():
+    """programs/word2vec.py's network and data (softmax cross-entropy, one-hot inputs)."""
+    w2v = _module("word2vec")
+    V, steps, lr = 4, 2, 2.0
+    p = tp.Program("word2vec")
+    h = p.input_layer("U", p.input("w", V), sigma=1.0).named("h")
+    p.readout(h, sigma=1.0, out_dim=V)
+    data = w2v.pairs(V)
+    X, Y = np.eye(V)[[w for w, _ in data]], np.eye(V)[[c for _, c in data]]
+    abc = tp.named("mup", 1)
+    ref = _unrolled(p, abc, X, Y, None, steps, lr, loss="softmax", method="exact")
+    f, _, _, _ = _engine_trajectory(StepEngine(p, abc, method="exact", loss="softmax"), X, Y, None, steps, lr)
+    np.testing.assert_allclose(f, ref["train"][..., 0], atol=1e-12, rtol=0)
+
+
+# -- finite width -------------------------------------------------------------------------------
+def _finite_init(P, abc, n, w_std, depth):
+    a, b = [float(x) for x in abc.a], [float(x) for x in abc.b]
+    init = {"U": P.weights[0] * n ** (-a[0]) / w_std}
+    for l in range(2, depth + 1):
+        init[f"W{l}"] = P.weights[l - 1] * n ** (-a[l - 1])
+    init["v"] = P.weights[-1][0] * n ** b[-1] / w_std
+    return init
+
+
+@pytest.mark.parametrize("depth,batch,param,w_std", [(2, None, "mup", 1.0), (3, 2, "mup", 1.3), (2, 1, "ntp", 1.0)])
+def test_finite_engine_is_the_reference_network(depth, batch, param, w_std):
+    """At width n the engine's step is SGD of the network of docs/DESIGN.md 2.6, whose
+    independent implementation (hand-written backpropagation) is training/finite.py."""
+    n = 64
+    X, Y, Xe = _module("mup_mlp").default_data(3, 2, 3)
+    abc = tp.named(param, depth)
+    a, b = [float(x) for x in abc.a], [float(x) for x in abc.b]
+    ref = finite.train_mlp(X, Y, depth=depth, phi="tanh", w_std=w_std, a=a, b=b, c=float(abc.c), lr=0.7,
+                           steps=4, width=n, seed=3, batch=batch, X_eval=Xe)
+    P = finite.init_params(3, n, depth, w_std=w_std, b=b, seed=3)
+    eng = StepEngine(_mlp(depth, "tanh", w_std), abc, method="finite", width=n,
+                     init=_finite_init(P, abc, n, w_std, depth))
+    f, fe, _, _ = _engine_trajectory(eng, X, Y[:, None], Xe, 4, 0.7, batch)
+    np.testing.assert_allclose(f[..., 0], ref.f_train, atol=1e-12, rtol=0)
+    np.testing.assert_allclose(fe[..., 0], ref.f_eval, atol=1e-12, rtol=0)
+
+
+# -- particles ----------------------------------------------------------------------------------
+def test_particle_engine_agrees_with_the_unrolled_particle_limit():
+    """programs/mup_mlp.py's defaults (depth 2 tanh, 2 steps, 2 inputs, 1 eval input)."""
+    X, Y, Xe = _module("mup_mlp").default_data(2, 1, 3)
+    Y = Y[:, None]
+    net, abc = _mlp(2), tp.named("mup", 2)
+    ref = _unrolled(net, abc, X, Y, Xe, 2, 1.0, particles=100_000, seed=1, method="particles")
+    f, fe, s, se = _engine_trajectory(StepEngine(net, abc, method="particles", particles=100_000, seed=2),
+                                      X, Y, Xe, 2, 1.0)
+    for mine, err, theirs in ((f, s, ref["train"]), (fe, se, ref["eval"])):
+        z = (mine[..., 0] - theirs[..., 0, 0]) / np.hypot(err[..., 0], theirs[..., 0, 1])
+        assert np.all(np.abs(z[1:]) < 4), z
+        assert np.abs(mine[-1]).min() > 0.1
+
+
+def test_finite_widths_converge_to_the_particle_limit():
+    """Master theorem (docs/DESIGN.md 4): RMS over seeds of (finite - limit) falls like n^-1/2
+    and the seed mean at the top width agrees with the limit; depth 3 tanh muP after 3 steps,
+    where the ZDot terms of both hidden matrices are non-zero."""
+    X, Y, Xe = _module("mup_mlp").default_data(2, 1, 3)
+    Y = Y[:, None]
+    net, abc = _mlp(3), tp.named("mup", 3)
+    lim_eng = StepEngine(net, abc, method="particles", particles=200_000, seed=5)
+    for t in range(3):
+        lim_eng.step(X, Y, 1.0)
+    lim, lim_err = lim_eng.predict(np.vstack([X, Xe]))
+    widths, seeds = [64, 256, 1024], 8
+    rms, means, errs = [], [], []
+    for n in widths:
+        eng = StepEngine(net, abc, method="finite", width=n, seeds=seeds, seed=11)
+        for t in range(3):
+            eng.step(X, Y, 1.0)
+        with eng._restoring(families=True):
+            per_seed = eng._outputs(eng._forward(np.vstack([X, Xe]), keep=False))[..., 0]   # (seeds, N)
+        rms.append(np.sqrt(np.mean((per_seed - lim[:, 0]) ** 2)))
+        means.append(per_seed.mean(axis=0))
+        errs.append(per_seed.std(axis=0, ddof=1) / np.sqrt(seeds))
+    slope = np.polyfit(np.log(widths), np.log(rms), 1)[0]
+    assert -0.8 < slope < -0.3, (slope, rms)
+    z = (means[-1] - lim[:, 0]) / np.hypot(errs[-1], lim_err[:, 0])
+    assert np.all(np.abs(z) < 4), z
+
+
+# -- training API ---------------------------------------------------------------------------------
+def _linear():
+    ln = _module("linear_net")
+    X, Y, Xe = ln.default_data(4, 2, 3, 2)
+    return ln.network(3, 2, 1.0), tp.named("mup", 1), X, Y, Xe
+
+
+def test_negative_sampling_on_every_output_is_the_logistic_loss():
+    net, abc, X, Y, _ = _linear()
+    Yb = (Y > 0).astype(float)
+    a = StepEngine(net, abc, method="exact", loss="logistic")
+    b = StepEngine(net, abc, method="exact", loss="negative_sampling")
+    for t in range(3):
+        a.step(X, Yb, 0.5)
+        b.step(X, Yb, 0.5, outputs=np.tile([0, 1], (len(X), 1)))
+    np.testing.assert_allclose(a.predict(X)[0], b.predict(X)[0], atol=1e-13)
+
+
+def test_negative_sampling_moves_only_the_sampled_readout_rows():
+    net, abc, X, Y, _ = _linear()
+    eng = StepEngine(net, abc, method="finite", width=32, loss="negative_sampling")
+    before = eng.readout.copy()
+    eng.step(X[:1], [[1.0]], 0.5, outputs=[[1]])
+    assert np.array_equal(eng.readout[:, 0], before[:, 0])
+    assert not np.allclose(eng.readout[:, 1], before[:, 1])
+
+
+def test_clipping_uses_the_global_gradient_norm_of_the_reference_network():
+    """The engine's squared gradient norm at width n is that of training/finite.py's explicit
+    gradients (all layers, in the parametrization's p coordinates); a clipped step is the
+    reference network's step with the gradient scaled to norm ``clip``."""
+    n, depth, w_std = 48, 2, 1.2
+    X, Y, _ = _module("mup_mlp").default_data(3, 0, 3)
+    abc = tp.named("mup", depth)
+    a, b = [float(x) for x in abc.a], [float(x) for x in abc.b]
+    P = finite.init_params(3, n, depth, w_std=w_std, b=b, seed=4)
+    _, grads = finite.loss_and_grads(P, X, Y, phi="tanh", a=a)
+    norm = np.sqrt(sum(float(np.sum(g * g)) for g in grads.weights))
+    clip = 0.3 * norm
+    eng = StepEngine(_mlp(depth, "tanh", w_std), abc, method="finite", width=n, clip=clip,
+                     init=_finite_init(P, abc, n, w_std, depth))
+    g = eng._gradient(X, Y[:, None])
+    np.testing.assert_allclose(np.sqrt(eng._norm2(g)), norm, rtol=1e-12)
+    eng._apply(g, 0.5)
+    stepped = finite.Params([w - 0.5 * (clip / norm) * gw for w, gw in zip(P.weights, grads.weights)])
+    np.testing.assert_allclose(eng.predict(X)[0][:, 0], finite.forward(stepped, X, phi="tanh", a=a)[:, 0], atol=1e-12)
+
+
+def test_weight_decay_shrinks_every_tensor_before_the_update():
+    """p <- (1 - lr lambda) p - lr grad under muP (c = 0): with the same draws, the decayed run
+    equals (1 - lr lambda) times the initial tensors plus the undecayed run's update."""
+    net, abc, X, Y, _ = _linear()
+    plain = StepEngine(net, abc, method="finite", width=16, seed=3)
+    decayed = StepEngine(net, abc, method="finite", width=16, seed=3, weight_decay=0.2)
+    U0, v0 = plain.input_cols["U"].copy(), plain.readout.copy()
+    plain.step(X, Y, 0.5)
+    decayed.step(X, Y, 0.5)
+    np.testing.assert_allclose(decayed.input_cols["U"], plain.input_cols["U"] - 0.1 * U0, atol=1e-12)
+    np.testing.assert_allclose(decayed.readout, plain.readout - 0.1 * v0, atol=1e-12)
+
+
+def test_weight_decay_in_the_limit_matches_finite_width():
+    net, abc, X, Y, _ = _linear()
+    lim = StepEngine(net, abc, method="exact", weight_decay=0.3)
+    fin = StepEngine(net, abc, method="finite", width=4096, seeds=4, weight_decay=0.3, seed=1)
+    for t in range(3):
+        lim.step(X, Y, 0.5)
+        fin.step(X, Y, 0.5)
+    f, _ = lim.predict(X)
+    m, e = fin.predict(X)
+    assert np.all(np.abs(m - f) < 5 * e + 1e-3), (m, f, e)
+
+
+def test_checkpoint_resume_continues_the_same_run(tmp_path):
+    for method, opts in (("exact", {}), ("particles", {"particles": 2000, "groups": 4})):
+        X, Y, Xe = _module("mup_mlp").default_data(3, 1, 3)
+        Y = Y[:, None]
+        net, abc = _mlp(2, "identity" if method == "exact" else "tanh"), tp.named("mup", 2)
+        straight = StepEngine(net, abc, method=method, seed=7, **opts)
+        for t in range(5):
+            straight.step(X, Y, 0.5)
+        first = StepEngine(net, abc, method=method, seed=7, **opts)
+        for t in range(3):
+            first.step(X, Y, 0.5)
+        first.save(tmp_path / "state.npz")
+        resumed = StepEngine.load(tmp_path / "state.npz", net, abc, method=method, seed=7, **opts)
+        assert resumed.steps_done == 3
+        for t in range(2):
+            resumed.step(X, Y, 0.5)
+        np.testing.assert_array_equal(resumed.predict(Xe)[0], straight.predict(Xe)[0])
+
+
+def test_a_checkpoint_of_another_program_is_refused(tmp_path):
+    net, abc, X, Y, _ = _linear()
+    StepEngine(net, abc, method="exact").save(tmp_path / "s.npz")
+    with pytest.raises(validation.ArgumentError, match="another program"):
+        StepEngine.load(tmp_path / "s.npz", _mlp(2, "identity"), tp.named("mup", 2), method="exact")
+
+
+def test_temporary_steps_are_undone():
+    X, Y, Xe = _module("mup_mlp").default_data(3, 1, 3)
+    eng = StepEngine(_mlp(2, "identity"), tp.named("mup", 2), method="exact")
+    eng.step(X, Y[:, None], 0.5)
+    before = eng.predict(Xe)[0]
+    with eng.temporary():
+        for _ in range(3):
+            eng.step(X, Y[:, None], 0.5)
+        assert not np.allclose(eng.predict(Xe)[0], before)
+    np.testing.assert_array_equal(eng.predict(Xe)[0], before)
+    assert eng.steps_done == 1
+
+
+def test_first_order_maml_in_the_limit_matches_finite_width():
+    """A meta-step: inner SGD step on each task's support set (undone), query gradients at the
+    adapted weights summed and clipped, one outer update; the exact limit against wide networks."""
+    net, abc, X, Y, Xe = _linear()
+    tasks = [(X[:2], Y[:2], X[2:], Y[2:]), (X[1:3], Y[1:3], X[:1], Y[:1])]
+    lim = StepEngine(net, abc, method="exact", clip=0.8)
+    fin = StepEngine(net, abc, method="finite", width=4096, seeds=4, clip=0.8, seed=2)
+    for _ in range(2):
+        lim.maml_step(tasks, 0.4, 0.3)
+        fin.maml_step(tasks, 0.4, 0.3)
+    f = lim.predict(Xe)[0]
+    m, e = fin.predict(Xe)
+    assert np.abs(f).max() > 0.05
+    assert np.all(np.abs(m - f) < 5 * e + 1e-3), (m, f, e)
+
+
+def test_fit_with_a_linear_schedule_and_evaluation_every_k_steps():
+    net, abc, X, Y, Xe = _linear()
+    eng = StepEngine(net, abc, method="exact")
+    h = tp.fit(eng, X, Y, steps=5, lr=tp.schedules.linear(0.5, 0.1, 5), batch=2, eval_every=2, X_eval=Xe, progress=False)
+    assert h.steps == [0, 2, 4, 5]
+    assert np.array(h.f_train).shape == (4, 4, 2) and np.array(h.f_eval).shape == (4, 2, 2)
+    ref = StepEngine(net, abc, method="exact")
+    for t in range(5):
+        idx = finite.batch_indices(4, 2, t)
+        ref.step(X[idx], Y[idx], 0.5 - 0.4 * t / 5)
+    np.testing.assert_allclose(h.f_eval[-1], ref.predict(Xe)[0], atol=1e-14)
+
+
+# -- bad input ---------------------------------------------------------------------------------
+def test_bad_input_gets_a_clear_error():
+    net, abc, X, Y, _ = _linear()
+    eng = StepEngine(net, abc, method="exact")
+    with pytest.raises(ProgramError, match="3 \\(the network's input dimension\\)"):
+        eng.step(np.ones((2, 4)), Y[:2], 0.1)
+    with pytest.raises(ProgramError, match="B x K = 2 x 2"):
+        eng.step(X[:2], np.ones((2, 3)), 0.1)
+    with pytest.raises(validation.ArgumentError, match="unknown schedule"):
+        tp.fit(eng, X, Y, steps=2, lr="cosine:0.1", progress=False)
+    with pytest.raises(ProgramError, match="0 or 1"):
+        StepEngine(net, abc, method="exact", loss="logistic").step(X[:2], Y[:2], 0.1)
+    with pytest.raises(ProgramError, match="not affine"):
+        StepEngine(_mlp(2, "tanh"), tp.named("mup", 2), method="exact")
+    with pytest.raises(ProgramError, match="outputs"):
+        StepEngine(net, abc, method="exact", loss="negative_sampling").step(X[:2], [[1], [0]], 0.1)
