@@ -3,7 +3,7 @@
 ``StepEngine(net, abc, method=...)`` derives the step (``training.step.derive_step``) and
 keeps a *state*: every trained tensor as its initial value plus the updates recorded so far.
 
-* input-matrix columns U_j and the readout vectors v_k are stored as vectors
+* input-matrix columns U_j, the readout vectors v_k and trained biases are stored as vectors
   and updated in place (U_j <- U_j + coef sum_b c_bj dA_b touches only the columns j an
   input uses: one-hot and sparse inputs touch only their rows);
 * an n x n matrix is W_t = a_t W_0 + sum_p c_p dy_p x_p^T / n (a_t the product of the weight
@@ -21,8 +21,8 @@ Meaning of the hyper-parameters (the same at every width): the batch loss is the
 the batch's examples; ``weight_decay`` lambda makes every trained tensor p <- (1 - eta n^{-c}
 lambda) p - eta n^{-c} dLoss/dp (``decay_rows="touched"``: only the rows a step touches decay --
 the input-matrix columns its inputs use and, under negative sampling, the sampled readout
-vectors -- as word2vec.c decays the rows it updates; n x n matrices, used by every example,
-decay at every step either way; a frozen input matrix never decays); ``clip`` scales the loss
+vectors -- as word2vec.c decays the rows it updates; n x n matrices and biases, used by every
+example, decay at every step either way; a frozen input matrix never decays); ``clip`` scales the loss
 gradient so that its global norm
 (all trained tensors, in the parametrization's p coordinates; docs/DESIGN.md 2.4) is at most
 ``clip``.
@@ -41,7 +41,7 @@ from tpcompiler.backends.walk import initial_covariance
 from tpcompiler.ir import ops
 from tpcompiler.ir.graph import ProgramError
 from tpcompiler.ir.rules import RuleTable
-from tpcompiler.training.algebra import Exact, Family, Finite, Particles, Rows
+from tpcompiler.training.algebra import Exact, Family, Finite, Particles, Rows, _pad
 from tpcompiler.training.parametrization import ABC
 from tpcompiler.training.step import LOSSES, SEED, StepProgram, derive_step
 
@@ -182,6 +182,7 @@ class Gradient:
     outputs: np.ndarray | None           # (B, K') output coordinates (negative sampling) or None
     matrices: dict = field(default_factory=dict)   # W -> list of (x rows, dy rows, x, dy, w (R,B))
     input_mats: dict = field(default_factory=dict)  # U -> list of (columns idx, C (B, j), dA (R,B,D))
+    biases: dict = field(default_factory=dict)      # b -> list of (db (R,B,D),)
     loss: np.ndarray | None = None       # (R,) mean loss of the batch
 
     def merged(self, other: "Gradient") -> "Gradient":
@@ -191,7 +192,7 @@ class Gradient:
         out = Gradient(self.B + other.B, _cat_vectors(self.xL, other.xL),
                        _cat_chi(self.chi, other.chi),
                        None if self.outputs is None else np.concatenate([self.outputs, other.outputs]))
-        for name in ("matrices", "input_mats"):
+        for name in ("matrices", "input_mats", "biases"):
             mine, theirs = getattr(self, name), getattr(other, name)
             setattr(out, name, {k: mine.get(k, []) + theirs.get(k, []) for k in set(mine) | set(theirs)})
         out.loss = None if self.loss is None else self.loss + other.loss
@@ -287,6 +288,7 @@ class StepEngine:
                                "parametrization (c < 0), so the decay eta n^-c lambda has no limit; use weight_decay=0")
         self.steps_done = 0
         self._temporary = 0
+        self._column_maps: dict = {}   # input layer -> (dense_map, const), see _column_map
         self._init_state(init or {})
 
     # -- state -----------------------------------------------------------------------------
@@ -296,7 +298,7 @@ class StepEngine:
         then the n x n matrices (finite width only)."""
         sp_, alg = self.program, self.alg
         net = sp_.net
-        keys = list(sp_.readouts) + sp_.fixed
+        keys = list(sp_.readouts) + sp_.biases + sp_.fixed
         cov = initial_covariance(net, keys)
         live = [i for i in range(len(keys)) if cov[i, i] > 0]
         vecs = np.zeros((alg.R, len(keys), alg.D))
@@ -315,7 +317,7 @@ class StepEngine:
         # 0 in the limit (muP's f_0 = 0, docs/DESIGN.md 2.8): the limits return 0, not a
         # particle estimate of it.
         self.touched = np.zeros(K, dtype=bool)
-        others = sp_.fixed
+        others = sp_.biases + sp_.fixed
         self._independent_readout = not others or not np.any(
             initial_covariance(net, list(sp_.readouts) + others)[:K, K:])
         self.input_cols = {}
@@ -440,7 +442,7 @@ class StepEngine:
         """Squared global norm of the loss gradient per replica, in the parametrization's p
         coordinates (docs/DESIGN.md 2.4): readout n^{1-2a_o} sum_k |sum_b chi_bk x_b|^2/n,
         W n^{2-2a-2(a_o+b_o)} sum_bb' E[dy dy'] E[x x'], U n^{1-2a_1-2(a_o+b_o)}/scale^2
-        sum_bb' E[dA dA'] c_b.c_b'."""
+        sum_bb' E[dA dA'] c_b.c_b' (biases as U with c = 1)."""
         sp_, alg, ex = self.program, self.alg, self.program.exponents
         total = np.zeros(alg.R)
 
@@ -463,18 +465,24 @@ class StepEngine:
             total += power(ex[("norm_W", W)], W) * np.einsum("rbc,rbc->r", alg.gram(x, x), alg.gram(dy, dy))
         for U, entries in g.input_mats.items():
             scale2 = sp_.scale_of(U) ** 2
-            for e1 in entries:
-                for e2 in entries:
-                    cc = _col_inner(e1, e2)                # (B1, B2)
-                    total += power(ex["norm_U"], U) / scale2 * np.einsum("rbc,bc->r", alg.gram(e1[2], e2[2]), cc)
+            # all entries at once: C_all (sum B, k_U) sparse, rows of every entry's C placed on its
+            # columns, so C_all C_all^T holds every pair's c_b . c_b' (one product, not a loop over pairs)
+            C_all = scipy.sparse.vstack([_sparse_columns(e, sp_.net.op(U).k) for e in entries]).tocsr()
+            cc = (C_all @ C_all.T).toarray()
+            D = max(e[2].shape[-1] for e in entries)
+            dA = np.concatenate([_pad(e[2], D) for e in entries], axis=1)
+            total += power(ex["norm_U"], U) / scale2 * np.einsum("rbc,bc->r", alg.gram(dA, dA), cc)
+        for b, entries in g.biases.items():
+            db = np.concatenate([e[0] for e in entries], axis=1)
+            total += power(ex["norm_U"], b) * alg.gram(db, db).sum(axis=(1, 2))
         return total
 
-    def _apply(self, g: Gradient, lr: float) -> None:
+    def _apply(self, g: Gradient, lr: float, clip: bool = True) -> None:
         """p <- (1 - lr n^-c lambda) p - lr n^-c s dLoss/dp for every trained tensor, s the
-        clipping factor (module docstring)."""
+        clipping factor (module docstring; s = 1 when ``clip`` is False)."""
         sp_, alg, ex = self.program, self.alg, self.program.exponents
         s = np.ones(alg.R)
-        if self.clip is not None:
+        if self.clip is not None and clip:
             norm = np.sqrt(np.maximum(self._norm2(g), 0.0))
             s = np.minimum(1.0, self.clip / np.maximum(norm, 1e-300))
         # touched rows decay in the same pass as their update below (one gather and scatter)
@@ -500,6 +508,8 @@ class StepEngine:
             for M in self.mats.values():
                 M.decay *= keep
                 M.pc.buf[:, :M.pc.count] *= keep
+            for b in sp_.biases:  # read by every example: decays at every step
+                self.vectors[b] *= keep
         # readout
         coef = -lr / sp_.sigma_out * alg.n_power(ex["v"]) * s
         chi = g.chi * coef[:, None, None]
@@ -534,6 +544,11 @@ class StepEngine:
                     cols = self.input_cols[U] = _pad(cols, dA.shape[-1])
                 inc = np.einsum("bj,rbd->jrd", C, dA[..., :cols.shape[-1]]) * c[None, :, None]
                 cols[idx, :, :inc.shape[-1]] += inc
+        for b, entries in g.biases.items():
+            c = -lr * alg.n_power(ex["U"]) * s
+            for (db,) in entries:
+                self.vectors[b], db = alg.align(self.vectors[b], db)
+                self.vectors[b] += c[:, None, None] * db.sum(axis=1, keepdims=True)
         for W, entries in g.matrices.items():
             M = self.mats[W]
             c = -lr * alg.n_power(ex[("W", W)]) * s
@@ -568,7 +583,8 @@ class StepEngine:
         """First-order MAML (docs/DESIGN.md 2.9): per task (Xs, Ys, Xq, Yq), ``inner_steps`` SGD
         steps on the support set from the current weights (undone afterwards), then the
         query-loss gradient at the adapted weights; the outer update applies the SUM of the
-        tasks' query gradients (clipped to ``clip`` if set) with ``outer_lr``.  Returns the
+        tasks' query gradients (clipped to ``clip`` if set; the inner steps are not clipped)
+        with ``outer_lr``.  Returns the
         mean query loss per replica."""
         inner_lr = validation.number(inner_lr, "inner_lr")
         outer_lr = validation.number(outer_lr, "outer_lr")
@@ -583,7 +599,8 @@ class StepEngine:
             Xs, Ys, Xq, Yq = task
             with self._restoring(families=False):
                 for _ in range(inner_steps):
-                    self._apply(self._gradient(Xs, Ys), inner_lr)
+                    # the inner steps are not clipped: ``clip`` bounds the meta-gradient only (TP4's MAML)
+                    self._apply(self._gradient(Xs, Ys), inner_lr, clip=False)
                 g = self._gradient(Xq, Yq)
             total = g if total is None else total.merged(g)
         self._apply(total, outer_lr)
@@ -727,12 +744,12 @@ def _pad_to(v, entries):
     return _pad(v, D)
 
 
-def _col_inner(e1, e2) -> np.ndarray:
-    """c_b . c_b' of two input-matrix gradient entries (idx, C, dA): (B1, B2)."""
-    idx1, C1, _ = e1
-    idx2, C2, _ = e2
-    common, i1, i2 = np.intersect1d(idx1, idx2, return_indices=True)
-    return C1[:, i1] @ C2[:, i2].T
+def _sparse_columns(entry, k: int):
+    """An input-matrix gradient entry (idx, C, dA)'s weights as a sparse (B, k) matrix: row b
+    holds C[b] on the columns idx (the other columns are 0)."""
+    idx, C, _ = entry
+    B, J = C.shape
+    return scipy.sparse.csr_matrix((C.ravel(), np.tile(np.asarray(idx), B), np.arange(0, B * J + 1, J)), shape=(B, k))
 
 
 def _mean_stderr(f: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -756,7 +773,7 @@ GRADIENT = RuleTable("step-engine gradient", domain=ops.VECTOR_OPS)
 
 @PASS.register(ops.InitVec)
 def _pass_init_vec(eng: StepEngine, k: str, env: dict, keep: bool) -> np.ndarray:
-    """A fixed initial vector."""
+    """An initial vector (a fixed one, or a trained bias at its current value)."""
     v = eng.vectors[k]
     return np.broadcast_to(v, (v.shape[0], _batch(env), v.shape[2]))
 
@@ -900,9 +917,16 @@ def _value(eng: StepEngine, name: str, env: dict):
     raise ProgramError(f"instruction {name!r}: the step engine cannot read a {type(op).__name__} inside a pass")
 
 
-@GRADIENT.register(ops.Nonlin, ops.InitVec)
+@GRADIENT.register(ops.Nonlin)
 def _no_tensor(eng: StepEngine, k: str, env: dict, g: Gradient) -> None:
-    """No trained tensor (trained initial vectors other than the readout are refused)."""
+    """No trained tensor."""
+
+
+@GRADIENT.register(ops.InitVec)
+def _bias_gradient(eng: StepEngine, k: str, env: dict, g: Gradient) -> None:
+    """A trained bias b: its gradient vector db (the example weights are in chi)."""
+    if k in eng.program.biases and k in eng.program.grads:
+        g.biases.setdefault(k, []).append((env[eng.program.grads[k]],))
 
 
 @GRADIENT.register(ops.InputLayer)

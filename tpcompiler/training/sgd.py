@@ -604,6 +604,7 @@ def train(net, abc: ABC, sgd: SGD, particles: int = DEFAULT_PARTICLES, seed: int
         raise validation.ArgumentError(f"{'resume' if resume else 'save_state'}: only feature-learning training keeps a state "
                                        f"(this parametrization is in the {cls.regime} regime)")
     if cls.regime == "feature learning":
+        _layers(graph, abc)  # the reference network's rules (docs/DESIGN.md 2.6): no trained biases here
         result = _engine_descent(graph, abc, sgd, particles, seed, method, steps, progress, resume, save_state)
     elif cls.regime == "kernel":
         if sgd.loss != "mse":

@@ -19,10 +19,11 @@ everything a runtime needs to repeat the step any number of times without touchi
   U_j <- U_j - eta / scale^2 n^{e_U} sum_b w_b c_bj dA_b, where w_b = 1/B are the example
   weights of the batch mean and c_b the input layer's column weights of example b.
 
-Trained initial vectors other than the readout (biases) are refused, as by ``training.sgd``:
-under docs/DESIGN.md 2.6's convention (no width exponent) a muP hidden bias does not move in
-the limit.  A bias that muP trains like an input weight is an input-layer column whose input
-is a constant (``p.input_matrix`` applied to a Param), which the engine trains as layer 1.
+Trained initial vectors other than the readout (biases) are trained like an input-layer column
+whose input is the constant 1 -- muP's convention that a bias is an input weight (layer-1
+exponents: b <- b - eta n^{e_U} sum_b w_b db_b) -- so a bias that starts at 0 (TP4's MAML)
+moves at O(1) under muP.  ``tp.train`` keeps refusing biases: its reference network
+(docs/DESIGN.md 2.6, training/finite.py) trains them with no width exponent instead.
 """
 from __future__ import annotations
 
@@ -114,6 +115,7 @@ class StepProgram:
     hidden: list            # trained n x n matrices
     matrices: list          # every n x n matrix the step multiplies by (trained or not)
     input_mats: list        # trained input matrices
+    biases: list            # trained initial vectors other than the readout (layer-1 tensors)
     fixed: list             # untrained initial vectors the forward pass reads
     readouts: tuple
     readout_vector: str
@@ -205,11 +207,12 @@ def derive_step(net: Graph, abc: ABC, loss: str = "mse") -> StepProgram:
     (group, decl), = net.inputs.items()
     in_forward = set(forward)
     matrices = sorted({template.matmul_parts(k)[0] for k in forward + backward if isinstance(template.op(k), ops.MatMul)})
+    biases = [k for k in net.keys_of(ops.InitVec) if k in in_forward and k not in ro.readouts and net.op(k).trainable]
     fixed = [k for k in net.keys_of(ops.InitVec) if k in in_forward and k not in ro.readouts and not net.op(k).trainable]
     return StepProgram(
         net=net, abc=abc, loss=loss, template=template, grads=grads, forward=forward, backward=backward,
         inputs=list(decl.keys), input_layers=[k for k in forward if isinstance(net.op(k), ops.InputLayer)],
-        hidden=hidden, matrices=matrices, input_mats=input_mats, fixed=fixed,
+        hidden=hidden, matrices=matrices, input_mats=input_mats, biases=biases, fixed=fixed,
         readouts=tuple(ro.readouts), readout_vector=ro.vector,
         sigma_out=float(evaluate(sp.sympify(ro.sigma), params)), params=params, lowered=lowered,
         exponents=exps, fingerprint=_fingerprint(net, abc, loss))
@@ -220,16 +223,9 @@ def _trained_layers(net: Graph, abc: ABC) -> tuple[list, list]:
     parametrization's depth and init conditions (layer 1: a_1 + b_1 = 0, an input matrix has
     N(0, 1) entries; layers 2..L: a + b = 1/2, N(0, sigma^2/n) entries).  Unlike
     ``training.sgd`` a network may train no input matrix (frozen embeddings: a kernel baseline)
-    and refuses trained biases (module docstring)."""
+    and may train biases (module docstring)."""
     inputs = [k for k in net.keys_of(ops.InputMat) if net.op(k).trainable]
     hidden = [k for k in net.keys_of(ops.InitMat) if net.op(k).trainable]
-    forward = set(forward_nodes(net))
-    for k in net.keys_of(ops.InitVec):
-        if k in forward and k not in net.readout.readouts and net.op(k).trainable:
-            raise ProgramError(
-                f"initial vector {k!r} is trained (a bias?): the step engine trains input matrices, n x n matrices and "
-                "the readout; declare it with trainable=False, or write a bias muP trains as an input weight as an "
-                "input-matrix column applied to a constant (p.input_matrix(...).apply([..., one]))")
     L = abc.depth
     if len(hidden) != L - 1:
         raise ProgramError(
