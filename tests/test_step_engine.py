@@ -327,6 +327,10 @@ def test_bad_input_gets_a_clear_error():
         StepEngine(net, abc, method="exact", loss="logistic").step(X[:2], Y[:2], 0.1)
     with pytest.raises(ProgramError, match="not affine"):
         StepEngine(_mlp(2, "tanh"), tp.named("mup", 2), method="exact")
+    few = StepEngine(_mlp(2), tp.named("mup", 2), method="particles", particles=40, groups=2)
+    with pytest.raises(ProgramError, match="each group has only 20 particles"):
+        for _ in range(8):
+            few.step(X, Y[:, :1], 0.5)
     diverging = StepEngine(net, abc, method="exact")
     with pytest.raises(ProgramError, match="diverged"), np.errstate(all="ignore"):
         for _ in range(200):

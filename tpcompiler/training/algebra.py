@@ -36,6 +36,7 @@ from __future__ import annotations
 import numpy as np
 from scipy.linalg import blas
 
+from tpcompiler.ir.graph import ProgramError
 from tpcompiler.training.step import width_limit
 
 #: A new member whose conditional variance is below this fraction of its variance is a
@@ -292,6 +293,12 @@ class Family:
         the members; with ``keep`` the z's become members (their ZHats are then drawn jointly)."""
         alg, F = self.alg, self.count
         N = Z.shape[1]
+        if alg.kind == "particles" and F + N > alg.D:
+            raise ProgramError(
+                f"particles: a matrix family needs {F + N} jointly Gaussian members but each group has only "
+                f"{alg.D} particles, so its covariance is singular and its ZDot (Stein) estimate is biased "
+                f"(bias ~ members / particles per group); use more particles (>= {10 * (F + N) * alg.R} for this run) "
+                "or fewer steps x batch")
         L21 = self._solve(self.sigma2 * G, transpose=False)                # (R, F, N)
         S = self.sigma2 * alg.gram(Z, Z) - np.matmul(np.swapaxes(L21, 1, 2), L21)
         Lb, deg = _block_cholesky(S)
