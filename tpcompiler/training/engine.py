@@ -190,7 +190,7 @@ class Gradient:
         if (self.outputs is None) != (other.outputs is None):
             raise ProgramError("cannot add gradients of different losses")
         out = Gradient(self.B + other.B, _cat_vectors(self.xL, other.xL),
-                       _cat_chi(self.chi, other.chi),
+                       np.concatenate([self.chi, other.chi], axis=1),
                        None if self.outputs is None else np.concatenate([self.outputs, other.outputs]))
         for name in ("matrices", "input_mats", "biases"):
             mine, theirs = getattr(self, name), getattr(other, name)
@@ -201,13 +201,7 @@ class Gradient:
 
 def _cat_vectors(a, b):
     D = max(a.shape[-1], b.shape[-1])
-    from tpcompiler.training.algebra import _pad
-
     return np.concatenate([_pad(a, D), _pad(b, D)], axis=1)
-
-
-def _cat_chi(a, b):
-    return np.concatenate([a, b], axis=1)
 
 
 def _as_rows(X, d: int, what: str):
@@ -539,8 +533,6 @@ class StepEngine:
             for idx, C, dA in entries:
                 cols = self.input_cols[U]
                 if dA.shape[-1] > cols.shape[-1]:
-                    from tpcompiler.training.algebra import _pad
-
                     cols = self.input_cols[U] = _pad(cols, dA.shape[-1])
                 inc = np.einsum("bj,rbd->jrd", C, dA[..., :cols.shape[-1]]) * c[None, :, None]
                 cols[idx, :, :inc.shape[-1]] += inc
@@ -737,8 +729,6 @@ class StepEngine:
 
 
 def _pad_to(v, entries):
-    from tpcompiler.training.algebra import _pad
-
     D = max(e[2].shape[-1] for e in entries)
     D = max(D, max(e[3].shape[-1] for e in entries))
     return _pad(v, D)
