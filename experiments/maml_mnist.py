@@ -283,17 +283,17 @@ def engine_task(ml, task, K=WAYS):
 
 def meta_train(eng, ml, data: FewShotData, rng, meta_steps=META_STEPS, progress=True):
     """``meta_steps`` first-order MAML meta-steps of META_BATCH tasks from the 20 training classes."""
-    from tqdm import tqdm
-    for _ in tqdm(range(meta_steps), desc="meta-train", disable=not progress, file=sys.stderr):
+    from tpcompiler import progress as bars
+    for _ in bars.iterate(range(meta_steps), "meta-train", unit="step", enabled=None if progress else False):
         tasks = [engine_task(ml, t) for t in sample_tasks(data.train, rng, META_BATCH)]
         eng.maml_step(tasks, inner_lr=INNER_LR, outer_lr=OUTER_LR, inner_steps=1)
 
 
 def engine_accuracy(eng, ml, tasks: list, steps=EVAL_STEPS, report=REPORT_STEPS, progress=True) -> dict:
     """Mean query accuracy after each step in ``report`` of SGD (INNER_LR) on each task's support set."""
-    from tqdm import tqdm
+    from tpcompiler import progress as bars
     correct = {t: 0.0 for t in report}
-    for task in tqdm(tasks, desc="meta-test", disable=not progress, file=sys.stderr):
+    for task in bars.iterate(tasks, "meta-test", unit="task", enabled=None if progress else False):
         Xs, Ys, Xq, _ = engine_task(ml, task)
         with eng.temporary():
             for t in range(1, steps + 1):

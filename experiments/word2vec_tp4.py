@@ -370,13 +370,14 @@ def train(eng, corpus: Corpus, epochs: int, seed: int, max_steps: int | None = N
     """TP4's protocol (module docstring) for ``epochs`` epochs; the learning rate decays over
     ``epochs`` x T words.  Returns (steps taken, whether all epochs were done): ``max_steps``
     or ``max_seconds`` of training stop early."""
-    from tqdm import tqdm
+    from tpcompiler import progress as bars
 
     V, T = corpus.vocab.size, corpus.vocab.total
     rng = np.random.default_rng(seed)
     total = epochs * T
-    bar = tqdm(total=max_steps or int(round(epochs * corpus.expected_steps())), unit="step", disable=not progress,
-               mininterval=30.0, smoothing=0.05)
+    # on a terminal only (tpcompiler.progress), never when asked not to
+    bar = bars.bar(max_steps or int(round(epochs * corpus.expected_steps())), "word2vec", unit="step",
+                   enabled=None if progress else False, mininterval=30.0, smoothing=0.05)
     steps = 0
     started = time.perf_counter()
     try:
@@ -522,7 +523,7 @@ def main(argv=None) -> int:
     ap.add_argument("--json", help="write the result here")
     ap.add_argument("--max-steps", type=_count(1), help="stop after this many steps (a shortened run, labelled so)")
     ap.add_argument("--max-seconds", type=_count(1), help="stop training after this many seconds (labelled so)")
-    ap.add_argument("--no-progress", action="store_true", help="no progress bar")
+    ap.add_argument("--no-progress", "--quiet", dest="no_progress", action="store_true", help="no progress bar")
     ap.add_argument("--docs", metavar="DIR", help="write the word2vec section of docs/experiments.md from the JSON "
                     "results in DIR (instead of a run)")
     try:

@@ -19,5 +19,8 @@ from tpcompiler.training.sgd import SGD, TrainResult, train, unroll
 from tpcompiler.training.engine import StepEngine
 from tpcompiler.training.fit import History, fit
 from tpcompiler.training import fit as schedules  # tp.schedules.linear(...), tp.schedules.constant(...)
+# plots and progress (issue 12): tp.coordcheck(...) -> tp.CoordCheck; tp.progress.configured(False) silences bars
+from tpcompiler import progress
+from tpcompiler.coordcheck import CoordCheck, coordcheck
 
 __version__ = "0.1.0"

@@ -115,12 +115,10 @@ def format_report(checks: list[OutputCheck]) -> str:
 
 def plot(checks: list[OutputCheck], path: str, title: str = "") -> None:
     """Log-log plot of RMS error against width, with an n^{-1/2} guide."""
-    import matplotlib
+    from tpcompiler.plotting import figure, save
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6.4, 4.8))
+    fig, axes = figure(figsize=(6.4, 4.8))
+    ax = axes[0, 0]
     for c in checks:
         rms = np.asarray(c.rms)
         if np.all(rms <= 0):
@@ -137,5 +135,4 @@ def plot(checks: list[OutputCheck], path: str, title: str = "") -> None:
     ax.set_title(title or "finite width vs infinite-width limit")
     ax.legend(fontsize="small")
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save(fig, path, dpi=120)

@@ -29,6 +29,7 @@ import numpy as np
 import sympy as sp
 from threadpoolctl import threadpool_limits
 
+from tpcompiler import progress
 from tpcompiler.ir import ops
 from tpcompiler.symbolic.existence import UndefinedLimit
 from tpcompiler.ir.graph import ProgramError
@@ -320,7 +321,8 @@ def limit(zp: ZProgram, particles: int, seed: int = 0, groups: int = 10) -> dict
     # multi-threaded BLAS spends more on waking threads than on the work.
     schedule = release_schedule(zp, _tangent_reads)
     with threadpool_limits(1, user_api="blas"):
-        rows = [walk(_Run(zp, per, np.random.default_rng(s)), PARTICLES, schedule) for s in seqs]
+        rows = [walk(_Run(zp, per, np.random.default_rng(s)), PARTICLES, schedule)
+                for s in progress.iterate(seqs, f"particles ({particles})", unit="group")]
     out = {}
     for name in zp.graph.outputs:
         vals = np.array([r[name] for r in rows])

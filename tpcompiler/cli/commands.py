@@ -12,7 +12,6 @@ import numpy as np
 
 from tpcompiler import validation
 from tpcompiler.ir.graph import ProgramError
-from tpcompiler.ir.ops import InitMat
 from tpcompiler.compiler import CHECK_PARTICLES, DEFAULT_PARTICLES, MAX_RTOL, MIN_RTOL
 from tpcompiler.frontend.loader import load, parameters, parse_params
 from tpcompiler.training.sgd import MAX_STEPS, STEPS_WHY
@@ -82,6 +81,39 @@ def _out_path(path: str, what: str = "--out", suffix: str = ".npz") -> str:
     if not os.path.isdir(parent):
         raise CommandError(f"{what}: cannot write {real!r} (directory {parent!r} does not exist)")
     return real
+
+
+def _plot_path(path: str) -> str:
+    """The file a --plot goes to (.png appended to a name without a suffix), checked for its
+    format (.png or .svg) and directory."""
+    from tpcompiler.plotting import check_path
+
+    real = _out_path(path, "--plot", ".png")
+    try:
+        return check_path(real)
+    except validation.ArgumentError as exc:
+        raise CommandError(f"--plot: {str(exc).partition(': ')[2]}") from None
+
+
+def _write_plot(draw, path: str, *args, stream=None, **kwargs) -> None:
+    """Draw a figure to ``path`` and say where it went (on ``stream``, default stdout)."""
+    try:
+        draw(path, *args, **kwargs)
+    except OSError as exc:
+        raise CommandError(f"--plot: cannot write {path!r} ({exc.strerror or exc})") from None
+    print(f"plot written to {path}", file=stream or sys.stdout)
+
+
+def _increasing_widths(text: str, what: str, minimum: int = 2) -> list[int]:
+    """Comma-separated strictly increasing positive integers (at least ``minimum`` of them)."""
+    try:
+        widths = [validation.count(float(w) if "e" in w.lower() else int(w), None, minimum=1) for w in text.split(",")]
+    except (ValueError, validation.ArgumentError):
+        raise CommandError(f"{what} must be comma-separated positive integers, got {text!r}") from None
+    if len(widths) < minimum or any(b <= a for a, b in zip(widths, widths[1:])):
+        raise CommandError(f"{what} must be {'at least ' + str(minimum) + ' ' if minimum > 1 else ''}strictly increasing "
+                           f"integers such as 64,128,256, got {text!r}")
+    return widths
 
 
 #: API argument names of tp.SGD -> the tpc train options that carry them
@@ -174,8 +206,7 @@ def cmd_simulate(args) -> int:
 
 
 def cmd_check(args) -> int:
-    from tqdm import tqdm
-
+    from tpcompiler import progress
     from tpcompiler.check import convergence_check, format_report, plot
     from tpcompiler.compiler import compile
 
@@ -188,9 +219,9 @@ def cmd_check(args) -> int:
         raise CommandError(f"--widths: a convergence check needs at least two widths, got {args.widths!r}")
     if args.seeds < 2:
         raise CommandError(f"--seeds: a convergence check needs at least two seeds, got {args.seeds}")
-    plot_path = _out_path(args.plot, "--plot", ".png") if args.plot else None
+    plot_path = _plot_path(args.plot) if args.plot else None
     compiled = compile(_program(args, X))
-    with tqdm(total=len(widths), desc="widths", file=sys.stderr, disable=not sys.stderr.isatty()) as bar:
+    with progress.bar(len(widths), "check", unit="width") as bar:
         checks = convergence_check(compiled, widths, args.seeds, args.particles, args.seed, X, progress=lambda n: bar.update())
     print(format_report(checks))
     if plot_path:
@@ -213,6 +244,7 @@ def cmd_kernels(args) -> int:
         if arr is not None and arr.ndim != 2:
             raise CommandError(f"{what} must be an N x d array, got shape {arr.shape}")
     out = _out_path(args.out)
+    plot_path = _plot_path(args.plot) if args.plot else None
     compiled = compile(_program(args, X))
     kf = compiled.kernel_function(args.rtol)
     result = kf(X, X2)  # refuses non-finite kernels itself (KernelFunction._check_finite)
@@ -223,11 +255,15 @@ def cmd_kernels(args) -> int:
     t = kf.last_timing
     print(f"wrote {out}: " + ", ".join(f"{k} {v.shape}" for k, v in result.items())
           + f"; compile {kf.compile_seconds:.2f} s, run {sum(t.values()):.2f} s")
+    if plot_path:
+        from tpcompiler.plotting import kernels_figure
+
+        _write_plot(kernels_figure, plot_path, result, title=f"{compiled.name}: infinite-width kernels on --x")
     return 0
 
 
 def cmd_train(args) -> int:
-    from tpcompiler.training.parametrization import named, parse_abc
+    from tpcompiler.training.parametrization import resolve
     from tpcompiler.training.sgd import SGD, _layers, train
 
     X = _load_array(args.x, "--x")
@@ -240,14 +276,13 @@ def cmd_train(args) -> int:
     if Xe is not None and (Xe.ndim != 2 or Xe.shape[1] != X.shape[1]):
         raise CommandError(f"--eval must be an N_eval x {X.shape[1]} array (the columns of --x), got shape {Xe.shape}")
     out = _out_path(args.out)
+    plot_path = _plot_path(args.plot) if args.plot else None
+    widths = _increasing_widths(args.widths, "--widths", minimum=1) if args.widths else []
+    if widths and not plot_path:
+        raise CommandError("--widths: finite widths are trained for the plot only; give --plot FILE.png too")
     program = _program(args, X)
     graph = program.graph
-    depth = 1 + sum(1 for k in graph.g if isinstance(graph.op(k), InitMat) and graph.op(k).trainable)
-    text = args.parametrization.strip()
-    if "=" in text:
-        abc = parse_abc(text, depth)
-    else:
-        abc = named(text, depth)
+    abc = resolve(args.parametrization.strip(), graph)
     _layers(graph, abc)  # checks that the program's trained tensors fit the parametrization
     try:
         sgd = SGD(X, Y, steps=args.steps, lr=args.lr, batch=args.batch, loss=args.loss, X_eval=Xe,
@@ -256,6 +291,7 @@ def cmd_train(args) -> int:
         result = train(program, abc, sgd, particles=args.particles, seed=args.seed, method=args.method,
                        progress=False if args.quiet else None, resume=args.resume,
                        save_state=_out_path(args.save_state, "--save-state") if args.save_state else None)
+        finite = _finite_trajectories(program, abc, sgd, widths, args) if widths else []
     except validation.ArgumentError as exc:
         raise _as_option(exc) from None
     f_eval = result.f_eval if Xe is not None else np.zeros((len(result.steps), 0))
@@ -267,6 +303,57 @@ def cmd_train(args) -> int:
     except OSError as exc:
         raise CommandError(f"--out: cannot write {out!r} ({exc.strerror or exc})") from None
     print(f"wrote {out}: regime {result.regime} ({result.method}); f_train {result.f_train.shape}, f_eval {f_eval.shape}")
+    if plot_path:
+        from tpcompiler.plotting import Trajectory, training_figure
+
+        what = "kernel regime: mean over initializations" if result.regime == "kernel" else result.regime
+        limit = Trajectory(f"limit ({what})", np.asarray(result.steps), result.f_train, result.f_train_stderr)
+        _write_plot(training_figure, plot_path, Y, args.loss, [limit] + finite,
+                    title=f"{program.name} under {args.parametrization.strip()}, lr {args.lr:g}")
+    return 0
+
+
+def _finite_trajectories(program, abc, sgd, widths, args):
+    """Finite-width trajectories for tpc train --plot --widths (the step engine's finite method)."""
+    from tpcompiler.plotting import finite_trajectories
+
+    try:
+        return finite_trajectories(program, abc, sgd, widths, seeds=args.seeds, seed=args.seed)
+    except ProgramError as exc:
+        raise CommandError(f"--widths: finite-width training failed: {str(exc).splitlines()[0]}") from None
+
+
+def cmd_coordcheck(args) -> int:
+    from tpcompiler.coordcheck import DEFAULT_PARAMS, coordcheck
+    from tpcompiler.training.parametrization import NAMES
+
+    widths = _increasing_widths(args.widths, "--widths")
+    params = list(args.parametrization)
+    for name in (args.params.split(",") if args.params else []):
+        name = name.strip()
+        if name.lower() not in NAMES:
+            raise CommandError(f"--params: unknown parametrization {name!r}; use names from {', '.join(NAMES)} "
+                               "(give exponents with --param 'a=..;b=..;c=..')")
+        params.append(name)
+    params = params or list(DEFAULT_PARAMS)
+    plot_path = _plot_path(args.plot) if args.plot else None
+    X = _load_array(args.x, "--x") if args.x else None
+    Y = _load_array(args.y, "--y") if args.y else None
+    if (X is None) != (Y is None):
+        raise CommandError("--x and --y go together (or give neither for a random probe batch)")
+    try:
+        result = coordcheck(_program(args, X), params, widths, steps=args.steps, seeds=args.seeds, lr=args.lr,
+                            X=X, Y=Y, loss=args.loss, batch=args.batch, seed=args.seed)
+    except validation.ArgumentError as exc:
+        message = str(exc)
+        name, sep, rest = message.partition(": ")
+        raise CommandError(f"--{name}: {rest}" if sep and name in ("params", "X", "Y") else message) from None
+    if plot_path:  # with --json, stdout carries JSON only: the plot's path goes into it and to stderr
+        _write_plot(lambda path: result.plot(path), plot_path, stream=sys.stderr if args.json else None)
+    if args.json:
+        print(json.dumps(dict(result.to_dict(), plot=plot_path), allow_nan=False))
+    else:
+        print(result.report())
     return 0
 
 
@@ -301,6 +388,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="evaluator: auto (the most exact that applies), exact (Gaussian-linear), "
                         "pairwise (bivariate Gaussian moments), particles (any program)")
     p.add_argument("--json", action="store_true")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_limit)
 
     p = sub.add_parser("simulate", help="finite-width outputs over seeds")
@@ -309,6 +397,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seeds", type=_count(1), default=1)
     p.add_argument("--seed", type=_count(), default=0, help="first seed")
     p.add_argument("--json", action="store_true")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_simulate)
 
     p = sub.add_parser("check", help="finite width converges to the limit (slope -1/2)")
@@ -318,6 +407,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--particles", type=_count(1), default=CHECK_PARTICLES)
     p.add_argument("--seed", type=_count(), default=0)
     p.add_argument("--plot", help="write a PNG of error against width")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_check)
 
     p = sub.add_parser("kernels", help="infinite-width NNGP and NTK matrices")
@@ -326,6 +416,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--x2", help="second inputs X2 (N2 x d .npy): also k(X2, X)")
     p.add_argument("--out", required=True, help="output .npz (nngp, ntk[, nngp_x2, ntk_x2])")
     p.add_argument("--rtol", type=_real(low=MIN_RTOL, high=MAX_RTOL), default=1e-10, help="quadrature accuracy where no closed form exists")
+    p.add_argument("--plot", help="also draw NNGP and NTK k(X, X) as heat maps (.png or .svg)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_kernels)
 
     p = sub.add_parser("train", help="infinite-width SGD trajectory (feature learning or kernel regime)")
@@ -352,7 +444,28 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--save-state", help="write the final step-engine state (.npz)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.add_argument("--out", required=True, help="output .npz (f_train, f_eval, regime, steps)")
+    p.add_argument("--plot", help="also draw the loss and f on the training inputs against the step (.png or .svg)")
+    p.add_argument("--widths", help="with --plot: also train finite networks of these widths (e.g. 256,1024)")
+    p.add_argument("--seeds", type=_count(1), default=4, help="networks per finite width (mean and stderr)")
     p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("coordcheck", help="mup-style coordinate check: layer sizes and their change against width")
+    _common(p)
+    p.add_argument("--param", dest="parametrization", action="append", default=[],
+                   help='a parametrization (mup, sp, ntp, ... or "a=..;b=..;c=.."); repeatable')
+    p.add_argument("--params", help="comma-separated names (default: mup,sp)")
+    p.add_argument("--widths", default="64,128,256,512,1024")
+    p.add_argument("--steps", type=_count(1, 100, "a coordinate check looks at the first steps"), default=3)
+    p.add_argument("--seeds", type=_count(1), default=8, help="networks per width")
+    p.add_argument("--lr", type=_real(), default=0.1)
+    p.add_argument("--y", help="targets of --x (N x K .npy); default: a random probe batch")
+    p.add_argument("--batch", type=_count(1), default=4, help="size of the random probe batch")
+    p.add_argument("--loss", choices=["mse", "logistic", "softmax"], default="mse")
+    p.add_argument("--seed", type=_count(), default=0)
+    p.add_argument("--plot", help="write the figure (.png or .svg): a column per parametrization, a row per step")
+    p.add_argument("--json", action="store_true", help="measurements and exponents as JSON")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_coordcheck)
 
     p = sub.add_parser("classify", help="classify an abc-parametrization")
     p.add_argument("--depth", type=_count(1), required=True)
@@ -371,7 +484,10 @@ def main(argv=None) -> int:
         args = parser.parse_args(argv)
         if not getattr(args, "func", None):
             raise CommandError("give a command: " + ", ".join(sorted(parser._subparsers._group_actions[0].choices)))
-        return args.func(args)
+        from tpcompiler import progress
+
+        with progress.configured(False if getattr(args, "quiet", False) else None):
+            return args.func(args)
     except (CommandError, ProgramError) as exc:  # user errors: the project's error types
         message = str(exc)
         print(f"tpc: error: {message.splitlines()[0] if message else type(exc).__name__}", file=sys.stderr)

@@ -638,6 +638,17 @@ class StepEngine:
             f = self._outputs(self._forward(X, keep=self.program.forward_reuses_a_matrix))
         return _mean_stderr(f)
 
+    def activations(self, X) -> dict:
+        """Every vector of the forward pass on the rows of X at the current weights, {key: (R, N,
+        D)}, and the output under "f": (R, N, K) (a look, like ``predict``: the state is
+        unchanged).  At finite width D = n coordinates: what ``tp.coordcheck`` measures."""
+        X = _as_rows(X, self.program.d, "X")
+        with self._restoring(families=True):
+            env = self._forward(X, keep=self.program.forward_reuses_a_matrix)
+            out = {k: np.asarray(env[k]) for k in self.program.forward}
+            out["f"] = self._outputs(env)
+        return out
+
     def features(self, X, node: str | None = None) -> np.ndarray:
         """F (R, N, D) with E[Z^{node(x_i)} Z^{node(x_j)}] = F[r, i] . F[r, j] (averaged over r)."""
         X = _as_rows(X, self.program.d, "X")

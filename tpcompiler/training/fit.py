@@ -7,14 +7,13 @@ schedule run the same training.
 """
 from __future__ import annotations
 
-import sys
 import time
 from dataclasses import dataclass, field
 from typing import Callable, Iterable
 
 import numpy as np
 
-from tpcompiler import validation
+from tpcompiler import progress as bars, validation
 from tpcompiler.training.finite import batch_indices
 
 SCHEDULES = ("constant", "linear")
@@ -92,16 +91,6 @@ class History:
         return out
 
 
-def progress_bar(total: int | None, enabled: bool | None, desc: str):
-    """A tqdm bar on a terminal (steps per second), silent when output is not a terminal or
-    ``enabled`` is False."""
-    from tqdm import tqdm
-
-    if enabled is None:
-        enabled = sys.stderr.isatty()
-    return tqdm(total=total, disable=not enabled, desc=desc, unit="step", dynamic_ncols=True)
-
-
 def _batches(X, Y, batch, steps: int):
     """(X_b, Y_b, None) per step: the cyclic schedule of ``finite.batch_indices``."""
     N = X.shape[0]
@@ -160,7 +149,8 @@ def fit(engine, X, Y=None, *, steps: int | None = None, lr=0.1, batch: int | Non
         B = X.shape[0] if batch is None else batch
         engine.reserve(steps * B)
     t = 0
-    with progress_bar(steps, progress, f"train ({engine.method})") as bar:
+    # a bar on a terminal (tpcompiler.progress); ``progress`` True/False forces it on/off
+    with bars.bar(steps, f"train ({engine.method})", unit="step", enabled=progress) as bar:
         if eval_every:
             evaluate(0)
         for item in data:

@@ -273,6 +273,24 @@ def parse_abc(text: str, depth: int) -> ABC:
     return abc_from_values(depth, parts["a"], parts["b"], parts["c"])
 
 
+
+def network_depth(graph) -> int:
+    """L of a network template: 1 + its trained n x n matrices (docs/DESIGN.md 2.4)."""
+    from tpcompiler.ir.ops import InitMat
+
+    return 1 + sum(1 for k in graph.g if isinstance(graph.op(k), InitMat) and graph.op(k).trainable)
+
+
+def resolve(spec, graph) -> ABC:
+    """The parametrization ``spec`` -- an ABC, a name of ``named`` or "a=..;b=..;c=.." -- for the
+    network template ``graph`` (its depth from ``network_depth``)."""
+    if isinstance(spec, ABC):
+        return spec
+    if not isinstance(spec, str):
+        raise ProgramError(f"parametrization: expected a name such as 'mup' or 'a=..;b=..;c=..', got {spec!r}")
+    depth = network_depth(graph)
+    return parse_abc(spec, depth) if "=" in spec else named(spec, depth)
+
 # --------------------------------------------------------------------------- classification
 
 @dataclass(frozen=True)

@@ -28,7 +28,7 @@ import numpy as np
 import sympy as sp
 from threadpoolctl import ThreadpoolController
 
-from tpcompiler import expectations
+from tpcompiler import expectations, progress
 from tpcompiler.ir import symbols
 from tpcompiler.backends.codegen import custom_functions_source, load_module, print_body
 from tpcompiler.ir.graph import Graph, ProgramError
@@ -213,6 +213,12 @@ def mirror(out, diagonal):
     def __call__(self, X, X2=None) -> dict[str, np.ndarray]:
         """{"nngp", "ntk"}: k(X, X); with X2 also {"nngp_x2", "ntk_x2"}: k(X2, X)."""
         X = self._check(X, "X")
+        # the first call JIT-compiles the generated module (seconds): say so on a terminal
+        with progress.status("kernels: compiling the generated Numba code and running",
+                             enabled=False if self.module.pair_stage.signatures else None):
+            return self._call(X, X2)
+
+    def _call(self, X, X2):
         timing = {}
         X2 = None if X2 is None else self._check(X2, "X2")
         # Grams (BLAS) before any Numba stage: each runtime's idle threads spin for a while

@@ -1,0 +1,75 @@
+"""tp.coordcheck (mup-style coordinate check): the measured growth exponents against the
+abc-parametrization theory (docs/DESIGN.md 2.4), not the picture.
+
+Expected exponents of the change after the first SGD step (derivation in the docstring of
+tpcompiler/coordcheck.py; backward vectors have coordinates n^{-(a_{L+1} + b_{L+1})}):
+first layer n^{-c - 2 a_1 - (a_{L+1} + b_{L+1})}, hidden layer n^{1 - c - 2 a_l - (a_{L+1} + b_{L+1})},
+output n^{1 - c - 2 a_{L+1}} at least.
+  muP  (a = -1/2, 0, 1/2; b = 1/2; c = 0): 0 everywhere, at every step;
+  NTP  (a = 0, 1/2, 1/2; b = 0; c = 0):    every layer -1/2, f 0;
+  SP   (a = 0; b = 0, 1/2, 1/2; c = 0):    layer 1 -1/2, layer 2 +1/2, f +1 (linear network;
+       with relu the mean of dx^2 adds dv . dx^2 ~ n^{3/2}: the slope lies between 1 and 3/2).
+At initialization every layer is Theta(1); f_0 is n^{-1/2} under muP (docs/DESIGN.md 2.8).
+Tolerances: the spread of the slopes over probe seeds 0..3 (widths 32..256, 16 networks each):
+about 0.05 for relu (0.2 for f, whose two terms n and n^{3/2} mix at these widths), up to 0.18 for
+the linear network.
+"""
+from pathlib import Path
+
+import pytest
+
+import tpcompiler as tp
+
+PROGRAMS = Path(__file__).resolve().parent.parent / "programs"
+WIDTHS = (32, 64, 128, 256)
+TOL = 0.15
+LINEAR_TOL = 0.2  # the linear network's slopes spread more over probe seeds (0.1 to 0.18)
+
+
+@pytest.fixture(scope="module")
+def relu_check():
+    net = tp.load(PROGRAMS / "mlp.py", depth=2, phi="relu", d=4)
+    return tp.coordcheck(net, ["mup", "sp", "ntp"], WIDTHS, steps=2, seeds=16, lr=0.5)
+
+
+def test_layers_are_the_forward_vectors_and_the_output(relu_check):
+    assert relu_check.layers == ["g", "h1", "x1", "h2", "x2", "f"]
+    assert relu_check.size["mup"].shape == (len(WIDTHS), 3, 6)
+    assert relu_check.change["sp"].shape == (len(WIDTHS), 2, 6)
+
+
+def test_mup_changes_every_layer_by_theta_1_at_every_step(relu_check):
+    for step in (1, 2):
+        for layer in relu_check.layers:
+            assert abs(relu_check.slope("mup", layer, step)) < TOL, (layer, step)
+
+
+def test_every_layer_starts_at_theta_1_and_mup_output_at_n_minus_half(relu_check):
+    for label in ("mup", "sp", "ntp"):
+        for layer in ["g", "h1", "x1", "h2", "x2"]:
+            assert abs(relu_check.slope(label, layer, 0)) < TOL, (label, layer)
+    assert abs(relu_check.slope("mup", "f", 0) + 0.5) < 0.2
+    assert abs(relu_check.slope("sp", "f", 0)) < 0.2
+
+
+def test_sp_with_constant_lr_blows_up_after_one_step(relu_check):
+    for layer in ("g", "h1", "x1"):
+        assert abs(relu_check.slope("sp", layer, 1) + 0.5) < TOL, layer
+    for layer in ("h2", "x2"):
+        assert abs(relu_check.slope("sp", layer, 1) - 0.5) < TOL, layer
+    assert 1.0 - TOL < relu_check.slope("sp", "f", 1) < 1.5 + TOL
+
+
+def test_ntp_features_move_like_n_minus_half_and_f_like_1(relu_check):
+    for layer in ("g", "h1", "x1", "h2", "x2"):
+        assert abs(relu_check.slope("ntp", layer, 1) + 0.5) < TOL, layer
+    assert abs(relu_check.slope("ntp", "f", 1)) < TOL
+
+
+def test_sp_linear_network_hidden_layers_grow_like_root_n_and_output_like_n():
+    net = tp.load(PROGRAMS / "mlp.py", depth=3, phi="identity", d=4)
+    check = tp.coordcheck(net, "sp", WIDTHS, steps=1, seeds=16, lr=0.5)
+    assert abs(check.slope("sp", "x1", 1) + 0.5) < LINEAR_TOL
+    for layer in ("x2", "x3"):
+        assert abs(check.slope("sp", layer, 1) - 0.5) < LINEAR_TOL, layer
+    assert abs(check.slope("sp", "f", 1) - 1.0) < LINEAR_TOL

@@ -1,0 +1,94 @@
+"""Progress bars for long work, one helper for the whole package (tqdm).
+
+Every operation that can take more than a few seconds -- particle evaluation, the step
+engine's training loop, Numba compilation of generated kernels, ``tpc check`` over widths,
+``tp.coordcheck``, the experiments -- reports through :func:`bar` (a counted loop) or
+:func:`status` (one long call, e.g. a JIT compilation: a line with the elapsed time).
+
+Whether anything is shown is decided in one place, :func:`is_enabled`:
+
+1. an explicit ``enabled=True/False`` argument of the call wins;
+2. else the setting of the innermost :func:`configured` block (``tpc --quiet`` runs its
+   command inside ``configured(False)``; tests force bars on with ``configured(True)``);
+3. else a bar is shown exactly when standard error is a terminal, so logs, pipes and CI stay
+   clean.
+
+Bars write to standard error, never to standard output (which carries results and JSON).
+"""
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import sys
+import threading
+
+_SETTING: contextvars.ContextVar = contextvars.ContextVar("tpcompiler_progress", default=None)
+
+#: Seconds between refreshes of a :func:`status` line while its call runs.
+STATUS_REFRESH = 0.5
+
+
+def is_enabled(flag: bool | None = None) -> bool:
+    """Whether to show progress (module docstring: argument, then setting, then terminal)."""
+    if flag is not None:
+        return bool(flag)
+    setting = _SETTING.get()
+    if setting is not None:
+        return setting
+    stream = sys.stderr
+    return bool(stream is not None and hasattr(stream, "isatty") and stream.isatty())
+
+
+@contextlib.contextmanager
+def configured(show: bool | None):
+    """Within the block, progress is shown (True), hidden (False) or follows the terminal (None)."""
+    token = _SETTING.set(show)
+    try:
+        yield
+    finally:
+        _SETTING.reset(token)
+
+
+def bar(total: int | None = None, desc: str = "", unit: str = "it", enabled: bool | None = None, **kwargs):
+    """A tqdm bar on standard error (a disabled one, which prints nothing, when progress is off)."""
+    from tqdm import tqdm
+
+    return tqdm(total=total, desc=desc, unit=unit, disable=not is_enabled(enabled),
+                file=sys.stderr, dynamic_ncols=True, **kwargs)
+
+
+def iterate(iterable, desc: str = "", total: int | None = None, unit: str = "it", enabled: bool | None = None):
+    """``iterable`` with a bar that advances once per item."""
+    if total is None and hasattr(iterable, "__len__"):
+        total = len(iterable)
+    with bar(total, desc, unit, enabled) as b:
+        for item in iterable:
+            yield item
+            b.update(1)
+
+
+@contextlib.contextmanager
+def status(desc: str, enabled: bool | None = None):
+    """A one-line indicator for a single long call (no count to advance): shows ``desc`` and
+    the elapsed time, refreshed every STATUS_REFRESH seconds by a helper thread, and marks
+    it done when the block ends."""
+    show = is_enabled(enabled)
+    if not show:
+        yield
+        return
+    with bar(1, desc, unit="", enabled=True, bar_format="{desc}: {elapsed}{postfix}") as b:
+        stop = threading.Event()
+
+        def refresh():
+            while not stop.wait(STATUS_REFRESH):
+                b.refresh()
+
+        thread = threading.Thread(target=refresh, daemon=True)
+        thread.start()
+        try:
+            yield
+        finally:
+            stop.set()
+            thread.join()
+            b.set_postfix_str("done", refresh=False)
+            b.update(1)
