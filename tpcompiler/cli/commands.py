@@ -486,8 +486,10 @@ def main(argv=None) -> int:
             raise CommandError("give a command: " + ", ".join(sorted(parser._subparsers._group_actions[0].choices)))
         from tpcompiler import progress
 
-        with progress.configured(False if getattr(args, "quiet", False) else None):
-            return args.func(args)
+        if getattr(args, "quiet", False):
+            with progress.configured(False):
+                return args.func(args)
+        return args.func(args)
     except (CommandError, ProgramError) as exc:  # user errors: the project's error types
         message = str(exc)
         print(f"tpc: error: {message.splitlines()[0] if message else type(exc).__name__}", file=sys.stderr)
