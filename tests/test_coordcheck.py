@@ -73,3 +73,17 @@ def test_sp_linear_network_hidden_layers_grow_like_root_n_and_output_like_n():
     for layer in ("x2", "x3"):
         assert abs(check.slope("sp", layer, 1) - 0.5) < LINEAR_TOL, layer
     assert abs(check.slope("sp", "f", 1) - 1.0) < LINEAR_TOL
+
+
+def test_a_diverging_network_is_reported_not_fitted():
+    """SP with a huge learning rate overflows at step 2: those steps have no values and no
+    slope (NaN, null in JSON), and the report says where it diverged."""
+    import json
+    import math
+
+    net = tp.load(PROGRAMS / "mlp.py", depth=2, phi="relu", d=3)
+    check = tp.coordcheck(net, "sp", (8, 16), steps=2, seeds=1, lr=1e60)
+    assert check.diverged["sp"] == {8: 2, 16: 2}
+    assert math.isfinite(check.slope("sp", "h2", 1)) and math.isnan(check.slope("sp", "h2", 2))
+    assert json.loads(check.to_json())["params"]["sp"]["change"]["f"]["slopes"][1] is None
+    assert "width 8: diverged at step 2" in check.report()

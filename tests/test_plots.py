@@ -183,6 +183,15 @@ def test_coordcheck_bad_input_is_one_line(capsys, args, message):
     assert message in err
 
 
+def test_coordcheck_data_must_match(capsys, data, tmp_path):
+    np.save(tmp_path / "Y5.npy", np.ones(5))
+    rc, _, err = tpc(capsys, "coordcheck", MLP, "-p", "depth=1", "--widths", "8,16", "--x", data / "X.npy",
+                     "--y", tmp_path / "Y5.npy")
+    assert rc == 2 and err.startswith("tpc: error: --y: need one row of targets per row of X (4)") and err.count("\n") == 1
+    rc, _, err = tpc(capsys, "coordcheck", MLP, "-p", "depth=1", "--widths", "8,16", "--x", data / "X.npy")
+    assert rc == 2 and "--x and --y go together" in err
+
+
 def test_train_and_kernels_plot_bad_input_is_one_line(capsys, data, tmp_path):
     common = ["train", MLP, "-p", "depth=1", "--param", "mup", "--x", data / "X.npy", "--y", data / "Y.npy",
               "--lr", "0.1", "--steps", "1", "--out", tmp_path / "t.npz"]

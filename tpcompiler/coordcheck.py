@@ -137,11 +137,18 @@ class CoordCheck:
                 ax = axes[t, c]
                 values = self.size[label][:, 0, :] if t == 0 else self.change[label][:, t - 1, :]
                 slopes = self.size_slope[label][0] if t == 0 else self.change_slope[label][t - 1]
+                drawn = 0
                 for j, layer in enumerate(self.layers):
                     y = np.where(values[:, j] > 0, values[:, j], np.nan)
                     if np.all(np.isnan(y)):
                         continue
                     ax.loglog(widths, y, "o-", ms=3, color=colors[j], label=f"{layer} ({slopes[j]:+.2f})")
+                    drawn += 1
+                ax.set_xscale("log")
+                if drawn:
+                    ax.legend(fontsize="xx-small", title="layer (slope)", title_fontsize="xx-small")
+                else:
+                    ax.text(0.5, 0.5, "diverged (non-finite output)", transform=ax.transAxes, ha="center")
                 ax.set_xticks(widths)
                 ax.set_xticklabels([str(int(w)) for w in widths], fontsize="x-small")
                 ax.minorticks_off()
@@ -150,7 +157,6 @@ class CoordCheck:
                     ax.set_ylabel("mean |coordinate|")
                 if t == rows - 1:
                     ax.set_xlabel("width n")
-                ax.legend(fontsize="xx-small", title="layer (slope)", title_fontsize="xx-small")
         fig.suptitle(f"coordinate check: {self.program} (lr {self.lr:g}, {self.seeds} seeds)")
         fig.tight_layout()
         save(fig, path)
@@ -241,7 +247,10 @@ def coordcheck(net, params=DEFAULT_PARAMS, widths=DEFAULT_WIDTHS, *, steps: int 
     elif Y is None:
         raise validation.ArgumentError("Y: give targets with X (or neither, for the default probe batch)")
     X = validation.array(X, "X", ndim=2, min_rows=1)
-    Y = np.asarray(validation.array(Y, "Y"), dtype=np.float64).reshape(X.shape[0], -1)
+    Y = validation.array(Y, "Y")
+    if Y.ndim == 0 or Y.shape[0] != X.shape[0]:
+        raise validation.ArgumentError(f"Y: need one row of targets per row of X ({X.shape[0]}), got shape {Y.shape}")
+    Y = np.asarray(Y, dtype=np.float64).reshape(X.shape[0], -1)
     result = CoordCheck(graph.name, labels, abcs, widths, [], steps, seeds, lr)
     with progress.bar(len(abcs) * len(widths), "coordcheck", unit="width", enabled=progress_bar) as bar:
         for label, abc in zip(labels, abcs):

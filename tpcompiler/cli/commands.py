@@ -347,7 +347,8 @@ def cmd_coordcheck(args) -> int:
     except validation.ArgumentError as exc:
         message = str(exc)
         name, sep, rest = message.partition(": ")
-        raise CommandError(f"--{name}: {rest}" if sep and name in ("params", "X", "Y") else message) from None
+        options = {"params": "--param", "X": "--x", "Y": "--y"}
+        raise CommandError(f"{options[name]}: {rest}" if sep and name in options else message) from None
     if plot_path:  # with --json, stdout carries JSON only: the plot's path goes into it and to stderr
         _write_plot(lambda path: result.plot(path), plot_path, stream=sys.stderr if args.json else None)
     if args.json:
