@@ -154,6 +154,20 @@ def test_fit_shows_its_bar_only_when_forced(capsys):
     assert "train (finite)" in capsys.readouterr().err
 
 
+def test_particle_limit_shows_its_groups_only_when_forced(capsys):
+    p = tp.Program("tiny")
+    h = p.mat("W") @ p.vec("u")
+    p.output("s", tp.mean(tp.tanh(h) * tp.tanh(h)))
+    c = tp.compile(p)
+    quiet = c.limit(particles=2000, method="particles")
+    assert capsys.readouterr().err == ""
+    with progress.configured(True):
+        forced = c.limit(particles=2000, method="particles")
+    err = capsys.readouterr().err
+    assert "particles (2000)" in err and "10/10" in err
+    assert forced == quiet  # the bar does not touch the random streams
+
+
 def test_quiet_option_silences_a_forced_bar(capsys):
     argv = ["coordcheck", MLP, "-p", "depth=1", "--params", "mup", "--widths", "8,16", "--steps", "1", "--seeds", "1"]
     with progress.configured(True):
