@@ -57,11 +57,13 @@ def bar(total: int | None = None, desc: str = "", unit: str = "it", enabled: boo
                 file=sys.stderr, dynamic_ncols=True, **kwargs)
 
 
-def iterate(iterable, desc: str = "", total: int | None = None, unit: str = "it", enabled: bool | None = None):
-    """``iterable`` with a bar that advances once per item."""
+def iterate(iterable, desc: str = "", total: int | None = None, unit: str = "it", enabled: bool | None = None,
+            **kwargs):
+    """``iterable`` with a bar that advances once per item (``kwargs`` go to tqdm, e.g.
+    leave=False for an inner loop whose bar should vanish when done)."""
     if total is None and hasattr(iterable, "__len__"):
         total = len(iterable)
-    with bar(total, desc, unit, enabled) as b:
+    with bar(total, desc, unit, enabled, **kwargs) as b:
         for item in iterable:
             yield item
             b.update(1)

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from tpcompiler import progress
 from tpcompiler.ir import ops
 from tpcompiler.ir.graph import Graph, ProgramError
 from tpcompiler.backends.lowering import evaluate
@@ -127,5 +128,6 @@ def _run_input(m: _Machine, key: str, op, args: tuple) -> None:
 
 def simulate_many(graph: Graph, n: int, seeds) -> dict[str, np.ndarray]:
     """Outputs of ``run`` over several seeds: name -> array over seeds."""
-    rows = [run(graph, n, s)[0] for s in seeds]
+    seeds = list(seeds)
+    rows = [run(graph, n, s)[0] for s in progress.iterate(seeds, f"width {n}", unit="seed", leave=False)]
     return {name: np.array([r[name] for r in rows]) for name in graph.outputs}
