@@ -10,8 +10,9 @@ program in order:
   sqrt(sigma^2 E[Z^x Z^x] - |l|^2) (incremental Cholesky of the family's covariance);
 * ZDot coefficients E[dZ^x/dZHat^v] are averages over particles of the symbolic
   derivative, propagated forward through the recursion (tangents), or, where that
-  derivative holds a Dirac delta (derivatives of step/relu'), Stein's lemma for the
-  family: E[grad_g f] = L^{-T} E[f xi];
+  derivative holds a Dirac delta (derivatives of step/relu') or the product has at least
+  STEIN_TERMS ZDot terms, Stein's lemma over the family's members D that Z^x depends
+  on: E[grad_D f] = Sigma_DD^{-1} E[f ZHat_D];
 * Nonlin applies phi to particles; Moments and expectations are particle averages;
   expectations proven zero by the symbolic stage are exactly 0.
 
@@ -233,11 +234,11 @@ class _Run:
         With L_D^T = Q R (QR), eta = Q^T xi are iid N(0, 1), ZHat_D = R^T eta and
         E[grad_D f] = R^{-1} Q^T E[f xi] (one average per member and a triangular solve).
 
-        Solving over D, not over the whole family: a member of D nearly collinear with
-        members outside D (the same input's features one step later, in an unrolled training
-        program) has a tiny conditional variance given the whole family, and the whole
-        family's L^{-T} multiplies the particle noise of E[f xi] by its inverse (10^4 was
-        seen), which the nonlinear layers after turn into a bias.  Given D alone the
+        Solving over D, not over the whole family: a member of D that is nearly a linear
+        combination of members outside D (in an unrolled training program, the features of
+        the other inputs and steps) has a tiny conditional variance given the whole family,
+        and the whole family's L^{-T} multiplies the particle noise of E[f xi] by its inverse
+        (10^4 was seen), which the nonlinear layers after turn into a bias.  Given D alone the
         derivative is as well-determined as Z^x's dependence on it, and the noise it leaves
         in the ZDot sum sigma^2 sum_{k in D} Z^{y_k} E[dZ^x/dZHat^k] stays of order
         |D| / particles.  A member of D that is a combination of earlier members of D
