@@ -10,8 +10,9 @@ program in order:
   sqrt(sigma^2 E[Z^x Z^x] - |l|^2) (incremental Cholesky of the family's covariance);
 * ZDot coefficients E[dZ^x/dZHat^v] are averages over particles of the symbolic
   derivative, propagated forward through the recursion (tangents), or, where that
-  derivative holds a Dirac delta (derivatives of step/relu'), Stein's lemma for the
-  family: E[grad_g f] = L^{-T} E[f xi];
+  derivative holds a Dirac delta (derivatives of step/relu') or the product has at least
+  STEIN_TERMS ZDot terms, Stein's lemma over the family's members D that Z^x depends
+  on: E[grad_D f] = Sigma_DD^{-1} E[f ZHat_D];
 * Nonlin applies phi to particles; Moments and expectations are particle averages;
   expectations proven zero by the symbolic stage are exactly 0.
 
@@ -225,31 +226,48 @@ class _Run:
         return t
 
     def _stein(self, x: str, sources: list[str]) -> dict[str, float]:
-        """E[dZ^x/dZHat^k] for sources k of one ZHat family, all at once, by Stein's lemma.
+        """E[dZ^x/dZHat^k] for sources k of one ZHat family, all at once, by Stein's lemma
+        over the members D that Z^x depends on.
 
-        The family's members are ZHat = L xi with xi iid N(0, 1) per particle, so for f = Z^x
-        E[grad_ZHat f] = L^{-T} E[f xi] (one average per member and a triangular solve).  A
-        degenerate member (zero diagonal: its ZHat is a combination of earlier ones) has no
-        noise of its own; its derivative is carried by the members it combines, which gives
-        the same ZDot sum sigma^2 sum_k Z^{y_k} E[dZ^x/dZHat^k]."""
+        The family's members are ZHat = L xi with xi iid N(0, 1) per particle, and Z^x depends
+        on the family only through ZHat_D = L_D xi (the rest of its randomness is independent
+        of the family), so E[f ZHat_D] = Sigma_DD E[grad_D f] with Sigma_DD = L_D L_D^T.
+        With L_D^T = Q R (QR), eta = Q^T xi are iid N(0, 1), ZHat_D = R^T eta and
+        E[grad_D f] = R^{-1} Q^T E[f xi] (one average per member and a triangular solve).
+
+        Solving over D, not over the whole family: a member of D that is nearly a linear
+        combination of members outside D (in an unrolled training program, the features of
+        the other inputs and steps) has a tiny conditional variance given the whole family,
+        and the whole family's L^{-T} multiplies the particle noise of E[f xi] by its inverse
+        (10^4 was seen), which the nonlinear layers after turn into a bias.  Given D alone the
+        derivative is as well-determined as Z^x's dependence on it, and the noise it leaves
+        in the ZDot sum sigma^2 sum_{k in D} Z^{y_k} E[dZ^x/dZHat^k] stays of order
+        |D| / particles.  A member of D that is a combination of earlier members of D
+        (degenerate: no direction of its own) has its derivative carried by the members it
+        combines, which gives the same ZDot sum."""
         family = self.zp.entries[sources[0]].family
         fam = self.families[family]
         deps = self.zp.entries[x].deps
-        last = max(j for j, m in enumerate(fam.members) if m in deps)
+        D = [j for j, m in enumerate(fam.members) if m in deps]
+        last = D[-1]
         f = self.env[x]
         r = np.array([float(np.dot(f, fam.noise[j])) / self.M for j in range(last + 1)])
-        L = fam.L[: last + 1, : last + 1]
-        u = np.zeros(last + 1)
-        for j in range(last, -1, -1):  # back substitution for L^T u = r, skipping degenerate rows
-            if L[j, j] > 0.0:
-                u[j] = (r[j] - L[j + 1:, j] @ u[j + 1:]) / L[j, j]
-        index = {m: j for j, m in enumerate(fam.members)}
-        out = {s: float(u[index[s]]) if index[s] <= last else 0.0 for s in sources}
+        LD = fam.L[np.ix_(D, range(last + 1))]
+        Q, R = np.linalg.qr(LD.T)
+        w = Q.T @ r
+        scale = np.sqrt(np.maximum(np.einsum("ij,ij->i", LD, LD), 1e-300))
+        live = np.abs(np.diag(R)) > np.sqrt(DEGENERATE) * scale
+        u = np.zeros(len(D))
+        for i in range(len(D) - 1, -1, -1):  # back substitution for R u = w, skipping degenerate rows
+            if live[i]:
+                u[i] = (w[i] - R[i, i + 1:] @ u[i + 1:]) / R[i, i]
+        position = {fam.members[j]: i for i, j in enumerate(D)}
+        out = {s: float(u[position[s]]) if s in position else 0.0 for s in sources}
         for s in sources:  # a degenerate source's derivative lives on the members it combines
-            j = index[s]
-            if j <= last and L[j, j] == 0.0:
-                for k in np.nonzero(L[j, :j])[0]:
-                    out.setdefault(fam.members[k], float(u[k]))
+            i = position.get(s)
+            if i is not None and not live[i]:
+                for k in np.nonzero(R[:i, i])[0]:
+                    out.setdefault(fam.members[D[k]], float(u[k]))
         return out
 
 
