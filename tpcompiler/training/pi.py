@@ -200,6 +200,22 @@ def _describe(spec: PiSpec) -> str:
     return f"depth={spec.depth}, r={spec.r}, d={spec.d}, dout={spec.dout}, bias={spec.bias}"
 
 
+def save_metadata(engine) -> dict:
+    """The metadata keys of a saved engine: '_spec', '_options', '_method'."""
+    return dict(_spec=np.array(engine.spec.to_json()), _options=np.array(json.dumps(engine.options())),
+                _method=np.array(engine.method))
+
+
+def spec_and_options(path, meta: dict, spec, kwargs: dict):
+    """(spec, constructor options) of a saved engine: the given ones first, else its metadata."""
+    if spec is None:
+        if "_spec" not in meta:
+            raise ValueError(f"{path}: no '_spec' metadata; pass the PiSpec")
+        spec = PiSpec.from_json(meta["_spec"])
+    saved = json.loads(meta["_options"]) if "_options" in meta else {}
+    return spec, {**saved, **kwargs}
+
+
 def load_state_file(path) -> tuple[dict, dict]:
     """(state arrays, metadata strings) of a .npz state file; metadata keys start with '_'."""
     with np.load(path, allow_pickle=False) as z:
@@ -421,17 +437,20 @@ class PiLimit:
             out[f"b{l}"] = b.copy()
         return out
 
+    def options(self) -> dict:
+        """The constructor's training options (saved with the state)."""
+        return dict(loss=self.loss, wd=self.wd, clip=self.clip, mult=dict(self.mult))
+
     def save(self, path) -> None:
-        np.savez(path, **self.state(), _spec=np.array(self.spec.to_json()), _method=np.array(self.method))
+        """The state under pilimit_orig's keys, plus '_spec' and '_options' (JSON) metadata."""
+        np.savez(path, **self.state(), **save_metadata(self))
 
     @classmethod
     def load(cls, path, spec: PiSpec | None = None, **kwargs):
+        """An engine from a saved .npz (spec and options from its metadata unless given)."""
         state, meta = load_state_file(path)
-        if spec is None:
-            if "_spec" not in meta:
-                raise ValueError(f"{path}: no '_spec' metadata; pass the PiSpec")
-            spec = PiSpec.from_json(meta["_spec"])
-        return cls(spec, state=state, **kwargs)
+        spec, kwargs = spec_and_options(path, meta, spec, kwargs)
+        return cls(spec, state=check_state(spec, state), **kwargs)
 
     # -- forward and backward -------------------------------------------------------------
     def _layer_forward(self, l: int, g_prev: np.ndarray):
