@@ -493,7 +493,9 @@ class PiLimit:
             k22 = np.einsum("ij,ij->i", g_prev, g_prev)[:, None]
             dgam = (dg[l] @ A.T) * Amult
             t11 = self.T.t11(sq[None, :], k12, k22)
-            t02 = self.T.t02(sq[None, :], k12, k22)
+            zero = k22[:, 0] == 0.0  # g^{l-1} = 0: the term g T02 vanishes (relu: F02 g/|g| -> its limit 0)
+            t02 = self.T.t02(sq[None, :], k12, np.where(zero[:, None], 1.0, k22))
+            t02[zero] = 0.0
             dg[l - 1] = weighted_rows(dgam * t11, B) + np.einsum("ij,ij->i", dgam, t02)[:, None] * g_prev
         dA1 = spec.a1 * cache.X.T @ dg[1]
         db = {}
@@ -516,7 +518,9 @@ class PiLimit:
         if not self.spec.normalised:
             return dg, g_prev
         s = np.sqrt(np.einsum("ij,ij->i", g_prev, g_prev))[:, None]
-        return dg * s, g_prev / s
+        unit = np.divide(g_prev, s, out=np.zeros_like(g_prev), where=s > 0)
+        unit[s[:, 0] == 0, 0] = 1.0  # g = 0 adds a zero row (A~ = 0); any unit B~ will do
+        return dg * s, unit
 
     def rows_norm(self, A_new: np.ndarray, B_new: np.ndarray) -> float:
         """sqrt(tr(A~^T V A~)), V_ij = T00(|B~_i|^2, B~_i.B~_j, |B~_j|^2): the limit's Frobenius norm
