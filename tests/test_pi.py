@@ -319,6 +319,10 @@ CONVERGENCE = [
 @pytest.mark.parametrize("case", CONVERGENCE, ids=lambda c: f"{c['phi']}-L{c['depth']}-bias{int(c['bias'])}-"
                          f"wd{c['wd']}-clip{c['clip']}")
 def test_finite_pi_net_converges_to_limit(case):
+    """Outputs and first-layer weights (A1 against the finite K1^T, W^1 = Omega_1 K1) after
+    three SGD steps: the error falls like n^{-1/2} and the seed mean at the top width agrees
+    with the limit.  A1 is the sensitive check of the backward pass (halving T02 moves it by
+    ~15 standard errors at n = 4096)."""
     spec = tp.PiSpec(depth=case["depth"], r=4, d=3, dout=2, phi=case["phi"], bias=case["bias"], ab=0.5)
     state = tp.pi.init_state(spec, seed=3)
     if spec.bias:
@@ -329,20 +333,43 @@ def test_finite_pi_net_converges_to_limit(case):
     def train(engine, clip=case["clip"]):
         for _ in range(3):
             engine.step(X, Y, 1.0, **{**opts, "clip": clip})
-        return engine.forward(X)
+        first = engine.A1 if isinstance(engine, tp.PiLimit) else engine.K[1].T
+        return engine.forward(X), first
 
     limit = train(tp.PiLimit(spec, state=state))
     if case["clip"] is not None:  # clipping changes the trajectory by much more than the tolerances
-        assert np.abs(train(tp.PiLimit(spec, state=state), clip=None) - limit).max() > 0.05 * np.abs(limit).max()
-    rms, top = [], None
-    for n in WIDTHS:
-        err = np.array([train(PiFinite(spec, n, state=state, seed=s)) - limit for s in range(SEEDS)])
-        rms.append(np.sqrt(np.mean(err**2)))
-        top = err
-    slope = np.polyfit(np.log(WIDTHS), np.log(rms), 1)[0]
-    assert -0.8 < slope < -0.3, (slope, rms)
-    z = top.mean(axis=0) / (top.std(axis=0, ddof=1) / math.sqrt(SEEDS))
-    assert np.all(np.abs(z) < 4.0), z
+        assert np.abs(train(tp.PiLimit(spec, state=state), clip=None)[0] - limit[0]).max() > 0.05 * np.abs(limit[0]).max()
+    runs = {n: [train(PiFinite(spec, n, state=state, seed=s)) for s in range(SEEDS)] for n in WIDTHS}
+    for k, what in enumerate(("outputs", "A1")):
+        rms = [np.sqrt(np.mean([(run[k] - limit[k]) ** 2 for run in runs[n]])) for n in WIDTHS]
+        slope = np.polyfit(np.log(WIDTHS), np.log(rms), 1)[0]
+        assert -0.8 < slope < -0.3, (what, slope, rms)
+        top = np.array([run[k] - limit[k] for run in runs[WIDTHS[-1]]])
+        z = top.mean(axis=0) / (top.std(axis=0, ddof=1) / math.sqrt(SEEDS))
+        assert np.all(np.abs(z) < 4.0), (what, z)
+
+
+@pytest.mark.parametrize("phi", ["relu", "erf"])
+def test_finite_clip_norms_converge_to_the_limits_norms(phi):
+    """The norm each tensor is clipped with (limit: sqrt(tr(A~^T V A~)) for a layer's new rows,
+    |dA1|, |db|) is the limit of the finite network's norm of the same update."""
+    spec = tp.PiSpec(depth=2, r=4, d=3, dout=2, phi=phi, bias=True, ab=0.5)
+    state = random_biases(spec, tp.pi.init_state(spec, seed=3))
+    X, Y = data(N=3)
+    lim = tp.PiLimit(spec, state=state)
+    _, dg, dA1, db, cache = lim.gradients(X, Y)
+    expected = {("K", 1): np.linalg.norm(dA1), **{("c", l): np.linalg.norm(v) for l, v in db.items()}}
+    for l in spec.layers():
+        expected[("K", l)] = lim.rows_norm(*lim.new_rows(l, cache.g[l - 2], dg[l]))
+    errs = {n: [] for n in (1024, 16384)}
+    for n in errs:
+        for seed in range(4):
+            fin = PiFinite(spec, n, state=state, seed=seed)
+            hs, out = fin._forward(X)
+            updates = fin._updates(X, hs, tp.pi.loss_and_delta(out, Y, "softmax")[1])
+            errs[n].append([updates[key][1] / value - 1 for key, value in expected.items()])
+    rms = {n: np.sqrt(np.mean(np.square(e))) for n, e in errs.items()}
+    assert rms[16384] < 0.05 and rms[16384] < 0.5 * rms[1024], rms
 
 
 # ---------------------------------------------------------------------------------------
