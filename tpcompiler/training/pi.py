@@ -615,7 +615,8 @@ class PiLimit:
         self.A1 -= lr * mult["first"] * dA1
         for l, (A_new, B_new) in rows.items():
             m = mult["last"] if l == spec.depth + 1 else 1.0
-            self.layers[l].append(A_new, B_new, np.full(A_new.shape[0], -lr * m))
+            if lr * m != 0.0:  # rows with Amult = 0 change nothing (pilimit_orig skips them too)
+                self.layers[l].append(A_new, B_new, np.full(A_new.shape[0], -lr * m))
         for l, v in db.items():
             self.b[l] -= lr * mult["bias"] * v
         return losses
