@@ -425,5 +425,9 @@ def test_bad_state_and_parameters_give_one_line_errors():
         tp.PiSpec(depth=0, r=4, d=3, dout=2)
     with pytest.raises(ValueError, match="loss must be one of"):
         tp.PiLimit(spec, loss="hinge")
+    with pytest.raises(ValueError, match="is not a pi-net"):
+        tp.PiSpec.from_program(tp.load("programs/mlp.py"))
+    with pytest.raises(ValueError, match="cannot read"):
+        tp.PiLimit(spec, state="no-such-state.npz")
     with pytest.raises(ValueError, match="X: expected an"):
         tp.PiLimit(spec).step(np.zeros((2, 5)), np.zeros((2, 2)), 0.1)
