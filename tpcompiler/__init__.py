@@ -20,4 +20,7 @@ from tpcompiler.training.engine import StepEngine
 from tpcompiler.training.fit import History, fit
 from tpcompiler.training import fit as schedules  # tp.schedules.linear(...), tp.schedules.constant(...)
 
+# predictions from kernels (NNGP posterior, NTK ensemble): tp.predict.predict_program(...)
+from tpcompiler import predict
+
 __version__ = "0.1.0"

@@ -142,7 +142,7 @@ def _eigen_filter(k_reg: np.ndarray, s: float) -> Filter:
     evals, evecs = scipy.linalg.eigh(k_reg, check_finite=False)
     top = float(max(evals[-1], 0.0))
     low = float(evals[0])
-    condition = top / low if low > 0 else INF
+    condition = top / low if low > _rounding_floor(len(evals)) * top else INF  # numerically singular: inf
     lam = np.maximum(evals, 0.0)
     if s == INF:
         keep = lam > _rounding_floor(len(lam)) * top
@@ -193,7 +193,7 @@ def nngp_ensemble(k_train, k_test_train, y, k_test=None, t=INF, lr: float = 1.0,
     k_test_train = _block(k_test_train, "k_test_train", (_rows(k_test_train), n), "k(X_test, X_train)")
     s = _scaled_time(t, lr, y.size)
     filt = descent_filter(k_train, s, reg)
-    mean = k_test_train @ filt.apply(y)
+    mean = _like(k_test_train @ filt.apply(_column(y)), y)
     cov = None
     if k_test is not None:
         nt = k_test_train.shape[0]
@@ -215,7 +215,7 @@ def ntk_ensemble(ntk_train, ntk_test_train, y, nngp_train=None, nngp_test_train=
     nt = _rows(ntk_test_train)
     ntk_test_train = _block(ntk_test_train, "ntk_test_train", (nt, n), "Theta(X_test, X_train)")
     filt = descent_filter(ntk_train, _scaled_time(t, lr, y.size), reg)
-    mean = ntk_test_train @ filt.apply(y)
+    mean = _like(ntk_test_train @ filt.apply(_column(y)), y)
     given = [k is not None for k in (nngp_train, nngp_test_train, nngp_test)]
     cov = None
     if any(given):
@@ -289,6 +289,15 @@ def predict_program(program, X, Y, X_test, t=INF, lr: float = 1.0, reg: float = 
         test_train = {g: k[g + "_x2"] for g in KINDS}
         test = None
     return predict(train, test_train, Y, test, t, lr, reg)
+
+
+def _column(y: np.ndarray) -> np.ndarray:
+    return y[:, None] if y.ndim == 1 else y
+
+
+def _like(mean: np.ndarray, y: np.ndarray) -> np.ndarray:
+    """The mean with the targets' rank: (N_test,) for targets (N,), else (N_test, K)."""
+    return mean[:, 0] if y.ndim == 1 else mean
 
 
 def _rows(k) -> int:
