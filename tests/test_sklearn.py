@@ -2,7 +2,6 @@
 kernel matrices (tests/data/nt_predict_reference.*: network erf1 = programs/mlp.py with depth 1,
 erf, w_std 1, no bias), a closed form for the hyperparameter gradient, and scikit-learn's own
 estimator checks."""
-import json
 from pathlib import Path
 
 import numpy as np
