@@ -136,10 +136,9 @@ def _cholesky(k_reg: np.ndarray) -> Filter | None:
                   "cholesky (1-norm condition estimate)")
 
 
-def _eigen_filter(k_reg: np.ndarray, s: float) -> Filter:
-    """g_s by eigendecomposition: s * exprel(-lambda s) for finite s (lambda clipped at 0),
-    the pseudo-inverse 1/lambda above N eps lambda_max for s = inf."""
-    evals, evecs = scipy.linalg.eigh(k_reg, check_finite=False)
+def _eigen_filter(evals: np.ndarray, evecs: np.ndarray, s: float) -> Filter:
+    """g_s from the eigendecomposition of K_r: s * exprel(-lambda s) for finite s (lambda
+    clipped at 0), the pseudo-inverse 1/lambda above N eps lambda_max for s = inf."""
     top = float(max(evals[-1], 0.0))
     low = float(evals[0])
     condition = top / low if low > _rounding_floor(len(evals)) * top else INF  # numerically singular: inf
@@ -157,15 +156,27 @@ def _eigen_filter(k_reg: np.ndarray, s: float) -> Filter:
     return Filter(lambda B: evecs @ (g[:, None] * (evecs.T @ B)), condition, method)
 
 
-def descent_filter(k_train: np.ndarray, s: float, reg: float = 0.0) -> Filter:
-    """g_s(K_r) = K_r^{-1} (I - exp(-K_r s)) as an operator, K_r = ``regularized(k_train, reg)``:
-    Cholesky at s = inf when K_r is well enough conditioned, else eigendecomposition."""
+def descent_filters(k_train: np.ndarray, reg: float, *scales: float) -> list[Filter]:
+    """g_s(K_r) = K_r^{-1} (I - exp(-K_r s)) as operators for each s in ``scales``, K_r =
+    ``regularized(k_train, reg)``: Cholesky at s = inf when K_r is well enough conditioned,
+    else one eigendecomposition shared by all the scales."""
     k_reg = regularized(k_train, reg)
-    if s == INF:
-        chol = _cholesky(k_reg)
-        if chol is not None:
-            return chol
-    return _eigen_filter(k_reg, s)
+    chol = _cholesky(k_reg) if INF in scales else None
+    spectrum = None
+    filters = []
+    for s in scales:
+        if s == INF and chol is not None:
+            filters.append(chol)
+            continue
+        if spectrum is None:
+            spectrum = scipy.linalg.eigh(k_reg, check_finite=False)
+        filters.append(_eigen_filter(*spectrum, s))
+    return filters
+
+
+def descent_filter(k_train: np.ndarray, s: float, reg: float = 0.0) -> Filter:
+    """g_s(K_r) for one s (``descent_filters``)."""
+    return descent_filters(k_train, reg, s)[0]
 
 
 def _scaled_time(t, lr, n_targets: int) -> float:
@@ -192,13 +203,12 @@ def nngp_ensemble(k_train, k_test_train, y, k_test=None, t=INF, lr: float = 1.0,
     y = _targets(y, n)
     k_test_train = _block(k_test_train, "k_test_train", (_rows(k_test_train), n), "k(X_test, X_train)")
     s = _scaled_time(t, lr, y.size)
-    filt = descent_filter(k_train, s, reg)
+    filt, filt2 = descent_filters(k_train, reg, s, 2 * s)  # 2 * inf = inf: the same filter
     mean = _like(k_test_train @ filt.apply(_column(y)), y)
     cov = None
     if k_test is not None:
         nt = k_test_train.shape[0]
         k_test = _block(k_test, "k_test", (nt, nt), "k(X_test, X_test)")
-        filt2 = filt if s == INF else descent_filter(k_train, 2 * s, reg)
         cov = _symmetric(k_test - k_test_train @ filt2.apply(k_test_train.T))
     return _checked(Gaussian(mean, cov, filt.condition, filt.method), "nngp")
 
