@@ -170,6 +170,8 @@ def report(info: dict, ns, tpc: dict, ntr: dict, work: Path) -> str:
             a, b = tpc[f"{n}/{name}"], ntr[f"{n}/{name}"]
             lines.append(f"| {n} | {name} | {a['seconds']:.3g} | {b['seconds']:.3g} | **{b['seconds'] / a['seconds']:.2f}x** "
                          f"| {agreement(work, n, name):.1e} | {a['condition']['ntk']:.3g} ({a['method']['ntk']}) |")
+    lines += ["", f"Load average at the end: {os.getloadavg()[0]:.2f}.  With a load far above the core count, OpenBLAS's "
+              "spinning threads dominate tpcompiler's LAPACK calls; compare ratios measured on a quiet machine."]
     return "\n".join(lines) + "\n"
 
 
