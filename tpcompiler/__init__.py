@@ -27,4 +27,7 @@ from tpcompiler.training import pi
 from tpcompiler.training.pi import PiLimit, PiSpec
 from tpcompiler.training.pi_finite import PiFinite
 
+# predictions from kernels (NNGP posterior, NTK ensemble): tp.predict.predict_program(...)
+from tpcompiler import predict
+
 __version__ = "0.1.0"

@@ -358,6 +358,49 @@ def cmd_coordcheck(args) -> int:
     return 0
 
 
+def _time_value(text: str) -> float:
+    """argparse type of --time: a non-negative number or inf (the end of training)."""
+    if text.strip().lower() in ("inf", "infinity"):
+        return float("inf")
+    try:
+        value = float(text)
+    except ValueError:
+        value = None
+    if value is None or not 0 <= value < float("inf"):
+        raise argparse.ArgumentTypeError(f"expected a non-negative number or inf, got {text!r}")
+    return value
+
+
+_time_value.__name__ = "time"
+
+
+def cmd_predict(args) -> int:
+    from tpcompiler.predict import predict_program
+
+    X = _load_array(args.x, "--x")
+    Y = _load_array(args.y, "--y")
+    Xt = _load_array(args.xt, "--xt")
+    if X.ndim != 2:
+        raise CommandError(f"--x must be an N x d array, got shape {X.shape}")
+    if Y.ndim not in (1, 2) or Y.shape[0] != X.shape[0]:
+        raise CommandError(f"--y must hold one target row per row of --x (N = {X.shape[0]}), got shape {Y.shape}")
+    if Xt.ndim != 2 or Xt.shape[1] != X.shape[1]:
+        raise CommandError(f"--xt must be an N_test x {X.shape[1]} array (the columns of --x), got shape {Xt.shape}")
+    out = _out_path(args.out)
+    Y = Y.reshape(Y.shape[0], -1)  # P.npz holds N_test x K means whatever the rank of --y
+    result = predict_program(_program(args, X), X, Y, Xt, t=args.time, lr=args.lr, reg=args.reg, rtol=args.rtol)
+    arrays = {}
+    for kind, g in result.items():
+        arrays.update({f"{kind}_mean": g.mean, f"{kind}_cov": g.cov, f"{kind}_condition": np.float64(g.condition)})
+    try:
+        np.savez(out, **arrays)
+    except OSError as exc:
+        raise CommandError(f"--out: cannot write {out!r} ({exc.strerror or exc})") from None
+    print(f"wrote {out}: nngp_mean, ntk_mean {result['ntk'].mean.shape}, nngp_cov, ntk_cov {result['ntk'].cov.shape}; "
+          + "; ".join(f"{k} kernel condition {g.condition:.3g} ({g.method})" for k, g in result.items()))
+    return 0
+
+
 def cmd_classify(args) -> int:
     from tpcompiler.training.parametrization import classification_report
 
@@ -467,6 +510,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="measurements and exponents as JSON")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_coordcheck)
+
+    p = sub.add_parser("predict", help="NNGP posterior and NTK ensemble predictions (mean, covariance)")
+    _common(p, data=False)
+    p.add_argument("--x", required=True, help="training inputs X (N x d .npy)")
+    p.add_argument("--y", required=True, help="training targets Y (N or N x K .npy)")
+    p.add_argument("--xt", required=True, help="test inputs (N_test x d .npy)")
+    p.add_argument("--time", type=_time_value, default=float("inf"), help="training time t, or inf (default)")
+    p.add_argument("--lr", type=_real(), default=1.0, help="learning rate (gradient flow runs to t * lr)")
+    p.add_argument("--reg", type=_real(positive=False, low=0.0, high=1e300), default=0.0,
+                   help="diagonal regularizer, relative to the mean of the training kernel's diagonal")
+    p.add_argument("--rtol", type=_real(low=MIN_RTOL, high=MAX_RTOL), default=1e-10, help="quadrature accuracy where no closed form exists")
+    p.add_argument("--out", required=True, help="output .npz (nngp_mean, nngp_cov, ntk_mean, ntk_cov)")
+    p.set_defaults(func=cmd_predict)
 
     p = sub.add_parser("classify", help="classify an abc-parametrization")
     p.add_argument("--depth", type=_count(1), required=True)

@@ -1,0 +1,249 @@
+"""tpcompiler.predict and `tpc predict` (docs/DESIGN.md 2.3, 2.6): NNGP posterior and NTK
+ensemble predictions, checked against
+
+* neural-tangents' ``gradient_descent_mse_ensemble`` on the same kernel matrices
+  (tests/data/nt_predict_reference.*, generated once by tests/data/make_nt_predict_reference.py),
+* step-by-step kernel gradient descent (``tp.train`` in the kernel regime, NTP),
+* closed forms: a rank-one (singular) kernel, t = 0, duplicated training inputs.
+"""
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import tpcompiler as tp
+from tpcompiler import predict as P
+from tpcompiler.cli.commands import main
+
+ROOT = Path(__file__).resolve().parent.parent
+DATA = ROOT / "tests" / "data"
+MLP = ROOT / "programs" / "mlp.py"
+REF = np.load(DATA / "nt_predict_reference.npz")
+META = json.loads((DATA / "nt_predict_reference.json").read_text())
+KINDS = ("nngp", "ntk")
+
+
+def nt_kernels(net):
+    """neural-tangents' kernel blocks of a reference network: {kind: {train, test_train, test}}."""
+    return {g: {b: REF[f"{net}__{g}_{b}"] for b in ("train", "test_train", "test")} for g in KINDS}
+
+
+def by_block(kernels, block):
+    return {g: kernels[g][block] for g in KINDS}
+
+
+def assert_close(actual, expected, rtol):
+    scale = np.abs(expected).max()
+    assert np.abs(actual - expected).max() <= rtol * scale, (np.abs(actual - expected).max(), scale)
+
+
+def nt_cases():
+    for name, case in META["cases"].items():
+        for i, t in enumerate(case["t"] or [None]):
+            yield pytest.param(name, case, i, t, id=f"{name}-t{t}")
+
+
+@pytest.mark.parametrize("name,case,i,t", nt_cases())
+def test_matches_neural_tangents(name, case, i, t):
+    """Both means and covariances, at infinite time (Cholesky) and finite times
+    (eigendecomposition), with learning rates, regularizers and K = 2 outputs."""
+    k = nt_kernels(case["net"])
+    out = P.predict(by_block(k, "train"), by_block(k, "test_train"), REF["y_train"], by_block(k, "test"),
+                    t=t, lr=case["learning_rate"], reg=case["diag_reg"])
+    for g in KINDS:
+        mean, cov = REF[f"{name}__{g}_mean"], REF[f"{name}__{g}_cov"]
+        if case["t"] is not None:
+            mean, cov = mean[i], cov[i]
+        assert out[g].mean.shape == mean.shape == (5, 2)
+        assert_close(out[g].mean, mean, 1e-12)
+        assert_close(out[g].cov, cov, 1e-12)
+        assert np.isfinite(out[g].condition) and out[g].condition > 1
+
+
+@pytest.fixture(scope="module")
+def erf_net():
+    """programs/mlp.py as reference network erf1 (depth 1, erf, w_std 1, no bias)."""
+    return tp.compile(tp.load(MLP, depth=1, phi="erf", w_std=1.0, d=4))
+
+
+def test_program_end_to_end_matches_neural_tangents(erf_net):
+    """Kernels from the program, predictions from them: neural-tangents' numbers at t = 1, lr = 2."""
+    out = P.predict_program(erf_net, REF["x_train"], REF["y_train"], REF["x_test"], t=1.0, lr=2.0)
+    for g in KINDS:
+        assert_close(out[g].mean, REF[f"erf1_t__{g}_mean"][0], 1e-12)
+        assert_close(out[g].cov, REF[f"erf1_t__{g}_cov"][0], 1e-12)
+    mean_only = P.predict_program(erf_net, REF["x_train"], REF["y_train"], REF["x_test"], t=1.0, lr=2.0, cov=False)
+    assert mean_only["ntk"].cov is None
+    np.testing.assert_allclose(mean_only["ntk"].mean, out["ntk"].mean, rtol=1e-13, atol=1e-15)
+
+
+def test_gradient_flow_is_the_limit_of_tp_train(erf_net):
+    """tp.train (NTP, kernel regime) runs discrete kernel gradient descent, f_{k+1} = f_k -
+    (eta/N) Theta (f_k - Y), whose mean after T steps approaches the flow at t = T with
+    learning rate eta as eta -> 0 at fixed T * eta, with an error linear in eta: halving eta
+    halves it, and the Richardson combination 2 f(eta/2) - f(eta) is second order."""
+    X, Xt, y = REF["x_train"], REF["x_test"], REF["y_train"][:, 0]
+    abc = tp.named("ntp", 1)
+    flow_time = 60.0  # T * eta
+    means = []
+    for eta in (0.04, 0.02):
+        steps = int(round(flow_time / eta))
+        trained = tp.train(erf_net.source, abc, tp.SGD(X, y, steps=steps, lr=eta, X_eval=Xt))
+        means.append(trained.f_eval[-1])
+    flow = P.predict_program(erf_net, X, y, Xt, t=flow_time, lr=1.0, cov=False)["ntk"].mean
+    err = [np.abs(m - flow).max() for m in means]
+    assert 1.8 < err[0] / err[1] < 2.2, err
+    assert err[0] > 1e-5  # the check has teeth: first-order error visible at eta = 0.04
+    assert np.abs(2 * means[1] - means[0] - flow).max() < err[1] / 20
+
+
+def _rank_one(x_train, x_test):
+    """The linear kernel of one-dimensional inputs: K = x x^T, singular for N > 1."""
+    return np.outer(x_train, x_train), np.outer(x_test, x_train), np.outer(x_test, x_test)
+
+
+@pytest.mark.parametrize("t", [0.0, 0.7, 25.0, np.inf])
+def test_singular_kernel_closed_form(t):
+    """K = x x^T has one eigenvalue |x|^2 and N - 1 zeros: the prediction is
+    x_* (1 - exp(-|x|^2 s)) / |x|^2 x^T y with s = t lr / N (at t = inf: x_* x^T y / |x|^2, the
+    minimum-norm interpolant), and the NNGP covariance x_* x_*^T exp(-2 |x|^2 s); never NaN."""
+    x, xt = np.array([1.0, -2.0, 0.5, 3.0]), np.array([0.3, -1.1])
+    y = np.array([0.2, -1.0, 0.7, 2.0])
+    K, Ktx, Ktt = _rank_one(x, xt)
+    lr, n2 = 0.5, x @ x
+    s = t * lr / len(x)
+    decay = 0.0 if t == np.inf else np.exp(-n2 * s)
+    g = P.nngp_ensemble(K, Ktx, y, Ktt, t=t, lr=lr)
+    np.testing.assert_allclose(g.mean, xt * (1 - decay) * (x @ y) / n2, rtol=1e-12, atol=1e-14)
+    np.testing.assert_allclose(g.cov, np.outer(xt, xt) * decay**2, rtol=1e-12, atol=1e-12)
+    assert g.condition == np.inf
+    if t == np.inf:
+        assert "pseudo-inverse" in g.method and "3 eigenvalues" in g.method
+
+
+def test_duplicated_training_inputs_at_infinite_time():
+    """Every row duplicated (an exactly singular kernel, no regularizer): gradient flow still
+    reaches the interpolant of the distinct inputs -- the same mean and covariances."""
+    k = nt_kernels("relu2")
+    idx = np.repeat(np.arange(12), 2)
+    dup = {g: {"train": k[g]["train"][np.ix_(idx, idx)], "test_train": k[g]["test_train"][:, idx],
+               "test": k[g]["test"]} for g in KINDS}
+    y = REF["y_train"]
+    once = P.predict(by_block(k, "train"), by_block(k, "test_train"), y, by_block(k, "test"))
+    twice = P.predict(by_block(dup, "train"), by_block(dup, "test_train"), y[idx], by_block(dup, "test"))
+    for g in KINDS:
+        assert "pseudo-inverse" in twice[g].method
+        assert_close(twice[g].mean, once[g].mean, 1e-9)
+        assert_close(twice[g].cov, once[g].cov, 1e-9)
+
+
+def test_time_zero_and_late_times():
+    """t = 0: the prior (mean 0, covariance K_**); a very late time: the t = inf prediction."""
+    k = nt_kernels("relu2")
+    args = (by_block(k, "train"), by_block(k, "test_train"), REF["y_train"], by_block(k, "test"))
+    start = P.predict(*args, t=0.0)
+    late = P.predict(*args, t=1e9)
+    end = P.predict(*args)
+    for g in KINDS:
+        assert np.all(start[g].mean == 0)
+        np.testing.assert_allclose(start[g].cov, k["nngp"]["test"], rtol=1e-14)
+        assert_close(late[g].mean, end[g].mean, 1e-8)
+        assert_close(late[g].cov, end[g].cov, 1e-8)
+
+
+def test_gp_posterior_and_regularizer_scale():
+    """reg is relative to the mean of the training kernel's diagonal: gp_posterior with reg r
+    is the textbook posterior with noise variance r * mean(diag K)."""
+    k = nt_kernels("erf1")["nngp"]
+    K, Ktx, Ktt, y = k["train"], k["test_train"], k["test"], REF["y_train"]
+    noise = 0.1 * np.trace(K) / len(K)
+    A = np.linalg.solve(K + noise * np.eye(len(K)), np.c_[y, Ktx.T])
+    g = P.gp_posterior(K, Ktx, y, Ktt, reg=0.1)
+    np.testing.assert_allclose(g.mean, Ktx @ A[:, :2], rtol=1e-12)
+    np.testing.assert_allclose(g.cov, Ktt - Ktx @ A[:, 2:], rtol=1e-10, atol=1e-12)
+    np.testing.assert_allclose(P.gradient_descent_mean(K, Ktx, y, reg=0.1), g.mean, rtol=1e-13)
+
+
+@pytest.mark.parametrize("call,words", [
+    (lambda K, T, y: P.nngp_ensemble(K + np.triu(K, 1), T, y), ["k_train", "not symmetric"]),
+    (lambda K, T, y: P.nngp_ensemble(K, T, y[:5]), ["y", "5 rows", "12 x 12"]),
+    (lambda K, T, y: P.nngp_ensemble(K, T[:, :3], y), ["k_test_train", "(5, 12)"]),
+    (lambda K, T, y: P.nngp_ensemble(K, T, y, t=-1.0), ["t", "non-negative"]),
+    (lambda K, T, y: P.nngp_ensemble(K, T, y, t=np.nan), ["t", "non-negative"]),
+    (lambda K, T, y: P.nngp_ensemble(K, T, y, t=1.0, lr=0.0), ["lr", "positive"]),
+    (lambda K, T, y: P.nngp_ensemble(K, T, y, reg=-1e-3), ["reg", "non-negative"]),
+    (lambda K, T, y: P.nngp_ensemble(K * np.nan, T, y), ["k_train", "NaN"]),
+    (lambda K, T, y: P.ntk_ensemble(K, T, y, nngp_train=K), ["nngp_test_train", "all three"]),
+    (lambda K, T, y: P.predict({"nngp": K}, {"nngp": T, "ntk": T}, y), ["train", "'ntk'"]),
+])
+def test_bad_input_names_the_argument(call, words):
+    k = nt_kernels("relu2")["ntk"]
+    with pytest.raises(tp.ProgramError) as info:
+        call(k["train"], k["test_train"], REF["y_train"])
+    for w in words:
+        assert w in str(info.value), (w, str(info.value))
+
+
+# ---------------------------------------------------------------------------------------
+# tpc predict
+# ---------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    d = tmp_path_factory.mktemp("predict_cli")
+    arrays = {"x": REF["x_train"], "y": REF["y_train"], "y1": REF["y_train"][:, 0], "xt": REF["x_test"],
+              "xt3": REF["x_test"][:, :3], "y5": REF["y_train"][:5]}
+    for name, arr in arrays.items():
+        np.save(d / f"{name}.npy", arr)
+    return d
+
+
+def tpc(capsys, *argv):
+    rc = main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return rc, out, err
+
+
+def predict_argv(d, *extra, y="y", xt="xt"):
+    return ["predict", MLP, "-p", "depth=1", "-p", "phi=erf", "--x", d / "x.npy", "--y", d / f"{y}.npy",
+            "--xt", d / f"{xt}.npy", *extra]
+
+
+def test_cli_writes_the_four_arrays(capsys, files, erf_net):
+    out = files / "p.npz"
+    rc, stdout, err = tpc(capsys, *predict_argv(files, "--time", 1, "--lr", 2, "--out", out))
+    assert rc == 0, err
+    assert "condition" in stdout
+    with np.load(out) as p:
+        assert {"nngp_mean", "nngp_cov", "ntk_mean", "ntk_cov"} <= set(p.files)
+        for g in KINDS:
+            assert p[f"{g}_mean"].shape == (5, 2) and p[f"{g}_cov"].shape == (5, 5)
+            assert_close(p[f"{g}_mean"], REF[f"erf1_t__{g}_mean"][0], 1e-12)
+            assert_close(p[f"{g}_cov"], REF[f"erf1_t__{g}_cov"][0], 1e-12)
+    out1 = files / "p1.npz"
+    rc, _, err = tpc(capsys, *predict_argv(files, "--reg", 1e-4, "--out", out1, y="y1"))  # t = inf by default
+    assert rc == 0, err
+    api = P.predict_program(erf_net, REF["x_train"], REF["y_train"][:, 0], REF["x_test"], reg=1e-4)
+    with np.load(out1) as p:
+        assert p["ntk_mean"].shape == (5, 1)  # N_test x K also for targets given as a vector
+        np.testing.assert_array_equal(p["ntk_mean"][:, 0], api["ntk"].mean)
+        np.testing.assert_array_equal(p["nngp_cov"], api["nngp"].cov)
+
+
+@pytest.mark.parametrize("extra,y,xt,words", [
+    (["--time", "-1"], "y", "xt", ["--time", "non-negative number or inf", "'-1'"]),
+    (["--time", "soon"], "y", "xt", ["--time", "'soon'"]),
+    (["--lr", "0"], "y", "xt", ["--lr", "positive"]),
+    (["--reg", "-0.1"], "y", "xt", ["--reg"]),
+    ([], "y5", "xt", ["--y", "N = 12", "(5, 2)"]),
+    ([], "y", "xt3", ["--xt", "N_test x 4", "(5, 3)"]),
+])
+def test_cli_errors_are_one_line(capsys, files, extra, y, xt, words):
+    out = files / "bad.npz"
+    rc, stdout, err = tpc(capsys, *predict_argv(files, *extra, "--out", out, y=y, xt=xt))
+    assert rc != 0 and "Traceback" not in err
+    lines = err.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("tpc: error: "), err
+    for w in words:
+        assert w in lines[0], (w, lines[0])
+    assert not out.exists()

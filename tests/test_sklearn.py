@@ -1,0 +1,140 @@
+"""tpcompiler.sklearn: program kernels inside scikit-learn, checked against neural-tangents'
+kernel matrices (tests/data/nt_predict_reference.*: network erf1 = programs/mlp.py with depth 1,
+erf, w_std 1, no bias), a closed form for the hyperparameter gradient, and scikit-learn's own
+estimator checks."""
+from pathlib import Path
+
+import numpy as np
+import pytest
+from sklearn.base import clone
+from sklearn.gaussian_process import GaussianProcessRegressor
+from sklearn.gaussian_process.kernels import ConstantKernel, WhiteKernel
+from sklearn.kernel_ridge import KernelRidge
+from sklearn.pipeline import make_pipeline
+from sklearn.svm import SVC
+from sklearn.utils.estimator_checks import parametrize_with_checks
+
+import tpcompiler as tp
+from tpcompiler.sklearn import NNGP, NTK, KernelEstimator, KernelTransformer
+
+ROOT = Path(__file__).resolve().parent.parent
+MLP = str(ROOT / "programs" / "mlp.py")
+REF = np.load(ROOT / "tests" / "data" / "nt_predict_reference.npz")
+ERF = {"depth": 1, "phi": "erf"}  # reference network erf1 (w_std 1.0 is mlp's default)
+X, Y, XT = REF["x_train"], REF["y_train"], REF["x_test"]
+
+
+def test_kernels_are_neural_tangents_values():
+    for cls, kind in ((NNGP, "nngp"), (NTK, "ntk")):
+        k = cls(MLP, **ERF)
+        np.testing.assert_allclose(k(X), REF[f"erf1__{kind}_train"], rtol=1e-12, atol=1e-14)
+        cross = k(XT, X)
+        assert cross.shape == (5, 12)
+        np.testing.assert_allclose(cross, REF[f"erf1__{kind}_test_train"], rtol=1e-12, atol=1e-14)
+        np.testing.assert_allclose(k(X, XT), cross.T, rtol=1e-12, atol=1e-14)
+        np.testing.assert_allclose(k.diag(XT), np.diag(REF[f"erf1__{kind}_test"]), rtol=1e-12)
+
+
+def test_gaussian_process_regressor_is_the_nngp_posterior():
+    """GaussianProcessRegressor(NNGP + WhiteKernel) reproduces neural-tangents' NNGP posterior
+    (case erf1_inf: diag_reg 1e-4 of the mean training diagonal); WhiteKernel also puts its
+    noise on the test covariance's diagonal, which neural-tangents leaves out."""
+    K = REF["erf1__nngp_train"]
+    noise = 1e-4 * np.trace(K) / len(K)
+    gpr = GaussianProcessRegressor(NNGP(MLP, **ERF) + WhiteKernel(noise, "fixed"), alpha=0.0, optimizer=None).fit(X, Y[:, 0])
+    mean, cov = gpr.predict(XT, return_cov=True)
+    np.testing.assert_allclose(mean, REF["erf1_inf__nngp_mean"][:, 0], rtol=1e-9)
+    np.testing.assert_allclose(cov - noise * np.eye(5), REF["erf1_inf__nngp_cov"], rtol=1e-8, atol=1e-12)
+
+
+def test_hyperparameters_theta_bounds_and_clone():
+    k = NNGP(MLP, depth=1, phi="relu", b_std=0.5, w_std_bounds=(0.1, 10.0))
+    assert [h.name for h in k.hyperparameters] == ["b_std", "w_std"]  # depth, phi, d are not
+    np.testing.assert_allclose(k.theta, np.log([0.5, 1.0]))
+    np.testing.assert_allclose(k.bounds, np.log([[1e-2, 1e2], [0.1, 10.0]]))
+    twin = clone(k)
+    assert twin == k and twin is not k and twin.get_params() == k.get_params()
+    moved = k.clone_with_theta(np.log([0.2, 3.0]))
+    assert moved.b_std == pytest.approx(0.2) and moved.w_std == pytest.approx(3.0) and k.w_std == 1.0
+    fixed = NTK(MLP, depth=1, phi="relu", w_std_bounds="fixed")
+    assert fixed.n_dims == 0 and fixed.theta.shape == (0,)
+    product = ConstantKernel(2.0) * k
+    assert product.n_dims == 3
+    np.testing.assert_allclose(product.theta[1:], k.theta)
+    k.set_params(w_std=2.0)
+    np.testing.assert_allclose(k.theta, np.log([0.5, 2.0]))
+
+
+def _erf_nngp(a, X):
+    """NNGP of one erf layer (docs/DESIGN.md 2.8): with S = X X^T / d and a = w_std^2,
+    K = a (2/pi) arcsin(2 a S12 / sqrt((1 + 2 a S11)(1 + 2 a S22))); and dK/da."""
+    S = X @ X.T / X.shape[1]
+    s = np.diag(S)
+    q = np.sqrt(np.outer(1 + 2 * a * s, 1 + 2 * a * s))
+    r = 2 * a * S / q
+    dr = r / a - r * (np.add.outer(s / (1 + 2 * a * s), s / (1 + 2 * a * s)))
+    K = a * (2 / np.pi) * np.arcsin(r)
+    return K, (2 / np.pi) * np.arcsin(r) + a * (2 / np.pi) * dr / np.sqrt(1 - r**2)
+
+
+def test_gradient_against_the_closed_form():
+    """dK/dlog(w_std) = 2 a dK/da of the erf closed form; the log-space central difference
+    must find it to its truncation error (~step^2)."""
+    k = NNGP(MLP, **ERF)
+    K, grad = k(X[:6], eval_gradient=True)
+    assert grad.shape == (6, 6, 1)
+    K_exact, dK_da = _erf_nngp(1.0, X[:6])
+    np.testing.assert_allclose(K, K_exact, rtol=1e-12)
+    np.testing.assert_allclose(grad[..., 0], 2 * dK_da, rtol=1e-7)
+    with pytest.raises(ValueError, match="only be evaluated when Y is None"):
+        k(X, XT, eval_gradient=True)
+
+
+def test_precomputed_kernel_ridge_and_svm():
+    """A pipeline (KernelTransformer -> KernelRidge / SVC with kernel="precomputed") and
+    KernelEstimator give what those estimators give on neural-tangents' kernel matrices."""
+    K, Ktx = REF["erf1__ntk_train"], REF["erf1__ntk_test_train"]
+    ridge = KernelRidge(alpha=0.1, kernel="precomputed")
+    expected = clone(ridge).fit(K, Y).predict(Ktx)
+    pipe = make_pipeline(KernelTransformer(MLP, "ntk", ERF), clone(ridge)).fit(X, Y)
+    np.testing.assert_allclose(pipe.predict(XT), expected, rtol=1e-9)
+    est = KernelEstimator(MLP, clone(ridge), "ntk", ERF).fit(X, Y)
+    np.testing.assert_allclose(est.predict(XT), expected, rtol=1e-9)
+    labels = (Y[:, 0] > 0).astype(int)
+    svc = SVC(kernel="precomputed", C=10.0)
+    expected = clone(svc).fit(K, labels).decision_function(Ktx)
+    clf = KernelEstimator(MLP, svc, "ntk", ERF).fit(X, labels)
+    np.testing.assert_allclose(clf.decision_function(XT), expected, rtol=1e-7, atol=1e-9)
+    np.testing.assert_array_equal(clf.classes_, [0, 1])
+
+
+def test_bad_arguments():
+    with pytest.raises(tp.ProgramError, match="depth_bounds: 'depth' is not a hyperparameter"):
+        NNGP(MLP, depth_bounds=(1, 3))
+    with pytest.raises(tp.ProgramError, match="already built"):
+        NNGP(tp.load(MLP, depth=1, d=4), w_std=2.0)(X)
+    with pytest.raises(ValueError, match="kernel: expected 'nngp' or 'ntk'"):
+        KernelTransformer(MLP, "rbf", ERF).fit(X)
+    with pytest.raises(tp.ProgramError, match="no parameter 'depht'"):
+        KernelTransformer(MLP, "ntk", {"depht": 2}).fit(X)
+
+
+@pytest.fixture
+def one_numba_thread():
+    """scikit-learn's checks evaluate thousands of tiny kernels, for which the parallel loops'
+    thread start-up dominates (3x on this loaded 2-core machine); the results are identical."""
+    import numba
+
+    before = numba.get_num_threads()
+    numba.set_num_threads(1)
+    yield
+    numba.set_num_threads(before)
+
+
+@parametrize_with_checks([
+    KernelTransformer(MLP, "ntk", ERF),
+    KernelEstimator(MLP, None, "nngp", ERF),                         # KernelRidge: a regressor
+    KernelEstimator(MLP, SVC(kernel="precomputed"), "ntk", ERF),     # a classifier
+])
+def test_sklearn_estimator_checks(estimator, check, one_numba_thread):
+    check(estimator)

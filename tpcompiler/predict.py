@@ -1,0 +1,325 @@
+"""Predictions of infinitely wide networks from their kernels (docs/DESIGN.md 2.3, 2.4, 2.6):
+exact Bayesian inference with the NNGP, and the mean and covariance over initializations of
+an infinite ensemble trained by gradient descent on the squared loss (the NTK regime).
+
+Conventions are those of neural-tangents' ``predict.gradient_descent_mse_ensemble``, so numbers
+compare one for one:
+
+* the loss is (1 / (2 N K)) sum (f(X) - Y)^2 over the N training inputs and K outputs, run as
+  gradient flow for time ``t`` at learning rate ``lr``: the training kernel's eigenvalue
+  lambda decays like exp(-lambda s) with s = t * lr / (N K);
+* ``reg`` (neural-tangents' ``diag_reg``) adds reg * mean(diag K) to the diagonal of the
+  training kernel that is inverted or exponentiated (never to the test kernels, and not to the
+  NNGP that sits inside the NTK covariance);
+* ``t = inf`` (the default; ``None`` means the same) is the end of training: the solve
+  K_r^{-1} by Cholesky.
+
+With g_s(K) = K^{-1} (I - exp(-K s)) (= K^{-1} at s = inf), K the NNGP and Theta the NTK,
+subscripts * for test inputs, X for training inputs, and A = g_s(Theta_r) Theta_{X*}:
+
+    NNGP mean  K_{*X} g_s(K_r) Y            cov  K_{**} - K_{*X} g_{2s}(K_r) K_{X*}
+    NTK  mean  Theta_{*X} g_s(Theta_r) Y    cov  K_{**} + A^T K_{XX} A - A^T K_{X*} - K_{*X} A
+
+(the NNGP at time t is gradient descent on the readout alone; at t = inf it is the GP
+posterior; Lee et al. 2019, "Wide neural networks of any depth evolve as linear models",
+for the NTK ensemble).  The functions of K are computed stably for ill-conditioned kernels:
+g_s(lambda) = s * exprel(-lambda s) is finite at lambda = 0, eigenvalues below zero (rounding)
+count as 0 like neural-tangents does, and at t = inf a kernel that Cholesky cannot factor or
+whose reciprocal condition number is below N * eps is inverted as a pseudo-inverse (its
+eigenvalues below N * eps * lambda_max dropped): the minimum-norm interpolant that gradient
+flow reaches from f_0 = 0.  Every result carries the condition number of the matrix it
+inverted and how it was inverted; nothing returns NaN.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Callable
+
+import numpy as np
+import scipy.linalg
+import scipy.special
+
+from tpcompiler import validation
+
+INF = math.inf
+KINDS = ("nngp", "ntk")
+
+
+@dataclass(frozen=True)
+class Gaussian:
+    """A prediction on the test inputs: ``mean`` (N_test, or N_test x K like the targets),
+    ``cov`` (N_test x N_test, shared by every output; None when not asked), the condition
+    number of the regularized training kernel and how it was inverted (``method``)."""
+
+    mean: np.ndarray
+    cov: np.ndarray | None
+    condition: float
+    method: str
+
+
+# ---------------------------------------------------------------------------------------
+# Checks of the arguments.
+# ---------------------------------------------------------------------------------------
+def _time(t) -> float:
+    if t is None:
+        return INF
+    if isinstance(t, (int, float, np.integer, np.floating)) and not isinstance(t, (bool, np.bool_)) and float(t) == INF:
+        return INF
+    return validation.number(t, "t", nonnegative=True)
+
+
+def _targets(y, n: int) -> np.ndarray:
+    y = validation.array(y, "y", ndim=(1, 2))
+    if y.shape[0] != n:
+        raise validation.ArgumentError(f"y: has {y.shape[0]} rows but the training kernel is {n} x {n} "
+                                       "(one target row per training input)")
+    return y
+
+
+def _train_kernel(k, name: str) -> np.ndarray:
+    k = validation.array(k, name, ndim=2, max_abs=None)
+    n = k.shape[0]
+    if k.shape != (n, n) or n == 0:
+        raise validation.ArgumentError(f"{name}: expected a square N x N training kernel, got shape {k.shape}")
+    scale = float(np.abs(k).max(initial=0.0))
+    asym = float(np.abs(k - k.T).max(initial=0.0))
+    if asym > 1e-8 * max(scale, 1e-300):
+        raise validation.ArgumentError(f"{name}: is not symmetric (largest |K - K^T| = {asym:.3g} of entries up to "
+                                       f"{scale:.3g}); pass k(X, X) of the training inputs")
+    return (k + k.T) / 2
+
+
+def _block(k, name: str, shape: tuple[int, int], what: str) -> np.ndarray:
+    k = validation.array(k, name, ndim=2, max_abs=None)
+    if k.shape != shape:
+        raise validation.ArgumentError(f"{name}: expected {what} of shape {shape}, got {k.shape}")
+    return k
+
+
+def regularized(k_train: np.ndarray, reg: float) -> np.ndarray:
+    """K + reg * mean(diag K) * I (neural-tangents' ``diag_reg``, relative scale)."""
+    reg = validation.number(reg, "reg", nonnegative=True)
+    n = k_train.shape[0]
+    return k_train + reg * (np.trace(k_train) / n) * np.eye(n)
+
+
+# ---------------------------------------------------------------------------------------
+# g_s(K_r) applied to a matrix, by Cholesky (s = inf) or eigendecomposition.
+# ---------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Filter:
+    """B -> g_s(K_r) B for one regularized training kernel and one s (see module docstring)."""
+
+    apply: Callable[[np.ndarray], np.ndarray]
+    condition: float
+    method: str
+
+
+def _rounding_floor(n: int) -> float:
+    """Relative size below which an eigenvalue is rounding: N * eps (numpy's pinv default)."""
+    return n * np.finfo(np.float64).eps
+
+
+def _cholesky(k_reg: np.ndarray) -> Filter | None:
+    """K_r^{-1} by Cholesky, if K_r is numerically positive definite; its 1-norm condition
+    number estimated by LAPACK's pocon."""
+    try:
+        factor = scipy.linalg.cho_factor(k_reg, lower=True, check_finite=False)
+    except np.linalg.LinAlgError:
+        return None
+    anorm = float(np.abs(k_reg).sum(axis=0).max())
+    rcond, info = scipy.linalg.lapack.dpocon(factor[0], anorm, uplo="L")
+    if info != 0 or not rcond > _rounding_floor(k_reg.shape[0]):
+        return None
+    return Filter(lambda B: scipy.linalg.cho_solve(factor, B, check_finite=False), 1.0 / rcond,
+                  "cholesky (1-norm condition estimate)")
+
+
+def _eigen_filter(evals: np.ndarray, evecs: np.ndarray, s: float) -> Filter:
+    """g_s from the eigendecomposition of K_r: s * exprel(-lambda s) for finite s (lambda
+    clipped at 0), the pseudo-inverse 1/lambda above N eps lambda_max for s = inf."""
+    top = float(max(evals[-1], 0.0))
+    low = float(evals[0])
+    condition = top / low if low > _rounding_floor(len(evals)) * top else INF  # numerically singular: inf
+    lam = np.maximum(evals, 0.0)
+    if s == INF:
+        keep = lam > _rounding_floor(len(lam)) * top
+        g = np.zeros_like(lam)
+        g[keep] = 1.0 / lam[keep]
+        dropped = int((~keep).sum())
+        method = "eigendecomposition (pseudo-inverse" + (f", {dropped} eigenvalue{'s' if dropped > 1 else ''} "
+                                                         "below N eps lambda_max dropped)" if dropped else ")")
+    else:
+        g = s * scipy.special.exprel(-lam * s)
+        method = "eigendecomposition"
+    return Filter(lambda B: evecs @ (g[:, None] * (evecs.T @ B)), condition, method)
+
+
+def descent_filters(k_train: np.ndarray, reg: float, *scales: float) -> list[Filter]:
+    """g_s(K_r) = K_r^{-1} (I - exp(-K_r s)) as operators for each s in ``scales``, K_r =
+    ``regularized(k_train, reg)``: Cholesky at s = inf when K_r is well enough conditioned,
+    else one eigendecomposition shared by all the scales."""
+    k_reg = regularized(k_train, reg)
+    chol = _cholesky(k_reg) if INF in scales else None
+    spectrum = None
+    filters = []
+    for s in scales:
+        if s == INF and chol is not None:
+            filters.append(chol)
+            continue
+        if spectrum is None:
+            spectrum = scipy.linalg.eigh(k_reg, check_finite=False)
+        filters.append(_eigen_filter(*spectrum, s))
+    return filters
+
+
+def descent_filter(k_train: np.ndarray, s: float, reg: float = 0.0) -> Filter:
+    """g_s(K_r) for one s (``descent_filters``)."""
+    return descent_filters(k_train, reg, s)[0]
+
+
+def _scaled_time(t, lr, n_targets: int) -> float:
+    """s = t * lr / (N K): neural-tangents' gradient flow on the mean squared loss."""
+    t = _time(t)
+    lr = validation.number(lr, "lr", positive=True)
+    return INF if t == INF else t * lr / n_targets
+
+
+def _symmetric(c: np.ndarray) -> np.ndarray:
+    return (c + c.T) / 2
+
+
+# ---------------------------------------------------------------------------------------
+# Predictions from kernel matrices.
+# ---------------------------------------------------------------------------------------
+def nngp_ensemble(k_train, k_test_train, y, k_test=None, t=INF, lr: float = 1.0, reg: float = 0.0) -> Gaussian:
+    """Gradient descent on the readout alone, from the NNGP prior, at time t (module
+    docstring): mean K_{*X} g_s(K_r) Y, cov K_{**} - K_{*X} g_{2s}(K_r) K_{X*}.  At t = inf
+    (default) this is the exact Bayesian posterior of the NNGP with noise variance
+    reg * mean(diag K).  ``k_test`` (k(X_test, X_test)) is needed for the covariance only."""
+    k_train = _train_kernel(k_train, "k_train")
+    n = k_train.shape[0]
+    y = _targets(y, n)
+    k_test_train = _block(k_test_train, "k_test_train", (_rows(k_test_train), n), "k(X_test, X_train)")
+    s = _scaled_time(t, lr, y.size)
+    filt, filt2 = descent_filters(k_train, reg, s, 2 * s)  # 2 * inf = inf: the same filter
+    mean = _like(k_test_train @ filt.apply(_column(y)), y)
+    cov = None
+    if k_test is not None:
+        nt = k_test_train.shape[0]
+        k_test = _block(k_test, "k_test", (nt, nt), "k(X_test, X_test)")
+        cov = _symmetric(k_test - k_test_train @ filt2.apply(k_test_train.T))
+    return _checked(Gaussian(mean, cov, filt.condition, filt.method), "nngp")
+
+
+def ntk_ensemble(ntk_train, ntk_test_train, y, nngp_train=None, nngp_test_train=None, nngp_test=None,
+                 t=INF, lr: float = 1.0, reg: float = 0.0) -> Gaussian:
+    """An infinite ensemble of infinitely wide networks trained by gradient descent on the
+    squared loss, at time t, over random initializations (module docstring): mean
+    Theta_{*X} g_s(Theta_r) Y; cov K_{**} + A^T K A - A^T K_{X*} - K_{*X} A with
+    A = g_s(Theta_r) Theta_{X*} (needs the three NNGP blocks; omit them for the mean only)."""
+    ntk_train = _train_kernel(ntk_train, "ntk_train")
+    n = ntk_train.shape[0]
+    y = _targets(y, n)
+    nt = _rows(ntk_test_train)
+    ntk_test_train = _block(ntk_test_train, "ntk_test_train", (nt, n), "Theta(X_test, X_train)")
+    filt = descent_filter(ntk_train, _scaled_time(t, lr, y.size), reg)
+    mean = _like(ntk_test_train @ filt.apply(_column(y)), y)
+    given = [k is not None for k in (nngp_train, nngp_test_train, nngp_test)]
+    cov = None
+    if any(given):
+        if not all(given):
+            raise validation.ArgumentError("nngp_train, nngp_test_train, nngp_test: the NTK ensemble's covariance needs "
+                                           "all three NNGP blocks (give none of them for the mean only)")
+        K = _train_kernel(nngp_train, "nngp_train")
+        if K.shape != (n, n):
+            raise validation.ArgumentError(f"nngp_train: expected shape {(n, n)} like ntk_train, got {K.shape}")
+        K_tx = _block(nngp_test_train, "nngp_test_train", (nt, n), "K(X_test, X_train)")
+        K_tt = _block(nngp_test, "nngp_test", (nt, nt), "K(X_test, X_test)")
+        A = filt.apply(ntk_test_train.T)
+        cross = A.T @ K_tx.T
+        cov = _symmetric(K_tt + A.T @ K @ A - cross - cross.T)
+    return _checked(Gaussian(mean, cov, filt.condition, filt.method), "ntk")
+
+
+def gradient_descent_mean(k_train, k_test_train, y, t=INF, lr: float = 1.0, reg: float = 0.0) -> np.ndarray:
+    """The mean prediction of gradient descent on the squared loss with kernel k at time t,
+    k_{*X} g_s(k_r) Y (the NTK: the ensemble mean; the NNGP: readout-only training)."""
+    return nngp_ensemble(k_train, k_test_train, y, None, t, lr, reg).mean
+
+
+def gp_posterior(k_train, k_test_train, y, k_test=None, reg: float = 0.0) -> Gaussian:
+    """Exact Bayesian inference with prior covariance k and Gaussian noise of variance
+    reg * mean(diag k): mean k_{*X} k_r^{-1} Y, cov k_{**} - k_{*X} k_r^{-1} k_{X*}."""
+    return nngp_ensemble(k_train, k_test_train, y, k_test, INF, 1.0, reg)
+
+
+def predict(train: dict, test_train: dict, y, test: dict | None = None, t=INF, lr: float = 1.0,
+            reg: float = 0.0) -> dict[str, Gaussian]:
+    """Both predictions from kernel dictionaries {"nngp", "ntk"} (as ``tp.compile(...).kernels``
+    returns them): train = k(X, X), test_train = k(X_test, X), test = k(X_test, X_test) (only
+    its "nngp", and only for the covariances).  {"nngp": Gaussian, "ntk": Gaussian}."""
+    for name, d in (("train", train), ("test_train", test_train)) + ((("test", test),) if test is not None else ()):
+        missing = [k for k in (KINDS if name != "test" else ("nngp",)) if k not in d]
+        if missing:
+            raise validation.ArgumentError(f"{name}: needs the kernel{'s' if len(missing) > 1 else ''} "
+                                           f"{', '.join(map(repr, missing))} (a dict like tp.compile(p).kernels returns)")
+    nngp_test = None if test is None else test["nngp"]
+    return {
+        "nngp": nngp_ensemble(train["nngp"], test_train["nngp"], y, nngp_test, t, lr, reg),
+        "ntk": ntk_ensemble(train["ntk"], test_train["ntk"], y,
+                            *((train["nngp"], test_train["nngp"], nngp_test) if test is not None else ()),
+                            t=t, lr=lr, reg=reg),
+    }
+
+
+def predict_program(program, X, Y, X_test, t=INF, lr: float = 1.0, reg: float = 0.0, cov: bool = True,
+                    rtol: float = 1e-10) -> dict[str, Gaussian]:
+    """``predict`` with the kernels of ``program`` (a tp.Program, or ``tp.compile``'s result)
+    on training inputs X (N x d), targets Y (N or N x K) and test inputs X_test: one kernel
+    evaluation on the stacked inputs when ``cov`` (all three blocks), else k(X, X) and
+    k(X_test, X)."""
+    from tpcompiler.compiler import Compiled, compile
+
+    X = validation.array(X, "X", ndim=2, min_rows=1)
+    X_test = validation.array(X_test, "X_test", ndim=2, min_rows=1)
+    if X_test.shape[1] != X.shape[1]:
+        raise validation.ArgumentError(f"X_test: has {X_test.shape[1]} columns but X has {X.shape[1]}")
+    compiled = program if isinstance(program, Compiled) else compile(program)
+    n = X.shape[0]
+    if cov:
+        k = compiled.kernels(np.concatenate([X, X_test]), rtol=rtol)
+        train = {g: k[g][:n, :n] for g in KINDS}
+        test_train = {g: k[g][n:, :n] for g in KINDS}
+        test = {g: k[g][n:, n:] for g in KINDS}
+    else:
+        k = compiled.kernels(X, X_test, rtol=rtol)
+        train = {g: k[g] for g in KINDS}
+        test_train = {g: k[g + "_x2"] for g in KINDS}
+        test = None
+    return predict(train, test_train, Y, test, t, lr, reg)
+
+
+def _column(y: np.ndarray) -> np.ndarray:
+    return y[:, None] if y.ndim == 1 else y
+
+
+def _like(mean: np.ndarray, y: np.ndarray) -> np.ndarray:
+    """The mean with the targets' rank: (N_test,) for targets (N,), else (N_test, K)."""
+    return mean[:, 0] if y.ndim == 1 else mean
+
+
+def _rows(k) -> int:
+    shape = np.shape(k)
+    return shape[0] if len(shape) == 2 else -1
+
+
+def _checked(g: Gaussian, kind: str) -> Gaussian:
+    """Never NaN: a non-finite result means the kernels themselves overflowed."""
+    for name, value in (("mean", g.mean), ("cov", g.cov)):
+        if value is not None and not np.all(np.isfinite(value)):
+            raise validation.ArgumentError(f"{kind} {name}: is not finite (condition number {g.condition:.3g}, "
+                                           f"{g.method}); the kernels are too large for float64: rescale the targets "
+                                           "or the inputs, or raise reg")
+    return g

@@ -1,0 +1,298 @@
+"""scikit-learn interface to the infinite-width kernels of any program (docs/DESIGN.md 2.3).
+
+* ``NNGP(program, **params)`` and ``NTK(program, **params)``: kernels for
+  ``sklearn.gaussian_process`` (subclasses of ``sklearn.gaussian_process.kernels.Kernel``:
+  they combine with ``WhiteKernel``, ``ConstantKernel``, sums and products, and work in
+  ``GaussianProcessRegressor`` and pipelines).  ``program`` is a program file path, a
+  ``build`` function, or a ``tp.Program`` (fixed: no parameters); ``params`` are its build()
+  parameters (``d`` is filled from the data).  Every build() parameter whose value is a positive
+  float (``w_std``, ``b_std`` of programs/mlp.py when given) is a hyperparameter, optimised in
+  log-space within ``<name>_bounds`` (default (1e-2, 1e2); ``"fixed"`` to hold it).
+  ``eval_gradient=True`` returns dK/dlog(theta) by central finite differences in log-space
+  (step 1e-4: truncation error about 1e-8 relative, plus the kernel's quadrature error
+  rtol / 1e-4 where no closed form exists).  Every new hyperparameter value is a new program:
+  its kernel code is generated and JIT-compiled once (seconds), then cached on disk.
+* ``KernelTransformer(program, kernel="ntk", params=None)``: X -> k(X, X_fit), the
+  precomputed kernel against the inputs it was fitted on, to put before
+  ``SVC(kernel="precomputed")``, ``KernelRidge(kernel="precomputed")``, ... in a Pipeline.
+* ``KernelEstimator(program, estimator=None, kernel="ntk", params=None)``: the pair in one
+  estimator: fits ``estimator`` (default ``KernelRidge(kernel="precomputed")``; any estimator
+  taking ``kernel="precomputed"``, e.g. ``SVC``, ``SVR``) on k(X, X) and predicts from
+  k(X_new, X).
+"""
+from __future__ import annotations
+
+import inspect
+import math
+import numbers
+from pathlib import Path
+
+import numpy as np
+from sklearn.base import BaseEstimator, MetaEstimatorMixin, TransformerMixin, clone, is_classifier
+from sklearn.gaussian_process.kernels import Hyperparameter, Kernel
+from sklearn.utils.metaestimators import available_if
+from sklearn.utils.validation import check_is_fitted, validate_data
+
+from tpcompiler.frontend.dsl import Program
+from tpcompiler.ir.graph import ProgramError
+
+#: Default search interval of a hyperparameter (log-uniform in sklearn's optimizer).
+DEFAULT_BOUNDS = (1e-2, 1e2)
+#: Central-difference step in log-space of ``eval_gradient``.
+GRADIENT_STEP = 1e-4
+KINDS = ("nngp", "ntk")
+_CACHE: dict = {}     # (program, params) -> compiled kernel function
+_DEFAULTS: dict = {}  # (program file, mtime) -> its build() defaults
+
+
+# ---------------------------------------------------------------------------------------
+# Programs: a file path, a build function or a fixed Program -> a compiled kernel function.
+# ---------------------------------------------------------------------------------------
+def _defaults(program) -> dict:
+    """{name: default} of the program's build() parameters ({} for a fixed Program)."""
+    from tpcompiler.frontend.loader import parameters
+
+    if isinstance(program, Program):
+        return {}
+    if isinstance(program, (str, Path)):
+        key = (str(program), Path(program).stat().st_mtime_ns if Path(program).is_file() else None)
+        if key not in _DEFAULTS:
+            _DEFAULTS[key] = parameters(program)
+        return _DEFAULTS[key]
+    if callable(program):
+        sig = inspect.signature(program)
+        return {k: p.default for k, p in sig.parameters.items() if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
+    raise ProgramError(f"program: expected a program file path, a build function or a tpcompiler.Program, "
+                       f"got {type(program).__name__}")
+
+
+def _build(program, params: dict) -> Program:
+    from tpcompiler.frontend.loader import load
+
+    if isinstance(program, Program):
+        if params:
+            raise ProgramError(f"params: a tpcompiler.Program is already built, so {sorted(params)} cannot be applied; "
+                               "pass its file path or build function instead")
+        return program
+    if isinstance(program, (str, Path)):
+        return load(program, **params)
+    built = program(**params)
+    if not isinstance(built, Program):
+        raise ProgramError(f"program: the build function returned {type(built).__name__}, not a tpcompiler.Program")
+    return built
+
+
+def _plain(value):
+    """numpy scalars (sklearn's exp(theta)) as Python numbers, so build() sees what a user types."""
+    return value.item() if isinstance(value, np.generic) else value
+
+
+def kernel_function(program, params: dict, d: int):
+    """The compiled kernel evaluator of ``program`` built with ``params`` (and ``d`` from the
+    data when build() takes it), cached per program and parameters."""
+    params = {k: _plain(v) for k, v in params.items()}
+    if "d" in _defaults(program) and "d" not in params:
+        params["d"] = d
+    ident = program if isinstance(program, (str, Path)) else id(program)
+    key = (str(ident), tuple(sorted((k, repr(v)) for k, v in params.items())))
+    if key not in _CACHE:
+        from tpcompiler.compiler import compile
+
+        _CACHE[key] = (program, compile(_build(program, params)).kernel_function())
+    return _CACHE[key][1]
+
+
+def cross_kernel(kf, A: np.ndarray, B: np.ndarray) -> dict[str, np.ndarray]:
+    """{"nngp", "ntk"}: k(A, B) (len(A) x len(B)).  The evaluator always also computes the
+    symmetric block of its first argument; that is the smaller of the two sets."""
+    if len(A) <= len(B):
+        out = kf(A, B)
+        return {g: out[g + "_x2"].T for g in KINDS}
+    out = kf(B, A)
+    return {g: out[g + "_x2"] for g in KINDS}
+
+
+def _is_hyperparameter(name: str, value, default) -> bool:
+    """A positive float-valued build() parameter (or one whose default is a float)."""
+    if name == "d" or isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Real):
+        return False
+    floaty = isinstance(value, (float, np.floating)) or isinstance(default, float)
+    return floaty and math.isfinite(float(value)) and float(value) > 0
+
+
+# ---------------------------------------------------------------------------------------
+# Gaussian-process kernels.
+# ---------------------------------------------------------------------------------------
+class _ProgramKernel(Kernel):
+    """A program's NNGP or NTK as a scikit-learn kernel (module docstring)."""
+
+    kind = "nngp"
+
+    def __init__(self, program, **params):
+        self.program = program
+        defaults = _defaults(program)
+        bounds = {k: v for k, v in params.items() if k.endswith("_bounds") and k not in defaults}
+        build = {k: v for k, v in params.items() if k not in bounds}
+        hyper = [k for k in dict.fromkeys([*build, *defaults])
+                 if _is_hyperparameter(k, build.get(k, defaults.get(k)), defaults.get(k))]
+        unknown = [k[: -len("_bounds")] for k in bounds if k[: -len("_bounds")] not in hyper]
+        if unknown:
+            raise ProgramError(f"{unknown[0]}_bounds: {unknown[0]!r} is not a hyperparameter of this program "
+                               f"(hyperparameters: {', '.join(hyper) or 'none'})")
+        # the hyperparameters' defaults become explicit parameters, so theta can read them
+        for name in hyper:
+            if name not in build:
+                build[name] = defaults[name]
+        self._names = [*build, *bounds]
+        self._bound_names = list(bounds)
+        self._hyper = hyper
+        for k, v in {**build, **bounds}.items():
+            setattr(self, k, v)
+
+    def get_params(self, deep=True):
+        return {"program": self.program, **{k: getattr(self, k) for k in self._names}}
+
+    def _build_params(self) -> dict:
+        return {k: getattr(self, k) for k in self._names if k not in self._bound_names}
+
+    @property
+    def hyperparameters(self):
+        return [Hyperparameter(name, "numeric", getattr(self, name + "_bounds", DEFAULT_BOUNDS)) for name in self._hyper]
+
+    def _matrix(self, params: dict, X: np.ndarray, Y: np.ndarray | None) -> np.ndarray:
+        kf = kernel_function(self.program, params, X.shape[1])
+        if Y is None:
+            return kf(X)[self.kind]
+        return cross_kernel(kf, X, Y)[self.kind]
+
+    def __call__(self, X, Y=None, eval_gradient=False):
+        X = _inputs(X, "X")
+        Y = None if Y is None else _inputs(Y, "Y")
+        if eval_gradient and Y is not None:
+            raise ValueError("Gradient can only be evaluated when Y is None.")
+        params = self._build_params()
+        K = self._matrix(params, X, Y)
+        if not eval_gradient:
+            return K
+        free = [h.name for h in self.hyperparameters if not h.fixed]
+        grad = np.empty(K.shape + (len(free),))
+        for i, name in enumerate(free):
+            value = float(params[name])
+            up = self._matrix({**params, name: value * math.exp(GRADIENT_STEP)}, X, None)
+            down = self._matrix({**params, name: value * math.exp(-GRADIENT_STEP)}, X, None)
+            grad[..., i] = (up - down) / (2 * GRADIENT_STEP)
+        return K, grad
+
+    def diag(self, X):
+        return np.diag(self(X)).copy()
+
+    def is_stationary(self):
+        return False
+
+    def __repr__(self):
+        shown = ", ".join(f"{k}={getattr(self, k)!r}" for k in self._names)
+        return f"{type(self).__name__}({str(self.program) if isinstance(self.program, (str, Path)) else self.program!r}" \
+               + (f", {shown})" if shown else ")")
+
+
+class NNGP(_ProgramKernel):
+    """The program's NNGP kernel K(x, x') (docs/DESIGN.md 2.3) for scikit-learn."""
+
+    kind = "nngp"
+
+
+class NTK(_ProgramKernel):
+    """The program's NTK Theta(x, x') (docs/DESIGN.md 2.3) for scikit-learn."""
+
+    kind = "ntk"
+
+
+def _inputs(X, name: str) -> np.ndarray:
+    X = np.asarray(X, dtype=np.float64)
+    if X.ndim != 2:
+        raise ValueError(f"{name}: expected an N x d array of inputs, got shape {X.shape}")
+    return X
+
+
+# ---------------------------------------------------------------------------------------
+# Precomputed kernels for kernel ridge, SVMs, ...
+# ---------------------------------------------------------------------------------------
+def _check_kind(kernel) -> str:
+    if kernel not in KINDS:
+        raise ValueError(f"kernel: expected 'nngp' or 'ntk', got {kernel!r}")
+    return kernel
+
+
+class KernelTransformer(TransformerMixin, BaseEstimator):
+    """X -> k(X, X_fit) with k the program's NNGP or NTK: the precomputed kernel that
+    ``SVC(kernel="precomputed")``, ``KernelRidge(kernel="precomputed")`` and the like take
+    (fit_transform gives k(X, X) for their fit, transform k(X_new, X) for predict)."""
+
+    def __init__(self, program="programs/mlp.py", kernel="ntk", params=None):
+        self.program = program
+        self.kernel = kernel
+        self.params = params
+
+    def fit(self, X, y=None):
+        _check_kind(self.kernel)
+        self.X_fit_ = validate_data(self, X, dtype=np.float64, reset=True)
+        kernel_function(self.program, dict(self.params or {}), self.X_fit_.shape[1])  # build errors surface in fit
+        return self
+
+    def transform(self, X):
+        check_is_fitted(self)
+        X = validate_data(self, X, dtype=np.float64, reset=False)
+        kf = kernel_function(self.program, dict(self.params or {}), X.shape[1])
+        return cross_kernel(kf, X, self.X_fit_)[self.kernel]
+
+
+class KernelEstimator(MetaEstimatorMixin, BaseEstimator):
+    """``estimator`` (default ``KernelRidge(kernel="precomputed")``) fitted on the program's
+    kernel k(X, X) and predicting from k(X_new, X): kernel ridge, SVMs, ... with the NNGP or
+    NTK of any program.  A classifier when ``estimator`` is one."""
+
+    def __init__(self, program="programs/mlp.py", estimator=None, kernel="ntk", params=None):
+        self.program = program
+        self.estimator = estimator
+        self.kernel = kernel
+        self.params = params
+
+    def _inner(self):
+        from sklearn.kernel_ridge import KernelRidge
+
+        return KernelRidge(kernel="precomputed") if self.estimator is None else self.estimator
+
+    def __sklearn_tags__(self):
+        tags = super().__sklearn_tags__()
+        inner = self._inner().__sklearn_tags__()
+        tags.estimator_type = inner.estimator_type
+        tags.classifier_tags = inner.classifier_tags
+        tags.regressor_tags = inner.regressor_tags
+        tags.target_tags = inner.target_tags
+        return tags
+
+    def fit(self, X, y):
+        self.transformer_ = KernelTransformer(self.program, self.kernel, self.params)
+        K = self.transformer_.fit_transform(X)
+        self.n_features_in_ = self.transformer_.n_features_in_
+        self.estimator_ = clone(self._inner()).fit(K, y)
+        if is_classifier(self.estimator_):
+            self.classes_ = self.estimator_.classes_
+        return self
+
+    def _kernel(self, X):
+        check_is_fitted(self)
+        return self.transformer_.transform(X)
+
+    def predict(self, X):
+        K = self._kernel(X)
+        return self.estimator_.predict(K)
+
+    @available_if(lambda self: hasattr(self._inner(), "decision_function"))
+    def decision_function(self, X):
+        K = self._kernel(X)
+        return self.estimator_.decision_function(K)
+
+    def score(self, X, y, sample_weight=None):
+        K = self._kernel(X)
+        return self.estimator_.score(K, y, sample_weight=sample_weight)
