@@ -215,7 +215,7 @@ def cmd_kernels(args) -> int:
     out = _out_path(args.out)
     compiled = compile(_program(args, X))
     kf = compiled.kernel_function(args.rtol)
-    result = kf(X, X2)  # refuses non-finite kernels itself (KernelFunction._check_finite)
+    result = kf(X, X2)  # refuses non-finite kernels itself (KernelFunction.check_finite)
     try:
         np.savez(out, **result)
     except OSError as exc:

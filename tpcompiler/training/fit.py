@@ -92,14 +92,14 @@ class History:
         return out
 
 
-def progress_bar(total: int | None, enabled: bool | None, desc: str):
-    """A tqdm bar on a terminal (steps per second), silent when output is not a terminal or
-    ``enabled`` is False."""
+def progress_bar(total: int | None, enabled: bool | None, desc: str, unit: str = "step"):
+    """A tqdm bar on a terminal (``unit``s per second, ETA), silent when output is not a
+    terminal or ``enabled`` is False."""
     from tqdm import tqdm
 
     if enabled is None:
         enabled = sys.stderr.isatty()
-    return tqdm(total=total, disable=not enabled, desc=desc, unit="step", dynamic_ncols=True)
+    return tqdm(total=total, disable=not enabled, desc=desc, unit=unit, dynamic_ncols=True)
 
 
 def _batches(X, Y, batch, steps: int):
