@@ -40,7 +40,7 @@ _UNITS = {"": 1, "b": 1, "k": 10**3, "kb": 10**3, "m": 10**6, "mb": 10**6, "g": 
           "t": 10**12, "tb": 10**12, "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
 
 
-def parse_memory(value, name: str = "memory") -> int:
+def parse_memory(value, name: str | None = "memory") -> int:
     """A memory size in bytes: a positive number of bytes, or a string such as "4GB", "512MB",
     "1.5GiB" (kB/MB/GB/TB are powers of 1000, KiB/MiB/GiB/TiB powers of 1024)."""
     if isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, bool):
@@ -49,16 +49,22 @@ def parse_memory(value, name: str = "memory") -> int:
         match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+(?:[eE][-+]?[0-9]+)?)\s*([a-zA-Z]*)\s*", str(value))
         unit = match.group(2).lower() if match else None
         if unit not in _UNITS:
-            raise validation.ArgumentError(
-                f"{name}: expected a memory size such as '4GB', '512MB' or '1.5GiB', got {value!r}")
+            _fail(name, f"expected a memory size such as '4GB', '512MB' or '1.5GiB', got {value!r}")
         size = float(match.group(1)) * _UNITS[unit]
     if not math.isfinite(size) or size < 1:
-        raise validation.ArgumentError(f"{name}: expected a positive memory size, got {value!r}")
+        _fail(name, f"expected a positive memory size, got {value!r}")
     return int(size)
 
 
+def _fail(name: str | None, problem: str):
+    raise validation.ArgumentError(f"{name}: {problem}" if name else problem)
+
+
 def _gb(n: float) -> str:
-    return f"{n / 1e9:.3g} GB" if n >= 1e8 else f"{n / 1e6:.3g} MB"
+    for unit, size in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if n >= 0.1 * size:
+            return f"{n / size:.3g} {unit}"
+    return f"{n:.0f} bytes"
 
 
 # ---------------------------------------------------------------------------------------
@@ -181,11 +187,10 @@ def output_paths(out: str, names) -> dict[str, str]:
     return {name: os.path.join(out, f"{name}.npy") if is_dir else f"{out}_{name}.npy" for name in names}
 
 
-def _open_files(out: str, shapes: dict, dtype) -> dict[str, NpyFile]:
-    """One NpyFile per kernel under ``out`` (see output_paths); one-line errors when the place
-    cannot be written or the disk is too small."""
-    paths = output_paths(out, shapes)
-    folder = os.path.dirname(os.path.abspath(next(iter(paths.values()))))
+def output_folder(out: str) -> str:
+    """The directory the files of ``out`` go to (see output_paths), created when ``out`` names
+    a new directory; a one-line error when that cannot be done."""
+    folder = os.path.dirname(os.path.abspath(output_paths(out, ["nngp"])["nngp"]))
     if out.endswith(("/", os.sep)) and not os.path.isdir(out):
         try:
             os.makedirs(out, exist_ok=True)
@@ -193,6 +198,14 @@ def _open_files(out: str, shapes: dict, dtype) -> dict[str, NpyFile]:
             raise validation.ArgumentError(f"out: cannot create the directory {out!r} ({exc.strerror or exc})") from None
     if not os.path.isdir(folder):
         raise validation.ArgumentError(f"out: cannot write to {folder!r} (not an existing directory)")
+    return folder
+
+
+def _open_files(out: str, shapes: dict, dtype) -> dict[str, NpyFile]:
+    """One NpyFile per kernel under ``out`` (see output_paths); one-line errors when the place
+    cannot be written or the disk is too small."""
+    folder = output_folder(out)
+    paths = output_paths(out, shapes)
     need = sum(a * b for a, b in shapes.values()) * np.dtype(dtype).itemsize
     free = shutil.disk_usage(folder).free + sum(os.path.getsize(p) for p in paths.values() if os.path.isfile(p))
     if need > free:
@@ -228,6 +241,7 @@ def kernels(kf: KernelFunction, X, X2=None, memory=DEFAULT_MEMORY, out: str | No
     N, N2 = X.shape[0], None if X2 is None else X2.shape[0]
     workers = _worker_count(client) if client is not None else 1
     p = plan(kf, N, N2, X.shape[1], budget, out is None, dtype, tile, min_tasks=2 * workers if workers > 1 else 1)
+    kf.last_plan = p
     if out is None and client is None and p.tile >= max(N, N2 or 0):
         result = kf(X, X2)
         return {k: v.astype(dtype, copy=False) for k, v in result.items()}
@@ -261,7 +275,9 @@ def kernels(kf: KernelFunction, X, X2=None, memory=DEFAULT_MEMORY, out: str | No
                     store(job, _local_block(kf, job, p, X, X2, rows, rows2, timing))
                     bar.update()
             else:
+                t0 = time.perf_counter()
                 _run_on_dask(client, kf, p, X, X2, rows, rows2, store, bar)
+                timing["dask tasks"] = time.perf_counter() - t0
     finally:
         if out is not None:
             targets = {name: f.close() for name, f in targets.items()}
@@ -332,6 +348,7 @@ def _run_on_dask(client, kf, p: Plan, X, X2, rows, rows2, store, bar) -> None:
 
     distributed = require_distributed()
     key = hashlib.sha256(kf.source.encode()).hexdigest()
+    _WORKER_KERNELS.setdefault(key, kf)  # workers in this process (threads) use it as it is
     parts = [(X[s], rows[0][s], rows[1][s]) for s in p.blocks]
     parts2 = [(X2[s], rows2[0][s], rows2[1][s]) for s in p.blocks2]
     scattered = client.scatter(parts + parts2)
