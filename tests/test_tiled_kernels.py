@@ -25,6 +25,13 @@ CLI_PARAMS = ["-p", "depth=3", "-p", "phi=relu", "-p", "w_std=1.5", "-p", "b_std
 N, N2 = 230, 90
 
 
+@pytest.fixture(autouse=True)
+def data_only_budget(monkeypatch):
+    """Budgets below count only the arrays of the call (the process's own resident set, some
+    hundred MB under pytest, is set aside; test_budget_counts_the_process checks it counts)."""
+    monkeypatch.setattr(tiled, "process_baseline", lambda: 0)
+
+
 @pytest.fixture(scope="module")
 def compiled():
     return tp.compile(tp.load(str(MLP), **PARAMS))
@@ -71,6 +78,16 @@ def test_memory_budget_chooses_the_tiles(compiled, data, reference):
     assert_close(result, reference)
 
 
+def test_budget_counts_the_process(compiled, data, monkeypatch):
+    monkeypatch.undo()
+    baseline = tiled.process_baseline()
+    assert baseline > tiled.RESERVE  # the resident set is read (Linux)
+    with pytest.raises(ArgumentError, match="this process uses .* already"):
+        compiled.kernels(data[0], memory=baseline - tiled.RESERVE)
+    compiled.kernels(data[0], memory=baseline + 2 * tiled.RESERVE)
+    assert compiled.kernel_function().last_plan.peak_bytes <= baseline + 2 * tiled.RESERVE
+
+
 def test_whole_call_within_budget_is_the_untiled_call(compiled, data, reference):
     result = compiled.kernels(*data)
     for name, K in reference.items():
@@ -107,7 +124,7 @@ def test_bad_arguments(compiled, data, tmp_path):
     for memory in ("lots", "4 parsecs", "-1GB", 0):
         with pytest.raises(ArgumentError, match="memory: expected"):
             compiled.kernels(X, memory=memory)
-    with pytest.raises(ArgumentError, match="too small: one 64 x 64 tile"):
+    with pytest.raises(ArgumentError, match="too small: .* one 64 x 64 tile"):
         compiled.kernels(X, memory="20kB", out=str(tmp_path) + "/")
     with pytest.raises(ArgumentError, match="do not fit the budget.*out=DIRECTORY"):
         compiled.kernels(X, memory="300kB")

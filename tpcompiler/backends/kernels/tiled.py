@@ -10,12 +10,14 @@ only the inputs and row-stage values of I and J, so the N x N2 matrix splits int
 the untiled call.  For k(X, X) only tiles I <= J are computed; the tile (I, J) also gives
 (J, I) by symmetry, and a diagonal tile is symmetrised like the whole matrix.
 
-Memory: every array this module allocates is counted against the budget: the inputs as
-float64, the row-stage values, the outputs when they are kept in memory, and one tile's
-working set (its Gram matrices, the two kernel blocks and a transposed copy).  The tile side is
-the largest that fits.  Outputs that do not fit the budget go to .npy files, written tile by
-tile with positioned writes (so they occupy the page cache, not this process), and come back
-as read-only memory maps.  The Python interpreter and its libraries are not counted.
+Memory: the budget is for the whole process.  What it holds at the call (interpreter,
+libraries, the inputs: its resident set, plus ``RESERVE`` for untracked allocations) is
+counted, then every array this module allocates: the row-stage values, the outputs when they
+are kept in memory, and one tile's working set (its Gram matrices, the two kernel blocks, a
+transposed copy, the scaled input rows).  The tile side is the largest that fits.  Outputs
+that do not fit go to .npy files, written tile by tile with positioned writes (so they occupy
+the page cache, not this process), and come back as read-only memory maps.  On a Dask cluster
+the same tile side is used by each worker (whose own baseline is not known here).
 """
 from __future__ import annotations
 
@@ -58,6 +60,22 @@ def parse_memory(value, name: str | None = "memory") -> int:
 
 def _fail(name: str | None, problem: str):
     raise validation.ArgumentError(f"{name}: {problem}" if name else problem)
+
+
+#: Allowance for what the budget cannot see being allocated: BLAS buffers, Numba's thread
+#: stacks, Python objects of a call.
+RESERVE = 64 * 2**20
+
+
+def process_baseline() -> int:
+    """Bytes this process holds before a kernel call: its resident set now (Linux
+    /proc/self/statm; 0 where it cannot be read) plus ``RESERVE``."""
+    try:
+        with open("/proc/self/statm") as f:
+            resident = int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        resident = 0
+    return resident + RESERVE
 
 
 def _gb(n: float) -> str:
@@ -109,19 +127,21 @@ def output_shapes(N: int, N2: int | None) -> dict[str, tuple[int, int]]:
 
 
 def plan(kf: KernelFunction, N: int, N2: int | None, d: int, memory: int, in_memory: bool, dtype,
-         tile: int | None = None, min_tasks: int = 1) -> Plan:
+         tile: int | None = None, min_tasks: int = 1, baseline: int = 0) -> Plan:
     """The largest tile side (at most N, at least ``MIN_TILE`` or N) whose working set fits
-    ``memory`` with the inputs, row-stage values and (``in_memory``) the outputs; ``tile``
-    forces a side; ``min_tasks``: cut k(X, X) into at least that many tiles (Dask workers)."""
+    ``memory`` with the ``baseline`` bytes the process already uses, the row-stage values and
+    (``in_memory``) the outputs; ``tile`` forces a side; ``min_tasks``: cut k(X, X) into at least
+    that many tiles (Dask workers)."""
     itemsize = np.dtype(dtype).itemsize
-    rows = (N + (N2 or 0)) * (d + 2 * (len(kf.features.row) + len(kf.row_symbols) + len(KERNELS)))
+    rows = (N + (N2 or 0)) * 2 * (len(kf.features.row) + len(kf.row_symbols) + len(KERNELS))
     outputs = sum(a * b for a, b in output_shapes(N, N2).values()) * itemsize
-    fixed = 8 * rows + (outputs if in_memory else 0)
+    fixed = baseline + 8 * rows + (outputs if in_memory else 0)
     if in_memory and fixed > memory:
         raise validation.ArgumentError(
             f"memory: the kernels ({len(output_shapes(N, N2))} matrices of {N} columns, {dtype}: {_gb(outputs)}) "
-            f"do not fit the budget of {_gb(memory)}; write them to memory-mapped .npy files with out=DIRECTORY "
-            f"(tpc kernels --out DIR/), or use dtype float32 or a larger memory budget")
+            f"do not fit the budget of {_gb(memory)} (this process uses {_gb(baseline)} already); write them to "
+            f"memory-mapped .npy files with out=DIRECTORY (tpc kernels --out DIR/), or use dtype float32 or a "
+            f"larger memory budget")
     if tile is None:
         tile = N
         while tile > min(N, MIN_TILE) and fixed + tile_bytes(tile, kf, d) > memory:
@@ -134,9 +154,9 @@ def plan(kf: KernelFunction, N: int, N2: int | None, d: int, memory: int, in_mem
     need = fixed + tile_bytes(min(tile, N), kf, d)
     if need > memory:
         raise validation.ArgumentError(
-            f"memory: the budget of {_gb(memory)} is too small: one {min(tile, N)} x {min(tile, N)} tile with the "
-            f"inputs and row values{' and the outputs' if in_memory else ''} needs {_gb(need)}; give at least "
-            f"{_gb(need)}")
+            f"memory: the budget of {_gb(memory)} is too small: this process uses {_gb(baseline)} already and one "
+            f"{min(tile, N)} x {min(tile, N)} tile with the row values{' and the outputs' if in_memory else ''} "
+            f"needs {_gb(need - baseline)} more; give at least {_gb(need)}")
     blocks = _slices(N, tile)
     blocks2 = _slices(N2, tile) if N2 is not None else []
     jobs = [("x", i, j) for i in range(len(blocks)) for j in range(i, len(blocks))]
@@ -240,7 +260,8 @@ def kernels(kf: KernelFunction, X, X2=None, memory=DEFAULT_MEMORY, out: str | No
     X, X2 = kf.check_inputs(X, X2)
     N, N2 = X.shape[0], None if X2 is None else X2.shape[0]
     workers = _worker_count(client) if client is not None else 1
-    p = plan(kf, N, N2, X.shape[1], budget, out is None, dtype, tile, min_tasks=2 * workers if workers > 1 else 1)
+    p = plan(kf, N, N2, X.shape[1], budget, out is None, dtype, tile, min_tasks=2 * workers if workers > 1 else 1,
+             baseline=process_baseline())
     kf.last_plan = p
     if out is None and client is None and p.tile >= max(N, N2 or 0):
         result = kf(X, X2)
