@@ -88,6 +88,7 @@ class KernelFunction:
         self.module = load_module(self.source, "kernels")
         self.compile_seconds = time.perf_counter() - start
         self.last_timing: dict = {}
+        self.last_plan = None  # the tile plan of the last tiled.kernels call
 
     # -- construction helpers -----------------------------------------------------------
     def _inline_expectations(self, expr: sp.Expr) -> sp.Expr:

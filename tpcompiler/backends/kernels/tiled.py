@@ -293,7 +293,7 @@ def kernels(kf: KernelFunction, X, X2=None, memory=DEFAULT_MEMORY, out: str | No
         with progress_bar(len(p.jobs), progress, "kernel tiles", unit="tile") as bar:
             if client is None:
                 for job in p.jobs:
-                    store(job, _local_block(kf, job, p, X, X2, rows, rows2, timing))
+                    store(job, kf.block(*_block_args(job, p, X, X2, rows, rows2), timing))
                     bar.update()
             else:
                 t0 = time.perf_counter()
@@ -313,10 +313,6 @@ def _block_args(job, p: Plan, X, X2, rows, rows2):
     A, RA = (X, rows) if kind == "x" else (X2, rows2)
     same = kind == "x" and i == j
     return A[I], (RA[0][I], RA[1][I]), X[J], (rows[0][J], rows[1][J]), same
-
-
-def _local_block(kf, job, p, X, X2, rows, rows2, timing):
-    return kf.block(*_block_args(job, p, X, X2, rows, rows2), timing)
 
 
 # ---------------------------------------------------------------------------------------
