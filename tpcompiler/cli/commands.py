@@ -213,7 +213,7 @@ def cmd_kernels(args) -> int:
     for arr, what in ((X, "--x"), (X2, "--x2")):
         if arr is not None and arr.ndim != 2:
             raise CommandError(f"{what} must be an N x d array, got shape {arr.shape}")
-    to_files = args.out.endswith(("/", os.sep)) or os.path.isdir(args.out)
+    to_files = args.out.endswith(("/", os.sep))  # DIR/: memory-mapped .npy files; DIR alone stays an error
     out = args.out if to_files else _out_path(args.out)
     client = None
     try:
@@ -378,7 +378,7 @@ def build_parser() -> argparse.ArgumentParser:
     _common(p, data=False)
     p.add_argument("--x", required=True, help="inputs X (N x d .npy)")
     p.add_argument("--x2", help="second inputs X2 (N2 x d .npy): also k(X2, X)")
-    p.add_argument("--out", required=True, help="output .npz (nngp, ntk[, nngp_x2, ntk_x2]); a directory (DIR/): "
+    p.add_argument("--out", required=True, help="output .npz (nngp, ntk[, nngp_x2, ntk_x2]); a directory with a trailing slash (DIR/): "
                    "memory-mapped DIR/nngp.npy, DIR/ntk.npy[, DIR/nngp_x2.npy, DIR/ntk_x2.npy]")
     p.add_argument("--rtol", type=_real(low=MIN_RTOL, high=MAX_RTOL), default=1e-10, help="quadrature accuracy where no closed form exists")
     _kernels_scale_options(p)
