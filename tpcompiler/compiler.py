@@ -173,13 +173,25 @@ class Compiled:
             self._bound[key] = Bound(zp, index)
         return self._bound[key]
 
-    def kernels(self, X, X2=None, rtol: float = 1e-10) -> dict[str, np.ndarray]:
+    def kernels(self, X, X2=None, rtol: float = 1e-10, *, memory="4GB", out=None, dtype: str = "float64",
+                client=None, progress: bool | None = None, tile: int | None = None) -> dict[str, np.ndarray]:
         """Infinite-width NNGP and NTK (docs/DESIGN.md 2.3): {"nngp", "ntk"} = k(X, X) (N x N),
         plus {"nngp_x2", "ntk_x2"} = k(X2, X) (N2 x N) when X2 is given.  Exact: closed
-        forms where they exist, quadrature to ``rtol`` otherwise (see ``kernel_function``)."""
+        forms where they exist, quadrature to ``rtol`` otherwise (see ``kernel_function``).
+
+        Any data size (``backends.kernels.tiled``): computed in tiles whose working set, with
+        the inputs and in-memory outputs, stays within ``memory`` ("4GB", "512MB", "1.5GiB" or
+        bytes); ``out`` a directory (or path prefix) to write memory-mapped .npy files
+        (``out/nngp.npy``, ...; returned as read-only memory maps) when the kernels do not fit;
+        ``dtype`` "float32" stores the float64 results in single precision; ``client`` a
+        ``dask.distributed.Client`` that runs the tiles as tasks; ``progress`` a bar over
+        tiles (None: when stderr is a terminal); ``tile`` forces the tile side."""
+        from tpcompiler.backends.kernels import tiled
+
         X = validation.array(X, "X", ndim=2)
         X2 = validation.optional_array(X2, "X2", ndim=2)
-        return self.kernel_function(rtol)(X, X2)  # refuses non-finite kernels itself
+        return tiled.kernels(self.kernel_function(rtol), X, X2, memory=memory, out=out, dtype=dtype, client=client,
+                             progress=progress, tile=tile)  # refuses non-finite kernels itself
 
     def kernel_function(self, rtol: float = 1e-10):
         """The compiled kernel evaluator (generated Numba code, cached on disk)."""

@@ -236,6 +236,7 @@ def cmd_check(args) -> int:
 
 
 def cmd_kernels(args) -> int:
+    from tpcompiler.backends.kernels import tiled
     from tpcompiler.compiler import compile
 
     X = _load_array(args.x, "--x")
@@ -243,23 +244,55 @@ def cmd_kernels(args) -> int:
     for arr, what in ((X, "--x"), (X2, "--x2")):
         if arr is not None and arr.ndim != 2:
             raise CommandError(f"{what} must be an N x d array, got shape {arr.shape}")
-    out = _out_path(args.out)
+    to_files = args.out.endswith(("/", os.sep))  # DIR/: memory-mapped .npy files; DIR alone stays an error
+    out = args.out if to_files else _out_path(args.out)
     plot_path = _plot_path(args.plot) if args.plot else None
-    compiled = compile(_program(args, X))
-    kf = compiled.kernel_function(args.rtol)
-    result = kf(X, X2)  # refuses non-finite kernels itself (KernelFunction._check_finite)
+    client = None
     try:
-        np.savez(out, **result)
-    except OSError as exc:
-        raise CommandError(f"--out: cannot write {out!r} ({exc.strerror or exc})") from None
-    t = kf.last_timing
-    print(f"wrote {out}: " + ", ".join(f"{k} {v.shape}" for k, v in result.items())
-          + f"; compile {kf.compile_seconds:.2f} s, run {sum(t.values()):.2f} s")
+        if to_files:
+            tiled.output_folder(out)
+        client = tiled.connect(args.scheduler) if args.scheduler else None
+        compiled = compile(_program(args, X))
+        kf = compiled.kernel_function(args.rtol)
+        result = tiled.kernels(kf, X, X2, memory=args.memory, out=out if to_files else None, dtype=args.dtype,
+                               client=client)  # refuses non-finite kernels itself (KernelFunction.check_finite)
+    except validation.ArgumentError as exc:
+        raise _kernels_option(exc) from None
+    finally:
+        _close_client(client, args.scheduler)
+    if to_files:
+        written = ", ".join(f"{tiled.output_paths(out, [k])[k]} {v.shape}" for k, v in result.items())
+    else:
+        try:
+            np.savez(out, **result)
+        except OSError as exc:
+            raise CommandError(f"--out: cannot write {out!r} ({exc.strerror or exc})") from None
+        written = f"{out}: " + ", ".join(f"{k} {v.shape}" for k, v in result.items())
+    t, p = kf.last_timing, kf.last_plan
+    print(f"wrote {written} ({args.dtype}); {len(p.jobs)} tile{'s' if len(p.jobs) > 1 else ''} of side {p.tile}; "
+          f"compile {kf.compile_seconds:.2f} s, run {sum(t.values()):.2f} s")
     if plot_path:
         from tpcompiler.plotting import kernels_figure
 
         _write_plot(kernels_figure, plot_path, result, title=f"{compiled.name}: infinite-width kernels on --x")
     return 0
+
+
+def _kernels_option(exc: validation.ArgumentError) -> CommandError:
+    """An error of tiled.kernels re-worded with the option name of tpc kernels."""
+    name, sep, rest = str(exc).partition(": ")
+    options = {"memory": "--memory", "out": "--out", "dtype": "--dtype", "scheduler": "--scheduler"}
+    return CommandError(f"{options[name]}: {rest}" if sep and name in options else str(exc))
+
+
+def _close_client(client, scheduler: str | None) -> None:
+    """Close a Dask client, and the local cluster that --scheduler local:K started."""
+    if client is None:
+        return
+    cluster = client.cluster if scheduler.startswith("local:") else None
+    client.close()
+    if cluster is not None:
+        cluster.close()
 
 
 def cmd_train(args) -> int:
@@ -415,6 +448,27 @@ def cmd_classify(args) -> int:
     return 0
 
 
+def _memory_size(text: str) -> str:
+    """argparse type: a memory size such as 4GB (checked by tiled.parse_memory)."""
+    from tpcompiler.backends.kernels.tiled import parse_memory
+
+    try:
+        parse_memory(text, None)
+    except validation.ArgumentError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    return text
+
+
+def _kernels_scale_options(p: argparse.ArgumentParser) -> None:
+    """tpc kernels at any data size: memory budget, storage type, Dask scheduler."""
+    p.add_argument("--memory", type=_memory_size, default="4GB",
+                   help="memory budget (e.g. 4GB, 512MB, 1.5GiB): tile size; kernels that do not fit need --out DIR/")
+    p.add_argument("--dtype", choices=["float64", "float32"], default="float64",
+                   help="storage type of the kernels (computed in float64)")
+    p.add_argument("--scheduler", help="run the tiles on Dask: a scheduler ADDRESS, or local:K for a local cluster "
+                   "of K worker processes (needs the dask extra)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="tpc", description="tpcompiler: infinite-width limits of tensor programs")
     sub = parser.add_subparsers(dest="command", parser_class=_Parser)
@@ -458,10 +512,12 @@ def build_parser() -> argparse.ArgumentParser:
     _common(p, data=False)
     p.add_argument("--x", required=True, help="inputs X (N x d .npy)")
     p.add_argument("--x2", help="second inputs X2 (N2 x d .npy): also k(X2, X)")
-    p.add_argument("--out", required=True, help="output .npz (nngp, ntk[, nngp_x2, ntk_x2])")
+    p.add_argument("--out", required=True, help="output .npz (nngp, ntk[, nngp_x2, ntk_x2]); a directory with a trailing slash (DIR/): "
+                   "memory-mapped DIR/nngp.npy, DIR/ntk.npy[, DIR/nngp_x2.npy, DIR/ntk_x2.npy]")
     p.add_argument("--rtol", type=_real(low=MIN_RTOL, high=MAX_RTOL), default=1e-10, help="quadrature accuracy where no closed form exists")
     p.add_argument("--plot", help="also draw NNGP and NTK k(X, X) as heat maps (.png or .svg)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    _kernels_scale_options(p)
     p.set_defaults(func=cmd_kernels)
 
     p = sub.add_parser("train", help="infinite-width SGD trajectory (feature learning or kernel regime)")

@@ -88,6 +88,7 @@ class KernelFunction:
         self.module = load_module(self.source, "kernels")
         self.compile_seconds = time.perf_counter() - start
         self.last_timing: dict = {}
+        self.last_plan = None  # the tile plan of the last tiled.kernels call
 
     # -- construction helpers -----------------------------------------------------------
     def _inline_expectations(self, expr: sp.Expr) -> sp.Expr:
@@ -203,16 +204,42 @@ def mirror(out, diagonal):
             raise ProgramError(f"{what}: inputs contain NaN or infinite values")
         return np.ascontiguousarray(X)
 
-    def _rows(self, X):
+    def check_inputs(self, X, X2=None):
+        """X and X2 (or None) as C-contiguous float64 N x d arrays of finite numbers."""
+        return self._check(X, "X"), None if X2 is None else self._check(X2, "X2")
+
+    def rows(self, X) -> tuple[np.ndarray, np.ndarray]:
         """Row features and the row stage's quantities (then the kernels' diagonal) of X."""
         RF = self.features.row_values(X)
         R = np.empty((X.shape[0], len(self.row_symbols) + len(KERNELS)))
         self.module.row_stage(RF, R)
         return RF, R
 
+    def block(self, A, rows_A, B, rows_B, same: bool, timing: dict | None = None) -> list[np.ndarray]:
+        """[nngp, ntk] of the rows A (first input) against the rows B (second input): the
+        Grams of (A, B), then the pair stage; ``rows_*`` are ``rows()`` of A and B.  ``same``:
+        B is A, and only the upper triangle is computed, mirrored, the diagonal from the row
+        stage.  ``timing`` accumulates the seconds of the Gram and pair stages."""
+        timing = {} if timing is None else timing
+        # Grams (BLAS) before any Numba stage: each runtime's idle threads spin for a while
+        # after a call and slow down the other's next one.
+        t0 = time.perf_counter()
+        with _one_blas_thread(), np.errstate(over="ignore", invalid="ignore"):  # see check_finite
+            G = self.features.pair_values(A, None if same else B)
+        t1 = time.perf_counter()
+        (RFa, Ra), (RFb, Rb) = rows_A, rows_B
+        outs = [np.empty((A.shape[0], B.shape[0])) for _ in KERNELS]
+        self.module.pair_stage(*G, RFa, np.ascontiguousarray(RFb.T), Ra, np.ascontiguousarray(Rb.T), *outs, same)
+        if same:
+            for k, out in enumerate(outs):
+                self.module.mirror(out, np.ascontiguousarray(Ra[:, len(self.row_symbols) + k]))
+        timing["grams"] = timing.get("grams", 0.0) + t1 - t0
+        timing["pairs"] = timing.get("pairs", 0.0) + time.perf_counter() - t1
+        return outs
+
     def __call__(self, X, X2=None) -> dict[str, np.ndarray]:
         """{"nngp", "ntk"}: k(X, X); with X2 also {"nngp_x2", "ntk_x2"}: k(X2, X)."""
-        X = self._check(X, "X")
+        X, X2 = self.check_inputs(X, X2)
         # the first call JIT-compiles the generated module (seconds): say so on a terminal
         with progress.status("kernels: compiling the generated Numba code and running",
                              enabled=False if self.module.pair_stage.signatures else None):
@@ -220,37 +247,18 @@ def mirror(out, diagonal):
 
     def _call(self, X, X2):
         timing = {}
-        X2 = None if X2 is None else self._check(X2, "X2")
-        # Grams (BLAS) before any Numba stage: each runtime's idle threads spin for a while
-        # after a call and slow down the other's next one.
         t0 = time.perf_counter()
-        with _one_blas_thread(), np.errstate(over="ignore", invalid="ignore"):  # see _check_finite
-            G = self.features.pair_values(X, None)
-            G2 = None if X2 is None else self.features.pair_values(X2, X)
-        timing["grams"] = time.perf_counter() - t0
-        t0 = time.perf_counter()
-        RF1, R1 = self._rows(X)
+        rows1 = self.rows(X)
         timing["rows"] = time.perf_counter() - t0
-        result = {}
-        t0 = time.perf_counter()
-        outs = [np.empty((X.shape[0], X.shape[0])) for _ in KERNELS]
-        RF1T, R1T = np.ascontiguousarray(RF1.T), np.ascontiguousarray(R1.T)
-        self.module.pair_stage(*G, RF1, RF1T, R1, R1T, *outs, True)
-        for k, name in enumerate(KERNELS):
-            self.module.mirror(outs[k], np.ascontiguousarray(R1[:, len(self.row_symbols) + k]))
-            result[name] = outs[k]
-        timing["pairs"] = time.perf_counter() - t0
+        result = dict(zip(KERNELS, self.block(X, rows1, X, rows1, True, timing)))
         if X2 is not None:
-            RF2, R2 = self._rows(X2)
-            outs2 = [np.empty((X2.shape[0], X.shape[0])) for _ in KERNELS]
-            self.module.pair_stage(*G2, RF2, RF1T, R2, R1T, *outs2, False)
-            for k, name in enumerate(KERNELS):
-                result[f"{name}_x2"] = outs2[k]
-        self._check_finite(result, (X, X2))
+            outs2 = self.block(X2, self.rows(X2), X, rows1, False, timing)
+            result.update({f"{name}_x2": out for name, out in zip(KERNELS, outs2)})
+        self.check_finite(result, (X, X2))
         self.last_timing = timing
         return result
 
-    def _check_finite(self, result, inputs):
+    def check_finite(self, result, inputs):
         """Refuse kernels that overflowed (never return inf or NaN for finite inputs)."""
         bad = [name for name, K in result.items() if not np.isfinite(K).all()]
         if not bad:
