@@ -5,17 +5,21 @@ read: the build installs the versions pinned in tools/site_assets/package.json (
 file) from the npm registry into tools/site_assets/node_modules (``npm ci``, once), and copies
 into site/assets/ KaTeX's browser files (they render the formulas) and iframe-worker's shim
 (Material's offline search runs its web worker through it when a page is opened from disk).
+The tutorials run in the build's process against the tpcompiler of this checkout, which goes
+first on sys.path (an installed tpcompiler of another checkout would otherwise be imported).
 """
 from __future__ import annotations
 
 import json
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 from mkdocs.exceptions import PluginError
 
-ASSETS = Path(__file__).resolve().parent / "site_assets"
+ROOT = Path(__file__).resolve().parent.parent
+ASSETS = ROOT / "tools" / "site_assets"
 MODULES = ASSETS / "node_modules"
 #: (file or folder under node_modules, where it goes under site/assets/)
 SHIPPED = [(f"katex/dist/{name}", f"katex/{name}")
@@ -52,6 +56,8 @@ def install_assets() -> None:
 
 
 def on_config(config):
+    if sys.path[:1] != [str(ROOT)]:
+        sys.path.insert(0, str(ROOT))
     install_assets()  # fail before the (long) build if the assets cannot be had
     return config
 
