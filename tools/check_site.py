@@ -35,7 +35,10 @@ SCREENSHOTS = [
     ("index.html", "home.png", None),
     ("concepts.html", "concepts.png", "#zhat-and-zdot"),
     ("programs/mlp.html", "program-mlp.png", "#zhat-families-independent-across-families-w-and-wt-are-different"),
+    ("tutorials/first_program.html", "tutorial-first-program.png", "#the-derived-recursions"),
+    ("tutorials/kernels.html", "tutorial-kernels.png", "img"),
     ("tutorials/training.html", "tutorial-training.png", "img"),
+    ("tutorials/word2vec.html", "tutorial-word2vec.png", "img"),
     ("api.html", "api.png", None),
 ]
 #: Run in the page after load: everything the check needs, as one JSON-able dict.
