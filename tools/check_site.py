@@ -10,7 +10,8 @@
    left without KaTeX output), a console message of level SEVERE (JavaScript errors, failed
    loads), an image that did not load, a page that renders no formula although its source
    has math;
-4. saves screenshots of a few pages (``site-check/*.png``) for a person to look at.
+4. opens the home page from disk (file://) too and searches it: the site works without a server;
+5. saves screenshots of a few pages (``site-check/*.png``) for a person to look at.
 
 Exit code 0 when every page passes, 1 otherwise (each problem printed as one line).
 """
@@ -113,6 +114,25 @@ def check_page(driver, url: str, page: Path) -> list[str]:
     return problems, found
 
 
+def check_from_disk(driver, site: Path) -> list[str]:
+    """The home page opened as a file renders its math and its search finds pages."""
+    from selenium.webdriver.common.by import By
+
+    page = site / "index.html"
+    problems, _ = check_page(driver, page.resolve().as_uri(), page)
+    box = driver.find_element(By.CSS_SELECTOR, "input.md-search__input")
+    box.click()
+    box.send_keys("ZDot")
+    deadline, hits = time.time() + 15, 0
+    while not hits and time.time() < deadline:
+        time.sleep(0.5)
+        hits = driver.execute_script("return document.querySelectorAll('.md-search-result__item').length")
+    if not hits:
+        problems.append("search for 'ZDot' found nothing")
+    return problems + [f"console {e['level']}: {e['message'][:300]}" for e in driver.get_log("browser")
+                       if e["level"] == "SEVERE"]
+
+
 def screenshot(driver, base: str, page: str, target: Path, selector: str | None) -> None:
     driver.get(base + page)
     time.sleep(0.8)
@@ -146,6 +166,10 @@ def main(argv=None) -> int:
             for problem in problems:
                 print(f"FAIL {rel}: {problem}")
             failures += bool(problems)
+        problems = check_from_disk(driver, site)
+        for problem in problems:
+            print(f"FAIL file://index.html: {problem}")
+        failures += bool(problems)
         if shots.exists():
             shutil.rmtree(shots)
         shots.mkdir(parents=True)
