@@ -19,5 +19,8 @@ from tpcompiler.training.sgd import SGD, TrainResult, train, unroll
 from tpcompiler.training.engine import StepEngine
 from tpcompiler.training.fit import History, fit
 from tpcompiler.training import fit as schedules  # tp.schedules.linear(...), tp.schedules.constant(...)
+# pi-networks (docs/DESIGN.md 2.10): tp.pi.init_state / check_state, the limit and the finite pi-net
+from tpcompiler.training import pi
+from tpcompiler.training.pi import PiLimit, PiSpec
 
 __version__ = "0.1.0"
