@@ -39,7 +39,7 @@ import numpy as np
 
 from tpcompiler.training.pi import (
     PiSpec, _resolve_state, check_batch, check_options, clip_factor, load_state_file, loss_and_delta,
-    transforms,
+    save_metadata, spec_and_options, transforms,
 )
 
 
@@ -176,16 +176,17 @@ class PiFinite:
         out.update({f"Omega{l}": o.copy() for l, o in self.omega.items()})
         return out
 
+    def options(self) -> dict:
+        return dict(loss=self.loss, wd=self.wd, clip=self.clip, mult=dict(self.mult))
+
     def save(self, path) -> None:
-        np.savez(path, **self.state(), _spec=np.array(self.spec.to_json()), _width=np.array(self.n),
-                 _method=np.array(self.method))
+        np.savez(path, **self.state(), **save_metadata(self), _width=np.array(self.n), _seed=np.array(self.seed))
 
     @classmethod
     def load(cls, path, spec: PiSpec | None = None, **kwargs):
         arrays, meta = load_state_file(path)
-        if spec is None:
-            spec = PiSpec.from_json(meta["_spec"])
-        obj = cls(spec, int(meta["_width"]), state=None, **kwargs)
+        spec, kwargs = spec_and_options(path, meta, spec, kwargs)
+        obj = cls(spec, int(meta["_width"]), state=None, seed=int(meta["_seed"]), **kwargs)
         obj.K = {int(k[1:]): v for k, v in arrays.items() if k.startswith("K")}
         obj.c = {int(k[1:]): v for k, v in arrays.items() if k.startswith("c")}
         obj.omega = {int(k[5:]): v for k, v in arrays.items() if k.startswith("Omega")}
