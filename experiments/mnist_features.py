@@ -217,7 +217,8 @@ def make_engine(model: str, d: int, seed: int, width: int | None, r: int | None,
                      a1=PI_RECIPE["a1"], ao=PI_RECIPE["ao"], ab=PI_RECIPE["ab"])
     if model == "pi-limit":
         return tp.PiLimit(spec, seed=seed, loss="softmax")
-    return tp.PiFinite(spec, width=width, seed=seed, loss="softmax")
+    from tpcompiler.training.pi_finite import PiFinite
+    return PiFinite(spec, width=width, seed=seed, loss="softmax")
 
 
 def drop_epoch(epochs: int) -> int:
