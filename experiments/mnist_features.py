@@ -124,7 +124,7 @@ def one_hot(labels: np.ndarray, K: int = CLASSES) -> np.ndarray:
 
 def accuracy(outputs: np.ndarray, labels: np.ndarray) -> float:
     """Percent of rows whose largest output is the label."""
-    return 100.0 * float(np.mean(np.argmax(outputs, axis=1) == labels))
+    return round(100.0 * float(np.mean(np.argmax(outputs, axis=1) == labels)), 2)
 
 
 # ------------------------------------------------------------------------------------------
