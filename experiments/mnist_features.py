@@ -62,8 +62,8 @@ RIDGES = (1e-6, 1e-4, 1e-3, 1e-2, 1e-1, 1.0)   # lambda, relative to the mean di
 PI_RECIPE = dict(wd=1e-5, mult={"first": 0.1, "last": 4.0, "bias": 0.5}, a1=1.0, ao=0.5, ab=0.5, drop=0.15)
 #: Per model: the hyper-parameters chosen on the validation split (the command's defaults).
 SETTINGS = {
-    "pi-limit": dict(lr=1.0, clip=0.4, epochs=10, r=200),
-    "pi-finite": dict(lr=1.0, clip=0.4, epochs=10, r=200, width=1024),
+    "pi-limit": dict(lr=1.0, clip=0.2, epochs=10, r=200),
+    "pi-finite": dict(lr=1.0, clip=0.2, epochs=10, r=200, width=1024),
     "mup-finite": dict(lr=1.0, clip=None, epochs=10, width=1024),
     "nngp": dict(),
     "ntk": dict(),
