@@ -22,5 +22,6 @@ from tpcompiler.training import fit as schedules  # tp.schedules.linear(...), tp
 # pi-networks (docs/DESIGN.md 2.10): tp.pi.init_state / check_state, the limit and the finite pi-net
 from tpcompiler.training import pi
 from tpcompiler.training.pi import PiLimit, PiSpec
+from tpcompiler.training.pi_finite import PiFinite
 
 __version__ = "0.1.0"

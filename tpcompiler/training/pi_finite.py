@@ -38,7 +38,7 @@ import math
 import numpy as np
 
 from tpcompiler.training.pi import (
-    PiSpec, _resolve_state, check_batch, check_options, clip_factor, load_state_file, loss_and_delta,
+    PiSpec, _resolve_state, check_batch, check_options, clip_factor, limited_threads, load_state_file, loss_and_delta,
     save_metadata, spec_and_options, transforms,
 )
 
@@ -49,7 +49,7 @@ class PiFinite:
     method = "pi-finite"
 
     def __init__(self, spec: PiSpec, width: int, state=None, seed: int = 0, loss: str = "softmax",
-                 wd: float = 0.0, clip=None, mult=None):
+                 wd: float = 0.0, clip=None, mult=None, threads: int | None = 1):
         if not isinstance(spec, PiSpec):
             raise ValueError(f"PiFinite: spec must be a PiSpec, got {type(spec).__name__}")
         if isinstance(width, bool) or not isinstance(width, (int, np.integer)) or width < 1:
@@ -60,6 +60,7 @@ class PiFinite:
         self.spec = spec
         self.n = int(width)
         self.seed = seed
+        self.threads = threads  # BLAS/Numba threads in step/forward (see pi.limited_threads)
         self.loss = loss
         self.wd, self.clip, self.mult = check_options(wd, clip, mult, loss)
         T = transforms(spec.phi)
@@ -147,9 +148,10 @@ class PiFinite:
                                        self.mult if mult is None else mult)
         lr = float(lr)
         X, Y = check_batch(self.spec, X, Y)
-        hs, out = self._forward(X)
-        losses, delta = loss_and_delta(out, Y, self.loss)
-        updates = self._updates(X, hs, delta)
+        with limited_threads(self.threads):
+            hs, out = self._forward(X)
+            losses, delta = loss_and_delta(out, Y, self.loss)
+            updates = self._updates(X, hs, delta)
         if wd:
             decay = 1.0 - lr * wd
             for params in (self.K, self.c):
@@ -162,7 +164,8 @@ class PiFinite:
 
     def forward(self, X) -> np.ndarray:
         X = check_batch(self.spec, X)
-        return self._forward(X)[1]
+        with limited_threads(self.threads):
+            return self._forward(X)[1]
 
     def predict(self, X):
         f = self.forward(X)
