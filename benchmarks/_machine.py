@@ -3,9 +3,12 @@ writing one section of docs/benchmarks.md (replaced in place, other sections kep
 from __future__ import annotations
 
 import datetime
+import json
 import os
 import platform
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -44,3 +47,16 @@ def write_section(docs: Path, heading: str, text: str) -> None:
     pattern = re.compile(re.escape(heading) + r"\n.*?(?=\n## |\Z)", re.S)
     new = pattern.sub(lambda m: text.rstrip("\n"), old) if pattern.search(old) else old.rstrip("\n") + "\n\n" + text
     docs.write_text(new.rstrip("\n") + "\n")
+
+
+def spawn(script, case: dict, timeout: float) -> dict:
+    """``script --case JSON`` in a fresh interpreter (its own peak memory; a crash loses one
+    case): the JSON object on its last line of output, or {"error": ...}."""
+    try:
+        proc = subprocess.run([sys.executable, str(script), "--case", json.dumps(case)], capture_output=True,
+                              text=True, timeout=timeout, cwd=Path(script).parent)
+    except subprocess.TimeoutExpired:
+        return {"error": f"no answer in {timeout:.0f} s"}
+    if proc.returncode != 0:
+        return {"error": (proc.stderr.strip().splitlines() or ["failed"])[-1][:160]}
+    return json.loads(proc.stdout.strip().splitlines()[-1])

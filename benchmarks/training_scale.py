@@ -29,12 +29,12 @@ from __future__ import annotations
 import argparse
 import json
 import resource
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 from _machine import machine_info, write_section
+from _machine import spawn as spawn_script
 
 ROOT = Path(__file__).resolve().parent.parent
 DOCS = ROOT / "docs" / "benchmarks.md"
@@ -101,15 +101,8 @@ def run_case(case: dict) -> dict:
 
 
 def spawn(case: dict, timeout: float) -> dict:
-    """``run_case`` in a fresh interpreter (its own peak memory; a crash loses one row)."""
-    try:
-        proc = subprocess.run([sys.executable, __file__, "--case", json.dumps(case)], capture_output=True,
-                              text=True, timeout=timeout, cwd=Path(__file__).parent)
-    except subprocess.TimeoutExpired:
-        return {"error": f"no answer in {timeout:.0f} s"}
-    if proc.returncode != 0:
-        return {"error": (proc.stderr.strip().splitlines() or ["failed"])[-1][:120]}
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    """``run_case`` in a fresh interpreter (_machine.spawn)."""
+    return spawn_script(__file__, case, timeout)
 
 
 def _row(label, case, r):

@@ -309,6 +309,11 @@ def cmd_train(args) -> int:
     if Xe is not None and (Xe.ndim != 2 or Xe.shape[1] != X.shape[1]):
         raise CommandError(f"--eval must be an N_eval x {X.shape[1]} array (the columns of --x), got shape {Xe.shape}")
     out = _out_path(args.out)
+    if args.parametrization.strip().lower() == "pi":
+        if args.plot or args.widths:
+            raise CommandError("--plot/--widths: not available with --param pi (train with tp.PiLimit / tp.PiFinite and tp.fit, and plot the History)")
+        return _train_pi(args, X, Y, Xe, out)
+    _refuse_pi_options(args)
     plot_path = _plot_path(args.plot) if args.plot else None
     widths = _increasing_widths(args.widths, "--widths", minimum=1) if args.widths else []
     if widths and not plot_path:
@@ -434,6 +439,111 @@ def cmd_predict(args) -> int:
     return 0
 
 
+# -- tpc train --param pi (docs/DESIGN.md 2.10, issue 10) ---------------------------------------
+#: tpc train options that only a pi-net takes (dest -> option)
+_PI_ONLY = {"init": "--init", "lr_mult": "--lr-mult", "width": "--width"}
+_LR_MULT_KEYS = ("first", "last", "bias")
+
+
+def _pi_train_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--init", help="--param pi: start from this state (.npz, keys A1, A2.., B2.., Amult2.., b1..)")
+    p.add_argument("--width", type=_count(1), help="--param pi: train the finite pi-net of width N instead of the limit")
+    p.add_argument("--lr-mult", help="--param pi: learning-rate multipliers first=a,last=b,bias=c (default 1 each)")
+
+
+def _refuse_pi_options(args) -> None:
+    given = [opt for dest, opt in _PI_ONLY.items() if getattr(args, dest) is not None]
+    if given:
+        raise CommandError(f"{given[0]}: only a pi-net takes it (--param pi with programs/pinet.py), "
+                           f"not --param {args.parametrization}")
+
+
+def _lr_mult(text: str | None) -> dict:
+    """"first=a,last=b,bias=c" (any subset; the others 1.0) as a dict of non-negative floats."""
+    mult = dict.fromkeys(_LR_MULT_KEYS, 1.0)
+    if text is None:
+        return mult
+    for part in filter(None, (s.strip() for s in text.split(","))):
+        key, sep, value = part.partition("=")
+        key = key.strip()
+        if not sep or key not in mult:
+            raise CommandError(f"--lr-mult: unknown entry {part!r}; give first=a,last=b,bias=c "
+                               f"(keys {', '.join(_LR_MULT_KEYS)})")
+        try:
+            mult[key] = validation.number(float(value), None, nonnegative=True)
+        except (ValueError, validation.ArgumentError):
+            raise CommandError(f"--lr-mult: {key}={value.strip()!r} is not a non-negative number") from None
+    return mult
+
+
+def _pi_engine(args, program, mult: dict):
+    """tp.PiLimit, or tp.PiFinite with --width, for the pi-net ``program`` (from --init or --seed)."""
+    from tpcompiler.training.pi import PiLimit, PiSpec
+    from tpcompiler.training.pi_finite import PiFinite
+
+    try:
+        spec = PiSpec.from_program(program)
+    except (ValueError, TypeError) as exc:
+        raise CommandError(f"--param pi: program {program.name!r} is not a pi-net ({exc}); use programs/pinet.py") from None
+    if args.init is not None and not os.path.isfile(args.init):
+        raise CommandError(f"--init: state file {args.init!r} not found")
+    if args.loss not in ("softmax", "mse"):
+        raise CommandError(f"--loss: a pi-net trains with softmax or mse, not {args.loss}")
+    if args.width is not None and spec.r > args.width:
+        raise CommandError(f"--width: the pi-net's rank r = {spec.r} is larger than the width {args.width}; "
+                           f"a finite pi-net needs r <= width (give -p r=.. or a larger --width)")
+    options = dict(state=args.init, seed=args.seed, loss=args.loss, wd=args.weight_decay, clip=args.clip, mult=mult)
+    try:
+        if args.width is None:
+            return spec, PiLimit(spec, **options)
+        return spec, PiFinite(spec, width=args.width, **options)
+    except (ValueError, KeyError, OSError) as exc:  # tp.pi.check_state's one-line messages, unreadable .npz files
+        text = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise CommandError(f"--init {args.init}: {text}" if args.init is not None else f"--param pi: {text}") from None
+
+
+def _train_pi(args, X, Y, Xe, out) -> int:
+    """tpc train --param pi: tp.fit of the pi-limit (or the width-N pi-net) with the options'
+    weight decay, per-tensor clip and multipliers; writes T.npz as for every parametrization."""
+    from tpcompiler.training.fit import fit, linear
+
+    if args.resume:
+        raise CommandError("--resume: a pi-net starts from --init STATE.npz (a state written by --save-state)")
+    mult = _lr_mult(args.lr_mult)
+    if Y.ndim == 2 and "dout" in parameters(args.program) and not any(a.split("=")[0].strip() == "dout" for a in args.param):
+        args.param = args.param + [f"dout={Y.shape[1]}"]  # the outputs from the targets, as d from --x
+    program = _program(args, X)
+    spec, eng = _pi_engine(args, program, mult)
+    if Y.ndim == 1:
+        Y = Y[:, None]
+    if Y.ndim != 2 or Y.shape[1] != spec.dout:
+        raise CommandError(f"--y: the pi-net has dout = {spec.dout} outputs, so targets must be N x {spec.dout}, got shape {Y.shape}")
+    if args.loss == "softmax" and not (np.all((Y == 0) | (Y == 1)) and np.all(Y.sum(axis=1) == 1)):
+        raise CommandError("--y: softmax targets must be one-hot rows (one 1 per row, the rest 0)")
+    rate = linear(args.lr, args.lr_end, max(args.steps, 1)) if args.schedule == "linear" else args.lr
+    save_state = _out_path(args.save_state, "--save-state") if args.save_state else None
+    try:
+        hist = fit(eng, X, Y, steps=args.steps, lr=rate, batch=args.batch, eval_every=args.eval_every, X_eval=Xe,
+                   progress=False if args.quiet else None, checkpoint=save_state)
+    except validation.ArgumentError as exc:
+        raise _as_option(exc) from None
+    f_train = np.array(hist.f_train)
+    f_eval = np.array(hist.f_eval) if Xe is not None else np.zeros((len(hist.steps), 0, spec.dout))
+    if spec.dout == 1:
+        f_train, f_eval = f_train[..., 0], f_eval[..., 0]
+    validation.finite_results({"f_train": f_train, "f_eval": f_eval}, "trajectory",
+                              "training diverged (float64 overflow); use a smaller --lr or a --clip")
+    try:
+        np.savez(out, f_train=f_train, f_eval=f_eval, regime=np.array("feature learning"),
+                 steps=np.array(hist.steps, dtype=np.int64), f_train_stderr=np.zeros_like(f_train),
+                 f_eval_stderr=np.zeros_like(f_eval))
+    except OSError as exc:
+        raise CommandError(f"--out: cannot write {out!r} ({exc.strerror or exc})") from None
+    print(f"wrote {out}: regime feature learning ({eng.method}); f_train {f_train.shape}, f_eval {f_eval.shape}"
+          + (f"; state {save_state}" if save_state else ""))
+    return 0
+
+
 def cmd_classify(args) -> int:
     from tpcompiler.training.parametrization import classification_report
 
@@ -522,7 +632,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("train", help="infinite-width SGD trajectory (feature learning or kernel regime)")
     _common(p, data=False)
-    p.add_argument("--param", dest="parametrization", required=True, help='mup, ntp, sp, mfp, sp_c1 or "a=..;b=..;c=.."')
+    p.add_argument("--param", dest="parametrization", required=True, help='mup, ntp, sp, mfp, sp_c1, "a=..;b=..;c=.." or pi (a pi-net, programs/pinet.py)')
     p.add_argument("--x", required=True, help="training inputs X (N x d .npy)")
     p.add_argument("--y", required=True, help="targets Y (N or N x K .npy)")
     p.add_argument("--lr", type=_real(), required=True)
@@ -534,14 +644,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=_count(), default=0)
     p.add_argument("--method", choices=["auto", "exact", "particles"], default="auto",
                    help="feature learning: exact (Gaussian-linear networks) or particles; auto picks exact when it applies")
-    p.add_argument("--weight-decay", type=_real(positive=False, low=0.0, high=1e300), default=0.0, help="p <- (1 - lr n^-c wd) p - lr n^-c grad")
-    p.add_argument("--clip", type=_real(), default=None, help="clip the global gradient norm to this value")
+    p.add_argument("--weight-decay", "--wd", type=_real(positive=False, low=0.0, high=1e300), default=0.0,
+                   help="p <- (1 - lr n^-c wd) p - lr n^-c grad (pi: A1, every Amult and the biases times (1 - lr wd))")
+    p.add_argument("--clip", type=_real(), default=None,
+                   help="clip the global gradient norm to this value (--param pi: each tensor's, DESIGN.md 2.10)")
     p.add_argument("--schedule", choices=["constant", "linear"], default="constant",
                    help="learning rate: constant, or linear from --lr to --lr-end over the steps")
     p.add_argument("--lr-end", type=_real(positive=False, low=0.0, high=1e300), default=0.0, help="final learning rate of --schedule linear")
     p.add_argument("--eval-every", type=_count(1), default=1, help="record f every k steps (and after the last)")
     p.add_argument("--resume", help="start from a step-engine state (.npz written by --save-state)")
-    p.add_argument("--save-state", help="write the final step-engine state (.npz)")
+    p.add_argument("--save-state", help="write the final step-engine state (.npz; --param pi: the pi-net state)")
+    _pi_train_options(p)
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.add_argument("--out", required=True, help="output .npz (f_train, f_eval, regime, steps)")
     p.add_argument("--plot", help="also draw the loss and f on the training inputs against the step (.png or .svg)")

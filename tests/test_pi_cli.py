@@ -1,0 +1,165 @@
+"""`tpc train PROGRAM --param pi` (issue 10, item 3; docs/DESIGN.md 2.10): the pi-limit (or the
+width-N pi-net with --width) trained through tp.fit with --wd, per-tensor --clip and --lr-mult;
+--init starts from a state file, --save-state writes the final one; T.npz keeps the format of
+docs/DESIGN.md 5; bad input is one line on stderr.
+
+The numbers of the pi-limit itself are tests/test_pi*.py's business; here the references are
+the API run with the same options (so every option must reach the engine), and a property that
+holds for any correct checkpointing: 2 full-batch steps, saved, then 1 step from that state
+equal 3 steps in one run."""
+import functools
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import tpcompiler as tp
+from tpcompiler.cli.commands import build_parser, main
+from tpcompiler.training.pi_finite import PiFinite
+
+ROOT = Path(__file__).resolve().parent.parent
+PINET = ROOT / "programs" / "pinet.py"
+MLP = ROOT / "programs" / "mlp.py"
+N, D, K, R = 6, 5, 3, 2  # tiny: tp.load of programs/pinet.py grows with r
+OPTS = dict(wd=1e-2, clip=0.3, mult={"first": 0.1, "last": 4.0, "bias": 0.5})
+CLI_OPTS = ["--wd", "1e-2", "--clip", "0.3", "--lr-mult", "first=0.1,last=4,bias=0.5"]
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    d = tmp_path_factory.mktemp("pi_cli")
+    rng = np.random.default_rng(7)
+    X = rng.standard_normal((N, D))
+    Y = np.eye(K)[rng.integers(0, K, N)]
+    paths = {"dir": d, "X": d / "X.npy", "Y": d / "Y.npy", "XE": d / "XE.npy", "X_arr": X, "Y_arr": Y}
+    np.save(paths["X"], X)
+    np.save(paths["Y"], Y)
+    paths["XE_arr"] = rng.standard_normal((2, D))
+    np.save(paths["XE"], paths["XE_arr"])
+    return paths
+
+
+def tpc(capsys, *argv):
+    rc = main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return rc, out, err
+
+
+def pi_argv(data, out, *extra, r=R, steps=3, batch=None):
+    argv = ["train", PINET, "-p", "depth=2", "-p", f"r={r}", "--param", "pi", "--x", data["X"], "--y", data["Y"],
+            "--loss", "softmax", "--lr", "0.5", "--steps", steps, "--seed", 3, "--quiet", "--out", out, *extra]
+    return argv + (["--batch", batch] if batch else [])
+
+
+@functools.cache
+def spec():
+    """The PiSpec the command builds from programs/pinet.py (loaded once: a load takes seconds)."""
+    return tp.PiSpec.from_program(tp.load(PINET, depth=2, r=R, d=D, dout=K))
+
+
+def assert_one_error_line(rc, err, *words):
+    assert rc == 2, err
+    lines = err.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("tpc: error: "), err
+    for w in words:
+        assert w in lines[0], (w, lines[0])
+
+
+def test_pi_limit_matches_the_api_with_every_option(capsys, data):
+    out, state = data["dir"] / "T.npz", data["dir"] / "S.npz"
+    rc, stdout, err = tpc(capsys, *pi_argv(data, out, *CLI_OPTS, "--eval", data["XE"], "--save-state", state, batch=2))
+    assert rc == 0, err
+    assert "pi-limit" in stdout
+    eng = tp.PiLimit(spec(), seed=3, loss="softmax", **OPTS)
+    hist = tp.fit(eng, data["X_arr"], data["Y_arr"], steps=3, lr=0.5, batch=2, eval_every=1, X_eval=data["XE_arr"],
+                  progress=False)
+    with np.load(out) as T:
+        assert str(T["regime"]) == "feature learning"
+        assert T["f_train"].shape == (4, N, K) and T["f_eval"].shape == (4, 2, K)
+        np.testing.assert_array_equal(T["f_train"], np.array(hist.f_train))
+        np.testing.assert_array_equal(T["f_eval"], np.array(hist.f_eval))
+        assert np.all(T["f_train_stderr"] == 0)
+    saved, final = tp.pi.load_state_file(state)[0], eng.state()
+    assert saved.keys() == final.keys() and saved["A2"].shape[0] == R + 3 * 2  # r initial rows + batch per step
+    for k in final:
+        np.testing.assert_array_equal(saved[k], final[k])
+    # the options matter: without them the trajectory differs
+    plain = tp.fit(tp.PiLimit(spec(), seed=3, loss="softmax"), data["X_arr"], data["Y_arr"], steps=3, lr=0.5, batch=2,
+                   eval_every=3, progress=False)
+    assert np.abs(np.array(plain.f_train)[-1] - np.array(hist.f_train)[-1]).max() > 1e-6
+
+
+def test_init_and_save_state_continue_a_run(capsys, data):
+    d = data["dir"]
+    rc, _, err = tpc(capsys, *pi_argv(data, d / "three.npz", *CLI_OPTS, steps=3))
+    assert rc == 0, err
+    rc, _, err = tpc(capsys, *pi_argv(data, d / "two.npz", *CLI_OPTS, "--save-state", d / "two_state.npz", steps=2))
+    assert rc == 0, err
+    rc, _, err = tpc(capsys, *pi_argv(data, d / "one.npz", *CLI_OPTS, "--init", d / "two_state.npz", steps=1))
+    assert rc == 0, err
+    with np.load(d / "three.npz") as three, np.load(d / "two.npz") as two, np.load(d / "one.npz") as one:
+        # equal up to rounding: a reloaded state's arrays have another capacity, so BLAS may sum in another order
+        np.testing.assert_allclose(one["f_train"][0], two["f_train"][-1], rtol=1e-12, atol=1e-14)
+        np.testing.assert_allclose(one["f_train"][-1], three["f_train"][-1], rtol=1e-12, atol=1e-14)
+        assert np.abs(three["f_train"][-1] - three["f_train"][-2]).max() > 1e-6  # the last step moved f
+
+
+def test_width_trains_the_finite_pi_net(capsys, data):
+    out = data["dir"] / "fin.npz"
+    rc, stdout, err = tpc(capsys, *pi_argv(data, out, *CLI_OPTS, "--width", 64, steps=2))
+    assert rc == 0, err
+    assert "pi-finite" in stdout
+    eng = PiFinite(spec(), width=64, seed=3, loss="softmax", **OPTS)
+    hist = tp.fit(eng, data["X_arr"], data["Y_arr"], steps=2, lr=0.5, eval_every=1, progress=False)
+    with np.load(out) as T:
+        np.testing.assert_array_equal(T["f_train"], np.array(hist.f_train))
+
+
+def test_wd_is_weight_decay_for_every_parametrization():
+    base = ["train", str(MLP), "--param", "mup", "--x", "x.npy", "--y", "y.npy", "--lr", "1", "--steps", "1", "--out", "o"]
+    assert build_parser().parse_args(base + ["--wd", "0.25"]).weight_decay == 0.25
+    assert build_parser().parse_args(base + ["--weight-decay", "0.25"]).weight_decay == 0.25
+
+
+@pytest.mark.parametrize("extra, words", [
+    (["--lr-mult", "first=0.1,middle=2"], ["--lr-mult", "middle"]),
+    (["--lr-mult", "first=-1"], ["--lr-mult", "first"]),
+    (["--width", "1"], ["--width", f"r = {R}", "larger"]),
+    (["--resume", "S.npz"], ["--resume", "--init"]),
+    (["--loss", "logistic"], ["--loss", "softmax"]),
+])
+def test_bad_pi_options_are_one_line(capsys, data, extra, words):
+    rc, _, err = tpc(capsys, *pi_argv(data, data["dir"] / "bad.npz", *extra, steps=1))
+    assert_one_error_line(rc, err, *words)
+
+
+def test_bad_init_states_are_one_line(capsys, data):
+    d = data["dir"]
+    state = tp.pi.init_state(tp.PiSpec(depth=2, r=R + 1, d=D, dout=K), seed=0)
+    np.savez(d / "wider.npz", **state)
+    rc, _, err = tpc(capsys, *pi_argv(data, d / "bad.npz", "--init", d / "wider.npz", steps=1))
+    assert_one_error_line(rc, err, "--init", "A1", "shape")
+    state = tp.pi.init_state(spec(), seed=0)
+    state["B2"] = 2.0 * state["B2"]
+    np.savez(d / "long_rows.npz", **state)
+    rc, _, err = tpc(capsys, *pi_argv(data, d / "bad.npz", "--init", d / "long_rows.npz", steps=1))
+    assert_one_error_line(rc, err, "--init", "B2", "unit")
+    rc, _, err = tpc(capsys, *pi_argv(data, d / "bad.npz", "--init", d / "missing.npz", steps=1))
+    assert_one_error_line(rc, err, "--init", "not found")
+
+
+def test_softmax_targets_must_be_one_hot(capsys, data):
+    d = data["dir"]
+    np.save(d / "Ysoft.npy", np.full((N, K), 1.0 / K))
+    argv = pi_argv(data, d / "bad.npz", steps=1)
+    argv[argv.index(data["Y"])] = d / "Ysoft.npy"
+    rc, _, err = tpc(capsys, *argv)
+    assert_one_error_line(rc, err, "--y", "one-hot")
+
+
+@pytest.mark.parametrize("extra", [["--init", "S.npz"], ["--lr-mult", "first=0.1"], ["--width", "64"]])
+def test_pi_options_with_another_parametrization_are_one_line(capsys, data, extra):
+    argv = ["train", MLP, "-p", "depth=2", "--param", "mup", "--x", data["X"], "--y", data["Y"], "--lr", "1",
+            "--steps", "1", "--out", data["dir"] / "bad.npz", *extra]
+    rc, _, err = tpc(capsys, *argv)
+    assert_one_error_line(rc, err, extra[0], "--param pi")
