@@ -21,3 +21,4 @@ from tpcompiler.training.fit import History, fit
 from tpcompiler.training import fit as schedules  # tp.schedules.linear(...), tp.schedules.constant(...)
 
 __version__ = "0.1.0"
+from tpcompiler import layers  # tp.layers.serial(...).program(input_shape): neural-tangents-style networks as programs

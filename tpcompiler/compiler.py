@@ -177,8 +177,8 @@ class Compiled:
         """Infinite-width NNGP and NTK (docs/DESIGN.md 2.3): {"nngp", "ntk"} = k(X, X) (N x N),
         plus {"nngp_x2", "ntk_x2"} = k(X2, X) (N2 x N) when X2 is given.  Exact: closed
         forms where they exist, quadrature to ``rtol`` otherwise (see ``kernel_function``)."""
-        X = validation.array(X, "X", ndim=2)
-        X2 = validation.optional_array(X2, "X2", ndim=2)
+        X = validation.array(network_rows(self.source, X, "X"), "X", ndim=2)
+        X2 = validation.optional_array(network_rows(self.source, X2, "X2"), "X2", ndim=2)
         return self.kernel_function(rtol)(X, X2)  # refuses non-finite kernels itself
 
     def kernel_function(self, rtol: float = 1e-10):
@@ -249,6 +249,24 @@ def _rows(x, name: str):
     return validation.optional_array(x, name, finite=False)
 
 
+def network_rows(graph: Graph, x, name: str):
+    """Inputs of a program built by ``tp.layers`` (which records ``graph.input_shape``): an
+    (N, *input_shape) array becomes the (N, d) rows of the program input, flattened row-major
+    (channels last); flat (N, d) rows pass unchanged, as does anything for other programs."""
+    shape = getattr(graph, "input_shape", None)
+    if shape is None or x is None:
+        return x
+    arr = validation.array(x, name, finite=False)
+    d = int(np.prod(shape))
+    if arr.ndim == len(shape) + 1 and arr.shape[1:] == tuple(shape):
+        return arr.reshape(arr.shape[0], d)
+    if arr.ndim == 2 and arr.shape[1] == d:
+        return arr
+    want = ", ".join(str(s) for s in shape)
+    raise validation.ArgumentError(f"{name}: the network takes inputs of shape (N, {want}) (or (N, {d}) flattened "
+                                   f"row-major), got shape {arr.shape}")
+
+
 def _pointwise(graph: Graph) -> None:
     """A finite-width run evaluates every instruction coordinatewise: a Dirac delta (allowed
     in the limit, where Stein's lemma turns its expectation into a closed form) cannot be."""
@@ -278,7 +296,7 @@ def _finite_width_graph(program, x) -> Graph:
     width (it has outputs, every instruction is pointwise)."""
     graph = run_passes(program, until="kernel program").graph
     _require_outputs(graph)
-    graph, _ = instantiate(graph, _rows(x, "x"))
+    graph, _ = instantiate(graph, _rows(network_rows(graph_of(program), x, "x"), "x"))
     _pointwise(graph)
     return graph
 
