@@ -25,6 +25,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # this checkout's tpcompiler first
 from _machine import machine_info, write_section  # noqa: E402
 from kernels_vs_nt import find_nt_python  # noqa: E402
 

@@ -317,14 +317,18 @@ def _positive_int(value, where: str) -> int:
     return int(value)
 
 
+def _weights_args(layer: str, channels, W_std, b_std, parameterization) -> tuple:
+    """(channels, W_std, b_std, standard?) of a Dense / Conv, checked."""
+    return (_positive_int(channels, f"{layer}: {'out_dim' if layer == 'Dense' else 'out_chan'}"),
+            _std(W_std, f"{layer}: W_std"), _std(b_std, f"{layer}: b_std", optional=True),
+            _parameterization(parameterization, layer))
+
+
 def Dense(out_dim: int, W_std: float = 1.0, b_std: float | None = None, parameterization: str = "ntk") -> Layer:
     """Fully connected layer on the channel axis (neural-tangents' stax.Dense); as the last
     layer, the readout.  ``out_dim`` is the channel count (it matters for FanInConcat and the
     standard parametrization; the kernels are per output unit)."""
-    out_dim = _positive_int(out_dim, "Dense: out_dim")
-    W_std = _std(W_std, "Dense: W_std")
-    b_std = _std(b_std, "Dense: b_std", optional=True)
-    standard = _parameterization(parameterization, "Dense")
+    out_dim, W_std, b_std, standard = _weights_args("Dense", out_dim, W_std, b_std, parameterization)
     label = f"Dense({out_dim})"
 
     def apply(b, state):
@@ -354,15 +358,12 @@ def Conv(out_chan: int, filter_shape: Sequence[int], strides: Sequence[int] | No
          W_std: float = 1.0, b_std: float | None = None, parameterization: str = "ntk") -> Layer:
     """1-D or 2-D convolution, channels last (neural-tangents' stax.Conv): filter_shape (k,)
     or (kh, kw), strides (default 1), padding VALID / SAME / CIRCULAR."""
-    out_chan = _positive_int(out_chan, "Conv: out_chan")
+    out_chan, W_std, b_std, standard = _weights_args("Conv", out_chan, W_std, b_std, parameterization)
     filt = _int_tuple(filter_shape, "Conv: filter_shape")
     strides = (1,) * len(filt) if strides is None else _int_tuple(strides, "Conv: strides")
     if len(strides) != len(filt):
         raise LayerError(f"Conv: strides {strides} and filter_shape {filt} have different lengths")
     padding = _padding(padding, "Conv")
-    W_std = _std(W_std, "Conv: W_std")
-    b_std = _std(b_std, "Conv: b_std", optional=True)
-    standard = _parameterization(parameterization, "Conv")
     label = f"Conv({out_chan}, {filt})"
 
     def apply(b, state):
