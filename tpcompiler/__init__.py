@@ -31,3 +31,4 @@ from tpcompiler.training.pi_finite import PiFinite
 from tpcompiler import predict
 
 __version__ = "0.1.0"
+from tpcompiler import layers  # tp.layers.serial(...).program(input_shape): neural-tangents-style networks as programs

@@ -185,11 +185,12 @@ class Compiled:
         (``out/nngp.npy``, ...; returned as read-only memory maps) when the kernels do not fit;
         ``dtype`` "float32" stores the float64 results in single precision; ``client`` a
         ``dask.distributed.Client`` that runs the tiles as tasks; ``progress`` a bar over
-        tiles (None: when stderr is a terminal); ``tile`` forces the tile side."""
+        tiles (None: when stderr is a terminal); ``tile`` forces the tile side.  Programs of
+        ``tp.layers`` take X of shape (N, *input_shape)."""
         from tpcompiler.backends.kernels import tiled
 
-        X = validation.array(X, "X", ndim=2)
-        X2 = validation.optional_array(X2, "X2", ndim=2)
+        X = validation.array(network_rows(self.source, X, "X"), "X", ndim=2)
+        X2 = validation.optional_array(network_rows(self.source, X2, "X2"), "X2", ndim=2)
         return tiled.kernels(self.kernel_function(rtol), X, X2, memory=memory, out=out, dtype=dtype, client=client,
                              progress=progress, tile=tile)  # refuses non-finite kernels itself
 
@@ -261,6 +262,24 @@ def _rows(x, name: str):
     return validation.optional_array(x, name, finite=False)
 
 
+def network_rows(graph: Graph, x, name: str):
+    """Inputs of a program built by ``tp.layers`` (which records ``graph.input_shape``): an
+    (N, *input_shape) array becomes the (N, d) rows of the program input, flattened row-major
+    (channels last); flat (N, d) rows pass unchanged, as does anything for other programs."""
+    shape = getattr(graph, "input_shape", None)
+    if shape is None or x is None:
+        return x
+    arr = validation.array(x, name, finite=False)
+    d = int(np.prod(shape))
+    if arr.ndim == len(shape) + 1 and arr.shape[1:] == tuple(shape):
+        return arr.reshape(arr.shape[0], d)
+    if arr.ndim == 2 and arr.shape[1] == d:
+        return arr
+    want = ", ".join(str(s) for s in shape)
+    raise validation.ArgumentError(f"{name}: the network takes inputs of shape (N, {want}) (or (N, {d}) flattened "
+                                   f"row-major), got shape {arr.shape}")
+
+
 def _pointwise(graph: Graph) -> None:
     """A finite-width run evaluates every instruction coordinatewise: a Dirac delta (allowed
     in the limit, where Stein's lemma turns its expectation into a closed form) cannot be."""
@@ -290,7 +309,7 @@ def _finite_width_graph(program, x) -> Graph:
     width (it has outputs, every instruction is pointwise)."""
     graph = run_passes(program, until="kernel program").graph
     _require_outputs(graph)
-    graph, _ = instantiate(graph, _rows(x, "x"))
+    graph, _ = instantiate(graph, _rows(network_rows(graph_of(program), x, "x"), "x"))
     _pointwise(graph)
     return graph
 

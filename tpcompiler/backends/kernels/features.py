@@ -42,6 +42,8 @@ class Features:
         self._row_index: dict = {}
         self._base_index: dict = {}
         self._memo: dict = {}
+        self._input_only: dict = {}
+        self._has_inputs: dict = {}
 
     # -- classification -------------------------------------------------------------------
     def _atom_sides(self, atom) -> set:
@@ -59,15 +61,37 @@ class Features:
         return sides
 
     def input_only(self, expr: sp.Expr) -> bool:
-        """A polynomial in input coordinates and input-layer covariances."""
-        if not expr.free_symbols <= self.all_inputs:
-            return False
-        if not all(isinstance(f, ops.InputCov) for f in expr.atoms(sp.Function)):
-            return False
-        return all(p.exp.is_Integer and p.exp >= 0 for p in expr.atoms(sp.Pow))
+        """A polynomial in input coordinates and input-layer covariances.  Decided node by
+        node with a memo: featurize asks it of every subexpression of a large sum, and a
+        whole-tree walk per question made lowering quadratic (a CNN's kernel: minutes)."""
+        memo = self._input_only
+        if expr not in memo:
+            if isinstance(expr, ops.InputCov):
+                memo[expr] = True
+            elif expr.is_Symbol:
+                memo[expr] = expr in self.all_inputs
+            elif expr.is_Atom:
+                memo[expr] = True
+            elif expr.is_Pow:
+                memo[expr] = bool(expr.exp.is_Integer and expr.exp >= 0) and self.input_only(expr.base)
+            elif isinstance(expr, sp.Function) or not (expr.is_Add or expr.is_Mul):
+                memo[expr] = False
+            else:
+                memo[expr] = all(self.input_only(a) for a in expr.args)
+        return memo[expr]
 
     def has_inputs(self, expr: sp.Expr) -> bool:
-        return bool(expr.free_symbols & self.all_inputs) or expr.has(ops.InputCov)
+        """Whether an input coordinate or an input-layer covariance occurs in expr (memo, as
+        input_only)."""
+        memo = self._has_inputs
+        if expr not in memo:
+            if isinstance(expr, ops.InputCov):
+                memo[expr] = True
+            elif expr.is_Atom:
+                memo[expr] = expr in self.all_inputs
+            else:
+                memo[expr] = any(self.has_inputs(a) for a in expr.args)
+        return memo[expr]
 
     # -- symbols ----------------------------------------------------------------------------
     def _to_first_input(self, expr: sp.Expr) -> sp.Expr:

@@ -235,9 +235,18 @@ class PairwiseEngine:
 
     def _expect_term(self, term: sp.Expr) -> sp.Expr:
         coef, factors = sp.S.One, []
-        for f in sp.Mul.make_args(term):
+        args = sp.Mul.make_args(term)
+        for i, f in enumerate(args):
             if any(self._is_leaf(s) for s in f.free_symbols):
-                factors.append(self._factor(f))
+                try:
+                    factors.append(self._factor(f))
+                except NotPairwise:
+                    if not _is_sum_or_power_of_sum(f):
+                        raise
+                    # a sum of functions of several forms inside a product (a pooled vector
+                    # times an independent vector, m * (relu(h1) + relu(h2)) / 2): distribute
+                    rest = sp.Mul(*args[:i], *args[i + 1:])
+                    return self.expect(rest * sp.expand(f, deep=False, power_exp=False, power_base=False, log=False))
             else:
                 coef *= f
         if not factors:
@@ -544,6 +553,10 @@ def _linear_candidates(f: sp.Expr, leaves: set):
         parts = _linear_parts(sub)
         if parts is not None and parts[0]:
             yield sub, parts[1]
+
+
+def _is_sum_or_power_of_sum(f: sp.Expr) -> bool:
+    return f.is_Add or (f.is_Pow and f.base.is_Add and f.exp.is_Integer and f.exp > 1)
 
 
 def _two_factors(g: sp.Expr):

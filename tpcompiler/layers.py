@@ -1,0 +1,581 @@
+"""A neural-tangents-style layer library that *builds programs* (docs/DESIGN.md 2.1, 2.3, 5).
+
+``tp.layers.serial(Conv(512, (3, 3), padding="SAME", W_std=1.5, b_std=0.1), Relu(),
+GlobalAvgPool(), Dense(1, W_std=1.5, b_std=0.1)).program((8, 8, 3))`` returns an ordinary
+``tp.Program`` whose only declaration is its readout: ``tp.compile`` then derives the backward
+pass and the NNGP / NTK from the program (docs/DESIGN.md 2.3), exactly as for a hand-written
+program.  No layer carries a kernel formula: a layer only emits NETSOR-transpose instructions.
+
+Representation (width n is the channel dimension; docs/DESIGN.md 2.1).  Between layers the
+network's activations are
+
+* the raw input (before the first Dense / Conv): the input coordinates xi as an array of
+  shape ``input_shape`` = spatial + (C,), flattened row-major into the program input
+  (xi[(i * W + j) * C + c] = x[i, j, c]), so ``c.kernels(X)`` takes X of shape (N, *input_shape);
+* afterwards, per spatial position, one n-vector per *block* of channels: a block is the
+  output of one Dense / Conv (``channels`` = its out_dim); FanInConcat along channels and
+  Flatten produce several blocks.
+
+Instructions, in NTK parametrization (neural-tangents' conventions, tests/data/nt_reference.json):
+
+* Dense on the input: h_s = W_std / sqrt(C) sum_c x[s, c] U_c (+ b), U an input matrix;
+  Dense on blocks: h_s = sum_b sqrt(c_b / C) W_b x_{b,s} (+ b), W_b ~ N(0, W_std^2 / n),
+  so the effective weight is W_std / sqrt(C) times N(0, 1) entries with C = sum_b c_b;
+* Conv (filter k_1 x .. x k_r, strides, padding VALID / SAME / CIRCULAR as lax pads):
+  h_o = sum_{taps t} sum_b sqrt(c_b / C) W_{t,b} x_{b, src(o, t)} / sqrt(K) (+ b), K = prod k_i,
+  one independent matrix per tap and block shared by all positions; taps outside the input
+  are skipped under SAME (the divisor stays K), wrapped under CIRCULAR; on the input the
+  taps' coordinates enter one input layer with K C columns;
+* biases: one initial vector b ~ N(0, b_std^2) per layer, shared by its positions;
+* nonlinearities: phi applied coordinatewise to every vector (any sympy phi);
+* AvgPool: the mean of the vectors in each window (divided by the window size, as
+  neural-tangents' default normalize_edges=False); GlobalAvgPool: the mean over positions;
+  Flatten: every (block, position) becomes its own block;
+* FanOut / parallel / FanInSum (a plain sum) / FanInConcat (channel axis: blocks joined);
+* the last layer must be Dense: the readout f = W_std / sqrt(n) v . y (+ b_std beta) of a
+  flat state; for several blocks y = sum_b sqrt(c_b / C) g_b * y_b with fixed (untrained)
+  N(0, 1) vectors g_b.  At finite width this is v * g_b in place of independent readout
+  rows v_b, which has the same second moments, so the infinite-width NNGP and NTK (which
+  only see second moments of the readout, docs/DESIGN.md 2.3) are those of independent rows.
+
+Standard parametrization (``parameterization="standard"``, neural-tangents' NTK weights): a
+trained tensor's NTK weight becomes its fan-in over W_std^2 times the default (hidden matrices:
+K C; input layers K C / W_std^2; the readout C / W_std^2; biases 1).
+"""
+from __future__ import annotations
+
+import itertools
+import math
+import numbers
+from dataclasses import dataclass
+from typing import Callable, Sequence
+
+import numpy as np
+import sympy as sp
+
+from tpcompiler.frontend import dsl
+from tpcompiler.ir.graph import ProgramError
+from tpcompiler.ir.nonlinearities import BUILTINS
+
+PADDINGS = ("VALID", "SAME", "CIRCULAR")
+PARAMETERIZATIONS = ("ntk", "standard")
+
+
+class LayerError(ProgramError):
+    """A layer cannot be applied as asked (shapes, padding, placement); a ValueError."""
+
+
+# ---------------------------------------------------------------------------------------
+# Activations between layers.
+# ---------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class _Raw:
+    """The network input: the input coordinates (Scalars) in an array of shape spatial + (C,)."""
+
+    coords: np.ndarray
+
+    @property
+    def shape(self) -> tuple:
+        return self.coords.shape
+
+
+@dataclass(frozen=True)
+class _Hidden:
+    """n-wide activations: blocks (vectors by spatial position, channel count)."""
+
+    blocks: tuple
+
+    @property
+    def spatial(self) -> tuple:
+        return self.blocks[0][0].shape
+
+    @property
+    def channels(self) -> int:
+        return sum(c for _, c in self.blocks)
+
+    @property
+    def shape(self) -> tuple:
+        return self.spatial + (self.channels,)
+
+
+def _map(fn: Callable, arr: np.ndarray) -> np.ndarray:
+    """fn(element, index) over an object array, keeping its shape (0-d included)."""
+    out = np.empty(arr.shape, dtype=object)
+    for idx in np.ndindex(arr.shape):
+        out[idx] = fn(arr[idx], idx)
+    return out
+
+
+class _Builder:
+    """The program under construction and a layer counter for names."""
+
+    def __init__(self, program: dsl.Program):
+        self.p = program
+        self.layer = 0
+
+    def next(self) -> int:
+        self.layer += 1
+        return self.layer
+
+    @staticmethod
+    def name(prefix: str, idx: tuple, block: int | None = None) -> str:
+        return prefix + (f"b{block}" if block is not None else "") + "".join(f"_{i}" for i in idx)
+
+    def bias(self, k: int, b_std, standard: bool):
+        if b_std is None:
+            return None
+        return self.p.vec(f"b{k}", var=float(b_std) ** 2, ntk_weight=1 if standard else None)
+
+
+def _hidden(state, layer: str) -> _Hidden:
+    """The state as n-wide activations, or a clear error."""
+    if isinstance(state, tuple):
+        raise LayerError(f"{layer}: receives {len(state)} branches (after FanOut); apply parallel(...) to them "
+                         f"or join them with FanInSum() / FanInConcat() first")
+    if isinstance(state, _Raw):
+        raise LayerError(f"{layer}: cannot act on the raw input (shape {state.shape}); start the network with "
+                         f"Dense or Conv (the input layer of the program)")
+    return state
+
+
+def _single(state, layer: str):
+    if isinstance(state, tuple):
+        raise LayerError(f"{layer}: receives {len(state)} branches (after FanOut); apply parallel(...) to them "
+                         f"or join them with FanInSum() / FanInConcat() first")
+    return state
+
+
+# ---------------------------------------------------------------------------------------
+# Layers and combinators.
+# ---------------------------------------------------------------------------------------
+class Layer:
+    """A layer: ``apply(builder, state)`` emits instructions; ``readout(builder, state)`` (only
+    for layers that can end a network) declares the program's readout instead."""
+
+    def __init__(self, name: str, apply: Callable, readout: Callable | None = None):
+        self.name = name
+        self._apply = apply
+        self._readout = readout
+
+    def __repr__(self):
+        return self.name
+
+    def apply(self, b: _Builder, state, last: bool = False):
+        if not last:
+            return self._apply(b, state)
+        if self._readout is None:
+            raise LayerError(f"the network ends with {self.name}; its last layer must be Dense (the readout, "
+                             f"e.g. Dense(1)), after GlobalAvgPool() or Flatten() for spatial inputs")
+        return self._readout(b, state)
+
+    def program(self, input_shape: Sequence[int], name: str = "layers", default=None) -> dsl.Program:
+        """The program of this network on inputs of shape ``input_shape`` (one example,
+        channels last: (d,), (L, C) or (H, W, C); a leading -1 batch entry is dropped).
+        ``default``: example inputs (N, *input_shape) used when no data is given."""
+        shape = _input_shape(input_shape)
+        d = math.prod(shape)
+        p = dsl.Program(name)
+        if default is None:
+            default = _default_inputs(d)
+        default = np.asarray(default, dtype=np.float64).reshape(-1, d)
+        xi = p.input("xi", d, default=default)
+        p.graph.input_shape = shape
+        coords = np.empty(d, dtype=object)
+        coords[:] = xi
+        self.apply(_Builder(p), _Raw(coords.reshape(shape)), last=True)
+        return p
+
+
+def _input_shape(input_shape) -> tuple:
+    try:
+        shape = tuple(int(s) for s in input_shape)
+    except (TypeError, ValueError):
+        raise LayerError(f"program: input_shape must be a tuple of positive integers, got {input_shape!r}") from None
+    if shape and shape[0] == -1:
+        shape = shape[1:]
+    if not shape or any(s < 1 for s in shape):
+        raise LayerError(f"program: input_shape must be a non-empty tuple of positive integers (channels last, "
+                         f"without the batch axis), got {input_shape!r}")
+    return shape
+
+
+def _default_inputs(d: int) -> np.ndarray:
+    k = np.arange(1, d + 1)
+    return np.stack([np.cos(1.3 * k) + 0.2, np.sin(0.7 * k) - 0.1])
+
+
+def serial(*layers: Layer) -> Layer:
+    """The layers one after the other (neural-tangents' stax.serial)."""
+    layers = _check_layers(layers, "serial")
+
+    def apply(b, state):
+        for layer in layers:
+            state = layer.apply(b, state)
+        return state
+
+    def readout(b, state):
+        for layer in layers[:-1]:
+            state = layer.apply(b, state)
+        return layers[-1].apply(b, state, last=True)
+
+    return Layer(f"serial({', '.join(map(repr, layers))})", apply, readout)
+
+
+def parallel(*layers: Layer) -> Layer:
+    """Layer i applied to branch i of a FanOut (neural-tangents' stax.parallel)."""
+    layers = _check_layers(layers, "parallel")
+
+    def apply(b, state):
+        if not isinstance(state, tuple) or len(state) != len(layers):
+            got = f"{len(state)} branches" if isinstance(state, tuple) else "one input"
+            raise LayerError(f"parallel of {len(layers)} layers receives {got}; put FanOut({len(layers)}) before it")
+        return tuple(layer.apply(b, s) for layer, s in zip(layers, state))
+
+    return Layer(f"parallel({', '.join(map(repr, layers))})", apply)
+
+
+def _check_layers(layers, where: str) -> tuple:
+    if not layers:
+        raise LayerError(f"{where}() needs at least one layer")
+    for layer in layers:
+        if not isinstance(layer, Layer):
+            raise LayerError(f"{where}: {layer!r} is not a layer (did you forget the parentheses, e.g. Relu()?)")
+    return tuple(layers)
+
+
+def FanOut(num: int) -> Layer:
+    """``num`` copies of the input, for ``parallel`` (neural-tangents' stax.FanOut)."""
+    num = _positive_int(num, "FanOut: num")
+    return Layer(f"FanOut({num})", lambda b, state: (_single(state, "FanOut"),) * num)
+
+
+def FanInSum() -> Layer:
+    """The plain sum of the branches (no rescaling; neural-tangents' stax.FanInSum)."""
+
+    def apply(b, state):
+        branches = _branches(state, "FanInSum")
+        first = branches[0]
+        for other in branches[1:]:
+            if other.shape != first.shape:
+                raise LayerError(f"FanInSum: branch shapes differ, {first.shape} and {other.shape} (spatial + channels); "
+                                 f"every branch must end with the same shape")
+            if [c for _, c in other.blocks] != [c for _, c in first.blocks]:
+                raise LayerError("FanInSum: branches concatenate different channel blocks; sum them before "
+                                 "FanInConcat or after a Dense / Conv")
+        blocks = tuple((_map(lambda v, idx, i=i: sum((br.blocks[i][0][idx] for br in branches[1:]), v), blk), c)
+                       for i, (blk, c) in enumerate(first.blocks))
+        return _Hidden(blocks)
+
+    return Layer("FanInSum()", apply)
+
+
+def FanInConcat(axis: int = -1) -> Layer:
+    """Concatenation of the branches along the channel axis (neural-tangents'
+    stax.FanInConcat(axis=-1)): the blocks of all branches, in order."""
+    if axis != -1:
+        raise LayerError(f"FanInConcat: only the channel axis (axis=-1) is supported, got axis={axis!r}")
+
+    def apply(b, state):
+        branches = _branches(state, "FanInConcat")
+        for other in branches[1:]:
+            if other.spatial != branches[0].spatial:
+                raise LayerError(f"FanInConcat: branch spatial shapes differ, {branches[0].spatial} and {other.spatial}")
+        return _Hidden(tuple(blk for br in branches for blk in br.blocks))
+
+    return Layer("FanInConcat()", apply)
+
+
+def _branches(state, where: str) -> list:
+    if not isinstance(state, tuple):
+        raise LayerError(f"{where}: needs several branches (FanOut(k), parallel(...)) but receives one input")
+    return [_hidden(s, where) for s in state]
+
+
+def Identity() -> Layer:
+    """The identity (neural-tangents' stax.Identity)."""
+    return Layer("Identity()", lambda b, state: state)
+
+
+# -- Dense and Conv ---------------------------------------------------------------------
+def _parameterization(value, where: str) -> bool:
+    if value not in PARAMETERIZATIONS:
+        raise LayerError(f"{where}: parameterization must be 'ntk' or 'standard', got {value!r}")
+    return value == "standard"
+
+
+def _std(value, where: str, optional: bool = False):
+    if value is None and optional:
+        return None
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value) or value < 0:
+        raise LayerError(f"{where}: expected a non-negative number{' or None' if optional else ''}, got {value!r}")
+    return float(value)
+
+
+def _positive_int(value, where: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
+        raise LayerError(f"{where}: expected a positive integer, got {value!r}")
+    return int(value)
+
+
+def _weights_args(layer: str, channels, W_std, b_std, parameterization) -> tuple:
+    """(channels, W_std, b_std, standard?) of a Dense / Conv, checked."""
+    return (_positive_int(channels, f"{layer}: {'out_dim' if layer == 'Dense' else 'out_chan'}"),
+            _std(W_std, f"{layer}: W_std"), _std(b_std, f"{layer}: b_std", optional=True),
+            _parameterization(parameterization, layer))
+
+
+def Dense(out_dim: int, W_std: float = 1.0, b_std: float | None = None, parameterization: str = "ntk") -> Layer:
+    """Fully connected layer on the channel axis (neural-tangents' stax.Dense); as the last
+    layer, the readout.  ``out_dim`` is the channel count (it matters for FanInConcat and the
+    standard parametrization; the kernels are per output unit)."""
+    out_dim, W_std, b_std, standard = _weights_args("Dense", out_dim, W_std, b_std, parameterization)
+    label = f"Dense({out_dim})"
+
+    def apply(b, state):
+        return _linear(b, _single(state, label), (), (), "VALID", W_std, b_std, standard, out_dim)
+
+    def readout(b, state):
+        state = _hidden(state, f"{label} (the readout)")
+        if state.spatial:
+            raise LayerError(f"{label} (the readout): its input has spatial shape {state.spatial}; insert "
+                             f"GlobalAvgPool() or Flatten() before the readout")
+        k = b.next()
+        if len(state.blocks) == 1:
+            y = state.blocks[0][0][()]
+        else:
+            C = state.channels
+            y = sum(math.sqrt(c / C) * b.p.vec(f"m{k}_{i}", trainable=False) * blk[()]
+                    for i, (blk, c) in enumerate(state.blocks))
+        b.p.readout(y, sigma=W_std, bias=b_std,
+                    ntk_weight=state.channels / W_std**2 if standard else None,
+                    bias_ntk_weight=1 if (standard and b_std is not None) else None)
+        return None
+
+    return Layer(label, apply, readout)
+
+
+def Conv(out_chan: int, filter_shape: Sequence[int], strides: Sequence[int] | None = None, padding: str = "VALID",
+         W_std: float = 1.0, b_std: float | None = None, parameterization: str = "ntk") -> Layer:
+    """1-D or 2-D convolution, channels last (neural-tangents' stax.Conv): filter_shape (k,)
+    or (kh, kw), strides (default 1), padding VALID / SAME / CIRCULAR."""
+    out_chan, W_std, b_std, standard = _weights_args("Conv", out_chan, W_std, b_std, parameterization)
+    filt = _int_tuple(filter_shape, "Conv: filter_shape")
+    strides = (1,) * len(filt) if strides is None else _int_tuple(strides, "Conv: strides")
+    if len(strides) != len(filt):
+        raise LayerError(f"Conv: strides {strides} and filter_shape {filt} have different lengths")
+    padding = _padding(padding, "Conv")
+    label = f"Conv({out_chan}, {filt})"
+
+    def apply(b, state):
+        state = _single(state, label)
+        spatial = state.shape[:-1]
+        if len(spatial) != len(filt):
+            raise LayerError(f"{label}: a {len(filt)}-D convolution needs inputs of shape "
+                             f"({', '.join('LHW'[i] for i in range(len(filt)))}..., C) with {len(filt)} spatial axes; "
+                             f"got shape {state.shape} ({len(spatial)} spatial axes)")
+        return _linear(b, state, filt, strides, padding, W_std, b_std, standard, out_chan)
+
+    return Layer(label, apply)
+
+
+def _int_tuple(value, where: str) -> tuple:
+    try:
+        out = tuple(value)
+    except TypeError:
+        raise LayerError(f"{where}: expected a tuple of positive integers, got {value!r}") from None
+    if not out or len(out) > 2 or any(isinstance(v, bool) or not isinstance(v, numbers.Integral) or v < 1 for v in out):
+        raise LayerError(f"{where}: expected a tuple of 1 or 2 positive integers (1-D or 2-D), got {value!r}")
+    return tuple(int(v) for v in out)
+
+
+def _padding(padding, where: str) -> str:
+    name = padding.upper() if isinstance(padding, str) else padding
+    if name not in PADDINGS:
+        raise LayerError(f"{where}: unknown padding {padding!r}; use 'VALID', 'SAME' or 'CIRCULAR'")
+    return name
+
+
+def _axis_taps(length: int, k: int, stride: int, padding: str, where: str) -> list[list[tuple[int, int]]]:
+    """Per output index, the (tap, source index) pairs along one axis (lax's VALID / SAME
+    arithmetic; CIRCULAR pads like SAME and wraps)."""
+    if padding == "VALID":
+        if length < k:
+            raise LayerError(f"{where}: window {k} is longer than the input ({length}) under VALID padding")
+        out, lo = (length - k) // stride + 1, 0
+    else:
+        out = -(-length // stride)
+        lo = max((out - 1) * stride + k - length, 0) // 2
+    taps = []
+    for o in range(out):
+        row = []
+        for t in range(k):
+            j = o * stride - lo + t
+            if padding == "CIRCULAR":
+                row.append((t, j % length))
+            elif 0 <= j < length:
+                row.append((t, j))
+        taps.append(row)
+    return taps
+
+
+def _windows(spatial: tuple, filt: tuple, strides: tuple, padding: str, where: str) -> dict:
+    """{output position: [(flat tap index, source position)]} over all spatial axes."""
+    per_axis = [_axis_taps(L, k, s, padding, where) for L, k, s in zip(spatial, filt, strides)]
+    out = {}
+    for pos in itertools.product(*[range(len(a)) for a in per_axis]):
+        rows = [per_axis[ax][o] for ax, o in enumerate(pos)]
+        out[pos] = [(int(np.ravel_multi_index(tuple(t for t, _ in combo), filt)), tuple(j for _, j in combo))
+                    for combo in itertools.product(*rows)]
+    return out
+
+
+def _linear(b: _Builder, state, filt: tuple, strides: tuple, padding: str, W_std: float, b_std, standard: bool,
+            out_chan: int) -> _Hidden:
+    """Dense (filt = ()) or Conv: instructions per output position (module docstring)."""
+    k = b.next()
+    K = math.prod(filt)
+    where = "Dense" if not filt else f"Conv({out_chan}, {filt})"
+    spatial = state.shape[:-1]
+    windows = _windows(spatial, filt, strides, padding, where) if filt else {pos: [(0, pos)] for pos in np.ndindex(spatial)}
+    bias = b.bias(k, b_std, standard)
+    out_shape = tuple(np.max(list(windows), axis=0) + 1) if filt else spatial
+    out = np.empty(out_shape, dtype=object)
+    if isinstance(state, _Raw):
+        C = state.shape[-1]
+        U = b.p.input_matrix(f"U{k}", K * C, ntk_weight=K * C / W_std**2 if standard else None, scale=W_std)
+        for pos, taps in windows.items():
+            scalars = [state.coords[src + (c,)] for _, src in taps for c in range(C)]
+            columns = [t * C + c for t, _ in taps for c in range(C)]
+            h = W_std * U.apply(scalars, columns, norm=K * C, name=b.name(f"g{k}", pos))
+            out[pos] = (h if bias is None else h + bias).named(b.name(f"h{k}", pos))
+        return _Hidden(((out, out_chan),))
+    C = state.channels
+    mats = {}
+    for t in range(K):
+        for i, (_, c) in enumerate(state.blocks):
+            suffix = (f"_{t}" if filt else "") + (f"_b{i}" if len(state.blocks) > 1 else "")
+            mats[t, i] = b.p.mat(f"W{k}{suffix}", sigma=W_std, ntk_weight=K * C if standard else None)
+    for pos, taps in windows.items():
+        h = sum(math.sqrt(c / C) * (mats[t, i] @ blk[src]) for t, src in taps for i, (blk, c) in enumerate(state.blocks))
+        h = h / sp.sqrt(K) if K > 1 else h
+        out[pos] = (h if bias is None else h + bias).named(b.name(f"h{k}", pos))
+    return _Hidden(((out, out_chan),))
+
+
+# -- pooling, flattening --------------------------------------------------------------------
+def AvgPool(window_shape: Sequence[int], strides: Sequence[int] | None = None, padding: str = "VALID") -> Layer:
+    """Average pooling over windows (neural-tangents' stax.AvgPool with normalize_edges=False:
+    the sum over the window's positions inside the input divided by the window size)."""
+    window = _int_tuple(window_shape, "AvgPool: window_shape")
+    strides = (1,) * len(window) if strides is None else _int_tuple(strides, "AvgPool: strides")
+    if len(strides) != len(window):
+        raise LayerError(f"AvgPool: strides {strides} and window_shape {window} have different lengths")
+    padding = _padding(padding, "AvgPool")
+    label = f"AvgPool({window})"
+
+    def apply(b, state):
+        state = _hidden(state, label)
+        if len(state.spatial) != len(window):
+            raise LayerError(f"{label}: needs inputs with {len(window)} spatial axes, got shape {state.shape}")
+        k = b.next()
+        windows = _windows(state.spatial, window, strides, padding, label)
+        out_shape = tuple(np.max(list(windows), axis=0) + 1)
+        K = math.prod(window)
+        blocks = []
+        for i, (blk, c) in enumerate(state.blocks):
+            out = np.empty(out_shape, dtype=object)
+            for pos, taps in windows.items():
+                out[pos] = (sum(blk[src] for _, src in taps) / K).named(
+                    b.name(f"p{k}", pos, i if len(state.blocks) > 1 else None))
+            blocks.append((out, c))
+        return _Hidden(tuple(blocks))
+
+    return Layer(label, apply)
+
+
+def GlobalAvgPool() -> Layer:
+    """The mean over all spatial positions (neural-tangents' stax.GlobalAvgPool)."""
+
+    def apply(b, state):
+        state = _hidden(state, "GlobalAvgPool")
+        k = b.next()
+        blocks = []
+        for i, (blk, c) in enumerate(state.blocks):
+            out = np.empty((), dtype=object)
+            out[()] = (sum(blk.flat) / blk.size).named(b.name(f"pool{k}", (), i if len(state.blocks) > 1 else None))
+            blocks.append((out, c))
+        return _Hidden(tuple(blocks))
+
+    return Layer("GlobalAvgPool()", apply)
+
+
+def Flatten() -> Layer:
+    """All spatial positions and channels into one channel axis (neural-tangents' stax.Flatten):
+    on the input a reshape; on n-wide activations every (position, block) becomes a block."""
+
+    def apply(b, state):
+        state = _single(state, "Flatten")
+        if isinstance(state, _Raw):
+            return _Raw(state.coords.reshape(-1))
+        blocks = []
+        for blk, c in state.blocks:
+            for v in blk.flat:
+                one = np.empty((), dtype=object)
+                one[()] = v
+                blocks.append((one, c))
+        return _Hidden(tuple(blocks))
+
+    return Layer("Flatten()", apply)
+
+
+# -- nonlinearities ---------------------------------------------------------------------------
+def Nonlin(phi: Callable, name: str | None = None) -> Layer:
+    """Any coordinatewise phi, given as a Python function of a sympy symbol returning a sympy
+    expression (as tp.nonlin): ``Nonlin(lambda a: sympy.tanh(2 * a))``."""
+    if not callable(phi):
+        raise LayerError(f"Nonlin: expected a function of a sympy symbol, got {phi!r}")
+    label = name or "Nonlin"
+
+    def apply(b, state):
+        state = _hidden(state, label)
+        k = b.next()
+        blocks = tuple((_map(lambda v, idx, i=i: dsl.nonlin(phi, v).named(
+            b.name(f"x{k}", idx, i if len(state.blocks) > 1 else None)), blk), c)
+            for i, (blk, c) in enumerate(state.blocks))
+        return _Hidden(blocks)
+
+    return Layer(f"{label}()", apply)
+
+
+def _builtin_layer(name: str) -> Callable[[], Layer]:
+    def make() -> Layer:
+        return Nonlin(BUILTINS[name], name=name.capitalize())
+
+    make.__name__ = name.capitalize()
+    make.__doc__ = f"The built-in nonlinearity {name} as a layer (applied coordinatewise)."
+    return make
+
+
+Relu = _builtin_layer("relu")
+Step = _builtin_layer("step")
+Tanh = _builtin_layer("tanh")
+Sigmoid = _builtin_layer("sigmoid")
+Gelu = _builtin_layer("gelu")
+Cos = _builtin_layer("cos")
+Exp = _builtin_layer("exp")
+Softplus = _builtin_layer("softplus")
+Abs = _builtin_layer("abs")
+
+
+def Erf(a: float = 1.0, b: float = 1.0, c: float = 0.0) -> Layer:
+    """a erf(b x) + c (neural-tangents' stax.Erf)."""
+    if (a, b, c) == (1.0, 1.0, 0.0):
+        return _builtin_layer("erf")()
+    return Nonlin(lambda t: a * sp.erf(b * t) + c, name="Erf")
+
+
+def Sin(a: float = 1.0, b: float = 1.0, c: float = 0.0) -> Layer:
+    """a sin(b x + c) (neural-tangents' stax.Sin)."""
+    if (a, b, c) == (1.0, 1.0, 0.0):
+        return _builtin_layer("sin")()
+    return Nonlin(lambda t: a * sp.sin(b * t + c), name="Sin")
