@@ -216,12 +216,12 @@ def train_sgd(eng, X: np.ndarray, Y: np.ndarray, *, lr: float, clip: float | Non
     """``epochs`` passes over (X, Y) in batches of BATCH, a fresh order per epoch; pi engines get
     the recipe's weight decay, multipliers and per-tensor clip.  Returns the mean loss per epoch;
     ``on_epoch(epoch, loss)`` is called after each epoch (benchmarks/pi_scale.py times them)."""
-    from tpcompiler.training.fit import progress_bar
+    from tpcompiler import progress as progress_mod
     rng = np.random.default_rng([seed, 1])
     pi = eng.method != "mup-finite"
     steps_per_epoch = X.shape[0] // BATCH
     losses = []
-    with progress_bar(epochs * steps_per_epoch, progress, eng.method) as bar:
+    with progress_mod.bar(epochs * steps_per_epoch, eng.method, unit="step", enabled=progress) as bar:
         for epoch in range(epochs):
             factor = PI_RECIPE["drop"] if epoch >= drop_epoch(epochs) else 1.0
             order = rng.permutation(X.shape[0])
@@ -252,7 +252,7 @@ def run_sgd(args) -> dict:
     Xf, yf, Xs, ys = make_split(args.split)
     eng = make_engine(args.model, Xf.shape[1], args.seed, args.width, args.r, args.phi)
     losses = train_sgd(eng, Xf, one_hot(yf), lr=args.lr, clip=args.clip, epochs=args.epochs, seed=args.seed,
-                       progress=not args.quiet)
+                       progress=False if args.quiet else None)
     return dict(accuracy=accuracy(predict(eng, Xs), ys), lr=args.lr, clip=args.clip, epochs=args.epochs,
                 train_loss_by_epoch=[round(v, 5) for v in losses])
 
