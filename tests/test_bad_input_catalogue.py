@@ -130,7 +130,7 @@ CLI_CASES = [
     (train(steps="100000000"), r"--steps: 100000000 is above the limit 1000000 \(every step is kept"),
     (train(steps="1e8"), r"--steps: 100000000 is above the limit 1000000"),
     (train("--clip", "0", param="mup"), r"--clip: expected a positive finite number, got 0"),
-    (train("--weight-decay", "-1", param="mup"), r"--weight-decay: expected a number between 0 and 1e\+300, got -1"),
+    (train("--weight-decay", "-1", param="mup"), r"--weight-decay(/--wd)?: expected a number between 0 and 1e\+300, got -1"),
     (train("--eval-every", "0", param="mup"), r"--eval-every: expected a positive integer, got 0"),
     (train("--resume", "{X}", param="mup"), r"--resume: checkpoint .*not a step-engine checkpoint"),
     (train("--save-state", "{dir}/S.npz"), r"--save-state: only feature-learning training keeps a state \(this parametrization is in the kernel regime\)"),

@@ -366,9 +366,12 @@ def _run_on_dask(client, kf, p: Plan, X, X2, rows, rows2, store, bar) -> None:
     _WORKER_KERNELS.setdefault(key, kf)  # workers in this process (threads) use it as it is
     parts = [(X[s], rows[0][s], rows[1][s]) for s in p.blocks]
     parts2 = [(X2[s], rows2[0][s], rows2[1][s]) for s in p.blocks2]
-    scattered = client.scatter(parts + parts2)
+    # hash=False: fresh keys per call. With content-hashed keys, a second call on the same data
+    # reuses the keys whose cancellation the previous call has just sent, and its tasks are
+    # cancelled for 'lost dependencies' (seen under load in the test suite).
+    scattered = client.scatter(parts + parts2, hash=False)
     f1, f2 = scattered[:len(parts)], scattered[len(parts):]
-    graph = client.scatter(kf.graph, broadcast=True)
+    graph = client.scatter(kf.graph, broadcast=True, hash=False)
     jobs = iter(p.jobs)
     window = 2 * _worker_count(client)
     running = distributed.as_completed()
