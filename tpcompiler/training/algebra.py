@@ -185,6 +185,8 @@ class Particles(Algebra):
     def __init__(self, R: int, m: int, rng: np.random.Generator):
         super().__init__(R, m, rng)
         self.norm = float(m)
+        #: (what these groups are, for error messages; particles asked for per particle here)
+        self.role = ("", 1)
 
     def constant(self, N: int) -> np.ndarray:
         return np.ones((self.R, N, self.D))
@@ -294,11 +296,12 @@ class Family:
         alg, F = self.alg, self.count
         N = Z.shape[1]
         if alg.kind == "particles" and F + N > alg.D:
+            role, scale = alg.role
             raise ProgramError(
-                f"particles: a matrix family needs {F + N} jointly Gaussian members but each group has only "
+                f"particles: a matrix family needs {F + N} jointly Gaussian members but each group{role} has only "
                 f"{alg.D} particles, so its covariance is singular and its ZDot (Stein) estimate is biased "
-                f"(bias ~ members / particles per group); use more particles (>= {10 * (F + N) * alg.R} for this run) "
-                "or fewer steps x batch")
+                f"(bias ~ members / particles per group); use more particles (>= {10 * (F + N) * alg.R * scale} "
+                "for this run) or fewer steps x batch")
         L21 = self._solve(self.sigma2 * G, transpose=False)                # (R, F, N)
         S = self.sigma2 * alg.gram(Z, Z) - np.matmul(np.swapaxes(L21, 1, 2), L21)
         Lb, deg = _block_cholesky(S)

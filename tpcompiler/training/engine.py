@@ -231,12 +231,22 @@ class StepEngine:
 
     ``method``: "exact" (Gaussian-linear templates), "particles" (any template; ``particles``
     split into ``groups`` independent replicas), "finite" (width ``width``, ``seeds``
-    networks), "auto" (exact when every Nonlin is affine, else particles)."""
+    networks), "auto" (exact when every Nonlin is affine, else particles).
+
+    ``extrapolate`` (particles only, on by default): the particle limit of a trained network
+    has a bias of order F / m (F: members of a matrix family, steps x batch; m: particles
+    per group), because every ZDot coefficient is a Stein estimate from the same m particles
+    that it then moves (a regression on F directions from m samples), and the nonlinearities
+    turn the estimates' noise into a shift of the mean.  The groups' spread does not show it.
+    With ``extrapolate`` a second run with half as many particles per group (same groups,
+    independent randomness, 1.5x the cost and memory) cancels the first-order term:
+    f = 2 f_m - f_{m/2} (Richardson), stderr sqrt(4 s_m^2 + s_{m/2}^2).  ``predict`` returns
+    the extrapolated values; ``activations`` and ``features`` are those of the m-run."""
 
     def __init__(self, net, abc: ABC, *, method: str = "auto", loss: str = "mse", width: int | None = None,
                  seeds: int = 1, particles: int = DEFAULT_STEP_PARTICLES, groups: int = DEFAULT_GROUPS,
                  seed: int = 0, weight_decay: float = 0.0, clip: float | None = None, init: dict | None = None,
-                 decay_rows: str = "all"):
+                 decay_rows: str = "all", extrapolate: bool = True, _stream: int = 0):
         from tpcompiler.compiler import graph_of
 
         if not isinstance(abc, ABC):
@@ -263,7 +273,8 @@ class StepEngine:
         if method != "finite":
             sp_.check_limit()
         self.method = method
-        self.rng = np.random.default_rng(self.seed)
+        # the extrapolation's second run draws from its own stream of the same seed
+        self.rng = np.random.default_rng([self.seed, _stream] if _stream else self.seed)
         if method == "finite":
             if width is None:
                 raise validation.ArgumentError("width: the finite method needs a width n")
@@ -271,9 +282,12 @@ class StepEngine:
             self.alg = Finite(validation.count(seeds, "seeds", minimum=1), self.width, self.rng)
         elif method == "particles":
             groups = validation.count(groups, "groups", minimum=2)
-            particles = validation.count(particles, "particles", minimum=2 * groups)
+            particles = validation.count(particles, "particles", minimum=(4 if extrapolate else 2) * groups)
             self.width = None
             self.alg = Particles(groups, particles // groups, self.rng)
+            if _stream:
+                self.alg.role = (" of the bias extrapolation's half-size run (StepEngine(extrapolate=False) "
+                                 "skips it)", 2)
         else:
             self.width = None
             self.alg = Exact(self.rng)
@@ -284,6 +298,15 @@ class StepEngine:
         self._temporary = 0
         self._column_maps: dict = {}   # input layer -> (dense_map, const), see _column_map
         self._init_state(init or {})
+        self._half = None
+        if method == "particles" and extrapolate:
+            self._half = StepEngine(net, abc, method="particles", loss=loss, particles=(particles // groups // 2) * groups,
+                                    groups=groups, seed=seed, weight_decay=weight_decay, clip=clip,
+                                    decay_rows=decay_rows, extrapolate=False, _stream=1)
+
+    def _engines(self):
+        """This engine and, when extrapolating, its half-size run: every update goes to both."""
+        return (self,) if self._half is None else (self, self._half)
 
     # -- state -----------------------------------------------------------------------------
     def _init_state(self, init: dict) -> None:
@@ -553,10 +576,11 @@ class StepEngine:
         """Room for the vectors of ``examples`` more training examples on every matrix side
         (avoids regrowing the history arrays when the number of steps is known)."""
         tpl = self.program.template
-        for k in self.program.forward + self.program.backward:
-            if isinstance(tpl.op(k), ops.MatMul):
-                W, _, tr = tpl.matmul_parts(k)
-                self.mats[W].sides[tr].reserve(examples)
+        for eng in self._engines():
+            for k in self.program.forward + self.program.backward:
+                if isinstance(tpl.op(k), ops.MatMul):
+                    W, _, tr = tpl.matmul_parts(k)
+                    eng.mats[W].sides[tr].reserve(examples)
 
     # -- public API -------------------------------------------------------------------------
     def step(self, X, Y, lr: float, outputs=None) -> np.ndarray:
@@ -565,6 +589,8 @@ class StepEngine:
         lr = validation.number(lr, "lr")
         if lr < 0:
             raise validation.ArgumentError(f"lr: must be >= 0, got {lr}")
+        if self._half is not None:
+            self._half.step(X, Y, lr, outputs)
         g = self._gradient(X, Y, outputs)
         self._apply(g, lr)
         if not self._temporary:
@@ -584,6 +610,8 @@ class StepEngine:
         tasks = list(tasks)
         if not tasks:
             raise validation.ArgumentError("tasks: a meta-batch needs at least one task")
+        if self._half is not None:
+            self._half.maml_step(tasks, inner_lr, outer_lr, inner_steps)
         total = None
         for i, task in enumerate(tasks):
             if len(task) != 4:
@@ -602,12 +630,12 @@ class StepEngine:
     @contextlib.contextmanager
     def temporary(self):
         """Steps taken inside the block are undone when it ends (test-time adaptation)."""
-        with self._restoring(families=True):
-            self._temporary += 1
-            try:
-                yield self
-            finally:
-                self._temporary -= 1
+        with contextlib.ExitStack() as stack:
+            for eng in self._engines():
+                stack.enter_context(eng._restoring(families=True))
+                eng._temporary += 1
+                stack.callback(setattr, eng, "_temporary", eng._temporary - 1)
+            yield self
 
     @contextlib.contextmanager
     def _restoring(self, families: bool):
@@ -632,11 +660,19 @@ class StepEngine:
                 self.alg.release(saved[5])
 
     def predict(self, X) -> tuple[np.ndarray, np.ndarray]:
-        """(mean, stderr) of f on the rows of X: arrays (N, K); stderr over replicas (0 for exact)."""
+        """(mean, stderr) of f on the rows of X: arrays (N, K); stderr over replicas (0 for exact);
+        particles: extrapolated to infinitely many particles per group (class docstring)."""
         X = _as_rows(X, self.program.d, "X")
+        mean, err = _mean_stderr(self._replica_outputs(X))
+        if self._half is None:
+            return mean, err
+        half, half_err = _mean_stderr(self._half._replica_outputs(X))
+        return 2.0 * mean - half, np.sqrt(4.0 * err ** 2 + half_err ** 2)
+
+    def _replica_outputs(self, X) -> np.ndarray:
+        """f on the rows of X per replica, (R, N, K), state unchanged."""
         with self._restoring(families=True):
-            f = self._outputs(self._forward(X, keep=self.program.forward_reuses_a_matrix))
-        return _mean_stderr(f)
+            return self._outputs(self._forward(X, keep=self.program.forward_reuses_a_matrix))
 
     def activations(self, X) -> dict:
         """Every vector of the forward pass on the rows of X at the current weights, {key: (R, N,
@@ -663,7 +699,14 @@ class StepEngine:
     # -- checkpoints ----------------------------------------------------------------------------
     def save(self, path) -> None:
         """The state as .npz: tensors, the matrices' sides and pairs, the random generator and
-        a fingerprint of (program, parametrization, loss, method) that ``load`` checks."""
+        a fingerprint of (program, parametrization, loss, method) that ``load`` checks; the
+        extrapolation's half-size run under the prefix "half/"."""
+        arrays = self._state_arrays()
+        if self._half is not None:
+            arrays.update({f"half/{k}": v for k, v in self._half._state_arrays().items()})
+        np.savez(path, **arrays)
+
+    def _state_arrays(self) -> dict:
         arrays = {"readout": self.readout, "touched": self.touched}
         for k, v in self.input_cols.items():
             arrays[f"U/{k}"] = v
@@ -682,9 +725,9 @@ class StepEngine:
         meta = {"version": CHECKPOINT_VERSION, "fingerprint": self.program.fingerprint, "method": self.method,
                 "width": self.width, "R": self.alg.R, "D": self.alg.D, "steps_done": self.steps_done,
                 "rng": self.rng.bit_generator.state, "weight_decay": self.weight_decay, "decay_rows": self.decay_rows,
-                "clip": self.clip}
+                "clip": self.clip, "extrapolate": self._half is not None}
         arrays["meta"] = np.array(json.dumps(meta))
-        np.savez(path, **arrays)
+        return arrays
 
     @classmethod
     def load(cls, path, net, abc: ABC, **options) -> "StepEngine":
@@ -708,35 +751,49 @@ class StepEngine:
                 f"not {eng.method!r} (width {eng.width}, {eng.alg.R} replicas)")
         if eng.method == "particles" and data["readout"].shape[-1] != eng.alg.D:
             raise validation.ArgumentError(f"checkpoint {path}: {data['readout'].shape[-1]} particles per group, not {eng.alg.D}")
-        eng.readout = data["readout"].copy()
-        eng.touched = data["touched"].copy()
-        eng.input_cols = {k: data[f"U/{k}"].copy() for k in eng.input_cols}
-        eng.vectors = {k: data[f"vec/{k}"].copy() for k in eng.vectors}
-        for W, M in eng.mats.items():
-            M.decay = data[f"W/{W}/decay"].copy()
-            M.pi, M.pj, M.pc = _Growing(dtype=np.int64), _Growing(dtype=np.int64), _Growing((eng.alg.R,))
-            M.pi.extend(data[f"W/{W}/pi"])
-            M.pj.extend(data[f"W/{W}/pj"])
-            M.pc.extend(data[f"W/{W}/pc"])
+        if bool(meta.get("extrapolate", False)) != (eng._half is not None):
+            raise validation.ArgumentError(
+                f"checkpoint {path}: written with extrapolate={bool(meta.get('extrapolate', False))}, "
+                f"resumed with extrapolate={eng._half is not None}; use the same setting")
+        eng._restore(data, meta, "")
+        if eng._half is not None:
+            eng._half._restore(data, json.loads(str(data["half/meta"])), "half/")
+        return eng
+
+    def _restore(self, data, meta: dict, prefix: str) -> None:
+        """Set this engine's state from the checkpoint arrays under ``prefix``."""
+        def arr(key):
+            return data[prefix + key]
+
+        R = self.alg.R
+        self.readout = arr("readout").copy()
+        self.touched = arr("touched").copy()
+        self.input_cols = {k: arr(f"U/{k}").copy() for k in self.input_cols}
+        self.vectors = {k: arr(f"vec/{k}").copy() for k in self.vectors}
+        for W, M in self.mats.items():
+            M.decay = arr(f"W/{W}/decay").copy()
+            M.pi, M.pj, M.pc = _Growing(dtype=np.int64), _Growing(dtype=np.int64), _Growing((R,))
+            M.pi.extend(arr(f"W/{W}/pi"))
+            M.pj.extend(arr(f"W/{W}/pj"))
+            M.pc.extend(arr(f"W/{W}/pc"))
             if M.W0 is not None:
-                M.W0 = data[f"W/{W}/W0"].copy()
+                M.W0 = arr(f"W/{W}/W0").copy()
             for t, side in M.sides.items():
-                vecs = data[f"W/{W}/{int(t)}/vecs"]
-                side.vecs = Rows(eng.alg.R, vecs.shape[-1])
+                vecs = arr(f"W/{W}/{int(t)}/vecs")
+                side.vecs = Rows(R, vecs.shape[-1])
                 if vecs.shape[1]:
                     side.vecs.append(vecs)
-                if eng.alg.limit:
-                    side.noise = Rows(eng.alg.R, vecs.shape[-1])
-                    noise = data[f"W/{W}/{int(t)}/noise"]
+                if self.alg.limit:
+                    side.noise = Rows(R, vecs.shape[-1])
+                    noise = arr(f"W/{W}/{int(t)}/noise")
                     if noise.shape[1]:
                         side.noise.append(noise)
-                    side.L = np.zeros((eng.alg.R, 8, 8))
+                    side.L = np.zeros((R, 8, 8))
                     side._grow(vecs.shape[1])
-                    side.L[:, :vecs.shape[1], :vecs.shape[1]] = data[f"W/{W}/{int(t)}/L"]
-        eng.alg.D = int(meta["D"])
-        eng.steps_done = int(meta["steps_done"])
-        eng.rng.bit_generator.state = meta["rng"]
-        return eng
+                    side.L[:, :vecs.shape[1], :vecs.shape[1]] = arr(f"W/{W}/{int(t)}/L")
+        self.alg.D = int(meta["D"])
+        self.steps_done = int(meta["steps_done"])
+        self.rng.bit_generator.state = meta["rng"]
 
 
 def _pad_to(v, entries):
