@@ -297,6 +297,10 @@ def test_a_checkpoint_of_another_program_is_refused(tmp_path):
     StepEngine(net, abc, method="exact").save(tmp_path / "s.npz")
     with pytest.raises(validation.ArgumentError, match="another program"):
         StepEngine.load(tmp_path / "s.npz", _mlp(2, "identity"), tp.named("mup", 2), method="exact")
+    net, abc = _mlp(2), tp.named("mup", 2)
+    StepEngine(net, abc, method="particles", particles=400, groups=4).save(tmp_path / "p.npz")
+    with pytest.raises(validation.ArgumentError, match="written with extrapolate=True, resumed with extrapolate=False"):
+        StepEngine.load(tmp_path / "p.npz", net, abc, method="particles", particles=400, groups=4, extrapolate=False)
 
 
 def test_temporary_steps_are_undone():
