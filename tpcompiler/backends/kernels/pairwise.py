@@ -114,13 +114,19 @@ class PairwiseEngine:
 
     def to_side(self, expr: sp.Expr, side: int) -> sp.Expr:
         """A side-0 expression evaluated at the second input: prime every input-dependent
-        leaf, input coordinate and row quantity."""
+        leaf, input coordinate and row quantity, and move first-input InputCov atoms to the
+        second input."""
         if side == 0:
             return expr
         rep = {}
         for s in expr.free_symbols:
             if not symbols.is_primed(s) and self._input_dependent(s):
                 rep[s] = symbols.primed(s)
+        # an input-layer covariance of the first input (a Moment's limit, e.g. a LayerNorm's
+        # variance E[Z^h Z^h]) is taken at the second input on both of its sides
+        one = sp.Integer(1)
+        rep.update({c: ops.InputCov(c.args[0], c.args[1], one, one) for c in expr.atoms(ops.InputCov)
+                    if c.args[2] == 0 and c.args[3] == 0})
         return expr.xreplace(rep)
 
     # -- forms --------------------------------------------------------------------------
