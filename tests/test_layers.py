@@ -27,6 +27,7 @@ from tpcompiler.backends.interpreter import run
 from tpcompiler.ir.backward import derive_backward
 from tpcompiler.ir.graph import instantiate
 from tpcompiler.ir.ntk import kernel_program
+from tpcompiler.training.parametrization import named
 
 DATA = Path(__file__).resolve().parent / "data"
 META = json.loads((DATA / "layers_nt_reference.json").read_text())
@@ -249,5 +250,13 @@ def test_bad_input_gives_one_clear_value_error():
     one_line_value_error(lambda: L.LayerNorm(channel_axis=1), "only batch_axis=0 and channel_axis=-1")
     one_line_value_error(lambda: L.LayerNorm(axis="channels"), "axis must be an integer or a tuple of integers")
     one_line_value_error(lambda: L.LayerNorm(eps=-1e-3), "LayerNorm: eps: expected a non-negative number")
+    # a nonlinearity right after a LayerNorm of a non-centred vector, relu((relu(h) - mu) / sigma):
+    # no parameter-free bivariate expectation; the limit's particles take it
+    ln_relu = L.serial(L.Dense(4, 1.5, 0.1), L.Relu(), L.LayerNorm(), L.Relu(), L.Dense(1)).program((3,))
+    one_line_value_error(lambda: tp.compile(ln_relu).kernels(np.ones((2, 3))), "estimates the kernels by particles")
+    ln_net = L.serial(L.Dense(4), L.LayerNorm(), L.Relu(), L.Dense(4), L.Relu(), L.Dense(1)).program((3,))
+    one_line_value_error(lambda: tp.train(ln_net, named("mup", 2), tp.SGD(X=np.ones((2, 3)), Y=np.ones((2, 1)),
+                                                                          steps=1, lr=0.1)),
+                         "training (tp.train, tp.unroll) does not support Moments in the network yet")
     c = tp.compile(L.serial(L.Conv(4, (2,), padding="SAME"), L.Relu(), L.Flatten(), L.Dense(1)).program((3, 2)))
     one_line_value_error(lambda: c.kernels(np.ones((4, 2, 3))), "the network takes inputs of shape (N, 3, 2)")

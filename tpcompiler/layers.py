@@ -32,6 +32,9 @@ Instructions, in NTK parametrization (neural-tangents' conventions, tests/data/n
   neural-tangents' default normalize_edges=False); GlobalAvgPool: the mean over positions;
   Flatten: every (block, position) becomes its own block;
 * FanOut / parallel / FanInSum (a plain sum) / FanInConcat (channel axis: blocks joined);
+* LayerNorm: per group of vectors normalised together (one position, or all positions of the
+  normalised spatial axes; every block, weighted by its channel share) the Moments
+  mu = sum w mean(h) and var = sum w mean((h - mu)^2), then (h - mu) (var + eps)^(-1/2);
 * the last layer must be Dense: the readout f = W_std / sqrt(n) v . y (+ b_std beta) of a
   flat state; for several blocks y = sum_b sqrt(c_b / C) g_b * y_b with fixed (untrained)
   N(0, 1) vectors g_b.  At finite width this is v * g_b in place of independent readout

@@ -161,7 +161,7 @@ class _Layers:
 
 
 def _layers(net: Graph, abc: ABC) -> _Layers:
-    refuse_moments(net, "the SGD pass")
+    refuse_moments(net, "training (tp.train, tp.unroll)")
     forward = set(forward_nodes(net))
     ro = net.readout
     inputs = [k for k in net.keys_of(ops.InputMat) if net.op(k).trainable]
