@@ -32,6 +32,9 @@ Instructions, in NTK parametrization (neural-tangents' conventions, tests/data/n
   neural-tangents' default normalize_edges=False); GlobalAvgPool: the mean over positions;
   Flatten: every (block, position) becomes its own block;
 * FanOut / parallel / FanInSum (a plain sum) / FanInConcat (channel axis: blocks joined);
+* LayerNorm: per group of vectors normalised together (one position, or all positions of the
+  normalised spatial axes; every block, weighted by its channel share) the Moments
+  mu = sum w mean(h) and var = sum w mean((h - mu)^2), then (h - mu) (var + eps)^(-1/2);
 * the last layer must be Dense: the readout f = W_std / sqrt(n) v . y (+ b_std beta) of a
   flat state; for several blocks y = sum_b sqrt(c_b / C) g_b * y_b with fixed (untrained)
   N(0, 1) vectors g_b.  At finite width this is v * g_b in place of independent readout
@@ -526,6 +529,90 @@ def Flatten() -> Layer:
         return _Hidden(tuple(blocks))
 
     return Layer("Flatten()", apply)
+
+
+# -- normalisation ----------------------------------------------------------------------------
+def LayerNorm(axis=-1, eps: float = 1e-12, batch_axis: int = 0, channel_axis: int = -1) -> Layer:
+    """Layer normalisation (neural-tangents' stax.LayerNorm): each example's activations are
+    centred and scaled by their own mean and variance over ``axis`` (axes of the batched
+    shape (N, *spatial, C); the channel axis -1 must be among them, the batch axis 0 not),
+    y = (h - mu) / sqrt(var + eps).
+
+    Instructions (docs/DESIGN.md 2.1): over the channels the mean is a Moment, so for a group
+    G of (position, block) pairs normalised together (one position unless ``axis`` names
+    spatial axes) mu = sum_{(s, b) in G} w_b mean(h_{b,s}) and var = sum w_b mean((h_{b,s} -
+    mu)^2) with w_b = c_b / (C |G|) (block b holds c_b of the C channels), and every vector of
+    the group becomes the Nonlin (h - mu) (var + eps)^(-1/2).  The kernels then come from the
+    program: the Moments' limits (mu -> E[Z^h], var -> E[(Z^h - mu)^2]) and the backward
+    pass through them (``ir.backward``)."""
+    eps = _std(eps, "LayerNorm: eps")
+    if batch_axis != 0 or channel_axis != -1:
+        raise LayerError(f"LayerNorm: only batch_axis=0 and channel_axis=-1 (channels last, as every tp.layers "
+                         f"layer) are supported, got batch_axis={batch_axis!r}, channel_axis={channel_axis!r}")
+    axes = _axes(axis)
+    label = f"LayerNorm(axis={axis!r})" if axis != -1 else "LayerNorm()"
+
+    def apply(b, state):
+        state = _single(state, label)
+        if isinstance(state, _Raw):
+            raise LayerError(f"{label}: cannot normalise the raw input (shape {state.shape}, finitely many "
+                             f"channels); start the network with Dense or Conv")
+        ndim = len(state.spatial) + 2
+        over = _normalised_axes(axes, ndim, label, state.shape)
+        k = b.next()
+        keep = [i for i in range(len(state.spatial)) if i + 1 not in over]
+        groups: dict = {}
+        for pos in np.ndindex(state.spatial):
+            groups.setdefault(tuple(pos[i] for i in keep), []).append(pos)
+        C = state.channels
+        outs = [np.empty(state.spatial, dtype=object) for _ in state.blocks]
+        several = len(state.blocks) > 1
+        for members in groups.values():
+            pairs = [(pos, i) for pos in members for i in range(len(state.blocks))]
+            w = {i: sp.Rational(c, C * len(members)) for i, (_, c) in enumerate(state.blocks)}
+            mu = sum(w[i] * dsl.mean(state.blocks[i][0][pos], name=b.name(f"mu{k}", pos, i if several else None))
+                     for pos, i in pairs)
+            var = sum(w[i] * dsl.mean((state.blocks[i][0][pos] - mu) ** 2,
+                                      name=b.name(f"var{k}", pos, i if several else None))
+                      for pos, i in pairs)
+            scale = (var + eps) ** sp.Rational(-1, 2)
+            for pos, i in pairs:
+                outs[i][pos] = ((state.blocks[i][0][pos] - mu) * scale).named(
+                    b.name(f"ln{k}", pos, i if several else None))
+        return _Hidden(tuple((out, c) for out, (_, c) in zip(outs, state.blocks)))
+
+    return Layer(label, apply)
+
+
+def _axes(axis) -> tuple:
+    """LayerNorm's axis argument as a tuple of integers."""
+    values = (axis,) if isinstance(axis, numbers.Integral) and not isinstance(axis, bool) else axis
+    try:
+        values = tuple(values)
+    except TypeError:
+        values = None
+    if not values or any(isinstance(a, bool) or not isinstance(a, numbers.Integral) for a in values):
+        raise LayerError(f"LayerNorm: axis must be an integer or a tuple of integers (axes of the batched shape "
+                         f"(N, ..., C)), got {axis!r}")
+    return tuple(int(a) for a in values)
+
+
+def _normalised_axes(axes: tuple, ndim: int, label: str, shape: tuple) -> set:
+    """The axes of the batched shape (N, *spatial, C) that ``axes`` names, checked."""
+    if any(not -ndim <= a < ndim for a in axes):
+        raise LayerError(f"{label}: axis out of range for inputs of shape (N, {', '.join(map(str, shape))}) "
+                         f"({ndim} axes, batch first)")
+    over = {a % ndim for a in axes}
+    if len(over) != len(axes):
+        raise LayerError(f"{label}: an axis is named twice")
+    if ndim - 1 not in over:
+        raise LayerError(f"{label}: the channel axis (-1) must be normalised over (as in neural-tangents, "
+                         f"the only way to an infinite-width limit); got axis={axes!r} on inputs of shape "
+                         f"(N, {', '.join(map(str, shape))})")
+    if 0 in over:
+        raise LayerError(f"{label}: normalising over the batch axis 0 mixes examples; a per-example "
+                         f"LayerNorm names channel (and spatial) axes only")
+    return over
 
 
 # -- nonlinearities ---------------------------------------------------------------------------

@@ -9,6 +9,27 @@ by reverse-mode differentiation of the program itself:
 * Nonlin    y = phi(a_1..a_k; theta):  da_i += (d phi / d a_i) * dy   (sympy derivative);
 * MatMul    y = W a:    da += W^T dy;     y = W^T a:  da += W dy.
 
+Moments on the way (theta = (1/n) sum_a psi(x_a; thetas), read by later vectors as scalar
+arguments: a LayerNorm's mean and variance) are differentiated too.  Their gradient is kept
+at the scale that makes it O(1),
+
+    D theta = df/dtheta / sqrt(n),
+
+which is itself a Moment of the program (a finite sum of products of Moments), so the
+backward program stays a NETSOR-transpose program:
+
+* Nonlin    y = phi(..; theta):  D theta += (1/n) sum_a (d phi / d theta)_a dy_a     (a Moment);
+* Moment    theta = (1/n) sum_a psi(x_a; theta'):
+                d x += D theta * (d psi / d x)                                  (a Nonlin term),
+                D theta' += D theta * (1/n) sum_a (d psi / d theta')_a           (a Moment).
+
+(With f's dependence df/dy_a = dy_a / sqrt(n): df/dtheta = sum_a (d phi/d theta)_a dy_a /
+sqrt(n) = sqrt(n) D theta, and df/dx_a += df/dtheta (d psi/d x)_a / n, i.e. dx_a += D theta
+(d psi / d x)_a.)  Whether such a term survives in the limit is not decided here: D theta is
+an ordinary Moment, and the Master theorem derives its limit (for the kernels' backward pass,
+linear in the zero-mean readout vector v, it is E[.. Z^v ..] = 0 by the symbolic stage's
+parity rule, docs/DESIGN.md 2.2; at finite width the interpreter computes it exactly).
+
 The result is an ordinary NETSOR-transpose program (the backward products are W^T MatMuls),
 so the Master theorem derives its limit like any other: there is no per-architecture
 formula anywhere.
@@ -26,19 +47,33 @@ from tpcompiler.ir.rules import RuleTable
 from tpcompiler.symbolic.master import partials
 
 
-def forward_nodes(graph: Graph) -> list[str]:
-    """Vectors the readout depends on, in program order (the readout vector last)."""
+def _ancestors(graph: Graph) -> set[str]:
+    """Nodes the readout vector depends on (itself included)."""
     ro = graph.readout
     if ro is None:
         raise ProgramError(f"program {graph.name!r} has no readout; declare one with p.readout(x, sigma=..., bias=...)")
-    ancestors = nx.ancestors(graph.g, ro.vector) | {ro.vector}
-    for k in ancestors:
-        if isinstance(graph.op(k), ops.Moment):
-            raise ProgramError(
-                f"instruction {k!r}: the readout depends on the Moment {k!r}; differentiating through a Moment "
-                "is not supported by the backward pass"
-            )
+    return nx.ancestors(graph.g, ro.vector) | {ro.vector}
+
+
+def forward_nodes(graph: Graph) -> list[str]:
+    """Vectors the readout depends on, in program order (the readout vector last)."""
+    ancestors = _ancestors(graph)
     return [k for k in graph.order() if k in ancestors and graph.kind(k) == VEC]
+
+
+def forward_moments(graph: Graph) -> list[str]:
+    """Moments the readout depends on (scalar arguments of its vectors), in program order."""
+    ancestors = _ancestors(graph)
+    return [k for k in graph.order() if k in ancestors and isinstance(graph.op(k), ops.Moment)]
+
+
+def refuse_moments(graph: Graph, where: str) -> None:
+    """A clear error for passes that do not (yet) carry Moments of the forward pass along."""
+    moments = forward_moments(graph)
+    if moments:
+        k = moments[0]
+        raise ProgramError(f"instruction {k!r}: the readout depends on the Moment {k!r} (e.g. a LayerNorm); "
+                           f"{where} does not support Moments in the network yet (its kernels do: tp.compile)")
 
 
 def derive_backward(graph: Graph, prefix: str = "d", seed: sp.Expr | None = None) -> tuple[Graph, dict[str, str]]:
@@ -47,32 +82,40 @@ def derive_backward(graph: Graph, prefix: str = "d", seed: sp.Expr | None = None
     dz = sum of the contributions of the instructions that read z (each op's rule in
     ``BACKWARD``), seeded by dx = sigma v at the readout vector x.  ``seed`` replaces that
     gradient (e.g. a loss gradient sum_k chi_k v_k); it is an expression in node symbols of
-    ``graph``.  New nodes are interned: a gradient the program already computes (a
-    hand-written backward pass) is reused, not computed twice."""
+    ``graph``.  Moments on the way get scalar gradients D theta (module docstring), which
+    only pass contributions on.  New nodes are interned: a gradient the program already
+    computes (a hand-written backward pass) is reused, not computed twice."""
     forward = forward_nodes(graph)
+    moments = set(forward_moments(graph))
     out = graph.copy()
     ro = graph.readout
-    contributions: dict[str, list[sp.Expr]] = {k: [] for k in forward}
+    contributions: dict[str, list[sp.Expr]] = {k: [] for k in forward + sorted(moments)}
     contributions[ro.vector].append(ro.sigma * node_symbol(ro.readout) if seed is None else seed)
     grads: dict[str, str] = {}
-    for key in reversed(forward):
+    for key in reversed([k for k in graph.order() if k in contributions]):
         terms = contributions[key]
         if not terms:
             continue
         total = sp.Add(*terms)
-        if isinstance(total, NodeSymbol) and total.key in out.g and out.kind(total.key) == VEC:
-            grads[key] = total.key
-        else:
-            grads[key] = out.intern_expr(ops.Nonlin, total, f"{prefix}{key}")
         op = graph.op(key)
-        for arg, term in BACKWARD(op)(graph, out, key, op, grads[key], prefix):
+        if key in moments:
+            if total == 0:
+                continue
+            grad = total
+        elif isinstance(total, NodeSymbol) and total.key in out.g and out.kind(total.key) == VEC:
+            grads[key] = grad = total.key
+        else:
+            grads[key] = grad = out.intern_expr(ops.Nonlin, total, f"{prefix}{key}")
+        for arg, term in BACKWARD(op)(graph, out, key, op, grad, prefix):
             contributions[arg].append(term)
     return out, grads
 
 
-#: Backward rules: given z = op(args) and dz, the contributions (arg, term) to the gradients
-#: of its vector arguments (d arg += term).  New nodes go into the differentiated graph.
-BACKWARD = RuleTable("backward", domain=ops.VECTOR_OPS)
+#: Backward rules: given z = op(args) and its gradient (the key of dz for a vector z; the
+#: expression D theta for a Moment), the contributions (arg, term) to the gradients of its
+#: vector arguments (d arg += term) and Moment arguments (D arg += term).  New nodes go into
+#: the differentiated graph.
+BACKWARD = RuleTable("backward", domain=ops.VECTOR_OPS + (ops.Moment,))
 
 
 @BACKWARD.register(ops.InitVec, ops.InputLayer)
@@ -81,12 +124,51 @@ def _backward_leaf(graph: Graph, out: Graph, key: str, op, dkey: str, prefix: st
     return []
 
 
+def _moment_args(graph: Graph, key: str) -> list[str]:
+    """The Moments among the scalar arguments of ``key`` (Params, inputs and powers of the
+    width are constants of the backward pass)."""
+    return [a for a in graph.args(key) if isinstance(graph.op(a), ops.Moment)]
+
+
+def _scalar_terms(graph: Graph, out: Graph, key: str, expr: sp.Expr, weight: sp.Expr, prefix: str,
+                  per_coordinate: bool) -> list:
+    """Contributions to the Moment arguments theta of ``key``: the Moment
+    (1/n) sum_a (d expr / d theta)_a * weight_a, a node of ``out`` (times weight itself when
+    ``per_coordinate`` is False: weight is then a scalar factor outside the Moment)."""
+    thetas = _moment_args(graph, key)
+    derivs = partials(expr, [node_symbol(t) for t in thetas])
+    terms = []
+    for t in thetas:
+        dt = derivs[node_symbol(t)]
+        if dt == 0:
+            continue
+        if per_coordinate:
+            terms.append((t, node_symbol(out.intern_expr(ops.Moment, dt * weight, f"{prefix}{t}_{key}"))))
+        else:
+            terms.append((t, weight * node_symbol(out.intern_expr(ops.Moment, dt, f"{prefix}{t}_{key}"))))
+    return terms
+
+
 @BACKWARD.register(ops.Nonlin)
 def _backward_nonlin(graph: Graph, out: Graph, key: str, op, dkey: str, prefix: str) -> list:
-    """y = phi(a_1..a_k; theta):  d a_i += (d phi / d a_i) dy."""
+    """y = phi(a_1..a_k; theta):  d a_i += (d phi / d a_i) dy;
+    D theta += (1/n) sum_a (d phi / d theta)_a dy_a  for Moments theta."""
     vectors = graph.vector_args(key)
     derivs = partials(op.expr, [node_symbol(a) for a in vectors])
-    return [(a, derivs[node_symbol(a)] * node_symbol(dkey)) for a in vectors if derivs[node_symbol(a)] != 0]
+    terms = [(a, derivs[node_symbol(a)] * node_symbol(dkey)) for a in vectors if derivs[node_symbol(a)] != 0]
+    return terms + _scalar_terms(graph, out, key, op.expr, node_symbol(dkey), prefix, per_coordinate=True)
+
+
+@BACKWARD.register(ops.Moment)
+def _backward_moment(graph: Graph, out: Graph, key: str, op, grad: sp.Expr, prefix: str) -> list:
+    """theta = (1/n) sum_a psi(x_a; theta'):  d x += D theta (d psi / d x);
+    D theta' += D theta (1/n) sum_a (d psi / d theta')_a."""
+    if op.pair:
+        raise ProgramError(f"instruction {key!r}: a pair moment (a kernel entry) cannot be differentiated")
+    vectors = graph.vector_args(key)
+    derivs = partials(op.expr, [node_symbol(a) for a in vectors])
+    terms = [(a, grad * derivs[node_symbol(a)]) for a in vectors if derivs[node_symbol(a)] != 0]
+    return terms + _scalar_terms(graph, out, key, op.expr, grad, prefix, per_coordinate=False)
 
 
 @BACKWARD.register(ops.MatMul)

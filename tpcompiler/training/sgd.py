@@ -39,7 +39,7 @@ import sympy as sp
 from tpcompiler.ir import ops
 from tpcompiler import validation
 from tpcompiler.compiler import DEFAULT_PARTICLES, graph_of
-from tpcompiler.ir.backward import derive_backward, forward_nodes
+from tpcompiler.ir.backward import derive_backward, forward_nodes, refuse_moments
 from tpcompiler.training.finite import batch_indices
 from tpcompiler.ir.graph import Graph, ProgramError
 from tpcompiler.ir.nonlinearities import sigmoid
@@ -161,6 +161,7 @@ class _Layers:
 
 
 def _layers(net: Graph, abc: ABC) -> _Layers:
+    refuse_moments(net, "training (tp.train, tp.unroll)")
     forward = set(forward_nodes(net))
     ro = net.readout
     inputs = [k for k in net.keys_of(ops.InputMat) if net.op(k).trainable]

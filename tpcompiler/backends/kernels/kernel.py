@@ -35,7 +35,7 @@ from tpcompiler.ir.graph import Graph, ProgramError
 from tpcompiler.ir.ntk import kernel_program
 from tpcompiler.backends.kernels.features import Features
 from tpcompiler.ir.ops import node_symbol
-from tpcompiler.backends.kernels.pairwise import E1, E2, PairwiseEngine, expectation_rules
+from tpcompiler.backends.kernels.pairwise import E1, E2, NotPairwise, PairwiseEngine, expectation_rules
 
 KERNELS = ("nngp", "ntk")
 #: The bound variable of the functions g(t) printed into generated source.
@@ -70,10 +70,16 @@ class KernelFunction:
         self.d = len(decl.keys)
         kp = kernel_program(graph)
         self.engine = engine = PairwiseEngine(kp)
-        outputs = [engine.scalar(kp.outputs[k]) for k in KERNELS]
-        # The diagonal k(xi, xi) from row quantities: exact at rho = 1, where a pair formula
-        # would amplify rounding (arc-cosine kernels have a square-root singularity there).
-        diagonal = [engine.scalar(kp.outputs[k], same_input=True) for k in KERNELS]
+        try:
+            outputs = [engine.scalar(kp.outputs[k]) for k in KERNELS]
+            # The diagonal k(xi, xi) from row quantities: exact at rho = 1, where a pair formula
+            # would amplify rounding (arc-cosine kernels have a square-root singularity there).
+            diagonal = [engine.scalar(kp.outputs[k], same_input=True) for k in KERNELS]
+        except NotPairwise as exc:
+            text = str(exc) if len(str(exc)) < 200 else str(exc)[:197] + "..."
+            raise NotPairwise(f"program {graph.name!r}: the kernel backend needs bivariate Gaussian expectations "
+                              f"of parameter-free functions, but: {text}; tp.compile(program).limit(x=X) "
+                              f"estimates the kernels by particles") from None
         inputs0 = {node_symbol(k): kp.op(k).index for k in kp.input_keys()}
         self.features = feats = Features(kp, inputs0)
         self.expectations = expectation_rules(self.engine.functions, rtol)

@@ -114,13 +114,19 @@ class PairwiseEngine:
 
     def to_side(self, expr: sp.Expr, side: int) -> sp.Expr:
         """A side-0 expression evaluated at the second input: prime every input-dependent
-        leaf, input coordinate and row quantity."""
+        leaf, input coordinate and row quantity, and move first-input InputCov atoms to the
+        second input."""
         if side == 0:
             return expr
         rep = {}
         for s in expr.free_symbols:
             if not symbols.is_primed(s) and self._input_dependent(s):
                 rep[s] = symbols.primed(s)
+        # an input-layer covariance of the first input (a Moment's limit, e.g. a LayerNorm's
+        # variance E[Z^h Z^h]) is taken at the second input on both of its sides
+        one = sp.Integer(1)
+        rep.update({c: ops.InputCov(c.args[0], c.args[1], one, one) for c in expr.atoms(ops.InputCov)
+                    if c.args[2] == 0 and c.args[3] == 0})
         return expr.xreplace(rep)
 
     # -- forms --------------------------------------------------------------------------
@@ -228,7 +234,7 @@ class PairwiseEngine:
         if not leaves or e.is_polynomial(*leaves):
             return False
         try:
-            self._factor(e)
+            self._factor(e)  # refuses a function with a scalar parameter (relu(L) - mu): expanded instead
         except NotPairwise:
             return False
         return True
@@ -275,6 +281,9 @@ class PairwiseEngine:
         for L, const in _linear_candidates(f, set(leaves)):
             g = f.xreplace({L: T}) if L != f else T
             if not (g.free_symbols & set(leaves)):
+                if _has_parameters(g) and not g.is_polynomial(T):
+                    # relu(L) - mu (a Moment's limit): a sum the caller expands into terms
+                    raise NotPairwise(f"E[{f}]: a nonlinear function of {L} with a scalar parameter")
                 return _Factor(sp.expand(g.xreplace({T: T + const})) if const != 0 else g, L - const, side)
         raise NotPairwise(f"E[{f}] needs a function of several Gaussians at once")
 
@@ -308,6 +317,10 @@ class PairwiseEngine:
             return self._wick_polynomial(expanded)
         # a function is kept unexpanded (1 - tanh(t)^2 stays one function, see expect)
         items = [(L, side, g) for (L, side), g in merged.items()]
+        for L, _, g in items:
+            if _has_parameters(g):
+                raise NotPairwise(f"E[{g.xreplace({T: L})}]: a nonlinear function with a scalar parameter (a "
+                                  f"Moment's limit or an input coordinate inside the function) has no quadrature")
         if len(items) == 1:
             (L, side, g), = items
             var = self.cov(L, side, L, side)
@@ -379,7 +392,7 @@ class PairwiseEngine:
         the primed symbols of their first-input versions)."""
         sides = self._sides(product)
         if sides == {1}:
-            return self.to_side(self.quantity(symbols.to_first_input(product), label), 1)
+            return self.to_side(self.quantity(_to_first_input(product), label), 1)
         key = product
         if key in self.quantities:
             return self.quantities[key].symbol
@@ -396,11 +409,28 @@ class PairwiseEngine:
         for s in expr.free_symbols:
             if self._input_dependent(symbols.unprimed(s)):
                 sides.add(int(symbols.is_primed(s)))
+        for c in expr.atoms(ops.InputCov):  # input-layer covariances: their sides' flags
+            sides.update((int(c.args[2]), int(c.args[3])))
         return sides or {0}
 
     @property
     def order(self) -> list[Quantity]:
         return list(self._order)
+
+
+def _to_first_input(expr: sp.Expr) -> sp.Expr:
+    """A second-input expression at the first input: unprimed symbols, InputCov atoms of
+    the second input (flags 1, 1) at the first (0, 0)."""
+    zero = sp.Integer(0)
+    rep = {c: ops.InputCov(c.args[0], c.args[1], zero, zero) for c in expr.atoms(ops.InputCov)
+           if c.args[2] == 1 and c.args[3] == 1}
+    return symbols.to_first_input(expr.xreplace(rep) if rep else expr)
+
+
+def _has_parameters(g: sp.Expr) -> bool:
+    """Does the one-variable function g(T) depend on anything but T (a symbol, an input-layer
+    covariance or an expectation: quadrature functions are compiled from numbers and T alone)?"""
+    return bool(g.free_symbols - {T}) or bool(g.atoms(E1, E2, ops.InputCov))
 
 
 def _not_a_vector(engine: PairwiseEngine, key: str, e):
