@@ -10,8 +10,9 @@ f evaluated on the N training inputs after the last step only.
 
 Sides, each in a fresh subprocess (wall time by ``time.perf_counter``, peak resident memory by
 ``resource.getrusage``; the baseline row is the interpreter with tpcompiler imported):
-* step engine, particles (M = 20,000 in 10 groups: a group must hold more particles than a
-  matrix family has members, steps x batch, or the engine refuses): "derive" is the
+* step engine, particles (M = 40,000 in 10 groups, plus the extrapolation's half-size run of
+  20,000: a group of the half run must hold more particles than a matrix family has members,
+  steps x batch, or the engine refuses): "derive" is the
   construction of ``StepEngine`` (the symbolic step and its lowering, independent of the number
   of steps by construction; measured to show it), "run" the steps and the final evaluation;
 * unrolled path: ``tp.unroll`` + ``tp.compile`` ("derive") and ``limit(particles=M)`` ("run"),
@@ -140,14 +141,14 @@ def main(argv=None) -> int:
     base = spawn({"side": "baseline", "steps": 0, "N": 0}, args.timeout)
     plan = []
     for steps in steps_list:
-        plan.append(("step engine, particles M = 20,000", {"side": "engine", "steps": steps, "N": 16}))
+        plan.append(("step engine, particles M = 40,000", {"side": "engine", "steps": steps, "N": 16, "M": 40_000}))
         if steps <= args.unrolled_max:
             plan.append(("unrolled program, particles M = 20,000", {"side": "unrolled", "steps": steps, "N": 16}))
         plan.append((f"finite width n = {width}, same step", {"side": "finite", "steps": steps, "N": 16, "width": width}))
         plan.append((f"finite width n = {width}, train_mlp", {"side": "train_mlp", "steps": steps, "N": 16, "width": width}))
         plan.append(("exact engine, phi = identity", {"side": "exact", "steps": steps, "N": 16, "phi": "identity"}))
     for N in ([] if args.target_only else [16, 64] if args.quick else [16, 64, 256]):
-        plan.append(("step engine, particles M = 20,000", {"side": "engine", "steps": 100, "N": N, "batch": 16}))
+        plan.append(("step engine, particles M = 40,000", {"side": "engine", "steps": 100, "N": N, "batch": 16, "M": 40_000}))
         plan.append((f"finite width n = {width}, same step", {"side": "finite", "steps": 100, "N": N, "batch": 16, "width": width}))
     target = {"steps": 200, "N": 64, "depth": 3, "d": 8, "batch": 8}
     if args.target:
