@@ -657,7 +657,8 @@ def _engine_descent(graph: Graph, abc: ABC, sgd: SGD, particles: int, seed: int,
     empty = np.zeros((len(steps), 0, K))
     f_eval = np.array(hist.f_eval) if Xe is not None else empty
     f_eval_err = np.array(hist.f_eval_stderr) if Xe is not None else empty
-    used = "exact" if eng.method == "exact" else f"particles (M = {eng.alg.R * eng.alg.D}, step engine)"
+    used = "exact" if eng.method == "exact" else (
+        f"particles (M = {eng.alg.R * eng.alg.D}, step engine, extrapolated in the particles per group)")
     return TrainResult(np.array(hist.f_train), f_eval, np.array(hist.f_train_stderr), f_eval_err,
                        "feature learning", used)
 
