@@ -1,0 +1,41 @@
+"""The experiments run end to end as a user runs them (issue 9, "Done means": from the README's
+install on a fresh machine): each script in a fresh interpreter at a tiny size, writing the JSON
+fields its docstring and the issue promise.  The full protocols are in docs/experiments.md."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _run(script: str, *args: str, tmp_path: Path) -> dict:
+    out = tmp_path / "result.json"
+    env = dict(os.environ, OMP_NUM_THREADS="1", OPENBLAS_NUM_THREADS="1")
+    proc = subprocess.run([sys.executable, str(ROOT / "experiments" / script), *args, "--json", str(out), "--quiet"],
+                          capture_output=True, text=True, env=env, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    return json.loads(out.read_text())
+
+
+@pytest.mark.parametrize("width", ["inf", "8"])
+def test_maml_mnist_runs_end_to_end(tmp_path, width):
+    r = _run("maml_mnist.py", "--width", width, "--seed", "1", "--meta-steps", "2", "--test-tasks", "5",
+             tmp_path=tmp_path)
+    assert {"width", "seed", "accuracy_1step", "accuracy_20step", "tasks", "seconds"} <= set(r)
+    assert str(r["width"]) == width and r["seed"] == 1 and r["tasks"] == 5 and r["meta_steps"] == 2
+    # 5 tasks x 5 queries: accuracies are multiples of 1/25
+    for key in ("accuracy_1step", "accuracy_20step"):
+        assert 0.0 <= r[key] <= 1.0 and abs(r[key] * 25 - round(r[key] * 25)) < 1e-9, r
+
+
+def test_word2vec_tp4_runs_end_to_end(tmp_path):
+    r = _run("word2vec_tp4.py", "--width", "16", "--epochs", "1", "--seed", "0", "--max-steps", "20",
+             tmp_path=tmp_path)
+    assert {"width", "epochs", "seed", "vocab", "correct", "total", "accuracy", "seconds"} <= set(r)
+    assert r["vocab"] == 9044 and r["steps"] == 20 and r["complete"] is False   # the issue's V; a shortened run says so
+    assert 0 < r["total"] <= r["questions_in_file"]
+    assert abs(r["accuracy"] - 100.0 * r["correct"] / r["total"]) < 1e-9
