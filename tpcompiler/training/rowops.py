@@ -15,7 +15,9 @@ With a_{k,r} row k of replica r:
 * ``row_dots``:       F[b, i, r] = a_{idx[b, i], r}[:m] . X[b, r, :m]
 * ``row_sums``:       Y[b, r, :] = sum_i W[b, i, r] a_{idx[b, i], r}
 * ``decay_add_rows``: a_{idx[u], r}[:m] <- keep a_{idx[u], r}[:m] + c_r sum_b W[u, b, r] X[b, r, :m],
-  the rest of the row <- keep a (idx distinct): weight decay and an SGD update in one pass.
+  the rest of the row <- keep a (idx distinct): weight decay and an SGD update in one pass;
+* ``add_rows``:       a_{idx[u], r}[:m] <- a_{idx[u], r}[:m] + c_r inc[u, r, :m] (an update summed
+  beforehand by BLAS, when many examples share the rows).
 
 The sums run in a fixed order (``row_dots``: BLAS ddot; ``row_sums`` and ``decay_add_rows``: b and
 i in order), so a run is reproducible bit for bit on one machine.
@@ -95,3 +97,18 @@ def decay_add_rows(A, replica_first, idx, keep, W, X, c):
             else:
                 for d in range(m):
                     row[d] = row[d] + acc[d] * cr
+
+
+@njit(cache=True, nogil=True)
+def add_rows(A, replica_first, idx, inc, c):
+    """a_{idx[u], r}[:m] <- a_{idx[u], r}[:m] + inc[u, r, :m] c[r], m = inc's length (<= A's).
+    idx distinct."""
+    R = A.shape[0] if replica_first else A.shape[1]
+    m = inc.shape[2]
+    for u in range(idx.size):
+        for r in range(R):
+            row = _row(A, replica_first, idx[u], r)
+            add = inc[u, r]
+            cr = c[r]
+            for d in range(m):
+                row[d] = row[d] + add[d] * cr
