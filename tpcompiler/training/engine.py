@@ -301,6 +301,9 @@ class StepEngine:
         self._temporary = 0
         self._column_maps: dict = {}   # input layer -> (dense_map, const), see _column_map
         self._rules = _rules(sp_)
+        # input-matrix updates deferred inside a block that undoes them (see _restoring(defer=True))
+        self._pending: dict = {}
+        self._deferring = 0
         self._init_state(init or {})
         self._half = None
         if method == "particles" and extrapolate:
@@ -555,8 +558,12 @@ class StepEngine:
                 continue
             c = -lr / sp_.scale_of(U) ** 2 * alg.n_power(ex["U"]) * s
             D = max(e[2].shape[-1] for e in entries)
-            if D > self.input_cols[U].shape[-1]:
+            if D > self.input_cols[U].shape[-1] and not self._deferring:
                 self.input_cols[U] = _pad(self.input_cols[U], D)
+            if self._deferring:
+                # recorded, not written: the block undoes them (_restoring(defer=True))
+                self._pending.setdefault(U, []).extend((idx, C, c[:, None, None] * dA) for idx, C, dA in entries)
+                continue
             dense = _dense_columns(entries) if len(entries) > 1 else None
             if dense is not None:
                 # several entries (MAML's tasks): sum_b C_bj dA_b over all their examples as one
@@ -628,7 +635,7 @@ class StepEngine:
             if len(task) != 4:
                 raise validation.ArgumentError(f"tasks[{i}]: expected (X_support, Y_support, X_query, Y_query)")
             Xs, Ys, Xq, Yq = task
-            with self._restoring(families=False):
+            with self._restoring(families=False, defer=True):
                 for _ in range(inner_steps):
                     # the inner steps are not clipped: ``clip`` bounds the meta-gradient only (TP4's MAML)
                     self._apply(self._gradient(Xs, Ys), inner_lr, clip=False)
@@ -649,21 +656,31 @@ class StepEngine:
             yield self
 
     @contextlib.contextmanager
-    def _restoring(self, families: bool, tensors: bool = True):
+    def _restoring(self, families: bool, tensors: bool = True, defer: bool = False):
         """Undo, when the block ends, what it changed: with ``tensors`` the trained tensors (kept as
         copies: a block that only runs forward passes, which read them, needs none), with
         ``families`` the vectors the block added to the matrices' sides and the randomness it
-        drew (the algebra's new basis elements)."""
+        drew (the algebra's new basis elements).  ``defer`` (a block of a few steps, such as a
+        MAML task's inner steps, without weight decay): input-matrix updates are recorded as
+        pending (idx, C, c dA), read by the input layers as U + sum_p c_p dA_p C_p^T, and dropped
+        at the end, so that the input matrices are neither copied nor written."""
+        defer = defer and tensors and not self.weight_decay
         saved = None
         if tensors:
-            saved = (self.readout.copy(), self.touched.copy(), {k: v.copy() for k, v in self.input_cols.items()},
+            saved = (self.readout.copy(), self.touched.copy(),
+                     self.input_cols if defer else {k: v.copy() for k, v in self.input_cols.items()},
                      {k: v.copy() for k, v in self.vectors.items()},
                      {W: (M.decay.copy(), M.pi.count, M.pc.buf[:, :M.pc.count].copy()) for W, M in self.mats.items()})
+        pending = {U: len(v) for U, v in self._pending.items()}
+        self._deferring += defer
         sides = {W: {t: s.count for t, s in M.sides.items()} for W, M in self.mats.items()}
         mark = self.alg.mark()
         try:
             yield
         finally:
+            self._deferring -= defer
+            if defer:
+                self._pending = {U: v[:pending.get(U, 0)] for U, v in self._pending.items()}
             if tensors:
                 self.readout, self.touched, self.input_cols, self.vectors = saved[:4]
                 for W, M in self.mats.items():
@@ -1020,7 +1037,18 @@ def _pass_input_layer(eng: StepEngine, k: str, env: dict, keep: bool) -> np.ndar
     idx, C = _columns(eng, k, env["__X"])
     env["__cols"][k] = (idx, C)
     U = eng.program.net.args(k)[0]
-    table = _contiguous_cols(eng, U)                     # (k_U, R, D)
+    out = _column_sum(_contiguous_cols(eng, U), idx, C)
+    for idx_p, C_p, X_p in eng._pending.get(U, ()):
+        # a deferred update U_j += sum_b' C_p[b', j] X_p[b'] adds (C C_p^T on the shared columns) X_p
+        shared, i, i_p = np.intersect1d(idx, idx_p, assume_unique=True, return_indices=True)
+        if shared.size:
+            out, part = eng.alg.align(out, np.matmul((C[:, i] @ C_p[:, i_p].T)[None], X_p))
+            out = out + part
+    return out
+
+
+def _column_sum(table: np.ndarray, idx: np.ndarray, C: np.ndarray) -> np.ndarray:
+    """sum_j C[b, j] table[idx[j]] as (R, B, D), for a table (k_U, R, D)."""
     kU, R, D = table.shape
     B = C.shape[0]
     if 2 * idx.size >= kU:
