@@ -394,7 +394,7 @@ class StepEngine:
             untouched = ~self.touched[None, :]
         else:
             # f_bi = <v_{outputs[b, i]}, x_b> read in place (a gather would copy the rows)
-            dots = row_dots(_table(self, "readout"), True, outputs, np.ascontiguousarray(np.swapaxes(xL, 0, 1)))
+            dots = row_dots(_contiguous_readout(self), True, outputs, np.ascontiguousarray(np.swapaxes(xL, 0, 1)))
             f = scale * np.transpose(dots, (2, 0, 1)) / alg.norm
             untouched = ~self.touched[outputs]
         if alg.limit and self._independent_readout:
@@ -421,7 +421,7 @@ class StepEngine:
             seed = sp_.sigma_out * np.matmul(chi, self.readout)
         else:
             W = np.ascontiguousarray(np.transpose(chi, (1, 2, 0)))     # (B, k, R)
-            seed = sp_.sigma_out * np.swapaxes(row_sums(_table(self, "readout"), True, outputs, W), 0, 1)
+            seed = sp_.sigma_out * np.swapaxes(row_sums(_contiguous_readout(self), True, outputs, W), 0, 1)
         env[SEED] = seed
         for k, rule in self._rules["backward"]:
             env[k] = rule(self, k, env, True)
@@ -550,7 +550,7 @@ class StepEngine:
             B, k = g.outputs.shape
             W = np.zeros((uniq.size, B, alg.R))
             np.add.at(W, (inv, np.repeat(np.arange(B), k)), chi.reshape(alg.R, B * k).T)
-            decay_add_rows(_table(self, "readout"), True, uniq, row_keep, W,
+            decay_add_rows(_contiguous_readout(self), True, uniq, row_keep, W,
                            np.ascontiguousarray(np.swapaxes(xL, 0, 1)), np.ones(alg.R))
         # input matrices: U_j <- keep U_j + c sum_b C_bj dA_b on the used columns j, in place
         for U, entries in g.input_mats.items():
@@ -896,18 +896,16 @@ def _unique_inverse(a: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return np.array(values, dtype=a.dtype), np.array([pos[v] for v in a.tolist()], dtype=np.intp)
 
 
-def _table(eng: StepEngine, name: str) -> np.ndarray:
-    """The engine's array ``name`` (readout (R, K, D) or ...) as the C-contiguous array the row
-    kernels (``training.rowops``) read and write in place (made so once if it is not)."""
-    a = getattr(eng, name)
-    if not a.flags.c_contiguous:
-        a = np.ascontiguousarray(a)
-        setattr(eng, name, a)
-    return a
+def _contiguous_readout(eng: StepEngine) -> np.ndarray:
+    """The readout vectors (R, K, D) as the C-contiguous array the row kernels
+    (``training.rowops``) read and write in place (made so once if it is not)."""
+    if not eng.readout.flags.c_contiguous:
+        eng.readout = np.ascontiguousarray(eng.readout)
+    return eng.readout
 
 
 def _contiguous_cols(eng: StepEngine, U: str) -> np.ndarray:
-    """The columns (k, R, D) of input matrix U, C-contiguous (see ``_table``)."""
+    """The columns (k, R, D) of input matrix U, C-contiguous (see ``_contiguous_readout``)."""
     cols = eng.input_cols[U]
     if not cols.flags.c_contiguous:
         cols = eng.input_cols[U] = np.ascontiguousarray(cols)

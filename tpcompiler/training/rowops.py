@@ -1,14 +1,14 @@
-"""Row kernels of the step engine (docs/DESIGN.md 2.9): the three things a step does with a few
-rows of a large table -- the readout vectors v_k (K of them) or an input matrix's columns U_j --
-without copying the rows out and back (numpy's fancy indexing gathers a copy, and writing it
+"""Row kernels of the step engine (docs/DESIGN.md 2.9): what a step does with a few rows of a
+large table -- the readout vectors v_k (K of them) or an input matrix's columns U_j -- without
+copying the rows out and back (numpy's fancy indexing gathers a copy, and writing it
 back scatters another; for word2vec's exact limit the rows are 9045 coefficients long and a step
 touches about 35 of them, so the copies cost more than the arithmetic).
 
 A table is a C-contiguous array, either (R, K, D) with row k of replica r at A[r, k] (the readout:
 ``replica_first``) or (K, R, D) with it at A[k, r] (an input matrix's columns); the kernels
-read rows in place (a transposed view would make every row access strided, 2x slower).  Rows
-may be shorter than the vectors they meet (the exact algebra's basis grows): every kernel uses
-the first m = min of the two lengths, as ``Algebra.gram`` does.
+read rows in place (a transposed view would make every row access strided, 2x slower).  The
+vectors a kernel meets may be shorter than the rows (the exact algebra's basis grows): it uses
+their length m, as ``Algebra.gram`` uses the common length.
 
 With a_{k,r} row k of replica r:
 
