@@ -301,6 +301,8 @@ class StepEngine:
         self._temporary = 0
         self._column_maps: dict = {}   # input layer -> (dense_map, const), see _column_map
         self._rules = _rules(sp_)
+        self._layer_matrix = {k: sp_.net.args(k)[0] for k in sp_.input_layers}   # input layer -> its matrix U
+        self._powers: dict = {}        # exponent key -> n^e, see _n
         # input-matrix updates deferred inside a block that undoes them (see _restoring(defer=True))
         self._pending: dict = {}
         self._deferring = 0
@@ -388,7 +390,7 @@ class StepEngine:
         """f (R, B, K) on the batch of ``env`` (only the coordinates ``outputs`` (B, k) if given)."""
         sp_, alg = self.program, self.alg
         xL = env[sp_.readout_vector]
-        scale = sp_.sigma_out * alg.n_power(sp_.exponents["f"])
+        scale = sp_.sigma_out * self._n("f")
         if outputs is None:
             f = scale * np.swapaxes(alg.gram(self.readout, xL), 1, 2)
             untouched = ~self.touched[None, :]
@@ -425,10 +427,17 @@ class StepEngine:
         env[SEED] = seed
         for k, rule in self._rules["backward"]:
             env[k] = rule(self, k, env, True)
-        grad = Gradient(B, env[sp_.readout_vector], chi, outputs, loss=value.mean(axis=1))
+        grad = Gradient(B, env[sp_.readout_vector], chi, outputs, loss=value.sum(axis=1) / B)
         for k, rule in self._rules["gradient"]:
             rule(self, k, env, grad)
         return grad
+
+    def _n(self, key) -> float:
+        """n^e for the program's exponent ``key`` ("f", "v", "U", "lr", ("W", W)), remembered by
+        key (hashing the sympy exponent itself costs more than the rest of the look-up)."""
+        if key not in self._powers:
+            self._powers[key] = self.alg.n_power(self.program.exponents[key])
+        return self._powers[key]
 
     def _targets(self, Y, B: int, outputs):
         sp_ = self.program
@@ -505,7 +514,7 @@ class StepEngine:
     def _apply(self, g: Gradient, lr: float, clip: bool = True) -> None:
         """p <- (1 - lr n^-c lambda) p - lr n^-c s dLoss/dp for every trained tensor, s the
         clipping factor (module docstring; s = 1 when ``clip`` is False)."""
-        sp_, alg, ex = self.program, self.alg, self.program.exponents
+        sp_, alg = self.program, self.alg
         s = np.ones(alg.R)
         if self.clip is not None and clip:
             norm = np.sqrt(np.maximum(self._norm2(g), 0.0))
@@ -513,7 +522,7 @@ class StepEngine:
         # touched rows decay in the same pass as their update below (``rowops.decay_add_rows``)
         row_keep, col_keep = 1.0, {}
         if self.weight_decay:
-            keep = 1.0 - lr * alg.n_power(ex["lr"]) * self.weight_decay
+            keep = 1.0 - lr * self._n("lr") * self.weight_decay
             touched = self.decay_rows == "touched"
             if touched and g.outputs is not None:
                 row_keep = keep
@@ -536,7 +545,7 @@ class StepEngine:
             for b in sp_.biases:  # read by every example: decays at every step
                 self.vectors[b] *= keep
         # readout
-        coef = -lr / sp_.sigma_out * alg.n_power(ex["v"]) * s
+        coef = -lr / sp_.sigma_out * self._n("v") * s
         chi = g.chi * coef[:, None, None]
         self.readout, xL = alg.align(self.readout, g.xL)
         if g.outputs is None:
@@ -556,7 +565,7 @@ class StepEngine:
         for U, entries in g.input_mats.items():
             if U not in sp_.input_mats:
                 continue
-            c = -lr / sp_.scale_of(U) ** 2 * alg.n_power(ex["U"]) * s
+            c = -lr / sp_.scale_of(U) ** 2 * self._n("U") * s
             D = max(e[2].shape[-1] for e in entries)
             if D > self.input_cols[U].shape[-1] and not self._deferring:
                 self.input_cols[U] = _pad(self.input_cols[U], D)
@@ -578,13 +587,13 @@ class StepEngine:
                 decay_add_rows(_contiguous_cols(self, U), False, idx, col_keep.get(U, 1.0), W,
                                np.ascontiguousarray(np.swapaxes(dA, 0, 1)), c)
         for b, entries in g.biases.items():
-            c = -lr * alg.n_power(ex["U"]) * s
+            c = -lr * self._n("U") * s
             for (db,) in entries:
                 self.vectors[b], db = alg.align(self.vectors[b], db)
                 self.vectors[b] += c[:, None, None] * db.sum(axis=1, keepdims=True)
         for W, entries in g.matrices.items():
             M = self.mats[W]
-            c = -lr * alg.n_power(ex[("W", W)]) * s
+            c = -lr * self._n(("W", W)) * s
             for i_rows, j_rows, _x, _dy, w in entries:
                 M.pi.extend(i_rows)
                 M.pj.extend(j_rows)
@@ -1034,7 +1043,7 @@ def _pass_input_layer(eng: StepEngine, k: str, env: dict, keep: bool) -> np.ndar
     one-hot features)."""
     idx, C = _columns(eng, k, env["__X"])
     env["__cols"][k] = (idx, C)
-    U = eng.program.net.args(k)[0]
+    U = eng._layer_matrix[k]
     out = _column_sum(_contiguous_cols(eng, U), idx, C)
     for idx_p, C_p, X_p in eng._pending.get(U, ()):
         # a deferred update U_j += sum_b' C_p[b', j] X_p[b'] adds (C C_p^T on the shared columns) X_p
@@ -1136,7 +1145,7 @@ def _bias_gradient(eng: StepEngine, k: str, env: dict, g: Gradient) -> None:
 @GRADIENT.register(ops.InputLayer)
 def _input_matrix_gradient(eng: StepEngine, k: str, env: dict, g: Gradient) -> None:
     """Layer A = sum_j C_j U_j: the entry (columns, C, dA)."""
-    U = eng.program.net.args(k)[0]
+    U = eng._layer_matrix[k]
     if U in eng.program.input_mats and k in eng.program.grads:
         idx, C = env["__cols"][k]
         g.input_mats.setdefault(U, []).append((idx, C, env[eng.program.grads[k]]))
