@@ -228,9 +228,9 @@ look-ups, powers of n and input scales are computed once per engine.
 
 Where the time goes now.  word2vec's exact limit is bound by memory traffic: a step streams about
 35 rows of 9,045 float64 (the 26 sampled readout vectors and the context's input columns, ~2.5 MB,
-mostly not in cache: the two tables hold 1.3 GB) in and out again; at ~1,100 steps per CPU second
-TP4's 3.57 million steps take about 55 minutes, so the issue's target (15 epochs in 15 minutes,
-~4,000 steps/s) is not reached on this machine.  Width 64 is left with the Python and numpy call
+mostly not in cache: the two tables hold 1.3 GB) in and out again; at 1,100 to 1,300 steps per
+CPU second TP4's 3.57 million steps take 45 to 55 minutes, so the issue's target (15 epochs in 15
+minutes, ~4,000 steps/s) is not reached on this machine.  Width 64 is left with the Python and numpy call
 overhead of the generic step (~100 us, some 60 small numpy calls); width 1024 lies between the two.
 MAML is bound by passes over the 784 x 790 input matrix (two forward products per task and the
 outer update).  The results agree with the code before the change to rounding ("max rel. diff";
