@@ -313,6 +313,21 @@ def test_engine_finite_width_is_tp4_network():
     meta_train_both(P, eng, rng, Xe, moved=0.1)
 
 
+def test_engine_several_inner_steps_are_tp4_network():
+    """Two inner steps per task (the second reads the first's update of U, which the engine
+    keeps pending inside the task instead of writing it) = the oracle's two SGD steps."""
+    P, eng, _ = finite_pair(6, seed=3)
+    rng = np.random.default_rng(10)
+    Xe = rng.normal(size=(5, D_))
+    for _ in range(2):
+        tasks = toy_tasks(rng, 3, D_, K_)
+        P = tp4_maml_step(P, tasks, 0.4, 0.3, 0.5, ALPHA, inner_steps=2)
+        eng.maml_step(engine_form(tasks), inner_lr=0.4, outer_lr=0.3, inner_steps=2)
+    f = tp4_forward(P, Xe, ALPHA)
+    assert np.abs(f).max() > 0.1
+    np.testing.assert_allclose(eng.predict(ml.engine_inputs(Xe))[0], f, atol=1e-13)
+
+
 def test_engine_exact_limit_is_tp4_width_d_plus_K_construction():
     """The engine's exact limit (derived from the template) equals TP4's own construction of
     the limit, the width-(d+K) network W1 = [su I; 0], W2 = [0, sv I], to rounding."""

@@ -108,7 +108,14 @@ class Algebra:
 
     # -- powers of n -----------------------------------------------------------------------
     def n_power(self, e) -> float:
-        """n^e at this algebra's width (the limit: 1 for e = 0, 0 for e < 0)."""
+        """n^e at this algebra's width (the limit: 1 for e = 0, 0 for e < 0), remembered per
+        exponent (a step reads the same few sympy exponents every time)."""
+        powers = self.__dict__.setdefault("_powers", {})
+        if e not in powers:
+            powers[e] = self._n_power(e)
+        return powers[e]
+
+    def _n_power(self, e) -> float:
         return width_limit(e)
 
     # -- vectors -----------------------------------------------------------------------------
@@ -155,7 +162,7 @@ class Finite(Algebra):
         self.n = n
         self.norm = float(n)
 
-    def n_power(self, e) -> float:
+    def _n_power(self, e) -> float:
         return float(self.n) ** float(e)
 
     def constant(self, N: int) -> np.ndarray:

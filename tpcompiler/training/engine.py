@@ -43,6 +43,7 @@ from tpcompiler.ir.graph import ProgramError
 from tpcompiler.ir.rules import RuleTable
 from tpcompiler.training.algebra import Exact, Family, Finite, Particles, Rows, _pad
 from tpcompiler.training.parametrization import ABC
+from tpcompiler.training.rowops import add_rows, decay_add_rows, row_dots, row_sums
 from tpcompiler.training.step import LOSSES, SEED, StepProgram, derive_step
 
 METHODS = ("auto", "exact", "particles", "finite")
@@ -185,23 +186,25 @@ class Gradient:
     biases: dict = field(default_factory=dict)      # b -> list of (db (R,B,D),)
     loss: np.ndarray | None = None       # (R,) mean loss of the batch
 
-    def merged(self, other: "Gradient") -> "Gradient":
-        """The sum of two gradients (first-order MAML's outer gradient over tasks)."""
-        if (self.outputs is None) != (other.outputs is None):
+    def merged(self, *others: "Gradient") -> "Gradient":
+        """The sum of this gradient and ``others`` (first-order MAML's outer gradient over
+        tasks), their examples concatenated once."""
+        grads = (self,) + others
+        if len({g.outputs is None for g in grads}) > 1:
             raise ProgramError("cannot add gradients of different losses")
-        out = Gradient(self.B + other.B, _cat_vectors(self.xL, other.xL),
-                       np.concatenate([self.chi, other.chi], axis=1),
-                       None if self.outputs is None else np.concatenate([self.outputs, other.outputs]))
+        D = max(g.xL.shape[-1] for g in grads)
+        out = Gradient(sum(g.B for g in grads), np.concatenate([_pad(g.xL, D) for g in grads], axis=1),
+                       np.concatenate([g.chi for g in grads], axis=1),
+                       None if self.outputs is None else np.concatenate([g.outputs for g in grads]))
         for name in ("matrices", "input_mats", "biases"):
-            mine, theirs = getattr(self, name), getattr(other, name)
-            setattr(out, name, {k: mine.get(k, []) + theirs.get(k, []) for k in set(mine) | set(theirs)})
-        out.loss = None if self.loss is None else self.loss + other.loss
+            parts = [getattr(g, name) for g in grads]
+            keys = dict.fromkeys(k for part in parts for k in part)
+            setattr(out, name, {k: [e for part in parts for e in part.get(k, [])] for k in keys})
+        if self.loss is not None:
+            out.loss = self.loss
+            for g in others:
+                out.loss = out.loss + g.loss
         return out
-
-
-def _cat_vectors(a, b):
-    D = max(a.shape[-1], b.shape[-1])
-    return np.concatenate([_pad(a, D), _pad(b, D)], axis=1)
 
 
 def _as_rows(X, d: int, what: str):
@@ -297,6 +300,12 @@ class StepEngine:
         self.steps_done = 0
         self._temporary = 0
         self._column_maps: dict = {}   # input layer -> (dense_map, const), see _column_map
+        self._rules = _rules(sp_)
+        self._layer_matrix = {k: sp_.net.args(k)[0] for k in sp_.input_layers}   # input layer -> its matrix U
+        self._powers: dict = {}        # exponent key -> n^e, see _n
+        # input-matrix updates deferred inside a block that undoes them (see _restoring(defer=True))
+        self._pending: dict = {}
+        self._deferring = 0
         self._init_state(init or {})
         self._half = None
         if method == "particles" and extrapolate:
@@ -373,22 +382,22 @@ class StepEngine:
     # -- the forward and backward passes ------------------------------------------------------
     def _forward(self, X, keep: bool) -> dict:
         env = {"__X": X, "__rows": {}, "__cols": {}}
-        for k in self.program.forward:
-            env[k] = PASS(self.program.template.op(k))(self, k, env, keep)
+        for k, rule in self._rules["forward"]:
+            env[k] = rule(self, k, env, keep)
         return env
 
     def _outputs(self, env: dict, outputs=None) -> np.ndarray:
         """f (R, B, K) on the batch of ``env`` (only the coordinates ``outputs`` (B, k) if given)."""
         sp_, alg = self.program, self.alg
         xL = env[sp_.readout_vector]
-        scale = sp_.sigma_out * alg.n_power(sp_.exponents["f"])
+        scale = sp_.sigma_out * self._n("f")
         if outputs is None:
             f = scale * np.swapaxes(alg.gram(self.readout, xL), 1, 2)
             untouched = ~self.touched[None, :]
         else:
-            V = env["__sampled"] = self.readout[:, outputs]    # (R, B, k, D), reused by the backward seed
-            m = min(V.shape[-1], xL.shape[-1])
-            f = scale * np.einsum("rbkd,rbd->rbk", V[..., :m], xL[..., :m]) / alg.norm
+            # f_bi = <v_{outputs[b, i]}, x_b> read in place (a gather would copy the rows)
+            dots = row_dots(_contiguous_readout(self), True, outputs, np.ascontiguousarray(np.swapaxes(xL, 0, 1)))
+            f = scale * np.transpose(dots, (2, 0, 1)) / alg.norm
             untouched = ~self.touched[outputs]
         if alg.limit and self._independent_readout:
             f = np.where(untouched[None], 0.0, f)
@@ -413,14 +422,22 @@ class StepEngine:
         if outputs is None:
             seed = sp_.sigma_out * np.matmul(chi, self.readout)
         else:
-            seed = sp_.sigma_out * np.einsum("rbk,rbkd->rbd", chi, env.pop("__sampled"))
+            W = np.ascontiguousarray(np.transpose(chi, (1, 2, 0)))     # (B, k, R)
+            seed = sp_.sigma_out * np.swapaxes(row_sums(_contiguous_readout(self), True, outputs, W), 0, 1)
         env[SEED] = seed
-        for k in sp_.backward:
-            env[k] = PASS(sp_.template.op(k))(self, k, env, True)
-        grad = Gradient(B, env[sp_.readout_vector], chi, outputs, loss=value.mean(axis=1))
-        for k in sp_.forward:
-            GRADIENT(sp_.template.op(k))(self, k, env, grad)
+        for k, rule in self._rules["backward"]:
+            env[k] = rule(self, k, env, True)
+        grad = Gradient(B, env[sp_.readout_vector], chi, outputs, loss=value.sum(axis=1) / B)
+        for k, rule in self._rules["gradient"]:
+            rule(self, k, env, grad)
         return grad
+
+    def _n(self, key) -> float:
+        """n^e for the program's exponent ``key`` ("f", "v", "U", "lr", ("W", W)), remembered by
+        key (hashing the sympy exponent itself costs more than the rest of the look-up)."""
+        if key not in self._powers:
+            self._powers[key] = self.alg.n_power(self.program.exponents[key])
+        return self._powers[key]
 
     def _targets(self, Y, B: int, outputs):
         sp_ = self.program
@@ -429,9 +446,12 @@ class StepEngine:
             if outputs is None:
                 raise ProgramError("negative_sampling: give outputs=(B, k) output coordinates and Y (B, k) labels 0/1")
             outputs = np.asarray(outputs)
+            integer = outputs.dtype.kind in "iu"
+            if integer:
+                outputs = np.ascontiguousarray(outputs, dtype=np.int64)
             if outputs.ndim == 1:
                 outputs = outputs[None, :]
-            if outputs.shape[0] != B or not np.issubdtype(outputs.dtype, np.integer):
+            if outputs.shape[0] != B or not integer:
                 raise ProgramError(f"outputs: need an integer array with one row per example (B = {B}), got {outputs.shape} {outputs.dtype}")
             if outputs.size and (outputs.min() < 0 or outputs.max() >= sp_.K):
                 raise ProgramError(f"outputs: coordinates must be in 0..{sp_.K - 1} (the network has K = {sp_.K} outputs)")
@@ -482,10 +502,7 @@ class StepEngine:
             total += power(ex[("norm_W", W)], W) * np.einsum("rbc,rbc->r", alg.gram(x, x), alg.gram(dy, dy))
         for U, entries in g.input_mats.items():
             scale2 = sp_.scale_of(U) ** 2
-            # all entries at once: C_all (sum B, k_U) sparse, rows of every entry's C placed on its
-            # columns, so C_all C_all^T holds every pair's c_b . c_b' (one product, not a loop over pairs)
-            C_all = scipy.sparse.vstack([_sparse_columns(e, sp_.net.op(U).k) for e in entries]).tocsr()
-            cc = (C_all @ C_all.T).toarray()
+            cc = _column_products(entries, sp_.net.op(U).k)
             D = max(e[2].shape[-1] for e in entries)
             dA = np.concatenate([_pad(e[2], D) for e in entries], axis=1)
             total += power(ex["norm_U"], U) / scale2 * np.einsum("rbc,bc->r", alg.gram(dA, dA), cc)
@@ -497,15 +514,15 @@ class StepEngine:
     def _apply(self, g: Gradient, lr: float, clip: bool = True) -> None:
         """p <- (1 - lr n^-c lambda) p - lr n^-c s dLoss/dp for every trained tensor, s the
         clipping factor (module docstring; s = 1 when ``clip`` is False)."""
-        sp_, alg, ex = self.program, self.alg, self.program.exponents
+        sp_, alg = self.program, self.alg
         s = np.ones(alg.R)
         if self.clip is not None and clip:
             norm = np.sqrt(np.maximum(self._norm2(g), 0.0))
             s = np.minimum(1.0, self.clip / np.maximum(norm, 1e-300))
-        # touched rows decay in the same pass as their update below (one gather and scatter)
-        row_keep = 1.0
+        # touched rows decay in the same pass as their update below (``rowops.decay_add_rows``)
+        row_keep, col_keep = 1.0, {}
         if self.weight_decay:
-            keep = 1.0 - lr * alg.n_power(ex["lr"]) * self.weight_decay
+            keep = 1.0 - lr * self._n("lr") * self.weight_decay
             touched = self.decay_rows == "touched"
             if touched and g.outputs is not None:
                 row_keep = keep
@@ -519,7 +536,7 @@ class StepEngine:
                     if len(used) > 1:  # several layers read U: decay each used column once
                         cols[np.unique(np.concatenate(used))] *= keep
                     elif used:
-                        cols[used[0]] *= keep
+                        col_keep[U] = keep
                 else:
                     cols *= keep
             for M in self.mats.values():
@@ -528,45 +545,55 @@ class StepEngine:
             for b in sp_.biases:  # read by every example: decays at every step
                 self.vectors[b] *= keep
         # readout
-        coef = -lr / sp_.sigma_out * alg.n_power(ex["v"]) * s
+        coef = -lr / sp_.sigma_out * self._n("v") * s
         chi = g.chi * coef[:, None, None]
         self.readout, xL = alg.align(self.readout, g.xL)
         if g.outputs is None:
             self.readout += np.matmul(np.swapaxes(chi, 1, 2), xL)
             self.touched[:] = True
         else:
-            # v_o += sum over the (b, i) with outputs[b, i] = o of chi_bi x_b: a product with
-            # the (distinct outputs x (b, i)) indicator (np.add.at is ~100x slower on long rows)
-            flat = g.outputs.ravel()
-            uniq, inv = np.unique(flat, return_inverse=True)
+            # v_o <- keep v_o + sum_b W_ob x_b, W_ob = sum of chi_bi over the i with outputs[b, i] = o,
+            # on the distinct sampled rows o in place (one pass over each row)
+            uniq, inv = _unique_inverse(g.outputs.ravel())
             self.touched[uniq] = True
             B, k = g.outputs.shape
-            S = np.zeros((uniq.size, B * k))
-            S[inv, np.arange(B * k)] = 1.0
-            weights = np.matmul(S, chi.reshape(alg.R, B * k, 1) * np.eye(B).repeat(k, axis=0)[None])  # (R, u, B)
-            upd = np.matmul(weights, xL)
-            for r in range(alg.R):  # per replica: a first-axis row index (3x faster than [:, uniq])
-                rows = self.readout[r]
-                rows[uniq] = (row_keep * rows[uniq] + upd[r]) if row_keep != 1.0 else rows[uniq] + upd[r]
-        # input matrices
+            W = np.zeros((uniq.size, B, alg.R))
+            np.add.at(W, (inv, np.repeat(np.arange(B), k)), chi.reshape(alg.R, B * k).T)
+            decay_add_rows(_contiguous_readout(self), True, uniq, row_keep, W,
+                           np.ascontiguousarray(np.swapaxes(xL, 0, 1)), np.ones(alg.R))
+        # input matrices: U_j <- keep U_j + c sum_b C_bj dA_b on the used columns j, in place
         for U, entries in g.input_mats.items():
             if U not in sp_.input_mats:
                 continue
-            c = -lr / sp_.scale_of(U) ** 2 * alg.n_power(ex["U"]) * s
+            c = -lr / sp_.scale_of(U) ** 2 * self._n("U") * s
+            D = max(e[2].shape[-1] for e in entries)
+            if D > self.input_cols[U].shape[-1] and not self._deferring:
+                self.input_cols[U] = _pad(self.input_cols[U], D)
+            if self._deferring:
+                # recorded, not written: the block undoes them (_restoring(defer=True))
+                self._pending.setdefault(U, []).extend((idx, C, c[:, None, None] * dA) for idx, C, dA in entries)
+                continue
+            dense = _dense_columns(entries) if len(entries) > 1 else None
+            if dense is not None:
+                # several entries (MAML's tasks): sum_b C_bj dA_b over all their examples as one
+                # BLAS product on the union of their columns, added in one pass
+                union, C_all = dense
+                dA = np.concatenate([_pad(e[2], D) for e in entries], axis=1)          # (R, sum B, D)
+                inc = np.ascontiguousarray(np.swapaxes(np.matmul(C_all.T[None], dA), 0, 1))  # (j, R, D)
+                add_rows(_contiguous_cols(self, U), False, union, inc, c)
+                continue
             for idx, C, dA in entries:
-                cols = self.input_cols[U]
-                if dA.shape[-1] > cols.shape[-1]:
-                    cols = self.input_cols[U] = _pad(cols, dA.shape[-1])
-                inc = np.einsum("bj,rbd->jrd", C, dA[..., :cols.shape[-1]]) * c[None, :, None]
-                cols[idx, :, :inc.shape[-1]] += inc
+                W = np.repeat(C.T[:, :, None], alg.R, axis=2)             # (j, B, R)
+                decay_add_rows(_contiguous_cols(self, U), False, idx, col_keep.get(U, 1.0), W,
+                               np.ascontiguousarray(np.swapaxes(dA, 0, 1)), c)
         for b, entries in g.biases.items():
-            c = -lr * alg.n_power(ex["U"]) * s
+            c = -lr * self._n("U") * s
             for (db,) in entries:
                 self.vectors[b], db = alg.align(self.vectors[b], db)
                 self.vectors[b] += c[:, None, None] * db.sum(axis=1, keepdims=True)
         for W, entries in g.matrices.items():
             M = self.mats[W]
-            c = -lr * alg.n_power(ex[("W", W)]) * s
+            c = -lr * self._n(("W", W)) * s
             for i_rows, j_rows, _x, _dy, w in entries:
                 M.pi.extend(i_rows)
                 M.pj.extend(j_rows)
@@ -612,17 +639,17 @@ class StepEngine:
             raise validation.ArgumentError("tasks: a meta-batch needs at least one task")
         if self._half is not None:
             self._half.maml_step(tasks, inner_lr, outer_lr, inner_steps)
-        total = None
+        grads = []
         for i, task in enumerate(tasks):
             if len(task) != 4:
                 raise validation.ArgumentError(f"tasks[{i}]: expected (X_support, Y_support, X_query, Y_query)")
             Xs, Ys, Xq, Yq = task
-            with self._restoring(families=False):
+            with self._restoring(families=False, defer=True):
                 for _ in range(inner_steps):
                     # the inner steps are not clipped: ``clip`` bounds the meta-gradient only (TP4's MAML)
                     self._apply(self._gradient(Xs, Ys), inner_lr, clip=False)
-                g = self._gradient(Xq, Yq)
-            total = g if total is None else total.merged(g)
+                grads.append(self._gradient(Xq, Yq))
+        total = grads[0].merged(*grads[1:])
         self._apply(total, outer_lr)
         self.steps_done += 1
         return total.loss / len(tasks)
@@ -638,26 +665,43 @@ class StepEngine:
             yield self
 
     @contextlib.contextmanager
-    def _restoring(self, families: bool):
-        saved = (self.readout.copy(), self.touched.copy(), {k: v.copy() for k, v in self.input_cols.items()},
-                 {k: v.copy() for k, v in self.vectors.items()},
-                 {W: (M.decay.copy(), M.pi.count, M.pc.buf[:, :M.pc.count].copy(),
-                      {t: s.count for t, s in M.sides.items()}) for W, M in self.mats.items()},
-                 self.alg.mark())
+    def _restoring(self, families: bool, tensors: bool = True, defer: bool = False):
+        """Undo, when the block ends, what it changed: with ``tensors`` the trained tensors (kept as
+        copies: a block that only runs forward passes, which read them, needs none), with
+        ``families`` the vectors the block added to the matrices' sides and the randomness it
+        drew (the algebra's new basis elements).  ``defer`` (a block of a few steps, such as a
+        MAML task's inner steps, without weight decay): input-matrix updates are recorded as
+        pending (idx, C, c dA), read by the input layers as U + sum_p c_p dA_p C_p^T, and dropped
+        at the end, so that the input matrices are neither copied nor written."""
+        defer = defer and tensors and not self.weight_decay
+        saved = None
+        if tensors:
+            saved = (self.readout.copy(), self.touched.copy(),
+                     self.input_cols if defer else {k: v.copy() for k, v in self.input_cols.items()},
+                     {k: v.copy() for k, v in self.vectors.items()},
+                     {W: (M.decay.copy(), M.pi.count, M.pc.buf[:, :M.pc.count].copy()) for W, M in self.mats.items()})
+        pending = {U: len(v) for U, v in self._pending.items()}
+        self._deferring += defer
+        sides = {W: {t: s.count for t, s in M.sides.items()} for W, M in self.mats.items()}
+        mark = self.alg.mark()
         try:
             yield
         finally:
-            self.readout, self.touched, self.input_cols, self.vectors = saved[:4]
-            for W, M in self.mats.items():
-                decay, count, coefs, sides = saved[4][W]
-                M.decay = decay
-                M.pi.count = M.pj.count = M.pc.count = count
-                M.pc.buf[:, :count] = coefs
-                if families:
-                    for t, side in M.sides.items():
-                        side.truncate(sides[t])
+            self._deferring -= defer
+            if defer:
+                self._pending = {U: v[:pending.get(U, 0)] for U, v in self._pending.items()}
+            if tensors:
+                self.readout, self.touched, self.input_cols, self.vectors = saved[:4]
+                for W, M in self.mats.items():
+                    decay, count, coefs = saved[4][W]
+                    M.decay = decay
+                    M.pi.count = M.pj.count = M.pc.count = count
+                    M.pc.buf[:, :count] = coefs
             if families:
-                self.alg.release(saved[5])
+                for W, M in self.mats.items():
+                    for t, side in M.sides.items():
+                        side.truncate(sides[W][t])
+                self.alg.release(mark)
 
     def predict(self, X) -> tuple[np.ndarray, np.ndarray]:
         """(mean, stderr) of f on the rows of X: arrays (N, K); stderr over replicas (0 for exact);
@@ -671,7 +715,7 @@ class StepEngine:
 
     def _replica_outputs(self, X) -> np.ndarray:
         """f on the rows of X per replica, (R, N, K), state unchanged."""
-        with self._restoring(families=True):
+        with self._restoring(families=True, tensors=False):   # a forward pass: reads the tensors only
             return self._outputs(self._forward(X, keep=self.program.forward_reuses_a_matrix))
 
     def activations(self, X) -> dict:
@@ -679,7 +723,7 @@ class StepEngine:
         D)}, and the output under "f": (R, N, K) (a look, like ``predict``: the state is
         unchanged).  At finite width D = n coordinates: what ``tp.coordcheck`` measures."""
         X = _as_rows(X, self.program.d, "X")
-        with self._restoring(families=True):
+        with self._restoring(families=True, tensors=False):
             env = self._forward(X, keep=self.program.forward_reuses_a_matrix)
             out = {k: np.asarray(env[k]) for k in self.program.forward}
             out["f"] = self._outputs(env)
@@ -692,7 +736,7 @@ class StepEngine:
         if node not in self.program.forward:
             raise validation.ArgumentError(f"node: {node!r} is not a vector of the forward pass "
                                            f"({', '.join(self.program.forward)})")
-        with self._restoring(families=True):
+        with self._restoring(families=True, tensors=False):
             V = self._forward(X, keep=self.program.forward_reuses_a_matrix)[node]
         return self.alg.features(V)
 
@@ -802,6 +846,38 @@ def _pad_to(v, entries):
     return _pad(v, D)
 
 
+#: ``_column_products`` multiplies a dense matrix of at most this many numbers, else a sparse one.
+DENSE_COLUMNS = 1 << 22
+
+
+def _column_products(entries, k: int) -> np.ndarray:
+    """c_b . c_b' for every pair of examples of the input-matrix gradient entries (idx, C, dA):
+    C_all C_all^T with C_all (sum B, k) holding every entry's C on its columns idx (one product,
+    not a loop over pairs).  C_all is dense over the union of the entries' columns when that is
+    small (MAML's dense images: a sparse product of dense rows costs ~10x more), else sparse
+    (a large batch of one-hot inputs)."""
+    dense = _dense_columns(entries)
+    if dense is not None:
+        return dense[1] @ dense[1].T
+    C_all = scipy.sparse.vstack([_sparse_columns(e, k) for e in entries]).tocsr()
+    return (C_all @ C_all.T).toarray()
+
+
+def _dense_columns(entries):
+    """(the union of the entries' columns, C_all (sum B, union) with every entry's C on its
+    columns), or None when C_all would have more than DENSE_COLUMNS numbers."""
+    union = np.unique(np.concatenate([e[0] for e in entries])) if len(entries) > 1 else np.asarray(entries[0][0])
+    total = sum(e[1].shape[0] for e in entries)
+    if total * union.size > DENSE_COLUMNS:
+        return None
+    C_all = np.zeros((total, union.size))
+    row = 0
+    for idx, C, _ in entries:
+        C_all[row:row + C.shape[0], np.searchsorted(union, idx)] = C
+        row += C.shape[0]
+    return union, C_all
+
+
 def _sparse_columns(entry, k: int):
     """An input-matrix gradient entry (idx, C, dA)'s weights as a sparse (B, k) matrix: row b
     holds C[b] on the columns idx (the other columns are 0)."""
@@ -817,6 +893,41 @@ def _mean_stderr(f: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     if R < 2:
         return mean, np.zeros_like(mean)
     return mean, f.std(axis=0, ddof=1) / np.sqrt(R)
+
+
+def _unique_inverse(a: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """np.unique(a, return_inverse=True) for a 1-D integer array; a short one (a step's few
+    dozen sampled outputs) through a Python set, ~3x faster than numpy's sort there."""
+    if a.size > 64:
+        return np.unique(a, return_inverse=True)
+    values = sorted(set(a.tolist()))
+    pos = {v: i for i, v in enumerate(values)}
+    return np.array(values, dtype=a.dtype), np.array([pos[v] for v in a.tolist()], dtype=np.intp)
+
+
+def _contiguous_readout(eng: StepEngine) -> np.ndarray:
+    """The readout vectors (R, K, D) as the C-contiguous array the row kernels
+    (``training.rowops``) read and write in place (made so once if it is not)."""
+    if not eng.readout.flags.c_contiguous:
+        eng.readout = np.ascontiguousarray(eng.readout)
+    return eng.readout
+
+
+def _contiguous_cols(eng: StepEngine, U: str) -> np.ndarray:
+    """The columns (k, R, D) of input matrix U, C-contiguous (see ``_contiguous_readout``)."""
+    cols = eng.input_cols[U]
+    if not cols.flags.c_contiguous:
+        cols = eng.input_cols[U] = np.ascontiguousarray(cols)
+    return cols
+
+
+def _rules(program: StepProgram) -> dict:
+    """The rule of every instruction of the step, looked up once: {"forward": [(key, PASS rule)],
+    "backward": [...], "gradient": [(key, GRADIENT rule)] over the forward instructions}."""
+    op = program.template.op
+    return {"forward": [(k, PASS(op(k))) for k in program.forward],
+            "backward": [(k, PASS(op(k))) for k in program.backward],
+            "gradient": [(k, GRADIENT(op(k))) for k in program.forward]}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -840,11 +951,12 @@ def _batch(env: dict) -> int:
     return env["__X"].shape[0]
 
 
-def _column_map(eng: StepEngine, k: str) -> tuple[scipy.sparse.csr_matrix, np.ndarray, np.ndarray | None]:
+def _column_map(eng: StepEngine, k: str) -> tuple[scipy.sparse.csr_matrix, np.ndarray | None, tuple | None]:
     """The input layer ``k`` as a fixed linear map of the input: (M (d x k_U) sparse, the
-    constant part (k_U,), and ``single``: M's one column per input coordinate (-1: none) when
-    no coordinate feeds two columns, else None).  Built once per layer: it depends on the
-    program only (a dense d x k_U map per step costs O(V^2) for word2vec's one-hot inputs)."""
+    constant part (k_U,) or None when it is 0, and ``single`` = (M's one column per input
+    coordinate (-1: none), its weight) when no coordinate feeds two columns, else None).
+    Built once per layer: it depends on the program only (a dense d x k_U map per step costs
+    O(V^2) for word2vec's one-hot inputs)."""
     cache = eng.__dict__.setdefault("_column_maps", {})
     if k in cache:
         return cache[k]
@@ -874,7 +986,7 @@ def _column_map(eng: StepEngine, k: str) -> tuple[scipy.sparse.csr_matrix, np.nd
         weight = np.zeros(d)
         weight[has] = M.data
         single = (single, weight)
-    cache[k] = (M, const, single)
+    cache[k] = (M, const if np.any(const) else None, single)
     return cache[k]
 
 
@@ -883,10 +995,16 @@ def _columns(eng: StepEngine, k: str, X) -> tuple[np.ndarray, np.ndarray]:
     A(x) = sum_j C_j U_j with C_j = s_i / sqrt(norm) for the i-th scalar s_i on column j."""
     M, const, single = _column_map(eng, k)
     if scipy.sparse.issparse(X):
-        if single is not None and not np.any(const):
+        if single is not None and const is None:
             # each input coordinate feeds at most one column: C from X's nonzeros directly
             col_of, weight = single
             B = X.shape[0]
+            if B == 1:
+                cols = col_of[X.indices]
+                if cols.size and cols[0] >= 0 and np.all(cols[1:] > cols[:-1]):
+                    # one example whose columns are distinct and increasing (a sorted CSR row under
+                    # an increasing map): they are the columns, its values the weights
+                    return cols, (X.data * weight[X.indices])[None, :]
             rows = np.repeat(np.arange(B), np.diff(X.indptr))
             cols = col_of[X.indices]
             live = cols >= 0
@@ -895,25 +1013,62 @@ def _columns(eng: StepEngine, k: str, X) -> tuple[np.ndarray, np.ndarray]:
             np.add.at(C, (rows[live], pos), X.data[live] * weight[X.indices[live]])
             return idx, C
         C = (X @ M).tocsr()
-        if np.any(const):
+        if const is not None:
             C = scipy.sparse.csr_matrix(C.toarray() + const)
         idx = np.unique(C.indices)
         return idx, np.asarray(C[:, idx].todense())
-    C = np.asarray(X @ M) + const
+    if single is not None and const is None:
+        # each input coordinate feeds at most one column: C_j = weight_i x_i for i -> j
+        col_of, weight = single
+        live = col_of >= 0
+        C = np.zeros((X.shape[0], M.shape[1]))
+        C[:, col_of[live]] = X[:, live] * weight[live]
+    else:
+        C = np.asarray(X @ M) + (0.0 if const is None else const)
     idx = np.flatnonzero(np.any(C != 0, axis=0))
     return idx, C[:, idx]
 
 
+#: Input layers: a batch of at most this many examples sums its columns in place (``row_sums``);
+#: a larger one gathers them for a BLAS product.
+SMALL_BATCH = 8
+
+
 @PASS.register(ops.InputLayer)
 def _pass_input_layer(eng: StepEngine, k: str, env: dict, keep: bool) -> np.ndarray:
-    """A(x) = sum_j C_j U_j over the columns the batch uses."""
+    """A(x) = sum_j C_j U_j over the columns j the batch uses: with most of the k_U columns
+    used, one BLAS product C' U over all of them (C' = C with zero weights on the others, no
+    copy of U); with a few, a small batch sums them in place (``rowops.row_sums``) and a larger
+    one gathers them for a BLAS product (einsum's loop would cost B j D: minutes for V = 9044
+    one-hot features)."""
     idx, C = _columns(eng, k, env["__X"])
     env["__cols"][k] = (idx, C)
-    U = eng.program.net.args(k)[0]
-    cols = eng.input_cols[U][idx]                        # (j, R, D)
-    j, R, D = cols.shape
-    # a BLAS product: einsum's loop costs B j D (minutes for V = 9044 one-hot features)
-    return np.swapaxes((C @ cols.reshape(j, R * D)).reshape(C.shape[0], R, D), 0, 1)
+    U = eng._layer_matrix[k]
+    out = _column_sum(_contiguous_cols(eng, U), idx, C)
+    for idx_p, C_p, X_p in eng._pending.get(U, ()):
+        # a deferred update U_j += sum_b' C_p[b', j] X_p[b'] adds (C C_p^T on the shared columns) X_p
+        shared, i, i_p = np.intersect1d(idx, idx_p, assume_unique=True, return_indices=True)
+        if shared.size:
+            out, part = eng.alg.align(out, np.matmul((C[:, i] @ C_p[:, i_p].T)[None], X_p))
+            out = out + part
+    return out
+
+
+def _column_sum(table: np.ndarray, idx: np.ndarray, C: np.ndarray) -> np.ndarray:
+    """sum_j C[b, j] table[idx[j]] as (R, B, D), for a table (k_U, R, D)."""
+    kU, R, D = table.shape
+    B = C.shape[0]
+    if 2 * idx.size >= kU:
+        if idx.size < kU:
+            full = np.zeros((B, kU))
+            full[:, idx] = C
+            C = full
+        return np.swapaxes((C @ table.reshape(kU, R * D)).reshape(B, R, D), 0, 1)
+    if B <= SMALL_BATCH:
+        W = np.repeat(C[:, :, None], R, axis=2)          # (B, j, R)
+        return np.swapaxes(row_sums(table, False, np.repeat(idx[None, :], B, axis=0), W), 0, 1)
+    cols = table[idx]                                    # (j, R, D)
+    return np.swapaxes((C @ cols.reshape(idx.size, R * D)).reshape(B, R, D), 0, 1)
 
 
 @PASS.register(ops.MatMul)
@@ -990,7 +1145,7 @@ def _bias_gradient(eng: StepEngine, k: str, env: dict, g: Gradient) -> None:
 @GRADIENT.register(ops.InputLayer)
 def _input_matrix_gradient(eng: StepEngine, k: str, env: dict, g: Gradient) -> None:
     """Layer A = sum_j C_j U_j: the entry (columns, C, dA)."""
-    U = eng.program.net.args(k)[0]
+    U = eng._layer_matrix[k]
     if U in eng.program.input_mats and k in eng.program.grads:
         idx, C = env["__cols"][k]
         g.input_mats.setdefault(U, []).append((idx, C, env[eng.program.grads[k]]))

@@ -124,6 +124,7 @@ class StepProgram:
     lowered: dict
     exponents: dict
     fingerprint: str
+    _numbers: dict = field(default_factory=dict, repr=False, compare=False)
 
     @property
     def K(self) -> int:
@@ -157,7 +158,10 @@ class StepProgram:
         return [k for k, low in self.lowered.items() if not low.affine]
 
     def scale_of(self, U: str) -> float:
-        return float(evaluate(sp.sympify(self.net.op(U).scale), self.params))
+        """The scale of the input matrix U (remembered: the runtime reads it every step)."""
+        if ("scale", U) not in self._numbers:
+            self._numbers[("scale", U)] = float(evaluate(sp.sympify(self.net.op(U).scale), self.params))
+        return self._numbers[("scale", U)]
 
     def sigma_of(self, W: str) -> float:
         return float(evaluate(sp.sympify(self.net.op(W).sigma), self.params))
