@@ -10,8 +10,11 @@
   log-space within ``<name>_bounds`` (default (1e-2, 1e2); ``"fixed"`` to hold it).
   ``eval_gradient=True`` returns dK/dlog(theta) by central finite differences in log-space
   (step 1e-4: truncation error about 1e-8 relative, plus the kernel's quadrature error
-  rtol / 1e-4 where no closed form exists).  Every new hyperparameter value is a new program:
-  its kernel code is generated and JIT-compiled once (seconds), then cached on disk.
+  rtol / 1e-4 where no closed form exists).  A hyperparameter that only sets Params of the
+  program (``_followers``: found by building it once more at a moved value) is a runtime
+  argument of one compiled kernel (``kernel_function``): a new value costs a build of the
+  program (milliseconds, to check its structure) and the evaluation.  Other parameters, and
+  values whose build has another structure, are compiled per value (seconds), then cached.
 * ``KernelTransformer(program, kernel="ntk", params=None)``: X -> k(X, X_fit), the
   precomputed kernel against the inputs it was fitted on, to put before
   ``SVC(kernel="precomputed")``, ``KernelRidge(kernel="precomputed")``, ... in a Pipeline.
