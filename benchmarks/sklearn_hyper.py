@@ -7,7 +7,8 @@
   N = 50, d = 3 (targets from a smooth function, seed 0), timed and with the number of kernel
   evaluations it made.
 
-Usage: OMP_NUM_THREADS=1 PYTHONPATH=. python benchmarks/sklearn_hyper.py [--repeats R] [--start W_STD B_STD]
+Usage: OMP_NUM_THREADS=1 PYTHONPATH=. python benchmarks/sklearn_hyper.py [--repeats R] [--skip-fit] [--start W_STD B_STD]
+(NUMBA_NUM_THREADS=1 as well for small N: two threads' start-up costs ~10 ms per parallel loop on a loaded machine.)
 Prints one JSON line per measurement.  Values are random and fresh per run (drawn from
 time), so the on-disk code cache of earlier runs cannot serve them.
 """
@@ -33,6 +34,7 @@ def fresh_values(rng) -> tuple[float, float]:
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--skip-fit", action="store_true", help="only the single evaluations")
     ap.add_argument("--start", type=float, nargs=2, metavar=("W_STD", "B_STD"),
                     help="the GP fit's starting (w_std, b_std) (default: fresh random values); the same start "
                          "as an earlier run must reach the same optimum, whatever the code path")
@@ -62,6 +64,8 @@ def main():
     print(json.dumps({"what": "NNGP(mlp depth 3 relu)(X), N=100, new (w_std, b_std)", "seconds": t_new,
                       "again_same_value_seconds": t_same, "load": os.getloadavg()}), flush=True)
 
+    if args.skip_fit:
+        return
     X = data.standard_normal((50, 3))
     y = np.sin(X @ np.array([1.0, -0.5, 0.3])) + 0.05 * data.standard_normal(50)
     w, b = args.start if args.start else fresh_values(rng)
