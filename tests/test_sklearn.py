@@ -209,3 +209,25 @@ def test_gaussian_process_optimizer_recovers_w_std():
     kernel = NNGP(MLP, depth=2, phi="relu", w_std=1.0, b_std=0.3, b_std_bounds="fixed") + WhiteKernel(noise, "fixed")
     gpr = GaussianProcessRegressor(kernel, alpha=0.0, random_state=0).fit(Xg, Yg)
     assert gpr.kernel_.k1.w_std == pytest.approx(1.8, rel=0.05)
+
+
+def test_gradient_with_bias_against_the_closed_form():
+    """One erf layer with bias (runtime w_std and b_std): with Sigma = w^2 S + b^2 (S = X X^T / d),
+    K = w^2 (2/pi) arcsin(2 Sigma12 / sqrt((1 + 2 Sigma11)(1 + 2 Sigma22))) + b^2, differentiated
+    by sympy in log-space; the central difference must find both columns to ~1e-7."""
+    import sympy as sp
+
+    w, b, s11, s12, s22 = sp.symbols("w b s11 s12 s22", positive=True)
+    sig = lambda s: w**2 * s + b**2  # noqa: E731
+    K = w**2 * 2 / sp.pi * sp.asin(2 * sig(s12) / sp.sqrt((1 + 2 * sig(s11)) * (1 + 2 * sig(s22)))) + b**2
+    f = sp.lambdify((w, b, s11, s12, s22), [K, w * sp.diff(K, w), b * sp.diff(K, b)], "numpy")
+    X6 = X[:6]
+    S = X6 @ X6.T / X6.shape[1]
+    s = np.diag(S)
+    kernel = NNGP(MLP, depth=1, phi="erf", w_std=1.3, b_std=0.4)
+    Kc, grad = kernel(X6, eval_gradient=True)
+    exact = [np.broadcast_to(v, S.shape) for v in f(1.3, 0.4, s[:, None], S, s[None, :])]
+    np.testing.assert_allclose(Kc, exact[0], rtol=1e-12)
+    assert [h.name for h in kernel.hyperparameters] == ["w_std", "b_std"]
+    np.testing.assert_allclose(grad[..., 0], exact[1], rtol=1e-7)
+    np.testing.assert_allclose(grad[..., 1], exact[2], rtol=1e-7)
