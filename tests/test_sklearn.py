@@ -183,9 +183,15 @@ def test_structural_parameters_are_compiled_per_value():
     assert _followers(MLP, {**params, "parameterization": "ntk"}, "w_std", base) is None  # another structure
     ntk_base = tp.load(MLP, **{**params, "parameterization": "ntk"}).graph
     assert sorted(_followers(MLP, {**params, "parameterization": "ntk"}, "w_std", ntk_base)) == ["w_std"]
-    k = NTK(MLP, **{k: v for k, v in params.items() if k != "d"})
-    np.testing.assert_allclose(k.clone_with_theta(np.log([0.8, 0.4]))(X6),
-                               _fresh("ntk", X6, **{**params, "w_std": 0.8, "b_std": 0.4}), rtol=1e-12)
+    # the gradient w.r.t. a structural w_std compiles its moved values (the NNGP is the same in
+    # both parameterizations, where w_std is a runtime argument of the NTK-parameterized one)
+    _, g_standard = NNGP(MLP, **{k: v for k, v in params.items() if k != "d"})(X6, eval_gradient=True)
+    _, g_runtime = NNGP(MLP, depth=1, phi="relu", w_std=1.5, b_std=0.3)(X6, eval_gradient=True)
+    np.testing.assert_allclose(g_standard, g_runtime, rtol=1e-8, atol=1e-12)
+    assert np.abs(g_standard[..., 0]).max() > 1.0
+    k = NTK(MLP, **{k: v for k, v in params.items() if k != "d"})  # b_std stays runtime at this w_std
+    np.testing.assert_allclose(k.clone_with_theta(np.log([1.5, 0.4]))(X6),
+                               _fresh("ntk", X6, **{**params, "b_std": 0.4}), rtol=1e-12)
     mlp = build_function(MLP)
 
     def branching(w_std=1.0, d=3):

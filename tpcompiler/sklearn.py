@@ -96,7 +96,8 @@ def _plain(value):
 #: Factor by which ``_template`` moves a hyperparameter to see which Params follow it (any
 #: value not special to a program: not 1, not a simple fraction).
 PROBE_FACTOR = 1.2345678912345
-_TEMPLATES: dict = {}  # (program, structural params, runtime names) -> _Template
+_TEMPLATES: dict = {}  # (program, other params' values, runtime names, rtol) -> (program, _Template or None)
+_ANALYSED: dict = {}   # (program, other params' values, hyperparameter names) -> (program, {name: its Params})
 
 
 class _Template(NamedTuple):
@@ -147,38 +148,46 @@ def _followers(program, params: dict, name: str, base) -> list | None:
     return keys
 
 
+def _runtime_names(program, params: dict, names: list) -> tuple:
+    """The hyperparameters among ``names`` that only set Params (``_followers``), analysed
+    once per program and values of the other parameters."""
+    ident = program if isinstance(program, (str, Path)) else id(program)
+    key = (str(ident), tuple(sorted((k, repr(v)) for k, v in params.items() if k not in names)), tuple(names))
+    if key not in _ANALYSED:
+        base = _build(program, params).graph
+        _ANALYSED[key] = (program, {n: keys for n in names if (keys := _followers(program, params, n, base)) is not None})
+    return _ANALYSED[key][1]
+
+
 def _template(program, params: dict, names: list, rtol: float) -> _Template | None:
     """The compiled kernel of ``program`` at ``params`` with the hyperparameters ``names``
-    as runtime arguments where they only set Params (``_followers``); cached per program,
-    the other parameters' values and the runtime names.  None when none of ``names`` can be
-    a runtime argument (or the kernel backend refuses them: a Param inside a quadrature
-    function, an input layer's scalar) -- the caller then compiles per value."""
+    as runtime arguments where they only set Params (``_runtime_names``); cached per program,
+    runtime names and the values of every other parameter (so a structural hyperparameter's
+    value selects its own compilation).  None when none of ``names`` can be a runtime
+    argument (or the kernel backend refuses them: a Param inside a quadrature function, an
+    input layer's scalar) -- the caller then compiles per value."""
     from tpcompiler.backends.kernels.kernel import KernelFunction
     from tpcompiler.backends.kernels.pairwise import NotPairwise
     from tpcompiler.compiler import run_passes
 
+    followers = _runtime_names(program, params, names)
+    runtime = tuple(n for n in names if n in followers)
+    if not runtime:
+        return None
     ident = program if isinstance(program, (str, Path)) else id(program)
-    fixed = tuple(sorted((k, repr(v)) for k, v in params.items() if k not in names))
-    key = (str(ident), fixed, tuple(names), rtol)
+    fixed = tuple(sorted((k, repr(v)) for k, v in params.items() if k not in runtime))
+    key = (str(ident), fixed, runtime, rtol)
     if key not in _TEMPLATES:
         base = _build(program, params).graph
-        binding = {}
-        runtime = []
-        for name in names:
-            keys = _followers(program, params, name, base)
-            if keys is not None:
-                runtime.append(name)
-                binding.update({k: name for k in keys})
-        template = None
-        if runtime:
-            graph = run_passes(Program.from_graph(base), until="validate").graph
-            try:
-                kf = KernelFunction(graph, rtol=rtol, runtime=tuple(binding))
-            except (NotPairwise, ProgramError):
-                kf = None
-            if kf is not None:
-                values = tuple(float(params[n]) for n in runtime)
-                template = _Template(kf, tuple(runtime), binding, _signature(base, set(binding)), {values})
+        binding = {k: n for n in runtime for k in followers[n]}
+        graph = run_passes(Program.from_graph(base), until="validate").graph
+        try:
+            kf = KernelFunction(graph, rtol=rtol, runtime=tuple(binding))
+        except (NotPairwise, ProgramError):
+            template = None
+        else:
+            values = tuple(float(params[n]) for n in runtime)
+            template = _Template(kf, runtime, binding, _signature(base, set(binding)), {values})
         _TEMPLATES[key] = (program, template)
     return _TEMPLATES[key][1]
 
