@@ -42,10 +42,12 @@ def build(depth=2, phi="relu", w_std=1.0, b_std=None, d=3, parameterization="ntk
     g = U.apply(xi, name="g")            # sum_j xi_j U_j / sqrt(d): the unit-scale input layer
     h_in = w * g
 
+    b = None if b_std is None else p.scalar("b_std", b_std)  # a symbol in formulas (and a runtime kernel argument)
+
     def dense_bias(h, layer):
-        if b_std is None:
+        if b is None:
             return h
-        return h + p.vec(f"b{layer}", var=b_std**2, ntk_weight=1 if standard else None)
+        return h + p.vec(f"b{layer}", var=b**2, ntk_weight=1 if standard else None)
 
     hs = [dense_bias(h_in, 1).named("h1")]
     xs = []
@@ -56,7 +58,7 @@ def build(depth=2, phi="relu", w_std=1.0, b_std=None, d=3, parameterization="ntk
         mats.append(W)
         hs.append(dense_bias(W @ xs[-1], layer).named(f"h{layer}"))
     xs.append(act(hs[-1]).named(f"x{depth}"))
-    v = p.readout(xs[-1], sigma=w, bias=b_std,
+    v = p.readout(xs[-1], sigma=w, bias=b,
                   ntk_weight=width / w_std**2 if standard else None,
                   bias_ntk_weight=1 if (standard and b_std is not None) else None)
 
@@ -68,7 +70,7 @@ def build(depth=2, phi="relu", w_std=1.0, b_std=None, d=3, parameterization="ntk
         if layer > 1:
             dx = (mats[layer - 2].T @ dhs[layer - 1]).named(f"dx{layer - 1}")
 
-    bias2 = b_std**2 if b_std is not None else 0
+    bias2 = b**2 if b is not None else 0
     nngp = w**2 * tp.mean(xs[-1] * xs[-1].prime, name="K_x%d" % depth) + bias2
     ntk = nngp + (w**2 * tp.mean(g * g.prime, name="K_in") + bias2) * tp.mean(dhs[0] * dhs[0].prime, name="K_dh1")
     for layer in range(2, depth + 1):

@@ -10,8 +10,11 @@
   log-space within ``<name>_bounds`` (default (1e-2, 1e2); ``"fixed"`` to hold it).
   ``eval_gradient=True`` returns dK/dlog(theta) by central finite differences in log-space
   (step 1e-4: truncation error about 1e-8 relative, plus the kernel's quadrature error
-  rtol / 1e-4 where no closed form exists).  Every new hyperparameter value is a new program:
-  its kernel code is generated and JIT-compiled once (seconds), then cached on disk.
+  rtol / 1e-4 where no closed form exists).  A hyperparameter that only sets Params of the
+  program (``_followers``: found by building it once more at a moved value) is a runtime
+  argument of one compiled kernel (``kernel_function``): a new value costs a build of the
+  program (milliseconds, to check its structure) and the evaluation.  Other parameters, and
+  values whose build has another structure, are compiled per value (seconds), then cached.
 * ``KernelTransformer(program, kernel="ntk", params=None)``: X -> k(X, X_fit), the
   precomputed kernel against the inputs it was fitted on, to put before
   ``SVC(kernel="precomputed")``, ``KernelRidge(kernel="precomputed")``, ... in a Pipeline.
@@ -22,10 +25,12 @@
 """
 from __future__ import annotations
 
+import dataclasses
 import inspect
 import math
 import numbers
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 from sklearn.base import BaseEstimator, MetaEstimatorMixin, TransformerMixin, clone, is_classifier
@@ -34,6 +39,7 @@ from sklearn.utils.metaestimators import available_if
 from sklearn.utils.validation import check_is_fitted, validate_data
 
 from tpcompiler.frontend.dsl import Program
+from tpcompiler.ir import ops
 from tpcompiler.ir.graph import ProgramError
 
 #: Default search interval of a hyperparameter (log-uniform in sklearn's optimizer).
@@ -87,19 +93,163 @@ def _plain(value):
     return value.item() if isinstance(value, np.generic) else value
 
 
-def kernel_function(program, params: dict, d: int):
-    """The compiled kernel evaluator of ``program`` built with ``params`` (and ``d`` from the
-    data when build() takes it), cached per program and parameters."""
+#: Factor by which ``_template`` moves a hyperparameter to see which Params follow it (any
+#: value not special to a program: not 1, not a simple fraction).
+PROBE_FACTOR = 1.2345678912345
+_TEMPLATES: dict = {}  # (program, other params' values, runtime names, rtol) -> (program, _Template or None)
+_ANALYSED: dict = {}   # (program, other params' values, hyperparameter names) -> (program, {name: its Params})
+
+
+class _Template(NamedTuple):
+    """One compilation serving every value of the runtime hyperparameters ``names``: the
+    kernel evaluator with the Params ``binding`` (Param key -> build() parameter) as runtime
+    arguments, and the structure every build at new values must have (``_signature``)."""
+
+    kf: object
+    names: tuple
+    binding: dict
+    signature: tuple
+    verified: set
+
+
+def _signature(graph, masked) -> tuple:
+    """The graph as data (nodes in program order with op and arguments, outputs, readout,
+    covariance table, input names and shape), the values of the Params ``masked`` left out:
+    two builds with equal signatures differ only in those Params' values."""
+    nodes = tuple((k, dataclasses.replace(graph.op(k), value=0.0) if k in masked else graph.op(k), graph.args(k))
+                  for k in graph.order())
+    return (nodes, tuple(graph.outputs.items()), graph.readout, tuple(sorted(graph.init_cov.items(), key=str)),
+            tuple((name, tuple(decl.keys)) for name, decl in graph.inputs.items()), getattr(graph, "input_shape", None))
+
+
+def _params_of(graph) -> dict:
+    return {k: graph.op(k).value for k in graph.keys_of(ops.Param)}
+
+
+def _followers(program, params: dict, name: str, base) -> list | None:
+    """The Params of the program that carry the build() parameter ``name`` and nothing else
+    changes with it, found by building once more at value * PROBE_FACTOR: every Param whose
+    value moves must equal the parameter in both builds, and the graphs must be equal apart
+    from those values (``_signature``).  None when ``name`` changes the structure."""
+    v0 = float(params[name])
+    v1 = v0 * PROBE_FACTOR
+    try:
+        moved = _build(program, {**params, name: v1}).graph
+    except Exception:  # the build refuses the probe value: treat the parameter as structural
+        return None
+    p0, p1 = _params_of(base), _params_of(moved)
+    if p0.keys() != p1.keys():
+        return None
+    keys = [k for k in p0 if p0[k] != p1[k]]
+    if any(p0[k] != v0 or p1[k] != v1 for k in keys):
+        return None
+    if _signature(base, set(keys)) != _signature(moved, set(keys)):
+        return None
+    return keys
+
+
+def _runtime_names(program, params: dict, names: list) -> tuple:
+    """The hyperparameters among ``names`` that only set Params (``_followers``), analysed
+    once per program and values of the other parameters."""
+    ident = program if isinstance(program, (str, Path)) else id(program)
+    key = (str(ident), tuple(sorted((k, repr(v)) for k, v in params.items() if k not in names)), tuple(names))
+    if key not in _ANALYSED:
+        base = _build(program, params).graph
+        _ANALYSED[key] = (program, {n: keys for n in names if (keys := _followers(program, params, n, base)) is not None})
+    return _ANALYSED[key][1]
+
+
+def _template(program, params: dict, names: list, rtol: float) -> _Template | None:
+    """The compiled kernel of ``program`` at ``params`` with the hyperparameters ``names``
+    as runtime arguments where they only set Params (``_runtime_names``); cached per program,
+    runtime names and the values of every other parameter (so a structural hyperparameter's
+    value selects its own compilation).  None when none of ``names`` can be a runtime
+    argument (or the kernel backend refuses them: a Param inside a quadrature function, an
+    input layer's scalar) -- the caller then compiles per value."""
+    from tpcompiler.backends.kernels.kernel import KernelFunction
+    from tpcompiler.backends.kernels.pairwise import NotPairwise
+    from tpcompiler.compiler import run_passes
+
+    followers = _runtime_names(program, params, names)
+    runtime = tuple(n for n in names if n in followers)
+    if not runtime:
+        return None
+    ident = program if isinstance(program, (str, Path)) else id(program)
+    fixed = tuple(sorted((k, repr(v)) for k, v in params.items() if k not in runtime))
+    key = (str(ident), fixed, runtime, rtol)
+    if key not in _TEMPLATES:
+        base = _build(program, params).graph
+        binding = {k: n for n in runtime for k in followers[n]}
+        graph = run_passes(Program.from_graph(base), until="validate").graph
+        try:
+            kf = KernelFunction(graph, rtol=rtol, runtime=tuple(binding))
+        except (NotPairwise, ProgramError):
+            template = None
+        else:
+            values = tuple(float(params[n]) for n in runtime)
+            template = _Template(kf, runtime, binding, _signature(base, set(binding)), {values})
+        _TEMPLATES[key] = (program, template)
+    return _TEMPLATES[key][1]
+
+
+class _Evaluator:
+    """A compiled kernel bound to values of its runtime parameters: ``kf(X, X2=None)`` as
+    ``KernelFunction.__call__``."""
+
+    def __init__(self, kf, values: dict | None = None):
+        self.kf = kf
+        self.values = values
+
+    def __call__(self, X, X2=None):
+        return self.kf(X, X2, params=self.values)
+
+
+def _full_params(program, params: dict, d: int) -> dict:
     params = {k: _plain(v) for k, v in params.items()}
     if "d" in _defaults(program) and "d" not in params:
         params["d"] = d
+    return params
+
+
+def _compiled_per_value(program, params: dict, rtol: float):
+    """The old path: build and compile the program at exactly these values (cached)."""
     ident = program if isinstance(program, (str, Path)) else id(program)
-    key = (str(ident), tuple(sorted((k, repr(v)) for k, v in params.items())))
+    key = (str(ident), tuple(sorted((k, repr(v)) for k, v in params.items())), rtol)
     if key not in _CACHE:
         from tpcompiler.compiler import compile
 
-        _CACHE[key] = (program, compile(_build(program, params)).kernel_function())
+        _CACHE[key] = (program, compile(_build(program, params)).kernel_function(rtol))
     return _CACHE[key][1]
+
+
+def kernel_function(program, params: dict, d: int, runtime=None, verify: bool = True, rtol: float = 1e-10):
+    """The compiled kernel evaluator of ``program`` built with ``params`` (and ``d`` from the
+    data when build() takes it): ``f(X, X2=None)`` -> {"nngp", "ntk"[, "nngp_x2", "ntk_x2"]}.
+
+    ``runtime``: build() parameters to serve from one compilation (default: every positive
+    float parameter, ``_is_hyperparameter``).  Those that only set Params of the program
+    (``_followers``) become runtime arguments of the generated code: a new value costs one
+    build of the program (milliseconds) to check that its structure is the compiled one
+    (``verify``; the gradient's nearby points skip it), not a compilation.  Every other
+    parameter, and a value whose build has another structure, is compiled per value."""
+    params = _full_params(program, params, d)
+    defaults = _defaults(program)
+    if runtime is None:
+        runtime = [k for k in params if _is_hyperparameter(k, params[k], defaults.get(k))]
+    names = sorted(k for k in runtime if k in params)
+    template = _template(program, params, names, rtol) if names and not isinstance(program, Program) else None
+    if template is None:
+        return _compiled_per_value(program, params, rtol)
+    values = tuple(float(params[n]) for n in template.names)
+    if verify and values not in template.verified:
+        graph = _build(program, params).graph
+        bound = _params_of(graph)
+        if _signature(graph, set(template.binding)) != template.signature or any(
+                bound[k] != float(params[n]) for k, n in template.binding.items()):
+            return _compiled_per_value(program, params, rtol)  # this value changes the structure
+        if len(template.verified) < 100_000:
+            template.verified.add(values)
+    return _Evaluator(template.kf, {k: float(params[n]) for k, n in template.binding.items()})
 
 
 def cross_kernel(kf, A: np.ndarray, B: np.ndarray) -> dict[str, np.ndarray]:
@@ -159,8 +309,8 @@ class _ProgramKernel(Kernel):
     def hyperparameters(self):
         return [Hyperparameter(name, "numeric", getattr(self, name + "_bounds", DEFAULT_BOUNDS)) for name in self._hyper]
 
-    def _matrix(self, params: dict, X: np.ndarray, Y: np.ndarray | None) -> np.ndarray:
-        kf = kernel_function(self.program, params, X.shape[1])
+    def _matrix(self, params: dict, X: np.ndarray, Y: np.ndarray | None, verify: bool = True) -> np.ndarray:
+        kf = kernel_function(self.program, params, X.shape[1], runtime=self._hyper, verify=verify)
         if Y is None:
             return kf(X)[self.kind]
         return cross_kernel(kf, X, Y)[self.kind]
@@ -178,8 +328,8 @@ class _ProgramKernel(Kernel):
         grad = np.empty(K.shape + (len(free),))
         for i, name in enumerate(free):
             value = float(params[name])
-            up = self._matrix({**params, name: value * math.exp(GRADIENT_STEP)}, X, None)
-            down = self._matrix({**params, name: value * math.exp(-GRADIENT_STEP)}, X, None)
+            up = self._matrix({**params, name: value * math.exp(GRADIENT_STEP)}, X, None, verify=False)
+            down = self._matrix({**params, name: value * math.exp(-GRADIENT_STEP)}, X, None, verify=False)
             grad[..., i] = (up - down) / (2 * GRADIENT_STEP)
         return K, grad
 

@@ -238,13 +238,26 @@ class Program:
     def vec(self, name: str, var=1.0, trainable: bool = True, ntk_weight=None) -> Vec:
         """Initial vector with iid N(0, var) coordinates.
 
-        ``trainable``/``ntk_weight`` only matter for kernels and training: its NTK contribution
-        is ntk_weight * E[du du'] (default weight var: neural-tangents' NTK parametrization)."""
-        v = _number(var, f"initial vector {name!r}: variance")
+        ``var`` a number or a Scalar expression of Params (``b**2`` with ``b = p.scalar("b_std",
+        0.5)``: formulas keep the symbol, and a kernel compiled with that Param as a runtime
+        argument serves every value of it).  ``trainable``/``ntk_weight`` only matter for
+        kernels and training: its NTK contribution is ntk_weight * E[du du'] (default weight
+        var: neural-tangents' NTK parametrization)."""
+        if isinstance(var, Scalar):
+            self._same_program(var, f"initial vector {name!r}: variance")
+            v = var.expr
+            bad = sorted(s.name for s in v.free_symbols
+                         if not (isinstance(s, NodeSymbol) and s.key in self.graph.g and isinstance(self.graph.op(s.key), ops.Param)))
+            if bad:
+                raise DSLError(f"initial vector {name!r}: its variance {sp.sstr(v)} may only depend on constants "
+                               f"(p.scalar), but reads {bad[0]!r}")
+        else:
+            v = _number(var, f"initial vector {name!r}: variance")
         if v.is_negative:
             raise DSLError(f"initial vector {name!r}: variance {var} is negative")
         weight = self._weight(ntk_weight, f"initial vector {name!r}")
-        return Vec(self, node_symbol(self.graph.add(self._name(name), ops.InitVec(v, bool(trainable), weight))))
+        reads = tuple(sorted(s.key for s in v.free_symbols))  # the Params of a symbolic variance, as InitMat's sigma
+        return Vec(self, node_symbol(self.graph.add(self._name(name), ops.InitVec(v, bool(trainable), weight), reads)))
 
     def vecs(self, names: Sequence[str], cov) -> list[Vec]:
         """Initial vectors whose coordinates are jointly Gaussian with covariance ``cov``."""

@@ -29,7 +29,7 @@ import sympy as sp
 from threadpoolctl import ThreadpoolController
 
 from tpcompiler import expectations, progress
-from tpcompiler.ir import symbols
+from tpcompiler.ir import ops, symbols
 from tpcompiler.backends.codegen import custom_functions_source, load_module, print_body
 from tpcompiler.ir.graph import Graph, ProgramError
 from tpcompiler.ir.ntk import kernel_program
@@ -58,9 +58,23 @@ def _one_blas_thread():
 class KernelFunction:
     """NNGP and NTK of a template program, compiled to Numba (see module docstring)."""
 
-    def __init__(self, graph: Graph, rtol: float = 1e-10):
+    def __init__(self, graph: Graph, rtol: float = 1e-10, runtime=()):
+        """``runtime``: Param keys of ``graph`` kept as symbols through the derivation and the
+        generated code, whose values are arguments of every call (``params``), so one
+        compilation serves every value of them; the others are compiled in as numbers.
+        Refused (NotPairwise) where a runtime Param would enter a quadrature function."""
         start = time.perf_counter()
         self.rtol = rtol
+        bad = [k for k in runtime if k not in graph.g or not isinstance(graph.op(k), ops.Param)]
+        if bad:
+            raise ProgramError(f"kernels: runtime parameter {bad[0]!r} is not a constant (p.scalar) of program {graph.name!r}")
+        layer_scalars = [k for k in runtime if any(isinstance(graph.op(c), ops.InputLayer) for c in graph.g.successors(k))]
+        if layer_scalars:
+            raise ProgramError(f"kernels: runtime parameter {layer_scalars[0]!r} is a scalar of an input layer, whose "
+                               "Gram matrices are computed from its compiled value; it cannot be a runtime argument")
+        #: the runtime Params in argument order, and their values in the program (the default)
+        self.runtime = tuple(runtime)
+        self.runtime_defaults = np.array([graph.op(k).value for k in self.runtime], dtype=np.float64)
         if graph.readout is None:
             raise ProgramError(f"program {graph.name!r} has no readout; kernels need p.readout(x, sigma=..., bias=...)")
         if len(graph.inputs) != 1:
@@ -69,7 +83,7 @@ class KernelFunction:
         (self.input_name, decl), = graph.inputs.items()
         self.d = len(decl.keys)
         kp = kernel_program(graph)
-        self.engine = engine = PairwiseEngine(kp)
+        self.engine = engine = PairwiseEngine(kp, runtime=frozenset(self.runtime))
         try:
             outputs = [engine.scalar(kp.outputs[k]) for k in KERNELS]
             # The diagonal k(xi, xi) from row quantities: exact at rho = 1, where a pair formula
@@ -123,6 +137,7 @@ class KernelFunction:
         loads_q1 = {symbols.primed(s): f"R2T[{k}, j]" for k, s in enumerate(self.row_symbols)}
         n_g = len(self.features.bases)
         loads_g = {symbols.gram(m): f"G{m}[i, j]" for m in range(n_g)}
+        loads_p = {node_symbol(k): f"P[{m}]" for m, k in enumerate(self.runtime)}
         grams = "".join(f"G{m}, " for m in range(n_g))
         outs = ", ".join(f"out{k}" for k in range(len(KERNELS)))
         header = [
@@ -143,20 +158,20 @@ class KernelFunction:
             # naming the callee's module keeps this module's numba cache from outliving it
             header.append(f"_e{i} = _ex.{build}({args}, rtol={self.rtol!r}).scalar  # {obj.scalar.py_func.__module__}")
         body = custom_functions_source([e for _, e in rows + pairs] + diagonal + outputs)
-        row_lines, row_outs = print_body([s for s, _ in rows] + diagonal, {**loads0}, "        ", rows)
-        pair_lines, pair_outs = print_body(outputs, {**loads0, **loads1, **loads_q0, **loads_q1, **loads_g},
+        row_lines, row_outs = print_body([s for s, _ in rows] + diagonal, {**loads0, **loads_p}, "        ", rows)
+        pair_lines, pair_outs = print_body(outputs, {**loads0, **loads1, **loads_q0, **loads_q1, **loads_g, **loads_p},
                                            "                ", pairs)
         src = "\n".join(header) + "\n" + body + f"""
 
 @njit(parallel=True, cache=True, error_model="numpy")
-def row_stage(RF1, R):
+def row_stage(RF1, R, P):
     for i in prange(RF1.shape[0]):
 {chr(10).join(row_lines) if row_lines else '        pass'}
 {chr(10).join(f'        R[i, {k}] = {e}' for k, e in enumerate(row_outs))}
 
 
 @njit(parallel=True, cache=True, error_model="numpy")
-def pair_stage({grams}RF1, RF2T, R1, R2T, {outs}, symmetric):
+def pair_stage({grams}RF1, RF2T, R1, R2T, {outs}, symmetric, P):
     # For the loop over j to vectorise: second-input rows are transposed (feature, j) so they
     # are read contiguously, every Gram and output is its own 2-D array, and error_model
     # numpy drops division checks.
@@ -214,14 +229,29 @@ def mirror(out, diagonal):
         """X and X2 (or None) as C-contiguous float64 N x d arrays of finite numbers."""
         return self._check(X, "X"), None if X2 is None else self._check(X2, "X2")
 
-    def rows(self, X) -> tuple[np.ndarray, np.ndarray]:
-        """Row features and the row stage's quantities (then the kernels' diagonal) of X."""
+    def parameter_values(self, params=None) -> np.ndarray:
+        """The runtime Params' values as the generated code takes them: ``params`` a
+        {key: value} dict (missing keys: the program's values), None for the program's."""
+        if params is None:
+            return self.runtime_defaults
+        unknown = sorted(set(params) - set(self.runtime))
+        if unknown:
+            raise ProgramError(f"kernels: {unknown[0]!r} is not a runtime parameter of this compiled kernel "
+                               f"(runtime parameters: {', '.join(self.runtime) or 'none'})")
+        values = np.array([float(params.get(k, d)) for k, d in zip(self.runtime, self.runtime_defaults)], dtype=np.float64)
+        if not np.all(np.isfinite(values)):
+            raise ProgramError(f"kernels: runtime parameter values must be finite, got {dict(zip(self.runtime, values))}")
+        return values
+
+    def rows(self, X, params=None) -> tuple[np.ndarray, np.ndarray]:
+        """Row features and the row stage's quantities (then the kernels' diagonal) of X
+        (``params``: runtime parameter values, ``parameter_values``)."""
         RF = self.features.row_values(X)
         R = np.empty((X.shape[0], len(self.row_symbols) + len(KERNELS)))
-        self.module.row_stage(RF, R)
+        self.module.row_stage(RF, R, self.parameter_values(params))
         return RF, R
 
-    def block(self, A, rows_A, B, rows_B, same: bool, timing: dict | None = None) -> list[np.ndarray]:
+    def block(self, A, rows_A, B, rows_B, same: bool, timing: dict | None = None, params=None) -> list[np.ndarray]:
         """[nngp, ntk] of the rows A (first input) against the rows B (second input): the
         Grams of (A, B), then the pair stage; ``rows_*`` are ``rows()`` of A and B.  ``same``:
         B is A, and only the upper triangle is computed, mirrored, the diagonal from the row
@@ -235,7 +265,8 @@ def mirror(out, diagonal):
         t1 = time.perf_counter()
         (RFa, Ra), (RFb, Rb) = rows_A, rows_B
         outs = [np.empty((A.shape[0], B.shape[0])) for _ in KERNELS]
-        self.module.pair_stage(*G, RFa, np.ascontiguousarray(RFb.T), Ra, np.ascontiguousarray(Rb.T), *outs, same)
+        self.module.pair_stage(*G, RFa, np.ascontiguousarray(RFb.T), Ra, np.ascontiguousarray(Rb.T), *outs, same,
+                               self.parameter_values(params))
         if same:
             for k, out in enumerate(outs):
                 self.module.mirror(out, np.ascontiguousarray(Ra[:, len(self.row_symbols) + k]))
@@ -243,22 +274,25 @@ def mirror(out, diagonal):
         timing["pairs"] = timing.get("pairs", 0.0) + time.perf_counter() - t1
         return outs
 
-    def __call__(self, X, X2=None) -> dict[str, np.ndarray]:
-        """{"nngp", "ntk"}: k(X, X); with X2 also {"nngp_x2", "ntk_x2"}: k(X2, X)."""
+    def __call__(self, X, X2=None, params=None) -> dict[str, np.ndarray]:
+        """{"nngp", "ntk"}: k(X, X); with X2 also {"nngp_x2", "ntk_x2"}: k(X2, X).
+        ``params``: {runtime Param key: value} (default: the values the program was built with)."""
         X, X2 = self.check_inputs(X, X2)
+        params = self.parameter_values(params)
         # the first call JIT-compiles the generated module (seconds): say so on a terminal
         with progress.status("kernels: compiling the generated Numba code and running",
                              enabled=False if self.module.pair_stage.signatures else None):
-            return self._call(X, X2)
+            return self._call(X, X2, params)
 
-    def _call(self, X, X2):
+    def _call(self, X, X2, params):
         timing = {}
         t0 = time.perf_counter()
-        rows1 = self.rows(X)
+        params = dict(zip(self.runtime, params))
+        rows1 = self.rows(X, params)
         timing["rows"] = time.perf_counter() - t0
-        result = dict(zip(KERNELS, self.block(X, rows1, X, rows1, True, timing)))
+        result = dict(zip(KERNELS, self.block(X, rows1, X, rows1, True, timing, params)))
         if X2 is not None:
-            outs2 = self.block(X2, self.rows(X2), X, rows1, False, timing)
+            outs2 = self.block(X2, self.rows(X2, params), X, rows1, False, timing, params)
             result.update({f"{name}_x2": out for name, out in zip(KERNELS, outs2)})
         self.check_finite(result, (X, X2))
         self.last_timing = timing

@@ -81,6 +81,8 @@ class PairwiseEngine:
     zp: ZProgram = None
     quantities: dict = field(default_factory=dict)      # canonical product -> Quantity
     functions: list = field(default_factory=list)       # index -> (g1, g2) or (g,)
+    #: Param keys kept as symbols (the kernel's runtime arguments) instead of their values
+    runtime: frozenset = frozenset()
 
     def __post_init__(self):
         if self.zp is None:
@@ -91,7 +93,8 @@ class PairwiseEngine:
         self._component_memo: dict = {}
         self._order: list[Quantity] = []
         self._fn_index: dict = {}
-        self._params = {node_symbol(k): sp.Float(self.graph.op(k).value) for k in self.graph.keys_of(ops.Param)}
+        self._params = {node_symbol(k): sp.Float(self.graph.op(k).value) for k in self.graph.keys_of(ops.Param)
+                        if k not in self.runtime}
         self._params.update({node_symbol(k): sp.Float(self.graph.op(k).limit()) for k in self.graph.keys_of(ops.WidthPower)})
         self._inputs = {node_symbol(k) for k in self.graph.input_keys()}
         self._leaf_block = dict(self.zp.leaf_blocks)
