@@ -176,7 +176,6 @@ def main(argv=None) -> int:
                     agreement += (f" Without the extrapolation ({what}): RMS z {np.sqrt(np.mean(zk ** 2)):.2f}, "
                                   f"max |z| {np.abs(zk).max():.2f}.")
             print(agreement)
-            Path("/tmp").joinpath("training_scale_target.json").write_text(json.dumps({"limit": lim, "finite": fin}))
     info = machine_info()
     text = "\n".join([
         SECTION, "",

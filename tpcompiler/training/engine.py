@@ -249,7 +249,8 @@ class StepEngine:
     def __init__(self, net, abc: ABC, *, method: str = "auto", loss: str = "mse", width: int | None = None,
                  seeds: int = 1, particles: int = DEFAULT_STEP_PARTICLES, groups: int = DEFAULT_GROUPS,
                  seed: int = 0, weight_decay: float = 0.0, clip: float | None = None, init: dict | None = None,
-                 decay_rows: str = "all", extrapolate: bool = True, _stream: int = 0):
+                 decay_rows: str = "all", extrapolate: bool = True, _stream: int = 0,
+                 _program: StepProgram | None = None):
         from tpcompiler.compiler import graph_of
 
         if not isinstance(abc, ABC):
@@ -262,7 +263,8 @@ class StepEngine:
             raise validation.ArgumentError(f"weight_decay: must be >= 0, got {weight_decay}")
         self.decay_rows = validation.choice(decay_rows, "decay_rows", ("all", "touched"))
         self.clip = None if clip is None else validation.number(clip, "clip", positive=True)
-        self.program: StepProgram = derive_step(graph_of(net), abc, loss)
+        # the extrapolation's half-size run reuses the step derived here (_program)
+        self.program: StepProgram = _program or derive_step(graph_of(net), abc, loss)
         sp_ = self.program
         if method == "auto":
             method = "exact" if sp_.is_gaussian_linear() else "particles"
@@ -311,7 +313,8 @@ class StepEngine:
         if method == "particles" and extrapolate:
             self._half = StepEngine(net, abc, method="particles", loss=loss, particles=(particles // groups // 2) * groups,
                                     groups=groups, seed=seed, weight_decay=weight_decay, clip=clip,
-                                    decay_rows=decay_rows, extrapolate=False, _stream=1)
+                                    decay_rows=decay_rows, extrapolate=False, _stream=1,
+                                    _program=self.program)
 
     def _engines(self):
         """This engine and, when extrapolating, its half-size run: every update goes to both."""
