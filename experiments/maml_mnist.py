@@ -370,22 +370,28 @@ def run(args) -> dict:
     return result
 
 
-def main(argv=None) -> int:
+def cli_main(script: str, parse_args, run, argv=None) -> int:
+    """An experiment's command line: parse, run, write the JSON result (also printed); a usage
+    error exits 2, bad input 1, an interrupt 130, each with one line on stderr."""
     try:
         args = parse_args(argv)
         result = run(args)
         Path(args.json).write_text(json.dumps(result, indent=1) + "\n")
     except UsageError as e:
-        print(f"maml_mnist.py: error: {e}", file=sys.stderr)
+        print(f"{script}: error: {e}", file=sys.stderr)
         return 2
     except (ValueError, OSError) as e:  # tp.ProgramError, tp.DSLError and validation errors are ValueErrors
-        print(f"maml_mnist.py: error: {type(e).__name__}: {e}", file=sys.stderr)
+        print(f"{script}: error: {type(e).__name__}: {e}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
-        print("maml_mnist.py: interrupted", file=sys.stderr)
+        print(f"{script}: interrupted", file=sys.stderr)
         return 130
     print(json.dumps(result))
     return 0
+
+
+def main(argv=None) -> int:
+    return cli_main("maml_mnist.py", parse_args, run, argv)
 
 
 if __name__ == "__main__":

@@ -38,7 +38,6 @@ defaults of --lr, --clip, --epochs are the settings chosen on the validation spl
 from __future__ import annotations
 
 import argparse
-import json
 import resource
 import sys
 import time
@@ -48,7 +47,7 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from maml_mnist import UsageError, load_mnist  # noqa: E402  (the same data loader and error type)
+from maml_mnist import UsageError, cli_main, load_mnist  # noqa: E402  (the same data loader, error type and command line)
 MODELS = ("pi-limit", "pi-finite", "mup-finite", "nngp", "ntk")
 CLASSES = 10
 TRAIN_PER_CLASS = 400      # per class: the first 400 (data order) train, the other 100 test
@@ -328,21 +327,7 @@ def run(args) -> dict:
 
 
 def main(argv=None) -> int:
-    try:
-        args = parse_args(argv)
-        result = run(args)
-        Path(args.json).write_text(json.dumps(result, indent=1) + "\n")
-    except UsageError as e:
-        print(f"mnist_features.py: error: {e}", file=sys.stderr)
-        return 2
-    except (ValueError, OSError) as e:  # tp.ProgramError and validation errors are ValueErrors
-        print(f"mnist_features.py: error: {type(e).__name__}: {e}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        print("mnist_features.py: interrupted", file=sys.stderr)
-        return 130
-    print(json.dumps(result))
-    return 0
+    return cli_main("mnist_features.py", parse_args, run, argv)
 
 
 if __name__ == "__main__":
