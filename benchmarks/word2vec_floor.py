@@ -1,0 +1,170 @@
+"""Benchmark: how fast can word2vec's exact limit go on this machine?  The step engine against the
+memory-traffic floor of the same arithmetic (issue 9, item 5a's 15-minute target).
+
+    python benchmarks/word2vec_floor.py [--steps S] [--write-docs]
+
+The first S steps (default 20,000) of TP4's protocol (experiments/word2vec_tp4.py, seed 0, epoch 1
+of 15; V = 9,044, so every vector of the exact limit is 9,045 coefficients) are generated once and
+then run twice from the same initial state:
+
+* **engine**: ``tp.StepEngine`` on programs/word2vec_cbow.py (``method="exact"``), stepped as
+  the experiment steps it;
+* **floor**: one hand-fused single-threaded Numba loop over the same steps doing the same float64
+  arithmetic on the same two tables (context mean h, the sampled dots, the logistic errors, the
+  readout rows' decay + update while they are in cache, the context columns' decay + update):
+  each touched row is streamed from memory once and written once, with no per-step Python.  It is
+  a *reference for speed only*: it is this benchmark's, not the library's, and it is checked
+  against the engine (both tables after the run, max abs difference printed; it must be rounding).
+
+The issue's target, 15 epochs (3.57 million steps) in 15 minutes, needs ~3,970 steps/s.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+from numba import njit
+
+from _machine import machine_info, write_section
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "experiments"))
+DOCS = ROOT / "docs" / "benchmarks.md"
+SECTION = "## word2vec's exact limit: the step engine against the memory-traffic floor"
+TARGET_STEPS, TARGET_SECONDS = 3_570_000, 900.0
+
+
+def steps_of_the_protocol(corpus, S: int, seed: int = 0, epochs: int = 15):
+    """The first S steps as arrays: context columns and weights (padded, with counts), outputs
+    (target first), labels, learning rates."""
+    import word2vec_tp4 as w2v
+
+    V, T = corpus.vocab.size, corpus.vocab.total
+    rng = np.random.default_rng(seed)
+    cols, vals, outs, lrs = [], [], [], []
+    for st in w2v.epoch_steps(corpus.encoded, corpus.keep, corpus.cdf, rng, 0, T):
+        c, v = st.context_mean(V)
+        cols.append(c), vals.append(v), outs.append(st.outputs()), lrs.append(w2v.learning_rate(st.words_read, epochs * T))
+        if len(cols) == S:
+            break
+    return cols, vals, outs, lrs
+
+
+def _padded(rows, dtype):
+    width = max(len(r) for r in rows)
+    out = np.zeros((len(rows), width), dtype=dtype)
+    count = np.array([len(r) for r in rows], dtype=np.int64)
+    for i, r in enumerate(rows):
+        out[i, :len(r)] = r
+    return out, count
+
+
+@njit(cache=True)
+def fused_steps(U, Vt, ccols, cvals, ccount, outs, ocount, lrs, keep_rate):
+    """U (V, D): input columns; Vt (V, D): readout rows.  Per step: h = sum_j vals_j U_j;
+    f_i = h . v_{o_i} (old rows); chi_i = sigmoid(f_i) - [i == 0]; g = sum_i chi_i v_{o_i} (old);
+    v_o <- keep v_o - lr sum_{i: o_i = o} chi_i h; U_j <- keep U_j - lr vals_j g."""
+    D = U.shape[1]
+    h, g = np.empty(D), np.empty(D)
+    for s in range(ccols.shape[0]):
+        lr = lrs[s]
+        keep = 1.0 - lr * keep_rate
+        h[:] = 0.0
+        for a in range(ccount[s]):
+            row, w = U[ccols[s, a]], cvals[s, a]
+            for d in range(D):
+                h[d] += w * row[d]
+        k = ocount[s]
+        chi = np.empty(k)
+        for i in range(k):
+            row = Vt[outs[s, i]]
+            f = 0.0
+            for d in range(D):
+                f += h[d] * row[d]
+            chi[i] = 1.0 / (1.0 + np.exp(-f)) - (1.0 if i == 0 else 0.0)
+        g[:] = 0.0
+        for i in range(k):
+            o = outs[s, i]
+            first = True  # a row drawn twice: its gradient from the old row, its decay once
+            for i2 in range(i):
+                if outs[s, i2] == o:
+                    first = False
+            if not first:
+                continue
+            c = 0.0
+            for i2 in range(i, k):
+                if outs[s, i2] == o:
+                    c += chi[i2]
+            row = Vt[o]
+            for d in range(D):
+                g[d] += c * row[d]
+                row[d] = keep * row[d] - lr * c * h[d]
+        for a in range(ccount[s]):
+            row, w = U[ccols[s, a]], cvals[s, a]
+            for d in range(D):
+                row[d] = keep * row[d] - lr * w * g[d]
+
+
+def main(argv=None):
+    import tpcompiler as tp  # noqa: F401
+    import word2vec_tp4 as w2v
+
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--steps", type=int, default=20_000)
+    ap.add_argument("--write-docs", action="store_true")
+    args = ap.parse_args(argv)
+    info = machine_info()
+    corpus = w2v.Corpus.load()
+    V = corpus.vocab.size
+    cols, vals, outs, lrs = steps_of_the_protocol(corpus, args.steps)
+    eng = w2v.make_engine("inf", V, 0)
+    U0 = eng.input_cols["U"][:, 0].copy()          # the floor's copy of the state, (V, D)
+    R0 = np.zeros((eng.readout.shape[1], U0.shape[1]))
+    R0[:, :eng.readout.shape[2]] = eng.readout[0]    # readout rows start as 0 (shorter: the basis grows)
+    Xs = [w2v.csr_row(c, v, V) for c, v in zip(cols, vals)]
+    labels = [np.eye(1, o.size)[0][None, :] for o in outs]
+    t0 = time.perf_counter()
+    for X, y, o, lr in zip(Xs, labels, outs, lrs):
+        eng.step(X, y, lr, outputs=o[None, :])
+    engine_s = time.perf_counter() - t0
+    ccols, ccount = _padded(cols, np.int64)
+    cvals, _ = _padded(vals, np.float64)
+    outs_p, ocount = _padded(outs, np.int64)
+    lrs = np.asarray(lrs)
+    fused_steps(U0.copy()[:1], R0.copy()[:1], ccols[:1] * 0, cvals[:1], ccount[:1] * 0, outs_p[:1] * 0,
+                ocount[:1] * 0, lrs[:1], w2v.WEIGHT_DECAY)  # compile
+    t0 = time.perf_counter()
+    fused_steps(U0, R0, ccols, cvals, ccount, outs_p, ocount, lrs, w2v.WEIGHT_DECAY)
+    floor_s = time.perf_counter() - t0
+    def gap(mine, theirs):
+        m = max(mine.shape[1], theirs.shape[1])
+        pad = lambda a: np.pad(a, ((0, 0), (0, m - a.shape[1])))  # noqa: E731
+        return float(np.abs(pad(mine) - pad(theirs)).max())
+
+    diff = max(gap(U0, eng.input_cols["U"][:, 0]), gap(R0, eng.readout[0]))
+    scale = max(np.abs(R0).max(), 1e-300)
+    rows = [("step engine (tp.StepEngine, exact)", engine_s), ("fused single-threaded loop (the floor)", floor_s)]
+    where = (f"{info['date']} on {info['cpu']}, {info['cores']} cores, {info['memory']} (load average "
+             f"{info['load'][0]:.1f} at the start, {os.getloadavg()[0]:.1f} at the end)")
+    lines = [f"Measured {where} by `python benchmarks/word2vec_floor.py --steps {args.steps}`: the first "
+             f"{args.steps:,} steps of TP4's protocol (seed 0), V = {V:,}.", "",
+             "| implementation | seconds | steps/s | 3.57 M steps would take (min) |", "|---|---|---|---|"]
+    for name, s in rows:
+        rate = args.steps / s
+        lines.append(f"| {name} | {s:.1f} | {rate:,.0f} | {TARGET_STEPS / rate / 60:.1f} |")
+    lines += ["", f"The two agree: max abs difference of the tables after the run {diff:.1e} "
+              f"(largest readout coefficient {scale:.2f}).  The target (15 minutes) needs "
+              f"{TARGET_STEPS / TARGET_SECONDS:,.0f} steps/s.", ""]
+    text = "\n".join(lines)
+    print(text)
+    if args.write_docs:
+        write_section(DOCS, SECTION, text)
+    return 0 if diff < 1e-9 * max(1.0, scale) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
