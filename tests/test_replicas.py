@@ -66,16 +66,25 @@ def test_threaded_gram_and_combine_equal_the_batched_products(monkeypatch):
     np.testing.assert_allclose(c1, c0, rtol=0, atol=1e-12)
 
 
-def test_a_particle_run_is_the_same_with_and_without_threads(monkeypatch):
-    """Depth-3 tanh muP, 6 steps of batch 4: every family product, solve and Stein estimate
-    goes through the threaded path in one run and the batched path in the other."""
+def test_threaded_matmul_equals_numpy(monkeypatch):
+    rng = np.random.default_rng(8)
+    a, b = rng.standard_normal((3, 5, 7)), rng.standard_normal((3, 4, 7))
+    monkeypatch.setattr(replicas, "PARALLEL_WORK", 0)
+    np.testing.assert_allclose(replicas.matmul(a, np.swapaxes(b, 1, 2)), np.einsum("rpq,rsq->rps", a, b), rtol=0, atol=1e-13)
+
+
+@pytest.mark.parametrize("method,options", [("particles", dict(particles=4000)), ("finite", dict(width=64, seeds=3))])
+def test_a_run_is_the_same_with_and_without_threads(monkeypatch, method, options):
+    """Depth-3 tanh muP, 6 steps of batch 4: every product (families' Grams, solves and Stein
+    estimates; at finite width the initial matrices' products) goes through the threaded path in
+    one run and the batched path in the other."""
     net = tp.load(PROGRAMS / "mlp.py", depth=3, phi="tanh", w_std=1.0, b_std=None, d=4)
     rng = np.random.default_rng(3)
     X, Y = rng.standard_normal((8, 4)), rng.standard_normal((8, 1))
     out = []
     for work in (float("inf"), 0):
         monkeypatch.setattr(replicas, "PARALLEL_WORK", work)
-        eng = StepEngine(net, tp.named("mup", 3), method="particles", particles=4000, seed=5)
+        eng = StepEngine(net, tp.named("mup", 3), method=method, seed=5, **options)
         for t in range(6):
             eng.step(X[4 * (t % 2):4 * (t % 2) + 4], Y[4 * (t % 2):4 * (t % 2) + 4], 0.5)
         out.append(eng.predict(X))

@@ -133,20 +133,14 @@ class Algebra:
     def gram(self, A: np.ndarray, B: np.ndarray) -> np.ndarray:
         """E[Z^{a_i} Z^{b_j}] per replica: (R, F, D), (R, N, D) -> (R, F, N)."""
         m = min(A.shape[-1], B.shape[-1])
-        R, F, N = A.shape[0], A.shape[1], B.shape[1]
-        if not replicas.parallel(R, R * F * N * m):
-            return np.matmul(A[..., :m], np.swapaxes(B[..., :m], 1, 2)) / self.norm
-        if N <= F:
+        A, B = A[..., :m], B[..., :m]
+        if B.shape[1] <= A.shape[1]:
             # a few vectors against many members: OpenBLAS is 1.5x faster computing the transpose
-            # (B A^T: (N x D)(D x F)) than A B^T on these shapes (measured, F = 1600, D = 10^4, N = 8)
-            outT = np.empty((R, N, F))
-            replicas.for_each_replica(lambda r: np.matmul(B[r, :, :m], A[r, :, :m].T, out=outT[r]), R)
-            out = np.swapaxes(outT, 1, 2)
+            # B A^T ((N x D)(D x F)) than A B^T on these shapes (measured, F = 1600, D = 10^4, N = 8)
+            out = np.swapaxes(replicas.matmul(B, np.swapaxes(A, 1, 2)), 1, 2)
         else:
-            out = np.empty((R, F, N))
-            replicas.for_each_replica(lambda r: np.matmul(A[r, :, :m], B[r, :, :m].T, out=out[r]), R)
-        out /= self.norm
-        return out
+            out = replicas.matmul(A, np.swapaxes(B, 1, 2))
+        return out / self.norm
 
     def diag_inner(self, A: np.ndarray, B: np.ndarray) -> np.ndarray:
         """E[Z^{a_i} Z^{b_i}] per replica: (R, N, D) twice -> (R, N)."""
@@ -155,12 +149,7 @@ class Algebra:
 
     def combine(self, coefs: np.ndarray, rows: np.ndarray) -> np.ndarray:
         """sum_f coefs[r, f, i] rows[r, f]: (R, F, N), (R, F, D) -> (R, N, D)."""
-        (R, F, N), D = coefs.shape, rows.shape[-1]
-        if not replicas.parallel(R, R * F * N * D):
-            return np.matmul(np.swapaxes(coefs, 1, 2), rows)
-        out = np.empty((R, N, D))
-        replicas.for_each_replica(lambda r: np.matmul(coefs[r].T, rows[r], out=out[r]), R)
-        return out
+        return replicas.matmul(np.swapaxes(coefs, 1, 2), rows)
 
     def features(self, V: np.ndarray) -> np.ndarray:
         """V scaled so that E[Z^a Z^b] is the plain dot product of rows."""

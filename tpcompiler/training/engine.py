@@ -41,6 +41,7 @@ from tpcompiler.backends.walk import initial_covariance
 from tpcompiler.ir import ops
 from tpcompiler.ir.graph import ProgramError
 from tpcompiler.ir.rules import RuleTable
+from tpcompiler.training import replicas
 from tpcompiler.training.algebra import Exact, Family, Finite, Particles, Rows, _pad
 from tpcompiler.training.parametrization import ABC
 from tpcompiler.training.rowops import add_rows, decay_add_rows, row_dots, row_sums
@@ -137,7 +138,7 @@ class _Matrix:
             out = own.zhat(z, G, keep) * self.decay[:, None, None]
         else:
             W0 = self.W0
-            out = (np.matmul(z, W0) if transposed else np.matmul(z, np.swapaxes(W0, 1, 2))) * self.decay[:, None, None]
+            out = replicas.matmul(z, W0 if transposed else np.swapaxes(W0, 1, 2)) * self.decay[:, None, None]
             if keep:
                 own.vecs.append(z)
         if w is not None:

@@ -16,6 +16,8 @@ import os
 from concurrent.futures import ThreadPoolExecutor
 from typing import Callable
 
+import numpy as np
+
 #: below this many multiply-adds, one batched call (threads cost ~50 us to hand work to)
 PARALLEL_WORK = 4_000_000
 
@@ -62,3 +64,15 @@ def for_each_replica(job: Callable[[int], None], R: int) -> None:
     with _blas().limit(limits=1, user_api="blas"):
         # list(): re-raises a worker's exception here
         list(_pool(workers).map(run, range(workers)))
+
+
+def matmul(a, b):
+    """np.matmul(a, b) for stacks a (R, p, q), b (R, q, s) (views allowed), by replica on the
+    cores when the product is large."""
+    R, p, q = a.shape
+    s = b.shape[2]
+    if not parallel(R, R * p * q * s):
+        return np.matmul(a, b)
+    out = np.empty((R, p, s), dtype=np.result_type(a, b))
+    for_each_replica(lambda r: np.matmul(a[r], b[r], out=out[r]), R)
+    return out
