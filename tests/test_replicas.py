@@ -90,3 +90,23 @@ def test_a_run_is_the_same_with_and_without_threads(monkeypatch, method, options
         out.append(eng.predict(X))
     np.testing.assert_allclose(out[1][0], out[0][0], rtol=0, atol=1e-11)
     np.testing.assert_allclose(out[1][1], out[0][1], rtol=0, atol=1e-11)
+
+
+def test_a_forked_child_gets_its_own_worker_threads(monkeypatch):
+    """A process forked after the pool started (multiprocessing, Dask workers) must not wait on
+    threads that exist only in its parent."""
+    import multiprocessing
+
+    monkeypatch.setattr(replicas, "PARALLEL_WORK", 0)
+    a = np.arange(24.0).reshape(2, 3, 4)
+    replicas.matmul(a, np.swapaxes(a, 1, 2))  # the parent's pool exists now
+    ctx = multiprocessing.get_context("fork")
+    with ctx.Pool(1) as pool:
+        got = pool.apply_async(_child_product).get(timeout=60)
+    np.testing.assert_allclose(got, np.matmul(a, np.swapaxes(a, 1, 2)))
+
+
+def _child_product():
+    replicas.PARALLEL_WORK = 0
+    a = np.arange(24.0).reshape(2, 3, 4)
+    return replicas.matmul(a, np.swapaxes(a, 1, 2))

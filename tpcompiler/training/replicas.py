@@ -33,9 +33,11 @@ def cores() -> int:
 
 
 def _pool(workers: int) -> ThreadPoolExecutor:
-    if _state.get("workers") != workers:
+    # a forked child inherits the pool object but not its threads: it makes its own
+    key = (workers, os.getpid())
+    if _state.get("pool_key") != key:
         _state["pool"] = ThreadPoolExecutor(workers, thread_name_prefix="tpc-replica")
-        _state["workers"] = workers
+        _state["pool_key"] = key
     return _state["pool"]
 
 
