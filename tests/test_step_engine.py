@@ -375,3 +375,25 @@ def test_bad_input_gets_a_clear_error():
         StepEngine(_mlp(2, "identity"), tp.named("mup", 2), method="exact", loss="softmax")
     with pytest.raises(ProgramError, match="outputs"):
         StepEngine(net, abc, method="exact", loss="negative_sampling").step(X[:2], [[1], [0]], 0.1)
+
+
+def test_a_history_larger_than_the_available_memory_is_refused_before_it_is_allocated(monkeypatch):
+    """tp.fit (and tp.train, tpc train) reserve the whole history up front: a run whose history
+    cannot fit is refused with the size it needs, instead of being killed by the system later.
+    The size is checked against the arrays actually allocated (vectors, noise and the factor of
+    both sides of both hidden matrices, main and half-size run)."""
+    from tpcompiler.training import engine as engine_module
+
+    net, abc = _mlp(3), tp.named("mup", 3)
+    X, Y = np.ones((4, 3)), np.ones((4, 1))
+    eng = StepEngine(net, abc, method="particles", particles=2000, seed=0)
+    sides = [s for e in eng._engines() for M in e.mats.values() for s in M.sides.values()]
+    expected = sum(s.bytes_to_reserve(12) for s in sides)  # 3 steps x batch 4
+    monkeypatch.setattr(engine_module, "available_memory", lambda: expected - 1)
+    with pytest.raises(validation.ArgumentError, match=r"needs 0.0 GiB .* particles=2000 \(fewer particles\)"):
+        tp.fit(eng, X, Y, steps=3, lr=0.5, batch=4, progress=False)
+    monkeypatch.setattr(engine_module, "available_memory", lambda: expected)
+    tp.fit(eng, X, Y, steps=3, lr=0.5, batch=4, progress=False)
+    after = sum(s.vecs.buf.nbytes + s.noise.buf.nbytes + s.L.nbytes for s in sides)
+    assert after == expected  # every buffer was regrown to exactly what the estimate counted
+    assert all(s.count == 12 for s in sides)  # and nothing had to grow again

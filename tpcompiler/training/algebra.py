@@ -85,6 +85,12 @@ class Rows:
         self.count += N
         return idx
 
+    def bytes_to_reserve(self, extra: int) -> int:
+        """Bytes ``reserve(extra)`` would allocate (0 if the capacity suffices)."""
+        need = self.count + extra
+        R, cap, D = self.buf.shape
+        return 0 if need <= cap else R * need * D * self.buf.itemsize
+
     def reserve(self, extra: int) -> None:
         """Capacity for ``extra`` more rows."""
         need = self.count + extra
@@ -381,6 +387,12 @@ class Family:
         if self.count == 0:
             return np.zeros((self.alg.R, 0, Z.shape[1]))
         return self._solve(self.alg.gram(self.noise.data, Z), transpose=True)
+
+    def bytes_to_reserve(self, extra: int) -> int:
+        """Bytes ``reserve(extra)`` would allocate: members, their noise and the factor L."""
+        F = self.count + extra
+        factor = 0 if F <= self.L.shape[1] else self.alg.R * F * F * self.L.itemsize
+        return self.vecs.bytes_to_reserve(extra) + self.noise.bytes_to_reserve(extra) + factor
 
     def reserve(self, extra: int) -> None:
         self.vecs.reserve(extra)

@@ -165,6 +165,9 @@ class _FiniteSide:
     def reserve(self, extra: int) -> None:
         self.vecs.reserve(extra)
 
+    def bytes_to_reserve(self, extra: int) -> int:
+        return self.vecs.bytes_to_reserve(extra)
+
     @property
     def count(self):
         return self.vecs.count
@@ -605,13 +608,29 @@ class StepEngine:
 
     def reserve(self, examples: int) -> None:
         """Room for the vectors of ``examples`` more training examples on every matrix side
-        (avoids regrowing the history arrays when the number of steps is known)."""
+        (avoids regrowing the history arrays when the number of steps is known).  Refused with
+        a clear error when the history would not fit in the memory this machine has available
+        (instead of the operating system killing the run hours later)."""
+        examples = validation.count(examples, "examples")
+        extra: dict = {}  # side -> members it gains: B per step for every product that reads it
         tpl = self.program.template
         for eng in self._engines():
             for k in self.program.forward + self.program.backward:
                 if isinstance(tpl.op(k), ops.MatMul):
                     W, _, tr = tpl.matmul_parts(k)
-                    eng.mats[W].sides[tr].reserve(examples)
+                    side = eng.mats[W].sides[tr]
+                    extra[side] = extra.get(side, 0) + examples
+        need = sum(side.bytes_to_reserve(n) for side, n in extra.items())
+        available = available_memory()
+        if available is not None and need > available:
+            what = {"particles": f"particles={self.alg.R * self.alg.D} (fewer particles)", "finite": "a smaller width",
+                    "exact": "a smaller basis"}[self.method]
+            raise validation.ArgumentError(
+                f"steps: the history of {examples} more training examples needs {need / 2**30:.1f} GiB (every hidden "
+                f"matrix side keeps its vectors{' and their noise' if self.alg.limit else ''}), but this machine has "
+                f"{available / 2**30:.1f} GiB available; use {what}, or fewer steps x batch")
+        for side, n in extra.items():
+            side.reserve(n)
 
     # -- public API -------------------------------------------------------------------------
     def step(self, X, Y, lr: float, outputs=None) -> np.ndarray:
@@ -842,6 +861,18 @@ class StepEngine:
         self.alg.D = int(meta["D"])
         self.steps_done = int(meta["steps_done"])
         self.rng.bit_generator.state = meta["rng"]
+
+
+def available_memory() -> int | None:
+    """Bytes of memory available to new allocations (Linux: MemAvailable), None if unknown."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
 
 
 def _pad_to(v, entries):
