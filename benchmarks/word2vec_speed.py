@@ -1,7 +1,8 @@
-"""Benchmark: how fast can word2vec's exact limit go on this machine?  The step engine against the
-memory-traffic floor of the same arithmetic (issue 9, item 5a's 15-minute target).
+"""Benchmark: how fast can word2vec's exact limit go on this machine?  The step engine against a
+hand-fused loop doing the same arithmetic, and both against the memory bandwidth the step's
+row traffic can get (issue 9, item 5a's 15-minute target).
 
-    python benchmarks/word2vec_floor.py [--steps S] [--write-docs]
+    python benchmarks/word2vec_speed.py [--steps S] [--write-docs]
 
 The first S steps (default 20,000) of TP4's protocol (experiments/word2vec_tp4.py, seed 0, epoch 1
 of 15; V = 9,044, so every vector of the exact limit is 9,045 coefficients) are generated once and
@@ -9,11 +10,12 @@ then run twice from the same initial state:
 
 * **engine**: ``tp.StepEngine`` on programs/word2vec_cbow.py (``method="exact"``), stepped as
   the experiment steps it;
-* **floor**: one hand-fused single-threaded Numba loop over the same steps doing the same float64
+* **fused loop**: one hand-fused single-threaded Numba loop over the same steps doing the same float64
   arithmetic on the same two tables (context mean h, the sampled dots, the logistic errors, the
   readout rows' decay + update while they are in cache, the context columns' decay + update):
   each touched row is streamed from memory once and written once, with no per-step Python.  It is
-  a *reference for speed only*: it is this benchmark's, not the library's, and it is checked
+  a *reference for speed only* (fastmath: its dot products are summed in vector lanes, as BLAS
+  sums them): it is this benchmark's, not the library's, and it is checked
   against the engine (both tables after the run, max abs difference printed; it must be rounding);
 * **two threads**: the same loop with every row split into two column halves, one per core (one
   parallel region for the dots, one for the updates, per step).
@@ -36,7 +38,7 @@ from _machine import machine_info, write_section
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "experiments"))
 DOCS = ROOT / "docs" / "benchmarks.md"
-SECTION = "## word2vec's exact limit: the step engine against the memory-traffic floor"
+SECTION = "## word2vec's exact limit: the step engine, a hand-fused loop and the memory bandwidth"
 TARGET_STEPS, TARGET_SECONDS = 3_570_000, 900.0
 
 
@@ -65,7 +67,7 @@ def _padded(rows, dtype):
     return out, count
 
 
-@njit(cache=True)
+@njit(cache=True, fastmath=True)
 def fused_steps(U, Vt, ccols, cvals, ccount, outs, ocount, lrs, keep_rate):
     """U (V, D): input columns; Vt (V, D): readout rows.  Per step: h = sum_j vals_j U_j;
     f_i = h . v_{o_i} (old rows); chi_i = sigmoid(f_i) - [i == 0]; g = sum_i chi_i v_{o_i} (old);
@@ -111,7 +113,7 @@ def fused_steps(U, Vt, ccols, cvals, ccount, outs, ocount, lrs, keep_rate):
                 row[d] = keep * row[d] - lr * w * g[d]
 
 
-@njit(cache=True, parallel=True)
+@njit(cache=True, parallel=True, fastmath=True)
 def fused_steps_two_threads(U, Vt, ccols, cvals, ccount, outs, ocount, lrs, keep_rate):
     """``fused_steps`` with every row split into two column halves, one per thread: per step one
     parallel region for h and the partial dots, the dots summed (half 0 + half 1: deterministic),
@@ -166,6 +168,32 @@ def fused_steps_two_threads(U, Vt, ccols, cvals, ccount, outs, ocount, lrs, keep
                     row[d] = keep * row[d] - lr * w * g[d]
 
 
+@njit(cache=True, parallel=True)
+def _stream_rows(T, rows, threads):
+    """row <- 0.999 row + 1e-3 x (read and write) for the given rows, split into ``threads``
+    independent streams with no synchronisation: the memory bandwidth a row-streaming step can
+    get from this machine with 1 or 2 cores."""
+    D = T.shape[1]
+    x = np.ones(D)
+    per = rows.size // threads
+    for t in prange(threads):
+        for q in range(t * per, (t + 1) * per):
+            row = T[rows[q]]
+            for d in range(D):
+                row[d] = 0.999 * row[d] + 1e-3 * x[d]
+
+
+def stream_bandwidth(T, rows) -> dict:
+    """GB/s (read + write) of ``_stream_rows`` with 1 and with 2 threads on the same rows."""
+    out = {}
+    for threads in (1, 2):
+        _stream_rows(T, rows[:threads * 2], threads)  # compile / load
+        t0 = time.perf_counter()
+        _stream_rows(T, rows, threads)
+        out[threads] = 2 * rows.size * T.shape[1] * 8 / (time.perf_counter() - t0) / 1e9
+    return out
+
+
 def main(argv=None):
     import tpcompiler as tp  # noqa: F401
     import word2vec_tp4 as w2v
@@ -179,7 +207,7 @@ def main(argv=None):
     V = corpus.vocab.size
     cols, vals, outs, lrs = steps_of_the_protocol(corpus, args.steps)
     eng = w2v.make_engine("inf", V, 0)
-    U0 = eng.input_cols["U"][:, 0].copy()          # the floor's copy of the state, (V, D)
+    U0 = eng.input_cols["U"][:, 0].copy()          # the fused loops' copy of the state, (V, D)
     R0 = np.zeros((eng.readout.shape[1], U0.shape[1]))
     R0[:, :eng.readout.shape[2]] = eng.readout[0]    # readout rows start as 0 (shorter: the basis grows)
     Xs = [w2v.csr_row(c, v, V) for c, v in zip(cols, vals)]
@@ -201,7 +229,7 @@ def main(argv=None):
         t0 = time.perf_counter()
         kernel(U, Rt, *args_of)
         timed[name] = (time.perf_counter() - t0, U, Rt)
-    floor_s, U0, R0 = timed["one"]
+    fused_s, U0, R0 = timed["one"]
     two_s, U2, R2 = timed["two"]
 
     def gap(mine, theirs):
@@ -210,12 +238,15 @@ def main(argv=None):
         return float(np.abs(pad(mine) - pad(theirs)).max())
 
     diff = max(gap(U0, eng.input_cols["U"][:, 0]), gap(R0, eng.readout[0]), gap(U2, U0), gap(R2, R0))
+    # the same rows the steps touch, in the same order (35 per step on average), on a scratch table
+    touched = np.concatenate([np.concatenate((c, o)) for c, o in zip(cols, outs)])
+    bandwidth = stream_bandwidth(U2, touched[: 2 * (touched.size // 2)])
     scale = max(np.abs(R0).max(), 1e-300)
-    rows = [("step engine (tp.StepEngine, exact)", engine_s), ("fused single-threaded loop (the floor)", floor_s),
-            ("fused loop, two threads (column halves)", two_s)]
+    rows = [("step engine (tp.StepEngine, exact)", engine_s), ("hand-fused loop, one thread", fused_s),
+            ("hand-fused loop, two threads (row halves)", two_s)]
     where = (f"{info['date']} on {info['cpu']}, {info['cores']} cores, {info['memory']} (load average "
              f"{info['load'][0]:.1f} at the start, {os.getloadavg()[0]:.1f} at the end)")
-    lines = [f"Measured {where} by `python benchmarks/word2vec_floor.py --steps {args.steps}`: the first "
+    lines = [f"Measured {where} by `python benchmarks/word2vec_speed.py --steps {args.steps}`: the first "
              f"{args.steps:,} steps of TP4's protocol (seed 0), V = {V:,}.", "",
              "| implementation | seconds | steps/s | 3.57 M steps would take (min) |", "|---|---|---|---|"]
     for name, s in rows:
@@ -223,7 +254,13 @@ def main(argv=None):
         lines.append(f"| {name} | {s:.1f} | {rate:,.0f} | {TARGET_STEPS / rate / 60:.1f} |")
     lines += ["", f"The three agree: max abs difference of the tables after the runs {diff:.1e} "
               f"(largest readout coefficient {scale:.2f}).  The target (15 minutes) needs "
-              f"{TARGET_STEPS / TARGET_SECONDS:,.0f} steps/s.", ""]
+              f"{TARGET_STEPS / TARGET_SECONDS:,.0f} steps/s.", "",
+              f"Memory bandwidth for this access pattern (every touched row of every step read and written "
+              f"once, as `x <- 0.999 x + c`, no synchronisation): {bandwidth[1]:.1f} GB/s on one thread, "
+              f"{bandwidth[2]:.1f} GB/s on two.  A step moves about "
+              f"{2 * touched.size / args.steps * U0.shape[1] * 8 / 1e6:.1f} MB (read + write), so these "
+              f"bound any implementation at {bandwidth[1] * 1e9 / (2 * touched.size / args.steps * U0.shape[1] * 8):,.0f} "
+              f"and {bandwidth[2] * 1e9 / (2 * touched.size / args.steps * U0.shape[1] * 8):,.0f} steps/s.", ""]
     text = "\n".join(lines)
     print(text)
     if args.write_docs:
