@@ -67,6 +67,21 @@ def _padded(rows, dtype):
     return out, count
 
 
+@njit(cache=True)
+def _row_error(outs, k, i, chi):
+    """(whether i is the first occurrence of output row outs[i] among the step's k samples, the
+    row's summed error): a row drawn twice gets its gradient from the old row and decays once."""
+    o = outs[i]
+    for i2 in range(i):
+        if outs[i2] == o:
+            return False, 0.0
+    c = 0.0
+    for i2 in range(i, k):
+        if outs[i2] == o:
+            c += chi[i2]
+    return True, c
+
+
 @njit(cache=True, fastmath=True)
 def fused_steps(U, Vt, ccols, cvals, ccount, outs, ocount, lrs, keep_rate):
     """U (V, D): input columns; Vt (V, D): readout rows.  Per step: h = sum_j vals_j U_j;
@@ -92,18 +107,10 @@ def fused_steps(U, Vt, ccols, cvals, ccount, outs, ocount, lrs, keep_rate):
             chi[i] = 1.0 / (1.0 + np.exp(-f)) - (1.0 if i == 0 else 0.0)
         g[:] = 0.0
         for i in range(k):
-            o = outs[s, i]
-            first = True  # a row drawn twice: its gradient from the old row, its decay once
-            for i2 in range(i):
-                if outs[s, i2] == o:
-                    first = False
+            first, c = _row_error(outs[s], k, i, chi)
             if not first:
                 continue
-            c = 0.0
-            for i2 in range(i, k):
-                if outs[s, i2] == o:
-                    c += chi[i2]
-            row = Vt[o]
+            row = Vt[outs[s, i]]
             for d in range(D):
                 g[d] += c * row[d]
                 row[d] = keep * row[d] - lr * c * h[d]
@@ -147,18 +154,10 @@ def fused_steps_two_threads(U, Vt, ccols, cvals, ccount, outs, ocount, lrs, keep
             lo, hi = t * D // 2, (t + 1) * D // 2
             g[lo:hi] = 0.0
             for i in range(k):
-                o = outs[s, i]
-                first = True
-                for i2 in range(i):
-                    if outs[s, i2] == o:
-                        first = False
+                first, c = _row_error(outs[s], k, i, chi)
                 if not first:
                     continue
-                c = 0.0
-                for i2 in range(i, k):
-                    if outs[s, i2] == o:
-                        c += chi[i2]
-                row = Vt[o]
+                row = Vt[outs[s, i]]
                 for d in range(lo, hi):
                     g[d] += c * row[d]
                     row[d] = keep * row[d] - lr * c * h[d]
