@@ -193,3 +193,14 @@ def test_classify_negative_exponents_in_the_documented_form(capsys):
     rc, out, err = tpc(capsys, "classify", "--depth", 2, "--a", "-1/2,0,1/2", "--b", "1/2", "--c", "0", "--json")
     assert rc == 0, err
     assert json.loads(out)["regime"] == "feature learning"
+
+
+def test_a_history_that_does_not_fit_in_memory_is_one_line(capsys, data, tmp_path, monkeypatch):
+    """The step engine reserves the whole history before the first step; with (pretend) 1 MiB
+    available, `tpc train` with muP (feature learning: particles) says what it needs."""
+    from tpcompiler.training import engine
+
+    monkeypatch.setattr(engine, "available_memory", lambda: 2**20)
+    rc, _, err = tpc(capsys, *train_argv(data, tmp_path / "T.npz", "mup"))
+    assert_one_error_line(rc, err, "GiB", "available", "fewer particles")
+    assert not (tmp_path / "T.npz").exists()
