@@ -397,3 +397,64 @@ def test_a_history_larger_than_the_available_memory_is_refused_before_it_is_allo
     after = sum(s.vecs.buf.nbytes + s.noise.buf.nbytes + s.L.nbytes for s in sides)
     assert after == expected  # every buffer was regrown to exactly what the estimate counted
     assert all(s.count == 12 for s in sides)  # and nothing had to grow again
+
+
+def _word2vec_stream(V, T, seed=0):
+    """T CBOW-like steps on a vocabulary of V: context means with repeated words, a target
+    first, negatives with repetitions (the target excluded), decaying learning rates."""
+    import scipy.sparse as sps
+
+    rng = np.random.default_rng(seed)
+    rows, outs, labels, lrs = [], [], [], []
+    for t in range(T):
+        ctx = rng.integers(0, V, size=rng.integers(1, 6))
+        cols, cnt = np.unique(ctx, return_counts=True)
+        rows.append(sps.csr_matrix((cnt / ctx.size, cols, [0, cols.size]), shape=(1, V)))
+        target = rng.integers(0, V)
+        negs = rng.integers(0, V, size=6)
+        o = np.concatenate(([target], negs[negs != target])).astype(np.int64)
+        outs.append(o), labels.append(np.eye(1, o.size)[0]), lrs.append(0.8 * (1 - t / T) + 0.01)
+    return rows, outs, labels, lrs
+
+
+@pytest.mark.parametrize("w_std,frozen,decay", [(1.7, False, 0.01), (1.0, True, 0.0)])
+def test_a_sequence_of_row_local_steps_in_one_loop_equals_stepping_one_by_one(w_std, frozen, decay):
+    """StepEngine.steps runs word2vec's exact limit (training/fused.py) in one compiled loop; it
+    must be the generic step repeated: losses, both tables and later predictions to 1e-12."""
+    import scipy.sparse as sps
+
+    V, T = 30, 400
+    net = tp.load(PROGRAMS / "word2vec_cbow.py", V=V, w_std=w_std, frozen=frozen)
+    rows, outs, labels, lrs = _word2vec_stream(V, T)
+    make = lambda: StepEngine(net, tp.named("mup", 1), method="exact", loss="negative_sampling",  # noqa: E731
+                              weight_decay=decay, decay_rows="touched", seed=3)
+    one, seq = make(), make()
+    l1 = np.array([one.step(rows[t], labels[t][None, :], lrs[t], outputs=outs[t][None, :]) for t in range(T)])
+    l2 = seq.steps(sps.vstack(rows).tocsr(), labels, lrs, outs)
+    assert seq._fused is not None and seq._fused.a == pytest.approx(w_std)
+    np.testing.assert_allclose(l2, l1, rtol=0, atol=1e-12)
+    D = max(one.readout.shape[2], seq.readout.shape[2])
+    pad = lambda z: np.pad(z, [(0, 0)] * (z.ndim - 1) + [(0, D - z.shape[-1])])  # noqa: E731
+    scale = np.abs(one.readout).max()
+    assert scale > 0.5  # the readout moved: the comparison is not of zeros
+    np.testing.assert_allclose(pad(seq.readout), pad(one.readout), rtol=0, atol=1e-12 * scale)
+    np.testing.assert_allclose(pad(seq.input_cols["U"]), pad(one.input_cols["U"]), rtol=0, atol=1e-12)
+    assert np.array_equal(seq.touched, one.touched) and seq.steps_done == one.steps_done == T
+    probe = sps.identity(V, format="csr")[:6]
+    np.testing.assert_allclose(seq.predict(probe)[0], one.predict(probe)[0], rtol=0, atol=1e-12)
+
+
+def test_steps_of_a_network_that_is_not_row_local_are_the_generic_steps():
+    net, abc = _mlp(2), tp.named("mup", 2)
+    rng = np.random.default_rng(1)
+    X, Y = rng.standard_normal((5, 3)), rng.standard_normal((5, 1))
+    one, seq = (StepEngine(net, abc, method="particles", particles=2000, seed=4) for _ in range(2))
+    l1 = np.array([one.step(X[t:t + 1], Y[t:t + 1], 0.3) for t in range(5)])
+    l2 = seq.steps(X, Y, 0.3)
+    assert seq._fused is None
+    np.testing.assert_array_equal(l2, l1)
+    np.testing.assert_array_equal(seq.predict(X)[0], one.predict(X)[0])
+    with pytest.raises(validation.ArgumentError, match="one learning rate per step"):
+        seq.steps(X, Y, [0.1, 0.2])
+    with pytest.raises(ProgramError, match="one row of targets per step"):
+        seq.steps(X, Y[:3], 0.1)

@@ -647,6 +647,59 @@ class StepEngine:
             self.steps_done += 1
         return g.loss
 
+    def steps(self, X, Y, lr, outputs=None) -> np.ndarray:
+        """Len(X) steps of one example each, in order: step t on row t of X (an array or a
+        scipy.sparse matrix), targets Y[t], learning rate lr[t] (or one number for all), sampled
+        outputs outputs[t] (negative sampling; the rows may differ in length: a list).  The
+        same as calling ``step`` T times; a row-local exact step (``training.fused``: e.g.
+        word2vec's limit) runs the whole sequence in one compiled loop.  Returns the loss of
+        every step, (T, replicas)."""
+        from tpcompiler.training import fused
+
+        sp_ = self.program
+        X = _as_rows(X, sp_.d, "X")
+        T = X.shape[0]
+        lrs = np.broadcast_to(np.asarray(lr, dtype=np.float64), (T,)) if np.ndim(lr) == 0 else np.asarray(lr, dtype=np.float64)
+        if lrs.shape != (T,):
+            raise validation.ArgumentError(f"lr: one learning rate per step (T = {T}) or one number, got shape {lrs.shape}")
+        if not np.all(np.isfinite(lrs)) or np.any(lrs < 0):
+            raise validation.ArgumentError("lr: learning rates must be finite and >= 0")
+        if outputs is not None and len(outputs) != T:
+            raise ProgramError(f"outputs: one row of sampled outputs per step (T = {T}), got {len(outputs)}")
+        if len(Y) != T:
+            raise ProgramError(f"Y: one row of targets per step (T = {T}), got {len(Y)}")
+        if "_fused" not in self.__dict__:
+            self._fused = fused.plan(self)
+        plan = self._fused
+        if plan is None or outputs is None or self._temporary or self._deferring:
+            rows = X.tocsr() if scipy.sparse.issparse(X) else X
+            return np.array([self.step(rows[t:t + 1], Y[t], lrs[t], None if outputs is None else outputs[t])
+                             for t in range(T)]).reshape(T, -1)
+        if any(np.asarray(o).dtype.kind not in "iu" for o in outputs):
+            raise ProgramError("outputs: need integer arrays of sampled output coordinates")
+        outs, ocount = _ragged(outputs, np.int64, "outputs")
+        labels, lcount = _ragged(Y, np.float64, "Y")
+        if not np.array_equal(ocount, lcount):
+            raise ProgramError("Y: negative sampling needs one label per sampled output in every step")
+        if outs.size and (outs.min() < 0 or outs.max() >= sp_.K):
+            raise ProgramError(f"outputs: coordinates must be in 0..{sp_.K - 1} (the network has K = {sp_.K} outputs)")
+        validation.binary_targets(labels, "Y")
+        Xs = X.tocsr() if scipy.sparse.issparse(X) else scipy.sparse.csr_matrix(X)
+        U = self.input_cols[plan.U]                                           # (k_U, 1, D)
+        D = max(U.shape[2], self.readout.shape[2])
+        if U.shape[2] < D:
+            self.input_cols[plan.U] = _pad(U, D)
+        if self.readout.shape[2] < D:
+            self.readout = _pad(self.readout, D)
+        U, V = _contiguous_cols(self, plan.U), _contiguous_readout(self)
+        loss = fused.run(U[:, 0], V[0], self.touched, self._independent_readout, Xs.indptr.astype(np.int64),
+                         Xs.indices.astype(np.int64), Xs.data, plan.col_of, plan.weight, outs, ocount, labels,
+                         np.ascontiguousarray(lrs), plan.a, sp_.sigma_out * self._n("f") / self.alg.norm,
+                         self._n("v") / sp_.sigma_out, sp_.sigma_out * self._n("U") / sp_.scale_of(plan.U) ** 2,
+                         self._n("lr") * self.weight_decay, plan.trained)
+        self.steps_done += T
+        return loss[:, None]
+
     def maml_step(self, tasks, inner_lr: float, outer_lr: float, inner_steps: int = 1) -> np.ndarray:
         """First-order MAML (docs/DESIGN.md 2.9): per task (Xs, Ys, Xq, Yq), ``inner_steps`` SGD
         steps on the support set from the current weights (undone afterwards), then the
@@ -873,6 +926,18 @@ def available_memory() -> int | None:
     except (OSError, ValueError, IndexError):
         pass
     return None
+
+
+def _ragged(rows, dtype, what: str) -> tuple[np.ndarray, np.ndarray]:
+    """Rows of different lengths as a zero-padded array (T, max length) and the lengths."""
+    rows = [np.asarray(r, dtype=dtype).ravel() for r in rows]
+    count = np.array([r.size for r in rows], dtype=np.int64)
+    out = np.zeros((len(rows), int(count.max()) if rows else 0), dtype=dtype)
+    for t, r in enumerate(rows):
+        if not np.all(np.isfinite(r)):
+            raise ProgramError(f"{what}: row {t} contains NaN or infinite values")
+        out[t, :r.size] = r
+    return out, count
 
 
 def _pad_to(v, entries):
