@@ -9,7 +9,8 @@ of 15; V = 9,044, so every vector of the exact limit is 9,045 coefficients) are 
 then run twice from the same initial state:
 
 * **engine**: ``tp.StepEngine`` on programs/word2vec_cbow.py (``method="exact"``), stepped as
-  the experiment steps it;
+  the experiment steps it (``step`` per step), and the same steps as one ``steps`` call (the
+  engine's compiled loop for row-local exact steps, training/fused.py);
 * **fused loop**: one hand-fused single-threaded Numba loop over the same steps doing the same float64
   arithmetic on the same two tables (context mean h, the sampled dots, the logistic errors, the
   readout rows' decay + update while they are in cache, the context columns' decay + update):
@@ -254,6 +255,16 @@ def main(argv=None):
     for X, y, o, lr in zip(Xs, labels, outs, lrs):
         eng.step(X, y, lr, outputs=o[None, :])
     engine_s = time.perf_counter() - t0
+    # the same steps as one sequence (StepEngine.steps: training/fused.py's compiled loop)
+    import scipy.sparse as sps
+
+    seq = w2v.make_engine("inf", V, 0)
+    Xall, ys = sps.vstack(Xs).tocsr(), [y[0] for y in labels]
+    seq.steps(Xall[:1], ys[:1], lrs[:1], outs[:1])  # compile / load the loop outside the timing
+    seq = w2v.make_engine("inf", V, 0)
+    t0 = time.perf_counter()
+    seq.steps(Xall, ys, lrs, outs)
+    steps_s = time.perf_counter() - t0
     ccols, ccount = _padded(cols, np.int64)
     cvals, _ = _padded(vals, np.float64)
     outs_p, ocount = _padded(outs, np.int64)
@@ -276,12 +287,14 @@ def main(argv=None):
         pad = lambda a: np.pad(a, ((0, 0), (0, m - a.shape[1])))  # noqa: E731
         return float(np.abs(pad(mine) - pad(theirs)).max())
 
-    diff = max(gap(U0, eng.input_cols["U"][:, 0]), gap(R0, eng.readout[0]), gap(U2, U0), gap(R2, R0), gap(U1, U0), gap(R1, R0))
+    diff = max(gap(seq.input_cols["U"][:, 0], eng.input_cols["U"][:, 0]), gap(seq.readout[0], eng.readout[0]),
+               gap(U0, eng.input_cols["U"][:, 0]), gap(R0, eng.readout[0]), gap(U2, U0), gap(R2, R0), gap(U1, U0), gap(R1, R0))
     # the same rows the steps touch, in the same order (35 per step on average), on a scratch table
     touched = np.concatenate([np.concatenate((c, o)) for c, o in zip(cols, outs)])
     bandwidth = stream_bandwidth(U2, touched[: 2 * (touched.size // 2)])
     scale = max(np.abs(R0).max(), 1e-300)
-    rows = [("step engine (tp.StepEngine, exact)", engine_s), ("hand-fused loop, one thread", fused_s),
+    rows = [("step engine, one `step` call per step", engine_s),
+            ("step engine, one `steps` call for all (fused loop of training/fused.py)", steps_s), ("hand-fused loop, one thread", fused_s),
             ("hand-fused loop, one thread, one visit per readout row", single_s),
             ("hand-fused loop, two threads (row halves)", two_s)]
     where = (f"{info['date']} on {info['cpu']}, {info['cores']} cores, {info['memory']} (load average "
