@@ -380,22 +380,68 @@ def train(eng, corpus: Corpus, epochs: int, seed: int, max_steps: int | None = N
                    enabled=None if progress else False, mininterval=30.0, smoothing=0.05)
     steps = 0
     started = time.perf_counter()
+    chunk = Chunk(V)
+    complete = True
     try:
         for epoch in range(epochs):
             for st in epoch_steps(corpus.encoded, corpus.keep, corpus.cdf, rng, epoch, T):
-                if max_steps is not None and steps >= max_steps:
-                    return steps, False
-                if max_seconds is not None and steps % 256 == 0 and time.perf_counter() - started > max_seconds:
-                    return steps, False
+                if max_steps is not None and steps + len(chunk) >= max_steps:
+                    complete = False
+                    break
+                if max_seconds is not None and len(chunk) == 0 and time.perf_counter() - started > max_seconds:
+                    complete = False
+                    break
                 cols, vals = st.context_mean(V)
-                X = csr_row(cols, vals, V)
-                lr = learning_rate(st.words_read, total)
-                eng.step(X, st.labels()[None, :], lr, outputs=st.outputs()[None, :])
-                steps += 1
-                bar.update(1)
+                chunk.add(cols, vals, st.outputs(), st.labels(), learning_rate(st.words_read, total))
+                if len(chunk) == CHUNK:
+                    steps += chunk.run(eng)
+                    bar.update(CHUNK)
+            if not complete:
+                break
+        n = chunk.run(eng)
+        steps += n
+        bar.update(n)
     finally:
         bar.close()
-    return steps, True
+    return steps, complete
+
+
+#: Steps handed to the engine at once (``StepEngine.steps``): the exact limit runs them in one
+#: compiled loop; finite widths step through them one by one.
+CHUNK = 4096
+
+
+class Chunk:
+    """Steps collected for one ``StepEngine.steps`` call: the context means as CSR rows, the
+    sampled outputs, their labels and the learning rates."""
+
+    def __init__(self, V: int):
+        self.V = V
+        self.clear()
+
+    def clear(self) -> None:
+        self.indptr, self.indices, self.data = [0], [], []
+        self.outputs, self.labels, self.lrs = [], [], []
+
+    def __len__(self) -> int:
+        return len(self.lrs)
+
+    def add(self, cols, vals, outputs, labels, lr) -> None:
+        self.indices.append(cols), self.data.append(vals)
+        self.indptr.append(self.indptr[-1] + cols.size)
+        self.outputs.append(outputs), self.labels.append(labels), self.lrs.append(lr)
+
+    def run(self, eng) -> int:
+        """Hand the collected steps to the engine; returns how many."""
+        import scipy.sparse as sps
+
+        n = len(self)
+        if n:
+            X = sps.csr_matrix((np.concatenate(self.data), np.concatenate(self.indices), np.array(self.indptr)),
+                               shape=(n, self.V))
+            eng.steps(X, self.labels, np.array(self.lrs), self.outputs)
+        self.clear()
+        return n
 
 
 def evaluate(eng, corpus: Corpus) -> int:

@@ -463,3 +463,24 @@ def test_embeddings_in_small_batches_are_the_engine_features():
     idx = np.array([6, 0, 3, 3, 5])
     F = np.asarray(eng.features(np.eye(V)[idx]))[0]
     np.testing.assert_allclose(w2v.embeddings(eng, V)(idx, part=2), F, rtol=1e-13, atol=1e-15)
+
+
+@pytest.mark.parametrize("width", ["inf", "8"])
+def test_training_in_chunks_is_stepping_one_by_one(width):
+    """train() hands the engine chunks of steps (w2v.Chunk -> StepEngine.steps: the exact limit's
+    compiled loop, finite widths step by step); the tables must be those of one step() per step."""
+    V = 12
+    episode = _episode(V, 50, np.random.default_rng(5))
+    one, chunked = w2v.make_engine(width, V, 0), w2v.make_engine(width, V, 0)
+    chunk = w2v.Chunk(V)
+    for context, outputs, labels, lr in episode:
+        _engine_step(one, V, context, outputs, labels, lr)
+        cols, vals = w2v.Step(int(outputs[0]), np.asarray(context), np.asarray(outputs[1:]), 0).context_mean(V)
+        chunk.add(cols, vals, np.asarray(outputs), labels, lr)
+        if len(chunk) == 17:  # chunks of unequal sizes, the last one partial
+            chunk.run(chunked)
+    assert chunk.run(chunked) == 50 % 17
+    probe = np.eye(V)
+    np.testing.assert_allclose(chunked.predict(probe)[0], one.predict(probe)[0], rtol=0, atol=1e-12)
+    assert np.abs(one.predict(probe)[0]).max() > 0.1
+    np.testing.assert_allclose(np.asarray(chunked.features(probe)), np.asarray(one.features(probe)), rtol=0, atol=1e-12)
