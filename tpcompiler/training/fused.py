@@ -13,8 +13,9 @@ product of the affine maps' coefficients, read from the step program's lowered f
 
 with keep = 1 - lr n^{e_lr} lambda on touched rows (weight decay) -- the generic engine's
 ``_gradient`` and ``_apply`` for this class of networks, term by term.  Each sampled readout row
-is visited once (its dot, its errors, its share of dA and its update while in cache): the
-logistic error of output o depends on f_o alone, and a row sampled twice has two equal dots.
+is visited once for its dot and once for its share of dA and its update, four rows at a time
+(``BLOCK``): the logistic error of output o depends on f_o alone, and a row sampled twice has
+two equal dots.
 
 ``plan`` decides from the step program whether a network is of this class and reads a, the
 column map and the scales; ``run`` is the loop over a sequence of batch-1 steps, with no Python
@@ -88,19 +89,32 @@ def plan(eng) -> Plan | None:
 
 
 @njit(cache=True)
-def _sample_count(outs, k, i, labels):
-    """(whether i is the first occurrence of row outs[i] among the k samples, its count, the
-    sum of its labels)."""
-    o = outs[i]
-    for i2 in range(i):
-        if outs[i2] == o:
-            return False, 0, 0.0
-    count, ysum = 0, 0.0
-    for i2 in range(i, k):
-        if outs[i2] == o:
-            count += 1
-            ysum += labels[i2]
-    return True, count, ysum
+def _distinct_rows(outs, labels, k, rows, counts, ysums):
+    """The distinct rows among the k sampled outputs, in order of first occurrence, with their
+    counts and label sums (written to rows, counts, ysums); returns how many."""
+    m = 0
+    for i in range(k):
+        o = outs[i]
+        seen = False
+        for i2 in range(i):
+            if outs[i2] == o:
+                seen = True
+                break
+        if seen:
+            continue
+        count, ysum = 0, 0.0
+        for i2 in range(i, k):
+            if outs[i2] == o:
+                count += 1
+                ysum += labels[i2]
+        rows[m], counts[m], ysums[m] = o, count, ysum
+        m += 1
+    return m
+
+
+#: Sampled readout rows visited together: their dots share one pass over h, their updates one
+#: pass over h and g (4: 1.35x faster than one at a time for word2vec, measured)
+BLOCK = 4
 
 
 @njit(cache=True, fastmath=True)
@@ -109,11 +123,20 @@ def run(U, V, touched, independent, indptr, indices, data, col_of, weight, outs,
     """The steps t = 0 .. T-1 (module docstring) on U (k_U, D) and V (K, D) in place; returns
     the loss of every step.  f_scale = sigma n^{e_f} / norm, v_scale = n^{e_v} / sigma,
     u_scale = sigma n^{e_U} / scale_U^2 (dA = a sigma sum chi v: its sigma folded in here),
-    decay = n^{e_lr} lambda."""
+    decay = n^{e_lr} lambda.  The distinct sampled rows are taken BLOCK at a time: one pass for
+    their dots, one for their share of g and their updates (a block's rows stay in cache)."""
     T = lrs.size
     D = U.shape[1]
     h, g = np.empty(D), np.empty(D)
     loss = np.zeros(T)
+    kmax = outs.shape[1]
+    rows = np.empty(kmax, dtype=np.int64)
+    counts = np.empty(kmax, dtype=np.int64)
+    ysums = np.empty(kmax)
+    f = np.empty(BLOCK)
+    chi = np.empty(BLOCK)
+    upd = np.empty(BLOCK)
+    kp = np.empty(BLOCK)
     for t in range(T):
         lr = lrs[t]
         keep = 1.0 - lr * decay
@@ -127,26 +150,48 @@ def run(U, V, touched, independent, indptr, indices, data, col_of, weight, outs,
             for d in range(D):
                 h[d] += c * row[d]
         g[:] = 0.0
-        k = ocount[t]
-        for i in range(k):
-            first, count, ysum = _sample_count(outs[t], k, i, labels[t])
-            if not first:
-                continue
-            o = outs[t, i]
-            row = V[o]
-            f = 0.0
-            if touched[o] or not independent:
-                for d in range(D):
-                    f += h[d] * row[d]
-                f *= f_scale
-            p = 0.5 * (1.0 + np.tanh(0.5 * f))
-            loss[t] += count * (max(f, 0.0) + np.log1p(np.exp(-abs(f)))) - ysum * f
-            chi = count * p - ysum
-            cv = -lr * v_scale * chi
+        m = _distinct_rows(outs[t], labels[t], ocount[t], rows, counts, ysums)
+        for b0 in range(0, m, BLOCK):
+            nb = min(BLOCK, m - b0)
+            # a short block repeats its last row in the unused slots, with zero weight and no write
+            r0 = V[rows[b0]]
+            r1 = V[rows[b0 + min(1, nb - 1)]]
+            r2 = V[rows[b0 + min(2, nb - 1)]]
+            r3 = V[rows[b0 + min(3, nb - 1)]]
+            f0, f1, f2, f3 = 0.0, 0.0, 0.0, 0.0
             for d in range(D):
-                g[d] += chi * row[d]
-                row[d] = keep * row[d] + cv * h[d]
-            touched[o] = True
+                hd = h[d]
+                f0 += hd * r0[d]
+                f1 += hd * r1[d]
+                f2 += hd * r2[d]
+                f3 += hd * r3[d]
+            f[0], f[1], f[2], f[3] = f0, f1, f2, f3
+            for q in range(BLOCK):
+                chi[q], upd[q], kp[q] = 0.0, 0.0, 1.0
+                if q >= nb:
+                    continue
+                o = rows[b0 + q]
+                fq = f[q] * f_scale if (touched[o] or not independent) else 0.0
+                pq = 0.5 * (1.0 + np.tanh(0.5 * fq))
+                loss[t] += counts[b0 + q] * (max(fq, 0.0) + np.log1p(np.exp(-abs(fq)))) - ysums[b0 + q] * fq
+                chi[q] = counts[b0 + q] * pq - ysums[b0 + q]
+                upd[q] = -lr * v_scale * chi[q]
+                kp[q] = keep
+                touched[o] = True
+            c0, c1, c2, c3 = chi[0], chi[1], chi[2], chi[3]
+            u0, u1, u2, u3 = upd[0], upd[1], upd[2], upd[3]
+            k0, k1, k2, k3 = kp[0], kp[1], kp[2], kp[3]
+            for d in range(D):
+                hd = h[d]
+                x0, x1, x2, x3 = r0[d], r1[d], r2[d], r3[d]
+                g[d] += c0 * x0 + c1 * x1 + c2 * x2 + c3 * x3
+                r0[d] = k0 * x0 + u0 * hd
+                if nb > 1:
+                    r1[d] = k1 * x1 + u1 * hd
+                if nb > 2:
+                    r2[d] = k2 * x2 + u2 * hd
+                if nb > 3:
+                    r3[d] = k3 * x3 + u3 * hd
         if not trained:
             continue
         for p in range(indptr[t], indptr[t + 1]):
