@@ -14,6 +14,11 @@ quadrature calls) -> this module:
   (common subexpressions shared by sympy's cse, e.g. one arccos per relu layer), a parallel
   loop over pairs, only the upper triangle when X2 is not given.
 
+When the quantities and output terms are many but of few structures (a CNN: one quantity
+per pair of positions and layer, all of one form), both stages are generated instead as one
+loop per structure over index arrays (``shared``), so code size and compile time stop
+growing with the number of positions; ``_should_share`` decides, ``share=`` overrides.
+
 Expectations with closed forms (expectations.closed_form_pair) are inlined as sympy expressions;
 the others call the generated quadrature functions of ``expectations``.  Generated source is
 cached on disk keyed by its hash (``codegen.load_module``), and numba compiles it with
@@ -41,6 +46,9 @@ from tpcompiler.ir.ops import node_symbol
 from tpcompiler.backends.kernels.pairwise import E1, E2, NotPairwise, PairwiseEngine, expectation_rules
 
 KERNELS = ("nngp", "ntk")
+#: Pairs (i, j) per block of the looped pair stage (``_shared_source``): its quantities take
+#: (number of pair quantities) x _J_BLOCK floats per thread.
+_J_BLOCK = 256
 
 #: The tail of every generated kernel module: the lower triangle of a symmetric block.
 _MIRROR_SOURCE = """
@@ -134,11 +142,11 @@ class KernelFunction:
         pairs = [(q.symbol, lower(q.definition)) for q in engine.order if q.pair]
         self.row_symbols = [s for s, _ in rows]
         diagonal, outputs = [lower(o) for o in diagonal], [lower(o) for o in outputs]
-        pair_plan = self._pair_plan(rows, pairs, outputs) if share is not False else None
+        plans = self._plans(rows, diagonal, pairs, outputs) if share is not False else None
         #: whether the generated code computes groups of quantities by loops (shared.py)
-        self.shared = self._should_share(pair_plan, pairs, outputs) if share is None else bool(share)
+        self.shared = _should_share(plans) if share is None else bool(share)
         if self.shared:
-            self.source = self._shared_source(rows, diagonal, pairs, outputs, pair_plan)
+            self.source = self._shared_source(rows, diagonal, pairs, outputs, plans)
         else:
             self.source = self._source(rows, diagonal, pairs, outputs)
         self.module = load_module(self.source, "kernels")
@@ -219,45 +227,31 @@ def pair_stage({grams}RF1, RF2T, R1, R2T, {outs}, symmetric, P):
         kinds.update({symbols.gram(m): ("GS", m) for m in range(len(self.features.bases))})
         return kinds
 
-    def _pair_plan(self, rows, pairs, outputs):
-        """The pair stage as groups of one template each (shared.plan)."""
-        self.row_symbols = [s for s, _ in rows]
-        return shared.plan(pairs, outputs, self._pair_kinds(), "Q")
+    def _plans(self, rows, diagonal, pairs, outputs) -> tuple:
+        """The row stage and the pair stage as groups of one template each (shared.plan)."""
+        row_kinds = {symbols.row_feature(k): ("RF1", k) for k in range(len(self.features.row))}
+        return shared.plan(rows, diagonal, row_kinds, "R"), shared.plan(pairs, outputs, self._pair_kinds(), "Q")
 
-    @staticmethod
-    def _should_share(pair_plan, pairs, outputs) -> bool:
-        """Loops pay off when the pair stage has many expressions of few structures (a CNN:
-        one per pair of positions); small programs (an MLP: one quantity per layer) keep the
-        straight-line code, whose loop over pairs vectorises.  Rule: at least 32 pair
-        quantities and output terms, at least 4 per group on average."""
-        groups = pair_plan[0]
-        units = len(pairs) + sum(len(g.index) for g in groups[pair_plan[2]:])
-        return units >= 32 and 4 * len(groups) <= units
-
-    def _shared_source(self, rows, diagonal, pairs, outputs, pair_plan) -> str:
+    def _shared_source(self, rows, diagonal, pairs, outputs, plans=None) -> str:
         """Module source with loops over groups (shared.py): the row stage (row quantities,
         then the kernels' diagonal) and the pair stage (pair quantities into a per-thread
         array Q, then the kernels), one loop per group of expressions of one template.  The
         stages are serial functions that release the GIL, run on threads by ``_in_threads``:
         numba's parallel (prange) compile of the same body took 2.5-3x as long."""
         loads_p = {node_symbol(k): f"P[{m}]" for m, k in enumerate(self.runtime)}
-        n_row = len(self.features.row)
-        row_kinds = {symbols.row_feature(k): ("RF1", k) for k in range(n_row)}
-        row_groups, row_constants, _ = shared.plan(rows, diagonal, row_kinds, "R")
-        if pair_plan is None:
-            pair_plan = self._pair_plan(rows, pairs, outputs)
-        pair_groups, pair_constants, _ = pair_plan
+        (row_groups, row_constants, _), (pair_groups, pair_constants, _) = plans or self._plans(rows, diagonal, pairs, outputs)
         row_formats = {"RF1": "RF1[i, {}]", "R": "R[i, {}]"}
         pair_formats = {"RF1": "RF1[i, {}]", "RF2T": "RF2T[{}, j]", "R1": "R1[i, {}]", "R2T": "R2T[{}, j]",
-                        "GS": "GS[{}, i, j]", "Q": "Q[{}]"}
+                        "GS": "GS[{}, i, j]", "Q": "Q[{}, j - jb]"}
         tables: list[str] = []
-        row_body = _group_loops("r", row_groups, row_formats, loads_p, "        ", "R[i, {}]", tables)
-        pair_body = _group_loops("p", pair_groups, pair_formats, loads_p, "                ", "Q[{}]", tables)
+        row_body = _group_loops("r", row_groups, row_formats, loads_p, "        ", "R[i, {}]", "_acc{}", tables)
+        pair_body = _group_loops("p", pair_groups, pair_formats, loads_p, "                ", "Q[{}, j - jb]",
+                                 "ACC[{}, j - jb]", tables, inner="for j in range(jb, je):")
         n_rows = len(rows)
         row_outs = "\n".join(f"        R[i, {n_rows + k}] = _acc{k}" for k in range(len(KERNELS)))
-        pair_outs = "\n".join(f"                out{k}[i, j] = _acc{k}" for k in range(len(KERNELS)))
         row_init = "\n".join(f"        _acc{k} = {c!r}" for k, c in enumerate(row_constants))
-        pair_init = "\n".join(f"                _acc{k} = {c!r}" for k, c in enumerate(pair_constants))
+        pair_init = "\n".join(f"                    ACC[{k}, j - jb] = {c!r}" for k, c in enumerate(pair_constants))
+        pair_outs = "\n".join(f"                    out{k}[i, j] = ACC[{k}, j - jb]" for k in range(len(KERNELS)))
         outs = ", ".join(f"out{k}" for k in range(len(KERNELS)))
         header = self._header(rows, diagonal, pairs, outputs)
         return header + "\n" + "\n".join(tables) + f"""
@@ -274,24 +268,29 @@ def row_stage(t0, step, RF1, R, P):
 
 @njit(cache=True, nogil=True, error_model="numpy")
 def pair_stage(t0, step, GS, RF1, RF2T, R1, R2T, {outs}, symmetric, P):
-    # GS: the Grams stacked (number, i, j); Q: the pair quantities of one pair.  Rows
-    # t0, t0 + step, ... of the loop (one call per thread, see _in_threads); symmetric:
-    # rows t and N-1-t together, so every thread gets equal work
+    # GS: the Grams stacked (number, i, j); Q: the pair quantities of pairs (i, jb..je-1).
+    # Rows t0, t0 + step, ... of the loop (one call per thread, see _in_threads); symmetric:
+    # rows t and N-1-t together, so every thread gets equal work.  Each group is one loop
+    # over its members around a loop over a block of j (contiguous reads: it vectorises)
     N = RF1.shape[0]
     M = RF2T.shape[1]
     half = (N + 1) // 2 if symmetric else N
     reps = 2 if symmetric else 1
-    Q = np.empty({max(len(pairs), 1)})
+    Q = np.empty(({max(len(pairs), 1)}, {_J_BLOCK}))
+    ACC = np.empty(({len(KERNELS)}, {_J_BLOCK}))
     for t in range(t0, half, step):
         for r in range(reps):
             i = t + r * (N - 1 - 2 * t)
             if r == 1 and i == t:
                 continue
             start = i if symmetric else 0
-            for j in range(start, M):
-{pair_body[0]}
+            for jb in range(start, M, {_J_BLOCK}):
+                je = min(M, jb + {_J_BLOCK})
+                for j in range(jb, je):
 {pair_init}
+{pair_body[0]}
 {pair_body[1]}
+                for j in range(jb, je):
 {pair_outs}
 """ + _MIRROR_SOURCE
 
@@ -423,6 +422,19 @@ def pair_stage(t0, step, GS, RF1, RF2T, R1, R2T, {outs}, symmetric, P):
         )
 
 
+def _should_share(plans) -> bool:
+    """Loops pay off when the stages have many expressions of few structures (a CNN: one per
+    pair of positions); small programs (an MLP: one quantity per layer; a CNN on 4
+    positions, where boundaries are most of the structures) keep the straight-line code,
+    which compiles faster per expression and whose loop over pairs vectorises.  Rule: at
+    least 32 quantities and output terms in all, at least 4 per group on average."""
+    units = groups = 0
+    for group_list, _, n_assign in plans:
+        units += sum(len(g.index) for g in group_list)
+        groups += len(group_list)
+    return units >= 32 and units >= 4 * groups
+
+
 @functools.cache
 def _stage_pool() -> ThreadPoolExecutor:
     return ThreadPoolExecutor(numba.config.NUMBA_NUM_THREADS, thread_name_prefix="tpc-stage")
@@ -440,11 +452,15 @@ def _in_threads(stage, rows: int, *args) -> None:
         job.result()
 
 
-def _group_loops(prefix: str, groups, formats: dict, fixed: dict, indent: str, slot: str, tables: list) -> tuple[str, str]:
-    """Generated loops of ``groups`` (shared.plan): (quantities' loops, output terms' loops
-    adding to _acc0, _acc1, ...).  Each group's index, slot and weight arrays are appended
-    to ``tables`` as module-level constants (numba freezes global arrays into the code)."""
+def _group_loops(prefix: str, groups, formats: dict, fixed: dict, indent: str, slot: str, acc: str, tables: list,
+                 inner: str | None = None) -> tuple[str, str]:
+    """Generated loops of ``groups`` (shared.plan): (quantities' loops storing into ``slot``,
+    output terms' loops adding to ``acc`` (formatted with the output's number)).  ``inner``:
+    a loop header nested inside each group's loop over members (the pair stage's loop over
+    a block of j, which vectorises).  Each group's index, slot and weight arrays are
+    appended to ``tables`` as module-level constants (numba freezes global arrays)."""
     quantity_lines, term_lines = [], []
+    body = indent + ("        " if inner else "    ")
     for g, group in enumerate(groups):
         name = f"{prefix}{g}"
         M, n = group.index.shape
@@ -453,16 +469,17 @@ def _group_loops(prefix: str, groups, formats: dict, fixed: dict, indent: str, s
         if n:
             tables.append(f"I_{name} = np.array({group.index.tolist()!r}, dtype=np.int64)")
         tables.append(f"W_{name} = np.array({group.weight.tolist()!r}, dtype=np.float64)")
-        lines, (value,) = print_body([group.template], loads, indent + "    ")
+        exprs = list(group.template.args)
+        lines, values = print_body(exprs, loads, body)
         out = quantity_lines if group.target is not None else term_lines
         out.append(f"{indent}for m in range({M}):")
+        if inner:
+            out.append(f"{indent}    {inner}")
         out.extend(lines)
         if group.target is not None:
             tables.append(f"O_{name} = np.array({group.target.tolist()!r}, dtype=np.int64)")
-            out.append(f"{indent}    {slot.format(f'O_{name}[m]')} = W_{name}[m, 0] * ({value})")
+            out.extend(f"{body}{slot.format(f'O_{name}[m, {e}]')} = W_{name}[m, 0] * ({v})" for e, v in enumerate(values))
         else:
-            out.append(f"{indent}    _t = {value}")
-            out.extend(f"{indent}    _acc{o} += W_{name}[m, {o}] * _t" for o in range(group.weight.shape[1])
-                       if group.weight[:, o].any())
+            out.extend(f"{body}{acc.format(o)} += W_{name}[m, 0] * ({v})" for o, (e, v) in enumerate(zip(exprs, values))
+                       if e != 0)
     return "\n".join(quantity_lines), "\n".join(term_lines)
-

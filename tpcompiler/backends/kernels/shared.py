@@ -35,16 +35,17 @@ import sympy as sp
 
 @dataclass
 class Group:
-    """Members m = 0..M-1 of one template: value_m = T(placeholder k <- source kinds[k] at
-    index[m, k]); for quantities (``target`` not None) stored as slot target[m] with factor
-    weight[m, 0]; for output terms added to output o with factor weight[m, o]."""
+    """Members m = 0..M-1 of one template, a tuple: value_m = T(placeholder k <- source
+    kinds[k] at index[m, k]); for quantities (``target`` not None) entry e stored as slot
+    target[m, e] with factor weight[m, 0]; for output bundles entry o added to output o with
+    factor weight[m, 0]."""
 
     template: sp.Expr
     placeholders: list          # symbols a_k of the template
     kinds: list                 # kind of a_k (a key of the caller's load formats)
     index: np.ndarray           # M x n int64
     weight: np.ndarray          # M x (1 or number of outputs) float64
-    target: np.ndarray | None   # M int64 slots (quantities) or None (output terms)
+    target: np.ndarray | None   # M x (entries) int64 slots (quantities) or None (outputs)
 
 
 class _Skeletons:
@@ -168,40 +169,58 @@ def plan(assignments, outputs, kinds: dict, slot_kind: str) -> tuple[list[Group]
     stored in slot k of kind ``slot_kind``) and then ``outputs`` (sums of terms).
 
     ``kinds``: {symbol: (kind, index)} of every symbol the expressions read, where it is found
-    (the others are fixed and stay in the templates).  Quantities are grouped by (level, template), where the level is
-    the length of the longest dependency chain among the assignments, so the members of a
-    group never depend on each other and the groups run in level order.  Returns (groups,
+    (the others are fixed and stay in the templates).  Quantities of one level (the length
+    of the longest dependency chain among the assignments before them) that read the same
+    symbols form a bundle c * (e_0, e_1, ...)/c (the NNGP-like and NTK-like quantities of one
+    pair of positions: their common subexpressions are computed once); bundles are grouped
+    by (level, structure), so the members of a group never depend on each other and the
+    groups run in level order.  Returns (groups,
     constant part of each output, number of groups of quantities)."""
     kinds = dict(kinds)
     kinds.update({s: (slot_kind, k) for k, (s, _) in enumerate(assignments)})
     sk = _Skeletons(kinds)
     slot = {s: k for k, (s, _) in enumerate(assignments)}
+    kind_symbols = set(kinds)
     level: dict = {}
-    by_key: dict = {}
+    bundles: dict = {}
     for s, e in assignments:
         level[s] = 1 + max((level[d] for d in e.free_symbols if d in slot), default=-1)
-        c, rest = _split(e)
-        cid, syms = sk.canonical(rest)
-        by_key.setdefault((level[s], cid), []).append((slot[s], c, syms, rest))
+        bundles.setdefault((level[s], frozenset(e.free_symbols & kind_symbols)), []).append((slot[s], e))
+    by_key: dict = {}
+    for (lev, _), items in bundles.items():
+        items = sorted(items, key=lambda it: sk.key(it[1]))  # stable: a canonical order of the entries
+        c = _split(items[0][1])[0] or 1.0
+        bundle = sp.Tuple(*[e / c for _, e in items])
+        cid, syms = sk.canonical(bundle)
+        by_key.setdefault((lev, cid), []).append(([k for k, _ in items], c, syms, bundle, lev))
     groups = []
-    for members in sorted(by_key.values(), key=lambda ms: (level[assignments[ms[0][0]][0]], ms[0][0])):
+    for members in sorted(by_key.values(), key=lambda ms: (ms[0][4], ms[0][0][0])):
         groups.append(_group([(m[2], m[3]) for m in members], kinds, np.array([[m[1]] for m in members]),
                              np.array([m[0] for m in members], dtype=np.int64)))
     n_assign = len(groups)
     constants = [0.0] * len(outputs)
-    terms: dict = {}   # structure id -> {binding: [weights, expression]}
+    # Output terms that read the same symbols (the NNGP and NTK terms of one pair of
+    # positions) are one *bundle*, the tuple of their sums per output, so the code computes
+    # their common subexpressions (an arccos) once: the bundle is c * (e_0, e_1, ...)/c,
+    # with c the first term's coefficient, grouped by the structure of the tuple.
+    bundles: dict = {}
+    kind_symbols = set(kinds)
     for o, e in enumerate(outputs):
         for term in sp.Add.make_args(sp.sympify(e)):
-            c, rest = _split(term)
-            if not (rest.free_symbols & set(kinds)) and rest.is_number:
-                constants[o] += c * float(rest)
+            read = term.free_symbols & kind_symbols
+            if not read and term.is_number:
+                constants[o] += float(term)
                 continue
-            cid, syms = sk.canonical(rest)
-            w = terms.setdefault(cid, {}).setdefault(tuple(syms), [[0.0] * len(outputs), rest])
-            w[0][o] += c
+            bundles.setdefault(frozenset(read), [[] for _ in outputs])[o].append(term)
+    terms: dict = {}   # structure id -> [(binding, coefficient, tuple)]
+    for parts in bundles.values():
+        c = next(_split(p[0])[0] for p in parts if p)
+        c = c if c != 0 else 1.0
+        bundle = sp.Tuple(*[sp.Add(*p) / c if p else sp.S.Zero for p in parts])
+        cid, syms = sk.canonical(bundle)
+        terms.setdefault(cid, []).append((syms, c, bundle))
     for members in terms.values():
-        groups.append(_group([(list(b), m[1]) for b, m in members.items()], kinds,
-                             np.array([m[0] for m in members.values()]), None))
+        groups.append(_group([(m[0], m[2]) for m in members], kinds, np.array([[m[1]] for m in members]), None))
     return groups, constants, n_assign
 
 
