@@ -230,7 +230,11 @@ def pair_stage({grams}RF1, RF2T, R1, R2T, {outs}, symmetric, P):
     def _plans(self, rows, diagonal, pairs, outputs) -> tuple:
         """The row stage and the pair stage as groups of one template each (shared.plan)."""
         row_kinds = {symbols.row_feature(k): ("RF1", k) for k in range(len(self.features.row))}
-        return shared.plan(rows, diagonal, row_kinds, "R"), shared.plan(pairs, outputs, self._pair_kinds(), "Q")
+        pair_kinds = self._pair_kinds()
+        # repeated calls (arccos) become pair quantities of their own, computed once per pair
+        pairs, outputs = shared.lift_repeated_calls(pairs, outputs, pair_kinds)
+        self._pair_slots = len(pairs)
+        return shared.plan(rows, diagonal, row_kinds, "R"), shared.plan(pairs, outputs, pair_kinds, "Q")
 
     def _shared_source(self, rows, diagonal, pairs, outputs, plans=None) -> str:
         """Module source with loops over groups (shared.py): the row stage (row quantities,
@@ -276,7 +280,7 @@ def pair_stage(t0, step, GS, RF1, RF2T, R1, R2T, {outs}, symmetric, P):
     M = RF2T.shape[1]
     half = (N + 1) // 2 if symmetric else N
     reps = 2 if symmetric else 1
-    Q = np.empty(({max(len(pairs), 1)}, {_J_BLOCK}))
+    Q = np.empty(({max(self._pair_slots, 1)}, {_J_BLOCK}))
     ACC = np.empty(({len(KERNELS)}, {_J_BLOCK}))
     for t in range(t0, half, step):
         for r in range(reps):

@@ -164,6 +164,64 @@ def _split(e: sp.Expr) -> tuple[float, sp.Expr]:
     return float(c), rest
 
 
+def lift_repeated_calls(assignments, outputs, kinds: dict) -> tuple[list, list]:
+    """(assignments, outputs) with every function call that reads symbols of ``kinds`` and
+    occurs in more than one expression (an arccos of one pair of positions, used by the
+    NTK terms of every pair of positions it feeds) made an assignment of its own, placed
+    before its first use, and read from there.  Equal values: only common subexpressions
+    are named, as sympy's cse would, but counted per expression, which stays linear in the
+    number of expressions."""
+    kind_symbols = set(kinds)
+    exprs = [e for _, e in assignments] + list(outputs)
+    counts: dict = {}
+    for e in exprs:
+        seen = set()
+        for sub in sp.preorder_traversal(e):
+            if isinstance(sub, sp.Function) and sub not in seen and sub.free_symbols & kind_symbols:
+                seen.add(sub)
+                counts[sub] = counts.get(sub, 0) + 1
+    repeated = [f for f, n in counts.items() if n > 1]
+    if not repeated:
+        return list(assignments), list(outputs)
+    names = {f: sp.Symbol(f"_lift{k}", real=True) for k, f in enumerate(repeated)}
+    definitions: dict = {}   # symbol -> its call, inner calls named
+
+    def define(f):
+        """Name f (after the repeated calls inside it), in post-order into ``placed``."""
+        sym = names[f]
+        if sym not in definitions:
+            for g in _calls_in(f.args, names):
+                define(g)
+            inner = f.func(*[a.xreplace(names) for a in f.args])
+            definitions[sym] = inner
+            placed.append((sym, inner))
+
+    out = []
+    for s, e in assignments:
+        placed: list = []
+        for f in _calls_in([e], names):
+            define(f)
+        out.extend(placed)
+        out.append((s, e.xreplace(names)))
+    placed = []
+    for e in outputs:
+        for f in _calls_in([e], names):
+            define(f)
+    out.extend(placed)
+    return out, [e.xreplace(names) for e in outputs]
+
+
+def _calls_in(exprs, names: dict) -> list:
+    """The calls of ``names`` occurring in exprs, in a fixed order (first occurrence)."""
+    found, seen = [], set()
+    for e in exprs:
+        for sub in sp.preorder_traversal(e):
+            if sub in names and sub not in seen:
+                seen.add(sub)
+                found.append(sub)
+    return found
+
+
 def plan(assignments, outputs, kinds: dict, slot_kind: str) -> tuple[list[Group], list[float], int]:
     """Groups computing ``assignments`` ((symbol, expr) in dependency order; symbol k is
     stored in slot k of kind ``slot_kind``) and then ``outputs`` (sums of terms).
