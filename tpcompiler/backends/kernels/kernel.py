@@ -189,7 +189,7 @@ class KernelFunction:
                                            "                ", pairs)
         src = header + f"""
 
-@njit(parallel=True, cache=True)
+@njit(parallel=True, cache=True, error_model="numpy")
 def row_stage(RF1, R, P):
     for i in prange(RF1.shape[0]):
 {chr(10).join(row_lines) if row_lines else '        pass'}
@@ -260,7 +260,7 @@ def pair_stage({grams}RF1, RF2T, R1, R2T, {outs}, symmetric, P):
         header = self._header(rows, diagonal, pairs, outputs)
         return header + "\n" + "\n".join(tables) + f"""
 
-@njit(cache=True, nogil=True)
+@njit(cache=True, nogil=True, error_model="numpy")
 def row_stage(t0, step, RF1, R, P):
     # rows t0, t0 + step, ... (one call per thread, see _in_threads)
     for i in range(t0, RF1.shape[0], step):
