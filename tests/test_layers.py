@@ -24,6 +24,7 @@ import tpcompiler as tp
 from tpcompiler import layers
 from tpcompiler.check import finite_runs, format_report, judge
 from tpcompiler.backends.interpreter import run
+from tpcompiler.frontend.loader import load
 from tpcompiler.ir.backward import derive_backward
 from tpcompiler.ir.graph import instantiate
 from tpcompiler.ir.ntk import kernel_program
@@ -81,6 +82,38 @@ def test_layers_match_neural_tangents(case):
     text = META["cases"][case]["stax"][len("stax.serial("):-1]
     tol = TOL_QUADRATURE if case in ("fc_exp", "fc_abs") else TOL
     assert_matches(port(text), ref, case, ref[inp], ref[inp + "_test"], tol)
+
+
+@pytest.mark.parametrize("case", ["conv1d_circular_standard", "conv2d_same_gap"])
+def test_looped_kernel_code_matches_neural_tangents(case):
+    """The kernel code with one loop per structure (backends/kernels/shared.py: a CNN's pairs
+    of positions share one generated loop) forced on, against neural-tangents' kernels."""
+    from tpcompiler.backends.kernels.kernel import KernelFunction
+
+    ref = reference("layers_nt_reference.npz")
+    inp = META["cases"][case]["input"]
+    x, x_test = ref[inp], ref[inp + "_test"]
+    net = port(META["cases"][case]["stax"][len("stax.serial("):-1])
+    kf = KernelFunction(tp.compile(net.program(x.shape[1:])).source, share=True)
+    got = kf(x.reshape(len(x), -1), x_test.reshape(len(x_test), -1))
+    assert kf.shared and "for m in range" in kf.source
+    for ours, theirs in (("nngp", "nngp"), ("ntk", "ntk"), ("nngp_x2", "nngp_test"), ("ntk_x2", "ntk_test")):
+        assert relerr(got[ours], ref[f"{case}__{theirs}"]) <= TOL, (case, ours, relerr(got[ours], ref[f"{case}__{theirs}"]))
+
+
+def test_generated_kernel_code_does_not_grow_with_positions():
+    """A depth-2 SAME CNN has one pair quantity per pair of positions and layer; the looped
+    code has one loop per structure (interior / boundary positions), so the generated source
+    is the same size for 6 and 9 positions (the straight-line code grew like positions^2)."""
+    from tpcompiler.backends.kernels.kernel import KernelFunction
+
+    sizes = {}
+    for L in (6, 9):
+        kf = KernelFunction(tp.compile(load(DATA.parent.parent / "programs" / "cnn1d.py", L=L, depth=2)).source)
+        assert kf.shared
+        assert sum(q.pair for q in kf.engine.order) == 2 * L * L  # layer 1 and 2: one per (i, j)
+        sizes[L] = (kf.source.count("for m in range"), len(kf.source.splitlines()))
+    assert sizes[6] == sizes[9], sizes
 
 
 def _shared_net(case: dict) -> layers.Layer:

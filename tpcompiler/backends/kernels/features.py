@@ -279,15 +279,22 @@ class Features:
             out[:, k] = np.broadcast_to(fn(*args), (X.shape[0],))
         return out
 
-    def pair_values(self, X: np.ndarray, X2: np.ndarray | None) -> list[np.ndarray]:
-        """One N x N2 array per base Gram (separate arrays: the generated loop vectorises)."""
-        out = []
-        for base in self.bases:
-            if base[0] == "cov":
-                out.append(self._cov_values(base[1], base[2], X, X2, False))
-            else:
-                out.append(_bilinear_gram(dict(base[1]), X, X2))
-        return out
+    def pair_values(self, X: np.ndarray, X2: np.ndarray | None, stacked: bool = False):
+        """One N x N2 array per base Gram (separate arrays: the generated loop vectorises);
+        ``stacked``: one (number of Grams) x N x N2 array instead (the looped pair stage of
+        shared.py indexes Grams by a run-time number)."""
+        if stacked:
+            out = np.empty((len(self.bases), X.shape[0], (X if X2 is None else X2).shape[0]))
+            for m in range(len(self.bases)):
+                out[m] = self._base_values(m, X, X2)
+            return out
+        return [self._base_values(m, X, X2) for m in range(len(self.bases))]
+
+    def _base_values(self, m: int, X: np.ndarray, X2: np.ndarray | None) -> np.ndarray:
+        base = self.bases[m]
+        if base[0] == "cov":
+            return self._cov_values(base[1], base[2], X, X2, False)
+        return _bilinear_gram(dict(base[1]), X, X2)
 
 
 #: The value on every data row of one scalar of an input layer, by op: rule(X, op) -> column.

@@ -14,6 +14,11 @@ quadrature calls) -> this module:
   (common subexpressions shared by sympy's cse, e.g. one arccos per relu layer), a parallel
   loop over pairs, only the upper triangle when X2 is not given.
 
+When the quantities and output terms are many but of few structures (a CNN: one quantity
+per pair of positions and layer, all of one form), both stages are generated instead as one
+loop per structure over index arrays (``shared``), so code size and compile time stop
+growing with the number of positions; ``_should_share`` decides, ``share=`` overrides.
+
 Expectations with closed forms (expectations.closed_form_pair) are inlined as sympy expressions;
 the others call the generated quadrature functions of ``expectations``.  Generated source is
 cached on disk keyed by its hash (``codegen.load_module``), and numba compiles it with
@@ -23,7 +28,9 @@ from __future__ import annotations
 
 import functools
 import time
+from concurrent.futures import ThreadPoolExecutor
 
+import numba
 import numpy as np
 import sympy as sp
 from threadpoolctl import ThreadpoolController
@@ -33,11 +40,38 @@ from tpcompiler.ir import ops, symbols
 from tpcompiler.backends.codegen import custom_functions_source, load_module, print_body
 from tpcompiler.ir.graph import Graph, ProgramError
 from tpcompiler.ir.ntk import kernel_program
+from tpcompiler.backends.kernels import shared
 from tpcompiler.backends.kernels.features import Features
 from tpcompiler.ir.ops import node_symbol
 from tpcompiler.backends.kernels.pairwise import E1, E2, NotPairwise, PairwiseEngine, expectation_rules
 
 KERNELS = ("nngp", "ntk")
+#: Pairs (i, j) per block of the looped pair stage (``_shared_source``): its quantities take
+#: (number of pair quantities) x _J_BLOCK floats per thread.
+_J_BLOCK = 256
+
+#: The tail of every generated kernel module: the lower triangle of a symmetric block.
+_MIRROR_SOURCE = """
+
+@njit(parallel=True, cache=True)
+def mirror(out, diagonal):
+    # the lower triangle from the upper one in 64 x 64 tiles (a plain transposed copy misses
+    # the cache on every read), block rows b and nb-1-b together for equal work per thread;
+    # the diagonal from the row stage
+    N = out.shape[0]
+    nb = (N + 63) // 64
+    for t in prange((nb + 1) // 2):
+        for r in range(2):
+            b = t + r * (nb - 1 - 2 * t)
+            if r == 1 and b == t:
+                continue
+            for c in range(b + 1):
+                for i in range(b * 64, min(N, b * 64 + 64)):
+                    for j in range(c * 64, min(i, c * 64 + 64)):
+                        out[i, j] = out[j, i]
+            for i in range(b * 64, min(N, b * 64 + 64)):
+                out[i, i] = diagonal[i]
+"""
 #: The bound variable of the functions g(t) printed into generated source.
 _PRINTED_ARG = sp.Symbol("t", real=True)
 
@@ -58,11 +92,14 @@ def _one_blas_thread():
 class KernelFunction:
     """NNGP and NTK of a template program, compiled to Numba (see module docstring)."""
 
-    def __init__(self, graph: Graph, rtol: float = 1e-10, runtime=()):
+    def __init__(self, graph: Graph, rtol: float = 1e-10, runtime=(), share: bool | None = None):
         """``runtime``: Param keys of ``graph`` kept as symbols through the derivation and the
         generated code, whose values are arguments of every call (``params``), so one
         compilation serves every value of them; the others are compiled in as numbers.
-        Refused (NotPairwise) where a runtime Param would enter a quadrature function."""
+        Refused (NotPairwise) where a runtime Param would enter a quadrature function.
+        ``share``: compute quantities (and output terms) of one structure by one loop
+        (``shared``: a CNN's pairs of positions) instead of straight-line code; None decides
+        by the program (``_should_share``)."""
         start = time.perf_counter()
         self.rtol = rtol
         bad = [k for k in runtime if k not in graph.g or not isinstance(graph.op(k), ops.Param)]
@@ -104,7 +141,14 @@ class KernelFunction:
         rows = [(q.symbol, lower(q.definition)) for q in engine.order if not q.pair]
         pairs = [(q.symbol, lower(q.definition)) for q in engine.order if q.pair]
         self.row_symbols = [s for s, _ in rows]
-        self.source = self._source(rows, [lower(o) for o in diagonal], pairs, [lower(o) for o in outputs])
+        diagonal, outputs = [lower(o) for o in diagonal], [lower(o) for o in outputs]
+        plans = self._plans(rows, diagonal, pairs, outputs) if share is not False else None
+        #: whether the generated code computes groups of quantities by loops (shared.py)
+        self.shared = _should_share(plans) if share is None else bool(share)
+        if self.shared:
+            self.source = self._shared_source(rows, diagonal, pairs, outputs, plans)
+        else:
+            self.source = self._source(rows, diagonal, pairs, outputs)
         self.module = load_module(self.source, "kernels")
         self.compile_seconds = time.perf_counter() - start
         self.last_timing: dict = {}
@@ -130,7 +174,6 @@ class KernelFunction:
         """Module source: the row stage (row quantities, then the kernels' diagonal) and the
         pair stage (pair quantities, then the kernels), each one fused straight-line body."""
         n_row = len(self.features.row)
-        quad = [i for i, obj in enumerate(self.expectations) if obj.expression is None]
         loads0 = {symbols.row_feature(k): f"RF1[i, {k}]" for k in range(n_row)}
         loads1 = {symbols.row_feature(k, second=True): f"RF2T[{k}, j]" for k in range(n_row)}
         loads_q0 = {s: f"R1[i, {k}]" for k, s in enumerate(self.row_symbols)}
@@ -140,28 +183,11 @@ class KernelFunction:
         loads_p = {node_symbol(k): f"P[{m}]" for m, k in enumerate(self.runtime)}
         grams = "".join(f"G{m}, " for m in range(n_g))
         outs = ", ".join(f"out{k}" for k in range(len(KERNELS)))
-        header = [
-            "import math",
-            "import numpy as np",
-            "import sympy as _sp",
-            "from numba import njit, prange",
-            "from tpcompiler import expectations as _ex",
-            "from tpcompiler.ir.nonlinearities import SYMPY_NAMESPACE as _NS",
-        ]
-        for i in quad:
-            obj = self.expectations[i]
-            lams = [obj.phi] + ([obj.psi] if isinstance(obj, expectations.PairExpectation) else [])
-            # printed with a plain bound symbol: the source re-reads it with sympify
-            lams = [sp.Lambda(_PRINTED_ARG, lam.expr.xreplace({lam.variables[0]: _PRINTED_ARG})) for lam in lams]
-            args = ", ".join(f"_sp.sympify({sp.srepr(lam)!r}, locals=_NS)" for lam in lams)
-            build = "pair_expectation" if len(lams) == 2 else "expectation"
-            # naming the callee's module keeps this module's numba cache from outliving it
-            header.append(f"_e{i} = _ex.{build}({args}, rtol={self.rtol!r}).scalar  # {obj.scalar.py_func.__module__}")
-        body = custom_functions_source([e for _, e in rows + pairs] + diagonal + outputs)
+        header = self._header(rows, diagonal, pairs, outputs)
         row_lines, row_outs = print_body([s for s, _ in rows] + diagonal, {**loads0, **loads_p}, "        ", rows)
         pair_lines, pair_outs = print_body(outputs, {**loads0, **loads1, **loads_q0, **loads_q1, **loads_g, **loads_p},
                                            "                ", pairs)
-        src = "\n".join(header) + "\n" + body + f"""
+        src = header + f"""
 
 @njit(parallel=True, cache=True, error_model="numpy")
 def row_stage(RF1, R, P):
@@ -189,28 +215,111 @@ def pair_stage({grams}RF1, RF2T, R1, R2T, {outs}, symmetric, P):
             for j in range(start, M):
 {chr(10).join(pair_lines)}
 {chr(10).join(f'                out{k}[i, j] = {e}' for k, e in enumerate(pair_outs))}
-
-
-@njit(parallel=True, cache=True)
-def mirror(out, diagonal):
-    # the lower triangle from the upper one in 64 x 64 tiles (a plain transposed copy misses
-    # the cache on every read), block rows b and nb-1-b together for equal work per thread;
-    # the diagonal from the row stage
-    N = out.shape[0]
-    nb = (N + 63) // 64
-    for t in prange((nb + 1) // 2):
-        for r in range(2):
-            b = t + r * (nb - 1 - 2 * t)
-            if r == 1 and b == t:
-                continue
-            for c in range(b + 1):
-                for i in range(b * 64, min(N, b * 64 + 64)):
-                    for j in range(c * 64, min(i, c * 64 + 64)):
-                        out[i, j] = out[j, i]
-            for i in range(b * 64, min(N, b * 64 + 64)):
-                out[i, i] = diagonal[i]
-"""
+""" + _MIRROR_SOURCE
         return src
+
+    def _pair_kinds(self) -> dict:
+        """{symbol: (kind, index)} of what the pair stage reads (shared.plan)."""
+        kinds = {symbols.row_feature(k): ("RF1", k) for k in range(len(self.features.row))}
+        kinds.update({symbols.row_feature(k, second=True): ("RF2T", k) for k in range(len(self.features.row))})
+        kinds.update({s: ("R1", k) for k, s in enumerate(self.row_symbols)})
+        kinds.update({symbols.primed(s): ("R2T", k) for k, s in enumerate(self.row_symbols)})
+        kinds.update({symbols.gram(m): ("GS", m) for m in range(len(self.features.bases))})
+        return kinds
+
+    def _plans(self, rows, diagonal, pairs, outputs) -> tuple:
+        """The row stage and the pair stage as groups of one template each (shared.plan)."""
+        row_kinds = {symbols.row_feature(k): ("RF1", k) for k in range(len(self.features.row))}
+        pair_kinds = self._pair_kinds()
+        # repeated calls (arccos) become pair quantities of their own, computed once per pair
+        pairs, outputs = shared.lift_repeated_calls(pairs, outputs, pair_kinds)
+        self._pair_slots = len(pairs)
+        return shared.plan(rows, diagonal, row_kinds, "R"), shared.plan(pairs, outputs, pair_kinds, "Q")
+
+    def _shared_source(self, rows, diagonal, pairs, outputs, plans=None) -> str:
+        """Module source with loops over groups (shared.py): the row stage (row quantities,
+        then the kernels' diagonal) and the pair stage (pair quantities into a per-thread
+        array Q, then the kernels), one loop per group of expressions of one template.  The
+        stages are serial functions that release the GIL, run on threads by ``_in_threads``:
+        numba's parallel (prange) compile of the same body took 2.5-3x as long."""
+        loads_p = {node_symbol(k): f"P[{m}]" for m, k in enumerate(self.runtime)}
+        (row_groups, row_constants, _), (pair_groups, pair_constants, _) = plans or self._plans(rows, diagonal, pairs, outputs)
+        row_formats = {"RF1": "RF1[i, {}]", "R": "R[i, {}]"}
+        pair_formats = {"RF1": "RF1[i, {}]", "RF2T": "RF2T[{}, j]", "R1": "R1[i, {}]", "R2T": "R2T[{}, j]",
+                        "GS": "GS[{}, i, j]", "Q": "Q[{}, j - jb]"}
+        tables: list[str] = []
+        row_body = _group_loops("r", row_groups, row_formats, loads_p, "        ", "R[i, {}]", "_acc{}", tables)
+        pair_body = _group_loops("p", pair_groups, pair_formats, loads_p, "                ", "Q[{}, j - jb]",
+                                 "ACC[{}, j - jb]", tables, inner="for j in range(jb, je):")
+        n_rows = len(rows)
+        row_outs = "\n".join(f"        R[i, {n_rows + k}] = _acc{k}" for k in range(len(KERNELS)))
+        row_init = "\n".join(f"        _acc{k} = {c!r}" for k, c in enumerate(row_constants))
+        pair_init = "\n".join(f"                    ACC[{k}, j - jb] = {c!r}" for k, c in enumerate(pair_constants))
+        pair_outs = "\n".join(f"                    out{k}[i, j] = ACC[{k}, j - jb]" for k in range(len(KERNELS)))
+        outs = ", ".join(f"out{k}" for k in range(len(KERNELS)))
+        header = self._header(rows, diagonal, pairs, outputs)
+        return header + "\n" + "\n".join(tables) + f"""
+
+@njit(cache=True, nogil=True, error_model="numpy")
+def row_stage(t0, step, RF1, R, P):
+    # rows t0, t0 + step, ... (one call per thread, see _in_threads)
+    for i in range(t0, RF1.shape[0], step):
+{row_body[0]}
+{row_init}
+{row_body[1]}
+{row_outs}
+
+
+@njit(cache=True, nogil=True, error_model="numpy")
+def pair_stage(t0, step, GS, RF1, RF2T, R1, R2T, {outs}, symmetric, P):
+    # GS: the Grams stacked (number, i, j); Q: the pair quantities of pairs (i, jb..je-1).
+    # Rows t0, t0 + step, ... of the loop (one call per thread, see _in_threads); symmetric:
+    # rows t and N-1-t together, so every thread gets equal work.  Each group is one loop
+    # over its members around a loop over a block of j (contiguous reads: it vectorises)
+    N = RF1.shape[0]
+    M = RF2T.shape[1]
+    half = (N + 1) // 2 if symmetric else N
+    reps = 2 if symmetric else 1
+    Q = np.empty(({max(self._pair_slots, 1)}, {_J_BLOCK}))
+    ACC = np.empty(({len(KERNELS)}, {_J_BLOCK}))
+    for t in range(t0, half, step):
+        for r in range(reps):
+            i = t + r * (N - 1 - 2 * t)
+            if r == 1 and i == t:
+                continue
+            start = i if symmetric else 0
+            for jb in range(start, M, {_J_BLOCK}):
+                je = min(M, jb + {_J_BLOCK})
+                for j in range(jb, je):
+{pair_init}
+{pair_body[0]}
+{pair_body[1]}
+                for j in range(jb, je):
+{pair_outs}
+""" + _MIRROR_SOURCE
+
+    def _header(self, rows, diagonal, pairs, outputs) -> str:
+        """Module source before the stages: imports, quadrature functions, custom functions."""
+        quad = [i for i, obj in enumerate(self.expectations) if obj.expression is None]
+        header = [
+            "import math",
+            "import numpy as np",
+            "import sympy as _sp",
+            "from numba import njit, prange",
+            "from tpcompiler import expectations as _ex",
+            "from tpcompiler.ir.nonlinearities import SYMPY_NAMESPACE as _NS",
+        ]
+        for i in quad:
+            obj = self.expectations[i]
+            lams = [obj.phi] + ([obj.psi] if isinstance(obj, expectations.PairExpectation) else [])
+            # printed with a plain bound symbol: the source re-reads it with sympify
+            lams = [sp.Lambda(_PRINTED_ARG, lam.expr.xreplace({lam.variables[0]: _PRINTED_ARG})) for lam in lams]
+            args = ", ".join(f"_sp.sympify({sp.srepr(lam)!r}, locals=_NS)" for lam in lams)
+            build = "pair_expectation" if len(lams) == 2 else "expectation"
+            # naming the callee's module keeps this module's numba cache from outliving it
+            header.append(f"_e{i} = _ex.{build}({args}, rtol={self.rtol!r}).scalar  # {obj.scalar.py_func.__module__}")
+        body = custom_functions_source([e for _, e in rows + pairs] + diagonal + outputs)
+        return "\n".join(header) + "\n" + body
 
     # -- evaluation -----------------------------------------------------------------------
     def _check(self, X, what):
@@ -248,7 +357,10 @@ def mirror(out, diagonal):
         (``params``: runtime parameter values, ``parameter_values``)."""
         RF = self.features.row_values(X)
         R = np.empty((X.shape[0], len(self.row_symbols) + len(KERNELS)))
-        self.module.row_stage(RF, R, self.parameter_values(params))
+        if self.shared:
+            _in_threads(self.module.row_stage, X.shape[0], RF, R, self.parameter_values(params))
+        else:
+            self.module.row_stage(RF, R, self.parameter_values(params))
         return RF, R
 
     def block(self, A, rows_A, B, rows_B, same: bool, timing: dict | None = None, params=None) -> list[np.ndarray]:
@@ -261,12 +373,15 @@ def mirror(out, diagonal):
         # after a call and slow down the other's next one.
         t0 = time.perf_counter()
         with _one_blas_thread(), np.errstate(over="ignore", invalid="ignore"):  # see check_finite
-            G = self.features.pair_values(A, None if same else B)
+            G = self.features.pair_values(A, None if same else B, stacked=self.shared)
         t1 = time.perf_counter()
         (RFa, Ra), (RFb, Rb) = rows_A, rows_B
         outs = [np.empty((A.shape[0], B.shape[0])) for _ in KERNELS]
-        self.module.pair_stage(*G, RFa, np.ascontiguousarray(RFb.T), Ra, np.ascontiguousarray(Rb.T), *outs, same,
-                               self.parameter_values(params))
+        args = (RFa, np.ascontiguousarray(RFb.T), Ra, np.ascontiguousarray(Rb.T), *outs, same, self.parameter_values(params))
+        if self.shared:
+            _in_threads(self.module.pair_stage, (A.shape[0] + 1) // 2 if same else A.shape[0], G, *args)
+        else:
+            self.module.pair_stage(*G, *args)
         if same:
             for k, out in enumerate(outs):
                 self.module.mirror(out, np.ascontiguousarray(Ra[:, len(self.row_symbols) + k]))
@@ -309,3 +424,66 @@ def mirror(out, diagonal):
             f"{max(norms):.3g}): a variance of the network exceeds the float64 range; rescale "
             f"the inputs (e.g. divide them by their largest norm)"
         )
+
+
+def _should_share(plans) -> bool:
+    """Loops pay off when the stages have many expressions of few structures (a CNN: one per
+    pair of positions); small programs (an MLP: one quantity per layer; a CNN on 4
+    positions, where boundaries are most of the structures) keep the straight-line code,
+    which compiles faster per expression and whose loop over pairs vectorises.  Rule: at
+    least 32 quantities and output terms in all, at least 4 per group on average."""
+    units = groups = 0
+    for group_list, _, n_assign in plans:
+        units += sum(len(g.index) for g in group_list)
+        groups += len(group_list)
+    return units >= 32 and units >= 4 * groups
+
+
+@functools.cache
+def _stage_pool() -> ThreadPoolExecutor:
+    return ThreadPoolExecutor(numba.config.NUMBA_NUM_THREADS, thread_name_prefix="tpc-stage")
+
+
+def _in_threads(stage, rows: int, *args) -> None:
+    """stage(t0, step, *args) for t0 = 0..step-1 on ``numba.get_num_threads()`` threads (the
+    generated stages release the GIL), or one call when there is one thread or one row."""
+    step = max(1, min(numba.get_num_threads(), rows))
+    if step == 1:
+        stage(0, 1, *args)
+        return
+    jobs = [_stage_pool().submit(stage, t0, step, *args) for t0 in range(step)]
+    for job in jobs:
+        job.result()
+
+
+def _group_loops(prefix: str, groups, formats: dict, fixed: dict, indent: str, slot: str, acc: str, tables: list,
+                 inner: str | None = None) -> tuple[str, str]:
+    """Generated loops of ``groups`` (shared.plan): (quantities' loops storing into ``slot``,
+    output terms' loops adding to ``acc`` (formatted with the output's number)).  ``inner``:
+    a loop header nested inside each group's loop over members (the pair stage's loop over
+    a block of j, which vectorises).  Each group's index, slot and weight arrays are
+    appended to ``tables`` as module-level constants (numba freezes global arrays)."""
+    quantity_lines, term_lines = [], []
+    body = indent + ("        " if inner else "    ")
+    for g, group in enumerate(groups):
+        name = f"{prefix}{g}"
+        M, n = group.index.shape
+        loads = {a: formats[kind].format(f"I_{name}[m, {k}]") for k, (a, kind) in enumerate(zip(group.placeholders, group.kinds))}
+        loads.update(fixed)
+        if n:
+            tables.append(f"I_{name} = np.array({group.index.tolist()!r}, dtype=np.int64)")
+        tables.append(f"W_{name} = np.array({group.weight.tolist()!r}, dtype=np.float64)")
+        exprs = list(group.template.args)
+        lines, values = print_body(exprs, loads, body)
+        out = quantity_lines if group.target is not None else term_lines
+        out.append(f"{indent}for m in range({M}):")
+        if inner:
+            out.append(f"{indent}    {inner}")
+        out.extend(lines)
+        if group.target is not None:
+            tables.append(f"O_{name} = np.array({group.target.tolist()!r}, dtype=np.int64)")
+            out.extend(f"{body}{slot.format(f'O_{name}[m, {e}]')} = W_{name}[m, 0] * ({v})" for e, v in enumerate(values))
+        else:
+            out.extend(f"{body}{acc.format(o)} += W_{name}[m, 0] * ({v})" for o, (e, v) in enumerate(zip(exprs, values))
+                       if e != 0)
+    return "\n".join(quantity_lines), "\n".join(term_lines)

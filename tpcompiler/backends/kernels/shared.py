@@ -1,0 +1,301 @@
+"""Quantities that share one structure, computed by one loop (docs/DESIGN.md 2.7, strategy 2;
+issue 11: compile time of programs with many positions).
+
+A convolutional network's kernel has one quantity per pair of positions (i, j) and layer,
+and its outputs are sums over such pairs: E[x_i x_j'] for every (i, j) is *the same
+expression* of other quantities and features, up to which quantities and features it reads.
+Straight-line code for every pair makes code generation and Numba's compile grow like
+positions^2 x depth.  Here each lowered expression e (a quantity's definition, or one term
+of an output) is written as
+
+    e = c * T(s_1, ..., s_n),
+
+with c a number, T a *template* whose free symbols are placeholders a_1..a_n, and s_k the
+quantities / features it reads.  Expressions with the same template (and, for quantities,
+the same level in the dependency DAG) form a *group*; the generated code computes a group
+by one loop over its members, reading s_k through an index array (I[m, k]), so the code
+size, sympy's cse and Numba's compile depend on the number of groups, which for a
+convolution does not grow with the number of positions.  Nothing is assumed about the
+program: T is found by renaming the symbols of the derived expressions, and
+e == c * T(s_1, ..., s_n) holds by construction (T is e with s_k renamed to a_k).
+
+Placeholders are numbered in a canonical traversal: the arguments of sums and products
+are visited in the order of their *skeletons* (the expression with every symbol replaced by
+its kind), so isomorphic expressions at different positions give the same template;
+a symbol's kind is refined by where it occurs (``_labels``), and remaining ties keep sympy's
+order (which can only split a group in two, never join different ones).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import sympy as sp
+
+
+@dataclass
+class Group:
+    """Members m = 0..M-1 of one template, a tuple: value_m = T(placeholder k <- source
+    kinds[k] at index[m, k]); for quantities (``target`` not None) entry e stored as slot
+    target[m, e] with factor weight[m, 0]; for output bundles entry o added to output o with
+    factor weight[m, 0]."""
+
+    template: sp.Expr
+    placeholders: list          # symbols a_k of the template
+    kinds: list                 # kind of a_k (a key of the caller's load formats)
+    index: np.ndarray           # M x n int64
+    weight: np.ndarray          # M x (1 or number of outputs) float64
+    target: np.ndarray | None   # M x (entries) int64 slots (quantities) or None (outputs)
+
+
+class _Skeletons:
+    """Structure ids of expressions: equal ids <=> equal trees (arguments of sums and
+    products as multisets), with the symbols of ``kinds`` ({symbol: (kind, index)}) replaced
+    by their kind (``key``), by a label (``_labels``) or by their placeholder (``canonical``).
+    Ids are small integers interned in this object, so they order the same way for every
+    expression it sees (and, the derivation being deterministic, in every run)."""
+
+    def __init__(self, kinds: dict):
+        self.kinds = kinds
+        self.memo: dict = {}
+        self.ids: dict = {}
+
+    def intern(self, structure: tuple) -> int:
+        i = self.ids.get(structure)
+        if i is None:
+            i = self.ids[structure] = len(self.ids)
+        return i
+
+    def _node(self, x: sp.Basic, parts: list) -> int:
+        if x.is_Add or x.is_Mul:
+            parts = sorted(parts)
+        return self.intern((type(x).__name__, tuple(parts)))
+
+    def key(self, e: sp.Basic) -> int:
+        """The skeleton of e: its symbols replaced by their kinds."""
+        hit = self.memo.get(id(e))  # by identity: equality of large trees is slow
+        if hit is not None:
+            return hit[0]
+        if e.is_Symbol and e in self.kinds:
+            k = self.intern(("$", self.kinds[e][0]))
+        elif not e.args:
+            k = self.intern(("atom", sp.srepr(e)))
+        else:
+            k = self._node(e, [self.key(a) for a in e.args])
+        self.memo[id(e)] = (k, e)  # e kept alive, so its id is not reused
+        return k
+
+    def _labels(self, e: sp.Basic) -> dict:
+        """{symbol: label}: its kind and where it occurs in e (every path from the root, as
+        the skeletons of the nodes passed and the argument positions taken), so that a
+        symbol read by two sums is told apart from one read by a single sum.  Invariant
+        under renaming: corresponding symbols of isomorphic expressions get equal labels."""
+        paths: dict = {}
+
+        def walk(x, path):
+            if x.is_Symbol and x in self.kinds:
+                paths.setdefault(x, []).append(path)
+                return
+            here = self.key(x)
+            commutative = x.is_Add or x.is_Mul
+            for i, a in enumerate(x.args):
+                walk(a, path + (here, -1 if commutative else i))
+
+        walk(e, ())
+        return {s: self.intern(("label", self.kinds[s][0], tuple(sorted(p)))) for s, p in paths.items()}
+
+    def _relabelled(self, e: sp.Basic, labels: dict, memo: dict) -> int:
+        """The id of e with each symbol replaced by ``labels[symbol]`` (an id); ``memo``
+        caches the ids of subexpressions for one ``labels``."""
+        hit = memo.get(id(e))
+        if hit is not None:
+            return hit[0]
+        if e.is_Symbol and e in labels:
+            k = self.intern(("$", labels[e]))
+        elif not e.args:
+            k = self.key(e)
+        else:
+            k = self._node(e, [self._relabelled(a, labels, memo) for a in e.args])
+        memo[id(e)] = (k, e)
+        return k
+
+    def canonical(self, e: sp.Expr) -> tuple[int, list]:
+        """(id, [s_1..s_n]): the symbols of ``kinds`` in e in canonical order (first
+        occurrence, visiting the arguments of sums and products in the order of their
+        skeletons with symbols labelled; ties keep sympy's order), and the id of e with s_k
+        replaced by placeholder k.  Equal ids <=> equal templates (``template``)."""
+        labels = self._labels(e)
+        lmemo: dict = {}
+
+        def lkey(x):
+            return self._relabelled(x, labels, lmemo)
+
+        out, seen = [], set()
+
+        def visit(x):
+            if x.is_Symbol and x in labels:
+                if x not in seen:
+                    seen.add(x)
+                    out.append(x)
+                return
+            args = x.args
+            if x.is_Add or x.is_Mul:
+                args = sorted(args, key=lkey)  # stable
+            for a in args:
+                visit(a)
+
+        visit(e)
+        placeholders = {s: self.intern(("placeholder", self.kinds[s][0], k)) for k, s in enumerate(out)}
+        return self._relabelled(e, placeholders, {}), out
+
+
+def template(e: sp.Expr, syms: list) -> sp.Expr:
+    """e with symbol syms[k] renamed to the placeholder a_k."""
+    return e.xreplace({s: _placeholder(k) for k, s in enumerate(syms)})
+
+
+def _placeholder(k: int) -> sp.Symbol:
+    return sp.Symbol(f"_a{k}", real=True)
+
+
+def _split(e: sp.Expr) -> tuple[float, sp.Expr]:
+    """e = c * rest with c a number."""
+    c, rest = sp.sympify(e).as_coeff_Mul()
+    return float(c), rest
+
+
+def lift_repeated_calls(assignments, outputs, kinds: dict) -> tuple[list, list]:
+    """(assignments, outputs) with every function call that reads symbols of ``kinds`` and
+    occurs in more than one expression (an arccos of one pair of positions, used by the
+    NTK terms of every pair of positions it feeds) made an assignment of its own, placed
+    before its first use, and read from there.  Equal values: only common subexpressions
+    are named, as sympy's cse would, but counted per expression, which stays linear in the
+    number of expressions."""
+    kind_symbols = set(kinds)
+    exprs = [e for _, e in assignments] + list(outputs)
+    counts: dict = {}
+    for e in exprs:
+        seen = set()
+        for sub in sp.preorder_traversal(e):
+            if isinstance(sub, sp.Function) and sub not in seen and sub.free_symbols & kind_symbols:
+                seen.add(sub)
+                counts[sub] = counts.get(sub, 0) + 1
+    repeated = [f for f, n in counts.items() if n > 1]
+    if not repeated:
+        return list(assignments), list(outputs)
+    names = {f: sp.Symbol(f"_lift{k}", real=True) for k, f in enumerate(repeated)}
+    definitions: dict = {}   # symbol -> its call, inner calls named
+
+    def define(f):
+        """Name f (after the repeated calls inside it), in post-order into ``placed``."""
+        sym = names[f]
+        if sym not in definitions:
+            for g in _calls_in(f.args, names):
+                define(g)
+            inner = f.func(*[a.xreplace(names) for a in f.args])
+            definitions[sym] = inner
+            placed.append((sym, inner))
+
+    out = []
+    for s, e in assignments:
+        placed: list = []
+        for f in _calls_in([e], names):
+            define(f)
+        out.extend(placed)
+        out.append((s, e.xreplace(names)))
+    placed = []
+    for e in outputs:
+        for f in _calls_in([e], names):
+            define(f)
+    out.extend(placed)
+    return out, [e.xreplace(names) for e in outputs]
+
+
+def _calls_in(exprs, names: dict) -> list:
+    """The calls of ``names`` occurring in exprs, in a fixed order (first occurrence)."""
+    found, seen = [], set()
+    for e in exprs:
+        for sub in sp.preorder_traversal(e):
+            if sub in names and sub not in seen:
+                seen.add(sub)
+                found.append(sub)
+    return found
+
+
+def plan(assignments, outputs, kinds: dict, slot_kind: str) -> tuple[list[Group], list[float], int]:
+    """Groups computing ``assignments`` ((symbol, expr) in dependency order; symbol k is
+    stored in slot k of kind ``slot_kind``) and then ``outputs`` (sums of terms).
+
+    ``kinds``: {symbol: (kind, index)} of every symbol the expressions read, where it is found
+    (the others are fixed and stay in the templates).  Quantities of one level (the length
+    of the longest dependency chain among the assignments before them) that read the same
+    symbols form a bundle c * (e_0, e_1, ...)/c (the NNGP-like and NTK-like quantities of one
+    pair of positions: their common subexpressions are computed once); bundles are grouped
+    by (level, structure), so the members of a group never depend on each other and the
+    groups run in level order.  Returns (groups,
+    constant part of each output, number of groups of quantities)."""
+    kinds = dict(kinds)
+    kinds.update({s: (slot_kind, k) for k, (s, _) in enumerate(assignments)})
+    sk = _Skeletons(kinds)
+    slot = {s: k for k, (s, _) in enumerate(assignments)}
+    kind_symbols = set(kinds)
+    level: dict = {}
+    bundles: dict = {}
+    for s, e in assignments:
+        level[s] = 1 + max((level[d] for d in e.free_symbols if d in slot), default=-1)
+        bundles.setdefault((level[s], frozenset(e.free_symbols & kind_symbols)), []).append((slot[s], e))
+    by_key: dict = {}
+    for (lev, _), items in bundles.items():
+        items = sorted(items, key=lambda it: sk.key(it[1]))  # stable: a canonical order of the entries
+        c = _split(items[0][1])[0] or 1.0
+        bundle = sp.Tuple(*[e / c for _, e in items])
+        cid, syms = sk.canonical(bundle)
+        by_key.setdefault((lev, cid), []).append(([k for k, _ in items], c, syms, bundle, lev))
+    groups = []
+    for members in sorted(by_key.values(), key=lambda ms: (ms[0][4], ms[0][0][0])):
+        groups.append(_group([(m[2], m[3]) for m in members], kinds, np.array([[m[1]] for m in members]),
+                             np.array([m[0] for m in members], dtype=np.int64)))
+    n_assign = len(groups)
+    constants = [0.0] * len(outputs)
+    # Output terms that read the same symbols (the NNGP and NTK terms of one pair of
+    # positions) are one *bundle*, the tuple of their sums per output, so the code computes
+    # their common subexpressions (an arccos) once: the bundle is c * (e_0, e_1, ...)/c,
+    # with c the first term's coefficient, grouped by the structure of the tuple.
+    bundles: dict = {}
+    kind_symbols = set(kinds)
+    for o, e in enumerate(outputs):
+        for term in sp.Add.make_args(sp.sympify(e)):
+            read = term.free_symbols & kind_symbols
+            if not read and term.is_number:
+                constants[o] += float(term)
+                continue
+            bundles.setdefault(frozenset(read), [[] for _ in outputs])[o].append(term)
+    terms: dict = {}   # structure id -> [(binding, coefficient, tuple)]
+    for parts in bundles.values():
+        c = next(_split(p[0])[0] for p in parts if p)
+        c = c if c != 0 else 1.0
+        bundle = sp.Tuple(*[sp.Add(*p) / c if p else sp.S.Zero for p in parts])
+        cid, syms = sk.canonical(bundle)
+        terms.setdefault(cid, []).append((syms, c, bundle))
+    for members in terms.values():
+        groups.append(_group([(m[0], m[2]) for m in members], kinds, np.array([[m[1]] for m in members]), None))
+    return groups, constants, n_assign
+
+
+def _group(members, kinds, weight, target) -> Group:
+    """A Group from its members' (bindings, expressions), which have one structure id: the
+    template is built from the first and checked against the last (equal structure ids
+    make equal templates; the check guards that argument)."""
+    (first, e0), (last, e1) = members[0], members[-1]
+    t = template(e0, first)
+    if len(members) > 1 and template(e1, last) != t:
+        raise AssertionError(f"shared: members of one structure have different templates: {e0} and {e1}")
+    n = len(first)
+    ks = [kinds[s][0] for s in first]
+    index = np.zeros((len(members), n), dtype=np.int64)
+    for m, (b, _) in enumerate(members):
+        if [kinds[s][0] for s in b] != ks:  # the structure id includes the kinds: cannot happen
+            raise AssertionError(f"shared: template {t}: members read different kinds of symbols")
+        index[m] = [kinds[s][1] for s in b]
+    return Group(t, [_placeholder(k) for k in range(n)], ks, index,
+                 np.asarray(weight, dtype=np.float64).reshape(len(members), -1), target)
