@@ -299,7 +299,7 @@ def main(argv=None):
             ("hand-fused loop, two threads (row halves)", two_s)]
     where = (f"{info['date']} on {info['cpu']}, {info['cores']} cores, {info['memory']} (load average "
              f"{info['load'][0]:.1f} at the start, {os.getloadavg()[0]:.1f} at the end)")
-    lines = [f"Measured {where} by `python benchmarks/word2vec_speed.py --steps {args.steps}`: the first "
+    lines = [SECTION, "", f"Measured {where} by `python benchmarks/word2vec_speed.py --steps {args.steps}`: the first "
              f"{args.steps:,} steps of TP4's protocol (seed 0), V = {V:,}.", "",
              "| implementation | seconds | steps/s | 3.57 M steps would take (min) |", "|---|---|---|---|"]
     for name, s in rows:
