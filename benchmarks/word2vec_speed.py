@@ -86,6 +86,25 @@ def _row_error(outs, k, i, chi):
 
 
 @njit(cache=True, fastmath=True)
+def _context_sum(U, cols, vals, n, h):
+    """h = sum_a vals_a U_{cols_a} over the first n context entries."""
+    h[:] = 0.0
+    for a in range(n):
+        row, w = U[cols[a]], vals[a]
+        for d in range(h.size):
+            h[d] += w * row[d]
+
+
+@njit(cache=True, fastmath=True)
+def _context_update(U, cols, vals, n, keep, lr, g):
+    """U_{cols_a} <- keep U_{cols_a} - lr vals_a g over the first n context entries."""
+    for a in range(n):
+        row, w = U[cols[a]], vals[a]
+        for d in range(g.size):
+            row[d] = keep * row[d] - lr * w * g[d]
+
+
+@njit(cache=True, fastmath=True)
 def fused_steps(U, Vt, ccols, cvals, ccount, outs, ocount, lrs, keep_rate):
     """U (V, D): input columns; Vt (V, D): readout rows.  Per step: h = sum_j vals_j U_j;
     f_i = h . v_{o_i} (old rows); chi_i = sigmoid(f_i) - [i == 0]; g = sum_i chi_i v_{o_i} (old);
@@ -95,11 +114,7 @@ def fused_steps(U, Vt, ccols, cvals, ccount, outs, ocount, lrs, keep_rate):
     for s in range(ccols.shape[0]):
         lr = lrs[s]
         keep = 1.0 - lr * keep_rate
-        h[:] = 0.0
-        for a in range(ccount[s]):
-            row, w = U[ccols[s, a]], cvals[s, a]
-            for d in range(D):
-                h[d] += w * row[d]
+        _context_sum(U, ccols[s], cvals[s], ccount[s], h)
         k = ocount[s]
         chi = np.empty(k)
         for i in range(k):
@@ -117,10 +132,7 @@ def fused_steps(U, Vt, ccols, cvals, ccount, outs, ocount, lrs, keep_rate):
             for d in range(D):
                 g[d] += c * row[d]
                 row[d] = keep * row[d] - lr * c * h[d]
-        for a in range(ccount[s]):
-            row, w = U[ccols[s, a]], cvals[s, a]
-            for d in range(D):
-                row[d] = keep * row[d] - lr * w * g[d]
+        _context_update(U, ccols[s], cvals[s], ccount[s], keep, lr, g)
 
 
 @njit(cache=True, fastmath=True)
@@ -134,11 +146,7 @@ def fused_steps_single_pass(U, Vt, ccols, cvals, ccount, outs, ocount, lrs, keep
     for s in range(ccols.shape[0]):
         lr = lrs[s]
         keep = 1.0 - lr * keep_rate
-        h[:] = 0.0
-        for a in range(ccount[s]):
-            row, w = U[ccols[s, a]], cvals[s, a]
-            for d in range(D):
-                h[d] += w * row[d]
+        _context_sum(U, ccols[s], cvals[s], ccount[s], h)
         g[:] = 0.0
         k = ocount[s]
         ones = np.ones(k)
@@ -154,10 +162,7 @@ def fused_steps_single_pass(U, Vt, ccols, cvals, ccount, outs, ocount, lrs, keep
             for d in range(D):
                 g[d] += c * row[d]
                 row[d] = keep * row[d] - lr * c * h[d]
-        for a in range(ccount[s]):
-            row, w = U[ccols[s, a]], cvals[s, a]
-            for d in range(D):
-                row[d] = keep * row[d] - lr * w * g[d]
+        _context_update(U, ccols[s], cvals[s], ccount[s], keep, lr, g)
 
 
 @njit(cache=True, parallel=True, fastmath=True)
