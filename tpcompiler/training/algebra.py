@@ -38,7 +38,6 @@ import ctypes
 import numpy as np
 from numba.extending import get_cython_function_address
 
-
 from tpcompiler.ir.graph import ProgramError
 from tpcompiler.training import replicas
 from tpcompiler.training.step import width_limit
@@ -304,11 +303,7 @@ def triangular_solve(L: np.ndarray, F: int, rhs: np.ndarray, transpose: bool) ->
         _DTRSM(b"L", b"U", trans, b"N", ctypes.byref(m), ctypes.byref(n), ctypes.byref(one),
                L[r].ctypes.data, ctypes.byref(lda), XT[r].ctypes.data, ctypes.byref(ldb))
 
-    if replicas.parallel(R, R * F * F * N / 2):
-        replicas.for_each_replica(solve, R)
-    else:
-        for r in range(R):
-            solve(r)
+    replicas.for_each_replica(solve, R, work=R * F * F * N / 2)
     return np.swapaxes(XT, 1, 2)
 
 
@@ -347,10 +342,7 @@ class Family:
         return self.vecs.count
 
     def _solve(self, rhs: np.ndarray, transpose: bool) -> np.ndarray:
-        F = self.count
-        if F == 0:
-            return rhs[:, :0]
-        return triangular_solve(self.L, F, rhs, transpose)
+        return triangular_solve(self.L, self.count, rhs, transpose)
 
     def zhat(self, Z: np.ndarray, G: np.ndarray, keep: bool) -> np.ndarray:
         """ZHat^{W_0 z} for the vectors Z (R, N, D), given G = E[Z^{x_j} Z^{z}] (R, F, N) over

@@ -12,60 +12,39 @@ of workers, so a run gives the same result on any number of cores.
 """
 from __future__ import annotations
 
-import os
-from concurrent.futures import ThreadPoolExecutor
+import functools
 from typing import Callable
 
 import numpy as np
 
+from tpcompiler import threads
+
 #: below this many multiply-adds, one batched call (threads cost ~50 us to hand work to)
 PARALLEL_WORK = 4_000_000
-
-_state: dict = {}
-
-
-def cores() -> int:
-    """CPUs this process may run on."""
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # not on Linux
-        return os.cpu_count() or 1
-
-
-def _pool(workers: int) -> ThreadPoolExecutor:
-    # a forked child inherits the pool object but not its threads: it makes its own
-    key = (workers, os.getpid())
-    if _state.get("pool_key") != key:
-        _state["pool"] = ThreadPoolExecutor(workers, thread_name_prefix="tpc-replica")
-        _state["pool_key"] = key
-    return _state["pool"]
-
-
-def _blas():
-    if "blas" not in _state:
-        from threadpoolctl import ThreadpoolController
-
-        _state["blas"] = ThreadpoolController()
-    return _state["blas"]
 
 
 def parallel(R: int, work: float) -> bool:
     """Whether ``for_each_replica`` would use threads for R replicas and ``work`` multiply-adds."""
-    return R >= 2 and work >= PARALLEL_WORK and cores() >= 2
+    return R >= 2 and work >= PARALLEL_WORK and threads.cores() >= 2
 
 
-def for_each_replica(job: Callable[[int], None], R: int) -> None:
-    """job(r) for r = 0 .. R-1, replicas dealt round-robin to one thread per core, BLAS limited
-    to one thread meanwhile.  ``job`` writes its replica's slice of a preallocated output."""
-    workers = min(R, cores())
+def for_each_replica(job: Callable[[int], None], R: int, work: float | None = None) -> None:
+    """job(r) for r = 0 .. R-1: replicas dealt round-robin to one thread per core, BLAS limited
+    to one thread meanwhile; in this thread, one after another, when ``work`` (multiply-adds)
+    is given and too small for threads (``parallel``).  ``job`` writes its replica's slice of a
+    preallocated output."""
+    if work is not None and not parallel(R, work):
+        for r in range(R):
+            job(r)
+        return
+    workers = min(R, threads.cores())
 
-    def run(first: int) -> None:
+    def deal(first: int) -> None:
         for r in range(first, R, workers):
             job(r)
 
-    with _blas().limit(limits=1, user_api="blas"):
-        # list(): re-raises a worker's exception here
-        list(_pool(workers).map(run, range(workers)))
+    with threads.one_blas_thread():
+        threads.run(functools.partial(deal, first) for first in range(workers))
 
 
 def matmul(a, b):

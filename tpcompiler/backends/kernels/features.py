@@ -15,12 +15,11 @@ So d never enters the per-pair code, and the Grams cost one matrix product each.
 """
 from __future__ import annotations
 
-import functools
-from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import sympy as sp
 
+from tpcompiler import threads
 from tpcompiler.ir import ops
 from tpcompiler.ir import symbols
 from tpcompiler.ir.graph import Graph, ProgramError
@@ -303,16 +302,9 @@ LAYER_SCALARS.register(ops.Input)(lambda X, op: X[:, op.index])
 LAYER_SCALARS.register(ops.Param)(lambda X, op: np.full(X.shape[0], op.value))
 
 
-@functools.cache
-def _gram_pool() -> ThreadPoolExecutor:
-    return ThreadPoolExecutor(2, thread_name_prefix="tpc-gram")
-
-
 def _in_two_threads(first, second) -> None:
     """Run both (numpy releases the GIL in BLAS) and wait; their exceptions propagate."""
-    jobs = [_gram_pool().submit(first), _gram_pool().submit(second)]
-    for job in jobs:
-        job.result()
+    threads.run((first, second))
 
 
 def symmetric_gram(Z: np.ndarray) -> np.ndarray:

@@ -28,14 +28,12 @@ from __future__ import annotations
 
 import functools
 import time
-from concurrent.futures import ThreadPoolExecutor
 
 import numba
 import numpy as np
 import sympy as sp
-from threadpoolctl import ThreadpoolController
 
-from tpcompiler import expectations, progress
+from tpcompiler import expectations, progress, threads
 from tpcompiler.ir import ops, symbols
 from tpcompiler.backends.codegen import custom_functions_source, load_module, print_body
 from tpcompiler.ir.graph import Graph, ProgramError
@@ -76,17 +74,12 @@ def mirror(out, diagonal):
 _PRINTED_ARG = sp.Symbol("t", real=True)
 
 
-@functools.cache
-def _blas_controller() -> ThreadpoolController:
-    return ThreadpoolController()
-
-
 def _one_blas_thread():
     """Grams as single-threaded BLAS calls (features.py spreads them over two Python threads):
     OpenBLAS's own idle workers spin for ~0.1 s after a call and take the cores from the Numba
     pair loop that follows (depth-10 relu, N = 1000: pair stage 15 ms -> 33 ms after a Gram
     on OpenBLAS's threads)."""
-    return _blas_controller().limit(limits=1, user_api="blas")
+    return threads.one_blas_thread()
 
 
 class KernelFunction:
@@ -439,11 +432,6 @@ def _should_share(plans) -> bool:
     return units >= 32 and units >= 4 * groups
 
 
-@functools.cache
-def _stage_pool() -> ThreadPoolExecutor:
-    return ThreadPoolExecutor(numba.config.NUMBA_NUM_THREADS, thread_name_prefix="tpc-stage")
-
-
 def _in_threads(stage, rows: int, *args) -> None:
     """stage(t0, step, *args) for t0 = 0..step-1 on ``numba.get_num_threads()`` threads (the
     generated stages release the GIL), or one call when there is one thread or one row."""
@@ -451,9 +439,7 @@ def _in_threads(stage, rows: int, *args) -> None:
     if step == 1:
         stage(0, 1, *args)
         return
-    jobs = [_stage_pool().submit(stage, t0, step, *args) for t0 in range(step)]
-    for job in jobs:
-        job.result()
+    threads.run(functools.partial(stage, t0, step, *args) for t0 in range(step))
 
 
 def _group_loops(prefix: str, groups, formats: dict, fixed: dict, indent: str, slot: str, acc: str, tables: list,
