@@ -41,7 +41,7 @@ from tpcompiler.backends.walk import initial_covariance
 from tpcompiler.ir import ops
 from tpcompiler.ir.graph import ProgramError
 from tpcompiler.ir.rules import RuleTable
-from tpcompiler.training import replicas
+from tpcompiler.training import fused, replicas
 from tpcompiler.training.algebra import Exact, Family, Finite, Particles, Rows, _pad
 from tpcompiler.training.parametrization import ABC
 from tpcompiler.training.rowops import add_rows, decay_add_rows, row_dots, row_sums
@@ -313,6 +313,8 @@ class StepEngine:
         self._pending: dict = {}
         self._deferring = 0
         self._init_state(init or {})
+        #: the step as one compiled loop over a sequence (``steps``), when it is row-local
+        self._fused = fused.plan(self)
         self._half = None
         if method == "particles" and extrapolate:
             self._half = StepEngine(net, abc, method="particles", loss=loss, particles=(particles // groups // 2) * groups,
@@ -460,8 +462,7 @@ class StepEngine:
                 outputs = outputs[None, :]
             if outputs.shape[0] != B or not integer:
                 raise ProgramError(f"outputs: need an integer array with one row per example (B = {B}), got {outputs.shape} {outputs.dtype}")
-            if outputs.size and (outputs.min() < 0 or outputs.max() >= sp_.K):
-                raise ProgramError(f"outputs: coordinates must be in 0..{sp_.K - 1} (the network has K = {sp_.K} outputs)")
+            _check_output_range(outputs, sp_.K)
             Y = Y.reshape(outputs.shape) if Y.size == outputs.size else Y
             if Y.shape != outputs.shape:
                 raise ProgramError(f"Y: negative sampling needs one label per sampled output, shape {outputs.shape}, got {Y.shape}")
@@ -654,8 +655,6 @@ class StepEngine:
         same as calling ``step`` T times; a row-local exact step (``training.fused``: e.g.
         word2vec's limit) runs the whole sequence in one compiled loop.  Returns the loss of
         every step, (T, replicas)."""
-        from tpcompiler.training import fused
-
         sp_ = self.program
         X = _as_rows(X, sp_.d, "X")
         T = X.shape[0]
@@ -668,8 +667,6 @@ class StepEngine:
             raise ProgramError(f"outputs: one row of sampled outputs per step (T = {T}), got {len(outputs)}")
         if len(Y) != T:
             raise ProgramError(f"Y: one row of targets per step (T = {T}), got {len(Y)}")
-        if "_fused" not in self.__dict__:
-            self._fused = fused.plan(self)
         plan = self._fused
         if plan is None or outputs is None or self._temporary or self._deferring:
             rows = X.tocsr() if scipy.sparse.issparse(X) else X
@@ -681,16 +678,11 @@ class StepEngine:
         labels, lcount = _ragged(Y, np.float64, "Y")
         if not np.array_equal(ocount, lcount):
             raise ProgramError("Y: negative sampling needs one label per sampled output in every step")
-        if outs.size and (outs.min() < 0 or outs.max() >= sp_.K):
-            raise ProgramError(f"outputs: coordinates must be in 0..{sp_.K - 1} (the network has K = {sp_.K} outputs)")
+        _check_output_range(outs, sp_.K)
         validation.binary_targets(labels, "Y")
         Xs = X.tocsr() if scipy.sparse.issparse(X) else scipy.sparse.csr_matrix(X)
-        U = self.input_cols[plan.U]                                           # (k_U, 1, D)
-        D = max(U.shape[2], self.readout.shape[2])
-        if U.shape[2] < D:
-            self.input_cols[plan.U] = _pad(U, D)
-        if self.readout.shape[2] < D:
-            self.readout = _pad(self.readout, D)
+        # the loop reads both tables over one basis: (k_U, 1, D) and (1, K, D)
+        self.input_cols[plan.U], self.readout = self.alg.align(self.input_cols[plan.U], self.readout)
         U, V = _contiguous_cols(self, plan.U), _contiguous_readout(self)
         loss = fused.run(U[:, 0], V[0], self.touched, self._independent_readout, Xs.indptr.astype(np.int64),
                          Xs.indices.astype(np.int64), Xs.data, plan.col_of, plan.weight, outs, ocount, labels,
@@ -926,6 +918,12 @@ def available_memory() -> int | None:
     except (OSError, ValueError, IndexError):
         pass
     return None
+
+
+def _check_output_range(outputs: np.ndarray, K: int) -> None:
+    """Sampled output coordinates must be outputs of the network."""
+    if outputs.size and (outputs.min() < 0 or outputs.max() >= K):
+        raise ProgramError(f"outputs: coordinates must be in 0..{K - 1} (the network has K = {K} outputs)")
 
 
 def _ragged(rows, dtype, what: str) -> tuple[np.ndarray, np.ndarray]:
