@@ -458,3 +458,26 @@ def test_steps_of_a_network_that_is_not_row_local_are_the_generic_steps():
         seq.steps(X, Y, [0.1, 0.2])
     with pytest.raises(ProgramError, match="one row of targets per step"):
         seq.steps(X, Y[:3], 0.1)
+
+
+def test_steps_split_a_sparse_batch_of_any_csr_layout_into_the_same_rows():
+    """The fallback of steps() cuts a sparse X into one-row batches without scipy's checks: a
+    batch with unsorted and repeated columns must give the steps of its canonical rows."""
+    import scipy.sparse as sps
+
+    V = 12
+    net = tp.load(PROGRAMS / "word2vec_cbow.py", V=V)
+    messy = sps.csr_matrix.__new__(sps.csr_matrix)  # rows {4: .25 + .25, 1: .5} and {7: .5, 2: .5}
+    messy.data, messy.indices = np.array([0.25, 0.5, 0.25, 0.5, 0.5]), np.array([4, 1, 4, 7, 2], dtype=np.int32)
+    messy.indptr, messy._shape = np.array([0, 3, 5], dtype=np.int32), (2, V)
+    assert not messy.has_canonical_format
+    clean = sps.csr_matrix(([0.5, 0.5, 0.5, 0.5], [1, 4, 2, 7], [0, 2, 4]), shape=(2, V))
+    outs = [np.array([3, 5, 6]), np.array([0, 5, 9])]
+    labels = [np.array([1.0, 0.0, 0.0])] * 2
+    make = lambda: StepEngine(net, tp.named("mup", 1), method="finite", width=16, seeds=2,  # noqa: E731
+                              loss="negative_sampling", seed=1)
+    one, seq = make(), make()
+    l1 = [one.step(clean[t], labels[t][None, :], 0.5, outputs=outs[t][None, :]) for t in range(2)]
+    l2 = seq.steps(messy, labels, 0.5, outs)
+    np.testing.assert_allclose(l2, np.array(l1), rtol=0, atol=1e-12)
+    np.testing.assert_allclose(seq.predict(clean)[0], one.predict(clean)[0], rtol=0, atol=1e-12)

@@ -37,8 +37,7 @@ from tpcompiler.ir import ops
 class Plan:
     """What ``run`` needs from the engine, read once per engine."""
 
-    layer: str          # the input layer instruction
-    U: str              # its input matrix
+    U: str              # the input layer's matrix
     trained: bool       # whether U is trained
     col_of: np.ndarray  # input coordinate -> column of U (-1: none)
     weight: np.ndarray  # its weight (1 / sqrt(norm) of the layer)
@@ -85,7 +84,7 @@ def plan(eng) -> Plan | None:
     if np.unique(used).size != used.size:
         return None  # two coordinates on one column: the loop would decay that column twice
     U = eng._layer_matrix[layer]
-    return Plan(layer, U, U in sp_.input_mats, single[0], single[1], a)
+    return Plan(U, U in sp_.input_mats, single[0], single[1], a)
 
 
 @njit(cache=True)
