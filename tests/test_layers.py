@@ -103,17 +103,19 @@ def test_looped_kernel_code_matches_neural_tangents(case):
 
 def test_generated_kernel_code_does_not_grow_with_positions():
     """A depth-2 SAME CNN has one pair quantity per pair of positions and layer; the looped
-    code has one loop per structure (interior / boundary positions), so the generated source
-    is the same size for 6 and 9 positions (the straight-line code grew like positions^2)."""
+    code has one loop per structure (interior / boundary positions), so once the interior is
+    wider than the boundary region (which reaches 2 positions in at depth 2, and pairs of
+    positions combine two such regions) the generated source is the same size for 7 and 10
+    positions (the straight-line code grew like positions^2)."""
     from tpcompiler.backends.kernels.kernel import KernelFunction
 
     sizes = {}
-    for L in (6, 9):
+    for L in (7, 10):
         kf = KernelFunction(tp.compile(load(DATA.parent.parent / "programs" / "cnn1d.py", L=L, depth=2)).source)
         assert kf.shared
         assert sum(q.pair for q in kf.engine.order) == 2 * L * L  # layer 1 and 2: one per (i, j)
         sizes[L] = (kf.source.count("for m in range"), len(kf.source.splitlines()))
-    assert sizes[6] == sizes[9], sizes
+    assert sizes[7] == sizes[10], sizes
 
 
 def _shared_net(case: dict) -> layers.Layer:

@@ -21,6 +21,8 @@ copy has the fields ``key`` and ``primed``);
 * ``GramSymbol(m)``              Gram entry m of the kernel backend (an inner product of
   the two input rows);
 * ``ArgumentSymbol()``           the argument t of a one-variable function g(t).
+* ``TemplateConstant(k)``, ``LeafCovariance(a, sa, b, sb)`` a renamed constant and a leaf
+  covariance of an expectation template of the kernel engine (shared derivations).
 
 Every symbol is real.  ``primed(s)`` / ``unprimed(s)`` move any kind that has a copy at
 the second input between the two inputs.
@@ -228,6 +230,51 @@ class ArgumentSymbol(CompilerSymbol):
 
     def _tex(self, printer):
         return "t"
+
+    def _text(self):
+        return self.name
+
+
+class TemplateConstant(CompilerSymbol):
+    """Constant k of an expectation *template* of the kernel engine (pairwise.py): a scalar
+    (a quantity) renamed so that expectations of one structure share one derivation."""
+
+    __slots__ = ("k",)
+    fields = ("k",)
+
+    @staticmethod
+    def _normalise(k):
+        return (int(k),)
+
+    @staticmethod
+    def _display_name(k):
+        return f"tc:{k}"
+
+    def _tex(self, printer):
+        return "c_{%d}" % self.k
+
+    def _text(self):
+        return self.name
+
+
+class LeafCovariance(CompilerSymbol):
+    """Cov(leaf a at side sa, leaf b at side sb) inside an expectation template of the kernel
+    engine (pairwise.py), a and b the keys of placeholder leaves; replaced by the covariance
+    of the leaves a template is instantiated with."""
+
+    __slots__ = ("a", "sa", "b", "sb")
+    fields = ("a", "sa", "b", "sb")
+
+    @staticmethod
+    def _normalise(a, sa, b, sb):
+        return str(a), int(sa), str(b), int(sb)
+
+    @staticmethod
+    def _display_name(a, sa, b, sb):
+        return f"cov:{a}.{sa},{b}.{sb}"
+
+    def _tex(self, printer):
+        return r"C_{%s%s,%s%s}" % (self.a, "'" * self.sa, self.b, "'" * self.sb)
 
     def _text(self):
         return self.name

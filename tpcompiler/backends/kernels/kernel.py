@@ -41,7 +41,7 @@ from tpcompiler.ir.ntk import kernel_program
 from tpcompiler.backends.kernels import shared
 from tpcompiler.backends.kernels.features import Features
 from tpcompiler.ir.ops import node_symbol
-from tpcompiler.backends.kernels.pairwise import E1, E2, NotPairwise, PairwiseEngine, expectation_rules
+from tpcompiler.backends.kernels.pairwise import E1, E2, NotPairwise, PairwiseEngine, TemplateCall, expectation_rules
 
 KERNELS = ("nngp", "ntk")
 #: Pairs (i, j) per block of the looped pair stage (``_shared_source``): its quantities take
@@ -115,32 +115,33 @@ class KernelFunction:
         kp = kernel_program(graph)
         self.engine = engine = PairwiseEngine(kp, runtime=frozenset(self.runtime))
         try:
-            outputs = [engine.scalar(kp.outputs[k]) for k in KERNELS]
+            derived_outputs = [engine.scalar(kp.outputs[k]) for k in KERNELS]
             # The diagonal k(xi, xi) from row quantities: exact at rho = 1, where a pair formula
             # would amplify rounding (arc-cosine kernels have a square-root singularity there).
-            diagonal = [engine.scalar(kp.outputs[k], same_input=True) for k in KERNELS]
+            derived_diagonal = [engine.scalar(kp.outputs[k], same_input=True) for k in KERNELS]
         except NotPairwise as exc:
             text = str(exc) if len(str(exc)) < 200 else str(exc)[:197] + "..."
             raise NotPairwise(f"program {graph.name!r}: the kernel backend needs bivariate Gaussian expectations "
                               f"of parameter-free functions, but: {text}; tp.compile(program).limit(x=X) "
                               f"estimates the kernels by particles") from None
-        inputs0 = {node_symbol(k): kp.op(k).index for k in kp.input_keys()}
-        self.features = feats = Features(kp, inputs0)
+        self._inputs0 = {node_symbol(k): kp.op(k).index for k in kp.input_keys()}
         self.expectations = expectation_rules(self.engine.functions, rtol)
-
-        def lower(expr):
-            return feats.featurize(self._inline_expectations(expr))
-
-        rows = [(q.symbol, lower(q.definition)) for q in engine.order if not q.pair]
-        pairs = [(q.symbol, lower(q.definition)) for q in engine.order if q.pair]
-        self.row_symbols = [s for s, _ in rows]
-        diagonal, outputs = [lower(o) for o in diagonal], [lower(o) for o in outputs]
-        plans = self._plans(rows, diagonal, pairs, outputs) if share is not False else None
+        plans = None
+        if share is not False:
+            # the engine's results as they come, one TemplateCall per expectation: cheap to
+            # lower (only the calls' arguments) and to group, whatever the number of positions
+            rows, diagonal, pairs, outputs = self._lowered(engine.order, derived_diagonal, derived_outputs,
+                                                           self._lower_calls)
+            for c in set().union(*(e.atoms(TemplateCall) for e in [e for _, e in rows + pairs] + diagonal + outputs)):
+                self._template_body(int(c.args[0]))  # before planning: the bodies' features get slots too
+            plans = self._plans(rows, diagonal, pairs, outputs)
         #: whether the generated code computes groups of quantities by loops (shared.py)
         self.shared = _should_share(plans) if share is None else bool(share)
         if self.shared:
             self.source = self._shared_source(rows, diagonal, pairs, outputs, plans)
         else:
+            rows, diagonal, pairs, outputs = self._lowered(engine.order, derived_diagonal, derived_outputs,
+                                                           self._lower_instances)
             self.source = self._source(rows, diagonal, pairs, outputs)
         self.module = load_module(self.source, "kernels")
         self.compile_seconds = time.perf_counter() - start
@@ -148,6 +149,48 @@ class KernelFunction:
         self.last_plan = None  # the tile plan of the last tiled.kernels call
 
     # -- construction helpers -----------------------------------------------------------
+    def _lowered(self, order, diagonal, outputs, lower) -> tuple:
+        """(rows, diagonal, pairs, outputs) lowered by ``lower`` onto fresh input features
+        (``self.features``): row and pair quantities as (symbol, expression)."""
+        self.features = Features(self.engine.graph, self._inputs0)
+        rows = [(q.symbol, lower(q.definition)) for q in order if not q.pair]
+        pairs = [(q.symbol, lower(q.definition)) for q in order if q.pair]
+        self.row_symbols = [s for s, _ in rows]
+        return rows, [lower(o) for o in diagonal], pairs, [lower(o) for o in outputs]
+
+    def _lower_instances(self, expr: sp.Expr) -> sp.Expr:
+        """Every expectation written out (templates instantiated, closed forms inlined), then
+        input-dependent coefficients as features: the straight-line code's expressions."""
+        return self.features.featurize(self._inline_expectations(self.engine.instantiate(expr)))
+
+    def _lower_calls(self, expr: sp.Expr) -> sp.Expr:
+        """Input-dependent coefficients and the arguments of TemplateCalls as features, the
+        calls kept (``_template_body`` writes each template out once, in the generated
+        loops); a call whose arguments are all numbers is written out (a number)."""
+        numeric = {c: self.engine.instantiate(c) for c in expr.atoms(TemplateCall) if all(a.is_number for a in c.args)}
+        return self.features.featurize(self._inline_expectations(expr.xreplace(numeric) if numeric else expr))
+
+    def _template_body(self, index: int) -> sp.Expr:
+        """Template ``index``'s value lowered (closed forms inlined, nested calls written
+        out, input-dependent coefficients as features), an expression of its slots."""
+        bodies = self.__dict__.setdefault("_bodies", {})
+        if index not in bodies:
+            value = self.engine.templates_found[index].value
+            bodies[index] = self.features.featurize(self._inline_expectations(self._write_calls(value)))
+        return bodies[index]
+
+    def _write_calls(self, expr: sp.Expr) -> sp.Expr:
+        """``expr`` with each TemplateCall replaced by its lowered template body at its
+        arguments."""
+        calls = expr.atoms(TemplateCall)
+        if not calls:
+            return expr
+        rep = {}
+        for c in calls:
+            template = self.engine.templates_found[int(c.args[0])]
+            rep[c] = self._template_body(int(c.args[0])).xreplace(dict(zip(template.slots, c.args[1:])))
+        return expr.xreplace(rep)
+
     def _inline_expectations(self, expr: sp.Expr) -> sp.Expr:
         rep = {}
         for call in expr.atoms(E1, E2):
@@ -211,6 +254,10 @@ def pair_stage({grams}RF1, RF2T, R1, R2T, {outs}, symmetric, P):
 """ + _MIRROR_SOURCE
         return src
 
+    def _row_kinds(self) -> dict:
+        """{symbol: (kind, index)} of what the row stage reads (shared.plan)."""
+        return {symbols.row_feature(k): ("RF1", k) for k in range(len(self.features.row))}
+
     def _pair_kinds(self) -> dict:
         """{symbol: (kind, index)} of what the pair stage reads (shared.plan)."""
         kinds = {symbols.row_feature(k): ("RF1", k) for k in range(len(self.features.row))}
@@ -222,7 +269,7 @@ def pair_stage({grams}RF1, RF2T, R1, R2T, {outs}, symmetric, P):
 
     def _plans(self, rows, diagonal, pairs, outputs) -> tuple:
         """The row stage and the pair stage as groups of one template each (shared.plan)."""
-        row_kinds = {symbols.row_feature(k): ("RF1", k) for k in range(len(self.features.row))}
+        row_kinds = self._row_kinds()
         pair_kinds = self._pair_kinds()
         # repeated calls (arccos) become pair quantities of their own, computed once per pair
         pairs, outputs = shared.lift_repeated_calls(pairs, outputs, pair_kinds)
@@ -237,12 +284,16 @@ def pair_stage({grams}RF1, RF2T, R1, R2T, {outs}, symmetric, P):
         numba's parallel (prange) compile of the same body took 2.5-3x as long."""
         loads_p = {node_symbol(k): f"P[{m}]" for m, k in enumerate(self.runtime)}
         (row_groups, row_constants, _), (pair_groups, pair_constants, _) = plans or self._plans(rows, diagonal, pairs, outputs)
+        for group in row_groups + pair_groups:
+            group.template = self._write_calls(group.template)
         row_formats = {"RF1": "RF1[i, {}]", "R": "R[i, {}]"}
         pair_formats = {"RF1": "RF1[i, {}]", "RF2T": "RF2T[{}, j]", "R1": "R1[i, {}]", "R2T": "R2T[{}, j]",
                         "GS": "GS[{}, i, j]", "Q": "Q[{}, j - jb]"}
         tables: list[str] = []
-        row_body = _group_loops("r", row_groups, row_formats, loads_p, "        ", "R[i, {}]", "_acc{}", tables)
-        pair_body = _group_loops("p", pair_groups, pair_formats, loads_p, "                ", "Q[{}, j - jb]",
+        row_loads = _fixed_loads(self._row_kinds(), row_formats, loads_p)
+        pair_loads = _fixed_loads(self._pair_kinds(), pair_formats, loads_p)
+        row_body = _group_loops("r", row_groups, row_formats, row_loads, "        ", "R[i, {}]", "_acc{}", tables)
+        pair_body = _group_loops("p", pair_groups, pair_formats, pair_loads, "                ", "Q[{}, j - jb]",
                                  "ACC[{}, j - jb]", tables, inner="for j in range(jb, je):")
         n_rows = len(rows)
         row_outs = "\n".join(f"        R[i, {n_rows + k}] = _acc{k}" for k in range(len(KERNELS)))
@@ -250,7 +301,7 @@ def pair_stage({grams}RF1, RF2T, R1, R2T, {outs}, symmetric, P):
         pair_init = "\n".join(f"                    ACC[{k}, j - jb] = {c!r}" for k, c in enumerate(pair_constants))
         pair_outs = "\n".join(f"                    out{k}[i, j] = ACC[{k}, j - jb]" for k in range(len(KERNELS)))
         outs = ", ".join(f"out{k}" for k in range(len(KERNELS)))
-        header = self._header(rows, diagonal, pairs, outputs)
+        header = self._header(rows, diagonal, pairs, [*outputs, *self.__dict__.get("_bodies", {}).values()])
         return header + "\n" + "\n".join(tables) + f"""
 
 @njit(cache=True, nogil=True, error_model="numpy")
@@ -440,6 +491,14 @@ def _in_threads(stage, rows: int, *args) -> None:
         stage(0, 1, *args)
         return
     threads.run(functools.partial(stage, t0, step, *args) for t0 in range(step))
+
+
+def _fixed_loads(kinds: dict, formats: dict, params: dict) -> dict:
+    """Loads of every symbol a stage can read (a template's body may read a feature that is
+    the same for all members of its group), and the runtime parameters."""
+    loads = {s: formats[kind].format(index) for s, (kind, index) in kinds.items() if kind in formats}
+    loads.update(params)
+    return loads
 
 
 def _group_loops(prefix: str, groups, formats: dict, fixed: dict, indent: str, slot: str, acc: str, tables: list,

@@ -36,11 +36,11 @@ def pairwise_limit(zp: ZProgram, rtol: float = RTOL) -> dict[str, tuple[float, f
     closed form that quadrature cannot take, such as a Dirac delta) or comes out non-finite
     (a function outside its domain: the particle evaluator says where)."""
     engine = PairwiseEngine(zp.graph, zp)
-    outputs = {name: engine.scalar(expr) for name, expr in zp.graph.outputs.items()}
+    outputs = {name: engine.instantiate(engine.scalar(expr)) for name, expr in zp.graph.outputs.items()}
     table = _expectations(engine.functions, rtol)
     env: dict = zp.graph.param_values()  # input-layer covariances read the bound inputs
     for q in engine.order:
-        env[q.symbol.name] = _value(q.definition, env, table, zp)
+        env[q.symbol.name] = _value(engine.instantiate(q.definition), env, table, zp)
     result = {name: _value(expr, env, table, zp) for name, expr in outputs.items()}
     bad = [name for name, v in result.items() if not np.isfinite(v)]
     if bad:

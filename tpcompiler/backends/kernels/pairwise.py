@@ -21,6 +21,15 @@ input coordinates that depend on the input carry a prime on the second side.  Qu
 are *row* quantities (functions of xi alone; the same function of xi' is the primed symbol)
 or *pair* quantities (functions of both).  Input-dependent coefficients stay as expressions
 in the input symbols; the code generator turns them into features (Gram matrices by BLAS).
+
+Expectations of one structure are derived once (``templates``).  A term's leaves and
+scalars are renamed to placeholders in a canonical order (shared.Skeletons: invariant under
+renaming), keeping which leaves share a block and which depend on the input; the term's
+expectation is derived once per renamed form, with each covariance of two placeholder leaves
+left as a symbol (``LeafCovariance``), and every term of that form is the template with the
+placeholders and covariances replaced by its own.  The expectation depends on the leaves only
+through their blocks, sides and covariances, so this is exact; in a CNN the terms of every
+pair of positions are a few templates (interior and boundary windows).
 """
 from __future__ import annotations
 
@@ -34,7 +43,9 @@ from tpcompiler.ir import ops
 from tpcompiler.ir import symbols
 from tpcompiler.ir.graph import Graph, ProgramError
 from tpcompiler.ir.ops import VEC, node_symbol, unprime
+from tpcompiler.ir.symbols import ZHatSymbol
 from tpcompiler.ir.rules import RuleTable
+from tpcompiler.backends.kernels.shared import Skeletons
 from tpcompiler.symbolic.master import Expectation, Z, Zhat, ZProgram, derive
 
 T = symbols.ARG
@@ -66,6 +77,44 @@ class Quantity:
     label: str = ""
 
 
+#: A template whose value is a sum of more terms than this is written out where it is used
+#: (``PairwiseEngine._templated``), not called.
+_CALL_TERMS = 4
+
+
+class TemplateCall(sp.Function):
+    """E[a product of one structure] at one instance: TemplateCall(k, *arguments) is the value
+    of ``PairwiseEngine.templates_found[k]`` with its slots replaced by the arguments
+    (``PairwiseEngine.instantiate``)."""
+
+    # stated, not deduced: sympy asks these of every new call while building products, and
+    # deducing them from the arguments dominated the derivation of a CNN's kernels
+    is_real = True
+    is_commutative = True
+
+
+@dataclass
+class Template:
+    """The expectation of one structure of product (module docstring): ``value`` is an
+    expression of the ``slots`` (TemplateConstants: scalars of the product; LeafCovariance
+    symbols), which are the arguments of a TemplateCall in this order."""
+
+    value: sp.Expr
+    slots: list
+
+
+@dataclass
+class _Variant:
+    """One canonical form of product (``PairwiseEngine._templated``) and its template: per
+    canonical symbol its placeholder, the LeafCovariances the template reads, and which of
+    the product's own slot values (constants, then covariances) is argument j."""
+
+    placeholders: list
+    covariances: list
+    index: int
+    order: list
+
+
 @dataclass
 class _Factor:
     g: sp.Expr          # function of T
@@ -83,11 +132,13 @@ class PairwiseEngine:
     functions: list = field(default_factory=list)       # index -> (g1, g2) or (g,)
     #: Param keys kept as symbols (the kernel's runtime arguments) instead of their values
     runtime: frozenset = frozenset()
+    #: derive the expectation of each structure of term once (module docstring)
+    templates: bool = True
 
     def __post_init__(self):
         if self.zp is None:
             self.zp = derive(self.graph)
-        self._dependent = self.graph.input_dependent()
+        self._dependent = set(self.graph.input_dependent())
         self._forms: dict = {}
         self._factor_memo: dict = {}
         self._component_memo: dict = {}
@@ -98,6 +149,13 @@ class PairwiseEngine:
         self._params.update({node_symbol(k): sp.Float(self.graph.op(k).limit()) for k in self.graph.keys_of(ops.WidthPower)})
         self._inputs = {node_symbol(k) for k in self.graph.input_keys()}
         self._leaf_block = dict(self.zp.leaf_blocks)
+        self._skeletons = Skeletons(_TemplateKinds(self))
+        self._variants: dict = {}
+        self._template_by_value: dict = {}
+        self._value_skeletons = Skeletons(_SlotKinds())
+        #: Template k of every TemplateCall(k, ...) in the results (module docstring)
+        self.templates_found: list[Template] = []
+        self._placeholder_leaves: set = set()
 
     # -- symbols and sides ----------------------------------------------------------------
     def _is_leaf(self, s: sp.Symbol) -> bool:
@@ -141,6 +199,13 @@ class PairwiseEngine:
         self._forms[key] = f
         return f
 
+    def _side_form(self, key: str, side: int) -> sp.Expr:
+        """``to_side(form(key), side)``, memoised."""
+        memo = self._forms.get((key, side))
+        if memo is None:
+            memo = self._forms[(key, side)] = self.to_side(self.form(key), side)
+        return memo
+
     def _nonlin_form(self, key: str, e) -> sp.Expr:
         """phi(forms of the arguments), scalars by value."""
         sub = {Z(a): self.form(a) for a in self.graph.vector_args(key)}
@@ -176,7 +241,7 @@ class PairwiseEngine:
             k, primed = unprime(s)
             side = 1 if primed and not same_input else 0
             if self.graph.kind(k) == VEC:
-                sub[s] = self.to_side(self.form(k), side)
+                sub[s] = self._side_form(k, side)
             else:
                 val = self._scalar_values(node_symbol(k)).get(node_symbol(k), node_symbol(k))
                 sub[s] = self.to_side(val, side)
@@ -195,6 +260,14 @@ class PairwiseEngine:
 
     # -- expectations -------------------------------------------------------------------
     def expect(self, expr: sp.Expr) -> sp.Expr:
+        """E[expr] for an expression of leaves of both sides (exact): a call of the template
+        of expr's structure (module docstring), or ``expect_direct``."""
+        expr = sp.sympify(expr)
+        if not self.templates or not any(self._is_leaf(s) for s in expr.free_symbols):
+            return self.expect_direct(expr)
+        return self._templated(expr, self.expect_direct, call=None)
+
+    def expect_direct(self, expr: sp.Expr) -> sp.Expr:
         """E[expr] for an expression of leaves of both sides (exact).
 
         Products are expanded into monomials, except that a non-polynomial sum of functions
@@ -243,30 +316,136 @@ class PairwiseEngine:
         return True
 
     def _expect_term(self, term: sp.Expr) -> sp.Expr:
-        coef, factors = sp.S.One, []
-        args = sp.Mul.make_args(term)
-        for i, f in enumerate(args):
-            if any(self._is_leaf(s) for s in f.free_symbols):
-                try:
-                    factors.append(self._factor(f))
-                except NotPairwise:
-                    if not _is_sum_or_power_of_sum(f):
-                        raise
-                    # a sum of functions of several forms inside a product (a pooled vector
-                    # times an independent vector, m * (relu(h1) + relu(h2)) / 2): distribute
-                    rest = sp.Mul(*args[:i], *args[i + 1:])
-                    return self.expect(rest * sp.expand(f, deep=False, power_exp=False, power_base=False, log=False))
-            else:
-                coef *= f
-        if not factors:
-            return coef
-        result = coef
-        for component in self._components(factors):
+        """E[term] for a monomial: its constant factors times the expectation of the product
+        of its random factors (from the template of that product's structure)."""
+        coef, random = [], []
+        for f in sp.Mul.make_args(term):
+            (random if any(self._is_leaf(s) for s in f.free_symbols) else coef).append(f)
+        if not random:
+            return term
+        if self.templates:
+            product = sp.Mul._from_args(random) if len(random) > 1 else random[0]
+            value = self._templated(product, lambda e: self._expect_product(list(sp.Mul.make_args(e))))
+        else:
+            value = self._expect_product(random)
+        return sp.Mul(*coef) * value
+
+    def _expect_product(self, factors: list) -> sp.Expr:
+        """E[prod factors] for functions of linear forms of leaves (independent components
+        apart; Wick / quadrature per component)."""
+        found = []
+        for i, f in enumerate(factors):
+            try:
+                found.append(self._factor(f))
+            except NotPairwise:
+                if not _is_sum_or_power_of_sum(f):
+                    raise
+                # a sum of functions of several forms inside a product (a pooled vector
+                # times an independent vector, m * (relu(h1) + relu(h2)) / 2): distribute
+                rest = sp.Mul(*factors[:i], *factors[i + 1:])
+                return self.expect(rest * sp.expand(f, deep=False, power_exp=False, power_base=False, log=False))
+        result = sp.S.One
+        for component in self._components(found):
             value = self._component(component)
             if value == 0:
                 return sp.S.Zero
             result *= value
         return result
+
+    # -- templates (module docstring) -----------------------------------------------------
+    def _templated(self, product: sp.Expr, derive, call: bool = True) -> sp.Expr:
+        """E[product] as a call of its structure's template (or the template's value itself
+        when it reads nothing of the product: a number; with ``call`` False, the template's
+        value at the product's arguments; None: that for a sum of more than _CALL_TERMS
+        terms, whose terms are calls of their own templates the code generator groups by
+        structure (a pooled vector's P^2 terms), else the call); ``derive(renamed
+        product)`` derives a template's value."""
+        structure, names = self._skeletons.canonical(product)
+        blocks: dict = {}
+        signature = tuple(blocks.setdefault(self._leaf_block[symbols.unprimed(s)], len(blocks))
+                          if self._is_leaf(s) else -1 for s in names)
+        key = (structure, signature, derive.__name__)
+        variant = self._variants.get(key)
+        if variant is None:
+            variant = self._variants[key] = self._variant(product, names, signature, derive)
+        template = self.templates_found[variant.index]
+        if not template.slots:
+            return template.value
+        original = {}
+        own = []
+        for ph, s in zip(variant.placeholders, names):
+            if self._is_leaf(s):
+                original[symbols.unprimed(ph).key] = symbols.unprimed(s)
+            else:
+                own.append(s)
+        own.extend(self._leaf_cov(original[c.a], c.sa, original[c.b], c.sb) for c in variant.covariances)
+        args = [own[i] for i in variant.order]
+        if call is None:
+            call = len(sp.Add.make_args(template.value)) <= _CALL_TERMS
+        if not call or all(a.is_number for a in args):  # numbers: written out, a number to sympy too
+            return template.value.xreplace(dict(zip(template.slots, args)))
+        return TemplateCall(sp.Integer(variant.index), *args)
+
+    def _variant(self, product: sp.Expr, names: list, signature: tuple, derive) -> _Variant:
+        """The expectation of ``product``, whose symbols in canonical order are ``names``,
+        derived once with placeholders: leaf k becomes a placeholder leaf whose key records
+        its position, its block's number in ``signature`` and whether it depends on the
+        input (so equal keys always mean equal properties); any other scalar a
+        TemplateConstant.  Registered as a Template (``_register``)."""
+        placeholders = []
+        for k, (s, block) in enumerate(zip(names, signature)):
+            if block < 0:
+                placeholders.append(symbols.TemplateConstant(k))
+                continue
+            dependent = symbols.unprimed(s).key in self._dependent
+            leaf = ZHatSymbol(f"#{k}b{block}" + ("d" if dependent else ""))
+            if leaf not in self._placeholder_leaves:
+                self._placeholder_leaves.add(leaf)
+                self._leaf_block[leaf] = ("#template block", block)
+                if dependent:
+                    self._dependent.add(leaf.key)
+            placeholders.append(symbols.primed(leaf) if symbols.is_primed(s) else leaf)
+        renamed = product.xreplace(dict(zip(names, placeholders)))
+        value = derive(renamed)  # may register nested templates first
+        covariances = _ordered(c for c in value.free_symbols if isinstance(c, symbols.LeafCovariance))
+        slots = [ph for ph in placeholders if isinstance(ph, symbols.TemplateConstant)] + covariances
+        index, order = self._register(value, slots)
+        return _Variant(placeholders, covariances, index, order)
+
+    def _register(self, value: sp.Expr, slots: list) -> tuple[int, list]:
+        """(index of the Template equal to ``value`` up to a renaming of its slots, and for
+        each of that template's slots the position in ``slots`` of the one it stands for).
+        Products of one structure whose canonical orders differ (symbols that tie, such as a
+        convolution's taps of one layer, are ordered by name) have equal values up to such a
+        renaming: one template, so the code generator sees one structure."""
+        structure, order = self._value_skeletons.canonical(sp.Tuple(value))
+        order = order + [s for s in slots if s not in set(order)]  # slots the value does not read
+        key = (structure, len(slots))
+        position = {s: k for k, s in enumerate(slots)}
+        if key not in self._template_by_value:
+            self._template_by_value[key] = len(self.templates_found)
+            self.templates_found.append(Template(value, list(order)))
+            return len(self.templates_found) - 1, [position[s] for s in order]
+        index = self._template_by_value[key]
+        # the registered template's slot j stands for the slot of this value at the same
+        # canonical position
+        return index, [position[s] for s in order]
+
+    def instantiate(self, expr: sp.Expr) -> sp.Expr:
+        """``expr`` with every TemplateCall replaced by its template's value at its
+        arguments (recursively): an expression of E1/E2 calls, quantities and inputs."""
+        calls = expr.atoms(TemplateCall) if isinstance(expr, sp.Basic) else ()
+        if not calls:
+            return expr
+        return expr.xreplace({c: self.template_value(c, self.instantiate) for c in calls})
+
+    def template_value(self, call: sp.Expr, transform=None) -> sp.Expr:
+        """The value of one TemplateCall: its template's value (through ``transform``, e.g.
+        ``instantiate`` for nested calls) with the slots replaced by the arguments."""
+        template = self.templates_found[int(call.args[0])]
+        value = template.value if transform is None else transform(template.value)
+        args = call.args[1:] if transform is None else [transform(a) for a in call.args[1:]]
+        return value.xreplace(dict(zip(template.slots, args)))
 
     def _factor(self, f: sp.Expr) -> _Factor:
         memo = self._factor_memo.get(f)
@@ -381,13 +560,15 @@ class PairwiseEngine:
     def _leaf_cov(self, la: sp.Symbol, s1: int, lb: sp.Symbol, s2: int) -> sp.Expr:
         if self._leaf_block[la] != self._leaf_block[lb]:
             return sp.S.Zero
+        if la in self._placeholder_leaves:  # inside a template: instantiated later
+            return symbols.LeafCovariance(la.key, s1, lb.key, s2)
         ka, kb = la.key, lb.key
         if symbols.is_z(la):
             return self.graph.init_covariance(ka, kb, s1 == 1, s2 == 1, compact=True).xreplace(self._params)
         mat = self.graph.matmul_parts(ka)[0]
         s2_ = (self.graph.op(mat).sigma ** 2).xreplace(self._params)
         xa, xb = self.zp.entries[ka].x, self.zp.entries[kb].x
-        return s2_ * self.quantity(self.to_side(self.form(xa), s1) * self.to_side(self.form(xb), s2), f"E[Z^{xa} Z^{xb}]")
+        return s2_ * self.quantity(self._side_form(xa, s1) * self._side_form(xb, s2), f"E[Z^{xa} Z^{xb}]")
 
     # -- quantities -----------------------------------------------------------------------
     def quantity(self, product: sp.Expr, label: str = "") -> sp.Expr:
@@ -421,6 +602,41 @@ class PairwiseEngine:
         return list(self._order)
 
 
+class _TemplateKinds:
+    """The symbols a template renames (``Skeletons`` kinds): leaves, by side, input
+    dependence and block, and scalars that vary between terms of one structure: quantities,
+    input coordinates, input-layer covariance atoms, constants of an enclosing template.
+    Nothing that depends on the input may stay literal in a template: ``to_side`` moves an
+    expression to the second input through the arguments of its calls only."""
+
+    def __init__(self, engine: PairwiseEngine):
+        self.engine = engine
+
+    def __contains__(self, s) -> bool:
+        if isinstance(s, ops.InputCov):
+            return True
+        return s.is_Symbol and (self.engine._is_leaf(s) or symbols.unprimed(s) in self.engine._inputs
+                                or isinstance(s, (symbols.QuantitySymbol, symbols.TemplateConstant)))
+
+    def __getitem__(self, s) -> tuple:
+        if self.engine._is_leaf(s):
+            # the block too: leaves of one sum (a convolution's taps) would otherwise tie, and
+            # sympy's order among them (by name) differs between positions
+            u = symbols.unprimed(s)
+            return ("leaf", bool(s.primed), u.key in self.engine._dependent, self.engine._leaf_block[u]), None
+        return ("scalar",), None
+
+
+class _SlotKinds:
+    """The symbols a template's value is compared up to (``PairwiseEngine._register``)."""
+
+    def __contains__(self, s) -> bool:
+        return isinstance(s, (symbols.TemplateConstant, symbols.LeafCovariance))
+
+    def __getitem__(self, s) -> tuple:
+        return ("slot",), None
+
+
 def _to_first_input(expr: sp.Expr) -> sp.Expr:
     """A second-input expression at the first input: unprimed symbols, InputCov atoms of
     the second input (flags 1, 1) at the first (0, 0)."""
@@ -433,7 +649,7 @@ def _to_first_input(expr: sp.Expr) -> sp.Expr:
 def _has_parameters(g: sp.Expr) -> bool:
     """Does the one-variable function g(T) depend on anything but T (a symbol, an input-layer
     covariance or an expectation: quadrature functions are compiled from numbers and T alone)?"""
-    return bool(g.free_symbols - {T}) or bool(g.atoms(E1, E2, ops.InputCov))
+    return bool(g.free_symbols - {T}) or bool(g.atoms(E1, E2, TemplateCall, ops.InputCov))
 
 
 def _not_a_vector(engine: PairwiseEngine, key: str, e):

@@ -48,9 +48,10 @@ class Group:
     target: np.ndarray | None   # M x (entries) int64 slots (quantities) or None (outputs)
 
 
-class _Skeletons:
+class Skeletons:
     """Structure ids of expressions: equal ids <=> equal trees (arguments of sums and
-    products as multisets), with the symbols of ``kinds`` ({symbol: (kind, index)}) replaced
+    products as multisets), with the symbols of ``kinds`` ({symbol: (kind, index)}; any
+    subexpression may be such a "symbol", e.g. an input-layer covariance atom) replaced
     by their kind (``key``), by a label (``_labels``) or by their placeholder (``canonical``).
     Ids are small integers interned in this object, so they order the same way for every
     expression it sees (and, the derivation being deterministic, in every run)."""
@@ -76,7 +77,7 @@ class _Skeletons:
         hit = self.memo.get(id(e))  # by identity: equality of large trees is slow
         if hit is not None:
             return hit[0]
-        if e.is_Symbol and e in self.kinds:
+        if e in self.kinds:
             k = self.intern(("$", self.kinds[e][0]))
         elif not e.args:
             k = self.intern(("atom", sp.srepr(e)))
@@ -93,7 +94,7 @@ class _Skeletons:
         paths: dict = {}
 
         def walk(x, path):
-            if x.is_Symbol and x in self.kinds:
+            if x in self.kinds:
                 paths.setdefault(x, []).append(path)
                 return
             here = self.key(x)
@@ -110,7 +111,7 @@ class _Skeletons:
         hit = memo.get(id(e))
         if hit is not None:
             return hit[0]
-        if e.is_Symbol and e in labels:
+        if e in labels:
             k = self.intern(("$", labels[e]))
         elif not e.args:
             k = self.key(e)
@@ -133,7 +134,7 @@ class _Skeletons:
         out, seen = [], set()
 
         def visit(x):
-            if x.is_Symbol and x in labels:
+            if x in labels:
                 if x not in seen:
                     seen.add(x)
                     out.append(x)
@@ -236,7 +237,7 @@ def plan(assignments, outputs, kinds: dict, slot_kind: str) -> tuple[list[Group]
     constant part of each output, number of groups of quantities)."""
     kinds = dict(kinds)
     kinds.update({s: (slot_kind, k) for k, (s, _) in enumerate(assignments)})
-    sk = _Skeletons(kinds)
+    sk = Skeletons(kinds)
     slot = {s: k for k, (s, _) in enumerate(assignments)}
     kind_symbols = set(kinds)
     level: dict = {}
