@@ -151,6 +151,7 @@ class PairwiseEngine:
         self._leaf_block = dict(self.zp.leaf_blocks)
         self._skeletons = Skeletons(_TemplateKinds(self))
         self._variants: dict = {}
+        self._leaf_cov_memo: dict = {}
         self._template_by_value: dict = {}
         self._value_skeletons = Skeletons(_SlotKinds())
         #: Template k of every TemplateCall(k, ...) in the results (module docstring)
@@ -558,6 +559,15 @@ class PairwiseEngine:
         return sp.Add(*terms)
 
     def _leaf_cov(self, la: sp.Symbol, s1: int, lb: sp.Symbol, s2: int) -> sp.Expr:
+        """Cov(leaf la at side s1, leaf lb at side s2), memoised (every instance of a
+        template asks for its leaves' covariances)."""
+        key = (la, s1, lb, s2)
+        value = self._leaf_cov_memo.get(key)
+        if value is None:
+            value = self._leaf_cov_memo[key] = self._leaf_covariance(la, s1, lb, s2)
+        return value
+
+    def _leaf_covariance(self, la: sp.Symbol, s1: int, lb: sp.Symbol, s2: int) -> sp.Expr:
         if self._leaf_block[la] != self._leaf_block[lb]:
             return sp.S.Zero
         if la in self._placeholder_leaves:  # inside a template: instantiated later

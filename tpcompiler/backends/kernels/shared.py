@@ -159,6 +159,22 @@ def _placeholder(k: int) -> sp.Symbol:
     return sp.Symbol(f"_a{k}", real=True)
 
 
+def _divided(e: sp.Expr, c: float) -> sp.Expr:
+    """e / c for a number c, term by term, by rescaling each term's numeric coefficient (the
+    same value as sympy's division, without rebuilding every product: a CNN has thousands)."""
+    if c == 1.0:
+        return e
+    if e.is_Add:
+        return sp.Add(*[_divided(t, c) for t in e.args])
+    coef, rest = e.as_coeff_Mul()
+    scaled = sp.Float(float(coef) / c)
+    if rest == 1:
+        return scaled
+    if scaled == 1:
+        return rest
+    return sp.Mul._from_args((scaled, *sp.Mul.make_args(rest)))
+
+
 def _split(e: sp.Expr) -> tuple[float, sp.Expr]:
     """e = c * rest with c a number."""
     c, rest = sp.sympify(e).as_coeff_Mul()
@@ -249,7 +265,7 @@ def plan(assignments, outputs, kinds: dict, slot_kind: str) -> tuple[list[Group]
     for (lev, _), items in bundles.items():
         items = sorted(items, key=lambda it: sk.key(it[1]))  # stable: a canonical order of the entries
         c = _split(items[0][1])[0] or 1.0
-        bundle = sp.Tuple(*[e / c for _, e in items])
+        bundle = sp.Tuple(*[_divided(e, c) for _, e in items])
         cid, syms = sk.canonical(bundle)
         by_key.setdefault((lev, cid), []).append(([k for k, _ in items], c, syms, bundle, lev))
     groups = []
@@ -275,7 +291,7 @@ def plan(assignments, outputs, kinds: dict, slot_kind: str) -> tuple[list[Group]
     for parts in bundles.values():
         c = next(_split(p[0])[0] for p in parts if p)
         c = c if c != 0 else 1.0
-        bundle = sp.Tuple(*[sp.Add(*p) / c if p else sp.S.Zero for p in parts])
+        bundle = sp.Tuple(*[sp.Add(*[_divided(t, c) for t in p]) if p else sp.S.Zero for p in parts])
         cid, syms = sk.canonical(bundle)
         terms.setdefault(cid, []).append((syms, c, bundle))
     for members in terms.values():
