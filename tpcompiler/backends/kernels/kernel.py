@@ -85,14 +85,17 @@ def _one_blas_thread():
 class KernelFunction:
     """NNGP and NTK of a template program, compiled to Numba (see module docstring)."""
 
-    def __init__(self, graph: Graph, rtol: float = 1e-10, runtime=(), share: bool | None = None):
+    def __init__(self, graph: Graph, rtol: float = 1e-10, runtime=(), share: bool | None = None,
+                 templates: bool = True):
         """``runtime``: Param keys of ``graph`` kept as symbols through the derivation and the
         generated code, whose values are arguments of every call (``params``), so one
         compilation serves every value of them; the others are compiled in as numbers.
         Refused (NotPairwise) where a runtime Param would enter a quadrature function.
         ``share``: compute quantities (and output terms) of one structure by one loop
         (``shared``: a CNN's pairs of positions) instead of straight-line code; None decides
-        by the program (``_should_share``)."""
+        by the program (``_should_share``).  ``templates``: derive each structure of
+        expectation once (pairwise.py; False derives every expectation on its own, the
+        reference the templates are tested against)."""
         start = time.perf_counter()
         self.rtol = rtol
         bad = [k for k in runtime if k not in graph.g or not isinstance(graph.op(k), ops.Param)]
@@ -113,7 +116,7 @@ class KernelFunction:
         (self.input_name, decl), = graph.inputs.items()
         self.d = len(decl.keys)
         kp = kernel_program(graph)
-        self.engine = engine = PairwiseEngine(kp, runtime=frozenset(self.runtime))
+        self.engine = engine = PairwiseEngine(kp, runtime=frozenset(self.runtime), templates=templates)
         try:
             derived_outputs = [engine.scalar(kp.outputs[k]) for k in KERNELS]
             # The diagonal k(xi, xi) from row quantities: exact at rho = 1, where a pair formula
@@ -132,9 +135,21 @@ class KernelFunction:
             # lower (only the calls' arguments) and to group, whatever the number of positions
             rows, diagonal, pairs, outputs = self._lowered(engine.order, derived_diagonal, derived_outputs,
                                                            self._lower_calls)
-            for c in set().union(*(e.atoms(TemplateCall) for e in [e for _, e in rows + pairs] + diagonal + outputs)):
-                self._template_body(int(c.args[0]))  # before planning: the bodies' features get slots too
+            rows, diagonal = self._expose_shared(rows, diagonal)
+            pairs, outputs = self._expose_shared(pairs, outputs)
             plans = self._plans(rows, diagonal, pairs, outputs)
+            if _groups(plans) > _MANY_GROUPS:
+                # Calls of different templates whose written-out bodies have one structure
+                # (a 2-D depth-2 net on few positions: nearly every window is a boundary)
+                # make groups of their own; the written-out expressions, grouped, may make
+                # fewer (Numba's compile time grows with the groups' code).  The fewer wins.
+                kept = (self.features, self.row_symbols, self._pair_slots)
+                written = self._lowered(engine.order, derived_diagonal, derived_outputs, self._lower_instances)
+                written_plans = self._plans(*written)
+                if _groups(written_plans) < _groups(plans):
+                    (rows, diagonal, pairs, outputs), plans = written, written_plans
+                else:
+                    self.features, self.row_symbols, self._pair_slots = kept
         #: whether the generated code computes groups of quantities by loops (shared.py)
         self.shared = _should_share(plans) if share is None else bool(share)
         if self.shared:
@@ -179,16 +194,65 @@ class KernelFunction:
             bodies[index] = self.features.featurize(self._inline_expectations(self._write_calls(value)))
         return bodies[index]
 
+    def _exposed_body(self, index: int) -> tuple:
+        """(calls, symbols, body): template ``index``'s lowered body with each outermost
+        function call that reads its slots (a closed form's arccos, a quadrature) replaced
+        by a symbol of its own.  A TemplateCall carries those calls, at its arguments, as
+        extra arguments (``_expose``), so that a call shared by several templates at one
+        pair of positions (the arccos of E[relu relu] and E[relu' relu']) is one common
+        subexpression the code generator computes once per pair (lift_repeated_calls)."""
+        exposed = self.__dict__.setdefault("_exposed", {})
+        if index not in exposed:
+            body = self._template_body(index)
+            slots = set(self.engine.templates_found[index].slots)
+            calls = []
+            for sub in sp.preorder_traversal(body):
+                if isinstance(sub, sp.Function) and sub.free_symbols & slots and not any(c.has(sub) for c in calls):
+                    calls.append(sub)
+            names = [sp.Symbol(f"_core{index}_{k}", real=True) for k in range(len(calls))]
+            exposed[index] = (calls, names, body.xreplace(dict(zip(calls, names))))
+        return exposed[index]
+
+    def _expose_shared(self, assignments, outputs) -> tuple[list, list]:
+        """(assignments, outputs) of one stage with ``_expose`` applied, when some quantity of
+        the stage is defined by a call: then a core of a call can be shared across
+        expressions (a layer's E[relu relu] defines a quantity, E[relu' relu'] at the same
+        covariances enters the NTK terms; full exposure halves the arccos per pair of a
+        depth-2 CNN).  Without such quantities (a depth-1 net) the calls of one pair of
+        positions are all in one output bundle, which shares its cores anyway, and exposing
+        would only cost time."""
+        if not any(e.has(TemplateCall) for _, e in assignments):
+            return list(assignments), list(outputs)
+        return [(q, self._expose(e)) for q, e in assignments], [self._expose(e) for e in outputs]
+
+    def _expose(self, expr: sp.Expr) -> sp.Expr:
+        """``expr`` with each TemplateCall(k, *arguments) extended by the outermost calls of
+        template k's body at those arguments (``_exposed_body``)."""
+        rep = {}
+        for c in expr.atoms(TemplateCall):
+            index = int(c.args[0])
+            calls, _, _ = self._exposed_body(index)
+            at = dict(zip(self.engine.templates_found[index].slots, c.args[1:]))
+            rep[c] = TemplateCall(*c.args, *[f.xreplace(at) for f in calls])
+        return expr.xreplace(rep) if rep else expr
+
     def _write_calls(self, expr: sp.Expr) -> sp.Expr:
         """``expr`` with each TemplateCall replaced by its lowered template body at its
-        arguments."""
+        arguments (and at its exposed calls, ``_expose``)."""
         calls = expr.atoms(TemplateCall)
         if not calls:
             return expr
         rep = {}
         for c in calls:
-            template = self.engine.templates_found[int(c.args[0])]
-            rep[c] = self._template_body(int(c.args[0])).xreplace(dict(zip(template.slots, c.args[1:])))
+            index = int(c.args[0])
+            slots = self.engine.templates_found[index].slots
+            at = dict(zip(slots, c.args[1:]))
+            if len(c.args) - 1 == len(slots):
+                rep[c] = self._template_body(index).xreplace(at)
+            else:
+                _, names, body = self._exposed_body(index)
+                at.update(zip(names, c.args[1 + len(slots):]))
+                rep[c] = body.xreplace(at)
         return expr.xreplace(rep)
 
     def _inline_expectations(self, expr: sp.Expr) -> sp.Expr:
@@ -274,7 +338,10 @@ def pair_stage({grams}RF1, RF2T, R1, R2T, {outs}, symmetric, P):
         # repeated calls (arccos) become pair quantities of their own, computed once per pair
         pairs, outputs = shared.lift_repeated_calls(pairs, outputs, pair_kinds)
         self._pair_slots = len(pairs)
-        return shared.plan(rows, diagonal, row_kinds, "R"), shared.plan(pairs, outputs, pair_kinds, "Q")
+        rows, diagonal, row_aliases = shared.alias_repeated_arguments(rows, diagonal, TemplateCall, row_kinds)
+        pairs, outputs, pair_aliases = shared.alias_repeated_arguments(pairs, outputs, TemplateCall, pair_kinds)
+        return (shared.plan(rows, diagonal, row_kinds, "R", row_aliases),
+                shared.plan(pairs, outputs, pair_kinds, "Q", pair_aliases))
 
     def _shared_source(self, rows, diagonal, pairs, outputs, plans=None) -> str:
         """Module source with loops over groups (shared.py): the row stage (row quantities,
@@ -352,13 +419,15 @@ def pair_stage(t0, step, GS, RF1, RF2T, R1, R2T, {outs}, symmetric, P):
             "from numba import njit, prange",
             "from tpcompiler import expectations as _ex",
             "from tpcompiler.ir.nonlinearities import SYMPY_NAMESPACE as _NS",
+            f"_T = _sp.Symbol({_PRINTED_ARG.name!r}, real=True)",
         ]
         for i in quad:
             obj = self.expectations[i]
             lams = [obj.phi] + ([obj.psi] if isinstance(obj, expectations.PairExpectation) else [])
-            # printed with a plain bound symbol: the source re-reads it with sympify
-            lams = [sp.Lambda(_PRINTED_ARG, lam.expr.xreplace({lam.variables[0]: _PRINTED_ARG})) for lam in lams]
-            args = ", ".join(f"_sp.sympify({sp.srepr(lam)!r}, locals=_NS)" for lam in lams)
+            # printed as Lambda(t, expression) with a plain bound symbol, re-read with sympify
+            # (the srepr of Lambda(t, t), sympy's IdentityFunction, does not read back)
+            exprs = [lam.expr.xreplace({lam.variables[0]: _PRINTED_ARG}) for lam in lams]
+            args = ", ".join(f"_sp.Lambda(_T, _sp.sympify({sp.srepr(e)!r}, locals=_NS))" for e in exprs)
             build = "pair_expectation" if len(lams) == 2 else "expectation"
             # naming the callee's module keeps this module's numba cache from outliving it
             header.append(f"_e{i} = _ex.{build}({args}, rtol={self.rtol!r}).scalar  # {obj.scalar.py_func.__module__}")
@@ -470,6 +539,15 @@ def pair_stage(t0, step, GS, RF1, RF2T, R1, R2T, {outs}, symmetric, P):
         )
 
 
+#: More groups than this in the grouped calls: try grouping the written-out expressions too.
+_MANY_GROUPS = 100
+
+
+def _groups(plans) -> int:
+    """The number of groups (generated loops) of both stages' plans."""
+    return sum(len(group_list) for group_list, _, _ in plans)
+
+
 def _should_share(plans) -> bool:
     """Loops pay off when the stages have many expressions of few structures (a CNN: one per
     pair of positions); small programs (an MLP: one quantity per layer; a CNN on 4
@@ -513,6 +591,8 @@ def _group_loops(prefix: str, groups, formats: dict, fixed: dict, indent: str, s
     for g, group in enumerate(groups):
         name = f"{prefix}{g}"
         M, n = group.index.shape
+        if group.target is None and all(e == 0 for e in group.template.args):
+            continue  # output terms whose template came out zero once written out
         loads = {a: formats[kind].format(f"I_{name}[m, {k}]") for k, (a, kind) in enumerate(zip(group.placeholders, group.kinds))}
         loads.update(fixed)
         if n:

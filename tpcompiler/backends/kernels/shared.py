@@ -239,7 +239,42 @@ def _calls_in(exprs, names: dict) -> list:
     return found
 
 
-def plan(assignments, outputs, kinds: dict, slot_kind: str) -> tuple[list[Group], list[float], int]:
+def alias_repeated_arguments(assignments, outputs, call_type, kinds: dict) -> tuple[list, list, dict]:
+    """(assignments, outputs, aliases): in every call of ``call_type``, a symbol of ``kinds``
+    that an earlier argument of the same call already read is replaced by an alias of its
+    own (``aliases``: alias -> symbol, read from the same place).  Calls of one template at
+    different positions differ in which arguments happen to coincide (the variances of two
+    overlapping windows at one input); as far as the generated code goes a coincidence is
+    just two reads of one place, so it must not make a structure of its own."""
+    aliases: dict = {}
+    made: dict = {}
+
+    def alias(sym, k):
+        a = made.get((sym, k))
+        if a is None:
+            a = made[(sym, k)] = sp.Symbol(f"{sym.name}~{k}", real=True)
+            aliases[a] = sym
+        return a
+
+    def rewrite(e):
+        rep = {}
+        for c in e.atoms(call_type):
+            seen: set = set()
+            args = []
+            for k, a in enumerate(c.args):
+                read = a.free_symbols & kind_symbols
+                again = read & seen
+                args.append(a.xreplace({x: alias(x, k) for x in again}) if again else a)
+                seen |= read
+            if any(x is not y for x, y in zip(args, c.args)):
+                rep[c] = c.func(*args)
+        return e.xreplace(rep) if rep else e
+
+    kind_symbols = set(kinds) | {s for s, _ in assignments}
+    return [(s, rewrite(e)) for s, e in assignments], [rewrite(e) for e in outputs], aliases
+
+
+def plan(assignments, outputs, kinds: dict, slot_kind: str, aliases: dict | None = None) -> tuple[list[Group], list[float], int]:
     """Groups computing ``assignments`` ((symbol, expr) in dependency order; symbol k is
     stored in slot k of kind ``slot_kind``) and then ``outputs`` (sums of terms).
 
@@ -249,18 +284,22 @@ def plan(assignments, outputs, kinds: dict, slot_kind: str) -> tuple[list[Group]
     symbols form a bundle c * (e_0, e_1, ...)/c (the NNGP-like and NTK-like quantities of one
     pair of positions: their common subexpressions are computed once); bundles are grouped
     by (level, structure), so the members of a group never depend on each other and the
-    groups run in level order.  Returns (groups,
-    constant part of each output, number of groups of quantities)."""
+    groups run in level order.  ``aliases``: {alias: symbol} read from the symbol's place
+    (``alias_repeated_arguments``).  Returns (groups, constant part of each output, number
+    of groups of quantities)."""
+    aliases = aliases or {}
     kinds = dict(kinds)
     kinds.update({s: (slot_kind, k) for k, (s, _) in enumerate(assignments)})
+    kinds.update({a: kinds[s] for a, s in aliases.items()})
     sk = Skeletons(kinds)
     slot = {s: k for k, (s, _) in enumerate(assignments)}
     kind_symbols = set(kinds)
     level: dict = {}
     bundles: dict = {}
     for s, e in assignments:
-        level[s] = 1 + max((level[d] for d in e.free_symbols if d in slot), default=-1)
-        bundles.setdefault((level[s], frozenset(e.free_symbols & kind_symbols)), []).append((slot[s], e))
+        read = {aliases.get(d, d) for d in e.free_symbols}
+        level[s] = 1 + max((level[d] for d in read if d in slot), default=-1)
+        bundles.setdefault((level[s], frozenset(read & kind_symbols)), []).append((slot[s], e))
     by_key: dict = {}
     for (lev, _), items in bundles.items():
         items = sorted(items, key=lambda it: sk.key(it[1]))  # stable: a canonical order of the entries
@@ -282,7 +321,7 @@ def plan(assignments, outputs, kinds: dict, slot_kind: str) -> tuple[list[Group]
     kind_symbols = set(kinds)
     for o, e in enumerate(outputs):
         for term in sp.Add.make_args(sp.sympify(e)):
-            read = term.free_symbols & kind_symbols
+            read = {aliases.get(d, d) for d in term.free_symbols} & kind_symbols
             if not read and term.is_number:
                 constants[o] += float(term)
                 continue

@@ -1,0 +1,127 @@
+"""Benchmark: compile time of CNN kernels as the number of positions grows (issue 11).
+
+    python benchmarks/cnn_compile.py [--quick] [--write-docs]
+
+Each case runs in a fresh process with an empty generated-code cache (``TPCOMPILER_CACHE_DIR``
+a new directory, so the first call pays Numba's whole compile) and ``OMP_NUM_THREADS=1``.
+Reported per case: "derive + codegen" (``tp.compile`` + ``kernel_function()``: the pairwise
+derivation, lowering, grouping and code generation), "first call" (the first ``kf(X)`` on 7
+inputs: Numba's compile), warm (median of 3 calls on N = 200 inputs), the number of
+expectation templates the engine derived (``engine.templates_found``), the pair quantities
+(one per pair of positions and layer), and the generated source's lines.
+
+cnn1d: ``programs/cnn1d.py`` (C = 2, filter 3 SAME, relu, GlobalAvgPool); 2-D: ``Conv(512,
+(3, 3), SAME), Relu`` x depth, ``GlobalAvgPool, Dense`` on (H, W, 2) inputs (tp.layers).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # this checkout's tpcompiler first
+from _machine import machine_info, spawn, write_section  # noqa: E402
+
+ROOT = Path(__file__).resolve().parent.parent
+DOCS = ROOT / "docs" / "benchmarks.md"
+SECTION = "## CNN compile time vs positions (tp.layers, issue 11)"
+N = 200
+CASES = [
+    {"kind": "cnn1d", "L": 4, "depth": 1}, {"kind": "cnn1d", "L": 4, "depth": 2},
+    {"kind": "cnn1d", "L": 8, "depth": 1}, {"kind": "cnn1d", "L": 8, "depth": 2},
+    {"kind": "cnn1d", "L": 16, "depth": 1}, {"kind": "cnn1d", "L": 16, "depth": 2},
+    {"kind": "2d", "L": 4, "depth": 1}, {"kind": "2d", "L": 8, "depth": 1},
+    {"kind": "2d", "L": 4, "depth": 2}, {"kind": "2d", "L": 6, "depth": 2},
+]
+QUICK = [{"kind": "cnn1d", "L": 8, "depth": 2}, {"kind": "2d", "L": 4, "depth": 1}]
+
+
+def program(case: dict):
+    import tpcompiler as tp
+    from tpcompiler.frontend.loader import load
+    from tpcompiler.layers import Conv, Dense, GlobalAvgPool, Relu, serial
+
+    if case["kind"] == "cnn1d":
+        return load(ROOT / "programs" / "cnn1d.py", L=case["L"], depth=case["depth"]), (case["L"] * 2,)
+    layers = []
+    for _ in range(case["depth"]):
+        layers += [Conv(512, (3, 3), None, "SAME", 1.5, 0.1), Relu()]
+    shape = (case["L"], case["L"], 2)
+    return tp.layers.serial(*layers, GlobalAvgPool(), Dense(1, 1.5, 0.1)).program(shape), shape
+
+
+def run_case(case: dict) -> dict:
+    import tpcompiler as tp
+
+    prog, shape = program(case)
+    d = int(np.prod(shape))
+    X = np.random.default_rng(0).standard_normal((N, d))
+    t = time.perf_counter()
+    kf = tp.compile(prog).kernel_function()
+    derive = time.perf_counter() - t
+    t = time.perf_counter()
+    kf(X[:7])
+    first = time.perf_counter() - t
+    warm = []
+    for _ in range(3):
+        t = time.perf_counter()
+        kf(X)
+        warm.append(time.perf_counter() - t)
+    return {"derive": derive, "first": first, "warm": float(np.median(warm)),
+            "templates": len(kf.engine.templates_found), "pairs": sum(q.pair for q in kf.engine.order),
+            "lines": len(kf.source.splitlines()), "shared": kf.shared, "load": os.getloadavg()[0]}
+
+
+def name(case: dict) -> str:
+    if case["kind"] == "cnn1d":
+        return f"cnn1d L={case['L']}, depth {case['depth']}"
+    return f"2-D {case['L']} x {case['L']}, depth {case['depth']}"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--write-docs", action="store_true")
+    parser.add_argument("--case", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.case:
+        print(json.dumps(run_case(json.loads(args.case))))
+        return
+    os.environ["OMP_NUM_THREADS"] = "1"
+    rows = []
+    for case in QUICK if args.quick else CASES:
+        with tempfile.TemporaryDirectory() as cache:
+            os.environ["TPCOMPILER_CACHE_DIR"] = cache
+            r = spawn(Path(__file__), case, timeout=1800)
+        rows.append((case, r))
+        print(name(case), r, flush=True)
+    m = machine_info()
+    lines = [SECTION, "",
+             f"`python benchmarks/cnn_compile.py` on {m['cpu']}, {m['cores']} cores, {m['memory']}; {m['date']}; "
+             f"numba {m['numba']}.  Each case in a fresh process with an empty code cache, OMP_NUM_THREADS=1; "
+             "derive + codegen = `tp.compile(...).kernel_function()`; first call = the first `kf(X)` on 7 "
+             f"inputs (Numba's compile); warm = median of 3 calls at N = {N}; load = 1-minute load average at the "
+             "end of the case.", "",
+             "| program | derive + codegen (s) | first call (s) | total (s) | warm N = 200 (s) | templates | pair quantities | generated lines | load |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for case, r in rows:
+        if "error" in r:
+            lines.append(f"| {name(case)} | failed: {r['error']} | | | | | | | |")
+            continue
+        lines.append(f"| {name(case)} | {r['derive']:.1f} | {r['first']:.1f} | **{r['derive'] + r['first']:.1f}** | "
+                     f"{r['warm']:.3f} | {r['templates']} | {r['pairs']} | {r['lines']} | {r['load']:.1f} |")
+    text = "\n".join(lines) + "\n"
+    print(text)
+    if args.write_docs:
+        write_section(DOCS, SECTION, text)
+
+
+if __name__ == "__main__":
+    main()

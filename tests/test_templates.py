@@ -1,0 +1,46 @@
+"""Expectation templates of the kernel engine (backends/kernels/pairwise.py, issue 11: CNN
+compile time): deriving each structure of expectation once and instantiating it must give
+the kernels that deriving every expectation on its own gives.  Programs where a template
+could go wrong: pairs of positions with overlapping windows and boundaries (conv depth 2,
+SAME), a pooled vector (one-of-a-kind product of sums), LayerNorm (Moment limits inside the
+forms, which a template must carry to the second input), and quadrature (tanh)."""
+import numpy as np
+import pytest
+
+from tpcompiler import layers
+from tpcompiler.backends.kernels.kernel import KernelFunction
+from tpcompiler.frontend.loader import load
+from pathlib import Path
+
+PROGRAMS = Path(__file__).resolve().parent.parent / "programs"
+
+NETS = {
+    "conv1d_same_depth2": (lambda: load(PROGRAMS / "cnn1d.py", L=5, depth=2).graph, 10),
+    "conv2d_same_avgpool": (lambda: layers.serial(
+        layers.Conv(8, (2, 2), padding="SAME", W_std=1.5, b_std=0.1), layers.Relu(),
+        layers.AvgPool((2, 2), (1, 1), "SAME"), layers.Flatten(), layers.Dense(1, 1.5, 0.1)).program((3, 3, 1)).graph, 9),
+    "fc_relu_layernorm": (lambda: layers.serial(
+        layers.Dense(8, 1.5, 0.1), layers.Relu(), layers.LayerNorm(), layers.Dense(8, 1.5, 0.1), layers.Erf(),
+        layers.Dense(1, 1.5, 0.1)).program((3,)).graph, 3),
+    "conv1d_layernorm_spatial_tanh": (lambda: layers.serial(
+        layers.Conv(8, (2,), padding="SAME", W_std=1.5, b_std=0.1), layers.LayerNorm(axis=(1, 2)), layers.Tanh(),
+        layers.Flatten(), layers.Dense(1, 1.5, 0.1)).program((3, 1)).graph, 3),
+}
+
+
+@pytest.mark.parametrize("name", sorted(NETS))
+def test_templated_kernels_equal_the_direct_derivation(name):
+    build, d = NETS[name]
+    graph = build()
+    X = np.random.default_rng(3).standard_normal((5, d))
+    X2 = np.random.default_rng(4).standard_normal((3, d))
+    direct = KernelFunction(graph, templates=False, share=False)
+    assert not direct.engine.templates_found and "TemplateCall" not in direct.source
+    b = direct(X, X2)
+    # the templates written out (straight-line code) and kept as calls (looped code)
+    for share in (False, True):
+        templated = KernelFunction(graph, share=share)
+        assert templated.engine.templates_found
+        a = templated(X, X2)
+        for key in b:
+            assert np.max(np.abs(a[key] - b[key])) <= 1e-12 * np.max(np.abs(b[key])), (name, share, key)
