@@ -138,11 +138,13 @@ class KernelFunction:
             rows, diagonal = self._expose_shared(rows, diagonal)
             pairs, outputs = self._expose_shared(pairs, outputs)
             plans = self._plans(rows, diagonal, pairs, outputs)
-            if _groups(plans) > _MANY_GROUPS:
+            if engine.order or _groups(plans) > _MANY_GROUPS:
                 # Calls of different templates whose written-out bodies have one structure
-                # (a 2-D depth-2 net on few positions: nearly every window is a boundary)
-                # make groups of their own; the written-out expressions, grouped, may make
-                # fewer (Numba's compile time grows with the groups' code).  The fewer wins.
+                # make groups of their own (a 2-D depth-2 net on few positions, where nearly
+                # every window is a boundary: 361 loops against 137); with quantities (depth
+                # 2 and more) the written-out expressions, grouped, often make fewer (cnn1d
+                # depth 2: 77 against 28).  Numba's compile time grows with the groups'
+                # code, so the fewer wins; a depth-1 net's calls are grouped as they are.
                 kept = (self.features, self.row_symbols, self._pair_slots)
                 written = self._lowered(engine.order, derived_diagonal, derived_outputs, self._lower_instances)
                 written_plans = self._plans(*written)
