@@ -129,7 +129,12 @@ class KernelFunction:
                               f"estimates the kernels by particles") from None
         self._inputs0 = {node_symbol(k): kp.op(k).index for k in kp.input_keys()}
         self.expectations = expectation_rules(self.engine.functions, rtol)
+        self._bodies: dict = {}     # template index -> lowered body (_template_body)
+        self._exposed: dict = {}    # template index -> (calls, symbols, body) (_exposed_body)
         plans = None
+        #: the written-out expressions, once lowered: (rows, diagonal, pairs, outputs), their
+        #: features and row symbols
+        written = None
         if share is not False:
             # the engine's results as they come, one TemplateCall per expectation: cheap to
             # lower (only the calls' arguments) and to group, whatever the number of positions
@@ -146,10 +151,11 @@ class KernelFunction:
                 # depth 2: 77 against 28).  Numba's compile time grows with the groups'
                 # code, so the fewer wins; a depth-1 net's calls are grouped as they are.
                 kept = (self.features, self.row_symbols, self._pair_slots)
-                written = self._lowered(engine.order, derived_diagonal, derived_outputs, self._lower_instances)
-                written_plans = self._plans(*written)
+                lowered = self._lowered(engine.order, derived_diagonal, derived_outputs, self._lower_instances)
+                written = (lowered, self.features, self.row_symbols)
+                written_plans = self._plans(*lowered)
                 if _groups(written_plans) < _groups(plans):
-                    (rows, diagonal, pairs, outputs), plans = written, written_plans
+                    (rows, diagonal, pairs, outputs), plans = lowered, written_plans
                 else:
                     self.features, self.row_symbols, self._pair_slots = kept
         #: whether the generated code computes groups of quantities by loops (shared.py)
@@ -157,8 +163,11 @@ class KernelFunction:
         if self.shared:
             self.source = self._shared_source(rows, diagonal, pairs, outputs, plans)
         else:
-            rows, diagonal, pairs, outputs = self._lowered(engine.order, derived_diagonal, derived_outputs,
-                                                           self._lower_instances)
+            if written is None:
+                rows, diagonal, pairs, outputs = self._lowered(engine.order, derived_diagonal, derived_outputs,
+                                                               self._lower_instances)
+            else:  # lowered already, for the comparison of plans
+                (rows, diagonal, pairs, outputs), self.features, self.row_symbols = written
             self.source = self._source(rows, diagonal, pairs, outputs)
         self.module = load_module(self.source, "kernels")
         self.compile_seconds = time.perf_counter() - start
@@ -190,11 +199,10 @@ class KernelFunction:
     def _template_body(self, index: int) -> sp.Expr:
         """Template ``index``'s value lowered (closed forms inlined, nested calls written
         out, input-dependent coefficients as features), an expression of its slots."""
-        bodies = self.__dict__.setdefault("_bodies", {})
-        if index not in bodies:
+        if index not in self._bodies:
             value = self.engine.templates_found[index].value
-            bodies[index] = self.features.featurize(self._inline_expectations(self._write_calls(value)))
-        return bodies[index]
+            self._bodies[index] = self.features.featurize(self._inline_expectations(self._write_calls(value)))
+        return self._bodies[index]
 
     def _exposed_body(self, index: int) -> tuple:
         """(calls, symbols, body): template ``index``'s lowered body with each outermost
@@ -203,7 +211,7 @@ class KernelFunction:
         extra arguments (``_expose``), so that a call shared by several templates at one
         pair of positions (the arccos of E[relu relu] and E[relu' relu']) is one common
         subexpression the code generator computes once per pair (lift_repeated_calls)."""
-        exposed = self.__dict__.setdefault("_exposed", {})
+        exposed = self._exposed
         if index not in exposed:
             body = self._template_body(index)
             slots = set(self.engine.templates_found[index].slots)
@@ -370,7 +378,7 @@ def pair_stage({grams}RF1, RF2T, R1, R2T, {outs}, symmetric, P):
         pair_init = "\n".join(f"                    ACC[{k}, j - jb] = {c!r}" for k, c in enumerate(pair_constants))
         pair_outs = "\n".join(f"                    out{k}[i, j] = ACC[{k}, j - jb]" for k in range(len(KERNELS)))
         outs = ", ".join(f"out{k}" for k in range(len(KERNELS)))
-        header = self._header(rows, diagonal, pairs, [*outputs, *self.__dict__.get("_bodies", {}).values()])
+        header = self._header(rows, diagonal, pairs, [*outputs, *self._bodies.values()])
         return header + "\n" + "\n".join(tables) + f"""
 
 @njit(cache=True, nogil=True, error_model="numpy")

@@ -153,6 +153,7 @@ class PairwiseEngine:
         self._variants: dict = {}
         self._leaf_cov_memo: dict = {}
         self._template_by_value: dict = {}
+        self._written: dict = {}
         self._value_skeletons = Skeletons(_SlotKinds())
         #: Template k of every TemplateCall(k, ...) in the results (module docstring)
         self.templates_found: list[Template] = []
@@ -326,10 +327,14 @@ class PairwiseEngine:
             return term
         if self.templates:
             product = sp.Mul._from_args(random) if len(random) > 1 else random[0]
-            value = self._templated(product, lambda e: self._expect_product(list(sp.Mul.make_args(e))))
+            value = self._templated(product, self._expect_monomial)
         else:
             value = self._expect_product(random)
         return sp.Mul(*coef) * value
+
+    def _expect_monomial(self, product: sp.Expr) -> sp.Expr:
+        """E[product] for a product of random factors (``_expect_product`` of its factors)."""
+        return self._expect_product(list(sp.Mul.make_args(product)))
 
     def _expect_product(self, factors: list) -> sp.Expr:
         """E[prod factors] for functions of linear forms of leaves (independent components
@@ -422,15 +427,13 @@ class PairwiseEngine:
         structure, order = self._value_skeletons.canonical(sp.Tuple(value))
         order = order + [s for s in slots if s not in set(order)]  # slots the value does not read
         key = (structure, len(slots))
-        position = {s: k for k, s in enumerate(slots)}
         if key not in self._template_by_value:
             self._template_by_value[key] = len(self.templates_found)
             self.templates_found.append(Template(value, list(order)))
-            return len(self.templates_found) - 1, [position[s] for s in order]
-        index = self._template_by_value[key]
         # the registered template's slot j stands for the slot of this value at the same
         # canonical position
-        return index, [position[s] for s in order]
+        position = {s: k for k, s in enumerate(slots)}
+        return self._template_by_value[key], [position[s] for s in order]
 
     def instantiate(self, expr: sp.Expr) -> sp.Expr:
         """``expr`` with every TemplateCall replaced by its template's value at its
@@ -438,15 +441,20 @@ class PairwiseEngine:
         calls = expr.atoms(TemplateCall) if isinstance(expr, sp.Basic) else ()
         if not calls:
             return expr
-        return expr.xreplace({c: self.template_value(c, self.instantiate) for c in calls})
+        rep = {}
+        for c in calls:
+            index = int(c.args[0])
+            args = [self.instantiate(a) for a in c.args[1:]]
+            rep[c] = self._written_value(index).xreplace(dict(zip(self.templates_found[index].slots, args)))
+        return expr.xreplace(rep)
 
-    def template_value(self, call: sp.Expr, transform=None) -> sp.Expr:
-        """The value of one TemplateCall: its template's value (through ``transform``, e.g.
-        ``instantiate`` for nested calls) with the slots replaced by the arguments."""
-        template = self.templates_found[int(call.args[0])]
-        value = template.value if transform is None else transform(template.value)
-        args = call.args[1:] if transform is None else [transform(a) for a in call.args[1:]]
-        return value.xreplace(dict(zip(template.slots, args)))
+    def _written_value(self, index: int) -> sp.Expr:
+        """Template ``index``'s value with its nested calls written out, memoised (every
+        instance of the template is written from it)."""
+        value = self._written.get(index)
+        if value is None:
+            value = self._written[index] = self.instantiate(self.templates_found[index].value)
+        return value
 
     def _factor(self, f: sp.Expr) -> _Factor:
         memo = self._factor_memo.get(f)
