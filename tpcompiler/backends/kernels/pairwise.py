@@ -158,6 +158,9 @@ class PairwiseEngine:
         #: Template k of every TemplateCall(k, ...) in the results (module docstring)
         self.templates_found: list[Template] = []
         self._placeholder_leaves: set = set()
+        self._moment_memo: dict = {}
+        self._linear_memo: dict = {}
+        self._pair_memo: dict = {}
 
     # -- symbols and sides ----------------------------------------------------------------
     def _is_leaf(self, s: sp.Symbol) -> bool:
@@ -236,7 +239,81 @@ class PairwiseEngine:
 
     def moment(self, key: str, same_input: bool = False) -> sp.Expr:
         """The exact limit of a Moment (pair moments: a function of both inputs; with
-        ``same_input`` a pair moment is evaluated at xi' = xi, e.g. a kernel's diagonal)."""
+        ``same_input`` a pair moment is evaluated at xi' = xi, e.g. a kernel's diagonal),
+        memoised (the NNGP and the NTK read the same moments)."""
+        memo = self._moment_memo.get((key, same_input))
+        if memo is None:
+            memo = self._moment_by_pairs(key, same_input)
+            if memo is None:
+                memo = self._moment_of_forms(key, same_input)
+            self._moment_memo[(key, same_input)] = memo
+        return memo
+
+    def _moment_by_pairs(self, key: str, same_input: bool):
+        """E[psi] by linearity when psi is a sum of products of two vectors with numeric
+        coefficients, each vector a numeric linear combination of program vectors
+        (``_linear_nodes``): E[(sum_k c_k v_k)(sum_l d_l w_l)] = sum_kl c_k d_l E[v_k w_l],
+        one expectation per pair of vectors, shared between moments (``_pair_moment``).  A
+        pooled vector's moment is then P^2 expectations of one structure, not the expansion
+        of a product of two P-term forms.  None if psi is not of that shape."""
+        op = self.graph.op(key)
+        expr = sp.expand(op.expr.xreplace(self._params))
+        terms = []
+        for term in sp.Add.make_args(expr):
+            vectors, coef = [], sp.S.One
+            for f in sp.Mul.make_args(term):
+                base, exp = f.as_base_exp()
+                if base.is_Symbol and symbols.is_node(base) and self.graph.kind(unprime(base)[0]) == VEC \
+                        and exp.is_Integer and exp > 0:
+                    vectors += [base] * int(exp)
+                elif f.is_number:
+                    coef *= f
+                else:
+                    return None
+            if len(vectors) != 2:
+                return None
+            (ka, pa), (kb, pb) = unprime(vectors[0]), unprime(vectors[1])
+            sa, sb = int(pa and not same_input), int(pb and not same_input)
+            for na, ca in self._linear_nodes(ka):
+                for nb, cb in self._linear_nodes(kb):
+                    terms.append(coef * ca * cb * self._pair_moment(na, sa, nb, sb))
+        return sp.Add(*terms)
+
+    def _linear_nodes(self, key: str) -> tuple:
+        """Z^key as ((node, coefficient), ...) with Z^key = sum coefficient * Z^node: through
+        Nonlins that are linear in their vectors with numeric coefficients (a pooling, a sum
+        of branches), else ((key, 1),).  Memoised."""
+        memo = self._linear_memo.get(key)
+        if memo is not None:
+            return memo
+        memo = ((key, sp.S.One),)
+        if isinstance(self.graph.op(key), ops.Nonlin):
+            args = list(self.graph.vector_args(key))
+            z = self.zp.entries[key].z.xreplace(self._params)
+            zs = [Z(a) for a in args]
+            if z.free_symbols <= set(zs) and z.is_polynomial(*zs):
+                poly = sp.Poly(z, *zs)
+                if poly.total_degree() == 1 and poly.coeff_monomial(1) == 0:
+                    found: dict = {}
+                    for a, za in zip(args, zs):
+                        c = poly.coeff_monomial(za)
+                        if c != 0:
+                            for node, cn in self._linear_nodes(a):
+                                found[node] = found.get(node, sp.S.Zero) + c * cn
+                    memo = tuple((n, c) for n, c in found.items() if c != 0)
+        self._linear_memo[key] = memo
+        return memo
+
+    def _pair_moment(self, ka: str, sa: int, kb: str, sb: int) -> sp.Expr:
+        """E[Z^ka at side sa times Z^kb at side sb], memoised in either order."""
+        key = min((ka, sa, kb, sb), (kb, sb, ka, sa))
+        value = self._pair_memo.get(key)
+        if value is None:
+            value = self._pair_memo[key] = self.expect(self._side_form(ka, sa) * self._side_form(kb, sb))
+        return value
+
+    def _moment_of_forms(self, key: str, same_input: bool) -> sp.Expr:
+        """E[psi(forms of the moment's vectors)]."""
         op = self.graph.op(key)
         sub = {}
         for s in _ordered(op.expr.free_symbols):
