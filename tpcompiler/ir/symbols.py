@@ -13,6 +13,8 @@ its fields; nothing parses a name.
 * ``ZHatSymbol(key, primed)``    ZHat^key, the Gaussian leaf of the MatMul node ``key``;
 * ``QuantitySymbol(k, primed)``  quantity k of the pairwise-Gaussian kernel engine (an
   expectation; the row quantities of the second input are the primed ones);
+* ``CallArgumentSymbol(k, primed)`` argument k of the kernel backend's expectation calls
+  (a covariance summed over a window's taps, computed once);
 * ``RowFeatureSymbol(k, primed)`` row feature k of the kernel backend (a function of one
   input row; primed: of the second input's row);
 
@@ -191,6 +193,15 @@ class QuantitySymbol(_Numbered):
     tex_head, prefix, text_format = "q", "q:", "q[{}]"
 
 
+class CallArgumentSymbol(_Numbered):
+    """Argument ``key`` of the kernel backend's expectation calls: an expression an
+    expectation is evaluated at (a covariance summed over a window's taps), computed once as
+    a value of its own."""
+
+    __slots__ = ()
+    tex_head, prefix, text_format = "a", "a:", "a[{}]"
+
+
 class RowFeatureSymbol(_Numbered):
     """Row feature ``key`` of the kernel backend (a function of one input row)."""
 
@@ -293,6 +304,11 @@ def Zhat(key: str) -> ZHatSymbol:
 def quantity(k: int) -> QuantitySymbol:
     """Quantity number k of the pairwise-Gaussian engine."""
     return QuantitySymbol(k)
+
+
+def call_argument(k: int) -> CallArgumentSymbol:
+    """Argument number k of the kernel backend's expectation calls."""
+    return CallArgumentSymbol(k)
 
 
 def row_feature(k: int, second: bool = False) -> RowFeatureSymbol:

@@ -132,43 +132,34 @@ class KernelFunction:
         self._bodies: dict = {}     # template index -> lowered body (_template_body)
         self._exposed: dict = {}    # template index -> (calls, symbols, body) (_exposed_body)
         plans = None
-        #: the written-out expressions, once lowered: (rows, diagonal, pairs, outputs), their
-        #: features and row symbols
-        written = None
         if share is not False:
-            # the engine's results as they come, one TemplateCall per expectation: cheap to
-            # lower (only the calls' arguments) and to group, whatever the number of positions
-            rows, diagonal, pairs, outputs = self._lowered(engine.order, derived_diagonal, derived_outputs,
-                                                           self._lower_calls)
-            rows, diagonal = self._expose_shared(rows, diagonal)
-            pairs, outputs = self._expose_shared(pairs, outputs)
-            plans = self._plans(rows, diagonal, pairs, outputs)
-            if engine.order or _groups(plans) > _MANY_GROUPS:
-                # Calls of different templates whose written-out bodies have one structure
-                # make groups of their own (a 2-D depth-2 net on few positions, where nearly
-                # every window is a boundary: 361 loops against 137); with quantities (depth
-                # 2 and more) the written-out expressions, grouped, often make fewer (cnn1d
-                # depth 2: 77 against 28).  Numba's compile time grows with the groups'
-                # code, so the fewer wins; a depth-1 net's calls are grouped as they are.
+            # With quantities (depth 2 and more), each expectation a call of its function at
+            # symbols (the covariance sums of boundary windows computed by loops of their own):
+            # one group per function and level wherever the window is (2-D 4x4 depth 2: 51
+            # loops, against 128 for the engine's calls or the written-out expressions,
+            # whichever were fewer, of which both were computed).  Without quantities (depth
+            # 1), the engine's calls as they come: only their arguments are lowered, cheap
+            # whatever the number of positions; if they make many groups, the calls of
+            # expectations too, and the fewer groups win.
+            lower = self._lower_expectation_calls if engine.order else self._lower_calls
+            lowered = self._exposed_stages(self._lowered(engine.order, derived_diagonal, derived_outputs, lower))
+            plans = self._plans(*lowered)
+            if not engine.order and _groups(plans) > _MANY_GROUPS:
                 kept = (self.features, self.row_symbols, self._pair_slots)
-                lowered = self._lowered(engine.order, derived_diagonal, derived_outputs, self._lower_instances)
-                written = (lowered, self.features, self.row_symbols)
-                written_plans = self._plans(*lowered)
-                if _groups(written_plans) < _groups(plans):
-                    (rows, diagonal, pairs, outputs), plans = lowered, written_plans
+                other = self._exposed_stages(self._lowered(engine.order, derived_diagonal, derived_outputs,
+                                                           self._lower_expectation_calls))
+                other_plans = self._plans(*other)
+                if _groups(other_plans) < _groups(plans):
+                    lowered, plans = other, other_plans
                 else:
                     self.features, self.row_symbols, self._pair_slots = kept
         #: whether the generated code computes groups of quantities by loops (shared.py)
         self.shared = _should_share(plans) if share is None else bool(share)
         if self.shared:
-            self.source = self._shared_source(rows, diagonal, pairs, outputs, plans)
+            self.source = self._shared_source(*lowered, plans)
         else:
-            if written is None:
-                rows, diagonal, pairs, outputs = self._lowered(engine.order, derived_diagonal, derived_outputs,
-                                                               self._lower_instances)
-            else:  # lowered already, for the comparison of plans
-                (rows, diagonal, pairs, outputs), self.features, self.row_symbols = written
-            self.source = self._source(rows, diagonal, pairs, outputs)
+            self.source = self._source(*self._lowered(engine.order, derived_diagonal, derived_outputs,
+                                                      self._lower_instances))
         self.module = load_module(self.source, "kernels")
         self.compile_seconds = time.perf_counter() - start
         self.last_timing: dict = {}
@@ -177,12 +168,66 @@ class KernelFunction:
     # -- construction helpers -----------------------------------------------------------
     def _lowered(self, order, diagonal, outputs, lower) -> tuple:
         """(rows, diagonal, pairs, outputs) lowered by ``lower`` onto fresh input features
-        (``self.features``): row and pair quantities as (symbol, expression)."""
+        (``self.features``): row and pair quantities as (symbol, expression), with the
+        arguments ``lower`` made values of their own (``_argument``) before their first use."""
         self.features = Features(self.engine.graph, self._inputs0)
-        rows = [(q.symbol, lower(q.definition)) for q in order if not q.pair]
-        pairs = [(q.symbol, lower(q.definition)) for q in order if q.pair]
+        self._argument_count = 0
+        rows, diagonal = self._lower_stage([(q.symbol, q.definition) for q in order if not q.pair], diagonal, lower)
+        pairs, outputs = self._lower_stage([(q.symbol, q.definition) for q in order if q.pair], outputs, lower)
         self.row_symbols = [s for s, _ in rows]
-        return rows, [lower(o) for o in diagonal], pairs, [lower(o) for o in outputs]
+        return rows, diagonal, pairs, outputs
+
+    def _lower_stage(self, assignments, results, lower) -> tuple[list, list]:
+        """One stage's (assignments, results) lowered by ``lower``, each argument it names
+        (``_argument``) assigned before the expression that first reads it."""
+        self._arguments: dict = {}   # expression -> its CallArgumentSymbol, within one stage
+        self._pending: list = []
+        out = []
+        for s, e in assignments:
+            value = lower(e)
+            out.extend(self._pending)
+            self._pending.clear()
+            out.append((s, value))
+        results = [lower(e) for e in results]
+        out.extend(self._pending)
+        self._pending.clear()
+        return out, results
+
+    def _lower_expectation_calls(self, expr: sp.Expr) -> sp.Expr:
+        """Templates written out down to their expectations (E1/E2), each expectation a call of
+        the template of its function alone at symbols (``_expectation_call``), then
+        input-dependent coefficients as features.  An expectation is then one structure
+        wherever its window is: in a CNN, E[relu(h_i) relu(h_j')] at a boundary reads a
+        covariance summed over fewer taps, which is an argument computed by a loop of its
+        own, and the expectations of all pairs of positions are one group."""
+        expr = self.engine.instantiate(expr)
+        rep = {c: self._expectation_call(c) for c in expr.atoms(E1, E2)}
+        return self.features.featurize(expr.xreplace(rep) if rep else expr)
+
+    def _expectation_call(self, call: sp.Expr) -> sp.Expr:
+        """TemplateCall of the template of ``call``'s function (engine.expectation_template)
+        at its arguments made symbols (``_argument``); a number if they are all numbers."""
+        args = [self._argument(a) for a in call.args[1:]]
+        if all(a.is_number for a in args):
+            return self._inline_expectations(call.func(call.args[0], *args))
+        index, order = self.engine.expectation_template(call)
+        return TemplateCall(sp.Integer(index), *[args[k] for k in order])
+
+    def _argument(self, a: sp.Expr) -> sp.Expr:
+        """``a`` if it is a number, a symbol or an input-layer covariance (a Gram entry once
+        featurized), else a CallArgumentSymbol assigned its lowered value, one per distinct
+        expression of the stage (``_lower_stage``)."""
+        inner = a.atoms(E1, E2)
+        if inner:
+            a = a.xreplace({c: self._expectation_call(c) for c in inner})
+        if a.is_number or a.is_Symbol or isinstance(a, ops.InputCov):
+            return a
+        symbol = self._arguments.get(a)
+        if symbol is None:
+            symbol = self._arguments[a] = symbols.call_argument(self._argument_count)
+            self._argument_count += 1
+            self._pending.append((symbol, self.features.featurize(a)))
+        return symbol
 
     def _lower_instances(self, expr: sp.Expr) -> sp.Expr:
         """Every expectation written out (templates instantiated, closed forms inlined), then
@@ -222,6 +267,11 @@ class KernelFunction:
             names = [sp.Symbol(f"_core{index}_{k}", real=True) for k in range(len(calls))]
             exposed[index] = (calls, names, body.xreplace(dict(zip(calls, names))))
         return exposed[index]
+
+    def _exposed_stages(self, lowered: tuple) -> tuple:
+        """(rows, diagonal, pairs, outputs) with ``_expose_shared`` applied to each stage."""
+        rows, diagonal, pairs, outputs = lowered
+        return (*self._expose_shared(rows, diagonal), *self._expose_shared(pairs, outputs))
 
     def _expose_shared(self, assignments, outputs) -> tuple[list, list]:
         """(assignments, outputs) of one stage with ``_expose`` applied, when some quantity of
@@ -549,7 +599,7 @@ def pair_stage(t0, step, GS, RF1, RF2T, R1, R2T, {outs}, symmetric, P):
         )
 
 
-#: More groups than this in the grouped calls: try grouping the written-out expressions too.
+#: More groups than this in the grouped engine calls: try the calls of expectations too.
 _MANY_GROUPS = 100
 
 

@@ -512,6 +512,13 @@ class PairwiseEngine:
         position = {s: k for k, s in enumerate(slots)}
         return self._template_by_value[key], [position[s] for s in order]
 
+    def expectation_template(self, call: sp.Expr) -> tuple[int, list]:
+        """(index, order) of the Template E1/E2(function, c_0, c_1, ..) of the expectation
+        ``call``'s function, a function of its arguments alone (``_register``: argument j of a
+        TemplateCall of it is the call's argument order[j])."""
+        slots = [symbols.TemplateConstant(k) for k in range(len(call.args) - 1)]
+        return self._register(call.func(call.args[0], *slots), slots)
+
     def instantiate(self, expr: sp.Expr) -> sp.Expr:
         """``expr`` with every TemplateCall replaced by its template's value at its
         arguments (recursively): an expression of E1/E2 calls, quantities and inputs."""
