@@ -182,13 +182,13 @@ def _split(e: sp.Expr) -> tuple[float, sp.Expr]:
 
 
 def lift_repeated_calls(assignments, outputs, kinds: dict) -> tuple[list, list]:
-    """(assignments, outputs) with every function call that reads symbols of ``kinds`` and
-    occurs in more than one expression (an arccos of one pair of positions, used by the
+    """(assignments, outputs) with every function call that reads symbols of ``kinds`` or
+    assigned symbols and occurs in more than one expression (an arccos of one pair of positions, used by the
     NTK terms of every pair of positions it feeds) made an assignment of its own, placed
     before its first use, and read from there.  Equal values: only common subexpressions
     are named, as sympy's cse would, but counted per expression, which stays linear in the
     number of expressions."""
-    kind_symbols = set(kinds)
+    kind_symbols = set(kinds) | {s for s, _ in assignments}
     exprs = [e for _, e in assignments] + list(outputs)
     counts: dict = {}
     for e in exprs:
