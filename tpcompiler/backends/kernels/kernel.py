@@ -17,7 +17,11 @@ quadrature calls) -> this module:
 When the quantities and output terms are many but of few structures (a CNN: one quantity
 per pair of positions and layer, all of one form), both stages are generated instead as one
 loop per structure over index arrays (``shared``), so code size and compile time stop
-growing with the number of positions; ``_should_share`` decides, ``share=`` overrides.
+growing with the number of positions; ``_should_share`` decides, ``share=`` overrides.  What
+is grouped: the engine's template calls as they come (depth 1: cheap, only their arguments
+are lowered), or, with quantities (depth 2 and more), every expectation as a call of its
+function's template at arguments that are values of their own (``_lower_expectation_calls``),
+so that windows at a boundary, which sum fewer taps, share the loop of the interior.
 
 Expectations with closed forms (expectations.closed_form_pair) are inlined as sympy expressions;
 the others call the generated quadrature functions of ``expectations``.  Generated source is
