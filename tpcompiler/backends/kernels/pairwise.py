@@ -161,6 +161,7 @@ class PairwiseEngine:
         self._moment_memo: dict = {}
         self._linear_memo: dict = {}
         self._pair_memo: dict = {}
+        self._form_canonical_memo: dict = {}
 
     # -- symbols and sides ----------------------------------------------------------------
     def _is_leaf(self, s: sp.Symbol) -> bool:
@@ -309,8 +310,38 @@ class PairwiseEngine:
         key = min((ka, sa, kb, sb), (kb, sb, ka, sa))
         value = self._pair_memo.get(key)
         if value is None:
-            value = self._pair_memo[key] = self.expect(self._side_form(ka, sa) * self._side_form(kb, sb))
+            value = self._pair_memo[key] = self._expect_pair(*key)
         return value
+
+    def _expect_pair(self, ka: str, sa: int, kb: str, sb: int) -> sp.Expr:
+        """``expect(form ka at side sa * form kb at side sb)``, with the product's template
+        found from the two forms' canonical forms (memoised per form) instead of the
+        product's: the structure of each form and which of their symbols coincide determine
+        the product up to renaming, so products of one such key (a CNN's pairs of positions)
+        share one template without building or canonicalising each product."""
+        fa, fb = self._side_form(ka, sa), self._side_form(kb, sb)
+        if not self.templates:
+            return self.expect(fa * fb)
+        (struct_a, names_a), (struct_b, names_b) = self._form_canonical(ka, sa), self._form_canonical(kb, sb)
+        names = list(dict.fromkeys(names_a + names_b))
+        if not any(self._is_leaf(n) for n in names):
+            return self.expect(fa * fb)
+        position = {n: k for k, n in enumerate(names)}
+        blocks: dict = {}
+        signature = tuple(blocks.setdefault(self._leaf_block[symbols.unprimed(n)], len(blocks))
+                          if self._is_leaf(n) else -1 for n in names)
+        key = ("pair", struct_a, struct_b, tuple(position[n] for n in names_a + names_b), signature)
+        variant = self._variants.get(key)
+        if variant is None:
+            variant = self._variants[key] = self._variant(fa * fb, names, signature, self.expect_direct)
+        return self._instance(variant, names, None)
+
+    def _form_canonical(self, key: str, side: int) -> tuple:
+        """``Skeletons.canonical`` of the form of ``key`` at ``side``, memoised."""
+        memo = self._form_canonical_memo.get((key, side))
+        if memo is None:
+            memo = self._form_canonical_memo[(key, side)] = self._skeletons.canonical(self._side_form(key, side))
+        return memo
 
     def _moment_of_forms(self, key: str, same_input: bool) -> sp.Expr:
         """E[psi(forms of the moment's vectors)]."""
@@ -451,6 +482,11 @@ class PairwiseEngine:
         variant = self._variants.get(key)
         if variant is None:
             variant = self._variants[key] = self._variant(product, names, signature, derive)
+        return self._instance(variant, names, call)
+
+    def _instance(self, variant: _Variant, names: list, call) -> sp.Expr:
+        """The template of ``variant`` at the product whose symbols in the variant's order are
+        ``names`` (``call`` as in ``_templated``)."""
         template = self.templates_found[variant.index]
         if not template.slots:
             return template.value
@@ -670,19 +706,22 @@ class PairwiseEngine:
         mat = self.graph.matmul_parts(ka)[0]
         s2_ = (self.graph.op(mat).sigma ** 2).xreplace(self._params)
         xa, xb = self.zp.entries[ka].x, self.zp.entries[kb].x
-        return s2_ * self.quantity(self._side_form(xa, s1) * self._side_form(xb, s2), f"E[Z^{xa} Z^{xb}]")
+        return s2_ * self.quantity(self._side_form(xa, s1) * self._side_form(xb, s2), f"E[Z^{xa} Z^{xb}]",
+                                   forms=(xa, s1, xb, s2))
 
     # -- quantities -----------------------------------------------------------------------
-    def quantity(self, product: sp.Expr, label: str = "") -> sp.Expr:
+    def quantity(self, product: sp.Expr, label: str = "", forms: tuple | None = None) -> sp.Expr:
         """A named quantity for E[product] (memoised; row quantities of the second input are
-        the primed symbols of their first-input versions)."""
+        the primed symbols of their first-input versions).  ``forms``: (ka, sa, kb, sb) when
+        the product is form ka at side sa times form kb at side sb (``_expect_pair``)."""
         sides = self._sides(product)
         if sides == {1}:
-            return self.to_side(self.quantity(_to_first_input(product), label), 1)
+            first = None if forms is None else (forms[0], 0, forms[2], 0)
+            return self.to_side(self.quantity(_to_first_input(product), label, first), 1)
         key = product
         if key in self.quantities:
             return self.quantities[key].symbol
-        value = self.expect(product)
+        value = self.expect(product) if forms is None else self._expect_pair(*forms)
         if isinstance(value, sp.Number):
             return value
         q = Quantity(symbols.quantity(len(self._order)), value, pair=(sides == {0, 1}), label=label)
