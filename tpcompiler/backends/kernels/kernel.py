@@ -185,6 +185,7 @@ class KernelFunction:
         """One stage's (assignments, results) lowered by ``lower``, each argument it names
         (``_argument``) assigned before the expression that first reads it."""
         self._arguments: dict = {}   # expression -> its CallArgumentSymbol, within one stage
+        self._calls: dict = {}       # expectation -> its call (_expectation_call), within one stage
         self._pending: list = []
         out = []
         for s, e in assignments:
@@ -210,7 +211,14 @@ class KernelFunction:
 
     def _expectation_call(self, call: sp.Expr) -> sp.Expr:
         """TemplateCall of the template of ``call``'s function (engine.expectation_template)
-        at its arguments made symbols (``_argument``); a number if they are all numbers."""
+        at its arguments made symbols (``_argument``); a number if they are all numbers.
+        Memoised within a stage."""
+        memo = self._calls.get(call)
+        if memo is None:
+            memo = self._calls[call] = self._new_expectation_call(call)
+        return memo
+
+    def _new_expectation_call(self, call: sp.Expr) -> sp.Expr:
         args = [self._argument(a) for a in call.args[1:]]
         if all(a.is_number for a in args):
             return self._inline_expectations(call.func(call.args[0], *args))

@@ -162,6 +162,7 @@ class PairwiseEngine:
         self._linear_memo: dict = {}
         self._pair_memo: dict = {}
         self._form_canonical_memo: dict = {}
+        self._instances: dict = {}
 
     # -- symbols and sides ----------------------------------------------------------------
     def _is_leaf(self, s: sp.Symbol) -> bool:
@@ -557,15 +558,20 @@ class PairwiseEngine:
 
     def instantiate(self, expr: sp.Expr) -> sp.Expr:
         """``expr`` with every TemplateCall replaced by its template's value at its
-        arguments (recursively): an expression of E1/E2 calls, quantities and inputs."""
+        arguments (recursively): an expression of E1/E2 calls, quantities and inputs.
+        Memoised per call (a deep net's outputs repeat the calls of later layers)."""
         calls = expr.atoms(TemplateCall) if isinstance(expr, sp.Basic) else ()
         if not calls:
             return expr
         rep = {}
         for c in calls:
-            index = int(c.args[0])
-            args = [self.instantiate(a) for a in c.args[1:]]
-            rep[c] = self._written_value(index).xreplace(dict(zip(self.templates_found[index].slots, args)))
+            value = self._instances.get(c)
+            if value is None:
+                index = int(c.args[0])
+                args = [self.instantiate(a) for a in c.args[1:]]
+                slots = self.templates_found[index].slots
+                value = self._instances[c] = self._written_value(index).xreplace(dict(zip(slots, args)))
+            rep[c] = value
         return expr.xreplace(rep)
 
     def _written_value(self, index: int) -> sp.Expr:
