@@ -44,3 +44,40 @@ def test_templated_kernels_equal_the_direct_derivation(name):
         a = templated(X, X2)
         for key in b:
             assert np.max(np.abs(a[key] - b[key])) <= 1e-12 * np.max(np.abs(b[key])), (name, share, key)
+
+
+LINEAR_NETS = {
+    # a global average pool (the bias gradient of the conv is a sum over positions too)
+    "conv1d_same_depth2_gap": (lambda: load(PROGRAMS / "cnn1d.py", L=4, depth=2).graph, 8),
+    # a residual sum of branches, then a window average
+    "residual_avgpool": (lambda: layers.serial(
+        layers.Conv(8, (2,), padding="SAME", W_std=1.5, b_std=0.1), layers.Relu(), layers.FanOut(2),
+        layers.parallel(layers.Identity(), layers.serial(layers.Conv(8, (2,), padding="SAME", W_std=1.5, b_std=0.1),
+                                                         layers.Tanh())),
+        layers.FanInSum(), layers.AvgPool((2,), (1,), "VALID"), layers.Flatten(),
+        layers.Dense(1, 1.5, 0.1)).program((3, 2)).graph, 6),
+}
+
+
+@pytest.mark.parametrize("name", sorted(LINEAR_NETS))
+def test_moments_by_linearity_equal_the_expanded_forms(name, monkeypatch):
+    """A moment of a sum of vectors (a pooled vector, a residual sum) is derived as the sum of
+    the expectations of pairs of its vectors (PairwiseEngine._moment_by_pairs); it must equal
+    the expectation of the expanded product of the forms, which the engine computes when
+    that rule is switched off."""
+    from tpcompiler.backends.kernels.pairwise import PairwiseEngine
+
+    build, d = LINEAR_NETS[name]
+    graph = build()
+    X = np.random.default_rng(5).standard_normal((4, d))
+    X2 = np.random.default_rng(6).standard_normal((3, d))
+    linear = KernelFunction(graph)
+    through_sums = [k for k, n in linear.engine._linear_memo.items() if n != ((k, 1),)]
+    assert through_sums, "the program has no vector that is a sum of others: the test would test nothing"
+    a = linear(X, X2)
+    monkeypatch.setattr(PairwiseEngine, "_moment_by_pairs", lambda self, key, same_input: None)
+    expanded = KernelFunction(graph, templates=False, share=False)
+    assert not expanded.engine._linear_memo
+    b = expanded(X, X2)
+    for key in b:
+        assert np.max(np.abs(a[key] - b[key])) <= 1e-12 * np.max(np.abs(b[key])), (name, key)
