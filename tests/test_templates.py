@@ -81,3 +81,28 @@ def test_moments_by_linearity_equal_the_expanded_forms(name, monkeypatch):
     b = expanded(X, X2)
     for key in b:
         assert np.max(np.abs(a[key] - b[key])) <= 1e-12 * np.max(np.abs(b[key])), (name, key)
+
+
+def test_depth1_alternative_grouping_gives_the_same_kernels(monkeypatch):
+    """A depth-1 net's engine calls that make many groups are grouped again as calls of their
+    expectations and the fewer groups win (KernelFunction, _MANY_GROUPS); forced here on a
+    small 2-D net, the generated code must compute the kernels the straight-line code does."""
+    from tpcompiler.backends.kernels import kernel
+
+    graph = NETS["conv2d_same_avgpool"][0]()
+    X = np.random.default_rng(7).standard_normal((4, 9))
+    reference = KernelFunction(graph, share=False)(X)
+    tried = []
+    lower = kernel.KernelFunction._lower_expectation_calls
+
+    def counted(self, expr):
+        tried.append(1)
+        return lower(self, expr)
+
+    monkeypatch.setattr(kernel, "_MANY_GROUPS", 0)
+    monkeypatch.setattr(kernel.KernelFunction, "_lower_expectation_calls", counted)
+    kf = KernelFunction(graph, share=True)
+    assert tried and not kf.engine.order
+    got = kf(X)
+    for key in reference:
+        assert np.max(np.abs(got[key] - reference[key])) <= 1e-12 * np.max(np.abs(reference[key])), key
