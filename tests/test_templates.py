@@ -106,3 +106,33 @@ def test_depth1_alternative_grouping_gives_the_same_kernels(monkeypatch):
     got = kf(X)
     for key in reference:
         assert np.max(np.abs(got[key] - reference[key])) <= 1e-12 * np.max(np.abs(reference[key])), key
+
+
+_KERNEL_SOURCES = """
+import hashlib
+from tpcompiler import layers
+from tpcompiler.backends.kernels.kernel import KernelFunction
+net = layers.serial(layers.Conv(8, (2, 2), padding="SAME", W_std=1.5, b_std=0.1), layers.Relu(),
+                    layers.Conv(8, (2, 2), padding="SAME", W_std=1.5, b_std=0.1), layers.Tanh(),
+                    layers.GlobalAvgPool(), layers.Dense(1, 1.5, 0.1))
+kf = KernelFunction(net.program((3, 3, 1)).graph, share=True)
+assert kf.engine.order and kf.shared
+print(hashlib.sha256(kf.source.encode()).hexdigest())
+"""
+
+
+def test_grouped_kernel_source_is_the_same_in_every_process():
+    """The generated source is the key of the compiled-code cache: the expectation calls'
+    arguments, numbered as they are met, must not follow the process's string hash seed (a
+    2-D depth-2 net paid Numba's whole compile again in every process)."""
+    import os
+    import subprocess
+    import sys
+
+    hashes = set()
+    for seed in ("1", "2"):
+        env = dict(os.environ, PYTHONHASHSEED=seed, PYTHONPATH=str(PROGRAMS.parent))
+        run = subprocess.run([sys.executable, "-c", _KERNEL_SOURCES], env=env, capture_output=True, text=True)
+        assert run.returncode == 0, run.stderr[-2000:]
+        hashes.add(run.stdout.strip())
+    assert len(hashes) == 1

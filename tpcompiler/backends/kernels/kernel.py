@@ -206,7 +206,7 @@ class KernelFunction:
         covariance summed over fewer taps, which is an argument computed by a loop of its
         own, and the expectations of all pairs of positions are one group."""
         expr = self.engine.instantiate(expr)
-        rep = {c: self._expectation_call(c) for c in expr.atoms(E1, E2)}
+        rep = {c: self._expectation_call(c) for c in _in_order(expr.atoms(E1, E2))}
         return self.features.featurize(expr.xreplace(rep) if rep else expr)
 
     def _expectation_call(self, call: sp.Expr) -> sp.Expr:
@@ -231,7 +231,7 @@ class KernelFunction:
         expression of the stage (``_lower_stage``)."""
         inner = a.atoms(E1, E2)
         if inner:
-            a = a.xreplace({c: self._expectation_call(c) for c in inner})
+            a = a.xreplace({c: self._expectation_call(c) for c in _in_order(inner)})
         if a.is_number or a.is_Symbol or isinstance(a, ops.InputCov):
             return a
         symbol = self._arguments.get(a)
@@ -613,6 +613,13 @@ def pair_stage(t0, step, GS, RF1, RF2T, R1, R2T, {outs}, symmetric, P):
 
 #: More groups than this in the grouped engine calls: try the calls of expectations too.
 _MANY_GROUPS = 100
+
+
+def _in_order(items) -> list:
+    """A set of sympy objects in an order that does not depend on the process's string hash
+    seed: arguments are numbered as they are met, and the generated source (the key of the
+    compiled-code cache) must come out the same in every run."""
+    return sorted(items, key=sp.default_sort_key)
 
 
 def _groups(plans) -> int:
