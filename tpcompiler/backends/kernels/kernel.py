@@ -139,7 +139,7 @@ class KernelFunction:
         if share is not False:
             # With quantities (depth 2 and more), each expectation a call of its function at
             # symbols (the covariance sums of boundary windows computed by loops of their own):
-            # one group per function and level wherever the window is (2-D 4x4 depth 2: 51
+            # one group per function and level wherever the window is (2-D 4x4 depth 2: 59
             # loops, against 128 for the engine's calls or the written-out expressions,
             # whichever were fewer, of which both were computed).  Without quantities (depth
             # 1), the engine's calls as they come: only their arguments are lowered, cheap
