@@ -428,11 +428,11 @@ def pair_stage({grams}RF1, RF2T, R1, R2T, {outs}, symmetric, P):
         row_formats = {"RF1": "RF1[i, {}]", "R": "R[i, {}]"}
         pair_formats = {"RF1": "RF1[i, {}]", "RF2T": "RF2T[{}, j]", "R1": "R1[i, {}]", "R2T": "R2T[{}, j]",
                         "GS": "GS[{}, i, j]", "Q": "Q[{}, j - jb]"}
-        tables: list[str] = []
+        tables = _Tables()
         row_loads = _fixed_loads(self._row_kinds(), row_formats, loads_p)
         pair_loads = _fixed_loads(self._pair_kinds(), pair_formats, loads_p)
-        row_body = _group_loops("r", row_groups, row_formats, row_loads, "        ", "R[i, {}]", "_acc{}", tables)
-        pair_body = _group_loops("p", pair_groups, pair_formats, pair_loads, "                ", "Q[{}, j - jb]",
+        row_body = _group_loops(row_groups, row_formats, row_loads, "        ", "R[i, {}]", "_acc{}", tables)
+        pair_body = _group_loops(pair_groups, pair_formats, pair_loads, "                ", "Q[{}, j - jb]",
                                  "ACC[{}, j - jb]", tables, inner="for j in range(jb, je):")
         n_rows = len(rows)
         row_outs = "\n".join(f"        R[i, {n_rows + k}] = _acc{k}" for k in range(len(KERNELS)))
@@ -441,10 +441,10 @@ def pair_stage({grams}RF1, RF2T, R1, R2T, {outs}, symmetric, P):
         pair_outs = "\n".join(f"                    out{k}[i, j] = ACC[{k}, j - jb]" for k in range(len(KERNELS)))
         outs = ", ".join(f"out{k}" for k in range(len(KERNELS)))
         header = self._header(rows, diagonal, pairs, [*outputs, *self._bodies.values()])
-        return header + "\n" + "\n".join(tables) + f"""
+        return header + "\n" + tables.source() + f"""
 
 @njit(cache=True, nogil=True, error_model="numpy")
-def row_stage(t0, step, RF1, R, P):
+def row_stage(t0, step, RF1, R, P, IT, WT):
     # rows t0, t0 + step, ... (one call per thread, see _in_threads)
     for i in range(t0, RF1.shape[0], step):
 {row_body[0]}
@@ -454,7 +454,7 @@ def row_stage(t0, step, RF1, R, P):
 
 
 @njit(cache=True, nogil=True, error_model="numpy")
-def pair_stage(t0, step, GS, RF1, RF2T, R1, R2T, {outs}, symmetric, P):
+def pair_stage(t0, step, GS, RF1, RF2T, R1, R2T, {outs}, symmetric, P, IT, WT):
     # GS: the Grams stacked (number, i, j); Q: the pair quantities of pairs (i, jb..je-1).
     # Rows t0, t0 + step, ... of the loop (one call per thread, see _in_threads); symmetric:
     # rows t and N-1-t together, so every thread gets equal work.  Each group is one loop
@@ -543,7 +543,7 @@ def pair_stage(t0, step, GS, RF1, RF2T, R1, R2T, {outs}, symmetric, P):
         RF = self.features.row_values(X)
         R = np.empty((X.shape[0], len(self.row_symbols) + len(KERNELS)))
         if self.shared:
-            _in_threads(self.module.row_stage, X.shape[0], RF, R, self.parameter_values(params))
+            _in_threads(self.module.row_stage, X.shape[0], RF, R, self.parameter_values(params), *self.module.TABLES)
         else:
             self.module.row_stage(RF, R, self.parameter_values(params))
         return RF, R
@@ -564,7 +564,8 @@ def pair_stage(t0, step, GS, RF1, RF2T, R1, R2T, {outs}, symmetric, P):
         outs = [np.empty((A.shape[0], B.shape[0])) for _ in KERNELS]
         args = (RFa, np.ascontiguousarray(RFb.T), Ra, np.ascontiguousarray(Rb.T), *outs, same, self.parameter_values(params))
         if self.shared:
-            _in_threads(self.module.pair_stage, (A.shape[0] + 1) // 2 if same else A.shape[0], G, *args)
+            _in_threads(self.module.pair_stage, (A.shape[0] + 1) // 2 if same else A.shape[0], G, *args,
+                        *self.module.TABLES)
         else:
             self.module.pair_stage(*G, *args)
         if same:
@@ -658,36 +659,63 @@ def _fixed_loads(kinds: dict, formats: dict, params: dict) -> dict:
     return loads
 
 
-def _group_loops(prefix: str, groups, formats: dict, fixed: dict, indent: str, slot: str, acc: str, tables: list,
+class _Tables:
+    """The index, slot and weight tables of a module's groups, flattened into one int64 and one
+    float64 array (``TABLES`` of the module) that the stages take as arguments (IT, WT): Numba
+    does not cache a function that reads a global array of more than 1 MB (a 2-D depth-2 net
+    on 8 x 8 positions), and would compile it again in every process."""
+
+    def __init__(self):
+        self.ints: list[int] = []
+        self.floats: list[float] = []
+
+    def add_ints(self, table: np.ndarray) -> int:
+        """Offset in IT of ``table``'s rows, stored one after another."""
+        offset = len(self.ints)
+        self.ints.extend(np.asarray(table, dtype=np.int64).ravel().tolist())
+        return offset
+
+    def add_floats(self, column: np.ndarray) -> int:
+        offset = len(self.floats)
+        self.floats.extend(np.asarray(column, dtype=np.float64).ravel().tolist())
+        return offset
+
+    def source(self) -> str:
+        return f"TABLES = (np.array({self.ints!r}, dtype=np.int64), np.array({self.floats!r}, dtype=np.float64))"
+
+
+def _group_loops(groups, formats: dict, fixed: dict, indent: str, slot: str, acc: str, tables: _Tables,
                  inner: str | None = None) -> tuple[str, str]:
     """Generated loops of ``groups`` (shared.plan): (quantities' loops storing into ``slot``,
     output terms' loops adding to ``acc`` (formatted with the output's number)).  ``inner``:
     a loop header nested inside each group's loop over members (the pair stage's loop over
-    a block of j, which vectorises).  Each group's index, slot and weight arrays are
-    appended to ``tables`` as module-level constants (numba freezes global arrays)."""
+    a block of j, which vectorises).  Each group's index, slot and weight arrays go into
+    ``tables``; a member's row of them is read once, before the inner loop."""
     quantity_lines, term_lines = [], []
     body = indent + ("        " if inner else "    ")
-    for g, group in enumerate(groups):
-        name = f"{prefix}{g}"
+    for group in groups:
         M, n = group.index.shape
         if group.target is None and all(e == 0 for e in group.template.args):
             continue  # output terms whose template came out zero once written out
-        loads = {a: formats[kind].format(f"I_{name}[m, {k}]") for k, (a, kind) in enumerate(zip(group.placeholders, group.kinds))}
+        loads = {a: formats[kind].format(f"_x{k}") for k, (a, kind) in enumerate(zip(group.placeholders, group.kinds))}
         loads.update(fixed)
-        if n:
-            tables.append(f"I_{name} = np.array({group.index.tolist()!r}, dtype=np.int64)")
-        tables.append(f"W_{name} = np.array({group.weight.tolist()!r}, dtype=np.float64)")
         exprs = list(group.template.args)
         lines, values = print_body(exprs, loads, body)
         out = quantity_lines if group.target is not None else term_lines
         out.append(f"{indent}for m in range({M}):")
+        if n:
+            at = tables.add_ints(group.index)
+            out.extend(f"{indent}    _x{k} = IT[{at} + m * {n} + {k}]" for k in range(n))
+        out.append(f"{indent}    _w = WT[{tables.add_floats(group.weight[:, 0])} + m]")
+        if group.target is not None:
+            at, width = tables.add_ints(group.target), group.target.shape[1]
+            out.extend(f"{indent}    _t{e} = IT[{at} + m * {width} + {e}]" for e in range(width))
         if inner:
             out.append(f"{indent}    {inner}")
         out.extend(lines)
         if group.target is not None:
-            tables.append(f"O_{name} = np.array({group.target.tolist()!r}, dtype=np.int64)")
-            out.extend(f"{body}{slot.format(f'O_{name}[m, {e}]')} = W_{name}[m, 0] * ({v})" for e, v in enumerate(values))
+            out.extend(f"{body}{slot.format(f'_t{e}')} = _w * ({v})" for e, v in enumerate(values))
         else:
-            out.extend(f"{body}{acc.format(o)} += W_{name}[m, 0] * ({v})" for o, (e, v) in enumerate(zip(exprs, values))
+            out.extend(f"{body}{acc.format(o)} += _w * ({v})" for o, (e, v) in enumerate(zip(exprs, values))
                        if e != 0)
     return "\n".join(quantity_lines), "\n".join(term_lines)
