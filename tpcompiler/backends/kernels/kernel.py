@@ -45,7 +45,8 @@ from tpcompiler.ir.ntk import kernel_program
 from tpcompiler.backends.kernels import shared
 from tpcompiler.backends.kernels.features import Features
 from tpcompiler.ir.ops import node_symbol
-from tpcompiler.backends.kernels.pairwise import E1, E2, NotPairwise, PairwiseEngine, TemplateCall, expectation_rules
+from tpcompiler.backends.kernels.pairwise import (E1, E2, NotPairwise, PairwiseEngine, TemplateCall, expectation_rules,
+                                                  ordered)
 
 KERNELS = ("nngp", "ntk")
 #: Pairs (i, j) per block of the looped pair stage (``_shared_source``): its quantities take
@@ -206,7 +207,7 @@ class KernelFunction:
         covariance summed over fewer taps, which is an argument computed by a loop of its
         own, and the expectations of all pairs of positions are one group."""
         expr = self.engine.instantiate(expr)
-        rep = {c: self._expectation_call(c) for c in _in_order(expr.atoms(E1, E2))}
+        rep = {c: self._expectation_call(c) for c in ordered(expr.atoms(E1, E2))}
         return self.features.featurize(expr.xreplace(rep) if rep else expr)
 
     def _expectation_call(self, call: sp.Expr) -> sp.Expr:
@@ -231,7 +232,7 @@ class KernelFunction:
         expression of the stage (``_lower_stage``)."""
         inner = a.atoms(E1, E2)
         if inner:
-            a = a.xreplace({c: self._expectation_call(c) for c in _in_order(inner)})
+            a = a.xreplace({c: self._expectation_call(c) for c in ordered(inner)})
         if a.is_number or a.is_Symbol or isinstance(a, ops.InputCov):
             return a
         symbol = self._arguments.get(a)
@@ -616,13 +617,6 @@ def pair_stage(t0, step, GS, RF1, RF2T, R1, R2T, {outs}, symmetric, P, IT, WT):
 _MANY_GROUPS = 100
 
 
-def _in_order(items) -> list:
-    """A set of sympy objects in an order that does not depend on the process's string hash
-    seed: arguments are numbered as they are met, and the generated source (the key of the
-    compiled-code cache) must come out the same in every run."""
-    return sorted(items, key=sp.default_sort_key)
-
-
 def _groups(plans) -> int:
     """The number of groups (generated loops) of both stages' plans."""
     return sum(len(group_list) for group_list, _, _ in plans)
@@ -671,17 +665,21 @@ class _Tables:
 
     def add_ints(self, table: np.ndarray) -> int:
         """Offset in IT of ``table``'s rows, stored one after another."""
-        offset = len(self.ints)
-        self.ints.extend(np.asarray(table, dtype=np.int64).ravel().tolist())
-        return offset
+        return _append(self.ints, np.asarray(table, dtype=np.int64))
 
     def add_floats(self, column: np.ndarray) -> int:
-        offset = len(self.floats)
-        self.floats.extend(np.asarray(column, dtype=np.float64).ravel().tolist())
-        return offset
+        """Offset in WT of ``column``."""
+        return _append(self.floats, np.asarray(column, dtype=np.float64))
 
     def source(self) -> str:
         return f"TABLES = (np.array({self.ints!r}, dtype=np.int64), np.array({self.floats!r}, dtype=np.float64))"
+
+
+def _append(store: list, array: np.ndarray) -> int:
+    """Offset in ``store`` at which ``array``'s entries (row by row) are appended."""
+    offset = len(store)
+    store.extend(array.ravel().tolist())
+    return offset
 
 
 def _group_loops(groups, formats: dict, fixed: dict, indent: str, slot: str, acc: str, tables: _Tables,

@@ -232,7 +232,7 @@ class PairwiseEngine:
     def _scalar_values(self, expr: sp.Expr) -> dict:
         """Parameters by value, Moments by their exact limit (row quantities)."""
         rep = {}
-        for s in _ordered(expr.free_symbols):  # quantities are numbered as they are met
+        for s in ordered(expr.free_symbols):  # quantities are numbered as they are met
             if s in self._params:
                 rep[s] = self._params[s]
             elif self._is_moment(s):
@@ -320,22 +320,29 @@ class PairwiseEngine:
         product's: the structure of each form and which of their symbols coincide determine
         the product up to renaming, so products of one such key (a CNN's pairs of positions)
         share one template without building or canonicalising each product."""
-        fa, fb = self._side_form(ka, sa), self._side_form(kb, sb)
+        def product():
+            return self._side_form(ka, sa) * self._side_form(kb, sb)
+
         if not self.templates:
-            return self.expect(fa * fb)
+            return self.expect(product())
         (struct_a, names_a), (struct_b, names_b) = self._form_canonical(ka, sa), self._form_canonical(kb, sb)
         names = list(dict.fromkeys(names_a + names_b))
         if not any(self._is_leaf(n) for n in names):
-            return self.expect(fa * fb)
+            return self.expect(product())
         position = {n: k for k, n in enumerate(names)}
-        blocks: dict = {}
-        signature = tuple(blocks.setdefault(self._leaf_block[symbols.unprimed(n)], len(blocks))
-                          if self._is_leaf(n) else -1 for n in names)
+        signature = self._signature(names)
         key = ("pair", struct_a, struct_b, tuple(position[n] for n in names_a + names_b), signature)
         variant = self._variants.get(key)
-        if variant is None:
-            variant = self._variants[key] = self._variant(fa * fb, names, signature, self.expect_direct)
+        if variant is None:  # the product is built only for the first pair of its key
+            variant = self._variants[key] = self._variant(product(), names, signature, self.expect_direct)
         return self._instance(variant, names, None)
+
+    def _signature(self, names: list) -> tuple:
+        """Per symbol of a product (in ``names``' order) the number of its leaf's block, blocks
+        numbered as first met, or -1 for a scalar: which leaves of a template are correlated."""
+        blocks: dict = {}
+        return tuple(blocks.setdefault(self._leaf_block[symbols.unprimed(n)], len(blocks))
+                     if self._is_leaf(n) else -1 for n in names)
 
     def _form_canonical(self, key: str, side: int) -> tuple:
         """``Skeletons.canonical`` of the form of ``key`` at ``side``, memoised."""
@@ -348,7 +355,7 @@ class PairwiseEngine:
         """E[psi(forms of the moment's vectors)]."""
         op = self.graph.op(key)
         sub = {}
-        for s in _ordered(op.expr.free_symbols):
+        for s in ordered(op.expr.free_symbols):
             k, primed = unprime(s)
             side = 1 if primed and not same_input else 0
             if self.graph.kind(k) == VEC:
@@ -364,7 +371,7 @@ class PairwiseEngine:
         expr = sp.sympify(expr)
         rep = self._scalar_values(expr)
         if same_input:
-            rep.update({s: self.moment(s.key, True) for s in _ordered(expr.free_symbols) if self._is_moment(s)})
+            rep.update({s: self.moment(s.key, True) for s in ordered(expr.free_symbols) if self._is_moment(s)})
             rep.update({s: symbols.unprimed(s) for s in expr.free_symbols if symbols.is_primed(s)})
             rep.update({c: ops.InputCov(c.args[0], c.args[1], sp.Integer(0), sp.Integer(0)) for c in expr.atoms(ops.InputCov)})
         return expr.xreplace(rep)
@@ -476,9 +483,7 @@ class PairwiseEngine:
         structure (a pooled vector's P^2 terms), else the call); ``derive(renamed
         product)`` derives a template's value."""
         structure, names = self._skeletons.canonical(product)
-        blocks: dict = {}
-        signature = tuple(blocks.setdefault(self._leaf_block[symbols.unprimed(s)], len(blocks))
-                          if self._is_leaf(s) else -1 for s in names)
+        signature = self._signature(names)
         key = (structure, signature, derive.__name__)
         variant = self._variants.get(key)
         if variant is None:
@@ -527,7 +532,7 @@ class PairwiseEngine:
             placeholders.append(symbols.primed(leaf) if symbols.is_primed(s) else leaf)
         renamed = product.xreplace(dict(zip(names, placeholders)))
         value = derive(renamed)  # may register nested templates first
-        covariances = _ordered(c for c in value.free_symbols if isinstance(c, symbols.LeafCovariance))
+        covariances = ordered(c for c in value.free_symbols if isinstance(c, symbols.LeafCovariance))
         slots = [ph for ph in placeholders if isinstance(ph, symbols.TemplateConstant)] + covariances
         index, order = self._register(value, slots)
         return _Variant(placeholders, covariances, index, order)
@@ -893,10 +898,10 @@ def _form_class(e: sp.Expr, symbol_class) -> tuple:
     return OTHER, None
 
 
-def _ordered(items) -> list:
-    """A set of sympy objects in a fixed order.  Quantities are numbered in the order they
-    are created, and the generated kernel source (hence its compile-cache key) follows that
-    numbering: iterating a set directly would follow the per-process string hash seed, so
+def ordered(items) -> list:
+    """A set of sympy objects in a fixed order.  Quantities (and the kernel backend's call
+    arguments) are numbered in the order they are created, and the generated kernel source
+    (hence its compile-cache key) follows that numbering: iterating a set directly would follow the per-process string hash seed, so
     every run would generate new source and pay the whole Numba compile again."""
     return sorted(items, key=sp.default_sort_key)
 
