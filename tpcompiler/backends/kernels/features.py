@@ -25,6 +25,7 @@ from tpcompiler.ir import symbols
 from tpcompiler.ir.graph import Graph, ProgramError
 from tpcompiler.ir.rules import RuleTable
 from tpcompiler.backends.lowering import numpy_function
+from tpcompiler.backends.kernels.shared import add_terms, number
 
 
 class Features:
@@ -216,6 +217,27 @@ class Features:
             coef = self.feature(inside) if self.has_inputs(inside) else inside
             return coef * sp.Mul(*[self.featurize(f) for f in sp.Mul.make_args(rest)])
         return expr.func(*[self.featurize(a) for a in expr.args])
+
+    def featurize_terms(self, terms: dict) -> dict:
+        """``featurize`` of a term sum (``shared.add_terms``), as a term sum: the terms that
+        multiply the same non-input factor are grouped as ``featurize`` groups a sum's."""
+        if not any(self.has_inputs(t) for t in terms):
+            return dict(terms)
+        groups: dict = {}
+        for t, c in terms.items():
+            inside, rest = self._split(t)
+            groups.setdefault(rest, []).append((c, inside))
+        out: dict = {}
+        for rest, insides in groups.items():
+            if len(insides) == 1:  # c * feature(inside): the number stays out of the feature
+                (c, inside), = insides
+                coef = self.feature(inside) if self.has_inputs(inside) else inside
+                add_terms(out, coef * self.featurize(rest), c)
+                continue
+            coef = sp.Add(*[number(c) * inside for c, inside in insides])
+            coef = self.feature(coef) if self.has_inputs(coef) else coef
+            add_terms(out, coef * self.featurize(rest))
+        return out
 
     def _split(self, term: sp.Expr) -> tuple[sp.Expr, sp.Expr]:
         factors = sp.Mul.make_args(term)

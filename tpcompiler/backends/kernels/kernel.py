@@ -123,10 +123,10 @@ class KernelFunction:
         kp = kernel_program(graph)
         self.engine = engine = PairwiseEngine(kp, runtime=frozenset(self.runtime), templates=templates)
         try:
-            derived_outputs = [engine.scalar(kp.outputs[k]) for k in KERNELS]
+            derived_outputs = [engine.scalar_terms(kp.outputs[k]) for k in KERNELS]
             # The diagonal k(xi, xi) from row quantities: exact at rho = 1, where a pair formula
             # would amplify rounding (arc-cosine kernels have a square-root singularity there).
-            derived_diagonal = [engine.scalar(kp.outputs[k], same_input=True) for k in KERNELS]
+            derived_diagonal = [engine.scalar_terms(kp.outputs[k], same_input=True) for k in KERNELS]
         except NotPairwise as exc:
             text = str(exc) if len(str(exc)) < 200 else str(exc)[:197] + "..."
             raise NotPairwise(f"program {graph.name!r}: the kernel backend needs bivariate Gaussian expectations "
@@ -136,6 +136,7 @@ class KernelFunction:
         self.expectations = expectation_rules(self.engine.functions, rtol)
         self._bodies: dict = {}     # template index -> lowered body (_template_body)
         self._exposed: dict = {}    # template index -> (calls, symbols, body) (_exposed_body)
+        self._exposed_calls: dict = {}  # TemplateCall -> its extension (_exposed_call)
         plans = None
         if share is not False:
             # With quantities (depth 2 and more), each expectation a call of its function at
@@ -163,8 +164,10 @@ class KernelFunction:
         if self.shared:
             self.source = self._shared_source(*lowered, plans)
         else:
-            self.source = self._source(*self._lowered(engine.order, derived_diagonal, derived_outputs,
-                                                      self._lower_instances))
+            rows, diagonal, pairs, outputs = self._lowered(engine.order, derived_diagonal, derived_outputs,
+                                                           self._lower_instances)
+            self.source = self._source(rows, [shared.sum_of_terms(t) for t in diagonal], pairs,
+                                       [shared.sum_of_terms(t) for t in outputs])
         self.module = load_module(self.source, "kernels")
         self.compile_seconds = time.perf_counter() - start
         self.last_timing: dict = {}
@@ -174,7 +177,8 @@ class KernelFunction:
     def _lowered(self, order, diagonal, outputs, lower) -> tuple:
         """(rows, diagonal, pairs, outputs) lowered by ``lower`` onto fresh input features
         (``self.features``): row and pair quantities as (symbol, expression), with the
-        arguments ``lower`` made values of their own (``_argument``) before their first use."""
+        arguments ``lower`` made values of their own (``_argument``) before their first use;
+        the diagonal and the outputs term sums (``shared.add_terms``)."""
         self.features = Features(self.engine.graph, self._inputs0)
         self._argument_count = 0
         rows, diagonal = self._lower_stage([(q.symbol, q.definition) for q in order if not q.pair], diagonal, lower)
@@ -183,32 +187,47 @@ class KernelFunction:
         return rows, diagonal, pairs, outputs
 
     def _lower_stage(self, assignments, results, lower) -> tuple[list, list]:
-        """One stage's (assignments, results) lowered by ``lower``, each argument it names
-        (``_argument``) assigned before the expression that first reads it."""
+        """One stage's (assignments, results) lowered by ``lower`` and then featurized (input-
+        dependent coefficients as features), each argument it names (``_argument``) assigned
+        before the expression that first reads it; results are term sums, lowered term by
+        term (``shared.map_terms``, ``Features.featurize_terms``)."""
         self._arguments: dict = {}   # expression -> its CallArgumentSymbol, within one stage
         self._calls: dict = {}       # expectation -> its call (_expectation_call), within one stage
+        self._lowered_calls: dict = {}  # engine's call -> its lowered value (_lowered_call), within one stage
         self._pending: list = []
         out = []
         for s, e in assignments:
-            value = lower(e)
+            value = self.features.featurize(lower(e))
             out.extend(self._pending)
             self._pending.clear()
             out.append((s, value))
-        results = [lower(e) for e in results]
+        results = [self.features.featurize_terms(shared.map_terms(terms, lower)) for terms in results]
         out.extend(self._pending)
         self._pending.clear()
         return out, results
 
     def _lower_expectation_calls(self, expr: sp.Expr) -> sp.Expr:
         """Templates written out down to their expectations (E1/E2), each expectation a call of
-        the template of its function alone at symbols (``_expectation_call``), then
-        input-dependent coefficients as features.  An expectation is then one structure
-        wherever its window is: in a CNN, E[relu(h_i) relu(h_j')] at a boundary reads a
-        covariance summed over fewer taps, which is an argument computed by a loop of its
-        own, and the expectations of all pairs of positions are one group."""
-        expr = self.engine.instantiate(expr)
-        rep = {c: self._expectation_call(c) for c in ordered(expr.atoms(E1, E2))}
-        return self.features.featurize(expr.xreplace(rep) if rep else expr)
+        the template of its function alone at symbols (``_expectation_call``).  An
+        expectation is then one structure wherever its window is: in a CNN, E[relu(h_i)
+        relu(h_j')] at a boundary reads a covariance summed over fewer taps, which is an
+        argument computed by a loop of its own, and the expectations of all pairs of
+        positions are one group."""
+        rep = {}
+        for c in _outermost(expr, (TemplateCall, E1, E2)):
+            rep[c] = self._lowered_call(c) if isinstance(c, TemplateCall) else self._expectation_call(c)
+        return expr.xreplace(rep) if rep else expr
+
+    def _lowered_call(self, call: sp.Expr) -> sp.Expr:
+        """An engine's TemplateCall instantiated (``engine.instantiate``) with each
+        expectation a call of its function (``_expectation_call``), memoised within a stage
+        (the NNGP and the NTK read the same calls)."""
+        memo = self._lowered_calls.get(call)
+        if memo is None:
+            value = self.engine.instantiate(call)
+            rep = {c: self._expectation_call(c) for c in _outermost(value, (E1, E2))}
+            memo = self._lowered_calls[call] = value.xreplace(rep) if rep else value
+        return memo
 
     def _expectation_call(self, call: sp.Expr) -> sp.Expr:
         """TemplateCall of the template of ``call``'s function (engine.expectation_template)
@@ -243,16 +262,16 @@ class KernelFunction:
         return symbol
 
     def _lower_instances(self, expr: sp.Expr) -> sp.Expr:
-        """Every expectation written out (templates instantiated, closed forms inlined), then
-        input-dependent coefficients as features: the straight-line code's expressions."""
-        return self.features.featurize(self._inline_expectations(self.engine.instantiate(expr)))
+        """Every expectation written out (templates instantiated, closed forms inlined): the
+        straight-line code's expressions."""
+        return self._inline_expectations(self.engine.instantiate(expr))
 
     def _lower_calls(self, expr: sp.Expr) -> sp.Expr:
-        """Input-dependent coefficients and the arguments of TemplateCalls as features, the
-        calls kept (``_template_body`` writes each template out once, in the generated
-        loops); a call whose arguments are all numbers is written out (a number)."""
+        """The engine's TemplateCalls kept (``_template_body`` writes each template out once,
+        in the generated loops; the stage featurizes their arguments), closed forms inlined; a
+        call whose arguments are all numbers is written out (a number)."""
         numeric = {c: self.engine.instantiate(c) for c in expr.atoms(TemplateCall) if all(a.is_number for a in c.args)}
-        return self.features.featurize(self._inline_expectations(expr.xreplace(numeric) if numeric else expr))
+        return self._inline_expectations(expr.xreplace(numeric) if numeric else expr)
 
     def _template_body(self, index: int) -> sp.Expr:
         """Template ``index``'s value lowered (closed forms inlined, nested calls written
@@ -296,18 +315,24 @@ class KernelFunction:
         would only cost time."""
         if not any(e.has(TemplateCall) for _, e in assignments):
             return list(assignments), list(outputs)
-        return [(q, self._expose(e)) for q, e in assignments], [self._expose(e) for e in outputs]
+        return [(q, self._expose(e)) for q, e in assignments], [shared.map_terms(t, self._expose) for t in outputs]
 
     def _expose(self, expr: sp.Expr) -> sp.Expr:
         """``expr`` with each TemplateCall(k, *arguments) extended by the outermost calls of
         template k's body at those arguments (``_exposed_body``)."""
-        rep = {}
-        for c in expr.atoms(TemplateCall):
-            index = int(c.args[0])
-            calls, _, _ = self._exposed_body(index)
-            at = dict(zip(self.engine.templates_found[index].slots, c.args[1:]))
-            rep[c] = TemplateCall(*c.args, *[f.xreplace(at) for f in calls])
+        rep = {c: self._exposed_call(c) for c in expr.atoms(TemplateCall)}
         return expr.xreplace(rep) if rep else expr
+
+    def _exposed_call(self, call: sp.Expr) -> sp.Expr:
+        """One TemplateCall extended as ``_expose`` says, memoised (the NNGP's and the NTK's
+        terms read the same calls)."""
+        memo = self._exposed_calls.get(call)
+        if memo is None:
+            index = int(call.args[0])
+            calls, _, _ = self._exposed_body(index)
+            at = dict(zip(self.engine.templates_found[index].slots, call.args[1:]))
+            memo = self._exposed_calls[call] = TemplateCall(*call.args, *[f.xreplace(at) for f in calls])
+        return memo
 
     def _write_calls(self, expr: sp.Expr) -> sp.Expr:
         """``expr`` with each TemplateCall replaced by its lowered template body at its
@@ -441,7 +466,8 @@ def pair_stage({grams}RF1, RF2T, R1, R2T, {outs}, symmetric, P):
         pair_init = "\n".join(f"                    ACC[{k}, j - jb] = {c!r}" for k, c in enumerate(pair_constants))
         pair_outs = "\n".join(f"                    out{k}[i, j] = ACC[{k}, j - jb]" for k in range(len(KERNELS)))
         outs = ", ".join(f"out{k}" for k in range(len(KERNELS)))
-        header = self._header(rows, diagonal, pairs, [*outputs, *self._bodies.values()])
+        header = self._header(rows, [t for terms in diagonal for t in terms], pairs,
+                              [*(t for terms in outputs for t in terms), *self._bodies.values()])
         return header + "\n" + tables.source() + f"""
 
 @njit(cache=True, nogil=True, error_model="numpy")
@@ -615,6 +641,20 @@ def pair_stage(t0, step, GS, RF1, RF2T, R1, R2T, {outs}, symmetric, P, IT, WT):
 
 #: More groups than this in the grouped engine calls: try the calls of expectations too.
 _MANY_GROUPS = 100
+
+
+def _outermost(expr: sp.Expr, types: tuple) -> list:
+    """The distinct subexpressions of ``types`` in expr that are not inside one another, in
+    the order of a preorder traversal: fixed by the expression, unlike the order of a set of
+    atoms, which follows the per-process hash seed (the generated source numbers the
+    arguments it makes in this order, and must be the same in every run to hit the cache)."""
+    found: dict = {}
+    walk = sp.preorder_traversal(expr)
+    for sub in walk:
+        if isinstance(sub, types):
+            found.setdefault(sub, None)
+            walk.skip()
+    return list(found)
 
 
 def _groups(plans) -> int:

@@ -45,7 +45,7 @@ from tpcompiler.ir.graph import Graph, ProgramError
 from tpcompiler.ir.ops import VEC, node_symbol, unprime
 from tpcompiler.ir.symbols import ZHatSymbol
 from tpcompiler.ir.rules import RuleTable
-from tpcompiler.backends.kernels.shared import Skeletons
+from tpcompiler.backends.kernels.shared import Skeletons, add_terms, number, sum_of_terms, term_sum
 from tpcompiler.symbolic.master import Expectation, Z, Zhat, ZProgram, derive
 
 T = symbols.ARG
@@ -59,12 +59,16 @@ class E1(sp.Function):
     """E[g(L)] for L ~ N(0, var): E1(index, var); ``index`` names g in the engine's table."""
 
     nargs = 2
+    is_real = True  # stated, as for TemplateCall: sympy asks them of every new call
+    is_commutative = True
 
 
 class E2(sp.Function):
     """E[g1(L1) g2(L2)] for a bivariate Gaussian: E2(index, k11, k12, k22)."""
 
     nargs = 4
+    is_real = True
+    is_commutative = True
 
 
 @dataclass
@@ -128,7 +132,7 @@ class PairwiseEngine:
 
     graph: Graph
     zp: ZProgram = None
-    quantities: dict = field(default_factory=dict)      # canonical product -> Quantity
+    quantities: dict = field(default_factory=dict)      # (ka, sa, kb, sb) of a product of forms -> Quantity
     functions: list = field(default_factory=list)       # index -> (g1, g2) or (g,)
     #: Param keys kept as symbols (the kernel's runtime arguments) instead of their values
     runtime: frozenset = frozenset()
@@ -159,6 +163,9 @@ class PairwiseEngine:
         self.templates_found: list[Template] = []
         self._placeholder_leaves: set = set()
         self._moment_memo: dict = {}
+        self._moment_terms_memo: dict = {}
+        self._by_pairs_memo: dict = {}
+        self._sides_memo: dict = {}
         self._linear_memo: dict = {}
         self._pair_memo: dict = {}
         self._form_canonical_memo: dict = {}
@@ -245,22 +252,38 @@ class PairwiseEngine:
         memoised (the NNGP and the NTK read the same moments)."""
         memo = self._moment_memo.get((key, same_input))
         if memo is None:
-            memo = self._moment_by_pairs(key, same_input)
-            if memo is None:
-                memo = self._moment_of_forms(key, same_input)
+            by_pairs = self._moment_by_pairs(key, same_input)
+            memo = self._moment_of_forms(key, same_input) if by_pairs is None else sum_of_terms(by_pairs)
             self._moment_memo[(key, same_input)] = memo
         return memo
 
+    def moment_terms(self, key: str, same_input: bool = False) -> dict:
+        """``moment`` as a term sum (``shared.add_terms``), memoised: by pairs without
+        forming the sum (a pooled moment's P^2 terms)."""
+        memo = self._moment_terms_memo.get((key, same_input))
+        if memo is None:
+            memo = self._moment_by_pairs(key, same_input)
+            if memo is None:
+                memo = term_sum(self.moment(key, same_input))
+            self._moment_terms_memo[(key, same_input)] = memo
+        return memo
+
     def _moment_by_pairs(self, key: str, same_input: bool):
-        """E[psi] by linearity when psi is a sum of products of two vectors with numeric
+        """E[psi] as a term sum (memoised), by linearity when psi is a sum of products of two vectors with numeric
         coefficients, each vector a numeric linear combination of program vectors
         (``_linear_nodes``): E[(sum_k c_k v_k)(sum_l d_l w_l)] = sum_kl c_k d_l E[v_k w_l],
         one expectation per pair of vectors, shared between moments (``_pair_moment``).  A
         pooled vector's moment is then P^2 expectations of one structure, not the expansion
         of a product of two P-term forms.  None if psi is not of that shape."""
+        if (key, same_input) in self._by_pairs_memo:
+            return self._by_pairs_memo[(key, same_input)]
+        value = self._by_pairs_memo[(key, same_input)] = self._new_moment_by_pairs(key, same_input)
+        return value
+
+    def _new_moment_by_pairs(self, key: str, same_input: bool):
         op = self.graph.op(key)
         expr = sp.expand(op.expr.xreplace(self._params))
-        terms = []
+        terms: dict = {}
         for term in sp.Add.make_args(expr):
             vectors, coef = [], sp.S.One
             for f in sp.Mul.make_args(term):
@@ -278,8 +301,8 @@ class PairwiseEngine:
             sa, sb = int(pa and not same_input), int(pb and not same_input)
             for na, ca in self._linear_nodes(ka):
                 for nb, cb in self._linear_nodes(kb):
-                    terms.append(coef * ca * cb * self._pair_moment(na, sa, nb, sb))
-        return sp.Add(*terms)
+                    add_terms(terms, self._pair_moment(na, sa, nb, sb), float(coef) * float(ca) * float(cb))
+        return terms
 
     def _linear_nodes(self, key: str) -> tuple:
         """Z^key as ((node, coefficient), ...) with Z^key = sum coefficient * Z^node: through
@@ -375,6 +398,33 @@ class PairwiseEngine:
             rep.update({s: symbols.unprimed(s) for s in expr.free_symbols if symbols.is_primed(s)})
             rep.update({c: ops.InputCov(c.args[0], c.args[1], sp.Integer(0), sp.Integer(0)) for c in expr.atoms(ops.InputCov)})
         return expr.xreplace(rep)
+
+    def scalar_terms(self, expr: sp.Expr, same_input: bool = False) -> dict:
+        """``scalar(expr)`` as a term sum (``shared.add_terms``), built term by term: a term
+        of ``expr`` with one factor whose value is a sum (a pooled moment, P^2 expectations)
+        contributes that sum's terms times the other factors, without forming the product of
+        the number and the sum (which rebuilds every one of its terms); any other term is one
+        term of the result."""
+        out: dict = {}
+        for term in sp.Add.make_args(sp.sympify(expr)):
+            coef, rest = term.as_coeff_Mul()
+            sums = [self.moment_terms(f.key, same_input) if self._is_moment(f) else term_sum(self.scalar(f, same_input))
+                    for f in sp.Mul.make_args(rest)]
+            if not all(sums):
+                continue  # a factor is zero
+            long = [k for k, s in enumerate(sums) if len(s) > 1]
+            if len(long) > 1:  # a product of sums stays one term, as scalar() leaves it
+                add_terms(out, sp.Mul(*[sum_of_terms(s) for s in sums]), float(coef))
+                continue
+            k = long[0] if long else 0
+            scale, others = float(coef), sp.S.One
+            for j, s in enumerate(sums):
+                if j != k:
+                    (t, c), = s.items()
+                    scale, others = scale * c, others * t
+            for t, c in sums[k].items():
+                add_terms(out, t * others, scale * c)
+        return out
 
     # -- expectations -------------------------------------------------------------------
     def expect(self, expr: sp.Expr) -> sp.Expr:
@@ -716,38 +766,45 @@ class PairwiseEngine:
             return self.graph.init_covariance(ka, kb, s1 == 1, s2 == 1, compact=True).xreplace(self._params)
         mat = self.graph.matmul_parts(ka)[0]
         s2_ = (self.graph.op(mat).sigma ** 2).xreplace(self._params)
+        s2_ = number(float(s2_)) if s2_.is_number else s2_  # one object per value (shared.number)
         xa, xb = self.zp.entries[ka].x, self.zp.entries[kb].x
-        return s2_ * self.quantity(self._side_form(xa, s1) * self._side_form(xb, s2), f"E[Z^{xa} Z^{xb}]",
-                                   forms=(xa, s1, xb, s2))
+        return s2_ * self.quantity(xa, s1, xb, s2)
 
     # -- quantities -----------------------------------------------------------------------
-    def quantity(self, product: sp.Expr, label: str = "", forms: tuple | None = None) -> sp.Expr:
-        """A named quantity for E[product] (memoised; row quantities of the second input are
-        the primed symbols of their first-input versions).  ``forms``: (ka, sa, kb, sb) when
-        the product is form ka at side sa times form kb at side sb (``_expect_pair``)."""
-        sides = self._sides(product)
+    def quantity(self, ka: str, sa: int, kb: str, sb: int) -> sp.Expr:
+        """A named quantity for E[Z^ka at side sa times Z^kb at side sb] (memoised per pair of
+        forms; row quantities of the second input are the primed symbols of their first-input
+        versions)."""
+        sides = (self._form_sides(ka, sa) | self._form_sides(kb, sb)) or {0}
         if sides == {1}:
-            first = None if forms is None else (forms[0], 0, forms[2], 0)
-            return self.to_side(self.quantity(_to_first_input(product), label, first), 1)
-        key = product
+            return self.to_side(self.quantity(ka, 0, kb, 0), 1)
+        key = min((ka, sa, kb, sb), (kb, sb, ka, sa))
         if key in self.quantities:
             return self.quantities[key].symbol
-        value = self.expect(product) if forms is None else self._expect_pair(*forms)
+        value = self._pair_moment(*key)
         if isinstance(value, sp.Number):
             return value
-        q = Quantity(symbols.quantity(len(self._order)), value, pair=(sides == {0, 1}), label=label)
+        q = Quantity(symbols.quantity(len(self._order)), value, pair=(sides == {0, 1}), label=f"E[Z^{ka} Z^{kb}]")
         self.quantities[key] = q
         self._order.append(q)
         return q.symbol
 
+    def _form_sides(self, key: str, side: int) -> set:
+        """The inputs (0, 1) the form of ``key`` at ``side`` depends on, memoised."""
+        memo = self._sides_memo.get((key, side))
+        if memo is None:
+            memo = self._sides_memo[(key, side)] = self._sides(self._side_form(key, side))
+        return memo
+
     def _sides(self, expr: sp.Expr) -> set:
+        """The inputs (0, 1) expr depends on (empty: neither)."""
         sides = set()
         for s in expr.free_symbols:
             if self._input_dependent(symbols.unprimed(s)):
                 sides.add(int(symbols.is_primed(s)))
         for c in expr.atoms(ops.InputCov):  # input-layer covariances: their sides' flags
             sides.update((int(c.args[2]), int(c.args[3])))
-        return sides or {0}
+        return sides
 
     @property
     def order(self) -> list[Quantity]:
@@ -787,15 +844,6 @@ class _SlotKinds:
 
     def __getitem__(self, s) -> tuple:
         return ("slot",), None
-
-
-def _to_first_input(expr: sp.Expr) -> sp.Expr:
-    """A second-input expression at the first input: unprimed symbols, InputCov atoms of
-    the second input (flags 1, 1) at the first (0, 0)."""
-    zero = sp.Integer(0)
-    rep = {c: ops.InputCov(c.args[0], c.args[1], zero, zero) for c in expr.atoms(ops.InputCov)
-           if c.args[2] == 1 and c.args[3] == 1}
-    return symbols.to_first_input(expr.xreplace(rep) if rep else expr)
 
 
 def _has_parameters(g: sp.Expr) -> bool:

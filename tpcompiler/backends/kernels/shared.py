@@ -150,6 +150,51 @@ class Skeletons:
         return self._relabelled(e, placeholders, {}), out
 
 
+def add_terms(into: dict, expr: sp.Expr, scale: float = 1.0) -> dict:
+    """``into`` += scale * expr, for a *term sum* ``into`` = {term: coefficient}: the sum of
+    coefficient * term, a float times an expression without a numeric factor.  The kernels'
+    outputs are such sums (a CNN's: one term or more per pair of positions); held as a dict,
+    the stages handle them term by term instead of rebuilding one sympy sum of thousands of
+    terms at every substitution (each rebuild re-sorted and re-collected all of them, and
+    multiplying the sum by a number rebuilt every product)."""
+    for a in sp.Add.make_args(expr):
+        c, t = a.as_coeff_Mul()
+        into[t] = into.get(t, 0.0) + scale * float(c)
+    return into
+
+
+_NUMBERS: dict = {1.0: sp.S.One, -1.0: sp.S.NegativeOne}
+
+
+def number(c: float) -> sp.Number:
+    """The sympy number of value c, one object per value: sympy deduces a number's
+    assumptions (every product asks its coefficient ``is_zero``) once per object, at about a
+    tenth of a millisecond, so a new Float per term made that the largest cost of building
+    a CNN's thousands of terms."""
+    n = _NUMBERS.get(c)
+    if n is None:
+        n = _NUMBERS[c] = sp.Float(c)
+    return n
+
+
+def term_sum(expr: sp.Expr) -> dict:
+    """The term sum (``add_terms``) of an expression."""
+    return add_terms({}, sp.sympify(expr))
+
+
+def map_terms(terms: dict, f) -> dict:
+    """The term sum of sum_t c_t f(t) (f's results split into terms again)."""
+    out: dict = {}
+    for t, c in terms.items():
+        add_terms(out, f(t), c)
+    return out
+
+
+def sum_of_terms(terms: dict) -> sp.Expr:
+    """The term sum as one sympy expression (small programs' straight-line code)."""
+    return sp.Add(*[number(c) * t for t, c in terms.items() if c != 0.0])
+
+
 def template(e: sp.Expr, syms: list) -> sp.Expr:
     """e with symbol syms[k] renamed to the placeholder a_k."""
     return e.xreplace({s: _placeholder(k) for k, s in enumerate(syms)})
@@ -175,6 +220,16 @@ def _divided(e: sp.Expr, c: float) -> sp.Expr:
     return sp.Mul._from_args((scaled, *sp.Mul.make_args(rest)))
 
 
+def _scaled(t: sp.Expr, r: float) -> sp.Expr:
+    """r * t for a term t without a numeric factor (``add_terms``), without sympy's
+    rebuilding of the product when t is one."""
+    if r == 1.0:
+        return t
+    if t.is_Add or t.is_Number or r == -1.0:
+        return number(r) * t
+    return sp.Mul._from_args((number(r), *sp.Mul.make_args(t)))
+
+
 def _split(e: sp.Expr) -> tuple[float, sp.Expr]:
     """e = c * rest with c a number."""
     c, rest = sp.sympify(e).as_coeff_Mul()
@@ -189,14 +244,15 @@ def lift_repeated_calls(assignments, outputs, kinds: dict) -> tuple[list, list]:
     are named, as sympy's cse would, but counted per expression, which stays linear in the
     number of expressions."""
     kind_symbols = set(kinds) | {s for s, _ in assignments}
-    exprs = [e for _, e in assignments] + list(outputs)
+    exprs = [[e] for _, e in assignments] + [list(terms) for terms in outputs]  # an output: its terms
     counts: dict = {}
-    for e in exprs:
+    for parts in exprs:
         seen = set()
-        for sub in sp.preorder_traversal(e):
-            if isinstance(sub, sp.Function) and sub not in seen and sub.free_symbols & kind_symbols:
-                seen.add(sub)
-                counts[sub] = counts.get(sub, 0) + 1
+        for e in parts:
+            for sub in sp.preorder_traversal(e):
+                if isinstance(sub, sp.Function) and sub not in seen and sub.free_symbols & kind_symbols:
+                    seen.add(sub)
+                    counts[sub] = counts.get(sub, 0) + 1
     repeated = [f for f, n in counts.items() if n > 1]
     if not repeated:
         return list(assignments), list(outputs)
@@ -221,11 +277,11 @@ def lift_repeated_calls(assignments, outputs, kinds: dict) -> tuple[list, list]:
         out.extend(placed)
         out.append((s, e.xreplace(names)))
     placed = []
-    for e in outputs:
-        for f in _calls_in([e], names):
+    for terms in outputs:
+        for f in _calls_in(terms, names):
             define(f)
     out.extend(placed)
-    return out, [e.xreplace(names) for e in outputs]
+    return out, [map_terms(terms, lambda t: t.xreplace(names)) for terms in outputs]
 
 
 def _calls_in(exprs, names: dict) -> list:
@@ -259,6 +315,10 @@ def alias_repeated_arguments(assignments, outputs, call_type, kinds: dict) -> tu
     def rewrite(e):
         rep = {}
         for c in e.atoms(call_type):
+            if all(a.is_Atom for a in c.args):  # the common case, decided without free_symbols
+                read = [a for a in c.args if a in kind_symbols]
+                if len(set(read)) == len(read):
+                    continue
             seen: set = set()
             args = []
             for k, a in enumerate(c.args):
@@ -271,12 +331,13 @@ def alias_repeated_arguments(assignments, outputs, call_type, kinds: dict) -> tu
         return e.xreplace(rep) if rep else e
 
     kind_symbols = set(kinds) | {s for s, _ in assignments}
-    return [(s, rewrite(e)) for s, e in assignments], [rewrite(e) for e in outputs], aliases
+    return ([(s, rewrite(e)) for s, e in assignments], [map_terms(terms, rewrite) for terms in outputs],
+            aliases)
 
 
 def plan(assignments, outputs, kinds: dict, slot_kind: str, aliases: dict | None = None) -> tuple[list[Group], list[float], int]:
     """Groups computing ``assignments`` ((symbol, expr) in dependency order; symbol k is
-    stored in slot k of kind ``slot_kind``) and then ``outputs`` (sums of terms).
+    stored in slot k of kind ``slot_kind``) and then ``outputs`` (term sums, ``add_terms``).
 
     ``kinds``: {symbol: (kind, index)} of every symbol the expressions read, where it is found
     (the others are fixed and stay in the templates).  Quantities of one level (the length
@@ -319,18 +380,19 @@ def plan(assignments, outputs, kinds: dict, slot_kind: str, aliases: dict | None
     # with c the first term's coefficient, grouped by the structure of the tuple.
     bundles: dict = {}
     kind_symbols = set(kinds)
-    for o, e in enumerate(outputs):
-        for term in sp.Add.make_args(sp.sympify(e)):
+    for o, output in enumerate(outputs):
+        for term, coef in output.items():
+            if coef == 0.0:
+                continue
             read = {aliases.get(d, d) for d in term.free_symbols} & kind_symbols
             if not read and term.is_number:
-                constants[o] += float(term)
+                constants[o] += coef * float(term)
                 continue
-            bundles.setdefault(frozenset(read), [[] for _ in outputs])[o].append(term)
+            bundles.setdefault(frozenset(read), [[] for _ in outputs])[o].append((coef, term))
     terms: dict = {}   # structure id -> [(binding, coefficient, tuple)]
     for parts in bundles.values():
-        c = next(_split(p[0])[0] for p in parts if p)
-        c = c if c != 0 else 1.0
-        bundle = sp.Tuple(*[sp.Add(*[_divided(t, c) for t in p]) if p else sp.S.Zero for p in parts])
+        c = next(p[0][0] for p in parts if p)
+        bundle = sp.Tuple(*[sp.Add(*[_scaled(t, coef / c) for coef, t in p]) if p else sp.S.Zero for p in parts])
         cid, syms = sk.canonical(bundle)
         terms.setdefault(cid, []).append((syms, c, bundle))
     for members in terms.values():
