@@ -83,6 +83,34 @@ def test_moments_by_linearity_equal_the_expanded_forms(name, monkeypatch):
         assert np.max(np.abs(a[key] - b[key])) <= 1e-12 * np.max(np.abs(b[key])), (name, key)
 
 
+@pytest.mark.parametrize("name", ["conv1d_same_depth2_gap", "conv2d_same_avgpool"])
+def test_output_term_sums_equal_the_outputs(name):
+    """The kernels' outputs are taken term by term (PairwiseEngine.scalar_terms: a pooled
+    moment's P^2 terms times the other factors of its term, never one sympy sum); the sum
+    of the terms must be the output scalar() gives, on the diagonal too, and for products
+    of two pooled moments (kept as one term) and numeric multiples of them."""
+    import sympy as sp
+    from tpcompiler.backends.kernels.pairwise import PairwiseEngine
+    from tpcompiler.backends.kernels.shared import sum_of_terms, term_sum
+    from tpcompiler.ir import ops
+    from tpcompiler.ir.ntk import kernel_program
+
+    graph = kernel_program({**NETS, **LINEAR_NETS}[name][0]())
+    engine = PairwiseEngine(graph)
+    nngp, ntk = graph.outputs["nngp"], graph.outputs["ntk"]
+    moments = sorted((s for s in nngp.free_symbols if isinstance(graph.op(s.key), ops.Moment)), key=str)
+    m = max(moments, key=lambda s: len(engine.moment_terms(s.key)))
+    assert len(engine.moment_terms(m.key)) > 1, "no moment of a sum of vectors: the test would test nothing"
+    for expr in (nngp, ntk, 3 * m * ntk + m ** 2 - 0.5 * m):
+        for same_input in (False, True):
+            terms = engine.scalar_terms(expr, same_input)
+            assert len(terms) >= len(engine.moment_terms(m.key, same_input))
+            want = sp.expand(engine.scalar(expr, same_input))
+            difference = term_sum(sp.expand(sum_of_terms(terms) - want))
+            scale = max(abs(c) for c in term_sum(want).values())
+            assert max(abs(c) for c in difference.values()) <= 1e-12 * scale, (name, expr, same_input)
+
+
 def test_depth1_alternative_grouping_gives_the_same_kernels(monkeypatch):
     """A depth-1 net's engine calls that make many groups are grouped again as calls of their
     expectations and the fewer groups win (KernelFunction, _MANY_GROUPS); forced here on a
