@@ -10,6 +10,8 @@ quadrature calls) -> this module:
   Gram matrices X A X2^T computed by BLAS, so d never enters the per-pair code;
 * **row stage**: the quantities of one input (variances, diagonal kernels), one parallel loop
   over data rows;
+* **outputs** as term sums ({term: coefficient}, ``shared.add_terms``): a CNN's kernels are
+  thousands of terms, handled one by one instead of as one sympy sum rebuilt at every step;
 * **pair stage**: all layers of one pair (xi, xi') fused into one straight-line function
   (common subexpressions shared by sympy's cse, e.g. one arccos per relu layer), a parallel
   loop over pairs, only the upper triangle when X2 is not given.
