@@ -10,11 +10,13 @@ quadrature calls) -> this module:
   Gram matrices X A X2^T computed by BLAS, so d never enters the per-pair code;
 * **row stage**: the quantities of one input (variances, diagonal kernels), one parallel loop
   over data rows;
-* **outputs** as term sums ({term: coefficient}, ``shared.add_terms``): a CNN's kernels are
-  thousands of terms, handled one by one instead of as one sympy sum rebuilt at every step;
 * **pair stage**: all layers of one pair (xi, xi') fused into one straight-line function
   (common subexpressions shared by sympy's cse, e.g. one arccos per relu layer), a parallel
   loop over pairs, only the upper triangle when X2 is not given.
+
+The kernels (and their diagonal) are carried through these steps as term sums ({term:
+coefficient}, ``shared.add_terms``): a CNN's are thousands of terms, handled one by one
+instead of as one sympy sum rebuilt at every step.
 
 When the quantities and output terms are many but of few structures (a CNN: one quantity
 per pair of positions and layer, all of one form), both stages are generated instead as one
@@ -217,7 +219,10 @@ class KernelFunction:
         positions are one group."""
         rep = {}
         for c in _outermost(expr, (TemplateCall, E1, E2)):
-            rep[c] = self._lowered_call(c) if isinstance(c, TemplateCall) else self._expectation_call(c)
+            if isinstance(c, TemplateCall):
+                rep[c] = self._lowered_call(c)
+            else:  # an expectation outside the engine's calls, with any call in it written out first
+                rep[c] = self._expectation_call(self.engine.instantiate(c) if c.has(TemplateCall) else c)
         return expr.xreplace(rep) if rep else expr
 
     def _lowered_call(self, call: sp.Expr) -> sp.Expr:

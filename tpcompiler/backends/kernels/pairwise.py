@@ -163,7 +163,6 @@ class PairwiseEngine:
         self.templates_found: list[Template] = []
         self._placeholder_leaves: set = set()
         self._moment_memo: dict = {}
-        self._moment_terms_memo: dict = {}
         self._by_pairs_memo: dict = {}
         self._sides_memo: dict = {}
         self._linear_memo: dict = {}
@@ -258,15 +257,10 @@ class PairwiseEngine:
         return memo
 
     def moment_terms(self, key: str, same_input: bool = False) -> dict:
-        """``moment`` as a term sum (``shared.add_terms``), memoised: by pairs without
-        forming the sum (a pooled moment's P^2 terms)."""
-        memo = self._moment_terms_memo.get((key, same_input))
-        if memo is None:
-            memo = self._moment_by_pairs(key, same_input)
-            if memo is None:
-                memo = term_sum(self.moment(key, same_input))
-            self._moment_terms_memo[(key, same_input)] = memo
-        return memo
+        """``moment`` as a term sum (``shared.add_terms``): by pairs without forming the sum
+        (a pooled moment's P^2 terms; the memoised dict itself, to be read, not changed)."""
+        by_pairs = self._moment_by_pairs(key, same_input)
+        return term_sum(self.moment(key, same_input)) if by_pairs is None else by_pairs
 
     def _moment_by_pairs(self, key: str, same_input: bool):
         """E[psi] as a term sum (memoised), by linearity when psi is a sum of products of two vectors with numeric
@@ -389,8 +383,9 @@ class PairwiseEngine:
         return self.expect(op.expr.xreplace(sub))
 
     def scalar(self, expr: sp.Expr, same_input: bool = False) -> sp.Expr:
-        """A scalar expression (outputs) with Moments by their exact limits and Params by
-        value (``same_input``: pair moments on the diagonal xi' = xi)."""
+        """A scalar expression with Moments by their exact limits and Params by value
+        (``same_input``: pair moments on the diagonal xi' = xi); the kernels' outputs are
+        taken term by term (``scalar_terms``)."""
         expr = sp.sympify(expr)
         rep = self._scalar_values(expr)
         if same_input:
@@ -411,7 +406,7 @@ class PairwiseEngine:
             sums = [self.moment_terms(f.key, same_input) if self._is_moment(f) else term_sum(self.scalar(f, same_input))
                     for f in sp.Mul.make_args(rest)]
             if not all(sums):
-                continue  # a factor is zero
+                continue  # a factor is zero (an empty term sum)
             long = [k for k, s in enumerate(sums) if len(s) > 1]
             if len(long) > 1:  # a product of sums stays one term, as scalar() leaves it
                 add_terms(out, sp.Mul(*[sum_of_terms(s) for s in sums]), float(coef))

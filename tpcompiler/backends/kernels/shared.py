@@ -152,14 +152,17 @@ class Skeletons:
 
 def add_terms(into: dict, expr: sp.Expr, scale: float = 1.0) -> dict:
     """``into`` += scale * expr, for a *term sum* ``into`` = {term: coefficient}: the sum of
-    coefficient * term, a float times an expression without a numeric factor.  The kernels'
+    coefficient * term, a float times an expression without a numeric coefficient
+    (``as_coeff_Mul``; zero contributions are left out, so the sum of zero is empty).  The kernels'
     outputs are such sums (a CNN's: one term or more per pair of positions); held as a dict,
     the stages handle them term by term instead of rebuilding one sympy sum of thousands of
     terms at every substitution (each rebuild re-sorted and re-collected all of them, and
     multiplying the sum by a number rebuilt every product)."""
     for a in sp.Add.make_args(expr):
         c, t = a.as_coeff_Mul()
-        into[t] = into.get(t, 0.0) + scale * float(c)
+        c = scale * float(c)
+        if c != 0.0:
+            into[t] = into.get(t, 0.0) + c
     return into
 
 
@@ -207,27 +210,27 @@ def _placeholder(k: int) -> sp.Symbol:
 def _divided(e: sp.Expr, c: float) -> sp.Expr:
     """e / c for a number c, term by term, by rescaling each term's numeric coefficient (the
     same value as sympy's division, without rebuilding every product: a CNN has thousands)."""
-    if c == 1.0:
-        return e
+    return e if c == 1.0 else _rescaled(e, lambda coef: coef / c)
+
+
+def _scaled(t: sp.Expr, r: float) -> sp.Expr:
+    """r * t, term by term as ``_divided``."""
+    return t if r == 1.0 else _rescaled(t, lambda coef: coef * r)
+
+
+def _rescaled(e: sp.Expr, f) -> sp.Expr:
+    """e with each term's numeric coefficient c replaced by f(c)."""
     if e.is_Add:
-        return sp.Add(*[_divided(t, c) for t in e.args])
+        return sp.Add(*[_rescaled(t, f) for t in e.args])
     coef, rest = e.as_coeff_Mul()
-    scaled = sp.Float(float(coef) / c)
+    scaled = number(f(float(coef)))
     if rest == 1:
         return scaled
     if scaled == 1:
         return rest
+    if rest.is_Add:
+        return scaled * rest
     return sp.Mul._from_args((scaled, *sp.Mul.make_args(rest)))
-
-
-def _scaled(t: sp.Expr, r: float) -> sp.Expr:
-    """r * t for a term t without a numeric factor (``add_terms``), without sympy's
-    rebuilding of the product when t is one."""
-    if r == 1.0:
-        return t
-    if t.is_Add or t.is_Number or r == -1.0:
-        return number(r) * t
-    return sp.Mul._from_args((number(r), *sp.Mul.make_args(t)))
 
 
 def _split(e: sp.Expr) -> tuple[float, sp.Expr]:
