@@ -49,8 +49,7 @@ from tpcompiler.ir.ntk import kernel_program
 from tpcompiler.backends.kernels import shared
 from tpcompiler.backends.kernels.features import Features
 from tpcompiler.ir.ops import node_symbol
-from tpcompiler.backends.kernels.pairwise import (E1, E2, NotPairwise, PairwiseEngine, TemplateCall, expectation_rules,
-                                                  ordered)
+from tpcompiler.backends.kernels.pairwise import E1, E2, NotPairwise, PairwiseEngine, TemplateCall, expectation_rules
 
 KERNELS = ("nngp", "ntk")
 #: Pairs (i, j) per block of the looped pair stage (``_shared_source``): its quantities take
@@ -256,9 +255,9 @@ class KernelFunction:
         """``a`` if it is a number, a symbol or an input-layer covariance (a Gram entry once
         featurized), else a CallArgumentSymbol assigned its lowered value, one per distinct
         expression of the stage (``_lower_stage``)."""
-        inner = a.atoms(E1, E2)
+        inner = _outermost(a, (E1, E2))
         if inner:
-            a = a.xreplace({c: self._expectation_call(c) for c in ordered(inner)})
+            a = a.xreplace({c: self._expectation_call(c) for c in inner})
         if a.is_number or a.is_Symbol or isinstance(a, ops.InputCov):
             return a
         symbol = self._arguments.get(a)

@@ -238,7 +238,7 @@ class PairwiseEngine:
     def _scalar_values(self, expr: sp.Expr) -> dict:
         """Parameters by value, Moments by their exact limit (row quantities)."""
         rep = {}
-        for s in ordered(expr.free_symbols):  # quantities are numbered as they are met
+        for s in _ordered(expr.free_symbols):  # quantities are numbered as they are met
             if s in self._params:
                 rep[s] = self._params[s]
             elif self._is_moment(s):
@@ -263,8 +263,8 @@ class PairwiseEngine:
         return term_sum(self.moment(key, same_input)) if by_pairs is None else by_pairs
 
     def _moment_by_pairs(self, key: str, same_input: bool):
-        """E[psi] as a term sum (memoised), by linearity when psi is a sum of products of two vectors with numeric
-        coefficients, each vector a numeric linear combination of program vectors
+        """E[psi] as a term sum (memoised), by linearity when psi is a sum of products of two
+        vectors with numeric coefficients, each vector a numeric linear combination of program vectors
         (``_linear_nodes``): E[(sum_k c_k v_k)(sum_l d_l w_l)] = sum_kl c_k d_l E[v_k w_l],
         one expectation per pair of vectors, shared between moments (``_pair_moment``).  A
         pooled vector's moment is then P^2 expectations of one structure, not the expansion
@@ -372,7 +372,7 @@ class PairwiseEngine:
         """E[psi(forms of the moment's vectors)]."""
         op = self.graph.op(key)
         sub = {}
-        for s in ordered(op.expr.free_symbols):
+        for s in _ordered(op.expr.free_symbols):
             k, primed = unprime(s)
             side = 1 if primed and not same_input else 0
             if self.graph.kind(k) == VEC:
@@ -389,7 +389,7 @@ class PairwiseEngine:
         expr = sp.sympify(expr)
         rep = self._scalar_values(expr)
         if same_input:
-            rep.update({s: self.moment(s.key, True) for s in ordered(expr.free_symbols) if self._is_moment(s)})
+            rep.update({s: self.moment(s.key, True) for s in _ordered(expr.free_symbols) if self._is_moment(s)})
             rep.update({s: symbols.unprimed(s) for s in expr.free_symbols if symbols.is_primed(s)})
             rep.update({c: ops.InputCov(c.args[0], c.args[1], sp.Integer(0), sp.Integer(0)) for c in expr.atoms(ops.InputCov)})
         return expr.xreplace(rep)
@@ -577,7 +577,7 @@ class PairwiseEngine:
             placeholders.append(symbols.primed(leaf) if symbols.is_primed(s) else leaf)
         renamed = product.xreplace(dict(zip(names, placeholders)))
         value = derive(renamed)  # may register nested templates first
-        covariances = ordered(c for c in value.free_symbols if isinstance(c, symbols.LeafCovariance))
+        covariances = _ordered(c for c in value.free_symbols if isinstance(c, symbols.LeafCovariance))
         slots = [ph for ph in placeholders if isinstance(ph, symbols.TemplateConstant)] + covariances
         index, order = self._register(value, slots)
         return _Variant(placeholders, covariances, index, order)
@@ -941,10 +941,10 @@ def _form_class(e: sp.Expr, symbol_class) -> tuple:
     return OTHER, None
 
 
-def ordered(items) -> list:
-    """A set of sympy objects in a fixed order.  Quantities (and the kernel backend's call
-    arguments) are numbered in the order they are created, and the generated kernel source
-    (hence its compile-cache key) follows that numbering: iterating a set directly would follow the per-process string hash seed, so
+def _ordered(items) -> list:
+    """A set of sympy objects in a fixed order.  Quantities are numbered in the order they
+    are created, and the generated kernel source (hence its compile-cache key) follows that
+    numbering: iterating a set directly would follow the per-process string hash seed, so
     every run would generate new source and pay the whole Numba compile again."""
     return sorted(items, key=sp.default_sort_key)
 

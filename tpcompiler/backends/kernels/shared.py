@@ -153,8 +153,8 @@ class Skeletons:
 def add_terms(into: dict, expr: sp.Expr, scale: float = 1.0) -> dict:
     """``into`` += scale * expr, for a *term sum* ``into`` = {term: coefficient}: the sum of
     coefficient * term, a float times an expression without a numeric coefficient
-    (``as_coeff_Mul``; zero contributions are left out, so the sum of zero is empty).  The kernels'
-    outputs are such sums (a CNN's: one term or more per pair of positions); held as a dict,
+    (``as_coeff_Mul``; zero contributions are left out, so the sum of zero is empty).  The
+    kernels' outputs are such sums (a CNN's: one term or more per pair of positions); held as a dict,
     the stages handle them term by term instead of rebuilding one sympy sum of thousands of
     terms at every substitution (each rebuild re-sorted and re-collected all of them, and
     multiplying the sum by a number rebuilt every product)."""
@@ -243,9 +243,9 @@ def lift_repeated_calls(assignments, outputs, kinds: dict) -> tuple[list, list]:
     """(assignments, outputs) with every function call that reads symbols of ``kinds`` or
     assigned symbols and occurs in more than one expression (an arccos of one pair of
     positions, used by the NTK terms of every pair of positions it feeds) made an assignment
-    of its own, placed before its first use, and read from there.  Equal values: only common subexpressions
-    are named, as sympy's cse would, but counted per expression, which stays linear in the
-    number of expressions."""
+    of its own, placed before its first use, and read from there.  Equal values: only common
+    subexpressions are named, as sympy's cse would, but counted per expression (an output: all
+    its terms), which stays linear in the number of expressions."""
     kind_symbols = set(kinds) | {s for s, _ in assignments}
     exprs = [[e] for _, e in assignments] + [list(terms) for terms in outputs]  # an output: its terms
     counts: dict = {}
