@@ -164,3 +164,25 @@ def test_grouped_kernel_source_is_the_same_in_every_process():
         assert run.returncode == 0, run.stderr[-2000:]
         hashes.add(run.stdout.strip())
     assert len(hashes) == 1
+
+
+def test_interned_floats_one_object_per_value_within_the_block_only():
+    """shared.interned_floats makes sympy return one Float object per value inside the block
+    (so their assumptions are deduced once), nests, and restores sympy's own constructor
+    when the last block exits, also after an error; values and zero are unchanged."""
+    import sympy as sp
+    from tpcompiler.backends.kernels.shared import interned_floats
+
+    x = sp.Symbol("x")
+    with interned_floats():
+        a, b = sp.Float(2.25) * sp.Rational(1, 9), sp.Float(0.75) / 3
+        assert a is b and a == sp.Float(0.25)
+        assert (sp.Float(2.0) - 2.0) is sp.S.Zero
+        with interned_floats():
+            assert (x * sp.Float(0.5)).args[0] is sp.Float(1.0) / 2
+        assert sp.Float(3.5) is sp.Float(3.5)  # still inside the outer block
+        with pytest.raises(RuntimeError):
+            with interned_floats():
+                raise RuntimeError
+        assert sp.Float(4.5) is sp.Float(4.5)
+    assert sp.Float(3.5) is not sp.Float(3.5) and sp.Float(3.5) == sp.Float(3.5)

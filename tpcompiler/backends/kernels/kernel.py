@@ -123,6 +123,16 @@ class KernelFunction:
         self.graph = graph
         (self.input_name, decl), = graph.inputs.items()
         self.d = len(decl.keys)
+        with shared.interned_floats():  # one object per float value: see shared.interned_floats
+            self.source = self._derive(graph, templates, share)
+        self.module = load_module(self.source, "kernels")
+        self.compile_seconds = time.perf_counter() - start
+        self.last_timing: dict = {}
+        self.last_plan = None  # the tile plan of the last tiled.kernels call
+
+    def _derive(self, graph: Graph, templates: bool, share: bool | None) -> str:
+        """The generated module's source: the kernel program's quantities and outputs from the
+        engine, lowered, grouped (``share``) or written out, printed (module docstring)."""
         kp = kernel_program(graph)
         self.engine = engine = PairwiseEngine(kp, runtime=frozenset(self.runtime), templates=templates)
         try:
@@ -136,7 +146,7 @@ class KernelFunction:
                               f"of parameter-free functions, but: {text}; tp.compile(program).limit(x=X) "
                               f"estimates the kernels by particles") from None
         self._inputs0 = {node_symbol(k): kp.op(k).index for k in kp.input_keys()}
-        self.expectations = expectation_rules(self.engine.functions, rtol)
+        self.expectations = expectation_rules(self.engine.functions, self.rtol)
         self._bodies: dict = {}     # template index -> lowered body (_template_body)
         self._exposed: dict = {}    # template index -> (calls, symbols, body) (_exposed_body)
         self._exposed_calls: dict = {}  # TemplateCall -> its extension (_exposed_call)
@@ -165,16 +175,11 @@ class KernelFunction:
         #: whether the generated code computes groups of quantities by loops (shared.py)
         self.shared = _should_share(plans) if share is None else bool(share)
         if self.shared:
-            self.source = self._shared_source(*lowered, plans)
-        else:
-            rows, diagonal, pairs, outputs = self._lowered(engine.order, derived_diagonal, derived_outputs,
-                                                           self._lower_instances)
-            self.source = self._source(rows, [shared.sum_of_terms(t) for t in diagonal], pairs,
-                                       [shared.sum_of_terms(t) for t in outputs])
-        self.module = load_module(self.source, "kernels")
-        self.compile_seconds = time.perf_counter() - start
-        self.last_timing: dict = {}
-        self.last_plan = None  # the tile plan of the last tiled.kernels call
+            return self._shared_source(*lowered, plans)
+        rows, diagonal, pairs, outputs = self._lowered(engine.order, derived_diagonal, derived_outputs,
+                                                       self._lower_instances)
+        return self._source(rows, [shared.sum_of_terms(t) for t in diagonal], pairs,
+                            [shared.sum_of_terms(t) for t in outputs])
 
     # -- construction helpers -----------------------------------------------------------
     def _lowered(self, order, diagonal, outputs, lower) -> tuple:
