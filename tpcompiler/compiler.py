@@ -140,6 +140,8 @@ class Compiled:
         self.graph = compilation.graph
         self.drop_zdot = drop_zdot
         self.zprogram: ZProgram = compilation.zprogram
+        #: (kernel program, its Z program) for the kernel backend, when the passes made them
+        self._kernel_derivation = (self.graph, self.zprogram) if compilation.grads is not None and not drop_zdot else None
         self._bound: dict = {}
         self._snapshot = _snapshot(self.source)
 
@@ -205,7 +207,7 @@ class Compiled:
         self._unchanged()
         key = ("kernels", float(rtol))
         if key not in self._bound:
-            self._bound[key] = KernelFunction(self.source, rtol=rtol)
+            self._bound[key] = KernelFunction(self.source, rtol=rtol, derived=self._kernel_derivation)
         return self._bound[key]
 
     def limit(self, particles: int = DEFAULT_PARTICLES, seed: int = 0, x=None, groups: int = 10,

@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import functools
 import time
+from dataclasses import dataclass
 
 import numba
 import numpy as np
@@ -94,7 +95,7 @@ class KernelFunction:
     """NNGP and NTK of a template program, compiled to Numba (see module docstring)."""
 
     def __init__(self, graph: Graph, rtol: float = 1e-10, runtime=(), share: bool | None = None,
-                 templates: bool = True):
+                 templates: bool = True, derived: tuple | None = None):
         """``runtime``: Param keys of ``graph`` kept as symbols through the derivation and the
         generated code, whose values are arguments of every call (``params``), so one
         compilation serves every value of them; the others are compiled in as numbers.
@@ -103,7 +104,9 @@ class KernelFunction:
         (``shared``: a CNN's pairs of positions) instead of straight-line code; None decides
         by the program (``_should_share``).  ``templates``: derive each structure of
         expectation once (pairwise.py; False derives every expectation on its own, the
-        reference the templates are tested against)."""
+        reference the templates are tested against).  ``derived``: (kernel program of
+        ``graph``, its Z program) when the caller has them (``tp.compile``'s passes), else
+        derived here."""
         start = time.perf_counter()
         self.rtol = rtol
         bad = [k for k in runtime if k not in graph.g or not isinstance(graph.op(k), ops.Param)]
@@ -124,17 +127,17 @@ class KernelFunction:
         (self.input_name, decl), = graph.inputs.items()
         self.d = len(decl.keys)
         with shared.interned_floats():  # one object per float value: see shared.interned_floats
-            self.source = self._derive(graph, templates, share)
+            self.source = self._derive(graph, templates, share, derived)
         self.module = load_module(self.source, "kernels")
         self.compile_seconds = time.perf_counter() - start
         self.last_timing: dict = {}
         self.last_plan = None  # the tile plan of the last tiled.kernels call
 
-    def _derive(self, graph: Graph, templates: bool, share: bool | None) -> str:
+    def _derive(self, graph: Graph, templates: bool, share: bool | None, derived: tuple | None) -> str:
         """The generated module's source: the kernel program's quantities and outputs from the
         engine, lowered, grouped (``share``) or written out, printed (module docstring)."""
-        kp = kernel_program(graph)
-        self.engine = engine = PairwiseEngine(kp, runtime=frozenset(self.runtime), templates=templates)
+        kp, zp = derived if derived is not None else (kernel_program(graph), None)
+        self.engine = engine = PairwiseEngine(kp, zp, runtime=frozenset(self.runtime), templates=templates)
         try:
             derived_outputs = [engine.scalar_terms(kp.outputs[k]) for k in KERNELS]
             # The diagonal k(xi, xi) from row quantities: exact at rho = 1, where a pair formula
@@ -150,6 +153,9 @@ class KernelFunction:
         self._bodies: dict = {}     # template index -> lowered body (_template_body)
         self._exposed: dict = {}    # template index -> (calls, symbols, body) (_exposed_body)
         self._exposed_calls: dict = {}  # TemplateCall -> its extension (_exposed_call)
+        self._recipes: dict = {}    # template index -> its _Recipe or None (_recipe)
+        self._expectation_templates: dict = {}  # (E1/E2, function) -> engine.expectation_template
+        self._linear_values: dict = {}  # engine's argument -> _linear_value
         plans = None
         if share is not False:
             # With quantities (depth 2 and more), each expectation a call of its function at
@@ -202,6 +208,8 @@ class KernelFunction:
         self._arguments: dict = {}   # expression -> its CallArgumentSymbol, within one stage
         self._calls: dict = {}       # expectation -> its call (_expectation_call), within one stage
         self._lowered_calls: dict = {}  # engine's call -> its lowered value (_lowered_call), within one stage
+        self._calls_at: dict = {}    # (E1/E2, function, arguments) -> its call (_expectation_call_at), within one stage
+        self._linear_arguments: dict = {}  # (constant, coefficients) -> argument (_linear_argument), within one stage
         self._pending: list = []
         out = []
         for s, e in assignments:
@@ -232,13 +240,99 @@ class KernelFunction:
     def _lowered_call(self, call: sp.Expr) -> sp.Expr:
         """An engine's TemplateCall instantiated (``engine.instantiate``) with each
         expectation a call of its function (``_expectation_call``), memoised within a stage
-        (the NNGP and the NTK read the same calls)."""
+        (the NNGP and the NTK read the same calls).  From the template's recipe
+        (``_call_from_recipe``) when it has one and the call's arguments are linear."""
         memo = self._lowered_calls.get(call)
         if memo is None:
-            value = self.engine.instantiate(call)
-            rep = {c: self._expectation_call(c) for c in _outermost(value, (E1, E2))}
-            memo = self._lowered_calls[call] = value.xreplace(rep) if rep else value
+            recipe = self._recipe(int(call.args[0]))
+            memo = None if recipe is None else self._call_from_recipe(recipe, call.args[1:])
+            if memo is None:
+                value = self.engine.instantiate(call)
+                rep = {c: self._expectation_call(c) for c in _outermost(value, (E1, E2))}
+                memo = value.xreplace(rep) if rep else value
+            self._lowered_calls[call] = memo
         return memo
+
+    def _recipe(self, index: int):
+        """Template ``index`` written out (nested calls too) as a ``_Recipe``, or None when an
+        argument of one of its expectations is not a linear combination of its slots with
+        numeric coefficients (a runtime parameter, an expectation inside).  Memoised."""
+        if index in self._recipes:
+            return self._recipes[index]
+        template = self.engine.templates_found[index]
+        value = self.engine.instantiate(template.value)
+        position = {s: k for k, s in enumerate(template.slots)}
+        calls = _outermost(value, (E1, E2))
+        forms = [[_linear_form(a, position) for a in c.args[1:]] for c in calls]
+        recipe = None
+        if all(f is not None for fs in forms for f in fs):
+            holes = [sp.Dummy(f"e{k}") for k in range(len(calls))]
+            body = value.xreplace(dict(zip(calls, holes)))
+            recipe = _Recipe(body, holes, [(type(c), c.args[0], fs) for c, fs in zip(calls, forms)],
+                             [(s, k) for s, k in position.items() if s in body.free_symbols])
+        self._recipes[index] = recipe
+        return recipe
+
+    def _call_from_recipe(self, recipe: "_Recipe", args: tuple):
+        """The lowered value of a call of the recipe's template at ``args``: each expectation's
+        arguments are combined from the call's arguments as numbers and {symbol: coefficient}
+        maps (``_linear_value``), so no sympy expression is built for an argument the stage
+        has already met; None if an argument the expectations read is not linear."""
+        values = [_linear_value(a, self._linear_values) for a in args]
+        rep = {}
+        for hole, (cls, function, forms) in zip(recipe.holes, recipe.expectations):
+            arguments = []
+            for constant, coefficients in forms:
+                total, combined = constant, {}
+                for k, c in coefficients:
+                    if values[k] is None:
+                        return None
+                    value_constant, value_coefficients = values[k]
+                    total += c * value_constant
+                    for x, cx in value_coefficients:
+                        combined[x] = combined.get(x, 0.0) + c * cx
+                arguments.append(self._linear_argument(total, combined))
+            rep[hole] = self._expectation_call_at(cls, function, tuple(arguments))
+        rep.update({s: args[k] for s, k in recipe.loose})
+        return recipe.body.xreplace(rep)
+
+    def _linear_argument(self, constant: float, coefficients: dict) -> sp.Expr:
+        """``_argument`` of constant + sum coefficient * symbol, interned by its numbers (one
+        CallArgumentSymbol per distinct argument of the stage, shared with ``_argument``)."""
+        coefficients = {x: c for x, c in coefficients.items() if c != 0.0}
+        if not coefficients:
+            return shared.number(constant) if constant != 0.0 else sp.S.Zero
+        if constant == 0.0 and len(coefficients) == 1:
+            (x, c), = coefficients.items()
+            if c == 1.0:
+                return x
+        key = (constant, frozenset(coefficients.items()))
+        symbol = self._linear_arguments.get(key)
+        if symbol is None:
+            terms = [shared.number(c) * x for x, c in coefficients.items()]
+            expr = sp.Add(shared.number(constant), *terms) if constant != 0.0 else sp.Add(*terms)
+            symbol = self._linear_arguments[key] = self._argument(expr)
+        return symbol
+
+    def _expectation_call_at(self, cls, function: sp.Integer, arguments: tuple) -> sp.Expr:
+        """``_new_expectation_call`` of cls(function, *arguments) for arguments already made
+        symbols or numbers, memoised within a stage by the arguments."""
+        key = (cls, function, arguments)
+        memo = self._calls_at.get(key)
+        if memo is None:
+            if all(a.is_number for a in arguments):
+                memo = self._inline_expectations(cls(function, *arguments))
+            else:
+                index, order = self._expectation_templates.get((cls, function)) or self._expectation_template(cls, function, len(arguments))
+                memo = TemplateCall(sp.Integer(index), *[arguments[k] for k in order])
+            self._calls_at[key] = memo
+        return memo
+
+    def _expectation_template(self, cls, function: sp.Integer, n: int) -> tuple:
+        """``engine.expectation_template`` of the expectations cls(function, n arguments), memoised."""
+        found = self._expectation_templates[(cls, function)] = self.engine.expectation_template(
+            cls(function, *[symbols.TemplateConstant(k) for k in range(n)]))
+        return found
 
     def _expectation_call(self, call: sp.Expr) -> sp.Expr:
         """TemplateCall of the template of ``call``'s function (engine.expectation_template)
@@ -666,6 +760,56 @@ def _outermost(expr: sp.Expr, types: tuple) -> list:
             found.setdefault(sub, None)
             walk.skip()
     return list(found)
+
+
+@dataclass
+class _Recipe:
+    """A template written out, for lowering its calls without instantiating it
+    (``KernelFunction._call_from_recipe``): ``body`` is its value with expectation k replaced
+    by the symbol ``holes[k]``; ``expectations[k]`` = (E1 or E2, function index, arguments),
+    each argument (constant, ((slot position, coefficient), ...)); ``loose`` the (slot,
+    position) pairs the body reads outside its expectations."""
+
+    body: sp.Expr
+    holes: list
+    expectations: list
+    loose: list
+
+
+def _linear_form(expr: sp.Expr, position: dict):
+    """expr = constant + sum_k coefficient_k * slot_k as (constant, ((k, coefficient), ...)),
+    k the slot's ``position``, numbers as floats; None if expr is not of that form."""
+    constant, coefficients = 0.0, []
+    for term in sp.Add.make_args(expr):
+        if term.is_Number:
+            constant += float(term)
+            continue
+        c, rest = term.as_coeff_Mul()
+        k = position.get(rest)
+        if k is None:
+            return None
+        coefficients.append((k, float(c)))
+    return constant, tuple(coefficients)
+
+
+def _linear_value(expr: sp.Expr, memo: dict):
+    """An engine call's argument as (constant, ((symbol or input-layer covariance,
+    coefficient), ...)) with float numbers, or None if it is not such a linear combination;
+    memoised in ``memo``."""
+    if expr in memo:
+        return memo[expr]
+    constant, coefficients = 0.0, {}
+    for term in sp.Add.make_args(expr):
+        if term.is_Number:
+            constant += float(term)
+            continue
+        c, rest = term.as_coeff_Mul()
+        if not (rest.is_Symbol or isinstance(rest, ops.InputCov)):
+            memo[expr] = None
+            return None
+        coefficients[rest] = coefficients.get(rest, 0.0) + float(c)
+    value = memo[expr] = (constant, tuple(coefficients.items()))
+    return value
 
 
 def _groups(plans) -> int:
