@@ -240,10 +240,16 @@ class Features:
         return out
 
     def _split(self, term: sp.Expr) -> tuple[sp.Expr, sp.Expr]:
+        """(product of the input-only factors, product of the others) of a term; the term
+        itself is not rebuilt when one side is empty (most of a CNN's terms)."""
         factors = sp.Mul.make_args(term)
-        inside = [f for f in factors if self.input_only(f)]
-        rest = [f for f in factors if not self.input_only(f)]
-        return sp.Mul(*inside), sp.Mul(*rest)
+        only = [self.input_only(f) for f in factors]
+        if not any(only):
+            return sp.S.One, term
+        if all(only):
+            return term, sp.S.One
+        return (sp.Mul(*[f for f, o in zip(factors, only) if o]),
+                sp.Mul(*[f for f, o in zip(factors, only) if not o]))
 
     # -- numeric values ---------------------------------------------------------------------
     def _layer_values(self, key: str, X: np.ndarray, positions: list) -> np.ndarray:

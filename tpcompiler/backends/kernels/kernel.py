@@ -309,7 +309,7 @@ class KernelFunction:
         key = (constant, frozenset(coefficients.items()))
         symbol = self._linear_arguments.get(key)
         if symbol is None:
-            terms = [shared.number(c) * x for x, c in coefficients.items()]
+            terms = [shared.times(c, x) for x, c in coefficients.items()]
             expr = sp.Add(shared.number(constant), *terms) if constant != 0.0 else sp.Add(*terms)
             symbol = self._linear_arguments[key] = self._argument(expr)
         return symbol

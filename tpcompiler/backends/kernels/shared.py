@@ -224,6 +224,20 @@ def _interning_float_new(pool: dict):
     return _new
 
 
+def times(c: float, x: sp.Expr) -> sp.Expr:
+    """number(c) * x for a factor x that is not a number, a sum or a product (a symbol, a
+    call), built without sympy's flattening (which asks assumptions of both factors and sorts
+    them; a CNN's derivation makes this product per pair of positions): the same object sympy
+    would build, coefficient first."""
+    if c == 1.0:
+        return x
+    if c == 0.0:
+        return sp.S.Zero
+    if x.is_Number or x.is_Add or x.is_Mul:
+        return number(c) * x
+    return sp.Mul._from_args((number(c), x))
+
+
 def term_sum(expr: sp.Expr) -> dict:
     """The term sum (``add_terms``) of an expression."""
     return add_terms({}, sp.sympify(expr))
@@ -359,23 +373,32 @@ def alias_repeated_arguments(assignments, outputs, call_type, kinds: dict) -> tu
             aliases[a] = sym
         return a
 
+    def aliased(c):
+        """The call c with its repeated reads aliased (c itself if none), memoised: the terms
+        of one pair of positions share their calls."""
+        done = rewritten.get(c)
+        if done is not None:
+            return done
+        if all(a.is_Atom for a in c.args):  # the common case, decided without free_symbols
+            read = [a for a in c.args if a in kind_symbols]
+            if len(set(read)) == len(read):
+                rewritten[c] = c
+                return c
+        seen: set = set()
+        args = []
+        for k, a in enumerate(c.args):
+            read = a.free_symbols & kind_symbols
+            again = read & seen
+            args.append(a.xreplace({x: alias(x, k) for x in again}) if again else a)
+            seen |= read
+        done = rewritten[c] = c.func(*args) if any(x is not y for x, y in zip(args, c.args)) else c
+        return done
+
     def rewrite(e):
-        rep = {}
-        for c in e.atoms(call_type):
-            if all(a.is_Atom for a in c.args):  # the common case, decided without free_symbols
-                read = [a for a in c.args if a in kind_symbols]
-                if len(set(read)) == len(read):
-                    continue
-            seen: set = set()
-            args = []
-            for k, a in enumerate(c.args):
-                read = a.free_symbols & kind_symbols
-                again = read & seen
-                args.append(a.xreplace({x: alias(x, k) for x in again}) if again else a)
-                seen |= read
-            if any(x is not y for x, y in zip(args, c.args)):
-                rep[c] = c.func(*args)
+        rep = {c: new for c in e.atoms(call_type) if (new := aliased(c)) is not c}
         return e.xreplace(rep) if rep else e
+
+    rewritten: dict = {}
 
     kind_symbols = set(kinds) | {s for s, _ in assignments}
     return ([(s, rewrite(e)) for s, e in assignments], [map_terms(terms, rewrite) for terms in outputs],
