@@ -153,6 +153,7 @@ class KernelFunction:
         self._bodies: dict = {}     # template index -> lowered body (_template_body)
         self._exposed: dict = {}    # template index -> (calls, symbols, body) (_exposed_body)
         self._exposed_calls: dict = {}  # TemplateCall -> its extension (_exposed_call)
+        self._expose_memo: dict = {}    # subexpression -> exposed (_expose, shared.rewrite)
         self._recipes: dict = {}    # template index -> its _Recipe or None (_recipe)
         self._expectation_templates: dict = {}  # (E1/E2, function) -> engine.expectation_template
         self._linear_values: dict = {}  # engine's argument -> _linear_value
@@ -425,8 +426,11 @@ class KernelFunction:
     def _expose(self, expr: sp.Expr) -> sp.Expr:
         """``expr`` with each TemplateCall(k, *arguments) extended by the outermost calls of
         template k's body at those arguments (``_exposed_body``)."""
-        rep = {c: self._exposed_call(c) for c in expr.atoms(TemplateCall)}
-        return expr.xreplace(rep) if rep else expr
+        return shared.rewrite(expr, self._exposed_replacement, self._expose_memo)
+
+    def _exposed_replacement(self, x: sp.Basic):
+        """``_exposed_call`` of a TemplateCall, None for anything else (``shared.rewrite``)."""
+        return self._exposed_call(x) if isinstance(x, TemplateCall) else None
 
     def _exposed_call(self, call: sp.Expr) -> sp.Expr:
         """One TemplateCall extended as ``_expose`` says, memoised (the NNGP's and the NTK's

@@ -306,12 +306,13 @@ def lift_repeated_calls(assignments, outputs, kinds: dict) -> tuple[list, list]:
     its terms), which stays linear in the number of expressions."""
     kind_symbols = set(kinds) | {s for s, _ in assignments}
     exprs = [[e] for _, e in assignments] + [list(terms) for terms in outputs]  # an output: its terms
+    inside: dict = {}  # subexpression -> the calls reading kind_symbols in it (_calls_reading)
     counts: dict = {}
     for parts in exprs:
         seen = set()
         for e in parts:
-            for sub in sp.preorder_traversal(e):
-                if isinstance(sub, sp.Function) and sub not in seen and sub.free_symbols & kind_symbols:
+            for sub in _calls_reading(e, kind_symbols, inside):
+                if sub not in seen:
                     seen.add(sub)
                     counts[sub] = counts.get(sub, 0) + 1
     repeated = [f for f, n in counts.items() if n > 1]
@@ -319,41 +320,71 @@ def lift_repeated_calls(assignments, outputs, kinds: dict) -> tuple[list, list]:
         return list(assignments), list(outputs)
     names = {f: sp.Symbol(f"_lift{k}", real=True) for k, f in enumerate(repeated)}
     definitions: dict = {}   # symbol -> its call, inner calls named
+    memo: dict = {}          # substitute's, shared by all expressions
+
+    def calls_in(exprs) -> list:
+        """The calls of ``names`` in exprs, in a fixed order (first occurrence)."""
+        return list(dict.fromkeys(f for e in exprs for f in _calls_reading(e, kind_symbols, inside) if f in names))
 
     def define(f):
         """Name f (after the repeated calls inside it), in post-order into ``placed``."""
         sym = names[f]
         if sym not in definitions:
-            for g in _calls_in(f.args, names):
+            for g in calls_in(f.args):
                 define(g)
-            inner = f.func(*[a.xreplace(names) for a in f.args])
+            inner = f.func(*[substitute(a, names, memo) for a in f.args])
             definitions[sym] = inner
             placed.append((sym, inner))
 
     out = []
     for s, e in assignments:
         placed: list = []
-        for f in _calls_in([e], names):
+        for f in calls_in([e]):
             define(f)
         out.extend(placed)
-        out.append((s, e.xreplace(names)))
+        out.append((s, substitute(e, names, memo)))
     placed = []
     for terms in outputs:
-        for f in _calls_in(terms, names):
+        for f in calls_in(terms):
             define(f)
     out.extend(placed)
-    return out, [map_terms(terms, lambda t: t.xreplace(names)) for terms in outputs]
+    return out, [map_terms(terms, lambda t: substitute(t, names, memo)) for terms in outputs]
 
 
-def _calls_in(exprs, names: dict) -> list:
-    """The calls of ``names`` occurring in exprs, in a fixed order (first occurrence)."""
-    found, seen = [], set()
-    for e in exprs:
-        for sub in sp.preorder_traversal(e):
-            if sub in names and sub not in seen:
-                seen.add(sub)
-                found.append(sub)
-    return found
+def _calls_reading(e: sp.Basic, kind_symbols: set, memo: dict) -> tuple:
+    """The function calls in e that read a symbol of ``kind_symbols``, distinct, in preorder
+    (first occurrence); memoised per subexpression, so that the calls shared by many terms
+    (a pair of positions' expectations) are walked once."""
+    hit = memo.get(e)
+    if hit is None:
+        found = [e] if isinstance(e, sp.Function) and e.free_symbols & kind_symbols else []
+        for a in e.args:
+            found.extend(_calls_reading(a, kind_symbols, memo))
+        hit = memo[e] = tuple(dict.fromkeys(found))
+    return hit
+
+
+def substitute(e: sp.Basic, rep: dict, memo: dict) -> sp.Basic:
+    """``e.xreplace(rep)``, ``memo`` as ``rewrite``'s."""
+    return rewrite(e, rep.get, memo)
+
+
+def rewrite(e: sp.Basic, replacement, memo: dict) -> sp.Basic:
+    """e with every outermost subexpression x for which replacement(x) is not None replaced by
+    it (as ``xreplace`` replaces), with ``memo`` ({subexpression: result}) kept across calls:
+    the subexpressions many expressions share (a pair of positions' calls, read by all its
+    terms) are rewritten once."""
+    hit = memo.get(e)
+    if hit is None:
+        hit = replacement(e)
+        if hit is None:
+            if e.args:
+                args = [rewrite(a, replacement, memo) for a in e.args]
+                hit = e.func(*args) if any(x is not y for x, y in zip(args, e.args)) else e
+            else:
+                hit = e
+        memo[e] = hit
+    return hit
 
 
 def alias_repeated_arguments(assignments, outputs, call_type, kinds: dict) -> tuple[list, list, dict]:
@@ -394,14 +425,17 @@ def alias_repeated_arguments(assignments, outputs, call_type, kinds: dict) -> tu
         done = rewritten[c] = c.func(*args) if any(x is not y for x, y in zip(args, c.args)) else c
         return done
 
-    def rewrite(e):
-        rep = {c: new for c in e.atoms(call_type) if (new := aliased(c)) is not c}
-        return e.xreplace(rep) if rep else e
+    def replacement(x):
+        return aliased(x) if isinstance(x, call_type) else None
+
+    def rewrite_all(e):
+        return rewrite(e, replacement, memo)
 
     rewritten: dict = {}
+    memo: dict = {}
 
     kind_symbols = set(kinds) | {s for s, _ in assignments}
-    return ([(s, rewrite(e)) for s, e in assignments], [map_terms(terms, rewrite) for terms in outputs],
+    return ([(s, rewrite_all(e)) for s, e in assignments], [map_terms(terms, rewrite_all) for terms in outputs],
             aliases)
 
 
