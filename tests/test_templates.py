@@ -186,3 +186,26 @@ def test_interned_floats_one_object_per_value_within_the_block_only():
                 raise RuntimeError
         assert sp.Float(4.5) is sp.Float(4.5)
     assert sp.Float(3.5) is not sp.Float(3.5) and sp.Float(3.5) == sp.Float(3.5)
+
+
+def test_paused_gc_restores_the_collector_state():
+    """shared.paused_gc turns the cyclic collector off inside the block (nested blocks too) and
+    leaves it as it found it: on again after an error, still off if the caller had it off."""
+    import gc
+    from tpcompiler.backends.kernels.shared import paused_gc
+
+    assert gc.isenabled()
+    with paused_gc():
+        assert not gc.isenabled()
+        with pytest.raises(RuntimeError):
+            with paused_gc():
+                raise RuntimeError
+        assert not gc.isenabled()
+    assert gc.isenabled()
+    gc.disable()
+    try:
+        with paused_gc():
+            assert not gc.isenabled()
+        assert not gc.isenabled()
+    finally:
+        gc.enable()

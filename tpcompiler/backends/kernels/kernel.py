@@ -126,7 +126,7 @@ class KernelFunction:
         self.graph = graph
         (self.input_name, decl), = graph.inputs.items()
         self.d = len(decl.keys)
-        with shared.interned_floats():  # one object per float value: see shared.interned_floats
+        with shared.interned_floats(), shared.paused_gc():  # see their docstrings: speed only
             self.source = self._derive(graph, templates, share, derived)
         self.module = load_module(self.source, "kernels")
         self.compile_seconds = time.perf_counter() - start

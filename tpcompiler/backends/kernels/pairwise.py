@@ -448,24 +448,24 @@ class PairwiseEngine:
     def _hold_sums(self, expr: sp.Expr):
         """(expr with held sums replaced by placeholders, {placeholder: sum}); see expect."""
         held: dict = {}
-        by_sum: dict = {}
+        return self._held(expr, held, {}), held
 
-        def walk(e):
-            if e.is_Add:
-                if self._is_single_function(e):
-                    if e not in by_sum:
-                        d = sp.Dummy("held")
-                        by_sum[e] = d
-                        held[d] = e
-                    return by_sum[e]
-                return sp.Add(*[walk(a) for a in e.args])
-            if e.is_Mul:
-                return sp.Mul(*[walk(a) for a in e.args])
-            if e.is_Pow and e.exp.is_Integer and e.exp > 0:
-                return sp.Pow(walk(e.base), e.exp)
-            return e
-
-        return walk(expr), held
+    def _held(self, e: sp.Expr, held: dict, by_sum: dict) -> sp.Expr:
+        """e with each sum that is a single function replaced by its placeholder (``_hold_sums``;
+        a method, not a recursive closure: see shared.Skeletons._paths)."""
+        if e.is_Add:
+            if self._is_single_function(e):
+                if e not in by_sum:
+                    d = sp.Dummy("held")
+                    by_sum[e] = d
+                    held[d] = e
+                return by_sum[e]
+            return sp.Add(*[self._held(a, held, by_sum) for a in e.args])
+        if e.is_Mul:
+            return sp.Mul(*[self._held(a, held, by_sum) for a in e.args])
+        if e.is_Pow and e.exp.is_Integer and e.exp > 0:
+            return sp.Pow(self._held(e.base, held, by_sum), e.exp)
+        return e
 
     def _is_single_function(self, e: sp.Expr) -> bool:
         """A sum that is a non-polynomial function g(L) of a single linear form L of leaves."""

@@ -28,6 +28,7 @@ order (which can only split a group in two, never join different ones).
 from __future__ import annotations
 
 import contextlib
+import gc
 import threading
 from dataclasses import dataclass
 
@@ -94,18 +95,20 @@ class Skeletons:
         symbol read by two sums is told apart from one read by a single sum.  Invariant
         under renaming: corresponding symbols of isomorphic expressions get equal labels."""
         paths: dict = {}
-
-        def walk(x, path):
-            if x in self.kinds:
-                paths.setdefault(x, []).append(path)
-                return
-            here = self.key(x)
-            commutative = x.is_Add or x.is_Mul
-            for i, a in enumerate(x.args):
-                walk(a, path + (here, -1 if commutative else i))
-
-        walk(e, ())
+        self._paths(e, (), paths)
         return {s: self.intern(("label", self.kinds[s][0], tuple(sorted(p)))) for s, p in paths.items()}
+
+    def _paths(self, x: sp.Basic, path: tuple, paths: dict) -> None:
+        """Append to ``paths[symbol]`` the path to each occurrence of a symbol in x (``_labels``).
+        A method, not a recursive closure: a closure that calls itself is a reference cycle,
+        which only the cyclic garbage collector frees (see ``paused_gc``)."""
+        if x in self.kinds:
+            paths.setdefault(x, []).append(path)
+            return
+        here = self.key(x)
+        commutative = x.is_Add or x.is_Mul
+        for i, a in enumerate(x.args):
+            self._paths(a, path + (here, -1 if commutative else i), paths)
 
     def _relabelled(self, e: sp.Basic, labels: dict, memo: dict) -> int:
         """The id of e with each symbol replaced by ``labels[symbol]`` (an id); ``memo``
@@ -128,28 +131,22 @@ class Skeletons:
         skeletons with symbols labelled; ties keep sympy's order), and the id of e with s_k
         replaced by placeholder k.  Equal ids <=> equal templates (``template``)."""
         labels = self._labels(e)
-        lmemo: dict = {}
-
-        def lkey(x):
-            return self._relabelled(x, labels, lmemo)
-
-        out, seen = [], set()
-
-        def visit(x):
-            if x in labels:
-                if x not in seen:
-                    seen.add(x)
-                    out.append(x)
-                return
-            args = x.args
-            if x.is_Add or x.is_Mul:
-                args = sorted(args, key=lkey)  # stable
-            for a in args:
-                visit(a)
-
-        visit(e)
+        out: dict = {}  # the symbols in canonical order (a dict as an ordered set)
+        self._visit(e, labels, {}, out)
         placeholders = {s: self.intern(("placeholder", self.kinds[s][0], k)) for k, s in enumerate(out)}
-        return self._relabelled(e, placeholders, {}), out
+        return self._relabelled(e, placeholders, {}), list(out)
+
+    def _visit(self, x: sp.Basic, labels: dict, lmemo: dict, out: dict) -> None:
+        """Record the symbols of x in ``out`` in canonical order (``canonical``): arguments of
+        sums and products sorted by their relabelled ids (``lmemo`` their memo), stably."""
+        if x in labels:
+            out.setdefault(x, None)
+            return
+        args = x.args
+        if x.is_Add or x.is_Mul:
+            args = sorted(args, key=lambda a: self._relabelled(a, labels, lmemo))
+        for a in args:
+            self._visit(a, labels, lmemo, out)
 
 
 def add_terms(into: dict, expr: sp.Expr, scale: float = 1.0) -> dict:
@@ -182,33 +179,79 @@ def number(c: float) -> sp.Number:
     return n
 
 
-_FLOAT_POOL_LOCK = threading.Lock()
-_float_pool_users = 0
+class _ProcessWide:
+    """A process-wide setting held while any block that asked for it runs: ``install`` when
+    the first block enters, ``uninstall`` when the last one exits (reentrant, thread-safe)."""
+
+    def __init__(self, install, uninstall):
+        self._install, self._uninstall = install, uninstall
+        self._lock = threading.Lock()
+        self._users = 0
+
+    @contextlib.contextmanager
+    def held(self):
+        with self._lock:
+            if self._users == 0:
+                self._install()
+            self._users += 1
+        try:
+            yield
+        finally:
+            with self._lock:
+                self._users -= 1
+                if self._users == 0:
+                    self._uninstall()
+
+
 _ORIGINAL_FLOAT_NEW = sp.Float.__dict__["_new"]
 
 
-@contextlib.contextmanager
+def _install_float_pool():
+    sp.Float._new = classmethod(_interning_float_new({}))
+
+
+def _uninstall_float_pool():
+    sp.Float._new = _ORIGINAL_FLOAT_NEW
+
+
+_FLOAT_POOL = _ProcessWide(_install_float_pool, _uninstall_float_pool)
+
+
 def interned_floats():
     """Within the block, every sympy Float sympy creates is one object per value (interned
     by its mpf value and precision; Floats are immutable, so an interned one is
     indistinguishable from a new one).  sympy deduces an object's assumptions the first time
     they are asked, about 40 us for a Float, and every product asks its coefficient
     ``is_zero``: multiplying the template values of a CNN by its slots' numbers made some
-    10^5 new Floats, a fifth of the derivation (2-D 6x6 depth 2: 43 -> 34 s).  Reentrant
-    and thread-safe: the wrapper around ``Float._new`` is installed by the first block
-    entered and removed when the last one exits."""
-    global _float_pool_users
-    with _FLOAT_POOL_LOCK:
-        if _float_pool_users == 0:
-            sp.Float._new = classmethod(_interning_float_new({}))
-        _float_pool_users += 1
-    try:
-        yield
-    finally:
-        with _FLOAT_POOL_LOCK:
-            _float_pool_users -= 1
-            if _float_pool_users == 0:
-                sp.Float._new = _ORIGINAL_FLOAT_NEW
+    10^5 new Floats, a fifth of the derivation (2-D 6x6 depth 2: 43 -> 34 s).  The wrapper
+    around ``Float._new`` is installed by the first block entered and removed when the last
+    one exits (``_ProcessWide``)."""
+    return _FLOAT_POOL.held()
+
+
+_gc_was_enabled: list = []
+
+
+def _pause_gc():
+    _gc_was_enabled.append(gc.isenabled())
+    gc.disable()
+
+
+def _resume_gc():
+    if _gc_was_enabled.pop():
+        gc.enable()
+
+
+_GC_PAUSE = _ProcessWide(_pause_gc, _resume_gc)
+
+
+def paused_gc():
+    """Python's cyclic garbage collector off within the block, as it was before after the
+    last block exits (``_ProcessWide``).  A CNN's derivation allocates millions of sympy
+    objects, few of them in reference cycles, and every full collection walks all the live
+    ones (2-D 6x6 depth 2: 18 full collections, 17% of the derivation); reference counting
+    still frees everything that is not in a cycle."""
+    return _GC_PAUSE.held()
 
 
 def _interning_float_new(pool: dict):
