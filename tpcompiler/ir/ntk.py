@@ -102,7 +102,7 @@ def _ntk_input_matrices(d: _Differentiated, keys: list) -> list:
         for a in layers:
             for b in layers:
                 cov = d.out.init_covariance(a, b, prime_b=True, compact=True)
-                terms.append(d.graph.op(U).weight() * cov * _pair(d, d.grads[a], d.grads[b]))
+                terms.append(sp.Mul(d.graph.op(U).weight(), cov, _pair(d, d.grads[a], d.grads[b])))
     return terms
 
 
@@ -115,7 +115,8 @@ def _ntk_matrices(d: _Differentiated, keys: list) -> list:
         mat, x, tr = d.graph.matmul_parts(key)
         if key in d.forward and key in d.grads and mat in keys:
             uses.setdefault(mat, []).append((x, d.grads[key]) if tr else (d.grads[key], x))
-    return [d.graph.op(mat).weight() * _pair(d, ra, rb) * _pair(d, ca, cb)
+    # one product of three factors, not two products (a CNN has one term per pair of uses)
+    return [sp.Mul(d.graph.op(mat).weight(), _pair(d, ra, rb), _pair(d, ca, cb))
             for mat, pairs in uses.items() for ra, ca in pairs for rb, cb in pairs]
 
 
