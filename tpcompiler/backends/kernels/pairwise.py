@@ -55,7 +55,18 @@ class NotPairwise(ProgramError):
     """The program needs an expectation this strategy cannot do exactly."""
 
 
-class E1(sp.Function):
+class _DirectCall(sp.Function):
+    """A call of one of the engine's own symbolic functions (E1, E2, TemplateCall), built as
+    a plain sympy node.  sympy's Function constructor evaluates, caches (twice), checks the
+    number of arguments and makes a set of the allowed numbers on every call, several times
+    the cost of the node itself, and a CNN's derivation builds calls per pair of positions;
+    these functions have no evaluation rules, so the node is all there is to build."""
+
+    def __new__(cls, *args):
+        return sp.Basic.__new__(cls, *[a if isinstance(a, sp.Basic) else sp.sympify(a) for a in args])
+
+
+class E1(_DirectCall):
     """E[g(L)] for L ~ N(0, var): E1(index, var); ``index`` names g in the engine's table."""
 
     nargs = 2
@@ -63,7 +74,7 @@ class E1(sp.Function):
     is_commutative = True
 
 
-class E2(sp.Function):
+class E2(_DirectCall):
     """E[g1(L1) g2(L2)] for a bivariate Gaussian: E2(index, k11, k12, k22)."""
 
     nargs = 4
@@ -86,7 +97,7 @@ class Quantity:
 _CALL_TERMS = 4
 
 
-class TemplateCall(sp.Function):
+class TemplateCall(_DirectCall):
     """E[a product of one structure] at one instance: TemplateCall(k, *arguments) is the value
     of ``PairwiseEngine.templates_found[k]`` with its slots replaced by the arguments
     (``PairwiseEngine.instantiate``)."""
