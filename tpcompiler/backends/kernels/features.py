@@ -42,6 +42,7 @@ class Features:
         self._row_index: dict = {}
         self._base_index: dict = {}
         self._memo: dict = {}
+        self._featurized: dict = {}   # call -> featurize(call)
         self._input_only: dict = {}
         self._has_inputs: dict = {}
 
@@ -216,7 +217,12 @@ class Features:
             inside, rest = self._split(expr)
             coef = self.feature(inside) if self.has_inputs(inside) else inside
             return coef * sp.Mul(*[self.featurize(f) for f in sp.Mul.make_args(rest)])
-        return expr.func(*[self.featurize(a) for a in expr.args])
+        # a call (an engine call reading input-layer covariances), memoised: the terms of one
+        # pair of positions share their calls
+        done = self._featurized.get(expr)
+        if done is None:
+            done = self._featurized[expr] = expr.func(*[self.featurize(a) for a in expr.args])
+        return done
 
     def featurize_terms(self, terms: dict) -> dict:
         """``featurize`` of a term sum (``shared.add_terms``), as a term sum: the terms that
