@@ -287,7 +287,9 @@ class PairwiseEngine:
 
     def _new_moment_by_pairs(self, key: str, same_input: bool):
         op = self.graph.op(key)
-        expr = sp.expand(op.expr.xreplace(self._params))
+        expr = op.expr.xreplace(self._params)
+        if not all(f.is_Symbol or f.is_Number or (f.is_Pow and f.base.is_Symbol) for f in sp.Mul.make_args(expr)):
+            expr = sp.expand(expr)  # (a product of symbols, a pair moment's Z^a Z^b', is expanded already)
         terms: dict = {}
         for term in sp.Add.make_args(expr):
             vectors, coef = [], sp.S.One
