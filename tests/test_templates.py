@@ -209,3 +209,34 @@ def test_paused_gc_restores_the_collector_state():
         assert not gc.isenabled()
     finally:
         gc.enable()
+
+
+def test_every_call_argument_the_lowering_makes_is_read(monkeypatch):
+    """Lowering an engine call from its template's recipe makes the arguments of the
+    expectations the call keeps, and no others: an expectation whose term a zero slot value
+    cancels (a zero input covariance on the kernels' diagonal) must not leave an argument
+    that is computed for every pair and read by nothing."""
+    from tpcompiler.backends.kernels import kernel
+    from tpcompiler.ir.symbols import CallArgumentSymbol
+
+    seen = []
+    plans = kernel.KernelFunction._plans
+
+    def capture(self, rows, diagonal, pairs, outputs):
+        seen.append((rows, diagonal, pairs, outputs))
+        return plans(self, rows, diagonal, pairs, outputs)
+
+    monkeypatch.setattr(kernel.KernelFunction, "_plans", capture)
+    net = layers.serial(layers.Conv(8, (3,), padding="SAME", W_std=1.3, b_std=0.2), layers.Tanh(),
+                        layers.Conv(8, (3,), padding="CIRCULAR", W_std=1.3, b_std=0.2), layers.Relu(),
+                        layers.AvgPool((2,), (2,), "VALID"), layers.Flatten(), layers.Dense(1, 1.3, 0.2))
+    KernelFunction(net.program((6, 2)).graph, share=True)
+    (rows, diagonal, pairs, outputs), = seen
+    assigned = {s for s, _ in rows + pairs if isinstance(s, CallArgumentSymbol)}
+    read = set()
+    for _, e in rows + pairs:
+        read |= e.free_symbols
+    for terms in diagonal + outputs:
+        for t in terms:
+            read |= t.free_symbols
+    assert assigned and assigned <= read, sorted(map(str, assigned - read))

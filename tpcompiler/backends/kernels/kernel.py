@@ -270,7 +270,8 @@ class KernelFunction:
             holes = [sp.Dummy(f"e{k}") for k in range(len(calls))]
             body = value.xreplace(dict(zip(calls, holes)))
             recipe = _Recipe(body, holes, [(type(c), c.args[0], fs) for c, fs in zip(calls, forms)],
-                             [(s, k) for s, k in position.items() if s in body.free_symbols])
+                             [(s, k) for s, k in position.items() if s in body.free_symbols],
+                             sorted({k for fs in forms for _, coefficients in fs for k, _ in coefficients}))
         self._recipes[index] = recipe
         return recipe
 
@@ -278,24 +279,34 @@ class KernelFunction:
         """The lowered value of a call of the recipe's template at ``args``: each expectation's
         arguments are combined from the call's arguments as numbers and {symbol: coefficient}
         maps (``_linear_value``), so no sympy expression is built for an argument the stage
-        has already met; None if an argument the expectations read is not linear."""
+        has already met; None (before anything is made) if an argument the expectations read
+        is not linear."""
         values = [_linear_value(a, self._linear_values) for a in args]
+        if any(values[k] is None for k in recipe.reads):
+            return None  # decided before any argument is made (a made one would stay, unused)
+        body, loose = recipe.body, {s: args[k] for s, k in recipe.loose}
+        live = recipe.holes
+        if loose and (body.is_Add or any(v == 0 for v in loose.values())):
+            # the slots' values can cancel an expectation (a zero covariance): only the
+            # expectations left get arguments, as when the template's value is instantiated
+            body, loose = body.xreplace(loose), {}
+            live = body.free_symbols
         rep = {}
         for hole, (cls, function, forms) in zip(recipe.holes, recipe.expectations):
+            if hole not in live:
+                continue
             arguments = []
             for constant, coefficients in forms:
                 total, combined = constant, {}
                 for k, c in coefficients:
-                    if values[k] is None:
-                        return None
                     value_constant, value_coefficients = values[k]
                     total += c * value_constant
                     for x, cx in value_coefficients:
                         combined[x] = combined.get(x, 0.0) + c * cx
                 arguments.append(self._linear_argument(total, combined))
             rep[hole] = self._expectation_call_at(cls, function, tuple(arguments))
-        rep.update({s: args[k] for s, k in recipe.loose})
-        return recipe.body.xreplace(rep)
+        rep.update(loose)
+        return body.xreplace(rep)
 
     def _linear_argument(self, constant: float, coefficients: dict) -> sp.Expr:
         """``_argument`` of constant + sum coefficient * symbol, interned by its numbers (one
@@ -772,12 +783,14 @@ class _Recipe:
     (``KernelFunction._call_from_recipe``): ``body`` is its value with expectation k replaced
     by the symbol ``holes[k]``; ``expectations[k]`` = (E1 or E2, function index, arguments),
     each argument (constant, ((slot position, coefficient), ...)); ``loose`` the (slot,
-    position) pairs the body reads outside its expectations."""
+    position) pairs the body reads outside its expectations; ``reads`` the slot positions the
+    expectations' arguments read."""
 
     body: sp.Expr
     holes: list
     expectations: list
     loose: list
+    reads: list
 
 
 def _linear_form(expr: sp.Expr, position: dict):
