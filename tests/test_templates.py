@@ -240,3 +240,31 @@ def test_every_call_argument_the_lowering_makes_is_read(monkeypatch):
         for t in terms:
             read |= t.free_symbols
     assert assigned and assigned <= read, sorted(map(str, assigned - read))
+
+
+def test_product_is_the_object_sympy_builds():
+    """shared.product builds c * f_1 * ... * f_k without sympy's flattening when the factors
+    are distinct symbols or calls; it must be the very expression sympy's product is (same
+    arguments in the same order, equal, same hash), for any order of the factors given, and
+    sympy's own product for anything else (numbers, sums, powers, repeated factors)."""
+    import random
+
+    import sympy as sp
+    from tpcompiler.backends.kernels.pairwise import E2, TemplateCall
+    from tpcompiler.backends.kernels.shared import interned_floats, product
+    from tpcompiler.ir import ops
+
+    q = [sp.Symbol(f"q[{i}]", real=True) for i in range(5)] + [sp.Symbol("a[1]'", real=True), sp.Dummy("e0")]
+    calls = [TemplateCall(sp.Integer(k), q[k], q[k + 1]) for k in range(3)] + [
+        E2(sp.Integer(1), q[0], q[1], q[2]), ops.InputCov("g1_0", "g1_1", sp.Integer(0), sp.Integer(1)), sp.acos(q[3])]
+    other = [sp.Integer(3), q[0] + q[1], q[2] ** 2, 2 * q[4]]
+    rng = random.Random(0)
+    with interned_floats():
+        for _ in range(1000):
+            factors = rng.sample(q + calls, rng.randint(0, 5))
+            if rng.random() < 0.2:
+                factors.append(rng.choice(other + factors[:1]))
+            c = rng.choice([1.0, 2.25, -0.5, 1e-3])
+            want = sp.Mul(sp.Float(c), *factors) if c != 1.0 else sp.Mul(*factors)
+            got = product(c, factors)
+            assert got == want and got.args == want.args and hash(got) == hash(want), (c, factors)

@@ -271,7 +271,8 @@ class KernelFunction:
             body = value.xreplace(dict(zip(calls, holes)))
             recipe = _Recipe(body, holes, [(type(c), c.args[0], fs) for c, fs in zip(calls, forms)],
                              [(s, k) for s, k in position.items() if s in body.free_symbols],
-                             sorted({k for fs in forms for _, coefficients in fs for k, _ in coefficients}))
+                             sorted({k for fs in forms for _, coefficients in fs for k, _ in coefficients}),
+                             _product_parts(body, holes, position))
         self._recipes[index] = recipe
         return recipe
 
@@ -305,6 +306,8 @@ class KernelFunction:
                         combined[x] = combined.get(x, 0.0) + c * cx
                 arguments.append(self._linear_argument(total, combined))
             rep[hole] = self._expectation_call_at(cls, function, tuple(arguments))
+        if recipe.product is not None and body is recipe.body:
+            return _product_at(recipe.product, rep, args)
         rep.update(loose)
         return body.xreplace(rep)
 
@@ -321,7 +324,7 @@ class KernelFunction:
         key = (constant, frozenset(coefficients.items()))
         symbol = self._linear_arguments.get(key)
         if symbol is None:
-            terms = [shared.times(c, x) for x, c in coefficients.items()]
+            terms = [shared.product(c, [x]) for x, c in coefficients.items()]
             expr = sp.Add(shared.number(constant), *terms) if constant != 0.0 else sp.Add(*terms)
             symbol = self._linear_arguments[key] = self._argument(expr)
         return symbol
@@ -784,13 +787,43 @@ class _Recipe:
     by the symbol ``holes[k]``; ``expectations[k]`` = (E1 or E2, function index, arguments),
     each argument (constant, ((slot position, coefficient), ...)); ``loose`` the (slot,
     position) pairs the body reads outside its expectations; ``reads`` the slot positions the
-    expectations' arguments read."""
+    expectations' arguments read; ``product`` the body as ``_product_parts``, or None."""
 
     body: sp.Expr
     holes: list
     expectations: list
     loose: list
     reads: list
+    product: tuple | None = None
+
+
+def _product_parts(body: sp.Expr, holes: list, position: dict):
+    """A recipe's body that is a number times distinct holes and slots, as (number, [hole or
+    slot position, ...]) for ``_product_at``; None for any other body."""
+    coefficient, rest = body.as_coeff_Mul()
+    parts = []
+    for f in sp.Mul.make_args(rest):
+        if f in holes:
+            parts.append(f)
+        elif f in position:
+            parts.append(position[f])
+        elif f != 1:
+            return None
+    return float(coefficient), parts
+
+
+def _product_at(parts: tuple, rep: dict, args: tuple) -> sp.Expr:
+    """The body of ``_product_parts`` at the holes' calls ``rep`` and the slots' values ``args``
+    (each a number times a product), built by ``shared.product``: the same object as the
+    body's substitution, without sympy flattening one product per call."""
+    coefficient, slots = parts
+    factors = []
+    for part in slots:
+        value = rep[part] if isinstance(part, sp.Basic) else args[part]
+        c, rest = value.as_coeff_Mul()
+        coefficient *= float(c)
+        factors.extend(sp.Mul.make_args(rest))
+    return shared.product(coefficient, [f for f in factors if f != 1])
 
 
 def _linear_form(expr: sp.Expr, position: dict):

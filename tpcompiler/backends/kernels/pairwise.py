@@ -45,7 +45,7 @@ from tpcompiler.ir.graph import Graph, ProgramError
 from tpcompiler.ir.ops import VEC, node_symbol, unprime
 from tpcompiler.ir.symbols import ZHatSymbol
 from tpcompiler.ir.rules import RuleTable
-from tpcompiler.backends.kernels.shared import Skeletons, add_terms, sum_of_terms, term_sum, times
+from tpcompiler.backends.kernels.shared import Skeletons, add_terms, product, sum_of_terms, term_sum
 from tpcompiler.symbolic.master import Expectation, Z, Zhat, ZProgram, derive
 
 T = symbols.ARG
@@ -775,8 +775,8 @@ class PairwiseEngine:
         mat = self.graph.matmul_parts(ka)[0]
         s2_ = (self.graph.op(mat).sigma ** 2).xreplace(self._params)
         xa, xb = self.zp.entries[ka].x, self.zp.entries[kb].x
-        if s2_.is_number:  # one object per value, the product built directly (shared.times)
-            return times(float(s2_), self.quantity(xa, s1, xb, s2))
+        if s2_.is_number:  # one object per value, the product built directly (shared.product)
+            return product(float(s2_), [self.quantity(xa, s1, xb, s2)])
         return s2_ * self.quantity(xa, s1, xb, s2)
 
     # -- quantities -----------------------------------------------------------------------

@@ -28,6 +28,7 @@ order (which can only split a group in two, never join different ones).
 from __future__ import annotations
 
 import contextlib
+import functools
 import gc
 import threading
 from dataclasses import dataclass
@@ -267,18 +268,29 @@ def _interning_float_new(pool: dict):
     return _new
 
 
-def times(c: float, x: sp.Expr) -> sp.Expr:
-    """number(c) * x for a factor x that is not a number, a sum or a product (a symbol, a
-    call), built without sympy's flattening (which asks assumptions of both factors and sorts
-    them; a CNN's derivation makes this product per pair of positions): the same object sympy
-    would build, coefficient first."""
-    if c == 1.0:
-        return x
+#: sympy's canonical order of the factors of a product (the key Mul.flatten sorts them by)
+_FACTOR_ORDER = functools.cmp_to_key(sp.Basic.compare)
+
+
+def product(c: float, factors) -> sp.Expr:
+    """number(c) * prod(factors), built directly when the factors are distinct commutative
+    symbols or function calls: sorted as sympy sorts a product's factors, the coefficient
+    first, which is the object sympy's flattening would build (it also collects powers,
+    distributes numbers over sums and asks assumptions, none of which applies here, at a
+    cost a CNN's derivation paid per pair of positions).  Any other factor (a number, a sum,
+    a product, a power, a repeated factor): sympy's own product."""
+    factors = list(factors)
     if c == 0.0:
         return sp.S.Zero
-    if x.is_Number or x.is_Add or x.is_Mul:
-        return number(c) * x
-    return sp.Mul._from_args((number(c), x))
+    plain = all((f.is_Symbol or isinstance(f, sp.Function)) and f.is_commutative for f in factors)
+    if not plain or len(set(factors)) != len(factors):
+        return sp.Mul(number(c), *factors)
+    factors.sort(key=_FACTOR_ORDER)
+    if c != 1.0:
+        factors.insert(0, number(c))
+    if len(factors) == 1:
+        return factors[0]
+    return sp.Mul._from_args(factors) if factors else sp.S.One
 
 
 def term_sum(expr: sp.Expr) -> dict:
