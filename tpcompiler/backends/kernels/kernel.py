@@ -209,6 +209,7 @@ class KernelFunction:
         self._arguments: dict = {}   # expression -> its CallArgumentSymbol, within one stage
         self._calls: dict = {}       # expectation -> its call (_expectation_call), within one stage
         self._lowered_calls: dict = {}  # engine's call -> its lowered value (_lowered_call), within one stage
+        self._lower_memo: dict = {}  # subexpression -> lowered (_lower_expectation_calls), within one stage
         self._calls_at: dict = {}    # (E1/E2, function, arguments) -> its call (_expectation_call_at), within one stage
         self._linear_arguments: dict = {}  # (constant, coefficients) -> argument (_linear_argument), within one stage
         self._pending: list = []
@@ -230,13 +231,17 @@ class KernelFunction:
         relu(h_j')] at a boundary reads a covariance summed over fewer taps, which is an
         argument computed by a loop of its own, and the expectations of all pairs of
         positions are one group."""
-        rep = {}
-        for c in _outermost(expr, (TemplateCall, E1, E2)):
-            if isinstance(c, TemplateCall):
-                rep[c] = self._lowered_call(c)
-            else:  # an expectation outside the engine's calls, with any call in it written out first
-                rep[c] = self._expectation_call(self.engine.instantiate(c) if c.has(TemplateCall) else c)
-        return expr.xreplace(rep) if rep else expr
+        return shared.rewrite(expr, self._lowered_expectation, self._lower_memo)
+
+    def _lowered_expectation(self, x: sp.Basic):
+        """``_lower_expectation_calls``' replacement of x (``shared.rewrite``): an engine call
+        lowered, an expectation outside the engine's calls (with any call in it written out
+        first) as a call of its function; None for anything else."""
+        if isinstance(x, TemplateCall):
+            return self._lowered_call(x)
+        if isinstance(x, (E1, E2)):
+            return self._expectation_call(self.engine.instantiate(x) if x.has(TemplateCall) else x)
+        return None
 
     def _lowered_call(self, call: sp.Expr) -> sp.Expr:
         """An engine's TemplateCall instantiated (``engine.instantiate``) with each

@@ -435,11 +435,25 @@ def rewrite(e: sp.Basic, replacement, memo: dict) -> sp.Basic:
         if hit is None:
             if e.args:
                 args = [rewrite(a, replacement, memo) for a in e.args]
-                hit = e.func(*args) if any(x is not y for x, y in zip(args, e.args)) else e
+                if all(x is y for x, y in zip(args, e.args)):
+                    hit = e
+                else:
+                    hit = _rebuilt_product(args) if e.is_Mul else e.func(*args)
             else:
                 hit = e
         memo[e] = hit
     return hit
+
+
+def _rebuilt_product(args: list) -> sp.Expr:
+    """sympy's Mul(*args) for the new arguments of a product (``rewrite``), by ``product``
+    when its number, if any, is a double-precision Float (a rational coefficient stays exact:
+    sympy's)."""
+    if args[0].is_Float and args[0]._prec == 53:
+        return product(float(args[0]), args[1:])
+    if any(a.is_Number for a in args):
+        return sp.Mul(*args)
+    return product(1.0, args)
 
 
 def alias_repeated_arguments(assignments, outputs, call_type, kinds: dict) -> tuple[list, list, dict]:
