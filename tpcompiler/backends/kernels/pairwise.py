@@ -425,13 +425,14 @@ class PairwiseEngine:
                 add_terms(out, sp.Mul(*[sum_of_terms(s) for s in sums]), float(coef))
                 continue
             k = long[0] if long else 0
-            scale, others = float(coef), sp.S.One
+            scale, others = float(coef), []
             for j, s in enumerate(sums):
                 if j != k:
                     (t, c), = s.items()
-                    scale, others = scale * c, others * t
-            for t, c in sums[k].items():
-                add_terms(out, t * others, scale * c)
+                    scale = scale * c
+                    others.extend(sp.Mul.make_args(t))
+            for t, c in sums[k].items():  # t times the others, built directly (shared.product)
+                add_terms(out, product(1.0, [*sp.Mul.make_args(t), *others]) if others else t, scale * c)
         return out
 
     # -- expectations -------------------------------------------------------------------
