@@ -268,3 +268,31 @@ def test_product_is_the_object_sympy_builds():
             want = sp.Mul(sp.Float(c), *factors) if c != 1.0 else sp.Mul(*factors)
             got = product(c, factors)
             assert got == want and got.args == want.args and hash(got) == hash(want), (c, factors)
+
+
+@pytest.mark.parametrize("net, shape", [
+    # default weight scale: the taps' 1/K stays an exact rational, printed as (1.0/9.0)
+    (layers.serial(layers.Conv(8, (3, 3), padding="SAME", b_std=0.1), layers.Relu(),
+                   layers.Conv(8, (3, 3), padding="SAME", b_std=0.1), layers.Relu(),
+                   layers.GlobalAvgPool(), layers.Dense(1, 1.0, 0.1)), (3, 3, 1)),
+    # six taps of a circular filter on one position: 6 * (1/6) must stay exactly 1
+    (layers.serial(layers.Conv(4, (3,), padding="CIRCULAR", b_std=0.1), layers.Relu(),
+                   layers.Conv(4, (6,), padding="CIRCULAR"), layers.Relu(), layers.Flatten(),
+                   layers.Dense(1, 1.0, 0.0)), (1, 1)),
+    # a depth-1 net whose templates hold several expectations, grouped by expectation calls
+    (layers.serial(layers.Conv(8, (2, 2), padding="SAME", W_std=1.5, b_std=0.1), layers.Relu(),
+                   layers.AvgPool((2, 2), (1, 1), "SAME"), layers.Flatten(), layers.Dense(1, 1.5, 0.1)), (3, 3, 1)),
+])
+def test_recipe_lowering_writes_the_source_instantiating_writes(net, shape, monkeypatch):
+    """Lowering an engine call from its template's recipe (numbers combined in Python,
+    KernelFunction._call_from_recipe) must give the generated source that instantiating the
+    template's sympy value gives: same arguments, same numbering, exact rationals kept exact
+    and floats combined as sympy combines them."""
+    from tpcompiler.backends.kernels import kernel
+
+    monkeypatch.setattr(kernel, "_MANY_GROUPS", 0)  # the depth-1 net: grouped by expectation calls
+    graph = net.program(shape).graph
+    with_recipes = KernelFunction(graph, share=True)
+    assert any(r is not None for r in with_recipes._recipes.values())
+    monkeypatch.setattr(kernel.KernelFunction, "_recipe", lambda self, index: None)
+    assert KernelFunction(graph, share=True).source == with_recipes.source

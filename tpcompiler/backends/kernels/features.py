@@ -217,8 +217,8 @@ class Features:
             inside, rest = self._split(expr)
             coef = self.feature(inside) if self.has_inputs(inside) else inside
             return coef * sp.Mul(*[self.featurize(f) for f in sp.Mul.make_args(rest)])
-        # a call (an engine call reading input-layer covariances), memoised: the terms of one
-        # pair of positions share their calls
+        # any other node (a call reading input-layer covariances, a power), memoised: the
+        # terms of one pair of positions share their calls
         done = self._featurized.get(expr)
         if done is None:
             done = self._featurized[expr] = expr.func(*[self.featurize(a) for a in expr.args])

@@ -37,6 +37,7 @@ from __future__ import annotations
 import functools
 import time
 from dataclasses import dataclass
+from fractions import Fraction
 
 import numba
 import numpy as np
@@ -152,11 +153,10 @@ class KernelFunction:
         self.expectations = expectation_rules(self.engine.functions, self.rtol)
         self._bodies: dict = {}     # template index -> lowered body (_template_body)
         self._exposed: dict = {}    # template index -> (calls, symbols, body) (_exposed_body)
-        self._exposed_calls: dict = {}  # TemplateCall -> its extension (_exposed_call)
         self._expose_memo: dict = {}    # subexpression -> exposed (_expose, shared.rewrite)
         self._recipes: dict = {}    # template index -> its _Recipe or None (_recipe)
         self._expectation_templates: dict = {}  # (E1/E2, function) -> engine.expectation_template
-        self._linear_values: dict = {}  # engine's argument -> _linear_value
+        self._linear_values: dict = {}  # engine's argument -> _linear (_linear_value)
         plans = None
         if share is not False:
             # With quantities (depth 2 and more), each expectation a call of its function at
@@ -260,18 +260,20 @@ class KernelFunction:
         return memo
 
     def _recipe(self, index: int):
-        """Template ``index`` written out (nested calls too) as a ``_Recipe``, or None when an
-        argument of one of its expectations is not a linear combination of its slots with
-        numeric coefficients (a runtime parameter, an expectation inside).  Memoised."""
+        """Template ``index`` written out (nested calls too) as a ``_Recipe``, or None when it
+        has more than one expectation (the instantiated value orders them, and so numbers
+        their arguments, by the values it is instantiated at) or an argument of its
+        expectation is not a linear combination of its slots with numeric coefficients (a
+        runtime parameter, an expectation inside).  Memoised."""
         if index in self._recipes:
             return self._recipes[index]
         template = self.engine.templates_found[index]
         value = self.engine.instantiate(template.value)
         position = {s: k for k, s in enumerate(template.slots)}
         calls = _outermost(value, (E1, E2))
-        forms = [[_linear_form(a, position) for a in c.args[1:]] for c in calls]
+        forms = [[_linear(a, position.get) for a in c.args[1:]] for c in calls]
         recipe = None
-        if all(f is not None for fs in forms for f in fs):
+        if len(calls) <= 1 and all(f is not None for fs in forms for f in fs):
             holes = [sp.Dummy(f"e{k}") for k in range(len(calls))]
             body = value.xreplace(dict(zip(calls, holes)))
             recipe = _Recipe(body, holes, [(type(c), c.args[0], fs) for c, fs in zip(calls, forms)],
@@ -282,77 +284,78 @@ class KernelFunction:
         return recipe
 
     def _call_from_recipe(self, recipe: "_Recipe", args: tuple):
-        """The lowered value of a call of the recipe's template at ``args``: each expectation's
-        arguments are combined from the call's arguments as numbers and {symbol: coefficient}
-        maps (``_linear_value``), so no sympy expression is built for an argument the stage
-        has already met; None (before anything is made) if an argument the expectations read
-        is not linear."""
-        values = [_linear_value(a, self._linear_values) for a in args]
+        """The lowered value of a call of the recipe's template at ``args``: the expectation's
+        arguments are combined from the call's arguments as {symbol: coefficient} maps
+        (``_linear``), with Python numbers that compute as sympy's do (``_exact``), so no
+        sympy expression is built for an argument the stage has already met.  None, before
+        any argument is made (one made would stay, read by nothing), if an argument the
+        expectation reads is not linear."""
+        values = [self._linear_value(a) for a in args]
         if any(values[k] is None for k in recipe.reads):
-            return None  # decided before any argument is made (a made one would stay, unused)
+            return None
         body, loose = recipe.body, {s: args[k] for s, k in recipe.loose}
         live = recipe.holes
-        if loose and (body.is_Add or any(v == 0 for v in loose.values())):
-            # the slots' values can cancel an expectation (a zero covariance): only the
-            # expectations left get arguments, as when the template's value is instantiated
+        if loose and (body.is_Add or any(v.is_zero for v in loose.values())):
+            # the slots' values can cancel the expectation (a zero covariance): it gets its
+            # arguments only if it is left, as when the template's value is instantiated
             body, loose = body.xreplace(loose), {}
             live = body.free_symbols
         rep = {}
         for hole, (cls, function, forms) in zip(recipe.holes, recipe.expectations):
-            if hole not in live:
-                continue
-            arguments = []
-            for constant, coefficients in forms:
-                total, combined = constant, {}
-                for k, c in coefficients:
-                    value_constant, value_coefficients = values[k]
-                    total += c * value_constant
-                    for x, cx in value_coefficients:
-                        combined[x] = combined.get(x, 0.0) + c * cx
-                arguments.append(self._linear_argument(total, combined))
-            rep[hole] = self._expectation_call_at(cls, function, tuple(arguments))
+            if hole in live:
+                arguments = tuple(self._linear_argument(*_combined(form, values)) for form in forms)
+                rep[hole] = self._expectation_call_at(cls, function, arguments)
         if recipe.product is not None and body is recipe.body:
-            return _product_at(recipe.product, rep, args)
+            built = _product_at(recipe.product, rep, args)
+            if built is not None:
+                return built
         rep.update(loose)
         return body.xreplace(rep)
 
-    def _linear_argument(self, constant: float, coefficients: dict) -> sp.Expr:
-        """``_argument`` of constant + sum coefficient * symbol, interned by its numbers (one
-        CallArgumentSymbol per distinct argument of the stage, shared with ``_argument``)."""
-        coefficients = {x: c for x, c in coefficients.items() if c != 0.0}
-        if not coefficients:
-            return shared.number(constant) if constant != 0.0 else sp.S.Zero
-        if constant == 0.0 and len(coefficients) == 1:
-            (x, c), = coefficients.items()
-            if c == 1.0:
-                return x
-        key = (constant, frozenset(coefficients.items()))
+    def _linear_value(self, a: sp.Expr):
+        """``_linear`` of an engine call's argument, memoised (the calls of neighbouring pairs
+        of positions share their arguments)."""
+        if a in self._linear_values:
+            return self._linear_values[a]
+        value = self._linear_values[a] = _linear(a, self._linear_variable)
+        return value
+
+    def _linear_variable(self, x: sp.Expr):
+        """x itself if an engine call's argument may be linear in it (a symbol, an input-layer
+        covariance), else None (``_linear``)."""
+        return x if x.is_Symbol or isinstance(x, ops.InputCov) else None
+
+    def _linear_argument(self, constant, coefficients: tuple) -> sp.Expr:
+        """``_argument`` of constant + sum coefficient * variable (``_combined``), memoised by
+        these numbers; the expression is built once per distinct argument, as sympy builds it
+        when the template's value is instantiated (so ``_argument`` gives it the same symbol
+        it would have given that expression)."""
+        key = (constant, coefficients)
         symbol = self._linear_arguments.get(key)
         if symbol is None:
-            terms = [shared.product(c, [x]) for x, c in coefficients.items()]
-            expr = sp.Add(shared.number(constant), *terms) if constant != 0.0 else sp.Add(*terms)
-            symbol = self._linear_arguments[key] = self._argument(expr)
+            terms = [shared.product(_sympy_number(c), [x]) for x, c, _ in coefficients]
+            symbol = self._linear_arguments[key] = self._argument(sp.Add(_sympy_number(constant[0]), *terms))
         return symbol
 
     def _expectation_call_at(self, cls, function: sp.Integer, arguments: tuple) -> sp.Expr:
-        """``_new_expectation_call`` of cls(function, *arguments) for arguments already made
-        symbols or numbers, memoised within a stage by the arguments."""
+        """The expectation cls(function, *arguments), its arguments made symbols or numbers
+        (``_argument``), as a TemplateCall of the template of its function
+        (``engine.expectation_template``), or written out if the arguments are all numbers;
+        memoised within a stage."""
         key = (cls, function, arguments)
         memo = self._calls_at.get(key)
         if memo is None:
             if all(a.is_number for a in arguments):
                 memo = self._inline_expectations(cls(function, *arguments))
             else:
-                index, order = self._expectation_templates.get((cls, function)) or self._expectation_template(cls, function, len(arguments))
+                found = self._expectation_templates.get((cls, function))
+                if found is None:
+                    found = self._expectation_templates[(cls, function)] = self.engine.expectation_template(
+                        cls(function, *[symbols.TemplateConstant(k) for k in range(len(arguments))]))
+                index, order = found
                 memo = TemplateCall(sp.Integer(index), *[arguments[k] for k in order])
             self._calls_at[key] = memo
         return memo
-
-    def _expectation_template(self, cls, function: sp.Integer, n: int) -> tuple:
-        """``engine.expectation_template`` of the expectations cls(function, n arguments), memoised."""
-        found = self._expectation_templates[(cls, function)] = self.engine.expectation_template(
-            cls(function, *[symbols.TemplateConstant(k) for k in range(n)]))
-        return found
 
     def _expectation_call(self, call: sp.Expr) -> sp.Expr:
         """TemplateCall of the template of ``call``'s function (engine.expectation_template)
@@ -364,11 +367,7 @@ class KernelFunction:
         return memo
 
     def _new_expectation_call(self, call: sp.Expr) -> sp.Expr:
-        args = [self._argument(a) for a in call.args[1:]]
-        if all(a.is_number for a in args):
-            return self._inline_expectations(call.func(call.args[0], *args))
-        index, order = self.engine.expectation_template(call)
-        return TemplateCall(sp.Integer(index), *[args[k] for k in order])
+        return self._expectation_call_at(call.func, call.args[0], tuple(self._argument(a) for a in call.args[1:]))
 
     def _argument(self, a: sp.Expr) -> sp.Expr:
         """``a`` if it is a number, a symbol or an input-layer covariance (a Gram entry once
@@ -452,15 +451,12 @@ class KernelFunction:
         return self._exposed_call(x) if isinstance(x, TemplateCall) else None
 
     def _exposed_call(self, call: sp.Expr) -> sp.Expr:
-        """One TemplateCall extended as ``_expose`` says, memoised (the NNGP's and the NTK's
-        terms read the same calls)."""
-        memo = self._exposed_calls.get(call)
-        if memo is None:
-            index = int(call.args[0])
-            calls, _, _ = self._exposed_body(index)
-            at = dict(zip(self.engine.templates_found[index].slots, call.args[1:]))
-            memo = self._exposed_calls[call] = TemplateCall(*call.args, *[f.xreplace(at) for f in calls])
-        return memo
+        """One TemplateCall extended as ``_expose`` says (once per distinct call: the memo of
+        ``_expose``'s rewrite; the NNGP's and the NTK's terms read the same calls)."""
+        index = int(call.args[0])
+        calls, _, _ = self._exposed_body(index)
+        at = dict(zip(self.engine.templates_found[index].slots, call.args[1:]))
+        return TemplateCall(*call.args, *[f.xreplace(at) for f in calls])
 
     def _write_calls(self, expr: sp.Expr) -> sp.Expr:
         """``expr`` with each TemplateCall replaced by its lowered template body at its
@@ -788,11 +784,12 @@ def _outermost(expr: sp.Expr, types: tuple) -> list:
 @dataclass
 class _Recipe:
     """A template written out, for lowering its calls without instantiating it
-    (``KernelFunction._call_from_recipe``): ``body`` is its value with expectation k replaced
-    by the symbol ``holes[k]``; ``expectations[k]`` = (E1 or E2, function index, arguments),
-    each argument (constant, ((slot position, coefficient), ...)); ``loose`` the (slot,
-    position) pairs the body reads outside its expectations; ``reads`` the slot positions the
-    expectations' arguments read; ``product`` the body as ``_product_parts``, or None."""
+    (``KernelFunction._call_from_recipe``): ``body`` is its value with its expectation (it
+    has at most one) replaced by the symbol in ``holes``; ``expectations`` the matching
+    (E1 or E2, function index, arguments), each argument (constant, ((slot position,
+    coefficient), ...)); ``loose`` the (slot, position) pairs the body reads outside the
+    expectation; ``reads`` the slot positions its arguments read; ``product`` the body as
+    ``_product_parts``, or None."""
 
     body: sp.Expr
     holes: list
@@ -814,57 +811,86 @@ def _product_parts(body: sp.Expr, holes: list, position: dict):
             parts.append(position[f])
         elif f != 1:
             return None
-    return float(coefficient), parts
+    return coefficient, parts
 
 
-def _product_at(parts: tuple, rep: dict, args: tuple) -> sp.Expr:
-    """The body of ``_product_parts`` at the holes' calls ``rep`` and the slots' values ``args``
-    (each a number times a product), built by ``shared.product``: the same object as the
-    body's substitution, without sympy flattening one product per call."""
+def _product_at(parts: tuple, rep: dict, args: tuple):
+    """The body of ``_product_parts`` at the holes' calls ``rep`` and the slots' values
+    ``args``, built by ``shared.product`` with the numbers multiplied as sympy multiplies
+    them (``_exact``): the object the body's substitution gives, without sympy flattening a
+    product per call.  None if a number is not one ``_exact`` knows."""
     coefficient, slots = parts
+    total = _exact(coefficient)
     factors = []
     for part in slots:
         value = rep[part] if isinstance(part, sp.Basic) else args[part]
         c, rest = value.as_coeff_Mul()
-        coefficient *= float(c)
-        factors.extend(sp.Mul.make_args(rest))
-    return shared.product(coefficient, [f for f in factors if f != 1])
+        number = _exact(c)
+        if total is None or number is None:
+            return None
+        total = total * number
+        factors.extend(f for f in sp.Mul.make_args(rest) if f != 1)
+    return shared.product(_sympy_number(total), factors)
 
 
-def _linear_form(expr: sp.Expr, position: dict):
-    """expr = constant + sum_k coefficient_k * slot_k as (constant, ((k, coefficient), ...)),
-    k the slot's ``position``, numbers as floats; None if expr is not of that form."""
-    constant, coefficients = 0.0, []
+def _exact(n: sp.Expr):
+    """A sympy number as the Python number that computes as sympy computes with it: a
+    Fraction for a rational (exact), a float for a double-precision Float (sympy rounds a
+    rational to the nearest double before adding it to or multiplying it with a Float, as
+    Python does with a Fraction and a float); None for any other number."""
+    if n.is_Rational:
+        return Fraction(int(n.p), int(n.q))
+    if n.is_Float and n._prec == 53:
+        return float(n)
+    return None
+
+
+def _sympy_number(c) -> sp.Number:
+    """The sympy number of an ``_exact`` number (a float stays a Float, 1.0 included, as in
+    sympy's arithmetic)."""
+    if isinstance(c, Fraction):
+        return sp.Rational(c.numerator, c.denominator)
+    return sp.Float(c)
+
+
+def _linear(expr: sp.Expr, variable):
+    """expr = constant + sum_k coefficient_k * x_k as (constant, ((variable(x_k),
+    coefficient_k), ...)), numbers ``_exact``, terms in expr's order; None if expr is not of
+    that form (``variable(x)`` None: x may not be a variable; a number ``_exact`` does not
+    know).  An engine call's arguments are memoised by ``_linear_values``."""
+    constant, coefficients = Fraction(0), {}
     for term in sp.Add.make_args(expr):
         if term.is_Number:
-            constant += float(term)
+            number = _exact(term)
+            if number is None:
+                return None
+            constant = constant + number
             continue
         c, rest = term.as_coeff_Mul()
-        k = position.get(rest)
-        if k is None:
+        x, number = variable(rest), _exact(c)
+        if x is None or number is None:
             return None
-        coefficients.append((k, float(c)))
-    return constant, tuple(coefficients)
+        coefficients[x] = coefficients[x] + number if x in coefficients else number
+    return constant, tuple(coefficients.items())
 
 
-def _linear_value(expr: sp.Expr, memo: dict):
-    """An engine call's argument as (constant, ((symbol or input-layer covariance,
-    coefficient), ...)) with float numbers, or None if it is not such a linear combination;
-    memoised in ``memo``."""
-    if expr in memo:
-        return memo[expr]
-    constant, coefficients = 0.0, {}
-    for term in sp.Add.make_args(expr):
-        if term.is_Number:
-            constant += float(term)
-            continue
-        c, rest = term.as_coeff_Mul()
-        if not (rest.is_Symbol or isinstance(rest, ops.InputCov)):
-            memo[expr] = None
-            return None
-        coefficients[rest] = coefficients.get(rest, 0.0) + float(c)
-    value = memo[expr] = (constant, tuple(coefficients.items()))
-    return value
+def _combined(form: tuple, values: list) -> tuple:
+    """An expectation's argument, ``form`` = (constant, ((slot position, coefficient), ...))
+    of the template's slots, at the slots' ``values`` (``_linear``): (constant,
+    ((variable, coefficient, is a float), ...)), the numbers combined in the order sympy
+    combines them when the template's value is instantiated, and tagged with their type so
+    that a Fraction and a float of one value stay two arguments, as a Rational and a Float
+    are two expressions."""
+    constant, coefficients = form
+    total, combined = constant, {}
+    for k, c in coefficients:
+        value_constant, value_coefficients = values[k]
+        if value_constant:
+            total = total + c * value_constant
+        for x, cx in value_coefficients:
+            combined[x] = combined[x] + c * cx if x in combined else c * cx
+    return ((total, isinstance(total, float)),
+            tuple((x, c, isinstance(c, float)) for x, c in combined.items()))
 
 
 def _groups(plans) -> int:

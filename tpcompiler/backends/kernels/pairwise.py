@@ -62,8 +62,23 @@ class _DirectCall(sp.Function):
     the cost of the node itself, and a CNN's derivation builds calls per pair of positions;
     these functions have no evaluation rules, so the node is all there is to build."""
 
-    def __new__(cls, *args):
-        return sp.Basic.__new__(cls, *[a if isinstance(a, sp.Basic) else sp.sympify(a) for a in args])
+    def __new__(cls, *args, **options):
+        allowed = cls._direct_nargs()
+        if allowed.is_FiniteSet and len(args) not in allowed:
+            raise TypeError(f"{cls.__name__} takes {allowed} arguments ({len(args)} given)")
+        obj = sp.Basic.__new__(cls, *[a if isinstance(a, sp.Basic) else sp.sympify(a) for a in args])
+        obj.nargs = allowed  # as sympy's constructor sets it
+        return obj
+
+    @classmethod
+    def _direct_nargs(cls):
+        """The set of allowed numbers of arguments (sympy's ``nargs`` of an instance), made
+        once per class."""
+        found = cls.__dict__.get("_nargs_set")
+        if found is None:
+            found = sp.FiniteSet(*cls._nargs) if cls._nargs else sp.Naturals0
+            setattr(cls, "_nargs_set", found)
+        return found
 
 
 class E1(_DirectCall):
@@ -288,7 +303,8 @@ class PairwiseEngine:
     def _new_moment_by_pairs(self, key: str, same_input: bool):
         op = self.graph.op(key)
         expr = op.expr.xreplace(self._params)
-        if not all(f.is_Symbol or f.is_Number or (f.is_Pow and f.base.is_Symbol) for f in sp.Mul.make_args(expr)):
+        if not all(f.is_Symbol or f.is_Number or (f.is_Pow and f.base.is_Symbol and f.exp.is_Integer)
+                   for f in sp.Mul.make_args(expr)):
             expr = sp.expand(expr)  # (a product of symbols, a pair moment's Z^a Z^b', is expanded already)
         terms: dict = {}
         for term in sp.Add.make_args(expr):
@@ -350,21 +366,21 @@ class PairwiseEngine:
         product's: the structure of each form and which of their symbols coincide determine
         the product up to renaming, so products of one such key (a CNN's pairs of positions)
         share one template without building or canonicalising each product."""
-        def product():
+        def product_of_forms():
             return self._side_form(ka, sa) * self._side_form(kb, sb)
 
         if not self.templates:
-            return self.expect(product())
+            return self.expect(product_of_forms())
         (struct_a, names_a), (struct_b, names_b) = self._form_canonical(ka, sa), self._form_canonical(kb, sb)
         names = list(dict.fromkeys(names_a + names_b))
         if not any(self._is_leaf(n) for n in names):
-            return self.expect(product())
+            return self.expect(product_of_forms())
         position = {n: k for k, n in enumerate(names)}
         signature = self._signature(names)
         key = ("pair", struct_a, struct_b, tuple(position[n] for n in names_a + names_b), signature)
         variant = self._variants.get(key)
         if variant is None:  # the product is built only for the first pair of its key
-            variant = self._variants[key] = self._variant(product(), names, signature, self.expect_direct)
+            variant = self._variants[key] = self._variant(product_of_forms(), names, signature, self.expect_direct)
         return self._instance(variant, names, None)
 
     def _signature(self, names: list) -> tuple:

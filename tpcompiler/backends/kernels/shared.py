@@ -230,16 +230,16 @@ def interned_floats():
     return _FLOAT_POOL.held()
 
 
-_gc_was_enabled: list = []
+_gc_state = {"enabled": True}
 
 
 def _pause_gc():
-    _gc_was_enabled.append(gc.isenabled())
+    _gc_state["enabled"] = gc.isenabled()
     gc.disable()
 
 
 def _resume_gc():
-    if _gc_was_enabled.pop():
+    if _gc_state["enabled"]:
         gc.enable()
 
 
@@ -248,7 +248,8 @@ _GC_PAUSE = _ProcessWide(_pause_gc, _resume_gc)
 
 def paused_gc():
     """Python's cyclic garbage collector off within the block, as it was before after the
-    last block exits (``_ProcessWide``).  A CNN's derivation allocates millions of sympy
+    last block exits (``_ProcessWide``; a ``gc.disable()`` by other code while a block runs
+    is undone then).  A CNN's derivation allocates millions of sympy
     objects, few of them in reference cycles, and every full collection walks all the live
     ones (2-D 6x6 depth 2: 18 full collections, 17% of the derivation); reference counting
     still frees everything that is not in a cycle."""
@@ -272,22 +273,24 @@ def _interning_float_new(pool: dict):
 _FACTOR_ORDER = functools.cmp_to_key(sp.Basic.compare)
 
 
-def product(c: float, factors) -> sp.Expr:
-    """number(c) * prod(factors), built directly when the factors are distinct commutative
-    symbols or function calls: sorted as sympy sorts a product's factors, the coefficient
-    first, which is the object sympy's flattening would build (it also collects powers,
-    distributes numbers over sums and asks assumptions, none of which applies here, at a
-    cost a CNN's derivation paid per pair of positions).  Any other factor (a number, a sum,
-    a product, a power, a repeated factor): sympy's own product."""
+def product(c, factors) -> sp.Expr:
+    """c * prod(factors), for c a sympy number or a float (``number(c)``: 1.0 is no factor, as
+    in a term sum), built directly when c is finite and non-zero and the factors are distinct
+    commutative symbols or function calls: sorted as sympy sorts a product's factors, the
+    number first unless it is 1, which is the object sympy's flattening would build (it also
+    collects powers, distributes numbers over sums and asks assumptions, none of which
+    applies here, at a cost a CNN's derivation paid per pair of positions).  Anything else
+    (a number, a sum, a product or a power among the factors, a repeated factor, a zero or
+    infinite c): sympy's own product."""
+    coefficient = number(c) if isinstance(c, float) else c
     factors = list(factors)
-    if c == 0.0:
-        return sp.S.Zero
-    plain = all((f.is_Symbol or isinstance(f, sp.Function)) and f.is_commutative for f in factors)
+    plain = coefficient.is_finite and not coefficient.is_zero and all(
+        (f.is_Symbol or isinstance(f, sp.Function)) and f.is_commutative for f in factors)
     if not plain or len(set(factors)) != len(factors):
-        return sp.Mul(number(c), *factors)
+        return sp.Mul(coefficient, *factors)
     factors.sort(key=_FACTOR_ORDER)
-    if c != 1.0:
-        factors.insert(0, number(c))
+    if coefficient is not sp.S.One:
+        factors.insert(0, coefficient)
     if len(factors) == 1:
         return factors[0]
     return sp.Mul._from_args(factors) if factors else sp.S.One
@@ -447,13 +450,10 @@ def rewrite(e: sp.Basic, replacement, memo: dict) -> sp.Basic:
 
 def _rebuilt_product(args: list) -> sp.Expr:
     """sympy's Mul(*args) for the new arguments of a product (``rewrite``), by ``product``
-    when its number, if any, is a double-precision Float (a rational coefficient stays exact:
-    sympy's)."""
-    if args[0].is_Float and args[0]._prec == 53:
-        return product(float(args[0]), args[1:])
-    if any(a.is_Number for a in args):
-        return sp.Mul(*args)
-    return product(1.0, args)
+    (which leaves to sympy whatever it does not build itself)."""
+    if args[0].is_Number:
+        return product(args[0], args[1:])
+    return product(sp.S.One, args)
 
 
 def alias_repeated_arguments(assignments, outputs, call_type, kinds: dict) -> tuple[list, list, dict]:
@@ -474,16 +474,15 @@ def alias_repeated_arguments(assignments, outputs, call_type, kinds: dict) -> tu
         return a
 
     def aliased(c):
-        """The call c with its repeated reads aliased (c itself if none), memoised: the terms
-        of one pair of positions share their calls."""
-        done = rewritten.get(c)
-        if done is not None:
-            return done
+        """The call c with its repeated reads aliased, or None if it has none (then the calls
+        inside its arguments are looked at: ``rewrite``); once per distinct call (``rewrite``'s
+        memo: the terms of one pair of positions share their calls)."""
+        if not isinstance(c, call_type):
+            return None
         if all(a.is_Atom for a in c.args):  # the common case, decided without free_symbols
             read = [a for a in c.args if a in kind_symbols]
             if len(set(read)) == len(read):
-                rewritten[c] = c
-                return c
+                return None
         seen: set = set()
         args = []
         for k, a in enumerate(c.args):
@@ -491,16 +490,11 @@ def alias_repeated_arguments(assignments, outputs, call_type, kinds: dict) -> tu
             again = read & seen
             args.append(a.xreplace({x: alias(x, k) for x in again}) if again else a)
             seen |= read
-        done = rewritten[c] = c.func(*args) if any(x is not y for x, y in zip(args, c.args)) else c
-        return done
-
-    def replacement(x):
-        return aliased(x) if isinstance(x, call_type) else None
+        return c.func(*args) if any(x is not y for x, y in zip(args, c.args)) else None
 
     def rewrite_all(e):
-        return rewrite(e, replacement, memo)
+        return rewrite(e, aliased, memo)
 
-    rewritten: dict = {}
     memo: dict = {}
 
     kind_symbols = set(kinds) | {s for s, _ in assignments}
