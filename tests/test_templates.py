@@ -296,3 +296,21 @@ def test_recipe_lowering_writes_the_source_instantiating_writes(net, shape, monk
     assert any(r is not None for r in with_recipes._recipes.values())
     monkeypatch.setattr(kernel.KernelFunction, "_recipe", lambda self, index: None)
     assert KernelFunction(graph, share=True).source == with_recipes.source
+
+
+def test_repeated_reads_are_aliased_inside_unchanged_calls():
+    """alias_repeated_arguments aliases a symbol read again by a later argument of the same
+    call, in every call, also one nested in the argument of a call that needs no alias."""
+    import sympy as sp
+    from tpcompiler.backends.kernels.pairwise import TemplateCall
+    from tpcompiler.backends.kernels.shared import alias_repeated_arguments
+
+    x0, x1, y = sp.symbols("x0 x1 y", real=True)
+    inner = TemplateCall(1, x0, x0)
+    outer = TemplateCall(2, x1, 2 * inner)
+    kinds = {x0: ("R", 0), x1: ("R", 1)}
+    assignments, outputs, aliases = alias_repeated_arguments([(y, outer)], [{outer: 1.0}], TemplateCall, kinds)
+    (alias, read), = aliases.items()
+    assert read == x0 and alias.name == "x0~2"
+    want = TemplateCall(2, x1, 2 * TemplateCall(1, x0, alias))
+    assert assignments == [(y, want)] and outputs == [{want: 1.0}]
