@@ -295,7 +295,7 @@ class KernelFunction:
             return None
         body, loose = recipe.body, {s: args[k] for s, k in recipe.loose}
         live = recipe.holes
-        if loose and (body.is_Add or any(v.is_zero for v in loose.values())):
+        if loose and (body.is_Add or any(v.is_Number and v.is_zero for v in loose.values())):
             # the slots' values can cancel the expectation (a zero covariance): it gets its
             # arguments only if it is left, as when the template's value is instantiated
             body, loose = body.xreplace(loose), {}
@@ -833,6 +833,7 @@ def _product_at(parts: tuple, rep: dict, args: tuple):
     return shared.product(_sympy_number(total), factors)
 
 
+@functools.lru_cache(maxsize=4096)
 def _exact(n: sp.Expr):
     """A sympy number as the Python number that computes as sympy computes with it: a
     Fraction for a rational (exact), a float for a double-precision Float (sympy rounds a
@@ -845,6 +846,7 @@ def _exact(n: sp.Expr):
     return None
 
 
+@functools.lru_cache(maxsize=4096, typed=True)  # typed: Fraction(1, 2) and 0.5 are two numbers
 def _sympy_number(c) -> sp.Number:
     """The sympy number of an ``_exact`` number (a float stays a Float, 1.0 included, as in
     sympy's arithmetic)."""

@@ -30,6 +30,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import gc
+import math
 import threading
 from dataclasses import dataclass
 
@@ -284,7 +285,7 @@ def product(c, factors) -> sp.Expr:
     infinite c): sympy's own product."""
     coefficient = number(c) if isinstance(c, float) else c
     factors = list(factors)
-    plain = coefficient.is_finite and not coefficient.is_zero and all(
+    plain = _finite_nonzero(coefficient) and all(
         (f.is_Symbol or isinstance(f, sp.Function)) and f.is_commutative for f in factors)
     if not plain or len(set(factors)) != len(factors):
         return sp.Mul(coefficient, *factors)
@@ -294,6 +295,17 @@ def product(c, factors) -> sp.Expr:
     if len(factors) == 1:
         return factors[0]
     return sp.Mul._from_args(factors) if factors else sp.S.One
+
+
+def _finite_nonzero(n: sp.Number) -> bool:
+    """Whether a sympy number is finite and not zero, decided from its value (asking sympy's
+    assumptions of each new number deduces all of them, a cost per product)."""
+    if n.is_Rational:
+        return n.p != 0
+    if n.is_Float:
+        value = float(n)
+        return value != 0.0 and math.isfinite(value)
+    return False
 
 
 def term_sum(expr: sp.Expr) -> dict:
