@@ -155,7 +155,6 @@ class KernelFunction:
         self._exposed: dict = {}    # template index -> (calls, symbols, body) (_exposed_body)
         self._expose_memo: dict = {}    # subexpression -> exposed (_expose, shared.rewrite)
         self._recipes: dict = {}    # template index -> its _Recipe or None (_recipe)
-        self._expectation_templates: dict = {}  # (E1/E2, function) -> engine.expectation_template
         self._linear_values: dict = {}  # engine's argument -> _linear (_linear_value)
         plans = None
         if share is not False:
@@ -208,7 +207,6 @@ class KernelFunction:
         term (``shared.map_terms``, ``Features.featurize_terms``)."""
         self._arguments: dict = {}   # expression -> its CallArgumentSymbol, within one stage
         self._calls: dict = {}       # expectation -> its call (_expectation_call), within one stage
-        self._lowered_calls: dict = {}  # engine's call -> its lowered value (_lowered_call), within one stage
         self._lower_memo: dict = {}  # subexpression -> lowered (_lower_expectation_calls), within one stage
         self._calls_at: dict = {}    # (E1/E2, function, arguments) -> its call (_expectation_call_at), within one stage
         self._linear_arguments: dict = {}  # (constant, coefficients) -> argument (_linear_argument), within one stage
@@ -245,19 +243,17 @@ class KernelFunction:
 
     def _lowered_call(self, call: sp.Expr) -> sp.Expr:
         """An engine's TemplateCall instantiated (``engine.instantiate``) with each
-        expectation a call of its function (``_expectation_call``), memoised within a stage
-        (the NNGP and the NTK read the same calls).  From the template's recipe
-        (``_call_from_recipe``) when it has one and the call's arguments are linear."""
-        memo = self._lowered_calls.get(call)
-        if memo is None:
-            recipe = self._recipe(int(call.args[0]))
-            memo = None if recipe is None else self._call_from_recipe(recipe, call.args[1:])
-            if memo is None:
-                value = self.engine.instantiate(call)
-                rep = {c: self._expectation_call(c) for c in _outermost(value, (E1, E2))}
-                memo = value.xreplace(rep) if rep else value
-            self._lowered_calls[call] = memo
-        return memo
+        expectation a call of its function (``_expectation_call``); from the template's
+        recipe (``_call_from_recipe``) when it has one and the call's arguments are linear.
+        Once per distinct call and stage (the memo of ``_lower_expectation_calls``' rewrite:
+        the NNGP and the NTK read the same calls)."""
+        recipe = self._recipe(int(call.args[0]))
+        lowered = None if recipe is None else self._call_from_recipe(recipe, call.args[1:])
+        if lowered is None:
+            value = self.engine.instantiate(call)
+            rep = {c: self._expectation_call(c) for c in _outermost(value, (E1, E2))}
+            lowered = value.xreplace(rep) if rep else value
+        return lowered
 
     def _recipe(self, index: int):
         """Template ``index`` written out (nested calls too) as a ``_Recipe``, or None when it
@@ -271,15 +267,19 @@ class KernelFunction:
         value = self.engine.instantiate(template.value)
         position = {s: k for k, s in enumerate(template.slots)}
         calls = _outermost(value, (E1, E2))
-        forms = [[_linear(a, position.get) for a in c.args[1:]] for c in calls]
         recipe = None
-        if len(calls) <= 1 and all(f is not None for fs in forms for f in fs):
-            holes = [sp.Dummy(f"e{k}") for k in range(len(calls))]
-            body = value.xreplace(dict(zip(calls, holes)))
-            recipe = _Recipe(body, holes, [(type(c), c.args[0], fs) for c, fs in zip(calls, forms)],
-                             [(s, k) for s, k in position.items() if s in body.free_symbols],
-                             sorted({k for fs in forms for _, coefficients in fs for k, _ in coefficients}),
-                             _product_parts(body, holes, position))
+        if not calls:
+            recipe = _Recipe(value, None, None, [(s, k) for s, k in position.items() if s in value.free_symbols], [])
+        elif len(calls) == 1:
+            (call,) = calls
+            forms = [_linear(a, position.get) for a in call.args[1:]]
+            if all(f is not None for f in forms):
+                hole = sp.Dummy("e0")
+                body = value.xreplace({call: hole})
+                recipe = _Recipe(body, hole, (type(call), call.args[0], forms),
+                                 [(s, k) for s, k in position.items() if s in body.free_symbols],
+                                 sorted({k for _, coefficients in forms for k, _ in coefficients}),
+                                 _product_parts(body, hole, position))
         self._recipes[index] = recipe
         return recipe
 
@@ -296,17 +296,17 @@ class KernelFunction:
             # does not follow: floats could differ in the last bit)
             return None
         body, loose = recipe.body, {s: args[k] for s, k in recipe.loose}
-        live = recipe.holes
-        if loose and (body.is_Add or any(v.is_Number and v.is_zero for v in loose.values())):
+        kept = recipe.hole is not None
+        if kept and loose and (body.is_Add or any(v.is_Number and v.is_zero for v in loose.values())):
             # the slots' values can cancel the expectation (a zero covariance): it gets its
             # arguments only if it is left, as when the template's value is instantiated
             body, loose = body.xreplace(loose), {}
-            live = body.free_symbols
+            kept = recipe.hole in body.free_symbols
         rep = {}
-        for hole, (cls, function, forms) in zip(recipe.holes, recipe.expectations):
-            if hole in live:
-                arguments = tuple(self._linear_argument(*_combined(form, values)) for form in forms)
-                rep[hole] = self._expectation_call_at(cls, function, arguments)
+        if kept:
+            cls, function, forms = recipe.expectation
+            arguments = tuple(self._linear_argument(*_combined(form, values)) for form in forms)
+            rep[recipe.hole] = self._expectation_call_at(cls, function, arguments)
         if recipe.product is not None and body is recipe.body:
             built = _product_at(recipe.product, rep, args)
             if built is not None:
@@ -350,11 +350,7 @@ class KernelFunction:
             if all(a.is_number for a in arguments):
                 memo = self._inline_expectations(cls(function, *arguments))
             else:
-                found = self._expectation_templates.get((cls, function))
-                if found is None:
-                    found = self._expectation_templates[(cls, function)] = self.engine.expectation_template(
-                        cls(function, *[symbols.TemplateConstant(k) for k in range(len(arguments))]))
-                index, order = found
+                index, order = self.engine.expectation_template(cls, function, len(arguments))
                 memo = TemplateCall(sp.Integer(index), *[arguments[k] for k in order])
             self._calls_at[key] = memo
         return memo
@@ -787,27 +783,27 @@ def _outermost(expr: sp.Expr, types: tuple) -> list:
 class _Recipe:
     """A template written out, for lowering its calls without instantiating it
     (``KernelFunction._call_from_recipe``): ``body`` is its value with its expectation (it
-    has at most one) replaced by the symbol in ``holes``; ``expectations`` the matching
+    has at most one) replaced by the symbol ``hole``; ``expectation`` that expectation's
     (E1 or E2, function index, arguments), each argument (constant, ((slot position,
-    coefficient), ...)); ``loose`` the (slot, position) pairs the body reads outside the
-    expectation; ``reads`` the slot positions its arguments read; ``product`` the body as
-    ``_product_parts``, or None."""
+    coefficient), ...)); both None for a template without expectation.  ``loose``: the
+    (slot, position) pairs the body reads outside the expectation; ``reads``: the slot
+    positions its arguments read; ``product``: the body as ``_product_parts``, or None."""
 
     body: sp.Expr
-    holes: list
-    expectations: list
+    hole: sp.Dummy | None
+    expectation: tuple | None
     loose: list
     reads: list
     product: tuple | None = None
 
 
-def _product_parts(body: sp.Expr, holes: list, position: dict):
-    """A recipe's body that is a number times distinct holes and slots, as (number, [hole or
-    slot position, ...]) for ``_product_at``; None for any other body."""
+def _product_parts(body: sp.Expr, hole: sp.Dummy, position: dict):
+    """A recipe's body that is a number times its hole and distinct slots, as (number, [hole
+    or slot position, ...]) for ``_product_at``; None for any other body."""
     coefficient, rest = body.as_coeff_Mul()
     parts = []
     for f in sp.Mul.make_args(rest):
-        if f in holes:
+        if f == hole:
             parts.append(f)
         elif f in position:
             parts.append(position[f])
@@ -817,7 +813,7 @@ def _product_parts(body: sp.Expr, holes: list, position: dict):
 
 
 def _product_at(parts: tuple, rep: dict, args: tuple):
-    """The body of ``_product_parts`` at the holes' calls ``rep`` and the slots' values
+    """The body of ``_product_parts`` at the hole's call ``rep`` and the slots' values
     ``args``, built by ``shared.product`` with the numbers multiplied as sympy multiplies
     them (``_exact``): the object the body's substitution gives, without sympy flattening a
     product per call.  None if a number is not one ``_exact`` knows."""

@@ -195,6 +195,7 @@ class PairwiseEngine:
         self._pair_memo: dict = {}
         self._form_canonical_memo: dict = {}
         self._instances: dict = {}
+        self._expectation_templates: dict = {}
 
     # -- symbols and sides ----------------------------------------------------------------
     def _is_leaf(self, s: sp.Symbol) -> bool:
@@ -629,12 +630,17 @@ class PairwiseEngine:
         position = {s: k for k, s in enumerate(slots)}
         return self._template_by_value[key], [position[s] for s in order]
 
-    def expectation_template(self, call: sp.Expr) -> tuple[int, list]:
-        """(index, order) of the Template E1/E2(function, c_0, c_1, ..) of the expectation
-        ``call``'s function, a function of its arguments alone (``_register``: argument j of a
-        TemplateCall of it is the call's argument order[j])."""
-        slots = [symbols.TemplateConstant(k) for k in range(len(call.args) - 1)]
-        return self._register(call.func(call.args[0], *slots), slots)
+    def expectation_template(self, cls, function: sp.Integer, n: int) -> tuple[int, list]:
+        """(index, order) of the Template cls(function, c_0, .., c_{n-1}) (cls E1 or E2) of an
+        expectation of ``function`` at n arguments, a function of its arguments alone
+        (``_register``: argument j of a TemplateCall of it is the expectation's argument
+        order[j]); memoised."""
+        key = (cls, function, n)
+        found = self._expectation_templates.get(key)
+        if found is None:
+            slots = [symbols.TemplateConstant(k) for k in range(n)]
+            found = self._expectation_templates[key] = self._register(cls(function, *slots), slots)
+        return found
 
     def instantiate(self, expr: sp.Expr) -> sp.Expr:
         """``expr`` with every TemplateCall replaced by its template's value at its

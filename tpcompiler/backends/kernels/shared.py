@@ -167,18 +167,15 @@ def add_terms(into: dict, expr: sp.Expr, scale: float = 1.0) -> dict:
     return into
 
 
-_NUMBERS: dict = {1.0: sp.S.One, -1.0: sp.S.NegativeOne}
+_UNITS: dict = {1.0: sp.S.One, -1.0: sp.S.NegativeOne}
 
 
 def number(c: float) -> sp.Number:
-    """The sympy number of value c, one object per value: sympy deduces a number's
-    assumptions (every product asks its coefficient ``is_zero``) once per object, at about a
-    tenth of a millisecond, so a new Float per term made that the largest cost of building
-    a CNN's thousands of terms."""
-    n = _NUMBERS.get(c)
-    if n is None:
-        n = _NUMBERS[c] = sp.Float(c)
-    return n
+    """The sympy number of a term sum's coefficient c: 1 and -1 as sympy's integers (a
+    coefficient of 1 is no factor), any other value a Float (one object per value within the
+    derivation, ``interned_floats``)."""
+    unit = _UNITS.get(c)
+    return sp.Float(c) if unit is None else unit
 
 
 class _ProcessWide:
