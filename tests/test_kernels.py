@@ -108,6 +108,35 @@ def test_large_input_sets_take_the_threaded_gram_path_with_the_same_result():
         assert np.array_equal(big[kind], big[kind].T), kind
 
 
+
+def test_input_layer_values_read_by_index_plans_are_the_scalars_one_by_one():
+    """The Grams read each input layer's scalars through an index plan built once (a CNN
+    reads one Gram per pair of windows); it must give the scalars LAYER_SCALARS gives one by
+    one, row-major (the layout the Grams' rounding was fixed with), also at boundary windows
+    that read fewer inputs, and the stacked Grams (written in place) the separate ones."""
+    from tpcompiler.backends.kernels.features import LAYER_SCALARS
+    from tpcompiler.ir import ops
+
+    net = tp.layers.serial(tp.layers.Conv(8, (2, 2), None, "SAME", 1.3, 0.2), tp.layers.Relu(),
+                           tp.layers.GlobalAvgPool(), tp.layers.Dense(1, 1.3, 0.2))
+    kf = tp.compile(net.program((3, 3, 2))).kernel_function()
+    features = kf.features
+    X = np.random.default_rng(3).standard_normal((5, 18))
+    layers = features.graph.keys_of(ops.InputLayer)
+    assert len(layers) == 9
+    for key in layers:
+        scalars = features.graph.args(key)[1:]
+        positions = tuple(range(len(scalars)))
+        got = features._layer_values(key, X, positions)
+        want = np.stack([LAYER_SCALARS(features.graph.op(s))(X, features.graph.op(s)) for s in scalars], axis=1)
+        assert np.array_equal(got, want) and got.flags["C_CONTIGUOUS"], key
+    assert len({len(features.graph.args(k)) for k in layers}) > 1  # boundary windows read fewer inputs
+    X2 = X[:3] + 0.5
+    for second in (None, X2):
+        stacked = features.pair_values(X, second, stacked=True)
+        assert all(np.array_equal(g, s) for g, s in zip(features.pair_values(X, second), stacked))
+
+
 # -- (c) finite width converges to the kernels -----------------------------------------------
 #: The smallest setting that still rejects a kernel with one term dropped (see below): widths
 #: 128..2048 over 20 seeds on 3 inputs (9 entries per kernel).

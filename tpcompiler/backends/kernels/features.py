@@ -258,15 +258,33 @@ class Features:
                 sp.Mul(*[f for f, o in zip(factors, only) if not o]))
 
     # -- numeric values ---------------------------------------------------------------------
-    def _layer_values(self, key: str, X: np.ndarray, positions: list) -> np.ndarray:
+    def _layer_values(self, key: str, X: np.ndarray, positions: tuple) -> np.ndarray:
         """Per data row, the scalars of input layer ``key`` at the given positions (a view of
         X itself when they are input coordinates 0..d-1 in order, the dense input layer)."""
-        sops = [self.graph.op(self.graph.args(key)[1:][p]) for p in positions]
-        if any(sops == [ops.Input(group, j) for j in range(X.shape[1])] for group in self.graph.inputs):
-            return X
-        return np.stack([LAYER_SCALARS(o)(X, o) for o in sops], axis=1)
+        plan = self._layer_plan(key, positions)
+        if isinstance(plan, np.ndarray):
+            if len(plan) == X.shape[1] and self._memo.get(("identity", len(plan))) is plan:
+                return X
+            return np.ascontiguousarray(X[:, plan])  # row-major, as the columns stacked were
+        return np.stack([LAYER_SCALARS(o)(X, o) for o in plan], axis=1)
 
-    def _matched(self, a: str, b: str) -> tuple[list, list]:
+    def _layer_plan(self, key: str, positions: tuple):
+        """How ``_layer_values`` reads the scalars, built once per layer and positions (a
+        CNN's kernels read one Gram per pair of windows): the input columns as an index array
+        when every scalar is an input coordinate, else the scalars' ops."""
+        memo_key = ("layer", key, positions)
+        plan = self._memo.get(memo_key)
+        if plan is None:
+            sops = [self.graph.op(self.graph.args(key)[1:][p]) for p in positions]
+            plan = sops
+            if all(type(o) is ops.Input for o in sops):
+                plan = np.array([o.index for o in sops], dtype=np.intp)
+                if np.array_equal(plan, np.arange(len(plan))):
+                    plan = self._memo.setdefault(("identity", len(plan)), plan)
+            self._memo[memo_key] = plan
+        return plan
+
+    def _matched(self, a: str, b: str) -> tuple[tuple, tuple]:
         """Positions of the scalars of input layers a and b that share a column of U."""
         key = ("matched", a, b)
         if key not in self._memo:
@@ -275,10 +293,14 @@ class Features:
             for k, c in enumerate(cb):
                 where.setdefault(c, []).append(k)
             pairs = [(i, k) for i, c in enumerate(ca) for k in where.get(c, ())]
-            self._memo[key] = ([i for i, _ in pairs], [k for _, k in pairs])
+            self._memo[key] = (tuple(i for i, _ in pairs), tuple(k for _, k in pairs))
         return self._memo[key]
 
-    def _cov_values(self, a: str, b: str, X: np.ndarray, Y: np.ndarray | None, diagonal: bool) -> np.ndarray:
+    def _cov_values(self, a: str, b: str, X: np.ndarray, Y: np.ndarray | None, diagonal: bool,
+                    out: np.ndarray | None = None) -> np.ndarray:
+        """Cov(Z^a, Z^b) of input layers a and b at the rows of X (first input) and of Y
+        (second input; None: X): a vector over the rows (``diagonal``) or a Gram (into
+        ``out`` when given)."""
         ia, ib = self._matched(a, b)
         na, nb = self.graph.op(a).norm, self.graph.op(b).norm
         A = self._layer_values(a, X, ia)
@@ -287,8 +309,8 @@ class Features:
         if diagonal:
             return np.einsum("ij,ij->i", A, B) * scale
         if Y is None and a == b and ia == ib:
-            return symmetric_gram(A * np.sqrt(scale))
-        return cross_gram(A * scale, B)
+            return symmetric_gram(A * np.sqrt(scale), out)
+        return cross_gram(A * scale, B, out)
 
     def _row_plan(self) -> list:
         """Per row feature: (numpy function, input columns, input covariances) -- built once,
@@ -319,15 +341,16 @@ class Features:
         if stacked:
             out = np.empty((len(self.bases), X.shape[0], (X if X2 is None else X2).shape[0]))
             for m in range(len(self.bases)):
-                out[m] = self._base_values(m, X, X2)
+                self._base_values(m, X, X2, out[m])
             return out
         return [self._base_values(m, X, X2) for m in range(len(self.bases))]
 
-    def _base_values(self, m: int, X: np.ndarray, X2: np.ndarray | None) -> np.ndarray:
+    def _base_values(self, m: int, X: np.ndarray, X2: np.ndarray | None, out: np.ndarray | None = None) -> np.ndarray:
+        """Base Gram m of (X, X2) (into ``out`` when given)."""
         base = self.bases[m]
         if base[0] == "cov":
-            return self._cov_values(base[1], base[2], X, X2, False)
-        return _bilinear_gram(dict(base[1]), X, X2)
+            return self._cov_values(base[1], base[2], X, X2, False, out)
+        return _bilinear_gram(dict(base[1]), X, X2, out)
 
 
 #: The value on every data row of one scalar of an input layer, by op: rule(X, op) -> column.
@@ -341,55 +364,57 @@ def _in_two_threads(first, second) -> None:
     threads.run((first, second))
 
 
-def symmetric_gram(Z: np.ndarray) -> np.ndarray:
-    """Z Z^T in two balanced halves on two threads, each a single-threaded BLAS call when the
-    caller limits BLAS to one thread (kernels.py does, see there): with Z = [A; B], one thread
-    computes the symmetric blocks A A^T and B B^T (numpy: syrk), the other A B^T; the same
-    flops as one syrk, half the wall time on two cores."""
+def symmetric_gram(Z: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+    """Z Z^T (into ``out`` when given) in two balanced halves on two threads, each a
+    single-threaded BLAS call when the caller limits BLAS to one thread (kernels.py does, see
+    there): with Z = [A; B], one thread computes the symmetric blocks A A^T and B B^T (numpy:
+    syrk), the other A B^T; the same flops as one syrk, half the wall time on two cores."""
     N = Z.shape[0]
+    out = np.empty((N, N)) if out is None else out
     if N < 256:
-        return Z @ Z.T
+        return np.matmul(Z, Z.T, out=out)
     h = N // 2
     A, B = Z[:h], Z[h:]
-    out = np.empty((N, N))
 
     def diagonal_blocks():
-        out[:h, :h] = A @ A.T
-        out[h:, h:] = B @ B.T
+        np.matmul(A, A.T, out=out[:h, :h])
+        np.matmul(B, B.T, out=out[h:, h:])
 
     def off_diagonal_block():
-        out[:h, h:] = A @ B.T
+        np.matmul(A, B.T, out=out[:h, h:])
 
     _in_two_threads(diagonal_blocks, off_diagonal_block)
     out[h:, :h] = out[:h, h:].T
     return out
 
 
-def cross_gram(A: np.ndarray, B: np.ndarray) -> np.ndarray:
-    """A B^T, the rows of A in two halves on two threads (see symmetric_gram)."""
+def cross_gram(A: np.ndarray, B: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+    """A B^T (into ``out`` when given), the rows of A in two halves on two threads (see
+    symmetric_gram)."""
     N = A.shape[0]
+    out = np.empty((N, B.shape[0])) if out is None else out
     if N < 256:
-        return A @ B.T
+        return np.matmul(A, B.T, out=out)
     h = N // 2
-    out = np.empty((N, B.shape[0]))
 
     def half(rows):
-        out[rows] = A[rows] @ B.T
+        np.matmul(A[rows], B.T, out=out[rows])
 
     _in_two_threads(lambda: half(slice(0, h)), lambda: half(slice(h, N)))
     return out
 
 
-def _bilinear_gram(A: dict, X: np.ndarray, X2: np.ndarray | None) -> np.ndarray:
-    """X A X2^T for a sparse bilinear form (a diagonal A costs one matrix product)."""
+def _bilinear_gram(A: dict, X: np.ndarray, X2: np.ndarray | None, out: np.ndarray | None = None) -> np.ndarray:
+    """X A X2^T for a sparse bilinear form (a diagonal A costs one matrix product), into
+    ``out`` when given."""
     Y = X if X2 is None else X2
     if all(j == k for j, k in A):
         cols = np.array(sorted(j for j, _ in A))
         w = np.array([A[(j, j)] for j in cols])
         if np.all(w >= 0) and X2 is None:
-            return symmetric_gram(X[:, cols] * np.sqrt(w))
-        return cross_gram(X[:, cols] * w, Y[:, cols])
+            return symmetric_gram(X[:, cols] * np.sqrt(w), out)
+        return cross_gram(X[:, cols] * w, Y[:, cols], out)
     M = np.zeros((X.shape[1], Y.shape[1]))
     for (j, k), c in A.items():
         M[j, k] += c
-    return cross_gram(X @ M, Y)
+    return cross_gram(X @ M, Y, out)
