@@ -575,13 +575,13 @@ def pair_stage({grams}RF1, RF2T, R1, R2T, {outs}, symmetric, P):
             group.template = self._write_calls(group.template)
         row_formats = {"RF1": "RF1[i, {}]", "R": "R[i, {}]"}
         pair_formats = {"RF1": "RF1[i, {}]", "RF2T": "RF2T[{}, j]", "R1": "R1[i, {}]", "R2T": "R2T[{}, j]",
-                        "GS": "GS[{}, i, j]", "Q": "Q[{}, j - jb]"}
+                        "GS": "GS[{}, i, j]", "Q": "Q[{}, jj]"}
         tables = _Tables()
         row_loads = _fixed_loads(self._row_kinds(), row_formats, loads_p)
         pair_loads = _fixed_loads(self._pair_kinds(), pair_formats, loads_p)
         row_body = _group_loops(row_groups, row_formats, row_loads, "        ", "R[i, {}]", "_acc{}", tables)
-        pair_body = _group_loops(pair_groups, pair_formats, pair_loads, "                ", "Q[{}, j - jb]",
-                                 "ACC[{}, j - jb]", tables, inner="for j in range(jb, je):")
+        pair_body = _group_loops(pair_groups, pair_formats, pair_loads, "                ", "Q[{}, jj]",
+                                 "ACC[{}, jj]", tables, inner="for j in range(jb, je):", inner_setup="jj = j - jb")
         n_rows = len(rows)
         row_outs = "\n".join(f"        R[i, {n_rows + k}] = _acc{k}" for k in range(len(KERNELS)))
         row_init = "\n".join(f"        _acc{k} = {c!r}" for k, c in enumerate(row_constants))
@@ -959,11 +959,11 @@ def _append(store: list, array: np.ndarray) -> int:
 
 
 def _group_loops(groups, formats: dict, fixed: dict, indent: str, slot: str, acc: str, tables: _Tables,
-                 inner: str | None = None) -> tuple[str, str]:
+                 inner: str | None = None, inner_setup: str | None = None) -> tuple[str, str]:
     """Generated loops of ``groups`` (shared.plan): (quantities' loops storing into ``slot``,
     output terms' loops adding to ``acc`` (formatted with the output's number)).  ``inner``:
     a loop header nested inside each group's loop over members (the pair stage's loop over
-    a block of j, which vectorises).  Each group's index, slot and weight arrays go into
+    a block of j, which vectorises), ``inner_setup`` its first statement.  Each group's index, slot and weight arrays go into
     ``tables``; a member's row of them is read once, before the inner loop."""
     quantity_lines, term_lines = [], []
     body = indent + ("        " if inner else "    ")
@@ -977,15 +977,17 @@ def _group_loops(groups, formats: dict, fixed: dict, indent: str, slot: str, acc
         lines, values = print_body(exprs, loads, body)
         out = quantity_lines if group.target is not None else term_lines
         out.append(f"{indent}for m in range({M}):")
-        if n:
-            at = tables.add_ints(group.index)
-            out.extend(f"{indent}    _x{k} = IT[{at} + m * {n} + {k}]" for k in range(n))
+        if n:  # one offset per member, then a constant index per argument (fewer statements for numba)
+            out.append(f"{indent}    _b = {tables.add_ints(group.index)} + m * {n}")
+            out.extend(f"{indent}    _x{k} = IT[_b + {k}]" if k else f"{indent}    _x0 = IT[_b]" for k in range(n))
         out.append(f"{indent}    _w = WT[{tables.add_floats(group.weight[:, 0])} + m]")
         if group.target is not None:
             at, width = tables.add_ints(group.target), group.target.shape[1]
             out.extend(f"{indent}    _t{e} = IT[{at} + m * {width} + {e}]" for e in range(width))
         if inner:
             out.append(f"{indent}    {inner}")
+            if inner_setup:
+                out.append(f"{body}{inner_setup}")
         out.extend(lines)
         if group.target is not None:
             out.extend(f"{body}{slot.format(f'_t{e}')} = _w * ({v})" for e, v in enumerate(values))
