@@ -314,3 +314,31 @@ def test_repeated_reads_are_aliased_inside_unchanged_calls():
     assert read == x0 and alias.name == "x0~2"
     want = TemplateCall(2, x1, 2 * TemplateCall(1, x0, alias))
     assert assignments == [(y, want)] and outputs == [{want: 1.0}]
+
+
+@pytest.mark.parametrize("net, shape", [
+    # rows and pairs of windows of 4, 6 and 9 taps, two layers
+    (layers.serial(layers.Conv(8, (3, 3), padding="SAME", W_std=1.5, b_std=0.1), layers.Relu(),
+                   layers.Conv(8, (3, 3), padding="SAME", W_std=1.5, b_std=0.1), layers.Relu(),
+                   layers.GlobalAvgPool(), layers.Dense(1, 1.5, 0.1)), (3, 3, 2)),
+    # default weight scale (exact 1/9 coefficients), tanh, circular windows, pooling
+    (layers.serial(layers.Conv(8, (3,), padding="CIRCULAR", b_std=0.2), layers.Tanh(),
+                   layers.Conv(8, (3,), padding="SAME", b_std=0.2), layers.Relu(),
+                   layers.AvgPool((2,), (2,), "VALID"), layers.Flatten(), layers.Dense(1, 1.0, 0.2)), (6, 2)),
+])
+def test_linear_runs_compute_what_the_group_loops_compute(net, shape, monkeypatch):
+    """Consecutive groups of linear quantities (covariance sums over windows) are generated
+    as one loop over a sparse table (kernel._linear_run); summed in the printed order, they
+    must give bit for bit the kernels of one loop per group, and a CNN must use them."""
+    from tpcompiler.backends.kernels import kernel
+
+    graph = net.program(shape).graph
+    X = np.random.default_rng(7).standard_normal((6, int(np.prod(shape))))
+    runs = KernelFunction(graph, share=True)
+    assert "for _r in range(" in runs.source
+    monkeypatch.setattr(kernel, "_linear_forms", lambda group: None)
+    loops = KernelFunction(graph, share=True)
+    assert "for _r in range(" not in loops.source
+    a, b = runs(X, X[:4] + 0.3), loops(X, X[:4] + 0.3)
+    for key in a:
+        assert np.array_equal(a[key], b[key]), key

@@ -963,35 +963,147 @@ def _group_loops(groups, formats: dict, fixed: dict, indent: str, slot: str, acc
     """Generated loops of ``groups`` (shared.plan): (quantities' loops storing into ``slot``,
     output terms' loops adding to ``acc`` (formatted with the output's number)).  ``inner``:
     a loop header nested inside each group's loop over members (the pair stage's loop over
-    a block of j, which vectorises), ``inner_setup`` its first statement.  Each group's index, slot and weight arrays go into
-    ``tables``; a member's row of them is read once, before the inner loop."""
+    a block of j, which vectorises), ``inner_setup`` its first statement.  Each group's
+    index, slot and weight arrays go into ``tables``; a member's row of them is read once,
+    before the inner loop.  Consecutive groups of linear quantities are one loop
+    (``_linear_run``)."""
     quantity_lines, term_lines = [], []
     body = indent + ("        " if inner else "    ")
-    for group in groups:
-        M, n = group.index.shape
-        if group.target is None and all(e == 0 for e in group.template.args):
-            continue  # output terms whose template came out zero once written out
-        loads = {a: formats[kind].format(f"_x{k}") for k, (a, kind) in enumerate(zip(group.placeholders, group.kinds))}
-        loads.update(fixed)
-        exprs = list(group.template.args)
-        lines, values = print_body(exprs, loads, body)
-        out = quantity_lines if group.target is not None else term_lines
-        out.append(f"{indent}for m in range({M}):")
-        if n:  # one offset per member, then a constant index per argument (fewer statements for numba)
-            out.append(f"{indent}    _b = {tables.add_ints(group.index)} + m * {n}")
-            out.extend(f"{indent}    _x{k} = IT[_b + {k}]" if k else f"{indent}    _x0 = IT[_b]" for k in range(n))
-        out.append(f"{indent}    _w = WT[{tables.add_floats(group.weight[:, 0])} + m]")
-        if group.target is not None:
-            at, width = tables.add_ints(group.target), group.target.shape[1]
-            out.extend(f"{indent}    _t{e} = IT[{at} + m * {width} + {e}]" for e in range(width))
-        if inner:
-            out.append(f"{indent}    {inner}")
-            if inner_setup:
-                out.append(f"{body}{inner_setup}")
-        out.extend(lines)
-        if group.target is not None:
-            out.extend(f"{body}{slot.format(f'_t{e}')} = _w * ({v})" for e, v in enumerate(values))
+    forms = [_linear_forms(g) if g.target is not None else None for g in groups]
+    run: list = []   # consecutive linear groups of quantities, written as one loop
+    for group, form in zip(groups + [None], forms + [None]):
+        if form is not None:
+            run.append((group, form))
+            continue
+        if len(run) > 1:
+            quantity_lines.extend(_linear_run(run, formats, indent, slot, tables, inner, inner_setup))
         else:
-            out.extend(f"{body}{acc.format(o)} += _w * ({v})" for o, (e, v) in enumerate(zip(exprs, values))
-                       if e != 0)
-    return "\n".join(quantity_lines), "\n".join(term_lines)
+            quantity_lines.extend(_group_loop(g, formats, fixed, indent, slot, acc, tables, inner, inner_setup, body)
+                                  for g, _ in run)
+        run = []
+        if group is None:
+            break
+        out = quantity_lines if group.target is not None else term_lines
+        out.append(_group_loop(group, formats, fixed, indent, slot, acc, tables, inner, inner_setup, body))
+    return "\n".join(line for line in quantity_lines if line), "\n".join(line for line in term_lines if line)
+
+
+def _group_loop(group, formats, fixed, indent, slot, acc, tables, inner, inner_setup, body) -> str:
+    """One group's loop over its members (``_group_loops``); "" for output terms whose
+    template came out zero once written out."""
+    M, n = group.index.shape
+    if group.target is None and all(e == 0 for e in group.template.args):
+        return ""
+    loads = {a: formats[kind].format(f"_x{k}") for k, (a, kind) in enumerate(zip(group.placeholders, group.kinds))}
+    loads.update(fixed)
+    exprs = list(group.template.args)
+    lines, values = print_body(exprs, loads, body)
+    out = [f"{indent}for m in range({M}):"]
+    if n:  # one offset per member, then a constant index per argument (fewer statements for numba)
+        out.append(f"{indent}    _b = {tables.add_ints(group.index)} + m * {n}")
+        out.extend(f"{indent}    _x{k} = IT[_b + {k}]" if k else f"{indent}    _x0 = IT[_b]" for k in range(n))
+    out.append(f"{indent}    _w = WT[{tables.add_floats(group.weight[:, 0])} + m]")
+    if group.target is not None:
+        at, width = tables.add_ints(group.target), group.target.shape[1]
+        out.extend(f"{indent}    _t{e} = IT[{at} + m * {width} + {e}]" for e in range(width))
+    if inner:
+        out.append(f"{indent}    {inner}")
+        if inner_setup:
+            out.append(f"{body}{inner_setup}")
+    out.extend(lines)
+    if group.target is not None:
+        out.extend(f"{body}{slot.format(f'_t{e}')} = _w * ({v})" for e, v in enumerate(values))
+    else:
+        out.extend(f"{body}{acc.format(o)} += _w * ({v})" for o, (e, v) in enumerate(zip(exprs, values))
+                   if e != 0)
+    return "\n".join(out)
+
+
+def _linear_forms(group) -> list | None:
+    """Per entry of a group of quantities, (scale, constant, [(placeholder number,
+    coefficient), ...]) when the code ``print_body`` writes for the entry is scale * (sum of
+    coefficient * argument + constant) with numeric coefficients (a window's covariance sum,
+    a copy), the terms in the order it writes them, so that ``_linear_run`` rounds as the
+    written expression does; else None."""
+    exprs = list(group.template.args)
+    number = {a: k for k, a in enumerate(group.placeholders)}
+    used = sorted(set().union(*(e.free_symbols for e in exprs)), key=lambda a: a.name)
+    if not set(used) <= set(number):
+        return None  # a runtime parameter
+    names = {a: sp.Symbol(f"_v{k}", real=True) for k, a in enumerate(used)}  # as print_body names them
+    back = {v: number[a] for a, v in names.items()}
+    reps, reduced = sp.cse([e.xreplace(names) for e in exprs], symbols=sp.numbered_symbols("_c"), optimizations="basic")
+    if reps:
+        return None
+    forms = []
+    for r in reduced:
+        scale, inner = (r.args if r.is_Mul and len(r.args) == 2 and r.args[0].is_Number and r.args[1].is_Add
+                        else (sp.S.One, r))
+        constant, terms = 0.0, []
+        ordered = [] if inner == 0 else inner.as_ordered_terms()
+        for n, t in enumerate(ordered):
+            c, v = t.as_coeff_Mul()
+            if v is sp.S.One and c.is_Number and n == len(ordered) - 1:
+                constant = float(c)
+            elif v in back and c.is_Number:
+                terms.append((back[v], float(c)))
+            else:
+                return None
+        forms.append((float(scale), constant, terms))
+    return forms
+
+
+def _linear_run(run, formats: dict, indent: str, slot: str, tables: "_Tables", inner, inner_setup) -> list:
+    """Consecutive groups of linear quantities (``_linear_forms``) as one loop over rows
+    (member, entry) of a sparse table: slot = w * (scale * (sum_k c_k source_k + constant)),
+    the sum in the printed order.  One small loop instead of one per group: numba's compile time
+    grows with the statements of the generated stage, and a CNN's covariance sums (windows
+    of 9, 6 and 4 taps, rows and pairs) are many groups of one kind."""
+    targets, weights, scales, constants, starts, xs, cs, ks = [], [], [], [], [0], [], [], []
+    codes = {kind: k for k, kind in enumerate(formats)}
+    for group, forms in run:
+        for m in range(group.index.shape[0]):
+            for e, (scale, constant, terms) in enumerate(forms):
+                targets.append(group.target[m, e])
+                weights.append(group.weight[m, 0])
+                scales.append(scale)
+                constants.append(constant)
+                for k, c in terms:
+                    xs.append(group.index[m, k])
+                    cs.append(c)
+                    ks.append(codes[group.kinds[k]])
+                starts.append(len(xs))
+    kinds = sorted(set(ks))
+    target = slot.format("_t")
+    inner_lines = (lambda ind: [f"{ind}{inner}", f"{ind}    {inner_setup}"]) if inner else (lambda ind: [])
+    lines = [f"{indent}for _r in range({len(targets)}):",
+             f"{indent}    _t = IT[{tables.add_ints(np.array(targets))} + _r]",
+             f"{indent}    _w = WT[{tables.add_floats(np.array(weights))} + _r]",
+             f"{indent}    _k0 = WT[{tables.add_floats(np.array(constants))} + _r]",
+             f"{indent}    _f = WT[{tables.add_floats(np.array(scales))} + _r]"]
+    at = tables.add_ints(np.array(starts))
+    if inner:
+        lines += inner_lines(f"{indent}    ") + [f"{indent}        {target} = 0.0"]
+    else:
+        lines.append(f"{indent}    _acc = 0.0")
+    lines += [f"{indent}    for _p in range(IT[{at} + _r], IT[{at} + _r + 1]):",
+              f"{indent}        _x = IT[{tables.add_ints(np.array(xs))} + _p]",
+              f"{indent}        _c = WT[{tables.add_floats(np.array(cs))} + _p]"]
+    if len(kinds) > 1:
+        lines.append(f"{indent}        _kind = IT[{tables.add_ints(np.array(ks))} + _p]")
+    names = list(formats)
+    for n, kind in enumerate(kinds):
+        ind = f"{indent}        "
+        if len(kinds) > 1:
+            lines.append(f"{ind}{'if' if n == 0 else 'elif'} _kind == {kind}:")
+            ind += "    "
+        load = formats[names[kind]].format("_x")
+        if inner:
+            lines += inner_lines(ind) + [f"{ind}    {target} += _c * {load}"]
+        else:
+            lines.append(f"{ind}_acc += _c * {load}")
+    if inner:
+        lines += inner_lines(f"{indent}    ") + [f"{indent}        {target} = _w * (_f * ({target} + _k0))"]
+    else:
+        lines.append(f"{indent}    {target} = _w * (_f * (_acc + _k0))")
+    return lines
