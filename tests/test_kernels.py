@@ -137,6 +137,31 @@ def test_input_layer_values_read_by_index_plans_are_the_scalars_one_by_one():
         assert all(np.array_equal(g, s) for g, s in zip(features.pair_values(X, second), stacked))
 
 
+
+def test_row_features_linear_in_input_covariances_take_their_exact_coefficients():
+    """Row features c0 + sum c_k Cov_k (a CNN's window variances, thousands) are evaluated
+    from a plan without building a numpy function each; their values must be the features'
+    own (each covariance substituted into the sympy expression, evaluated in float64), with
+    the coefficients exact (0.1**2 is 0.010000000000000002, not the 15-digit 0.01 a printed
+    sympy Float gives)."""
+    import sympy as sp
+
+    net = tp.layers.serial(tp.layers.Conv(8, (3,), None, "SAME", 1.3, 0.1), tp.layers.Tanh(),
+                           tp.layers.Conv(8, (3,), None, "SAME", 1.3, 0.1), tp.layers.Relu(),
+                           tp.layers.Flatten(), tp.layers.Dense(1, 1.3, 0.1))
+    features = tp.compile(net.program((4, 2))).kernel_function().features
+    X = np.random.default_rng(2).standard_normal((3, 8))
+    plan, values = features._row_plan(), features.row_values(X)
+    assert sum(fn is None for fn, _, _ in plan) >= len(plan) // 2
+    assert any(0.010000000000000002 in columns for fn, columns, _ in plan if fn is None)
+    for k, expr in enumerate(features.row):
+        covs = sorted(expr.atoms(tp.ir.ops.InputCov), key=sp.default_sort_key)
+        for i in range(X.shape[0]):
+            rep = {c: sp.Float(features._cov_values(str(c.args[0]), str(c.args[1]), X[i:i + 1], None, True)[0])
+                   for c in covs}
+            assert values[i, k] == pytest.approx(float(expr.xreplace(rep)), rel=1e-15, abs=1e-300), (k, expr)
+
+
 # -- (c) finite width converges to the kernels -----------------------------------------------
 #: The smallest setting that still rejects a kernel with one term dropped (see below): widths
 #: 128..2048 over 20 seeds on 3 inputs (9 entries per kernel).

@@ -314,10 +314,18 @@ class Features:
 
     def _row_plan(self) -> list:
         """Per row feature: (numpy function, input columns, input covariances) -- built once,
-        so evaluating rows does no sympy work."""
+        so evaluating rows does no sympy work.  A feature that is a linear combination of
+        input-layer covariances (a CNN's variance of a window, one per position or pair of
+        positions: thousands) is planned as (None, coefficients, covariances), no function
+        built for it."""
         if "row_plan" not in self._memo:
             plan = []
             for expr in self.row:
+                linear = _linear_in_covs(expr)
+                if linear is not None:
+                    plan.append((None, [c for c, _ in linear],
+                                 [None if cov is None else (str(cov.args[0]), str(cov.args[1])) for _, cov in linear]))
+                    continue
                 covs = sorted(expr.atoms(ops.InputCov), key=sp.default_sort_key)
                 dummies = [sp.Dummy(f"c{i}") for i in range(len(covs))]
                 body = expr.xreplace(dict(zip(covs, dummies)))
@@ -330,6 +338,14 @@ class Features:
     def row_values(self, X: np.ndarray) -> np.ndarray:
         out = np.empty((X.shape[0], max(len(self.row), 1)))
         for k, (fn, columns, covs) in enumerate(self._row_plan()):
+            if fn is None:  # sum of c * Cov(a, b) and numbers, added in the printed order
+                value = None
+                for c, cov in zip(columns, covs):
+                    term = c if cov is None else (self._cov_values(*cov, X, None, True) if c == 1.0
+                                                  else c * self._cov_values(*cov, X, None, True))
+                    value = term if value is None else value + term
+                out[:, k] = value
+                continue
             args = [X[:, j] for j in columns] + [self._cov_values(a, b, X, None, True) for a, b in covs]
             out[:, k] = np.broadcast_to(fn(*args), (X.shape[0],))
         return out
@@ -351,6 +367,22 @@ class Features:
         if base[0] == "cov":
             return self._cov_values(base[1], base[2], X, X2, False, out)
         return _bilinear_gram(dict(base[1]), X, X2, out)
+
+
+def _linear_in_covs(expr: sp.Expr):
+    """[(c, Cov or None), ...] when expr is a sum of numbers c (None) and numbers times
+    first-input input-layer covariances, in the order sympy prints the sum (the order the
+    terms are added in), else None."""
+    terms = []
+    for term in expr.as_ordered_terms():
+        c, rest = term.as_coeff_Mul()
+        if rest is sp.S.One:
+            terms.append((float(c), None))
+        elif isinstance(rest, ops.InputCov) and rest.args[2] == 0 and rest.args[3] == 0:
+            terms.append((float(c), rest))
+        else:
+            return None
+    return terms if any(cov is not None for _, cov in terms) else None
 
 
 #: The value on every data row of one scalar of an input layer, by op: rule(X, op) -> column.
