@@ -342,3 +342,26 @@ def test_linear_runs_compute_what_the_group_loops_compute(net, shape, monkeypatc
     a, b = runs(X, X[:4] + 0.3), loops(X, X[:4] + 0.3)
     for key in a:
         assert np.array_equal(a[key], b[key]), key
+
+
+def test_monomial_is_the_object_sympy_builds():
+    """ntk.monomial builds products of distinct symbols and powers of symbols (the kernel
+    program's w * K_ab * K_cd terms) without flattening; it must be sympy's own product (same
+    arguments in the same order, same hash), and sympy's product for anything else
+    (numbers, repeated bases, sums, non-commutative factors)."""
+    import random
+
+    import sympy as sp
+    from tpcompiler.ir import ops
+    from tpcompiler.ir.ntk import monomial
+
+    syms = [ops.node_symbol(f"K_x{i}_x{i + 1}") for i in range(4)] + [ops.primed_symbol("h1"), sp.Symbol("sigma_W3_0")]
+    pows = [syms[5] ** 2, syms[0] ** 3, syms[1] ** sp.Rational(1, 2)]
+    other = [sp.Integer(2), sp.Float(0.5), syms[2] + syms[3], ops.InputCov(sp.Symbol("g0"), sp.Symbol("g1"), 0, 1)]
+    rng = random.Random(1)
+    for _ in range(2000):
+        factors = rng.sample(syms + pows, rng.randint(0, 4))
+        if rng.random() < 0.2:
+            factors.append(rng.choice(other + factors[:1]))
+        got, want = monomial(*factors), sp.Mul(*factors)
+        assert got == want and got.args == want.args and hash(got) == hash(want), factors

@@ -16,7 +16,8 @@ exactly by the pairwise kernel backend, by particles, and at finite width by the
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+import functools
+from dataclasses import dataclass, field
 
 import sympy as sp
 
@@ -27,23 +28,45 @@ from tpcompiler.ir.ops import node_symbol, primed_symbol
 from tpcompiler.ir.rules import RuleTable
 
 
+#: sympy's canonical order of a product's factors (the key Mul.flatten sorts them by)
+_FACTOR_ORDER = functools.cmp_to_key(sp.Basic.compare)
+
+
+def monomial(*factors: sp.Expr) -> sp.Expr:
+    """sp.Mul(*factors), built directly when the factors are commutative symbols or powers of
+    symbols (numeric exponents) with distinct bases: sorted as Mul.flatten sorts them, which
+    is the object it builds (flattening, with its power collection and assumptions, cost
+    most of a CNN's kernel program: one product per pair of uses of each tap matrix)."""
+    bases = [f.base if f.is_Pow and f.exp.is_Number else f for f in factors]
+    if len(factors) > 1 and len(set(bases)) == len(bases) and all(b.is_Symbol and b.is_commutative for b in bases):
+        return sp.Mul._from_args(sorted(factors, key=_FACTOR_ORDER))
+    return sp.Mul(*factors)
+
+
 def _pair(d: "_Differentiated", a: str, b: str) -> sp.Symbol:
     """The pair moment E[Z^a Z^b(xi')]: b is primed where it depends on the input.  Interned,
-    so the program's own pair moment of the same expression (or an earlier request) is reused."""
-    expr = node_symbol(a) * (primed_symbol(b) if b in d.dependent else node_symbol(b))
-    return node_symbol(d.out.intern_expr(ops.Moment, expr, f"K_{a}_{b}" if a != b else f"K_{a}", pair=True))
+    so the program's own pair moment of the same expression (or an earlier request) is reused;
+    memoised (a convolution's taps share their gradient pairs)."""
+    found = d.pairs.get((a, b))
+    if found is None:
+        expr = monomial(node_symbol(a), primed_symbol(b) if b in d.dependent else node_symbol(b))
+        found = d.pairs[(a, b)] = node_symbol(
+            d.out.intern_expr(ops.Moment, expr, f"K_{a}_{b}" if a != b else f"K_{a}", pair=True))
+    return found
 
 
 @dataclass
 class _Differentiated:
     """A template and its backward pass: ``out`` (the graph gradients were appended to),
-    ``grads`` {z: dz}, the forward vectors and the input-dependent nodes of ``out``."""
+    ``grads`` {z: dz}, the forward vectors and the input-dependent nodes of ``out``, and the
+    pair moments made so far."""
 
     graph: Graph
     out: Graph
     grads: dict
     forward: set
     dependent: set
+    pairs: dict = field(default_factory=dict)   # (a, b) -> its pair moment's symbol (_pair)
 
 
 def kernel_program(graph: Graph) -> Graph:
@@ -116,7 +139,8 @@ def _ntk_matrices(d: _Differentiated, keys: list) -> list:
         if key in d.forward and key in d.grads and mat in keys:
             uses.setdefault(mat, []).append((x, d.grads[key]) if tr else (d.grads[key], x))
     # one product of three factors, not two products (a CNN has one term per pair of uses)
-    return [sp.Mul(d.graph.op(mat).weight(), _pair(d, ra, rb), _pair(d, ca, cb))
+    weights = {mat: d.graph.op(mat).weight() for mat in uses}
+    return [monomial(weights[mat], _pair(d, ra, rb), _pair(d, ca, cb))
             for mat, pairs in uses.items() for ra, ca in pairs for rb, cb in pairs]
 
 
