@@ -345,7 +345,7 @@ def test_linear_runs_compute_what_the_group_loops_compute(net, shape, monkeypatc
 
 
 def test_monomial_is_the_object_sympy_builds():
-    """ntk.monomial builds products of distinct symbols and powers of symbols (the kernel
+    """symbols.monomial builds products of distinct symbols and powers of symbols (the kernel
     program's w * K_ab * K_cd terms) without flattening; it must be sympy's own product (same
     arguments in the same order, same hash), and sympy's product for anything else
     (numbers, repeated bases, sums, non-commutative factors)."""
@@ -353,7 +353,7 @@ def test_monomial_is_the_object_sympy_builds():
 
     import sympy as sp
     from tpcompiler.ir import ops
-    from tpcompiler.ir.ntk import monomial
+    from tpcompiler.ir.symbols import monomial
 
     syms = [ops.node_symbol(f"K_x{i}_x{i + 1}") for i in range(4)] + [ops.primed_symbol("h1"), sp.Symbol("sigma_W3_0")]
     pows = [syms[5] ** 2, syms[0] ** 3, syms[1] ** sp.Rational(1, 2)]

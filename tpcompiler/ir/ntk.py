@@ -16,7 +16,6 @@ exactly by the pairwise kernel backend, by particles, and at finite width by the
 """
 from __future__ import annotations
 
-import functools
 from dataclasses import dataclass, field
 
 import sympy as sp
@@ -26,21 +25,7 @@ from tpcompiler.ir.backward import derive_backward, forward_nodes
 from tpcompiler.ir.graph import Graph
 from tpcompiler.ir.ops import node_symbol, primed_symbol
 from tpcompiler.ir.rules import RuleTable
-
-
-#: sympy's canonical order of a product's factors (the key Mul.flatten sorts them by)
-_FACTOR_ORDER = functools.cmp_to_key(sp.Basic.compare)
-
-
-def monomial(*factors: sp.Expr) -> sp.Expr:
-    """sp.Mul(*factors), built directly when the factors are commutative symbols or powers of
-    symbols (numeric exponents) with distinct bases: sorted as Mul.flatten sorts them, which
-    is the object it builds (flattening, with its power collection and assumptions, cost
-    most of a CNN's kernel program: one product per pair of uses of each tap matrix)."""
-    bases = [f.base if f.is_Pow and f.exp.is_Number else f for f in factors]
-    if len(factors) > 1 and len(set(bases)) == len(bases) and all(b.is_Symbol and b.is_commutative for b in bases):
-        return sp.Mul._from_args(sorted(factors, key=_FACTOR_ORDER))
-    return sp.Mul(*factors)
+from tpcompiler.ir.symbols import monomial
 
 
 def _pair(d: "_Differentiated", a: str, b: str) -> sp.Symbol:

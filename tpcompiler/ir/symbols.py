@@ -38,6 +38,7 @@ symbols do (``class_key``), so expression orderings do not depend on the classes
 """
 from __future__ import annotations
 
+import functools
 from functools import lru_cache
 
 import sympy as sp
@@ -289,6 +290,22 @@ class LeafCovariance(CompilerSymbol):
 
     def _text(self):
         return self.name
+
+
+#: sympy's canonical order of a product's factors (the key Mul.flatten sorts them by)
+_FACTOR_ORDER = functools.cmp_to_key(sp.Basic.compare)
+
+
+def monomial(*factors: sp.Expr) -> sp.Expr:
+    """sp.Mul(*factors), built directly when the factors are commutative symbols or powers of
+    symbols (numeric exponents) with distinct bases: sorted as Mul.flatten sorts them, which
+    is the object it builds (flattening, with its power collection and assumptions, cost
+    most of a CNN's kernel program: one product per pair of uses of each tap matrix, and
+    one pair moment's Z^a Z^b' per pair of positions)."""
+    bases = [f.base if f.is_Pow and f.exp.is_Number else f for f in factors]
+    if len(factors) > 1 and len(set(bases)) == len(bases) and all(b.is_Symbol and b.is_commutative for b in bases):
+        return sp.Mul._from_args(sorted(factors, key=_FACTOR_ORDER))
+    return sp.Mul(*factors)
 
 
 def Z(key: str, primed: bool = False) -> ZSymbol:

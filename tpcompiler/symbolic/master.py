@@ -42,7 +42,7 @@ from tpcompiler.ir.nonlinearities import EVEN, NEITHER, ODD, parity_of_function
 from tpcompiler.ir import symbols
 from tpcompiler.ir.ops import VEC, node_symbol, unprime
 from tpcompiler.ir.rules import RuleTable
-from tpcompiler.ir.symbols import Z, Zhat
+from tpcompiler.ir.symbols import Z, Zhat, monomial
 
 #: Derivative expressions larger than this are shown as dZ^x/dZHat^v rather than inlined.
 MAX_INLINE_OPS = 60
@@ -391,7 +391,11 @@ class ZProgram:
             k, primed = unprime(s)
             if self.graph.kind(k) == VEC:
                 rep[s] = Z(k, primed)
-        psi = op.expr.xreplace(rep)
+        factors = sp.Mul.make_args(op.expr)
+        if all(f in rep for f in factors):  # a pair moment's Z^a Z^b': the product built directly
+            psi = monomial(*[rep[f] for f in factors])
+        else:
+            psi = op.expr.xreplace(rep)
         # an odd function has expectation 0 only if it is integrable: check existence first
         self.checker.check_moment(key, psi)
         block = self.zero_block(psi)
