@@ -503,7 +503,7 @@ class KernelFunction:
         loads_p = {node_symbol(k): f"P[{m}]" for m, k in enumerate(self.runtime)}
         grams = "".join(f"G{m}, " for m in range(n_g))
         outs = ", ".join(f"out{k}" for k in range(len(KERNELS)))
-        header = self._header(rows, diagonal, pairs, outputs)
+        header = self._header([e for _, e in rows + pairs] + diagonal + outputs)
         row_lines, row_outs = print_body([s for s, _ in rows] + diagonal, {**loads0, **loads_p}, "        ", rows)
         pair_lines, pair_outs = print_body(outputs, {**loads0, **loads1, **loads_q0, **loads_q1, **loads_g, **loads_p},
                                            "                ", pairs)
@@ -588,8 +588,8 @@ def pair_stage({grams}RF1, RF2T, R1, R2T, {outs}, symmetric, P):
         pair_init = "\n".join(f"                    ACC[{k}, j - jb] = {c!r}" for k, c in enumerate(pair_constants))
         pair_outs = "\n".join(f"                    out{k}[i, j] = ACC[{k}, j - jb]" for k in range(len(KERNELS)))
         outs = ", ".join(f"out{k}" for k in range(len(KERNELS)))
-        header = self._header(rows, [t for terms in diagonal for t in terms], pairs,
-                              [*(t for terms in outputs for t in terms), *self._bodies.values()])
+        # the custom functions the printed code calls: those of the groups' templates
+        header = self._header([group.template for group in row_groups + pair_groups])
         return header + "\n" + tables.source() + f"""
 
 @njit(cache=True, nogil=True, error_model="numpy")
@@ -630,8 +630,9 @@ def pair_stage(t0, step, GS, RF1, RF2T, R1, R2T, {outs}, symmetric, P, IT, WT):
 {pair_outs}
 """ + _MIRROR_SOURCE
 
-    def _header(self, rows, diagonal, pairs, outputs) -> str:
-        """Module source before the stages: imports, quadrature functions, custom functions."""
+    def _header(self, printed) -> str:
+        """Module source before the stages: imports, quadrature functions, the custom functions
+        the ``printed`` expressions call."""
         quad = [i for i, obj in enumerate(self.expectations) if obj.expression is None]
         header = [
             "import math",
@@ -652,8 +653,7 @@ def pair_stage(t0, step, GS, RF1, RF2T, R1, R2T, {outs}, symmetric, P, IT, WT):
             build = "pair_expectation" if len(lams) == 2 else "expectation"
             # naming the callee's module keeps this module's numba cache from outliving it
             header.append(f"_e{i} = _ex.{build}({args}, rtol={self.rtol!r}).scalar  # {obj.scalar.py_func.__module__}")
-        body = custom_functions_source([e for _, e in rows + pairs] + diagonal + outputs)
-        return "\n".join(header) + "\n" + body
+        return "\n".join(header) + "\n" + custom_functions_source(printed)
 
     # -- evaluation -----------------------------------------------------------------------
     def _check(self, X, what):
