@@ -340,8 +340,8 @@ def test_linear_runs_compute_what_the_group_loops_compute(net, shape, monkeypatc
     loops = KernelFunction(graph, share=True)
     assert "for _r in range(" not in loops.source
     a, b = runs(X, X[:4] + 0.3), loops(X, X[:4] + 0.3)
-    for key in a:
-        assert np.array_equal(a[key], b[key]), key
+    for key in a:  # bit for bit, the sign of a zero included
+        assert np.array_equal(a[key].view(np.int64), b[key].view(np.int64)), key
 
 
 def test_monomial_is_the_object_sympy_builds():
@@ -365,3 +365,65 @@ def test_monomial_is_the_object_sympy_builds():
             factors.append(rng.choice(other + factors[:1]))
         got, want = monomial(*factors), sp.Mul(*factors)
         assert got == want and got.args == want.args and hash(got) == hash(want), factors
+
+
+def test_linear_runs_equal_group_loops_on_random_groups_and_signed_zeros(monkeypatch):
+    """The generated code of random runs of linear groups (every load kind of the pair stage,
+    several entries per member, negative, rational and factored coefficients, constants or
+    none), executed as Python on inputs that include +0.0 and -0.0, must store what one loop
+    per group stores, bit for bit (the sign of a zero included)."""
+    import math
+    import random
+
+    import sympy as sp
+    from tpcompiler.backends.kernels import kernel
+    from tpcompiler.backends.kernels.shared import Group, _placeholder
+
+    formats = {"RF1": "RF1[i, {}]", "RF2T": "RF2T[{}, j]", "R1": "R1[i, {}]", "R2T": "R2T[{}, j]",
+               "GS": "GS[{}, i, j]", "Q": "Q[{}, jj]"}
+    rng, pick = np.random.default_rng(3), random.Random(3)
+
+    def group(first_slot: int) -> Group:
+        n, width, members = pick.randint(1, 4), pick.randint(1, 3), pick.randint(1, 3)
+        slots = [_placeholder(k) for k in range(n)]
+        kinds = [pick.choice(list(formats)[:5] + (["Q"] if first_slot else [])) for _ in range(n)]
+        entries = []
+        for _ in range(width):
+            e = sum((sp.Float(pick.choice([1.0, -1.0, 0.5, -0.3, 2.0])) * s for s in slots if pick.random() < 0.8),
+                    sp.S.Zero)
+            e = e + sp.Float(pick.choice([0.01, -2.5])) if pick.random() < 0.4 else e
+            e = sp.Rational(1, 3) * e if pick.random() < 0.3 else e
+            entries.append(e if e != 0 else slots[0])
+        index = np.array([[pick.randrange(first_slot if k == "Q" else 4) for k in kinds] for _ in range(members)])
+        target = np.arange(first_slot, first_slot + members * width).reshape(members, width)
+        return Group(sp.Tuple(*entries), slots, kinds, index.reshape(members, n), rng.standard_normal((members, 1)), target)
+
+    def values(shape):
+        v = rng.standard_normal(shape)
+        v[rng.random(shape) < 0.3] = 0.0
+        v[rng.random(shape) < 0.3] = -0.0
+        return v
+
+    runs = 0
+    for _ in range(30):
+        groups, slots = [], 0
+        for _ in range(pick.randint(2, 4)):
+            groups.append(group(slots))
+            slots += groups[-1].target.size
+        inputs = {"RF1": values((4, 4)), "RF2T": values((4, 5)), "R1": values((4, 4)), "R2T": values((4, 5)),
+                  "GS": values((4, 4, 5))}
+        stored = []
+        for linear in (True, False):
+            if not linear:
+                monkeypatch.setattr(kernel, "_linear_forms", lambda g: None)
+            tables = kernel._Tables()
+            body = kernel._group_loops(groups, formats, {}, "", "Q[{}, jj]", "ACC[{}, jj]", tables,
+                                       inner="for j in range(jb, je):", inner_setup="jj = j - jb")[0]
+            runs += linear and "for _r in range(" in body
+            env = {"IT": np.array(tables.ints, dtype=np.int64), "WT": np.array(tables.floats), "i": 2, "jb": 1,
+                   "je": 4, "Q": np.full((slots, 3), np.nan), "math": math, **inputs}
+            exec(body, env)
+            stored.append(env["Q"])
+        monkeypatch.undo()
+        assert np.array_equal(stored[0].view(np.int64), stored[1].view(np.int64))
+    assert runs >= 20

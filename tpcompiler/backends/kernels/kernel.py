@@ -1039,7 +1039,9 @@ def _linear_forms(group) -> list | None:
     for r in reduced:
         scale, inner = (r.args if r.is_Mul and len(r.args) == 2 and r.args[0].is_Number and r.args[1].is_Add
                         else (sp.S.One, r))
-        constant, terms = 0.0, []
+        # -0.0 is the identity of floating-point addition (x + -0.0 is x, the sign of a zero
+        # included): no constant, and the sum's start in _linear_run
+        constant, terms = -0.0, []
         ordered = [] if inner == 0 else inner.as_ordered_terms()
         for n, t in enumerate(ordered):
             c, v = t.as_coeff_Mul()
@@ -1075,7 +1077,7 @@ def _linear_run(run, formats: dict, indent: str, slot: str, tables: "_Tables", i
                 starts.append(len(xs))
     kinds = sorted(set(ks))
     target = slot.format("_t")
-    inner_lines = (lambda ind: [f"{ind}{inner}", f"{ind}    {inner_setup}"]) if inner else (lambda ind: [])
+    inner_lines = (lambda ind: [f"{ind}{inner}"] + ([f"{ind}    {inner_setup}"] if inner_setup else [])) if inner else (lambda ind: [])
     lines = [f"{indent}for _r in range({len(targets)}):",
              f"{indent}    _t = IT[{tables.add_ints(np.array(targets))} + _r]",
              f"{indent}    _w = WT[{tables.add_floats(np.array(weights))} + _r]",
@@ -1083,9 +1085,9 @@ def _linear_run(run, formats: dict, indent: str, slot: str, tables: "_Tables", i
              f"{indent}    _f = WT[{tables.add_floats(np.array(scales))} + _r]"]
     at = tables.add_ints(np.array(starts))
     if inner:
-        lines += inner_lines(f"{indent}    ") + [f"{indent}        {target} = 0.0"]
+        lines += inner_lines(f"{indent}    ") + [f"{indent}        {target} = -0.0"]
     else:
-        lines.append(f"{indent}    _acc = 0.0")
+        lines.append(f"{indent}    _acc = -0.0")
     lines += [f"{indent}    for _p in range(IT[{at} + _r], IT[{at} + _r + 1]):",
               f"{indent}        _x = IT[{tables.add_ints(np.array(xs))} + _p]",
               f"{indent}        _c = WT[{tables.add_floats(np.array(cs))} + _p]"]
