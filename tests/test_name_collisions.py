@@ -128,3 +128,17 @@ def test_symbols_print_their_kind():
     assert sp.latex(symbols.NodeSymbol("xi_1", True)) == r"{\xi'}_{1}"
     assert sp.latex(h1 ** 2) == r"{h'}_{1}^{2}"
     assert sp.sstr(symbols.Z("u") + h1) == "Z^u + h_1'"
+
+
+def test_numpy_lowering_keeps_every_bit_of_float_constants():
+    """lambdify's own printer writes a sympy Float with 15 significant digits (1/3 as
+    0.333333333333333, ~1e-15 relative off); the numpy lowering must compute with the
+    float64 the constant stands for."""
+    import sympy as sp
+
+    from tpcompiler.backends.lowering import numpy_function
+
+    x = sp.Symbol("x", real=True)
+    for c in (1.0 / 3.0, 0.1 ** 2, 2.0 / 7.0 * 1e-300, -1.2345678901234567e10):
+        f = numpy_function(sp.Float(c) * x + sp.Float(c), [x])
+        assert f(1.0) == c * 1.0 + c and f(np.array([0.0, 2.0]))[1] == c * 2.0 + c, c
