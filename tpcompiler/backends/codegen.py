@@ -83,6 +83,17 @@ def print_expressions(exprs, indent: str = "    ") -> tuple[list[str], list[str]
     return [f"{indent}{printer.doprint(s)} = {printer.doprint(e)}" for s, e in reps], [printer.doprint(e) for e in reduced]
 
 
+def load_names(loaded) -> dict:
+    """The local variables _v0, _v1, ... that ``print_body`` reads the loaded symbols into, in
+    the order of their names."""
+    return {s: sp.Symbol(f"_v{k}", real=True) for k, s in enumerate(sorted(loaded, key=lambda s: s.name))}
+
+
+def common_subexpressions(exprs: list) -> tuple[list, list]:
+    """sympy's cse as ``print_body`` applies it: (replacements _c0, _c1, ..., reduced exprs)."""
+    return sp.cse(exprs, symbols=sp.numbered_symbols("_c"), optimizations="basic")
+
+
 def print_body(exprs, loads: dict, indent: str = "    ", assignments=()) -> tuple[list[str], list[str]]:
     """Straight-line code computing ``exprs``: returns (lines, printed results).
 
@@ -99,13 +110,13 @@ def print_body(exprs, loads: dict, indent: str = "    ", assignments=()) -> tupl
     missing = sorted(s.name for s in used - defined if s not in loads)
     if missing:
         raise ValueError(f"generated code has no value for {missing[:5]}")
-    names = {s: sp.Symbol(f"_v{k}", real=True) for k, s in enumerate(sorted((used - defined) & set(loads), key=lambda s: s.name))}
+    names = load_names((used - defined) & set(loads))
     names.update({s: sp.Symbol(f"_q{k}", real=True) for k, (s, _) in enumerate(assignments)})
     lines = [f"{indent}{names[s].name} = {loads[s]}" for s in sorted(used - defined, key=lambda s: names[s].name)]
     everything = [e.xreplace(names) for e in everything]
     helpers = {type(f).__name__ for e in everything for f in e.atoms(sp.Function) if type(f).__name__.startswith("_e")}
     printer = NumbaPrinter(helpers)
-    reps, reduced = sp.cse(everything, symbols=sp.numbered_symbols("_c"), optimizations="basic")
+    reps, reduced = common_subexpressions(everything)
     k = len(assignments)
     pending = dict(reps)
     pending.update({names[s]: e for (s, _), e in zip(assignments, reduced[:k])})

@@ -293,7 +293,7 @@ class LeafCovariance(CompilerSymbol):
 
 
 #: sympy's canonical order of a product's factors (the key Mul.flatten sorts them by)
-_FACTOR_ORDER = functools.cmp_to_key(sp.Basic.compare)
+FACTOR_ORDER = functools.cmp_to_key(sp.Basic.compare)
 
 
 def monomial(*factors: sp.Expr) -> sp.Expr:
@@ -304,7 +304,7 @@ def monomial(*factors: sp.Expr) -> sp.Expr:
     one pair moment's Z^a Z^b' per pair of positions)."""
     bases = [f.base if f.is_Pow and f.exp.is_Number else f for f in factors]
     if len(factors) > 1 and len(set(bases)) == len(bases) and all(b.is_Symbol and b.is_commutative for b in bases):
-        return sp.Mul._from_args(sorted(factors, key=_FACTOR_ORDER))
+        return sp.Mul._from_args(sorted(factors, key=FACTOR_ORDER))
     return sp.Mul(*factors)
 
 

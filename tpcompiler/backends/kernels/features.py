@@ -261,26 +261,26 @@ class Features:
     def _layer_values(self, key: str, X: np.ndarray, positions: tuple) -> np.ndarray:
         """Per data row, the scalars of input layer ``key`` at the given positions (a view of
         X itself when they are input coordinates 0..d-1 in order, the dense input layer)."""
-        plan = self._layer_plan(key, positions)
-        if isinstance(plan, np.ndarray):
-            if len(plan) == X.shape[1] and self._memo.get(("identity", len(plan))) is plan:
-                return X
-            return np.ascontiguousarray(X[:, plan])  # row-major, as the columns stacked were
-        return np.stack([LAYER_SCALARS(o)(X, o) for o in plan], axis=1)
+        how, plan = self._layer_plan(key, positions)
+        if how == "identity" and len(plan) == X.shape[1]:
+            return X
+        if how == "scalars":
+            return np.stack([LAYER_SCALARS(o)(X, o) for o in plan], axis=1)
+        return np.ascontiguousarray(X[:, plan])  # row-major, as the columns stacked were
 
     def _layer_plan(self, key: str, positions: tuple):
         """How ``_layer_values`` reads the scalars, built once per layer and positions (a
         CNN's kernels read one Gram per pair of windows): the input columns as an index array
-        when every scalar is an input coordinate, else the scalars' ops."""
+        when every scalar is an input coordinate ("columns"; "identity" when they are
+        0, 1, ..., k-1 in order), else the scalars' ops ("scalars")."""
         memo_key = ("layer", key, positions)
         plan = self._memo.get(memo_key)
         if plan is None:
             sops = [self.graph.op(self.graph.args(key)[1:][p]) for p in positions]
-            plan = sops
+            plan = ("scalars", sops)
             if all(type(o) is ops.Input for o in sops):
-                plan = np.array([o.index for o in sops], dtype=np.intp)
-                if np.array_equal(plan, np.arange(len(plan))):
-                    plan = self._memo.setdefault(("identity", len(plan)), plan)
+                columns = np.array([o.index for o in sops], dtype=np.intp)
+                plan = ("identity" if np.array_equal(columns, np.arange(len(columns))) else "columns", columns)
             self._memo[memo_key] = plan
         return plan
 
@@ -341,8 +341,7 @@ class Features:
             if fn is None:  # sum of c * Cov(a, b) and numbers, added in the printed order
                 value = None
                 for c, cov in zip(columns, covs):
-                    term = c if cov is None else (self._cov_values(*cov, X, None, True) if c == 1.0
-                                                  else c * self._cov_values(*cov, X, None, True))
+                    term = c if cov is None else c * self._cov_values(*cov, X, None, True)
                     value = term if value is None else value + term
                 out[:, k] = value
                 continue

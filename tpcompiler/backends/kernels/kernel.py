@@ -35,6 +35,7 @@ cached on disk keyed by its hash (``codegen.load_module``), and numba compiles i
 from __future__ import annotations
 
 import functools
+import itertools
 import time
 from dataclasses import dataclass
 from fractions import Fraction
@@ -45,7 +46,7 @@ import sympy as sp
 
 from tpcompiler import expectations, progress, threads
 from tpcompiler.ir import ops, symbols
-from tpcompiler.backends.codegen import custom_functions_source, load_module, print_body
+from tpcompiler.backends.codegen import common_subexpressions, custom_functions_source, load_module, load_names, print_body
 from tpcompiler.ir.graph import Graph, ProgramError
 from tpcompiler.ir.ntk import kernel_program
 from tpcompiler.backends.kernels import shared
@@ -968,30 +969,24 @@ def _group_loops(groups, formats: dict, fixed: dict, indent: str, slot: str, acc
     before the inner loop.  Consecutive groups of linear quantities are one loop
     (``_linear_run``)."""
     quantity_lines, term_lines = [], []
-    body = indent + ("        " if inner else "    ")
     forms = [_linear_forms(g) if g.target is not None else None for g in groups]
-    run: list = []   # consecutive linear groups of quantities, written as one loop
-    for group, form in zip(groups + [None], forms + [None]):
-        if form is not None:
-            run.append((group, form))
+    for linear, members in itertools.groupby(zip(groups, forms), key=lambda member: member[1] is not None):
+        members = list(members)
+        if linear and len(members) > 1:
+            quantity_lines.extend(_linear_run(members, formats, indent, slot, tables, inner, inner_setup))
             continue
-        if len(run) > 1:
-            quantity_lines.extend(_linear_run(run, formats, indent, slot, tables, inner, inner_setup))
-        else:
-            quantity_lines.extend(_group_loop(g, formats, fixed, indent, slot, acc, tables, inner, inner_setup, body)
-                                  for g, _ in run)
-        run = []
-        if group is None:
-            break
-        out = quantity_lines if group.target is not None else term_lines
-        out.append(_group_loop(group, formats, fixed, indent, slot, acc, tables, inner, inner_setup, body))
-    return "\n".join(line for line in quantity_lines if line), "\n".join(line for line in term_lines if line)
+        for group, _ in members:
+            loop = _group_loop(group, formats, fixed, indent, slot, acc, tables, inner, inner_setup)
+            if loop:
+                (quantity_lines if group.target is not None else term_lines).append(loop)
+    return "\n".join(quantity_lines), "\n".join(term_lines)
 
 
-def _group_loop(group, formats, fixed, indent, slot, acc, tables, inner, inner_setup, body) -> str:
+def _group_loop(group, formats, fixed, indent, slot, acc, tables, inner, inner_setup) -> str:
     """One group's loop over its members (``_group_loops``); "" for output terms whose
     template came out zero once written out."""
     M, n = group.index.shape
+    body = indent + ("        " if inner else "    ")
     if group.target is None and all(e == 0 for e in group.template.args):
         return ""
     loads = {a: formats[kind].format(f"_x{k}") for k, (a, kind) in enumerate(zip(group.placeholders, group.kinds))}
@@ -1027,12 +1022,12 @@ def _linear_forms(group) -> list | None:
     written expression does; else None."""
     exprs = list(group.template.args)
     number = {a: k for k, a in enumerate(group.placeholders)}
-    used = sorted(set().union(*(e.free_symbols for e in exprs)), key=lambda a: a.name)
-    if not set(used) <= set(number):
+    used = set().union(*(e.free_symbols for e in exprs))
+    if not used <= set(number):
         return None  # a runtime parameter
-    names = {a: sp.Symbol(f"_v{k}", real=True) for k, a in enumerate(used)}  # as print_body names them
+    names = load_names(used)
     back = {v: number[a] for a, v in names.items()}
-    reps, reduced = sp.cse([e.xreplace(names) for e in exprs], symbols=sp.numbered_symbols("_c"), optimizations="basic")
+    reps, reduced = common_subexpressions([e.xreplace(names) for e in exprs])
     if reps:
         return None
     forms = []
@@ -1077,7 +1072,11 @@ def _linear_run(run, formats: dict, indent: str, slot: str, tables: "_Tables", i
                 starts.append(len(xs))
     kinds = sorted(set(ks))
     target = slot.format("_t")
-    inner_lines = (lambda ind: [f"{ind}{inner}"] + ([f"{ind}    {inner_setup}"] if inner_setup else [])) if inner else (lambda ind: [])
+
+    def inner_lines(ind: str) -> list:
+        """The inner loop's header and first statement at indentation ``ind``."""
+        return [f"{ind}{inner}"] + ([f"{ind}    {inner_setup}"] if inner_setup else [])
+
     lines = [f"{indent}for _r in range({len(targets)}):",
              f"{indent}    _t = IT[{tables.add_ints(np.array(targets))} + _r]",
              f"{indent}    _w = WT[{tables.add_floats(np.array(weights))} + _r]",

@@ -28,7 +28,6 @@ order (which can only split a group in two, never join different ones).
 from __future__ import annotations
 
 import contextlib
-import functools
 import gc
 import math
 import threading
@@ -36,6 +35,8 @@ from dataclasses import dataclass
 
 import numpy as np
 import sympy as sp
+
+from tpcompiler.ir.symbols import FACTOR_ORDER
 
 
 @dataclass
@@ -267,10 +268,6 @@ def _interning_float_new(pool: dict):
     return _new
 
 
-#: sympy's canonical order of the factors of a product (the key Mul.flatten sorts them by)
-_FACTOR_ORDER = functools.cmp_to_key(sp.Basic.compare)
-
-
 def product(c, factors) -> sp.Expr:
     """c * prod(factors), for c a sympy number or a float (``number(c)``: 1.0 is no factor, as
     in a term sum), built directly when c is finite and non-zero and the factors are distinct
@@ -286,7 +283,7 @@ def product(c, factors) -> sp.Expr:
         (f.is_Symbol or isinstance(f, sp.Function)) and f.is_commutative for f in factors)
     if not plain or len(set(factors)) != len(factors):
         return sp.Mul(coefficient, *factors)
-    factors.sort(key=_FACTOR_ORDER)
+    factors.sort(key=FACTOR_ORDER)
     if coefficient is not sp.S.One:
         factors.insert(0, coefficient)
     if len(factors) == 1:
