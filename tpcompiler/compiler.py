@@ -196,8 +196,10 @@ class Compiled:
         return tiled.kernels(self.kernel_function(rtol), X, X2, memory=memory, out=out, dtype=dtype, client=client,
                              progress=progress, tile=tile)  # refuses non-finite kernels itself
 
-    def kernel_function(self, rtol: float = 1e-10):
-        """The compiled kernel evaluator (generated Numba code, cached on disk)."""
+    def kernel_function(self, rtol: float = 1e-10, cache: bool = True):
+        """The compiled kernel evaluator (generated Numba code, cached on disk).  ``cache``:
+        read the derivation from the disk cache when the same program was derived by the same
+        code before, else store it there (kernels/stored.py); False derives it again."""
         from tpcompiler.backends.kernels.kernel import KernelFunction
 
         rtol = validation.number(rtol, "rtol", positive=True)
@@ -205,9 +207,9 @@ class Compiled:
             raise validation.ArgumentError(
                 f"rtol: expected a relative accuracy between {MIN_RTOL:g} and {MAX_RTOL:g}, got {rtol:g}")
         self._unchanged()
-        key = ("kernels", float(rtol))
+        key = ("kernels", float(rtol), bool(cache))
         if key not in self._bound:
-            self._bound[key] = KernelFunction(self.source, rtol=rtol, derived=self._kernel_derivation)
+            self._bound[key] = KernelFunction(self.source, rtol=rtol, derived=self._kernel_derivation, cache=bool(cache))
         return self._bound[key]
 
     def limit(self, particles: int = DEFAULT_PARTICLES, seed: int = 0, x=None, groups: int = 10,

@@ -182,7 +182,7 @@ def _template(program, params: dict, names: list, rtol: float) -> _Template | No
         binding = {k: n for n in runtime for k in followers[n]}
         graph = run_passes(Program.from_graph(base), until="validate").graph
         try:
-            kf = KernelFunction(graph, rtol=rtol, runtime=tuple(binding))
+            kf = KernelFunction(graph, rtol=rtol, runtime=tuple(binding), cache=True)
         except (NotPairwise, ProgramError):
             template = None
         else:

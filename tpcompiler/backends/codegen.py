@@ -140,10 +140,19 @@ def atomic_write(path: str, text: str) -> None:
     """Write ``text`` to ``path`` so that concurrent readers (other threads or processes, even
     on other machines sharing the directory) see the old file or the complete new one: a
     uniquely named temporary file in the same directory, flushed, then ``os.replace``."""
+    _atomic_write(path, text, "w")
+
+
+def atomic_write_bytes(path: str, data: bytes) -> None:
+    """``atomic_write`` of bytes (a stored derivation, kernels/stored.py)."""
+    _atomic_write(path, data, "wb")
+
+
+def _atomic_write(path: str, data, mode: str) -> None:
     fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path) or ".", prefix=os.path.basename(path) + ".", suffix=".tmp")
     try:
-        with os.fdopen(fd, "w") as fh:
-            fh.write(text)
+        with os.fdopen(fd, mode) as fh:
+            fh.write(data)
             fh.flush()
             os.fsync(fh.fileno())
         os.chmod(tmp, 0o644)  # mkstemp's 0600 would hide a shared cache from other users
@@ -157,7 +166,7 @@ def atomic_write(path: str, text: str) -> None:
 
 
 def cache_dir(kind: str) -> str:
-    """The cache directory for ``kind`` ("kernels", "gaussian2"), created if needed."""
+    """The cache directory for ``kind`` ("kernels", "gaussian2", "derivations"), created if needed."""
     candidates = []
     if os.environ.get("TPCOMPILER_CACHE_DIR"):
         base = os.environ["TPCOMPILER_CACHE_DIR"]

@@ -46,6 +46,24 @@ class Features:
         self._input_only: dict = {}
         self._has_inputs: dict = {}
 
+    #: What evaluating the features reads (``row_values``, ``pair_values``): the rest of the
+    #: object is the derivation's bookkeeping.
+    _RUNTIME = ("inputs0", "inputs1", "all_inputs", "dependent", "row", "bases")
+
+    def runtime_state(self) -> dict:
+        """The attributes the numeric evaluation reads, without the graph (stored.py stores
+        them with a derivation; ``restored`` rebuilds the object)."""
+        return {name: getattr(self, name) for name in self._RUNTIME}
+
+    @classmethod
+    def restored(cls, graph: Graph, state: dict) -> "Features":
+        """Features that evaluate as the ones whose ``runtime_state`` is ``state`` did, for
+        ``graph`` (the program they were derived from)."""
+        features = cls(graph, state["inputs0"])
+        for name in cls._RUNTIME:
+            setattr(features, name, state[name])
+        return features
+
     # -- classification -------------------------------------------------------------------
     def _atom_sides(self, atom) -> set:
         if isinstance(atom, ops.InputCov):

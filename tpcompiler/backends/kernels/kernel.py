@@ -49,7 +49,7 @@ from tpcompiler.ir import ops, symbols
 from tpcompiler.backends.codegen import common_subexpressions, custom_functions_source, load_module, load_names, print_body
 from tpcompiler.ir.graph import Graph, ProgramError
 from tpcompiler.ir.ntk import kernel_program
-from tpcompiler.backends.kernels import shared
+from tpcompiler.backends.kernels import shared, stored
 from tpcompiler.backends.kernels.features import Features
 from tpcompiler.ir.ops import node_symbol
 from tpcompiler.backends.kernels.pairwise import E1, E2, NotPairwise, PairwiseEngine, TemplateCall, expectation_rules
@@ -97,7 +97,7 @@ class KernelFunction:
     """NNGP and NTK of a template program, compiled to Numba (see module docstring)."""
 
     def __init__(self, graph: Graph, rtol: float = 1e-10, runtime=(), share: bool | None = None,
-                 templates: bool = True, derived: tuple | None = None):
+                 templates: bool = True, derived: tuple | None = None, cache: bool = False):
         """``runtime``: Param keys of ``graph`` kept as symbols through the derivation and the
         generated code, whose values are arguments of every call (``params``), so one
         compilation serves every value of them; the others are compiled in as numbers.
@@ -108,7 +108,11 @@ class KernelFunction:
         expectation once (pairwise.py; False derives every expectation on its own, the
         reference the templates are tested against).  ``derived``: (kernel program of
         ``graph``, its Z program) when the caller has them (``tp.compile``'s passes), else
-        derived here."""
+        derived here.  ``cache``: read the derivation from the disk cache when this program
+        was derived with these options by this code before, and store it otherwise
+        (stored.py; ``derivation_cached`` says which happened).  Off by default here, where
+        tests change the derivation's code in place; ``tp.compile(...).kernel_function()``
+        turns it on."""
         start = time.perf_counter()
         self.rtol = rtol
         bad = [k for k in runtime if k not in graph.g or not isinstance(graph.op(k), ops.Param)]
@@ -128,18 +132,38 @@ class KernelFunction:
         self.graph = graph
         (self.input_name, decl), = graph.inputs.items()
         self.d = len(decl.keys)
-        with shared.interned_floats(), shared.paused_gc():  # see their docstrings: speed only
-            self.source = self._derive(graph, templates, share, derived)
+        key = stored.derivation_key(graph, {"rtol": float(rtol), "runtime": self.runtime, "share": share,
+                                            "templates": bool(templates)}) if cache else None
+        state = stored.load(key)
+        #: whether the derivation was read from the disk cache (stored.py) instead of derived
+        self.derivation_cached = state is not None
+        self._engine = None
+        if state is not None:
+            self.source, self.shared, self.row_symbols = state["source"], state["shared"], state["row_symbols"]
+            self.features = Features.restored(graph, state["features"])
+        else:
+            with shared.interned_floats(), shared.paused_gc():  # see their docstrings: speed only
+                self.source = self._derive(graph, templates, share, derived)
+            stored.store(key, {"source": self.source, "shared": self.shared, "row_symbols": self.row_symbols,
+                               "features": self.features.runtime_state()})
         self.module = load_module(self.source, "kernels")
         self.compile_seconds = time.perf_counter() - start
         self.last_timing: dict = {}
         self.last_plan = None  # the tile plan of the last tiled.kernels call
 
+    @property
+    def engine(self) -> PairwiseEngine:
+        """The pairwise engine of the derivation (its quantities and templates)."""
+        if self._engine is None:
+            raise AttributeError("kernels: this KernelFunction's derivation was read from the disk cache, so it has "
+                                 "no pairwise engine; build it with KernelFunction(graph, cache=False) to inspect one")
+        return self._engine
+
     def _derive(self, graph: Graph, templates: bool, share: bool | None, derived: tuple | None) -> str:
         """The generated module's source: the kernel program's quantities and outputs from the
         engine, lowered, grouped (``share``) or written out, printed (module docstring)."""
         kp, zp = derived if derived is not None else (kernel_program(graph), None)
-        self.engine = engine = PairwiseEngine(kp, zp, runtime=frozenset(self.runtime), templates=templates)
+        self._engine = engine = PairwiseEngine(kp, zp, runtime=frozenset(self.runtime), templates=templates)
         try:
             derived_outputs = [engine.scalar_terms(kp.outputs[k]) for k in KERNELS]
             # The diagonal k(xi, xi) from row quantities: exact at rho = 1, where a pair formula

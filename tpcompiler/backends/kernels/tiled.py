@@ -342,7 +342,7 @@ _WORKER_LOCK = threading.Lock()
 def _worker_kernel(graph, rtol: float, key: str) -> KernelFunction:
     with _WORKER_LOCK:
         if key not in _WORKER_KERNELS:
-            _WORKER_KERNELS[key] = KernelFunction(graph, rtol=rtol)
+            _WORKER_KERNELS[key] = KernelFunction(graph, rtol=rtol, cache=True)  # derived once per machine
         return _WORKER_KERNELS[key]
 
 

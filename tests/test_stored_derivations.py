@@ -1,0 +1,117 @@
+"""Kernel derivations stored on disk (backends/kernels/stored.py, issue 11): a program derived
+once is read back in a later KernelFunction (another process: the key does not depend on the
+hash seed) and computes bit for bit what the derivation computes; any change to the program,
+the options or the code is another key; a file that does not read back, or a graph that
+cannot be keyed exactly, is derived as if nothing were stored."""
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import tpcompiler as tp
+from tpcompiler.backends.kernels import stored
+from tpcompiler.backends.kernels.kernel import KernelFunction
+
+ROOT = Path(__file__).resolve().parent.parent
+CNN = ROOT / "programs" / "cnn1d.py"
+
+
+def graph_of(**params):
+    return tp.compile(tp.load(str(CNN), **{"L": 4, "depth": 2, **params})).source
+
+
+def key_of(graph, rtol=1e-10):
+    return stored.derivation_key(graph, {"rtol": rtol, "runtime": (), "share": None, "templates": True})
+
+
+@pytest.fixture
+def cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("TPCOMPILER_CACHE_DIR", str(tmp_path))
+    return tmp_path / "derivations"
+
+
+def test_a_stored_derivation_is_read_back_and_computes_the_same_bits(cache):
+    graph = graph_of()
+    X = np.random.default_rng(0).standard_normal((9, 8))
+    X2 = np.random.default_rng(1).standard_normal((4, 8))
+    derived = KernelFunction(graph, cache=True)
+    assert not derived.derivation_cached and derived.engine.order
+    assert len(list(cache.glob("*.pickle"))) == 1
+    read = KernelFunction(graph_of(), cache=True)  # the same program, built again
+    assert read.derivation_cached and read.source == derived.source and read.shared == derived.shared
+    want, got = derived(X, X2), read(X, X2)
+    for name in want:
+        assert np.array_equal(want[name], got[name]), name
+    with pytest.raises(AttributeError, match="read from the disk cache.*cache=False"):
+        read.engine
+    # tp.compile's kernel_function stores and reads; cache=False derives again
+    compiled = tp.compile(tp.load(str(CNN), L=4, depth=2))
+    assert compiled.kernel_function().derivation_cached
+    assert not compiled.kernel_function(cache=False).derivation_cached
+
+
+def test_the_key_changes_with_the_program_the_options_and_the_code(monkeypatch):
+    key = key_of(graph_of())
+    assert key is not None and key == key_of(graph_of())
+    w = 1.5  # cnn1d's default w_std, then the next float up: one ulp is another program
+    assert key_of(graph_of(w_std=w)) == key
+    assert key_of(graph_of(w_std=float(np.nextafter(w, 2.0)))) != key
+    assert key_of(graph_of(L=5)) != key
+    assert key_of(graph_of(), rtol=1e-9) != key
+    monkeypatch.setattr(stored, "_code_digest", ["another version of the code"])
+    assert key_of(graph_of()) != key
+
+
+KEY_SCRIPT = """
+import tpcompiler as tp
+from tpcompiler.backends.kernels import stored
+graph = tp.compile(tp.load({path!r}, L=4, depth=2)).source
+print(stored.derivation_key(graph, {{"rtol": 1e-10, "runtime": (), "share": None, "templates": True}}))
+"""
+
+
+def test_the_key_does_not_depend_on_the_hash_seed():
+    keys = set()
+    for seed in ("0", "1"):
+        env = dict(os.environ, PYTHONHASHSEED=seed)
+        out = subprocess.run([sys.executable, "-c", KEY_SCRIPT.format(path=str(CNN))], cwd=ROOT, env=env,
+                             capture_output=True, text=True, timeout=300)
+        assert out.returncode == 0, out.stderr
+        keys.add(out.stdout.strip().splitlines()[-1])
+    assert len(keys) == 1 and len(keys.pop()) == 64
+
+
+def test_a_file_that_does_not_read_back_is_derived_again(cache):
+    graph = graph_of()
+    KernelFunction(graph, cache=True)
+    (path,) = cache.glob("*.pickle")
+    path.write_bytes(b"not a pickle")
+    again = KernelFunction(graph, cache=True)
+    assert not again.derivation_cached
+    assert KernelFunction(graph, cache=True).derivation_cached  # stored anew
+
+
+def test_a_graph_that_cannot_be_keyed_is_not_stored(cache):
+    graph = graph_of()
+    graph.annotation = object()  # nothing fingerprint can write exactly
+    assert key_of(graph) is None
+    kf = KernelFunction(graph, cache=True)
+    assert not kf.derivation_cached and not list(cache.glob("*.pickle"))
+    assert np.isfinite(kf(np.ones((2, 8)))["ntk"]).all()
+
+
+def test_a_function_defined_outside_sympy_and_tpcompiler_is_not_keyed():
+    import sympy as sp
+
+    class shifted_tanh(sp.Function):  # a user's class: srepr would write only its name
+        pass
+
+    x = sp.Symbol("x")
+    from tpcompiler.ir.nonlinearities import relu
+
+    assert "relu" in stored.fingerprint(relu(x) + sp.tanh(x) + sp.Function("f")(x))  # tpcompiler's, sympy's, undefined
+    with pytest.raises(stored.Unkeyable, match="shifted_tanh is defined in"):
+        stored.fingerprint(sp.Add(x, shifted_tanh(x)))
