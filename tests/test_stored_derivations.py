@@ -54,14 +54,32 @@ def test_a_stored_derivation_is_read_back_and_computes_the_same_bits(cache):
 
 
 def test_the_key_changes_with_the_program_the_options_and_the_code(monkeypatch):
+    import copy
+    import dataclasses
+
+    import sympy as sp
+
     key = key_of(graph_of())
     assert key is not None and key == key_of(graph_of())
-    w = 1.5  # cnn1d's default w_std, then the next float up: one ulp is another program
-    assert key_of(graph_of(w_std=w)) == key
-    assert key_of(graph_of(w_std=float(np.nextafter(w, 2.0)))) != key
+    # one ulp is another program: w_std is a Param's float, b_std a sympy Float (b1's variance,
+    # the readout's bias), which a 15-digit text would not tell apart
+    assert key_of(graph_of(w_std=1.5)) == key and key_of(graph_of(b_std=0.1)) == key
+    assert key_of(graph_of(w_std=float(np.nextafter(1.5, 2.0)))) != key
+    assert key_of(graph_of(b_std=float(np.nextafter(0.1, 1.0)))) != key
     assert key_of(graph_of(L=5)) != key
-    assert key_of(graph_of(), rtol=1e-9) != key
-    monkeypatch.setattr(stored, "_code_digest", ["another version of the code"])
+    # attributes of the graph outside its instructions: the readout, the covariance table
+    graph = copy.deepcopy(graph_of())
+    graph.readout = dataclasses.replace(graph.readout, bias_weight=sp.Integer(2))
+    assert key_of(graph) != key
+    graph = copy.deepcopy(graph_of())
+    graph.init_cov[frozenset({"b1", "v"})] = sp.Float(0.5)
+    assert key_of(graph) != key
+    # the options
+    base = {"rtol": 1e-10, "runtime": (), "share": None, "templates": True}
+    for change in ({"rtol": 1e-9}, {"runtime": ("w_std",)}, {"share": False}, {"templates": False}):
+        assert stored.derivation_key(graph_of(), {**base, **change}) not in (key, None), change
+    # the code
+    monkeypatch.setattr(tp._code, "AT_IMPORT", "another version of the code")
     assert key_of(graph_of()) != key
 
 
@@ -84,14 +102,44 @@ def test_the_key_does_not_depend_on_the_hash_seed():
     assert len(keys) == 1 and len(keys.pop()) == 64
 
 
-def test_a_file_that_does_not_read_back_is_derived_again(cache):
+def test_a_file_that_does_not_read_back_whole_is_derived_again(cache):
     graph = graph_of()
     KernelFunction(graph, cache=True)
     (path,) = cache.glob("*.pickle")
-    path.write_bytes(b"not a pickle")
-    again = KernelFunction(graph, cache=True)
-    assert not again.derivation_cached
-    assert KernelFunction(graph, cache=True).derivation_cached  # stored anew
+    whole = path.read_bytes()
+    middle = len(whole) // 2
+    flipped = whole[:middle] + bytes([whole[middle] ^ 1]) + whole[middle + 1:]  # one bit
+    for damaged in (b"not a pickle", whole[:middle], flipped, b""):
+        path.write_bytes(damaged)
+        assert not KernelFunction(graph, cache=True).derivation_cached
+        assert path.read_bytes() == whole  # stored anew
+        assert KernelFunction(graph, cache=True).derivation_cached
+
+
+def test_a_cache_that_cannot_be_written_only_costs_the_derivation(cache):
+    cache.parent.mkdir(exist_ok=True)
+    cache.write_text("a file where the directory of derivations would be")
+    kf = KernelFunction(graph_of(), cache=True)
+    assert not kf.derivation_cached and np.isfinite(kf(np.ones((2, 8)))["ntk"]).all()
+    assert not KernelFunction(graph_of(), cache=True).derivation_cached
+
+
+def test_nothing_is_stored_when_the_files_are_no_longer_the_code_imported(cache, monkeypatch):
+    """A checkout changed under a running process: its derivation is not stored under the key of
+    the new files (nor the old ones)."""
+    monkeypatch.setattr(tp._code, "AT_IMPORT", "the source as it was when this process imported it")
+    kf = KernelFunction(graph_of(), cache=True)
+    assert not kf.derivation_cached and not list(cache.glob("*.pickle"))
+
+
+def test_a_program_changed_in_place_after_compile_is_refused():
+    """The kernels are derived from the passes tp.compile ran: a program changed since (one
+    instruction's value) would mix the old derivation with the new graph."""
+    compiled = tp.compile(tp.load(str(CNN), L=4, depth=1))
+    compiled.source.g.nodes["w_std"]["op"] = tp.ops.Param(2.0)
+    with pytest.raises(tp.ProgramError, match="changed after tp.compile .an instruction, the readout or a "
+                                              "covariance was changed in place."):
+        compiled.kernel_function()
 
 
 def test_a_graph_that_cannot_be_keyed_is_not_stored(cache):
@@ -112,6 +160,13 @@ def test_a_function_defined_outside_sympy_and_tpcompiler_is_not_keyed():
     x = sp.Symbol("x")
     from tpcompiler.ir.nonlinearities import relu
 
-    assert "relu" in stored.fingerprint(relu(x) + sp.tanh(x) + sp.Function("f")(x))  # tpcompiler's, sympy's, undefined
+    assert "relu" in stored.fingerprint(relu(x) + sp.tanh(x))  # tpcompiler's, sympy's
     with pytest.raises(stored.Unkeyable, match="shifted_tanh is defined in"):
         stored.fingerprint(sp.Add(x, shifted_tanh(x)))
+    # undefined functions: srepr leaves out an attached implementation and assumptions
+    from sympy.utilities.lambdify import implemented_function
+
+    with pytest.raises(stored.Unkeyable):
+        stored.fingerprint(implemented_function("g", np.tanh)(x))
+    with pytest.raises(stored.Unkeyable):
+        stored.fingerprint(sp.Function("f", real=True)(x))

@@ -6,6 +6,7 @@ Pipeline (docs/DESIGN.md 3), one subpackage per stage: ``frontend`` (DSL -> prog
 ``printing`` (formulas); ``training`` and ``cli`` on top.  Public names follow
 docs/DESIGN.md 5.
 """
+from tpcompiler import _code  # first: the digest of the source this process imports (kernels/stored.py)
 from tpcompiler.compiler import Compiled, compile, simulate
 from tpcompiler.frontend.dsl import (
     DSLError, Mat, Program, Scalar, Vec, cos, erf, exp, gelu, identity, mean, nonlin, phi,

@@ -151,7 +151,12 @@ class Compiled:
         now = _snapshot(self.source)
         if now != self._snapshot:
             added = [k for k in now[1] if k not in self._snapshot[1]]
-            what = f"output {added[0]!r} was added" if added else "instructions or outputs were added"
+            if added:
+                what = f"output {added[0]!r} was added"
+            elif now[:3] != self._snapshot[:3]:
+                what = "instructions or outputs were added"
+            else:
+                what = "an instruction, the readout or a covariance was changed in place"
             raise ProgramError(f"program {self.name!r} changed after tp.compile ({what}); call tp.compile(program) again")
 
     @property
@@ -257,7 +262,12 @@ MIN_RTOL, MAX_RTOL = 1e-14, 0.1
 
 
 def _snapshot(graph: Graph):
-    return len(graph.g), tuple(graph.outputs), graph.readout is not None
+    """What ``Compiled._unchanged`` compares: the instructions and outputs, whether there is a
+    readout, and the exact digest of the whole graph (an instruction, the readout or a
+    covariance changed in place; None for a graph stored.py cannot write out exactly)."""
+    from tpcompiler.backends.kernels.stored import graph_digest
+
+    return len(graph.g), tuple(graph.outputs), graph.readout is not None, graph_digest(graph)
 
 
 def _rows(x, name: str):

@@ -108,11 +108,12 @@ class KernelFunction:
         expectation once (pairwise.py; False derives every expectation on its own, the
         reference the templates are tested against).  ``derived``: (kernel program of
         ``graph``, its Z program) when the caller has them (``tp.compile``'s passes), else
-        derived here.  ``cache``: read the derivation from the disk cache when this program
-        was derived with these options by this code before, and store it otherwise
-        (stored.py; ``derivation_cached`` says which happened).  Off by default here, where
-        tests change the derivation's code in place; ``tp.compile(...).kernel_function()``
-        turns it on."""
+        derived here (they must be those of ``graph`` as it is: ``tp.compile`` checks that the
+        program was not changed since).  ``cache``: read the derivation from the disk cache
+        when this program was derived with these options by this code before, and store it
+        otherwise (stored.py; ``derivation_cached`` says which happened).  Off by default
+        here, where tests change the derivation's code in place;
+        ``tp.compile(...).kernel_function()`` turns it on."""
         start = time.perf_counter()
         self.rtol = rtol
         bad = [k for k in runtime if k not in graph.g or not isinstance(graph.op(k), ops.Param)]
@@ -144,9 +145,10 @@ class KernelFunction:
         else:
             with shared.interned_floats(), shared.paused_gc():  # see their docstrings: speed only
                 self.source = self._derive(graph, templates, share, derived)
+        self.module = load_module(self.source, "kernels")
+        if state is None:  # stored once its module has loaded
             stored.store(key, {"source": self.source, "shared": self.shared, "row_symbols": self.row_symbols,
                                "features": self.features.runtime_state()})
-        self.module = load_module(self.source, "kernels")
         self.compile_seconds = time.perf_counter() - start
         self.last_timing: dict = {}
         self.last_plan = None  # the tile plan of the last tiled.kernels call

@@ -5,20 +5,27 @@ function of the program graph, the options it was asked with and the code that d
 Its result is small: the generated module's source and the input features the calls
 evaluate (``Features.runtime_state``).  It is stored under a *key*, the SHA-256 of
 
-* the graph, every attribute of it written out exactly (``fingerprint``: sympy expressions by
-  ``srepr``, floats by ``repr``, which round-trip; dicts and sets in sorted order, so the key
-  does not depend on the process's hash seed),
+* the graph, every attribute of it but construction bookkeeping written out exactly
+  (``fingerprint``: sympy expressions by ``srepr``, floats by ``repr``, which round-trip; dicts
+  and sets in sorted order, so the key does not depend on the process's hash seed),
 * the options (rtol, runtime parameters, share, templates),
-* the source of every module of the tpcompiler package and the versions of Python, sympy,
-  numpy, scipy and numba,
+* the source of every module of the tpcompiler package as this process imported it
+  (``tpcompiler._code``: a derivation is stored only if the files still are that source) and
+  the versions of Python, sympy, mpmath, numpy, scipy, networkx and numba,
 
 so a stored derivation is read back only for the same program derived by the same code; any
-change to either is another key.  The generated module itself goes through the content-
-addressed module cache and Numba's own cache (codegen.load_module), so a second process that
-compiles the same program pays neither the derivation nor Numba's compile.
+change to either is another key.  The graph must be the one the derivation reads:
+``tp.compile`` refuses a program changed in place after it was compiled (compiler.py,
+``_unchanged``, by ``graph_digest``).  A stored file carries the SHA-256 of its content and is
+read back only if it matches (a damaged file is derived again and overwritten).
 
 An object the fingerprint does not know how to write exactly raises ``Unkeyable``: the
-derivation is then simply not stored (never keyed by something inexact).
+derivation is then simply not stored (never keyed by something inexact).  Storing only saves
+time: a cache that cannot be read or written is derived around, never an error.
+
+The generated module itself goes through the content-addressed module cache and Numba's own
+cache (codegen.load_module), so a second process that compiles the same program pays neither
+the derivation nor Numba's compile.
 """
 from __future__ import annotations
 
@@ -27,37 +34,35 @@ import hashlib
 import os
 import pickle
 import sys
-from pathlib import Path
 
 import networkx as nx
 import numpy as np
 import sympy as sp
 
 #: Bumped when the stored state's layout changes.
-FORMAT = 1
-_PACKAGE = Path(__file__).resolve().parents[2]  # the tpcompiler package directory
-_code_digest: list = []
+FORMAT = 2
+#: Graph attributes that are construction bookkeeping, not the program: the hash-consing table
+#: (a function of the nodes) and the counters that name new nodes.
+BOOKKEEPING = frozenset({"_interned", "_count", "_suffix"})
+#: The entries every stored state has (``load`` checks them).
+ENTRIES = frozenset({"source", "shared", "row_symbols", "features"})
+_versions: list = []
 
 
 class Unkeyable(TypeError):
     """The graph holds an object ``fingerprint`` cannot write exactly."""
 
 
-def code_digest() -> str:
-    """SHA-256 of every .py file of the tpcompiler package (relative path and bytes, in sorted
-    order) and of the versions of the libraries a derivation depends on; computed once per
-    process."""
-    if not _code_digest:
+def library_versions() -> str:
+    """The versions of the libraries a derivation depends on (computed once)."""
+    if not _versions:
+        import mpmath
         import numba
         import scipy
 
-        h = hashlib.sha256()
-        for path in sorted(_PACKAGE.rglob("*.py")):
-            h.update(str(path.relative_to(_PACKAGE)).encode() + b"\0" + path.read_bytes() + b"\0")
-        for version in (sys.version, sp.__version__, np.__version__, scipy.__version__, numba.__version__):
-            h.update(version.encode() + b"\0")
-        _code_digest.append(h.hexdigest())
-    return _code_digest[0]
+        _versions.append("|".join((sys.version, sp.__version__, mpmath.__version__, np.__version__,
+                                   scipy.__version__, nx.__version__, numba.__version__)))
+    return _versions[0]
 
 
 def fingerprint(obj) -> str:
@@ -73,10 +78,12 @@ def fingerprint(obj) -> str:
         _known_functions(obj)
         return f"S({sp.srepr(obj)})"
     if isinstance(obj, np.ndarray):
+        if obj.dtype.hasobject:
+            raise Unkeyable("cannot fingerprint an array of Python objects")
         return f"A({obj.dtype.str},{obj.shape},{hashlib.sha256(np.ascontiguousarray(obj).tobytes()).hexdigest()})"
     if isinstance(obj, (np.integer, np.floating)):
         return fingerprint(obj.item())
-    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+    if dataclasses.is_dataclass(obj):
         fields = ",".join(f"{f.name}={fingerprint(getattr(obj, f.name))}" for f in dataclasses.fields(obj))
         return f"{type(obj).__module__}.{type(obj).__qualname__}({fields})"
     if isinstance(obj, (list, tuple)):
@@ -89,31 +96,46 @@ def fingerprint(obj) -> str:
         # node and edge order as inserted: a program's instruction order
         nodes = ",".join(f"{fingerprint(n)}:{fingerprint(d)}" for n, d in obj.nodes(data=True))
         edges = ",".join(f"{fingerprint(a)}>{fingerprint(b)}:{fingerprint(d)}" for a, b, d in obj.edges(data=True))
-        return f"G[{nodes}|{edges}]"
+        return f"G[{fingerprint(obj.graph)}|{nodes}|{edges}]"
     raise Unkeyable(f"cannot fingerprint a {type(obj).__name__}")
 
 
 def _known_functions(expr: sp.Basic) -> None:
-    """Refuse (``Unkeyable``) an expression calling a function class defined outside sympy and
+    """Refuse (``Unkeyable``) an expression calling a function class not defined in sympy or
     tpcompiler: srepr writes only its name, and a class of that name defined differently in
-    another run would read back this derivation (sympy's undefined functions, f = Function("f"),
-    have no definition to differ)."""
+    another run (a user's class; an undefined function, Function("f"), whose assumptions or
+    attached implementation srepr leaves out) would read back this derivation."""
     for call in expr.atoms(sp.Function):
         module = type(call).__module__
-        if module is not None and module.split(".")[0] not in ("sympy", "tpcompiler"):
+        if module is None or module.split(".")[0] not in ("sympy", "tpcompiler"):
             raise Unkeyable(f"the function {type(call).__name__} is defined in {module}, outside sympy and tpcompiler")
 
 
 def graph_fingerprint(graph) -> str:
-    """``fingerprint`` of every attribute of a program graph, by name."""
-    return "Graph{" + ",".join(f"{name}={fingerprint(value)}" for name, value in sorted(vars(graph).items())) + "}"
+    """``fingerprint`` of every attribute of a program graph but its ``BOOKKEEPING``, by name."""
+    return "Graph{" + ",".join(f"{name}={fingerprint(value)}" for name, value in sorted(vars(graph).items())
+                               if name not in BOOKKEEPING) + "}"
+
+
+def graph_digest(graph) -> str | None:
+    """SHA-256 of ``graph_fingerprint``, None if the graph cannot be fingerprinted."""
+    try:
+        return hashlib.sha256(graph_fingerprint(graph).encode()).hexdigest()
+    except Unkeyable:
+        return None
 
 
 def derivation_key(graph, options: dict) -> str | None:
     """The key of a derivation of ``graph`` with ``options`` (module docstring), or None if the
-    graph holds something ``fingerprint`` cannot write."""
+    graph or the options hold something ``fingerprint`` cannot write, or the package's source
+    could not be read at import."""
+    from tpcompiler import _code
+
+    digest = graph_digest(graph)
+    if _code.AT_IMPORT is None or digest is None:
+        return None
     try:
-        text = f"{FORMAT}\n{code_digest()}\n{graph_fingerprint(graph)}\n{fingerprint(options)}"
+        text = f"{FORMAT}\n{_code.AT_IMPORT}\n{library_versions()}\n{digest}\n{fingerprint(options)}"
     except Unkeyable:
         return None
     return hashlib.sha256(text.encode()).hexdigest()
@@ -126,28 +148,36 @@ def _path(key: str) -> str:
 
 
 def load(key: str | None) -> dict | None:
-    """The state stored under ``key``, or None (no key, nothing stored, or a file that does not
-    read back: then it is derived again and overwritten)."""
+    """The state stored under ``key``, or None: no key, nothing stored, or a file that does not
+    read back whole (its SHA-256 differs from the one it carries, it does not unpickle, it
+    lacks an entry): then it is derived again and overwritten."""
     if key is None:
         return None
     try:
         with open(_path(key), "rb") as fh:
-            state = pickle.load(fh)
-    except (OSError, EOFError, pickle.UnpicklingError, AttributeError, ImportError, TypeError, ValueError):
+            digest, _, payload = fh.read().partition(b"\n")
+        if hashlib.sha256(payload).hexdigest().encode() != digest:
+            return None
+        state = pickle.loads(payload)
+    except Exception:  # noqa: BLE001 - any damage, of any kind, only means "derive it again"
         return None
-    if not isinstance(state, dict) or state.get("format") != FORMAT or state.get("key") != key:
+    if not isinstance(state, dict) or state.get("format") != FORMAT or state.get("key") != key \
+            or not ENTRIES <= set(state):
         return None
     return state
 
 
 def store(key: str | None, state: dict) -> None:
-    """Store ``state`` under ``key`` (atomically; a cache that cannot be written is skipped:
-    storing only saves time)."""
-    if key is None:
-        return
+    """Store ``state`` under ``key``, atomically, the SHA-256 of its bytes first; only if the
+    package's files are still the source this process imported (``tpcompiler._code``).  A
+    cache that cannot be written is skipped: storing only saves time."""
+    from tpcompiler import _code
     from tpcompiler.backends.codegen import atomic_write_bytes
 
+    if key is None or _code.current() != _code.AT_IMPORT:
+        return
     try:
-        atomic_write_bytes(_path(key), pickle.dumps({**state, "format": FORMAT, "key": key}, protocol=pickle.HIGHEST_PROTOCOL))
-    except OSError:
+        payload = pickle.dumps({**state, "format": FORMAT, "key": key}, protocol=pickle.HIGHEST_PROTOCOL)
+        atomic_write_bytes(_path(key), hashlib.sha256(payload).hexdigest().encode() + b"\n" + payload)
+    except Exception:  # noqa: BLE001 - an unwritable cache, an unpicklable state: not stored
         pass
