@@ -60,3 +60,30 @@ def test_two_processes_share_the_cache(tmp_path):
     files = sorted((tmp_path / "kernels").glob("*"))
     assert len([f for f in files if f.suffix == ".py"]) == 20
     assert not [f for f in files if f.name.endswith(".tmp")]
+
+
+def test_generated_bytecode_is_kept_and_a_damaged_copy_is_compiled_again(tmp_path, monkeypatch):
+    """A generated module's code object is kept next to it (``codegen._bytecode``), whatever
+    PYTHONDONTWRITEBYTECODE says, and read back only when it matches its source."""
+    monkeypatch.setenv("TPCOMPILER_CACHE_DIR", str(tmp_path))
+    source = "VALUE = 41 + 1\n"
+
+    def fresh_load():
+        codegen._MODULES.pop(codegen.module_name(source, "kernels"), None)
+        return codegen.load_module(source, "kernels")
+
+    assert fresh_load().VALUE == 42
+    (kept,) = (tmp_path / "kernels").glob("*.code")
+
+    def no_compile(*args, **kwargs):
+        raise AssertionError("compiled again although the kept code object matches")
+
+    monkeypatch.setattr(codegen, "compile", no_compile, raising=False)
+    assert fresh_load().VALUE == 42  # read back, not compiled
+    monkeypatch.undo()
+    monkeypatch.setenv("TPCOMPILER_CACHE_DIR", str(tmp_path))
+    whole = kept.read_bytes()
+    for damaged in (whole[:-3], whole[:-1] + bytes([whole[-1] ^ 1]), b"", b"\n" + whole):
+        kept.write_bytes(damaged)
+        assert fresh_load().VALUE == 42
+        assert kept.read_bytes() == whole  # compiled again and replaced

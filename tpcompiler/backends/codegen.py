@@ -7,6 +7,9 @@ Generated modules are written once to a content-addressed file in the cache dire
 ``$TMPDIR/tpcompiler-$UID``) and imported from there, so numba's ``cache=True`` finds its
 compiled code on the next run: a second run of the same program pays no JIT time.
 
+The module's Python bytecode is kept next to it (``_bytecode``), so an import does not compile
+megabytes of index tables again.
+
 Several processes may share the cache: every file is written to a unique temporary file in
 the same directory and renamed into place (``atomic_write``), so a reader sees either no file
 or a complete one, never a partial write.  Content-addressed names make concurrent writers of
@@ -16,6 +19,7 @@ from __future__ import annotations
 
 import hashlib
 import importlib.util
+import marshal
 import os
 import sys
 import tempfile
@@ -215,9 +219,35 @@ def load_module(source: str, kind: str):
         path = os.path.join(cache_dir(kind), name + ".py")
         if not os.path.exists(path):
             atomic_write(path, source)
+        code = _bytecode(source, path)
         spec = importlib.util.spec_from_file_location(name, path)
         mod = importlib.util.module_from_spec(spec)
         sys.modules[name] = mod
-        spec.loader.exec_module(mod)
+        exec(code, mod.__dict__)  # what spec.loader.exec_module does, with the code object from _bytecode
         _MODULES[name] = mod
         return mod
+
+
+def _bytecode(source: str, path: str):
+    """The code object of a generated module (``source``, stored at ``path``), compiled once and
+    kept next to it as ``<module>.<python tag>.code`` (marshal data, after a line with the
+    SHA-256 of the source it was compiled from and of the data), whatever
+    PYTHONDONTWRITEBYTECODE says: many containers set it, and Python's compile of a CNN's
+    generated module (megabytes of index tables) took 2 s at every import.  A file that does
+    not match is compiled again and replaced."""
+    stored = f"{path[:-3]}.{sys.implementation.cache_tag}.code"
+    source_digest = hashlib.sha256(source.encode()).hexdigest().encode()
+    try:
+        with open(stored, "rb") as fh:
+            head, _, data = fh.read().partition(b"\n")
+        if head == source_digest + b":" + hashlib.sha256(data).hexdigest().encode():
+            return marshal.loads(data)
+    except (OSError, ValueError, EOFError, TypeError):
+        pass
+    code = compile(source, path, "exec")
+    data = marshal.dumps(code)
+    try:
+        atomic_write_bytes(stored, source_digest + b":" + hashlib.sha256(data).hexdigest().encode() + b"\n" + data)
+    except OSError:
+        pass  # not kept: compiled again next time
+    return code
