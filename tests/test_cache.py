@@ -83,7 +83,27 @@ def test_generated_bytecode_is_kept_and_a_damaged_copy_is_compiled_again(tmp_pat
     monkeypatch.undo()
     monkeypatch.setenv("TPCOMPILER_CACHE_DIR", str(tmp_path))
     whole = kept.read_bytes()
-    for damaged in (whole[:-3], whole[:-1] + bytes([whole[-1] ^ 1]), b"", b"\n" + whole):
+    other = "VALUE = 41 - 1\n"  # a whole, valid code object of another source
+    codegen.load_module(other, "kernels")
+    (other_kept,) = [p for p in (tmp_path / "kernels").glob("*.code") if p != kept]
+    for damaged in (whole[:-3], whole[:-1] + bytes([whole[-1] ^ 1]), b"", b"\n" + whole, other_kept.read_bytes()):
         kept.write_bytes(damaged)
         assert fresh_load().VALUE == 42
         assert kept.read_bytes() == whole  # compiled again and replaced
+
+
+def test_a_cache_moved_elsewhere_compiles_for_its_new_place(tmp_path, monkeypatch):
+    """The kept code object names the module's file (Numba's cache and tracebacks find it by
+    that name): read from a cache directory that was moved, it would name a path that is gone."""
+    import shutil
+
+    source = "def f(x):\n    return x + 1\n"
+    monkeypatch.setenv("TPCOMPILER_CACHE_DIR", str(tmp_path / "a"))
+    name = codegen.module_name(source, "kernels")
+    codegen._MODULES.pop(name, None)
+    assert codegen.load_module(source, "kernels").f(1) == 2
+    shutil.move(str(tmp_path / "a"), str(tmp_path / "b"))
+    monkeypatch.setenv("TPCOMPILER_CACHE_DIR", str(tmp_path / "b"))
+    codegen._MODULES.pop(name, None)
+    mod = codegen.load_module(source, "kernels")
+    assert mod.f.__code__.co_filename == str(tmp_path / "b" / "kernels" / f"{name}.py") == mod.__file__

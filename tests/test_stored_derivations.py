@@ -134,12 +134,42 @@ def test_nothing_is_stored_when_the_files_are_no_longer_the_code_imported(cache,
 
 def test_a_program_changed_in_place_after_compile_is_refused():
     """The kernels are derived from the passes tp.compile ran: a program changed since (one
-    instruction's value) would mix the old derivation with the new graph."""
-    compiled = tp.compile(tp.load(str(CNN), L=4, depth=1))
-    compiled.source.g.nodes["w_std"]["op"] = tp.ops.Param(2.0)
-    with pytest.raises(tp.ProgramError, match="changed after tp.compile .an instruction, the readout or a "
-                                              "covariance was changed in place."):
-        compiled.kernel_function()
+    instruction's value, the readout) would mix the old derivation with the new graph, and
+    limit() would return the old program's values."""
+    import dataclasses
+
+    import sympy as sp
+
+    def edit_instruction(graph):
+        graph.g.nodes["w_std"]["op"] = tp.ops.Param(2.0)
+
+    def edit_readout(graph):
+        graph.readout = dataclasses.replace(graph.readout, bias=sp.Float(0.3))
+
+    def edit_unkeyable(graph):  # a graph stored.py cannot key is still checked
+        graph.provenance = {"by": object()}
+        return edit_instruction
+
+    for edit, part in ((edit_instruction, "an instruction"), (edit_readout, "the readout"),
+                       (edit_unkeyable, "an instruction")):
+        program = tp.load(str(CNN), L=4, depth=1)
+        then = edit(program.graph) if edit is edit_unkeyable else None
+        compiled = tp.compile(program)
+        (then or edit)(program.graph)
+        for method in (compiled.kernel_function, lambda: compiled.limit(x=np.ones((2, 8)))):
+            with pytest.raises(tp.ProgramError, match=f"changed after tp.compile .{part} was changed in place"):
+                method()
+
+
+def test_changing_the_array_of_default_rows_after_declaring_it_changes_nothing():
+    """The program keeps the default rows as declared (a copy), so the caller's array is free."""
+    X = np.random.default_rng(0).standard_normal((3, 4))
+    net = tp.layers.serial(tp.layers.Dense(8, 1.5, 0.1), tp.layers.Relu(), tp.layers.Dense(1, 1.5, 0.1))
+    compiled = tp.compile(net.program((4,), default=X))
+    want = compiled.kernels(X.copy())
+    X /= 2.0
+    got = compiled.kernels(X * 2.0)
+    assert all(np.array_equal(want[k], got[k]) for k in want)
 
 
 def test_a_graph_that_cannot_be_keyed_is_not_stored(cache):

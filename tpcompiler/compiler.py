@@ -146,8 +146,9 @@ class Compiled:
         self._snapshot = _snapshot(self.source)
 
     def _unchanged(self) -> None:
-        """The program must not have grown since compile: its new instructions or outputs
-        would be missing from the derived Z program."""
+        """The program must not have grown or changed since compile: its new instructions or
+        outputs would be missing from the derived Z program, and the kernels would be derived
+        from the kernel program of what it was (an instruction's value changed in place)."""
         now = _snapshot(self.source)
         if now != self._snapshot:
             added = [k for k in now[1] if k not in self._snapshot[1]]
@@ -156,7 +157,9 @@ class Compiled:
             elif now[:3] != self._snapshot[:3]:
                 what = "instructions or outputs were added"
             else:
-                what = "an instruction, the readout or a covariance was changed in place"
+                part = next(k for k in sorted(set(now[3]) | set(self._snapshot[3]))
+                            if now[3].get(k) != self._snapshot[3].get(k))
+                what = f"{_PARTS.get(part, f'its attribute {part!r}')} was changed in place"
             raise ProgramError(f"program {self.name!r} changed after tp.compile ({what}); call tp.compile(program) again")
 
     @property
@@ -261,13 +264,18 @@ OVERFLOW_HINT = ("the expectation does not exist or float64 overflowed; check th
 MIN_RTOL, MAX_RTOL = 1e-14, 0.1
 
 
+#: How ``Compiled._unchanged`` names a part of the graph changed in place.
+_PARTS = {"g": "an instruction", "readout": "the readout", "init_cov": "the covariance table",
+          "inputs": "an input's declaration", "outputs": "an output"}
+
+
 def _snapshot(graph: Graph):
     """What ``Compiled._unchanged`` compares: the instructions and outputs, whether there is a
-    readout, and the exact digest of the whole graph (an instruction, the readout or a
-    covariance changed in place; None for a graph stored.py cannot write out exactly)."""
-    from tpcompiler.backends.kernels.stored import graph_digest
+    readout, and a digest of each attribute of the graph written out exactly (an instruction,
+    the readout or a covariance changed in place; kernels/stored.py ``graph_parts``)."""
+    from tpcompiler.backends.kernels.stored import graph_parts
 
-    return len(graph.g), tuple(graph.outputs), graph.readout is not None, graph_digest(graph)
+    return len(graph.g), tuple(graph.outputs), graph.readout is not None, graph_parts(graph)
 
 
 def _rows(x, name: str):

@@ -231,23 +231,28 @@ def load_module(source: str, kind: str):
 def _bytecode(source: str, path: str):
     """The code object of a generated module (``source``, stored at ``path``), compiled once and
     kept next to it as ``<module>.<python tag>.code`` (marshal data, after a line with the
-    SHA-256 of the source it was compiled from and of the data), whatever
+    SHA-256 of what it was compiled from -- source, path, optimisation level, bytecode
+    version -- and of the data), whatever
     PYTHONDONTWRITEBYTECODE says: many containers set it, and Python's compile of a CNN's
     generated module (megabytes of index tables) took 2 s at every import.  A file that does
     not match is compiled again and replaced."""
     stored = f"{path[:-3]}.{sys.implementation.cache_tag}.code"
-    source_digest = hashlib.sha256(source.encode()).hexdigest().encode()
+    # what the code object depends on besides the source: the path it names (Numba's cache
+    # and tracebacks find the module by it; a cache directory moved elsewhere compiles anew),
+    # the optimisation level and the bytecode's magic number
+    made_for = f"{path}\0{sys.flags.optimize}\0{importlib.util.MAGIC_NUMBER.hex()}\0".encode() + source.encode()
+    head = hashlib.sha256(made_for).hexdigest().encode()
     try:
         with open(stored, "rb") as fh:
-            head, _, data = fh.read().partition(b"\n")
-        if head == source_digest + b":" + hashlib.sha256(data).hexdigest().encode():
+            found, _, data = fh.read().partition(b"\n")
+        if found == head + b":" + hashlib.sha256(data).hexdigest().encode():
             return marshal.loads(data)
     except (OSError, ValueError, EOFError, TypeError):
         pass
-    code = compile(source, path, "exec")
+    code = compile(source, path, "exec", dont_inherit=True)  # not this module's __future__ imports
     data = marshal.dumps(code)
     try:
-        atomic_write_bytes(stored, source_digest + b":" + hashlib.sha256(data).hexdigest().encode() + b"\n" + data)
+        atomic_write_bytes(stored, head + b":" + hashlib.sha256(data).hexdigest().encode() + b"\n" + data)
     except OSError:
         pass  # not kept: compiled again next time
     return code

@@ -306,7 +306,7 @@ class Program:
         if not isinstance(d, numbers.Integral) or d < 1:
             raise DSLError(f"input {name!r}: dimension d must be a positive integer, got {d!r}")
         if default is not None:  # checked before any node is added
-            default = np.atleast_2d(np.asarray(default, dtype=np.float64))
+            default = np.atleast_2d(np.array(default, dtype=np.float64))  # a copy: the rows as declared
             if default.ndim != 2 or default.shape[1] != d:
                 raise DSLError(f"input {name!r}: default data has shape {default.shape}, expected (N, d = {d})")
         keys = [self.graph.add(self._name(f"{name}_{j + 1}"), ops.Input(name, j)) for j in range(d)]

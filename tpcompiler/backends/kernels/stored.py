@@ -16,7 +16,7 @@ evaluate (``Features.runtime_state``).  It is stored under a *key*, the SHA-256 
 so a stored derivation is read back only for the same program derived by the same code; any
 change to either is another key.  The graph must be the one the derivation reads:
 ``tp.compile`` refuses a program changed in place after it was compiled (compiler.py,
-``_unchanged``, by ``graph_digest``).  A stored file carries the SHA-256 of its content and is
+``_unchanged``, by ``graph_parts``).  A stored file carries the SHA-256 of its content and is
 read back only if it matches (a damaged file is derived again and overwritten).
 
 An object the fingerprint does not know how to write exactly raises ``Unkeyable``: the
@@ -65,9 +65,11 @@ def library_versions() -> str:
     return _versions[0]
 
 
-def fingerprint(obj) -> str:
+def fingerprint(obj, strict: bool = True) -> str:
     """An exact, process-independent text of ``obj`` (module docstring): equal texts mean equal
-    objects as far as a derivation can see."""
+    objects as far as a derivation can see.  ``strict`` False (a snapshot compared within one
+    process, never a key): an object it cannot write is written by its type and identity, a
+    function class by its name, instead of raising ``Unkeyable``."""
     if obj is None or isinstance(obj, (bool, int, str)):
         return repr(obj)
     if isinstance(obj, float):
@@ -75,29 +77,31 @@ def fingerprint(obj) -> str:
     if isinstance(obj, type):
         return f"type:{obj.__module__}.{obj.__qualname__}"
     if isinstance(obj, sp.Basic):
-        _known_functions(obj)
+        if strict:
+            _known_functions(obj)
         return f"S({sp.srepr(obj)})"
-    if isinstance(obj, np.ndarray):
-        if obj.dtype.hasobject:
-            raise Unkeyable("cannot fingerprint an array of Python objects")
+    if isinstance(obj, np.ndarray) and not obj.dtype.hasobject:
         return f"A({obj.dtype.str},{obj.shape},{hashlib.sha256(np.ascontiguousarray(obj).tobytes()).hexdigest()})"
     if isinstance(obj, (np.integer, np.floating)):
-        return fingerprint(obj.item())
+        return fingerprint(obj.item(), strict)
     if dataclasses.is_dataclass(obj):
-        fields = ",".join(f"{f.name}={fingerprint(getattr(obj, f.name))}" for f in dataclasses.fields(obj))
+        fields = ",".join(f"{f.name}={fingerprint(getattr(obj, f.name), strict)}" for f in dataclasses.fields(obj))
         return f"{type(obj).__module__}.{type(obj).__qualname__}({fields})"
     if isinstance(obj, (list, tuple)):
-        return ("L[" if isinstance(obj, list) else "T[") + ",".join(fingerprint(x) for x in obj) + "]"
+        return ("L[" if isinstance(obj, list) else "T[") + ",".join(fingerprint(x, strict) for x in obj) + "]"
     if isinstance(obj, dict):
-        return "D{" + ",".join(sorted(f"{fingerprint(k)}:{fingerprint(v)}" for k, v in obj.items())) + "}"
+        return "D{" + ",".join(sorted(f"{fingerprint(k, strict)}:{fingerprint(v, strict)}" for k, v in obj.items())) + "}"
     if isinstance(obj, (set, frozenset)):
-        return "F{" + ",".join(sorted(fingerprint(x) for x in obj)) + "}"
+        return "F{" + ",".join(sorted(fingerprint(x, strict) for x in obj)) + "}"
     if isinstance(obj, nx.DiGraph):
         # node and edge order as inserted: a program's instruction order
-        nodes = ",".join(f"{fingerprint(n)}:{fingerprint(d)}" for n, d in obj.nodes(data=True))
-        edges = ",".join(f"{fingerprint(a)}>{fingerprint(b)}:{fingerprint(d)}" for a, b, d in obj.edges(data=True))
-        return f"G[{fingerprint(obj.graph)}|{nodes}|{edges}]"
-    raise Unkeyable(f"cannot fingerprint a {type(obj).__name__}")
+        nodes = ",".join(f"{fingerprint(n, strict)}:{fingerprint(d, strict)}" for n, d in obj.nodes(data=True))
+        edges = ",".join(f"{fingerprint(a, strict)}>{fingerprint(b, strict)}:{fingerprint(d, strict)}"
+                         for a, b, d in obj.edges(data=True))
+        return f"G[{fingerprint(obj.graph, strict)}|{nodes}|{edges}]"
+    if not strict:
+        return f"?{type(obj).__module__}.{type(obj).__qualname__}@{id(obj):x}"
+    raise Unkeyable(f"cannot fingerprint a {type(obj).__name__}" + (" of Python objects" if isinstance(obj, np.ndarray) else ""))
 
 
 def _known_functions(expr: sp.Basic) -> None:
@@ -115,6 +119,13 @@ def graph_fingerprint(graph) -> str:
     """``fingerprint`` of every attribute of a program graph but its ``BOOKKEEPING``, by name."""
     return "Graph{" + ",".join(f"{name}={fingerprint(value)}" for name, value in sorted(vars(graph).items())
                                if name not in BOOKKEEPING) + "}"
+
+
+def graph_parts(graph) -> dict:
+    """{attribute: SHA-256 of its non-strict ``fingerprint``} of a program graph but its
+    ``BOOKKEEPING``: what ``tp.compile`` compares to find a program changed in place."""
+    return {name: hashlib.sha256(fingerprint(value, strict=False).encode()).hexdigest()
+            for name, value in sorted(vars(graph).items()) if name not in BOOKKEEPING}
 
 
 def graph_digest(graph) -> str | None:
