@@ -6,8 +6,9 @@ Its result is small: the generated module's source and the input features the ca
 evaluate (``Features.runtime_state``).  It is stored under a *key*, the SHA-256 of
 
 * the graph, every attribute of it but construction bookkeeping written out exactly
-  (``fingerprint``: sympy expressions by ``srepr``, floats by ``repr``, which round-trip; dicts
-  and sets in sorted order, so the key does not depend on the process's hash seed),
+  (``graph_parts``, ``fingerprint``: sympy expressions by ``srepr``, floats by ``repr``, which
+  round-trip; dicts and sets in sorted order, so the key does not depend on the process's
+  hash seed),
 * the options (rtol, runtime parameters, share, templates),
 * the source of every module of the tpcompiler package as this process imported it
   (``tpcompiler._code``: a derivation is stored only if the files still are that source) and
@@ -30,6 +31,7 @@ the derivation nor Numba's compile.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import os
 import pickle
@@ -46,23 +48,21 @@ FORMAT = 2
 BOOKKEEPING = frozenset({"_interned", "_count", "_suffix"})
 #: The entries every stored state has (``load`` checks them).
 ENTRIES = frozenset({"source", "shared", "row_symbols", "features"})
-_versions: list = []
 
 
 class Unkeyable(TypeError):
     """The graph holds an object ``fingerprint`` cannot write exactly."""
 
 
+@functools.cache
 def library_versions() -> str:
     """The versions of the libraries a derivation depends on (computed once)."""
-    if not _versions:
-        import mpmath
-        import numba
-        import scipy
+    import mpmath
+    import numba
+    import scipy
 
-        _versions.append("|".join((sys.version, sp.__version__, mpmath.__version__, np.__version__,
-                                   scipy.__version__, nx.__version__, numba.__version__)))
-    return _versions[0]
+    return "|".join((sys.version, sp.__version__, mpmath.__version__, np.__version__,
+                     scipy.__version__, nx.__version__, numba.__version__))
 
 
 def fingerprint(obj, strict: bool = True) -> str:
@@ -115,25 +115,32 @@ def _known_functions(expr: sp.Basic) -> None:
             raise Unkeyable(f"the function {type(call).__name__} is defined in {module}, outside sympy and tpcompiler")
 
 
-def graph_fingerprint(graph) -> str:
-    """``fingerprint`` of every attribute of a program graph but its ``BOOKKEEPING``, by name."""
-    return "Graph{" + ",".join(f"{name}={fingerprint(value)}" for name, value in sorted(vars(graph).items())
-                               if name not in BOOKKEEPING) + "}"
+#: Marks a part of ``graph_parts`` written by its non-strict fingerprint.
+_UNKEYABLE = "unkeyable:"
+
+
+def _part_digest(value) -> str:
+    """SHA-256 of ``value``'s fingerprint; of its non-strict one, marked ``_UNKEYABLE``, if it
+    holds something the strict one cannot write."""
+    try:
+        return hashlib.sha256(fingerprint(value).encode()).hexdigest()
+    except Unkeyable:
+        return _UNKEYABLE + hashlib.sha256(fingerprint(value, strict=False).encode()).hexdigest()
 
 
 def graph_parts(graph) -> dict:
-    """{attribute: SHA-256 of its non-strict ``fingerprint``} of a program graph but its
-    ``BOOKKEEPING``: what ``tp.compile`` compares to find a program changed in place."""
-    return {name: hashlib.sha256(fingerprint(value, strict=False).encode()).hexdigest()
-            for name, value in sorted(vars(graph).items()) if name not in BOOKKEEPING}
+    """{attribute: ``_part_digest``} of a program graph but its ``BOOKKEEPING``: what
+    ``tp.compile`` compares to find a program changed in place, and what ``graph_digest``
+    combines."""
+    return {name: _part_digest(value) for name, value in sorted(vars(graph).items()) if name not in BOOKKEEPING}
 
 
 def graph_digest(graph) -> str | None:
-    """SHA-256 of ``graph_fingerprint``, None if the graph cannot be fingerprinted."""
-    try:
-        return hashlib.sha256(graph_fingerprint(graph).encode()).hexdigest()
-    except Unkeyable:
+    """SHA-256 of the graph's parts (``graph_parts``), None if a part cannot be written exactly."""
+    parts = graph_parts(graph)
+    if any(d.startswith(_UNKEYABLE) for d in parts.values()):
         return None
+    return hashlib.sha256("\n".join(f"{name}={d}" for name, d in parts.items()).encode()).hexdigest()
 
 
 def derivation_key(graph, options: dict) -> str | None:
