@@ -6,6 +6,7 @@ import sys
 import textwrap
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 import tpcompiler as tp
@@ -107,3 +108,25 @@ def test_a_cache_moved_elsewhere_compiles_for_its_new_place(tmp_path, monkeypatc
     codegen._MODULES.pop(name, None)
     mod = codegen.load_module(source, "kernels")
     assert mod.f.__code__.co_filename == str(tmp_path / "b" / "kernels" / f"{name}.py") == mod.__file__
+
+
+@pytest.mark.parametrize("array", [
+    np.array([0, 1, -1, 2**62, -(2**63), 7, 7, 7], dtype=np.int64),
+    np.array([0.0, -0.0, 1.5, -2.25e-310, np.inf, -np.inf, np.pi, 1e308], dtype=np.float64),
+    np.zeros(0, dtype=np.int64),
+])
+def test_packed_arrays_read_back_bit_for_bit(array):
+    """A generated module's index and weight tables are written as one string
+    (codegen.packed_array) and must come back with every bit (signed zeros, subnormals) and
+    writable, in the dtype the generated stages were compiled for."""
+    expression = codegen.packed_array(array)
+    back = eval(expression, {"_unpacked_array": codegen.unpacked_array})
+    assert back.dtype == array.dtype and back.flags.writeable and back.flags.c_contiguous
+    assert back.tobytes() == array.tobytes()
+
+
+def test_packed_array_refuses_other_types():
+    with pytest.raises(ValueError, match="1-D int64 or float64 array, not 1-D float32"):
+        codegen.packed_array(np.zeros(3, dtype=np.float32))
+    with pytest.raises(ValueError, match="not 2-D int64"):
+        codegen.packed_array(np.zeros((2, 2), dtype=np.int64))

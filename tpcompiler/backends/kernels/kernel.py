@@ -46,7 +46,8 @@ import sympy as sp
 
 from tpcompiler import expectations, progress, threads
 from tpcompiler.ir import ops, symbols
-from tpcompiler.backends.codegen import common_subexpressions, custom_functions_source, load_module, load_names, print_body
+from tpcompiler.backends.codegen import (common_subexpressions, custom_functions_source, load_module, load_names,
+                                         packed_array, print_body)
 from tpcompiler.ir.graph import Graph, ProgramError
 from tpcompiler.ir.ntk import kernel_program
 from tpcompiler.backends.kernels import shared, stored
@@ -975,7 +976,11 @@ class _Tables:
         return _append(self.floats, np.asarray(column, dtype=np.float64))
 
     def source(self) -> str:
-        return f"TABLES = (np.array({self.ints!r}, dtype=np.int64), np.array({self.floats!r}, dtype=np.float64))"
+        """The module's ``TABLES`` assignment (``codegen.packed_array``: a string, not a
+        list literal Python would compile number by number)."""
+        ints, floats = np.array(self.ints, dtype=np.int64), np.array(self.floats, dtype=np.float64)
+        return ("from tpcompiler.backends.codegen import unpacked_array as _unpacked_array\n"
+                f"TABLES = ({packed_array(ints)}, {packed_array(floats)})")
 
 
 def _append(store: list, array: np.ndarray) -> int:
