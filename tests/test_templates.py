@@ -185,7 +185,13 @@ def test_interned_floats_one_object_per_value_within_the_block_only():
             with interned_floats():
                 raise RuntimeError
         assert sp.Float(4.5) is sp.Float(4.5)
+        # hashes kept per object are sympy's (equal Floats, Python floats, infinities)
+        inside = [sp.Float(v) for v in (0.1, -2.5, 1e300, float("inf"), float("-inf"))]
+        assert [hash(f) for f in inside] == [hash(f) for f in inside]
     assert sp.Float(3.5) is not sp.Float(3.5) and sp.Float(3.5) == sp.Float(3.5)
+    assert [hash(f) for f in inside] == [hash(sp.Float(f)) for f in inside]
+    assert hash(inside[0]) == hash(0.1) and sp.Float.__hash__ is sp.Float.__dict__["__hash__"]
+    assert type(sp.Float(1.5)).__hash__.__qualname__ == "Float.__hash__"  # sympy's own again
 
 
 def test_paused_gc_restores_the_collector_state():
@@ -257,15 +263,24 @@ def test_product_is_the_object_sympy_builds():
     q = [sp.Symbol(f"q[{i}]", real=True) for i in range(5)] + [sp.Symbol("a[1]'", real=True), sp.Dummy("e0")]
     calls = [TemplateCall(sp.Integer(k), q[k], q[k + 1]) for k in range(3)] + [
         E2(sp.Integer(1), q[0], q[1], q[2]), ops.InputCov("g1_0", "g1_1", sp.Integer(0), sp.Integer(1)), sp.acos(q[3])]
-    other = [sp.Integer(3), q[0] + q[1], q[2] ** 2, 2 * q[4]]
+    # numbers, sums (alone they take a number in: 2*(a + b) -> 2*a + 2*b), powers, products
+    # (their numbers join the coefficient; a number times a product with a sum is sympy's
+    # two-argument case), the identity 1
+    other = [sp.Integer(3), q[0] + q[1], q[2] ** 2, 2 * q[4], sp.S.One, sp.Rational(1, 9) * q[3] * calls[0],
+             sp.Float(2.25) * (q[0] + q[2]), 3 * (q[1] + q[2]) * q[4], -q[2], sp.Float(0.5) * q[5] * (q[0] + q[1]),
+             (q[0] + q[1]) * q[3], sp.Rational(1, 3) * q[0] + calls[1], q[5] - calls[2]]
     rng = random.Random(0)
     with interned_floats():
-        for _ in range(1000):
+        for _ in range(3000):
             factors = rng.sample(q + calls, rng.randint(0, 5))
-            if rng.random() < 0.2:
+            for _ in range(rng.choice([0, 0, 1, 2])):
                 factors.append(rng.choice(other + factors[:1]))
-            c = rng.choice([1.0, 2.25, -0.5, 1e-3])
-            want = sp.Mul(sp.Float(c), *factors) if c != 1.0 else sp.Mul(*factors)
+            rng.shuffle(factors)
+            c = rng.choice([1.0, 2.25, -0.5, 1e-3, -1.0, sp.Rational(1, 9), sp.Integer(9), sp.S.One, sp.Float(4.0)])
+            if isinstance(c, float):
+                want = sp.Mul(sp.Float(c), *factors) if c not in (1.0, -1.0) else sp.Mul(sp.Integer(int(c)), *factors)
+            else:
+                want = sp.Mul(c, *factors)
             got = product(c, factors)
             assert got == want and got.args == want.args and hash(got) == hash(want), (c, factors)
 
@@ -427,3 +442,45 @@ def test_linear_runs_equal_group_loops_on_random_groups_and_signed_zeros(monkeyp
         monkeypatch.undo()
         assert np.array_equal(stored[0].view(np.int64), stored[1].view(np.int64))
     assert runs >= 20
+
+
+def test_canonical_forms_by_shape_are_those_derived():
+    """shared.Skeletons.canonical derives an expression's canonical order once per shape and
+    renames it for every later expression of that shape; the result must be what deriving it
+    for that expression gives (same structure id, same symbols in the same order), for
+    expressions renamed one to one (hits) and for others (misses), repeated symbols included."""
+    import random
+
+    import sympy as sp
+    from tpcompiler.backends.kernels.pairwise import TemplateCall
+    from tpcompiler.backends.kernels.shared import Skeletons
+
+    q = [sp.Symbol(f"q[{i}]", real=True) for i in range(8)]
+    g = [sp.Symbol(f"G{i}", real=True) for i in range(4)]
+    kinds = {s: ("Q", i) for i, s in enumerate(q)} | {s: ("G", i) for i, s in enumerate(g)}
+    rng = random.Random(1)
+
+    def tree(depth):
+        if depth == 0 or rng.random() < 0.3:
+            return rng.choice(q + g + [sp.Float(2.25), sp.Float(0.5), sp.Rational(1, 9), sp.Rational(1, 3)])
+        op = rng.choice(["add", "mul", "acos", "call"])
+        args = [tree(depth - 1) for _ in range(rng.randint(2, 4))]
+        if op == "add":
+            return sp.Add(*args)
+        if op == "mul":
+            return sp.Mul(*args)
+        if op == "acos":
+            return sp.acos(args[0])
+        return TemplateCall(sp.Integer(rng.randint(0, 2)), *args)
+
+    sk = Skeletons(kinds)
+    hits = 0
+    for _ in range(300):
+        e = tree(4)
+        for _ in range(3):
+            qs, gs = q[:], g[:]
+            rng.shuffle(qs), rng.shuffle(gs)
+            renamed = e.xreplace(dict(zip(q + g, qs + gs)))
+            hits += sk._shape(renamed)[0] in sk.shapes
+            assert sk.canonical(renamed) == sk._canonical(renamed), renamed
+    assert hits > 300  # the shortcut was taken (most renamings keep sympy's order of arguments)

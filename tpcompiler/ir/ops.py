@@ -193,9 +193,13 @@ class Readout:
 class InputCov(sp.Function):
     """Cov(Z^a, Z^b) of two input layers as one symbol-free atom: InputCov(Str(a), Str(b),
     prime_a, prime_b).  Used where the explicit sum over input coordinates (d terms) would
-    only slow symbolic work down; ``Graph.expand_input_cov`` writes it out."""
+    only slow symbolic work down; ``Graph.expand_input_cov`` writes it out.  Stated real and
+    commutative: sympy cannot deduce either from the arguments (names), and kept it apart in
+    products as a factor of unknown commutativity."""
 
     nargs = 4
+    is_real = True
+    is_commutative = True
 
     def _latex(self, printer):
         a, b, pa, pb = self.args

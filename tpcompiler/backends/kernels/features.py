@@ -25,7 +25,7 @@ from tpcompiler.ir import symbols
 from tpcompiler.ir.graph import Graph, ProgramError
 from tpcompiler.ir.rules import RuleTable
 from tpcompiler.backends.lowering import numpy_function
-from tpcompiler.backends.kernels.shared import add_terms, number
+from tpcompiler.backends.kernels.shared import add_terms, number, product
 
 
 class Features:
@@ -229,12 +229,12 @@ class Features:
             for rest, insides in groups.items():
                 coef = sp.Add(*insides)
                 coef = self.feature(coef) if self.has_inputs(coef) else coef
-                out.append(coef * self.featurize(rest))
+                out.append(_mul(coef, self.featurize(rest)))
             return sp.Add(*out)
         if expr.is_Mul:
             inside, rest = self._split(expr)
             coef = self.feature(inside) if self.has_inputs(inside) else inside
-            return coef * sp.Mul(*[self.featurize(f) for f in sp.Mul.make_args(rest)])
+            return _mul(coef, _mul(*[self.featurize(f) for f in sp.Mul.make_args(rest)]))
         # any other node (a call reading input-layer covariances, a power), memoised: the
         # terms of one pair of positions share their calls
         done = self._featurized.get(expr)
@@ -256,11 +256,11 @@ class Features:
             if len(insides) == 1:  # c * feature(inside): the number stays out of the feature
                 (c, inside), = insides
                 coef = self.feature(inside) if self.has_inputs(inside) else inside
-                add_terms(out, coef * self.featurize(rest), c)
+                add_terms(out, _mul(coef, self.featurize(rest)), c)
                 continue
             coef = sp.Add(*[number(c) * inside for c, inside in insides])
             coef = self.feature(coef) if self.has_inputs(coef) else coef
-            add_terms(out, coef * self.featurize(rest))
+            add_terms(out, _mul(coef, self.featurize(rest)))
         return out
 
     def _split(self, term: sp.Expr) -> tuple[sp.Expr, sp.Expr]:
@@ -272,8 +272,8 @@ class Features:
             return sp.S.One, term
         if all(only):
             return term, sp.S.One
-        return (sp.Mul(*[f for f, o in zip(factors, only) if o]),
-                sp.Mul(*[f for f, o in zip(factors, only) if not o]))
+        return (_mul(*[f for f, o in zip(factors, only) if o]),
+                _mul(*[f for f, o in zip(factors, only) if not o]))
 
     # -- numeric values ---------------------------------------------------------------------
     def _layer_values(self, key: str, X: np.ndarray, positions: tuple) -> np.ndarray:
@@ -467,3 +467,9 @@ def _bilinear_gram(A: dict, X: np.ndarray, X2: np.ndarray | None, out: np.ndarra
     for (j, k), c in A.items():
         M[j, k] += c
     return cross_gram(X @ M, Y, out)
+
+
+def _mul(*factors) -> sp.Expr:
+    """sp.Mul(*factors), the same object, built by ``shared.product`` where it can (the terms
+    of a CNN's kernels are featurized one by one, a product or two each)."""
+    return product(sp.S.One, factors)

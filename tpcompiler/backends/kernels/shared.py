@@ -66,6 +66,7 @@ class Skeletons:
         self.kinds = kinds
         self.memo: dict = {}
         self.ids: dict = {}
+        self.shapes: dict = {}  # shape (``_shape``) -> (id, positions of the canonical order)
 
     def intern(self, structure: tuple) -> int:
         i = self.ids.get(structure)
@@ -132,7 +133,50 @@ class Skeletons:
         """(id, [s_1..s_n]): the symbols of ``kinds`` in e in canonical order (first
         occurrence, visiting the arguments of sums and products in the order of their
         skeletons with symbols labelled; ties keep sympy's order), and the id of e with s_k
-        replaced by placeholder k.  Equal ids <=> equal templates (``template``)."""
+        replaced by placeholder k.  Equal ids <=> equal templates (``template``).
+
+        Derived once per *shape* (``_shape``): an expression of the shape of one seen before
+        is that one with its symbols renamed one to one, and the derivation below reads
+        symbols only through their kinds and which of them are equal, so its result is the
+        earlier one renamed (a CNN: the expressions of all pairs of positions of one window
+        pattern are one shape)."""
+        shape, found = self._shape(e)
+        hit = self.shapes.get(shape)
+        if hit is not None:
+            cid, positions = hit
+            return cid, [found[p] for p in positions]
+        cid, order = self._canonical(e)
+        position = {s: k for k, s in enumerate(found)}
+        self.shapes[shape] = (cid, [position[s] for s in order])
+        return cid, order
+
+    def _shape(self, e: sp.Basic) -> tuple[tuple, list]:
+        """(shape, symbols): e's tree in preorder, sympy's order of arguments, each node as
+        its type and number of arguments, each symbol of ``kinds`` as its kind and the number
+        of its first occurrence, any other atom as itself (and its precision: Floats of one
+        value and different precisions print differently); and the symbols of ``kinds`` in
+        the order of their first occurrence.  Equal shapes: equal trees up to a one-to-one
+        renaming of those symbols, symbols[k] of one to symbols[k] of the other."""
+        out = []
+        found: dict = {}
+        stack = [e]
+        kinds = self.kinds
+        while stack:
+            x = stack.pop()
+            if x in kinds:
+                k = found.get(x)
+                if k is None:
+                    k = found[x] = len(found)
+                out.append(("$", kinds[x][0], k))
+            elif x.args:
+                out.append((type(x), len(x.args)))
+                stack.extend(reversed(x.args))
+            else:
+                out.append((type(x), x, getattr(x, "_prec", None)))
+        return tuple(out), list(found)
+
+    def _canonical(self, e: sp.Expr) -> tuple[int, list]:
+        """``canonical`` derived for e itself."""
         labels = self._labels(e)
         out: dict = {}  # the symbols in canonical order (a dict as an ordered set)
         self._visit(e, labels, {}, out)
@@ -204,14 +248,28 @@ class _ProcessWide:
 
 
 _ORIGINAL_FLOAT_NEW = sp.Float.__dict__["_new"]
+_ORIGINAL_FLOAT_HASH = sp.Float.__dict__["__hash__"]
+
+
+def _remembered_float_hash(self) -> int:
+    """sympy's hash of a Float, computed once per object and kept where sympy keeps the hash
+    of any other expression (``_mhash``): sympy's Float converts its value to a Python float
+    at every hash, and the pooled Floats (``interned_floats``) are hashed again and again as
+    dictionary keys."""
+    h = self._mhash
+    if h is None:
+        h = self._mhash = _ORIGINAL_FLOAT_HASH(self)
+    return h
 
 
 def _install_float_pool():
     sp.Float._new = classmethod(_interning_float_new({}))
+    sp.Float.__hash__ = _remembered_float_hash
 
 
 def _uninstall_float_pool():
     sp.Float._new = _ORIGINAL_FLOAT_NEW
+    sp.Float.__hash__ = _ORIGINAL_FLOAT_HASH
 
 
 _FLOAT_POOL = _ProcessWide(_install_float_pool, _uninstall_float_pool)
@@ -223,9 +281,10 @@ def interned_floats():
     indistinguishable from a new one).  sympy deduces an object's assumptions the first time
     they are asked, about 40 us for a Float, and every product asks its coefficient
     ``is_zero``: multiplying the template values of a CNN by its slots' numbers made some
-    10^5 new Floats, a fifth of the derivation (2-D 6x6 depth 2: 43 -> 34 s).  The wrapper
-    around ``Float._new`` is installed by the first block entered and removed when the last
-    one exits (``_ProcessWide``)."""
+    10^5 new Floats, a fifth of the derivation (2-D 6x6 depth 2: 43 -> 34 s).  Their hashes
+    are kept too (``_remembered_float_hash``).  The wrapper around ``Float._new`` and the
+    hash are installed by the first block entered and removed when the last one exits
+    (``_ProcessWide``)."""
     return _FLOAT_POOL.held()
 
 
@@ -270,25 +329,55 @@ def _interning_float_new(pool: dict):
 
 def product(c, factors) -> sp.Expr:
     """c * prod(factors), for c a sympy number or a float (``number(c)``: 1.0 is no factor, as
-    in a term sum), built directly when c is finite and non-zero and the factors are distinct
-    commutative symbols or function calls: sorted as sympy sorts a product's factors, the
-    number first unless it is 1, which is the object sympy's flattening would build (it also
-    collects powers, distributes numbers over sums and asks assumptions, none of which
-    applies here, at a cost a CNN's derivation paid per pair of positions).  Anything else
-    (a number, a sum, a product or a power among the factors, a repeated factor, a zero or
-    infinite c): sympy's own product."""
+    in a term sum), built directly when sympy's flattening would only sort: the factors
+    (after ``_flat_factors``: 1s dropped, products' factors taken in, their numbers
+    multiplied into c) distinct commutative symbols, function calls or sums, c finite and
+    non-zero, and no number times a single sum (which sympy distributes).  Then the factors
+    are sorted as sympy sorts a product's factors, the number first unless it is 1: the
+    object sympy's flattening builds (it also collects powers, distributes numbers over sums
+    and asks assumptions, none of which applies here, at a cost a CNN's derivation paid per
+    pair of positions).  Anything else (a number or a power among the factors, a repeated
+    factor, a zero or infinite c): sympy's own product."""
     coefficient = number(c) if isinstance(c, float) else c
     factors = list(factors)
-    plain = _finite_nonzero(coefficient) and all(
-        (f.is_Symbol or isinstance(f, sp.Function)) and f.is_commutative for f in factors)
-    if not plain or len(set(factors)) != len(factors):
+    flat = _flat_factors(coefficient, factors)
+    if flat is None:
         return sp.Mul(coefficient, *factors)
-    factors.sort(key=FACTOR_ORDER)
+    coefficient, plain = flat
+    plain.sort(key=FACTOR_ORDER)
     if coefficient is not sp.S.One:
-        factors.insert(0, coefficient)
-    if len(factors) == 1:
-        return factors[0]
-    return sp.Mul._from_args(factors) if factors else sp.S.One
+        plain.insert(0, coefficient)
+    if len(plain) == 1:
+        return plain[0]
+    return sp.Mul._from_args(plain) if plain else sp.S.One
+
+
+def _flat_factors(coefficient: sp.Number, factors: list):
+    """(coefficient, factors) of the product ``product`` may build itself, or None (see
+    ``product``).  As sympy's Mul: 1s are dropped (the identity), a product's factors join
+    the others and its number multiplies the coefficient after the given one, in order."""
+    plain = []
+    for f in factors:
+        if f is sp.S.One:
+            continue
+        if f.is_Mul:
+            inner, rest = f.as_coeff_Mul()
+            if inner is not sp.S.One:
+                coefficient = coefficient * inner
+            plain.extend(sp.Mul.make_args(rest))
+        else:
+            plain.append(f)
+    sums = 0
+    for f in plain:
+        if f.is_Add:
+            sums += 1
+        elif not (f.is_Symbol or isinstance(f, sp.Function)):
+            return None
+        if not f.is_commutative:
+            return None
+    if not _finite_nonzero(coefficient) or len(set(plain)) != len(plain) or (sums and len(plain) == 1):
+        return None
+    return coefficient, plain
 
 
 def _finite_nonzero(n: sp.Number) -> bool:
