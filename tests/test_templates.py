@@ -484,3 +484,41 @@ def test_canonical_forms_by_shape_are_those_derived():
             hits += sk._shape(renamed)[0] in sk.shapes
             assert sk.canonical(renamed) == sk._canonical(renamed), renamed
     assert hits > 300  # the shortcut was taken (most renamings keep sympy's order of arguments)
+
+
+def test_total_is_the_object_sympy_builds():
+    """shared.total builds a sum without sympy's flattening when there is nothing to collect;
+    it must be the very expression sp.Add builds (same arguments in the same order, equal, same
+    hash) for any order of the terms, and sympy's own sum for anything else (repeated
+    non-numeric parts, several numbers, zero, sums and powers among the terms)."""
+    import random
+
+    import sympy as sp
+    from tpcompiler.backends.kernels.pairwise import TemplateCall
+    from tpcompiler.backends.kernels.shared import interned_floats, total
+    from tpcompiler.ir import ops
+
+    q = [sp.Symbol(f"q[{i}]", real=True) for i in range(5)] + [sp.Symbol("a[1]'", real=True)]
+    calls = [TemplateCall(sp.Integer(k), q[k], q[k + 1]) for k in range(2)] + [
+        ops.InputCov("g1_0", "g1_1", sp.Integer(0), sp.Integer(1)), sp.acos(q[3])]
+    atoms = q + calls
+    numbers = [sp.Float(2.25), sp.Rational(1, 9), sp.Integer(-3), sp.S.Zero, sp.Float(-0.5), sp.S.One]
+    rng = random.Random(2)
+
+    def term():
+        kind = rng.random()
+        if kind < 0.4:
+            return rng.choice(atoms)
+        if kind < 0.7:
+            return rng.choice(numbers[:3] + [sp.Float(0.01), sp.S.NegativeOne]) * rng.choice(atoms)
+        if kind < 0.8:
+            return sp.Float(2.25) * rng.choice(atoms) * rng.choice(atoms)
+        if kind < 0.9:
+            return rng.choice(numbers)
+        return rng.choice([q[0] + q[1], q[2] ** 2, sp.Float(2.25) * (q[0] + q[3])])
+
+    with interned_floats():
+        for _ in range(3000):
+            terms = [term() for _ in range(rng.randint(0, 6))]
+            want, got = sp.Add(*terms), total(terms)
+            assert got == want and got.args == want.args and hash(got) == hash(want), terms

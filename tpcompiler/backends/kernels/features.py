@@ -25,7 +25,7 @@ from tpcompiler.ir import symbols
 from tpcompiler.ir.graph import Graph, ProgramError
 from tpcompiler.ir.rules import RuleTable
 from tpcompiler.backends.lowering import numpy_function
-from tpcompiler.backends.kernels.shared import add_terms, number, product
+from tpcompiler.backends.kernels.shared import add_terms, number, product, total
 
 
 class Features:
@@ -227,10 +227,10 @@ class Features:
                 groups.setdefault(rest, []).append(inside)
             out = []
             for rest, insides in groups.items():
-                coef = sp.Add(*insides)
+                coef = total(insides)
                 coef = self.feature(coef) if self.has_inputs(coef) else coef
                 out.append(_mul(coef, self.featurize(rest)))
-            return sp.Add(*out)
+            return total(out)
         if expr.is_Mul:
             inside, rest = self._split(expr)
             coef = self.feature(inside) if self.has_inputs(inside) else inside
@@ -258,7 +258,7 @@ class Features:
                 coef = self.feature(inside) if self.has_inputs(inside) else inside
                 add_terms(out, _mul(coef, self.featurize(rest)), c)
                 continue
-            coef = sp.Add(*[number(c) * inside for c, inside in insides])
+            coef = total([product(number(c), [inside]) for c, inside in insides])
             coef = self.feature(coef) if self.has_inputs(coef) else coef
             add_terms(out, _mul(coef, self.featurize(rest)))
         return out

@@ -328,7 +328,7 @@ class KernelFunction:
         if kept and loose and (body.is_Add or any(v.is_Number and v.is_zero for v in loose.values())):
             # the slots' values can cancel the expectation (a zero covariance): it gets its
             # arguments only if it is left, as when the template's value is instantiated
-            body, loose = body.xreplace(loose), {}
+            body, loose = shared.substitute(body, loose, {}), {}
             kept = recipe.hole in body.free_symbols
         rep = {}
         if kept:
@@ -340,7 +340,7 @@ class KernelFunction:
             if built is not None:
                 return built
         rep.update(loose)
-        return body.xreplace(rep)
+        return shared.substitute(body, rep, {})
 
     def _linear_value(self, a: sp.Expr):
         """``_linear`` of an engine call's argument, memoised (the calls of neighbouring pairs
@@ -364,7 +364,7 @@ class KernelFunction:
         symbol = self._linear_arguments.get(key)
         if symbol is None:
             terms = [shared.product(_sympy_number(c), [x]) for x, c, _ in coefficients]
-            symbol = self._linear_arguments[key] = self._argument(sp.Add(_sympy_number(constant[0]), *terms))
+            symbol = self._linear_arguments[key] = self._argument(shared.total([_sympy_number(constant[0]), *terms]))
         return symbol
 
     def _expectation_call_at(self, cls, function: sp.Integer, arguments: tuple) -> sp.Expr:
@@ -482,7 +482,7 @@ class KernelFunction:
         index = int(call.args[0])
         calls, _, _ = self._exposed_body(index)
         at = dict(zip(self.engine.templates_found[index].slots, call.args[1:]))
-        return TemplateCall(*call.args, *[f.xreplace(at) for f in calls])
+        return TemplateCall(*call.args, *[shared.substitute(f, at, {}) for f in calls])
 
     def _write_calls(self, expr: sp.Expr) -> sp.Expr:
         """``expr`` with each TemplateCall replaced by its lowered template body at its

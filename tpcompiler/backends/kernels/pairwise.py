@@ -45,7 +45,7 @@ from tpcompiler.ir.graph import Graph, ProgramError
 from tpcompiler.ir.ops import VEC, node_symbol, unprime
 from tpcompiler.ir.symbols import ZHatSymbol
 from tpcompiler.ir.rules import RuleTable
-from tpcompiler.backends.kernels.shared import Skeletons, add_terms, product, sum_of_terms, term_sum
+from tpcompiler.backends.kernels.shared import Skeletons, add_terms, product, substitute, sum_of_terms, term_sum, total
 from tpcompiler.symbolic.master import Expectation, Z, Zhat, ZProgram, derive
 
 T = symbols.ARG
@@ -584,7 +584,9 @@ class PairwiseEngine:
         if call is None:
             call = len(sp.Add.make_args(template.value)) <= _CALL_TERMS
         if not call or all(a.is_number for a in args):  # numbers: written out, a number to sympy too
-            return template.value.xreplace(dict(zip(template.slots, args)))
+            # (xreplace's result, its products built by shared.product: a CNN writes out
+            # the sums of calls of every pair of positions)
+            return substitute(template.value, dict(zip(template.slots, args)), {})
         return TemplateCall(sp.Integer(variant.index), *args)
 
     def _variant(self, product: sp.Expr, names: list, signature: tuple, derive) -> _Variant:
@@ -776,7 +778,7 @@ class PairwiseEngine:
                 c = self._leaf_cov(symbols.unprimed(la), s1, symbols.unprimed(lb), s2)
                 if c != 0:
                     terms.append(ca * cb * c)
-        return sp.Add(*terms)
+        return total(terms)
 
     def _leaf_cov(self, la: sp.Symbol, s1: int, lb: sp.Symbol, s2: int) -> sp.Expr:
         """Cov(leaf la at side s1, leaf lb at side s2), memoised (every instance of a

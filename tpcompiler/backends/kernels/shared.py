@@ -380,6 +380,39 @@ def _flat_factors(coefficient: sp.Number, factors: list):
     return coefficient, plain
 
 
+_ADD_ORDER = FACTOR_ORDER  # sympy sorts a sum's terms by Basic.compare too (add._addsort)
+
+
+def total(terms) -> sp.Expr:
+    """sp.Add(*terms), the same object, built directly when sympy's flattening would only
+    sort: the terms are commutative, none is a sum, a power or zero, at most one is a number
+    (finite), and no two of them have the same non-numeric part (nothing to collect).  Then
+    the terms are sorted as sympy sorts them, the number first: the object Add.flatten
+    builds (each term c*s it rebuilds is the term it was given).  Anything else: sympy's own
+    sum.  A CNN's covariance sums (a window's taps) are built once per pair of positions."""
+    terms = list(terms)
+    constant, plain, parts = None, [], set()
+    for t in terms:
+        if t.is_Number:
+            if constant is not None or not t.is_finite:
+                return sp.Add(*terms)
+            constant = t
+            continue
+        if t.is_Add or t.is_Pow or t.is_Order or not t.is_commutative:
+            return sp.Add(*terms)
+        rest = t.as_coeff_Mul()[1]
+        if rest in parts:
+            return sp.Add(*terms)
+        parts.add(rest)
+        plain.append(t)
+    if len(plain) < 2 or constant is sp.S.Zero:
+        return sp.Add(*terms)
+    plain.sort(key=_ADD_ORDER)
+    if constant is not None:
+        plain.insert(0, constant)
+    return sp.Add._from_args(plain)
+
+
 def _finite_nonzero(n: sp.Number) -> bool:
     """Whether a sympy number is finite and not zero, decided from its value (asking sympy's
     assumptions of each new number deduces all of them, a cost per product)."""
@@ -535,8 +568,10 @@ def rewrite(e: sp.Basic, replacement, memo: dict) -> sp.Basic:
                 args = [rewrite(a, replacement, memo) for a in e.args]
                 if all(x is y for x, y in zip(args, e.args)):
                     hit = e
+                elif e.is_Mul:
+                    hit = _rebuilt_product(args)
                 else:
-                    hit = _rebuilt_product(args) if e.is_Mul else e.func(*args)
+                    hit = total(args) if e.is_Add else e.func(*args)
             else:
                 hit = e
         memo[e] = hit
