@@ -28,13 +28,14 @@ order (which can only split a group in two, never join different ones).
 from __future__ import annotations
 
 import contextlib
+import functools
 import gc
-import math
 import threading
 from dataclasses import dataclass
 
 import numpy as np
 import sympy as sp
+from mpmath.libmp import finf, fnan, fninf, fzero
 
 from tpcompiler.ir.symbols import FACTOR_ORDER
 
@@ -206,7 +207,7 @@ def add_terms(into: dict, expr: sp.Expr, scale: float = 1.0) -> dict:
     multiplying the sum by a number rebuilt every product)."""
     for a in sp.Add.make_args(expr):
         c, t = a.as_coeff_Mul()
-        c = scale * float(c)
+        c = scale * _float(c)
         if c != 0.0:
             into[t] = into.get(t, 0.0) + c
     return into
@@ -218,9 +219,25 @@ _UNITS: dict = {1.0: sp.S.One, -1.0: sp.S.NegativeOne}
 def number(c: float) -> sp.Number:
     """The sympy number of a term sum's coefficient c: 1 and -1 as sympy's integers (a
     coefficient of 1 is no factor), any other value a Float (one object per value within the
-    derivation, ``interned_floats``)."""
+    derivation, ``interned_floats``; non-zero ones remembered, ``_float_number``)."""
     unit = _UNITS.get(c)
-    return sp.Float(c) if unit is None else unit
+    if unit is not None:
+        return unit
+    return _float_number(c) if c != 0.0 else sp.Float(c)  # (0.0 and -0.0 are one key of a cache)
+
+
+@functools.lru_cache(maxsize=4096)
+def _float_number(c: float) -> sp.Float:
+    """sp.Float(c), made once per value (sympy's Float from a Python float takes
+    microseconds, and a CNN's term sums hold a few coefficients thousands of times)."""
+    return sp.Float(c)
+
+
+@functools.lru_cache(maxsize=4096)
+def _float(n: sp.Number) -> float:
+    """float(n) of a sympy number, remembered per number (sympy converts through its
+    multiprecision value at every call)."""
+    return float(n)
 
 
 class _ProcessWide:
@@ -413,14 +430,17 @@ def total(terms) -> sp.Expr:
     return sp.Add._from_args(plain)
 
 
+#: The multiprecision values of zero, infinities and nan (mpmath's libmp).
+_ZERO_OR_INFINITE = (fzero, finf, fninf, fnan)
+
+
 def _finite_nonzero(n: sp.Number) -> bool:
     """Whether a sympy number is finite and not zero, decided from its value (asking sympy's
     assumptions of each new number deduces all of them, a cost per product)."""
     if n.is_Rational:
         return n.p != 0
     if n.is_Float:
-        value = float(n)
-        return value != 0.0 and math.isfinite(value)
+        return n._mpf_ not in _ZERO_OR_INFINITE  # its multiprecision value, not converted
     return False
 
 
