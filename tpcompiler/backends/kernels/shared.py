@@ -366,7 +366,8 @@ def product(c, factors) -> sp.Expr:
         plain.insert(0, coefficient)
     if len(plain) == 1:
         return plain[0]
-    return sp.Mul._from_args(plain) if plain else sp.S.One
+    # commutative: every factor was checked (sympy's _from_args would ask each of them again)
+    return sp.Mul._from_args(plain, True) if plain else sp.S.One
 
 
 def _flat_factors(coefficient: sp.Number, factors: list):
@@ -380,7 +381,7 @@ def _flat_factors(coefficient: sp.Number, factors: list):
         if f.is_Mul:
             inner, rest = f.as_coeff_Mul()
             if inner is not sp.S.One:
-                coefficient = coefficient * inner
+                coefficient = inner if coefficient is sp.S.One else coefficient * inner
             plain.extend(sp.Mul.make_args(rest))
         else:
             plain.append(f)
@@ -427,7 +428,7 @@ def total(terms) -> sp.Expr:
     plain.sort(key=_ADD_ORDER)
     if constant is not None:
         plain.insert(0, constant)
-    return sp.Add._from_args(plain)
+    return sp.Add._from_args(plain, True)  # commutative: every term was checked
 
 
 #: The multiprecision values of zero, infinities and nan (mpmath's libmp).
