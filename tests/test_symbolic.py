@@ -209,3 +209,14 @@ def test_parity_in_one_variable_is_the_block_signature():
     assert parity_in(sp.Max(x**2, 1), x) == EVEN        # a function of even arguments
     assert parity_in(sp.tanh(x) * y, x) == ODD          # other symbols are constants
     assert parity_in(x + 1, x) == NEITHER
+
+
+def test_expectation_of_random_products_is_the_node_sympy_builds():
+    """Expectation.of_random builds E[psi] of a product of random symbols (a pair moment)
+    without sympy's constructor; it must be the expression Expectation(psi) is (equal, same
+    hash, arguments and number of arguments), primed and repeated symbols included."""
+    a, b, h = Z("a"), Z("b", True), Zhat("w")
+    for psi in [a * b, a, a * a, a ** 2 * b, a * b * h]:
+        built, direct = Expectation(psi), Expectation.of_random(psi)
+        assert type(direct) is Expectation and direct == built and hash(direct) == hash(built)
+        assert direct.args == built.args and direct.nargs == built.nargs and direct.is_commutative

@@ -228,11 +228,16 @@ class Graph:
         return [k for decl in self.inputs.values() for k in decl.keys]
 
     def input_dependent(self) -> set[str]:
-        """Nodes whose value depends on the program's input coordinates."""
-        dep: set[str] = set()
-        for k in self.input_keys():
-            dep.add(k)
-            dep |= nx.descendants(self.g, k)
+        """Nodes whose value depends on the program's input coordinates: the inputs and every
+        node reachable from one, found by one walk from all of them (a walk per input
+        coordinate crossed a CNN's whole graph once per pixel)."""
+        dep: set[str] = set(self.input_keys())
+        stack = list(dep)
+        while stack:
+            for child in self.g.successors(stack.pop()):
+                if child not in dep:
+                    dep.add(child)
+                    stack.append(child)
         return dep
 
     def copy(self) -> "Graph":
