@@ -522,3 +522,21 @@ def test_total_is_the_object_sympy_builds():
             terms = [term() for _ in range(rng.randint(0, 6))]
             want, got = sp.Add(*terms), total(terms)
             assert got == want and got.args == want.args and hash(got) == hash(want), terms
+
+
+def test_free_symbols_memoised_are_sympys():
+    """shared.free_symbols (memoised per subexpression) must be sympy's free_symbols for the
+    expressions the derivation builds, including types whose free_symbols is their own (a
+    symbol; a Lambda's bound variable is not free)."""
+    import sympy as sp
+    from tpcompiler.backends.kernels.pairwise import E2, TemplateCall
+    from tpcompiler.backends.kernels.shared import free_symbols
+    from tpcompiler.ir import ops
+
+    x, y, t = sp.symbols("x y t", real=True)
+    memo: dict = {}
+    exprs = [x, sp.Float(2.5), 2 * x * TemplateCall(sp.Integer(1), x, y + 1), E2(sp.Integer(0), x, x * y, y),
+             ops.InputCov("g1_0", "g1_1", sp.Integer(0), sp.Integer(1)) * y, sp.acos(x / (1 + y)),
+             sp.Lambda(t, t * x), sp.Tuple(x, sp.Lambda(t, t + y)), sp.Integral(x * t, (t, 0, y))]
+    for e in exprs + exprs:  # the second time from the memo
+        assert free_symbols(e, memo) == e.free_symbols, e

@@ -514,11 +514,12 @@ def lift_repeated_calls(assignments, outputs, kinds: dict) -> tuple[list, list]:
     kind_symbols = set(kinds) | {s for s, _ in assignments}
     exprs = [[e] for _, e in assignments] + [list(terms) for terms in outputs]  # an output: its terms
     inside: dict = {}  # subexpression -> the calls reading kind_symbols in it (_calls_reading)
+    free: dict = {}    # free_symbols' memo
     counts: dict = {}
     for parts in exprs:
         seen = set()
         for e in parts:
-            for sub in _calls_reading(e, kind_symbols, inside):
+            for sub in _calls_reading(e, kind_symbols, inside, free):
                 if sub not in seen:
                     seen.add(sub)
                     counts[sub] = counts.get(sub, 0) + 1
@@ -531,7 +532,7 @@ def lift_repeated_calls(assignments, outputs, kinds: dict) -> tuple[list, list]:
 
     def calls_in(exprs) -> list:
         """The calls of ``names`` in exprs, in a fixed order (first occurrence)."""
-        return list(dict.fromkeys(f for e in exprs for f in _calls_reading(e, kind_symbols, inside) if f in names))
+        return list(dict.fromkeys(f for e in exprs for f in _calls_reading(e, kind_symbols, inside, free) if f in names))
 
     def define(f):
         """Name f (after the repeated calls inside it), in post-order into ``placed``."""
@@ -558,16 +559,43 @@ def lift_repeated_calls(assignments, outputs, kinds: dict) -> tuple[list, list]:
     return out, [map_terms(terms, lambda t: substitute(t, names, memo)) for terms in outputs]
 
 
-def _calls_reading(e: sp.Basic, kind_symbols: set, memo: dict) -> tuple:
+def _calls_reading(e: sp.Basic, kind_symbols: set, memo: dict, free: dict) -> tuple:
     """The function calls in e that read a symbol of ``kind_symbols``, distinct, in preorder
     (first occurrence); memoised per subexpression, so that the calls shared by many terms
-    (a pair of positions' expectations) are walked once."""
+    (a pair of positions' expectations) are walked once; ``free`` the memo of
+    ``free_symbols``."""
     hit = memo.get(e)
     if hit is None:
-        found = [e] if isinstance(e, sp.Function) and e.free_symbols & kind_symbols else []
+        found = [e] if isinstance(e, sp.Function) and free_symbols(e, free) & kind_symbols else []
         for a in e.args:
-            found.extend(_calls_reading(a, kind_symbols, memo))
+            found.extend(_calls_reading(a, kind_symbols, memo, free))
         hit = memo[e] = tuple(dict.fromkeys(found))
+    return hit
+
+
+_UNION_OF_ARGUMENTS: dict = {}  # type -> whether its free_symbols is Basic's (free_symbols)
+
+
+def free_symbols(e: sp.Basic, memo: dict) -> frozenset:
+    """e.free_symbols, memoised per subexpression in ``memo``: sympy walks the whole tree at
+    every call, and the terms of a CNN's kernels share their calls (a pair of positions'
+    expectations and cores), whose symbols are then collected once.  Types whose
+    free_symbols is not sympy's union over the arguments (a symbol, a bound variable's
+    scope) are asked themselves."""
+    hit = memo.get(e)
+    if hit is None:
+        kind = type(e)
+        union = _UNION_OF_ARGUMENTS.get(kind)
+        if union is None:
+            owner = next(k for k in kind.__mro__ if "free_symbols" in k.__dict__)
+            union = _UNION_OF_ARGUMENTS[kind] = owner is sp.Basic
+        if not union:
+            hit = frozenset(e.free_symbols)
+        elif e.args:
+            hit = frozenset().union(*[free_symbols(a, memo) for a in e.args])
+        else:
+            hit = frozenset()
+        memo[e] = hit
     return hit
 
 
@@ -637,7 +665,7 @@ def alias_repeated_arguments(assignments, outputs, call_type, kinds: dict) -> tu
         seen: set = set()
         args = []
         for k, a in enumerate(c.args):
-            read = a.free_symbols & kind_symbols
+            read = free_symbols(a, free) & kind_symbols
             again = read & seen
             args.append(a.xreplace({x: alias(x, k) for x in again}) if again else a)
             seen |= read
@@ -647,6 +675,7 @@ def alias_repeated_arguments(assignments, outputs, call_type, kinds: dict) -> tu
         return rewrite(e, aliased, memo)
 
     memo: dict = {}
+    free: dict = {}  # free_symbols' memo
 
     kind_symbols = set(kinds) | {s for s, _ in assignments}
     return ([(s, rewrite_all(e)) for s, e in assignments], [map_terms(terms, rewrite_all) for terms in outputs],
@@ -675,8 +704,9 @@ def plan(assignments, outputs, kinds: dict, slot_kind: str, aliases: dict | None
     kind_symbols = set(kinds)
     level: dict = {}
     bundles: dict = {}
+    free: dict = {}  # free_symbols' memo: output terms share their calls
     for s, e in assignments:
-        read = {aliases.get(d, d) for d in e.free_symbols}
+        read = {aliases.get(d, d) for d in free_symbols(e, free)}
         level[s] = 1 + max((level[d] for d in read if d in slot), default=-1)
         bundles.setdefault((level[s], frozenset(read & kind_symbols)), []).append((slot[s], e))
     by_key: dict = {}
@@ -702,7 +732,7 @@ def plan(assignments, outputs, kinds: dict, slot_kind: str, aliases: dict | None
         for term, coef in output.items():
             if coef == 0.0:
                 continue
-            read = {aliases.get(d, d) for d in term.free_symbols} & kind_symbols
+            read = {aliases.get(d, d) for d in free_symbols(term, free)} & kind_symbols
             if not read and term.is_number:
                 constants[o] += coef * float(term)
                 continue
