@@ -540,3 +540,20 @@ def test_free_symbols_memoised_are_sympys():
              sp.Lambda(t, t * x), sp.Tuple(x, sp.Lambda(t, t + y)), sp.Integral(x * t, (t, 0, y))]
     for e in exprs + exprs:  # the second time from the memo
         assert free_symbols(e, memo) == e.free_symbols, e
+
+
+def test_sums_taken_as_expanded_are_what_expand_returns():
+    """features._expanded lets a pair feature skip sp.expand; wherever it says yes, expand
+    must return the expression unchanged (same arguments in the same order)."""
+    import sympy as sp
+    from tpcompiler.backends.kernels.features import _expanded
+    from tpcompiler.ir import ops
+
+    x, y = sp.symbols("x y", real=True)
+    c = [ops.InputCov(f"g1_{k}", f"g1_{k + 1}", sp.Integer(0), sp.Integer(k % 2)) for k in range(4)]
+    yes = [x, sp.Float(0.01) + 2.25 * c[0] + 2.25 * c[1], sp.Rational(1, 9) * c[2] - c[3] + 3 * x, c[0], -x, sp.Float(2.0)]
+    no = [x * y + c[0], x * (c[0] + c[1]), (x + 1) ** 2, x * c[0], sp.acos(x) + 1]
+    for e in yes:
+        assert _expanded(e) and sp.expand(e) == e and sp.expand(e).args == e.args, e
+    for e in no:
+        assert not _expanded(e), e

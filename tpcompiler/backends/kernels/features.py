@@ -152,7 +152,7 @@ class Features:
     def _pair(self, expr: sp.Expr) -> sp.Expr:
         row0, row1, const, bilinear = [], [], sp.S.Zero, {}
         out = []
-        for term in sp.Add.make_args(sp.expand(expr)):
+        for term in sp.Add.make_args(expr if _expanded(expr) else sp.expand(expr)):
             sides = self._sides(term)
             if not sides:
                 const += term
@@ -473,3 +473,16 @@ def _mul(*factors) -> sp.Expr:
     """sp.Mul(*factors), the same object, built by ``shared.product`` where it can (the terms
     of a CNN's kernels are featurized one by one, a product or two each)."""
     return product(sp.S.One, factors)
+
+
+def _expanded(expr: sp.Expr) -> bool:
+    """Whether expr is a sum of numbers, symbols, input-layer covariances and numbers times
+    one of those, which ``sp.expand`` returns as it is (a window's covariance sum, a pair
+    feature of a CNN, one per pair of windows: expanding each cost a millisecond)."""
+    def atom(x):
+        return x.is_Symbol or isinstance(x, ops.InputCov)
+
+    for t in sp.Add.make_args(expr):
+        if not (t.is_Number or atom(t) or (t.is_Mul and len(t.args) == 2 and t.args[0].is_Number and atom(t.args[1]))):
+            return False
+    return True
