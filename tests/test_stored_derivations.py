@@ -33,24 +33,41 @@ def cache(tmp_path, monkeypatch):
     return tmp_path / "derivations"
 
 
-def test_a_stored_derivation_is_read_back_and_computes_the_same_bits(cache):
-    graph = graph_of()
+def scaled_graph():
+    """A net whose row features read an input coordinate (xi_0^2 Cov(h, h): kept as
+    expressions, evaluated by numpy functions), not only sums of input covariances (kept as
+    numbers)."""
+    p = tp.Program("scaled")
+    xi = p.input("xi", 8)
+    p.readout(tp.relu(xi[0] * p.input_layer("h", xi)).named("x"))
+    return tp.compile(p).source
+
+
+@pytest.mark.parametrize("make", [graph_of, scaled_graph], ids=["cnn1d", "scaled"])
+def test_a_stored_derivation_is_read_back_and_computes_the_same_bits(cache, make):
+    graph = make()
     X = np.random.default_rng(0).standard_normal((9, 8))
     X2 = np.random.default_rng(1).standard_normal((4, 8))
     derived = KernelFunction(graph, cache=True)
-    assert not derived.derivation_cached and derived.engine.order
+    assert not derived.derivation_cached
     assert len(list(cache.glob("*.pickle"))) == 1
-    read = KernelFunction(graph_of(), cache=True)  # the same program, built again
+    read = KernelFunction(make(), cache=True)  # the same program, built again
     assert read.derivation_cached and read.source == derived.source and read.shared == derived.shared
+    # the row features come back as the plans the derivation evaluates
+    kinds = [entry[0] for entry in read.features._row_entries()]
+    assert kinds == [entry[0] for entry in derived.features._row_entries()] and kinds
+    assert set(kinds) == ({"linear"} if make is graph_of else {"expression"})
     want, got = derived(X, X2), read(X, X2)
     for name in want:
         assert np.array_equal(want[name], got[name]), name
     with pytest.raises(AttributeError, match="read from the disk cache.*cache=False"):
         read.engine
-    # tp.compile's kernel_function stores and reads; cache=False derives again
-    compiled = tp.compile(tp.load(str(CNN), L=4, depth=2))
-    assert compiled.kernel_function().derivation_cached
-    assert not compiled.kernel_function(cache=False).derivation_cached
+    if make is graph_of:
+        assert derived.engine.order
+        # tp.compile's kernel_function stores and reads; cache=False derives again
+        compiled = tp.compile(tp.load(str(CNN), L=4, depth=2))
+        assert compiled.kernel_function().derivation_cached
+        assert not compiled.kernel_function(cache=False).derivation_cached
 
 
 def test_the_key_changes_with_the_program_the_options_and_the_code(monkeypatch):

@@ -42,7 +42,7 @@ import numpy as np
 import sympy as sp
 
 #: Bumped when the stored state's layout changes.
-FORMAT = 2
+FORMAT = 3
 #: Graph attributes that are construction bookkeeping, not the program: the hash-consing table
 #: (a function of the nodes) and the counters that name new nodes.
 BOOKKEEPING = frozenset({"_interned", "_count", "_suffix"})
