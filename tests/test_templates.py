@@ -557,3 +557,27 @@ def test_sums_taken_as_expanded_are_what_expand_returns():
         assert _expanded(e) and sp.expand(e) == e and sp.expand(e).args == e.args, e
     for e in no:
         assert not _expanded(e), e
+
+
+def test_expressions_without_products_of_sums_are_what_expand_returns():
+    """pairwise._has_products_of_sums lets expect_direct skip sp.expand; wherever it says
+    no, expand (with expect_direct's hints) must return the expression unchanged."""
+    import random
+
+    import sympy as sp
+    from tpcompiler.backends.kernels.pairwise import _has_products_of_sums
+    from tpcompiler.ir.nonlinearities import relu, step
+
+    x, y, z = sp.symbols("x y z", real=True)
+    pieces = [x, y, relu(x + y), step(z - x), sp.tanh(x) ** 2, x + y, (x + z) ** 2, sp.Float(2.25), sp.exp(x + y),
+              relu(x) + relu(y), (relu(x) + 1) ** 3]
+    rng = random.Random(3)
+    hints = dict(deep=False, power_exp=False, power_base=False, log=False)
+    said_no = 0
+    for _ in range(400):
+        terms = [sp.Mul(*rng.sample(pieces, rng.randint(1, 3))) for _ in range(rng.randint(1, 3))]
+        e = sp.Add(*terms)
+        if not _has_products_of_sums(e):
+            said_no += 1
+            assert sp.expand(e, **hints) == e and sp.expand(e, **hints).args == e.args, e
+    assert said_no > 50
