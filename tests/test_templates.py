@@ -581,3 +581,24 @@ def test_expressions_without_products_of_sums_are_what_expand_returns():
             said_no += 1
             assert sp.expand(e, **hints) == e and sp.expand(e, **hints).args == e.args, e
     assert said_no > 50
+
+
+def test_calls_rebuilt_directly_are_what_their_constructor_builds():
+    """shared._rebuilt_call builds calls of function classes without evaluation rules as
+    plain nodes; they must equal what the class's constructor builds (arguments, hash,
+    nargs, assumptions), and classes with rules or numeric arguments go through it."""
+    import sympy as sp
+    from tpcompiler.backends.kernels.pairwise import TemplateCall
+    from tpcompiler.backends.kernels.shared import _rebuilt_call
+    from tpcompiler.expectations.special import _angle, _pos, _sdet
+    from tpcompiler.ir.nonlinearities import relu
+
+    x, y, z = sp.symbols("x y z", real=True)
+    for e, args in [(_sdet(x, y, z), [y, x * z, sp.Float(2.0)]), (_angle(_sdet(x, y, z), y), [_sdet(z, y, x), z]),
+                    (_pos(x, y), [y + 1, x]), (TemplateCall(sp.Integer(3), x, y), [sp.Integer(3), z, x])]:
+        got, want = _rebuilt_call(e, args), e.func(*args)
+        assert got == want and got.args == want.args and hash(got) == hash(want) and got.nargs == want.nargs
+        assert got.is_commutative == want.is_commutative and got.is_real == want.is_real
+    # numbers alone: the constructor (sympy evaluates functions of Floats numerically)
+    assert _rebuilt_call(_sdet(x, y, z), [sp.Float(1.0), sp.Float(0.5), sp.Float(1.0)]) == _sdet(1.0, 0.5, 1.0)
+    assert _rebuilt_call(relu(x), [sp.Integer(-2)]) == 0  # relu has rules: relu(-2) evaluates

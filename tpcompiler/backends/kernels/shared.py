@@ -36,6 +36,7 @@ from dataclasses import dataclass
 import numpy as np
 import sympy as sp
 from mpmath.libmp import finf, fnan, fninf, fzero
+from sympy.core.function import Application
 
 from tpcompiler.ir.symbols import FACTOR_ORDER
 
@@ -540,7 +541,7 @@ def lift_repeated_calls(assignments, outputs, kinds: dict) -> tuple[list, list]:
         if sym not in definitions:
             for g in calls_in(f.args):
                 define(g)
-            inner = f.func(*[substitute(a, names, memo) for a in f.args])
+            inner = _rebuilt_call(f, [substitute(a, names, memo) for a in f.args])
             definitions[sym] = inner
             placed.append((sym, inner))
 
@@ -620,11 +621,28 @@ def rewrite(e: sp.Basic, replacement, memo: dict) -> sp.Basic:
                 elif e.is_Mul:
                     hit = _rebuilt_product(args)
                 else:
-                    hit = total(args) if e.is_Add else e.func(*args)
+                    hit = total(args) if e.is_Add else _rebuilt_call(e, args)
             else:
                 hit = e
         memo[e] = hit
     return hit
+
+
+_NO_EVALUATION = Application.eval.__func__  # the eval of a function class that defines none
+
+
+def _rebuilt_call(e: sp.Basic, args: list) -> sp.Basic:
+    """e.func(*args), the same expression: for a call of a function class without
+    evaluation rules (the closed forms' helpers _sdet, _angle, _pos, the engine's calls) at
+    arguments not all numbers, sympy's constructor only checks, caches and sets ``nargs``
+    (it would evaluate numerically at numbers alone), so the node is built directly, as
+    ``e`` itself was (``nargs`` from it).  Anything else: the class's own constructor."""
+    cls = type(e)
+    if isinstance(e, sp.Function) and cls.eval.__func__ is _NO_EVALUATION and not all(a.is_number for a in args):
+        obj = sp.Basic.__new__(cls, *args)
+        obj.nargs = e.nargs
+        return obj
+    return e.func(*args)
 
 
 def _rebuilt_product(args: list) -> sp.Expr:
