@@ -758,7 +758,7 @@ def plan(assignments, outputs, kinds: dict, slot_kind: str, aliases: dict | None
     terms: dict = {}   # structure id -> [(binding, coefficient, tuple)]
     for parts in bundles.values():
         c = next(p[0][0] for p in parts if p)
-        bundle = sp.Tuple(*[sp.Add(*[_scaled(t, coef / c) for coef, t in p]) if p else sp.S.Zero for p in parts])
+        bundle = sp.Tuple(*[total([_scaled(t, coef / c) for coef, t in p]) if p else sp.S.Zero for p in parts])
         cid, syms = sk.canonical(bundle)
         terms.setdefault(cid, []).append((syms, c, bundle))
     for members in terms.values():
