@@ -268,7 +268,9 @@ def test_product_is_the_object_sympy_builds():
     # two-argument case), the identity 1
     other = [sp.Integer(3), q[0] + q[1], q[2] ** 2, 2 * q[4], sp.S.One, sp.Rational(1, 9) * q[3] * calls[0],
              sp.Float(2.25) * (q[0] + q[2]), 3 * (q[1] + q[2]) * q[4], -q[2], sp.Float(0.5) * q[5] * (q[0] + q[1]),
-             (q[0] + q[1]) * q[3], sp.Rational(1, 3) * q[0] + calls[1], q[5] - calls[2]]
+             (q[0] + q[1]) * q[3], sp.Rational(1, 3) * q[0] + calls[1], q[5] - calls[2],
+             # exp(x) is E**x to sympy's Mul, which adds exponents: exp(x)*exp(-x) is 1
+             sp.exp(q[0]), sp.exp(-q[0]), sp.exp(2 * q[0]), sp.exp(sp.Rational(1, 2)), sp.exp(q[1] + q[2])]
     rng = random.Random(0)
     with interned_floats():
         for _ in range(3000):
@@ -502,7 +504,7 @@ def test_total_is_the_object_sympy_builds():
     calls = [TemplateCall(sp.Integer(k), q[k], q[k + 1]) for k in range(2)] + [
         ops.InputCov("g1_0", "g1_1", sp.Integer(0), sp.Integer(1)), sp.acos(q[3])]
     atoms = q + calls
-    numbers = [sp.Float(2.25), sp.Rational(1, 9), sp.Integer(-3), sp.S.Zero, sp.Float(-0.5), sp.S.One]
+    numbers = [sp.Float(2.25), sp.Rational(1, 9), sp.Integer(-3), sp.S.Zero, sp.Float(-0.5), sp.S.One, sp.Float(0.0)]
     rng = random.Random(2)
 
     def term():
@@ -514,7 +516,7 @@ def test_total_is_the_object_sympy_builds():
         if kind < 0.8:
             return sp.Float(2.25) * rng.choice(atoms) * rng.choice(atoms)
         if kind < 0.9:
-            return rng.choice(numbers)
+            return rng.choice(numbers + [sp.Float(0.0)] * 3)  # sympy drops a zero constant, 0.0 too
         return rng.choice([q[0] + q[1], q[2] ** 2, sp.Float(2.25) * (q[0] + q[3])])
 
     with interned_floats():
@@ -570,7 +572,7 @@ def test_expressions_without_products_of_sums_are_what_expand_returns():
 
     x, y, z = sp.symbols("x y z", real=True)
     pieces = [x, y, relu(x + y), step(z - x), sp.tanh(x) ** 2, x + y, (x + z) ** 2, sp.Float(2.25), sp.exp(x + y),
-              relu(x) + relu(y), (relu(x) + 1) ** 3]
+              relu(x) + relu(y), (relu(x) + 1) ** 3, sp.Integer(2) ** (x + 1), sp.sqrt(2) ** (y + 1)]
     rng = random.Random(3)
     hints = dict(deep=False, power_exp=False, power_base=False, log=False)
     said_no = 0

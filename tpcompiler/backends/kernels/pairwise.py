@@ -888,7 +888,7 @@ def _has_products_of_sums(expr: sp.Expr) -> bool:
     forms of a CNN's pair moment, where expand took 1 ms per structure)."""
     for term in sp.Add.make_args(expr):
         for f in sp.Mul.make_args(term):
-            if f.is_Add or (f.is_Pow and f.base.is_Add):
+            if f.is_Add or (f.is_Pow and (f.base.is_Add or f.exp.is_Add)):  # (2**(x + 1) is 2*2**x to expand)
                 return True
     return False
 

@@ -390,8 +390,8 @@ def _flat_factors(coefficient: sp.Number, factors: list):
     for f in plain:
         if f.is_Add:
             sums += 1
-        elif not (f.is_Symbol or isinstance(f, sp.Function)):
-            return None
+        elif not (f.is_Symbol or isinstance(f, sp.Function)) or f.as_base_exp()[1] is not sp.S.One:
+            return None  # (exp(x) is E**x to sympy's Mul, which adds the exponents of equal bases)
         if not f.is_commutative:
             return None
     if not _finite_nonzero(coefficient) or len(set(plain)) != len(plain) or (sums and len(plain) == 1):
@@ -413,7 +413,7 @@ def total(terms) -> sp.Expr:
     constant, plain, parts = None, [], set()
     for t in terms:
         if t.is_Number:
-            if constant is not None or not t.is_finite:
+            if constant is not None or not _finite_nonzero(t):  # (sympy drops a zero, 0.0 included)
                 return sp.Add(*terms)
             constant = t
             continue
@@ -424,7 +424,7 @@ def total(terms) -> sp.Expr:
             return sp.Add(*terms)
         parts.add(rest)
         plain.append(t)
-    if len(plain) < 2 or constant is sp.S.Zero:
+    if len(plain) < 2:
         return sp.Add(*terms)
     plain.sort(key=_ADD_ORDER)
     if constant is not None:
