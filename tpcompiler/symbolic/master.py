@@ -405,7 +405,8 @@ class ZProgram:
             if self.graph.kind(k) == VEC:
                 rep[s] = Z(k, primed)
         factors = sp.Mul.make_args(op.expr)
-        if all(f in rep for f in factors):  # a pair moment's Z^a Z^b': the product built directly
+        random_product = all(f in rep for f in factors)  # psi is the product of their Z symbols
+        if random_product:  # a pair moment's Z^a Z^b': the product built directly
             psi = monomial(*[rep[f] for f in factors])
         else:
             psi = op.expr.xreplace(rep)
@@ -414,7 +415,6 @@ class ZProgram:
         block = self.zero_block(psi)
         if block is not None:
             return ZEntry(key, "moment", sp.S.Zero, frozenset(), zero_reason=f"odd in {self.describe_block(block)}")
-        random_product = all(f in rep for f in factors)  # (psi is the product of their Z symbols)
         return ZEntry(key, "moment", Expectation.of_random(psi) if random_product else Expectation(psi), frozenset())
 
     # -- derivatives dZ^x/dZHat^v (chain rule through the recursion) --------------------
