@@ -257,7 +257,7 @@ def test_product_is_the_object_sympy_builds():
 
     import sympy as sp
     from tpcompiler.backends.kernels.pairwise import E2, TemplateCall
-    from tpcompiler.backends.kernels.shared import interned_floats, product
+    from tpcompiler.backends.kernels.shared import interned_floats, mul, product
     from tpcompiler.ir import ops
 
     q = [sp.Symbol(f"q[{i}]", real=True) for i in range(5)] + [sp.Symbol("a[1]'", real=True), sp.Dummy("e0")]
@@ -285,6 +285,11 @@ def test_product_is_the_object_sympy_builds():
                 want = sp.Mul(c, *factors)
             got = product(c, factors)
             assert got == want and got.args == want.args and hash(got) == hash(want), (c, factors)
+            # shared.mul: sp.Mul of its arguments, a leading number as the coefficient
+            for args in (factors, [want.as_coeff_Mul()[0], *factors] if factors else []):
+                want = sp.Mul(*args)
+                got = mul(*args)
+                assert got == want and got.args == want.args and hash(got) == hash(want), args
 
 
 @pytest.mark.parametrize("net, shape", [

@@ -25,7 +25,7 @@ from tpcompiler.ir import symbols
 from tpcompiler.ir.graph import Graph, ProgramError
 from tpcompiler.ir.rules import RuleTable
 from tpcompiler.backends.lowering import numpy_function
-from tpcompiler.backends.kernels.shared import add_terms, number, product, total
+from tpcompiler.backends.kernels.shared import add_terms, mul, number, product, total
 
 
 class Features:
@@ -252,12 +252,12 @@ class Features:
             for rest, insides in groups.items():
                 coef = total(insides)
                 coef = self.feature(coef) if self.has_inputs(coef) else coef
-                out.append(_mul(coef, self.featurize(rest)))
+                out.append(mul(coef, self.featurize(rest)))
             return total(out)
         if expr.is_Mul:
             inside, rest = self._split(expr)
             coef = self.feature(inside) if self.has_inputs(inside) else inside
-            return _mul(coef, _mul(*[self.featurize(f) for f in sp.Mul.make_args(rest)]))
+            return mul(coef, mul(*[self.featurize(f) for f in sp.Mul.make_args(rest)]))
         # any other node (a call reading input-layer covariances, a power), memoised: the
         # terms of one pair of positions share their calls
         done = self._featurized.get(expr)
@@ -279,11 +279,11 @@ class Features:
             if len(insides) == 1:  # c * feature(inside): the number stays out of the feature
                 (c, inside), = insides
                 coef = self.feature(inside) if self.has_inputs(inside) else inside
-                add_terms(out, _mul(coef, self.featurize(rest)), c)
+                add_terms(out, mul(coef, self.featurize(rest)), c)
                 continue
             coef = total([product(number(c), [inside]) for c, inside in insides])
             coef = self.feature(coef) if self.has_inputs(coef) else coef
-            add_terms(out, _mul(coef, self.featurize(rest)))
+            add_terms(out, mul(coef, self.featurize(rest)))
         return out
 
     def _split(self, term: sp.Expr) -> tuple[sp.Expr, sp.Expr]:
@@ -295,8 +295,8 @@ class Features:
             return sp.S.One, term
         if all(only):
             return term, sp.S.One
-        return (_mul(*[f for f, o in zip(factors, only) if o]),
-                _mul(*[f for f, o in zip(factors, only) if not o]))
+        return (mul(*[f for f, o in zip(factors, only) if o]),
+                mul(*[f for f, o in zip(factors, only) if not o]))
 
     # -- numeric values ---------------------------------------------------------------------
     def _layer_values(self, key: str, X: np.ndarray, positions: tuple) -> np.ndarray:
@@ -489,12 +489,6 @@ def _bilinear_gram(A: dict, X: np.ndarray, X2: np.ndarray | None, out: np.ndarra
     for (j, k), c in A.items():
         M[j, k] += c
     return cross_gram(X @ M, Y, out)
-
-
-def _mul(*factors) -> sp.Expr:
-    """sp.Mul(*factors), the same object, built by ``shared.product`` where it can (the terms
-    of a CNN's kernels are featurized one by one, a product or two each)."""
-    return product(sp.S.One, factors)
 
 
 def _expanded(expr: sp.Expr) -> bool:

@@ -399,9 +399,6 @@ def _flat_factors(coefficient: sp.Number, factors: list):
     return coefficient, plain
 
 
-_ADD_ORDER = FACTOR_ORDER  # sympy sorts a sum's terms by Basic.compare too (add._addsort)
-
-
 def total(terms) -> sp.Expr:
     """sp.Add(*terms), the same object, built directly when sympy's flattening would only
     sort: the terms are commutative, none is a sum, a power or zero, at most one is a number
@@ -426,7 +423,7 @@ def total(terms) -> sp.Expr:
         plain.append(t)
     if len(plain) < 2:
         return sp.Add(*terms)
-    plain.sort(key=_ADD_ORDER)
+    plain.sort(key=FACTOR_ORDER)  # sympy sorts a sum's terms by Basic.compare too (add._addsort)
     if constant is not None:
         plain.insert(0, constant)
     return sp.Add._from_args(plain, True)  # commutative: every term was checked
@@ -619,7 +616,7 @@ def rewrite(e: sp.Basic, replacement, memo: dict) -> sp.Basic:
                 if all(x is y for x, y in zip(args, e.args)):
                     hit = e
                 elif e.is_Mul:
-                    hit = _rebuilt_product(args)
+                    hit = mul(*args)
                 else:
                     hit = total(args) if e.is_Add else _rebuilt_call(e, args)
             else:
@@ -645,12 +642,13 @@ def _rebuilt_call(e: sp.Basic, args: list) -> sp.Basic:
     return e.func(*args)
 
 
-def _rebuilt_product(args: list) -> sp.Expr:
-    """sympy's Mul(*args) for the new arguments of a product (``rewrite``), by ``product``
-    (which leaves to sympy whatever it does not build itself)."""
-    if args[0].is_Number:
-        return product(args[0], args[1:])
-    return product(sp.S.One, args)
+def mul(*factors) -> sp.Expr:
+    """sp.Mul(*factors), the same object, by ``product`` (which leaves to sympy whatever it
+    does not build itself), a leading number as its coefficient: a product's new arguments in
+    ``rewrite``, the products of featurized terms (features.py)."""
+    if factors and factors[0].is_Number:
+        return product(factors[0], factors[1:])
+    return product(sp.S.One, factors)
 
 
 def alias_repeated_arguments(assignments, outputs, call_type, kinds: dict) -> tuple[list, list, dict]:
