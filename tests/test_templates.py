@@ -111,6 +111,40 @@ def test_output_term_sums_equal_the_outputs(name):
             assert max((abs(c) for c in difference.values()), default=0.0) <= 1e-12 * scale, (name, expr, same_input)
 
 
+def test_factored_ntk_terms_equal_the_expanded_ones(monkeypatch):
+    """Two factorings keep a CNN's NTK at a few terms per pair of positions: ntk.py sums the
+    taps that share a gradient pair inside one term (E[dy dy'] * sum_taps w E[x x']), and the
+    engine takes the expectation of a free linear form (a position's backward vector, a sum
+    over the taps that read it) whole, E[f f' L L'] = E[f f'] Cov(L, L'), instead of one
+    monomial per pair of taps (PairwiseEngine._is_free_linear_form).  With both undone (the
+    NTK expanded, no form held) the kernels must be the same, and there must be more terms."""
+    import sympy as sp
+    from tpcompiler.backends.kernels.pairwise import PairwiseEngine
+    from tpcompiler.ir.ntk import kernel_program
+
+    graph = NETS["conv1d_same_depth2"][0]()
+    X = np.random.default_rng(7).standard_normal((4, 10))
+    X2 = np.random.default_rng(8).standard_normal((3, 10))
+    kp = kernel_program(graph)
+    assert any(f.is_Add for t in sp.Add.make_args(kp.outputs["ntk"]) for f in sp.Mul.make_args(t))
+    held = []
+    original = PairwiseEngine._is_free_linear_form
+    monkeypatch.setattr(PairwiseEngine, "_is_free_linear_form",
+                        lambda self, e, blocks: held.append(e) or True if original(self, e, blocks) else False)
+    factored = KernelFunction(graph, derived=(kp, None))
+    assert held, "no free linear form was held: the test would test nothing"
+    a = factored(X, X2)
+    factored_terms = len(factored.engine.scalar_terms(kp.outputs["ntk"]))
+    monkeypatch.setattr(PairwiseEngine, "_is_free_linear_form", lambda self, e, blocks: False)
+    kp_expanded = kernel_program(graph)
+    kp_expanded.outputs["ntk"] = sp.expand(kp_expanded.outputs["ntk"])
+    expanded = KernelFunction(graph, derived=(kp_expanded, None))
+    b = expanded(X, X2)
+    for key in b:
+        assert np.max(np.abs(a[key] - b[key])) <= 1e-12 * np.max(np.abs(b[key])), key
+    assert factored_terms < len(expanded.engine.scalar_terms(kp_expanded.outputs["ntk"]))
+
+
 def test_depth1_alternative_grouping_gives_the_same_kernels(monkeypatch):
     """A depth-1 net's engine calls that make many groups are grouped again as calls of their
     expectations and the fewer groups win (KernelFunction, _MANY_GROUPS); forced here on a

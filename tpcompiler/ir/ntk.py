@@ -123,10 +123,25 @@ def _ntk_matrices(d: _Differentiated, keys: list) -> list:
         mat, x, tr = d.graph.matmul_parts(key)
         if key in d.forward and key in d.grads and mat in keys:
             uses.setdefault(mat, []).append((x, d.grads[key]) if tr else (d.grads[key], x))
-    # one product of three factors, not two products (a CNN has one term per pair of uses)
+    # Pairs of uses with the same (r_a, r_b), of any matrices, share that factor:
+    # E[Z^{r_a} Z^{r_b}'] * sum w_W E[Z^{c_a} Z^{c_b}'].  A convolution's taps that read one
+    # pair of output positions have one gradient pair, so its term is one product per pair of
+    # positions (the NTK recursion's Theta = Sigma-dot * (sum over the window)), not one per
+    # pair of positions and tap.  A single pair stays one product of three factors.
     weights = {mat: d.graph.op(mat).weight() for mat in uses}
-    return [monomial(weights[mat], _pair(d, ra, rb), _pair(d, ca, cb))
-            for mat, pairs in uses.items() for ra, ca in pairs for rb, cb in pairs]
+    by_rows: dict = {}
+    for mat, pairs in uses.items():
+        for ra, ca in pairs:
+            for rb, cb in pairs:
+                by_rows.setdefault((ra, rb), []).append((weights[mat], ca, cb))
+    terms = []
+    for (ra, rb), parts in by_rows.items():
+        if len(parts) == 1:
+            (w, ca, cb), = parts
+            terms.append(monomial(w, _pair(d, ra, rb), _pair(d, ca, cb)))
+        else:
+            terms.append(sp.Mul(_pair(d, ra, rb), sp.Add(*[monomial(w, _pair(d, ca, cb)) for w, ca, cb in parts])))
+    return terms
 
 
 def _scalar_multiple(graph: Graph, key: str) -> tuple[sp.Expr, str]:

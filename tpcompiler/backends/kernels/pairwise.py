@@ -433,7 +433,7 @@ class PairwiseEngine:
         out: dict = {}
         for term in sp.Add.make_args(sp.sympify(expr)):
             coef, rest = term.as_coeff_Mul()
-            sums = [self.moment_terms(f.key, same_input) if self._is_moment(f) else term_sum(self.scalar(f, same_input))
+            sums = [self.moment_terms(f.key, same_input) if self._is_moment(f) else self._factor_terms(f, same_input)
                     for f in sp.Mul.make_args(rest)]
             if not all(sums):
                 continue  # a factor is zero (an empty term sum)
@@ -451,6 +451,28 @@ class PairwiseEngine:
             for t, c in sums[k].items():  # t times the others, built directly (shared.product)
                 add_terms(out, product(1.0, [*sp.Mul.make_args(t), *others]) if others else t, scale * c)
         return out
+
+    def _factor_terms(self, f: sp.Expr, same_input: bool) -> dict:
+        """A factor of an output's term (not a Moment) as a term sum for ``scalar_terms``.  A
+        sum of Moments whose values are single terms (ntk.py's sum over the pairs of uses
+        that share a gradient pair, a convolution's taps) is kept one term, whose value is
+        that sum: the output's term stays one product per pair of positions."""
+        if f.is_Add:
+            terms = []
+            for t in f.args:
+                moments = [g for g in sp.Mul.make_args(t) if self._is_moment(g)]
+                value = self.moment_terms(moments[0].key, same_input) if len(moments) == 1 else None
+                if value is None or len(value) != 1:
+                    break
+                c = sp.Mul(*[g for g in sp.Mul.make_args(t) if g is not moments[0]]).xreplace(self._params)
+                if not c.is_number:  # a runtime parameter
+                    break
+                (v, cv), = value.items()
+                terms.append(product(float(c) * cv, sp.Mul.make_args(v)))
+            else:
+                value = total(terms)
+                return {value: 1.0} if value.is_Add else term_sum(value)
+        return term_sum(self.scalar(f, same_input))
 
     # -- expectations -------------------------------------------------------------------
     def expect(self, expr: sp.Expr) -> sp.Expr:
@@ -480,24 +502,52 @@ class PairwiseEngine:
     def _hold_sums(self, expr: sp.Expr):
         """(expr with held sums replaced by placeholders, {placeholder: sum}); see expect."""
         held: dict = {}
-        return self._held(expr, held, {}), held
+        blocks: set = set()
+        self._blocks_in_functions(expr, False, blocks)
+        return self._held(expr, held, {}, blocks), held
 
-    def _held(self, e: sp.Expr, held: dict, by_sum: dict) -> sp.Expr:
-        """e with each sum that is a single function replaced by its placeholder (``_hold_sums``;
-        a method, not a recursive closure: see shared.Skeletons._paths)."""
+    def _held(self, e: sp.Expr, held: dict, by_sum: dict, in_functions: set) -> sp.Expr:
+        """e with each sum that is a single function, or a linear form whose leaves no
+        function of ``e`` reads (``_is_free_linear_form``), replaced by its placeholder
+        (``_hold_sums``; a method, not a recursive closure: see shared.Skeletons._paths)."""
         if e.is_Add:
-            if self._is_single_function(e):
+            if self._is_single_function(e) or self._is_free_linear_form(e, in_functions):
                 if e not in by_sum:
                     d = sp.Dummy("held")
                     by_sum[e] = d
                     held[d] = e
                 return by_sum[e]
-            return sp.Add(*[self._held(a, held, by_sum) for a in e.args])
+            return sp.Add(*[self._held(a, held, by_sum, in_functions) for a in e.args])
         if e.is_Mul:
-            return sp.Mul(*[self._held(a, held, by_sum) for a in e.args])
+            return sp.Mul(*[self._held(a, held, by_sum, in_functions) for a in e.args])
         if e.is_Pow and e.exp.is_Integer and e.exp > 0:
-            return sp.Pow(self._held(e.base, held, by_sum), e.exp)
+            return sp.Pow(self._held(e.base, held, by_sum, in_functions), e.exp)
         return e
+
+    def _blocks_in_functions(self, e: sp.Expr, inside: bool, out: set) -> None:
+        """Add to ``out`` the blocks of the leaves that ``e`` reads inside something other
+        than sums, products and positive integer powers (a function, a quotient)."""
+        if e.is_Symbol:
+            if inside and self._is_leaf(e):
+                out.add(self._leaf_block[symbols.unprimed(e)])
+            return
+        inside = inside or not (e.is_Add or e.is_Mul or (e.is_Pow and e.exp.is_Integer and e.exp > 0))
+        for a in e.args:
+            self._blocks_in_functions(a, inside, out)
+
+    def _is_free_linear_form(self, e: sp.Expr, in_functions: set) -> bool:
+        """A sum that is a linear form of two or more leaves with numeric coefficients, none
+        of whose leaves is correlated with a leaf read by a function (``in_functions``: their
+        blocks).  Its expectation with the rest of the product is then Wick's pairing of whole
+        forms, E[... L_1 L_2] = ... Cov(L_1, L_2), not a sum over the pairs of their terms:
+        the backward vector of a convolution, a sum over the taps that read a position,
+        gives one expectation times the covariance of two such sums (one term per pair of
+        positions) instead of one term per pair of taps."""
+        parts = _linear_parts(e)
+        if parts is None or len(parts[0]) < 2 or not parts[1].is_number:
+            return False
+        return all(c.is_number and self._is_leaf(leaf) and self._leaf_block[symbols.unprimed(leaf)] not in in_functions
+                   for leaf, c in parts[0].items())
 
     def _is_single_function(self, e: sp.Expr) -> bool:
         """A sum that is a non-polynomial function g(L) of a single linear form L of leaves."""
