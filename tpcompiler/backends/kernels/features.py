@@ -410,10 +410,11 @@ class Features:
 
 def _linear_in_covs(expr: sp.Expr):
     """[(c, Cov or None), ...] when expr is a sum of numbers c (None) and numbers times
-    first-input input-layer covariances, in the order sympy prints the sum (the order the
-    terms are added in), else None."""
+    first-input input-layer covariances, in the order of the sum's arguments (the order the
+    terms are added in; sympy's printing order, ``as_ordered_terms``, cost a 2-D 8x8 CNN
+    1.5 s for its 6,000 row features), else None."""
     terms = []
-    for term in expr.as_ordered_terms():
+    for term in sp.Add.make_args(expr):
         c, rest = term.as_coeff_Mul()
         if rest is sp.S.One:
             terms.append((float(c), None))

@@ -245,10 +245,21 @@ class KernelFunction:
             out.extend(self._pending)
             self._pending.clear()
             out.append((s, value))
-        results = [self.features.featurize_terms(shared.map_terms(terms, lower)) for terms in results]
+        results = [self.features.featurize_terms(shared.map_terms(shared.map_terms(terms, lower), self._sums_named))
+                   for terms in results]
         out.extend(self._pending)
         self._pending.clear()
         return out, results
+
+    def _sums_named(self, term: sp.Expr) -> sp.Expr:
+        """An output's term with each factor that is a sum of expectations or quantities made
+        a value of its own (``_argument``): a convolution's NTK term E[dy dy'] * sum over the
+        window's taps of E[x x'] (ntk.py) then has one structure whatever the window's size
+        (the sums, one per size, are grouped as the covariances of windows are)."""
+        if not term.is_Mul:
+            return term
+        factors = [self._argument(f) if f.is_Add and _reads_values(f) else f for f in term.args]
+        return term if all(a is b for a, b in zip(factors, term.args)) else shared.mul(*factors)
 
     def _lower_expectation_calls(self, expr: sp.Expr) -> sp.Expr:
         """Templates written out down to their expectations (E1/E2), each expectation a call of
@@ -582,8 +593,13 @@ def pair_stage({grams}RF1, RF2T, R1, R2T, {outs}, symmetric, P):
     def _plans(self, rows, diagonal, pairs, outputs) -> tuple:
         """The row stage and the pair stage as groups of one template each (shared.plan)."""
         row_kinds = self._row_kinds()
+        # repeated calls (arccos; a window's E[relu relu] read by the diagonal's terms of every
+        # pair of positions whose windows hold it) become quantities of their own, computed
+        # once per row or pair; the row stage's are row quantities the pair stage can read
+        rows, diagonal = shared.lift_repeated_calls(rows, diagonal, row_kinds,
+                                                    lambda k: symbols.call_argument(self._argument_count + k))
+        self.row_symbols = [s for s, _ in rows]
         pair_kinds = self._pair_kinds()
-        # repeated calls (arccos) become pair quantities of their own, computed once per pair
         pairs, outputs = shared.lift_repeated_calls(pairs, outputs, pair_kinds)
         self._pair_slots = len(pairs)
         rows, diagonal, row_aliases = shared.alias_repeated_arguments(rows, diagonal, TemplateCall, row_kinds)
@@ -610,7 +626,7 @@ def pair_stage({grams}RF1, RF2T, R1, R2T, {outs}, symmetric, P):
         row_body = _group_loops(row_groups, row_formats, row_loads, "        ", "R[i, {}]", "_acc{}", tables)
         pair_body = _group_loops(pair_groups, pair_formats, pair_loads, "                ", "Q[{}, jj]",
                                  "ACC[{}, jj]", tables, inner="for j in range(jb, je):", inner_setup="jj = j - jb")
-        n_rows = len(rows)
+        n_rows = len(self.row_symbols)  # (with the calls _plans lifted)
         row_outs = "\n".join(f"        R[i, {n_rows + k}] = _acc{k}" for k in range(len(KERNELS)))
         row_init = "\n".join(f"        _acc{k} = {c!r}" for k, c in enumerate(row_constants))
         pair_init = "\n".join(f"                    ACC[{k}, j - jb] = {c!r}" for k, c in enumerate(pair_constants))
@@ -791,6 +807,11 @@ def pair_stage(t0, step, GS, RF1, RF2T, R1, R2T, {outs}, symmetric, P, IT, WT):
 
 #: More groups than this in the grouped engine calls: try the calls of expectations too.
 _MANY_GROUPS = 100
+
+
+def _reads_values(e: sp.Expr) -> bool:
+    """Whether ``e`` reads an expectation (a TemplateCall) or a quantity."""
+    return any(isinstance(x, TemplateCall) or (x.is_Symbol and symbols.is_quantity(x)) for x in sp.preorder_traversal(e))
 
 
 def _outermost(expr: sp.Expr, types: tuple) -> list:

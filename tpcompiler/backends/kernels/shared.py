@@ -502,13 +502,14 @@ def _split(e: sp.Expr) -> tuple[float, sp.Expr]:
     return float(c), rest
 
 
-def lift_repeated_calls(assignments, outputs, kinds: dict) -> tuple[list, list]:
+def lift_repeated_calls(assignments, outputs, kinds: dict, name=None) -> tuple[list, list]:
     """(assignments, outputs) with every function call that reads symbols of ``kinds`` or
     assigned symbols and occurs in more than one expression (an arccos of one pair of
     positions, used by the NTK terms of every pair of positions it feeds) made an assignment
     of its own, placed before its first use, and read from there.  Equal values: only common
     subexpressions are named, as sympy's cse would, but counted per expression (an output: all
-    its terms), which stays linear in the number of expressions."""
+    its terms), which stays linear in the number of expressions.  ``name(k)``: the symbol of
+    the k-th lifted call (default ``_lift{k}``)."""
     kind_symbols = set(kinds) | {s for s, _ in assignments}
     exprs = [[e] for _, e in assignments] + [list(terms) for terms in outputs]  # an output: its terms
     inside: dict = {}  # subexpression -> the calls reading kind_symbols in it (_calls_reading)
@@ -524,7 +525,8 @@ def lift_repeated_calls(assignments, outputs, kinds: dict) -> tuple[list, list]:
     repeated = [f for f, n in counts.items() if n > 1]
     if not repeated:
         return list(assignments), list(outputs)
-    names = {f: sp.Symbol(f"_lift{k}", real=True) for k, f in enumerate(repeated)}
+    name = name or (lambda k: sp.Symbol(f"_lift{k}", real=True))
+    names = {f: name(k) for k, f in enumerate(repeated)}
     definitions: dict = {}   # symbol -> its call, inner calls named
     memo: dict = {}          # substitute's, shared by all expressions
 
