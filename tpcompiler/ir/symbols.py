@@ -347,10 +347,23 @@ def is_primed(s: sp.Basic) -> bool:
     return isinstance(s, CompilerSymbol) and s.primed
 
 
+#: {(symbol, primed): its copy at that input}: ``primed``/``unprimed`` are asked a million
+#: times in a CNN's derivation (every leaf of every template instance), and building the
+#: symbol anew cost more than the lookup; cleared when it grows past _SIDE_COPIES_MAX.
+_SIDE_COPIES: dict = {}
+_SIDE_COPIES_MAX = 1 << 20
+
+
 def _with_primed(s: CompilerSymbol, value: bool) -> CompilerSymbol:
-    if not isinstance(s, _Sided):
-        raise TypeError(f"{s} has no copy at the second input")
-    return type(s)(s.key, value)
+    key = (s, value)
+    hit = _SIDE_COPIES.get(key)
+    if hit is None:
+        if not isinstance(s, _Sided):
+            raise TypeError(f"{s} has no copy at the second input")
+        if len(_SIDE_COPIES) >= _SIDE_COPIES_MAX:
+            _SIDE_COPIES.clear()
+        hit = _SIDE_COPIES[key] = type(s)(s.key, value)
+    return hit
 
 
 def primed(s: CompilerSymbol) -> CompilerSymbol:

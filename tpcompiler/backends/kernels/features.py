@@ -83,14 +83,14 @@ class Features:
                 linear = _linear_in_covs(expr)
                 entries.append(("expression", expr) if linear is None else (
                     "linear", [c for c, _ in linear],
-                    [None if cov is None else (str(cov.args[0]), str(cov.args[1])) for _, cov in linear]))
+                    [None if cov is None else (cov.args[0].name, cov.args[1].name) for _, cov in linear]))
             self._memo["row_entries"] = entries
         return self._memo["row_entries"]
 
     # -- classification -------------------------------------------------------------------
     def _atom_sides(self, atom) -> set:
         if isinstance(atom, ops.InputCov):
-            a, b, pa, pb = str(atom.args[0]), str(atom.args[1]), int(atom.args[2]), int(atom.args[3])
+            a, b, pa, pb = atom.args[0].name, atom.args[1].name, int(atom.args[2]), int(atom.args[3])
             return {p for key, p in ((a, pa), (b, pb)) if key in self.dependent}
         return {int(symbols.is_primed(atom))}
 
@@ -371,7 +371,7 @@ class Features:
                 body = expr.xreplace(dict(zip(covs, dummies)))
                 syms = sorted(body.free_symbols & set(self.inputs0), key=sp.default_sort_key)
                 plan.append((numpy_function(body, syms + dummies), [self.inputs0[s] for s in syms],
-                             [(str(c.args[0]), str(c.args[1])) for c in covs]))
+                             [(c.args[0].name, c.args[1].name) for c in covs]))
             self._memo["row_plan"] = plan
         return self._memo["row_plan"]
 

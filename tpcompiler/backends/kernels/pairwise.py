@@ -143,6 +143,8 @@ class _Variant:
     covariances: list
     index: int
     order: list
+    leaves: list | None = None     # (position, placeholder key) of the leaves (_instance)
+    constants: list | None = None  # positions of the other symbols (_instance)
 
 
 @dataclass
@@ -623,14 +625,16 @@ class PairwiseEngine:
         template = self.templates_found[variant.index]
         if not template.slots:
             return template.value
-        original = {}
-        own = []
-        for ph, s in zip(variant.placeholders, names):
-            if self._is_leaf(s):
-                original[symbols.unprimed(ph).key] = symbols.unprimed(s)
-            else:
-                own.append(s)
-        own.extend(self._leaf_cov(original[c.a], c.sa, original[c.b], c.sb) for c in variant.covariances)
+        if variant.leaves is None:  # which placeholders are leaves: the same at every instance
+            variant.leaves = [(k, symbols.unprimed(ph).key) for k, ph in enumerate(variant.placeholders)
+                              if not isinstance(ph, symbols.TemplateConstant)]
+            variant.constants = [k for k, ph in enumerate(variant.placeholders)
+                                 if isinstance(ph, symbols.TemplateConstant)]
+        unprimed = symbols.unprimed
+        original = {key: unprimed(names[k]) for k, key in variant.leaves}
+        own = [names[k] for k in variant.constants]
+        leaf_cov = self._leaf_cov
+        own.extend([leaf_cov(original[c.a], c.sa, original[c.b], c.sb) for c in variant.covariances])
         args = [own[i] for i in variant.order]
         if call is None:
             call = len(sp.Add.make_args(template.value)) <= _CALL_TERMS
