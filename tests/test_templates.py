@@ -145,6 +145,27 @@ def test_factored_ntk_terms_equal_the_expanded_ones(monkeypatch):
     assert factored_terms < len(expanded.engine.scalar_terms(kp_expanded.outputs["ntk"]))
 
 
+def test_a_linear_form_of_both_inputs_is_expanded_not_held():
+    """A sum of a leaf at the first input and a leaf at the second is no factor of one input
+    (helper review: holding it as a free linear form made the engine expand it back and hold
+    it again, without end): E[(g + g')(g - g')] = Var(g) - Var(g'), expanded as before."""
+    import sympy as sp
+    from tpcompiler.backends.kernels.pairwise import PairwiseEngine
+    from tpcompiler.ir import ops
+    from tpcompiler.ir.ntk import kernel_program
+    from tpcompiler.ir.symbols import ZSymbol, primed
+    from sympy.core.symbol import Str
+
+    engine = PairwiseEngine(kernel_program(layers.serial(layers.Dense(4, 1.5, 0.1), layers.Relu(),
+                                                         layers.Dense(1, 1.5)).program((3,)).graph))
+    g = ZSymbol("g1")
+    value = engine.instantiate(engine.expect((g + primed(g)) * (g - primed(g))))
+    def cov(a, b):
+        return ops.InputCov(Str("g1"), Str("g1"), sp.Integer(a), sp.Integer(b))
+
+    assert sp.expand(value - (cov(0, 0) - cov(1, 1))) == 0, value
+
+
 def test_depth1_alternative_grouping_gives_the_same_kernels(monkeypatch):
     """A depth-1 net's engine calls that make many groups are grouped again as calls of their
     expectations and the fewer groups win (KernelFunction, _MANY_GROUPS); forced here on a

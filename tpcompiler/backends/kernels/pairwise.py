@@ -548,8 +548,12 @@ class PairwiseEngine:
         parts = _linear_parts(e)
         if parts is None or len(parts[0]) < 2 or not parts[1].is_number:
             return False
-        return all(c.is_number and self._is_leaf(leaf) and self._leaf_block[symbols.unprimed(leaf)] not in in_functions
-                   for leaf, c in parts[0].items())
+        if not all(c.is_number and self._is_leaf(leaf) and self._leaf_block[symbols.unprimed(leaf)] not in in_functions
+                   for leaf, c in parts[0].items()):
+            return False
+        # one input only, as a factor must be (_normalise_factor): a form of both is expanded
+        sides = {int(leaf.primed) for leaf in parts[0] if leaf.primed or symbols.unprimed(leaf).key in self._dependent}
+        return len(sides) <= 1
 
     def _is_single_function(self, e: sp.Expr) -> bool:
         """A sum that is a non-polynomial function g(L) of a single linear form L of leaves."""
