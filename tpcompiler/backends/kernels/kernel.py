@@ -595,7 +595,8 @@ def pair_stage({grams}RF1, RF2T, R1, R2T, {outs}, symmetric, P):
         row_kinds = self._row_kinds()
         # repeated calls (arccos; a window's E[relu relu] read by the diagonal's terms of every
         # pair of positions whose windows hold it) become quantities of their own, computed
-        # once per row or pair; the row stage's are row quantities the pair stage can read
+        # once per row or pair; the row stage's are row quantities, named as call arguments
+        # (numbered after the stages' own) since the pair stage reads their primed copies
         rows, diagonal = shared.lift_repeated_calls(rows, diagonal, row_kinds,
                                                     lambda k: symbols.call_argument(self._argument_count + k))
         self.row_symbols = [s for s, _ in rows]

@@ -143,8 +143,13 @@ class _Variant:
     covariances: list
     index: int
     order: list
-    leaves: list | None = None     # (position, placeholder key) of the leaves (_instance)
-    constants: list | None = None  # positions of the other symbols (_instance)
+
+    def __post_init__(self):
+        #: (position, placeholder key) of the leaves and the positions of the other symbols:
+        #: the same at every instance (``_instance``)
+        self.leaves = [(k, symbols.unprimed(ph).key) for k, ph in enumerate(self.placeholders)
+                       if not isinstance(ph, symbols.TemplateConstant)]
+        self.constants = [k for k, ph in enumerate(self.placeholders) if isinstance(ph, symbols.TemplateConstant)]
 
 
 @dataclass
@@ -551,9 +556,7 @@ class PairwiseEngine:
         if not all(c.is_number and self._is_leaf(leaf) and self._leaf_block[symbols.unprimed(leaf)] not in in_functions
                    for leaf, c in parts[0].items()):
             return False
-        # one input only, as a factor must be (_normalise_factor): a form of both is expanded
-        sides = {int(leaf.primed) for leaf in parts[0] if leaf.primed or symbols.unprimed(leaf).key in self._dependent}
-        return len(sides) <= 1
+        return len(self._leaf_sides(parts[0])) <= 1  # one input, as a factor's (_normalise_factor)
 
     def _is_single_function(self, e: sp.Expr) -> bool:
         """A sum that is a non-polynomial function g(L) of a single linear form L of leaves."""
@@ -629,11 +632,6 @@ class PairwiseEngine:
         template = self.templates_found[variant.index]
         if not template.slots:
             return template.value
-        if variant.leaves is None:  # which placeholders are leaves: the same at every instance
-            variant.leaves = [(k, symbols.unprimed(ph).key) for k, ph in enumerate(variant.placeholders)
-                              if not isinstance(ph, symbols.TemplateConstant)]
-            variant.constants = [k for k, ph in enumerate(variant.placeholders)
-                                 if isinstance(ph, symbols.TemplateConstant)]
         unprimed = symbols.unprimed
         original = {key: unprimed(names[k]) for k, key in variant.leaves}
         own = [names[k] for k in variant.constants]
@@ -735,10 +733,14 @@ class PairwiseEngine:
             memo = self._factor_memo[f] = self._normalise_factor(f)
         return memo
 
+    def _leaf_sides(self, leaves) -> set:
+        """The inputs (0, 1) that ``leaves`` depend on (leaves of neither: empty)."""
+        return {int(s.primed) for s in leaves if s.primed or s.key in self._dependent}
+
     def _normalise_factor(self, f: sp.Expr) -> _Factor:
         """f = g(L) with L a linear form of leaves (constant absorbed into g)."""
         leaves = [s for s in f.free_symbols if self._is_leaf(s)]
-        sides = {int(s.primed) for s in leaves if s.primed or s.key in self._dependent}
+        sides = self._leaf_sides(leaves)
         side = max(sides, default=0)
         if len(sides) > 1:
             raise NotPairwise(f"a factor mixes both inputs: {f}")
