@@ -375,7 +375,7 @@ class KernelFunction:
         symbol = self._linear_arguments.get(key)
         if symbol is None:
             terms = [shared.product(_sympy_number(c), [x]) for x, c, _ in coefficients]
-            symbol = self._linear_arguments[key] = self._argument(shared.total([_sympy_number(constant[0]), *terms]))
+            symbol = self._linear_arguments[key] = self._named(shared.total([_sympy_number(constant[0]), *terms]))
         return symbol
 
     def _expectation_call_at(self, cls, function: sp.Integer, arguments: tuple) -> sp.Expr:
@@ -408,18 +408,26 @@ class KernelFunction:
 
     def _argument(self, a: sp.Expr) -> sp.Expr:
         """``a`` if it is a number, a symbol or an input-layer covariance (a Gram entry once
-        featurized), else a CallArgumentSymbol assigned its lowered value, one per distinct
-        expression of the stage (``_lower_stage``)."""
+        featurized), else the feature it featurizes to, else a CallArgumentSymbol assigned its
+        lowered value, one per distinct expression of the stage (``_lower_stage``)."""
         inner = _outermost(a, (E1, E2))
         if inner:
             a = a.xreplace({c: self._expectation_call(c) for c in inner})
+        return self._named(a)
+
+    def _named(self, a: sp.Expr) -> sp.Expr:
+        """``_argument`` of an expression without expectations in it."""
         if a.is_number or a.is_Symbol or isinstance(a, ops.InputCov):
             return a
         symbol = self._arguments.get(a)
         if symbol is None:
-            symbol = self._arguments[a] = symbols.call_argument(self._argument_count)
-            self._argument_count += 1
-            self._pending.append((symbol, self.features.featurize(a)))
+            value = self.features.featurize(a)
+            if value.is_Symbol:  # a feature (a window's input covariance): read where it is
+                symbol = self._arguments[a] = value
+            else:
+                symbol = self._arguments[a] = symbols.call_argument(self._argument_count)
+                self._argument_count += 1
+                self._pending.append((symbol, value))
         return symbol
 
     def _lower_instances(self, expr: sp.Expr) -> sp.Expr:
