@@ -21,7 +21,6 @@ from itertools import count
 import networkx as nx
 import numpy as np
 import sympy as sp
-from sympy.core.symbol import Str
 
 from tpcompiler.ir import ops
 from tpcompiler.ir.ops import MAT, SCALAR, VEC, node_symbol, unprime
@@ -199,7 +198,7 @@ class Graph:
             if self.args(a)[0] != self.args(b)[0]:
                 return sp.S.Zero
             if compact:
-                return ops.InputCov(Str(a), Str(b), sp.Integer(prime_a), sp.Integer(prime_b))
+                return ops.input_cov(a, b, prime_a, prime_b)
             sa = self._layer_scalars(a, prime_a)
             sb = self._layer_scalars(b, prime_b)
             terms = [x * y for ca, x in zip(oa.columns, sa) for cb, y in zip(ob.columns, sb) if ca == cb]

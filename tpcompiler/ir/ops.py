@@ -13,6 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import sympy as sp
+from sympy.core.symbol import Str
 
 from tpcompiler.ir.symbols import AT_SECOND_INPUT, NodeSymbol, key_tex
 
@@ -205,6 +206,17 @@ class InputCov(sp.Function):
         a, b, pa, pb = self.args
         side = lambda p: AT_SECOND_INPUT if p else ""  # noqa: E731
         return r"\mathrm{Cov}(Z^{%s}%s, Z^{%s}%s)" % (key_tex(str(a)), side(pa), key_tex(str(b)), side(pb))
+
+
+def input_cov(a, b, prime_a, prime_b) -> InputCov:
+    """InputCov(a, b, prime_a, prime_b) with a and b in name order when both are at one input:
+    Cov(Z^a, Z^b) = Cov(Z^b, Z^a) there, and one atom per covariance lets the terms of (i, j)
+    and (j, i) of a kernel's diagonal be one term."""
+    a, b = (a if isinstance(a, sp.Basic) else Str(a)), (b if isinstance(b, sp.Basic) else Str(b))
+    prime_a, prime_b = sp.Integer(prime_a), sp.Integer(prime_b)
+    if prime_a == prime_b and a.name > b.name:
+        a, b = b, a
+    return InputCov(a, b, prime_a, prime_b)
 
 
 #: Every instruction type a program graph may hold (Readout is not an instruction).

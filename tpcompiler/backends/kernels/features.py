@@ -141,7 +141,7 @@ class Features:
         rep = {}
         for c in expr.atoms(ops.InputCov):
             a, b, pa, pb = c.args
-            rep[c] = ops.InputCov(a, b, sp.Integer(0), sp.Integer(0))
+            rep[c] = ops.input_cov(a, b, 0, 0)
         return symbols.to_first_input(expr.xreplace(rep))
 
     def _row_symbol(self, expr: sp.Expr, second: bool) -> sp.Symbol:

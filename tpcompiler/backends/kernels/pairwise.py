@@ -232,8 +232,7 @@ class PairwiseEngine:
                 rep[s] = symbols.primed(s)
         # an input-layer covariance of the first input (a Moment's limit, e.g. a LayerNorm's
         # variance E[Z^h Z^h]) is taken at the second input on both of its sides
-        one = sp.Integer(1)
-        rep.update({c: ops.InputCov(c.args[0], c.args[1], one, one) for c in expr.atoms(ops.InputCov)
+        rep.update({c: ops.input_cov(c.args[0], c.args[1], 1, 1) for c in expr.atoms(ops.InputCov)
                     if c.args[2] == 0 and c.args[3] == 0})
         return expr.xreplace(rep)
 
@@ -428,7 +427,7 @@ class PairwiseEngine:
         if same_input:
             rep.update({s: self.moment(s.key, True) for s in _ordered(expr.free_symbols) if self._is_moment(s)})
             rep.update({s: symbols.unprimed(s) for s in expr.free_symbols if symbols.is_primed(s)})
-            rep.update({c: ops.InputCov(c.args[0], c.args[1], sp.Integer(0), sp.Integer(0)) for c in expr.atoms(ops.InputCov)})
+            rep.update({c: ops.input_cov(c.args[0], c.args[1], 0, 0) for c in expr.atoms(ops.InputCov)})
         return expr.xreplace(rep)
 
     def scalar_terms(self, expr: sp.Expr, same_input: bool = False) -> dict:
