@@ -180,8 +180,6 @@ class KernelFunction:
         self._inputs0 = {node_symbol(k): kp.op(k).index for k in kp.input_keys()}
         self.expectations = expectation_rules(self.engine.functions, self.rtol)
         self._bodies: dict = {}     # template index -> lowered body (_template_body)
-        self._exposed: dict = {}    # template index -> (calls, symbols, body) (_exposed_body)
-        self._expose_memo: dict = {}    # subexpression -> exposed (_expose, shared.rewrite)
         self._recipes: dict = {}    # template index -> its _Recipe or None (_recipe)
         self._linear_values: dict = {}  # engine's argument -> _linear (_linear_value)
         plans = None
@@ -195,11 +193,11 @@ class KernelFunction:
             # whatever the number of positions; if they make many groups, the calls of
             # expectations too, and the fewer groups win.
             lower = self._lower_expectation_calls if engine.order else self._lower_calls
-            lowered = self._exposed_stages(self._lowered(engine.order, derived_diagonal, derived_outputs, lower))
+            lowered = self._named_stages(self._lowered(engine.order, derived_diagonal, derived_outputs, lower))
             plans = self._plans(*lowered)
             if not engine.order and _groups(plans) > _MANY_GROUPS:
                 kept = (self.features, self.row_symbols, self._pair_slots)
-                other = self._exposed_stages(self._lowered(engine.order, derived_diagonal, derived_outputs,
+                other = self._named_stages(self._lowered(engine.order, derived_diagonal, derived_outputs,
                                                            self._lower_expectation_calls))
                 other_plans = self._plans(*other)
                 if _groups(other_plans) < _groups(plans):
@@ -450,76 +448,62 @@ class KernelFunction:
             self._bodies[index] = self.features.featurize(self._inline_expectations(self._write_calls(value)))
         return self._bodies[index]
 
-    def _exposed_body(self, index: int) -> tuple:
-        """(calls, symbols, body): template ``index``'s lowered body with each outermost
-        function call that reads its slots (a closed form's arccos, a quadrature) replaced
-        by a symbol of its own.  A TemplateCall carries those calls, at its arguments, as
-        extra arguments (``_expose``), so that a call shared by several templates at one
-        pair of positions (the arccos of E[relu relu] and E[relu' relu']) is one common
-        subexpression the code generator computes once per pair (lift_repeated_calls)."""
-        exposed = self._exposed
-        if index not in exposed:
-            body = self._template_body(index)
-            slots = set(self.engine.templates_found[index].slots)
-            calls = []
-            for sub in sp.preorder_traversal(body):
-                if isinstance(sub, sp.Function) and sub.free_symbols & slots and not any(c.has(sub) for c in calls):
-                    calls.append(sub)
-            names = [sp.Symbol(f"_core{index}_{k}", real=True) for k in range(len(calls))]
-            exposed[index] = (calls, names, body.xreplace(dict(zip(calls, names))))
-        return exposed[index]
-
-    def _exposed_stages(self, lowered: tuple) -> tuple:
-        """(rows, diagonal, pairs, outputs) with ``_expose_shared`` applied to each stage."""
+    def _named_stages(self, lowered: tuple) -> tuple:
+        """(rows, diagonal, pairs, outputs) with ``_calls_named`` applied to each stage."""
         rows, diagonal, pairs, outputs = lowered
-        return (*self._expose_shared(rows, diagonal), *self._expose_shared(pairs, outputs))
+        return (*self._calls_named(rows, diagonal), *self._calls_named(pairs, outputs))
 
-    def _expose_shared(self, assignments, outputs) -> tuple[list, list]:
-        """(assignments, outputs) of one stage with ``_expose`` applied, when some quantity of
-        the stage is defined by a call: then a core of a call can be shared across
-        expressions (a layer's E[relu relu] defines a quantity, E[relu' relu'] at the same
-        covariances enters the NTK terms; full exposure halves the arccos per pair of a
-        depth-2 CNN).  Without such quantities (a depth-1 net) the calls of one pair of
-        positions are all in one output bundle, which shares its cores anyway, and exposing
-        would only cost time."""
+    def _calls_named(self, assignments, outputs) -> tuple[list, list]:
+        """(assignments, outputs) of one stage with every TemplateCall a value of its own,
+        assigned before its first use (a quantity that is a call is that call's assignment),
+        when some quantity of the stage reads a call.  Calls at the same arguments are then
+        assignments of one level reading the same symbols, which ``shared.plan`` computes as
+        one bundle, whose common subexpressions the printed code computes once: a layer's
+        E[relu relu] (a quantity) and E[relu' relu'] (an NTK term's factor) at one pair of
+        positions share their arccos, and the NNGP's and the NTK's window sums their loads.
+        Without such quantities (a depth-1 net) the calls of one pair of positions are all
+        in one output bundle, which shares them anyway, and naming them would only add
+        assignments."""
         if not any(e.has(TemplateCall) for _, e in assignments):
             return list(assignments), list(outputs)
-        return [(q, self._expose(e)) for q, e in assignments], [shared.map_terms(t, self._expose) for t in outputs]
+        named: dict = {}    # call -> the symbol of its value
+        placed: list = []   # the calls named while rewriting one expression, in order
 
-    def _expose(self, expr: sp.Expr) -> sp.Expr:
-        """``expr`` with each TemplateCall(k, *arguments) extended by the outermost calls of
-        template k's body at those arguments (``_exposed_body``)."""
-        return shared.rewrite(expr, self._exposed_replacement, self._expose_memo)
+        def name(x):
+            if not isinstance(x, TemplateCall):
+                return None
+            symbol = named.get(x)
+            if symbol is None:
+                symbol = named[x] = symbols.call_argument(self._argument_count)
+                self._argument_count += 1
+                placed.append((symbol, x))
+            return symbol
 
-    def _exposed_replacement(self, x: sp.Basic):
-        """``_exposed_call`` of a TemplateCall, None for anything else (``shared.rewrite``)."""
-        return self._exposed_call(x) if isinstance(x, TemplateCall) else None
-
-    def _exposed_call(self, call: sp.Expr) -> sp.Expr:
-        """One TemplateCall extended as ``_expose`` says (once per distinct call: the memo of
-        ``_expose``'s rewrite; the NNGP's and the NTK's terms read the same calls)."""
-        index = int(call.args[0])
-        calls, _, _ = self._exposed_body(index)
-        at = dict(zip(self.engine.templates_found[index].slots, call.args[1:]))
-        return TemplateCall(*call.args, *[shared.substitute(f, at, {}) for f in calls])
+        memo: dict = {}  # shared.rewrite's: the terms of one pair of positions share their calls
+        out = []
+        for q, e in assignments:
+            if isinstance(e, TemplateCall) and e not in named:
+                named[e] = q  # (its arguments are symbols and numbers: _argument)
+                out.append((q, e))
+                continue
+            e = shared.rewrite(e, name, memo)
+            out.extend(placed)
+            placed.clear()
+            out.append((q, e))
+        outputs = [shared.map_terms(terms, lambda t: shared.rewrite(t, name, memo)) for terms in outputs]
+        out.extend(placed)
+        return out, outputs
 
     def _write_calls(self, expr: sp.Expr) -> sp.Expr:
         """``expr`` with each TemplateCall replaced by its lowered template body at its
-        arguments (and at its exposed calls, ``_expose``)."""
+        arguments."""
         calls = expr.atoms(TemplateCall)
         if not calls:
             return expr
         rep = {}
         for c in calls:
             index = int(c.args[0])
-            slots = self.engine.templates_found[index].slots
-            at = dict(zip(slots, c.args[1:]))
-            if len(c.args) - 1 == len(slots):
-                rep[c] = self._template_body(index).xreplace(at)
-            else:
-                _, names, body = self._exposed_body(index)
-                at.update(zip(names, c.args[1 + len(slots):]))
-                rep[c] = body.xreplace(at)
+            rep[c] = self._template_body(index).xreplace(dict(zip(self.engine.templates_found[index].slots, c.args[1:])))
         return expr.xreplace(rep)
 
     def _inline_expectations(self, expr: sp.Expr) -> sp.Expr:
@@ -601,9 +585,10 @@ def pair_stage({grams}RF1, RF2T, R1, R2T, {outs}, symmetric, P):
     def _plans(self, rows, diagonal, pairs, outputs) -> tuple:
         """The row stage and the pair stage as groups of one template each (shared.plan)."""
         row_kinds = self._row_kinds()
-        # repeated calls (arccos; a window's E[relu relu] read by the diagonal's terms of every
-        # pair of positions whose windows hold it) become quantities of their own, computed
-        # once per row or pair; the row stage's are row quantities, named as call arguments
+        # repeated calls (of a depth-1 net, whose calls _calls_named leaves in its terms: a
+        # window's E[relu relu] read by the diagonal's terms of every pair of positions whose
+        # windows hold it) become quantities of their own, computed once per row or pair;
+        # the row stage's are row quantities, named as call arguments
         # (numbered after the stages' own) since the pair stage reads their primed copies
         rows, diagonal = shared.lift_repeated_calls(rows, diagonal, row_kinds,
                                                     lambda k: symbols.call_argument(self._argument_count + k))

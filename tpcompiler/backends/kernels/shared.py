@@ -504,8 +504,8 @@ def _split(e: sp.Expr) -> tuple[float, sp.Expr]:
 
 def lift_repeated_calls(assignments, outputs, kinds: dict, name=None) -> tuple[list, list]:
     """(assignments, outputs) with every function call that reads symbols of ``kinds`` or
-    assigned symbols and occurs in more than one expression (an arccos of one pair of
-    positions, used by the NTK terms of every pair of positions it feeds) made an assignment
+    assigned symbols and occurs in more than one expression (a depth-1 CNN's E[relu relu] of
+    a pair of positions, read by the diagonal's terms of every pair it feeds) made an assignment
     of its own, placed before its first use, and read from there.  Equal values: only common
     subexpressions are named, as sympy's cse would, but counted per expression (an output: all
     its terms), which stays linear in the number of expressions.  ``name(k)``: the symbol of
