@@ -354,9 +354,9 @@ class KernelFunction:
     def _linear_value(self, a: sp.Expr):
         """``_linear`` of an engine call's argument, memoised (the calls of neighbouring pairs
         of positions share their arguments)."""
-        if a in self._linear_values:
-            return self._linear_values[a]
-        value = self._linear_values[a] = _linear(a, self._linear_variable)
+        value = self._linear_values.get(a, _UNSEEN)
+        if value is _UNSEEN:
+            value = self._linear_values[a] = _linear(a, self._linear_variable)
         return value
 
     def _linear_variable(self, x: sp.Expr):
@@ -917,6 +917,9 @@ def _linear(expr: sp.Expr, variable):
     return constant, tuple(coefficients.items())
 
 
+_UNSEEN = object()  # a memo's default (_linear_value: None is a value)
+
+
 def _combined(form: tuple, values: list) -> tuple:
     """An expectation's argument, ``form`` = (constant, ((slot position, coefficient), ...))
     of the template's slots, at the slots' ``values`` (``_linear``): (constant,
@@ -930,8 +933,12 @@ def _combined(form: tuple, values: list) -> tuple:
         value_constant, value_coefficients = values[k]
         if value_constant:
             total = total + c * value_constant
+        # a Fraction times a float is float(Fraction) times it (Python's numeric tower),
+        # computed here without Fraction's dispatch, which cost more than the rest
+        fc = float(c)
         for x, cx in value_coefficients:
-            combined[x] = combined[x] + c * cx if x in combined else c * cx
+            term = fc * cx if cx.__class__ is float else c * cx
+            combined[x] = combined[x] + term if x in combined else term
     return ((total, isinstance(total, float)),
             tuple((x, c, isinstance(c, float)) for x, c in combined.items()))
 

@@ -189,6 +189,7 @@ class PairwiseEngine:
         self._skeletons = Skeletons(_TemplateKinds(self))
         self._variants: dict = {}
         self._leaf_cov_memo: dict = {}
+        self._scaled_memo: dict = {}   # (number, quantity) -> their product (_leaf_covariance)
         self._template_by_value: dict = {}
         self._written: dict = {}
         self._value_skeletons = Skeletons(_SlotKinds())
@@ -861,7 +862,11 @@ class PairwiseEngine:
         s2_ = (self.graph.op(mat).sigma ** 2).xreplace(self._params)
         xa, xb = self.zp.entries[ka].x, self.zp.entries[kb].x
         if s2_.is_number:  # one object per value, the product built directly (shared.product)
-            return product(float(s2_), [self.quantity(xa, s1, xb, s2)])
+            key = (float(s2_), self.quantity(xa, s1, xb, s2))
+            scaled = self._scaled_memo.get(key)
+            if scaled is None:  # (a convolution's taps: one covariance per tap, one object for all)
+                scaled = self._scaled_memo[key] = product(key[0], [key[1]])
+            return scaled
         return s2_ * self.quantity(xa, s1, xb, s2)
 
     # -- quantities -----------------------------------------------------------------------
