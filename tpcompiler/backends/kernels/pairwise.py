@@ -51,6 +51,9 @@ from tpcompiler.symbolic.master import Expectation, Z, Zhat, ZProgram, derive
 T = symbols.ARG
 
 
+_UNSEEN = object()  # a memo's default where None is a value
+
+
 class NotPairwise(ProgramError):
     """The program needs an expectation this strategy cannot do exactly."""
 
@@ -189,6 +192,8 @@ class PairwiseEngine:
         self._skeletons = Skeletons(_TemplateKinds(self))
         self._variants: dict = {}
         self._leaf_cov_memo: dict = {}
+        self._blocks_memo: dict = {}   # symbol -> its leaf's block or None (_block_of)
+        self._variance_memo: dict = {} # ZHat -> its matrix's sigma^2 (_matrix_variance)
         self._scaled_memo: dict = {}   # (number, quantity) -> their product (_leaf_covariance)
         self._template_by_value: dict = {}
         self._written: dict = {}
@@ -208,7 +213,7 @@ class PairwiseEngine:
     # -- symbols and sides ----------------------------------------------------------------
     def _is_leaf(self, s: sp.Symbol) -> bool:
         """A leaf (Z of an initial vector or a ZHat) of either input."""
-        return symbols.unprimed(s) in self._leaf_block
+        return self._block_of(s) is not None
 
     def _input_dependent(self, s: sp.Symbol) -> bool:
         """Whether the first-input symbol ``s`` changes with the input: an input coordinate,
@@ -395,8 +400,16 @@ class PairwiseEngine:
         """Per symbol of a product (in ``names``' order) the number of its leaf's block, blocks
         numbered as first met, or -1 for a scalar: which leaves of a template are correlated."""
         blocks: dict = {}
-        return tuple(blocks.setdefault(self._leaf_block[symbols.unprimed(n)], len(blocks))
-                     if self._is_leaf(n) else -1 for n in names)
+        block_of = self._block_of
+        return tuple(-1 if (b := block_of(n)) is None else blocks.setdefault(b, len(blocks)) for n in names)
+
+    def _block_of(self, s: sp.Basic):
+        """The block of the leaf ``s`` (of either input), None if ``s`` is no leaf; memoised
+        (asked for every symbol of every template instance)."""
+        found = self._blocks_memo.get(s, _UNSEEN)
+        if found is _UNSEEN:
+            found = self._blocks_memo[s] = self._leaf_block.get(symbols.unprimed(s))
+        return found
 
     def _form_canonical(self, key: str, side: int) -> tuple:
         """``Skeletons.canonical`` of the form of ``key`` at ``side``, memoised."""
@@ -662,6 +675,8 @@ class PairwiseEngine:
             if leaf not in self._placeholder_leaves:
                 self._placeholder_leaves.add(leaf)
                 self._leaf_block[leaf] = ("#template block", block)
+                for side in (leaf, symbols.primed(leaf)):  # (no memo of it as a non-leaf stays)
+                    self._blocks_memo.pop(side, None)
                 if dependent:
                     self._dependent.add(leaf.key)
             placeholders.append(symbols.primed(leaf) if symbols.is_primed(s) else leaf)
@@ -858,16 +873,25 @@ class PairwiseEngine:
         ka, kb = la.key, lb.key
         if symbols.is_z(la):
             return self.graph.init_covariance(ka, kb, s1 == 1, s2 == 1, compact=True).xreplace(self._params)
-        mat = self.graph.matmul_parts(ka)[0]
-        s2_ = (self.graph.op(mat).sigma ** 2).xreplace(self._params)
+        s2_ = self._matrix_variance(ka)
         xa, xb = self.zp.entries[ka].x, self.zp.entries[kb].x
-        if s2_.is_number:  # one object per value, the product built directly (shared.product)
-            key = (float(s2_), self.quantity(xa, s1, xb, s2))
+        if s2_.__class__ is float:  # one object per value, the product built directly (shared.product)
+            key = (s2_, self.quantity(xa, s1, xb, s2))
             scaled = self._scaled_memo.get(key)
             if scaled is None:  # (a convolution's taps: one covariance per tap, one object for all)
                 scaled = self._scaled_memo[key] = product(key[0], [key[1]])
             return scaled
         return s2_ * self.quantity(xa, s1, xb, s2)
+
+    def _matrix_variance(self, zhat: str):
+        """sigma^2 of the matrix of the ZHat ``zhat``, with Params by value: a float, or an
+        expression of runtime parameters; memoised per ZHat."""
+        found = self._variance_memo.get(zhat)
+        if found is None:
+            mat = self.graph.matmul_parts(zhat)[0]
+            found = (self.graph.op(mat).sigma ** 2).xreplace(self._params)
+            found = self._variance_memo[zhat] = float(found) if found.is_number else found
+        return found
 
     # -- quantities -----------------------------------------------------------------------
     def quantity(self, ka: str, sa: int, kb: str, sb: int) -> sp.Expr:
