@@ -251,12 +251,13 @@ class KernelFunction:
 
     def _sums_named(self, term: sp.Expr) -> sp.Expr:
         """An output's term with each factor that is a sum of expectations or quantities made
-        a value of its own (``_argument``): a convolution's NTK term E[dy dy'] * sum over the
-        window's taps of E[x x'] (ntk.py) then has one structure whatever the window's size
-        (the sums, one per size, are grouped as the covariances of windows are)."""
+        a value of its own (``_named``; the term is lowered, so no expectation is left in
+        it): a convolution's NTK term E[dy dy'] * sum over the window's taps of E[x x']
+        (ntk.py) then has one structure whatever the window's size (the sums, one per size,
+        are grouped as the covariances of windows are)."""
         if not term.is_Mul:
             return term
-        factors = [self._argument(f) if f.is_Add and _reads_values(f) else f for f in term.args]
+        factors = [self._named(f) if f.is_Add and _reads_values(f) else f for f in term.args]
         return term if all(a is b for a, b in zip(factors, term.args)) else shared.mul(*factors)
 
     def _lower_expectation_calls(self, expr: sp.Expr) -> sp.Expr:
