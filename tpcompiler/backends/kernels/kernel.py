@@ -236,6 +236,7 @@ class KernelFunction:
         self._lower_memo: dict = {}  # subexpression -> lowered (_lower_expectation_calls), within one stage
         self._calls_at: dict = {}    # (E1/E2, function, arguments) -> its call (_expectation_call_at), within one stage
         self._linear_arguments: dict = {}  # (constant, coefficients) -> argument (_linear_argument), within one stage
+        self._form_arguments: dict = {}  # (form, the slots' values it reads) -> argument (_form_argument), within one stage
         self._pending: list = []
         out = []
         for s, e in assignments:
@@ -343,7 +344,7 @@ class KernelFunction:
         rep = {}
         if kept:
             cls, function, forms = recipe.expectation
-            arguments = tuple(self._linear_argument(*_combined(form, values)) for form in forms)
+            arguments = tuple(self._form_argument(form, args, values) for form in forms)
             rep[recipe.hole] = self._expectation_call_at(cls, function, arguments)
         if recipe.product is not None and body is recipe.body:
             built = _product_at(recipe.product, rep, args)
@@ -364,6 +365,17 @@ class KernelFunction:
         """x itself if an engine call's argument may be linear in it (a symbol, an input-layer
         covariance), else None (``_linear``)."""
         return x if x.is_Symbol or isinstance(x, ops.InputCov) else None
+
+    def _form_argument(self, form: tuple, args: tuple, values: list) -> sp.Expr:
+        """``_linear_argument`` of a recipe's argument ``form`` at the call's ``args`` (their
+        ``values``), memoised by the form and the arguments it reads: the variances of a
+        window, read by the calls of every pair of positions with that window, are combined
+        once."""
+        key = (id(form), tuple([args[k] for k, _ in form[1]]))  # (forms live in the memoised recipes)
+        found = self._form_arguments.get(key)
+        if found is None:
+            found = self._form_arguments[key] = self._linear_argument(*_combined(form, values))
+        return found
 
     def _linear_argument(self, constant, coefficients: tuple) -> sp.Expr:
         """``_argument`` of constant + sum coefficient * variable (``_combined``), memoised by
