@@ -356,8 +356,8 @@ class KernelFunction:
     def _linear_value(self, a: sp.Expr):
         """``_linear`` of an engine call's argument, memoised (the calls of neighbouring pairs
         of positions share their arguments)."""
-        value = self._linear_values.get(a, _UNSEEN)
-        if value is _UNSEEN:
+        value = self._linear_values.get(a, shared.UNSEEN)
+        if value is shared.UNSEEN:
             value = self._linear_values[a] = _linear(a, self._linear_variable)
         return value
 
@@ -928,9 +928,6 @@ def _linear(expr: sp.Expr, variable):
             return None
         coefficients[x] = coefficients[x] + number if x in coefficients else number
     return constant, tuple(coefficients.items())
-
-
-_UNSEEN = object()  # a memo's default (_linear_value: None is a value)
 
 
 def _combined(form: tuple, values: list) -> tuple:

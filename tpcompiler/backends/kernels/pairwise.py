@@ -45,13 +45,10 @@ from tpcompiler.ir.graph import Graph, ProgramError
 from tpcompiler.ir.ops import VEC, node_symbol, unprime
 from tpcompiler.ir.symbols import ZHatSymbol
 from tpcompiler.ir.rules import RuleTable
-from tpcompiler.backends.kernels.shared import Skeletons, add_terms, product, substitute, sum_of_terms, term_sum, total
+from tpcompiler.backends.kernels.shared import UNSEEN, Skeletons, add_terms, product, substitute, sum_of_terms, term_sum, total
 from tpcompiler.symbolic.master import Expectation, Z, Zhat, ZProgram, derive
 
 T = symbols.ARG
-
-
-_UNSEEN = object()  # a memo's default where None is a value
 
 
 class NotPairwise(ProgramError):
@@ -406,8 +403,8 @@ class PairwiseEngine:
     def _block_of(self, s: sp.Basic):
         """The block of the leaf ``s`` (of either input), None if ``s`` is no leaf; memoised
         (asked for every symbol of every template instance)."""
-        found = self._blocks_memo.get(s, _UNSEEN)
-        if found is _UNSEEN:
+        found = self._blocks_memo.get(s, UNSEEN)
+        if found is UNSEEN:
             found = self._blocks_memo[s] = self._leaf_block.get(symbols.unprimed(s))
         return found
 

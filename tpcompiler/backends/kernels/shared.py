@@ -502,6 +502,10 @@ def _split(e: sp.Expr) -> tuple[float, sp.Expr]:
     return float(c), rest
 
 
+#: A memo's default where None is a value (``dict.get(key, UNSEEN)``).
+UNSEEN = object()
+
+
 def lift_repeated_calls(assignments, outputs, kinds: dict, name=None) -> tuple[list, list]:
     """(assignments, outputs) with every function call that reads symbols of ``kinds`` or
     assigned symbols and occurs in more than one expression (a depth-1 CNN's E[relu relu] of
@@ -515,24 +519,18 @@ def lift_repeated_calls(assignments, outputs, kinds: dict, name=None) -> tuple[l
     inside: dict = {}  # subexpression -> the calls reading kind_symbols in it (_calls_reading)
     free: dict = {}    # free_symbols' memo
     counts: dict = {}
-    first: dict = {}  # call -> the expression it occurs in first
-    for i, parts in enumerate(exprs):
+    for parts in exprs:
         seen = set()
         for e in parts:
             for sub in _calls_reading(e, kind_symbols, inside, free):
                 if sub not in seen:
                     seen.add(sub)
                     counts[sub] = counts.get(sub, 0) + 1
-                    first.setdefault(sub, i)
     repeated = [f for f, n in counts.items() if n > 1]
     if not repeated:
         return list(assignments), list(outputs)
     name = name or (lambda k: sp.Symbol(f"_lift{k}", real=True))
-    # a quantity defined by a repeated call, where the call first occurs, is that call's name
-    # (a layer's E[relu relu] of a pair of positions, read by the NTK's terms): naming the
-    # call anew would make the quantity a copy of it, one more assignment per pair
-    own = {e: s for i, (s, e) in enumerate(assignments) if counts.get(e, 0) > 1 and first[e] == i}
-    names = {f: own.get(f) or name(k) for k, f in enumerate(repeated)}
+    names = {f: name(k) for k, f in enumerate(repeated)}
     definitions: dict = {}   # symbol -> its call, inner calls named
     memo: dict = {}          # substitute's, shared by all expressions
 
@@ -556,8 +554,7 @@ def lift_repeated_calls(assignments, outputs, kinds: dict, name=None) -> tuple[l
         for f in calls_in([e]):
             define(f)
         out.extend(placed)
-        if names.get(e) is not s:  # (else placed as its call's definition)
-            out.append((s, substitute(e, names, memo)))
+        out.append((s, substitute(e, names, memo)))
     placed = []
     for terms in outputs:
         for f in calls_in(terms):
