@@ -421,7 +421,7 @@ def total(terms) -> sp.Expr:
             return sp.Add(*terms)
         parts.add(rest)
         plain.append(t)
-    if len(plain) < 2:
+    if not plain or (len(plain) == 1 and constant is None):  # (sympy's sum of one term is the term)
         return sp.Add(*terms)
     plain.sort(key=FACTOR_ORDER)  # sympy sorts a sum's terms by Basic.compare too (add._addsort)
     if constant is not None:
