@@ -44,8 +44,8 @@ import sympy as sp
 #: Bumped when the stored state's layout changes.
 FORMAT = 3
 #: Graph attributes that are construction bookkeeping, not the program: the hash-consing table
-#: (a function of the nodes) and the counters that name new nodes.
-BOOKKEEPING = frozenset({"_interned", "_count", "_suffix"})
+#: (a function of the nodes), the counters that name new nodes and the memo of the node order.
+BOOKKEEPING = frozenset({"_interned", "_count", "_suffix", "_order_memo"})
 #: The entries every stored state has (``load`` checks them).
 ENTRIES = frozenset({"source", "shared", "row_symbols", "features"})
 
