@@ -25,7 +25,7 @@ from tpcompiler.ir import symbols
 from tpcompiler.ir.graph import Graph, ProgramError
 from tpcompiler.ir.rules import RuleTable
 from tpcompiler.backends.lowering import numpy_function
-from tpcompiler.backends.kernels.shared import add_terms, mul, number, product, total
+from tpcompiler.backends.kernels.shared import _float, add_terms, mul, number, product, total
 
 
 class Features:
@@ -447,9 +447,9 @@ def _linear_in_covs(expr: sp.Expr):
     for term in sp.Add.make_args(expr):
         c, rest = term.as_coeff_Mul()
         if rest is sp.S.One:
-            terms.append((float(c), None))
+            terms.append((_float(c), None))
         elif isinstance(rest, ops.InputCov) and rest.args[2] == 0 and rest.args[3] == 0:
-            terms.append((float(c), rest))
+            terms.append((_float(c), rest))
         else:
             return None
     return terms if any(cov is not None for _, cov in terms) else None

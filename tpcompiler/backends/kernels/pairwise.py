@@ -45,7 +45,7 @@ from tpcompiler.ir.graph import Graph, ProgramError
 from tpcompiler.ir.ops import VEC, node_symbol, unprime
 from tpcompiler.ir.symbols import ZHatSymbol
 from tpcompiler.ir.rules import RuleTable
-from tpcompiler.backends.kernels.shared import UNSEEN, Skeletons, add_terms, product, substitute, sum_of_terms, term_sum, total
+from tpcompiler.backends.kernels.shared import UNSEEN, Skeletons, _float, add_terms, product, substitute, sum_of_terms, term_sum, total
 from tpcompiler.symbolic.master import Expectation, Z, Zhat, ZProgram, derive
 
 T = symbols.ARG
@@ -332,9 +332,11 @@ class PairwiseEngine:
                 return None
             (ka, pa), (kb, pb) = unprime(vectors[0]), unprime(vectors[1])
             sa, sb = int(pa and not same_input), int(pb and not same_input)
+            scale, nodes_b = _float(coef), [(nb, _float(cb)) for nb, cb in self._linear_nodes(kb)]
             for na, ca in self._linear_nodes(ka):
-                for nb, cb in self._linear_nodes(kb):
-                    add_terms(terms, self._pair_moment(na, sa, nb, sb), float(coef) * float(ca) * float(cb))
+                scale_a = scale * _float(ca)
+                for nb, cb in nodes_b:
+                    add_terms(terms, self._pair_moment(na, sa, nb, sb), scale_a * cb)
         return terms
 
     def _linear_nodes(self, key: str) -> tuple:
@@ -456,10 +458,10 @@ class PairwiseEngine:
                 continue  # a factor is zero (an empty term sum)
             long = [k for k, s in enumerate(sums) if len(s) > 1]
             if len(long) > 1:  # a product of sums stays one term, as scalar() leaves it
-                add_terms(out, sp.Mul(*[sum_of_terms(s) for s in sums]), float(coef))
+                add_terms(out, sp.Mul(*[sum_of_terms(s) for s in sums]), _float(coef))
                 continue
             k = long[0] if long else 0
-            scale, others = float(coef), []
+            scale, others = _float(coef), []
             for j, s in enumerate(sums):
                 if j != k:
                     (t, c), = s.items()
@@ -485,7 +487,7 @@ class PairwiseEngine:
                 if not c.is_number:  # a runtime parameter
                     break
                 (v, cv), = value.items()
-                terms.append(product(float(c) * cv, sp.Mul.make_args(v)))
+                terms.append(product(_float(c) * cv, sp.Mul.make_args(v)))
             else:
                 value = total(terms)
                 return {value: 1.0} if value.is_Add else term_sum(value)
