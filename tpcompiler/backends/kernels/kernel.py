@@ -60,17 +60,17 @@ KERNELS = ("nngp", "ntk")
 #: (number of pair quantities) x _J_BLOCK floats per thread.
 _J_BLOCK = 256
 
-#: The tail of every generated kernel module: the lower triangle of a symmetric block.
-_MIRROR_SOURCE = """
 
-@njit(parallel=True, cache=True)
+@numba.njit(parallel=True, cache=True)
 def mirror(out, diagonal):
-    # the lower triangle from the upper one in 64 x 64 tiles (a plain transposed copy misses
-    # the cache on every read), block rows b and nb-1-b together for equal work per thread;
-    # the diagonal from the row stage
+    """The lower triangle of a symmetric block from its upper one, in 64 x 64 tiles (a plain
+    transposed copy misses the cache on every read), block rows b and nb-1-b together for
+    equal work per thread; the diagonal from the row stage.  One compiled function for every
+    kernel (Numba's disk cache keeps it): as part of each generated module, its parallel
+    compile cost every program's first call 0.5 s."""
     N = out.shape[0]
     nb = (N + 63) // 64
-    for t in prange((nb + 1) // 2):
+    for t in numba.prange((nb + 1) // 2):
         for r in range(2):
             b = t + r * (nb - 1 - 2 * t)
             if r == 1 and b == t:
@@ -81,7 +81,8 @@ def mirror(out, diagonal):
                         out[i, j] = out[j, i]
             for i in range(b * 64, min(N, b * 64 + 64)):
                 out[i, i] = diagonal[i]
-"""
+
+
 #: The bound variable of the functions g(t) printed into generated source.
 _PRINTED_ARG = sp.Symbol("t", real=True)
 
@@ -579,7 +580,7 @@ def pair_stage({grams}RF1, RF2T, R1, R2T, {outs}, symmetric, P):
             for j in range(start, M):
 {chr(10).join(pair_lines)}
 {chr(10).join(f'                out{k}[i, j] = {e}' for k, e in enumerate(pair_outs))}
-""" + _MIRROR_SOURCE
+"""
         return src
 
     def _row_kinds(self) -> dict:
@@ -679,7 +680,7 @@ def pair_stage(t0, step, GS, RF1, RF2T, R1, R2T, {outs}, symmetric, P, IT, WT):
 {pair_body[1]}
                 for j in range(jb, je):
 {pair_outs}
-""" + _MIRROR_SOURCE
+"""
 
     def _header(self, printed) -> str:
         """Module source before the stages: imports, quadrature functions, the custom functions
@@ -770,7 +771,7 @@ def pair_stage(t0, step, GS, RF1, RF2T, R1, R2T, {outs}, symmetric, P, IT, WT):
             self.module.pair_stage(*G, *args)
         if same:
             for k, out in enumerate(outs):
-                self.module.mirror(out, np.ascontiguousarray(Ra[:, len(self.row_symbols) + k]))
+                mirror(out, np.ascontiguousarray(Ra[:, len(self.row_symbols) + k]))
         timing["grams"] = timing.get("grams", 0.0) + t1 - t0
         timing["pairs"] = timing.get("pairs", 0.0) + time.perf_counter() - t1
         return outs
