@@ -163,19 +163,32 @@ class Skeletons:
         found: dict = {}
         stack = [e]
         kinds = self.kinds
+        atoms_only = self._kinds_are_atoms()
         while stack:
             x = stack.pop()
-            if x in kinds:
+            args = x._args
+            if args and atoms_only:  # (no dict look-up of a node that cannot be a kind)
+                out.append((type(x), len(args)))
+                stack.extend(reversed(args))
+            elif x in kinds:
                 k = found.get(x)
                 if k is None:
                     k = found[x] = len(found)
                 out.append(("$", kinds[x][0], k))
-            elif x.args:
-                out.append((type(x), len(x.args)))
-                stack.extend(reversed(x.args))
+            elif args:
+                out.append((type(x), len(args)))
+                stack.extend(reversed(args))
             else:
                 out.append((type(x), x, getattr(x, "_prec", None)))
         return tuple(out), list(found)
+
+    def _kinds_are_atoms(self) -> bool:
+        """Whether every symbol of ``kinds`` is an atom (a dict of symbols, as ``plan``'s), so
+        that ``_shape`` need not look up the nodes with arguments; memoised."""
+        found = self.__dict__.get("_atoms_only")
+        if found is None:
+            found = self._atoms_only = isinstance(self.kinds, dict) and not any(k.args for k in self.kinds)
+        return found
 
     def _canonical(self, e: sp.Expr) -> tuple[int, list]:
         """``canonical`` derived for e itself."""
