@@ -1104,6 +1104,11 @@ def _linear_parts(expr: sp.Expr):
     coefs: dict = {}
     const = sp.S.Zero
     for term in sp.Add.make_args(expr):
+        leaf = _scaled_leaf(term)
+        if leaf is not None:  # (what as_independent below finds, found directly)
+            c, rest = leaf
+            coefs[rest] = coefs.get(rest, sp.S.Zero) + c
+            continue
         leaves = [s for s in term.free_symbols if symbols.is_leaf_variable(s)]
         if not leaves:
             const += term
@@ -1121,6 +1126,17 @@ def _linear_parts(expr: sp.Expr):
             coefs[k] = coefs.get(k, sp.S.Zero) + c * v
         const += c * inner[1]
     return coefs, const
+
+
+def _scaled_leaf(term: sp.Expr):
+    """(c, leaf) when term is a leaf (c = 1) or a number times a leaf, else None."""
+    if term.is_Symbol:
+        return (sp.S.One, term) if symbols.is_leaf_variable(term) else None
+    if term.is_Mul and len(term.args) == 2:
+        c, rest = term.args
+        if c.is_Number and rest.is_Symbol and symbols.is_leaf_variable(rest):
+            return c, rest
+    return None
 
 
 def _linear_candidates(f: sp.Expr, leaves: set):
