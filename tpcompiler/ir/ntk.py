@@ -10,6 +10,14 @@ backward pass, the infinite-width kernels are pair moments (xi, xi'):
                          (use y = W x: r = dy, c = x;  use y = W^T x: r = x, c = dy)
       readout v:         ntk_weight_v * sigma^2 E[Z^x Z^x'];  bias beta: bias_weight.
 
+Terms that multiply one pair of gradients E[Z^{r_a} Z^{r_b}'] are one product: the uses of
+matrices (and input matrices) that share it, and an initial vector whose gradient is a
+numeric linear combination of such gradients (a bias b added to h = W x + b has db =
+sum of dh over its uses, each dh a multiple of the r of a matrix use), folded in as a
+constant: E[r_a r_b'] (sum_W w_W E[c_a c_b'] + w_b e_a e_b / (s_a s_b)) with r = s D,
+db = sum e D.  A convolution's NTK is then one product per pair of positions and layer,
+Theta = Sigma-dot (window sum + bias), not one for the weights and one for the bias.
+
 Because these are ordinary pair moments, the same outputs are evaluated by every backend:
 exactly by the pairwise kernel backend, by particles, and at finite width by the interpreter
 (where each pair moment is exactly the empirical kernel's sum over the parameter's entries).
@@ -43,8 +51,10 @@ def _pair(d: "_Differentiated", a: str, b: str) -> sp.Symbol:
 @dataclass
 class _Differentiated:
     """A template and its backward pass: ``out`` (the graph gradients were appended to),
-    ``grads`` {z: dz}, the forward vectors and the input-dependent nodes of ``out``, and the
-    pair moments made so far."""
+    ``grads`` {z: dz}, the forward vectors and the input-dependent nodes of ``out``, the
+    pair moments made so far, and the NTK's products of gradient pairs: (r_a, r_b) -> the
+    factors that multiply E[Z^{r_a} Z^{r_b}'] (``NTK_TERMS`` of the matrices fill it, the
+    initial vectors fold into it, ``_gradient_pair_terms`` writes it out)."""
 
     graph: Graph
     out: Graph
@@ -52,6 +62,11 @@ class _Differentiated:
     forward: set
     dependent: set
     pairs: dict = field(default_factory=dict)   # (a, b) -> its pair moment's symbol (_pair)
+    #: (r_a, r_b) -> the parts of the factor of E[Z^{r_a} Z^{r_b}']: ("use", w, c_a, c_b) for
+    #: w E[c_a c_b'], ("cov", w, A, B) for w Cov(Z^A, Z^B'), ("constant", c); their pair
+    #: moments are made when the products are written (``_gradient_pair_terms``), in the
+    #: order the rules found them
+    by_rows: dict = field(default_factory=dict)
 
 
 def kernel_program(graph: Graph) -> Graph:
@@ -63,7 +78,8 @@ def kernel_outputs(graph: Graph, out: Graph, grads: dict[str, str]) -> Graph:
     """The kernel-program pass: ``out`` (``graph`` with its backward pass, gradients
     ``grads`` = {z: dz}) with the outputs ``nngp`` and ``ntk`` as pair moments, replacing its
     outputs.  NTK = v's term + the bias term + the contributions of every trained parameter
-    type, each by its rule in ``NTK_TERMS`` (in the order of that table's domain)."""
+    type, each by its rule in ``NTK_TERMS`` (the matrices', then the initial vectors', which
+    may fold into the matrices' products of gradient pairs: module docstring)."""
     d = _Differentiated(graph, out, grads, set(forward_nodes(graph)), out.input_dependent())
     ro = graph.readout
     out.outputs = {}
@@ -72,27 +88,60 @@ def kernel_outputs(graph: Graph, out: Graph, grads: dict[str, str]) -> Graph:
     terms = [graph.op(ro.readout).weight() * ro.sigma**2 * _pair(d, ro.vector, ro.vector)]
     if ro.bias is not None:
         terms.append(ro.bias_weight if ro.bias_weight is not None else bias2)
-    for op_type in NTK_TERMS.domain:
+    # the matrices' products of gradient pairs first (their pair moments made after the
+    # vectors' below, as they were when every rule wrote its own terms), so that initial
+    # vectors can fold into them
+    for op_type in sorted(NTK_TERMS.domain, key=lambda t: t is ops.InitVec):
         keys = [k for k in graph.keys_of(op_type) if graph.op(k).weight() != 0 and k != ro.readout]
         terms += NTK_TERMS(op_type)(d, keys)
+    terms += _gradient_pair_terms(d)
     out.outputs["nngp"] = nngp
     out.outputs["ntk"] = sp.Add(*terms)
     return out
 
 
+def _gradient_pair_terms(d: _Differentiated) -> list:
+    """The products E[Z^{r_a} Z^{r_b}'] * (sum of its factor's parts) of ``d.by_rows``, in the
+    order they were found; a single part stays one product of its factors (w * E[r_a r_b'] *
+    E[c_a c_b'], w * Cov * E[r_a r_b'])."""
+    terms = []
+    for (ra, rb), parts in d.by_rows.items():
+        pair = _pair(d, ra, rb)
+        if len(parts) == 1 and parts[0][0] == "use":
+            _, w, ca, cb = parts[0]
+            terms.append(monomial(w, pair, _pair(d, ca, cb)))
+        elif len(parts) == 1 and parts[0][0] == "cov":
+            _, w, a, b = parts[0]
+            terms.append(sp.Mul(w, d.out.init_covariance(a, b, prime_b=True, compact=True), pair))
+        else:
+            terms.append(sp.Mul(pair, sp.Add(*[_factor_part(d, part) for part in parts])))
+    return terms
+
+
+def _factor_part(d: _Differentiated, part: tuple) -> sp.Expr:
+    """One part of a gradient pair's factor (``_Differentiated.by_rows``) as an expression."""
+    if part[0] == "use":
+        return monomial(part[1], _pair(d, part[2], part[3]))
+    if part[0] == "cov":
+        return sp.Mul(part[1], d.out.init_covariance(part[2], part[3], prime_b=True, compact=True))
+    return part[1]
+
+
 #: NTK contributions of the trained parameters, by op type: rule(differentiated, keys of that
-#: type with a nonzero NTK weight) -> terms.
+#: type with a nonzero NTK weight) -> terms (the matrices' go into ``by_rows`` instead).
 NTK_TERMS = RuleTable("NTK contributions", domain=ops.INITIAL)
 
 
 @NTK_TERMS.register(ops.InitVec)
 def _ntk_vectors(d: _Differentiated, keys: list) -> list:
-    """Initial vector u: w_u E[Z^{du} Z^{du}'].  Vectors whose gradients are scalar multiples
+    """Initial vector u: w_u E[Z^{du} Z^{du}'].  A vector whose gradient is a numeric linear
+    combination of the matrices' row gradients (a bias) is folded into their products
+    (``_fold_into_rows``; module docstring).  Vectors whose gradients are scalar multiples
     c_u D of one vector (the d columns of an input layer: dU_j = (sigma xi_j / sqrt(d)) dh)
     share one pair moment: sum_u w_u c_u(xi) c_u(xi') E[Z^D Z^D']."""
     scaled: dict[str, sp.Expr] = {}
     for key in keys:
-        if key not in d.grads:
+        if key not in d.grads or _fold_into_rows(d, d.graph.op(key).weight(), d.grads[key]):
             continue
         coef, base = _scalar_multiple(d.out, d.grads[key])
         primed = coef.xreplace({s: primed_symbol(s.key) for s in coef.free_symbols if s.key in d.dependent})
@@ -103,15 +152,14 @@ def _ntk_vectors(d: _Differentiated, keys: list) -> list:
 @NTK_TERMS.register(ops.InputMat)
 def _ntk_input_matrices(d: _Differentiated, keys: list) -> list:
     """Input matrix U: the columns U_j of an input layer A = sum_i s_i U_{c_i} / sqrt(norm)
-    have gradients (s_i / sqrt(norm)) dA, so U contributes w_U sum_{A,B} Cov(Z^A, Z^B') E[dA dB']."""
-    terms = []
+    have gradients (s_i / sqrt(norm)) dA, so U contributes w_U sum_{A,B} Cov(Z^A, Z^B') E[dA dB']
+    (into ``by_rows``: the part w_U Cov(Z^A, Z^B') of the gradient pair (dA, dB))."""
     for U in keys:
         layers = [k for k in d.graph.keys_of(ops.InputLayer) if d.graph.args(k)[0] == U and k in d.grads]
         for a in layers:
             for b in layers:
-                cov = d.out.init_covariance(a, b, prime_b=True, compact=True)
-                terms.append(sp.Mul(d.graph.op(U).weight(), cov, _pair(d, d.grads[a], d.grads[b])))
-    return terms
+                d.by_rows.setdefault((d.grads[a], d.grads[b]), []).append(("cov", d.graph.op(U).weight(), a, b))
+    return []
 
 
 @NTK_TERMS.register(ops.InitMat)
@@ -129,19 +177,58 @@ def _ntk_matrices(d: _Differentiated, keys: list) -> list:
     # positions (the NTK recursion's Theta = Sigma-dot * (sum over the window)), not one per
     # pair of positions and tap.  A single pair stays one product of three factors.
     weights = {mat: d.graph.op(mat).weight() for mat in uses}
-    by_rows: dict = {}
     for mat, pairs in uses.items():
         for ra, ca in pairs:
             for rb, cb in pairs:
-                by_rows.setdefault((ra, rb), []).append((weights[mat], ca, cb))
-    terms = []
-    for (ra, rb), parts in by_rows.items():
-        if len(parts) == 1:
-            (w, ca, cb), = parts
-            terms.append(monomial(w, _pair(d, ra, rb), _pair(d, ca, cb)))
-        else:
-            terms.append(sp.Mul(_pair(d, ra, rb), sp.Add(*[monomial(w, _pair(d, ca, cb)) for w, ca, cb in parts])))
-    return terms
+                d.by_rows.setdefault((ra, rb), []).append(("use", weights[mat], ca, cb))
+    return []
+
+
+def _fold_into_rows(d: _Differentiated, weight: sp.Expr, grad: str) -> bool:
+    """Add an initial vector's w E[du du'] to the products of ``by_rows`` when du = sum_k e_k
+    D_k (numeric e_k, ``_linear_combination``) and every pair (D_k, D_l) is the pair of base
+    vectors of a product's gradients (r = s D, ``_scalar_multiple``, numeric s): the
+    constant w e_k e_l / (s_a s_b) joins the factors of E[r_a r_b'].  Whether it did (else
+    nothing is added)."""
+    combination = _linear_combination(d.out, grad)
+    if combination is None or not d.by_rows:
+        return False
+    bases = {r: _scalar_multiple(d.out, r) for r in dict.fromkeys(r for pair in d.by_rows for r in pair)}
+    rows: dict = {}  # (D_a, D_b) -> (r_a, r_b), s_a s_b
+    for ra, rb in d.by_rows:
+        (sa, da), (sb, db) = bases[ra], bases[rb]
+        if sa.is_number and sb.is_number and sa != 0 and sb != 0:
+            rows.setdefault((da, db), ((ra, rb), sa * sb))
+    folds = []
+    constants: dict = {}  # (e_k, e_l, s_a s_b) -> w e_k e_l / (s_a s_b): a few values for many pairs
+    for dk, ek in combination.items():
+        for dl, el in combination.items():
+            found = rows.get((dk, dl))
+            if found is None:
+                return False
+            key = (ek, el, found[1])
+            constant = constants.get(key)
+            if constant is None:
+                constant = constants[key] = weight * ek * el / found[1]
+            folds.append((found[0], constant))
+    for key, constant in folds:
+        d.by_rows[key].append(("constant", constant))
+    return True
+
+
+def _linear_combination(graph: Graph, key: str) -> dict | None:
+    """{D: e} with Z^key = sum e Z^D for numeric e, D vectors of ``graph``: a Nonlin linear in
+    its vectors (a bias's gradient, the sum of its uses' dh), else {key: 1}; None if a
+    coefficient is not a number."""
+    op = graph.op(key)
+    if isinstance(op, ops.Nonlin):
+        vectors = [s for s in op.expr.free_symbols if graph.kind(s.key) == ops.VEC]
+        if vectors and op.expr.is_polynomial(*vectors):
+            poly = sp.Poly(op.expr, *vectors)
+            if poly.total_degree() == 1 and poly.coeff_monomial(1) == 0:
+                out = {v.key: poly.coeff_monomial(v) for v in sorted(vectors, key=lambda v: graph.g.nodes[v.key]["index"])}
+                return out if all(c.is_number for c in out.values()) else None
+    return {key: sp.S.One}
 
 
 def _scalar_multiple(graph: Graph, key: str) -> tuple[sp.Expr, str]:

@@ -480,6 +480,12 @@ class PairwiseEngine:
             terms = []
             for t in f.args:
                 moments = [g for g in sp.Mul.make_args(t) if self._is_moment(g)]
+                if not moments:  # a constant (a bias folded in) or an input covariance times one
+                    value = self.scalar(t, same_input)
+                    if value.is_Add:
+                        break
+                    terms.append(value)
+                    continue
                 value = self.moment_terms(moments[0].key, same_input) if len(moments) == 1 else None
                 if value is None or len(value) != 1:
                     break
