@@ -15,8 +15,10 @@ matrices (and input matrices) that share it, and an initial vector whose gradien
 numeric linear combination of such gradients (a bias b added to h = W x + b has db =
 sum of dh over its uses, each dh a multiple of the r of a matrix use), folded in as a
 constant: E[r_a r_b'] (sum_W w_W E[c_a c_b'] + w_b e_a e_b / (s_a s_b)) with r = s D,
-db = sum e D.  A convolution's NTK is then one product per pair of positions and layer,
-Theta = Sigma-dot (window sum + bias), not one for the weights and one for the bias.
+db = sum e D, when the s are non-zero numbers (a layer scaled by a Param keeps the bias's
+own pair moment: the Param could be zero).  A convolution's NTK (tp.layers) is then one
+product per pair of positions and layer, Theta = Sigma-dot (window sum + bias), not one for
+the weights and one for the bias.
 
 Because these are ordinary pair moments, the same outputs are evaluated by every backend:
 exactly by the pairwise kernel backend, by particles, and at finite width by the interpreter
@@ -67,6 +69,7 @@ class _Differentiated:
     #: moments are made when the products are written (``_gradient_pair_terms``), in the
     #: order the rules found them
     by_rows: dict = field(default_factory=dict)
+    base_rows: dict | None = None  # ``_base_rows``' memo
 
 
 def kernel_program(graph: Graph) -> Graph:
@@ -88,9 +91,9 @@ def kernel_outputs(graph: Graph, out: Graph, grads: dict[str, str]) -> Graph:
     terms = [graph.op(ro.readout).weight() * ro.sigma**2 * _pair(d, ro.vector, ro.vector)]
     if ro.bias is not None:
         terms.append(ro.bias_weight if ro.bias_weight is not None else bias2)
-    # the matrices' products of gradient pairs first (their pair moments made after the
-    # vectors' below, as they were when every rule wrote its own terms), so that initial
-    # vectors can fold into them
+    # the matrices' products of gradient pairs first, so that initial vectors can fold into
+    # them; their pair moments are made after the vectors' (as they were when every rule
+    # wrote its own terms), and a vector that folds makes none
     for op_type in sorted(NTK_TERMS.domain, key=lambda t: t is ops.InitVec):
         keys = [k for k in graph.keys_of(op_type) if graph.op(k).weight() != 0 and k != ro.readout]
         terms += NTK_TERMS(op_type)(d, keys)
@@ -187,18 +190,14 @@ def _ntk_matrices(d: _Differentiated, keys: list) -> list:
 def _fold_into_rows(d: _Differentiated, weight: sp.Expr, grad: str) -> bool:
     """Add an initial vector's w E[du du'] to the products of ``by_rows`` when du = sum_k e_k
     D_k (numeric e_k, ``_linear_combination``) and every pair (D_k, D_l) is the pair of base
-    vectors of a product's gradients (r = s D, ``_scalar_multiple``, numeric s): the
-    constant w e_k e_l / (s_a s_b) joins the factors of E[r_a r_b'].  Whether it did (else
-    nothing is added)."""
+    vectors of a product's gradients (r = s D, ``_scalar_multiple``, s a non-zero number; a
+    Param could be zero, and the constant divides by it): the constant w e_k e_l / (s_a s_b)
+    joins the factors of E[r_a r_b'] (of one product per base pair, ``_base_rows``).  Whether
+    it did (else nothing is added)."""
     combination = _linear_combination(d.out, grad)
     if combination is None or not d.by_rows:
         return False
-    bases = {r: _scalar_multiple(d.out, r) for r in dict.fromkeys(r for pair in d.by_rows for r in pair)}
-    rows: dict = {}  # (D_a, D_b) -> (r_a, r_b), s_a s_b
-    for ra, rb in d.by_rows:
-        (sa, da), (sb, db) = bases[ra], bases[rb]
-        if sa.is_number and sb.is_number and sa != 0 and sb != 0:
-            rows.setdefault((da, db), ((ra, rb), sa * sb))
+    rows = _base_rows(d)
     folds = []
     constants: dict = {}  # (e_k, e_l, s_a s_b) -> w e_k e_l / (s_a s_b): a few values for many pairs
     for dk, ek in combination.items():
@@ -214,6 +213,23 @@ def _fold_into_rows(d: _Differentiated, weight: sp.Expr, grad: str) -> bool:
     for key, constant in folds:
         d.by_rows[key].append(("constant", constant))
     return True
+
+
+def _base_rows(d: _Differentiated) -> dict:
+    """{(D_a, D_b): ((r_a, r_b), s_a s_b)} over the gradient pairs of ``by_rows`` with r = s D
+    for non-zero numbers s, a pair whose s_a s_b is 1 preferred (its constant is the weight
+    itself, not a rounded quotient); made once (folding adds parts, never pairs)."""
+    if d.base_rows is None:
+        bases = {r: _scalar_multiple(d.out, r) for r in dict.fromkeys(r for pair in d.by_rows for r in pair)}
+        rows: dict = {}
+        for ra, rb in d.by_rows:
+            (sa, da), (sb, db) = bases[ra], bases[rb]
+            if sa.is_number and sb.is_number and sa != 0 and sb != 0:
+                found = rows.get((da, db))
+                if found is None or (found[1] != 1 and sa * sb == 1):
+                    rows[(da, db)] = ((ra, rb), sa * sb)
+        d.base_rows = rows
+    return d.base_rows
 
 
 def _linear_combination(graph: Graph, key: str) -> dict | None:

@@ -480,7 +480,9 @@ class PairwiseEngine:
             terms = []
             for t in f.args:
                 moments = [g for g in sp.Mul.make_args(t) if self._is_moment(g)]
-                if not moments:  # a constant (a bias folded in) or an input covariance times one
+                if not moments:  # a constant (a bias folded in, ntk.py) or an input covariance
+                    # times one: a scalar, which may read runtime Params (they stay symbols in
+                    # the sum, unlike a moment's coefficient below, which must be a float)
                     value = self.scalar(t, same_input)
                     if value.is_Add:
                         break
