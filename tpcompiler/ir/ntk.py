@@ -35,7 +35,7 @@ from tpcompiler.ir.backward import derive_backward, forward_nodes
 from tpcompiler.ir.graph import Graph
 from tpcompiler.ir.ops import node_symbol, primed_symbol
 from tpcompiler.ir.rules import RuleTable
-from tpcompiler.ir.symbols import monomial
+from tpcompiler.ir.symbols import linear_coefficients, monomial
 
 
 def _pair(d: "_Differentiated", a: str, b: str) -> sp.Symbol:
@@ -105,19 +105,13 @@ def kernel_outputs(graph: Graph, out: Graph, grads: dict[str, str]) -> Graph:
 
 def _gradient_pair_terms(d: _Differentiated) -> list:
     """The products E[Z^{r_a} Z^{r_b}'] * (sum of its factor's parts) of ``d.by_rows``, in the
-    order they were found; a single part stays one product of its factors (w * E[r_a r_b'] *
-    E[c_a c_b'], w * Cov * E[r_a r_b'])."""
+    order they were found (a single part: one product of its factors, w * E[r_a r_b'] *
+    E[c_a c_b'] or w * Cov * E[r_a r_b'], as sympy flattens it)."""
     terms = []
     for (ra, rb), parts in d.by_rows.items():
-        pair = _pair(d, ra, rb)
-        if len(parts) == 1 and parts[0][0] == "use":
-            _, w, ca, cb = parts[0]
-            terms.append(monomial(w, pair, _pair(d, ca, cb)))
-        elif len(parts) == 1 and parts[0][0] == "cov":
-            _, w, a, b = parts[0]
-            terms.append(sp.Mul(w, d.out.init_covariance(a, b, prime_b=True, compact=True), pair))
-        else:
-            terms.append(sp.Mul(pair, sp.Add(*[_factor_part(d, part) for part in parts])))
+        pair = _pair(d, ra, rb)  # (before the parts' own pair moments: the order of the graph's nodes)
+        factors = [_factor_part(d, part) for part in parts]
+        terms.append(sp.Mul(pair, factors[0] if len(factors) == 1 else sp.Add(*factors)))
     return terms
 
 
@@ -238,12 +232,11 @@ def _linear_combination(graph: Graph, key: str) -> dict | None:
     coefficient is not a number."""
     op = graph.op(key)
     if isinstance(op, ops.Nonlin):
-        vectors = [s for s in op.expr.free_symbols if graph.kind(s.key) == ops.VEC]
-        if vectors and op.expr.is_polynomial(*vectors):
-            poly = sp.Poly(op.expr, *vectors)
-            if poly.total_degree() == 1 and poly.coeff_monomial(1) == 0:
-                out = {v.key: poly.coeff_monomial(v) for v in sorted(vectors, key=lambda v: graph.g.nodes[v.key]["index"])}
-                return out if all(c.is_number for c in out.values()) else None
+        vectors = sorted((s for s in op.expr.free_symbols if graph.kind(s.key) == ops.VEC),
+                         key=lambda v: graph.g.nodes[v.key]["index"])
+        coefficients = linear_coefficients(op.expr, vectors)
+        if coefficients is not None:
+            return {v.key: c for v, c in zip(vectors, coefficients)} if all(c.is_number for c in coefficients) else None
     return {key: sp.S.One}
 
 

@@ -308,6 +308,17 @@ def monomial(*factors: sp.Expr) -> sp.Expr:
     return sp.Mul(*factors)
 
 
+def linear_coefficients(expr: sp.Expr, variables: list) -> list | None:
+    """[c_k] when expr = sum_k c_k x_k over ``variables`` x_k (a polynomial of degree 1 in them
+    without a constant term; the c_k are free of them), else None."""
+    if not variables or not expr.is_polynomial(*variables):
+        return None
+    poly = sp.Poly(expr, *variables)
+    if poly.total_degree() != 1 or poly.coeff_monomial(1) != 0:
+        return None
+    return [poly.coeff_monomial(x) for x in variables]
+
+
 def Z(key: str, primed: bool = False) -> ZSymbol:
     """The symbol Z^key (Z^key(xi') if primed)."""
     return ZSymbol(key, primed)

@@ -351,16 +351,14 @@ class PairwiseEngine:
             args = list(self.graph.vector_args(key))
             z = self.zp.entries[key].z.xreplace(self._params)
             zs = [Z(a) for a in args]
-            if z.free_symbols <= set(zs) and z.is_polynomial(*zs):
-                poly = sp.Poly(z, *zs)
-                if poly.total_degree() == 1 and poly.coeff_monomial(1) == 0:
-                    found: dict = {}
-                    for a, za in zip(args, zs):
-                        c = poly.coeff_monomial(za)
-                        if c != 0:
-                            for node, cn in self._linear_nodes(a):
-                                found[node] = found.get(node, sp.S.Zero) + c * cn
-                    memo = tuple((n, c) for n, c in found.items() if c != 0)
+            coefficients = symbols.linear_coefficients(z, zs) if z.free_symbols <= set(zs) else None
+            if coefficients is not None:
+                found: dict = {}
+                for a, c in zip(args, coefficients):
+                    if c != 0:
+                        for node, cn in self._linear_nodes(a):
+                            found[node] = found.get(node, sp.S.Zero) + c * cn
+                memo = tuple((n, c) for n, c in found.items() if c != 0)
         self._linear_memo[key] = memo
         return memo
 
