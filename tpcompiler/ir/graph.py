@@ -64,6 +64,7 @@ class Graph:
         self.generated: set[str] = set()
         self._count = 0
         self._suffix: dict[str, int] = {}  # name -> last suffix given to a copy (name_2, ...)
+        self._order_memo = None  # (graph state, its order): ``order``
 
     # -- construction -------------------------------------------------------------------
     def add(self, key: str, op, args: tuple[str, ...] = ()) -> str:
@@ -171,7 +172,7 @@ class Graph:
         and the kernel backend ask for it a dozen times of a graph they do not change, which
         for a CNN's kernel program of 25,000 nodes cost 0.25 s)."""
         state = (tuple(self.g), self.g.number_of_edges())
-        cached = self.__dict__.get("_order_memo")
+        cached = self._order_memo
         if cached is None or cached[0] != state:
             index = nx.get_node_attributes(self.g, "index")
             cached = self._order_memo = (state, list(nx.lexicographical_topological_sort(self.g, key=lambda k: index[k])))

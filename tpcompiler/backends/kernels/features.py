@@ -25,7 +25,7 @@ from tpcompiler.ir import symbols
 from tpcompiler.ir.graph import Graph, ProgramError
 from tpcompiler.ir.rules import RuleTable
 from tpcompiler.backends.lowering import numpy_function
-from tpcompiler.backends.kernels.shared import _float, add_terms, mul, number, product, total
+from tpcompiler.backends.kernels.shared import add_terms, float_value, mul, number, product, total
 
 
 class Features:
@@ -207,22 +207,14 @@ class Features:
         """(number or None, [(coefficient, InputCov), ...]) when expr is a number plus numbers
         times input-layer covariances of the two inputs, each a Gram base of its own (a
         window's covariance at the first layer, one per pair of positions); else None."""
-        constant, terms, keys = None, [], set()
-        for term in sp.Add.make_args(expr):
-            if term.is_Number:
-                if constant is not None:
-                    return None
-                constant = term
-                continue
-            c, cov = term.as_coeff_Mul()
-            if not isinstance(cov, ops.InputCov) or self._atom_sides(cov) != {0, 1}:
-                return None
-            key = _cov_key(cov)
-            if key in keys:  # two terms of one Gram: collected by the general path
-                return None
-            keys.add(key)
-            terms.append((c, key))
-        return (constant, terms) if terms else None
+        parts = _numbers_and_covariances(expr, lambda cov: self._atom_sides(cov) == {0, 1})
+        if parts is None:
+            return None
+        constants = [c for c, cov in parts if cov is None]
+        terms = [(c, _cov_key(cov)) for c, cov in parts if cov is not None]
+        if len(constants) > 1 or not terms or len({key for _, key in terms}) < len(terms):
+            return None  # (two terms of one Gram: collected by the general path)
+        return (constants[0] if constants else None), terms
 
     def _gram_sum(self, constant, terms: list) -> sp.Expr:
         """``_pair`` of ``_cross_covariances``' sum, built directly: the object the general
@@ -443,16 +435,26 @@ def _linear_in_covs(expr: sp.Expr):
     first-input input-layer covariances, in the order of the sum's arguments (the order the
     terms are added in; sympy's printing order, ``as_ordered_terms``, cost a 2-D 8x8 CNN
     1.5 s for its 6,000 row features), else None."""
-    terms = []
+    parts = _numbers_and_covariances(expr, lambda cov: cov.args[2] == 0 and cov.args[3] == 0)
+    if parts is None or all(cov is None for _, cov in parts):
+        return None
+    return [(float_value(c), cov) for c, cov in parts]
+
+
+def _numbers_and_covariances(expr: sp.Expr, accepted) -> list | None:
+    """[(c, InputCov or None), ...] when expr is a sum of numbers c (None) and numbers c times
+    input-layer covariances that ``accepted(cov)``, in the order of the sum's arguments; else
+    None."""
+    parts = []
     for term in sp.Add.make_args(expr):
         c, rest = term.as_coeff_Mul()
         if rest is sp.S.One:
-            terms.append((_float(c), None))
-        elif isinstance(rest, ops.InputCov) and rest.args[2] == 0 and rest.args[3] == 0:
-            terms.append((_float(c), rest))
+            parts.append((c, None))
+        elif isinstance(rest, ops.InputCov) and accepted(rest):
+            parts.append((c, rest))
         else:
             return None
-    return terms if any(cov is not None for _, cov in terms) else None
+    return parts
 
 
 #: The value on every data row of one scalar of an input layer, by op: rule(X, op) -> column.

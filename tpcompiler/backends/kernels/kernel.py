@@ -465,17 +465,13 @@ class KernelFunction:
     def _named_stages(self, lowered: tuple) -> tuple:
         """(rows, diagonal, pairs, outputs) with ``_calls_named`` applied to each stage."""
         rows, diagonal, pairs, outputs = lowered
-        #: per stage (rows, pairs), whether ``_calls_named`` named its calls (then no call is
-        #: in two expressions, and ``_plans`` has nothing to lift)
-        self._stages_named = (_reads_calls(rows), _reads_calls(pairs))
-        return (*self._calls_named(rows, diagonal, self._stages_named[0]),
-                *self._calls_named(pairs, outputs, self._stages_named[1]))
+        return (*self._calls_named(rows, diagonal), *self._calls_named(pairs, outputs))
 
-    def _calls_named(self, assignments, outputs, reads_calls: bool) -> tuple[list, list]:
+    def _calls_named(self, assignments, outputs) -> tuple[list, list]:
         """(assignments, outputs) of one stage with every TemplateCall a value of its own,
         assigned before its first use (a quantity that is a call is that call's assignment),
-        when some quantity of the stage reads a call (``reads_calls``: ``_reads_calls`` of the
-        assignments).  Calls at the same arguments are then
+        when some quantity of the stage reads a call (``_reads_calls``; it still does after
+        this, so ``_plans`` can tell a named stage).  Calls at the same arguments are then
         assignments of one level reading the same symbols, which ``shared.plan`` computes as
         one bundle, whose common subexpressions the printed code computes once: a layer's
         E[relu relu] (a quantity) and E[relu' relu'] (an NTK term's factor) at one pair of
@@ -483,7 +479,7 @@ class KernelFunction:
         Without such quantities (a depth-1 net) the calls of one pair of positions are all
         in one output bundle, which shares them anyway, and naming them would only add
         assignments."""
-        if not reads_calls:
+        if not _reads_calls(assignments):
             return list(assignments), list(outputs)
         named: dict = {}    # call -> the symbol of its value
         placed: list = []   # the calls named while rewriting one expression, in order
@@ -609,14 +605,13 @@ def pair_stage({grams}RF1, RF2T, R1, R2T, {outs}, symmetric, P):
         # windows hold it) become quantities of their own, computed once per row or pair;
         # the row stage's are row quantities, named as call arguments
         # (numbered after the stages' own) since the pair stage reads their primed copies.
-        # A stage whose calls _calls_named named has none to lift.
-        rows_named, pairs_named = getattr(self, "_stages_named", (False, False))
-        if not rows_named:
+        # A stage whose calls _calls_named named (its assignments read calls) has none to lift.
+        if not _reads_calls(rows):
             rows, diagonal = shared.lift_repeated_calls(rows, diagonal, row_kinds,
                                                         lambda k: symbols.call_argument(self._argument_count + k))
         self.row_symbols = [s for s, _ in rows]
         pair_kinds = self._pair_kinds()
-        if not pairs_named:
+        if not _reads_calls(pairs):
             pairs, outputs = shared.lift_repeated_calls(pairs, outputs, pair_kinds)
         self._pair_slots = len(pairs)
         rows, diagonal, row_aliases = shared.alias_repeated_arguments(rows, diagonal, TemplateCall, row_kinds)

@@ -45,7 +45,7 @@ from tpcompiler.ir.graph import Graph, ProgramError
 from tpcompiler.ir.ops import VEC, node_symbol, unprime
 from tpcompiler.ir.symbols import ZHatSymbol
 from tpcompiler.ir.rules import RuleTable
-from tpcompiler.backends.kernels.shared import UNSEEN, Skeletons, _float, add_terms, product, substitute, sum_of_terms, term_sum, total
+from tpcompiler.backends.kernels.shared import UNSEEN, Skeletons, add_terms, float_value, product, substitute, sum_of_terms, term_sum, total
 from tpcompiler.symbolic.master import Expectation, Z, Zhat, ZProgram, derive
 
 T = symbols.ARG
@@ -332,9 +332,9 @@ class PairwiseEngine:
                 return None
             (ka, pa), (kb, pb) = unprime(vectors[0]), unprime(vectors[1])
             sa, sb = int(pa and not same_input), int(pb and not same_input)
-            scale, nodes_b = _float(coef), [(nb, _float(cb)) for nb, cb in self._linear_nodes(kb)]
+            scale, nodes_b = float_value(coef), [(nb, float_value(cb)) for nb, cb in self._linear_nodes(kb)]
             for na, ca in self._linear_nodes(ka):
-                scale_a = scale * _float(ca)
+                scale_a = scale * float_value(ca)
                 for nb, cb in nodes_b:
                     add_terms(terms, self._pair_moment(na, sa, nb, sb), scale_a * cb)
         return terms
@@ -456,10 +456,10 @@ class PairwiseEngine:
                 continue  # a factor is zero (an empty term sum)
             long = [k for k, s in enumerate(sums) if len(s) > 1]
             if len(long) > 1:  # a product of sums stays one term, as scalar() leaves it
-                add_terms(out, sp.Mul(*[sum_of_terms(s) for s in sums]), _float(coef))
+                add_terms(out, sp.Mul(*[sum_of_terms(s) for s in sums]), float_value(coef))
                 continue
             k = long[0] if long else 0
-            scale, others = _float(coef), []
+            scale, others = float_value(coef), []
             for j, s in enumerate(sums):
                 if j != k:
                     (t, c), = s.items()
@@ -493,7 +493,7 @@ class PairwiseEngine:
                 if not c.is_number:  # a runtime parameter
                     break
                 (v, cv), = value.items()
-                terms.append(product(_float(c) * cv, sp.Mul.make_args(v)))
+                terms.append(product(float_value(c) * cv, sp.Mul.make_args(v)))
             else:
                 value = total(terms)
                 return {value: 1.0} if value.is_Add else term_sum(value)

@@ -66,6 +66,9 @@ class Skeletons:
 
     def __init__(self, kinds: dict):
         self.kinds = kinds
+        #: every symbol of ``kinds`` an atom (a dict of symbols, as ``plan``'s): ``_shape``
+        #: need not look up the nodes with arguments
+        self.atoms_only = isinstance(kinds, dict) and not any(k.args for k in kinds)
         self.memo: dict = {}
         self.ids: dict = {}
         self.shapes: dict = {}  # shape (``_shape``) -> (id, positions of the canonical order)
@@ -163,7 +166,7 @@ class Skeletons:
         found: dict = {}
         stack = [e]
         kinds = self.kinds
-        atoms_only = self._kinds_are_atoms()
+        atoms_only = self.atoms_only
         while stack:
             x = stack.pop()
             args = x._args
@@ -181,14 +184,6 @@ class Skeletons:
             else:
                 out.append((type(x), x, getattr(x, "_prec", None)))
         return tuple(out), list(found)
-
-    def _kinds_are_atoms(self) -> bool:
-        """Whether every symbol of ``kinds`` is an atom (a dict of symbols, as ``plan``'s), so
-        that ``_shape`` need not look up the nodes with arguments; memoised."""
-        found = self.__dict__.get("_atoms_only")
-        if found is None:
-            found = self._atoms_only = isinstance(self.kinds, dict) and not any(k.args for k in self.kinds)
-        return found
 
     def _canonical(self, e: sp.Expr) -> tuple[int, list]:
         """``canonical`` derived for e itself."""
@@ -221,7 +216,7 @@ def add_terms(into: dict, expr: sp.Expr, scale: float = 1.0) -> dict:
     multiplying the sum by a number rebuilt every product)."""
     for a in sp.Add.make_args(expr):
         c, t = a.as_coeff_Mul()
-        c = scale * _float(c)
+        c = scale * float_value(c)
         if c != 0.0:
             into[t] = into.get(t, 0.0) + c
     return into
@@ -248,7 +243,7 @@ def _float_number(c: float) -> sp.Float:
 
 
 @functools.lru_cache(maxsize=4096)
-def _float(n: sp.Number) -> float:
+def float_value(n: sp.Number) -> float:
     """float(n) of a sympy number, remembered per number (sympy converts through its
     multiprecision value at every call)."""
     return float(n)
