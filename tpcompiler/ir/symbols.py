@@ -109,6 +109,35 @@ def _make(cls, values: tuple) -> CompilerSymbol:
     return obj
 
 
+_CACHED_MAKE = _make
+
+
+def pool_symbols() -> None:
+    """From now on every symbol of a kind and values is one object, however many are made
+    (``_make``'s cache keeps the last 65,536; a 2-D 8x8 CNN's derivation makes 100,000
+    symbols, a 12x12 one 500,000, and an equal symbol made again is then another object,
+    which every dictionary look-up compares field by field).  Until ``unpool_symbols``,
+    which frees the pool; the kernel backend pools the symbols of a derivation
+    (``shared.interned_symbols``)."""
+    global _make
+    pool: dict = {}
+
+    def pooled(cls, values: tuple) -> CompilerSymbol:
+        key = (cls, values)
+        made = pool.get(key)
+        if made is None:
+            made = pool[key] = _CACHED_MAKE(cls, values)
+        return made
+
+    _make = pooled
+
+
+def unpool_symbols() -> None:
+    """Back to ``_make``'s bounded cache (``pool_symbols``)."""
+    global _make
+    _make = _CACHED_MAKE
+
+
 def key_tex(key: str, primed: bool = False) -> str:
     r"""The typeset name of node ``key`` as sympy typesets a symbol of that name (``W2`` ->
     ``W_{2}``, ``xi_1`` -> ``\xi_{1}``, ``sigma_W`` -> ``\sigma_{W}``); primed, the prime

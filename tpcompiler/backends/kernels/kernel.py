@@ -145,7 +145,7 @@ class KernelFunction:
             self.source, self.shared, self.row_symbols = state["source"], state["shared"], state["row_symbols"]
             self.features = Features.restored(graph, state["features"])
         else:
-            with shared.interned_floats(), shared.paused_gc():  # see their docstrings: speed only
+            with shared.interned_floats(), shared.interned_symbols(), shared.paused_gc():  # see their docstrings: speed only
                 self.source = self._derive(graph, templates, share, derived)
         self.module = load_module(self.source, "kernels")
         if state is None:  # stored once its module has loaded
