@@ -249,6 +249,28 @@ def test_interned_floats_one_object_per_value_within_the_block_only():
     assert type(sp.Float(1.5)).__hash__.__qualname__ == "Float.__hash__"  # sympy's own again
 
 
+def test_interned_symbols_one_object_per_symbol_beyond_the_cache_within_the_block_only():
+    """shared.interned_symbols keeps one object per compiler symbol inside the block even when
+    more are made than symbols._make's cache holds (a CNN's derivation), nests, and gives
+    the cache back when the last block exits, also after an error."""
+    from tpcompiler.backends.kernels.shared import interned_symbols
+    from tpcompiler.ir import symbols
+
+    size = symbols._CACHED_MAKE.cache_info().maxsize
+    with interned_symbols():
+        first = symbols.quantity(0)
+        many = [symbols.quantity(k) for k in range(1, size + 10)]  # evicts quantity(0) from the cache
+        assert symbols.quantity(0) is first and symbols.quantity(size) is many[size - 1]
+        with pytest.raises(RuntimeError):
+            with interned_symbols():
+                raise RuntimeError
+        assert symbols.quantity(0) is first  # still inside the outer block
+    assert symbols._make is symbols._CACHED_MAKE
+    [symbols.quantity(k) for k in range(size + 10, 2 * size + 20)]
+    assert symbols.quantity(0) is not first and symbols.quantity(0) == first and hash(symbols.quantity(0)) == hash(first)
+    del many
+
+
 def test_paused_gc_restores_the_collector_state():
     """shared.paused_gc turns the cyclic collector off inside the block (nested blocks too) and
     leaves it as it found it: on again after an error, still off if the caller had it off."""
