@@ -41,6 +41,7 @@ CASES = [
     {"kind": "cnn1d", "L": 16, "depth": 1}, {"kind": "cnn1d", "L": 16, "depth": 2},
     {"kind": "2d", "L": 4, "depth": 1}, {"kind": "2d", "L": 8, "depth": 1},
     {"kind": "2d", "L": 4, "depth": 2}, {"kind": "2d", "L": 6, "depth": 2}, {"kind": "2d", "L": 8, "depth": 2},
+    {"kind": "2d", "L": 12, "depth": 2},  # 144 positions: where the per-pair compile work shows
 ]
 QUICK = [{"kind": "cnn1d", "L": 8, "depth": 2}, {"kind": "2d", "L": 4, "depth": 1}]
 
