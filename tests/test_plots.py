@@ -143,6 +143,42 @@ def test_progress_appears_when_forced_and_explicit_flags_win(capsys):
     assert "counting" in capsys.readouterr().err
 
 
+def test_a_status_line_waits_for_its_delay_and_names_its_steps(capsys):
+    import time
+
+    with progress.configured(True):
+        with progress.status("quick", delay=5.0) as running:
+            running("a step")
+        assert capsys.readouterr().err == ""  # over before its delay
+        with progress.status("slow", delay=0.2) as running:
+            running("first step")
+            time.sleep(progress.STATUS_REFRESH + 0.3)
+            running("second step")
+            time.sleep(progress.STATUS_REFRESH + 0.1)
+    err = capsys.readouterr().err
+    assert "slow" in err and "first step" in err and "second step" in err and "done" in err
+    with progress.status("hidden", delay=0.0) as running:
+        running("a step")  # not a terminal: nothing, and the step function still takes its text
+    assert capsys.readouterr().err == ""
+
+
+def test_compile_and_kernel_derivation_say_which_step_runs_when_slow(capsys, monkeypatch, tmp_path):
+    """tp.compile and a kernel derivation show a status line naming the pass or step that runs,
+    once they have run progress.COMPILE_DELAY seconds (set to 0 here; most programs are
+    quicker than the default and print nothing)."""
+    monkeypatch.setenv("TPCOMPILER_CACHE_DIR", str(tmp_path))
+    net = tp.load(MLP, depth=1, d=3)
+    with progress.configured(True):
+        tp.compile(net).kernel_function(cache=False)
+    assert capsys.readouterr().err == ""
+    monkeypatch.setattr(progress, "COMPILE_DELAY", 0.0)
+    with progress.configured(True):
+        tp.compile(net).kernel_function(cache=False)
+    err = capsys.readouterr().err
+    assert "tp.compile mlp" in err and "kernel program" in err and "derive" in err
+    assert "kernels: deriving mlp" in err and "pair expectations" in err and err.count("done") == 2
+
+
 def test_fit_shows_its_bar_only_when_forced(capsys):
     net = tp.load(MLP, depth=1, phi="identity", d=3)
     X, Y = np.ones((2, 3)), np.ones((2, 1))

@@ -217,3 +217,46 @@ def test_a_function_defined_outside_sympy_and_tpcompiler_is_not_keyed():
         stored.fingerprint(implemented_function("g", np.tanh)(x))
     with pytest.raises(stored.Unkeyable):
         stored.fingerprint(sp.Function("f", real=True)(x))
+
+
+def test_a_program_whose_kernels_are_stored_compiles_without_its_kernel_program(cache, monkeypatch):
+    """tp.compile of a readout-only program whose kernels' derivation is in the disk cache
+    leaves the kernel program and its Z program until something reads them: the kernels come
+    from the cache without them (bit for bit those of the first derivation), and formulas(),
+    graph and zprogram still give what an eager compile gives."""
+    from tpcompiler import compiler
+
+    made = []
+
+    def counted(*args):
+        made.append(args[0].name)
+        return compiler_kernel_outputs(*args)
+
+    compiler_kernel_outputs = compiler.kernel_outputs
+    monkeypatch.setattr(compiler, "kernel_outputs", counted)
+    X = np.random.default_rng(0).standard_normal((5, 8))
+    first = tp.compile(tp.load(str(CNN), L=4, depth=2))
+    assert made == ["cnn1d"]  # nothing stored yet: compiled as always
+    want = first.kernels(X)
+    again = tp.compile(tp.load(str(CNN), L=4, depth=2))
+    got = again.kernels(X)
+    assert made == ["cnn1d"] and again.kernel_function().derivation_cached  # no kernel program made
+    assert all(np.array_equal(want[k], got[k]) for k in ("nngp", "ntk"))
+    assert again.name == "cnn1d" and made == ["cnn1d"]
+    assert again.formulas() == first.formulas() and made == ["cnn1d", "cnn1d"]  # made once it is read
+    assert again.zprogram.order == first.zprogram.order and set(again.graph.g) == set(first.graph.g)
+    assert made == ["cnn1d", "cnn1d"]
+    # other rtols, other options, programs with outputs of their own: as before
+    other = tp.compile(tp.load(str(CNN), L=4, depth=2, b_std=0.3))
+    assert len(made) == 3 and not other.kernel_function().derivation_cached
+
+
+def test_a_program_changed_after_a_compile_that_waited_is_refused(cache):
+    """The passes that waited run on the program as it was compiled: a program changed since is
+    refused, as kernel_function and limit refuse it, instead of being derived as it is now."""
+    tp.compile(tp.load(str(CNN), L=4, depth=1)).kernel_function()
+    program = tp.load(str(CNN), L=4, depth=1)
+    compiled = tp.compile(program)
+    program.graph.g.nodes["w_std"]["op"] = tp.ops.Param(2.0)
+    with pytest.raises(tp.ProgramError, match="changed after tp.compile .an instruction was changed in place"):
+        compiled.formulas()

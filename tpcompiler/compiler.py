@@ -22,7 +22,7 @@ from typing import Callable, NamedTuple
 import numpy as np
 
 from tpcompiler.backends import interpreter
-from tpcompiler import validation
+from tpcompiler import progress, validation
 from tpcompiler.backends.exact import exact_limit, is_gaussian_linear
 from tpcompiler.backends.particles import limit as particle_limit
 from tpcompiler.frontend.dsl import Program
@@ -31,6 +31,8 @@ from tpcompiler.ir.graph import Graph, OutputIndex, ProgramError, instantiate
 from tpcompiler.ir.ntk import kernel_outputs
 from tpcompiler.symbolic.master import ZProgram, derive
 
+#: Relative accuracy of the kernels' quadratures when none is given (``Compiled.kernels``).
+DEFAULT_RTOL = 1e-10
 #: Monte-Carlo sample size M of ``limit``, ``tp.train`` and ``tpc limit``/``tpc train`` when
 #: none is given (moments without an exact evaluator): the standard error is sd / sqrt(M),
 #: about 0.2 % of the spread of the averaged quantity.
@@ -112,11 +114,39 @@ PASSES: tuple[Pass, ...] = (
 def run_passes(program, drop_zdot: bool = False, until: str = PASSES[-1].name) -> Compilation:
     """Run ``PASSES`` on ``program`` in order, up to and including the pass ``until``."""
     state = Compilation(graph_of(program), drop_zdot)
-    for step in PASSES:
+    with _compiling(state) as running:
+        return continue_passes(state, None, until, running)
+
+
+def _compiling(state: Compilation):
+    """The status line of ``tp.compile`` (a CNN of many positions takes seconds: it says which
+    pass runs; on a terminal, after ``progress.COMPILE_DELAY``)."""
+    return progress.status(f"tp.compile {state.source.name}", delay=progress.COMPILE_DELAY)
+
+
+def continue_passes(state: Compilation, after: str | None, until: str = PASSES[-1].name,
+                    running=progress.status_step_ignored) -> Compilation:
+    """Run on ``state`` the passes that follow the pass ``after`` (all when None), up to and
+    including the pass ``until``, telling ``running`` each one's name as it starts."""
+    names = [step.name for step in PASSES]
+    if until not in names:
+        raise ValueError(f"no pass called {until!r}; the passes are {names}")
+    for step in PASSES[0 if after is None else names.index(after) + 1:names.index(until) + 1]:
+        running(step.name)
         state = step.run(state)
-        if step.name == until:
-            return state
-    raise ValueError(f"no pass called {until!r}; the passes are {[step.name for step in PASSES]}")
+    return state
+
+
+def _kernels_stored(state: Compilation) -> bool:
+    """Whether the kernel derivation of ``state``'s program (a readout-only program after the
+    backward pass), with ``Compiled.kernel_function``'s defaults, is in the disk cache.  The
+    same code then derived it from the same program before, so the passes after the backward
+    pass, which it no longer needs, succeeded then and would succeed again."""
+    if state.grads is None or state.drop_zdot:
+        return False
+    from tpcompiler.backends.kernels.kernel import derivation_stored
+
+    return derivation_stored(state.source, DEFAULT_RTOL)
 
 
 class Bound(NamedTuple):
@@ -132,18 +162,51 @@ class Compiled:
 
     ``source`` is the program's graph as written (kernels and training read it); ``graph`` the
     graph whose outputs are evaluated (``source``, or its kernel program when the program
-    declares only a readout); ``zprogram`` the Master-theorem derivation of ``graph``."""
+    declares only a readout); ``zprogram`` the Master-theorem derivation of ``graph``.  For a
+    readout-only program whose kernels' derivation is in the disk cache (kernels/stored.py),
+    the kernel program and its derivation are made only when something reads them:
+    ``kernels``/``kernel_function`` then need neither."""
 
     def __init__(self, program, drop_zdot: bool = False):
-        compilation = run_passes(program, drop_zdot)
-        self.source = compilation.source
-        self.graph = compilation.graph
-        self.drop_zdot = drop_zdot
-        self.zprogram: ZProgram = compilation.zprogram
-        #: (kernel program, its Z program) for the kernel backend, when the passes made them
-        self._kernel_derivation = (self.graph, self.zprogram) if compilation.grads is not None and not drop_zdot else None
-        self._bound: dict = {}
-        self._snapshot = _snapshot(self.source)
+        compilation = Compilation(graph_of(program), drop_zdot)
+        with _compiling(compilation) as running:
+            compilation = continue_passes(compilation, None, "backward", running)
+            self.source = compilation.source
+            self.drop_zdot = drop_zdot
+            self._bound: dict = {}
+            self._snapshot = _snapshot(self.source)
+            # The kernel program and its derivation (seconds for a CNN of many positions) wait
+            # until something reads them when the kernels' derivation is in the disk cache.
+            self._passes_left = compilation if _kernels_stored(compilation) else None
+            if self._passes_left is None:
+                self._passes_done(continue_passes(compilation, "backward", running=running))
+
+    def _passes_done(self, compilation: Compilation) -> None:
+        self._graph = compilation.graph
+        self._zprogram: ZProgram = compilation.zprogram
+        # (kernel program, its Z program) for the kernel backend, when the passes made them
+        self._kernel_derivation = (self._graph, self._zprogram) \
+            if compilation.grads is not None and not self.drop_zdot else None
+
+    def _finish_passes(self) -> None:
+        """Run the passes that waited (``__init__``), on the program as it was compiled."""
+        if self._passes_left is not None:
+            self._unchanged()
+            with _compiling(self._passes_left) as running:
+                self._passes_done(continue_passes(self._passes_left, "backward", running=running))
+            self._passes_left = None
+
+    @property
+    def graph(self) -> Graph:
+        """The graph whose outputs are evaluated (class docstring)."""
+        self._finish_passes()
+        return self._graph
+
+    @property
+    def zprogram(self) -> ZProgram:
+        """The Master-theorem derivation of ``graph``."""
+        self._finish_passes()
+        return self._zprogram
 
     def _unchanged(self) -> None:
         """The program must not have grown or changed since compile: its new instructions or
@@ -164,7 +227,7 @@ class Compiled:
 
     @property
     def name(self) -> str:
-        return self.graph.name
+        return self.source.name  # (the kernel program keeps the program's name)
 
     def formulas(self, format: str = "markdown") -> str:
         """The derived Z recursions, ZHat covariances, ZDot terms and moments."""
@@ -183,7 +246,7 @@ class Compiled:
             self._bound[key] = Bound(zp, index)
         return self._bound[key]
 
-    def kernels(self, X, X2=None, rtol: float = 1e-10, *, memory="4GB", out=None, dtype: str = "float64",
+    def kernels(self, X, X2=None, rtol: float = DEFAULT_RTOL, *, memory="4GB", out=None, dtype: str = "float64",
                 client=None, progress: bool | None = None, tile: int | None = None) -> dict[str, np.ndarray]:
         """Infinite-width NNGP and NTK (docs/DESIGN.md 2.3): {"nngp", "ntk"} = k(X, X) (N x N),
         plus {"nngp_x2", "ntk_x2"} = k(X2, X) (N2 x N) when X2 is given.  Exact: closed
@@ -204,7 +267,13 @@ class Compiled:
         return tiled.kernels(self.kernel_function(rtol), X, X2, memory=memory, out=out, dtype=dtype, client=client,
                              progress=progress, tile=tile)  # refuses non-finite kernels itself
 
-    def kernel_function(self, rtol: float = 1e-10, cache: bool = True):
+    def _kernel_program(self) -> tuple | None:
+        """(kernel program, its Z program) as the passes made them, or None (a program with
+        outputs of its own, or compiled with drop_zdot)."""
+        self._finish_passes()
+        return self._kernel_derivation
+
+    def kernel_function(self, rtol: float = DEFAULT_RTOL, cache: bool = True):
         """The compiled kernel evaluator (generated Numba code, cached on disk).  ``cache``:
         read the derivation from the disk cache when the same program was derived by the same
         code before, else store it there (kernels/stored.py); False derives it again."""
@@ -217,7 +286,7 @@ class Compiled:
         self._unchanged()
         key = ("kernels", float(rtol), bool(cache))
         if key not in self._bound:
-            self._bound[key] = KernelFunction(self.source, rtol=rtol, derived=self._kernel_derivation, cache=bool(cache))
+            self._bound[key] = KernelFunction(self.source, rtol=rtol, derived=self._kernel_program, cache=bool(cache))
         return self._bound[key]
 
     def limit(self, particles: int = DEFAULT_PARTICLES, seed: int = 0, x=None, groups: int = 10,

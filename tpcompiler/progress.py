@@ -26,6 +26,9 @@ _SETTING: contextvars.ContextVar = contextvars.ContextVar("tpcompiler_progress",
 
 #: Seconds between refreshes of a :func:`status` line while its call runs.
 STATUS_REFRESH = 0.5
+#: Seconds a compile step (``tp.compile``'s passes, a kernel derivation) runs before its
+#: :func:`status` line appears: most programs compile faster and print nothing.
+COMPILE_DELAY = 2.0
 
 
 def is_enabled(flag: bool | None = None) -> bool:
@@ -70,27 +73,37 @@ def iterate(iterable, desc: str = "", total: int | None = None, unit: str = "it"
 
 
 @contextlib.contextmanager
-def status(desc: str, enabled: bool | None = None):
+def status(desc: str, enabled: bool | None = None, delay: float = 0.0):
     """A one-line indicator for a single long call (no count to advance): shows ``desc`` and
     the elapsed time, refreshed every STATUS_REFRESH seconds by a helper thread, and marks
-    it done when the block ends."""
+    it done when the block ends.  Yields ``step(text)``, which names the part of the call
+    now running (shown after the elapsed time).  ``delay``: nothing is shown before the
+    call has run that many seconds, so a call that is usually quick prints nothing."""
     show = is_enabled(enabled)
     if not show:
-        yield
+        yield status_step_ignored
         return
-    with bar(1, desc, unit="", enabled=True, bar_format="{desc}: {elapsed}{postfix}") as b:
+    with bar(1, desc, unit="", enabled=True, delay=delay, bar_format="{desc}: {elapsed}{postfix}") as b:
         stop = threading.Event()
 
         def refresh():
             while not stop.wait(STATUS_REFRESH):
-                b.refresh()
+                if b.format_dict["elapsed"] >= delay:
+                    b.refresh()
 
         thread = threading.Thread(target=refresh, daemon=True)
         thread.start()
+        def step(text):  # shown at once when the line is (after its delay), else at the next refresh
+            b.set_postfix_str(text, refresh=b.format_dict["elapsed"] >= delay)
+
         try:
-            yield
+            yield step
         finally:
             stop.set()
             thread.join()
             b.set_postfix_str("done", refresh=False)
             b.update(1)
+
+
+def status_step_ignored(text: str) -> None:
+    """``status``' step function when nothing is shown (and a default for callers that take one)."""

@@ -99,7 +99,7 @@ class KernelFunction:
     """NNGP and NTK of a template program, compiled to Numba (see module docstring)."""
 
     def __init__(self, graph: Graph, rtol: float = 1e-10, runtime=(), share: bool | None = None,
-                 templates: bool = True, derived: tuple | None = None, cache: bool = False):
+                 templates: bool = True, derived=None, cache: bool = False):
         """``runtime``: Param keys of ``graph`` kept as symbols through the derivation and the
         generated code, whose values are arguments of every call (``params``), so one
         compilation serves every value of them; the others are compiled in as numbers.
@@ -109,9 +109,10 @@ class KernelFunction:
         by the program (``_should_share``).  ``templates``: derive each structure of
         expectation once (pairwise.py; False derives every expectation on its own, the
         reference the templates are tested against).  ``derived``: (kernel program of
-        ``graph``, its Z program) when the caller has them (``tp.compile``'s passes), else
-        derived here (they must be those of ``graph`` as it is: ``tp.compile`` checks that the
-        program was not changed since).  ``cache``: read the derivation from the disk cache
+        ``graph``, its Z program) when the caller has them (``tp.compile``'s passes), or a
+        function returning them (or None), called only if the derivation is not read from
+        the disk cache; else derived here (they must be those of ``graph`` as it is:
+        ``tp.compile`` checks that the program was not changed since).  ``cache``: read the derivation from the disk cache
         when this program was derived with these options by this code before, and store it
         otherwise (stored.py; ``derivation_cached`` says which happened).  Off by default
         here, where tests change the derivation's code in place;
@@ -135,8 +136,7 @@ class KernelFunction:
         self.graph = graph
         (self.input_name, decl), = graph.inputs.items()
         self.d = len(decl.keys)
-        key = stored.derivation_key(graph, {"rtol": float(rtol), "runtime": self.runtime, "share": share,
-                                            "templates": bool(templates)}) if cache else None
+        key = _derivation_key(graph, rtol, self.runtime, share, templates) if cache else None
         state = stored.load(key)
         #: whether the derivation was read from the disk cache (stored.py) instead of derived
         self.derivation_cached = state is not None
@@ -146,7 +146,9 @@ class KernelFunction:
             self.features = Features.restored(graph, state["features"])
         else:
             with shared.interned_floats(), shared.interned_symbols(), shared.paused_gc():  # see their docstrings: speed only
-                self.source = self._derive(graph, templates, share, derived)
+                # a CNN of many positions takes seconds: say which step runs (a terminal only)
+                with progress.status(f"kernels: deriving {graph.name}", delay=progress.COMPILE_DELAY) as running:
+                    self.source = self._derive(graph, templates, share, derived, running)
         self.module = load_module(self.source, "kernels")
         if state is None:  # stored once its module has loaded
             stored.store(key, {"source": self.source, "shared": self.shared, "row_symbols": self.row_symbols,
@@ -163,10 +165,15 @@ class KernelFunction:
                                  "no pairwise engine; build it with KernelFunction(graph, cache=False) to inspect one")
         return self._engine
 
-    def _derive(self, graph: Graph, templates: bool, share: bool | None, derived: tuple | None) -> str:
+    def _derive(self, graph: Graph, templates: bool, share: bool | None, derived,
+                running=progress.status_step_ignored) -> str:
         """The generated module's source: the kernel program's quantities and outputs from the
-        engine, lowered, grouped (``share``) or written out, printed (module docstring)."""
+        engine, lowered, grouped (``share``) or written out, printed (module docstring).
+        ``running(step)`` is told each step as it starts (``progress.status``)."""
+        running("kernel program")
+        derived = derived() if callable(derived) else derived
         kp, zp = derived if derived is not None else (kernel_program(graph), None)
+        running("pair expectations")
         self._engine = engine = PairwiseEngine(kp, zp, runtime=frozenset(self.runtime), templates=templates)
         try:
             derived_outputs = [engine.scalar_terms(kp.outputs[k]) for k in KERNELS]
@@ -194,7 +201,9 @@ class KernelFunction:
             # whatever the number of positions; if they make many groups, the calls of
             # expectations too, and the fewer groups win.
             lower = self._lower_expectation_calls if engine.order else self._lower_calls
+            running("lowering")
             lowered = self._named_stages(self._lowered(engine.order, derived_diagonal, derived_outputs, lower))
+            running("grouping")
             plans = self._plans(*lowered)
             if not engine.order and _groups(plans) > _MANY_GROUPS:
                 kept = (self.features, self.row_symbols, self._pair_slots)
@@ -207,6 +216,7 @@ class KernelFunction:
                     self.features, self.row_symbols, self._pair_slots = kept
         #: whether the generated code computes groups of quantities by loops (shared.py)
         self.shared = _should_share(plans) if share is None else bool(share)
+        running("writing code")
         if self.shared:
             return self._shared_source(*lowered, plans)
         rows, diagonal, pairs, outputs = self._lowered(engine.order, derived_diagonal, derived_outputs,
@@ -819,6 +829,19 @@ def pair_stage(t0, step, GS, RF1, RF2T, R1, R2T, {outs}, symmetric, P, IT, WT):
 
 #: More groups than this in the grouped engine calls: try the calls of expectations too.
 _MANY_GROUPS = 100
+
+
+def _derivation_key(graph: Graph, rtol: float, runtime: tuple = (), share: bool | None = None,
+                    templates: bool = True) -> str | None:
+    """The disk-cache key of the derivation of ``graph``'s kernels with these options (stored.py)."""
+    return stored.derivation_key(graph, {"rtol": float(rtol), "runtime": tuple(runtime), "share": share,
+                                         "templates": bool(templates)})
+
+
+def derivation_stored(graph: Graph, rtol: float) -> bool:
+    """Whether the disk cache holds the derivation of ``graph``'s kernels with the default
+    options and ``rtol`` (``KernelFunction(graph, rtol=rtol, cache=True)`` would read it)."""
+    return stored.is_stored(_derivation_key(graph, rtol))
 
 
 def _reads_calls(assignments) -> bool:

@@ -165,6 +165,17 @@ def _path(key: str) -> str:
     return os.path.join(cache_dir("derivations"), key + ".pickle")
 
 
+def is_stored(key: str | None) -> bool:
+    """Whether a state is stored under ``key`` (``load`` may still refuse a damaged one); False
+    when the cache cannot be used, which ``load`` and ``store`` treat as nothing stored."""
+    if key is None:
+        return False
+    try:
+        return os.path.exists(_path(key))
+    except Exception:  # noqa: BLE001 - an unusable cache only means "nothing stored"
+        return False
+
+
 def load(key: str | None) -> dict | None:
     """The state stored under ``key``, or None: no key, nothing stored, or a file that does not
     read back whole (its SHA-256 differs from the one it carries, it does not unpickle, it
