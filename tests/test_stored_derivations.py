@@ -251,12 +251,24 @@ def test_a_program_whose_kernels_are_stored_compiles_without_its_kernel_program(
     assert len(made) == 3 and not other.kernel_function().derivation_cached
 
 
-def test_a_program_changed_after_a_compile_that_waited_is_refused(cache):
-    """The passes that waited run on the program as it was compiled: a program changed since is
-    refused, as kernel_function and limit refuse it, instead of being derived as it is now."""
-    tp.compile(tp.load(str(CNN), L=4, depth=1)).kernel_function()
+def test_a_compile_that_waited_shows_the_program_as_compiled_like_an_eager_one(cache):
+    """The passes that waited run on the program as it was compiled: changed since, its
+    formulas and Z program are those an eager compile shows (the program as compiled), and
+    kernel_function and limit refuse it, as they refuse it after an eager compile."""
+    import threading
+
+    eager = tp.compile(tp.load(str(CNN), L=4, depth=1))
+    eager.kernel_function()  # stored
     program = tp.load(str(CNN), L=4, depth=1)
     compiled = tp.compile(program)
+    assert compiled._passes_left is not None
     program.graph.g.nodes["w_std"]["op"] = tp.ops.Param(2.0)
     with pytest.raises(tp.ProgramError, match="changed after tp.compile .an instruction was changed in place"):
-        compiled.formulas()
+        compiled.kernel_function(cache=False)
+    # two threads asking at once: the passes run once, both see their result
+    seen = []
+    threads = [threading.Thread(target=lambda: seen.append(compiled.formulas())) for _ in range(2)]
+    [t.start() for t in threads]
+    [t.join() for t in threads]
+    assert seen == [eager.formulas()] * 2
+    assert compiled.zprogram.order == eager.zprogram.order

@@ -16,6 +16,7 @@ data).  The backward pass runs on the template, once, before instantiation.
 from __future__ import annotations
 
 import dataclasses
+import threading
 from dataclasses import dataclass
 from typing import Callable, NamedTuple
 
@@ -24,6 +25,7 @@ import numpy as np
 from tpcompiler.backends import interpreter
 from tpcompiler import progress, validation
 from tpcompiler.backends.exact import exact_limit, is_gaussian_linear
+from tpcompiler.backends.kernels.shared import paused_gc
 from tpcompiler.backends.particles import limit as particle_limit
 from tpcompiler.frontend.dsl import Program
 from tpcompiler.ir.backward import derive_backward
@@ -131,9 +133,12 @@ def continue_passes(state: Compilation, after: str | None, until: str = PASSES[-
     names = [step.name for step in PASSES]
     if until not in names:
         raise ValueError(f"no pass called {until!r}; the passes are {names}")
-    for step in PASSES[0 if after is None else names.index(after) + 1:names.index(until) + 1]:
-        running(step.name)
-        state = step.run(state)
+    # A CNN's kernel program makes 10^5-10^6 objects, almost none in reference cycles: the
+    # cyclic collector's full passes over them were a fifth of tp.compile (shared.paused_gc).
+    with paused_gc():
+        for step in PASSES[0 if after is None else names.index(after) + 1:names.index(until) + 1]:
+            running(step.name)
+            state = step.run(state)
     return state
 
 
@@ -164,8 +169,8 @@ class Compiled:
     graph whose outputs are evaluated (``source``, or its kernel program when the program
     declares only a readout); ``zprogram`` the Master-theorem derivation of ``graph``.  For a
     readout-only program whose kernels' derivation is in the disk cache (kernels/stored.py),
-    the kernel program and its derivation are made only when something reads them:
-    ``kernels``/``kernel_function`` then need neither."""
+    the kernel program and its derivation are made only when something reads them (from
+    the program as it was compiled): ``kernels``/``kernel_function`` then need neither."""
 
     def __init__(self, program, drop_zdot: bool = False):
         compilation = Compilation(graph_of(program), drop_zdot)
@@ -176,9 +181,14 @@ class Compiled:
             self._bound: dict = {}
             self._snapshot = _snapshot(self.source)
             # The kernel program and its derivation (seconds for a CNN of many positions) wait
-            # until something reads them when the kernels' derivation is in the disk cache.
-            self._passes_left = compilation if _kernels_stored(compilation) else None
-            if self._passes_left is None:
+            # until something reads them when the kernels' derivation is in the disk cache;
+            # they then run on a copy of the program as it is now, so that they show what an
+            # eager compile shows even if the program is changed in between.
+            self._passes_left = None
+            self._passes_lock = threading.Lock()
+            if _kernels_stored(compilation):
+                self._passes_left = dataclasses.replace(compilation, source=compilation.source.copy())
+            else:
                 self._passes_done(continue_passes(compilation, "backward", running=running))
 
     def _passes_done(self, compilation: Compilation) -> None:
@@ -189,12 +199,16 @@ class Compiled:
             if compilation.grads is not None and not self.drop_zdot else None
 
     def _finish_passes(self) -> None:
-        """Run the passes that waited (``__init__``), on the program as it was compiled."""
-        if self._passes_left is not None:
-            self._unchanged()
-            with _compiling(self._passes_left) as running:
-                self._passes_done(continue_passes(self._passes_left, "backward", running=running))
-            self._passes_left = None
+        """Run the passes that waited (``__init__``), on the program as it was compiled; once,
+        whichever thread asks first."""
+        if self._passes_left is None:
+            return
+        with self._passes_lock:
+            left = self._passes_left
+            if left is not None:
+                with _compiling(left) as running:
+                    self._passes_done(continue_passes(left, "backward", running=running))
+                self._passes_left = None
 
     @property
     def graph(self) -> Graph:
