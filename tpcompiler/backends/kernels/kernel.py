@@ -34,6 +34,7 @@ cached on disk keyed by its hash (``codegen.load_module``), and numba compiles i
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import itertools
 import time
@@ -1007,11 +1008,14 @@ def _should_share(plans) -> bool:
 def _in_threads(stage, rows: int, *args) -> None:
     """stage(t0, step, *args) for t0 = 0..step-1 on ``numba.get_num_threads()`` threads (the
     generated stages release the GIL), or one call when there is one thread or one row."""
-    step = max(1, min(numba.get_num_threads(), rows))
-    if step == 1:
-        stage(0, 1, *args)
-        return
-    threads.run(functools.partial(stage, t0, step, *args) for t0 in range(step))
+    # A stage's first call compiles it, and Numba then makes some 10^5 Python objects: the
+    # cyclic collector would walk the derivation's million live ones meanwhile (shared.paused_gc).
+    with shared.paused_gc() if not stage.signatures else contextlib.nullcontext():
+        step = max(1, min(numba.get_num_threads(), rows))
+        if step == 1:
+            stage(0, 1, *args)
+            return
+        threads.run(functools.partial(stage, t0, step, *args) for t0 in range(step))
 
 
 def _fixed_loads(kinds: dict, formats: dict, params: dict) -> dict:
