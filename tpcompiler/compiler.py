@@ -142,16 +142,23 @@ def continue_passes(state: Compilation, after: str | None, until: str = PASSES[-
     return state
 
 
-def _kernels_stored(state: Compilation) -> bool:
-    """Whether the kernel derivation of ``state``'s program (a readout-only program after the
-    backward pass), with ``Compiled.kernel_function``'s defaults, is in the disk cache.  The
-    same code then derived it from the same program before, so the passes after the backward
-    pass, which it no longer needs, succeeded then and would succeed again."""
-    if state.grads is None or state.drop_zdot:
+def _feeds_kernels(state: Compilation) -> bool:
+    """Whether the passes make the kernel program the kernel backend reads (a readout-only
+    program, after its backward pass; not an ablation without ZDot terms)."""
+    return state.grads is not None and not state.drop_zdot
+
+
+def _kernels_stored(state: Compilation, parts: dict) -> bool:
+    """Whether the kernel derivation of ``state``'s program (``_feeds_kernels``), with
+    ``Compiled.kernel_function``'s defaults, is in the disk cache (``parts``: the program's
+    ``stored.graph_parts``).  The same code then derived it from the same program before, so
+    the passes after the backward pass, which it no longer needs, succeeded then and would
+    succeed again."""
+    if not _feeds_kernels(state):
         return False
     from tpcompiler.backends.kernels.kernel import derivation_stored
 
-    return derivation_stored(state.source, DEFAULT_RTOL)
+    return derivation_stored(state.source, DEFAULT_RTOL, parts)
 
 
 class Bound(NamedTuple):
@@ -186,7 +193,7 @@ class Compiled:
             # eager compile shows even if the program is changed in between.
             self._passes_left = None
             self._passes_lock = threading.Lock()
-            if _kernels_stored(compilation):
+            if _kernels_stored(compilation, self._snapshot[3]):  # (the snapshot's graph_parts)
                 self._passes_left = dataclasses.replace(compilation, source=compilation.source.copy())
             else:
                 self._passes_done(continue_passes(compilation, "backward", running=running))
@@ -195,8 +202,7 @@ class Compiled:
         self._graph = compilation.graph
         self._zprogram: ZProgram = compilation.zprogram
         # (kernel program, its Z program) for the kernel backend, when the passes made them
-        self._kernel_derivation = (self._graph, self._zprogram) \
-            if compilation.grads is not None and not self.drop_zdot else None
+        self._kernel_derivation = (self._graph, self._zprogram) if _feeds_kernels(compilation) else None
 
     def _finish_passes(self) -> None:
         """Run the passes that waited (``__init__``), on the program as it was compiled; once,

@@ -86,15 +86,19 @@ def status(desc: str, enabled: bool | None = None, delay: float = 0.0):
     with bar(1, desc, unit="", enabled=True, delay=delay, bar_format="{desc}: {elapsed}{postfix}") as b:
         stop = threading.Event()
 
+        def shown() -> bool:
+            return b.format_dict["elapsed"] >= delay
+
         def refresh():
             while not stop.wait(STATUS_REFRESH):
-                if b.format_dict["elapsed"] >= delay:
+                if shown():
                     b.refresh()
+
+        def step(text):  # at once when the line shows (after its delay), else at the next refresh
+            b.set_postfix_str(text, refresh=shown())
 
         thread = threading.Thread(target=refresh, daemon=True)
         thread.start()
-        def step(text):  # shown at once when the line is (after its delay), else at the next refresh
-            b.set_postfix_str(text, refresh=b.format_dict["elapsed"] >= delay)
 
         try:
             yield step

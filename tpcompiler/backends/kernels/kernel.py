@@ -113,8 +113,9 @@ class KernelFunction:
         ``graph``, its Z program) when the caller has them (``tp.compile``'s passes), or a
         function returning them (or None), called only if the derivation is not read from
         the disk cache; else derived here (they must be those of ``graph`` as it is:
-        ``tp.compile`` checks that the program was not changed since).  ``cache``: read the derivation from the disk cache
-        when this program was derived with these options by this code before, and store it
+        ``tp.compile`` checks that the program was not changed since).  ``cache``: read the
+        derivation from the disk cache when this program was derived with these options by
+        this code before, and store it
         otherwise (stored.py; ``derivation_cached`` says which happened).  Off by default
         here, where tests change the derivation's code in place;
         ``tp.compile(...).kernel_function()`` turns it on."""
@@ -833,16 +834,18 @@ _MANY_GROUPS = 100
 
 
 def _derivation_key(graph: Graph, rtol: float, runtime: tuple = (), share: bool | None = None,
-                    templates: bool = True) -> str | None:
-    """The disk-cache key of the derivation of ``graph``'s kernels with these options (stored.py)."""
+                    templates: bool = True, parts: dict | None = None) -> str | None:
+    """The disk-cache key of the derivation of ``graph``'s kernels with these options
+    (stored.py; ``parts``: the graph's ``stored.graph_parts``, when the caller has them)."""
     return stored.derivation_key(graph, {"rtol": float(rtol), "runtime": tuple(runtime), "share": share,
-                                         "templates": bool(templates)})
+                                         "templates": bool(templates)}, parts)
 
 
-def derivation_stored(graph: Graph, rtol: float) -> bool:
+def derivation_stored(graph: Graph, rtol: float, parts: dict | None = None) -> bool:
     """Whether the disk cache holds the derivation of ``graph``'s kernels with the default
-    options and ``rtol`` (``KernelFunction(graph, rtol=rtol, cache=True)`` would read it)."""
-    return stored.is_stored(_derivation_key(graph, rtol))
+    options and ``rtol`` (``KernelFunction(graph, rtol=rtol, cache=True)`` would read it);
+    ``parts`` as ``_derivation_key`` takes them."""
+    return stored.is_stored(_derivation_key(graph, rtol, parts=parts))
 
 
 def _reads_calls(assignments) -> bool:

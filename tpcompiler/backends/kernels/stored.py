@@ -135,21 +135,23 @@ def graph_parts(graph) -> dict:
     return {name: _part_digest(value) for name, value in sorted(vars(graph).items()) if name not in BOOKKEEPING}
 
 
-def graph_digest(graph) -> str | None:
-    """SHA-256 of the graph's parts (``graph_parts``), None if a part cannot be written exactly."""
-    parts = graph_parts(graph)
+def graph_digest(graph, parts: dict | None = None) -> str | None:
+    """SHA-256 of the graph's parts (``graph_parts``; ``parts`` when the caller computed them
+    already), None if a part cannot be written exactly."""
+    parts = graph_parts(graph) if parts is None else parts
     if any(d.startswith(_UNKEYABLE) for d in parts.values()):
         return None
     return hashlib.sha256("\n".join(f"{name}={d}" for name, d in parts.items()).encode()).hexdigest()
 
 
-def derivation_key(graph, options: dict) -> str | None:
+def derivation_key(graph, options: dict, parts: dict | None = None) -> str | None:
     """The key of a derivation of ``graph`` with ``options`` (module docstring), or None if the
     graph or the options hold something ``fingerprint`` cannot write, or the package's source
-    could not be read at import."""
+    could not be read at import.  ``parts``: the graph's ``graph_parts``, when the caller has
+    them."""
     from tpcompiler import _code
 
-    digest = graph_digest(graph)
+    digest = graph_digest(graph, parts)
     if _code.AT_IMPORT is None or digest is None:
         return None
     try:
