@@ -337,7 +337,22 @@ def _pause_gc():
 
 def _resume_gc():
     if _gc_state["enabled"]:
+        _promote_young_objects()
         gc.enable()
+
+
+def _promote_young_objects():
+    """Move every object the collector tracks into its oldest generation without walking
+    them: the objects made while it was paused are all in the youngest one, and the first
+    collections after it resumes walked each of them twice, once in the youngest generation
+    and once in the middle one (2-D 12x12 depth 2: 2.2 + 2.0 s after the kernel derivation,
+    reclaiming nothing).  ``gc.freeze`` moves all of them to the permanent generation,
+    ``gc.unfreeze`` back to the oldest one, where a full collection still finds any cycle
+    among them.  Skipped when the process keeps objects frozen itself (unfreezing would
+    release them)."""
+    if gc.get_freeze_count() == 0:
+        gc.freeze()
+        gc.unfreeze()
 
 
 _GC_PAUSE = _ProcessWide(_pause_gc, _resume_gc)
@@ -349,7 +364,8 @@ def paused_gc():
     is undone then).  A CNN's derivation allocates millions of sympy
     objects, few of them in reference cycles, and every full collection walks all the live
     ones (2-D 6x6 depth 2: 18 full collections, 17% of the derivation); reference counting
-    still frees everything that is not in a cycle."""
+    still frees everything that is not in a cycle.  On the way out the objects made inside
+    are moved to the oldest generation (``_promote_young_objects``)."""
     return _GC_PAUSE.held()
 
 
