@@ -251,6 +251,26 @@ def test_a_program_whose_kernels_are_stored_compiles_without_its_kernel_program(
     assert len(made) == 3 and not other.kernel_function().derivation_cached
 
 
+def test_reading_stored_kernels_writes_the_program_out_once_per_check(cache, monkeypatch):
+    """Compiling a program whose kernels are stored and reading them writes the graph out
+    (``stored.graph_parts``, seconds for a CNN of many positions) twice: for the compile's
+    change snapshot, which also keys the look-up that lets the kernel program wait, and for
+    kernel_function()'s check that the program is unchanged, whose parts key the cache."""
+    X = np.random.default_rng(0).standard_normal((5, 8))
+    tp.compile(tp.load(str(CNN), L=4, depth=2)).kernels(X)  # derived and stored
+    written = []
+    graph_parts = stored.graph_parts
+
+    def counted(*args, **kwargs):
+        written.append(args[0].name)
+        return graph_parts(*args, **kwargs)
+
+    monkeypatch.setattr(stored, "graph_parts", counted)
+    compiled = tp.compile(tp.load(str(CNN), L=4, depth=2))
+    assert written == ["cnn1d"]
+    assert compiled.kernel_function().derivation_cached and written == ["cnn1d", "cnn1d"]
+
+
 def test_a_compile_that_waited_shows_the_program_as_compiled_like_an_eager_one(cache):
     """The passes that waited run on the program as it was compiled: changed since, its
     formulas and Z program are those an eager compile shows (the program as compiled), and

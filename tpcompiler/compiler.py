@@ -144,16 +144,17 @@ def continue_passes(state: Compilation, after: str | None, until: str = PASSES[-
 
 def _feeds_kernels(state: Compilation) -> bool:
     """Whether the passes make the kernel program the kernel backend reads (a readout-only
-    program, after its backward pass; not an ablation without ZDot terms)."""
-    return state.grads is not None and not state.drop_zdot
+    program, whose backward pass the kernel program is built on; not an ablation without ZDot
+    terms)."""
+    return _wants_kernels(state.source) and not state.drop_zdot
 
 
 def _kernels_stored(state: Compilation, parts: dict) -> bool:
     """Whether the kernel derivation of ``state``'s program (``_feeds_kernels``), with
     ``Compiled.kernel_function``'s defaults, is in the disk cache (``parts``: the program's
     ``stored.graph_parts``).  The same code then derived it from the same program before, so
-    the passes after the backward pass, which it no longer needs, succeeded then and would
-    succeed again."""
+    the passes after validation, which it no longer needs, succeeded then and would succeed
+    again."""
     if not _feeds_kernels(state):
         return False
     from tpcompiler.backends.kernels.kernel import derivation_stored
@@ -176,27 +177,29 @@ class Compiled:
     graph whose outputs are evaluated (``source``, or its kernel program when the program
     declares only a readout); ``zprogram`` the Master-theorem derivation of ``graph``.  For a
     readout-only program whose kernels' derivation is in the disk cache (kernels/stored.py),
-    the kernel program and its derivation are made only when something reads them (from
-    the program as it was compiled): ``kernels``/``kernel_function`` then need neither."""
+    the backward pass, the kernel program and its derivation are made only when something
+    reads them (from the program as it was compiled): ``kernels``/``kernel_function`` then
+    need none of them."""
 
     def __init__(self, program, drop_zdot: bool = False):
         compilation = Compilation(graph_of(program), drop_zdot)
         with _compiling(compilation) as running:
-            compilation = continue_passes(compilation, None, "backward", running)
+            compilation = continue_passes(compilation, None, "validate", running)
             self.source = compilation.source
             self.drop_zdot = drop_zdot
             self._bound: dict = {}
             self._snapshot = _snapshot(self.source)
-            # The kernel program and its derivation (seconds for a CNN of many positions) wait
-            # until something reads them when the kernels' derivation is in the disk cache;
-            # they then run on a copy of the program as it is now, so that they show what an
-            # eager compile shows even if the program is changed in between.
+            # The backward pass, the kernel program and its derivation (seconds for a CNN of
+            # many positions) wait until something reads them when the kernels' derivation is
+            # in the disk cache; they then run on a copy of the program as it is now, so that
+            # they show what an eager compile shows even if the program is changed in between.
             self._passes_left = None
             self._passes_lock = threading.Lock()
             if _kernels_stored(compilation, self._snapshot[3]):  # (the snapshot's graph_parts)
-                self._passes_left = dataclasses.replace(compilation, source=compilation.source.copy())
+                copy = compilation.source.copy()  # (validation's graph is the program itself)
+                self._passes_left = dataclasses.replace(compilation, source=copy, graph=copy)
             else:
-                self._passes_done(continue_passes(compilation, "backward", running=running))
+                self._passes_done(continue_passes(compilation, "validate", running=running))
 
     def _passes_done(self, compilation: Compilation) -> None:
         self._graph = compilation.graph
@@ -213,7 +216,7 @@ class Compiled:
             left = self._passes_left
             if left is not None:
                 with _compiling(left) as running:
-                    self._passes_done(continue_passes(left, "backward", running=running))
+                    self._passes_done(continue_passes(left, "validate", running=running))
                 self._passes_left = None
 
     @property
@@ -305,8 +308,9 @@ class Compiled:
                 f"rtol: expected a relative accuracy between {MIN_RTOL:g} and {MAX_RTOL:g}, got {rtol:g}")
         self._unchanged()
         key = ("kernels", float(rtol), bool(cache))
-        if key not in self._bound:
-            self._bound[key] = KernelFunction(self.source, rtol=rtol, derived=self._kernel_program, cache=bool(cache))
+        if key not in self._bound:  # (the program is as compiled: the snapshot's graph_parts are its own)
+            self._bound[key] = KernelFunction(self.source, rtol=rtol, derived=self._kernel_program, cache=bool(cache),
+                                              graph_parts=self._snapshot[3])
         return self._bound[key]
 
     def limit(self, particles: int = DEFAULT_PARTICLES, seed: int = 0, x=None, groups: int = 10,

@@ -100,7 +100,7 @@ class KernelFunction:
     """NNGP and NTK of a template program, compiled to Numba (see module docstring)."""
 
     def __init__(self, graph: Graph, rtol: float = 1e-10, runtime=(), share: bool | None = None,
-                 templates: bool = True, derived=None, cache: bool = False):
+                 templates: bool = True, derived=None, cache: bool = False, graph_parts: dict | None = None):
         """``runtime``: Param keys of ``graph`` kept as symbols through the derivation and the
         generated code, whose values are arguments of every call (``params``), so one
         compilation serves every value of them; the others are compiled in as numbers.
@@ -118,7 +118,9 @@ class KernelFunction:
         this code before, and store it
         otherwise (stored.py; ``derivation_cached`` says which happened).  Off by default
         here, where tests change the derivation's code in place;
-        ``tp.compile(...).kernel_function()`` turns it on."""
+        ``tp.compile(...).kernel_function()`` turns it on.  ``graph_parts``: the graph's
+        ``stored.graph_parts`` when the caller has just computed them (``tp.compile``'s check
+        that the program is unchanged), for the cache's key."""
         start = time.perf_counter()
         self.rtol = rtol
         bad = [k for k in runtime if k not in graph.g or not isinstance(graph.op(k), ops.Param)]
@@ -138,7 +140,7 @@ class KernelFunction:
         self.graph = graph
         (self.input_name, decl), = graph.inputs.items()
         self.d = len(decl.keys)
-        key = _derivation_key(graph, rtol, self.runtime, share, templates) if cache else None
+        key = _derivation_key(graph, rtol, self.runtime, share, templates, graph_parts) if cache else None
         state = stored.load(key)
         #: whether the derivation was read from the disk cache (stored.py) instead of derived
         self.derivation_cached = state is not None
