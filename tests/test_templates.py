@@ -294,12 +294,63 @@ def test_paused_gc_restores_the_collector_state():
         gc.enable()
 
 
-def test_objects_made_while_the_collector_was_paused_are_not_walked_again():
-    """When paused_gc's last block exits, the objects made inside it are moved to the oldest
-    generation (a young collection would walk each of them, twice in all): the young
-    generation's count starts at zero, cyclic garbage made in the block is still collected by
-    a full collection, and objects the process froze itself stay frozen."""
+def test_objects_made_while_the_collector_was_paused_are_not_walked_again(monkeypatch):
+    """When paused_gc's last block exits after making many objects, they are moved to the
+    oldest generation (a young collection would walk each of them, twice in all): the young
+    generation's count starts at zero, and cyclic garbage made in the block is still
+    collected by a full collection.  At most MOVES_PER_FULL_COLLECTION moves between two full
+    collections (a move resets the counters that start one), none after a small block, and
+    objects the process froze itself stay frozen."""
     import gc
+    import weakref
+
+    from tpcompiler.backends.kernels import shared
+
+    if gc.get_freeze_count() != 0 or shared._FREE_THREADED:
+        pytest.skip("this interpreter keeps objects frozen (3.12) or has no generations: nothing is moved")
+    moves = []
+    freeze = gc.freeze
+    monkeypatch.setattr(gc, "freeze", lambda: (moves.append(1), freeze())[1])
+
+    class Node:
+        pass
+
+    def block(size):
+        with shared.paused_gc():
+            made = [[k] for k in range(size)]  # tracked objects: the young generation's count
+            a, b = Node(), Node()
+            a.other, b.other = b, a  # a cycle, unreachable once the names are gone
+            return made, weakref.ref(a)
+
+    big, most = shared.PROMOTE_FROM + 50_000, shared.MOVES_PER_FULL_COLLECTION
+    gc.collect()
+    kept, gone = block(big)
+    assert len(moves) == 1 and gc.get_count()[0] < 1_000 and gc.get_freeze_count() == 0 and gc.isenabled()
+    assert gone() is not None  # moved with the others: a full collection finds it
+    for _ in range(most):  # no full collection since the first move: the last is left as it is
+        block(big)
+    assert len(moves) == most
+    gc.collect()
+    assert gone() is None
+    block(1_000)  # small: left as it is
+    assert len(moves) == most
+    block(big)
+    assert len(moves) == most + 1
+    frozen = [[k] for k in range(10)]
+    gc.collect()
+    freeze()
+    try:
+        count = gc.get_freeze_count()
+        block(big)
+        assert gc.get_freeze_count() == count and len(moves) == most + 1  # the caller's frozen objects left alone
+    finally:
+        gc.unfreeze()
+    del kept, frozen
+
+
+def test_cycles_made_between_small_paused_blocks_are_collected_as_usual():
+    """Many short paused_gc blocks (a loop of small compiles) leave the collector's counters
+    alone, so the cycles made between them are collected by its young collections."""
     import weakref
 
     from tpcompiler.backends.kernels.shared import paused_gc
@@ -307,32 +358,20 @@ def test_objects_made_while_the_collector_was_paused_are_not_walked_again():
     class Node:
         pass
 
-    assert gc.get_freeze_count() == 0
-    with paused_gc():
-        kept = [[k] for k in range(50_000)]  # tracked objects: the young generation's count
-        a, b = Node(), Node()
-        a.other, b.other = b, a  # a cycle, unreachable once the names are gone
-        gone = weakref.ref(a)
+    refs = []
+    for _ in range(300):
+        for _ in range(100):
+            a, b = Node(), Node()
+            a.other, b.other = b, a
+            refs.append(weakref.ref(a))
         del a, b
-        assert gc.get_count()[0] > 50_000
-    assert gc.get_count()[0] < 1_000 and gc.get_freeze_count() == 0 and gc.isenabled()
-    assert gone() is not None
-    gc.collect()
-    assert gone() is None
-    del kept
-    frozen = [[k] for k in range(10)]
-    gc.freeze()
-    try:
-        count = gc.get_freeze_count()
         with paused_gc():
-            made = [[k] for k in range(5_000)]
-        assert gc.get_freeze_count() == count  # the caller's frozen objects were left alone
-    finally:
-        gc.unfreeze()
-    del frozen, made
+            pass
+    alive = sum(r() is not None for r in refs)
+    assert alive < len(refs) // 10, alive
 
 
-def test_the_lowering_memos_are_dropped_after_the_derivation():
+def test_the_lowering_memos_are_dropped_after_the_derivation(monkeypatch):
     """A KernelFunction keeps none of its lowering's per-call memos once its source is written
     (they kept one in seven of the objects a CNN's derivation left alive), and its kernels
     still run."""
@@ -340,7 +379,16 @@ def test_the_lowering_memos_are_dropped_after_the_derivation():
 
     graph = layers.serial(layers.Conv(8, (2,), padding="SAME", W_std=1.5, b_std=0.1), layers.Relu(),
                           layers.Flatten(), layers.Dense(1, 1.5, 0.1)).program((3, 1)).graph
+    held = []
+    forget = kernel.KernelFunction._forget_lowering
+
+    def recorded(self):
+        held.extend(name for name in kernel._LOWERING_MEMOS if name in vars(self))
+        forget(self)
+
+    monkeypatch.setattr(kernel.KernelFunction, "_forget_lowering", recorded)
     kf = kernel.KernelFunction(graph)
+    assert held == list(kernel._LOWERING_MEMOS)  # (each name is one the derivation sets)
     assert not [name for name in kernel._LOWERING_MEMOS if name in vars(kf)]
     X = np.random.default_rng(0).standard_normal((4, 3))
     assert np.isfinite(kf(X)["ntk"]).all()

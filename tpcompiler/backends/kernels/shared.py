@@ -30,6 +30,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import gc
+import sysconfig
 import threading
 from dataclasses import dataclass
 
@@ -341,18 +342,50 @@ def _resume_gc():
         gc.enable()
 
 
+#: The size of the youngest generation from which ``_promote_young_objects`` moves it: a
+#: CNN's derivation leaves millions of objects there, a small program's a few thousand.
+PROMOTE_FROM = 100_000
+
+#: Whether the interpreter runs without the GIL: its collector has no generations, and
+#: ``gc.freeze``/``unfreeze`` would each walk the whole heap.
+_FREE_THREADED = bool(sysconfig.get_config_var("Py_GIL_DISABLED"))
+
+#: How many times ``_promote_young_objects`` may move objects between two full collections:
+#: a compile pauses the collector up to three times (``tp.compile``'s passes, the kernel
+#: derivation, the generated code's first call).
+MOVES_PER_FULL_COLLECTION = 4
+
+#: The number of full collections when ``_promote_young_objects`` last moved objects, and
+#: how many moves it made since that number was reached.
+_moves = {"full_collections": None, "count": 0}
+
+
 def _promote_young_objects():
-    """Move every object the collector tracks into its oldest generation without walking
-    them: the objects made while it was paused are all in the youngest one, and the first
-    collections after it resumes walked each of them twice, once in the youngest generation
-    and once in the middle one (2-D 12x12 depth 2: 2.2 + 2.0 s after the kernel derivation,
-    reclaiming nothing).  ``gc.freeze`` moves all of them to the permanent generation,
-    ``gc.unfreeze`` back to the oldest one, where a full collection still finds any cycle
-    among them.  Skipped when the process keeps objects frozen itself (unfreezing would
-    release them)."""
-    if gc.get_freeze_count() == 0:
-        gc.freeze()
-        gc.unfreeze()
+    """Move the objects the collector tracks into its oldest generation without walking them,
+    when the youngest holds at least ``PROMOTE_FROM``: the objects made while it was paused
+    are all there, and the first collections after it resumed walked each of them twice,
+    once in the youngest generation and once in the middle one (2-D 12x12 depth 2: 2.2 +
+    2.0 s after the kernel derivation, reclaiming almost nothing).  ``gc.freeze`` moves them
+    to the permanent generation, ``gc.unfreeze`` back to the oldest one, where a full
+    collection still finds any cycle among them.
+
+    ``gc.freeze`` also sets the collector's counters to zero, which postpones the middle
+    and full collections: at most ``MOVES_PER_FULL_COLLECTION`` moves between two full
+    collections (a loop of large compiles otherwise never reaches one, and the cycles moved
+    would pile up), none for small blocks (their counters are left as they were).  Skipped when the process keeps
+    objects frozen (unfreezing would release them: Python 3.12 freezes some of its own at
+    start-up, so there this does nothing) and without the GIL.  Not atomic: another thread's
+    ``gc.freeze`` between the check and ``gc.unfreeze`` would be undone."""
+    if _FREE_THREADED or gc.get_count()[0] < PROMOTE_FROM or gc.get_freeze_count() != 0:
+        return
+    full = gc.get_stats()[-1]["collections"]
+    if _moves["full_collections"] != full:
+        _moves.update(full_collections=full, count=0)
+    if _moves["count"] >= MOVES_PER_FULL_COLLECTION:
+        return
+    gc.freeze()
+    gc.unfreeze()
+    _moves["count"] += 1
 
 
 _GC_PAUSE = _ProcessWide(_pause_gc, _resume_gc)
