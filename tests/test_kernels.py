@@ -114,7 +114,7 @@ def test_input_layer_values_read_by_index_plans_are_the_scalars_one_by_one():
     reads one Gram per pair of windows); it must give the scalars LAYER_SCALARS gives one by
     one, row-major (the layout the Grams' rounding was fixed with), also at boundary windows
     that read fewer inputs, and the stacked Grams (written in place, on two threads from 256
-    rows) the separate ones."""
+    rows, in batches for few rows) the separate ones, bit for bit."""
     from tpcompiler.backends.kernels.features import LAYER_SCALARS
     from tpcompiler.ir import ops
 
@@ -132,12 +132,15 @@ def test_input_layer_values_read_by_index_plans_are_the_scalars_one_by_one():
         want = np.stack([LAYER_SCALARS(features.graph.op(s))(X, features.graph.op(s)) for s in scalars], axis=1)
         assert np.array_equal(got, want) and got.flags["C_CONTIGUOUS"], key
     assert len({len(features.graph.args(k)) for k in layers}) > 1  # boundary windows read fewer inputs
-    # from 256 rows the Grams are written in place by two threads into blocks of the array
-    X = np.random.default_rng(4).standard_normal((300, 18))
-    X2 = X[:270] + 0.5
-    for second in (None, X2):
-        stacked = features.pair_values(X, second, stacked=True)
-        assert all(np.array_equal(g, s) for g, s in zip(features.pair_values(X, second), stacked))
+    # from 256 rows the Grams are written in place by two threads into blocks of the array;
+    # up to 100 x 100 entries those of input columns in batches (features._batched_cov_grams)
+    for rows, rows2 in ((300, 270), (7, 5)):
+        X = np.random.default_rng(4).standard_normal((rows, 18))
+        X2 = X[:rows2] + 0.5
+        for second in (None, X2):
+            stacked = features.pair_values(X, second, stacked=True)
+            assert all(np.array_equal(g, s) for g, s in zip(features.pair_values(X, second), stacked))
+    assert sum(len(batch[1]) for batch in features._gram_batches()) == len(features.bases)  # all batched
 
 
 
