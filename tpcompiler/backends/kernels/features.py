@@ -364,16 +364,21 @@ class Features:
         """Cov(Z^a, Z^b) of input layers a and b at the rows of X (first input) and of Y
         (second input; None: X): a vector over the rows (``diagonal``) or a Gram (into
         ``out`` when given)."""
-        ia, ib = self._matched(a, b)
-        na, nb = self.graph.op(a).norm, self.graph.op(b).norm
+        (ia, ib), scale, same = self._cov_terms(a, b)
         A = self._layer_values(a, X, ia)
-        B = A if (Y is None and a == b and ia == ib) else self._layer_values(b, X if Y is None else Y, ib)
-        scale = 1.0 / np.sqrt(na * nb)
+        B = A if (Y is None and same) else self._layer_values(b, X if Y is None else Y, ib)
         if diagonal:
             return np.einsum("ij,ij->i", A, B) * scale
-        if Y is None and a == b and ia == ib:
+        if Y is None and same:
             return symmetric_gram(A * np.sqrt(scale), out)
         return cross_gram(A * scale, B, out)
+
+    def _cov_terms(self, a: str, b: str) -> tuple:
+        """(matched positions of a and b, 1/sqrt(norm_a norm_b), whether a and b are one layer
+        at the same positions: then Cov(Z^a, Z^b) of one input is a symmetric Gram)."""
+        matched = self._matched(a, b)
+        scale = 1.0 / np.sqrt(self.graph.op(a).norm * self.graph.op(b).norm)
+        return matched, scale, a == b and matched[0] == matched[1]
 
     def _row_plan(self) -> list:
         """Per row feature: (numpy function, input columns, input covariances) -- built once,
@@ -417,59 +422,57 @@ class Features:
         shared.py indexes Grams by a run-time number)."""
         if stacked:
             out = np.empty((len(self.bases), X.shape[0], (X if X2 is None else X2).shape[0]))
-            done = self._batched_cov_grams(X, X2, out) if out.shape[1] * out.shape[2] <= _BATCHED_UP_TO else ()
-            for m in sorted(set(range(len(self.bases))) - set(done)):
+            one_by_one = range(len(self.bases))
+            if out.shape[1] * out.shape[2] <= _BATCHED_UP_TO:
+                batches, one_by_one = self._gram_batches()
+                self._batched_cov_grams(batches, X, X2, out)
+            for m in one_by_one:
                 self._base_values(m, X, X2, out[m])
             return out
         return [self._base_values(m, X, X2) for m in range(len(self.bases))]
 
-    def _batched_cov_grams(self, X: np.ndarray, X2: np.ndarray | None, out: np.ndarray) -> list:
-        """The input-covariance Grams of ``pair_values(X, X2, stacked=True)`` whose layers'
-        scalars are input columns, written into ``out`` a batch at a time (one stacked matrix
-        product per batch of Grams with as many matched columns: the same BLAS call per Gram
-        as ``_cov_values`` makes, so the same bits, without its Python work per Gram, which a
-        CNN's thousands of Grams of a few columns spent at small N: 2-D 8x8 depth 2, 4,096
-        Grams at N = 7, 27 -> 3 ms).  Returns the bases it computed."""
-        done = []
+    @staticmethod
+    def _batched_cov_grams(batches: list, X: np.ndarray, X2: np.ndarray | None, out: np.ndarray) -> None:
+        """The input-covariance Grams of ``batches`` (``_gram_batches``) at (X, X2), written into
+        ``out`` a batch at a time (one stacked matrix product per batch of Grams with as many
+        matched columns: the same BLAS call per Gram as ``_cov_values`` makes, so the same
+        bits, without its Python work per Gram, which a CNN's thousands of Grams of a few
+        columns spent at small N: 2-D 8x8 depth 2, 4,096 Grams at N = 7, 27 -> 3 ms)."""
         Y = X if X2 is None else X2
-        per_gram = X.shape[0] * Y.shape[0] + (X.shape[0] + Y.shape[0]) * 32
-        for same_layer, idx, cols_a, cols_b, scale in self._gram_batches():
-            symmetric = same_layer and X2 is None
+        for same, idx, cols_a, cols_b, scale in batches:
+            per_gram = X.shape[0] * Y.shape[0] + (X.shape[0] + Y.shape[0]) * cols_a.shape[1]
             chunk = max(1, _BATCH_DOUBLES // per_gram)
             for start in range(0, len(idx), chunk):
                 part = slice(start, start + chunk)
                 A = _gathered(X, cols_a[part])
-                if symmetric:
+                if same and X2 is None:
                     Z = A * np.sqrt(scale[part])[:, None, None]
                     out[idx[part]] = np.matmul(Z, Z.transpose(0, 2, 1))
                 else:
                     B = _gathered(Y, cols_b[part])
                     out[idx[part]] = np.matmul(A * scale[part][:, None, None], B.transpose(0, 2, 1))
-            done.extend(idx.tolist())
-        return done
 
-    def _gram_batches(self) -> list:
-        """[(same layer, base indices, columns of a, columns of b, scales)] per number of
-        matched columns and whether both sides are one layer at the same positions (then
-        ``_cov_values`` takes a symmetric Gram), for the bases ("cov", a, b) whose scalars are
-        all input columns; built once."""
+    def _gram_batches(self) -> tuple[list, list]:
+        """([(one layer at the same positions, base indices, columns of a, columns of b,
+        scales)], the other bases): the bases ("cov", a, b) whose scalars are all input
+        columns, batched by their number of matched columns and whether ``_cov_values`` takes
+        a symmetric Gram of them; built once."""
         if "gram_batches" not in self._memo:
             batches: dict = {}
+            others = []
             for m, base in enumerate(self.bases):
-                if base[0] != "cov":
+                plans = None
+                if base[0] == "cov":
+                    (ia, ib), scale, same = self._cov_terms(base[1], base[2])
+                    plans = self._layer_plan(base[1], ia), self._layer_plan(base[2], ib)
+                if plans is None or not ia or "scalars" in (plans[0][0], plans[1][0]):
+                    others.append(m)
                     continue
-                a, b = base[1], base[2]
-                ia, ib = self._matched(a, b)
-                (how_a, cols_a), (how_b, cols_b) = self._layer_plan(a, ia), self._layer_plan(b, ib)
-                if how_a == "scalars" or how_b == "scalars" or not ia:
-                    continue
-                na, nb = self.graph.op(a).norm, self.graph.op(b).norm
-                key = (a == b and ia == ib, len(ia))
-                batches.setdefault(key, []).append((m, cols_a, cols_b, 1.0 / np.sqrt(na * nb)))
-            self._memo["gram_batches"] = [
+                batches.setdefault((same, len(ia)), []).append((m, plans[0][1], plans[1][1], scale))
+            self._memo["gram_batches"] = ([
                 (same, np.array([m for m, *_ in items], dtype=np.intp), np.array([c for _, c, _, _ in items]),
                  np.array([c for _, _, c, _ in items]), np.array([sc for *_, sc in items], dtype=np.float64))
-                for (same, _), items in batches.items()]
+                for (same, _), items in batches.items()], others)
         return self._memo["gram_batches"]
 
     def _base_values(self, m: int, X: np.ndarray, X2: np.ndarray | None, out: np.ndarray | None = None) -> np.ndarray:

@@ -372,10 +372,11 @@ def _promote_young_objects():
     ``gc.freeze`` also sets the collector's counters to zero, which postpones the middle
     and full collections: at most ``MOVES_PER_FULL_COLLECTION`` moves between two full
     collections (a loop of large compiles otherwise never reaches one, and the cycles moved
-    would pile up), none for small blocks (their counters are left as they were).  Skipped when the process keeps
-    objects frozen (unfreezing would release them: Python 3.12 freezes some of its own at
-    start-up, so there this does nothing) and without the GIL.  Not atomic: another thread's
-    ``gc.freeze`` between the check and ``gc.unfreeze`` would be undone."""
+    would pile up), none for small blocks (their counters are left as they were).  Skipped
+    when the process keeps objects frozen (unfreezing would release them: Python 3.12
+    freezes some of its own at start-up, so there this does nothing) and without the GIL.
+    Not atomic: another thread's ``gc.freeze`` between the check and ``gc.unfreeze`` would
+    be undone."""
     if _FREE_THREADED or gc.get_count()[0] < PROMOTE_FROM or gc.get_freeze_count() != 0:
         return
     full = gc.get_stats()[-1]["collections"]
