@@ -150,6 +150,12 @@ class _Variant:
         self.leaves = [(k, symbols.unprimed(ph).key) for k, ph in enumerate(self.placeholders)
                        if not isinstance(ph, symbols.TemplateConstant)]
         self.constants = [k for k, ph in enumerate(self.placeholders) if isinstance(ph, symbols.TemplateConstant)]
+        #: per covariance (position of leaf a, side a, position of leaf b, side b): the same
+        #: covariances as ``covariances``, read by position (``_pair_instance``)
+        position = {key: k for k, key in self.leaves}
+        self.covariance_positions = [(position[c.a], c.sa, position[c.b], c.sb) for c in self.covariances]
+        #: whether an instance is a TemplateCall (``_instance`` with ``call`` None), once known
+        self.calls = None
 
 
 @dataclass
@@ -206,6 +212,20 @@ class PairwiseEngine:
         self._form_canonical_memo: dict = {}
         self._instances: dict = {}
         self._expectation_templates: dict = {}
+        self._constant_memo: dict = {}     # _constant_scalar's
+        self._coefficient_memo: dict = {}  # _moment_coefficient's
+        self._moment_symbols: dict = {}    # _is_moment's
+        self._vector_symbols: dict = {}    # _is_vector_symbol's
+        # the pair path's symbols as integers (``_symbol_ids``): dicts keyed by small ints and
+        # tuples of them, not by sympy objects, whose hash and equality are Python calls
+        self._ids: dict = {}              # symbol -> its id
+        self._id_symbols: list = []       # id -> symbol
+        self._id_unprimed: list = []      # id -> the id of its first-input version
+        self._id_block: list = []         # id -> its leaf's block as a number, -1 for no leaf
+        self._id_number: list = []        # id -> whether the symbol is a number (sympy's is_number)
+        self._block_numbers: dict = {}    # block -> its number
+        #: (id a, side a, id b, side b) of first-input leaves -> (_leaf_cov, whether it is a number)
+        self._cov_by_ids: dict = {}
 
     # -- symbols and sides ----------------------------------------------------------------
     def _is_leaf(self, s: sp.Symbol) -> bool:
@@ -219,9 +239,13 @@ class PairwiseEngine:
                 or symbols.is_quantity(s))
 
     def _is_moment(self, s: sp.Symbol) -> bool:
-        """A first-input program variable that is a Moment of the graph."""
-        return (symbols.is_node(s) and not s.primed and s.key in self.graph.g
-                and isinstance(self.graph.op(s.key), ops.Moment))
+        """A first-input program variable that is a Moment of the graph (memoised: asked of
+        every factor of every output term)."""
+        found = self._moment_symbols.get(s)
+        if found is None:
+            found = self._moment_symbols[s] = (symbols.is_node(s) and not s.primed and s.key in self.graph.g
+                                               and isinstance(self.graph.op(s.key), ops.Moment))
+        return found
 
     def to_side(self, expr: sp.Expr, side: int) -> sp.Expr:
         """A side-0 expression evaluated at the second input: prime every input-dependent
@@ -312,6 +336,9 @@ class PairwiseEngine:
 
     def _new_moment_by_pairs(self, key: str, same_input: bool):
         op = self.graph.op(key)
+        vectors = self._two_vectors(op.expr)
+        if vectors is not None:  # (the general case below, read for this one: its terms at scale 1)
+            return self._pair_terms(vectors[0], vectors[1], 1.0, same_input, {})
         expr = op.expr.xreplace(self._params)
         if not all(f.is_Symbol or f.is_Number or (f.is_Pow and f.base.is_Symbol and f.exp.is_Integer)
                    for f in sp.Mul.make_args(expr)):
@@ -330,14 +357,42 @@ class PairwiseEngine:
                     return None
             if len(vectors) != 2:
                 return None
-            (ka, pa), (kb, pb) = unprime(vectors[0]), unprime(vectors[1])
-            sa, sb = int(pa and not same_input), int(pb and not same_input)
-            scale, nodes_b = float_value(coef), [(nb, float_value(cb)) for nb, cb in self._linear_nodes(kb)]
-            for na, ca in self._linear_nodes(ka):
-                scale_a = scale * float_value(ca)
-                for nb, cb in nodes_b:
-                    add_terms(terms, self._pair_moment(na, sa, nb, sb), scale_a * cb)
+            self._pair_terms(vectors[0], vectors[1], float_value(coef), same_input, terms)
         return terms
+
+    def _pair_terms(self, a: sp.Symbol, b: sp.Symbol, scale: float, same_input: bool, terms: dict) -> dict:
+        """Add scale * E[Z^a Z^b] to ``terms`` (``_moment_by_pairs``) for the program vectors'
+        symbols a and b (primed: at the second input, unless ``same_input``), by linearity
+        over their ``_linear_nodes``."""
+        (ka, pa), (kb, pb) = unprime(a), unprime(b)
+        sa, sb = int(pa and not same_input), int(pb and not same_input)
+        nodes_b = [(nb, float_value(cb)) for nb, cb in self._linear_nodes(kb)]
+        for na, ca in self._linear_nodes(ka):
+            scale_a = scale * float_value(ca)
+            for nb, cb in nodes_b:
+                add_terms(terms, self._pair_moment(na, sa, nb, sb), scale_a * cb)
+        return terms
+
+    def _two_vectors(self, expr: sp.Expr):
+        """(a, b) when ``expr`` is the product Z^a Z^b of two program vectors' symbols (or the
+        square of one), the pair moments ntk.py makes, else None: ``_new_moment_by_pairs``
+        reads them without substituting Params or classifying factors (it does for one
+        Moment per pair of positions and layer)."""
+        if expr.is_Mul and len(expr.args) == 2:
+            a, b = expr.args
+        elif expr.is_Pow and expr.exp == 2:
+            a = b = expr.base
+        else:
+            return None
+        return (a, b) if self._is_vector_symbol(a) and self._is_vector_symbol(b) else None
+
+    def _is_vector_symbol(self, s: sp.Basic) -> bool:
+        """Whether s is a program vector's symbol (either input), memoised."""
+        found = self._vector_symbols.get(s)
+        if found is None:
+            found = self._vector_symbols[s] = bool(s.is_Symbol and symbols.is_node(s)
+                                                   and self.graph.kind(unprime(s)[0]) == VEC)
+        return found
 
     def _linear_nodes(self, key: str) -> tuple:
         """Z^key as ((node, coefficient), ...) with Z^key = sum coefficient * Z^node: through
@@ -381,17 +436,77 @@ class PairwiseEngine:
 
         if not self.templates:
             return self.expect(product_of_forms())
-        (struct_a, names_a), (struct_b, names_b) = self._form_canonical(ka, sa), self._form_canonical(kb, sb)
-        names = list(dict.fromkeys(names_a + names_b))
-        if not any(self._is_leaf(n) for n in names):
+        (struct_a, ids_a), (struct_b, ids_b) = self._form_ids(ka, sa), self._form_ids(kb, sb)
+        ids = ids_a + ids_b
+        position: dict = {}
+        for n in ids:  # the symbols in order of first occurrence, numbered
+            if n not in position:
+                position[n] = len(position)
+        names = list(position)
+        id_block = self._id_block
+        if all(id_block[n] < 0 for n in names):
             return self.expect(product_of_forms())
-        position = {n: k for k, n in enumerate(names)}
-        signature = self._signature(names)
-        key = ("pair", struct_a, struct_b, tuple(position[n] for n in names_a + names_b), signature)
+        blocks: dict = {}
+        signature = tuple(-1 if (b := id_block[n]) < 0 else blocks.setdefault(b, len(blocks)) for n in names)
+        key = ("pair", struct_a, struct_b, tuple([position[n] for n in ids]), signature)
         variant = self._variants.get(key)
         if variant is None:  # the product is built only for the first pair of its key
-            variant = self._variants[key] = self._variant(product_of_forms(), names, signature, self.expect_direct)
-        return self._instance(variant, names, None)
+            symbols_ = self._id_symbols
+            variant = self._variants[key] = self._variant(product_of_forms(), [symbols_[n] for n in names], signature,
+                                                          self.expect_direct)
+        return self._pair_instance(variant, names)
+
+    def _form_ids(self, key: str, side: int) -> tuple:
+        """(structure, ids of its symbols) of ``_form_canonical(key, side)``, memoised."""
+        memo = self._form_canonical_memo.get((key, side, "ids"))
+        if memo is None:
+            structure, names = self._form_canonical(key, side)
+            memo = self._form_canonical_memo[(key, side, "ids")] = (structure, tuple(self._symbol_ids(names)))
+        return memo
+
+    def _symbol_ids(self, names: list) -> list:
+        """The ids of symbols of forms (leaves and scalars of program nodes, never a template's
+        placeholders), each symbol numbered when first met, with what the pair path reads of
+        it: its first-input version's id, its leaf's block (numbered) and whether it is a
+        number."""
+        out = []
+        for s in names:
+            i = self._ids.get(s)
+            if i is None:
+                i = self._ids[s] = len(self._id_symbols)
+                self._id_symbols.append(s)
+                block = self._block_of(s)
+                self._id_block.append(-1 if block is None else self._block_numbers.setdefault(block, len(self._block_numbers)))
+                self._id_number.append(bool(s.is_number))
+                u = symbols.unprimed(s)
+                self._id_unprimed.append(i if u is s else self._symbol_ids([u])[0])
+            out.append(i)
+        return out
+
+    def _pair_instance(self, variant: _Variant, names: list) -> sp.Expr:
+        """``_instance(variant, symbols of names, None)`` for the ids ``names`` of a product of two
+        forms (``_expect_pair``): the same expression, its leaves' covariances looked up by ids."""
+        template = self.templates_found[variant.index]
+        if not template.slots:
+            return template.value
+        id_symbols, id_unprimed, id_number = self._id_symbols, self._id_unprimed, self._id_number
+        own = [id_symbols[names[k]] for k in variant.constants]
+        numbers = all(id_number[names[k]] for k in variant.constants)
+        by_ids = self._cov_by_ids
+        for ka, sa, kb, sb in variant.covariance_positions:
+            key = (id_unprimed[names[ka]], sa, id_unprimed[names[kb]], sb)
+            found = by_ids.get(key)
+            if found is None:
+                value = self._leaf_cov(id_symbols[key[0]], sa, id_symbols[key[2]], sb)
+                found = by_ids[key] = (value, bool(value.is_number))
+            own.append(found[0])
+            numbers = numbers and found[1]
+        args = [own[i] for i in variant.order]
+        if variant.calls is None:
+            variant.calls = len(sp.Add.make_args(template.value)) <= _CALL_TERMS
+        if not variant.calls or numbers:  # as _instance
+            return substitute(template.value, dict(zip(template.slots, args)), {})
+        return TemplateCall(sp.Integer(variant.index), *args)
 
     def _signature(self, names: list) -> tuple:
         """Per symbol of a product (in ``names``' order) the number of its leaf's block, blocks
@@ -481,7 +596,7 @@ class PairwiseEngine:
                 if not moments:  # a constant (a bias folded in, ntk.py) or an input covariance
                     # times one: a scalar, which may read runtime Params (they stay symbols in
                     # the sum, unlike a moment's coefficient below, which must be a float)
-                    value = self.scalar(t, same_input)
+                    value = self._constant_scalar(t, same_input)
                     if value.is_Add:
                         break
                     terms.append(value)
@@ -489,15 +604,35 @@ class PairwiseEngine:
                 value = self.moment_terms(moments[0].key, same_input) if len(moments) == 1 else None
                 if value is None or len(value) != 1:
                     break
-                c = sp.Mul(*[g for g in sp.Mul.make_args(t) if g is not moments[0]]).xreplace(self._params)
-                if not c.is_number:  # a runtime parameter
+                c = self._moment_coefficient(tuple([g for g in sp.Mul.make_args(t) if g is not moments[0]]))
+                if c is None:  # a runtime parameter
                     break
                 (v, cv), = value.items()
-                terms.append(product(float_value(c) * cv, sp.Mul.make_args(v)))
+                terms.append(product(c * cv, sp.Mul.make_args(v)))
             else:
                 value = total(terms)
                 return {value: 1.0} if value.is_Add else term_sum(value)
         return term_sum(self.scalar(f, same_input))
+
+    def _constant_scalar(self, t: sp.Expr, same_input: bool) -> sp.Expr:
+        """``scalar(t, same_input)`` of a term without Moments in a sum of ``_factor_terms``,
+        memoised: the constants that ntk.py folds into a convolution's window sums are a few
+        values, met once per pair of positions."""
+        key = (t, same_input)
+        found = self._constant_memo.get(key)
+        if found is None:
+            found = self._constant_memo[key] = self.scalar(t, same_input)
+        return found
+
+    def _moment_coefficient(self, factors: tuple):
+        """The product of ``factors`` (a Moment's coefficient in a sum of ``_factor_terms``),
+        Params by value, as a float; None if it is not a number (a runtime parameter).
+        Memoised: a convolution's taps have one weight."""
+        found = self._coefficient_memo.get(factors, UNSEEN)
+        if found is UNSEEN:
+            c = sp.Mul(*factors).xreplace(self._params)
+            found = self._coefficient_memo[factors] = float_value(c) if c.is_number else None
+        return found
 
     # -- expectations -------------------------------------------------------------------
     def expect(self, expr: sp.Expr) -> sp.Expr:
