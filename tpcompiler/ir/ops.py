@@ -10,6 +10,8 @@ Types of variables: ``VEC`` (n-vector, O(1) coordinates), ``MAT`` (n x n matrix)
 """
 from __future__ import annotations
 
+import weakref
+
 from dataclasses import dataclass
 
 import sympy as sp
@@ -191,7 +193,34 @@ class Readout:
         return (self.readout,) + tuple(self.others)
 
 
-class InputCov(sp.Function):
+class DirectFunction(sp.Function):
+    """A function without evaluation rules (InputCov; the kernel backend's E1, E2 and
+    TemplateCall), each call built as a plain sympy node.  sympy's Function constructor
+    evaluates, caches (twice), checks the number of arguments and makes a set of the allowed
+    numbers on every call, several times the cost of the node itself, and a CNN's derivation
+    builds calls per pair of positions; with no evaluation rules, the node is all there is to
+    build (the same object: equal arguments, equal calls)."""
+
+    def __new__(cls, *args, **options):
+        allowed = cls._direct_nargs()
+        if allowed.is_FiniteSet and len(args) not in allowed:
+            raise TypeError(f"{cls.__name__} takes {allowed} arguments ({len(args)} given)")
+        obj = sp.Basic.__new__(cls, *[a if isinstance(a, sp.Basic) else sp.sympify(a) for a in args])
+        obj.nargs = allowed  # as sympy's constructor sets it
+        return obj
+
+    @classmethod
+    def _direct_nargs(cls):
+        """The set of allowed numbers of arguments (sympy's ``nargs`` of an instance), made
+        once per class."""
+        found = cls.__dict__.get("_nargs_set")
+        if found is None:
+            found = sp.FiniteSet(*cls._nargs) if cls._nargs else sp.Naturals0
+            setattr(cls, "_nargs_set", found)
+        return found
+
+
+class InputCov(DirectFunction):
     """Cov(Z^a, Z^b) of two input layers as one symbol-free atom: InputCov(Str(a), Str(b),
     prime_a, prime_b).  Used where the explicit sum over input coordinates (d terms) would
     only slow symbolic work down; ``Graph.expand_input_cov`` writes it out.  Stated real and
@@ -201,6 +230,16 @@ class InputCov(sp.Function):
     nargs = 4
     is_real = True
     is_commutative = True
+    #: the covariances made by the constructor, by arguments: one object per covariance, as
+    #: sympy's cache of calls kept them.  A stored derivation pickles the features, which
+    #: share them, and the same bytes need the same sharing whatever was derived before
+    _made = weakref.WeakValueDictionary()
+
+    def __new__(cls, *args, **options):
+        found = cls._made.get(args)
+        if found is None:
+            found = cls._made[args] = super().__new__(cls, *args, **options)
+        return found
 
     def _latex(self, printer):
         a, b, pa, pb = self.args

@@ -55,33 +55,7 @@ class NotPairwise(ProgramError):
     """The program needs an expectation this strategy cannot do exactly."""
 
 
-class _DirectCall(sp.Function):
-    """A call of one of the engine's own symbolic functions (E1, E2, TemplateCall), built as
-    a plain sympy node.  sympy's Function constructor evaluates, caches (twice), checks the
-    number of arguments and makes a set of the allowed numbers on every call, several times
-    the cost of the node itself, and a CNN's derivation builds calls per pair of positions;
-    these functions have no evaluation rules, so the node is all there is to build."""
-
-    def __new__(cls, *args, **options):
-        allowed = cls._direct_nargs()
-        if allowed.is_FiniteSet and len(args) not in allowed:
-            raise TypeError(f"{cls.__name__} takes {allowed} arguments ({len(args)} given)")
-        obj = sp.Basic.__new__(cls, *[a if isinstance(a, sp.Basic) else sp.sympify(a) for a in args])
-        obj.nargs = allowed  # as sympy's constructor sets it
-        return obj
-
-    @classmethod
-    def _direct_nargs(cls):
-        """The set of allowed numbers of arguments (sympy's ``nargs`` of an instance), made
-        once per class."""
-        found = cls.__dict__.get("_nargs_set")
-        if found is None:
-            found = sp.FiniteSet(*cls._nargs) if cls._nargs else sp.Naturals0
-            setattr(cls, "_nargs_set", found)
-        return found
-
-
-class E1(_DirectCall):
+class E1(ops.DirectFunction):
     """E[g(L)] for L ~ N(0, var): E1(index, var); ``index`` names g in the engine's table."""
 
     nargs = 2
@@ -89,7 +63,7 @@ class E1(_DirectCall):
     is_commutative = True
 
 
-class E2(_DirectCall):
+class E2(ops.DirectFunction):
     """E[g1(L1) g2(L2)] for a bivariate Gaussian: E2(index, k11, k12, k22)."""
 
     nargs = 4
@@ -112,7 +86,7 @@ class Quantity:
 _CALL_TERMS = 4
 
 
-class TemplateCall(_DirectCall):
+class TemplateCall(ops.DirectFunction):
     """E[a product of one structure] at one instance: TemplateCall(k, *arguments) is the value
     of ``PairwiseEngine.templates_found[k]`` with its slots replaced by the arguments
     (``PairwiseEngine.instantiate``)."""
