@@ -786,3 +786,46 @@ def test_calls_rebuilt_directly_are_what_their_constructor_builds():
     # numbers alone: the constructor (sympy evaluates functions of Floats numerically)
     assert _rebuilt_call(_sdet(x, y, z), [sp.Float(1.0), sp.Float(0.5), sp.Float(1.0)]) == _sdet(1.0, 0.5, 1.0)
     assert _rebuilt_call(relu(x), [sp.Integer(-2)]) == 0  # relu has rules: relu(-2) evaluates
+
+
+@pytest.mark.parametrize("name", ["conv1d_same_depth2", "conv2d_same_avgpool"])
+def test_pair_variants_keyed_by_ids_are_those_keyed_by_symbols(name):
+    """The engine keys a product of two forms by integer ids of its symbols
+    (``_expect_pair``); the key must be the one its symbols give (the canonical forms'
+    structures, which positions coincide, which leaves share a block), and the instance the
+    one ``_instance`` builds from the symbols."""
+    engine = KernelFunction(NETS[name][0]()).engine
+    checked = 0
+    for ka, sa, kb, sb in list(engine._pair_memo):
+        (struct_a, names_a), (struct_b, names_b) = engine._form_canonical(ka, sa), engine._form_canonical(kb, sb)
+        names = list(dict.fromkeys(names_a + names_b))
+        if not any(engine._is_leaf(n) for n in names):
+            continue
+        position = {n: k for k, n in enumerate(names)}
+        key = ("pair", struct_a, struct_b, tuple(position[n] for n in names_a + names_b), engine._signature(names))
+        variant = engine._variants[key]
+        ids = list(dict.fromkeys(engine._form_ids(ka, sa)[1] + engine._form_ids(kb, sb)[1]))
+        assert [engine._id_symbols[i] for i in ids] == names
+        assert engine._pair_instance(variant, ids) == engine._instance(variant, names, None)
+        checked += 1
+    assert checked > 20
+
+
+def test_input_covariances_are_one_object_each_as_sympy_builds_them():
+    """ops.InputCov is built as a plain node (ops.DirectFunction), one object per covariance:
+    it must equal what sympy's Function constructor builds (arguments, hash, nargs,
+    assumptions), and equal covariances must be one object, also read back from a pickle
+    (stored derivations pickle features that share them)."""
+    import pickle
+
+    import sympy as sp
+    from tpcompiler.ir import ops
+
+    c = ops.input_cov("h1", "h0", 0, 1)
+    want = sp.Function.__new__(ops.InputCov, *c.args)  # sympy's constructor, without the table
+    assert c == want and c.args == want.args and hash(c) == hash(want) and c.nargs == want.nargs
+    assert c.is_real and c.is_commutative and want.is_real
+    assert ops.input_cov("h1", "h0", 0, 1) is c and ops.InputCov(*c.args) is c and c.func(*c.args) is c
+    assert ops.input_cov("h1", "h0", 1, 1) is ops.input_cov("h0", "h1", 1, 1)  # one input: name order
+    assert pickle.loads(pickle.dumps(c)) is c
+    assert (c + 1).xreplace({sp.Integer(7): sp.Integer(8)}).args[1] is c
