@@ -32,6 +32,7 @@ import sympy as sp
 
 from tpcompiler.ir import ops
 from tpcompiler.ir.backward import derive_backward, forward_nodes
+from tpcompiler.ir.construct import product, total
 from tpcompiler.ir.graph import Graph
 from tpcompiler.ir.ops import node_symbol, primed_symbol
 from tpcompiler.ir.rules import RuleTable
@@ -99,7 +100,7 @@ def kernel_outputs(graph: Graph, out: Graph, grads: dict[str, str]) -> Graph:
         terms += NTK_TERMS(op_type)(d, keys)
     terms += _gradient_pair_terms(d)
     out.outputs["nngp"] = nngp
-    out.outputs["ntk"] = sp.Add(*terms)
+    out.outputs["ntk"] = total(terms)
     return out
 
 
@@ -111,7 +112,8 @@ def _gradient_pair_terms(d: _Differentiated) -> list:
     for (ra, rb), parts in d.by_rows.items():
         pair = _pair(d, ra, rb)  # (before the parts' own pair moments: the order of the graph's nodes)
         factors = [_factor_part(d, part) for part in parts]
-        terms.append(sp.Mul(pair, factors[0] if len(factors) == 1 else sp.Add(*factors)))
+        # (built directly, construct.py: one product of a sum per pair of positions and layer)
+        terms.append(product(sp.S.One, [pair, factors[0] if len(factors) == 1 else total(factors)]))
     return terms
 
 
