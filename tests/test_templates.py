@@ -4,6 +4,8 @@ the kernels that deriving every expectation on its own gives.  Programs where a 
 could go wrong: pairs of positions with overlapping windows and boundaries (conv depth 2,
 SAME), a pooled vector (one-of-a-kind product of sums), LayerNorm (Moment limits inside the
 forms, which a template must carry to the second input), and quadrature (tanh)."""
+import functools
+
 import numpy as np
 import pytest
 
@@ -829,3 +831,46 @@ def test_input_covariances_are_one_object_each_as_sympy_builds_them():
     assert ops.input_cov("h1", "h0", 1, 1) is ops.input_cov("h0", "h1", 1, 1)  # one input: name order
     assert pickle.loads(pickle.dumps(c)) is c
     assert (c + 1).xreplace({sp.Integer(7): sp.Integer(8)}).args[1] is c
+
+
+def test_compare_is_sympys_canonical_order():
+    """symbols.compare (the order the direct sums and products sort by, construct.py) must be
+    sympy's Basic.compare on every pair: random nested sums, products, powers, calls and
+    the numbers and symbols of the kernel backend, classes known and unknown to sympy."""
+    import random
+
+    import sympy as sp
+    from tpcompiler.backends.kernels.pairwise import E1, E2, TemplateCall
+    from tpcompiler.ir import ops, symbols
+
+    x, y = sp.symbols("x y", real=True)
+    atoms = [symbols.quantity(3), symbols.quantity(12), symbols.call_argument(4), symbols.gram(2),
+             symbols.row_feature(1), symbols.row_feature(1, True), sp.Float(0.5), sp.Float(2.25), sp.Float(0.5, 30),
+             sp.Integer(2), sp.Rational(1, 3), sp.S.One, sp.S.Half, sp.S.NegativeOne, sp.pi, x, y,
+             ops.input_cov("h0", "h1", 0, 1), ops.input_cov("h0", "h1", 1, 1)]
+    rng = random.Random(1)
+
+    def expression(depth):
+        if depth == 0 or rng.random() < 0.3:
+            return rng.choice(atoms)
+        kind = rng.choice(["add", "mul", "pow", "E1", "E2", "call", "exp"])
+        if kind == "add":
+            return sp.Add(*[expression(depth - 1) for _ in range(rng.randint(2, 4))])
+        if kind == "mul":
+            return sp.Mul(*[expression(depth - 1) for _ in range(rng.randint(2, 3))])
+        if kind == "pow":
+            return sp.Pow(expression(depth - 1), rng.choice([2, -1, sp.Rational(1, 2)]))
+        if kind == "E1":
+            return E1(sp.Integer(rng.randint(0, 3)), expression(depth - 1))
+        if kind == "E2":
+            return E2(sp.Integer(rng.randint(0, 3)), *[expression(depth - 1) for _ in range(3)])
+        if kind == "exp":
+            return sp.exp(expression(depth - 1))
+        return TemplateCall(sp.Integer(rng.randint(0, 3)), expression(depth - 1), expression(depth - 1))
+
+    exprs = [expression(3) for _ in range(300)] + atoms
+    for a in exprs:
+        for b in rng.sample(exprs, 40) + [a, sp.sympify(a)]:
+            assert symbols.compare(a, b) == a.compare(b), (a, b)
+    terms = [rng.choice(exprs) for _ in range(200)]
+    assert sorted(terms, key=symbols.FACTOR_ORDER) == sorted(terms, key=functools.cmp_to_key(sp.Basic.compare))

@@ -321,8 +321,47 @@ class LeafCovariance(CompilerSymbol):
         return self.name
 
 
+#: the order of two classes in sympy's canonical order (``compare``): looked up once per pair
+_CLASS_ORDER: dict = {}
+
+
+def compare(a: sp.Basic, b: sp.Basic) -> int:
+    """``a.compare(b)``: sympy's canonical order of expressions (-1, 0, 1), by the same rules
+    (the classes' order, then the lengths of their hashable contents, then the contents item
+    by item), with the order of two classes looked up once per pair of classes (sympy finds
+    each name in its list of classes at every comparison; sums and products of the kernel
+    backend sort their terms by it, for a CNN per pair of positions).  A class with its own
+    ``compare`` is asked itself."""
+    if a is b:
+        return 0
+    ca, cb = a.__class__, b.__class__
+    if ca.compare is not _BASIC_COMPARE:
+        return a.compare(b)
+    if ca is not cb:
+        c = _CLASS_ORDER.get((ca, cb))
+        if c is None:  # (sympy orders classes of different names apart, before their contents)
+            c = _CLASS_ORDER[(ca, cb)] = 0 if ca.__name__ == cb.__name__ else _BASIC_COMPARE(a, b)
+        if c:
+            return c
+    sa, sb = a._hashable_content(), b._hashable_content()
+    if len(sa) != len(sb):
+        return 1 if len(sa) > len(sb) else -1
+    for x, y in zip(sa, sb):
+        if isinstance(x, sp.Basic):
+            c = compare(x, y)
+        elif isinstance(x, frozenset):
+            c = sp.Basic(*x).compare(sp.Basic(*y))
+        else:
+            c = (x > y) - (x < y)
+        if c:
+            return c
+    return 0
+
+
+_BASIC_COMPARE = sp.Basic.compare
+
 #: sympy's canonical order of a product's factors (the key Mul.flatten sorts them by)
-FACTOR_ORDER = functools.cmp_to_key(sp.Basic.compare)
+FACTOR_ORDER = functools.cmp_to_key(compare)
 
 
 def monomial(*factors: sp.Expr) -> sp.Expr:
