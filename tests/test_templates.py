@@ -830,6 +830,10 @@ def test_input_covariances_are_one_object_each_as_sympy_builds_them():
     assert ops.input_cov("h1", "h0", 0, 1) is c and ops.InputCov(*c.args) is c and c.func(*c.args) is c
     assert ops.input_cov("h1", "h0", 1, 1) is ops.input_cov("h0", "h1", 1, 1)  # one input: name order
     assert pickle.loads(pickle.dumps(c)) is c
+    # keyed with the arguments' types: Python's False == 0 must not hand back the other's object
+    flags = ops.InputCov(c.args[0], c.args[1], False, True)
+    numbers = ops.InputCov(c.args[0], c.args[1], 0, 1)
+    assert flags.args[2:] == (sp.false, sp.true) and numbers.args[2:] == (sp.Integer(0), sp.Integer(1))
     assert (c + 1).xreplace({sp.Integer(7): sp.Integer(8)}).args[1] is c
 
 

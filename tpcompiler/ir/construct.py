@@ -18,7 +18,7 @@ _UNITS: dict = {1.0: sp.S.One, -1.0: sp.S.NegativeOne}
 def number(c: float) -> sp.Number:
     """The sympy number of a term sum's coefficient c: 1 and -1 as sympy's integers (a
     coefficient of 1 is no factor), any other value a Float (one object per value within the
-    derivation, ``interned_floats``; non-zero ones remembered, ``_float_number``)."""
+    derivation, ``shared.interned_floats``; non-zero ones remembered, ``_float_number``)."""
     unit = _UNITS.get(c)
     if unit is not None:
         return unit

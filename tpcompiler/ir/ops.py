@@ -230,15 +230,19 @@ class InputCov(DirectFunction):
     nargs = 4
     is_real = True
     is_commutative = True
-    #: the covariances made by the constructor, by arguments: one object per covariance, as
-    #: sympy's cache of calls kept them.  A stored derivation pickles the features, which
-    #: share them, and the same bytes need the same sharing whatever was derived before
+    #: the covariances made by the constructor, by class and arguments with their types (so
+    #: that 0, False and 0.0 are three keys): one object per covariance while it is in use,
+    #: as sympy's cache of calls kept them while they stayed in it.  A stored derivation
+    #: pickles the features, which share them, and the same bytes need the same sharing
+    #: whatever was derived before
     _made = weakref.WeakValueDictionary()
 
     def __new__(cls, *args, **options):
-        found = cls._made.get(args)
+        args = tuple(a if isinstance(a, sp.Basic) else sp.sympify(a) for a in args)
+        key = (cls, tuple((type(a), a) for a in args))
+        found = cls._made.get(key)
         if found is None:
-            found = cls._made[args] = super().__new__(cls, *args, **options)
+            found = cls._made[key] = super().__new__(cls, *args, **options)
         return found
 
     def _latex(self, printer):

@@ -349,8 +349,8 @@ def compare(a: sp.Basic, b: sp.Basic) -> int:
     for x, y in zip(sa, sb):
         if isinstance(x, sp.Basic):
             c = compare(x, y)
-        elif isinstance(x, frozenset):
-            c = sp.Basic(*x).compare(sp.Basic(*y))
+        elif isinstance(x, frozenset):  # (as sympy: each side that is a frozenset made a Basic)
+            c = sp.Basic(*x).compare(sp.Basic(*y) if isinstance(y, frozenset) else y)
         else:
             c = (x > y) - (x < y)
         if c:

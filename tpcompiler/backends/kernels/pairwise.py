@@ -215,6 +215,8 @@ class PairwiseEngine:
     def _is_moment(self, s: sp.Symbol) -> bool:
         """A first-input program variable that is a Moment of the graph (memoised: asked of
         every factor of every output term)."""
+        if not s.is_Symbol:  # (not memoised: the factors asked include large sums)
+            return False
         found = self._moment_symbols.get(s)
         if found is None:
             found = self._moment_symbols[s] = (symbols.is_node(s) and not s.primed and s.key in self.graph.g
@@ -354,7 +356,7 @@ class PairwiseEngine:
         Moment per pair of positions and layer)."""
         if expr.is_Mul and len(expr.args) == 2:
             a, b = expr.args
-        elif expr.is_Pow and expr.exp == 2:
+        elif expr.is_Pow and expr.exp.is_Integer and expr.exp == 2:
             a = b = expr.base
         else:
             return None
@@ -362,10 +364,11 @@ class PairwiseEngine:
 
     def _is_vector_symbol(self, s: sp.Basic) -> bool:
         """Whether s is a program vector's symbol (either input), memoised."""
+        if not s.is_Symbol:
+            return False
         found = self._vector_symbols.get(s)
         if found is None:
-            found = self._vector_symbols[s] = bool(s.is_Symbol and symbols.is_node(s)
-                                                   and self.graph.kind(unprime(s)[0]) == VEC)
+            found = self._vector_symbols[s] = bool(symbols.is_node(s) and self.graph.kind(unprime(s)[0]) == VEC)
         return found
 
     def _linear_nodes(self, key: str) -> tuple:
@@ -447,13 +450,16 @@ class PairwiseEngine:
         for s in names:
             i = self._ids.get(s)
             if i is None:
+                u = symbols.unprimed(s)
+                first_input = None if u is s else self._symbol_ids([u])[0]  # (numbered first)
+                block = self._block_of(s)
+                # a block never changes once numbered: only a template's placeholders become leaves later
+                assert s not in self._placeholder_leaves and symbols.unprimed(s) not in self._placeholder_leaves
                 i = self._ids[s] = len(self._id_symbols)
                 self._id_symbols.append(s)
-                block = self._block_of(s)
                 self._id_block.append(-1 if block is None else self._block_numbers.setdefault(block, len(self._block_numbers)))
                 self._id_number.append(bool(s.is_number))
-                u = symbols.unprimed(s)
-                self._id_unprimed.append(i if u is s else self._symbol_ids([u])[0])
+                self._id_unprimed.append(i if first_input is None else first_input)
             out.append(i)
         return out
 
