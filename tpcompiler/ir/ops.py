@@ -11,7 +11,6 @@ Types of variables: ``VEC`` (n-vector, O(1) coordinates), ``MAT`` (n x n matrix)
 from __future__ import annotations
 
 import weakref
-
 from dataclasses import dataclass
 
 import sympy as sp
