@@ -47,6 +47,11 @@ def _number(x, where: str | None = None) -> sp.Expr:
     raise DSLError(f"{x!r} is not a number, Vec or Scalar")
 
 
+def _place(where) -> str:
+    """The place an error names: ``where`` itself, or what it returns if it is a function."""
+    return where() if callable(where) else where
+
+
 class _Value:
     """Common arithmetic of Vec and Scalar handles: a sympy expression over node symbols."""
 
@@ -63,12 +68,12 @@ class _Value:
         return self.program._resolve(self._expr)
 
     def _binary(self, other, fn, sym: str):
-        other_expr, other_kind = self.program._coerce(other, f"{self._show()} {sym} ...")
+        other_expr, other_kind = self.program._coerce(other, lambda: f"{self._show()} {sym} ...")
         kind = VEC if VEC in (self.kind, other_kind) else SCALAR
         return _make(self.program, fn(self.expr, other_expr), kind)
 
     def _rbinary(self, other, fn, sym: str):
-        other_expr, other_kind = self.program._coerce(other, f"... {sym} {self._show()}")
+        other_expr, other_kind = self.program._coerce(other, lambda: f"... {sym} {self._show()}")
         kind = VEC if VEC in (self.kind, other_kind) else SCALAR
         return _make(self.program, fn(other_expr, self.expr), kind)
 
@@ -164,7 +169,7 @@ class Mat:
             raise DSLError(f"{self._show()} @ {getattr(x, '_show', lambda: repr(x))()}: a matrix can only multiply a Vec, not a Scalar")
         if not isinstance(x, Vec):
             raise DSLError(f"{self._show()} @ {x!r}: a matrix can only multiply a Vec")
-        p._same_program(x, f"{self._show()} @ {x._show()}")
+        p._same_program(x, lambda: f"{self._show()} @ {x._show()}")
         return Vec(p, node_symbol(p._matmul(self.key, p._materialize(x), self.transposed)))
 
     def __rmatmul__(self, x):
@@ -412,27 +417,31 @@ class Program:
             return weight
         return _number(weight, f"{where}: ntk_weight")
 
-    def _same_program(self, value, where: str) -> None:
+    def _same_program(self, value, where) -> None:
+        """``where``: the place named in the error, or a function returning it (an operator's
+        operands are printed only when there is an error: a pooled sum printed at every
+        addition cost most of building a 2-D 12x12 CNN)."""
         if value.program is not self:
-            raise DSLError(f"{where}: mixes variables of two programs ({value._show()} belongs to {value.program.name!r}, not {self.name!r})")
+            raise DSLError(f"{_place(where)}: mixes variables of two programs ({value._show()} belongs to "
+                           f"{value.program.name!r}, not {self.name!r})")
 
-    def _coerce(self, value, where: str) -> tuple[sp.Expr, str]:
+    def _coerce(self, value, where) -> tuple[sp.Expr, str]:
         if isinstance(value, Mat):
-            raise DSLError(f"{where}: a matrix ({value._show()}) where a Vec or Scalar is needed")
+            raise DSLError(f"{_place(where)}: a matrix ({value._show()}) where a Vec or Scalar is needed")
         if isinstance(value, _Value):
             self._same_program(value, where)
             return value.expr, value.kind
         return _number(value), SCALAR
 
-    def _no_pair_moment(self, expr: sp.Expr, where: str) -> None:
+    def _no_pair_moment(self, expr: sp.Expr, where) -> None:
         for s in expr.free_symbols:
             k = unprime(s)[0]
             if k in self.graph.g and self.graph.is_pair_moment(k):
-                raise DSLError(f"{where}: reads the pair moment {k!r}; pair moments (kernels) may only be read by outputs")
+                raise DSLError(f"{_place(where)}: reads the pair moment {k!r}; pair moments (kernels) may only be read by outputs")
 
     def _materialize(self, vec: Vec, name: str | None = None) -> str:
         expr = vec.expr
-        self._no_pair_moment(expr, vec._show())
+        self._no_pair_moment(expr, vec._show)
         if any(unprime(s)[1] for s in expr.free_symbols):
             raise DSLError(f"{vec._show()}: a primed vector (second input) can only appear inside tp.mean for a kernel output")
         if isinstance(expr, NodeSymbol) and expr.key in self.graph.g:
@@ -444,7 +453,7 @@ class Program:
 
     def _moment(self, vec: Vec, name: str | None = None) -> str:
         expr = vec.expr
-        self._no_pair_moment(expr, f"tp.mean({vec._show()})")
+        self._no_pair_moment(expr, lambda: f"tp.mean({vec._show()})")
         return self._instruction(ops.Moment(expr, pair=any(unprime(s)[1] for s in expr.free_symbols)), name)
 
     def _instruction(self, op, name: str | None) -> str:
