@@ -323,6 +323,7 @@ class LeafCovariance(CompilerSymbol):
 
 #: the order of two classes in sympy's canonical order (``compare``): looked up once per pair
 _CLASS_ORDER: dict = {}
+_BASIC_COMPARE = sp.Basic.compare
 
 
 def compare(a: sp.Basic, b: sp.Basic) -> int:
@@ -357,8 +358,6 @@ def compare(a: sp.Basic, b: sp.Basic) -> int:
             return c
     return 0
 
-
-_BASIC_COMPARE = sp.Basic.compare
 
 #: sympy's canonical order of a product's factors (the key Mul.flatten sorts them by)
 FACTOR_ORDER = functools.cmp_to_key(compare)

@@ -119,14 +119,11 @@ class _Variant:
     order: list
 
     def __post_init__(self):
-        #: (position, placeholder key) of the leaves and the positions of the other symbols:
-        #: the same at every instance (``_instance``)
-        self.leaves = [(k, symbols.unprimed(ph).key) for k, ph in enumerate(self.placeholders)
-                       if not isinstance(ph, symbols.TemplateConstant)]
+        #: the positions of the symbols that are not leaves, and per covariance (position of
+        #: leaf a, side a, position of leaf b, side b): the same at every instance (``_instance``)
         self.constants = [k for k, ph in enumerate(self.placeholders) if isinstance(ph, symbols.TemplateConstant)]
-        #: per covariance (position of leaf a, side a, position of leaf b, side b): the same
-        #: covariances as ``covariances``, read by position (``_pair_instance``)
-        position = {key: k for k, key in self.leaves}
+        position = {symbols.unprimed(ph).key: k for k, ph in enumerate(self.placeholders)
+                    if not isinstance(ph, symbols.TemplateConstant)}
         self.covariance_positions = [(position[c.a], c.sa, position[c.b], c.sb) for c in self.covariances]
         #: whether an instance is a TemplateCall (``_instance`` with ``call`` None), once known
         self.calls = None
@@ -184,6 +181,7 @@ class PairwiseEngine:
         self._linear_memo: dict = {}
         self._pair_memo: dict = {}
         self._form_canonical_memo: dict = {}
+        self._form_ids_memo: dict = {}
         self._instances: dict = {}
         self._expectation_templates: dict = {}
         self._constant_memo: dict = {}     # _constant_scalar's
@@ -435,10 +433,10 @@ class PairwiseEngine:
 
     def _form_ids(self, key: str, side: int) -> tuple:
         """(structure, ids of its symbols) of ``_form_canonical(key, side)``, memoised."""
-        memo = self._form_canonical_memo.get((key, side, "ids"))
+        memo = self._form_ids_memo.get((key, side))
         if memo is None:
             structure, names = self._form_canonical(key, side)
-            memo = self._form_canonical_memo[(key, side, "ids")] = (structure, tuple(self._symbol_ids(names)))
+            memo = self._form_ids_memo[(key, side)] = (structure, tuple(self._symbol_ids(names)))
         return memo
 
     def _symbol_ids(self, names: list) -> list:
@@ -454,7 +452,7 @@ class PairwiseEngine:
                 first_input = None if u is s else self._symbol_ids([u])[0]  # (numbered first)
                 block = self._block_of(s)
                 # a block never changes once numbered: only a template's placeholders become leaves later
-                assert s not in self._placeholder_leaves and symbols.unprimed(s) not in self._placeholder_leaves
+                assert u not in self._placeholder_leaves
                 i = self._ids[s] = len(self._id_symbols)
                 self._id_symbols.append(s)
                 self._id_block.append(-1 if block is None else self._block_numbers.setdefault(block, len(self._block_numbers)))
@@ -481,12 +479,7 @@ class PairwiseEngine:
                 found = by_ids[key] = (value, bool(value.is_number))
             own.append(found[0])
             numbers = numbers and found[1]
-        args = [own[i] for i in variant.order]
-        if variant.calls is None:
-            variant.calls = len(sp.Add.make_args(template.value)) <= _CALL_TERMS
-        if not variant.calls or numbers:  # as _instance
-            return substitute(template.value, dict(zip(template.slots, args)), {})
-        return TemplateCall(sp.Integer(variant.index), *args)
+        return self._at_arguments(variant, [own[i] for i in variant.order], None, numbers)
 
     def _signature(self, names: list) -> tuple:
         """Per symbol of a product (in ``names``' order) the number of its leaf's block, blocks
@@ -765,17 +758,23 @@ class PairwiseEngine:
         template = self.templates_found[variant.index]
         if not template.slots:
             return template.value
-        unprimed = symbols.unprimed
-        original = {key: unprimed(names[k]) for k, key in variant.leaves}
+        unprimed, leaf_cov = symbols.unprimed, self._leaf_cov
         own = [names[k] for k in variant.constants]
-        leaf_cov = self._leaf_cov
-        own.extend([leaf_cov(original[c.a], c.sa, original[c.b], c.sb) for c in variant.covariances])
-        args = [own[i] for i in variant.order]
+        own.extend([leaf_cov(unprimed(names[ka]), sa, unprimed(names[kb]), sb)
+                    for ka, sa, kb, sb in variant.covariance_positions])
+        return self._at_arguments(variant, [own[i] for i in variant.order], call, None)
+
+    def _at_arguments(self, variant: _Variant, args: list, call, numbers) -> sp.Expr:
+        """The template of ``variant`` at its arguments ``args`` (``_instance``; ``call`` as in
+        ``_templated``; ``numbers``: whether they are all numbers, None to ask them)."""
+        template = self.templates_found[variant.index]
         if call is None:
-            call = len(sp.Add.make_args(template.value)) <= _CALL_TERMS
-        if not call or all(a.is_number for a in args):  # numbers: written out, a number to sympy too
-            # (xreplace's result, its products built by shared.product: a CNN writes out
-            # the sums of calls of every pair of positions)
+            if variant.calls is None:
+                variant.calls = len(sp.Add.make_args(template.value)) <= _CALL_TERMS
+            call = variant.calls
+        if not call or (numbers if numbers is not None else all(a.is_number for a in args)):
+            # numbers: written out, a number to sympy too (xreplace's result, its products
+            # built by shared.product: a CNN writes out the sums of calls of every pair of positions)
             return substitute(template.value, dict(zip(template.slots, args)), {})
         return TemplateCall(sp.Integer(variant.index), *args)
 
