@@ -12,7 +12,7 @@ from tpcompiler.backends import interpreter
 from tpcompiler.cli.commands import build_parser
 from tpcompiler.ir import ops
 from tpcompiler.ir.backward import derive_backward
-from tpcompiler.ir.graph import Graph, OutputIndex, instantiate
+from tpcompiler.ir.graph import Graph, OutputIndex, ProgramError, instantiate
 from tpcompiler.ir.ops import node_symbol
 from tpcompiler.ir.rules import MissingRule
 from tpcompiler.training import finite, sgd
@@ -183,3 +183,60 @@ def test_train_results_have_distinct_names_and_one_particle_default():
     for command in ("limit", "train"):
         sub = parser._subparsers._group_actions[0].choices[command]
         assert sub.get_default("particles") == compiler.DEFAULT_PARTICLES
+
+
+# -- Graph.order ----------------------------------------------------------------------------
+def _networkx_order(g: Graph) -> list:
+    """The order Graph.order defines, by networkx: among ready nodes, the first created."""
+    import networkx as nx
+
+    index = nx.get_node_attributes(g.g, "index")
+    return list(nx.lexicographical_topological_sort(g.g, key=lambda k: index[k]))
+
+
+@pytest.mark.parametrize("name", ["mlp", "resnet", "rnn", "cnn1d"])
+def test_order_is_the_first_ready_node_in_creation_order(name):
+    """Graph.order (creation order when every edge runs forward) is networkx's lexicographic
+    topological sort by creation index, on programs and on their kernel programs."""
+    from tpcompiler.frontend.loader import load
+
+    c = tp.compile(load(f"programs/{name}.py"))
+    for g in (c.source, c.graph):
+        assert g.order() == _networkx_order(g)
+
+
+def test_order_of_a_graph_edited_behind_its_back_is_still_topological():
+    """Edges added to the networkx graph directly, one from a later node to an earlier one,
+    and a removed node whose index a new node takes: the order follows the edges and is
+    networkx's (not the creation order)."""
+    g = _graph()
+    a = g.intern(ops.MatMul(False), ("W", "u"))
+    b = g.intern_expr(ops.Nonlin, sp.tanh(node_symbol(a)))
+    g.add("v", ops.InitVec(sp.Integer(1)))
+    g.g.add_edge("v", "u", pos=0)  # backwards: v was created after u
+    order = g.order()
+    assert order.index("v") < order.index("u") < order.index(a) < order.index(b)
+    assert order == _networkx_order(g)
+    g.g.remove_node(b)
+    g.add("w", ops.InitVec(sp.Integer(1)))  # takes b's index: two nodes once shared it
+    g.g.add_edge("w", "sigma_W", pos=0)
+    assert g.order() == _networkx_order(g) and g.order().index("w") < g.order().index("sigma_W")
+
+
+def test_a_cycle_made_behind_the_graphs_back_is_a_program_error():
+    """Graph.validate reports a cycle (from the topological order it walks) as a ProgramError."""
+    g = _graph()
+    a = g.intern(ops.MatMul(False), ("W", "u"))
+    g.g.add_edge(a, "u", pos=0)
+    with pytest.raises(ProgramError, match="has a cycle"):
+        g.validate()
+
+
+def test_free_symbols_of_is_sympys_free_symbols():
+    """One walk over the tree finds sympy's free symbols, bound variables left out."""
+    from tpcompiler.ir.symbols import free_symbols_of
+
+    x, y, z, t = sp.symbols("x y z t")
+    for e in [x * sp.tanh(y + 2) + sp.exp(x * y), sp.Integral(x * t, (t, 0, z)) + y, sp.Lambda(t, t * x)(y),
+              sp.Sum(x ** t, (t, 1, 3)), sp.Integer(3), (x + y) ** z - sp.Derivative(sp.Function("f")(t), t)]:
+        assert free_symbols_of(e) == e.free_symbols

@@ -480,3 +480,31 @@ def to_first_input(expr: sp.Expr) -> sp.Expr:
     """``expr`` with every symbol of the second input replaced by its first-input version."""
     rep = {s: unprimed(s) for s in expr.free_symbols if is_primed(s)}
     return expr.xreplace(rep) if rep else expr
+
+
+_UNION_OF_ARGUMENTS: dict = {}  # type -> whether its free_symbols is Basic's (``unions_its_arguments``)
+
+
+def unions_its_arguments(kind: type) -> bool:
+    """Whether the free symbols of an expression of type ``kind`` are those of its arguments
+    (sympy's ``Basic.free_symbols``), not its own rule (a symbol, a bound variable's scope)."""
+    union = _UNION_OF_ARGUMENTS.get(kind)
+    if union is None:
+        owner = next(k for k in kind.__mro__ if "free_symbols" in k.__dict__)
+        union = _UNION_OF_ARGUMENTS[kind] = owner is sp.Basic
+    return union
+
+
+def free_symbols_of(expr: sp.Basic) -> set:
+    """``expr.free_symbols``, collected by one walk over the tree: sympy builds a set per
+    node and joins them up the tree, which for the NTK output of a CNN's kernel program (a
+    sum of 41,000 products at 12 x 12 positions) took 0.6 s against 0.2 s."""
+    found: set = set()
+    stack = [expr]
+    while stack:
+        x = stack.pop()
+        if not unions_its_arguments(type(x)):
+            found |= x.free_symbols
+        else:
+            stack.extend(x.args)
+    return found

@@ -262,6 +262,7 @@ class KernelFunction:
         self._calls_at: dict = {}    # (E1/E2, function, arguments) -> its call (_expectation_call_at), within one stage
         self._linear_arguments: dict = {}  # (constant, coefficients) -> argument (_linear_argument), within one stage
         self._form_arguments: dict = {}  # (form, the slots' values it reads) -> argument (_form_argument), within one stage
+        self._linear_terms: dict = {}  # (number, is a float) or (variable, coefficient, is a float) -> its term (_linear_term)
         self._pending: list = []
         out = []
         for s, e in assignments:
@@ -410,9 +411,24 @@ class KernelFunction:
         key = (constant, coefficients)
         symbol = self._linear_arguments.get(key)
         if symbol is None:
-            terms = [shared.product(_sympy_number(c), [x]) for x, c, _ in coefficients]
-            symbol = self._linear_arguments[key] = self._named(shared.total([_sympy_number(constant[0]), *terms]))
+            terms = [self._linear_term(term) for term in coefficients]
+            symbol = self._linear_arguments[key] = self._named(shared.total([self._linear_term(constant), *terms]))
         return symbol
+
+    def _linear_term(self, term: tuple) -> sp.Expr:
+        """A term of ``_linear_argument``'s sum: a number (constant, is a float) or
+        coefficient * variable (variable, coefficient, is a float), memoised within a stage:
+        a quantity is a tap of the windows of up to nine neighbouring positions, each of which
+        would build the same product again.  Keyed with the float flag: a Fraction and a float
+        of one value are equal keys of a dict but two sympy numbers."""
+        found = self._linear_terms.get(term)
+        if found is None:
+            if len(term) == 2:
+                found = _sympy_number(term[0])
+            else:
+                found = shared.product(_sympy_number(term[1]), [term[0]])
+            self._linear_terms[term] = found
+        return found
 
     def _expectation_call_at(self, cls, function: sp.Integer, arguments: tuple) -> sp.Expr:
         """The expectation cls(function, *arguments), its arguments made symbols or numbers
@@ -848,7 +864,7 @@ _MANY_GROUPS = 100
 #: KernelFunction's memos that only its derivation reads, one entry per call or argument
 #: (``_forget_lowering``; the per-template ones, ``_recipes`` and ``_bodies``, are kept)
 _LOWERING_MEMOS = ("_linear_values", "_arguments", "_calls", "_lower_memo", "_calls_at", "_linear_arguments",
-                   "_form_arguments", "_pending")
+                   "_form_arguments", "_linear_terms", "_pending")
 
 
 def _derivation_key(graph: Graph, rtol: float, runtime: tuple = (), share: bool | None = None,

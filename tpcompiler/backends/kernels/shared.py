@@ -529,9 +529,6 @@ def _calls_reading(e: sp.Basic, kind_symbols: set, memo: dict, free: dict) -> tu
     return hit
 
 
-_UNION_OF_ARGUMENTS: dict = {}  # type -> whether its free_symbols is Basic's (free_symbols)
-
-
 def free_symbols(e: sp.Basic, memo: dict) -> frozenset:
     """e.free_symbols, memoised per subexpression in ``memo``: sympy walks the whole tree at
     every call, and the terms of a CNN's kernels share their calls (a pair of positions'
@@ -540,12 +537,7 @@ def free_symbols(e: sp.Basic, memo: dict) -> frozenset:
     scope) are asked themselves."""
     hit = memo.get(e)
     if hit is None:
-        kind = type(e)
-        union = _UNION_OF_ARGUMENTS.get(kind)
-        if union is None:
-            owner = next(k for k in kind.__mro__ if "free_symbols" in k.__dict__)
-            union = _UNION_OF_ARGUMENTS[kind] = owner is sp.Basic
-        if not union:
+        if not symbols.unions_its_arguments(type(e)):
             hit = frozenset(e.free_symbols)
         elif e.args:
             hit = frozenset().union(*[free_symbols(a, memo) for a in e.args])
