@@ -541,11 +541,11 @@ class KernelFunction:
                 named[e] = q  # (its arguments are symbols and numbers: _argument)
                 out.append((q, e))
                 continue
-            e = shared.rewrite(e, name, memo)
+            e = shared.rewrite_calls(e, name, memo)
             out.extend(placed)
             placed.clear()
             out.append((q, e))
-        outputs = [shared.map_terms(terms, lambda t: shared.rewrite(t, name, memo)) for terms in outputs]
+        outputs = [shared.map_terms(terms, lambda t: shared.rewrite_calls(t, name, memo)) for terms in outputs]
         out.extend(placed)
         return out, outputs
 

@@ -575,6 +575,17 @@ def rewrite(e: sp.Basic, replacement, memo: dict) -> sp.Basic:
     return hit
 
 
+def rewrite_calls(e: sp.Basic, replacement, memo: dict) -> sp.Basic:
+    """``rewrite`` for a ``replacement`` that replaces function calls only (None for every
+    atom, sum and product): an atom, or a sum or product of atoms and products of atoms, has
+    no call in it and is e itself, found without walking it (a CNN's covariance sums, one
+    per pair of positions, and its output terms c * symbol)."""
+    if e.is_Atom or ((e.is_Add or e.is_Mul) and all(
+            a.is_Atom or (a.is_Mul and all(b.is_Atom for b in a.args)) for a in e.args)):
+        return e
+    return rewrite(e, replacement, memo)
+
+
 _NO_EVALUATION = Application.eval.__func__  # the eval of a function class that defines none
 
 
@@ -638,7 +649,7 @@ def alias_repeated_arguments(assignments, outputs, call_type, kinds: dict) -> tu
         return c.func(*args) if any(x is not y for x, y in zip(args, c.args)) else None
 
     def rewrite_all(e):
-        return rewrite(e, aliased, memo)
+        return rewrite_calls(e, aliased, memo)
 
     memo: dict = {}
     free: dict = {}  # free_symbols' memo
