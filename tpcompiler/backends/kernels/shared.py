@@ -547,6 +547,24 @@ def free_symbols(e: sp.Basic, memo: dict) -> frozenset:
     return hit
 
 
+def symbols_read(e: sp.Basic, memo: dict):
+    """``free_symbols(e, memo)``, read off directly when e is a sum or product of atoms and
+    products of atoms (a covariance sum, an output term c * symbol: most of a CNN's
+    assignments and terms), whose free symbols are its symbol atoms."""
+    if e.is_Add or e.is_Mul:
+        found = []
+        for a in e.args:
+            if a.is_Atom:
+                if a.is_Symbol:
+                    found.append(a)
+            elif a.is_Mul and all(b.is_Atom for b in a.args):
+                found.extend(b for b in a.args if b.is_Symbol)
+            else:
+                return free_symbols(e, memo)
+        return found
+    return free_symbols(e, memo)
+
+
 def substitute(e: sp.Basic, rep: dict, memo: dict) -> sp.Basic:
     """``e.xreplace(rep)``, ``memo`` as ``rewrite``'s."""
     return rewrite(e, rep.get, memo)
@@ -683,7 +701,7 @@ def plan(assignments, outputs, kinds: dict, slot_kind: str, aliases: dict | None
     bundles: dict = {}
     free: dict = {}  # free_symbols' memo: output terms share their calls
     for s, e in assignments:
-        read = {aliases.get(d, d) for d in free_symbols(e, free)}
+        read = {aliases.get(d, d) for d in symbols_read(e, free)}
         level[s] = 1 + max((level[d] for d in read if d in slot), default=-1)
         bundles.setdefault((level[s], frozenset(read & kind_symbols)), []).append((slot[s], e))
     by_key: dict = {}
@@ -709,7 +727,7 @@ def plan(assignments, outputs, kinds: dict, slot_kind: str, aliases: dict | None
         for term, coef in output.items():
             if coef == 0.0:
                 continue
-            read = {aliases.get(d, d) for d in free_symbols(term, free)} & kind_symbols
+            read = {aliases.get(d, d) for d in symbols_read(term, free)} & kind_symbols
             if not read and term.is_number:
                 constants[o] += coef * float(term)
                 continue
