@@ -25,7 +25,7 @@ from tpcompiler.ir import symbols
 from tpcompiler.ir.graph import Graph, ProgramError
 from tpcompiler.ir.rules import RuleTable
 from tpcompiler.backends.lowering import numpy_function
-from tpcompiler.backends.kernels.shared import add_terms, float_value, mul, number, product, total
+from tpcompiler.backends.kernels.shared import add_terms, flat_atoms, float_value, mul, number, product, total
 
 
 class Features:
@@ -127,7 +127,10 @@ class Features:
         input_only)."""
         memo = self._has_inputs
         if expr not in memo:
-            if isinstance(expr, ops.InputCov):
+            atoms = flat_atoms(expr)  # (no input-layer covariance in it: read off its atoms)
+            if atoms is not None:
+                memo[expr] = any(a in self.all_inputs for a in atoms)
+            elif isinstance(expr, ops.InputCov):
                 memo[expr] = True
             elif expr.is_Atom:
                 memo[expr] = expr in self.all_inputs

@@ -889,6 +889,9 @@ def _reads_calls(assignments) -> bool:
 
 def _reads_values(e: sp.Expr) -> bool:
     """Whether ``e`` reads an expectation (a TemplateCall) or a quantity."""
+    atoms = shared.flat_atoms(e)
+    if atoms is not None:
+        return any(a.is_Symbol and symbols.is_quantity(a) for a in atoms)
     return any(isinstance(x, TemplateCall) or (x.is_Symbol and symbols.is_quantity(x)) for x in sp.preorder_traversal(e))
 
 

@@ -548,21 +548,9 @@ def free_symbols(e: sp.Basic, memo: dict) -> frozenset:
 
 
 def symbols_read(e: sp.Basic, memo: dict):
-    """``free_symbols(e, memo)``, read off directly when e is a sum or product of atoms and
-    products of atoms (a covariance sum, an output term c * symbol: most of a CNN's
-    assignments and terms), whose free symbols are its symbol atoms."""
-    if e.is_Add or e.is_Mul:
-        found = []
-        for a in e.args:
-            if a.is_Atom:
-                if a.is_Symbol:
-                    found.append(a)
-            elif a.is_Mul and all(b.is_Atom for b in a.args):
-                found.extend(b for b in a.args if b.is_Symbol)
-            else:
-                return free_symbols(e, memo)
-        return found
-    return free_symbols(e, memo)
+    """``free_symbols(e, memo)``, read off ``flat_atoms`` when e is such an expression."""
+    atoms = flat_atoms(e)
+    return free_symbols(e, memo) if atoms is None else [a for a in atoms if a.is_Symbol]
 
 
 def substitute(e: sp.Basic, rep: dict, memo: dict) -> sp.Basic:
@@ -593,15 +581,34 @@ def rewrite(e: sp.Basic, replacement, memo: dict) -> sp.Basic:
     return hit
 
 
+def flat_atoms(e: sp.Basic) -> list | None:
+    """The atoms of e (with repeats) when e is an atom, or a sum or product of atoms and of
+    products of atoms (a CNN's covariance sum c + sum_k c_k q_k, an output term c * symbol:
+    most of the expressions a CNN's derivation makes per pair of positions), else None.  Such
+    an expression holds no function call, and its free symbols are its symbol atoms: the
+    passes below read that off the list instead of walking the tree with a memo."""
+    if e.is_Atom:
+        return [e]
+    if not (e.is_Add or e.is_Mul):
+        return None
+    found = []
+    for a in e.args:
+        if a.is_Atom:
+            found.append(a)
+        elif a.is_Mul:
+            for b in a.args:
+                if not b.is_Atom:
+                    return None
+                found.append(b)
+        else:
+            return None
+    return found
+
+
 def rewrite_calls(e: sp.Basic, replacement, memo: dict) -> sp.Basic:
     """``rewrite`` for a ``replacement`` that replaces function calls only (None for every
-    atom, sum and product): an atom, or a sum or product of atoms and products of atoms, has
-    no call in it and is e itself, found without walking it (a CNN's covariance sums, one
-    per pair of positions, and its output terms c * symbol)."""
-    if e.is_Atom or ((e.is_Add or e.is_Mul) and all(
-            a.is_Atom or (a.is_Mul and all(b.is_Atom for b in a.args)) for a in e.args)):
-        return e
-    return rewrite(e, replacement, memo)
+    atom, sum and product): an expression of ``flat_atoms`` has no call in it and is e itself."""
+    return e if flat_atoms(e) is not None else rewrite(e, replacement, memo)
 
 
 _NO_EVALUATION = Application.eval.__func__  # the eval of a function class that defines none
