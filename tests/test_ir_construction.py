@@ -218,15 +218,49 @@ def test_order_of_a_graph_edited_behind_its_back_is_still_topological():
     assert order.index("v") < order.index("u") < order.index(a) < order.index(b)
     assert order == _networkx_order(g)
     g.g.remove_node(b)
-    g.add("w", ops.InitVec(sp.Integer(1)))  # takes b's index: two nodes once shared it
+    g.add("w", ops.InitVec(sp.Integer(1)))  # gets index 5 (five nodes left), which v has
     g.g.add_edge("w", "sigma_W", pos=0)
     assert g.order() == _networkx_order(g) and g.order().index("w") < g.order().index("sigma_W")
+
+
+def test_order_with_a_shared_index_and_forward_edges_is_networkxs():
+    """Two nodes with one index (a node removed, another added), every edge still forward:
+    the order is still networkx's (its ties broken by insertion order)."""
+    g = _graph()
+    a = g.intern(ops.MatMul(False), ("W", "u"))
+    g.g.remove_node("u")  # (and the edge u -> a)
+    g.add("v", ops.InitVec(sp.Integer(1)))  # index 3, as a
+    g.add("x", ops.InitVec(sp.Integer(1)))
+    g.g.add_edge("x", a, pos=1)  # 4 -> 3: backwards, so networkx orders
+    assert g.order() == _networkx_order(g)
+    g.g.remove_edge("x", a)
+    g.add("h", ops.MatMul(False), ("W", "v"))
+    assert g.order() == _networkx_order(g)  # all edges forward, indices 3 twice
+
+
+def test_a_node_added_behind_the_graphs_back_without_an_index_is_not_dropped():
+    g = _graph()
+    g.g.add_node("stray", op=ops.InitVec(sp.Integer(1)), args=())
+    with pytest.raises(KeyError):
+        g.order()
 
 
 def test_a_cycle_made_behind_the_graphs_back_is_a_program_error():
     """Graph.validate reports a cycle (from the topological order it walks) as a ProgramError."""
     g = _graph()
     a = g.intern(ops.MatMul(False), ("W", "u"))
+    g.g.add_edge(a, "u", pos=0)
+    with pytest.raises(ProgramError, match="has a cycle"):
+        g.validate()
+
+
+def test_a_cycle_that_keeps_the_number_of_edges_is_found_after_order_was_asked():
+    """order()'s memo is keyed by the nodes and the number of edges; validate computes the
+    order afresh, so an edge swapped for one that closes a cycle is still found."""
+    g = _graph()
+    a = g.intern(ops.MatMul(False), ("W", "u"))
+    g.validate()
+    g.g.remove_edge("sigma_W", "W")
     g.g.add_edge(a, "u", pos=0)
     with pytest.raises(ProgramError, match="has a cycle"):
         g.validate()

@@ -172,11 +172,15 @@ class Graph:
         the graph as it is (its nodes, in insertion order, and number of edges: the passes
         and the kernel backend ask for it a dozen times of a graph they do not change, which
         for a CNN's kernel program of 25,000 nodes cost 0.25 s)."""
-        state = (tuple(self.g), self.g.number_of_edges())
+        state = self._order_state()
         cached = self._order_memo
         if cached is None or cached[0] != state:
             cached = self._order_memo = (state, _creation_order(self.g))
         return list(cached[1])
+
+    def _order_state(self) -> tuple:
+        """What ``order``'s memo is valid for: the nodes in insertion order and the number of edges."""
+        return tuple(self.g), self.g.number_of_edges()
 
     def keys_of(self, optype) -> list[str]:
         return [k for k in self.order() if isinstance(self.op(k), optype)]
@@ -254,22 +258,31 @@ class Graph:
     def validate(self) -> "Graph":
         """Check types, argument kinds, pair-moment use and outputs (each instruction by its
         rule in ``VALIDATE``); raise ProgramError.  Returns the graph, so it composes as a pass."""
+        # the order computed afresh, not read from order()'s memo: a graph edited in place
+        # (an edge removed, another added) keeps its number of edges but may have a cycle
         try:
-            order = self.order()
+            order = _creation_order(self.g)
         except nx.NetworkXUnfeasible:
             raise ProgramError(f"program {self.name!r} has a cycle") from None
+        self._order_memo = (self._order_state(), order)
         for key in order:
             op = self.op(key)
             VALIDATE(op)(self, key, op, self.args(key))
         for name, expr in self.outputs.items():
-            for s in free_symbols_of(expr):
-                k, primed = unprime(s)
-                if k not in self.g or self.kind(k) != SCALAR:
-                    raise ProgramError(f"output {name!r}: {str(s)!r} is not a scalar of this program")
-                if primed and not isinstance(self.op(k), ops.Input):
-                    raise ProgramError(f"output {name!r}: only input coordinates can be primed, not {k!r}")
+            if any(self._output_symbol_error(s) for s in free_symbols_of(expr)):
+                # the symbol named is the first of sympy's set, as before the walk above
+                problem = next(p for p in map(self._output_symbol_error, expr.free_symbols) if p)
+                raise ProgramError(f"output {name!r}: {problem}")
         return self
 
+    def _output_symbol_error(self, s: sp.Symbol) -> str | None:
+        """What is wrong with an output reading ``s`` (``validate``), or None."""
+        k, primed = unprime(s)
+        if k not in self.g or self.kind(k) != SCALAR:
+            return f"{str(s)!r} is not a scalar of this program"
+        if primed and not isinstance(self.op(k), ops.Input):
+            return f"only input coordinates can be primed, not {k!r}"
+        return None
 
 
 def _creation_order(g: nx.DiGraph) -> list[str]:
@@ -280,9 +293,12 @@ def _creation_order(g: nx.DiGraph) -> list[str]:
     CNN's kernel program has 10^5 nodes); otherwise (code that edited ``g`` directly)
     networkx's lexicographical sort."""
     index = nx.get_node_attributes(g, "index")
-    if len(set(index.values())) == len(index) and all(index[a] < index[b] for a, b in g.edges()):
+    if (len(index) == g.number_of_nodes() and len(set(index.values())) == len(index)
+            and all(index[a] < index[b] for a, b in g.edges())):
         return sorted(index, key=index.__getitem__)
-    return list(nx.lexicographical_topological_sort(g, key=index.__getitem__))
+    return list(nx.lexicographical_topological_sort(g, key=lambda k: g.nodes[k]["index"]))
+
+
 
 # ---------------------------------------------------------------------------------------
 # Validation rules: what each instruction requires of its arguments (docs/DESIGN.md 2.1).

@@ -508,3 +508,21 @@ def free_symbols_of(expr: sp.Basic) -> set:
         else:
             stack.extend(x.args)
     return found
+
+
+def free_symbols(e: sp.Basic, memo: dict) -> frozenset:
+    """e.free_symbols, memoised per subexpression in ``memo``: sympy walks the whole tree at
+    every call, and the terms of a CNN's kernels share their calls (a pair of positions'
+    expectations and cores), whose symbols are then collected once.  Types whose
+    free_symbols is not sympy's union over the arguments (a symbol, a bound variable's
+    scope) are asked themselves."""
+    hit = memo.get(e)
+    if hit is None:
+        if not unions_its_arguments(type(e)):
+            hit = frozenset(e.free_symbols)
+        elif e.args:
+            hit = frozenset().union(*[free_symbols(a, memo) for a in e.args])
+        else:
+            hit = frozenset()
+        memo[e] = hit
+    return hit

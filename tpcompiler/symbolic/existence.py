@@ -60,8 +60,10 @@ def _is_int_power(exp) -> bool:
 
 def _is_monomial(expr: sp.Expr) -> bool:
     """Whether expr is a product of symbols, powers of symbols with integer exponents >= 0
-    and finite numbers (a pair moment's Z^a Z^b'), in which ``risky_atoms`` finds nothing:
-    a CNN's kernel program has 10^4-10^5 of them, each walked by the rules below."""
+    and finite numbers (a pair moment's Z^a Z^b'), in which ``risky_atoms`` finds nothing
+    (provided ``is_random`` calls no integer random, as the checker's, which asks for free
+    symbols, does not): a CNN's kernel program has 10^4-10^5 of them, each walked by the
+    rules below."""
     for f in (expr.args if expr.is_Mul else (expr,)):
         if f.is_Pow:
             base, exp = f.args

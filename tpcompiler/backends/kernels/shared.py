@@ -40,6 +40,7 @@ from sympy.core.function import Application
 
 from tpcompiler.ir import symbols
 from tpcompiler.ir.construct import number, product, total  # (the backend reads them as shared.product ...)
+from tpcompiler.ir.symbols import free_symbols  # (memoised; the plan and the lifts read it)
 
 
 @dataclass
@@ -529,26 +530,9 @@ def _calls_reading(e: sp.Basic, kind_symbols: set, memo: dict, free: dict) -> tu
     return hit
 
 
-def free_symbols(e: sp.Basic, memo: dict) -> frozenset:
-    """e.free_symbols, memoised per subexpression in ``memo``: sympy walks the whole tree at
-    every call, and the terms of a CNN's kernels share their calls (a pair of positions'
-    expectations and cores), whose symbols are then collected once.  Types whose
-    free_symbols is not sympy's union over the arguments (a symbol, a bound variable's
-    scope) are asked themselves."""
-    hit = memo.get(e)
-    if hit is None:
-        if not symbols.unions_its_arguments(type(e)):
-            hit = frozenset(e.free_symbols)
-        elif e.args:
-            hit = frozenset().union(*[free_symbols(a, memo) for a in e.args])
-        else:
-            hit = frozenset()
-        memo[e] = hit
-    return hit
-
-
 def symbols_read(e: sp.Basic, memo: dict):
-    """``free_symbols(e, memo)``, read off ``flat_atoms`` when e is such an expression."""
+    """The free symbols of e (an iterable, repeats possible): read off ``flat_atoms`` when e
+    is such an expression, else ``free_symbols(e, memo)``."""
     atoms = flat_atoms(e)
     return free_symbols(e, memo) if atoms is None else [a for a in atoms if a.is_Symbol]
 
@@ -582,22 +566,23 @@ def rewrite(e: sp.Basic, replacement, memo: dict) -> sp.Basic:
 
 
 def flat_atoms(e: sp.Basic) -> list | None:
-    """The atoms of e (with repeats) when e is an atom, or a sum or product of atoms and of
-    products of atoms (a CNN's covariance sum c + sum_k c_k q_k, an output term c * symbol:
-    most of the expressions a CNN's derivation makes per pair of positions), else None.  Such
-    an expression holds no function call, and its free symbols are its symbol atoms: the
-    passes below read that off the list instead of walking the tree with a memo."""
-    if e.is_Atom:
+    """The symbols and numbers of e (with repeats) when e is one, or a sum or product of them
+    and of products of them (a CNN's covariance sum c + sum_k c_k q_k, an output term
+    c * symbol: most of the expressions a CNN's derivation makes per pair of positions), else
+    None.  Such an expression holds no function call, and its free symbols are its symbols:
+    the passes below read that off the list instead of walking the tree with a memo.  (Other
+    atoms are not taken: sympy's Indexed and Idx are atoms with arguments.)"""
+    if e.is_Symbol or e.is_Number:
         return [e]
     if not (e.is_Add or e.is_Mul):
         return None
     found = []
     for a in e.args:
-        if a.is_Atom:
+        if a.is_Symbol or a.is_Number:
             found.append(a)
         elif a.is_Mul:
             for b in a.args:
-                if not b.is_Atom:
+                if not (b.is_Symbol or b.is_Number):
                     return None
                 found.append(b)
         else:
@@ -607,7 +592,8 @@ def flat_atoms(e: sp.Basic) -> list | None:
 
 def rewrite_calls(e: sp.Basic, replacement, memo: dict) -> sp.Basic:
     """``rewrite`` for a ``replacement`` that replaces function calls only (None for every
-    atom, sum and product): an expression of ``flat_atoms`` has no call in it and is e itself."""
+    symbol, number, sum and product): an expression of ``flat_atoms`` has no call in it and
+    is e itself."""
     return e if flat_atoms(e) is not None else rewrite(e, replacement, memo)
 
 
