@@ -299,7 +299,6 @@ def _creation_order(g: nx.DiGraph) -> list[str]:
     return list(nx.lexicographical_topological_sort(g, key=lambda k: g.nodes[k]["index"]))
 
 
-
 # ---------------------------------------------------------------------------------------
 # Validation rules: what each instruction requires of its arguments (docs/DESIGN.md 2.1).
 # ---------------------------------------------------------------------------------------
