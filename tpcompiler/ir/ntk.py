@@ -30,6 +30,7 @@ from dataclasses import dataclass, field
 
 import sympy as sp
 
+from tpcompiler import memory
 from tpcompiler.ir import ops
 from tpcompiler.ir.backward import derive_backward, forward_nodes
 from tpcompiler.ir.construct import product, total
@@ -45,6 +46,7 @@ def _pair(d: "_Differentiated", a: str, b: str) -> sp.Symbol:
     memoised (a convolution's taps share their gradient pairs)."""
     found = d.pairs.get((a, b))
     if found is None:
+        memory.tick()
         expr = monomial(node_symbol(a), primed_symbol(b) if b in d.dependent else node_symbol(b))
         found = d.pairs[(a, b)] = node_symbol(
             d.out.intern_expr(ops.Moment, expr, f"K_{a}_{b}" if a != b else f"K_{a}", pair=True))
@@ -110,6 +112,7 @@ def _gradient_pair_terms(d: _Differentiated) -> list:
     E[c_a c_b'] or w * Cov * E[r_a r_b'], as sympy flattens it)."""
     terms = []
     for (ra, rb), parts in d.by_rows.items():
+        memory.tick()
         pair = _pair(d, ra, rb)  # (before the parts' own pair moments: the order of the graph's nodes)
         factors = [_factor_part(d, part) for part in parts]
         # (built directly, construct.py: one product of a sum per pair of positions and layer)
@@ -179,6 +182,7 @@ def _ntk_matrices(d: _Differentiated, keys: list) -> list:
     for mat, pairs in uses.items():
         for ra, ca in pairs:
             for rb, cb in pairs:
+                memory.tick()
                 d.by_rows.setdefault((ra, rb), []).append(("use", weights[mat], ca, cb))
     return []
 

@@ -35,6 +35,7 @@ from functools import cached_property
 import networkx as nx
 import sympy as sp
 
+from tpcompiler import memory
 from tpcompiler.ir import ops
 from tpcompiler.symbolic.existence import Checker
 from tpcompiler.ir.graph import Graph
@@ -230,6 +231,7 @@ class ZProgram:
         self._init_block = self._init_blocks()
         self.checker = Checker(self)
         for key in self.order:
+            memory.tick()
             entry = self.entries[key] = MASTER(graph.op(key))(self, key, graph.op(key))
             if entry.leaf is not None:
                 self.leaf_blocks[entry.leaf] = self.block_of_leaf(key)

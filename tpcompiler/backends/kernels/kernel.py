@@ -45,7 +45,7 @@ import numba
 import numpy as np
 import sympy as sp
 
-from tpcompiler import expectations, progress, threads
+from tpcompiler import expectations, memory, progress, threads
 from tpcompiler.ir import ops, symbols
 from tpcompiler.backends.codegen import (common_subexpressions, custom_functions_source, load_module, load_names,
                                          packed_array, print_body)
@@ -57,6 +57,11 @@ from tpcompiler.ir.ops import node_symbol
 from tpcompiler.backends.kernels.pairwise import E1, E2, NotPairwise, PairwiseEngine, TemplateCall, expectation_rules
 
 KERNELS = ("nngp", "ntk")
+#: What to do when a derivation does not fit in memory (``memory.guarded``).
+TOO_LARGE_ADVICE = ("the kernel derivation makes one quantity per pair of positions and layer, so a CNN's memory "
+                    "and time grow with the square of its number of positions; give the program fewer positions "
+                    "(a smaller input, or a pooling earlier), or estimate its kernels by particles: "
+                    "tp.compile(program).limit(x=X)")
 #: Pairs (i, j) per block of the looped pair stage (``_shared_source``): its quantities take
 #: (number of pair quantities) x _J_BLOCK floats per thread.
 _J_BLOCK = 256
@@ -151,9 +156,15 @@ class KernelFunction:
                 self.features = Features.restored(graph, state["features"])
             else:
                 with shared.interned_floats(), shared.interned_symbols():  # see their docstrings: speed only
-                    # a CNN of many positions takes seconds: say which step runs (a terminal only)
-                    with progress.status(f"kernels: deriving {graph.name}", delay=progress.COMPILE_DELAY) as running:
-                        self.source = self._derive(graph, templates, share, derived, running)
+                    # a CNN of many positions takes seconds: say which step runs (a terminal only),
+                    # and stop with a clear error before its derivation exhausts the memory
+                    with progress.status(f"kernels: deriving {graph.name}", delay=progress.COMPILE_DELAY) as running, \
+                            memory.guarded(f"kernels of program {graph.name!r}", TOO_LARGE_ADVICE) as guard_step:
+                        def step(name: str) -> None:
+                            running(name)
+                            guard_step(name)
+
+                        self.source = self._derive(graph, templates, share, derived, step)
                 self._forget_lowering()
             self.module = load_module(self.source, "kernels")
             if state is None:  # stored once its module has loaded
@@ -266,11 +277,16 @@ class KernelFunction:
         self._pending: list = []
         out = []
         for s, e in assignments:
+            memory.tick()
             value = self.features.featurize(lower(e))
             out.extend(self._pending)
             self._pending.clear()
             out.append((s, value))
-        results = [self.features.featurize_terms(shared.map_terms(shared.map_terms(terms, lower), self._sums_named))
+        def lower_term(term):
+            memory.tick()
+            return lower(term)
+
+        results = [self.features.featurize_terms(shared.map_terms(shared.map_terms(terms, lower_term), self._sums_named))
                    for terms in results]
         out.extend(self._pending)
         self._pending.clear()
@@ -537,6 +553,7 @@ class KernelFunction:
         memo: dict = {}  # shared.rewrite's: the terms of one pair of positions share their calls
         out = []
         for q, e in assignments:
+            memory.tick()
             if isinstance(e, TemplateCall) and e not in named:
                 named[e] = q  # (its arguments are symbols and numbers: _argument)
                 out.append((q, e))

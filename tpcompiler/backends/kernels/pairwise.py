@@ -39,6 +39,7 @@ from functools import reduce
 import networkx as nx
 import sympy as sp
 
+from tpcompiler import memory
 from tpcompiler.ir import ops
 from tpcompiler.ir import symbols
 from tpcompiler.ir.graph import Graph, ProgramError
@@ -397,6 +398,7 @@ class PairwiseEngine:
         key = min((ka, sa, kb, sb), (kb, sb, ka, sa))
         value = self._pair_memo.get(key)
         if value is None:
+            memory.tick()
             value = self._pair_memo[key] = self._expect_pair(*key)
         return value
 

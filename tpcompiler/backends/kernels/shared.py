@@ -38,6 +38,7 @@ import numpy as np
 import sympy as sp
 from sympy.core.function import Application
 
+from tpcompiler import memory
 from tpcompiler.ir import symbols
 from tpcompiler.ir.construct import number, product, total  # (the backend reads them as shared.product ...)
 from tpcompiler.ir.symbols import free_symbols  # (memoised; the plan and the lifts read it)
@@ -694,6 +695,7 @@ def plan(assignments, outputs, kinds: dict, slot_kind: str, aliases: dict | None
     bundles: dict = {}
     free: dict = {}  # free_symbols' memo: output terms share their calls
     for s, e in assignments:
+        memory.tick()
         read = {aliases.get(d, d) for d in symbols_read(e, free)}
         level[s] = 1 + max((level[d] for d in read if d in slot), default=-1)
         bundles.setdefault((level[s], frozenset(read & kind_symbols)), []).append((slot[s], e))
@@ -718,6 +720,7 @@ def plan(assignments, outputs, kinds: dict, slot_kind: str, aliases: dict | None
     kind_symbols = set(kinds)
     for o, output in enumerate(outputs):
         for term, coef in output.items():
+            memory.tick()
             if coef == 0.0:
                 continue
             read = {aliases.get(d, d) for d in symbols_read(term, free)} & kind_symbols

@@ -31,7 +31,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from tpcompiler import progress as progress_mod, validation
+from tpcompiler import memory, progress as progress_mod, validation
+from tpcompiler.memory import size_text
 from tpcompiler.backends.kernels.kernel import KERNELS, KernelFunction
 
 DEFAULT_MEMORY = "4GB"
@@ -68,21 +69,9 @@ RESERVE = 64 * 2**20
 
 
 def process_baseline() -> int:
-    """Bytes this process holds before a kernel call: its resident set now (Linux
-    /proc/self/statm; 0 where it cannot be read) plus ``RESERVE``."""
-    try:
-        with open("/proc/self/statm") as f:
-            resident = int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-    except (OSError, ValueError, IndexError):
-        resident = 0
-    return resident + RESERVE
-
-
-def _gb(n: float) -> str:
-    for unit, size in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
-        if n >= 0.1 * size:
-            return f"{n / size:.3g} {unit}"
-    return f"{n:.0f} bytes"
+    """Bytes this process holds before a kernel call: its resident set now
+    (``memory.resident_bytes``; 0 where it cannot be read) plus ``RESERVE``."""
+    return (memory.resident_bytes() or 0) + RESERVE
 
 
 # ---------------------------------------------------------------------------------------
@@ -138,8 +127,8 @@ def plan(kf: KernelFunction, N: int, N2: int | None, d: int, memory: int, in_mem
     fixed = baseline + 8 * rows + (outputs if in_memory else 0)
     if in_memory and fixed > memory:
         raise validation.ArgumentError(
-            f"memory: the kernels ({len(output_shapes(N, N2))} matrices of {N} columns, {dtype}: {_gb(outputs)}) "
-            f"do not fit the budget of {_gb(memory)} (this process uses {_gb(baseline)} already); write them to "
+            f"memory: the kernels ({len(output_shapes(N, N2))} matrices of {N} columns, {dtype}: {size_text(outputs)}) "
+            f"do not fit the budget of {size_text(memory)} (this process uses {size_text(baseline)} already); write them to "
             f"memory-mapped .npy files with out=DIRECTORY (tpc kernels --out DIR/), or use dtype float32 or a "
             f"larger memory budget")
     if tile is None:
@@ -154,9 +143,9 @@ def plan(kf: KernelFunction, N: int, N2: int | None, d: int, memory: int, in_mem
     need = fixed + tile_bytes(min(tile, N), kf, d)
     if need > memory:
         raise validation.ArgumentError(
-            f"memory: the budget of {_gb(memory)} is too small: this process uses {_gb(baseline)} already and one "
+            f"memory: the budget of {size_text(memory)} is too small: this process uses {size_text(baseline)} already and one "
             f"{min(tile, N)} x {min(tile, N)} tile with the row values{' and the outputs' if in_memory else ''} "
-            f"needs {_gb(need - baseline)} more; give at least {_gb(need)}")
+            f"needs {size_text(need - baseline)} more; give at least {size_text(need)}")
     blocks = _slices(N, tile)
     blocks2 = _slices(N2, tile) if N2 is not None else []
     jobs = [("x", i, j) for i in range(len(blocks)) for j in range(i, len(blocks))]
@@ -229,7 +218,7 @@ def _open_files(out: str, shapes: dict, dtype) -> dict[str, NpyFile]:
     need = sum(a * b for a, b in shapes.values()) * np.dtype(dtype).itemsize
     free = shutil.disk_usage(folder).free + sum(os.path.getsize(p) for p in paths.values() if os.path.isfile(p))
     if need > free:
-        raise validation.ArgumentError(f"out: the kernels need {_gb(need)} on disk but {folder!r} has {_gb(free)} free; "
+        raise validation.ArgumentError(f"out: the kernels need {size_text(need)} on disk but {folder!r} has {size_text(free)} free; "
                                        f"use dtype float32 or another place")
     files = {}
     try:
