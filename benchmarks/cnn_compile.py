@@ -8,9 +8,10 @@ Reported per case: "derive + codegen" (``tp.compile`` + ``kernel_function()``: t
 derivation, lowering, grouping and code generation), "first call" (the first ``kf(X)`` on 7
 inputs: Numba's compile), warm (median of 3 calls on N = 200 inputs), the number of
 expectation templates the engine derived (``engine.templates_found``), the pair quantities
-(one per pair of positions and layer), the generated source's lines, and "again": the same
-program compiled and first called in a second fresh process that finds the first one's
-caches (the stored derivation, kernels/stored.py, and Numba's cache).
+(one per pair of positions and layer), the generated source's lines, the process's peak resident
+memory after the derivation (``ru_maxrss``: the derivation's objects, the imports and numba), and
+"again": the same program compiled and first called in a second fresh process that finds the
+first one's caches (the stored derivation, kernels/stored.py, and Numba's cache).
 
 cnn1d: ``programs/cnn1d.py`` (C = 2, filter 3 SAME, relu, GlobalAvgPool); 2-D: ``Conv(512,
 (3, 3), SAME), Relu`` x depth, ``GlobalAvgPool, Dense`` on (H, W, 2) inputs (tp.layers).
@@ -20,6 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import sys
 import tempfile
 import time
@@ -42,6 +44,7 @@ CASES = [
     {"kind": "2d", "L": 4, "depth": 1}, {"kind": "2d", "L": 8, "depth": 1},
     {"kind": "2d", "L": 4, "depth": 2}, {"kind": "2d", "L": 6, "depth": 2}, {"kind": "2d", "L": 8, "depth": 2},
     {"kind": "2d", "L": 12, "depth": 2},  # 144 positions: where the per-pair compile work shows
+    {"kind": "2d", "L": 16, "depth": 2},  # 256 positions: minutes and gigabytes (memory.py's guard)
 ]
 QUICK = [{"kind": "cnn1d", "L": 8, "depth": 2}, {"kind": "2d", "L": 4, "depth": 1}]
 
@@ -69,6 +72,7 @@ def run_case(case: dict) -> dict:
     t = time.perf_counter()
     kf = tp.compile(prog).kernel_function()
     derive = time.perf_counter() - t
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * (1 if sys.platform == "darwin" else 1024)
     t = time.perf_counter()
     kf(X[:7])
     first = time.perf_counter() - t
@@ -79,7 +83,7 @@ def run_case(case: dict) -> dict:
         t = time.perf_counter()
         kf(X)
         warm.append(time.perf_counter() - t)
-    return {"derive": derive, "first": first, "warm": float(np.median(warm)),
+    return {"derive": derive, "first": first, "warm": float(np.median(warm)), "peak": peak,
             "templates": len(kf.engine.templates_found), "pairs": sum(q.pair for q in kf.engine.order),
             "lines": len(kf.source.splitlines()), "shared": kf.shared, "load": os.getloadavg()[0]}
 
@@ -117,17 +121,18 @@ def main() -> None:
              "derive + codegen = `tp.compile(...).kernel_function()`; first call = the first `kf(X)` on 7 "
              f"inputs (Numba's compile); warm = median of 3 calls at N = {N}; again = `tp.compile` + "
              "`kernel_function()` + first call of the same program in a second fresh process on the first one's "
-             "caches (the derivation read back from the disk cache, kernels/stored.py; Numba's cache); load = "
+             "caches (the derivation read back from the disk cache, kernels/stored.py; Numba's cache); peak memory = "
+             "the process's peak resident set after the derivation; load = "
              "1-minute load average at the end of the case.", "",
-             "| program | derive + codegen (s) | first call (s) | total (s) | again (s) | warm N = 200 (s) | templates | pair quantities | generated lines | load |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+             "| program | derive + codegen (s) | first call (s) | total (s) | again (s) | warm N = 200 (s) | peak memory (GB) | templates | pair quantities | generated lines | load |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for case, r in rows:
         if "error" in r:
-            lines.append(f"| {name(case)} | failed: {r['error']} | | | | | | | | |")
+            lines.append(f"| {name(case)} | failed: {r['error']} | | | | | | | | | |")
             continue
         again = "not read back" if r.get("again") is None else f"{r['again']:.1f}"
         lines.append(f"| {name(case)} | {r['derive']:.1f} | {r['first']:.1f} | **{r['derive'] + r['first']:.1f}** | "
-                     f"{again} | {r['warm']:.3f} | {r['templates']} | {r['pairs']} | {r['lines']} | {r['load']:.1f} |")
+                     f"{again} | {r['warm']:.3f} | {r['peak'] / 1e9:.2f} | {r['templates']} | {r['pairs']} | {r['lines']} | {r['load']:.1f} |")
     text = "\n".join(lines) + "\n"
     print(text)
     if args.write_docs:
