@@ -1,7 +1,10 @@
-"""The memory guard (tpcompiler/memory.py): a derivation that would take more memory than the
-machine has stops with one clear error (which derivation, which step, how much, what to do)
-instead of being killed by the operating system; nothing changes for one that fits."""
-import itertools
+"""The memory guard (tpcompiler/memory.py): a derivation, or a kernel call, that would take more
+memory than the machine has stops with one clear error (which derivation, which step, how
+much, what to do) instead of being killed by the operating system; nothing changes for one
+that fits."""
+import re
+import sys
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -9,12 +12,14 @@ import pytest
 
 import tpcompiler as tp
 from tpcompiler import memory
+from tpcompiler.backends.kernels import tiled
 from tpcompiler.backends.kernels.kernel import KernelFunction
 from tpcompiler.cli.commands import main
 from tpcompiler.ir.graph import ProgramError
 from tpcompiler.layers import Conv, Dense, GlobalAvgPool, Relu, serial
 
 ROOT = Path(__file__).resolve().parent.parent
+GB = 10**9
 
 
 def cnn(L: int = 5):
@@ -23,30 +28,53 @@ def cnn(L: int = 5):
                   GlobalAvgPool(), Dense(1, 1.5, 0.1)).program((L, L, 2))
 
 
-def no_memory_left(monkeypatch):
-    """From now on the machine has no memory available: the first check of a guarded
-    derivation that has grown by a page fails."""
-    monkeypatch.setattr(memory, "available_bytes", lambda: 0)
+def running_out(monkeypatch):
+    """From now on the machine has 10 GB available, except when a guard checks: 0.5 GB, less
+    than its 10% reserve, so the first check stops the derivation."""
+    monkeypatch.setattr(memory, "available_bytes", lambda: GB // 2 if sys._getframe(1).f_code.co_name == "check"
+                        else 10 * GB)
 
 
 def test_the_kernel_derivation_stops_with_a_clear_error(monkeypatch):
     c = tp.compile(cnn())
-    no_memory_left(monkeypatch)
+    running_out(monkeypatch)
     with pytest.raises(memory.OutOfMemory) as info:
         KernelFunction(c.source)
     message = str(info.value)
-    assert message.startswith("kernels of program 'layers': stopped before running out of memory (in step ")
-    assert "the machine had 0 bytes available" in message
-    assert "square of its number of positions" in message and "limit(x=X)" in message
-    assert isinstance(info.value, MemoryError) and isinstance(info.value, ProgramError)
-    assert memory._active is None  # the guard ended with the derivation
+    assert re.match(r"kernels of program 'layers': stopped before the machine runs out of memory \(in step "
+                    r"'kernel program'\): 0.5 GB available, less than 10% of the 10 GB available when it started; "
+                    r"this process grew by ", message), message
+    assert "square of its number of positions" in message and "TPCOMPILER_MEMORY_GUARD=off" in message
+    assert isinstance(info.value, MemoryError) and isinstance(info.value, tp.ProgramError)
+    assert getattr(memory._state, "guard", None) is None
+    # the error left the derivation's frames (and their objects) behind
+    frames = []
+    tb = info.value.__traceback__
+    while tb is not None:
+        frames.append(tb.tb_frame.f_code.co_filename)
+        tb = tb.tb_next
+    assert frames and not [f for f in frames if "tpcompiler" in f], frames
+
+
+def test_every_step_of_the_derivation_checks(monkeypatch, tmp_path):
+    """Ticks in every step that grows with the number of pairs: a large derivation cannot
+    run out of memory in a step that never looks."""
+    monkeypatch.setenv("TPCOMPILER_CACHE_DIR", str(tmp_path))  # (no stored derivation: the passes run now)
+    monkeypatch.setattr(memory, "CHECK_EVERY", 1)
+    steps = []
+    monkeypatch.setattr(memory._Guard, "check", lambda self: steps.append(self.step))
+    tp.compile(cnn(4))
+    assert {"kernel program", "derive"} <= set(steps)
+    steps.clear()
+    KernelFunction(tp.compile(cnn(4)).source)
+    assert {"kernel program", "pair expectations", "lowering", "grouping", "writing code"} <= set(steps)
 
 
 def test_the_derivation_is_the_same_after_a_stop(monkeypatch):
-    """Stopping leaves nothing behind (interned pools, paused collector, active guard): the
-    next derivation, with memory, makes the code a derivation in a fresh state makes."""
+    """Stopping leaves nothing behind (interned pools, paused collector, the guard): the next
+    derivation makes the code a derivation in a fresh state makes."""
     c = tp.compile(cnn(4))
-    no_memory_left(monkeypatch)
+    running_out(monkeypatch)
     with pytest.raises(memory.OutOfMemory):
         KernelFunction(c.source)
     monkeypatch.setattr(memory, "available_bytes", lambda: 2**50)
@@ -57,69 +85,115 @@ def test_the_derivation_is_the_same_after_a_stop(monkeypatch):
     np.testing.assert_array_equal(again(X)["ntk"], fresh(X)["ntk"])
 
 
-def test_tp_compile_stops_with_a_clear_error(monkeypatch):
-    no_memory_left(monkeypatch)
+def test_tp_compile_stops_with_a_clear_error(monkeypatch, tmp_path):
+    monkeypatch.setenv("TPCOMPILER_CACHE_DIR", str(tmp_path))  # (no stored derivation: the passes run now)
+    running_out(monkeypatch)
     monkeypatch.setattr(memory, "CHECK_EVERY", 1)
-    with pytest.raises(memory.OutOfMemory, match=r"^tp.compile 'layers': stopped before running out of memory "
-                                                   r"\(in step '(backward|kernel program|derive)'\)"):
+    with pytest.raises(memory.OutOfMemory, match=r"^tp.compile 'layers': stopped before the machine runs out of "
+                                                   r"memory \(in step 'kernel program'\): .*give the program fewer "
+                                                   r"positions"):
         tp.compile(cnn(6))
 
 
 def test_tpc_prints_one_line(monkeypatch, tmp_path, capsys):
-    no_memory_left(monkeypatch)
     monkeypatch.setenv("TPCOMPILER_CACHE_DIR", str(tmp_path / "cache"))  # (derived here, not read back)
     np.save(tmp_path / "X.npy", np.random.default_rng(0).standard_normal((3, 50)))
-    rc = main(["kernels", str(ROOT / "programs" / "cnn1d.py"), "-p", "L=25", "-p", "depth=2", "--x", str(tmp_path / "X.npy"),
-               "--out", str(tmp_path / "K.npz")])
+    running_out(monkeypatch)
+    monkeypatch.setattr(memory, "CHECK_EVERY", 16)
+    rc = main(["kernels", str(ROOT / "programs" / "cnn1d.py"), "-p", "L=25", "-p", "depth=2", "--x",
+               str(tmp_path / "X.npy"), "--out", str(tmp_path / "K.npz")])
     err = capsys.readouterr().err
     assert rc == 2 and "Traceback" not in err
     (line,) = err.splitlines()
-    assert line.startswith("tpc: error: ") and "stopped before running out of memory" in line
+    assert line.startswith("tpc: error: tp.compile 'cnn1d': stopped before the machine runs out of memory")
 
 
-def test_the_check_compares_the_growth_with_the_available_memory(monkeypatch):
-    """Every CHECK_EVERY ticks the resident memory is read; past start + FRACTION x available
-    the guard raises, naming the step, not before."""
-    reads = itertools.count()
-    monkeypatch.setattr(memory, "resident_bytes", lambda: 1000 + 100 * next(reads))  # 100 bytes more per read
-    monkeypatch.setattr(memory, "available_bytes", lambda: 1000)
+def test_switched_off_and_unknown_memory(monkeypatch):
+    """TPCOMPILER_MEMORY_GUARD=off, or a machine whose memory cannot be read: nothing is checked."""
+    monkeypatch.setattr(memory, "CHECK_EVERY", 1)
+    running_out(monkeypatch)
+    monkeypatch.setenv("TPCOMPILER_MEMORY_GUARD", "off")
+    with memory.guarded("x", "") as step:
+        step("s")
+        for _ in range(5):
+            memory.tick()
+    monkeypatch.delenv("TPCOMPILER_MEMORY_GUARD")
+    monkeypatch.setattr(memory, "available_bytes", lambda: None)
+    with memory.guarded("x", ""):
+        memory.tick()
+
+
+def test_the_check_reads_the_memory_every_check_every_ticks(monkeypatch):
+    """The available memory is read at the start and every CHECK_EVERY ticks; the guard stops
+    at the first read below KEEP_FREE of the start, not before, and names the step."""
+    readings = iter([1000, 500, 200, 101, 99, 50])
+    monkeypatch.setattr(memory, "available_bytes", lambda: next(readings))
+    monkeypatch.setattr(memory, "resident_bytes", lambda: None)  # (the message then leaves out the growth)
     monkeypatch.setattr(memory, "CHECK_EVERY", 3)
     ticks = 0
-    with pytest.raises(memory.OutOfMemory, match=r"\(in step 'work'\): this process grew from 1 kB to 2 kB, and "
-                                                 r"the machine had 1 kB available"):
+    with pytest.raises(memory.OutOfMemory, match=r"^a test: stopped before the machine runs out of memory \(in step "
+                                                 r"'work'\): 99 bytes available, less than 10% of the 1 kB available "
+                                                 r"when it started; try less \(TPCOMPILER_MEMORY_GUARD=off"):
         with memory.guarded("a test", "try less") as step:
             step("work")
             for ticks in range(1, 100):
                 memory.tick()
-    # limit 1000 + 900: the reads at the start (1000) and at ticks 3, 6, ..., 27 (1100 .. 1900) pass, 30 (2000) fails
-    assert ticks == 30
-    assert memory._active is None
+    assert ticks == 12  # checks at ticks 3 (500), 6 (200), 9 (101) pass; 12 (99) stops
+    assert memory._state.guard is None
 
 
-def test_outside_a_guard_and_nested_guards(monkeypatch):
+def test_one_guard_per_thread(monkeypatch):
+    """A block inside another keeps the outer guard; another thread's ticks are its own."""
     monkeypatch.setattr(memory, "CHECK_EVERY", 1)
-    monkeypatch.setattr(memory, "available_bytes", lambda: 0)
     memory.tick()  # no guard: nothing is read
-    grown = itertools.count(10**9, 10**6)
-    monkeypatch.setattr(memory, "resident_bytes", lambda: next(grown))
+    running_out(monkeypatch)
     with memory.guarded("outer", "") as outer:
         outer("a")
+        elsewhere = []
+        thread = threading.Thread(target=lambda: elsewhere.append((memory.tick(), "ticked")))
+        thread.start()
+        thread.join()
+        assert elsewhere == [(None, "ticked")]  # unguarded there: no check, no error
         with pytest.raises(memory.OutOfMemory, match=r"^outer: .*\(in step 'a'\)"):
-            with memory.guarded("inner", "") as inner:  # the outer guard stays the one checked
+            with memory.guarded("inner", "") as inner:
                 inner("b")
                 memory.tick()
-        assert memory._active is not None
-    assert memory._active is None
+        assert memory._state.guard is not None
+    assert memory._state.guard is None
 
 
-def test_unknown_memory_leaves_the_derivation_unguarded(monkeypatch):
-    """Where the memory cannot be read (not Linux), nothing is checked."""
-    monkeypatch.setattr(memory, "available_bytes", lambda: None)
-    monkeypatch.setattr(memory, "CHECK_EVERY", 1)
-    with memory.guarded("x", "") as step:
-        step("s")
-        assert memory._active is None
-        memory.tick()
+def test_an_untiled_call_too_large_for_the_machine_is_refused(monkeypatch):
+    """kf(X) holds one N x N Gram matrix per pair of positions: past the available memory it
+    stops before computing them, and points to the tiled path, which computes the same."""
+    kf = tp.compile(cnn(4)).kernel_function()
+    X = np.random.default_rng(1).standard_normal((64, 32))
+    want = kf(X)
+    # 256 Grams of 64 x 64 and two kernels: 8 * (256 + 2) * 64 * 64 bytes = 8.45 MB
+    monkeypatch.setattr(memory, "available_bytes", lambda: 8 * 258 * 64 * 64 - 1)
+    with pytest.raises(memory.OutOfMemory, match=r"^kernels of program 'layers': a call on 64 inputs needs 8.45 MB "
+                                                 r"\(256 base Gram matrices of 64 x 64 and the kernels\), more than "
+                                                 r"the 8.45 MB available; compute the kernels in tiles"):
+        kf(X)
+    got = tiled.kernels(kf, X, memory="8GB", tile=16)  # (16 x 16 tiles: 16 times less memory)
+    for name in want:
+        np.testing.assert_allclose(got[name], want[name], rtol=1e-13, atol=0)
+    monkeypatch.setattr(memory, "available_bytes", lambda: 8 * 258 * 64 * 64)
+    kf(X)
+
+
+def test_sklearn_does_not_derive_again_after_running_out(monkeypatch):
+    """The scikit-learn kernels fall back to one compilation per value when the backend
+    refuses a runtime parameter; running out of memory is not such a refusal."""
+    from tpcompiler import sklearn as tps
+
+    def out_of_memory(*args, **kwargs):
+        raise memory.OutOfMemory("kernels of program 'mlp': stopped before the machine runs out of memory")
+
+    monkeypatch.setattr(tps, "_TEMPLATES", {})
+    monkeypatch.setattr("tpcompiler.backends.kernels.kernel.KernelFunction", out_of_memory)
+    with pytest.raises(memory.OutOfMemory):
+        tps._template(str(ROOT / "programs" / "mlp.py"), {"depth": 1, "w_std": 1.5}, ["w_std"], 1e-10)
+    assert not tps._TEMPLATES
 
 
 def test_the_machine_s_memory_is_read():
@@ -128,3 +202,17 @@ def test_the_machine_s_memory_is_read():
     assert available is None or 0 <= available < 10**14
     assert memory.size_text(2.1e9) == "2.1 GB" and memory.size_text(512e6) == "0.512 GB"
     assert memory.size_text(12e6) == "12 MB" and memory.size_text(0) == "0 bytes"
+
+
+def test_a_container_limit_is_what_is_available(monkeypatch, tmp_path):
+    """Inside a container (a cgroup with a memory limit) the limit minus the usage, without the
+    page cache the kernel can reclaim, is what is available when it is below the machine's."""
+    limit, usage, stat = tmp_path / "memory.max", tmp_path / "memory.current", tmp_path / "memory.stat"
+    limit.write_text("2000000000\n")
+    usage.write_text("1500000000\n")
+    stat.write_text("anon 1000000000\nfile 500000000\ninactive_file 300000000\n")
+    monkeypatch.setattr(memory, "_CGROUP_FILES", ((str(limit), str(usage), str(stat), "inactive_file"),))
+    assert memory._container_available() == 2000000000 - (1500000000 - 300000000)
+    assert memory.available_bytes() <= 800000000  # (the machine's, if less)
+    limit.write_text("max\n")
+    assert memory._container_available() is None

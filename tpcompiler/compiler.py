@@ -23,11 +23,12 @@ from typing import Callable, NamedTuple
 import numpy as np
 
 from tpcompiler.backends import interpreter
-from tpcompiler import memory, progress, validation
+from tpcompiler import progress, validation
 from tpcompiler.backends.exact import exact_limit, is_gaussian_linear
 from tpcompiler.backends.kernels.shared import paused_gc
 from tpcompiler.backends.particles import limit as particle_limit
 from tpcompiler.frontend.dsl import Program
+from tpcompiler.memory import guarded
 from tpcompiler.ir.backward import derive_backward
 from tpcompiler.ir.graph import Graph, OutputIndex, ProgramError, instantiate
 from tpcompiler.ir.ntk import kernel_outputs
@@ -42,10 +43,12 @@ DEFAULT_PARTICLES = 200_000
 #: ... of ``tpc check``, whose limit must be more precise than the finite-width runs it is
 #: compared with (20 seeds at width 8192: the limit's error must be negligible beside theirs).
 CHECK_PARTICLES = 5 * DEFAULT_PARTICLES
-#: What to do when the passes do not fit in memory (``memory.guarded``).
-_TOO_LARGE_ADVICE = ("a CNN's kernel program has one pair moment per pair of positions and layer, so its memory "
-                     "grows with the square of its number of positions; give the program fewer positions (a "
-                     "smaller input, or a pooling earlier)")
+#: What to do when the passes do not fit in memory (``memory.guarded``): a program with a
+#: readout only (its kernel program is made), any other.
+_TOO_LARGE_ADVICE = ("its kernel program has one pair moment per pair of positions and layer (a CNN), so its "
+                     "memory grows with the square of the number of positions; give the program fewer positions "
+                     "(a smaller input, or a pooling or a stride earlier)",
+                     "give the program fewer instructions")
 
 
 def graph_of(program) -> Graph:
@@ -139,7 +142,8 @@ def continue_passes(state: Compilation, after: str | None, until: str = PASSES[-
         raise ValueError(f"no pass called {until!r}; the passes are {names}")
     # A CNN's kernel program makes 10^5-10^6 objects, almost none in reference cycles: the
     # cyclic collector's full passes over them were a fifth of tp.compile (shared.paused_gc).
-    with paused_gc(), memory.guarded(f"tp.compile {state.source.name!r}", _TOO_LARGE_ADVICE) as guard_step:
+    advice = _TOO_LARGE_ADVICE[0 if _wants_kernels(state.source) else 1]
+    with paused_gc(), guarded(f"tp.compile {state.source.name!r}", advice) as guard_step:
         for step in PASSES[0 if after is None else names.index(after) + 1:names.index(until) + 1]:
             running(step.name)
             guard_step(step.name)

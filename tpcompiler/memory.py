@@ -1,31 +1,34 @@
 """Memory of this process and of the machine, and a guard that stops a derivation with a clear
-error before it takes more memory than the machine has.
+error before the machine runs out of memory.
 
 A derivation whose size grows with the program (the kernels of a CNN: one quantity per pair
 of positions and layer, so memory and time grow with the square of the number of positions)
-can need more memory than the machine has.  Without a guard the operating system then swaps
-for minutes and kills the process, or the whole Python session, without a word.  Inside
-``guarded(...)`` the derivation's loops call ``tick()``; every ``CHECK_EVERY`` calls it
-reads this process's resident memory and raises ``OutOfMemory`` (a ProgramError and a
-MemoryError: ``tpc`` prints its one line) once that passes the limit: the resident memory at
-the start plus ``FRACTION`` of the memory the machine had available then."""
+can need more memory than the machine has.  Without a guard the operating system swaps for
+minutes and then kills the process, or the whole Python session, without a word.  Inside
+``guarded(...)`` the derivation's loops call ``tick()``; every ``CHECK_EVERY`` calls it reads
+the memory the machine (or the process's container) has available, and raises
+``OutOfMemory`` (a ProgramError and a MemoryError: ``tpc`` prints its one line) once that is
+below ``KEEP_FREE`` of what was available when the derivation started.
+``TPCOMPILER_MEMORY_GUARD=off`` turns the check off (a machine with swap to spare).  Linux
+only: where the memory cannot be read, nothing is checked."""
 from __future__ import annotations
 
-import contextlib
 import os
 import threading
 
 from tpcompiler.ir.graph import ProgramError
 
-#: ``tick()`` reads the resident memory once per this many calls (about 5 us a read; a CNN's
-#: derivation ticks some 10^5 times per second of work).
-CHECK_EVERY = 2048
-#: The share of the memory available at the start a guarded derivation may take.
-FRACTION = 0.9
+#: ``tick()`` reads the available memory once per this many calls (a read takes some 20 us;
+#: a CNN's derivation ticks some 10^4 times per second of work).
+CHECK_EVERY = 1024
+#: The share of the memory available at the start that a guarded derivation leaves free.
+KEEP_FREE = 0.1
+#: The environment variable that turns the guard off ("off").
+SWITCH = "TPCOMPILER_MEMORY_GUARD"
 
 
 class OutOfMemory(ProgramError, MemoryError):
-    """A guarded derivation stopped before it exhausted the machine's memory."""
+    """A guarded derivation stopped before the machine ran out of memory."""
 
 
 def resident_bytes() -> int | None:
@@ -38,14 +41,43 @@ def resident_bytes() -> int | None:
 
 
 def available_bytes() -> int | None:
-    """Bytes of memory available to new allocations (Linux: MemAvailable), None if unknown."""
+    """Bytes of memory available to new allocations: the machine's (Linux MemAvailable), or
+    less if this process's container (its cgroup) has a memory limit closer; None if unknown."""
     try:
         with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
+            machine = next((int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:")), None)
     except (OSError, ValueError, IndexError):
-        pass
+        machine = None
+    container = _container_available()
+    if machine is None or container is None:
+        return machine if container is None else container
+    return min(machine, container)
+
+
+#: (limit, usage, statistics, the statistic of reclaimable page cache) of the memory
+#: controller as a container sees it: cgroup v2, then v1.
+_CGROUP_FILES = (("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory.current", "/sys/fs/cgroup/memory.stat",
+                  "inactive_file"),
+                 ("/sys/fs/cgroup/memory/memory.limit_in_bytes", "/sys/fs/cgroup/memory/memory.usage_in_bytes",
+                  "/sys/fs/cgroup/memory/memory.stat", "total_inactive_file"))
+
+
+def _container_available() -> int | None:
+    """The cgroup's memory limit minus its usage (without the page cache it can reclaim, as
+    docker counts it), None without a limit (or where it cannot be read)."""
+    for limit_file, usage_file, stat_file, reclaimable in _CGROUP_FILES:
+        try:
+            with open(limit_file) as f:
+                text = f.read().strip()
+            if text == "max" or int(text) >= 2**60:  # (v1 writes "no limit" as a huge number)
+                return None
+            with open(usage_file) as f:
+                usage = int(f.read())
+            with open(stat_file) as f:
+                cache = next((int(line.split()[1]) for line in f if line.split()[0] == reclaimable), 0)
+            return max(0, int(text) - (usage - cache))
+        except (OSError, ValueError, IndexError):
+            continue
     return None
 
 
@@ -59,62 +91,78 @@ def size_text(n: float) -> str:
 
 
 class _Guard:
-    """The limit of one guarded derivation (``guarded``) and the count down to its next check."""
+    """The state of one guarded derivation (``guarded``): what it is, its advice, the memory at
+    its start, the step running and the count down to the next check."""
 
-    def __init__(self, what: str, advice: str, start: int, available: int):
+    def __init__(self, what: str, advice: str, available: int):
         self.what, self.advice = what, advice
-        self.start, self.available = start, available
-        self.limit = start + FRACTION * available
+        self.available, self.resident = available, resident_bytes()
         self.step = ""
         self.countdown = CHECK_EVERY
 
     def check(self) -> None:
         self.countdown = CHECK_EVERY
-        resident = resident_bytes()
-        if resident is not None and resident > self.limit:
-            where = f" (in step {self.step!r})" if self.step else ""
-            raise OutOfMemory(
-                f"{self.what}: stopped before running out of memory{where}: this process grew from "
-                f"{size_text(self.start)} to {size_text(resident)}, and the machine had {size_text(self.available)} "
-                f"available when it started; {self.advice}")
+        now = available_bytes()
+        if now is None or now >= KEEP_FREE * self.available:
+            return
+        where = f" (in step {self.step!r})" if self.step else ""
+        resident, grew = resident_bytes(), ""
+        if resident is not None and self.resident is not None:
+            grew = f"; this process grew by {size_text(max(0, resident - self.resident))} to {size_text(resident)}"
+        raise OutOfMemory(
+            f"{self.what}: stopped before the machine runs out of memory{where}: {size_text(now)} available, "
+            f"less than {KEEP_FREE:.0%} of the {size_text(self.available)} available when it started{grew}; "
+            f"{self.advice} ({SWITCH}=off turns this check off)")
 
 
-_active: _Guard | None = None
-_lock = threading.Lock()
+_state = threading.local()  # .guard: the guard of this thread's derivation, if any
 
 
-@contextlib.contextmanager
-def guarded(what: str, advice: str):
-    """Within the block, ``tick()`` raises ``OutOfMemory`` ("``what``: stopped before running
-    out of memory ...; ``advice``") once this process's resident memory passes its size at
-    the start plus ``FRACTION`` of the memory available then (module docstring).  Yields a
-    function that names the step running, for the message.  A block inside another (or
-    beside it, in another thread) keeps the first one's guard, whose limit is the process's;
-    where the memory cannot be read (not Linux), the block runs unguarded."""
-    global _active
-    start, available = resident_bytes(), available_bytes()
-    with _lock:
-        own = _active is None and start is not None and available is not None
-        if own:
-            _active = _Guard(what, advice, start, available)
-    guard = _active if own else None
+def _forget_in_child() -> None:
+    _state.__dict__.clear()  # (a forked process starts no derivation of its parent's)
 
-    def step(name: str) -> None:
-        if guard is not None:
-            guard.step = name
 
-    try:
-        yield step
-    finally:
-        if own:
-            with _lock:
-                _active = None
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_forget_in_child)
+
+
+class guarded:
+    """``with guarded(what, advice) as step:`` -- within the block, ``tick()`` raises
+    ``OutOfMemory`` ("``what``: stopped before the machine runs out of memory ...;
+    ``advice``") once the memory available is below ``KEEP_FREE`` of what it was at the start
+    (module docstring); ``step(name)`` names the step running, for the message.  One guard per
+    thread: a block inside another keeps the outer one.  Unguarded where the memory cannot be
+    read or ``TPCOMPILER_MEMORY_GUARD=off``.  The error leaves the block without the frames it
+    was raised in (a traceback kept by an interactive session would keep the derivation's
+    objects alive, and with them the memory it ran out of)."""
+
+    def __init__(self, what: str, advice: str):
+        self.what, self.advice = what, advice
+        self.guard = None
+
+    def __enter__(self):
+        if getattr(_state, "guard", None) is None and os.environ.get(SWITCH, "").lower() != "off":
+            available = available_bytes()
+            if available is not None:
+                self.guard = _state.guard = _Guard(self.what, self.advice, available)
+        return self.step
+
+    def step(self, name: str) -> None:
+        if self.guard is not None:
+            self.guard.step = name
+
+    def __exit__(self, kind, error, traceback) -> bool:
+        if self.guard is not None:
+            _state.guard = None
+            if isinstance(error, OutOfMemory):
+                error.__traceback__ = error.__context__ = None
+        return False
 
 
 def tick() -> None:
     """Called by a guarded derivation's loops (``guarded``): every ``CHECK_EVERY`` calls,
-    raise ``OutOfMemory`` if this process passed the active guard's limit."""
-    guard = _active
+    raise ``OutOfMemory`` if the memory available fell below this thread's guard's reserve."""
+    guard = getattr(_state, "guard", None)
     if guard is not None:
         guard.countdown -= 1
         if guard.countdown <= 0:

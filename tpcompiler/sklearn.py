@@ -41,6 +41,7 @@ from sklearn.utils.validation import check_is_fitted, validate_data
 from tpcompiler.frontend.dsl import Program
 from tpcompiler.ir import ops
 from tpcompiler.ir.graph import ProgramError
+from tpcompiler.memory import OutOfMemory
 
 #: Default search interval of a hyperparameter (log-uniform in sklearn's optimizer).
 DEFAULT_BOUNDS = (1e-2, 1e2)
@@ -183,6 +184,8 @@ def _template(program, params: dict, names: list, rtol: float) -> _Template | No
         graph = run_passes(Program.from_graph(base), until="validate").graph
         try:
             kf = KernelFunction(graph, rtol=rtol, runtime=tuple(binding), cache=True)
+        except OutOfMemory:
+            raise  # (compiling per value would derive the same program again, and fail again)
         except (NotPairwise, ProgramError):
             template = None
         else:

@@ -19,7 +19,7 @@ from __future__ import annotations
 import numpy as np
 import sympy as sp
 
-from tpcompiler import threads
+from tpcompiler import memory, threads
 from tpcompiler.ir import ops
 from tpcompiler.ir import symbols
 from tpcompiler.ir.graph import Graph, ProgramError
@@ -297,6 +297,7 @@ class Features:
             return dict(terms)
         groups: dict = {}
         for t, c in terms.items():
+            memory.tick()
             inside, rest = self._split(t)
             groups.setdefault(rest, []).append((c, inside))
         out: dict = {}

@@ -60,8 +60,7 @@ KERNELS = ("nngp", "ntk")
 #: What to do when a derivation does not fit in memory (``memory.guarded``).
 TOO_LARGE_ADVICE = ("the kernel derivation makes one quantity per pair of positions and layer, so a CNN's memory "
                     "and time grow with the square of its number of positions; give the program fewer positions "
-                    "(a smaller input, or a pooling earlier), or estimate its kernels by particles: "
-                    "tp.compile(program).limit(x=X)")
+                    "(a smaller input, or a pooling or a stride earlier)")
 #: Pairs (i, j) per block of the looped pair stage (``_shared_source``): its quantities take
 #: (number of pair quantities) x _J_BLOCK floats per thread.
 _J_BLOCK = 256
@@ -164,7 +163,13 @@ class KernelFunction:
                             running(name)
                             guard_step(name)
 
-                        self.source = self._derive(graph, templates, share, derived, step)
+                        try:
+                            self.source = self._derive(graph, templates, share, derived, step)
+                        except BaseException:
+                            # the object is not made: let go of the derivation (its engine, its
+                            # memos) even where the traceback is kept (an interactive session)
+                            self.__dict__.clear()
+                            raise
                 self._forget_lowering()
             self.module = load_module(self.source, "kernels")
             if state is None:  # stored once its module has loaded
@@ -282,11 +287,7 @@ class KernelFunction:
             out.extend(self._pending)
             self._pending.clear()
             out.append((s, value))
-        def lower_term(term):
-            memory.tick()
-            return lower(term)
-
-        results = [self.features.featurize_terms(shared.map_terms(shared.map_terms(terms, lower_term), self._sums_named))
+        results = [self.features.featurize_terms(shared.map_terms(shared.map_terms(terms, lower), self._sums_named))
                    for terms in results]
         out.extend(self._pending)
         self._pending.clear()
@@ -848,6 +849,7 @@ def pair_stage(t0, step, GS, RF1, RF2T, R1, R2T, {outs}, symmetric, P, IT, WT):
             return self._call(X, X2, params)
 
     def _call(self, X, X2, params):
+        self._check_memory(X.shape[0], 0 if X2 is None else X2.shape[0])
         timing = {}
         t0 = time.perf_counter()
         params = dict(zip(self.runtime, params))
@@ -860,6 +862,21 @@ def pair_stage(t0, step, GS, RF1, RF2T, R1, R2T, {outs}, symmetric, P, IT, WT):
         self.check_finite(result, (X, X2))
         self.last_timing = timing
         return result
+
+    def _check_memory(self, N: int, N2: int) -> None:
+        """Refuse a call whose Gram matrices (one N x N, then N2 x N, per base Gram of the input
+        features: a CNN has one per pair of positions) and kernels need more memory than the
+        machine has available (``memory.available_bytes``), saying what to do instead: the
+        tiled path (``tiled.kernels``), which bounds the memory of a call."""
+        available = memory.available_bytes()
+        bases = len(self.features.bases)
+        need = 8 * (bases * N * max(N, N2) + len(KERNELS) * N * (N + N2))
+        if available is not None and need > available:
+            raise memory.OutOfMemory(
+                f"kernels of program {self.graph.name!r}: a call on {N} inputs{f' and {N2} more' if N2 else ''} "
+                f"needs {memory.size_text(need)} ({bases} base Gram matrices of {N} x {max(N, N2)} and the "
+                f"kernels), more than the {memory.size_text(available)} available; compute the kernels in tiles "
+                f"of bounded memory: tp.compile(program).kernels(X, memory='4GB'), or tpc kernels --memory 4GB")
 
     def check_finite(self, result, inputs):
         """Refuse kernels that overflowed (never return inf or NaN for finite inputs)."""
@@ -1217,6 +1234,7 @@ def _linear_run(run, formats: dict, indent: str, slot: str, tables: "_Tables", i
     codes = {kind: k for k, kind in enumerate(formats)}
     for group, forms in run:
         for m in range(group.index.shape[0]):
+            memory.tick()
             for e, (scale, constant, terms) in enumerate(forms):
                 targets.append(group.target[m, e])
                 weights.append(group.weight[m, 0])

@@ -406,6 +406,7 @@ def map_terms(terms: dict, f) -> dict:
     """The term sum of sum_t c_t f(t) (f's results split into terms again)."""
     out: dict = {}
     for t, c in terms.items():
+        memory.tick()
         add_terms(out, f(t), c)
     return out
 
@@ -476,6 +477,7 @@ def lift_repeated_calls(assignments, outputs, kinds: dict, name=None) -> tuple[l
     for parts in exprs:
         seen = set()
         for e in parts:
+            memory.tick()
             for sub in _calls_reading(e, kind_symbols, inside, free):
                 if sub not in seen:
                     seen.add(sub)
@@ -504,6 +506,7 @@ def lift_repeated_calls(assignments, outputs, kinds: dict, name=None) -> tuple[l
 
     out = []
     for s, e in assignments:
+        memory.tick()
         placed: list = []
         for f in calls_in([e]):
             define(f)
@@ -661,6 +664,7 @@ def alias_repeated_arguments(assignments, outputs, call_type, kinds: dict) -> tu
         return c.func(*args) if any(x is not y for x, y in zip(args, c.args)) else None
 
     def rewrite_all(e):
+        memory.tick()
         return rewrite_calls(e, aliased, memo)
 
     memo: dict = {}
@@ -701,6 +705,7 @@ def plan(assignments, outputs, kinds: dict, slot_kind: str, aliases: dict | None
         bundles.setdefault((level[s], frozenset(read & kind_symbols)), []).append((slot[s], e))
     by_key: dict = {}
     for (lev, _), items in bundles.items():
+        memory.tick()
         items = sorted(items, key=lambda it: sk.key(it[1]))  # stable: a canonical order of the entries
         c = _split(items[0][1])[0] or 1.0
         bundle = sp.Tuple(*[_divided(e, c) for _, e in items])
@@ -730,6 +735,7 @@ def plan(assignments, outputs, kinds: dict, slot_kind: str, aliases: dict | None
             bundles.setdefault(frozenset(read), [[] for _ in outputs])[o].append((coef, term))
     terms: dict = {}   # structure id -> [(binding, coefficient, tuple)]
     for parts in bundles.values():
+        memory.tick()
         c = next(p[0][0] for p in parts if p)
         bundle = sp.Tuple(*[total([_scaled(t, coef / c) for coef, t in p]) if p else sp.S.Zero for p in parts])
         cid, syms = sk.canonical(bundle)
@@ -751,6 +757,7 @@ def _group(members, kinds, weight, target) -> Group:
     ks = [kinds[s][0] for s in first]
     index = np.zeros((len(members), n), dtype=np.int64)
     for m, (b, _) in enumerate(members):
+        memory.tick()
         if [kinds[s][0] for s in b] != ks:  # the structure id includes the kinds: cannot happen
             raise AssertionError(f"shared: template {t}: members read different kinds of symbols")
         index[m] = [kinds[s][1] for s in b]

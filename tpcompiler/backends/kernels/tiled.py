@@ -31,8 +31,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from tpcompiler import memory, progress as progress_mod, validation
-from tpcompiler.memory import size_text
+from tpcompiler import progress as progress_mod, validation
+from tpcompiler.memory import resident_bytes, size_text
 from tpcompiler.backends.kernels.kernel import KERNELS, KernelFunction
 
 DEFAULT_MEMORY = "4GB"
@@ -71,7 +71,7 @@ RESERVE = 64 * 2**20
 def process_baseline() -> int:
     """Bytes this process holds before a kernel call: its resident set now
     (``memory.resident_bytes``; 0 where it cannot be read) plus ``RESERVE``."""
-    return (memory.resident_bytes() or 0) + RESERVE
+    return (resident_bytes() or 0) + RESERVE
 
 
 # ---------------------------------------------------------------------------------------
