@@ -8,7 +8,7 @@ Reported per case: "derive + codegen" (``tp.compile`` + ``kernel_function()``: t
 derivation, lowering, grouping and code generation), "first call" (the first ``kf(X)`` on 7
 inputs: Numba's compile), warm (median of 3 calls on N = 200 inputs; in tiles of a 16 GB budget, ``tiled.kernels``, where
 the call's Gram matrices would not fit the available memory), the number of
-expectation templates the engine derived (``engine.templates_found``), the pair quantities
+expectation templates the engine derived (``derivation_sizes``), the pair quantities
 (one per pair of positions and layer), the generated source's lines, the process's peak resident
 memory after the derivation (``ru_maxrss``: the derivation's objects, the imports and numba), and
 "again": the same program compiled and first called in a second fresh process that finds the
@@ -94,7 +94,7 @@ def run_case(case: dict) -> dict:
         call(X)
         warm.append(time.perf_counter() - t)
     return {"derive": derive, "first": first, "warm": float(np.median(warm)), "warm_how": how, "peak": peak,
-            "templates": len(kf.engine.templates_found), "pairs": sum(q.pair for q in kf.engine.order),
+            "templates": kf.derivation_sizes["templates"], "pairs": kf.derivation_sizes["pair quantities"],
             "lines": len(kf.source.splitlines()), "shared": kf.shared, "load": os.getloadavg()[0]}
 
 

@@ -62,8 +62,14 @@ def test_a_stored_derivation_is_read_back_and_computes_the_same_bits(cache, make
         assert np.array_equal(want[name], got[name]), name
     with pytest.raises(AttributeError, match="read from the disk cache.*cache=False"):
         read.engine
+    # the derived object keeps what the read one keeps: the derivation's objects are let go
+    with pytest.raises(AttributeError, match="cache=True"):
+        derived.engine
+    assert set(vars(derived)) == set(vars(read))
+    assert derived.features.row == read.features.row and derived.features.bases == read.features.bases
+    assert read.derivation_sizes is None and derived.derivation_sizes is not None
     if make is graph_of:
-        assert derived.engine.order
+        assert derived.derivation_sizes["pair quantities"] == 2 * 4 * 4
         # tp.compile's kernel_function stores and reads; cache=False derives again
         compiled = tp.compile(tp.load(str(CNN), L=4, depth=2))
         assert compiled.kernel_function().derivation_cached
