@@ -191,7 +191,7 @@ class KernelFunction:
     @property
     def engine(self) -> PairwiseEngine:
         """The pairwise engine of the derivation (its quantities and templates); kept only by
-        ``cache=False`` (``_release_engine``)."""
+        ``cache=False`` (``_become_stored``)."""
         if self._engine is None:
             raise AttributeError("kernels: this KernelFunction has no pairwise engine: its derivation was read from "
                                  "the disk cache, or made with cache=True (tp.compile(...).kernel_function()), which "
