@@ -6,10 +6,10 @@ Each case runs in a fresh process with an empty generated-code cache (``TPCOMPIL
 a new directory, so the first call pays Numba's whole compile) and ``OMP_NUM_THREADS=1``.
 Reported per case: "derive + codegen" (``tp.compile`` + ``kernel_function()``: the pairwise
 derivation, lowering, grouping and code generation), "first call" (the first ``kf(X)`` on 7
-inputs: Numba's compile), warm (median of 3 calls on N = 200 inputs; in tiles of a 16 GB budget, ``tiled.kernels``, where
-the call's Gram matrices would not fit the available memory), the number of
-expectation templates the engine derived (``derivation_sizes``), the pair quantities
-(one per pair of positions and layer), the generated source's lines, the process's peak resident
+inputs: Numba's compile), warm (median of 3 calls on N = 200 inputs; in tiles of a 16 GB
+budget, ``tiled.kernels``, where the call's Gram matrices would not fit the available memory),
+the number of expectation templates the engine derived (``derivation_sizes``), the pair
+quantities (one per pair of positions and layer), the generated source's lines, the process's peak resident
 memory after the derivation (``ru_maxrss``: the derivation's objects, the imports and numba), and
 "again": the same program compiled and first called in a second fresh process that finds the
 first one's caches (the stored derivation, kernels/stored.py, and Numba's cache).

@@ -48,10 +48,8 @@ def available_bytes() -> int | None:
             machine = next((int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:")), None)
     except (OSError, ValueError, IndexError):
         machine = None
-    container = _container_available()
-    if machine is None or container is None:
-        return machine if container is None else container
-    return min(machine, container)
+    known = [n for n in (machine, _container_available()) if n is not None]
+    return min(known) if known else None
 
 
 #: (limit, usage, statistics, the statistic of reclaimable page cache) of the memory
