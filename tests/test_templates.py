@@ -24,10 +24,20 @@ NETS = {
     "fc_relu_layernorm": (lambda: layers.serial(
         layers.Dense(8, 1.5, 0.1), layers.Relu(), layers.LayerNorm(), layers.Dense(8, 1.5, 0.1), layers.Erf(),
         layers.Dense(1, 1.5, 0.1)).program((3,)).graph, 3),
+    # a Flatten readout: products of two positions vanish by the readout's independent rows,
+    # proven by parity before they are derived (PairwiseEngine._vanishes), at the inner
+    # layers through the covariances of the taps' ZHats (its split blocks)
+    "conv1d_same_depth3_flatten": (lambda: _flatten_cnn(3, 4), 8),
     "conv1d_layernorm_spatial_tanh": (lambda: layers.serial(
         layers.Conv(8, (2,), padding="SAME", W_std=1.5, b_std=0.1), layers.LayerNorm(axis=(1, 2)), layers.Tanh(),
         layers.Flatten(), layers.Dense(1, 1.5, 0.1)).program((3, 1)).graph, 3),
 }
+
+
+def _flatten_cnn(depth: int, *spatial: int):
+    """A SAME convolution of ``depth`` relu layers on 2 channels, flattened into the readout."""
+    blocks = [layers.Conv(8, (3,) * len(spatial), padding="SAME", W_std=1.5, b_std=0.1), layers.Relu()] * depth
+    return layers.serial(*blocks, layers.Flatten(), layers.Dense(1, 1.5, 0.1)).program((*spatial, 2)).graph
 
 
 @pytest.mark.parametrize("name", sorted(NETS))
@@ -881,3 +891,23 @@ def test_compare_is_sympys_canonical_order():
             assert symbols.compare(a, b) == a.compare(b), (a, b)
     terms = [rng.choice(exprs) for _ in range(200)]
     assert sorted(terms, key=symbols.FACTOR_ORDER) == sorted(terms, key=functools.cmp_to_key(sp.Basic.compare))
+
+
+@pytest.mark.parametrize("spatial", [(4,), (8,), (3, 3)])
+def test_a_flattened_cnn_reads_only_pairs_of_one_position(spatial):
+    """Under a Flatten readout every position has its own readout row, so the kernels read
+    only E[Z^a Z^a'] of one vector at the two inputs (neural-tangents keeps only the
+    diagonal of the spatial covariance there): the products of two positions, NTK terms
+    included, vanish by parity before they are derived (PairwiseEngine._vanishes) and no
+    quantity is made for them.  Their number is then linear in the positions (1-D: 4 per
+    position at depth 3); the reference derivation, which proves nothing in advance, makes
+    quantities for pairs of positions it then multiplies by zero."""
+    graph = _flatten_cnn(3, *spatial)
+    kf = KernelFunction(graph)
+    pairs = [key for key, q in kf.engine.quantities.items() if q.pair]
+    assert pairs and all(ka == kb for ka, _, kb, _ in pairs), [key for key in pairs if key[0] != key[2]][:3]
+    if len(spatial) == 1:
+        assert len(pairs) == 4 * spatial[0]
+    if spatial == (4,):
+        direct = KernelFunction(graph, templates=False, share=False)
+        assert len(pairs) < sum(q.pair for q in direct.engine.order)

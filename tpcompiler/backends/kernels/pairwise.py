@@ -47,6 +47,7 @@ from tpcompiler.ir.ops import VEC, node_symbol, unprime
 from tpcompiler.ir.symbols import ZHatSymbol
 from tpcompiler.ir.rules import RuleTable
 from tpcompiler.backends.kernels.shared import UNSEEN, Skeletons, add_terms, float_value, product, substitute, sum_of_terms, term_sum, total
+from tpcompiler.ir.nonlinearities import ODD
 from tpcompiler.symbolic.master import Expectation, Z, Zhat, ZProgram, derive
 
 T = symbols.ARG
@@ -81,6 +82,13 @@ class Quantity:
     pair: bool
     label: str = ""
 
+
+#: The most distinct terms of a form, and pairs of terms of two forms, that ``_vanishes``
+#: reads term by term (beyond them it relies on the parity of whole forms only).
+_PARITY_TERMS = 256
+_PARITY_PAIRS = 4096
+#: The most terms ``_expanded_without_odd_terms`` enumerates (beyond: sympy's expand).
+_EXPANSION_TERMS = 1 << 20
 
 #: A template whose value is a sum of more terms than this is written out where it is used
 #: (``PairwiseEngine._templated``), not called.
@@ -183,6 +191,10 @@ class PairwiseEngine:
         self._pair_memo: dict = {}
         self._form_canonical_memo: dict = {}
         self._form_ids_memo: dict = {}
+        self._vanish_memo: dict = {}       # _vanishes'
+        self._parity_memo: dict = {}       # _node_parity's
+        self._monomials_memo: dict = {}    # _monomials'
+        self._leaves_memo: dict = {}       # _leaves_by_block's
         self._instances: dict = {}
         self._expectation_templates: dict = {}
         self._constant_memo: dict = {}     # _constant_scalar's
@@ -413,6 +425,8 @@ class PairwiseEngine:
 
         if not self.templates:
             return self.expect(product_of_forms())
+        if self._vanishes(ka, sa, kb, sb):
+            return sp.S.Zero
         (struct_a, ids_a), (struct_b, ids_b) = self._form_ids(ka, sa), self._form_ids(kb, sb)
         ids = ids_a + ids_b
         position: dict = {}
@@ -432,6 +446,138 @@ class PairwiseEngine:
             variant = self._variants[key] = self._variant(product_of_forms(), [symbols_[n] for n in names], signature,
                                                           self.expect_direct)
         return self._pair_instance(variant, names)
+
+    def _vanishes(self, ka: str, sa: int, kb: str, sb: int) -> bool:
+        """Whether E[Z^ka at side sa times Z^kb at side sb] = 0 is proven by symmetry, without
+        deriving the expectation or creating a quantity (memoised in either order).
+
+        The leaves of an independent block are jointly Gaussian with mean 0 at both inputs
+        and independent of the other blocks, so negating all of them leaves the law of every
+        leaf unchanged: a product odd under that negation has expectation 0 (the ZProgram's
+        ``provably_uncorrelated``, parity of whole forms).  Term by term (``_monomials``:
+        sums of leaves distributed), a term of the product is 0 if it has an odd number of
+        factors of such a block outside functions and none inside one.  A ZHat family's
+        leaves in the two forms are independent of each other (split, ``_block_split``)
+        when every covariance between them, sigma^2 E[Z^x Z^y], is itself proven to vanish,
+        and then the two halves are such blocks of their own.  A convolution's backward
+        vectors at different positions under a Flatten readout: every tap's ZHat at one
+        position against every tap's at another reads the readout's independent vectors
+        of two positions, so the P^2 - P products of different positions are 0 without a
+        derivation each."""
+        key = min((ka, sa, kb, sb), (kb, sb, ka, sa))
+        found = self._vanish_memo.get(key)
+        if found is None:
+            found = self._vanish_memo[key] = self._proven_zero(*key)
+        return found
+
+    def _proven_zero(self, ka: str, sa: int, kb: str, sb: int) -> bool:
+        """``_vanishes`` of a normalised pair, not memoised."""
+        (odd_a, read_a), (odd_b, read_b) = self._node_parity(ka), self._node_parity(kb)
+        if odd_a - read_b or odd_b - read_a:  # (the ZProgram's provably_uncorrelated, without its memo per pair)
+            return True
+        form_a, form_b = self._monomials(ka, sa), self._monomials(kb, sb)
+        if form_a is None or form_b is None:
+            return False
+        split: dict = {}  # block -> whether its leaves in the two forms are independent halves
+
+        def term_vanishes(term_a: tuple, term_b: tuple) -> bool:
+            (odd_a, inside_a), (odd_b, inside_b) = term_a, term_b
+            return (any(b not in inside_a and b not in inside_b for b in odd_a ^ odd_b)
+                    or any(b not in inside_a and self._block_split(b, ka, sa, kb, sb, split) for b in odd_a)
+                    or any(b not in inside_b and self._block_split(b, ka, sa, kb, sb, split) for b in odd_b))
+
+        (terms_a, odd_a, inside_a), (terms_b, odd_b, inside_b) = form_a, form_b
+        by_odd: dict = {}
+        for term in terms_b:
+            by_odd.setdefault(term[0], []).append(term)
+        # terms odd in the same blocks first: where the product does not vanish, one of them
+        # usually shows it at once
+        if not all(term_vanishes(a, b) for a in terms_a for b in by_odd.get(a[0], ())):
+            return False
+        if not (odd_a | odd_b) & (inside_a | inside_b):
+            return True  # the other pairs of terms: a block odd in one, read by neither otherwise
+        if len(terms_a) * len(terms_b) > _PARITY_PAIRS:
+            return False
+        return all(term_vanishes(a, b) for a in terms_a for b in terms_b)
+
+    def _node_parity(self, key: str) -> tuple:
+        """(the blocks under whose negation Z^key is odd, every block it reads) from the
+        ZProgram's signature of ``key``; Z^a Z^b is odd under a block in which one is odd and
+        which the other does not read.  Memoised."""
+        found = self._parity_memo.get(key)
+        if found is None:
+            signature = self.zp.signature(key)
+            found = self._parity_memo[key] = (frozenset(b for b, p in signature.items() if p == ODD), frozenset(signature))
+        return found
+
+    def _block_split(self, block: str, ka: str, sa: int, kb: str, sb: int, split: dict) -> bool:
+        """Whether the leaves of ZHat family ``block`` in the form of ka at sa and in the
+        form of kb at sb are independent of each other: every covariance between them,
+        sigma^2 E[Z^x Z^y] of their vectors x and y, proven to vanish (``_vanishes``).  False
+        for an initial block (a covariance table, input layers) or a block one form lacks;
+        memoised in ``split`` for one pair of forms."""
+        found = split.get(block)
+        if found is None:
+            leaves_a, leaves_b = self._leaves_by_block(ka, sa).get(block), self._leaves_by_block(kb, sb).get(block)
+            found = bool(leaves_a and leaves_b and block.startswith("family:")) and all(
+                self._vanishes(self.zp.entries[la].x, side_a, self.zp.entries[lb].x, side_b)
+                for la, side_a in leaves_a for lb, side_b in leaves_b)
+            split[block] = found
+        return found
+
+    def _leaves_by_block(self, key: str, side: int) -> dict:
+        """{block: {(leaf's node, side)}} of the leaves of the form of ``key`` at ``side``,
+        memoised."""
+        memo = self._leaves_memo.get((key, side))
+        if memo is None:
+            memo = {}
+            for s in self._side_form(key, side).free_symbols:
+                block = self._block_of(s)
+                if block is not None:
+                    memo.setdefault(block, set()).add((symbols.unprimed(s).key, int(symbols.is_primed(s))))
+            self._leaves_memo[(key, side)] = memo
+        return memo
+
+    def _monomials(self, key: str, side: int):
+        """The form of ``key`` at ``side`` as (the distinct (odd, inside) of its terms, the
+        union of their odd sets, that of their inside sets), with every factor that is a sum
+        of scaled leaves distributed: ``odd`` the blocks with an odd number of leaf factors
+        outside functions, ``inside`` the blocks of leaves inside any other factor (a
+        function, a power of a sum), whose parity is not known; None for more than
+        _PARITY_TERMS terms.  Memoised."""
+        memo = self._monomials_memo.get((key, side), UNSEEN)
+        if memo is not UNSEEN:
+            return memo
+        block_of = self._block_of
+        out: set = set()
+        for term in sp.Add.make_args(self._side_form(key, side)):
+            choices = {frozenset()}
+            inside: set = set()
+            for f in sp.Mul.make_args(term):
+                base, exp = (f.base, f.exp) if f.is_Pow else (f, sp.S.One)
+                if base.is_Symbol and exp.is_Integer:
+                    block = block_of(base)
+                    if block is not None and exp % 2 == 1:
+                        choices = {c ^ {block} for c in choices}
+                    continue
+                if f.is_Add:
+                    blocks = [_scaled_leaf_block(a, block_of) for a in f.args]
+                    if all(b is not UNSEEN for b in blocks):
+                        choices = {c if b is None else c ^ {b} for c in choices for b in blocks}
+                        if len(choices) > _PARITY_TERMS:
+                            self._monomials_memo[(key, side)] = None
+                            return None
+                        continue
+                inside.update(b for s in f.free_symbols if (b := block_of(s)) is not None)
+            out.update((c, frozenset(inside)) for c in choices)
+            if len(out) > _PARITY_TERMS:
+                out = None
+                break
+        if out is not None:
+            out = (tuple(out), frozenset().union(*(odd for odd, _ in out)),
+                   frozenset().union(*(inside for _, inside in out)))
+        memo = self._monomials_memo[(key, side)] = out
+        return memo
 
     def _form_ids(self, key: str, side: int) -> tuple:
         """(structure, ids of its symbols) of ``_form_canonical(key, side)``, memoised."""
@@ -540,8 +686,11 @@ class PairwiseEngine:
         out: dict = {}
         for term in sp.Add.make_args(sp.sympify(expr)):
             coef, rest = term.as_coeff_Mul()
+            factors = sp.Mul.make_args(rest)
+            if self.templates and len(factors) > 1 and any(self._moment_vanishes(f, same_input) for f in factors):
+                continue  # (before its other factors are derived: an NTK term's forward moment)
             sums = [self.moment_terms(f.key, same_input) if self._is_moment(f) else self._factor_terms(f, same_input)
-                    for f in sp.Mul.make_args(rest)]
+                    for f in factors]
             if not all(sums):
                 continue  # a factor is zero (an empty term sum)
             long = [k for k, s in enumerate(sums) if len(s) > 1]
@@ -558,6 +707,20 @@ class PairwiseEngine:
             for t, c in sums[k].items():  # t times the others, built directly (shared.product)
                 add_terms(out, product(1.0, [*sp.Mul.make_args(t), *others]) if others else t, scale * c)
         return out
+
+    def _moment_vanishes(self, f: sp.Expr, same_input: bool) -> bool:
+        """Whether ``f`` is a Moment E[Z^a Z^b] of two program vectors, neither a combination of
+        several (``_linear_nodes``), that vanishes by symmetry (``_vanishes``): an NTK term
+        E[dh_i dh_j'] E[x_k x_l'] is then skipped before its forward moment is derived."""
+        if not self._is_moment(f):
+            return False
+        vectors = self._two_vectors(self.graph.op(f.key).expr)
+        if vectors is None:
+            return False
+        (ka, pa), (kb, pb) = unprime(vectors[0]), unprime(vectors[1])
+        nodes_a, nodes_b = self._linear_nodes(ka), self._linear_nodes(kb)
+        return (len(nodes_a) == 1 and len(nodes_b) == 1
+                and self._vanishes(nodes_a[0][0], int(pa and not same_input), nodes_b[0][0], int(pb and not same_input)))
 
     def _factor_terms(self, f: sp.Expr, same_input: bool) -> dict:
         """A factor of an output's term (not a Moment) as a term sum for ``scalar_terms``.  A
@@ -629,10 +792,74 @@ class PairwiseEngine:
         network at input norm 1e4 came out 6 times too large)."""
         expr, held = self._hold_sums(sp.sympify(expr))
         if _has_products_of_sums(expr):  # (else there is nothing to expand: a product of functions)
-            expr = sp.expand(expr, deep=False, power_exp=False, power_base=False, log=False)
+            kept = self._expanded_without_odd_terms(expr, held) if self.templates else None
+            expr = kept if kept is not None else sp.expand(expr, deep=False, power_exp=False, power_base=False,
+                                                            log=False)
         if held:
             expr = expr.xreplace(held)
         return sp.Add(*[self._expect_term(t) for t in sp.Add.make_args(expr)])
+
+    def _expanded_without_odd_terms(self, expr: sp.Expr, held: dict):
+        """``expr`` multiplied out as ``expand`` does (its products of sums distributed), but
+        without the terms whose expectation vanishes by parity (``_parity_parts``: an odd
+        number of leaves of a block outside functions, none inside one); None where expand
+        must do it (a power of a sum, a sum inside a term of a sum, over _EXPANSION_TERMS
+        terms).  A Flatten readout sum_i g_i y_i times its value at the other input is P^2
+        terms, of which the P with i = j are left: the others read two independent g's.
+        Without the templates (the reference they are tested against) expand does it all."""
+        monomials = []
+        for term in sp.Add.make_args(expr):
+            choices = [((), frozenset(), frozenset())]
+            for f in sp.Mul.make_args(term):
+                repeat = 1
+                if f.is_Pow and f.base.is_Add and f.exp.is_Integer and f.exp > 1:
+                    f, repeat = f.base, int(f.exp)  # (a sum squared: its terms' products, like ones added up)
+                parts = f.args if f.is_Add else (f,)
+                described = []
+                for t in parts:
+                    if any(g.is_Add or (g.is_Pow and (g.base.is_Add or g.exp.is_Add)) for g in sp.Mul.make_args(t)):
+                        return None
+                    described.append((t, *self._parity_parts(t, held)))
+                for _ in range(repeat):
+                    choices = [(c + (t,), odd ^ odd_t, inside | inside_t)
+                               for c, odd, inside in choices for t, odd_t, inside_t in described]
+                    if len(choices) > _EXPANSION_TERMS:
+                        return None
+            monomials.extend(sp.Mul(*c) for c, odd, inside in choices if odd <= inside)
+        return sp.Add(*monomials)
+
+    def _parity_parts(self, t: sp.Expr, held: dict) -> tuple:
+        """(odd, inside) of a product ``t`` of leaves, functions and held sums
+        (``_expanded_without_odd_terms``): the blocks with an odd number of leaf factors
+        outside functions, and the blocks read inside any other factor."""
+        odd, inside = set(), set()
+        for f in sp.Mul.make_args(t):
+            base, exp = (f.base, f.exp) if f.is_Pow else (f, sp.S.One)
+            if base.is_Symbol and exp.is_Integer:
+                block, blocks = self._symbol_parity(base, held)
+                if block is None:
+                    inside.update(blocks)
+                elif exp % 2 == 1:
+                    odd ^= {block}
+                continue
+            for x in f.free_symbols:
+                block, blocks = self._symbol_parity(x, held)
+                inside.update(blocks if block is None else (block,))
+        return frozenset(odd), frozenset(inside)
+
+    def _symbol_parity(self, s: sp.Symbol, held: dict) -> tuple:
+        """(block, ()) if ``s`` is odd under negating that block alone: a leaf, or a held
+        linear form (``_hold_sums``) of leaves of one block without a constant; else
+        (None, the blocks it reads): a held function or a form of several blocks, or none
+        for a constant."""
+        if s not in held:
+            return self._block_of(s), ()
+        value = held[s]
+        blocks = {b for x in value.free_symbols if (b := self._block_of(x)) is not None}
+        parts = _linear_parts(value) if len(blocks) == 1 else None
+        if parts is not None and parts[1] == 0:
+            return next(iter(blocks)), ()
+        return None, blocks
 
     def _hold_sums(self, expr: sp.Expr):
         """(expr with held sums replaced by placeholders, {placeholder: sum}); see expect."""
@@ -1317,3 +1544,18 @@ def _wick(indices: list[int], cov) -> sp.Expr:
         if c != 0:
             total += c * _wick(rest[:j] + rest[j + 1:], cov)
     return total
+
+
+def _scaled_leaf_block(term: sp.Expr, block_of):
+    """For a term of a sum: None if it reads no leaf (a constant), the leaf's block if it is
+    a leaf times constants, else UNSEEN (``PairwiseEngine._monomials``)."""
+    block = None
+    for f in sp.Mul.make_args(term):
+        b = block_of(f) if f.is_Symbol else None
+        if b is not None:
+            if block is not None:
+                return UNSEEN
+            block = b
+        elif any(block_of(s) is not None for s in f.free_symbols):
+            return UNSEEN
+    return block
