@@ -15,7 +15,8 @@ memory after the derivation (``ru_maxrss``: the derivation's objects, the import
 first one's caches (the stored derivation, kernels/stored.py, and Numba's cache).
 
 cnn1d: ``programs/cnn1d.py`` (C = 2, filter 3 SAME, relu, GlobalAvgPool); 2-D: ``Conv(512,
-(3, 3), SAME), Relu`` x depth, ``GlobalAvgPool, Dense`` on (H, W, 2) inputs (tp.layers).
+(3, 3), SAME), Relu`` x depth, ``GlobalAvgPool, Dense`` on (H, W, 2) inputs (tp.layers); "Flatten":
+``Flatten`` in place of ``GlobalAvgPool``.
 """
 from __future__ import annotations
 
@@ -46,14 +47,16 @@ CASES = [
     {"kind": "2d", "L": 4, "depth": 2}, {"kind": "2d", "L": 6, "depth": 2}, {"kind": "2d", "L": 8, "depth": 2},
     {"kind": "2d", "L": 12, "depth": 2},  # 144 positions: where the per-pair compile work shows
     {"kind": "2d", "L": 16, "depth": 2},  # 256 positions: minutes and gigabytes (memory.py's guard)
+    # a Flatten readout: only pairs of one position are read (pairwise.py's _vanishes)
+    {"kind": "2d", "L": 8, "depth": 2, "readout": "flatten"}, {"kind": "2d", "L": 12, "depth": 2, "readout": "flatten"},
+    {"kind": "2d", "L": 16, "depth": 2, "readout": "flatten"},
 ]
 QUICK = [{"kind": "cnn1d", "L": 8, "depth": 2}, {"kind": "2d", "L": 4, "depth": 1}]
 
 
 def program(case: dict):
-    import tpcompiler as tp
     from tpcompiler.frontend.loader import load
-    from tpcompiler.layers import Conv, Dense, GlobalAvgPool, Relu, serial
+    from tpcompiler.layers import Conv, Dense, Flatten, GlobalAvgPool, Relu, serial
 
     if case["kind"] == "cnn1d":
         return load(ROOT / "programs" / "cnn1d.py", L=case["L"], depth=case["depth"]), (case["L"] * 2,)
@@ -61,7 +64,8 @@ def program(case: dict):
     for _ in range(case["depth"]):
         layers += [Conv(512, (3, 3), None, "SAME", 1.5, 0.1), Relu()]
     shape = (case["L"], case["L"], 2)
-    return tp.layers.serial(*layers, GlobalAvgPool(), Dense(1, 1.5, 0.1)).program(shape), shape
+    readout = Flatten() if case.get("readout") == "flatten" else GlobalAvgPool()
+    return serial(*layers, readout, Dense(1, 1.5, 0.1)).program(shape), shape
 
 
 def run_case(case: dict) -> dict:
@@ -101,7 +105,7 @@ def run_case(case: dict) -> dict:
 def name(case: dict) -> str:
     if case["kind"] == "cnn1d":
         return f"cnn1d L={case['L']}, depth {case['depth']}"
-    return f"2-D {case['L']} x {case['L']}, depth {case['depth']}"
+    return f"2-D {case['L']} x {case['L']}, depth {case['depth']}{', Flatten' if case.get('readout') == 'flatten' else ''}"
 
 
 def main() -> None:
