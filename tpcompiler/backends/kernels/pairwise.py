@@ -916,7 +916,13 @@ class PairwiseEngine:
     def _is_single_function(self, e: sp.Expr) -> bool:
         """A sum that is a non-polynomial function g(L) of a single linear form L of leaves."""
         leaves = [s for s in e.free_symbols if self._is_leaf(s)]
-        if not leaves or e.is_polynomial(*leaves):
+        if not leaves:
+            return False
+        # g(L) has a term that reads every leaf of L (a function of L): a sum of functions of
+        # different forms (a Flatten readout's sum over positions, hundreds of leaves) fails
+        # here, before the polynomial in all of them that is_polynomial and _factor build
+        read = set(leaves)
+        if not any(read <= t.free_symbols for t in e.args) or e.is_polynomial(*leaves):
             return False
         try:
             self._factor(e)  # refuses a function with a scalar parameter (relu(L) - mu): expanded instead
@@ -1042,7 +1048,8 @@ class PairwiseEngine:
         convolution's taps of one layer, are ordered by name) have equal values up to such a
         renaming: one template, so the code generator sees one structure."""
         structure, order = self._value_skeletons.canonical(sp.Tuple(value))
-        order = order + [s for s in slots if s not in set(order)]  # slots the value does not read
+        read = set(order)
+        order = order + [s for s in slots if s not in read]  # slots the value does not read
         key = (structure, len(slots))
         if key not in self._template_by_value:
             self._template_by_value[key] = len(self.templates_found)
