@@ -28,6 +28,11 @@ NETS = {
     # proven by parity before they are derived (PairwiseEngine._vanishes), at the inner
     # layers through the covariances of the taps' ZHats (its split blocks)
     "conv1d_same_depth3_flatten": (lambda: _flatten_cnn(3, 4), 8),
+    # a power of a sum inside a product, which expand (deep=False) leaves whole: the
+    # monomials kept by parity must be the ones it makes (E2 of (h + b)^2 and tanh(h' + b))
+    "fc_tanh_plus_square": (lambda: layers.serial(
+        layers.Dense(8, 1.5, 0.1), layers.FanOut(2), layers.parallel(layers.Tanh(), layers.Nonlin(lambda t: t**2)),
+        layers.FanInSum(), layers.Dense(1, 1.5, 0.1)).program((3,)).graph, 3),
     "conv1d_layernorm_spatial_tanh": (lambda: layers.serial(
         layers.Conv(8, (2,), padding="SAME", W_std=1.5, b_std=0.1), layers.LayerNorm(axis=(1, 2)), layers.Tanh(),
         layers.Flatten(), layers.Dense(1, 1.5, 0.1)).program((3, 1)).graph, 3),
@@ -911,3 +916,25 @@ def test_a_flattened_cnn_reads_only_pairs_of_one_position(spatial):
     if spatial == (4,):
         direct = KernelFunction(graph, templates=False, share=False)
         assert len(pairs) < sum(q.pair for q in direct.engine.order)
+
+
+def test_products_are_multiplied_out_as_expand_does():
+    """PairwiseEngine._expanded_without_odd_terms, with no term found odd, must give what
+    sp.expand(deep=False) gives (the engine's expectations are derived from those terms), or
+    leave the expression to it (None)."""
+    import types
+
+    import sympy as sp
+    from tpcompiler.backends.kernels.pairwise import PairwiseEngine
+
+    a, b, c, d, e = sp.symbols("a b c d e")
+    f = sp.Function("f")
+    engine = types.SimpleNamespace(_parity_parts=lambda t, held: (frozenset(), frozenset()))
+    hints = dict(deep=False, power_exp=False, power_base=False, log=False)
+    cases = [(a + b) * (c + d) * f(a + c), 2.5 * (a + b) * (0.5 * c + 0.25 * d), (0.5 * a + b) ** 2,
+             (a + b) * (c + d) * (a + e), e * (a + b) ** 2 * (c + d), (a * (b + c) + d) * (e + a)]
+    left = [3 * (a + b) ** 2, e + (a + b) * (c + d), (a + b) ** 3]  # expand leaves or counts these
+    for expr in cases:
+        assert PairwiseEngine._expanded_without_odd_terms(engine, expr, {}) == sp.expand(expr, **hints), expr
+    for expr in left:
+        assert PairwiseEngine._expanded_without_odd_terms(engine, expr, {}) is None, expr

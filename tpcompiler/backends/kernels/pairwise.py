@@ -35,6 +35,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from functools import reduce
+from math import prod
 
 import networkx as nx
 import sympy as sp
@@ -800,33 +801,31 @@ class PairwiseEngine:
         return sp.Add(*[self._expect_term(t) for t in sp.Add.make_args(expr)])
 
     def _expanded_without_odd_terms(self, expr: sp.Expr, held: dict):
-        """``expr`` multiplied out as ``expand`` does (its products of sums distributed), but
-        without the terms whose expectation vanishes by parity (``_parity_parts``: an odd
-        number of leaves of a block outside functions, none inside one); None where expand
-        must do it (a power of a sum, a sum inside a term of a sum, over _EXPANSION_TERMS
-        terms).  A Flatten readout sum_i g_i y_i times its value at the other input is P^2
-        terms, of which the P with i = j are left: the others read two independent g's.
-        Without the templates (the reference they are tested against) expand does it all."""
-        monomials = []
-        for term in sp.Add.make_args(expr):
-            choices = [((), frozenset(), frozenset())]
-            for f in sp.Mul.make_args(term):
-                repeat = 1
-                if f.is_Pow and f.base.is_Add and f.exp.is_Integer and f.exp > 1:
-                    f, repeat = f.base, int(f.exp)  # (a sum squared: its terms' products, like ones added up)
-                parts = f.args if f.is_Add else (f,)
-                described = []
-                for t in parts:
-                    if any(g.is_Add or (g.is_Pow and (g.base.is_Add or g.exp.is_Add)) for g in sp.Mul.make_args(t)):
-                        return None
-                    described.append((t, *self._parity_parts(t, held)))
-                for _ in range(repeat):
-                    choices = [(c + (t,), odd ^ odd_t, inside | inside_t)
-                               for c, odd, inside in choices for t, odd_t, inside_t in described]
-                    if len(choices) > _EXPANSION_TERMS:
-                        return None
-            monomials.extend(sp.Mul(*c) for c, odd, inside in choices if odd <= inside)
-        return sp.Add(*monomials)
+        """``expr`` multiplied out as ``sp.expand(expr, deep=False, ...)`` does, but without the
+        terms whose expectation vanishes by parity (``_parity_parts``: an odd number of leaves
+        of a block outside functions, none inside one).  That expand multiplies out the top
+        level only: a product over its factors that are sums (each term plain * (one term of
+        each sum), nothing inside them), and a power of a sum (here only a square; a higher
+        power is left to expand, which counts multinomial terms); a sum it leaves as it is, and
+        so does this (None: expand's turn, as for more than _EXPANSION_TERMS terms).  A Flatten
+        readout sum_i g_i y_i times its value at the other input is P^2 terms, of which the P
+        with i = j are left: the others read two independent g's.  Without the templates (the
+        reference they are tested against) expand does it all."""
+        if expr.is_Mul:
+            plain = sp.Mul(*[f for f in expr.args if not f.is_Add])
+            sums = [f.args for f in expr.args if f.is_Add]
+        elif expr.is_Pow and expr.base.is_Add and expr.exp == 2:
+            plain, sums = sp.S.One, [expr.base.args] * 2
+        else:
+            return None
+        if not sums or prod(len(terms) for terms in sums) > _EXPANSION_TERMS:
+            return None
+        choices = [((), *self._parity_parts(plain, held))]
+        for terms in sums:
+            described = [(t, *self._parity_parts(t, held)) for t in terms]
+            choices = [(c + (t,), odd ^ odd_t, inside | inside_t)
+                       for c, odd, inside in choices for t, odd_t, inside_t in described]
+        return sp.Add(*[sp.Mul(plain, sp.Mul(*c)) for c, odd, inside in choices if odd <= inside])
 
     def _parity_parts(self, t: sp.Expr, held: dict) -> tuple:
         """(odd, inside) of a product ``t`` of leaves, functions and held sums
