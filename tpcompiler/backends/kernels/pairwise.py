@@ -30,6 +30,11 @@ left as a symbol (``LeafCovariance``), and every term of that form is the templa
 placeholders and covariances replaced by its own.  The expectation depends on the leaves only
 through their blocks, sides and covariances, so this is exact; in a CNN the terms of every
 pair of positions are a few templates (interior and boundary windows).
+
+A product odd under negating an independent block of leaves has expectation 0; such products
+are 0 before anything is derived for them (``_vanishes``; a Flatten readout's products of two
+positions), and so are such terms when a product of sums is multiplied out
+(``_expanded_without_odd_terms``).
 """
 from __future__ import annotations
 
