@@ -225,7 +225,7 @@ class ZProgram:
         self.leaf_blocks: dict[sp.Symbol, str] = {}
         self._signature: dict = {}
         self._dsignature: dict = {}
-        self._uncorrelated: dict = {}
+        self._uncorrelated: dict = {}  # node -> _parity_sets
         self._derivative: dict = {}
         self._partials: dict = {}
         self._init_block = self._init_blocks()
@@ -304,11 +304,21 @@ class ZProgram:
         return _proof_block(expr_signature(zexpr, self._symbol_signature))
 
     def provably_uncorrelated(self, a: str, b: str) -> bool:
-        """Whether E[Z^a Z^b] = 0 is proven (then ZHat^{Wa}, ZHat^{Wb} are independent)."""
-        key = (a, b)
-        if key not in self._uncorrelated:
-            self._uncorrelated[key] = self.zero_block(Z(a) * Z(b)) is not None
-        return self._uncorrelated[key]
+        """Whether E[Z^a Z^b] = 0 is proven (then ZHat^{Wa}, ZHat^{Wb} are independent): the
+        signature of Z^a Z^b (``zero_block``) is odd under a block in which one of them is odd
+        and which the other does not read.  From each node's ``_parity_sets``, without a memo
+        per pair (the kernel engine asks for every pair of positions of a CNN)."""
+        (odd_a, read_a), (odd_b, read_b) = self._parity_sets(a), self._parity_sets(b)
+        return bool(odd_a - read_b or odd_b - read_a)
+
+    def _parity_sets(self, key: str) -> tuple:
+        """(the blocks under which Z^key is odd, every block in its signature), memoised."""
+        found = self._uncorrelated.get(key)
+        if found is None:
+            signature = self.signature(key)
+            found = self._uncorrelated[key] = (frozenset(b for b, p in signature.items() if p == ODD),
+                                               frozenset(signature))
+        return found
 
     def derivative_zero_block(self, x: str, source: str) -> str | None:
         """A block proving E[dZ^x/dZHat^source] = 0 (the derivative is odd under it)."""

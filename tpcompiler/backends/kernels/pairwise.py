@@ -53,7 +53,6 @@ from tpcompiler.ir.ops import VEC, node_symbol, unprime
 from tpcompiler.ir.symbols import ZHatSymbol
 from tpcompiler.ir.rules import RuleTable
 from tpcompiler.backends.kernels.shared import UNSEEN, Skeletons, add_terms, float_value, product, substitute, sum_of_terms, term_sum, total
-from tpcompiler.ir.nonlinearities import ODD
 from tpcompiler.symbolic.master import Expectation, Z, Zhat, ZProgram, derive
 
 T = symbols.ARG
@@ -198,7 +197,6 @@ class PairwiseEngine:
         self._form_canonical_memo: dict = {}
         self._form_ids_memo: dict = {}
         self._vanish_memo: dict = {}       # _vanishes'
-        self._parity_memo: dict = {}       # _node_parity's
         self._monomials_memo: dict = {}    # _monomials'
         self._leaves_memo: dict = {}       # _leaves_by_block's
         self._instances: dict = {}
@@ -478,8 +476,7 @@ class PairwiseEngine:
 
     def _proven_zero(self, ka: str, sa: int, kb: str, sb: int) -> bool:
         """``_vanishes`` of a normalised pair, not memoised."""
-        (odd_a, read_a), (odd_b, read_b) = self._node_parity(ka), self._node_parity(kb)
-        if odd_a - read_b or odd_b - read_a:  # (the ZProgram's provably_uncorrelated, without its memo per pair)
+        if self.zp.provably_uncorrelated(ka, kb):
             return True
         form_a, form_b = self._monomials(ka, sa), self._monomials(kb, sb)
         if form_a is None or form_b is None:
@@ -505,16 +502,6 @@ class PairwiseEngine:
         if len(terms_a) * len(terms_b) > _PARITY_PAIRS:
             return False
         return all(term_vanishes(a, b) for a in terms_a for b in terms_b)
-
-    def _node_parity(self, key: str) -> tuple:
-        """(the blocks under whose negation Z^key is odd, every block it reads) from the
-        ZProgram's signature of ``key``; Z^a Z^b is odd under a block in which one is odd and
-        which the other does not read.  Memoised."""
-        found = self._parity_memo.get(key)
-        if found is None:
-            signature = self.zp.signature(key)
-            found = self._parity_memo[key] = (frozenset(b for b, p in signature.items() if p == ODD), frozenset(signature))
-        return found
 
     def _block_split(self, block: str, ka: str, sa: int, kb: str, sb: int, split: dict) -> bool:
         """Whether the leaves of ZHat family ``block`` in the form of ka at sa and in the
