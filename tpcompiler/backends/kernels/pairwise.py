@@ -544,25 +544,21 @@ class PairwiseEngine:
         block_of = self._block_of
         out: set = set()
         for term in sp.Add.make_args(self._side_form(key, side)):
-            choices = {frozenset()}
-            inside: set = set()
+            rest, sums = [], []  # the factors, and the blocks of the terms of those that are sums of scaled leaves
             for f in sp.Mul.make_args(term):
-                base, exp = (f.base, f.exp) if f.is_Pow else (f, sp.S.One)
-                if base.is_Symbol and exp.is_Integer:
-                    block = block_of(base)
-                    if block is not None and exp % 2 == 1:
-                        choices = {c ^ {block} for c in choices}
-                    continue
-                if f.is_Add:
-                    blocks = [_scaled_leaf_block(a, block_of) for a in f.args]
-                    if all(b is not UNSEEN for b in blocks):
-                        choices = {c if b is None else c ^ {b} for c in choices for b in blocks}
-                        if len(choices) > _PARITY_TERMS:
-                            self._monomials_memo[(key, side)] = None
-                            return None
-                        continue
-                inside.update(b for s in f.free_symbols if (b := block_of(s)) is not None)
-            out.update((c, frozenset(inside)) for c in choices)
+                blocks = [_scaled_leaf_block(a, block_of) for a in f.args] if f.is_Add else None
+                if blocks is not None and all(b is not UNSEEN for b in blocks):
+                    sums.append(blocks)
+                else:
+                    rest.append(f)
+            odd, inside = self._parity_parts(rest, {})
+            choices = {odd}
+            for blocks in sums:
+                choices = {c if b is None else c ^ {b} for c in choices for b in blocks}
+                if len(choices) > _PARITY_TERMS:
+                    self._monomials_memo[(key, side)] = None
+                    return None
+            out.update((c, inside) for c in choices)
             if len(out) > _PARITY_TERMS:
                 out = None
                 break
@@ -812,19 +808,19 @@ class PairwiseEngine:
             return None
         if not sums or prod(len(terms) for terms in sums) > _EXPANSION_TERMS:
             return None
-        choices = [((), *self._parity_parts(plain, held))]
+        choices = [((), *self._parity_parts(sp.Mul.make_args(plain), held))]
         for terms in sums:
-            described = [(t, *self._parity_parts(t, held)) for t in terms]
+            described = [(t, *self._parity_parts(sp.Mul.make_args(t), held)) for t in terms]
             choices = [(c + (t,), odd ^ odd_t, inside | inside_t)
                        for c, odd, inside in choices for t, odd_t, inside_t in described]
         return sp.Add(*[sp.Mul(plain, sp.Mul(*c)) for c, odd, inside in choices if odd <= inside])
 
-    def _parity_parts(self, t: sp.Expr, held: dict) -> tuple:
-        """(odd, inside) of a product ``t`` of leaves, functions and held sums
-        (``_expanded_without_odd_terms``): the blocks with an odd number of leaf factors
-        outside functions, and the blocks read inside any other factor."""
+    def _parity_parts(self, factors, held: dict) -> tuple:
+        """(odd, inside) of the product of ``factors`` (leaves, functions, held sums; terms of
+        ``_expanded_without_odd_terms``, factors of ``_monomials``): the blocks with an odd
+        number of leaf factors outside functions, and the blocks read inside any other factor."""
         odd, inside = set(), set()
-        for f in sp.Mul.make_args(t):
+        for f in factors:
             base, exp = (f.base, f.exp) if f.is_Pow else (f, sp.S.One)
             if base.is_Symbol and exp.is_Integer:
                 block, blocks = self._symbol_parity(base, held)
