@@ -924,10 +924,10 @@ def pair_stage(t0, step, GS, RF1, RF2T, R1, R2T, {outs}, symmetric, P, IT, WT):
 _MANY_GROUPS = 100
 
 
-#: KernelFunction's memos that only its derivation reads, one entry per call or argument
-#: (``_forget_lowering``; the per-template ones, ``_recipes`` and ``_bodies``, are kept)
 #: What only the derivation reads (``_become_stored``).
 _DERIVATION_ONLY = ("_bodies", "_recipes", "expectations", "_inputs0", "_argument_count", "_pair_slots")
+#: KernelFunction's memos that only its derivation reads, one entry per call or argument
+#: (``_forget_lowering``; the per-template ones, ``_recipes`` and ``_bodies``, are kept)
 _LOWERING_MEMOS = ("_linear_values", "_arguments", "_calls", "_lower_memo", "_calls_at", "_linear_arguments",
                    "_form_arguments", "_linear_terms", "_pending")
 
