@@ -1,6 +1,7 @@
 """Benchmark: compile time of CNN kernels as the number of positions grows (issue 11).
 
     python benchmarks/cnn_compile.py [--quick] [--write-docs]
+    python benchmarks/cnn_compile.py --steps [--write-docs]
 
 Each case runs in a fresh process with an empty generated-code cache (``TPCOMPILER_CACHE_DIR``
 a new directory, so the first call pays Numba's whole compile) and ``OMP_NUM_THREADS=1``.
@@ -17,6 +18,11 @@ first one's caches (the stored derivation, kernels/stored.py, and Numba's cache)
 cnn1d: ``programs/cnn1d.py`` (C = 2, filter 3 SAME, relu, GlobalAvgPool); 2-D: ``Conv(512,
 (3, 3), SAME), Relu`` x depth, ``GlobalAvgPool, Dense`` on (H, W, 2) inputs (tp.layers); "Flatten":
 ``Flatten`` in place of ``GlobalAvgPool``.
+
+``--steps``: where the derivation's time goes, per step of ``tp.compile`` and of the kernel
+derivation (``progress.timed_steps``), in seconds and in microseconds per pair of positions
+(what grows: the quantities of a pooled readout are three per pair), for the 2-D depth-2
+cases; its own section of docs/benchmarks.md.
 """
 from __future__ import annotations
 
@@ -51,6 +57,9 @@ CASES = [
     {"kind": "2d", "L": 8, "depth": 2, "readout": "flatten"}, {"kind": "2d", "L": 12, "depth": 2, "readout": "flatten"},
     {"kind": "2d", "L": 16, "depth": 2, "readout": "flatten"},
 ]
+STEPS_SECTION = "## CNN compile time per step (tp.layers, issue 11)"
+STEPS_CASES = [{"kind": "2d", "L": L, "depth": 2, "steps": True} for L in (8, 12, 16)] + \
+    [{"kind": "2d", "L": 16, "depth": 2, "readout": "flatten", "steps": True}]
 QUICK = [{"kind": "cnn1d", "L": 8, "depth": 2}, {"kind": "2d", "L": 4, "depth": 1}]
 
 
@@ -74,6 +83,8 @@ def run_case(case: dict) -> dict:
     prog, shape = program(case)
     d = int(np.prod(shape))
     X = np.random.default_rng(0).standard_normal((N, d))
+    if case.get("steps"):
+        return steps_case(prog, int(np.prod(shape[:-1])))
     t = time.perf_counter()
     kf = tp.compile(prog).kernel_function()
     derive = time.perf_counter() - t
@@ -102,6 +113,49 @@ def run_case(case: dict) -> dict:
             "lines": len(kf.source.splitlines()), "shared": kf.shared, "load": os.getloadavg()[0]}
 
 
+def steps_case(prog, positions: int) -> dict:
+    """tp.compile + kernel_function() of ``prog`` (of ``positions`` spatial positions) with each
+    step's time (``progress.timed_steps``)."""
+    import tpcompiler as tp
+    from tpcompiler import progress
+
+    with progress.timed_steps() as times:
+        t = time.perf_counter()
+        kf = tp.compile(prog).kernel_function()
+        total = time.perf_counter() - t
+    steps = [(("tp.compile: " if desc.startswith("tp.compile") else "kernels: ") + step, seconds)
+             for desc, step, seconds in times]
+    return {"steps": steps, "total": total, "quantities": kf.derivation_sizes["quantities"],
+            "positions": positions, "load": os.getloadavg()[0]}
+
+
+def steps_table(rows) -> str:
+    """The --steps section: seconds per step, and microseconds per pair of positions."""
+    m = machine_info()
+    names = list(dict.fromkeys(step for _, r in rows if "error" not in r for step, _ in r["steps"]))
+    lines = [STEPS_SECTION, "",
+             f"`python benchmarks/cnn_compile.py --steps` on {m['cpu']}, {m['cores']} cores, {m['memory']}; "
+             f"{m['date']}.  Each case in a fresh process with an empty code cache: `tp.compile(...).kernel_function()`, "
+             "the time of each of its steps (`progress.timed_steps`: a step lasts until the next starts) in seconds, "
+             "and in parentheses in microseconds per pair of positions; quantities: the derivation's "
+             "(`derivation_sizes`); \"other\" is "
+             "the time outside the steps (storing the derivation, loading the module); load = 1-minute load average "
+             "at the end of the case.", "",
+             "| program | pairs of positions | quantities | " + " | ".join(names) + " | other | total (s) | load |",
+             "|---|---|---|" + "---|" * (len(names) + 3)]
+    for case, r in rows:
+        if "error" in r:
+            lines.append(f"| {name(case)} | failed: {r['error']} | |" + " |" * (len(names) + 3))
+            continue
+        q = r["positions"] ** 2
+        took = dict(r["steps"])
+        cells = [f"{took[n]:.1f} ({1e6 * took[n] / q:.0f})" if n in took else "" for n in names]
+        other = r["total"] - sum(took.values())
+        lines.append(f"| {name(case)} | {q} | {r['quantities']} | " + " | ".join(cells) +
+                     f" | {other:.1f} | **{r['total']:.1f}** ({1e6 * r['total'] / q:.0f}) | {r['load']:.1f} |")
+    return "\n".join(lines) + "\n"
+
+
 def name(case: dict) -> str:
     if case["kind"] == "cnn1d":
         return f"cnn1d L={case['L']}, depth {case['depth']}"
@@ -112,6 +166,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--write-docs", action="store_true")
+    parser.add_argument("--steps", action="store_true", help="time each step of the derivation (its own section)")
     parser.add_argument("--case", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.case:
@@ -119,6 +174,17 @@ def main() -> None:
         return
     os.environ["OMP_NUM_THREADS"] = "1"
     rows = []
+    if args.steps:
+        for case in STEPS_CASES:
+            with tempfile.TemporaryDirectory() as cache:
+                os.environ["TPCOMPILER_CACHE_DIR"] = cache
+                rows.append((case, spawn(Path(__file__), case, timeout=1800)))
+            print(name(case), rows[-1][1], flush=True)
+        text = steps_table(rows)
+        print(text)
+        if args.write_docs:
+            write_section(DOCS, STEPS_SECTION, text)
+        return
     for case in QUICK if args.quick else CASES:
         with tempfile.TemporaryDirectory() as cache:
             os.environ["TPCOMPILER_CACHE_DIR"] = cache

@@ -179,6 +179,37 @@ def test_compile_and_kernel_derivation_say_which_step_runs_when_slow(capsys, mon
     assert "kernels: deriving mlp" in err and "pair expectations" in err and err.count("done") == 2
 
 
+def test_timed_steps_records_each_step_of_a_status_call_shown_or_not(capsys, monkeypatch, tmp_path):
+    """Within progress.timed_steps(), a status call's steps are recorded with their wall time
+    (a step lasts until the next one starts or the call ends), printed or not; a compilation's
+    steps are its passes, one after the other within its time."""
+    import time
+
+    with progress.timed_steps() as times:
+        with progress.status("hidden call") as running:
+            running("short")
+            time.sleep(0.02)
+            running("long")
+            time.sleep(0.2)
+        with progress.configured(True), progress.status("shown call", delay=0.0) as running:
+            running("only")
+    assert [(d, s) for d, s, _ in times] == [("hidden call", "short"), ("hidden call", "long"), ("shown call", "only")]
+    assert 0.02 <= times[0][2] < 0.2 <= times[1][2]
+    assert "shown call" in capsys.readouterr().err
+    with progress.status("after the block") as running:
+        running("not recorded")
+    assert len(times) == 3
+    monkeypatch.setenv("TPCOMPILER_CACHE_DIR", str(tmp_path))
+    net = tp.load(MLP, depth=1, d=3)
+    with progress.timed_steps() as times:
+        start = time.perf_counter()
+        tp.compile(net).kernel_function(cache=False)
+        took = time.perf_counter() - start
+    steps = {s for d, s, _ in times if d == "kernels: deriving mlp"}
+    assert {"kernel program", "pair expectations", "writing code"} <= steps
+    assert all(t > 0 for _, _, t in times) and sum(t for _, _, t in times) <= took
+
+
 def test_fit_shows_its_bar_only_when_forced(capsys):
     net = tp.load(MLP, depth=1, phi="identity", d=3)
     X, Y = np.ones((2, 3)), np.ones((2, 1))

@@ -21,8 +21,11 @@ import contextlib
 import contextvars
 import sys
 import threading
+import time
 
 _SETTING: contextvars.ContextVar = contextvars.ContextVar("tpcompiler_progress", default=None)
+#: The list :func:`status` calls record their steps' times in, within a :func:`timed_steps` block.
+_STEP_TIMES: contextvars.ContextVar = contextvars.ContextVar("tpcompiler_step_times", default=None)
 
 #: Seconds between refreshes of a :func:`status` line while its call runs.
 STATUS_REFRESH = 0.5
@@ -73,12 +76,51 @@ def iterate(iterable, desc: str = "", total: int | None = None, unit: str = "it"
 
 
 @contextlib.contextmanager
+def timed_steps():
+    """Within the block, every :func:`status` call records how long each of its steps ran,
+    whether its line is shown or not: the yielded list receives (description, step, seconds
+    of wall time), a step lasting from its ``step(text)`` until the next one or the end of
+    the call.  Where a compilation's time goes (``benchmarks/cnn_compile.py --steps``)."""
+    found: list = []
+    token = _STEP_TIMES.set(found)
+    try:
+        yield found
+    finally:
+        _STEP_TIMES.reset(token)
+
+
+@contextlib.contextmanager
 def status(desc: str, enabled: bool | None = None, delay: float = 0.0):
     """A one-line indicator for a single long call (no count to advance): shows ``desc`` and
     the elapsed time, refreshed every STATUS_REFRESH seconds by a helper thread, and marks
     it done when the block ends.  Yields ``step(text)``, which names the part of the call
     now running (shown after the elapsed time).  ``delay``: nothing is shown before the
-    call has run that many seconds, so a call that is usually quick prints nothing."""
+    call has run that many seconds, so a call that is usually quick prints nothing.  Within
+    a :func:`timed_steps` block the steps' times are recorded too."""
+    record = _STEP_TIMES.get()
+    with _status_line(desc, enabled, delay) as shown_step:
+        if record is None:
+            yield shown_step
+            return
+        current: list = []  # [text, start] of the step running
+
+        def step(text):
+            now = time.perf_counter()
+            if current:
+                record.append((desc, current[0], now - current[1]))
+            current[:] = [text, now]
+            shown_step(text)
+
+        try:
+            yield step
+        finally:
+            if current:
+                record.append((desc, current[0], time.perf_counter() - current[1]))
+
+
+@contextlib.contextmanager
+def _status_line(desc: str, enabled: bool | None, delay: float):
+    """``status``' line on standard error (nothing when progress is off); yields its step function."""
     show = is_enabled(enabled)
     if not show:
         yield status_step_ignored
