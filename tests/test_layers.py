@@ -176,9 +176,17 @@ FINITE = {
     "conv1d_layernorm_spatial": layers.serial(
         layers.Conv(8, (2,), padding="SAME", W_std=1.5, b_std=0.1), layers.LayerNorm(axis=(1, 2)), layers.Relu(),
         layers.Flatten(), layers.Dense(1, 1.5, 0.1)),
+    # Erf and Gelu right after a LayerNorm: their derivatives square the normalised form,
+    # exp(-(c L)^2) with c = 1/sqrt(variance + eps), which the NTK's expectations must take as
+    # a parameter-free function of the Gaussian c L (pairwise.py: _parameter_free_rescaling)
+    "fc_layernorm_erf": layers.serial(
+        layers.Dense(8, 1.5, 0.1), layers.LayerNorm(), layers.Erf(), layers.Dense(1, 1.5, 0.1)),
+    "conv1d_layernorm_spatial_gelu": layers.serial(
+        layers.Conv(8, (2,), padding="SAME", W_std=1.5), layers.LayerNorm(axis=(1, 2)), layers.Gelu(),
+        layers.GlobalAvgPool(), layers.Dense(1, 1.5, 0.1)),
 }
 SHAPES = {"conv2d_pool_flatten": (2, 2, 1), "fc_concat": (3,), "fc_relu_layernorm": (3,),
-          "conv1d_layernorm_spatial": (3, 1)}
+          "conv1d_layernorm_spatial": (3, 1), "fc_layernorm_erf": (3,), "conv1d_layernorm_spatial_gelu": (3, 1)}
 
 
 @pytest.mark.parametrize("name", sorted(FINITE))
@@ -196,6 +204,27 @@ def test_finite_width_converges_to_the_layer_kernels(name):
 
 
 # -- LayerNorm: the instructions at finite width and the backward pass through Moments -------
+def test_erf_after_a_layernorm_has_the_closed_form_kernels():
+    """Dense -> LayerNorm -> Erf -> Dense against the closed forms: the limit of the LayerNorm's
+    (h - mean) / sqrt(var + eps) divides the Dense's covariance Sigma and NTK (equal for a first
+    layer) by sqrt(q q') with q = Sigma(x, x) + eps; then erf's arcsine kernel and its derivative kernel
+    (4 / pi) / sqrt((1 + 2 K11)(1 + 2 K22) - 4 K12^2).  The NTK's erf'(u) = exp(-u^2) of the
+    normalised u = h / sqrt(q) is a function of h with the parameter q until the engine rescales
+    its form (pairwise.py: _parameter_free_rescaling); this fails if the scale were wrong."""
+    X = np.random.default_rng(3).standard_normal((4, 3))
+    program = layers.serial(layers.Dense(8, 1.5, 0.1), layers.LayerNorm(eps=1e-3), layers.Erf(),
+                            layers.Dense(1, 1.5, 0.1)).program((3,))
+    K = tp.compile(program).kernels(X)
+    sigma = 1.5**2 * X @ X.T / 3 + 0.1**2
+    q = np.diag(sigma) + 1e-3
+    Ku = sigma / np.sqrt(np.outer(q, q))
+    d = 1 + 2 * np.diag(Ku)
+    nngp = 2.25 * (2 / np.pi) * np.arcsin(2 * Ku / np.sqrt(np.outer(d, d))) + 0.01
+    ntk = nngp + 2.25 * (4 / np.pi) / np.sqrt(np.outer(d, d) - 4 * Ku**2) * Ku
+    np.testing.assert_allclose(K["nngp"], nngp, rtol=1e-12, atol=0)
+    np.testing.assert_allclose(K["ntk"], ntk, rtol=1e-12, atol=0)
+
+
 @pytest.mark.parametrize("axis", [-1, (1, 2)])
 def test_layernorm_instructions_normalise_like_numpy(axis):
     """At width n the program's LayerNorm is numpy's (h - mean) / sqrt(var + eps) over the

@@ -36,6 +36,11 @@ NETS = {
     "conv1d_layernorm_spatial_tanh": (lambda: layers.serial(
         layers.Conv(8, (2,), padding="SAME", W_std=1.5, b_std=0.1), layers.LayerNorm(axis=(1, 2)), layers.Tanh(),
         layers.Flatten(), layers.Dense(1, 1.5, 0.1)).program((3, 1)).graph, 3),
+    # erf'(u) = exp(-u^2) of a normalised form: a function with a parameter until its form is
+    # rescaled (PairwiseEngine._normalise_factor), in templates too
+    "conv1d_layernorm_spatial_erf_gap": (lambda: layers.serial(
+        layers.Conv(8, (2,), padding="SAME", W_std=1.5), layers.LayerNorm(axis=(1, 2)), layers.Erf(),
+        layers.GlobalAvgPool(), layers.Dense(1, 1.5, 0.1)).program((3, 1)).graph, 3),
 }
 
 

@@ -1105,8 +1105,12 @@ class PairwiseEngine:
             g = f.xreplace({L: T}) if L != f else T
             if not (g.free_symbols & set(leaves)):
                 if _has_parameters(g) and not g.is_polynomial(T):
-                    # relu(L) - mu (a Moment's limit): a sum the caller expands into terms
-                    raise NotPairwise(f"E[{f}]: a nonlinear function of {L} with a scalar parameter")
+                    rescaled = _parameter_free_rescaling(g)
+                    if rescaled is None:
+                        # relu(L) - mu (a Moment's limit): a sum the caller expands into terms
+                        raise NotPairwise(f"E[{f}]: a nonlinear function of {L} with a scalar parameter")
+                    scale, g = rescaled
+                    L, const = sp.expand(scale * L), sp.expand(scale * const)
                 return _Factor(sp.expand(g.xreplace({T: T + const})) if const != 0 else g, L - const, side)
         raise NotPairwise(f"E[{f}] needs a function of several Gaussians at once")
 
@@ -1327,6 +1331,31 @@ def _has_parameters(g: sp.Expr) -> bool:
     """Does the one-variable function g(T) depend on anything but T (a symbol, an input-layer
     covariance or an expectation: quadrature functions are compiled from numbers and T alone)?"""
     return bool(g.free_symbols - {T}) or bool(g.atoms(E1, E2, TemplateCall, ops.InputCov))
+
+
+def _parameter_free_rescaling(g: sp.Expr):
+    """(s, h) with g(T) = h(s T) for a scalar s and h free of parameters (``_has_parameters``),
+    or None.  A form with a scalar coefficient c (a LayerNorm's 1/sqrt(variance + eps)) inside
+    a function whose derivative squares its argument, erf'(c L) = 2/sqrt(pi) exp(-(c L)^2),
+    reaches the engine as exp(-c^2 L^2): sympy multiplies out the power of a product, and
+    g(T) = exp(-c^2 T^2) has the parameter c^2.  Each term P T^k (k > 0) of g proposes
+    s = P^(1/k) for the non-numeric factors P (roots of a positive scalar: the variance's),
+    and the first that makes h(U) = g(U / s) parameter-free, with h(s T) written by sympy as g
+    itself, is taken: then E[g(L)] = E[h(L')] for the Gaussian L' = s L.  (s is a real number
+    where P > 0; where it is not, a NaN that the kernels' check of finiteness refuses.)"""
+    for term in sp.preorder_traversal(g):
+        if not term.is_Mul:
+            continue
+        powers = [f.as_base_exp()[1] for f in term.args if f.as_base_exp()[0] == T]
+        rest = [f for f in term.args if not f.has(T) and not f.is_number]
+        if len(powers) != 1 or not powers[0].is_number or not powers[0] > 0 or not rest:
+            continue
+        scale = sp.powdenest(sp.Mul(*rest) ** (1 / sp.sympify(powers[0])), force=True)
+        h = g.xreplace({T: T / scale})
+        # taken only where sympy writes h(s T) back as g itself: the identity is then exact
+        if not _has_parameters(h) and h.has(T) and h.xreplace({T: scale * T}) == g:
+            return scale, h
+    return None
 
 
 def _not_a_vector(engine: PairwiseEngine, key: str, e):
