@@ -203,6 +203,30 @@ def test_finite_width_converges_to_the_layer_kernels(name):
     assert -0.8 < np.median(slopes) < -0.3, slopes
 
 
+def test_a_step_passes_no_gradient_as_in_neural_tangents_sign():
+    """Dense -> Step -> Dense: the NNGP is the closed form 2.25 (1/4 + arcsin(rho) / (2 pi)) +
+    0.01, and the NTK equals it: the step's derivative is 0 almost everywhere, so the first
+    layer's weights contribute nothing at any finite width (neural-tangents' Sign sets its NTK
+    to 0 the same way).  The Dirac delta of the distributional derivative made an NTK that no
+    finite width approaches, infinite on the diagonal (a float64 overflow error)."""
+    X = np.random.default_rng(0).standard_normal((4, 3))
+    program = layers.serial(layers.Dense(8, 1.5, 0.1), layers.Step(), layers.Dense(1, 1.5, 0.1)).program((3,))
+    K = tp.compile(program).kernels(X)
+    sigma = 1.5**2 * X @ X.T / 3 + 0.1**2
+    rho = sigma / np.sqrt(np.outer(np.diag(sigma), np.diag(sigma)))
+    np.fill_diagonal(rho, 1.0)
+    nngp = 2.25 * (0.25 + np.arcsin(rho) / (2 * np.pi)) + 0.01
+    np.testing.assert_allclose(K["nngp"], nngp, rtol=1e-13, atol=0)
+    np.testing.assert_allclose(K["ntk"], nngp, rtol=1e-13, atol=0)
+    # the kernel program now runs at finite width (a Dirac delta cannot), where every run's NTK
+    # is its NNGP: the gradient through the step is 0 there too
+    runs = finite_runs(kernel_program(program.graph), (64, 512), 5, x=X)
+    for values in runs.values():
+        for a in range(4):
+            for b in range(4):
+                np.testing.assert_allclose(values[f"ntk[{a},{b}]"], values[f"nngp[{a},{b}]"], rtol=1e-12)
+
+
 # -- LayerNorm: the instructions at finite width and the backward pass through Moments -------
 def test_erf_after_a_layernorm_has_the_closed_form_kernels():
     """Dense -> LayerNorm -> Erf -> Dense against the closed forms: the limit of the LayerNorm's

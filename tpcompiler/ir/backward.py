@@ -6,7 +6,8 @@ the way from the parameters to the readout, its gradient vector
 by reverse-mode differentiation of the program itself:
 
 * seed:     dx = sigma v for the readout f = sigma/sqrt(n) v . x;
-* Nonlin    y = phi(a_1..a_k; theta):  da_i += (d phi / d a_i) * dy   (sympy derivative);
+* Nonlin    y = phi(a_1..a_k; theta):  da_i += (d phi / d a_i) * dy   (sympy derivative, almost
+            everywhere: a Dirac delta is 0, as in the finite network's gradient);
 * MatMul    y = W a:    da += W^T dy;     y = W^T a:  da += W dy.
 
 Moments on the way (theta = (1/n) sum_a psi(x_a; thetas), read by later vectors as scalar
@@ -118,6 +119,16 @@ def derive_backward(graph: Graph, prefix: str = "d", seed: sp.Expr | None = None
 BACKWARD = RuleTable("backward", domain=ops.VECTOR_OPS + (ops.Moment,))
 
 
+def _almost_everywhere(derivs: dict) -> dict:
+    """The derivatives as the finite network's gradient takes them, almost everywhere: a Dirac
+    delta (step' = delta) is 0 off a null set, where autodiff, neural-tangents' Sign and the
+    finite-width reference network (training/finite.py) all take it 0.  Kept, its expectation
+    E[delta(u) delta(u')] would give the kernels an NTK that no finite width approaches
+    (every finite network's gradient through a step is 0) and that is infinite at xi' = xi."""
+    return {s: d.replace(sp.DiracDelta, lambda *args: sp.S.Zero) if d.has(sp.DiracDelta) else d
+            for s, d in derivs.items()}
+
+
 @BACKWARD.register(ops.InitVec, ops.InputLayer)
 def _backward_leaf(graph: Graph, out: Graph, key: str, op, dkey: str, prefix: str) -> list:
     """Initial Gaussians read no vectors: the gradient stops here."""
@@ -136,7 +147,7 @@ def _scalar_terms(graph: Graph, out: Graph, key: str, expr: sp.Expr, weight: sp.
     (1/n) sum_a (d expr / d theta)_a * weight_a, a node of ``out`` (times weight itself when
     ``per_coordinate`` is False: weight is then a scalar factor outside the Moment)."""
     thetas = _moment_args(graph, key)
-    derivs = partials(expr, [node_symbol(t) for t in thetas])
+    derivs = _almost_everywhere(partials(expr, [node_symbol(t) for t in thetas]))
     terms = []
     for t in thetas:
         dt = derivs[node_symbol(t)]
@@ -154,7 +165,7 @@ def _backward_nonlin(graph: Graph, out: Graph, key: str, op, dkey: str, prefix: 
     """y = phi(a_1..a_k; theta):  d a_i += (d phi / d a_i) dy;
     D theta += (1/n) sum_a (d phi / d theta)_a dy_a  for Moments theta."""
     vectors = graph.vector_args(key)
-    derivs = partials(op.expr, [node_symbol(a) for a in vectors])
+    derivs = _almost_everywhere(partials(op.expr, [node_symbol(a) for a in vectors]))
     terms = [(a, derivs[node_symbol(a)] * node_symbol(dkey)) for a in vectors if derivs[node_symbol(a)] != 0]
     return terms + _scalar_terms(graph, out, key, op.expr, node_symbol(dkey), prefix, per_coordinate=True)
 
@@ -166,7 +177,7 @@ def _backward_moment(graph: Graph, out: Graph, key: str, op, grad: sp.Expr, pref
     if op.pair:
         raise ProgramError(f"instruction {key!r}: a pair moment (a kernel entry) cannot be differentiated")
     vectors = graph.vector_args(key)
-    derivs = partials(op.expr, [node_symbol(a) for a in vectors])
+    derivs = _almost_everywhere(partials(op.expr, [node_symbol(a) for a in vectors]))
     terms = [(a, grad * derivs[node_symbol(a)]) for a in vectors if derivs[node_symbol(a)] != 0]
     return terms + _scalar_terms(graph, out, key, op.expr, grad, prefix, per_coordinate=False)
 
