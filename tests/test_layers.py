@@ -184,8 +184,16 @@ FINITE = {
     "conv1d_layernorm_spatial_gelu": layers.serial(
         layers.Conv(8, (2,), padding="SAME", W_std=1.5), layers.LayerNorm(axis=(1, 2)), layers.Gelu(),
         layers.GlobalAvgPool(), layers.Dense(1, 1.5, 0.1)),
+    # a sum of two concatenations of different nonlinearities: relu + tanh and erf + gelu,
+    # whose expectations need a quadrature of tanh + relu (a reflection on half the line only
+    # made it wrong off the diagonal, expectations/functions.py: reflection)
+    "fc_sum_of_concats": layers.serial(
+        layers.Dense(8, 1.5, 0.1), layers.FanOut(2),
+        layers.parallel(layers.serial(layers.FanOut(2), layers.parallel(layers.Relu(), layers.Erf()), layers.FanInConcat()),
+                        layers.serial(layers.FanOut(2), layers.parallel(layers.Tanh(), layers.Gelu()), layers.FanInConcat())),
+        layers.FanInSum(), layers.Dense(1, 1.5, 0.1)),
 }
-SHAPES = {"conv2d_pool_flatten": (2, 2, 1), "fc_concat": (3,), "fc_relu_layernorm": (3,),
+SHAPES = {"fc_sum_of_concats": (3,), "conv2d_pool_flatten": (2, 2, 1), "fc_concat": (3,), "fc_relu_layernorm": (3,),
           "conv1d_layernorm_spatial": (3, 1), "fc_layernorm_erf": (3,), "conv1d_layernorm_spatial_gelu": (3, 1)}
 
 

@@ -125,11 +125,14 @@ def numpy_function(lam: sp.Lambda):
 
 
 def reflection(lam: sp.Lambda):
-    """(eps, c0, c1, c2) with psi(-v) = eps psi(v) + c0 + c1 v + c2 v^2, or None.
+    """(eps, c0, c1, c2) with psi(-v) = eps psi(v) + c0 + c1 v + c2 v^2 for every real v, or None.
 
     Exact parity comes from the expression's structure (nonlinearities' parity table); a
     parity up to a quadratic polynomial (sigmoid: eps = -1, c0 = 1; softplus and gelu:
-    eps = 1, c1 = -1; gelu': eps = -1, c0 = 1) is recognised numerically, to 1e-13.
+    eps = 1, c1 = -1; gelu': eps = -1, c0 = 1) is recognised numerically, to 1e-13, at
+    points of both signs: the quadrature applies it on the whole line (G(-m) from G(m),
+    quadrature.py), and an identity of one half line only (tanh + relu: psi(-v) = -psi(v) + v
+    for v >= 0, -psi(v) - v for v < 0) made E[psi(u) psi(v)] wrong by a third.
     """
     x = lam.variables[0]
     p = parity(lam.expr, x)
@@ -141,8 +144,8 @@ def reflection(lam: sp.Lambda):
         return None
     try:
         f = numpy_function(lam)
-        v = np.concatenate([np.linspace(0.0, 12.0, 97),
-                            np.random.default_rng(7).uniform(0.0, 30.0, 64)])
+        v = np.concatenate([np.linspace(-12.0, 12.0, 193),
+                            np.random.default_rng(7).uniform(-30.0, 30.0, 128)])
         fp, fm = f(v), f(-v)
         if not (np.all(np.isfinite(fp)) and np.all(np.isfinite(fm))):
             return None
