@@ -351,6 +351,13 @@ def test_bad_input_gives_one_clear_value_error():
     one_line_value_error(lambda: L.LayerNorm(channel_axis=1), "only batch_axis=0 and channel_axis=-1")
     one_line_value_error(lambda: L.LayerNorm(axis="channels"), "axis must be an integer or a tuple of integers")
     one_line_value_error(lambda: L.LayerNorm(eps=-1e-3), "LayerNorm: eps: expected a non-negative number")
+    # a hidden layer of W_std = 0 (the derivation crashed on it) and a network that is only its readout
+    for parameterization in ("ntk", "standard"):
+        one_line_value_error(lambda: L.serial(L.Dense(4, 0.0, 0.1, parameterization), L.Relu(), L.Dense(1)).program((3,)),
+                             "Dense(4): W_std = 0 makes a hidden layer's output its bias alone")
+    one_line_value_error(lambda: L.serial(L.Conv(4, (2,), W_std=0.0), L.Relu(), L.Flatten(), L.Dense(1)).program((3, 2)),
+                         "Conv(4, (2,)): W_std = 0")
+    one_line_value_error(lambda: L.serial(L.Dense(1)).program((3,)), "the readout needs a hidden layer before it")
     # a nonlinearity right after a LayerNorm of a non-centred vector, relu((relu(h) - mu) / sigma):
     # no parameter-free bivariate expectation; the limit's particles take it
     ln_relu = L.serial(L.Dense(4, 1.5, 0.1), L.Relu(), L.LayerNorm(), L.Relu(), L.Dense(1)).program((3,))

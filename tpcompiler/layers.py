@@ -136,6 +136,10 @@ def _hidden(state, layer: str) -> _Hidden:
         raise LayerError(f"{layer}: receives {len(state)} branches (after FanOut); apply parallel(...) to them "
                          f"or join them with FanInSum() / FanInConcat() first")
     if isinstance(state, _Raw):
+        if layer.endswith("(the readout)"):
+            raise LayerError(f"{layer}: the readout needs a hidden layer before it (a Dense or a Conv on the raw "
+                             f"input of shape {state.shape}, then the layers of the network); this network is the "
+                             "readout alone")
         raise LayerError(f"{layer}: cannot act on the raw input (shape {state.shape}); start the network with "
                          f"Dense or Conv (the input layer of the program)")
     return state
@@ -435,9 +439,12 @@ def _windows(spatial: tuple, filt: tuple, strides: tuple, padding: str, where: s
 def _linear(b: _Builder, state, filt: tuple, strides: tuple, padding: str, W_std: float, b_std, standard: bool,
             out_chan: int) -> _Hidden:
     """Dense (filt = ()) or Conv: instructions per output position (module docstring)."""
+    where = f"Dense({out_chan})" if not filt else f"Conv({out_chan}, {filt})"
+    if W_std == 0:  # (the derivation divides by it: a crash, not an error, before this check)
+        raise LayerError(f"{where}: W_std = 0 makes a hidden layer's output its bias alone, the same for every "
+                         "input; give W_std > 0 (the readout may have W_std = 0)")
     k = b.next()
     K = math.prod(filt)
-    where = "Dense" if not filt else f"Conv({out_chan}, {filt})"
     spatial = state.shape[:-1]
     windows = _windows(spatial, filt, strides, padding, where) if filt else {pos: [(0, pos)] for pos in np.ndindex(spatial)}
     bias = b.bias(k, b_std, standard)
