@@ -192,8 +192,11 @@ FINITE = {
         layers.parallel(layers.serial(layers.FanOut(2), layers.parallel(layers.Relu(), layers.Erf()), layers.FanInConcat()),
                         layers.serial(layers.FanOut(2), layers.parallel(layers.Tanh(), layers.Gelu()), layers.FanInConcat())),
         layers.FanInSum(), layers.Dense(1, 1.5, 0.1)),
+    # a LayerNorm of a LayerNorm: the second one's mean is E[c Z] = 0 (pairwise.py)
+    "fc_layernorm_twice_relu": layers.serial(
+        layers.Dense(8, 1.5, 0.1), layers.LayerNorm(), layers.LayerNorm(), layers.Relu(), layers.Dense(1, 1.5, 0.1)),
 }
-SHAPES = {"fc_sum_of_concats": (3,), "conv2d_pool_flatten": (2, 2, 1), "fc_concat": (3,), "fc_relu_layernorm": (3,),
+SHAPES = {"fc_layernorm_twice_relu": (3,), "fc_sum_of_concats": (3,), "conv2d_pool_flatten": (2, 2, 1), "fc_concat": (3,), "fc_relu_layernorm": (3,),
           "conv1d_layernorm_spatial": (3, 1), "fc_layernorm_erf": (3,), "conv1d_layernorm_spatial_gelu": (3, 1)}
 
 
@@ -236,20 +239,24 @@ def test_a_step_passes_no_gradient_as_in_neural_tangents_sign():
 
 
 # -- LayerNorm: the instructions at finite width and the backward pass through Moments -------
-def test_erf_after_a_layernorm_has_the_closed_form_kernels():
-    """Dense -> LayerNorm -> Erf -> Dense against the closed forms: the limit of the LayerNorm's
-    (h - mean) / sqrt(var + eps) divides the Dense's covariance Sigma and NTK (equal for a first
-    layer) by sqrt(q q') with q = Sigma(x, x) + eps; then erf's arcsine kernel and its derivative kernel
-    (4 / pi) / sqrt((1 + 2 K11)(1 + 2 K22) - 4 K12^2).  The NTK's erf'(u) = exp(-u^2) of the
-    normalised u = h / sqrt(q) is a function of h with the parameter q until the engine rescales
-    its form (pairwise.py: _parameter_free_rescaling); this fails if the scale were wrong."""
+@pytest.mark.parametrize("norms", [1, 2])
+def test_erf_after_a_layernorm_has_the_closed_form_kernels(norms):
+    """Dense -> LayerNorm (once or twice) -> Erf -> Dense against the closed forms: the limit of
+    the LayerNorm's (h - mean) / sqrt(var + eps) divides the Dense's covariance Sigma and NTK
+    (equal for a first layer) by sqrt(q q') with q = Sigma(x, x) + eps; then erf's arcsine kernel
+    and its derivative kernel (4 / pi) / sqrt((1 + 2 K11)(1 + 2 K22) - 4 K12^2).  The NTK's
+    erf'(u) = exp(-u^2) of the normalised u = h / sqrt(q) is a function of h with the parameter
+    q until the engine rescales its form (pairwise.py: _parameter_free_rescaling); this fails if
+    the scale were wrong.  A second LayerNorm subtracts the mean of the first one's output, an
+    expectation E[c Z] = 0 that the engine must write as 0, not as a call with a parameter."""
     X = np.random.default_rng(3).standard_normal((4, 3))
-    program = layers.serial(layers.Dense(8, 1.5, 0.1), layers.LayerNorm(eps=1e-3), layers.Erf(),
+    program = layers.serial(layers.Dense(8, 1.5, 0.1), *[layers.LayerNorm(eps=1e-3)] * norms, layers.Erf(),
                             layers.Dense(1, 1.5, 0.1)).program((3,))
     K = tp.compile(program).kernels(X)
-    sigma = 1.5**2 * X @ X.T / 3 + 0.1**2
-    q = np.diag(sigma) + 1e-3
-    Ku = sigma / np.sqrt(np.outer(q, q))
+    Ku = 1.5**2 * X @ X.T / 3 + 0.1**2
+    for _ in range(norms):
+        q = np.diag(Ku) + 1e-3
+        Ku = Ku / np.sqrt(np.outer(q, q))
     d = 1 + 2 * np.diag(Ku)
     nngp = 2.25 * (2 / np.pi) * np.arcsin(2 * Ku / np.sqrt(np.outer(d, d))) + 0.01
     ntk = nngp + 2.25 * (4 / np.pi) / np.sqrt(np.outer(d, d) - 4 * Ku**2) * Ku

@@ -602,7 +602,7 @@ class PairwiseEngine:
         """``_instance(variant, symbols of names, None)`` for the ids ``names`` of a product of two
         forms (``_expect_pair``): the same expression, its leaves' covariances looked up by ids."""
         template = self.templates_found[variant.index]
-        if not template.slots:
+        if not template.slots or template.value.is_Number:
             return template.value
         id_symbols, id_unprimed, id_number = self._id_symbols, self._id_unprimed, self._id_number
         own = [id_symbols[names[k]] for k in variant.constants]
@@ -978,7 +978,7 @@ class PairwiseEngine:
         """The template of ``variant`` at the product whose symbols in the variant's order are
         ``names`` (``call`` as in ``_templated``)."""
         template = self.templates_found[variant.index]
-        if not template.slots:
+        if not template.slots or template.value.is_Number:  # (a number whatever its slots: E[c Z] = 0)
             return template.value
         unprimed, leaf_cov = symbols.unprimed, self._leaf_cov
         own = [names[k] for k in variant.constants]
