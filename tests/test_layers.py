@@ -195,8 +195,12 @@ FINITE = {
     # a LayerNorm of a LayerNorm: the second one's mean is E[c Z] = 0 (pairwise.py)
     "fc_layernorm_twice_relu": layers.serial(
         layers.Dense(8, 1.5, 0.1), layers.LayerNorm(), layers.LayerNorm(), layers.Relu(), layers.Dense(1, 1.5, 0.1)),
+    # an ELU written as a Piecewise of its input with a bias (one form, written out twice)
+    "fc_elu": layers.serial(
+        layers.Dense(8, 1.5, 0.1), layers.Nonlin(lambda a: sympy.Piecewise((a, a > 0), (sympy.exp(a) - 1, True))),
+        layers.Dense(1, 1.5, 0.1)),
 }
-SHAPES = {"fc_layernorm_twice_relu": (3,), "fc_sum_of_concats": (3,), "conv2d_pool_flatten": (2, 2, 1), "fc_concat": (3,), "fc_relu_layernorm": (3,),
+SHAPES = {"fc_elu": (3,), "fc_layernorm_twice_relu": (3,), "fc_sum_of_concats": (3,), "conv2d_pool_flatten": (2, 2, 1), "fc_concat": (3,), "fc_relu_layernorm": (3,),
           "conv1d_layernorm_spatial": (3, 1), "fc_layernorm_erf": (3,), "conv1d_layernorm_spatial_gelu": (3, 1)}
 
 
@@ -236,6 +240,29 @@ def test_a_step_passes_no_gradient_as_in_neural_tangents_sign():
         for a in range(4):
             for b in range(4):
                 np.testing.assert_allclose(values[f"ntk[{a},{b}]"], values[f"nngp[{a},{b}]"], rtol=1e-12)
+
+
+@pytest.mark.parametrize("b_std", [None, 0.1])
+def test_a_leaky_relu_written_with_max_has_the_closed_form_kernels(b_std):
+    """Nonlin(Max(a, 0.1 a)) = 0.1 a + 0.9 relu(a): E = c^2 Sigma + 2 c (1 - c) Sigma / 2 +
+    (1 - c)^2 E[relu relu'] (the arc-cosine kernel), and its derivative c + (1 - c) step.  sympy
+    writes 0.1 (1.5 Z + b) out as 0.15 Z + 0.1 b, so with a bias the function reads two forms;
+    the engine must see them as one (pairwise.py: _in_one_form; it raised NotPairwise)."""
+    X = np.random.default_rng(7).standard_normal((3, 3))
+    program = layers.serial(layers.Dense(8, 1.5, b_std), layers.Nonlin(lambda a: sympy.Max(a, 0.1 * a)),
+                            layers.Dense(1, 1.5, 0.1)).program((3,))
+    K = tp.compile(program).kernels(X)
+    c = 0.1
+    sigma = 1.5**2 * X @ X.T / 3 + (b_std or 0.0) ** 2
+    s = np.sqrt(np.diag(sigma))
+    rho = np.clip(sigma / np.outer(s, s), -1.0, 1.0)
+    np.fill_diagonal(rho, 1.0)
+    theta = np.arccos(rho)
+    relu_relu = np.outer(s, s) / (2 * np.pi) * (np.sin(theta) + (np.pi - theta) * np.cos(theta))
+    nngp = 2.25 * (c * c * sigma + c * (1 - c) * sigma + (1 - c) ** 2 * relu_relu) + 0.01
+    derivative = c * c + c * (1 - c) + (1 - c) ** 2 * (np.pi - theta) / (2 * np.pi)
+    np.testing.assert_allclose(K["nngp"], nngp, rtol=1e-12, atol=0)
+    np.testing.assert_allclose(K["ntk"], nngp + 2.25 * derivative * sigma, rtol=1e-12, atol=0)
 
 
 # -- LayerNorm: the instructions at finite width and the backward pass through Moments -------

@@ -1101,9 +1101,12 @@ class PairwiseEngine:
         side = max(sides, default=0)
         if len(sides) > 1:
             raise NotPairwise(f"a factor mixes both inputs: {f}")
-        for L, const in _linear_candidates(f, set(leaves)):
+        candidates = list(_linear_candidates(f, set(leaves)))
+        for L, const in candidates:
             g = f.xreplace({L: T}) if L != f else T
-            if not (g.free_symbols & set(leaves)):
+            if g.free_symbols & set(leaves):
+                g = _in_one_form(f, L, const, candidates)
+            if g is not None and not (g.free_symbols & set(leaves)):
                 if _has_parameters(g) and not g.is_polynomial(T):
                     rescaled = _parameter_free_rescaling(g)
                     if rescaled is None:
@@ -1524,6 +1527,32 @@ def _linear_candidates(f: sp.Expr, leaves: set):
         parts = _linear_parts(sub)
         if parts is not None and parts[0]:
             yield sub, parts[1]
+
+
+def _in_one_form(f: sp.Expr, L: sp.Expr, const: sp.Expr, candidates: list):
+    """f with every affine form A of ``candidates`` proportional to L's, A = k (L - const) + c_A,
+    written k (T - const) + c_A (T standing for L), or None if none but L is.  sympy multiplies
+    a number into a sum, so a function of one form reads several: a leaky relu Max(h, 0.1 h) of
+    h = 1.5 Z + b is Max(1.5 Z + b, 0.15 Z + 0.1 b).  k is read off one leaf and checked on the
+    others (float coefficients to 1e-12: 0.1 * 1.5 is 0.15000000000000002)."""
+    base = _linear_parts(L)[0]
+    pivot = next(iter(base))
+    rep = {}
+    for A, c_A in candidates:
+        coefficients = _linear_parts(A)[0]
+        if coefficients.keys() != base.keys():
+            continue
+        k = coefficients[pivot] / base[pivot]
+        if all(_equal_coefficients(coefficients[s], k * base[s]) for s in base):
+            rep[A] = k * (T - const) + c_A
+    return f.xreplace(rep) if len(rep) > 1 else None
+
+
+def _equal_coefficients(a: sp.Expr, b: sp.Expr) -> bool:
+    """a == b for coefficients of leaves: numbers to 1e-12 relative, anything else exactly."""
+    if a.is_Number and b.is_Number:
+        return abs(float(a) - float(b)) <= 1e-12 * max(abs(float(a)), abs(float(b)))
+    return sp.expand(a - b) == 0
 
 
 def _is_sum_or_power_of_sum(f: sp.Expr) -> bool:
