@@ -265,6 +265,48 @@ def test_a_leaky_relu_written_with_max_has_the_closed_form_kernels(b_std):
     np.testing.assert_allclose(K["ntk"], nngp + 2.25 * derivative * sigma, rtol=1e-12, atol=0)
 
 
+def test_a_function_times_its_biased_form_is_one_function_of_it():
+    """phi(a) = exp(-a^2) after a layer with a bias: phi'(h) = -2 h exp(-h^2), and sympy writes
+    -2 h as -3 Z - 2 b, so the NTK's expectation multiplied out read three Gaussians (Z, b and
+    the other input's form) and was NotPairwise.  Kept whole (pairwise.py: expect_direct,
+    _onto_merged_form) it is E[g(h) g(h')] with g(t) = -2 t exp(-t^2), against the closed forms
+    E[exp(-u^2 - v^2)] = det(I + 2K)^(-1/2) and E[u v exp(-u^2 - v^2)] = k12 / det(I + 2K) times
+    that.  Heaviside(a) a is relu, whose closed form the kernels must then match."""
+    X = np.random.default_rng(7).standard_normal((3, 3))
+
+    def kernels(phi):
+        return tp.compile(layers.serial(layers.Dense(8, 1.5, 0.1), phi, layers.Dense(1, 1.5, 0.1)).program((3,))).kernels(X)
+
+    K = kernels(layers.Nonlin(lambda a: sympy.exp(-a**2)))
+    sigma = 1.5**2 * X @ X.T / 3 + 0.1**2
+    d = np.diag(sigma)
+    det = np.outer(1 + 2 * d, 1 + 2 * d) - 4 * sigma**2
+    nngp = 2.25 / np.sqrt(det) + 0.01
+    np.testing.assert_allclose(K["nngp"], nngp, rtol=1e-12, atol=0)
+    np.testing.assert_allclose(K["ntk"], nngp + 2.25 * 4 * sigma / det / np.sqrt(det) * sigma, rtol=1e-10, atol=0)
+    relu, written = kernels(layers.Relu()), kernels(layers.Nonlin(lambda a: sympy.Heaviside(a) * a))
+    for key in ("nngp", "ntk"):
+        np.testing.assert_allclose(written[key], relu[key], rtol=1e-9, atol=0)
+    # swish a sigmoid(a): against a 2-D Gauss-Hermite rule of 160 x 160 nodes (smooth integrands)
+    K = kernels(layers.Nonlin(lambda a: a / (1 + sympy.exp(-a))))
+    swish = lambda t: t / (1 + np.exp(-t))
+    dswish = lambda t: swish(t) + (1 - swish(t)) / (1 + np.exp(-t))
+    x, w = np.polynomial.hermite_e.hermegauss(160)
+    w = w / w.sum()
+    for a in range(3):
+        for b in range(3):
+            c00 = np.sqrt(sigma[a, a])
+            c10 = sigma[a, b] / c00
+            c11 = np.sqrt(max(sigma[b, b] - c10**2, 0.0))  # (0 on the diagonal: v = u)
+            u = c00 * x[:, None] + 0 * x[None, :]
+            v = c10 * x[:, None] + c11 * x[None, :]
+            ww = np.outer(w, w)
+            nngp_ab = 2.25 * np.sum(ww * swish(u) * swish(v)) + 0.01
+            ntk_ab = nngp_ab + 2.25 * np.sum(ww * dswish(u) * dswish(v)) * sigma[a, b]
+            assert abs(K["nngp"][a, b] - nngp_ab) <= 1e-9 * abs(nngp_ab), (a, b, K["nngp"][a, b], nngp_ab)
+            assert abs(K["ntk"][a, b] - ntk_ab) <= 1e-9 * abs(ntk_ab), (a, b, K["ntk"][a, b], ntk_ab)
+
+
 # -- LayerNorm: the instructions at finite width and the backward pass through Moments -------
 @pytest.mark.parametrize("norms", [1, 2])
 def test_erf_after_a_layernorm_has_the_closed_form_kernels(norms):

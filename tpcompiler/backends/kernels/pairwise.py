@@ -780,6 +780,13 @@ class PairwiseEngine:
         four terms of order 1 that cancel (relative error ~ k * rtol; the NTK of a tanh
         network at input norm 1e4 came out 6 times too large)."""
         expr, held = self._hold_sums(sp.sympify(expr))
+        if _has_products_of_sums(expr) and _functions_times_forms(expr):
+            # phi'(h) = -2 h exp(-h^2): the forms multiplied out would be separate Gaussians
+            # (1.5 Z exp(-h^2) + b exp(-h^2)), three of them with the other input's factor
+            try:
+                return self._expect_term(expr.xreplace(held) if held else expr)
+            except NotPairwise:
+                pass
         if _has_products_of_sums(expr):  # (else there is nothing to expand: a product of functions)
             kept = self._expanded_without_odd_terms(expr, held) if self.templates else None
             expr = kept if kept is not None else sp.expand(expr, deep=False, power_exp=False, power_base=False,
@@ -1140,8 +1147,8 @@ class PairwiseEngine:
     def _component_value(self, factors: list[_Factor]) -> sp.Expr:
         merged: dict = {}
         for f in factors:
-            key = (f.L, f.side)
-            merged[key] = merged.get(key, sp.S.One) * f.g
+            key, g = _onto_merged_form(f, merged)
+            merged[key] = merged.get(key, sp.S.One) * g
         expanded = [(L, side, sp.expand(g)) for (L, side), g in merged.items()]
         if all(g.is_polynomial(T) for _, _, g in expanded):
             return self._wick_polynomial(expanded)
@@ -1328,6 +1335,24 @@ def _has_products_of_sums(expr: sp.Expr) -> bool:
             if f.is_Add or (f.is_Pow and (f.base.is_Add or f.exp.is_Add)):  # (2**(x + 1) is 2*2**x to expand)
                 return True
     return False
+
+
+def _functions_times_forms(expr: sp.Expr) -> bool:
+    """Whether expr is one product of non-polynomial functions and of affine forms of leaves
+    (sums, or powers of sums, that ``_linear_parts`` reads): E[expr] is then tried whole first
+    (``expect_direct``), each form a factor g(L) = L of its own that ``_component_value``
+    merges with the functions of a multiple of it."""
+    if not expr.is_Mul:
+        return False
+    has_function = False
+    for f in expr.args:
+        base = f.base if f.is_Pow and f.exp.is_Integer and f.exp > 0 else f
+        if base.is_Add:
+            if _linear_parts(base) is None:
+                return False
+        elif not (base.is_Symbol or base.is_Number):
+            has_function = True
+    return has_function
 
 
 def _has_parameters(g: sp.Expr) -> bool:
@@ -1546,6 +1571,31 @@ def _in_one_form(f: sp.Expr, L: sp.Expr, const: sp.Expr, candidates: list):
         if all(_equal_coefficients(coefficients[s], k * base[s]) for s in base):
             rep[A] = k * (T - const) + c_A
     return f.xreplace(rep) if len(rep) > 1 else None
+
+
+def _onto_merged_form(f: "_Factor", merged: dict) -> tuple:
+    """((L, side), g) of factor f on a form of ``merged`` it is a number k times, L_f = k L,
+    with g(T) = g_f(k T); f's own otherwise.  sympy multiplies numbers into sums, so factors of one
+    form come with different forms: phi'(h) of exp(-h^2) is -2 h exp(-h^2), whose factors are
+    -3 Z - 2 b and exp(-(1.5 Z + b)^2), one function of one Gaussian and not two."""
+    if (f.L, f.side) in merged or not merged:
+        return (f.L, f.side), f.g
+    parts = _linear_parts(f.L)
+    if parts is None or parts[1] != 0 or not parts[0]:
+        return (f.L, f.side), f.g
+    coefficients = parts[0]
+    pivot = next(iter(coefficients))
+    for L, side in merged:
+        if side != f.side:
+            continue
+        other = _linear_parts(L)
+        if other is None or other[1] != 0 or other[0].keys() != coefficients.keys():
+            continue
+        k = coefficients[pivot] / other[0][pivot]
+        # (a number only: a scalar ratio, a LayerNorm's scale, would put a parameter in g)
+        if k.is_Number and all(_equal_coefficients(coefficients[s], k * other[0][s]) for s in coefficients):
+            return (L, side), f.g.xreplace({T: k * T})
+    return (f.L, f.side), f.g
 
 
 def _equal_coefficients(a: sp.Expr, b: sp.Expr) -> bool:
