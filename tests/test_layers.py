@@ -434,6 +434,10 @@ def test_bad_input_gives_one_clear_value_error():
     one_line_value_error(lambda: L.serial(L.Conv(4, (2,), W_std=0.0), L.Relu(), L.Flatten(), L.Dense(1)).program((3, 2)),
                          "Conv(4, (2,)): W_std = 0")
     one_line_value_error(lambda: L.serial(L.Dense(1)).program((3,)), "the readout needs a hidden layer before it")
+    # a kink away from 0 (relu(a + 1/2)): no quadrature rule for it, so particles, not a wrong number
+    shifted = L.serial(L.Dense(4, 1.5, 0.1), L.Nonlin(lambda a: sympy.Max(a + sympy.Rational(1, 2), 0)), L.Dense(1))
+    one_line_value_error(lambda: tp.compile(shifted.program((3,))).kernels(np.ones((2, 3))),
+                         "has a kink or a jump away from 0")
     # a nonlinearity right after a LayerNorm of a non-centred vector, relu((relu(h) - mu) / sigma):
     # no parameter-free bivariate expectation; the limit's particles take it
     ln_relu = L.serial(L.Dense(4, 1.5, 0.1), L.Relu(), L.LayerNorm(), L.Relu(), L.Dense(1)).program((3,))

@@ -40,7 +40,7 @@ import sympy as sp
 from tpcompiler.backends import codegen
 from tpcompiler.expectations import closed_forms, probing
 from tpcompiler.expectations.closed_forms import K, K11, K12, K22, closed_form_1d, closed_form_pair
-from tpcompiler.expectations.functions import as_lambda, as_poly, canonical, has_kink, reflection
+from tpcompiler.expectations.functions import as_lambda, as_poly, canonical, has_kink, kink_away_from_zero, reflection
 from tpcompiler.expectations.quadrature import oned_module, pair_module
 from tpcompiler.expectations.source import Module, evaluate_function, function, listing, targets
 
@@ -149,6 +149,15 @@ def _check_strategy(strategy: str) -> None:
 def _no_delta(lam: sp.Lambda, message: str) -> None:
     if lam.expr.has(sp.DiracDelta):
         raise ValueError(message)
+
+
+def _kinks_at_zero(lam: sp.Lambda, what: str) -> None:
+    """Refuse a quadrature of a function with a kink or jump the rules do not split at
+    (``functions.kink_away_from_zero``): a clear error instead of a wrong number."""
+    f = kink_away_from_zero(lam)
+    if f is not None:
+        raise ValueError(f"{what} with {lam.expr}: {f} has a kink or a jump away from 0, which the quadrature "
+                         "rules (split at 0) do not integrate accurately, and this function has no closed form")
 
 
 # ---------------------------------------------------------------------------------------
@@ -353,6 +362,7 @@ def _build_quadrature_pair(phi, psi, rtol, kmax) -> PairExpectation:
     for lam in (phi, psi):
         _no_delta(lam, f"E[phi(u) psi(v)] with {lam.expr}: a Dirac delta has no pointwise value "
                        "and this combination has no closed form")
+        _kinks_at_zero(lam, "E[phi(u) psi(v)]")
     # the inner function should have a reflection (halves the inner integrals); swap if needed
     ref_psi = reflection(psi)
     ref_phi = reflection(phi)
@@ -434,6 +444,7 @@ def _build_1d(phi, rtol, kmax, strategy) -> Expectation1D:
         return Expectation1D(phi=phi, method="closed form", source=module.source, scalar=loaded.f,
                              expression=expr, _evaluate=loaded.evaluate)
     _no_delta(phi, f"E[{phi.expr}] has a Dirac delta and no closed form")
+    _kinks_at_zero(phi, "E[phi(u)]")
     kink = has_kink(phi.expr)
     base = oned_module([phi], kink)
     rule = probing.oned_rule(base, base.load()._core1, 1, rtol, kmax, kink)

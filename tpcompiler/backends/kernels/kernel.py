@@ -237,7 +237,11 @@ class KernelFunction:
                               f"of parameter-free functions, but: {text}; tp.compile(program).limit(x=X) "
                               f"estimates the kernels by particles") from None
         self._inputs0 = {node_symbol(k): kp.op(k).index for k in kp.input_keys()}
-        self.expectations = expectation_rules(self.engine.functions, self.rtol)
+        try:
+            self.expectations = expectation_rules(self.engine.functions, self.rtol)
+        except ValueError as exc:  # (a function the quadratures cannot take: a kink away from 0, a delta)
+            raise NotPairwise(f"program {graph.name!r}: the kernel backend cannot compute an expectation: {exc}; "
+                              "tp.compile(program).limit(x=X) estimates the kernels by particles") from None
         self._bodies: dict = {}     # template index -> lowered body (_template_body)
         self._recipes: dict = {}    # template index -> its _Recipe or None (_recipe)
         self._linear_values: dict = {}  # engine's argument -> _linear (_linear_value)
