@@ -199,8 +199,13 @@ FINITE = {
     "fc_elu": layers.serial(
         layers.Dense(8, 1.5, 0.1), layers.Nonlin(lambda a: sympy.Piecewise((a, a > 0), (sympy.exp(a) - 1, True))),
         layers.Dense(1, 1.5, 0.1)),
+    # the same after a LayerNorm: the existence check's generic values put a negative number
+    # under the LayerNorm's square root inside the Piecewise's comparison (a TypeError crash)
+    "fc_layernorm_elu": layers.serial(
+        layers.Dense(8, 1.5, 0.1), layers.LayerNorm(),
+        layers.Nonlin(lambda a: sympy.Piecewise((a, a > 0), (sympy.exp(a) - 1, True))), layers.Dense(1, 1.5, 0.1)),
 }
-SHAPES = {"fc_elu": (3,), "fc_layernorm_twice_relu": (3,), "fc_sum_of_concats": (3,), "conv2d_pool_flatten": (2, 2, 1), "fc_concat": (3,), "fc_relu_layernorm": (3,),
+SHAPES = {"fc_layernorm_elu": (3,), "fc_elu": (3,), "fc_layernorm_twice_relu": (3,), "fc_sum_of_concats": (3,), "conv2d_pool_flatten": (2, 2, 1), "fc_concat": (3,), "fc_relu_layernorm": (3,),
           "conv1d_layernorm_spatial": (3, 1), "fc_layernorm_erf": (3,), "conv1d_layernorm_spatial_gelu": (3, 1)}
 
 

@@ -407,7 +407,13 @@ class Checker:
             else:
                 rep[s] = _GENERIC[i % len(_GENERIC)] * (1 + i // len(_GENERIC))
                 i += 1
-        return expr.xreplace(rep)
+        try:
+            return expr.xreplace(rep)
+        except TypeError:
+            # a negative value under a square root inside a comparison (a Piecewise of a
+            # LayerNorm's h / sqrt(var): "Invalid comparison of non-real"): positive values
+            # are as generic
+            return expr.xreplace({s: abs(v) for s, v in rep.items()})
 
     def _param_values(self) -> dict:
         """{symbol: value} of the program's Params (computed once)."""
