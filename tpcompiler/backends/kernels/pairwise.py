@@ -1108,10 +1108,12 @@ class PairwiseEngine:
         side = max(sides, default=0)
         if len(sides) > 1:
             raise NotPairwise(f"a factor mixes both inputs: {f}")
-        candidates = list(_linear_candidates(f, set(leaves)))
-        for L, const in candidates:
+        candidates = None  # all of them, made only if a form is read through several multiples
+        for L, const in _linear_candidates(f, set(leaves)):
             g = f.xreplace({L: T}) if L != f else T
             if g.free_symbols & set(leaves):
+                if candidates is None:
+                    candidates = list(_linear_candidates(f, set(leaves)))
                 g = _in_one_form(f, L, const, candidates)
             if g is not None and not (g.free_symbols & set(leaves)):
                 if _has_parameters(g) and not g.is_polynomial(T):
@@ -1558,17 +1560,12 @@ def _in_one_form(f: sp.Expr, L: sp.Expr, const: sp.Expr, candidates: list):
     """f with every affine form A of ``candidates`` proportional to L's, A = k (L - const) + c_A,
     written k (T - const) + c_A (T standing for L), or None if none but L is.  sympy multiplies
     a number into a sum, so a function of one form reads several: a leaky relu Max(h, 0.1 h) of
-    h = 1.5 Z + b is Max(1.5 Z + b, 0.15 Z + 0.1 b).  k is read off one leaf and checked on the
-    others (float coefficients to 1e-12: 0.1 * 1.5 is 0.15000000000000002)."""
+    h = 1.5 Z + b is Max(1.5 Z + b, 0.15 Z + 0.1 b) (``_multiple``)."""
     base = _linear_parts(L)[0]
-    pivot = next(iter(base))
     rep = {}
     for A, c_A in candidates:
-        coefficients = _linear_parts(A)[0]
-        if coefficients.keys() != base.keys():
-            continue
-        k = coefficients[pivot] / base[pivot]
-        if all(_equal_coefficients(coefficients[s], k * base[s]) for s in base):
+        k = _multiple(_linear_parts(A)[0], base)
+        if k is not None:
             rep[A] = k * (T - const) + c_A
     return f.xreplace(rep) if len(rep) > 1 else None
 
@@ -1583,26 +1580,33 @@ def _onto_merged_form(f: "_Factor", merged: dict) -> tuple:
     parts = _linear_parts(f.L)
     if parts is None or parts[1] != 0 or not parts[0]:
         return (f.L, f.side), f.g
-    coefficients = parts[0]
-    pivot = next(iter(coefficients))
     for L, side in merged:
-        if side != f.side:
+        other = _linear_parts(L) if side == f.side else None
+        if other is None or other[1] != 0:
             continue
-        other = _linear_parts(L)
-        if other is None or other[1] != 0 or other[0].keys() != coefficients.keys():
-            continue
-        k = coefficients[pivot] / other[0][pivot]
+        k = _multiple(parts[0], other[0])
         # (a number only: a scalar ratio, a LayerNorm's scale, would put a parameter in g)
-        if k.is_Number and all(_equal_coefficients(coefficients[s], k * other[0][s]) for s in coefficients):
+        if k is not None and k.is_Number:
             return (L, side), f.g.xreplace({T: k * T})
     return (f.L, f.side), f.g
 
 
-def _equal_coefficients(a: sp.Expr, b: sp.Expr) -> bool:
-    """a == b for coefficients of leaves: numbers to 1e-12 relative, anything else exactly."""
-    if a.is_Number and b.is_Number:
-        return abs(float(a) - float(b)) <= 1e-12 * max(abs(float(a)), abs(float(b)))
-    return sp.expand(a - b) == 0
+def _multiple(coefficients: dict, base: dict):
+    """k with coefficients = k base ({leaf: coefficient} of two linear forms), or None: k read
+    off one leaf and checked on the others, numbers to 1e-12 relative (0.1 * 1.5 is
+    0.15000000000000002), anything else exactly."""
+    if not base or coefficients.keys() != base.keys():
+        return None
+    pivot = next(iter(base))
+    k = coefficients[pivot] / base[pivot]
+    for s, b in base.items():
+        a, kb = coefficients[s], k * b
+        if a.is_Number and kb.is_Number:
+            if abs(float(a) - float(kb)) > 1e-12 * max(abs(float(a)), abs(float(kb))):
+                return None
+        elif sp.expand(a - kb) != 0:
+            return None
+    return k
 
 
 def _is_sum_or_power_of_sum(f: sp.Expr) -> bool:
