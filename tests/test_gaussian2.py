@@ -311,9 +311,10 @@ def test_a_kink_away_from_zero_is_refused_not_integrated_wrongly():
     with pytest.raises(ValueError, match="kink or a jump away from 0"):
         g2.expectation(sp.Lambda(X, relu(X + 1) * sp.tanh(X)))
     for at_zero in (relu(X), sp.Max(X, X / 10), sp.Piecewise((X, X > 0), (sp.exp(X) - 1, True)), sp.Abs(2 * X),
-                    sp.Heaviside(X) * X, relu(-X) ** 2, relu(X**3)):
+                    sp.Heaviside(X) * X, relu(-X) ** 2, relu(X**3), relu(sp.tanh(X)), sp.Abs(X + X**3)):
         assert kink_away_from_zero(sp.Lambda(X, at_zero)) is None, at_zero
-    for away in (sp.Max(X + 1, 0), sp.Piecewise((X, X > 1), (0, True)), sp.floor(X), relu(sp.sin(X))):
+    for away in (sp.Max(X + 1, 0), sp.Piecewise((X, X > 1), (0, True)), sp.floor(X), relu(sp.sin(X)),
+                 relu(X**2 - sp.Rational(1, 10**6))):
         assert kink_away_from_zero(sp.Lambda(X, away)) is not None, away
 
 

@@ -40,6 +40,7 @@ from __future__ import annotations
 import networkx as nx
 import sympy as sp
 
+from tpcompiler.ir import nonlinearities as nl
 from tpcompiler.ir import ops
 from tpcompiler.ir.graph import Graph, ProgramError
 from tpcompiler.ir.ops import VEC, node_symbol
@@ -120,13 +121,12 @@ BACKWARD = RuleTable("backward", domain=ops.VECTOR_OPS + (ops.Moment,))
 
 
 def _almost_everywhere(derivs: dict) -> dict:
-    """The derivatives as the finite network's gradient takes them, almost everywhere: a Dirac
-    delta (step' = delta) is 0 off a null set, where autodiff, neural-tangents' Sign and the
-    finite-width reference network (training/finite.py) all take it 0.  Kept, its expectation
+    """The derivatives as the finite network's gradient takes them, almost everywhere
+    (``nonlinearities.almost_everywhere``: a Dirac delta is 0, as the finite-width reference
+    network of training/finite.py takes it too).  Kept, its expectation
     E[delta(u) delta(u')] would give the kernels an NTK that no finite width approaches
     (every finite network's gradient through a step is 0) and that is infinite at xi' = xi."""
-    return {s: d.replace(sp.DiracDelta, lambda *args: sp.S.Zero) if d.has(sp.DiracDelta) else d
-            for s, d in derivs.items()}
+    return {s: nl.almost_everywhere(d) for s, d in derivs.items()}
 
 
 @BACKWARD.register(ops.InitVec, ops.InputLayer)

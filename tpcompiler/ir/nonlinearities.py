@@ -139,6 +139,12 @@ EVEN, ODD, NEITHER = 1, -1, 0
 _OTHER_PARITY = {sp.sinh: ODD, sp.atan: ODD, sp.asinh: ODD, sp.cosh: EVEN, sp.sign: ODD, sp.DiracDelta: EVEN}
 
 
+def almost_everywhere(expr: sp.Expr) -> sp.Expr:
+    """A derivative as a network's gradient takes it, almost everywhere: every Dirac delta (step'
+    = delta) is 0 off a null set, where autodiff and neural-tangents' Sign take it 0."""
+    return expr.replace(sp.DiracDelta, lambda *args: sp.S.Zero) if expr.has(sp.DiracDelta) else expr
+
+
 def parity_of_function(func) -> int:
     """Parity of a one-argument sympy function class (EVEN, ODD or NEITHER)."""
     return _PARITY.get(func, NEITHER)

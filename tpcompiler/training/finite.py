@@ -49,7 +49,7 @@ import sympy as sp
 
 from tpcompiler import validation
 from tpcompiler.ir.graph import ProgramError
-from tpcompiler.ir.nonlinearities import NUMPY_FUNCTIONS, builtin
+from tpcompiler.ir.nonlinearities import NUMPY_FUNCTIONS, almost_everywhere, builtin
 
 __all__ = [
     "batch_indices",
@@ -111,7 +111,7 @@ def _lambdify(expr):
 def _make_phi(fn) -> _Phi:
     expr = sp.sympify(fn(_X))
     dexpr = sp.diff(expr, _X)
-    dexpr = dexpr.replace(sp.DiracDelta, lambda *args: sp.S.Zero)  # derivative a.e.
+    dexpr = almost_everywhere(dexpr)
     if dexpr.free_symbols:
         df, const = _lambdify(dexpr), 0.0
     else:
