@@ -136,10 +136,6 @@ def _hidden(state, layer: str) -> _Hidden:
         raise LayerError(f"{layer}: receives {len(state)} branches (after FanOut); apply parallel(...) to them "
                          f"or join them with FanInSum() / FanInConcat() first")
     if isinstance(state, _Raw):
-        if layer.endswith("(the readout)"):
-            raise LayerError(f"{layer}: the readout needs a hidden layer before it (a Dense or a Conv on the raw "
-                             f"input of shape {state.shape}, then the layers of the network); this network is the "
-                             "readout alone")
         raise LayerError(f"{layer}: cannot act on the raw input (shape {state.shape}); start the network with "
                          f"Dense or Conv (the input layer of the program)")
     return state
@@ -342,6 +338,10 @@ def Dense(out_dim: int, W_std: float = 1.0, b_std: float | None = None, paramete
         return _linear(b, _single(state, label), (), (), "VALID", W_std, b_std, standard, out_dim)
 
     def readout(b, state):
+        if isinstance(state, _Raw):
+            raise LayerError(f"{label} (the readout): the readout needs a hidden layer before it (a Dense or a Conv "
+                             f"on the raw input of shape {state.shape}, then the layers of the network); this network "
+                             "is the readout alone")
         state = _hidden(state, f"{label} (the readout)")
         if state.spatial:
             raise LayerError(f"{label} (the readout): its input has spatial shape {state.spatial}; insert "
