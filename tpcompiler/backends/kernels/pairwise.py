@@ -780,14 +780,15 @@ class PairwiseEngine:
         four terms of order 1 that cancel (relative error ~ k * rtol; the NTK of a tanh
         network at input norm 1e4 came out 6 times too large)."""
         expr, held = self._hold_sums(sp.sympify(expr))
-        if _has_products_of_sums(expr) and _functions_times_forms(expr):
+        products_of_sums = _has_products_of_sums(expr)
+        if products_of_sums and _functions_times_forms(expr):
             # phi'(h) = -2 h exp(-h^2): the forms multiplied out would be separate Gaussians
             # (1.5 Z exp(-h^2) + b exp(-h^2)), three of them with the other input's factor
             try:
                 return self._expect_term(expr.xreplace(held) if held else expr)
             except NotPairwise:
                 pass
-        if _has_products_of_sums(expr):  # (else there is nothing to expand: a product of functions)
+        if products_of_sums:  # (else there is nothing to expand: a product of functions)
             kept = self._expanded_without_odd_terms(expr, held) if self.templates else None
             expr = kept if kept is not None else sp.expand(expr, deep=False, power_exp=False, power_base=False,
                                                             log=False)
