@@ -234,9 +234,9 @@ def test_a_program_whose_kernels_are_stored_compiles_without_its_kernel_program(
 
     made = []
 
-    def counted(*args):
+    def counted(*args, **kwargs):
         made.append(args[0].name)
-        return compiler_kernel_outputs(*args)
+        return compiler_kernel_outputs(*args, **kwargs)
 
     compiler_kernel_outputs = compiler.kernel_outputs
     monkeypatch.setattr(compiler, "kernel_outputs", counted)

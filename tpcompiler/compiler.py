@@ -69,6 +69,7 @@ class Compilation:
 
     source: Graph                       # the program as written
     drop_zdot: bool = False             # ablation: derive with every ZDot term omitted
+    finite_width: bool = False          # the kernel program is run at finite width, not derived
     grads: dict | None = None           # backward: {z: dz} (kernel programs only)
     graph: Graph | None = None          # the graph whose outputs are evaluated
     zprogram: ZProgram | None = None    # derive: its Master-theorem Z program
@@ -101,10 +102,11 @@ def _backward(c: Compilation) -> Compilation:
 
 
 def _kernel_program(c: Compilation) -> Compilation:
-    """After a backward pass: the outputs nngp, ntk as pair moments (``ntk.kernel_outputs``)."""
+    """After a backward pass: the outputs nngp, ntk as pair moments (``ntk.kernel_outputs``):
+    those of the limit, or with ``finite_width`` the network's own empirical kernels."""
     if c.grads is None:
         return c
-    return dataclasses.replace(c, graph=kernel_outputs(c.source, c.graph, c.grads))
+    return dataclasses.replace(c, graph=kernel_outputs(c.source, c.graph, c.grads, in_the_limit=not c.finite_width))
 
 
 def _derive(c: Compilation) -> Compilation:
@@ -120,9 +122,11 @@ PASSES: tuple[Pass, ...] = (
 )
 
 
-def run_passes(program, drop_zdot: bool = False, until: str = PASSES[-1].name) -> Compilation:
-    """Run ``PASSES`` on ``program`` in order, up to and including the pass ``until``."""
-    state = Compilation(graph_of(program), drop_zdot)
+def run_passes(program, drop_zdot: bool = False, until: str = PASSES[-1].name,
+               finite_width: bool = False) -> Compilation:
+    """Run ``PASSES`` on ``program`` in order, up to and including the pass ``until``
+    (``finite_width``: ``Compilation``'s)."""
+    state = Compilation(graph_of(program), drop_zdot, finite_width)
     with _compiling(state) as running:
         return continue_passes(state, None, until, running)
 
@@ -431,7 +435,7 @@ def compile(program, drop_zdot: bool = False) -> Compiled:  # noqa: A001 - the p
 def _finite_width_graph(program, x) -> Graph:
     """The program's graph bound to the input rows ``x``, checked to be runnable at finite
     width (it has outputs, every instruction is pointwise)."""
-    graph = run_passes(program, until="kernel program").graph
+    graph = run_passes(program, until="kernel program", finite_width=True).graph
     _require_outputs(graph)
     graph, _ = instantiate(graph, _rows(network_rows(graph_of(program), x, "x"), "x"))
     _pointwise(graph)

@@ -36,6 +36,7 @@ from tpcompiler.ir.backward import derive_backward, forward_nodes
 from tpcompiler.ir.construct import product, total
 from tpcompiler.ir.graph import Graph
 from tpcompiler.ir.ops import node_symbol, primed_symbol
+from tpcompiler.ir.parity import Characters
 from tpcompiler.ir.rules import RuleTable
 from tpcompiler.ir.symbols import linear_coefficients, monomial
 
@@ -73,20 +74,36 @@ class _Differentiated:
     #: order the rules found them
     by_rows: dict = field(default_factory=dict)
     base_rows: dict | None = None  # ``_base_rows``' memo
+    #: the flip characters of ``out`` (parity.py) when the kernel program is that of the
+    #: limit, whose products of pair moments 0 by a flip symmetry are left out; None keeps
+    #: every product (finite width, where such a moment is not 0, only its expectation)
+    characters: Characters | None = None
+
+    def vanishes(self, a: str, b: str) -> bool:
+        """Whether E[Z^a Z^b'] = 0 is proven by a flip symmetry (only in the limit's kernel program)."""
+        return self.characters is not None and self.characters.vanishes(a, b)
 
 
-def kernel_program(graph: Graph) -> Graph:
-    """``graph`` with its backward pass and the outputs ``nngp`` and ``ntk`` (pair moments)."""
-    return kernel_outputs(graph, *derive_backward(graph))
+def kernel_program(graph: Graph, in_the_limit: bool = False) -> Graph:
+    """``graph`` with its backward pass and the outputs ``nngp`` and ``ntk`` (pair moments);
+    ``in_the_limit``: see ``kernel_outputs``."""
+    return kernel_outputs(graph, *derive_backward(graph), in_the_limit=in_the_limit)
 
 
-def kernel_outputs(graph: Graph, out: Graph, grads: dict[str, str]) -> Graph:
+def kernel_outputs(graph: Graph, out: Graph, grads: dict[str, str], in_the_limit: bool = False) -> Graph:
     """The kernel-program pass: ``out`` (``graph`` with its backward pass, gradients
     ``grads`` = {z: dz}) with the outputs ``nngp`` and ``ntk`` as pair moments, replacing its
     outputs.  NTK = v's term + the bias term + the contributions of every trained parameter
     type, each by its rule in ``NTK_TERMS`` (the matrices', then the initial vectors', which
-    may fold into the matrices' products of gradient pairs: module docstring)."""
-    d = _Differentiated(graph, out, grads, set(forward_nodes(graph)), out.input_dependent())
+    may fold into the matrices' products of gradient pairs: module docstring).
+
+    ``in_the_limit``: the kernel program of the limit (every limit backend reads it), which
+    leaves out the NTK's products of a pair moment that a flip symmetry proves 0
+    (``parity.py``: a Flatten readout's gradients at two positions); they are not 0 at finite
+    width, where the program run by the interpreter is the network's own empirical kernel, so
+    the finite-width kernel program (the default) keeps them."""
+    d = _Differentiated(graph, out, grads, set(forward_nodes(graph)), out.input_dependent(),
+                        characters=Characters(out) if in_the_limit else None)
     ro = graph.readout
     out.outputs = {}
     bias2 = ro.bias**2 if ro.bias is not None else sp.S.Zero
@@ -160,6 +177,8 @@ def _ntk_input_matrices(d: _Differentiated, keys: list) -> list:
         layers = [k for k in d.graph.keys_of(ops.InputLayer) if d.graph.args(k)[0] == U and k in d.grads]
         for a in layers:
             for b in layers:
+                if d.vanishes(d.grads[a], d.grads[b]):
+                    continue
                 d.by_rows.setdefault((d.grads[a], d.grads[b]), []).append(("cov", d.graph.op(U).weight(), a, b))
     return []
 
@@ -183,6 +202,8 @@ def _ntk_matrices(d: _Differentiated, keys: list) -> list:
         for ra, ca in pairs:
             for rb, cb in pairs:
                 memory.tick()
+                if d.vanishes(ra, rb) or d.vanishes(ca, cb):
+                    continue
                 d.by_rows.setdefault((ra, rb), []).append(("use", weights[mat], ca, cb))
     return []
 
@@ -204,6 +225,8 @@ def _fold_into_rows(d: _Differentiated, weight: sp.Expr, grad: str) -> bool:
         for dl, el in combination.items():
             found = rows.get((dk, dl))
             if found is None:
+                if d.vanishes(dk, dl):
+                    continue  # (E[D_k D_l'] = 0: a product left out of the limit's)
                 return False
             key = (ek, el, found[1])
             constant = constants.get(key)

@@ -223,7 +223,7 @@ class KernelFunction:
         ``running(step)`` is told each step as it starts (``progress.status``)."""
         running("kernel program")
         derived = derived() if callable(derived) else derived
-        kp, zp = derived if derived is not None else (kernel_program(graph), None)
+        kp, zp = derived if derived is not None else (kernel_program(graph, in_the_limit=True), None)
         running("pair expectations")
         self._engine = engine = PairwiseEngine(kp, zp, runtime=frozenset(self.runtime), templates=templates)
         try:
