@@ -220,3 +220,30 @@ def test_expectation_of_random_products_is_the_node_sympy_builds():
         built, direct = Expectation(psi), Expectation.of_random(psi)
         assert type(direct) is Expectation and direct == built and hash(direct) == hash(built)
         assert direct.args == built.args and direct.nargs == built.nargs and direct.is_commutative
+
+
+def test_linear_coefficients_read_term_by_term_agree_with_sympys_poly():
+    """symbols.linear_coefficients reads sums of c x_k term by term (a Poly of a Flatten
+    readout's P products was dense in 2P variables); on 400 random sums of linear terms,
+    products, powers, constants and functions it must give what sympy's Poly gives, types of
+    the coefficients included (a float coefficient keeps Poly's reading)."""
+    import random
+
+    import sympy as sp
+    from tpcompiler.ir.symbols import _linear_coefficients_of_poly, linear_coefficients
+
+    x, y, z, a, b = sp.symbols("x y z a b")
+    variables = [x, y, z]
+    rng = random.Random(11)
+
+    def term():
+        v, w = rng.choice(variables), rng.choice(variables)
+        return rng.choice([
+            rng.randint(-3, 3) * v, sp.Rational(rng.randint(1, 5), 7) * v, rng.uniform(-2, 2) * v, a * v,
+            (a + b) * v, sp.sqrt(2) * b * v, v * w, 2 * v ** 2, sp.exp(a) * v, sp.sin(v) * a, v / (1 + w),
+            sp.Integer(rng.randint(0, 2)), a, 0.5 * a * v])
+
+    for _ in range(400):
+        expr = sp.Add(*[term() for _ in range(rng.randint(1, 4))])
+        got, want = linear_coefficients(expr, variables), _linear_coefficients_of_poly(expr, variables)
+        assert got == want and [type(c) for c in got or ()] == [type(c) for c in want or ()], expr

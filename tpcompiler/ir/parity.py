@@ -60,6 +60,9 @@ class Characters:
             op = graph.op(key)
             if op.kind in (ops.VEC, ops.SCALAR) and not (isinstance(op, ops.Moment) and op.pair):
                 self._raw[key] = self._bounded(CHARACTERS(op)(self, key, op))
+        # projected once, now that no atom will be dropped (``of`` is asked per pair of uses)
+        self._raw = {key: self.of(key) for key in self._raw}
+        self.dropped = set()
 
     def of(self, key: str) -> frozenset:
         """The characters of node ``key``, projected onto the atoms not dropped."""

@@ -377,8 +377,35 @@ def monomial(*factors: sp.Expr) -> sp.Expr:
 
 def linear_coefficients(expr: sp.Expr, variables: list) -> list | None:
     """[c_k] when expr = sum_k c_k x_k over ``variables`` x_k (a polynomial of degree 1 in them
-    without a constant term; the c_k are free of them), else None."""
-    if not variables or not expr.is_polynomial(*variables):
+    without a constant term; the c_k are free of them), else None.
+
+    Read term by term when every term is c x_k with c free of floats or a product of powers
+    of the x_k (degree 2 or more: None); sympy's Poly otherwise.  A Poly of a Flatten readout's sum of P products
+    m_b y_b is dense in its 2P variables: at 16 x 16 positions, 7 of the 15 s of the kernels'
+    derivation."""
+    if not variables:
+        return None
+    wanted = set(variables)
+    found: dict = {}
+    for term in sp.Add.make_args(expr):
+        coefficient, x = term.as_independent(*variables, as_Add=False)
+        if x in wanted:
+            found.setdefault(x, []).append(coefficient)
+        elif x.is_Mul and all(f in wanted or (f.is_Pow and f.base in wanted and f.exp.is_Integer and f.exp > 0)
+                              for f in x.args):
+            return None  # (a monomial of degree 2 or more: no term of another kind can cancel it)
+        else:
+            return _linear_coefficients_of_poly(expr, variables)
+    if any(c.has(sp.Float) for cs in found.values() for c in cs):
+        # (Poly's domain of floats gives its constant term as Float 0.0, which is != 0 in
+        # sympy: such a sum has been read as not linear, and stays so)
+        return _linear_coefficients_of_poly(expr, variables)
+    return [sp.Add(*found[x]) if x in found else sp.S.Zero for x in variables]
+
+
+def _linear_coefficients_of_poly(expr: sp.Expr, variables: list) -> list | None:
+    """``linear_coefficients`` by sympy's Poly."""
+    if not expr.is_polynomial(*variables):
         return None
     poly = sp.Poly(expr, *variables)
     if poly.total_degree() != 1 or poly.coeff_monomial(1) != 0:
