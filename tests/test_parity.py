@@ -99,3 +99,14 @@ def test_the_limit_kernel_program_gives_the_kernels_of_the_whole_one(name):
     limit = KernelFunction(graph, derived=(kernel_program(graph, in_the_limit=True), None))(X)
     for k in ("nngp", "ntk"):
         np.testing.assert_allclose(limit[k], whole[k], rtol=1e-13, atol=1e-13 * np.abs(whole[k]).max())
+
+
+def test_a_readout_of_more_positions_than_a_products_bound_is_still_pruned():
+    """A sum's characters are not bounded (parity.MAX_CHARACTERS bounds products): a Flatten
+    readout over 300 positions has 300 characters, and its gradients at two positions still
+    have none in common, so the limit's kernel program has one pair moment per position (the
+    NTK's gradient pairs) plus the readout's, not 300^2."""
+    P = 300
+    net = layers.serial(layers.Conv(4, (3,), padding="SAME", W_std=1.5, b_std=0.1), layers.Relu(), layers.Flatten(),
+                        layers.Dense(1, 1.5, 0.1))
+    assert _pair_moments(kernel_program(net.program((P, 1)).graph, in_the_limit=True)) <= P + 1

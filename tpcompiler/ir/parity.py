@@ -27,9 +27,10 @@ The characters come from the program, one rule per op (``CHARACTERS``), in topol
   parity: the atoms of that argument are *dropped*, i.e. no longer negated, which makes that
   argument and the function even.  Dropping keeps every earlier conclusion true once its
   characters are projected onto the atoms left (projection commutes with unions and symmetric
-  differences), so one pass suffices; characters are read projected.  A node whose characters
-  would exceed ``MAX_CHARACTERS`` drops its atoms too (fewer atoms: fewer zeros proven, never
-  a wrong one).
+  differences), so one pass suffices; characters are read projected.  A product whose
+  characters would exceed ``MAX_CHARACTERS`` drops its atoms too (fewer atoms: fewer zeros
+  proven, never a wrong one); a sum has at most its terms' characters (a Flatten readout one
+  per position, 1024 at 32 x 32), and is not bounded.
 """
 from __future__ import annotations
 
@@ -42,8 +43,8 @@ from tpcompiler.ir.rules import RuleTable
 
 EVEN = frozenset({frozenset()})
 
-#: The most characters a node keeps before its atoms are dropped (a product of sums of many
-#: odd parts would otherwise multiply them).
+#: The most characters a product keeps before its atoms are dropped (a product of sums of
+#: many odd parts would otherwise multiply them).
 MAX_CHARACTERS = 256
 
 
@@ -59,7 +60,7 @@ class Characters:
         for key in graph.order():
             op = graph.op(key)
             if op.kind in (ops.VEC, ops.SCALAR) and not (isinstance(op, ops.Moment) and op.pair):
-                self._raw[key] = self._bounded(CHARACTERS(op)(self, key, op))
+                self._raw[key] = CHARACTERS(op)(self, key, op)
         # projected once, now that no atom will be dropped (``of`` is asked per pair of uses)
         self._raw = {key: self.of(key) for key in self._raw}
         self.dropped = set()
@@ -91,8 +92,7 @@ class Characters:
         if isinstance(expr, ops.NodeSymbol):
             return self.of(expr.key) if expr.key in self._raw else EVEN
         if expr.is_Add:
-            out = frozenset().union(*(self.of_expression(a) for a in expr.args))
-            return self._bounded(out)
+            return frozenset().union(*(self.of_expression(a) for a in expr.args))
         if expr.is_Mul:
             out = EVEN
             for factor in expr.args:
