@@ -2,6 +2,7 @@
 
     python benchmarks/cnn_compile.py [--quick] [--write-docs]
     python benchmarks/cnn_compile.py --steps [--write-docs]
+    python benchmarks/cnn_compile.py --flatten [--write-docs]
 
 Each case runs in a fresh process with an empty generated-code cache (``TPCOMPILER_CACHE_DIR``
 a new directory, so the first call pays Numba's whole compile) and ``OMP_NUM_THREADS=1``.
@@ -22,7 +23,9 @@ cnn1d: ``programs/cnn1d.py`` (C = 2, filter 3 SAME, relu, GlobalAvgPool); 2-D: `
 ``--steps``: where the derivation's time goes, per step of ``tp.compile`` and of the kernel
 derivation (``progress.timed_steps``), in seconds and in microseconds per pair of positions
 (what grows: the quantities of a pooled readout are three per pair), for the 2-D depth-2
-cases; its own section of docs/benchmarks.md.
+cases; its own section of docs/benchmarks.md.  ``--flatten``: the same for Flatten readouts at
+8 x 8, 16 x 16 and 32 x 32 (the limit's kernel program has no products of two positions,
+ir/parity.py), in a section of its own.
 """
 from __future__ import annotations
 
@@ -60,6 +63,8 @@ CASES = [
 STEPS_SECTION = "## CNN compile time per step (tp.layers, issue 11)"
 STEPS_CASES = [{"kind": "2d", "L": L, "depth": 2, "steps": True} for L in (8, 12, 16)] + \
     [{"kind": "2d", "L": 16, "depth": 2, "readout": "flatten", "steps": True}]
+FLATTEN_SECTION = "## CNN compile time per step, Flatten readouts (tp.layers, issue 11)"
+FLATTEN_CASES = [{"kind": "2d", "L": L, "depth": 2, "readout": "flatten", "steps": True} for L in (8, 16, 32)]
 QUICK = [{"kind": "cnn1d", "L": 8, "depth": 2}, {"kind": "2d", "L": 4, "depth": 1}]
 
 
@@ -129,12 +134,12 @@ def steps_case(prog, positions: int) -> dict:
             "positions": positions, "load": os.getloadavg()[0]}
 
 
-def steps_table(rows) -> str:
-    """The --steps section: seconds per step, and microseconds per pair of positions."""
+def steps_table(rows, section: str = STEPS_SECTION, command: str = "--steps") -> str:
+    """The --steps (or --flatten) section: seconds per step, and microseconds per pair of positions."""
     m = machine_info()
     names = list(dict.fromkeys(step for _, r in rows if "error" not in r for step, _ in r["steps"]))
-    lines = [STEPS_SECTION, "",
-             f"`python benchmarks/cnn_compile.py --steps` on {m['cpu']}, {m['cores']} cores, {m['memory']}; "
+    lines = [section, "",
+             f"`python benchmarks/cnn_compile.py {command}` on {m['cpu']}, {m['cores']} cores, {m['memory']}; "
              f"{m['date']}.  Each case in a fresh process with an empty code cache: `tp.compile(...).kernel_function()`, "
              "the time of each of its steps (`progress.timed_steps`: a step lasts until the next starts) in seconds, "
              "and in parentheses in microseconds per pair of positions; quantities: the derivation's "
@@ -167,6 +172,8 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--write-docs", action="store_true")
     parser.add_argument("--steps", action="store_true", help="time each step of the derivation (its own section)")
+    parser.add_argument("--flatten", action="store_true",
+                        help="time each step for Flatten readouts up to 32 x 32 (its own section)")
     parser.add_argument("--case", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.case:
@@ -174,16 +181,17 @@ def main() -> None:
         return
     os.environ["OMP_NUM_THREADS"] = "1"
     rows = []
-    if args.steps:
-        for case in STEPS_CASES:
+    if args.steps or args.flatten:
+        section, command = (FLATTEN_SECTION, "--flatten") if args.flatten else (STEPS_SECTION, "--steps")
+        for case in FLATTEN_CASES if args.flatten else STEPS_CASES:
             with tempfile.TemporaryDirectory() as cache:
                 os.environ["TPCOMPILER_CACHE_DIR"] = cache
                 rows.append((case, spawn(Path(__file__), case, timeout=1800)))
             print(name(case), rows[-1][1], flush=True)
-        text = steps_table(rows)
+        text = steps_table(rows, section, command)
         print(text)
         if args.write_docs:
-            write_section(DOCS, STEPS_SECTION, text)
+            write_section(DOCS, section, text)
         return
     for case in QUICK if args.quick else CASES:
         with tempfile.TemporaryDirectory() as cache:
