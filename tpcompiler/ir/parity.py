@@ -10,8 +10,9 @@ Every vector and scalar of the program is then a sum of parts, each with a *char
 set of atoms it is odd in (the flip of an atom of the set negates the part, the flip of any
 other atom leaves it as it is).  A pair moment (1/n) sum_a x_a y'_a of two vectors with no
 character in common is a sum of products of parts each negated by the flip of some atom, so
-its expectation is 0 at every width and, the moment converging to a constant (the Master
-theorem), its limit is 0.  A Flatten readout y = sum_b g_b * y_b (tp.layers) reads one
+the moment and its images under the flips have one law, so they converge (the Master theorem)
+to one constant, while their average over the group of flips is 0 at every width: the limit
+is 0.  A Flatten readout y = sum_b g_b * y_b (tp.layers) reads one
 independent vector g_b per position: the gradients of two positions have no character in
 common, and the kernel program of the limit leaves out the NTK's products of their pairs
 (``ntk.kernel_outputs`` with ``in_the_limit``), P^2 - P of them per layer.
@@ -90,7 +91,7 @@ class Characters:
         if expr.is_Number:
             return EVEN
         if isinstance(expr, ops.NodeSymbol):
-            return self.of(expr.key) if expr.key in self._raw else EVEN
+            return self.of(expr.key)  # (a KeyError: a node read before it is made, or a pair moment read)
         if expr.is_Add:
             return frozenset().union(*(self.of_expression(a) for a in expr.args))
         if expr.is_Mul:
@@ -104,7 +105,7 @@ class Characters:
                 out = self._bounded(_products(out, base))
             return out
         for s in expr.free_symbols:  # any other function: its odd arguments lose their atoms
-            if isinstance(s, ops.NodeSymbol) and s.key in self._raw:
+            if isinstance(s, ops.NodeSymbol):
                 self.drop(self.of(s.key))
         return EVEN
 
