@@ -167,3 +167,27 @@ def test_monomials_skip_the_walk_and_find_what_it_finds(monkeypatch):
     assert found[:7] == [[]] * 7 and sum(map(bool, found[7:])) == 10  # all but x**2.0 y, (x + y)**2, tanh(x) y
     monkeypatch.setattr(existence, "_is_monomial", lambda e: False)
     assert found == [existence.risky_atoms(e, is_random) for e in exprs]
+
+
+def test_generic_values_keep_a_layernorms_scale_real(monkeypatch):
+    """The growth check reads a moment at generic values of its other symbols.  A
+    LayerNorm's h = (z - mu) (var + eps)^(-1/2) at a negative generic var was imaginary, so
+    the exp(-h) of a swish oscillated instead of growing: a wrong premise for the check, and
+    sympy's limits of it took minutes (tp.compile of this net ran over 5 minutes).  Every
+    function the check reads must stay real."""
+    from tpcompiler.symbolic import existence
+    from tpcompiler import layers
+
+    read = []
+    grows = existence._grows_too_fast
+
+    def real_only(f_t, t, rate):
+        assert not f_t.has(sp.I), f"the growth check read a complex function: {f_t}"
+        read.append(f_t)
+        return grows(f_t, t, rate)
+
+    monkeypatch.setattr(existence, "_grows_too_fast", real_only)
+    swish = layers.Nonlin(lambda a: a / (1 + sp.exp(-a)), name="swish")
+    net = layers.serial(layers.Dense(8, W_std=1.5, b_std=0.1), layers.LayerNorm(), swish, layers.Dense(1, b_std=0.1))
+    tp.compile(net.program((3,)))
+    assert read  # (the check did read the swish's moments)

@@ -408,12 +408,18 @@ class Checker:
                 rep[s] = _GENERIC[i % len(_GENERIC)] * (1 + i // len(_GENERIC))
                 i += 1
         try:
-            return expr.xreplace(rep)
+            generic = expr.xreplace(rep)
         except TypeError:
             # a negative value under a square root inside a comparison (a Piecewise of a
             # LayerNorm's h / sqrt(var): "Invalid comparison of non-real"): positive values
             # are as generic
             return expr.xreplace({s: abs(v) for s, v in rep.items()})
+        if generic.has(sp.I) and not expr.has(sp.I):
+            # the same without the comparison: a LayerNorm's (var + eps)^(-1/2) at a negative
+            # var made its h imaginary, so exp(-h) oscillates instead of growing (a wrong
+            # answer about growth, and sympy's limits of it took minutes)
+            generic = expr.xreplace({s: abs(v) for s, v in rep.items()})
+        return generic
 
     def _param_values(self) -> dict:
         """{symbol: value} of the program's Params (computed once)."""
