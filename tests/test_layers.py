@@ -312,6 +312,86 @@ def test_a_function_times_its_biased_form_is_one_function_of_it():
             assert abs(K["ntk"][a, b] - ntk_ab) <= 1e-9 * abs(ntk_ab), (a, b, K["ntk"][a, b], ntk_ab)
 
 
+#: gelu as a user writes it: sympy keeps the irrational 1/sqrt(2) outside the sum, so
+#: gelu(1.5 Z + b) reads the forms 1.5 Z + b and sqrt(2) (1.5 Z + b) / 2
+USER_GELU = layers.Nonlin(lambda a: a * (1 + sympy.erf(a / sympy.sqrt(2))) / 2)
+IRRATIONAL_MULTIPLE_NETS = {
+    "dense_bias": (lambda phi: layers.serial(layers.Dense(8, 1.5, 0.1), phi, layers.Dense(1)), (3,)),
+    "dense_no_bias": (lambda phi: layers.serial(layers.Dense(8, 1.5), phi, layers.Dense(1)), (3,)),
+    "depth_2": (lambda phi: layers.serial(layers.Dense(8, 1.5, 0.1), phi, layers.Dense(8, 1.3, 0.2), phi,
+                                          layers.Dense(1, 1.2, 0.05)), (3,)),
+    "conv1d": (lambda phi: layers.serial(layers.Conv(8, (3,), padding="SAME", W_std=1.4, b_std=0.1), phi,
+                                         layers.GlobalAvgPool(), layers.Dense(1)), (4, 2)),
+}
+
+
+@pytest.mark.parametrize("name", sorted(IRRATIONAL_MULTIPLE_NETS))
+def test_a_user_written_gelu_has_the_builtin_gelus_kernels(name):
+    """phi(a) = a (1 + erf(a / sqrt 2)) / 2 written with sympy: its NNGP's expectation is a
+    product of the forms h, h' and the held sums 1 + erf(sqrt(2) h / 2), 1 + erf(sqrt(2) h' / 2),
+    which was multiplied out into b^2 (1 + erf)(1 + erf') and refused ('3 jointly Gaussian
+    nonlinear factors'): it is kept whole (pairwise.py: _functions_times_forms reads the held
+    functions) and h is merged with the irrational multiple sqrt(2) h / 2 of it
+    (_onto_merged_form, _is_numeric).  The built-in Gelu, a sympy Function with its own
+    derivative, is the independent reference."""
+    net, shape = IRRATIONAL_MULTIPLE_NETS[name]
+    X = np.random.default_rng(3).standard_normal((3, *shape))
+    user = tp.compile(net(USER_GELU).program(shape)).kernels(X)
+    builtin = tp.compile(net(layers.Gelu()).program(shape)).kernels(X)
+    for key in ("nngp", "ntk"):
+        np.testing.assert_allclose(user[key], builtin[key], rtol=1e-10, atol=0)
+
+
+def test_a_function_of_an_irrational_multiple_of_its_form_has_the_closed_form_kernels():
+    """phi(a) = a sin(sqrt(3) a) after a layer with a bias: sin(sqrt(3) (1.5 Z + b)) and the
+    factor 1.5 Z + b are one function of one Gaussian (pairwise.py: _onto_merged_form; it was
+    NotPairwise).  With G(c1, c2) = E[cos(c1 u) cos(c2 v)] = (exp(-q_-/2) + exp(-q_+/2)) / 2 and
+    S(c1, c2) = E[sin(c1 u) sin(c2 v)] = (exp(-q_-/2) - exp(-q_+/2)) / 2, where
+    q_+- = c1^2 k11 + c2^2 k22 +- 2 c1 c2 k12: E[phi(u) phi(v)] = d^2 G / dc1 dc2 and, as
+    phi'(u) = sin(c u) + c u cos(c u) = d/dc (c sin(c u)), E[phi'(u) phi'(v)] =
+    d^2 (c1 c2 S) / dc1 dc2, both at c1 = c2 = sqrt(3)."""
+    X = np.random.default_rng(7).standard_normal((3, 3))
+    K = tp.compile(layers.serial(layers.Dense(8, 1.5, 0.1), layers.Nonlin(lambda a: a * sympy.sin(sympy.sqrt(3) * a)),
+                                 layers.Dense(1, 1.5, 0.1)).program((3,))).kernels(X)
+    c1, c2, k11, k12, k22 = sympy.symbols("c1 c2 k11 k12 k22")
+    e_minus = sympy.exp(-(c1**2 * k11 + c2**2 * k22 - 2 * c1 * c2 * k12) / 2)
+    e_plus = sympy.exp(-(c1**2 * k11 + c2**2 * k22 + 2 * c1 * c2 * k12) / 2)
+    at = {c1: sympy.sqrt(3), c2: sympy.sqrt(3)}
+    phi_phi = sympy.lambdify((k11, k12, k22), sympy.diff((e_minus + e_plus) / 2, c1, c2).subs(at))
+    dphi_dphi = sympy.lambdify((k11, k12, k22), sympy.diff(c1 * c2 * (e_minus - e_plus) / 2, c1, c2).subs(at))
+    sigma = 1.5**2 * X @ X.T / 3 + 0.1**2
+    d = np.diag(sigma)
+    nngp = 2.25 * phi_phi(d[:, None], sigma, d[None, :]) + 0.01
+    np.testing.assert_allclose(K["nngp"], nngp, rtol=1e-10, atol=0)
+    np.testing.assert_allclose(K["ntk"], nngp + 2.25 * dphi_dphi(d[:, None], sigma, d[None, :]) * sigma,
+                               rtol=1e-10, atol=0)
+
+
+def test_factors_merge_onto_one_form_through_numbers_only():
+    """pairwise._onto_merged_form: a factor on k L is merged onto L, g(T) -> g(k T), for any
+    real number k (3/2, sqrt(2)/2, pi); a ratio with a scalar parameter (a LayerNorm's
+    1/sqrt(var + eps), an expectation E1) is not merged, since g would read the parameter and
+    no quadrature is compiled for it; the expectation is then refused (particles), never a
+    wrong number.  A user-written gelu after a LayerNorm reads such a ratio: h and
+    erf(sqrt(2) c h / 2) with c the Moment's limit, kept apart (3 Gaussians: refused)."""
+    from tpcompiler.backends.kernels.pairwise import E1, T, _Factor, _onto_merged_form
+    from tpcompiler.ir.symbols import ZHatSymbol
+
+    z, b = ZHatSymbol("z"), ZHatSymbol("b")
+    h = 1.5 * z + b
+    merged = {(h, 0): T}
+    for k in (sympy.Rational(3, 2), sympy.sqrt(2) / 2, sympy.pi, 0.75 * sympy.sqrt(2)):
+        form, g = _onto_merged_form(_Factor(sympy.erf(T) + 1, k * h, 0), merged)
+        assert form == (h, 0) and abs(float(g.subs(T, 0.7)) - float(sympy.erf(0.7 * k) + 1)) < 1e-15, (k, form, g)
+    for k in (sympy.Symbol("c", positive=True), sympy.sqrt(2) * E1(sympy.Integer(0), sympy.Float(2.0))):
+        form, g = _onto_merged_form(_Factor(sympy.erf(T) + 1, k * h, 0), merged)
+        assert form == (k * h, 0) and g == sympy.erf(T) + 1, (k, form, g)
+    # the other input's form is another Gaussian whatever the multiple
+    assert _onto_merged_form(_Factor(T, sympy.sqrt(2) * h, 1), merged)[0] == (sympy.sqrt(2) * h, 1)
+    ln_gelu = layers.serial(layers.Dense(4, 1.5, 0.1), layers.LayerNorm(), USER_GELU, layers.Dense(1)).program((3,))
+    one_line_value_error(lambda: tp.compile(ln_gelu).kernels(np.ones((2, 3))), "estimates the kernels by particles")
+
+
 # -- LayerNorm: the instructions at finite width and the backward pass through Moments -------
 @pytest.mark.parametrize("norms", [1, 2])
 def test_erf_after_a_layernorm_has_the_closed_form_kernels(norms):

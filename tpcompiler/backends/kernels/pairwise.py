@@ -781,7 +781,7 @@ class PairwiseEngine:
         network at input norm 1e4 came out 6 times too large)."""
         expr, held = self._hold_sums(sp.sympify(expr))
         products_of_sums = _has_products_of_sums(expr)
-        if products_of_sums and _functions_times_forms(expr):
+        if products_of_sums and _functions_times_forms(expr, held):
             # phi'(h) = -2 h exp(-h^2): the forms multiplied out would be separate Gaussians
             # (1.5 Z exp(-h^2) + b exp(-h^2)), three of them with the other input's factor
             try:
@@ -1340,17 +1340,22 @@ def _has_products_of_sums(expr: sp.Expr) -> bool:
     return False
 
 
-def _functions_times_forms(expr: sp.Expr) -> bool:
+def _functions_times_forms(expr: sp.Expr, held: dict) -> bool:
     """Whether expr is one product of non-polynomial functions and of affine forms of leaves
     (sums, or powers of sums, that ``_linear_parts`` reads): E[expr] is then tried whole first
     (``expect_direct``), each form a factor g(L) = L of its own that ``_component_value``
-    merges with the functions of a multiple of it."""
+    merges with the functions of a multiple of it.  ``held`` maps the placeholders of
+    ``_hold_sums`` to their sums: one that holds a single function g(L) (a sum that is not
+    affine: gelu(h) = h (1 + erf(h / sqrt 2)) / 2 reads 1 + erf(...)) is a function, one that
+    holds a free linear form is a form; leaves and numbers are neither."""
     if not expr.is_Mul:
         return False
     has_function = False
     for f in expr.args:
         base = f.base if f.is_Pow and f.exp.is_Integer and f.exp > 0 else f
-        if base.is_Add:
+        if base in held:
+            has_function = has_function or _linear_parts(held[base]) is None
+        elif base.is_Add:
             if _linear_parts(base) is None:
                 return False
         elif not (base.is_Symbol or base.is_Number):
@@ -1575,7 +1580,9 @@ def _onto_merged_form(f: "_Factor", merged: dict) -> tuple:
     """((L, side), g) of factor f on a form of ``merged`` it is a number k times, L_f = k L,
     with g(T) = g_f(k T); f's own otherwise.  sympy multiplies numbers into sums, so factors of one
     form come with different forms: phi'(h) of exp(-h^2) is -2 h exp(-h^2), whose factors are
-    -3 Z - 2 b and exp(-(1.5 Z + b)^2), one function of one Gaussian and not two."""
+    -3 Z - 2 b and exp(-(1.5 Z + b)^2), one function of one Gaussian and not two.  An irrational
+    number it keeps outside the sum instead, as a product: gelu(h) = h (1 + erf(h / sqrt 2)) / 2
+    has the factors 1.5 Z + b and 1 + erf(sqrt(2) (1.5 Z + b) / 2), k = sqrt(2) / 2 (``_is_numeric``)."""
     if (f.L, f.side) in merged or not merged:
         return (f.L, f.side), f.g
     parts = _linear_parts(f.L)
@@ -1587,27 +1594,36 @@ def _onto_merged_form(f: "_Factor", merged: dict) -> tuple:
             continue
         k = _multiple(parts[0], other[0])
         # (a number only: a scalar ratio, a LayerNorm's scale, would put a parameter in g)
-        if k is not None and k.is_Number:
+        if k is not None and _is_numeric(k):
             return (L, side), f.g.xreplace({T: k * T})
     return (f.L, f.side), f.g
 
 
 def _multiple(coefficients: dict, base: dict):
     """k with coefficients = k base ({leaf: coefficient} of two linear forms), or None: k read
-    off one leaf and checked on the others, numbers to 1e-12 relative (0.1 * 1.5 is
-    0.15000000000000002), anything else exactly."""
+    off one leaf and checked on the others, numbers (``_is_numeric``: 0.75 sqrt(2) too) to 1e-12
+    relative (0.1 * 1.5 is 0.15000000000000002), anything else exactly."""
     if not base or coefficients.keys() != base.keys():
         return None
     pivot = next(iter(base))
     k = coefficients[pivot] / base[pivot]
     for s, b in base.items():
         a, kb = coefficients[s], k * b
-        if a.is_Number and kb.is_Number:
+        if _is_numeric(a) and _is_numeric(kb):
             if abs(float(a) - float(kb)) > 1e-12 * max(abs(float(a)), abs(float(kb))):
                 return None
         elif sp.expand(a - kb) != 0:
             return None
     return k
+
+
+def _is_numeric(k: sp.Expr) -> bool:
+    """Whether k is a real number, rational or not (3/2, 0.75, sqrt(2)/2, pi): no symbol (a
+    scalar parameter, a Moment's limit) and no expectation or input covariance inside it
+    (``_has_parameters``), so a function g(k T) is as parameter-free as g(T)."""
+    if k.is_Number:  # (the common case, without the walks below)
+        return True
+    return bool(k.is_number) and not _has_parameters(k) and bool(k.is_extended_real)
 
 
 def _is_sum_or_power_of_sum(f: sp.Expr) -> bool:
