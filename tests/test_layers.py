@@ -195,6 +195,11 @@ FINITE = {
     # a LayerNorm of a LayerNorm: the second one's mean is E[c Z] = 0 (pairwise.py)
     "fc_layernorm_twice_relu": layers.serial(
         layers.Dense(8, 1.5, 0.1), layers.LayerNorm(), layers.LayerNorm(), layers.Relu(), layers.Dense(1, 1.5, 0.1)),
+    # swish(h) = h sigmoid(h) after a LayerNorm: the factor c (Z + b) and sigmoid(c (Z + b)),
+    # c = (var + eps)^(-1/2), are one Gaussian with c^k moved out (pairwise._merged_through_scalars)
+    "fc_layernorm_swish": layers.serial(
+        layers.Dense(8, 1.5, 0.1), layers.LayerNorm(), layers.Nonlin(lambda a: a / (1 + sympy.exp(-a))),
+        layers.Dense(1, 1.5, 0.1)),
     # an ELU written as a Piecewise of its input with a bias (one form, written out twice)
     "fc_elu": layers.serial(
         layers.Dense(8, 1.5, 0.1), layers.Nonlin(lambda a: sympy.Piecewise((a, a > 0), (sympy.exp(a) - 1, True))),
@@ -205,7 +210,7 @@ FINITE = {
         layers.Dense(8, 1.5, 0.1), layers.LayerNorm(),
         layers.Nonlin(lambda a: sympy.Piecewise((a, a > 0), (sympy.exp(a) - 1, True))), layers.Dense(1, 1.5, 0.1)),
 }
-SHAPES = {"fc_layernorm_elu": (3,), "fc_elu": (3,), "fc_layernorm_twice_relu": (3,), "fc_sum_of_concats": (3,), "conv2d_pool_flatten": (2, 2, 1), "fc_concat": (3,), "fc_relu_layernorm": (3,),
+SHAPES = {"fc_layernorm_swish": (3,), "fc_layernorm_elu": (3,), "fc_elu": (3,), "fc_layernorm_twice_relu": (3,), "fc_sum_of_concats": (3,), "conv2d_pool_flatten": (2, 2, 1), "fc_concat": (3,), "fc_relu_layernorm": (3,),
           "conv1d_layernorm_spatial": (3, 1), "fc_layernorm_erf": (3,), "conv1d_layernorm_spatial_gelu": (3, 1)}
 
 
@@ -322,6 +327,15 @@ IRRATIONAL_MULTIPLE_NETS = {
                                           layers.Dense(1, 1.2, 0.05)), (3,)),
     "conv1d": (lambda phi: layers.serial(layers.Conv(8, (3,), padding="SAME", W_std=1.4, b_std=0.1), phi,
                                          layers.GlobalAvgPool(), layers.Dense(1)), (4, 2)),
+    # after a LayerNorm the multiple is sqrt(2) c / 2 with c = (var + eps)^(-1/2) a Moment's
+    # limit: h is merged onto the erf's form with c moved out (pairwise._merged_through_scalars)
+    "layernorm": (lambda phi: layers.serial(layers.Dense(8, 1.5, 0.1), layers.LayerNorm(), phi, layers.Dense(1)), (3,)),
+    "layernorm_depth_2_no_bias": (lambda phi: layers.serial(layers.Dense(8, 1.5), layers.LayerNorm(), phi,
+                                                            layers.Dense(8, 1.5, 0.1), layers.LayerNorm(), phi,
+                                                            layers.Dense(1, 1.5)), (3,)),
+    "conv1d_layernorm": (lambda phi: layers.serial(layers.Conv(8, (2,), padding="SAME", W_std=1.5, b_std=0.1),
+                                                   layers.LayerNorm(axis=(1, 2)), phi, layers.GlobalAvgPool(),
+                                                   layers.Dense(1, 1.5, 0.1)), (3, 2)),
 }
 
 
@@ -388,7 +402,17 @@ def test_factors_merge_onto_one_form_through_numbers_only():
         assert form == (k * h, 0) and g == sympy.erf(T) + 1, (k, form, g)
     # the other input's form is another Gaussian whatever the multiple
     assert _onto_merged_form(_Factor(T, sympy.sqrt(2) * h, 1), merged)[0] == (sympy.sqrt(2) * h, 1)
-    ln_gelu = layers.serial(layers.Dense(4, 1.5, 0.1), layers.LayerNorm(), USER_GELU, layers.Dense(1)).program((3,))
+    # a scalar ratio is taken only for a monomial factor, its power moved out of the expectation
+    # (_merged_through_scalars): c h tanh(c h) is c * [T tanh(T)] at T = c h, whatever c is
+    from tpcompiler.backends.kernels.pairwise import _merged_through_scalars
+    c = sympy.Symbol("c", positive=True)
+    merged, scale = _merged_through_scalars([_Factor(T**2, h, 0), _Factor(sympy.tanh(T), c * h, 0)])
+    assert merged == {(c * h, 0): T**2 * sympy.tanh(T)} and abs(float(scale.subs(c, 1.3)) - 1.3**-2) < 1e-15, (merged, scale)
+    assert _merged_through_scalars([_Factor(T**2 + T, h, 0), _Factor(sympy.tanh(T), c * h, 0)]) is None
+    # after a relu the LayerNorm subtracts a mean that is not 0: gelu reads the Moment's limit
+    # inside its argument, which no parameter-free function takes (refused, never a wrong number)
+    ln_gelu = layers.serial(layers.Dense(4, 1.5, 0.1), layers.Relu(), layers.LayerNorm(), USER_GELU,
+                            layers.Dense(1)).program((3,))
     one_line_value_error(lambda: tp.compile(ln_gelu).kernels(np.ones((2, 3))), "estimates the kernels by particles")
 
 

@@ -1155,6 +1155,16 @@ class PairwiseEngine:
         expanded = [(L, side, sp.expand(g)) for (L, side), g in merged.items()]
         if all(g.is_polynomial(T) for _, _, g in expanded):
             return self._wick_polynomial(expanded)
+        if len(merged) > 2:
+            regrouped = _merged_through_scalars(factors)
+            if regrouped is not None and len(regrouped[0]) < len(merged):
+                merged, scale = regrouped
+                return scale * self._component_value_of_merged(merged)
+        return self._component_value_of_merged(merged)
+
+    def _component_value_of_merged(self, merged: dict) -> sp.Expr:
+        """E[prod g(L)] over ``merged`` ({(L, side): g}), not all polynomials: one or two
+        Gaussians (E1, E2), else NotPairwise."""
         # a function is kept unexpanded (1 - tanh(t)^2 stays one function, see expect)
         items = [(L, side, g) for (L, side), g in merged.items()]
         for L, _, g in items:
@@ -1597,6 +1607,56 @@ def _onto_merged_form(f: "_Factor", merged: dict) -> tuple:
         if k is not None and _is_numeric(k):
             return (L, side), f.g.xreplace({T: k * T})
     return (f.L, f.side), f.g
+
+
+def _merged_through_scalars(factors: list) -> tuple | None:
+    """({(L, side): g}, scale) with the product of ``factors`` = scale * prod g(L): first the
+    functions (non-polynomial g) merged onto common forms by numbers (``_onto_merged_form``),
+    then each monomial factor c L_f^n whose form is a scalar multiple L_f = k L of a
+    function's form (k free of leaves: a LayerNorm's (var + eps)^(-1/2), a Moment's limit)
+    merged as c T^n onto L, with k^n moved into ``scale``.  That is exact: k is a number for
+    each input, constant under the expectation.  A LayerNorm's h = k (Z + b) makes swish(h) =
+    h sigmoid(h) the factors k (Z + b) and sigmoid(k (Z + b)): one Gaussian, not two.  None if
+    some polynomial factor is not a monomial (its powers would need different scales)."""
+    merged: dict = {}
+    for f in factors:
+        if not f.g.is_polynomial(T):
+            key, g = _onto_merged_form(f, merged)
+            merged[key] = merged.get(key, sp.S.One) * g
+    functions = dict(merged)
+    scale = sp.S.One
+    for f in factors:
+        if f.g.is_polynomial(T):
+            c, n = sp.S.One, 0
+            for part in sp.Mul.make_args(f.g):
+                if part == T:
+                    n += 1
+                elif part.is_Pow and part.base == T and part.exp.is_Integer:
+                    n += int(part.exp)
+                elif part.is_number:
+                    c *= part
+                else:
+                    return None
+            key, k = _scalar_multiple_of(f, functions)
+            merged[key] = merged.get(key, sp.S.One) * c * T**n
+            scale = scale * k**n
+    return merged, scale
+
+
+def _scalar_multiple_of(f: "_Factor", forms: dict) -> tuple:
+    """((L, side), k) for a form of ``forms`` on f's side with f.L = k L, k free of leaves (a
+    number or a scalar expression, ``_multiple``), both forms without a constant; else f's
+    own ((f.L, f.side), 1)."""
+    parts = _linear_parts(f.L)
+    if parts is not None and parts[1] == 0 and parts[0]:
+        for L, side in forms:
+            other = _linear_parts(L) if side == f.side else None
+            if other is None or other[1] != 0:
+                continue
+            k = _multiple(parts[0], other[0])
+            if k is not None:
+                return (L, side), k
+    return (f.L, f.side), sp.S.One
 
 
 def _multiple(coefficients: dict, base: dict):
