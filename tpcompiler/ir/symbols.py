@@ -42,6 +42,7 @@ import functools
 from functools import lru_cache
 
 import sympy as sp
+from sympy.core.operations import LatticeOp
 from sympy.printing.conventions import split_super_sub
 from sympy.printing.latex import translate
 
@@ -361,6 +362,26 @@ def compare(a: sp.Basic, b: sp.Basic) -> int:
 
 #: sympy's canonical order of a product's factors (the key Mul.flatten sorts them by)
 FACTOR_ORDER = functools.cmp_to_key(compare)
+
+
+def preorder(expr: sp.Basic, prune=None):
+    """The subexpressions of ``expr``, each before its arguments (as sympy's
+    preorder_traversal), in an order fixed by the expression: a Max's or a Min's arguments are
+    a frozenset whose iteration order follows the per-process hash seed, so they are taken in
+    sympy's sort order (``default_sort_key``); every other node's in the order of its args.
+    A choice made by the first subexpression that fits (a leaky relu Max(h, h/10) reads two
+    forms of one Gaussian) is then the same in every run, and so are the generated code and
+    its floats.  ``prune(x)`` true: x's arguments are not visited."""
+    stack = [expr]
+    while stack:
+        x = stack.pop()
+        yield x
+        if prune is not None and prune(x):
+            continue
+        args = x.args
+        if isinstance(x, LatticeOp):
+            args = sorted(args, key=sp.default_sort_key)
+        stack.extend(reversed(args))
 
 
 def monomial(*factors: sp.Expr) -> sp.Expr:

@@ -966,15 +966,14 @@ def _reads_values(e: sp.Expr) -> bool:
 
 def _outermost(expr: sp.Expr, types: tuple) -> list:
     """The distinct subexpressions of ``types`` in expr that are not inside one another, in
-    the order of a preorder traversal: fixed by the expression, unlike the order of a set of
-    atoms, which follows the per-process hash seed (the generated source numbers the
-    arguments it makes in this order, and must be the same in every run to hit the cache)."""
+    the order of a preorder traversal (``symbols.preorder``): fixed by the expression, unlike
+    the order of a set of atoms, which follows the per-process hash seed (the generated source
+    numbers the arguments it makes in this order, and must be the same in every run to hit
+    the cache)."""
     found: dict = {}
-    walk = sp.preorder_traversal(expr)
-    for sub in walk:
+    for sub in symbols.preorder(expr, prune=lambda x: isinstance(x, types)):
         if isinstance(sub, types):
             found.setdefault(sub, None)
-            walk.skip()
     return list(found)
 
 

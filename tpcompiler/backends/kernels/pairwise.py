@@ -1389,7 +1389,7 @@ def _parameter_free_rescaling(g: sp.Expr):
     and the first that makes h(U) = g(U / s) parameter-free, with h(s T) written by sympy as g
     itself, is taken: then E[g(L)] = E[h(L')] for the Gaussian L' = s L.  (s is a real number
     where P > 0; where it is not, a NaN that the kernels' check of finiteness refuses.)"""
-    for term in sp.preorder_traversal(g):
+    for term in symbols.preorder(g):
         if not term.is_Mul:
             continue
         powers = [f.as_base_exp()[1] for f in term.args if f.as_base_exp()[0] == T]
@@ -1561,7 +1561,7 @@ def _linear_candidates(f: sp.Expr, leaves: set):
     """(L, constant) for subexpressions L of f that are affine forms containing all of f's
     leaves (outermost first)."""
     seen = set()
-    for sub in sp.preorder_traversal(f):
+    for sub in symbols.preorder(f):
         if sub in seen or not isinstance(sub, sp.Expr):
             continue
         seen.add(sub)
