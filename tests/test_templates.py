@@ -958,3 +958,26 @@ def test_products_are_multiplied_out_as_expand_does():
         assert PairwiseEngine._expanded_without_odd_terms(engine, expr, {}) == sp.expand(expr, **hints), expr
     for expr in left:
         assert PairwiseEngine._expanded_without_odd_terms(engine, expr, {}) is None, expr
+
+
+def test_even_completions_are_the_pairs_that_pass_the_parity_test():
+    """pairwise._even_completions (a table per (inside, inside_t) keyed by odd_t - U) keeps
+    exactly the pairs, in the same order, that the direct test (odd ^ odd_t) <= inside | inside_t
+    keeps, on random parity sets over a few blocks (both empty and overlapping insides)."""
+    import random
+
+    from tpcompiler.backends.kernels.pairwise import _even_completions
+
+    rng = random.Random(5)
+    blocks = "abcde"
+
+    def subset(p):
+        return frozenset(x for x in blocks if rng.random() < p)
+
+    for trial in range(200):
+        p_inside = rng.choice([0.0, 0.2, 0.5])
+        choices = [(("c", i), subset(0.4), subset(p_inside)) for i in range(rng.randint(1, 12))]
+        last = [(("t", k), subset(0.4), subset(p_inside)) for k in range(rng.randint(1, 12))]
+        direct = [(c, t) for c, odd, inside in choices for t, odd_t, inside_t in last
+                  if odd ^ odd_t <= inside | inside_t]
+        assert list(_even_completions(choices, last)) == direct, trial

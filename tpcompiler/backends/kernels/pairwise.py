@@ -817,11 +817,12 @@ class PairwiseEngine:
         if not sums or prod(len(terms) for terms in sums) > _EXPANSION_TERMS:
             return None
         choices = [((), *self._parity_parts(sp.Mul.make_args(plain), held))]
-        for terms in sums:
+        for terms in sums[:-1]:
             described = [(t, *self._parity_parts(sp.Mul.make_args(t), held)) for t in terms]
             choices = [(c + (t,), odd ^ odd_t, inside | inside_t)
                        for c, odd, inside in choices for t, odd_t, inside_t in described]
-        return sp.Add(*[sp.Mul(plain, sp.Mul(*c)) for c, odd, inside in choices if odd <= inside])
+        last = [(t, *self._parity_parts(sp.Mul.make_args(t), held)) for t in sums[-1]]
+        return sp.Add(*[sp.Mul(plain, sp.Mul(*c, t)) for c, t in _even_completions(choices, last)])
 
     def _parity_parts(self, factors, held: dict) -> tuple:
         """(odd, inside) of the product of ``factors`` (leaves, functions, held sums; terms of
@@ -1607,6 +1608,33 @@ def _onto_merged_form(f: "_Factor", merged: dict) -> tuple:
         if k is not None and _is_numeric(k):
             return (L, side), f.g.xreplace({T: k * T})
     return (f.L, f.side), f.g
+
+
+def _even_completions(choices: list, last: list):
+    """The pairs (c, t), in the order of ``choices`` and then of ``last``, of a partial product
+    (c, odd, inside) and a term of the last sum (t, odd_t, inside_t) whose product is not odd:
+    (odd ^ odd_t) <= U with U = inside | inside_t, that is odd - U == odd_t - U (their
+    symmetric difference outside U is empty).  The terms are looked up in a table per
+    (inside, inside_t) keyed by odd_t - U instead of tested one by one: a Flatten readout's
+    sum over P positions times its value at the other input has P^2 pairs, of which the P
+    of one position are left (at 32 x 32, 4 x 10^6 tests took most of the engine's time)."""
+    by_inside: dict = {}  # inside_t -> [(index, t, odd_t)]
+    for k, (t, odd_t, inside_t) in enumerate(last):
+        by_inside.setdefault(inside_t, []).append((k, t, odd_t))
+    tables: dict = {}  # (inside, inside_t) -> {odd_t - U: [(index, t)]}
+    for c, odd, inside in choices:
+        found = []
+        for inside_t, group in by_inside.items():
+            union = inside | inside_t
+            table = tables.get((inside, inside_t))
+            if table is None:
+                table = tables[(inside, inside_t)] = {}
+                for k, t, odd_t in group:
+                    table.setdefault(odd_t - union, []).append((k, t))
+            found.extend(table.get(odd - union, ()))
+        found.sort(key=lambda kt: kt[0])
+        for _, t in found:
+            yield c, t
 
 
 def _merged_through_scalars(factors: list) -> tuple | None:
