@@ -960,6 +960,25 @@ def test_products_are_multiplied_out_as_expand_does():
         assert PairwiseEngine._expanded_without_odd_terms(engine, expr, {}) is None, expr
 
 
+def test_a_flattened_cnns_derivation_does_not_grow_with_positions():
+    """A Flatten readout gives every position its own readout vector g_p, each an independent
+    block of one leaf.  Its blocks are not part of a leaf's kind in the templates' canonical
+    order (pairwise._TemplateKinds): the products of one structure at every position are then
+    one variant, derived once.  With the block in the kind, each position's were derived
+    anew (1-D depth 2: 68 variants at 8 positions, 116 at 16)."""
+    from tpcompiler import layers
+
+    counts = []
+    for positions in (8, 16):
+        net = layers.serial(layers.Conv(8, (3,), padding="SAME", W_std=1.5, b_std=0.1), layers.Relu(),
+                            layers.Conv(8, (3,), padding="SAME", W_std=1.5, b_std=0.1), layers.Relu(),
+                            layers.Flatten(), layers.Dense(1, 1.5, 0.1))
+        engine = KernelFunction(net.program((positions, 2)).graph).engine
+        counts.append((len(engine._variants), len(engine.order)))
+    assert counts[1][1] == 2 * counts[0][1]  # one quantity per position and layer ...
+    assert counts[1][0] == counts[0][0], counts  # ... but the derivations do not grow
+
+
 def test_even_completions_are_the_pairs_that_pass_the_parity_test():
     """pairwise._even_completions (a table per (inside, inside_t) keyed by odd_t - U) keeps
     exactly the pairs, in the same order, that the direct test (odd ^ odd_t) <= inside | inside_t
