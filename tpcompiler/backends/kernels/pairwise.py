@@ -177,7 +177,7 @@ class PairwiseEngine:
         self._params.update({node_symbol(k): sp.Float(self.graph.op(k).limit()) for k in self.graph.keys_of(ops.WidthPower)})
         self._inputs = {node_symbol(k) for k in self.graph.input_keys()}
         self._leaf_block = dict(self.zp.leaf_blocks)
-        self._block_sizes: dict = {}  # block -> number of its leaves (_block_size)
+        self._block_sizes: dict = {}  # block -> number of the program's leaves in it (_TemplateKinds)
         for block in self._leaf_block.values():
             self._block_sizes[block] = self._block_sizes.get(block, 0) + 1
         self._skeletons = Skeletons(_TemplateKinds(self))
@@ -220,11 +220,6 @@ class PairwiseEngine:
         self._cov_by_ids: dict = {}
 
     # -- symbols and sides ----------------------------------------------------------------
-    def _block_size(self, block) -> int:
-        """The number of leaves of ``block`` so far: the program's, and the placeholder leaves
-        that templates made (``_variant``)."""
-        return self._block_sizes.get(block, 0)
-
     def _is_leaf(self, s: sp.Symbol) -> bool:
         """A leaf (Z of an initial vector or a ZHat) of either input."""
         return self._block_of(s) is not None
@@ -1033,7 +1028,6 @@ class PairwiseEngine:
             if leaf not in self._placeholder_leaves:
                 self._placeholder_leaves.add(leaf)
                 self._leaf_block[leaf] = ("#template block", block)
-                self._block_sizes[self._leaf_block[leaf]] = self._block_size(self._leaf_block[leaf]) + 1
                 for side in (leaf, symbols.primed(leaf)):  # (no memo of it as a non-leaf stays)
                     self._blocks_memo.pop(side, None)
                 if dependent:
@@ -1315,7 +1309,7 @@ class PairwiseEngine:
 
 class _TemplateKinds:
     """The symbols a template renames (``Skeletons`` kinds): leaves, by side, input
-    dependence and block, and scalars that vary between terms of one structure: quantities,
+    dependence and (a block of several of the program's leaves) block, and scalars that vary between terms of one structure: quantities,
     input coordinates, input-layer covariance atoms, constants of an enclosing template.
     Nothing that depends on the input may stay literal in a template: ``to_side`` moves an
     expression to the second input through the arguments of its calls only."""
@@ -1331,14 +1325,17 @@ class _TemplateKinds:
 
     def __getitem__(self, s) -> tuple:
         if self.engine._is_leaf(s):
-            # the block too: leaves of one sum (a convolution's taps) would otherwise tie, and
-            # sympy's order among them (by name) differs between positions; but not a block of
-            # one leaf (a Flatten readout's g_p, one per position), which ties with no other
-            # leaf of its block and would make every position's forms a structure of their own
+            # the block too where it has several of the program's leaves: leaves of one sum (a
+            # convolution's taps) would otherwise tie, and sympy's order among them (by name)
+            # differs between positions.  Not a block of one leaf (a Flatten readout's g_p, one
+            # per position: every position's forms would be a structure of their own), nor a
+            # template's placeholder (ordered by its name, its position in the template).
+            # Leaving a block out is exact: which leaves of a product share a block is the
+            # key's ``signature``, and covariances are looked up per instance.
             u = symbols.unprimed(s)
             block = self.engine._leaf_block[u]
             return ("leaf", bool(s.primed), u.key in self.engine._dependent,
-                    block if self.engine._block_size(block) > 1 else None), None
+                    block if self.engine._block_sizes.get(block, 0) > 1 else None), None
         return ("scalar",), None
 
 
