@@ -349,3 +349,44 @@ def test_cli_kernels_error_in_a_real_process(data):
                           capture_output=True, text=True, timeout=120, cwd=ROOT)
     assert_one_error_line(proc.returncode, proc.stderr, "NaN or infinite")
     assert proc.stdout == ""
+
+
+def test_a_readout_of_an_input_independent_vector_has_the_closed_form_nngp():
+    """relu(g) + relu(a), g = U xi an input layer and a an initial vector: E[relu(a)^2] and
+    the cross terms' E[relu(a)] are numbers at compile time, printed as constants with
+    float(), which raised "Cannot convert complex to float" on the special functions
+    (_angle, _sdet, _pos) that had no numeric value.  NNGP = J1(q) + (sqrt(q11) + sqrt(q22))
+    / (2 pi) + 1/2 with q = X X^T / d (E relu(z) = sqrt(var / (2 pi)))."""
+    p = tp.Program("constant_readout")
+    xi = p.input("xi", 2, default=np.eye(2))
+    g = p.input_matrix("U", 2).apply(xi, name="g")
+    a = p.vec("a")
+    p.readout((tp.relu(g) + tp.relu(a)).named("x"), sigma=1.0)
+    X = np.random.default_rng(0).standard_normal((3, 2))
+    K = tp.compile(p).kernels(X)
+    q = X @ X.T / 2
+    d = np.sqrt(np.diag(q))
+    rho = np.clip(q / np.outer(d, d), -1, 1)
+    t = np.arccos(rho)
+    j1 = np.outer(d, d) * (np.sin(t) + (np.pi - t) * rho) / (2 * np.pi)
+    np.testing.assert_allclose(K["nngp"], j1 + (d[:, None] + d[None, :]) / (2 * np.pi) + 0.5, rtol=1e-14, atol=0)
+
+
+def test_special_functions_have_their_values_at_numbers():
+    """expectations.special's functions evaluate at numbers (evalf), as their Numba source
+    computes them: the arc-cosine kernels against numpy's formulas, a zero variance 0."""
+    import sympy
+
+    from tpcompiler.expectations.special import _J0, _J1, _RS, _angle, _det, _pos, _sdet
+
+    k11, k12, k22 = 1.3, -0.4, 0.7
+    sd = np.sqrt(k11 * k22 - k12**2)
+    t = np.arctan2(sd, k12)
+    expected = {_J1: (sd + (np.pi - t) * k12) / (2 * np.pi), _J0: (np.pi - t) / (2 * np.pi),
+                _RS: (np.sqrt(k11) + k12 / np.sqrt(k22)) / (2 * np.sqrt(2 * np.pi)), _sdet: sd, _det: sd**2}
+    for f, value in expected.items():
+        assert float(f(k11, k12, k22)) == pytest.approx(value, rel=1e-14), f
+        assert float(f(sympy.Rational(13, 10), sympy.Rational(-2, 5), sympy.Rational(7, 10))) == pytest.approx(value, rel=1e-14)
+    assert float(_J1(0.0, 0.0, 0.7)) == 0.0 and float(_det(1.0, 2.0, 1.0)) == 0.0
+    assert float(_angle(sd, k12)) == pytest.approx(t, rel=1e-15)
+    assert float(_pos(1.0, 0.0)) == 0.0 and float(_pos(1.0, 2.0)) == 1.0

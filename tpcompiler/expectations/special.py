@@ -27,31 +27,77 @@ from tpcompiler.expectations.source import function
 __all__ = ["HELPER_SOURCE", "fusable"]
 
 
-class _J1(sp.Function):
+class _Special(sp.Function):
+    """A special function whose value at numbers ``evalf`` computes with mpmath
+    (``_value``): an expectation of functions of input-independent vectors is a number at
+    compile time (a readout relu(a) of an initial vector a), which the code generator folds
+    into a constant with float()."""
+
+    def _eval_evalf(self, prec):
+        import mpmath
+
+        args = [a.evalf(prec) for a in self.args]
+        if not all(a.is_Number for a in args):
+            return None
+        with mpmath.workprec(prec):
+            return sp.Float(self._value(mpmath, *[mpmath.mpf(float(a)) if a.is_Float else mpmath.mpf(a.p) / a.q
+                                                  for a in args]), precision=prec)
+
+
+def _arc_cosine(mp, k11, k12, k22):
+    """(sd, t): sqrt(max(k11 k22 - k12^2, 0)) and atan2(sd, k12) (cos t = rho)."""
+    sd = mp.sqrt(max(k11 * k22 - k12**2, 0))
+    return sd, mp.atan2(sd, k12)
+
+
+class _J1(_Special):
     """E relu(u) relu(v) (arc-cosine kernel of degree 1, with 1/(2 pi))."""
 
     nargs = 3
 
+    @staticmethod
+    def _value(mp, k11, k12, k22):
+        if k11 <= 0 or k22 <= 0:
+            return mp.mpf(0)
+        sd, t = _arc_cosine(mp, k11, k12, k22)
+        return (sd + (mp.pi - t) * k12) / (2 * mp.pi)
 
-class _J0(sp.Function):
+
+class _J0(_Special):
     """E step(u) step(v) (arc-cosine kernel of degree 0)."""
 
     nargs = 3
 
+    @staticmethod
+    def _value(mp, k11, k12, k22):
+        if k11 <= 0 or k22 <= 0:
+            return mp.mpf(0)
+        return (mp.pi - _arc_cosine(mp, k11, k12, k22)[1]) / (2 * mp.pi)
 
-class _RS(sp.Function):
+
+class _RS(_Special):
     """E relu(u) step(v)."""
 
     nargs = 3
 
+    @staticmethod
+    def _value(mp, k11, k12, k22):
+        if k11 <= 0 or k22 <= 0:
+            return mp.mpf(0)
+        return (mp.sqrt(k11) + k12 / mp.sqrt(k22)) / (2 * mp.sqrt(2 * mp.pi))
 
-class _sdet(sp.Function):
+
+class _sdet(_Special):
     """sqrt(max(k11 k22 - k12^2, 0)): the shared square root of the arc-cosine kernels."""
 
     nargs = 3
 
+    @staticmethod
+    def _value(mp, k11, k12, k22):
+        return mp.sqrt(max(k11 * k22 - k12**2, 0))
 
-class _det(sp.Function):
+
+class _det(_Special):
     """max(k11 k22 - k12^2, 0): the covariance determinant.  Closed forms are written with
     it (never as a difference of large terms such as (1 + 2 k11)(1 + 2 k22) - 4 k12^2), so
     that they stay accurate at large variances and at correlation +-1: for rows x and -x
@@ -59,18 +105,30 @@ class _det(sp.Function):
 
     nargs = 3
 
+    @staticmethod
+    def _value(mp, k11, k12, k22):
+        return max(k11 * k22 - k12**2, mp.mpf(0))
 
-class _pos(sp.Function):
+
+class _pos(_Special):
     """1 if k11 > 0 and k22 > 0 else 0 (a zero variance makes relu/step vanish exactly)."""
 
     nargs = 2
 
+    @staticmethod
+    def _value(mp, k11, k22):
+        return mp.mpf(1 if k11 > 0 and k22 > 0 else 0)
 
-class _angle(sp.Function):
+
+class _angle(_Special):
     """atan2(y, x) for y >= 0 (the arc-cosine angle), generated as a branch-free polynomial
     so that loops calling it vectorise (see ``_angle_source``)."""
 
     nargs = 2
+
+    @staticmethod
+    def _value(mp, y, x):
+        return mp.atan2(y, x)
 
 
 def _atan_coefficients(degree: int = 10) -> list[float]:
