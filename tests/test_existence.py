@@ -191,3 +191,21 @@ def test_generic_values_keep_a_layernorms_scale_real(monkeypatch):
     net = layers.serial(layers.Dense(8, W_std=1.5, b_std=0.1), layers.LayerNorm(), swish, layers.Dense(1, b_std=0.1))
     tp.compile(net.program((3,)))
     assert read  # (the check did read the swish's moments)
+
+
+def test_a_negative_constant_keeps_its_sign_where_generic_values_are_made_positive():
+    """exp(-c u^2) with c = -0.51 grows like exp(0.51 u^2): E = infinity for u ~ N(0, 1).  The
+    moment also reads (var + eps)^(-1/2) of a Moment var at a negative generic value, which
+    makes the generic expression complex, so the generic values are taken positive; a Param
+    must keep its value there, or exp(-0.51 u^2) would be checked and a finite number reported
+    (29.2, by a review of the change that took them positive)."""
+    p = tp.Program("ex")
+    u = p.vec("u")
+    a = tp.mean(u * u, name="a")
+    var = tp.mean(u * u, name="var")  # ('a' sorts first: var gets the negative generic value)
+    c = p.scalar("c", -0.51)
+    y = tp.nonlin(lambda x, cc: sp.exp(-cc * x**2), u, c)
+    z = tp.nonlin(lambda yy, aa, vv: yy * aa * (vv + 1e-12) ** -0.5, y, a, var)
+    p.output("m", tp.mean(z))
+    with pytest.raises(UndefinedLimit, match="infinite"):
+        tp.compile(p)

@@ -333,6 +333,12 @@ IRRATIONAL_MULTIPLE_NETS = {
     "layernorm_depth_2_no_bias": (lambda phi: layers.serial(layers.Dense(8, 1.5), layers.LayerNorm(), phi,
                                                             layers.Dense(8, 1.5, 0.1), layers.LayerNorm(), phi,
                                                             layers.Dense(1, 1.5)), (3,)),
+    # an AvgPool between two convolutions: a held gelu inside a sum 0.375 Z1 H1 + 0.375 Z2 H2
+    # read as an affine form in the placeholders, and the engine recursed without end (review)
+    "conv_avgpool_conv": (lambda phi: layers.serial(layers.Conv(2, (2,), padding="SAME", W_std=1.5), phi,
+                                                    layers.AvgPool((2,), padding="SAME"),
+                                                    layers.Conv(2, (2,), padding="VALID"), phi,
+                                                    layers.GlobalAvgPool(), layers.Dense(1)), (3, 1)),
     "conv1d_layernorm": (lambda phi: layers.serial(layers.Conv(8, (2,), padding="SAME", W_std=1.5, b_std=0.1),
                                                    layers.LayerNorm(axis=(1, 2)), phi, layers.GlobalAvgPool(),
                                                    layers.Dense(1, 1.5, 0.1)), (3, 2)),

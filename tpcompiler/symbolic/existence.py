@@ -394,7 +394,9 @@ class Checker:
 
     def _generic_except(self, expr, keep: set):
         """``expr`` with every expectation and every free symbol not in ``keep`` at a generic
-        value (a Param at its value)."""
+        value (a Param at its value).  Where the generic values make a real expression
+        complex, they are taken positive instead (a Param keeps its value, whatever its sign:
+        exp(-c u^2) at c = -0.51 must stay a growing function)."""
         expr = self._constants_for_expectations(expr)
         params = self._param_values()
         rep = {}
@@ -407,18 +409,19 @@ class Checker:
             else:
                 rep[s] = _GENERIC[i % len(_GENERIC)] * (1 + i // len(_GENERIC))
                 i += 1
+        positive = {s: v if s in params else abs(v) for s, v in rep.items()}
         try:
             generic = expr.xreplace(rep)
         except TypeError:
             # a negative value under a square root inside a comparison (a Piecewise of a
             # LayerNorm's h / sqrt(var): "Invalid comparison of non-real"): positive values
             # are as generic
-            return expr.xreplace({s: abs(v) for s, v in rep.items()})
+            return expr.xreplace(positive)
         if generic.has(sp.I) and not expr.has(sp.I):
             # the same without the comparison: a LayerNorm's (var + eps)^(-1/2) at a negative
             # var made its h imaginary, so exp(-h) oscillates instead of growing (a wrong
             # answer about growth, and sympy's limits of it took minutes)
-            generic = expr.xreplace({s: abs(v) for s, v in rep.items()})
+            generic = expr.xreplace(positive)
         return generic
 
     def _param_values(self) -> dict:

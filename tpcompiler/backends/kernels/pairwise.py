@@ -1377,7 +1377,9 @@ def _functions_times_forms(expr: sp.Expr, held: dict) -> bool:
         if base in held:
             has_function = has_function or _linear_parts(held[base]) is None
         elif base.is_Add:
-            if _linear_parts(base) is None:
+            # (with the held sums written back: a held function inside a sum, 0.375 Z1 H1 +
+            # 0.375 Z2 H2, is not an affine form, though it reads as one in the placeholders)
+            if _linear_parts(base.xreplace(held) if held else base) is None:
                 return False
         elif not (base.is_Symbol or base.is_Number):
             has_function = True
