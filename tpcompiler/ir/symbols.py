@@ -366,9 +366,10 @@ FACTOR_ORDER = functools.cmp_to_key(compare)
 
 def preorder(expr: sp.Basic, prune=None):
     """The subexpressions of ``expr``, each before its arguments (as sympy's
-    preorder_traversal), in an order fixed by the expression: a Max's or a Min's arguments are
-    a frozenset whose iteration order follows the per-process hash seed, so they are taken in
-    sympy's sort order (``default_sort_key``); every other node's in the order of its args.
+    preorder_traversal), in an order fixed by the expression.  sympy's traversal reads a
+    lattice operation's arguments (Max, Min, And, Or) from their frozenset ``_argset``, in an
+    order that follows the per-process hash seed; here they come in sympy's sort order
+    (``default_sort_key``, the order of their ``args``), every other node's in its args' order.
     A choice made by the first subexpression that fits (a leaky relu Max(h, h/10) reads two
     forms of one Gaussian) is then the same in every run, and so are the generated code and
     its floats.  ``prune(x)`` true: x's arguments are not visited."""
