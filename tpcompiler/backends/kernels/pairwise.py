@@ -1608,18 +1608,28 @@ def _onto_merged_form(f: "_Factor", merged: dict) -> tuple:
     has the factors 1.5 Z + b and 1 + erf(sqrt(2) (1.5 Z + b) / 2), k = sqrt(2) / 2 (``_is_numeric``)."""
     if (f.L, f.side) in merged or not merged:
         return (f.L, f.side), f.g
+    # (a number only: a scalar ratio, a LayerNorm's scale, would put a parameter in g)
+    found = _form_multiple(f, merged, _is_numeric)
+    if found is None:
+        return (f.L, f.side), f.g
+    form, k = found
+    return form, f.g.xreplace({T: k * T})
+
+
+def _form_multiple(f: "_Factor", forms, accept) -> tuple | None:
+    """((L, side), k) for the first form of ``forms`` on f's side with f.L = k L (``_multiple``;
+    k free of leaves), both forms without a constant, and ``accept(k)``; None if there is none."""
     parts = _linear_parts(f.L)
     if parts is None or parts[1] != 0 or not parts[0]:
-        return (f.L, f.side), f.g
-    for L, side in merged:
+        return None
+    for L, side in forms:
         other = _linear_parts(L) if side == f.side else None
         if other is None or other[1] != 0:
             continue
         k = _multiple(parts[0], other[0])
-        # (a number only: a scalar ratio, a LayerNorm's scale, would put a parameter in g)
-        if k is not None and _is_numeric(k):
-            return (L, side), f.g.xreplace({T: k * T})
-    return (f.L, f.side), f.g
+        if k is not None and accept(k):
+            return (L, side), k
+    return None
 
 
 def _even_completions(choices: list, last: list):
@@ -1685,18 +1695,8 @@ def _merged_through_scalars(factors: list) -> tuple | None:
 
 def _scalar_multiple_of(f: "_Factor", forms: dict) -> tuple:
     """((L, side), k) for a form of ``forms`` on f's side with f.L = k L, k free of leaves (a
-    number or a scalar expression, ``_multiple``), both forms without a constant; else f's
-    own ((f.L, f.side), 1)."""
-    parts = _linear_parts(f.L)
-    if parts is not None and parts[1] == 0 and parts[0]:
-        for L, side in forms:
-            other = _linear_parts(L) if side == f.side else None
-            if other is None or other[1] != 0:
-                continue
-            k = _multiple(parts[0], other[0])
-            if k is not None:
-                return (L, side), k
-    return (f.L, f.side), sp.S.One
+    number or a scalar expression, ``_form_multiple``); else f's own ((f.L, f.side), 1)."""
+    return _form_multiple(f, forms, lambda k: True) or ((f.L, f.side), sp.S.One)
 
 
 def _multiple(coefficients: dict, base: dict):
