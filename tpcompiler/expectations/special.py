@@ -46,7 +46,7 @@ class _Special(sp.Function):
 
 def _arc_cosine(mp, k11, k12, k22):
     """(sd, t): sqrt(max(k11 k22 - k12^2, 0)) and atan2(sd, k12) (cos t = rho)."""
-    sd = mp.sqrt(max(k11 * k22 - k12**2, 0))
+    sd = _sdet._value(mp, k11, k12, k22)
     return sd, mp.atan2(sd, k12)
 
 
@@ -94,7 +94,7 @@ class _sdet(_Special):
 
     @staticmethod
     def _value(mp, k11, k12, k22):
-        return mp.sqrt(max(k11 * k22 - k12**2, 0))
+        return mp.sqrt(_det._value(mp, k11, k12, k22))
 
 
 class _det(_Special):

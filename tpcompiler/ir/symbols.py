@@ -42,7 +42,6 @@ import functools
 from functools import lru_cache
 
 import sympy as sp
-from sympy.core.operations import LatticeOp
 from sympy.printing.conventions import split_super_sub
 from sympy.printing.latex import translate
 
@@ -366,23 +365,19 @@ FACTOR_ORDER = functools.cmp_to_key(compare)
 
 def preorder(expr: sp.Basic, prune=None):
     """The subexpressions of ``expr``, each before its arguments (as sympy's
-    preorder_traversal), in an order fixed by the expression.  sympy's traversal reads a
-    lattice operation's arguments (Max, Min, And, Or) from their frozenset ``_argset``, in an
-    order that follows the per-process hash seed; here they come in sympy's sort order
-    (``default_sort_key``, the order of their ``args``), every other node's in its args' order.
-    A choice made by the first subexpression that fits (a leaky relu Max(h, h/10) reads two
-    forms of one Gaussian) is then the same in every run, and so are the generated code and
-    its floats.  ``prune(x)`` true: x's arguments are not visited."""
+    preorder_traversal), each node's arguments in the order of its ``args``.  sympy's
+    traversal reads a lattice operation's arguments (Max, Min, And, Or) from their frozenset
+    ``_argset`` instead, in an order that follows the per-process hash seed, where their
+    ``args`` are in sympy's sort order (``ordered``, at construction).  A choice made by the
+    first subexpression that fits (a leaky relu Max(h, h/10) reads two forms of one Gaussian)
+    is then the same in every run, and so are the generated code and its floats.
+    ``prune(x)`` true: x's arguments are not visited."""
     stack = [expr]
     while stack:
         x = stack.pop()
         yield x
-        if prune is not None and prune(x):
-            continue
-        args = x.args
-        if isinstance(x, LatticeOp):
-            args = sorted(args, key=sp.default_sort_key)
-        stack.extend(reversed(args))
+        if prune is None or not prune(x):
+            stack.extend(reversed(x.args))
 
 
 def monomial(*factors: sp.Expr) -> sp.Expr:

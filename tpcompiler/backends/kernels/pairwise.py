@@ -38,6 +38,7 @@ positions), and so are such terms when a product of sums is multiplied out
 """
 from __future__ import annotations
 
+from collections import Counter
 from dataclasses import dataclass, field
 from functools import reduce
 from math import prod
@@ -177,9 +178,7 @@ class PairwiseEngine:
         self._params.update({node_symbol(k): sp.Float(self.graph.op(k).limit()) for k in self.graph.keys_of(ops.WidthPower)})
         self._inputs = {node_symbol(k) for k in self.graph.input_keys()}
         self._leaf_block = dict(self.zp.leaf_blocks)
-        self._block_sizes: dict = {}  # block -> number of the program's leaves in it (_TemplateKinds)
-        for block in self._leaf_block.values():
-            self._block_sizes[block] = self._block_sizes.get(block, 0) + 1
+        self._block_sizes = Counter(self._leaf_block.values())  # block -> the program's leaves in it (_TemplateKinds)
         self._skeletons = Skeletons(_TemplateKinds(self))
         self._variants: dict = {}
         self._leaf_cov_memo: dict = {}
@@ -1152,10 +1151,7 @@ class PairwiseEngine:
         return self._component_memo[key]
 
     def _component_value(self, factors: list[_Factor]) -> sp.Expr:
-        merged: dict = {}
-        for f in factors:
-            key, g = _onto_merged_form(f, merged)
-            merged[key] = merged.get(key, sp.S.One) * g
+        merged = _merged_by_numbers(factors)
         expanded = [(L, side, sp.expand(g)) for (L, side), g in merged.items()]
         if all(g.is_polynomial(T) for _, _, g in expanded):
             return self._wick_polynomial(expanded)
@@ -1309,10 +1305,11 @@ class PairwiseEngine:
 
 class _TemplateKinds:
     """The symbols a template renames (``Skeletons`` kinds): leaves, by side, input
-    dependence and (a block of several of the program's leaves) block, and scalars that vary between terms of one structure: quantities,
-    input coordinates, input-layer covariance atoms, constants of an enclosing template.
-    Nothing that depends on the input may stay literal in a template: ``to_side`` moves an
-    expression to the second input through the arguments of its calls only."""
+    dependence and, for a block of several of the program's leaves, block; and scalars that
+    vary between terms of one structure: quantities, input coordinates, input-layer
+    covariance atoms, constants of an enclosing template.  Nothing that depends on the input
+    may stay literal in a template: ``to_side`` moves an expression to the second input
+    through the arguments of its calls only."""
 
     def __init__(self, engine: PairwiseEngine):
         self.engine = engine
@@ -1335,7 +1332,7 @@ class _TemplateKinds:
             u = symbols.unprimed(s)
             block = self.engine._leaf_block[u]
             return ("leaf", bool(s.primed), u.key in self.engine._dependent,
-                    block if self.engine._block_sizes.get(block, 0) > 1 else None), None
+                    block if self.engine._block_sizes[block] > 1 else None), None
         return ("scalar",), None
 
 
@@ -1616,6 +1613,16 @@ def _onto_merged_form(f: "_Factor", merged: dict) -> tuple:
     return form, f.g.xreplace({T: k * T})
 
 
+def _merged_by_numbers(factors: list) -> dict:
+    """{(L, side): g} with prod over ``factors`` f of g_f(L_f) = prod g(L): each factor put on
+    a form already there that its own is a number times (``_onto_merged_form``), in order."""
+    merged: dict = {}
+    for f in factors:
+        key, g = _onto_merged_form(f, merged)
+        merged[key] = merged.get(key, sp.S.One) * g
+    return merged
+
+
 def _form_multiple(f: "_Factor", forms, accept) -> tuple | None:
     """((L, side), k) for the first form of ``forms`` on f's side with f.L = k L (``_multiple``;
     k free of leaves), both forms without a constant, and ``accept(k)``; None if there is none."""
@@ -1668,11 +1675,7 @@ def _merged_through_scalars(factors: list) -> tuple | None:
     each input, constant under the expectation.  A LayerNorm's h = k (Z + b) makes swish(h) =
     h sigmoid(h) the factors k (Z + b) and sigmoid(k (Z + b)): one Gaussian, not two.  None if
     some polynomial factor is not a monomial (its powers would need different scales)."""
-    merged: dict = {}
-    for f in factors:
-        if not f.g.is_polynomial(T):
-            key, g = _onto_merged_form(f, merged)
-            merged[key] = merged.get(key, sp.S.One) * g
+    merged = _merged_by_numbers([f for f in factors if not f.g.is_polynomial(T)])
     functions = dict(merged)
     scale = sp.S.One
     for f in factors:
