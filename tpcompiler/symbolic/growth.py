@@ -1,0 +1,234 @@
+"""How fast a function of one real variable can grow at infinity, read from its structure
+(docs/DESIGN.md 2.2: existence of the limits; used by ``existence``'s growth check).
+
+E[|f(u)|] under a Gaussian u is infinite only if f outgrows the Gaussian tail exp(-u^2 / (2
+var)).  ``existence`` decides that with sympy's limit of |f(t)| exp(-rate t^2) as t -> +-oo,
+which is exact but can take seconds per function, or never return, on the nested
+exponentials and fractions of a deep net with LayerNorms and swish (issue 11: the particle
+path hung in one such limit).  This module proves the common case first, without a limit:
+
+    tail_bound(f, t) = (0, p):  |f(t)| <= C (1 + |t|)^p          for all large |t|,
+                       (1, d):  |f(t)| <= exp(C (1 + |t|)^d), d > 0,
+                       None:    not proven (the caller falls back to the limit).
+
+A bound of (1, d) with d < 2, or any (0, p), loses to exp(-rate t^2) for every rate > 0, so
+such an f does not grow too fast.  The bound is an *upper* bound, built by rules that hold
+for complex values too (the triangle inequality, |exp(g)| <= exp(|g|), |b^n| = |b|^n), except
+where a rule needs a real argument (a bounded function such as tanh, a sign) and checks
+that it is.  A reciprocal 1/D needs |D| bounded *below* at infinity: ``_inverse_bound``
+proves that for a product, a power, an exponential, a nonzero polynomial in t, or a sum of
+terms that are never negative one of which is a positive number (the 1 + a exp(-b t) of a
+sigmoid); anything else is None, never a guess.
+"""
+from __future__ import annotations
+
+from fractions import Fraction
+
+import sympy as sp
+
+#: Functions bounded on the real line (erfc by 2, the others by 1 or pi/2), at a real argument.
+_BOUNDED = (sp.tanh, sp.erf, sp.erfc, sp.sin, sp.cos, sp.atan, sp.sign, sp.Heaviside)
+#: Functions whose modulus is at most exp(|argument|), at any argument.
+_EXPONENTIAL = (sp.exp, sp.cosh, sp.sinh)
+
+POLYNOMIAL, EXPONENTIAL = 0, 1
+
+
+def tail_bound(f: sp.Expr, t: sp.Symbol):
+    """(level, degree) with |f(t)| <= C (1+|t|)^degree (level 0) or exp(C (1+|t|)^degree)
+    (level 1, degree > 0) for all large |t|, or None (module docstring).  ``f`` must be a
+    function of the real symbol ``t`` alone; any other symbol gives None."""
+    return _Bounds(t).upper(f)
+
+
+def outgrown_by_gaussian_tail(f: sp.Expr, t: sp.Symbol) -> bool:
+    """Whether |f(t)| exp(-rate t^2) -> 0 as t -> +-oo for every rate > 0 is proven by
+    ``tail_bound`` (False: not proven either way)."""
+    bound = tail_bound(f, t)
+    return bound is not None and bound < (EXPONENTIAL, 2)
+
+
+def _normal(level: int, degree: Fraction):
+    """exp(C (1+|t|)^0) is a constant: the bound (1, 0) is (0, 0)."""
+    return (POLYNOMIAL, Fraction(0)) if level == EXPONENTIAL and degree == 0 else (level, degree)
+
+
+def _product(bounds):
+    """Bound of a product from its factors' bounds: degrees add for polynomials; an
+    exponential's exp(C t^d), d > 0, absorbs every polynomial factor and smaller exponential."""
+    if any(b is None for b in bounds):
+        return None
+    exponential = [d for level, d in bounds if level == EXPONENTIAL]
+    if exponential:
+        return (EXPONENTIAL, max(exponential))
+    return (POLYNOMIAL, sum((d for _, d in bounds), Fraction(0)))
+
+
+def _power(bound, n: Fraction):
+    """Bound of b^n, n > 0, from b's bound: |b^n| = |b|^n."""
+    if bound is None:
+        return None
+    level, d = bound
+    return (POLYNOMIAL, d * n) if level == POLYNOMIAL else bound
+
+
+def _fraction(n: sp.Expr):
+    """A real number as an exact Fraction (a Float by its binary value), or None."""
+    if n.is_Rational:
+        return Fraction(int(n.p), int(n.q))
+    if n.is_Float:
+        return Fraction(float(n))
+    return None
+
+
+class _Bounds:
+    """The rules of the module docstring for one variable t, memoised per sub-expression
+    (the denominators of a deep swish repeat)."""
+
+    def __init__(self, t: sp.Symbol):
+        self.t = t
+        self._upper: dict = {}
+        self._inverse: dict = {}
+        self._real: dict = {}
+        self._nonnegative: dict = {}
+
+    @staticmethod
+    def _memoised(memo: dict, e: sp.Expr, rule):
+        found = memo.get(e, memo)
+        if found is memo:
+            found = memo[e] = rule(e)
+        return found
+
+    def upper(self, e: sp.Expr):
+        """Bound on |e(t)| at infinity (``tail_bound``)."""
+        return self._memoised(self._upper, e, self._new_upper)
+
+    def _new_upper(self, e: sp.Expr):
+        if e == self.t:
+            return (POLYNOMIAL, Fraction(1))
+        if e.is_number:
+            return (POLYNOMIAL, Fraction(0)) if self.real(e) else None
+        if e.is_Symbol:
+            return None  # (a variable other than t: unknown)
+        if e.is_Add or isinstance(e, (sp.Max, sp.Min)):  # |max(a, b)| <= max(|a|, |b|)
+            bounds = [self.upper(a) for a in e.args]
+            return None if any(b is None for b in bounds) else max(bounds)
+        if e.is_Mul:
+            return _product([self.upper(a) for a in e.args])
+        if e.is_Pow:
+            base, n = e.args
+            n = _fraction(n) if n.is_number else None
+            if n is None:
+                return None
+            if n > 0:
+                return _power(self.upper(base), n)
+            if n == 0:
+                return (POLYNOMIAL, Fraction(0))
+            return _power(self.inverse(base), -n)
+        if isinstance(e, _EXPONENTIAL):
+            inner = self.upper(e.args[0])
+            if inner is None or inner[0] == EXPONENTIAL:
+                return None  # (a double exponential: left to the limit)
+            return _normal(EXPONENTIAL, inner[1])
+        if isinstance(e, _BOUNDED):
+            return (POLYNOMIAL, Fraction(0)) if self.real(e.args[0]) else None
+        if isinstance(e, sp.Abs):
+            return self.upper(e.args[0])
+        if isinstance(e, sp.Piecewise):  # whichever branch holds, its bound holds
+            bounds = [self.upper(branch) for branch, _ in e.args]
+            return None if any(b is None for b in bounds) else max(bounds)
+        if isinstance(e, sp.log):
+            # |log g| <= |log|g|| + pi, and log|g| lies between -log|1/g| and log|g|
+            above, below = self.upper(e.args[0]), self.inverse(e.args[0])
+            if above is None or below is None:
+                return None
+            return (POLYNOMIAL, max([Fraction(1)] + [d for level, d in (above, below) if level == EXPONENTIAL]))
+        return None
+
+    def inverse(self, e: sp.Expr):
+        """Bound on |1 / e(t)| at infinity, or None (module docstring)."""
+        return self._memoised(self._inverse, e, self._new_inverse)
+
+    def _new_inverse(self, e: sp.Expr):
+        if e.is_number:
+            return (POLYNOMIAL, Fraction(0)) if self.real(e) and not e.is_zero and e.is_zero is not None else None
+        if e == self.t:
+            return (POLYNOMIAL, Fraction(0))  # (|1/t| <= 1 for |t| >= 1)
+        if e.is_Mul:
+            return _product([self.inverse(a) for a in e.args])
+        if e.is_Pow:
+            base, n = e.args
+            n = _fraction(n) if n.is_number else None
+            if n is None:
+                return None
+            if n > 0:
+                return _power(self.inverse(base), n)
+            return (POLYNOMIAL, Fraction(0)) if n == 0 else _power(self.upper(base), -n)
+        if isinstance(e, sp.exp):  # |1/exp(g)| = |exp(-g)|
+            return self.upper(e)
+        if isinstance(e, sp.cosh) and self.real(e.args[0]):
+            return (POLYNOMIAL, Fraction(0))  # (cosh >= 1)
+        if isinstance(e, sp.Abs):
+            return self.inverse(e.args[0])
+        if e.is_Add:
+            if self._bounded_away_from_zero(e):
+                return (POLYNOMIAL, Fraction(0))
+            if self._nonzero_polynomial(e):
+                return (POLYNOMIAL, Fraction(0))  # (|P(t)| tends to oo or to a nonzero constant)
+        return None
+
+    def _bounded_away_from_zero(self, e: sp.Add) -> bool:
+        """Every term is never negative and one is a positive number: e >= that number."""
+        return (all(self.nonnegative(a) for a in e.args)
+                and any(a.is_number and self.real(a) and a.is_positive for a in e.args))
+
+    def _nonzero_polynomial(self, e: sp.Expr) -> bool:
+        if e.free_symbols != {self.t}:
+            return False
+        try:
+            poly = sp.Poly(e, self.t)
+        except sp.PolynomialError:
+            return False
+        return all(self.real(c) for c in poly.all_coeffs()) and not poly.is_zero
+
+    def nonnegative(self, e: sp.Expr) -> bool:
+        """e(t) >= 0 for every real t (proven; False: not proven)."""
+        return self._memoised(self._nonnegative, e, self._new_nonnegative)
+
+    def _new_nonnegative(self, e: sp.Expr) -> bool:
+        if e.is_number:
+            return bool(self.real(e) and e.is_nonnegative)
+        if isinstance(e, (sp.exp, sp.cosh, sp.erfc)):
+            return self.real(e.args[0])
+        if isinstance(e, sp.Abs):
+            return True
+        if e.is_Pow:
+            base, n = e.args
+            if n.is_Integer and n.is_even:
+                return self.real(base)
+            return bool(n.is_number and self.real(n) and self.nonnegative(base))
+        if e.is_Add or e.is_Mul:
+            return all(self.nonnegative(a) for a in e.args)
+        return False
+
+    def real(self, e: sp.Expr) -> bool:
+        """e(t) is real for every real t where it is defined (proven; False: not proven)."""
+        return self._memoised(self._real, e, self._new_real)
+
+    def _new_real(self, e: sp.Expr) -> bool:
+        if e == self.t:
+            return True
+        if e.is_number:
+            return bool(e.is_real and e.is_finite)
+        if e.is_Symbol:
+            return False
+        if e.is_Pow:
+            base, n = e.args
+            if n.is_Integer:
+                return self.real(base)
+            return bool(n.is_number and self.real(n) and self.nonnegative(base))
+        if isinstance(e, sp.Piecewise):
+            return all(self.real(branch) for branch, _ in e.args)
+        if e.is_Add or e.is_Mul or isinstance(e, (*_BOUNDED, *_EXPONENTIAL, sp.Abs, sp.Max, sp.Min)):
+            return all(self.real(a) for a in e.args)
+        return False
