@@ -13,7 +13,9 @@ module refuses, with an error naming the instruction, what provably does not exi
   oddness);
 * growth that beats the Gaussian tail: E[exp(q(u))] with q a quadratic form too large for
   the covariance of the initial Gaussians (exp(u^2) for var(u) >= 1/2), or super-quadratic
-  growth in any leaf (exp(u^3)).
+  growth in any leaf (exp(u^3)); growth slower than exp(C |u|^d), d < 2, is proven from
+  the function's structure (``growth``), and sympy's limits are taken only where that
+  proves nothing.
 
 Proofs work on psi written in the *leaves* (initial Gaussians, ZHats): one leaf t at a
 time, the other leaves and every constant fixed at generic values (a property shown on an
