@@ -34,6 +34,7 @@ BOUNDS = [
     (sp.exp(-t**3), (EXPONENTIAL, 3)),               # (grows as t -> -oo)
     (sp.exp(t**3), (EXPONENTIAL, 3)),
     (sp.log(sp.exp(t**3) + 1), (POLYNOMIAL, 3)),
+    (t * sp.tanh(sp.log(1 + sp.exp(t))), (POLYNOMIAL, 1)),  # mish: log of a positive function is real
 ]
 
 # no bound is claimed: a double exponential, a denominator that reaches 0 at infinity or

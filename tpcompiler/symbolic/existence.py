@@ -144,6 +144,23 @@ def _real_zeros(den_t: sp.Expr, t: sp.Symbol):
     return None
 
 
+def _complex_at(expr: sp.Expr, values: dict) -> bool:
+    """Whether ``values`` put a negative number under a non-integer power or a log of
+    ``expr`` (making it complex, whether or not sympy's evaluation shows an I)."""
+    for a in symbols.preorder(expr):
+        if isinstance(a, sp.Pow) and a.exp.is_number and not _is_int_power(a.exp):
+            base = a.base
+        elif isinstance(a, sp.log):
+            base = a.args[0]
+        else:
+            continue
+        if base.free_symbols and base.free_symbols <= set(values):
+            value = base.xreplace(values)
+            if value.is_number and value.is_extended_negative:
+                return True
+    return False
+
+
 def _pole(f_t: sp.Expr, t: sp.Symbol, t0) -> bool:
     """|f| >= c/|t - t0| near t0 from one side (a non-integrable singularity)."""
     for d in ("+", "-"):
@@ -424,10 +441,11 @@ class Checker:
             # LayerNorm's h / sqrt(var): "Invalid comparison of non-real"): positive values
             # are as generic
             return expr.xreplace(positive)
-        if generic.has(sp.I) and not expr.has(sp.I):
+        if not expr.has(sp.I) and (generic.has(sp.I) or _complex_at(expr, rep)):
             # the same without the comparison: a LayerNorm's (var + eps)^(-1/2) at a negative
             # var made its h imaginary, so exp(-h) oscillates instead of growing (a wrong
-            # answer about growth, and sympy's limits of it took minutes)
+            # answer about growth, and sympy's limits of it took minutes); sympy may not show
+            # the I (cosh(I x) is cos(x): log cosh(h) read as log cos, which has poles)
             generic = expr.xreplace(positive)
         return generic
 

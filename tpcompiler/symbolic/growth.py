@@ -229,6 +229,8 @@ class _Bounds:
             return bool(n.is_number and self.real(n) and self.nonnegative(base))
         if isinstance(e, sp.Piecewise):
             return all(self.real(branch) for branch, _ in e.args)
+        if isinstance(e, sp.log):  # (mish's tanh(log(1 + exp(t))))
+            return self.nonnegative(e.args[0])
         if e.is_Add or e.is_Mul or isinstance(e, (*_BOUNDED, *_EXPONENTIAL, sp.Abs, sp.Max, sp.Min)):
             return all(self.real(a) for a in e.args)
         return False
