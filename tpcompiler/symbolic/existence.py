@@ -84,7 +84,7 @@ def risky_atoms(expr: sp.Expr, is_random) -> list[sp.Expr]:
     out = []
     if expr.has(sp.zoo, sp.nan, sp.oo, -sp.oo):
         out.append(expr)
-    for a in sp.preorder_traversal(expr):
+    for a in symbols.preorder(expr):
         if isinstance(a, sp.Pow) and is_random(a):
             base, exp = a.args
             if is_random(exp) or not (_is_int_power(exp) and exp >= 0):
@@ -100,7 +100,7 @@ def risky_atoms(expr: sp.Expr, is_random) -> list[sp.Expr]:
 def _domain_args(expr: sp.Expr, is_random) -> list[tuple[sp.Expr, str]]:
     """(argument, what) for every part of ``expr`` defined only for some arguments."""
     out = []
-    for a in sp.preorder_traversal(expr):
+    for a in symbols.preorder(expr):
         if isinstance(a, sp.Pow) and is_random(a.args[0]):
             base, exp = a.args
             if is_random(exp):
@@ -312,7 +312,7 @@ class Checker:
         self._check_defined(f, what)
         leaves = self._leaf_names(f)
         # poles at finite points
-        dens = [a.args[0] for a in sp.preorder_traversal(f)
+        dens = [a.args[0] for a in symbols.preorder(f)
                 if isinstance(a, sp.Pow) and a.args[1].is_number and a.args[1].is_negative and self.is_random(a.args[0])]
         for den in dens:
             for t in self._leaf_names(den):
@@ -330,7 +330,7 @@ class Checker:
                             "and the Gaussians have positive density there; the average over coordinates has no "
                             "limit (it is not 0 by symmetry); use a function bounded there")
         # growth against the Gaussian tail
-        grows = [a for a in sp.preorder_traversal(f)
+        grows = [a for a in symbols.preorder(f)
                  if (isinstance(a, (sp.exp, sp.cosh, sp.sinh)) and self.is_random(a) and not a.args[0].is_nonpositive)
                  or (isinstance(a, sp.Pow) and self.is_random(a.args[1]))]
         if grows:
@@ -352,7 +352,7 @@ class Checker:
             if cov is not None and len(inits) <= 4 and abs(np.linalg.det(cov)) > 1e-12:
                 S = sp.Matrix([[sp.nsimplify(c, rational=True) for c in row] for row in cov])
                 fixed = self._generic_except(f, set(inits))
-                for q in {a.args[0] for a in sp.preorder_traversal(fixed) if isinstance(a, sp.exp)}:
+                for q in dict.fromkeys(a.args[0] for a in symbols.preorder(fixed) if isinstance(a, sp.exp)):
                     try:
                         P = sp.Poly(sp.nsimplify(q, rational=True), *inits)
                     except (sp.PolynomialError, ValueError, TypeError):

@@ -116,15 +116,8 @@ class _Bounds:
         if e.is_Mul:
             return _product([self.upper(a) for a in e.args])
         if e.is_Pow:
-            base, n = e.args
-            n = _fraction(n) if n.is_number else None
-            if n is None:
-                return None
-            if n > 0:
-                return _power(self.upper(base), n)
-            if n == 0:
-                return (POLYNOMIAL, Fraction(0))
-            return _power(self.inverse(base), -n)
+            n = _fraction(e.exp) if e.exp.is_number else None
+            return None if n is None else self._power_bound(e.base, n)
         if isinstance(e, _EXPONENTIAL):
             inner = self.upper(e.args[0])
             if inner is None or inner[0] == EXPONENTIAL:
@@ -145,6 +138,12 @@ class _Bounds:
             return (POLYNOMIAL, max([Fraction(1)] + [d for level, d in (above, below) if level == EXPONENTIAL]))
         return None
 
+    def _power_bound(self, base: sp.Expr, n: Fraction):
+        """Bound on |base^n| = |base|^n, from base's bound (n > 0) or its inverse's (n < 0)."""
+        if n == 0:
+            return (POLYNOMIAL, Fraction(0))
+        return _power(self.upper(base), n) if n > 0 else _power(self.inverse(base), -n)
+
     def inverse(self, e: sp.Expr):
         """Bound on |1 / e(t)| at infinity, or None (module docstring)."""
         return self._memoised(self._inverse, e, self._new_inverse)
@@ -156,14 +155,9 @@ class _Bounds:
             return (POLYNOMIAL, Fraction(0))  # (|1/t| <= 1 for |t| >= 1)
         if e.is_Mul:
             return _product([self.inverse(a) for a in e.args])
-        if e.is_Pow:
-            base, n = e.args
-            n = _fraction(n) if n.is_number else None
-            if n is None:
-                return None
-            if n > 0:
-                return _power(self.inverse(base), n)
-            return (POLYNOMIAL, Fraction(0)) if n == 0 else _power(self.upper(base), -n)
+        if e.is_Pow:  # |1 / b^n| = |b^(-n)|
+            n = _fraction(e.exp) if e.exp.is_number else None
+            return None if n is None else self._power_bound(e.base, -n)
         if isinstance(e, sp.exp):  # |1/exp(g)| = |exp(-g)|
             return self.upper(e)
         if isinstance(e, sp.cosh) and self.real(e.args[0]):
