@@ -53,6 +53,14 @@ REFUSED = [
     ("exp(0.3 u^2), var 2", _mean(lambda u, v, h: tp.exp(0.3 * u * u)), 2.0, "'m'", "infinite"),
     ("exp(u*v)", _mean(lambda u, v, h: tp.exp(u * v)), 1.0, "'m'", "infinite"),
     ("exp(u^3)", _mean(lambda u, v, h: tp.exp(u**3)), 1.0, "'m'", "infinite"),
+    # Float exponents a double cannot hold: 1e-400 is not 0, 1.5000000000000001 is not 1.5
+    # (the growth bound read them as doubles and accepted both; a review found them)
+    ("(1 + exp(u^3))^1e-400", _mean(lambda u, v, h: tp.nonlin(lambda x: (1 + sp.exp(x**3)) ** sp.Float("1e-400"), u)),
+     1.0, "'m'", "infinite"),
+    ("exp(|u|^1.5000000000000001 (u^2 + 1)^(1/4 - 2^-55))",
+     _mean(lambda u, v, h: tp.nonlin(lambda x: sp.exp(sp.Abs(x) ** sp.Float("1.5000000000000001", 40)
+                                                      * (x**2 + 1) ** sp.Float(0.25 - 2**-55)), u)),
+     1.0, "'m'", "infinite"),
     ("log(u)", _mean(lambda u, v, h: log(u)), 1.0, "'m'", "negative"),
     ("sqrt(u)", _mean(lambda u, v, h: sqrt(u)), 1.0, "'m'", "negative"),
     ("cbrt(u)", _mean(lambda u, v, h: tp.nonlin(sp.cbrt, u)), 1.0, "'m'", "negative"),

@@ -35,13 +35,20 @@ BOUNDS = [
     (sp.exp(t**3), (EXPONENTIAL, 3)),
     (sp.log(sp.exp(t**3) + 1), (POLYNOMIAL, 3)),
     (t * sp.tanh(sp.log(1 + sp.exp(t))), (POLYNOMIAL, 1)),  # mish: log of a positive function is real
+    # Floats beyond a double, read exactly (review): not 0, not 1.5, not an overflow
+    ((1 + sp.exp(t**3)) ** sp.Float("1e-400"), (EXPONENTIAL, 3)),
+    (sp.Abs(t) ** sp.Float("1.5000000000000001", 40), (POLYNOMIAL, Fraction(sp.Rational(sp.Float("1.5000000000000001", 40)).p,
+                                                                           sp.Rational(sp.Float("1.5000000000000001", 40)).q))),
+    (sp.exp(t) * sp.Abs(t) ** sp.Float("1e400"), (EXPONENTIAL, 1)),
 ]
 
 # no bound is claimed: a double exponential, a denominator that reaches 0 at infinity or
 # whose sign is not known, a complex argument of a function bounded only on the reals,
 # another variable
 UNPROVEN = [sp.exp(sp.exp(t)), 1 / (1 - sp.exp(-t)), 1 / (2 + sp.sin(t)), sp.tanh(sp.I * t), sp.I * t,
-            sp.Symbol("x") * t, 1 / (1 - 2 * sp.exp(-t))]
+            sp.Symbol("x") * t, 1 / (1 - 2 * sp.exp(-t)),
+            # a coefficient that is 0 without looking it: 1/0, no lower bound (review)
+            sp.exp(t) / ((sp.cos(1) ** 2 + sp.sin(1) ** 2 - 1) * (t + 1))]
 
 
 @pytest.mark.parametrize("f,bound", BOUNDS, ids=[str(f) for f, _ in BOUNDS])
@@ -61,7 +68,8 @@ def _random_function(rng, depth: int) -> sp.Expr:
     a, b = _random_function(rng, depth - 1), _random_function(rng, depth - 1)
     c = sp.Rational(int(rng.integers(1, 7)), 4)
     kinds = [a + b, a * b, a**2, sp.exp(c * a), sp.exp(-c * t) * a, a / (1 + c * sp.exp(-c * b)), sp.tanh(a) * b,
-             1 / (1 + a**2), sp.Max(a, 0) * b, sp.exp(c * a * sp.tanh(b)), sp.cosh(a), sp.Abs(a) ** sp.Rational(3, 2)]
+             1 / (1 + a**2), sp.Max(a, 0) * b, sp.exp(c * a * sp.tanh(b)), sp.cosh(a), sp.Abs(a) ** sp.Rational(3, 2),
+             (1 + a**2) ** sp.Float(abs(rng.normal()) + 0.25)]
     return kinds[rng.integers(len(kinds))]
 
 
@@ -72,7 +80,7 @@ def test_a_proven_bound_holds_where_sympy_computes_the_limit():
     rng = np.random.default_rng(3)
     proven = checked = 0
     seen = set()
-    while checked < 25:
+    while checked < 40:
         f = _random_function(rng, int(rng.integers(1, 3)))
         if f in seen or t not in f.free_symbols:
             continue

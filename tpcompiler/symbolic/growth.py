@@ -73,11 +73,14 @@ def _power(bound, n: Fraction):
 
 
 def _fraction(n: sp.Expr):
-    """A real number as an exact Fraction (a Float by its binary value), or None."""
+    """A rational or Float number as an exact Fraction, or None.  A Float is converted exactly
+    from its own precision, not through a double: 1e-400 is not 0 and 1.5000000000000001
+    (40 digits) is not 1.5, or (1 + exp(t^3))^(1e-400) would be bounded as a constant and
+    exp(|t|^1.5000000000000001 (t^2 + 1)^0.25) as exp(t^2) (review)."""
+    if n.is_Float:
+        n = sp.Rational(n)
     if n.is_Rational:
         return Fraction(int(n.p), int(n.q))
-    if n.is_Float:
-        return Fraction(float(n))
     return None
 
 
@@ -150,7 +153,7 @@ class _Bounds:
 
     def _new_inverse(self, e: sp.Expr):
         if e.is_number:
-            return (POLYNOMIAL, Fraction(0)) if self.real(e) and not e.is_zero and e.is_zero is not None else None
+            return (POLYNOMIAL, Fraction(0)) if self.real(e) and e.is_zero is False else None
         if e == self.t:
             return (POLYNOMIAL, Fraction(0))  # (|1/t| <= 1 for |t| >= 1)
         if e.is_Mul:
@@ -177,13 +180,15 @@ class _Bounds:
                 and any(a.is_number and self.real(a) and a.is_positive for a in e.args))
 
     def _nonzero_polynomial(self, e: sp.Expr) -> bool:
-        if e.free_symbols != {self.t}:
+        """A polynomial in t with real coefficients, one of them proven nonzero (a coefficient
+        that is 0 without looking it, cos(1)^2 + sin(1)^2 - 1, proves nothing)."""
+        if e.free_symbols != {self.t} or not e.is_polynomial(self.t):
             return False
         try:
-            poly = sp.Poly(e, self.t)
+            coefficients = sp.Poly(e, self.t).all_coeffs()
         except sp.PolynomialError:
             return False
-        return all(self.real(c) for c in poly.all_coeffs()) and not poly.is_zero
+        return all(self.real(c) for c in coefficients) and any(c.is_zero is False for c in coefficients)
 
     def nonnegative(self, e: sp.Expr) -> bool:
         """e(t) >= 0 for every real t (proven; False: not proven)."""
