@@ -62,6 +62,10 @@ REFUSED = [
                                                       * (x**2 + 1) ** sp.Float(0.25 - 2**-55)), u)),
      1.0, "'m'", "infinite"),
     ("log(u)", _mean(lambda u, v, h: log(u)), 1.0, "'m'", "negative"),
+    # poles of a function, not of a written denominator: E[tan(u)] was never looked at, and a
+    # layer net's NNGP of tan came out as numbers
+    ("tan(u)", _mean(lambda u, v, h: tp.nonlin(sp.tan, u)), 1.0, "'m'", "not integrable near u = "),
+    ("sec(h) (h = W u)", _mean(lambda u, v, h: tp.nonlin(sp.sec, h)), 1.0, "'m'", "not integrable"),
     ("sqrt(u)", _mean(lambda u, v, h: sqrt(u)), 1.0, "'m'", "negative"),
     ("cbrt(u)", _mean(lambda u, v, h: tp.nonlin(sp.cbrt, u)), 1.0, "'m'", "negative"),
     ("u**v", _mean(lambda u, v, h: u**v), 1.0, "'m'", "random exponent"),
@@ -242,3 +246,19 @@ def test_a_negative_constant_keeps_its_sign_where_generic_values_are_made_positi
     p.output("m", tp.mean(z))
     with pytest.raises(UndefinedLimit, match="infinite"):
         tp.compile(p)
+
+
+def test_a_removable_singularity_is_not_a_pole():
+    """sin(h)/h with h = b + 1.5 g: at the zero of h, a float, sympy's limit of f (t - t0) was
+    -5e-17 instead of 0, read as a pole, and sinc was refused as not integrable.  The
+    program's floats are now exact rationals for the check.  The kernel backend's quadrature
+    evaluates the function at 0 itself (0/0): a clear error naming the cause, not a
+    ZeroDivisionError from the generated code."""
+    from tpcompiler import layers
+    from tpcompiler.backends.kernels.pairwise import NotPairwise
+
+    net = layers.serial(layers.Dense(8, 1.5, 0.1), layers.Nonlin(lambda a: sp.sin(a) / a, name="sinc"),
+                        layers.Dense(1, 1.5, 0.1))
+    compiled = tp.compile(net.program((3,)))
+    with pytest.raises(NotPairwise, match="divides by zero at a quadrature node"):
+        compiled.kernels(np.random.default_rng(0).standard_normal((2, 3)))

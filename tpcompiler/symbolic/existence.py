@@ -52,6 +52,8 @@ class UndefinedLimit(ProgramError):
 #: Functions defined only on part of the real line (their arguments are checked; log by
 #: sign, the others only at run time by the evaluator).
 _RESTRICTED = (sp.log, sp.asin, sp.acos, sp.atanh, sp.acosh, sp.loggamma)
+#: Functions with poles on the real line, analysed as the ratios they are (``_as_ratios``).
+_WITH_POLES = (sp.tan, sp.cot, sp.sec, sp.csc)
 #: Generic values for the leaves held fixed while another is analysed.
 _GENERIC = [sp.Rational(3, 7), sp.Rational(-5, 11), sp.Rational(7, 13), sp.Rational(-2, 9),
             sp.Rational(9, 17), sp.Rational(-4, 19)]
@@ -89,7 +91,7 @@ def risky_atoms(expr: sp.Expr, is_random) -> list[sp.Expr]:
             base, exp = a.args
             if is_random(exp) or not (_is_int_power(exp) and exp >= 0):
                 out.append(a)
-        elif isinstance(a, _RESTRICTED) and is_random(a):
+        elif isinstance(a, (*_RESTRICTED, *_WITH_POLES)) and is_random(a):
             out.append(a)
         elif isinstance(a, (sp.exp, sp.cosh, sp.sinh)) and is_random(a):
             if not (a.args[0].is_nonpositive and isinstance(a, sp.exp)):
@@ -114,6 +116,15 @@ def _domain_args(expr: sp.Expr, is_random) -> list[tuple[sp.Expr, str]]:
     return out
 
 
+def _as_ratios(expr: sp.Expr) -> sp.Expr:
+    """tan, cot, sec and csc written as ratios of sin and cos, so that their poles are zeros of
+    a denominator (E[tan(u)^2] does not exist; it was never looked at)."""
+    if not expr.has(*_WITH_POLES):
+        return expr
+    return expr.replace(sp.tan, lambda x: sp.sin(x) / sp.cos(x)).replace(sp.cot, lambda x: sp.cos(x) / sp.sin(x)) \
+        .replace(sp.sec, lambda x: 1 / sp.cos(x)).replace(sp.csc, lambda x: 1 / sp.sin(x))
+
+
 def _negative_set(arg_t: sp.Expr, t: sp.Symbol):
     """Whether {t real: arg_t < 0} is provably non-empty (True), empty (False) or unknown."""
     if arg_t.is_nonnegative:
@@ -129,6 +140,10 @@ def _negative_set(arg_t: sp.Expr, t: sp.Symbol):
     return s is not sp.S.EmptySet and s.measure != 0
 
 
+#: Half-width of the window in which the zeros of a denominator with infinitely many are sought.
+_ZERO_WINDOW = 10
+
+
 def _real_zeros(den_t: sp.Expr, t: sp.Symbol):
     """Finite list of real zeros of ``den_t`` in t, or None when unknown."""
     if den_t.is_positive or den_t.is_negative:
@@ -141,7 +156,13 @@ def _real_zeros(den_t: sp.Expr, t: sp.Symbol):
         return [r for r in s if r.is_real]
     if s is sp.S.EmptySet:
         return []
-    return None
+    # infinitely many zeros (cos t = 0): those in a window, where a pole found is a pole
+    # (tan's were never looked at, and E[tan(u) tan(v)] came out as a number)
+    try:
+        window = sp.solveset(sp.Eq(den_t, 0), t, sp.Interval(-_ZERO_WINDOW, _ZERO_WINDOW))
+    except Exception:  # noqa: BLE001
+        return None
+    return [r for r in window if r.is_real] if isinstance(window, sp.FiniteSet) else None
 
 
 def _complex_at(expr: sp.Expr, values: dict) -> bool:
@@ -308,7 +329,10 @@ class Checker:
 
     def check_expectation(self, psi: sp.Expr, what: str) -> None:
         self._check_defined(psi, what)
-        f = sp.powsimp(self._constants_for_expectations(self.leaf_form(psi)))
+        # the program's floats as exact rationals: a removable singularity then cancels
+        # exactly (sin(h)/h at the zero of h = b + 1.5 g, a float, left a limit of -5e-17,
+        # read as a pole: sinc was refused)
+        f = sp.nsimplify(sp.powsimp(_as_ratios(self._constants_for_expectations(self.leaf_form(psi)))), rational=True)
         self._check_defined(f, what)
         leaves = self._leaf_names(f)
         # poles at finite points

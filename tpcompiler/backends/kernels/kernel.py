@@ -242,6 +242,11 @@ class KernelFunction:
         except ValueError as exc:  # (a function the quadratures cannot take: a kink away from 0, a delta)
             raise NotPairwise(f"program {graph.name!r}: the kernel backend cannot compute an expectation: {exc}; "
                               "tp.compile(program).limit(x=X) estimates the kernels by particles") from None
+        except ZeroDivisionError:  # (the quadrature's nodes include 0, where sin(x)/x is 0/0)
+            raise NotPairwise(f"program {graph.name!r}: the kernel backend cannot compute an expectation: a function "
+                              "divides by zero at a quadrature node (a removable singularity such as sin(x)/x at 0 is "
+                              "evaluated there); write the function without the division, or let "
+                              "tp.compile(program).limit(x=X) estimate the kernels by particles") from None
         self._bodies: dict = {}     # template index -> lowered body (_template_body)
         self._recipes: dict = {}    # template index -> its _Recipe or None (_recipe)
         self._linear_values: dict = {}  # engine's argument -> _linear (_linear_value)
