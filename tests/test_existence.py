@@ -66,6 +66,14 @@ REFUSED = [
     # layer net's NNGP of tan came out as numbers
     ("tan(u)", _mean(lambda u, v, h: tp.nonlin(sp.tan, u)), 1.0, "'m'", "not integrable near u = "),
     ("sec(h) (h = W u)", _mean(lambda u, v, h: tp.nonlin(sp.sec, h)), 1.0, "'m'", "not integrable"),
+    # (review) poles away from [-10, 10] and of a function of u^2; a float pole that a
+    # 15-digit rounding would make removable; a float 1e-15 above a growth threshold
+    ("tan(0.1 u)", _mean(lambda u, v, h: tp.nonlin(lambda x: sp.tan(0.1 * x), u)), 1.0, "'m'", "near u = 15.707963"),
+    ("tan(u^2)", _mean(lambda u, v, h: tp.nonlin(lambda x: sp.tan(x**2), u)), 1.0, "'m'", "not integrable"),
+    ("sin(u - 0.3)/(u - (0.1 + 0.2))", _mean(lambda u, v, h: tp.nonlin(lambda x: sp.sin(x - 0.3) / (x - (0.1 + 0.2)), u)),
+     1.0, "'m'", "not integrable"),
+    ("exp(1.3513513513513526 u^2), var 0.37", _mean(lambda u, v, h: tp.exp(1.3513513513513526 * u * u)), 0.37, "'m'",
+     "infinite"),
     ("sqrt(u)", _mean(lambda u, v, h: sqrt(u)), 1.0, "'m'", "negative"),
     ("cbrt(u)", _mean(lambda u, v, h: tp.nonlin(sp.cbrt, u)), 1.0, "'m'", "negative"),
     ("u**v", _mean(lambda u, v, h: u**v), 1.0, "'m'", "random exponent"),
@@ -262,3 +270,10 @@ def test_a_removable_singularity_is_not_a_pole():
     compiled = tp.compile(net.program((3,)))
     with pytest.raises(NotPairwise, match="divides by zero at a quadrature node"):
         compiled.kernels(np.random.default_rng(0).standard_normal((2, 3)))
+
+
+def test_a_float_just_below_a_growth_threshold_is_accepted():
+    """exp(0.49999999999999994 u^2) at var 1: E = (1 - 2 c)^(-1/2), finite (c < 1/2).  Its
+    float is read exactly, not rounded to 1/2 (where E is infinite)."""
+    p = _program(_mean(lambda u, v, h: tp.exp(0.49999999999999994 * u * u)), 1.0)
+    tp.compile(p)

@@ -116,6 +116,22 @@ def _domain_args(expr: sp.Expr, is_random) -> list[tuple[sp.Expr, str]]:
     return out
 
 
+def _exact(expr: sp.Expr) -> sp.Expr:
+    """Every float of ``expr`` as the rational it holds, exactly: a removable singularity then
+    cancels (sin(h)/h at the zero of h = b + 1.5 g, a float, left a limit of -5e-17, read as
+    a pole: sinc was refused), and a coefficient 1e-15 above a growth threshold stays above
+    it (sympy's nsimplify rounds to 15 digits: exp(1.3513513513513526 u^2) at var 0.37, an
+    infinite expectation, was accepted; a review found it)."""
+    floats = expr.atoms(sp.Float)
+    return expr.xreplace({x: sp.Rational(x) for x in floats}) if floats else expr
+
+
+def _readable(x: sp.Expr) -> sp.Expr:
+    """A number for an error message: as it is if short, else to 8 digits (an exact float's
+    rational has dozens)."""
+    return x if len(str(x)) <= 30 else sp.N(x, 8)
+
+
 def _as_ratios(expr: sp.Expr) -> sp.Expr:
     """tan, cot, sec and csc written as ratios of sin and cos, so that their poles are zeros of
     a denominator (E[tan(u)^2] does not exist; it was never looked at)."""
@@ -156,8 +172,12 @@ def _real_zeros(den_t: sp.Expr, t: sp.Symbol):
         return [r for r in s if r.is_real]
     if s is sp.S.EmptySet:
         return []
-    # infinitely many zeros (cos t = 0): those in a window, where a pole found is a pole
-    # (tan's were never looked at, and E[tan(u) tan(v)] came out as a number)
+    # infinitely many zeros (cos t = 0), where a pole found is a pole (tan's were never looked
+    # at, and E[tan(u) tan(v)] came out as a number): the members n = 0, 1, -1 of each
+    # family of zeros, wherever they lie (tan(t/10)'s are at 5 pi + 10 pi n), else those in a window
+    representatives = _family_members(s)
+    if representatives:
+        return representatives
     try:
         window = sp.solveset(sp.Eq(den_t, 0), t, sp.Interval(-_ZERO_WINDOW, _ZERO_WINDOW))
     except Exception:  # noqa: BLE001
@@ -180,6 +200,19 @@ def _complex_at(expr: sp.Expr, values: dict) -> bool:
             if value.is_number and value.is_extended_negative:
                 return True
     return False
+
+
+def _family_members(s) -> list:
+    """The real members at n = 0, 1, -1 of each ImageSet over the integers in ``s`` (an
+    ImageSet or a Union of them: solveset's periodic solutions)."""
+    out = []
+    for part in (s.args if isinstance(s, sp.Union) else (s,)):
+        if isinstance(part, sp.ImageSet) and tuple(part.base_sets) == (sp.S.Integers,):
+            for n in (0, 1, -1):
+                value = part.lamda(n)
+                if value.is_extended_real and value not in out:
+                    out.append(value)
+    return out
 
 
 def _pole(f_t: sp.Expr, t: sp.Symbol, t0) -> bool:
@@ -329,10 +362,7 @@ class Checker:
 
     def check_expectation(self, psi: sp.Expr, what: str) -> None:
         self._check_defined(psi, what)
-        # the program's floats as exact rationals: a removable singularity then cancels
-        # exactly (sin(h)/h at the zero of h = b + 1.5 g, a float, left a limit of -5e-17,
-        # read as a pole: sinc was refused)
-        f = sp.nsimplify(sp.powsimp(_as_ratios(self._constants_for_expectations(self.leaf_form(psi)))), rational=True)
+        f = _exact(sp.powsimp(_as_ratios(self._constants_for_expectations(self.leaf_form(psi)))))
         self._check_defined(f, what)
         leaves = self._leaf_names(f)
         # poles at finite points
@@ -345,8 +375,10 @@ class Checker:
                 for t0 in zeros or []:
                     if _pole(f_t, t, t0):
                         if len(leaves) == 1:
+                            t0 = _readable(t0)
                             where = f"near {self._show_leaf(t)} = {t0} (it grows like 1/|{shown(t - t0)}|)"
                         else:
+                            t0 = _readable(t0)
                             where = (f"where {shown(den)} = 0 (e.g. it grows like 1/|{shown(t - t0)}| near "
                                      f"{self._show_leaf(t)} = {t0} when the other Gaussians take generic values)")
                         raise UndefinedLimit(
@@ -453,7 +485,7 @@ class Checker:
             if s in keep:
                 continue
             if s in params:
-                rep[s] = sp.nsimplify(params[s])
+                rep[s] = sp.Rational(params[s])  # (exactly: see _exact)
             else:
                 rep[s] = _GENERIC[i % len(_GENERIC)] * (1 + i // len(_GENERIC))
                 i += 1
