@@ -30,8 +30,8 @@ from __future__ import annotations
 import sympy as sp
 
 from tpcompiler.ir import symbols
-from tpcompiler.symbolic import growth
 from tpcompiler.ir.graph import ProgramError
+from tpcompiler.symbolic import growth
 
 
 def shown(expr: sp.Expr) -> str:
@@ -52,8 +52,11 @@ class UndefinedLimit(ProgramError):
 #: Functions defined only on part of the real line (their arguments are checked; log by
 #: sign, the others only at run time by the evaluator).
 _RESTRICTED = (sp.log, sp.asin, sp.acos, sp.atanh, sp.acosh, sp.loggamma)
-#: Functions with poles on the real line, analysed as the ratios they are (``_as_ratios``).
-_WITH_POLES = (sp.tan, sp.cot, sp.sec, sp.csc)
+#: Functions with poles on the real line, and the ratios of sin and cos they are analysed as
+#: (``_as_ratios``).
+_RATIOS = {sp.tan: lambda x: sp.sin(x) / sp.cos(x), sp.cot: lambda x: sp.cos(x) / sp.sin(x),
+           sp.sec: lambda x: 1 / sp.cos(x), sp.csc: lambda x: 1 / sp.sin(x)}
+_WITH_POLES = tuple(_RATIOS)
 #: Generic values for the leaves held fixed while another is analysed.
 _GENERIC = [sp.Rational(3, 7), sp.Rational(-5, 11), sp.Rational(7, 13), sp.Rational(-2, 9),
             sp.Rational(9, 17), sp.Rational(-4, 19)]
@@ -137,8 +140,7 @@ def _as_ratios(expr: sp.Expr) -> sp.Expr:
     a denominator (E[tan(u)^2] does not exist; it was never looked at)."""
     if not expr.has(*_WITH_POLES):
         return expr
-    return expr.replace(sp.tan, lambda x: sp.sin(x) / sp.cos(x)).replace(sp.cot, lambda x: sp.cos(x) / sp.sin(x)) \
-        .replace(sp.sec, lambda x: 1 / sp.cos(x)).replace(sp.csc, lambda x: 1 / sp.sin(x))
+    return expr.replace(lambda e: type(e) in _RATIOS, lambda e: _RATIOS[type(e)](e.args[0]))
 
 
 def _negative_set(arg_t: sp.Expr, t: sp.Symbol):
@@ -188,6 +190,7 @@ def _real_zeros(den_t: sp.Expr, t: sp.Symbol):
 def _complex_at(expr: sp.Expr, values: dict) -> bool:
     """Whether ``values`` put a negative number under a non-integer power or a log of
     ``expr`` (making it complex, whether or not sympy's evaluation shows an I)."""
+    given = set(values)
     for a in symbols.preorder(expr):
         if isinstance(a, sp.Pow) and a.exp.is_number and not _is_int_power(a.exp):
             base = a.base
@@ -195,7 +198,7 @@ def _complex_at(expr: sp.Expr, values: dict) -> bool:
             base = a.args[0]
         else:
             continue
-        if base.free_symbols and base.free_symbols <= set(values):
+        if base.free_symbols and base.free_symbols <= given:
             value = base.xreplace(values)
             if value.is_number and value.is_extended_negative:
                 return True
@@ -374,11 +377,10 @@ class Checker:
                 zeros = _real_zeros(self._generic(den, t), t)
                 for t0 in zeros or []:
                     if _pole(f_t, t, t0):
+                        t0 = _readable(t0)
                         if len(leaves) == 1:
-                            t0 = _readable(t0)
                             where = f"near {self._show_leaf(t)} = {t0} (it grows like 1/|{shown(t - t0)}|)"
                         else:
-                            t0 = _readable(t0)
                             where = (f"where {shown(den)} = 0 (e.g. it grows like 1/|{shown(t - t0)}| near "
                                      f"{self._show_leaf(t)} = {t0} when the other Gaussians take generic values)")
                         raise UndefinedLimit(

@@ -32,6 +32,8 @@ _BOUNDED = (sp.tanh, sp.erf, sp.erfc, sp.sin, sp.cos, sp.atan, sp.sign, sp.Heavi
 _EXPONENTIAL = (sp.exp, sp.cosh, sp.sinh)
 
 POLYNOMIAL, EXPONENTIAL = 0, 1
+#: The bound of a function bounded at infinity.
+_CONSTANT = (POLYNOMIAL, Fraction(0))
 
 
 def tail_bound(f: sp.Expr, t: sp.Symbol):
@@ -50,7 +52,7 @@ def outgrown_by_gaussian_tail(f: sp.Expr, t: sp.Symbol) -> bool:
 
 def _normal(level: int, degree: Fraction):
     """exp(C (1+|t|)^0) is a constant: the bound (1, 0) is (0, 0)."""
-    return (POLYNOMIAL, Fraction(0)) if level == EXPONENTIAL and degree == 0 else (level, degree)
+    return _CONSTANT if level == EXPONENTIAL and degree == 0 else (level, degree)
 
 
 def _product(bounds):
@@ -62,6 +64,12 @@ def _product(bounds):
     if exponential:
         return (EXPONENTIAL, max(exponential))
     return (POLYNOMIAL, sum((d for _, d in bounds), Fraction(0)))
+
+
+def _largest(bounds):
+    """The largest of bounds that hold together (a sum's terms, a max's arguments, a
+    Piecewise's branches), None if one is unknown."""
+    return None if any(b is None for b in bounds) else max(bounds)
 
 
 def _power(bound, n: Fraction):
@@ -110,12 +118,11 @@ class _Bounds:
         if e == self.t:
             return (POLYNOMIAL, Fraction(1))
         if e.is_number:
-            return (POLYNOMIAL, Fraction(0)) if self.real(e) else None
+            return _CONSTANT if self.real(e) else None
         if e.is_Symbol:
             return None  # (a variable other than t: unknown)
         if e.is_Add or isinstance(e, (sp.Max, sp.Min)):  # |max(a, b)| <= max(|a|, |b|)
-            bounds = [self.upper(a) for a in e.args]
-            return None if any(b is None for b in bounds) else max(bounds)
+            return _largest([self.upper(a) for a in e.args])
         if e.is_Mul:
             return _product([self.upper(a) for a in e.args])
         if e.is_Pow:
@@ -127,12 +134,11 @@ class _Bounds:
                 return None  # (a double exponential: left to the limit)
             return _normal(EXPONENTIAL, inner[1])
         if isinstance(e, _BOUNDED):
-            return (POLYNOMIAL, Fraction(0)) if self.real(e.args[0]) else None
+            return _CONSTANT if self.real(e.args[0]) else None
         if isinstance(e, sp.Abs):
             return self.upper(e.args[0])
         if isinstance(e, sp.Piecewise):  # whichever branch holds, its bound holds
-            bounds = [self.upper(branch) for branch, _ in e.args]
-            return None if any(b is None for b in bounds) else max(bounds)
+            return _largest([self.upper(branch) for branch, _ in e.args])
         if isinstance(e, sp.log):
             # |log g| <= |log|g|| + pi, and log|g| lies between -log|1/g| and log|g|
             above, below = self.upper(e.args[0]), self.inverse(e.args[0])
@@ -144,7 +150,7 @@ class _Bounds:
     def _power_bound(self, base: sp.Expr, n: Fraction):
         """Bound on |base^n| = |base|^n, from base's bound (n > 0) or its inverse's (n < 0)."""
         if n == 0:
-            return (POLYNOMIAL, Fraction(0))
+            return _CONSTANT
         return _power(self.upper(base), n) if n > 0 else _power(self.inverse(base), -n)
 
     def inverse(self, e: sp.Expr):
@@ -153,9 +159,9 @@ class _Bounds:
 
     def _new_inverse(self, e: sp.Expr):
         if e.is_number:
-            return (POLYNOMIAL, Fraction(0)) if self.real(e) and e.is_zero is False else None
+            return _CONSTANT if self.real(e) and e.is_zero is False else None
         if e == self.t:
-            return (POLYNOMIAL, Fraction(0))  # (|1/t| <= 1 for |t| >= 1)
+            return _CONSTANT  # (|1/t| <= 1 for |t| >= 1)
         if e.is_Mul:
             return _product([self.inverse(a) for a in e.args])
         if e.is_Pow:  # |1 / b^n| = |b^(-n)|
@@ -164,14 +170,11 @@ class _Bounds:
         if isinstance(e, sp.exp):  # |1/exp(g)| = |exp(-g)|
             return self.upper(e)
         if isinstance(e, sp.cosh) and self.real(e.args[0]):
-            return (POLYNOMIAL, Fraction(0))  # (cosh >= 1)
+            return _CONSTANT  # (cosh >= 1)
         if isinstance(e, sp.Abs):
             return self.inverse(e.args[0])
-        if e.is_Add:
-            if self._bounded_away_from_zero(e):
-                return (POLYNOMIAL, Fraction(0))
-            if self._nonzero_polynomial(e):
-                return (POLYNOMIAL, Fraction(0))  # (|P(t)| tends to oo or to a nonzero constant)
+        if e.is_Add and (self._bounded_away_from_zero(e) or self._nonzero_polynomial(e)):
+            return _CONSTANT  # (at least a positive number; or |P(t)| -> oo or a nonzero constant)
         return None
 
     def _bounded_away_from_zero(self, e: sp.Add) -> bool:
