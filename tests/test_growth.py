@@ -12,7 +12,8 @@ import sympy as sp
 import tpcompiler as tp
 from tpcompiler import layers
 from tpcompiler.symbolic import existence
-from tpcompiler.symbolic.growth import EXPONENTIAL, POLYNOMIAL, outgrown_by_gaussian_tail, tail_bound
+from tpcompiler.symbolic.growth import (EXPONENTIAL, POLYNOMIAL, _Bounds, beats_gaussian_tail, outgrown_by_gaussian_tail,
+                                        tail_bound)
 
 t = sp.Symbol("t", real=True)
 
@@ -102,6 +103,96 @@ def test_functions_that_outgrow_the_tail_are_still_refused():
     assert existence._grows_too_fast(sp.exp(t**3), t, rate)
     assert existence._grows_too_fast(sp.exp(t**2 / 2) * t, t, sp.Rational(1, 2))
     assert not existence._grows_too_fast(sp.exp(t**2 / 4), t, sp.Rational(1, 2))
+
+
+_TWO_PLUS = sp.Float("2.0000000000000004")
+_EXACT_TWO_PLUS = Fraction(sp.Rational(_TWO_PLUS).p, sp.Rational(_TWO_PLUS).q)
+
+# (f, direction s, growth): log|f(t)| >= (c - eps) |t|^d as s t -> +oo is (c, d), by hand
+# (None for c: positive, not a rational the rules compute)
+GROWTHS = [
+    (sp.exp(t**3), 1, (1, 3)),
+    (sp.exp(t**3), -1, None),                       # (exp(t^3) -> 0 as t -> -oo)
+    (sp.exp(-t**3), -1, (1, 3)),
+    (sp.exp(sp.Float(0.3) * t**2), 1, (Fraction(sp.Rational(sp.Float(0.3)).p, sp.Rational(sp.Float(0.3)).q), 2)),
+    (sp.exp(-t**2), 1, None),
+    (sp.cosh(t**2), -1, (1, 2)),
+    (t * sp.exp(t**2), 1, (1, 2)),                  # (|t| >= 1: the factor t does not shrink it)
+    (sp.exp(t**2) * sp.exp(t**2 / 2), 1, (Fraction(3, 2), 2)),  # (a product's exponents add)
+    (sp.exp(t**2) + sp.exp(t**3), 1, (1, 3)),
+    (sp.exp(t**2 - t**3), -1, (1, 3)),
+    (sp.exp(t**2 - t**3), 1, None),
+    (sp.exp(2 * t**2 + t * sp.sin(t)), 1, (2, 2)),  # (t sin t is O(t), below t^2)
+    (sp.exp(sp.sqrt(2) * t**3), 1, (None, 3)),
+    (sp.exp(sp.Abs(t) ** _TWO_PLUS), -1, (1, _EXACT_TWO_PLUS)),
+    (sp.exp(sp.sqrt(2) * sp.Abs(t) ** _TWO_PLUS), 1, (None, _EXACT_TWO_PLUS)),
+    (sp.exp((t**2 + 1) ** sp.Rational(3, 4)), 1, (1, Fraction(3, 2))),
+    (sp.exp(t**3) - t * sp.exp(t**3), 1, None),     # (two terms of one degree may cancel)
+    (sp.exp(t**3) / (1 + sp.exp(t**3)), 1, None),   # (bounded: the denominator is not bounded below the top degree)
+]
+
+
+@pytest.mark.parametrize("f,s,growth", GROWTHS, ids=[f"{f}, {s}" for f, s, _ in GROWTHS])
+def test_growths_of_closed_forms(f, s, growth):
+    found = _Bounds(t).log_growth(f, s)
+    expected = None if growth is None else (None if growth[0] is None else Fraction(growth[0]), Fraction(growth[1]))
+    assert found == expected
+
+
+def test_growth_beyond_the_tail_is_proven_only_where_it_is():
+    """Degree > 2 beats every rate; degree 2 beats a rate below its coefficient, and at the
+    coefficient nothing is claimed (exp(rate t^2) exp(-rate t^2) is 1: the limit decides)."""
+    rate = sp.Symbol("rate", positive=True)
+    assert beats_gaussian_tail(sp.exp(sp.Abs(t) ** _TWO_PLUS), t, rate)
+    assert beats_gaussian_tail(sp.exp(sp.Rational(3, 10) * t**2), t, sp.Rational(1, 4))
+    assert not beats_gaussian_tail(sp.exp(sp.Rational(3, 10) * t**2), t, sp.Rational(3, 10))
+    assert not beats_gaussian_tail(sp.exp(sp.Rational(3, 10) * t**2), t, rate)
+    assert not beats_gaussian_tail(sp.exp(t**2 / 4) * t**5, t, sp.Rational(1, 2))
+
+
+def test_proven_growth_is_real_growth():
+    """Soundness of the lower bounds against independent answers, on random functions: a
+    function proven to beat exp(t^2 / 100) is never also proven outgrown by it (the upper
+    bounds' rules), and log|f(s T)| - T^2 / 100, evaluated by mpmath at 60 digits, is positive
+    and increasing at T = 20, 40, 80 in the direction proven."""
+    import mpmath
+
+    rng = np.random.default_rng(11)
+    rate = sp.Rational(1, 100)
+    seen, checked = set(), 0
+    for _ in range(1500):
+        f = _random_function(rng, int(rng.integers(1, 4)))
+        if f in seen or t not in f.free_symbols:
+            continue
+        seen.add(f)
+        bounds = _Bounds(t)
+        for s in (1, -1):
+            found = bounds.log_growth(f, s)
+            if found is None or not (found[1] > 2 or (found[0] is not None and found[1] == 2 and found[0] > rate)):
+                continue
+            assert not outgrown_by_gaussian_tail(f, t), f
+            values = []
+            for T in (20, 40, 80):
+                v = sp.N(f.subs(t, s * T), 60)
+                values.append(float(mpmath.log(abs(mpmath.mpmathify(v)))) - T**2 / 100)
+            assert 0 < values[0] < values[1] < values[2], (f, s, values)
+            checked += 1
+    assert checked >= 15
+
+
+def test_a_net_whose_limit_filled_the_memory_is_refused_without_limits(monkeypatch):
+    """Dense(W_std = 0.4^(1/2)) -> exp(|x|^2.0000000000000004): E is infinite at any
+    variance.  sympy's limit of it expanded the exact rational power of 0.632...; tp.compile
+    took 1.4 GB in 15 s and was killed by the memory.  The growth is now proven from the
+    structure, no limit taken."""
+    def no_limit(*args, **kwargs):
+        raise AssertionError(f"a limit was taken: {args[0]}")
+
+    monkeypatch.setattr(existence.sp, "limit", no_limit)
+    net = layers.serial(layers.Dense(8, 0.4**0.5, 0.0), layers.Nonlin(lambda a: sp.exp(sp.Abs(a) ** _TWO_PLUS)),
+                        layers.Dense(1, 1.0, 0.0))
+    with pytest.raises(existence.UndefinedLimit, match="infinite"):
+        tp.compile(net.program((3,)))
 
 
 def test_a_deep_layernorm_swish_net_compiles_without_limits(monkeypatch):

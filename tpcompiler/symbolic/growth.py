@@ -19,6 +19,18 @@ that it is.  A reciprocal 1/D needs |D| bounded *below* at infinity: ``_inverse_
 proves that for a product, a power, an exponential, a nonzero polynomial in t, or a sum of
 terms that are never negative one of which is a positive number (the 1 + a exp(-b t) of a
 sigmoid); anything else is None, never a guess.
+
+The refusals are proven the same way, before any limit (``beats_gaussian_tail``): a *lower*
+bound on log|f| as t -> +oo or -oo,
+
+    log_growth(f, t, s) = (c, d):  log|f(t)| >= (c - eps) |t|^d  for every eps > 0 and all
+                                   large s t (c > 0 a Fraction, or None: positive, unknown),
+
+from exponentials of functions that grow (``_growth``: e >= (c - eps) |t|^d, by rules for t,
+products, powers, |.|, sums whose other terms are polynomially smaller or of the same sign).
+d > 2, or d = 2 and c > rate, proves that |f(t)| exp(-rate t^2) does not tend to 0.  sympy's
+limit of such an f with a float exponent (exp(|0.63 t|^2.0000000000000004), whose exact
+rational power it expands) took gigabytes and was killed.
 """
 from __future__ import annotations
 
@@ -48,6 +60,37 @@ def outgrown_by_gaussian_tail(f: sp.Expr, t: sp.Symbol) -> bool:
     ``tail_bound`` (False: not proven either way)."""
     bound = tail_bound(f, t)
     return bound is not None and bound < (EXPONENTIAL, 2)
+
+
+def beats_gaussian_tail(f: sp.Expr, t: sp.Symbol, rate) -> bool:
+    """Whether |f(t)| exp(-rate t^2) is proven not to tend to 0 as t -> +oo or -oo (module
+    docstring: log_growth of degree > 2, or 2 with a coefficient > rate).  ``rate`` a
+    positive number, or a symbol standing for every rate (then only degree > 2 proves it).
+    False: not proven either way."""
+    bounds = _Bounds(t)
+    limit = _fraction(rate) if rate.is_number else None
+    for s in (1, -1):
+        found = bounds.log_growth(f, s)
+        if found is None:
+            continue
+        c, d = found
+        if d > 2 or (d == 2 and c is not None and limit is not None and c > limit):
+            return True
+    return False
+
+
+def _times(a, b):
+    """Product of two positive coefficients (None: positive, unknown)."""
+    return None if a is None or b is None else a * b
+
+
+def _larger_growth(found: list):
+    """The faster of proven growths (c, d): the larger degree, then the larger coefficient;
+    an unknown coefficient loses to a known one of the same degree."""
+    found = [g for g in found if g is not None]
+    if not found:
+        return None
+    return max(found, key=lambda g: (g[1], g[0] is not None, g[0] or 0))
 
 
 def _normal(level: int, degree: Fraction):
@@ -102,6 +145,8 @@ class _Bounds:
         self._inverse: dict = {}
         self._real: dict = {}
         self._nonnegative: dict = {}
+        self._growth: dict = {}
+        self._log_growth: dict = {}
 
     @staticmethod
     def _memoised(memo: dict, e: sp.Expr, rule):
@@ -192,6 +237,132 @@ class _Bounds:
         except sp.PolynomialError:
             return False
         return all(self.real(c) for c in coefficients) and any(c.is_zero is False for c in coefficients)
+
+    # -- lower bounds: growth that is proven -------------------------------------------
+    def log_growth(self, e: sp.Expr, s: int):
+        """(c, d): log|e(t)| >= (c - eps) |t|^d as s t -> +oo, d > 0, or None (module docstring)."""
+        return self._memoised(self._log_growth, (e, s), self._new_log_growth)
+
+    def _new_log_growth(self, key):
+        e, s = key
+        if isinstance(e, sp.exp):  # log|exp(a)| = a for a real
+            return self.growth(e.args[0], 1, s) if self.real(e.args[0]) else None
+        if isinstance(e, (sp.cosh, sp.sinh)):  # |cosh a|, |sinh a| >= exp(|a|) / 4 once |a| >= 1
+            a = e.args[0]
+            return _larger_growth([self.growth(a, 1, s), self.growth(a, -1, s)]) if self.real(a) else None
+        if isinstance(e, sp.Abs):
+            return self.log_growth(e.args[0], s)
+        if e.is_Pow:  # log|b^n| = n log|b|
+            n = _fraction(e.exp) if e.exp.is_number else None
+            if n is None or n <= 0:
+                return None
+            found = self.log_growth(e.base, s)
+            return None if found is None else (_times(found[0], n), found[1])
+        if e.is_Mul:  # log|prod| = sum of log|factor|: the others at least -O(log t) or -O(|t|^d'), d' < d
+            return self._dominant([self.log_growth(a, s) for a in e.args], [self.inverse(a) for a in e.args],
+                                  add=True)
+        if e.is_Add:  # |sum| >= |a_k| - sum of the others, each at most exp(C |t|^d'), d' < d
+            return self._dominant([self.log_growth(a, s) for a in e.args], [self.upper(a) for a in e.args],
+                                  add=False)
+        return None
+
+    @staticmethod
+    def _dominant(growths: list, smaller: list, add: bool):
+        """The growth of log|e| from its parts' growths: a product's factors (add=True: the
+        top degree's coefficients add; every factor that does not grow has an inverse bounded
+        below the top degree, ``smaller``), or a sum's terms (add=False: one term grows
+        strictly fastest, and every other is bounded below its degree, ``smaller``)."""
+        top = _larger_growth(growths)
+        if top is None:
+            return None
+        d = top[1]
+        same = [g for g in growths if g is not None and g[1] == d]
+        if not add and len(same) > 1:
+            return None  # (two terms of one degree may cancel)
+        others = [b for g, b in zip(growths, smaller) if (g is None if add else g is not top)]
+        if any(b is None or b >= (EXPONENTIAL, d) for b in others):
+            return None
+        if not add:
+            return top
+        c = Fraction(0)
+        for g in same:
+            c = None if c is None or g[0] is None else c + g[0]
+        return (c, d)
+
+    def growth(self, e: sp.Expr, sign: int, s: int):
+        """(c, d): sign * e(t) >= (c - eps) |t|^d as s t -> +oo, d > 0, c > 0 (None: positive,
+        unknown), or None; e real (module docstring)."""
+        return self._memoised(self._growth, (e, sign, s), self._new_growth)
+
+    def _new_growth(self, key):
+        e, sign, s = key
+        if e == self.t:
+            return (Fraction(1), Fraction(1)) if sign * s > 0 else None
+        if e.is_number or e.is_Symbol or not self.real(e):
+            return None
+        if isinstance(e, sp.Abs):
+            return None if sign < 0 else _larger_growth([self.growth(e.args[0], 1, s), self.growth(e.args[0], -1, s)])
+        if isinstance(e, sp.Max) and sign > 0:  # max >= each argument
+            return _larger_growth([self.growth(a, 1, s) for a in e.args])
+        if e.is_Pow:
+            return self._power_growth(e.base, e.exp, sign, s)
+        if e.is_Mul:
+            return self._product_growth(e, sign, s)
+        if e.is_Add:
+            return self._sum_growth(e, sign, s)
+        return None
+
+    def _power_growth(self, base: sp.Expr, exp: sp.Expr, sign: int, s: int):
+        """b^n, n > 0: |b|^n for an even n, sign-preserving for an odd one, b > 0 otherwise."""
+        n = _fraction(exp) if exp.is_number else None
+        if n is None or n <= 0:
+            return None
+        if n.denominator == 1 and n.numerator % 2 == 0:
+            found = None if sign < 0 else _larger_growth([self.growth(base, 1, s), self.growth(base, -1, s)])
+        elif n.denominator == 1:
+            found = self.growth(base, sign, s)
+        else:
+            found = None if sign < 0 else self.growth(base, 1, s)
+        if found is None:
+            return None
+        c, d = found
+        power = c ** n.numerator if c is not None and n.denominator == 1 else (c if c == 1 else None)
+        return (power, d * n)
+
+    def _product_growth(self, e: sp.Mul, sign: int, s: int):
+        """A product of real numbers and factors that grow, each with a sign: the signs
+        multiply to ``sign``; coefficients multiply, degrees add."""
+        c, d = Fraction(1), Fraction(0)
+        for factor in e.args:
+            if factor.is_number:
+                if factor.is_zero is not False or not self.real(factor):
+                    return None
+                if factor.is_positive is None:
+                    return None
+                sign = sign if factor.is_positive else -sign
+                scale = _fraction(factor)
+                c = _times(c, None if scale is None else abs(scale))
+                continue
+            up, down = self.growth(factor, 1, s), self.growth(factor, -1, s)
+            if up is None and down is None:
+                return None
+            sign = sign if up is not None else -sign
+            found = up or down
+            c, d = _times(c, found[0]), d + found[1]
+        return (c, d) if sign > 0 and d > 0 else None
+
+    def _sum_growth(self, e: sp.Add, sign: int, s: int):
+        """One term grows fastest; each other is of the same sign or polynomially smaller."""
+        candidates = []
+        for k, a in enumerate(e.args):
+            found = self.growth(a, sign, s)
+            if found is None:
+                continue
+            others = e.args[:k] + e.args[k + 1:]
+            if all(self.nonnegative(sign * b) or self.growth(b, sign, s) is not None
+                   or (self.upper(b) is not None and self.upper(b) < (POLYNOMIAL, found[1])) for b in others):
+                candidates.append(found)
+        return _larger_growth(candidates)
 
     def nonnegative(self, e: sp.Expr) -> bool:
         """e(t) >= 0 for every real t (proven; False: not proven)."""
