@@ -412,11 +412,11 @@ class Checker:
             except Exception:  # noqa: BLE001 - covariance not numeric (inputs)
                 cov = None
             if cov is not None and len(inits) <= 4 and abs(np.linalg.det(cov)) > 1e-12:
-                S = sp.Matrix([[sp.nsimplify(c, rational=True) for c in row] for row in cov])
+                S = sp.Matrix([[sp.Rational(float(c)) for c in row] for row in cov])  # (exactly: see _exact)
                 fixed = self._generic_except(f, set(inits))
                 for q in dict.fromkeys(a.args[0] for a in symbols.preorder(fixed) if isinstance(a, sp.exp)):
                     try:
-                        P = sp.Poly(sp.nsimplify(q, rational=True), *inits)
+                        P = sp.Poly(_exact(q), *inits)
                     except (sp.PolynomialError, ValueError, TypeError):
                         continue
                     if P.total_degree() != 2:
@@ -430,7 +430,7 @@ class Checker:
                         if not (lam.is_real and sp.N(lam) >= 1 - 1e-9):
                             continue
                         d = vecs[0]
-                        rate = sp.nsimplify((d.T * S.inv() * d)[0] / 2)
+                        rate = (d.T * S.inv() * d)[0] / 2  # (not nsimplify'd: it rounds a rational to 15 digits too)
                         ray = fixed.xreplace({sym: d[i] * t for i, sym in enumerate(inits)})
                         if _grows_too_fast(ray, t, rate):
                             raise UndefinedLimit(self._growth_message(
@@ -441,7 +441,7 @@ class Checker:
             var = self._known_variance(leaves[0])
             if var is not None and var > 0:
                 t = leaves[0]
-                if _grows_too_fast(self._generic(f, t), t, 1 / (2 * sp.nsimplify(var, rational=True))):
+                if _grows_too_fast(self._generic(f, t), t, 1 / (2 * sp.Rational(var))):  # (exactly: see _exact)
                     raise UndefinedLimit(self._growth_message(
                         what, psi, f"it grows at least like exp({self._show_leaf(t)}^2 / (2 var)) with var = {var:.6g} the variance of {self._show_leaf(t)}"))
         # 3. any leaf, any variance: super-quadratic growth
