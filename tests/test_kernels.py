@@ -17,6 +17,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import sympy as sp
 
 import tpcompiler as tp
 from tpcompiler.check import finite_runs, format_report, judge
@@ -390,3 +391,68 @@ def test_special_functions_have_their_values_at_numbers():
     assert float(_J1(0.0, 0.0, 0.7)) == 0.0 and float(_det(1.0, 2.0, 1.0)) == 0.0
     assert float(_angle(sd, k12)) == pytest.approx(t, rel=1e-15)
     assert float(_pos(1.0, 0.0)) == 0.0 and float(_pos(1.0, 2.0)) == 1.0
+
+
+def _sigmoid_layernorm_net(depth: int):
+    from tpcompiler import layers
+
+    sigmoid = layers.Nonlin(lambda a: 1 / (1 + sp.exp(-a)), name="sigmoid")
+    net = []
+    for _ in range(depth):
+        net += [layers.Dense(8, 1.5, 0.1), layers.LayerNorm(), sigmoid]
+    return layers.serial(*net, layers.Dense(1, 1.5, 0.1)).program((3,))
+
+
+def test_only_the_expectations_the_derivation_reads_get_a_rule():
+    """The engine's function table also holds functions of expectations derived and then
+    dropped (a depth-2 LayerNorm-sigmoid net: three of six); their rules were built anyway,
+    and probing their quadratures took most of the derivation.  A rule is now built when
+    the lowering first reads it: every function with a rule is read by a template or a
+    quantity, and the ones that none reads have none."""
+    from tpcompiler.backends.kernels.kernel import KernelFunction
+    from tpcompiler.backends.kernels.pairwise import E1, E2
+
+    kf = KernelFunction(tp.compile(_sigmoid_layernorm_net(2)).graph)
+    engine = kf.engine
+    read = set()
+    for expr in [t.value for t in engine.templates_found] + [q.definition for q in engine.order]:
+        read.update(int(c.args[0]) for c in expr.atoms(E1, E2))
+    built = {i for i, _ in kf.expectations.built()}
+    assert built and built <= read
+    unread = set(range(len(engine.functions))) - read
+    assert unread and not unread & built
+    values = kf(np.random.default_rng(0).standard_normal((4, 3)))
+    assert all(np.isfinite(v).all() for v in values.values())
+
+
+def test_a_product_of_two_functions_of_one_gaussian_without_a_closed_form_is_one_quadrature():
+    """E[f1(u) f2(u)] went to the bivariate rule at rho = 1 whatever f1, f2 were: the square
+    of a sigmoid's derivative, e^(2u) (1 + e^u)^-4, as e^(2u) against (1 + e^u)^-4, whose
+    probing took 25 s and missed its target (estimated error 2.6e-7 for 1e-10).  Without a
+    closed form it is now one quadrature of the product, checked against scipy's quad; with
+    one (relu(u)^2, the arc-cosine kernel at rho = 1) it stays the bivariate closed form."""
+    import scipy.integrate
+    from tpcompiler.backends.kernels.limit import pairwise_limit
+    from tpcompiler.backends.kernels.pairwise import E1, E2, PairwiseEngine
+
+    def program(f, var):
+        p = tp.Program("square")
+        u = p.vec("u", var=var)
+        h = (p.mat("W", sigma=1.0) @ u).named("h")
+        p.output("m", tp.mean(tp.nonlin(f, h)))
+        return tp.compile(p).zprogram
+
+    derivative_squared = lambda x: (sp.exp(-x) / (1 + sp.exp(-x)) ** 2) ** 2  # noqa: E731
+    for var in (0.5, 9.0):
+        zp = program(derivative_squared, var)
+        engine = PairwiseEngine(zp.graph, zp)
+        value = engine.instantiate(engine.scalar(zp.graph.outputs["m"]))
+        assert value.atoms(E1) and not value.atoms(E2), value
+        density = lambda x: np.exp(-x * x / (2 * var)) / np.sqrt(2 * np.pi * var)  # noqa: E731
+        reference = scipy.integrate.quad(lambda x: density(x) / (16 * np.cosh(x / 2) ** 4), -60, 60,
+                                         epsabs=0, epsrel=1e-13, limit=200)[0]
+        assert pairwise_limit(zp)["m"][0] == pytest.approx(reference, rel=1e-9, abs=0)
+    zp = program(lambda x: sp.Max(x, 0) ** 2, 2.0)
+    engine = PairwiseEngine(zp.graph, zp)
+    assert engine.instantiate(engine.scalar(zp.graph.outputs["m"])).atoms(E2)
+    assert pairwise_limit(zp)["m"][0] == pytest.approx(1.0, rel=1e-12)  # E[relu(u)^2] = var / 2

@@ -54,7 +54,7 @@ from tpcompiler.ir.ntk import kernel_program
 from tpcompiler.backends.kernels import shared, stored
 from tpcompiler.backends.kernels.features import Features
 from tpcompiler.ir.ops import node_symbol
-from tpcompiler.backends.kernels.pairwise import E1, E2, NotPairwise, PairwiseEngine, TemplateCall, expectation_rules
+from tpcompiler.backends.kernels.pairwise import E1, E2, ExpectationRules, NotPairwise, PairwiseEngine, TemplateCall
 
 KERNELS = ("nngp", "ntk")
 #: What to do when a derivation does not fit in memory (``memory.guarded``).
@@ -237,16 +237,7 @@ class KernelFunction:
                               f"of parameter-free functions, but: {text}; tp.compile(program).limit(x=X) "
                               f"estimates the kernels by particles") from None
         self._inputs0 = {node_symbol(k): kp.op(k).index for k in kp.input_keys()}
-        try:
-            self.expectations = expectation_rules(self.engine.functions, self.rtol)
-        except ValueError as exc:  # (a function the quadratures cannot take: a kink away from 0, a delta)
-            raise NotPairwise(f"program {graph.name!r}: the kernel backend cannot compute an expectation: {exc}; "
-                              "tp.compile(program).limit(x=X) estimates the kernels by particles") from None
-        except ZeroDivisionError:  # (the quadrature's nodes include 0, where sin(x)/x is 0/0)
-            raise NotPairwise(f"program {graph.name!r}: the kernel backend cannot compute an expectation: a function "
-                              "divides by zero at a quadrature node (a removable singularity such as sin(x)/x at 0 is "
-                              "evaluated there); write the function without the division, or let "
-                              "tp.compile(program).limit(x=X) estimate the kernels by particles") from None
+        self.expectations = ExpectationRules(engine.functions, self.rtol, functools.partial(_no_rule, graph.name))
         self._bodies: dict = {}     # template index -> lowered body (_template_body)
         self._recipes: dict = {}    # template index -> its _Recipe or None (_recipe)
         self._linear_values: dict = {}  # engine's argument -> _linear (_linear_value)
@@ -785,7 +776,7 @@ def pair_stage(t0, step, GS, RF1, RF2T, R1, R2T, {outs}, symmetric, P, IT, WT):
     def _header(self, printed) -> str:
         """Module source before the stages: imports, quadrature functions, the custom functions
         the ``printed`` expressions call."""
-        quad = [i for i, obj in enumerate(self.expectations) if obj.expression is None]
+        quad = [i for i, obj in self.expectations.built() if obj.expression is None]
         header = [
             "import math",
             "import numpy as np",
@@ -939,6 +930,18 @@ _DERIVATION_ONLY = ("_bodies", "_recipes", "expectations", "_inputs0", "_argumen
 #: (``_forget_lowering``; the per-template ones, ``_recipes`` and ``_bodies``, are kept)
 _LOWERING_MEMOS = ("_linear_values", "_arguments", "_calls", "_lower_memo", "_calls_at", "_linear_arguments",
                    "_form_arguments", "_linear_terms", "_pending")
+
+
+def _no_rule(name: str, gs: tuple, exc: Exception) -> NotPairwise:
+    """The error of a function whose expectation rule cannot be built (``ExpectationRules``)."""
+    if isinstance(exc, ZeroDivisionError):  # (the quadrature's nodes include 0, where sin(x)/x is 0/0)
+        return NotPairwise(f"program {name!r}: the kernel backend cannot compute an expectation: a function divides "
+                           "by zero at a quadrature node (a removable singularity such as sin(x)/x at 0 is evaluated "
+                           "there); write the function without the division, or let tp.compile(program).limit(x=X) "
+                           "estimate the kernels by particles")
+    # (a function the quadratures cannot take: a kink away from 0, a delta)
+    return NotPairwise(f"program {name!r}: the kernel backend cannot compute an expectation: {exc}; "
+                       "tp.compile(program).limit(x=X) estimates the kernels by particles")
 
 
 def _derivation_key(graph: Graph, rtol: float, runtime: tuple = (), share: bool | None = None,

@@ -20,7 +20,7 @@ from __future__ import annotations
 import numpy as np
 import sympy as sp
 
-from tpcompiler.backends.kernels.pairwise import E1, E2, NotPairwise, PairwiseEngine, expectation_rules
+from tpcompiler.backends.kernels.pairwise import E1, E2, ExpectationRules, NotPairwise, PairwiseEngine
 from tpcompiler.backends.lowering import evaluate
 from tpcompiler.symbolic.master import ZProgram
 
@@ -48,16 +48,14 @@ def pairwise_limit(zp: ZProgram, rtol: float = RTOL) -> dict[str, tuple[float, f
     return {name: (v, 0.0) for name, v in result.items()}
 
 
-def _expectations(functions: list[tuple], rtol: float) -> list:
-    """The expectations evaluator of each engine function: (g,) -> E[g(u)], (g1, g2) -> E[g1(u) g2(v)]."""
-    table = []
-    for gs in functions:
-        try:
-            table.extend(expectation_rules([gs], rtol))
-        except (ValueError, ArithmeticError) as exc:  # a Dirac delta without a closed form; a
-            # function the quadrature's probe cannot evaluate at some node (sin(t)/t at t = 0)
-            raise NotPairwise(f"no bivariate Gaussian rule for {gs}: {exc!r}") from None
-    return table
+def _expectations(functions: list[tuple], rtol: float) -> ExpectationRules:
+    """The expectations evaluator of each engine function: (g,) -> E[g(u)], (g1, g2) -> E[g1(u)
+    g2(v)], built when first read (functions no output reads are never probed)."""
+    def failed(gs, exc):  # a Dirac delta without a closed form; a function the quadrature's
+        # probe cannot evaluate at some node (sin(t)/t at t = 0)
+        return NotPairwise(f"no bivariate Gaussian rule for {gs}: {exc!r}")
+
+    return ExpectationRules(functions, rtol, failed)
 
 
 def _value(expr: sp.Expr, env: dict, table: list, zp: ZProgram) -> float:

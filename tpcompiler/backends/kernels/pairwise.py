@@ -38,6 +38,7 @@ positions), and so are such terms when a product of sums is multiplied out
 """
 from __future__ import annotations
 
+import functools
 from collections import Counter
 from dataclasses import dataclass, field
 from functools import reduce
@@ -1175,7 +1176,9 @@ class PairwiseEngine:
             (L, side, g), = items
             var = self.cov(L, side, L, side)
             split = _two_factors(g)
-            if split is not None:  # E[f1(u) f2(u)]: the bivariate rule at rho = 1 (closed forms exist more often)
+            if split is not None and _pair_closed_form(split[1], split[2]):
+                # E[f1(u) f2(u)]: the bivariate rule at rho = 1, where it has a closed form
+                # (relu(u)^2 by the arc-cosine kernel); else one quadrature of the product
                 c, f1, f2 = split
                 return c * E2(self._function_index((f1, f2)), var, var, var)
             return E1(self._function_index((g,)), var)
@@ -1427,18 +1430,44 @@ FORMS.register(ops.InitMat, ops.InputMat, ops.Param, ops.WidthPower, ops.Input, 
 
 
 
-def expectation_rules(functions: list[tuple], rtol: float) -> list:
-    """The ``tpcompiler.expectations`` rule of each engine function (``PairwiseEngine.functions``):
+def expectation_rule(gs: tuple, rtol: float):
+    """The ``tpcompiler.expectations`` rule of one engine function (``PairwiseEngine.functions``):
     (g,) -> E[g(u)], (g1, g2) -> E[g1(u) g2(v)], quadratures to ``rtol``."""
     from tpcompiler import expectations
 
-    def rule(gs: tuple):
-        lams = [sp.Lambda(T, g) for g in gs]
-        if len(lams) == 1:
-            return expectations.expectation(lams[0], rtol=rtol)
-        return expectations.pair_expectation(lams[0], lams[1], rtol=rtol)
+    lams = [sp.Lambda(T, g) for g in gs]
+    if len(lams) == 1:
+        return expectations.expectation(lams[0], rtol=rtol)
+    return expectations.pair_expectation(lams[0], lams[1], rtol=rtol)
 
-    return [rule(gs) for gs in functions]
+
+class ExpectationRules:
+    """The rule of each engine function (``expectation_rule``), built when it is first read.
+
+    The engine's table also holds functions that no output reads: those of expectations
+    derived and then dropped (a LayerNorm's backward terms that cancel, a factor that is
+    0).  Building a rule probes its quadrature, seconds to tens of seconds for a function
+    such as (1 + e^t)^-3 against e^(2t): a depth-2 LayerNorm-sigmoid net spent 107 of its
+    117 s of derivation probing three functions nothing read.  ``failed(gs, exc)`` is the
+    error to raise when a rule cannot be built (a ValueError or an ArithmeticError)."""
+
+    def __init__(self, functions: list[tuple], rtol: float, failed):
+        self.functions, self.rtol, self._failed = functions, rtol, failed
+        self._built: dict = {}
+
+    def __getitem__(self, index: int):
+        rule = self._built.get(index)
+        if rule is None:
+            try:
+                rule = self._built[index] = expectation_rule(self.functions[index], self.rtol)
+            except (ValueError, ArithmeticError) as exc:
+                raise self._failed(self.functions[index], exc) from None
+        return rule
+
+    def built(self) -> list[tuple]:
+        """(index, rule) of the rules read so far, by index."""
+        return sorted(self._built.items())
+
 
 # -- which programs the engine applies to ----------------------------------------------------
 #: Form classes, in increasing generality: no random variable; an affine form L of the
@@ -1731,6 +1760,18 @@ def _is_numeric(k: sp.Expr) -> bool:
 
 def _is_sum_or_power_of_sum(f: sp.Expr) -> bool:
     return f.is_Add or (f.is_Pow and f.base.is_Add and f.exp.is_Integer and f.exp > 1)
+
+
+@functools.lru_cache(maxsize=None)
+def _pair_closed_form(f1: sp.Expr, f2: sp.Expr) -> bool:
+    """Whether E[f1(u) f2(v)] has a closed form (``expectations.closed_form_pair``).  Without
+    one, E[f1(u) f2(u)] is better one quadrature of the product than the bivariate rule at
+    rho = 1: that rule is probed on every covariance, where a factor alone can grow (the
+    derivative of a sigmoid squared, e^(2u) (1 + e^u)^-4, split as e^(2u) and (1 + e^u)^-4,
+    took 25 s of probing, which stopped at an estimated error of 2.6e-7 instead of 1e-10)."""
+    from tpcompiler.expectations import closed_form_pair
+
+    return closed_form_pair(sp.Lambda(T, f1), sp.Lambda(T, f2)) is not None
 
 
 def _two_factors(g: sp.Expr):
