@@ -2,6 +2,7 @@
 writing one section of docs/benchmarks.md (replaced in place, other sections kept)."""
 from __future__ import annotations
 
+import argparse
 import datetime
 import json
 import os
@@ -47,6 +48,32 @@ def write_section(docs: Path, heading: str, text: str) -> None:
     pattern = re.compile(re.escape(heading) + r"\n.*?(?=\n## |\Z)", re.S)
     new = pattern.sub(lambda m: text.rstrip("\n"), old) if pattern.search(old) else old.rstrip("\n") + "\n\n" + text
     docs.write_text(new.rstrip("\n") + "\n")
+
+
+def machine_line(info: dict) -> str:
+    """The machine a table was measured on, as its docs section says it."""
+    return (f"Machine: {info['cpu']}, {info['cores']} cores, load {'/'.join(f'{x:.1f}' for x in info['load'])}, "
+            f"{info['date']}.")
+
+
+def table_arguments(description: str, docs: Path, run_case):
+    """The command line of a benchmark that writes one table into ``docs`` (``--write-docs``),
+    or None in the child process ``spawn`` starts, once that child has run its case
+    (``run_child_case``)."""
+    if run_child_case(run_case):
+        return None
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--write-docs", action="store_true", help=f"write the table into {docs}")
+    return parser.parse_args()
+
+
+def run_child_case(run_case) -> bool:
+    """In the child process ``spawn`` starts (arguments ``--case JSON``): run the case, print
+    its JSON result, and say so (True); else False, and the script runs as its user asked."""
+    if len(sys.argv) == 3 and sys.argv[1] == "--case":
+        print(json.dumps(run_case(json.loads(sys.argv[2]))))
+        return True
+    return False
 
 
 def spawn(script, case: dict, timeout: float) -> dict:

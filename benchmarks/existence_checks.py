@@ -13,8 +13,6 @@ program (a case of no answer in the time given is reported as such).
 """
 from __future__ import annotations
 
-import argparse
-import json
 import os
 import sys
 import tempfile
@@ -23,7 +21,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # this checkout's tpcompiler first
-from _machine import machine_info, spawn, write_section  # noqa: E402
+from _machine import machine_info, machine_line, spawn, table_arguments, write_section  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 DOCS = ROOT / "docs" / "benchmarks.md"
@@ -34,7 +32,9 @@ CASES = ([{"phi": f, "layernorm": ln, "depth": 2} for f in FUNCTIONS for ln in (
 TIMEOUT = 300.0
 
 
-def _net(case: dict):
+def net_of(case: dict):
+    """Dense(8) -> [LayerNorm] -> phi, ``depth`` times, -> Dense(1), on 3 inputs (also read by
+    user_function_kernels.py)."""
     import sympy as sp
     from tpcompiler import layers
 
@@ -66,7 +66,7 @@ def run_case(case: dict) -> dict:
         return limit(*args, **kwargs)
 
     existence.sp.limit = counted  # (existence's sympy module: every limit it takes)
-    program = _net(case)
+    program = net_of(case)
     start = time.perf_counter()
     compiled = tp.compile(program)
     out = {"compile": time.perf_counter() - start}
@@ -91,12 +91,8 @@ def _cell(result: dict, what: str) -> str:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--case", help=argparse.SUPPRESS)
-    parser.add_argument("--write-docs", action="store_true", help=f"write the table into {DOCS}")
-    args = parser.parse_args()
-    if args.case:
-        print(json.dumps(run_case(json.loads(args.case))))
+    args = table_arguments(__doc__.split("\n\n")[0], DOCS, run_case)
+    if args is None:
         return
     info = machine_info()
     rows = []
@@ -114,7 +110,7 @@ def main() -> None:
         "symbolic/growth.py first; in parentheses the limits the check took. The last row is "
         "`tp.compile(...).limit(x=X)` on 2 inputs, whose symbolic stage checks the limit's program "
         f"(a time-out of {TIMEOUT:.0f} s is reported as no answer).", "",
-        f"Machine: {info['cpu']}, {info['cores']} cores, load {'/'.join(f'{x:.1f}' for x in info['load'])}, {info['date']}.", "",
+        machine_line(info), "",
         "| net | limits only | bound first |", "|---|---|---|", *rows, ""])
     if args.write_docs:
         write_section(DOCS, SECTION, text)

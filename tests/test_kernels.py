@@ -430,7 +430,8 @@ def test_a_product_of_two_functions_of_one_gaussian_without_a_closed_form_is_one
     of a sigmoid's derivative, e^(2u) (1 + e^u)^-4, as e^(2u) against (1 + e^u)^-4, whose
     probing took 25 s and missed its target (estimated error 2.6e-7 for 1e-10).  Without a
     closed form it is now one quadrature of the product, checked against scipy's quad; with
-    one (relu(u)^2, the arc-cosine kernel at rho = 1) it stays the bivariate closed form."""
+    one (relu(u)^2, the arc-cosine kernel at rho = 1), or for a square, it stays the
+    bivariate rule."""
     import scipy.integrate
     from tpcompiler.backends.kernels.limit import pairwise_limit
     from tpcompiler.backends.kernels.pairwise import E1, E2, PairwiseEngine
@@ -456,3 +457,8 @@ def test_a_product_of_two_functions_of_one_gaussian_without_a_closed_form_is_one
     engine = PairwiseEngine(zp.graph, zp)
     assert engine.instantiate(engine.scalar(zp.graph.outputs["m"])).atoms(E2)
     assert pairwise_limit(zp)["m"][0] == pytest.approx(1.0, rel=1e-12)  # E[relu(u)^2] = var / 2
+    # a square keeps the rule of E[f(u) f(v)] off the diagonal (the NTK's diagonal of tanh's
+    # derivative, consistent with its neighbours: tests/test_kernel_scales.py's edge inputs)
+    zp = program(lambda x: (1 - sp.tanh(x) ** 2) ** 2, 2.0)
+    engine = PairwiseEngine(zp.graph, zp)
+    assert engine.instantiate(engine.scalar(zp.graph.outputs["m"])).atoms(E2)

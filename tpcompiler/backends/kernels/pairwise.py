@@ -1176,9 +1176,13 @@ class PairwiseEngine:
             (L, side, g), = items
             var = self.cov(L, side, L, side)
             split = _two_factors(g)
-            if split is not None and _pair_closed_form(split[1], split[2]):
-                # E[f1(u) f2(u)]: the bivariate rule at rho = 1, where it has a closed form
-                # (relu(u)^2 by the arc-cosine kernel); else one quadrature of the product
+            if split is not None and (split[1] == split[2] or _pair_closed_form(split[1], split[2])):
+                # E[f1(u) f2(u)]: the bivariate rule at rho = 1 where it has a closed form
+                # (relu(u)^2 by the arc-cosine kernel), or for a square f(u)^2, whose rule is
+                # then the one of E[f(u) f(v)] off the diagonal (a kernel's diagonal computed
+                # by another rule than its neighbours left a tanh net's NTK of nearly parallel
+                # inputs with an eigenvalue of -1.2e-12 times the largest); else one
+                # quadrature of the product
                 c, f1, f2 = split
                 return c * E2(self._function_index((f1, f2)), var, var, var)
             return E1(self._function_index((g,)), var)
@@ -1765,10 +1769,11 @@ def _is_sum_or_power_of_sum(f: sp.Expr) -> bool:
 @functools.lru_cache(maxsize=None)
 def _pair_closed_form(f1: sp.Expr, f2: sp.Expr) -> bool:
     """Whether E[f1(u) f2(v)] has a closed form (``expectations.closed_form_pair``).  Without
-    one, E[f1(u) f2(u)] is better one quadrature of the product than the bivariate rule at
-    rho = 1: that rule is probed on every covariance, where a factor alone can grow (the
-    derivative of a sigmoid squared, e^(2u) (1 + e^u)^-4, split as e^(2u) and (1 + e^u)^-4,
-    took 25 s of probing, which stopped at an estimated error of 2.6e-7 instead of 1e-10)."""
+    one, E[f1(u) f2(u)] for two different functions is better one quadrature of the product
+    than the bivariate rule at rho = 1: that rule is probed on every covariance, where a
+    factor alone can grow (the derivative of a sigmoid squared, e^(2u) (1 + e^u)^-4, split as
+    e^(2u) and (1 + e^u)^-4, took 25 s of probing, which stopped at an estimated error of
+    2.6e-7 instead of 1e-10)."""
     from tpcompiler.expectations import closed_form_pair
 
     return closed_form_pair(sp.Lambda(T, f1), sp.Lambda(T, f2)) is not None
