@@ -44,6 +44,10 @@ _BOUNDED = (sp.tanh, sp.erf, sp.erfc, sp.sin, sp.cos, sp.atan, sp.sign, sp.Heavi
 _EXPONENTIAL = (sp.exp, sp.cosh, sp.sinh)
 
 POLYNOMIAL, EXPONENTIAL = 0, 1
+#: The largest integer power whose coefficient c^n a lower bound computes exactly.
+_EXACT_POWERS = 64
+#: The largest expression (nodes of its tree) a lower bound expands as a polynomial.
+_POLYNOMIAL_NODES = 400
 #: The bound of a function bounded at infinity.
 _CONSTANT = (POLYNOMIAL, Fraction(0))
 
@@ -77,6 +81,11 @@ def beats_gaussian_tail(f: sp.Expr, t: sp.Symbol, rate) -> bool:
         if d > 2 or (d == 2 and c is not None and limit is not None and c > limit):
             return True
     return False
+
+
+def _larger_than(e: sp.Expr, nodes: int) -> bool:
+    """Whether the expression tree of ``e`` has more than ``nodes`` nodes (counted up to there)."""
+    return any(k >= nodes for k, _ in enumerate(sp.preorder_traversal(e)))
 
 
 def _times(a, b):
@@ -230,8 +239,8 @@ class _Bounds:
     def _nonzero_polynomial(self, e: sp.Expr) -> bool:
         """A polynomial in t with real coefficients, one of them proven nonzero (a coefficient
         that is 0 without looking it, cos(1)^2 + sin(1)^2 - 1, proves nothing)."""
-        if e.free_symbols != {self.t} or not e.is_polynomial(self.t):
-            return False
+        if e.free_symbols != {self.t} or _larger_than(e, _POLYNOMIAL_NODES) or not e.is_polynomial(self.t):
+            return False  # (a large one is not expanded: a nested polynomial of degree 2^11 took minutes)
         try:
             coefficients = sp.Poly(e, self.t).all_coeffs()
         except sp.PolynomialError:
@@ -259,19 +268,19 @@ class _Bounds:
             found = self.log_growth(e.base, s)
             return None if found is None else (_times(found[0], n), found[1])
         if e.is_Mul:  # log|prod| = sum of log|factor|: the others at least -O(log t) or -O(|t|^d'), d' < d
-            return self._dominant([self.log_growth(a, s) for a in e.args], [self.inverse(a) for a in e.args],
-                                  add=True)
+            return self._dominant([self.log_growth(a, s) for a in e.args], e.args, self.inverse, add=True)
         if e.is_Add:  # |sum| >= |a_k| - sum of the others, each at most exp(C |t|^d'), d' < d
-            return self._dominant([self.log_growth(a, s) for a in e.args], [self.upper(a) for a in e.args],
-                                  add=False)
+            return self._dominant([self.log_growth(a, s) for a in e.args], e.args, self.upper, add=False)
         return None
 
     @staticmethod
-    def _dominant(growths: list, smaller: list, add: bool):
+    def _dominant(growths: list, parts: tuple, bound, add: bool):
         """The growth of log|e| from its parts' growths: a product's factors (add=True: the
         top degree's coefficients add; every factor that does not grow has an inverse bounded
-        below the top degree, ``smaller``), or a sum's terms (add=False: one term grows
-        strictly fastest, and every other is bounded below its degree, ``smaller``)."""
+        below the top degree, ``bound`` = inverse), or a sum's terms (add=False: one term
+        grows strictly fastest, and every other is bounded below its degree, ``bound`` =
+        upper).  The bounds are asked only once a part grows (a product of nested
+        polynomials, none growing, took minutes in their inverse bounds: review)."""
         top = _larger_growth(growths)
         if top is None:
             return None
@@ -279,9 +288,11 @@ class _Bounds:
         same = [g for g in growths if g is not None and g[1] == d]
         if not add and len(same) > 1:
             return None  # (two terms of one degree may cancel)
-        others = [b for g, b in zip(growths, smaller) if (g is None if add else g is not top)]
-        if any(b is None or b >= (EXPONENTIAL, d) for b in others):
-            return None
+        for g, part in zip(growths, parts):
+            if g is None if add else g is not top:
+                b = bound(part)
+                if b is None or b >= (EXPONENTIAL, d):
+                    return None
         if not add:
             return top
         c = Fraction(0)
@@ -326,8 +337,9 @@ class _Bounds:
         if found is None:
             return None
         c, d = found
-        power = c ** n.numerator if c is not None and n.denominator == 1 else (c if c == 1 else None)
-        return (power, d * n)
+        # (c^n exactly only for a small n: (t/3 + 1)^(10^8) has d = 10^8, whatever c^n is)
+        exact = c is not None and n.denominator == 1 and n.numerator <= _EXACT_POWERS
+        return (c ** n.numerator if exact else (c if c == 1 else None), d * n)
 
     def _product_growth(self, e: sp.Mul, sign: int, s: int):
         """A product of real numbers and factors that grow, each with a sign: the signs
