@@ -1175,6 +1175,15 @@ class PairwiseEngine:
         if len(items) == 1:
             (L, side, g), = items
             var = self.cov(L, side, L, side)
+            square = _square_root(g)
+            if square is not None and (square[1], square[1]) in self._fn_index:
+                # E[f(u)^2] however sympy wrote it (sigmoid'(u)^2 as e^(-2u) (1 + e^(-u))^-4) by
+                # the rule of E[f(u) f(v)] off the diagonal, where the derivation has one: a
+                # kernel's diagonal by another rule than its neighbours (a quadrature of the
+                # product, accurate to 2.4e-11) left a sigmoid net's NTK of two equal inputs
+                # with an eigenvalue of -1.7e-12 times the largest (review)
+                c, f = square
+                return c * E2(self._function_index((f, f)), var, var, var)
             split = _two_factors(g)
             if split is not None and (split[1] == split[2] or _pair_closed_form(split[1], split[2])):
                 # E[f1(u) f2(u)]: the bivariate rule at rho = 1 where it has a closed form
@@ -1777,6 +1786,25 @@ def _pair_closed_form(f1: sp.Expr, f2: sp.Expr) -> bool:
     from tpcompiler.expectations import closed_form_pair
 
     return closed_form_pair(sp.Lambda(T, f1), sp.Lambda(T, f2)) is not None
+
+
+def _square_root(g: sp.Expr):
+    """(c, f) with g = c f(t)^2, c > 0 a number, f non-constant, found by halving each factor
+    of g (an even integer power's exponent, an exponential's argument); or None."""
+    c, rest = g.as_coeff_Mul()
+    if not c.is_positive:
+        return None
+    halves = []
+    for factor in sp.Mul.make_args(rest):
+        if isinstance(factor, sp.exp):
+            halves.append(sp.exp(factor.args[0] / 2))
+            continue
+        base, n = factor.as_base_exp()
+        if not (n.is_Integer and n % 2 == 0):
+            return None
+        halves.append(base ** (n / 2))
+    f = sp.Mul(*halves)
+    return (c, f) if f.has(T) else None
 
 
 def _two_factors(g: sp.Expr):
