@@ -56,6 +56,17 @@ def machine_line(info: dict) -> str:
             f"{info['date']}.")
 
 
+def publish_table(docs: Path, heading: str, description: str, info: dict, columns: list, rows: list,
+                  write: bool) -> None:
+    """A benchmark's docs section (``heading``, what was run, the machine ``info`` it ran on, a
+    table of ``rows`` under ``columns``), printed, and written into ``docs`` if ``write``."""
+    text = "\n".join([heading, "", description, "", machine_line(info), "",
+                      "| " + " | ".join(columns) + " |", "|" + "---|" * len(columns), *rows, ""])
+    print(text)
+    if write:
+        write_section(docs, heading, text)
+
+
 def table_arguments(description: str, docs: Path, run_case):
     """The command line of a benchmark that writes one table into ``docs`` (``--write-docs``),
     or None in the child process ``spawn`` starts, once that child has run its case

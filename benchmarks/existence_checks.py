@@ -21,7 +21,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # this checkout's tpcompiler first
-from _machine import machine_info, machine_line, spawn, table_arguments, write_section  # noqa: E402
+from _machine import machine_info, publish_table, spawn, table_arguments  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 DOCS = ROOT / "docs" / "benchmarks.md"
@@ -102,19 +102,14 @@ def main() -> None:
         row = f"| {_name(case)} | {_cell(results['limits only'], what)} | {_cell(results['bound first'], what)} |"
         print(row, flush=True)
         rows.append(row)
-    text = "\n".join([
-        SECTION, "",
-        "`python benchmarks/existence_checks.py --write-docs`: `tp.compile` of nets of user-written "
-        "functions (Dense(8) -> [LayerNorm] -> phi, twice, -> Dense(1)), each in a fresh process, with "
-        "the growth check deciding by sympy's limits only, and with the growth bound of "
-        "symbolic/growth.py first; in parentheses the limits the check took. The last row is "
-        "`tp.compile(...).limit(x=X)` on 2 inputs, whose symbolic stage checks the limit's program "
-        f"(a time-out of {TIMEOUT:.0f} s is reported as no answer).", "",
-        machine_line(info), "",
-        "| net | limits only | bound first |", "|---|---|---|", *rows, ""])
-    if args.write_docs:
-        write_section(DOCS, SECTION, text)
-    print(text)
+    publish_table(DOCS, SECTION,
+                  "`python benchmarks/existence_checks.py --write-docs`: `tp.compile` of nets of user-written "
+                  "functions (Dense(8) -> [LayerNorm] -> phi, twice, -> Dense(1)), each in a fresh process, with "
+                  "the growth check deciding by sympy's limits only, and with the growth bound of "
+                  "symbolic/growth.py first; in parentheses the limits the check took. The last row is "
+                  "`tp.compile(...).limit(x=X)` on 2 inputs, whose symbolic stage checks the limit's program "
+                  f"(a time-out of {TIMEOUT:.0f} s is reported as no answer).",
+                  info, ["net", "limits only", "bound first"], rows, args.write_docs)
 
 
 if __name__ == "__main__":

@@ -26,7 +26,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # this checkout's tpcompiler first
-from _machine import machine_info, machine_line, spawn, table_arguments, write_section  # noqa: E402
+from _machine import machine_info, publish_table, spawn, table_arguments  # noqa: E402
 from existence_checks import net_of  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -110,21 +110,17 @@ def main() -> None:
         return
     info = machine_info()
     rows = [_row(case) for case in CASES]
-    text = "\n".join([
-        SECTION, "",
-        "`python benchmarks/user_function_kernels.py --write-docs`: `tp.compile(net).kernel_function()` "
-        "of nets of user-written functions (Dense(8) -> [LayerNorm] -> phi, twice, -> Dense(1)), each in a "
-        "fresh process with an empty cache, so that every quadrature rule is probed. \"Every function, "
-        "rho = 1 split\": a rule built for every function of the engine's table, and E[f1(u) f2(u)] always "
-        "the bivariate rule at rho = 1 (the derivation before rules were built on first read); \"read "
-        "functions only\": the code as it is. In parentheses the rules built of the engine's functions, and "
-        "the quadratures that missed their accuracy target (1e-10, a RuntimeWarning). Last column: the "
-        "largest difference of the NNGP and NTK on 6 inputs between the two, relative to the largest entry.", "",
-        machine_line(info), "",
-        f"| net | {ARMS[0]} | {ARMS[1]} | difference |", "|---|---|---|---|", *rows, ""])
-    print(text)
-    if args.write_docs:
-        write_section(DOCS, SECTION, text)
+    publish_table(DOCS, SECTION,
+                  "`python benchmarks/user_function_kernels.py --write-docs`: `tp.compile(net).kernel_function()` "
+                  "of nets of user-written functions (Dense(8) -> [LayerNorm] -> phi, twice, -> Dense(1)), each in "
+                  "a fresh process with an empty cache, so that every quadrature rule is probed. \"Every function, "
+                  "rho = 1 split\": a rule built for every function of the engine's table, and E[f1(u) f2(u)] "
+                  "always the bivariate rule at rho = 1 (the derivation before rules were built on first read); "
+                  "\"read functions only\": the code as it is. In parentheses the rules built of the engine's "
+                  "functions, and the quadratures that missed their accuracy target (1e-10, a RuntimeWarning). "
+                  "Last column: the largest difference of the NNGP and NTK on 6 inputs between the two, relative "
+                  "to the largest entry.",
+                  info, ["net", *ARMS, "difference"], rows, args.write_docs)
 
 
 if __name__ == "__main__":

@@ -23,20 +23,24 @@ sigmoid); anything else is None, never a guess.
 The refusals are proven the same way, before any limit (``beats_gaussian_tail``): a *lower*
 bound on log|f| as t -> +oo or -oo,
 
-    log_growth(f, t, s) = (c, d):  log|f(t)| >= (c - eps) |t|^d  for every eps > 0 and all
-                                   large s t (c > 0 a Fraction, or None: positive, unknown),
+    log_growth(f, s) = (c, d):  log|f(t)| >= (c - eps) |t|^d  for every eps > 0 and all
+                                large s t (c > 0 a Fraction, or None: positive, unknown),
 
-from exponentials of functions that grow (``_growth``: e >= (c - eps) |t|^d, by rules for t,
-products, powers, |.|, sums whose other terms are polynomially smaller or of the same sign).
+from exponentials of functions that grow (``growth(e, sign, s)``: sign e >= (c - eps) |t|^d,
+by rules for t, products, powers, |.|, Max, sums whose other terms are polynomially smaller or
+of the same sign).
 d > 2, or d = 2 and c > rate, proves that |f(t)| exp(-rate t^2) does not tend to 0.  sympy's
 limit of such an f with a float exponent (exp(|0.63 t|^2.0000000000000004), whose exact
 rational power it expands) took gigabytes and was killed.
 """
 from __future__ import annotations
 
+import itertools
 from fractions import Fraction
 
 import sympy as sp
+
+from tpcompiler.ir import symbols
 
 #: Functions bounded on the real line (erfc by 2, the others by 1 or pi/2), at a real argument.
 _BOUNDED = (sp.tanh, sp.erf, sp.erfc, sp.sin, sp.cos, sp.atan, sp.sign, sp.Heaviside)
@@ -85,7 +89,7 @@ def beats_gaussian_tail(f: sp.Expr, t: sp.Symbol, rate) -> bool:
 
 def _larger_than(e: sp.Expr, nodes: int) -> bool:
     """Whether the expression tree of ``e`` has more than ``nodes`` nodes (counted up to there)."""
-    return any(k >= nodes for k, _ in enumerate(sp.preorder_traversal(e)))
+    return next(itertools.islice(symbols.preorder(e), nodes, None), None) is not None
 
 
 def _times(a, b):
@@ -347,9 +351,7 @@ class _Bounds:
         c, d = Fraction(1), Fraction(0)
         for factor in e.args:
             if factor.is_number:
-                if factor.is_zero is not False or not self.real(factor):
-                    return None
-                if factor.is_positive is None:
+                if factor.is_zero is not False or not self.real(factor) or factor.is_positive is None:
                     return None
                 sign = sign if factor.is_positive else -sign
                 scale = _fraction(factor)
@@ -372,7 +374,7 @@ class _Bounds:
                 continue
             others = e.args[:k] + e.args[k + 1:]
             if all(self.nonnegative(sign * b) or self.growth(b, sign, s) is not None
-                   or (self.upper(b) is not None and self.upper(b) < (POLYNOMIAL, found[1])) for b in others):
+                   or ((bound := self.upper(b)) is not None and bound < (POLYNOMIAL, found[1])) for b in others):
                 candidates.append(found)
         return _larger_growth(candidates)
 

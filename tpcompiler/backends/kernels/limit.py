@@ -58,7 +58,7 @@ def _expectations(functions: list[tuple], rtol: float) -> ExpectationRules:
     return ExpectationRules(functions, rtol, failed)
 
 
-def _value(expr: sp.Expr, env: dict, table: list, zp: ZProgram) -> float:
+def _value(expr: sp.Expr, env: dict, table: ExpectationRules, zp: ZProgram) -> float:
     """``expr`` in float64: input-layer covariances written out, every E1/E2 by its rule
     (its covariance arguments evaluated first), quantities and Params from ``env``."""
     expr = zp.graph.expand_input_cov(expr)

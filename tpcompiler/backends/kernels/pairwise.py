@@ -1187,11 +1187,9 @@ class PairwiseEngine:
             split = _two_factors(g)
             if split is not None and (split[1] == split[2] or _pair_closed_form(split[1], split[2])):
                 # E[f1(u) f2(u)]: the bivariate rule at rho = 1 where it has a closed form
-                # (relu(u)^2 by the arc-cosine kernel), or for a square f(u)^2, whose rule is
-                # then the one of E[f(u) f(v)] off the diagonal (a kernel's diagonal computed
-                # by another rule than its neighbours left a tanh net's NTK of nearly parallel
-                # inputs with an eigenvalue of -1.2e-12 times the largest); else one
-                # quadrature of the product
+                # (relu(u)^2 by the arc-cosine kernel), or for a square written as one (as
+                # above: a tanh net's NTK of nearly parallel inputs had an eigenvalue of
+                # -1.2e-12 times the largest); else one quadrature of the product
                 c, f1, f2 = split
                 return c * E2(self._function_index((f1, f2)), var, var, var)
             return E1(self._function_index((g,)), var)
