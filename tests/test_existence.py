@@ -6,6 +6,7 @@ and name the instruction.  Each look-alike is a valid program whose particle lim
 match an independent reference (closed form or scipy quad against the Gaussian density).
 """
 import math
+import time
 
 import numpy as np
 import pytest
@@ -287,3 +288,27 @@ def test_a_float_just_below_a_growth_threshold_is_accepted():
     float is read exactly, not rounded to 1/2 (where E is infinite)."""
     p = _program(_mean(lambda u, v, h: tp.exp(0.49999999999999994 * u * u)), 1.0)
     tp.compile(p)
+
+
+def test_a_limit_past_its_budget_is_left_undecided_with_a_warning(monkeypatch):
+    """sympy's limits of the checks run within a budget (existence.LIMIT_SECONDS): one that
+    runs past it is stopped, a RuntimeWarning names it, and the check proves nothing (as when
+    sympy cannot take the limit) instead of running on, or filling the memory until the
+    machine kills the process.  E[exp(u^2/2) erfc(|u|)] (finite: erfc(|u|) ~ exp(-u^2)) needs
+    a limit at var(u) = 1; here every limit spins for a minute."""
+    from tpcompiler.symbolic import existence
+
+    def endless(*args, **kwargs):
+        end = time.monotonic() + 60
+        while time.monotonic() < end:
+            pass
+
+    monkeypatch.setattr(existence, "LIMIT_SECONDS", 0.3)
+    monkeypatch.setattr(existence.sp, "limit", endless)
+    p = tp.Program("ex")
+    u = p.vec("u", var=1.0)
+    p.output("m", tp.mean(tp.nonlin(lambda x: sp.exp(x**2 / 2) * sp.erfc(sp.Abs(x)), u)))
+    start = time.monotonic()
+    with pytest.warns(RuntimeWarning, match=r"left sympy's limit of .*erfc.* undecided \(it ran more than 0.3 s\)"):
+        tp.compile(p)
+    assert time.monotonic() - start < 20

@@ -5,6 +5,7 @@ that fits."""
 import re
 import sys
 import threading
+import time
 from pathlib import Path
 
 import numpy as np
@@ -216,3 +217,53 @@ def test_a_container_limit_is_what_is_available(monkeypatch, tmp_path):
     assert memory.available_bytes() <= 800000000  # (the machine's, if less)
     limit.write_text("max\n")
     assert memory._container_available() is None
+
+
+def test_a_call_within_its_budget_returns_its_value():
+    assert memory.within_budget(lambda a, b: a + b, 2, 3, seconds=5, memory_bytes=GB) == 5
+
+
+def _spin(seconds: float) -> None:
+    end = time.monotonic() + seconds
+    while time.monotonic() < end:
+        pass
+
+
+def test_a_call_past_its_time_is_stopped_with_the_reason():
+    start = time.monotonic()
+    with pytest.raises(memory.BudgetExceeded, match="ran more than 0.2 s"):
+        memory.within_budget(_spin, 30, seconds=0.2, memory_bytes=GB)
+    assert time.monotonic() - start < 5
+
+
+def test_a_call_that_fills_the_memory_is_stopped_with_the_reason():
+    """A Python loop allocating 1 MB at a time is stopped once the process grew by 200 MB
+    (unstopped it would take all of the machine's memory)."""
+    held = []
+
+    def grow():
+        while True:
+            held.append(bytearray(10**6))
+
+    with pytest.raises(memory.BudgetExceeded, match="more than 0.2 GB of memory"):
+        memory.within_budget(grow, seconds=60, memory_bytes=2 * 10**8)
+    assert len(held) < 5000
+    held.clear()
+
+
+def test_no_stop_arrives_after_the_call_has_returned(monkeypatch):
+    """Calls that end before, at and after their budget: each is stopped inside the call or
+    returns its value, and no exception reaches the caller's later code.  (The watchdog's
+    looks are some 10-50 ms apart while the caller computes: it waits for the GIL after each
+    read of /proc.)"""
+    monkeypatch.setattr(memory, "BUDGET_POLL", 0.001)
+    rng = np.random.default_rng(0)
+    outcomes = {"returned": 0, "stopped": 0}
+    for seconds in rng.uniform(0, 0.2, 40):
+        try:
+            memory.within_budget(_spin, seconds, seconds=0.05, memory_bytes=GB)
+            outcomes["returned"] += 1
+        except memory.BudgetExceeded:
+            outcomes["stopped"] += 1
+        _spin(0.02)  # (a stray exception would be raised here, outside the try)
+    assert outcomes["returned"] >= 5 and outcomes["stopped"] >= 5

@@ -13,8 +13,10 @@ below ``KEEP_FREE`` of what was available when the derivation started.
 only: where the memory cannot be read, nothing is checked."""
 from __future__ import annotations
 
+import ctypes
 import os
 import threading
+import time
 
 from tpcompiler.ir.graph import ProgramError
 
@@ -165,3 +167,64 @@ def tick() -> None:
         guard.countdown -= 1
         if guard.countdown <= 0:
             guard.check()
+
+
+class BudgetExceeded(BaseException):
+    """A call run by ``within_budget`` ran out of its time or memory.  A BaseException, as
+    KeyboardInterrupt is: the library code it interrupts (sympy) catches Exception in places,
+    and must not swallow it."""
+
+
+#: How often (seconds) ``within_budget``'s watchdog looks at the clock and the memory.
+BUDGET_POLL = 0.05
+
+
+def within_budget(fn, *args, seconds: float, memory_bytes: int):
+    """``fn(*args)``, or ``BudgetExceeded`` once it has run ``seconds``, or this process has
+    grown by ``memory_bytes`` since the call started, or the machine's available memory fell
+    below ``KEEP_FREE`` of what it was then.  A watchdog thread looks every ``BUDGET_POLL``
+    seconds and raises the exception in the calling thread (``PyThreadState_SetAsyncExc``: at
+    its next Python instruction, so a call stuck inside one C function is not stopped), again
+    at each look until the call has left.  For computations that may never end or may fill the
+    memory, such as a sympy limit (symbolic/existence.py)."""
+    thread = ctypes.c_ulong(threading.get_ident())
+    start, resident, available = time.monotonic(), resident_bytes(), available_bytes()
+    lock, done, reasons = threading.Lock(), threading.Event(), []
+
+    def reason() -> str | None:
+        if time.monotonic() - start > seconds:
+            return f"it ran more than {seconds:g} s"
+        now = resident_bytes()
+        if now is not None and resident is not None and now - resident > memory_bytes:
+            return f"it took more than {size_text(memory_bytes)} of memory"
+        free = available_bytes() if available is not None else None
+        if free is not None and free < KEEP_FREE * available:
+            return f"the machine had {size_text(free)} of memory left"
+        return None
+
+    def watch() -> None:
+        while not done.wait(BUDGET_POLL):
+            why = reason()
+            if why is not None:
+                with lock:
+                    if done.is_set():
+                        return
+                    reasons.append(why)
+                    ctypes.pythonapi.PyThreadState_SetAsyncExc(thread, ctypes.py_object(BudgetExceeded))
+
+    watchdog = threading.Thread(target=watch, name="within_budget", daemon=True)
+    watchdog.start()
+    try:
+        return fn(*args)
+    except BudgetExceeded:
+        raise BudgetExceeded(reasons[0] if reasons else "out of budget") from None
+    finally:
+        while True:  # (an exception already on its way may arrive here: stop the watchdog regardless)
+            try:
+                with lock:
+                    done.set()
+                    ctypes.pythonapi.PyThreadState_SetAsyncExc(thread, None)  # (one not delivered yet)
+                break
+            except BudgetExceeded:
+                continue
+        watchdog.join()

@@ -70,6 +70,13 @@ def outgrown_by_gaussian_tail(f: sp.Expr, t: sp.Symbol) -> bool:
     return bound is not None and bound < (EXPONENTIAL, 2)
 
 
+def outgrown_by_some_gaussian_tail(f: sp.Expr, t: sp.Symbol) -> bool:
+    """Whether |f(t)| exp(-rate t^2) -> 0 as t -> +-oo for *some* rate > 0 is proven: a bound
+    exp(C (1 + |t|)^2) is outgrown by every rate > C (False: not proven either way)."""
+    bound = tail_bound(f, t)
+    return bound is not None and bound <= (EXPONENTIAL, 2)
+
+
 def beats_gaussian_tail(f: sp.Expr, t: sp.Symbol, rate) -> bool:
     """Whether |f(t)| exp(-rate t^2) is proven not to tend to 0 as t -> +oo or -oo (module
     docstring: log_growth of degree > 2, or 2 with a coefficient > rate).  ``rate`` a
