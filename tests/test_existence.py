@@ -6,6 +6,7 @@ and name the instruction.  Each look-alike is a valid program whose particle lim
 match an independent reference (closed form or scipy quad against the Gaussian density).
 """
 import math
+import re
 import time
 
 import numpy as np
@@ -183,6 +184,17 @@ def test_parity_still_proves_zeros_of_integrable_odd_functions():
         assert tp.compile(p).limit(particles=2_000)["m"] == (0.0, 0.0)
 
 
+def test_an_odd_function_that_outgrows_the_tail_does_not_exist_rather_than_being_infinite():
+    """E[sinh(u^3)] is not +oo but undefined (+oo - oo: odd, E|sinh(u^3)| = oo); the error says
+    that E does not exist because E of the absolute value is infinite (it said "is
+    infinite", true only of a function of one sign)."""
+    p = tp.Program("odd")
+    u = p.vec("u")
+    p.output("m", tp.mean(tp.nonlin(lambda a: sp.sinh(a**3), u)))
+    with pytest.raises(UndefinedLimit, match=r"E\[sinh\(u\*\*3\)\] does not exist: E\[\|sinh\(u\*\*3\)\|\] is infinite"):
+        tp.compile(p)
+
+
 def test_monomials_skip_the_walk_and_find_what_it_finds(monkeypatch):
     """risky_atoms' shortcut for products of symbols, integer powers and numbers finds what
     the rules find when it is turned off, on monomials and on expressions that only look
@@ -312,3 +324,69 @@ def test_a_limit_past_its_budget_is_left_undecided_with_a_warning(monkeypatch):
     with pytest.warns(RuntimeWarning, match=r"left sympy's limit of .*erfc.* undecided \(it ran more than 0.3 s\)"):
         tp.compile(p)
     assert time.monotonic() - start < 20
+
+
+@pytest.mark.parametrize("phi, den", [
+    (lambda a: 1 / (sp.tanh(a) - a / 3), lambda x: np.tanh(x) - x / 3),  # (was 0, by parity)
+    (lambda a: 1 / (sp.sin(a) + a**2 - 1), lambda x: np.sin(x) + x**2 - 1),  # (was 0.614)
+    (lambda a: 1 / (sp.exp(a) - 1 - a), lambda x: np.expm1(x) - x),  # (a zero of order 2: no sign change)
+    (lambda a: 1 / (2 + sp.sin(a) - a**2 / 1000), lambda x: 2 + np.sin(x) - x**2 / 1000),  # (zeros at |u| 32-53)
+    (lambda a: sp.log(1 + a**2) / (a**3 - 2 * a + sp.sin(3 * a)), lambda x: x**3 - 2 * x + np.sin(3 * x)),
+])
+def test_poles_where_solveset_cannot_solve_are_found_numerically(phi, den):
+    """solveset answers a ConditionSet for tanh(u) = u/3 or sin(u) + u^2 = 1, and such
+    denominators were not looked at: E[1/(tanh(u) - u/3)] came out as 0 and E[1/(sin(u) + u^2
+    - 1)] as 0.614, where neither exists (|f| >= c/|u - u0| at a real u0).  symbolic/poles.py
+    finds the zeros numerically and tests the growth of f next to them; the point the error
+    names is a zero of the denominator (numpy's)."""
+    p = tp.Program("pole")
+    u = p.vec("u")
+    p.output("m", tp.mean(tp.nonlin(phi, u)))
+    with pytest.raises(UndefinedLimit, match=r"does not exist: the function is not integrable near u = "
+                       r"(\S+) \(it grows at least like 1/\|") as error:
+        tp.compile(p)
+    u0 = float(re.search(r"integrable near u = (\S+) ", str(error.value)).group(1))
+    assert abs(den(u0)) < 1e-8 * max(1.0, u0**2)
+
+
+@pytest.mark.parametrize("phi", [
+    lambda a: sp.tanh(a) / (a + a**3 / sp.cosh(a)),  # (a removable zero at 0)
+    lambda a: sp.tanh(a) / (sp.tanh(a) + a**3),
+    lambda a: 1 / (sp.cosh(a) - a / 3),  # (no real zero)
+    lambda a: (sp.exp(a) - 1 - a) / (sp.exp(a) - 1 - a + a**4),  # (a removable zero of order 2)
+])
+def test_removable_zeros_found_numerically_are_not_poles(phi):
+    p = tp.Program("removable")
+    u = p.vec("u")
+    p.output("m", tp.mean(tp.nonlin(phi, u)))
+    tp.compile(p)
+
+
+def test_numeric_zeros_against_closed_forms():
+    """e^t = t^3 at t = -3 W_k(-1/3) (Lambert's W, k = 0 and -1); t^5 + t + 1 = (t^2 + t + 1)
+    (t^3 - t^2 + 1) at the real root of the cubic; exp(t) - 1 - t at 0 (order 2)."""
+    from tpcompiler.symbolic.poles import numeric_poles
+
+    t = sp.Symbol("t", real=True)
+    lambert = sorted(float(-3 * scipy.special.lambertw(-1 / 3, k).real) for k in (0, -1))
+    assert numeric_poles(1 / (sp.exp(t) - t**3), sp.exp(t) - t**3, t) == pytest.approx(lambert, abs=1e-12)
+    cubic = [r.real for r in np.roots([1, -1, 0, 1]) if abs(r.imag) < 1e-12]
+    assert numeric_poles(1 / (t**5 + t + 1), t**5 + t + 1, t) == pytest.approx(cubic, abs=1e-12)
+    assert numeric_poles(1 / (sp.exp(t) - 1 - t), sp.exp(t) - 1 - t, t) == [0.0]
+    assert numeric_poles(sp.sin(t) / t, t, t) == []  # (removable)
+    assert numeric_poles(1 / (1 + t**2), 1 + t**2, t) == []
+
+
+def test_a_solveset_past_its_budget_leaves_the_zeros_to_the_numeric_search(monkeypatch):
+    """solveset of the quintic u^5 + u + 1 = 0 takes some 7 s, and the limit at its root in
+    radicals 13 s more; past existence.SOLVE_SECONDS the numeric search decides."""
+    from tpcompiler.symbolic import existence
+
+    monkeypatch.setattr(existence, "SOLVE_SECONDS", 0.5)
+    p = tp.Program("quintic")
+    u = p.vec("u")
+    p.output("m", tp.mean(tp.nonlin(lambda a: 1 / (a**5 + a + 1), u)))
+    start = time.monotonic()
+    with pytest.raises(UndefinedLimit, match=r"not integrable near u = -0\.7548776662"):
+        tp.compile(p)
+    assert time.monotonic() - start < 10

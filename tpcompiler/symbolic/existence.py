@@ -34,7 +34,7 @@ import sympy as sp
 from tpcompiler import memory
 from tpcompiler.ir import symbols
 from tpcompiler.ir.graph import ProgramError
-from tpcompiler.symbolic import growth
+from tpcompiler.symbolic import growth, poles
 
 
 def shown(expr: sp.Expr) -> str:
@@ -152,11 +152,8 @@ def _negative_set(arg_t: sp.Expr, t: sp.Symbol):
         return False
     if arg_t.is_negative:
         return True
-    try:
-        s = sp.solveset(sp.StrictLessThan(arg_t, 0), t, sp.S.Reals)
-    except Exception:  # noqa: BLE001 - sympy may give up in many ways
-        return None
-    if isinstance(s, sp.ConditionSet) or not hasattr(s, "measure"):
+    s = _solveset(sp.StrictLessThan(arg_t, 0), t, sp.S.Reals)
+    if s is None or isinstance(s, sp.ConditionSet) or not hasattr(s, "measure"):
         return None
     return s is not sp.S.EmptySet and s.measure != 0
 
@@ -169,9 +166,8 @@ def _real_zeros(den_t: sp.Expr, t: sp.Symbol):
     """Finite list of real zeros of ``den_t`` in t, or None when unknown."""
     if den_t.is_positive or den_t.is_negative:
         return []
-    try:
-        s = sp.solveset(sp.Eq(den_t, 0), t, sp.S.Reals)
-    except Exception:  # noqa: BLE001
+    s = _solveset(sp.Eq(den_t, 0), t, sp.S.Reals)
+    if s is None:
         return None
     if isinstance(s, sp.FiniteSet):
         return [r for r in s if r.is_real]
@@ -183,11 +179,21 @@ def _real_zeros(den_t: sp.Expr, t: sp.Symbol):
     representatives = _family_members(s)
     if representatives:
         return representatives
-    try:
-        window = sp.solveset(sp.Eq(den_t, 0), t, sp.Interval(-_ZERO_WINDOW, _ZERO_WINDOW))
-    except Exception:  # noqa: BLE001
-        return None
+    window = _solveset(sp.Eq(den_t, 0), t, sp.Interval(-_ZERO_WINDOW, _ZERO_WINDOW))
     return [r for r in window if r.is_real] if isinstance(window, sp.FiniteSet) else None
+
+
+#: The budget of one solveset of the checks, in seconds (a quintic's took 22 s; past it, the
+#: zeros are unknown and poles.py looks for them numerically).
+SOLVE_SECONDS = 10.0
+
+
+def _solveset(*args):
+    """sympy's solveset, or None where it raises or runs past ``SOLVE_SECONDS`` (or ``LIMIT_MEMORY``)."""
+    try:
+        return memory.within_budget(sp.solveset, *args, seconds=SOLVE_SECONDS, memory_bytes=LIMIT_MEMORY)
+    except (Exception, memory.BudgetExceeded):  # noqa: BLE001 - sympy may give up in many ways
+        return None
 
 
 def _complex_at(expr: sp.Expr, values: dict) -> bool:
@@ -402,20 +408,23 @@ class Checker:
                 if isinstance(a, sp.Pow) and a.args[1].is_number and a.args[1].is_negative and self.is_random(a.args[0])]
         for den in dens:
             for t in self._leaf_names(den):
-                f_t = self._generic(f, t)
-                zeros = _real_zeros(self._generic(den, t), t)
-                for t0 in zeros or []:
-                    if _pole(f_t, t, t0):
-                        t0 = _readable(t0)
-                        if len(leaves) == 1:
-                            where = f"near {self._show_leaf(t)} = {t0} (it grows like 1/|{shown(t - t0)}|)"
-                        else:
-                            where = (f"where {shown(den)} = 0 (e.g. it grows like 1/|{shown(t - t0)}| near "
-                                     f"{self._show_leaf(t)} = {t0} when the other Gaussians take generic values)")
-                        raise UndefinedLimit(
-                            f"{what}: E[{shown(psi)}] does not exist: the function is not integrable {where}, "
-                            "and the Gaussians have positive density there; the average over coordinates has no "
-                            "limit (it is not 0 by symmetry); use a function bounded there")
+                f_t, den_t = self._generic(f, t), self._generic(den, t)
+                zeros = _real_zeros(den_t, t)
+                if zeros is None:  # (solveset cannot say: tanh(t) = t/3 gave a ConditionSet, and no pole was sought)
+                    found = [sp.Float(t0, 10) for t0 in poles.numeric_poles(f_t, den_t, t)]
+                else:
+                    found = [t0 for t0 in zeros if _pole(f_t, t, t0)]
+                for t0 in found[:1]:
+                    t0 = _readable(t0)
+                    if len(leaves) == 1:
+                        where = f"near {self._show_leaf(t)} = {t0} (it grows at least like 1/|{shown(t - t0)}|)"
+                    else:
+                        where = (f"where {shown(den)} = 0 (e.g. it grows at least like 1/|{shown(t - t0)}| near "
+                                 f"{self._show_leaf(t)} = {t0} when the other Gaussians take generic values)")
+                    raise UndefinedLimit(
+                        f"{what}: E[{shown(psi)}] does not exist: the function is not integrable {where}, "
+                        "and the Gaussians have positive density there; the average over coordinates has no "
+                        "limit (it is not 0 by symmetry); use a function bounded there")
         # growth against the Gaussian tail
         grows = [a for a in symbols.preorder(f)
                  if (isinstance(a, (sp.exp, sp.cosh, sp.sinh)) and self.is_random(a) and not a.args[0].is_nonpositive)
@@ -548,6 +557,7 @@ class Checker:
 
     @staticmethod
     def _growth_message(what, psi, why) -> str:
-        return (f"{what}: E[{shown(psi)}] is infinite: {why}, so the function outgrows the Gaussian "
-                "tail; the average over coordinates diverges with the width; use a function that grows "
-                "more slowly (e.g. a smaller coefficient in the exponent)")
+        # (E[|psi|] = oo: E[psi] is +-oo for a psi of one sign, undefined for an odd one such as sinh(u^3))
+        return (f"{what}: E[{shown(psi)}] does not exist: E[|{shown(psi)}|] is infinite: {why}, so the "
+                "function outgrows the Gaussian tail; the average over coordinates has no finite limit as the "
+                "width grows; use a function that grows more slowly (e.g. a smaller coefficient in the exponent)")

@@ -1,0 +1,146 @@
+"""Real zeros of a denominator that sympy cannot solve, found numerically, and whether f has a
+pole there that no Gaussian density can integrate (docs/DESIGN.md 2.2: existence of the
+limits; used by ``existence``'s pole check).
+
+E[f(u)] under a Gaussian u does not exist when |f| >= c / |t - t0| near a real t0: the density
+is positive there.  ``existence`` finds the zeros of f's denominators with sympy's solveset and
+decides each with a limit.  solveset answers a ConditionSet for most equations that mix
+exponentials or trigonometric functions with polynomials (tanh(t) = t/3, sin(t) + t^2 = 1),
+and those denominators were not looked at: E[1/(tanh(u) - u/3)] came out as 0 (by parity) and
+E[1/(sin(u) + u^2 - 1)] as 0.614, where neither exists.
+
+``numeric_poles(f, den, t)`` looks where solveset cannot:
+
+1. den on a grid of the real line (step 10^-3 on [-10, 10], then geometric out to 10^3);
+   a sign change between two finite neighbours brackets a zero (scipy's brentq), and a
+   local minimum of |den| that a bounded search takes below 10^-10 times the values around
+   it is a zero of even order (exp(t) - 1 - t at 0);
+2. each zero t0 refined in 80-digit arithmetic (mpmath's findroot), and f evaluated there at
+   t0 +- 10^-6 and t0 +- 10^-12: a pole of order >= 1 keeps delta |f(t0 +- delta)| from
+   falling (a simple pole keeps it constant), a removable zero (t / tanh(t)) or an integrable
+   singularity down to |t - t0|^-0.95 makes it fall by a factor 2 or more over the six decades.
+
+Zeros beyond |t| = 10^3, and zero pairs closer than the grid step that do not bring |den| below
+the threshold, are not found; a function found to have none is taken as integrable, as before.
+"""
+from __future__ import annotations
+
+import warnings
+
+import mpmath
+import numpy as np
+import sympy as sp
+from scipy import optimize
+
+#: The grid on which a denominator's zeros are sought (module docstring).
+_INNER, _STEP, _OUTER = 10.0, 1e-3, 1e3
+#: Digits of the arithmetic that refines a zero and evaluates f next to it.
+_DIGITS = 80
+#: The two distances from a zero at which f is evaluated, and the fall of delta |f| between
+#: them that makes the zero integrable.
+_NEAR, _NEARER, _FALL = mpmath.mpf("1e-6"), mpmath.mpf("1e-12"), 0.5
+#: |den| at a refined local minimum, relative to |den| around it, below which it is a zero.
+_EVEN_ZERO = 1e-10
+
+
+def _grid() -> np.ndarray:
+    inner = np.linspace(-_INNER, _INNER, int(round(2 * _INNER / _STEP)) + 1)
+    outer = np.geomspace(_INNER, _OUTER, 2001)[1:]
+    return np.concatenate([-outer[::-1], inner, outer])
+
+
+def _numeric(expr: sp.Expr, t: sp.Symbol, modules):
+    try:
+        return sp.lambdify(t, expr, modules=modules)
+    except Exception:  # noqa: BLE001 - a function the printer does not know
+        return None
+
+
+def _values(fn, ts: np.ndarray) -> np.ndarray:
+    with np.errstate(all="ignore"), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        try:
+            values = np.broadcast_to(np.asarray(fn(ts), dtype=complex), ts.shape)
+        except Exception:  # noqa: BLE001 - not vectorisable: point by point
+            values = np.array([_point(fn, x) for x in ts], dtype=complex)
+    real = values.real.copy()
+    real[~np.isfinite(values) | (np.abs(values.imag) > 1e-12 * np.maximum(1.0, np.abs(values.real)))] = np.nan
+    return real
+
+
+def _point(fn, x: float) -> complex:
+    try:
+        return complex(fn(x))
+    except Exception:  # noqa: BLE001
+        return complex("nan")
+
+
+def _candidates(den, ts: np.ndarray) -> list[float]:
+    """Approximate real zeros of den: brackets of a sign change, and deep minima of |den|."""
+    d = _values(den, ts)
+    found = []
+    finite = np.isfinite(d)
+    for i in np.flatnonzero(finite[:-1] & finite[1:] & (np.sign(d[:-1]) * np.sign(d[1:]) <= 0)):
+        a, b = ts[i], ts[i + 1]
+        if d[i] == 0:
+            found.append(a)
+        elif d[i + 1] != 0:
+            try:
+                found.append(optimize.brentq(lambda x: _point(den, x).real, a, b, xtol=1e-15, rtol=1e-15))
+            except (ValueError, RuntimeError):
+                continue
+    size = np.abs(d)
+    inside = finite[1:-1] & finite[:-2] & finite[2:]
+    for i in np.flatnonzero(inside & (size[1:-1] < size[:-2]) & (size[1:-1] <= size[2:])) + 1:
+        around = max(size[i - 1], size[i + 1])
+        if around == 0:
+            continue
+        best = optimize.minimize_scalar(lambda x: abs(_point(den, x)), bounds=(ts[i - 1], ts[i + 1]),
+                                        method="bounded", options={"xatol": 1e-14})
+        if best.fun <= _EVEN_ZERO * around:
+            found.append(float(best.x))
+    return sorted(set(found))
+
+
+def _refined(den, t0: float):
+    try:
+        return mpmath.findroot(den, mpmath.mpf(t0), tol=mpmath.mpf(10) ** (-_DIGITS + 10), maxsteps=200, verify=False)
+    except (ValueError, ZeroDivisionError, TypeError, OverflowError):
+        return None
+
+
+def _is_pole(f, t0) -> bool:
+    """delta |f(t0 + s delta)| does not fall by ``_FALL`` from ``_NEAR`` to ``_NEARER`` on one side s."""
+    for s in (1, -1):
+        try:
+            near = _NEAR * abs(f(t0 + s * _NEAR))
+            nearer = _NEARER * abs(f(t0 + s * _NEARER))
+        except (ValueError, ZeroDivisionError, TypeError, OverflowError):
+            continue
+        if not (mpmath.isfinite(near) and mpmath.isfinite(nearer)):
+            return True  # (f is infinite next to t0)
+        if near > 0 and nearer >= _FALL * near:
+            return True
+    return False
+
+
+def numeric_poles(f: sp.Expr, den: sp.Expr, t: sp.Symbol) -> list[float]:
+    """Real t0 (|t0| <= 10^3) where den, a denominator of f, vanishes and |f| grows at least
+    like 1/|t - t0| (module docstring), the nearest to 0 first; [] when none is found or the functions cannot
+    be evaluated numerically.  ``f`` and ``den`` are functions of the real symbol ``t`` alone."""
+    den_fast = _numeric(den, t, ["scipy", "numpy"])
+    den_exact, f_exact = _numeric(den, t, "mpmath"), _numeric(f, t, "mpmath")
+    if den_fast is None or den_exact is None or f_exact is None:
+        return []
+    poles = []
+    with mpmath.workdps(_DIGITS):
+        for t0 in _candidates(den_fast, _grid()):
+            root = _refined(den_exact, t0)
+            if root is None or not mpmath.isfinite(root) or abs(mpmath.im(root)) > 1e-30 or abs(root - t0) > 1e-3:
+                continue
+            if _is_pole(f_exact, mpmath.re(root)):
+                x = float(mpmath.re(root))
+                x = 0.0 if abs(x) < 1e-20 else x  # (exp(t) - 1 - t's zero refined to -2.6e-44)
+                if not poles or abs(x - poles[-1]) > 1e-9:
+                    poles.append(x)
+    return sorted(poles, key=abs)
