@@ -336,7 +336,7 @@ def test_a_limit_past_its_budget_is_left_undecided_with_a_warning(monkeypatch):
 def test_poles_where_solveset_cannot_solve_are_found_numerically(phi, den):
     """solveset answers a ConditionSet for tanh(u) = u/3 or sin(u) + u^2 = 1, and such
     denominators were not looked at: E[1/(tanh(u) - u/3)] came out as 0 and E[1/(sin(u) + u^2
-    - 1)] as 0.614, where neither exists (|f| >= c/|u - u0| at a real u0).  symbolic/poles.py
+    - 1)] as 0.614, where neither exists (|f| >= c/|u - u0| at a real u0).  symbolic/numeric_search.py
     finds the zeros numerically and tests the growth of f next to them; the point the error
     names is a zero of the denominator (numpy's)."""
     p = tp.Program("pole")
@@ -365,7 +365,7 @@ def test_removable_zeros_found_numerically_are_not_poles(phi):
 def test_numeric_zeros_against_closed_forms():
     """e^t = t^3 at t = -3 W_k(-1/3) (Lambert's W, k = 0 and -1); t^5 + t + 1 = (t^2 + t + 1)
     (t^3 - t^2 + 1) at the real root of the cubic; exp(t) - 1 - t at 0 (order 2)."""
-    from tpcompiler.symbolic.poles import numeric_poles
+    from tpcompiler.symbolic.numeric_search import numeric_poles
 
     t = sp.Symbol("t", real=True)
     lambert = sorted(float(-3 * scipy.special.lambertw(-1 / 3, k).real) for k in (0, -1))
@@ -390,3 +390,37 @@ def test_a_solveset_past_its_budget_leaves_the_zeros_to_the_numeric_search(monke
     with pytest.raises(UndefinedLimit, match=r"not integrable near u = -0\.7548776662"):
         tp.compile(p)
     assert time.monotonic() - start < 10
+
+
+@pytest.mark.parametrize("phi, refused", [
+    (lambda a: sp.log(sp.tanh(a) - a / 3 + sp.Rational(1, 2)), True),  # (the particles gave -1.00)
+    (lambda a: (sp.tanh(a) - a / 3 + sp.Rational(1, 2)) ** 0.5, True),  # (0.663)
+    (lambda a: sp.sqrt(sp.cosh(a) - 1 - a**2 / 2), False),  # (>= 0; rounding makes it -1e-17 near 0)
+    (lambda a: sp.log(1 + sp.tanh(a)), False),
+    (lambda a: sp.sqrt(sp.exp(a) - 1 - a), False),
+])
+def test_negative_arguments_where_solveset_cannot_solve_are_found_numerically(phi, refused):
+    """tanh(u) - u/3 + 1/2 is negative beyond u = 4.5 (probability 3e-6: no particle goes
+    there), and solveset answers a ConditionSet for where: the log and the square root of it
+    were taken as real, and the particles averaged them to -1.00 and 0.663.  A grid point
+    where the argument is negative, checked in 80-digit arithmetic, now refuses them; the
+    functions that are never negative still compile."""
+    p = tp.Program("domain")
+    u = p.vec("u")
+    p.output("m", tp.mean(tp.nonlin(phi, u)))
+    if refused:
+        with pytest.raises(UndefinedLimit, match=r"tanh\(u\) \+ 1/2 takes negative values with positive probability"
+                           r"|principal root is complex"):
+            tp.compile(p)
+    else:
+        tp.compile(p)
+
+
+def test_a_negative_point_is_negative_on_an_interval():
+    from tpcompiler.symbolic.numeric_search import negative_point
+
+    t = sp.Symbol("t", real=True)
+    t0 = negative_point(sp.tanh(t) - t / 3 + sp.Rational(1, 2), t)
+    assert t0 is not None and all(np.tanh(x) - x / 3 + 0.5 < 0 for x in (t0 - 1e-6, t0, t0 + 1e-6))
+    assert negative_point(sp.cosh(t) - 1 - t**2 / 2, t) is None
+    assert negative_point((t - 1) ** 2, t) is None

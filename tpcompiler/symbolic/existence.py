@@ -34,7 +34,7 @@ import sympy as sp
 from tpcompiler import memory
 from tpcompiler.ir import symbols
 from tpcompiler.ir.graph import ProgramError
-from tpcompiler.symbolic import growth, poles
+from tpcompiler.symbolic import growth, numeric_search
 
 
 def shown(expr: sp.Expr) -> str:
@@ -154,7 +154,8 @@ def _negative_set(arg_t: sp.Expr, t: sp.Symbol):
         return True
     s = _solveset(sp.StrictLessThan(arg_t, 0), t, sp.S.Reals)
     if s is None or isinstance(s, sp.ConditionSet) or not hasattr(s, "measure"):
-        return None
+        # (tanh(t) - t/3 + 1/2 < 0 beyond t = 4.5: a ConditionSet, and its log was taken as real)
+        return True if numeric_search.negative_point(arg_t, t) is not None else None
     return s is not sp.S.EmptySet and s.measure != 0
 
 
@@ -184,7 +185,7 @@ def _real_zeros(den_t: sp.Expr, t: sp.Symbol):
 
 
 #: The budget of one solveset of the checks, in seconds (a quintic's took 22 s; past it, the
-#: zeros are unknown and poles.py looks for them numerically).
+#: zeros are unknown and numeric_search.py looks for them numerically).
 SOLVE_SECONDS = 10.0
 
 
@@ -411,7 +412,7 @@ class Checker:
                 f_t, den_t = self._generic(f, t), self._generic(den, t)
                 zeros = _real_zeros(den_t, t)
                 if zeros is None:  # (solveset cannot say: tanh(t) = t/3 gave a ConditionSet, and no pole was sought)
-                    found = [sp.Float(t0, 10) for t0 in poles.numeric_poles(f_t, den_t, t)]
+                    found = [sp.Float(t0, 10) for t0 in numeric_search.numeric_poles(f_t, den_t, t)]
                 else:
                     found = [t0 for t0 in zeros if _pole(f_t, t, t0)]
                 for t0 in found[:1]:

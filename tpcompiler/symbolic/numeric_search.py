@@ -1,15 +1,18 @@
-"""Real zeros of a denominator that sympy cannot solve, found numerically, and whether f has a
-pole there that no Gaussian density can integrate (docs/DESIGN.md 2.2: existence of the
-limits; used by ``existence``'s pole check).
+"""What sympy's solveset cannot solve, searched numerically (docs/DESIGN.md 2.2: existence of
+the limits; used by ``existence``'s checks): the real zeros of a denominator at which f has a
+pole that no Gaussian density can integrate, and a point where the argument of a log or of a
+non-integer power is negative.
 
-E[f(u)] under a Gaussian u does not exist when |f| >= c / |t - t0| near a real t0: the density
-is positive there.  ``existence`` finds the zeros of f's denominators with sympy's solveset and
-decides each with a limit.  solveset answers a ConditionSet for most equations that mix
+E[f(u)] under a Gaussian u does not exist when |f| >= c / |t - t0| near a real t0, or when f
+is not real on a set of positive probability: the density is positive everywhere.
+``existence`` finds the zeros of f's denominators, and the set where an argument is negative,
+with sympy's solveset.  solveset answers a ConditionSet for most equations that mix
 exponentials or trigonometric functions with polynomials (tanh(t) = t/3, sin(t) + t^2 = 1),
-and those denominators were not looked at: E[1/(tanh(u) - u/3)] came out as 0 (by parity) and
-E[1/(sin(u) + u^2 - 1)] as 0.614, where neither exists.
+and those were not looked at: E[1/(tanh(u) - u/3)] came out as 0 (by parity),
+E[1/(sin(u) + u^2 - 1)] as 0.614 and E[log(tanh(u) - u/3 + 1/2)] as -1.00 (the log's argument is
+negative beyond u = 4.5, where no particle went), where none exists.
 
-``numeric_poles(f, den, t)`` looks where solveset cannot:
+``numeric_poles(f, den, t)`` looks for poles where solveset cannot:
 
 1. den on a grid of the real line (step 10^-3 on [-10, 10], then geometric out to 10^3);
    a sign change between two finite neighbours brackets a zero (scipy's brentq), and a
@@ -20,8 +23,12 @@ E[1/(sin(u) + u^2 - 1)] as 0.614, where neither exists.
    falling (a simple pole keeps it constant), a removable zero (t / tanh(t)) or an integrable
    singularity down to |t - t0|^-0.95 makes it fall by a factor 2 or more over the six decades.
 
-Zeros beyond |t| = 10^3, and zero pairs closer than the grid step that do not bring |den| below
-the threshold, are not found; a function found to have none is taken as integrable, as before.
+``negative_point(arg, t)`` is a point of the same grid where arg is negative, checked in 80-digit
+arithmetic there and 10^-6 to either side (so on an interval: with positive probability).
+
+Zeros and negative values beyond |t| = 10^3, and zero pairs closer than the grid step that do
+not bring |den| below the threshold, are not found; a function found to have none is taken as
+defined and integrable, as before.
 """
 from __future__ import annotations
 
@@ -144,3 +151,25 @@ def numeric_poles(f: sp.Expr, den: sp.Expr, t: sp.Symbol) -> list[float]:
                 if not poles or abs(x - poles[-1]) > 1e-9:
                     poles.append(x)
     return sorted(poles, key=abs)
+
+
+def negative_point(arg: sp.Expr, t: sp.Symbol) -> float | None:
+    """A real t0 (|t0| <= 10^3) with arg < 0 on [t0 - 10^-6, t0 + 10^-6] in 80-digit arithmetic
+    (the grid's most negative point), or None (module docstring).  ``arg`` a function of the
+    real symbol ``t`` alone."""
+    fast, exact = _numeric(arg, t, ["scipy", "numpy"]), _numeric(arg, t, "mpmath")
+    if fast is None or exact is None:
+        return None
+    ts = _grid()
+    values = _values(fast, ts)
+    if not np.any(values < 0):
+        return None
+    t0 = float(ts[np.nanargmin(values)])
+    with mpmath.workdps(_DIGITS):
+        try:
+            inside = [exact(mpmath.mpf(t0) + d) for d in (-_NEAR, 0, _NEAR)]
+        except (ValueError, ZeroDivisionError, TypeError, OverflowError):
+            return None
+        if all(mpmath.im(v) == 0 and mpmath.re(v) < 0 for v in map(mpmath.mpmathify, inside)):
+            return t0
+    return None
