@@ -424,3 +424,23 @@ def test_a_negative_point_is_negative_on_an_interval():
     assert t0 is not None and all(np.tanh(x) - x / 3 + 0.5 < 0 for x in (t0 - 1e-6, t0, t0 + 1e-6))
     assert negative_point(sp.cosh(t) - 1 - t**2 / 2, t) is None
     assert negative_point((t - 1) ** 2, t) is None
+
+
+def test_a_zero_whose_limit_sympy_cannot_take_is_decided_numerically(monkeypatch):
+    """A zero solveset finds (u = 1 of u^3 - 1) whose one-sided limits sympy cannot take (here
+    made to raise) was taken as no pole; f is now evaluated next to it in 80-digit arithmetic."""
+    from tpcompiler.symbolic import existence
+
+    def no_limit(*args, **kwargs):
+        raise NotImplementedError("(sympy gives up)")
+
+    monkeypatch.setattr(existence.sp, "limit", no_limit)
+    for phi, pole in ((lambda a: 1 / (a**3 - 1), True), (lambda a: (a - 1) / (a**3 - 1), False)):
+        p = tp.Program("cubic")
+        u = p.vec("u")
+        p.output("m", tp.mean(tp.nonlin(phi, u)))
+        if pole:
+            with pytest.raises(UndefinedLimit, match=r"not integrable near u = 1 "):
+                tp.compile(p)
+        else:
+            tp.compile(p)

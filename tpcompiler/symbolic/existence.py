@@ -251,14 +251,17 @@ def _limit(e: sp.Expr, t: sp.Symbol, point, direction: str = "+"):
 
 
 def _pole(f_t: sp.Expr, t: sp.Symbol, t0) -> bool:
-    """|f| >= c/|t - t0| near t0 from one side (a non-integrable singularity)."""
+    """|f| >= c/|t - t0| near t0 from one side (a non-integrable singularity); where sympy
+    takes neither one-sided limit, decided in 80-digit arithmetic (``numeric_search.pole_at``)."""
+    decided = False
     for d in ("+", "-"):
         lim = _limit(f_t * (t - t0), t, t0, d)
         if lim is None:
             continue
+        decided = True
         if lim.has(sp.oo, -sp.oo, sp.zoo) or (lim.is_number and lim.is_nonzero):
             return True
-    return False
+    return not decided and numeric_search.pole_at(f_t, t, t0)
 
 
 def _grows_too_fast(f_t: sp.Expr, t: sp.Symbol, rate) -> bool:

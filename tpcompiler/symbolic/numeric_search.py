@@ -173,3 +173,18 @@ def negative_point(arg: sp.Expr, t: sp.Symbol) -> float | None:
         if all(mpmath.im(v) == 0 and mpmath.re(v) < 0 for v in map(mpmath.mpmathify, inside)):
             return t0
     return None
+
+
+def pole_at(f: sp.Expr, t: sp.Symbol, t0: sp.Expr) -> bool:
+    """Whether |f| grows at least like 1/|t - t0| at the real number t0 (exact, e.g. a root in
+    radicals), by the test of ``numeric_poles`` in 80-digit arithmetic (for a zero whose limit
+    sympy cannot take); False where f cannot be evaluated."""
+    f_exact = _numeric(f, t, "mpmath")
+    if f_exact is None:
+        return False
+    with mpmath.workdps(_DIGITS):
+        try:
+            point = mpmath.mpmathify(sp.N(t0, _DIGITS))
+        except (TypeError, ValueError):
+            return False
+        return mpmath.im(point) == 0 and _is_pole(f_exact, mpmath.re(point))
