@@ -162,14 +162,24 @@ def test_valid_look_alikes_match_an_independent_reference(build, ref):
     assert abs(value - ref) <= 5 * err + 1e-9 * max(1.0, abs(ref)), (value, err, ref)
 
 
-def test_undecidable_domain_is_refused_by_the_evaluator():
-    """log(sigmoid(u) - 0.3) is nan for u < logit(0.3); the symbolic stage cannot decide it
-    (sigmoid is opaque to sympy's solver), so the particle evaluator must refuse the nan."""
-    p = tp.Program("ex")
-    u = p.vec("u")
-    y = tp.nonlin(lambda a: sp.log(tp.nonlinearities.sigmoid(a) - sp.Rational(3, 10)), u).named("y")
-    p.output("m", tp.mean(tp.tanh(y)))
-    c = tp.compile(p)
+def test_undecidable_domain_is_refused_by_the_evaluator(monkeypatch):
+    """log(sigmoid(u) - 0.3) is nan for u < logit(0.3).  sympy's solveset cannot say where
+    (sigmoid is opaque to it); the numeric search finds a negative point and tp.compile
+    refuses.  Where that search fails too (here turned off), the particle evaluator must
+    refuse the nan."""
+    from tpcompiler.symbolic import numeric_search
+
+    def program():
+        p = tp.Program("ex")
+        u = p.vec("u")
+        y = tp.nonlin(lambda a: sp.log(tp.nonlinearities.sigmoid(a) - sp.Rational(3, 10)), u).named("y")
+        p.output("m", tp.mean(tp.tanh(y)))
+        return p
+
+    with pytest.raises(UndefinedLimit, match="instruction 'y'.*sigmoid\\(u\\) - 3/10 takes negative values"):
+        tp.compile(program())
+    monkeypatch.setattr(numeric_search, "negative_point", lambda *args: None)
+    c = tp.compile(program())
     with pytest.raises(UndefinedLimit, match="instruction 'y'.*not a finite real number"):
         c.limit(particles=2_000)
 
@@ -332,6 +342,12 @@ def test_a_limit_past_its_budget_is_left_undecided_with_a_warning(monkeypatch):
     (lambda a: 1 / (sp.exp(a) - 1 - a), lambda x: np.expm1(x) - x),  # (a zero of order 2: no sign change)
     (lambda a: 1 / (2 + sp.sin(a) - a**2 / 1000), lambda x: 2 + np.sin(x) - x**2 / 1000),  # (zeros at |u| 32-53)
     (lambda a: sp.log(1 + a**2) / (a**3 - 2 * a + sp.sin(3 * a)), lambda x: x**3 - 2 * x + np.sin(3 * x)),
+    # the package's own functions (their mpmath definitions: a NameError before, review)
+    (lambda a: 1 / (tp.nonlinearities.sigmoid(a) - sp.Rational(3, 10)), lambda x: 1 / (1 + np.exp(-x)) - 0.3),
+    (lambda a: 1 / (tp.nonlinearities.softplus(a) - 1), lambda x: np.logaddexp(0, x) - 1),
+    # |g| in the denominator: a V, found as g's sign change (review: |den| only came down to 1e-8)
+    (lambda a: 1 / sp.Abs(sp.tanh(a) - a / 3 - sp.Rational(1, 10)), lambda x: np.tanh(x) - x / 3 - 0.1),
+    (lambda a: sp.Abs(sp.sin(a) + a**2 - 1) ** sp.Rational(-3, 2), lambda x: np.sin(x) + x**2 - 1),
 ])
 def test_poles_where_solveset_cannot_solve_are_found_numerically(phi, den):
     """solveset answers a ConditionSet for tanh(u) = u/3 or sin(u) + u^2 = 1, and such
@@ -354,6 +370,8 @@ def test_poles_where_solveset_cannot_solve_are_found_numerically(phi, den):
     lambda a: sp.tanh(a) / (sp.tanh(a) + a**3),
     lambda a: 1 / (sp.cosh(a) - a / 3),  # (no real zero)
     lambda a: (sp.exp(a) - 1 - a) / (sp.exp(a) - 1 - a + a**4),  # (a removable zero of order 2)
+    lambda a: tp.nonlinearities.relu(a) ** 3 / (sp.exp(a) - 1 - a),  # (relu in mpmath: a NameError before)
+    lambda a: sp.Abs(sp.tanh(a) - a / 3) ** sp.Rational(-97, 100),  # (integrable: |u - u0|^-0.97)
 ])
 def test_removable_zeros_found_numerically_are_not_poles(phi):
     p = tp.Program("removable")
@@ -444,3 +462,13 @@ def test_a_zero_whose_limit_sympy_cannot_take_is_decided_numerically(monkeypatch
                 tp.compile(p)
         else:
             tp.compile(p)
+
+
+def test_the_numeric_search_is_in_units_of_the_leafs_standard_deviation():
+    """var(u) = 10^6: 2 + sin(u/500) - (u/1500)^2 vanishes at u = 1835 and beyond (1.8 standard
+    deviations), outside the unit grid's [-10^3, 10^3]; it was accepted (review)."""
+    p = tp.Program("wide")
+    u = p.vec("u", var=1e6)
+    p.output("m", tp.mean(tp.nonlin(lambda a: 1 / (2 + sp.sin(a / 500) - (a / 1500) ** 2), u)))
+    with pytest.raises(UndefinedLimit, match=r"not integrable near u = 1834\.79"):
+        tp.compile(p)

@@ -13,10 +13,13 @@ below ``KEEP_FREE`` of what was available when the derivation started.
 only: where the memory cannot be read, nothing is checked."""
 from __future__ import annotations
 
+import _thread
 import ctypes
 import os
+import select
 import threading
 import time
+from typing import Callable
 
 from tpcompiler.ir.graph import ProgramError
 
@@ -170,26 +173,43 @@ def tick() -> None:
 
 
 class BudgetExceeded(BaseException):
-    """A call run by ``within_budget`` ran out of its time or memory.  A BaseException, as
+    """What ``within_budget``'s watchdog raises in the call it watches (each call its own
+    subclass, so that a budget inside another stops only its own call).  A BaseException, as
     KeyboardInterrupt is: the library code it interrupts (sympy) catches Exception in places,
     and must not swallow it."""
 
 
 #: How often (seconds) ``within_budget``'s watchdog looks at the clock and the memory.
 BUDGET_POLL = 0.05
+#: Watchdogs running now (each adds 1 while it runs: for tests).
+_watchdogs = [0]
 
 
-def within_budget(fn, *args, seconds: float, memory_bytes: int):
-    """``fn(*args)``, or ``BudgetExceeded`` once it has run ``seconds``, or this process has
+def watchdogs_running() -> int:
+    """How many ``within_budget`` watchdogs are running in this process."""
+    return _watchdogs[0]
+
+
+def within_budget(fn, *args, seconds: float, memory_bytes: int, otherwise: Callable[[str], object]):
+    """``fn(*args)``, or ``otherwise(reason)`` once it has run ``seconds``, or this process has
     grown by ``memory_bytes`` since the call started, or the machine's available memory fell
-    below ``KEEP_FREE`` of what it was then.  A watchdog thread looks every ``BUDGET_POLL``
-    seconds and raises the exception in the calling thread (``PyThreadState_SetAsyncExc``: at
-    its next Python instruction, so a call stuck inside one C function is not stopped), again
-    at each look until the call has left.  For computations that may never end or may fill the
-    memory, such as a sympy limit (symbolic/existence.py)."""
-    thread = ctypes.c_ulong(threading.get_ident())
+    below ``KEEP_FREE`` of what it was then.  For computations that may never end or may fill
+    the memory, such as a sympy limit (symbolic/existence.py).
+
+    A watchdog thread looks every ``BUDGET_POLL`` seconds and raises this call's own
+    ``BudgetExceeded`` in the calling thread (``PyThreadState_SetAsyncExc``: at its next Python
+    instruction, so a call stuck inside one C function is not stopped), again at each look
+    until the call has left.  Whatever way the call leaves (a return, an error, a
+    KeyboardInterrupt, an outer budget's stop), the watchdog has stopped before it does and a
+    stop not yet delivered is withdrawn: none reaches the caller's later code.  Nothing here
+    takes a Python-level lock (a threading.Event or Thread.join interrupted by a Ctrl-C at the
+    wrong instruction keeps its lock, and the next one waits forever: review), only flags,
+    a pipe and ``_thread.start_new_thread``."""
+    own = type("BudgetExceeded", (BudgetExceeded,), {})
+    caller = ctypes.c_ulong(threading.get_ident())
     start, resident, available = time.monotonic(), resident_bytes(), available_bytes()
-    lock, done, reasons = threading.Lock(), threading.Event(), []
+    state, reasons = {"stop": False, "running": False, "done": False}, []
+    wake_read, wake_write = os.pipe()
 
     def reason() -> str | None:
         if time.monotonic() - start > seconds:
@@ -203,28 +223,54 @@ def within_budget(fn, *args, seconds: float, memory_bytes: int):
         return None
 
     def watch() -> None:
-        while not done.wait(BUDGET_POLL):
-            why = reason()
-            if why is not None:
-                with lock:
-                    if done.is_set():
-                        return
+        state["running"] = True
+        _watchdogs[0] += 1
+        try:
+            while not state["stop"]:  # (read before the pipe: a watchdog that starts late touches nothing)
+                if select.select([wake_read], [], [], BUDGET_POLL)[0] or state["stop"]:
+                    break
+                why = reason()
+                if why is not None and not state["stop"]:
                     reasons.append(why)
-                    ctypes.pythonapi.PyThreadState_SetAsyncExc(thread, ctypes.py_object(BudgetExceeded))
+                    ctypes.pythonapi.PyThreadState_SetAsyncExc(caller, ctypes.py_object(own))
+        finally:
+            _watchdogs[0] -= 1
+            state["done"] = True
 
-    watchdog = threading.Thread(target=watch, name="within_budget", daemon=True)
-    watchdog.start()
     try:
+        _thread.start_new_thread(watch, ())
         return fn(*args)
-    except BudgetExceeded:
-        raise BudgetExceeded(reasons[0] if reasons else "out of budget") from None
+    except own:
+        pass
     finally:
-        while True:  # (an exception already on its way may arrive here: stop the watchdog regardless)
+        _stop_watchdog(state, wake_read, wake_write, caller, own)
+    return otherwise(reasons[0] if reasons else "out of budget")
+
+
+def _stop_watchdog(state: dict, wake_read: int, wake_write: int, caller, own: type) -> None:
+    """Stop ``within_budget``'s watchdog, wait until it has (if it runs), withdraw a stop not
+    yet delivered, close the pipe.  An exception arriving meanwhile (its own stop on the way:
+    dropped; a KeyboardInterrupt, an outer budget's stop) does not cut this short: it is
+    raised after."""
+    interrupted = None
+    while True:
+        try:
+            state["stop"] = True  # (one instruction: the watchdog injects nothing once it reads it)
+            os.write(wake_write, b"x")
+            deadline = time.monotonic() + 10
+            while state["running"] and not state["done"] and time.monotonic() < deadline:
+                time.sleep(0.0001)
+            ctypes.pythonapi.PyThreadState_SetAsyncExc(caller, None)
+            break
+        except own:
+            continue
+        except BaseException as error:  # noqa: BLE001 - raised once the watchdog has stopped
+            interrupted = error
+    if state["done"] or not state["running"]:  # (else it may still read the pipe: left open)
+        for fd in (wake_read, wake_write):
             try:
-                with lock:
-                    done.set()
-                    ctypes.pythonapi.PyThreadState_SetAsyncExc(thread, None)  # (one not delivered yet)
-                break
-            except BudgetExceeded:
-                continue
-        watchdog.join()
+                os.close(fd)
+            except OSError:
+                pass
+    if interrupted is not None:
+        raise interrupted

@@ -10,7 +10,8 @@ Each built-in is one ``Nonlinearity`` record in ``REGISTRY``, read by every stag
   * the symbolic stage differentiates through the sympy function and asks its parity;
   * the numpy lowering (finite-width interpreter, particle evaluator) uses its numpy
     implementation (``NUMPY_FUNCTIONS``);
-  * the Numba code generator uses its one-line scalar definition (``SCALAR_SOURCE``).
+  * the Numba code generator uses its one-line scalar definition (``SCALAR_SOURCE``);
+  * the existence checks' numeric search evaluates it in multiprecision (``MPMATH_FUNCTIONS``).
 Adding a nonlinearity is adding one record (and, for speed, a closed form of its bivariate
 Gaussian expectations in ``tpcompiler.expectations``; without one, quadrature is used).
 """
@@ -20,6 +21,7 @@ import math
 from dataclasses import dataclass
 from typing import Callable
 
+import mpmath
 import numpy as np
 import scipy.special
 import sympy as sp
@@ -184,6 +186,10 @@ def _np_dirac(*args):
     )
 
 
+def _mp_gelu(x):
+    return x * (1 + mpmath.erf(x / mpmath.sqrt(2))) / 2
+
+
 @dataclass(frozen=True)
 class Nonlinearity:
     """A built-in phi and its meaning at every stage.
@@ -192,28 +198,35 @@ class Nonlinearity:
     EVEN, ODD or NEITHER (zero proofs of the symbolic stage); ``numpy``: a vectorised
     implementation, or None when sympy's numpy printer already knows the function;
     ``scalar_source``: a Numba-compilable one-argument definition named ``name``, or None
-    when the ``math`` module has it."""
+    when the ``math`` module has it; ``mpmath``: a multiprecision implementation, or None when
+    sympy's mpmath printer already knows the function."""
 
     name: str
     sympy: Callable
     parity: int = NEITHER
     numpy: Callable | None = None
     scalar_source: str | None = None
+    mpmath: Callable | None = None
 
 
 REGISTRY: dict[str, Nonlinearity] = {nl.name: nl for nl in (
-    Nonlinearity("relu", relu, NEITHER, _np_relu, "def relu(x):\n    return x if x > 0.0 else 0.0\n"),
-    Nonlinearity("step", step, NEITHER, _np_step, "def step(x):\n    return 1.0 if x > 0.0 else 0.0\n"),
+    Nonlinearity("relu", relu, NEITHER, _np_relu, "def relu(x):\n    return x if x > 0.0 else 0.0\n",
+                 lambda x: x if x > 0 else 0 * x),
+    Nonlinearity("step", step, NEITHER, _np_step, "def step(x):\n    return 1.0 if x > 0.0 else 0.0\n",
+                 lambda x: 1 + 0 * x if x > 0 else 0 * x),
     Nonlinearity("tanh", sp.tanh, ODD),
     Nonlinearity("erf", sp.erf, ODD, scipy.special.erf),
     Nonlinearity("sigmoid", sigmoid, NEITHER, _np_sigmoid,
-                 "def sigmoid(x):\n    return 1.0 / (1.0 + math.exp(-x)) if x >= 0.0 else math.exp(x) / (1.0 + math.exp(x))\n"),
-    Nonlinearity("gelu", gelu, NEITHER, _np_gelu, "def gelu(x):\n    return 0.5 * x * (1.0 + math.erf(x * 0.7071067811865476))\n"),
+                 "def sigmoid(x):\n    return 1.0 / (1.0 + math.exp(-x)) if x >= 0.0 else math.exp(x) / (1.0 + math.exp(x))\n",
+                 lambda x: 1 / (1 + mpmath.exp(-x))),
+    Nonlinearity("gelu", gelu, NEITHER, _np_gelu, "def gelu(x):\n    return 0.5 * x * (1.0 + math.erf(x * 0.7071067811865476))\n",
+                 _mp_gelu),
     Nonlinearity("sin", sp.sin, ODD),
     Nonlinearity("cos", sp.cos, EVEN),
     Nonlinearity("exp", sp.exp, NEITHER),
     Nonlinearity("softplus", softplus, NEITHER, _np_softplus,
-                 "def softplus(x):\n    return max(x, 0.0) + math.log1p(math.exp(-abs(x)))\n"),
+                 "def softplus(x):\n    return max(x, 0.0) + math.log1p(math.exp(-abs(x)))\n",
+                 lambda x: mpmath.log1p(mpmath.exp(x))),
     Nonlinearity("identity", _identity, ODD),
     Nonlinearity("abs", sp.Abs, EVEN),
 )}
@@ -228,6 +241,9 @@ SYMPY_NAMESPACE = {name: nl.sympy for name, nl in REGISTRY.items()
 #: Names sympy's lambdify should resolve to numpy implementations.
 NUMPY_FUNCTIONS = {name: nl.numpy for name, nl in REGISTRY.items() if nl.numpy is not None}
 NUMPY_FUNCTIONS["DiracDelta"] = _np_dirac
+
+#: Names sympy's lambdify should resolve to mpmath implementations.
+MPMATH_FUNCTIONS = {name: nl.mpmath for name, nl in REGISTRY.items() if nl.mpmath is not None}
 
 #: Scalar (Numba-compilable) definitions of the custom functions, as Python source.
 SCALAR_SOURCE = {name: nl.scalar_source for name, nl in REGISTRY.items() if nl.scalar_source}

@@ -27,6 +27,7 @@ usual programs (polynomials, tanh, relu, gelu and their derivatives) cost nothin
 """
 from __future__ import annotations
 
+import math
 import warnings
 
 import sympy as sp
@@ -146,8 +147,9 @@ def _as_ratios(expr: sp.Expr) -> sp.Expr:
     return expr.replace(lambda e: type(e) in _RATIOS, lambda e: _RATIOS[type(e)](e.args[0]))
 
 
-def _negative_set(arg_t: sp.Expr, t: sp.Symbol):
-    """Whether {t real: arg_t < 0} is provably non-empty (True), empty (False) or unknown."""
+def _negative_set(arg_t: sp.Expr, t: sp.Symbol, scale: float = 1.0):
+    """Whether {t real: arg_t < 0} is provably non-empty (True), empty (False) or unknown;
+    ``scale``: t's standard deviation where known (numeric_search's grid)."""
     if arg_t.is_nonnegative:
         return False
     if arg_t.is_negative:
@@ -155,7 +157,7 @@ def _negative_set(arg_t: sp.Expr, t: sp.Symbol):
     s = _solveset(sp.StrictLessThan(arg_t, 0), t, sp.S.Reals)
     if s is None or isinstance(s, sp.ConditionSet) or not hasattr(s, "measure"):
         # (tanh(t) - t/3 + 1/2 < 0 beyond t = 4.5: a ConditionSet, and its log was taken as real)
-        return True if numeric_search.negative_point(arg_t, t) is not None else None
+        return True if numeric_search.negative_point(arg_t, t, scale) is not None else None
     return s is not sp.S.EmptySet and s.measure != 0
 
 
@@ -192,8 +194,9 @@ SOLVE_SECONDS = 10.0
 def _solveset(*args):
     """sympy's solveset, or None where it raises or runs past ``SOLVE_SECONDS`` (or ``LIMIT_MEMORY``)."""
     try:
-        return memory.within_budget(sp.solveset, *args, seconds=SOLVE_SECONDS, memory_bytes=LIMIT_MEMORY)
-    except (Exception, memory.BudgetExceeded):  # noqa: BLE001 - sympy may give up in many ways
+        return memory.within_budget(sp.solveset, *args, seconds=SOLVE_SECONDS, memory_bytes=LIMIT_MEMORY,
+                                    otherwise=lambda why: None)
+    except Exception:  # noqa: BLE001 - sympy may give up in many ways
         return None
 
 
@@ -239,15 +242,15 @@ def _limit(e: sp.Expr, t: sp.Symbol, point, direction: str = "+"):
     then proves nothing and the function is taken as it is, as where sympy cannot take the
     limit.  Without a budget, sympy's limit of |cosh(t^2/2)^0.99| exp(-rate t^2), rate a
     symbol, grew the process to 24 GB in 96 s, and the machine killed it."""
-    try:
-        return memory.within_budget(lambda: sp.limit(e, t, point, dir=direction),
-                                    seconds=LIMIT_SECONDS, memory_bytes=LIMIT_MEMORY)
-    except memory.BudgetExceeded as stopped:
+    def undecided(why: str) -> None:
         warnings.warn(f"the existence checks left sympy's limit of {shown(e)} as {t} -> {point} undecided "
-                      f"({stopped}); the function is taken as integrable there", RuntimeWarning, stacklevel=2)
+                      f"({why})", RuntimeWarning, stacklevel=3)
+
+    try:
+        return memory.within_budget(lambda: sp.limit(e, t, point, dir=direction), seconds=LIMIT_SECONDS,
+                                    memory_bytes=LIMIT_MEMORY, otherwise=undecided)
     except Exception:  # noqa: BLE001 - sympy cannot take it
-        pass
-    return None
+        return None
 
 
 def _pole(f_t: sp.Expr, t: sp.Symbol, t0) -> bool:
@@ -398,7 +401,7 @@ class Checker:
             return True
         leaf_arg = self._constants_for_expectations(self.leaf_form(arg))
         for t in self._leaf_names(leaf_arg):
-            if _negative_set(self._generic(leaf_arg, t), t):
+            if _negative_set(self._generic(leaf_arg, t), t, self._scale(t)):
                 return True
         return False
 
@@ -415,7 +418,7 @@ class Checker:
                 f_t, den_t = self._generic(f, t), self._generic(den, t)
                 zeros = _real_zeros(den_t, t)
                 if zeros is None:  # (solveset cannot say: tanh(t) = t/3 gave a ConditionSet, and no pole was sought)
-                    found = [sp.Float(t0, 10) for t0 in numeric_search.numeric_poles(f_t, den_t, t)]
+                    found = [sp.Float(t0, 10) for t0 in numeric_search.numeric_poles(f_t, den_t, t, self._scale(t))]
                 else:
                     found = [t0 for t0 in zeros if _pole(f_t, t, t0)]
                 for t0 in found[:1]:
@@ -488,6 +491,12 @@ class Checker:
             f_t = self._generic(f, t)
             if _grows_too_fast(f_t, t, rate):
                 raise UndefinedLimit(self._growth_message(what, psi, f"it grows faster than exp(c {self._show_leaf(t)}^2) for every c"))
+
+    def _scale(self, leaf) -> float:
+        """The leaf's standard deviation where it is known and above 1, else 1 (the unit of the
+        numeric search's grid: a leaf of variance 10^6 has its zeros at thousands)."""
+        var = self._known_variance(leaf)
+        return math.sqrt(var) if var is not None and var > 1 else 1.0
 
     def _known_variance(self, leaf) -> float | None:
         """Variance of a leaf when it is a number: an initial Gaussian, or the ZHat of W u

@@ -19,14 +19,18 @@ negative beyond u = 4.5, where no particle went), where none exists.
    local minimum of |den| that a bounded search takes below 10^-10 times the values around
    it is a zero of even order (exp(t) - 1 - t at 0);
 2. each zero t0 refined in 80-digit arithmetic (mpmath's findroot), and f evaluated there at
-   t0 +- 10^-6 and t0 +- 10^-12: a pole of order >= 1 keeps delta |f(t0 +- delta)| from
+   t0 +- 10^-10 and t0 +- 10^-34: a pole of order >= 1 keeps delta |f(t0 +- delta)| from
    falling (a simple pole keeps it constant), a removable zero (t / tanh(t)) or an integrable
-   singularity down to |t - t0|^-0.95 makes it fall by a factor 2 or more over the six decades.
+   singularity |t - t0|^-p, p < 0.998, makes it fall by more than 10% over the 24 decades.
+
+The zeros of |g|^p are sought as those of g (a sign change, where the V of |g| defeats the
+search for minima).  The grid is in units of the leaf's standard deviation where that is known
+and larger than 1.
 
 ``negative_point(arg, t)`` is a point of the same grid where arg is negative, checked in 80-digit
 arithmetic there and 10^-6 to either side (so on an interval: with positive probability).
 
-Zeros and negative values beyond |t| = 10^3, and zero pairs closer than the grid step that do
+Zeros and negative values beyond |t| = 10^3 (in those units), and zero pairs closer than the grid step that do
 not bring |den| below the threshold, are not found; a function found to have none is taken as
 defined and integrable, as before.
 """
@@ -39,21 +43,40 @@ import numpy as np
 import sympy as sp
 from scipy import optimize
 
+from tpcompiler.ir.nonlinearities import MPMATH_FUNCTIONS, NUMPY_FUNCTIONS
+
 #: The grid on which a denominator's zeros are sought (module docstring).
 _INNER, _STEP, _OUTER = 10.0, 1e-3, 1e3
 #: Digits of the arithmetic that refines a zero and evaluates f next to it.
 _DIGITS = 80
 #: The two distances from a zero at which f is evaluated, and the fall of delta |f| between
 #: them that makes the zero integrable.
-_NEAR, _NEARER, _FALL = mpmath.mpf("1e-6"), mpmath.mpf("1e-12"), 0.5
+_NEAR, _NEARER, _FALL = mpmath.mpf("1e-10"), mpmath.mpf("1e-34"), 0.9
+#: The two module lists of lambdify: double precision on the grid, multiprecision near a zero.
+_FAST, _EXACT = [NUMPY_FUNCTIONS, "scipy", "numpy"], [MPMATH_FUNCTIONS, "mpmath"]
+#: Half-width of the interval on which a negative point is checked.
+_INTERVAL = mpmath.mpf("1e-6")
 #: |den| at a refined local minimum, relative to |den| around it, below which it is a zero.
 _EVEN_ZERO = 1e-10
 
 
-def _grid() -> np.ndarray:
+def _grid(scale: float) -> np.ndarray:
+    """The grid in units of ``scale`` (a leaf's standard deviation when it is known and > 1)."""
     inner = np.linspace(-_INNER, _INNER, int(round(2 * _INNER / _STEP)) + 1)
     outer = np.geomspace(_INNER, _OUTER, 2001)[1:]
-    return np.concatenate([-outer[::-1], inner, outer])
+    return scale * np.concatenate([-outer[::-1], inner, outer])
+
+
+def _zero_set_core(den: sp.Expr) -> sp.Expr:
+    """g with the zeros of den = |g|^p or g^p (p > 0): a zero of |g| is a sign change of g,
+    which the grid finds where the V of |g| defeats the search for minima."""
+    while True:
+        if isinstance(den, sp.Abs):
+            den = den.args[0]
+        elif den.is_Pow and den.exp.is_number and den.exp.is_positive:
+            den = den.base
+        else:
+            return den
 
 
 def _numeric(expr: sp.Expr, t: sp.Symbol, modules):
@@ -111,8 +134,8 @@ def _candidates(den, ts: np.ndarray) -> list[float]:
 
 def _refined(den, t0: float):
     try:
-        return mpmath.findroot(den, mpmath.mpf(t0), tol=mpmath.mpf(10) ** (-_DIGITS + 10), maxsteps=200, verify=False)
-    except (ValueError, ZeroDivisionError, TypeError, OverflowError):
+        return mpmath.findroot(den, mpmath.mpf(t0), tol=mpmath.mpf(10) ** (-_DIGITS + 10), maxsteps=400, verify=False)
+    except Exception:  # noqa: BLE001 - not evaluable there
         return None
 
 
@@ -122,7 +145,7 @@ def _is_pole(f, t0) -> bool:
         try:
             near = _NEAR * abs(f(t0 + s * _NEAR))
             nearer = _NEARER * abs(f(t0 + s * _NEARER))
-        except (ValueError, ZeroDivisionError, TypeError, OverflowError):
+        except Exception:  # noqa: BLE001 - not evaluable there
             continue
         if not (mpmath.isfinite(near) and mpmath.isfinite(nearer)):
             return True  # (f is infinite next to t0)
@@ -131,46 +154,48 @@ def _is_pole(f, t0) -> bool:
     return False
 
 
-def numeric_poles(f: sp.Expr, den: sp.Expr, t: sp.Symbol) -> list[float]:
-    """Real t0 (|t0| <= 10^3) where den, a denominator of f, vanishes and |f| grows at least
-    like 1/|t - t0| (module docstring), the nearest to 0 first; [] when none is found or the functions cannot
-    be evaluated numerically.  ``f`` and ``den`` are functions of the real symbol ``t`` alone."""
-    den_fast = _numeric(den, t, ["scipy", "numpy"])
-    den_exact, f_exact = _numeric(den, t, "mpmath"), _numeric(f, t, "mpmath")
-    if den_fast is None or den_exact is None or f_exact is None:
+def numeric_poles(f: sp.Expr, den: sp.Expr, t: sp.Symbol, scale: float = 1.0) -> list[float]:
+    """Real t0 (|t0| <= 10^3 ``scale``) where den, a denominator of f, vanishes and |f| grows at
+    least like 1/|t - t0| (module docstring), the nearest to 0 first; [] when none is found or
+    the functions cannot be evaluated numerically.  ``f`` and ``den`` are functions of the real
+    symbol ``t`` alone."""
+    core = _zero_set_core(den)
+    core_fast, core_exact, f_exact = _numeric(core, t, _FAST), _numeric(core, t, _EXACT), _numeric(f, t, _EXACT)
+    if core_fast is None or core_exact is None or f_exact is None:
         return []
     poles = []
     with mpmath.workdps(_DIGITS):
-        for t0 in _candidates(den_fast, _grid()):
-            root = _refined(den_exact, t0)
-            if root is None or not mpmath.isfinite(root) or abs(mpmath.im(root)) > 1e-30 or abs(root - t0) > 1e-3:
+        for t0 in _candidates(core_fast, _grid(scale)):
+            root = _refined(core_exact, t0)
+            if root is None or not mpmath.isfinite(root) or abs(mpmath.im(root)) > 1e-30 \
+                    or abs(root - t0) > 1e-3 * max(1.0, abs(t0)):
                 continue
             if _is_pole(f_exact, mpmath.re(root)):
                 x = float(mpmath.re(root))
                 x = 0.0 if abs(x) < 1e-20 else x  # (exp(t) - 1 - t's zero refined to -2.6e-44)
-                if not poles or abs(x - poles[-1]) > 1e-9:
+                if not poles or abs(x - poles[-1]) > 1e-9 * max(1.0, abs(x)):
                     poles.append(x)
     return sorted(poles, key=abs)
 
 
-def negative_point(arg: sp.Expr, t: sp.Symbol) -> float | None:
-    """A real t0 (|t0| <= 10^3) with arg < 0 on [t0 - 10^-6, t0 + 10^-6] in 80-digit arithmetic
-    (the grid's most negative point), or None (module docstring).  ``arg`` a function of the
-    real symbol ``t`` alone."""
-    fast, exact = _numeric(arg, t, ["scipy", "numpy"]), _numeric(arg, t, "mpmath")
+def negative_point(arg: sp.Expr, t: sp.Symbol, scale: float = 1.0) -> float | None:
+    """A real t0 (|t0| <= 10^3 ``scale``) with arg < 0 on [t0 - 10^-6, t0 + 10^-6] in 80-digit
+    arithmetic (the grid's most negative point), or None (module docstring).  ``arg`` a
+    function of the real symbol ``t`` alone."""
+    fast, exact = _numeric(arg, t, _FAST), _numeric(arg, t, _EXACT)
     if fast is None or exact is None:
         return None
-    ts = _grid()
+    ts = _grid(scale)
     values = _values(fast, ts)
     if not np.any(values < 0):
         return None
     t0 = float(ts[np.nanargmin(values)])
     with mpmath.workdps(_DIGITS):
         try:
-            inside = [exact(mpmath.mpf(t0) + d) for d in (-_NEAR, 0, _NEAR)]
-        except (ValueError, ZeroDivisionError, TypeError, OverflowError):
+            inside = [mpmath.mpmathify(exact(mpmath.mpf(t0) + d)) for d in (-_INTERVAL, 0, _INTERVAL)]
+        except Exception:  # noqa: BLE001 - not evaluable there
             return None
-        if all(mpmath.im(v) == 0 and mpmath.re(v) < 0 for v in map(mpmath.mpmathify, inside)):
+        if all(mpmath.im(v) == 0 and mpmath.re(v) < 0 for v in inside):
             return t0
     return None
 
@@ -179,12 +204,12 @@ def pole_at(f: sp.Expr, t: sp.Symbol, t0: sp.Expr) -> bool:
     """Whether |f| grows at least like 1/|t - t0| at the real number t0 (exact, e.g. a root in
     radicals), by the test of ``numeric_poles`` in 80-digit arithmetic (for a zero whose limit
     sympy cannot take); False where f cannot be evaluated."""
-    f_exact = _numeric(f, t, "mpmath")
+    f_exact = _numeric(f, t, _EXACT)
     if f_exact is None:
         return False
     with mpmath.workdps(_DIGITS):
         try:
             point = mpmath.mpmathify(sp.N(t0, _DIGITS))
-        except (TypeError, ValueError):
+        except Exception:  # noqa: BLE001 - not a number
             return False
         return mpmath.im(point) == 0 and _is_pole(f_exact, mpmath.re(point))
