@@ -418,10 +418,11 @@ class Checker:
                 f_t, den_t = self._generic(f, t), self._generic(den, t)
                 zeros = _real_zeros(den_t, t)
                 if zeros is None:  # (solveset cannot say: tanh(t) = t/3 gave a ConditionSet, and no pole was sought)
-                    found = [sp.Float(t0, 10) for t0 in numeric_search.numeric_poles(f_t, den_t, t, self._scale(t))]
+                    t0 = next((sp.Float(x, 10) for x in numeric_search.numeric_poles(f_t, den_t, t, self._scale(t))),
+                              None)
                 else:
-                    found = [t0 for t0 in zeros if _pole(f_t, t, t0)]
-                for t0 in found[:1]:
+                    t0 = next((z for z in zeros if _pole(f_t, t, z)), None)
+                if t0 is not None:
                     t0 = _readable(t0)
                     if len(leaves) == 1:
                         where = f"near {self._show_leaf(t)} = {t0} (it grows at least like 1/|{shown(t - t0)}|)"
