@@ -234,7 +234,7 @@ def _spin(seconds: float) -> None:
 
 
 def _watchdogs() -> int:
-    return memory.watchdogs_running()
+    return memory.watched_calls()
 
 
 def test_a_call_past_its_time_is_stopped_with_the_reason():

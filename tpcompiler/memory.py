@@ -15,8 +15,8 @@ from __future__ import annotations
 
 import _thread
 import ctypes
+import itertools
 import os
-import select
 import threading
 import time
 from typing import Callable
@@ -179,15 +179,18 @@ class BudgetExceeded(BaseException):
     and must not swallow it."""
 
 
-#: How often (seconds) ``within_budget``'s watchdog looks at the clock and the memory.
+#: How often (seconds) the watchdog looks at the clock and the memory of the calls it watches.
 BUDGET_POLL = 0.05
-#: Watchdogs running now (each adds 1 while it runs: for tests).
-_watchdogs = [0]
+#: The calls being watched (``within_budget``), by a number of their own.
+_watched: dict = {}
+_numbers = itertools.count()
+#: Held for good by the first ``within_budget``, which starts the one watchdog thread.
+_watchdog_started = _thread.allocate_lock()
 
 
-def watchdogs_running() -> int:
-    """How many ``within_budget`` watchdogs are running in this process."""
-    return _watchdogs[0]
+def watched_calls() -> int:
+    """How many ``within_budget`` calls the watchdog is watching now (0 between calls)."""
+    return len(_watched)
 
 
 def within_budget(fn, *args, seconds: float, memory_bytes: int, otherwise: Callable[[str], object]):
@@ -196,81 +199,86 @@ def within_budget(fn, *args, seconds: float, memory_bytes: int, otherwise: Calla
     below ``KEEP_FREE`` of what it was then.  For computations that may never end or may fill
     the memory, such as a sympy limit (symbolic/existence.py).
 
-    A watchdog thread looks every ``BUDGET_POLL`` seconds and raises this call's own
-    ``BudgetExceeded`` in the calling thread (``PyThreadState_SetAsyncExc``: at its next Python
-    instruction, so a call stuck inside one C function is not stopped), again at each look
-    until the call has left.  Whatever way the call leaves (a return, an error, a
-    KeyboardInterrupt, an outer budget's stop), the watchdog has stopped before it does and a
-    stop not yet delivered is withdrawn: none reaches the caller's later code.  Nothing here
-    takes a Python-level lock (a threading.Event or Thread.join interrupted by a Ctrl-C at the
-    wrong instruction keeps its lock, and the next one waits forever: review), only flags,
-    a pipe and ``_thread.start_new_thread``."""
+    One watchdog thread (``_watch``, started once per process) looks every ``BUDGET_POLL``
+    seconds and raises the call's own ``BudgetExceeded`` in the calling thread
+    (``PyThreadState_SetAsyncExc``: at its next Python instruction, so a call stuck inside one
+    C function is not stopped), again at each look until the call has left.  When the call
+    leaves, however (a return, an error, a KeyboardInterrupt, an outer budget's stop), its
+    first step marks it stopped, so the watchdog raises nothing more in it; the call waits if
+    the watchdog is raising at that moment, then withdraws a stop not yet delivered.  Nothing
+    on that path takes a Python-level lock (a threading.Event or Thread.join interrupted by a
+    Ctrl-C at the wrong instruction keeps its lock, and the next one waits forever: review).
+    Left: a Ctrl-C that arrives while the watchdog is raising this call's stop, as the call
+    leaves, lets that one stop reach the caller."""
     own = type("BudgetExceeded", (BudgetExceeded,), {})
-    caller = ctypes.c_ulong(threading.get_ident())
-    start, resident, available = time.monotonic(), resident_bytes(), available_bytes()
-    state, reasons = {"stop": False, "running": False, "done": False}, []
-    wake_read, wake_write = os.pipe()
-
-    def reason() -> str | None:
-        if time.monotonic() - start > seconds:
-            return f"it ran more than {seconds:g} s"
-        now = resident_bytes()
-        if now is not None and resident is not None and now - resident > memory_bytes:
-            return f"it took more than {size_text(memory_bytes)} of memory"
-        free = available_bytes() if available is not None else None
-        if free is not None and free < KEEP_FREE * available:
-            return f"the machine had {size_text(free)} of memory left"
-        return None
-
-    def watch() -> None:
-        state["running"] = True
-        _watchdogs[0] += 1
-        try:
-            while not state["stop"]:  # (read before the pipe: a watchdog that starts late touches nothing)
-                if select.select([wake_read], [], [], BUDGET_POLL)[0] or state["stop"]:
-                    break
-                why = reason()
-                if why is not None and not state["stop"]:
-                    reasons.append(why)
-                    ctypes.pythonapi.PyThreadState_SetAsyncExc(caller, ctypes.py_object(own))
-        finally:
-            _watchdogs[0] -= 1
-            state["done"] = True
-
+    call = {"thread": threading.get_ident(), "own": own, "stop": False, "raising": False, "reasons": [],
+            "start": time.monotonic(), "seconds": seconds, "memory": memory_bytes,
+            "resident": resident_bytes(), "available": available_bytes()}
+    number = next(_numbers)
     try:
-        _thread.start_new_thread(watch, ())
+        if _watchdog_started.acquire(False):
+            _thread.start_new_thread(_watch, ())
+        _watched[number] = call
         return fn(*args)
     except own:
         pass
     finally:
-        _stop_watchdog(state, wake_read, wake_write, caller, own)
-    return otherwise(reasons[0] if reasons else "out of budget")
+        call["stop"] = True  # (first, and one instruction: from here on the watchdog raises nothing in it)
+        _watched.pop(number, None)
+        _leave(call)
+    return otherwise(call["reasons"][0] if call["reasons"] else "out of budget")
 
 
-def _stop_watchdog(state: dict, wake_read: int, wake_write: int, caller, own: type) -> None:
-    """Stop ``within_budget``'s watchdog, wait until it has (if it runs), withdraw a stop not
-    yet delivered, close the pipe.  An exception arriving meanwhile (its own stop on the way:
-    dropped; a KeyboardInterrupt, an outer budget's stop) does not cut this short: it is
-    raised after."""
+def _leave(call: dict) -> None:
+    """The end of a watched call: wait while the watchdog raises in it, withdraw a stop not
+    yet delivered.  Its own stop arriving meanwhile is dropped; another exception (a
+    KeyboardInterrupt, an outer budget's stop) is raised after."""
     interrupted = None
     while True:
         try:
-            state["stop"] = True  # (one instruction: the watchdog injects nothing once it reads it)
-            os.write(wake_write, b"x")
-            deadline = time.monotonic() + 10
-            while state["running"] and not state["done"] and time.monotonic() < deadline:
+            while call["raising"]:
                 time.sleep(0.0001)
-            ctypes.pythonapi.PyThreadState_SetAsyncExc(caller, None)
+            if call["reasons"]:  # (only if its own stop was raised: an outer budget's pending one stays)
+                ctypes.pythonapi.PyThreadState_SetAsyncExc(ctypes.c_ulong(call["thread"]), None)
             break
-        except own:
+        except call["own"]:
             continue
-        except BaseException as error:  # noqa: BLE001 - raised once the watchdog has stopped
+        except BaseException as error:  # noqa: BLE001 - raised once the call has left
             interrupted = error
-    if state["done"] or not state["running"]:  # (else it may still read the pipe: left open)
-        for fd in (wake_read, wake_write):
-            try:
-                os.close(fd)
-            except OSError:
-                pass
     if interrupted is not None:
         raise interrupted
+
+
+def _over_budget(call: dict) -> str | None:
+    """Why a watched call is over its budget, or None."""
+    if time.monotonic() - call["start"] > call["seconds"]:
+        return f"it ran more than {call['seconds']:g} s"
+    now, resident = resident_bytes(), call["resident"]
+    if now is not None and resident is not None and now - resident > call["memory"]:
+        return f"it took more than {size_text(call['memory'])} of memory"
+    available = call["available"]
+    free = available_bytes() if available is not None else None
+    if free is not None and free < KEEP_FREE * available:
+        return f"the machine had {size_text(free)} of memory left"
+    return None
+
+
+def _watch() -> None:
+    """The watchdog thread: every ``BUDGET_POLL`` seconds, each watched call over its budget
+    gets its own stop, unless it is leaving (its "raising" flag makes the leaving call wait)."""
+    while True:
+        time.sleep(BUDGET_POLL)
+        for call in list(_watched.values()):
+            if call["stop"]:
+                continue
+            why = _over_budget(call)
+            if why is None:
+                continue
+            call["raising"] = True
+            try:
+                if not call["stop"]:
+                    call["reasons"].append(why)
+                    ctypes.pythonapi.PyThreadState_SetAsyncExc(ctypes.c_ulong(call["thread"]),
+                                                               ctypes.py_object(call["own"]))
+            finally:
+                call["raising"] = False

@@ -18,16 +18,16 @@ negative beyond u = 4.5, where no particle went), where none exists.
    a sign change between two finite neighbours brackets a zero (scipy's brentq), and a
    local minimum of |den| that a bounded search takes below 10^-10 times the values around
    it is a zero of even order (exp(t) - 1 - t at 0);
-2. each zero t0 refined in 80-digit arithmetic (mpmath's findroot), and f evaluated there at
-   t0 +- 10^-10 and t0 +- 10^-34: a pole of order >= 1 keeps delta |f(t0 +- delta)| from
+2. each zero t0 refined in 250-digit arithmetic (mpmath's findroot), and f evaluated there at
+   t0 +- 10^-6 and t0 +- 10^-18: a pole of order >= 1 keeps delta |f(t0 +- delta)| from
    falling (a simple pole keeps it constant), a removable zero (t / tanh(t)) or an integrable
-   singularity |t - t0|^-p, p < 0.998, makes it fall by more than 10% over the 24 decades.
+   singularity |t - t0|^-p, p < 0.996, makes it fall by more than 10% over the 12 decades.
 
 The zeros of |g|^p are sought as those of g (a sign change, where the V of |g| defeats the
 search for minima).  The grid is in units of the leaf's standard deviation where that is known
 and larger than 1.
 
-``negative_point(arg, t)`` is a point of the same grid where arg is negative, checked in 80-digit
+``negative_point(arg, t)`` is a point of the same grid where arg is negative, checked in 250-digit
 arithmetic there and 10^-6 to either side (so on an interval: with positive probability).
 
 Zeros and negative values beyond |t| = 10^3 (in those units), and zero pairs closer than the grid step that do
@@ -43,15 +43,17 @@ import numpy as np
 import sympy as sp
 from scipy import optimize
 
-from tpcompiler.ir.nonlinearities import MPMATH_FUNCTIONS, NUMPY_FUNCTIONS
+from tpcompiler.ir.nonlinearities import MPMATH_FUNCTIONS, NUMPY_FUNCTIONS, almost_everywhere
 
 #: The grid on which a denominator's zeros are sought (module docstring).
 _INNER, _STEP, _OUTER = 10.0, 1e-3, 1e3
-#: Digits of the arithmetic that refines a zero and evaluates f next to it.
-_DIGITS = 80
+#: Digits of the arithmetic that refines a zero and evaluates f next to it: enough for a
+#: zero of order up to 12 at 10^-18 from it, where terms of size 1 cancel (cosh t - 1 - t^2/2
+#: at 10^-34 was 0 in 80 digits, and the pole taken as none: review).
+_DIGITS = 250
 #: The two distances from a zero at which f is evaluated, and the fall of delta |f| between
 #: them that makes the zero integrable.
-_NEAR, _NEARER, _FALL = mpmath.mpf("1e-10"), mpmath.mpf("1e-34"), 0.9
+_NEAR, _NEARER, _FALL = mpmath.mpf("1e-6"), mpmath.mpf("1e-18"), 0.9
 #: The two module lists of lambdify: double precision on the grid, multiprecision near a zero.
 _FAST, _EXACT = [NUMPY_FUNCTIONS, "scipy", "numpy"], [MPMATH_FUNCTIONS, "mpmath"]
 #: Half-width of the interval on which a negative point is checked.
@@ -80,8 +82,9 @@ def _zero_set_core(den: sp.Expr) -> sp.Expr:
 
 
 def _numeric(expr: sp.Expr, t: sp.Symbol, modules):
+    """expr as a function of t (a Dirac delta as 0, its value off its point)."""
     try:
-        return sp.lambdify(t, expr, modules=modules)
+        return sp.lambdify(t, almost_everywhere(expr), modules=modules)
     except Exception:  # noqa: BLE001 - a function the printer does not know
         return None
 
@@ -145,6 +148,8 @@ def _is_pole(f, t0) -> bool:
         try:
             near = _NEAR * abs(f(t0 + s * _NEAR))
             nearer = _NEARER * abs(f(t0 + s * _NEARER))
+        except ZeroDivisionError:
+            return True  # (a denominator exactly 0 next to t0, in 250 digits)
         except Exception:  # noqa: BLE001 - not evaluable there
             continue
         if not (mpmath.isfinite(near) and mpmath.isfinite(nearer)):
@@ -179,7 +184,7 @@ def numeric_poles(f: sp.Expr, den: sp.Expr, t: sp.Symbol, scale: float = 1.0) ->
 
 
 def negative_point(arg: sp.Expr, t: sp.Symbol, scale: float = 1.0) -> float | None:
-    """A real t0 (|t0| <= 10^3 ``scale``) with arg < 0 on [t0 - 10^-6, t0 + 10^-6] in 80-digit
+    """A real t0 (|t0| <= 10^3 ``scale``) with arg < 0 on [t0 - 10^-6, t0 + 10^-6] in 250-digit
     arithmetic (the grid's most negative point), or None (module docstring).  ``arg`` a
     function of the real symbol ``t`` alone."""
     fast, exact = _numeric(arg, t, _FAST), _numeric(arg, t, _EXACT)
@@ -202,7 +207,7 @@ def negative_point(arg: sp.Expr, t: sp.Symbol, scale: float = 1.0) -> float | No
 
 def pole_at(f: sp.Expr, t: sp.Symbol, t0: sp.Expr) -> bool:
     """Whether |f| grows at least like 1/|t - t0| at the real number t0 (exact, e.g. a root in
-    radicals), by the test of ``numeric_poles`` in 80-digit arithmetic (for a zero whose limit
+    radicals), by the test of ``numeric_poles`` in 250-digit arithmetic (for a zero whose limit
     sympy cannot take); False where f cannot be evaluated."""
     f_exact = _numeric(f, t, _EXACT)
     if f_exact is None:
