@@ -90,6 +90,7 @@ def _numeric(expr: sp.Expr, t: sp.Symbol, modules):
 
 
 def _values(fn, ts: np.ndarray) -> np.ndarray:
+    """fn on the grid, real; nan where it is not finite or not real."""
     with np.errstate(all="ignore"), warnings.catch_warnings():
         warnings.simplefilter("ignore")
         try:
@@ -102,6 +103,7 @@ def _values(fn, ts: np.ndarray) -> np.ndarray:
 
 
 def _point(fn, x: float) -> complex:
+    """fn(x), nan where it cannot be evaluated."""
     try:
         return complex(fn(x))
     except Exception:  # noqa: BLE001
@@ -136,6 +138,7 @@ def _candidates(den, ts: np.ndarray) -> list[float]:
 
 
 def _refined(den, t0: float):
+    """The zero of den near t0 in ``_DIGITS`` digits (mpmath's findroot), or None."""
     try:
         return mpmath.findroot(den, mpmath.mpf(t0), tol=mpmath.mpf(10) ** (-_DIGITS + 10), maxsteps=400, verify=False)
     except Exception:  # noqa: BLE001 - not evaluable there
