@@ -428,7 +428,7 @@ def test_negative_arguments_where_solveset_cannot_solve_are_found_numerically(ph
     """tanh(u) - u/3 + 1/2 is negative beyond u = 4.5 (probability 3e-6: no particle goes
     there), and solveset answers a ConditionSet for where: the log and the square root of it
     were taken as real, and the particles averaged them to -1.00 and 0.663.  A grid point
-    where the argument is negative, checked in 80-digit arithmetic, now refuses them; the
+    where the argument is negative, checked in 250-digit arithmetic, now refuses them; the
     functions that are never negative still compile."""
     p = tp.Program("domain")
     u = p.vec("u")
@@ -453,7 +453,7 @@ def test_a_negative_point_is_negative_on_an_interval():
 
 def test_a_zero_whose_limit_sympy_cannot_take_is_decided_numerically(monkeypatch):
     """A zero solveset finds (u = 1 of u^3 - 1) whose one-sided limits sympy cannot take (here
-    made to raise) was taken as no pole; f is now evaluated next to it in 80-digit arithmetic."""
+    made to raise) was taken as no pole; f is now evaluated next to it in 250-digit arithmetic."""
     from tpcompiler.symbolic import existence
 
     def no_limit(*args, **kwargs):

@@ -259,7 +259,7 @@ def _limit(e: sp.Expr, t: sp.Symbol, point, direction: str = "+"):
 
 def _pole(f_t: sp.Expr, t: sp.Symbol, t0) -> bool:
     """|f| >= c/|t - t0| near t0 from one side (a non-integrable singularity); where sympy
-    takes neither one-sided limit, decided in 80-digit arithmetic (``numeric_search.pole_at``)."""
+    takes neither one-sided limit, decided in 250-digit arithmetic (``numeric_search.pole_at``)."""
     decided = False
     for d in ("+", "-"):
         lim = _limit(f_t * (t - t0), t, t0, d)
