@@ -247,3 +247,34 @@ def test_linear_coefficients_read_term_by_term_agree_with_sympys_poly():
         expr = sp.Add(*[term() for _ in range(rng.randint(1, 4))])
         got, want = linear_coefficients(expr, variables), _linear_coefficients_of_poly(expr, variables)
         assert got == want and [type(c) for c in got or ()] == [type(c) for c in want or ()], expr
+
+
+def test_partials_are_the_objects_sympys_diff_builds():
+    """master.partials writes the chain rule out (sums, products whose other factors do not
+    read the symbol, one-argument functions by their fdiff) instead of calling sp.diff per
+    symbol; on 300 random expressions of the package's nonlinearities, sympy's functions,
+    Max/Abs (own derivative rules), powers and products of several variables, every
+    derivative must be the object sp.diff returns (srepr-equal)."""
+    import random
+
+    from tpcompiler.ir import nonlinearities as nl
+    from tpcompiler.symbolic.master import partials
+
+    x, y, z = (node_symbol(k) for k in "xyz")
+    rng = random.Random(3)
+    functions = [nl.relu, nl.step, nl.gelu, nl.sigmoid, nl.softplus, sp.tanh, sp.erf, sp.exp, sp.sin,
+                 sp.Abs, sp.atan, lambda u: sp.Max(u, 0), lambda u: u ** 2, lambda u: sp.sqrt(u ** 2 + 1)]
+
+    def linear():
+        return sp.Add(*[rng.choice([1, -2, sp.Rational(1, 3), 0.5]) * v for v in rng.sample([x, y, z], rng.randint(1, 3))])
+
+    def term():
+        f = rng.choice(functions)
+        return rng.choice([f(linear()), rng.choice([2, 0.25, sp.Rational(-1, 3)]) * f(linear()), f(linear()) * z,
+                           f(linear()) * f(linear()), x * y, linear(), f(x * y), sp.Integer(rng.randint(0, 2))])
+
+    for _ in range(300):
+        expr = sp.Add(*[term() for _ in range(rng.randint(1, 3))])
+        got = partials(expr, [x, y, z])
+        for s in (x, y, z):
+            assert sp.srepr(got[s]) == sp.srepr(sp.diff(expr, s)), (expr, s)
