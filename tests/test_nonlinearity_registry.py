@@ -56,3 +56,20 @@ def test_abs_is_even_for_the_zero_proofs():
     u = p.vec("u")
     p.output("s", tp.mean(tp.phi("abs")(u) * u))
     assert tp.compile(p).limit() == {"s": (0.0, 0.0)}
+
+
+def test_relu_of_a_sum_is_decided_only_where_its_terms_share_a_sign():
+    """relu.eval leaves a sum with a term c Z (a compiler symbol: real, of either sign)
+    unevaluated without asking sympy; sums whose terms sympy proves of one sign still
+    evaluate (to the sum, or to 0), as sympy's Max(x, 0) would."""
+    import sympy as sp
+
+    from tpcompiler.ir.symbols import NodeSymbol
+
+    z, h = NodeSymbol("z"), NodeSymbol("h")
+    p, q = sp.symbols("p q", positive=True)
+    assert isinstance(nl.relu(2 * z + 3 * h - 1), nl.relu)
+    assert isinstance(nl.relu(p + z), nl.relu) and isinstance(nl.relu(0.5 * z + p), nl.relu)
+    assert nl.relu(p + 2 * q + 1) == p + 2 * q + 1
+    assert nl.relu(-z ** 2 - p) == 0 and nl.relu(z ** 2 + p) == z ** 2 + p
+    assert isinstance(nl.relu(p - q), nl.relu)

@@ -26,6 +26,7 @@ import numpy as np
 import scipy.special
 import sympy as sp
 
+from tpcompiler.ir.symbols import CompilerSymbol
 from tpcompiler.printing.latex import function_latex
 
 SQRT2 = sp.sqrt(2)
@@ -54,6 +55,10 @@ class relu(_Printed, sp.Function):
             # new sum (a CNN's pre-activation, a window of ZHats: 0.7 s of its derivation), and
             # decides the sum only where its terms share a sign, apart from sums of one
             # variable (x - 1 for x >= 1), which stay relu(...), whose value is the same.
+            # A term c Z of a compiler symbol (real, of either sign) decides nothing, and
+            # asking sympy so costs half a millisecond per new term.
+            if any(_of_either_sign(t) for t in x.args):
+                return None
             if all(t.is_nonnegative for t in x.args):
                 return x
             if all(t.is_nonpositive for t in x.args):
@@ -67,6 +72,16 @@ class relu(_Printed, sp.Function):
     def fdiff(self, argindex=1):
         return step(self.args[0])
 
+
+
+def _of_either_sign(t: sp.Expr) -> bool:
+    """Whether t is a compiler symbol (``ir.symbols``: real, with no other assumption) times a
+    nonzero number, so that sympy can prove neither t >= 0 nor t <= 0."""
+    if t.is_Mul and len(t.args) == 2 and t.args[0].is_Number:
+        coefficient, t = t.args
+        if not coefficient.is_nonzero:
+            return False
+    return isinstance(t, CompilerSymbol)
 
 
 class step(_Printed, sp.Function):
