@@ -802,24 +802,24 @@ def test_expressions_without_products_of_sums_are_what_expand_returns():
 
 
 def test_calls_rebuilt_directly_are_what_their_constructor_builds():
-    """shared._rebuilt_call builds calls of function classes without evaluation rules as
+    """construct.rebuilt_call builds calls of function classes without evaluation rules as
     plain nodes; they must equal what the class's constructor builds (arguments, hash,
     nargs, assumptions), and classes with rules or numeric arguments go through it."""
     import sympy as sp
     from tpcompiler.backends.kernels.pairwise import TemplateCall
-    from tpcompiler.backends.kernels.shared import _rebuilt_call
+    from tpcompiler.ir.construct import rebuilt_call
     from tpcompiler.expectations.special import _angle, _pos, _sdet
     from tpcompiler.ir.nonlinearities import relu
 
     x, y, z = sp.symbols("x y z", real=True)
     for e, args in [(_sdet(x, y, z), [y, x * z, sp.Float(2.0)]), (_angle(_sdet(x, y, z), y), [_sdet(z, y, x), z]),
                     (_pos(x, y), [y + 1, x]), (TemplateCall(sp.Integer(3), x, y), [sp.Integer(3), z, x])]:
-        got, want = _rebuilt_call(e, args), e.func(*args)
+        got, want = rebuilt_call(e, args), e.func(*args)
         assert got == want and got.args == want.args and hash(got) == hash(want) and got.nargs == want.nargs
         assert got.is_commutative == want.is_commutative and got.is_real == want.is_real
     # numbers alone: the constructor (sympy evaluates functions of Floats numerically)
-    assert _rebuilt_call(_sdet(x, y, z), [sp.Float(1.0), sp.Float(0.5), sp.Float(1.0)]) == _sdet(1.0, 0.5, 1.0)
-    assert _rebuilt_call(relu(x), [sp.Integer(-2)]) == 0  # relu has rules: relu(-2) evaluates
+    assert rebuilt_call(_sdet(x, y, z), [sp.Float(1.0), sp.Float(0.5), sp.Float(1.0)]) == _sdet(1.0, 0.5, 1.0)
+    assert rebuilt_call(relu(x), [sp.Integer(-2)]) == 0  # relu has rules: relu(-2) evaluates
 
 
 @pytest.mark.parametrize("name", ["conv1d_same_depth2", "conv2d_same_avgpool"])
@@ -1000,3 +1000,37 @@ def test_even_completions_are_the_pairs_that_pass_the_parity_test():
         direct = [(c, t) for c, odd, inside in choices for t, odd_t, inside_t in last
                   if odd ^ odd_t <= inside | inside_t]
         assert list(_even_completions(choices, last)) == direct, trial
+
+
+def test_replaced_is_the_object_xreplace_builds():
+    """construct.replaced (xreplace with sums, products and calls rebuilt by total, product
+    and rebuilt_call) must give the very expression sympy's xreplace gives (srepr-equal) on
+    300 random expressions: a Z entry's window sum (c_k * Z of node symbols, a bias), relu
+    and sympy functions of sums, products of sums, powers, and values that are sums, numbers
+    (0 included) or other symbols."""
+    import random
+
+    import sympy as sp
+    from tpcompiler.ir.construct import replaced
+    from tpcompiler.ir.nonlinearities import relu
+    from tpcompiler.ir.ops import node_symbol
+    from tpcompiler.ir.symbols import Z, Zhat
+
+    x = [node_symbol(f"x{i}") for i in range(5)]
+    rng = random.Random(5)
+    coefficients = [1, -1, sp.Rational(1, 3), 0.5, 1.5, -2]
+
+    def window():
+        return sp.Add(*[rng.choice(coefficients) * v for v in rng.sample(x, rng.randint(1, 4))],
+                      rng.choice([0, 0.1, sp.Rational(1, 2)]))
+
+    def expression():
+        return rng.choice([window(), relu(window()), sp.tanh(window()) * x[0], window() * window(),
+                           rng.choice(coefficients) * relu(x[1]) * x[2], window() ** 2 + x[3], sp.exp(-x[4] ** 2) * window()])
+
+    values = [lambda k: Z(f"x{k}"), lambda k: Zhat(f"m{k}") + 0.5 * Z(f"y{k}"), lambda k: sp.S.Zero,
+              lambda k: sp.Float(2.0), lambda k: -Z(f"x{k}"), lambda k: x[(k + 1) % 5]]
+    for _ in range(300):
+        e = expression()
+        rule = {v: rng.choice(values)(k) for k, v in enumerate(x) if rng.random() < 0.8}
+        assert sp.srepr(replaced(e, rule)) == sp.srepr(e.xreplace(rule)), (e, rule)

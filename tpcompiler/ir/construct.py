@@ -7,6 +7,7 @@ from __future__ import annotations
 import functools
 
 import sympy as sp
+from sympy.core.function import Application
 from mpmath.libmp import finf, fnan, fninf, fzero
 
 from tpcompiler.ir.symbols import FACTOR_ORDER
@@ -114,6 +115,63 @@ def total(terms) -> sp.Expr:
     if constant is not None:
         plain.insert(0, constant)
     return sp.Add._from_args(plain, True)  # commutative: every term was checked
+
+
+def replaced(expr: sp.Basic, rule: dict) -> sp.Basic:
+    """``expr.xreplace(rule)``, the same object, with every sum, product and call it rebuilds
+    built by ``rewrite`` (``total``, ``product``: directly where sympy's flattening would only
+    sort): a CNN's Z entries and forms put values into sums of a window's taps, once per
+    position."""
+    return rewrite(expr, rule.get, {})
+
+
+def rewrite(e: sp.Basic, replacement, memo: dict) -> sp.Basic:
+    """e with every outermost subexpression x for which replacement(x) is not None replaced by
+    it (as ``xreplace`` replaces), with ``memo`` ({subexpression: result}) kept across calls:
+    the subexpressions many expressions share (a pair of positions' calls, read by all its
+    terms) are rewritten once."""
+    hit = memo.get(e)
+    if hit is None:
+        hit = replacement(e)
+        if hit is None:
+            if e.args:
+                args = [rewrite(a, replacement, memo) for a in e.args]
+                if all(x is y for x, y in zip(args, e.args)):
+                    hit = e
+                elif e.is_Mul:
+                    hit = mul(*args)
+                else:
+                    hit = total(args) if e.is_Add else rebuilt_call(e, args)
+            else:
+                hit = e
+        memo[e] = hit
+    return hit
+
+
+_NO_EVALUATION = Application.eval.__func__  # the eval of a function class that defines none
+
+
+def rebuilt_call(e: sp.Basic, args: list) -> sp.Basic:
+    """e.func(*args), the same expression: for a call of a function class without
+    evaluation rules (the closed forms' helpers _sdet, _angle, _pos, the engine's calls) at
+    arguments not all numbers, sympy's constructor only checks, caches and sets ``nargs``
+    (it would evaluate numerically at numbers alone), so the node is built directly, as
+    ``e`` itself was (``nargs`` from it).  Anything else: the class's own constructor."""
+    cls = type(e)
+    if isinstance(e, sp.Function) and cls.eval.__func__ is _NO_EVALUATION and not all(a.is_number for a in args):
+        obj = sp.Basic.__new__(cls, *args)
+        obj.nargs = e.nargs
+        return obj
+    return e.func(*args)
+
+
+def mul(*factors) -> sp.Expr:
+    """sp.Mul(*factors), the same object, by ``product`` (which leaves to sympy whatever it
+    does not build itself), a leading number as its coefficient: a product's new arguments in
+    ``rewrite``, the products of featurized terms (features.py)."""
+    if factors and factors[0].is_Number:
+        return product(factors[0], factors[1:])
+    return product(sp.S.One, factors)
 
 
 #: The multiprecision values of zero, infinities and nan (mpmath's libmp).

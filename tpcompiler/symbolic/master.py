@@ -37,6 +37,7 @@ import sympy as sp
 
 from tpcompiler import memory
 from tpcompiler.ir import ops
+from tpcompiler.ir.construct import replaced
 from tpcompiler.symbolic.existence import Checker
 from tpcompiler.ir.graph import Graph
 from tpcompiler.ir.nonlinearities import EVEN, NEITHER, ODD, parity_of_function
@@ -399,7 +400,7 @@ class ZProgram:
     def _nonlin(self, key: str, op: ops.Nonlin) -> ZEntry:
         """ZNonlin: Z^{phi(x..; theta..)} = phi(Z^x..; theta..)."""
         vecs = tuple(dict.fromkeys(self.graph.vector_args(key)))
-        z = op.expr.xreplace({node_symbol(a): Z(a) for a in vecs})
+        z = replaced(op.expr, {node_symbol(a): Z(a) for a in vecs})
         deps = frozenset().union(*(self.entries[a].deps for a in vecs))
         entry = self.entries[key] = ZEntry(key, "nonlin", z, deps, parents=vecs)
         self.checker.risky(key)  # memoised in program order (no deep recursion later)

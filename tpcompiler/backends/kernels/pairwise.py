@@ -49,6 +49,7 @@ import sympy as sp
 
 from tpcompiler import memory
 from tpcompiler.ir import ops
+from tpcompiler.ir.construct import replaced
 from tpcompiler.ir import symbols
 from tpcompiler.ir.graph import Graph, ProgramError
 from tpcompiler.ir.ops import VEC, node_symbol, unprime
@@ -255,7 +256,7 @@ class PairwiseEngine:
         # variance E[Z^h Z^h]) is taken at the second input on both of its sides
         rep.update({c: ops.input_cov(c.args[0], c.args[1], 1, 1) for c in expr.atoms(ops.InputCov)
                     if c.args[2] == 0 and c.args[3] == 0})
-        return expr.xreplace(rep)
+        return replaced(expr, rep)
 
     # -- forms --------------------------------------------------------------------------
     def form(self, key: str) -> sp.Expr:
@@ -277,7 +278,7 @@ class PairwiseEngine:
         """phi(forms of the arguments), scalars by value."""
         sub = {Z(a): self.form(a) for a in self.graph.vector_args(key)}
         sub.update(self._scalar_values(e.z))
-        return e.z.xreplace(sub)
+        return replaced(e.z, sub)
 
     def _matmul_form(self, key: str, e) -> sp.Expr:
         """ZHat^{Wx} + sigma^2 sum_y E[d form(x)/dZHat^{W^T y}] form(y), expectations exact."""

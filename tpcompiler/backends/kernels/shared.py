@@ -36,11 +36,10 @@ from dataclasses import dataclass
 
 import numpy as np
 import sympy as sp
-from sympy.core.function import Application
 
 from tpcompiler import memory
 from tpcompiler.ir import symbols
-from tpcompiler.ir.construct import number, product, total  # (the backend reads them as shared.product ...)
+from tpcompiler.ir.construct import mul, number, product, rebuilt_call, rewrite, total  # (the backend reads them as shared.product ...)
 from tpcompiler.ir.symbols import free_symbols  # (memoised; the plan and the lifts read it)
 
 
@@ -500,7 +499,7 @@ def lift_repeated_calls(assignments, outputs, kinds: dict, name=None) -> tuple[l
         if sym not in definitions:
             for g in calls_in(f.args):
                 define(g)
-            inner = _rebuilt_call(f, [substitute(a, names, memo) for a in f.args])
+            inner = rebuilt_call(f, [substitute(a, names, memo) for a in f.args])
             definitions[sym] = inner
             placed.append((sym, inner))
 
@@ -546,29 +545,6 @@ def substitute(e: sp.Basic, rep: dict, memo: dict) -> sp.Basic:
     return rewrite(e, rep.get, memo)
 
 
-def rewrite(e: sp.Basic, replacement, memo: dict) -> sp.Basic:
-    """e with every outermost subexpression x for which replacement(x) is not None replaced by
-    it (as ``xreplace`` replaces), with ``memo`` ({subexpression: result}) kept across calls:
-    the subexpressions many expressions share (a pair of positions' calls, read by all its
-    terms) are rewritten once."""
-    hit = memo.get(e)
-    if hit is None:
-        hit = replacement(e)
-        if hit is None:
-            if e.args:
-                args = [rewrite(a, replacement, memo) for a in e.args]
-                if all(x is y for x, y in zip(args, e.args)):
-                    hit = e
-                elif e.is_Mul:
-                    hit = mul(*args)
-                else:
-                    hit = total(args) if e.is_Add else _rebuilt_call(e, args)
-            else:
-                hit = e
-        memo[e] = hit
-    return hit
-
-
 def flat_atoms(e: sp.Basic) -> list | None:
     """The symbols and numbers of e (with repeats) when e is one, or a sum or product of them
     and of products of them (a CNN's covariance sum c + sum_k c_k q_k, an output term
@@ -599,32 +575,6 @@ def rewrite_calls(e: sp.Basic, replacement, memo: dict) -> sp.Basic:
     symbol, number, sum and product): an expression of ``flat_atoms`` has no call in it and
     is e itself."""
     return e if flat_atoms(e) is not None else rewrite(e, replacement, memo)
-
-
-_NO_EVALUATION = Application.eval.__func__  # the eval of a function class that defines none
-
-
-def _rebuilt_call(e: sp.Basic, args: list) -> sp.Basic:
-    """e.func(*args), the same expression: for a call of a function class without
-    evaluation rules (the closed forms' helpers _sdet, _angle, _pos, the engine's calls) at
-    arguments not all numbers, sympy's constructor only checks, caches and sets ``nargs``
-    (it would evaluate numerically at numbers alone), so the node is built directly, as
-    ``e`` itself was (``nargs`` from it).  Anything else: the class's own constructor."""
-    cls = type(e)
-    if isinstance(e, sp.Function) and cls.eval.__func__ is _NO_EVALUATION and not all(a.is_number for a in args):
-        obj = sp.Basic.__new__(cls, *args)
-        obj.nargs = e.nargs
-        return obj
-    return e.func(*args)
-
-
-def mul(*factors) -> sp.Expr:
-    """sp.Mul(*factors), the same object, by ``product`` (which leaves to sympy whatever it
-    does not build itself), a leading number as its coefficient: a product's new arguments in
-    ``rewrite``, the products of featurized terms (features.py)."""
-    if factors and factors[0].is_Number:
-        return product(factors[0], factors[1:])
-    return product(sp.S.One, factors)
 
 
 def alias_repeated_arguments(assignments, outputs, call_type, kinds: dict) -> tuple[list, list, dict]:
