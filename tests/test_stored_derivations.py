@@ -309,3 +309,19 @@ def test_a_compile_that_waited_shows_the_program_as_compiled_like_an_eager_one(c
     [t.join() for t in threads]
     assert seen == [eager.formulas()] * 2
     assert compiled.zprogram.order == eager.zprogram.order
+
+
+def test_graph_parts_read_back_by_identity_are_the_parts_written_afresh():
+    """graph_parts with a memo (tp.compile's second look at a program) reads the texts of
+    instructions it wrote before by identity; its parts must equal those written afresh, also
+    after an instruction is replaced, and the replaced instruction's part must change."""
+    from tpcompiler.backends.kernels.stored import graph_parts
+
+    program = tp.load(str(CNN), L=4, depth=1)
+    memo: dict = {}
+    first = graph_parts(program.graph, memo)
+    assert memo and graph_parts(program.graph, memo) == first == graph_parts(program.graph)
+    program.graph.g.nodes["w_std"]["op"] = tp.ops.Param(2.0)
+    again = graph_parts(program.graph, memo)
+    assert again == graph_parts(program.graph) and again["g"] != first["g"]
+    assert {k for k in first if first[k] != again[k]} == {"g"}

@@ -201,7 +201,8 @@ class Compiled:
             self.source = compilation.source
             self.drop_zdot = drop_zdot
             self._bound: dict = {}
-            self._snapshot = _snapshot(self.source)
+            self._fingerprints: dict = {}  # (the instructions' texts, read again by _unchanged)
+            self._snapshot = _snapshot(self.source, self._fingerprints)
             # The backward pass, the kernel program and its derivation (seconds for a CNN of
             # many positions) wait until something reads them when the kernels' derivation is
             # in the disk cache; they then run on a copy of the program as it is now, so that
@@ -248,7 +249,7 @@ class Compiled:
         """The program must not have grown or changed since compile: its new instructions or
         outputs would be missing from the derived Z program, and the kernels would be derived
         from the kernel program of what it was (an instruction's value changed in place)."""
-        now = _snapshot(self.source)
+        now = _snapshot(self.source, self._fingerprints)
         if now != self._snapshot:
             added = [k for k in now[1] if k not in self._snapshot[1]]
             if added:
@@ -375,13 +376,14 @@ _PARTS = {"g": "an instruction", "readout": "the readout", "init_cov": "the cova
           "inputs": "an input's declaration", "outputs": "an output"}
 
 
-def _snapshot(graph: Graph):
+def _snapshot(graph: Graph, memo: dict):
     """What ``Compiled._unchanged`` compares: the instructions and outputs, whether there is a
     readout, and a digest of each attribute of the graph written out exactly (an instruction,
-    the readout or a covariance changed in place; kernels/stored.py ``graph_parts``)."""
+    the readout or a covariance changed in place; kernels/stored.py ``graph_parts``, with
+    ``memo``, its texts of the instructions it wrote before)."""
     from tpcompiler.backends.kernels.stored import graph_parts
 
-    return len(graph.g), tuple(graph.outputs), graph.readout is not None, graph_parts(graph)
+    return len(graph.g), tuple(graph.outputs), graph.readout is not None, graph_parts(graph, memo)
 
 
 def _rows(x, name: str):

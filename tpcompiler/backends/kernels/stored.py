@@ -41,6 +41,8 @@ import networkx as nx
 import numpy as np
 import sympy as sp
 
+from tpcompiler.ir.ops import INSTRUCTIONS
+
 #: Bumped when the stored state's layout changes.
 FORMAT = 3
 #: Graph attributes that are construction bookkeeping, not the program: the hash-consing table
@@ -65,11 +67,19 @@ def library_versions() -> str:
                      scipy.__version__, nx.__version__, numba.__version__))
 
 
-def fingerprint(obj, strict: bool = True) -> str:
+def fingerprint(obj, strict: bool = True, memo: dict | None = None) -> str:
     """An exact, process-independent text of ``obj`` (module docstring): equal texts mean equal
     objects as far as a derivation can see.  ``strict`` False (a snapshot compared within one
     process, never a key): an object it cannot write is written by its type and identity, a
-    function class by its name, instead of raising ``Unkeyable``."""
+    function class by its name, instead of raising ``Unkeyable``.  ``memo`` ({(id, strict):
+    (object, text)}, kept by the caller): the texts of instructions (``ops.INSTRUCTIONS``,
+    frozen records of immutable values, so one object always has one text) written before,
+    read back by identity (``tp.compile``'s second look at a program of 10^5 instructions)."""
+    if memo is not None and isinstance(obj, INSTRUCTIONS):
+        found = memo.get((id(obj), strict))
+        if found is None or found[0] is not obj:
+            found = memo[(id(obj), strict)] = (obj, fingerprint(obj, strict))
+        return found[1]
     if obj is None or isinstance(obj, (bool, int, str)):
         return repr(obj)
     if isinstance(obj, float):
@@ -88,17 +98,17 @@ def fingerprint(obj, strict: bool = True) -> str:
         fields = ",".join(f"{f.name}={fingerprint(getattr(obj, f.name), strict)}" for f in dataclasses.fields(obj))
         return f"{type(obj).__module__}.{type(obj).__qualname__}({fields})"
     if isinstance(obj, (list, tuple)):
-        return ("L[" if isinstance(obj, list) else "T[") + ",".join(fingerprint(x, strict) for x in obj) + "]"
+        return ("L[" if isinstance(obj, list) else "T[") + ",".join(fingerprint(x, strict, memo) for x in obj) + "]"
     if isinstance(obj, dict):
-        return "D{" + ",".join(sorted(f"{fingerprint(k, strict)}:{fingerprint(v, strict)}" for k, v in obj.items())) + "}"
+        return "D{" + ",".join(sorted(f"{fingerprint(k, strict, memo)}:{fingerprint(v, strict, memo)}" for k, v in obj.items())) + "}"
     if isinstance(obj, (set, frozenset)):
-        return "F{" + ",".join(sorted(fingerprint(x, strict) for x in obj)) + "}"
+        return "F{" + ",".join(sorted(fingerprint(x, strict, memo) for x in obj)) + "}"
     if isinstance(obj, nx.DiGraph):
         # node and edge order as inserted: a program's instruction order
-        nodes = ",".join(f"{fingerprint(n, strict)}:{fingerprint(d, strict)}" for n, d in obj.nodes(data=True))
-        edges = ",".join(f"{fingerprint(a, strict)}>{fingerprint(b, strict)}:{fingerprint(d, strict)}"
+        nodes = ",".join(f"{fingerprint(n, strict, memo)}:{fingerprint(d, strict, memo)}" for n, d in obj.nodes(data=True))
+        edges = ",".join(f"{fingerprint(a, strict, memo)}>{fingerprint(b, strict, memo)}:{fingerprint(d, strict, memo)}"
                          for a, b, d in obj.edges(data=True))
-        return f"G[{fingerprint(obj.graph, strict)}|{nodes}|{edges}]"
+        return f"G[{fingerprint(obj.graph, strict, memo)}|{nodes}|{edges}]"
     if not strict:
         return f"?{type(obj).__module__}.{type(obj).__qualname__}@{id(obj):x}"
     raise Unkeyable(f"cannot fingerprint a {type(obj).__name__}" + (" of Python objects" if isinstance(obj, np.ndarray) else ""))
@@ -119,20 +129,21 @@ def _known_functions(expr: sp.Basic) -> None:
 _UNKEYABLE = "unkeyable:"
 
 
-def _part_digest(value) -> str:
+def _part_digest(value, memo: dict | None = None) -> str:
     """SHA-256 of ``value``'s fingerprint; of its non-strict one, marked ``_UNKEYABLE``, if it
-    holds something the strict one cannot write."""
+    holds something the strict one cannot write (``memo``: ``fingerprint``'s)."""
     try:
-        return hashlib.sha256(fingerprint(value).encode()).hexdigest()
+        return hashlib.sha256(fingerprint(value, True, memo).encode()).hexdigest()
     except Unkeyable:
-        return _UNKEYABLE + hashlib.sha256(fingerprint(value, strict=False).encode()).hexdigest()
+        return _UNKEYABLE + hashlib.sha256(fingerprint(value, False, memo).encode()).hexdigest()
 
 
-def graph_parts(graph) -> dict:
+def graph_parts(graph, memo: dict | None = None) -> dict:
     """{attribute: ``_part_digest``} of a program graph but its ``BOOKKEEPING``: what
     ``tp.compile`` compares to find a program changed in place, and what ``graph_digest``
-    combines."""
-    return {name: _part_digest(value) for name, value in sorted(vars(graph).items()) if name not in BOOKKEEPING}
+    combines.  ``memo``: ``fingerprint``'s, kept by a caller that looks at one program again."""
+    return {name: _part_digest(value, memo) for name, value in sorted(vars(graph).items())
+            if name not in BOOKKEEPING}
 
 
 def graph_digest(graph, parts: dict | None = None) -> str | None:
