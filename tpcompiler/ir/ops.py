@@ -36,8 +36,23 @@ def unprime(symbol: NodeSymbol) -> tuple[str | None, bool]:
     return (symbol.key, symbol.primed) if isinstance(symbol, NodeSymbol) else (None, False)
 
 
+class _Record:
+    """An instruction's (or the readout's) record: frozen, of immutable values (sympy
+    expressions, numbers, strings, tuples), so it is its own copy: ``Graph.copy`` (a deep
+    copy; the backward pass and tp.compile copy a program of 10^5 instructions) shares the
+    records instead of rebuilding every sympy expression in them."""
+
+    __slots__ = ()
+
+    def __copy__(self):
+        return self
+
+    def __deepcopy__(self, memo):
+        return self
+
+
 @dataclass(frozen=True)
-class InitVec:
+class InitVec(_Record):
     """Initial vector: coordinates iid N(0, var); jointly Gaussian with other initial vectors
     through the program's covariance table.  Z^x is that Gaussian (ZInit)."""
 
@@ -54,7 +69,7 @@ class InitVec:
 
 
 @dataclass(frozen=True)
-class InitMat:
+class InitMat(_Record):
     """n x n matrix with iid N(0, sigma^2 / n) entries.  ``sigma`` is a sympy expression
     (usually the symbol of a Param) so formulas stay symbolic in it."""
 
@@ -71,7 +86,7 @@ class InitMat:
 
 
 @dataclass(frozen=True)
-class InputMat:
+class InputMat(_Record):
     """An n x k matrix U of iid N(0, 1) entries: k initial vectors (its columns) that act on
     finite-dimensional inputs (an input layer, a filter on input channels).  Only InputLayer
     instructions read it.  NTK contribution: ntk_weight per column (default 1: the columns
@@ -90,7 +105,7 @@ class InputMat:
 
 
 @dataclass(frozen=True)
-class InputLayer:
+class InputLayer(_Record):
     """``(1/sqrt(norm)) sum_i s_i U[:, columns[i]]``: the input matrix U (first argument)
     applied to scalars s (the other arguments: input coordinates or Params).
 
@@ -106,7 +121,7 @@ class InputLayer:
 
 
 @dataclass(frozen=True)
-class Param:
+class Param(_Record):
     """A named scalar constant with a numeric value (hyperparameters, matrix scales)."""
 
     value: float
@@ -114,7 +129,7 @@ class Param:
 
 
 @dataclass(frozen=True)
-class WidthPower:
+class WidthPower(_Record):
     """The scalar n^exponent.  Parametrizations put explicit powers of the width into
     programs (an SGD step of an abc-parametrized network, docs/DESIGN.md 2.4); the finite-width
     interpreter uses n^e, the limit is 1 for e = 0 and 0 for e < 0 (e > 0 diverges: the
@@ -130,7 +145,7 @@ class WidthPower:
 
 
 @dataclass(frozen=True)
-class Input:
+class Input(_Record):
     """Coordinate ``index`` of the program's finite-dimensional input ``group``.
 
     A program with inputs is a template over one input xi; evaluation binds xi to each row
@@ -142,7 +157,7 @@ class Input:
 
 
 @dataclass(frozen=True)
-class MatMul:
+class MatMul(_Record):
     """``W x`` or, with ``transposed``, ``W^T x``.  Arguments: (matrix, vector).
     Master theorem: Z^{Wx} = ZHat^{Wx} + ZDot^{Wx} (docs/DESIGN.md 2.2)."""
 
@@ -151,7 +166,7 @@ class MatMul:
 
 
 @dataclass(frozen=True)
-class Nonlin:
+class Nonlin(_Record):
     """Coordinatewise ``phi(x_1..x_k; theta_1..theta_l)``; ``expr`` is a sympy expression in
     the node symbols of its arguments.  Z^{phi(..)} = phi(Z^{x_1}..; lim theta..)."""
 
@@ -160,7 +175,7 @@ class Nonlin:
 
 
 @dataclass(frozen=True)
-class Moment:
+class Moment(_Record):
     """``theta = (1/n) sum_a psi(x_1a..x_ka; thetas)``; limit E psi(Z^{x_1}..).
 
     With ``pair`` set, ``expr`` may contain primed symbols: vectors evaluated at a second
@@ -172,7 +187,7 @@ class Moment:
 
 
 @dataclass(frozen=True)
-class Readout:
+class Readout(_Record):
     """The network output f(xi) = sigma / sqrt(n) sum_a v_a x_a + bias * beta (docs/DESIGN.md 2.3).
 
     Not an instruction (its limit is a Gaussian process, not a deterministic scalar): the
