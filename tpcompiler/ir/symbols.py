@@ -405,7 +405,7 @@ def linear_coefficients(expr: sp.Expr, variables: list) -> list | None:
     wanted = set(variables)
     found: dict = {}
     for term in sp.Add.make_args(expr):
-        coefficient, x = term.as_independent(*variables, as_Add=False)
+        coefficient, x = _coefficient_and_variable(term, wanted) or term.as_independent(*variables, as_Add=False)
         if x in wanted:
             found.setdefault(x, []).append(coefficient)
         elif x.is_Mul and all(f in wanted or (f.is_Pow and f.base in wanted and f.exp.is_Integer and f.exp > 0)
@@ -418,6 +418,24 @@ def linear_coefficients(expr: sp.Expr, variables: list) -> list | None:
         # sympy: such a sum has been read as not linear, and stays so)
         return _linear_coefficients_of_poly(expr, variables)
     return [sp.Add(*found[x]) if x in found else sp.S.Zero for x in variables]
+
+
+def _coefficient_and_variable(term: sp.Expr, wanted: set):
+    """(c, x) of a term x or c x, x in ``wanted`` and c a product of factors free of them, as
+    ``term.as_independent(*wanted, as_Add=False)`` gives it (which makes a set of all the
+    variables for every term: a shared bias's gradient sums one term per position); None
+    for any other term."""
+    if term in wanted:
+        return sp.S.One, term
+    if not (term.is_Mul and term.is_commutative):
+        return None
+    reading = [f for f in term.args if f in wanted]
+    if len(reading) != 1:
+        return None
+    others = [f for f in term.args if f is not reading[0]]
+    if any(not f.free_symbols.isdisjoint(wanted) for f in others):
+        return None
+    return sp.Mul(*others), reading[0]
 
 
 def _linear_coefficients_of_poly(expr: sp.Expr, variables: list) -> list | None:
