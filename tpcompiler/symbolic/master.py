@@ -299,8 +299,17 @@ class ZProgram:
             return f"the ZHat family of {name}, independent of the rest"
         if self.graph.kind(name) == ops.INPUT_MAT:  # input layers' block is named by their matrix
             return f"the input matrix {name}, independent of the rest"
-        members = sorted(k for k, b in self._init_block.items() if b == block)
+        members = self._block_members.get(block, [])
         return f"the initial Gaussian{'s' if len(members) > 1 else ''} {', '.join(members)}, independent of the rest"
+
+    @cached_property
+    def _block_members(self) -> dict[str, list]:
+        """{block: its initial Gaussians, sorted} (``describe_block``, asked once per vanishing
+        ZDot term: a Flatten readout's P blocks of one vector each)."""
+        members: dict = {}
+        for k, b in sorted(self._init_block.items()):
+            members.setdefault(b, []).append(k)
+        return members
 
     # -- parity under negation of the independent blocks ----------------------------------
     def signature(self, key: str) -> dict:
