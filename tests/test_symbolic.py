@@ -249,35 +249,54 @@ def test_linear_coefficients_read_term_by_term_agree_with_sympys_poly():
         assert got == want and [type(c) for c in got or ()] == [type(c) for c in want or ()], expr
 
 
-def test_partials_are_the_objects_sympys_diff_builds():
-    """master.partials writes the chain rule out (sums, products whose other factors do not
-    read the symbol, one-argument functions by their fdiff) instead of calling sp.diff per
-    symbol; on 300 random expressions of the package's nonlinearities, sympy's functions,
-    Max/Abs (own derivative rules), powers and products of several variables, every
-    derivative must be the object sp.diff returns (srepr-equal)."""
+def test_derivatives_read_directly_are_the_objects_sympys_diff_builds():
+    """master._diff (what partials leaves to sympy) reads d/ds of s, of an expression without s
+    and of f(s) (f differentiated by its fdiff) without sp.diff's dispatch; on 300 random
+    expressions of the package's nonlinearities, sympy's functions (zeta's fdiff raises),
+    Max/Abs (own derivative rules), a function whose derivative is a Derivative, powers and
+    products of several variables, every derivative must be the object sp.diff returns
+    (srepr-equal), and partials must be what it was with sp.diff in _diff's place."""
     import random
 
     from tpcompiler.ir import nonlinearities as nl
-    from tpcompiler.symbolic.master import partials
+    from tpcompiler.symbolic import master
 
     x, y, z = (node_symbol(k) for k in "xyz")
     rng = random.Random(3)
-    functions = [nl.relu, nl.step, nl.gelu, nl.sigmoid, nl.softplus, sp.tanh, sp.erf, sp.exp, sp.sin,
-                 sp.Abs, sp.atan, lambda u: sp.Max(u, 0), lambda u: u ** 2, lambda u: sp.sqrt(u ** 2 + 1)]
+    undefined = sp.Function("g")
+
+    class nested(sp.Function):
+        def fdiff(self, argindex=1):
+            return sp.Derivative(undefined(self.args[0]), self.args[0])
+
+    functions = [nl.relu, nl.step, nl.gelu, nl.sigmoid, nl.softplus, sp.tanh, sp.erf, sp.exp, sp.sin, sp.Abs,
+                 sp.atan, sp.zeta, lambda u: sp.Max(u, 0), lambda u: u ** 2, lambda u: sp.sqrt(u ** 2 + 1)]
 
     def linear():
         return sp.Add(*[rng.choice([1, -2, sp.Rational(1, 3), 0.5]) * v for v in rng.sample([x, y, z], rng.randint(1, 3))])
 
     def term():
-        f = rng.choice(functions)
-        return rng.choice([f(linear()), rng.choice([2, 0.25, sp.Rational(-1, 3)]) * f(linear()), f(linear()) * z,
-                           f(linear()) * f(linear()), x * y, linear(), f(x * y), sp.Integer(rng.randint(0, 2))])
+        f, v = rng.choice(functions), rng.choice([x, y, z])
+        return rng.choice([f(v), f(linear()), rng.choice([2, 0.25, sp.Rational(-1, 3)]) * f(v) * (1 + y), f(v) * z,
+                           f(linear()) * f(v), x * y, linear(), f(x * y), sp.Integer(rng.randint(0, 2)),
+                           2 * nested(v)])  # (its derivative: a Derivative, at a symbol only)
+
+    def partials_by_sympy(expr, variables):  # partials with sp.diff where it calls _diff
+        original = master._diff
+        master._diff = sp.diff
+        try:
+            return master.partials(expr, variables)
+        finally:
+            master._diff = original
 
     for _ in range(300):
         expr = sp.Add(*[term() for _ in range(rng.randint(1, 3))])
-        got = partials(expr, [x, y, z])
         for s in (x, y, z):
-            assert sp.srepr(got[s]) == sp.srepr(sp.diff(expr, s)), (expr, s)
+            assert sp.srepr(master._diff(expr, s)) == sp.srepr(sp.diff(expr, s)), (expr, s)
+            for t in sp.Add.make_args(expr):
+                assert sp.srepr(master._diff(t, s)) == sp.srepr(sp.diff(t, s)), (t, s)
+        got, want = master.partials(expr, [x, y, z]), partials_by_sympy(expr, [x, y, z])
+        assert {s: sp.srepr(d) for s, d in got.items()} == {s: sp.srepr(d) for s, d in want.items()}, expr
 
 
 def test_coefficient_and_variable_read_directly_are_what_as_independent_gives():

@@ -1007,7 +1007,7 @@ def test_replaced_is_the_object_xreplace_builds():
     and rebuilt_call) must give the very expression sympy's xreplace gives (srepr-equal) on
     300 random expressions: a Z entry's window sum (c_k * Z of node symbols, a bias), relu
     and sympy functions of sums, products of sums, powers, and values that are sums, numbers
-    (0 included) or other symbols."""
+    (0 included) or other symbols; and a value that makes a term zoo."""
     import random
 
     import sympy as sp
@@ -1034,3 +1034,5 @@ def test_replaced_is_the_object_xreplace_builds():
         e = expression()
         rule = {v: rng.choice(values)(k) for k, v in enumerate(x) if rng.random() < 0.8}
         assert sp.srepr(replaced(e, rule)) == sp.srepr(e.xreplace(rule)), (e, rule)
+    for e in (sp.log(x[0]) + x[1] + 2, 1 / x[0] + x[1] + 0.5):  # a term that becomes zoo absorbs the others
+        assert replaced(e, {x[0]: sp.S.Zero}) is sp.zoo is e.xreplace({x[0]: sp.S.Zero})

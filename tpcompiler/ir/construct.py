@@ -92,8 +92,8 @@ def total(terms) -> sp.Expr:
     sort: the terms are commutative, none is a sum, a power or zero, at most one is a number
     (finite), and no two of them have the same non-numeric part (nothing to collect).  Then
     the terms are sorted as sympy sorts them, the number first: the object Add.flatten
-    builds (each term c*s it rebuilds is the term it was given).  Anything else: sympy's own
-    sum.  A CNN's covariance sums (a window's taps) are built once per pair of positions."""
+    builds (each term c*s it rebuilds is the term it was given).  Anything else (zoo among the
+    terms too): sympy's own sum.  A CNN's covariance sums (a window's taps) are built once per pair of positions."""
     terms = list(terms)
     constant, plain, parts = None, [], set()
     for t in terms:
@@ -102,8 +102,8 @@ def total(terms) -> sp.Expr:
                 return sp.Add(*terms)
             constant = t
             continue
-        if t.is_Add or t.is_Pow or t.is_Order or not t.is_commutative:
-            return sp.Add(*terms)
+        if t.is_Add or t.is_Pow or t.is_Order or not t.is_commutative or t is sp.S.ComplexInfinity:
+            return sp.Add(*terms)  # (zoo, no Number to sympy, absorbs the other terms)
         rest = t.as_coeff_Mul()[1]
         if rest in parts:
             return sp.Add(*terms)

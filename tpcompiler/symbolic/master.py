@@ -34,6 +34,7 @@ from functools import cached_property
 
 import networkx as nx
 import sympy as sp
+from sympy.core.function import ArgumentIndexError
 
 from tpcompiler import memory
 from tpcompiler.ir import ops
@@ -130,47 +131,44 @@ class ZEntry:
 
 def partials(expr: sp.Expr, symbols) -> dict:
     """{s: d expr / d s} for the given symbols, touching only the terms of a sum that contain
-    s (an input layer's sum over d inputs would otherwise cost d^2); each derivative is
-    ``partial``'s, the object ``sp.diff`` returns."""
+    s (an input layer's sum over d inputs would otherwise cost d^2); the derivatives of what
+    is left are ``_diff``'s, the objects ``sp.diff`` returns."""
     symbols = set(symbols)
-    if not expr.is_Add:
-        return {s: partial(expr, s) for s in symbols}
-    by_symbol: dict = {}
-    for term in expr.args:
-        for s in symbols & term.free_symbols:
-            by_symbol.setdefault(s, []).append(partial(term, s))
-    return {s: sp.Add(*by_symbol[s]) if s in by_symbol else sp.S.Zero for s in symbols}
+    if expr.is_Add:
+        out: dict = {}
+        for term in expr.args:
+            for s, d in partials(term, symbols & term.free_symbols).items():
+                out[s] = out.get(s, sp.S.Zero) + d
+        return {s: out.get(s, sp.S.Zero) for s in symbols}
+    if expr.is_Mul:
+        const = [f for f in expr.args if not (f.free_symbols & symbols)]
+        rest = [f for f in expr.args if f.free_symbols & symbols]
+        if const and len(rest) == 1:
+            c = sp.Mul(*const)
+            return {s: c * d for s, d in partials(rest[0], symbols).items()}
+    return {s: _diff(expr, s) for s in symbols}
 
 
-def partial(expr: sp.Expr, s: sp.Symbol) -> sp.Expr:
-    """d expr / d s, built as ``sp.diff`` builds it (the same object) without its
-    ``Derivative`` dispatch (about 100 us a call, and a convolution's pre-activation, a sum
-    of k taps, asks for k of them; a tenth of a CNN's compile time): the chain rule written
-    out through sums, products whose other factors do not read s, and functions of one
-    argument that differentiate by their ``fdiff``; anything else by ``sp.diff``."""
+def _diff(expr: sp.Expr, s: sp.Symbol) -> sp.Expr:
+    """``sp.diff(expr, s)``, the same object, without its ``Derivative`` dispatch (about 100 us
+    a call, once per tap of every convolution's pre-activation) where its result is known:
+    1 for s itself, 0 for an expression without s, and f'(s) (``fdiff``) for a function of
+    one argument that is s itself and that sympy differentiates by ``fdiff``
+    (``Function._eval_derivative`` not overridden, f' holding no Derivative); anything else
+    by ``sp.diff``."""
     if expr is s:
         return sp.S.One
     if s not in expr.free_symbols:
         return sp.S.Zero
-    if expr.is_Add:
-        return sp.Add(*[partial(t, s) for t in expr.args if s in t.free_symbols])
-    if expr.is_Mul:
-        reading = [f for f in expr.args if s in f.free_symbols]
-        if len(reading) == 1:
-            (f,) = reading
-            return sp.Mul(*[g for g in expr.args if g is not f]) * partial(f, s)
-    elif _chain_rule_by_fdiff(expr):
-        inner = partial(expr.args[0], s)
-        return sp.S.Zero if inner.is_zero else expr.fdiff(1) * inner
+    if (isinstance(expr, sp.Function) and expr.args == (s,)
+            and type(expr)._eval_derivative is sp.Function._eval_derivative):
+        try:
+            derivative = expr.fdiff(1)
+        except ArgumentIndexError:
+            return sp.diff(expr, s)
+        if not derivative.has(sp.Derivative):
+            return derivative
     return sp.diff(expr, s)
-
-
-def _chain_rule_by_fdiff(expr: sp.Expr) -> bool:
-    """Whether sympy differentiates ``expr`` as f'(x) dx/ds (``Function._eval_derivative``,
-    not overridden) with f' its ``fdiff(1)``: an applied function of one argument."""
-    return (isinstance(expr, sp.Function) and len(expr.args) == 1
-            and type(expr)._eval_derivative is sp.Function._eval_derivative
-            and type(expr).fdiff is not sp.Function.fdiff)
 
 
 def _sum_signature(sigs: list[dict]) -> dict:
