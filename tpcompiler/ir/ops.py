@@ -36,11 +36,12 @@ def unprime(symbol: NodeSymbol) -> tuple[str | None, bool]:
     return (symbol.key, symbol.primed) if isinstance(symbol, NodeSymbol) else (None, False)
 
 
-class _Record:
+class Record:
     """An instruction's (or the readout's) record: frozen, of immutable values (sympy
     expressions, numbers, strings, tuples), so it is its own copy: ``Graph.copy`` (a deep
     copy; the backward pass and tp.compile copy a program of 10^5 instructions) shares the
-    records instead of rebuilding every sympy expression in them."""
+    records instead of rebuilding every sympy expression in them, and one record always has
+    one fingerprint (kernels/stored.py reads it back by identity)."""
 
     __slots__ = ()
 
@@ -52,7 +53,7 @@ class _Record:
 
 
 @dataclass(frozen=True)
-class InitVec(_Record):
+class InitVec(Record):
     """Initial vector: coordinates iid N(0, var); jointly Gaussian with other initial vectors
     through the program's covariance table.  Z^x is that Gaussian (ZInit)."""
 
@@ -69,7 +70,7 @@ class InitVec(_Record):
 
 
 @dataclass(frozen=True)
-class InitMat(_Record):
+class InitMat(Record):
     """n x n matrix with iid N(0, sigma^2 / n) entries.  ``sigma`` is a sympy expression
     (usually the symbol of a Param) so formulas stay symbolic in it."""
 
@@ -86,7 +87,7 @@ class InitMat(_Record):
 
 
 @dataclass(frozen=True)
-class InputMat(_Record):
+class InputMat(Record):
     """An n x k matrix U of iid N(0, 1) entries: k initial vectors (its columns) that act on
     finite-dimensional inputs (an input layer, a filter on input channels).  Only InputLayer
     instructions read it.  NTK contribution: ntk_weight per column (default 1: the columns
@@ -105,7 +106,7 @@ class InputMat(_Record):
 
 
 @dataclass(frozen=True)
-class InputLayer(_Record):
+class InputLayer(Record):
     """``(1/sqrt(norm)) sum_i s_i U[:, columns[i]]``: the input matrix U (first argument)
     applied to scalars s (the other arguments: input coordinates or Params).
 
@@ -121,7 +122,7 @@ class InputLayer(_Record):
 
 
 @dataclass(frozen=True)
-class Param(_Record):
+class Param(Record):
     """A named scalar constant with a numeric value (hyperparameters, matrix scales)."""
 
     value: float
@@ -129,7 +130,7 @@ class Param(_Record):
 
 
 @dataclass(frozen=True)
-class WidthPower(_Record):
+class WidthPower(Record):
     """The scalar n^exponent.  Parametrizations put explicit powers of the width into
     programs (an SGD step of an abc-parametrized network, docs/DESIGN.md 2.4); the finite-width
     interpreter uses n^e, the limit is 1 for e = 0 and 0 for e < 0 (e > 0 diverges: the
@@ -145,7 +146,7 @@ class WidthPower(_Record):
 
 
 @dataclass(frozen=True)
-class Input(_Record):
+class Input(Record):
     """Coordinate ``index`` of the program's finite-dimensional input ``group``.
 
     A program with inputs is a template over one input xi; evaluation binds xi to each row
@@ -157,7 +158,7 @@ class Input(_Record):
 
 
 @dataclass(frozen=True)
-class MatMul(_Record):
+class MatMul(Record):
     """``W x`` or, with ``transposed``, ``W^T x``.  Arguments: (matrix, vector).
     Master theorem: Z^{Wx} = ZHat^{Wx} + ZDot^{Wx} (docs/DESIGN.md 2.2)."""
 
@@ -166,7 +167,7 @@ class MatMul(_Record):
 
 
 @dataclass(frozen=True)
-class Nonlin(_Record):
+class Nonlin(Record):
     """Coordinatewise ``phi(x_1..x_k; theta_1..theta_l)``; ``expr`` is a sympy expression in
     the node symbols of its arguments.  Z^{phi(..)} = phi(Z^{x_1}..; lim theta..)."""
 
@@ -175,7 +176,7 @@ class Nonlin(_Record):
 
 
 @dataclass(frozen=True)
-class Moment(_Record):
+class Moment(Record):
     """``theta = (1/n) sum_a psi(x_1a..x_ka; thetas)``; limit E psi(Z^{x_1}..).
 
     With ``pair`` set, ``expr`` may contain primed symbols: vectors evaluated at a second
@@ -187,7 +188,7 @@ class Moment(_Record):
 
 
 @dataclass(frozen=True)
-class Readout(_Record):
+class Readout(Record):
     """The network output f(xi) = sigma / sqrt(n) sum_a v_a x_a + bias * beta (docs/DESIGN.md 2.3).
 
     Not an instruction (its limit is a Gaussian process, not a deterministic scalar): the

@@ -41,7 +41,7 @@ import networkx as nx
 import numpy as np
 import sympy as sp
 
-from tpcompiler.ir.ops import INSTRUCTIONS
+from tpcompiler.ir.ops import Record
 
 #: Bumped when the stored state's layout changes.
 FORMAT = 3
@@ -72,14 +72,19 @@ def fingerprint(obj, strict: bool = True, memo: dict | None = None) -> str:
     objects as far as a derivation can see.  ``strict`` False (a snapshot compared within one
     process, never a key): an object it cannot write is written by its type and identity, a
     function class by its name, instead of raising ``Unkeyable``.  ``memo`` ({(id, strict):
-    (object, text)}, kept by the caller): the texts of instructions (``ops.INSTRUCTIONS``,
-    frozen records of immutable values, so one object always has one text) written before,
-    read back by identity (``tp.compile``'s second look at a program of 10^5 instructions)."""
-    if memo is not None and isinstance(obj, INSTRUCTIONS):
+    (object, text)}, kept by the caller): the texts of instruction and readout records
+    (``ops.Record``: frozen, of immutable values, so one object always has one text) written
+    before, read back by identity (``tp.compile``'s second look at a program of 10^5
+    instructions)."""
+    if memo is not None and isinstance(obj, Record):
         found = memo.get((id(obj), strict))
         if found is None or found[0] is not obj:
             found = memo[(id(obj), strict)] = (obj, fingerprint(obj, strict))
         return found[1]
+
+    def text(x) -> str:  # (a part of obj, with the same strictness and memo)
+        return fingerprint(x, strict, memo)
+
     if obj is None or isinstance(obj, (bool, int, str)):
         return repr(obj)
     if isinstance(obj, float):
@@ -93,22 +98,21 @@ def fingerprint(obj, strict: bool = True, memo: dict | None = None) -> str:
     if isinstance(obj, np.ndarray) and not obj.dtype.hasobject:
         return f"A({obj.dtype.str},{obj.shape},{hashlib.sha256(np.ascontiguousarray(obj).tobytes()).hexdigest()})"
     if isinstance(obj, (np.integer, np.floating)):
-        return fingerprint(obj.item(), strict)
+        return text(obj.item())
     if dataclasses.is_dataclass(obj):
-        fields = ",".join(f"{f.name}={fingerprint(getattr(obj, f.name), strict)}" for f in dataclasses.fields(obj))
+        fields = ",".join(f"{f.name}={text(getattr(obj, f.name))}" for f in dataclasses.fields(obj))
         return f"{type(obj).__module__}.{type(obj).__qualname__}({fields})"
     if isinstance(obj, (list, tuple)):
-        return ("L[" if isinstance(obj, list) else "T[") + ",".join(fingerprint(x, strict, memo) for x in obj) + "]"
+        return ("L[" if isinstance(obj, list) else "T[") + ",".join(text(x) for x in obj) + "]"
     if isinstance(obj, dict):
-        return "D{" + ",".join(sorted(f"{fingerprint(k, strict, memo)}:{fingerprint(v, strict, memo)}" for k, v in obj.items())) + "}"
+        return "D{" + ",".join(sorted(f"{text(k)}:{text(v)}" for k, v in obj.items())) + "}"
     if isinstance(obj, (set, frozenset)):
-        return "F{" + ",".join(sorted(fingerprint(x, strict, memo) for x in obj)) + "}"
+        return "F{" + ",".join(sorted(text(x) for x in obj)) + "}"
     if isinstance(obj, nx.DiGraph):
         # node and edge order as inserted: a program's instruction order
-        nodes = ",".join(f"{fingerprint(n, strict, memo)}:{fingerprint(d, strict, memo)}" for n, d in obj.nodes(data=True))
-        edges = ",".join(f"{fingerprint(a, strict, memo)}>{fingerprint(b, strict, memo)}:{fingerprint(d, strict, memo)}"
-                         for a, b, d in obj.edges(data=True))
-        return f"G[{fingerprint(obj.graph, strict, memo)}|{nodes}|{edges}]"
+        nodes = ",".join(f"{text(n)}:{text(d)}" for n, d in obj.nodes(data=True))
+        edges = ",".join(f"{text(a)}>{text(b)}:{text(d)}" for a, b, d in obj.edges(data=True))
+        return f"G[{text(obj.graph)}|{nodes}|{edges}]"
     if not strict:
         return f"?{type(obj).__module__}.{type(obj).__qualname__}@{id(obj):x}"
     raise Unkeyable(f"cannot fingerprint a {type(obj).__name__}" + (" of Python objects" if isinstance(obj, np.ndarray) else ""))
