@@ -93,7 +93,8 @@ def total(terms) -> sp.Expr:
     (finite), and no two of them have the same non-numeric part (nothing to collect).  Then
     the terms are sorted as sympy sorts them, the number first: the object Add.flatten
     builds (each term c*s it rebuilds is the term it was given).  Anything else (zoo among the
-    terms too): sympy's own sum.  A CNN's covariance sums (a window's taps) are built once per pair of positions."""
+    terms too): sympy's own sum.  A CNN's covariance sums (a window's taps) are built once per
+    pair of positions."""
     terms = list(terms)
     constant, plain, parts = None, [], set()
     for t in terms:

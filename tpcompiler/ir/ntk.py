@@ -244,9 +244,9 @@ def _fold_into_rows(d: _Differentiated, weight: sp.Expr, grad: str) -> bool:
     constants: dict = {}  # (e_k, e_l, s_a s_b) -> w e_k e_l / (s_a s_b): a few values for many pairs
     bases = list(combination)
     partners = _partners(d, bases)  # (the pairs left out are proven 0: a shared bias's P^2)
-    for k, (dk, ek) in enumerate(combination.items()):
+    for k, dk in enumerate(bases):
         for dl in (bases if partners is None else [bases[m] for m in partners[k]]):
-            el = combination[dl]
+            ek, el = combination[dk], combination[dl]
             found = rows.get((dk, dl))
             if found is None:
                 if d.vanishes(dk, dl):
