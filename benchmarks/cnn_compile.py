@@ -85,11 +85,13 @@ def program(case: dict):
 def run_case(case: dict) -> dict:
     import tpcompiler as tp
 
+    t = time.perf_counter()
     prog, shape = program(case)
+    built = time.perf_counter() - t
     d = int(np.prod(shape))
     X = np.random.default_rng(0).standard_normal((N, d))
     if case.get("steps"):
-        return steps_case(prog, int(np.prod(shape[:-1])))
+        return steps_case(prog, int(np.prod(shape[:-1])), built)
     t = time.perf_counter()
     kf = tp.compile(prog).kernel_function()
     derive = time.perf_counter() - t
@@ -118,9 +120,10 @@ def run_case(case: dict) -> dict:
             "lines": len(kf.source.splitlines()), "shared": kf.shared, "load": os.getloadavg()[0]}
 
 
-def steps_case(prog, positions: int) -> dict:
+def steps_case(prog, positions: int, built: float) -> dict:
     """tp.compile + kernel_function() of ``prog`` (of ``positions`` spatial positions) with each
-    step's time (``progress.timed_steps``)."""
+    step's time (``progress.timed_steps``); ``built``: the seconds ``program(case)`` took (tp.layers
+    building the program, before tp.compile)."""
     import tpcompiler as tp
     from tpcompiler import progress
 
@@ -131,7 +134,7 @@ def steps_case(prog, positions: int) -> dict:
     steps = [(("tp.compile: " if desc.startswith("tp.compile") else "kernels: ") + step, seconds)
              for desc, step, seconds in times]
     return {"steps": steps, "total": total, "quantities": kf.derivation_sizes["quantities"],
-            "positions": positions, "load": os.getloadavg()[0]}
+            "positions": positions, "built": built, "load": os.getloadavg()[0]}
 
 
 def steps_table(rows, section: str = STEPS_SECTION, command: str = "--steps") -> str:
@@ -144,19 +147,21 @@ def steps_table(rows, section: str = STEPS_SECTION, command: str = "--steps") ->
              "the time of each of its steps (`progress.timed_steps`: a step lasts until the next starts) in seconds, "
              "and in parentheses in microseconds per pair of positions; quantities: the derivation's "
              "(`derivation_sizes`); \"other\" is "
-             "the time outside the steps (storing the derivation, loading the module); load = 1-minute load average "
-             "at the end of the case.", "",
-             "| program | pairs of positions | quantities | " + " | ".join(names) + " | other | total (s) | load |",
-             "|---|---|---|" + "---|" * (len(names) + 3)]
+             "the time outside the steps (storing the derivation, loading the module); program built: the time "
+             "tp.layers took to build the program, before `tp.compile` (not in the total); load = 1-minute load "
+             "average at the end of the case.", "",
+             "| program | pairs of positions | quantities | program built (s) | " + " | ".join(names) +
+             " | other | total (s) | load |",
+             "|---|---|---|---|" + "---|" * (len(names) + 3)]
     for case, r in rows:
         if "error" in r:
-            lines.append(f"| {name(case)} | failed: {r['error']} | |" + " |" * (len(names) + 3))
+            lines.append(f"| {name(case)} | failed: {r['error']} | | |" + " |" * (len(names) + 3))
             continue
         q = r["positions"] ** 2
         took = dict(r["steps"])
         cells = [f"{took[n]:.1f} ({1e6 * took[n] / q:.0f})" if n in took else "" for n in names]
         other = r["total"] - sum(took.values())
-        lines.append(f"| {name(case)} | {q} | {r['quantities']} | " + " | ".join(cells) +
+        lines.append(f"| {name(case)} | {q} | {r['quantities']} | {r['built']:.1f} | " + " | ".join(cells) +
                      f" | {other:.1f} | **{r['total']:.1f}** ({1e6 * r['total'] / q:.0f}) | {r['load']:.1f} |")
     return "\n".join(lines) + "\n"
 

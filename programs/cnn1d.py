@@ -82,9 +82,9 @@ def build(L=None, C=2, depth=1, phi="relu", w_std=1.5, b_std=0.1, padding="SAME"
         b = bias(layer)
         hs = []
         for i in range(L):
-            h = sum(W[a] @ xs[j] for a, j in _taps(i, L, padding)) / sp.sqrt(3)
+            h = tp.add(*(W[a] @ xs[j] for a, j in _taps(i, L, padding))) / sp.sqrt(3)
             hs.append((h if b is None else h + b).named(f"h{layer}_{i}"))
     xs = [act(h).named(f"x{depth}_{i}") for i, h in enumerate(hs)]
-    pool = (sum(xs) / L).named("pool")
+    pool = (tp.add(*xs) / L).named("pool")  # (one sum: Python's sum(xs) would rebuild it at each addition)
     p.readout(pool, sigma=w, bias=b_std)
     return p

@@ -410,3 +410,21 @@ def test_operands_are_printed_only_for_an_error(monkeypatch):
     y = (x + x * x).named("y")
     p.output("m", tp.mean(y * u) + 1)
     assert "m" in p.graph.outputs
+
+
+# -- tp.add ----------------------------------------------------------------------------------
+def test_add_needs_a_vec_or_scalar_of_one_program(prog, other):
+    p, u, W, W2, s = prog
+    q, u2, V = other
+    with raises(r"tp\.add needs at least one Vec or Scalar term, got none"):
+        tp.add()
+    with raises(r"tp\.add needs at least one Vec or Scalar term, got 2 numbers"):
+        tp.add(1, 2.5)
+    with raises(r"tp\.add: term 1: a matrix \(W\) where a Vec or Scalar is needed"):
+        tp.add(u, W)
+    with raises(r"tp\.add: term 2: mixes variables of two programs \(u2 belongs to 'b', not 'a'\)"):
+        tp.add(u, s, u2)
+    with raises(r"tp\.add: term 1: the number nan is not finite"):
+        tp.add(u, float("nan"))
+    with raises(r"tp\.add: term 1: expected a number, got 'x'"):
+        tp.add(u, "x")

@@ -274,3 +274,27 @@ def test_free_symbols_of_is_sympys_free_symbols():
     for e in [x * sp.tanh(y + 2) + sp.exp(x * y), sp.Integral(x * t, (t, 0, z)) + y, sp.Lambda(t, t * x)(y),
               sp.Sum(x ** t, (t, 1, 3)), sp.Integer(3), (x + y) ** z - sp.Derivative(sp.Function("f")(t), t)]:
         assert free_symbols_of(e) == e.free_symbols
+
+
+def test_add_builds_the_sum_that_python_sum_builds():
+    """tp.add(*terms) is the left fold terms[0] + terms[1] + ... built as one sum: the same
+    expression (like terms collected, their float coefficients added in the same order, sums
+    among the terms flattened), a Vec if any term is one, else a Scalar.  Random sums of
+    vectors, MatMuls, Nonlins, Moments and numbers with integer, rational and float scales."""
+    rng = np.random.default_rng(0)
+    p = tp.Program("sums")
+    u = [p.vec(f"u{i}") for i in range(3)]
+    W = p.mat("W")
+    s = tp.mean(u[0] * u[1])
+    pool = [*u, W @ u[0], tp.tanh(W @ u[1]), u[0] + u[1], s, s * u[2], 2 * s + 1]
+    scales = [1, -1, 2, 0.5, 0.1, 0.2, 1 / 3, sp.Rational(1, 3), -0.7]
+    for trial in range(300):
+        terms = [pool[rng.integers(len(pool))] * scales[rng.integers(len(scales))]
+                 for _ in range(rng.integers(1, 10))]
+        for _ in range(rng.integers(0, 3)):  # numbers among them, anywhere
+            terms.insert(int(rng.integers(len(terms) + 1)), [0, 1, 2.5, 0.1][rng.integers(4)])
+        expected = sum(terms[1:], terms[0])
+        got = tp.add(*terms)
+        assert type(got) is type(expected), trial
+        assert sp.srepr(got.expr) == sp.srepr(expected.expr), (trial, got.expr, expected.expr)
+    assert isinstance(tp.add(s, 2, s * s), tp.Scalar) and isinstance(tp.add(2, u[0]), tp.Vec)

@@ -563,3 +563,25 @@ def test_bad_input_gives_one_clear_value_error():
                          "training (tp.train, tp.unroll) does not support Moments in the network yet")
     c = tp.compile(L.serial(L.Conv(4, (2,), padding="SAME"), L.Relu(), L.Flatten(), L.Dense(1)).program((3, 2)))
     one_line_value_error(lambda: c.kernels(np.ones((4, 2, 3))), "the network takes inputs of shape (N, 3, 2)")
+
+
+@pytest.mark.parametrize("net, shape", [
+    ("serial(Conv(4, (3, 3), None, 'SAME', 1.5, 0.1), Relu(), Flatten(), Dense(1, 1.5, 0.1))", (3, 3, 2)),
+    ("serial(Conv(4, (2, 2), None, 'VALID', 1.5), Erf(), AvgPool((2, 2), None, 'SAME'), GlobalAvgPool(), Dense(1))",
+     (4, 3, 1)),
+    ("serial(Conv(4, (3,), None, 'SAME', 1.2, 0.1), FanOut(2), parallel(Relu(), Erf()), FanInConcat(), "
+     "Conv(4, (3,), None, 'CIRCULAR', 1.1, 0.2), LayerNorm(axis=(1, 2)), Relu(), Flatten(), Dense(1))", (4, 2)),
+    ("serial(Dense(4, 1.5, 0.1), FanOut(3), parallel(Relu(), Erf(), Tanh()), FanInSum(), Dense(1))", (3,)),
+])
+def test_layers_sums_are_the_sums_python_builds(monkeypatch, net, shape):
+    """The layers build their sums (a readout over every position, a pooled mean, a window's
+    taps, branches, LayerNorm's moments) with tp.add, in one piece: the program is the one
+    Python's sum, adding one term at a time, builds (the graph's digest: every instruction)."""
+    from tpcompiler.backends.kernels.stored import graph_digest
+
+    def build():
+        return graph_digest(eval(net, vars(layers)).program(shape).graph)
+
+    at_once = build()
+    monkeypatch.setattr(layers.dsl, "add", lambda *terms: sum(terms[1:], terms[0]))
+    assert build() == at_once

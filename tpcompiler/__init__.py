@@ -9,7 +9,7 @@ docs/DESIGN.md 5.
 from tpcompiler import _code  # first: the digest of the source this process imports (kernels/stored.py)
 from tpcompiler.compiler import Compiled, compile, simulate
 from tpcompiler.frontend.dsl import (
-    DSLError, Mat, Program, Scalar, Vec, cos, erf, exp, gelu, identity, mean, nonlin, phi,
+    DSLError, Mat, Program, Scalar, Vec, add, cos, erf, exp, gelu, identity, mean, nonlin, phi,
     power, relu, sigmoid, sin, softplus, step, tanh,
 )
 from tpcompiler.ir import nonlinearities, ops  # public modules: tp.nonlinearities.builtin, tp.ops.node_symbol

@@ -265,7 +265,7 @@ def FanInSum() -> Layer:
             if [c for _, c in other.blocks] != [c for _, c in first.blocks]:
                 raise LayerError("FanInSum: branches concatenate different channel blocks; sum them before "
                                  "FanInConcat or after a Dense / Conv")
-        blocks = tuple((_map(lambda v, idx, i=i: sum((br.blocks[i][0][idx] for br in branches[1:]), v), blk), c)
+        blocks = tuple((_map(lambda v, idx, i=i: dsl.add(v, *(br.blocks[i][0][idx] for br in branches[1:])), blk), c)
                        for i, (blk, c) in enumerate(first.blocks))
         return _Hidden(blocks)
 
@@ -351,8 +351,8 @@ def Dense(out_dim: int, W_std: float = 1.0, b_std: float | None = None, paramete
             y = state.blocks[0][0][()]
         else:
             C = state.channels
-            y = sum(math.sqrt(c / C) * b.p.vec(f"m{k}_{i}", trainable=False) * blk[()]
-                    for i, (blk, c) in enumerate(state.blocks))
+            y = dsl.add(*(math.sqrt(c / C) * b.p.vec(f"m{k}_{i}", trainable=False) * blk[()]
+                          for i, (blk, c) in enumerate(state.blocks)))
         b.p.readout(y, sigma=W_std, bias=b_std,
                     ntk_weight=state.channels / W_std**2 if standard else None,
                     bias_ntk_weight=1 if (standard and b_std is not None) else None)
@@ -466,7 +466,8 @@ def _linear(b: _Builder, state, filt: tuple, strides: tuple, padding: str, W_std
             suffix = (f"_{t}" if filt else "") + (f"_b{i}" if len(state.blocks) > 1 else "")
             mats[t, i] = b.p.mat(f"W{k}{suffix}", sigma=W_std, ntk_weight=K * C if standard else None)
     for pos, taps in windows.items():
-        h = sum(math.sqrt(c / C) * (mats[t, i] @ blk[src]) for t, src in taps for i, (blk, c) in enumerate(state.blocks))
+        h = dsl.add(*(math.sqrt(c / C) * (mats[t, i] @ blk[src]) for t, src in taps
+                      for i, (blk, c) in enumerate(state.blocks)))
         h = h / sp.sqrt(K) if K > 1 else h
         out[pos] = (h if bias is None else h + bias).named(b.name(f"h{k}", pos))
     return _Hidden(((out, out_chan),))
@@ -495,7 +496,7 @@ def AvgPool(window_shape: Sequence[int], strides: Sequence[int] | None = None, p
         for i, (blk, c) in enumerate(state.blocks):
             out = np.empty(out_shape, dtype=object)
             for pos, taps in windows.items():
-                out[pos] = (sum(blk[src] for _, src in taps) / K).named(
+                out[pos] = (dsl.add(*(blk[src] for _, src in taps)) / K).named(
                     b.name(f"p{k}", pos, i if len(state.blocks) > 1 else None))
             blocks.append((out, c))
         return _Hidden(tuple(blocks))
@@ -512,7 +513,8 @@ def GlobalAvgPool() -> Layer:
         blocks = []
         for i, (blk, c) in enumerate(state.blocks):
             out = np.empty((), dtype=object)
-            out[()] = (sum(blk.flat) / blk.size).named(b.name(f"pool{k}", (), i if len(state.blocks) > 1 else None))
+            out[()] = (dsl.add(*blk.flat) / blk.size).named(
+                b.name(f"pool{k}", (), i if len(state.blocks) > 1 else None))
             blocks.append((out, c))
         return _Hidden(tuple(blocks))
 
@@ -577,11 +579,11 @@ def LayerNorm(axis=-1, eps: float = 1e-12, batch_axis: int = 0, channel_axis: in
         for members in groups.values():
             pairs = [(pos, i) for pos in members for i in range(len(state.blocks))]
             w = {i: sp.Rational(c, C * len(members)) for i, (_, c) in enumerate(state.blocks)}
-            mu = sum(w[i] * dsl.mean(state.blocks[i][0][pos], name=b.name(f"mu{k}", pos, i if several else None))
-                     for pos, i in pairs)
-            var = sum(w[i] * dsl.mean((state.blocks[i][0][pos] - mu) ** 2,
-                                      name=b.name(f"var{k}", pos, i if several else None))
-                      for pos, i in pairs)
+            mu = dsl.add(*(w[i] * dsl.mean(state.blocks[i][0][pos], name=b.name(f"mu{k}", pos, i if several else None))
+                           for pos, i in pairs))
+            var = dsl.add(*(w[i] * dsl.mean((state.blocks[i][0][pos] - mu) ** 2,
+                                            name=b.name(f"var{k}", pos, i if several else None))
+                            for pos, i in pairs))
             scale = (var + eps) ** sp.Rational(-1, 2)
             for pos, i in pairs:
                 outs[i][pos] = ((state.blocks[i][0][pos] - mu) * scale).named(
