@@ -325,3 +325,40 @@ def test_graph_parts_read_back_by_identity_are_the_parts_written_afresh():
     again = graph_parts(program.graph, memo)
     assert again == graph_parts(program.graph) and again["g"] != first["g"]
     assert {k for k in first if first[k] != again[k]} == {"g"}
+
+
+def test_sympy_expressions_are_written_as_exactly_as_srepr_writes_them():
+    """stored.fingerprint writes a sympy expression node by node (a sum's terms in sympy's
+    order, not sorted for printing as srepr sorts them): two expressions get one text exactly
+    when srepr gives them one.  Random sums, products, powers and calls, and values equal as
+    numbers but not as objects (1 and 1.0, a Float at two precisions), symbols with and without
+    assumptions, dummies of one name."""
+    import sympy as sp
+
+    from tpcompiler.ir import ops
+    from tpcompiler.ir.nonlinearities import relu
+
+    x, y, xr = sp.Symbol("x"), sp.Symbol("y"), sp.Symbol("x", real=True)
+    h = ops.node_symbol("h")
+    leaves = [sp.Integer(1), sp.Float(1.0), sp.Float("0.2", 30), sp.Float("0.2", 53), sp.Rational(1, 5),
+              sp.Integer(-2), x, y, xr, sp.Dummy("x"), sp.Dummy("x"), h, ops.primed_symbol("h"),
+              ops.InputCov("a", "b", 0, 1), ops.InputCov("a", "b", 1, 0), sp.pi]
+    symbols_ = [x, y, xr, h]
+    rng = np.random.default_rng(0)
+
+    def random_expression(depth: int):
+        if depth == 0 or rng.random() < 0.3:
+            return leaves[rng.integers(len(leaves))] if rng.random() < 0.3 else symbols_[rng.integers(len(symbols_))]
+        a, b = random_expression(depth - 1), random_expression(depth - 1)
+        return [lambda: a + b, lambda: a * b, lambda: a ** 2, lambda: relu(a), lambda: sp.tanh(a) + 0.5 * b,
+                lambda: sp.exp(a) * sp.sqrt(b)][rng.integers(6)]()
+
+    corpus = leaves + [relu(x), relu(xr), sp.tanh(x), x + y, x * y, x ** 2, x ** sp.Float(2.0), sp.Tuple(1, 2),
+                       sp.Tuple(2, 1), sp.Tuple(x, sp.Tuple(y))]
+    corpus += [random_expression(3) for _ in range(300)]
+    texts = [stored.fingerprint(e) for e in corpus]
+    reprs = [sp.srepr(e) for e in corpus]
+    for i in range(len(corpus)):
+        for j in range(i):
+            assert (texts[i] == texts[j]) == (reprs[i] == reprs[j]), (corpus[i], corpus[j])
+    assert len(set(texts)) > 200  # (the corpus is varied)

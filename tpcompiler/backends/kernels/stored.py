@@ -6,9 +6,9 @@ Its result is small: the generated module's source and the input features the ca
 evaluate (``Features.runtime_state``).  It is stored under a *key*, the SHA-256 of
 
 * the graph, every attribute of it but construction bookkeeping written out exactly
-  (``graph_parts``, ``fingerprint``: sympy expressions by ``srepr``, floats by ``repr``, which
-  round-trip; dicts and sets in sorted order, so the key does not depend on the process's
-  hash seed),
+  (``graph_parts``, ``fingerprint``: sympy expressions node by node as exactly as ``srepr``
+  writes them, floats by ``repr``, which round-trip; dicts and sets in sorted order, so the
+  key does not depend on the process's hash seed),
 * the options (rtol, runtime parameters, share, templates),
 * the source of every module of the tpcompiler package as this process imported it
   (``tpcompiler._code``: a derivation is stored only if the files still are that source) and
@@ -40,6 +40,7 @@ import sys
 import networkx as nx
 import numpy as np
 import sympy as sp
+from sympy.core.function import AppliedUndef
 
 from tpcompiler.ir.ops import Record
 
@@ -92,9 +93,7 @@ def fingerprint(obj, strict: bool = True, memo: dict | None = None) -> str:
     if isinstance(obj, type):
         return f"type:{obj.__module__}.{obj.__qualname__}"
     if isinstance(obj, sp.Basic):
-        if strict:
-            _known_functions(obj)
-        return f"S({sp.srepr(obj)})"
+        return f"S({_sympy_text(obj, strict)})"
     if isinstance(obj, np.ndarray) and not obj.dtype.hasobject:
         return f"A({obj.dtype.str},{obj.shape},{hashlib.sha256(np.ascontiguousarray(obj).tobytes()).hexdigest()})"
     if isinstance(obj, (np.integer, np.floating)):
@@ -118,15 +117,56 @@ def fingerprint(obj, strict: bool = True, memo: dict | None = None) -> str:
     raise Unkeyable(f"cannot fingerprint a {type(obj).__name__}" + (" of Python objects" if isinstance(obj, np.ndarray) else ""))
 
 
+#: The classes whose instances are equal exactly when they are of one class with equal
+#: arguments (sympy's default ``_hashable_content``, the arguments): sums, products, powers,
+#: calls of defined functions.
+_BY_ARGUMENTS = (sp.Basic._hashable_content, sp.Expr._hashable_content)
+#: {(class, hashable content): srepr} of the other nodes written so far (symbols, numbers):
+#: an exact key (Float(0.2) at two precisions, 1 and 1.0, are different keys).
+_LEAF_TEXTS: dict = {}
+_LEAF_TEXTS_KEPT = 1 << 17
+
+
+def _sympy_text(expr: sp.Basic, strict: bool) -> str:
+    """An exact text of a sympy expression, as exact as ``srepr`` and faster to write (srepr
+    sorts a sum's terms for printing and dispatches its printer at every node: 2.5 s of
+    ``tp.compile``'s first look at a 2-D 32 x 32 CNN).  A node of a class whose instances are
+    equal exactly when their arguments are (``_BY_ARGUMENTS``) is its class's name and its
+    arguments' texts, in the order sympy keeps them (a sum's and a product's canonical order,
+    the same in every process); any other node (a symbol, a number, an undefined function's
+    call) is its srepr, remembered by class and content.  ``strict``: a call of a function
+    class defined outside sympy and tpcompiler raises ``Unkeyable`` (``_known_functions``)."""
+    cls = type(expr)
+    if expr.args and cls._hashable_content in _BY_ARGUMENTS and not isinstance(expr, AppliedUndef):
+        if strict and isinstance(expr, sp.Function):
+            _known_function(cls)
+        return f"{cls.__name__}(" + ",".join([_sympy_text(a, strict) for a in expr.args]) + ")"
+    if strict and not expr.is_Atom:
+        _known_functions(expr)
+    key = (cls, expr._hashable_content())
+    text = _LEAF_TEXTS.get(key)
+    if text is None:
+        text = sp.srepr(expr)
+        if len(_LEAF_TEXTS) >= _LEAF_TEXTS_KEPT:
+            _LEAF_TEXTS.clear()
+        _LEAF_TEXTS[key] = text
+    return text
+
+
 def _known_functions(expr: sp.Basic) -> None:
     """Refuse (``Unkeyable``) an expression calling a function class not defined in sympy or
     tpcompiler: srepr writes only its name, and a class of that name defined differently in
     another run (a user's class; an undefined function, Function("f"), whose assumptions or
     attached implementation srepr leaves out) would read back this derivation."""
     for call in expr.atoms(sp.Function):
-        module = type(call).__module__
-        if module is None or module.split(".")[0] not in ("sympy", "tpcompiler"):
-            raise Unkeyable(f"the function {type(call).__name__} is defined in {module}, outside sympy and tpcompiler")
+        _known_function(type(call))
+
+
+def _known_function(cls: type) -> None:
+    """``_known_functions`` of one function class."""
+    module = cls.__module__
+    if module is None or module.split(".")[0] not in ("sympy", "tpcompiler"):
+        raise Unkeyable(f"the function {cls.__name__} is defined in {module}, outside sympy and tpcompiler")
 
 
 #: Marks a part of ``graph_parts`` written by its non-strict fingerprint.
