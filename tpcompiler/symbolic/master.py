@@ -246,6 +246,7 @@ class ZProgram:
         self.order = graph.order()
         self.entries: dict[str, ZEntry] = {}
         self.families: dict[tuple, list[str]] = {}
+        self._family_position: dict[tuple, dict[str, int]] = {}  # family -> {member: its index}
         #: {leaf symbol: independent block} of every Gaussian leaf (initial Z, ZHat).
         self.leaf_blocks: dict[sp.Symbol, str] = {}
         self._signature: dict = {}
@@ -423,9 +424,7 @@ class ZProgram:
         self.entries[key] = entry
         xdeps = self.entries[x].deps
         terms = []
-        for source in [] if self.drop_zdot else self.families.get((mat, not tr), []):
-            if source not in xdeps:
-                continue  # Z^x does not depend on ZHat^source at all
+        for source in [] if self.drop_zdot else self._family_members_in((mat, not tr), xdeps):
             y = self.entries[source].x
             reason_block = self.derivative_zero_block(x, source)
             if reason_block is not None:
@@ -438,10 +437,24 @@ class ZProgram:
         entry.z = Zhat(key) + sp.Add(*[t.coefficient * Z(t.y) for t in terms])
         entry.deps = frozenset([key]).union(*(self.entries[t.y].deps for t in live))
         entry.parents = tuple(dict.fromkeys(t.y for t in live))
-        self.families.setdefault((mat, tr), []).append(key)
+        members = self.families.setdefault((mat, tr), [])
+        self._family_position.setdefault((mat, tr), {})[key] = len(members)
+        members.append(key)
         self.checker.risky(key)
         self.checker.check_second_moment(key, x)
         return entry
+
+    def _family_members_in(self, family: tuple, deps: frozenset) -> list:
+        """The members of ``family`` (MatMuls of one matrix, one orientation) in ``deps``, in
+        the family's order: the ZHats a vector's Z depends on, of which the ZDot sums over.
+        Read from whichever is smaller: a convolution's filter tap is one family of a
+        MatMul per position, and each backward vector depends on the few of its window
+        (2-D 32 x 32: 8.7 million members visited for 17,672 MatMuls)."""
+        members = self.families.get(family, [])
+        if len(deps) >= len(members):
+            return [m for m in members if m in deps]
+        position = self._family_position[family]
+        return sorted((d for d in deps if d in position), key=position.__getitem__)
 
     def _moment(self, key: str, op: ops.Moment) -> ZEntry:
         """ZMoment: lim theta = E[psi(Z^x..)], 0 when psi is odd under an independent block."""
