@@ -29,6 +29,8 @@ particle evaluator refuses when it meets a non-finite value.
 """
 from __future__ import annotations
 
+import functools
+import operator
 from dataclasses import dataclass, field
 from functools import cached_property
 
@@ -160,6 +162,15 @@ def _diff(expr: sp.Expr, s: sp.Symbol) -> sp.Expr:
         return sp.S.One
     if s not in expr.free_symbols:
         return sp.S.Zero
+    if (expr.is_Mul and expr.is_commutative and all(a.is_Symbol or a.is_Number for a in expr.args)
+            and expr.args.count(s) == 1):
+        # a product of numbers and symbols, s once among them: sympy's product rule
+        # (Mul._eval_derivative) keeps the one term of s, the product of the others with 1
+        # in its place, built by the same multiplications (a Flatten readout's sum over
+        # positions of c m_p x_p: two such products per position)
+        args = list(expr.args)
+        args[args.index(s)] = sp.S.One
+        return functools.reduce(operator.mul, args, sp.S.One)
     if (isinstance(expr, sp.Function) and expr.args == (s,)
             and type(expr)._eval_derivative is sp.Function._eval_derivative):
         try:
