@@ -251,8 +251,8 @@ def test_linear_coefficients_read_term_by_term_agree_with_sympys_poly():
 
 def test_derivatives_read_directly_are_the_objects_sympys_diff_builds():
     """master._diff (what partials leaves to sympy) reads d/ds of s, of an expression without
-    s, of f(s) (f differentiated by its fdiff) and of a product of numbers and symbols
-    (sympy's product rule) without sp.diff's dispatch; on 300 random
+    s, of f(s) (f differentiated by its fdiff) and of a product with s in one factor (sympy's
+    Leibniz rule) without sp.diff's dispatch; on 300 random
     expressions of the package's nonlinearities, sympy's functions (zeta's fdiff raises),
     Max/Abs (own derivative rules), a function whose derivative is a Derivative, powers and
     products of several variables, every derivative must be the object sp.diff returns
@@ -281,7 +281,7 @@ def test_derivatives_read_directly_are_the_objects_sympys_diff_builds():
         return rng.choice([f(v), f(linear()), rng.choice([2, 0.25, sp.Rational(-1, 3)]) * f(v) * (1 + y), f(v) * z,
                            f(linear()) * f(v), x * y, linear(), f(x * y), sp.Integer(rng.randint(0, 2)),
                            2 * nested(v),  # (its derivative: a Derivative, at a symbol only)
-                           # products of numbers and distinct symbols (read directly), a power
+                           # products of numbers and distinct symbols, a power
                            rng.choice([1, -1, 0.3, 2, sp.Rational(-2, 3), 1.5])
                            * sp.Mul(*rng.sample([x, y, z], rng.randint(1, 3))),
                            0.7 * x * y * z * sp.Rational(1, 3), 2.5 * x * x * y])

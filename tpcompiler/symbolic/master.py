@@ -29,8 +29,6 @@ particle evaluator refuses when it meets a non-finite value.
 """
 from __future__ import annotations
 
-import functools
-import operator
 from dataclasses import dataclass, field
 from functools import cached_property
 
@@ -154,23 +152,18 @@ def partials(expr: sp.Expr, symbols) -> dict:
 def _diff(expr: sp.Expr, s: sp.Symbol) -> sp.Expr:
     """``sp.diff(expr, s)``, the same object, without its ``Derivative`` dispatch (about 100 us
     a call, once per tap of every convolution's pre-activation) where its result is known:
-    1 for s itself, 0 for an expression without s, and f'(s) (``fdiff``) for a function of
-    one argument that is s itself and that sympy differentiates by ``fdiff``
-    (``Function._eval_derivative`` not overridden, f' holding no Derivative); anything else
-    by ``sp.diff``."""
+    1 for s itself, 0 for an expression without s, f'(s) (``fdiff``) for a function of one
+    argument that is s itself and that sympy differentiates by ``fdiff``
+    (``Function._eval_derivative`` not overridden, f' holding no Derivative), and a product
+    with s in one factor by sympy's product rule; anything else by ``sp.diff``."""
     if expr is s:
         return sp.S.One
     if s not in expr.free_symbols:
         return sp.S.Zero
-    if (expr.is_Mul and expr.is_commutative and all(a.is_Symbol or a.is_Number for a in expr.args)
-            and expr.args.count(s) == 1):
-        # a product of numbers and symbols, s once among them: sympy's product rule
-        # (Mul._eval_derivative) keeps the one term of s, the product of the others with 1
-        # in its place, built by the same multiplications (a Flatten readout's sum over
-        # positions of c m_p x_p: two such products per position)
-        args = list(expr.args)
-        args[args.index(s)] = sp.S.One
-        return functools.reduce(operator.mul, args, sp.S.One)
+    if expr.is_Mul and expr.is_commutative:
+        holding = [k for k, a in enumerate(expr.args) if s in a.free_symbols]
+        if len(holding) == 1:
+            return _leibniz(expr.args, holding[0], _diff(expr.args[holding[0]], s))
     if (isinstance(expr, sp.Function) and expr.args == (s,)
             and type(expr)._eval_derivative is sp.Function._eval_derivative):
         try:
@@ -180,6 +173,16 @@ def _diff(expr: sp.Expr, s: sp.Symbol) -> sp.Expr:
         if not derivative.has(sp.Derivative):
             return derivative
     return sp.diff(expr, s)
+
+
+def _leibniz(factors: tuple, k: int, derivative: sp.Expr) -> sp.Expr:
+    """d/ds of the product of ``factors`` as sympy's ``diff`` builds it (the general Leibniz
+    rule of ``Mul._eval_derivative_n_times`` at order 1: the sum over the factors of the
+    product with that factor differentiated), for s in factor k only (d/ds of it:
+    ``derivative``; of every other factor: 0): a Flatten readout's sum over positions of
+    c m_p x_p, a backward pass's step(h) dy, without sympy's Derivative dispatch per factor."""
+    return sp.Add(*[1 * sp.Mul(*factors[:j], derivative if j == k else sp.S.Zero, *factors[j + 1:])
+                    for j in range(len(factors))])
 
 
 def _sum_signature(sigs: list[dict]) -> dict:
