@@ -110,3 +110,34 @@ def test_a_readout_of_more_positions_than_a_products_bound_is_still_pruned():
     net = layers.serial(layers.Conv(4, (3,), padding="SAME", W_std=1.5, b_std=0.1), layers.Relu(), layers.Flatten(),
                         layers.Dense(1, 1.5, 0.1))
     assert _pair_moments(kernel_program(net.program((P, 1)).graph, in_the_limit=True)) <= P + 1
+
+
+@pytest.mark.parametrize("name, whole, zeros", [("flatten", True, True), ("flatten", False, True),
+                                                ("flatten_layernorm", False, True), ("gap", True, False)])
+def test_the_engines_proofs_of_zero_do_not_depend_on_the_sides(monkeypatch, name, whole, zeros):
+    """The engine proves E[Z^a Z^b] = 0 once per pair of nodes (``PairwiseEngine._vanishes``),
+    whichever inputs (sides) the two stand at: the same derivation with one proof per pair of
+    nodes and sides proves the same zeros at every sides it is asked (and writes the same
+    source).  ``whole``: from the kernel program that keeps every product, whose zeros of
+    pairs of positions the engine proves itself; ``zeros``: whether there are zeros to prove
+    (a pooled readout's gradients at two positions are correlated)."""
+    from tpcompiler.backends.kernels import kernel, pairwise
+
+    class PerSides(pairwise.PairwiseEngine):
+        def _vanishes(self, ka, sa, kb, sb):
+            key = min((ka, sa, kb, sb), (kb, sb, ka, sa))
+            found = self._vanish_memo.get(key)
+            if found is None:
+                found = self._vanish_memo[key] = self._proven_zero(*key)
+            return found
+
+    graph = NETS[name]().graph
+    derived = (kernel_program(graph, in_the_limit=not whole), None)
+    per_nodes = KernelFunction(graph, derived=derived, cache=False)
+    monkeypatch.setattr(kernel, "PairwiseEngine", PerSides)
+    per_sides = KernelFunction(graph, derived=derived, cache=False)
+    assert per_sides.source == per_nodes.source
+    by_nodes, by_sides = per_nodes._engine._vanish_memo, per_sides._engine._vanish_memo
+    assert (sum(by_sides.values()) > 10) == zeros and len(by_sides) > len(by_nodes)
+    for (ka, sa, kb, sb), zero in by_sides.items():
+        assert by_nodes[min(ka, kb), max(ka, kb)] == zero, (ka, sa, kb, sb)
