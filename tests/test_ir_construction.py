@@ -279,8 +279,9 @@ def test_free_symbols_of_is_sympys_free_symbols():
 def test_add_builds_the_sum_that_python_sum_builds():
     """tp.add(*terms) is the left fold terms[0] + terms[1] + ... built as one sum: the same
     expression (like terms collected, their float coefficients added in the same order, sums
-    among the terms flattened), a Vec if any term is one, else a Scalar.  Random sums of
-    vectors, MatMuls, Nonlins, Moments and numbers with integer, rational and float scales."""
+    among the terms flattened, numbers before the first Vec or Scalar added by Python: 2.5 +
+    2.5 is the integer 5), a Vec if any term is one, else a Scalar.  Random sums of vectors,
+    MatMuls, Nonlins, Moments and numbers with integer, rational and float scales."""
     rng = np.random.default_rng(0)
     p = tp.Program("sums")
     u = [p.vec(f"u{i}") for i in range(3)]
@@ -288,11 +289,15 @@ def test_add_builds_the_sum_that_python_sum_builds():
     s = tp.mean(u[0] * u[1])
     pool = [*u, W @ u[0], tp.tanh(W @ u[1]), u[0] + u[1], s, s * u[2], 2 * s + 1]
     scales = [1, -1, 2, 0.5, 0.1, 0.2, 1 / 3, sp.Rational(1, 3), -0.7]
-    for trial in range(300):
+    numbers = [0, 1, 2.5, 0.1, 0.5, np.float32(0.1), sp.Float(0.2)]
+    cases = [[2.5, 2.5, u[0]], [0.5, 0.5, u[0]], [np.float32(0.1), np.float32(0.2), 0.3, s], [1, 0.5, 0.5, s, 2.5]]
+    for trial in range(1000):
         terms = [pool[rng.integers(len(pool))] * scales[rng.integers(len(scales))]
                  for _ in range(rng.integers(1, 10))]
-        for _ in range(rng.integers(0, 3)):  # numbers among them, anywhere
-            terms.insert(int(rng.integers(len(terms) + 1)), [0, 1, 2.5, 0.1][rng.integers(4)])
+        for _ in range(rng.integers(0, 4)):  # numbers among them, anywhere (leading ones: Python adds them)
+            terms.insert(int(rng.integers(len(terms) + 1)), numbers[rng.integers(len(numbers))])
+        cases.append(terms)
+    for trial, terms in enumerate(cases):
         expected = sum(terms[1:], terms[0])
         got = tp.add(*terms)
         assert type(got) is type(expected), trial

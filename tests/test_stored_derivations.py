@@ -332,7 +332,7 @@ def test_sympy_expressions_are_written_as_exactly_as_srepr_writes_them():
     order, not sorted for printing as srepr sorts them): two expressions get one text exactly
     when srepr gives them one.  Random sums, products, powers and calls, and values equal as
     numbers but not as objects (1 and 1.0, a Float at two precisions), symbols with and without
-    assumptions, dummies of one name."""
+    assumptions (also two that sympy finds equal, given differently), dummies of one name."""
     import sympy as sp
 
     from tpcompiler.ir import ops
@@ -355,6 +355,9 @@ def test_sympy_expressions_are_written_as_exactly_as_srepr_writes_them():
 
     corpus = leaves + [relu(x), relu(xr), sp.tanh(x), x + y, x * y, x ** 2, x ** sp.Float(2.0), sp.Tuple(1, 2),
                        sp.Tuple(2, 1), sp.Tuple(x, sp.Tuple(y))]
+    # equal to sympy, written as given by srepr: each its own text, whichever was written first
+    positive, positive_real = sp.Symbol("z", positive=True), sp.Symbol("z", positive=True, real=True)
+    corpus += [positive, positive_real, positive]
     corpus += [random_expression(3) for _ in range(300)]
     texts = [stored.fingerprint(e) for e in corpus]
     reprs = [sp.srepr(e) for e in corpus]

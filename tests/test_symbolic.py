@@ -326,3 +326,35 @@ def test_coefficient_and_variable_read_directly_are_what_as_independent_gives():
             want = term.as_independent(*variables, as_Add=False)
             assert sp.srepr(got[0]) == sp.srepr(want[0]) and got[1] is want[1], (term, got, want)
     assert read > 500
+
+
+def test_zdot_sums_read_the_earlier_family_members_the_vector_depends_on():
+    """ZMatMul (docs/DESIGN.md 2.2): the ZDot of W x sums over the earlier MatMuls of W's other
+    orientation whose ZHat Z^x depends on, in program order.  A convolution's filter tap is a
+    family of one MatMul per position, and the ZDot reads it from the smaller of the family
+    and the dependencies (master._family_members_in): checked against the definition for
+    every MatMul of a 2-D CNN's kernel program."""
+    from tpcompiler import layers
+
+    net = layers.serial(*[layers.Conv(4, (3, 3), padding="SAME", W_std=1.5, b_std=0.1), layers.Relu()] * 2,
+                        layers.GlobalAvgPool(), layers.Dense(1, 1.5, 0.1))
+    shared = tp.Program("shared")  # one matrix used 8 times, then transposed on products of a
+    W = shared.mat("W", sigma=1.2)  # few of its outputs: ZDots of several terms of a larger family
+    xs = [shared.vec("u")]
+    for k in range(8):
+        xs.append(tp.tanh(W @ xs[-1]).named(f"x{k}"))
+    for k, (a, b, c) in enumerate([(1, 2, 5), (7, 3, 4), (8, 6, 2)]):
+        shared.output(f"m{k}", tp.mean((W.T @ (xs[a] * xs[b] * xs[c])) ** 2))
+    terms, several = 0, 0
+    for zp in (tp.compile(net.program((4, 4, 1))).zprogram, tp.compile(shared).zprogram):
+        order = {k: i for i, k in enumerate(zp.order)}
+        for key in zp.order:
+            entry = zp.entries[key]
+            if entry.rule != "matmul":
+                continue
+            mat, tr = entry.family
+            want = [s for s in zp.families.get((mat, not tr), [])
+                    if order[s] < order[key] and s in zp.entries[entry.x].deps]
+            assert [t.source for t in entry.zdot] == want, key
+            terms, several = terms + len(want), several + (len(want) > 1)
+    assert terms > 100 and several >= 3, (terms, several)

@@ -9,7 +9,9 @@ errors are raised at construction time, naming the variables involved.
 """
 from __future__ import annotations
 
+import functools
 import numbers
+import operator
 from typing import Callable, Sequence
 
 import numpy as np
@@ -500,7 +502,14 @@ def add(*terms) -> "Vec | Scalar":
         raise DSLError(f"tp.add needs at least one Vec or Scalar term, got {len(terms)} numbers" if terms else
                        "tp.add needs at least one Vec or Scalar term, got none")
     exprs, kinds = [], set()
-    for k, t in enumerate(terms):
+    lead = next(k for k, t in enumerate(terms) if isinstance(t, (_Value, Mat)))
+    if lead:  # the numbers before the first Vec or Scalar, added as a + b + ... adds them: by
+        # Python (2.5 + 2.5 is a program's integer 5, not sympy's 5.0)
+        for k in range(lead):
+            _number(terms[k], f"tp.add: term {k}")
+        exprs.append(_number(functools.reduce(operator.add, terms[:lead]), "tp.add: its leading numbers' sum"))
+        kinds.add(SCALAR)
+    for k, t in enumerate(terms[lead:], lead):
         if isinstance(t, (_Value, Mat)):
             expr, kind = program._coerce(t, lambda k=k: f"tp.add: term {k}")
         else:

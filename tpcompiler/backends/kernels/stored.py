@@ -121,8 +121,8 @@ def fingerprint(obj, strict: bool = True, memo: dict | None = None) -> str:
 #: arguments (sympy's default ``_hashable_content``, the arguments): sums, products, powers,
 #: calls of defined functions.
 _BY_ARGUMENTS = (sp.Basic._hashable_content, sp.Expr._hashable_content)
-#: {(class, hashable content): srepr} of the other nodes written so far (symbols, numbers):
-#: an exact key (Float(0.2) at two precisions, 1 and 1.0, are different keys).
+#: {(class, hashable content, assumptions as given): srepr} of the other nodes written so far
+#: (symbols, numbers): an exact key (Float(0.2) at two precisions, 1 and 1.0, are different keys).
 _LEAF_TEXTS: dict = {}
 _LEAF_TEXTS_KEPT = 1 << 17
 
@@ -134,7 +134,7 @@ def _sympy_text(expr: sp.Basic, strict: bool) -> str:
     equal exactly when their arguments are (``_BY_ARGUMENTS``) is its class's name and its
     arguments' texts, in the order sympy keeps them (a sum's and a product's canonical order,
     the same in every process); any other node (a symbol, a number, an undefined function's
-    call) is its srepr, remembered by class and content.  ``strict``: a call of a function
+    call) is its srepr, remembered by class, content and assumptions.  ``strict``: a call of a function
     class defined outside sympy and tpcompiler raises ``Unkeyable`` (``_known_functions``)."""
     cls = type(expr)
     if expr.args and cls._hashable_content in _BY_ARGUMENTS and not isinstance(expr, AppliedUndef):
@@ -143,7 +143,10 @@ def _sympy_text(expr: sp.Basic, strict: bool) -> str:
         return f"{cls.__name__}(" + ",".join([_sympy_text(a, strict) for a in expr.args]) + ")"
     if strict and not expr.is_Atom:
         _known_functions(expr)
-    key = (cls, expr._hashable_content())
+    # (two symbols sympy finds equal, z positive and z positive and real, are written as they
+    # were given: srepr writes a symbol's assumptions as given)
+    given = getattr(expr, "_assumptions_orig", None)
+    key = (cls, expr._hashable_content(), tuple(given.items()) if given else None)
     text = _LEAF_TEXTS.get(key)
     if text is None:
         text = sp.srepr(expr)
