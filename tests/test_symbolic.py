@@ -252,11 +252,11 @@ def test_linear_coefficients_read_term_by_term_agree_with_sympys_poly():
 def test_derivatives_read_directly_are_the_objects_sympys_diff_builds():
     """master._diff (what partials leaves to sympy) reads d/ds of s, of an expression without
     s, of f(s) (f differentiated by its fdiff) and of a product with s in one factor (sympy's
-    Leibniz rule) without sp.diff's dispatch; on 300 random
-    expressions of the package's nonlinearities, sympy's functions (zeta's fdiff raises),
-    Max/Abs (own derivative rules), a function whose derivative is a Derivative, powers and
-    products of several variables, every derivative must be the object sp.diff returns
-    (srepr-equal), and partials must be what it was with sp.diff in _diff's place."""
+    Leibniz rule) without sp.diff's dispatch; on 300 random expressions of the package's
+    nonlinearities, sympy's functions (zeta's fdiff raises), Max/Abs (own derivative rules), a
+    function whose derivative is a Derivative, powers and products of several variables,
+    every derivative must be the object sp.diff returns (srepr-equal), and partials must be
+    what it was with sp.diff in _diff's place."""
     import random
 
     from tpcompiler.ir import nonlinearities as nl

@@ -155,7 +155,8 @@ def _diff(expr: sp.Expr, s: sp.Symbol) -> sp.Expr:
     1 for s itself, 0 for an expression without s, f'(s) (``fdiff``) for a function of one
     argument that is s itself and that sympy differentiates by ``fdiff``
     (``Function._eval_derivative`` not overridden, f' holding no Derivative), and a product
-    with s in one factor by sympy's product rule; anything else by ``sp.diff``."""
+    with s in one factor by sympy's Leibniz rule (``_leibniz``); anything else by
+    ``sp.diff``."""
     if expr is s:
         return sp.S.One
     if s not in expr.free_symbols:
@@ -180,7 +181,8 @@ def _leibniz(factors: tuple, k: int, derivative: sp.Expr) -> sp.Expr:
     rule of ``Mul._eval_derivative_n_times`` at order 1: the sum over the factors of the
     product with that factor differentiated), for s in factor k only (d/ds of it:
     ``derivative``; of every other factor: 0): a Flatten readout's sum over positions of
-    c m_p x_p, a backward pass's step(h) dy, without sympy's Derivative dispatch per factor."""
+    c m_p x_p, a backward pass's step(h) dy, without sympy's Derivative dispatch per factor.
+    (``1 *``: the multinomial coefficient sympy multiplies each term by.)"""
     return sp.Add(*[1 * sp.Mul(*factors[:j], derivative if j == k else sp.S.Zero, *factors[j + 1:])
                     for j in range(len(factors))])
 

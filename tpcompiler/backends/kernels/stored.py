@@ -134,8 +134,9 @@ def _sympy_text(expr: sp.Basic, strict: bool) -> str:
     equal exactly when their arguments are (``_BY_ARGUMENTS``) is its class's name and its
     arguments' texts, in the order sympy keeps them (a sum's and a product's canonical order,
     the same in every process); any other node (a symbol, a number, an undefined function's
-    call) is its srepr, remembered by class, content and assumptions.  ``strict``: a call of a function
-    class defined outside sympy and tpcompiler raises ``Unkeyable`` (``_known_functions``)."""
+    call) is its srepr, remembered by class, content and assumptions.  ``strict``: a call of
+    a function class defined outside sympy and tpcompiler raises ``Unkeyable``
+    (``_known_functions``)."""
     cls = type(expr)
     if expr.args and cls._hashable_content in _BY_ARGUMENTS and not isinstance(expr, AppliedUndef):
         if strict and isinstance(expr, sp.Function):
