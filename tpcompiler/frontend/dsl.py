@@ -497,12 +497,12 @@ def add(*terms) -> "Vec | Scalar":
     time, and each addition rebuilds and sorts the sum so far (sympy's Add), which is
     quadratic in the number of terms: a Flatten readout's sum over the 1,024 positions of a
     32 x 32 image took 11 s."""
-    program = next((t.program for t in terms if isinstance(t, (_Value, Mat))), None)
-    if program is None:
+    lead = next((k for k, t in enumerate(terms) if isinstance(t, (_Value, Mat))), None)  # the first Vec or Scalar
+    if lead is None:
         raise DSLError(f"tp.add needs at least one Vec or Scalar term, got {len(terms)} numbers" if terms else
                        "tp.add needs at least one Vec or Scalar term, got none")
+    program = terms[lead].program
     exprs, kinds = [], set()
-    lead = next(k for k, t in enumerate(terms) if isinstance(t, (_Value, Mat)))
     if lead:  # the numbers before the first Vec or Scalar, added as a + b + ... adds them: by
         # Python (2.5 + 2.5 is a program's integer 5, not sympy's 5.0)
         for k in range(lead):
