@@ -98,7 +98,7 @@ def test_moments_by_linearity_equal_the_expanded_forms(name, monkeypatch):
     through_sums = [k for k, n in linear.engine._linear_memo.items() if n != ((k, 1),)]
     assert through_sums, "the program has no vector that is a sum of others: the test would test nothing"
     a = linear(X, X2)
-    monkeypatch.setattr(PairwiseEngine, "_moment_by_pairs", lambda self, key, same_input: None)
+    monkeypatch.setattr(PairwiseEngine, "_moment_by_pairs", lambda self, key, same_input, part="all": None)
     expanded = KernelFunction(graph, templates=False, share=False)
     assert not expanded.engine._linear_memo
     b = expanded(X, X2)
@@ -111,8 +111,12 @@ def test_output_term_sums_equal_the_outputs(name):
     """The kernels' outputs are taken term by term (PairwiseEngine.scalar_terms: a pooled
     moment's P^2 terms times the other factors of its term, never one sympy sum); the sum
     of the terms must be the output scalar() gives, on the diagonal too, and for products
-    of two pooled moments (kept as one term) and numeric multiples of them."""
+    of two pooled moments (kept as one term) and numeric multiples of them.  The two parts
+    of the kernels (kernel.PARTS), decided at the two inputs, must sum to the same at the
+    two inputs and on the diagonal: the pair stage computes both, and on the diagonal the
+    first and the row stage the second."""
     import sympy as sp
+    from tpcompiler.backends.kernels.kernel import PARTS
     from tpcompiler.backends.kernels.pairwise import PairwiseEngine
     from tpcompiler.backends.kernels.shared import sum_of_terms, term_sum
     from tpcompiler.ir import ops
@@ -132,6 +136,28 @@ def test_output_term_sums_equal_the_outputs(name):
             difference = term_sum(sp.expand(sum_of_terms(terms) - want))
             scale = max(abs(c) for c in term_sum(want).values())
             assert max((abs(c) for c in difference.values()), default=0.0) <= 1e-12 * scale, (name, expr, same_input)
+            parts = [engine.scalar_terms(expr, same_input, part) for part in PARTS]
+            difference = term_sum(sp.expand(sum(sum_of_terms(t) for t in parts) - want))
+            assert max((abs(c) for c in difference.values()), default=0.0) <= 1e-12 * scale, (name, expr, same_input)
+    if name.endswith("_gap"):  # a pooled moment is split pair by pair: E[Z^p Z^q'], p != q, in the first part
+        assert all(engine.moment_terms(m.key, False, part) for part in PARTS)
+
+
+def test_a_pooled_readout_needs_the_row_stage_once_per_position():
+    """The kernels' diagonal k(xi, xi) of a global average pool reads E[f(h_p) f(h_q)] for every
+    pair of positions; only the terms p = q read covariances of a vector with itself at the two
+    inputs (variances at xi' = xi, where the arc-cosine would amplify rounding), and only
+    they are derived at one input for the row stage.  The others come from the pair stage at
+    (i, i).  So the row quantities grow with the positions, the pair quantities with their
+    square; the kernels themselves are checked against neural-tangents and finite width in
+    test_layers and against the direct derivation above."""
+    def quantities(L):
+        order = KernelFunction(load(PROGRAMS / "cnn1d.py", L=L, depth=2).graph).engine.order
+        return len([q for q in order if not q.pair]), len([q for q in order if q.pair])
+
+    (rows4, pairs4), (rows8, pairs8) = quantities(4), quantities(8)
+    assert pairs8 >= 3.5 * pairs4
+    assert rows8 <= 2 * rows4
 
 
 def test_factored_ntk_terms_equal_the_expanded_ones(monkeypatch):

@@ -57,6 +57,10 @@ from tpcompiler.ir.ops import node_symbol
 from tpcompiler.backends.kernels.pairwise import E1, E2, ExpectationRules, NotPairwise, PairwiseEngine, TemplateCall
 
 KERNELS = ("nngp", "ntk")
+#: The two parts of each kernel that the pair stage computes (``PairwiseEngine.scalar_terms``):
+#: the terms that read no covariance of a vector with itself at the two inputs, and those that
+#: do.  On the diagonal the pair stage gives the first and the row stage the second.
+PARTS = ("apart", "coincident")
 #: What to do when a derivation does not fit in memory (``memory.guarded``).
 TOO_LARGE_ADVICE = ("the kernel derivation makes one quantity per pair of positions and layer, so a CNN's memory "
                     "and time grow with the square of its number of positions; give the program fewer positions "
@@ -70,9 +74,9 @@ _J_BLOCK = 256
 def mirror(out, diagonal):
     """The lower triangle of a symmetric block from its upper one, in 64 x 64 tiles (a plain
     transposed copy misses the cache on every read), block rows b and nb-1-b together for
-    equal work per thread; the diagonal from the row stage.  One compiled function for every
-    kernel (Numba's disk cache keeps it): as part of each generated module, its parallel
-    compile cost every program's first call 0.5 s."""
+    equal work per thread; the row stage's part of the diagonal added to the pair stage's
+    (``PARTS``).  One compiled function for every kernel (Numba's disk cache keeps it): as
+    part of each generated module, its parallel compile cost every program's first call 0.5 s."""
     N = out.shape[0]
     nb = (N + 63) // 64
     for t in numba.prange((nb + 1) // 2):
@@ -85,7 +89,7 @@ def mirror(out, diagonal):
                     for j in range(c * 64, min(i, c * 64 + 64)):
                         out[i, j] = out[j, i]
             for i in range(b * 64, min(N, b * 64 + 64)):
-                out[i, i] = diagonal[i]
+                out[i, i] += diagonal[i]
 
 
 #: The bound variable of the functions g(t) printed into generated source.
@@ -227,10 +231,12 @@ class KernelFunction:
         running("pair expectations")
         self._engine = engine = PairwiseEngine(kp, zp, runtime=frozenset(self.runtime), templates=templates)
         try:
-            derived_outputs = [engine.scalar_terms(kp.outputs[k]) for k in KERNELS]
-            # The diagonal k(xi, xi) from row quantities: exact at rho = 1, where a pair formula
-            # would amplify rounding (arc-cosine kernels have a square-root singularity there).
-            derived_diagonal = [engine.scalar_terms(kp.outputs[k], same_input=True) for k in KERNELS]
+            # The pair stage computes the kernels in two parts, PARTS; on the diagonal k(xi, xi)
+            # it computes the first, and the row stage the second from row quantities: exact at
+            # rho = 1, where a pair formula would amplify rounding (arc-cosine kernels have a
+            # square-root singularity there).  A pooled readout's P^2 terms are then P on the row stage.
+            derived_outputs = [engine.scalar_terms(kp.outputs[k], part=part) for part in PARTS for k in KERNELS]
+            derived_diagonal = [engine.scalar_terms(kp.outputs[k], same_input=True, part=PARTS[1]) for k in KERNELS]
         except NotPairwise as exc:
             text = str(exc) if len(str(exc)) < 200 else str(exc)[:197] + "..."
             raise NotPairwise(f"program {graph.name!r}: the kernel backend needs bivariate Gaussian expectations "
@@ -667,7 +673,8 @@ def pair_stage({grams}RF1, RF2T, R1, R2T, {outs}, symmetric, P):
             start = i if symmetric else 0
             for j in range(start, M):
 {chr(10).join(pair_lines)}
-{chr(10).join(f'                out{k}[i, j] = {e}' for k, e in enumerate(pair_outs))}
+{chr(10).join(f'                out{k}[i, j] = {e} if symmetric and j == i else {e} + {pair_outs[len(KERNELS) + k]}'
+              for k, e in enumerate(pair_outs[:len(KERNELS)]))}
 """
         return src
 
@@ -729,7 +736,10 @@ def pair_stage({grams}RF1, RF2T, R1, R2T, {outs}, symmetric, P):
         row_outs = "\n".join(f"        R[i, {n_rows + k}] = _acc{k}" for k in range(len(KERNELS)))
         row_init = "\n".join(f"        _acc{k} = {c!r}" for k, c in enumerate(row_constants))
         pair_init = "\n".join(f"                    ACC[{k}, j - jb] = {c!r}" for k, c in enumerate(pair_constants))
-        pair_outs = "\n".join(f"                    out{k}[i, j] = ACC[{k}, j - jb]" for k in range(len(KERNELS)))
+        n = len(KERNELS)  # ACC[k]: kernel k's first part, ACC[n + k] its second (PARTS)
+        pair_outs = "\n".join(f"                    out{k}[i, j] = ACC[{k}, j - jb] + ACC[{n + k}, j - jb]"
+                               for k in range(n))
+        diagonal_parts = "\n".join(f"                    out{k}[i, i] = ACC[{k}, 0]" for k in range(n))
         outs = ", ".join(f"out{k}" for k in range(len(KERNELS)))
         # the custom functions the printed code calls: those of the groups' templates
         header = self._header([group.template for group in row_groups + pair_groups])
@@ -756,7 +766,7 @@ def pair_stage(t0, step, GS, RF1, RF2T, R1, R2T, {outs}, symmetric, P, IT, WT):
     half = (N + 1) // 2 if symmetric else N
     reps = 2 if symmetric else 1
     Q = np.empty(({max(self._pair_slots, 1)}, {_J_BLOCK}))
-    ACC = np.empty(({len(KERNELS)}, {_J_BLOCK}))
+    ACC = np.empty(({len(pair_constants)}, {_J_BLOCK}))
     for t in range(t0, half, step):
         for r in range(reps):
             i = t + r * (N - 1 - 2 * t)
@@ -771,6 +781,8 @@ def pair_stage(t0, step, GS, RF1, RF2T, R1, R2T, {outs}, symmetric, P, IT, WT):
 {pair_body[1]}
                 for j in range(jb, je):
 {pair_outs}
+                if symmetric and jb == start:  # (i, i): the first part; block() adds the row stage's
+{diagonal_parts}
 """
 
     def _header(self, printed) -> str:
@@ -860,7 +872,7 @@ def pair_stage(t0, step, GS, RF1, RF2T, R1, R2T, {outs}, symmetric, P, IT, WT):
                         *self.module.TABLES)
         else:
             self.module.pair_stage(*G, *args)
-        if same:
+        if same:  # the diagonal: the pair stage's first part plus the row stage's second (PARTS)
             for k, out in enumerate(outs):
                 mirror(out, np.ascontiguousarray(Ra[:, len(self.row_symbols) + k]))
         timing["grams"] = timing.get("grams", 0.0) + t1 - t0

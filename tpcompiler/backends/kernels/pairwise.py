@@ -209,6 +209,10 @@ class PairwiseEngine:
         self._coefficient_memo: dict = {}  # _moment_coefficient's
         self._moment_symbols: dict = {}    # _is_moment's
         self._vector_symbols: dict = {}    # _is_vector_symbol's
+        self._quantity_keys: dict = {}     # a quantity's symbol -> its key in ``quantities``
+        self._coincident_memo: dict = {}   # id(expression) -> (_coincident's answer, expression)
+        self._factor_part_memo: dict = {}  # factor -> _factor_part's answer
+        self._factor_terms_memo: dict = {} # (factor, same_input) -> _factor_terms' answer
         # the pair path's symbols as integers (``_symbol_ids``): dicts keyed by small ints and
         # tuples of them, not by sympy objects, whose hash and equality are Python calls
         self._ids: dict = {}              # symbol -> its id
@@ -311,29 +315,35 @@ class PairwiseEngine:
             self._moment_memo[(key, same_input)] = memo
         return memo
 
-    def moment_terms(self, key: str, same_input: bool = False) -> dict:
+    def moment_terms(self, key: str, same_input: bool = False, part: str = "all") -> dict:
         """``moment`` as a term sum (``shared.add_terms``): by pairs without forming the sum
-        (a pooled moment's P^2 terms; the memoised dict itself, to be read, not changed)."""
-        by_pairs = self._moment_by_pairs(key, same_input)
-        return term_sum(self.moment(key, same_input)) if by_pairs is None else by_pairs
+        (a pooled moment's P^2 terms; the memoised dict itself, to be read, not changed).
+        ``part``: the pairs of vectors of one part only (``_pair_part``; a moment by pairs)."""
+        by_pairs = self._moment_by_pairs(key, same_input, part)
+        if by_pairs is None:
+            assert part == "all", "a moment's pairs of vectors are split between the parts only if it has pairs"
+            return term_sum(self.moment(key, same_input))
+        return by_pairs
 
-    def _moment_by_pairs(self, key: str, same_input: bool):
+    def _moment_by_pairs(self, key: str, same_input: bool, part: str = "all"):
         """E[psi] as a term sum (memoised), by linearity when psi is a sum of products of two
         vectors with numeric coefficients, each vector a numeric linear combination of program vectors
         (``_linear_nodes``): E[(sum_k c_k v_k)(sum_l d_l w_l)] = sum_kl c_k d_l E[v_k w_l],
         one expectation per pair of vectors, shared between moments (``_pair_moment``).  A
         pooled vector's moment is then P^2 expectations of one structure, not the expansion
-        of a product of two P-term forms.  None if psi is not of that shape."""
-        if (key, same_input) in self._by_pairs_memo:
-            return self._by_pairs_memo[(key, same_input)]
-        value = self._by_pairs_memo[(key, same_input)] = self._new_moment_by_pairs(key, same_input)
+        of a product of two P-term forms.  None if psi is not of that shape.  ``part``: only
+        the pairs of that part (``_pair_part``)."""
+        memo_key = (key, same_input, part)
+        if memo_key in self._by_pairs_memo:
+            return self._by_pairs_memo[memo_key]
+        value = self._by_pairs_memo[memo_key] = self._new_moment_by_pairs(key, same_input, part)
         return value
 
-    def _new_moment_by_pairs(self, key: str, same_input: bool):
+    def _new_moment_by_pairs(self, key: str, same_input: bool, part: str):
         op = self.graph.op(key)
         vectors = self._two_vectors(op.expr)
         if vectors is not None:  # (the general case below, read for this one: its terms at scale 1)
-            return self._pair_terms(vectors[0], vectors[1], 1.0, same_input, {})
+            return self._pair_terms(vectors[0], vectors[1], 1.0, same_input, {}, part)
         expr = op.expr.xreplace(self._params)
         if not all(f.is_Symbol or f.is_Number or (f.is_Pow and f.base.is_Symbol and f.exp.is_Integer)
                    for f in sp.Mul.make_args(expr)):
@@ -352,20 +362,23 @@ class PairwiseEngine:
                     return None
             if len(vectors) != 2:
                 return None
-            self._pair_terms(vectors[0], vectors[1], float_value(coef), same_input, terms)
+            self._pair_terms(vectors[0], vectors[1], float_value(coef), same_input, terms, part)
         return terms
 
-    def _pair_terms(self, a: sp.Symbol, b: sp.Symbol, scale: float, same_input: bool, terms: dict) -> dict:
+    def _pair_terms(self, a: sp.Symbol, b: sp.Symbol, scale: float, same_input: bool, terms: dict,
+                    part: str = "all") -> dict:
         """Add scale * E[Z^a Z^b] to ``terms`` (``_moment_by_pairs``) for the program vectors'
         symbols a and b (primed: at the second input, unless ``same_input``), by linearity
-        over their ``_linear_nodes``."""
+        over their ``_linear_nodes``; ``part``: only the pairs of nodes of that part
+        (``_pair_part``, decided at the two inputs whatever ``same_input``)."""
         (ka, pa), (kb, pb) = unprime(a), unprime(b)
         sa, sb = int(pa and not same_input), int(pb and not same_input)
         nodes_b = [(nb, float_value(cb)) for nb, cb in self._linear_nodes(kb)]
         for na, ca in self._linear_nodes(ka):
             scale_a = scale * float_value(ca)
             for nb, cb in nodes_b:
-                add_terms(terms, self._pair_moment(na, sa, nb, sb), scale_a * cb)
+                if part == "all" or self._pair_part(na, int(pa), nb, int(pb)) == part:
+                    add_terms(terms, self._pair_moment(na, sa, nb, sb), scale_a * cb)
         return terms
 
     def _two_vectors(self, expr: sp.Expr):
@@ -677,20 +690,33 @@ class PairwiseEngine:
             rep.update({c: ops.input_cov(c.args[0], c.args[1], 0, 0) for c in expr.atoms(ops.InputCov)})
         return expr.xreplace(rep)
 
-    def scalar_terms(self, expr: sp.Expr, same_input: bool = False) -> dict:
+    def scalar_terms(self, expr: sp.Expr, same_input: bool = False, part: str = "all") -> dict:
         """``scalar(expr)`` as a term sum (``shared.add_terms``), built term by term: a term
         of ``expr`` with one factor whose value is a sum (a pooled moment, P^2 expectations)
         contributes that sum's terms times the other factors, without forming the product of
         the number and the sum (which rebuilds every one of its terms); any other term is one
-        term of the result."""
+        term of the result.
+
+        ``part`` ("all", "apart" or "coincident"): only the terms of that part (``_term_part``),
+        decided at the two inputs whatever ``same_input``, so that the two parts at the two
+        inputs sum to the whole and the "coincident" part at one input is that part at xi' = xi
+        (the kernels' diagonal, module docstring)."""
         out: dict = {}
         for term in sp.Add.make_args(sp.sympify(expr)):
             coef, rest = term.as_coeff_Mul()
             factors = sp.Mul.make_args(rest)
             if self.templates and len(factors) > 1 and any(self._moment_vanishes(f, same_input) for f in factors):
                 continue  # (before its other factors are derived: an NTK term's forward moment)
-            sums = [self.moment_terms(f.key, same_input) if self._is_moment(f) else self._factor_terms(f, same_input)
-                    for f in factors]
+            split = None  # the factor whose pairs of vectors are split between the parts
+            if part != "all":
+                which = self._term_part(factors)
+                if isinstance(which, str):
+                    if which != part:
+                        continue
+                else:
+                    split = which
+            sums = [self.moment_terms(f.key, same_input, part if k == split else "all") if self._is_moment(f)
+                    else self._factor_terms(f, same_input) for k, f in enumerate(factors)]
             if not all(sums):
                 continue  # a factor is zero (an empty term sum)
             long = [k for k, s in enumerate(sums) if len(s) > 1]
@@ -722,7 +748,75 @@ class PairwiseEngine:
         return (len(nodes_a) == 1 and len(nodes_b) == 1
                 and self._vanishes(nodes_a[0][0], int(pa and not same_input), nodes_b[0][0], int(pb and not same_input)))
 
+    def _term_part(self, factors: tuple):
+        """Which part of the kernels a term, the product of ``factors``, belongs to at the two
+        inputs: "apart" if no factor's value reads a coincident covariance (``_coincident``),
+        else the index of its one factor that is a moment by pairs of vectors with pairs of
+        both parts when the others are "apart" (the term is split pair by pair: a pooled
+        readout's E[Z^p Z^q'] with p = q or not), else "coincident"."""
+        parts = [self._factor_part(f) for f in factors]
+        mixed = [k for k, p in enumerate(parts) if p == "mixed"]
+        if all(p == "apart" for p in parts):
+            return "apart"
+        if len(mixed) == 1 and all(p == "apart" for k, p in enumerate(parts) if k != mixed[0]):
+            return mixed[0]
+        return "coincident"
+
+    def _factor_part(self, f: sp.Expr) -> str:
+        """"apart", "coincident" or, for a moment by pairs of vectors with pairs of both parts
+        (``_pair_part``), "mixed": whether a factor of an output's term reads a coincident
+        covariance at the two inputs.  Memoised."""
+        found = self._factor_part_memo.get(f)
+        if found is None:
+            if self._is_moment(f) and self._moment_by_pairs(f.key, False) is not None:
+                apart = self.moment_terms(f.key, False, "apart")
+                coincident = self.moment_terms(f.key, False, "coincident")
+                found = "mixed" if apart and coincident else "coincident" if coincident else "apart"
+            else:
+                value = self.moment_terms(f.key) if self._is_moment(f) else self._factor_terms(f, False)
+                found = "coincident" if any(self._coincident(t) for t in value) else "apart"
+            self._factor_part_memo[f] = found
+        return found
+
+    def _pair_part(self, ka: str, sa: int, kb: str, sb: int) -> str:
+        """"coincident" if E[Z^ka at side sa times Z^kb at side sb] reads a coincident
+        covariance (``_coincident``), else "apart"."""
+        return "coincident" if self._coincident(self._pair_moment(ka, sa, kb, sb)) else "apart"
+
+    def _coincident(self, e: sp.Basic) -> bool:
+        """Whether a value at the two inputs reads the covariance of a vector with itself at
+        the two inputs: an input layer's InputCov(a, a, 0, 1), or a pair quantity E[Z^a Z^a']
+        or one whose definition reads such a covariance.  At xi' = xi such a covariance is the
+        variance it is compared with, computed by other arithmetic; an expectation with a
+        square-root singularity at rho = 1 (arccos) turns their last-bit difference into an
+        error of ~1e-8, so the kernels' diagonal takes such terms from the row stage (module
+        docstring).  Memoised per object (the values share their quantities and calls)."""
+        memo = self._coincident_memo
+        hit = memo.get(id(e))
+        if hit is not None:
+            return hit[0]
+        if isinstance(e, ops.InputCov):
+            a, b, pa, pb = e.args
+            found = a == b and pa != pb
+        elif e.is_Symbol:
+            key = self._quantity_keys.get(e)
+            found = key is not None and self.quantities[key].pair and (
+                (key[0] == key[2] and key[1] != key[3]) or self._coincident(self.quantities[key].definition))
+        else:
+            found = any(self._coincident(a) for a in e.args)
+        memo[id(e)] = (found, e)  # e kept alive, so its id is not reused
+        return found
+
     def _factor_terms(self, f: sp.Expr, same_input: bool) -> dict:
+        """``_new_factor_terms``, memoised (``scalar_terms`` reads a factor once per part;
+        the memoised dict itself, to be read, not changed)."""
+        key = (f, same_input)
+        found = self._factor_terms_memo.get(key)
+        if found is None:
+            found = self._factor_terms_memo[key] = self._new_factor_terms(f, same_input)
+        return found
+
+    def _new_factor_terms(self, f: sp.Expr, same_input: bool) -> dict:
         """A factor of an output's term (not a Moment) as a term sum for ``scalar_terms``.  A
         sum of Moments whose values are single terms (ntk.py's sum over the pairs of uses
         that share a gradient pair, a convolution's taps) is kept one term, whose value is
@@ -1300,6 +1394,7 @@ class PairwiseEngine:
             return value
         q = Quantity(symbols.quantity(len(self._order)), value, pair=(sides == {0, 1}), label=f"E[Z^{ka} Z^{kb}]")
         self.quantities[key] = q
+        self._quantity_keys[q.symbol] = key
         self._order.append(q)
         return q.symbol
 
