@@ -8,11 +8,22 @@ quadrature calls) -> this module:
 * **features**: every input-dependent coefficient becomes a feature.  Functions of one input
   are *row features* (vectors over the data); bilinear forms in (xi, xi') reduce to a few base
   Gram matrices X A X2^T computed by BLAS, so d never enters the per-pair code;
-* **row stage**: the quantities of one input (variances, diagonal kernels), one parallel loop
-  over data rows;
+* **row stage**: the quantities of one input (variances, a part of the diagonal kernels), one
+  parallel loop over data rows;
 * **pair stage**: all layers of one pair (xi, xi') fused into one straight-line function
   (common subexpressions shared by sympy's cse, e.g. one arccos per relu layer), a parallel
   loop over pairs, only the upper triangle when X2 is not given.
+
+Each kernel is computed in two parts (``PARTS``, ``PairwiseEngine.scalar_terms``): the terms
+that read a covariance of a vector with itself at the two inputs, Cov(Z^v, Z^v'), and the
+others.  At xi' = xi such a covariance is a variance computed by other arithmetic, and an
+arc-cosine (or any expectation with a singularity at correlation 1) turns their last-bit
+difference into an error of ~1e-8, so on the diagonal those terms come from the row stage,
+derived at one input, where they are exact.  The others (a pooled readout's E[f(h_p) f(h_q')]
+for p != q: all but P of its P^2 terms) come from the pair stage at (i, i), as off the
+diagonal.  Where the windows of two positions hold equal values (a constant region of an
+image) their correlation is 1 too, and such a term has the accuracy of an off-diagonal entry
+between two equal inputs (a relu NTK: ~1e-9 relative).
 
 The kernels (and their diagonal) are carried through these steps as term sums ({term:
 coefficient}, ``shared.add_terms``): a CNN's are thousands of terms, handled one by one
