@@ -585,3 +585,30 @@ def test_layers_sums_are_the_sums_python_builds(monkeypatch, net, shape):
     at_once = build()
     monkeypatch.setattr(layers.dsl, "add", lambda *terms: sum(terms[1:], terms[0]))
     assert build() == at_once
+
+
+@pytest.mark.parametrize("activation", ["relu", "step"])
+def test_equal_windows_keep_the_kernels_exact(activation):
+    """An input whose every position holds the same values (a periodic signal under CIRCULAR
+    padding; a constant region of an image): every pair of positions is at correlation 1,
+    which a covariance and a variance computed by different arithmetic (a Gram entry, a row's
+    sum) miss by an ulp.  The arc-cosine kernels' square root turned that into ~1e-8, and
+    through three step layers into 2e-3, on the diagonal (whose terms between two positions
+    come from the pair stage) and between two copies of the input.  Exact value: the
+    recursion at rho = 1, k <- w^2 E[phi^2] + b^2 (E[relu^2] = k / 2, E[step^2] = 1 / 2), the
+    NTK theta <- k + w^2 E[phi'^2] theta (E[relu'^2] = 1 / 2; step' = 0)."""
+    w, b, C, P, depth = 1.5, 0.1, 16, 5, 3
+    phi = {"relu": layers.Relu, "step": layers.Step}[activation]
+    net = layers.serial(*[layers.Conv(8, (3,), padding="CIRCULAR", W_std=w, b_std=b), phi()] * depth,
+                        layers.GlobalAvgPool(), layers.Dense(1, w, b))
+    c = np.random.default_rng(1).standard_normal(C)
+    x = np.tile(c, P)
+    X = np.stack([x, np.random.default_rng(2).standard_normal(P * C), x])
+    K = tp.compile(net.program((P, C))).kernels(X)
+    k = theta = w**2 * (c @ c) / C + b**2
+    for _ in range(depth):
+        k, theta = ((w**2 * k / 2 + b**2, w**2 * k / 2 + b**2 + w**2 * theta / 2) if activation == "relu"
+                    else (w**2 / 2 + b**2, w**2 / 2 + b**2))
+    for name, want in (("nngp", k), ("ntk", theta)):
+        for i, j in ((0, 0), (2, 2), (0, 2)):
+            assert abs(K[name][i, j] / want - 1) < 1e-14, (activation, name, i, j, K[name][i, j], want)

@@ -88,7 +88,8 @@ class _RS(_Special):
 
 
 class _sdet(_Special):
-    """sqrt(max(k11 k22 - k12^2, 0)): the shared square root of the arc-cosine kernels."""
+    """sqrt(max(k11 k22 - k12^2, 0)): the shared square root of the arc-cosine kernels (the
+    generated code takes a determinant within ``DET_AS_ZERO`` of 0 as 0)."""
 
     nargs = 3
 
@@ -201,24 +202,34 @@ def fusable(expr: sp.Expr) -> sp.Expr:
     return expr.xreplace(rep) if rep else expr
 
 
+#: A determinant k11 k22 - k12^2 at most this times k11 k22 is taken as 0 by the generated
+#: code: a correlation within about 4 ulps of +-1 is +-1.  sqrt(det) has a square-root
+#: singularity there, so a covariance and a variance that are equal but were computed by
+#: different arithmetic (two equal windows of an image: a Gram entry against a row's sum),
+#: one ulp apart, would give an angle of ~1e-8 instead of 0; through the arc-cosine
+#: kernels of several step layers that error grows to ~1e-3.  Snapping stays within the
+#: accuracy float64 inputs allow near +-1 (the exact value at a covariance a few ulps away,
+#: tests/test_kernel_scales.py's measure); ``_value`` (mpmath) stays exact.
+DET_AS_ZERO = 2.0**-50
+
 _ARC_COSINE = """
     @njit(cache=True)
     def $name(k11, k12, k22):
         if k11 <= 0.0 or k22 <= 0.0:
             return 0.0
         d = k11 * k22 - k12 * k12
-        sd = math.sqrt(d) if d > 0.0 else 0.0
+        sd = math.sqrt(d) if d > $as_zero * (k11 * k22) else 0.0
         $value
 """
 
 #: njit source of each function, by name.  _J1 and _J0 (in closed-form modules, evaluated once
 #: per call) use libm's atan2; the fused form (in kernel pair loops) uses _angle.
 HELPER_SOURCE = {
-    "_sdet": '''
+    "_sdet": f'''
 @njit(cache=True, error_model="numpy")
 def _sdet(k11, k12, k22):
     d = k11 * k22 - k12 * k12
-    return math.sqrt(d if d > 0.0 else 0.0)
+    return math.sqrt(d) if d > {DET_AS_ZERO!r} * (k11 * k22) else 0.0
 ''',
     "_det": '''
 @njit(cache=True, error_model="numpy")
@@ -231,10 +242,10 @@ def _det(k11, k12, k22):
 def _pos(k11, k22):
     return 1.0 if (k11 > 0.0 and k22 > 0.0) else 0.0
 ''',
-    "_J1": function(_ARC_COSINE, name="_J1", value="""
+    "_J1": function(_ARC_COSINE, name="_J1", as_zero=repr(DET_AS_ZERO), value="""
         t = math.atan2(sd, k12)
         return (sd + (math.pi - t) * k12) / (2.0 * math.pi)"""),
-    "_J0": function(_ARC_COSINE, name="_J0", value="""
+    "_J0": function(_ARC_COSINE, name="_J0", as_zero=repr(DET_AS_ZERO), value="""
         return (math.pi - math.atan2(sd, k12)) / (2.0 * math.pi)"""),
     "_RS": '''
 @njit(cache=True)
