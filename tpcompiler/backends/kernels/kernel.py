@@ -22,8 +22,10 @@ difference into an error of ~1e-8, so on the diagonal those terms come from the 
 derived at one input, where they are exact.  The others (a pooled readout's E[f(h_p) f(h_q')]
 for p != q: all but P of its P^2 terms) come from the pair stage at (i, i), as off the
 diagonal.  Where the windows of two positions hold equal values (a constant region of an
-image) their correlation is 1 too, and such a term has the accuracy of an off-diagonal entry
-between two equal inputs (a relu NTK: ~1e-9 relative).
+image) their correlation is 1 too, and a Gram entry and a row's sum, one ulp apart, would make
+the same error; the arc-cosine kernels take a correlation within about 4 ulps of +-1 as +-1
+(``expectations.special.DET_AS_ZERO``), which keeps such terms exact, on the diagonal and
+between two equal inputs alike.
 
 The kernels (and their diagonal) are carried through these steps as term sums ({term:
 coefficient}, ``shared.add_terms``): a CNN's are thousands of terms, handled one by one
@@ -641,8 +643,9 @@ class KernelFunction:
         return expr.xreplace(rep)
 
     def _source(self, rows, diagonal, pairs, outputs) -> str:
-        """Module source: the row stage (row quantities, then the kernels' diagonal) and the
-        pair stage (pair quantities, then the kernels), each one fused straight-line body."""
+        """Module source: the row stage (row quantities, then its part of the kernels'
+        diagonal) and the pair stage (pair quantities, then the kernels), each one fused
+        straight-line body."""
         n_row = len(self.features.row)
         loads0 = {symbols.row_feature(k): f"RF1[i, {k}]" for k in range(n_row)}
         loads1 = {symbols.row_feature(k, second=True): f"RF2T[{k}, j]" for k in range(n_row)}
@@ -726,8 +729,8 @@ def pair_stage({grams}RF1, RF2T, R1, R2T, {outs}, symmetric, P):
 
     def _shared_source(self, rows, diagonal, pairs, outputs, plans=None) -> str:
         """Module source with loops over groups (shared.py): the row stage (row quantities,
-        then the kernels' diagonal) and the pair stage (pair quantities into a per-thread
-        array Q, then the kernels), one loop per group of expressions of one template.  The
+        then its part of the kernels' diagonal) and the pair stage (pair quantities into a
+        per-thread array Q, then the kernels), one loop per group of expressions of one template.  The
         stages are serial functions that release the GIL, run on threads by ``_in_threads``:
         numba's parallel (prange) compile of the same body took 2.5-3x as long."""
         loads_p = {node_symbol(k): f"P[{m}]" for m, k in enumerate(self.runtime)}
@@ -853,8 +856,9 @@ def pair_stage(t0, step, GS, RF1, RF2T, R1, R2T, {outs}, symmetric, P, IT, WT):
         return values
 
     def rows(self, X, params=None) -> tuple[np.ndarray, np.ndarray]:
-        """Row features and the row stage's quantities (then the kernels' diagonal) of X
-        (``params``: runtime parameter values, ``parameter_values``)."""
+        """Row features and the row stage's quantities (then the part of the kernels' diagonal
+        the row stage computes, ``PARTS``) of X (``params``: runtime parameter values,
+        ``parameter_values``)."""
         RF = self.features.row_values(X)
         R = np.empty((X.shape[0], len(self.row_symbols) + len(KERNELS)))
         if self.shared:
@@ -866,8 +870,9 @@ def pair_stage(t0, step, GS, RF1, RF2T, R1, R2T, {outs}, symmetric, P, IT, WT):
     def block(self, A, rows_A, B, rows_B, same: bool, timing: dict | None = None, params=None) -> list[np.ndarray]:
         """[nngp, ntk] of the rows A (first input) against the rows B (second input): the
         Grams of (A, B), then the pair stage; ``rows_*`` are ``rows()`` of A and B.  ``same``:
-        B is A, and only the upper triangle is computed, mirrored, the diagonal from the row
-        stage.  ``timing`` accumulates the seconds of the Gram and pair stages."""
+        B is A, and only the upper triangle is computed, mirrored, the row stage's part of the
+        diagonal added (``PARTS``).  ``timing`` accumulates the seconds of the Gram and pair
+        stages."""
         timing = {} if timing is None else timing
         # Grams (BLAS) before any Numba stage: each runtime's idle threads spin for a while
         # after a call and slow down the other's next one.
