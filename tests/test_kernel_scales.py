@@ -432,3 +432,28 @@ def test_particles_refuse_a_spike_no_particle_reaches():
     big, K_big = c.limit(x=1e4 * rows), c.kernels(1e4 * rows)
     for name in ("nngp", "ntk"):
         assert big[f"{name}[0,1]"] == (pytest.approx(K_big[name][0, 1], rel=1e-9), 0.0)
+
+
+def test_arc_cosine_helpers_at_the_ends_of_the_float_range():
+    """The generated arc-cosine helpers take a correlation within about 4 ulps of +-1 as +-1
+    (special.DET_AS_ZERO); the bound must not overflow before the determinant does: at
+    variances of 1e160 and k12 = 0, E[step(u) step(v)] is 1/4 (a bound written as
+    DET_AS_ZERO * (k11 * k22) was inf there and gave 1/2), and tiny variances keep their
+    values (the bound underflows to 0).  Exact values: orthogonal, 1/4 and 1/(2 pi) k; equal,
+    1/2 and k/2 (E[relu relu] at 1e160 overflows, as before: the kernels refuse an inf)."""
+    from tpcompiler.expectations import special
+
+    ns = {"njit": njit, "math": math}
+    for name in ("_sdet", "_pos", "_angle", "_J0", "_J1"):
+        exec(special.HELPER_SOURCE[name].replace("cache=True", "cache=False"), ns)
+
+    def fused(k11, k12, k22):  # the kernels' form (special.fusable)
+        sd = ns["_sdet"](k11, k12, k22)
+        t = ns["_angle"](sd, k12)
+        return (sd + (math.pi - t) * k12) / (2 * math.pi), (math.pi - t) / (2 * math.pi)
+
+    for k in (1e-160, 1e-12, 1.0, 1e12, 1e160):
+        for k12, j1, j0 in ((0.0, k / (2 * math.pi), 0.25), (k, k / 2, 0.5)):
+            for got in ((ns["_J1"](k, k12, k), ns["_J0"](k, k12, k)), fused(k, k12, k)):
+                assert got[1] == pytest.approx(j0, rel=1e-14), (k, k12, got)
+                assert got[0] == pytest.approx(j1, rel=1e-14) or (k > 1e154 and got[0] == math.inf), (k, k12, got)

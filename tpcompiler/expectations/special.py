@@ -209,7 +209,9 @@ def fusable(expr: sp.Expr) -> sp.Expr:
 #: one ulp apart, would give an angle of ~1e-8 instead of 0; through the arc-cosine
 #: kernels of several step layers that error grows to ~1e-3.  Snapping stays within the
 #: accuracy float64 inputs allow near +-1 (the exact value at a covariance a few ulps away,
-#: tests/test_kernel_scales.py's measure); ``_value`` (mpmath) stays exact.
+#: tests/test_kernel_scales.py's measure); ``_value`` (mpmath) stays exact.  (The bound is
+#: (DET_AS_ZERO k11) k22, not DET_AS_ZERO (k11 k22), which overflows first: at variances of
+#: 1e160 and k12 = 0 it was inf and took the determinant, inf, as 0.)
 DET_AS_ZERO = 2.0**-50
 
 _ARC_COSINE = """
@@ -218,7 +220,7 @@ _ARC_COSINE = """
         if k11 <= 0.0 or k22 <= 0.0:
             return 0.0
         d = k11 * k22 - k12 * k12
-        sd = math.sqrt(d) if d > $as_zero * (k11 * k22) else 0.0
+        sd = math.sqrt(d) if d > ($as_zero * k11) * k22 else 0.0
         $value
 """
 
@@ -229,7 +231,7 @@ HELPER_SOURCE = {
 @njit(cache=True, error_model="numpy")
 def _sdet(k11, k12, k22):
     d = k11 * k22 - k12 * k12
-    return math.sqrt(d) if d > {DET_AS_ZERO!r} * (k11 * k22) else 0.0
+    return math.sqrt(d) if d > ({DET_AS_ZERO!r} * k11) * k22 else 0.0
 ''',
     "_det": '''
 @njit(cache=True, error_model="numpy")
