@@ -112,12 +112,11 @@ def test_output_term_sums_equal_the_outputs(name):
     moment's P^2 terms times the other factors of its term, never one sympy sum); the sum
     of the terms must be the output scalar() gives, on the diagonal too, and for products
     of two pooled moments (kept as one term) and numeric multiples of them.  The two parts
-    of the kernels (kernel.PARTS), decided at the two inputs, must sum to the same at the
+    of the kernels (pairwise.PARTS), decided at the two inputs, must sum to the same at the
     two inputs and on the diagonal: the pair stage computes both, and on the diagonal the
     first and the row stage the second."""
     import sympy as sp
-    from tpcompiler.backends.kernels.kernel import PARTS
-    from tpcompiler.backends.kernels.pairwise import PairwiseEngine
+    from tpcompiler.backends.kernels.pairwise import PARTS, PairwiseEngine
     from tpcompiler.backends.kernels.shared import sum_of_terms, term_sum
     from tpcompiler.ir import ops
     from tpcompiler.ir.ntk import kernel_program

@@ -67,13 +67,10 @@ from tpcompiler.ir.ntk import kernel_program
 from tpcompiler.backends.kernels import shared, stored
 from tpcompiler.backends.kernels.features import Features
 from tpcompiler.ir.ops import node_symbol
-from tpcompiler.backends.kernels.pairwise import E1, E2, ExpectationRules, NotPairwise, PairwiseEngine, TemplateCall
+from tpcompiler.backends.kernels.pairwise import (E1, E2, PARTS, ExpectationRules, NotPairwise, PairwiseEngine,
+                                                  TemplateCall)
 
 KERNELS = ("nngp", "ntk")
-#: The two parts of each kernel that the pair stage computes (``PairwiseEngine.scalar_terms``):
-#: the terms that read no covariance of a vector with itself at the two inputs, and those that
-#: do.  On the diagonal the pair stage gives the first and the row stage the second.
-PARTS = ("apart", "coincident")
 #: What to do when a derivation does not fit in memory (``memory.guarded``).
 TOO_LARGE_ADVICE = ("the kernel derivation makes one quantity per pair of positions and layer, so a CNN's memory "
                     "and time grow with the square of its number of positions; give the program fewer positions "
@@ -244,8 +241,10 @@ class KernelFunction:
         running("pair expectations")
         self._engine = engine = PairwiseEngine(kp, zp, runtime=frozenset(self.runtime), templates=templates)
         try:
-            # The pair stage computes the kernels in two parts, PARTS; on the diagonal k(xi, xi)
-            # it computes the first, and the row stage the second from row quantities: exact at
+            # The pair stage computes the kernels in two parts, PARTS (the terms that read no
+            # covariance of a vector with itself at the two inputs, and the others); on the
+            # diagonal k(xi, xi) it computes the first, and the row stage the second from row
+            # quantities: exact at
             # rho = 1, where a pair formula would amplify rounding (arc-cosine kernels have a
             # square-root singularity there).  A pooled readout's P^2 terms are then P on the row stage.
             derived_outputs = [engine.scalar_terms(kp.outputs[k], part=part) for part in PARTS for k in KERNELS]

@@ -98,6 +98,10 @@ _PARITY_PAIRS = 4096
 #: The most terms ``_expanded_without_odd_terms`` enumerates (beyond: sympy's expand).
 _EXPANSION_TERMS = 1 << 20
 
+#: The two parts of the kernels (``scalar_terms``): the terms that read no covariance of a
+#: vector with itself at the two inputs (``_coincident``), and those that do.
+PARTS = ("apart", "coincident")
+
 #: A template whose value is a sum of more terms than this is written out where it is used
 #: (``PairwiseEngine._templated``), not called.
 _CALL_TERMS = 4
@@ -789,8 +793,8 @@ class PairwiseEngine:
         or one whose definition reads such a covariance.  At xi' = xi such a covariance is the
         variance it is compared with, computed by other arithmetic; an expectation with a
         square-root singularity at rho = 1 (arccos) turns their last-bit difference into an
-        error of ~1e-8, so the kernels' diagonal takes such terms from the row stage (module
-        docstring).  Memoised per object (the values share their quantities and calls)."""
+        error of ~1e-8, so the kernels' diagonal takes such terms from the row stage (kernel.py's
+        module docstring).  Memoised per object (the values share their quantities and calls)."""
         memo = self._coincident_memo
         hit = memo.get(id(e))
         if hit is not None:
