@@ -244,9 +244,9 @@ class KernelFunction:
             # The pair stage computes the kernels in two parts, PARTS (the terms that read no
             # covariance of a vector with itself at the two inputs, and the others); on the
             # diagonal k(xi, xi) it computes the first, and the row stage the second from row
-            # quantities: exact at
-            # rho = 1, where a pair formula would amplify rounding (arc-cosine kernels have a
-            # square-root singularity there).  A pooled readout's P^2 terms are then P on the row stage.
+            # quantities: exact at rho = 1, where a pair formula would amplify rounding
+            # (arc-cosine kernels have a square-root singularity there).  Of a pooled readout's
+            # P^2 terms, P are then derived for the row stage.
             derived_outputs = [engine.scalar_terms(kp.outputs[k], part=part) for part in PARTS for k in KERNELS]
             derived_diagonal = [engine.scalar_terms(kp.outputs[k], same_input=True, part=PARTS[1]) for k in KERNELS]
         except NotPairwise as exc:
@@ -729,9 +729,9 @@ def pair_stage({grams}RF1, RF2T, R1, R2T, {outs}, symmetric, P):
     def _shared_source(self, rows, diagonal, pairs, outputs, plans=None) -> str:
         """Module source with loops over groups (shared.py): the row stage (row quantities,
         then its part of the kernels' diagonal) and the pair stage (pair quantities into a
-        per-thread array Q, then the kernels), one loop per group of expressions of one template.  The
-        stages are serial functions that release the GIL, run on threads by ``_in_threads``:
-        numba's parallel (prange) compile of the same body took 2.5-3x as long."""
+        per-thread array Q, then the kernels), one loop per group of expressions of one
+        template.  The stages are serial functions that release the GIL, run on threads by
+        ``_in_threads``: numba's parallel (prange) compile of the same body took 2.5-3x as long."""
         loads_p = {node_symbol(k): f"P[{m}]" for m, k in enumerate(self.runtime)}
         (row_groups, row_constants, _), (pair_groups, pair_constants, _) = plans or self._plans(rows, diagonal, pairs, outputs)
         for group in row_groups + pair_groups:
