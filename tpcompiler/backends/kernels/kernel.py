@@ -724,7 +724,7 @@ def pair_stage({grams}RF1, RF2T, R1, R2T, {outs}, symmetric, P):
         rows, diagonal, row_aliases = shared.alias_repeated_arguments(rows, diagonal, TemplateCall, row_kinds)
         pairs, outputs, pair_aliases = shared.alias_repeated_arguments(pairs, outputs, TemplateCall, pair_kinds)
         return (shared.plan(rows, diagonal, row_kinds, "R", row_aliases),
-                shared.plan(pairs, outputs, pair_kinds, "Q", pair_aliases))
+                shared.plan(pairs, outputs, pair_kinds, "Q", pair_aliases, blocks=len(PARTS)))
 
     def _shared_source(self, rows, diagonal, pairs, outputs, plans=None) -> str:
         """Module source with loops over groups (shared.py): the row stage (row quantities,
@@ -1244,6 +1244,8 @@ def _group_loop(group, formats, fixed, indent, slot, acc, tables, inner, inner_s
     if group.target is not None:
         at, width = tables.add_ints(group.target), group.target.shape[1]
         out.extend(f"{indent}    _t{e} = IT[{at} + m * {width} + {e}]" for e in range(width))
+    elif group.offset is not None:  # (the first output of the member's block, shared.plan)
+        out.append(f"{indent}    _o = IT[{tables.add_ints(group.offset)} + m]")
     if inner:
         out.append(f"{indent}    {inner}")
         if inner_setup:
@@ -1252,7 +1254,8 @@ def _group_loop(group, formats, fixed, indent, slot, acc, tables, inner, inner_s
     if group.target is not None:
         out.extend(f"{body}{slot.format(f'_t{e}')} = _w * ({v})" for e, v in enumerate(values))
     else:
-        out.extend(f"{body}{acc.format(o)} += _w * ({v})" for o, (e, v) in enumerate(zip(exprs, values))
+        first = "_o + " if group.offset is not None else ""
+        out.extend(f"{body}{acc.format(f'{first}{o}')} += _w * ({v})" for o, (e, v) in enumerate(zip(exprs, values))
                    if e != 0)
     return "\n".join(out)
 

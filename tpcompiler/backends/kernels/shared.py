@@ -56,6 +56,8 @@ class Group:
     index: np.ndarray           # M x n int64
     weight: np.ndarray          # M x (1 or number of outputs) float64
     target: np.ndarray | None   # M x (entries) int64 slots (quantities) or None (outputs)
+    #: output bundles of ``plan(..., blocks=)``: per member, the first output its entry 0 adds to
+    offset: np.ndarray | None = None
 
 
 class Skeletons:
@@ -625,7 +627,8 @@ def alias_repeated_arguments(assignments, outputs, call_type, kinds: dict) -> tu
             aliases)
 
 
-def plan(assignments, outputs, kinds: dict, slot_kind: str, aliases: dict | None = None) -> tuple[list[Group], list[float], int]:
+def plan(assignments, outputs, kinds: dict, slot_kind: str, aliases: dict | None = None,
+         blocks: int = 1) -> tuple[list[Group], list[float], int]:
     """Groups computing ``assignments`` ((symbol, expr) in dependency order; symbol k is
     stored in slot k of kind ``slot_kind``) and then ``outputs`` (term sums, ``add_terms``).
 
@@ -637,7 +640,10 @@ def plan(assignments, outputs, kinds: dict, slot_kind: str, aliases: dict | None
     by (level, structure), so the members of a group never depend on each other and the
     groups run in level order.  ``aliases``: {alias: symbol} read from the symbol's place
     (``alias_repeated_arguments``).  Returns (groups, constant part of each output, number
-    of groups of quantities)."""
+    of groups of quantities).  ``blocks``: the outputs are that many blocks of equal size (the
+    kernels' two parts); a bundle of terms that add to one block only is a bundle of the
+    block's size, and the block's first output is its members' ``offset``, so that bundles of
+    one structure in different blocks are one group."""
     aliases = aliases or {}
     kinds = dict(kinds)
     kinds.update({s: (slot_kind, k) for k, (s, _) in enumerate(assignments)})
@@ -683,15 +689,24 @@ def plan(assignments, outputs, kinds: dict, slot_kind: str, aliases: dict | None
                 constants[o] += coef * float(term)
                 continue
             bundles.setdefault(frozenset(read), [[] for _ in outputs])[o].append((coef, term))
-    terms: dict = {}   # structure id -> [(binding, coefficient, tuple)]
+    terms: dict = {}   # structure id -> [(binding, coefficient, tuple, offset)]
+    width = len(outputs) // blocks
     for parts in bundles.values():
         memory.tick()
         c = next(p[0][0] for p in parts if p)
+        used = {o // width for o, p in enumerate(parts) if p}
+        offset = 0
+        if blocks > 1 and len(used) == 1:
+            offset = width * used.pop()
+            parts = parts[offset:offset + width]
         bundle = sp.Tuple(*[total([_scaled(t, coef / c) for coef, t in p]) if p else sp.S.Zero for p in parts])
         cid, syms = sk.canonical(bundle)
-        terms.setdefault(cid, []).append((syms, c, bundle))
+        terms.setdefault(cid, []).append((syms, c, bundle, offset))
     for members in terms.values():
-        groups.append(_group([(m[0], m[2]) for m in members], kinds, np.array([[m[1]] for m in members]), None))
+        group = _group([(m[0], m[2]) for m in members], kinds, np.array([[m[1]] for m in members]), None)
+        if blocks > 1:
+            group.offset = np.array([m[3] for m in members], dtype=np.int64)
+        groups.append(group)
     return groups, constants, n_assign
 
 
