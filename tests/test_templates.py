@@ -1061,3 +1061,20 @@ def test_replaced_is_the_object_xreplace_builds():
         assert sp.srepr(replaced(e, rule)) == sp.srepr(e.xreplace(rule)), (e, rule)
     for e in (sp.log(x[0]) + x[1] + 2, 1 / x[0] + x[1] + 0.5):  # a term that becomes zoo absorbs the others
         assert replaced(e, {x[0]: sp.S.Zero}) is sp.zoo is e.xreplace({x[0]: sp.S.Zero})
+
+
+def test_output_terms_of_the_two_parts_share_their_groups(monkeypatch):
+    """The kernels' two parts (pairwise.PARTS) add to different accumulators, but a structure
+    of output terms is one group whatever part its members add to (shared.plan's blocks: a
+    bundle of one part is that part's size, its first output the member's offset): a pooled
+    readout's terms of two positions p != q and p = q share their loop."""
+    from tpcompiler.backends.kernels.kernel import KernelFunction
+
+    seen = []
+    original = KernelFunction._plans
+    monkeypatch.setattr(KernelFunction, "_plans", lambda self, *a: seen.append(original(self, *a)) or seen[-1])
+    KernelFunction(load(PROGRAMS / "cnn1d.py", L=4, depth=2).graph)
+    (_, (groups, _, n_assign)), = seen
+    outputs = groups[n_assign:]
+    assert any(set(g.offset.tolist()) == {0, 2} for g in outputs)
+    assert len({g.template for g in outputs}) == len(outputs)
