@@ -772,9 +772,11 @@ class PairwiseEngine:
         covariance at the two inputs.  Memoised."""
         found = self._factor_part_memo.get(f)
         if found is None:
-            if self._is_moment(f) and self._moment_by_pairs(f.key, False) is not None:
-                apart = self.moment_terms(f.key, False, "apart")
-                coincident = self.moment_terms(f.key, False, "coincident")
+            # (a moment is by pairs if its first part is: the sum of all its pairs, which the
+            # two parts replace in the kernels, is not built)
+            apart = self._moment_by_pairs(f.key, False, "apart") if self._is_moment(f) else None
+            if apart is not None:
+                coincident = self._moment_by_pairs(f.key, False, "coincident")
                 found = "mixed" if apart and coincident else "coincident" if coincident else "apart"
             else:
                 value = self.moment_terms(f.key) if self._is_moment(f) else self._factor_terms(f, False)
