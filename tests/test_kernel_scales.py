@@ -439,12 +439,17 @@ def test_arc_cosine_helpers_at_the_ends_of_the_float_range():
     (special.DET_AS_ZERO); the bound must not overflow before the determinant does: at
     variances of 1e160 and k12 = 0, E[step(u) step(v)] is 1/4 (a bound written as
     DET_AS_ZERO * (k11 * k22) was inf there and gave 1/2), and tiny variances keep their
-    values (the bound underflows to 0).  Exact values: orthogonal, 1/4 and 1/(2 pi) k; equal,
-    1/2 and k/2 (E[relu relu] at 1e160 overflows, as before: the kernels refuse an inf)."""
+    values.  Beyond variances of ~1e154 the products overflow: k11 k22 - k12^2 was
+    inf - inf = NaN, taken as 0, so rho = 0.5 gave E[step step] = 1/2 and E[relu relu] = k/2;
+    below ~1e-145 they underflow (1e-300, orthogonal: 1/2 for 1/4).  _J1 and _J0 scale there
+    and stay exact; the fused form of the kernels' loops (which a branch would keep from
+    vectorising) and _det, whose value has no float64, give NaN, which the kernels refuse.  Exact values: orthogonal, 1/4 and
+    k/(2 pi); equal, 1/2 and k/2; rho = 1/2 (t = pi/3), 1/3 and k (sqrt(3)/2 + pi/3)/(2 pi);
+    with k22 = 4 k11 and k12 = k11 (rho = 1/2) the same at 2 k11."""
     from tpcompiler.expectations import special
 
     ns = {"njit": njit, "math": math}
-    for name in ("_sdet", "_pos", "_angle", "_J0", "_J1"):
+    for name in ("_sdet", "_det", "_pos", "_angle", "_J0", "_J1"):
         exec(special.HELPER_SOURCE[name].replace("cache=True", "cache=False"), ns)
 
     def fused(k11, k12, k22):  # the kernels' form (special.fusable)
@@ -452,8 +457,32 @@ def test_arc_cosine_helpers_at_the_ends_of_the_float_range():
         t = ns["_angle"](sd, k12)
         return (sd + (math.pi - t) * k12) / (2 * math.pi), (math.pi - t) / (2 * math.pi)
 
-    for k in (1e-160, 1e-12, 1.0, 1e12, 1e160):
-        for k12, j1, j0 in ((0.0, k / (2 * math.pi), 0.25), (k, k / 2, 0.5)):
-            for got in ((ns["_J1"](k, k12, k), ns["_J0"](k, k12, k)), fused(k, k12, k)):
-                assert got[1] == pytest.approx(j0, rel=1e-14), (k, k12, got)
-                assert got[0] == pytest.approx(j1, rel=1e-14) or (k > 1e154 and got[0] == math.inf), (k, k12, got)
+    half = (math.sqrt(3) / 2 + math.pi / 3) / (2 * math.pi)
+    for k in (1e-300, 1e-170, 1e-160, 1e-140, 1e-12, 1.0, 1e12, 1e150, 1e160, 1e300):
+        cases = ((k, 0.0, k, k / (2 * math.pi), 0.25), (k, k, k, k / 2, 0.5), (k, k / 2, k, k * half, 1 / 3),
+                 (k / 2, k / 2, 2 * k, k * half, 1 / 3))
+        in_range = 1e-145 < k < 1e154
+        for k11, k12, k22, j1, j0 in cases:
+            scalar = (ns["_J1"](k11, k12, k22), ns["_J0"](k11, k12, k22))
+            for got in (scalar, fused(k11, k12, k22)) if in_range else (scalar,):
+                assert got[1] == pytest.approx(j0, rel=1e-14), (k11, k12, k22, got)
+                assert got[0] == pytest.approx(j1, rel=1e-14, abs=0), (k11, k12, k22, got)
+            if not in_range:
+                assert all(math.isnan(v) for v in fused(k11, k12, k22)), (k11, k12, k22)
+    assert ns["_sdet"](0.0, 0.0, 1e300) == 0.0 and ns["_sdet"](1e-300, 0.0, 0.0) == 0.0  # (a variance of 0)
+    assert math.isnan(ns["_det"](1e160, 5e159, 1e160))
+    assert ns["_det"](1e150, 5e149, 1e150) == pytest.approx(7.5e299, rel=1e-15)
+    for bad in ((math.inf, 1.0, 1.0), (1.0, math.nan, 1.0), (1e160, math.inf, 1e160)):
+        assert math.isnan(ns["_sdet"](*bad)) and math.isnan(ns["_J1"](*bad)), bad
+
+
+def test_quadrature_at_variances_beyond_the_product_range():
+    """The quadrature's correlation from k11 k22: beyond variances of ~1e154 the product is
+    inf, and E[tanh(u) tanh(v)] was 0 at rho = 1/2 and at rho = 1.  There tanh is sign to
+    ~1e-80, so the value is E[sign(u) sign(v)] = (2/pi) arcsin(rho)."""
+    t = sp.Symbol("t", real=True)
+    f = g2.pair_expectation(sp.Lambda(t, sp.tanh(t)), sp.Lambda(t, sp.tanh(t)), rtol=RTOL).scalar
+    for k in (1e160, 1e300):
+        for rho in (0.5, -0.3, 1.0):
+            assert f(k, rho * k, k) == pytest.approx(2 / math.pi * math.asin(rho), rel=1e-9, abs=1e-12), (k, rho)
+        assert f(k, 0.5 * math.sqrt(k) * math.sqrt(k * 1e6), k * 1e6) == pytest.approx(1 / 3, rel=1e-9)

@@ -47,6 +47,7 @@ import math
 import sympy as sp
 
 from tpcompiler.backends import codegen
+from tpcompiler.expectations import special
 from tpcompiler.expectations.source import Module, function, render, targets, tuple_source
 
 #: Rule kinds (the runtime argument ``kind`` of the generated cores).  Kinked functions use
@@ -245,11 +246,20 @@ _CORE = '''
             return math.nan, 0
         s1 = math.sqrt(k11)
         s2 = math.sqrt(k22)
+        q11, q12, q22 = k11, k12, k22
         d = k11 * k22
+        if not ($tiny <= d and d <= $huge) and d > 0.0:
+            # (variances beyond ~1e154 or below ~1e-145: rho and sg are scale-free, so k11 and
+            # k22 are scaled by even powers of 2 and k12 by the square root of their product,
+            # exactly; unscaled, inf / inf was NaN, and the rule 0, or digits were lost)
+            e1 = math.frexp(k11)[1] & -2
+            e2 = math.frexp(k22)[1] & -2
+            q11, q12, q22 = math.ldexp(k11, -e1), math.ldexp(k12, -((e1 + e2) // 2)), math.ldexp(k22, -e2)
+            d = q11 * q22
         if d > 0.0:
-            rho = k12 / math.sqrt(d)
+            rho = q12 / math.sqrt(d)
             rho = min(1.0, max(-1.0, rho))
-            e = d - k12 * k12
+            e = d - q12 * q12
             sg = math.sqrt(e / d) if e > 0.0 else 0.0
         else:
             rho = 0.0
@@ -434,7 +444,7 @@ def pair_module(outer: sp.Lambda, inner: sp.Lambda, split_outer: bool, split_inn
         function(_G_UNIFORM, rule=inner_uniform),
         function(_G_SPLIT, half_line=half_line),
         function(_G, kink_split=_KINK_SPLIT if split_inner else ""),
-        function(_CORE, outer_rule=outer_rule),
+        function(_CORE, outer_rule=outer_rule, tiny=repr(special.PRODUCT_RANGE[0]), huge=repr(special.PRODUCT_RANGE[1])),
     ))
 
 

@@ -22,7 +22,7 @@ from __future__ import annotations
 import sympy as sp
 
 from tpcompiler.backends import codegen
-from tpcompiler.expectations.source import function
+from tpcompiler.expectations.source import function, render
 
 __all__ = ["HELPER_SOURCE", "fusable"]
 
@@ -209,34 +209,69 @@ def fusable(expr: sp.Expr) -> sp.Expr:
 #: one ulp apart, would give an angle of ~1e-8 instead of 0; through the arc-cosine
 #: kernels of several step layers that error grows to ~1e-3.  Snapping stays within the
 #: accuracy float64 inputs allow near +-1 (the exact value at a covariance a few ulps away,
-#: tests/test_kernel_scales.py's measure); ``_value`` (mpmath) stays exact.  (The bound is
-#: (DET_AS_ZERO k11) k22, not DET_AS_ZERO (k11 k22), which overflows first: at variances of
-#: 1e160 and k12 = 0 it was inf and took the determinant, inf, as 0.)
+#: tests/test_kernel_scales.py's measure); ``_value`` (mpmath) stays exact.
 DET_AS_ZERO = 2.0**-50
+
+#: sd = sqrt(k11 k22 - k12^2) of the generated helpers, snapped (DET_AS_ZERO).  Where the
+#: products overflow (variances beyond about 1e154), k11 k22 - k12^2 is inf - inf = NaN,
+#: which compared as "not above the bound" gave sd = 0, a correlation of 1 whatever the
+#: covariance (E[step step] = 1/2 at rho = 0.5); where they underflow (variances below about
+#: 1e-145), they lose digits (E[step step] = 0.3333337 at 1e-160) and then vanish (1/2 at
+#: 1e-170).  Outside [PRODUCT_RANGE], k11 and k22 are scaled by even powers of 2 and k12 by
+#: the square root of their product, exactly, and sd scaled back.  An infinite or NaN argument
+#: gives NaN (the kernels then refuse it, check_finite).  (The lower end keeps a determinant
+#: down to DET_AS_ZERO times the product a normal float.)
+PRODUCT_RANGE = (2.0**-960, 1.7976931348623157e308)
+
+_SQRT_DET = """
+    p = k11 * k22
+    if $tiny <= p and p <= $huge:
+        d = p - k12 * k12
+        sd = 0.0 if d <= $as_zero * p else math.sqrt(d)  # (a NaN stays NaN)
+    elif math.isfinite(k11) and math.isfinite(k12) and math.isfinite(k22):
+        e1 = math.frexp(k11)[1] & -2
+        e2 = math.frexp(k22)[1] & -2
+        h = (e1 + e2) // 2
+        a, b, c = math.ldexp(k11, -e1), math.ldexp(k12, -h), math.ldexp(k22, -e2)
+        d = a * c - b * b
+        sd = 0.0 if d <= ($as_zero * a) * c else math.ldexp(math.sqrt(d), h)
+    else:
+        sd = math.nan"""
+
+
+def _sqrt_det_source() -> str:
+    """``_SQRT_DET`` with its constants."""
+    return render(_SQRT_DET, as_zero=repr(DET_AS_ZERO), tiny=repr(PRODUCT_RANGE[0]), huge=repr(PRODUCT_RANGE[1]))
+
 
 _ARC_COSINE = """
     @njit(cache=True)
     def $name(k11, k12, k22):
         if k11 <= 0.0 or k22 <= 0.0:
             return 0.0
-        d = k11 * k22 - k12 * k12
-        sd = math.sqrt(d) if d > ($as_zero * k11) * k22 else 0.0
+        $sqrt_det
         $value
 """
 
 #: njit source of each function, by name.  _J1 and _J0 (in closed-form modules, evaluated once
 #: per call) use libm's atan2; the fused form (in kernel pair loops) uses _angle.
 HELPER_SOURCE = {
-    "_sdet": f'''
-@njit(cache=True, error_model="numpy")
-def _sdet(k11, k12, k22):
-    d = k11 * k22 - k12 * k12
-    return math.sqrt(d) if d > ({DET_AS_ZERO!r} * k11) * k22 else 0.0
-''',
+    "_sdet": function("""
+    @njit(cache=True, error_model="numpy")
+    def _sdet(k11, k12, k22):
+        # (in the kernels' pair loops, which vectorise: selects, no branch; NaN outside
+        # PRODUCT_RANGE, which the kernels refuse, where _J1 and _J0 scale)
+        p = k11 * k22
+        d = p - k12 * k12
+        sd = 0.0 if d <= $as_zero * p else math.sqrt(d)
+        return sd if ($tiny <= p and p <= $huge) or k11 == 0.0 or k22 == 0.0 else math.nan
+""", as_zero=repr(DET_AS_ZERO), tiny=repr(PRODUCT_RANGE[0]), huge=repr(PRODUCT_RANGE[1])),
     "_det": '''
 @njit(cache=True, error_model="numpy")
 def _det(k11, k12, k22):
     d = k11 * k22 - k12 * k12
+    if not math.isfinite(d):  # (the products overflow: no float64 value; NaN was taken as 0)
+        return math.nan
     return d if d > 0.0 else 0.0
 ''',
     "_pos": '''
@@ -244,10 +279,10 @@ def _det(k11, k12, k22):
 def _pos(k11, k22):
     return 1.0 if (k11 > 0.0 and k22 > 0.0) else 0.0
 ''',
-    "_J1": function(_ARC_COSINE, name="_J1", as_zero=repr(DET_AS_ZERO), value="""
+    "_J1": function(_ARC_COSINE, name="_J1", sqrt_det=_sqrt_det_source(), value="""
         t = math.atan2(sd, k12)
         return (sd + (math.pi - t) * k12) / (2.0 * math.pi)"""),
-    "_J0": function(_ARC_COSINE, name="_J0", as_zero=repr(DET_AS_ZERO), value="""
+    "_J0": function(_ARC_COSINE, name="_J0", sqrt_det=_sqrt_det_source(), value="""
         return (math.pi - math.atan2(sd, k12)) / (2.0 * math.pi)"""),
     "_RS": '''
 @njit(cache=True)

@@ -942,8 +942,9 @@ def pair_stage(t0, step, GS, RF1, RF2T, R1, R2T, {outs}, symmetric, P, IT, WT):
         norms = [float(np.max(np.abs(A))) for A in inputs if A is not None]
         raise ProgramError(
             f"kernels: {', '.join(bad)} overflow float64 for these inputs (largest input entry "
-            f"{max(norms):.3g}): a variance of the network exceeds the float64 range; rescale "
-            f"the inputs (e.g. divide them by their largest norm)"
+            f"{max(norms):.3g}): a variance of the network exceeds the float64 range (or, with "
+            f"arc-cosine kernels, a product of two variances leaves it: variances beyond ~1e154 "
+            f"or nonzero below ~1e-145); rescale the inputs (e.g. divide them by their largest norm)"
         )
 
 
