@@ -486,3 +486,28 @@ def test_quadrature_at_variances_beyond_the_product_range():
         for rho in (0.5, -0.3, 1.0):
             assert f(k, rho * k, k) == pytest.approx(2 / math.pi * math.asin(rho), rel=1e-9, abs=1e-12), (k, rho)
         assert f(k, 0.5 * math.sqrt(k) * math.sqrt(k * 1e6), k * 1e6) == pytest.approx(1 / 3, rel=1e-9)
+
+
+def test_weights_beyond_an_int64_square():
+    """A weight of 1e10 or more squares to a number the derivation keeps as an exact integer,
+    which Numba refuses as an int literal beyond int64 (the kernels failed to compile); it is
+    printed as the float nearest to it.  Checked by homogeneity (relu: the kernels scale with
+    w^2 exactly, to rounding) and, at 1e80, where the first layer's variances are 1e160, by
+    tanh being sign: NNGP = (2/pi) arcsin(rho), the inputs' correlation (quadrature, which
+    scales; relu's fused arc-cosine refuses them)."""
+    from tpcompiler.layers import Dense, Relu, Tanh, serial
+
+    X = np.array([[1.0, 0.0], [0.6, 0.8], [0.3, -0.2]])
+    K1 = tp.compile(serial(Dense(8, W_std=1.0), Relu(), Dense(1)).program((2,))).kernels(X)
+    for w in (1e10, 1e60):
+        K = tp.compile(serial(Dense(8, W_std=w), Relu(), Dense(1)).program((2,))).kernels(X)
+        for name in ("nngp", "ntk"):
+            np.testing.assert_allclose(K[name], w**2 * K1[name], rtol=1e-13, atol=0)
+    # variances of 1e160: a product of two has no float64, the kernels' arc-cosine refuses them
+    with pytest.raises(tp.ProgramError, match="float64 range.*rescale"):
+        tp.compile(serial(Dense(8, W_std=1e80), Relu(), Dense(1)).program((2,))).kernels(X)
+    K = tp.compile(serial(Dense(8, W_std=1e80), Tanh(), Dense(1)).program((2,))).kernels(X)
+    norms = np.linalg.norm(X, axis=1)
+    rho = np.clip(X @ X.T / np.outer(norms, norms), -1, 1)
+    np.fill_diagonal(rho, 1.0)  # (rounded, 1 - 1e-16: arcsin is 1e-8 off there)
+    np.testing.assert_allclose(K["nngp"], 2 / np.pi * np.arcsin(rho), rtol=1e-9, atol=1e-12)

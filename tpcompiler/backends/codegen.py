@@ -21,6 +21,7 @@ import base64
 import hashlib
 import importlib.util
 import marshal
+import math
 import os
 import sys
 import tempfile
@@ -61,11 +62,33 @@ class NumbaPrinter(PythonCodePrinter):
         a = self._print(expr.args[0])
         return f"(1.0 if ({a}) > 0.0 else (0.0 if ({a}) < 0.0 else 0.5))"
 
+    def _print_Integer(self, expr):
+        return str(expr.p) if abs(expr.p) <= _EXACT_FLOAT_INT else _float_literal(expr)
+
     def _print_Rational(self, expr):
+        if max(abs(expr.p), expr.q) > _EXACT_FLOAT_INT:
+            return _float_literal(expr)
         return f"({expr.p}.0/{expr.q}.0)"
 
     def _print_Float(self, expr):
         return repr(float(expr))
+
+
+#: Integers up to this size are exact as float64 and as Numba's int64 literals; a larger one
+#: (a weight of 1e20 squared, made exact by the derivation) is printed as the float nearest to
+#: it, as float arithmetic on the original would have it: Numba refuses an int literal beyond
+#: int64, and p.0/q.0 of huge integers is inf/inf.
+_EXACT_FLOAT_INT = 2**53
+
+
+def _float_literal(number: sp.Rational) -> str:
+    """The float nearest to a rational, as source (+-inf, math.inf, beyond the float range:
+    the kernels then refuse the non-finite result, KernelFunction.check_finite)."""
+    try:
+        value = float(number.p) if number.q == 1 else float(number)
+    except OverflowError:
+        value = math.inf if number > 0 else -math.inf
+    return repr(value) if math.isfinite(value) else ("math.inf" if value > 0 else "-math.inf")
 
 
 def custom_functions_source(exprs) -> str:
