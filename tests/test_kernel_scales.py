@@ -479,13 +479,18 @@ def test_arc_cosine_helpers_at_the_ends_of_the_float_range():
 def test_quadrature_at_variances_beyond_the_product_range():
     """The quadrature's correlation from k11 k22: beyond variances of ~1e154 the product is
     inf, and E[tanh(u) tanh(v)] was 0 at rho = 1/2 and at rho = 1.  There tanh is sign to
-    ~1e-80, so the value is E[sign(u) sign(v)] = (2/pi) arcsin(rho)."""
+    ~1e-80, so the value is E[sign(u) sign(v)] = (2/pi) arcsin(rho).  Below ~1e-162 the
+    product underflows to 0, and the value was 0 too; there tanh(u) = u to ~1e-160, so it is
+    E[u v] = k12."""
     t = sp.Symbol("t", real=True)
     f = g2.pair_expectation(sp.Lambda(t, sp.tanh(t)), sp.Lambda(t, sp.tanh(t)), rtol=RTOL).scalar
     for k in (1e160, 1e300):
         for rho in (0.5, -0.3, 1.0):
             assert f(k, rho * k, k) == pytest.approx(2 / math.pi * math.asin(rho), rel=1e-9, abs=1e-12), (k, rho)
         assert f(k, 0.5 * math.sqrt(k) * math.sqrt(k * 1e6), k * 1e6) == pytest.approx(1 / 3, rel=1e-9)
+    for k in (1e-170, 1e-300):  # (k11 k22 underflows to 0: it was taken as no correlation, and E = 0)
+        for rho in (0.5, 1.0):
+            assert f(k, rho * k, k) == pytest.approx(rho * k, rel=1e-9), (k, rho)
 
 
 def test_weights_beyond_an_int64_square():

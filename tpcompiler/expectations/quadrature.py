@@ -248,10 +248,11 @@ _CORE = '''
         s2 = math.sqrt(k22)
         q11, q12, q22 = k11, k12, k22
         d = k11 * k22
-        if not ($tiny <= d and d <= $huge) and d > 0.0:
+        if not ($tiny <= d and d <= $huge) and k11 > 0.0 and k22 > 0.0:
             # (variances beyond ~1e154 or below ~1e-145: rho and sg are scale-free, so k11 and
             # k22 are scaled by even powers of 2 and k12 by the square root of their product,
-            # exactly; unscaled, inf / inf was NaN, and the rule 0, or digits were lost)
+            # exactly; unscaled, inf / inf was NaN, and the rule 0, or digits were lost, or d
+            # was 0 and rho taken as 0)
             e1 = math.frexp(k11)[1] & -2
             e2 = math.frexp(k22)[1] & -2
             q11, q12, q22 = math.ldexp(k11, -e1), math.ldexp(k12, -((e1 + e2) // 2)), math.ldexp(k22, -e2)
