@@ -261,7 +261,9 @@ _CORE = '''
             rho = q12 / math.sqrt(d)
             rho = min(1.0, max(-1.0, rho))
             e = d - q12 * q12
-            sg = math.sqrt(e / d) if e > 0.0 else 0.0
+            # (a correlation within about 4 ulps of +-1 is +-1, as in the arc-cosine helpers:
+            # special.DET_AS_ZERO; a function with a jump turns sg ~ 1e-8 into an error ~1e-8)
+            sg = math.sqrt(e / d) if e > $as_zero * d else 0.0
         else:
             rho = 0.0
             sg = 1.0
@@ -445,7 +447,8 @@ def pair_module(outer: sp.Lambda, inner: sp.Lambda, split_outer: bool, split_inn
         function(_G_UNIFORM, rule=inner_uniform),
         function(_G_SPLIT, half_line=half_line),
         function(_G, kink_split=_KINK_SPLIT if split_inner else ""),
-        function(_CORE, outer_rule=outer_rule, tiny=repr(special.PRODUCT_RANGE[0]), huge=repr(special.PRODUCT_RANGE[1])),
+        function(_CORE, outer_rule=outer_rule, as_zero=repr(special.DET_AS_ZERO), tiny=repr(special.PRODUCT_RANGE[0]),
+                 huge=repr(special.PRODUCT_RANGE[1])),
     ))
 
 
