@@ -443,9 +443,10 @@ def test_arc_cosine_helpers_at_the_ends_of_the_float_range():
     inf - inf = NaN, taken as 0, so rho = 0.5 gave E[step step] = 1/2 and E[relu relu] = k/2;
     below ~1e-145 they underflow (1e-300, orthogonal: 1/2 for 1/4).  _J1 and _J0 scale there
     and stay exact; the fused form of the kernels' loops (which a branch would keep from
-    vectorising) and _det, whose value has no float64, give NaN, which the kernels refuse.  Exact values: orthogonal, 1/4 and
-    k/(2 pi); equal, 1/2 and k/2; rho = 1/2 (t = pi/3), 1/3 and k (sqrt(3)/2 + pi/3)/(2 pi);
-    with k22 = 4 k11 and k12 = k11 (rho = 1/2) the same at 2 k11."""
+    vectorising) and _det, whose value has no float64, give NaN, which the kernels refuse.
+    Exact values: orthogonal, 1/4 and k/(2 pi); equal, 1/2 and k/2; rho = 1/2 (t = pi/3), 1/3
+    and k (sqrt(3)/2 + pi/3)/(2 pi); with k22 = 4 k11 and k12 = k11 (rho = 1/2) the same at
+    2 k11."""
     from tpcompiler.expectations import special
 
     ns = {"njit": njit, "math": math}
