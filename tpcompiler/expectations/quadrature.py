@@ -253,9 +253,7 @@ _CORE = '''
             # k22 are scaled by even powers of 2 and k12 by the square root of their product,
             # exactly; unscaled, inf / inf was NaN, and the rule 0, or digits were lost, or d
             # was 0 and rho taken as 0)
-            e1 = math.frexp(k11)[1] & -2
-            e2 = math.frexp(k22)[1] & -2
-            q11, q12, q22 = math.ldexp(k11, -e1), math.ldexp(k12, -((e1 + e2) // 2)), math.ldexp(k22, -e2)
+            $scaled
             d = q11 * q22
         if d > 0.0:
             rho = q12 / math.sqrt(d)
@@ -448,7 +446,7 @@ def pair_module(outer: sp.Lambda, inner: sp.Lambda, split_outer: bool, split_inn
         function(_G_SPLIT, half_line=half_line),
         function(_G, kink_split=_KINK_SPLIT if split_inner else ""),
         function(_CORE, outer_rule=outer_rule, as_zero=repr(special.DET_AS_ZERO), tiny=repr(special.PRODUCT_RANGE[0]),
-                 huge=repr(special.PRODUCT_RANGE[1])),
+                 huge=repr(special.PRODUCT_RANGE[1]), scaled=special.SCALED_COVARIANCE),
     ))
 
 

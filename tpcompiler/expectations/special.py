@@ -223,25 +223,34 @@ DET_AS_ZERO = 2.0**-50
 #: down to DET_AS_ZERO times the product a normal float.)
 PRODUCT_RANGE = (2.0**-960, 1.7976931348623157e308)
 
+#: Generated code: a covariance (k11, k12, k22) of finite entries and positive variances scaled
+#: exactly for use outside PRODUCT_RANGE: q11 = k11 2^-e1 and q22 = k22 2^-e2 with e1, e2 even
+#: (both in [1/4, 1)), q12 = k12 2^-eh with eh = (e1 + e2) / 2, so that q12 / sqrt(q11 q22)
+#: is the correlation and q11 q22 - q12^2 = (k11 k22 - k12^2) 2^-2eh.  (Also read by the
+#: quadrature's core, quadrature.py, whose own h is its step.)
+SCALED_COVARIANCE = """
+    e1 = math.frexp(k11)[1] & -2
+    e2 = math.frexp(k22)[1] & -2
+    eh = (e1 + e2) // 2
+    q11, q12, q22 = math.ldexp(k11, -e1), math.ldexp(k12, -eh), math.ldexp(k22, -e2)"""
+
 _SQRT_DET = """
     p = k11 * k22
     if $tiny <= p and p <= $huge:
         d = p - k12 * k12
         sd = 0.0 if d <= $as_zero * p else math.sqrt(d)  # (a NaN stays NaN)
     elif math.isfinite(k11) and math.isfinite(k12) and math.isfinite(k22):
-        e1 = math.frexp(k11)[1] & -2
-        e2 = math.frexp(k22)[1] & -2
-        h = (e1 + e2) // 2
-        a, b, c = math.ldexp(k11, -e1), math.ldexp(k12, -h), math.ldexp(k22, -e2)
-        d = a * c - b * b
-        sd = 0.0 if d <= ($as_zero * a) * c else math.ldexp(math.sqrt(d), h)
+        $scaled
+        d = q11 * q22 - q12 * q12
+        sd = 0.0 if d <= ($as_zero * q11) * q22 else math.ldexp(math.sqrt(d), eh)
     else:
         sd = math.nan"""
 
 
 def _sqrt_det_source() -> str:
     """``_SQRT_DET`` with its constants."""
-    return render(_SQRT_DET, as_zero=repr(DET_AS_ZERO), tiny=repr(PRODUCT_RANGE[0]), huge=repr(PRODUCT_RANGE[1]))
+    return render(_SQRT_DET, as_zero=repr(DET_AS_ZERO), tiny=repr(PRODUCT_RANGE[0]), huge=repr(PRODUCT_RANGE[1]),
+                  scaled=SCALED_COVARIANCE)
 
 
 _ARC_COSINE = """
