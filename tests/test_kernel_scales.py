@@ -494,6 +494,46 @@ def test_quadrature_at_variances_beyond_the_product_range():
             assert f(k, rho * k, k) == pytest.approx(rho * k, rel=1e-9), (k, rho)
 
 
+def _gaussian_weighted_covariance(k11, k12, k22):
+    """(S, det): E[f(u) g(v) exp(-(u^2 + v^2) / 2)] = det^(-1/2) E_S[f g], (u, v) ~ N(0, K), where
+    S = K (I + K)^-1 and det = det(I + K) (completing the square in the Gaussian density)."""
+    det = (1 + k11) * (1 + k22) - k12**2
+    return ((k11 * (1 + k22) - k12**2) / det, k12 / det, (k22 * (1 + k11) - k12**2) / det), det
+
+
+def _bump_squared(k11, k12, k22):
+    """E[u^2 e^(-u^2/2) v^2 e^(-v^2/2)] in closed form: Isserlis, E_S[u^2 v^2] = S11 S22 + 2 S12^2."""
+    (s11, s12, s22), det = _gaussian_weighted_covariance(k11, k12, k22)
+    return (s11 * s22 + 2 * s12**2) / math.sqrt(det)
+
+
+def _bump_relu(k11, k12, k22):
+    """E[relu(u) e^(-u^2/2) relu(v) e^(-v^2/2)] in closed form: the arc-cosine kernel of S."""
+    (s11, s12, s22), det = _gaussian_weighted_covariance(k11, k12, k22)
+    r = max(-1.0, min(1.0, s12 / math.sqrt(s11 * s22)))
+    j1 = math.sqrt(1 - r * r) + (math.pi - math.acos(r)) * r
+    return math.sqrt(s11 * s22) * j1 / (2 * math.pi * math.sqrt(det))
+
+
+@pytest.mark.parametrize("name,phi,exact", [
+    ("bump", lambda t: t**2 * sp.exp(-t**2 / 2), _bump_squared),
+    ("kinked_bump", lambda t: sp.Max(t, 0) * sp.exp(-t**2 / 2), _bump_relu)])
+def test_quadrature_with_one_variance_far_above_the_other(name, phi, exact):
+    """A function with a feature of width 1 at 0, with one variance of order 1 and the other
+    up to 1e150 (the sinh rule's inner integral, and the exp-exp split of a kink): the inner
+    nodes z = zc + (C / b) sinh(t) are within an ulp of each other once b exceeds ~1e16, and
+    computing psi's argument as m + b z collapsed them (errors 4e-8 at 1e20, 7e-3 at 1e30,
+    total beyond).  Both functions' values are known in closed form at every variance."""
+    t = sp.Symbol("t", real=True)
+    f = g2.pair_expectation(sp.Lambda(t, phi(t)), sp.Lambda(t, phi(t)), rtol=RTOL).scalar
+    for big in (1e20, 1e30, 1e40, 1e100, 1e150):
+        for small in (1e-2, 1.0, 1e2):
+            for k11, k22 in ((small, big), (big, small)):
+                for rho in (-0.99, -0.5, 0.5, 0.99):
+                    k12 = rho * math.sqrt(k11 * k22)
+                    assert f(k11, k12, k22) == pytest.approx(exact(k11, k12, k22), rel=1e-10, abs=0), (k11, rho, k22)
+
+
 def test_weights_beyond_an_int64_square():
     """A weight of 1e10 or more squares to a number the derivation keeps as an exact integer,
     which Numba refuses as an int literal beyond int64 (the kernels failed to compile); it is

@@ -169,7 +169,9 @@ _G_SPLIT = '''
     @njit(cache=True)
     def _G_split(m, b, h, C, zs):
         """E_z[_inner(m + b z)] with the line split at zs = -m / b (where psi's argument
-        vanishes) and each half mapped by the exp-exp rule clustered at zs."""
+        vanishes) and each half mapped by the exp-exp rule clustered at zs.  At the node
+        z = zs + side r the argument is side b r (m + b zs = 0): computed as m + b z, nodes
+        closer to zs than an ulp of zs collapsed onto it for b beyond ~1e16."""
         g = 0.0
         gw = 0.0
         n = 0
@@ -209,7 +211,13 @@ _G = '''
             for j in range(_GHOFF[ig], _GHOFF[ig + 1]):
                 g += _GHW[j] * _inner(m + b * _GHX[j])
             return g, _GHN[ig]
-        # the sinh rule centred at zc: t = j h for j = 0 .. jhi, then j = -1 .. jlo
+        # the sinh rule centred at zc: t = j h for j = 0 .. jhi, then j = -1 .. jlo.  psi's
+        # argument at z = zc + ci sinh(t) is r0 + b ci sinh(t), not m + b z: for b beyond
+        # ~1e16, ci sinh(t) is below an ulp of zc near the centre, and the nodes collapsed
+        # (tanh'/tanh' erred by 1e-3 at k22 = 1e30).  r0 = m + b zc is 0 when zc = zs, where
+        # computing it would leave ulp(m), a shift of the nodes off psi's feature.
+        r0 = 0.0 if zc == zs else m + b * zc
+        bc = b * ci
         ch = math.cosh(h)
         sh = math.sinh(h)
         st = 0.0
@@ -217,7 +225,7 @@ _G = '''
         for j in range(0, jhi + 1):
             z = zc + ci * st
             w = ct * math.exp(-0.5 * z * z)
-            g += w * _inner(m + b * z)
+            g += w * _inner(r0 + bc * st)
             gw += w
             st, ct = st * ch + ct * sh, st * sh + ct * ch
         st = -sh
@@ -225,7 +233,7 @@ _G = '''
         for j in range(-1, jlo - 1, -1):
             z = zc + ci * st
             w = ct * math.exp(-0.5 * z * z)
-            g += w * _inner(m + b * z)
+            g += w * _inner(r0 + bc * st)
             gw += w
             st, ct = st * ch - ct * sh, ct * ch - st * sh
         return g / gw, jhi - jlo + 1
@@ -433,7 +441,7 @@ def pair_module(outer: sp.Lambda, inner: sp.Lambda, split_outer: bool, split_inn
     else:
         outer_rule = render(_OUTER_SMOOTH, center=center, pair=pair, **_symmetric_rules(center, pair))
     half_line = render(_EXPEXP_RULE, h="hs", c="ci", x="z", at="zs + side * r", step=" * hs",
-                       body="g += w * _inner(m + b * z)\ngw += w")
+                       body="g += w * _inner(side * (b * r))\ngw += w")
     inner_uniform = render(_UNIFORM_RULE, center="acc += w * _inner(m)",
                            pair="acc += w * (_inner(m + b * x) + _inner(m - b * x))")
     return Module((
