@@ -196,6 +196,22 @@ def test_a_matrix_and_its_transpose_in_one_forward_pass():
     assert np.all(np.abs(limit - mean) < 4 * err + 0.02 * np.abs(limit)), (limit, mean, err)
 
 
+@pytest.mark.parametrize("param", ["mup", "ntp"])
+def test_a_readout_bias_is_refused_by_training(param):
+    """f = sigma/sqrt(n) v . x + bias * beta: training trains neither beta nor includes it, and
+    its numbers were those of the network without the bias (15-20 standard errors from finite
+    networks that train it, in both the step engine and tp.train)."""
+    p = tp.Program("readout_bias")
+    xi = p.input("xi", 3)
+    p.readout(tp.tanh(p.input_layer("U", xi, sigma=1.0)), sigma=1.0, bias=5.0)
+    X, Y = np.array([[1.0, 0.5, -0.3], [0.2, -1.0, 0.8]]), np.array([1.0, -1.0])
+    with pytest.raises(ProgramError, match="readout has a bias.*declare the readout without bias"):
+        tp.train(p, tp.named(param, 1), tp.SGD(X, Y, steps=2, lr=0.5))
+    if param == "mup":
+        with pytest.raises(ProgramError, match="readout has a bias"):
+            StepEngine(p, tp.named(param, 1), method="finite", width=64)
+
+
 def _cyclic_training(eng, X, Y, steps, batch, lr):
     for t in range(steps):
         idx = finite.batch_indices(len(X), batch, t)

@@ -78,6 +78,17 @@ def refuse_moments(graph: Graph, where: str) -> None:
                            f"{where} does not support Moments in the network yet (its kernels do: tp.compile)")
 
 
+def refuse_readout_bias(graph: Graph, where: str) -> None:
+    """A clear error for training passes, which do not train the readout's bias: f = sigma/sqrt(n)
+    v . x + bias * beta with beta ~ N(0, 1) is random at every width, so trained (the kernels'
+    convention) or not, the limit of f would depend on it; it was silently left out."""
+    ro = graph.readout
+    if ro is not None and ro.bias is not None and not (sp.sympify(ro.bias).is_zero is True):
+        raise ProgramError(f"program {graph.name!r}: the readout has a bias (p.readout(..., bias={ro.bias})), which "
+                           f"{where} does not train or include; declare the readout without bias (the kernels, "
+                           "tp.compile(program).kernels, do include it)")
+
+
 def derive_backward(graph: Graph, prefix: str = "d", seed: sp.Expr | None = None) -> tuple[Graph, dict[str, str]]:
     """A copy of ``graph`` with gradient vectors appended; returns (graph, {z: dz}).
 

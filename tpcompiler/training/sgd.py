@@ -39,7 +39,7 @@ import sympy as sp
 from tpcompiler.ir import ops
 from tpcompiler import validation
 from tpcompiler.compiler import DEFAULT_PARTICLES, graph_of
-from tpcompiler.ir.backward import derive_backward, forward_nodes, refuse_moments
+from tpcompiler.ir.backward import derive_backward, forward_nodes, refuse_moments, refuse_readout_bias
 from tpcompiler.training.finite import batch_indices
 from tpcompiler.ir.graph import Graph, ProgramError
 from tpcompiler.ir.nonlinearities import sigmoid
@@ -172,6 +172,7 @@ def _layers(net: Graph, abc: ABC) -> _Layers:
                 f"initial vector {k!r} is trained (a bias?): the SGD pass trains input matrices, n x n "
                 "matrices and the readout; declare it with trainable=False"
             )
+    refuse_readout_bias(net, "training (tp.train, tp.unroll)")
     L = abc.depth
     if not inputs:
         raise ProgramError(f"program {net.name!r} has no input matrix; declare the input layer with p.input_layer or p.input_matrix")

@@ -34,7 +34,7 @@ import sympy as sp
 
 from tpcompiler.backends.lowering import evaluate, numpy_function
 from tpcompiler.ir import ops
-from tpcompiler.ir.backward import derive_backward, forward_nodes, refuse_moments
+from tpcompiler.ir.backward import derive_backward, forward_nodes, refuse_moments, refuse_readout_bias
 from tpcompiler.ir.graph import Graph, ProgramError
 from tpcompiler.ir.ops import VEC, node_symbol
 from tpcompiler.ir.symbols import NodeSymbol
@@ -190,6 +190,7 @@ def derive_step(net: Graph, abc: ABC, loss: str = "mse") -> StepProgram:
         raise ProgramError(f"program {net.name!r} needs exactly one input to be trained, it has {len(net.inputs)}")
     ro = net.readout
     refuse_moments(net, "the step engine")
+    refuse_readout_bias(net, "the step engine")
     forward = forward_nodes(net)
     input_mats, hidden = _trained_layers(net, abc)
     with_seed = net.copy()
