@@ -212,6 +212,20 @@ def test_a_readout_bias_is_refused_by_training(param):
             StepEngine(p, tp.named(param, 1), method="finite", width=64)
 
 
+def test_a_readout_that_starts_negligibly_small_is_refused_as_such():
+    """b_3 = 1 under muP's a and c: stable (tpc classify), but the readout's first update is
+    n^1/2 times its initial scale, the engine's unit.  The error said "unstable (see tpc
+    classify)", which classify contradicts; it now says what the engine cannot hold."""
+    from tpcompiler.training.parametrization import classify
+
+    abc = tp.parse_abc("a=-1/2,0,1/2;b=1/2,1/2,1;c=0", 2)
+    assert classify(abc).stable
+    X, Y = np.array([[1.0, 0.5, -0.3], [0.2, -1.0, 0.8]]), np.array([1.0, -1.0])
+    with pytest.raises(ProgramError, match=r"readout starts negligibly small.*var=0.*b_3 = a_3 \+ c = 1/2") as info:
+        tp.train(_mlp(2), abc, tp.SGD(X, Y, steps=2, lr=0.5))
+    assert "unstable" not in str(info.value)
+
+
 def _cyclic_training(eng, X, Y, steps, batch, lr):
     for t in range(steps):
         idx = finite.batch_indices(len(X), batch, t)

@@ -149,10 +149,23 @@ class StepProgram:
         no infinite-width limit (finite widths run it as it is)."""
         what = {"f": "the output at initialization", "v": "the readout update", "U": "the input-layer update"}
         for key, e in self.exponents.items():
+            if key == "v" and sp.nsimplify(e) > 0:
+                raise ProgramError(self._small_readout(sp.nsimplify(e)))
             if key in what:
                 refuse_growth(e, what[key])
             elif isinstance(key, tuple) and key[0] == "W":
                 refuse_growth(e, f"the update of {key[1]}")
+
+    def _small_readout(self, e) -> str:
+        """The error for b_o - a_o - c = e > 0: not an unstable parametrization (TP4's conditions
+        read 2 a_o + c there, tpc classify), but a readout whose initial value is negligible
+        against its first update, which the engine's units (the initial scale) cannot hold."""
+        L1 = len(self.abc.a)
+        ao, c = sp.nsimplify(self.abc.a[-1]), sp.nsimplify(self.abc.c)
+        return (f"the readout update grows like n^{e} against the readout's initial scale (b_{L1} - a_{L1} - c = {e} > 0: "
+                "the readout starts negligibly small): the step engine holds the readout in units of its initial scale "
+                "and cannot take this parametrization, stable or not (tpc classify); start the readout at 0 instead, "
+                f"p.readout(..., var=0), with b_{L1} = a_{L1} + c = {ao + c}")
 
     def is_gaussian_linear(self) -> bool:
         return all(low.affine for low in self.lowered.values())
