@@ -39,6 +39,7 @@ from sympy.core.function import ArgumentIndexError
 from tpcompiler import memory
 from tpcompiler.ir import ops
 from tpcompiler.ir.construct import replaced
+from tpcompiler.symbolic import numeric_search
 from tpcompiler.symbolic.existence import Checker
 from tpcompiler.ir.graph import Graph, ProgramError
 from tpcompiler.ir.nonlinearities import EVEN, NEITHER, ODD, parity_of_function
@@ -188,7 +189,7 @@ def refuse_lost_jump(key: str, expr: sp.Expr, s: sp.Symbol, derivative: sp.Expr)
     and sign, but differentiates a Piecewise piece by piece, Abs(s)/s as sign(s)/s - Abs(s)/s^2
     and atan(1/s) as -1/(s^2 + 1): all 0 at the jump, and the limit of W^T f(W u) was 0
     instead of 0.399 for a Piecewise step.  floor and ceiling have no derivative sympy writes.
-    A jump is sought numerically where it can be (``_jump_at``): at the zeros in s of the
+    A jump is sought numerically (``numeric_search.jump_point``) at the zeros in s of the
     switching expressions and of denominators, at three draws of the other symbols."""
     if derivative.has(sp.Derivative):
         raise ProgramError(f"instruction {key!r}: the derivative of {expr} in {s} (a ZDot coefficient of the "
@@ -196,7 +197,7 @@ def refuse_lost_jump(key: str, expr: sp.Expr, s: sp.Symbol, derivative: sp.Expr)
                            "write the function without them")
     if derivative.has(sp.DiracDelta) or not _may_jump(expr, s):
         return
-    at = _jump_at(expr, s)
+    at = numeric_search.jump_point(expr, _switching_expressions(expr, s), s)
     if at is not None:
         raise ProgramError(f"instruction {key!r}: {expr} jumps at {s} = {at:.6g}, and its derivative as sympy "
                            "writes it has no Dirac delta there, which the Master theorem's ZDot terms need; "
@@ -219,47 +220,6 @@ def _switching_expressions(expr: sp.Expr, s: sp.Symbol) -> list:
             out.append(f.args[0])
     out += [p.base for p in expr.atoms(sp.Pow) if p.exp.is_negative]
     return [g for g in out if s in g.free_symbols]
-
-
-def _jump_at(expr: sp.Expr, s: sp.Symbol, draws: int = 3, seed: int = 0):
-    """A point a in [-8, 8] where expr jumps in s (its values at a -+ 1e-6 and a -+ 1e-8 differ
-    by about the same amount: a jump, not a pole or a kink), the other symbols drawn N(0, 1);
-    None if none is found.  Zeros of the switching expressions are located by sign changes on
-    a grid and bisection."""
-    import numpy as np
-
-    from tpcompiler.backends.lowering import numpy_function
-
-    others = sorted(expr.free_symbols - {s}, key=str)
-    f = numpy_function(expr, [s, *others])
-    grid = np.linspace(-8.0, 8.0, 3201)
-    rng = np.random.default_rng(seed)
-    for g_expr in _switching_expressions(expr, s):
-        g = numpy_function(g_expr, [s, *others])
-        for _ in range(draws):
-            rest = [float(v) for v in rng.standard_normal(len(others))]
-            with np.errstate(all="ignore"):
-                values = np.broadcast_to(np.asarray(g(grid, *rest), dtype=float), grid.shape)
-            for i in np.flatnonzero(np.sign(values[:-1]) * np.sign(values[1:]) <= 0):
-                lo, hi = grid[i], grid[i + 1]
-                if values[i] == 0.0:
-                    hi = lo
-                for _ in range(60):
-                    if hi - lo <= 1e-12:
-                        break
-                    mid = 0.5 * (lo + hi)
-                    if np.sign(float(g(mid, *rest))) == np.sign(values[i]):
-                        lo = mid
-                    else:
-                        hi = mid
-                a = 0.5 * (lo + hi)
-                a = 0.0 if abs(a) < 1e-9 else a
-                with np.errstate(all="ignore"):
-                    gaps = [abs(float(f(a + d, *rest)) - float(f(a - d, *rest))) for d in (1e-6, 1e-8)]
-                    size = abs(float(f(a + 1e-6, *rest))) + abs(float(f(a - 1e-6, *rest)))
-                if all(np.isfinite(gaps)) and min(gaps) > 1e-3 * (1.0 + size) and gaps[1] < 3.0 * gaps[0]:
-                    return a
-    return None
 
 
 def _leibniz(factors: tuple, k: int, derivative: sp.Expr) -> sp.Expr:

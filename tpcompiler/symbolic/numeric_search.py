@@ -162,6 +162,31 @@ def _is_pole(f, t0) -> bool:
     return False
 
 
+def jump_point(f: sp.Expr, switches: list, t: sp.Symbol, draws: int = 3, seed: int = 0) -> float | None:
+    """A point where f jumps in t, or None: a zero of one of the ``switches`` (expressions whose
+    zeros are where f may jump) on the inner grid, at which f's values at -+1e-6 and -+1e-8
+    differ by about the same amount, more than 1e-3 of their size (a jump; across a pole the
+    difference grows, across a kink it falls), with the other free symbols drawn N(0, 1)
+    ``draws`` times."""
+    others = sorted((f.free_symbols | set().union(*(g.free_symbols for g in switches))) - {t}, key=str)
+    rng = np.random.default_rng(seed)
+    ts = np.linspace(-_INNER, _INNER, 4001)
+    for _ in range(draws):
+        at = {x: sp.Float(v) for x, v in zip(others, rng.standard_normal(len(others)))}
+        fn = _numeric(f.xreplace(at), t, _FAST)
+        for g in switches:
+            gn = _numeric(g.xreplace(at), t, _FAST)
+            if fn is None or gn is None:
+                continue
+            for a in _candidates(gn, ts):
+                a = 0.0 if abs(a) < 1e-9 else a
+                gaps = [abs(_point(fn, a + d) - _point(fn, a - d)) for d in (1e-6, 1e-8)]
+                size = abs(_point(fn, a + 1e-6)) + abs(_point(fn, a - 1e-6))
+                if np.all(np.isfinite(gaps)) and min(gaps) > 1e-3 * (1.0 + size) and gaps[1] < 3.0 * gaps[0]:
+                    return float(a)
+    return None
+
+
 def numeric_poles(f: sp.Expr, den: sp.Expr, t: sp.Symbol, scale: float = 1.0) -> list[float]:
     """Real t0 (|t0| <= 10^3 ``scale``) where den, a denominator of f, vanishes and |f| grows at
     least like 1/|t - t0| (module docstring), the nearest to 0 first; [] when none is found or
