@@ -193,8 +193,9 @@ def refuse_lost_jump(key: str, expr: sp.Expr, s: sp.Symbol, derivative: sp.Expr)
     switching expressions and of denominators, at three draws of the other symbols."""
     if derivative.has(sp.Derivative):
         raise ProgramError(f"instruction {key!r}: the derivative of {expr} in {s} (a ZDot coefficient of the "
-                           "Master theorem) is not known to sympy (floor and ceiling jump at every integer); "
-                           "write the function without them")
+                           "Master theorem) is not known to sympy, which leaves it unevaluated (as for floor and "
+                           "ceiling, which jump at every integer); write the function without what it cannot "
+                           "differentiate")
     if derivative.has(sp.DiracDelta) or not _may_jump(expr, s):
         return
     at = numeric_search.jump_point(expr, _switching_expressions(expr, s), s)
