@@ -64,12 +64,13 @@ def assert_matches(net: layers.Layer, ref: dict, case: str, x, x_test, tol=TOL):
 #: case is a new program, so a cold run pays its Numba compile): Dense, Flatten of the input,
 #: FanOut / parallel / FanInConcat into a Dense, Conv 1-D VALID with stride, CIRCULAR and
 #: GlobalAvgPool in the standard parametrization, 2-D VALID + AvgPool SAME + Flatten into the
-#: readout (2-D SAME with an even filter: the finite-width test below).  TPC_LAYERS_ALL=1 runs
+#: readout, 2-D SAME + AvgPool SAME with normalize_edges (2-D SAME with an even filter: the
+#: finite-width test below).  TPC_LAYERS_ALL=1 runs
 #: every case of the reference file (also Abs, Exp, FanInConcat into the readout, 1-D SAME
 #: even filter depth 2, 2-D SAME + GlobalAvgPool, 2-D CIRCULAR, strided 2-D SAME after a
 #: per-position Dense: all pass, about 9 minutes on the loaded 2-core machine).
 DEFAULT_CASES = ("fc_flatten_input", "fc_concat", "conv1d_valid_stride_flatten", "conv1d_circular_standard",
-                 "conv2d_valid_avgpool_flatten", "layernorm")
+                 "conv2d_valid_avgpool_flatten", "conv2d_same_avgpool_normalized_flatten", "layernorm")
 ALL_CASES = os.environ.get("TPC_LAYERS_ALL") == "1"
 
 
@@ -523,6 +524,7 @@ def test_bad_input_gives_one_clear_value_error():
     one_line_value_error(lambda: L.serial(L.Conv(4, (3, 3)), L.Relu(), L.GlobalAvgPool(), L.Dense(1)).program((5, 2)),
                          "needs inputs of shape")
     one_line_value_error(lambda: L.Conv(4, (3,), padding="FULL"), "unknown padding 'FULL'")
+    one_line_value_error(lambda: L.AvgPool((2,), normalize_edges="yes"), "normalize_edges must be True or False")
     branches = L.parallel(L.Conv(4, (3,), padding="VALID"), L.Conv(4, (3,), padding="SAME"))
     one_line_value_error(lambda: L.serial(L.Dense(4), L.FanOut(2), branches, L.FanInSum(), L.GlobalAvgPool(),
                                           L.Dense(1)).program((5, 2)), "FanInSum: branch shapes differ")

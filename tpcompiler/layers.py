@@ -474,9 +474,13 @@ def _linear(b: _Builder, state, filt: tuple, strides: tuple, padding: str, W_std
 
 
 # -- pooling, flattening --------------------------------------------------------------------
-def AvgPool(window_shape: Sequence[int], strides: Sequence[int] | None = None, padding: str = "VALID") -> Layer:
-    """Average pooling over windows (neural-tangents' stax.AvgPool with normalize_edges=False:
-    the sum over the window's positions inside the input divided by the window size)."""
+def AvgPool(window_shape: Sequence[int], strides: Sequence[int] | None = None, padding: str = "VALID",
+            normalize_edges: bool = False) -> Layer:
+    """Average pooling over windows (neural-tangents' stax.AvgPool): the sum over the window's
+    positions inside the input divided by the window size, or, with ``normalize_edges``, by the
+    number of those positions (SAME padding's edge windows are then means of what they cover)."""
+    if not isinstance(normalize_edges, (bool, np.bool_)):
+        raise LayerError(f"AvgPool: normalize_edges must be True or False, got {normalize_edges!r}")
     window = _int_tuple(window_shape, "AvgPool: window_shape")
     strides = (1,) * len(window) if strides is None else _int_tuple(strides, "AvgPool: strides")
     if len(strides) != len(window):
@@ -496,7 +500,11 @@ def AvgPool(window_shape: Sequence[int], strides: Sequence[int] | None = None, p
         for i, (blk, c) in enumerate(state.blocks):
             out = np.empty(out_shape, dtype=object)
             for pos, taps in windows.items():
-                out[pos] = (dsl.add(*(blk[src] for _, src in taps)) / K).named(
+                divisor = len(taps) if normalize_edges else K
+                if len(taps) == 1 and divisor == 1:  # (the input's vector itself, already named)
+                    out[pos] = blk[taps[0][1]]
+                    continue
+                out[pos] = (dsl.add(*(blk[src] for _, src in taps)) / divisor).named(
                     b.name(f"p{k}", pos, i if len(state.blocks) > 1 else None))
             blocks.append((out, c))
         return _Hidden(tuple(blocks))

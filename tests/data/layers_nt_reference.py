@@ -50,6 +50,8 @@ CASES = {
     "conv2d_circular_gap": ("x_2d", "Conv(512, (2, 3), None, 'CIRCULAR', W, B), Relu(), GlobalAvgPool(), Dense(1, W, B)"),
     "conv2d_valid_avgpool_flatten": ("x_2d", "Conv(512, (2, 2), None, 'VALID', W, B), Relu(), "
                                              "AvgPool((2, 2), (1, 1), 'SAME'), Flatten(), Dense(1, W, B)"),
+    "conv2d_same_avgpool_normalized_flatten": ("x_2d", "Conv(512, (2, 2), None, 'SAME', W, B), Relu(), "
+                                                       "AvgPool((2, 2), (1, 1), 'SAME', True), Flatten(), Dense(1, W, B)"),
     "conv2d_dense_positions": ("x_2d", "Dense(512, W, B), Relu(), Conv(512, (2, 2), (2, 2), 'SAME', W), Relu(), "
                                        "GlobalAvgPool(), Dense(1, W, B)"),
     "layernorm": ("x_fc", "Dense(512, W, B), LayerNorm(), Relu(), Dense(1, W, B)"),
