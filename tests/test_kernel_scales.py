@@ -552,6 +552,13 @@ def test_weights_beyond_an_int64_square():
     # variances of 1e160: a product of two has no float64, the kernels' arc-cosine refuses them
     with pytest.raises(tp.ProgramError, match="float64 range.*rescale"):
         tp.compile(serial(Dense(8, W_std=1e80), Relu(), Dense(1)).program((2,))).kernels(X)
+    # a square beyond any float: printed as the bare name inf (a Numba NameError), or sympy's oo
+    # folded through an arc-cosine (AttributeError): now the same refusal (CLI audit)
+    for w, b in ((1e160, 0.1), (1.0, 1e200)):
+        with pytest.raises(tp.ProgramError, match="float64 range.*rescale"):
+            tp.compile(tp.load(MLP, depth=1, w_std=w, b_std=b, d=2)).kernels(X)
+    with pytest.raises(tp.ProgramError, match="b_std = 1e.200 squares beyond the float64 range"):
+        serial(Dense(8, b_std=1e200), Relu(), Dense(1)).program((2,))
     K = tp.compile(serial(Dense(8, W_std=1e80), Tanh(), Dense(1)).program((2,))).kernels(X)
     norms = np.linalg.norm(X, axis=1)
     rho = np.clip(X @ X.T / np.outer(norms, norms), -1, 1)

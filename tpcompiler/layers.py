@@ -127,7 +127,11 @@ class _Builder:
     def bias(self, k: int, b_std, standard: bool):
         if b_std is None:
             return None
-        return self.p.vec(f"b{k}", var=float(b_std) ** 2, ntk_weight=1 if standard else None)
+        try:
+            var = float(b_std) ** 2
+        except OverflowError:
+            raise LayerError(f"layer {k}: b_std = {b_std!r} squares beyond the float64 range; rescale the network") from None
+        return self.p.vec(f"b{k}", var=var, ntk_weight=1 if standard else None)
 
 
 def _hidden(state, layer: str) -> _Hidden:

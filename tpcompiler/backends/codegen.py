@@ -71,7 +71,7 @@ class NumbaPrinter(PythonCodePrinter):
         return f"({expr.p}.0/{expr.q}.0)"
 
     def _print_Float(self, expr):
-        return repr(float(expr))
+        return _literal(float(expr))
 
 
 #: Integers up to this size are exact as float64 and as Numba's int64 literals; a larger one
@@ -88,7 +88,15 @@ def _float_literal(number: sp.Rational) -> str:
         value = float(number.p) if number.q == 1 else float(number)
     except OverflowError:
         value = math.inf if number > 0 else -math.inf
-    return repr(value) if math.isfinite(value) else ("math.inf" if value > 0 else "-math.inf")
+    return _literal(value)
+
+
+def _literal(value: float) -> str:
+    """A float as source; inf and nan as math's names (a sympy Float beyond the float range,
+    w_std = 1e160 squared, printed as the bare name inf, which the generated module lacks)."""
+    if math.isfinite(value):
+        return repr(value)
+    return "math.nan" if math.isnan(value) else ("math.inf" if value > 0 else "-math.inf")
 
 
 def custom_functions_source(exprs) -> str:

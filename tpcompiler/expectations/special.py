@@ -40,8 +40,10 @@ class _Special(sp.Function):
         if not all(a.is_Number for a in args):
             return None
         with mpmath.workprec(prec):
-            return sp.Float(self._value(mpmath, *[mpmath.mpf(float(a)) if a.is_Float else mpmath.mpf(a.p) / a.q
-                                                  for a in args]), precision=prec)
+            # (a Float, or an infinite number: a variance beyond any float, b_std = 1e200 squared,
+            # whose value is then not finite and refused by the kernels)
+            return sp.Float(self._value(mpmath, *[mpmath.mpf(float(a)) if a.is_Float or not a.is_finite
+                                                  else mpmath.mpf(a.p) / a.q for a in args]), precision=prec)
 
 
 def _arc_cosine(mp, k11, k12, k22):
