@@ -153,6 +153,18 @@ def test_train_unstable_in_a_real_process(data):
     assert proc.stdout == "" and not out.exists()
 
 
+def test_a_diverging_run_is_one_line_without_numpy_warnings(data):
+    """A learning rate of 1e300: the output overflows and the step is refused in one line.
+    numpy's overflow warnings used to print first (7-11 lines of stderr, CLI audit); the
+    finiteness checks that follow say what went wrong."""
+    out = data["dir"] / "diverged.npz"
+    argv = [*map(str, train_argv(data, out, "mup")), "--lr", "1e300", "--quiet"]
+    proc = subprocess.run([sys.executable, "-m", "tpcompiler.cli", *argv], capture_output=True, text=True,
+                          timeout=300, cwd=ROOT)
+    assert_one_error_line(proc.returncode, proc.stderr, "not finite")
+    assert not out.exists()
+
+
 # -- classify: the table of docs/DESIGN.md 2.4 through the command line --------------------------
 @pytest.mark.parametrize("depth,param,r,regime", [
     (2, "mup", "0", "feature learning"),
