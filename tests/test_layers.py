@@ -64,13 +64,15 @@ def assert_matches(net: layers.Layer, ref: dict, case: str, x, x_test, tol=TOL):
 #: case is a new program, so a cold run pays its Numba compile): Dense, Flatten of the input,
 #: FanOut / parallel / FanInConcat into a Dense, Conv 1-D VALID with stride, CIRCULAR and
 #: GlobalAvgPool in the standard parametrization, 2-D VALID + AvgPool SAME + Flatten into the
-#: readout, 2-D SAME + AvgPool SAME with normalize_edges (2-D SAME with an even filter: the
+#: readout, 2-D SAME + AvgPool SAME with normalize_edges, FanInConcat along a spatial axis
+#: (1-D into a Conv, 2-D of branches of different widths) (2-D SAME with an even filter: the
 #: finite-width test below).  TPC_LAYERS_ALL=1 runs
 #: every case of the reference file (also Abs, Exp, FanInConcat into the readout, 1-D SAME
 #: even filter depth 2, 2-D SAME + GlobalAvgPool, 2-D CIRCULAR, strided 2-D SAME after a
 #: per-position Dense: all pass, about 9 minutes on the loaded 2-core machine).
 DEFAULT_CASES = ("fc_flatten_input", "fc_concat", "conv1d_valid_stride_flatten", "conv1d_circular_standard",
-                 "conv2d_valid_avgpool_flatten", "conv2d_same_avgpool_normalized_flatten", "layernorm")
+                 "conv2d_valid_avgpool_flatten", "conv2d_same_avgpool_normalized_flatten", "layernorm",
+                 "conv1d_concat_spatial", "conv2d_concat_spatial")
 ALL_CASES = os.environ.get("TPC_LAYERS_ALL") == "1"
 
 
@@ -168,6 +170,14 @@ FINITE = {
         layers.Dense(8, 1.5, 0.1), layers.FanOut(2),
         layers.parallel(layers.Relu(), layers.serial(layers.Dense(4, 1.5), layers.Erf())),
         layers.FanInConcat(), layers.Dense(1, 1.5, 0.1)),
+    # FanInConcat along the spatial axis of branches that are not Gaussians (neural-tangents
+    # refuses them, and would set their cross-covariances to 0): a relu and the identity of
+    # the same vectors, joined along positions and read by a Conv across the junction
+    "conv1d_concat_spatial_relu_identity": layers.serial(
+        layers.Conv(8, (2,), padding="SAME", W_std=1.5, b_std=0.1), layers.FanOut(2),
+        layers.parallel(layers.Relu(), layers.Identity()), layers.FanInConcat(axis=1),
+        layers.Conv(8, (2,), padding="SAME", W_std=1.5, b_std=0.1), layers.Relu(), layers.Flatten(),
+        layers.Dense(1, 1.5, 0.1)),
     # LayerNorm of a vector with a nonzero mean (after Relu) feeding a hidden Dense: the
     # centring and the backward pass through the mean and variance Moments are exercised
     "fc_relu_layernorm": layers.serial(
@@ -211,7 +221,7 @@ FINITE = {
         layers.Dense(8, 1.5, 0.1), layers.LayerNorm(),
         layers.Nonlin(lambda a: sympy.Piecewise((a, a > 0), (sympy.exp(a) - 1, True))), layers.Dense(1, 1.5, 0.1)),
 }
-SHAPES = {"fc_layernorm_swish": (3,), "fc_layernorm_elu": (3,), "fc_elu": (3,), "fc_layernorm_twice_relu": (3,), "fc_sum_of_concats": (3,), "conv2d_pool_flatten": (2, 2, 1), "fc_concat": (3,), "fc_relu_layernorm": (3,),
+SHAPES = {"conv1d_concat_spatial_relu_identity": (2, 1), "fc_layernorm_swish": (3,), "fc_layernorm_elu": (3,), "fc_elu": (3,), "fc_layernorm_twice_relu": (3,), "fc_sum_of_concats": (3,), "conv2d_pool_flatten": (2, 2, 1), "fc_concat": (3,), "fc_relu_layernorm": (3,),
           "conv1d_layernorm_spatial": (3, 1), "fc_layernorm_erf": (3,), "conv1d_layernorm_spatial_gelu": (3, 1)}
 
 
@@ -525,6 +535,20 @@ def test_bad_input_gives_one_clear_value_error():
                          "needs inputs of shape")
     one_line_value_error(lambda: L.Conv(4, (3,), padding="FULL"), "unknown padding 'FULL'")
     one_line_value_error(lambda: L.AvgPool((2,), normalize_edges="yes"), "normalize_edges must be True or False")
+    one_line_value_error(lambda: L.FanInConcat(axis=1.0), "FanInConcat: axis must be an integer")
+    two = L.serial(L.Conv(4, (2,), padding="SAME"), L.FanOut(2))
+    for concat, message in ((L.FanInConcat(axis=0), "axis 0 is the batch axis"),
+                            (L.FanInConcat(axis=3), "axis 3 out of range for activations of 3 axes"),
+                            (L.FanInConcat(axis=-4), "axis -4 out of range")):
+        one_line_value_error(lambda: L.serial(two, L.parallel(L.Relu(), L.Erf()), concat, L.Flatten(),
+                                              L.Dense(1)).program((3, 2)), message)
+    one_line_value_error(lambda: L.serial(two, L.parallel(L.Conv(4, (2,), padding="SAME"), L.Conv(6, (2,), padding="SAME")),
+                                          L.FanInConcat(axis=1), L.Flatten(), L.Dense(1)).program((3, 2)),
+                         "every branch needs the same channel blocks, got [4] and [6]")
+    one_line_value_error(lambda: L.serial(L.Conv(4, (2, 2), padding="SAME"), L.FanOut(2),
+                                          L.parallel(L.Relu(), L.Conv(4, (2, 2), padding="VALID")),
+                                          L.FanInConcat(axis=1), L.Flatten(), L.Dense(1)).program((3, 3, 1)),
+                         "the other axes must agree, got spatial shapes (3, 3) and (2, 2)")
     branches = L.parallel(L.Conv(4, (3,), padding="VALID"), L.Conv(4, (3,), padding="SAME"))
     one_line_value_error(lambda: L.serial(L.Dense(4), L.FanOut(2), branches, L.FanInSum(), L.GlobalAvgPool(),
                                           L.Dense(1)).program((5, 2)), "FanInSum: branch shapes differ")

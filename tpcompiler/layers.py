@@ -31,7 +31,8 @@ Instructions, in NTK parametrization (neural-tangents' conventions, tests/data/n
 * AvgPool: the mean of the vectors in each window (divided by the window size, as
   neural-tangents' default normalize_edges=False); GlobalAvgPool: the mean over positions;
   Flatten: every (block, position) becomes its own block;
-* FanOut / parallel / FanInSum (a plain sum) / FanInConcat (channel axis: blocks joined);
+* FanOut / parallel / FanInSum (a plain sum) / FanInConcat (channel axis: blocks joined; a
+  spatial axis: each block's vectors joined along it);
 * LayerNorm: per group of vectors normalised together (one position, or all positions of the
   normalised spatial axes; every block, weighted by its channel share) the Moments
   mu = sum w mean(h) and var = sum w mean((h - mu)^2), then (h - mu) (var + eps)^(-1/2);
@@ -277,19 +278,54 @@ def FanInSum() -> Layer:
 
 
 def FanInConcat(axis: int = -1) -> Layer:
-    """Concatenation of the branches along the channel axis (neural-tangents'
-    stax.FanInConcat(axis=-1)): the blocks of all branches, in order."""
-    if axis != -1:
-        raise LayerError(f"FanInConcat: only the channel axis (axis=-1) is supported, got axis={axis!r}")
+    """Concatenation of the branches (neural-tangents' stax.FanInConcat(axis)), ``axis`` of
+    the activations (N, *spatial, C) as neural-tangents counts it.  The channel axis (-1, the
+    default): the blocks of all branches, in order.  A spatial axis: each block's vectors
+    joined along it, positions of the first branch first; every branch must then have the
+    same blocks (channel counts, in order), so that a later Dense / Conv reads a block at
+    every position with one matrix.  The covariances between positions of different
+    branches are derived, as every other: neural-tangents sets them to 0 and so refuses
+    branches that are not Gaussians (its is_gaussian), e.g. after a nonlinearity, where they
+    need not vanish; here such branches are taken as they are."""
+    if isinstance(axis, bool) or not isinstance(axis, numbers.Integral):
+        raise LayerError(f"FanInConcat: axis must be an integer, got {axis!r}")
+    axis = int(axis)
 
     def apply(b, state):
         branches = _branches(state, "FanInConcat")
-        for other in branches[1:]:
-            if other.spatial != branches[0].spatial:
-                raise LayerError(f"FanInConcat: branch spatial shapes differ, {branches[0].spatial} and {other.spatial}")
-        return _Hidden(tuple(blk for br in branches for blk in br.blocks))
+        ndim = len(branches[0].spatial) + 2  # (N, *spatial, C)
+        if not -ndim <= axis < ndim:
+            raise LayerError(f"FanInConcat: axis {axis} out of range for activations of {ndim} axes "
+                             f"(N, *spatial, C) = (N, *{branches[0].spatial}, C)")
+        at = axis % ndim
+        if at == ndim - 1:
+            for other in branches[1:]:
+                if other.spatial != branches[0].spatial:
+                    raise LayerError(f"FanInConcat: branch spatial shapes differ, {branches[0].spatial} and "
+                                     f"{other.spatial}")
+            return _Hidden(tuple(blk for br in branches for blk in br.blocks))
+        if at == 0:
+            raise LayerError("FanInConcat: axis 0 is the batch axis; concatenating examples is not a layer")
+        return _Hidden(_joined_along(branches, at - 1))
 
-    return Layer("FanInConcat()", apply)
+    return Layer(f"FanInConcat({axis})" if axis != -1 else "FanInConcat()", apply)
+
+
+def _joined_along(branches: list, s: int) -> tuple:
+    """The blocks of ``branches`` with each block's vectors concatenated along spatial axis
+    ``s`` (FanInConcat along a spatial axis)."""
+    first = branches[0]
+    channels = [c for _, c in first.blocks]
+    for other in branches[1:]:
+        if [c for _, c in other.blocks] != channels:
+            raise LayerError(f"FanInConcat: along spatial axis {s + 1} every branch needs the same channel blocks, "
+                             f"got {channels} and {[c for _, c in other.blocks]} (a concatenation of channels "
+                             f"or a Dense / Conv per branch makes them so)")
+        shapes = [br.spatial[:s] + br.spatial[s + 1:] for br in (first, other)]
+        if shapes[0] != shapes[1]:
+            raise LayerError(f"FanInConcat: along spatial axis {s + 1} the other axes must agree, got spatial "
+                             f"shapes {first.spatial} and {other.spatial}")
+    return tuple((np.concatenate([br.blocks[k][0] for br in branches], axis=s), c) for k, c in enumerate(channels))
 
 
 def _branches(state, where: str) -> list:

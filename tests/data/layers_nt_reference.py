@@ -55,6 +55,15 @@ CASES = {
     "conv2d_dense_positions": ("x_2d", "Dense(512, W, B), Relu(), Conv(512, (2, 2), (2, 2), 'SAME', W), Relu(), "
                                        "GlobalAvgPool(), Dense(1, W, B)"),
     "layernorm": ("x_fc", "Dense(512, W, B), LayerNorm(), Relu(), Dense(1, W, B)"),
+    # concatenation along a spatial axis (of independent Gaussian branches, as NT requires),
+    # read by a Conv across the junction; in 2-D, branches of different widths
+    "conv1d_concat_spatial": ("x_1d", "Conv(512, (2,), None, 'SAME', W, B), FanOut(2), "
+                                      "parallel(Conv(512, (2,), None, 'SAME', W, B), Conv(512, (3,), None, 'SAME', 1.2, B)), "
+                                      "FanInConcat(axis=1), Relu(), Conv(512, (2,), None, 'SAME', W, B), Relu(), "
+                                      "GlobalAvgPool(), Dense(1, W, B)"),
+    "conv2d_concat_spatial": ("x_2d", "Conv(512, (2, 2), None, 'SAME', W, B), FanOut(2), "
+                                      "parallel(Conv(512, (2, 2), None, 'SAME', W, B), Conv(512, (1, 2), None, 'VALID', W, B)), "
+                                      "FanInConcat(axis=-2), Relu(), Flatten(), Dense(1, W, B)"),
 }
 
 
