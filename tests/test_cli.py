@@ -208,6 +208,8 @@ ERRORS = [
     (["check", ZDOT, "--widths", "16,32", "--seeds", "2", "--particles", "2000", "--plot", "/nonexistent/dir/f.png"],
      "--plot: cannot write '/nonexistent/dir/f.png'"),
     (["limit", MLP, "-p", "depth=0", "--particles", "2000"], "depth must be a positive integer, got 0"),
+    # Python counts True as 1: mlp.py built depth 1 (CLI audit)
+    (["limit", MLP, "-p", "depth=True", "--particles", "2000"], "parameter 'depth' is a number (default 2), got the boolean True"),
     (["limit", ZDOT, "-p", "sigma=abc"], "matrix 'W': sigma: expected a number, got 'abc'"),
     (["classify", "--depth", "2"], "give --param NAME or --a/--b/--c"),
     (["classify", "--depth", "2", "--param", "foo"], "unknown parametrization 'foo'"),
@@ -219,6 +221,29 @@ def test_errors_are_one_line(capsys, data, argv, match):
     argv = [a.format(**data) if a.startswith("{") else a for a in argv]
     rc, out, err = tpc(capsys, *argv)
     assert_one_error_line(rc, err, match)
+
+
+def _classify(**streams) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "tpcompiler.cli", "classify", "--depth", "2", "--param", "mup"],
+                          cwd=ROOT, timeout=120, text=True, **streams)
+
+
+def test_output_that_cannot_be_written_is_one_line():
+    """stdout closed (>&-), on a full disk (/dev/full), or read by a reader that stops (| head):
+    before, an exit status 0 with the output silently lost, an "internal error" (OSError), and
+    an "internal error" (BrokenPipeError) (CLI audit)."""
+    closed = _classify(stdout=None, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL, close_fds=True,
+                       preexec_fn=lambda: __import__("os").close(1))
+    assert_one_error_line(closed.returncode, closed.stderr, "standard output is closed")
+    if Path("/dev/full").exists():
+        with open("/dev/full", "w") as full:
+            proc = _classify(stdout=full, stderr=subprocess.PIPE)
+        assert_one_error_line(proc.returncode, proc.stderr, "writing the output: No space left on device")
+    reader = subprocess.Popen([sys.executable, "-m", "tpcompiler.cli", "classify", "--depth", "2", "--param", "mup"],
+                              cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    reader.stdout.close()  # the reader stops before the first line
+    assert reader.wait(timeout=120) == 141
+    assert reader.stderr.read() == ""
 
 
 def test_failing_build_is_one_line(capsys, tmp_path):

@@ -723,12 +723,25 @@ def _main(argv=None) -> int:
         args = parser.parse_args(argv)
         if not getattr(args, "func", None):
             raise CommandError("give a command: " + ", ".join(sorted(parser._subparsers._group_actions[0].choices)))
+        if sys.stdout is None:  # started with stdout closed (>&-): Python's print would drop every line
+            raise CommandError("standard output is closed; redirect it to a file or to /dev/null")
         from tpcompiler import progress
 
         if getattr(args, "quiet", False):
             with progress.configured(False):
-                return args.func(args)
-        return args.func(args)
+                code = args.func(args)
+        else:
+            code = args.func(args)
+        sys.stdout.flush()  # a full disk fails here, inside this handler, not at the interpreter's exit
+        return code
+    except BrokenPipeError:  # the reader went away (tpc ... | head): stop quietly, as other tools do
+        _detach_stdout()
+        return 141
+    except OSError as exc:  # the machine's, not a bug: a full disk, an unwritable output
+        where = f"{exc.filename}: " if exc.filename else "writing the output: "
+        print(f"tpc: error: {where}{exc.strerror or exc}", file=sys.stderr)
+        _detach_stdout()
+        return 2
     except (CommandError, ProgramError) as exc:  # user errors: the project's error types
         message = str(exc)
         print(f"tpc: error: {message.splitlines()[0] if message else type(exc).__name__}", file=sys.stderr)
@@ -744,6 +757,16 @@ def _main(argv=None) -> int:
         print(f"tpc: internal error: {type(exc).__name__}: {text} (a bug in tpcompiler; please report it "
               f"with the command line)", file=sys.stderr)
         return 3
+
+
+def _detach_stdout() -> None:
+    """Point stdout at /dev/null, so that the interpreter's last flush of what could not be
+    written does not print a second error at exit."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    except (OSError, ValueError, AttributeError):
+        pass
 
 
 if __name__ == "__main__":

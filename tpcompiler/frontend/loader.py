@@ -6,6 +6,7 @@ import ast
 import hashlib
 import importlib.util
 import inspect
+import numbers
 from pathlib import Path
 
 from tpcompiler.frontend.dsl import Program
@@ -71,6 +72,17 @@ def parameters(path) -> dict:
     return {k: p.default for k, p in sig.parameters.items() if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
 
 
+def _refuse_booleans_for_numbers(name: str, sig: inspect.Signature, params: dict) -> None:
+    """A boolean given for a parameter whose default is a number (``-p depth=True``) is
+    refused: Python counts True as the integer 1, so a program would silently build depth 1."""
+    for key, value in params.items():
+        declared = sig.parameters.get(key)
+        default = None if declared is None else declared.default
+        if isinstance(value, bool) and isinstance(default, numbers.Number) and not isinstance(default, bool):
+            raise ProgramError(f"program {name}: parameter {key!r} is a number (default {default!r}), "
+                               f"got the boolean {value!r}")
+
+
 def load(path, **params) -> Program:
     """``build(**params)`` from the program file at ``path`` (docs/DESIGN.md 5)."""
     build = build_function(path)
@@ -82,6 +94,7 @@ def load(path, **params) -> Program:
         raise ProgramError(
             f"program {Path(path).name} has no parameter {unknown[0]!r}; its parameters are: {', '.join(known) or '(none)'}"
         )
+    _refuse_booleans_for_numbers(Path(path).name, sig, params)
     try:
         program = build(**params)
     except ProgramError:  # DSLError included: already names the instruction
