@@ -87,14 +87,7 @@ def kink_away_from_zero(lam: sp.Lambda):
     for f in lam.expr.atoms(*_KINK_FUNCS):
         if isinstance(f, (sp.floor, sp.ceiling)):
             return f
-        if isinstance(f, (sp.Max, sp.Min)):
-            args = list(f.args)
-            crossings = [a - b for i, a in enumerate(args) for b in args[i + 1:]]
-        elif isinstance(f, sp.Piecewise):
-            crossings = [r.lhs - r.rhs for _, cond in f.args for r in sp.S(cond).atoms(sp.core.relational.Relational)]
-        else:
-            crossings = [f.args[0]]
-        if not all(_vanishes_only_at_zero(sp.expand(c), x) for c in crossings):
+        if not all(_vanishes_only_at_zero(sp.expand(c), x) for c in nl.switching_expressions(f)):
             return f
     return None
 

@@ -145,6 +145,22 @@ class softplus(_Printed, sp.Function):
         return sigmoid(self.args[0])
 
 
+# ---------------------------------------------------------------------------------------
+# Where a function switches branch (kinks and jumps): the quadratures split their rules there,
+# and the Master theorem looks there for jumps whose Dirac delta sympy does not write.
+# ---------------------------------------------------------------------------------------
+def switching_expressions(f: sp.Basic) -> list:
+    """The expressions whose change of sign is where the switching function call ``f``
+    changes branch: a Piecewise's condition sides (lhs - rhs of every relation), the pairwise
+    differences of a Max's or Min's arguments, else (relu, step, Heaviside, Abs, sign) its
+    argument."""
+    if isinstance(f, sp.Piecewise):
+        return [r.lhs - r.rhs for _, cond in f.args for r in sp.S(cond).atoms(sp.core.relational.Relational)]
+    if isinstance(f, (sp.Max, sp.Min)):
+        args = list(f.args)
+        return [a - b for i, a in enumerate(args) for b in args[i + 1:]]
+    return [f.args[0]]
+
 
 # ---------------------------------------------------------------------------------------
 # Parity: f(-x) = +f(x) (even) or -f(x) (odd).  Used by the symbolic stage to prove that an

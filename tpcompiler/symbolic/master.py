@@ -42,7 +42,7 @@ from tpcompiler.ir.construct import replaced
 from tpcompiler.symbolic import numeric_search
 from tpcompiler.symbolic.existence import Checker
 from tpcompiler.ir.graph import Graph, ProgramError
-from tpcompiler.ir.nonlinearities import EVEN, NEITHER, ODD, parity_of_function
+from tpcompiler.ir.nonlinearities import EVEN, NEITHER, ODD, parity_of_function, switching_expressions
 from tpcompiler.ir import symbols
 from tpcompiler.ir.ops import VEC, node_symbol, unprime
 from tpcompiler.ir.rules import RuleTable
@@ -196,9 +196,10 @@ def refuse_lost_jump(key: str, expr: sp.Expr, s: sp.Symbol, derivative: sp.Expr)
                            "Master theorem) is not known to sympy, which leaves it unevaluated (as for floor and "
                            "ceiling, which jump at every integer); write the function without what it cannot "
                            "differentiate")
-    if derivative.has(sp.DiracDelta) or not _may_jump(expr, s):
+    if derivative.has(sp.DiracDelta):
         return
-    at = numeric_search.jump_point(expr, _switching_expressions(expr, s), s)
+    switching = _switching_expressions(expr, s)
+    at = numeric_search.jump_point(expr, switching, s) if switching else None
     if at is not None:
         raise ProgramError(f"instruction {key!r}: {expr} jumps at {s} = {at:.6g}, and its derivative as sympy "
                            "writes it has no Dirac delta there, which the Master theorem's ZDot terms need; "
@@ -206,19 +207,10 @@ def refuse_lost_jump(key: str, expr: sp.Expr, s: sp.Symbol, derivative: sp.Expr)
                            "sympy knows")
 
 
-def _may_jump(expr: sp.Expr, s: sp.Symbol) -> bool:
-    return any(s in f.free_symbols for f in expr.atoms(*_SWITCHES)) or any(
-        p.exp.is_negative and s in p.base.free_symbols for p in expr.atoms(sp.Pow))
-
-
 def _switching_expressions(expr: sp.Expr, s: sp.Symbol) -> list:
-    """Expressions whose zeros in s are where expr may jump."""
-    out = []
-    for f in expr.atoms(*_SWITCHES):
-        if isinstance(f, sp.Piecewise):
-            out += [r.lhs - r.rhs for _, cond in f.args for r in sp.S(cond).atoms(sp.core.relational.Relational)]
-        else:
-            out.append(f.args[0])
+    """Expressions whose zeros in s are where expr may jump: those of its switching
+    functions (``switching_expressions``) and the bases of its negative powers."""
+    out = [g for f in expr.atoms(*_SWITCHES) for g in switching_expressions(f)]
     out += [p.base for p in expr.atoms(sp.Pow) if p.exp.is_negative]
     return [g for g in out if s in g.free_symbols]
 
