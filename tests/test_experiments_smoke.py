@@ -12,9 +12,9 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def _run(script: str, *args: str, tmp_path: Path) -> dict:
+def _run(script: str, *args: str, tmp_path: Path, **env_vars: str) -> dict:
     out = tmp_path / "result.json"
-    env = dict(os.environ, OMP_NUM_THREADS="1", OPENBLAS_NUM_THREADS="1")
+    env = dict(os.environ, OMP_NUM_THREADS="1", OPENBLAS_NUM_THREADS="1", **env_vars)
     proc = subprocess.run([sys.executable, str(ROOT / "experiments" / script), *args, "--json", str(out), "--quiet"],
                           capture_output=True, text=True, env=env, timeout=600)
     assert proc.returncode == 0, proc.stderr[-2000:]
@@ -39,3 +39,13 @@ def test_word2vec_tp4_runs_end_to_end(tmp_path):
     assert r["vocab"] == 9044 and r["steps"] == 20 and r["complete"] is False   # the issue's V; a shortened run says so
     assert 0 < r["total"] <= r["questions_in_file"]
     assert abs(r["accuracy"] - 100.0 * r["correct"] / r["total"]) < 1e-9
+
+
+def test_word2vec_gensim_scale_runs_on_the_same_vocabulary_and_questions(tmp_path):
+    """The gensim CBOW of docs/experiments.md's word2vec reading (a point of scale): its
+    vocabulary must be word2vec_tp4's (the script refuses otherwise) and it answers the same
+    3,822 questions; seeded without PYTHONHASHSEED, so two runs agree."""
+    r = _run("word2vec_gensim.py", "--epochs", "1", "--seed", "3", tmp_path=tmp_path, PYTHONHASHSEED="1")
+    assert r["vocab"] == 9044 and r["total"] == 3822 and r["epochs"] == 1 and r["seed"] == 3
+    again = _run("word2vec_gensim.py", "--epochs", "1", "--seed", "3", tmp_path=tmp_path, PYTHONHASHSEED="2")
+    assert again["vectors_checksum"] == r["vectors_checksum"] and again["correct"] == r["correct"]
