@@ -1,6 +1,7 @@
 """Hash-consed graph construction (Graph.intern), the rule tables of the IR, front-end and
 training stages, and tp.compile as a named list of passes."""
 import inspect
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -16,6 +17,8 @@ from tpcompiler.ir.graph import Graph, OutputIndex, ProgramError, instantiate
 from tpcompiler.ir.ops import node_symbol
 from tpcompiler.ir.rules import MissingRule
 from tpcompiler.training import finite, sgd
+
+ROOT = Path(__file__).resolve().parent.parent
 
 
 def _graph() -> Graph:
@@ -79,6 +82,28 @@ def test_rename_keeps_the_shared_node():
     a = g.intern(ops.MatMul(False), ("W", "u"))
     g.rename(a, "h")
     assert g.intern(ops.MatMul(False), ("W", "u")) == "h" and a not in g.g
+
+
+def test_names_asked_for_a_shared_node_are_kept_and_listed_beside_it():
+    """A name asked for a computation that already has a node (the backward pass's gradient
+    of a second tap entering one sum with one weight) is an alias of that node, which the
+    listing shows: docs/programs/cnn1d.md printed dh_{1 0} := dx_{1 3} step(h_{1 0}) with no
+    trace of dx_{1 0} (review of the docs)."""
+    from tpcompiler.printing.program import listing
+
+    g = _graph()
+    h = g.intern(ops.MatMul(False), ("W", "u"), "h")
+    assert g.intern(ops.MatMul(False), ("W", "u"), "k") == h == "h"
+    assert g.intern(ops.MatMul(False), ("W", "u"), "k") == "h"   # asked again: listed once
+    assert g.intern(ops.MatMul(False), ("W", "u"), "u") == "h"   # a name in use is no alias
+    assert g.intern(ops.MatMul(False), ("W", "u")) == "h"
+    assert g.aliases == {"h": ["k"]}
+    g.rename("h", "h0")  # (nothing reads h yet)
+    assert g.aliases == {"h0": ["k"]}
+    line, = [entry for entry in listing(g) if entry.startswith("h_{0}")]
+    assert line.endswith(r"\qquad (\text{also } k)"), line
+    cnn = tp.compile(tp.load(ROOT / "programs" / "cnn1d.py", L=3, depth=1)).graph
+    assert cnn.aliases["dx1_2"] == ["dx1_1", "dx1_0"]
 
 
 def test_a_node_removed_behind_the_graphs_back_is_not_returned():

@@ -63,6 +63,10 @@ class Graph:
         self._interned: dict[tuple, str] = {}
         #: Names made up by ``intern`` (not given by the program's author).
         self.generated: set[str] = set()
+        #: node -> the other names asked for it (``intern`` found it computed already: the
+        #: backward pass's gradients of taps that enter one sum with one weight); printed
+        #: beside its definition, so a listing's reader can find every name it was given.
+        self.aliases: dict[str, list[str]] = {}
         self._count = 0
         self._suffix: dict[str, int] = {}  # name -> last suffix given to a copy (name_2, ...)
         self._order_memo = None  # (graph state, its order): ``order``
@@ -97,6 +101,8 @@ class Graph:
                             "the pass that interned it, not in the program)")
         found = self._interned.get(_intern_key(op, args))
         if found is not None and self._computes(found, op, args):
+            if name is not None and name != found and name not in self.g and name not in self.aliases.get(found, ()):
+                self.aliases.setdefault(found, []).append(name)
             return found
         key = self.add(self._unused_name(name, op), op, args)
         self._interned[_intern_key(op, args)] = key
@@ -149,6 +155,8 @@ class Graph:
             )
         nx.relabel_nodes(self.g, {old: new}, copy=False)
         self._interned = {k: (new if v == old else v) for k, v in self._interned.items()}
+        if old in self.aliases:
+            self.aliases[new] = self.aliases.pop(old)
         self.generated.discard(old)
         if self.readout is not None and old in (self.readout.vector, self.readout.readout):
             self.readout = dataclasses.replace(

@@ -62,7 +62,11 @@ class ProgramPrinter(Printer):
         if not hasattr(self, f"_print_{type(op).__name__}"):
             raise MissingRule(f"the printing stage has no rule for op {type(op).__name__}; "
                               f"add ProgramPrinter._print_{type(op).__name__}")
-        return self._print(op, key=key)
+        line = self._print(op, key=key)
+        aliases = [a for a in self.graph.aliases.get(key, ()) if a not in self.graph.g]
+        if aliases:  # the other names it was asked for (Graph.aliases)
+            line += r" \qquad (\text{also } " + ", ".join(self.node(a) for a in aliases) + ")"
+        return line
 
     def listing(self, keys=None) -> list[str]:
         """The listing lines of ``keys`` (default: the whole program in order)."""
