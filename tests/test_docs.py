@@ -55,3 +55,19 @@ def test_every_formula_on_the_committed_pages_is_valid_tex(page):
     assert len(formulas) > 10, f"{page.name}: too few formulas found ({len(formulas)})"
     bad = [f"{f!r}: {p}" for f in formulas for p in texcheck.problems(f)]
     assert not bad, f"{page.name}: {len(bad)} invalid formulas, e.g. {bad[:3]}"
+
+
+@pytest.mark.parametrize("program", PROGRAMS, ids=[p.stem for p in PROGRAMS])
+def test_every_initial_covariance_a_formula_reads_is_defined(program):
+    """Each Cov(Z^a, Z^b(xi')) of initial Gaussians that a page's formulas read is stated in its
+    ZInit section.  At two inputs Cov(Z^a, Z^b(xi')) and Cov(Z^b, Z^a(xi')) are different
+    functions (xi and xi' exchanged); the section listed one order only, while cnn1d's and
+    rnn's NTKs read both (review of the docs)."""
+    import re
+
+    text = (ROOT / "docs" / "programs" / f"{program.stem}.md").read_text()
+    zinit = text.split("## Initial Gaussians (ZInit)")[1].split("\n## ")[0] if "## Initial Gaussians" in text else ""
+    cov = re.compile(r"\\mathrm\{Cov\}\((Z\^\{[^()]*\}), (Z\^\{[^()]*\}(?:\(\\xi'\))?)\)")
+    defined = {m.groups() for m in re.finditer(cov.pattern + r" = ", zinit)}
+    read = {m.groups() for m in cov.finditer(text)}
+    assert read <= defined, sorted(read - defined)

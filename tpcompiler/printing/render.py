@@ -59,7 +59,13 @@ class ZProgramPrinter(ProgramPrinter):
             if other == key:
                 break
             if g.args(other)[0] == U:
-                parts.append(self.cov(other, key, g.init_covariance(other, key, prime_b=second), prime_b=second))
+                earlier_first = g.init_covariance(other, key, prime_b=second)
+                parts.append(self.cov(other, key, earlier_first, prime_b=second))
+                # at two inputs Cov(Z^a, Z^b(xi')) is Cov(Z^b, Z^a(xi')) with xi and xi'
+                # exchanged: another function, which outputs read too (a convolution's taps)
+                later_first = g.init_covariance(key, other, prime_b=True) if second else earlier_first
+                if later_first != earlier_first:
+                    parts.append(self.cov(key, other, later_first, prime_b=True))
         return r",\ ".join(parts)
 
     def zdot(self, key: str) -> list[str]:
