@@ -35,6 +35,33 @@ def test_kernels_are_neural_tangents_values():
         np.testing.assert_allclose(k.diag(XT), np.diag(REF[f"erf1__{kind}_test"]), rtol=1e-12)
 
 
+def test_diag_reads_rows_in_chunks_with_the_values_of_the_whole_kernel(monkeypatch):
+    """diag(X) built the N x N kernel (np.diag(k(X))): 1.8 GB at N = 8000, out of memory near
+    N = 30,000, for N numbers (audit).  It now calls the kernel on DIAG_ROWS rows at a time."""
+    from tpcompiler import sklearn as tpsk
+
+    monkeypatch.setattr(tpsk, "DIAG_ROWS", 7)
+    k = NTK(MLP, **ERF)
+    rows = np.random.default_rng(3).standard_normal((23, 3))
+    whole = np.diag(k(rows))
+    seen = []
+    call = tpsk._ProgramKernel.__call__
+    monkeypatch.setattr(tpsk._ProgramKernel, "__call__", lambda self, X, *a, **kw: seen.append(len(X)) or call(self, X, *a, **kw))
+    np.testing.assert_array_equal(k.diag(rows), whole)
+    assert seen == [7, 7, 7, 2]
+    assert k.diag(rows[:0]).shape == (0,)
+
+
+def test_every_build_parameter_can_be_set_later():
+    """get_params listed only the parameters given to the constructor (and the hyperparameters),
+    so set_params(phi="tanh") and a grid search over kernel__phi failed (audit)."""
+    k = NNGP(MLP, depth=1)
+    assert {"phi", "b_std", "parameterization", "width", "w_std"} <= set(k.get_params()) and "d" not in k.get_params()
+    tanh = clone(k).set_params(phi="tanh")
+    np.testing.assert_allclose(tanh(X), NNGP(MLP, depth=1, phi="tanh")(X), rtol=0, atol=0)
+    assert not np.allclose(tanh(X), k(X))
+
+
 def test_gaussian_process_regressor_is_the_nngp_posterior():
     """GaussianProcessRegressor(NNGP + WhiteKernel) reproduces neural-tangents' NNGP posterior
     (case erf1_inf: diag_reg 1e-4 of the mean training diagonal); WhiteKernel also puts its

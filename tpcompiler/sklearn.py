@@ -48,6 +48,7 @@ DEFAULT_BOUNDS = (1e-2, 1e2)
 #: Central-difference step in log-space of ``eval_gradient``.
 GRADIENT_STEP = 1e-4
 KINDS = ("nngp", "ntk")
+DIAG_ROWS = 256  # rows per call of a kernel's diag()
 _CACHE: dict = {}     # (program, params) -> compiled kernel function
 _DEFAULTS: dict = {}  # (program file, mtime) -> its build() defaults
 
@@ -292,10 +293,12 @@ class _ProgramKernel(Kernel):
         if unknown:
             raise ProgramError(f"{unknown[0]}_bounds: {unknown[0]!r} is not a hyperparameter of this program "
                                f"(hyperparameters: {', '.join(hyper) or 'none'})")
-        # the hyperparameters' defaults become explicit parameters, so theta can read them
-        for name in hyper:
-            if name not in build:
-                build[name] = defaults[name]
+        # every build() parameter is a parameter of the estimator (get_params, set_params,
+        # a grid search over phi), defaults included; the hyperparameters' defaults also
+        # become theta.  Not d: a build()'s input dimension comes from the data (_full_params).
+        for name, value in defaults.items():
+            if name not in build and (name != "d" or name in hyper):
+                build[name] = value
         self._names = [*build, *bounds]
         self._bound_names = list(bounds)
         self._hyper = hyper
@@ -337,7 +340,13 @@ class _ProgramKernel(Kernel):
         return K, grad
 
     def diag(self, X):
-        return np.diag(self(X)).copy()
+        """k(x, x) for the rows of X, from the kernels of DIAG_ROWS rows at a time (memory and
+        time grow with N, not N^2: GaussianProcessRegressor.predict(return_std=True) asks it
+        of every test point).  A row's k(x, x) does not depend on the other rows of its call,
+        so the values are those of the diagonal of k(X)."""
+        X = _inputs(X, "X")
+        return np.concatenate([np.diag(self(X[s:s + DIAG_ROWS])) for s in range(0, len(X), DIAG_ROWS)]
+                              or [np.empty(0)])
 
     def is_stationary(self):
         return False
