@@ -125,6 +125,12 @@ def plan(kf: KernelFunction, N: int, N2: int | None, d: int, memory: int, in_mem
     rows = (N + (N2 or 0)) * 2 * (len(kf.features.row) + len(kf.row_symbols) + len(KERNELS))
     outputs = sum(a * b for a, b in output_shapes(N, N2).values()) * itemsize
     fixed = baseline + 8 * rows + (outputs if in_memory else 0)
+    if baseline >= memory:  # not the kernels' size: no output format or tile helps
+        smallest = fixed + tile_bytes(min(N, MIN_TILE), kf, d)
+        raise validation.ArgumentError(
+            f"memory: the budget of {size_text(memory)} is below what this process uses already "
+            f"({size_text(baseline)} before any kernel: the interpreter, its libraries, the inputs), "
+            f"which the budget counts too; give more than {size_text(smallest)}")
     if in_memory and fixed > memory:
         raise validation.ArgumentError(
             f"memory: the kernels ({len(output_shapes(N, N2))} matrices of {N} columns, {dtype}: {size_text(outputs)}) "
