@@ -76,8 +76,10 @@ def test_programs_beyond_bivariate_expectations_use_particles():
     c = tp.compile(_three_correlated_relus())
     zp, _ = c.bind(None)
     assert is_pairwise(zp)  # the structure passes; the engine refuses the expectation itself
-    with pytest.raises(NotPairwise, match="3 jointly Gaussian nonlinear factors"):
+    with pytest.raises(NotPairwise, match="3 jointly Gaussian nonlinear factors.*; method 'particles' or 'auto' takes"):
         c.limit(method="pairwise")
+    with pytest.raises(tp.ProgramError, match="not Gaussian-linear: method 'exact' needs .*; method 'particles' or"):
+        c.limit(method="exact")
     value, err = c.limit(particles=200_000, seed=1)["m"]
     assert err > 0
     u, v, w = _correlated_draws(2_000_000)

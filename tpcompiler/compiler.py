@@ -24,7 +24,7 @@ import numpy as np
 
 from tpcompiler.backends import interpreter
 from tpcompiler import progress, validation
-from tpcompiler.backends.exact import exact_limit, is_gaussian_linear
+from tpcompiler.backends.exact import NotLinear, exact_limit, is_gaussian_linear
 from tpcompiler.backends.kernels.shared import paused_gc
 from tpcompiler.backends.particles import limit as particle_limit
 from tpcompiler.frontend.dsl import Program
@@ -349,9 +349,17 @@ class Compiled:
         zp, _ = self.bind(x)
         result = None
         if method == "exact" or (method == "auto" and is_gaussian_linear(zp)):
-            result = exact_limit(zp)
+            try:
+                result = exact_limit(zp)
+            except NotLinear as exc:
+                raise NotLinear(f"{exc}: method 'exact' needs a Gaussian-linear program; method 'particles' or 'auto' "
+                                f"takes any program (tpc limit --method ...)") from None
         elif method == "pairwise":
-            result = pairwise_limit(zp)
+            try:
+                result = pairwise_limit(zp)
+            except NotPairwise as exc:
+                raise NotPairwise(f"program {self.graph.name!r}, method 'pairwise': {exc}; method 'particles' or "
+                                  "'auto' takes any program (tpc limit --method ...)") from None
         elif method == "auto" and is_pairwise(zp):
             try:
                 result = pairwise_limit(zp)
