@@ -87,3 +87,15 @@ def test_a_diverging_network_is_reported_not_fitted():
     assert math.isfinite(check.slope("sp", "h2", 1)) and math.isnan(check.slope("sp", "h2", 2))
     assert json.loads(check.to_json())["params"]["sp"]["change"]["f"]["slopes"][1] is None
     assert "width 8: diverged at step 2" in check.report()
+
+
+def test_a_trained_hidden_bias_moves_like_every_other_layer():
+    """maml_linear's hidden bias beta is a trained vector: its change after a step is Theta(1)
+    under muP and n^-1/2 under SP (theory above, a hidden layer's rule with fan-in 1).  The
+    check reported 0 for it at every width: StepEngine.activations handed out the engine's own
+    state array for a trained vector, which the step then updated in place (audit)."""
+    net = tp.load(PROGRAMS / "maml_linear.py")
+    check = tp.coordcheck(net, ["mup", "sp"], (64, 256), steps=1, seeds=8, lr=0.1, progress_bar=False)
+    assert min(check.change["mup"][:, 0, check.layers.index("beta")]) > 1e-3
+    assert abs(check.slope("mup", "beta", 1)) < TOL
+    assert abs(check.slope("sp", "beta", 1) + 0.5) < TOL

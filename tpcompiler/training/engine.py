@@ -794,7 +794,9 @@ class StepEngine:
         X = _as_rows(X, self.program.d, "X")
         with self._restoring(families=True, tensors=False):
             env = self._forward(X, keep=self.program.forward_reuses_a_matrix)
-            out = {k: np.asarray(env[k]) for k in self.program.forward}
+            # copies: a trained vector's entry is the engine's own state array, which a later
+            # step updates in place (tp.coordcheck measured a hidden bias's change as 0)
+            out = {k: np.array(env[k]) for k in self.program.forward}
             out["f"] = self._outputs(env)
         return out
 
