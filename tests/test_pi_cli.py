@@ -115,6 +115,24 @@ def test_width_trains_the_finite_pi_net(capsys, data):
         np.testing.assert_array_equal(T["f_train"], np.array(hist.f_train))
 
 
+def test_the_programs_seed_draws_the_trained_state(capsys, data):
+    """-p seed=S draws the pi-net's state in tpc limit and tpc formulas; tpc train --param pi
+    trained seed 0's state instead unless --seed S was also given (audit).  Now -p seed alone
+    is the program's state, --seed alone still picks one, and both must agree."""
+    out = data["dir"] / "seeded.npz"
+    argv = ["train", PINET, "-p", "depth=2", "-p", f"r={R}", "-p", "seed=4", "--param", "pi", "--x", data["X"],
+            "--y", data["Y"], "--loss", "softmax", "--lr", "0.5", "--steps", 1, "--quiet", "--out", out]
+    rc, _, err = tpc(capsys, *argv)
+    assert rc == 0, err
+    program = tp.load(PINET, depth=2, r=R, d=D, dout=K, seed=4)
+    hist = tp.fit(tp.PiLimit(tp.PiSpec.from_program(program), seed=program.pi_seed, loss="softmax"), data["X_arr"],
+                  data["Y_arr"], steps=1, lr=0.5, eval_every=1, progress=False)
+    with np.load(out) as T:
+        np.testing.assert_array_equal(T["f_train"], np.array(hist.f_train))
+    rc, _, err = tpc(capsys, *argv, "--seed", 3)
+    assert_one_error_line(rc, err, "--seed 3 and -p seed=4 disagree")
+
+
 def test_wd_is_weight_decay_for_every_parametrization():
     base = ["train", str(MLP), "--param", "mup", "--x", "x.npy", "--y", "y.npy", "--lr", "1", "--steps", "1", "--out", "o"]
     assert build_parser().parse_args(base + ["--wd", "0.25"]).weight_decay == 0.25

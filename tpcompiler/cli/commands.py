@@ -314,6 +314,7 @@ def cmd_train(args) -> int:
         if args.plot or args.widths:
             raise CommandError("--plot/--widths: not available with --param pi (train with tp.PiLimit / tp.PiFinite and tp.fit, and plot the History)")
         return _train_pi(args, X, Y, Xe, out)
+    args.seed = 0 if args.seed is None else args.seed
     _refuse_pi_options(args)
     plot_path = _plot_path(args.plot) if args.plot else None
     widths = _increasing_widths(args.widths, "--widths", minimum=1) if args.widths else []
@@ -493,7 +494,15 @@ def _pi_engine(args, program, mult: dict):
     if args.width is not None and spec.r > args.width:
         raise CommandError(f"--width: the pi-net's rank r = {spec.r} is larger than the width {args.width}; "
                            f"a finite pi-net needs r <= width (give -p r=.. or a larger --width)")
-    options = dict(state=args.init, seed=args.seed, loss=args.loss, wd=args.weight_decay, clip=args.clip, mult=mult)
+    # the initial state is the program's (-p seed=S draws it, as in tpc limit and tpc formulas),
+    # unless --seed draws another; -p seed alone used to train seed 0's state (audit)
+    seed = getattr(program, "pi_seed", 0)
+    if args.seed is not None:
+        if any(a.split("=")[0].strip() == "seed" for a in args.param) and args.seed != seed:
+            raise CommandError(f"--seed {args.seed} and -p seed={seed} disagree: the pi-net's initial state is drawn "
+                               "from one seed; give one of them")
+        seed = args.seed
+    options = dict(state=args.init, seed=seed, loss=args.loss, wd=args.weight_decay, clip=args.clip, mult=mult)
     try:
         if args.width is None:
             return spec, PiLimit(spec, **options)
@@ -642,7 +651,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--loss", choices=["mse", "logistic", "softmax"], default="mse")
     p.add_argument("--eval", help="evaluation inputs (N_eval x d .npy)")
     p.add_argument("--particles", type=_count(1), default=DEFAULT_PARTICLES)
-    p.add_argument("--seed", type=_count(), default=0)
+    p.add_argument("--seed", type=_count(), default=None,
+                   help="random seed (default 0; --param pi: default the program's -p seed, which draws its initial state)")
     p.add_argument("--method", choices=["auto", "exact", "particles"], default="auto",
                    help="feature learning: exact (Gaussian-linear networks) or particles; auto picks exact when it applies")
     p.add_argument("--weight-decay", "--wd", type=_real(positive=False, low=0.0, high=1e300), default=0.0,
