@@ -431,3 +431,8 @@ def test_bad_state_and_parameters_give_one_line_errors():
         tp.PiLimit(spec, state="no-such-state.npz")
     with pytest.raises(ValueError, match="X: expected an"):
         tp.PiLimit(spec).step(np.zeros((2, 5)), np.zeros((2, 2)), 0.1)
+    # abs and step: a Dirac delta in phi' or phi'' (it failed with the expectation builder's
+    # message alone, which never named phi or the pi-net: audit)
+    for phi in ("abs", "step"):
+        with pytest.raises(ValueError, match=f"pi-net: phi '{phi}' cannot be its nonlinearity: the pi-limit needs"):
+            tp.PiLimit(tp.PiSpec(depth=1, r=2, d=3, dout=2, phi=phi))

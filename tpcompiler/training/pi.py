@@ -246,9 +246,13 @@ class Transforms:
         f = builtin(phi)(x)
         lam = [sp.Lambda(x, sp.diff(f, x, k)) for k in range(3)]
         self.phi = phi
-        self._t00 = pair_expectation(lam[0], lam[0])
-        self._t11 = pair_expectation(lam[1], lam[1])
-        self._t02, self.t02_method = self._second(lam)
+        try:
+            self._t00 = pair_expectation(lam[0], lam[0])
+            self._t11 = pair_expectation(lam[1], lam[1])
+            self._t02, self.t02_method = self._second(lam)
+        except ValueError as exc:  # (abs, step: a Dirac delta in phi' or phi'' without a closed form)
+            raise ValueError(f"pi-net: phi {phi!r} cannot be its nonlinearity: the pi-limit needs "
+                             f"E[phi phi], E[phi' phi'] and E[phi phi''] (docs/DESIGN.md 2.10), and {exc}") from None
         self.numpy_phi = _numpy(lam[0])
         self.numpy_dphi = _numpy(lam[1]) if phi != "relu" else (lambda z: (z > 0).astype(np.float64))
 
