@@ -405,6 +405,21 @@ def test_save_load_round_trip_and_fit(tmp_path):
         np.testing.assert_allclose(back.predict(X)[0], eng.predict(X)[0], rtol=1e-12, atol=1e-16)
 
 
+def test_a_diverged_state_is_refused_not_stepped_on():
+    """phi = exp at a learning rate of 50: the first step overflows the state, and the next
+    step carried the NaN on silently, in the limit and at finite width (audit).  It is now
+    refused, as the step engine refuses a non-finite output (a ProgramError: tpc prints one line)."""
+    spec = tp.PiSpec(depth=2, r=3, d=3, dout=2, phi="exp")
+    X = np.random.default_rng(0).standard_normal((4, 3))
+    Y = np.eye(2)[[0, 1, 0, 1]]
+    for eng in (tp.PiLimit(spec), PiFinite(spec, width=64)):
+        with np.errstate(all="ignore"):
+            eng.step(X, Y, 50.0)
+            assert not np.all(np.isfinite(eng.forward(X)))
+            with pytest.raises(tp.ProgramError, match="output is not finite .*smaller learning rate"):
+                eng.step(X, Y, 50.0)
+
+
 def test_bad_state_and_parameters_give_one_line_errors():
     spec = tp.PiSpec(depth=2, r=4, d=3, dout=2)
     good = tp.pi.init_state(spec, seed=0)

@@ -45,6 +45,7 @@ from threadpoolctl import threadpool_limits
 
 from tpcompiler.expectations import K11, K12, K22, closed_form_pair, pair_expectation
 from tpcompiler.expectations import special
+from tpcompiler.ir.graph import ProgramError
 from tpcompiler.ir.nonlinearities import NUMPY_FUNCTIONS, builtin
 
 LOSSES = ("softmax", "mse")
@@ -340,7 +341,11 @@ def transforms(phi: str) -> Transforms:
 # Losses and options shared by the limit and the finite pi-net
 # ---------------------------------------------------------------------------------------
 def loss_and_delta(out: np.ndarray, Y: np.ndarray, loss: str):
-    """Per-example losses (B,) and delta = d(mean loss)/d out (B, dout)."""
+    """Per-example losses (B,) and delta = d(mean loss)/d out (B, dout); a ValueError if the
+    outputs are not finite (a diverged state: a step would carry the NaN on silently)."""
+    if not np.all(np.isfinite(out)):
+        raise ProgramError("pi-net step: the network's output is not finite (training diverged); use a smaller "
+                           "learning rate")
     B = out.shape[0]
     if loss == "softmax":
         z = out - out.max(axis=1, keepdims=True)
