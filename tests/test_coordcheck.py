@@ -99,3 +99,13 @@ def test_a_trained_hidden_bias_moves_like_every_other_layer():
     assert min(check.change["mup"][:, 0, check.layers.index("beta")]) > 1e-3
     assert abs(check.slope("mup", "beta", 1)) < TOL
     assert abs(check.slope("sp", "beta", 1) + 0.5) < TOL
+
+
+def test_a_vector_that_does_not_move_is_reported_as_such():
+    """word2vec_cbow's readout starts at 0, so its hidden vector h does not move at the first
+    step: its change is exactly 0 at every width, which has no exponent.  The report printed
+    "n/a" there, the mark of a diverged width (audit)."""
+    check = tp.coordcheck(tp.load(PROGRAMS / "word2vec_cbow.py"), ["mup"], (32, 64), steps=1, seeds=2,
+                          progress_bar=False)
+    row = next(line for line in check.report().splitlines() if line.split()[:1] == ["h"])
+    assert row.split() == ["h", row.split()[1], "none"] and not check.diverged["mup"]

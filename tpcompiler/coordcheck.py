@@ -115,9 +115,11 @@ class CoordCheck:
             lines.append("  " + "".join(f"{h:>11}" for h in head))
             for j, layer in enumerate(self.layers):
                 vals = [self.size_slope[label][0, j]] + list(self.change_slope[label][:, j])
-                lines.append("  " + f"{layer:>11}" + "".join(f"{v:>+11.2f}" if np.isfinite(v) else f"{'n/a':>11}" for v in vals))
+                measured = [self.size[label][:, 0, j]] + [self.change[label][:, t, j] for t in range(self.steps)]
+                lines.append("  " + f"{layer:>11}" + "".join(_cell(v, m) for v, m in zip(vals, measured)))
             for n, t in sorted(self.diverged[label].items()):
                 lines.append(f"  width {n}: diverged at step {t} (non-finite output); later steps are omitted")
+        lines.append("(none: exactly 0 at every width, so no exponent; n/a: a width diverged)")
         return "\n".join(lines)
 
     def plot(self, path: str) -> None:
@@ -269,6 +271,14 @@ def coordcheck(net, params=DEFAULT_PARAMS, widths=DEFAULT_WIDTHS, *, steps: int 
             result.size_slope[label] = _slopes(widths, result.size[label])
             result.change_slope[label] = _slopes(widths, result.change[label])
     return result
+
+
+def _cell(slope: float, values: np.ndarray) -> str:
+    """A report's cell: the fitted exponent, "none" where the values are exactly 0 at every
+    width (a vector that does not move: no exponent), "n/a" where a width diverged."""
+    if np.isfinite(slope):
+        return f"{slope:>+11.2f}"
+    return f"{'none' if np.all(values == 0) else 'n/a':>11}"
 
 
 def _slopes(widths, values: np.ndarray) -> np.ndarray:
