@@ -1,6 +1,6 @@
 """Finite width converges to the derived limit (docs/DESIGN.md 4, oracle 1): for every program in
-programs/, widths 2^7..2^12 over 20 seeds, RMS error slope near -1/2 and agreement at the
-top width; and dropping the ZDot terms makes the check fail."""
+programs/, widths 2^7..2^12 over 20 seeds (mup_mlp: ``STRICTER``), RMS error slope near -1/2
+and agreement at the top width; and dropping the ZDot terms makes the check fail."""
 import math
 from pathlib import Path
 
@@ -13,14 +13,20 @@ from tpcompiler.check import DEFAULT_WIDTHS, finite_runs, format_report, judge
 PROGRAMS = sorted(Path(__file__).resolve().parent.parent.glob("programs/*.py"))
 SEEDS = 20
 PARTICLES = 1_000_000
+#: Programs checked with more seeds and particles (and the small widths left out): mup_mlp's
+#: training limit at the defaults let a ZDot coefficient 5% too small pass (largest z 3.8,
+#: mutation audit); with these, 4 of its 9 outputs fail on that error (z up to 4.9) and the
+#: right limit stays below z = 1.
+STRICTER = {"mup_mlp": ((512, 1024, 2048, 4096), 80, 4_000_000)}
 
 
 @pytest.mark.parametrize("path", PROGRAMS, ids=[p.stem for p in PROGRAMS])
 def test_program_converges_to_its_limit(path):
     program = tp.load(path)
     compiled = tp.compile(program)
-    runs = finite_runs(program.graph, DEFAULT_WIDTHS, SEEDS)
-    checks = judge(compiled.limit(particles=PARTICLES), runs)
+    widths, seeds, particles = STRICTER.get(path.stem, (DEFAULT_WIDTHS, SEEDS, PARTICLES))
+    runs = finite_runs(program.graph, widths, seeds)
+    checks = judge(compiled.limit(particles=particles), runs)
     assert checks, "program has outputs"
     assert all(c.passed for c in checks), format_report(checks)
 
