@@ -261,6 +261,19 @@ def test_quadrature_against_scipy_quad_and_mixed_functions():
         assert abs(pe.scalar(*k) - r) <= 1e-10 * max(abs(r), 1e-2)
 
 
+def test_rules_are_judged_where_the_expectation_exists(tmp_path, monkeypatch):
+    """E[exp(u^2/4)] = (1 - k/2)^(-1/2) exists for variances k < 2 only; the probe set reaches
+    beyond, where the reference is infinite, and those points made every rule's estimated
+    error NaN, so the coarsest rule was used: 7e-4 off at k = 1 (docs audit).  They are left
+    out of the comparison now (near k = 2 no rule reaches 1e-10, which the warning says)."""
+    monkeypatch.setenv("TPCOMPILER_CACHE_DIR", str(tmp_path))  # (probe afresh: no stored rule)
+    x = sp.Symbol("x", real=True)
+    with pytest.warns(RuntimeWarning, match="did not reach rtol"):
+        pe = g2.pair_expectation(sp.Lambda(x, sp.exp(x**2 / 4)), sp.Lambda(x, sp.S.One))
+    for k in (0.5, 1.0):
+        assert abs(pe.scalar(k, 0.0, 1.0) - (1 - k / 2) ** -0.5) < 1e-9, k
+
+
 @pytest.mark.parametrize("phi,psi,kink_f,kink_g", [
     ("relu", "tanh", True, False),
     ("step", (1 - sp.tanh(X) ** 2, X), True, False),

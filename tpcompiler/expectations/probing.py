@@ -12,7 +12,7 @@ evaluations wins.  If none reaches the target, the most accurate rule tried is u
 RuntimeWarning.
 
 The chosen rule is stored next to the generated module (``<module>.rules.json``, keyed by
-rtol, kmax and ``GEN_VERSION``), so a second run does not probe again.
+rtol, kmax, ``GEN_VERSION`` and ``PROBE_VERSION``), so a second run does not probe again.
 """
 from __future__ import annotations
 
@@ -31,6 +31,11 @@ from tpcompiler.backends import codegen
 from tpcompiler.expectations.functions import numpy_function
 from tpcompiler.expectations.quadrature import HYBRID, UNIFORM, X_TRUNCATION
 from tpcompiler.expectations.source import CACHE_KIND, GEN_VERSION, Module
+
+#: The version of the rule selection (``probe``, ``rel_err``), part of a stored rule's key: a
+#: rule chosen by an earlier selection is probed again (2: probe points without a finite
+#: reference are left out).
+PROBE_VERSION = 2
 
 H_LADDER = [0.55 * 0.92**i for i in range(40)]  # 0.55 ... 0.021
 FINE = 5  # the error of rung i is estimated against rung i + FINE (h ratio 0.66)
@@ -89,12 +94,21 @@ def reference_moment(lam: sp.Lambda, ks: np.ndarray, power: int = 2) -> np.ndarr
 
 
 def rel_err(a, b, scale) -> float:
-    """max |a - b| / max(|b|, 1e-2 scale), ignoring NaN pairs where both are NaN."""
-    den = np.maximum(np.abs(b), 1e-2 * scale)
+    """max |a - b| / max(|b|, 1e-2 scale) over the probe points whose reference b is finite;
+    a rule's non-finite value there counts as an infinite error.  Where the reference is not
+    finite the expectation does not exist at that covariance (E[exp(u^2/4)] at variance >= 2;
+    tp.compile refuses a program that reaches it) or overflows, and no rule can be judged:
+    counting those points made every rule's error NaN, and the coarsest rule was used
+    (E[exp(u^2/4)] at variance 1 erred by 7e-4, with a RuntimeWarning)."""
+    keep = np.isfinite(b)
+    if not np.any(keep):
+        return 0.0
+    b, a = b[keep], a[keep]
+    den = np.maximum(np.abs(b), 1e-2 * (scale[keep] if np.ndim(scale) else scale))
     den = np.where(den > 0, den, 1.0)
-    d = np.abs(a - b) / den
-    d = np.where(np.isnan(a) & np.isnan(b), 0.0, d)
-    return float(np.max(d)) if d.size else 0.0
+    with np.errstate(invalid="ignore", divide="ignore", over="ignore"):  # (a NaN or inf here is inf below)
+        d = np.abs(a - b) / den
+    return float(np.max(np.where(np.isnan(d), np.inf, d)))
 
 
 def probe(run, candidates, rtol, scale_fn) -> Rule:
@@ -173,7 +187,7 @@ def _write_rule(module: Module, key: str, rule: Rule) -> None:
 def select_rule(module: Module, what: str, rtol, kmax, run, kink: bool, scale_fn) -> Rule:
     """The rule of ``module`` (``what``: "pair" or "1d") for rtol and kmax: from its rules
     file, else probed with ``run`` and ``scale_fn`` (see ``probe``) and stored."""
-    key = f"{what}|{rtol!r}|{kmax!r}|{GEN_VERSION}"
+    key = f"{what}|{rtol!r}|{kmax!r}|{GEN_VERSION}|{PROBE_VERSION}"
     cached = _read_rules(module).get(key)
     if cached:
         return Rule(**cached)
