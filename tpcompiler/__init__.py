@@ -14,6 +14,7 @@ from tpcompiler.frontend.dsl import (
 )
 from tpcompiler.ir import nonlinearities, ops  # public modules: tp.nonlinearities.builtin, tp.ops.node_symbol
 from tpcompiler.ir.graph import ProgramError
+from tpcompiler.symbolic.existence import UndefinedLimit  # tp.compile's refusal of a limit that does not exist
 from tpcompiler.memory import OutOfMemory  # a derivation or call stopped before the machine ran out of memory
 from tpcompiler.frontend.loader import load
 from tpcompiler.training.parametrization import ABC, classify, named, parse_abc

@@ -624,7 +624,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seeds", type=_count(1), default=20)
     p.add_argument("--particles", type=_count(1), default=CHECK_PARTICLES)
     p.add_argument("--seed", type=_count(), default=0)
-    p.add_argument("--plot", help="write a PNG of error against width")
+    p.add_argument("--plot", help="write a plot of error against width (PNG or SVG, by the suffix)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_check)
 
