@@ -297,7 +297,7 @@ class _ProgramKernel(Kernel):
         # a grid search over phi), defaults included; the hyperparameters' defaults also
         # become theta.  Not d: a build()'s input dimension comes from the data (_full_params).
         for name, value in defaults.items():
-            if name not in build and (name != "d" or name in hyper):
+            if name not in build and name != "d":
                 build[name] = value
         self._names = [*build, *bounds]
         self._bound_names = list(bounds)

@@ -94,15 +94,18 @@ def reference_moment(lam: sp.Lambda, ks: np.ndarray, power: int = 2) -> np.ndarr
 
 
 def rel_err(a, b, scale) -> float:
-    """max |a - b| / max(|b|, 1e-2 scale) over the probe points whose reference b is finite;
-    a rule's non-finite value there counts as an infinite error.  Where the reference is not
-    finite the expectation does not exist at that covariance (E[exp(u^2/4)] at variance >= 2;
-    tp.compile refuses a program that reaches it) or overflows, and no rule can be judged:
-    counting those points made every rule's error NaN, and the coarsest rule was used
-    (E[exp(u^2/4)] at variance 1 erred by 7e-4, with a RuntimeWarning)."""
-    keep = np.isfinite(b)
-    if not np.any(keep):
+    """max |a - b| / max(|b|, 1e-2 scale) over the points whose reference b is finite (0 for
+    no points at all); a rule's non-finite value there is an infinite error, and so is a set
+    of points none of which has a finite reference.  Where the reference is not finite the
+    expectation does not exist at that covariance (E[exp(u^2/4)] at variance >= 2, which
+    tp.compile refuses where a program reaches it) or overflows, and no rule can be judged
+    there: counting those points made every rule's error NaN, and the coarsest rule was used
+    (E[exp(u^2/4)] at variance 1 erred by 7e-4, behind a RuntimeWarning)."""
+    if np.size(b) == 0:
         return 0.0
+    keep = np.isfinite(b)
+    if not np.any(keep):  # nothing to judge a rule by: it passes nowhere (probe then warns)
+        return math.inf
     b, a = b[keep], a[keep]
     den = np.maximum(np.abs(b), 1e-2 * (scale[keep] if np.ndim(scale) else scale))
     den = np.where(den > 0, den, 1.0)

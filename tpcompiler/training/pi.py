@@ -341,7 +341,7 @@ def transforms(phi: str) -> Transforms:
 # Losses and options shared by the limit and the finite pi-net
 # ---------------------------------------------------------------------------------------
 def loss_and_delta(out: np.ndarray, Y: np.ndarray, loss: str):
-    """Per-example losses (B,) and delta = d(mean loss)/d out (B, dout); a ValueError if the
+    """Per-example losses (B,) and delta = d(mean loss)/d out (B, dout); a ProgramError if the
     outputs are not finite (a diverged state: a step would carry the NaN on silently)."""
     if not np.all(np.isfinite(out)):
         raise ProgramError("pi-net step: the network's output is not finite (training diverged); use a smaller "
