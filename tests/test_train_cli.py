@@ -216,3 +216,12 @@ def test_a_history_that_does_not_fit_in_memory_is_one_line(capsys, data, tmp_pat
     rc, _, err = tpc(capsys, *train_argv(data, tmp_path / "T.npz", "mup"))
     assert_one_error_line(rc, err, "GiB", "available", "fewer particles")
     assert not (tmp_path / "T.npz").exists()
+
+
+def test_the_state_file_written_is_named(capsys, data):
+    """--save-state STATE (no suffix): numpy writes STATE.npz, and the command says so, as it
+    does for --out (docs audit: the step engine's line named no state file)."""
+    out, state = data["dir"] / "with_state.npz", data["dir"] / "state_without_suffix"
+    rc, stdout, err = tpc(capsys, *train_argv(data, out, "mup", "--save-state", state, "--quiet"))
+    assert rc == 0, err
+    assert f"; state {state}.npz" in stdout and (data["dir"] / "state_without_suffix.npz").exists()

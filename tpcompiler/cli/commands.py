@@ -324,13 +324,13 @@ def cmd_train(args) -> int:
     graph = program.graph
     abc = resolve(args.parametrization.strip(), graph)
     _layers(graph, abc)  # checks that the program's trained tensors fit the parametrization
+    state_path = _out_path(args.save_state, "--save-state") if args.save_state else None
     try:
         sgd = SGD(X, Y, steps=args.steps, lr=args.lr, batch=args.batch, loss=args.loss, X_eval=Xe,
                   weight_decay=args.weight_decay, clip=args.clip, schedule=args.schedule, lr_end=args.lr_end,
                   eval_every=args.eval_every)
         result = train(program, abc, sgd, particles=args.particles, seed=args.seed, method=args.method,
-                       progress=False if args.quiet else None, resume=args.resume,
-                       save_state=_out_path(args.save_state, "--save-state") if args.save_state else None)
+                       progress=False if args.quiet else None, resume=args.resume, save_state=state_path)
         finite = _finite_trajectories(program, abc, sgd, widths, args) if widths else []
     except validation.ArgumentError as exc:
         raise _as_option(exc) from None
@@ -342,7 +342,8 @@ def cmd_train(args) -> int:
                  f_train_stderr=result.f_train_stderr, f_eval_stderr=result.f_eval_stderr if Xe is not None else f_eval)
     except OSError as exc:
         raise CommandError(f"--out: cannot write {out!r} ({exc.strerror or exc})") from None
-    print(f"wrote {out}: regime {result.regime} ({result.method}); f_train {result.f_train.shape}, f_eval {f_eval.shape}")
+    print(f"wrote {out}: regime {result.regime} ({result.method}); f_train {result.f_train.shape}, f_eval {f_eval.shape}"
+          + (f"; state {state_path}" if state_path else ""))  # (the file written: numpy adds .npz to a bare name)
     if plot_path:
         from tpcompiler.plotting import Trajectory, training_figure
 
