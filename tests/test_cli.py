@@ -223,9 +223,11 @@ def test_errors_are_one_line(capsys, data, argv, match):
     assert_one_error_line(rc, err, match)
 
 
+CLASSIFY = [sys.executable, "-m", "tpcompiler.cli", "classify", "--depth", "2", "--param", "mup"]
+
+
 def _classify(**streams) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "tpcompiler.cli", "classify", "--depth", "2", "--param", "mup"],
-                          cwd=ROOT, timeout=120, text=True, **streams)
+    return subprocess.run(CLASSIFY, cwd=ROOT, timeout=120, text=True, **streams)
 
 
 def test_output_that_cannot_be_written_is_one_line():
@@ -239,8 +241,7 @@ def test_output_that_cannot_be_written_is_one_line():
         with open("/dev/full", "w") as full:
             proc = _classify(stdout=full, stderr=subprocess.PIPE)
         assert_one_error_line(proc.returncode, proc.stderr, "writing the output: No space left on device")
-    reader = subprocess.Popen([sys.executable, "-m", "tpcompiler.cli", "classify", "--depth", "2", "--param", "mup"],
-                              cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    reader = subprocess.Popen(CLASSIFY, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     reader.stdout.close()  # the reader stops before the first line
     assert reader.wait(timeout=120) == 141
     assert reader.stderr.read() == ""

@@ -499,7 +499,7 @@ def _pi_engine(args, program, mult: dict):
     # unless --seed draws another; -p seed alone used to train seed 0's state (audit)
     seed = getattr(program, "pi_seed", 0)
     if args.seed is not None:
-        if any(a.split("=")[0].strip() == "seed" for a in args.param) and args.seed != seed:
+        if "seed" in parse_params(args.param) and args.seed != seed:
             raise CommandError(f"--seed {args.seed} and -p seed={seed} disagree: the pi-net's initial state is drawn "
                                "from one seed; give one of them")
         seed = args.seed
@@ -521,7 +521,7 @@ def _train_pi(args, X, Y, Xe, out) -> int:
     if args.resume:
         raise CommandError("--resume: a pi-net starts from --init STATE.npz (a state written by --save-state)")
     mult = _lr_mult(args.lr_mult)
-    if Y.ndim == 2 and "dout" in parameters(args.program) and not any(a.split("=")[0].strip() == "dout" for a in args.param):
+    if Y.ndim == 2 and "dout" in parameters(args.program) and "dout" not in parse_params(args.param):
         args.param = args.param + [f"dout={Y.shape[1]}"]  # the outputs from the targets, as d from --x
     program = _program(args, X)
     spec, eng = _pi_engine(args, program, mult)
