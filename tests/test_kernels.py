@@ -373,6 +373,30 @@ def test_a_readout_of_an_input_independent_vector_has_the_closed_form_nngp():
     np.testing.assert_allclose(K["nngp"], j1 + (d[:, None] + d[None, :]) / (2 * np.pi) + 0.5, rtol=1e-14, atol=0)
 
 
+
+def test_a_linear_networks_kernels_through_limit_and_check():
+    """f = v . W (s U xi / sqrt(d)) / sqrt(n): its backward vectors (v, W^T v) do not depend on
+    the input, so their pair moments (E[v v'], ...) are input-free and bound once.  Binding
+    read them as per-pair copies that did not exist: `tpc limit` and `tpc check` failed with
+    "'K_v[0,0]' is not a scalar of this program", and the finite-width kernel program with a
+    KeyError.  Closed forms (NTK parametrization): NNGP = s_W^2 s^2 xi.xi'/d, and the three
+    trained tensors (v, W, U) each add that much to the NTK."""
+    p = tp.Program("linear_net")
+    X = np.array([[1.0, 0.5, -0.2], [0.3, -1.0, 0.8]])
+    xi = p.input("xi", 3, default=X)
+    W = p.mat("W", sigma=1.2)
+    p.readout(W @ p.input_layer("U", xi, sigma=1.5), sigma=1.0)
+    nngp = 1.2**2 * 1.5**2 * X @ X.T / 3
+    lim = tp.compile(p).limit()
+    for a in range(2):
+        for b in range(2):
+            assert lim[f"nngp[{a},{b}]"] == (pytest.approx(nngp[a, b], rel=1e-14), 0.0)
+            assert lim[f"ntk[{a},{b}]"] == (pytest.approx(3 * nngp[a, b], rel=1e-14), 0.0)
+    finite = finite_runs(kernel_program(p.graph), [1024], 12, x=X)[1024]
+    for name, want in (("nngp", nngp), ("ntk", 3 * nngp)):
+        values = finite[f"{name}[0,1]"]
+        assert abs(values.mean() - want[0, 1]) < 5 * values.std(ddof=1) / np.sqrt(len(values))
+
 def test_special_functions_have_their_values_at_numbers():
     """expectations.special's functions evaluate at numbers (evalf), as their Numba source
     computes them: the arc-cosine kernels against numpy's formulas, a zero variance 0."""

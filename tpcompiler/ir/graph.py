@@ -439,7 +439,7 @@ class _Binding:
         """A template symbol at the pair (xi_a, xi_b): primed symbols read example b, pair
         moments their (a, b) entry."""
         k, primed = unprime(s)
-        if self.graph.is_pair_moment(k):
+        if self.graph.is_pair_moment(k) and k in self.dependent:  # (one copy when input-free)
             return node_symbol(f"{k}[{a},{b}]")
         return node_symbol(self.rep(k, b if primed else a))
 
