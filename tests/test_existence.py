@@ -490,3 +490,32 @@ def test_a_negative_set_with_a_condition_set_inside_is_searched_numerically():
     p.output("m", tp.mean(tp.nonlin(lambda a: sp.log(sp.Heaviside(a) + a**2 + sp.sin(a) / 3), u)))
     with pytest.raises(UndefinedLimit, match="takes negative values with positive probability"):
         tp.compile(p)
+
+
+def test_a_limit_sympy_leaves_unevaluated_proves_nothing():
+    """gelu(gelu(g)) on an input layer: the NTK reads E[(gelu'(gelu(g)) gelu'(g))^2], bounded.
+    Its growth check needs sympy's limit at a symbolic rate (g's variance depends on the
+    input), which sympy returns unevaluated, Limit(..., oo); that object holds oo, and was read
+    as "grows faster than exp(c g^2) for every c", refusing the kernels.  The diagonal
+    against 1-D quadrature (scipy): NNGP = E[gelu(gelu(z))^2], NTK = NNGP + |x|^2/d
+    E[(gelu'(gelu(z)) gelu'(z))^2], z ~ N(0, |x|^2/d)."""
+    p = tp.Program("gelu_gelu")
+    xi = p.input("xi", 2, default=np.eye(2))
+    p.readout(tp.gelu(tp.gelu(p.input_layer("U", xi, sigma=1.0))), sigma=1.0)
+    X = np.array([[1.0, 0.5], [-0.3, 0.8]])
+    K = tp.compile(p).kernels(X)
+
+    def gelu(x):
+        return x / 2 * (1 + scipy.special.erf(x / math.sqrt(2)))
+
+    def dgelu(x):
+        return (1 + scipy.special.erf(x / math.sqrt(2))) / 2 + x * math.exp(-x * x / 2) / math.sqrt(2 * math.pi)
+
+    for a, q in enumerate(np.sum(X * X, axis=1) / 2):
+        def mean(f):
+            s = math.sqrt(q)
+            return scipy.integrate.quad(lambda z: f(s * z) * math.exp(-z * z / 2) / math.sqrt(2 * math.pi),
+                                        -np.inf, np.inf, epsabs=1e-14, epsrel=1e-12)[0]
+        nngp = mean(lambda x: gelu(gelu(x)) ** 2)
+        assert K["nngp"][a, a] == pytest.approx(nngp, rel=1e-9)
+        assert K["ntk"][a, a] == pytest.approx(nngp + q * mean(lambda x: (dgelu(gelu(x)) * dgelu(x)) ** 2), rel=1e-9)

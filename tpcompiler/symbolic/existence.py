@@ -251,10 +251,13 @@ def _limit(e: sp.Expr, t: sp.Symbol, point, direction: str = "+"):
                       f"({why})", RuntimeWarning, stacklevel=3)
 
     try:
-        return memory.within_budget(lambda: sp.limit(e, t, point, dir=direction), seconds=LIMIT_SECONDS,
-                                    memory_bytes=LIMIT_MEMORY, otherwise=undecided)
+        lim = memory.within_budget(lambda: sp.limit(e, t, point, dir=direction), seconds=LIMIT_SECONDS,
+                                   memory_bytes=LIMIT_MEMORY, otherwise=undecided)
     except Exception:  # noqa: BLE001 - sympy cannot take it
         return None
+    # sympy answers a limit it cannot take with the unevaluated Limit(e, t, oo), which holds oo
+    # as its point: read as a value, it "proved" that gelu'(gelu(u)) grows too fast
+    return None if lim is None or lim.has(sp.Limit) else lim
 
 
 def _pole(f_t: sp.Expr, t: sp.Symbol, t0) -> bool:
