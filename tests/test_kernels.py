@@ -264,6 +264,13 @@ def test_program_errors_are_clear():
     q.readout(tp.relu(W @ u))
     assert_one_line_program_error(lambda: tp.compile(q).kernels(np.ones((2, 2))), "has no input")
 
+    # an expectation beyond the engine names the moment it was deriving, not only the
+    # template's placeholders (Zhat^#1b0d) in which the refused expectation is written
+    r = tp.Program("scaled_by_a_moment")
+    g = tp.softplus(r.input_layer("U", r.input("xi", 2), sigma=0.7))
+    r.readout(tp.relu(g * (tp.mean(g * g) + 0.1) ** -0.5).named("y"))
+    assert_one_line_program_error(lambda: tp.compile(r).kernels(np.ones((2, 2))), "but: instruction 'K_y' := mean(y*y')")
+
 
 # -- (d) tpc kernels -------------------------------------------------------------------------
 MLP_ARGS = ["-p", "depth=3", "-p", "phi=relu", "-p", "w_std=1.5", "-p", "b_std=0.1"]

@@ -315,9 +315,23 @@ class PairwiseEngine:
         memo = self._moment_memo.get((key, same_input))
         if memo is None:
             by_pairs = self._moment_by_pairs(key, same_input)
-            memo = self._moment_of_forms(key, same_input) if by_pairs is None else sum_of_terms(by_pairs)
+            memo = self._in_instruction(key, lambda: self._moment_of_forms(key, same_input) if by_pairs is None
+                                        else sum_of_terms(by_pairs))
             self._moment_memo[(key, same_input)] = memo
         return memo
+
+    def _in_instruction(self, key: str, compute):
+        """``compute()``, a refusal (NotPairwise) from it naming the Moment ``key`` whose limit
+        was being derived: the innermost one, as the expectation refused is written in the
+        template's placeholders, not in the program's names."""
+        try:
+            return compute()
+        except NotPairwise as exc:
+            if getattr(exc, "instruction", None) is not None:
+                raise
+            named = NotPairwise(f"instruction {key!r} := mean({sp.sstr(self.graph.op(key).expr)}): {exc}")
+            named.instruction = key
+            raise named from None
 
     def moment_terms(self, key: str, same_input: bool = False, part: str = "all") -> dict:
         """``moment`` as a term sum (``shared.add_terms``): by pairs without forming the sum
@@ -340,7 +354,7 @@ class PairwiseEngine:
         memo_key = (key, same_input, part)
         if memo_key in self._by_pairs_memo:
             return self._by_pairs_memo[memo_key]
-        value = self._by_pairs_memo[memo_key] = self._new_moment_by_pairs(key, same_input, part)
+        value = self._by_pairs_memo[memo_key] = self._in_instruction(key, lambda: self._new_moment_by_pairs(key, same_input, part))
         return value
 
     def _new_moment_by_pairs(self, key: str, same_input: bool, part: str):
