@@ -317,18 +317,35 @@ def test_a_kink_away_from_zero_is_refused_not_integrated_wrongly():
     kinks at 0, however written, are not."""
     from tpcompiler.expectations.functions import kink_away_from_zero
 
-    relu = nl.BUILTINS["relu"]
+    relu, step, sigmoid = (nl.BUILTINS[name] for name in ("relu", "step", "sigmoid"))
     shifted = sp.Lambda(X, relu(X + sp.Rational(1, 2)))
     with pytest.raises(ValueError, match="kink or a jump away from 0"):
         g2.pair_expectation(shifted, (sp.tanh(X), X))
     with pytest.raises(ValueError, match="kink or a jump away from 0"):
         g2.expectation(sp.Lambda(X, relu(X + 1) * sp.tanh(X)))
     for at_zero in (relu(X), sp.Max(X, X / 10), sp.Piecewise((X, X > 0), (sp.exp(X) - 1, True)), sp.Abs(2 * X),
-                    sp.Heaviside(X) * X, relu(-X) ** 2, relu(X**3), relu(sp.tanh(X)), sp.Abs(X + X**3)):
+                    sp.Heaviside(X) * X, relu(-X) ** 2, relu(X**3), relu(sp.tanh(X)), sp.Abs(X + X**3),
+                    relu(sigmoid(X)), step(relu(X)), relu(step(X)), relu(sigmoid(X) - sp.Rational(1, 2))):
         assert kink_away_from_zero(sp.Lambda(X, at_zero)) is None, at_zero
     for away in (sp.Max(X + 1, 0), sp.Piecewise((X, X > 1), (0, True)), sp.floor(X), relu(sp.sin(X)),
-                 relu(X**2 - sp.Rational(1, 10**6))):
+                 relu(X**2 - sp.Rational(1, 10**6)), relu(sigmoid(X) - sp.Rational(1, 10**9))):
         assert kink_away_from_zero(sp.Lambda(X, away)) is not None, away
+
+
+def test_a_switch_of_a_function_that_keeps_its_sign_is_integrated_as_the_function():
+    """relu(sigmoid(x)) is sigmoid(x) (it never switches), step(relu(x)) is step(x) (relu is 0
+    on a whole half line, where the step is flat) and relu(step(x)) is step(x): their kinks
+    are at 0 or nowhere.  They were refused as kinks away from 0 (the switching expression had
+    to vanish at 0 and keep a nonzero sign on each half line); their expectations are those of
+    the functions they equal."""
+    relu, step, sigmoid = (nl.BUILTINS[name] for name in ("relu", "step", "sigmoid"))
+    for (a, b), (c, d) in [((relu(sigmoid(X)), sp.tanh(X) + X), (sigmoid(X), sp.tanh(X) + X)),
+                           ((step(relu(X)), sp.tanh(X)), (step(X), sp.tanh(X))),
+                           ((relu(step(X)) * sp.cos(X), sigmoid(X)), (step(X) * sp.cos(X), sigmoid(X)))]:
+        got = g2.pair_expectation(sp.Lambda(X, a), sp.Lambda(X, b))
+        want = g2.pair_expectation(sp.Lambda(X, c), sp.Lambda(X, d))
+        for k in [cov(1.2, 0.4, 2.7), cov(6.0, -0.7, 0.5), cov(0.3, 0.29, 0.3)]:
+            assert rel(got.scalar(*k), want.scalar(*k), 1.0) <= 1e-12, (a, b, k)
 
 
 def test_one_dimensional_and_diagonal_consistency():
