@@ -339,6 +339,41 @@ def test_weight_decay_in_the_limit_matches_finite_width(network):
     assert np.all(np.abs(m - f) < 5 * e + 1e-3), (m, f, e)
 
 
+def test_weight_decay_leaves_a_frozen_matrix_alone():
+    """f = v . W (U xi / sqrt(d)) / sqrt(n) with W frozen (trainable=False), muP on U and v, weight
+    decay 0.2: only the trained tensors decay.  The engine shrank every matrix its step
+    multiplies by, the frozen W too (0.8^4 after four steps): the limit was [0.278, -0.261,
+    0.162] where width 4096 gives [0.703, -0.659, 0.388].  Its own finite method shares that
+    code, so the reference here is a network written out in numpy (training audit)."""
+    p = tp.Program("frozen_middle")
+    xi = p.input("xi", 3)
+    U = p.input_matrix("U", 3)
+    W = p.mat("W", sigma=1.0, trainable=False)
+    p.readout(W @ U.apply(xi, name="g"))
+    X = np.array([[0.1, -1.2, 0.7], [1.0, 0.3, -0.5], [-0.4, 0.8, 1.1]])
+    Y = np.array([1.0, -1.0, 0.5])
+    lr, wd, steps, n = 1.0, 0.2, 4, 2048
+    lim = StepEngine(p, tp.named("mup", 1), method="exact", weight_decay=wd)
+    for _ in range(steps):
+        lim.step(X, Y[:, None], lr)
+    f = lim.predict(X)[0][:, 0]
+
+    def finite(seed):  # muP, depth 1: U entries N(0, 1/n) times sqrt(n), readout N(0, 1/n) / sqrt(n)
+        r = np.random.default_rng(seed)
+        u, w, v = (r.standard_normal(shape) / np.sqrt(n) for shape in ((n, 3), (n, n), (1, n)))
+        Z = X / np.sqrt(3)
+        for _ in range(steps):
+            h = np.sqrt(n) * Z @ u.T @ w.T
+            G = (h @ v.T / np.sqrt(n) - Y[:, None]) / len(X)
+            gv, gu = G.T @ h / np.sqrt(n), np.sqrt(n) * ((G @ v / np.sqrt(n)) @ w).T @ Z
+            v, u = (1 - lr * wd) * v - lr * gv, (1 - lr * wd) * u - lr * gu
+        return (np.sqrt(n) * Z @ u.T @ w.T @ v.T / np.sqrt(n))[:, 0]
+
+    F = np.array([finite(seed) for seed in range(8)])
+    m, e = F.mean(axis=0), F.std(axis=0, ddof=1) / np.sqrt(len(F))
+    assert np.all(np.abs(m - f) < 5 * e + 2e-3), (m, f, e)
+
+
 def test_checkpoint_resume_continues_the_same_run(tmp_path):
     for method, opts in (("exact", {}), ("particles", {"particles": 2000, "groups": 4})):
         X, Y, Xe = _module("mup_mlp").default_data(3, 1, 3)

@@ -548,7 +548,8 @@ class StepEngine:
                         col_keep[U] = keep
                 else:
                     cols *= keep
-            for M in self.mats.values():
+            for W in sp_.hidden:  # a frozen matrix, which the step also multiplies by, is not trained
+                M = self.mats[W]
                 M.decay *= keep
                 M.pc.buf[:, :M.pc.count] *= keep
             for b in sp_.biases:  # read by every example: decays at every step
