@@ -374,6 +374,23 @@ def test_weight_decay_leaves_a_frozen_matrix_alone():
     assert np.all(np.abs(m - f) < 5 * e + 2e-3), (m, f, e)
 
 
+def test_train_resumed_from_a_state_continues_its_batches_to_the_runs_last_step(tmp_path):
+    """tp.train(resume=) continues a run: its steps count the whole run, and the batch cycle
+    (and schedule) go on from the state's step.  They restarted at step 0: batch 1, two steps
+    saved then two resumed, ended at [0.102, -0.258, 0.443] where the four-step run ends at
+    [0.256, -0.072, 0.553] (training audit)."""
+    X, Y, _ = _module("mup_mlp").default_data(3, 1, 3)
+    net, abc = _mlp(2, "identity"), tp.named("mup", 2)
+    state = str(tmp_path / "state")
+    straight = tp.train(net, abc, tp.SGD(X, Y, steps=4, lr=0.8, batch=1))
+    tp.train(net, abc, tp.SGD(X, Y, steps=2, lr=0.8, batch=1), save_state=state)
+    resumed = tp.train(net, abc, tp.SGD(X, Y, steps=4, lr=0.8, batch=1), resume=state + ".npz")
+    assert list(resumed.steps) == [2, 3, 4]
+    np.testing.assert_allclose(resumed.f_train, straight.f_train[2:], rtol=1e-12, atol=1e-14)
+    with pytest.raises(validation.ArgumentError, match="has taken 2 steps; steps = 2 counts the whole run"):
+        tp.train(net, abc, tp.SGD(X, Y, steps=2, lr=0.8, batch=1), resume=state + ".npz")
+
+
 def test_checkpoint_resume_continues_the_same_run(tmp_path):
     for method, opts in (("exact", {}), ("particles", {"particles": 2000, "groups": 4})):
         X, Y, Xe = _module("mup_mlp").default_data(3, 1, 3)

@@ -664,7 +664,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="learning rate: constant, or linear from --lr to --lr-end over the steps")
     p.add_argument("--lr-end", type=_real(positive=False, low=0.0, high=1e300), default=0.0, help="final learning rate of --schedule linear")
     p.add_argument("--eval-every", type=_count(1), default=1, help="record f every k steps (and after the last)")
-    p.add_argument("--resume", help="start from a step-engine state (.npz written by --save-state)")
+    p.add_argument("--resume", help="continue the run of a step-engine state (.npz written by --save-state) to step "
+                   "--steps, which counts the whole run")
     p.add_argument("--save-state", help="write the final step-engine state (.npz; --param pi: the pi-net state)")
     _pi_train_options(p)
     p.add_argument("--quiet", action="store_true", help="no progress bar")

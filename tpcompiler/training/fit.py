@@ -91,10 +91,11 @@ class History:
         return out
 
 
-def _batches(X, Y, batch, steps: int):
-    """(X_b, Y_b, None) per step: the cyclic schedule of ``finite.batch_indices``."""
+def _batches(X, Y, batch, steps: int, start: int = 0):
+    """(X_b, Y_b, None) per step t = start, ..., start + steps - 1: the cyclic schedule of
+    ``finite.batch_indices``."""
     N = X.shape[0]
-    for t in range(steps):
+    for t in range(start, start + steps):
         idx = batch_indices(N, batch, t)
         yield X[idx], Y[idx], None
 
@@ -109,7 +110,12 @@ def fit(engine, X, Y=None, *, steps: int | None = None, lr=0.1, batch: int | Non
     or an iterable X of (X_b, Y_b) or (X_b, Y_b, outputs) tuples (Y None; stops when the
     iterable or ``steps`` ends).  With ``eval_every`` k, f is evaluated at steps 0, k, 2k, ...
     and after the last step, on the training inputs (array data) and on ``X_eval``.  With
-    ``checkpoint`` the state is saved there every ``checkpoint_every`` steps and at the end."""
+    ``checkpoint`` the state is saved there every ``checkpoint_every`` steps and at the end.
+
+    An engine that has taken steps already (``steps_done``: one resumed from a checkpoint)
+    continues its run: its next step is step t = steps_done of the schedule and of the batch
+    cycle, and f is recorded at the run's steps (steps_done, then multiples of ``eval_every``).
+    A resume that restarted them at 0 trained another run than the one it continued."""
     rate = schedule(lr)
     arrays = Y is not None
     if arrays:
@@ -125,7 +131,7 @@ def fit(engine, X, Y=None, *, steps: int | None = None, lr=0.1, batch: int | Non
         batch = validation.optional_count(batch, "batch", minimum=1)
         if batch is not None and batch > X.shape[0]:
             raise validation.ArgumentError(f"batch: {batch} is larger than the training set (N = {X.shape[0]})")
-        data: Iterable = _batches(X, Y, batch, steps)
+        data: Iterable = _batches(X, Y, batch, steps, getattr(engine, "steps_done", 0))
     else:
         data = X
         steps = None if steps is None else validation.count(steps, "steps")
@@ -148,16 +154,16 @@ def fit(engine, X, Y=None, *, steps: int | None = None, lr=0.1, batch: int | Non
     if arrays:
         B = X.shape[0] if batch is None else batch
         engine.reserve(steps * B)
-    t = 0
+    t = t0 = getattr(engine, "steps_done", 0)
     # a bar on a terminal (tpcompiler.progress); ``progress`` True/False forces it on/off
     with bars.bar(steps, f"train ({engine.method})", unit="step", enabled=progress) as bar:
         if eval_every:
-            evaluate(0)
+            evaluate(t0)
         for item in data:
-            if steps is not None and t >= steps:
+            if steps is not None and t >= t0 + steps:
                 break
             if not isinstance(item, tuple) or len(item) not in (2, 3):
-                raise validation.ArgumentError(f"data: step {t} yielded {type(item).__name__}; yield (X, Y) or (X, Y, outputs)")
+                raise validation.ArgumentError(f"data: step {t - t0} yielded {type(item).__name__}; yield (X, Y) or (X, Y, outputs)")
             Xb, Yb, *rest = item
             loss = engine.step(Xb, Yb, rate(t), outputs=rest[0] if rest else None)
             history.loss.append(float(np.mean(loss)))

@@ -577,8 +577,10 @@ def train(net, abc: ABC, sgd: SGD, particles: int = DEFAULT_PARTICLES, seed: int
     (exact if Gaussian-linear, else ``particles`` particles in 10 groups); kernel -> kernel
     gradient descent with the limiting NTK from f_0 = 0 (the mean over initializations);
     trivial -> f stays at its limit 0.  f is recorded every ``sgd.eval_every`` steps and after
-    the last one (``TrainResult.steps``).  Feature learning only: ``resume`` starts from a
-    step-engine checkpoint (.npz, ``StepEngine.save``) and ``save_state`` writes the final state."""
+    the last one (``TrainResult.steps``).  Feature learning only: ``resume`` continues the run
+    of a step-engine checkpoint (.npz, ``StepEngine.save``) to step ``sgd.steps``, which counts
+    the whole run (the schedule and the batch cycle go on from the state's step: 2 steps saved,
+    then resumed with steps=4, is the 4-step run), and ``save_state`` writes the final state."""
     from tpcompiler.training.parametrization import classify
 
     graph = graph_of(net)
@@ -617,16 +619,17 @@ def train(net, abc: ABC, sgd: SGD, particles: int = DEFAULT_PARTICLES, seed: int
         result = _kernel_descent(graph, abc, sgd, shape_t, shape_e, steps)
     else:  # trivial: the function does not move and starts at 0
         result = TrainResult(np.zeros(shape_t), np.zeros(shape_e), np.zeros(shape_t), np.zeros(shape_e), cls.regime, "trivial")
-    result.steps = steps
+    if result.steps is None:  # (a resumed run records its own steps, from the state's on)
+        result.steps = steps
     if K == 1:
         for field_ in ("f_train", "f_eval", "f_train_stderr", "f_eval_stderr"):
             setattr(result, field_, getattr(result, field_)[..., 0])
     return result
 
 
-def eval_steps(steps: int, every: int) -> np.ndarray:
-    """0, k, 2k, ... and the last step."""
-    out = list(range(0, steps + 1, every))
+def eval_steps(steps: int, every: int, start: int = 0) -> np.ndarray:
+    """start, then the multiples of k after it, and the last step."""
+    out = [start] + list(range(start - start % every + every, steps + 1, every))
     if out[-1] != steps:
         out.append(steps)
     return np.array(out, dtype=np.int64)
@@ -648,11 +651,17 @@ def _engine_descent(graph: Graph, abc: ABC, sgd: SGD, particles: int, seed: int,
             eng = StepEngine.load(resume, graph, abc, **options)
         except validation.ArgumentError as exc:
             raise validation.ArgumentError(f"resume: {exc}") from None
+        if eng.steps_done >= sgd.steps:
+            raise validation.ArgumentError(
+                f"resume: the state has taken {eng.steps_done} steps; steps = {sgd.steps} counts the whole run "
+                f"(the resumed run continues to step {sgd.steps}), so give more than {eng.steps_done}")
     else:
         eng = StepEngine(graph, abc, **options)
     Xe = None if sgd.X_eval is None else np.atleast_2d(np.asarray(sgd.X_eval, dtype=np.float64))
-    hist = fit(eng, X, Y, steps=sgd.steps, lr=sgd.rate, batch=sgd.batch, eval_every=sgd.eval_every,
+    start = eng.steps_done
+    hist = fit(eng, X, Y, steps=sgd.steps - start, lr=sgd.rate, batch=sgd.batch, eval_every=sgd.eval_every,
                X_eval=Xe, progress=progress, checkpoint=save_state)
+    steps = eval_steps(sgd.steps, sgd.eval_every, start)
     assert list(hist.steps) == list(steps)
     K = Y.shape[1]
     empty = np.zeros((len(steps), 0, K))
@@ -661,7 +670,7 @@ def _engine_descent(graph: Graph, abc: ABC, sgd: SGD, particles: int, seed: int,
     used = "exact" if eng.method == "exact" else (
         f"particles (M = {eng.alg.R * eng.alg.D}, step engine, extrapolated in the particles per group)")
     return TrainResult(np.array(hist.f_train), f_eval, np.array(hist.f_train_stderr), f_eval_err,
-                       "feature learning", used)
+                       "feature learning", used, steps)
 
 
 def _kernel_descent(graph: Graph, abc: ABC, sgd: SGD, shape_t, shape_e, steps) -> TrainResult:
