@@ -367,6 +367,9 @@ API_CASES = [
     ("train particles=0", lambda a: tp.train(a["mlp"], a["mup"], sgd(a), particles=0), r"^particles: expected a positive integer, got 0$"),
     ("train seed=-1", lambda a: tp.train(a["mlp"], a["mup"], sgd(a), seed=-1), r"^seed: expected a non-negative integer, got -1$"),
     ("train method", lambda a: tp.train(a["mlp"], a["mup"], sgd(a), method="mc"), r"^method: expected one of auto, exact, particles"),
+    # options tp.train used to ignore without a word (training audit)
+    ("train lr_end, constant", lambda a: tp.train(a["mlp"], a["mup"], sgd(a, lr_end=0.01)), r"^lr_end: only the linear schedule reads it"),
+    ("train features", lambda a: tp.train(a["mlp"], a["mup"], sgd(a, features=True)), r"^features: tp\.train records f only"),
     ("train abc='mup'", lambda a: tp.train(a["mlp"], "mup", sgd(a)), r"^abc: expected a parametrization such as tp\.named\('mup', depth\)"),
     ("train sgd=None", lambda a: tp.train(a["mlp"], a["mup"], None), r"^sgd: expected tp\.SGD\(X, Y, steps=\.\.\., lr=\.\.\.\), got None$"),
     ("train net=str", lambda a: tp.train("programs/mlp.py", a["mup"], sgd(a)), r"expected a tpcompiler\.Program, got str"),

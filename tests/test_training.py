@@ -621,3 +621,20 @@ def test_kernel_regime_training_with_w_std_not_one_is_gd_with_the_ntk_over_sigma
     for t in range(steps + 1):
         np.testing.assert_allclose(got[t], f, atol=1e-9)
         f = f - lr / N * theta[:, :N] @ (f[:N] - Y)
+
+
+def test_kernel_regime_training_beyond_the_kernel_backend_says_what_trains_it():
+    """Tied weights (W and W^T in one forward pass) with tanh: the NTK needs expectations of
+    several Gaussians at once, which the kernel backend refuses.  The refusal used to end with
+    its kernels' hint (tp.compile(program).limit(x=X) estimates the kernels by particles),
+    which trains nothing (training audit)."""
+    p = tp.Program("tied")
+    xi = p.input("xi", 3)
+    W = p.mat("W")
+    h = tp.tanh(p.input_matrix("U", 3).apply(xi))
+    p.readout(tp.tanh(W.T @ tp.tanh(W @ h)))
+    with pytest.raises(tp.ProgramError) as info:
+        tp.train(p, tp.named("ntp", 2), tp.SGD(X, Y, steps=1, lr=0.5))
+    message = str(info.value)
+    assert "kernel-regime training runs gradient descent with the exact NTK" in message, message
+    assert "limit(x=X)" not in message and "\n" not in message

@@ -585,6 +585,12 @@ def train(net, abc: ABC, sgd: SGD, particles: int = DEFAULT_PARTICLES, seed: int
 
     graph = graph_of(net)
     _check_abc_sgd(abc, sgd)
+    if sgd.features:
+        raise validation.ArgumentError("features: tp.train records f only; the feature kernels are outputs of the unrolled "
+                                       "program (tp.unroll(net, abc, sgd)), or read them off tp.StepEngine.features")
+    if sgd.lr_end and sgd.schedule != "linear":
+        raise validation.ArgumentError(f"lr_end: only the linear schedule reads it (schedule is {sgd.schedule!r}); "
+                                       "give schedule='linear' (tpc train --schedule linear) or drop lr_end")
     particles = validation.count(particles, "particles", minimum=1)
     seed = validation.count(seed, "seed")
     validation.choice(method, "method", ("auto", "exact", "particles"))
@@ -676,11 +682,18 @@ def _engine_descent(graph: Graph, abc: ABC, sgd: SGD, particles: int, seed: int,
 def _kernel_descent(graph: Graph, abc: ABC, sgd: SGD, shape_t, shape_e, steps) -> TrainResult:
     """f_{t+1} = f_t - (eta/B) Theta(., X_B) (f_t(X_B) - Y_B), f_0 = 0 (docs/DESIGN.md 2.4, 2.6)."""
     from tpcompiler.backends.kernels.kernel import KernelFunction
+    from tpcompiler.backends.kernels.pairwise import NotPairwise
 
     X = np.atleast_2d(np.asarray(sgd.X, dtype=np.float64))
     Xe = np.zeros((0, X.shape[1])) if sgd.X_eval is None else np.atleast_2d(np.asarray(sgd.X_eval, dtype=np.float64))
     Y = _targets(sgd.Y, X.shape[0], shape_t[2])
-    theta = KernelFunction(training_kernel_graph(graph, abc))(np.concatenate([X, Xe]))["ntk"]
+    try:
+        theta = KernelFunction(training_kernel_graph(graph, abc))(np.concatenate([X, Xe]))["ntk"]
+    except NotPairwise as exc:  # (its own hint, the particle limit of the kernels, trains nothing)
+        text = str(exc).split("; tp.compile(program).limit(x=X)")[0]
+        raise NotPairwise(f"{text}; kernel-regime training runs gradient descent with the exact NTK, which "
+                          "the kernel backend cannot derive for this network (the step engine, which takes any "
+                          "program, trains feature-learning parametrizations such as mup)") from None
     N = X.shape[0]
     f = np.zeros((N + Xe.shape[0], Y.shape[1]))
     traj = [f.copy()]
