@@ -336,6 +336,32 @@ def test_a_limit_past_its_budget_is_left_undecided_with_a_warning(monkeypatch):
     assert time.monotonic() - start < 20
 
 
+def test_the_expression_of_a_limit_is_built_within_the_budget(monkeypatch):
+    """The growth check's |f| exp(-rate t^2) is built inside the limit's budget: sympy's Abs of a
+    deep derivative (gelu(gelu(u)) * gelu(u) after steps) spent minutes in its sign
+    simplification before the limit, and the budget, began.  Here Abs of anything with erfc
+    in it spins for a minute (the program's own |u| is built before)."""
+    from tpcompiler.symbolic import existence
+
+    evaluate = sp.Abs.eval.__func__
+
+    def slow(cls, arg):
+        end = time.monotonic() + 60
+        while arg.has(sp.erfc) and time.monotonic() < end:
+            pass
+        return evaluate(cls, arg)
+
+    p = tp.Program("ex")
+    u = p.vec("u", var=1.0)
+    p.output("m", tp.mean(tp.nonlin(lambda x: sp.exp(x**2 / 2) * sp.erfc(sp.Abs(x)), u)))
+    monkeypatch.setattr(existence, "LIMIT_SECONDS", 0.3)
+    monkeypatch.setattr(sp.Abs, "eval", classmethod(slow))
+    start = time.monotonic()
+    with pytest.warns(RuntimeWarning, match=r"left sympy's limit of .*erfc.* undecided \(it ran more than 0.3 s\)"):
+        tp.compile(p)
+    assert time.monotonic() - start < 20
+
+
 @pytest.mark.parametrize("phi, den", [
     (lambda a: 1 / (sp.tanh(a) - a / 3), lambda x: np.tanh(x) - x / 3),  # (was 0, by parity)
     (lambda a: 1 / (sp.sin(a) + a**2 - 1), lambda x: np.sin(x) + x**2 - 1),  # (was 0.614)

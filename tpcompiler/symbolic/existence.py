@@ -240,18 +240,20 @@ LIMIT_SECONDS = 30.0
 LIMIT_MEMORY = 2 * 10**9
 
 
-def _limit(e: sp.Expr, t: sp.Symbol, point, direction: str = "+"):
-    """sympy's limit of e as t -> point, or None where sympy raises or the limit runs out of
-    its budget (``LIMIT_SECONDS``, ``LIMIT_MEMORY``; a warning says so).  The check that asked
-    then proves nothing and the function is taken as it is, as where sympy cannot take the
-    limit.  Without a budget, sympy's limit of |cosh(t^2/2)^0.99| exp(-rate t^2), rate a
-    symbol, grew the process to 24 GB in 96 s, and the machine killed it."""
+def _limit(build, shown_as: sp.Expr, t: sp.Symbol, point, direction: str = "+"):
+    """sympy's limit as t -> point of the expression ``build()`` makes, or None where sympy
+    raises or the limit runs out of its budget (``LIMIT_SECONDS``, ``LIMIT_MEMORY``; a warning
+    names ``shown_as``).  The check that asked then proves nothing and the function is taken as
+    it is, as where sympy cannot take the limit.  Without a budget, sympy's limit of
+    |cosh(t^2/2)^0.99| exp(-rate t^2), rate a symbol, grew the process to 24 GB in 96 s, and
+    the machine killed it.  The expression is built inside the budget too: sympy's Abs of a
+    deep sigmoid/step net's derivative ran for minutes in its sign simplification."""
     def undecided(why: str) -> None:
-        warnings.warn(f"the existence checks left sympy's limit of {shown(e)} as {t} -> {point} undecided "
+        warnings.warn(f"the existence checks left sympy's limit of {shown(shown_as)} as {t} -> {point} undecided "
                       f"({why})", RuntimeWarning, stacklevel=3)
 
     try:
-        lim = memory.within_budget(lambda: sp.limit(e, t, point, dir=direction), seconds=LIMIT_SECONDS,
+        lim = memory.within_budget(lambda: sp.limit(build(), t, point, dir=direction), seconds=LIMIT_SECONDS,
                                    memory_bytes=LIMIT_MEMORY, otherwise=undecided)
     except Exception:  # noqa: BLE001 - sympy cannot take it
         return None
@@ -265,7 +267,7 @@ def _pole(f_t: sp.Expr, t: sp.Symbol, t0) -> bool:
     takes neither one-sided limit, decided in 250-digit arithmetic (``numeric_search.pole_at``)."""
     decided = False
     for d in ("+", "-"):
-        lim = _limit(f_t * (t - t0), t, t0, d)
+        lim = _limit(lambda: f_t * (t - t0), f_t, t, t0, d)
         if lim is None:
             continue
         decided = True
@@ -289,7 +291,7 @@ def _grows_too_fast(f_t: sp.Expr, t: sp.Symbol, rate) -> bool:
     if growth.beats_gaussian_tail(f_t, t, rate):
         return True
     for sign in (1, -1):
-        lim = _limit(sp.Abs(f_t) * sp.exp(-rate * t**2), t, sign * sp.oo)
+        lim = _limit(lambda: sp.Abs(f_t) * sp.exp(-rate * t**2), f_t, t, sign * sp.oo)
         if lim is None:
             continue
         if lim.has(sp.oo) or (lim.is_number and lim.is_positive):
