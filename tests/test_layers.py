@@ -104,6 +104,33 @@ def test_looped_kernel_code_matches_neural_tangents(case):
         assert relerr(got[ours], ref[f"{case}__{theirs}"]) <= TOL, (case, ours, relerr(got[ours], ref[f"{case}__{theirs}"]))
 
 
+def test_common_subexpressions_change_no_kernel(monkeypatch):
+    """The generated code shares common subexpressions (sympy's cse); with cse's "basic" sign
+    rewrites it turned a sum of this residual CNN's NTK terms into their product, and the
+    straight-line code's NTK was off by up to 244% (85% with erf(t) + t/2, where it
+    disagreed with neural-tangents by 2-9% and NT's finite-width NTK sided with NT: layers
+    audit).  The kernels printed without cse are the reference."""
+    from tpcompiler.backends import codegen
+    from tpcompiler.backends.kernels.kernel import KernelFunction
+
+    def residual(block):
+        return [layers.FanOut(2), layers.parallel(layers.Identity(), layers.serial(*block)), layers.FanInSum()]
+
+    net = layers.serial(layers.Conv(512, (1,), None, "SAME", 1.95, 0.34),
+                        *residual([layers.Nonlin(lambda t: sympy.sin(t) + t / 2), layers.Dense(512, 0.68, 0.0)]),
+                        layers.AvgPool((2,), (1,), "VALID", False),
+                        *residual([layers.Relu(), layers.Dense(512, 1.01, 0.43)]),
+                        *residual([layers.Relu(), layers.Conv(512, (3,), None, "SAME", 0.79, 0.0)]),
+                        layers.Flatten(), layers.Dense(1, 1.17, 0.1))
+    source = tp.compile(net.program((3, 1))).source
+    X = np.random.RandomState(5).randn(3, 3)
+    got = KernelFunction(source, cache=False, share=False)(X)
+    monkeypatch.setattr(codegen, "common_subexpressions", lambda exprs: ([], list(exprs)))
+    reference = KernelFunction(source, cache=False, share=False)(X)
+    for k in ("nngp", "ntk"):
+        assert relerr(got[k], reference[k]) <= 1e-12, (k, got[k], reference[k])
+
+
 def test_generated_kernel_code_does_not_grow_with_positions():
     """A depth-2 SAME CNN has one pair quantity per pair of positions and layer; the looped
     code has one loop per structure (interior / boundary positions), so once the interior is

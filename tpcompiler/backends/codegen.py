@@ -117,7 +117,7 @@ def print_expressions(exprs, indent: str = "    ") -> tuple[list[str], list[str]
     exprs = [sp.sympify(e) for e in exprs]
     helpers = {type(f).__name__ for e in exprs for f in e.atoms(sp.Function) if type(f).__name__.startswith("_e")}
     printer = NumbaPrinter(helpers)
-    reps, reduced = sp.cse(exprs, symbols=sp.numbered_symbols("_c"), optimizations="basic")
+    reps, reduced = common_subexpressions(exprs)
     return [f"{indent}{printer.doprint(s)} = {printer.doprint(e)}" for s, e in reps], [printer.doprint(e) for e in reduced]
 
 
@@ -128,8 +128,13 @@ def load_names(loaded) -> dict:
 
 
 def common_subexpressions(exprs: list) -> tuple[list, list]:
-    """sympy's cse as ``print_body`` applies it: (replacements _c0, _c1, ..., reduced exprs)."""
-    return sp.cse(exprs, symbols=sp.numbered_symbols("_c"), optimizations="basic")
+    """sympy's cse as the printers apply it: (replacements _c0, _c1, ..., reduced exprs).
+
+    Without cse's optional "basic" rewrites (its pre- and post-processing of signs), which
+    turned a sum of a residual CNN's NTK terms into a product of them (sympy 1.14; the kernels
+    were off by up to 244%, found against neural-tangents).  The common subexpressions
+    themselves are found the same way either way."""
+    return sp.cse(exprs, symbols=sp.numbered_symbols("_c"), optimizations=None)
 
 
 def print_body(exprs, loads: dict, indent: str = "    ", assignments=()) -> tuple[list[str], list[str]]:
