@@ -20,6 +20,7 @@ import pytest
 import sympy as sp
 
 import tpcompiler as tp
+from tpcompiler import layers
 from tpcompiler.check import finite_runs, format_report, judge
 from tpcompiler.cli.commands import main
 from tpcompiler.ir.ntk import kernel_program
@@ -403,6 +404,27 @@ def test_a_linear_networks_kernels_through_limit_and_check():
     for name, want in (("nngp", nngp), ("ntk", 3 * nngp)):
         values = finite[f"{name}[0,1]"]
         assert abs(values.mean() - want[0, 1]) < 5 * values.std(ddof=1) / np.sqrt(len(values))
+
+def test_a_repeated_input_has_the_diagonals_kernel_in_every_block():
+    """k(x, x') with x' = x is k(x, x): within X, between X2 and X (a test point that is a
+    training point), and across tiles.  The pair formulas at rho = 1 carry their arguments'
+    rounding, which arc-cosine kernels amplify like a square root: after Abs (quadrature,
+    2e-13 at rho = 1) and Relu the repeated input's NTK was 1.3e-7 off its diagonal, after
+    Abs, Step, Step 5.6e-4 (layers audit against neural-tangents, which computes repeats as
+    the diagonal)."""
+    net = layers.serial(layers.Dense(64, 1.0, 0.3), layers.Abs(), layers.Dense(64, 1.0, 0.2), layers.Relu(),
+                        layers.Dense(64, 1.0, 0.2), layers.Relu(), layers.Dense(1, 1.0))
+    rs = np.random.RandomState(1)
+    a, b, c = rs.randn(3, 3)
+    X, X2 = np.stack([a, b, a, c, b]), np.stack([c, a])
+    compiled = tp.compile(net.program((3,)))
+    for K in (compiled.kernels(X, X2), compiled.kernels(X, X2, tile=2)):
+        for k in ("nngp", "ntk"):
+            d = np.diag(K[k])
+            assert K[k][0, 2] == K[k][2, 0] == d[0] == d[2] and K[k][1, 4] == d[1] == d[4], k
+            assert K[f"{k}_x2"][0, 3] == d[3] and K[f"{k}_x2"][1, 0] == K[f"{k}_x2"][1, 2] == d[0], k
+            assert K[k][0, 1] != d[0]  # (only equal inputs)
+
 
 def test_special_functions_have_their_values_at_numbers():
     """expectations.special's functions evaluate at numbers (evalf), as their Numba source

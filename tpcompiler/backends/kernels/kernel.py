@@ -890,9 +890,33 @@ def pair_stage(t0, step, GS, RF1, RF2T, R1, R2T, {outs}, symmetric, P, IT, WT):
         if same:  # the diagonal: the pair stage's first part plus the row stage's second (PARTS)
             for k, out in enumerate(outs):
                 mirror(out, np.ascontiguousarray(Ra[:, len(self.row_symbols) + k]))
+        self._duplicates_as_the_diagonal(A, rows_A, B, same, outs, params)
         timing["grams"] = timing.get("grams", 0.0) + t1 - t0
         timing["pairs"] = timing.get("pairs", 0.0) + time.perf_counter() - t1
         return outs
+
+    def _duplicates_as_the_diagonal(self, A, rows_A, B, same: bool, outs, params) -> None:
+        """k(x, x') for an x' equal to x (a repeated input, or a test point that is a training
+        point) set to k(x, x) as the diagonal computes it.  The pair formulas at rho = 1 carry
+        the rounding of their arguments, which the arc-cosine kernels amplify like a square root
+        (an off-diagonal quadrature's 2e-13 became 5.6e-4 after Abs, Sign, Sign: layers audit);
+        the diagonal is computed from one input, exactly, as neural-tangents does."""
+        pairs = equal_rows(A, B, same)
+        if not pairs:
+            return
+        RFa, Ra = rows_A
+        diagonal: dict = {}
+        for i, j in pairs:
+            if i not in diagonal:
+                if same:
+                    diagonal[i] = [out[i, i] for out in outs]
+                else:
+                    one = (RFa[i:i + 1], Ra[i:i + 1])
+                    diagonal[i] = [out[0, 0] for out in self.block(A[i:i + 1], one, A[i:i + 1], one, True, None, params)]
+            for out, value in zip(outs, diagonal[i]):
+                out[i, j] = value
+                if same:
+                    out[j, i] = value
 
     def __call__(self, X, X2=None, params=None) -> dict[str, np.ndarray]:
         """{"nngp", "ntk"}: k(X, X); with X2 also {"nngp_x2", "ntk_x2"}: k(X2, X).
@@ -946,6 +970,18 @@ def pair_stage(t0, step, GS, RF1, RF2T, R1, R2T, {outs}, symmetric, P, IT, WT):
             f"arc-cosine kernels, a product of two variances leaves it: variances beyond ~1e154 "
             f"or nonzero below ~1e-145); rescale the inputs (e.g. divide them by their largest norm)"
         )
+
+
+def equal_rows(A: np.ndarray, B: np.ndarray, same: bool) -> list[tuple[int, int]]:
+    """The pairs (i, j) with A[i] equal to B[j] entry for entry (bit for bit), i < j when
+    ``same`` (B is A)."""
+    def keys(M):
+        return [row.tobytes() for row in np.ascontiguousarray(M, dtype=np.float64)]
+
+    where: dict = {}
+    for j, key in enumerate(keys(B)):
+        where.setdefault(key, []).append(j)
+    return [(i, j) for i, key in enumerate(keys(A)) for j in where.get(key, ()) if not same or j > i]
 
 
 #: More groups than this in the grouped engine calls: try the calls of expectations too.
