@@ -118,6 +118,7 @@ def fit(engine, X, Y=None, *, steps: int | None = None, lr=0.1, batch: int | Non
     A resume that restarted them at 0 trained another run than the one it continued."""
     rate = schedule(lr)
     arrays = Y is not None
+    t0 = getattr(engine, "steps_done", 0)  # (a resumed engine's run goes on from its step)
     if arrays:
         X = np.asarray(X, dtype=np.float64)
         Y = np.asarray(Y, dtype=np.float64)
@@ -131,7 +132,7 @@ def fit(engine, X, Y=None, *, steps: int | None = None, lr=0.1, batch: int | Non
         batch = validation.optional_count(batch, "batch", minimum=1)
         if batch is not None and batch > X.shape[0]:
             raise validation.ArgumentError(f"batch: {batch} is larger than the training set (N = {X.shape[0]})")
-        data: Iterable = _batches(X, Y, batch, steps, getattr(engine, "steps_done", 0))
+        data: Iterable = _batches(X, Y, batch, steps, t0)
     else:
         data = X
         steps = None if steps is None else validation.count(steps, "steps")
@@ -154,7 +155,7 @@ def fit(engine, X, Y=None, *, steps: int | None = None, lr=0.1, batch: int | Non
     if arrays:
         B = X.shape[0] if batch is None else batch
         engine.reserve(steps * B)
-    t = t0 = getattr(engine, "steps_done", 0)
+    t = t0
     # a bar on a terminal (tpcompiler.progress); ``progress`` True/False forces it on/off
     with bars.bar(steps, f"train ({engine.method})", unit="step", enabled=progress) as bar:
         if eval_every:

@@ -681,7 +681,7 @@ def _engine_descent(graph: Graph, abc: ABC, sgd: SGD, particles: int, seed: int,
 
 def _kernel_descent(graph: Graph, abc: ABC, sgd: SGD, shape_t, shape_e, steps) -> TrainResult:
     """f_{t+1} = f_t - (eta/B) Theta(., X_B) (f_t(X_B) - Y_B), f_0 = 0 (docs/DESIGN.md 2.4, 2.6)."""
-    from tpcompiler.backends.kernels.kernel import KernelFunction
+    from tpcompiler.backends.kernels.kernel import PARTICLES_HINT, KernelFunction
     from tpcompiler.backends.kernels.pairwise import NotPairwise
 
     X = np.atleast_2d(np.asarray(sgd.X, dtype=np.float64))
@@ -690,7 +690,7 @@ def _kernel_descent(graph: Graph, abc: ABC, sgd: SGD, shape_t, shape_e, steps) -
     try:
         theta = KernelFunction(training_kernel_graph(graph, abc))(np.concatenate([X, Xe]))["ntk"]
     except NotPairwise as exc:  # (its own hint, the particle limit of the kernels, trains nothing)
-        text = str(exc).split("; tp.compile(program).limit(x=X)")[0]
+        text = str(exc).removesuffix(f"; {PARTICLES_HINT}")
         raise NotPairwise(f"{text}; kernel-regime training runs gradient descent with the exact NTK, which "
                           "the kernel backend cannot derive for this network (the step engine, which takes any "
                           "program, trains feature-learning parametrizations such as mup)") from None

@@ -252,8 +252,7 @@ class KernelFunction:
         except NotPairwise as exc:
             text = str(exc) if len(str(exc)) < 200 else str(exc)[:197] + "..."
             raise NotPairwise(f"program {graph.name!r}: the kernel backend needs bivariate Gaussian expectations "
-                              f"of parameter-free functions, but: {text}; tp.compile(program).limit(x=X) "
-                              f"estimates the kernels by particles") from None
+                              f"of parameter-free functions, but: {text}; {PARTICLES_HINT}") from None
         self._inputs0 = {node_symbol(k): kp.op(k).index for k in kp.input_keys()}
         self.expectations = ExpectationRules(engine.functions, self.rtol, functools.partial(_no_rule, graph.name))
         self._bodies: dict = {}     # template index -> lowered body (_template_body)
@@ -996,16 +995,19 @@ _LOWERING_MEMOS = ("_linear_values", "_arguments", "_calls", "_lower_memo", "_ca
                    "_form_arguments", "_linear_terms", "_pending")
 
 
+#: How the kernels of a program the kernel backend refuses are computed: the last part of every
+#: such refusal (one place, so that kernel-regime training, which has no such route, can drop it).
+PARTICLES_HINT = "tp.compile(program).limit(x=X) estimates the kernels by particles"
+
+
 def _no_rule(name: str, gs: tuple, exc: Exception) -> NotPairwise:
     """The error of a function whose expectation rule cannot be built (``ExpectationRules``)."""
     if isinstance(exc, ZeroDivisionError):  # (the quadrature's nodes include 0, where sin(x)/x is 0/0)
         return NotPairwise(f"program {name!r}: the kernel backend cannot compute an expectation: a function divides "
                            "by zero at a quadrature node (a removable singularity such as sin(x)/x at 0 is evaluated "
-                           "there); write the function without the division, or let tp.compile(program).limit(x=X) "
-                           "estimate the kernels by particles")
+                           f"there); write the function without the division; {PARTICLES_HINT}")
     # (a function the quadratures cannot take: a kink away from 0, a delta)
-    return NotPairwise(f"program {name!r}: the kernel backend cannot compute an expectation: {exc}; "
-                       "tp.compile(program).limit(x=X) estimates the kernels by particles")
+    return NotPairwise(f"program {name!r}: the kernel backend cannot compute an expectation: {exc}; {PARTICLES_HINT}")
 
 
 def _derivation_key(graph: Graph, rtol: float, runtime: tuple = (), share: bool | None = None,
