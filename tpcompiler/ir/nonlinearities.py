@@ -230,7 +230,10 @@ class Nonlinearity:
     implementation, or None when sympy's numpy printer already knows the function;
     ``scalar_source``: a Numba-compilable one-argument definition named ``name``, or None
     when the ``math`` module has it; ``mpmath``: a multiprecision implementation, or None when
-    sympy's mpmath printer already knows the function."""
+    sympy's mpmath printer already knows the function; ``degree`` (custom functions only):
+    |phi(x)| <= C (1 + |x|)^degree for real x, and ``nonnegative``: phi(x) >= 0 for real x
+    (the existence checks' tail bounds, symbolic/growth.py, read both; sympy's own functions
+    have rules there)."""
 
     name: str
     sympy: Callable
@@ -238,26 +241,28 @@ class Nonlinearity:
     numpy: Callable | None = None
     scalar_source: str | None = None
     mpmath: Callable | None = None
+    degree: int | None = None
+    nonnegative: bool = False
 
 
 REGISTRY: dict[str, Nonlinearity] = {nl.name: nl for nl in (
     Nonlinearity("relu", relu, NEITHER, _np_relu, "def relu(x):\n    return x if x > 0.0 else 0.0\n",
-                 lambda x: x if x > 0 else 0 * x),
+                 lambda x: x if x > 0 else 0 * x, degree=1, nonnegative=True),
     Nonlinearity("step", step, NEITHER, _np_step, "def step(x):\n    return 1.0 if x > 0.0 else 0.0\n",
-                 lambda x: 1 + 0 * x if x > 0 else 0 * x),
+                 lambda x: 1 + 0 * x if x > 0 else 0 * x, degree=0, nonnegative=True),
     Nonlinearity("tanh", sp.tanh, ODD),
     Nonlinearity("erf", sp.erf, ODD, scipy.special.erf),
     Nonlinearity("sigmoid", sigmoid, NEITHER, _np_sigmoid,
                  "def sigmoid(x):\n    return 1.0 / (1.0 + math.exp(-x)) if x >= 0.0 else math.exp(x) / (1.0 + math.exp(x))\n",
-                 lambda x: 1 / (1 + mpmath.exp(-x))),
+                 lambda x: 1 / (1 + mpmath.exp(-x)), degree=0, nonnegative=True),
     Nonlinearity("gelu", gelu, NEITHER, _np_gelu, "def gelu(x):\n    return 0.5 * x * (1.0 + math.erf(x * 0.7071067811865476))\n",
-                 _mp_gelu),
+                 _mp_gelu, degree=1),
     Nonlinearity("sin", sp.sin, ODD),
     Nonlinearity("cos", sp.cos, EVEN),
     Nonlinearity("exp", sp.exp, NEITHER),
     Nonlinearity("softplus", softplus, NEITHER, _np_softplus,
                  "def softplus(x):\n    return max(x, 0.0) + math.log1p(math.exp(-abs(x)))\n",
-                 lambda x: mpmath.log1p(mpmath.exp(x))),
+                 lambda x: mpmath.log1p(mpmath.exp(x)), degree=1, nonnegative=True),
     Nonlinearity("identity", _identity, ODD),
     Nonlinearity("abs", sp.Abs, EVEN),
 )}
@@ -278,6 +283,12 @@ MPMATH_FUNCTIONS = {name: nl.mpmath for name, nl in REGISTRY.items() if nl.mpmat
 
 #: Scalar (Numba-compilable) definitions of the custom functions, as Python source.
 SCALAR_SOURCE = {name: nl.scalar_source for name, nl in REGISTRY.items() if nl.scalar_source}
+
+#: |f(x)| <= C (1 + |x|)^degree for real x, by custom sympy function (``Nonlinearity.degree``).
+TAIL_DEGREE = {nl.sympy: nl.degree for nl in REGISTRY.values() if nl.degree is not None}
+
+#: The custom sympy functions that are never negative at a real argument.
+NONNEGATIVE = frozenset(nl.sympy for nl in REGISTRY.values() if nl.nonnegative)
 
 #: Parity by sympy function (read in the symbolic stage's hot parity walk: one lookup).
 _PARITY = {**_OTHER_PARITY, **{nl.sympy: nl.parity for nl in REGISTRY.values()}}

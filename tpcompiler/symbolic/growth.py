@@ -40,7 +40,7 @@ from fractions import Fraction
 
 import sympy as sp
 
-from tpcompiler.ir import symbols
+from tpcompiler.ir import nonlinearities, symbols
 
 #: Functions bounded on the real line (erfc by 2, the others by 1 or pi/2), at a real argument.
 _BOUNDED = (sp.tanh, sp.erf, sp.erfc, sp.sin, sp.cos, sp.atan, sp.sign, sp.Heaviside)
@@ -193,6 +193,8 @@ class _Bounds:
         if e.is_Pow:
             n = _fraction(e.exp) if e.exp.is_number else None
             return None if n is None else self._power_bound(e.base, n)
+        if isinstance(e, sp.exp) and self.nonpositive(e.args[0]):
+            return _CONSTANT  # (|exp(g)| <= 1 for real g <= 0: erf's derivative at any argument)
         if isinstance(e, _EXPONENTIAL):
             inner = self.upper(e.args[0])
             if inner is None or inner[0] == EXPONENTIAL:
@@ -200,6 +202,11 @@ class _Bounds:
             return _normal(EXPONENTIAL, inner[1])
         if isinstance(e, _BOUNDED):
             return _CONSTANT if self.real(e.args[0]) else None
+        degree = nonlinearities.TAIL_DEGREE.get(type(e))
+        if degree is not None:  # |phi(a)| <= C (1 + |a|)^degree at a real a (relu, sigmoid, ...)
+            if not self.real(e.args[0]):
+                return None
+            return _CONSTANT if degree == 0 else _power(self.upper(e.args[0]), Fraction(degree))
         if isinstance(e, sp.Abs):
             return self.upper(e.args[0])
         if isinstance(e, sp.Piecewise):  # whichever branch holds, its bound holds
@@ -396,6 +403,8 @@ class _Bounds:
             return self.real(e.args[0])
         if isinstance(e, sp.Abs):
             return True
+        if type(e) in nonlinearities.NONNEGATIVE:
+            return self.real(e.args[0])
         if e.is_Pow:
             base, n = e.args
             if n.is_Integer and n.is_even:
@@ -403,6 +412,19 @@ class _Bounds:
             return bool(n.is_number and self.real(n) and self.nonnegative(base))
         if e.is_Add or e.is_Mul:
             return all(self.nonnegative(a) for a in e.args)
+        return False
+
+    def nonpositive(self, e: sp.Expr) -> bool:
+        """e(t) <= 0 for every real t (proven; False: not proven): a sum of such terms, or a
+        negative number times factors that are never negative (-c sp(t)^2)."""
+        if e.is_number:
+            return bool(self.real(e) and e.is_nonpositive)
+        if e.is_Add:
+            return all(self.nonpositive(a) for a in e.args)
+        if e.is_Mul:
+            numbers = [a for a in e.args if a.is_number]
+            return (len(numbers) == 1 and self.real(numbers[0]) and bool(numbers[0].is_negative)
+                    and all(self.nonnegative(a) for a in e.args if not a.is_number))
         return False
 
     def real(self, e: sp.Expr) -> bool:
@@ -425,6 +447,7 @@ class _Bounds:
             return all(self.real(branch) for branch, _ in e.args)
         if isinstance(e, sp.log):  # (mish's tanh(log(1 + exp(t))))
             return self.nonnegative(e.args[0])
-        if e.is_Add or e.is_Mul or isinstance(e, (*_BOUNDED, *_EXPONENTIAL, sp.Abs, sp.Max, sp.Min)):
+        if (e.is_Add or e.is_Mul or isinstance(e, (*_BOUNDED, *_EXPONENTIAL, sp.Abs, sp.Max, sp.Min))
+                or type(e) in nonlinearities.TAIL_DEGREE):
             return all(self.real(a) for a in e.args)
         return False
