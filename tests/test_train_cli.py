@@ -225,3 +225,16 @@ def test_the_state_file_written_is_named(capsys, data):
     rc, stdout, err = tpc(capsys, *train_argv(data, out, "mup", "--save-state", state, "--quiet"))
     assert rc == 0, err
     assert f"; state {state}.npz" in stdout and (data["dir"] / "state_without_suffix.npz").exists()
+
+
+def test_a_diverging_kernel_run_is_written_with_one_warning_line(capsys, data):
+    """Kernel gradient descent past its stable rate is still the limit: the trajectory is
+    written (exit 0), and stderr has one line saying it diverges, not Python's two-line form."""
+    out = data["dir"] / "diverging.npz"
+    argv = train_argv(data, out, "ntp")
+    argv[argv.index("--lr") + 1] = 1000.0
+    rc, stdout, err = tpc(capsys, *argv)
+    assert rc == 0, err
+    assert err.splitlines() == [err.strip()] and err.startswith("tpc: warning: kernel gradient descent diverges"), err
+    with np.load(out) as T:
+        assert np.isfinite(T["f_train"]).all() and np.abs(T["f_train"][-1]).max() > 1e6

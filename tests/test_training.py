@@ -19,6 +19,8 @@ from __future__ import annotations
 
 import functools
 import importlib.util
+import re
+import warnings
 from pathlib import Path
 
 import networkx as nx
@@ -638,3 +640,22 @@ def test_kernel_regime_training_beyond_the_kernel_backend_says_what_trains_it():
     message = str(info.value)
     assert "kernel-regime training runs gradient descent with the exact NTK" in message, message
     assert "limit(x=X)" not in message and "\n" not in message
+
+
+@pytest.mark.parametrize("batch", [None, 2])
+def test_diverging_kernel_gradient_descent_is_warned_at_its_stability_limit(batch):
+    """Kernel gradient descent is the limit even where it diverges, so it warns rather than
+    refuses.  The warning states the largest stable rate, 2 B / lambda_max(Theta_BB) (exact for
+    the full batch; for this batch cycle too, as it happens); the dynamics themselves check it:
+    at 0.9 of it the loss falls over 300 steps, unwarned; at 1.1 times it, it grows and the
+    warning comes."""
+    net, abc = load_mlp(2, "relu"), tp.named("ntp", 2)
+    with pytest.warns(RuntimeWarning, match="kernel gradient descent diverges") as record:
+        tp.train(net, abc, tp.SGD(X, Y, steps=50, lr=1e3, batch=batch))
+    limit = float(re.search(r"= ([0-9.e+-]+) \(the smallest", str(record[0].message)).group(1))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        stable = tp.train(net, abc, tp.SGD(X, Y, steps=300, lr=0.9 * limit, batch=batch))
+    assert np.mean((stable.f_train[-1] - Y) ** 2) < np.mean(Y**2)
+    with pytest.warns(RuntimeWarning, match="kernel gradient descent diverges"):
+        tp.train(net, abc, tp.SGD(X, Y, steps=300, lr=1.1 * limit, batch=batch))

@@ -726,7 +726,13 @@ _NUMPY_FLOAT_WARNINGS = r"(overflow|invalid value|divide by zero) encountered"
 def main(argv=None) -> int:
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=_NUMPY_FLOAT_WARNINGS, category=RuntimeWarning)
+        warnings.showwarning = _show_warning
         return _main(argv)
+
+
+def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    """A warning as one line of stderr, "tpc: warning: ...", without Python's source line."""
+    print(f"tpc: warning: {message}", file=sys.stderr if file is None else file)
 
 
 def _main(argv=None) -> int:

@@ -30,6 +30,8 @@ the recursion of docs/DESIGN.md 2.5; the ZDot terms of every W_0 use are derived
 """
 from __future__ import annotations
 
+import math
+import warnings
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -702,6 +704,28 @@ def _kernel_descent(graph: Graph, abc: ABC, sgd: SGD, shape_t, shape_e, steps) -
         chi = f[batch] - Y[batch]
         f = f - (sgd.rate(t) / len(batch)) * theta[:, batch] @ chi
         traj.append(f.copy())
+    _warn_if_diverged(theta[:N, :N], Y, traj[-1][:N], sgd)
     traj = np.array(traj)[steps]
     zeros_t, zeros_e = np.zeros(shape_t), np.zeros(shape_e)
     return TrainResult(traj[:, :N], traj[:, N:], zeros_t, zeros_e, "kernel", "kernel gradient descent (exact NTK)")
+
+
+def _warn_if_diverged(theta: np.ndarray, Y: np.ndarray, f: np.ndarray, sgd: SGD) -> None:
+    """A RuntimeWarning when kernel gradient descent ends with a larger training loss than it
+    started with (f_0 = 0): its values are the limit's, but of a run that diverges.  Full
+    batch, the step multiplies the training residual by I - (eta/N) Theta, so it is stable
+    exactly for eta < 2 N / lambda_max(Theta); with batches, the warning gives each batch's
+    step's own bound, 2 B / lambda_max(Theta_BB), the smallest over the batch cycle."""
+    with np.errstate(over="ignore", invalid="ignore"):
+        start, end = float(np.mean(Y**2)), float(np.mean((f - Y) ** 2))
+    if np.isfinite(end) and end <= start:
+        return
+    N = theta.shape[0]
+    B = len(batch_indices(N, sgd.batch, 0))
+    blocks = {tuple(sorted(batch_indices(N, sgd.batch, t))) for t in range(min(N // math.gcd(N, B), sgd.steps))}
+    limit = min(2 * len(b) / np.linalg.eigvalsh(theta[np.ix_(b, b)])[-1] for b in map(list, blocks))
+    largest = max(sgd.rate(t) for t in range(sgd.steps))
+    warnings.warn(f"kernel gradient descent diverges: the training loss went from {start:.4g} to {end:.4g} in "
+                  f"{sgd.steps} steps at a learning rate of up to {largest:.6g}; a step on a batch B alone is stable "
+                  f"below 2 B / lambda_max(Theta_BB) = {limit:.6g} (the smallest over the batches; full batch: B = N)",
+                  RuntimeWarning, stacklevel=4)
