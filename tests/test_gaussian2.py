@@ -15,6 +15,7 @@ import sympy as sp
 from numba import njit
 from scipy import integrate, special
 
+import tpcompiler as tp
 from tpcompiler import expectations as g2
 from tpcompiler.expectations.functions import numpy_function
 from tpcompiler.ir import nonlinearities as nl
@@ -317,7 +318,7 @@ def test_a_kink_away_from_zero_is_refused_not_integrated_wrongly():
     kinks at 0, however written, are not."""
     from tpcompiler.expectations.functions import kink_away_from_zero
 
-    relu, step, sigmoid = (nl.BUILTINS[name] for name in ("relu", "step", "sigmoid"))
+    relu, step, sigmoid, gelu = (nl.BUILTINS[name] for name in ("relu", "step", "sigmoid", "gelu"))
     shifted = sp.Lambda(X, relu(X + sp.Rational(1, 2)))
     with pytest.raises(ValueError, match="kink or a jump away from 0"):
         g2.pair_expectation(shifted, (sp.tanh(X), X))
@@ -325,7 +326,8 @@ def test_a_kink_away_from_zero_is_refused_not_integrated_wrongly():
         g2.expectation(sp.Lambda(X, relu(X + 1) * sp.tanh(X)))
     for at_zero in (relu(X), sp.Max(X, X / 10), sp.Piecewise((X, X > 0), (sp.exp(X) - 1, True)), sp.Abs(2 * X),
                     sp.Heaviside(X) * X, relu(-X) ** 2, relu(X**3), relu(sp.tanh(X)), sp.Abs(X + X**3),
-                    relu(sigmoid(X)), step(relu(X)), relu(step(X)), relu(sigmoid(X) - sp.Rational(1, 2))):
+                    relu(sigmoid(X)), step(relu(X)), relu(step(X)), relu(sigmoid(X) - sp.Rational(1, 2)),
+                    step(gelu(X)), relu(gelu(sp.sqrt(2) * X))):
         assert kink_away_from_zero(sp.Lambda(X, at_zero)) is None, at_zero
     for away in (sp.Max(X + 1, 0), sp.Piecewise((X, X > 1), (0, True)), sp.floor(X), relu(sp.sin(X)),
                  relu(X**2 - sp.Rational(1, 10**6)), relu(sigmoid(X) - sp.Rational(1, 10**9))):
@@ -346,6 +348,32 @@ def test_a_switch_of_a_function_that_keeps_its_sign_is_integrated_as_the_functio
         want = g2.pair_expectation(sp.Lambda(X, c), sp.Lambda(X, d))
         for k in [cov(1.2, 0.4, 2.7), cov(6.0, -0.7, 0.5), cov(0.3, 0.29, 0.3)]:
             assert rel(got.scalar(*k), want.scalar(*k), 1.0) <= 1e-12, (a, b, k)
+
+
+def test_a_switch_of_gelu_is_at_zero_though_float64_underflows():
+    """gelu(x) < 0 for every x < 0, but its float64 value is 0 below -21, where the sign check
+    looked: relu(gelu(x)) and step(gelu(x)) were refused as kinks away from 0.  Zeros are
+    evaluated again in multiprecision.  Their kernels (input layer, then the function) against
+    scipy's quadrature of gelu written with erfc (nested, each split where relu(gelu) has its
+    kink), and step(gelu) = step's arc-cosine form."""
+    X_in = np.random.default_rng(0).standard_normal((2, 3))
+    S = X_in @ X_in.T / 3
+    relu_gelu = lambda z: np.maximum(0.5 * z * special.erfc(-z / np.sqrt(2)), 0.0)  # noqa: E731
+    L = np.linalg.cholesky(S)
+    want = {(0, 0): integrate.quad(lambda z: relu_gelu(z) ** 2 * np.exp(-z * z / (2 * S[0, 0])), 0, np.inf,
+                                   epsabs=1e-14, epsrel=1e-13)[0] / np.sqrt(2 * np.pi * S[0, 0]),
+            (0, 1): integrate.quad(lambda a: relu_gelu(L[0, 0] * a) * np.exp(-a * a / 2) / (2 * np.pi) * integrate.quad(
+                lambda b: relu_gelu(L[1, 0] * a + L[1, 1] * b) * np.exp(-b * b / 2), -L[1, 0] * a / L[1, 1], np.inf,
+                epsabs=1e-15, epsrel=1e-13)[0], 0, np.inf, epsabs=1e-15, epsrel=1e-13)[0]}  # (v > 0 beyond the kink)
+    for name in ("relu", "step"):
+        p = tp.Program(f"{name}_gelu")
+        xi = p.input("xi", 3, default=np.ones((1, 3)))
+        p.readout(getattr(tp, name)(tp.gelu(p.input_layer("U", xi, sigma=1.0))), sigma=1.0)
+        nngp = tp.compile(p).kernels(X_in)["nngp"]
+        if name == "step":
+            want = {(0, 0): 0.5, (0, 1): (np.pi - np.arccos(S[0, 1] / np.sqrt(S[0, 0] * S[1, 1]))) / (2 * np.pi)}
+        for (i, j), value in want.items():
+            assert nngp[i, j] == pytest.approx(value, rel=1e-9, abs=1e-12), (name, i, j)
 
 
 def test_one_dimensional_and_diagonal_consistency():

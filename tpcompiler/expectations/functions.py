@@ -14,6 +14,7 @@ how an expectation of it is computed:
 """
 from __future__ import annotations
 
+import mpmath
 import numpy as np
 import sympy as sp
 
@@ -98,8 +99,9 @@ def _changes_sign_only_at_zero(e: sp.Expr, x: sp.Symbol) -> bool:
     0), or anything that does not read x; else one sign on each half line at 4000 points out
     to 30, where the rules reach.  That sign may be 0 on a whole half line (relu(x): a step of
     it is flat there) and the same on both (sigmoid(x): a relu of it never switches); tanh(x),
-    x + x^3, relu(x) and step(x) pass, x + 1/2 and sin(x) do not, nor gelu(x), whose float64
-    value below -21 is 0."""
+    x + x^3, relu(x), step(x) and gelu(x) pass, x + 1/2 and sin(x) do not.  A value that is 0
+    in float64 is evaluated again in multiprecision, whose exponents do not underflow: gelu(x)
+    is 0 in float64 below -21, and negative."""
     if not e.has(x):
         return True
     c, rest = e.as_coeff_Mul()
@@ -112,9 +114,18 @@ def _changes_sign_only_at_zero(e: sp.Expr, x: sp.Symbol) -> bool:
         f = numpy_function(sp.Lambda(x, e))
         v = np.geomspace(1e-6, 30.0, 2000)
         right, left = np.sign(f(v)), np.sign(f(-v))
+        if not (_one_sign(right) and _one_sign(left)):
+            exact = sp.lambdify(x, e, modules=[nl.MPMATH_FUNCTIONS, "mpmath"])
+            for signs, side in ((right, v), (left, -v)):
+                for k in np.flatnonzero(signs == 0):
+                    signs[k] = int(mpmath.sign(exact(float(side[k]))))
     except Exception:  # noqa: BLE001 - not evaluable: not shown to be at 0
         return False
-    return bool(np.all(right == right[0]) and np.all(left == left[0]))
+    return _one_sign(right) and _one_sign(left)
+
+
+def _one_sign(signs: np.ndarray) -> bool:
+    return bool(np.all(signs == signs[0]))
 
 
 def parity(expr, x) -> int:

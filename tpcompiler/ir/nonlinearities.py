@@ -218,7 +218,7 @@ def _np_dirac(*args):
 
 
 def _mp_gelu(x):
-    return x * (1 + mpmath.erf(x / mpmath.sqrt(2))) / 2
+    return x * mpmath.erfc(-x / mpmath.sqrt(2)) / 2  # (1 + erf would cancel to 0 below -21)
 
 
 @dataclass(frozen=True)
