@@ -24,6 +24,7 @@ from tpcompiler.validation import ArgumentError
 ROOT = Path(__file__).resolve().parent.parent
 ZDOT = str(ROOT / "programs" / "zdot.py")
 MLP = str(ROOT / "programs" / "mlp.py")
+PINET = str(ROOT / "programs" / "pinet.py")
 
 PROGRAM_FILES = {
     "noout": "import tpcompiler as tp\n\ndef build():\n    p = tp.Program('noout')\n    p.vec('u')\n    return p\n",
@@ -68,6 +69,9 @@ def files(tmp_path_factory):
         "X4": rng.standard_normal((2, 4)),
         "Xd0": np.zeros((3, 0)),
         "Xstr": np.array([["a", "b", "c"]]),
+        "X0d": np.float64(3.0),
+        "Xempty": np.zeros((0, 3)),
+        "Yempty": np.zeros(0),
     }
     paths = {}
     for name, arr in arrays.items():
@@ -119,9 +123,9 @@ CLI_CASES = [
     (["check", ZDOT, "--widths", "64.5,128"], r"--widths must be comma-separated integers, got '64\.5,128'"),
     (["check", ZDOT, "--particles", "0"], r"--particles: expected a positive integer, got 0"),
     (["check", ZDOT, "--seed", "-1"], r"--seed: expected a non-negative integer, got -1"),
-    (["classify", "--depth", "0", "--param", "mup"], r"--depth: expected a positive integer, got 0"),
-    (["classify", "--depth", "-1", "--param", "mup"], r"--depth: expected a positive integer, got -1"),
-    (["classify", "--depth", "1.5", "--param", "mup"], r"--depth: expected a positive integer, got 1\.5"),
+    (["classify", "--depth", "0", "--param", "mup"], r"--depth: expected an integer in 1\.\.100000, got 0"),
+    (["classify", "--depth", "-1", "--param", "mup"], r"--depth: expected an integer in 1\.\.100000, got -1"),
+    (["classify", "--depth", "1.5", "--param", "mup"], r"--depth: expected an integer in 1\.\.100000, got 1\.5"),
     (train("--batch", "0"), r"--batch: expected a positive integer, got 0"),
     (train("--batch", "1.5"), r"--batch: expected a positive integer, got 1\.5"),
     (train("--batch", "10"), r"--batch: 10 is larger than the training set \(N = 3\)"),
@@ -171,7 +175,7 @@ CLI_CASES = [
     (train(y="{Ynan}"), r"--y file '.*Ynan\.npy' has NaN or infinite entries \(first at index \(1,\)\)"),
     (train(y="{Yc}"), r"--y file '.*Yc\.npy' holds complex numbers"),
     (train("--eval", "{Xinf}"), r"--eval file '.*Xinf\.npy' has NaN or infinite entries"),
-    (train("--eval", "{X4}"), r"--eval must be an N_eval x 3 array \(the columns of --x\), got shape \(2, 4\)"),
+    (train("--eval", "{X4}"), r"--eval must be an N_eval x 3 array \(the columns of --x, N_eval >= 1\), got shape \(2, 4\)"),
     (train("--eval", "{X1d}"), r"--eval must be an N_eval x 3 array .*got shape \(3,\)"),
     (train("--eval", "{Xc}"), r"--eval file '.*Xc\.npy' holds complex numbers"),
     (train("--loss", "logistic", param="mup", y="{Y012}"), r"--y: the logistic loss needs labels 0 or 1, got 2"),
@@ -205,6 +209,24 @@ CLI_CASES = [
     (["check", "{dirac}", "--widths", "8,16", "--seeds", "2", "--particles", "200"], r"a Dirac delta cannot be evaluated"),
     (["formulas", "{foreign}"], r"tp\.nonlin: the function uses the sympy symbol 'zeta'"),
     (["formulas", "{undefined}"], r"tp\.nonlin: 'Fancy' is an undefined sympy function"),
+    # -- found by a fuzz of every command (2026-12-06): internal errors and options ignored before
+    (["limit", MLP, "--x", "{X0d}"], r"--x file '.*X0d\.npy' holds a single number \(a 0-d array\)"),
+    (["simulate", MLP, "--width", "8", "--x", "{X0d}"], r"--x file .* holds a single number"),
+    (train(y="{X0d}"), r"--y file .* holds a single number"),
+    (train(param="mup", *["-p", "w_std=0"]), r"input matrix 'U' has scale 0 \(sigma = w_std\)"),
+    (train("-p", "w_std=0"), r"input matrix 'U' has scale 0"),
+    (kernels("--scheduler", "garbage"), r"--scheduler: 'garbage' is not a scheduler address"),
+    (kernels("--scheduler", ""), r"--scheduler: '' is not a scheduler address"),
+    (["kernels", MLP, "--x", "{X}", "--out", ""], r"--out: the file name is empty"),
+    (["predict", MLP, "--x", "{Xempty}", "--y", "{Yempty}", "--xt", "{X}", "--out", "{dir}/K.npz"],
+     r"--x must be an N x d array with N >= 1 training rows, got shape \(0, 3\)"),
+    (train("--save-state", "{dir}/T.npz"), r"--save-state and --out are the same file"),
+    (train("--save-state", "{dir}/T"), r"--save-state and --out are the same file"),
+    (train("--seeds", "3"), r"--seeds: the networks per finite width of the plot; give --plot FILE\.png and --widths"),
+    (train("--lr-end", "0.01"), r"--lr-end: only --schedule linear reads it"),
+    (train("--eval", "{Xempty}"), r"--eval must be an N_eval x 3 array .* got shape \(0, 3\)"),
+    (train(param="mup", *["--particles", "5"]), r"--particles: expected an integer >= 8, got 5"),
+    (["classify", "--depth", "1e9", "--param", "mup"], r"--depth: 1000000000 is above the limit 100000"),
 ]
 
 
@@ -397,6 +419,9 @@ API_CASES = [
     ("simulate Dirac delta", lambda a: tp.simulate(tp.load(a["files"]["dirac"]), width=8), r"instruction 'm': a Dirac delta"),
     ("load exit0", lambda a: tp.load(a["files"]["exit0"]), r"build\(\) in '.*exit0\.py' called sys\.exit\(0\)"),
     ("load exit on import", lambda a: tp.load(a["files"]["exit_import"]), r"called sys\.exit\(3\) while being imported"),
+    ("train a matrix of scale 0", lambda a: tp.train(tp.load(MLP, depth=1, d=3, w_std=0.0), a["mup"], sgd(a)),
+     r"^program 'mlp': input matrix 'U' has scale 0 \(sigma = w_std\)"),
+    ("named depth 10^9", lambda a: tp.named("mup", 10**9), r"^depth must be at most 100000"),
 ]
 
 
@@ -468,3 +493,39 @@ def test_internal_errors_look_internal(capsys, monkeypatch):
 
 def test_argument_error_is_the_project_type():
     assert issubclass(ArgumentError, tp.ProgramError) and issubclass(ArgumentError, TypeError)
+
+
+def test_a_hundred_layers_derive_and_deeper_is_one_error_line(capsys, files, monkeypatch):
+    """The kernel backend's symmetry proofs recurse through the layers (about 12 frames each):
+    a 100-layer MLP's kernels stopped with an internal RecursionError under Python's default
+    limit of 1,000 frames, which tpcompiler now raises (tp.RECURSION_LIMIT).  Its NNGP off the
+    diagonal is checked against the arc-cosine recursion written out here.  A recursion deeper
+    still is one error line."""
+    import tpcompiler.cli.commands as cli
+
+    X = np.load(files["X"])
+    depth = 100
+    nngp = tp.compile(tp.load(MLP, depth=depth, phi="relu", d=3)).kernels(X)["nngp"]
+    K = X @ X.T / 3  # input layer, w_std = 1, no bias: the relu arc-cosine map, layer by layer
+    for _ in range(depth):
+        d = np.sqrt(np.outer(np.diag(K), np.diag(K)))
+        t = np.arccos(np.clip(K / d, -1.0, 1.0))
+        K = d * (np.sin(t) + (np.pi - t) * np.cos(t)) / (2 * np.pi)
+    assert nngp == pytest.approx(K, rel=1e-9)
+
+    def too_deep(args):
+        raise RecursionError("maximum recursion depth exceeded")
+
+    monkeypatch.setattr(cli, "cmd_formulas", too_deep)
+    rc = cli.main(["formulas", ZDOT])
+    err = capsys.readouterr().err
+    assert rc == 2 and err.startswith("tpc: error: the program is too deep for the derivation") and len(err.splitlines()) == 1
+
+
+def test_a_pi_state_read_from_a_npy_file_is_refused_by_name(files):
+    """A .npy (one bare array) as a pi-net state was a TypeError of np.load's context manager."""
+    with pytest.raises(ValueError, match=r"cannot read '.*X\.npy': not a \.npz state file"):
+        tp.PiLimit(tp.PiSpec.from_program(tp.load(PINET)), state=files["X"])
+    rc = main(["train", PINET, "--param", "pi", "--init", files["X"], "--x", files["X"], "--y", files["Y"],
+               "--lr", "0.1", "--steps", "1", "--out", str(Path(files["dir"]) / "pi.npz")])
+    assert rc == 2

@@ -7,6 +7,16 @@ Pipeline (docs/DESIGN.md 3), one subpackage per stage: ``frontend`` (DSL -> prog
 docs/DESIGN.md 5.
 """
 from tpcompiler import _code  # first: the digest of the source this process imports (kernels/stored.py)
+import sys as _sys
+
+#: Python frames the derivations may nest.  They recurse through a program's layers, about 12
+#: frames per layer of an MLP (the kernel backend's symmetry proofs), so depth 100 needs ~1,300,
+#: above Python's default of 1,000.  8,000 reaches about 600 layers and stays well inside the
+#: 8 MB C stack (a recursion through any(), a C call per frame, crashed the interpreter only near
+#: 30,000).  Deeper still is a one-line error (tpc) or a RecursionError (Python).
+RECURSION_LIMIT = 8000
+if _sys.getrecursionlimit() < RECURSION_LIMIT:
+    _sys.setrecursionlimit(RECURSION_LIMIT)
 from tpcompiler.compiler import Compiled, compile, simulate
 from tpcompiler.frontend.dsl import (
     DSLError, Mat, Program, Scalar, Vec, add, cos, erf, exp, gelu, identity, mean, nonlin, phi,

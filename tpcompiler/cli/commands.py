@@ -15,6 +15,7 @@ from tpcompiler import validation
 from tpcompiler.ir.graph import ProgramError
 from tpcompiler.compiler import CHECK_PARTICLES, DEFAULT_PARTICLES, MAX_RTOL, MIN_RTOL
 from tpcompiler.frontend.loader import load, parameters, parse_params
+from tpcompiler.training.parametrization import MAX_DEPTH
 from tpcompiler.training.sgd import MAX_STEPS, STEPS_WHY
 
 
@@ -69,7 +70,9 @@ def _real(positive: bool = True, low: float | None = None, high: float | None = 
 
 def _out_path(path: str, what: str = "--out", suffix: str = ".npz") -> str:
     """The file an output really goes to (numpy appends .npz to a name without it, matplotlib
-    .png to a name without an extension); refuse a directory."""
+    .png to a name without an extension); refuse a directory and an empty name."""
+    if not path:
+        raise CommandError(f"{what}: the file name is empty; give one such as 'out{suffix}'")
     if suffix == ".npz":
         real = path if path.endswith(".npz") else path + ".npz"
     else:
@@ -147,6 +150,9 @@ def _load_array(path: str, what: str) -> np.ndarray:
         raise CommandError(f"{what} file {path!r} is not a readable .npy array ({exc})") from None
     if not (np.issubdtype(arr.dtype, np.number) or arr.dtype == np.bool_):
         raise CommandError(f"{what} file {path!r} does not hold numbers (dtype {arr.dtype})")
+    if arr.ndim == 0:
+        raise CommandError(f"{what} file {path!r} holds a single number (a 0-d array); give one row per example "
+                           "(an N x d array, or N values)")
     try:
         return validation.array(arr, None)
     except validation.ArgumentError as exc:
@@ -252,7 +258,7 @@ def cmd_kernels(args) -> int:
     try:
         if to_files:
             tiled.output_folder(out)
-        client = tiled.connect(args.scheduler) if args.scheduler else None
+        client = tiled.connect(args.scheduler) if args.scheduler is not None else None
         compiled = compile(_program(args, X))
         kf = compiled.kernel_function(args.rtol)
         result = tiled.kernels(kf, X, X2, memory=args.memory, out=out if to_files else None, dtype=args.dtype,
@@ -307,19 +313,33 @@ def cmd_train(args) -> int:
     if Y.shape[0] != X.shape[0]:
         raise CommandError(f"--y has {Y.shape[0]} rows but --x has {X.shape[0]}")
     Xe = _load_array(args.eval, "--eval") if args.eval else None
-    if Xe is not None and (Xe.ndim != 2 or Xe.shape[1] != X.shape[1]):
-        raise CommandError(f"--eval must be an N_eval x {X.shape[1]} array (the columns of --x), got shape {Xe.shape}")
+    if Xe is not None and (Xe.ndim != 2 or Xe.shape[1] != X.shape[1] or Xe.shape[0] == 0):
+        raise CommandError(f"--eval must be an N_eval x {X.shape[1]} array (the columns of --x, N_eval >= 1), "
+                           f"got shape {Xe.shape}")
     out = _out_path(args.out)
+    _refuse_same_file(out, args)
+    if args.lr_end and args.schedule != "linear":
+        raise CommandError(f"--lr-end: only --schedule linear reads it (the schedule is {args.schedule}); give "
+                           "--schedule linear or drop --lr-end")
     if args.parametrization.strip().lower() == "pi":
-        if args.plot or args.widths:
-            raise CommandError("--plot/--widths: not available with --param pi (train with tp.PiLimit / tp.PiFinite and tp.fit, and plot the History)")
+        if args.plot or args.widths is not None or args.seeds is not None:
+            raise CommandError("--plot/--widths/--seeds: not available with --param pi (train with tp.PiLimit / tp.PiFinite "
+                               "and tp.fit, and plot the History)")
+        given = [opt for opt, on in (("--method", args.method != "auto"), ("--particles", args.particles is not None)) if on]
+        if given:
+            raise CommandError(f"{given[0]}: a pi-net's limit is exact and deterministic (tp.PiLimit); --width N trains "
+                               "the finite pi-net instead")
         return _train_pi(args, X, Y, Xe, out)
     args.seed = 0 if args.seed is None else args.seed
+    args.particles = DEFAULT_PARTICLES if args.particles is None else args.particles
     _refuse_pi_options(args)
     plot_path = _plot_path(args.plot) if args.plot else None
-    widths = _increasing_widths(args.widths, "--widths", minimum=1) if args.widths else []
+    widths = _increasing_widths(args.widths, "--widths", minimum=1) if args.widths is not None else []
     if widths and not plot_path:
         raise CommandError("--widths: finite widths are trained for the plot only; give --plot FILE.png too")
+    if args.seeds is not None and not widths:
+        raise CommandError("--seeds: the networks per finite width of the plot; give --plot FILE.png and --widths too")
+    args.seeds = PLOT_SEEDS if args.seeds is None else args.seeds
     program = _program(args, X)
     graph = program.graph
     abc = resolve(args.parametrization.strip(), graph)
@@ -352,6 +372,22 @@ def cmd_train(args) -> int:
         _write_plot(training_figure, plot_path, Y, args.loss, [limit] + finite,
                     title=f"{program.name} under {args.parametrization.strip()}, lr {args.lr:g}")
     return 0
+
+
+#: tpc train --plot --widths: finite networks per width, unless --seeds says
+PLOT_SEEDS = 4
+
+
+def _refuse_same_file(out: str, args) -> None:
+    """--out must not be the file of --save-state (the state would be overwritten by the
+    trajectories, and a later --resume refused) or of --resume / --init (the state read)."""
+    for option, path in (("--save-state", args.save_state), ("--resume", args.resume), ("--init", args.init)):
+        if path is None:
+            continue
+        real = path if option != "--save-state" or path.endswith(".npz") else path + ".npz"
+        if os.path.abspath(real) == os.path.abspath(out):
+            raise CommandError(f"{option} and --out are the same file {out!r}; give the trajectories (--out) and the "
+                               "state files different names")
 
 
 def _finite_trajectories(program, abc, sgd, widths, args):
@@ -421,8 +457,8 @@ def cmd_predict(args) -> int:
     X = _load_array(args.x, "--x")
     Y = _load_array(args.y, "--y")
     Xt = _load_array(args.xt, "--xt")
-    if X.ndim != 2:
-        raise CommandError(f"--x must be an N x d array, got shape {X.shape}")
+    if X.ndim != 2 or X.shape[0] == 0:
+        raise CommandError(f"--x must be an N x d array with N >= 1 training rows, got shape {X.shape}")
     if Y.ndim not in (1, 2) or Y.shape[0] != X.shape[0]:
         raise CommandError(f"--y must hold one target row per row of --x (N = {X.shape[0]}), got shape {Y.shape}")
     if Xt.ndim != 2 or Xt.shape[1] != X.shape[1]:
@@ -466,12 +502,16 @@ def _lr_mult(text: str | None) -> dict:
     mult = dict.fromkeys(_LR_MULT_KEYS, 1.0)
     if text is None:
         return mult
+    seen = set()
     for part in filter(None, (s.strip() for s in text.split(","))):
         key, sep, value = part.partition("=")
         key = key.strip()
         if not sep or key not in mult:
             raise CommandError(f"--lr-mult: unknown entry {part!r}; give first=a,last=b,bias=c "
                                f"(keys {', '.join(_LR_MULT_KEYS)})")
+        if key in seen:
+            raise CommandError(f"--lr-mult: {key} is given twice; give each of {', '.join(_LR_MULT_KEYS)} at most once")
+        seen.add(key)
         try:
             mult[key] = validation.number(float(value), None, nonnegative=True)
         except (ValueError, validation.ArgumentError):
@@ -489,7 +529,8 @@ def _pi_engine(args, program, mult: dict):
     except (ValueError, TypeError) as exc:
         raise CommandError(f"--param pi: program {program.name!r} is not a pi-net ({exc}); use programs/pinet.py") from None
     if args.init is not None and not os.path.isfile(args.init):
-        raise CommandError(f"--init: state file {args.init!r} not found")
+        raise CommandError(f"--init: {args.init!r} is a directory; give a state file (.npz)" if os.path.isdir(args.init)
+                           else f"--init: state file {args.init!r} not found")
     if args.loss not in ("softmax", "mse"):
         raise CommandError(f"--loss: a pi-net trains with softmax or mse, not {args.loss}")
     if args.width is not None and spec.r > args.width:
@@ -651,7 +692,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch", type=_count(1), help="batch size (default: full batch)")
     p.add_argument("--loss", choices=["mse", "logistic", "softmax"], default="mse")
     p.add_argument("--eval", help="evaluation inputs (N_eval x d .npy)")
-    p.add_argument("--particles", type=_count(1), default=DEFAULT_PARTICLES)
+    p.add_argument("--particles", type=_count(1), default=None,
+                   help=f"feature learning by particles: how many (default {DEFAULT_PARTICLES})")
     p.add_argument("--seed", type=_count(), default=None,
                    help="random seed (default 0; --param pi: default the program's -p seed, which draws its initial state)")
     p.add_argument("--method", choices=["auto", "exact", "particles"], default="auto",
@@ -672,7 +714,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="output .npz (f_train, f_eval, regime, steps)")
     p.add_argument("--plot", help="also draw the loss and f on the training inputs against the step (.png or .svg)")
     p.add_argument("--widths", help="with --plot: also train finite networks of these widths (e.g. 256,1024)")
-    p.add_argument("--seeds", type=_count(1), default=4, help="networks per finite width (mean and stderr)")
+    p.add_argument("--seeds", type=_count(1), default=None,
+                   help=f"with --plot --widths: networks per finite width (mean and stderr; default {PLOT_SEEDS})")
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("coordcheck", help="mup-style coordinate check: layer sizes and their change against width")
@@ -707,7 +750,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_predict)
 
     p = sub.add_parser("classify", help="classify an abc-parametrization")
-    p.add_argument("--depth", type=_count(1), required=True)
+    p.add_argument("--depth", type=_count(1, MAX_DEPTH, "the exponents are kept per layer"), required=True)
     p.add_argument("--param")
     p.add_argument("--a")
     p.add_argument("--b")
@@ -769,6 +812,11 @@ def _main(argv=None) -> int:
         return 130
     except MemoryError:
         print("tpc: error: out of memory; use a smaller --width, --particles, --steps or fewer inputs", file=sys.stderr)
+        return 2
+    except RecursionError:
+        print(f"tpc: error: the program is too deep for the derivation, which nests more than "
+              f"{sys.getrecursionlimit()} Python calls through its layers (about 600 layers of an MLP); "
+              f"use fewer layers", file=sys.stderr)
         return 2
     except Exception as exc:  # a bug (KeyError, TypeError, ... included): one line, never a traceback
         text = str(exc).splitlines()[0] if str(exc) else ""

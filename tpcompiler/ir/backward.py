@@ -89,6 +89,21 @@ def refuse_readout_bias(graph: Graph, where: str) -> None:
                            "tp.compile(program).kernels, do include it)")
 
 
+def refuse_zero_scales(graph: Graph, inputs: list, hidden: list) -> None:
+    """A clear error for training a tensor of scale 0: training moves the w of each trained
+    W = sigma w (docs/DESIGN.md 2.6: its gradient is dW / sigma), which sigma = 0 leaves
+    undefined (it was a ZeroDivisionError).  ``inputs``, ``hidden``: the trained input and
+    n x n matrices; the readout is always trained."""
+    values = {node_symbol(k): graph.op(k).value for k in graph.keys_of(ops.Param)}
+    scales = ([(f"input matrix {U!r}", graph.op(U).scale) for U in inputs]
+              + [(f"matrix {W!r}", graph.op(W).sigma) for W in hidden] + [("the readout", graph.readout.sigma)])
+    for what, scale in scales:
+        value = sp.sympify(sp.sympify(scale).xreplace(values))  # (a bare Param becomes its float)
+        if value.is_number and value.is_zero:
+            raise ProgramError(f"program {graph.name!r}: {what} has scale 0 (sigma = {scale}): training moves w in "
+                               "W = sigma w, which a scale of 0 leaves undefined; give it a positive scale")
+
+
 def derive_backward(graph: Graph, prefix: str = "d", seed: sp.Expr | None = None) -> tuple[Graph, dict[str, str]]:
     """A copy of ``graph`` with gradient vectors appended; returns (graph, {z: dz}).
 

@@ -223,7 +223,11 @@ def spec_and_options(path, meta: dict, spec, kwargs: dict):
 
 def load_state_file(path) -> tuple[dict, dict]:
     """(state arrays, metadata strings) of a .npz state file; metadata keys start with '_'."""
-    with np.load(path, allow_pickle=False) as z:
+    loaded = np.load(path, allow_pickle=False)
+    if not isinstance(loaded, np.lib.npyio.NpzFile):  # a .npy: one bare array
+        raise ValueError("not a .npz state file (a state has several named arrays, as --save-state and "
+                         "np.savez write them)")
+    with loaded as z:
         data = {k: z[k] for k in z.files}
     meta = {k: str(v) for k, v in data.items() if k.startswith("_")}
     return {k: v for k, v in data.items() if not k.startswith("_")}, meta

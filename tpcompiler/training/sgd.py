@@ -41,7 +41,8 @@ import sympy as sp
 from tpcompiler.ir import ops
 from tpcompiler import validation
 from tpcompiler.compiler import DEFAULT_PARTICLES, graph_of
-from tpcompiler.ir.backward import derive_backward, forward_nodes, refuse_moments, refuse_readout_bias
+from tpcompiler.ir.backward import (derive_backward, forward_nodes, refuse_moments, refuse_readout_bias,
+                                    refuse_zero_scales)
 from tpcompiler.training.finite import batch_indices
 from tpcompiler.ir.graph import Graph, ProgramError
 from tpcompiler.ir.nonlinearities import sigmoid
@@ -189,6 +190,7 @@ def _layers(net: Graph, abc: ABC) -> _Layers:
     for i, W in enumerate(hidden, start=1):
         if a[i] + b[i] != sp.Rational(1, 2):
             raise ProgramError(f"layer {i + 1} ({W}): a + b = {a[i] + b[i]}, but an n x n matrix has N(0, sigma^2/n) entries (a + b = 1/2)")
+    refuse_zero_scales(net, inputs, hidden)
     return _Layers(inputs, hidden, ro.readouts)
 
 
@@ -651,8 +653,9 @@ def _engine_descent(graph: Graph, abc: ABC, sgd: SGD, particles: int, seed: int,
 
     X = np.atleast_2d(np.asarray(sgd.X, dtype=np.float64))
     Y = _targets(sgd.Y, X.shape[0], len(graph.readout.readouts))
+    # (the engine checks the count itself where it uses particles, naming the value given)
     groups = 10 if particles >= 20 else 2
-    options = dict(method=method, loss=sgd.loss, particles=max(particles, 2 * groups), groups=groups,
+    options = dict(method=method, loss=sgd.loss, particles=particles, groups=groups,
                    seed=seed, weight_decay=sgd.weight_decay, clip=sgd.clip)
     if resume:
         try:

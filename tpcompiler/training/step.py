@@ -34,7 +34,8 @@ import sympy as sp
 
 from tpcompiler.backends.lowering import evaluate, numpy_function
 from tpcompiler.ir import ops
-from tpcompiler.ir.backward import derive_backward, forward_nodes, refuse_moments, refuse_readout_bias
+from tpcompiler.ir.backward import (derive_backward, forward_nodes, refuse_moments, refuse_readout_bias,
+                                    refuse_zero_scales)
 from tpcompiler.ir.graph import Graph, ProgramError
 from tpcompiler.ir.ops import VEC, node_symbol
 from tpcompiler.ir.symbols import NodeSymbol
@@ -259,4 +260,5 @@ def _trained_layers(net: Graph, abc: ABC) -> tuple[list, list]:
     for i, W in enumerate(hidden, start=1):
         if a[i] + b[i] != sp.Rational(1, 2):
             raise ProgramError(f"layer {i + 1} ({W}): a + b = {a[i] + b[i]}, but an n x n matrix has N(0, sigma^2/n) entries (a + b = 1/2)")
+    refuse_zero_scales(net, inputs, hidden)
     return inputs, hidden

@@ -417,3 +417,11 @@ def connect(address: str):
         return distributed.Client(address, timeout="10s")
     except (OSError, TimeoutError) as exc:
         raise validation.ArgumentError(f"scheduler: cannot connect to {address!r} ({exc})".splitlines()[0]) from None
+    except (ValueError, AssertionError, TypeError) as exc:  # distributed's parsing of the address
+        raise validation.ArgumentError(f"scheduler: {address!r} is not a scheduler address (give host:port, "
+                                       f"tcp://host:port or local:K){_reason(exc)}") from None
+
+
+def _reason(exc: Exception) -> str:
+    text = str(exc).splitlines()[0] if str(exc) else ""
+    return f" ({text})" if text else ""
