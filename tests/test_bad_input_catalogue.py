@@ -227,6 +227,9 @@ CLI_CASES = [
     (train("--eval", "{Xempty}"), r"--eval must be an N_eval x 3 array .* got shape \(0, 3\)"),
     (train(param="mup", *["--particles", "5"]), r"--particles: expected an integer >= 8, got 5"),
     (["classify", "--depth", "1e9", "--param", "mup"], r"--depth: 1000000000 is above the limit 100000"),
+    (["coordcheck", MLP, "-p", "depth=1", "--x", "{X}", "--y", "{Y}", "--batch", "2"],
+     r"--batch: the size of the random probe batch, which --x and --y replace"),
+    (["coordcheck", MLP, "-p", "depth=1", "--params", ""], r"--params: no names given"),
 ]
 
 

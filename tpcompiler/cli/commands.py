@@ -401,11 +401,13 @@ def _finite_trajectories(program, abc, sgd, widths, args):
 
 
 def cmd_coordcheck(args) -> int:
-    from tpcompiler.coordcheck import DEFAULT_PARAMS, coordcheck
+    from tpcompiler.coordcheck import DEFAULT_BATCH, DEFAULT_PARAMS, coordcheck
     from tpcompiler.training.parametrization import NAMES
 
     widths = _increasing_widths(args.widths, "--widths")
     params = list(args.parametrization)
+    if args.params is not None and not args.params.strip(" ,"):
+        raise CommandError("--params: no names given; give comma-separated names such as mup,sp")
     for name in (args.params.split(",") if args.params else []):
         name = name.strip()
         if name.lower() not in NAMES:
@@ -418,9 +420,12 @@ def cmd_coordcheck(args) -> int:
     Y = _load_array(args.y, "--y") if args.y else None
     if (X is None) != (Y is None):
         raise CommandError("--x and --y go together (or give neither for a random probe batch)")
+    if X is not None and args.batch is not None:
+        raise CommandError("--batch: the size of the random probe batch, which --x and --y replace; give one or the other")
     try:
         result = coordcheck(_program(args, X), params, widths, steps=args.steps, seeds=args.seeds, lr=args.lr,
-                            X=X, Y=Y, loss=args.loss, batch=args.batch, seed=args.seed)
+                            X=X, Y=Y, loss=args.loss, batch=DEFAULT_BATCH if args.batch is None else args.batch,
+                            seed=args.seed)
     except validation.ArgumentError as exc:
         message = str(exc)
         name, sep, rest = message.partition(": ")
@@ -728,7 +733,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seeds", type=_count(1), default=8, help="networks per width")
     p.add_argument("--lr", type=_real(), default=0.1)
     p.add_argument("--y", help="targets of --x (N x K .npy); default: a random probe batch")
-    p.add_argument("--batch", type=_count(1), default=4, help="size of the random probe batch")
+    p.add_argument("--batch", type=_count(1), default=None, help="size of the random probe batch (default 4; not with --x)")
     p.add_argument("--loss", choices=["mse", "logistic", "softmax"], default="mse")
     p.add_argument("--seed", type=_count(), default=0)
     p.add_argument("--plot", help="write the figure (.png or .svg): a column per parametrization, a row per step")
