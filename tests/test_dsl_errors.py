@@ -223,8 +223,12 @@ def test_naming_a_used_vector(prog):
     p, u, W, W2, s = prog
     h = W @ u
     W2 @ h  # h is read by an instruction now
-    with raises(r"cannot name 't\d+' as 'h': it is already used by later instructions"):
+    with raises(r"cannot name this vector 'h': the same computation was made before \(as 't\d+'\) and is already read"):
         h.named("h")
+    named = (W2 @ (W @ u)).named("k")
+    W @ named  # k is read now
+    with raises(r"cannot name 'k' as 'k2': it is already used by later instructions"):
+        named.named("k2")
 
 
 # -- outputs -----------------------------------------------------------------------------

@@ -84,6 +84,29 @@ def test_rename_keeps_the_shared_node():
     assert g.intern(ops.MatMul(False), ("W", "u")) == "h" and a not in g.g
 
 
+def test_renaming_keeps_a_vectors_covariances_and_an_inputs_columns():
+    """``tp.identity(u1).named("x")`` names u1 itself (identity is u1).  The rename left the
+    p.vecs covariance keyed by the old name: the interpreter drew x uncorrelated with u2
+    (mean(x u2) = -0.003 +- 0.007 at width 4096, where it is 0.8) and the limit was a
+    KeyError.  Renaming an input's coordinate lost its data column (a NetworkXError)."""
+    def correlated():
+        p = tp.Program("rename_cov")
+        u1, u2 = p.vecs(["u1", "u2"], [[1.0, 0.8], [0.8, 1.0]])
+        p.output("xu2", tp.mean(tp.identity(u1).named("x") * u2))
+        return p
+
+    assert tp.compile(correlated()).limit()["xu2"] == (pytest.approx(0.8, abs=1e-15), 0.0)
+    values = compiler.simulate_seeds(correlated(), 1024, range(8))["xu2"]
+    assert abs(values.mean() - 0.8) < 5 * values.std(ddof=1) / np.sqrt(len(values)) + 1e-12
+
+    p = tp.Program("rename_input")
+    xi = p.input("xi", 2, default=[[0.5, -1.0], [1.5, 0.3]])
+    g = p.input_matrix("U", 2).apply([xi[0].named("a"), xi[1]], name="g")   # (a U0 + xi_2 U1) / sqrt(2)
+    p.output("hh", tp.mean(g * g.prime))
+    limit = tp.compile(p).limit()
+    assert [limit[f"hh[0,{j}]"][0] for j in (0, 1)] == pytest.approx([(0.25 + 1) / 2, (0.75 - 0.3) / 2], abs=1e-15)
+
+
 def test_names_asked_for_a_shared_node_are_kept_and_listed_beside_it():
     """A name asked for a computation that already has a node (the backward pass's gradient
     of a second tap entering one sum with one weight) is an alias of that node, which the
@@ -205,9 +228,13 @@ def test_train_results_have_distinct_names_and_one_particle_default():
     for fn in (tp.Compiled.limit, tp.train):
         assert inspect.signature(fn).parameters["particles"].default == compiler.DEFAULT_PARTICLES
     parser = build_parser()
-    for command in ("limit", "train"):
-        sub = parser._subparsers._group_actions[0].choices[command]
-        assert sub.get_default("particles") == compiler.DEFAULT_PARTICLES
+    commands = parser._subparsers._group_actions[0].choices
+    assert commands["limit"].get_default("particles") == compiler.DEFAULT_PARTICLES
+    # tpc train: None until the command resolves it (a pi-net refuses --particles given), then the same default
+    (train_particles,) = [a for a in commands["train"]._actions if a.dest == "particles"]
+    assert train_particles.default is None and f"default {compiler.DEFAULT_PARTICLES}" in train_particles.help
+    import tpcompiler.cli.commands as cli
+    assert cli.DEFAULT_PARTICLES == compiler.DEFAULT_PARTICLES
 
 
 # -- Graph.order ----------------------------------------------------------------------------

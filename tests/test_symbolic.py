@@ -400,3 +400,25 @@ def test_zdot_sums_read_the_earlier_family_members_the_vector_depends_on():
             assert [t.source for t in entry.zdot] == want, key
             terms, several = terms + len(want), several + (len(want) > 1)
     assert terms > 100 and several >= 3, (terms, several)
+
+
+@pytest.mark.parametrize("phi", ["relu", "sigmoid", "gelu"])
+def test_the_zdot_of_abs_of_a_built_in_is_its_derivative(phi):
+    """y = W^T |phi(W u)|, E[y u] = sigma^2 E[d|phi(h)|/dh] (Stein).  sympy wrote d|phi|/dh with
+    re(phi) and im(phi) until the built-ins said they are real at a real argument: the kernel
+    code could not print re, and the particles read abs(relu) as 0/0 ("the limit does not
+    exist").  Against E[step(h)] = 1/2 for relu and scipy's quadrature of the derivative."""
+    import numpy as np
+    from scipy import integrate, special
+
+    p = tp.Program("abs_of_" + phi)
+    u = p.vec("u")
+    W = p.mat("W", sigma=1.0)
+    p.output("yu", tp.mean((W.T @ tp.phi("abs")(tp.phi(phi)(W @ u))) * u))
+    derivative = {"relu": lambda z: float(z > 0),
+                  "sigmoid": lambda z: special.expit(z) * (1 - special.expit(z)),
+                  "gelu": lambda z: np.sign(z) * (special.ndtr(z) + z * np.exp(-z * z / 2) / np.sqrt(2 * np.pi))}[phi]
+    want = integrate.quad(lambda z: derivative(z) * np.exp(-z * z / 2) / np.sqrt(2 * np.pi), -np.inf, np.inf,
+                          epsabs=1e-13, epsrel=1e-12)[0] if phi != "relu" else 0.5
+    value, stderr = tp.compile(p).limit()["yu"]
+    assert stderr == 0 and value == pytest.approx(want, rel=1e-9)

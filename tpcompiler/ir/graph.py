@@ -149,12 +149,24 @@ class Graph:
         if new in self.g:
             raise ProgramError(f"program {self.name!r}: the name {new!r} is already used")
         if self.g.out_degree(old) or any(node_symbol(old) in e.free_symbols for e in self.outputs.values()):
+            if old in self.generated:  # (the same computation made again: a name the author never wrote)
+                raise ProgramError(
+                    f"cannot name this vector {new!r}: the same computation was made before (as {old!r}) and is "
+                    "already read by later instructions; name it where it is first made, or keep the first name")
             raise ProgramError(
                 f"cannot name {old!r} as {new!r}: it is already used by later instructions; "
                 "name a vector right where it is created"
             )
         nx.relabel_nodes(self.g, {old: new}, copy=False)
         self._interned = {k: (new if v == old else v) for k, v in self._interned.items()}
+        # the other tables keyed by name: an initial vector's covariances (p.vecs) and an input's
+        # coordinates (its data columns); left behind, the interpreter drew the renamed vector
+        # uncorrelated with its partners
+        if any(old in pair for pair in self.init_cov):
+            self.init_cov = {frozenset(new if k == old else k for k in pair): v for pair, v in self.init_cov.items()}
+        for decl in self.inputs.values():
+            if old in decl.keys:
+                decl.keys[decl.keys.index(old)] = new
         if old in self.aliases:
             self.aliases[new] = self.aliases.pop(old)
         self.generated.discard(old)

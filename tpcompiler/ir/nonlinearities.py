@@ -34,10 +34,16 @@ SQRT2 = sp.sqrt(2)
 
 class _Printed:
     r"""LaTeX of a custom function: \operatorname{name}(x), and its powers
-    \operatorname{name}^{k}(x) (sympy passes ``exp`` when it prints f(x)**k)."""
+    \operatorname{name}^{k}(x) (sympy passes ``exp`` when it prints f(x)**k).  Each is real at
+    a real argument, which sympy is told: without it, the derivative of abs(relu(x)) was
+    written with re(relu(x)) and im(relu(x)), which the generated code cannot print and the
+    particles evaluated as 0/0."""
 
     def _latex(self, printer, exp=None):
         return function_latex(type(self).__name__, printer, self.args, exp)
+
+    def _eval_is_real(self):
+        return True if self.args[0].is_real else None
 
 
 class relu(_Printed, sp.Function):
