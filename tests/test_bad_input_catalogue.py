@@ -425,6 +425,31 @@ API_CASES = [
     ("train a matrix of scale 0", lambda a: tp.train(tp.load(MLP, depth=1, d=3, w_std=0.0), a["mup"], sgd(a)),
      r"^program 'mlp': input matrix 'U' has scale 0 \(sigma = w_std\)"),
     ("named depth 10^9", lambda a: tp.named("mup", 10**9), r"^depth must be at most 100000"),
+    # -- found by a fuzz of the Python API (2026-12-06): wrong numbers and ignored arguments before
+    ("variance a negative Scalar", lambda a: (lambda p: p.vec("u", var=p.scalar("b", -1.0)))(tp.Program("v")),
+     r"^initial vector 'u': variance b = -1\.0+ is negative$"),
+    ("readout var a negative Scalar", lambda a: (lambda p: p.readout(p.vec("x"), var=p.scalar("vv", -2.0)))(tp.Program("v")),
+     r"^initial vector 'v': variance vv = -2\.0+ is negative$"),
+    ("ntk_weight negative", lambda a: tp.Program("v").mat("W", ntk_weight=-100), r"^matrix 'W': ntk_weight -100 is negative$"),
+    ("variance I", lambda a: tp.Program("v").vec("u", var=sp.I), r"^initial vector 'u': variance: I is not a finite real number$"),
+    ("nonlin complex", lambda a: (lambda p: tp.nonlin(lambda x: x * sp.I, p.vec("u")))(tp.Program("v")),
+     r"^tp\.nonlin: the function .* has complex values \(it contains I\)"),
+    ("compile drop_zdot='no'", lambda a: tp.compile(a["zdot"], drop_zdot="no"), r"^drop_zdot: expected True or False, got 'no'$"),
+    ("vec trainable='no'", lambda a: tp.Program("v").vec("u", trainable="no"),
+     r"^initial vector 'u': trainable: expected True or False, got 'no'$"),
+    ("layers input_shape (3.9,)", lambda a: tp.layers.serial(tp.layers.Dense(4), tp.layers.Relu(), tp.layers.Dense(1)).program((3.9,)),
+     r"input_shape must be a tuple of positive integers, got \(3\.9,\)"),
+    ("Dense standard W_std=0", lambda a: tp.layers.Dense(1, W_std=0, parameterization="standard"),
+     r"^Dense: W_std = 0 in the standard parameterization, whose NTK weights divide by W_std\^2"),
+    ("SGD lr_end negative", lambda a: sgd(a, schedule="linear", lr_end=-5.0), r"^lr_end: expected a non-negative"),
+    ("schedules.linear negative end", lambda a: tp.schedules.linear(0.1, -1.0, 10), r"^lr_end: expected a non-negative"),
+    ("nngp_ensemble of -I", lambda a: tp.predict.nngp_ensemble(-np.eye(3), np.ones((2, 3)), np.ones(3)),
+     r"^k_train: has a negative diagonal entry \(-1\), so it is not a kernel matrix"),
+    ("nngp_ensemble asymmetric k_test", lambda a: tp.predict.nngp_ensemble(np.eye(3), np.ones((2, 3)), np.ones(3),
+                                                                           np.array([[1.0, 0.5], [0.0, 1.0]])),
+     r"^k_test: is not symmetric"),
+    ("nngp_ensemble no target columns", lambda a: tp.predict.nngp_ensemble(np.eye(3), np.ones((2, 3)), np.ones((3, 0))),
+     r"^y: has no target columns"),
 ]
 
 
@@ -532,3 +557,16 @@ def test_a_pi_state_read_from_a_npy_file_is_refused_by_name(files):
     rc = main(["train", PINET, "--param", "pi", "--init", files["X"], "--x", files["X"], "--y", files["Y"],
                "--lr", "0.1", "--steps", "1", "--out", str(Path(files["dir"]) / "pi.npz")])
     assert rc == 2
+
+
+def test_scikit_learn_bounds_and_complex_inputs_are_refused():
+    """Bounds (-1, 2) gave NaN bounds in log-space, which GaussianProcessRegressor optimized
+    with; complex inputs were cut to their real part with only a ComplexWarning."""
+    from tpcompiler.sklearn import NNGP
+
+    with pytest.raises(tp.ProgramError, match=r"^w_std_bounds: expected 0 < low < high"):
+        NNGP(MLP, w_std_bounds=(-1, 2)).bounds
+    with pytest.raises(tp.ProgramError, match=r"^w_std_bounds: expected 'fixed' or a pair"):
+        NNGP(MLP, w_std_bounds="nope").bounds
+    with pytest.raises(tp.ProgramError, match=r"^X: holds complex numbers"):
+        NNGP(MLP)(np.ones((2, 3)) * 1j)

@@ -317,6 +317,7 @@ class Compiled:
         from tpcompiler.backends.kernels.kernel import KernelFunction
 
         rtol = validation.number(rtol, "rtol", positive=True)
+        cache = validation.flag(cache, "cache")
         if not MIN_RTOL <= rtol <= MAX_RTOL:
             raise validation.ArgumentError(
                 f"rtol: expected a relative accuracy between {MIN_RTOL:g} and {MAX_RTOL:g}, got {rtol:g}")
@@ -439,7 +440,7 @@ def _require_outputs(graph: Graph) -> None:
 def compile(program, drop_zdot: bool = False) -> Compiled:  # noqa: A001 - the public name is tp.compile
     """Derive the Master-theorem Z program of ``program`` (``drop_zdot``: ablation that
     omits every ZDot term, to show what the "gradient independence" shortcut gets wrong)."""
-    return Compiled(program, drop_zdot)
+    return Compiled(program, validation.flag(drop_zdot, "drop_zdot"))
 
 
 def _finite_width_graph(program, x) -> Graph:

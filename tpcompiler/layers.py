@@ -195,16 +195,25 @@ class Layer:
 
 
 def _input_shape(input_shape) -> tuple:
-    try:
-        shape = tuple(int(s) for s in input_shape)
-    except (TypeError, ValueError):
-        raise LayerError(f"program: input_shape must be a tuple of positive integers, got {input_shape!r}") from None
+    """The shape as a tuple of ints; anything but a sequence of integers (3.9, "12") is refused,
+    not truncated by int()."""
+    if isinstance(input_shape, (str, bytes)) or not all(
+            isinstance(s, numbers.Integral) and not isinstance(s, (bool, np.bool_)) for s in _items(input_shape)):
+        raise LayerError(f"program: input_shape must be a tuple of positive integers, got {input_shape!r}")
+    shape = tuple(int(s) for s in input_shape)
     if shape and shape[0] == -1:
         shape = shape[1:]
     if not shape or any(s < 1 for s in shape):
         raise LayerError(f"program: input_shape must be a non-empty tuple of positive integers (channels last, "
                          f"without the batch axis), got {input_shape!r}")
     return shape
+
+
+def _items(value) -> list:
+    try:
+        return list(value)
+    except TypeError:  # (not a sequence: refused by the caller)
+        return [None]
 
 
 def _default_inputs(d: int) -> np.ndarray:
@@ -361,10 +370,15 @@ def _positive_int(value, where: str) -> int:
 
 
 def _weights_args(layer: str, channels, W_std, b_std, parameterization) -> tuple:
-    """(channels, W_std, b_std, standard?) of a Dense / Conv, checked."""
-    return (_positive_int(channels, f"{layer}: {'out_dim' if layer == 'Dense' else 'out_chan'}"),
-            _std(W_std, f"{layer}: W_std"), _std(b_std, f"{layer}: b_std", optional=True),
-            _parameterization(parameterization, layer))
+    """(channels, W_std, b_std, standard?) of a Dense / Conv, checked.  The standard
+    parametrization's NTK weight is channels / W_std^2: it needs W_std^2 > 0 in float64."""
+    out = (_positive_int(channels, f"{layer}: {'out_dim' if layer == 'Dense' else 'out_chan'}"),
+           _std(W_std, f"{layer}: W_std"), _std(b_std, f"{layer}: b_std", optional=True),
+           _parameterization(parameterization, layer))
+    if out[3] and not float(out[1]) ** 2 > 0:
+        raise LayerError(f"{layer}: W_std = {W_std} in the standard parameterization, whose NTK weights divide by "
+                         "W_std^2; give W_std > 1e-150, or parameterization='ntk'")
+    return out
 
 
 def Dense(out_dim: int, W_std: float = 1.0, b_std: float | None = None, parameterization: str = "ntk") -> Layer:

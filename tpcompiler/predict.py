@@ -71,22 +71,27 @@ def _time(t) -> float:
 
 def _targets(y, n: int) -> np.ndarray:
     y = validation.array(y, "y", ndim=(1, 2))
+    if y.ndim == 2 and y.shape[1] == 0:
+        raise validation.ArgumentError(f"y: has no target columns (shape {y.shape}); give N or N x K targets, K >= 1")
     if y.shape[0] != n:
         raise validation.ArgumentError(f"y: has {y.shape[0]} rows but the training kernel is {n} x {n} "
                                        "(one target row per training input)")
     return y
 
 
-def _train_kernel(k, name: str) -> np.ndarray:
+def _kernel_matrix(k, name: str) -> np.ndarray:
     k = validation.array(k, name, ndim=2, max_abs=None)
     n = k.shape[0]
     if k.shape != (n, n) or n == 0:
-        raise validation.ArgumentError(f"{name}: expected a square N x N training kernel, got shape {k.shape}")
+        raise validation.ArgumentError(f"{name}: expected a square N x N kernel matrix, got shape {k.shape}")
     scale = float(np.abs(k).max(initial=0.0))
     asym = float(np.abs(k - k.T).max(initial=0.0))
     if asym > 1e-8 * max(scale, 1e-300):
         raise validation.ArgumentError(f"{name}: is not symmetric (largest |K - K^T| = {asym:.3g} of entries up to "
-                                       f"{scale:.3g}); pass k(X, X) of the training inputs")
+                                       f"{scale:.3g}); pass k(X, X) of its inputs")
+    if (np.diag(k) < 0).any():  # (a covariance's diagonal: -I gave a posterior variance of -1)
+        raise validation.ArgumentError(f"{name}: has a negative diagonal entry ({float(np.diag(k).min()):.3g}), so it is "
+                                       "not a kernel matrix (a covariance); pass k(X, X)")
     return (k + k.T) / 2
 
 
@@ -198,7 +203,7 @@ def nngp_ensemble(k_train, k_test_train, y, k_test=None, t=INF, lr: float = 1.0,
     docstring): mean K_{*X} g_s(K_r) Y, cov K_{**} - K_{*X} g_{2s}(K_r) K_{X*}.  At t = inf
     (default) this is the exact Bayesian posterior of the NNGP with noise variance
     reg * mean(diag K).  ``k_test`` (k(X_test, X_test)) is needed for the covariance only."""
-    k_train = _train_kernel(k_train, "k_train")
+    k_train = _kernel_matrix(k_train, "k_train")
     n = k_train.shape[0]
     y = _targets(y, n)
     k_test_train = _block(k_test_train, "k_test_train", (_rows(k_test_train), n), "k(X_test, X_train)")
@@ -208,7 +213,7 @@ def nngp_ensemble(k_train, k_test_train, y, k_test=None, t=INF, lr: float = 1.0,
     cov = None
     if k_test is not None:
         nt = k_test_train.shape[0]
-        k_test = _block(k_test, "k_test", (nt, nt), "k(X_test, X_test)")
+        k_test = _kernel_matrix(_block(k_test, "k_test", (nt, nt), "k(X_test, X_test)"), "k_test")
         cov = _symmetric(k_test - k_test_train @ filt2.apply(k_test_train.T))
     return _checked(Gaussian(mean, cov, filt.condition, filt.method), "nngp")
 
@@ -219,7 +224,7 @@ def ntk_ensemble(ntk_train, ntk_test_train, y, nngp_train=None, nngp_test_train=
     squared loss, at time t, over random initializations (module docstring): mean
     Theta_{*X} g_s(Theta_r) Y; cov K_{**} + A^T K A - A^T K_{X*} - K_{*X} A with
     A = g_s(Theta_r) Theta_{X*} (needs the three NNGP blocks; omit them for the mean only)."""
-    ntk_train = _train_kernel(ntk_train, "ntk_train")
+    ntk_train = _kernel_matrix(ntk_train, "ntk_train")
     n = ntk_train.shape[0]
     y = _targets(y, n)
     nt = _rows(ntk_test_train)
@@ -232,11 +237,11 @@ def ntk_ensemble(ntk_train, ntk_test_train, y, nngp_train=None, nngp_test_train=
         if not all(given):
             raise validation.ArgumentError("nngp_train, nngp_test_train, nngp_test: the NTK ensemble's covariance needs "
                                            "all three NNGP blocks (give none of them for the mean only)")
-        K = _train_kernel(nngp_train, "nngp_train")
+        K = _kernel_matrix(nngp_train, "nngp_train")
         if K.shape != (n, n):
             raise validation.ArgumentError(f"nngp_train: expected shape {(n, n)} like ntk_train, got {K.shape}")
         K_tx = _block(nngp_test_train, "nngp_test_train", (nt, n), "K(X_test, X_train)")
-        K_tt = _block(nngp_test, "nngp_test", (nt, nt), "K(X_test, X_test)")
+        K_tt = _kernel_matrix(_block(nngp_test, "nngp_test", (nt, nt), "K(X_test, X_test)"), "nngp_test")
         A = filt.apply(ntk_test_train.T)
         cross = A.T @ K_tx.T
         cov = _symmetric(K_tt + A.T @ K @ A - cross - cross.T)
@@ -288,7 +293,7 @@ def predict_program(program, X, Y, X_test, t=INF, lr: float = 1.0, reg: float = 
         raise validation.ArgumentError(f"X_test: has {X_test.shape[1]} columns but X has {X.shape[1]}")
     compiled = program if isinstance(program, Compiled) else compile(program)
     n = X.shape[0]
-    if cov:
+    if validation.flag(cov, "cov"):
         k = compiled.kernels(np.concatenate([X, X_test]), rtol=rtol)
         train = {g: k[g][:n, :n] for g in KINDS}
         test_train = {g: k[g][n:, :n] for g in KINDS}

@@ -38,6 +38,7 @@ from sklearn.gaussian_process.kernels import Hyperparameter, Kernel
 from sklearn.utils.metaestimators import available_if
 from sklearn.utils.validation import check_is_fitted, validate_data
 
+from tpcompiler import validation
 from tpcompiler.frontend.dsl import Program
 from tpcompiler.ir import ops
 from tpcompiler.ir.graph import ProgramError
@@ -277,6 +278,20 @@ def _is_hyperparameter(name: str, value, default) -> bool:
 # ---------------------------------------------------------------------------------------
 # Gaussian-process kernels.
 # ---------------------------------------------------------------------------------------
+def _checked_bounds(name: str, bounds):
+    """A hyperparameter's bounds: "fixed", or (low, high) with 0 < low < high finite (theta is
+    searched in log-space: (-1, 2) gave NaN bounds, which the optimizer ran with)."""
+    if isinstance(bounds, str) and bounds == "fixed":
+        return bounds
+    try:
+        low, high = (float(b) for b in bounds)
+    except (TypeError, ValueError):
+        raise ProgramError(f"{name}_bounds: expected 'fixed' or a pair (low, high), got {bounds!r}") from None
+    if not (0 < low < high < np.inf):
+        raise ProgramError(f"{name}_bounds: expected 0 < low < high (finite; searched in log-space), got {bounds!r}")
+    return (low, high)
+
+
 class _ProgramKernel(Kernel):
     """A program's NNGP or NTK as a scikit-learn kernel (module docstring)."""
 
@@ -313,7 +328,8 @@ class _ProgramKernel(Kernel):
 
     @property
     def hyperparameters(self):
-        return [Hyperparameter(name, "numeric", getattr(self, name + "_bounds", DEFAULT_BOUNDS)) for name in self._hyper]
+        return [Hyperparameter(name, "numeric", _checked_bounds(name, getattr(self, name + "_bounds", DEFAULT_BOUNDS)))
+                for name in self._hyper]
 
     def _matrix(self, params: dict, X: np.ndarray, Y: np.ndarray | None, verify: bool = True) -> np.ndarray:
         kf = kernel_function(self.program, params, X.shape[1], runtime=self._hyper, verify=verify)
@@ -370,7 +386,8 @@ class NTK(_ProgramKernel):
 
 
 def _inputs(X, name: str) -> np.ndarray:
-    X = np.asarray(X, dtype=np.float64)
+    # (validation.array refuses complex data, which np.asarray(dtype=float) cut to its real part)
+    X = validation.array(X, name, finite=False, max_abs=None).astype(np.float64, copy=False)
     if X.ndim != 2:
         raise ValueError(f"{name}: expected an N x d array of inputs, got shape {X.shape}")
     return X

@@ -86,6 +86,14 @@ def number(value, name: str | None, *, positive: bool = False, nonnegative: bool
     return v
 
 
+def flag(value, name: str | None) -> bool:
+    """A yes/no option: True or False (numpy's bools too).  A string such as 'no' is refused,
+    not read as True (tp.compile(p, drop_zdot='no') ran the ablation)."""
+    if not isinstance(value, (bool, np.bool_)):
+        _fail(name, f"expected True or False, got {_show(value)}")
+    return bool(value)
+
+
 def choice(value, name: str | None, choices) -> str:
     if not isinstance(value, str) or value not in choices:
         _fail(name, f"expected one of {', '.join(map(str, choices))}, got {_show(value)}")

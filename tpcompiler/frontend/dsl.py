@@ -18,6 +18,7 @@ import numpy as np
 import sympy as sp
 from sympy.core.function import AppliedUndef
 
+from tpcompiler import validation
 from tpcompiler.ir import ops
 from tpcompiler.ir.graph import Graph, InputDecl, ProgramError
 from tpcompiler.ir.nonlinearities import builtin
@@ -43,6 +44,8 @@ def _number(x, where: str | None = None) -> sp.Expr:
             raise DSLError(f"{where + ': ' if where else ''}the number {x} is not finite")
         return sp.Integer(int(x)) if x.is_integer() else sp.Float(x)
     if isinstance(x, sp.Expr) and x.is_number:
+        if x.is_real is False or x.has(sp.zoo, sp.nan, sp.oo, -sp.oo):
+            raise DSLError(f"{where + ': ' if where else ''}{x} is not a finite real number")
         return x
     if where:
         raise DSLError(f"{where}: expected a number, got {x!r}")
@@ -260,11 +263,10 @@ class Program:
                                f"(p.scalar), but reads {bad[0]!r}")
         else:
             v = _number(var, f"initial vector {name!r}: variance")
-        if v.is_negative:
-            raise DSLError(f"initial vector {name!r}: variance {var} is negative")
+        self._nonnegative(v, f"initial vector {name!r}: variance")
         weight = self._weight(ntk_weight, f"initial vector {name!r}")
         reads = tuple(sorted(s.key for s in v.free_symbols))  # the Params of a symbolic variance, as InitMat's sigma
-        return Vec(self, node_symbol(self.graph.add(self._name(name), ops.InitVec(v, bool(trainable), weight), reads)))
+        return Vec(self, node_symbol(self.graph.add(self._name(name), ops.InitVec(v, validation.flag(trainable, f"initial vector {name!r}: trainable"), weight), reads)))
 
     def vecs(self, names: Sequence[str], cov) -> list[Vec]:
         """Initial vectors whose coordinates are jointly Gaussian with covariance ``cov``."""
@@ -296,7 +298,7 @@ class Program:
                 raise DSLError(f"matrix {name!r}: sigma {sigma} is negative")
             sig = node_symbol(self.graph.add(self._name(f"sigma_{name}"), ops.Param(float(s))))
         weight = self._weight(ntk_weight, f"matrix {name!r}")
-        self.graph.add(key, ops.InitMat(sig, bool(trainable), weight), tuple(sorted(s.key for s in sig.free_symbols)))
+        self.graph.add(key, ops.InitMat(sig, validation.flag(trainable, f"matrix {name!r}: trainable"), weight), tuple(sorted(s.key for s in sig.free_symbols)))
         return Mat(self, key)
 
     def scalar(self, name: str, value) -> Scalar:
@@ -330,7 +332,7 @@ class Program:
             raise DSLError(f"input matrix {name!r}: k must be a positive integer, got {k!r}")
         key = self._name(name)
         sc = scale.expr if isinstance(scale, Scalar) else _number(scale, f"input matrix {name!r}: scale")
-        self.graph.add(key, ops.InputMat(int(k), bool(trainable), self._weight(ntk_weight, f"input matrix {name!r}"), sc))
+        self.graph.add(key, ops.InputMat(int(k), validation.flag(trainable, f"input matrix {name!r}: trainable"), self._weight(ntk_weight, f"input matrix {name!r}"), sc))
         return InputMatrix(self, key, int(k))
 
     def input_layer(self, name: str, xi: Sequence[Scalar], sigma=1.0, parameterization: str = "ntk") -> Vec:
@@ -409,15 +411,31 @@ class Program:
         return new
 
     def _weight(self, weight, where: str):
-        """An NTK weight: None (the parametrization's default), a number or a Scalar."""
+        """An NTK weight: None (the parametrization's default), a number or a Scalar, not negative."""
         if weight is None:
             return None
         if isinstance(weight, Scalar):
             self._same_program(weight, where)
-            return weight.expr
-        if isinstance(weight, sp.Expr) and not weight.is_number:
-            return weight
-        return _number(weight, f"{where}: ntk_weight")
+            value = weight.expr
+        elif isinstance(weight, sp.Expr) and not weight.is_number:
+            value = weight
+        else:
+            value = _number(weight, f"{where}: ntk_weight")
+        return self._nonnegative(value, f"{where}: ntk_weight")
+
+    def _nonnegative(self, value: sp.Expr, where: str) -> sp.Expr:
+        """``value`` (a number, or an expression of Params at their values now) checked to be a
+        real number >= 0: a variance or an NTK weight.  A negative one given as a Scalar gave a
+        limit of -1 for E[u u] and negative NTKs; sp.I got through to a TypeError."""
+        params = {node_symbol(k): v for k, v in self.graph.param_values().items()}
+        now = sp.sympify(value.xreplace(params)) if isinstance(value, sp.Basic) else sp.sympify(value)
+        if now.is_number:
+            shown = sp.sstr(value) if now == value else f"{sp.sstr(value)} = {sp.sstr(now)}"
+            if now.is_real is False:
+                raise DSLError(f"{where} {shown} is not a real number")
+            if now.is_negative:
+                raise DSLError(f"{where} {shown} is negative")
+        return value
 
     def _same_program(self, value, where) -> None:
         """``where``: the place named in the error, or a function returning it (an operator's
@@ -553,6 +571,9 @@ def nonlin(fn: Callable | sp.Lambda, *args):
     if foreign:
         raise DSLError(f"tp.nonlin: the function uses the sympy symbol {foreign[0]!r}, which is not one of its "
                        f"arguments; pass it as an argument or substitute a number")
+    if body.has(sp.I):
+        raise DSLError(f"tp.nonlin: the function {sp.sstr(body)} has complex values (it contains I); programs "
+                       "compute with real functions")
     undefined = sorted({type(f).__name__ for f in body.atoms(AppliedUndef)})
     if undefined:
         raise DSLError(f"tp.nonlin: {undefined[0]!r} is an undefined sympy function (it has no formula); write the "

@@ -292,6 +292,7 @@ class StepEngine:
             self.alg = Finite(validation.count(seeds, "seeds", minimum=1), self.width, self.rng)
         elif method == "particles":
             groups = validation.count(groups, "groups", minimum=2)
+            extrapolate = validation.flag(extrapolate, "extrapolate")
             particles = validation.count(particles, "particles", minimum=(4 if extrapolate else 2) * groups)
             self.width = None
             self.alg = Particles(groups, particles // groups, self.rng)

@@ -16,6 +16,10 @@ import numpy as np
 from tpcompiler import progress as bars, validation
 from tpcompiler.training.finite import batch_indices
 
+#: As tp.SGD's (training/sgd.py): the largest number of steps, every one kept in the History.
+MAX_STEPS = 1_000_000
+STEPS_WHY = "every step is kept in the returned trajectory"
+
 SCHEDULES = ("constant", "linear")
 
 
@@ -44,8 +48,8 @@ def constant(eta: float) -> Schedule:
 
 def linear(start: float, end: float, steps: int, floor: float = 0.0) -> Schedule:
     """start -> end linearly over ``steps`` steps, at least ``floor`` (word2vec's alpha decay)."""
-    return Schedule("linear", validation.number(start, "lr"), validation.number(end, "lr_end"),
-                    validation.count(steps, "steps", minimum=1), validation.number(floor, "floor"))
+    return Schedule("linear", validation.number(start, "lr", nonnegative=True), validation.number(end, "lr_end", nonnegative=True),
+                    validation.count(steps, "steps", minimum=1), validation.number(floor, "floor", nonnegative=True))
 
 
 def schedule(lr) -> Callable[[int], float]:
@@ -128,7 +132,7 @@ def fit(engine, X, Y=None, *, steps: int | None = None, lr=0.1, batch: int | Non
             raise validation.ArgumentError(f"X, Y: need N x d inputs and N x K targets with the same N, got {X.shape} and {Y.shape}")
         if steps is None:
             raise validation.ArgumentError("steps: give the number of SGD steps")
-        steps = validation.count(steps, "steps")
+        steps = validation.count(steps, "steps", maximum=MAX_STEPS, why=STEPS_WHY)
         batch = validation.optional_count(batch, "batch", minimum=1)
         if batch is not None and batch > X.shape[0]:
             raise validation.ArgumentError(f"batch: {batch} is larger than the training set (N = {X.shape[0]})")

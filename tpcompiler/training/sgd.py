@@ -49,13 +49,11 @@ from tpcompiler.ir.nonlinearities import sigmoid
 from tpcompiler.ir.ops import VEC, node_symbol
 from tpcompiler.ir.symbols import NodeSymbol
 from tpcompiler.ir.rules import RuleTable
+from tpcompiler.training.fit import MAX_STEPS, STEPS_WHY  # the largest number of steps, tp.fit's too
 from tpcompiler.training.parametrization import ABC
 
 LOSSES = ("mse", "logistic", "softmax")
 
-#: Largest number of SGD steps accepted.
-MAX_STEPS = 1_000_000
-STEPS_WHY = "every step is kept in the returned trajectory"
 #: Largest memory for the returned trajectories (f and its standard error, float64).
 MAX_TRAJECTORY_BYTES = 2 * 2**30
 SCHEDULES = ("constant", "linear")
@@ -119,7 +117,7 @@ class SGD:
         self.clip = None if self.clip is None else validation.number(self.clip, "clip", positive=True)
         if self.schedule not in SCHEDULES:
             raise validation.ArgumentError(f"schedule: unknown schedule {self.schedule!r}; use one of {', '.join(SCHEDULES)}")
-        self.lr_end = validation.number(self.lr_end, "lr_end")
+        self.lr_end = validation.number(self.lr_end, "lr_end", nonnegative=True)
         self.eval_every = validation.count(self.eval_every, "eval_every", minimum=1)
         if self.batch is not None and self.X.ndim == 2 and self.batch > self.X.shape[0]:
             raise validation.ArgumentError(f"batch: {self.batch} is larger than the training set (N = {self.X.shape[0]})")
