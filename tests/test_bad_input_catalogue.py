@@ -450,6 +450,21 @@ API_CASES = [
      r"^k_test: is not symmetric"),
     ("nngp_ensemble no target columns", lambda a: tp.predict.nngp_ensemble(np.eye(3), np.ones((2, 3)), np.ones((3, 0))),
      r"^y: has no target columns"),
+    ("output divided by 0", lambda a: (lambda p: p.output("o", tp.mean(p.vec("u")) / 0))(tp.Program("v")),
+     r"^output 'o': .* divides by zero$"),
+    ("output 1/m at m = 0", lambda a: (lambda p: (p.output("o", 1 / tp.mean(p.vec("u"))), tp.compile(p).limit()))(tp.Program("v")),
+     r"^evaluating 1/\w+ divides by zero \('\w+' is 0\)"),
+    ("output sqrt(-m)", lambda a: (lambda p: (p.output("o", (-tp.mean(p.vec("u") ** 2)) ** 0.5), tp.compile(p).limit()))(tp.Program("v")),
+     r"gives the complex number .*; the program's outputs must be real$"),
+    ("output name 3", lambda a: (lambda p: p.output(3, tp.mean(p.vec("u"))))(tp.Program("v")),
+     r"^output: the name must be a non-empty string, got 3$"),
+    ("readout sigma of another program", lambda a: (lambda p, q: p.readout(p.vec("x"), sigma=q.scalar("s", 1.0)))(
+        tp.Program("v"), tp.Program("w")), r"^readout sigma: mixes variables of two programs"),
+    ("load(3)", lambda a: tp.load(3), r"^program file: expected a path"),
+    ("kernels client='local'", lambda a: a["mc"].kernels(a["X"], client="local"), r"^client: expected a dask\.distributed\.Client"),
+    ("vecs asymmetric", lambda a: tp.Program("v").vecs(["a", "b"], [[1, 0.5], [0.4, 1]]), r"covariance is not symmetric"),
+    ("vecs NaN", lambda a: tp.Program("v").vecs(["a", "b"], [[1, np.nan], [np.nan, 1]]), r"covariance has entries that are not finite"),
+    ("SGD X_eval columns", lambda a: sgd(a, X_eval=np.ones((2, 5))), r"^X_eval: has 5 columns but X has 3"),
 ]
 
 
@@ -570,3 +585,19 @@ def test_scikit_learn_bounds_and_complex_inputs_are_refused():
         NNGP(MLP, w_std_bounds="nope").bounds
     with pytest.raises(tp.ProgramError, match=r"^X: holds complex numbers"):
         NNGP(MLP)(np.ones((2, 3)) * 1j)
+
+
+def test_a_layers_program_takes_shaped_inputs_everywhere_and_abs_of_a_vector():
+    """limit(x=) and predict_program refused (N, *input_shape) inputs of a tp.layers program,
+    which kernels() and simulate() take; abs(u) was a TypeError (tp.phi("abs") exists)."""
+    net = tp.layers.serial(tp.layers.Conv(4, (2,), padding="SAME"), tp.layers.Relu(), tp.layers.Flatten(), tp.layers.Dense(1))
+    c = tp.compile(net.program((3, 2)))
+    X = np.random.default_rng(0).standard_normal((2, 3, 2))
+    kernels = c.kernels(X)
+    limit = c.limit(x=X)
+    assert limit["ntk[0,1]"] == (pytest.approx(kernels["ntk"][0, 1], rel=1e-12), 0.0)
+    predicted = tp.predict.predict_program(c, X, np.ones(2), X[:1])
+    assert predicted["nngp"].mean == pytest.approx(np.ones(1), abs=1e-8)  # (a training point's posterior mean)
+    p = tp.Program("abs")
+    p.output("m", tp.mean(abs(p.vec("u"))))
+    assert tp.compile(p).limit()["m"][0] == pytest.approx(np.sqrt(2 / np.pi), rel=1e-9)

@@ -344,7 +344,7 @@ class Compiled:
         seed = validation.count(seed, "seed")
         groups = validation.count(groups, "groups", minimum=2)
         validation.choice(method, "method", ("auto", "exact", "pairwise", "particles"))
-        x = _rows(x, "x")
+        x = _rows(network_rows(self.source, x, "x"), "x")  # (a tp.layers program takes (N, *input_shape) too)
         self._unchanged()
         _require_outputs(self.graph)
         zp, _ = self.bind(x)

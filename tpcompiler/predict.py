@@ -285,13 +285,14 @@ def predict_program(program, X, Y, X_test, t=INF, lr: float = 1.0, reg: float = 
     on training inputs X (N x d), targets Y (N or N x K) and test inputs X_test: one kernel
     evaluation on the stacked inputs when ``cov`` (all three blocks), else k(X, X) and
     k(X_test, X)."""
-    from tpcompiler.compiler import Compiled, compile
+    from tpcompiler.compiler import Compiled, compile, network_rows
 
-    X = validation.array(X, "X", ndim=2, min_rows=1)
-    X_test = validation.array(X_test, "X_test", ndim=2, min_rows=1)
+    compiled = program if isinstance(program, Compiled) else compile(program)
+    # (a tp.layers program takes inputs of shape (N, *input_shape) too, as its kernels do)
+    X = validation.array(network_rows(compiled.source, X, "X"), "X", ndim=2, min_rows=1)
+    X_test = validation.array(network_rows(compiled.source, X_test, "X_test"), "X_test", ndim=2, min_rows=1)
     if X_test.shape[1] != X.shape[1]:
         raise validation.ArgumentError(f"X_test: has {X_test.shape[1]} columns but X has {X.shape[1]}")
-    compiled = program if isinstance(program, Compiled) else compile(program)
     n = X.shape[0]
     if validation.flag(cov, "cov"):
         k = compiled.kernels(np.concatenate([X, X_test]), rtol=rtol)

@@ -58,6 +58,11 @@ def _canonical(expr: sp.Expr) -> tuple[sp.Expr, tuple, tuple]:
     return expr.xreplace(rep), tuple(s.name for s in symbols), tuple(float(f) for f in floats)
 
 
+def _shown(expr: sp.Expr) -> str:
+    text = sp.sstr(expr)
+    return text if len(text) <= 120 else text[:100] + "..."
+
+
 def evaluate(expr: sp.Expr, env: dict, size: int | None = None):
     """Evaluate ``expr`` with free symbols looked up in ``env`` (symbol name -> value).
 
@@ -73,16 +78,25 @@ def evaluate(expr: sp.Expr, env: dict, size: int | None = None):
         else:
             out = numpy_function(canonical, tuple(_CANONICAL[:len(names) + len(constants)]))(*values, *constants)
         if size is None:
+            if np.iscomplexobj(out) or isinstance(out, complex):
+                from tpcompiler.ir.graph import ProgramError
+
+                raise ProgramError(f"evaluating {_shown(expr)} gives the complex number {complex(out):.6g} (a root or "
+                                   "log of a negative value); the program's outputs must be real")
             out = float(out)  # an exact sympy integer beyond float64 (3 var^2 at var = 1e300) overflows here
+    except ZeroDivisionError:  # (Python's 0.0 ** -1: an output 1/m where m is 0)
+        from tpcompiler.ir.graph import ProgramError
+
+        zeros = [n for n, v in zip(names, values) if np.size(v) == 1 and float(np.asarray(v).ravel()[0]) == 0.0]
+        raise ProgramError(f"evaluating {_shown(expr)} divides by zero" + (f" ({zeros[0]!r} is 0)" if zeros else "")
+                           + "; the value does not exist as a number") from None
     except OverflowError:  # Python floats raise where numpy would return inf: a user-facing error
         from tpcompiler.ir.graph import ProgramError
 
         sizes = {n: float(np.max(np.abs(v))) for n, v in zip(names, values) if np.size(v)}
         name = max(sizes, key=sizes.get) if sizes else None
         culprit = f" ({name!r} is {sizes[name]:.3g})" if name else ""
-        text = sp.sstr(expr)
-        text = text if len(text) <= 120 else text[:100] + "..."
-        raise ProgramError(f"evaluating {text} overflows float64{culprit}; rescale the program's "
+        raise ProgramError(f"evaluating {_shown(expr)} overflows float64{culprit}; rescale the program's "
                            f"sigmas, variances or input data") from None
     if size is not None:
         out = np.asarray(out, dtype=np.float64)

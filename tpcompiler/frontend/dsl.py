@@ -94,6 +94,7 @@ class _Value:
     def __rpow__(self, o): return self._rbinary(o, lambda a, b: a**b, "**")
     def __neg__(self): return _make(self.program, -self.expr, self.kind)
     def __pos__(self): return self
+    def __abs__(self): return _make(self.program, sp.Abs(self.expr), self.kind)  # abs(u): tp.phi("abs")(u)
 
     def __matmul__(self, other):
         raise DSLError(f"'@' needs a matrix on the left; {self._show()} is a {self.kind}")
@@ -270,10 +271,18 @@ class Program:
 
     def vecs(self, names: Sequence[str], cov) -> list[Vec]:
         """Initial vectors whose coordinates are jointly Gaussian with covariance ``cov``."""
-        cov = np.asarray(cov, dtype=np.float64)
+        try:
+            cov = np.asarray(cov, dtype=np.float64)
+        except (TypeError, ValueError):
+            raise DSLError(f"vecs {list(names)}: covariance must be a matrix of numbers, got {cov!r}") from None
         k = len(names)
-        if cov.shape != (k, k) or not np.allclose(cov, cov.T):
+        if cov.shape != (k, k):
             raise DSLError(f"vecs {list(names)}: covariance must be a symmetric {k}x{k} matrix, got shape {cov.shape}")
+        if not np.isfinite(cov).all():
+            raise DSLError(f"vecs {list(names)}: covariance has entries that are not finite numbers")
+        if not np.allclose(cov, cov.T):
+            raise DSLError(f"vecs {list(names)}: covariance is not symmetric (largest |C - C^T| = "
+                           f"{float(np.abs(cov - cov.T).max()):.3g})")
         if np.linalg.eigvalsh(cov).min() < -1e-12 * max(1.0, np.abs(cov).max()):
             raise DSLError(f"vecs {list(names)}: covariance is not positive semi-definite")
         out = [self.vec(n, cov[i, i]) for i, n in enumerate(names)]
@@ -331,7 +340,7 @@ class Program:
         if not isinstance(k, numbers.Integral) or k < 1:
             raise DSLError(f"input matrix {name!r}: k must be a positive integer, got {k!r}")
         key = self._name(name)
-        sc = scale.expr if isinstance(scale, Scalar) else _number(scale, f"input matrix {name!r}: scale")
+        sc = self._own(scale, f"input matrix {name!r}: scale") if isinstance(scale, Scalar) else _number(scale, f"input matrix {name!r}: scale")
         self.graph.add(key, ops.InputMat(int(k), validation.flag(trainable, f"input matrix {name!r}: trainable"), self._weight(ntk_weight, f"input matrix {name!r}"), sc))
         return InputMatrix(self, key, int(k))
 
@@ -343,7 +352,7 @@ class Program:
         if parameterization not in ("ntk", "standard"):
             raise DSLError(f"input_layer {name!r}: parameterization must be 'ntk' or 'standard', got {parameterization!r}")
         d = len(xi)
-        sig = sigma.expr if isinstance(sigma, Scalar) else self.scalar(f"sigma_{name}", sigma).expr
+        sig = self._own(sigma, f"input_layer {name!r}: sigma") if isinstance(sigma, Scalar) else self.scalar(f"sigma_{name}", sigma).expr
         weight = None if parameterization == "ntk" else sp.Integer(d) / sig**2
         U = self.input_matrix(name, d, ntk_weight=weight, scale=Scalar(self, sig))
         return Vec(self, sig * U.apply(xi).expr)
@@ -368,19 +377,23 @@ class Program:
         key = self._materialize(x)
         names = [name] if out_dim == 1 else [f"{name}_{k + 1}" for k in range(out_dim)]
         vs = [self.vec(nm, var=var, ntk_weight=ntk_weight) for nm in names]
-        sig = sigma.expr if isinstance(sigma, Scalar) else _number(sigma, "readout sigma")
-        b = None if bias is None else (bias.expr if isinstance(bias, Scalar) else _number(bias, "readout bias"))
+        sig = self._own(sigma, "readout sigma") if isinstance(sigma, Scalar) else _number(sigma, "readout sigma")
+        b = None if bias is None else (self._own(bias, "readout bias") if isinstance(bias, Scalar) else _number(bias, "readout bias"))
         bw = None if bias_ntk_weight is None else _number(bias_ntk_weight, "readout bias_ntk_weight")
         self.graph.readout = ops.Readout(key, vs[0].expr.key, sig, b, bw, tuple(v.expr.key for v in vs[1:]))
         return vs[0] if out_dim == 1 else vs
 
     def output(self, name: str, value) -> None:
         """Declare a scalar output (a Moment or an expression of scalars)."""
+        if not isinstance(name, str) or not name:
+            raise DSLError(f"output: the name must be a non-empty string, got {name!r}")
         if isinstance(value, Vec):
             raise DSLError(f"output {name!r}: a Vec cannot be an output (its limit is a random variable); use tp.mean(...)")
         if isinstance(value, Mat):
             raise DSLError(f"output {name!r}: a matrix cannot be an output")
         expr, _ = self._coerce(value, f"output {name!r}")
+        if expr.has(sp.zoo, sp.nan):
+            raise DSLError(f"output {name!r}: {sp.sstr(expr)} divides by zero")
         if name in self.graph.outputs:
             raise DSLError(f"output {name!r} is declared twice")
         expr = self._adopt_name(expr, name)
@@ -436,6 +449,11 @@ class Program:
             if now.is_negative:
                 raise DSLError(f"{where} {shown} is negative")
         return value
+
+    def _own(self, value: "Scalar", where: str) -> sp.Expr:
+        """The expression of a Scalar of this program (another program's was a KeyError later)."""
+        self._same_program(value, where)
+        return value.expr
 
     def _same_program(self, value, where) -> None:
         """``where``: the place named in the error, or a function returning it (an operator's

@@ -55,6 +55,8 @@ def _module(path: Path):
 
 def build_function(path):
     """The ``build`` function of a program file, with clear errors."""
+    if not isinstance(path, (str, Path)):
+        raise ProgramError(f"program file: expected a path (str or pathlib.Path), got {path!r}")
     path = Path(path)
     if not path.exists():
         raise ProgramError(f"program file {str(path)!r} not found")

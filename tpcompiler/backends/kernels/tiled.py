@@ -254,6 +254,9 @@ def kernels(kf: KernelFunction, X, X2=None, memory=DEFAULT_MEMORY, out: str | No
         raise validation.ArgumentError(f"out: expected a directory or path prefix, got {type(out).__name__}")
     X, X2 = kf.check_inputs(X, X2)
     N, N2 = X.shape[0], None if X2 is None else X2.shape[0]
+    if client is not None and not all(hasattr(client, m) for m in ("submit", "scatter")):
+        raise validation.ArgumentError(f"client: expected a dask.distributed.Client (tiled.connect('local:4') starts "
+                                       f"a local cluster), got {client!r}")
     workers = _worker_count(client) if client is not None else 1
     p = plan(kf, N, N2, X.shape[1], budget, out is None, dtype, tile, min_tasks=2 * workers if workers > 1 else 1,
              baseline=process_baseline())
