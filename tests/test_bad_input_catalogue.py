@@ -439,8 +439,11 @@ API_CASES = [
      r"^initial vector 'u': trainable: expected True or False, got 'no'$"),
     ("layers input_shape (3.9,)", lambda a: tp.layers.serial(tp.layers.Dense(4), tp.layers.Relu(), tp.layers.Dense(1)).program((3.9,)),
      r"input_shape must be a tuple of positive integers, got \(3\.9,\)"),
-    ("Dense standard W_std=0", lambda a: tp.layers.Dense(1, W_std=0, parameterization="standard"),
-     r"^Dense: W_std = 0 in the standard parameterization, whose NTK weights divide by W_std\^2"),
+    ("Dense standard W_std=0 readout", lambda a: tp.layers.serial(tp.layers.Dense(4), tp.layers.Relu(), tp.layers.Dense(
+        1, W_std=0, parameterization="standard")).program((3,)),
+     r"^Dense\(1\) \(the readout\): W_std = 0 in the standard parameterization, whose NTK weight divides by W_std\^2"),
+    ("Dense standard W_std=1e-200", lambda a: tp.layers.Dense(4, W_std=1e-200, parameterization="standard"),
+     r"^Dense: W_std = 1e-200 in the standard parameterization, whose NTK weights divide by W_std\^2, which is 0"),
     ("SGD lr_end negative", lambda a: sgd(a, schedule="linear", lr_end=-5.0), r"^lr_end: expected a non-negative"),
     ("schedules.linear negative end", lambda a: tp.schedules.linear(0.1, -1.0, 10), r"^lr_end: expected a non-negative"),
     ("nngp_ensemble of -I", lambda a: tp.predict.nngp_ensemble(-np.eye(3), np.ones((2, 3)), np.ones(3)),

@@ -375,9 +375,9 @@ def _weights_args(layer: str, channels, W_std, b_std, parameterization) -> tuple
     out = (_positive_int(channels, f"{layer}: {'out_dim' if layer == 'Dense' else 'out_chan'}"),
            _std(W_std, f"{layer}: W_std"), _std(b_std, f"{layer}: b_std", optional=True),
            _parameterization(parameterization, layer))
-    if out[3] and not float(out[1]) ** 2 > 0:
+    if out[3] and out[1] != 0 and not float(out[1]) ** 2 > 0:
         raise LayerError(f"{layer}: W_std = {W_std} in the standard parameterization, whose NTK weights divide by "
-                         "W_std^2; give W_std > 1e-150, or parameterization='ntk'")
+                         "W_std^2, which is 0 in float64; give W_std > 1e-150, or parameterization='ntk'")
     return out
 
 
@@ -400,6 +400,9 @@ def Dense(out_dim: int, W_std: float = 1.0, b_std: float | None = None, paramete
         if state.spatial:
             raise LayerError(f"{label} (the readout): its input has spatial shape {state.spatial}; insert "
                              f"GlobalAvgPool() or Flatten() before the readout")
+        if standard and W_std == 0:
+            raise LayerError(f"{label} (the readout): W_std = 0 in the standard parameterization, whose NTK weight "
+                             "divides by W_std^2; give W_std > 0, or parameterization='ntk'")
         k = b.next()
         if len(state.blocks) == 1:
             y = state.blocks[0][0][()]
