@@ -604,3 +604,14 @@ def test_a_layers_program_takes_shaped_inputs_everywhere_and_abs_of_a_vector():
     p = tp.Program("abs")
     p.output("m", tp.mean(abs(p.vec("u"))))
     assert tp.compile(p).limit()["m"][0] == pytest.approx(np.sqrt(2 / np.pi), rel=1e-9)
+
+
+@pytest.mark.parametrize("lr", [np.nan, np.inf, -0.1])
+def test_a_pi_step_refuses_a_learning_rate_that_is_not_a_non_negative_number(lr):
+    """PiLimit.step and PiFinite.step took float(lr): NaN made every later prediction NaN."""
+    spec = tp.PiSpec.from_program(tp.load(PINET))
+    X = np.random.default_rng(0).standard_normal((2, spec.d))
+    Y = np.eye(spec.dout)[[0, 1]] if spec.dout > 1 else np.ones((2, 1))
+    for engine in (tp.PiLimit(spec), tp.PiFinite(spec, width=16)):
+        with pytest.raises(tp.ProgramError, match=r"^lr: expected a non-negative finite number"):
+            engine.step(X, Y, lr)

@@ -590,7 +590,8 @@ def nonlin(fn: Callable | sp.Lambda, *args):
         raise DSLError(f"tp.nonlin: the function uses the sympy symbol {foreign[0]!r}, which is not one of its "
                        f"arguments; pass it as an argument or substitute a number")
     if body.has(sp.I):
-        raise DSLError(f"tp.nonlin: the function {sp.sstr(body)} has complex values (it contains I); programs "
+        shown = sp.sstr(body.xreplace({a: sp.Symbol(f"a{i}") for i, a in enumerate(placeholders)}))
+        raise DSLError(f"tp.nonlin: the function {shown} has complex values (it contains I); programs "
                        "compute with real functions")
     undefined = sorted({type(f).__name__ for f in body.atoms(AppliedUndef)})
     if undefined:

@@ -43,6 +43,7 @@ import numba
 from numba import njit, prange
 from threadpoolctl import threadpool_limits
 
+from tpcompiler import validation
 from tpcompiler.expectations import K11, K12, K22, closed_form_pair, pair_expectation
 from tpcompiler.expectations import special
 from tpcompiler.ir.graph import ProgramError
@@ -607,7 +608,7 @@ class PiLimit:
         wd, clip, mult = check_options(self.wd if wd is None else wd, self.clip if clip is None else clip,
                                        self.mult if mult is None else mult)
         with limited_threads(self.threads):
-            return self._step(X, Y, float(lr), wd, clip, mult)
+            return self._step(X, Y, validation.number(lr, "lr", nonnegative=True), wd, clip, mult)
 
     def _step(self, X, Y, lr, wd, clip, mult):
         spec = self.spec

@@ -37,6 +37,7 @@ import math
 
 import numpy as np
 
+from tpcompiler import validation
 from tpcompiler.training.pi import (
     PiSpec, _resolve_state, check_batch, check_options, clip_factor, limited_threads, load_state_file, loss_and_delta,
     save_metadata, spec_and_options, transforms,
@@ -146,7 +147,7 @@ class PiFinite:
         """One projected SGD step (module docstring); returns the per-example losses before it."""
         wd, clip, mult = check_options(self.wd if wd is None else wd, self.clip if clip is None else clip,
                                        self.mult if mult is None else mult)
-        lr = float(lr)
+        lr = validation.number(lr, "lr", nonnegative=True)  # (NaN or inf made every prediction NaN)
         X, Y = check_batch(self.spec, X, Y)
         with limited_threads(self.threads):
             hs, out = self._forward(X)
