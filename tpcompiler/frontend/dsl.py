@@ -440,8 +440,7 @@ class Program:
         """``value`` (a number, or an expression of Params at their values now) checked to be a
         real number >= 0: a variance or an NTK weight.  A negative one given as a Scalar gave a
         limit of -1 for E[u u] and negative NTKs; sp.I got through to a TypeError."""
-        params = {node_symbol(k): v for k, v in self.graph.param_values().items()}
-        now = sp.sympify(value.xreplace(params)) if isinstance(value, sp.Basic) else sp.sympify(value)
+        now = self.graph.at_param_values(value)
         if now.is_number:
             shown = sp.sstr(value) if now == value else f"{sp.sstr(value)} = {sp.sstr(now)}"
             if now.is_real is False:

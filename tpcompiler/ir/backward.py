@@ -94,11 +94,10 @@ def refuse_zero_scales(graph: Graph, inputs: list, hidden: list) -> None:
     W = sigma w (docs/DESIGN.md 2.6: its gradient is dW / sigma), which sigma = 0 leaves
     undefined (it was a ZeroDivisionError).  ``inputs``, ``hidden``: the trained input and
     n x n matrices; the readout is always trained."""
-    values = {node_symbol(k): graph.op(k).value for k in graph.keys_of(ops.Param)}
     scales = ([(f"input matrix {U!r}", graph.op(U).scale) for U in inputs]
               + [(f"matrix {W!r}", graph.op(W).sigma) for W in hidden] + [("the readout", graph.readout.sigma)])
     for what, scale in scales:
-        value = sp.sympify(sp.sympify(scale).xreplace(values))  # (a bare Param becomes its float)
+        value = graph.at_param_values(scale)
         if value.is_number and value.is_zero:
             raise ProgramError(f"program {graph.name!r}: {what} has scale 0 (sigma = {scale}): training moves w in "
                                "W = sigma w, which a scale of 0 leaves undefined; give it a positive scale")

@@ -255,6 +255,12 @@ class Graph:
         """{Param key: value}: the environment in which covariances and scalars are evaluated."""
         return {k: self.op(k).value for k in self.keys_of(ops.Param)}
 
+    def at_param_values(self, expr) -> sp.Expr:
+        """``expr`` (a sigma, a variance, an NTK weight) with every Param at its value now: a
+        sympy number when it reads nothing else (a bare Param becomes its Float, not a float)."""
+        values = {node_symbol(k): v for k, v in self.param_values().items()}
+        return sp.sympify(sp.sympify(expr).xreplace(values))
+
     def input_keys(self) -> list[str]:
         return [k for decl in self.inputs.values() for k in decl.keys]
 

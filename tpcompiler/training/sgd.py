@@ -557,16 +557,15 @@ def training_kernel_graph(net: Graph, abc: ABC) -> Graph:
     back = 1 - 2 * (ao + bo)  # the sqrt(n)-scaled backward vectors carry n^{1/2 - (a_o+b_o)}
     g = net.copy()
     ro = g.readout
-    values = {node_symbol(k): g.op(k).value for k in g.keys_of(ops.Param)}
     for U in layers.inputs:
         # the trained matrix is scale U: its gradient is dU / scale
-        scale2 = float(sp.sympify(g.op(U).scale).xreplace(values)) ** 2
+        scale2 = float(g.at_param_values(g.op(U).scale)) ** 2
         w = _limit_power(-c - 2 * a[0] + back) / scale2
         g.g.nodes[U]["op"] = ops.InputMat(g.op(U).k, True, sp.Float(w), g.op(U).scale)
     for i, W in enumerate(layers.hidden, start=1):
         op = g.op(W)
         g.g.nodes[W]["op"] = ops.InitMat(op.sigma, True, sp.Float(_limit_power(1 - c - 2 * a[i] + back)))
-    sig_o2 = float(sp.sympify(ro.sigma).xreplace(values)) ** 2
+    sig_o2 = float(g.at_param_values(ro.sigma)) ** 2
     wv = _limit_power(1 - c - 2 * ao) / sig_o2
     for v in ro.readouts:
         op = g.op(v)
