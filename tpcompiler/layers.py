@@ -197,23 +197,19 @@ class Layer:
 def _input_shape(input_shape) -> tuple:
     """The shape as a tuple of ints; anything but a sequence of integers (3.9, "12") is refused,
     not truncated by int()."""
-    if isinstance(input_shape, (str, bytes)) or not all(
-            isinstance(s, numbers.Integral) and not isinstance(s, (bool, np.bool_)) for s in _items(input_shape)):
+    try:
+        items = None if isinstance(input_shape, (str, bytes)) else list(input_shape)
+    except TypeError:  # (not a sequence)
+        items = None
+    if items is None or not all(isinstance(s, numbers.Integral) and not isinstance(s, (bool, np.bool_)) for s in items):
         raise LayerError(f"program: input_shape must be a tuple of positive integers, got {input_shape!r}")
-    shape = tuple(int(s) for s in input_shape)
+    shape = tuple(int(s) for s in items)
     if shape and shape[0] == -1:
         shape = shape[1:]
     if not shape or any(s < 1 for s in shape):
         raise LayerError(f"program: input_shape must be a non-empty tuple of positive integers (channels last, "
                          f"without the batch axis), got {input_shape!r}")
     return shape
-
-
-def _items(value) -> list:
-    try:
-        return list(value)
-    except TypeError:  # (not a sequence: refused by the caller)
-        return [None]
 
 
 def _default_inputs(d: int) -> np.ndarray:

@@ -16,7 +16,7 @@ import numpy as np
 from tpcompiler import progress as bars, validation
 from tpcompiler.training.finite import batch_indices
 
-#: As tp.SGD's (training/sgd.py): the largest number of steps, every one kept in the History.
+#: The largest number of steps of tp.fit, and of tp.SGD (training/sgd.py reads it): every step is kept.
 MAX_STEPS = 1_000_000
 STEPS_WHY = "every step is kept in the returned trajectory"
 

@@ -103,9 +103,10 @@ class SGD:
         if not isinstance(self.loss, str) or self.loss not in LOSSES:
             raise validation.ArgumentError(f"loss: unknown loss {self.loss!r}; use one of {', '.join(LOSSES)}")
         self.X_eval = validation.optional_array(self.X_eval, "X_eval", ndim=(1, 2))
-        if self.X_eval is not None and self.X.ndim == 2 and np.atleast_2d(self.X_eval).shape[1] != self.X.shape[1]:
-            raise validation.ArgumentError(f"X_eval: has {np.atleast_2d(self.X_eval).shape[1]} columns but X has "
-                                           f"{self.X.shape[1]} (the same inputs as training)")
+        columns = None if self.X_eval is None else np.atleast_2d(self.X_eval).shape[1]
+        if columns is not None and self.X.ndim == 2 and columns != self.X.shape[1]:
+            raise validation.ArgumentError(f"X_eval: has {columns} columns but X has {self.X.shape[1]} (the same "
+                                           "inputs as training)")
         if self.loss == "logistic":
             validation.binary_targets(self.Y, "Y")
         if self.loss == "softmax":
