@@ -230,6 +230,9 @@ CLI_CASES = [
     (["coordcheck", MLP, "-p", "depth=1", "--x", "{X}", "--y", "{Y}", "--batch", "2"],
      r"--batch: the size of the random probe batch, which --x and --y replace"),
     (["coordcheck", MLP, "-p", "depth=1", "--params", ""], r"--params: no names given"),
+    # -- options that were accepted and ignored (session of 2026-12-06, second)
+    (["train", PINET, "--param", "pi", "--x", "{X}", "--y", "{Y}", "--lr", "0.1", "--steps", "1", "--lr-mult", "bias=2",
+      "--out", "{dir}/T.npz"], r"--lr-mult: bias=2, but this pi-net has no biases \(give -p alpha_bias=A"),
 ]
 
 
@@ -468,7 +471,42 @@ API_CASES = [
     ("vecs asymmetric", lambda a: tp.Program("v").vecs(["a", "b"], [[1, 0.5], [0.4, 1]]), r"covariance is not symmetric"),
     ("vecs NaN", lambda a: tp.Program("v").vecs(["a", "b"], [[1, np.nan], [np.nan, 1]]), r"covariance has entries that are not finite"),
     ("SGD X_eval columns", lambda a: sgd(a, X_eval=np.ones((2, 5))), r"^X_eval: has 5 columns but X has 3"),
+    # -- accepted and ignored before (session of 2026-12-06, second)
+    ("fit X_eval without eval_every", lambda a: tp.fit(limit_engine(a), a["X"], a["Y"], steps=1, X_eval=a["X"]),
+     r"^X_eval: f is evaluated on it only at the steps eval_every gives"),
+    ("fit checkpoint_every without checkpoint", lambda a: tp.fit(limit_engine(a), a["X"], a["Y"], steps=1, checkpoint_every=1),
+     r"^checkpoint_every: no checkpoint file to save to"),
+    ("StepEngine particles with a width", lambda a: tp.StepEngine(a["mlp"], a["mup"], method="particles", width=64),
+     r"^width=64: only the finite method runs networks of a width"),
+    ("StepEngine in the limit with seeds", lambda a: limit_engine(a, seeds=4), r"^seeds=4: only the finite method"),
+    ("PiFinite mult NaN", lambda a: tp.PiFinite(pi_spec(), width=8, mult={"first": np.nan}), r"^mult\['first'\]: .*nan"),
+    ("PiLimit mult negative", lambda a: tp.PiLimit(pi_spec(), mult={"last": -1}), r"^mult\['last'\]: .*-1"),
+    ("PiLimit step mult inf", lambda a: tp.PiLimit(pi_spec()).step(a["X"], np.eye(2)[[0, 1, 0]], 0.1, mult={"bias": np.inf}),
+     r"^mult\['bias'\]: .*inf"),
+    ("PiLimit loss", lambda a: tp.PiLimit(pi_spec(), loss="hinge"), r"^loss must be one of"),
+    ("PiLimit X shape", lambda a: tp.PiLimit(pi_spec()).predict(np.ones((2, 5))), r"^X: expected an \(N, d = 3\) array"),
+    ("CoordCheck.slope label", lambda a: measured_coordcheck().slope("sp", "h", 1), r"^slope: no parametrization 'sp' was measured"),
+    ("CoordCheck.slope layer", lambda a: measured_coordcheck().slope("mup", "g", 1), r"^slope: no layer 'g'; layers \['h'\]"),
+    ("CoordCheck.slope step", lambda a: measured_coordcheck().slope("mup", "h", 2), r"^slope: step must be an integer from 0"),
 ]
+
+
+def limit_engine(a, **kw):
+    """A step engine on the bundled MLP (depth 1, its default phi) in the limit."""
+    return tp.StepEngine(a["mlp"], a["mup"], method="particles", particles=8, groups=2, extrapolate=False, **kw)
+
+
+def pi_spec():
+    return tp.PiSpec.from_program(tp.load(PINET))
+
+
+def measured_coordcheck():
+    """A CoordCheck of one parametrization ('mup'), one layer ('h') and one step, as coordcheck() fills it."""
+    from tpcompiler.coordcheck import CoordCheck
+
+    cc = CoordCheck("p", ["mup"], [tp.named("mup", 1)], [8, 16], ["h"], 1, 1, 0.1)
+    cc.size_slope["mup"], cc.change_slope["mup"] = np.zeros((2, 1)), np.full((1, 1), 0.5)
+    return cc
 
 
 @pytest.mark.parametrize("call, pattern", [(c, p) for _, c, p in API_CASES], ids=[i for i, _, _ in API_CASES])

@@ -21,8 +21,8 @@ ROOT = Path(__file__).resolve().parent.parent
 PINET = ROOT / "programs" / "pinet.py"
 MLP = ROOT / "programs" / "mlp.py"
 N, D, K, R = 6, 5, 3, 2  # tiny: tp.load of programs/pinet.py grows with r
-OPTS = dict(wd=1e-2, clip=0.3, mult={"first": 0.1, "last": 4.0, "bias": 0.5})
-CLI_OPTS = ["--wd", "1e-2", "--clip", "0.3", "--lr-mult", "first=0.1,last=4,bias=0.5"]
+OPTS = dict(wd=1e-2, clip=0.3, mult={"first": 0.1, "last": 4.0})
+CLI_OPTS = ["--wd", "1e-2", "--clip", "0.3", "--lr-mult", "first=0.1,last=4"]  # (no biases: bias= is refused)
 
 
 @pytest.fixture(scope="module")

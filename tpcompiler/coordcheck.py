@@ -77,6 +77,13 @@ class CoordCheck:
     def slope(self, label: str, layer: str, step: int) -> float:
         """The fitted exponent of the change of ``layer`` after ``step`` (>= 1), or of its size
         at initialization (``step`` = 0)."""
+        if label not in self.size_slope:
+            raise validation.ArgumentError(f"slope: no parametrization {label!r} was measured; labels {self.labels}")
+        if layer not in self.layers:
+            raise validation.ArgumentError(f"slope: no layer {layer!r}; layers {self.layers}")
+        if isinstance(step, bool) or not isinstance(step, (int, np.integer)) or not 0 <= step <= self.steps:
+            raise validation.ArgumentError(f"slope: step must be an integer from 0 (initialization) to {self.steps}, "
+                                           f"got {step!r}")
         j = self.layers.index(layer)
         return float(self.size_slope[label][0, j] if step == 0 else self.change_slope[label][step - 1, j])
 

@@ -533,6 +533,9 @@ def _pi_engine(args, program, mult: dict):
         spec = PiSpec.from_program(program)
     except (ValueError, TypeError) as exc:
         raise CommandError(f"--param pi: program {program.name!r} is not a pi-net ({exc}); use programs/pinet.py") from None
+    if not spec.bias and mult["bias"] != 1.0:
+        raise CommandError(f"--lr-mult: bias={mult['bias']:g}, but this pi-net has no biases "
+                           "(give -p alpha_bias=A with A != 0 to train biases, or drop bias= from --lr-mult)")
     if args.init is not None and not os.path.isfile(args.init):
         raise CommandError(f"--init: {args.init!r} is a directory; give a state file (.npz)" if os.path.isdir(args.init)
                            else f"--init: state file {args.init!r} not found")

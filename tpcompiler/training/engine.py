@@ -285,6 +285,10 @@ class StepEngine:
         self.method = method
         # the extrapolation's second run draws from its own stream of the same seed
         self.rng = np.random.default_rng([self.seed, _stream] if _stream else self.seed)
+        if method != "finite" and (width is not None or seeds != 1):
+            given = f"width={width!r}" if width is not None else f"seeds={seeds!r}"
+            raise validation.ArgumentError(f"{given}: only the finite method runs networks of a width (and seeds of them); "
+                                           f"method {method!r} computes the limit, so drop it or use method='finite'")
         if method == "finite":
             if width is None:
                 raise validation.ArgumentError("width: the finite method needs a width n")

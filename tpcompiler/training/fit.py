@@ -142,6 +142,11 @@ def fit(engine, X, Y=None, *, steps: int | None = None, lr=0.1, batch: int | Non
         steps = None if steps is None else validation.count(steps, "steps")
     eval_every = validation.optional_count(eval_every, "eval_every", minimum=1)
     checkpoint_every = validation.optional_count(checkpoint_every, "checkpoint_every", minimum=1)
+    if X_eval is not None and not eval_every:
+        raise validation.ArgumentError("X_eval: f is evaluated on it only at the steps eval_every gives; pass eval_every=k "
+                                       "(every k steps and after the last), or drop X_eval")
+    if checkpoint_every and not checkpoint:
+        raise validation.ArgumentError("checkpoint_every: no checkpoint file to save to; pass checkpoint=PATH too")
     history = History()
     start = time.perf_counter()
 

@@ -76,18 +76,18 @@ class PiSpec:
         for name in ("depth", "r", "d", "dout"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
-                raise ValueError(f"PiSpec: {name} must be a positive integer, got {value!r}")
+                raise validation.ArgumentError(f"PiSpec: {name} must be a positive integer, got {value!r}")
         if not isinstance(self.phi, str):
-            raise ValueError(f"PiSpec: phi must be the name of a built-in nonlinearity, got {self.phi!r}")
+            raise validation.ArgumentError(f"PiSpec: phi must be the name of a built-in nonlinearity, got {self.phi!r}")
         try:
             builtin(self.phi)
         except ValueError as exc:
-            raise ValueError(f"PiSpec: phi: {exc}") from None
+            raise validation.ArgumentError(f"PiSpec: phi: {exc}") from None
         for name in ("a1", "ao", "ab"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float, np.floating, np.integer)) \
                     or not math.isfinite(value):
-                raise ValueError(f"PiSpec: {name} must be a finite number, got {value!r}")
+                raise validation.ArgumentError(f"PiSpec: {name} must be a finite number, got {value!r}")
 
     @property
     def normalised(self) -> bool:
@@ -131,8 +131,8 @@ class PiSpec:
         """The spec a ``programs/pinet.py`` program declares (its ``pi_spec`` metadata)."""
         meta = getattr(program, "pi_spec", None)
         if not isinstance(meta, dict):
-            raise ValueError(f"program {getattr(program, 'name', program)!r} is not a pi-net "
-                             "(no pi_spec metadata; build it with programs/pinet.py)")
+            raise validation.ArgumentError(f"program {getattr(program, 'name', program)!r} is not a pi-net "
+                                           "(no pi_spec metadata; build it with programs/pinet.py)")
         return cls(**meta)
 
 
@@ -163,34 +163,34 @@ def check_state(spec: PiSpec, state: dict) -> dict:
     """The state as float64 arrays, or a one-line ValueError naming the key that does not fit
     ``spec`` (missing, wrong shape, not finite, rows of B not of unit norm for relu)."""
     if not isinstance(state, dict):
-        raise ValueError(f"pi state: expected a dict of arrays, got {type(state).__name__}")
+        raise validation.ArgumentError(f"pi state: expected a dict of arrays, got {type(state).__name__}")
     out = {}
     rows = {}
     for key, shape in spec.shapes().items():
         if key not in state:
-            raise ValueError(f"pi state: key {key!r} is missing (expected shape {_shape_text(shape)})")
+            raise validation.ArgumentError(f"pi state: key {key!r} is missing (expected shape {_shape_text(shape)})")
         a = np.asarray(state[key], dtype=np.float64)
         layer = _layer_of(key)
         if shape[0] is None and layer in rows:
             shape = (rows[layer],) + shape[1:]
         if a.ndim != len(shape) or any(e is not None and e != g for e, g in zip(shape, a.shape)):
-            raise ValueError(f"pi state: {key!r} has shape {a.shape}, expected {_shape_text(shape)} "
-                             f"for {_describe(spec)}")
+            raise validation.ArgumentError(f"pi state: {key!r} has shape {a.shape}, expected {_shape_text(shape)} "
+                                           f"for {_describe(spec)}")
         if shape[0] is None:
             rows[layer] = a.shape[0]
         if not np.all(np.isfinite(a)):
-            raise ValueError(f"pi state: {key!r} has non-finite entries")
+            raise validation.ArgumentError(f"pi state: {key!r} has non-finite entries")
         out[key] = a
     extra = sorted(k for k in state if k not in out and not k.startswith("_"))
     if extra:
-        raise ValueError(f"pi state: unexpected key {extra[0]!r} for {_describe(spec)}")
+        raise validation.ArgumentError(f"pi state: unexpected key {extra[0]!r} for {_describe(spec)}")
     if spec.normalised:
         for l in spec.layers():
             norms = np.linalg.norm(out[f"B{l}"], axis=1)
             bad = np.flatnonzero(np.abs(norms - 1.0) > 1e-6)
             if bad.size:
-                raise ValueError(f"pi state: row {bad[0]} of 'B{l}' has norm {norms[bad[0]]:.6g}; relu pi-nets "
-                                 "need unit-norm rows of B (pilimit_orig's convention)")
+                raise validation.ArgumentError(f"pi state: row {bad[0]} of 'B{l}' has norm {norms[bad[0]]:.6g}; relu pi-nets "
+                                               "need unit-norm rows of B (pilimit_orig's convention)")
     return out
 
 
@@ -216,7 +216,7 @@ def spec_and_options(path, meta: dict, spec, kwargs: dict):
     """(spec, constructor options) of a saved engine: the given ones first, else its metadata."""
     if spec is None:
         if "_spec" not in meta:
-            raise ValueError(f"{path}: no '_spec' metadata; pass the PiSpec")
+            raise validation.ArgumentError(f"{path}: no '_spec' metadata; pass the PiSpec")
         spec = PiSpec.from_json(meta["_spec"])
     saved = json.loads(meta["_options"]) if "_options" in meta else {}
     return spec, {**saved, **kwargs}
@@ -226,8 +226,8 @@ def load_state_file(path) -> tuple[dict, dict]:
     """(state arrays, metadata strings) of a .npz state file; metadata keys start with '_'."""
     loaded = np.load(path, allow_pickle=False)
     if not isinstance(loaded, np.lib.npyio.NpzFile):  # a .npy: one bare array
-        raise ValueError("not a .npz state file (a state has several named arrays, as --save-state and "
-                         "np.savez write them)")
+        raise validation.ArgumentError("not a .npz state file (a state has several named arrays, as --save-state and "
+                                       "np.savez write them)")
     with loaded as z:
         data = {k: z[k] for k in z.files}
     meta = {k: str(v) for k, v in data.items() if k.startswith("_")}
@@ -257,8 +257,8 @@ class Transforms:
             self._t11 = pair_expectation(lam[1], lam[1])
             self._t02, self.t02_method = self._second(lam)
         except ValueError as exc:  # (abs, step: a Dirac delta in phi' or phi'' without a closed form)
-            raise ValueError(f"pi-net: phi {phi!r} cannot be its nonlinearity: the pi-limit needs "
-                             f"E[phi phi], E[phi' phi'] and E[phi phi''] (docs/DESIGN.md 2.10), and {exc}") from None
+            raise validation.ArgumentError(f"pi-net: phi {phi!r} cannot be its nonlinearity: the pi-limit needs "
+                                           f"E[phi phi], E[phi' phi'] and E[phi phi''] (docs/DESIGN.md 2.10), and {exc}") from None
         self.numpy_phi = _numpy(lam[0])
         self.numpy_dphi = _numpy(lam[1]) if phi != "relu" else (lambda z: (z > 0).astype(np.float64))
 
@@ -366,34 +366,36 @@ def clip_factor(norm: float, clip) -> float:
 
 
 def check_options(wd, clip, mult, loss=None) -> tuple[float, float | None, dict]:
+    """(wd, clip, the multipliers of every key of MULT_KEYS) checked (a bias multiplier is
+    read only by a pi-net with biases)."""
     if loss is not None and loss not in LOSSES:
-        raise ValueError(f"loss must be one of {LOSSES}, got {loss!r}")
+        raise validation.ArgumentError(f"loss must be one of {LOSSES}, got {loss!r}")
     wd = float(wd)
     if not math.isfinite(wd) or wd < 0:
-        raise ValueError(f"wd must be a finite number >= 0, got {wd!r}")
+        raise validation.ArgumentError(f"wd must be a finite number >= 0, got {wd!r}")
     if clip is not None:
         clip = float(clip)
         if not clip > 0:
-            raise ValueError(f"clip must be a positive number or None, got {clip!r}")
+            raise validation.ArgumentError(f"clip must be a positive number or None, got {clip!r}")
     full = dict.fromkeys(MULT_KEYS, 1.0)
     for k, v in (mult or {}).items():
         if k not in MULT_KEYS:
-            raise ValueError(f"mult: unknown key {k!r} (use {', '.join(MULT_KEYS)})")
-        full[k] = float(v)
+            raise validation.ArgumentError(f"mult: unknown key {k!r} (use {', '.join(MULT_KEYS)})")
+        full[k] = validation.number(v, f"mult[{k!r}]", nonnegative=True)
     return wd, clip, full
 
 
 def check_batch(spec: PiSpec, X, Y=None):
     X = np.asarray(X, dtype=np.float64)
     if X.ndim != 2 or X.shape[1] != spec.d:
-        raise ValueError(f"X: expected an (N, d = {spec.d}) array, got shape {X.shape}")
+        raise validation.ArgumentError(f"X: expected an (N, d = {spec.d}) array, got shape {X.shape}")
     if Y is None:
         return X
     Y = np.asarray(Y, dtype=np.float64)
     if Y.ndim == 1 and spec.dout == 1:
         Y = Y[:, None]
     if Y.shape != (X.shape[0], spec.dout):
-        raise ValueError(f"Y: expected shape ({X.shape[0]}, dout = {spec.dout}), got {Y.shape}")
+        raise validation.ArgumentError(f"Y: expected shape ({X.shape[0]}, dout = {spec.dout}), got {Y.shape}")
     return X, Y
 
 
@@ -485,7 +487,7 @@ class PiLimit:
     def __init__(self, spec: PiSpec, state=None, seed: int = 0, loss: str = "softmax",
                  wd: float = 0.0, clip=None, mult=None, chunk: int = 128, threads: int | None = 1):
         if not isinstance(spec, PiSpec):
-            raise ValueError(f"PiLimit: spec must be a PiSpec, got {type(spec).__name__}")
+            raise validation.ArgumentError(f"PiLimit: spec must be a PiSpec, got {type(spec).__name__}")
         self.spec = spec
         self.loss = loss
         self.wd, self.clip, self.mult = check_options(wd, clip, mult, loss)
@@ -655,5 +657,5 @@ def _resolve_state(spec: PiSpec, state, seed) -> dict:
     try:
         arrays, _ = load_state_file(state)
     except (OSError, ValueError) as exc:
-        raise ValueError(f"pi state: cannot read {str(state)!r}: {exc}") from None
+        raise validation.ArgumentError(f"pi state: cannot read {str(state)!r}: {exc}") from None
     return check_state(spec, arrays)

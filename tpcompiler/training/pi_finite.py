@@ -52,12 +52,12 @@ class PiFinite:
     def __init__(self, spec: PiSpec, width: int, state=None, seed: int = 0, loss: str = "softmax",
                  wd: float = 0.0, clip=None, mult=None, threads: int | None = 1):
         if not isinstance(spec, PiSpec):
-            raise ValueError(f"PiFinite: spec must be a PiSpec, got {type(spec).__name__}")
+            raise validation.ArgumentError(f"PiFinite: spec must be a PiSpec, got {type(spec).__name__}")
         if isinstance(width, bool) or not isinstance(width, (int, np.integer)) or width < 1:
-            raise ValueError(f"PiFinite: width must be a positive integer, got {width!r}")
+            raise validation.ArgumentError(f"PiFinite: width must be a positive integer, got {width!r}")
         if spec.r > width:
-            raise ValueError(f"PiFinite: r = {spec.r} is larger than the width n = {width}; the basis "
-                             "Omega (n x r) needs r <= n")
+            raise validation.ArgumentError(f"PiFinite: r = {spec.r} is larger than the width n = {width}; the basis "
+                                           "Omega (n x r) needs r <= n")
         self.spec = spec
         self.n = int(width)
         self.seed = seed
