@@ -485,6 +485,10 @@ API_CASES = [
      r"^mult\['bias'\]: .*inf"),
     ("PiLimit loss", lambda a: tp.PiLimit(pi_spec(), loss="hinge"), r"^loss must be one of"),
     ("PiLimit X shape", lambda a: tp.PiLimit(pi_spec()).predict(np.ones((2, 5))), r"^X: expected an \(N, d = 3\) array"),
+    ("kernels of a row at 1e-300", lambda a: a["mc"].kernels(a["X"] * np.array([[1.0], [1e-300], [1.0]])),
+     r"^X: row 1 is not zero but has no entry of magnitude 1e-150 or more \(largest .*e-300\); its squared norm underflows"),
+    ("limit at a row of 1e-200", lambda a: a["mc"].limit(x=a["X"] * 1e-200),
+     r"^program 'mlp': input data: row 0 is not zero but has no entry of magnitude 1e-150"),
     ("CoordCheck.slope label", lambda a: measured_coordcheck().slope("sp", "h", 1), r"^slope: no parametrization 'sp' was measured"),
     ("CoordCheck.slope layer", lambda a: measured_coordcheck().slope("mup", "g", 1), r"^slope: no layer 'g'; layers \['h'\]"),
     ("CoordCheck.slope step", lambda a: measured_coordcheck().slope("mup", "h", 2), r"^slope: step must be an integer from 0"),
@@ -653,3 +657,15 @@ def test_a_pi_step_refuses_a_learning_rate_that_is_not_a_non_negative_number(lr)
     for engine in (tp.PiLimit(spec), tp.PiFinite(spec, width=16)):
         with pytest.raises(tp.ProgramError, match=r"^lr: expected a non-negative finite number"):
             engine.step(X, Y, lr)
+
+
+def test_zero_rows_and_tiny_entries_are_still_inputs(api):
+    """The refusal of rows whose squared norm underflows (above) leaves alone an all-zero row
+    (an input like any other: a relu net without biases has kernel 0 there) and a tiny entry
+    beside an ordinary one (the same kernels as without it, to float64)."""
+    kf = tp.compile(tp.load(MLP, depth=2, phi="relu", b_std=None, d=3)).kernel_function()
+    X = np.array([[0.3, -1.2, 0.8], [0.0, 0.0, 0.0], [1.0, 1e-300, 0.0], [1.0, 0.0, 0.0]])
+    K = kf(X)
+    for k in ("nngp", "ntk"):
+        assert np.all(K[k][1] == 0.0)
+        np.testing.assert_allclose(K[k][2], K[k][3], rtol=1e-15)

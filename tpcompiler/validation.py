@@ -28,6 +28,12 @@ class ArgumentError(ProgramError, TypeError):
 #: Largest magnitude accepted for input data entries.  Kernels and limits square and multiply
 #: such values (|x|^2, then products of two such norms); beyond this, float64 overflows.
 MAX_DATA_MAGNITUDE = 1e50
+#: Smallest largest-magnitude entry accepted for a row of limit or kernel inputs that is not
+#: all zero: below it the row's squared norm (|x|^2 / d) leaves float64's normal range, so the
+#: first layer's variance is subnormal or 0 and the kernels take the row for 0 (a relu kernel at
+#: 1e-300 was exactly 0, and predictions from it 0).  Rows between this and ~1e-72, where the
+#: product of two such variances underflows, are refused by the kernels' own finiteness check.
+MIN_ROW_MAGNITUDE = 1e-150
 
 
 def _fail(name: str | None, problem: str):
@@ -136,6 +142,20 @@ def array(value, name: str | None, *, ndim=None, min_rows: int = 0, finite: bool
             _fail(name, f"has entries as large as {big:.3g}; values above {max_abs:.0e} overflow float64 in "
                         "the kernels (they are squared and multiplied): rescale the data")
     return arr
+
+
+def tiny_row(X: np.ndarray, what: str) -> None:
+    """Refuse a row of N x d inputs ``X`` that is not all zero but has no entry of magnitude
+    MIN_ROW_MAGNITUDE or more (an all-zero row is an input like any other)."""
+    if X.ndim != 2 or not X.size:
+        return
+    largest = np.max(np.abs(X), axis=1)
+    bad = np.flatnonzero((largest > 0) & (largest < MIN_ROW_MAGNITUDE))
+    if bad.size:
+        i = int(bad[0])
+        raise ProgramError(f"{what}: row {i} is not zero but has no entry of magnitude {MIN_ROW_MAGNITUDE:.0e} or "
+                           f"more (largest {largest[i]:.3g}); its squared norm underflows float64, so the limit would "
+                           "take it for 0: rescale the data")
 
 
 def optional_array(value, name: str | None, **kwargs) -> np.ndarray | None:

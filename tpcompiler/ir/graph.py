@@ -432,6 +432,8 @@ def _input_rows(graph: Graph, X) -> np.ndarray:
         raise ProgramError(f"program {graph.name!r}: the input data is empty")
     if not np.all(np.isfinite(X)):
         raise ProgramError(f"program {graph.name!r}: the input data has NaN or infinite entries")
+    from tpcompiler.validation import tiny_row  # (validation imports this module)
+    tiny_row(X, f"program {graph.name!r}: input data")
     return X
 
 

@@ -58,7 +58,7 @@ import numba
 import numpy as np
 import sympy as sp
 
-from tpcompiler import expectations, memory, progress, threads
+from tpcompiler import expectations, memory, progress, threads, validation
 from tpcompiler.ir import ops, symbols
 from tpcompiler.backends.codegen import (common_subexpressions, custom_functions_source, load_module, load_names,
                                          packed_array, print_body)
@@ -833,6 +833,7 @@ def pair_stage(t0, step, GS, RF1, RF2T, R1, R2T, {outs}, symmetric, P, IT, WT):
             raise ProgramError(f"{what}: program {self.graph.name!r} takes inputs of dimension d = {self.d}, got {X.shape[1]}")
         if not np.all(np.isfinite(X)):
             raise ProgramError(f"{what}: inputs contain NaN or infinite values")
+        validation.tiny_row(X, what)
         return np.ascontiguousarray(X)
 
     def check_inputs(self, X, X2=None):
