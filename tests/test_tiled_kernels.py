@@ -90,6 +90,24 @@ def test_budget_counts_the_process(compiled, data, monkeypatch):
     assert compiled.kernel_function().last_plan.peak_bytes <= baseline + 2 * tiled.RESERVE
 
 
+def test_default_budget_is_beyond_what_the_process_holds(compiled, data, reference, monkeypatch):
+    """Without a budget, a process already larger than 4 GB (a long session, a big data set
+    loaded; the whole test suite reached it) still computes small kernels: the default is
+    4 GB beyond what it holds (at most the memory available).  A budget given counts the
+    whole process, as before."""
+    held = 6 * 2**30
+    monkeypatch.setattr(tiled, "process_baseline", lambda: held)
+    monkeypatch.setattr(tiled, "available_bytes", lambda: 10 * 2**30)
+    result = compiled.kernels(*data)
+    for name, K in reference.items():
+        assert np.array_equal(result[name], K)
+    assert compiled.kernel_function().last_plan.peak_bytes <= held + 4 * 10**9
+    with pytest.raises(ArgumentError, match=r"the budget of 4 GB is below what this process uses already"):
+        compiled.kernels(*data, memory="4GB")
+    monkeypatch.setattr(tiled, "available_bytes", lambda: 2**20)  # the machine nearly full: tiles of the memory left
+    assert tiled.default_budget(held) == held + 2**20
+
+
 def test_whole_call_within_budget_is_the_untiled_call(compiled, data, reference):
     result = compiled.kernels(*data)
     for name, K in reference.items():

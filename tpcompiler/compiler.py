@@ -283,7 +283,7 @@ class Compiled:
             self._bound[key] = Bound(zp, index)
         return self._bound[key]
 
-    def kernels(self, X, X2=None, rtol: float = DEFAULT_RTOL, *, memory="4GB", out=None, dtype: str = "float64",
+    def kernels(self, X, X2=None, rtol: float = DEFAULT_RTOL, *, memory=None, out=None, dtype: str = "float64",
                 client=None, progress: bool | None = None, tile: int | None = None) -> dict[str, np.ndarray]:
         """Infinite-width NNGP and NTK (docs/DESIGN.md 2.3): {"nngp", "ntk"} = k(X, X) (N x N),
         plus {"nngp_x2", "ntk_x2"} = k(X2, X) (N2 x N) when X2 is given.  Exact: closed
@@ -291,7 +291,7 @@ class Compiled:
 
         Any data size (``backends.kernels.tiled``): computed in tiles whose working set, with
         the inputs and in-memory outputs, stays within ``memory`` ("4GB", "512MB", "1.5GiB" or
-        bytes); ``out`` a directory (or path prefix) to write memory-mapped .npy files
+        bytes, for the whole process; None: 4 GB beyond what the process holds at the call); ``out`` a directory (or path prefix) to write memory-mapped .npy files
         (``out/nngp.npy``, ...; returned as read-only memory maps) when the kernels do not fit;
         ``dtype`` "float32" stores the float64 results in single precision; ``client`` a
         ``dask.distributed.Client`` that runs the tiles as tasks; ``progress`` a bar over

@@ -631,8 +631,9 @@ def _memory_size(text: str) -> str:
 
 def _kernels_scale_options(p: argparse.ArgumentParser) -> None:
     """tpc kernels at any data size: memory budget, storage type, Dask scheduler."""
-    p.add_argument("--memory", type=_memory_size, default="4GB",
-                   help="memory budget (e.g. 4GB, 512MB, 1.5GiB): tile size; kernels that do not fit need --out DIR/")
+    p.add_argument("--memory", type=_memory_size, default=None,
+                   help="memory budget of the process (e.g. 4GB, 512MB, 1.5GiB; default: 4 GB beyond what it holds): "
+                   "tile size; kernels that do not fit need --out DIR/")
     p.add_argument("--dtype", choices=["float64", "float32"], default="float64",
                    help="storage type of the kernels (computed in float64)")
     p.add_argument("--scheduler", help="run the tiles on Dask: a scheduler ADDRESS, or local:K for a local cluster "

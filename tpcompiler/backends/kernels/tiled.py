@@ -10,7 +10,8 @@ only the inputs and row-stage values of I and J, so the N x N2 matrix splits int
 the untiled call.  For k(X, X) only tiles I <= J are computed; the tile (I, J) also gives
 (J, I) by symmetry, and a diagonal tile is symmetrised like the whole matrix.
 
-Memory: the budget is for the whole process.  What it holds at the call (interpreter,
+Memory: a budget given is for the whole process (without one, ``DEFAULT_HEADROOM`` beyond
+what it holds at the call, at most the memory available).  What it holds at the call (interpreter,
 libraries, the inputs: its resident set, plus ``RESERVE`` for untracked allocations) is
 counted, then every array this module allocates: the row-stage values, the outputs when they
 are kept in memory, and one tile's working set (its Gram matrices, the two kernel blocks, a
@@ -32,10 +33,15 @@ from dataclasses import dataclass
 import numpy as np
 
 from tpcompiler import progress as progress_mod, validation
-from tpcompiler.memory import resident_bytes, size_text
+from tpcompiler.memory import available_bytes, resident_bytes, size_text
 from tpcompiler.backends.kernels.kernel import KERNELS, KernelFunction
 
-DEFAULT_MEMORY = "4GB"
+#: The default budget (``memory=None``): this much beyond what the process holds at the call,
+#: at most the memory available.  A budget given counts the whole process (module docstring);
+#: a default that did so refused every call of a process that had grown past it (a notebook
+#: with a large data set loaded, a long test run).
+DEFAULT_HEADROOM = "4GB"
+DEFAULT_MEMORY = None
 DTYPES = ("float64", "float32")
 #: The smallest tile side the planner accepts (a smaller one would spend its time in Python).
 MIN_TILE = 64
@@ -72,6 +78,14 @@ def process_baseline() -> int:
     """Bytes this process holds before a kernel call: its resident set now
     (``memory.resident_bytes``; 0 where it cannot be read) plus ``RESERVE``."""
     return (resident_bytes() or 0) + RESERVE
+
+
+def default_budget(baseline: int) -> int:
+    """The budget of a call given none: ``baseline`` (what the process holds) plus
+    ``DEFAULT_HEADROOM``, or plus the memory available if that is less."""
+    headroom = parse_memory(DEFAULT_HEADROOM)
+    available = available_bytes()
+    return baseline + (headroom if available is None else min(headroom, available))
 
 
 # ---------------------------------------------------------------------------------------
@@ -248,7 +262,8 @@ def kernels(kf: KernelFunction, X, X2=None, memory=DEFAULT_MEMORY, out: str | No
     (computed in float64); tiles as tasks on the Dask ``client`` when given; a progress bar
     over tiles (``progress`` None: when stderr is a terminal).  When the whole call fits one
     tile in memory on this machine it is the untiled call itself."""
-    budget = parse_memory(memory)
+    baseline = process_baseline()
+    budget = default_budget(baseline) if memory is None else parse_memory(memory)
     validation.choice(dtype, "dtype", DTYPES)
     if out is not None and not isinstance(out, (str, os.PathLike)):
         raise validation.ArgumentError(f"out: expected a directory or path prefix, got {type(out).__name__}")
@@ -259,7 +274,7 @@ def kernels(kf: KernelFunction, X, X2=None, memory=DEFAULT_MEMORY, out: str | No
                                        f"a local cluster), got {client!r}")
     workers = _worker_count(client) if client is not None else 1
     p = plan(kf, N, N2, X.shape[1], budget, out is None, dtype, tile, min_tasks=2 * workers if workers > 1 else 1,
-             baseline=process_baseline())
+             baseline=baseline)
     kf.last_plan = p
     if out is None and client is None and p.tile >= max(N, N2 or 0):
         result = kf(X, X2)
