@@ -1,6 +1,8 @@
 """tp.load (docs/DESIGN.md 5): programs/NAME.py defines build(**params) returning a Program; every
 way a program file can be wrong gives one clear ProgramError naming the file."""
+import os
 import re
+import sys
 from pathlib import Path
 
 import pytest
@@ -144,3 +146,21 @@ def test_parse_params():
         parse_params(["1a=2"])
     with pytest.raises(tp.ProgramError, match=r"parameter name '' is not a valid name"):
         parse_params(["=2"])
+
+
+def test_a_program_edited_within_a_second_at_the_same_size_is_the_new_program(tmp_path, monkeypatch):
+    """A sweep that rewrites a program file (sigma 1.1 -> 1.3: same size) within the second
+    got the old program: Python's import read the bytecode file it had written, whose stamp
+    is the source's modification time in whole seconds and its size (cache audit).  The
+    limit is sigma^2 E[u^2] = sigma^2 (closed form)."""
+    monkeypatch.setattr(sys, "dont_write_bytecode", False)  # (the environment may set PYTHONDONTWRITEBYTECODE)
+    path = tmp_path / "sweep.py"
+    text = ("import tpcompiler as tp\n\ndef build():\n    p = tp.Program('sweep')\n    u = p.vec('u')\n"
+            "    W = p.mat('W', sigma={})\n    h = W @ u\n    p.output('m', tp.mean(h * h))\n    return p\n")
+    path.write_text(text.format("1.1"))
+    stamp = path.stat().st_mtime_ns
+    assert tp.compile(tp.load(path)).limit()["m"][0] == pytest.approx(1.21, rel=1e-12)
+    path.write_text(text.format("1.3"))
+    os.utime(path, ns=(stamp, stamp))  # the same second, as a fast sweep writes it
+    assert tp.compile(tp.load(path)).limit()["m"][0] == pytest.approx(1.69, rel=1e-12)
+    assert not (tmp_path / "__pycache__").exists()

@@ -36,13 +36,19 @@ def parse_params(items) -> dict:
 
 
 def _module(path: Path):
+    """The program file run as a fresh module, compiled from its source text every time.
+    Python's import would read a bytecode file in ``__pycache__`` whose stamp (the source's
+    modification time in whole seconds, and its size) still matched after an edit within the
+    same second that kept the size, and build the old program (a sweep rewriting sigma 1.1 ->
+    1.3 got the kernels of 1.1, in that process and every later one)."""
     digest = hashlib.sha1(str(path.resolve()).encode()).hexdigest()[:12]
     spec = importlib.util.spec_from_file_location(f"tpc_program_{path.stem}_{digest}", path)
     if spec is None or spec.loader is None:
         raise ProgramError(f"cannot import program file {str(path)!r}")
     module = importlib.util.module_from_spec(spec)
     try:
-        spec.loader.exec_module(module)
+        code = compile(path.read_bytes(), str(path), "exec", dont_inherit=True)
+        exec(code, module.__dict__)  # noqa: S102 - the user's program file, as importing it would run it
     except ProgramError:
         raise
     except SystemExit as exc:
