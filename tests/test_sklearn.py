@@ -264,3 +264,19 @@ def test_gradient_with_bias_against_the_closed_form():
     assert [h.name for h in kernel.hyperparameters] == ["w_std", "b_std"]
     np.testing.assert_allclose(grad[..., 0], exact[1], rtol=1e-7)
     np.testing.assert_allclose(grad[..., 1], exact[2], rtol=1e-7)
+
+
+def test_an_edited_program_file_is_another_program(tmp_path):
+    """The kernels' caches knew a program file by its path alone: after an edit of the body
+    in the same process (the nonlinearity the build uses, relu -> erf, its parameters
+    unchanged), a new NNGP of the file computed the old program (cache audit).  The erf
+    kernel is checked against its closed form."""
+    path = tmp_path / "net.py"
+    text = Path(MLP).read_text()
+    assert text.count("act = tp.phi(phi)") == 1
+    path.write_text(text)
+    relu = NNGP(str(path), depth=1)(X[:6])
+    path.write_text(text.replace("act = tp.phi(phi)", "act = tp.phi('erf')"))
+    erf = NNGP(str(path), depth=1)(X[:6])
+    np.testing.assert_allclose(erf, _erf_nngp(1.0, X[:6])[0], rtol=1e-12)
+    assert np.max(np.abs(erf - relu)) > 1e-2

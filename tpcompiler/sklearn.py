@@ -26,6 +26,7 @@
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import inspect
 import math
 import numbers
@@ -51,12 +52,25 @@ GRADIENT_STEP = 1e-4
 KINDS = ("nngp", "ntk")
 DIAG_ROWS = 256  # rows per call of a kernel's diag()
 _CACHE: dict = {}     # (program, params) -> compiled kernel function
-_DEFAULTS: dict = {}  # (program file, mtime) -> its build() defaults
+_DEFAULTS: dict = {}  # program file (_identity) -> its build() defaults
 
 
 # ---------------------------------------------------------------------------------------
 # Programs: a file path, a build function or a fixed Program -> a compiled kernel function.
 # ---------------------------------------------------------------------------------------
+def _identity(program):
+    """A program's key in this module's caches: a program file by its path and the SHA-256 of
+    its contents (an edited file is another program: keyed by the path alone, a kernel built
+    after an edit was the old program's), a build function or a Program by its id."""
+    if isinstance(program, (str, Path)):
+        try:
+            digest = hashlib.sha256(Path(program).read_bytes()).hexdigest()
+        except OSError:  # (missing: loading it says so)
+            digest = None
+        return (str(program), digest)
+    return id(program)
+
+
 def _defaults(program) -> dict:
     """{name: default} of the program's build() parameters ({} for a fixed Program)."""
     from tpcompiler.frontend.loader import parameters
@@ -64,7 +78,7 @@ def _defaults(program) -> dict:
     if isinstance(program, Program):
         return {}
     if isinstance(program, (str, Path)):
-        key = (str(program), Path(program).stat().st_mtime_ns if Path(program).is_file() else None)
+        key = _identity(program)
         if key not in _DEFAULTS:
             _DEFAULTS[key] = parameters(program)
         return _DEFAULTS[key]
@@ -154,8 +168,7 @@ def _followers(program, params: dict, name: str, base) -> list | None:
 def _runtime_names(program, params: dict, names: list) -> tuple:
     """The hyperparameters among ``names`` that only set Params (``_followers``), analysed
     once per program and values of the other parameters."""
-    ident = program if isinstance(program, (str, Path)) else id(program)
-    key = (str(ident), tuple(sorted((k, repr(v)) for k, v in params.items() if k not in names)), tuple(names))
+    key = (_identity(program), tuple(sorted((k, repr(v)) for k, v in params.items() if k not in names)), tuple(names))
     if key not in _ANALYSED:
         base = _build(program, params).graph
         _ANALYSED[key] = (program, {n: keys for n in names if (keys := _followers(program, params, n, base)) is not None})
@@ -177,9 +190,8 @@ def _template(program, params: dict, names: list, rtol: float) -> _Template | No
     runtime = tuple(n for n in names if n in followers)
     if not runtime:
         return None
-    ident = program if isinstance(program, (str, Path)) else id(program)
     fixed = tuple(sorted((k, repr(v)) for k, v in params.items() if k not in runtime))
-    key = (str(ident), fixed, runtime, rtol)
+    key = (_identity(program), fixed, runtime, rtol)
     if key not in _TEMPLATES:
         base = _build(program, params).graph
         binding = {k: n for n in runtime for k in followers[n]}
@@ -218,8 +230,7 @@ def _full_params(program, params: dict, d: int) -> dict:
 
 def _compiled_per_value(program, params: dict, rtol: float):
     """The old path: build and compile the program at exactly these values (cached)."""
-    ident = program if isinstance(program, (str, Path)) else id(program)
-    key = (str(ident), tuple(sorted((k, repr(v)) for k, v in params.items())), rtol)
+    key = (_identity(program), tuple(sorted((k, repr(v)) for k, v in params.items())), rtol)
     if key not in _CACHE:
         from tpcompiler.compiler import compile
 
