@@ -170,6 +170,32 @@ def test_dask_tasks_equal_the_local_tiles(compiled, data, reference, tmp_path):
     assert_close(to_files, reference)
 
 
+def _bilinear(a: float):
+    """h = xi_0 u_0 + a xi_1 u_1 + xi_2 u_2, relu, readout: programs of one generated source for
+    every a (the coefficient is an input feature the source reads at run time)."""
+    p = tp.Program("coefs")
+    xi = p.input("xi", 3)
+    us = [p.vec(f"u{j}") for j in range(3)]
+    h = tp.add(*[(a if j == 1 else 1.0) * xi[j] * us[j] for j in range(3)]).named("h")
+    p.readout(tp.relu(h).named("x"), sigma=1.0)
+    return tp.compile(p)
+
+
+def test_dask_workers_tell_programs_of_one_source_apart(data):
+    """Workers kept one KernelFunction per generated source: a second program of the same
+    source (other input features) got the first one's tiles, 41% off (cache audit)."""
+    distributed = pytest.importorskip("distributed")
+    X = data[0][:80, :3]
+    first, second = _bilinear(0.5), _bilinear(0.7)
+    assert first.kernel_function().source == second.kernel_function().source
+    references = [c.kernel_function()(X) for c in (first, second)]
+    with distributed.LocalCluster(n_workers=1, threads_per_worker=1, processes=False,
+                                  dashboard_address=None) as cluster, distributed.Client(cluster) as client:
+        on_dask = [c.kernels(X, client=client, tile=64) for c in (first, second)]
+    for result, reference in zip(on_dask, references):
+        assert_close(result, reference)
+
+
 def test_worker_rebuilds_the_kernel_from_the_pickled_graph(compiled, data, reference):
     """What a worker process does: unpickle the program's graph, build its KernelFunction
     (the same generated code), compute a tile."""

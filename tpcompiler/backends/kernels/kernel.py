@@ -1019,6 +1019,12 @@ def _derivation_key(graph: Graph, rtol: float, runtime: tuple = (), share: bool 
                                          "templates": bool(templates)}, parts)
 
 
+def derivation_key(graph: Graph, rtol: float) -> str | None:
+    """The disk-cache key of the derivation of ``graph``'s kernels with the default options and
+    ``rtol``: the program's identity for tiled.py's Dask workers."""
+    return _derivation_key(graph, rtol)
+
+
 def derivation_stored(graph: Graph, rtol: float, parts: dict | None = None) -> bool:
     """Whether the disk cache holds the derivation of ``graph``'s kernels with the default
     options and ``rtol`` (``KernelFunction(graph, rtol=rtol, cache=True)`` would read it);

@@ -346,10 +346,26 @@ def _worker_count(client) -> int:
         return 1
 
 
-#: Per worker process: the compiled KernelFunction of each program (keyed by its generated
-#: source), and a lock so that threads of one process run the parallel Numba stages in turn.
+#: Per worker process: the compiled KernelFunction of each program (keyed by ``worker_key``),
+#: and a lock so that threads of one process run the parallel Numba stages in turn.
 _WORKER_KERNELS: dict = {}
 _WORKER_LOCK = threading.Lock()
+
+
+def worker_key(kf: KernelFunction) -> str:
+    """The key of ``kf``'s program in ``_WORKER_KERNELS``: its generated source and its
+    derivation's disk-cache key (the graph and options, kernels/stored.py).  The source alone
+    is not the program: two programs can share it and differ in what it reads at run time
+    (input features such as the coefficients of a bilinear form), and a worker that had
+    computed one gave the other's tiles its values.  A graph without a derivation key gets a
+    key of its own, so that workers build its kernels afresh."""
+    import hashlib
+    import uuid
+
+    from tpcompiler.backends.kernels.kernel import derivation_key
+
+    ident = derivation_key(kf.graph, kf.rtol) or f"unkeyed-{uuid.uuid4().hex}"
+    return hashlib.sha256(f"{ident}\0{kf.source}".encode()).hexdigest()
 
 
 def _worker_kernel(graph, rtol: float, key: str) -> KernelFunction:
@@ -372,10 +388,8 @@ def remote_block(graph, rtol: float, key: str, a_part, b_part, same: bool) -> li
 def _run_on_dask(client, kf, p: Plan, X, X2, rows, rows2, store, bar) -> None:
     """Submit the plan's tiles to ``client`` (at most two per worker in flight, so finished
     tiles do not pile up) and store each result as it arrives, one at a time."""
-    import hashlib
-
     distributed = require_distributed()
-    key = hashlib.sha256(kf.source.encode()).hexdigest()
+    key = worker_key(kf)
     _WORKER_KERNELS.setdefault(key, kf)  # workers in this process (threads) use it as it is
     parts = [(X[s], rows[0][s], rows[1][s]) for s in p.blocks]
     parts2 = [(X2[s], rows2[0][s], rows2[1][s]) for s in p.blocks2]
