@@ -130,3 +130,37 @@ def test_packed_array_refuses_other_types():
         codegen.packed_array(np.zeros(3, dtype=np.float32))
     with pytest.raises(ValueError, match="not 2-D int64"):
         codegen.packed_array(np.zeros((2, 2), dtype=np.int64))
+
+
+KERNELS_RUN = textwrap.dedent("""
+    import sys
+    import numpy as np
+    import tpcompiler as tp
+    X = np.random.default_rng(0).standard_normal((5, 3))
+    K = tp.compile(tp.load("programs/mlp.py", depth=2, phi="tanh", b_std=0.2)).kernels(X)
+    np.save(sys.argv[1], np.stack([K["nngp"], K["ntk"]]))
+""")
+
+
+def test_damaged_numba_and_module_files_are_compiled_again(tmp_path):
+    """A cache file cut short (a generated module, Numba's index or compiled code of a
+    generated kernel or quadrature rule) stopped every later run with Numba's UnpicklingError
+    or LLVM's bitcode error, or a TokenError, until the cache was deleted (cache audit).  Now
+    the damaged files are written again and the kernels come out as before."""
+    env = dict(os.environ, TPCOMPILER_CACHE_DIR=str(tmp_path / "cache"))
+
+    def run(name):
+        out = tmp_path / name
+        proc = subprocess.run([sys.executable, "-c", KERNELS_RUN, str(out)], cwd=ROOT, env=env, capture_output=True,
+                              text=True, timeout=300)
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        return np.load(out)
+
+    first = run("first.npy")
+    damaged = [f for f in (tmp_path / "cache").rglob("*") if f.suffix in (".nbi", ".nbc")
+               or (f.suffix == ".py" and f.name.startswith("_tpc_"))]
+    assert {f.suffix for f in damaged} == {".nbi", ".nbc", ".py"}
+    assert any("gaussian2" in str(f) for f in damaged) and any("kernels" in str(f) for f in damaged)
+    for f in damaged:
+        f.write_bytes(f.read_bytes()[:100])
+    assert np.array_equal(run("second.npy"), first)

@@ -275,14 +275,15 @@ def module_name(source: str, kind: str) -> str:
 
 
 def load_module(source: str, kind: str):
-    """Import generated ``source`` as a module from its content-addressed file (cached)."""
+    """Import generated ``source`` as a module from its content-addressed file (cached; a file
+    whose text is not ``source``, damaged or cut short, is written again)."""
     name = module_name(source, kind)
     with _LOCK:
         mod = _MODULES.get(name)
         if mod is not None:
             return mod
         path = os.path.join(cache_dir(kind), name + ".py")
-        if not os.path.exists(path):
+        if not _holds(path, source):
             atomic_write(path, source)
         code = _bytecode(source, path)
         spec = importlib.util.spec_from_file_location(name, path)
@@ -291,6 +292,54 @@ def load_module(source: str, kind: str):
         exec(code, mod.__dict__)  # what spec.loader.exec_module does, with the code object from _bytecode
         _MODULES[name] = mod
         return mod
+
+
+def _holds(path: str, text: str) -> bool:
+    """Whether the file ``path`` exists and holds exactly ``text``."""
+    try:
+        with open(path, encoding="utf-8", newline="") as fh:
+            return fh.read() == text
+    except (OSError, UnicodeDecodeError):
+        return False
+
+
+def tolerate_damaged_numba_caches() -> None:
+    """Make a damaged Numba cache file of tpcompiler's functions a cache miss.
+
+    Numba's ``Cache.load_overload`` reads a function's index (.nbi) and compiled code (.nbc)
+    and raises on a file that is cut short or corrupted (UnpicklingError, EOFError, LLVM's
+    "bitcode parsing error"): every later run then stopped with that error until the cache
+    was deleted by hand.  For functions of generated modules (``_tpc_*``) and of this package,
+    the wrapper below removes the damaged index and returns None, which Numba takes as "not
+    cached": it compiles the function and writes its cache files again.  Other functions'
+    caches are left to Numba.  A no-op where Numba's cache has another shape."""
+    try:
+        from numba.core import caching
+    except ImportError:  # pragma: no cover - numba is a dependency
+        return
+    original = getattr(caching.Cache, "load_overload", None)
+    if original is None or getattr(original, "tolerates_damage", False):
+        return
+
+    def load_overload(self, sig, target_context):
+        try:
+            return original(self, sig, target_context)
+        except Exception:
+            module = getattr(getattr(self, "_py_func", None), "__module__", "") or ""
+            index = getattr(getattr(self, "_cache_file", None), "_index_path", None)
+            if index is None or not (module.startswith("_tpc_") or module.split(".")[0] == "tpcompiler"):
+                raise
+            try:
+                os.remove(index)
+            except OSError:
+                pass
+            return None
+
+    load_overload.tolerates_damage = True
+    caching.Cache.load_overload = load_overload
+
+
+tolerate_damaged_numba_caches()
 
 
 def _bytecode(source: str, path: str):
