@@ -489,6 +489,8 @@ API_CASES = [
      r"^X: row 1 is not zero but has no entry of magnitude 1e-150 or more \(largest .*e-300\); its squared norm underflows"),
     ("limit at a row of 1e-200", lambda a: a["mc"].limit(x=a["X"] * 1e-200),
      r"^program 'mlp': input data: row 0 is not zero but has no entry of magnitude 1e-150"),
+    ("kernels of a user's sympy Function class", lambda a: tp.compile(user_function_program()).kernels(a["X"]),
+     r"the generated kernel code cannot evaluate 'scaled_tanh' \(a function sympy and tpcompiler have no code for\)"),
     ("CoordCheck.slope label", lambda a: measured_coordcheck().slope("sp", "h", 1), r"^slope: no parametrization 'sp' was measured"),
     ("CoordCheck.slope layer", lambda a: measured_coordcheck().slope("mup", "g", 1), r"^slope: no layer 'g'; layers \['h'\]"),
     ("CoordCheck.slope step", lambda a: measured_coordcheck().slope("mup", "h", 2), r"^slope: step must be an integer from 0"),
@@ -498,6 +500,24 @@ API_CASES = [
 def limit_engine(a, **kw):
     """A step engine on the bundled MLP (depth 1, its default phi) in the limit."""
     return tp.StepEngine(a["mlp"], a["mup"], method="particles", particles=8, groups=2, extrapolate=False, **kw)
+
+
+class scaled_tanh(sp.Function):
+    """A user's own sympy function, tanh(1.3 x): the particles evaluate it through ``_imp_``;
+    generated kernel code cannot (it was a PrintMethodNotImplementedError traceback)."""
+
+    nargs = 1
+    _imp_ = staticmethod(lambda x: np.tanh(1.3 * x))
+
+    def fdiff(self, argindex=1):
+        return 1.3 * (1 - sp.tanh(1.3 * self.args[0]) ** 2)
+
+
+def user_function_program():
+    p = tp.Program("userfn")
+    h = p.input_matrix("U", 3).apply(p.input("xi", 3), name="h")
+    p.readout(tp.nonlin(lambda a: scaled_tanh(a), h).named("x"), sigma=1.0)
+    return p
 
 
 def pi_spec():

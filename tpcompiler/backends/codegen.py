@@ -52,6 +52,17 @@ class NumbaPrinter(PythonCodePrinter):
         funcs.update({name: name for name in extra_functions})
         super().__init__({"fully_qualified_modules": True, "user_functions": funcs})
 
+    def _print_not_supported(self, expr):
+        """sympy's code printers raise a PrintMethodNotImplementedError (a traceback) for what
+        they cannot write, such as a user's own sympy Function class (which the particles and
+        finite widths evaluate through its ``_imp_``): a ProgramError that says what to do."""
+        from tpcompiler.ir.graph import ProgramError
+
+        what = type(expr).__name__ if isinstance(expr, sp.Function) else sp.sstr(expr)
+        raise ProgramError(f"the generated kernel code cannot evaluate {what!r} (a function sympy and tpcompiler "
+                           "have no code for): write the nonlinearity with sympy's functions (sympy.tanh, sympy.exp, "
+                           "...) or tpcompiler's built-ins")
+
     def _print_DiracDelta(self, expr):
         raise ValueError(
             "a Dirac delta (a derivative of step or relu) has no pointwise value; "
