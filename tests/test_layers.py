@@ -72,7 +72,12 @@ def assert_matches(net: layers.Layer, ref: dict, case: str, x, x_test, tol=TOL):
 #: per-position Dense: all pass, about 9 minutes on the loaded 2-core machine).
 DEFAULT_CASES = ("fc_flatten_input", "fc_concat", "conv1d_valid_stride_flatten", "conv1d_circular_standard",
                  "conv2d_valid_avgpool_flatten", "conv2d_same_avgpool_normalized_flatten", "layernorm",
-                 "conv1d_concat_spatial", "conv2d_concat_spatial")
+                 "conv1d_concat_spatial", "conv2d_concat_spatial",
+                 # neural-tangents' elementwise layers with their arguments (ABRelu, LeakyRelu, Sign, Exp,
+                 # Gaussian, Cos, Sigmoid_like) and its layout arguments at their defaults
+                 "fc_relu_family", "fc_exp_family", "conv1d_layout_arguments", "flatten_layout_arguments")
+#: cases whose kernels come from quadrature somewhere (abs, exp, gelu): compared at TOL_QUADRATURE
+QUADRATURE_CASES = ("fc_exp", "fc_abs", "conv1d_layout_arguments", "flatten_layout_arguments")
 ALL_CASES = os.environ.get("TPC_LAYERS_ALL") == "1"
 
 
@@ -83,7 +88,7 @@ def test_layers_match_neural_tangents(case):
     ref = reference("layers_nt_reference.npz")
     inp = META["cases"][case]["input"]
     text = META["cases"][case]["stax"][len("stax.serial("):-1]
-    tol = TOL_QUADRATURE if case in ("fc_exp", "fc_abs") else TOL
+    tol = TOL_QUADRATURE if case in QUADRATURE_CASES else TOL
     assert_matches(port(text), ref, case, ref[inp], ref[inp + "_test"], tol)
 
 

@@ -27,7 +27,11 @@ Instructions, in NTK parametrization (neural-tangents' conventions, tests/data/n
   are skipped under SAME (the divisor stays K), wrapped under CIRCULAR; on the input the
   taps' coordinates enter one input layer with K C columns;
 * biases: one initial vector b ~ N(0, b_std^2) per layer, shared by its positions;
-* nonlinearities: phi applied coordinatewise to every vector (any sympy phi);
+* nonlinearities: phi applied coordinatewise to every vector (any sympy phi; neural-tangents'
+  elementwise layers under their names and with their arguments: Relu, Abs, ABRelu, LeakyRelu,
+  Sign, Erf, Sigmoid_like, Gelu, Sin, Cos, Exp, Gaussian, plus Step, Tanh, Sigmoid, Softplus);
+  neural-tangents' layout arguments (batch_axis, channel_axis, dimension_numbers) are
+  accepted at the one layout used here, (N, *spatial, C);
 * AvgPool: the mean of the vectors in each window (divided by the window size, as
   neural-tangents' default normalize_edges=False); GlobalAvgPool: the mean over positions;
   Flatten: every (block, position) becomes its own block;
@@ -365,6 +369,17 @@ def _positive_int(value, where: str) -> int:
     return int(value)
 
 
+def _layout(layer: str, **axes) -> None:
+    """neural-tangents' layout arguments, accepted at the layout every tp.layers layer uses
+    (batch first, channels last: (N, *spatial, C)) so that stax code ports as it is written;
+    another layout is refused by name."""
+    expected = {"batch_axis": 0, "batch_axis_out": 0, "channel_axis": -1}
+    for name, value in axes.items():
+        if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value != expected[name]:
+            raise LayerError(f"{layer}: only {name}={expected[name]} is supported (tp.layers lays inputs out as "
+                             f"(N, *spatial, C), batch first and channels last), got {name}={value!r}")
+
+
 def _weights_args(layer: str, channels, W_std, b_std, parameterization) -> tuple:
     """(channels, W_std, b_std, standard?) of a Dense / Conv, checked.  The standard
     parametrization's NTK weight is channels / W_std^2: it needs W_std^2 > 0 in float64."""
@@ -377,10 +392,13 @@ def _weights_args(layer: str, channels, W_std, b_std, parameterization) -> tuple
     return out
 
 
-def Dense(out_dim: int, W_std: float = 1.0, b_std: float | None = None, parameterization: str = "ntk") -> Layer:
-    """Fully connected layer on the channel axis (neural-tangents' stax.Dense); as the last
-    layer, the readout.  ``out_dim`` is the channel count (it matters for FanInConcat and the
-    standard parametrization; the kernels are per output unit)."""
+def Dense(out_dim: int, W_std: float = 1.0, b_std: float | None = None, parameterization: str = "ntk", *,
+          batch_axis: int = 0, channel_axis: int = -1) -> Layer:
+    """Fully connected layer on the channel axis (neural-tangents' stax.Dense; its layout
+    arguments by keyword, at their defaults); as the last layer, the readout.  ``out_dim`` is
+    the channel count (it matters for FanInConcat and the standard parametrization; the
+    kernels are per output unit)."""
+    _layout("Dense", batch_axis=batch_axis, channel_axis=channel_axis)
     out_dim, W_std, b_std, standard = _weights_args("Dense", out_dim, W_std, b_std, parameterization)
     label = f"Dense({out_dim})"
 
@@ -415,11 +433,19 @@ def Dense(out_dim: int, W_std: float = 1.0, b_std: float | None = None, paramete
 
 
 def Conv(out_chan: int, filter_shape: Sequence[int], strides: Sequence[int] | None = None, padding: str = "VALID",
-         W_std: float = 1.0, b_std: float | None = None, parameterization: str = "ntk") -> Layer:
+         W_std: float = 1.0, b_std: float | None = None, parameterization: str = "ntk", *,
+         dimension_numbers=None) -> Layer:
     """1-D or 2-D convolution, channels last (neural-tangents' stax.Conv): filter_shape (k,)
-    or (kh, kw), strides (default 1), padding VALID / SAME / CIRCULAR."""
+    or (kh, kw), strides (default 1), padding VALID / SAME / CIRCULAR; ``dimension_numbers``
+    (by keyword) None or the channels-last one, ("NWC", "WIO", "NWC") or ("NHWC", "HWIO",
+    "NHWC")."""
     out_chan, W_std, b_std, standard = _weights_args("Conv", out_chan, W_std, b_std, parameterization)
     filt = _int_tuple(filter_shape, "Conv: filter_shape")
+    spatial_letters = {1: "W", 2: "HW"}.get(len(filt), "")
+    channels_last = ("N" + spatial_letters + "C", spatial_letters + "IO", "N" + spatial_letters + "C")
+    if dimension_numbers is not None and tuple(dimension_numbers) != channels_last:
+        raise LayerError(f"Conv: only channels-last dimension_numbers {channels_last} (or None) are supported "
+                         f"(tp.layers lays inputs out as (N, *spatial, C)), got {dimension_numbers!r}")
     strides = (1,) * len(filt) if strides is None else _int_tuple(strides, "Conv: strides")
     if len(strides) != len(filt):
         raise LayerError(f"Conv: strides {strides} and filter_shape {filt} have different lengths")
@@ -528,10 +554,11 @@ def _linear(b: _Builder, state, filt: tuple, strides: tuple, padding: str, W_std
 
 # -- pooling, flattening --------------------------------------------------------------------
 def AvgPool(window_shape: Sequence[int], strides: Sequence[int] | None = None, padding: str = "VALID",
-            normalize_edges: bool = False) -> Layer:
+            normalize_edges: bool = False, batch_axis: int = 0, channel_axis: int = -1) -> Layer:
     """Average pooling over windows (neural-tangents' stax.AvgPool): the sum over the window's
     positions inside the input divided by the window size, or, with ``normalize_edges``, by the
     number of those positions (SAME padding's edge windows are then means of what they cover)."""
+    _layout("AvgPool", batch_axis=batch_axis, channel_axis=channel_axis)
     if not isinstance(normalize_edges, (bool, np.bool_)):
         raise LayerError(f"AvgPool: normalize_edges must be True or False, got {normalize_edges!r}")
     window = _int_tuple(window_shape, "AvgPool: window_shape")
@@ -565,8 +592,9 @@ def AvgPool(window_shape: Sequence[int], strides: Sequence[int] | None = None, p
     return Layer(label, apply)
 
 
-def GlobalAvgPool() -> Layer:
+def GlobalAvgPool(batch_axis: int = 0, channel_axis: int = -1) -> Layer:
     """The mean over all spatial positions (neural-tangents' stax.GlobalAvgPool)."""
+    _layout("GlobalAvgPool", batch_axis=batch_axis, channel_axis=channel_axis)
 
     def apply(b, state):
         state = _hidden(state, "GlobalAvgPool")
@@ -582,9 +610,10 @@ def GlobalAvgPool() -> Layer:
     return Layer("GlobalAvgPool()", apply)
 
 
-def Flatten() -> Layer:
+def Flatten(batch_axis: int = 0, batch_axis_out: int = 0) -> Layer:
     """All spatial positions and channels into one channel axis (neural-tangents' stax.Flatten):
     on the input a reshape; on n-wide activations every (position, block) becomes a block."""
+    _layout("Flatten", batch_axis=batch_axis, batch_axis_out=batch_axis_out)
 
     def apply(b, state):
         state = _single(state, "Flatten")
@@ -713,15 +742,88 @@ def _builtin_layer(name: str) -> Callable[[], Layer]:
     return make
 
 
-Relu = _builtin_layer("relu")
 Step = _builtin_layer("step")
 Tanh = _builtin_layer("tanh")
 Sigmoid = _builtin_layer("sigmoid")
-Gelu = _builtin_layer("gelu")
-Cos = _builtin_layer("cos")
-Exp = _builtin_layer("exp")
 Softplus = _builtin_layer("softplus")
-Abs = _builtin_layer("abs")
+
+
+def _stabilize(do_stabilize, layer: str) -> None:
+    """neural-tangents' ``do_stabilize`` (how it evaluates its arc-cosine kernels, not which
+    function the layer applies): True or False, either is the same layer here."""
+    if not isinstance(do_stabilize, (bool, np.bool_)):
+        raise LayerError(f"{layer}: do_stabilize must be True or False, got {do_stabilize!r}")
+
+
+def Relu(do_stabilize: bool = False) -> Layer:
+    """relu(x) = max(x, 0) (neural-tangents' stax.Relu)."""
+    _stabilize(do_stabilize, "Relu")
+    return _builtin_layer("relu")()
+
+
+def Abs(do_stabilize: bool = False) -> Layer:
+    """|x| (neural-tangents' stax.Abs)."""
+    _stabilize(do_stabilize, "Abs")
+    return _builtin_layer("abs")()
+
+
+def ABRelu(a: float, b: float, do_stabilize: bool = False) -> Layer:
+    """a min(x, 0) + b max(x, 0) (neural-tangents' stax.ABRelu)."""
+    _stabilize(do_stabilize, "ABRelu")
+    a, b = _number(a, "ABRelu: a"), _number(b, "ABRelu: b")
+    return Nonlin(lambda t: a * sp.Min(t, 0) + b * sp.Max(t, 0), name="ABRelu")
+
+
+def LeakyRelu(alpha: float, do_stabilize: bool = False) -> Layer:
+    """alpha min(x, 0) + max(x, 0) (neural-tangents' stax.LeakyRelu)."""
+    _stabilize(do_stabilize, "LeakyRelu")
+    alpha = _number(alpha, "LeakyRelu: alpha")
+    return Nonlin(lambda t: alpha * sp.Min(t, 0) + sp.Max(t, 0), name="LeakyRelu")
+
+
+def Sign() -> Layer:
+    """sign(x) (neural-tangents' stax.Sign; its derivative is 0 away from 0, as there)."""
+    return Nonlin(sp.sign, name="Sign")
+
+
+def Gelu(approximate: bool = False) -> Layer:
+    """x Phi(x), Phi the standard normal CDF (neural-tangents' stax.Gelu).  neural-tangents'
+    ``approximate=True`` changes only its finite-width network (a tanh approximation) and not
+    its kernels, which a program cannot split: it is refused."""
+    if approximate is not False and approximate is not np.False_:
+        raise LayerError(f"Gelu: approximate={approximate!r}: in neural-tangents it changes the finite network "
+                         "only (tanh approximation), not the kernels; a program has one function for both. Use "
+                         "Gelu() (exact), or Nonlin(lambda t: ...) with the tanh approximation for both")
+    return _builtin_layer("gelu")()
+
+
+def Exp(a: float = 1.0, b: float = 1.0) -> Layer:
+    """a exp(b x) (neural-tangents' stax.Exp)."""
+    a, b = _number(a, "Exp: a"), _number(b, "Exp: b")
+    if (a, b) == (1.0, 1.0):
+        return _builtin_layer("exp")()
+    return Nonlin(lambda t: a * sp.exp(b * t), name="Exp")
+
+
+def Gaussian(a: float = 1.0, b: float = -1.0) -> Layer:
+    """a exp(b x^2) (neural-tangents' stax.Gaussian)."""
+    a, b = _number(a, "Gaussian: a"), _number(b, "Gaussian: b")
+    return Nonlin(lambda t: a * sp.exp(b * t**2), name="Gaussian")
+
+
+def Cos(a: float = 1.0, b: float = 1.0, c: float = 0.0) -> Layer:
+    """a cos(b x + c) (neural-tangents' stax.Cos)."""
+    a, b, c = _number(a, "Cos: a"), _number(b, "Cos: b"), _number(c, "Cos: c")
+    if (a, b, c) == (1.0, 1.0, 0.0):
+        return _builtin_layer("cos")()
+    return Nonlin(lambda t: a * sp.cos(b * t + c), name="Cos")
+
+
+def _number(value, where: str) -> float:
+    """A layer's real, finite number argument."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
+        raise LayerError(f"{where} must be a finite real number, got {value!r}")
+    return float(value)
 
 
 def Erf(a: float = 1.0, b: float = 1.0, c: float = 0.0) -> Layer:
@@ -729,6 +831,11 @@ def Erf(a: float = 1.0, b: float = 1.0, c: float = 0.0) -> Layer:
     if (a, b, c) == (1.0, 1.0, 0.0):
         return _builtin_layer("erf")()
     return Nonlin(lambda t: a * sp.erf(b * t) + c, name="Erf")
+
+
+def Sigmoid_like() -> Layer:  # noqa: N802 - neural-tangents' name
+    """0.5 erf(x / 2.4020563531719796) + 0.5 (neural-tangents' stax.Sigmoid_like)."""
+    return Erf(0.5, 1 / 2.4020563531719796, 0.5)
 
 
 def Sin(a: float = 1.0, b: float = 1.0, c: float = 0.0) -> Layer:

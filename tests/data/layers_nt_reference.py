@@ -64,6 +64,19 @@ CASES = {
     "conv2d_concat_spatial": ("x_2d", "Conv(512, (2, 2), None, 'SAME', W, B), FanOut(2), "
                                       "parallel(Conv(512, (2, 2), None, 'SAME', W, B), Conv(512, (1, 2), None, 'VALID', W, B)), "
                                       "FanInConcat(axis=-2), Relu(), Flatten(), Dense(1, W, B)"),
+    # neural-tangents' elementwise layers with their arguments, and its layout arguments at their
+    # defaults (added 2026-12-06: an audit found them TypeErrors in tp.layers)
+    "fc_relu_family": ("x_fc", "Dense(512, W, B), ABRelu(-0.3, 1.2), Dense(512, W, B), LeakyRelu(0.1, do_stabilize=True), "
+                               "Dense(512, W, B, batch_axis=0, channel_axis=-1), Sign(), Dense(1, W, B)"),
+    "fc_exp_family": ("x_fc", "Dense(512, W, B), Exp(0.5, 0.3), Dense(512, W, B), Gaussian(1.2, -0.5), Dense(512, W, B), "
+                              "Cos(0.5, 0.3, 0.1), Dense(512, W, B), Sigmoid_like(), Dense(1, W, B)"),
+    "conv1d_layout_arguments": ("x_1d", "Conv(512, (2,), None, 'SAME', W, B, dimension_numbers=('NWC', 'WIO', 'NWC')), "
+                                        "Gelu(approximate=False), AvgPool((2,), (1,), 'SAME', False, 0, -1), "
+                                        "Conv(512, (2,), None, 'SAME', W, B), Relu(do_stabilize=True), "
+                                        "GlobalAvgPool(batch_axis=0, channel_axis=-1), "
+                                        "Dense(1, W, B)"),
+    "flatten_layout_arguments": ("x_1d", "Flatten(batch_axis=0, batch_axis_out=0), Dense(512, W, B), "
+                                         "Abs(do_stabilize=False), Dense(1, W, B)"),
 }
 
 
