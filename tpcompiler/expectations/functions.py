@@ -118,10 +118,29 @@ def _changes_sign_only_at_zero(e: sp.Expr, x: sp.Symbol) -> bool:
             exact = sp.lambdify(x, e, modules=[nl.MPMATH_FUNCTIONS, "mpmath"])
             for signs, side in ((right, v), (left, -v)):
                 for k in np.flatnonzero(signs == 0):
-                    signs[k] = int(mpmath.sign(exact(float(side[k]))))
+                    signs[k] = _exact_sign(exact, float(side[k]))
     except Exception:  # noqa: BLE001 - not evaluable: not shown to be at 0
         return False
     return _one_sign(right) and _one_sign(left)
+
+
+#: Working precisions (decimal digits) at which ``_exact_sign`` evaluates a float64 zero again.
+#: A zero that survives the last is taken as a zero: 0.5 erf(x) + 0.5 at x = -30, the rules'
+#: reach, is 1e-393, which cancels to 0 below 400 digits.
+EXACT_SIGN_DIGITS = (30, 450)
+
+
+def _exact_sign(exact, t: float) -> int:
+    """The sign of ``exact(t)`` (an mpmath function) at increasing working precision: a value
+    0 in float64 may be an underflow (gelu(x) below -21) or a cancellation (0.5 erf(x) + 0.5
+    below -6, Sigmoid_like's output) that more digits resolve."""
+    value = 0
+    for digits in EXACT_SIGN_DIGITS:
+        with mpmath.workdps(digits):
+            value = int(mpmath.sign(exact(t)))
+        if value:
+            break
+    return value
 
 
 def _one_sign(signs: np.ndarray) -> bool:
