@@ -559,8 +559,7 @@ def AvgPool(window_shape: Sequence[int], strides: Sequence[int] | None = None, p
     positions inside the input divided by the window size, or, with ``normalize_edges``, by the
     number of those positions (SAME padding's edge windows are then means of what they cover)."""
     _layout("AvgPool", batch_axis=batch_axis, channel_axis=channel_axis)
-    if not isinstance(normalize_edges, (bool, np.bool_)):
-        raise LayerError(f"AvgPool: normalize_edges must be True or False, got {normalize_edges!r}")
+    _flag(normalize_edges, "AvgPool: normalize_edges")
     window = _int_tuple(window_shape, "AvgPool: window_shape")
     strides = (1,) * len(window) if strides is None else _int_tuple(strides, "AvgPool: strides")
     if len(strides) != len(window):
@@ -748,35 +747,36 @@ Sigmoid = _builtin_layer("sigmoid")
 Softplus = _builtin_layer("softplus")
 
 
-def _stabilize(do_stabilize, layer: str) -> None:
-    """neural-tangents' ``do_stabilize`` (how it evaluates its arc-cosine kernels, not which
-    function the layer applies): True or False, either is the same layer here."""
-    if not isinstance(do_stabilize, (bool, np.bool_)):
-        raise LayerError(f"{layer}: do_stabilize must be True or False, got {do_stabilize!r}")
+def _flag(value, where: str) -> None:
+    """A layer's yes/no argument must be True or False.  neural-tangents' ``do_stabilize`` is
+    one that changes nothing here (how NT evaluates its arc-cosine kernels, not which function
+    the layer applies)."""
+    if not isinstance(value, (bool, np.bool_)):
+        raise LayerError(f"{where} must be True or False, got {value!r}")
 
 
 def Relu(do_stabilize: bool = False) -> Layer:
     """relu(x) = max(x, 0) (neural-tangents' stax.Relu)."""
-    _stabilize(do_stabilize, "Relu")
+    _flag(do_stabilize, "Relu: do_stabilize")
     return _builtin_layer("relu")()
 
 
 def Abs(do_stabilize: bool = False) -> Layer:
     """|x| (neural-tangents' stax.Abs)."""
-    _stabilize(do_stabilize, "Abs")
+    _flag(do_stabilize, "Abs: do_stabilize")
     return _builtin_layer("abs")()
 
 
 def ABRelu(a: float, b: float, do_stabilize: bool = False) -> Layer:
     """a min(x, 0) + b max(x, 0) (neural-tangents' stax.ABRelu)."""
-    _stabilize(do_stabilize, "ABRelu")
+    _flag(do_stabilize, "ABRelu: do_stabilize")
     a, b = _number(a, "ABRelu: a"), _number(b, "ABRelu: b")
     return Nonlin(lambda t: a * sp.Min(t, 0) + b * sp.Max(t, 0), name="ABRelu")
 
 
 def LeakyRelu(alpha: float, do_stabilize: bool = False) -> Layer:
     """alpha min(x, 0) + max(x, 0) (neural-tangents' stax.LeakyRelu)."""
-    _stabilize(do_stabilize, "LeakyRelu")
+    _flag(do_stabilize, "LeakyRelu: do_stabilize")
     alpha = _number(alpha, "LeakyRelu: alpha")
     return Nonlin(lambda t: alpha * sp.Min(t, 0) + sp.Max(t, 0), name="LeakyRelu")
 
