@@ -159,6 +159,8 @@ class KernelFunction:
         (self.input_name, decl), = graph.inputs.items()
         self.d = len(decl.keys)
         key = _derivation_key(graph, rtol, self.runtime, share, templates, graph_parts) if cache else None
+        #: the derivation's disk-cache key (None without ``cache``), also its identity for Dask workers
+        self.derivation_key = key
         state = stored.load(key)
         #: whether the derivation was read from the disk cache (stored.py) instead of derived
         self.derivation_cached = state is not None

@@ -357,14 +357,15 @@ def worker_key(kf: KernelFunction) -> str:
     derivation's disk-cache key (the graph and options, kernels/stored.py).  The source alone
     is not the program: two programs can share it and differ in what it reads at run time
     (input features such as the coefficients of a bilinear form), and a worker that had
-    computed one gave the other's tiles its values.  A graph without a derivation key gets a
-    key of its own, so that workers build its kernels afresh."""
+    computed one gave the other's tiles its values.  The key ``kf`` was built with is reused
+    (the graph is hashed once); a graph without a derivation key gets a key of its own, so
+    that workers build its kernels afresh."""
     import hashlib
     import uuid
 
     from tpcompiler.backends.kernels.kernel import derivation_key
 
-    ident = derivation_key(kf.graph, kf.rtol) or f"unkeyed-{uuid.uuid4().hex}"
+    ident = kf.derivation_key or derivation_key(kf.graph, kf.rtol) or f"unkeyed-{uuid.uuid4().hex}"
     return hashlib.sha256(f"{ident}\0{kf.source}".encode()).hexdigest()
 
 
