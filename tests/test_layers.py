@@ -75,7 +75,9 @@ DEFAULT_CASES = ("fc_flatten_input", "fc_concat", "conv1d_valid_stride_flatten",
                  "conv1d_concat_spatial", "conv2d_concat_spatial",
                  # neural-tangents' elementwise layers with their arguments (ABRelu, LeakyRelu, Sign, Exp,
                  # Gaussian, Cos, Sigmoid_like) and its layout arguments at their defaults
-                 "fc_relu_family", "fc_exp_family", "conv1d_layout_arguments", "flatten_layout_arguments")
+                 "fc_relu_family", "fc_exp_family", "conv1d_layout_arguments", "flatten_layout_arguments",
+                 # LayerNorm over the positions (2 x 3) and over a row of positions of a 2-D conv
+                 "conv2d_layernorm_spatial", "conv2d_layernorm_rows")
 #: cases whose kernels come from quadrature somewhere (abs, exp, gelu): compared at TOL_QUADRATURE
 QUADRATURE_CASES = ("fc_exp", "fc_abs", "conv1d_layout_arguments", "flatten_layout_arguments")
 ALL_CASES = os.environ.get("TPC_LAYERS_ALL") == "1"
@@ -222,6 +224,13 @@ FINITE = {
     # Erf and Gelu right after a LayerNorm: their derivatives square the normalised form,
     # exp(-(c L)^2) with c = 1/sqrt(variance + eps), which the NTK's expectations must take as
     # a parameter-free function of the Gaussian c L (pairwise.py: _parameter_free_rescaling)
+    # LayerNorm over the six positions of a 2-D conv: its mean and variance are one Moment each,
+    # sums of six terms read by every position and by the backward pass (the engine reads them as
+    # quantities of their own: pairwise.py, _moment_read)
+    "conv2d_layernorm_spatial": layers.serial(
+        layers.Conv(8, (2, 2), padding="SAME", W_std=1.5, b_std=0.1), layers.Relu(), layers.LayerNorm(axis=(1, 2, 3)),
+        layers.Conv(8, (2, 2), padding="SAME", W_std=1.5, b_std=0.1), layers.Relu(), layers.Flatten(),
+        layers.Dense(1, 1.5, 0.1)),
     "fc_layernorm_erf": layers.serial(
         layers.Dense(8, 1.5, 0.1), layers.LayerNorm(), layers.Erf(), layers.Dense(1, 1.5, 0.1)),
     "conv1d_layernorm_spatial_gelu": layers.serial(
@@ -254,7 +263,7 @@ FINITE = {
         layers.Nonlin(lambda a: sympy.Piecewise((a, a > 0), (sympy.exp(a) - 1, True))), layers.Dense(1, 1.5, 0.1)),
 }
 SHAPES = {"conv1d_concat_spatial_relu_identity": (2, 1), "fc_layernorm_swish": (3,), "fc_layernorm_elu": (3,), "fc_elu": (3,), "fc_layernorm_twice_relu": (3,), "fc_sum_of_concats": (3,), "conv2d_pool_flatten": (2, 2, 1), "fc_concat": (3,), "fc_relu_layernorm": (3,),
-          "conv1d_layernorm_spatial": (3, 1), "fc_layernorm_erf": (3,), "conv1d_layernorm_spatial_gelu": (3, 1)}
+          "conv1d_layernorm_spatial": (3, 1), "conv2d_layernorm_spatial": (2, 3, 1), "fc_layernorm_erf": (3,), "conv1d_layernorm_spatial_gelu": (3, 1)}
 
 
 @pytest.mark.parametrize("name", sorted(FINITE))
@@ -504,6 +513,28 @@ def test_layernorm_instructions_normalise_like_numpy(axis):
     over = None if axis != -1 else 1
     mean, var = X.mean(axis=over, keepdims=True), X.var(axis=over, keepdims=True)
     assert np.abs(Y - (X - mean) / np.sqrt(var + 0.01)).max() < 1e-12
+
+
+@pytest.mark.parametrize("axis, groups", [((1, 2, 3), 1), ((2, 3), 3)])
+def test_a_layernorm_over_positions_is_one_mean_and_one_variance(axis, groups):
+    """A LayerNorm over positions (and channels) writes each group's mean and variance as one
+    Moment of the group's weighted sum, and the kernels' derivation reads each as one row
+    quantity: its longest quantity is a sum over one group's positions (the variance: P terms
+    and the mean's square).  Written as a sum of P Moments, the variance's square of the mean
+    had P^2 terms for each of P positions, and the backward pass a Moment per pair of
+    positions: 3 x 3 took 28 s to compile and call, 4 x 4 with a pooled readout 7.5 minutes."""
+    from tpcompiler.backends.kernels.kernel import KernelFunction
+    from tpcompiler.ir import ops
+
+    net = layers.serial(layers.Conv(4, (2, 2), padding="SAME", W_std=1.3, b_std=0.2), layers.Relu(),
+                        layers.LayerNorm(axis=axis), layers.Conv(4, (2, 2), padding="SAME", W_std=1.3, b_std=0.2),
+                        layers.Relu(), layers.Flatten(), layers.Dense(1, 1.3, 0.2))
+    graph = tp.compile(net.program((3, 3, 1))).graph
+    forward = [k for k in graph.keys_of(ops.Moment) if k.startswith(("mu", "var"))]
+    assert len(forward) == 2 * groups, forward
+    engine = KernelFunction(graph, cache=False).engine
+    longest = max(len(sympy.Add.make_args(q.definition)) for q in engine.order)
+    assert longest <= 9 // groups + 1, longest
 
 
 def _layernorm_chain() -> tp.Program:

@@ -668,11 +668,22 @@ def LayerNorm(axis=-1, eps: float = 1e-12, batch_axis: int = 0, channel_axis: in
         for members in groups.values():
             pairs = [(pos, i) for pos in members for i in range(len(state.blocks))]
             w = {i: sp.Rational(c, C * len(members)) for i, (_, c) in enumerate(state.blocks)}
-            mu = dsl.add(*(w[i] * dsl.mean(state.blocks[i][0][pos], name=b.name(f"mu{k}", pos, i if several else None))
-                           for pos, i in pairs))
-            var = dsl.add(*(w[i] * dsl.mean((state.blocks[i][0][pos] - mu) ** 2,
-                                            name=b.name(f"var{k}", pos, i if several else None))
-                            for pos, i in pairs))
+            if len(members) == 1:  # over the channels: a Moment per block
+                mu = dsl.add(*(w[i] * dsl.mean(state.blocks[i][0][pos], name=b.name(f"mu{k}", pos, i if several else None))
+                               for pos, i in pairs))
+                var = dsl.add(*(w[i] * dsl.mean((state.blocks[i][0][pos] - mu) ** 2,
+                                                name=b.name(f"var{k}", pos, i if several else None))
+                                for pos, i in pairs))
+            else:
+                # over positions too: one Moment each, of the weighted sum (the same number at any
+                # width, as every vector has n coordinates), so that every later instruction
+                # reads one mu and one var, not a sum over the group's positions (whose square,
+                # in var and in the backward pass, had |G|^2 terms for each of |G| positions)
+                group = tuple(members[0][i] for i in keep)
+                mu = dsl.mean(dsl.add(*(w[i] * state.blocks[i][0][pos] for pos, i in pairs)),
+                              name=b.name(f"mu{k}", group))
+                var = dsl.mean(dsl.add(*(w[i] * (state.blocks[i][0][pos] - mu) ** 2 for pos, i in pairs)),
+                               name=b.name(f"var{k}", group))
             scale = (var + eps) ** sp.Rational(-1, 2)
             for pos, i in pairs:
                 outs[i][pos] = ((state.blocks[i][0][pos] - mu) * scale).named(

@@ -77,6 +77,13 @@ CASES = {
                                         "Dense(1, W, B)"),
     "flatten_layout_arguments": ("x_1d", "Flatten(batch_axis=0, batch_axis_out=0), Dense(512, W, B), "
                                          "Abs(do_stabilize=False), Dense(1, W, B)"),
+    # LayerNorm over positions and channels, and over one spatial axis and channels, of a 2-D
+    # conv (added 2026-12-06: tp.layers now writes a group's mean and variance as one Moment each;
+    # neural-tangents normalises Gaussian inputs only: right after a Conv)
+    "conv2d_layernorm_spatial": ("x_2d", "Conv(512, (2, 2), None, 'SAME', W, B), LayerNorm(axis=(1, 2, 3)), Relu(), "
+                                         "Conv(512, (2, 2), None, 'SAME', W, B), Relu(), GlobalAvgPool(), Dense(1, W, B)"),
+    "conv2d_layernorm_rows": ("x_2d", "Conv(512, (2, 2), None, 'SAME', W, B), LayerNorm(axis=(2, 3)), Erf(), "
+                                      "Conv(512, (2, 2), None, 'CIRCULAR', W, B), Erf(), Flatten(), Dense(1, W, B)"),
 }
 
 

@@ -102,6 +102,10 @@ _EXPANSION_TERMS = 1 << 20
 #: vector with itself at the two inputs (``_coincident``), and those that do.
 PARTS = ("apart", "coincident")
 
+#: A Moment read by other instructions whose limit is a sum of more terms than this is read as a
+#: row quantity of its own (``PairwiseEngine._moment_read``)
+_NAMED_SUM_TERMS = 4
+
 #: A template whose value is a sum of more terms than this is written out where it is used
 #: (``PairwiseEngine._templated``), not called.
 _CALL_TERMS = 4
@@ -198,6 +202,7 @@ class PairwiseEngine:
         self.templates_found: list[Template] = []
         self._placeholder_leaves: set = set()
         self._moment_memo: dict = {}
+        self._moments_read: dict = {}     # _moment_read's
         self._by_pairs_memo: dict = {}
         self._sides_memo: dict = {}
         self._linear_memo: dict = {}
@@ -305,8 +310,27 @@ class PairwiseEngine:
             if s in self._params:
                 rep[s] = self._params[s]
             elif self._is_moment(s):
-                rep[s] = self.moment(s.key)
+                rep[s] = self._moment_read(s.key)
         return rep
+
+    def _moment_read(self, key: str) -> sp.Expr:
+        """A Moment's exact limit as the instructions that read it see it: its value, or, when
+        that is a sum of more than _NAMED_SUM_TERMS terms of the first input, a row quantity
+        defined as that sum (memoised).  A LayerNorm over positions reads its mean in every
+        position's vector and in its variance: substituted as a sum over the positions, the
+        variance's square of it and every form that reads both grew with the square of the
+        positions, for each position."""
+        found = self._moments_read.get(key)
+        if found is None:
+            found = self.moment(key)
+            if found.is_Add and len(found.args) > _NAMED_SUM_TERMS and self._sides(found) == {0}:
+                q = Quantity(symbols.quantity(len(self._order)), found, pair=False, label=f"E[{key}]")
+                self.quantities[("moment", key)] = q
+                self._quantity_keys[q.symbol] = ("moment", key)
+                self._order.append(q)
+                found = q.symbol
+            self._moments_read[key] = found
+        return found
 
     def moment(self, key: str, same_input: bool = False) -> sp.Expr:
         """The exact limit of a Moment (pair moments: a function of both inputs; with
