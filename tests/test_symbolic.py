@@ -128,6 +128,19 @@ def test_a_jump_whose_derivative_sympy_loses_is_refused(f, where):
         tp.compile(_through_a_jump(f)).limit(particles=1000, seed=0)
 
 
+def test_a_jump_between_two_vectors_is_refused_without_a_misleading_place():
+    """1{h > g} jumps where h = g, which moves with g: the error says so, and does not name one
+    place as if it were fixed (it said "jumps at Z^h = 0.12573", from one random draw of Z^g)."""
+    p = tp.Program("jump_between")
+    u, w = p.vec("u"), p.vec("w")
+    W = p.mat("W", sigma=1.0)
+    h = (W @ u).named("h")
+    v = (W.T @ tp.nonlin(lambda a, b: sp.Piecewise((1, a > b), (0, True)), h, w.named("g"))).named("v")
+    p.output("vu", tp.mean(v * u))
+    with pytest.raises(tp.ProgramError, match=r"jumps in Z\^h \(at Z\^h = \S+ for one random draw of Z\^g, on which"):
+        tp.compile(p).limit(particles=1000, seed=0)
+
+
 @pytest.mark.parametrize("f,exact", [
     (lambda t: sp.Heaviside(t), 1 / math.sqrt(2 * math.pi)),
     (lambda t: t + sp.Heaviside(t - sp.Rational(1, 2)), 1 + math.exp(-1 / 8) / math.sqrt(2 * math.pi)),

@@ -201,7 +201,11 @@ def refuse_lost_jump(key: str, expr: sp.Expr, s: sp.Symbol, derivative: sp.Expr)
     switching = _switching_expressions(expr, s)
     at = numeric_search.jump_point(expr, switching, s) if switching else None
     if at is not None:
-        raise ProgramError(f"instruction {key!r}: {expr} jumps at {s} = {at:.6g}, and its derivative as sympy "
+        others = sorted(map(str, expr.free_symbols - {s}))
+        # (a jump's place that depends on the other variables was found at one random draw of them)
+        where = (f"at {s} = {at:.6g}" if not others else
+                 f"in {s} (at {s} = {at:.6g} for one random draw of {', '.join(others)}, on which its place depends)")
+        raise ProgramError(f"instruction {key!r}: {expr} jumps {where}, and its derivative as sympy "
                            "writes it has no Dirac delta there, which the Master theorem's ZDot terms need; "
                            "write the jump with Heaviside (Heaviside(t - a) jumps by 1 at t = a), whose derivative "
                            "sympy knows")
