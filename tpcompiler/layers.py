@@ -640,7 +640,10 @@ def LayerNorm(axis=-1, eps: float = 1e-12, batch_axis: int = 0, channel_axis: in
     G of (position, block) pairs normalised together (one position unless ``axis`` names
     spatial axes) mu = sum_{(s, b) in G} w_b mean(h_{b,s}) and var = sum w_b mean((h_{b,s} -
     mu)^2) with w_b = c_b / (C |G|) (block b holds c_b of the C channels), and every vector of
-    the group becomes the Nonlin (h - mu) (var + eps)^(-1/2).  The kernels then come from the
+    the group becomes the Nonlin (h - mu) (var + eps)^(-1/2).  Over several positions, mu and
+    var are one Moment each, mean(sum w_b h_{b,s}) and mean(sum w_b (h_{b,s} - mu)^2) (every
+    vector has the same n coordinates, so these are the same numbers at any width): the
+    instructions that read them then grow with |G|, not with its square.  The kernels then come from the
     program: the Moments' limits (mu -> E[Z^h], var -> E[(Z^h - mu)^2]) and the backward
     pass through them (``ir.backward``)."""
     eps = _std(eps, "LayerNorm: eps")
