@@ -451,3 +451,27 @@ def test_bad_state_and_parameters_give_one_line_errors():
     for phi in ("abs", "step"):
         with pytest.raises(ValueError, match=f"pi-net: phi '{phi}' cannot be its nonlinearity: the pi-limit needs"):
             tp.PiLimit(tp.PiSpec(depth=1, r=2, d=3, dout=2, phi=phi))
+
+
+def test_a_finite_width_that_does_not_fit_is_refused_before_allocating(monkeypatch):
+    """At width 10^8 the finite pi-net's arrays grew until the system killed the process (exit
+    137, no message; a helper's audit of `tpc train --param pi --width 100000000`).  The
+    weights are now refused before they are allocated, and so is a batch whose activations
+    would not fit (the available memory pretended here: 1 GB, then 1 MB)."""
+    from tpcompiler import memory
+
+    spec = tp.PiSpec(depth=2, r=3, d=3, dout=2)
+    monkeypatch.setattr(memory, "available_bytes", lambda: 10**9)
+    with pytest.raises(ValueError, match=r"PiFinite: at width n = 100,000,000 its weights need about .* GB, but this "
+                                         r"machine has 1 GB available; use a smaller width") as err:
+        PiFinite(spec, 10**8)
+    assert "\n" not in str(err.value)
+    net = PiFinite(spec, 1000)  # 1000 x 3 bases: fits
+    monkeypatch.setattr(memory, "available_bytes", lambda: 10**6)
+    X, Y = np.ones((64, 3)), np.eye(2)[np.arange(64) % 2]
+    with pytest.raises(ValueError, match="the 64 examples' activations need about"):
+        net.step(X, Y, 0.1)
+    with pytest.raises(ValueError, match="the 64 examples' activations need about"):
+        net.forward(X)
+    monkeypatch.setattr(memory, "available_bytes", lambda: None)  # unknown: not refused
+    assert np.isfinite(net.step(X, Y, 0.1)).all()

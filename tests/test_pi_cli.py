@@ -143,6 +143,7 @@ def test_wd_is_weight_decay_for_every_parametrization():
     (["--lr-mult", "first=0.1,middle=2"], ["--lr-mult", "middle"]),
     (["--lr-mult", "first=-1"], ["--lr-mult", "first"]),
     (["--width", "1"], ["--width", f"r = {R}", "larger"]),
+    (["--width", str(10**13)], ["at width n = 10,000,000,000,000", "use a smaller width"]),  # (was a MemoryError)
     (["--resume", "S.npz"], ["--resume", "--init"]),
     (["--loss", "logistic"], ["--loss", "softmax"]),
 ])

@@ -37,7 +37,7 @@ import math
 
 import numpy as np
 
-from tpcompiler import validation
+from tpcompiler import memory, validation
 from tpcompiler.training.pi import (
     PiSpec, _resolve_state, check_batch, check_options, clip_factor, limited_threads, load_state_file, loss_and_delta,
     save_metadata, spec_and_options, transforms,
@@ -66,7 +66,12 @@ class PiFinite:
         self.wd, self.clip, self.mult = check_options(wd, clip, mult, loss)
         T = transforms(spec.phi)
         self.phi, self.dphi = T.numpy_phi, T.numpy_dphi
-        self._build(_resolve_state(spec, state, seed), seed)
+        state = _resolve_state(spec, state, seed)
+        rows = max((len(state[f"B{l}"]) for l in spec.layers()), default=0)
+        # the bases and hidden coefficients (n x r each per layer), the readout (dout x n), and
+        # the features of the state's rows that _build multiplies (n x rows, twice: phi's copy)
+        self._check_memory(8 * self.n * (2 * spec.depth * spec.r + spec.dout + 2 * rows), "its weights")
+        self._build(state, seed)
 
     def _build(self, state: dict, seed) -> None:
         """Parameters in the factored form W^l = Omega_l K_l (l <= L), beta_l = Omega_l c_l:
@@ -81,6 +86,21 @@ class PiFinite:
             K[l] = (state[f"Amult{l}"][:, None] * state[f"A{l}"]).T @ feats.T / n  # cols x n
         self.K = K
         self.c = {l: state[f"b{l}"].copy() for l in range(1, spec.depth + 2)} if spec.bias else {}
+
+    def _check_memory(self, need: int, what: str) -> None:
+        """Refuse, before allocating them, arrays of ``need`` bytes that this machine does not
+        have available (``memory.available_bytes``): at width 10^8 the process grew until the
+        system killed it, without a word."""
+        available = memory.available_bytes()
+        if available is not None and need > available:
+            raise validation.ArgumentError(
+                f"PiFinite: at width n = {self.n:,} {what} need about {memory.size_text(need)}, but this machine has "
+                f"{memory.size_text(available)} available; use a smaller width (the pi-limit itself: no width)")
+
+    def _batch_memory(self, X) -> None:
+        """``_check_memory`` for a forward and backward pass of the batch X: per layer its
+        pre-activations, their phi and the backward's vectors (B x n each)."""
+        self._check_memory(8 * len(X) * self.n * (3 * self.spec.depth + 2), f"the {len(X)} examples' activations")
 
     def _gram(self) -> None:
         self.gram = {l: o.T @ o for l, o in self.omega.items()}
@@ -149,6 +169,7 @@ class PiFinite:
                                        self.mult if mult is None else mult)
         lr = validation.number(lr, "lr", nonnegative=True)  # (NaN or inf made every prediction NaN)
         X, Y = check_batch(self.spec, X, Y)
+        self._batch_memory(X)
         with limited_threads(self.threads):
             hs, out = self._forward(X)
             losses, delta = loss_and_delta(out, Y, self.loss)
@@ -165,6 +186,7 @@ class PiFinite:
 
     def forward(self, X) -> np.ndarray:
         X = check_batch(self.spec, X)
+        self._batch_memory(X)
         with limited_threads(self.threads):
             return self._forward(X)[1]
 
