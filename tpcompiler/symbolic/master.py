@@ -459,8 +459,10 @@ class ZProgram:
         derivative; a MatMul's ZDot coefficient of Z^arg), all parents at once, cached."""
         if (key, arg) not in self._partials:
             entry = self.entries[key]
-            for a, d in partials(entry.z, [Z(p) for p in entry.parents]).items():
-                if entry.rule == "nonlin":
+            zs = [Z(p) for p in entry.parents]
+            found = partials(entry.z, zs)
+            for a, d in ((a, found[a]) for a in zs):  # in the parents' order: the first jump refused is
+                if entry.rule == "nonlin":             # the same under any hash seed
                     refuse_lost_jump(key, entry.z, a, d)
                 self._partials[(key, a.key)] = d
         return self._partials[(key, arg)]
