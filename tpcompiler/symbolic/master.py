@@ -461,10 +461,10 @@ class ZProgram:
             entry = self.entries[key]
             zs = [Z(p) for p in entry.parents]
             found = partials(entry.z, zs)
-            for a, d in ((a, found[a]) for a in zs):  # in the parents' order: the first jump refused is
-                if entry.rule == "nonlin":             # the same under any hash seed
-                    refuse_lost_jump(key, entry.z, a, d)
-                self._partials[(key, a.key)] = d
+            for a in zs:  # in the parents' order: the first jump refused is the same under any hash seed
+                if entry.rule == "nonlin":
+                    refuse_lost_jump(key, entry.z, a, found[a])
+                self._partials[(key, a.key)] = found[a]
         return self._partials[(key, arg)]
 
     # -- rules: the Master theorem per op (the MASTER table below) ------------------------

@@ -324,11 +324,7 @@ class PairwiseEngine:
         if found is None:
             found = self.moment(key)
             if found.is_Add and len(found.args) > _NAMED_SUM_TERMS and self._sides(found) == {0}:
-                q = Quantity(symbols.quantity(len(self._order)), found, pair=False, label=f"E[{key}]")
-                self.quantities[("moment", key)] = q
-                self._quantity_keys[q.symbol] = ("moment", key)
-                self._order.append(q)
-                found = q.symbol
+                found = self._new_quantity(("moment", key), found, False, f"E[{key}]")
             self._moments_read[key] = found
         return found
 
@@ -1436,7 +1432,13 @@ class PairwiseEngine:
         value = self._pair_moment(*key)
         if isinstance(value, sp.Number):
             return value
-        q = Quantity(symbols.quantity(len(self._order)), value, pair=(sides == {0, 1}), label=f"E[Z^{ka} Z^{kb}]")
+        return self._new_quantity(key, value, sides == {0, 1}, f"E[Z^{ka} Z^{kb}]")
+
+    def _new_quantity(self, key: tuple, value: sp.Expr, pair: bool, label: str) -> sp.Symbol:
+        """The symbol of a new Quantity defined as ``value``, numbered in creation order and
+        registered under ``key`` in ``quantities`` (a pair of forms' (ka, sa, kb, sb), or
+        ("moment", key) for ``_moment_read``)."""
+        q = Quantity(symbols.quantity(len(self._order)), value, pair=pair, label=label)
         self.quantities[key] = q
         self._quantity_keys[q.symbol] = key
         self._order.append(q)
