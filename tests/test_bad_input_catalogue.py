@@ -500,6 +500,10 @@ API_CASES = [
      r"^GlobalAvgPool: only channel_axis=-1 is supported"),
     ("layers Relu do_stabilize='yes'", lambda a: tp.layers.Relu(do_stabilize="yes"), r"^Relu: do_stabilize must be True or False"),
     ("layers Exp b=nan", lambda a: tp.layers.Exp(1.0, float("nan")), r"^Exp: b must be a finite real number, got nan"),
+    # (these reached the program and were refused there as a division by zero, or as numpy functions)
+    ("layers Erf a=nan", lambda a: tp.layers.Erf(float("nan")), r"^Erf: a must be a finite real number, got nan"),
+    ("layers Sin b=inf", lambda a: tp.layers.Sin(1.0, float("inf")), r"^Sin: b must be a finite real number, got inf"),
+    ("layers Sin c=None", lambda a: tp.layers.Sin(1, 2, None), r"^Sin: c must be a finite real number, got None"),
     ("CoordCheck.slope label", lambda a: measured_coordcheck().slope("sp", "h", 1), r"^slope: no parametrization 'sp' was measured"),
     ("CoordCheck.slope layer", lambda a: measured_coordcheck().slope("mup", "g", 1), r"^slope: no layer 'g'; layers \['h'\]"),
     ("CoordCheck.slope step", lambda a: measured_coordcheck().slope("mup", "h", 2), r"^slope: step must be an integer from 0"),

@@ -842,6 +842,7 @@ def _number(value, where: str) -> float:
 
 def Erf(a: float = 1.0, b: float = 1.0, c: float = 0.0) -> Layer:
     """a erf(b x) + c (neural-tangents' stax.Erf)."""
+    a, b, c = _number(a, "Erf: a"), _number(b, "Erf: b"), _number(c, "Erf: c")
     if (a, b, c) == (1.0, 1.0, 0.0):
         return _builtin_layer("erf")()
     return Nonlin(lambda t: a * sp.erf(b * t) + c, name="Erf")
@@ -854,6 +855,7 @@ def Sigmoid_like() -> Layer:  # noqa: N802 - neural-tangents' name
 
 def Sin(a: float = 1.0, b: float = 1.0, c: float = 0.0) -> Layer:
     """a sin(b x + c) (neural-tangents' stax.Sin)."""
+    a, b, c = _number(a, "Sin: a"), _number(b, "Sin: b"), _number(c, "Sin: c")
     if (a, b, c) == (1.0, 1.0, 0.0):
         return _builtin_layer("sin")()
     return Nonlin(lambda t: a * sp.sin(b * t + c), name="Sin")
