@@ -164,6 +164,7 @@ def test_closed_forms_are_symmetric_under_exchange():
     t = lambda a, b, c: math.atan2(sd(a, b, c), b)  # noqa: E731
     helpers = {  # the special functions of closed forms, for k11, k22 > 0
         "_det": lambda a, b, c: sd(a, b, c) ** 2,
+        "_cvar": lambda a, b, c: sd(a, b, c) ** 2 / c,
         "_J1": lambda a, b, c: (sd(a, b, c) + (math.pi - t(a, b, c)) * b) / (2 * math.pi),
         "_J0": lambda a, b, c: (math.pi - t(a, b, c)) / (2 * math.pi),
         "_RS": lambda a, b, c: (math.sqrt(a) + b / math.sqrt(c)) / (2 * math.sqrt(2 * math.pi)),
@@ -234,6 +235,20 @@ def test_arc_cosine_values_and_degenerate_inputs():
     assert d == pytest.approx(math.sqrt(var / (2 * math.pi)) / math.sqrt(2 * math.pi * 2.0), rel=1e-14)
     with pytest.raises(ValueError):
         g2.pair_expectation((sp.DiracDelta(X), X), "tanh")
+
+
+@pytest.mark.parametrize("k", [1e-160, 1e-200, 1e-300, 1e200])
+def test_delta_delta_at_tiny_and_huge_variances(k):
+    """E[delta(u) delta(v)] = 1 / (2 pi sqrt(k11 k22 - k12^2)) = 1 / (2 pi k sqrt(1 - rho^2))
+    at k11 = k22 = k: the determinant's products underflow below about 1e-154 (it was off
+    by 4e-5 at 1e-160 and a division by zero at 1e-200) and overflow above 1e154."""
+    dd = g2.pair_expectation((sp.DiracDelta(X), X), (sp.DiracDelta(X), X))
+    for rho in (0.3, -0.6, 0.0):
+        assert dd.scalar(k, rho * k, k) == pytest.approx(1 / (2 * math.pi * k * math.sqrt(1 - rho**2)), rel=1e-14)
+    # the mpmath value of the same closed form (a constant folded at compile time)
+    assert float(dd.expression.subs({sp.Symbol("k11", real=True): sp.Float(k), sp.Symbol("k12", real=True): sp.Float(0.3 * k),
+                                     sp.Symbol("k22", real=True): sp.Float(k)}).evalf(30)) == pytest.approx(
+        1 / (2 * math.pi * k * math.sqrt(1 - 0.09)), rel=1e-14)
 
 
 # ---------------------------------------------------------------------------------------

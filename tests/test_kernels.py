@@ -431,13 +431,14 @@ def test_special_functions_have_their_values_at_numbers():
     computes them: the arc-cosine kernels against numpy's formulas, a zero variance 0."""
     import sympy
 
-    from tpcompiler.expectations.special import _J0, _J1, _RS, _angle, _det, _pos, _sdet
+    from tpcompiler.expectations.special import _J0, _J1, _RS, _angle, _cvar, _det, _pos, _sdet
 
     k11, k12, k22 = 1.3, -0.4, 0.7
     sd = np.sqrt(k11 * k22 - k12**2)
     t = np.arctan2(sd, k12)
     expected = {_J1: (sd + (np.pi - t) * k12) / (2 * np.pi), _J0: (np.pi - t) / (2 * np.pi),
-                _RS: (np.sqrt(k11) + k12 / np.sqrt(k22)) / (2 * np.sqrt(2 * np.pi)), _sdet: sd, _det: sd**2}
+                _RS: (np.sqrt(k11) + k12 / np.sqrt(k22)) / (2 * np.sqrt(2 * np.pi)), _sdet: sd, _det: sd**2,
+                _cvar: sd**2 / k22}
     for f, value in expected.items():
         assert float(f(k11, k12, k22)) == pytest.approx(value, rel=1e-14), f
         assert float(f(sympy.Rational(13, 10), sympy.Rational(-2, 5), sympy.Rational(7, 10))) == pytest.approx(value, rel=1e-14)

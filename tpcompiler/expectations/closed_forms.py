@@ -41,7 +41,7 @@ import sympy as sp
 from sympy.codegen.cfunctions import expm1
 
 from tpcompiler.expectations.functions import EVEN, NEITHER, ODD, as_lambda
-from tpcompiler.expectations.special import _J0, _J1, _RS, _det
+from tpcompiler.expectations.special import _J0, _J1, _RS, _cvar, _det
 from tpcompiler.ir import nonlinearities as nl
 
 #: Symbols of the covariance entries in closed forms of pair expectations.
@@ -292,9 +292,9 @@ def _tilt(O, S, ko, k12, ks, used, depth):
 
 
 def _condition_on_zero(O, S, ko, k12, ks, used, depth):
-    """E[O(u) delta(v)] = p_v(0) E[O(u) | v = 0], var(u | v = 0) = det / ks."""
+    """E[O(u) delta(v)] = p_v(0) E[O(u) | v = 0], var(u | v = 0) = det / ks (``_cvar``)."""
     used.add("conditional delta")
-    return moment(O, _det(ko, k12, ks) / ks) / sp.sqrt(2 * sp.pi * ks)
+    return moment(O, _cvar(ko, k12, ks)) / sp.sqrt(2 * sp.pi * ks)
 
 
 def _stein(O, S, ko, k12, ks, used, depth):
