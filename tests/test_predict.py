@@ -138,6 +138,45 @@ def test_duplicated_training_inputs_at_infinite_time():
         assert_close(twice[g].cov, once[g].cov, 1e-9)
 
 
+@pytest.mark.parametrize("t", [30.0, 1e8, 1e16, 1e300])
+def test_duplicated_training_inputs_at_finite_times(t):
+    """Every row and target duplicated: the flow of f on the distinct inputs is the same at
+    every time (twice the eigenvalues, half the scaled time s = t lr / N).  The null
+    directions of the duplicated kernel multiplied rounding by g = s (at t = 1e300 the NTK
+    covariance overflowed and was refused as "kernels too large for float64"); they are
+    now dropped at every time, as at t = inf."""
+    k = nt_kernels("relu2")
+    idx = np.repeat(np.arange(12), 2)
+    dup = {g: {"train": k[g]["train"][np.ix_(idx, idx)], "test_train": k[g]["test_train"][:, idx],
+               "test": k[g]["test"]} for g in KINDS}
+    y = REF["y_train"]
+    once = P.predict(by_block(k, "train"), by_block(k, "test_train"), y, by_block(k, "test"), t=t)
+    twice = P.predict(by_block(dup, "train"), by_block(dup, "test_train"), y[idx], by_block(dup, "test"), t=t)
+    for g in KINDS:
+        assert "eigenvalues below N eps lambda_max dropped" in twice[g].method
+        assert_close(twice[g].mean, once[g].mean, 1e-9)
+        assert_close(twice[g].cov, once[g].cov, 1e-9)
+
+
+def test_conflicting_duplicates_tend_to_the_infinite_time_prediction():
+    """A training input twice with different targets (an exactly singular kernel, reg = 0):
+    gradient flow fits their mean, and the predictions at t = 1e16 and 1e300 are the t = inf
+    one (the minimum-norm interpolant), not rounding times s (the means were off by 4e-5 at
+    t = 1e12, by 34% (NNGP) and 43% (NTK) at 1e16, and refused at 1e300)."""
+    k = nt_kernels("relu2")
+    idx = np.array([0, 1, 2, 3, 4, 5, 1])
+    y = REF["y_train"][idx].copy()
+    y[-1] = -y[1] + 1.0
+    blocks = {g: {"train": k[g]["train"][np.ix_(idx, idx)], "test_train": k[g]["test_train"][:, idx],
+                  "test": k[g]["test"]} for g in KINDS}
+    end = P.predict(by_block(blocks, "train"), by_block(blocks, "test_train"), y, by_block(blocks, "test"))
+    for t in (1e16, 1e300):
+        late = P.predict(by_block(blocks, "train"), by_block(blocks, "test_train"), y, by_block(blocks, "test"), t=t)
+        for g in KINDS:
+            assert_close(late[g].mean, end[g].mean, 1e-9)
+            assert_close(late[g].cov, end[g].cov, 1e-9)
+
+
 def test_time_zero_and_late_times():
     """t = 0: the prior (mean 0, covariance K_**); a very late time: the t = inf prediction."""
     k = nt_kernels("relu2")

@@ -23,11 +23,11 @@ subscripts * for test inputs, X for training inputs, and A = g_s(Theta_r) Theta_
 (the NNGP at time t is gradient descent on the readout alone; at t = inf it is the GP
 posterior; Lee et al. 2019, "Wide neural networks of any depth evolve as linear models",
 for the NTK ensemble).  The functions of K are computed stably for ill-conditioned kernels:
-g_s(lambda) = s * exprel(-lambda s) is finite at lambda = 0, eigenvalues below zero (rounding)
-count as 0 like neural-tangents does, and at t = inf a kernel that Cholesky cannot factor or
-whose reciprocal condition number is below N * eps is inverted as a pseudo-inverse (its
-eigenvalues below N * eps * lambda_max dropped): the minimum-norm interpolant that gradient
-flow reaches from f_0 = 0.  Every result carries the condition number of the matrix it
+g_s(lambda) = s * exprel(-lambda s) has no division, and eigenvalues below N * eps * lambda_max
+(rounding; negative ones included) are dropped (g = 0) at every time (``_eigen_filter``), so
+that at t = inf a kernel that Cholesky cannot factor or whose reciprocal condition number is
+below N * eps is inverted as a pseudo-inverse, the minimum-norm interpolant that gradient
+flow reaches from f_0 = 0, and finite times tend to it.  Every result carries the condition number of the matrix it
 inverted and how it was inverted; nothing returns NaN.
 """
 from __future__ import annotations
@@ -142,22 +142,30 @@ def _cholesky(k_reg: np.ndarray) -> Filter | None:
 
 
 def _eigen_filter(evals: np.ndarray, evecs: np.ndarray, s: float) -> Filter:
-    """g_s from the eigendecomposition of K_r: s * exprel(-lambda s) for finite s (lambda
-    clipped at 0), the pseudo-inverse 1/lambda above N eps lambda_max for s = inf."""
+    """g_s from the eigendecomposition of K_r: s * exprel(-lambda s) for finite s, 1/lambda
+    (the pseudo-inverse) for s = inf, on the eigenvalues above N eps lambda_max; g = 0 on the
+    others, at every s.
+
+    Those are rounding: the kernel's entries are known to about eps, so the directions of
+    such eigenvalues (an exactly singular kernel's null space, duplicated training inputs)
+    are not determined by it.  In exact arithmetic the test kernel has no component along a
+    null direction (the joint kernel is positive semidefinite), but computed, it has one of
+    rounding size, which g = s (lambda = 0) multiplied: at t = 1e16 a prediction of about 0.5
+    came out near 2, at t = 1e300 near 1e284.  With g = 0 there the finite-time
+    predictions tend to the t = inf one."""
     top = float(max(evals[-1], 0.0))
     low = float(evals[0])
     condition = top / low if low > _rounding_floor(len(evals)) * top else INF  # numerically singular: inf
     lam = np.maximum(evals, 0.0)
+    keep = lam > _rounding_floor(len(lam)) * top
+    g = np.zeros_like(lam)
+    g[keep] = 1.0 / lam[keep] if s == INF else s * scipy.special.exprel(-lam[keep] * s)
+    dropped = int((~keep).sum())
+    below = f"{dropped} eigenvalue{'s' if dropped > 1 else ''} below N eps lambda_max dropped" if dropped else ""
     if s == INF:
-        keep = lam > _rounding_floor(len(lam)) * top
-        g = np.zeros_like(lam)
-        g[keep] = 1.0 / lam[keep]
-        dropped = int((~keep).sum())
-        method = "eigendecomposition (pseudo-inverse" + (f", {dropped} eigenvalue{'s' if dropped > 1 else ''} "
-                                                         "below N eps lambda_max dropped)" if dropped else ")")
+        method = "eigendecomposition (pseudo-inverse" + (f", {below})" if dropped else ")")
     else:
-        g = s * scipy.special.exprel(-lam * s)
-        method = "eigendecomposition"
+        method = "eigendecomposition" + (f" ({below})" if dropped else "")
     return Filter(lambda B: evecs @ (g[:, None] * (evecs.T @ B)), condition, method)
 
 
