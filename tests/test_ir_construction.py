@@ -14,7 +14,7 @@ from tpcompiler.cli.commands import build_parser
 from tpcompiler.ir import ops
 from tpcompiler.ir.backward import derive_backward
 from tpcompiler.ir.graph import Graph, OutputIndex, ProgramError, instantiate
-from tpcompiler.ir.ops import node_symbol
+from tpcompiler.ir.ops import node_symbol, primed_symbol
 from tpcompiler.ir.rules import MissingRule
 from tpcompiler.training import finite, sgd
 
@@ -105,6 +105,42 @@ def test_renaming_keeps_a_vectors_covariances_and_an_inputs_columns():
     p.output("hh", tp.mean(g * g.prime))
     limit = tp.compile(p).limit()
     assert [limit[f"hh[0,{j}]"][0] for j in (0, 1)] == pytest.approx([(0.25 + 1) / 2, (0.75 - 0.3) / 2], abs=1e-15)
+
+
+def test_handles_follow_renamings_made_after_they_were_read():
+    """A handle's expression is renamed only when a node was renamed since it was last read
+    (not at every operation: an RNN's NTK, T^2 terms added one at a time, was renamed whole
+    at each addition); a renaming after the read still shows, in the handle and in what is
+    built from it."""
+    p = tp.Program("late_rename")
+    u, v = p.vec("u"), p.vec("v")
+    W = p.mat("W")
+    h = W @ u  # an interned node with a generated name
+    generated = h.expr.key
+    s = h * v + u
+    assert node_symbol(generated) in s.expr.free_symbols  # (read now: remembered)
+    h.named("h")  # renames the generated node
+    assert s.expr == node_symbol("h") * node_symbol("v") + node_symbol("u")
+    assert (s * 2).expr == 2 * (node_symbol("h") * node_symbol("v") + node_symbol("u"))
+    p.output("m", tp.mean(s * s))
+    assert generated not in tp.compile(p).graph.g
+
+
+def test_prime_marks_what_depends_on_the_input_after_nodes_are_added_and_renamed():
+    """``.prime`` primes exactly the nodes reading the program's input, memoised per node
+    (it walked the whole graph at every call): nodes added after an earlier ``.prime``, a
+    node renamed after its answer was memoised, and nodes of initial vectors only."""
+    p = tp.Program("prime_memo")
+    xi = p.input("xi", 2, default=[[1.0, 0.5]])
+    u = p.vec("u")
+    g = p.input_layer("U", xi).named("g")
+    first = (g * u).prime  # memoises g (and u: not on the input)
+    assert first.expr == primed_symbol("g") * node_symbol("u")
+    h = tp.nonlin(sp.tanh, g).named("h")  # added after: reads g
+    w = tp.nonlin(sp.tanh, u).named("w")  # added after: does not
+    assert (h * w).prime.expr == primed_symbol("h") * node_symbol("w")
+    h2 = h.named("h2")  # renamed after its answer was memoised
+    assert (h2 + w).prime.expr == primed_symbol("h2") + node_symbol("w")
 
 
 def test_names_asked_for_a_shared_node_are_kept_and_listed_beside_it():

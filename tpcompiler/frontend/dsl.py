@@ -60,17 +60,23 @@ def _place(where) -> str:
 class _Value:
     """Common arithmetic of Vec and Scalar handles: a sympy expression over node symbols."""
 
-    __slots__ = ("program", "_expr")
+    __slots__ = ("program", "_expr", "_renames")
     kind = "?"
 
     def __init__(self, program: "Program", expr: sp.Expr):
         self.program = program
-        self._expr = expr
+        self._expr = expr  # (over the nodes' names when it was made: handles are made from current ones)
+        self._renames = program._renames()
 
     @property
     def expr(self) -> sp.Expr:
-        """The expression over node symbols (following any later renaming of its nodes)."""
-        return self.program._resolve(self._expr)
+        """The expression over node symbols (following any later renaming of its nodes),
+        renamed only when a node was renamed since it last was: an RNN's NTK, a sum of
+        T^2 terms added one at a time, was renamed whole at every addition (T = 30: 17 s)."""
+        if self._renames != self.program._renames():
+            self._expr = self.program._resolve(self._expr)
+            self._renames = self.program._renames()
+        return self._expr
 
     def _binary(self, other, fn, sym: str):
         other_expr, other_kind = self.program._coerce(other, lambda: f"{self._show()} {sym} ...")
@@ -131,8 +137,8 @@ class Vec(_Value):
         """This vector evaluated at a second input xi' (for kernel outputs: tp.mean(x * x.prime))."""
         if not self.program.graph.inputs:
             raise DSLError(f"{self._show()}.prime: the program has no input, so there is no second input xi'")
-        dependent = self.program.graph.input_dependent()
-        return Vec(self.program, self.expr.xreplace({s: primed_symbol(s.key) for s in self.expr.free_symbols if s.key in dependent}))
+        expr, dependent = self.expr, self.program._input_dependent
+        return Vec(self.program, expr.xreplace({s: primed_symbol(s.key) for s in expr.free_symbols if dependent(s.key)}))
 
 
 class Scalar(_Value):
@@ -237,6 +243,7 @@ class Program:
         self.name = name
         self.graph = Graph(name)
         self._renamed: dict[sp.Symbol, sp.Symbol] = {}
+        self._dependent: dict[str, bool] = {}  # node -> whether it depends on the input (_input_dependent)
 
     @classmethod
     def from_graph(cls, graph: Graph) -> "Program":
@@ -415,6 +422,31 @@ class Program:
 
     def _resolve(self, expr: sp.Expr) -> sp.Expr:
         return expr.xreplace(self._renamed) if self._renamed else expr
+
+    def _renames(self) -> int:
+        """How many renamings there were so far (``_renamed`` gains a key with each: an old
+        name cannot be used again)."""
+        return len(self._renamed)
+
+    def _input_dependent(self, key: str) -> bool:
+        """Whether node ``key`` depends on the program's input (an input coordinate, or a node
+        reading one), memoised per node: nodes are only added, never changed, so the answer
+        stays (``graph.input_dependent()`` walked the whole graph at every ``.prime``, which
+        an RNN's NTK asks T^2 times)."""
+        memo, g = self._dependent, self.graph.g
+        if key in memo or key not in g:
+            return memo.get(key, False)
+        inputs = set(self.graph.input_keys())
+        stack = [key]
+        while stack:  # (iterative: a long chain of nodes is deeper than Python's recursion)
+            k = stack[-1]
+            waiting = [a for a in g.predecessors(k) if a not in memo]
+            if waiting:
+                stack.extend(waiting)
+                continue
+            stack.pop()
+            memo[k] = k in inputs or any(memo[a] for a in g.predecessors(k))
+        return memo[key]
 
     def _rename(self, old: str, new: str) -> str:
         """Rename node ``old`` (no instruction reads it yet); handles keep working."""
