@@ -40,13 +40,15 @@ def build(T=3, phi="tanh", sigma=1.2, w_in=1.0, d=2):
     for t in range(T):
         p.output(f"q{t + 1}", tp.mean(act(hs[t]) ** 2))
     nngp = tp.mean(act(hs[-1]) * act(hs[-1]).prime, name="K_out")
-    ntk = nngp
+    phis, phis_second = [act(h) for h in hs], [act(h).prime for h in hs]
+    terms = []  # (added at once by tp.add: one at a time, each addition re-sorts the sum so far)
     for s in range(T):
         for t in range(T):
             kdh = tp.mean(dhs[s] * dhs[t].prime)
-            ntk = ntk + win**2 * tp.mean(gs[s] * gs[t].prime) * kdh
+            terms.append(win**2 * tp.mean(gs[s] * gs[t].prime) * kdh)
             if s >= 1 and t >= 1:
-                ntk = ntk + W_sigma2(p) * tp.mean(act(hs[s - 1]) * act(hs[t - 1]).prime) * kdh
+                terms.append(W_sigma2(p) * tp.mean(phis[s - 1] * phis_second[t - 1]) * kdh)
+    ntk = tp.add(nngp, *terms)
     p.output("nngp", nngp)
     p.output("ntk", ntk)
     return p
