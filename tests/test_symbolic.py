@@ -437,3 +437,31 @@ def test_the_zdot_of_abs_of_a_built_in_is_its_derivative(phi):
                           epsabs=1e-13, epsrel=1e-12)[0] if phi != "relu" else 0.5
     value, stderr = tp.compile(p).limit()["yu"]
     assert stderr == 0 and value == pytest.approx(want, rel=1e-9)
+
+
+def test_formulas_display_each_derivative_once_and_decide_inlining_as_count_ops_does(monkeypatch):
+    """``derivative_display`` is memoised: an inlined derivative reads the displays of inner
+    ones, and without the memo resmlp's formulas displayed 2^(depth - 2) of them (depth 12:
+    1,024).  A derivative whose tree has more than INLINE_NODES nodes is not inlined without
+    count_ops (which walks shared subexpressions as a tree: mup_mlp at 8 steps ran for
+    minutes); the formulas are the same as with count_ops deciding every one."""
+    from pathlib import Path
+
+    from tpcompiler.frontend.loader import load
+    from tpcompiler.symbolic import master
+
+    programs = Path(__file__).resolve().parent.parent / "programs"
+    calls = []
+    display = master.ZProgram.display
+    monkeypatch.setattr(master.ZProgram, "display", lambda self, e: calls.append(e) or display(self, e))
+    c = tp.compile(load(programs / "resmlp.py", depth=12))
+    c.formulas()
+    assert 0 < len(calls) <= 10 * 12, len(calls)
+    monkeypatch.setattr(master.ZProgram, "display", display)
+    for path, params in (("resmlp.py", {"depth": 8}), ("mup_mlp.py", {"steps": 3}), ("cnn1d.py", {"depth": 4})):
+        c = tp.compile(load(programs / path, **params))
+        bounded = c.formulas()
+        monkeypatch.setattr(master, "INLINE_NODES", 10**9)
+        c.zprogram._derivative_displays.clear()
+        assert c.formulas() == bounded, path
+        monkeypatch.setattr(master, "INLINE_NODES", 2000)

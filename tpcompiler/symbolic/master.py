@@ -50,6 +50,12 @@ from tpcompiler.ir.symbols import Z, Zhat, monomial
 
 #: Derivative expressions larger than this are shown as dZ^x/dZHat^v rather than inlined.
 MAX_INLINE_OPS = 60
+#: A derivative whose expression, as a tree, has more nodes than this has far more than
+#: MAX_INLINE_OPS operations (an Add or Mul counts one per argument beyond the first, a
+#: function one, an E[dZ/dZHat] atom of 6 nodes 2), so it is not inlined without being
+#: counted: derivatives share subexpressions, and count_ops walks them as a tree, which for
+#: mup_mlp's formulas at 5 steps was 7.9 s of 12.5.
+INLINE_NODES = 2000
 
 
 class Expectation(sp.Function):
@@ -312,6 +318,7 @@ class ZProgram:
         self._dsignature: dict = {}
         self._uncorrelated: dict = {}  # node -> _parity_sets
         self._derivative: dict = {}
+        self._derivative_displays: dict = {}  # (x, source) -> derivative_display
         self._partials: dict = {}
         self._init_block = self._init_blocks()
         self.checker = Checker(self)
@@ -558,11 +565,20 @@ class ZProgram:
 
     def derivative_display(self, x: str, source: str) -> sp.Expr:
         """The derivative inlined (inner ZDot coefficients too) when small, else the
-        unevaluated dZ^x/dZHat^source."""
-        d = self.display(self.derivative(x, source))
-        if sp.count_ops(d) > MAX_INLINE_OPS:
-            return sp.Derivative(Z(x), Zhat(source), evaluate=False)
-        return d
+        unevaluated dZ^x/dZHat^source.  Memoised: each inlined derivative reads the displays
+        of inner ones, so without the memo a residual network's formulas made 2^(depth - 2)
+        calls (resmlp depth 16: 16,384)."""
+        memo = self._derivative_displays
+        found = memo.get((x, source))
+        if found is None:
+            d = self.derivative(x, source)
+            # (displaying replaces E[dZ/dZHat] atoms by E[displays]: never fewer operations)
+            small = not _larger_than(d, INLINE_NODES)
+            if small:
+                d = self.display(d)
+                small = not _larger_than(d, INLINE_NODES) and sp.count_ops(d) <= MAX_INLINE_OPS
+            found = memo[(x, source)] = d if small else sp.Derivative(Z(x), Zhat(source), evaluate=False)
+        return found
 
     def display(self, expr: sp.Expr) -> sp.Expr:
         """``expr`` with every E[dZ^x/dZHat^v] written out by derivative_display."""
@@ -585,6 +601,18 @@ class ZProgram:
 
     def nonzero_zdot_count(self) -> int:
         return sum(len(self.zdot_terms(k)) for k in self.order)
+
+
+def _larger_than(expr: sp.Basic, nodes: int) -> bool:
+    """Whether ``expr``, read as a tree (shared subexpressions once per occurrence), has more
+    than ``nodes`` nodes; walks at most that many."""
+    stack, seen = [expr], 0
+    while stack:
+        seen += 1
+        if seen > nodes:
+            return True
+        stack.extend(stack.pop().args)
+    return False
 
 
 def _proof_block(signature: dict) -> str | None:
