@@ -43,12 +43,15 @@ def _vector_symbols(graph, key: str) -> dict:
 
 def _polynomial_of_degree(graph, key: str, expr: sp.Expr, degree: int) -> bool:
     """Whether ``expr`` is a polynomial of total degree <= ``degree`` in the vector
-    arguments of ``key`` with coefficients free of them."""
+    arguments of ``key`` with coefficients free of them.  Its coefficients are taken as they
+    are (sympy's EX domain, here and in ``_nonlin`` and ``_moment``): the domain sympy would
+    construct for them, a field of fractions over every exp of a softmax's logits (word2vec),
+    runs a multivariate gcd per polynomial (vocabulary V = 8: minutes)."""
     vecs = list(_vector_symbols(graph, key))
     if not vecs:
         return True
     try:
-        poly = sp.Poly(expr, *vecs)
+        poly = sp.Poly(expr, *vecs, domain=sp.EX)
     except sp.PolynomialError:
         return False
     return poly.total_degree() <= degree and not any(c.has(*vecs) for c in poly.coeffs())
@@ -134,7 +137,7 @@ def _nonlin(run: _ExactRun, entry, op) -> _Affine:
     vecs = _vector_symbols(run.zp.graph, entry.key)
     if not vecs:
         return _Affine(run.basis.zero(), run.scalar(op.expr))
-    poly = sp.Poly(op.expr, *vecs)
+    poly = sp.Poly(op.expr, *vecs, domain=sp.EX)
     out = _Affine(run.basis.zero(), 0.0)
     for monom, c in poly.terms():
         w = run.scalar(c)
@@ -180,7 +183,7 @@ def _moment(run: _ExactRun, entry, op) -> float:
         return run.scalar(op.expr)
     keys = list(vecs.values())
     total = 0.0
-    for monom, c in sp.Poly(op.expr, *vecs).terms():
+    for monom, c in sp.Poly(op.expr, *vecs, domain=sp.EX).terms():
         w = run.scalar(c)
         idx = [i for i, p in enumerate(monom) for _ in range(p)]
         if not idx:
