@@ -39,6 +39,7 @@ symbols do (``class_key``), so expression orderings do not depend on the classes
 from __future__ import annotations
 
 import functools
+import itertools
 from functools import lru_cache
 
 import sympy as sp
@@ -378,6 +379,25 @@ def preorder(expr: sp.Basic, prune=None):
         yield x
         if prune is None or not prune(x):
             stack.extend(reversed(x.args))
+
+
+def outermost(expr: sp.Basic, types: tuple) -> list:
+    """The distinct subexpressions of ``types`` in expr that are not inside one another, in
+    the order of a preorder traversal (``preorder``): fixed by the expression, unlike the
+    order of a set of atoms, which follows the per-process hash seed (the generated kernel
+    source numbers the arguments it makes in this order, and must be the same in every run
+    to hit the cache)."""
+    found: dict = {}
+    for sub in preorder(expr, prune=lambda x: isinstance(x, types)):
+        if isinstance(sub, types):
+            found.setdefault(sub, None)
+    return list(found)
+
+
+def larger_than(expr: sp.Basic, nodes: int) -> bool:
+    """Whether the expression tree of ``expr`` (a shared subexpression once per occurrence)
+    has more than ``nodes`` nodes, counted up to there."""
+    return next(itertools.islice(preorder(expr), nodes, None), None) is not None
 
 
 def monomial(*factors: sp.Expr) -> sp.Expr:

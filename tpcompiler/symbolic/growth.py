@@ -35,7 +35,6 @@ rational power it expands) took gigabytes and was killed.
 """
 from __future__ import annotations
 
-import itertools
 from fractions import Fraction
 
 import sympy as sp
@@ -92,11 +91,6 @@ def beats_gaussian_tail(f: sp.Expr, t: sp.Symbol, rate) -> bool:
         if d > 2 or (d == 2 and c is not None and limit is not None and c > limit):
             return True
     return False
-
-
-def _larger_than(e: sp.Expr, nodes: int) -> bool:
-    """Whether the expression tree of ``e`` has more than ``nodes`` nodes (counted up to there)."""
-    return next(itertools.islice(symbols.preorder(e), nodes, None), None) is not None
 
 
 def _times(a, b):
@@ -257,7 +251,7 @@ class _Bounds:
     def _nonzero_polynomial(self, e: sp.Expr) -> bool:
         """A polynomial in t with real coefficients, one of them proven nonzero (a coefficient
         that is 0 without looking it, cos(1)^2 + sin(1)^2 - 1, proves nothing)."""
-        if e.free_symbols != {self.t} or _larger_than(e, _POLYNOMIAL_NODES) or not e.is_polynomial(self.t):
+        if e.free_symbols != {self.t} or symbols.larger_than(e, _POLYNOMIAL_NODES) or not e.is_polynomial(self.t):
             return False  # (a large one is not expanded: a nested polynomial of degree 2^11 took minutes)
         try:
             coefficients = sp.Poly(e, self.t).all_coeffs()

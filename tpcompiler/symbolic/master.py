@@ -573,10 +573,10 @@ class ZProgram:
         if found is None:
             d = self.derivative(x, source)
             # (displaying replaces E[dZ/dZHat] atoms by E[displays]: never fewer operations)
-            small = not _larger_than(d, INLINE_NODES)
+            small = not symbols.larger_than(d, INLINE_NODES)
             if small:
                 d = self.display(d)
-                small = not _larger_than(d, INLINE_NODES) and sp.count_ops(d) <= MAX_INLINE_OPS
+                small = not symbols.larger_than(d, INLINE_NODES) and sp.count_ops(d) <= MAX_INLINE_OPS
             found = memo[(x, source)] = d if small else sp.Derivative(Z(x), Zhat(source), evaluate=False)
         return found
 
@@ -601,18 +601,6 @@ class ZProgram:
 
     def nonzero_zdot_count(self) -> int:
         return sum(len(self.zdot_terms(k)) for k in self.order)
-
-
-def _larger_than(expr: sp.Basic, nodes: int) -> bool:
-    """Whether ``expr``, read as a tree (shared subexpressions once per occurrence), has more
-    than ``nodes`` nodes; walks at most that many."""
-    stack, seen = [expr], 0
-    while stack:
-        seen += 1
-        if seen > nodes:
-            return True
-        stack.extend(stack.pop().args)
-    return False
 
 
 def _proof_block(signature: dict) -> str | None:

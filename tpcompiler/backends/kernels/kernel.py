@@ -381,7 +381,7 @@ class KernelFunction:
         lowered = None if recipe is None else self._call_from_recipe(recipe, call.args[1:])
         if lowered is None:
             value = self.engine.instantiate(call)
-            rep = {c: self._expectation_call(c) for c in _outermost(value, (E1, E2))}
+            rep = {c: self._expectation_call(c) for c in symbols.outermost(value, (E1, E2))}
             lowered = value.xreplace(rep) if rep else value
         return lowered
 
@@ -396,7 +396,7 @@ class KernelFunction:
         template = self.engine.templates_found[index]
         value = self.engine.instantiate(template.value)
         position = {s: k for k, s in enumerate(template.slots)}
-        calls = _outermost(value, (E1, E2))
+        calls = symbols.outermost(value, (E1, E2))
         recipe = None
         if not calls:
             recipe = _Recipe(value, None, None, [(s, k) for s, k in position.items() if s in value.free_symbols], [])
@@ -527,7 +527,7 @@ class KernelFunction:
         """``a`` if it is a number, a symbol or an input-layer covariance (a Gram entry once
         featurized), else the feature it featurizes to, else a CallArgumentSymbol assigned its
         lowered value, one per distinct expression of the stage (``_lower_stage``)."""
-        inner = _outermost(a, (E1, E2))
+        inner = symbols.outermost(a, (E1, E2))
         if inner:
             a = a.xreplace({c: self._expectation_call(c) for c in inner})
         return self._named(a)
@@ -1045,19 +1045,6 @@ def _reads_values(e: sp.Expr) -> bool:
     if atoms is not None:
         return any(a.is_Symbol and symbols.is_quantity(a) for a in atoms)
     return any(isinstance(x, TemplateCall) or (x.is_Symbol and symbols.is_quantity(x)) for x in sp.preorder_traversal(e))
-
-
-def _outermost(expr: sp.Expr, types: tuple) -> list:
-    """The distinct subexpressions of ``types`` in expr that are not inside one another, in
-    the order of a preorder traversal (``symbols.preorder``): fixed by the expression, unlike
-    the order of a set of atoms, which follows the per-process hash seed (the generated source
-    numbers the arguments it makes in this order, and must be the same in every run to hit
-    the cache)."""
-    found: dict = {}
-    for sub in symbols.preorder(expr, prune=lambda x: isinstance(x, types)):
-        if isinstance(sub, types):
-            found.setdefault(sub, None)
-    return list(found)
 
 
 @dataclass

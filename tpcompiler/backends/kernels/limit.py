@@ -20,9 +20,9 @@ from __future__ import annotations
 import numpy as np
 import sympy as sp
 
-from tpcompiler.backends.kernels.kernel import _outermost
 from tpcompiler.backends.kernels.pairwise import E1, E2, ExpectationRules, NotPairwise, PairwiseEngine, TemplateCall
 from tpcompiler.backends.lowering import evaluate
+from tpcompiler.ir import symbols
 from tpcompiler.symbolic.master import ZProgram
 
 #: Relative accuracy of quadratures (the kernel backend's default; closed forms are exact).
@@ -75,7 +75,7 @@ class _Values:
 
     def of(self, expr: sp.Expr) -> float:
         expr = self.zp.graph.expand_input_cov(expr)
-        values = {c: sp.Float(self.call(c)) for c in _outermost(expr, (E1, E2, TemplateCall))}
+        values = {c: sp.Float(self.call(c)) for c in symbols.outermost(expr, (E1, E2, TemplateCall))}
         return evaluate(expr.xreplace(values) if values else expr, self.env)
 
     def call(self, c: sp.Expr) -> float:
