@@ -20,6 +20,11 @@ cnn1d: ``programs/cnn1d.py`` (C = 2, filter 3 SAME, relu, GlobalAvgPool); 2-D: `
 (3, 3), SAME), Relu`` x depth, ``GlobalAvgPool, Dense`` on (H, W, 2) inputs (tp.layers); "Flatten":
 ``Flatten`` in place of ``GlobalAvgPool``.
 
+``--depth``: deep CNNs (cnn1d L = 8, depth 4 to 16), each case twice in one run: as generated
+(a layer's loops once, inside a loop over the layers: kernels._folded) and with the loops
+written out layer by layer (``_FOLD_PERIOD = 0``, the code before that change), in a section
+of its own; the kernels of the two are compared bit for bit.
+
 ``--steps``: where the derivation's time goes, per step of ``tp.compile`` and of the kernel
 derivation (``progress.timed_steps``), in seconds and in microseconds per pair of positions
 (what grows: the quantities of a pooled readout are three per pair), for the 2-D depth-2
@@ -65,6 +70,8 @@ STEPS_CASES = [{"kind": "2d", "L": L, "depth": 2, "steps": True} for L in (8, 12
     [{"kind": "2d", "L": 16, "depth": 2, "readout": "flatten", "steps": True}]
 FLATTEN_SECTION = "## CNN compile time per step, Flatten readouts (tp.layers, issue 11)"
 FLATTEN_CASES = [{"kind": "2d", "L": L, "depth": 2, "readout": "flatten", "steps": True} for L in (8, 16, 32)]
+DEPTH_SECTION = "## CNN compile time vs depth: a layer's loops once (issue 11)"
+DEPTH_CASES = [{"kind": "cnn1d", "L": 8, "depth": depth} for depth in (4, 8, 16)]
 QUICK = [{"kind": "cnn1d", "L": 8, "depth": 2}, {"kind": "2d", "L": 4, "depth": 1}]
 
 
@@ -85,6 +92,9 @@ def program(case: dict):
 def run_case(case: dict) -> dict:
     import tpcompiler as tp
 
+    if case.get("written"):  # the loops written out layer by layer (--depth)
+        from tpcompiler.backends.kernels import kernel
+        kernel._FOLD_PERIOD = 0
     t = time.perf_counter()
     prog, shape = program(case)
     built = time.perf_counter() - t
@@ -97,8 +107,11 @@ def run_case(case: dict) -> dict:
     derive = time.perf_counter() - t
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * (1 if sys.platform == "darwin" else 1024)
     t = time.perf_counter()
-    kf(X[:7])
+    first_kernels = kf(X[:7])
     first = time.perf_counter() - t
+    if case.get("depth_table"):
+        return {"derive": derive, "first": first, "lines": len(kf.source.splitlines()),
+                "bits": {k: v.view(np.int64).tolist() for k, v in first_kernels.items()}, "load": os.getloadavg()[0]}
     if case.get("again"):  # a second process on the first one's caches: the stored derivation
         return {"again": derive + first, "cached": kf.derivation_cached}
     from tpcompiler.backends.kernels import tiled
@@ -166,6 +179,41 @@ def steps_table(rows, section: str = STEPS_SECTION, command: str = "--steps") ->
     return "\n".join(lines) + "\n"
 
 
+def depth_table() -> str:
+    """The --depth section: each deep CNN generated as it is and written out layer by layer, in
+    fresh processes with empty code caches, one after the other."""
+    rows = []
+    for case in DEPTH_CASES:
+        pair = []
+        for written in (False, True):
+            with tempfile.TemporaryDirectory() as cache:
+                os.environ["TPCOMPILER_CACHE_DIR"] = cache
+                pair.append(spawn(Path(__file__), {**case, "depth_table": True, "written": written}, timeout=1800))
+        print(name(case), [{k: v for k, v in r.items() if k != "bits"} for r in pair], flush=True)
+        rows.append((case, *pair))
+    m = machine_info()
+    lines = [DEPTH_SECTION, "",
+             f"`python benchmarks/cnn_compile.py --depth` on {m['cpu']}, {m['cores']} cores, {m['memory']}; "
+             f"{m['date']}; numba {m['numba']}.  Each case in a fresh process with an empty code cache, "
+             "OMP_NUM_THREADS=1, twice: as generated (a sequence of loops repeated with other tables, a layer's, "
+             "written once inside a loop over the repetitions: `kernel._folded`) and written out layer by layer "
+             "(`_FOLD_PERIOD = 0`: the code before that change).  derive + codegen = "
+             "`tp.compile(...).kernel_function()`; first call = the first `kf(X)` on 7 inputs (Numba's compile); "
+             "lines = the generated module's; same bits = the two kernels equal bit for bit; load = 1-minute load "
+             "average at the end of the case.", "",
+             "| program | derive + codegen (s) | first call (s) | first call, written out (s) | ratio | lines | "
+             "lines, written out | same bits | load |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for case, folded, written in rows:
+        if "error" in folded or "error" in written:
+            lines.append(f"| {name(case)} | failed: {folded.get('error') or written.get('error')} | | | | | | | |")
+            continue
+        lines.append(f"| {name(case)} | {folded['derive']:.1f} | **{folded['first']:.1f}** | {written['first']:.1f} | "
+                     f"{written['first'] / folded['first']:.1f}x | {folded['lines']} | {written['lines']} | "
+                     f"{'yes' if folded['bits'] == written['bits'] else 'NO'} | {max(folded['load'], written['load']):.1f} |")
+    return "\n".join(lines) + "\n"
+
+
 def name(case: dict) -> str:
     if case["kind"] == "cnn1d":
         return f"cnn1d L={case['L']}, depth {case['depth']}"
@@ -179,6 +227,8 @@ def main() -> None:
     parser.add_argument("--steps", action="store_true", help="time each step of the derivation (its own section)")
     parser.add_argument("--flatten", action="store_true",
                         help="time each step for Flatten readouts up to 32 x 32 (its own section)")
+    parser.add_argument("--depth", action="store_true",
+                        help="deep CNNs, folded against written out (its own section)")
     parser.add_argument("--case", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.case:
@@ -186,6 +236,12 @@ def main() -> None:
         return
     os.environ["OMP_NUM_THREADS"] = "1"
     rows = []
+    if args.depth:
+        text = depth_table()
+        print(text)
+        if args.write_docs:
+            write_section(DOCS, DEPTH_SECTION, text)
+        return
     if args.steps or args.flatten:
         section, command = (FLATTEN_SECTION, "--flatten") if args.flatten else (STEPS_SECTION, "--steps")
         for case in FLATTEN_CASES if args.flatten else STEPS_CASES:

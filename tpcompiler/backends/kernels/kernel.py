@@ -1245,42 +1245,148 @@ def _group_loops(groups, formats: dict, fixed: dict, indent: str, slot: str, acc
     a block of j, which vectorises), ``inner_setup`` its first statement.  Each group's
     index, slot and weight arrays go into ``tables``; a member's row of them is read once,
     before the inner loop.  Consecutive groups of linear quantities are one loop
-    (``_linear_run``)."""
-    quantity_lines, term_lines = [], []
+    (``_linear_run``), and a sequence of loops repeated with other tables (a layer's, in a
+    deep network) is one loop over the repetitions (``_folded``)."""
+    quantity_codes, term_codes = [], []
     forms = [_linear_forms(g) if g.target is not None else None for g in groups]
     for linear, members in itertools.groupby(zip(groups, forms), key=lambda member: member[1] is not None):
         members = list(members)
         if linear and len(members) > 1:
-            quantity_lines.extend(_linear_run(members, formats, indent, slot, tables, inner, inner_setup))
+            quantity_codes.append(_linear_run(members, formats, indent, slot, inner, inner_setup))
             continue
         for group, _ in members:
-            loop = _group_loop(group, formats, fixed, indent, slot, acc, tables, inner, inner_setup)
-            if loop:
-                (quantity_lines if group.target is not None else term_lines).append(loop)
-    return "\n".join(quantity_lines), "\n".join(term_lines)
+            code = _group_loop(group, formats, fixed, indent, slot, acc, inner, inner_setup)
+            if code.lines:
+                (quantity_codes if group.target is not None else term_codes).append(code)
+    # the tables in the order the loops were generated (as when each loop placed its own)
+    for code in sorted(quantity_codes + term_codes, key=lambda code: code.number):
+        code.place(tables)
+    return _folded(quantity_codes, indent, tables), _folded(term_codes, indent, tables)
 
 
-def _group_loop(group, formats, fixed, indent, slot, acc, tables, inner, inner_setup) -> str:
-    """One group's loop over its members (``_group_loops``); "" for output terms whose
-    template came out zero once written out."""
+class _Code:
+    """A generated loop whose table offsets and loop counts are *holes* (``ints``, ``floats``,
+    ``count``), filled in by ``place`` (the offsets at which its tables are placed, its
+    counts): loops that differ only in their holes' values have equal ``key``s, which
+    ``_folded`` writes once, inside a loop over their repetitions."""
+
+    _made = itertools.count()
+
+    def __init__(self):
+        self.lines: list[str] = []
+        self._holes: list[tuple] = []   # ("ints" | "floats" | "count", array or number)
+        self.values: list[int] = []     # per hole, once placed: its offset or count
+        self.number = next(_Code._made)  # the order in which the loops were generated
+
+    def ints(self, table) -> str:
+        return self._hole("ints", np.asarray(table, dtype=np.int64))
+
+    def floats(self, column) -> str:
+        return self._hole("floats", np.asarray(column, dtype=np.float64))
+
+    def count(self, n: int) -> str:
+        return self._hole("count", int(n))
+
+    def _hole(self, kind: str, value) -> str:
+        self._holes.append((kind, value))
+        return f"\0{len(self._holes) - 1}\0"
+
+    def key(self) -> tuple:
+        return tuple(self.lines), tuple(kind for kind, _ in self._holes)
+
+    def place(self, tables: _Tables) -> None:
+        """Each hole's value: its table placed in ``tables`` (in the holes' order), or its count."""
+        self.values = [tables.add_ints(v) if kind == "ints" else tables.add_floats(v) if kind == "floats" else v
+                       for kind, v in self._holes]
+
+    def text(self, names: list, extra_indent: str = "") -> str:
+        """The loop with hole k written ``names[k]``."""
+        parts = "\n".join(extra_indent + line for line in self.lines).split("\0")
+        return "".join(str(names[int(p)]) if n % 2 else p for n, p in enumerate(parts))
+
+
+#: The longest sequence of loops ``_folded`` looks for repetitions of (a layer's loops)
+_FOLD_PERIOD = 64
+
+
+def _folded(codes: list[_Code], indent: str, tables: _Tables) -> str:
+    """The loops ``codes`` (placed) in their order, with each run of r >= 2 consecutive
+    repetitions of a sequence of k loops that differ only in their holes' values (a deep
+    network's layers: the same templates, other members) written once, inside ``for _rep in
+    range(r)``: the holes that differ between repetitions are read from a table at the start
+    of each repetition (``_h0``, ``_h1``, ...), the others written as numbers.  The same
+    statements run in the same order, so the results are the same to the bit; the module's
+    size, and numba's compile time (which grows faster than the statements of a stage), no
+    longer grow with the repetitions."""
+    keys = _interned([code.key() for code in codes])
+    out, at = [], 0
+    while at < len(codes):
+        period, reps = _repetition(keys, at)
+        if reps < 2:
+            out.append(codes[at].text(codes[at].values))
+            at += 1
+            continue
+        run = [codes[at + r * period: at + (r + 1) * period] for r in range(reps)]
+        values = np.array([[v for code in rep for v in code.values] for rep in run], dtype=np.int64)
+        varying = [h for h in range(values.shape[1]) if not (values[:, h] == values[0, h]).all()]
+        names = [str(v) for v in values[0]]
+        for k, h in enumerate(varying):
+            names[h] = f"_h{k}"
+        lines = [f"{indent}for _rep in range({reps}):"]
+        if varying:
+            offset = tables.add_ints(values[:, varying])
+            lines += [f"{indent}    _h{k} = IT[{offset} + _rep * {len(varying)} + {k}]" for k in range(len(varying))]
+        first = 0
+        for code in run[0]:
+            lines.append(code.text(names[first: first + len(code.values)], "    "))
+            first += len(code.values)
+        out.append("\n".join(lines))
+        at += period * reps
+    return "\n".join(out)
+
+
+def _interned(keys: list) -> list[int]:
+    """Each key as a small integer, equal for equal keys."""
+    ids: dict = {}
+    return [ids.setdefault(key, len(ids)) for key in keys]
+
+
+def _repetition(keys: list[int], at: int) -> tuple[int, int]:
+    """(k, r): the sequence keys[at: at + k] repeated r times from ``at``, the k of the
+    longest such run (the shortest k among equals), k at most ``_FOLD_PERIOD``."""
+    best = (1, 1)
+    n = len(keys)
+    for period in range(1, min(_FOLD_PERIOD, (n - at) // 2) + 1):
+        reps = 1
+        while at + (reps + 1) * period <= n and keys[at + reps * period: at + (reps + 1) * period] == keys[at: at + period]:
+            reps += 1
+        if reps >= 2 and period * reps > best[0] * best[1]:
+            best = (period, reps)
+    return best
+
+
+def _group_loop(group, formats, fixed, indent, slot, acc, inner, inner_setup) -> _Code:
+    """One group's loop over its members (``_group_loops``), its tables as holes; no lines for
+    output terms whose template came out zero once written out."""
+    code = _Code()
     M, n = group.index.shape
     body = indent + ("        " if inner else "    ")
     if group.target is None and all(e == 0 for e in group.template.args):
-        return ""
+        return code
     loads = {a: formats[kind].format(f"_x{k}") for k, (a, kind) in enumerate(zip(group.placeholders, group.kinds))}
     loads.update(fixed)
     exprs = list(group.template.args)
     lines, values = print_body(exprs, loads, body)
-    out = [f"{indent}for m in range({M}):"]
+    out = [f"{indent}for m in range({code.count(M)}):"]
     if n:  # one offset per member, then a constant index per argument (fewer statements for numba)
-        out.append(f"{indent}    _b = {tables.add_ints(group.index)} + m * {n}")
+        out.append(f"{indent}    _b = {code.ints(group.index)} + m * {n}")
         out.extend(f"{indent}    _x{k} = IT[_b + {k}]" if k else f"{indent}    _x0 = IT[_b]" for k in range(n))
-    out.append(f"{indent}    _w = WT[{tables.add_floats(group.weight[:, 0])} + m]")
+    out.append(f"{indent}    _w = WT[{code.floats(group.weight[:, 0])} + m]")
     if group.target is not None:
-        at, width = tables.add_ints(group.target), group.target.shape[1]
+        at, width = code.ints(group.target), group.target.shape[1]
         out.extend(f"{indent}    _t{e} = IT[{at} + m * {width} + {e}]" for e in range(width))
     elif group.offset is not None:  # (the first output of the member's block, shared.plan)
-        out.append(f"{indent}    _o = IT[{tables.add_ints(group.offset)} + m]")
+        out.append(f"{indent}    _o = IT[{code.ints(group.offset)} + m]")
     if inner:
         out.append(f"{indent}    {inner}")
         if inner_setup:
@@ -1292,7 +1398,8 @@ def _group_loop(group, formats, fixed, indent, slot, acc, tables, inner, inner_s
         first = "_o + " if group.offset is not None else ""
         out.extend(f"{body}{acc.format(f'{first}{o}')} += _w * ({v})" for o, (e, v) in enumerate(zip(exprs, values))
                    if e != 0)
-    return "\n".join(out)
+    code.lines = out
+    return code
 
 
 def _linear_forms(group) -> list | None:
@@ -1331,7 +1438,7 @@ def _linear_forms(group) -> list | None:
     return forms
 
 
-def _linear_run(run, formats: dict, indent: str, slot: str, tables: "_Tables", inner, inner_setup) -> list:
+def _linear_run(run, formats: dict, indent: str, slot: str, inner, inner_setup) -> _Code:
     """Consecutive groups of linear quantities (``_linear_forms``) as one loop over rows
     (member, entry) of a sparse table: slot = w * (scale * (sum_k c_k source_k + constant)),
     the sum in the printed order.  One small loop instead of one per group: numba's compile time
@@ -1359,21 +1466,22 @@ def _linear_run(run, formats: dict, indent: str, slot: str, tables: "_Tables", i
         """The inner loop's header and first statement at indentation ``ind``."""
         return [f"{ind}{inner}"] + ([f"{ind}    {inner_setup}"] if inner_setup else [])
 
-    lines = [f"{indent}for _r in range({len(targets)}):",
-             f"{indent}    _t = IT[{tables.add_ints(np.array(targets))} + _r]",
-             f"{indent}    _w = WT[{tables.add_floats(np.array(weights))} + _r]",
-             f"{indent}    _k0 = WT[{tables.add_floats(np.array(constants))} + _r]",
-             f"{indent}    _f = WT[{tables.add_floats(np.array(scales))} + _r]"]
-    at = tables.add_ints(np.array(starts))
+    code = _Code()
+    lines = [f"{indent}for _r in range({code.count(len(targets))}):",
+             f"{indent}    _t = IT[{code.ints(targets)} + _r]",
+             f"{indent}    _w = WT[{code.floats(weights)} + _r]",
+             f"{indent}    _k0 = WT[{code.floats(constants)} + _r]",
+             f"{indent}    _f = WT[{code.floats(scales)} + _r]"]
+    at = code.ints(starts)
     if inner:
         lines += inner_lines(f"{indent}    ") + [f"{indent}        {target} = -0.0"]
     else:
         lines.append(f"{indent}    _acc = -0.0")
     lines += [f"{indent}    for _p in range(IT[{at} + _r], IT[{at} + _r + 1]):",
-              f"{indent}        _x = IT[{tables.add_ints(np.array(xs))} + _p]",
-              f"{indent}        _c = WT[{tables.add_floats(np.array(cs))} + _p]"]
+              f"{indent}        _x = IT[{code.ints(xs)} + _p]",
+              f"{indent}        _c = WT[{code.floats(cs)} + _p]"]
     if len(kinds) > 1:
-        lines.append(f"{indent}        _kind = IT[{tables.add_ints(np.array(ks))} + _p]")
+        lines.append(f"{indent}        _kind = IT[{code.ints(ks)} + _p]")
     names = list(formats)
     for n, kind in enumerate(kinds):
         ind = f"{indent}        "
@@ -1389,4 +1497,5 @@ def _linear_run(run, formats: dict, indent: str, slot: str, tables: "_Tables", i
         lines += inner_lines(f"{indent}    ") + [f"{indent}        {target} = _w * (_f * ({target} + _k0))"]
     else:
         lines.append(f"{indent}    {target} = _w * (_f * (_acc + _k0))")
-    return lines
+    code.lines = lines
+    return code
