@@ -1247,19 +1247,20 @@ def _group_loops(groups, formats: dict, fixed: dict, indent: str, slot: str, acc
     before the inner loop.  Consecutive groups of linear quantities are one loop
     (``_linear_run``), and a sequence of loops repeated with other tables (a layer's, in a
     deep network) is one loop over the repetitions (``_folded``)."""
-    quantity_codes, term_codes = [], []
+    quantity_codes, term_codes, generated = [], [], []
     forms = [_linear_forms(g) if g.target is not None else None for g in groups]
     for linear, members in itertools.groupby(zip(groups, forms), key=lambda member: member[1] is not None):
         members = list(members)
         if linear and len(members) > 1:
-            quantity_codes.append(_linear_run(members, formats, indent, slot, inner, inner_setup))
+            generated.append(_linear_run(members, formats, indent, slot, inner, inner_setup))
+            quantity_codes.append(generated[-1])
             continue
         for group, _ in members:
             code = _group_loop(group, formats, fixed, indent, slot, acc, inner, inner_setup)
             if code.lines:
+                generated.append(code)
                 (quantity_codes if group.target is not None else term_codes).append(code)
-    # the tables in the order the loops were generated (as when each loop placed its own)
-    for code in sorted(quantity_codes + term_codes, key=lambda code: code.number):
+    for code in generated:  # the tables in the order of the loops (as when each loop placed its own)
         code.place(tables)
     return _folded(quantity_codes, indent, tables), _folded(term_codes, indent, tables)
 
@@ -1270,13 +1271,10 @@ class _Code:
     counts): loops that differ only in their holes' values have equal ``key``s, which
     ``_folded`` writes once, inside a loop over their repetitions."""
 
-    _made = itertools.count()
-
     def __init__(self):
         self.lines: list[str] = []
         self._holes: list[tuple] = []   # ("ints" | "floats" | "count", array or number)
         self.values: list[int] = []     # per hole, once placed: its offset or count
-        self.number = next(_Code._made)  # the order in which the loops were generated
 
     def ints(self, table) -> str:
         return self._hole("ints", np.asarray(table, dtype=np.int64))
