@@ -668,7 +668,8 @@ def plan(assignments, outputs, kinds: dict, slot_kind: str, aliases: dict | None
         cid, syms = sk.canonical(bundle)
         by_key.setdefault((lev, cid), []).append(([k for k, _ in items], c, syms, bundle, lev))
     groups = []
-    for members in sorted(by_key.values(), key=lambda ms: (ms[0][4], ms[0][0][0])):
+    for key in sorted(by_key):  # (level, structure): each layer's groups of a level in one order
+        members = by_key[key]
         groups.append(_group([(m[2], m[3]) for m in members], kinds, np.array([[m[1]] for m in members]),
                              np.array([m[0] for m in members], dtype=np.int64)))
     n_assign = len(groups)
