@@ -148,3 +148,36 @@ def test_method_choice_names_pairwise():
     c = tp.compile(tp.load(ROOT / "programs" / "zdot.py"))
     with pytest.raises(ValueError, match="auto, exact, pairwise, particles"):
         c.limit(method="fast")
+
+
+def test_pairwise_values_are_float_arithmetic_with_each_call_evaluated_once(monkeypatch):
+    """The pairwise limit's values (backends/kernels/limit.py ``_Values``): sums, products and
+    integer powers of quantities, calls and input covariances are done on floats, not
+    compiled by lambdify per expression (an RNN of length T writes ~T^2 distinct ones:
+    programs/rnn.py T = 60 took 14 s in them), and each expectation rule and template is
+    evaluated once per distinct arguments.  A function of a moment (a square root) still goes
+    to ``lowering.evaluate``."""
+    from collections import Counter
+
+    from tpcompiler.backends.kernels import limit
+
+    evaluated, rules, templates = [], Counter(), Counter()
+    evaluate, call, template = limit.evaluate, limit._call, limit._Values.template
+    monkeypatch.setattr(limit, "evaluate", lambda expr, env, size=None: evaluated.append(expr) or evaluate(expr, env))
+    monkeypatch.setattr(limit, "_call", lambda rule, args: rules.update([(id(rule), tuple(args))]) or call(rule, args))
+    monkeypatch.setattr(limit._Values, "template",
+                        lambda self, k, args: templates.update([(k, args)]) or template(self, k, args))
+    zp = tp.compile(tp.load(ROOT / "programs" / "rnn.py", T=4)).bind(None)[0]
+    result = limit.pairwise_limit(zp)
+    assert not evaluated
+    assert rules and max(rules.values()) == 1
+    assert templates and max(templates.values()) == 1
+    assert len(result) == 2 * 4 + 2 * 4 and all(np.isfinite(v) and e == 0.0 for v, e in result.values())
+
+    p = tp.Program("root")
+    h = (p.mat("W", sigma=1.0) @ p.vec("u", var=1.0)).named("h")
+    m = tp.mean(tp.tanh(h) ** 2)
+    p.output("m", m)
+    p.output("r", m ** 0.5)
+    values = tp.compile(p).limit(method="pairwise")
+    assert len(evaluated) == 1 and values["r"][0] == pytest.approx(np.sqrt(values["m"][0]), rel=1e-15)

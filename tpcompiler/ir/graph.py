@@ -231,13 +231,21 @@ class Graph:
                 return sp.S.Zero
             if compact:
                 return ops.input_cov(a, b, prime_a, prime_b)
-            sa = self._layer_scalars(a, prime_a)
-            sb = self._layer_scalars(b, prime_b)
-            terms = [x * y for ca, x in zip(oa.columns, sa) for cb, y in zip(ob.columns, sb) if ca == cb]
-            return sp.Add(*terms) / sp.sqrt(oa.norm * ob.norm)
+            pairs, norm = self.input_covariance_terms(a, b, prime_a, prime_b)
+            return sp.Add(*[x * y for x, y in pairs]) / sp.sqrt(norm)
         if a == b:
             return oa.var
         return self.init_cov.get(frozenset((a, b)), sp.S.Zero)
+
+    def input_covariance_terms(self, a: str, b: str, prime_a: bool = False,
+                               prime_b: bool = False) -> tuple[list[tuple[sp.Symbol, sp.Symbol]], int]:
+        """Cov(Z^a, Z^b) of two input layers of one matrix as (pairs, norm): the sum of
+        s^a_i s^b_k over the pairs (s^a_i, s^b_k) of their scalars at matching columns, over
+        sqrt(norm) = sqrt(norm_a norm_b) (``init_covariance`` writes it as an expression)."""
+        oa, ob = self.op(a), self.op(b)
+        sa = self._layer_scalars(a, prime_a)
+        sb = self._layer_scalars(b, prime_b)
+        return [(x, y) for ca, x in zip(oa.columns, sa) for cb, y in zip(ob.columns, sb) if ca == cb], oa.norm * ob.norm
 
     def expand_input_cov(self, expr: sp.Expr) -> sp.Expr:
         """Write every InputCov atom of ``expr`` out as its sum over input coordinates."""
