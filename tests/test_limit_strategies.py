@@ -181,3 +181,28 @@ def test_pairwise_values_are_float_arithmetic_with_each_call_evaluated_once(monk
     p.output("r", m ** 0.5)
     values = tp.compile(p).limit(method="pairwise")
     assert len(evaluated) == 1 and values["r"][0] == pytest.approx(np.sqrt(values["m"][0]), rel=1e-15)
+
+
+def test_pairwise_engine_writes_a_moments_function_of_a_vector_in_forms_once(monkeypatch):
+    """An RNN's moments E[phi(h_s) phi(h_t)'] read phi(h_s) once per step t: the pairwise
+    engine writes each such subexpression in forms once (``PairwiseEngine._moment_of_forms``,
+    a memo of ``construct.rewrite`` across moments), not once per moment (rebuilding
+    phi(form of h_s), a function of a sum of O(s) terms, per moment was most of the
+    moments' derivation: programs/rnn.py T = 60)."""
+    from collections import Counter
+
+    from tpcompiler.backends.kernels.pairwise import PairwiseEngine
+    from tpcompiler.ir import construct, ops, symbols
+
+    zp = tp.compile(tp.load(ROOT / "programs" / "rnn.py", T=5)).bind(None)[0]
+    readers = Counter(sub for key in zp.graph.keys_of(ops.Moment)
+                      for sub in {x for x in symbols.preorder(zp.graph.op(key).expr) if x.is_Function})
+    assert readers and max(readers.values()) > 2  # phi(h_s) is read by several moments
+    built = Counter()
+    rebuilt_call = construct.rebuilt_call
+    monkeypatch.setattr(construct, "rebuilt_call", lambda e, args: built.update([e]) or rebuilt_call(e, args))
+    engine = PairwiseEngine(zp.graph, zp)
+    for expr in zp.graph.outputs.values():
+        engine.scalar(expr)
+    in_moments = {e: n for e, n in built.items() if e in readers}
+    assert in_moments and max(in_moments.values()) == 1, in_moments

@@ -488,7 +488,8 @@ def test_product_is_the_object_sympy_builds():
     """shared.product builds c * f_1 * ... * f_k without sympy's flattening when the factors
     are distinct symbols or calls; it must be the very expression sympy's product is (same
     arguments in the same order, equal, same hash), for any order of the factors given, and
-    sympy's own product for anything else (numbers, sums, powers, repeated factors)."""
+    sympy's own product for anything else (numbers, sums, powers other than integer powers
+    of symbols, factors of one base)."""
     import random
 
     import sympy as sp
@@ -506,7 +507,9 @@ def test_product_is_the_object_sympy_builds():
              sp.Float(2.25) * (q[0] + q[2]), 3 * (q[1] + q[2]) * q[4], -q[2], sp.Float(0.5) * q[5] * (q[0] + q[1]),
              (q[0] + q[1]) * q[3], sp.Rational(1, 3) * q[0] + calls[1], q[5] - calls[2],
              # exp(x) is E**x to sympy's Mul, which adds exponents: exp(x)*exp(-x) is 1
-             sp.exp(q[0]), sp.exp(-q[0]), sp.exp(2 * q[0]), sp.exp(sp.Rational(1, 2)), sp.exp(q[1] + q[2])]
+             sp.exp(q[0]), sp.exp(-q[0]), sp.exp(2 * q[0]), sp.exp(sp.Rational(1, 2)), sp.exp(q[1] + q[2]),
+             # integer powers of symbols: kept apart when no other factor has their base
+             q[3] ** -1, q[1] ** 3, q[5] ** -2, q[6] ** 2, sp.sqrt(q[4]), q[0] ** sp.Float(2.0)]
     rng = random.Random(0)
     with interned_floats():
         for _ in range(3000):

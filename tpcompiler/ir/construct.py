@@ -37,13 +37,15 @@ def product(c, factors) -> sp.Expr:
     """c * prod(factors), for c a sympy number or a float (``number(c)``: 1.0 is no factor, as
     in a term sum), built directly when sympy's flattening would only sort: the factors
     (after ``_flat_factors``: 1s dropped, products' factors taken in, their numbers
-    multiplied into c) distinct commutative symbols, function calls or sums, c finite and
-    non-zero, and no number times a single sum (which sympy distributes).  Then the factors
-    are sorted as sympy sorts a product's factors, the number first unless it is 1: the
-    object sympy's flattening builds (it also collects powers, distributes numbers over sums
-    and asks assumptions, none of which applies here, at a cost a CNN's derivation paid per
-    pair of positions).  Anything else (a number or a power among the factors, a repeated
-    factor, a zero or infinite c): sympy's own product."""
+    multiplied into c) commutative symbols, integer powers of symbols, function calls or
+    sums, no two of one base, c finite and non-zero, and no number times a single sum
+    (which sympy distributes).  Then the factors are sorted as sympy sorts a product's
+    factors, the number first unless it is 1: the object sympy's flattening builds (it also
+    collects powers, distributes numbers over sums and asks assumptions, none of which
+    applies here, at a cost a CNN's derivation paid per pair of positions, and a recurrent
+    net's instantiation per pair of steps: sigma^2 E[..] E[..]).  Anything else (a number or
+    another power among the factors, two factors of one base, a zero or infinite c): sympy's
+    own product."""
     coefficient = number(c) if isinstance(c, float) else c
     factors = list(factors)
     flat = _flat_factors(coefficient, factors)
@@ -78,11 +80,14 @@ def _flat_factors(coefficient: sp.Number, factors: list):
     for f in plain:
         if f.is_Add:
             sums += 1
+        elif f.is_Pow and f.base.is_Symbol and f.exp.is_Integer:
+            pass  # (an integer power of a symbol: kept as it is unless another factor has its base)
         elif not (f.is_Symbol or isinstance(f, sp.Function)) or f.as_base_exp()[1] is not sp.S.One:
             return None  # (exp(x) is E**x to sympy's Mul, which adds the exponents of equal bases)
         if not f.is_commutative:
             return None
-    if not _finite_nonzero(coefficient) or len(set(plain)) != len(plain) or (sums and len(plain) == 1):
+    bases = {f.base if f.is_Pow else f for f in plain}
+    if not _finite_nonzero(coefficient) or len(bases) != len(plain) or (sums and len(plain) == 1):
         return None
     return coefficient, plain
 

@@ -23,6 +23,7 @@ import numpy as np
 import sympy as sp
 
 from tpcompiler.ir import ops
+from tpcompiler.ir.construct import replaced
 from tpcompiler.ir.ops import MAT, SCALAR, VEC, node_symbol, unprime
 from tpcompiler.ir.rules import RuleTable
 from tpcompiler.ir.symbols import free_symbols_of
@@ -396,8 +397,10 @@ def instantiate(graph: Graph, X: np.ndarray | None) -> tuple[Graph, dict[str, Ou
 
     Returns the concrete graph and ``index``: output name -> ``OutputIndex`` -- ``name[a]`` for
     per-input outputs and ``name[a,b]`` for pair outputs.  Input coordinates become Params
-    holding the data values (each instruction is replicated by its rule in ``INSTANTIATE``).
-    Programs without inputs are returned unchanged."""
+    holding the data values (each instruction is replicated by its rule in ``INSTANTIATE``;
+    expressions renamed by ``construct.replaced``, the objects ``xreplace`` builds without
+    sympy's flattening of each product: an RNN's NTK has a product per pair of steps, each
+    instantiated per pair of inputs).  Programs without inputs are returned unchanged."""
     if not graph.inputs:
         if X is not None:
             raise ProgramError(f"program {graph.name!r} has no input, but input data was given")
@@ -477,10 +480,11 @@ class _Binding:
         if pair:
             for a in range(self.N):
                 for b in range(self.N):
-                    yield f"{name}[{a},{b}]", (a, b), expr.xreplace({s: self.symbol(s, a, b) for s in expr.free_symbols})
+                    rule = {s: self.symbol(s, a, b) for s in expr.free_symbols}
+                    yield f"{name}[{a},{b}]", (a, b), replaced(expr, rule)
         elif {unprime(s)[0] for s in expr.free_symbols} & self.dependent:
             for a in range(self.N):
-                yield f"{name}[{a}]", (a,), expr.xreplace({s: self.symbol(s, a, a) for s in expr.free_symbols})
+                yield f"{name}[{a}]", (a,), replaced(expr, {s: self.symbol(s, a, a) for s in expr.free_symbols})
         else:
             yield name, (), expr
 
@@ -509,5 +513,5 @@ def _bind_expression(b: _Binding, key: str, op) -> None:
     primed symbols reading example c."""
     pair = isinstance(op, ops.Moment) and op.pair
     for a, c in ([(a, c) for a in range(b.N) for c in range(b.N)] if pair else [(a, a) for a in range(b.N)]):
-        expr = op.expr.xreplace({s: b.symbol(s, a, c) for s in op.expr.free_symbols})
+        expr = replaced(op.expr, {s: b.symbol(s, a, c) for s in op.expr.free_symbols})
         b.out.add(f"{key}[{a},{c}]" if pair else b.rep(key, a), type(op)(expr), b.out.expr_args(expr))

@@ -325,7 +325,7 @@ class Checker:
         return memo
 
     def _z_keys(self, expr):
-        return [s.key for s in expr.free_symbols if symbols.is_z(s)]
+        return [s.key for s in symbols.free_symbols_of(expr) if symbols.is_z(s)]
 
     def expr_risky(self, expr) -> bool:
         return bool(risky_atoms(expr, self.is_random)) or any(self.risky(k) for k in self._z_keys(expr))

@@ -38,7 +38,7 @@ from sympy.core.function import ArgumentIndexError
 
 from tpcompiler import memory
 from tpcompiler.ir import ops
-from tpcompiler.ir.construct import replaced
+from tpcompiler.ir.construct import replaced, rewrite
 from tpcompiler.symbolic import numeric_search
 from tpcompiler.symbolic.existence import Checker
 from tpcompiler.ir.graph import Graph, ProgramError
@@ -46,7 +46,7 @@ from tpcompiler.ir.nonlinearities import EVEN, NEITHER, ODD, parity_of_function,
 from tpcompiler.ir import symbols
 from tpcompiler.ir.ops import VEC, node_symbol, unprime
 from tpcompiler.ir.rules import RuleTable
-from tpcompiler.ir.symbols import Z, Zhat, monomial
+from tpcompiler.ir.symbols import NodeSymbol, Z, Zhat, monomial
 
 #: Derivative expressions larger than this are shown as dZ^x/dZHat^v rather than inlined.
 MAX_INLINE_OPS = 60
@@ -73,6 +73,13 @@ class Expectation(sp.Function):
             if const:
                 return sp.Mul(*const) * cls(sp.Mul(*[t for t in arg.args if _is_random(t)]))
         return None
+
+    @classmethod
+    def of(cls, psi: sp.Expr) -> sp.Expr:
+        """Expectation(psi), the same object: ``eval``'s value where it has one, else the node
+        built by ``of_random`` (sympy's constructor only evaluates, and psi is no Float)."""
+        value = cls.eval(psi)
+        return cls.of_random(psi) if value is None else value
 
     @classmethod
     def of_random(cls, psi: sp.Expr) -> "Expectation":
@@ -528,23 +535,25 @@ class ZProgram:
 
     def _moment(self, key: str, op: ops.Moment) -> ZEntry:
         """ZMoment: lim theta = E[psi(Z^x..)], 0 when psi is odd under an independent block."""
-        rep = {}
-        for s in op.expr.free_symbols:
-            k, primed = unprime(s)
-            if self.graph.kind(k) == VEC:
-                rep[s] = Z(k, primed)
         factors = sp.Mul.make_args(op.expr)
-        random_product = all(f in rep for f in factors)  # psi is the product of their Z symbols
+        zs = [self._vector_z(f) for f in factors]
+        random_product = None not in zs  # psi is the product of their Z symbols
         if random_product:  # a pair moment's Z^a Z^b': the product built directly
-            psi = monomial(*[rep[f] for f in factors])
+            psi = monomial(*zs)
         else:
-            psi = op.expr.xreplace(rep)
+            psi = rewrite(op.expr, self._vector_z, {})
         # an odd function has expectation 0 only if it is integrable: check existence first
         self.checker.check_moment(key, psi)
         block = self.zero_block(psi)
         if block is not None:
             return ZEntry(key, "moment", sp.S.Zero, frozenset(), zero_reason=f"odd in {self.describe_block(block)}")
-        return ZEntry(key, "moment", Expectation.of_random(psi) if random_product else Expectation(psi), frozenset())
+        return ZEntry(key, "moment", Expectation.of_random(psi) if random_product else Expectation.of(psi), frozenset())
+
+    def _vector_z(self, e: sp.Basic):
+        """Z^x (primed: at the second input) for the symbol of a program vector x, else None."""
+        if isinstance(e, NodeSymbol) and self.graph.kind(e.key) == VEC:
+            return Z(e.key, e.primed)
+        return None
 
     # -- derivatives dZ^x/dZHat^v (chain rule through the recursion) --------------------
     def derivative(self, x: str, source: str) -> sp.Expr:

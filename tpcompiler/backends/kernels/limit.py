@@ -77,9 +77,9 @@ class _Values:
     The arithmetic is done here on Python floats (``arithmetic``), not by lambdify: the
     engine writes ~T^2 distinct expressions for an RNN of length T (each quantity's
     definition is a call at its own arguments), and sympy-compiling and substituting into
-    each cost ~2 ms a quantity (programs/rnn.py T = 60: 14 s; now ~0.5 s).  A value is the
+    each cost ~2 ms a quantity (programs/rnn.py T = 60: 14 s; now 0.8 s).  A value is the
     same IEEE operations as lambdify's up to the order of sums and products (values equal
-    to ~1e-16 relative).  Anything else (a function such as sqrt or exp of a quantity)
+    to 1e-15 relative or better).  Anything else (a function such as sqrt or exp of a quantity)
     and any arithmetic error (0/0, overflow) goes to ``lowering.evaluate`` as before, with
     its errors.
 

@@ -46,10 +46,11 @@ from math import prod
 
 import networkx as nx
 import sympy as sp
+from sympy.core.function import Application
 
 from tpcompiler import memory
 from tpcompiler.ir import ops
-from tpcompiler.ir.construct import replaced
+from tpcompiler.ir.construct import replaced, rewrite
 from tpcompiler.ir import symbols
 from tpcompiler.ir.graph import Graph, ProgramError
 from tpcompiler.ir.ops import VEC, node_symbol, unprime
@@ -203,6 +204,7 @@ class PairwiseEngine:
         self._placeholder_leaves: set = set()
         self._moment_memo: dict = {}
         self._moments_read: dict = {}     # _moment_read's
+        self._in_forms: dict = {}         # (same_input, subexpression of a Moment) -> it in forms
         self._by_pairs_memo: dict = {}
         self._sides_memo: dict = {}
         self._linear_memo: dict = {}
@@ -383,8 +385,11 @@ class PairwiseEngine:
         if vectors is not None:  # (the general case below, read for this one: its terms at scale 1)
             return self._pair_terms(vectors[0], vectors[1], 1.0, same_input, {}, part)
         expr = op.expr.xreplace(self._params)
+        factors = sp.Mul.make_args(expr)
+        if any(_function_of_variables(f) for f in factors):
+            return None  # (every term of its expansion keeps that function: not two vectors)
         if not all(f.is_Symbol or f.is_Number or (f.is_Pow and f.base.is_Symbol and f.exp.is_Integer)
-                   for f in sp.Mul.make_args(expr)):
+                   for f in factors):
             expr = sp.expand(expr)  # (a product of symbols, a pair moment's Z^a Z^b', is expanded already)
         terms: dict = {}
         for term in sp.Add.make_args(expr):
@@ -703,7 +708,11 @@ class PairwiseEngine:
         return memo
 
     def _moment_of_forms(self, key: str, same_input: bool) -> sp.Expr:
-        """E[psi(forms of the moment's vectors)]."""
+        """E[psi(forms of the moment's vectors)].  psi's subexpressions are written in forms
+        once for all moments (``rewrite``'s memo, per ``same_input``: a symbol's form or
+        value is the same in every moment): an RNN's phi(h_s) is read by a moment per step t,
+        and rebuilding phi(form of h_s), a function of a sum of O(s) terms, for each was most
+        of the moments' derivation."""
         op = self.graph.op(key)
         sub = {}
         for s in _ordered(op.expr.free_symbols):
@@ -714,7 +723,7 @@ class PairwiseEngine:
             else:
                 val = self._scalar_values(node_symbol(k)).get(node_symbol(k), node_symbol(k))
                 sub[s] = self.to_side(val, side)
-        return self.expect(op.expr.xreplace(sub))
+        return self.expect(rewrite(op.expr, sub.get, self._in_forms.setdefault(same_input, {})))
 
     def scalar(self, expr: sp.Expr, same_input: bool = False) -> sp.Expr:
         """A scalar expression with Moments by their exact limits and Params by value
@@ -726,7 +735,7 @@ class PairwiseEngine:
             rep.update({s: self.moment(s.key, True) for s in _ordered(expr.free_symbols) if self._is_moment(s)})
             rep.update({s: symbols.unprimed(s) for s in expr.free_symbols if symbols.is_primed(s)})
             rep.update({c: ops.input_cov(c.args[0], c.args[1], 0, 0) for c in expr.atoms(ops.InputCov)})
-        return expr.xreplace(rep)
+        return replaced(expr, rep)
 
     def scalar_terms(self, expr: sp.Expr, same_input: bool = False, part: str = "all") -> dict:
         """``scalar(expr)`` as a term sum (``shared.add_terms``), built term by term: a term
@@ -1544,6 +1553,17 @@ def _functions_times_forms(expr: sp.Expr, held: dict) -> bool:
         elif not (base.is_Symbol or base.is_Number):
             has_function = True
     return has_function
+
+
+def _function_of_variables(f: sp.Expr) -> bool:
+    """Is the factor f a function call (or a positive integer power of one) that is not a
+    number: tanh(Z^h), phi(h)^2?  sympy's expand keeps such a call a call (it expands its
+    arguments, an exponential into a product of exponentials, a logarithm into a sum of
+    logarithms), so every term of the expansion of a product with such a factor has a
+    factor that is neither a number nor a vector (``_new_moment_by_pairs``: a moment of
+    phi(h_s) phi(h_t)' is no sum of products of two vectors, known without expanding it)."""
+    base = f.base if f.is_Pow and f.exp.is_Integer and f.exp > 0 else f
+    return isinstance(base, Application) and not base.is_number
 
 
 def _has_parameters(g: sp.Expr) -> bool:
