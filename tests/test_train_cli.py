@@ -238,3 +238,19 @@ def test_a_diverging_kernel_run_is_written_with_one_warning_line(capsys, data):
     assert err.splitlines() == [err.strip()] and err.startswith("tpc: warning: kernel gradient descent diverges"), err
     with np.load(out) as T:
         assert np.isfinite(T["f_train"]).all() and np.abs(T["f_train"][-1]).max() > 1e6
+
+
+def test_train_particles_below_ten_groups_run_in_two_groups(capsys, data):
+    """The step engine needs 4 particles per group (the bias extrapolation's half-size run has
+    2), so tp.train splits them into 10 groups from 40 particles on and into 2 below: 20 to 39
+    were split into 10 and refused as "expected >= 40", while 8 to 19 ran."""
+    out = data["dir"] / "p30.npz"
+    # (one step: few jointly Gaussian members per matrix family, which 15 particles per group hold)
+    rc, stdout, err = tpc(capsys, *train_argv(data, out, "mup", "--particles", 30, "--steps", 1))
+    assert rc == 0, err
+    with np.load(out) as T:
+        assert str(T["regime"]) == "feature learning"
+        assert np.isfinite(T["f_train"]).all() and np.abs(T["f_train"][-1]).max() > 0
+    rc, _, err = tpc(capsys, *train_argv(data, data["dir"] / "p7.npz", "mup", "--particles", 7))
+    assert rc == 2 and len(err.splitlines()) == 1 and "Traceback" not in err, err
+    assert "--particles" in err and ">= 8" in err, err

@@ -579,7 +579,7 @@ def train(net, abc: ABC, sgd: SGD, particles: int = DEFAULT_PARTICLES, seed: int
           progress: bool | None = None, resume: str | None = None, save_state: str | None = None) -> TrainResult:
     """The infinite-width trajectory of SGD (docs/DESIGN.md 2.4-2.6, 2.9), routed by the regime:
     unstable -> error naming the violated conditions; feature learning -> the step engine
-    (exact if Gaussian-linear, else ``particles`` particles in 10 groups); kernel -> kernel
+    (exact if Gaussian-linear, else ``particles`` particles in 10 groups, 2 below 40); kernel -> kernel
     gradient descent with the limiting NTK from f_0 = 0 (the mean over initializations);
     trivial -> f stays at its limit 0.  f is recorded every ``sgd.eval_every`` steps and after
     the last one (``TrainResult.steps``).  Feature learning only: ``resume`` continues the run
@@ -654,8 +654,9 @@ def _engine_descent(graph: Graph, abc: ABC, sgd: SGD, particles: int, seed: int,
 
     X = np.atleast_2d(np.asarray(sgd.X, dtype=np.float64))
     Y = _targets(sgd.Y, X.shape[0], len(graph.readout.readouts))
-    # (the engine checks the count itself where it uses particles, naming the value given)
-    groups = 10 if particles >= 20 else 2
+    # (the engine checks the count itself where it uses particles, naming the value given: at
+    # least 4 per group, for the bias extrapolation's half-size run, so 10 groups from 40)
+    groups = 10 if particles >= 40 else 2
     options = dict(method=method, loss=sgd.loss, particles=particles, groups=groups,
                    seed=seed, weight_decay=sgd.weight_decay, clip=sgd.clip)
     if resume:
