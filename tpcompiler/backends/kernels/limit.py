@@ -17,7 +17,9 @@ Numba per pair of inputs.
 """
 from __future__ import annotations
 
+import functools
 import math
+import operator
 from collections import ChainMap
 
 import numpy as np
@@ -154,18 +156,9 @@ def arithmetic(expr: sp.Expr, leaf) -> float:
     ArithmeticError (ZeroDivisionError, OverflowError) as Python's float arithmetic does."""
     if isinstance(expr, sp.Number):
         return float(expr)
-    if isinstance(expr, sp.Add):
-        values = [arithmetic(a, leaf) for a in expr.args]
-        total = values[0]
-        for v in values[1:]:
-            total += v
-        return total
-    if isinstance(expr, sp.Mul):
-        values = [arithmetic(a, leaf) for a in expr.args]
-        total = values[0]
-        for v in values[1:]:
-            total *= v
-        return total
+    if isinstance(expr, (sp.Add, sp.Mul)):
+        return functools.reduce(operator.add if expr.is_Add else operator.mul,
+                                [arithmetic(a, leaf) for a in expr.args])
     if isinstance(expr, sp.Pow) and expr.exp.is_Integer:
         return arithmetic(expr.base, leaf) ** int(expr.exp)
     return leaf(expr)
