@@ -8,6 +8,7 @@
   widths converging to it like n^-1/2 (the Master theorem's prediction; ZDot non-zero).
 """
 import importlib.util
+import re
 from pathlib import Path
 
 import numpy as np
@@ -389,6 +390,33 @@ def test_train_resumed_from_a_state_continues_its_batches_to_the_runs_last_step(
     np.testing.assert_allclose(resumed.f_train, straight.f_train[2:], rtol=1e-12, atol=1e-14)
     with pytest.raises(validation.ArgumentError, match="has taken 2 steps; steps = 2 counts the whole run"):
         tp.train(net, abc, tp.SGD(X, Y, steps=2, lr=0.8, batch=1), resume=state + ".npz")
+
+
+def test_a_state_resumed_with_other_settings_is_refused(tmp_path):
+    """A resumed run continues the state's run: other data, batch, learning rate, schedule,
+    weight decay or clip would train a trajectory that is neither that run nor the one asked
+    for, so each is one clear error (they were accepted in silence: training audit).  The
+    same settings resume, and extend the run to the straight run's values."""
+    X, Y, _ = _module("mup_mlp").default_data(3, 1, 3)
+    net, abc = _mlp(2, "identity"), tp.named("mup", 2)
+    state = str(tmp_path / "state")
+    run = dict(steps=2, lr=0.8, batch=1, weight_decay=0.1)
+    tp.train(net, abc, tp.SGD(X, Y, **run), save_state=state)
+    for change, words in ((dict(batch=2), "batch 1, not 2"), (dict(batch=None), "batch 1, not None (the full batch)"),
+                          (dict(lr=0.5), "learning rate 0.8, not 0.5"), (dict(weight_decay=0.0), "weight decay 0.1, not 0.0"),
+                          (dict(clip=1.0), "clip None, not 1.0"),
+                          (dict(schedule="linear", lr_end=0.1), "schedule 'constant', not 'linear'")):
+        with pytest.raises(validation.ArgumentError, match=re.escape(words)):
+            tp.train(net, abc, tp.SGD(X, Y, **{**run, "steps": 4, **change}), resume=state + ".npz")
+    with pytest.raises(validation.ArgumentError, match="trained on other data"):
+        tp.train(net, abc, tp.SGD(X[::-1].copy(), Y, **{**run, "steps": 4}), resume=state + ".npz")
+    resumed = tp.train(net, abc, tp.SGD(X, Y, **{**run, "steps": 4}), resume=state + ".npz")
+    straight = tp.train(net, abc, tp.SGD(X, Y, **{**run, "steps": 4}))
+    np.testing.assert_allclose(resumed.f_train, straight.f_train[2:], rtol=1e-12, atol=1e-14)
+    linear = dict(steps=2, lr=0.8, schedule="linear", lr_end=0.1)
+    tp.train(net, abc, tp.SGD(X, Y, **linear), save_state=state)
+    with pytest.raises(validation.ArgumentError, match="linear schedule over 2 steps, not 4"):
+        tp.train(net, abc, tp.SGD(X, Y, **{**linear, "steps": 4}), resume=state + ".npz")
 
 
 def test_checkpoint_resume_continues_the_same_run(tmp_path):

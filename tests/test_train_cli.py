@@ -227,6 +227,18 @@ def test_the_state_file_written_is_named(capsys, data):
     assert f"; state {state}.npz" in stdout and (data["dir"] / "state_without_suffix.npz").exists()
 
 
+def test_a_state_resumed_with_another_batch_is_one_error_line(capsys, data):
+    """--resume with another --batch than the state's run: one line naming --resume and both
+    batches (it continued in silence with the new batch: training audit)."""
+    out, state = data["dir"] / "batch1.npz", data["dir"] / "batch1_state.npz"
+    rc, _, err = tpc(capsys, *train_argv(data, out, "mup", "--batch", 1, "--save-state", state, "--quiet"))
+    assert rc == 0, err
+    argv = train_argv(data, data["dir"] / "batch2.npz", "mup", "--batch", 2, "--resume", state, "--quiet")
+    argv[argv.index("--steps") + 1] = STEPS + 1
+    rc, _, err = tpc(capsys, *argv)
+    assert_one_error_line(rc, err, "--resume:", "batch 1, not 2")
+
+
 def test_a_diverging_kernel_run_is_written_with_one_warning_line(capsys, data):
     """Kernel gradient descent past its stable rate is still the limit: the trajectory is
     written (exit 0), and stderr has one line saying it diverges, not Python's two-line form."""

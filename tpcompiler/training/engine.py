@@ -321,6 +321,11 @@ class StepEngine:
         self._init_state(init or {})
         #: the step as one compiled loop over a sequence (``steps``), when it is row-local
         self._fused = fused.plan(self)
+        #: what the caller's run trained with (``tp.train``'s data, batch, learning rates, weight
+        #: decay and clip), a JSON-able dict written into checkpoints; ``saved_run`` is the one a
+        #: checkpoint was written with (``load``), None if it had none
+        self.run: dict | None = None
+        self.saved_run: dict | None = None
         self._half = None
         if method == "particles" and extrapolate:
             self._half = StepEngine(net, abc, method="particles", loss=loss, particles=(particles // groups // 2) * groups,
@@ -820,8 +825,9 @@ class StepEngine:
     # -- checkpoints ----------------------------------------------------------------------------
     def save(self, path) -> None:
         """The state as .npz: tensors, the matrices' sides and pairs, the random generator and
-        a fingerprint of (program, parametrization, loss, method) that ``load`` checks; the
-        extrapolation's half-size run under the prefix "half/"."""
+        a fingerprint of (program, parametrization, loss, method) that ``load`` checks, and the
+        caller's ``run``; the extrapolation's half-size run under the prefix "half/".  (``load``
+        takes other update options: a meta-trained state adapts without the meta-step's clip.)"""
         arrays = self._state_arrays()
         if self._half is not None:
             arrays.update({f"half/{k}": v for k, v in self._half._state_arrays().items()})
@@ -846,7 +852,7 @@ class StepEngine:
         meta = {"version": CHECKPOINT_VERSION, "fingerprint": self.program.fingerprint, "method": self.method,
                 "width": self.width, "R": self.alg.R, "D": self.alg.D, "steps_done": self.steps_done,
                 "rng": self.rng.bit_generator.state, "weight_decay": self.weight_decay, "decay_rows": self.decay_rows,
-                "clip": self.clip, "extrapolate": self._half is not None}
+                "clip": self.clip, "extrapolate": self._half is not None, "run": self.run}
         arrays["meta"] = np.array(json.dumps(meta))
         return arrays
 
@@ -877,6 +883,7 @@ class StepEngine:
                 f"checkpoint {path}: written with extrapolate={bool(meta.get('extrapolate', False))}, "
                 f"resumed with extrapolate={eng._half is not None}; use the same setting")
         eng._restore(data, meta, "")
+        eng.saved_run = meta.get("run")
         if eng._half is not None:
             eng._half._restore(data, json.loads(str(data["half/meta"])), "half/")
         return eng

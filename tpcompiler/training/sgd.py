@@ -30,6 +30,7 @@ the recursion of docs/DESIGN.md 2.5; the ZDot terms of every W_0 use are derived
 """
 from __future__ import annotations
 
+import hashlib
 import math
 import warnings
 from dataclasses import dataclass
@@ -585,7 +586,9 @@ def train(net, abc: ABC, sgd: SGD, particles: int = DEFAULT_PARTICLES, seed: int
     the last one (``TrainResult.steps``).  Feature learning only: ``resume`` continues the run
     of a step-engine checkpoint (.npz, ``StepEngine.save``) to step ``sgd.steps``, which counts
     the whole run (the schedule and the batch cycle go on from the state's step: 2 steps saved,
-    then resumed with steps=4, is the 4-step run), and ``save_state`` writes the final state."""
+    then resumed with steps=4, is the 4-step run; the state's data, batch, learning rates,
+    weight decay and clip must be given again: ``_check_same_run``), and ``save_state`` writes
+    the final state."""
     from tpcompiler.training.parametrization import classify
 
     graph = graph_of(net)
@@ -659,17 +662,20 @@ def _engine_descent(graph: Graph, abc: ABC, sgd: SGD, particles: int, seed: int,
     groups = 10 if particles >= 40 else 2
     options = dict(method=method, loss=sgd.loss, particles=particles, groups=groups,
                    seed=seed, weight_decay=sgd.weight_decay, clip=sgd.clip)
+    run = _run_settings(sgd, X, Y)
     if resume:
         try:
             eng = StepEngine.load(resume, graph, abc, **options)
         except validation.ArgumentError as exc:
             raise validation.ArgumentError(f"resume: {exc}") from None
+        _check_same_run(eng.saved_run, run)
         if eng.steps_done >= sgd.steps:
             raise validation.ArgumentError(
                 f"resume: the state has taken {eng.steps_done} steps; steps = {sgd.steps} counts the whole run "
                 f"(the resumed run continues to step {sgd.steps}), so give more than {eng.steps_done}")
     else:
         eng = StepEngine(graph, abc, **options)
+    eng.run = run
     Xe = None if sgd.X_eval is None else np.atleast_2d(np.asarray(sgd.X_eval, dtype=np.float64))
     start = eng.steps_done
     hist = fit(eng, X, Y, steps=sgd.steps - start, lr=sgd.rate, batch=sgd.batch, eval_every=sgd.eval_every,
@@ -684,6 +690,45 @@ def _engine_descent(graph: Graph, abc: ABC, sgd: SGD, particles: int, seed: int,
         f"particles (M = {eng.alg.R * eng.alg.D}, step engine, extrapolated in the particles per group)")
     return TrainResult(np.array(hist.f_train), f_eval, np.array(hist.f_train_stderr), f_eval_err,
                        "feature learning", used, steps)
+
+
+def _run_settings(sgd: SGD, X: np.ndarray, Y: np.ndarray) -> dict:
+    """What a step-engine state's run was trained with (written into its checkpoint,
+    ``StepEngine.run``): a digest of the training data, the batch, the learning rates (for the
+    linear schedule, which its total number of steps defines, that too), weight decay and clip."""
+    digest = hashlib.sha256(np.ascontiguousarray(X).tobytes() + np.ascontiguousarray(Y).tobytes())
+    run = {"data": f"{X.shape[0]} x {X.shape[1]} inputs, sha256 {digest.hexdigest()[:16]}", "batch": sgd.batch,
+           "schedule": sgd.schedule, "lr": sgd.lr, "weight_decay": sgd.weight_decay, "clip": sgd.clip}
+    if sgd.schedule == "linear":
+        run.update(lr_end=sgd.lr_end, steps=sgd.steps)
+    return run
+
+
+def _check_same_run(saved: dict | None, run: dict) -> None:
+    """Refuse to resume a state with other data, batch, learning rates, weight decay or clip
+    than its run had: the resumed trajectory would be neither that run nor the one asked for
+    (a state written without these, by StepEngine.save, is not checked)."""
+    if saved is None:
+        return
+    for key in ("data", "batch", "schedule", "lr", "lr_end", "steps", "weight_decay", "clip"):
+        if saved.get(key) != run.get(key):
+            if key == "steps":
+                raise validation.ArgumentError(
+                    f"resume: the state's run has a linear schedule over {saved[key]} steps, not {run[key]}: its learning "
+                    "rates depend on the whole run's length, so a longer run does not continue it; train the whole "
+                    "schedule in one run")
+            if key == "data":
+                raise validation.ArgumentError(
+                    f"resume: the state's run was trained on other data ({saved[key]}; given: {run[key]}); a resumed "
+                    "run continues the state's run, so give its training data")
+            what = {"lr": "learning rate", "lr_end": "final learning rate", "weight_decay": "weight decay"}.get(key, key)
+            raise validation.ArgumentError(
+                f"resume: the state's run was trained with {what} {_setting(key, saved.get(key))}, not "
+                f"{_setting(key, run.get(key))}; a resumed run continues the state's run, so give the same")
+
+
+def _setting(key: str, value) -> str:
+    return "None (the full batch)" if key == "batch" and value is None else repr(value)
 
 
 def _kernel_descent(graph: Graph, abc: ABC, sgd: SGD, shape_t, shape_e, steps) -> TrainResult:
