@@ -94,6 +94,12 @@ def test_train_kernel_regime(capsys, data):
         # kernel gradient descent on the squared loss: the training residual shrinks
         resid = T["f_train"] - data["arrays"]["Y"]
         assert np.all(np.diff(np.linalg.norm(resid, axis=1)) < 0)
+    # train_argv passes --particles and --seed (as a sweep over --param does): accepted, and
+    # the line says they were not used (they were ignored in silence: training audit)
+    assert stdout.strip().endswith("; --particles/--seed not used (this regime's limit is exact)"), stdout
+    rc, stdout, err = tpc(capsys, "train", MLP, "-p", "depth=2", "--param", "ntp", "--x", data["X"], "--y", data["Y"],
+                          "--lr", LR, "--steps", 1, "--out", data["dir"] / "ntp_plain.npz")
+    assert rc == 0 and "not used" not in stdout, (stdout, err)
 
 
 def test_train_explicit_exponents_are_the_abc_symmetry(capsys, data):

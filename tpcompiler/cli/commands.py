@@ -330,6 +330,10 @@ def cmd_train(args) -> int:
             raise CommandError(f"{given[0]}: a pi-net's limit is exact and deterministic (tp.PiLimit); --width N trains "
                                "the finite pi-net instead")
         return _train_pi(args, X, Y, Xe, out)
+    # (given in every regime, as a sweep over --param passes them; the kernel regime's limit is
+    # exact, so the success line says they were not used there)
+    sampling = [opt for opt, on in (("--method", args.method != "auto"), ("--particles", args.particles is not None),
+                                    ("--seed", args.seed is not None)) if on]
     args.seed = 0 if args.seed is None else args.seed
     args.particles = DEFAULT_PARTICLES if args.particles is None else args.particles
     _refuse_pi_options(args)
@@ -362,8 +366,10 @@ def cmd_train(args) -> int:
                  f_train_stderr=result.f_train_stderr, f_eval_stderr=result.f_eval_stderr if Xe is not None else f_eval)
     except OSError as exc:
         raise CommandError(f"--out: cannot write {out!r} ({exc.strerror or exc})") from None
+    unused = sampling if result.regime != "feature learning" else []
     print(f"wrote {out}: regime {result.regime} ({result.method}); f_train {result.f_train.shape}, f_eval {f_eval.shape}"
-          + (f"; state {state_path}" if state_path else ""))  # (the file written: numpy adds .npz to a bare name)
+          + (f"; state {state_path}" if state_path else "")  # (the file written: numpy adds .npz to a bare name)
+          + (f"; {'/'.join(unused)} not used (this regime's limit is exact)" if unused else ""))
     if plot_path:
         from tpcompiler.plotting import Trajectory, training_figure
 
