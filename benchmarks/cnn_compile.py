@@ -20,10 +20,11 @@ cnn1d: ``programs/cnn1d.py`` (C = 2, filter 3 SAME, relu, GlobalAvgPool); 2-D: `
 (3, 3), SAME), Relu`` x depth, ``GlobalAvgPool, Dense`` on (H, W, 2) inputs (tp.layers); "Flatten":
 ``Flatten`` in place of ``GlobalAvgPool``.
 
-``--depth``: deep CNNs (cnn1d L = 8, depth 4 to 16), each case twice in one run: as generated
-(a layer's loops once, inside a loop over the layers: kernels._folded) and with the loops
-written out layer by layer (``_FOLD_PERIOD = 0``, the code before that change), in a section
-of its own; the kernels of the two are compared bit for bit.
+``--depth``: deep CNNs (cnn1d L = 8, depth 4 to 16) and deep MLPs (programs/mlp.py, relu,
+depth 20 to 100), each case twice in one run: as generated (a layer's loops once, inside a loop
+over the layers: kernels._folded) and written out layer by layer (CNNs: ``_FOLD_PERIOD = 0``;
+MLPs: the straight-line code, ``share=False``, the code before each change), in a section of its
+own; the kernels of the two are compared bit for bit (an MLP's: to rounding).
 
 ``--steps``: where the derivation's time goes, per step of ``tp.compile`` and of the kernel
 derivation (``progress.timed_steps``), in seconds and in microseconds per pair of positions
@@ -71,7 +72,8 @@ STEPS_CASES = [{"kind": "2d", "L": L, "depth": 2, "steps": True} for L in (8, 12
 FLATTEN_SECTION = "## CNN compile time per step, Flatten readouts (tp.layers, issue 11)"
 FLATTEN_CASES = [{"kind": "2d", "L": L, "depth": 2, "readout": "flatten", "steps": True} for L in (8, 16, 32)]
 DEPTH_SECTION = "## CNN compile time vs depth: a layer's loops once (issue 11)"
-DEPTH_CASES = [{"kind": "cnn1d", "L": 8, "depth": depth} for depth in (4, 8, 16)]
+DEPTH_CASES = [{"kind": "cnn1d", "L": 8, "depth": depth} for depth in (4, 8, 16)] + \
+    [{"kind": "mlp", "depth": depth} for depth in (20, 50, 100)]
 QUICK = [{"kind": "cnn1d", "L": 8, "depth": 2}, {"kind": "2d", "L": 4, "depth": 1}]
 
 
@@ -81,6 +83,8 @@ def program(case: dict):
 
     if case["kind"] == "cnn1d":
         return load(ROOT / "programs" / "cnn1d.py", L=case["L"], depth=case["depth"]), (case["L"] * 2,)
+    if case["kind"] == "mlp":
+        return load(ROOT / "programs" / "mlp.py", depth=case["depth"], phi="relu", d=3), (3,)
     layers = []
     for _ in range(case["depth"]):
         layers += [Conv(512, (3, 3), None, "SAME", 1.5, 0.1), Relu()]
@@ -92,7 +96,7 @@ def program(case: dict):
 def run_case(case: dict) -> dict:
     import tpcompiler as tp
 
-    if case.get("written"):  # the loops written out layer by layer (--depth)
+    if case.get("written") and case["kind"] != "mlp":  # the loops written out layer by layer (--depth)
         from tpcompiler.backends.kernels import kernel
         kernel._FOLD_PERIOD = 0
     t = time.perf_counter()
@@ -103,7 +107,11 @@ def run_case(case: dict) -> dict:
     if case.get("steps"):
         return steps_case(prog, int(np.prod(shape[:-1])), built)
     t = time.perf_counter()
-    kf = tp.compile(prog).kernel_function()
+    if case["kind"] == "mlp" and case.get("written"):  # an MLP written out: the straight-line code
+        from tpcompiler.backends.kernels.kernel import KernelFunction
+        kf = KernelFunction(tp.compile(prog).source, share=False)
+    else:
+        kf = tp.compile(prog).kernel_function()
     derive = time.perf_counter() - t
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * (1 if sys.platform == "darwin" else 1024)
     t = time.perf_counter()
@@ -197,9 +205,12 @@ def depth_table() -> str:
              f"{m['date']}; numba {m['numba']}.  Each case in a fresh process with an empty code cache, "
              "OMP_NUM_THREADS=1, twice: as generated (a sequence of loops repeated with other tables, a layer's, "
              "written once inside a loop over the repetitions: `kernel._folded`) and written out layer by layer "
-             "(`_FOLD_PERIOD = 0`: the code before that change).  derive + codegen = "
+             "(CNNs: `_FOLD_PERIOD = 0`, the code before that change; MLPs: the straight-line code, `share=False`, "
+             "which `kernel._should_share` chose for them before it counted structures instead of groups).  "
+             "derive + codegen = "
              "`tp.compile(...).kernel_function()`; first call = the first `kf(X)` on 7 inputs (Numba's compile); "
-             "lines = the generated module's; same bits = the two kernels equal bit for bit; load = 1-minute load "
+             "lines = the generated module's; same bits = the two kernels equal bit for bit (else their largest "
+             "relative difference); load = 1-minute load "
              "average at the end of the case.", "",
              "| program | derive + codegen (s) | first call (s) | first call, written out (s) | ratio | lines | "
              "lines, written out | same bits | load |",
@@ -210,11 +221,23 @@ def depth_table() -> str:
             continue
         lines.append(f"| {name(case)} | {folded['derive']:.1f} | **{folded['first']:.1f}** | {written['first']:.1f} | "
                      f"{written['first'] / folded['first']:.1f}x | {folded['lines']} | {written['lines']} | "
-                     f"{'yes' if folded['bits'] == written['bits'] else 'NO'} | {max(folded['load'], written['load']):.1f} |")
+                     f"{_same_bits(folded['bits'], written['bits'])} | {max(folded['load'], written['load']):.1f} |")
     return "\n".join(lines) + "\n"
 
 
+def _same_bits(a: dict, b: dict) -> str:
+    """"yes" if the kernels (as int64 bits) are equal bit for bit, else their largest relative
+    difference (an MLP's loops and its straight-line code add in other orders)."""
+    if a == b:
+        return "yes"
+    diff = max(float(np.abs(np.array(a[k]).view(np.float64) - np.array(b[k]).view(np.float64)).max()
+                     / np.abs(np.array(b[k]).view(np.float64)).max()) for k in a)
+    return f"no: {diff:.1e} relative"
+
+
 def name(case: dict) -> str:
+    if case["kind"] == "mlp":
+        return f"mlp.py relu, depth {case['depth']}"
     if case["kind"] == "cnn1d":
         return f"cnn1d L={case['L']}, depth {case['depth']}"
     return f"2-D {case['L']} x {case['L']}, depth {case['depth']}{', Flatten' if case.get('readout') == 'flatten' else ''}"

@@ -1134,6 +1134,31 @@ def test_a_deep_cnns_generated_source_does_not_grow_with_depth():
     assert lines[12] == lines[6], lines
 
 
+def test_a_deep_mlp_is_one_loop_over_its_layers():
+    """A deep MLP's layers repeat a few structures at other levels, so its kernels are loops
+    (kernel._should_share counts structures, not groups) and its layers one loop over the
+    repetitions: the same source at depth 20 and 40 (written out: one quantity per layer, a
+    100-layer net's first call took 51 s).  The kernels are the relu arc-cosine recursion
+    (NNGP) and the NTK's, Theta <- K + Theta * (pi - theta) / (2 pi), written out here."""
+    X = np.random.default_rng(5).standard_normal((4, 3))
+    lines = {}
+    for depth in (20, 40):
+        kf = KernelFunction(load(PROGRAMS / "mlp.py", depth=depth, phi="relu", d=3).graph)
+        assert kf.shared, depth
+        lines[depth] = len(kf.source.splitlines())
+        k = kf(X)
+        K = X @ X.T / 3  # input layer, w_std = 1, no bias
+        theta = K.copy()
+        for _ in range(depth):
+            d = np.sqrt(np.outer(np.diag(K), np.diag(K)))
+            t = np.arccos(np.clip(K / d, -1.0, 1.0))
+            K = d * (np.sin(t) + (np.pi - t) * np.cos(t)) / (2 * np.pi)
+            theta = K + theta * (np.pi - t) / (2 * np.pi)
+        np.testing.assert_allclose(k["nngp"], K, rtol=1e-12)
+        np.testing.assert_allclose(k["ntk"], theta, rtol=1e-12)
+    assert lines[40] == lines[20], lines
+
+
 def test_repetitions_are_the_longest_runs_of_a_sequence():
     """kernel._repetition: (period, repetitions) of the longest run starting at a position,
     the shortest period among equals, none beyond _FOLD_PERIOD."""
