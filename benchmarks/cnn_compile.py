@@ -206,7 +206,7 @@ def depth_table() -> str:
              "OMP_NUM_THREADS=1, twice: as generated (a sequence of loops repeated with other tables, a layer's, "
              "written once inside a loop over the repetitions: `kernel._folded`) and written out layer by layer "
              "(CNNs: `_FOLD_PERIOD = 0`, the code before that change; MLPs: the straight-line code, `share=False`, "
-             "which `kernel._should_share` chose for them before it counted structures instead of groups).  "
+             "which they got before `_derive` compared the two modules' stages).  "
              "derive + codegen = "
              "`tp.compile(...).kernel_function()`; first call = the first `kf(X)` on 7 inputs (Numba's compile); "
              "lines = the generated module's; same bits = the two kernels equal bit for bit (else their largest "

@@ -289,10 +289,21 @@ class KernelFunction:
         running("writing code")
         if self.shared:
             return self._shared_source(*lowered, plans)
+        looped = None
+        if share is None and _repeats_structures(plans):
+            # a deep network: few structures repeated layer after layer, whose loops are written
+            # once (_folded); the smaller stages win, since numba's compile grows with them
+            looped = self._shared_source(*lowered, plans)
+            kept = (self.features, self.row_symbols, self._pair_slots)
         rows, diagonal, pairs, outputs = self._lowered(engine.order, derived_diagonal, derived_outputs,
                                                        self._lower_instances)
-        return self._source(rows, [shared.sum_of_terms(t) for t in diagonal], pairs,
-                            [shared.sum_of_terms(t) for t in outputs])
+        straight = self._source(rows, [shared.sum_of_terms(t) for t in diagonal], pairs,
+                                [shared.sum_of_terms(t) for t in outputs])
+        if looped is not None and _stages_size(looped) < _stages_size(straight):
+            self.features, self.row_symbols, self._pair_slots = kept
+            self.shared = True
+            return looped
+        return straight
 
     def _forget_lowering(self) -> None:
         """Drop the lowering's per-call memos once the source is written: nothing reads them
@@ -1171,14 +1182,32 @@ def _groups(plans) -> int:
 
 
 def _should_share(plans) -> bool:
-    """Loops pay off when the stages have many expressions of few structures: a CNN (one per
-    pair of positions), or a deep network, whose layers repeat their groups' structures at
-    other levels and are written once (``_folded``: a 50-layer MLP's first call 13.4 -> 2.9 s,
-    1,312 -> 292 lines, warm calls no slower).  Small programs (a shallow MLP: one quantity
-    per layer; a CNN on 4 positions, where boundaries are most of the structures) keep the
-    straight-line code, which compiles faster per expression and whose loop over pairs
-    vectorises.  Rule: at least 32 quantities and output terms in all, at least 4 per
-    structure (template and kinds, at any level) on average."""
+    """Loops pay off when the stages have many expressions of few structures (a CNN: one per
+    pair of positions); small programs (an MLP: one quantity per layer; a CNN on 4
+    positions, where boundaries are most of the structures) keep the straight-line code,
+    which compiles faster per expression and whose loop over pairs vectorises.  Rule: at
+    least 32 quantities and output terms in all, at least 4 per group on average."""
+    units = groups = 0
+    for group_list, _, n_assign in plans:
+        units += sum(len(g.index) for g in group_list)
+        groups += len(group_list)
+    return units >= 32 and units >= 4 * groups
+
+
+def _stages_size(source: str) -> int:
+    """The characters of a generated module's stages (``row_stage``, ``pair_stage`` and what
+    follows; not its tables and helpers): what numba compiles at the first call."""
+    return len(source) - source.index("\ndef row_stage(")
+
+
+def _repeats_structures(plans) -> bool:
+    """Whether the groups repeat few structures (template and kinds) at many levels: at least
+    32 quantities and output terms, at least 4 per structure.  A deep network's layers do
+    (``mlp.py`` relu at depth 50: 301 in 207 groups of 17 structures), and its loops, written
+    once per layer sequence (``_folded``), can make smaller stages than the straight-line
+    code (``_stages_size``), which ``_derive`` then takes (depth 100: 292 lines against 2,562,
+    its first call 2.5 s against 32 s); not always (``resnet.py`` with 10 blocks: 80
+    structures, 46,000 characters against 24,000)."""
     units = 0
     structures: set = set()
     for group_list, _, n_assign in plans:
