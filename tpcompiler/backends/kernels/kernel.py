@@ -276,14 +276,14 @@ class KernelFunction:
             running("grouping")
             plans = self._plans(*lowered)
             if not engine.order and _groups(plans) > _MANY_GROUPS:
-                kept = (self.features, self.row_symbols, self._pair_slots)
+                kept = self._module_state
                 other = self._named_stages(self._lowered(engine.order, derived_diagonal, derived_outputs,
                                                            self._lower_expectation_calls))
                 other_plans = self._plans(*other)
                 if _groups(other_plans) < _groups(plans):
                     lowered, plans = other, other_plans
                 else:
-                    self.features, self.row_symbols, self._pair_slots = kept
+                    self._module_state = kept
         #: whether the generated code computes groups of quantities by loops (shared.py)
         self.shared = _should_share(plans) if share is None else bool(share)
         running("writing code")
@@ -294,16 +294,27 @@ class KernelFunction:
             # a deep network: few structures repeated layer after layer, whose loops are written
             # once (_folded); the smaller stages win, since numba's compile grows with them
             looped = self._shared_source(*lowered, plans)
-            kept = (self.features, self.row_symbols, self._pair_slots)
+            kept = self._module_state
         rows, diagonal, pairs, outputs = self._lowered(engine.order, derived_diagonal, derived_outputs,
                                                        self._lower_instances)
         straight = self._source(rows, [shared.sum_of_terms(t) for t in diagonal], pairs,
                                 [shared.sum_of_terms(t) for t in outputs])
         if looped is not None and _stages_size(looped) < _stages_size(straight):
-            self.features, self.row_symbols, self._pair_slots = kept
+            self._module_state = kept
             self.shared = True
             return looped
         return straight
+
+    @property
+    def _module_state(self) -> tuple:
+        """What a lowering leaves that the generated module's calls read (its input features, row
+        symbols and pair slots): kept while another lowering is tried, and put back if the
+        first one's module is the one kept."""
+        return self.features, self.row_symbols, self._pair_slots
+
+    @_module_state.setter
+    def _module_state(self, state: tuple) -> None:
+        self.features, self.row_symbols, self._pair_slots = state
 
     def _forget_lowering(self) -> None:
         """Drop the lowering's per-call memos once the source is written: nothing reads them
@@ -1187,11 +1198,20 @@ def _should_share(plans) -> bool:
     positions, where boundaries are most of the structures) keep the straight-line code,
     which compiles faster per expression and whose loop over pairs vectorises.  Rule: at
     least 32 quantities and output terms in all, at least 4 per group on average."""
+    units, groups, _ = _plan_sizes(plans)
+    return units >= 32 and units >= 4 * groups
+
+
+def _plan_sizes(plans) -> tuple[int, int, int]:
+    """(quantities and output terms, groups, structures: distinct (template, kinds, quantity or
+    term) at any level) of both stages' plans."""
     units = groups = 0
-    for group_list, _, n_assign in plans:
+    structures: set = set()
+    for group_list, _, _ in plans:
         units += sum(len(g.index) for g in group_list)
         groups += len(group_list)
-    return units >= 32 and units >= 4 * groups
+        structures.update((g.template, tuple(g.kinds), g.target is None) for g in group_list)
+    return units, groups, len(structures)
 
 
 def _stages_size(source: str) -> int:
@@ -1208,12 +1228,8 @@ def _repeats_structures(plans) -> bool:
     code (``_stages_size``), which ``_derive`` then takes (depth 100: 292 lines against 2,562,
     its first call 2.5 s against 32 s); not always (``resnet.py`` with 10 blocks: 80
     structures, 46,000 characters against 24,000)."""
-    units = 0
-    structures: set = set()
-    for group_list, _, n_assign in plans:
-        units += sum(len(g.index) for g in group_list)
-        structures.update((g.template, tuple(g.kinds), g.target is None) for g in group_list)
-    return units >= 32 and units >= 4 * len(structures)
+    units, _, structures = _plan_sizes(plans)
+    return units >= 32 and units >= 4 * structures
 
 
 def _in_threads(stage, rows: int, *args) -> None:
