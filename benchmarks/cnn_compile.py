@@ -26,6 +26,10 @@ over the layers: kernels._folded) and written out layer by layer (CNNs: ``_FOLD_
 MLPs: the straight-line code, ``share=False``, the code before each change), in a section of its
 own; the kernels of the two are compared bit for bit (an MLP's: to rounding).
 
+``--get``: the 2-D depth-2 pooled cases with both kernels and with the NNGP alone
+(``kernel_function(get="nngp")``, neural-tangents' ``get``), and the NTK alone, each in fresh
+processes with empty caches, in a section of its own; the NNGP alone is compared with both's.
+
 ``--steps``: where the derivation's time goes, per step of ``tp.compile`` and of the kernel
 derivation (``progress.timed_steps``), in seconds and in microseconds per pair of positions
 (what grows: the quantities of a pooled readout are three per pair), for the 2-D depth-2
@@ -74,6 +78,8 @@ FLATTEN_CASES = [{"kind": "2d", "L": L, "depth": 2, "readout": "flatten", "steps
 DEPTH_SECTION = "## CNN compile time vs depth: a layer's loops once (issue 11)"
 DEPTH_CASES = [{"kind": "cnn1d", "L": 8, "depth": depth} for depth in (4, 8, 16)] + \
     [{"kind": "mlp", "depth": depth} for depth in (20, 50, 100)]
+GET_SECTION = "## CNN compile time, one kernel alone (get=, issue 11)"
+GET_CASES = [{"kind": "2d", "L": L, "depth": 2} for L in (8, 12, 16)]
 QUICK = [{"kind": "cnn1d", "L": 8, "depth": 2}, {"kind": "2d", "L": 4, "depth": 1}]
 
 
@@ -111,7 +117,7 @@ def run_case(case: dict) -> dict:
         from tpcompiler.backends.kernels.kernel import KernelFunction
         kf = KernelFunction(tp.compile(prog).source, share=False)
     else:
-        kf = tp.compile(prog).kernel_function()
+        kf = tp.compile(prog).kernel_function(get=case.get("get"))
     derive = time.perf_counter() - t
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * (1 if sys.platform == "darwin" else 1024)
     t = time.perf_counter()
@@ -120,17 +126,16 @@ def run_case(case: dict) -> dict:
     if case.get("depth_table"):
         return {"derive": derive, "first": first, "lines": len(kf.source.splitlines()),
                 "bits": {k: v.view(np.int64).tolist() for k, v in first_kernels.items()}, "load": os.getloadavg()[0]}
+    if case.get("get_table"):
+        call, how = _warm_call(kf)
+        t = time.perf_counter()
+        call(X)
+        return {"derive": derive, "first": first, "warm": time.perf_counter() - t, "warm_how": how, "peak": peak,
+                "pairs": kf.derivation_sizes["pair quantities"], "load": os.getloadavg()[0],
+                "nngp": first_kernels.get("nngp", np.zeros(0)).tolist()}
     if case.get("again"):  # a second process on the first one's caches: the stored derivation
         return {"again": derive + first, "cached": kf.derivation_cached}
-    from tpcompiler.backends.kernels import tiled
-    from tpcompiler.memory import OutOfMemory
-
-    try:
-        kf._check_memory(N, 0)
-        call, how = kf, "whole"
-    except OutOfMemory:  # (16 x 16: 65,536 Gram matrices of N x N, 21 GB) in tiles of a 16 GB budget (the
-        # process holds some 5 GB after the derivation, which counts)
-        call, how = (lambda X: tiled.kernels(kf, X, memory="16GB", progress=False)), "tiled, 16 GB"
+    call, how = _warm_call(kf)
     warm = []
     for _ in range(3):
         t = time.perf_counter()
@@ -139,6 +144,20 @@ def run_case(case: dict) -> dict:
     return {"derive": derive, "first": first, "warm": float(np.median(warm)), "warm_how": how, "peak": peak,
             "templates": kf.derivation_sizes["templates"], "pairs": kf.derivation_sizes["pair quantities"],
             "lines": len(kf.source.splitlines()), "shared": kf.shared, "load": os.getloadavg()[0]}
+
+
+def _warm_call(kf):
+    """(the call on N inputs, how it runs): the untiled call, or, where its Gram matrices would
+    not fit the available memory (16 x 16: 65,536 Gram matrices of N x N, 21 GB), tiles of a
+    16 GB budget (the process holds some 5 GB after the derivation, which counts)."""
+    from tpcompiler.backends.kernels import tiled
+    from tpcompiler.memory import OutOfMemory
+
+    try:
+        kf._check_memory(N, 0)
+        return kf, "whole"
+    except OutOfMemory:
+        return (lambda X: tiled.kernels(kf, X, memory="16GB", progress=False)), "tiled, 16 GB"
 
 
 def steps_case(prog, positions: int, built: float) -> dict:
@@ -225,6 +244,50 @@ def depth_table() -> str:
     return "\n".join(lines) + "\n"
 
 
+def get_table() -> str:
+    """The --get section: each pooled 2-D CNN with both kernels, the NNGP alone and the NTK
+    alone, in fresh processes with empty code caches, one after the other."""
+    rows = []
+    for case in GET_CASES:
+        runs = {}
+        for get in (None, "nngp", "ntk"):
+            with tempfile.TemporaryDirectory() as cache:
+                os.environ["TPCOMPILER_CACHE_DIR"] = cache
+                runs[get] = spawn(Path(__file__), {**case, "get_table": True, "get": get}, timeout=1800)
+            print(name(case), get, {k: v for k, v in runs[get].items() if k != "nngp"}, flush=True)
+        rows.append((case, runs))
+    m = machine_info()
+    lines = [GET_SECTION, "",
+             f"`python benchmarks/cnn_compile.py --get` on {m['cpu']}, {m['cores']} cores, {m['memory']}; "
+             f"{m['date']}; numba {m['numba']}.  Each case in a fresh process with an empty code cache, "
+             "OMP_NUM_THREADS=1: `tp.compile(...).kernel_function(get=...)` (derive + codegen), its first call on 7 "
+             f"inputs (Numba's compile) and a second call on N = {N} inputs (warm), for both kernels (get=None), "
+             "the NNGP alone and the NTK alone.  The NNGP alone is the one a Gaussian process (NNGP posterior, "
+             "`tpcompiler.sklearn.NNGP`) needs: it skips the NTK's sums over the pairs of uses of every weight.  "
+             "NNGP vs both = the largest relative difference of the NNGP on the 7 inputs; load = 1-minute load "
+             "average at the end of the case.", "",
+             "| program | kernels | derive + codegen (s) | first call (s) | total (s) | warm N = 200 (s) | "
+             "peak memory (GB) | pair quantities | NNGP vs both | load |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for case, runs in rows:
+        both = runs[None]
+        for get, label in ((None, "both"), ("nngp", "NNGP alone"), ("ntk", "NTK alone")):
+            r = runs[get]
+            if "error" in r:
+                lines.append(f"| {name(case)} | {label} | failed: {r['error']} | | | | | | | |")
+                continue
+            same = ""
+            if get == "nngp" and "error" not in both:
+                a, b = np.array(r["nngp"]), np.array(both["nngp"])
+                same = f"{float(np.abs(a - b).max() / np.abs(b).max()):.1e}"
+            lines.append(f"| {name(case)} | {label} | {r['derive']:.1f} | {r['first']:.1f} | "
+                         f"**{r['derive'] + r['first']:.1f}** | {r['warm']:.2f}"
+                         f"{'' if r.get('warm_how', 'whole') == 'whole' else ' (' + r['warm_how'] + ')'} | "
+                         f"{r['peak'] / 1e9:.2f} | {r['pairs']} | "
+                         f"{same} | {r['load']:.1f} |")
+    return "\n".join(lines) + "\n"
+
+
 def _same_bits(a: dict, b: dict) -> str:
     """"yes" if the kernels (as int64 bits) are equal bit for bit, else their largest relative
     difference (an MLP's loops and its straight-line code add in other orders)."""
@@ -252,6 +315,8 @@ def main() -> None:
                         help="time each step for Flatten readouts up to 32 x 32 (its own section)")
     parser.add_argument("--depth", action="store_true",
                         help="deep CNNs, folded against written out (its own section)")
+    parser.add_argument("--get", action="store_true",
+                        help="pooled 2-D CNNs with both kernels, the NNGP alone and the NTK alone (its own section)")
     parser.add_argument("--case", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.case:
@@ -259,11 +324,11 @@ def main() -> None:
         return
     os.environ["OMP_NUM_THREADS"] = "1"
     rows = []
-    if args.depth:
-        text = depth_table()
+    if args.depth or args.get:
+        text = depth_table() if args.depth else get_table()
         print(text)
         if args.write_docs:
-            write_section(DOCS, DEPTH_SECTION, text)
+            write_section(DOCS, DEPTH_SECTION if args.depth else GET_SECTION, text)
         return
     if args.steps or args.flatten:
         section, command = (FLATTEN_SECTION, "--flatten") if args.flatten else (STEPS_SECTION, "--steps")

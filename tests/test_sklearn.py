@@ -35,6 +35,26 @@ def test_kernels_are_neural_tangents_values():
         np.testing.assert_allclose(k.diag(XT), np.diag(REF[f"erf1__{kind}_test"]), rtol=1e-12)
 
 
+def test_each_kernel_derives_and_computes_only_its_kernel(monkeypatch):
+    """NNGP(...) and KernelTransformer(kernel="nngp") compile the NNGP alone (``get``,
+    test_one_kernel.py): a Gaussian process on a CNN no longer derives and computes the NTK it
+    drops.  Their values are still those of both kernels' code."""
+    from tpcompiler import sklearn as tpsk
+
+    built = []
+    make = tpsk.kernel_function
+    monkeypatch.setattr(tpsk, "kernel_function", lambda *a, **kw: built.append(make(*a, **kw)) or built[-1])
+    both = tp.compile(tp.load(MLP, depth=2, phi="erf", d=X.shape[1])).kernel_function()(X, XT)
+    for kind in ("nngp", "ntk"):
+        built.clear()
+        k = (NNGP if kind == "nngp" else NTK)(MLP, depth=2, phi="erf")
+        np.testing.assert_allclose(k(X), both[kind], rtol=1e-12, atol=1e-14)
+        np.testing.assert_allclose(k(XT, X), both[f"{kind}_x2"], rtol=1e-12, atol=1e-14)
+        transformer = KernelTransformer(MLP, kind, {"depth": 2, "phi": "erf"}).fit(X)
+        np.testing.assert_allclose(transformer.transform(XT), both[f"{kind}_x2"], rtol=1e-12, atol=1e-14)
+        assert built and {getattr(f, "kf", f).kernels for f in built} == {(kind,)}
+
+
 def test_diag_reads_rows_in_chunks_with_the_values_of_the_whole_kernel(monkeypatch):
     """diag(X) built the N x N kernel (np.diag(k(X))): 1.8 GB at N = 8000, out of memory near
     N = 30,000, for N numbers (audit).  It now calls the kernel on DIAG_ROWS rows at a time."""

@@ -170,6 +170,38 @@ def test_dask_tasks_equal_the_local_tiles(compiled, data, reference, tmp_path):
     assert_close(to_files, reference)
 
 
+def test_one_kernel_in_tiles_on_dask_and_in_files(compiled, data, reference, tmp_path):
+    """``get``: the NNGP alone (its own derivation, test_one_kernel.py) in tiles, as tasks on a
+    local cluster and in memory-mapped files: only its matrices, equal to both's NNGP."""
+    distributed = pytest.importorskip("distributed")
+    alone = {k: reference[k] for k in ("nngp", "nngp_x2")}
+    assert_close(compiled.kernels(*data, tile=64, get="nngp"), alone)
+    assert compiled.kernel_function(get="nngp").last_plan.tile == 64
+    with distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=False,
+                                  dashboard_address=None) as cluster, distributed.Client(cluster) as client:
+        assert_close(compiled.kernels(*data, client=client, tile=64, get="nngp"), alone)
+    to_files = compiled.kernels(*data, memory="1MB", out=str(tmp_path) + "/", get="nngp")
+    assert_close(to_files, alone)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["nngp.npy", "nngp_x2.npy"]
+
+
+def test_a_worker_builds_the_kernel_it_is_asked_for(compiled, data, reference):
+    """A worker process's KernelFunction computes the kernels of the one it stands for: the
+    NTK alone gives one block, the NTK's."""
+    X, _ = data
+    kf = compiled.kernel_function(get="ntk")
+    RF, R = kf.rows(X)
+    key = "test-rebuild-ntk"
+    try:
+        block = tiled.remote_block(pickle.loads(pickle.dumps(kf.graph)), kf.rtol, key, (X[:50], RF[:50], R[:50]),
+                                   (X[50:], RF[50:], R[50:]), False, kf.kernels)
+        assert tiled._WORKER_KERNELS[key].kernels == ("ntk",)
+    finally:
+        tiled._WORKER_KERNELS.pop(key, None)
+    (ntk,) = block
+    assert_close({"ntk": ntk}, {"ntk": reference["ntk"][:50, 50:]})
+
+
 def _bilinear(a: float):
     """h = xi_0 u_0 + a xi_1 u_1 + xi_2 u_2, relu, readout: programs of one generated source for
     every a (the coefficient is an input feature the source reads at run time)."""
@@ -236,6 +268,13 @@ def test_cli_npz_contract_and_memory_mapped_directory(files, reference, capsys):
     assert "D/nngp.npy (230, 230)" in out and "float32" in out
 
 
+def test_cli_one_kernel(files, reference, capsys):
+    assert tpc_kernels(files, "--x2", str(files / "X2.npy"), "--out", str(files / "N.npz"), "--get", "nngp") == 0
+    with np.load(files / "N.npz") as K:
+        assert_close(dict(K), {k: reference[k] for k in ("nngp", "nngp_x2")})
+    assert "N.npz: nngp (230, 230), nngp_x2 (90, 230)" in capsys.readouterr().out
+
+
 def one_line_error(capsys, code):
     err = capsys.readouterr().err
     assert code == 2 and err.count("\n") == 1 and err.startswith("tpc: error:"), err
@@ -248,6 +287,7 @@ def one_line_error(capsys, code):
     (["--memory", "300kB", "--out", "K.npz"], "--memory: the kernels (2 matrices of 230 columns, float64: 0.846 MB)"),
     (["--out", "FILE/K/"], "--out: cannot create the directory"),
     (["--out", "K.npz", "--scheduler", "local:0"], "--scheduler: expected local:K"),
+    (["--out", "K.npz", "--get", "nngg"], "--get: expected 'nngp', 'ntk' or both"),
 ])
 def test_cli_bad_input(files, capsys, extra, message):
     (files / "FILE").write_text("")

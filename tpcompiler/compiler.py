@@ -284,10 +284,13 @@ class Compiled:
         return self._bound[key]
 
     def kernels(self, X, X2=None, rtol: float = DEFAULT_RTOL, *, memory=None, out=None, dtype: str = "float64",
-                client=None, progress: bool | None = None, tile: int | None = None) -> dict[str, np.ndarray]:
+                client=None, progress: bool | None = None, tile: int | None = None, get=None) -> dict[str, np.ndarray]:
         """Infinite-width NNGP and NTK (docs/DESIGN.md 2.3): {"nngp", "ntk"} = k(X, X) (N x N),
         plus {"nngp_x2", "ntk_x2"} = k(X2, X) (N2 x N) when X2 is given.  Exact: closed
         forms where they exist, quadrature to ``rtol`` otherwise (see ``kernel_function``).
+        ``get``: "nngp" or "ntk" for that kernel alone (as neural-tangents' ``get``; None: both),
+        which derives and computes only its terms (a pooled CNN's NNGP alone compiles in about
+        half the time of both).
 
         Any data size (``backends.kernels.tiled``): computed in tiles whose working set, with
         the inputs and in-memory outputs, stays within ``memory`` ("4GB", "512MB", "1.5GiB" or
@@ -301,8 +304,8 @@ class Compiled:
 
         X = validation.array(network_rows(self.source, X, "X"), "X", ndim=2)
         X2 = validation.optional_array(network_rows(self.source, X2, "X2"), "X2", ndim=2)
-        return tiled.kernels(self.kernel_function(rtol), X, X2, memory=memory, out=out, dtype=dtype, client=client,
-                             progress=progress, tile=tile)  # refuses non-finite kernels itself
+        return tiled.kernels(self.kernel_function(rtol, get=get), X, X2, memory=memory, out=out, dtype=dtype,
+                             client=client, progress=progress, tile=tile)  # refuses non-finite kernels itself
 
     def _kernel_program(self) -> tuple | None:
         """(kernel program, its Z program) as the passes made them, or None (a program with
@@ -310,22 +313,24 @@ class Compiled:
         self._finish_passes()
         return self._kernel_derivation
 
-    def kernel_function(self, rtol: float = DEFAULT_RTOL, cache: bool = True):
+    def kernel_function(self, rtol: float = DEFAULT_RTOL, cache: bool = True, get=None):
         """The compiled kernel evaluator (generated Numba code, cached on disk).  ``cache``:
         read the derivation from the disk cache when the same program was derived by the same
-        code before, else store it there (kernels/stored.py); False derives it again."""
-        from tpcompiler.backends.kernels.kernel import KernelFunction
+        code before, else store it there (kernels/stored.py); False derives it again.
+        ``get``: the kernels it computes ("nngp", "ntk"; None: both; see ``kernels``)."""
+        from tpcompiler.backends.kernels.kernel import KernelFunction, kernel_names
 
         rtol = validation.number(rtol, "rtol", positive=True)
         cache = validation.flag(cache, "cache")
         if not MIN_RTOL <= rtol <= MAX_RTOL:
             raise validation.ArgumentError(
                 f"rtol: expected a relative accuracy between {MIN_RTOL:g} and {MAX_RTOL:g}, got {rtol:g}")
+        get = kernel_names(get)
         self._unchanged()
-        key = ("kernels", float(rtol), bool(cache))
+        key = ("kernels", float(rtol), bool(cache), get)
         if key not in self._bound:  # (the program is as compiled: the snapshot's graph_parts are its own)
             self._bound[key] = KernelFunction(self.source, rtol=rtol, derived=self._kernel_program, cache=bool(cache),
-                                              graph_parts=self._snapshot[3])
+                                              graph_parts=self._snapshot[3], get=get)
         return self._bound[key]
 
     def limit(self, particles: int = DEFAULT_PARTICLES, seed: int = 0, x=None, groups: int = 10,

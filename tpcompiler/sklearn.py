@@ -175,7 +175,7 @@ def _runtime_names(program, params: dict, names: list) -> tuple:
     return _ANALYSED[key][1]
 
 
-def _template(program, params: dict, names: list, rtol: float) -> _Template | None:
+def _template(program, params: dict, names: list, rtol: float, get=None) -> _Template | None:
     """The compiled kernel of ``program`` at ``params`` with the hyperparameters ``names``
     as runtime arguments where they only set Params (``_runtime_names``); cached per program,
     runtime names and the values of every other parameter (so a structural hyperparameter's
@@ -191,13 +191,13 @@ def _template(program, params: dict, names: list, rtol: float) -> _Template | No
     if not runtime:
         return None
     fixed = tuple(sorted((k, repr(v)) for k, v in params.items() if k not in runtime))
-    key = (_identity(program), fixed, runtime, rtol)
+    key = (_identity(program), fixed, runtime, rtol, get)
     if key not in _TEMPLATES:
         base = _build(program, params).graph
         binding = {k: n for n in runtime for k in followers[n]}
         graph = run_passes(Program.from_graph(base), until="validate").graph
         try:
-            kf = KernelFunction(graph, rtol=rtol, runtime=tuple(binding), cache=True)
+            kf = KernelFunction(graph, rtol=rtol, runtime=tuple(binding), cache=True, get=get)
         except OutOfMemory:
             raise  # (compiling per value would derive the same program again, and fail again)
         except (NotPairwise, ProgramError):
@@ -228,19 +228,21 @@ def _full_params(program, params: dict, d: int) -> dict:
     return params
 
 
-def _compiled_per_value(program, params: dict, rtol: float):
+def _compiled_per_value(program, params: dict, rtol: float, get=None):
     """The old path: build and compile the program at exactly these values (cached)."""
-    key = (_identity(program), tuple(sorted((k, repr(v)) for k, v in params.items())), rtol)
+    key = (_identity(program), tuple(sorted((k, repr(v)) for k, v in params.items())), rtol, get)
     if key not in _CACHE:
         from tpcompiler.compiler import compile
 
-        _CACHE[key] = (program, compile(_build(program, params)).kernel_function(rtol))
+        _CACHE[key] = (program, compile(_build(program, params)).kernel_function(rtol, get=get))
     return _CACHE[key][1]
 
 
-def kernel_function(program, params: dict, d: int, runtime=None, verify: bool = True, rtol: float = 1e-10):
+def kernel_function(program, params: dict, d: int, runtime=None, verify: bool = True, rtol: float = 1e-10,
+                    get=None):
     """The compiled kernel evaluator of ``program`` built with ``params`` (and ``d`` from the
-    data when build() takes it): ``f(X, X2=None)`` -> {"nngp", "ntk"[, "nngp_x2", "ntk_x2"]}.
+    data when build() takes it): ``f(X, X2=None)`` -> {"nngp", "ntk"[, "nngp_x2", "ntk_x2"]},
+    or of the one kernel ``get`` ("nngp" or "ntk"), derived and computed alone.
 
     ``runtime``: build() parameters to serve from one compilation (default: every positive
     float parameter, ``_is_hyperparameter``).  Those that only set Params of the program
@@ -248,34 +250,38 @@ def kernel_function(program, params: dict, d: int, runtime=None, verify: bool = 
     build of the program (milliseconds) to check that its structure is the compiled one
     (``verify``; the gradient's nearby points skip it), not a compilation.  Every other
     parameter, and a value whose build has another structure, is compiled per value."""
+    from tpcompiler.backends.kernels.kernel import kernel_names
+
+    get = kernel_names(get)
     params = _full_params(program, params, d)
     defaults = _defaults(program)
     if runtime is None:
         runtime = [k for k in params if _is_hyperparameter(k, params[k], defaults.get(k))]
     names = sorted(k for k in runtime if k in params)
-    template = _template(program, params, names, rtol) if names and not isinstance(program, Program) else None
+    template = _template(program, params, names, rtol, get) if names and not isinstance(program, Program) else None
     if template is None:
-        return _compiled_per_value(program, params, rtol)
+        return _compiled_per_value(program, params, rtol, get)
     values = tuple(float(params[n]) for n in template.names)
     if verify and values not in template.verified:
         graph = _build(program, params).graph
         bound = _params_of(graph)
         if _signature(graph, set(template.binding)) != template.signature or any(
                 bound[k] != float(params[n]) for k, n in template.binding.items()):
-            return _compiled_per_value(program, params, rtol)  # this value changes the structure
+            return _compiled_per_value(program, params, rtol, get)  # this value changes the structure
         if len(template.verified) < 100_000:
             template.verified.add(values)
     return _Evaluator(template.kf, {k: float(params[n]) for k, n in template.binding.items()})
 
 
 def cross_kernel(kf, A: np.ndarray, B: np.ndarray) -> dict[str, np.ndarray]:
-    """{"nngp", "ntk"}: k(A, B) (len(A) x len(B)).  The evaluator always also computes the
-    symmetric block of its first argument; that is the smaller of the two sets."""
+    """{"nngp", "ntk"} (those ``kf`` computes): k(A, B) (len(A) x len(B)).  The evaluator
+    always also computes the symmetric block of its first argument; that is the smaller of
+    the two sets."""
     if len(A) <= len(B):
         out = kf(A, B)
-        return {g: out[g + "_x2"].T for g in KINDS}
+        return {g: out[g + "_x2"].T for g in KINDS if g + "_x2" in out}
     out = kf(B, A)
-    return {g: out[g + "_x2"] for g in KINDS}
+    return {g: out[g + "_x2"] for g in KINDS if g + "_x2" in out}
 
 
 def _is_hyperparameter(name: str, value, default) -> bool:
@@ -343,7 +349,7 @@ class _ProgramKernel(Kernel):
                 for name in self._hyper]
 
     def _matrix(self, params: dict, X: np.ndarray, Y: np.ndarray | None, verify: bool = True) -> np.ndarray:
-        kf = kernel_function(self.program, params, X.shape[1], runtime=self._hyper, verify=verify)
+        kf = kernel_function(self.program, params, X.shape[1], runtime=self._hyper, verify=verify, get=self.kind)
         if Y is None:
             return kf(X)[self.kind]
         return cross_kernel(kf, X, Y)[self.kind]
@@ -426,13 +432,14 @@ class KernelTransformer(TransformerMixin, BaseEstimator):
     def fit(self, X, y=None):
         _check_kind(self.kernel)
         self.X_fit_ = validate_data(self, X, dtype=np.float64, reset=True)
-        kernel_function(self.program, dict(self.params or {}), self.X_fit_.shape[1])  # build errors surface in fit
+        # build errors surface in fit
+        kernel_function(self.program, dict(self.params or {}), self.X_fit_.shape[1], get=self.kernel)
         return self
 
     def transform(self, X):
         check_is_fitted(self)
         X = validate_data(self, X, dtype=np.float64, reset=False)
-        kf = kernel_function(self.program, dict(self.params or {}), X.shape[1])
+        kf = kernel_function(self.program, dict(self.params or {}), X.shape[1], get=_check_kind(self.kernel))
         return cross_kernel(kf, X, self.X_fit_)[self.kernel]
 
 

@@ -740,7 +740,7 @@ def _kernel_descent(graph: Graph, abc: ABC, sgd: SGD, shape_t, shape_e, steps) -
     Xe = np.zeros((0, X.shape[1])) if sgd.X_eval is None else np.atleast_2d(np.asarray(sgd.X_eval, dtype=np.float64))
     Y = _targets(sgd.Y, X.shape[0], shape_t[2])
     try:
-        theta = KernelFunction(training_kernel_graph(graph, abc))(np.concatenate([X, Xe]))["ntk"]
+        theta = KernelFunction(training_kernel_graph(graph, abc), get="ntk")(np.concatenate([X, Xe]))["ntk"]
     except NotPairwise as exc:  # (its own hint, the particle limit of the kernels, trains nothing)
         text = str(exc).removesuffix(f"; {PARTICLES_HINT}")
         raise NotPairwise(f"{text}; kernel-regime training runs gradient descent with the exact NTK, which "

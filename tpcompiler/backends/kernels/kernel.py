@@ -118,8 +118,12 @@ class KernelFunction:
     """NNGP and NTK of a template program, compiled to Numba (see module docstring)."""
 
     def __init__(self, graph: Graph, rtol: float = 1e-10, runtime=(), share: bool | None = None,
-                 templates: bool = True, derived=None, cache: bool = False, graph_parts: dict | None = None):
-        """``runtime``: Param keys of ``graph`` kept as symbols through the derivation and the
+                 templates: bool = True, derived=None, cache: bool = False, graph_parts: dict | None = None,
+                 get=None):
+        """``get``: which kernels to derive and compute ("nngp", "ntk", or both, as
+        neural-tangents' ``kernel_fn(x1, x2, get)``; None: both, ``kernel_names``): the NNGP
+        alone skips the NTK's terms, the sums over the pairs of uses of every weight, which are
+        most of a CNN's derivation and of its pair stage.  ``runtime``: Param keys of ``graph`` kept as symbols through the derivation and the
         generated code, whose values are arguments of every call (``params``), so one
         compilation serves every value of them; the others are compiled in as numbers.
         Refused (NotPairwise) where a runtime Param would enter a quadrature function.
@@ -141,6 +145,8 @@ class KernelFunction:
         that the program is unchanged), for the cache's key."""
         start = time.perf_counter()
         self.rtol = rtol
+        #: the kernels this function computes and returns, in KERNELS' order
+        self.kernels = kernel_names(get)
         bad = [k for k in runtime if k not in graph.g or not isinstance(graph.op(k), ops.Param)]
         if bad:
             raise ProgramError(f"kernels: runtime parameter {bad[0]!r} is not a constant (p.scalar) of program {graph.name!r}")
@@ -158,7 +164,7 @@ class KernelFunction:
         self.graph = graph
         (self.input_name, decl), = graph.inputs.items()
         self.d = len(decl.keys)
-        key = _derivation_key(graph, rtol, self.runtime, share, templates, graph_parts) if cache else None
+        key = _derivation_key(graph, rtol, self.runtime, share, templates, graph_parts, self.kernels) if cache else None
         #: the derivation's disk-cache key (None without ``cache``), also its identity for Dask workers
         self.derivation_key = key
         state = stored.load(key)
@@ -249,8 +255,8 @@ class KernelFunction:
             # quantities: exact at rho = 1, where a pair formula would amplify rounding
             # (arc-cosine kernels have a square-root singularity there).  Of a pooled readout's
             # P^2 terms, P are then derived for the row stage.
-            derived_outputs = [engine.scalar_terms(kp.outputs[k], part=part) for part in PARTS for k in KERNELS]
-            derived_diagonal = [engine.scalar_terms(kp.outputs[k], same_input=True, part=PARTS[1]) for k in KERNELS]
+            derived_outputs = [engine.scalar_terms(kp.outputs[k], part=part) for part in PARTS for k in self.kernels]
+            derived_diagonal = [engine.scalar_terms(kp.outputs[k], same_input=True, part=PARTS[1]) for k in self.kernels]
         except NotPairwise as exc:
             text = str(exc) if len(str(exc)) < 200 else str(exc)[:197] + "..."
             raise NotPairwise(f"program {graph.name!r}: the kernel backend needs bivariate Gaussian expectations "
@@ -677,7 +683,7 @@ class KernelFunction:
         loads_g = {symbols.gram(m): f"G{m}[i, j]" for m in range(n_g)}
         loads_p = {node_symbol(k): f"P[{m}]" for m, k in enumerate(self.runtime)}
         grams = "".join(f"G{m}, " for m in range(n_g))
-        outs = ", ".join(f"out{k}" for k in range(len(KERNELS)))
+        outs = ", ".join(f"out{k}" for k in range(len(self.kernels)))
         header = self._header([e for _, e in rows + pairs] + diagonal + outputs)
         row_lines, row_outs = print_body([s for s, _ in rows] + diagonal, {**loads0, **loads_p}, "        ", rows)
         pair_lines, pair_outs = print_body(outputs, {**loads0, **loads1, **loads_q0, **loads_q1, **loads_g, **loads_p},
@@ -709,8 +715,8 @@ def pair_stage({grams}RF1, RF2T, R1, R2T, {outs}, symmetric, P):
             start = i if symmetric else 0
             for j in range(start, M):
 {chr(10).join(pair_lines)}
-{chr(10).join(f'                out{k}[i, j] = {e} if symmetric and j == i else {e} + {pair_outs[len(KERNELS) + k]}'
-              for k, e in enumerate(pair_outs[:len(KERNELS)]))}
+{chr(10).join(f'                out{k}[i, j] = {e} if symmetric and j == i else {e} + {pair_outs[len(self.kernels) + k]}'
+              for k, e in enumerate(pair_outs[:len(self.kernels)]))}
 """
         return src
 
@@ -769,14 +775,14 @@ def pair_stage({grams}RF1, RF2T, R1, R2T, {outs}, symmetric, P):
         pair_body = _group_loops(pair_groups, pair_formats, pair_loads, "                ", "Q[{}, jj]",
                                  "ACC[{}, jj]", tables, inner="for j in range(jb, je):", inner_setup="jj = j - jb")
         n_rows = len(self.row_symbols)  # (with the calls _plans lifted)
-        row_outs = "\n".join(f"        R[i, {n_rows + k}] = _acc{k}" for k in range(len(KERNELS)))
+        row_outs = "\n".join(f"        R[i, {n_rows + k}] = _acc{k}" for k in range(len(self.kernels)))
         row_init = "\n".join(f"        _acc{k} = {c!r}" for k, c in enumerate(row_constants))
         pair_init = "\n".join(f"                    ACC[{k}, j - jb] = {c!r}" for k, c in enumerate(pair_constants))
-        n = len(KERNELS)  # ACC[k]: kernel k's first part, ACC[n + k] its second (PARTS)
+        n = len(self.kernels)  # ACC[k]: kernel k's first part, ACC[n + k] its second (PARTS)
         pair_outs = "\n".join(f"                    out{k}[i, j] = ACC[{k}, j - jb] + ACC[{n + k}, j - jb]"
                                for k in range(n))
         diagonal_parts = "\n".join(f"                    out{k}[i, i] = ACC[{k}, 0]" for k in range(n))
-        outs = ", ".join(f"out{k}" for k in range(len(KERNELS)))
+        outs = ", ".join(f"out{k}" for k in range(len(self.kernels)))
         # the custom functions the printed code calls: those of the groups' templates
         header = self._header([group.template for group in row_groups + pair_groups])
         return header + "\n" + tables.source() + f"""
@@ -883,7 +889,7 @@ def pair_stage(t0, step, GS, RF1, RF2T, R1, R2T, {outs}, symmetric, P, IT, WT):
         the row stage computes, ``PARTS``) of X (``params``: runtime parameter values,
         ``parameter_values``)."""
         RF = self.features.row_values(X)
-        R = np.empty((X.shape[0], len(self.row_symbols) + len(KERNELS)))
+        R = np.empty((X.shape[0], len(self.row_symbols) + len(self.kernels)))
         if self.shared:
             _in_threads(self.module.row_stage, X.shape[0], RF, R, self.parameter_values(params), *self.module.TABLES)
         else:
@@ -891,7 +897,7 @@ def pair_stage(t0, step, GS, RF1, RF2T, R1, R2T, {outs}, symmetric, P, IT, WT):
         return RF, R
 
     def block(self, A, rows_A, B, rows_B, same: bool, timing: dict | None = None, params=None) -> list[np.ndarray]:
-        """[nngp, ntk] of the rows A (first input) against the rows B (second input): the
+        """The kernels (``self.kernels``: [nngp, ntk] by default) of the rows A (first input) against the rows B (second input): the
         Grams of (A, B), then the pair stage; ``rows_*`` are ``rows()`` of A and B.  ``same``:
         B is A, and only the upper triangle is computed, mirrored, the row stage's part of the
         diagonal added (``PARTS``).  ``timing`` accumulates the seconds of the Gram and pair
@@ -904,7 +910,7 @@ def pair_stage(t0, step, GS, RF1, RF2T, R1, R2T, {outs}, symmetric, P, IT, WT):
             G = self.features.pair_values(A, None if same else B, stacked=self.shared)
         t1 = time.perf_counter()
         (RFa, Ra), (RFb, Rb) = rows_A, rows_B
-        outs = [np.empty((A.shape[0], B.shape[0])) for _ in KERNELS]
+        outs = [np.empty((A.shape[0], B.shape[0])) for _ in self.kernels]
         args = (RFa, np.ascontiguousarray(RFb.T), Ra, np.ascontiguousarray(Rb.T), *outs, same, self.parameter_values(params))
         if self.shared:
             _in_threads(self.module.pair_stage, (A.shape[0] + 1) // 2 if same else A.shape[0], G, *args,
@@ -943,7 +949,8 @@ def pair_stage(t0, step, GS, RF1, RF2T, R1, R2T, {outs}, symmetric, P, IT, WT):
                     out[j, i] = value
 
     def __call__(self, X, X2=None, params=None) -> dict[str, np.ndarray]:
-        """{"nngp", "ntk"}: k(X, X); with X2 also {"nngp_x2", "ntk_x2"}: k(X2, X).
+        """{"nngp", "ntk"}: k(X, X); with X2 also {"nngp_x2", "ntk_x2"}: k(X2, X) (of these, the
+        kernels asked for, ``self.kernels``).
         ``params``: {runtime Param key: value} (default: the values the program was built with)."""
         X, X2 = self.check_inputs(X, X2)
         params = self.parameter_values(params)
@@ -959,10 +966,10 @@ def pair_stage(t0, step, GS, RF1, RF2T, R1, R2T, {outs}, symmetric, P, IT, WT):
         params = dict(zip(self.runtime, params))
         rows1 = self.rows(X, params)
         timing["rows"] = time.perf_counter() - t0
-        result = dict(zip(KERNELS, self.block(X, rows1, X, rows1, True, timing, params)))
+        result = dict(zip(self.kernels, self.block(X, rows1, X, rows1, True, timing, params)))
         if X2 is not None:
             outs2 = self.block(X2, self.rows(X2, params), X, rows1, False, timing, params)
-            result.update({f"{name}_x2": out for name, out in zip(KERNELS, outs2)})
+            result.update({f"{name}_x2": out for name, out in zip(self.kernels, outs2)})
         self.check_finite(result, (X, X2))
         self.last_timing = timing
         return result
@@ -974,7 +981,7 @@ def pair_stage(t0, step, GS, RF1, RF2T, R1, R2T, {outs}, symmetric, P, IT, WT):
         tiled path (``tiled.kernels``), which bounds the memory of a call."""
         available = memory.available_bytes()
         bases = len(self.features.bases)
-        need = 8 * (bases * N * max(N, N2) + len(KERNELS) * N * (N + N2))
+        need = 8 * (bases * N * max(N, N2) + len(self.kernels) * N * (N + N2))
         if available is not None and need > available:
             raise memory.OutOfMemory(
                 f"kernels of program {self.graph.name!r}: a call on {N} inputs{f' and {N2} more' if N2 else ''} "
@@ -1035,25 +1042,46 @@ def _no_rule(name: str, gs: tuple, exc: Exception) -> NotPairwise:
     return NotPairwise(f"program {name!r}: the kernel backend cannot compute an expectation: {exc}; {PARTICLES_HINT}")
 
 
+def kernel_names(get) -> tuple[str, ...]:
+    """The kernels asked for by ``get`` (neural-tangents' argument: "nngp", "ntk", or a tuple or
+    list of them; None: both) as a tuple in KERNELS' order; a clear error for anything else."""
+    if get is None:
+        return KERNELS
+    names = [n.strip() for n in get.split(",")] if isinstance(get, str) else get
+    try:
+        names = tuple(names)
+    except TypeError:
+        names = (get,)
+    bad = [n for n in names if not isinstance(n, str) or n.lower() not in KERNELS]
+    if bad or not names:
+        raise validation.ArgumentError(f"get: expected 'nngp', 'ntk' or both (a tuple or a comma-separated list), "
+                                       f"got {get!r}")
+    asked = {n.lower() for n in names}
+    return tuple(k for k in KERNELS if k in asked)
+
+
 def _derivation_key(graph: Graph, rtol: float, runtime: tuple = (), share: bool | None = None,
-                    templates: bool = True, parts: dict | None = None) -> str | None:
+                    templates: bool = True, parts: dict | None = None, kernels: tuple = KERNELS) -> str | None:
     """The disk-cache key of the derivation of ``graph``'s kernels with these options
-    (stored.py; ``parts``: the graph's ``stored.graph_parts``, when the caller has them)."""
-    return stored.derivation_key(graph, {"rtol": float(rtol), "runtime": tuple(runtime), "share": share,
-                                         "templates": bool(templates)}, parts)
+    (stored.py; ``parts``: the graph's ``stored.graph_parts``, when the caller has them).  The
+    kernels asked for enter it only when they are not both, so keys of both stay as they were."""
+    options = {"rtol": float(rtol), "runtime": tuple(runtime), "share": share, "templates": bool(templates)}
+    if kernels != KERNELS:
+        options["kernels"] = tuple(kernels)
+    return stored.derivation_key(graph, options, parts)
 
 
-def derivation_key(graph: Graph, rtol: float) -> str | None:
-    """The disk-cache key of the derivation of ``graph``'s kernels with the default options and
-    ``rtol``: the program's identity for tiled.py's Dask workers."""
-    return _derivation_key(graph, rtol)
+def derivation_key(graph: Graph, rtol: float, kernels: tuple = KERNELS) -> str | None:
+    """The disk-cache key of the derivation of ``graph``'s ``kernels`` with the default options
+    and ``rtol``: the program's identity for tiled.py's Dask workers."""
+    return _derivation_key(graph, rtol, kernels=kernels)
 
 
-def derivation_stored(graph: Graph, rtol: float, parts: dict | None = None) -> bool:
-    """Whether the disk cache holds the derivation of ``graph``'s kernels with the default
-    options and ``rtol`` (``KernelFunction(graph, rtol=rtol, cache=True)`` would read it);
-    ``parts`` as ``_derivation_key`` takes them."""
-    return stored.is_stored(_derivation_key(graph, rtol, parts=parts))
+def derivation_stored(graph: Graph, rtol: float, parts: dict | None = None, kernels: tuple = KERNELS) -> bool:
+    """Whether the disk cache holds the derivation of ``graph``'s ``kernels`` with the default
+    options and ``rtol`` (``KernelFunction(graph, rtol=rtol, cache=True, get=kernels)`` would
+    read it); ``parts`` as ``_derivation_key`` takes them."""
+    return stored.is_stored(_derivation_key(graph, rtol, parts=parts, kernels=kernels))
 
 
 def _reads_calls(assignments) -> bool:

@@ -116,16 +116,17 @@ def _slices(n: int, tile: int) -> list[slice]:
 def tile_bytes(tile: int, kf: KernelFunction, d: int) -> int:
     """Working set of one tile x tile block: its Gram matrices, the kernel blocks, one transposed
     or converted copy, and the scaled input rows BLAS reads (float64)."""
-    square = len(kf.features.bases) + len(KERNELS) + 1
-    per_row = 4 * d + 2 * (len(kf.features.row) + len(kf.row_symbols) + len(KERNELS))
+    square = len(kf.features.bases) + len(kf.kernels) + 1
+    per_row = 4 * d + 2 * (len(kf.features.row) + len(kf.row_symbols) + len(kf.kernels))
     return 8 * (square * tile * tile + 2 * per_row * tile)
 
 
-def output_shapes(N: int, N2: int | None) -> dict[str, tuple[int, int]]:
-    """{name: shape} of the kernel matrices of a call: k(X, X) and, with X2, k(X2, X)."""
-    shapes = {name: (N, N) for name in KERNELS}
+def output_shapes(N: int, N2: int | None, kernels: tuple = KERNELS) -> dict[str, tuple[int, int]]:
+    """{name: shape} of the kernel matrices of a call: k(X, X) and, with X2, k(X2, X), of each
+    of ``kernels`` (``KernelFunction.kernels``)."""
+    shapes = {name: (N, N) for name in kernels}
     if N2 is not None:
-        shapes.update({f"{name}_x2": (N2, N) for name in KERNELS})
+        shapes.update({f"{name}_x2": (N2, N) for name in kernels})
     return shapes
 
 
@@ -136,8 +137,8 @@ def plan(kf: KernelFunction, N: int, N2: int | None, d: int, memory: int, in_mem
     (``in_memory``) the outputs; ``tile`` forces a side; ``min_tasks``: cut k(X, X) into at least
     that many tiles (Dask workers)."""
     itemsize = np.dtype(dtype).itemsize
-    rows = (N + (N2 or 0)) * 2 * (len(kf.features.row) + len(kf.row_symbols) + len(KERNELS))
-    outputs = sum(a * b for a, b in output_shapes(N, N2).values()) * itemsize
+    rows = (N + (N2 or 0)) * 2 * (len(kf.features.row) + len(kf.row_symbols) + len(kf.kernels))
+    outputs = sum(a * b for a, b in output_shapes(N, N2, kf.kernels).values()) * itemsize
     fixed = baseline + 8 * rows + (outputs if in_memory else 0)
     if baseline >= memory:  # not the kernels' size: no output format or tile helps
         smallest = fixed + tile_bytes(min(N, MIN_TILE), kf, d)
@@ -147,7 +148,7 @@ def plan(kf: KernelFunction, N: int, N2: int | None, d: int, memory: int, in_mem
             f"which the budget counts too; give more than {size_text(smallest)}")
     if in_memory and fixed > memory:
         raise validation.ArgumentError(
-            f"memory: the kernels ({len(output_shapes(N, N2))} matrices of {N} columns, {dtype}: {size_text(outputs)}) "
+            f"memory: the kernels ({len(output_shapes(N, N2, kf.kernels))} matrices of {N} columns, {dtype}: {size_text(outputs)}) "
             f"do not fit the budget of {size_text(memory)} (this process uses {size_text(baseline)} already); write them to "
             f"memory-mapped .npy files with out=DIRECTORY (tpc kernels --out DIR/), or use dtype float32 or a "
             f"larger memory budget")
@@ -279,7 +280,7 @@ def kernels(kf: KernelFunction, X, X2=None, memory=DEFAULT_MEMORY, out: str | No
     if out is None and client is None and p.tile >= max(N, N2 or 0):
         result = kf(X, X2)
         return {k: v.astype(dtype, copy=False) for k, v in result.items()}
-    shapes = output_shapes(N, N2)
+    shapes = output_shapes(N, N2, kf.kernels)
     if out is None:
         targets = {name: np.empty(shape, dtype=dtype) for name, shape in shapes.items()}
     else:
@@ -291,10 +292,10 @@ def kernels(kf: KernelFunction, X, X2=None, memory=DEFAULT_MEMORY, out: str | No
 
     def store(job, outs):
         kind, i, j = job
-        kf.check_finite({(name if kind == "x" else f"{name}_x2"): o for name, o in zip(KERNELS, outs)}, (X, X2))
+        kf.check_finite({(name if kind == "x" else f"{name}_x2"): o for name, o in zip(kf.kernels, outs)}, (X, X2))
         I = p.blocks[i] if kind == "x" else p.blocks2[i]
         J = p.blocks[j]
-        for name, o in zip(KERNELS, outs):
+        for name, o in zip(kf.kernels, outs):
             target = targets[name if kind == "x" else f"{name}_x2"]
             target[I, J] = o
             if kind == "x" and i != j:
@@ -365,21 +366,22 @@ def worker_key(kf: KernelFunction) -> str:
 
     from tpcompiler.backends.kernels.kernel import derivation_key
 
-    ident = kf.derivation_key or derivation_key(kf.graph, kf.rtol) or f"unkeyed-{uuid.uuid4().hex}"
+    ident = kf.derivation_key or derivation_key(kf.graph, kf.rtol, kf.kernels) or f"unkeyed-{uuid.uuid4().hex}"
     return hashlib.sha256(f"{ident}\0{kf.source}".encode()).hexdigest()
 
 
-def _worker_kernel(graph, rtol: float, key: str) -> KernelFunction:
+def _worker_kernel(graph, rtol: float, key: str, kernels: tuple = KERNELS) -> KernelFunction:
     with _WORKER_LOCK:
-        if key not in _WORKER_KERNELS:
-            _WORKER_KERNELS[key] = KernelFunction(graph, rtol=rtol, cache=True)  # derived once per machine
+        if key not in _WORKER_KERNELS:  # derived once per machine
+            _WORKER_KERNELS[key] = KernelFunction(graph, rtol=rtol, cache=True, get=kernels)
         return _WORKER_KERNELS[key]
 
 
-def remote_block(graph, rtol: float, key: str, a_part, b_part, same: bool) -> list[np.ndarray]:
+def remote_block(graph, rtol: float, key: str, a_part, b_part, same: bool, kernels: tuple = KERNELS) -> list[np.ndarray]:
     """A Dask task: the tile of rows ``a_part`` = (A, row features, row values) against
-    ``b_part``, by the program's KernelFunction built (once per worker) from its graph."""
-    kf = _worker_kernel(graph, rtol, key)
+    ``b_part``, by the program's KernelFunction of ``kernels`` built (once per worker) from its
+    graph."""
+    kf = _worker_kernel(graph, rtol, key, kernels)
     A, RFa, Ra = a_part
     B, RFb, Rb = b_part
     with _WORKER_LOCK:
@@ -411,7 +413,8 @@ def _run_on_dask(client, kf, p: Plan, X, X2, rows, rows2, store, bar) -> None:
             return
         kind, i, j = job
         a = f1[i] if kind == "x" else f2[i]
-        fut = client.submit(remote_block, graph, kf.rtol, key, a, f1[j], kind == "x" and i == j, pure=False)
+        fut = client.submit(remote_block, graph, kf.rtol, key, a, f1[j], kind == "x" and i == j, kf.kernels,
+                            pure=False)
         owner[fut.key] = job
         running.add(fut)
 
