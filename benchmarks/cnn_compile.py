@@ -27,7 +27,7 @@ MLPs: the straight-line code, ``share=False``, the code before each change), in 
 own; the kernels of the two are compared bit for bit (an MLP's: to rounding).
 
 ``--get``: the 2-D depth-2 pooled cases with both kernels and with the NNGP alone
-(``kernel_function(get="nngp")``, neural-tangents' ``get``), and the NTK alone, each in fresh
+(``tp.compile(program, get="nngp")``, neural-tangents' ``get``), and the NTK alone, each in fresh
 processes with empty caches, in a section of its own; the NNGP alone is compared with both's.
 
 ``--steps``: where the derivation's time goes, per step of ``tp.compile`` and of the kernel
@@ -117,7 +117,7 @@ def run_case(case: dict) -> dict:
         from tpcompiler.backends.kernels.kernel import KernelFunction
         kf = KernelFunction(tp.compile(prog).source, share=False)
     else:
-        kf = tp.compile(prog).kernel_function(get=case.get("get"))
+        kf = tp.compile(prog, get=case.get("get")).kernel_function()
     derive = time.perf_counter() - t
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * (1 if sys.platform == "darwin" else 1024)
     t = time.perf_counter()
@@ -260,7 +260,7 @@ def get_table() -> str:
     lines = [GET_SECTION, "",
              f"`python benchmarks/cnn_compile.py --get` on {m['cpu']}, {m['cores']} cores, {m['memory']}; "
              f"{m['date']}; numba {m['numba']}.  Each case in a fresh process with an empty code cache, "
-             "OMP_NUM_THREADS=1: `tp.compile(...).kernel_function(get=...)` (derive + codegen), its first call on 7 "
+             "OMP_NUM_THREADS=1: `tp.compile(program, get=...).kernel_function()` (derive + codegen), its first call on 7 "
              f"inputs (Numba's compile) and a second call on N = {N} inputs (warm), for both kernels (get=None), "
              "the NNGP alone and the NTK alone.  The NNGP alone is the one a Gaussian process (NNGP posterior, "
              "`tpcompiler.sklearn.NNGP`) needs: it skips the NTK's sums over the pairs of uses of every weight.  "

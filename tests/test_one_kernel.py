@@ -1,7 +1,8 @@
 """One kernel alone (``get``, as neural-tangents' ``kernel_fn(x1, x2, get)``; issue 11): the
-NNGP or the NTK derived and computed without the other.  The NNGP alone skips the NTK's terms
-(a CNN's sums over the pairs of uses of every weight, most of its derivation and of its pair
-stage), so a Gaussian process on a CNN compiles in about half the time.
+NNGP or the NTK derived and computed without the other.  The NNGP alone skips the backward
+pass and the NTK's terms (a CNN's sums over the pairs of uses of every weight, most of its
+derivation and of its pair stage), so a Gaussian process on a CNN compiles in a fraction of
+the time.
 
 The reference of every comparison is that kernel computed with both (the backend as tested
 against neural-tangents and finite width in test_kernels*.py and test_layers.py): the
@@ -16,6 +17,7 @@ import pytest
 
 import tpcompiler as tp
 from tpcompiler.backends.kernels.kernel import KernelFunction, kernel_names
+from tpcompiler.ir.ops import node_symbol
 from tpcompiler.layers import Conv, Dense, Erf, GlobalAvgPool, LayerNorm, Relu, serial
 from tpcompiler.validation import ArgumentError
 
@@ -111,3 +113,39 @@ def test_one_kernel_is_stored_under_a_key_of_its_own(cache):
     assert again.derivation_cached and again.kernels == ("nngp",)
     assert np.array_equal(again(X)["nngp"], first(X)["nngp"])
     assert sorted(again(X)) == ["nngp"]
+
+
+def test_the_nngp_alone_needs_no_backward_pass(cache):
+    """A program whose kernels are stored compiles without its backward pass and kernel program
+    (they wait until read, tp.compile); the NNGP alone, derived then, does not make them: the
+    kernel backend builds the NNGP's pair moment on the program itself (ntk.kernel_program)."""
+    X = np.random.default_rng(4).standard_normal((3, 8))
+    both = tp.compile(tp.load(str(CNN), L=4, depth=2)).kernel_function()(X)
+    compiled = tp.compile(tp.load(str(CNN), L=4, depth=2))
+    assert compiled._passes_left is not None  # (both kernels were read back: nothing derived)
+    alone = compiled.kernel_function(get="nngp")
+    assert not alone.derivation_cached and compiled._passes_left is not None
+    np.testing.assert_allclose(alone(X)["nngp"], both["nngp"], rtol=1e-13, atol=0)
+
+
+def test_a_program_compiled_for_the_nngp_alone():
+    """tp.compile(program, get="nngp"): neither the backward pass nor the NTK's pair moments;
+    its kernel program's one output is the NNGP, which its kernels compute as both's do."""
+    program, d = _pooled_cnn()
+    X = np.random.default_rng(6).standard_normal((5, d))
+    both = tp.compile(program)
+    alone = tp.compile(program, get="nngp")
+    assert list(alone.graph.outputs) == ["nngp"] and list(both.graph.outputs) == ["nngp", "ntk"]
+    added = [k for k in alone.graph.g if k not in alone.source.g]
+    assert len(added) == 1 and alone.graph.outputs["nngp"].has(node_symbol(added[0]))  # E[Z^x Z^x']
+    assert len(both.graph.g) > len(both.source.g) + 1  # (the backward pass and the NTK's pair moments)
+    result = alone.kernels(X)
+    assert sorted(result) == ["nngp"] and alone.kernel_function().kernels == ("nngp",)
+    np.testing.assert_allclose(result["nngp"], both.kernels(X)["nngp"], rtol=1e-13, atol=0)
+    with pytest.raises(ArgumentError, match=r"^get: program 'layers' was compiled for the NNGP alone .* compile it "
+                                            r"without get for the NTK"):
+        alone.kernels(X, get="ntk")
+    ntk = tp.compile(program, get="ntk")  # (its kernel program has both outputs: the NTK reads the backward pass)
+    assert sorted(ntk.kernels(X)) == ["ntk"] and sorted(ntk.kernels(X, get="nngp")) == ["nngp"]
+    with pytest.raises(ArgumentError, match=r"^get: expected 'nngp', 'ntk' or both"):
+        tp.compile(program, get="gp")

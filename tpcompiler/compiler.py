@@ -31,7 +31,7 @@ from tpcompiler.frontend.dsl import Program
 from tpcompiler.memory import guarded
 from tpcompiler.ir.backward import derive_backward
 from tpcompiler.ir.graph import Graph, OutputIndex, ProgramError, instantiate
-from tpcompiler.ir.ntk import kernel_outputs
+from tpcompiler.ir.ntk import KERNELS, kernel_names, kernel_outputs, kernel_program
 from tpcompiler.symbolic.master import ZProgram, derive
 
 #: Relative accuracy of the kernels' quadratures when none is given (``Compiled.kernels``).
@@ -70,6 +70,7 @@ class Compilation:
     source: Graph                       # the program as written
     drop_zdot: bool = False             # ablation: derive with every ZDot term omitted
     finite_width: bool = False          # the kernel program is run at finite width, not derived
+    kernels: tuple = KERNELS            # the kernel program's outputs (readout-only programs; ntk.KERNELS)
     grads: dict | None = None           # backward: {z: dz} (kernel programs only)
     graph: Graph | None = None          # the graph whose outputs are evaluated
     zprogram: ZProgram | None = None    # derive: its Master-theorem Z program
@@ -94,8 +95,9 @@ def _validate(c: Compilation) -> Compilation:
 
 
 def _backward(c: Compilation) -> Compilation:
-    """Readout-only programs: a copy with dz = sqrt(n) df/dz appended (``derive_backward``)."""
-    if not _wants_kernels(c.source):
+    """Readout-only programs: a copy with dz = sqrt(n) df/dz appended (``derive_backward``);
+    not for the NNGP alone, which reads no gradient."""
+    if not _wants_kernels(c.source) or "ntk" not in c.kernels:
         return c
     graph, grads = derive_backward(c.source)
     return dataclasses.replace(c, graph=graph, grads=grads)
@@ -103,9 +105,12 @@ def _backward(c: Compilation) -> Compilation:
 
 def _kernel_program(c: Compilation) -> Compilation:
     """After a backward pass: the outputs nngp, ntk as pair moments (``ntk.kernel_outputs``):
-    those of the limit, or with ``finite_width`` the network's own empirical kernels."""
-    if c.grads is None:
+    those of the limit, or with ``finite_width`` the network's own empirical kernels; the NNGP
+    alone (``kernels``) on the program itself (``ntk.kernel_program``)."""
+    if not _wants_kernels(c.source):
         return c
+    if c.grads is None:
+        return dataclasses.replace(c, graph=kernel_program(c.source, ntk=False))
     return dataclasses.replace(c, graph=kernel_outputs(c.source, c.graph, c.grads, in_the_limit=not c.finite_width))
 
 
@@ -123,10 +128,10 @@ PASSES: tuple[Pass, ...] = (
 
 
 def run_passes(program, drop_zdot: bool = False, until: str = PASSES[-1].name,
-               finite_width: bool = False) -> Compilation:
+               finite_width: bool = False, kernels: tuple = KERNELS) -> Compilation:
     """Run ``PASSES`` on ``program`` in order, up to and including the pass ``until``
-    (``finite_width``: ``Compilation``'s)."""
-    state = Compilation(graph_of(program), drop_zdot, finite_width)
+    (``finite_width``, ``kernels``: ``Compilation``'s)."""
+    state = Compilation(graph_of(program), drop_zdot, finite_width, kernels)
     with _compiling(state) as running:
         return continue_passes(state, None, until, running)
 
@@ -172,7 +177,7 @@ def _kernels_stored(state: Compilation, parts: dict) -> bool:
         return False
     from tpcompiler.backends.kernels.kernel import derivation_stored
 
-    return derivation_stored(state.source, DEFAULT_RTOL, parts)
+    return derivation_stored(state.source, DEFAULT_RTOL, parts, state.kernels)
 
 
 class Bound(NamedTuple):
@@ -194,8 +199,10 @@ class Compiled:
     reads them (from the program as it was compiled): ``kernels``/``kernel_function`` then
     need none of them."""
 
-    def __init__(self, program, drop_zdot: bool = False):
-        compilation = Compilation(graph_of(program), drop_zdot)
+    def __init__(self, program, drop_zdot: bool = False, get=None):
+        #: the kernels this compilation serves (``compile``'s ``get``; both by default)
+        self.kernel_names = kernel_names(get)
+        compilation = Compilation(graph_of(program), drop_zdot, kernels=self.kernel_names)
         with _compiling(compilation) as running:
             compilation = continue_passes(compilation, None, "validate", running)
             self.source = compilation.source
@@ -288,9 +295,10 @@ class Compiled:
         """Infinite-width NNGP and NTK (docs/DESIGN.md 2.3): {"nngp", "ntk"} = k(X, X) (N x N),
         plus {"nngp_x2", "ntk_x2"} = k(X2, X) (N2 x N) when X2 is given.  Exact: closed
         forms where they exist, quadrature to ``rtol`` otherwise (see ``kernel_function``).
-        ``get``: "nngp" or "ntk" for that kernel alone (as neural-tangents' ``get``; None: both),
-        which derives and computes only its terms (a pooled CNN's NNGP alone compiles in about
-        half the time of both).
+        ``get``: "nngp" or "ntk" for that kernel alone (as neural-tangents' ``get``; None: the
+        kernels ``tp.compile`` was asked for, both by default), which derives and computes only
+        its terms (a pooled CNN's NNGP alone compiles in about half the time of both, and with
+        ``tp.compile(program, get="nngp")`` in less than a third).
 
         Any data size (``backends.kernels.tiled``): computed in tiles whose working set, with
         the inputs and in-memory outputs, stays within ``memory`` ("4GB", "512MB", "1.5GiB" or
@@ -317,19 +325,27 @@ class Compiled:
         """The compiled kernel evaluator (generated Numba code, cached on disk).  ``cache``:
         read the derivation from the disk cache when the same program was derived by the same
         code before, else store it there (kernels/stored.py); False derives it again.
-        ``get``: the kernels it computes ("nngp", "ntk"; None: both; see ``kernels``)."""
-        from tpcompiler.backends.kernels.kernel import KernelFunction, kernel_names
+        ``get``: the kernels it computes ("nngp", "ntk"; None: those ``tp.compile`` was asked
+        for; see ``kernels``)."""
+        from tpcompiler.backends.kernels.kernel import KernelFunction
 
         rtol = validation.number(rtol, "rtol", positive=True)
         cache = validation.flag(cache, "cache")
         if not MIN_RTOL <= rtol <= MAX_RTOL:
             raise validation.ArgumentError(
                 f"rtol: expected a relative accuracy between {MIN_RTOL:g} and {MAX_RTOL:g}, got {rtol:g}")
-        get = kernel_names(get)
+        get = self.kernel_names if get is None else kernel_names(get)
+        if "ntk" in get and "ntk" not in self.kernel_names:  # (an NTK compilation has both outputs)
+            raise validation.ArgumentError(
+                f"get: program {self.source.name!r} was compiled for the NNGP alone (tp.compile(program, "
+                f"get='nngp')), which derives no NTK; compile it without get for the NTK")
         self._unchanged()
         key = ("kernels", float(rtol), bool(cache), get)
         if key not in self._bound:  # (the program is as compiled: the snapshot's graph_parts are its own)
-            self._bound[key] = KernelFunction(self.source, rtol=rtol, derived=self._kernel_program, cache=bool(cache),
+            # the NNGP alone needs no backward pass: where the passes still wait (the kernels of
+            # both are stored), the kernel backend makes its own NNGP program (ntk.kernel_program)
+            derived = self._kernel_program if self._passes_left is None or "ntk" in get else None
+            self._bound[key] = KernelFunction(self.source, rtol=rtol, derived=derived, cache=bool(cache),
                                               graph_parts=self._snapshot[3], get=get)
         return self._bound[key]
 
@@ -442,10 +458,14 @@ def _require_outputs(graph: Graph) -> None:
                            "declare one with p.output(name, tp.mean(...)) or p.readout(...)")
 
 
-def compile(program, drop_zdot: bool = False) -> Compiled:  # noqa: A001 - the public name is tp.compile
+def compile(program, drop_zdot: bool = False, get=None) -> Compiled:  # noqa: A001 - the public name is tp.compile
     """Derive the Master-theorem Z program of ``program`` (``drop_zdot``: ablation that
-    omits every ZDot term, to show what the "gradient independence" shortcut gets wrong)."""
-    return Compiled(program, validation.flag(drop_zdot, "drop_zdot"))
+    omits every ZDot term, to show what the "gradient independence" shortcut gets wrong).
+    ``get``: for a program with a readout only, the kernels to derive (as neural-tangents'
+    ``get``: "nngp", "ntk"; None: both); "nngp" makes neither the backward pass nor the NTK's
+    pair moments (a pooled CNN's NNGP then takes less than a third of the time of both), and
+    its kernel program, limit and kernels are the NNGP's alone."""
+    return Compiled(program, validation.flag(drop_zdot, "drop_zdot"), get)
 
 
 def _finite_width_graph(program, x) -> Graph:

@@ -234,7 +234,7 @@ def _compiled_per_value(program, params: dict, rtol: float, get=None):
     if key not in _CACHE:
         from tpcompiler.compiler import compile
 
-        _CACHE[key] = (program, compile(_build(program, params)).kernel_function(rtol, get=get))
+        _CACHE[key] = (program, compile(_build(program, params), get=get).kernel_function(rtol))
     return _CACHE[key][1]
 
 

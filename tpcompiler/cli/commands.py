@@ -259,8 +259,8 @@ def cmd_kernels(args) -> int:
         if to_files:
             tiled.output_folder(out)
         client = tiled.connect(args.scheduler) if args.scheduler is not None else None
-        compiled = compile(_program(args, X))
-        kf = compiled.kernel_function(args.rtol, get=args.get)
+        compiled = compile(_program(args, X), get=args.get)
+        kf = compiled.kernel_function(args.rtol)
         result = tiled.kernels(kf, X, X2, memory=args.memory, out=out if to_files else None, dtype=args.dtype,
                                client=client)  # refuses non-finite kernels itself (KernelFunction.check_finite)
     except validation.ArgumentError as exc:
@@ -692,8 +692,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="output .npz (nngp, ntk[, nngp_x2, ntk_x2]); a directory with a trailing slash (DIR/): "
                    "memory-mapped DIR/nngp.npy, DIR/ntk.npy[, DIR/nngp_x2.npy, DIR/ntk_x2.npy]")
     p.add_argument("--rtol", type=_real(low=MIN_RTOL, high=MAX_RTOL), default=1e-10, help="quadrature accuracy where no closed form exists")
-    p.add_argument("--get", default=None, help="nngp or ntk: that kernel alone (derived and computed alone: a CNN's "
-                   "NNGP compiles in about half the time of both); default both")
+    p.add_argument("--get", default=None, help="nngp or ntk: that kernel alone (derived and computed alone: a pooled "
+                   "CNN's NNGP compiles in less than a third of the time of both); default both")
     p.add_argument("--plot", help="also draw NNGP and NTK k(X, X) as heat maps (.png or .svg)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     _kernels_scale_options(p)

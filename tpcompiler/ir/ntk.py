@@ -39,6 +39,28 @@ from tpcompiler.ir.ops import node_symbol, primed_symbol
 from tpcompiler.ir.parity import Characters
 from tpcompiler.ir.rules import RuleTable
 from tpcompiler.ir.symbols import linear_coefficients, monomial
+from tpcompiler.validation import ArgumentError
+
+#: The kernels of a program with a readout, the outputs of its kernel program
+KERNELS = ("nngp", "ntk")
+
+
+def kernel_names(get) -> tuple[str, ...]:
+    """The kernels asked for by ``get`` (neural-tangents' argument: "nngp", "ntk", or a tuple or
+    list of them; None: both) as a tuple in KERNELS' order; a clear error for anything else."""
+    if get is None:
+        return KERNELS
+    names = [n.strip() for n in get.split(",")] if isinstance(get, str) else get
+    try:
+        names = tuple(names)
+    except TypeError:
+        names = (get,)
+    bad = [n for n in names if not isinstance(n, str) or n.lower() not in KERNELS]
+    if bad or not names:
+        raise ArgumentError(f"get: expected 'nngp', 'ntk' or both (a tuple or a comma-separated list), "
+                                       f"got {get!r}")
+    asked = {n.lower() for n in names}
+    return tuple(k for k in KERNELS if k in asked)
 
 
 def _pair(d: "_Differentiated", a: str, b: str) -> sp.Symbol:
@@ -84,10 +106,23 @@ class _Differentiated:
         return self.characters is not None and self.characters.vanishes(a, b)
 
 
-def kernel_program(graph: Graph, in_the_limit: bool = False) -> Graph:
+def kernel_program(graph: Graph, in_the_limit: bool = False, ntk: bool = True) -> Graph:
     """``graph`` with its backward pass and the outputs ``nngp`` and ``ntk`` (pair moments);
-    ``in_the_limit``: see ``kernel_outputs``."""
+    ``in_the_limit``: see ``kernel_outputs``.  ``ntk`` False: a copy of ``graph`` with the
+    output ``nngp`` alone, which reads no gradient (the kernel backend's ``get="nngp"``: a
+    CNN's backward pass and the NTK's pair moments, ~3 per pair of positions, are not made)."""
+    if not ntk:
+        out = graph.copy()
+        d = _Differentiated(graph, out, {}, set(forward_nodes(graph)), out.input_dependent())
+        out.outputs = {"nngp": _nngp(d)}
+        return out
     return kernel_outputs(graph, *derive_backward(graph), in_the_limit=in_the_limit)
+
+
+def _nngp(d: "_Differentiated") -> sp.Expr:
+    """NNGP = sigma^2 E[Z^x Z^x'] + b^2 of the readout f = sigma/sqrt(n) v . x + b beta."""
+    ro = d.graph.readout
+    return ro.sigma**2 * _pair(d, ro.vector, ro.vector) + (ro.bias**2 if ro.bias is not None else sp.S.Zero)
 
 
 def kernel_outputs(graph: Graph, out: Graph, grads: dict[str, str], in_the_limit: bool = False) -> Graph:
@@ -106,11 +141,10 @@ def kernel_outputs(graph: Graph, out: Graph, grads: dict[str, str], in_the_limit
                         characters=Characters(out) if in_the_limit else None)
     ro = graph.readout
     out.outputs = {}
-    bias2 = ro.bias**2 if ro.bias is not None else sp.S.Zero
-    nngp = ro.sigma**2 * _pair(d, ro.vector, ro.vector) + bias2
+    nngp = _nngp(d)
     terms = [graph.op(ro.readout).weight() * ro.sigma**2 * _pair(d, ro.vector, ro.vector)]
     if ro.bias is not None:
-        terms.append(ro.bias_weight if ro.bias_weight is not None else bias2)
+        terms.append(ro.bias_weight if ro.bias_weight is not None else ro.bias**2)
     # the matrices' products of gradient pairs first, so that initial vectors can fold into
     # them; their pair moments are made after the vectors' (as they were when every rule
     # wrote its own terms), and a vector that folds makes none

@@ -63,14 +63,13 @@ from tpcompiler.ir import ops, symbols
 from tpcompiler.backends.codegen import (common_subexpressions, custom_functions_source, load_module, load_names,
                                          packed_array, print_body)
 from tpcompiler.ir.graph import Graph, ProgramError
-from tpcompiler.ir.ntk import kernel_program
+from tpcompiler.ir.ntk import KERNELS, kernel_names, kernel_program  # (KERNELS, kernel_names: read from here too)
 from tpcompiler.backends.kernels import shared, stored
 from tpcompiler.backends.kernels.features import Features
 from tpcompiler.ir.ops import node_symbol
 from tpcompiler.backends.kernels.pairwise import (E1, E2, PARTS, ExpectationRules, NotPairwise, PairwiseEngine,
                                                   TemplateCall)
 
-KERNELS = ("nngp", "ntk")
 #: What to do when a derivation does not fit in memory (``memory.guarded``).
 TOO_LARGE_ADVICE = ("the kernel derivation makes one quantity per pair of positions and layer, so a CNN's memory "
                     "and time grow with the square of its number of positions; give the program fewer positions "
@@ -245,7 +244,7 @@ class KernelFunction:
         ``running(step)`` is told each step as it starts (``progress.status``)."""
         running("kernel program")
         derived = derived() if callable(derived) else derived
-        kp, zp = derived if derived is not None else (kernel_program(graph, in_the_limit=True), None)
+        kp, zp = derived if derived is not None else (kernel_program(graph, True, "ntk" in self.kernels), None)
         running("pair expectations")
         self._engine = engine = PairwiseEngine(kp, zp, runtime=frozenset(self.runtime), templates=templates)
         try:
@@ -1040,24 +1039,6 @@ def _no_rule(name: str, gs: tuple, exc: Exception) -> NotPairwise:
                            f"there); write the function without the division; {PARTICLES_HINT}")
     # (a function the quadratures cannot take: a kink away from 0, a delta)
     return NotPairwise(f"program {name!r}: the kernel backend cannot compute an expectation: {exc}; {PARTICLES_HINT}")
-
-
-def kernel_names(get) -> tuple[str, ...]:
-    """The kernels asked for by ``get`` (neural-tangents' argument: "nngp", "ntk", or a tuple or
-    list of them; None: both) as a tuple in KERNELS' order; a clear error for anything else."""
-    if get is None:
-        return KERNELS
-    names = [n.strip() for n in get.split(",")] if isinstance(get, str) else get
-    try:
-        names = tuple(names)
-    except TypeError:
-        names = (get,)
-    bad = [n for n in names if not isinstance(n, str) or n.lower() not in KERNELS]
-    if bad or not names:
-        raise validation.ArgumentError(f"get: expected 'nngp', 'ntk' or both (a tuple or a comma-separated list), "
-                                       f"got {get!r}")
-    asked = {n.lower() for n in names}
-    return tuple(k for k in KERNELS if k in asked)
 
 
 def _derivation_key(graph: Graph, rtol: float, runtime: tuple = (), share: bool | None = None,
