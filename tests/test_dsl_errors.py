@@ -268,6 +268,11 @@ def test_a_variance_of_params_is_checked_at_their_values():
     with raises(r"initial vector 'u': variance s = -0.5\d* is negative"):
         p.vec("u", var=s)
     assert isinstance(p.vec("v", var=s * s), tp.Vec)
+    # a matrix's sigma as a Scalar too (a number is refused below 0: test_negative_variance_and_sigma);
+    # it enters squared, so only the check was inconsistent, not a limit
+    with raises(r"matrix 'W': sigma 2\*s = -1\.0\d* is negative"):
+        p.mat("W", sigma=2 * s)
+    assert isinstance(p.mat("W2", sigma=-s), tp.Mat)
 
 
 def test_declaring_vectors_does_not_list_the_program(monkeypatch):

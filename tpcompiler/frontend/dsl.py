@@ -306,9 +306,9 @@ class Program:
         NTK contribution (kernels, training): ntk_weight * sum over uses of E[r r'] E[c c']
         (default weight sigma^2: neural-tangents' NTK parametrization)."""
         key = self._name(name)  # checked before sigma_name is added, so errors name the matrix
-        if isinstance(sigma, Scalar):
+        if isinstance(sigma, Scalar):  # (checked at its value now, as a number is below)
             self._same_program(sigma, f"mat {name!r}")
-            sig = sigma.expr
+            sig = self._nonnegative(sigma.expr, f"matrix {name!r}: sigma")
         else:
             s = _number(sigma, f"matrix {name!r}: sigma")
             if s.is_negative:
