@@ -120,11 +120,13 @@ class KernelFunction:
                  templates: bool = True, derived=None, cache: bool = False, graph_parts: dict | None = None,
                  get=None):
         """``get``: which kernels to derive and compute ("nngp", "ntk", or both, as
-        neural-tangents' ``kernel_fn(x1, x2, get)``; None: both, ``kernel_names``): the NNGP
-        alone skips the NTK's terms, the sums over the pairs of uses of every weight, which are
-        most of a CNN's derivation and of its pair stage.  ``runtime``: Param keys of ``graph`` kept as symbols through the derivation and the
-        generated code, whose values are arguments of every call (``params``), so one
-        compilation serves every value of them; the others are compiled in as numbers.
+        neural-tangents' ``kernel_fn(x1, x2, get)``; None: both, ``kernel_names``): the NNGP alone
+        skips the NTK's terms, the sums over the pairs of uses of every weight, which are most
+        of a CNN's derivation and of its pair stage (and, when the kernel program is made here,
+        the backward pass).  ``runtime``: Param keys of ``graph`` kept as symbols through the
+        derivation and the generated code, whose values are arguments of every call
+        (``params``), so one compilation serves every value of them; the others are compiled in
+        as numbers.
         Refused (NotPairwise) where a runtime Param would enter a quadrature function.
         ``share``: compute quantities (and output terms) of one structure by one loop
         (``shared``: a CNN's pairs of positions) instead of straight-line code; None decides
@@ -255,7 +257,8 @@ class KernelFunction:
             # (arc-cosine kernels have a square-root singularity there).  Of a pooled readout's
             # P^2 terms, P are then derived for the row stage.
             derived_outputs = [engine.scalar_terms(kp.outputs[k], part=part) for part in PARTS for k in self.kernels]
-            derived_diagonal = [engine.scalar_terms(kp.outputs[k], same_input=True, part=PARTS[1]) for k in self.kernels]
+            derived_diagonal = [engine.scalar_terms(kp.outputs[k], same_input=True, part=PARTS[1])
+                                for k in self.kernels]
         except NotPairwise as exc:
             text = str(exc) if len(str(exc)) < 200 else str(exc)[:197] + "..."
             raise NotPairwise(f"program {graph.name!r}: the kernel backend needs bivariate Gaussian expectations "
@@ -682,7 +685,8 @@ class KernelFunction:
         loads_g = {symbols.gram(m): f"G{m}[i, j]" for m in range(n_g)}
         loads_p = {node_symbol(k): f"P[{m}]" for m, k in enumerate(self.runtime)}
         grams = "".join(f"G{m}, " for m in range(n_g))
-        outs = ", ".join(f"out{k}" for k in range(len(self.kernels)))
+        n_out = len(self.kernels)
+        outs = ", ".join(f"out{k}" for k in range(n_out))
         header = self._header([e for _, e in rows + pairs] + diagonal + outputs)
         row_lines, row_outs = print_body([s for s, _ in rows] + diagonal, {**loads0, **loads_p}, "        ", rows)
         pair_lines, pair_outs = print_body(outputs, {**loads0, **loads1, **loads_q0, **loads_q1, **loads_g, **loads_p},
@@ -714,8 +718,8 @@ def pair_stage({grams}RF1, RF2T, R1, R2T, {outs}, symmetric, P):
             start = i if symmetric else 0
             for j in range(start, M):
 {chr(10).join(pair_lines)}
-{chr(10).join(f'                out{k}[i, j] = {e} if symmetric and j == i else {e} + {pair_outs[len(self.kernels) + k]}'
-              for k, e in enumerate(pair_outs[:len(self.kernels)]))}
+{chr(10).join(f'                out{k}[i, j] = {e} if symmetric and j == i else {e} + {pair_outs[n_out + k]}'
+              for k, e in enumerate(pair_outs[:n_out]))}
 """
         return src
 
@@ -896,11 +900,11 @@ def pair_stage(t0, step, GS, RF1, RF2T, R1, R2T, {outs}, symmetric, P, IT, WT):
         return RF, R
 
     def block(self, A, rows_A, B, rows_B, same: bool, timing: dict | None = None, params=None) -> list[np.ndarray]:
-        """The kernels (``self.kernels``: [nngp, ntk] by default) of the rows A (first input) against the rows B (second input): the
-        Grams of (A, B), then the pair stage; ``rows_*`` are ``rows()`` of A and B.  ``same``:
-        B is A, and only the upper triangle is computed, mirrored, the row stage's part of the
-        diagonal added (``PARTS``).  ``timing`` accumulates the seconds of the Gram and pair
-        stages."""
+        """The kernels (``self.kernels``: [nngp, ntk] by default) of the rows A (first input)
+        against the rows B (second input): the Grams of (A, B), then the pair stage; ``rows_*``
+        are ``rows()`` of A and B.  ``same``: B is A, and only the upper triangle is computed,
+        mirrored, the row stage's part of the diagonal added (``PARTS``).  ``timing``
+        accumulates the seconds of the Gram and pair stages."""
         timing = {} if timing is None else timing
         # Grams (BLAS) before any Numba stage: each runtime's idle threads spin for a while
         # after a call and slow down the other's next one.

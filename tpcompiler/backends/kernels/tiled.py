@@ -148,7 +148,8 @@ def plan(kf: KernelFunction, N: int, N2: int | None, d: int, memory: int, in_mem
             f"which the budget counts too; give more than {size_text(smallest)}")
     if in_memory and fixed > memory:
         raise validation.ArgumentError(
-            f"memory: the kernels ({len(output_shapes(N, N2, kf.kernels))} matrices of {N} columns, {dtype}: {size_text(outputs)}) "
+            f"memory: the kernels ({len(output_shapes(N, N2, kf.kernels))} matrices of {N} columns, {dtype}: "
+            f"{size_text(outputs)}) "
             f"do not fit the budget of {size_text(memory)} (this process uses {size_text(baseline)} already); write them to "
             f"memory-mapped .npy files with out=DIRECTORY (tpc kernels --out DIR/), or use dtype float32 or a "
             f"larger memory budget")
@@ -377,7 +378,8 @@ def _worker_kernel(graph, rtol: float, key: str, kernels: tuple = KERNELS) -> Ke
         return _WORKER_KERNELS[key]
 
 
-def remote_block(graph, rtol: float, key: str, a_part, b_part, same: bool, kernels: tuple = KERNELS) -> list[np.ndarray]:
+def remote_block(graph, rtol: float, key: str, a_part, b_part, same: bool,
+                 kernels: tuple = KERNELS) -> list[np.ndarray]:
     """A Dask task: the tile of rows ``a_part`` = (A, row features, row values) against
     ``b_part``, by the program's KernelFunction of ``kernels`` built (once per worker) from its
     graph."""
