@@ -111,6 +111,33 @@ def test_looped_kernel_code_matches_neural_tangents(case):
         assert relerr(got[ours], ref[f"{case}__{theirs}"]) <= TOL, (case, ours, relerr(got[ours], ref[f"{case}__{theirs}"]))
 
 
+def test_kernel_fn_is_neural_tangents_kernel_fn():
+    """``net.kernel_fn(input_shape)`` is called as neural-tangents' ``kernel_fn(x1, x2, get)``
+    and returns what it returns: k(x1, x2) of shape (len(x1), len(x2)), one matrix for a
+    string get, a named tuple for a tuple or None.  The reference file holds neural-tangents'
+    own kernel_fn(x_test, x) ("_test") and kernel_fn(x) of a 1-D CIRCULAR conv in the standard
+    parametrization."""
+    from tpcompiler.validation import ArgumentError
+
+    case = "conv1d_circular_standard"
+    ref = reference("layers_nt_reference.npz")
+    inp = META["cases"][case]["input"]
+    x, x_test = ref[inp], ref[inp + "_test"]
+    kernel_fn = port(META["cases"][case]["stax"][len("stax.serial("):-1]).kernel_fn(x.shape[1:])
+    nngp = kernel_fn(x_test, x, "nngp")  # (the NNGP alone: its own compilation)
+    assert nngp.shape == (len(x_test), len(x)) and relerr(nngp, ref[f"{case}__nngp_test"]) <= TOL
+    both = kernel_fn(x_test, x)
+    assert both._fields == ("nngp", "ntk")
+    assert relerr(both.ntk, ref[f"{case}__ntk_test"]) <= TOL and relerr(both.nngp, ref[f"{case}__nngp_test"]) <= TOL
+    flipped = kernel_fn(x, x_test, ("ntk",))
+    assert flipped._fields == ("ntk",) and relerr(flipped.ntk, ref[f"{case}__ntk_test"].T) <= TOL
+    train = kernel_fn(x, None, ("ntk", "nngp"))
+    assert train._fields == ("ntk", "nngp")
+    assert relerr(train.ntk, ref[f"{case}__ntk"]) <= TOL and relerr(train.nngp, ref[f"{case}__nngp"]) <= TOL
+    with pytest.raises(ArgumentError, match=r"^get: expected 'nngp', 'ntk' or both"):
+        kernel_fn(x, get="cov1")
+
+
 def test_common_subexpressions_change_no_kernel(monkeypatch):
     """The generated code shares common subexpressions (sympy's cse); with cse's "basic" sign
     rewrites it turned a sum of this residual CNN's NTK terms into their product, and the

@@ -52,6 +52,8 @@ K C; input layers K C / W_std^2; the readout C / W_std^2; biases 1).
 """
 from __future__ import annotations
 
+import collections
+import functools
 import itertools
 import math
 import numbers
@@ -196,6 +198,58 @@ class Layer:
         coords[:] = xi
         self.apply(_Builder(p), _Raw(coords.reshape(shape)), last=True)
         return p
+
+    def kernel_fn(self, input_shape: Sequence[int], rtol: float = 1e-10) -> Callable:
+        """neural-tangents' ``kernel_fn`` of this network on inputs of shape ``input_shape``:
+        ``kernel_fn(x1, x2=None, get=None)`` is k(x1, x2) (len(x1) x len(x2); x2 None: x1, rows
+        of shape (N, *input_shape) or (N, d)) of each kernel ``get`` names, as neural-tangents
+        returns it: "nngp" or "ntk" that matrix, a tuple of names a named tuple of them in that
+        order, None a named tuple (nngp, ntk).  The program is compiled on the first call that
+        needs it (``tp.compile(program, get="nngp")`` for the NNGP alone, which skips the NTK's
+        derivation; both kernels otherwise, which also serve the NNGP), at quadrature accuracy
+        ``rtol``."""
+        from tpcompiler.backends.kernels.kernel import cross
+        from tpcompiler.compiler import compile as compile_program
+        from tpcompiler.ir.ntk import kernel_names
+
+        program = self.program(input_shape)
+        compiled: dict = {}  # ("nngp",) or KERNELS -> the program compiled for them
+
+        def compiled_for(names: tuple):
+            both = compiled.get(("nngp", "ntk"))
+            if both is None and names not in compiled:
+                compiled[names] = compile_program(program, get=names if names == ("nngp",) else None)
+            return both or compiled[names if names == ("nngp",) else ("nngp", "ntk")]
+
+        def kernel_fn(x1, x2=None, get=None):
+            names = _asked_kernels(get, kernel_names)
+            canonical = kernel_names(names)
+            c = compiled_for(("nngp",) if canonical == ("nngp",) else ("nngp", "ntk"))
+
+            def call(X, X2=None):
+                return c.kernels(X, X2, rtol=rtol, get=canonical)
+
+            out = call(x1) if x2 is None else cross(call, np.asarray(x1), np.asarray(x2))
+            if isinstance(get, str):
+                return out[names[0]]
+            return _kernel_tuple(names)(*[out[n] for n in names])
+
+        return kernel_fn
+
+
+def _asked_kernels(get, kernel_names) -> tuple:
+    """The kernels ``get`` names (``Layer.kernel_fn``) in the order given, each once; None: both."""
+    if get is None:
+        return ("nngp", "ntk")
+    kernel_names(get)  # (a clear error for anything but "nngp", "ntk" or a tuple of them)
+    names = [get] if isinstance(get, str) else list(get)
+    return tuple(dict.fromkeys(n.strip().lower() for n in names))
+
+
+@functools.cache
+def _kernel_tuple(names: tuple):
+    """The named tuple of the kernels ``names`` (neural-tangents returns one for a tuple get)."""
+    return collections.namedtuple("Kernel", names)
 
 
 def _input_shape(input_shape) -> tuple:

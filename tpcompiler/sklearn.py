@@ -274,14 +274,10 @@ def kernel_function(program, params: dict, d: int, runtime=None, verify: bool = 
 
 
 def cross_kernel(kf, A: np.ndarray, B: np.ndarray) -> dict[str, np.ndarray]:
-    """{"nngp", "ntk"} (those ``kf`` computes): k(A, B) (len(A) x len(B)).  The evaluator
-    always also computes the symmetric block of its first argument; that is the smaller of
-    the two sets."""
-    if len(A) <= len(B):
-        out = kf(A, B)
-        return {g: out[g + "_x2"].T for g in KINDS if g + "_x2" in out}
-    out = kf(B, A)
-    return {g: out[g + "_x2"] for g in KINDS if g + "_x2" in out}
+    """{"nngp", "ntk"} (those ``kf`` computes): k(A, B) (len(A) x len(B)), ``kernel.cross``."""
+    from tpcompiler.backends.kernels.kernel import cross
+
+    return cross(kf, A, B)
 
 
 def _is_hyperparameter(name: str, value, default) -> bool:

@@ -1045,6 +1045,17 @@ def _no_rule(name: str, gs: tuple, exc: Exception) -> NotPairwise:
     return NotPairwise(f"program {name!r}: the kernel backend cannot compute an expectation: {exc}; {PARTICLES_HINT}")
 
 
+def cross(call, A: np.ndarray, B: np.ndarray) -> dict[str, np.ndarray]:
+    """{name: k(A, B)} (len(A) x len(B)) of each kernel that ``call(X, X2)`` returns (a
+    ``KernelFunction``, ``Compiled.kernels``: k(X, X) and k(X2, X) as "<name>_x2").  ``call``
+    computes k(X, X) as well, so the smaller of the two sets is its first argument."""
+    if len(A) <= len(B):
+        out = call(A, B)
+        return {k[:-3]: v.T for k, v in out.items() if k.endswith("_x2")}
+    out = call(B, A)
+    return {k[:-3]: v for k, v in out.items() if k.endswith("_x2")}
+
+
 def _derivation_key(graph: Graph, rtol: float, runtime: tuple = (), share: bool | None = None,
                     templates: bool = True, parts: dict | None = None, kernels: tuple = KERNELS) -> str | None:
     """The disk-cache key of the derivation of ``graph``'s kernels with these options
