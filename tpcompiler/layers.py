@@ -230,7 +230,7 @@ class Layer:
                 return c.kernels(X, X2, rtol=rtol, get=canonical)
 
             out = call(x1) if x2 is None else cross(call, np.asarray(x1), np.asarray(x2))
-            if isinstance(get, str):
+            if isinstance(get, str) and len(names) == 1:
                 return out[names[0]]
             return _kernel_tuple(names)(*[out[n] for n in names])
 
@@ -242,7 +242,7 @@ def _asked_kernels(get, kernel_names) -> tuple:
     if get is None:
         return ("nngp", "ntk")
     kernel_names(get)  # (a clear error for anything but "nngp", "ntk" or a tuple of them)
-    names = [get] if isinstance(get, str) else list(get)
+    names = get.split(",") if isinstance(get, str) else list(get)
     return tuple(dict.fromkeys(n.strip().lower() for n in names))
 
 
