@@ -134,6 +134,7 @@ def test_kernel_fn_is_neural_tangents_kernel_fn():
     train = kernel_fn(x, None, ("ntk", "nngp"))
     assert train._fields == ("ntk", "nngp")
     assert relerr(train.ntk, ref[f"{case}__ntk"]) <= TOL and relerr(train.nngp, ref[f"{case}__nngp"]) <= TOL
+    assert kernel_fn(x, None, "ntk, nngp")._fields == ("ntk", "nngp")  # (names in one string, as tpc kernels --get)
     with pytest.raises(ArgumentError, match=r"^get: expected 'nngp', 'ntk' or both"):
         kernel_fn(x, get="cov1")
 
