@@ -65,6 +65,7 @@ import sympy as sp
 
 from tpcompiler.frontend import dsl
 from tpcompiler.ir.graph import ProgramError
+from tpcompiler.ir.ntk import kernel_names
 from tpcompiler.ir.nonlinearities import BUILTINS
 
 PADDINGS = ("VALID", "SAME", "CIRCULAR")
@@ -210,21 +211,20 @@ class Layer:
         ``rtol``."""
         from tpcompiler.backends.kernels.kernel import cross
         from tpcompiler.compiler import compile as compile_program
-        from tpcompiler.ir.ntk import kernel_names
 
         program = self.program(input_shape)
-        compiled: dict = {}  # ("nngp",) or KERNELS -> the program compiled for them
+        compiled: dict = {}  # "both" / "nngp" -> the program compiled for both kernels / the NNGP alone
 
-        def compiled_for(names: tuple):
-            both = compiled.get(("nngp", "ntk"))
-            if both is None and names not in compiled:
-                compiled[names] = compile_program(program, get=names if names == ("nngp",) else None)
-            return both or compiled[names if names == ("nngp",) else ("nngp", "ntk")]
+        def compiled_for(nngp_alone: bool):
+            key = "nngp" if nngp_alone and "both" not in compiled else "both"
+            if key not in compiled:
+                compiled[key] = compile_program(program, get="nngp" if key == "nngp" else None)
+            return compiled[key]
 
         def kernel_fn(x1, x2=None, get=None):
-            names = _asked_kernels(get, kernel_names)
+            names = _asked_kernels(get)
             canonical = kernel_names(names)
-            c = compiled_for(("nngp",) if canonical == ("nngp",) else ("nngp", "ntk"))
+            c = compiled_for(canonical == ("nngp",))
 
             def call(X, X2=None):
                 return c.kernels(X, X2, rtol=rtol, get=canonical)
@@ -237,7 +237,7 @@ class Layer:
         return kernel_fn
 
 
-def _asked_kernels(get, kernel_names) -> tuple:
+def _asked_kernels(get) -> tuple:
     """The kernels ``get`` names (``Layer.kernel_fn``) in the order given, each once; None: both."""
     if get is None:
         return ("nngp", "ntk")

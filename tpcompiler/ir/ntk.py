@@ -57,8 +57,7 @@ def kernel_names(get) -> tuple[str, ...]:
         names = (get,)
     bad = [n for n in names if not isinstance(n, str) or n.lower() not in KERNELS]
     if bad or not names:
-        raise ArgumentError(f"get: expected 'nngp', 'ntk' or both (a tuple or a comma-separated list), "
-                                       f"got {get!r}")
+        raise ArgumentError(f"get: expected 'nngp', 'ntk' or both (a tuple or a comma-separated list), got {get!r}")
     asked = {n.lower() for n in names}
     return tuple(k for k in KERNELS if k in asked)
 
