@@ -73,7 +73,7 @@ def test_one_kernel_alone_is_that_kernel_of_both(net, get):
 
 
 def test_the_nngp_alone_of_a_pooled_cnn_has_no_backward_pair_quantities():
-    """The pooled CNN's NNGP is mean_ij E[erf(h2_i) erf(h2_j')] with Cov(h2_i, h2_j') = 1.3^2/6
+    """The pooled CNN's NNGP is mean_ij E[erf(h2_i) erf(h2_j')] with Cov(h2_i, h2_j') = 1.3^2/3
     sum over the common taps of E[relu(h1_k) relu(h1_l')] + 0.2^2: one pair quantity per pair
     of positions (the relu expectation; the erf one is the readout's term).  Both kernels also
     read the backward covariances E[dh_i dh_j'] per pair of positions and layer."""
