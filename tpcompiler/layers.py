@@ -65,7 +65,7 @@ import sympy as sp
 
 from tpcompiler.frontend import dsl
 from tpcompiler.ir.graph import ProgramError
-from tpcompiler.ir.ntk import kernel_names
+from tpcompiler.ir.ntk import asked_kernels, kernel_names
 from tpcompiler.ir.nonlinearities import BUILTINS
 
 PADDINGS = ("VALID", "SAME", "CIRCULAR")
@@ -222,7 +222,7 @@ class Layer:
             return compiled[key]
 
         def kernel_fn(x1, x2=None, get=None):
-            names = _asked_kernels(get)
+            names = asked_kernels(get)
             canonical = kernel_names(names)
             c = compiled_for(canonical == ("nngp",))
 
@@ -235,15 +235,6 @@ class Layer:
             return _kernel_tuple(names)(*[out[n] for n in names])
 
         return kernel_fn
-
-
-def _asked_kernels(get) -> tuple:
-    """The kernels ``get`` names (``Layer.kernel_fn``) in the order given, each once; None: both."""
-    if get is None:
-        return ("nngp", "ntk")
-    kernel_names(get)  # (a clear error for anything but "nngp", "ntk" or a tuple of them)
-    names = get.split(",") if isinstance(get, str) else list(get)
-    return tuple(dict.fromkeys(n.strip().lower() for n in names))
 
 
 @functools.cache

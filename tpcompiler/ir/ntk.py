@@ -45,9 +45,10 @@ from tpcompiler.validation import ArgumentError
 KERNELS = ("nngp", "ntk")
 
 
-def kernel_names(get) -> tuple[str, ...]:
-    """The kernels asked for by ``get`` (neural-tangents' argument: "nngp", "ntk", or a tuple or
-    list of them; None: both) as a tuple in KERNELS' order; a clear error for anything else."""
+def asked_kernels(get) -> tuple[str, ...]:
+    """The kernels ``get`` names (neural-tangents' argument: "nngp", "ntk", or a tuple or list
+    of them; here also a comma-separated string; None: both), each once, in the order given
+    (``layers.kernel_fn`` returns them so); a clear error for anything else."""
     if get is None:
         return KERNELS
     names = [n.strip() for n in get.split(",")] if isinstance(get, str) else get
@@ -55,10 +56,14 @@ def kernel_names(get) -> tuple[str, ...]:
         names = tuple(names)
     except TypeError:
         names = (get,)
-    bad = [n for n in names if not isinstance(n, str) or n.lower() not in KERNELS]
-    if bad or not names:
+    if not names or any(not isinstance(n, str) or n.lower() not in KERNELS for n in names):
         raise ArgumentError(f"get: expected 'nngp', 'ntk' or both (a tuple or a comma-separated list), got {get!r}")
-    asked = {n.lower() for n in names}
+    return tuple(dict.fromkeys(n.lower() for n in names))
+
+
+def kernel_names(get) -> tuple[str, ...]:
+    """The kernels ``get`` asks for (``asked_kernels``) in KERNELS' order: which to derive."""
+    asked = asked_kernels(get)
     return tuple(k for k in KERNELS if k in asked)
 
 
