@@ -109,7 +109,7 @@ def _kernel_program(c: Compilation) -> Compilation:
     alone (``kernels``) on the program itself (``ntk.kernel_program``)."""
     if not _wants_kernels(c.source):
         return c
-    if c.grads is None:
+    if "ntk" not in c.kernels:  # (no backward pass was made: _backward)
         return dataclasses.replace(c, graph=kernel_program(c.source, ntk=False))
     return dataclasses.replace(c, graph=kernel_outputs(c.source, c.graph, c.grads, in_the_limit=not c.finite_width))
 

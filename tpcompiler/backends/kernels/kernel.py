@@ -778,14 +778,14 @@ def pair_stage({grams}RF1, RF2T, R1, R2T, {outs}, symmetric, P):
         pair_body = _group_loops(pair_groups, pair_formats, pair_loads, "                ", "Q[{}, jj]",
                                  "ACC[{}, jj]", tables, inner="for j in range(jb, je):", inner_setup="jj = j - jb")
         n_rows = len(self.row_symbols)  # (with the calls _plans lifted)
-        row_outs = "\n".join(f"        R[i, {n_rows + k}] = _acc{k}" for k in range(len(self.kernels)))
+        n = len(self.kernels)  # ACC[k]: kernel k's first part, ACC[n + k] its second (PARTS)
+        row_outs = "\n".join(f"        R[i, {n_rows + k}] = _acc{k}" for k in range(n))
         row_init = "\n".join(f"        _acc{k} = {c!r}" for k, c in enumerate(row_constants))
         pair_init = "\n".join(f"                    ACC[{k}, j - jb] = {c!r}" for k, c in enumerate(pair_constants))
-        n = len(self.kernels)  # ACC[k]: kernel k's first part, ACC[n + k] its second (PARTS)
         pair_outs = "\n".join(f"                    out{k}[i, j] = ACC[{k}, j - jb] + ACC[{n + k}, j - jb]"
                                for k in range(n))
         diagonal_parts = "\n".join(f"                    out{k}[i, i] = ACC[{k}, 0]" for k in range(n))
-        outs = ", ".join(f"out{k}" for k in range(len(self.kernels)))
+        outs = ", ".join(f"out{k}" for k in range(n))
         # the custom functions the printed code calls: those of the groups' templates
         header = self._header([group.template for group in row_groups + pair_groups])
         return header + "\n" + tables.source() + f"""
