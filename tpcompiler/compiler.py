@@ -338,7 +338,7 @@ class Compiled:
         if "ntk" in get and "ntk" not in self.kernel_names:  # (an NTK compilation has both outputs)
             raise validation.ArgumentError(
                 f"get: program {self.source.name!r} was compiled for the NNGP alone (tp.compile(program, "
-                f"get='nngp')), which derives no NTK; compile it without get for the NTK")
+                f"get='nngp')), which derives no NTK; compile it without get for the NTK, or ask get='nngp'")
         self._unchanged()
         key = ("kernels", float(rtol), bool(cache), get)
         if key not in self._bound:  # (the program is as compiled: the snapshot's graph_parts are its own)

@@ -41,9 +41,9 @@ import scipy.linalg
 import scipy.special
 
 from tpcompiler import validation
+from tpcompiler.ir.ntk import kernel_names
 
 INF = math.inf
-KINDS = ("nngp", "ntk")
 
 
 @dataclass(frozen=True)
@@ -268,51 +268,76 @@ def gp_posterior(k_train, k_test_train, y, k_test=None, reg: float = 0.0) -> Gau
     return nngp_ensemble(k_train, k_test_train, y, k_test, INF, 1.0, reg)
 
 
+def prediction_kernels(get, cov: bool) -> tuple[str, ...]:
+    """The kernels that the predictions ``get`` names (``ir.ntk.kernel_names``: "nngp", "ntk",
+    both; None: both) read, in KERNELS' order: each prediction its own kernel, and the NTK
+    ensemble's covariance (``cov``) the NNGP too."""
+    asked = kernel_names(get)
+    return kernel_names(asked + ("nngp",)) if cov and "ntk" in asked else asked
+
+
 def predict(train: dict, test_train: dict, y, test: dict | None = None, t=INF, lr: float = 1.0,
-            reg: float = 0.0) -> dict[str, Gaussian]:
-    """Both predictions from kernel dictionaries {"nngp", "ntk"} (as ``tp.compile(...).kernels``
-    returns them): train = k(X, X), test_train = k(X_test, X), test = k(X_test, X_test) (only
-    its "nngp", and only for the covariances).  {"nngp": Gaussian, "ntk": Gaussian}."""
-    for name, d in (("train", train), ("test_train", test_train)) + ((("test", test),) if test is not None else ()):
-        missing = [k for k in (KINDS if name != "test" else ("nngp",)) if k not in d]
+            reg: float = 0.0, get=None) -> dict[str, Gaussian]:
+    """The predictions ``get`` asks for ("nngp", "ntk", both as a tuple or a comma-separated
+    string; None: both, as neural-tangents' ``predict_fn(get=...)``) from kernel dictionaries
+    {"nngp", "ntk"} (as ``tp.compile(...).kernels`` returns them): train = k(X, X),
+    test_train = k(X_test, X), test = k(X_test, X_test) (only its "nngp", and only for the
+    covariances).  {"nngp": Gaussian, "ntk": Gaussian} with the asked keys alone, in that
+    order.  The dictionaries need only the kernels read (``prediction_kernels``): the NNGP
+    prediction its "nngp", the NTK mean (test None) its "ntk", the NTK covariance both."""
+    asked = kernel_names(get)
+    needed = prediction_kernels(asked, test is not None)
+    for name, d, kinds in (("train", train, needed), ("test_train", test_train, needed), ("test", test, ("nngp",))):
+        missing = [k for k in kinds if d is not None and k not in d]
         if missing:
+            why = ("; the NTK ensemble's covariance reads the NNGP (give test=None for its mean alone)"
+                   if "nngp" in missing and "nngp" not in asked else "")
             raise validation.ArgumentError(f"{name}: needs the kernel{'s' if len(missing) > 1 else ''} "
-                                           f"{', '.join(map(repr, missing))} (a dict like tp.compile(p).kernels returns)")
+                                           f"{', '.join(map(repr, missing))} (a dict like tp.compile(p).kernels "
+                                           f"returns){why}")
     nngp_test = None if test is None else test["nngp"]
-    return {
-        "nngp": nngp_ensemble(train["nngp"], test_train["nngp"], y, nngp_test, t, lr, reg),
-        "ntk": ntk_ensemble(train["ntk"], test_train["ntk"], y,
-                            *((train["nngp"], test_train["nngp"], nngp_test) if test is not None else ()),
-                            t=t, lr=lr, reg=reg),
-    }
+    out = {}
+    if "nngp" in asked:
+        out["nngp"] = nngp_ensemble(train["nngp"], test_train["nngp"], y, nngp_test, t, lr, reg)
+    if "ntk" in asked:
+        out["ntk"] = ntk_ensemble(train["ntk"], test_train["ntk"], y,
+                                  *((train["nngp"], test_train["nngp"], nngp_test) if test is not None else ()),
+                                  t=t, lr=lr, reg=reg)
+    return out
 
 
 def predict_program(program, X, Y, X_test, t=INF, lr: float = 1.0, reg: float = 0.0, cov: bool = True,
-                    rtol: float = 1e-10) -> dict[str, Gaussian]:
+                    rtol: float = 1e-10, get=None) -> dict[str, Gaussian]:
     """``predict`` with the kernels of ``program`` (a tp.Program, or ``tp.compile``'s result)
     on training inputs X (N x d), targets Y (N or N x K) and test inputs X_test: one kernel
     evaluation on the stacked inputs when ``cov`` (all three blocks), else k(X, X) and
-    k(X_test, X)."""
+    k(X_test, X).  ``get``: the predictions to make (``predict``; None: both), for which only
+    the kernels they read are derived and computed (``prediction_kernels``): "nngp" the NNGP
+    alone (a tp.Program is compiled with ``get="nngp"``, without its backward pass), "ntk"
+    with ``cov`` False the NTK alone, "ntk" with ``cov`` both.  A program compiled for the
+    NNGP alone (``tp.compile(program, get="nngp")``) makes the NNGP prediction only."""
     from tpcompiler.compiler import Compiled, compile, network_rows
 
-    compiled = program if isinstance(program, Compiled) else compile(program)
+    cov = validation.flag(cov, "cov")
+    needed = prediction_kernels(get, cov)
+    compiled = program if isinstance(program, Compiled) else compile(program, get=needed)
     # (a tp.layers program takes inputs of shape (N, *input_shape) too, as its kernels do)
     X = validation.array(network_rows(compiled.source, X, "X"), "X", ndim=2, min_rows=1)
     X_test = validation.array(network_rows(compiled.source, X_test, "X_test"), "X_test", ndim=2, min_rows=1)
     if X_test.shape[1] != X.shape[1]:
         raise validation.ArgumentError(f"X_test: has {X_test.shape[1]} columns but X has {X.shape[1]}")
     n = X.shape[0]
-    if validation.flag(cov, "cov"):
-        k = compiled.kernels(np.concatenate([X, X_test]), rtol=rtol)
-        train = {g: k[g][:n, :n] for g in KINDS}
-        test_train = {g: k[g][n:, :n] for g in KINDS}
-        test = {g: k[g][n:, n:] for g in KINDS}
+    if cov:
+        k = compiled.kernels(np.concatenate([X, X_test]), rtol=rtol, get=needed)
+        train = {g: k[g][:n, :n] for g in needed}
+        test_train = {g: k[g][n:, :n] for g in needed}
+        test = {g: k[g][n:, n:] for g in needed}
     else:
-        k = compiled.kernels(X, X_test, rtol=rtol)
-        train = {g: k[g] for g in KINDS}
-        test_train = {g: k[g + "_x2"] for g in KINDS}
+        k = compiled.kernels(X, X_test, rtol=rtol, get=needed)
+        train = {g: k[g] for g in needed}
+        test_train = {g: k[g + "_x2"] for g in needed}
         test = None
-    return predict(train, test_train, Y, test, t, lr, reg)
+    return predict(train, test_train, Y, test, t, lr, reg, get)
 
 
 def _column(y: np.ndarray) -> np.ndarray:
