@@ -286,7 +286,8 @@ def cmd_kernels(args) -> int:
 
 
 def _kernels_option(exc: validation.ArgumentError) -> CommandError:
-    """An error of tiled.kernels re-worded with the option name of tpc kernels."""
+    """An error of tiled.kernels or predict_program re-worded with the option name of tpc
+    kernels or tpc predict (get: --get)."""
     name, sep, rest = str(exc).partition(": ")
     options = {"memory": "--memory", "out": "--out", "dtype": "--dtype", "scheduler": "--scheduler", "get": "--get"}
     return CommandError(f"{options[name]}: {rest}" if sep and name in options else str(exc))
@@ -476,7 +477,11 @@ def cmd_predict(args) -> int:
         raise CommandError(f"--xt must be an N_test x {X.shape[1]} array (the columns of --x), got shape {Xt.shape}")
     out = _out_path(args.out)
     Y = Y.reshape(Y.shape[0], -1)  # P.npz holds N_test x K means whatever the rank of --y
-    result = predict_program(_program(args, X), X, Y, Xt, t=args.time, lr=args.lr, reg=args.reg, rtol=args.rtol)
+    try:
+        result = predict_program(_program(args, X), X, Y, Xt, t=args.time, lr=args.lr, reg=args.reg, rtol=args.rtol,
+                                 get=args.get)
+    except validation.ArgumentError as exc:
+        raise _kernels_option(exc) from None
     arrays = {}
     for kind, g in result.items():
         arrays.update({f"{kind}_mean": g.mean, f"{kind}_cov": g.cov, f"{kind}_condition": np.float64(g.condition)})
@@ -484,9 +489,18 @@ def cmd_predict(args) -> int:
         np.savez(out, **arrays)
     except OSError as exc:
         raise CommandError(f"--out: cannot write {out!r} ({exc.strerror or exc})") from None
-    print(f"wrote {out}: nngp_mean, ntk_mean {result['ntk'].mean.shape}, nngp_cov, ntk_cov {result['ntk'].cov.shape}; "
-          + "; ".join(f"{k} kernel condition {g.condition:.3g} ({g.method})" for k, g in result.items()))
+    print(f"wrote {out}: {_predictions_written(result)}")
     return 0
+
+
+def _predictions_written(result: dict) -> str:
+    """tpc predict's summary of the predictions written (every kind has the same shapes):
+    "nngp_mean, ntk_mean (N_test, K), nngp_cov, ntk_cov (N_test, N_test); nngp kernel
+    condition C (method); ntk kernel condition C (method)" for both, the one kind's alone."""
+    shapes = next(iter(result.values()))
+    return (f"{', '.join(f'{k}_mean' for k in result)} {shapes.mean.shape}, "
+            f"{', '.join(f'{k}_cov' for k in result)} {shapes.cov.shape}; "
+            + "; ".join(f"{k} kernel condition {g.condition:.3g} ({g.method})" for k, g in result.items()))
 
 
 # -- tpc train --param pi (docs/DESIGN.md 2.10, issue 10) ---------------------------------------
@@ -763,7 +777,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--reg", type=_real(positive=False, low=0.0, high=1e300), default=0.0,
                    help="diagonal regularizer, relative to the mean of the training kernel's diagonal")
     p.add_argument("--rtol", type=_real(low=MIN_RTOL, high=MAX_RTOL), default=1e-10, help="quadrature accuracy where no closed form exists")
-    p.add_argument("--out", required=True, help="output .npz (nngp_mean, nngp_cov, ntk_mean, ntk_cov)")
+    p.add_argument("--get", default=None, help="nngp or ntk: that prediction alone, from the kernels it reads "
+                   "(nngp: the NNGP alone; ntk: both, its covariance reads the NNGP); default both")
+    p.add_argument("--out", required=True, help="output .npz (nngp_mean, nngp_cov, nngp_condition, ntk_mean, ntk_cov, "
+                   "ntk_condition; with --get, that kind's alone)")
     p.set_defaults(func=cmd_predict)
 
     p = sub.add_parser("classify", help="classify an abc-parametrization")
