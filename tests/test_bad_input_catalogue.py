@@ -220,6 +220,8 @@ CLI_CASES = [
     (["kernels", MLP, "--x", "{X}", "--out", ""], r"--out: the file name is empty"),
     (["predict", MLP, "--x", "{Xempty}", "--y", "{Yempty}", "--xt", "{X}", "--out", "{dir}/K.npz"],
      r"--x must be an N x d array with N >= 1 training rows, got shape \(0, 3\)"),
+    (["predict", MLP, "--x", "{X}", "--y", "{Y}", "--xt", "{X}", "--get", "gp", "--out", "{dir}/K.npz"],
+     r"^tpc: error: --get: expected 'nngp', 'ntk' or both \(a tuple or a comma-separated list\), got 'gp'$"),
     (train("--save-state", "{dir}/T.npz"), r"--save-state and --out are the same file"),
     (train("--save-state", "{dir}/T"), r"--save-state and --out are the same file"),
     (train("--seeds", "3"), r"--seeds: the networks per finite width of the plot; give --plot FILE\.png and --widths"),

@@ -215,6 +215,9 @@ def test_gp_posterior_and_regularizer_scale():
     (lambda K, T, y: P.nngp_ensemble(K * np.nan, T, y), ["k_train", "NaN"]),
     (lambda K, T, y: P.ntk_ensemble(K, T, y, nngp_train=K), ["nngp_test_train", "all three"]),
     (lambda K, T, y: P.predict({"nngp": K}, {"nngp": T, "ntk": T}, y), ["train", "'ntk'"]),
+    (lambda K, T, y: P.predict({"ntk": K}, {"ntk": T}, y, {"nngp": K}, get="ntk"),
+     ["train", "'nngp'", "covariance reads the NNGP", "test=None"]),
+    (lambda K, T, y: P.predict({"nngp": K}, {"nngp": T}, y, get="gp"), ["get", "'nngp', 'ntk' or both", "'gp'"]),
 ])
 def test_bad_input_names_the_argument(call, words):
     k = nt_kernels("relu2")["ntk"]
@@ -222,6 +225,84 @@ def test_bad_input_names_the_argument(call, words):
         call(k["train"], k["test_train"], REF["y_train"])
     for w in words:
         assert w in str(info.value), (w, str(info.value))
+
+
+# ---------------------------------------------------------------------------------------
+# get: the asked predictions alone (neural-tangents' predict_fn(get=...))
+# ---------------------------------------------------------------------------------------
+@pytest.mark.parametrize("get, asked", [("nngp", ["nngp"]), ("ntk", ["ntk"]), (("ntk", "nngp"), ["nngp", "ntk"]),
+                                        ("NTK, nngp", ["nngp", "ntk"])])
+def test_get_makes_the_asked_predictions_from_the_kernels_they_read(get, asked):
+    """Each asked prediction is that of both, computed alike (equal to the bit), in KERNELS'
+    order, from dictionaries holding only the kernels it reads: the NNGP's its own, the NTK
+    mean (no test) its own, the NTK covariance both."""
+    k = nt_kernels("erf1")
+    for test in ("test", None):
+        both = P.predict(by_block(k, "train"), by_block(k, "test_train"), REF["y_train"],
+                         by_block(k, "test") if test else None, t=1.0, lr=2.0)
+        reads = [g for g in KINDS if g in asked or (g == "nngp" and test)]
+        blocks = {b: {g: k[g][b] for g in reads} for b in ("train", "test_train", "test")}
+        out = P.predict(blocks["train"], blocks["test_train"], REF["y_train"], blocks["test"] if test else None,
+                        t=1.0, lr=2.0, get=get)
+        assert list(out) == asked
+        for g in asked:
+            np.testing.assert_array_equal(out[g].mean, both[g].mean)
+            assert (out[g].cov is None) == (test is None)
+            if test:
+                np.testing.assert_array_equal(out[g].cov, both[g].cov)
+            assert (out[g].condition, out[g].method) == (both[g].condition, both[g].method)
+
+
+@pytest.fixture
+def computed(monkeypatch):
+    """[(the Compiled, the keys of the kernels it computed)] of every Compiled.kernels call
+    during the test."""
+    calls = []
+    kernels = tp.Compiled.kernels
+
+    def spy(self, *args, **kwargs):
+        result = kernels(self, *args, **kwargs)
+        calls.append((self, sorted(result)))
+        return result
+
+    monkeypatch.setattr(tp.Compiled, "kernels", spy)
+    return calls
+
+
+@pytest.mark.parametrize("get, cov, derived", [
+    ("nngp", True, ("nngp",)), ("nngp", False, ("nngp",)),
+    ("ntk", False, ("ntk",)),           # the NTK mean reads the NTK alone
+    ("ntk", True, ("nngp", "ntk")),     # its covariance reads the NNGP too
+])
+def test_predict_program_derives_and_computes_only_the_kernels_read(erf_net, computed, get, cov, derived):
+    """A program is compiled for the kernels the asked prediction reads, and only those are
+    computed; the prediction is that of both kernels (to rounding: the generated code of one
+    kernel adds in another order)."""
+    args = (REF["x_train"], REF["y_train"], REF["x_test"])
+    both = P.predict_program(erf_net, *args, t=1.0, lr=2.0, cov=cov)
+    computed.clear()
+    out = P.predict_program(tp.load(MLP, depth=1, phi="erf", w_std=1.0, d=4), *args, t=1.0, lr=2.0, cov=cov, get=get)
+    assert list(out) == [get]
+    [(compiled, keys)] = computed
+    assert compiled.kernel_names == derived
+    assert keys == sorted(derived if cov else derived + tuple(f"{g}_x2" for g in derived))
+    assert_close(out[get].mean, both[get].mean, 1e-13)
+    if cov:
+        assert_close(out[get].cov, both[get].cov, 1e-13)
+
+
+def test_a_program_compiled_for_the_nngp_alone_makes_the_nngp_prediction(erf_net):
+    """tp.compile(program, get="nngp") derives no NTK: its NNGP prediction is made, and asking
+    for the NTK's (get "ntk", or None: both) is one error naming get."""
+    args = (REF["x_train"], REF["y_train"], REF["x_test"])
+    alone = tp.compile(erf_net.source, get="nngp")
+    out = P.predict_program(alone, *args, get="nngp")
+    assert list(out) == ["nngp"]
+    assert_close(out["nngp"].mean, P.predict_program(erf_net, *args)["nngp"].mean, 1e-13)
+    for get in ("ntk", None):
+        with pytest.raises(tp.ProgramError, match=r"^get: program 'mlp' was compiled for the NNGP alone .* compile it "
+                                                   r"without get for the NTK, or ask get='nngp'$"):
+            P.predict_program(alone, *args, get=get)
 
 
 # ---------------------------------------------------------------------------------------
@@ -269,6 +350,26 @@ def test_cli_writes_the_four_arrays(capsys, files, erf_net):
         np.testing.assert_array_equal(p["nngp_cov"], api["nngp"].cov)
 
 
+def test_cli_get_writes_that_prediction_alone(capsys, files):
+    """--get nngp|ntk: that kind's three arrays alone, the default's to rounding, and a summary
+    of what was written; without --get, both kinds and the summary as before."""
+    default = files / "both.npz"
+    rc, stdout, err = tpc(capsys, *predict_argv(files, "--out", default))
+    assert rc == 0, err
+    assert stdout.startswith(f"wrote {default}: nngp_mean, ntk_mean (5, 2), nngp_cov, ntk_cov (5, 5); "
+                             "nngp kernel condition ") and "; ntk kernel condition " in stdout
+    for get, other in (("nngp", "ntk"), ("ntk", "nngp")):
+        out = files / f"{get}.npz"
+        rc, stdout, err = tpc(capsys, *predict_argv(files, "--get", get, "--out", out))
+        assert rc == 0, err
+        assert stdout.startswith(f"wrote {out}: {get}_mean (5, 2), {get}_cov (5, 5); {get} kernel condition ")
+        assert other not in stdout
+        with np.load(out) as p, np.load(default) as d:
+            assert sorted(p.files) == [f"{get}_condition", f"{get}_cov", f"{get}_mean"]
+            for key in p.files:
+                assert_close(p[key], d[key], 1e-13)
+
+
 @pytest.mark.parametrize("extra,y,xt,words", [
     (["--time", "-1"], "y", "xt", ["--time", "non-negative number or inf", "'-1'"]),
     (["--time", "soon"], "y", "xt", ["--time", "'soon'"]),
@@ -276,6 +377,7 @@ def test_cli_writes_the_four_arrays(capsys, files, erf_net):
     (["--reg", "-0.1"], "y", "xt", ["--reg"]),
     ([], "y5", "xt", ["--y", "N = 12", "(5, 2)"]),
     ([], "y", "xt3", ["--xt", "N_test x 4", "(5, 3)"]),
+    (["--get", "nngp,gp"], "y", "xt", ["--get", "expected 'nngp', 'ntk' or both", "'nngp,gp'"]),
 ])
 def test_cli_errors_are_one_line(capsys, files, extra, y, xt, words):
     out = files / "bad.npz"
