@@ -285,11 +285,14 @@ def cmd_kernels(args) -> int:
     return 0
 
 
-def _kernels_option(exc: validation.ArgumentError) -> CommandError:
-    """An error of tiled.kernels or predict_program re-worded with the option name of tpc
-    kernels or tpc predict (get: --get)."""
+#: API argument names -> the options of tpc kernels that carry them
+_KERNELS_OPTIONS = {"memory": "--memory", "out": "--out", "dtype": "--dtype", "scheduler": "--scheduler", "get": "--get"}
+
+
+def _kernels_option(exc: validation.ArgumentError, options: dict = _KERNELS_OPTIONS) -> CommandError:
+    """An error of the kernels' API (tiled.kernels; predict_program) re-worded with the option
+    name the command takes for its argument (``options``; tpc kernels' by default)."""
     name, sep, rest = str(exc).partition(": ")
-    options = {"memory": "--memory", "out": "--out", "dtype": "--dtype", "scheduler": "--scheduler", "get": "--get"}
     return CommandError(f"{options[name]}: {rest}" if sep and name in options else str(exc))
 
 
@@ -480,8 +483,8 @@ def cmd_predict(args) -> int:
     try:
         result = predict_program(_program(args, X), X, Y, Xt, t=args.time, lr=args.lr, reg=args.reg, rtol=args.rtol,
                                  get=args.get)
-    except validation.ArgumentError as exc:
-        raise _kernels_option(exc) from None
+    except validation.ArgumentError as exc:  # (of the kernels API's arguments, tpc predict takes get alone)
+        raise _kernels_option(exc, {"get": "--get"}) from None
     arrays = {}
     for kind, g in result.items():
         arrays.update({f"{kind}_mean": g.mean, f"{kind}_cov": g.cov, f"{kind}_condition": np.float64(g.condition)})
