@@ -204,7 +204,7 @@ def kernel_adaptation(Kss, Kqs, ys, yq, lr=INNER_LR, steps=EVAL_STEPS, report=RE
     Kss (T, B, B) = Theta(support, support), Kqs (T, Q, B) = Theta(query, support), ys (T, B),
     yq (T, Q) labels.  Per step, with chi = softmax(f_s) - onehot(ys):
     f_s <- f_s - (lr / B) Kss chi,  f_q <- f_q - (lr / B) Kqs chi  (each output alike).
-    Returns {step: mean over tasks of the fraction of queries with argmax f_q = yq}."""
+    Returns {step: per task, the number of queries with argmax f_q = yq (an int array of T)}."""
     Kss, Kqs = np.asarray(Kss, dtype=np.float64), np.asarray(Kqs, dtype=np.float64)
     T, B, _ = Kss.shape
     Ys = np.eye(K)[ys]
@@ -216,7 +216,7 @@ def kernel_adaptation(Kss, Kqs, ys, yq, lr=INNER_LR, steps=EVAL_STEPS, report=RE
         fs = fs - (lr / B) * Kss @ chi
         fq = fq - (lr / B) * Kqs @ chi
         if t in report:
-            out[t] = float((fq.argmax(axis=-1) == yq).mean())
+            out[t] = (fq.argmax(axis=-1) == yq).sum(axis=-1)
     return out
 
 
@@ -295,18 +295,19 @@ def meta_train(eng, ml, data: FewShotData, rng, meta_steps=META_STEPS, progress=
 
 
 def engine_accuracy(eng, ml, tasks: list, steps=EVAL_STEPS, report=REPORT_STEPS, progress=True) -> dict:
-    """Mean query accuracy after each step in ``report`` of SGD (INNER_LR) on each task's support set."""
+    """Per task, the number of correct query predictions after each step in ``report`` of SGD
+    (INNER_LR) on the task's support set: {step: int array of len(tasks)}."""
     from tpcompiler import progress as bars
-    correct = {t: 0.0 for t in report}
-    for task in bars.iterate(tasks, "meta-test", unit="task", enabled=None if progress else False):
+    correct = {t: np.zeros(len(tasks), dtype=np.int64) for t in report}
+    for i, task in enumerate(bars.iterate(tasks, "meta-test", unit="task", enabled=None if progress else False)):
         Xs, Ys, Xq, _ = engine_task(ml, task)
         with eng.temporary():
             for t in range(1, steps + 1):
                 eng.step(Xs, Ys, INNER_LR)
                 if t in report:
                     f = np.asarray(eng.predict(Xq)[0])
-                    correct[t] += float((f.argmax(axis=1) == task.yq).mean())
-    return {t: c / len(tasks) for t, c in correct.items()}
+                    correct[t][i] = int((f.argmax(axis=1) == task.yq).sum())
+    return correct
 
 
 # ------------------------------------------------------------------------------------------
@@ -370,8 +371,10 @@ def run(args) -> dict:
         acc = engine_accuracy(unclipped(eng, ml, net, args.width, args.seed), ml, tasks, progress=not args.quiet)
         result["test_seconds"] = round(time.time() - t1, 1)
         meta_steps = args.meta_steps
-    result.update({"accuracy_1step": acc[1], "accuracy_20step": acc[20], "tasks": len(tasks),
-                   "meta_steps": meta_steps, "seconds": round(time.time() - t0, 1)})
+    for t in (1, 20):  # the mean, and per task the correct queries (paired comparisons: same tasks in every run)
+        result[f"accuracy_{t}step"] = float(acc[t].sum() / (QUERIES * WAYS * len(tasks)))
+    result.update({"tasks": len(tasks), "meta_steps": meta_steps, "seconds": round(time.time() - t0, 1),
+                   "correct_1step": acc[1].tolist(), "correct_20step": acc[20].tolist()})
     return result
 
 

@@ -30,6 +30,11 @@ def test_maml_mnist_runs_end_to_end(tmp_path, width):
     # 5 tasks x 5 queries: accuracies are multiples of 1/25
     for key in ("accuracy_1step", "accuracy_20step"):
         assert 0.0 <= r[key] <= 1.0 and abs(r[key] * 25 - round(r[key] * 25)) < 1e-9, r
+    # per task, the correct queries of 5 (paired comparisons across runs): their mean is the accuracy
+    for steps in (1, 20):
+        per_task = r[f"correct_{steps}step"]
+        assert len(per_task) == 5 and all(0 <= c <= 5 for c in per_task)
+        assert sum(per_task) / 25 == pytest.approx(r[f"accuracy_{steps}step"], abs=1e-12)
 
 
 def test_word2vec_tp4_runs_end_to_end(tmp_path):
