@@ -73,3 +73,48 @@ def test_mnist_features_runs_end_to_end_and_keeps_every_prediction(tmp_path, arg
     labels = mf.make_split("validation")[3]
     assert len(r["predicted"]) == len(labels) == 1000 and set(r["predicted"]) <= set(range(10))
     assert r["accuracy"] == pytest.approx(100.0 * sum(p == y for p, y in zip(r["predicted"], labels)) / 1000, abs=0.005)
+
+
+def _paired_module():
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("paired", ROOT / "experiments" / "paired.py")
+    module = sys.modules["paired"] = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_paired_comparisons_by_hand():
+    """experiments/paired.py against numbers worked out by hand: per-task differences (mean,
+    standard error std/sqrt(n), counts) and McNemar's exact p-value, 2 P(X >= 9), X ~ Bin(10, 1/2),
+    = 2 * 11 / 1024."""
+    pm = _paired_module()
+    r = pm.paired([5, 3, 2, 4], [4, 3, 4, 4], scale=5)     # d = 0.2, 0, -0.4, 0
+    assert r.n == 4 and r.difference == pytest.approx(-0.05)
+    assert r.stderr == pytest.approx(((0.25**2 + 0.05**2 + 0.35**2 + 0.05**2) / 3) ** 0.5 / 2)
+    assert (r.better, r.worse, r.p) == (1, 1, 1.0)
+    right_a = [True] * 9 + [False] + [True] * 90
+    right_b = [False] * 9 + [True] + [True] * 90
+    m = pm.mcnemar(right_a, right_b)
+    assert (m.better, m.worse) == (9, 1) and m.p == pytest.approx(22 / 1024, rel=1e-12)
+    assert m.difference == pytest.approx(0.08)
+    with pytest.raises(ValueError, match="equally long"):
+        pm.paired([1, 2, 3], [1, 2])
+
+
+def test_paired_reads_maml_results_and_refuses_old_ones(tmp_path):
+    """The maml comparison reads the per-task counts of two results (5 queries per task); a
+    result written before they were kept is one line naming the file, not a traceback."""
+    a, b, old = tmp_path / "a.json", tmp_path / "b.json", tmp_path / "old.json"
+    a.write_text(json.dumps({"tasks": 3, "correct_1step": [5, 0, 1], "correct_20step": [5, 5, 5]}))
+    b.write_text(json.dumps({"tasks": 3, "correct_1step": [0, 0, 1], "correct_20step": [5, 5, 5]}))
+    old.write_text(json.dumps({"tasks": 3, "accuracy_1step": 0.4, "accuracy_20step": 0.5}))
+    proc = subprocess.run([sys.executable, str(ROOT / "experiments" / "paired.py"), "maml", str(a), str(b)],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    first, second = proc.stdout.splitlines()
+    assert first.startswith("after 1 step(s): A - B = +0.3333") and "A better on 1, B better on 0" in first
+    assert second.startswith("after 20 step(s): A - B = +0.0000") and "sign test p = 1" in second
+    proc = subprocess.run([sys.executable, str(ROOT / "experiments" / "paired.py"), "maml", str(old), str(b)],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode != 0 and proc.stderr.count("\n") == 1
+    assert "old.json: has no correct_1step, correct_20step" in proc.stderr
