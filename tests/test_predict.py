@@ -306,6 +306,89 @@ def test_a_program_compiled_for_the_nngp_alone_makes_the_nngp_prediction(erf_net
 
 
 # ---------------------------------------------------------------------------------------
+# gradient_descent_mse_ensemble: neural-tangents' predict_fn, called as it is
+# ---------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def layer_kernel_fns():
+    """The reference networks as tp.layers (stax's lines of make_nt_predict_reference.py):
+    {net: net.kernel_fn((4,))}."""
+    from tpcompiler.layers import Dense, Erf, Relu, serial
+
+    def net(depth, phi, w_std, b_std):
+        act = {"relu": Relu, "erf": Erf}[phi]
+        layers = []
+        for _ in range(depth):
+            layers += [Dense(512, w_std, b_std), act()]
+        return serial(*layers, Dense(1, w_std, b_std))
+
+    return {name: net(**spec).kernel_fn((4,)) for name, spec in META["nets"].items()}
+
+
+@pytest.mark.parametrize("name", list(META["cases"]))
+def test_gradient_descent_mse_ensemble_matches_neural_tangents_end_to_end(layer_kernel_fns, name):
+    """neural-tangents' own script line, predict_fn(t, x_test, ("nngp", "ntk"), compute_cov=True),
+    on tp.layers kernels: its stored means and covariances (times as a leading axis), to rounding."""
+    case = META["cases"][name]
+    predict_fn = P.gradient_descent_mse_ensemble(layer_kernel_fns[case["net"]], REF["x_train"], REF["y_train"],
+                                                 learning_rate=case["learning_rate"], diag_reg=case["diag_reg"])
+    out = predict_fn(None if case["t"] is None else np.array(case["t"]), REF["x_test"], ("nngp", "ntk"),
+                     compute_cov=True)
+    assert out._fields == ("nngp", "ntk")
+    for g in KINDS:
+        mean, covariance = getattr(out, g)   # unpacks as neural-tangents' Gaussian
+        assert mean.shape == tuple(case["shapes"]["mean"]) and covariance.shape == tuple(case["shapes"]["cov"])
+        assert_close(mean, REF[f"{name}__{g}_mean"], 1e-12)
+        assert_close(covariance, REF[f"{name}__{g}_cov"], 1e-12)
+        assert getattr(out, g).covariance is covariance
+
+
+def test_predict_fn_returns_as_neural_tangents_and_computes_only_what_it_reads(layer_kernel_fns):
+    """A string get: that mean alone (a Gaussian with compute_cov); x_test None: the training
+    inputs, which the t = inf mean interpolates (Y itself); the kernel_fn is asked only for the
+    kernels the prediction reads, and for the training kernels once."""
+    asked = []
+    x_train = REF["x_train"]  # (each read of the .npz makes a new array)
+
+    def kernel_fn(x1, x2=None, get=None):
+        asked.append(("train" if x1 is x_train and x2 is None else "other", tuple(get)))
+        return layer_kernel_fns["relu2"](x1, x2, get)
+
+    predict_fn = P.gradient_descent_mse_ensemble(kernel_fn, x_train, REF["y_train"])
+    mean = predict_fn(x_test=REF["x_test"], get="nngp")
+    assert isinstance(mean, np.ndarray) and mean.shape == (5, 2)
+    assert asked == [("train", ("nngp",)), ("other", ("nngp",))]
+    asked.clear()
+    ntk_mean = predict_fn(x_test=REF["x_test"], get="ntk")          # the NTK mean reads the NTK alone
+    assert asked == [("train", ("ntk",)), ("other", ("ntk",))]
+    asked.clear()
+    gaussian = predict_fn(x_test=REF["x_test"], get="ntk", compute_cov=True)  # its covariance the NNGP too
+    assert asked == [("other", ("nngp", "ntk")), ("other", ("nngp",))]   # the training kernels are kept
+    np.testing.assert_array_equal(gaussian.mean, ntk_mean)
+    both = P.predict_program(tp.load(MLP, depth=2, phi="relu", w_std=1.5, b_std=0.1, d=4), REF["x_train"],
+                             REF["y_train"], REF["x_test"])
+    assert_close(mean, both["nngp"].mean, 1e-12)
+    assert_close(gaussian.covariance, both["ntk"].cov, 1e-12)
+    at_train = predict_fn(get=("ntk", "nngp"))
+    assert at_train._fields == ("ntk", "nngp")
+    for g in KINDS:
+        assert_close(getattr(at_train, g), REF["y_train"], 1e-8)
+
+
+@pytest.mark.parametrize("call, words", [
+    (lambda fn: P.gradient_descent_mse_ensemble(np.eye(3), REF["x_train"], REF["y_train"]), ["kernel_fn", "ndarray"]),
+    (lambda fn: P.gradient_descent_mse_ensemble(fn, REF["x_train"], REF["y_train"])(t=np.ones((2, 2))),
+     ["t:", "1-D array", "(2, 2)"]),
+    (lambda fn: P.gradient_descent_mse_ensemble(fn, REF["x_train"], REF["y_train"])(get="gp"), ["get", "'gp'"]),
+    (lambda fn: P.gradient_descent_mse_ensemble(fn, REF["x_train"], REF["y_train"])(t=-1.0, get="nngp"), ["t"]),
+])
+def test_predict_fn_bad_input_names_the_argument(layer_kernel_fns, call, words):
+    with pytest.raises(tp.ProgramError) as info:
+        call(layer_kernel_fns["relu2"])
+    for w in words:
+        assert w in str(info.value), (w, str(info.value))
+
+
+# ---------------------------------------------------------------------------------------
 # tpc predict
 # ---------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")

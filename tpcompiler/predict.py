@@ -32,6 +32,8 @@ inverted and how it was inverted; nothing returns NaN.
 """
 from __future__ import annotations
 
+import collections
+import functools
 import math
 from dataclasses import dataclass
 from typing import Callable
@@ -41,7 +43,7 @@ import scipy.linalg
 import scipy.special
 
 from tpcompiler import validation
-from tpcompiler.ir.ntk import kernel_names
+from tpcompiler.ir.ntk import asked_kernels, kernel_names
 
 INF = math.inf
 
@@ -56,6 +58,15 @@ class Gaussian:
     cov: np.ndarray | None
     condition: float
     method: str
+
+    @property
+    def covariance(self) -> np.ndarray | None:
+        """``cov`` by neural-tangents' name (its ``Gaussian(mean, covariance)``)."""
+        return self.cov
+
+    def __iter__(self):
+        """Unpacks as neural-tangents' Gaussian does: ``mean, covariance = gaussian``."""
+        return iter((self.mean, self.cov))
 
 
 # ---------------------------------------------------------------------------------------
@@ -338,6 +349,75 @@ def predict_program(program, X, Y, X_test, t=INF, lr: float = 1.0, reg: float = 
         test_train = {g: k[g + "_x2"] for g in needed}
         test = None
     return predict(train, test_train, Y, test, t, lr, reg, get)
+
+
+def gradient_descent_mse_ensemble(kernel_fn: Callable, x_train, y_train, learning_rate: float = 1.0,
+                                  diag_reg: float = 0.0) -> Callable:
+    """neural-tangents' ``nt.predict.gradient_descent_mse_ensemble``, called as it is, so that a
+    script written for it runs with ``tp.layers`` kernels (``net.kernel_fn(input_shape)``) or
+    any ``kernel_fn(x1, x2, get)`` that returns a named tuple of the kernels a tuple ``get``
+    names.  Returns ``predict_fn(t=None, x_test=None, get=None, compute_cov=False)``:
+
+    * ``t``: the training time (None or inf: the end of training; an array of times: a leading
+      time axis on every result);
+    * ``x_test``: the inputs to predict at (None: the training inputs);
+    * ``get``: "nngp" or "ntk" for that prediction alone (its mean, N_test x K, or with
+      ``compute_cov`` a ``Gaussian`` that unpacks as ``mean, covariance``), a tuple (or None:
+      both) for a named tuple of them in that order;
+    * the conventions (learning rate, ``diag_reg`` relative to the mean of the training
+      kernel's diagonal) are ``predict``'s, which are neural-tangents' (module docstring).
+
+    Only the kernels the asked predictions read are computed (``prediction_kernels``), the
+    training kernels once for every call."""
+    if not callable(kernel_fn):
+        raise validation.ArgumentError(f"kernel_fn: expected a function kernel_fn(x1, x2, get) (as net.kernel_fn(shape) "
+                                       f"returns), got {type(kernel_fn).__name__}")
+    x_train = np.asarray(x_train)
+    y_train = np.asarray(y_train)
+    train: dict = {}  # kernel name -> k(x_train, x_train), computed when first needed
+
+    def kernels(x1, x2, names: tuple) -> dict:
+        out = kernel_fn(x1, x2, tuple(names))
+        return {g: np.asarray(getattr(out, g), dtype=np.float64) for g in names}
+
+    def predict_fn(t=None, x_test=None, get=None, compute_cov: bool = False):
+        asked = asked_kernels(get)
+        cov = validation.flag(compute_cov, "compute_cov")
+        needed = prediction_kernels(asked, cov)
+        missing = tuple(g for g in needed if g not in train)
+        if missing:
+            train.update(kernels(x_train, None, missing))
+        if x_test is None:
+            test_train = {g: train[g] for g in needed}
+            test = {"nngp": train["nngp"]} if cov else None
+        else:
+            test_train = kernels(x_test, x_train, needed)
+            test = kernels(x_test, None, ("nngp",)) if cov else None
+        times = None if t is None else np.asarray(t, dtype=np.float64)
+        at = [None] if times is None or times.ndim == 0 else list(times)
+        if times is not None and times.ndim > 1:
+            raise validation.ArgumentError(f"t: expected a time or a 1-D array of times, got shape {times.shape}")
+        runs = [predict({g: train[g] for g in needed}, test_train, y_train, test,
+                        t=t if time is None else float(time), lr=learning_rate, reg=diag_reg, get=asked) for time in at]
+
+        def result(g: str):
+            stack = (lambda xs: xs[0]) if times is None or times.ndim == 0 else np.stack
+            mean = stack([r[g].mean for r in runs])
+            if not cov:
+                return mean
+            return Gaussian(mean, stack([r[g].cov for r in runs]), runs[0][g].condition, runs[0][g].method)
+
+        if isinstance(get, str) and len(asked) == 1:
+            return result(asked[0])
+        return _predictions_tuple(asked)(*[result(g) for g in asked])
+
+    return predict_fn
+
+
+@functools.cache
+def _predictions_tuple(names: tuple):
+    """The named tuple of the predictions ``names`` (neural-tangents returns one for a tuple get)."""
+    return collections.namedtuple("Predictions", names)
 
 
 def _column(y: np.ndarray) -> np.ndarray:
