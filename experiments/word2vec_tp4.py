@@ -526,6 +526,7 @@ def docs_section(results: list[dict], stats: dict, notes: str = "") -> str:
         lines.append(f"| {_label(r['width'])} | {r['epochs']} | {r['seed']} | {r['steps']:,} | {r['correct']} / {r['total']} "
                      f"| {r['accuracy']:.2f} | {r['seconds']:.0f} ({r['setup_seconds']:.0f} + {r['train_seconds']:.0f} + {r['eval_seconds']:.0f}) "
                      f"| {r['steps_per_second']:.0f} | {run} |")
+    lines += _over_seeds(results, order)
     done = {r["width"] for r in results if r["complete"] and r["epochs"] == EPOCHS}
     missing = [_label(w) for w in PLANNED if w not in done]
     if missing:
@@ -533,6 +534,26 @@ def docs_section(results: list[dict], stats: dict, notes: str = "") -> str:
     if notes.strip():
         lines += ["", notes.strip()]
     return "\n".join(lines) + "\n"
+
+
+def _over_seeds(results: list[dict], order: dict) -> list[str]:
+    """Lines summarising, per width run with TP4's protocol at two or more seeds, the correct
+    answers of each seed and the mean and sample standard deviation of the accuracy (a seed run
+    twice counts once: its first result)."""
+    by_width: dict = {}
+    for r in results:
+        if r["complete"] and r["epochs"] == EPOCHS:
+            by_width.setdefault(r["width"], {}).setdefault(r["seed"], r)
+    lines = []
+    for width in sorted(by_width, key=lambda w: (order.get(w, -1), w)):
+        runs = [by_width[width][s] for s in sorted(by_width[width])]
+        if len(runs) < 2:
+            continue
+        acc = np.array([r["accuracy"] for r in runs])
+        lines.append(f"- {_label(width)}: seeds {', '.join(str(r['seed']) for r in runs)} answer "
+                     f"{', '.join(str(r['correct']) for r in runs)} of {runs[0]['total']:,}: accuracy {acc.mean():.2f} % "
+                     f"on average, standard deviation {acc.std(ddof=1):.2f} over the {len(runs)} seeds")
+    return ["", "Over seeds (TP4's protocol):", ""] + lines if lines else []
 
 
 def corpus_stats(corpus: "Corpus") -> dict:

@@ -289,6 +289,25 @@ def test_docs_table_labels_shortened_runs():
     assert w2v.docs_section(runs, stats, "Some notes.\n").rstrip().endswith("frozen).\n\nSome notes.")
 
 
+def test_docs_summarise_the_seeds_of_each_width():
+    """Widths run with TP4's protocol at two or more seeds get a line each: the counts per seed,
+    the mean and the sample standard deviation of the accuracy (a seed run twice counts once);
+    shortened runs and single seeds get none."""
+    stats = {"articles": 106, "tokens": 469572, "sentences": 524, "V": 9044, "T": 428710, "kept": 238210.1,
+             "answerable": 1000, "questions": 19544}
+    row = dict(vocab=9044, total=1000, seconds=120.0, setup_seconds=20.0, train_seconds=90.0, eval_seconds=10.0,
+               steps=1000, steps_per_second=11.1, epochs=15, complete=True)
+    runs = [dict(row, width="inf", seed=s, correct=c, accuracy=c / 10) for s, c in ((2, 70), (0, 60), (1, 50))]
+    runs += [dict(row, width="inf", seed=0, correct=99, accuracy=9.9),   # seed 0 again: the first counts
+             dict(row, width="1024", seed=0, correct=40, accuracy=4.0),  # one seed: no line
+             dict(row, width="256", seed=1, correct=30, accuracy=3.0, epochs=1)]  # shortened: no line
+    text = w2v.docs_section(runs, stats)
+    lines = [line for line in text.splitlines() if line.startswith("- ")]
+    assert lines == ["- inf (exact limit): seeds 0, 1, 2 answer 60, 50, 70 of 1,000: accuracy 6.00 % on average, "
+                     "standard deviation 1.00 over the 3 seeds"]
+    assert "Over seeds (TP4's protocol):" in text
+
+
 def test_fast_csr_row_is_the_checked_csr_row():
     import scipy.sparse as sps
 
