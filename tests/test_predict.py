@@ -39,7 +39,11 @@ def assert_close(actual, expected, rtol):
 
 
 def nt_cases():
+    """The reference cases on test inputs (the train-set ones, x_test None, are
+    gradient_descent_mse_ensemble's alone)."""
     for name, case in META["cases"].items():
+        if case["x_test"] is None:
+            continue
         for i, t in enumerate(case["t"] or [None]):
             yield pytest.param(name, case, i, t, id=f"{name}-t{t}")
 
@@ -327,12 +331,14 @@ def layer_kernel_fns():
 @pytest.mark.parametrize("name", list(META["cases"]))
 def test_gradient_descent_mse_ensemble_matches_neural_tangents_end_to_end(layer_kernel_fns, name):
     """neural-tangents' own script line, predict_fn(t, x_test, ("nngp", "ntk"), compute_cov=True),
-    on tp.layers kernels: its stored means and covariances (times as a leading axis), to rounding."""
+    on tp.layers kernels: its stored means and covariances (times as a leading axis), to rounding;
+    also on the training inputs (x_test None), whose regularizer neural-tangents treats as part of
+    the training kernel."""
     case = META["cases"][name]
     predict_fn = P.gradient_descent_mse_ensemble(layer_kernel_fns[case["net"]], REF["x_train"], REF["y_train"],
                                                  learning_rate=case["learning_rate"], diag_reg=case["diag_reg"])
-    out = predict_fn(None if case["t"] is None else np.array(case["t"]), REF["x_test"], ("nngp", "ntk"),
-                     compute_cov=True)
+    out = predict_fn(None if case["t"] is None else np.array(case["t"]),
+                     None if case["x_test"] is None else REF["x_test"], ("nngp", "ntk"), compute_cov=True)
     assert out._fields == ("nngp", "ntk")
     for g in KINDS:
         mean, covariance = getattr(out, g)   # unpacks as neural-tangents' Gaussian
@@ -368,16 +374,30 @@ def test_predict_fn_returns_as_neural_tangents_and_computes_only_what_it_reads(l
                              REF["y_train"], REF["x_test"])
     assert_close(mean, both["nngp"].mean, 1e-12)
     assert_close(gaussian.covariance, both["ntk"].cov, 1e-12)
-    at_train = predict_fn(get=("ntk", "nngp"))
+    at_train = predict_fn(get=("ntk", "nngp"), compute_cov=True)   # neural-tangents: N(Y, 0) at t = inf
     assert at_train._fields == ("ntk", "nngp")
     for g in KINDS:
-        assert_close(getattr(at_train, g), REF["y_train"], 1e-8)
+        np.testing.assert_array_equal(getattr(at_train, g)[0], REF["y_train"])
+        np.testing.assert_array_equal(getattr(at_train, g)[1], np.zeros((12, 12)))
+        assert len(getattr(at_train, g)) == 2
+    # a 0-d array and a 2-D array of times: no time axis, and the array's shape in front
+    one = predict_fn(np.array(3.0), REF["x_test"], "ntk")
+    grid = predict_fn(np.array([[3.0], [30.0]]), REF["x_test"], "ntk")
+    assert one.shape == (5, 2) and grid.shape == (2, 1, 5, 2)
+    np.testing.assert_array_equal(grid[0, 0], one)
+    assert_close(grid[1, 0], predict_fn(30.0, REF["x_test"], "ntk"), 1e-15)
 
 
 @pytest.mark.parametrize("call, words", [
     (lambda fn: P.gradient_descent_mse_ensemble(np.eye(3), REF["x_train"], REF["y_train"]), ["kernel_fn", "ndarray"]),
-    (lambda fn: P.gradient_descent_mse_ensemble(fn, REF["x_train"], REF["y_train"])(t=np.ones((2, 2))),
-     ["t:", "1-D array", "(2, 2)"]),
+    (lambda fn: P.gradient_descent_mse_ensemble(fn, REF["x_train"], REF["y_train"])(t=np.ones((0, 2))),
+     ["t:", "empty array", "(0, 2)"]),
+    (lambda fn: P.gradient_descent_mse_ensemble(fn, REF["x_train"], REF["y_train"], learning_rate=-1.0),
+     ["learning_rate", "positive", "-1"]),
+    (lambda fn: P.gradient_descent_mse_ensemble(fn, REF["x_train"], REF["y_train"], diag_reg=-0.1),
+     ["diag_reg", "non-negative", "-0.1"]),
+    (lambda fn: P.gradient_descent_mse_ensemble(fn, REF["x_train"], REF["y_train"][:5]),
+     ["y_train", "5 rows", "12 inputs"]),
     (lambda fn: P.gradient_descent_mse_ensemble(fn, REF["x_train"], REF["y_train"])(get="gp"), ["get", "'gp'"]),
     (lambda fn: P.gradient_descent_mse_ensemble(fn, REF["x_train"], REF["y_train"])(t=-1.0, get="nngp"), ["t"]),
 ])

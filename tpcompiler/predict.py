@@ -35,6 +35,7 @@ from __future__ import annotations
 import collections
 import functools
 import math
+import numbers
 from dataclasses import dataclass
 from typing import Callable
 
@@ -65,8 +66,15 @@ class Gaussian:
         return self.cov
 
     def __iter__(self):
-        """Unpacks as neural-tangents' Gaussian does: ``mean, covariance = gaussian``."""
+        """Unpacks as neural-tangents' Gaussian (a named tuple) does: ``mean, covariance = gaussian``."""
         return iter((self.mean, self.cov))
+
+    def __len__(self) -> int:
+        return 2
+
+    def __getitem__(self, i):
+        """``gaussian[0]`` the mean, ``gaussian[1]`` the covariance, as of neural-tangents' Gaussian."""
+        return (self.mean, self.cov)[i]
 
 
 # ---------------------------------------------------------------------------------------
@@ -353,27 +361,39 @@ def predict_program(program, X, Y, X_test, t=INF, lr: float = 1.0, reg: float = 
 
 def gradient_descent_mse_ensemble(kernel_fn: Callable, x_train, y_train, learning_rate: float = 1.0,
                                   diag_reg: float = 0.0) -> Callable:
-    """neural-tangents' ``nt.predict.gradient_descent_mse_ensemble``, called as it is, so that a
-    script written for it runs with ``tp.layers`` kernels (``net.kernel_fn(input_shape)``) or
-    any ``kernel_fn(x1, x2, get)`` that returns a named tuple of the kernels a tuple ``get``
-    names.  Returns ``predict_fn(t=None, x_test=None, get=None, compute_cov=False)``:
+    """neural-tangents' ``nt.predict.gradient_descent_mse_ensemble`` with its arguments and
+    results (not its ``diag_reg_absolute_scale``, ``trace_axes`` or keyword arguments for the
+    kernel function), so that a script written for it runs with ``tp.layers`` kernels
+    (``net.kernel_fn(input_shape)``) or any ``kernel_fn(x1, x2, get)`` that returns a named
+    tuple of the kernels a tuple ``get`` names.  Returns
+    ``predict_fn(t=None, x_test=None, get=None, compute_cov=False)``:
 
-    * ``t``: the training time (None or inf: the end of training; an array of times: a leading
-      time axis on every result);
-    * ``x_test``: the inputs to predict at (None: the training inputs);
-    * ``get``: "nngp" or "ntk" for that prediction alone (its mean, N_test x K, or with
-      ``compute_cov`` a ``Gaussian`` that unpacks as ``mean, covariance``), a tuple (or None:
-      both) for a named tuple of them in that order;
+    * ``t``: the training time (None or inf: the end of training); an array of times puts its
+      shape in front of every result;
+    * ``x_test``: the inputs to predict at; None: neural-tangents' train-set predictions, which
+      treat the regularizer as part of the training kernel: at the end of training the targets
+      themselves with covariance 0, at time t the mean (I - exp(-K_r s)) Y and the covariance
+      K_r exp(-2 K_r s) (NNGP) or exp(-Theta_r s) K exp(-Theta_r s) (NTK, K the NNGP without
+      the regularizer; module docstring: K_r, s);
+    * ``get``: "nngp" or "ntk" for that prediction alone (its mean, N_test x K for N x K
+      targets and N_test for N targets, or with ``compute_cov`` a ``Gaussian`` that unpacks as
+      ``mean, covariance``), a tuple (or None: both) for a named tuple of them in that order
+      (a name given twice counts once);
     * the conventions (learning rate, ``diag_reg`` relative to the mean of the training
       kernel's diagonal) are ``predict``'s, which are neural-tangents' (module docstring).
 
-    Only the kernels the asked predictions read are computed (``prediction_kernels``), the
-    training kernels once for every call."""
+    Only the kernels the asked predictions read are computed (``prediction_kernels``); the
+    training kernels once for all calls.  Each time of ``t`` decomposes the training kernel
+    again (neural-tangents keeps one decomposition for every time)."""
     if not callable(kernel_fn):
         raise validation.ArgumentError(f"kernel_fn: expected a function kernel_fn(x1, x2, get) (as net.kernel_fn(shape) "
                                        f"returns), got {type(kernel_fn).__name__}")
-    x_train = np.asarray(x_train)
-    y_train = np.asarray(y_train)
+    learning_rate = validation.number(learning_rate, "learning_rate", positive=True)
+    diag_reg = validation.number(diag_reg, "diag_reg", nonnegative=True)
+    y_train = validation.array(y_train, "y_train", ndim=(1, 2))
+    if y_train.shape[0] != len(x_train):
+        raise validation.ArgumentError(f"y_train: has {y_train.shape[0]} rows but x_train has {len(x_train)} inputs "
+                                       "(one target row per training input)")
     train: dict = {}  # kernel name -> k(x_train, x_train), computed when first needed
 
     def kernels(x1, x2, names: tuple) -> dict:
@@ -383,35 +403,65 @@ def gradient_descent_mse_ensemble(kernel_fn: Callable, x_train, y_train, learnin
     def predict_fn(t=None, x_test=None, get=None, compute_cov: bool = False):
         asked = asked_kernels(get)
         cov = validation.flag(compute_cov, "compute_cov")
+        shape, times = _times(t)
         needed = prediction_kernels(asked, cov)
         missing = tuple(g for g in needed if g not in train)
         if missing:
             train.update(kernels(x_train, None, missing))
         if x_test is None:
-            test_train = {g: train[g] for g in needed}
-            test = {"nngp": train["nngp"]} if cov else None
+            runs = [{g: _train_set_prediction(g, train, y_train, time, learning_rate, diag_reg, cov) for g in asked}
+                    for time in times]
         else:
             test_train = kernels(x_test, x_train, needed)
             test = kernels(x_test, None, ("nngp",)) if cov else None
-        times = None if t is None else np.asarray(t, dtype=np.float64)
-        at = [None] if times is None or times.ndim == 0 else list(times)
-        if times is not None and times.ndim > 1:
-            raise validation.ArgumentError(f"t: expected a time or a 1-D array of times, got shape {times.shape}")
-        runs = [predict({g: train[g] for g in needed}, test_train, y_train, test,
-                        t=t if time is None else float(time), lr=learning_rate, reg=diag_reg, get=asked) for time in at]
+            runs = [predict({g: train[g] for g in needed}, test_train, y_train, test, t=time, lr=learning_rate,
+                            reg=diag_reg, get=asked) for time in times]
 
         def result(g: str):
-            stack = (lambda xs: xs[0]) if times is None or times.ndim == 0 else np.stack
-            mean = stack([r[g].mean for r in runs])
+            def stacked(arrays):
+                return arrays[0] if shape is None else np.stack(arrays).reshape(shape + arrays[0].shape)
+            mean = stacked([r[g].mean for r in runs])
             if not cov:
                 return mean
-            return Gaussian(mean, stack([r[g].cov for r in runs]), runs[0][g].condition, runs[0][g].method)
+            return Gaussian(mean, stacked([r[g].cov for r in runs]), runs[0][g].condition, runs[0][g].method)
 
         if isinstance(get, str) and len(asked) == 1:
             return result(asked[0])
         return _predictions_tuple(asked)(*[result(g) for g in asked])
 
     return predict_fn
+
+
+def _times(t) -> tuple[tuple | None, list[float]]:
+    """(the shape of an array of times, None for one time; the times, each checked)."""
+    if t is None or isinstance(t, (numbers.Real, np.generic, str)):
+        return None, [_time(t)]
+    if np.ndim(t) == 0 and hasattr(t, "dtype"):  # a 0-d array (numpy's, jax's)
+        return None, [_time(float(t))]
+    times = np.asarray(t, dtype=np.float64)
+    if times.size == 0:
+        raise validation.ArgumentError(f"t: is an empty array of times (shape {times.shape}); give a time, None "
+                                       "(the end of training) or a non-empty array")
+    return times.shape, [_time(float(x)) for x in times.ravel()]
+
+
+def _train_set_prediction(g: str, train: dict, y: np.ndarray, t: float, lr: float, reg: float,
+                          cov: bool) -> Gaussian:
+    """neural-tangents' prediction ``g`` on the training inputs (``gradient_descent_mse_ensemble``
+    with x_test None): at t = inf the targets with covariance 0; at time t the test-set
+    formulas with the regularized training kernel as the test kernels of ``g`` (the NTK's
+    covariance reads the NNGP without the regularizer): mean (I - exp(-K_r s)) Y, covariance
+    K_r exp(-2 K_r s), or exp(-Theta_r s) K exp(-Theta_r s)."""
+    k_reg = regularized(train[g], reg)
+    if t == INF:
+        n = len(y)
+        at_end = descent_filter(train[g], INF, reg)
+        return Gaussian(np.array(y, dtype=np.float64), np.zeros((n, n)) if cov else None, at_end.condition,
+                        at_end.method)
+    if g == "nngp":
+        return nngp_ensemble(train["nngp"], k_reg, y, k_reg if cov else None, t, lr, reg)
+    nngp = (train["nngp"],) * 3 if cov else ()
+    return ntk_ensemble(train["ntk"], k_reg, y, *nngp, t=t, lr=lr, reg=reg)
 
 
 @functools.cache

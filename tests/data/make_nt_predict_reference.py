@@ -49,6 +49,13 @@ CASES = [
     ("erf1_inf", "erf1", 1.0, 1e-4, None),
     ("erf1_t", "erf1", 2.0, 0.0, [1.0, 10.0]),
 ]
+#: predictions on the training inputs (x_test None), whose regularizer neural-tangents treats
+#: as part of the training kernel (added 2026-12-07; the arrays above are unchanged)
+TRAIN_CASES = [
+    ("relu2_train_reg", "relu2", 1.0, 1e-2, None),
+    ("relu2_train_t_reg", "relu2", 0.5, 1e-3, [0.3, 3.0, 30.0]),
+    ("erf1_train_t", "erf1", 2.0, 0.0, [1.0, 10.0]),
+]
 
 
 def main():
@@ -72,14 +79,15 @@ def main():
             arrays[f"{name}__{g}_train"] = np.asarray(getattr(ktt, g))
             arrays[f"{name}__{g}_test_train"] = np.asarray(getattr(ktd, g))
             arrays[f"{name}__{g}_test"] = np.asarray(getattr(kss, g))
-    for name, net, lr, reg, times in CASES:
+    for (name, net, lr, reg, times), test in [(case, xt) for case in CASES] + [(case, None) for case in TRAIN_CASES]:
         kernel_fn = mlp(**NETS[net])[2]
         predict_fn = nt.predict.gradient_descent_mse_ensemble(kernel_fn, x, y, learning_rate=lr, diag_reg=reg)
-        out = predict_fn(None if times is None else jnp.asarray(times), xt, ("nngp", "ntk"), compute_cov=True)
+        out = predict_fn(None if times is None else jnp.asarray(times), test, ("nngp", "ntk"), compute_cov=True)
         for g in ("nngp", "ntk"):
             arrays[f"{name}__{g}_mean"] = np.asarray(getattr(out, g).mean)
             arrays[f"{name}__{g}_cov"] = np.asarray(getattr(out, g).covariance)
         meta["cases"][name] = {"net": net, "learning_rate": lr, "diag_reg": reg, "t": times,
+                               "x_test": "x_test" if test is not None else None,
                                "shapes": {"mean": list(arrays[f"{name}__ntk_mean"].shape),
                                           "cov": list(arrays[f"{name}__ntk_cov"].shape)}}
     np.savez(OUT + ".npz", **arrays)
