@@ -129,14 +129,14 @@ def program_kernel(X: np.ndarray, which: str) -> np.ndarray:
     return np.asarray(tp.compile(prog).kernels(X)[which], dtype=np.float64)
 
 
-def kernel_predict(K: np.ndarray, fit: np.ndarray, scored: np.ndarray, y_fit: np.ndarray, ridge: float) -> np.ndarray:
-    """Kernel ridge regression outputs on the rows ``scored`` of K from the rows ``fit``:
+def kernel_predict(K: np.ndarray, fit: np.ndarray, rows: np.ndarray, y_fit: np.ndarray, ridge: float) -> np.ndarray:
+    """Kernel ridge regression outputs on the rows ``rows`` of K from the rows ``fit``:
     K_sf (K_ff + ridge mean(diag K_ff) I)^{-1} (onehot(y_fit) - 0.1)."""
     import scipy.linalg
     Kff = K[np.ix_(fit, fit)]
     reg = Kff + ridge * float(np.mean(np.diag(Kff))) * np.eye(len(fit))
     alpha = scipy.linalg.solve(reg, one_hot(y_fit) - TARGET_SHIFT, assume_a="pos")
-    return K[np.ix_(scored, fit)] @ alpha
+    return K[np.ix_(rows, fit)] @ alpha
 
 
 def choose_ridge(which: str) -> tuple[float, dict]:
@@ -144,8 +144,8 @@ def choose_ridge(which: str) -> tuple[float, dict]:
     every ridge's validation accuracy."""
     Xf, yf, Xv, yv = make_split("validation")
     K = program_kernel(np.concatenate([Xf, Xv]), which)
-    fit, scored = np.arange(len(yf)), np.arange(len(yf), len(yf) + len(yv))
-    scores = {lam: accuracy(kernel_predict(K, fit, scored, yf, lam), yv) for lam in RIDGES}
+    fit, rows = np.arange(len(yf)), np.arange(len(yf), len(yf) + len(yv))
+    scores = {lam: accuracy(kernel_predict(K, fit, rows, yf, lam), yv) for lam in RIDGES}
     best = max(RIDGES, key=lambda lam: (scores[lam], -lam))
     return best, scores
 

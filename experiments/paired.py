@@ -1,4 +1,5 @@
-"""Paired comparisons of two models scored on the same items (docs/experiments.md):
+"""Paired comparisons of two models scored on the same items (docs/experiments.md, the MAML and
+MNIST sections):
 
     python experiments/paired.py maml A.json B.json      # maml_mnist.py results: the same meta-test tasks
     python experiments/paired.py mnist A.json B.json     # mnist_features.py results: the same scored digits
@@ -107,6 +108,9 @@ def compare(kind: str, path_a: str, path_b: str) -> dict[str, Paired]:
         keys = ("correct_1step", "correct_20step")
         _needs(a, keys, path_a)
         _needs(b, keys, path_b)
+        if len(a["correct_1step"]) != len(b["correct_1step"]):
+            raise SystemExit(f"paired.py: error: {path_a} scored {len(a['correct_1step'])} tasks, {path_b} "
+                             f"{len(b['correct_1step'])}: compare runs on the same meta-test tasks (--test-tasks)")
         mm = _script("maml_mnist")
         queries = mm.WAYS * mm.QUERIES  # per task
         return {f"after {k[len('correct_'):-len('step')]} step(s)": paired(a[k], b[k], scale=queries) for k in keys}
@@ -115,6 +119,10 @@ def compare(kind: str, path_a: str, path_b: str) -> dict[str, Paired]:
     if a["split"] != b["split"]:
         raise SystemExit(f"paired.py: error: {path_a} scored the {a['split']} split, {path_b} the {b['split']} one")
     labels = np.asarray(_script("mnist_features").make_split(a["split"])[3])
+    for path, r in ((path_a, a), (path_b, b)):
+        if len(r["predicted"]) != len(labels):
+            raise SystemExit(f"paired.py: error: {path}: has {len(r['predicted'])} predictions, but the "
+                             f"{a['split']} split scores {len(labels)} digits")
     return {"digits": mcnemar(np.equal(a["predicted"], labels), np.equal(b["predicted"], labels))}
 
 

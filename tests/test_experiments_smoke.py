@@ -64,21 +64,18 @@ def test_mnist_features_runs_end_to_end_and_keeps_every_prediction(tmp_path, arg
     """mnist_features.py on the validation split (fit 3000 digits, score 1000): the JSON's
     accuracy is the percentage of its per-digit predictions that equal the split's labels (read
     from the script's own split), so models can be compared digit by digit."""
-    import importlib.util
     r = _run("mnist_features.py", *args, "--split", "validation", tmp_path=tmp_path)
     assert {"model", "width", "r", "phi", "seed", "accuracy", "predicted", "split", "seconds", "peak_mb"} <= set(r)
-    spec = importlib.util.spec_from_file_location("mnist_features", ROOT / "experiments" / "mnist_features.py")
-    mf = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mf)
-    labels = mf.make_split("validation")[3]
+    labels = _script("mnist_features").make_split("validation")[3]
     assert len(r["predicted"]) == len(labels) == 1000 and set(r["predicted"]) <= set(range(10))
     assert r["accuracy"] == pytest.approx(100.0 * sum(p == y for p, y in zip(r["predicted"], labels)) / 1000, abs=0.005)
 
 
-def _paired_module():
+def _script(name: str):
+    """experiments/NAME.py as a module (registered, as its dataclasses need)."""
     import importlib.util
-    spec = importlib.util.spec_from_file_location("paired", ROOT / "experiments" / "paired.py")
-    module = sys.modules["paired"] = importlib.util.module_from_spec(spec)
+    spec = importlib.util.spec_from_file_location(name, ROOT / "experiments" / f"{name}.py")
+    module = sys.modules[name] = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
 
@@ -87,7 +84,7 @@ def test_paired_comparisons_by_hand():
     """experiments/paired.py against numbers worked out by hand: per-task differences (mean,
     standard error std/sqrt(n), counts) and McNemar's exact p-value, 2 P(X >= 9), X ~ Bin(10, 1/2),
     = 2 * 11 / 1024."""
-    pm = _paired_module()
+    pm = _script("paired")
     r = pm.paired([5, 3, 2, 4], [4, 3, 4, 4], scale=5)     # d = 0.2, 0, -0.4, 0
     assert r.n == 4 and r.difference == pytest.approx(-0.05)
     assert r.stderr == pytest.approx(((0.25**2 + 0.05**2 + 0.35**2 + 0.05**2) / 3) ** 0.5 / 2)
@@ -118,3 +115,8 @@ def test_paired_reads_maml_results_and_refuses_old_ones(tmp_path):
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode != 0 and proc.stderr.count("\n") == 1
     assert "old.json: has no correct_1step, correct_20step" in proc.stderr
+    fewer = tmp_path / "fewer.json"
+    fewer.write_text(json.dumps({"tasks": 2, "correct_1step": [5, 0], "correct_20step": [5, 5]}))
+    proc = subprocess.run([sys.executable, str(ROOT / "experiments" / "paired.py"), "maml", str(a), str(fewer)],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode != 0 and proc.stderr.count("\n") == 1 and "scored 3 tasks" in proc.stderr
