@@ -52,8 +52,6 @@ K C; input layers K C / W_std^2; the readout C / W_std^2; biases 1).
 """
 from __future__ import annotations
 
-import collections
-import functools
 import itertools
 import math
 import numbers
@@ -65,7 +63,7 @@ import sympy as sp
 
 from tpcompiler.frontend import dsl
 from tpcompiler.ir.graph import ProgramError
-from tpcompiler.ir.ntk import asked_kernels, kernel_names
+from tpcompiler.ir.ntk import as_asked, kernel_names
 from tpcompiler.ir.nonlinearities import BUILTINS
 
 PADDINGS = ("VALID", "SAME", "CIRCULAR")
@@ -222,25 +220,16 @@ class Layer:
             return compiled[key]
 
         def kernel_fn(x1, x2=None, get=None):
-            names = asked_kernels(get)
-            canonical = kernel_names(names)
+            canonical = kernel_names(get)
             c = compiled_for(canonical == ("nngp",))
 
             def call(X, X2=None):
                 return c.kernels(X, X2, rtol=rtol, get=canonical)
 
             out = call(x1) if x2 is None else cross(call, np.asarray(x1), np.asarray(x2))
-            if isinstance(get, str) and len(names) == 1:
-                return out[names[0]]
-            return _kernel_tuple(names)(*[out[n] for n in names])
+            return as_asked(get, out, "Kernel")
 
         return kernel_fn
-
-
-@functools.cache
-def _kernel_tuple(names: tuple):
-    """The named tuple of the kernels ``names`` (neural-tangents returns one for a tuple get)."""
-    return collections.namedtuple("Kernel", names)
 
 
 def _input_shape(input_shape) -> tuple:

@@ -32,8 +32,6 @@ inverted and how it was inverted; nothing returns NaN.
 """
 from __future__ import annotations
 
-import collections
-import functools
 import math
 import numbers
 from dataclasses import dataclass
@@ -44,7 +42,7 @@ import scipy.linalg
 import scipy.special
 
 from tpcompiler import validation
-from tpcompiler.ir.ntk import asked_kernels, kernel_names
+from tpcompiler.ir.ntk import as_asked, asked_kernels, kernel_names
 
 INF = math.inf
 
@@ -425,9 +423,7 @@ def gradient_descent_mse_ensemble(kernel_fn: Callable, x_train, y_train, learnin
                 return mean
             return Gaussian(mean, stacked([r[g].cov for r in runs]), runs[0][g].condition, runs[0][g].method)
 
-        if isinstance(get, str) and len(asked) == 1:
-            return result(asked[0])
-        return _predictions_tuple(asked)(*[result(g) for g in asked])
+        return as_asked(get, {g: result(g) for g in asked}, "Predictions")
 
     return predict_fn
 
@@ -452,22 +448,16 @@ def _train_set_prediction(g: str, train: dict, y: np.ndarray, t: float, lr: floa
     formulas with the regularized training kernel as the test kernels of ``g`` (the NTK's
     covariance reads the NNGP without the regularizer): mean (I - exp(-K_r s)) Y, covariance
     K_r exp(-2 K_r s), or exp(-Theta_r s) K exp(-Theta_r s)."""
-    k_reg = regularized(train[g], reg)
     if t == INF:
         n = len(y)
         at_end = descent_filter(train[g], INF, reg)
         return Gaussian(np.array(y, dtype=np.float64), np.zeros((n, n)) if cov else None, at_end.condition,
                         at_end.method)
+    k_reg = regularized(train[g], reg)
     if g == "nngp":
         return nngp_ensemble(train["nngp"], k_reg, y, k_reg if cov else None, t, lr, reg)
     nngp = (train["nngp"],) * 3 if cov else ()
     return ntk_ensemble(train["ntk"], k_reg, y, *nngp, t=t, lr=lr, reg=reg)
-
-
-@functools.cache
-def _predictions_tuple(names: tuple):
-    """The named tuple of the predictions ``names`` (neural-tangents returns one for a tuple get)."""
-    return collections.namedtuple("Predictions", names)
 
 
 def _column(y: np.ndarray) -> np.ndarray:

@@ -26,6 +26,8 @@ exactly by the pairwise kernel backend, by particles, and at finite width by the
 """
 from __future__ import annotations
 
+import collections
+import functools
 from dataclasses import dataclass, field
 
 import sympy as sp
@@ -65,6 +67,21 @@ def kernel_names(get) -> tuple[str, ...]:
     """The kernels ``get`` asks for (``asked_kernels``) in KERNELS' order: which to derive."""
     asked = asked_kernels(get)
     return tuple(k for k in KERNELS if k in asked)
+
+
+def as_asked(get, values: dict, typename: str):
+    """neural-tangents' return convention for ``get``: a string naming one kernel gives its value
+    in ``values`` alone, anything else (a tuple, None) a named tuple ``typename`` of the values of
+    the kernels asked (``asked_kernels``), in the order given."""
+    names = asked_kernels(get)
+    if isinstance(get, str) and len(names) == 1:
+        return values[names[0]]
+    return _named_tuple(typename, names)(*[values[n] for n in names])
+
+
+@functools.cache
+def _named_tuple(typename: str, names: tuple):
+    return collections.namedtuple(typename, names)
 
 
 def _pair(d: "_Differentiated", a: str, b: str) -> sp.Symbol:
