@@ -32,6 +32,9 @@ inverted and how it was inverted; nothing returns NaN.
 """
 from __future__ import annotations
 
+import contextlib
+import contextvars
+import hashlib
 import math
 import numbers
 from dataclasses import dataclass
@@ -186,12 +189,42 @@ def _eigen_filter(evals: np.ndarray, evecs: np.ndarray, s: float) -> Filter:
     return Filter(lambda B: evecs @ (g[:, None] * (evecs.T @ B)), condition, method)
 
 
+#: Within ``shared_decompositions``: (digest of K_r, what) -> its Cholesky factor or spectrum
+_decompositions: contextvars.ContextVar = contextvars.ContextVar("decompositions", default=None)
+
+
+@contextlib.contextmanager
+def shared_decompositions():
+    """Within the block, ``descent_filters`` factors or decomposes each regularized training
+    kernel once, however many times and predictions read it (``gradient_descent_mse_ensemble``
+    at an array of times, as neural-tangents keeps one decomposition for every time).  The
+    decompositions are keyed by K_r's entries (equal kernels, equal factors: the results are
+    those of decomposing again) and let go at the end of the block."""
+    token = _decompositions.set({})
+    try:
+        yield
+    finally:
+        _decompositions.reset(token)
+
+
+def _decomposed(k_reg: np.ndarray, what: str, make: Callable):
+    """``make(k_reg)`` (a factor of K_r), once per kernel within ``shared_decompositions``."""
+    memo = _decompositions.get()
+    if memo is None:
+        return make(k_reg)
+    key = (hashlib.blake2b(np.ascontiguousarray(k_reg).view(np.uint8), digest_size=16).digest(), k_reg.shape, what)
+    if key not in memo:
+        memo[key] = make(k_reg)
+    return memo[key]
+
+
 def descent_filters(k_train: np.ndarray, reg: float, *scales: float) -> list[Filter]:
     """g_s(K_r) = K_r^{-1} (I - exp(-K_r s)) as operators for each s in ``scales``, K_r =
     ``regularized(k_train, reg)``: Cholesky at s = inf when K_r is well enough conditioned,
-    else one eigendecomposition shared by all the scales."""
+    else one eigendecomposition shared by all the scales (and by every call within
+    ``shared_decompositions``)."""
     k_reg = regularized(k_train, reg)
-    chol = _cholesky(k_reg) if INF in scales else None
+    chol = _decomposed(k_reg, "cholesky", _cholesky) if INF in scales else None
     spectrum = None
     filters = []
     for s in scales:
@@ -199,7 +232,7 @@ def descent_filters(k_train: np.ndarray, reg: float, *scales: float) -> list[Fil
             filters.append(chol)
             continue
         if spectrum is None:
-            spectrum = scipy.linalg.eigh(k_reg, check_finite=False)
+            spectrum = _decomposed(k_reg, "eigh", lambda k: scipy.linalg.eigh(k, check_finite=False))
         filters.append(_eigen_filter(*spectrum, s))
     return filters
 
@@ -381,8 +414,8 @@ def gradient_descent_mse_ensemble(kernel_fn: Callable, x_train, y_train, learnin
       kernel's diagonal) are ``predict``'s, which are neural-tangents' (module docstring).
 
     Only the kernels the asked predictions read are computed (``prediction_kernels``); the
-    training kernels once for all calls.  Each time of ``t`` decomposes the training kernel
-    again (neural-tangents keeps one decomposition for every time)."""
+    training kernels once for all calls, and each is decomposed once for all the times of a
+    call (``shared_decompositions``), as neural-tangents does."""
     if not callable(kernel_fn):
         raise validation.ArgumentError(f"kernel_fn: expected a function kernel_fn(x1, x2, get) (as net.kernel_fn(shape) "
                                        f"returns), got {type(kernel_fn).__name__}")
@@ -406,14 +439,15 @@ def gradient_descent_mse_ensemble(kernel_fn: Callable, x_train, y_train, learnin
         missing = tuple(g for g in needed if g not in train)
         if missing:
             train.update(kernels(x_train, None, missing))
-        if x_test is None:
-            runs = [{g: _train_set_prediction(g, train, y_train, time, learning_rate, diag_reg, cov) for g in asked}
-                    for time in times]
-        else:
-            test_train = kernels(x_test, x_train, needed)
-            test = kernels(x_test, None, ("nngp",)) if cov else None
-            runs = [predict({g: train[g] for g in needed}, test_train, y_train, test, t=time, lr=learning_rate,
-                            reg=diag_reg, get=asked) for time in times]
+        with shared_decompositions():  # (one per training kernel for all the times)
+            if x_test is None:
+                runs = [{g: _train_set_prediction(g, train, y_train, time, learning_rate, diag_reg, cov)
+                         for g in asked} for time in times]
+            else:
+                test_train = kernels(x_test, x_train, needed)
+                test = kernels(x_test, None, ("nngp",)) if cov else None
+                runs = [predict({g: train[g] for g in needed}, test_train, y_train, test, t=time, lr=learning_rate,
+                                reg=diag_reg, get=asked) for time in times]
 
         def result(g: str):
             def stacked(arrays):
