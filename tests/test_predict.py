@@ -394,18 +394,24 @@ def test_predict_fn_decomposes_each_training_kernel_once_for_all_times(layer_ker
     """An array of times, with covariances (each NNGP time reads g_s and g_2s): one
     eigendecomposition per training kernel for the whole call, as neural-tangents keeps one
     (each time decomposed it again: 30 times of both kernels at N = 800 took 14.8 s, now 1.9 s),
-    and every time's prediction bit for bit the one of that time alone; a new call decomposes
-    again (nothing is kept between calls)."""
+    each kernel matrix checked once (as for one time), and every time's prediction bit for bit
+    the one of that time alone; a new call decomposes again (nothing is kept between calls)."""
     x_test = REF["x_test"] if x_test else None
     predict_fn = P.gradient_descent_mse_ensemble(layer_kernel_fns["relu2"], REF["x_train"], REF["y_train"],
                                                  diag_reg=1e-2)
     times = np.array([0.5, 3.0, 30.0, 300.0])
     alone = [predict_fn(t, x_test, ("nngp", "ntk"), compute_cov=True) for t in times]
-    decomposed = []
-    eigh = scipy.linalg.eigh
+    decomposed, checked = [], []
+    eigh, check = scipy.linalg.eigh, P._checked_kernel_matrix
     monkeypatch.setattr(scipy.linalg, "eigh", lambda a, **kw: decomposed.append(a.shape) or eigh(a, **kw))
+    monkeypatch.setattr(P, "_checked_kernel_matrix", lambda k, name: checked.append(name) or check(k, name))
+    predict_fn(times[:1], x_test, ("nngp", "ntk"), compute_cov=True)
+    decomposed.clear()
+    checked_at_one_time = list(checked)
+    checked.clear()
     together = predict_fn(times, x_test, ("nngp", "ntk"), compute_cov=True)
     assert decomposed == [(12, 12)] * 2          # the NNGP's and the NTK's training kernels
+    assert sorted(checked) == sorted(checked_at_one_time)  # each kernel matrix checked once, not per time
     for k, one in enumerate(alone):
         for g in KINDS:
             np.testing.assert_array_equal(getattr(together, g).mean[k], getattr(one, g).mean)

@@ -34,9 +34,9 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
-import hashlib
 import math
 import numbers
+import weakref
 from dataclasses import dataclass
 from typing import Callable
 
@@ -100,6 +100,12 @@ def _targets(y, n: int) -> np.ndarray:
 
 
 def _kernel_matrix(k, name: str) -> np.ndarray:
+    """k checked to be a kernel matrix and symmetrized (once per array within
+    ``shared_decompositions``)."""
+    return _once_per_array("kernel", k, lambda: _checked_kernel_matrix(k, name), name)
+
+
+def _checked_kernel_matrix(k, name: str) -> np.ndarray:
     k = validation.array(k, name, ndim=2, max_abs=None)
     n = k.shape[0]
     if k.shape != (n, n) or n == 0:
@@ -116,6 +122,10 @@ def _kernel_matrix(k, name: str) -> np.ndarray:
 
 
 def _block(k, name: str, shape: tuple[int, int], what: str) -> np.ndarray:
+    return _once_per_array("block", k, lambda: _checked_block(k, name, shape, what), name, shape)
+
+
+def _checked_block(k, name: str, shape: tuple[int, int], what: str) -> np.ndarray:
     k = validation.array(k, name, ndim=2, max_abs=None)
     if k.shape != shape:
         raise validation.ArgumentError(f"{name}: expected {what} of shape {shape}, got {k.shape}")
@@ -123,10 +133,11 @@ def _block(k, name: str, shape: tuple[int, int], what: str) -> np.ndarray:
 
 
 def regularized(k_train: np.ndarray, reg: float) -> np.ndarray:
-    """K + reg * mean(diag K) * I (neural-tangents' ``diag_reg``, relative scale)."""
+    """K + reg * mean(diag K) * I (neural-tangents' ``diag_reg``, relative scale; once per
+    array and reg within ``shared_decompositions``)."""
     reg = validation.number(reg, "reg", nonnegative=True)
     n = k_train.shape[0]
-    return k_train + reg * (np.trace(k_train) / n) * np.eye(n)
+    return _once_per_array("regularized", k_train, lambda: k_train + reg * (np.trace(k_train) / n) * np.eye(n), reg)
 
 
 # ---------------------------------------------------------------------------------------
@@ -189,33 +200,49 @@ def _eigen_filter(evals: np.ndarray, evecs: np.ndarray, s: float) -> Filter:
     return Filter(lambda B: evecs @ (g[:, None] * (evecs.T @ B)), condition, method)
 
 
-#: Within ``shared_decompositions``: (digest of K_r, what) -> its Cholesky factor or spectrum
+#: Within ``shared_decompositions``: (what, id of an array, ...) -> (weak reference to the
+#: array, what was made of it)
 _decompositions: contextvars.ContextVar = contextvars.ContextVar("decompositions", default=None)
 
 
 @contextlib.contextmanager
 def shared_decompositions():
-    """Within the block, ``descent_filters`` factors or decomposes each regularized training
-    kernel once, however many times and predictions read it (``gradient_descent_mse_ensemble``
-    at an array of times, as neural-tangents keeps one decomposition for every time).  The
-    decompositions are keyed by K_r's entries (equal kernels, equal factors: the results are
-    those of decomposing again) and let go at the end of the block."""
-    token = _decompositions.set({})
+    """Within the block, each kernel array is checked and regularized once, and each
+    regularized training kernel factored or decomposed once, however many times and
+    predictions read it (``gradient_descent_mse_ensemble`` at an array of times, as
+    neural-tangents keeps one decomposition for every time: 30 times at N = 4000 checked the
+    training kernels again at each time, most of the call).  The results are those of
+    computing again; they are let go at the end of the block."""
+    memo: dict = {}
+    token = _decompositions.set(memo)
     try:
         yield
     finally:
         _decompositions.reset(token)
+        memo.clear()  # (arrays that live on keep finalizers pointing here, not the results)
+
+
+def _once_per_array(what: str, array, make: Callable, *extra):
+    """``make()`` (something computed from ``array`` alone, with ``extra``), once per array
+    object within ``shared_decompositions``, else at every call.  Keyed by the object's
+    identity while it lives (a weak reference; the entry goes when the array does, so arrays
+    made anew at each call are not kept); arrays are not changed in place inside the block."""
+    memo = _decompositions.get()
+    if memo is None or not isinstance(array, np.ndarray):
+        return make()
+    key = (what, id(array), *extra)
+    found = memo.get(key)
+    if found is not None and found[0]() is array:
+        return found[1]
+    value = make()
+    memo[key] = (weakref.ref(array), value)
+    weakref.finalize(array, memo.pop, key, None)
+    return value
 
 
 def _decomposed(k_reg: np.ndarray, what: str, make: Callable):
     """``make(k_reg)`` (a factor of K_r), once per kernel within ``shared_decompositions``."""
-    memo = _decompositions.get()
-    if memo is None:
-        return make(k_reg)
-    key = (hashlib.blake2b(np.ascontiguousarray(k_reg).view(np.uint8), digest_size=16).digest(), k_reg.shape, what)
-    if key not in memo:
-        memo[key] = make(k_reg)
-    return memo[key]
+    return _once_per_array(what, k_reg, lambda: make(k_reg))
 
 
 def descent_filters(k_train: np.ndarray, reg: float, *scales: float) -> list[Filter]:
