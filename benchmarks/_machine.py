@@ -46,7 +46,9 @@ def write_section(docs: Path, heading: str, text: str) -> None:
     docs.parent.mkdir(parents=True, exist_ok=True)
     old = docs.read_text() if docs.exists() else "# Benchmarks\n"
     pattern = re.compile(re.escape(heading) + r"\n.*?(?=\n## |\Z)", re.S)
-    new = pattern.sub(lambda m: text.rstrip("\n"), old) if pattern.search(old) else old.rstrip("\n") + "\n\n" + text
+    # (the match stops before the newline that ends the section's last line: one more keeps the
+    # blank line before the next heading)
+    new = pattern.sub(lambda m: text.rstrip("\n") + "\n", old) if pattern.search(old) else old.rstrip("\n") + "\n\n" + text
     docs.write_text(new.rstrip("\n") + "\n")
 
 
