@@ -189,13 +189,13 @@ def report(info: dict, ns, tpc: dict, ntr: dict, work: Path) -> str:
             lines.append(f"| {n} | {name} | {a['seconds']:.3g} | {b['seconds']:.3g} | **{b['seconds'] / a['seconds']:.2f}x** "
                          f"| {agreement(work, n, name):.1e} | {a['condition']['ntk']:.3g} ({a['method']['ntk']}) |")
     nt_ahead_at_many_times = all(ntr[f"{n}/{MANY_TIMES}"]["seconds"] < tpc[f"{n}/{MANY_TIMES}"]["seconds"] for n in ns)
-    why = ("  At many times neural-tangents is faster here: tpcompiler applies g_s(K_r) to the test kernels at each "
-           "time (products of N x N by N x N_test)." if nt_ahead_at_many_times else "")
+    why = ("  At many times neural-tangents is faster here: tpcompiler's NTK covariance still multiplies N x N by "
+           "N x N_test matrices at each time." if nt_ahead_at_many_times else "")
     lines += ["", f"Load average at the end: {os.getloadavg()[0]:.2f}.  With a load far above the core count, OpenBLAS's "
               "spinning threads dominate tpcompiler's LAPACK calls; compare ratios measured on a quiet machine.", "",
               "Both sides factor each training kernel once per call (one Cholesky at t = inf, one eigendecomposition "
               "at finite times, shared by all the times of an array); tpcompiler checks and regularizes each kernel "
-              "matrix once per call too." + why, ""]
+              "matrix, and projects each test block onto the eigenvectors, once per call too." + why, ""]
     return "\n".join(lines) + "\n"
 
 

@@ -395,7 +395,9 @@ def test_predict_fn_decomposes_each_training_kernel_once_for_all_times(layer_ker
     eigendecomposition per training kernel for the whole call, as neural-tangents keeps one
     (each time decomposed it again: 30 times of both kernels at N = 800 took 14.8 s, now 1.9 s),
     each kernel matrix checked once (as for one time), and every time's prediction bit for bit
-    the one of that time alone; a new call decomposes again (nothing is kept between calls)."""
+    the one of that time alone; a new call decomposes again (nothing is kept between calls).
+    Each test block is projected onto its training kernel's eigenvectors once for all the
+    times too (two N x N by N x N_test products per time and kernel, most of a call at N = 4000)."""
     x_test = REF["x_test"] if x_test else None
     predict_fn = P.gradient_descent_mse_ensemble(layer_kernel_fns["relu2"], REF["x_train"], REF["y_train"],
                                                  diag_reg=1e-2)
@@ -405,12 +407,21 @@ def test_predict_fn_decomposes_each_training_kernel_once_for_all_times(layer_ker
     eigh, check = scipy.linalg.eigh, P._checked_kernel_matrix
     monkeypatch.setattr(scipy.linalg, "eigh", lambda a, **kw: decomposed.append(a.shape) or eigh(a, **kw))
     monkeypatch.setattr(P, "_checked_kernel_matrix", lambda k, name: checked.append(name) or check(k, name))
+    projected, once = [], P._once_per_array
+
+    def counted(what, array, make, *extra):
+        return once(what, array, (lambda: projected.append(array.shape) or make()) if what == "projected" else make,
+                    *extra)
+
+    monkeypatch.setattr(P, "_once_per_array", counted)
     predict_fn(times[:1], x_test, ("nngp", "ntk"), compute_cov=True)
     decomposed.clear()
     checked_at_one_time = list(checked)
     checked.clear()
+    projected.clear()
     together = predict_fn(times, x_test, ("nngp", "ntk"), compute_cov=True)
     assert decomposed == [(12, 12)] * 2          # the NNGP's and the NTK's training kernels
+    assert len(projected) == 2                   # a test block per kernel, for all the times
     assert sorted(checked) == sorted(checked_at_one_time)  # each kernel matrix checked once, not per time
     for k, one in enumerate(alone):
         for g in KINDS:

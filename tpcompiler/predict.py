@@ -150,6 +150,10 @@ class Filter:
     apply: Callable[[np.ndarray], np.ndarray]
     condition: float
     method: str
+    #: for a filter from an eigendecomposition K_r = V diag(lambda) V^T: V and g_s(lambda), so
+    #: that a test block's projection V^T k_{X*} is computed once for every time (``_projected``)
+    evecs: np.ndarray | None = None
+    g: np.ndarray | None = None
 
 
 def _rounding_floor(n: int) -> float:
@@ -197,7 +201,7 @@ def _eigen_filter(evals: np.ndarray, evecs: np.ndarray, s: float) -> Filter:
         method = "eigendecomposition (pseudo-inverse" + (f", {below})" if dropped else ")")
     else:
         method = "eigendecomposition" + (f" ({below})" if dropped else "")
-    return Filter(lambda B: evecs @ (g[:, None] * (evecs.T @ B)), condition, method)
+    return Filter(lambda B: evecs @ (g[:, None] * (evecs.T @ B)), condition, method, evecs, g)
 
 
 #: Within ``shared_decompositions``: (what, id of an array, ...) -> (weak reference to the
@@ -259,7 +263,9 @@ def descent_filters(k_train: np.ndarray, reg: float, *scales: float) -> list[Fil
             filters.append(chol)
             continue
         if spectrum is None:
-            spectrum = _decomposed(k_reg, "eigh", lambda k: scipy.linalg.eigh(k, check_finite=False))
+            # divide and conquer (LAPACK's syevd, as numpy and jax): at N = 4000 7.0 s against 8.2-8.9 s
+            # for scipy's default (syevr), and eigenvectors orthogonal to 6e-15 instead of 5e-11
+            spectrum = _decomposed(k_reg, "eigh", lambda k: scipy.linalg.eigh(k, check_finite=False, driver="evd"))
         filters.append(_eigen_filter(*spectrum, s))
     return filters
 
@@ -267,6 +273,36 @@ def descent_filters(k_train: np.ndarray, reg: float, *scales: float) -> list[Fil
 def descent_filter(k_train: np.ndarray, s: float, reg: float = 0.0) -> Filter:
     """g_s(K_r) for one s (``descent_filters``)."""
     return descent_filters(k_train, reg, s)[0]
+
+
+def _projected(filt: Filter, k: np.ndarray) -> np.ndarray:
+    """V^T k^T for a test block k (N_test x N) and the eigenvectors V of an eigendecomposition
+    filter, once per block and decomposition within ``shared_decompositions``: the times of an
+    array (and g_s, g_2s of one time) share it, so each time costs products with g_s(lambda)
+    alone instead of two N x N by N x N_test products (neural-tangents keeps the same projection)."""
+    return _once_per_array("projected", k, lambda: filt.evecs.T @ k.T, id(filt.evecs))
+
+
+def _filtered_block(filt: Filter, k: np.ndarray) -> np.ndarray:
+    """g_s(K_r) k^T (N x N_test) for a test block k."""
+    if filt.evecs is None:
+        return filt.apply(k.T)
+    return filt.evecs @ (filt.g[:, None] * _projected(filt, k))
+
+
+def _through(filt: Filter, k: np.ndarray, c: np.ndarray) -> np.ndarray:
+    """k g_s(K_r) c for a test block k (N_test x N) and c (N x m)."""
+    if filt.evecs is None:
+        return k @ filt.apply(c)
+    return _projected(filt, k).T @ (filt.g[:, None] * (filt.evecs.T @ c))
+
+
+def _between(filt: Filter, k: np.ndarray) -> np.ndarray:
+    """k g_s(K_r) k^T for a test block k (N_test x N)."""
+    if filt.evecs is None:
+        return k @ filt.apply(k.T)
+    p = _projected(filt, k)
+    return p.T @ (filt.g[:, None] * p)
 
 
 def _scaled_time(t, lr, n_targets: int) -> float:
@@ -294,12 +330,12 @@ def nngp_ensemble(k_train, k_test_train, y, k_test=None, t=INF, lr: float = 1.0,
     k_test_train = _block(k_test_train, "k_test_train", (_rows(k_test_train), n), "k(X_test, X_train)")
     s = _scaled_time(t, lr, y.size)
     filt, filt2 = descent_filters(k_train, reg, s, 2 * s)  # 2 * inf = inf: the same filter
-    mean = _like(k_test_train @ filt.apply(_column(y)), y)
+    mean = _like(_through(filt, k_test_train, _column(y)), y)
     cov = None
     if k_test is not None:
         nt = k_test_train.shape[0]
         k_test = _kernel_matrix(_block(k_test, "k_test", (nt, nt), "k(X_test, X_test)"), "k_test")
-        cov = _symmetric(k_test - k_test_train @ filt2.apply(k_test_train.T))
+        cov = _symmetric(k_test - _between(filt2, k_test_train))
     return _checked(Gaussian(mean, cov, filt.condition, filt.method), "nngp")
 
 
@@ -327,7 +363,7 @@ def ntk_ensemble(ntk_train, ntk_test_train, y, nngp_train=None, nngp_test_train=
             raise validation.ArgumentError(f"nngp_train: expected shape {(n, n)} like ntk_train, got {K.shape}")
         K_tx = _block(nngp_test_train, "nngp_test_train", (nt, n), "K(X_test, X_train)")
         K_tt = _kernel_matrix(_block(nngp_test, "nngp_test", (nt, nt), "K(X_test, X_test)"), "nngp_test")
-        A = filt.apply(ntk_test_train.T)
+        A = _filtered_block(filt, ntk_test_train)
         cross = A.T @ K_tx.T
         cov = _symmetric(K_tt + A.T @ K @ A - cross - cross.T)
     return _checked(Gaussian(mean, cov, filt.condition, filt.method), "ntk")
