@@ -251,6 +251,20 @@ def test_delta_delta_at_tiny_and_huge_variances(k):
         1 / (2 * math.pi * k * math.sqrt(1 - 0.09)), rel=1e-14)
 
 
+def test_divergent_delta_expectations_are_infinite():
+    """At rho = +-1 (v = +-u) E[delta(u) delta(v)] = E[delta(u)^2] diverges, as the closed form
+    1 / (2 pi sqrt(k11 k22 - k12^2)) does; at k = 0 the density of u at 0 is infinite and so
+    is E[delta(u)].  They are inf, from the scalar function and the array evaluator alike (a
+    ZeroDivisionError inside the evaluator surfaced as a SystemError before)."""
+    dd = g2.pair_expectation((sp.DiracDelta(X), X), (sp.DiracDelta(X), X))
+    for k12 in (2.0, -2.0):
+        assert dd.scalar(2.0, k12, 2.0) == math.inf
+    assert np.all(dd.evaluate(np.array([2.0, 2.0]), np.array([2.0, -2.0]), np.array([2.0, 2.0])) == math.inf)
+    t = sp.Symbol("t", real=True)
+    d1 = g2.expectation(sp.Lambda(t, sp.DiracDelta(t)))
+    assert d1.scalar(0.0) == math.inf and d1.evaluate(np.array([0.0]))[0] == math.inf
+
+
 # ---------------------------------------------------------------------------------------
 # Quadrature accuracy against independent integrations
 # ---------------------------------------------------------------------------------------

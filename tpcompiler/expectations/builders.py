@@ -163,8 +163,11 @@ def _kinks_at_zero(lam: sp.Lambda, what: str) -> None:
 # ---------------------------------------------------------------------------------------
 # Generated functions
 # ---------------------------------------------------------------------------------------
+# Closed forms divide as floats do (error_model "numpy", as the kernel stages that inline
+# them): where an expectation diverges, E[delta(u) delta(v)] at rho = +-1 or E[delta(u)] at
+# k = 0, the density at 0 is infinite and so is the value, not a ZeroDivisionError.
 _CLOSED = """
-    @njit(cache=True)
+    @njit(cache=True, error_model="numpy")
     def f($args):
         if not ($guard):
             return math.nan
