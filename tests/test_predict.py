@@ -209,6 +209,33 @@ def test_gp_posterior_and_regularizer_scale():
     np.testing.assert_allclose(P.gradient_descent_mean(K, Ktx, y, reg=0.1), g.mean, rtol=1e-13)
 
 
+def test_kernel_checks_read_every_block_and_copy_only_what_they_change(monkeypatch):
+    """The symmetry check compares K with K^T a few rows at a time (3 rows of 20 here): an
+    asymmetry in any block is refused with its size; a slightly asymmetric kernel becomes
+    exactly (K + K^T) / 2 in a new array; an exactly symmetric one is read in place, read-only;
+    the ridge is K + reg mean(diag K) I, and K itself at reg 0."""
+    monkeypatch.setattr(P, "_BLOCK_ENTRIES", 64)
+    rng = np.random.default_rng(3)
+    A = rng.standard_normal((20, 20))
+    K = A @ A.T
+    K = (K + K.T) / 2
+    same = P._checked_kernel_matrix(K, "k")
+    assert np.shares_memory(same, K) and not same.flags.writeable and np.array_equal(same, K)
+    top = float(np.abs(K).max())
+    for i, j in [(19, 2), (0, 19), (10, 11), (3, 4), (19, 18), (17, 17 - 2)]:
+        bad = K.copy()
+        bad[i, j] += 1e-3 * top
+        with pytest.raises(tp.ProgramError, match=f"largest .K - K.T. = {1e-3 * top:.3g}"):
+            P._checked_kernel_matrix(bad, "k")
+        slightly = K.copy()
+        slightly[i, j] += 1e-12 * top
+        got = P._checked_kernel_matrix(slightly, "k")
+        np.testing.assert_array_equal(got, (slightly + slightly.T) / 2)
+        assert got.flags.writeable and not np.shares_memory(got, slightly)
+    np.testing.assert_array_equal(P.regularized(K, 0.1), K + 0.1 * (np.trace(K) / 20) * np.eye(20))
+    assert P.regularized(K, 0.0) is K
+
+
 @pytest.mark.parametrize("call,words", [
     (lambda K, T, y: P.nngp_ensemble(K + np.triu(K, 1), T, y), ["k_train", "not symmetric"]),
     (lambda K, T, y: P.nngp_ensemble(K, T, y[:5]), ["y", "5 rows", "12 x 12"]),
