@@ -7,6 +7,7 @@ ensemble predictions, checked against
 * closed forms: a rank-one (singular) kernel, t = 0, duplicated training inputs.
 """
 import json
+import weakref
 from pathlib import Path
 
 import numpy as np
@@ -207,6 +208,44 @@ def test_gp_posterior_and_regularizer_scale():
     np.testing.assert_allclose(g.mean, Ktx @ A[:, :2], rtol=1e-12)
     np.testing.assert_allclose(g.cov, Ktt - Ktx @ A[:, 2:], rtol=1e-10, atol=1e-12)
     np.testing.assert_allclose(P.gradient_descent_mean(K, Ktx, y, reg=0.1), g.mean, rtol=1e-13)
+
+
+def test_shared_projections_belong_to_their_decomposition():
+    """Inside ``shared_decompositions`` a test block's projection is kept per decomposition: one
+    test block object read under two training kernels (the NNGP's and the NTK's), and fresh
+    training kernels one after another (whose eigenvectors may take a freed one's address),
+    give what each call gives alone.  Keyed by the block alone, the first case put the NTK
+    covariance off by ~5; keyed by the eigenvectors' address without holding them, the second
+    was off by ~2 (a review's repro)."""
+    rng = np.random.default_rng(5)
+
+    def kernel(seed, n=30):
+        A = np.random.default_rng(seed).standard_normal((n, n))
+        K = A @ A.T / n + 0.1 * np.eye(n)
+        K[0, 1] += 1e-15  # (rounding-size asymmetry: symmetrized into a new array, as computed kernels are)
+        return K
+
+    K1, K2 = kernel(1), kernel(2)
+    Ktx, Ktt, y = rng.standard_normal((4, 30)), np.eye(4), rng.standard_normal((30, 2))
+    args = ({"nngp": K1, "ntk": K2}, {"nngp": Ktx, "ntk": Ktx}, y, {"nngp": Ktt})
+    alone = P.predict(*args, t=2.0)
+    with P.shared_decompositions():
+        shared = P.predict(*args, t=2.0)
+    for g in KINDS:
+        np.testing.assert_array_equal(shared[g].mean, alone[g].mean)
+        np.testing.assert_array_equal(shared[g].cov, alone[g].cov)
+    reference = [P.nngp_ensemble(kernel(s), Ktx, y, t=3.0, reg=0.1).mean for s in range(30)]
+    with P.shared_decompositions():
+        got = [P.nngp_ensemble(kernel(s), Ktx, y, t=3.0, reg=0.1).mean for s in range(30)]
+        np.testing.assert_array_equal(np.array(got), np.array(reference))
+        # (whether an address is reused above depends on the allocator; what rules it out is
+        # that an entry holds the objects it is keyed by)
+        V = np.ones(2)
+        alive = weakref.ref(V)
+        P._once_per_array("test", Ktx, lambda: None, held=(V,))
+        del V
+        assert alive() is not None
+    assert alive() is None  # (let go with the block)
 
 
 def test_kernel_checks_read_every_block_and_copy_only_what_they_change(monkeypatch):
@@ -436,9 +475,9 @@ def test_predict_fn_decomposes_each_training_kernel_once_for_all_times(layer_ker
     monkeypatch.setattr(P, "_checked_kernel_matrix", lambda k, name: checked.append(name) or check(k, name))
     projected, once = [], P._once_per_array
 
-    def counted(what, array, make, *extra):
+    def counted(what, array, make, *extra, **held):
         return once(what, array, (lambda: projected.append(array.shape) or make()) if what == "projected" else make,
-                    *extra)
+                    *extra, **held)
 
     monkeypatch.setattr(P, "_once_per_array", counted)
     predict_fn(times[:1], x_test, ("nngp", "ntk"), compute_cov=True)

@@ -252,7 +252,9 @@ def shared_decompositions():
     predictions read it (``gradient_descent_mse_ensemble`` at an array of times, as
     neural-tangents keeps one decomposition for every time: 30 times at N = 4000 checked the
     training kernels again at each time, most of the call).  The results are those of
-    computing again; they are let go at the end of the block."""
+    computing again; they are let go at the end of the block, which is meant to span one call:
+    an array read inside it may be kept until it ends (an exactly symmetric kernel is read in
+    place, so what is kept of it refers to it)."""
     memo: dict = {}
     token = _decompositions.set(memo)
     try:
@@ -262,20 +264,23 @@ def shared_decompositions():
         memo.clear()  # (arrays that live on keep finalizers pointing here, not the results)
 
 
-def _once_per_array(what: str, array, make: Callable, *extra):
-    """``make()`` (something computed from ``array`` alone, with ``extra``), once per array
-    object within ``shared_decompositions``, else at every call.  Keyed by the object's
-    identity while it lives (a weak reference; the entry goes when the array does, so arrays
-    made anew at each call are not kept); arrays are not changed in place inside the block."""
+def _once_per_array(what: str, array, make: Callable, *extra, held: tuple = ()):
+    """``make()`` (something computed from ``array`` alone, with ``extra`` and the objects
+    ``held``), once per array object within ``shared_decompositions``, else at every call.
+    Keyed by the object's identity while it lives (a weak reference; the entry goes when the
+    array does, so arrays made anew at each call are not kept) and by the identities of
+    ``held``, which the entry keeps alive so that no other object takes their ids while it
+    exists (a decomposition's eigenvectors: a later one at the same address was taken for it);
+    arrays are not changed in place inside the block."""
     memo = _decompositions.get()
     if memo is None or not isinstance(array, np.ndarray):
         return make()
-    key = (what, id(array), *extra)
+    key = (what, id(array), *extra, *map(id, held))
     found = memo.get(key)
     if found is not None and found[0]() is array:
         return found[1]
     value = make()
-    memo[key] = (weakref.ref(array), value)
+    memo[key] = (weakref.ref(array), value, held)
     weakref.finalize(array, memo.pop, key, None)
     return value
 
@@ -316,7 +321,7 @@ def _projected(filt: Filter, k: np.ndarray) -> np.ndarray:
     filter, once per block and decomposition within ``shared_decompositions``: the times of an
     array (and g_s, g_2s of one time) share it, so each time costs products with g_s(lambda)
     alone instead of two N x N by N x N_test products (neural-tangents keeps the same projection)."""
-    return _once_per_array("projected", k, lambda: filt.evecs.T @ k.T, id(filt.evecs))
+    return _once_per_array("projected", k, lambda: filt.evecs.T @ k.T, held=(filt.evecs,))
 
 
 def _filtered_block(filt: Filter, k: np.ndarray) -> np.ndarray:
