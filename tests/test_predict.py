@@ -248,6 +248,34 @@ def test_shared_projections_belong_to_their_decomposition():
     assert alive() is None  # (let go with the block)
 
 
+def test_a_training_kernel_that_is_not_semidefinite_is_refused():
+    """[[1, 2], [2, 1]] has the eigenvalue -1 beside 3: no covariance.  Its pseudo-inverse
+    dropped the -1 as if it were rounding and returned a prediction (a QA finding); it is now
+    refused, naming the kernel, at every time and on every path.  A kernel whose negative
+    eigenvalue is rounding (1e-12 of the largest) is still inverted, as before."""
+    bad = np.array([[1.0, 2.0], [2.0, 1.0]])
+    Ktx, y = np.ones((1, 2)), np.ones(2)
+    calls = [
+        (lambda: P.gp_posterior(bad, Ktx, y), "k_train"),
+        (lambda: P.nngp_ensemble(bad, Ktx, y, t=3.0), "k_train"),
+        (lambda: P.ntk_ensemble(bad, Ktx, y), "ntk_train"),
+        (lambda: P.predict({"nngp": bad, "ntk": bad}, {"nngp": Ktx, "ntk": Ktx}, y, get="ntk"), "ntk_train"),
+    ]
+    for call, name in calls:
+        with pytest.raises(tp.ProgramError, match=f"{name}: is not positive semidefinite .* eigenvalue -1, its largest is 3"):
+            call()
+    Kern = __import__("collections").namedtuple("Kern", "nngp ntk")
+    fn = P.gradient_descent_mse_ensemble(lambda a, b, get: Kern(bad, bad), np.zeros((2, 1)), y)
+    with pytest.raises(tp.ProgramError, match="nngp_train: is not positive semidefinite"):
+        fn(t=None, get="nngp")
+    # within rounding: eigenvalues 1 and -1e-12 (a duplicated input's kernel, computed)
+    Q = np.array([[0.6, -0.8], [0.8, 0.6]])
+    near = Q @ np.diag([-1e-12, 1.0]) @ Q.T
+    near = (near + near.T) / 2
+    assert np.isfinite(P.gp_posterior(near, Ktx, y).mean).all()
+    assert "dropped" in P.nngp_ensemble(near, Ktx, y, t=3.0).method
+
+
 def test_kernel_checks_read_every_block_and_copy_only_what_they_change(monkeypatch):
     """The symmetry check compares K with K^T a few rows at a time (3 rows of 20 here): an
     asymmetry in any block is refused with its size; a slightly asymmetric kernel becomes
@@ -509,6 +537,12 @@ def test_predict_fn_decomposes_each_training_kernel_once_for_all_times(layer_ker
      ["y_train", "5 rows", "12 inputs"]),
     (lambda fn: P.gradient_descent_mse_ensemble(fn, REF["x_train"], REF["y_train"])(get="gp"), ["get", "'gp'"]),
     (lambda fn: P.gradient_descent_mse_ensemble(fn, REF["x_train"], REF["y_train"])(t=-1.0, get="nngp"), ["t"]),
+    (lambda fn: P.gradient_descent_mse_ensemble(fn, REF["x_train"], REF["y_train"])(t=1j, get="nngp"),
+     ["t:", "complex", "1j"]),
+    (lambda fn: P.gradient_descent_mse_ensemble(fn, REF["x_train"], REF["y_train"])(t=[1j, 2.0], get="nngp"),
+     ["t:", "real numbers", "1j"]),
+    (lambda fn: P.gradient_descent_mse_ensemble(fn, REF["x_train"], REF["y_train"])(t=[None, 1.0], get="nngp"),
+     ["t:", "real numbers", "np.inf for the end of training", "None"]),
 ])
 def test_predict_fn_bad_input_names_the_argument(layer_kernel_fns, call, words):
     with pytest.raises(tp.ProgramError) as info:

@@ -290,11 +290,31 @@ def _decomposed(k_reg: np.ndarray, what: str, make: Callable):
     return _once_per_array(what, k_reg, lambda: make(k_reg))
 
 
-def descent_filters(k_train: np.ndarray, reg: float, *scales: float) -> list[Filter]:
+#: An eigenvalue of a training kernel below -NOT_SEMIDEFINITE * lambda_max is not rounding:
+#: such a matrix is no covariance (computed float64 kernels are off by about N eps lambda_max
+#: and float32 ones by 1e-8 to 1e-5 of it), and dropping the eigenvalue would be a wrong number
+NOT_SEMIDEFINITE = 1e-4
+
+
+def _semidefinite(spectrum: tuple, name: str, reg: float) -> tuple:
+    """The eigendecomposition of a regularized training kernel, refused (with ``name``) when an
+    eigenvalue is negative beyond rounding (``NOT_SEMIDEFINITE``)."""
+    evals = spectrum[0]
+    top, low = float(max(evals[-1], 0.0)), float(evals[0])
+    if low < -NOT_SEMIDEFINITE * top:
+        ridge = f" plus the ridge reg = {reg:g}" if reg else ""
+        raise validation.ArgumentError(f"{name}: is not positive semidefinite (the matrix{ridge} has the eigenvalue "
+                                       f"{low:.3g}, its largest is {top:.3g}), so it is not a kernel matrix (a "
+                                       "covariance); pass k(X, X) of a kernel")
+    return spectrum
+
+
+def descent_filters(k_train: np.ndarray, reg: float, *scales: float, name: str = "k_train") -> list[Filter]:
     """g_s(K_r) = K_r^{-1} (I - exp(-K_r s)) as operators for each s in ``scales``, K_r =
     ``regularized(k_train, reg)``: Cholesky at s = inf when K_r is well enough conditioned,
     else one eigendecomposition shared by all the scales (and by every call within
-    ``shared_decompositions``)."""
+    ``shared_decompositions``), refused when K_r has a negative eigenvalue beyond rounding
+    (``_semidefinite``; ``name`` is the kernel's in the message)."""
     k_reg = regularized(k_train, reg)
     chol = _decomposed(k_reg, "cholesky", _cholesky) if INF in scales else None
     spectrum = None
@@ -306,14 +326,15 @@ def descent_filters(k_train: np.ndarray, reg: float, *scales: float) -> list[Fil
         if spectrum is None:
             # divide and conquer (LAPACK's syevd, as numpy and jax): at N = 4000 7.0 s against 8.2-8.9 s
             # for scipy's default (syevr), and eigenvectors orthogonal to 6e-15 instead of 5e-11
-            spectrum = _decomposed(k_reg, "eigh", lambda k: scipy.linalg.eigh(k, check_finite=False, driver="evd"))
+            spectrum = _semidefinite(_decomposed(k_reg, "eigh", lambda k: scipy.linalg.eigh(k, check_finite=False,
+                                                                                              driver="evd")), name, reg)
         filters.append(_eigen_filter(*spectrum, s))
     return filters
 
 
-def descent_filter(k_train: np.ndarray, s: float, reg: float = 0.0) -> Filter:
+def descent_filter(k_train: np.ndarray, s: float, reg: float = 0.0, name: str = "k_train") -> Filter:
     """g_s(K_r) for one s (``descent_filters``)."""
-    return descent_filters(k_train, reg, s)[0]
+    return descent_filters(k_train, reg, s, name=name)[0]
 
 
 def _projected(filt: Filter, k: np.ndarray) -> np.ndarray:
@@ -391,7 +412,7 @@ def ntk_ensemble(ntk_train, ntk_test_train, y, nngp_train=None, nngp_test_train=
     y = _targets(y, n)
     nt = _rows(ntk_test_train)
     ntk_test_train = _block(ntk_test_train, "ntk_test_train", (nt, n), "Theta(X_test, X_train)")
-    filt = descent_filter(ntk_train, _scaled_time(t, lr, y.size), reg)
+    filt = descent_filter(ntk_train, _scaled_time(t, lr, y.size), reg, name="ntk_train")
     mean = _like(ntk_test_train @ filt.apply(_column(y)), y)
     given = [k is not None for k in (nngp_train, nngp_test_train, nngp_test)]
     cov = None
@@ -568,11 +589,16 @@ def gradient_descent_mse_ensemble(kernel_fn: Callable, x_train, y_train, learnin
 
 def _times(t) -> tuple[tuple | None, list[float]]:
     """(the shape of an array of times, None for one time; the times, each checked)."""
-    if t is None or isinstance(t, (numbers.Real, np.generic, str)):
+    if t is None or isinstance(t, (numbers.Number, np.generic, str)):
         return None, [_time(t)]
     if np.ndim(t) == 0 and hasattr(t, "dtype"):  # a 0-d array (numpy's, jax's)
-        return None, [_time(float(t))]
-    times = np.asarray(t, dtype=np.float64)
+        return None, [_time(t.item() if hasattr(t, "item") else float(t))]
+    raw = np.asarray(t)
+    if raw.dtype.kind not in "iuf":  # (None read as nan, complex numbers as a TypeError, strings as numbers)
+        bad = next((x for x in raw.ravel().tolist() if isinstance(x, bool) or not isinstance(x, numbers.Real)), None)
+        raise validation.ArgumentError(f"t: an array of times must hold real numbers (np.inf for the end of "
+                                       f"training), got {bad!r} in it")
+    times = raw.astype(np.float64)
     if times.size == 0:
         raise validation.ArgumentError(f"t: is an empty array of times (shape {times.shape}); give a time, None "
                                        "(the end of training) or a non-empty array")
@@ -588,7 +614,7 @@ def _train_set_prediction(g: str, train: dict, y: np.ndarray, t: float, lr: floa
     K_r exp(-2 K_r s), or exp(-Theta_r s) K exp(-Theta_r s)."""
     if t == INF:
         n = len(y)
-        at_end = descent_filter(train[g], INF, reg)
+        at_end = descent_filter(_kernel_matrix(train[g], f"{g}_train"), INF, reg, name=f"{g}_train")
         return Gaussian(np.array(y, dtype=np.float64), np.zeros((n, n)) if cov else None, at_end.condition,
                         at_end.method)
     k_reg = regularized(train[g], reg)
