@@ -543,6 +543,11 @@ def test_predict_fn_decomposes_each_training_kernel_once_for_all_times(layer_ker
      ["t:", "real numbers", "1j"]),
     (lambda fn: P.gradient_descent_mse_ensemble(fn, REF["x_train"], REF["y_train"])(t=[None, 1.0], get="nngp"),
      ["t:", "real numbers", "np.inf for the end of training", "None"]),
+    (lambda fn: P.gradient_descent_mse_ensemble(fn, REF["x_train"], REF["y_train"])(
+        x_test=np.zeros((0, REF["x_train"].shape[1])), get="nngp"), ["x_test:", "empty"]),
+    (lambda fn: P.gradient_descent_mse_ensemble(fn, REF["x_train"][:0], REF["y_train"][:0]), ["x_train:", "empty"]),
+    (lambda fn: fn(REF["x_train"], REF["x_train"][:0], "nngp"), ["x2:", "empty"]),
+    (lambda fn: fn(REF["x_train"][:, :1], REF["x_train"], "nngp"), ["x1:", "shape"]),
 ])
 def test_predict_fn_bad_input_names_the_argument(layer_kernel_fns, call, words):
     with pytest.raises(tp.ProgramError) as info:

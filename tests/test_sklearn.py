@@ -164,6 +164,8 @@ def test_bad_arguments():
         KernelTransformer(MLP, "rbf", ERF).fit(X)
     with pytest.raises(tp.ProgramError, match="no parameter 'depht'"):
         KernelTransformer(MLP, "ntk", {"depht": 2}).fit(X)
+    with pytest.raises(ValueError, match="Y: has 3 columns but X has 4"):  # (it named the kernel's X2)
+        NNGP(MLP, **ERF)(X[:, :4], X[:2, :3])
 
 
 @pytest.fixture

@@ -208,7 +208,7 @@ class Layer:
         derivation; both kernels otherwise, which also serve the NNGP), at quadrature accuracy
         ``rtol``."""
         from tpcompiler.backends.kernels.kernel import cross
-        from tpcompiler.compiler import compile as compile_program
+        from tpcompiler.compiler import compile as compile_program, network_rows
 
         program = self.program(input_shape)
         compiled: dict = {}  # "both" / "nngp" -> the program compiled for both kernels / the NNGP alone
@@ -222,11 +222,15 @@ class Layer:
         def kernel_fn(x1, x2=None, get=None):
             canonical = kernel_names(get)
             c = compiled_for(canonical == ("nngp",))
+            # checked here under their own names: the call below may swap them (``cross``)
+            x1, x2 = c.kernel_function(rtol, get=canonical).check_inputs(
+                network_rows(c.source, x1, "x1"), None if x2 is None else network_rows(c.source, x2, "x2"),
+                names=("x1", "x2"))
 
             def call(X, X2=None):
                 return c.kernels(X, X2, rtol=rtol, get=canonical)
 
-            out = call(x1) if x2 is None else cross(call, np.asarray(x1), np.asarray(x2))
+            out = call(x1) if x2 is None else cross(call, x1, x2)
             return as_asked(get, out, "Kernel")
 
         return kernel_fn

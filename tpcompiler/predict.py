@@ -547,6 +547,7 @@ def gradient_descent_mse_ensemble(kernel_fn: Callable, x_train, y_train, learnin
     learning_rate = validation.number(learning_rate, "learning_rate", positive=True)
     diag_reg = validation.number(diag_reg, "diag_reg", nonnegative=True)
     y_train = validation.array(y_train, "y_train", ndim=(1, 2))
+    _some_rows(x_train, "x_train")
     if y_train.shape[0] != len(x_train):
         raise validation.ArgumentError(f"y_train: has {y_train.shape[0]} rows but x_train has {len(x_train)} inputs "
                                        "(one target row per training input)")
@@ -557,6 +558,8 @@ def gradient_descent_mse_ensemble(kernel_fn: Callable, x_train, y_train, learnin
         return {g: np.asarray(getattr(out, g), dtype=np.float64) for g in names}
 
     def predict_fn(t=None, x_test=None, get=None, compute_cov: bool = False):
+        if x_test is not None:
+            _some_rows(x_test, "x_test")
         asked = asked_kernels(get)
         cov = validation.flag(compute_cov, "compute_cov")
         shape, times = _times(t)
@@ -585,6 +588,13 @@ def gradient_descent_mse_ensemble(kernel_fn: Callable, x_train, y_train, learnin
         return as_asked(get, {g: result(g) for g in asked}, "Predictions")
 
     return predict_fn
+
+
+def _some_rows(x, name: str) -> None:
+    """Refuse an input set without rows under the caller's name (the kernel function would name
+    its own argument)."""
+    if not np.shape(x) or np.shape(x)[0] == 0:
+        raise validation.ArgumentError(f"{name}: the input set is empty (shape {np.shape(x)}); give at least one input")
 
 
 def _times(t) -> tuple[tuple | None, list[float]]:

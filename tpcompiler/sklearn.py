@@ -353,6 +353,9 @@ class _ProgramKernel(Kernel):
     def __call__(self, X, Y=None, eval_gradient=False):
         X = _inputs(X, "X")
         Y = None if Y is None else _inputs(Y, "Y")
+        if Y is not None and Y.shape[1] != X.shape[1]:  # (the program's d is read off X: say Y, not the kernel's X2)
+            raise ValueError(f"Y: has {Y.shape[1]} columns but X has {X.shape[1]}; k(X, Y) needs inputs of one "
+                             "dimension")
         if eval_gradient and Y is not None:
             raise ValueError("Gradient can only be evaluated when Y is None.")
         params = self._build_params()

@@ -873,9 +873,10 @@ def pair_stage(t0, step, GS, RF1, RF2T, R1, R2T, {outs}, symmetric, P, IT, WT):
         validation.tiny_row(X, what)
         return np.ascontiguousarray(X)
 
-    def check_inputs(self, X, X2=None):
-        """X and X2 (or None) as C-contiguous float64 N x d arrays of finite numbers."""
-        return self._check(X, "X"), None if X2 is None else self._check(X2, "X2")
+    def check_inputs(self, X, X2=None, names: tuple = ("X", "X2")):
+        """X and X2 (or None) as C-contiguous float64 N x d arrays of finite numbers; ``names``:
+        theirs in messages (the caller's arguments)."""
+        return self._check(X, names[0]), None if X2 is None else self._check(X2, names[1])
 
     def parameter_values(self, params=None) -> np.ndarray:
         """The runtime Params' values as the generated code takes them: ``params`` a
