@@ -340,8 +340,9 @@ def descent_filter(k_train: np.ndarray, s: float, reg: float = 0.0, name: str = 
 def _projected(filt: Filter, k: np.ndarray) -> np.ndarray:
     """V^T k^T for a test block k (N_test x N) and the eigenvectors V of an eigendecomposition
     filter, once per block and decomposition within ``shared_decompositions``: the times of an
-    array (and g_s, g_2s of one time) share it, so each time costs products with g_s(lambda)
-    alone instead of two N x N by N x N_test products (neural-tangents keeps the same projection)."""
+    array (and g_s, g_2s of one time) share it, so each time's covariances cost products with
+    g_s(lambda) alone instead of two N x N by N x N_test products (neural-tangents keeps the same
+    projection).  The means apply g_s(K_r) to the targets, N x K: cheaper than a projection."""
     return _once_per_array("projected", k, lambda: filt.evecs.T @ k.T, held=(filt.evecs,))
 
 
@@ -350,13 +351,6 @@ def _filtered_block(filt: Filter, k: np.ndarray) -> np.ndarray:
     if filt.evecs is None:
         return filt.apply(k.T)
     return filt.evecs @ (filt.g[:, None] * _projected(filt, k))
-
-
-def _through(filt: Filter, k: np.ndarray, c: np.ndarray) -> np.ndarray:
-    """k g_s(K_r) c for a test block k (N_test x N) and c (N x m)."""
-    if filt.evecs is None:
-        return k @ filt.apply(c)
-    return _projected(filt, k).T @ (filt.g[:, None] * (filt.evecs.T @ c))
 
 
 def _between(filt: Filter, k: np.ndarray) -> np.ndarray:
@@ -392,7 +386,7 @@ def nngp_ensemble(k_train, k_test_train, y, k_test=None, t=INF, lr: float = 1.0,
     k_test_train = _block(k_test_train, "k_test_train", (_rows(k_test_train), n), "k(X_test, X_train)")
     s = _scaled_time(t, lr, y.size)
     filt, filt2 = descent_filters(k_train, reg, s, 2 * s)  # 2 * inf = inf: the same filter
-    mean = _like(_through(filt, k_test_train, _column(y)), y)
+    mean = _like(k_test_train @ filt.apply(_column(y)), y)
     cov = None
     if k_test is not None:
         nt = k_test_train.shape[0]
