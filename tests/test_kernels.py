@@ -351,6 +351,22 @@ def test_cli_kernels_errors_are_one_line(capsys, data):
     assert not (d / "E.npz").exists()
 
 
+def test_cli_kernels_refuses_a_program_without_readout_before_compiling(capsys, data, monkeypatch):
+    """programs/rnn.py declares its kernels as moments and has no readout: the one-line error
+    comes before tp.compile (whose passes took 4 of the 15 s it took to say so at T = 100)."""
+    d, _ = data
+    import tpcompiler.compiler as C
+
+    def no_compile(*args, **kwargs):
+        raise AssertionError("tp.compile ran before the readout was checked")
+
+    monkeypatch.setattr(C, "compile", no_compile)
+    rc, out, err = tpc(capsys, "kernels", ROOT / "programs" / "rnn.py", "--x", d / "X.npy", "--out", d / "R.npz")
+    assert_one_error_line(rc, err, "program 'rnn' has no readout")
+    with pytest.raises(tp.ProgramError, match="program 'rnn' has no readout"):
+        tp.predict.predict_program(tp.load(ROOT / "programs" / "rnn.py"), np.ones((2, 6)), np.ones(2), np.ones((1, 6)))
+
+
 def test_cli_kernels_error_in_a_real_process(data):
     d, _ = data
     proc = subprocess.run([sys.executable, "-m", "tpcompiler.cli", "kernels", str(MLP), *MLP_ARGS,

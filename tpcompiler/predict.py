@@ -485,10 +485,13 @@ def predict_program(program, X, Y, X_test, t=INF, lr: float = 1.0, reg: float = 
     alone (a tp.Program is compiled with ``get="nngp"``, without its backward pass), "ntk"
     with ``cov`` False the NTK alone, "ntk" with ``cov`` both.  A program compiled for the
     NNGP alone (``tp.compile(program, get="nngp")``) makes the NNGP prediction only."""
-    from tpcompiler.compiler import Compiled, compile, network_rows
+    from tpcompiler.backends.kernels.kernel import check_kernel_program
+    from tpcompiler.compiler import Compiled, compile, graph_of, network_rows
 
     cov = validation.flag(cov, "cov")
     needed = prediction_kernels(get, cov)
+    if not isinstance(program, Compiled):
+        check_kernel_program(graph_of(program))  # (before tp.compile, whose passes can take seconds)
     compiled = program if isinstance(program, Compiled) else compile(program, get=needed)
     # (a tp.layers program takes inputs of shape (N, *input_shape) too, as its kernels do)
     X = validation.array(network_rows(compiled.source, X, "X"), "X", ndim=2, min_rows=1)

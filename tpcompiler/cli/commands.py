@@ -244,6 +244,7 @@ def cmd_check(args) -> int:
 
 def cmd_kernels(args) -> int:
     from tpcompiler.backends.kernels import tiled
+    from tpcompiler.backends.kernels.kernel import check_kernel_program
     from tpcompiler.compiler import compile
 
     X = _load_array(args.x, "--x")
@@ -259,7 +260,9 @@ def cmd_kernels(args) -> int:
         if to_files:
             tiled.output_folder(out)
         client = tiled.connect(args.scheduler) if args.scheduler is not None else None
-        compiled = compile(_program(args, X), get=args.get)
+        program = _program(args, X)
+        check_kernel_program(program.graph)  # (before tp.compile: its passes can take seconds)
+        compiled = compile(program, get=args.get)
         kf = compiled.kernel_function(args.rtol)
         result = tiled.kernels(kf, X, X2, memory=args.memory, out=out if to_files else None, dtype=args.dtype,
                                client=client)  # refuses non-finite kernels itself (KernelFunction.check_finite)

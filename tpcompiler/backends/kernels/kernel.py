@@ -162,10 +162,7 @@ class KernelFunction:
         #: the runtime Params in argument order, and their values in the program (the default)
         self.runtime = tuple(runtime)
         self.runtime_defaults = np.array([graph.op(k).value for k in self.runtime], dtype=np.float64)
-        if graph.readout is None:
-            raise ProgramError(f"program {graph.name!r} has no readout; kernels need p.readout(x, sigma=..., bias=...)")
-        if len(graph.inputs) != 1:
-            raise ProgramError(f"program {graph.name!r} has no input; kernels need p.input(name, d)")
+        check_kernel_program(graph)
         self.graph = graph
         (self.input_name, decl), = graph.inputs.items()
         self.d = len(decl.keys)
@@ -1008,6 +1005,16 @@ def pair_stage(t0, step, GS, RF1, RF2T, R1, R2T, {outs}, symmetric, P, IT, WT):
             f"arc-cosine kernels, a product of two variances leaves it: variances beyond ~1e154 "
             f"or nonzero below ~1e-145); rescale the inputs (e.g. divide them by their largest norm)"
         )
+
+
+def check_kernel_program(graph: Graph) -> None:
+    """Refuse, before anything is derived, a program whose kernels this backend cannot define:
+    no readout, or not exactly one input (callers that compile first check here: ``tpc kernels``
+    on a long RNN without a readout spent 15 s compiling before saying so)."""
+    if graph.readout is None:
+        raise ProgramError(f"program {graph.name!r} has no readout; kernels need p.readout(x, sigma=..., bias=...)")
+    if len(graph.inputs) != 1:
+        raise ProgramError(f"program {graph.name!r} has no input; kernels need p.input(name, d)")
 
 
 def equal_rows(A: np.ndarray, B: np.ndarray, same: bool) -> list[tuple[int, int]]:
