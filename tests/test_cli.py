@@ -211,6 +211,13 @@ ERRORS = [
     # Python counts True as 1: mlp.py built depth 1 (CLI audit)
     (["limit", MLP, "-p", "depth=True", "--particles", "2000"], "parameter 'depth' is a number (default 2), got the boolean True"),
     (["limit", ZDOT, "-p", "sigma=abc"], "matrix 'W': sigma: expected a number, got 'abc'"),
+    # a step network's backward pass reads step' = delta: E[delta delta'] diverges on the NTK's diagonal,
+    # and particles cannot evaluate a delta (an internal error with exit 3 before; a QA finding)
+    (["limit", MLP, "-p", "phi=step", "-p", "depth=1"],
+     "instruction 'dh1': a Dirac delta has no value at particles (samples); the exact pairwise limit did not apply: "
+     "the pairwise-Gaussian value of 'ntk[0,0]' is not finite"),
+    (["limit", MLP, "-p", "phi=step", "-p", "depth=1", "--method", "particles"],
+     "a Dirac delta has no value at particles (samples); its limit needs Stein's lemma"),
     (["classify", "--depth", "2"], "give --param NAME or --a/--b/--c"),
     (["classify", "--depth", "2", "--param", "foo"], "unknown parametrization 'foo'"),
 ]

@@ -382,12 +382,14 @@ class Compiled:
             except NotPairwise as exc:
                 raise NotPairwise(f"program {self.graph.name!r}, method 'pairwise': {exc}; method 'particles' or "
                                   "'auto' takes any program (tpc limit --method ...)") from None
-        elif method == "auto" and is_pairwise(zp):
+        refused = None  # why the pairwise limit did not apply, under "auto"
+        if method == "auto" and result is None and is_pairwise(zp):
             try:
                 result = pairwise_limit(zp)
-            except NotPairwise:
-                pass  # an expectation beyond two correlated factors: particles below
+            except NotPairwise as exc:
+                refused = exc  # an expectation beyond two correlated factors: particles below
         if result is None:
+            _sampled_pointwise(self.graph, refused)
             result = particle_limit(zp, particles=particles, seed=seed, groups=groups)
         validation.finite_results(result, "the limit of output", OVERFLOW_HINT)
         return result
@@ -440,16 +442,37 @@ def network_rows(graph: Graph, x, name: str):
                                    f"row-major), got shape {arr.shape}")
 
 
-def _pointwise(graph: Graph) -> None:
-    """A finite-width run evaluates every instruction coordinatewise: a Dirac delta (allowed
-    in the limit, where Stein's lemma turns its expectation into a closed form) cannot be."""
+def _dirac_instruction(graph: Graph) -> str | None:
+    """The first instruction of ``graph`` with a Dirac delta in its expression, or None."""
     import sympy as sp
 
     for key in graph.g:
         expr = getattr(graph.op(key), "expr", None)
         if isinstance(expr, sp.Basic) and expr.has(sp.DiracDelta):
-            raise ProgramError(f"instruction {key!r}: a Dirac delta cannot be evaluated coordinatewise, so the "
-                               "program cannot run at finite width (its limit may still exist: use limit)")
+            return key
+    return None
+
+
+def _pointwise(graph: Graph) -> None:
+    """A finite-width run evaluates every instruction coordinatewise: a Dirac delta (allowed
+    in the limit, where Stein's lemma turns its expectation into a closed form) cannot be."""
+    key = _dirac_instruction(graph)
+    if key is not None:
+        raise ProgramError(f"instruction {key!r}: a Dirac delta cannot be evaluated coordinatewise, so the "
+                           "program cannot run at finite width (its limit may still exist: use limit)")
+
+
+def _sampled_pointwise(graph: Graph, refused: Exception | None) -> None:
+    """Particles evaluate every instruction at samples, which a Dirac delta has no value at: its
+    expectations need the exact pairwise limit (Stein's lemma), whose refusal ``refused`` (None:
+    it was not tried) says why that did not apply (an NTK of step's derivative: E[delta delta']
+    diverges at correlation 1)."""
+    key = _dirac_instruction(graph)
+    if key is None:
+        return
+    why = (f"; the exact pairwise limit did not apply: {refused}" if refused is not None
+           else "; its limit needs Stein's lemma: method 'pairwise' or 'auto'")
+    raise ProgramError(f"instruction {key!r}: a Dirac delta has no value at particles (samples){why}")
 
 
 def _require_outputs(graph: Graph) -> None:
