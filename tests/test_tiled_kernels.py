@@ -265,7 +265,13 @@ def test_cli_npz_contract_and_memory_mapped_directory(files, reference, capsys):
     for name, K in reference.items():
         assert np.array_equal(np.load(files / "D" / f"{name}.npy"), K.astype(np.float32)), name
     out = capsys.readouterr().out
-    assert "D/nngp.npy (230, 230)" in out and "float32" in out
+    assert "D/nngp.npy (230, 230)" in out and "float32" in out and "earlier run" not in out
+    # the same folder again for the NTK alone: the NNGP files left there are named as not this run's
+    assert tpc_kernels(files, "--out", str(files / "D") + "/", "--get", "ntk") == 0
+    out = capsys.readouterr().out
+    assert "D/ntk.npy (230, 230)" in out
+    assert "not written now, from an earlier run: " in out and "D/nngp.npy" in out.split("earlier run")[1]
+    assert "D/ntk_x2.npy" in out.split("earlier run")[1] and "D/ntk.npy" not in out.split("earlier run")[1]
 
 
 def test_cli_one_kernel(files, reference, capsys):

@@ -242,6 +242,10 @@ def cmd_check(args) -> int:
     return 0 if passed else 1
 
 
+#: The files ``tpc kernels --out DIR/`` can write.
+KERNEL_FILES = ("nngp", "ntk", "nngp_x2", "ntk_x2")
+
+
 def cmd_kernels(args) -> int:
     from tpcompiler.backends.kernels import tiled
     from tpcompiler.backends.kernels.kernel import check_kernel_program
@@ -272,6 +276,12 @@ def cmd_kernels(args) -> int:
         _close_client(client, args.scheduler)
     if to_files:
         written = ", ".join(f"{tiled.output_paths(out, [k])[k]} {v.shape}" for k, v in result.items())
+        # kernel files of an earlier run into the same place, which this one did not write (--get,
+        # no --x2): said, so that they are not read as this run's
+        earlier = [path for name, path in tiled.output_paths(out, KERNEL_FILES).items()
+                   if name not in result and os.path.isfile(path)]
+        if earlier:
+            written += f" (not written now, from an earlier run: {', '.join(earlier)})"
     else:
         try:
             np.savez(out, **result)
