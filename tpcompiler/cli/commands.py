@@ -15,6 +15,7 @@ from tpcompiler import validation
 from tpcompiler.ir.graph import ProgramError
 from tpcompiler.compiler import CHECK_PARTICLES, DEFAULT_PARTICLES, MAX_RTOL, MIN_RTOL
 from tpcompiler.frontend.loader import load, parameters, parse_params
+from tpcompiler.ir.ntk import KERNELS
 from tpcompiler.training.parametrization import MAX_DEPTH
 from tpcompiler.training.sgd import MAX_STEPS, STEPS_WHY
 
@@ -242,8 +243,9 @@ def cmd_check(args) -> int:
     return 0 if passed else 1
 
 
-#: The files ``tpc kernels --out DIR/`` can write.
-KERNEL_FILES = ("nngp", "ntk", "nngp_x2", "ntk_x2")
+#: The files ``tpc kernels --out DIR/`` can write: each kernel, and with --x2 its "<name>_x2"
+#: (``KernelFunction.__call__``'s names)
+KERNEL_FILES = (*KERNELS, *(f"{name}_x2" for name in KERNELS))
 
 
 def cmd_kernels(args) -> int:
