@@ -187,6 +187,7 @@ ERRORS = [
     (["formulas", ZDOT, "-p", "foo=1"], "has no parameter 'foo'; its parameters are: phi, sigma"),
     (["formulas", ZDOT, "-p", "foo"], "parameter 'foo' must look like key=value"),
     (["formulas", ZDOT, "-p", "1a=2"], "parameter name '1a' is not a valid name"),
+    (["formulas", ZDOT, "-p", "sigma=1", "-p", "sigma=2"], "parameter 'sigma' is given twice, as 1 and as 2; give it once"),
     (["formulas", ZDOT, "-p", "phi=foo"], "unknown nonlinearity 'foo'"),
     (["formulas", ZDOT, "--format", "html"], "invalid choice: 'html'"),
     (["limit", MLP, "--x", "missing.npy"], "--x file 'missing.npy' not found"),

@@ -146,6 +146,12 @@ def test_parse_params():
         parse_params(["1a=2"])
     with pytest.raises(tp.ProgramError, match=r"parameter name '' is not a valid name"):
         parse_params(["=2"])
+    # a key given twice: one value is accepted, two different ones are refused
+    assert parse_params(["d=3", "d = 3"]) == {"d": 3}
+    with pytest.raises(tp.ProgramError, match=r"parameter 'd' is given twice, as 3 and as 4; give it once"):
+        parse_params(["d=3", "d=4"])
+    with pytest.raises(tp.ProgramError, match=r"parameter 'd' is given twice, as 3 and as 3.0"):
+        parse_params(["d=3", "d=3.0"])
 
 
 def test_a_program_edited_within_a_second_at_the_same_size_is_the_new_program(tmp_path, monkeypatch):

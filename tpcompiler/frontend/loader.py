@@ -22,7 +22,8 @@ def parse_value(text: str):
 
 
 def parse_params(items) -> dict:
-    """``["k=v", ...]`` -> {k: literal(v)} with a clear error for malformed items."""
+    """``["k=v", ...]`` -> {k: literal(v)} with a clear error for malformed items and for a key
+    given twice with different values (``-p d=3 -p d=4``: which one was meant is not known)."""
     params = {}
     for item in items or ():
         if "=" not in item:
@@ -31,7 +32,10 @@ def parse_params(items) -> dict:
         key = key.strip()
         if not key.isidentifier():
             raise ProgramError(f"parameter name {key!r} is not a valid name")
-        params[key] = parse_value(value.strip())
+        value = parse_value(value.strip())
+        if key in params and repr(params[key]) != repr(value):
+            raise ProgramError(f"parameter {key!r} is given twice, as {params[key]!r} and as {value!r}; give it once")
+        params[key] = value
     return params
 
 
