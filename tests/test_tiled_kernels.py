@@ -131,6 +131,29 @@ def test_memory_mapped_float32_output(compiled, data, reference, tmp_path):
     assert_close(prefixed, reference)
 
 
+def test_files_of_a_run_that_fails_are_removed(compiled, data, reference, tmp_path, monkeypatch):
+    """A run into out=DIR/ that stops in a tile (an error, an interrupt) leaves no kernel files:
+    they would hold zeros where no tile was written, under the names of a finished run's."""
+    kf = compiled.kernel_function()
+    block, calls = kf.block, []
+
+    def failing_block(*args):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return block(*args)
+
+    monkeypatch.setattr(kf, "block", failing_block)
+    (tmp_path / "K").mkdir()
+    (tmp_path / "K" / "nngp.npy").write_bytes(b"an earlier run's")
+    with pytest.raises(KeyboardInterrupt):
+        tiled.kernels(kf, data[0], tile=100, out=str(tmp_path / "K") + "/")
+    assert len(calls) == 2 and list((tmp_path / "K").iterdir()) == []
+    monkeypatch.setattr(kf, "block", block)
+    assert_close(tiled.kernels(kf, data[0], tile=100, out=str(tmp_path / "K") + "/"),
+                 {k: reference[k] for k in ("nngp", "ntk")})
+
+
 def test_progress_bar_counts_tiles(compiled, data, capsys):
     compiled.kernels(data[0], tile=100, progress=True)  # 3 blocks: 6 tiles of the upper triangle
     err = capsys.readouterr().err
@@ -301,6 +324,7 @@ def test_cli_bad_input(files, capsys, extra, message):
     if "--out" not in extra:
         extra += ["--out", str(files / "K.npz")]
     assert message in one_line_error(capsys, tpc_kernels(files, *extra))
+    assert not (files / "DIR").exists()  # a new DIR/ of a refused run is not left behind, empty
 
 
 def test_without_dask(compiled, data, reference, files, capsys, monkeypatch):

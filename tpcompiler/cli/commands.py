@@ -262,6 +262,7 @@ def cmd_kernels(args) -> int:
     out = args.out if to_files else _out_path(args.out)
     plot_path = _plot_path(args.plot) if args.plot else None
     client = None
+    created = to_files and not os.path.isdir(out)  # a new DIR/ of a run that fails is removed again
     try:
         if to_files:
             tiled.output_folder(out)
@@ -272,8 +273,12 @@ def cmd_kernels(args) -> int:
         kf = compiled.kernel_function(args.rtol)
         result = tiled.kernels(kf, X, X2, memory=args.memory, out=out if to_files else None, dtype=args.dtype,
                                client=client)  # refuses non-finite kernels itself (KernelFunction.check_finite)
-    except validation.ArgumentError as exc:
-        raise _kernels_option(exc) from None
+    except BaseException as exc:
+        if created:
+            _remove_if_empty(out)
+        if isinstance(exc, validation.ArgumentError):
+            raise _kernels_option(exc) from None
+        raise
     finally:
         _close_client(client, args.scheduler)
     if to_files:
@@ -654,6 +659,14 @@ def cmd_classify(args) -> int:
         for k, v in report.items():
             print(f"{k}: {v}")
     return 0
+
+
+def _remove_if_empty(folder: str) -> None:
+    """Remove ``folder`` if it is an empty directory (one this run created and did not fill)."""
+    try:
+        os.rmdir(folder)
+    except OSError:
+        pass
 
 
 def _memory_size(text: str) -> str:

@@ -312,11 +312,25 @@ def kernels(kf: KernelFunction, X, X2=None, memory=DEFAULT_MEMORY, out: str | No
                 t0 = time.perf_counter()
                 _run_on_dask(client, kf, p, X, X2, rows, rows2, store, bar)
                 timing["dask tasks"] = time.perf_counter() - t0
-    finally:
-        if out is not None:
-            targets = {name: f.close() for name, f in targets.items()}
+    except BaseException:
+        if out is not None:  # a partial kernel (zeros where no tile was written) must not be read as one
+            _discard(targets)
+        raise
+    if out is not None:
+        targets = {name: f.close() for name, f in targets.items()}
     kf.last_timing = timing
     return targets
+
+
+def _discard(files: dict) -> None:
+    """Close and delete the .npy files of a run that did not finish (an error in a tile, an
+    interrupt): files named like a finished run's but holding part of a kernel."""
+    for f in files.values():
+        os.close(f.fd)
+        try:
+            os.remove(f.path)
+        except OSError:
+            pass
 
 
 def _block_args(job, p: Plan, X, X2, rows, rows2):
