@@ -312,6 +312,7 @@ def one_line_error(capsys, code):
 
 @pytest.mark.parametrize("extra, message", [
     (["--memory", "lots"], "argument --memory: expected a memory size"),
+    (["--memory", "-4GB"], "argument --memory: expected a memory size such as '4GB', '512MB' or '1.5GiB', got '-4GB'"),
     (["--memory", "20kB", "--out", "DIR/"], "--memory: the budget of 20 kB is too small"),
     (["--memory", "300kB", "--out", "K.npz"], "--memory: the kernels (2 matrices of 230 columns, float64: 0.846 MB)"),
     (["--out", "FILE/K/"], "--out: cannot create the directory"),

@@ -27,8 +27,9 @@ class CommandError(Exception):
 class _Parser(argparse.ArgumentParser):
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
-        # exponents such as "-1/2,0,1/2" are values, not options (docs/DESIGN.md 5: --a a1,..)
-        self._negative_number_matcher = re.compile(r"^-(\d|\.\d|inf$|nan$)[\d./,;\seE+-]*$", re.IGNORECASE)
+        # exponents such as "-1/2,0,1/2" are values, not options (docs/DESIGN.md 5: --a a1,..), and
+        # so is a negative memory size ("--memory -4GB": refused by its check, not "expected one argument")
+        self._negative_number_matcher = re.compile(r"^-(\d|\.\d|inf$|nan$)[\d./,;\seE+-]*([kmgt]i?b|b)?$", re.IGNORECASE)
 
     def error(self, message):  # one line instead of usage + message
         raise CommandError(message)
