@@ -438,6 +438,24 @@ def test_checkpoint_resume_continues_the_same_run(tmp_path):
         np.testing.assert_array_equal(resumed.predict(Xe)[0], straight.predict(Xe)[0])
 
 
+def test_looking_at_a_particle_run_does_not_change_its_training():
+    """predict, activations and features draw their particles from the engine's generator and
+    put its state back: a run evaluated after every step (tpc train --eval-every 1, an evaluation
+    set) is the same realisation, bit for bit, as the run that evaluates only at its end."""
+    X, Y, Xe = _module("mup_mlp").default_data(3, 1, 3)
+    Y = Y[:, None]
+    net, abc = _mlp(2), tp.named("mup", 2)
+    runs = []
+    for look in (False, True):
+        eng = StepEngine(net, abc, method="particles", particles=2000, groups=4, seed=5)
+        for t in range(3):
+            if look:
+                eng.predict(Xe), eng.activations(X[:1]), eng.features(Xe)
+            eng.step(X, Y, 0.5)
+        runs.append(eng.predict(X)[0])
+    np.testing.assert_array_equal(runs[1], runs[0])
+
+
 def test_a_checkpoint_of_another_program_is_refused(tmp_path):
     net, abc, X, Y, _ = _linear()
     StepEngine(net, abc, method="exact").save(tmp_path / "s.npz")

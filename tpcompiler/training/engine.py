@@ -745,15 +745,19 @@ class StepEngine:
             yield self
 
     @contextlib.contextmanager
-    def _restoring(self, families: bool, tensors: bool = True, defer: bool = False):
+    def _restoring(self, families: bool, tensors: bool = True, defer: bool = False, look: bool = False):
         """Undo, when the block ends, what it changed: with ``tensors`` the trained tensors (kept as
         copies: a block that only runs forward passes, which read them, needs none), with
         ``families`` the vectors the block added to the matrices' sides and the randomness it
         drew (the algebra's new basis elements).  ``defer`` (a block of a few steps, such as a
         MAML task's inner steps, without weight decay): input-matrix updates are recorded as
         pending (idx, C, c dA), read by the input layers as U + sum_p c_p dA_p C_p^T, and dropped
-        at the end, so that the input matrices are neither copied nor written."""
+        at the end, so that the input matrices are neither copied nor written.  ``look`` (predict,
+        activations, features): also the random generator's state, so that a look draws nothing
+        from the stream of later steps and a run's training is the same realisation whatever it
+        evaluates (with particles, an evaluation set or --eval-every changed the trajectory)."""
         defer = defer and tensors and not self.weight_decay
+        generator = self.rng.bit_generator.state if look else None
         saved = None
         if tensors:
             saved = (self.readout.copy(), self.touched.copy(),
@@ -782,6 +786,8 @@ class StepEngine:
                     for t, side in M.sides.items():
                         side.truncate(sides[W][t])
                 self.alg.release(mark)
+            if look:
+                self.rng.bit_generator.state = generator
 
     def predict(self, X) -> tuple[np.ndarray, np.ndarray]:
         """(mean, stderr) of f on the rows of X: arrays (N, K); stderr over replicas (0 for exact);
@@ -795,7 +801,7 @@ class StepEngine:
 
     def _replica_outputs(self, X) -> np.ndarray:
         """f on the rows of X per replica, (R, N, K), state unchanged."""
-        with self._restoring(families=True, tensors=False):   # a forward pass: reads the tensors only
+        with self._restoring(families=True, tensors=False, look=True):   # a forward pass: reads the tensors only
             return self._outputs(self._forward(X, keep=self.program.forward_reuses_a_matrix))
 
     def activations(self, X) -> dict:
@@ -803,7 +809,7 @@ class StepEngine:
         D)}, and the output under "f": (R, N, K) (a look, like ``predict``: the state is
         unchanged).  At finite width D = n coordinates: what ``tp.coordcheck`` measures."""
         X = _as_rows(X, self.program.d, "X")
-        with self._restoring(families=True, tensors=False):
+        with self._restoring(families=True, tensors=False, look=True):
             env = self._forward(X, keep=self.program.forward_reuses_a_matrix)
             # copies: a trained vector's entry is the engine's own state array, which a later
             # step updates in place (tp.coordcheck measured a hidden bias's change as 0)
@@ -818,7 +824,7 @@ class StepEngine:
         if node not in self.program.forward:
             raise validation.ArgumentError(f"node: {node!r} is not a vector of the forward pass "
                                            f"({', '.join(self.program.forward)})")
-        with self._restoring(families=True, tensors=False):
+        with self._restoring(families=True, tensors=False, look=True):
             V = self._forward(X, keep=self.program.forward_reuses_a_matrix)[node]
         return self.alg.features(V)
 
