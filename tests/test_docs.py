@@ -39,6 +39,50 @@ def test_check_mode_agrees(capsys):
     assert docs.main(["--check"]) == 0, capsys.readouterr().err
 
 
+def _docs_of(tmp_path, monkeypatch, programs: dict) -> Path:
+    """docs.main over a programs/ folder of ``programs`` {file name: source} and an empty
+    docs/programs/ (returned)."""
+    (tmp_path / "programs").mkdir()
+    for name, source in programs.items():
+        (tmp_path / "programs" / name).write_text(source)
+    monkeypatch.setattr(docs, "ROOT", tmp_path)
+    monkeypatch.setattr(docs, "PROGRAMS", tmp_path / "programs")
+    monkeypatch.setattr(docs, "DOCS", tmp_path / "docs" / "programs")
+    return tmp_path / "docs" / "programs"
+
+
+ZDOT_SOURCE = (ROOT / "programs" / "zdot.py").read_text()
+
+
+def test_check_names_pages_of_no_program_and_writing_deletes_them(tmp_path, monkeypatch, capsys):
+    """A program renamed or removed leaves its page: --check says so (as test_no_orphan_pages
+    does), and writing deletes the pages it generated, never a hand-written file."""
+    out = _docs_of(tmp_path, monkeypatch, {"zdot.py": ZDOT_SOURCE})
+    assert docs.main([]) == 0 and docs.main(["--check"]) == 0
+    (out / "old.md").write_text((out / "zdot.md").read_text())   # the page of a program since renamed
+    (out / "notes.md").write_text("# written by hand\n")
+    capsys.readouterr()
+    assert docs.main(["--check"]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "pages of no program: docs/programs/notes.md, docs/programs/old.md" in err
+    assert docs.main([]) == 0
+    assert not (out / "old.md").exists() and (out / "notes.md").exists()
+    assert "kept docs/programs/notes.md: not a generated page" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("source, message", [
+    ("import tpcompiler as tp\ndef build(n=1):\n    raise ValueError('n must be 2')\n", "programs/bad.py: n must be 2"),
+    ("X = 1\n", "programs/bad.py: "),
+    (ZDOT_SOURCE + "\nDOC_VARIANTS = [{'nothere': 1}]\n", "programs/bad.py: "),
+])
+def test_a_program_that_cannot_be_built_is_a_one_line_error(tmp_path, monkeypatch, capsys, source, message):
+    _docs_of(tmp_path, monkeypatch, {"bad.py": source})
+    for argv in ([], ["--check"]):
+        assert docs.main(argv) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and err.startswith("docs: error: " + message), err
+
+
 PAGES = sorted((ROOT / "docs" / "programs").glob("*.md"))
 
 
