@@ -74,7 +74,7 @@ def test_check_names_pages_of_no_program_and_writing_deletes_them(tmp_path, monk
     ("import tpcompiler as tp\ndef build(n=1):\n    raise ValueError('n must be 2')\n", "programs/bad.py: n must be 2"),
     ("X = 1\n", "programs/bad.py: "),
     (ZDOT_SOURCE + "\nDOC_VARIANTS = [{'nothere': 1}]\n", "programs/bad.py: "),
-])
+], ids=["build raises", "no build", "unknown variant parameter"])
 def test_a_program_that_cannot_be_built_is_a_one_line_error(tmp_path, monkeypatch, capsys, source, message):
     _docs_of(tmp_path, monkeypatch, {"bad.py": source})
     for argv in ([], ["--check"]):
