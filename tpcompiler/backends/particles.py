@@ -23,6 +23,8 @@ with any width.
 """
 from __future__ import annotations
 
+import math
+
 from dataclasses import dataclass, field
 
 import networkx as nx
@@ -72,6 +74,9 @@ def _require_finite(values, key: str, what: str) -> None:
 #: An average carried by fewer effective particles than this (per group) is refused: its
 #: value and the spread of the groups both rest on a handful of samples.
 MIN_EFFECTIVE_PARTICLES = 10
+#: Below this share of a group's particles carrying an average, the function is a spike (the
+#: refusal then says so); above it, the groups are only too small for it
+SPIKE_SHARE = 0.01
 
 
 def _require_effective_particles(values, key: str) -> None:
@@ -87,10 +92,14 @@ def _require_effective_particles(values, key: str) -> None:
     a = a / top
     ess = a.sum() ** 2 / np.dot(a, a)
     if ess < MIN_EFFECTIVE_PARTICLES:
+        share = ess / a.size
+        needed = math.ceil(2 * MIN_EFFECTIVE_PARTICLES / share)  # per group at this share, with a margin for its noise
+        fix = (f"the function is a spike that few particles reach: rescale the inputs, compute kernels with "
+               f"c.kernels, or use at least about {needed} particles per group" if share < SPIKE_SHARE else
+               f"use at least about {needed} particles per group (--particles counts those of every group)")
         raise ProgramError(
-            f"instruction {key!r}: its average rests on about {ess:.1f} of {a.size} particles per group "
-            "(the function is a spike that few particles reach), so neither the value nor its stderr "
-            "can be trusted; use many more particles, rescale the inputs, or compute kernels with c.kernels")
+            f"instruction {key!r}: its average rests on about {ess:.1f} of the {a.size} particles of a group "
+            f"({share:.2g} of them), so neither the value nor its stderr can be trusted; {fix}")
 
 
 def _forward_substitution(L: np.ndarray, c: np.ndarray) -> np.ndarray:
