@@ -48,6 +48,7 @@ def data(tmp_path_factory):
         "X": rng.standard_normal((3, 4)),
         "Xnan": np.array([[1.0, np.nan, 0.0, 0.5], [0.0, 1.0, 2.0, 3.0]]),
         "Xstr": np.array(["a", "b"]),
+        "X3d": np.ones((2, 3, 1)),
     }
     paths = {}
     for name, arr in files.items():
@@ -195,6 +196,7 @@ ERRORS = [
     (["limit", MLP, "--x", "{csv}"], "is not a .npy array file"),
     (["limit", MLP, "--x", "{dir}"], "cannot be read"),
     (["limit", MLP, "--x", "{Xstr}"], "does not hold numbers"),
+    (["limit", MLP, "--x", "{X3d}"], "holds an array of shape (2, 3, 1); give one row per example (an N x d array"),
     (["limit", MLP, "--x", "{X}", "-p", "d=3", "--particles", "2000"], "input 'xi' has dimension 3, data has shape (3, 4)"),
     (["limit", ZDOT, "--x", "{X}", "--particles", "2000"], "program 'zdot' has no input, but input data was given"),
     (["limit", MLP, "--x", "{Xnan}", "--particles", "2000"], "NaN or infinite"),

@@ -377,7 +377,7 @@ def compiled_kernel():
 
 BAD_DATA = [
     (np.ones((2, 3)), r"program 'k': input 'xi' has dimension 2, data has shape \(2, 3\)"),
-    (np.ones((2, 2, 2)), r"input 'xi' has dimension 2, data has shape \(2, 2, 2\)"),
+    (np.ones((2, 2, 2)), r"input data must be an N x 2 array \(one row per input of 'xi'\), got shape \(2, 2, 2\)"),
     (np.array([[1.0, np.nan]]), r"program 'k': the input data has NaN or infinite entries"),
     (np.array([[1.0, np.inf], [0.0, 1.0]]), r"the input data has NaN or infinite entries"),
     (np.zeros((0, 2)), r"program 'k': the input data is empty"),

@@ -155,6 +155,9 @@ def _load_array(path: str, what: str) -> np.ndarray:
     if arr.ndim == 0:
         raise CommandError(f"{what} file {path!r} holds a single number (a 0-d array); give one row per example "
                            "(an N x d array, or N values)")
+    if arr.ndim > 2:  # (the program's d is read from the columns: a 3-D array would set it wrong)
+        raise CommandError(f"{what} file {path!r} holds an array of shape {arr.shape}; give one row per example "
+                           "(an N x d array: reshape it to (N, -1))")
     try:
         return validation.array(arr, None)
     except validation.ArgumentError as exc:

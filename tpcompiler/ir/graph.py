@@ -446,7 +446,10 @@ def _input_rows(graph: Graph, X) -> np.ndarray:
     if X.ndim == 1:
         X = X[None, :]
     d = len(decl.keys)
-    if X.ndim != 2 or X.shape[1] != d:
+    if X.ndim != 2:
+        raise ProgramError(f"program {graph.name!r}: input data must be an N x {d} array (one row per input of "
+                           f"{group!r}), got shape {X.shape}")
+    if X.shape[1] != d:
         raise ProgramError(f"program {graph.name!r}: input {group!r} has dimension {d}, data has shape {X.shape}")
     if X.shape[0] == 0:
         raise ProgramError(f"program {graph.name!r}: the input data is empty")
