@@ -208,7 +208,8 @@ def test_a_readout_bias_is_refused_by_training(param):
     xi = p.input("xi", 3)
     p.readout(tp.tanh(p.input_layer("U", xi, sigma=1.0)), sigma=1.0, bias=5.0)
     X, Y = np.array([[1.0, 0.5, -0.3], [0.2, -1.0, 0.8]]), np.array([1.0, -1.0])
-    with pytest.raises(ProgramError, match="readout has a bias.*declare the readout without bias"):
+    with pytest.raises(ProgramError, match=r"readout has a bias \(p.readout\(..., bias=5\)\).*declare the readout "
+                                           r"without bias \(the bundled programs: -p b_std=None"):
         tp.train(p, tp.named(param, 1), tp.SGD(X, Y, steps=2, lr=0.5))
     if param == "mup":
         with pytest.raises(ProgramError, match="readout has a bias"):

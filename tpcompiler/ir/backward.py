@@ -84,9 +84,11 @@ def refuse_readout_bias(graph: Graph, where: str) -> None:
     convention) or not, the limit of f would depend on it; it was silently left out."""
     ro = graph.readout
     if ro is not None and ro.bias is not None and not (sp.sympify(ro.bias).is_zero is True):
-        raise ProgramError(f"program {graph.name!r}: the readout has a bias (p.readout(..., bias={ro.bias})), which "
-                           f"{where} does not train or include; declare the readout without bias (the kernels, "
-                           "tp.compile(program).kernels, do include it)")
+        bias = sp.sympify(ro.bias)
+        shown = f"{float(bias):g}" if bias.is_number else str(bias)
+        raise ProgramError(f"program {graph.name!r}: the readout has a bias (p.readout(..., bias={shown})), which "
+                           f"{where} does not train or include; declare the readout without bias (the bundled "
+                           "programs: -p b_std=None; the kernels, tp.compile(program).kernels, do include it)")
 
 
 def refuse_zero_scales(graph: Graph, inputs: list, hidden: list) -> None:
