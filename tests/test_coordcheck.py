@@ -14,6 +14,7 @@ Tolerances: the spread of the slopes over probe seeds 0..3 (widths 32..256, 16 n
 about 0.05 for relu (0.2 for f, whose two terms n and n^{3/2} mix at these widths), up to 0.18 for
 the linear network.
 """
+import json
 from pathlib import Path
 
 import pytest
@@ -87,6 +88,22 @@ def test_a_diverging_network_is_reported_not_fitted():
     assert math.isfinite(check.slope("sp", "h2", 1)) and math.isnan(check.slope("sp", "h2", 2))
     assert json.loads(check.to_json())["params"]["sp"]["change"]["f"]["slopes"][1] is None
     assert "width 8: diverged at step 2" in check.report()
+
+
+def test_a_learning_rate_that_blows_up_every_width_is_said_to(relu_check):
+    """lr = 1e6 under muP: coordinates of 1e16 and more at every width, whose slopes (the
+    blow-up's own scaling) would read as a parametrization's exponents; the report says that
+    the learning rate blows up even the smallest width.  The checks at lr 0.5 say nothing."""
+    net = tp.load(PROGRAMS / "mlp.py", depth=2, phi="relu", d=4)
+    check = tp.coordcheck(net, "mup", (16, 32), steps=1, seeds=2, lr=1e6)
+    growth, step, layer = check.blown_up("mup")
+    assert growth > 1e6 and step == 1
+    size = check.size["mup"][0, :, check.layers.index(layer)]
+    assert size[1] / size[0] == pytest.approx(growth)
+    assert "width 16: " in check.report() and "the learning rate blows up even the smallest width" in check.report()
+    assert json.loads(check.to_json())["params"]["mup"]["blown_up"] == {"growth": growth, "step": 1, "layer": layer}
+    for label in ("mup", "sp", "ntp"):
+        assert relu_check.blown_up(label) is None and "blows up" not in relu_check.report()
 
 
 def test_a_trained_hidden_bias_moves_like_every_other_layer():

@@ -51,6 +51,9 @@ DEFAULT_LR = 0.1
 DEFAULT_BATCH = 4
 #: Most SGD steps a coordinate check takes (it is about the first steps).
 MAX_STEPS = 100
+#: Growth of the smallest width's coordinates over their size at initialization beyond which the
+#: report says the learning rate blows every width up (``CoordCheck.blown_up``)
+BLOWN_UP = 1e6
 
 
 @dataclass
@@ -102,11 +105,27 @@ class CoordCheck:
                 "change": {layer: {"values": [clean(change[:, t, j]) for t in range(self.steps)],
                                    "slopes": clean(self.change_slope[label][:, j])} for j, layer in enumerate(self.layers)},
                 "diverged": {str(n): t for n, t in self.diverged[label].items()},
+                "blown_up": None if (b := self.blown_up(label)) is None else dict(zip(("growth", "step", "layer"), b)),
             }
         return {"program": self.program, "widths": list(self.widths), "steps": self.steps, "seeds": self.seeds,
                 "lr": self.lr, "layers": list(self.layers),
                 "statistic": "mean |coordinate| (size: at step t; change: |x_t - x_0|), over seeds, examples, coordinates",
                 "params": params}
+
+    def blown_up(self, label: str):
+        """(growth, step, layer) where the coordinates of the smallest width first grew more than
+        BLOWN_UP times their size at initialization, or None: a learning rate too large for every
+        width measured, whose exponents (the blow-up's own scaling, often near 0) would otherwise
+        read as a stable parametrization."""
+        size = self.size[label][0]  # (steps + 1, layers) at the smallest width
+        init = size[0]
+        with np.errstate(divide="ignore", invalid="ignore"):
+            growth = np.where(init > 0, size / init, np.nan)
+        for t in range(1, size.shape[0]):
+            j = int(np.nanargmax(growth[t])) if np.any(np.isfinite(growth[t])) else None
+            if j is not None and growth[t, j] > BLOWN_UP:
+                return float(growth[t, j]), t, self.layers[j]
+        return None
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), allow_nan=False)
@@ -126,6 +145,12 @@ class CoordCheck:
                 lines.append("  " + f"{layer:>11}" + "".join(_cell(v, m) for v, m in zip(vals, measured)))
             for n, t in sorted(self.diverged[label].items()):
                 lines.append(f"  width {n}: diverged at step {t} (non-finite output); later steps are omitted")
+            blown = self.blown_up(label)
+            if blown is not None:
+                growth, t, layer = blown
+                lines.append(f"  width {self.widths[0]}: {layer}'s coordinates grew {growth:.2g} times by step {t}: the "
+                             f"learning rate blows up even the smallest width, so the exponents describe that blow-up; "
+                             f"try a smaller lr")
         lines.append("(none: exactly 0 at every width, so no exponent; n/a: a width diverged)")
         return "\n".join(lines)
 
