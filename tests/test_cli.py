@@ -196,7 +196,7 @@ ERRORS = [
     (["limit", MLP, "--x", "{csv}"], "is not a .npy array file"),
     (["limit", MLP, "--x", "{dir}"], "cannot be read"),
     (["limit", MLP, "--x", "{Xstr}"], "does not hold numbers"),
-    (["limit", MLP, "--x", "{X3d}"], "holds an array of shape (2, 3, 1); give one row per example (an N x d array"),
+    (["limit", MLP, "--x", "{X3d}"], "--x must be an N x d array, got shape (2, 3, 1) (one row per example: reshape"),
     (["limit", MLP, "--x", "{X}", "-p", "d=3", "--particles", "2000"], "input 'xi' has dimension 3, data has shape (3, 4)"),
     (["limit", ZDOT, "--x", "{X}", "--particles", "2000"], "program 'zdot' has no input, but input data was given"),
     (["limit", MLP, "--x", "{Xnan}", "--particles", "2000"], "NaN or infinite"),

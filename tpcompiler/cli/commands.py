@@ -156,8 +156,8 @@ def _load_array(path: str, what: str) -> np.ndarray:
         raise CommandError(f"{what} file {path!r} holds a single number (a 0-d array); give one row per example "
                            "(an N x d array, or N values)")
     if arr.ndim > 2:  # (the program's d is read from the columns: a 3-D array would set it wrong)
-        raise CommandError(f"{what} file {path!r} holds an array of shape {arr.shape}; give one row per example "
-                           "(an N x d array: reshape it to (N, -1))")
+        raise CommandError(f"{what} must be an N x d array, got shape {arr.shape} (one row per example: reshape it to "
+                           "(N, -1))")
     try:
         return validation.array(arr, None)
     except validation.ArgumentError as exc:
