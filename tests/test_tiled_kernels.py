@@ -150,6 +150,19 @@ def test_files_of_a_run_that_fails_are_removed(compiled, data, reference, tmp_pa
         tiled.kernels(kf, data[0], tile=100, out=str(tmp_path / "K") + "/")
     assert len(calls) == 2 and list((tmp_path / "K").iterdir()) == []
     monkeypatch.setattr(kf, "block", block)
+    # stopped before any tile, in the row values: the same
+    rows = kf.rows
+    monkeypatch.setattr(kf, "rows", lambda X: (_ for _ in ()).throw(KeyboardInterrupt))
+    with pytest.raises(KeyboardInterrupt):
+        tiled.kernels(kf, data[0], tile=100, out=str(tmp_path / "K") + "/")
+    assert list((tmp_path / "K").iterdir()) == []
+    monkeypatch.setattr(kf, "rows", rows)
+    # the second file cannot be opened (a folder of its name): the first is not left behind
+    (tmp_path / "K" / "ntk.npy").mkdir()
+    with pytest.raises(ArgumentError, match="cannot write"):
+        tiled.kernels(kf, data[0], tile=100, out=str(tmp_path / "K") + "/")
+    assert [p.name for p in (tmp_path / "K").iterdir()] == ["ntk.npy"]
+    (tmp_path / "K" / "ntk.npy").rmdir()
     assert_close(tiled.kernels(kf, data[0], tile=100, out=str(tmp_path / "K") + "/"),
                  {k: reference[k] for k in ("nngp", "ntk")})
 
@@ -312,7 +325,8 @@ def one_line_error(capsys, code):
 
 @pytest.mark.parametrize("extra, message", [
     (["--memory", "lots"], "argument --memory: expected a memory size"),
-    (["--memory", "-4GB"], "argument --memory: expected a memory size such as '4GB', '512MB' or '1.5GiB', got '-4GB'"),
+    (["--memory", "-4GB"], "argument --memory: expected a positive memory size, got '-4GB'"),
+    (["--memory", "-4G"], "argument --memory: expected a positive memory size, got '-4G'"),
     (["--memory", "20kB", "--out", "DIR/"], "--memory: the budget of 20 kB is too small"),
     (["--memory", "300kB", "--out", "K.npz"], "--memory: the kernels (2 matrices of 230 columns, float64: 0.846 MB)"),
     (["--out", "FILE/K/"], "--out: cannot create the directory"),
@@ -326,6 +340,15 @@ def test_cli_bad_input(files, capsys, extra, message):
         extra += ["--out", str(files / "K.npz")]
     assert message in one_line_error(capsys, tpc_kernels(files, *extra))
     assert not (files / "DIR").exists()  # a new DIR/ of a refused run is not left behind, empty
+
+
+def test_a_refused_run_removes_only_the_folders_it_created(files, capsys):
+    """--out DIR/ of a run that fails: an empty DIR/ that was there before stays; new nested
+    folders are removed up to the first one that existed."""
+    (files / "old").mkdir()
+    for out in ("old/", "old/new/deeper/"):
+        one_line_error(capsys, tpc_kernels(files, "--memory", "20kB", "--out", str(files / out)))
+    assert (files / "old").is_dir() and list((files / "old").iterdir()) == []
 
 
 def test_without_dask(compiled, data, reference, files, capsys, monkeypatch):

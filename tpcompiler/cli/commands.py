@@ -29,7 +29,7 @@ class _Parser(argparse.ArgumentParser):
         super().__init__(*args, **kwargs)
         # exponents such as "-1/2,0,1/2" are values, not options (docs/DESIGN.md 5: --a a1,..), and
         # so is a negative memory size ("--memory -4GB": refused by its check, not "expected one argument")
-        self._negative_number_matcher = re.compile(r"^-(\d|\.\d|inf$|nan$)[\d./,;\seE+-]*([kmgt]i?b|b)?$", re.IGNORECASE)
+        self._negative_number_matcher = re.compile(r"^-(\d|\.\d|inf$|nan$)[\d./,;\seE+-]*([kmgt](i?b)?|b)?$", re.IGNORECASE)
 
     def error(self, message):  # one line instead of usage + message
         raise CommandError(message)
@@ -156,8 +156,9 @@ def _load_array(path: str, what: str) -> np.ndarray:
         raise CommandError(f"{what} file {path!r} holds a single number (a 0-d array); give one row per example "
                            "(an N x d array, or N values)")
     if arr.ndim > 2:  # (the program's d is read from the columns: a 3-D array would set it wrong)
-        raise CommandError(f"{what} must be an N x d array, got shape {arr.shape} (one row per example: reshape it to "
-                           "(N, -1))")
+        columns = "K" if what == "--y" else "d"  # (targets: one column per output)
+        raise CommandError(f"{what} must be an N x {columns} array, got shape {arr.shape} (one row per example: "
+                           "reshape it to (N, -1))")
     try:
         return validation.array(arr, None)
     except validation.ArgumentError as exc:
@@ -266,7 +267,7 @@ def cmd_kernels(args) -> int:
     out = args.out if to_files else _out_path(args.out)
     plot_path = _plot_path(args.plot) if args.plot else None
     client = None
-    created = to_files and not os.path.isdir(out)  # a new DIR/ of a run that fails is removed again
+    created = _first_missing_folder(out) if to_files else None  # what a run that fails removes again
     try:
         if to_files:
             tiled.output_folder(out)
@@ -279,7 +280,7 @@ def cmd_kernels(args) -> int:
                                client=client)  # refuses non-finite kernels itself (KernelFunction.check_finite)
     except BaseException as exc:
         if created:
-            _remove_if_empty(out)
+            _remove_created_folders(out, created)
         if isinstance(exc, validation.ArgumentError):
             raise _kernels_option(exc) from None
         raise
@@ -665,12 +666,30 @@ def cmd_classify(args) -> int:
     return 0
 
 
-def _remove_if_empty(folder: str) -> None:
-    """Remove ``folder`` if it is an empty directory (one this run created and did not fill)."""
-    try:
-        os.rmdir(folder)
-    except OSError:
-        pass
+def _first_missing_folder(folder: str) -> str | None:
+    """The outermost of ``folder`` and its parents that does not exist (what creating ``folder``
+    creates first), None if ``folder`` exists."""
+    path, missing = os.path.abspath(folder), None
+    while not os.path.isdir(path):
+        missing, parent = path, os.path.dirname(path)
+        if parent == path:
+            break
+        path = parent
+    return missing
+
+
+def _remove_created_folders(folder: str, outermost: str) -> None:
+    """Remove ``folder`` and its parents up to ``outermost`` (the folders a run created,
+    ``_first_missing_folder``), each only while it is empty."""
+    path = os.path.abspath(folder)
+    while True:
+        try:
+            os.rmdir(path)
+        except OSError:
+            return
+        if path == outermost or os.path.dirname(path) == path:
+            return
+        path = os.path.dirname(path)
 
 
 def _memory_size(text: str) -> str:

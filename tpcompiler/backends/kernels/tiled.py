@@ -55,7 +55,7 @@ def parse_memory(value, name: str | None = "memory") -> int:
     if isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, bool):
         size = float(value)
     else:
-        match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+(?:[eE][-+]?[0-9]+)?)\s*([a-zA-Z]*)\s*", str(value))
+        match = re.fullmatch(r"\s*([-+]?[0-9]*\.?[0-9]+(?:[eE][-+]?[0-9]+)?)\s*([a-zA-Z]*)\s*", str(value))
         unit = match.group(2).lower() if match else None
         if unit not in _UNITS:
             _fail(name, f"expected a memory size such as '4GB', '512MB' or '1.5GiB', got {value!r}")
@@ -246,10 +246,11 @@ def _open_files(out: str, shapes: dict, dtype) -> dict[str, NpyFile]:
     try:
         for name, path in paths.items():
             files[name] = NpyFile(path, shapes[name], dtype)
-    except OSError as exc:
-        for f in files.values():
-            os.close(f.fd)
-        raise validation.ArgumentError(f"out: cannot write {exc.filename or out!r} ({exc.strerror or exc})") from None
+    except BaseException as exc:
+        _discard(files)  # (the files opened before the one that failed hold no kernel)
+        if isinstance(exc, OSError):
+            raise validation.ArgumentError(f"out: cannot write {exc.filename or out!r} ({exc.strerror or exc})") from None
+        raise
     return files
 
 
@@ -286,10 +287,7 @@ def kernels(kf: KernelFunction, X, X2=None, memory=DEFAULT_MEMORY, out: str | No
         targets = {name: np.empty(shape, dtype=dtype) for name, shape in shapes.items()}
     else:
         targets = _open_files(os.fspath(out), shapes, dtype)
-    t0 = time.perf_counter()
-    rows = kf.rows(X)
-    rows2 = kf.rows(X2) if X2 is not None else None
-    timing = {"rows": time.perf_counter() - t0}
+    timing: dict = {}
 
     def store(job, outs):
         kind, i, j = job
@@ -303,6 +301,10 @@ def kernels(kf: KernelFunction, X, X2=None, memory=DEFAULT_MEMORY, out: str | No
                 target[J, I] = o.T
 
     try:
+        t0 = time.perf_counter()
+        rows = kf.rows(X)
+        rows2 = kf.rows(X2) if X2 is not None else None
+        timing["rows"] = time.perf_counter() - t0
         with progress_mod.bar(len(p.jobs), "kernel tiles", unit="tile", enabled=progress) as bar:
             if client is None:
                 for job in p.jobs:
