@@ -104,6 +104,13 @@ def test_a_learning_rate_that_blows_up_every_width_is_said_to(relu_check):
     assert json.loads(check.to_json())["params"]["mup"]["blown_up"] == {"growth": growth, "step": 1, "layer": layer}
     for label in ("mup", "sp", "ntp"):
         assert relu_check.blown_up(label) is None and "blows up" not in relu_check.report()
+    # a readout that starts at 0 (var=0): its growth against the network's largest initial size
+    p = tp.Program("zero_readout")
+    xi = p.input("xi", 4)
+    p.readout(tp.relu(p.input_layer("U", xi, sigma=1.0)), sigma=1.0, var=0.0)
+    check = tp.coordcheck(p, "mup", (16, 32), steps=1, seeds=2, lr=1e12)
+    assert check.size["mup"][0, 0, check.layers.index("f")] == 0.0
+    assert check.blown_up("mup") is not None and check.blown_up("mup")[1] == 1
 
 
 def test_a_trained_hidden_bias_moves_like_every_other_layer():
