@@ -139,7 +139,7 @@ def test_train_unstable_is_one_line_naming_the_conditions(capsys, data):
 
 
 @pytest.mark.parametrize("param,extra,y,words", [
-    ("mup", ["-p", "b_std=1.0"], "Y", ["'b1' is trained (a bias?)"]),
+    ("mup", ["-p", "b_std=1.0"], "Y", ["'b1' is trained (a bias?)", "(the bundled programs: -p b_std=None drops the biases)"]),
     ("a=0,1/2;b=0,0;c=0", [], "Y", ["depth 2 needs 3"]),
     ("mfp", [], "Y", ["mfp", "depth 1 only"]),
     ("foo", [], "Y", ["unknown parametrization 'foo'"]),

@@ -176,7 +176,8 @@ def _layers(net: Graph, abc: ABC) -> _Layers:
         if k in forward and k not in ro.readouts and net.op(k).trainable:
             raise ProgramError(
                 f"initial vector {k!r} is trained (a bias?): the SGD pass trains input matrices, n x n "
-                "matrices and the readout; declare it with trainable=False"
+                "matrices and the readout; declare it with trainable=False (the bundled programs: -p b_std=None "
+                "drops the biases)"
             )
     refuse_readout_bias(net, "training (tp.train, tp.unroll)")
     L = abc.depth
