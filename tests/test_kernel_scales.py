@@ -425,7 +425,7 @@ def test_particles_refuse_a_spike_no_particle_reaches():
     with pytest.raises(tp.ProgramError, match="rests on about .* particles.*can be trusted; the function is a spike"):
         c.limit(particles=20_000, seed=0, x=1e4 * rows, method="particles")
     # too few particles per group for an ordinary function: said as such, with a count that works
-    with pytest.raises(tp.ProgramError, match=r"rests on about .* of the 20 particles of a group \(0\.\d+ of them\).*"
+    with pytest.raises(tp.ProgramError, match=r"rests on about .* of the 20 particles of a group \([\d.]+% of them\).*"
                                               r"can be trusted; use at least about (\d+) particles per group") as refused:
         c.limit(particles=200, seed=0, x=rows, method="particles")
     assert "spike" not in str(refused.value)

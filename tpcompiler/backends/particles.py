@@ -99,7 +99,7 @@ def _require_effective_particles(values, key: str) -> None:
                f"use at least about {needed} particles per group (--particles counts those of every group)")
         raise ProgramError(
             f"instruction {key!r}: its average rests on about {ess:.1f} of the {a.size} particles of a group "
-            f"({share:.2g} of them), so neither the value nor its stderr can be trusted; {fix}")
+            f"({100 * share:.2g}% of them), so neither the value nor its stderr can be trusted; {fix}")
 
 
 def _forward_substitution(L: np.ndarray, c: np.ndarray) -> np.ndarray:

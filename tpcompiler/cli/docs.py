@@ -17,6 +17,7 @@ from pathlib import Path
 
 from tpcompiler.compiler import compile
 from tpcompiler.frontend.loader import _module, load
+from tpcompiler.ir.graph import ProgramError
 
 ROOT = Path(__file__).resolve().parents[2]
 PROGRAMS = ROOT / "programs"
@@ -35,7 +36,8 @@ def page(path: Path) -> str:
     """The Markdown page of one program file."""
     try:
         return _page(path)
-    except Exception as exc:  # the program file's own code runs here: any error is its error
+    except ProgramError as exc:  # the loader's and the compiler's errors about the program (an
+        # error inside tpcompiler itself keeps its traceback)
         text = " ".join(str(exc).split()) or type(exc).__name__
         raise DocsError(f"programs/{path.name}: {text}") from None
 

@@ -736,7 +736,9 @@ class StepEngine:
 
     @contextlib.contextmanager
     def temporary(self):
-        """Steps taken inside the block are undone when it ends (test-time adaptation)."""
+        """Steps taken inside the block are undone when it ends (test-time adaptation).  The
+        random generator is not put back: with particles, each block (a test task's adaptation)
+        draws fresh randomness, and so do the steps after it."""
         with contextlib.ExitStack() as stack:
             for eng in self._engines():
                 stack.enter_context(eng._restoring(families=True))
@@ -791,7 +793,10 @@ class StepEngine:
 
     def predict(self, X) -> tuple[np.ndarray, np.ndarray]:
         """(mean, stderr) of f on the rows of X: arrays (N, K); stderr over replicas (0 for exact);
-        particles: extrapolated to infinitely many particles per group (class docstring)."""
+        particles: extrapolated to infinitely many particles per group (class docstring).  A look
+        draws nothing from the stream of later steps (``_restoring(look=True)``), so with
+        particles it is fixed by the state: calling it again gives the same values (only more
+        particles reduce its noise), and the next step reuses the draws it made."""
         X = _as_rows(X, self.program.d, "X")
         mean, err = _mean_stderr(self._replica_outputs(X))
         if self._half is None:
