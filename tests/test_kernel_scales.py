@@ -389,6 +389,35 @@ def test_edge_inputs_against_reference(phi, bias, scales):
         _check_kernels(K, R, 2 * RTOL)
 
 
+@pytest.mark.parametrize("phi", ["sin", "cos"])
+@pytest.mark.parametrize("depth", [1, 2])
+def test_sin_and_cos_with_a_bias_on_the_diagonal_at_large_variances(phi, depth):
+    """E phi(h)^2 at Var h = k is (1 -+ e^{-2k})/2, well conditioned at any k; the closed form
+    exp(|k12| - (k11 + k22)/2) sinh/cosh must be exactly that on the diagonal.  Written out,
+    the bias's b^2 left k11 as a constant while |k12| kept it: at k = 1e16 the diagonal was
+    e^{-b^2}/2 + b^2 (0.52 for 0.54; depth 2: 1.3% off; a QA finding).  Reference: the
+    recursion in mpmath at 50 digits, variances exact."""
+    w, b = mpmath.mpf("1.3"), mpmath.mpf("0.2")
+    xs = [10.0**4, 10.0**6, 10.0**8]
+    K = tp.compile(tp.load(MLP, depth=depth, phi=phi, w_std=1.3, b_std=0.2, d=1)).kernels(np.array(xs)[:, None])
+    sign = -1 if phi == "sin" else 1
+    with mpmath.workdps(50):
+        def square(k):  # E phi(h)^2 and E phi'(h)^2, h ~ N(0, k)
+            return (1 + sign * mpmath.exp(-2 * k)) / 2, (1 - sign * mpmath.exp(-2 * k)) / 2
+
+        for i, x in enumerate(xs):
+            k = w**2 * mpmath.mpf(x) ** 2 + b**2
+            theta = k
+            for _ in range(depth - 1):
+                value, derivative = square(k)
+                k, theta = w**2 * value + b**2, w**2 * value + b**2 + w**2 * derivative * theta
+            value, derivative = square(k)
+            nngp = w**2 * value + b**2
+            ntk = nngp + w**2 * derivative * theta
+            assert abs(K["nngp"][i, i] - float(nngp)) <= 1e-13 * float(nngp), (x, K["nngp"][i, i], float(nngp))
+            assert abs(K["ntk"][i, i] - float(ntk)) <= 1e-13 * float(ntk), (x, K["ntk"][i, i], float(ntk))
+
+
 def test_tanh_depth2_ntk_does_not_grow_with_the_input_norm():
     """The issue's case: tanh, w_std 1.5, b_std 0.1, depth 2, two rows at cosine 0.967; the
     NTK entry grew like s (6.3 x too large at s = 1e4)."""

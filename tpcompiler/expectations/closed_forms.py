@@ -41,7 +41,7 @@ import sympy as sp
 from sympy.codegen.cfunctions import expm1
 
 from tpcompiler.expectations.functions import EVEN, NEITHER, ODD, as_lambda
-from tpcompiler.expectations.special import _J0, _J1, _RS, _cvar, _det
+from tpcompiler.expectations.special import _J0, _J1, _RS, _cvar, _det, _gap
 from tpcompiler.ir import nonlinearities as nl
 
 #: Symbols of the covariance entries in closed forms of pair expectations.
@@ -248,11 +248,12 @@ PAIR_RULES = {
     (STEP, ERF): ("erf arcsin", lambda k11, k12, k22: (
         sp.atan(sp.sqrt(2) * k12 / sp.sqrt(k11 + 2 * _det(k11, k12, k22))) / sp.pi)),
     # exp(-(k11 + k22)/2) sinh(k12) and cosh(k12), written so that nothing overflows
-    # (exp(-k) sinh(k) was 0 * inf = NaN beyond k = 710) and nothing cancels at small k
+    # (exp(-k) sinh(k) was 0 * inf = NaN beyond k = 710), nothing cancels at small k, and the
+    # exponent is one value of the three entries (_gap: exactly 0 on the diagonal)
     (SIN, SIN): ("characteristic function", lambda k11, k12, k22: (
-        sp.sign(k12) * sp.exp(sp.Abs(k12) - (k11 + k22) / 2) * (-expm1(-2 * sp.Abs(k12))) / 2)),
+        sp.sign(k12) * sp.exp(-_gap(k11, k12, k22)) * (-expm1(-2 * sp.Abs(k12))) / 2)),
     (COS, COS): ("characteristic function", lambda k11, k12, k22: (
-        sp.exp(sp.Abs(k12) - (k11 + k22) / 2) * (1 + sp.exp(-2 * sp.Abs(k12))) / 2)),
+        sp.exp(-_gap(k11, k12, k22)) * (1 + sp.exp(-2 * sp.Abs(k12))) / 2)),
     (EXP, EXP): ("characteristic function", lambda k11, k12, k22: sp.exp((k11 + 2 * k12 + k22) / 2)),
     (EXP, SIN): ("characteristic function", lambda k11, k12, k22: sp.exp((k11 - k22) / 2) * sp.sin(k12)),
     (EXP, COS): ("characteristic function", lambda k11, k12, k22: sp.exp((k11 - k22) / 2) * sp.cos(k12)),

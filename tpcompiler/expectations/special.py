@@ -12,6 +12,7 @@ their njit definitions from ``HELPER_SOURCE`` (registered in ``codegen.HELPER_SO
     variance is 0 (relu(0) = step(0) = 0);
     _det(k11, k12, k22) = max(k11 k22 - k12^2, 0),  _sdet = sqrt(_det),
     _cvar(k11, k12, k22) = max(k11 - k12^2 / k22, 0) (= _det / k22, without the products),
+    _gap(k11, k12, k22) = (k11 + k22)/2 - |k12| (the exponent of E sin sin, E cos cos),
     _pos(k11, k22) = 1 if both variances are positive else 0,
     _angle(y, x) = atan2(y, x) for y >= 0 (branch-free, so loops calling it vectorise).
 
@@ -125,6 +126,24 @@ class _cvar(_Special):
     @staticmethod
     def _value(mp, k11, k12, k22):
         return max(k11 - k12**2 / k22, mp.mpf(0))
+
+
+class _gap(_Special):
+    """(k11 + k22)/2 - |k12|: the exponent of E sin sin and E cos cos, from the covariance
+    entries as values.  Written out, sympy distributes the 1/2 over k11 and k22 and the code
+    generator takes their constant terms (a bias's variance) out of the row features, while
+    |k12| keeps its own: at k = x^2 + b^2 with x^2 = 1e16, b^2 rounds off k12 but not off the
+    constant, and E sin(h)^2 came out as e^{-b^2}/2 instead of 1/2.  As a function of k11, k12,
+    k22 it is exactly 0 on the diagonal (k11 = k12 = k22, one value)."""
+
+    nargs = 3
+
+    @staticmethod
+    def _value(mp, k11, k12, k22):
+        return (k11 + k22) / 2 - abs(k12)
+
+    def fdiff(self, argindex=1):
+        return sp.S.Half if argindex != 2 else -sp.sign(self.args[1])
 
 
 class _pos(_Special):
@@ -306,6 +325,11 @@ def _cvar(k11, k12, k22):
     if not math.isfinite(d):  # (k22 = 0: no conditional law)
         return math.nan
     return d if d > 0.0 else 0.0
+''',
+    "_gap": '''
+@njit(cache=True, error_model="numpy")
+def _gap(k11, k12, k22):
+    return 0.5 * (k11 + k22) - abs(k12)
 ''',
     "_pos": '''
 @njit(cache=True, error_model="numpy")

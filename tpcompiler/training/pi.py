@@ -240,7 +240,8 @@ def load_state_file(path) -> tuple[dict, dict]:
 def _expand_special(expr: sp.Expr) -> sp.Expr:
     """Closed forms with the determinant helpers written out, so that sympy can differentiate."""
     return expr.replace(special._det, lambda a, b, c: a * c - b**2).replace(
-        special._sdet, lambda a, b, c: sp.sqrt(a * c - b**2)).replace(special._cvar, lambda a, b, c: a - b**2 / c)
+        special._sdet, lambda a, b, c: sp.sqrt(a * c - b**2)).replace(special._cvar, lambda a, b, c: a - b**2 / c).replace(
+        special._gap, lambda a, b, c: (a + c) / 2 - sp.Abs(b))
 
 
 class Transforms:
