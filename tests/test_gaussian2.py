@@ -165,6 +165,7 @@ def test_closed_forms_are_symmetric_under_exchange():
     helpers = {  # the special functions of closed forms, for k11, k22 > 0
         "_det": lambda a, b, c: sd(a, b, c) ** 2,
         "_cvar": lambda a, b, c: sd(a, b, c) ** 2 / c,
+        "_gap": lambda a, b, c: (a + c) / 2 - abs(b),
         "_J1": lambda a, b, c: (sd(a, b, c) + (math.pi - t(a, b, c)) * b) / (2 * math.pi),
         "_J0": lambda a, b, c: (math.pi - t(a, b, c)) / (2 * math.pi),
         "_RS": lambda a, b, c: (math.sqrt(a) + b / math.sqrt(c)) / (2 * math.sqrt(2 * math.pi)),

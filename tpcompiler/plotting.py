@@ -91,7 +91,8 @@ def _loss(loss: str, f: np.ndarray, Y: np.ndarray) -> np.ndarray:
 
 
 def training_figure(path: str, Y, loss: str, trajectories: list[Trajectory], title: str = "") -> None:
-    """Two panels: the training loss of f against the step (log scale when positive), and f on
+    """Two panels: the training loss of f against the step (log scale when positive; for a
+    finite width, the loss of its seeds' mean f, which converges to the limit's), and f on
     the first SHOWN_INPUTS training inputs (output 0), one line style per trajectory; the
     first trajectory (the limit) is drawn solid and black-edged."""
     Y = np.asarray(Y, dtype=np.float64)
@@ -113,7 +114,9 @@ def training_figure(path: str, Y, loss: str, trajectories: list[Trajectory], tit
     for j in range(shown):
         ax_f.axhline(Y[j, 0], color="grey", lw=0.6, ls=":")
     ax_loss.set_xlabel("step")
-    ax_loss.set_ylabel(f"training loss ({loss}) of f")
+    # of the mean f over a width's seeds (what converges to the limit's curve), not the mean of
+    # the seeds' own losses, which keeps their spread around the mean
+    ax_loss.set_ylabel(f"training loss ({loss}) of f (finite widths: of the mean f over seeds)")
     if all(np.all(_loss(loss, t.f.reshape(t.f.shape[0], t.f.shape[1], -1), Y) > 0) for t in trajectories):
         ax_loss.set_yscale("log")
     ax_loss.legend(fontsize="small")
