@@ -411,14 +411,17 @@ def test_save_load_round_trip_and_fit(tmp_path):
 def test_a_diverged_state_is_refused_not_stepped_on():
     """phi = exp at a learning rate of 50: the first step overflows the state, and the next
     step carried the NaN on silently, in the limit and at finite width (audit).  It is now
-    refused, as the step engine refuses a non-finite output (a ProgramError: tpc prints one line)."""
+    refused, as the step engine refuses a non-finite output (a ProgramError: tpc prints one line);
+    so is a forward pass (predict) of such a state, which returned NaN without a word (QA)."""
     spec = tp.PiSpec(depth=2, r=3, d=3, dout=2, phi="exp")
     X = np.random.default_rng(0).standard_normal((4, 3))
     Y = np.eye(2)[[0, 1, 0, 1]]
     for eng in (tp.PiLimit(spec), PiFinite(spec, width=64)):
         with np.errstate(all="ignore"):
             eng.step(X, Y, 50.0)
-            assert not np.all(np.isfinite(eng.forward(X)))
+            for look in (eng.forward, eng.predict):
+                with pytest.raises(tp.ProgramError, match="pi-net forward: the network's output is not finite"):
+                    look(X)
             with pytest.raises(tp.ProgramError, match="output is not finite .*smaller learning rate"):
                 eng.step(X, Y, 50.0)
 

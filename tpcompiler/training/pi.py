@@ -346,12 +346,20 @@ def transforms(phi: str) -> Transforms:
 # ---------------------------------------------------------------------------------------
 # Losses and options shared by the limit and the finite pi-net
 # ---------------------------------------------------------------------------------------
+def finite_outputs(out: np.ndarray, where: str) -> np.ndarray:
+    """``out``, or a ProgramError if some output is not finite: a diverged or overflowed state
+    (phi = exp at large inputs reaches 1e66 after one step), which a step would carry on and a
+    forward pass would return as NaN without a word."""
+    if not np.all(np.isfinite(out)):
+        raise ProgramError(f"pi-net {where}: the network's output is not finite (training diverged, or phi "
+                           "overflowed at these inputs); use a smaller learning rate or smaller inputs")
+    return out
+
+
 def loss_and_delta(out: np.ndarray, Y: np.ndarray, loss: str):
     """Per-example losses (B,) and delta = d(mean loss)/d out (B, dout); a ProgramError if the
-    outputs are not finite (a diverged state: a step would carry the NaN on silently)."""
-    if not np.all(np.isfinite(out)):
-        raise ProgramError("pi-net step: the network's output is not finite (training diverged); use a smaller "
-                           "learning rate")
+    outputs are not finite (``finite_outputs``)."""
+    finite_outputs(out, "step")
     B = out.shape[0]
     if loss == "softmax":
         z = out - out.max(axis=1, keepdims=True)
@@ -643,7 +651,7 @@ class PiLimit:
         X = check_batch(self.spec, X)
         with limited_threads(self.threads):
             outs = [self._forward(X[i:i + self.chunk]).out for i in range(0, X.shape[0], self.chunk)]
-        return np.concatenate(outs) if outs else np.zeros((0, self.spec.dout))
+        return finite_outputs(np.concatenate(outs), "forward") if outs else np.zeros((0, self.spec.dout))
 
     def predict(self, X):
         f = self.forward(X)

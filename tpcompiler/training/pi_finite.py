@@ -39,8 +39,8 @@ import numpy as np
 
 from tpcompiler import memory, validation
 from tpcompiler.training.pi import (
-    PiSpec, _resolve_state, check_batch, check_options, clip_factor, limited_threads, load_state_file, loss_and_delta,
-    save_metadata, spec_and_options, transforms,
+    PiSpec, _resolve_state, check_batch, check_options, clip_factor, finite_outputs, limited_threads, load_state_file,
+    loss_and_delta, save_metadata, spec_and_options, transforms,
 )
 
 
@@ -188,7 +188,7 @@ class PiFinite:
         X = check_batch(self.spec, X)
         self._batch_memory(X)
         with limited_threads(self.threads):
-            return self._forward(X)[1]
+            return finite_outputs(self._forward(X)[1], "forward")
 
     def predict(self, X):
         f = self.forward(X)
