@@ -374,6 +374,9 @@ API_CASES = [
     ("kernels rtol=1", lambda a: a["mc"].kernels(a["X"], rtol=1.0), r"^rtol: .*between 1e-14 and 0\.1, got 1$"),
     ("kernels rtol str", lambda a: a["mc"].kernels(a["X"], rtol="1e-10"), r"^rtol: .*got '1e-10'$"),
     ("kernel_function rtol=inf", lambda a: a["mc"].kernel_function(np.inf), r"^rtol: .*got inf$"),
+    # the kernel function itself, called directly: complex data refused, not cast to its real part (QA)
+    ("kernel_function X complex", lambda a: a["mc"].kernel_function()(a["X"] + 0j), r"^X: holds complex numbers"),
+    ("kernel_function X2 strings", lambda a: a["mc"].kernel_function()(a["X"], [["a", "b", "c"]]), r"^X2: does not hold numbers"),
     ("SGD lr=-1", lambda a: sgd(a, lr=-1), r"^lr: expected a positive finite number, got -1\.0$"),
     ("SGD lr=0", lambda a: sgd(a, lr=0), r"^lr: expected a positive finite number, got 0\.0$"),
     ("SGD lr=nan", lambda a: sgd(a, lr=float("nan")), r"^lr: .*got nan$"),

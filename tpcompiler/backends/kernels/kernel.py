@@ -858,7 +858,9 @@ def pair_stage(t0, step, GS, RF1, RF2T, R1, R2T, {outs}, symmetric, P, IT, WT):
 
     # -- evaluation -----------------------------------------------------------------------
     def _check(self, X, what):
-        X = np.asarray(X, dtype=np.float64) if not isinstance(X, np.ndarray) or X.dtype != np.float64 else X
+        if not isinstance(X, np.ndarray) or X.dtype != np.float64:
+            # (complex data: refused, as c.kernels does, not cast with the imaginary part dropped)
+            X = validation.array(X, what, finite=False, max_abs=None)
         if X.ndim != 2:
             raise ProgramError(f"{what}: inputs must be an N x d array, got shape {X.shape}")
         if X.shape[0] == 0:
