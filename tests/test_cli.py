@@ -158,7 +158,11 @@ def test_check_report_and_plot(capsys, tmp_path):
     assert len(verdicts) == len(ZDOT_OUTPUTS)
     assert all(("PASS" in v) != ("FAIL" in v) for v in verdicts)
     assert out.rstrip().splitlines()[-1] == ("PASS" if rc == 0 else "FAIL")
+    # 3 seeds: the verdict comes with a note that so few seeds make it rough
+    assert "note: 3 seeds give rough standard errors" in out and "--seeds 10 or more" in out
     assert png.read_bytes()[:8] == PNG_MAGIC
+    rc, out, err = tpc(capsys, "check", ZDOT, "--widths", "8,16", "--seeds", 10, "--particles", 2000)
+    assert "note:" not in out and out.rstrip().splitlines()[-1] in ("PASS", "FAIL")
 
 
 # -- classify ------------------------------------------------------------------------------

@@ -220,7 +220,7 @@ def cmd_simulate(args) -> int:
 
 def cmd_check(args) -> int:
     from tpcompiler import progress
-    from tpcompiler.check import convergence_check, format_report, plot
+    from tpcompiler.check import FEW_SEEDS, convergence_check, format_report, plot
     from tpcompiler.compiler import compile
 
     X = _load_array(args.x, "--x") if args.x else None
@@ -237,6 +237,9 @@ def cmd_check(args) -> int:
     with progress.bar(len(widths), "check", unit="width") as bar:
         checks = convergence_check(compiled, widths, args.seeds, args.particles, args.seed, X, progress=lambda n: bar.update())
     print(format_report(checks))
+    if args.seeds < FEW_SEEDS:
+        print(f"note: {args.seeds} seeds give rough standard errors, with which a correct limit often fails the "
+              f"agreement test; use --seeds {FEW_SEEDS} or more for a verdict")
     if plot_path:
         try:
             plot(checks, plot_path, title=compiled.name)
