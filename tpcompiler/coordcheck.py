@@ -114,13 +114,11 @@ class CoordCheck:
 
     def blown_up(self, label: str):
         """(growth, step, layer) where the coordinates of the smallest width first grew more than
-        BLOWN_UP times their size at initialization (a layer that starts at 0: the largest initial
-        size of any layer), or None: a learning rate too large for every
-        width measured, whose exponents (the blow-up's own scaling, often near 0) would otherwise
-        read as a stable parametrization."""
+        BLOWN_UP times their size at initialization (a layer that starts at 0, such as a readout
+        declared with var=0: the largest initial size of any layer), or None.  Such a learning
+        rate blows up every width measured, and the exponents (the blow-up's own scaling, often
+        near 0) would otherwise read as those of a stable parametrization."""
         size = self.size[label][0]  # (steps + 1, layers) at the smallest width
-        # a layer that starts at 0 (a readout declared with var=0) against the largest
-        # initial size of the network's layers
         init = np.where(size[0] > 0, size[0], np.nanmax(size[0]))
         with np.errstate(divide="ignore", invalid="ignore"):
             growth = np.where(init > 0, size / init, np.nan)

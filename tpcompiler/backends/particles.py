@@ -24,7 +24,6 @@ with any width.
 from __future__ import annotations
 
 import math
-
 from dataclasses import dataclass, field
 
 import networkx as nx
