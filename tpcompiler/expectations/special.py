@@ -26,14 +26,16 @@ import sympy as sp
 from tpcompiler.backends import codegen
 from tpcompiler.expectations.source import function, render
 
-__all__ = ["HELPER_SOURCE", "fusable"]
+__all__ = ["HELPER_SOURCE", "fusable", "written_out"]
 
 
 class _Special(sp.Function):
     """A special function whose value at numbers ``evalf`` computes with mpmath
     (``_value``): an expectation of functions of input-independent vectors is a number at
     compile time (a readout relu(a) of an initial vector a), which the code generator folds
-    into a constant with float()."""
+    into a constant with float().  The determinant helpers also have ``written_out(k11, k12,
+    k22)``, their sympy expression without the clamp at 0, which ``written_out`` below
+    substitutes where sympy must differentiate a closed form (pi-nets' transforms)."""
 
     def _eval_evalf(self, prec):
         import mpmath
@@ -101,6 +103,10 @@ class _sdet(_Special):
     def _value(mp, k11, k12, k22):
         return mp.sqrt(_det._value(mp, k11, k12, k22))
 
+    @staticmethod
+    def written_out(k11, k12, k22):
+        return sp.sqrt(k11 * k22 - k12**2)
+
 
 class _det(_Special):
     """max(k11 k22 - k12^2, 0): the covariance determinant.  Closed forms are written with
@@ -114,6 +120,10 @@ class _det(_Special):
     def _value(mp, k11, k12, k22):
         return max(k11 * k22 - k12**2, mp.mpf(0))
 
+    @staticmethod
+    def written_out(k11, k12, k22):
+        return k11 * k22 - k12**2
+
 
 class _cvar(_Special):
     """max(k11 - k12^2 / k22, 0): the variance of u given v = 0, det / k22 without forming the
@@ -126,6 +136,10 @@ class _cvar(_Special):
     @staticmethod
     def _value(mp, k11, k12, k22):
         return max(k11 - k12**2 / k22, mp.mpf(0))
+
+    @staticmethod
+    def written_out(k11, k12, k22):
+        return k11 - k12**2 / k22
 
 
 class _gap(_Special):
@@ -141,6 +155,10 @@ class _gap(_Special):
     @staticmethod
     def _value(mp, k11, k12, k22):
         return (k11 + k22) / 2 - abs(k12)
+
+    @staticmethod
+    def written_out(k11, k12, k22):
+        return (k11 + k22) / 2 - sp.Abs(k12)
 
     def fdiff(self, argindex=1):
         return sp.S.Half if argindex != 2 else -sp.sign(self.args[1])
@@ -296,6 +314,13 @@ _ARC_COSINE = """
         $sqrt_det
         $value
 """
+
+def written_out(expr: sp.Expr) -> sp.Expr:
+    """``expr`` with every special function that has a ``written_out`` form replaced by it (so
+    that sympy can differentiate it)."""
+    return expr.replace(lambda e: isinstance(e, _Special) and hasattr(e, "written_out"),
+                        lambda e: e.written_out(*e.args))
+
 
 #: njit source of each function, by name.  _J1 and _J0 (in closed-form modules, evaluated once
 #: per call) use libm's atan2; the fused form (in kernel pair loops) uses _angle.

@@ -237,13 +237,6 @@ def load_state_file(path) -> tuple[dict, dict]:
 # ---------------------------------------------------------------------------------------
 # Transforms derived from phi
 # ---------------------------------------------------------------------------------------
-def _expand_special(expr: sp.Expr) -> sp.Expr:
-    """Closed forms with the determinant helpers written out, so that sympy can differentiate."""
-    return expr.replace(special._det, lambda a, b, c: a * c - b**2).replace(
-        special._sdet, lambda a, b, c: sp.sqrt(a * c - b**2)).replace(special._cvar, lambda a, b, c: a - b**2 / c).replace(
-        special._gap, lambda a, b, c: (a + c) / 2 - sp.Abs(b))
-
-
 class Transforms:
     """T00 = E[phi(u) phi(v)], T11 = E[phi'(u) phi'(v)], T02 = E[phi(u) phi''(v)] for
     (u, v) ~ N(0, [[k11, k12], [k12, k22]]), derived from phi (docs/DESIGN.md 2.10)."""
@@ -271,7 +264,7 @@ class Transforms:
             pass
         t00 = closed_form_pair(lam[0], lam[0])
         if t00 is not None:
-            expr = 2 * sp.diff(_expand_special(t00), K22)
+            expr = 2 * sp.diff(special.written_out(t00), K22)
             if not expr.has(sp.Derivative, sp.core.function.AppliedUndef):
                 fn = sp.lambdify((K11, K12, K22), expr, modules=[NUMPY_FUNCTIONS, "numpy", "scipy"])
                 return (lambda a, b, c: np.broadcast_to(fn(a, b, c), np.broadcast_shapes(
