@@ -349,21 +349,23 @@ class Compiled:
                                               graph_parts=self._snapshot[3], get=get)
         return self._bound[key]
 
-    def limit(self, particles: int = DEFAULT_PARTICLES, seed: int = 0, x=None, groups: int = 10,
+    def limit(self, particles: int = DEFAULT_PARTICLES, seed: int = 0, x=None, groups: int | None = None,
               method: str = "auto") -> dict[str, tuple[float, float]]:
         """{output: (value, stderr)} of the infinite-width limit (stderr 0 where exact).
 
         method (docs/DESIGN.md 2.7): "exact" (Gaussian-linear programs, strategy 1),
         "pairwise" (moments that need only bivariate Gaussian expectations, strategy 2:
         closed forms, else quadrature to 1e-10), "particles" (any program, strategy 3, with
-        ``particles`` samples in ``groups`` groups from ``seed``) or "auto": the most exact
-        of the three that applies, in that order."""
+        ``particles`` samples in ``groups`` groups from ``seed``; by default 10 groups up to
+        50,000 particles, one per 5,000 above, at most 40: ``particles.default_groups``) or
+        "auto": the most exact of the three that applies, in that order."""
         from tpcompiler.backends.kernels.limit import pairwise_limit
         from tpcompiler.backends.kernels.pairwise import NotPairwise, is_pairwise
 
         particles = validation.count(particles, "particles", minimum=1)
         seed = validation.count(seed, "seed")
-        groups = validation.count(groups, "groups", minimum=2)
+        if groups is not None:
+            groups = validation.count(groups, "groups", minimum=2)
         validation.choice(method, "method", ("auto", "exact", "pairwise", "particles"))
         x = _rows(network_rows(self.source, x, "x"), "x")  # (a tp.layers program takes (N, *input_shape) too)
         self._unchanged()

@@ -19,7 +19,7 @@ program in order:
 The whole computation is repeated on G independent groups of M/G particles; values are the
 group means and standard errors the spread of the groups over sqrt(G) (so the error of
 every estimate that feeds later instructions is accounted for).  Cost grows with M, not
-with any width.
+with any width.  G is chosen from M (``default_groups``) unless the caller gives it.
 """
 from __future__ import annotations
 
@@ -336,9 +336,32 @@ PARTICLES.register(ops.MatMul)(_matmul)
 PARTICLES.register(ops.Moment)(lambda run, entry, op: run.limit_scalar(entry.z, entry.key))
 
 
-def limit(zp: ZProgram, particles: int, seed: int = 0, groups: int = 10) -> dict[str, tuple[float, float]]:
+#: Particles per group that ``default_groups`` keeps at least (above MIN_GROUPS groups).
+GROUP_PARTICLES = 5_000
+MIN_GROUPS, MAX_GROUPS = 10, 40
+
+
+def default_groups(particles: int) -> int:
+    """The number of groups of a particle limit of ``particles`` particles: as many groups of
+    GROUP_PARTICLES as there are, within [MIN_GROUPS, MAX_GROUPS] (40 at the default 200,000).
+
+    The standard error is the spread of G group values, an estimate with G - 1 degrees of
+    freedom: with 10 groups it is itself 24% uncertain, and |value - limit| exceeded 3
+    standard errors in 1.25% of runs (programs/zdot.py, 400 seeds, against 0.27% for a normal
+    variable), up to 5.5.  With 40 groups: 11% and 0.21%.  Each group value is computed from
+    m = M / G particles, with a bias O(1/m) where an output is a nonlinear function of averages
+    (ZDot coefficients, Cholesky factors of estimated covariances), which the spread does
+    not show; groups of 5,000 particles moved zdot's values by about 0.1 standard error
+    against groups of 20,000, so smaller groups than that are not made."""
+    return min(MAX_GROUPS, max(MIN_GROUPS, particles // GROUP_PARTICLES))
+
+
+def limit(zp: ZProgram, particles: int, seed: int = 0, groups: int | None = None) -> dict[str, tuple[float, float]]:
     """{output: (value, standard error)} from ``groups`` independent runs of particles/groups
-    (the caller chooses the count; the API default is ``compiler.DEFAULT_PARTICLES``)."""
+    (the caller chooses the count; the API default is ``compiler.DEFAULT_PARTICLES``);
+    ``groups`` None: ``default_groups(particles)``."""
+    if groups is None:
+        groups = default_groups(particles)
     if particles < 2 * groups:
         raise ProgramError(f"need at least {2 * groups} particles for {groups} groups, got {particles}")
     seqs = np.random.SeedSequence(seed).spawn(groups)
