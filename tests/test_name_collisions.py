@@ -6,6 +6,7 @@ import sympy as sp
 
 import tpcompiler as tp
 from tpcompiler.ir import symbols
+from tpcompiler.ir.graph import ProgramError
 
 # Names that spell internal symbols in plausible encodings (the old "Z_u" / "q_1" ones first).
 TRICKY = ["Z_u", "Zhat_h", "q_0", "q_1", "rf0", "G0", "t", "k", "x", "k11", "_a0", "_v0", "_c0"]
@@ -142,3 +143,21 @@ def test_numpy_lowering_keeps_every_bit_of_float_constants():
     for c in (1.0 / 3.0, 0.1 ** 2, 2.0 / 7.0 * 1e-300, -1.2345678901234567e10):
         f = numpy_function(sp.Float(c) * x + sp.Float(c), [x])
         assert f(1.0) == c * 1.0 + c and f(np.array([0.0, 2.0]))[1] == c * 2.0 + c, c
+
+
+def _output_named_like_a_copy():
+    """Output m depends on the input (copies m[0], m[1] on two inputs); another is named m[1]."""
+    p = tp.Program("copies")
+    xi = p.input("xi", 1, default=[[1.0], [2.0]])
+    W = p.mat("W")
+    h = (W @ p.vec("u")).named("h")
+    p.output("m", tp.mean(h * h) * xi[0])
+    p.output("m[1]", tp.mean(h * h))
+    return p
+
+
+@pytest.mark.parametrize("run", [lambda p: tp.compile(p).limit(), lambda p: tp.simulate(p, width=8)])
+def test_an_output_named_like_another_outputs_copy_is_refused(run):
+    """Before: {m[0]: 1, m[1]: 1}, m at input 1 (2.0) silently replaced by the output m[1]."""
+    with pytest.raises(ProgramError, match=r"outputs 'm' and 'm\[1\]' both give the name 'm\[1\]'.*rename one"):
+        run(_output_named_like_a_copy())

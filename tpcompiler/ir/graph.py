@@ -426,6 +426,10 @@ def instantiate(graph: Graph, X: np.ndarray | None) -> tuple[Graph, dict[str, Ou
     index: dict[str, OutputIndex] = {}
     for name, expr in graph.outputs.items():
         for concrete, examples, value in binding.output(name, graph.expand_input_cov(expr)):
+            if concrete in index:  # an output named like another's copy at an input: "m[1]" and m at input 1
+                raise ProgramError(f"program {graph.name!r}: outputs {index[concrete].template!r} and {name!r} both give "
+                                   f"the name {concrete!r} on these inputs (name[a] and name[a,b] are an output at "
+                                   "input a, or at the pair of inputs (a, b)); rename one of them")
             binding.out.outputs[concrete] = value
             index[concrete] = OutputIndex(name, examples)
     return binding.out, index
