@@ -165,6 +165,16 @@ def test_files_of_a_run_that_fails_are_removed(compiled, data, reference, tmp_pa
     (tmp_path / "K" / "ntk.npy").rmdir()
     assert_close(tiled.kernels(kf, data[0], tile=100, out=str(tmp_path / "K") + "/"),
                  {k: reference[k] for k in ("nngp", "ntk")})
+    # into new folders (out="new/sub/"): the folders it created go too, but not one that was there
+    monkeypatch.setattr(kf, "block", failing_block)
+    calls.clear()
+    with pytest.raises(KeyboardInterrupt):
+        tiled.kernels(kf, data[0], tile=100, out=str(tmp_path / "new" / "sub") + "/")
+    assert not (tmp_path / "new").exists()
+    calls.clear()
+    with pytest.raises(KeyboardInterrupt):
+        tiled.kernels(kf, data[0], tile=100, out=str(tmp_path / "K" / "sub") + "/")
+    assert (tmp_path / "K").is_dir() and not (tmp_path / "K" / "sub").exists()
 
 
 def test_progress_bar_counts_tiles(compiled, data, capsys):

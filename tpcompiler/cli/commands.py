@@ -270,7 +270,7 @@ def cmd_kernels(args) -> int:
     out = args.out if to_files else _out_path(args.out)
     plot_path = _plot_path(args.plot) if args.plot else None
     client = None
-    created = _first_missing_folder(out) if to_files else None  # what a run that fails removes again
+    created = tiled.first_missing_folder(out) if to_files else None  # what a run that fails removes again
     try:
         if to_files:
             tiled.output_folder(out)
@@ -282,8 +282,7 @@ def cmd_kernels(args) -> int:
         result = tiled.kernels(kf, X, X2, memory=args.memory, out=out if to_files else None, dtype=args.dtype,
                                client=client)  # refuses non-finite kernels itself (KernelFunction.check_finite)
     except BaseException as exc:
-        if created:
-            _remove_created_folders(out, created)
+        tiled.remove_created_folders(out, created)
         if isinstance(exc, validation.ArgumentError):
             raise _kernels_option(exc) from None
         raise
@@ -667,32 +666,6 @@ def cmd_classify(args) -> int:
         for k, v in report.items():
             print(f"{k}: {v}")
     return 0
-
-
-def _first_missing_folder(folder: str) -> str | None:
-    """The outermost of ``folder`` and its parents that does not exist (what creating ``folder``
-    creates first), None if ``folder`` exists."""
-    path, missing = os.path.abspath(folder), None
-    while not os.path.isdir(path):
-        missing, parent = path, os.path.dirname(path)
-        if parent == path:
-            break
-        path = parent
-    return missing
-
-
-def _remove_created_folders(folder: str, outermost: str) -> None:
-    """Remove ``folder`` and its parents up to ``outermost`` (the folders a run created,
-    ``_first_missing_folder``), each only while it is empty."""
-    path = os.path.abspath(folder)
-    while True:
-        try:
-            os.rmdir(path)
-        except OSError:
-            return
-        if path == outermost or os.path.dirname(path) == path:
-            return
-        path = os.path.dirname(path)
 
 
 def _memory_size(text: str) -> str:

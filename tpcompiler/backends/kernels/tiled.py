@@ -232,6 +232,34 @@ def output_folder(out: str) -> str:
     return folder
 
 
+def first_missing_folder(folder: str) -> str | None:
+    """The outermost of ``folder`` and its parents that does not exist (what creating ``folder``
+    creates first), None if ``folder`` exists."""
+    path, missing = os.path.abspath(folder), None
+    while not os.path.isdir(path):
+        missing, parent = path, os.path.dirname(path)
+        if parent == path:
+            break
+        path = parent
+    return missing
+
+
+def remove_created_folders(folder: str, outermost: str | None) -> None:
+    """Remove ``folder`` and its parents up to ``outermost`` (the folders a run created,
+    ``first_missing_folder``; nothing when None), each only while it is empty."""
+    if outermost is None:
+        return
+    path = os.path.abspath(folder)
+    while True:
+        try:
+            os.rmdir(path)
+        except OSError:
+            return
+        if path == outermost or os.path.dirname(path) == path:
+            return
+        path = os.path.dirname(path)
+
+
 def _open_files(out: str, shapes: dict, dtype) -> dict[str, NpyFile]:
     """One NpyFile per kernel under ``out`` (see output_paths); one-line errors when the place
     cannot be written or the disk is too small."""
@@ -283,10 +311,17 @@ def kernels(kf: KernelFunction, X, X2=None, memory=DEFAULT_MEMORY, out: str | No
         result = kf(X, X2)
         return {k: v.astype(dtype, copy=False) for k, v in result.items()}
     shapes = output_shapes(N, N2, kf.kernels)
+    created = None  # the folders of ``out`` this call creates, removed again if it fails
     if out is None:
         targets = {name: np.empty(shape, dtype=dtype) for name, shape in shapes.items()}
     else:
-        targets = _open_files(os.fspath(out), shapes, dtype)
+        out = os.fspath(out)
+        created = first_missing_folder(out) if out.endswith(("/", os.sep)) else None
+        try:
+            targets = _open_files(out, shapes, dtype)
+        except BaseException:
+            remove_created_folders(out, created)
+            raise
     timing: dict = {}
 
     def store(job, outs):
@@ -317,6 +352,7 @@ def kernels(kf: KernelFunction, X, X2=None, memory=DEFAULT_MEMORY, out: str | No
     except BaseException:
         if out is not None:  # a partial kernel (zeros where no tile was written) must not be read as one
             _discard(targets)
+            remove_created_folders(out, created)
         raise
     if out is not None:
         targets = {name: f.close() for name, f in targets.items()}
