@@ -791,6 +791,11 @@ class StepEngine:
             if look:
                 self.rng.bit_generator.state = generator
 
+    def _looking(self):
+        """The block of a look (predict, activations, features): a forward pass, which reads the
+        tensors only, leaving the matrices' sides and the random stream as they were."""
+        return self._restoring(families=True, tensors=False, look=True)
+
     def predict(self, X) -> tuple[np.ndarray, np.ndarray]:
         """(mean, stderr) of f on the rows of X: arrays (N, K); stderr over replicas (0 for exact);
         particles: extrapolated to infinitely many particles per group (class docstring).  A look
@@ -806,7 +811,7 @@ class StepEngine:
 
     def _replica_outputs(self, X) -> np.ndarray:
         """f on the rows of X per replica, (R, N, K), state unchanged."""
-        with self._restoring(families=True, tensors=False, look=True):   # a forward pass: reads the tensors only
+        with self._looking():
             return self._outputs(self._forward(X, keep=self.program.forward_reuses_a_matrix))
 
     def activations(self, X) -> dict:
@@ -814,7 +819,7 @@ class StepEngine:
         D)}, and the output under "f": (R, N, K) (a look, like ``predict``: the state is
         unchanged).  At finite width D = n coordinates: what ``tp.coordcheck`` measures."""
         X = _as_rows(X, self.program.d, "X")
-        with self._restoring(families=True, tensors=False, look=True):
+        with self._looking():
             env = self._forward(X, keep=self.program.forward_reuses_a_matrix)
             # copies: a trained vector's entry is the engine's own state array, which a later
             # step updates in place (tp.coordcheck measured a hidden bias's change as 0)
@@ -829,7 +834,7 @@ class StepEngine:
         if node not in self.program.forward:
             raise validation.ArgumentError(f"node: {node!r} is not a vector of the forward pass "
                                            f"({', '.join(self.program.forward)})")
-        with self._restoring(families=True, tensors=False, look=True):
+        with self._looking():
             V = self._forward(X, keep=self.program.forward_reuses_a_matrix)[node]
         return self.alg.features(V)
 
