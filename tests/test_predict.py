@@ -197,6 +197,25 @@ def test_time_zero_and_late_times():
         assert_close(late[g].cov, end[g].cov, 1e-8)
 
 
+def test_times_where_lambda_s_overflows_give_the_gradient_flow_closed_form():
+    """g_s(lambda) = (1 - exp(-lambda s)) / lambda, written independently with expm1, on a kernel
+    with lambda_max 2e4 at t = 1e306 (lambda s = 1e309 overflows float64): the largest
+    directions were dropped (g = 0), and the NNGP covariance's g_{2s} with them, silently."""
+    rng = np.random.default_rng(7)
+    Q, _ = np.linalg.qr(rng.normal(size=(20, 20)))
+    lam = np.geomspace(1e-2, 2e4, 20)
+    k_train = (Q * lam) @ Q.T
+    k_test_train = rng.normal(size=(3, 20))
+    y = rng.normal(size=(20, 1))
+    for t in (1e300, 1e306, 1e308):
+        s = t / 20  # lr 1, N 20, K 1 (neural-tangents' normalisation)
+        with np.errstate(over="ignore"):
+            g = -np.expm1(-lam * s) / lam
+        expected = k_test_train @ (Q @ (g[:, None] * (Q.T @ y)))
+        got = P.gradient_descent_mean(k_train, k_test_train, y, t=t)
+        np.testing.assert_allclose(got, expected, rtol=1e-9, atol=0)
+
+
 def test_gp_posterior_and_regularizer_scale():
     """reg is relative to the mean of the training kernel's diagonal: gp_posterior with reg r
     is the textbook posterior with noise variance r * mean(diag K)."""

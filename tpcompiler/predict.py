@@ -213,9 +213,9 @@ def _cholesky(k_reg: np.ndarray) -> Filter | None:
 
 
 def _eigen_filter(evals: np.ndarray, evecs: np.ndarray, s: float) -> Filter:
-    """g_s from the eigendecomposition of K_r: s * exprel(-lambda s) for finite s, 1/lambda
-    (the pseudo-inverse) for s = inf, on the eigenvalues above N eps lambda_max; g = 0 on the
-    others, at every s.
+    """g_s from the eigendecomposition of K_r: s * exprel(-lambda s) for finite s (1/lambda where
+    lambda s overflows), 1/lambda (the pseudo-inverse) for s = inf, on the eigenvalues above
+    N eps lambda_max; g = 0 on the others, at every s.
 
     Those are rounding: the kernel's entries are known to about eps, so the directions of
     such eigenvalues (an exactly singular kernel's null space, duplicated training inputs)
@@ -230,7 +230,14 @@ def _eigen_filter(evals: np.ndarray, evecs: np.ndarray, s: float) -> Filter:
     lam = np.maximum(evals, 0.0)
     keep = lam > _rounding_floor(len(lam)) * top
     g = np.zeros_like(lam)
-    g[keep] = 1.0 / lam[keep] if s == INF else s * scipy.special.exprel(-lam[keep] * s)
+    if s == INF:
+        g[keep] = 1.0 / lam[keep]
+    else:
+        with np.errstate(over="ignore"):
+            x = lam[keep] * s
+        # lambda s beyond float64 (t = 1e306 on a kernel of lambda_max 2e4) is inf, and
+        # exprel(-inf) = 0 would drop the direction: there g_s = 1/lambda to the last bit
+        g[keep] = np.where(np.isinf(x), 1.0 / lam[keep], s * scipy.special.exprel(-x))
     dropped = int((~keep).sum())
     below = f"{dropped} eigenvalue{'s' if dropped > 1 else ''} below N eps lambda_max dropped" if dropped else ""
     if s == INF:
