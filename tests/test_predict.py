@@ -620,6 +620,22 @@ def test_cli_writes_the_four_arrays(capsys, files, erf_net):
         np.testing.assert_array_equal(p["nngp_cov"], api["nngp"].cov)
 
 
+def test_targets_of_any_size_scale_the_means(capsys, files, erf_net, tmp_path):
+    """Predictions are linear in the targets, which never enter the kernels: targets of 1e60
+    give 1e60 times the unit targets' means (they were refused as overflowing the kernels)."""
+    unit = P.predict_program(erf_net, REF["x_train"], REF["y_train"], REF["x_test"], t=3.0)
+    big = P.predict_program(erf_net, REF["x_train"], 1e60 * REF["y_train"], REF["x_test"], t=3.0)
+    np.save(tmp_path / "y60.npy", 1e60 * REF["y_train"])
+    rc, _, err = tpc(capsys, "predict", MLP, "-p", "depth=1", "-p", "phi=erf", "--x", files / "x.npy",
+                     "--y", tmp_path / "y60.npy", "--xt", files / "xt.npy", "--time", 3, "--out", tmp_path / "p.npz")
+    assert rc == 0, err
+    with np.load(tmp_path / "p.npz") as p:
+        for g in KINDS:
+            np.testing.assert_allclose(big[g].mean, 1e60 * unit[g].mean, rtol=1e-13)
+            np.testing.assert_allclose(p[f"{g}_mean"], 1e60 * unit[g].mean, rtol=1e-13)
+            np.testing.assert_array_equal(big[g].cov, unit[g].cov)
+
+
 def test_cli_get_writes_that_prediction_alone(capsys, files):
     """--get nngp|ntk: that kind's three arrays alone, the default's to rounding, and a summary
     of what was written; without --get, both kinds and the summary as before."""

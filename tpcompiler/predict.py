@@ -90,7 +90,10 @@ def _time(t) -> float:
 
 
 def _targets(y, n: int) -> np.ndarray:
-    y = validation.array(y, "y", ndim=(1, 2))
+    """The training targets, N or N x K finite numbers of any size: they never enter the
+    kernels, and predictions are linear in them (a mean that overflows is refused by
+    ``_checked``)."""
+    y = validation.array(y, "y", ndim=(1, 2), max_abs=None)
     if y.ndim == 2 and y.shape[1] == 0:
         raise validation.ArgumentError(f"y: has no target columns (shape {y.shape}); give N or N x K targets, K >= 1")
     if y.shape[0] != n:

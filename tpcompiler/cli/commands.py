@@ -136,7 +136,9 @@ def _as_option(exc: validation.ArgumentError) -> CommandError:
     return CommandError(f"{_TRAIN_OPTIONS[name]}: {rest}" if sep and name in _TRAIN_OPTIONS else message)
 
 
-def _load_array(path: str, what: str) -> np.ndarray:
+def _load_array(path: str, what: str, max_abs: float | None = validation.MAX_DATA_MAGNITUDE) -> np.ndarray:
+    """A .npy file of numbers with 1 or 2 axes, checked (``validation.array``: finite, entries
+    at most ``max_abs``); one-line errors naming the option ``what``."""
     try:
         with open(path, "rb") as f:
             magic = f.read(6)
@@ -160,7 +162,7 @@ def _load_array(path: str, what: str) -> np.ndarray:
         raise CommandError(f"{what} must be an N x {columns} array, got shape {arr.shape} (one row per example: "
                            "reshape it to (N, -1))")
     try:
-        return validation.array(arr, None)
+        return validation.array(arr, None, max_abs=max_abs)
     except validation.ArgumentError as exc:
         raise CommandError(f"{what} file {path!r} {exc}") from None
 
@@ -497,7 +499,7 @@ def cmd_predict(args) -> int:
     from tpcompiler.predict import predict_program
 
     X = _load_array(args.x, "--x")
-    Y = _load_array(args.y, "--y")
+    Y = _load_array(args.y, "--y", max_abs=None)  # (predictions are linear in the targets: any size)
     Xt = _load_array(args.xt, "--xt")
     if X.ndim != 2 or X.shape[0] == 0:
         raise CommandError(f"--x must be an N x d array with N >= 1 training rows, got shape {X.shape}")
