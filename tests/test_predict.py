@@ -16,6 +16,7 @@ import pytest
 
 import tpcompiler as tp
 from tpcompiler import predict as P
+from tpcompiler.validation import ArgumentError
 from tpcompiler.cli.commands import main
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -325,7 +326,7 @@ def test_kernel_checks_read_every_block_and_copy_only_what_they_change(monkeypat
 @pytest.mark.parametrize("call,words", [
     (lambda K, T, y: P.nngp_ensemble(K + np.triu(K, 1), T, y), ["k_train", "not symmetric"]),
     (lambda K, T, y: P.nngp_ensemble(K, T, y[:5]), ["y", "5 rows", "12 x 12"]),
-    (lambda K, T, y: P.nngp_ensemble(K, T[:, :3], y), ["k_test_train", "(5, 12)"]),
+    (lambda K, T, y: P.nngp_ensemble(K, T[:, :3], y), ["k_test_train", "(N_test, 12)", "(5, 3)"]),
     (lambda K, T, y: P.nngp_ensemble(K, T, y, t=-1.0), ["t", "non-negative"]),
     (lambda K, T, y: P.nngp_ensemble(K, T, y, t=np.nan), ["t", "non-negative"]),
     (lambda K, T, y: P.nngp_ensemble(K, T, y, t=1.0, lr=0.0), ["lr", "positive"]),
@@ -582,7 +583,8 @@ def test_predict_fn_bad_input_names_the_argument(layer_kernel_fns, call, words):
 def files(tmp_path_factory):
     d = tmp_path_factory.mktemp("predict_cli")
     arrays = {"x": REF["x_train"], "y": REF["y_train"], "y1": REF["y_train"][:, 0], "xt": REF["x_test"],
-              "xt3": REF["x_test"][:, :3], "y5": REF["y_train"][:5]}
+              "xt3": REF["x_test"][:, :3], "y5": REF["y_train"][:5], "xt0": REF["x_test"][:0],
+              "y0": REF["y_train"][:, :0]}
     for name, arr in arrays.items():
         np.save(d / f"{name}.npy", arr)
     return d
@@ -636,6 +638,20 @@ def test_targets_of_any_size_scale_the_means(capsys, files, erf_net, tmp_path):
             np.testing.assert_array_equal(big[g].cov, unit[g].cov)
 
 
+def test_api_errors_name_the_shape_and_time_expected():
+    """A transposed test block: the expected shape has N_test rows, not the block's own first
+    axis ((8, 8) was named for an (8, 3) block); a negative time: inf is a time too."""
+    rng = np.random.default_rng(0)
+    A = rng.normal(size=(8, 8))
+    k_train, k_test_train = A @ A.T, rng.normal(size=(3, 8))
+    y = rng.normal(size=8)
+    for f in (P.nngp_ensemble, P.ntk_ensemble):
+        with pytest.raises(ArgumentError, match=r"_test_train: expected .* of shape \(N_test, 8\), got \(8, 3\)$"):
+            f(k_train, k_test_train.T, y)
+        with pytest.raises(ArgumentError, match=r"^t: expected a non-negative time or inf, got -1$"):
+            f(k_train, k_test_train, y, t=-1)
+
+
 def test_cli_get_writes_that_prediction_alone(capsys, files):
     """--get nngp|ntk: that kind's three arrays alone, the default's to rounding, and a summary
     of what was written; without --get, both kinds and the summary as before."""
@@ -664,6 +680,8 @@ def test_cli_get_writes_that_prediction_alone(capsys, files):
     ([], "y5", "xt", ["--y", "N = 12", "(5, 2)"]),
     ([], "y", "xt3", ["--xt", "N_test x 4", "(5, 3)"]),
     (["--get", "nngp,gp"], "y", "xt", ["--get", "expected 'nngp', 'ntk' or both", "'nngp,gp'"]),
+    ([], "y", "xt0", ["--xt: needs at least 1 row", "(0, 4)"]),     # (named X_test, an argument of the API)
+    ([], "y0", "xt", ["--y: has no target columns", "(12, 0)"]),   # (named y)
 ])
 def test_cli_errors_are_one_line(capsys, files, extra, y, xt, words):
     out = files / "bad.npz"

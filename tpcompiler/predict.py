@@ -86,6 +86,8 @@ def _time(t) -> float:
         return INF
     if isinstance(t, (int, float, np.integer, np.floating)) and not isinstance(t, (bool, np.bool_)) and float(t) == INF:
         return INF
+    if isinstance(t, numbers.Real) and not isinstance(t, (bool, np.bool_)) and float(t) < 0:
+        raise validation.ArgumentError(f"t: expected a non-negative time or inf, got {float(t):g}")
     return validation.number(t, "t", nonnegative=True)
 
 
@@ -148,14 +150,16 @@ def _largest_asymmetry(k: np.ndarray) -> float:
     return worst
 
 
-def _block(k, name: str, shape: tuple[int, int], what: str) -> np.ndarray:
+def _block(k, name: str, shape: tuple, what: str) -> np.ndarray:
     return _once_per_array("block", k, lambda: _checked_block(k, name, shape, what), name, shape)
 
 
-def _checked_block(k, name: str, shape: tuple[int, int], what: str) -> np.ndarray:
+def _checked_block(k, name: str, shape: tuple, what: str) -> np.ndarray:
+    """k as a 2-D array of ``shape`` (None: any number of rows, the test inputs')."""
     k = validation.array(k, name, ndim=2, max_abs=None)
-    if k.shape != shape:
-        raise validation.ArgumentError(f"{name}: expected {what} of shape {shape}, got {k.shape}")
+    if any(want is not None and got != want for got, want in zip(k.shape, shape)):
+        expected = "(" + ", ".join("N_test" if want is None else str(want) for want in shape) + ")"
+        raise validation.ArgumentError(f"{name}: expected {what} of shape {expected}, got {k.shape}")
     return k
 
 
@@ -393,7 +397,7 @@ def nngp_ensemble(k_train, k_test_train, y, k_test=None, t=INF, lr: float = 1.0,
     k_train = _kernel_matrix(k_train, "k_train")
     n = k_train.shape[0]
     y = _targets(y, n)
-    k_test_train = _block(k_test_train, "k_test_train", (_rows(k_test_train), n), "k(X_test, X_train)")
+    k_test_train = _block(k_test_train, "k_test_train", (None, n), "k(X_test, X_train)")
     s = _scaled_time(t, lr, y.size)
     filt, filt2 = descent_filters(k_train, reg, s, 2 * s)  # 2 * inf = inf: the same filter
     mean = _like(k_test_train @ filt.apply(_column(y)), y)
@@ -414,8 +418,8 @@ def ntk_ensemble(ntk_train, ntk_test_train, y, nngp_train=None, nngp_test_train=
     ntk_train = _kernel_matrix(ntk_train, "ntk_train")
     n = ntk_train.shape[0]
     y = _targets(y, n)
-    nt = _rows(ntk_test_train)
-    ntk_test_train = _block(ntk_test_train, "ntk_test_train", (nt, n), "Theta(X_test, X_train)")
+    ntk_test_train = _block(ntk_test_train, "ntk_test_train", (None, n), "Theta(X_test, X_train)")
+    nt = ntk_test_train.shape[0]
     filt = descent_filter(ntk_train, _scaled_time(t, lr, y.size), reg, name="ntk_train")
     mean = _like(ntk_test_train @ filt.apply(_column(y)), y)
     given = [k is not None for k in (nngp_train, nngp_test_train, nngp_test)]
@@ -648,11 +652,6 @@ def _column(y: np.ndarray) -> np.ndarray:
 def _like(mean: np.ndarray, y: np.ndarray) -> np.ndarray:
     """The mean with the targets' rank: (N_test,) for targets (N,), else (N_test, K)."""
     return mean[:, 0] if y.ndim == 1 else mean
-
-
-def _rows(k) -> int:
-    shape = np.shape(k)
-    return shape[0] if len(shape) == 2 else -1
 
 
 def _checked(g: Gaussian, kind: str) -> Gaussian:

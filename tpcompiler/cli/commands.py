@@ -495,6 +495,11 @@ def _time_value(text: str) -> float:
 _time_value.__name__ = "time"
 
 
+#: predict_program's argument -> the tpc predict option that gives it (its errors' names)
+_PREDICT_OPTIONS = {"get": "--get", "X": "--x", "y": "--y", "X_test": "--xt", "t": "--time", "lr": "--lr", "reg": "--reg",
+                    "rtol": "--rtol"}
+
+
 def cmd_predict(args) -> int:
     from tpcompiler.predict import predict_program
 
@@ -512,8 +517,8 @@ def cmd_predict(args) -> int:
     try:
         result = predict_program(_program(args, X), X, Y, Xt, t=args.time, lr=args.lr, reg=args.reg, rtol=args.rtol,
                                  get=args.get)
-    except validation.ArgumentError as exc:  # (of the kernels API's arguments, tpc predict takes get alone)
-        raise _kernels_option(exc, {"get": "--get"}) from None
+    except validation.ArgumentError as exc:  # named by the option that gave the argument
+        raise _kernels_option(exc, _PREDICT_OPTIONS) from None
     arrays = {}
     for kind, g in result.items():
         arrays.update({f"{kind}_mean": g.mean, f"{kind}_cov": g.cov, f"{kind}_condition": np.float64(g.condition)})
