@@ -15,6 +15,7 @@ from sklearn.svm import SVC
 from sklearn.utils.estimator_checks import parametrize_with_checks
 
 import tpcompiler as tp
+from tpcompiler.ir.graph import ProgramError
 from tpcompiler.sklearn import NNGP, NTK, KernelEstimator, KernelTransformer
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -110,6 +111,29 @@ def test_hyperparameters_theta_bounds_and_clone():
     np.testing.assert_allclose(product.theta[1:], k.theta)
     k.set_params(w_std=2.0)
     np.testing.assert_allclose(k.theta, np.log([0.5, 2.0]))
+
+
+def test_hyperparameters_follow_set_params_as_a_new_kernel_has_them():
+    """set_params(b_std=0.5) on a kernel without a bias makes b_std a hyperparameter, as in its
+    clone (which GaussianProcessRegressor fits; theta was [0] against the clone's [0, log 0.5]);
+    b_std=None removes it (theta raised numpy's TypeError); bounds can be set later."""
+    k = NNGP(MLP, depth=1, phi="relu")
+    k.set_params(b_std=0.5)
+    assert [h.name for h in k.hyperparameters] == [h.name for h in clone(k).hyperparameters] == ["w_std", "b_std"]
+    np.testing.assert_allclose(k.theta, np.log([1.0, 0.5]))
+    np.testing.assert_array_equal(k.theta, clone(k).theta)
+    K, grad = k(X[:4], eval_gradient=True)
+    assert grad.shape == (4, 4, 2)
+    k.set_params(b_std=None)
+    assert [h.name for h in k.hyperparameters] == ["w_std"] and k.theta.shape == (1,)
+    assert k(X[:4], eval_gradient=True)[1].shape == (4, 4, 1)
+    k.set_params(b_std=0.5, b_std_bounds=(0.1, 1.0))
+    np.testing.assert_allclose(k.bounds, np.log([[1e-2, 1e2], [0.1, 1.0]]))
+    np.testing.assert_array_equal(clone(k).bounds, k.bounds)
+    with pytest.raises(ProgramError, match=r"^w_std_bounds: expected 0 < low < high"):
+        k.set_params(w_std_bounds=(2.0, 1.0))
+    with pytest.raises(ProgramError, match=r"'b_std' is not a hyperparameter .*: give b_std=1\.0$"):
+        NNGP(MLP, depth=1, b_std=1, b_std_bounds=(0.1, 10.0))
 
 
 def _erf_nngp(a, X):

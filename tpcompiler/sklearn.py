@@ -291,6 +291,15 @@ def _is_hyperparameter(name: str, value, default) -> bool:
 # ---------------------------------------------------------------------------------------
 # Gaussian-process kernels.
 # ---------------------------------------------------------------------------------------
+def _not_a_hyperparameter(name: str, value, hyper: list) -> str:
+    """Why ``<name>_bounds`` is refused: name is not a hyperparameter (at ``value``)."""
+    hint = ""
+    if isinstance(value, numbers.Integral) and not isinstance(value, (bool, np.bool_)) and value > 0:
+        hint = f"; hyperparameters are the positive float parameters: give {name}={float(value)!r}"
+    return (f"{name}_bounds: {name!r} is not a hyperparameter of this program (hyperparameters: "
+            f"{', '.join(hyper) or 'none'}){hint}")
+
+
 def _checked_bounds(name: str, bounds):
     """A hyperparameter's bounds: "fixed", or (low, high) with 0 < low < high finite (theta is
     searched in log-space: (-1, 2) gave NaN bounds, which the optimizer ran with)."""
@@ -319,8 +328,7 @@ class _ProgramKernel(Kernel):
                  if _is_hyperparameter(k, build.get(k, defaults.get(k)), defaults.get(k))]
         unknown = [k[: -len("_bounds")] for k in bounds if k[: -len("_bounds")] not in hyper]
         if unknown:
-            raise ProgramError(f"{unknown[0]}_bounds: {unknown[0]!r} is not a hyperparameter of this program "
-                               f"(hyperparameters: {', '.join(hyper) or 'none'})")
+            raise ProgramError(_not_a_hyperparameter(unknown[0], build.get(unknown[0], defaults.get(unknown[0])), hyper))
         # every build() parameter is a parameter of the estimator (get_params, set_params,
         # a grid search over phi), defaults included; the hyperparameters' defaults also
         # become theta.  Not d: a build()'s input dimension comes from the data (_full_params).
@@ -329,12 +337,35 @@ class _ProgramKernel(Kernel):
                 build[name] = value
         self._names = [*build, *bounds]
         self._bound_names = list(bounds)
-        self._hyper = hyper
         for k, v in {**build, **bounds}.items():
             setattr(self, k, v)
 
+    @property
+    def _hyper(self) -> list[str]:
+        """The hyperparameters at the parameters' current values: set_params(b_std=0.5) on a
+        kernel built without a bias makes b_std one, as a new kernel (its clone, which
+        GaussianProcessRegressor fits) would have it; b_std=None removes it."""
+        defaults = _defaults(self.program)
+        return [k for k in self._names
+                if k not in self._bound_names and _is_hyperparameter(k, getattr(self, k), defaults.get(k))]
+
     def get_params(self, deep=True):
         return {"program": self.program, **{k: getattr(self, k) for k in self._names}}
+
+    def set_params(self, **params):
+        """scikit-learn's set_params; also takes ``<name>_bounds`` of a hyperparameter that had
+        none (the default bounds until then), after the parameters given with it."""
+        new_bounds = {k: v for k, v in params.items() if k.endswith("_bounds") and k not in self._names}
+        super().set_params(**{k: v for k, v in params.items() if k not in new_bounds})
+        hyper = self._hyper
+        for k, v in new_bounds.items():
+            name = k[: -len("_bounds")]
+            if name not in hyper:
+                raise ProgramError(_not_a_hyperparameter(name, getattr(self, name, None), hyper))
+            setattr(self, k, _checked_bounds(name, v))
+            self._names.append(k)
+            self._bound_names.append(k)
+        return self
 
     def _build_params(self) -> dict:
         return {k: getattr(self, k) for k in self._names if k not in self._bound_names}
