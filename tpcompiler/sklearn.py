@@ -38,7 +38,7 @@ import numpy as np
 from sklearn.base import BaseEstimator, MetaEstimatorMixin, TransformerMixin, clone, is_classifier
 from sklearn.gaussian_process.kernels import Hyperparameter, Kernel
 from sklearn.utils.metaestimators import available_if
-from sklearn.utils.validation import check_is_fitted, validate_data
+from sklearn.utils.validation import check_is_fitted, has_fit_parameter, validate_data
 
 from tpcompiler import validation
 from tpcompiler.frontend.dsl import Program
@@ -499,11 +499,17 @@ class KernelEstimator(MetaEstimatorMixin, BaseEstimator):
         tags.target_tags = inner.target_tags
         return tags
 
-    def fit(self, X, y):
+    def fit(self, X, y, sample_weight=None):
+        """Fit the estimator on k(X, X), with ``sample_weight`` when given (then the estimator's
+        fit must take it)."""
+        inner = self._inner()
+        if sample_weight is not None and not has_fit_parameter(inner, "sample_weight"):
+            raise ValueError(f"sample_weight: {type(inner).__name__}.fit takes no sample_weight")
         self.transformer_ = KernelTransformer(self.program, self.kernel, self.params)
         K = self.transformer_.fit_transform(X)
         self.n_features_in_ = self.transformer_.n_features_in_
-        self.estimator_ = clone(self._inner()).fit(K, y)
+        weights = {} if sample_weight is None else {"sample_weight": sample_weight}
+        self.estimator_ = clone(inner).fit(K, y, **weights)
         if is_classifier(self.estimator_):
             self.classes_ = self.estimator_.classes_
         return self
@@ -520,6 +526,16 @@ class KernelEstimator(MetaEstimatorMixin, BaseEstimator):
     def decision_function(self, X):
         K = self._kernel(X)
         return self.estimator_.decision_function(K)
+
+    @available_if(lambda self: hasattr(self._inner(), "predict_proba"))
+    def predict_proba(self, X):
+        K = self._kernel(X)
+        return self.estimator_.predict_proba(K)
+
+    @available_if(lambda self: hasattr(self._inner(), "predict_log_proba"))
+    def predict_log_proba(self, X):
+        K = self._kernel(X)
+        return self.estimator_.predict_log_proba(K)
 
     def score(self, X, y, sample_weight=None):
         K = self._kernel(X)
