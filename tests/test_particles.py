@@ -144,3 +144,25 @@ def test_groups_keep_enough_particles_each():
     c = tp.compile(tp.load("programs/zdot.py", sigma=SIGMA))
     assert c.limit(particles=20_000, seed=4) == c.limit(particles=20_000, seed=4, groups=10)
     assert [default_groups(m) for m in (20, 20_000, 60_000, 200_000, 10**6)] == [10, 10, 12, 40, 40]
+
+
+@pytest.mark.parametrize("x_first", [False, True])
+def test_a_delta_beside_a_degenerate_member_of_its_family(x_first):
+    """h1 = W u, h2 = W (2u) (a degenerate member: ZHat^h2 = 2 ZHat^h1), v = W^T (step(h1) +
+    tanh(h2)): each ZHat its own variable, E[v u] = sigma^2 (E[delta(h1)] + 2 E[tanh'(h2)])
+    (closed form by quadrature).  Stein's derivative along h1, forced by the delta, is the
+    total one along its direction (h2's share included), and h2's own tangent was added to
+    it: 1.86 for 1.13, unless h2 was made first."""
+    p = tp.Program("degenerate_delta")
+    u = p.vec("u")
+    W = p.mat("W", sigma=1.0)
+    x = (2 * u).named("x")
+    if x_first:
+        h2, h1 = (W @ x).named("h2"), (W @ u).named("h1")
+    else:
+        h1, h2 = (W @ u).named("h1"), (W @ x).named("h2")
+    v = (W.T @ (tp.step(h1) + tp.tanh(h2))).named("v")
+    p.output("vu", tp.mean(v * u))
+    value, err = tp.compile(p).limit(method="particles", particles=400_000, seed=0)["vu"]
+    exact = 1 / math.sqrt(2 * math.pi) + 2 * gauss_mean(lambda h: 1 - math.tanh(h) ** 2, 4.0)
+    assert within(value, err, exact), (value, err, exact)

@@ -158,13 +158,15 @@ class _Run:
         terms = self.zp.zdot_terms(key)
         if not terms:
             return out
-        if len(terms) >= STEIN_TERMS:
+        if len(terms) >= STEIN_TERMS or any(self._has_delta(x, t.source) for t in terms):
+            # a delta forces Stein, and then for every source at once: Stein's derivative along
+            # a member is the total one along its direction, which includes the share of a
+            # degenerate member combining it (h2 = W(2u) beside h1 = W u), credited to the basis
+            # and 0 for the degenerate member; next to that member's own tangent, that share
+            # was counted twice (step(h1) + tanh(h2): 1.86 for 1.13)
             derivatives = self._stein(x, [t.source for t in terms])
         else:
-            derivatives = {t.source: self._expected_derivative(x, t.source) for t in terms}
-            for t in terms:  # a delta forced Stein, which may credit the basis of a degenerate source
-                if self._has_delta(x, t.source):
-                    derivatives.update(self._stein(x, [t.source]))
+            derivatives = {t.source: float(np.mean(self.tangent(x, t.source))) for t in terms}
         used = []
         for source, dv in derivatives.items():
             c = s2 * dv
@@ -202,12 +204,6 @@ class _Run:
         return zhat
 
     # -- ZDot coefficients ----------------------------------------------------------------
-    def _expected_derivative(self, x: str, source: str) -> float:
-        """E[dZ^x/dZHat^source] over particles (tangents, or Stein's lemma past a delta)."""
-        if self._has_delta(x, source):
-            return self._stein(x, [source])[source]
-        return float(np.mean(self.tangent(x, source)))
-
     def _has_delta(self, x: str, source: str) -> bool:
         """Whether dZ^x/dZHat^source holds a Dirac delta somewhere along the chain rule."""
         memo = self._delta.get((x, source))
