@@ -4,6 +4,7 @@ import math
 import numpy as np
 import pytest
 import scipy.integrate as si
+import sympy as sp
 
 import tpcompiler as tp
 from tpcompiler.ir.graph import ProgramError  # noqa: F401
@@ -165,4 +166,20 @@ def test_a_delta_beside_a_degenerate_member_of_its_family(x_first):
     p.output("vu", tp.mean(v * u))
     value, err = tp.compile(p).limit(method="particles", particles=400_000, seed=0)["vu"]
     exact = 1 / math.sqrt(2 * math.pi) + 2 * gauss_mean(lambda h: 1 - math.tanh(h) ** 2, 4.0)
+    assert within(value, err, exact), (value, err, exact)
+
+
+def test_a_derivative_singular_where_its_step_is_zero():
+    """s = W^T relu(h)^(1/2): the ZDot coefficient E[step(h) / (2 sqrt(relu(h)))] is finite,
+    sigma^(-1/2) 2^(-1/4) Gamma(1/4) / (4 sqrt(pi)) for h ~ N(0, sigma^2) (the Gaussian
+    moment E[z^(-1/2); z > 0]), but 0 * inf = NaN on every negative particle made it
+    'a limit that does not exist'."""
+    p = tp.Program("sqrt_relu")
+    u = p.vec("u")
+    W = p.mat("W", sigma=SIGMA)
+    h = (W @ u).named("h")
+    s = (W.T @ tp.relu(h) ** sp.Rational(1, 2)).named("s")
+    p.output("su", tp.mean(s * u))
+    value, err = tp.compile(p).limit(method="particles", particles=400_000, seed=1)["su"]
+    exact = SIGMA**2 * SIGMA**-0.5 * 2**-0.25 * math.gamma(0.25) / (4 * math.sqrt(math.pi))
     assert within(value, err, exact), (value, err, exact)

@@ -42,7 +42,7 @@ from tpcompiler.ir.construct import replaced, rewrite
 from tpcompiler.symbolic import numeric_search
 from tpcompiler.symbolic.existence import Checker
 from tpcompiler.ir.graph import Graph, ProgramError
-from tpcompiler.ir.nonlinearities import EVEN, NEITHER, ODD, parity_of_function, switching_expressions
+from tpcompiler.ir.nonlinearities import EVEN, NEITHER, ODD, parity_of_function, relu, step, switching_expressions
 from tpcompiler.ir import symbols
 from tpcompiler.ir.ops import VEC, node_symbol, unprime
 from tpcompiler.ir.rules import RuleTable
@@ -161,6 +161,38 @@ def partials(expr: sp.Expr, symbols) -> dict:
             c = sp.Mul(*const)
             return {s: c * d for s, d in partials(rest[0], symbols).items()}
     return {s: _diff(expr, s) for s in symbols}
+
+
+def _positive_part_argument(b: sp.Expr):
+    """a if b is relu(a) or Max(a, 0), else None."""
+    if isinstance(b, relu):
+        return b.args[0]
+    if isinstance(b, sp.Max) and len(b.args) == 2 and sp.S.Zero in b.args:
+        return b.args[0] if b.args[1] == 0 else b.args[1]
+    return None
+
+
+def gated_negative_powers(d: sp.Expr) -> sp.Expr:
+    """d with each relu(a)^e or Max(a, 0)^e, e < 0, in a product that also holds step(a) or
+    Heaviside(a) written |a|^e: equal wherever the step is not 0 (a >= 0), and finite where it
+    is (a < 0), where relu(a)^e = 0^e is infinite.  d/dh relu(h)^(1/2) = step(h) relu(h)^(-1/2)/2
+    is 0 for h < 0, but evaluated as 0 * inf it was NaN on half of the particles, and the limit,
+    which exists (E[step(h)/(2 sqrt(h))] is finite), was refused."""
+    if not d.has(step, sp.Heaviside):
+        return d
+
+    def gated(term: sp.Expr) -> sp.Expr:
+        if not term.is_Mul:
+            return term
+        gates = {f.args[0] for f in term.args if isinstance(f, (step, sp.Heaviside))}
+        rep = {f: sp.Abs(_positive_part_argument(f.base)) ** f.exp for f in term.args
+               if gates and f.is_Pow and f.exp.is_negative and _positive_part_argument(f.base) in gates}
+        return term.xreplace(rep) if rep else term
+
+    terms = sp.Add.make_args(sp.expand(d, deep=False, mul=True, multinomial=False, power_exp=False, power_base=False,
+                                       log=False))
+    out = [gated(t) for t in terms]
+    return d if all(a is b for a, b in zip(out, terms)) else sp.Add(*out)
 
 
 def _diff(expr: sp.Expr, s: sp.Symbol) -> sp.Expr:
@@ -478,7 +510,7 @@ class ZProgram:
             for a in zs:  # in the parents' order: the first jump refused is the same under any hash seed
                 if entry.rule == "nonlin":
                     refuse_lost_jump(key, entry.z, a, found[a])
-                self._partials[(key, a.key)] = found[a]
+                self._partials[(key, a.key)] = gated_negative_powers(found[a])
         return self._partials[(key, arg)]
 
     # -- rules: the Master theorem per op (the MASTER table below) ------------------------
