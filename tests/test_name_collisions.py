@@ -161,3 +161,16 @@ def test_an_output_named_like_another_outputs_copy_is_refused(run):
     """Before: {m[0]: 1, m[1]: 1}, m at input 1 (2.0) silently replaced by the output m[1]."""
     with pytest.raises(ProgramError, match=r"outputs 'm' and 'm\[1\]' both give the name 'm\[1\]'.*rename one"):
         run(_output_named_like_a_copy())
+
+
+def test_automatic_names_are_explained_and_a_node_keeps_its_own():
+    """W @ u is made as t1: naming it t1 is no change (it said 'already used'); naming another
+    vector after an automatic name says whose it is."""
+    p = tp.Program("auto_names")
+    u, W = p.vec("u"), p.mat("W")
+    h = (W @ u).named("t1")
+    assert h.expr.key == "t1" and "t1" not in p.graph.generated
+    g = W.T @ tp.tanh(h)  # tanh(t1) is made, unnamed, as t2
+    with pytest.raises(ProgramError, match=r"'t2' is already used by an unnamed instruction, tanh\(t1\), which the "
+                                           r"program named automatically .*pick another name"):
+        g.named("t2")

@@ -417,6 +417,10 @@ class Program:
     def _name(self, name: str) -> str:
         if not isinstance(name, str) or not name.isidentifier():
             raise DSLError(f"{name!r} is not a valid variable name (use letters, digits and '_', not starting with a digit)")
+        if name in self.graph.g and name in self.graph.generated:
+            raise DSLError(f"program {self.name!r}: the name {name!r} is already used by an unnamed instruction, "
+                           f"{sp.sstr(self.graph.op(name).expr) if hasattr(self.graph.op(name), 'expr') else name}, "
+                           "which the program named automatically (t1, t2, ..., theta1, ..., c1, ...); pick another name")
         if name in self.graph.g or node_symbol(name) in self._renamed:
             raise DSLError(f"program {self.name!r}: the name {name!r} is already used")
         return name
@@ -450,7 +454,11 @@ class Program:
         return memo[key]
 
     def _rename(self, old: str, new: str) -> str:
-        """Rename node ``old`` (no instruction reads it yet); handles keep working."""
+        """Rename node ``old`` (no instruction reads it yet); handles keep working.  Its own name
+        again (``(W @ u).named("t1")`` where W @ u was made as t1) is no change."""
+        if new == old and isinstance(new, str) and new.isidentifier():
+            self.graph.generated.discard(old)  # (the author's name now: an output does not rename it)
+            return old
         self.graph.rename(old, self._name(new))
         self._renamed = {k: (node_symbol(new) if v.key == old else v) for k, v in self._renamed.items()}
         self._renamed[node_symbol(old)] = node_symbol(new)
