@@ -291,7 +291,12 @@ FINITE = {
         layers.Dense(8, 1.5, 0.1), layers.LayerNorm(),
         layers.Nonlin(lambda a: sympy.Piecewise((a, a > 0), (sympy.exp(a) - 1, True))), layers.Dense(1, 1.5, 0.1)),
 }
-SHAPES = {"conv1d_concat_spatial_relu_identity": (2, 1), "fc_layernorm_swish": (3,), "fc_layernorm_elu": (3,), "fc_elu": (3,), "fc_layernorm_twice_relu": (3,), "fc_sum_of_concats": (3,), "conv2d_pool_flatten": (2, 2, 1), "fc_concat": (3,), "fc_relu_layernorm": (3,),
+FINITE["conv2d_biased_conv_into_conv"] = layers.serial(
+    # a hidden biased Conv read by a linear layer: its covariance at the two inputs, in a moment
+    # of the next layer, was made a row quantity, and the NTK's code had no value for it
+    layers.Conv(2, (2, 2), None, "SAME", 1.0, 0.1), layers.Relu(), layers.Conv(2, (2, 2), None, "SAME", 1.0, 0.4),
+    layers.Conv(2, (1, 1), None, "SAME", 1.0, 0.1), layers.Relu(), layers.GlobalAvgPool(), layers.Dense(1))
+SHAPES = {"conv2d_biased_conv_into_conv": (2, 2, 1), "conv1d_concat_spatial_relu_identity": (2, 1), "fc_layernorm_swish": (3,), "fc_layernorm_elu": (3,), "fc_elu": (3,), "fc_layernorm_twice_relu": (3,), "fc_sum_of_concats": (3,), "conv2d_pool_flatten": (2, 2, 1), "fc_concat": (3,), "fc_relu_layernorm": (3,),
           "conv1d_layernorm_spatial": (3, 1), "conv2d_layernorm_spatial": (2, 3, 1), "fc_layernorm_erf": (3,), "conv1d_layernorm_spatial_gelu": (3, 1)}
 
 

@@ -1461,11 +1461,17 @@ class PairwiseEngine:
         return memo
 
     def _sides(self, expr: sp.Expr) -> set:
-        """The inputs (0, 1) expr depends on (empty: neither)."""
+        """The inputs (0, 1) expr depends on (empty: neither); a pair quantity depends on both
+        (a hidden conv's covariance at the two inputs, read by a moment of the next linear
+        layer, made a row quantity was computed in the row stage before its pair quantities)."""
         sides = set()
         for s in expr.free_symbols:
             if self._input_dependent(symbols.unprimed(s)):
-                sides.add(int(symbols.is_primed(s)))
+                key = self._quantity_keys.get(s)
+                if key is not None and self.quantities[key].pair:
+                    sides.update((0, 1))
+                else:
+                    sides.add(int(symbols.is_primed(s)))
         for c in expr.atoms(ops.InputCov):  # input-layer covariances: their sides' flags
             sides.update((int(c.args[2]), int(c.args[3])))
         return sides
