@@ -13,6 +13,7 @@ import dataclasses
 import functools
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -558,3 +559,34 @@ def test_a_square_however_sympy_writes_it_takes_the_rule_of_its_pair_off_the_dia
         ntk = kf(np.vstack([x, x]))["ntk"]
         eigenvalues = np.linalg.eigvalsh(ntk)
         assert eigenvalues[0] >= -1e-12 * eigenvalues[-1], (var, eigenvalues)
+
+
+def test_a_quadrature_rule_short_of_rtol_warns_also_when_read_from_its_file(monkeypatch):
+    """A rule that missed rtol (probing's fallback) is stored in the module's rules file; the
+    process that probed it warned, later ones read it and returned the same inaccurate values
+    in silence (t tanh(20 t): 1.8e-7 relative for 1e-10)."""
+    from dataclasses import asdict
+    from types import SimpleNamespace
+
+    from tpcompiler.expectations import probing
+
+    short = probing.Rule(kind=probing.UNIFORM, h=0.5, C=1.0, error=1e-6, evals=40.0)
+    fine = probing.Rule(kind=probing.UNIFORM, h=0.1, C=1.0, error=1e-12, evals=200.0)
+    module = SimpleNamespace(name="test_module")
+    for rule, warns in ((short, True), (fine, False)):
+        monkeypatch.setattr(probing, "_read_rules", lambda m, r=rule: _Everywhere(asdict(r)))
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            assert probing.select_rule(module, "pair", 1e-10, 9.0, None, False, None) == rule
+        assert any("did not reach rtol=1e-10" in str(w.message) for w in caught) == warns
+
+
+class _Everywhere(dict):
+    """A rules file that has one rule under every key."""
+
+    def __init__(self, rule):
+        super().__init__()
+        self.rule = rule
+
+    def get(self, key, default=None):
+        return self.rule

@@ -151,15 +151,21 @@ def probe(run, candidates, rtol, scale_fn) -> Rule:
             if best is not None and cost > 2.0 * best.evals:
                 break
             prev = rule
-    if best is None:
+    return fallback if best is None else best
+
+
+def warn_if_short(rule: Rule, rtol: float) -> Rule:
+    """The rule, with a warning when it is a ``probe`` fallback that did not reach rtol: at
+    every use, from the rules file too (only the process that probed it used to say so, and
+    later ones returned the same inaccurate values in silence)."""
+    if rule.error > rtol / 4.0:
         warnings.warn(
             f"quadrature did not reach rtol={rtol:g} on the probe set; using the most accurate "
-            f"rule tried (estimated error {fallback.error:.2g})",
+            f"rule tried (estimated error {rule.error:.2g})",
             RuntimeWarning,
             stacklevel=5,
         )
-        return fallback
-    return best
+    return rule
 
 
 # ---------------------------------------------------------------------------------------
@@ -193,10 +199,10 @@ def select_rule(module: Module, what: str, rtol, kmax, run, kink: bool, scale_fn
     key = f"{what}|{rtol!r}|{kmax!r}|{GEN_VERSION}|{PROBE_VERSION}"
     cached = _read_rules(module).get(key)
     if cached:
-        return Rule(**cached)
+        return warn_if_short(Rule(**cached), rtol)
     rule = probe(run, KINK_CANDIDATES if kink else SMOOTH_CANDIDATES, rtol, scale_fn)
     _write_rule(module, key, rule)
-    return rule
+    return warn_if_short(rule, rtol)
 
 
 def pair_rule(module: Module, core, outer: sp.Lambda, inner: sp.Lambda, rtol, kmax, kink) -> Rule:
