@@ -735,3 +735,14 @@ def test_equal_windows_keep_the_kernels_exact(activation):
     for name, want in (("nngp", k), ("ntk", theta)):
         for i, j in ((0, 0), (2, 2), (0, 2)):
             assert abs(K[name][i, j] / want - 1) < 1e-14, (activation, name, i, j, K[name][i, j], want)
+
+
+def test_kernels_that_are_not_finite_say_what_can_cause_it():
+    """A LayerNorm with eps=0 of a zero row (0/0) and a hidden W_std of 1e-160 (variances that
+    underflow) were both told that the kernels overflow and to divide the inputs by their norm."""
+    net = layers.serial(layers.Dense(4, 1.0), layers.LayerNorm(eps=0.0), layers.Dense(1))
+    with pytest.raises(tp.ProgramError, match=r"not finite for these inputs \(nngp\[0, \d\] is nan.*LayerNorm with eps=0"):
+        tp.compile(net.program((3,))).kernels(np.array([[0.0, 0, 0], [1, 2, 3]]))
+    tiny = layers.serial(layers.Dense(4, 1e-160), layers.Relu(), layers.Dense(1))
+    with pytest.raises(tp.ProgramError, match=r"not finite.*below ~1e-145 \(tiny inputs or sigmas: scale them up\)"):
+        tp.compile(tiny.program((3,))).kernels(np.eye(3))

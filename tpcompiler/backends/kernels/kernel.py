@@ -1001,11 +1001,15 @@ def pair_stage(t0, step, GS, RF1, RF2T, R1, R2T, {outs}, symmetric, P, IT, WT):
         if not bad:
             return
         norms = [float(np.max(np.abs(A))) for A in inputs if A is not None]
+        first = result[bad[0]]
+        i, j = (int(k) for k in np.argwhere(~np.isfinite(first))[0])
         raise ProgramError(
-            f"kernels: {', '.join(bad)} overflow float64 for these inputs (largest input entry "
-            f"{max(norms):.3g}): a variance of the network exceeds the float64 range (or, with "
-            f"arc-cosine kernels, a product of two variances leaves it: variances beyond ~1e154 "
-            f"or nonzero below ~1e-145); rescale the inputs (e.g. divide them by their largest norm)"
+            f"kernels: {', '.join(bad)} are not finite for these inputs ({bad[0]}[{i}, {j}] is {first[i, j]}; "
+            f"largest input entry {max(norms):.3g}): a variance of the network left the float64 range, above "
+            f"~1e154 (large inputs or sigmas: rescale, e.g. divide the inputs by their largest norm) or nonzero "
+            f"below ~1e-145 (tiny inputs or sigmas: scale them up), where arc-cosine kernels multiply two variances; or a "
+            f"function was evaluated where it is undefined (0/0: a LayerNorm with eps=0 of a row whose "
+            f"variance is 0)"
         )
 
 
