@@ -590,3 +590,20 @@ class _Everywhere(dict):
 
     def get(self, key, default=None):
         return self.rule
+
+
+@pytest.mark.parametrize("var", [1.0, 2.0, 0.0])
+def test_the_readouts_variance_scales_the_nngp_and_not_its_ntk_weight(var):
+    """f = sigma/sqrt(n) v . h, v ~ N(0, var), h = U xi / sqrt(d): by hand, NNGP = var sigma^2
+    xi.xi'/d and NTK = sigma^2 xi.xi'/d (v's entries, weight 1) + var sigma^2 xi.xi'/d (U,
+    through dh = sigma v).  The NNGP ignored var, and the readout's NTK term was weighted by
+    var (0 for word2vec's zero readout, which trains)."""
+    p = tp.Program("readout_var")
+    xi = p.input("xi", 3)
+    h = p.input_matrix("U", 3).apply(xi, name="h")
+    p.readout(h, sigma=1.5, var=var)
+    X = np.array([[1.0, 0.5, -0.3], [0.2, -1.0, 0.4], [0.0, 0.3, 2.0]])
+    K = tp.compile(p).kernels(X)
+    gram = X @ X.T / 3
+    np.testing.assert_allclose(K["nngp"], var * 2.25 * gram, rtol=1e-14, atol=1e-15)
+    np.testing.assert_allclose(K["ntk"], (1 + var) * 2.25 * gram, rtol=1e-14, atol=1e-15)

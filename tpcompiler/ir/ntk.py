@@ -3,12 +3,12 @@
 For the readout f(xi) = sigma/sqrt(n) v . x + b beta and the gradient vectors dz of the
 backward pass, the infinite-width kernels are pair moments (xi, xi'):
 
-  NNGP(xi, xi') = sigma^2 E[Z^x Z^x'] + b^2,
+  NNGP(xi, xi') = var sigma^2 E[Z^x Z^x'] + b^2      (v ~ N(0, var)),
   NTK(xi, xi')  = sum over trained parameters P of <df/dP(xi), df/dP(xi')>:
       initial vector u:  ntk_weight_u * E[Z^{du} Z^{du}']                (du = sqrt(n) df/du)
       matrix W:          ntk_weight_W * sum_{uses a,b} E[Z^{r_a} Z^{r_b}'] E[Z^{c_a} Z^{c_b}']
                          (use y = W x: r = dy, c = x;  use y = W^T x: r = x, c = dy)
-      readout v:         ntk_weight_v * sigma^2 E[Z^x Z^x'];  bias beta: bias_weight.
+      readout v:         ntk_weight_v * sigma^2 E[Z^x Z^x'] (default weight 1);  bias beta: bias_weight.
 
 Terms that multiply one pair of gradients E[Z^{r_a} Z^{r_b}'] are one product: the uses of
 matrices (and input matrices) that share it, and an initial vector whose gradient is a
@@ -141,9 +141,25 @@ def kernel_program(graph: Graph, in_the_limit: bool = False, ntk: bool = True) -
 
 
 def _nngp(d: "_Differentiated") -> sp.Expr:
-    """NNGP = sigma^2 E[Z^x Z^x'] + b^2 of the readout f = sigma/sqrt(n) v . x + b beta."""
+    """NNGP = var sigma^2 E[Z^x Z^x'] + b^2 of the readout f = sigma/sqrt(n) v . x + b beta,
+    v ~ N(0, var) (``Program.readout``'s var; it was left out: var = 2 gave the NNGP of 1, and
+    var = 0, whose f is 0 at initialization, that of 1 too)."""
     ro = d.graph.readout
-    return ro.sigma**2 * _pair(d, ro.vector, ro.vector) + (ro.bias**2 if ro.bias is not None else sp.S.Zero)
+    var = d.graph.op(ro.readout).var
+    scale = ro.sigma**2 if var == 1 else var * ro.sigma**2
+    return scale * _pair(d, ro.vector, ro.vector) + (ro.bias**2 if ro.bias is not None else sp.S.Zero)
+
+
+def _readout_weight(graph: Graph) -> sp.Expr:
+    """The readout vector's NTK weight: its ``ntk_weight``, by default 1 (``Program.readout``:
+    the trained parameters are v's entries whatever its initial variance), 0 if frozen.  Not
+    an initial vector's default weight, var (the parameter u / sqrt(var)): with var = 2 the
+    readout's term was doubled, and with var = 0 (a readout that starts at zero, word2vec's)
+    the NTK was 0, as if the readout did not train."""
+    op = graph.op(graph.readout.readout)
+    if not op.trainable:
+        return sp.S.Zero
+    return sp.S.One if op.ntk_weight is None else op.ntk_weight
 
 
 def kernel_outputs(graph: Graph, out: Graph, grads: dict[str, str], in_the_limit: bool = False) -> Graph:
@@ -163,7 +179,7 @@ def kernel_outputs(graph: Graph, out: Graph, grads: dict[str, str], in_the_limit
     ro = graph.readout
     out.outputs = {}
     nngp = _nngp(d)
-    terms = [graph.op(ro.readout).weight() * ro.sigma**2 * _pair(d, ro.vector, ro.vector)]
+    terms = [_readout_weight(graph) * ro.sigma**2 * _pair(d, ro.vector, ro.vector)]
     if ro.bias is not None:
         terms.append(ro.bias_weight if ro.bias_weight is not None else ro.bias**2)
     # the matrices' products of gradient pairs first, so that initial vectors can fold into
