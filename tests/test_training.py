@@ -659,3 +659,12 @@ def test_diverging_kernel_gradient_descent_is_warned_at_its_stability_limit(batc
     assert np.mean((stable.f_train[-1] - Y) ** 2) < np.mean(Y**2)
     with pytest.warns(RuntimeWarning, match="kernel gradient descent diverges"):
         tp.train(net, abc, tp.SGD(X, Y, steps=300, lr=1.1 * limit, batch=batch))
+
+
+def test_unrolling_the_kernel_regime_says_why_it_cannot():
+    """NTP's readout a + b = 1/2: the output at initialization is an O(1) Gaussian fluctuation,
+    stable (tpc classify), but not representable by an unrolled program; it was refused as
+    'grows like n^1/2: the parametrization is unstable'."""
+    with pytest.raises(tp.ProgramError, match=r"a \+ b = 1/2 makes the output at initialization an O\(1\) Gaussian "
+                                              r"fluctuation.*kernel regime \(tpc train --param ntp"):
+        tp.compile(tp.load(str(ROOT / "programs" / "linear_net.py"), param="ntp"))

@@ -225,6 +225,14 @@ class _Unroller:
         self.Xe = self._data(sgd.X_eval, "X_eval") if sgd.X_eval is not None else np.zeros((0, self.d))
         a, b, c = abc.a, abc.b, abc.c
         ao, bo = a[-1], b[-1]
+        if sp.nsimplify(ao + bo) == sp.Rational(1, 2):
+            # (NTP, SP: stable, but f_0 is O(1) noise, a fluctuation of the mean v . x / n that
+            # the limit's program has no variable for; it was refused as "unstable")
+            raise ProgramError(
+                "tp.unroll: the readout's a + b = 1/2 makes the output at initialization "
+                "an O(1) Gaussian fluctuation (the kernel regime: NTP, SP), which an unrolled program cannot "
+                "represent (it unrolls parametrizations whose output at initialization tends to 0, such as muP "
+                "and MFP); train such a network in the kernel regime (tpc train --param ntp, tp.predict)")
         self.e_f = _exponent_check(1 - (ao + bo), "the output at initialization")
         self.e_v = _exponent_check(bo - ao - c, "the readout update")
         self.e_U = _exponent_check(-c - 2 * a[0] - (ao + bo), "the input-layer update")
