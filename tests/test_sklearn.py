@@ -345,3 +345,26 @@ def test_an_edited_program_file_is_another_program(tmp_path):
     erf = NNGP(str(path), depth=1)(X[:6])
     np.testing.assert_allclose(erf, _erf_nngp(1.0, X[:6])[0], rtol=1e-12)
     assert np.max(np.abs(erf - relu)) > 1e-2
+
+
+def test_a_fitted_model_refuses_a_program_file_edited_since_and_keeps_its_params(tmp_path):
+    """A KernelEstimator (and a GaussianProcessRegressor on NNGP(path)) fitted on a file and
+    asked to predict after the file was edited computed k(X_new, X) of the new program beside
+    the old one's fit: predictions of neither model (QA: 1.150 where the fit said 0.517 and a
+    refit 0.581).  Mutating the params dict after fit changed predictions too."""
+    path = tmp_path / "net.py"
+    text = Path(MLP).read_text()
+    path.write_text(text)
+    params = {"depth": 1, "phi": "erf", "w_std": 1.0}
+    est = KernelEstimator(str(path), params=params).fit(X[:8], Y[:8, 0])
+    before = est.predict(XT)
+    params["w_std"] = 2.0
+    np.testing.assert_array_equal(est.predict(XT), before)  # the params it was fitted with
+    gpr = GaussianProcessRegressor(NNGP(str(path), depth=1, phi="erf", w_std_bounds="fixed")).fit(X[:8], Y[:8, 0])
+    path.write_text(text.replace("act = tp.phi(phi)", "act = tp.phi('relu')"))
+    with pytest.raises(ProgramError, match=r"net.py' changed since this was fitted; fit it again"):
+        est.predict(XT)
+    with pytest.raises(ProgramError, match=r"net.py' changed since this was made"):
+        gpr.predict(XT)
+    refit = KernelEstimator(str(path), params=params).fit(X[:8], Y[:8, 0]).predict(XT)  # a new model: fine
+    assert refit.shape == before.shape

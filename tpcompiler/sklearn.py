@@ -26,6 +26,7 @@
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
 import hashlib
 import inspect
@@ -281,6 +282,14 @@ def cross_kernel(kf, A: np.ndarray, B: np.ndarray) -> dict[str, np.ndarray]:
     return cross(kf, A, B)
 
 
+def _require_same_program(program, made_from, what: str) -> None:
+    """Refuse a program file that changed since ``made_from`` (its ``_identity`` then): values
+    of the edited program beside values of the old one (a fitted model's kernel) would be
+    neither model's."""
+    if isinstance(program, (str, Path)) and _identity(program) != made_from:
+        raise ProgramError(f"program: the file {str(program)!r} changed since this was {what}")
+
+
 def _is_hyperparameter(name: str, value, default) -> bool:
     """A positive float-valued build() parameter (or one whose default is a float)."""
     if name == "d" or isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Real):
@@ -338,6 +347,7 @@ class _ProgramKernel(Kernel):
                 build[name] = value
         self._names = [*build, *bounds]
         self._bound_names = list(bounds)
+        self._made_from = _identity(program)
         for k, v in {**build, **bounds}.items():
             setattr(self, k, v)
 
@@ -358,6 +368,8 @@ class _ProgramKernel(Kernel):
         none (the default bounds until then), after the parameters given with it."""
         new_bounds = {k: v for k, v in params.items() if k.endswith("_bounds") and k not in self._names}
         super().set_params(**{k: v for k, v in params.items() if k not in new_bounds})
+        if "program" in params:
+            self._made_from = _identity(self.program)
         hyper = self._hyper
         for k, v in new_bounds.items():
             name = k[: -len("_bounds")]
@@ -377,6 +389,8 @@ class _ProgramKernel(Kernel):
                 for name in self._hyper]
 
     def _matrix(self, params: dict, X: np.ndarray, Y: np.ndarray | None, verify: bool = True) -> np.ndarray:
+        # (GaussianProcessRegressor keeps a clone made at fit: its alpha_ is the old program's)
+        _require_same_program(self.program, self._made_from, "made (a fitted model's copy too); make it again")
         kf = kernel_function(self.program, params, X.shape[1], runtime=self._hyper, verify=verify, get=self.kind)
         if Y is None:
             return kf(X)[self.kind]
@@ -463,15 +477,22 @@ class KernelTransformer(TransformerMixin, BaseEstimator):
     def fit(self, X, y=None):
         _check_kind(self.kernel)
         self.X_fit_ = validate_data(self, X, dtype=np.float64, reset=True)
+        # the program and parameters fitted with: transform computes k(X, X_fit) of these (a
+        # program file edited, or the params dict changed in place, after fit made predictions
+        # of neither model)
+        self.program_ = _identity(self.program)
+        self.params_ = copy.deepcopy(dict(self.params or {}))
+        self.kernel_ = self.kernel
         # build errors surface in fit
-        kernel_function(self.program, dict(self.params or {}), self.X_fit_.shape[1], get=self.kernel)
+        kernel_function(self.program, dict(self.params_), self.X_fit_.shape[1], get=self.kernel_)
         return self
 
     def transform(self, X):
         check_is_fitted(self)
         X = validate_data(self, X, dtype=np.float64, reset=False)
-        kf = kernel_function(self.program, dict(self.params or {}), X.shape[1], get=_check_kind(self.kernel))
-        return cross_kernel(kf, X, self.X_fit_)[self.kernel]
+        _require_same_program(self.program, self.program_, "fitted; fit it again")
+        kf = kernel_function(self.program, dict(self.params_), X.shape[1], get=self.kernel_)
+        return cross_kernel(kf, X, self.X_fit_)[self.kernel_]
 
 
 class KernelEstimator(MetaEstimatorMixin, BaseEstimator):
