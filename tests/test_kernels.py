@@ -607,3 +607,17 @@ def test_the_readouts_variance_scales_the_nngp_and_not_its_ntk_weight(var):
     gram = X @ X.T / 3
     np.testing.assert_allclose(K["nngp"], var * 2.25 * gram, rtol=1e-14, atol=1e-15)
     np.testing.assert_allclose(K["ntk"], (1 + var) * 2.25 * gram, rtol=1e-14, atol=1e-15)
+
+
+def test_an_unusable_cache_is_an_error_not_another_method(tmp_path, monkeypatch):
+    """With TPCOMPILER_CACHE_DIR unusable for the quadratures' generated code (a read-only
+    mount; here a file where their folder goes), tpc limit's auto method returned particle
+    estimates in silence: the cache error became the kernel backend's NotPairwise."""
+    (tmp_path / "gaussian2").write_text("not a folder")
+    monkeypatch.setenv("TPCOMPILER_CACHE_DIR", str(tmp_path))
+    p = tp.Program("unusable_cache")
+    u = p.vec("u")
+    h = (p.mat("W", sigma=1.3) @ u).named("h")
+    p.output("m", tp.mean(tp.nonlin(lambda t: sp.tanh(0.8125 * t) ** 2 + t / 7, h)))  # (a function no other test builds)
+    with pytest.raises(tp.ProgramError, match=r"TPCOMPILER_CACHE_DIR=.*cannot use .*gaussian2.* as the cache"):
+        tp.compile(p).limit()

@@ -33,6 +33,7 @@ import sympy as sp
 from sympy.printing.pycode import PythonCodePrinter
 
 from tpcompiler.ir import nonlinearities as nl
+from tpcompiler.ir.graph import ProgramError
 
 _LOCK = threading.RLock()
 _MODULES: dict = {}
@@ -56,8 +57,6 @@ class NumbaPrinter(PythonCodePrinter):
         """sympy's code printers raise a PrintMethodNotImplementedError (a traceback) for what
         they cannot write, such as a user's own sympy Function class (which the particles and
         finite widths evaluate through its ``_imp_``): a ProgramError that says what to do."""
-        from tpcompiler.ir.graph import ProgramError
-
         what = type(expr).__name__ if isinstance(expr, sp.Function) else sp.sstr(expr)
         raise ProgramError(f"the generated kernel code cannot evaluate {what!r} (a function sympy and tpcompiler "
                            "have no code for): write the nonlinearity with sympy's functions (sympy.tanh, sympy.exp, "
@@ -219,6 +218,12 @@ def _atomic_write(path: str, data, mode: str) -> None:
         raise
 
 
+class CacheUnavailable(ProgramError):
+    """TPCOMPILER_CACHE_DIR cannot hold the generated code: an error of the setup, never a
+    reason to change method (the kernel backend's rule builders turn their ValueErrors into
+    NotPairwise, and tpc limit's auto method then ran particles in silence)."""
+
+
 def cache_dir(kind: str) -> str:
     """The cache directory for ``kind`` ("kernels", "gaussian2", "derivations"), created if needed."""
     candidates = []
@@ -233,10 +238,8 @@ def cache_dir(kind: str) -> str:
             if os.access(d, os.W_OK):
                 return d
             problem = "not writable"
-        from tpcompiler.ir.graph import ProgramError
-
-        raise ProgramError(f"TPCOMPILER_CACHE_DIR={base!r}: cannot use {d!r} as the cache ({problem}); "
-                           "point it to a writable directory or unset it")
+        raise CacheUnavailable(f"TPCOMPILER_CACHE_DIR={base!r}: cannot use {d!r} as the cache ({problem}); "
+                               "point it to a writable directory or unset it")
     candidates.append(os.path.join(os.path.expanduser("~"), ".cache", "tpcompiler"))
     candidates.append(os.path.join(tempfile.gettempdir(), f"tpcompiler-{os.getuid()}"))
     for base in candidates:

@@ -56,6 +56,7 @@ from tpcompiler.ir.graph import Graph, ProgramError
 from tpcompiler.ir.ops import VEC, node_symbol, unprime
 from tpcompiler.ir.symbols import ZHatSymbol
 from tpcompiler.ir.rules import RuleTable
+from tpcompiler.backends.codegen import CacheUnavailable
 from tpcompiler.backends.kernels.shared import UNSEEN, Skeletons, add_terms, float_value, product, substitute, sum_of_terms, term_sum, total
 from tpcompiler.symbolic.master import Expectation, Z, Zhat, ZProgram, derive
 
@@ -1646,6 +1647,8 @@ class ExpectationRules:
         if rule is None:
             try:
                 rule = self._built[index] = expectation_rule(self.functions[index], self.rtol)
+            except CacheUnavailable:
+                raise  # (the setup's error, not the function's: no NotPairwise, which auto methods avoid)
             except (ValueError, ArithmeticError) as exc:
                 raise self._failed(self.functions[index], exc) from None
         return rule
