@@ -368,3 +368,18 @@ def test_a_fitted_model_refuses_a_program_file_edited_since_and_keeps_its_params
         gpr.predict(XT)
     refit = KernelEstimator(str(path), params=params).fit(X[:8], Y[:8, 0]).predict(XT)  # a new model: fine
     assert refit.shape == before.shape
+
+
+def test_a_program_changed_in_place_is_compiled_again():
+    """NNGP(program) of a tp.Program is cached by the program's id: changed in place (a Param's
+    value, as tp.compile's own check sees it), it kept the old kernels; the reference is the
+    program built with the new value."""
+    import dataclasses
+
+    p = tp.load(MLP, depth=2, phi="erf", w_std=1.0, b_std=0.1, d=X.shape[1])
+    k = NNGP(p)
+    k(X[:3])
+    p.graph.g.nodes["b_std"]["op"] = dataclasses.replace(p.graph.op("b_std"), value=0.7)
+    reference = tp.compile(tp.load(MLP, depth=2, phi="erf", w_std=1.0, b_std=0.7, d=X.shape[1])).kernels(X[:3])["nngp"]
+    np.testing.assert_allclose(k(X[:3]), reference, rtol=1e-13)
+    np.testing.assert_allclose(NNGP(p)(X[:3]), reference, rtol=1e-13)

@@ -232,12 +232,23 @@ def _full_params(program, params: dict, d: int) -> dict:
 
 def _compiled_per_value(program, params: dict, rtol: float, get=None):
     """The old path: build and compile the program at exactly these values (cached)."""
-    key = (_identity(program), tuple(sorted((k, repr(v)) for k, v in params.items())), rtol, get)
-    if key not in _CACHE:
-        from tpcompiler.compiler import compile
+    from tpcompiler.compiler import compile
 
-        _CACHE[key] = (program, compile(_build(program, params), get=get).kernel_function(rtol))
-    return _CACHE[key][1]
+    key = (_identity(program), tuple(sorted((k, repr(v)) for k, v in params.items())), rtol, get)
+    if key not in _CACHE or (isinstance(program, Program) and _changed(_CACHE[key][1])):
+        compiled = compile(_build(program, params), get=get)
+        _CACHE[key] = (program, compiled, compiled.kernel_function(rtol))
+    return _CACHE[key][2]
+
+
+def _changed(compiled) -> bool:
+    """Whether a Program compiled earlier changed since (``Compiled._unchanged``): a Program is
+    known here by its id, and one changed in place kept its old kernels."""
+    try:
+        compiled._unchanged()
+    except ProgramError:
+        return True
+    return False
 
 
 def kernel_function(program, params: dict, d: int, runtime=None, verify: bool = True, rtol: float = 1e-10,
