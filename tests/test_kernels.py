@@ -574,11 +574,34 @@ def test_a_quadrature_rule_short_of_rtol_warns_also_when_read_from_its_file(monk
     fine = probing.Rule(kind=probing.UNIFORM, h=0.1, C=1.0, error=1e-12, evals=200.0)
     module = SimpleNamespace(name="test_module")
     for rule, warns in ((short, True), (fine, False)):
-        monkeypatch.setattr(probing, "_read_rules", lambda m, r=rule: _Everywhere(asdict(r)))
+        stored = {**asdict(rule), "sha256": probing._rule_digest(asdict(rule))}
+        monkeypatch.setattr(probing, "_read_rules", lambda m, r=stored: _Everywhere(r))
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             assert probing.select_rule(module, "pair", 1e-10, 9.0, None, False, None) == rule
         assert any("did not reach rtol=1e-10" in str(w.message) for w in caught) == warns
+
+
+def test_a_damaged_rules_file_entry_is_probed_again(monkeypatch):
+    """A rules-file entry is read back without probing: one whose fields no longer match its
+    checksum (a flipped bit: C 2.0 read as 6.0 made kernels 0.5% off in silence), or that has
+    none (an older file), is probed again."""
+    from dataclasses import asdict
+    from types import SimpleNamespace
+
+    from tpcompiler.expectations import probing
+
+    rule = probing.Rule(kind=probing.UNIFORM, h=0.1, C=2.0, error=1e-12, evals=200.0)
+    fresh = probing.Rule(kind=probing.UNIFORM, h=0.1, C=2.0, error=2e-12, evals=210.0)
+    probed = []
+    monkeypatch.setattr(probing, "probe", lambda *args: probed.append(1) or fresh)
+    monkeypatch.setattr(probing, "_write_rule", lambda *args: None)
+    module = SimpleNamespace(name="test_module")
+    good = {**asdict(rule), "sha256": probing._rule_digest(asdict(rule))}
+    for entry, expected in ((good, rule), ({**good, "C": 6.0}, fresh), (asdict(rule), fresh)):
+        monkeypatch.setattr(probing, "_read_rules", lambda m, e=entry: _Everywhere(e))
+        assert probing.select_rule(module, "pair", 1e-10, 9.0, None, False, None) == expected
+    assert len(probed) == 2
 
 
 class _Everywhere(dict):

@@ -17,6 +17,7 @@ rtol, kmax, ``GEN_VERSION`` and ``PROBE_VERSION``), so a second run does not pro
 from __future__ import annotations
 
 import functools
+import hashlib
 import json
 import math
 import os
@@ -183,10 +184,28 @@ def _read_rules(module: Module) -> dict:
         return {}
 
 
+def _rule_digest(fields: dict) -> str:
+    """A checksum of a stored rule's fields: the rules file is read back without probing, and a
+    changed digit (a damaged file: C 2.0 read as 6.0) made kernels 0.5% off in silence."""
+    text = json.dumps({k: fields[k] for k in sorted(fields) if k != "sha256"})
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def _stored_rule(cached) -> Rule | None:
+    """The rule of a rules-file entry whose checksum holds, else None (probed again)."""
+    if not isinstance(cached, dict) or cached.get("sha256") != _rule_digest(cached):
+        return None
+    try:
+        return Rule(**{k: v for k, v in cached.items() if k != "sha256"})
+    except TypeError:
+        return None
+
+
 def _write_rule(module: Module, key: str, rule: Rule) -> None:
     with _LOCK:
         data = _read_rules(module)
-        data[key] = asdict(rule)
+        fields = asdict(rule)
+        data[key] = {**fields, "sha256": _rule_digest(fields)}
         try:
             codegen.atomic_write(_rules_path(module), json.dumps(data))
         except OSError:  # pragma: no cover - a read-only cache only costs probing time
@@ -197,9 +216,9 @@ def select_rule(module: Module, what: str, rtol, kmax, run, kink: bool, scale_fn
     """The rule of ``module`` (``what``: "pair" or "1d") for rtol and kmax: from its rules
     file, else probed with ``run`` and ``scale_fn`` (see ``probe``) and stored."""
     key = f"{what}|{rtol!r}|{kmax!r}|{GEN_VERSION}|{PROBE_VERSION}"
-    cached = _read_rules(module).get(key)
-    if cached:
-        return warn_if_short(Rule(**cached), rtol)
+    cached = _stored_rule(_read_rules(module).get(key))
+    if cached is not None:
+        return warn_if_short(cached, rtol)
     rule = probe(run, KINK_CANDIDATES if kink else SMOOTH_CANDIDATES, rtol, scale_fn)
     _write_rule(module, key, rule)
     return warn_if_short(rule, rtol)
