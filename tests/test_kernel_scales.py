@@ -453,14 +453,14 @@ def test_particles_refuse_a_spike_no_particle_reaches():
     rows = np.stack([_E1, _rotated(0.967)])
     with pytest.raises(tp.ProgramError, match="rests on about .* particles.*can be trusted; the function is a spike"):
         c.limit(particles=20_000, seed=0, x=1e4 * rows, method="particles")
-    # too few particles per group for an ordinary function: said as such, with a count that works
-    with pytest.raises(tp.ProgramError, match=r"rests on about .* of the 20 particles of a group \([\d.]+% of them\).*"
-                                              r"can be trusted; use at least about (\d+) particles per group") as refused:
+    # too few particles for an ordinary function: said as such, with a count that works
+    with pytest.raises(tp.ProgramError, match=r"rests on about .* of the 200 particles \([\d.]+% of them\).*"
+                                              r"can be trusted; use at least about (\d+) particles \(--particles\)") as refused:
         c.limit(particles=200, seed=0, x=rows, method="particles")
     assert "spike" not in str(refused.value)
-    instruction, per_group = re.search(r"instruction ('.*?').*at least about (\d+)", str(refused.value)).groups()
+    instruction, needed = re.search(r"instruction ('.*?').*at least about (\d+)", str(refused.value)).groups()
     try:  # that many carry this average (another one, carried by fewer, may need more)
-        c.limit(particles=10 * int(per_group), seed=0, x=rows, method="particles")
+        c.limit(particles=int(needed), seed=0, x=rows, method="particles")
     except tp.ProgramError as exc:
         assert f"instruction {instruction}" not in str(exc), exc
     K = c.kernels(rows)

@@ -183,3 +183,20 @@ def test_a_derivative_singular_where_its_step_is_zero():
     value, err = tp.compile(p).limit(method="particles", particles=400_000, seed=1)["su"]
     exact = SIGMA**2 * SIGMA**-0.5 * 2**-0.25 * math.gamma(0.25) / (4 * math.sqrt(math.pi))
     assert within(value, err, exact), (value, err, exact)
+
+
+def test_a_rare_event_is_judged_on_all_the_groups_particles():
+    """E[step(h - 3.09)] = P(N(0,1) > 3.09) = 0.001: about 200 of the default 200,000
+    particles carry it, 5 per group of 5,000; judged group by group (10 effective particles
+    each) some group's Poisson count refused it at the default settings; 20,000 particles
+    (about 20) stay refused, with a count that would do."""
+    from scipy.stats import norm
+
+    p = tp.Program("tail")
+    h = (p.mat("W", sigma=1.0) @ p.vec("u")).named("h")
+    p.output("m", tp.mean(tp.nonlin(lambda t: sp.Heaviside(t - 3.09), h)))
+    c = tp.compile(p)
+    value, err = c.limit(method="particles", seed=0)["m"]
+    assert within(value, err, norm.sf(3.09)), (value, err)
+    with pytest.raises(ProgramError, match=r"rests on about \d+\.\d of the 20000 particles .* at least about \d+ particles"):
+        c.limit(method="particles", particles=20_000, seed=0)

@@ -70,34 +70,43 @@ def _require_finite(values, key: str, what: str) -> None:
             "inf: division by zero or overflow); its limit does not exist as a number")
 
 
-#: An average carried by fewer effective particles than this (per group) is refused: its
-#: value and the spread of the groups both rest on a handful of samples.
-MIN_EFFECTIVE_PARTICLES = 10
-#: Below this share of a group's particles carrying an average, the function is a spike (the
-#: refusal then says so); above it, the groups are only too small for it
+#: An average carried by fewer effective particles than this, over all the groups, is refused:
+#: its value and the spread of the groups rest on a handful of samples (it was 10 per group
+#: at 10 groups; judged per group at 40 groups of 5,000, a group's Poisson count refused
+#: averages that 200,000 particles hold, so the total is judged).
+MIN_EFFECTIVE_PARTICLES = 100
+#: Below this share of the particles carrying an average, the function is a spike (the
+#: refusal then says so); above it, the particles are only too few for it
 SPIKE_SHARE = 0.01
 
 
-def _require_effective_particles(values, key: str) -> None:
-    """Refuse an average that a few particles carry.  The effective sample size
-    (sum |f|)^2 / sum f^2 is M for a constant f and about M E|f|^2 / E f^2 in general; it is
-    tiny when f is a spike that almost no particle reaches (tanh' of a pre-activation with
-    variance 1e8, say), and then the group stderr cannot see the mass that no particle hit.
-    A function that is exactly 0 on every particle passes (a product like relu(h) relu(-h))."""
+def effective_particles(values) -> float | None:
+    """The effective sample size (sum |f|)^2 / sum f^2 of an average of ``values``: M for a
+    constant f, about M E|f|^2 / E f^2 in general, tiny when f is a spike that almost no
+    particle reaches (tanh' of a pre-activation with variance 1e8, say), where the group
+    stderr cannot see the mass that no particle hit.  None for a function that is exactly 0
+    on every particle (a product like relu(h) relu(-h)): nothing to refuse."""
     a = np.abs(np.asarray(values, dtype=np.float64))
     top = a.max() if a.size else 0.0
     if top == 0.0:
-        return
+        return None
     a = a / top
-    ess = a.sum() ** 2 / np.dot(a, a)
-    if ess < MIN_EFFECTIVE_PARTICLES:
-        share = ess / a.size
-        needed = math.ceil(2 * MIN_EFFECTIVE_PARTICLES / share)  # per group at this share, with a margin for its noise
+    return float(a.sum() ** 2 / np.dot(a, a))
+
+
+def _require_effective_particles(effective: dict, particles: int) -> None:
+    """Refuse an average that few particles carry: ``effective`` {instruction: effective
+    particles summed over the groups} (``effective_particles``) of ``particles`` in all."""
+    for key, ess in effective.items():
+        if ess >= MIN_EFFECTIVE_PARTICLES:
+            continue
+        share = ess / particles
+        needed = math.ceil(2 * MIN_EFFECTIVE_PARTICLES / share)  # at this share, with a margin for its noise
         fix = (f"the function is a spike that few particles reach: rescale the inputs, compute kernels with "
-               f"c.kernels, or use at least about {needed} particles per group" if share < SPIKE_SHARE else
-               f"use at least about {needed} particles per group (--particles counts those of every group)")
+               f"c.kernels, or use at least about {needed} particles" if share < SPIKE_SHARE else
+               f"use at least about {needed} particles (--particles)")
         raise ProgramError(
-            f"instruction {key!r}: its average rests on about {ess:.1f} of the {a.size} particles of a group "
+            f"instruction {key!r}: its average rests on about {ess:.1f} of the {particles} particles "
             f"({100 * share:.2g}% of them), so neither the value nor its stderr can be trusted; {fix}")
 
 
@@ -121,6 +130,8 @@ class _Run:
         self.graph = zp.graph
         self.M = M
         self.rng = rng
+        #: {instruction: the fewest effective particles of its averages} (``effective_particles``)
+        self.effective: dict[str, float] = {}
         # initial vectors and input layers (Gaussians whose covariance is set by the input
         # values, jointly over all inputs), drawn from their joint covariance
         self.env: dict = draw_initial(zp.graph, initial_keys(zp.graph), M, rng)
@@ -142,7 +153,9 @@ class _Run:
         for e in expr.atoms(Expectation):
             samples = self.eval_vec(e.args[0])
             _require_finite(samples, key, "the function it averages is")
-            _require_effective_particles(samples, key)
+            ess = effective_particles(samples)
+            if ess is not None:
+                self.effective[key] = min(ess, self.effective.get(key, math.inf))
             means[e] = sp.Float(np.mean(samples))
         value = evaluate(expr.xreplace(means), self.env)
         _require_finite(value, key, "its value is")
@@ -366,8 +379,13 @@ def limit(zp: ZProgram, particles: int, seed: int = 0, groups: int | None = None
     # multi-threaded BLAS spends more on waking threads than on the work.
     schedule = release_schedule(zp, _tangent_reads)
     with threadpool_limits(1, user_api="blas"):
-        rows = [walk(_Run(zp, per, np.random.default_rng(s)), PARTICLES, schedule)
-                for s in progress.iterate(seqs, f"particles ({particles})", unit="group")]
+        rows, effective = [], {}
+        for s in progress.iterate(seqs, f"particles ({particles})", unit="group"):
+            run = _Run(zp, per, np.random.default_rng(s))  # (one group's particles alive at a time)
+            rows.append(walk(run, PARTICLES, schedule))
+            for key, ess in run.effective.items():
+                effective[key] = effective.get(key, 0.0) + ess
+    _require_effective_particles(effective, per * groups)
     out = {}
     for name in zp.graph.outputs:
         vals = np.array([r[name] for r in rows])
