@@ -636,8 +636,15 @@ def test_an_unusable_cache_is_an_error_not_another_method(tmp_path, monkeypatch)
     """With TPCOMPILER_CACHE_DIR unusable for the quadratures' generated code (a read-only
     mount; here a file where their folder goes), tpc limit's auto method returned particle
     estimates in silence: the cache error became the kernel backend's NotPairwise."""
+    from tpcompiler.backends import codegen
+
     (tmp_path / "gaussian2").write_text("not a folder")
     monkeypatch.setenv("TPCOMPILER_CACHE_DIR", str(tmp_path))
+    from tpcompiler.expectations import builders
+
+    # (rules and modules an earlier test built in this process would not open the cache)
+    monkeypatch.setattr(codegen, "_MODULES", {})
+    monkeypatch.setattr(builders, "_OBJECTS", {})
     p = tp.Program("unusable_cache")
     u = p.vec("u")
     h = (p.mat("W", sigma=1.3) @ u).named("h")
