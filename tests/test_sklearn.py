@@ -383,3 +383,25 @@ def test_a_program_changed_in_place_is_compiled_again():
     reference = tp.compile(tp.load(MLP, depth=2, phi="erf", w_std=1.0, b_std=0.7, d=X.shape[1])).kernels(X[:3])["nngp"]
     np.testing.assert_allclose(k(X[:3]), reference, rtol=1e-13)
     np.testing.assert_allclose(NNGP(p)(X[:3]), reference, rtol=1e-13)
+
+
+def test_a_fitted_estimator_keeps_its_program_and_a_kernel_its_dormant_bounds():
+    """A KernelEstimator fitted on a tp.Program predicts with the program it was fitted on
+    when the program is changed in place afterwards (it gave the new program's kernel
+    against the old fit); a kernel whose b_std was set to None keeps its b_std_bounds for
+    later and can be cloned (its clone raised 'b_std is not a hyperparameter')."""
+    import dataclasses
+
+    p = tp.load(MLP, depth=1, phi="erf", w_std=1.0, b_std=0.1, d=X.shape[1])
+    est = KernelEstimator(p, params={}).fit(X[:8], Y[:8, 0])
+    before = est.predict(XT)
+    p.graph.g.nodes["b_std"]["op"] = dataclasses.replace(p.graph.op("b_std"), value=0.7)
+    np.testing.assert_array_equal(est.predict(XT), before)
+    k = NNGP(MLP, depth=1, phi="relu", b_std=0.5, b_std_bounds=(0.1, 1.0))
+    k.set_params(b_std=None)
+    twin = clone(k)
+    assert [h.name for h in twin.hyperparameters] == ["w_std"] and twin.b_std_bounds == (0.1, 1.0)
+    GaussianProcessRegressor(k).fit(X[:6], Y[:6, 0])
+    twin.set_params(b_std=0.3)
+    (b_std,) = [h for h in twin.hyperparameters if h.name == "b_std"]
+    np.testing.assert_allclose(b_std.bounds[0], [0.1, 1.0])

@@ -347,7 +347,11 @@ class _ProgramKernel(Kernel):
         build = {k: v for k, v in params.items() if k not in bounds}
         hyper = [k for k in dict.fromkeys([*build, *defaults])
                  if _is_hyperparameter(k, build.get(k, defaults.get(k)), defaults.get(k))]
-        unknown = [k[: -len("_bounds")] for k in bounds if k[: -len("_bounds")] not in hyper]
+        # (bounds of a parameter that is None now, b_std without a bias, wait until it is set: a
+        # kernel whose set_params(b_std=None) kept its b_std_bounds could not be cloned)
+        unknown = [k[: -len("_bounds")] for k in bounds if k[: -len("_bounds")] not in hyper
+                   and not (k[: -len("_bounds")] in {**defaults, **build}
+                            and build.get(k[: -len("_bounds")], defaults.get(k[: -len("_bounds")])) is None)]
         if unknown:
             raise ProgramError(_not_a_hyperparameter(unknown[0], build.get(unknown[0], defaults.get(unknown[0])), hyper))
         # every build() parameter is a parameter of the estimator (get_params, set_params,
@@ -492,17 +496,19 @@ class KernelTransformer(TransformerMixin, BaseEstimator):
         # program file edited, or the params dict changed in place, after fit made predictions
         # of neither model)
         self.program_ = _identity(self.program)
+        # a Program's own copy (one changed in place after fit gave its kernel against the old fit)
+        self.fitted_program_ = copy.deepcopy(self.program) if isinstance(self.program, Program) else self.program
         self.params_ = copy.deepcopy(dict(self.params or {}))
         self.kernel_ = self.kernel
         # build errors surface in fit
-        kernel_function(self.program, dict(self.params_), self.X_fit_.shape[1], get=self.kernel_)
+        kernel_function(self.fitted_program_, dict(self.params_), self.X_fit_.shape[1], get=self.kernel_)
         return self
 
     def transform(self, X):
         check_is_fitted(self)
         X = validate_data(self, X, dtype=np.float64, reset=False)
         _require_same_program(self.program, self.program_, "fitted; fit it again")
-        kf = kernel_function(self.program, dict(self.params_), X.shape[1], get=self.kernel_)
+        kf = kernel_function(self.fitted_program_, dict(self.params_), X.shape[1], get=self.kernel_)
         return cross_kernel(kf, X, self.X_fit_)[self.kernel_]
 
 

@@ -368,7 +368,7 @@ class Program:
     def readout(self, x, sigma=1.0, bias=None, name: str = "v", ntk_weight=None, bias_ntk_weight=None, out_dim: int = 1,
                 var=1.0):
         """Declare the network output f(xi) = sigma/sqrt(n) v . x (+ bias * beta), v a fresh
-        initial N(0, 1) vector (returned, so a hand-written backward pass can use it), beta ~
+        initial N(0, var) vector (returned, so a hand-written backward pass can use it), beta ~
         N(0, 1) (docs/DESIGN.md 2.3).  Kernels and training read this declaration.  NTK weights:
         v's default 1 (NTK parametrization; standard: n_in / sigma^2) and beta's default
         bias^2 (standard: 1).  With ``out_dim`` K > 1 the output is K-dimensional (K
