@@ -345,15 +345,14 @@ class _ProgramKernel(Kernel):
         defaults = _defaults(program)
         bounds = {k: v for k, v in params.items() if k.endswith("_bounds") and k not in defaults}
         build = {k: v for k, v in params.items() if k not in bounds}
-        hyper = [k for k in dict.fromkeys([*build, *defaults])
-                 if _is_hyperparameter(k, build.get(k, defaults.get(k)), defaults.get(k))]
+        values = {**defaults, **build}
+        hyper = [k for k in dict.fromkeys([*build, *defaults]) if _is_hyperparameter(k, values[k], defaults.get(k))]
         # (bounds of a parameter that is None now, b_std without a bias, wait until it is set: a
         # kernel whose set_params(b_std=None) kept its b_std_bounds could not be cloned)
-        unknown = [k[: -len("_bounds")] for k in bounds if k[: -len("_bounds")] not in hyper
-                   and not (k[: -len("_bounds")] in {**defaults, **build}
-                            and build.get(k[: -len("_bounds")], defaults.get(k[: -len("_bounds")])) is None)]
+        unknown = [name for name in (k[: -len("_bounds")] for k in bounds)
+                   if name not in hyper and not (name in values and values[name] is None)]
         if unknown:
-            raise ProgramError(_not_a_hyperparameter(unknown[0], build.get(unknown[0], defaults.get(unknown[0])), hyper))
+            raise ProgramError(_not_a_hyperparameter(unknown[0], values.get(unknown[0]), hyper))
         # every build() parameter is a parameter of the estimator (get_params, set_params,
         # a grid search over phi), defaults included; the hyperparameters' defaults also
         # become theta.  Not d: a build()'s input dimension comes from the data (_full_params).
