@@ -8,6 +8,7 @@ match an independent reference (closed form or scipy quad against the Gaussian d
 import math
 import re
 import time
+import warnings
 
 import numpy as np
 import pytest
@@ -545,3 +546,34 @@ def test_a_limit_sympy_leaves_unevaluated_proves_nothing():
         nngp = mean(lambda x: gelu(gelu(x)) ** 2)
         assert K["nngp"][a, a] == pytest.approx(nngp, rel=1e-9)
         assert K["ntk"][a, a] == pytest.approx(nngp + q * mean(lambda x: (dgelu(gelu(x)) * dgelu(x)) ** 2), rel=1e-9)
+
+
+def test_a_kernel_infinite_only_on_its_diagonal_is_refused():
+    """phi = |t|^p: the NTK reads E[phi'(u) phi'(u')], finite for two inputs (rho < 1) but
+    E[phi'(u)^2] = oo on the diagonal when p <= 1/2 (phi'^2 ~ |t|^(2p - 2)); it was returned
+    as a finite number (6.6 for p = 1/2, 7e8 for p = 1/4) with a quadrature warning.  The NNGP
+    alone (get="nngp") exists and matches the closed form
+    E[|u|^p |v|^p] = 2^p Gamma((p+1)/2)^2 / pi 2F1(-p/2, -p/2; 1/2; rho^2) (k11 k22)^(p/2)."""
+    import mpmath
+    from tpcompiler.layers import Dense, Nonlin, serial
+
+    t = sp.Symbol("t")
+    X = np.array([[1.0, 0.5, -0.2], [0.3, -1.0, 0.4]])
+    K = X @ X.T / 3 + 0.01
+    for p in (sp.Rational(1, 2), sp.Rational(1, 4)):
+        prog = serial(Dense(16, 1.0, 0.1), Nonlin(sp.Lambda(t, sp.Abs(t) ** p)), Dense(1, 1.0, 0.1)).program((3,))
+        with pytest.raises(UndefinedLimit, match=r"at equal inputs xi' = xi \(the kernels' diagonal\).*does not exist"):
+            tp.compile(prog)
+        with warnings.catch_warnings():  # (a quadrature's conservative error estimate may warn)
+            warnings.simplefilter("ignore", RuntimeWarning)
+            nngp = tp.compile(prog, get="nngp").kernels(X)["nngp"]
+        q = float(p)
+        for i, j in ((0, 0), (0, 1), (1, 1)):
+            rho = K[i, j] / math.sqrt(K[i, i] * K[j, j])
+            moment = 2 ** q * mpmath.gamma((q + 1) / 2) ** 2 / mpmath.pi * mpmath.hyp2f1(-q / 2, -q / 2, 0.5, rho ** 2)
+            assert nngp[i, j] == pytest.approx(float(moment) * (K[i, i] * K[j, j]) ** (q / 2) + 0.01, rel=1e-9)
+    # p = 3/4: phi'^2 ~ |t|^(-1/2) is integrable, so the NTK exists
+    prog = serial(Dense(16, 1.0, 0.1), Nonlin(sp.Lambda(t, sp.Abs(t) ** sp.Rational(3, 4))), Dense(1, 1.0, 0.1)).program((3,))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        assert np.all(np.isfinite(tp.compile(prog).kernels(X)["ntk"]))

@@ -379,6 +379,12 @@ class Checker:
             return
         what = f"instruction {key!r} := mean({sp.sstr(self.zp.graph.op(key).expr)})"
         self.check_expectation(psi, what)
+        # a pair moment of a kernel program (primed: at the second input) is evaluated at
+        # xi' = xi too, the kernels' diagonal, where E[phi'(u) phi'(u')] becomes E[phi'(u)^2]
+        # (phi = sqrt|t|: finite for two inputs, infinite on the diagonal)
+        diagonal = psi.xreplace({s: symbols.unprimed(s) for s in psi.free_symbols if symbols.is_primed(s)})
+        if diagonal != psi:
+            self.check_expectation(diagonal, f"{what} at equal inputs xi' = xi (the kernels' diagonal)")
 
     def check_second_moment(self, key: str, x: str) -> None:
         """A MatMul W x needs E[(Z^x)^2] < oo (the covariance of its ZHat)."""
