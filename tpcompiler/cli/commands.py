@@ -547,7 +547,8 @@ _LR_MULT_KEYS = ("first", "last", "bias")
 
 
 def _pi_train_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--init", help="--param pi: start from this state (.npz, keys A1, A2.., B2.., Amult2.., b1..)")
+    p.add_argument("--init", help="--param pi: start a new run (step 0) from this state (.npz: the limit's keys A1, "
+                   "A2.., B2.., Amult2.., b1.., or a finite pi-net's state written by --save-state)")
     p.add_argument("--width", type=_count(1), help="--param pi: train the finite pi-net of width N instead of the limit")
     p.add_argument("--lr-mult", help="--param pi: learning-rate multipliers first=a,last=b,bias=c (default 1 each)")
 
@@ -593,9 +594,10 @@ def _pi_engine(args, program, mult: dict):
     if not spec.bias and mult["bias"] != 1.0:
         raise CommandError(f"--lr-mult: bias={mult['bias']:g}, but this pi-net has no biases "
                            "(give -p alpha_bias=A with A != 0 to train biases, or drop bias= from --lr-mult)")
-    if args.init is not None and not os.path.isfile(args.init):
-        raise CommandError(f"--init: {args.init!r} is a directory; give a state file (.npz)" if os.path.isdir(args.init)
-                           else f"--init: state file {args.init!r} not found")
+    for option, path in (("--init", args.init), ("--resume", args.resume)):
+        if path is not None and not os.path.isfile(path):
+            raise CommandError(f"{option}: {path!r} is a directory; give a state file (.npz)" if os.path.isdir(path)
+                               else f"{option}: state file {path!r} not found")
     if args.loss not in ("softmax", "mse"):
         raise CommandError(f"--loss: a pi-net trains with softmax or mse, not {args.loss}")
     if args.width is not None and spec.r > args.width:
@@ -609,14 +611,52 @@ def _pi_engine(args, program, mult: dict):
             raise CommandError(f"--seed {args.seed} and -p seed={seed} disagree: the pi-net's initial state is drawn "
                                "from one seed; give one of them")
         seed = args.seed
-    options = dict(state=args.init, seed=seed, loss=args.loss, wd=args.weight_decay, clip=args.clip, mult=mult)
+    options = dict(loss=args.loss, wd=args.weight_decay, clip=args.clip, mult=mult)
+    saved = args.resume or args.init
+    meta = _saved_metadata(saved) if saved is not None else {}
+    if args.resume is not None and "_spec" in meta and meta["_spec"] != spec.to_json():
+        raise CommandError(f"--resume: {args.resume!r} is the state of another pi-net ({meta['_spec']}; the program "
+                           f"gives {spec.to_json()}); give the -p parameters of its run")
     try:
+        if meta.get("_method") == "pi-finite":
+            return spec, _finite_from_state(args, spec, options)
+        if args.resume is not None:
+            if args.width is not None:
+                raise CommandError(f"--width: {args.resume!r} is a pi-limit state, which has no width; drop --width to "
+                                   "continue its run")
+            return spec, PiLimit.load(args.resume, spec, **options)
         if args.width is None:
-            return spec, PiLimit(spec, **options)
-        return spec, PiFinite(spec, width=args.width, **options)
+            return spec, PiLimit(spec, state=args.init, seed=seed, **options)
+        return spec, PiFinite(spec, width=args.width, state=args.init, seed=seed, **options)
     except (ValueError, KeyError, OSError) as exc:  # tp.pi.check_state's one-line messages, unreadable .npz files
         text = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        raise CommandError(f"--init {args.init}: {text}" if args.init is not None else f"--param pi: {text}") from None
+        where = "--resume" if args.resume is not None else "--init" if args.init is not None else None
+        raise CommandError(f"{where} {saved}: {text}" if where else f"--param pi: {text}") from None
+
+
+def _saved_metadata(path: str) -> dict:
+    """The metadata strings of a pi state file (pi.save_metadata: '_method', '_spec', ...);
+    empty if unreadable (the loaders then say what is wrong)."""
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            return {k: str(z[k]) for k in z.files if k.startswith("_")}
+    except (OSError, ValueError, AttributeError, TypeError):
+        return {}
+
+
+def _finite_from_state(args, spec, options: dict):
+    """tp.PiFinite from a finite pi-net's state (its width, seed and bases; --resume continues
+    its run, --init starts a new run from its weights)."""
+    from tpcompiler.training.pi_finite import PiFinite
+
+    path = args.resume or args.init
+    eng = PiFinite.load(path, spec, **options)
+    if args.width is not None and args.width != eng.n:
+        raise CommandError(f"--width {args.width}: {path!r} is the state of a width-{eng.n} pi-net; give --width "
+                           f"{eng.n} or drop --width")
+    if args.resume is None:
+        eng.steps_done, eng.saved_run = 0, None  # (a new run from its weights)
+    return eng
 
 
 def _train_pi(args, X, Y, Xe, out) -> int:
@@ -624,13 +664,28 @@ def _train_pi(args, X, Y, Xe, out) -> int:
     weight decay, per-tensor clip and multipliers; writes T.npz as for every parametrization."""
     from tpcompiler.training.fit import fit, linear
 
-    if args.resume:
-        raise CommandError("--resume: a pi-net starts from --init STATE.npz (a state written by --save-state)")
+    from tpcompiler.training.sgd import _check_same_run, run_settings
+
+    if args.resume and args.init:
+        raise CommandError("--resume and --init: --resume continues a saved run, --init starts a new run from a saved "
+                           "state; give one")
     mult = _lr_mult(args.lr_mult)
     if Y.ndim == 2 and "dout" in parameters(args.program) and "dout" not in parse_params(args.param):
         args.param = args.param + [f"dout={Y.shape[1]}"]  # the outputs from the targets, as d from --x
     program = _program(args, X)
     spec, eng = _pi_engine(args, program, mult)
+    run = run_settings(X, Y, batch=args.batch, schedule=args.schedule, lr=args.lr, lr_end=args.lr_end, steps=args.steps,
+                       weight_decay=args.weight_decay, clip=args.clip, loss=args.loss, lr_mult=mult)
+    if args.resume:
+        try:
+            _check_same_run(eng.saved_run, run)
+        except validation.ArgumentError as exc:
+            raise CommandError(f"--{exc}") from None
+        if eng.steps_done >= args.steps:
+            raise CommandError(f"--resume: the state has taken {eng.steps_done} steps; --steps {args.steps} counts the "
+                               f"whole run (the resumed run continues to step {args.steps}), so give more than "
+                               f"{eng.steps_done}")
+    eng.run = run
     if Y.ndim == 1:
         Y = Y[:, None]
     if Y.ndim != 2 or Y.shape[1] != spec.dout:
@@ -640,8 +695,8 @@ def _train_pi(args, X, Y, Xe, out) -> int:
     rate = linear(args.lr, args.lr_end, max(args.steps, 1)) if args.schedule == "linear" else args.lr
     save_state = _out_path(args.save_state, "--save-state") if args.save_state else None
     try:
-        hist = fit(eng, X, Y, steps=args.steps, lr=rate, batch=args.batch, eval_every=args.eval_every, X_eval=Xe,
-                   progress=False if args.quiet else None, checkpoint=save_state)
+        hist = fit(eng, X, Y, steps=args.steps - eng.steps_done, lr=rate, batch=args.batch, eval_every=args.eval_every,
+                   X_eval=Xe, progress=False if args.quiet else None, checkpoint=save_state)
     except validation.ArgumentError as exc:
         raise _as_option(exc) from None
     f_train = np.array(hist.f_train)
@@ -774,8 +829,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="learning rate: constant, or linear from --lr to --lr-end over the steps")
     p.add_argument("--lr-end", type=_real(positive=False, low=0.0, high=1e300), default=0.0, help="final learning rate of --schedule linear")
     p.add_argument("--eval-every", type=_count(1), default=1, help="record f every k steps (and after the last)")
-    p.add_argument("--resume", help="continue the run of a step-engine state (.npz written by --save-state) to step "
-                   "--steps, which counts the whole run")
+    p.add_argument("--resume", help="continue the run of a state (.npz written by --save-state: the step engine's, or "
+                   "with --param pi the pi-net's) to step --steps, which counts the whole run")
     p.add_argument("--save-state", help="write the final step-engine state (.npz; --param pi: the pi-net state)")
     _pi_train_options(p)
     p.add_argument("--quiet", action="store_true", help="no progress bar")

@@ -207,9 +207,22 @@ def _describe(spec: PiSpec) -> str:
 
 
 def save_metadata(engine) -> dict:
-    """The metadata keys of a saved engine: '_spec', '_options', '_method'."""
-    return dict(_spec=np.array(engine.spec.to_json()), _options=np.array(json.dumps(engine.options())),
-                _method=np.array(engine.method))
+    """The metadata keys of a saved engine: '_spec', '_options', '_method', '_steps_done' (the
+    steps its run has taken: a loaded engine's ``tp.fit`` continues the batch cycle and the
+    learning-rate schedule there) and '_run' (JSON, ``engine.run``: what the run was trained
+    with, when the caller set it; ``tpc train --resume`` compares it)."""
+    meta = dict(_spec=np.array(engine.spec.to_json()), _options=np.array(json.dumps(engine.options())),
+                _method=np.array(engine.method), _steps_done=np.array(engine.steps_done))
+    if engine.run is not None:
+        meta["_run"] = np.array(json.dumps(engine.run))
+    return meta
+
+
+def restore_progress(engine, meta: dict) -> None:
+    """``steps_done`` and ``saved_run`` of an engine loaded from a file with ``meta``
+    (``save_metadata``; a file written before them: a run at step 0, no settings)."""
+    engine.steps_done = int(meta.get("_steps_done", 0))
+    engine.saved_run = json.loads(meta["_run"]) if "_run" in meta else None
 
 
 def spec_and_options(path, meta: dict, spec, kwargs: dict):
@@ -497,6 +510,11 @@ class PiLimit:
         self.threads = threads
         self.T = transforms(spec.phi)
         self._set_state(_resolve_state(spec, state, seed))
+        #: SGD steps taken by this engine's run (``tp.fit`` continues from there; saved)
+        self.steps_done = 0
+        #: what the caller's run trains with (saved), and what a loaded state's run trained with
+        self.run: dict | None = None
+        self.saved_run: dict | None = None
 
     def _set_state(self, state: dict) -> None:
         spec = self.spec
@@ -535,7 +553,9 @@ class PiLimit:
         """An engine from a saved .npz (spec and options from its metadata unless given)."""
         state, meta = load_state_file(path)
         spec, kwargs = spec_and_options(path, meta, spec, kwargs)
-        return cls(spec, state=check_state(spec, state), **kwargs)
+        engine = cls(spec, state=check_state(spec, state), **kwargs)
+        restore_progress(engine, meta)
+        return engine
 
     # -- forward and backward -------------------------------------------------------------
     def _layer_forward(self, l: int, g_prev: np.ndarray, train: bool):
@@ -612,7 +632,9 @@ class PiLimit:
         wd, clip, mult = check_options(self.wd if wd is None else wd, self.clip if clip is None else clip,
                                        self.mult if mult is None else mult)
         with limited_threads(self.threads):
-            return self._step(X, Y, validation.number(lr, "lr", nonnegative=True), wd, clip, mult)
+            losses = self._step(X, Y, validation.number(lr, "lr", nonnegative=True), wd, clip, mult)
+        self.steps_done += 1
+        return losses
 
     def _step(self, X, Y, lr, wd, clip, mult):
         spec = self.spec

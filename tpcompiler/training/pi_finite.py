@@ -40,7 +40,7 @@ import numpy as np
 from tpcompiler import memory, validation
 from tpcompiler.training.pi import (
     PiSpec, _resolve_state, check_batch, check_options, clip_factor, finite_outputs, limited_threads, load_state_file,
-    loss_and_delta, save_metadata, spec_and_options, transforms,
+    loss_and_delta, restore_progress, save_metadata, spec_and_options, transforms,
 )
 
 
@@ -72,6 +72,9 @@ class PiFinite:
         # the features of the state's rows that _build multiplies (n x rows, twice: phi's copy)
         self._check_memory(8 * self.n * (2 * spec.depth * spec.r + spec.dout + 2 * rows), "its weights")
         self._build(state, seed)
+        self.steps_done = 0  # (as PiLimit's)
+        self.run: dict | None = None
+        self.saved_run: dict | None = None
 
     def _build(self, state: dict, seed) -> None:
         """Parameters in the factored form W^l = Omega_l K_l (l <= L), beta_l = Omega_l c_l:
@@ -182,6 +185,7 @@ class PiFinite:
         for (kind, l), (D, norm, key) in updates.items():
             m = 1.0 if key is None else mult[key]
             (self.K if kind == "K" else self.c)[l] -= lr * m * clip_factor(norm, clip) * D
+        self.steps_done += 1
         return losses
 
     def forward(self, X) -> np.ndarray:
@@ -220,4 +224,5 @@ class PiFinite:
         obj.c = {int(k[1:]): v for k, v in arrays.items() if k.startswith("c")}
         obj.omega = {int(k[5:]): v for k, v in arrays.items() if k.startswith("Omega")}
         obj._gram()
+        restore_progress(obj, meta)
         return obj

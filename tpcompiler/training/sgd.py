@@ -703,13 +703,22 @@ def _engine_descent(graph: Graph, abc: ABC, sgd: SGD, particles: int, seed: int,
 
 def _run_settings(sgd: SGD, X: np.ndarray, Y: np.ndarray) -> dict:
     """What a step-engine state's run was trained with (written into its checkpoint,
-    ``StepEngine.run``): a digest of the training data, the batch, the learning rates (for the
-    linear schedule, which its total number of steps defines, that too), weight decay and clip."""
+    ``StepEngine.run``): ``run_settings`` of the SGD's options."""
+    return run_settings(X, Y, batch=sgd.batch, schedule=sgd.schedule, lr=sgd.lr, lr_end=sgd.lr_end, steps=sgd.steps,
+                        weight_decay=sgd.weight_decay, clip=sgd.clip)
+
+
+def run_settings(X: np.ndarray, Y: np.ndarray, *, batch, schedule: str, lr: float, lr_end: float, steps: int,
+                 weight_decay: float, clip, **more) -> dict:
+    """A training run's settings as a checkpoint records them (``_check_same_run`` compares
+    them on resume): a digest of the training data, the batch, the learning rates (for the
+    linear schedule, which its total number of steps defines, that too), weight decay, clip
+    and ``more`` (a pi-net's loss and learning-rate multipliers)."""
     digest = hashlib.sha256(np.ascontiguousarray(X).tobytes() + np.ascontiguousarray(Y).tobytes())
-    run = {"data": f"{X.shape[0]} x {X.shape[1]} inputs, sha256 {digest.hexdigest()[:16]}", "batch": sgd.batch,
-           "schedule": sgd.schedule, "lr": sgd.lr, "weight_decay": sgd.weight_decay, "clip": sgd.clip}
-    if sgd.schedule == "linear":
-        run.update(lr_end=sgd.lr_end, steps=sgd.steps)
+    run = {"data": f"{X.shape[0]} x {X.shape[1]} inputs, sha256 {digest.hexdigest()[:16]}", "batch": batch,
+           "schedule": schedule, "lr": lr, "weight_decay": weight_decay, "clip": clip, **more}
+    if schedule == "linear":
+        run.update(lr_end=lr_end, steps=steps)
     return run
 
 
@@ -719,7 +728,7 @@ def _check_same_run(saved: dict | None, run: dict) -> None:
     (a state written without these, by StepEngine.save, is not checked)."""
     if saved is None:
         return
-    for key in ("data", "batch", "schedule", "lr", "lr_end", "steps", "weight_decay", "clip"):
+    for key in ("data", "batch", "schedule", "lr", "lr_end", "steps", "weight_decay", "clip", "loss", "lr_mult"):
         if saved.get(key) != run.get(key):
             if key == "steps":
                 raise validation.ArgumentError(
@@ -730,7 +739,8 @@ def _check_same_run(saved: dict | None, run: dict) -> None:
                 raise validation.ArgumentError(
                     f"resume: the state's run was trained on other data ({saved[key]}; given: {run[key]}); a resumed "
                     "run continues the state's run, so give its training data")
-            what = {"lr": "learning rate", "lr_end": "final learning rate", "weight_decay": "weight decay"}.get(key, key)
+            what = {"lr": "learning rate", "lr_end": "final learning rate", "weight_decay": "weight decay",
+                    "lr_mult": "learning-rate multipliers"}.get(key, key)
             raise validation.ArgumentError(
                 f"resume: the state's run was trained with {what} {_setting(key, saved.get(key))}, not "
                 f"{_setting(key, run.get(key))}; a resumed run continues the state's run, so give the same")
