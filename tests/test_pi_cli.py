@@ -227,3 +227,17 @@ def test_pi_options_with_another_parametrization_are_one_line(capsys, data, extr
             "--steps", "1", "--out", data["dir"] / "bad.npz", *extra]
     rc, _, err = tpc(capsys, *argv)
     assert_one_error_line(rc, err, extra[0], "--param pi")
+
+
+def test_one_dimensional_targets_give_one_output(capsys, data, tmp_path):
+    """N targets (a 1-D --y) train a pi-net with dout = 1, as N x K targets give dout = K."""
+    np.save(tmp_path / "y.npy", data["Y_arr"][:, 0])
+    argv = ["train", PINET, "-p", "depth=1", "-p", "r=2", "--param", "pi", "--x", data["X"], "--y", tmp_path / "y.npy",
+            "--loss", "mse", "--lr", "0.1", "--steps", 2, "--quiet", "--out", tmp_path / "T.npz"]
+    rc, _, err = tpc(capsys, *argv)
+    assert rc == 0, err
+    with np.load(tmp_path / "T.npz") as T:
+        assert T["f_train"].shape == (3, N)
+    (tmp_path / "text.npz").write_text("not numpy")
+    rc, _, err = tpc(capsys, *argv[:-2], "--out", tmp_path / "T2.npz", "--init", tmp_path / "text.npz")
+    assert_one_error_line(rc, err, "--init", "not a .npz state file")

@@ -670,8 +670,9 @@ def _train_pi(args, X, Y, Xe, out) -> int:
         raise CommandError("--resume and --init: --resume continues a saved run, --init starts a new run from a saved "
                            "state; give one")
     mult = _lr_mult(args.lr_mult)
-    if Y.ndim == 2 and "dout" in parameters(args.program) and "dout" not in parse_params(args.param):
-        args.param = args.param + [f"dout={Y.shape[1]}"]  # the outputs from the targets, as d from --x
+    if Y.ndim in (1, 2) and "dout" in parameters(args.program) and "dout" not in parse_params(args.param):
+        # the outputs from the targets, as d from --x (N targets: one output)
+        args.param = args.param + [f"dout={Y.shape[1] if Y.ndim == 2 else 1}"]
     program = _program(args, X)
     spec, eng = _pi_engine(args, program, mult)
     run = run_settings(X, Y, batch=args.batch, schedule=args.schedule, lr=args.lr, lr_end=args.lr_end, steps=args.steps,

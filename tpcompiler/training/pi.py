@@ -237,7 +237,11 @@ def spec_and_options(path, meta: dict, spec, kwargs: dict):
 
 def load_state_file(path) -> tuple[dict, dict]:
     """(state arrays, metadata strings) of a .npz state file; metadata keys start with '_'."""
-    loaded = np.load(path, allow_pickle=False)
+    try:
+        loaded = np.load(path, allow_pickle=False)
+    except ValueError:  # (numpy: "... pickled data ...", for any file that is not .npy/.npz)
+        raise validation.ArgumentError("not a .npz state file (not a numpy file at all; a state has several named "
+                                       "arrays, as --save-state and np.savez write them)") from None
     if not isinstance(loaded, np.lib.npyio.NpzFile):  # a .npy: one bare array
         raise validation.ArgumentError("not a .npz state file (a state has several named arrays, as --save-state and "
                                        "np.savez write them)")
