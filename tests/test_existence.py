@@ -577,3 +577,27 @@ def test_a_kernel_infinite_only_on_its_diagonal_is_refused():
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)
         assert np.all(np.isfinite(tp.compile(prog).kernels(X)["ntk"]))
+
+
+def test_gamma_poles_and_loggamma_of_negative_arguments_are_refused():
+    """gamma has poles at 0, -1, -2, ...: E[gamma(h)] does not exist (it was returned as
+    4.2 +- 2.9 by particles; QA), nor E[gamma(|h|)]; loggamma is complex for negative arguments,
+    as log.  Look-alikes without a pole match scipy's quadrature against the Gaussian density."""
+    def program(f):
+        p = tp.Program("g")
+        u = p.vec("u")
+        W = p.mat("W", sigma=1.0)
+        h = (W @ u).named("h")
+        p.output("m", tp.mean(tp.nonlin(f, h)))
+        return p
+
+    for f, words in ((sp.gamma, "not integrable near ZHat^h = -1"), (lambda a: sp.gamma(sp.Abs(a)), "near ZHat^h = 0"),
+                     (sp.loggamma, "not a real number for negative arguments")):
+        with pytest.raises(UndefinedLimit, match=re.escape(words)):
+            tp.compile(program(f))
+    density = lambda x: math.exp(-x * x / 2) / math.sqrt(2 * math.pi)
+    for f, g in ((lambda a: sp.gamma(sp.Abs(a) + 0.5), lambda x: scipy.special.gamma(abs(x) + 0.5)),
+                 (lambda a: sp.loggamma(a**2 + 1), lambda x: scipy.special.gammaln(x * x + 1))):
+        reference = 2 * scipy.integrate.quad(lambda x: g(x) * density(x), 0, 40)[0]
+        value, _ = tp.compile(program(f)).limit()["m"]
+        assert value == pytest.approx(reference, rel=1e-7)

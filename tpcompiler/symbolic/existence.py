@@ -59,7 +59,10 @@ _RESTRICTED = (sp.log, sp.asin, sp.acos, sp.atanh, sp.acosh, sp.loggamma)
 #: Functions with poles on the real line, and the ratios of sin and cos they are analysed as
 #: (``_as_ratios``).
 _RATIOS = {sp.tan: lambda x: sp.sin(x) / sp.cos(x), sp.cot: lambda x: sp.cos(x) / sp.sin(x),
-           sp.sec: lambda x: 1 / sp.cos(x), sp.csc: lambda x: 1 / sp.sin(x)}
+           sp.sec: lambda x: 1 / sp.cos(x), sp.csc: lambda x: 1 / sp.sin(x),
+           # gamma's poles at 0, -1, -2 as zeros of a denominator (by gamma(x + 1) = x gamma(x));
+           # an argument that reaches a lower pole without crossing these is not caught
+           sp.gamma: lambda x: sp.gamma(x + 3) / (x * (x + 1) * (x + 2))}
 _WITH_POLES = tuple(_RATIOS)
 #: Generic values for the leaves held fixed while another is analysed.
 _GENERIC = [sp.Rational(3, 7), sp.Rational(-5, 11), sp.Rational(7, 13), sp.Rational(-2, 9),
@@ -116,9 +119,9 @@ def _domain_args(expr: sp.Expr, is_random) -> list[tuple[sp.Expr, str]]:
                 out.append((base, f"a power with a random exponent, {shown(a)},"))
             elif exp.is_number and not _is_int_power(exp):
                 out.append((base, f"the non-integer power {shown(a)} (the principal root is complex for a negative base; for a real cube root write sign(x)*abs(x)**(1/3))"))
-        elif isinstance(a, sp.log) and is_random(a):
+        elif isinstance(a, (sp.log, sp.loggamma)) and is_random(a):  # (loggamma: complex for x < 0 too)
             out.append((a.args[0], shown(a)))
-        elif isinstance(a, (sp.asin, sp.acos, sp.atanh, sp.acosh, sp.loggamma)) and is_random(a):
+        elif isinstance(a, (sp.asin, sp.acos, sp.atanh, sp.acosh)) and is_random(a):
             out.append((None, shown(a)))
     return out
 
@@ -140,8 +143,9 @@ def _readable(x: sp.Expr) -> sp.Expr:
 
 
 def _as_ratios(expr: sp.Expr) -> sp.Expr:
-    """tan, cot, sec and csc written as ratios of sin and cos, so that their poles are zeros of
-    a denominator (E[tan(u)^2] does not exist; it was never looked at)."""
+    """tan, cot, sec and csc written as ratios of sin and cos, and gamma(x) as
+    gamma(x + 3) / (x (x + 1) (x + 2)), so that their poles are zeros of a denominator
+    (E[tan(u)^2] and E[gamma(u)] do not exist; they were never looked at)."""
     if not expr.has(*_WITH_POLES):
         return expr
     return expr.replace(lambda e: type(e) in _RATIOS, lambda e: _RATIOS[type(e)](e.args[0]))
