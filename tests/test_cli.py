@@ -126,7 +126,8 @@ def test_simulate_one_seed(capsys):
 
 def test_limit_mlp_with_data_fills_d(capsys, data):
     rc, out, err = tpc(capsys, "limit", MLP, "--x", data["X"], "--particles", 20000, "--json")
-    assert rc == 0 and err == ""
+    # (the limit is exact, pairwise: a given --particles is said not to be used, as tpc train says)
+    assert rc == 0 and err == "tpc: note: --particles not used (the limit is exact)\n"
     result = json.loads(out)
     expected = {f"{k}[{a},{b}]" for k in ("nngp", "ntk") for a in range(3) for b in range(3)}
     assert set(result) == expected
@@ -296,3 +297,17 @@ def test_installed_entry_point():
         pytest.skip("tpc entry point not installed next to this interpreter")
     proc = subprocess.run([str(exe), "formulas", "nothere.py"], capture_output=True, text=True, timeout=60)
     assert_one_error_line(proc.returncode, proc.stderr, "not found")
+
+
+@pytest.mark.parametrize("argv", [
+    ["limit", MLP], ["simulate", MLP, "--width", 16], ["check", MLP, "--widths", "16,32"],
+    ["kernels", MLP, "--out", "K.npz"], ["predict", MLP, "--y", "Y1.npy", "--xt", "X1.npy", "--out", "P.npz"],
+])
+def test_one_dimensional_inputs_are_refused_by_every_command(capsys, tmp_path, monkeypatch, argv):
+    """A 1-D --x: tpc limit, simulate and check read its N values as one example of dimension N
+    (QA), the other commands refused it; now every command says how to save it."""
+    monkeypatch.chdir(tmp_path)
+    np.save(tmp_path / "X1.npy", np.array([0.3, -1.3, -0.5, 0.2]))
+    np.save(tmp_path / "Y1.npy", np.array([0.1, 0.2, 0.3, 0.4]))
+    rc, _, err = tpc(capsys, *argv, "--x", "X1.npy")
+    assert_one_error_line(rc, err, "--x must be an N x d array (one row per example), got shape (4,)")

@@ -167,6 +167,16 @@ def _load_array(path: str, what: str, max_abs: float | None = validation.MAX_DAT
         raise CommandError(f"{what} file {path!r} {exc}") from None
 
 
+def _load_inputs(path: str, what: str = "--x") -> np.ndarray:
+    """``_load_array`` of inputs, which must have one row per example: a 1-D file is refused
+    (tpc limit read N values as one example of dimension N, tpc kernels refused it)."""
+    X = _load_array(path, what)
+    if X.ndim == 1:
+        raise CommandError(f"{what} must be an N x d array (one row per example), got shape {X.shape}: save X[:, None] "
+                           "for N examples of dimension 1, or X[None, :] for one example")
+    return X
+
+
 def _program(args, X=None):
     params = parse_params(args.param)
     if X is not None and "d" not in params and "d" in parameters(args.program):
@@ -191,8 +201,13 @@ def cmd_formulas(args) -> int:
 def cmd_limit(args) -> int:
     from tpcompiler.compiler import compile
 
-    X = _load_array(args.x, "--x") if args.x else None
-    result = compile(_program(args, X)).limit(particles=args.particles, seed=args.seed, x=X, method=args.method)
+    X = _load_inputs(args.x) if args.x else None
+    particles = DEFAULT_PARTICLES if args.particles is None else args.particles
+    result = compile(_program(args, X)).limit(particles=particles, seed=args.seed or 0, x=X, method=args.method)
+    unused = [opt for opt, given in (("--particles", args.particles is not None), ("--seed", args.seed is not None))
+              if given]
+    if unused and all(e == 0 for _, e in result.values()):  # (an exact evaluator: stderr 0)
+        print(f"tpc: note: {'/'.join(unused)} not used (the limit is exact)", file=sys.stderr)
     if args.json:
         print(json.dumps({k: {"value": v, "stderr": e} for k, (v, e) in result.items()}))
     else:
@@ -204,7 +219,7 @@ def cmd_limit(args) -> int:
 def cmd_simulate(args) -> int:
     from tpcompiler.compiler import simulate_seeds
 
-    X = _load_array(args.x, "--x") if args.x else None
+    X = _load_inputs(args.x) if args.x else None
     runs = simulate_seeds(_program(args, X), args.width, range(args.seed, args.seed + args.seeds), x=X)
     # One seed has no spread to estimate: its stderr is null in JSON (NaN is not JSON).
     result = {
@@ -225,7 +240,7 @@ def cmd_check(args) -> int:
     from tpcompiler.check import FEW_SEEDS, convergence_check, format_report, plot
     from tpcompiler.compiler import compile
 
-    X = _load_array(args.x, "--x") if args.x else None
+    X = _load_inputs(args.x) if args.x else None
     try:
         widths = [validation.count(float(w) if "e" in w.lower() else int(w), None, minimum=1) for w in args.widths.split(",")]
     except (ValueError, validation.ArgumentError):
@@ -263,8 +278,8 @@ def cmd_kernels(args) -> int:
     from tpcompiler.backends.kernels.kernel import check_kernel_program
     from tpcompiler.compiler import compile
 
-    X = _load_array(args.x, "--x")
-    X2 = _load_array(args.x2, "--x2") if args.x2 else None
+    X = _load_inputs(args.x)
+    X2 = _load_inputs(args.x2, "--x2") if args.x2 else None
     for arr, what in ((X, "--x"), (X2, "--x2")):
         if arr is not None and arr.ndim != 2:
             raise CommandError(f"{what} must be an N x d array, got shape {arr.shape}")
@@ -339,13 +354,13 @@ def cmd_train(args) -> int:
     from tpcompiler.training.parametrization import resolve
     from tpcompiler.training.sgd import SGD, _layers, train
 
-    X = _load_array(args.x, "--x")
+    X = _load_inputs(args.x)
     Y = _load_array(args.y, "--y")
     if X.ndim != 2:
         raise CommandError(f"--x must be an N x d array, got shape {X.shape}")
     if Y.shape[0] != X.shape[0]:
         raise CommandError(f"--y has {Y.shape[0]} rows but --x has {X.shape[0]}")
-    Xe = _load_array(args.eval, "--eval") if args.eval else None
+    Xe = _load_inputs(args.eval, "--eval") if args.eval else None
     if Xe is not None and (Xe.ndim != 2 or Xe.shape[1] != X.shape[1] or Xe.shape[0] == 0):
         raise CommandError(f"--eval must be an N_eval x {X.shape[1]} array (the columns of --x, N_eval >= 1), "
                            f"got shape {Xe.shape}")
@@ -455,7 +470,7 @@ def cmd_coordcheck(args) -> int:
         params.append(name)
     params = params or list(DEFAULT_PARAMS)
     plot_path = _plot_path(args.plot) if args.plot else None
-    X = _load_array(args.x, "--x") if args.x else None
+    X = _load_inputs(args.x) if args.x else None
     Y = _load_array(args.y, "--y") if args.y else None
     if (X is None) != (Y is None):
         raise CommandError("--x and --y go together (or give neither for a random probe batch)")
@@ -503,9 +518,9 @@ _PREDICT_OPTIONS = {"get": "--get", "X": "--x", "y": "--y", "X_test": "--xt", "t
 def cmd_predict(args) -> int:
     from tpcompiler.predict import predict_program
 
-    X = _load_array(args.x, "--x")
+    X = _load_inputs(args.x)
     Y = _load_array(args.y, "--y", max_abs=None)  # (predictions are linear in the targets: any size)
-    Xt = _load_array(args.xt, "--xt")
+    Xt = _load_inputs(args.xt, "--xt")
     if X.ndim != 2 or X.shape[0] == 0:
         raise CommandError(f"--x must be an N x d array with N >= 1 training rows, got shape {X.shape}")
     if Y.ndim not in (1, 2) or Y.shape[0] != X.shape[0]:
@@ -764,8 +779,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("limit", help="infinite-width limit of the outputs")
     _common(p)
-    p.add_argument("--particles", type=_count(1), default=DEFAULT_PARTICLES)
-    p.add_argument("--seed", type=_count(), default=0)
+    p.add_argument("--particles", type=_count(1), default=None,
+                   help=f"particles of the Monte-Carlo evaluator (default {DEFAULT_PARTICLES:,})")
+    p.add_argument("--seed", type=_count(), default=None, help="seed of the Monte-Carlo evaluator (default 0)")
     p.add_argument("--method", choices=["auto", "exact", "pairwise", "particles"], default="auto",
                    help="evaluator: auto (the most exact that applies), exact (Gaussian-linear), "
                         "pairwise (bivariate Gaussian moments), particles (any program)")

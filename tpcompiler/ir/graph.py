@@ -454,7 +454,10 @@ def _input_rows(graph: Graph, X) -> np.ndarray:
         raise ProgramError(f"program {graph.name!r}: input data must be an N x {d} array (one row per input of "
                            f"{group!r}), got shape {X.shape}")
     if X.shape[1] != d:
-        raise ProgramError(f"program {graph.name!r}: input {group!r} has dimension {d}, data has shape {X.shape}")
+        raise ProgramError(f"program {graph.name!r}: input {group!r} has dimension {d}, data has shape {X.shape}; give "
+                           f"N x {d} data, or build the program for {X.shape[1]} columns (its build() parameters, "
+                           "e.g. tpc -p: a program whose input is not d-dimensional, such as an RNN's T steps of "
+                           "d each, does not take d from the columns)")
     if X.shape[0] == 0:
         raise ProgramError(f"program {graph.name!r}: the input data is empty")
     if not np.all(np.isfinite(X)):
