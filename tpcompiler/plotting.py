@@ -116,7 +116,7 @@ def training_figure(path: str, Y, loss: str, trajectories: list[Trajectory], tit
     ax_loss.set_xlabel("step")
     # of the mean f over a width's seeds (what converges to the limit's curve), not the mean of
     # the seeds' own losses, which keeps their spread around the mean
-    ax_loss.set_ylabel(f"training loss ({loss}) of f (finite widths: of the mean f over seeds)")
+    ax_loss.set_ylabel(f"training loss ({loss})\n(finite widths: of the mean f over seeds)", fontsize="small")
     if all(np.all(_loss(loss, t.f.reshape(t.f.shape[0], t.f.shape[1], -1), Y) > 0) for t in trajectories):
         ax_loss.set_yscale("log")
     ax_loss.legend(fontsize="small")
