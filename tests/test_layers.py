@@ -746,3 +746,29 @@ def test_kernels_that_are_not_finite_say_what_can_cause_it():
     tiny = layers.serial(layers.Dense(4, 1e-160), layers.Relu(), layers.Dense(1))
     with pytest.raises(tp.ProgramError, match=r"not finite.*below ~1e-145 \(tiny inputs or sigmas: scale them up\)"):
         tp.compile(tiny.program((3,))).kernels(np.eye(3))
+
+
+def test_sign_and_heaviside_at_a_zero_variance_argument():
+    """A zero input row without a first-layer bias makes the pre-activation exactly 0, where
+    sign(0) = 0 and sympy's Heaviside(0) = 1/2: sign was written 2 step - 1 (-1 at 0: NNGP
+    [[1.04, -0.96], [-0.96, -0.96]], a negative variance; QA) and Heaviside as step (0 at 0).
+    The off-zero entries check the decomposition against E[sign u sign v] = (2/pi) asin(rho)
+    and E[H(u) H(v)] = 1/4 + asin(rho)/(2 pi)."""
+    import sympy as sp
+    from tpcompiler.layers import Dense, Nonlin, Sign, serial
+
+    t = sp.Symbol("t")
+    X = np.array([[1.0, 2.0, -0.5], [0.0, 0.0, 0.0], [0.3, -1.0, 0.8]])
+    k = X @ X.T / 3 * 1.4**2
+    rho = k[0, 2] / np.sqrt(k[0, 0] * k[2, 2])
+    cases = [(Sign(), 0.0, 1.0, 2 / np.pi * np.arcsin(rho)),
+             (Nonlin(sp.Lambda(t, sp.Heaviside(t))), 0.25, 0.5, 0.25 + np.arcsin(rho) / (2 * np.pi)),
+             (Nonlin(sp.Lambda(t, sp.sign(t) + 2)), 4.0, 5.0, 4.0 + 2 / np.pi * np.arcsin(rho))]
+    for layer, at_zero, diagonal, off in cases:
+        # phi(0)^2 at the zero row, phi(0) E[phi(u)] against another row (E[sign] = 0, E[H] = 1/2)
+        mean = {0.0: 0.0, 0.25: 0.5, 4.0: 2.0}[at_zero]
+        K = tp.compile(serial(Dense(8, 1.4), layer, Dense(1, 1.0, 0.2)).program((3,))).kernels(X)["nngp"]
+        np.testing.assert_allclose(K[1, 1], at_zero + 0.04, rtol=1e-12)
+        np.testing.assert_allclose(K[0, 1], np.sqrt(at_zero) * mean + 0.04, rtol=1e-12)
+        np.testing.assert_allclose(K[0, 0], diagonal + 0.04, rtol=1e-12)
+        np.testing.assert_allclose(K[0, 2], off + 0.04, rtol=1e-10)

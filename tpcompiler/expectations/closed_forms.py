@@ -172,8 +172,16 @@ def _atoms_of_factor(f, x):
         a = lin[0]
         if isinstance(f, sp.erfc):  # erfc = 1 - erf
             return [(sp.S.One, _ATOM_ONE), (-sp.S.One, Atom(ERF, a))]
-        if isinstance(f, sp.sign):  # sign = 2 step - 1
-            return [(2 * sp.S.One, Atom(STEP, a)), (-sp.S.One, _ATOM_ONE)]
+        # (step(0) = 0; writing sign as 2 step - 1 or Heaviside as step made them -1 and 0 at
+        # 0, which a zero-variance argument, a zero input without a bias, reads)
+        if isinstance(f, sp.sign):  # sign(ax) = step(ax) - step(-ax): 0 at 0
+            return [(sp.S.One, Atom(STEP, a)), (-sp.S.One, Atom(STEP, -a))]
+        if isinstance(f, sp.Heaviside):  # H(ax) = (1 - H0) step(ax) + H0 (1 - step(-ax)): H0 at 0
+            h0 = f.args[1] if len(f.args) > 1 else sp.Rational(1, 2)
+            if h0.free_symbols or not h0.is_real:
+                return None
+            out = [(1 - h0, Atom(STEP, a)), (h0, _ATOM_ONE), (-h0, Atom(STEP, -a))]
+            return [(c, t) for c, t in out if not c.is_zero]
         return [(sp.S.One, Atom(_ATOM_FUNCTIONS[f.func], a))]
     return None
 
