@@ -683,7 +683,14 @@ def LayerNorm(axis=-1, eps: float = 1e-12, batch_axis: int = 0, channel_axis: in
     vector has the same n coordinates, so these are the same numbers at any width): the
     instructions that read them then grow with |G|, not with its square.  The kernels then come from the
     program: the Moments' limits (mu -> E[Z^h], var -> E[(Z^h - mu)^2]) and the backward
-    pass through them (``ir.backward``)."""
+    pass through them (``ir.backward``).
+
+    The kernels are exact where the normalised vectors are Gaussian (a LayerNorm right after
+    Dense or Conv) or the next layer is linear.  A LayerNorm of a nonlinearity's output (mean
+    mu != 0) followed by another nonlinearity, tanh((relu(h) - mu) / sigma), is a nonlinear
+    function of a Gaussian with a parameter, which the kernel backend refuses (NotPairwise;
+    neural-tangents refuses it too: "LayerNorm only implemented for Gaussian inputs");
+    ``tp.compile(program).limit(x=X)`` estimates such kernels by particles."""
     eps = _std(eps, "LayerNorm: eps")
     if batch_axis != 0 or channel_axis != -1:
         raise LayerError(f"LayerNorm: only batch_axis=0 and channel_axis=-1 (channels last, as every tp.layers "
