@@ -162,7 +162,9 @@ def warn_if_short(rule: Rule, rtol: float) -> Rule:
     if rule.error > rtol / 4.0:
         warnings.warn(
             f"quadrature did not reach rtol={rtol:g} on the probe set; using the most accurate "
-            f"rule tried (estimated error {rule.error:.2g})",
+            f"rule tried (estimated error {rule.error:.2g} on the probe set; at other variances it can be "
+            "larger: a function growing like exp(c x^2) near the variance where its expectation stops "
+            "existing was 20% off)",
             RuntimeWarning,
             stacklevel=5,
         )
