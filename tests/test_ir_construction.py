@@ -265,10 +265,11 @@ def test_train_results_have_distinct_names_and_one_particle_default():
         assert inspect.signature(fn).parameters["particles"].default == compiler.DEFAULT_PARTICLES
     parser = build_parser()
     commands = parser._subparsers._group_actions[0].choices
-    assert commands["limit"].get_default("particles") == compiler.DEFAULT_PARTICLES
-    # tpc train: None until the command resolves it (a pi-net refuses --particles given), then the same default
-    (train_particles,) = [a for a in commands["train"]._actions if a.dest == "particles"]
-    assert train_particles.default is None and f"default {compiler.DEFAULT_PARTICLES}" in train_particles.help
+    # None until the command resolves it (tpc train: a pi-net refuses --particles given; tpc limit:
+    # a given --particles unused by an exact limit is noted), then the same default
+    for name in ("limit", "train"):
+        (particles,) = [a for a in commands[name]._actions if a.dest == "particles"]
+        assert particles.default is None and f"default {compiler.DEFAULT_PARTICLES}" in particles.help
     import tpcompiler.cli.commands as cli
     assert cli.DEFAULT_PARTICLES == compiler.DEFAULT_PARTICLES
 

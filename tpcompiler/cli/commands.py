@@ -780,7 +780,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("limit", help="infinite-width limit of the outputs")
     _common(p)
     p.add_argument("--particles", type=_count(1), default=None,
-                   help=f"particles of the Monte-Carlo evaluator (default {DEFAULT_PARTICLES:,})")
+                   help=f"particles of the Monte-Carlo evaluator (default {DEFAULT_PARTICLES})")
     p.add_argument("--seed", type=_count(), default=None, help="seed of the Monte-Carlo evaluator (default 0)")
     p.add_argument("--method", choices=["auto", "exact", "pairwise", "particles"], default="auto",
                    help="evaluator: auto (the most exact that applies), exact (Gaussian-linear), "
