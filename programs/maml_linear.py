@@ -76,6 +76,8 @@ def build(d=3, K=2, sigma_u=1.0, sigma_v=1 / 32, bias=True, bias_alpha=1.0):
     like programs/mlp.py with the backward vector dh = sigma_v v_1 = sqrt(n) df_1/dh'):
     nngp = sigma_v^2 E[h h'],  ntk = nngp + (sigma_u^2 E[g g'] + bias_alpha^2) E[dh dh'],
     g = U xi / sqrt(d) (E[g g'] = xi . xi' / d)."""
+    if not isinstance(bias, bool):
+        raise ValueError(f"maml_linear: bias must be True or False, got {bias!r}")
     p = tp.Program("maml_linear")
     xi = p.input("xi", d, default=default_inputs(d))
     su = p.scalar("sigma_u", sigma_u)

@@ -49,6 +49,8 @@ def default_inputs(V):
 def build(V=6, w_std=1.0, frozen=False):
     if not isinstance(V, int) or V < 1:
         raise ValueError(f"word2vec_cbow: V must be a positive integer, got {V!r}")
+    if not isinstance(frozen, bool):
+        raise ValueError(f"word2vec_cbow: frozen must be True or False, got {frozen!r}")
     p = tp.Program("word2vec_cbow")
     xi = p.input("xi", V, default=default_inputs(V))
     U = p.input_matrix("U", V, trainable=not frozen, scale=w_std)
