@@ -67,7 +67,8 @@ def _require_finite(values, key: str, what: str) -> None:
         raise UndefinedLimit(
             f"instruction {key!r}: {what} not a finite real number at {bad} of {np.size(finite)} "
             "particles (nan: a function outside its domain, e.g. log or sqrt of a negative number; "
-            "inf: division by zero or overflow); its limit does not exist as a number")
+            "inf: division by zero, or float64 overflow of a finite but huge value, such as exp of a variance "
+            "of 1e8); the limit cannot be computed as a float64 number (rescale the program if it overflows)")
 
 
 #: An average carried by fewer effective particles than this, over all the groups, is refused:
