@@ -169,6 +169,7 @@ def test_closed_forms_are_symmetric_under_exchange():
         "_J1": lambda a, b, c: (sd(a, b, c) + (math.pi - t(a, b, c)) * b) / (2 * math.pi),
         "_J0": lambda a, b, c: (math.pi - t(a, b, c)) / (2 * math.pi),
         "_RS": lambda a, b, c: (math.sqrt(a) + b / math.sqrt(c)) / (2 * math.sqrt(2 * math.pi)),
+        "step": lambda x: 1.0 if x > 0 else 0.0,  # (E[step(u)] = step(k)/2: 0 at k = 0)
     }
 
     def value(e, a, b, c):

@@ -764,9 +764,17 @@ def test_sign_and_heaviside_at_a_zero_variance_argument():
     cases = [(Sign(), 0.0, 1.0, 2 / np.pi * np.arcsin(rho)),
              (Nonlin(sp.Lambda(t, sp.Heaviside(t))), 0.25, 0.5, 0.25 + np.arcsin(rho) / (2 * np.pi)),
              (Nonlin(sp.Lambda(t, sp.sign(t) + 2)), 4.0, 5.0, 4.0 + 2 / np.pi * np.arcsin(rho))]
+    # H0 = 1 and 3/10, step + 1: the ONE term's E[step(v)] read 1/2 at k = 0 too (reviewer)
+    from tpcompiler.ir import nonlinearities as nl
+    cases += [(Nonlin(sp.Lambda(t, sp.Heaviside(t, 1))), 1.0, 0.5, 0.25 + np.arcsin(rho) / (2 * np.pi)),
+              (Nonlin(sp.Lambda(t, sp.Heaviside(t, sp.Rational(3, 10)))), 0.09, 0.5,
+               0.25 + np.arcsin(rho) / (2 * np.pi)),
+              (Nonlin(sp.Lambda(t, nl.step(t) + 1)), 1.0, 2.5, 2.25 + np.arcsin(rho) / (2 * np.pi))]
     for layer, at_zero, diagonal, off in cases:
         # phi(0)^2 at the zero row, phi(0) E[phi(u)] against another row (E[sign] = 0, E[H] = 1/2)
-        mean = {0.0: 0.0, 0.25: 0.5, 4.0: 2.0}[at_zero]
+        mean = {0.0: 0.0, 0.25: 0.5, 4.0: 2.0, 1.0: 0.5, 0.09: 0.5}[at_zero]
+        if diagonal == 2.5:
+            mean = 1.5  # (E[step + 1])
         K = tp.compile(serial(Dense(8, 1.4), layer, Dense(1, 1.0, 0.2)).program((3,))).kernels(X)["nngp"]
         np.testing.assert_allclose(K[1, 1], at_zero + 0.04, rtol=1e-12)
         np.testing.assert_allclose(K[0, 1], np.sqrt(at_zero) * mean + 0.04, rtol=1e-12)

@@ -222,7 +222,7 @@ def decompose(expr, x):
 MOMENTS = {
     ONE: lambda k: sp.S.One,
     RELU: lambda k: sp.sqrt(k / (2 * sp.pi)),
-    STEP: lambda k: sp.S.Half,
+    STEP: lambda k: nl.step(k) / 2,  # (0 at k = 0: u == 0 and step(0) = 0)
     ERF: lambda k: sp.S.Zero,
     SIN: lambda k: sp.S.Zero,
     GAUSS: lambda k: 1 / sp.sqrt(1 + 2 * k),
@@ -366,7 +366,7 @@ def _pair_unit(A: Atom, B: Atom, k11, k12, k22, used: set, depth=0):
                 return t / 2
         if X.kind == STEP and Y.parity() == EVEN:
             used.add("parity")
-            return moment(Y, ky) / 2
+            return moment(Y, ky) * moment(X, kx)  # (E[step] = 1/2, 0 at kx = 0)
     return None
 
 

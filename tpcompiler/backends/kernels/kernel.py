@@ -695,24 +695,25 @@ class KernelFunction:
         src = header + f"""
 
 @njit(cache=True, nogil=True, error_model="numpy")
-def row_stage(t0, step, RF1, R, P):
-    # rows t0, t0 + step, ... (one call per thread, see _in_threads)
-    for i in range(t0, RF1.shape[0], step):
+def row_stage(t0, stride, RF1, R, P):
+    # rows t0, t0 + stride, ... (one call per thread, see _in_threads; not named step, the
+    # custom function a printed expression may call)
+    for i in range(t0, RF1.shape[0], stride):
 {chr(10).join(row_lines) if row_lines else '        pass'}
 {chr(10).join(f'        R[i, {k}] = {e}' for k, e in enumerate(row_outs))}
 
 
 @njit(cache=True, nogil=True, error_model="numpy")
-def pair_stage(t0, step, {grams}RF1, RF2T, R1, R2T, {outs}, symmetric, P):
+def pair_stage(t0, stride, {grams}RF1, RF2T, R1, R2T, {outs}, symmetric, P):
     # For the loop over j to vectorise: second-input rows are transposed (feature, j) so they
     # are read contiguously, every Gram and output is its own 2-D array, and error_model
-    # numpy drops division checks.  Rows t0, t0 + step, ... of the loop (one call per thread,
+    # numpy drops division checks.  Rows t0, t0 + stride, ... of the loop (one call per thread,
     # see _in_threads); symmetric: rows t and N-1-t together, so every thread gets equal work.
     N = RF1.shape[0]
     M = RF2T.shape[1]
     half = (N + 1) // 2 if symmetric else N
     reps = 2 if symmetric else 1
-    for t in range(t0, half, step):
+    for t in range(t0, half, stride):
         for r in range(reps):
             i = t + r * (N - 1 - 2 * t)
             if r == 1 and i == t:
@@ -792,9 +793,9 @@ def pair_stage(t0, step, {grams}RF1, RF2T, R1, R2T, {outs}, symmetric, P):
         return header + "\n" + tables.source() + f"""
 
 @njit(cache=True, nogil=True, error_model="numpy")
-def row_stage(t0, step, RF1, R, P, IT, WT):
-    # rows t0, t0 + step, ... (one call per thread, see _in_threads)
-    for i in range(t0, RF1.shape[0], step):
+def row_stage(t0, stride, RF1, R, P, IT, WT):
+    # rows t0, t0 + stride, ... (one call per thread, see _in_threads)
+    for i in range(t0, RF1.shape[0], stride):
 {row_body[0]}
 {row_init}
 {row_body[1]}
@@ -802,9 +803,9 @@ def row_stage(t0, step, RF1, R, P, IT, WT):
 
 
 @njit(cache=True, nogil=True, error_model="numpy")
-def pair_stage(t0, step, GS, RF1, RF2T, R1, R2T, {outs}, symmetric, P, IT, WT):
+def pair_stage(t0, stride, GS, RF1, RF2T, R1, R2T, {outs}, symmetric, P, IT, WT):
     # GS: the Grams stacked (number, i, j); Q: the pair quantities of pairs (i, jb..je-1).
-    # Rows t0, t0 + step, ... of the loop (one call per thread, see _in_threads); symmetric:
+    # Rows t0, t0 + stride, ... of the loop (one call per thread, see _in_threads); symmetric:
     # rows t and N-1-t together, so every thread gets equal work.  Each group is one loop
     # over its members around a loop over a block of j (contiguous reads: it vectorises)
     N = RF1.shape[0]
@@ -813,7 +814,7 @@ def pair_stage(t0, step, GS, RF1, RF2T, R1, R2T, {outs}, symmetric, P, IT, WT):
     reps = 2 if symmetric else 1
     Q = np.empty(({max(self._pair_slots, 1)}, {_J_BLOCK}))
     ACC = np.empty(({len(pair_constants)}, {_J_BLOCK}))
-    for t in range(t0, half, step):
+    for t in range(t0, half, stride):
         for r in range(reps):
             i = t + r * (N - 1 - 2 * t)
             if r == 1 and i == t:
@@ -854,7 +855,10 @@ def pair_stage(t0, step, GS, RF1, RF2T, R1, R2T, {outs}, symmetric, P, IT, WT):
             build = "pair_expectation" if len(lams) == 2 else "expectation"
             # naming the callee's module keeps this module's numba cache from outliving it
             header.append(f"_e{i} = _ex.{build}({args}, rtol={self.rtol!r}).scalar  # {obj.scalar.py_func.__module__}")
-        return "\n".join(header) + "\n" + custom_functions_source(printed)
+        # (closed forms are inlined when printed: the custom functions they call, such as step
+        # in E[step(u)] = step(k)/2, are defined too)
+        closed = [obj.expression for _, obj in self.expectations.built() if obj.expression is not None]
+        return "\n".join(header) + "\n" + custom_functions_source(list(printed) + closed)
 
     # -- evaluation -----------------------------------------------------------------------
     def _check(self, X, what):
