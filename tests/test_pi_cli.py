@@ -124,6 +124,9 @@ def test_resume_continues_a_minibatch_run(capsys, data, width):
     assert rc == 0, err
     with np.load(d / "u5.npz") as whole, np.load(d / "i3.npz") as new_run:  # (the batch cycle from step 0)
         assert np.abs(new_run["f_train"][-1] - whole["f_train"][-1]).max() > 1e-6
+    if width:  # a finite state of another spec is refused by --init too (it trained the state's net)
+        rc, _, err = tpc(capsys, *pi_argv(data, d / "bad.npz", "--init", d / "h2_state.npz", r=R + 1, steps=1))
+        assert_one_error_line(rc, err, "--init", "another pi-net")
     for extra, words in ((["--batch", 3], ["batch 4, not 3"]), (["--batch", 4, "--lr-mult", "first=0.1"], ["multipliers"]),
                          (["--batch", 4, "--steps", 2], ["taken 2 steps"]),
                          (["--batch", 4, "--init", d / "h2_state.npz"], ["--resume and --init"])):

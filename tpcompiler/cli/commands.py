@@ -629,8 +629,11 @@ def _pi_engine(args, program, mult: dict):
     options = dict(loss=args.loss, wd=args.weight_decay, clip=args.clip, mult=mult)
     saved = args.resume or args.init
     meta = _saved_metadata(saved) if saved is not None else {}
-    if args.resume is not None and "_spec" in meta and meta["_spec"] != spec.to_json():
-        raise CommandError(f"--resume: {args.resume!r} is the state of another pi-net ({meta['_spec']}; the program "
+    # (a finite state, K/c/Omega, is not checked by shape against the spec: --init of one too)
+    if (args.resume is not None or meta.get("_method") == "pi-finite") and "_spec" in meta \
+            and meta["_spec"] != spec.to_json():
+        option = "--resume" if args.resume is not None else "--init"
+        raise CommandError(f"{option}: {saved!r} is the state of another pi-net ({meta['_spec']}; the program "
                            f"gives {spec.to_json()}); give the -p parameters of its run")
     try:
         if meta.get("_method") == "pi-finite":
