@@ -294,16 +294,24 @@ def test_a_removable_singularity_is_not_a_pole():
     """sin(h)/h with h = b + 1.5 g: at the zero of h, a float, sympy's limit of f (t - t0) was
     -5e-17 instead of 0, read as a pole, and sinc was refused as not integrable.  The
     program's floats are now exact rationals for the check.  The kernel backend's quadrature
-    evaluates the function at 0 itself (0/0): a clear error naming the cause, not a
-    ZeroDivisionError from the generated code."""
+    evaluated the function at 0 itself (0/0) and refused it; a function that is not a number at
+    0 now gets the rules split at 0, which have no node there, and its NNGP matches a
+    200 x 200-point Gauss-Hermite rule (sinc is entire)."""
     from tpcompiler import layers
-    from tpcompiler.backends.kernels.pairwise import NotPairwise
 
     net = layers.serial(layers.Dense(8, 1.5, 0.1), layers.Nonlin(lambda a: sp.sin(a) / a, name="sinc"),
                         layers.Dense(1, 1.5, 0.1))
-    compiled = tp.compile(net.program((3,)))
-    with pytest.raises(NotPairwise, match="divides by zero at a quadrature node"):
-        compiled.kernels(np.random.default_rng(0).standard_normal((2, 3)))
+    X = np.random.default_rng(0).standard_normal((2, 3))
+    K = tp.compile(net.program((3,))).kernels(X)["nngp"]
+    S = 1.5**2 * X @ X.T / 3 + 0.01
+    z, w = np.polynomial.hermite_e.hermegauss(200)
+    w = w / w.sum()
+    L = np.linalg.cholesky(S)
+    sinc = lambda t: np.sinc(t / np.pi)  # noqa: E731
+    U, V = L[0, 0] * z[:, None] + 0 * z[None, :], L[1, 0] * z[:, None] + L[1, 1] * z[None, :]
+    reference = 1.5**2 * np.sum(w[:, None] * w[None, :] * sinc(U) * sinc(V)) + 0.01
+    assert K[0, 1] == pytest.approx(reference, rel=1e-10)
+    assert K[0, 0] == pytest.approx(1.5**2 * np.sum(w * sinc(np.sqrt(S[0, 0]) * z) ** 2) + 0.01, rel=1e-10)
 
 
 def test_a_float_just_below_a_growth_threshold_is_accepted():

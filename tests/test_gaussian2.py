@@ -607,3 +607,17 @@ def test_pair_rules_of_functions_infinite_at_zero_are_judged():
         pe = g2.pair_expectation(sp.Lambda(x, f), sp.Lambda(x, sp.tanh(x) ** 2))
         for k in (0.3, 1.0, 20.0):
             assert pe(k, 0.0, 1.0) == pytest.approx(moment(k) * tanh2, rel=1e-10)
+
+
+def test_functions_not_a_number_at_zero_use_the_rules_split_there():
+    """log(x^2) and sin(x)^2/x^2 have no kink sympy names, so a smooth rule with a node at 0
+    evaluated them there: -inf and a ZeroDivisionError (reviewer).  E[log u^2] = log k - gamma -
+    log 2; E[sin(u)^2/u^2] against scipy's quadrature."""
+    x = sp.Symbol("x")
+    e = g2.expectation(sp.Lambda(x, sp.log(x**2)))
+    for k in (0.5, 1.0, 3.0):
+        assert float(e(k)) == pytest.approx(math.log(k) - np.euler_gamma - math.log(2), rel=1e-10)
+    density = lambda t: math.exp(-t * t / 2) / math.sqrt(2 * math.pi)  # noqa: E731
+    reference = integrate.quad(lambda t: (math.sin(t) / t) ** 2 * density(t) if t else density(t), -40, 40,
+                               points=[0], epsabs=1e-14, epsrel=1e-13)[0]
+    assert float(g2.expectation(sp.Lambda(x, sp.sin(x) ** 2 / x**2))(1.0)) == pytest.approx(reference, rel=1e-10)
