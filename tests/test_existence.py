@@ -600,6 +600,7 @@ def test_gamma_poles_and_loggamma_of_negative_arguments_are_refused():
         return p
 
     for f, words in ((sp.gamma, "not integrable near ZHat^h = -1"), (lambda a: sp.gamma(sp.Abs(a)), "near ZHat^h = 0"),
+                     (sp.digamma, "not integrable near ZHat^h = -1"),  # (polygamma(0, h); reviewer)
                      (sp.loggamma, "not a real number for negative arguments")):
         with pytest.raises(UndefinedLimit, match=re.escape(words)):
             tp.compile(program(f))

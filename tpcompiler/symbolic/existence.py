@@ -62,7 +62,10 @@ _RATIOS = {sp.tan: lambda x: sp.sin(x) / sp.cos(x), sp.cot: lambda x: sp.cos(x) 
            sp.sec: lambda x: 1 / sp.cos(x), sp.csc: lambda x: 1 / sp.sin(x),
            # gamma's poles at 0, -1, -2 as zeros of a denominator (by gamma(x + 1) = x gamma(x));
            # an argument that reaches a lower pole without crossing these is not caught
-           sp.gamma: lambda x: sp.gamma(x + 3) / (x * (x + 1) * (x + 2))}
+           sp.gamma: lambda x: sp.gamma(x + 3) / (x * (x + 1) * (x + 2)),
+           # polygamma(m, x) (digamma: m = 0) = polygamma(m, x + 3) + (-1)^(m+1) m! sum_j (x + j)^-(m+1)
+           sp.polygamma: lambda m, x: sp.polygamma(m, x + 3) + (-1) ** (m + 1) * sp.factorial(m) * sum(
+               (x + j) ** -(m + 1) for j in range(3))}
 _WITH_POLES = tuple(_RATIOS)
 #: Generic values for the leaves held fixed while another is analysed.
 _GENERIC = [sp.Rational(3, 7), sp.Rational(-5, 11), sp.Rational(7, 13), sp.Rational(-2, 9),
@@ -148,7 +151,7 @@ def _as_ratios(expr: sp.Expr) -> sp.Expr:
     (E[tan(u)^2] and E[gamma(u)] do not exist; they were never looked at)."""
     if not expr.has(*_WITH_POLES):
         return expr
-    return expr.replace(lambda e: type(e) in _RATIOS, lambda e: _RATIOS[type(e)](e.args[0]))
+    return expr.replace(lambda e: type(e) in _RATIOS, lambda e: _RATIOS[type(e)](*e.args))
 
 
 def _negative_set(arg_t: sp.Expr, t: sp.Symbol, scale: float = 1.0):
