@@ -610,3 +610,22 @@ def test_gamma_poles_and_loggamma_of_negative_arguments_are_refused():
         reference = 2 * scipy.integrate.quad(lambda x: g(x) * density(x), 0, 40)[0]
         value, _ = tp.compile(program(f)).limit()["m"]
         assert value == pytest.approx(reference, rel=1e-7)
+
+
+def test_factorial_is_gamma_of_x_plus_one():
+    """factorial(h) was a Numba typing traceback (no code printer writes factorial of a float;
+    reviewer): tp.nonlin writes it gamma(h + 1), so its poles are refused and E[factorial(|h|)]
+    equals scipy's quadrature of gamma(|x| + 1)."""
+    def program(f):
+        p = tp.Program("fac")
+        u = p.vec("u")
+        W = p.mat("W", sigma=1.0)
+        p.output("m", tp.mean(tp.nonlin(f, (W @ u).named("h"))))
+        return p
+
+    with pytest.raises(UndefinedLimit, match=re.escape("not integrable near ZHat^h = -1")):
+        tp.compile(program(sp.factorial))
+    value, _ = tp.compile(program(lambda a: sp.factorial(sp.Abs(a)))).limit()["m"]
+    density = lambda x: math.exp(-x * x / 2) / math.sqrt(2 * math.pi)  # noqa: E731
+    reference = 2 * scipy.integrate.quad(lambda x: scipy.special.gamma(x + 1) * density(x), 0, 40)[0]
+    assert value == pytest.approx(reference, rel=1e-8)

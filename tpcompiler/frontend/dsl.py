@@ -633,6 +633,8 @@ def nonlin(fn: Callable | sp.Lambda, *args):
         shown = sp.sstr(body.xreplace({a: sp.Symbol(f"a{i}") for i, a in enumerate(placeholders)}))
         raise DSLError(f"tp.nonlin: the function {shown} has complex values (it contains I); programs "
                        "compute with real functions")
+    if body.has(sp.factorial):  # (the same function for real x; no code printer writes factorial of a float)
+        body = body.replace(lambda e: isinstance(e, sp.factorial), lambda e: sp.gamma(e.args[0] + 1))
     undefined = sorted({type(f).__name__ for f in body.atoms(AppliedUndef)})
     if undefined:
         raise DSLError(f"tp.nonlin: {undefined[0]!r} is an undefined sympy function (it has no formula); write the "
