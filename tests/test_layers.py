@@ -16,6 +16,8 @@ import json
 import os
 from pathlib import Path
 
+import warnings
+
 import numpy as np
 import pytest
 import sympy
@@ -780,3 +782,41 @@ def test_sign_and_heaviside_at_a_zero_variance_argument():
         np.testing.assert_allclose(K[0, 1], np.sqrt(at_zero) * mean + 0.04, rtol=1e-12)
         np.testing.assert_allclose(K[0, 0], diagonal + 0.04, rtol=1e-12)
         np.testing.assert_allclose(K[0, 2], off + 0.04, rtol=1e-10)
+
+
+def test_relu_power_between_zero_and_one_has_an_ntk():
+    """phi = relu^(3/4): phi' = (3/4) step(h) relu(h)^(-1/4) was 0 * inf where h < 0, a false pole
+    to the existence check (the NTK refused) and NaN at finite width; the backward pass writes
+    it with |h|^(-1/4) beside the step (master.gated_negative_powers).  NTK[0, 1] =
+    NNGP[0, 1] + E[phi'(u) phi'(v)] x.x'/3 + 0.01 (Dense-phi-Dense, ntk parametrization)
+    against scipy's dblquad."""
+    import sympy as sp
+    from scipy import integrate
+
+    from tpcompiler.ir import nonlinearities as nl
+    from tpcompiler.layers import Dense, Nonlin, serial
+
+    X = np.array([[1.0, 0.5, -0.2], [0.3, -1.0, 0.4]])
+    net = serial(Dense(8, 1.0, 0.1), Nonlin(lambda a: nl.relu(a) ** sp.Rational(3, 4)), Dense(1, 1.0, 0.1))
+    K = tp.compile(net.program((3,))).kernels(X)
+    S = X @ X.T / 3 + 0.01
+    C = np.linalg.cholesky(S)
+
+    def expect(f):
+        def integrand(z2, z1):
+            return f(C[0, 0] * z1) * f(C[1, 0] * z1 + C[1, 1] * z2) * np.exp(-(z1 * z1 + z2 * z2) / 2) / (2 * np.pi)
+        with warnings.catch_warnings():  # (scipy: the singular derivative's integrand converges slowly)
+            warnings.simplefilter("ignore")
+            return integrate.dblquad(integrand, -12, 12, -12, 12, epsabs=1e-11, epsrel=1e-11)[0]
+
+    nngp = expect(lambda t: max(t, 0.0) ** 0.75) + 0.01
+    # E[phi'(u) phi'(v)] over u, v > 0 with u = a^4, v = b^4 (du dv = 16 a^3 b^3 da db), smooth:
+    # 9 int int a^2 b^2 p(a^4, b^4) da db, p the density of N(0, S)
+    P = np.linalg.inv(S)
+    density = lambda u, v: np.exp(-(P[0, 0] * u * u + 2 * P[0, 1] * u * v + P[1, 1] * v * v) / 2) / (  # noqa: E731
+        2 * np.pi * np.sqrt(np.linalg.det(S)))
+    derivative = integrate.dblquad(lambda b, a: 9 * a * a * b * b * density(a**4, b**4), 0, 4, 0, 4,
+                                   epsabs=1e-12, epsrel=1e-12)[0]
+    ntk = nngp + derivative * S[0, 1]
+    assert K["nngp"][0, 1] == pytest.approx(nngp, rel=1e-7)
+    assert K["ntk"][0, 1] == pytest.approx(ntk, rel=1e-6)
