@@ -278,11 +278,8 @@ def cmd_kernels(args) -> int:
     from tpcompiler.backends.kernels.kernel import check_kernel_program
     from tpcompiler.compiler import compile
 
-    X = _load_inputs(args.x)
+    X = _load_inputs(args.x)  # (N x d: _load_inputs refuses any other shape)
     X2 = _load_inputs(args.x2, "--x2") if args.x2 else None
-    for arr, what in ((X, "--x"), (X2, "--x2")):
-        if arr is not None and arr.ndim != 2:
-            raise CommandError(f"{what} must be an N x d array, got shape {arr.shape}")
     to_files = args.out.endswith(("/", os.sep))  # DIR/: memory-mapped .npy files; DIR alone stays an error
     out = args.out if to_files else _out_path(args.out)
     plot_path = _plot_path(args.plot) if args.plot else None
@@ -356,12 +353,10 @@ def cmd_train(args) -> int:
 
     X = _load_inputs(args.x)
     Y = _load_array(args.y, "--y")
-    if X.ndim != 2:
-        raise CommandError(f"--x must be an N x d array, got shape {X.shape}")
     if Y.shape[0] != X.shape[0]:
         raise CommandError(f"--y has {Y.shape[0]} rows but --x has {X.shape[0]}")
     Xe = _load_inputs(args.eval, "--eval") if args.eval else None
-    if Xe is not None and (Xe.ndim != 2 or Xe.shape[1] != X.shape[1] or Xe.shape[0] == 0):
+    if Xe is not None and (Xe.shape[1] != X.shape[1] or Xe.shape[0] == 0):
         raise CommandError(f"--eval must be an N_eval x {X.shape[1]} array (the columns of --x, N_eval >= 1), "
                            f"got shape {Xe.shape}")
     out = _out_path(args.out)
@@ -521,11 +516,11 @@ def cmd_predict(args) -> int:
     X = _load_inputs(args.x)
     Y = _load_array(args.y, "--y", max_abs=None)  # (predictions are linear in the targets: any size)
     Xt = _load_inputs(args.xt, "--xt")
-    if X.ndim != 2 or X.shape[0] == 0:
+    if X.shape[0] == 0:
         raise CommandError(f"--x must be an N x d array with N >= 1 training rows, got shape {X.shape}")
     if Y.ndim not in (1, 2) or Y.shape[0] != X.shape[0]:
         raise CommandError(f"--y must hold one target row per row of --x (N = {X.shape[0]}), got shape {Y.shape}")
-    if Xt.ndim != 2 or Xt.shape[1] != X.shape[1]:
+    if Xt.shape[1] != X.shape[1]:
         raise CommandError(f"--xt must be an N_test x {X.shape[1]} array (the columns of --x), got shape {Xt.shape}")
     out = _out_path(args.out)
     Y = Y.reshape(Y.shape[0], -1)  # P.npz holds N_test x K means whatever the rank of --y
@@ -599,7 +594,7 @@ def _lr_mult(text: str | None) -> dict:
 
 def _pi_engine(args, program, mult: dict):
     """tp.PiLimit, or tp.PiFinite with --width, for the pi-net ``program`` (from --init or --seed)."""
-    from tpcompiler.training.pi import PiLimit, PiSpec
+    from tpcompiler.training.pi import PiLimit, PiSpec, state_metadata
     from tpcompiler.training.pi_finite import PiFinite
 
     try:
@@ -628,16 +623,14 @@ def _pi_engine(args, program, mult: dict):
         seed = args.seed
     options = dict(loss=args.loss, wd=args.weight_decay, clip=args.clip, mult=mult)
     saved = args.resume or args.init
-    meta = _saved_metadata(saved) if saved is not None else {}
-    # (a finite state, K/c/Omega, is not checked by shape against the spec: --init of one too)
-    if (args.resume is not None or meta.get("_method") == "pi-finite") and "_spec" in meta \
-            and meta["_spec"] != spec.to_json():
-        option = "--resume" if args.resume is not None else "--init"
-        raise CommandError(f"{option}: {saved!r} is the state of another pi-net ({meta['_spec']}; the program "
+    meta = state_metadata(saved) if saved is not None else {}
+    # (a resumed run needs the state's spec; PiFinite.load refuses another spec for --init too)
+    if args.resume is not None and "_spec" in meta and meta["_spec"] != spec.to_json():
+        raise CommandError(f"--resume: {saved!r} is the state of another pi-net ({meta['_spec']}; the program "
                            f"gives {spec.to_json()}); give the -p parameters of its run")
     try:
         if meta.get("_method") == "pi-finite":
-            return spec, _finite_from_state(args, spec, options)
+            return spec, _finite_from_state(args, saved, spec, options)
         if args.resume is not None:
             if args.width is not None:
                 raise CommandError(f"--width: {args.resume!r} is a pi-limit state, which has no width; drop --width to "
@@ -652,22 +645,11 @@ def _pi_engine(args, program, mult: dict):
         raise CommandError(f"{where} {saved}: {text}" if where else f"--param pi: {text}") from None
 
 
-def _saved_metadata(path: str) -> dict:
-    """The metadata strings of a pi state file (pi.save_metadata: '_method', '_spec', ...);
-    empty if unreadable (the loaders then say what is wrong)."""
-    try:
-        with np.load(path, allow_pickle=False) as z:
-            return {k: str(z[k]) for k in z.files if k.startswith("_")}
-    except (OSError, ValueError, AttributeError, TypeError):
-        return {}
-
-
-def _finite_from_state(args, spec, options: dict):
-    """tp.PiFinite from a finite pi-net's state (its width, seed and bases; --resume continues
-    its run, --init starts a new run from its weights)."""
+def _finite_from_state(args, path: str, spec, options: dict):
+    """tp.PiFinite from the finite pi-net's state at ``path`` (its width, seed and bases;
+    --resume continues its run, --init starts a new run from its weights)."""
     from tpcompiler.training.pi_finite import PiFinite
 
-    path = args.resume or args.init
     eng = PiFinite.load(path, spec, **options)
     if args.width is not None and args.width != eng.n:
         raise CommandError(f"--width {args.width}: {path!r} is the state of a width-{eng.n} pi-net; give --width "

@@ -247,8 +247,22 @@ def load_state_file(path) -> tuple[dict, dict]:
                                        "np.savez write them)")
     with loaded as z:
         data = {k: z[k] for k in z.files}
-    meta = {k: str(v) for k, v in data.items() if k.startswith("_")}
-    return {k: v for k, v in data.items() if not k.startswith("_")}, meta
+    meta = {k: str(v) for k, v in data.items() if _is_metadata(k)}
+    return {k: v for k, v in data.items() if not _is_metadata(k)}, meta
+
+
+def _is_metadata(key: str) -> bool:
+    return key.startswith("_")
+
+
+def state_metadata(path) -> dict:
+    """The metadata strings of a .npz state file alone (``load_state_file``'s second part,
+    without reading its arrays: the rows of a long run); empty if it is no readable .npz."""
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            return {k: str(z[k]) for k in z.files if _is_metadata(k)}
+    except (OSError, ValueError, AttributeError, TypeError):  # (AttributeError: a .npy has no files)
+        return {}
 
 
 # ---------------------------------------------------------------------------------------

@@ -218,6 +218,11 @@ class PiFinite:
     @classmethod
     def load(cls, path, spec: PiSpec | None = None, **kwargs):
         arrays, meta = load_state_file(path)
+        if spec is not None and "_spec" in meta and meta["_spec"] != spec.to_json():
+            # (its K/c/Omega are the saved net's; read as another spec's they trained that net, or
+            # failed inside numpy)
+            raise validation.ArgumentError(f"pi state: {str(path)!r} is the state of another pi-net ({meta['_spec']}; "
+                                           f"given {spec.to_json()}); give the spec it was saved with")
         spec, kwargs = spec_and_options(path, meta, spec, kwargs)
         obj = cls(spec, int(meta["_width"]), state=None, seed=int(meta["_seed"]), **kwargs)
         obj.K = {int(k[1:]): v for k, v in arrays.items() if k.startswith("K")}
