@@ -46,7 +46,7 @@ from tpcompiler.ir.graph import Graph, ProgramError
 from tpcompiler.ir.ops import VEC, node_symbol
 from tpcompiler.ir.symbols import NodeSymbol
 from tpcompiler.ir.rules import RuleTable
-from tpcompiler.symbolic.master import gated_negative_powers, partials
+from tpcompiler.symbolic.master import partials
 
 
 def _ancestors(graph: Graph) -> set[str]:
@@ -150,12 +150,11 @@ BACKWARD = RuleTable("backward", domain=ops.VECTOR_OPS + (ops.Moment,))
 def _almost_everywhere(derivs: dict) -> dict:
     """The derivatives as the finite network's gradient takes them, almost everywhere
     (``nonlinearities.almost_everywhere``: a Dirac delta is 0, as the finite-width reference
-    network of training/finite.py takes it too), and relu(a)^e, e < 0, beside step(a) as |a|^e
-    (``master.gated_negative_powers``: d/dh relu(h)^(3/4) was 0 * inf where h < 0, NaN at
-    finite width and a false pole to the existence check).  Kept, its expectation
+    network of training/finite.py takes it too; ``partials`` writes relu(a)^e, e < 0, beside
+    step(a) as |a|^e: d/dh relu(h)^(3/4) was 0 * inf where h < 0).  Kept, its expectation
     E[delta(u) delta(u')] would give the kernels an NTK that no finite width approaches
     (every finite network's gradient through a step is 0) and that is infinite at xi' = xi."""
-    return {s: gated_negative_powers(nl.almost_everywhere(d)) for s, d in derivs.items()}
+    return {s: nl.almost_everywhere(d) for s, d in derivs.items()}
 
 
 @BACKWARD.register(ops.InitVec, ops.InputLayer)

@@ -144,14 +144,20 @@ class ZEntry:
 
 
 def partials(expr: sp.Expr, symbols) -> dict:
-    """{s: d expr / d s} for the given symbols, touching only the terms of a sum that contain
-    s (an input layer's sum over d inputs would otherwise cost d^2); the derivatives of what
-    is left are ``_diff``'s, the objects ``sp.diff`` returns."""
+    """{s: d expr / d s} for the given symbols (the ZDot partials and the backward pass alike),
+    each with its gated negative powers written finite (``gated_negative_powers``)."""
+    return {s: gated_negative_powers(d) for s, d in _partials_of(expr, symbols).items()}
+
+
+def _partials_of(expr: sp.Expr, symbols) -> dict:
+    """{s: d expr / d s}, touching only the terms of a sum that contain s (an input layer's
+    sum over d inputs would otherwise cost d^2); the derivatives of what is left are
+    ``_diff``'s, the objects ``sp.diff`` returns."""
     symbols = set(symbols)
     if expr.is_Add:
         out: dict = {}
         for term in expr.args:
-            for s, d in partials(term, symbols & term.free_symbols).items():
+            for s, d in _partials_of(term, symbols & term.free_symbols).items():
                 out[s] = out.get(s, sp.S.Zero) + d
         return {s: out.get(s, sp.S.Zero) for s in symbols}
     if expr.is_Mul:
@@ -159,7 +165,7 @@ def partials(expr: sp.Expr, symbols) -> dict:
         rest = [f for f in expr.args if f.free_symbols & symbols]
         if const and len(rest) == 1:
             c = sp.Mul(*const)
-            return {s: c * d for s, d in partials(rest[0], symbols).items()}
+            return {s: c * d for s, d in _partials_of(rest[0], symbols).items()}
     return {s: _diff(expr, s) for s in symbols}
 
 
@@ -510,7 +516,7 @@ class ZProgram:
             for a in zs:  # in the parents' order: the first jump refused is the same under any hash seed
                 if entry.rule == "nonlin":
                     refuse_lost_jump(key, entry.z, a, found[a])
-                self._partials[(key, a.key)] = gated_negative_powers(found[a])
+                self._partials[(key, a.key)] = found[a]
         return self._partials[(key, arg)]
 
     # -- rules: the Master theorem per op (the MASTER table below) ------------------------
